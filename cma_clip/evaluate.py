@@ -1,0 +1,115 @@
+"""Evaluate a checkpoint on a manifest.
+
+    python -m cma_clip.evaluate --checkpoint checkpoints/hm-articles \\
+        --manifest ../shared/data/hm-articles/articles.csv --split test --out-json report.json
+
+Prints a table and writes JSON: {"tasks": {task: {accuracy, macro_f1,
+recall_at_90_precision, n}}, "mean": {...}}. A manifest without a split column is
+evaluated whole. This command line is a public contract: keep it stable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import create_backbone
+from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
+from .data import Catalogue, CatalogueConfig, CatalogueError, Features, LabelVocab, extract_features
+from .metrics import METRIC_NAMES, mean_metrics, task_metrics
+from .model import CMAClip
+from .runtime import autocast, default_device
+
+
+@torch.no_grad()
+def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray | None = None,
+                          batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Class probabilities per task for the items `index` of `features` (all items when None).
+
+    `features` is anything with `__len__` and `batch(index, device) -> EncoderOutput`."""
+    index = np.arange(len(features)) if index is None else np.asarray(index)
+    device = next(model.parameters()).device
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {task: [] for task in model.tasks}
+    for start in range(0, len(index), batch_size):
+        with autocast(device):
+            out = model(features.batch(index[start:start + batch_size], device))
+        for task, logits in out.logits.items():
+            chunks[task].append(logits.float().softmax(-1).cpu().numpy())
+    return {task: np.concatenate(parts) if parts else np.zeros((0, model.cfg.tasks[task]))
+            for task, parts in chunks.items()}
+
+
+def score(probabilities: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict:
+    """Metrics per task on labelled items (target != -1); out-of-vocabulary labels (-2) count as wrong."""
+    tasks = {}
+    for task, probs in probabilities.items():
+        target = targets[task]
+        labelled = target != -1
+        tasks[task] = task_metrics(target[labelled], probs[labelled].argmax(1), probs[labelled].max(1))
+    return {"tasks": tasks, "mean": mean_metrics(tasks)}
+
+
+def format_table(report: dict) -> str:
+    header = f"{'task':32s} " + " ".join(f"{m:>22s}" for m in METRIC_NAMES) + f" {'n':>6s}"
+    lines = [header, "-" * len(header)]
+    for task, metrics in report["tasks"].items():
+        lines.append(f"{task:32s} " + " ".join(f"{metrics[m]:22.4f}" for m in METRIC_NAMES) + f" {metrics['n']:6d}")
+    lines.append(f"{'mean':32s} " + " ".join(f"{report['mean'][m]:22.4f}" for m in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+def catalogue_for_checkpoint(config: dict, manifest: str | Path) -> CatalogueConfig:
+    """The catalogue columns a checkpoint was trained with, applied to another manifest."""
+    columns = config["catalogue"]
+    return CatalogueConfig(name=columns["name"], manifest=str(manifest), image_column=columns["image_column"],
+                           text_columns=columns["text_columns"], tasks=list(config["tasks"]),
+                           id_column=columns.get("id_column"), max_text_tokens=columns["max_text_tokens"])
+
+
+def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str | None = "test",
+                        cache_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
+    device = device or default_device()
+    model, config = load_checkpoint(checkpoint, device)
+    catalogue = Catalogue.open(catalogue_for_checkpoint(config, manifest))
+    if split and "split" in catalogue.rows[0]:
+        catalogue = catalogue.split(split)
+    if not len(catalogue):
+        raise CatalogueError(f"no rows in split {split!r} of {manifest}")
+    backbone = create_backbone(config["backbone"], device)
+    finetuned = load_backbone_state(checkpoint)
+    if finetuned is not None:
+        backbone.load_state_dict(finetuned)
+    features = extract_features(backbone, catalogue, cache_dir, progress=sys.stderr.isatty())
+    targets = {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task)) for task, spec in config["tasks"].items()}
+    report = score(predict_probabilities(model, features), targets)
+    report.update(checkpoint=str(checkpoint), manifest=str(manifest), split=split, items=len(catalogue))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json)")
+    parser.add_argument("--manifest", required=True, help="CSV or JSONL manifest with the checkpoint's columns")
+    parser.add_argument("--split", default="test", help="split to evaluate when the manifest has a split column")
+    parser.add_argument("--out-json", help="write the report here")
+    parser.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
+    args = parser.parse_args(argv)
+    try:
+        report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir)
+    except (CheckpointError, CatalogueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.out_json:
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

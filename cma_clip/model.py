@@ -1,0 +1,229 @@
+"""CMA-CLIP: sequence-wise and modality-wise cross-modality attention over a dual encoder.
+
+    text tokens ──proj──┐                                       ┌─ fused text [CLS] ──┐
+    aligned text ─[CLS]─┤  + modality, position embeddings      │                     │  per task k:
+                        ├─ transformer over [text ; image] ─────┤                     ├─ keyless attention (w_k)
+    aligned image [CLS]─┤  (sequence-wise attention)            │                     │  → MLP head_k → logits_k
+    patch tokens ─proj──┘                                       └─ fused image [CLS] ─┘
+
+The model runs on backbone features (`EncoderOutput`), so it trains on cached
+features of a frozen backbone in seconds per epoch. The [CLS] tokens start from the
+CLIP-aligned pooled embeddings (`align.AlignmentHeads`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .align import AlignmentHeads
+from .backbones import EncoderOutput
+
+FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attention")
+MODALITIES = ("text", "image")
+
+
+@dataclass
+class CMAClipConfig:
+    image_token_dim: int
+    image_pooled_dim: int
+    text_token_dim: int
+    text_pooled_dim: int
+    num_patches: int
+    max_text_tokens: int
+    tasks: dict[str, int] = field(default_factory=dict)  # task -> number of classes
+    embed_dim: int = 256  # the aligned (CLIP) space
+    width: int = 192
+    depth: int = 1
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+    fusion: str = "cma"  # one of FUSIONS: the full model or an ablation
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+
+
+@dataclass
+class AttentionMaps:
+    """Last-layer sequence attention, averaged over heads, for a batch of B items.
+
+    The sequence is [text CLS, L text tokens, image CLS, P patches]."""
+
+    text_to_image: torch.Tensor  # [B, L, P] each text token's attention on the patches
+    text_cls: torch.Tensor  # [B, L + P + 2] the text [CLS]'s attention on the whole sequence
+    image_cls: torch.Tensor  # [B, L + P + 2] the image [CLS]'s attention on the whole sequence
+    text_length: int
+
+    def cls_to_text(self, which: str = "image") -> torch.Tensor:
+        """[B, L]: a [CLS]'s attention on the text tokens."""
+        row = self.image_cls if which == "image" else self.text_cls
+        return row[:, 1:1 + self.text_length]
+
+    def cls_to_patches(self, which: str = "image") -> torch.Tensor:
+        """[B, P]: a [CLS]'s attention on the image patches."""
+        row = self.image_cls if which == "image" else self.text_cls
+        return row[:, 2 + self.text_length:]
+
+
+@dataclass
+class CMAOutput:
+    logits: dict[str, torch.Tensor]  # task -> [B, classes]
+    modality_weights: dict[str, torch.Tensor]  # task -> [B, 2] weights of (text, image), summing to 1
+    attention: AttentionMaps | None = None
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`keep` [B, S] is True for tokens that may be attended to (not padding)."""
+        b, s, w = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        mask = keep[:, None, None, :]
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = weights @ v
+        else:
+            weights = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(b, s, w)
+        return self.out(y), (weights.mean(dim=1) if weights is not None else None)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool = False):
+        y, weights = self.attn(self.norm1(x), keep, need_weights)
+        x = x + self.drop(y)
+        return x + self.drop(self.mlp(self.norm2(x))), weights
+
+
+class SequenceAttention(nn.Module):
+    """A transformer over the concatenated text and image token sequences (the paper's
+    sequence-wise attention); returns the fused text and image [CLS] embeddings."""
+
+    def __init__(self, cfg: CMAClipConfig) -> None:
+        super().__init__()
+        w = cfg.width
+        self.text_in = nn.Linear(cfg.text_token_dim, w)
+        self.image_in = nn.Linear(cfg.image_token_dim, w)
+        self.text_pos = nn.Parameter(torch.randn(1, cfg.max_text_tokens + 1, w) * 0.02)
+        self.image_pos = nn.Parameter(torch.randn(1, cfg.num_patches + 1, w) * 0.02)
+        self.modality = nn.Parameter(torch.randn(2, w) * 0.02)
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(w)
+
+    def forward(self, feats: EncoderOutput, text_cls: torch.Tensor, image_cls: torch.Tensor,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, AttentionMaps | None]:
+        b, length = feats.text_mask.shape
+        text = torch.cat([text_cls[:, None], self.text_in(feats.text_tokens)], 1) + self.text_pos[:, :length + 1]
+        image = torch.cat([image_cls[:, None], self.image_in(feats.image_tokens)], 1) + self.image_pos
+        x = torch.cat([text + self.modality[0], image + self.modality[1]], 1)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=x.device)
+        keep = torch.cat([ones, feats.text_mask.bool(), ones.expand(b, image.shape[1])], 1)
+        weights = None
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, keep, need_weights and i == len(self.blocks) - 1)
+        x = self.norm(x)
+        maps = None
+        if weights is not None:
+            maps = AttentionMaps(text_to_image=weights[:, 1:length + 1, length + 2:],
+                                 text_cls=weights[:, 0], image_cls=weights[:, length + 1], text_length=length)
+        return x[:, 0], x[:, length + 1], maps
+
+
+class ModalityAttention(nn.Module):
+    """Keyless attention over modalities, one learned vector w_k per task:
+    weights = softmax_m(w_k . e_m), output = sum_m weights_m e_m."""
+
+    def __init__(self, num_tasks: int, width: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_tasks, width) * 0.02)
+        self.scale = width ** -0.5
+
+    def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeddings [B, M, W] -> per-task outputs [B, T, W] and weights [B, T, M]."""
+        weights = torch.einsum("tw,bmw->btm", self.queries, embeddings).mul(self.scale).softmax(dim=-1)
+        return weights @ embeddings, weights
+
+
+class TaskHead(nn.Module):
+    def __init__(self, width: int, classes: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CMAClip(nn.Module):
+    """Multi-task classifier over backbone features: alignment heads, sequence-wise
+    attention, per-task modality-wise attention and MLP heads."""
+
+    def __init__(self, cfg: CMAClipConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.align = AlignmentHeads(cfg.image_pooled_dim, cfg.text_pooled_dim, cfg.embed_dim)
+        self.text_cls_in = nn.Linear(cfg.embed_dim, cfg.width)
+        self.image_cls_in = nn.Linear(cfg.embed_dim, cfg.width)
+        self.unfused_norm = nn.LayerNorm(cfg.width)
+        self.sequence = SequenceAttention(cfg) if cfg.fusion in ("cma", "no_modality_attention") else None
+        self.modality = ModalityAttention(len(cfg.tasks), cfg.width)
+        self.heads = nn.ModuleDict({task: TaskHead(cfg.width, n, cfg.dropout) for task, n in cfg.tasks.items()})
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.cfg.tasks)
+
+    def forward(self, feats: EncoderOutput, return_attention: bool = False) -> CMAOutput:
+        text_cls = self.text_cls_in(self.align.embed_text(feats.text_pooled))
+        image_cls = self.image_cls_in(self.align.embed_image(feats.image_pooled))
+        maps = None
+        if self.sequence is not None:
+            text_emb, image_emb, maps = self.sequence(feats, text_cls, image_cls, need_weights=return_attention)
+        else:
+            text_emb, image_emb = self.unfused_norm(text_cls), self.unfused_norm(image_cls)
+        embeddings = torch.stack([text_emb, image_emb], dim=1)  # [B, 2, W] in MODALITIES order
+        if self.cfg.fusion in ("cma", "no_sequence_attention"):
+            fused, weights = self.modality(embeddings)
+        else:  # ablation: a plain average of the two modalities for every task
+            weights = embeddings.new_full((len(embeddings), len(self.tasks), 2), 0.5)
+            fused = weights @ embeddings
+        logits = {task: head(fused[:, i]) for i, (task, head) in enumerate(self.heads.items())}
+        return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps)
+
+
+def multitask_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over tasks of cross-entropy on the items labelled for that task.
+
+    Missing (-1) and out-of-vocabulary (-2) labels are masked out of their task only."""
+    losses = []
+    for task, target in targets.items():
+        labelled = target >= 0
+        if labelled.any():
+            losses.append(F.cross_entropy(logits[task][labelled].float(), target[labelled]))
+    if not losses:
+        return next(iter(logits.values())).sum() * 0.0
+    return torch.stack(losses).mean()

@@ -1,0 +1,41 @@
+"""Devices, mixed precision and seeds: one place for how the package runs on CPU or GPU."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU. CMA_CLIP_DEVICE overrides."""
+    if os.environ.get("CMA_CLIP_DEVICE"):
+        return torch.device(os.environ["CMA_CLIP_DEVICE"])
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 autocast pays off on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if os.environ.get("CMA_CLIP_FP32"):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast where the hardware has it, full precision elsewhere."""
+    if bf16_supported(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,318 @@
+"""Train CMA-CLIP on a catalogue.
+
+    python -m cma_clip.train --catalogue hm-articles --out checkpoints/hm-articles
+    python -m cma_clip.train --manifest items.csv --text-columns title --tasks colour pattern --out ckpt/
+
+Stages: (1) backbone features, cached once; (2) CLIP-style alignment of the pooled
+embeddings (LiT, towers locked); (3) CMA-CLIP with multi-task cross-entropy, AdamW,
+warmup + cosine, early stopping on the validation split. Progress is saved every
+epoch; `--resume` continues an interrupted run. The best epoch is written as a
+checkpoint with its 90%-precision thresholds from `val` and, when there is a `test`
+split, its report on `test` (eval_test.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .align import train_alignment
+from .backbones import DualEncoder, TextBatch, create_backbone
+from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint, save_checkpoint
+from .data import Catalogue, CatalogueConfig, CatalogueError, Features, LabelVocab, extract_features, load_image
+from .evaluate import format_table, predict_probabilities, score
+from .metrics import threshold_at_precision
+from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss
+from .runtime import autocast, default_device, seed_everything
+
+STATE = "train_state"
+SELECTION_METRIC = "recall_at_90_precision"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train CMA-CLIP on a catalogue.")
+    src = p.add_argument_group("data")
+    src.add_argument("--catalogue", help="bundled config name (fashion-product-images, hm-articles) or a JSON config")
+    src.add_argument("--data-root", help="folder the bundled configs' manifests are relative to (default ../shared/data)")
+    src.add_argument("--manifest", help="CSV/JSONL manifest (instead of --catalogue)")
+    src.add_argument("--image-column", default="image")
+    src.add_argument("--text-columns", nargs="+", default=["text"])
+    src.add_argument("--tasks", nargs="+", help="label columns to learn (default: the config's)")
+    src.add_argument("--id-column")
+    src.add_argument("--max-text-tokens", type=int)
+    src.add_argument("--limit", type=int, help="use only the first N items of each split (quick runs, tests)")
+    src.add_argument("--min-count", type=int, default=1, help="a class needs this many training items to be learned")
+    src.add_argument("--extra-labels", help="SQLite label store whose corrections override catalogue labels")
+    src.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", default="bundled", help="'bundled' or 'open_clip:MODEL[:PRETRAINED]'")
+    m.add_argument("--finetune-backbone", action="store_true", help="train the backbone too (slow; for a GPU)")
+    m.add_argument("--fusion", default="cma", choices=FUSIONS)
+    m.add_argument("--width", type=int, default=192)
+    m.add_argument("--depth", type=int, default=1)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--embed-dim", type=int, default=256)
+    m.add_argument("--dropout", type=float, default=0.1)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=15)
+    o.add_argument("--align-epochs", type=int, default=10)
+    o.add_argument("--batch-size", type=int, default=256)
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--weight-decay", type=float, default=0.05)
+    o.add_argument("--warmup", type=float, default=0.05, help="share of steps spent warming up")
+    o.add_argument("--patience", type=int, default=4, help="stop after this many epochs without val improvement")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick runs)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def catalogue_config(args: argparse.Namespace) -> CatalogueConfig:
+    if args.catalogue:
+        config = CatalogueConfig.load(args.catalogue, args.data_root)
+    elif args.manifest:
+        config = CatalogueConfig(name=Path(args.manifest).stem, manifest=args.manifest, image_column=args.image_column,
+                                 text_columns=args.text_columns, tasks=args.tasks or [], id_column=args.id_column)
+    else:
+        raise CatalogueError("give --catalogue or --manifest")
+    if args.tasks:
+        config.tasks = args.tasks
+    if args.max_text_tokens:
+        config.max_text_tokens = args.max_text_tokens
+    if not config.tasks:
+        raise CatalogueError("no tasks: give --tasks with the label columns to learn")
+    return config
+
+
+def split_indices(catalogue: Catalogue, seed: int) -> dict[str, np.ndarray]:
+    """Row indices per split; without a split column, a seeded 80/10/10 split."""
+    if "split" in catalogue.rows[0]:
+        names = np.array([r["split"] for r in catalogue.rows])
+        return {s: np.nonzero(names == s)[0] for s in ("train", "val", "test")}
+    order = np.random.default_rng(seed).permutation(len(catalogue))
+    a, b = int(0.8 * len(order)), int(0.9 * len(order))
+    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
+
+
+def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:
+    """The first `limit` rows of every split."""
+    seen: dict[str, int] = {}
+    rows = []
+    for row in catalogue.rows:
+        split = row.get("split", "")
+        if seen.get(split, 0) < limit:
+            seen[split] = seen.get(split, 0) + 1
+            rows.append(row)
+    return Catalogue(catalogue.config, rows, catalogue.root)
+
+
+class LiveBatches:
+    """Backbone features computed per batch with gradients, for --finetune-backbone."""
+
+    def __init__(self, backbone: DualEncoder, catalogue: Catalogue) -> None:
+        self.backbone, self.paths, self.texts = backbone, catalogue.image_paths(), catalogue.texts()
+        self.max_tokens = catalogue.config.max_text_tokens
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batch(self, index: np.ndarray, device: torch.device):
+        pixels = self.backbone.preprocess([load_image(self.paths[i]) for i in index]).to(device)
+        text = self.backbone.tokenize([self.texts[i] for i in index], self.max_tokens)
+        return self.backbone(pixels, TextBatch(text.ids.to(device), text.mask.to(device)))
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, counters: dict) -> None:
+    """Training state for --resume, as safetensors + JSON (no pickles)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optim = optimizer.state_dict()
+    for pid, state in optim["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).cpu().contiguous()
+    save_file(tensors, str(out / f"{STATE}.safetensors"))
+    (out / f"{STATE}.json").write_text(json.dumps({**counters, "param_groups": optim["param_groups"]}))
+
+
+def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer) -> dict:
+    tensors = load_file(str(out / f"{STATE}.safetensors"))
+    counters = json.loads((out / f"{STATE}.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": counters.pop("param_groups")})
+    return counters
+
+
+def thresholds_at_90(probabilities: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict[str, float | None]:
+    out = {}
+    for task, probs in probabilities.items():
+        labelled = targets[task] != -1
+        correct = (probs[labelled].argmax(1) == targets[task][labelled]).astype(float)
+        out[task] = threshold_at_precision(correct, probs[labelled].max(1), 0.9)
+    return out
+
+
+def train(args: argparse.Namespace) -> dict:
+    seed_everything(args.seed)
+    device = default_device()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = catalogue_config(args)
+    catalogue = Catalogue.open(config)
+    if args.limit:
+        catalogue = limit_splits(catalogue, args.limit)
+    if args.extra_labels:
+        from .labels import LabelStore
+        catalogue = LabelStore(args.extra_labels).apply_to(catalogue)
+    splits = split_indices(catalogue, args.seed)
+    if not len(splits["train"]) or not len(splits["val"]):
+        raise CatalogueError("training needs items in both the train and val splits")
+
+    backbone = create_backbone(args.backbone, device, trainable=args.finetune_backbone)
+    features = extract_features(backbone, catalogue, args.cache_dir, progress=not args.quiet)
+    source = LiveBatches(backbone, catalogue) if args.finetune_backbone else features
+    vocabs = {t: LabelVocab.build([catalogue.labels(t)[i] for i in splits["train"]], args.min_count) for t in config.tasks}
+    empty = [t for t, v in vocabs.items() if not len(v)]
+    if empty:
+        raise CatalogueError(f"tasks without any training label: {empty}")
+    targets = {t: vocabs[t].encode(catalogue.labels(t)) for t in config.tasks}
+
+    cfg = CMAClipConfig(
+        image_token_dim=backbone.image_token_dim, image_pooled_dim=backbone.image_pooled_dim,
+        text_token_dim=backbone.text_token_dim, text_pooled_dim=backbone.text_pooled_dim,
+        num_patches=backbone.num_patches, max_text_tokens=config.max_text_tokens,
+        tasks={t: len(v) for t, v in vocabs.items()}, embed_dim=args.embed_dim, width=args.width,
+        depth=args.depth, heads=args.heads, dropout=args.dropout, fusion=args.fusion)
+    model = CMAClip(cfg).to(device)
+    params = [p for n, p in model.named_parameters() if not n.startswith("align.")]
+    if args.finetune_backbone:
+        params += list(backbone.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, len(splits["train"]) // args.batch_size)
+    total = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(max(1, int(args.warmup * total)), total))
+    meta = {
+        "backbone": args.backbone,
+        "catalogue": {"name": config.name, "image_column": config.image_column, "text_columns": config.text_columns,
+                      "id_column": config.id_column, "max_text_tokens": config.max_text_tokens},
+        "tasks": {t: {"classes": v.classes, "threshold_90": None} for t, v in vocabs.items()},
+        "train": {k: v for k, v in vars(args).items() if k not in ("out", "resume", "quiet")},
+    }
+
+    counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": []}
+    if args.resume and (out / f"{STATE}.json").exists():
+        counters = load_state(out, model, optimizer)
+        schedule.last_epoch = counters["step"]
+        print(f"resumed at epoch {counters['epoch']} (step {counters['step']})", file=sys.stderr)
+    else:
+        started = time.time()
+        counters["align_loss"] = train_alignment(
+            model.align, features.image_pooled[splits["train"]], features.text_pooled[splits["train"]],
+            epochs=args.align_epochs, seed=args.seed, device=device)
+        counters["align_seconds"] = round(time.time() - started, 2)
+    model.align.requires_grad_(False)
+
+    train_targets = {t: torch.from_numpy(v) for t, v in targets.items()}
+    while counters["epoch"] < args.epochs and counters["step"] < total:
+        model.train()
+        backbone.train(args.finetune_backbone)
+        order = np.random.default_rng([args.seed, counters["epoch"]]).permutation(splits["train"])
+        started, losses = time.time(), []
+        batches = range(steps_per_epoch)
+        for b in tqdm(batches, desc=f"epoch {counters['epoch'] + 1}/{args.epochs}", disable=args.quiet, leave=False):
+            index = order[b * args.batch_size:(b + 1) * args.batch_size]
+            with autocast(device):
+                output = model(source.batch(index, device))
+            loss = multitask_loss(output.logits, {t: v[index].to(device) for t, v in train_targets.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            counters["step"] += 1
+            if counters["step"] >= total:
+                break
+        seconds = time.time() - started
+        val = score(predict_probabilities(model, source, splits["val"]), {t: v[splits["val"]] for t, v in targets.items()})
+        counters["epoch"] += 1
+        value = val["mean"][SELECTION_METRIC]
+        counters["history"].append({"epoch": counters["epoch"], "loss": float(np.mean(losses)),
+                                    "seconds": round(seconds, 2), "val": val["mean"]})
+        print(f"epoch {counters['epoch']}: loss {np.mean(losses):.4f}  {seconds:.1f}s  val "
+              + "  ".join(f"{k} {v:.4f}" for k, v in val["mean"].items()), file=sys.stderr, flush=True)
+        if value > counters["best"]:
+            counters["best"], counters["bad_epochs"] = value, 0
+            save_checkpoint(out, model, {**meta, "metrics": {"val": val}},
+                            backbone.state_dict() if args.finetune_backbone else None)
+        else:
+            counters["bad_epochs"] += 1
+        save_state(out, model, optimizer, counters)
+        if counters["bad_epochs"] >= args.patience:
+            print(f"early stop: no val improvement for {args.patience} epochs", file=sys.stderr)
+            break
+    return finish(out, meta, counters, source, backbone if args.finetune_backbone else None, targets, splits, device)
+
+
+def finish(out: Path, meta: dict, counters: dict, features: Features | LiveBatches,
+           finetuned: DualEncoder | None, targets: dict[str, np.ndarray],
+           splits: dict[str, np.ndarray], device: torch.device) -> dict:
+    """Reload the best epoch, add its 90%-precision thresholds (from val) and test report."""
+    model, _ = load_checkpoint(out, device)
+    if finetuned is not None:
+        finetuned.load_state_dict(load_backbone_state(out))
+        finetuned.eval()
+    val_probs = predict_probabilities(model, features, splits["val"])
+    val_targets = {t: v[splits["val"]] for t, v in targets.items()}
+    for task, threshold in thresholds_at_90(val_probs, val_targets).items():
+        meta["tasks"][task]["threshold_90"] = threshold
+    metrics = {"val": score(val_probs, val_targets)}
+    if len(splits["test"]):
+        metrics["test"] = score(predict_probabilities(model, features, splits["test"]),
+                                {t: v[splits["test"]] for t, v in targets.items()})
+        (out / "eval_test.json").write_text(json.dumps(metrics["test"], indent=2))
+    meta["training"] = {k: counters[k] for k in ("history", "align_loss", "align_seconds") if k in counters}
+    save_checkpoint(out, model, {**meta, "metrics": metrics})
+    for suffix in (".safetensors", ".json"):
+        (out / f"{STATE}{suffix}").unlink(missing_ok=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        metrics = train(args)
+    except (CatalogueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for split, report in metrics.items():
+        print(f"\n[{split}]\n{format_table(report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
