@@ -292,17 +292,25 @@ class OpenClipBackbone(DualEncoder):
         return h, pooled
 
 
-def _offline() -> bool:
-    """True when the hub cannot be reached: offline flags, or no answer within 3 seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+def _offline(timeout: float = 3.0) -> bool:
+    """True when the hub cannot be reached: offline flags, or no connection within `timeout`
+    seconds (name lookup included, which sockets alone cannot bound)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
         return True
     import socket
+    from concurrent.futures import ThreadPoolExecutor, TimeoutError
 
+    def connect() -> None:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        pool.submit(connect).result(timeout=timeout)
         return False
-    except OSError:
+    except (OSError, TimeoutError):
         return True
+    finally:
+        pool.shutdown(wait=False)
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, device: str | torch.device | None = None,

@@ -193,11 +193,12 @@ def train(args: argparse.Namespace) -> dict:
     backbone = create_backbone(args.backbone, device, trainable=args.finetune_backbone)
     features = extract_features(backbone, catalogue, args.cache_dir, progress=not args.quiet)
     source = LiveBatches(backbone, catalogue) if args.finetune_backbone else features
-    vocabs = {t: LabelVocab.build([catalogue.labels(t)[i] for i in splits["train"]], args.min_count) for t in config.tasks}
+    labels = {t: catalogue.labels(t) for t in config.tasks}
+    vocabs = {t: LabelVocab.build([labels[t][i] for i in splits["train"]], args.min_count) for t in config.tasks}
     empty = [t for t, v in vocabs.items() if not len(v)]
     if empty:
         raise CatalogueError(f"tasks without any training label: {empty}")
-    targets = {t: vocabs[t].encode(catalogue.labels(t)) for t in config.tasks}
+    targets = {t: vocabs[t].encode(labels[t]) for t in config.tasks}
 
     cfg = CMAClipConfig(
         image_token_dim=backbone.image_token_dim, image_pooled_dim=backbone.image_pooled_dim,

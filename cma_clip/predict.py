@@ -1,0 +1,201 @@
+"""A predictor: (image, text) -> every task's top-k labels, modality weights and attention maps.
+
+    from cma_clip import Predictor
+    predictor = Predictor.from_checkpoint("checkpoints/hm-articles")
+    result = predictor.predict(Image.open("shirt.jpg"), "Striped cotton shirt")
+
+    python -m cma_clip.predict --checkpoint checkpoints/hm-articles --image assets/x.jpg --text "..."
+    python -m cma_clip.predict --checkpoint checkpoints/hm-articles --manifest items.csv --out preds.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import DualEncoder, create_backbone, letterbox
+from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
+from .data import Catalogue, CatalogueError, load_image
+from .evaluate import catalogue_for_checkpoint
+from .model import MODALITIES, CMAClip
+from .runtime import autocast, default_device
+
+
+@dataclass
+class TaskPrediction:
+    labels: list[str]  # top-k, most likely first
+    probabilities: list[float]
+    modality_weights: dict[str, float]  # {"text": w, "image": 1 - w}
+    threshold: float | None  # confidence giving 90% precision on val; None if none did
+    auto_accept: bool  # top-1 confidence clears the threshold
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[0]
+
+
+@dataclass
+class Prediction:
+    tasks: dict[str, TaskPrediction]
+    tokens: list[str] = field(default_factory=list)  # the model's text tokens
+    text_to_image: np.ndarray | None = None  # [len(tokens), patches]: each token's attention on the patches
+    image_cls_to_text: np.ndarray | None = None  # [len(tokens)]: the image [CLS]'s attention on the tokens
+    image_cls_to_patches: np.ndarray | None = None  # [patches]
+    grid_size: int = 0
+    model_image: Image.Image | None = None  # the letterboxed image the model saw
+
+    def to_dict(self) -> dict:
+        return {task: {"label": p.label, "confidence": round(p.confidence, 4), "auto_accept": p.auto_accept,
+                       "top_k": dict(zip(p.labels, [round(x, 4) for x in p.probabilities])),
+                       "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()}}
+                for task, p in self.tasks.items()}
+
+
+@lru_cache(maxsize=4)
+def shared_backbone(name: str, device: str) -> DualEncoder:
+    """One frozen backbone per (name, device), shared by every predictor that uses it."""
+    return create_backbone(name, device)
+
+
+class Predictor:
+    def __init__(self, model: CMAClip, config: dict, backbone: DualEncoder) -> None:
+        self.model, self.config, self.backbone = model, config, backbone
+        self.device = next(model.parameters()).device
+        self.max_tokens = config["catalogue"]["max_text_tokens"]
+        self.classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
+        self.thresholds = {task: spec.get("threshold_90") for task, spec in config["tasks"].items()}
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> "Predictor":
+        device = torch.device(device) if device else default_device()
+        model, config = load_checkpoint(folder, device)
+        finetuned = load_backbone_state(folder)
+        if finetuned is None:
+            backbone = shared_backbone(config["backbone"], str(device))
+        else:
+            backbone = create_backbone(config["backbone"], device)
+            backbone.load_state_dict(finetuned)
+        return cls(model, config, backbone)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.classes)
+
+    @torch.no_grad()
+    def predict(self, image: Image.Image, text: str, top_k: int = 3) -> Prediction:
+        """One item, with the attention maps the app draws."""
+        feats = self.backbone.encode([image], [text], self.max_tokens)
+        length = int(feats.text_mask.sum())
+        feats.text_tokens, feats.text_mask = feats.text_tokens[:, :length], feats.text_mask[:, :length]
+        with autocast(self.device):
+            out = self.model(feats, return_attention=True)
+        prediction = self._task_predictions(out, top_k)[0]
+        prediction.tokens = self.backbone.token_strings(text, self.max_tokens)
+        prediction.grid_size = self.backbone.grid_size
+        prediction.model_image = letterbox(image, self.backbone.image_size)
+        if out.attention is not None:
+            maps = out.attention
+            prediction.text_to_image = maps.text_to_image[0].float().cpu().numpy()
+            prediction.image_cls_to_text = maps.cls_to_text("image")[0].float().cpu().numpy()
+            prediction.image_cls_to_patches = maps.cls_to_patches("image")[0].float().cpu().numpy()
+        return prediction
+
+    @torch.no_grad()
+    def predict_batch(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
+        """Many items at once, without attention maps."""
+        feats = self.backbone.encode(images, texts, self.max_tokens)
+        with autocast(self.device):
+            out = self.model(feats)
+        return self._task_predictions(out, top_k)
+
+    def _task_predictions(self, out, top_k: int) -> list[Prediction]:
+        per_item: list[dict[str, TaskPrediction]] = [{} for _ in next(iter(out.logits.values()))]
+        for task, logits in out.logits.items():
+            probs = logits.float().softmax(-1).cpu()
+            top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
+            weights = out.modality_weights[task].float().cpu()
+            threshold = self.thresholds[task]
+            for i, item in enumerate(per_item):
+                confidence = float(top.values[i, 0])
+                item[task] = TaskPrediction(
+                    labels=[self.classes[task][j] for j in top.indices[i].tolist()],
+                    probabilities=[float(v) for v in top.values[i]],
+                    modality_weights={m: float(weights[i, k]) for k, m in enumerate(MODALITIES)},
+                    threshold=threshold, auto_accept=threshold is not None and confidence >= threshold)
+        return [Prediction(tasks) for tasks in per_item]
+
+    def predict_manifest(self, manifest: str | Path, out: str | Path, batch_size: int = 32) -> int:
+        """Predict every row of a manifest; writes JSONL (or CSV by suffix). Returns the row count."""
+        # prediction manifests need no label columns
+        catalogue = Catalogue.open(replace(catalogue_for_checkpoint(self.config, manifest), tasks=[]))
+        ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
+        records = []
+        for start in range(0, len(ids), batch_size):
+            stop = start + batch_size
+            images = [load_image(p) for p in paths[start:stop]]
+            for item_id, pred in zip(ids[start:stop], self.predict_batch(images, texts[start:stop])):
+                records.append({"id": item_id, **_flatten(pred)})
+        write_records(out, records)
+        return len(records)
+
+
+def _flatten(prediction: Prediction) -> dict:
+    row = {}
+    for task, p in prediction.tasks.items():
+        row[task] = p.label
+        row[f"{task}_confidence"] = round(p.confidence, 4)
+        row[f"{task}_auto_accept"] = p.auto_accept
+    return row
+
+
+def write_records(path: str | Path, records: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(records[0]) if records else ["id"])
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Predict product attributes with a CMA-CLIP checkpoint.")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--image", help="one image file")
+    parser.add_argument("--text", default="", help="its text")
+    parser.add_argument("--manifest", help="predict every row of a CSV/JSONL manifest instead")
+    parser.add_argument("--out", help="output .jsonl or .csv for --manifest")
+    args = parser.parse_args(argv)
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint)
+        if args.manifest:
+            if not args.out:
+                parser.error("--manifest needs --out")
+            print(f"{predictor.predict_manifest(args.manifest, args.out)} predictions written to {args.out}")
+        elif args.image:
+            print(json.dumps(predictor.predict(load_image(args.image), args.text).to_dict(), indent=2))
+        else:
+            parser.error("give --image (and --text) or --manifest")
+    except (CheckpointError, CatalogueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

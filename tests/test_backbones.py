@@ -1,0 +1,60 @@
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from cma_clip.backbones import BackboneError, create_backbone
+from conftest import HM
+
+
+def real_items(n=2):
+    paths = sorted((HM / "images").glob("*/*.jpg"))[:n]
+    return [Image.open(p) for p in paths], ["Striped cotton shirt", "Black jersey dress with a long skirt"][:n]
+
+
+def test_bundled_backbone_outputs(backbone):
+    images, texts = real_items()
+    out = backbone.encode(images, texts, max_tokens=16)
+    assert out.image_tokens.shape == (2, 49, 320) and out.image_pooled.shape == (2, 1280)
+    assert out.text_tokens.shape == (2, 16, 384) and out.text_pooled.shape == (2, 384)
+    assert out.text_mask.dtype == torch.bool and out.text_mask.sum(1).tolist() == [5, 9]
+    tokens = backbone.token_strings(texts[0], 16)
+    assert tokens[0] == "[CLS]" and "striped" in tokens and len(tokens) == 5
+
+
+def test_open_clip_token_extraction_with_random_weights():
+    backbone = create_backbone("open_clip:ViT-B-32", "cpu")
+    images, texts = real_items()
+    with torch.no_grad():
+        out = backbone.encode(images, texts, max_tokens=20)
+        model = backbone.model
+        pixels = backbone.preprocess(images)
+        full = backbone.tokenize(texts, 77)
+        text_tokens, text_pooled = backbone.encode_text(full)
+        patches, image_pooled = backbone.encode_image(pixels)
+        model.visual.output_tokens = False  # open_clip's own pooled path
+        expected_text, expected_image = model.encode_text(full.ids), model.encode_image(pixels)
+        model.visual.output_tokens = True
+    assert out.image_tokens.shape == (2, 49, 512) and out.image_pooled.shape == (2, 512)
+    assert out.text_tokens.shape == (2, 20, 512) and out.text_pooled.shape == (2, 512)
+    # per-token outputs (full precision) agree with open_clip's own pooled embeddings
+    torch.testing.assert_close(text_pooled, expected_text)
+    torch.testing.assert_close(image_pooled, expected_image)
+    assert text_tokens.shape == (2, 77, 512) and patches.shape == (2, 49, 512)
+    tokens = backbone.token_strings(texts[0], 20)
+    assert tokens[1:4] == ["striped", "cotton", "shirt"]
+
+
+@pytest.mark.parametrize("offline_flag", ["1", "0"])
+def test_open_clip_pretrained_offline_fails_fast_and_clearly(monkeypatch, offline_flag):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline_flag)
+    started = time.time()
+    with pytest.raises(BackboneError, match="unreachable|could not build"):
+        create_backbone("open_clip:ViT-B-32:openai", "cpu")
+    assert time.time() - started < 15
+
+
+def test_unknown_backbone_name():
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        create_backbone("resnet-9000")

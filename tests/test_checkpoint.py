@@ -1,0 +1,67 @@
+import shutil
+
+import pytest
+import torch
+
+from cma_clip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cma_clip.model import CMAClip, CMAClipConfig
+from test_model import make_batch, make_model
+
+META = {"backbone": "bundled", "catalogue": {}, "tasks": {}}
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    model = make_model()
+    save_checkpoint(tmp_path / "ck", model, META)
+    loaded, config = load_checkpoint(tmp_path / "ck")
+    batch = make_batch()
+    for task, logits in model(batch).logits.items():
+        assert torch.equal(logits, loaded(batch).logits[task])
+    assert config["model"]["fusion"] == "cma"
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
+def test_corrupt_weights_give_a_clear_error(tmp_path, damage):
+    save_checkpoint(tmp_path, make_model(), META)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garble":
+        weights.write_bytes(b"\xff" * 64 + data[64:])
+    else:
+        weights.unlink()
+    with pytest.raises(CheckpointError, match="corrupt|missing"):
+        load_checkpoint(tmp_path)
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    save_checkpoint(tmp_path, make_model(), META)
+    other = make_model(mlp_ratio=4.0)
+    shutil.copy(tmp_path / "model.safetensors", tmp_path / "keep.safetensors")
+    save_checkpoint(tmp_path, other, META)  # new config.json ...
+    shutil.move(tmp_path / "keep.safetensors", tmp_path / "model.safetensors")  # ... old weights
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(tmp_path)
+
+
+def test_broken_config_json(tmp_path):
+    save_checkpoint(tmp_path, make_model(), META)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text('{"hello": 1}')
+    with pytest.raises(CheckpointError, match="not a CMA-CLIP config"):
+        load_checkpoint(tmp_path)
+
+
+def test_pickle_files_are_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(make_model().state_dict(), path)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(path)

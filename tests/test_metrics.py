@@ -1,0 +1,28 @@
+import numpy as np
+
+from cma_clip.metrics import macro_f1, recall_at_precision, threshold_at_precision
+
+
+def test_recall_at_90_precision_takes_the_longest_precise_prefix():
+    # sorted by confidence: 10 correct, 1 wrong (precision 10/11 = 0.909), then 3 wrong
+    confidence = np.linspace(1.0, 0.5, 14)
+    correct = np.array([1] * 10 + [0] + [0] * 3, dtype=float)
+    assert recall_at_precision(correct, confidence, 0.9) == 10 / 14
+    assert threshold_at_precision(correct, confidence, 0.9) == confidence[10]
+
+
+def test_recall_at_precision_is_order_independent_and_zero_when_never_precise():
+    rng = np.random.default_rng(0)
+    confidence = rng.random(50)
+    correct = (rng.random(50) > 0.5).astype(float)
+    perm = rng.permutation(50)
+    assert recall_at_precision(correct, confidence) == recall_at_precision(correct[perm], confidence[perm])
+    assert recall_at_precision(np.zeros(5), np.ones(5)) == 0.0
+    assert threshold_at_precision(np.zeros(5), np.ones(5)) is None
+
+
+def test_macro_f1_counts_every_class():
+    y_true = np.array([0, 0, 1, 1])
+    y_pred = np.array([0, 0, 0, 2])  # class 1 never right, class 2 only wrong
+    f1_class0 = 2 * 2 / (2 * 2 + 1 + 0)
+    assert np.isclose(macro_f1(y_true, y_pred), f1_class0 / 3)

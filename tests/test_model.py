@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from cma_clip.backbones import EncoderOutput
+from cma_clip.model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss
+
+TASKS = {"colour": 5, "pattern": 3}
+
+
+def make_model(fusion="cma", **kw):
+    torch.manual_seed(0)
+    cfg = CMAClipConfig(image_token_dim=20, image_pooled_dim=24, text_token_dim=12, text_pooled_dim=12,
+                        num_patches=9, max_text_tokens=8, tasks=TASKS, embed_dim=16, width=32, depth=2,
+                        heads=4, fusion=fusion, **kw)
+    return CMAClip(cfg).eval()
+
+
+def make_batch(b=3, length=6):
+    torch.manual_seed(1)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[0, 4:] = False  # item 0 has 4 real tokens, 2 padding
+    return EncoderOutput(torch.randn(b, 9, 20), torch.randn(b, 24), torch.randn(b, length, 12), mask,
+                         torch.randn(b, 12))
+
+
+def test_shapes_weights_and_attention_maps():
+    out = make_model()(make_batch(), return_attention=True)
+    assert {t: v.shape for t, v in out.logits.items()} == {"colour": (3, 5), "pattern": (3, 3)}
+    for weights in out.modality_weights.values():
+        assert weights.shape == (3, 2)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    maps = out.attention
+    assert maps.text_to_image.shape == (3, 6, 9)
+    assert maps.text_cls.shape == maps.image_cls.shape == (3, 6 + 9 + 2)
+    assert maps.cls_to_text().shape == (3, 6) and maps.cls_to_patches().shape == (3, 9)
+    torch.testing.assert_close(maps.image_cls.sum(-1), torch.ones(3))
+    # nobody attends to padding
+    assert maps.image_cls[0, 1 + 4:1 + 6].abs().max() == 0
+
+
+def test_tasks_get_different_modality_weights():
+    model = make_model()
+    with torch.no_grad():
+        model.modality.queries.normal_(0, 3.0)
+    weights = model(make_batch()).modality_weights
+    assert not torch.allclose(weights["colour"], weights["pattern"])
+
+
+def test_padding_does_not_change_the_output():
+    model, batch = make_model(), make_batch()
+    before = model(batch).logits["colour"][0]
+    batch.text_tokens[0, 4:] = 1000.0
+    after = model(batch).logits["colour"][0]
+    torch.testing.assert_close(before, after)
+
+
+def test_attention_path_matches_fast_path():
+    model, batch = make_model(), make_batch()
+    fast = model(batch).logits["pattern"]
+    slow = model(batch, return_attention=True).logits["pattern"]
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_ablations_run(fusion):
+    out = make_model(fusion)(make_batch(), return_attention=True)
+    assert out.logits["colour"].shape == (3, 5)
+    if fusion in ("no_modality_attention", "no_attention"):
+        assert torch.all(out.modality_weights["colour"] == 0.5)
+    if fusion in ("no_sequence_attention", "no_attention"):
+        assert out.attention is None
+    else:
+        assert out.attention is not None
+
+
+def test_bad_fusion_name_is_refused():
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        make_model("late")
+
+
+def test_missing_labels_are_masked_per_task():
+    logits = {"colour": torch.randn(4, 5), "pattern": torch.randn(4, 3)}
+    targets = {"colour": torch.tensor([1, -1, 3, -2]), "pattern": torch.tensor([-1, -1, -1, -1])}
+    expected = torch.nn.functional.cross_entropy(logits["colour"][[0, 2]], torch.tensor([1, 3]))
+    torch.testing.assert_close(multitask_loss(logits, targets), expected)
+    # changing the logits of unlabelled items changes nothing
+    logits["colour"][1] += 100
+    logits["pattern"] += 100
+    torch.testing.assert_close(multitask_loss(logits, targets), expected)
