@@ -104,12 +104,12 @@ def is_missing(value: str | None) -> bool:
     return value is None or value.strip().lower() in MISSING_LABELS
 
 
-def safe_image_path(root: Path, relative: str) -> Path:
-    """Resolve a manifest's image path, refusing paths that leave the catalogue folder."""
-    root = root.resolve()
+def safe_image_path(root: Path, relative: str, extra_roots: tuple[Path, ...] = ()) -> Path:
+    """Resolve a manifest's image path, refusing paths outside the catalogue folder
+    (and the `extra_roots` it may also use, such as a label store's image folder)."""
     path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise CatalogueError(f"image path {relative!r} leaves the catalogue folder {root}")
+    if not any(path.is_relative_to(r.resolve()) for r in (root, *extra_roots)):
+        raise CatalogueError(f"image path {relative!r} leaves the catalogue folder {root.resolve()}")
     return path
 
 
@@ -120,6 +120,7 @@ class Catalogue:
     config: CatalogueConfig
     rows: list[dict[str, str]]
     root: Path
+    extra_roots: tuple[Path, ...] = ()  # other folders rows may take images from
 
     @classmethod
     def open(cls, config: CatalogueConfig, split: str | None = None, limit: int | None = None) -> "Catalogue":
@@ -153,7 +154,7 @@ class Catalogue:
         return [join_text(r, self.config.text_columns) for r in self.rows]
 
     def image_paths(self) -> list[Path]:
-        return [safe_image_path(self.root, r[self.config.image_column]) for r in self.rows]
+        return [safe_image_path(self.root, r[self.config.image_column], self.extra_roots) for r in self.rows]
 
     def labels(self, task: str) -> list[str | None]:
         return [None if is_missing(r.get(task)) else r[task].strip() for r in self.rows]

@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,7 @@ def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:
         if seen.get(split, 0) < limit:
             seen[split] = seen.get(split, 0) + 1
             rows.append(row)
-    return Catalogue(catalogue.config, rows, catalogue.root)
+    return replace(catalogue, rows=rows)
 
 
 class LiveBatches:
