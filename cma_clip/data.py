@@ -191,10 +191,32 @@ class LabelVocab:
         return np.array([IGNORE if lab is None else index.get(lab, UNKNOWN) for lab in labels], dtype=np.int64)
 
 
+class ImageError(ValueError):
+    """A file that is not a usable image, with the reason in words."""
+
+
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused before decoding (decompression bombs)
+
+
 def load_image(path: str | Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image
+    """Decode an image file (the first frame of an animation), refusing unreadable,
+    truncated and oversized files with an `ImageError`."""
+    name = Path(path).name
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{name} is {image.width}x{image.height} pixels; "
+                                 f"the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels")
+            if image.width < 1 or image.height < 1:
+                raise ImageError(f"{name} has no pixels")
+            image.load()
+            return image
+    except ImageError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"image not found: {path}") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{name} is not a readable image ({exc.__class__.__name__}: {exc})") from exc
 
 
 # ----------------------------------------------------------------------------- feature cache
@@ -242,11 +264,7 @@ class _ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        try:
-            image = load_image(self.paths[i])
-        except (OSError, Image.DecompressionBombError) as exc:
-            raise CatalogueError(f"cannot read image {self.paths[i]}: {exc}") from exc
-        return self.backbone.preprocess([image])[0]
+        return self.backbone.preprocess([load_image(self.paths[i])])[0]
 
 
 def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from .backbones import create_backbone
 from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
-from .data import Catalogue, CatalogueConfig, CatalogueError, Features, LabelVocab, extract_features
+from .data import Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features
 from .metrics import METRIC_NAMES, mean_metrics, task_metrics
 from .model import CMAClip
 from .runtime import autocast, default_device
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir)
-    except (CheckpointError, CatalogueError) as exc:
+    except (CheckpointError, CatalogueError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))

@@ -165,8 +165,9 @@ class ModalityAttention(nn.Module):
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """embeddings [B, M, W] -> per-task outputs [B, T, W] and weights [B, T, M]."""
-        weights = torch.einsum("tw,bmw->btm", self.queries, embeddings).mul(self.scale).softmax(dim=-1)
-        return weights @ embeddings, weights
+        scores = torch.einsum("tw,bmw->btm", self.queries, embeddings).float() * self.scale
+        weights = scores.softmax(dim=-1)  # in float32, so the weights sum to 1 under bf16 autocast too
+        return weights.to(embeddings.dtype) @ embeddings, weights
 
 
 class TaskHead(nn.Module):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .backbones import DualEncoder, create_backbone, letterbox
 from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
-from .data import Catalogue, CatalogueError, load_image
+from .data import Catalogue, CatalogueError, ImageError, load_image
 from .evaluate import catalogue_for_checkpoint
 from .model import MODALITIES, CMAClip
 from .runtime import autocast, default_device
@@ -53,6 +53,7 @@ class Prediction:
     text_to_image: np.ndarray | None = None  # [len(tokens), patches]: each token's attention on the patches
     image_cls_to_text: np.ndarray | None = None  # [len(tokens)]: the image [CLS]'s attention on the tokens
     image_cls_to_patches: np.ndarray | None = None  # [patches]
+    token_relevance: dict[str, np.ndarray] = field(default_factory=dict)  # task -> [len(tokens)], sums to 1
     grid_size: int = 0
     model_image: Image.Image | None = None  # the letterboxed image the model saw
 
@@ -93,24 +94,37 @@ class Predictor:
     def tasks(self) -> list[str]:
         return list(self.classes)
 
-    @torch.no_grad()
     def predict(self, image: Image.Image, text: str, top_k: int = 3) -> Prediction:
-        """One item, with the attention maps the app draws."""
-        feats = self.backbone.encode([image], [text], self.max_tokens)
+        """One item, with the attention maps the app draws and each task's token relevance."""
+        with torch.no_grad():
+            feats = self.backbone.encode([image], [text], self.max_tokens)
         length = int(feats.text_mask.sum())
         feats.text_tokens, feats.text_mask = feats.text_tokens[:, :length], feats.text_mask[:, :length]
-        with autocast(self.device):
+        feats.text_tokens.requires_grad_(True)
+        with torch.enable_grad(), autocast(self.device):
             out = self.model(feats, return_attention=True)
+            relevance = self._token_relevance(out, feats.text_tokens)
         prediction = self._task_predictions(out, top_k)[0]
+        prediction.token_relevance = relevance
         prediction.tokens = self.backbone.token_strings(text, self.max_tokens)
         prediction.grid_size = self.backbone.grid_size
         prediction.model_image = letterbox(image, self.backbone.image_size)
         if out.attention is not None:
             maps = out.attention
-            prediction.text_to_image = maps.text_to_image[0].float().cpu().numpy()
-            prediction.image_cls_to_text = maps.cls_to_text("image")[0].float().cpu().numpy()
-            prediction.image_cls_to_patches = maps.cls_to_patches("image")[0].float().cpu().numpy()
+            prediction.text_to_image = maps.text_to_image[0].detach().float().cpu().numpy()
+            prediction.image_cls_to_text = maps.cls_to_text("image")[0].detach().float().cpu().numpy()
+            prediction.image_cls_to_patches = maps.cls_to_patches("image")[0].detach().float().cpu().numpy()
         return prediction
+
+    def _token_relevance(self, out, text_tokens: torch.Tensor) -> dict[str, np.ndarray]:
+        """Gradient x input of each task's top logit w.r.t. the text token states,
+        normalised to sum to 1: which tokens the task's decision rests on."""
+        relevance = {}
+        for task, logits in out.logits.items():
+            (grad,) = torch.autograd.grad(logits[0].max(), text_tokens, retain_graph=True)
+            score = (grad * text_tokens).sum(-1)[0].abs().float()
+            relevance[task] = (score / score.sum().clamp(min=1e-12)).detach().cpu().numpy()
+        return relevance
 
     @torch.no_grad()
     def predict_batch(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
@@ -123,9 +137,9 @@ class Predictor:
     def _task_predictions(self, out, top_k: int) -> list[Prediction]:
         per_item: list[dict[str, TaskPrediction]] = [{} for _ in next(iter(out.logits.values()))]
         for task, logits in out.logits.items():
-            probs = logits.float().softmax(-1).cpu()
+            probs = logits.detach().float().softmax(-1).cpu()
             top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
-            weights = out.modality_weights[task].float().cpu()
+            weights = out.modality_weights[task].detach().float().cpu()
             threshold = self.thresholds[task]
             for i, item in enumerate(per_item):
                 confidence = float(top.values[i, 0])
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(predictor.predict(load_image(args.image), args.text).to_dict(), indent=2))
         else:
             parser.error("give --image (and --text) or --manifest")
-    except (CheckpointError, CatalogueError, OSError) as exc:
+    except (CheckpointError, CatalogueError, ImageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .align import train_alignment
 from .backbones import DualEncoder, TextBatch, create_backbone
 from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint, save_checkpoint
-from .data import Catalogue, CatalogueConfig, CatalogueError, Features, LabelVocab, extract_features, load_image
+from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
+                   load_image)
 from .evaluate import format_table, predict_probabilities, score
 from .metrics import threshold_at_precision
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         metrics = train(args)
-    except (CatalogueError, CheckpointError) as exc:
+    except (CatalogueError, CheckpointError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for split, report in metrics.items():

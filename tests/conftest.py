@@ -43,3 +43,50 @@ def small_checkpoint(tmp_path_factory, cache_dir) -> Path:
                        "--quiet"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory, small_checkpoint) -> Path:
+    """A checkpoints folder like the repo's, holding the small checkpoint as 'hm-articles'."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    shutil.copytree(small_checkpoint, folder / "hm-articles")
+    return folder
+
+
+@pytest.fixture()
+def studio(checkpoint_dir, tmp_path):
+    from cma_clip.studio import Studio
+
+    return Studio(checkpoint_dir, data_dir=tmp_path / "studio", device="cpu")
+
+
+EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "hm-0816591001.jpg"
+EXAMPLE_TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-trimmed neckline."
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def running_app(checkpoint_dir, tmp_path_factory):
+    """The real app on a free local port, with its own data folder; yields (url, studio)."""
+    import app
+    from cma_clip.studio import Studio
+
+    studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("app-data"), device="cpu")
+    demo = app.build(studio)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        head=app.SHORTCUTS, max_file_size=app.MAX_UPLOAD)
+    yield f"http://127.0.0.1:{port}/", studio
+    demo.close()
+
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

@@ -1,0 +1,268 @@
+"""CMA-CLIP Studio: predict product attributes from an image and its text, see why, and correct them.
+
+    python app.py            # http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT or PORT override)
+
+UI only: every action is a method of `cma_clip.studio.Studio`, tested without a browser.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from cma_clip import hub  # noqa: E402
+from cma_clip.studio import (MAX_TASKS, Prediction, ReviewQueue, Studio, StudioError, heatmap,  # noqa: E402
+                             modality_figure, prediction_rows, text_shading, token_choices)
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+TABLE_HEADERS = ["task", "prediction", "confidence", "90%-precision threshold", "runners-up"]
+MAX_UPLOAD = "20mb"
+HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
+SHORTCUTS = """
+<script>
+document.addEventListener("keydown", (event) => {
+  const tag = (event.target.tagName || "").toLowerCase();
+  if (["input", "textarea", "select"].includes(tag) || event.target.isContentEditable) return;
+  const target = {a: "review-accept", n: "review-skip"}[event.key.toLowerCase()];
+  if (target) { document.querySelector(`#${target}`)?.click(); event.preventDefault(); }
+});
+</script>
+"""
+
+
+def user_errors(fn):
+    """Show StudioError as a message in the UI instead of a stack trace."""
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StudioError as exc:
+            raise gr.Error(str(exc)) from None
+    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+    return wrapped
+
+
+def examples(models: list[str]) -> list[list[str]]:
+    """Example items committed under assets/ (assets/examples.csv), for the models at hand."""
+    import csv
+
+    path = os.path.join(ASSETS, "examples.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [[os.path.join(ASSETS, r["image"]), r["text"], r["model"], r["item_id"]]
+                for r in csv.DictReader(handle) if r["model"] in models]
+
+
+def slot_updates(studio: Studio, model: str, prediction: Prediction | None) -> list:
+    """One dropdown per task, pre-filled with the prediction; unused slots hidden."""
+    classes = studio.task_classes(model)
+    updates = []
+    for i in range(MAX_TASKS):
+        if i < len(classes):
+            task = list(classes)[i]
+            value = prediction.tasks[task].label if prediction else None
+            updates.append(gr.update(label=task, choices=classes[task], value=value, visible=True))
+        else:
+            updates.append(gr.update(visible=False, value=None))
+    return updates
+
+
+def build(studio: Studio) -> gr.Blocks:
+    models = studio.model_names
+    with gr.Blocks(title="CMA-CLIP Studio") as demo:
+        gr.Markdown("# CMA-CLIP Studio\nMulti-task product attribute prediction with cross-modality attention "
+                    "([CMA-CLIP, Liu et al. 2021](https://arxiv.org/abs/2112.03562)). Upload a product photo and its "
+                    "text, see every attribute with its confidence and what the model looked at, and correct it.")
+        prediction_state = gr.State(None)
+        queue_state = gr.State(None)
+        with gr.Row():
+            model = gr.Dropdown(models, value=models[0] if models else None, label="Model", scale=2)
+            annotator = gr.Textbox(label="Annotator", placeholder="your name (needed to save)", scale=2,
+                                   elem_id="annotator")
+            item_id = gr.Textbox(label="Item id (optional)", placeholder="catalogue id, if any", scale=1)
+
+        with gr.Tab("Predict & correct"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image")
+                    text = gr.Textbox(label="Product text", lines=3, max_length=5000, elem_id="input-text",
+                                      placeholder="e.g. Turtle Check Men Navy Blue Shirt")
+                    predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
+                    gr.Examples(examples(models), inputs=[image, text, model, item_id], label="Catalogue examples")
+                with gr.Column(scale=2):
+                    table = gr.Dataframe(headers=TABLE_HEADERS, label="Predictions (top-1, confidence, auto-accept)",
+                                         interactive=False, wrap=True, elem_id="predictions")
+                    with gr.Row():
+                        task = gr.Dropdown([], label="Task to explain")
+                        token = gr.Dropdown([], label="Text token (default: most relevant for the task)")
+                    with gr.Row():
+                        heat = gr.Image(label="Attention of the token over image patches", height=280,
+                                        interactive=False, elem_id="heatmap")
+                        weights_plot = gr.Plot(label="Modality-wise attention per task")
+                    shading = gr.HighlightedText(label="Text tokens: attention of the image [CLS]",
+                                                 combine_adjacent=False, show_legend=False)
+                    relevance = gr.HighlightedText(label="Text tokens: relevance for the selected task "
+                                                   "(gradient x input)", combine_adjacent=False, show_legend=False)
+                    result_json = gr.JSON(label="Raw prediction", visible=False)
+            gr.Markdown("### Correct and save\nEach dropdown starts at the prediction; pick another label or type a "
+                        "new one, then save.")
+            with gr.Row():
+                slots = [gr.Dropdown([], label=f"task {i + 1}", allow_custom_value=True, visible=False,
+                                     elem_id=f"slot-{i}") for i in range(MAX_TASKS)]
+            save_button = gr.Button("Save correction", variant="primary", elem_id="save")
+            save_status = gr.Markdown(elem_id="save-status")
+
+        with gr.Tab("Review queue"):
+            gr.Markdown("Items sorted by uncertainty, least confident first (an item's confidence is its lowest "
+                        "top-1 probability over the tasks). Shortcuts: **a** accept/save and next, **n** skip.")
+            with gr.Row():
+                with gr.Column():
+                    split = gr.Dropdown(["test", "val", "train"], value="test", label="Split of the model's catalogue")
+                    size = gr.Number(value=50, precision=0, minimum=1, maximum=2000, label="Sample size")
+                    load_split = gr.Button("Load catalogue split")
+                with gr.Column():
+                    manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"])
+                    images = gr.File(label="...and its images", file_count="multiple", file_types=["image"])
+                    load_upload = gr.Button("Load uploaded catalogue")
+            review_progress = gr.Markdown()
+            with gr.Row():
+                review_image = gr.Image(label="Item", height=280, interactive=False)
+                with gr.Column():
+                    review_text = gr.Textbox(label="Text", interactive=False, lines=3)
+                    review_table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
+            with gr.Row():
+                review_slots = [gr.Dropdown([], label=f"task {i + 1}", allow_custom_value=True, visible=False)
+                                for i in range(MAX_TASKS)]
+            with gr.Row():
+                accept = gr.Button("Accept / save and next (a)", variant="primary", elem_id="review-accept")
+                skip = gr.Button("Skip (n)", elem_id="review-skip")
+                bulk = gr.Button("Bulk accept every item above all thresholds")
+            review_notes = gr.Markdown()
+
+        with gr.Tab("History & export"):
+            refresh = gr.Button("Refresh")
+            history = gr.Dataframe(headers=HISTORY_HEADERS, value=studio.history_rows, interactive=False, wrap=True,
+                                   elem_id="history")
+            with gr.Row():
+                export_format = gr.Radio(["CSV", "JSONL"], value="CSV", label="Format (the trainer's manifest format)")
+                export_button = gr.Button("Export labels")
+            export_file = gr.File(label="Exported labels")
+            gr.Markdown("Train with the corrections: `python -m cma_clip.train --catalogue NAME --extra-labels "
+                        f"{studio.store.path} --out checkpoints/NEW`")
+
+        # ---------------------------------------------------------------- events
+        @user_errors
+        def predict(image_path, text_value, model_name):
+            """Predict every task for an image and its text. Returns the prediction as JSON first."""
+            result = studio.predict(image_path, text_value, model_name)
+            first = next(iter(result.tasks))
+            choices, best = token_choices(result, first)
+            return (result.to_dict(), prediction_rows(result), gr.update(choices=list(result.tasks), value=first),
+                    gr.update(choices=choices, value=best), heatmap(result, best), modality_figure(result),
+                    text_shading(result), text_shading(result, first), result,
+                    *slot_updates(studio, model_name, result))
+
+        predict_button.click(predict, [image, text, model],
+                             [result_json, table, task, token, heat, weights_plot, shading, relevance,
+                              prediction_state, *slots], api_name="predict")
+
+        def explain_task(result, task_name):
+            if result is None or task_name not in result.tasks:
+                return gr.update(), gr.update(), gr.update()
+            choices, best = token_choices(result, task_name)
+            return gr.update(choices=choices, value=best), heatmap(result, best), text_shading(result, task_name)
+
+        task.input(explain_task, [prediction_state, task], [token, heat, relevance], api_visibility="private")
+        token.input(lambda result, index: heatmap(result, index) if result else None, [prediction_state, token],
+                    heat, api_visibility="private")
+
+        @user_errors
+        def save_correction(image_path, text_value, model_name, annotator_name, item, *labels):
+            """Save the labels (one per task of the model, in order) as a correction in the label store."""
+            tasks = list(studio.task_classes(model_name))
+            row = studio.save_correction(image_path, text_value, model_name, annotator_name, item,
+                                         dict(zip(tasks, labels)), None)
+            return f"Saved correction #{row}.", studio.history_rows()
+
+        save_button.click(save_correction, [image, text, model, annotator, item_id, *slots], [save_status, history],
+                          api_name="save_correction")
+
+        @user_errors
+        def export_labels(fmt):
+            """Export the current labels as a CSV or JSONL manifest the trainer reads."""
+            return str(studio.export(fmt))
+
+        export_button.click(export_labels, export_format, export_file, api_name="export_labels")
+        refresh.click(studio.history_rows, None, history, api_name="history")
+
+        def show(queue: ReviewQueue | None):
+            item = queue.current if queue else None
+            if item is None:
+                done = queue.progress_text() + " — all done." if queue else ""
+                return (queue, done, None, "", [], *[gr.update(visible=False)] * MAX_TASKS, "")
+            notes = ("Not loaded: " + "; ".join(queue.notes[:5])) if queue.notes else ""
+            return (queue, queue.progress_text() + f" · item `{item.item_id}` · confidence {item.confidence:.2f}",
+                    item.image_path, item.text, prediction_rows(Prediction(item.predictions)),
+                    *slot_updates(studio, queue.model, Prediction(item.predictions)), notes)
+
+        review_outputs = [queue_state, review_progress, review_image, review_text, review_table, *review_slots,
+                          review_notes]
+
+        @user_errors
+        def load_catalogue(model_name, split_name, sample_size, progress=gr.Progress()):
+            return show(studio.review_catalogue(model_name, split_name, sample_size, progress))
+
+        @user_errors
+        def load_uploaded(model_name, manifest_file, image_files, progress=gr.Progress()):
+            return show(studio.review_upload(model_name, manifest_file, image_files, progress))
+
+        @user_errors
+        def accept_item(queue, annotator_name, *labels):
+            if queue is None:
+                raise StudioError("Load a catalogue to review first.")
+            tasks = list(studio.task_classes(queue.model))
+            return show(studio.review_save(queue, annotator_name, dict(zip(tasks, labels))))
+
+        @user_errors
+        def skip_item(queue):
+            return show(studio.review_skip(queue) if queue else None)
+
+        @user_errors
+        def bulk_accept(queue, annotator_name, progress=gr.Progress()):
+            if queue is None:
+                raise StudioError("Load a catalogue to review first.")
+            count = studio.bulk_accept(queue, annotator_name, progress)
+            shown = show(queue)
+            return (*shown[:-1], f"Bulk-accepted {count} items.")
+
+        load_split.click(load_catalogue, [model, split, size], review_outputs, api_name="review_catalogue")
+        load_upload.click(load_uploaded, [model, manifest, images], review_outputs, api_name="review_upload")
+        accept.click(accept_item, [queue_state, annotator, *review_slots], review_outputs, api_name="review_accept")
+        skip.click(skip_item, queue_state, review_outputs, api_name="review_skip")
+        bulk.click(bulk_accept, [queue_state, annotator], review_outputs, api_name="bulk_accept")
+
+        def tasks(model_name: str) -> dict:
+            """The model's tasks and their known labels, in the order /save_correction takes them."""
+            return {"tasks": studio.task_classes(model_name)} if model_name in studio.checkpoints else {}
+
+        gr.api(tasks, api_name="tasks")
+        model.change(lambda m: slot_updates(studio, m, None), model, slots, api_visibility="private")
+    return demo
+
+
+def main() -> None:
+    studio = Studio()
+    hub_checkpoint = hub.checkpoint_from_env()
+    if hub_checkpoint:
+        studio.add_checkpoint(*hub_checkpoint)
+    demo = build(studio)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
+        server_port=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))),
+        head=SHORTCUTS, max_file_size=MAX_UPLOAD)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The launched app through gradio_client: predict, save a correction, read it back, export."""
+
+import pytest
+from gradio_client import Client, handle_file
+
+from cma_clip.data import read_manifest
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
+
+
+@pytest.fixture(scope="module")
+def client(running_app):
+    url, _ = running_app
+    return Client(url, verbose=False)
+
+
+def test_predict_endpoint(client):
+    result = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles", api_name="/predict")
+    prediction = result[0]
+    assert set(prediction) == {"product_type_name", "graphical_appearance_name", "colour_group_name",
+                               "perceived_colour_master_name", "index_group_name", "garment_group_name"}
+    for task in prediction.values():
+        assert 0 < task["confidence"] <= 1 and abs(sum(task["modality_weights"].values()) - 1) < 1e-3
+
+
+def test_save_correction_then_read_it_back_and_export(client, running_app):
+    _, studio = running_app
+    tasks = list(client.predict("hm-articles", api_name="/tasks")["tasks"])
+    labels = ["Vest top", "Stripe", "Light Pink", "Pink", "Ladieswear", "Jersey Basic"]
+    assert len(tasks) == len(labels)
+    padding = [None] * (8 - len(labels))
+    status, history = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles", "api-tester",
+                                     "0816591001", *labels, *padding, api_name="/save_correction")
+    assert status.startswith("Saved correction")
+    stored = studio.store.current_labels()["0816591001"]
+    assert stored["labels"] == dict(zip(tasks, labels)) and stored["annotator"] == "api-tester"
+    exported = client.predict("JSONL", api_name="/export_labels")
+    rows = read_manifest(exported)
+    assert rows[0]["id"] == "0816591001" and rows[0]["graphical_appearance_name"] == "Stripe"
+
+
+def test_errors_come_back_as_messages(client):
+    with pytest.raises(Exception, match="Upload a product image"):
+        client.predict(None, "text", "hm-articles", api_name="/predict")

@@ -1,0 +1,279 @@
+import hashlib
+import io
+import os
+import shutil
+import signal
+import sqlite3
+import threading
+import traceback
+from datetime import datetime, timedelta
+
+import pytest
+from PIL import Image
+
+from cma_clip.data import Catalogue, CatalogueConfig, read_manifest
+from cma_clip.labels import LabelStore, LabelStoreError
+from conftest import HM
+
+PHOTOS = sorted((HM / "images").glob("*/*.jpg"))[:3]
+
+
+def tiny_png(i: int) -> bytes:
+    """A distinct 4x4 PNG per `i`."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (i % 256, i // 256 % 256, 7)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_files(store: LabelStore) -> list:
+    return sorted(p for p in store.image_dir.rglob("*") if p.is_file()) if store.image_dir.exists() else []
+
+
+def test_save_and_read_back_with_who_what_when(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    with Image.open(PHOTOS[0]) as photo:
+        photo.load()
+    predictions = {"colour": {"label": "Black", "confidence": 0.61}, "type": {"label": "Tights", "confidence": 0.9}}
+    row_id = store.save_correction(image=photo, text="20 den stockings", labels={"colour": "White", "type": "Tights",
+                                   "pattern": "NA"}, predictions=predictions, annotator="  alice  ", checkpoint="ck-1")
+    assert isinstance(row_id, int) and store.count() == 1
+    assert store.image_dir == tmp_path / "labels_images"
+
+    [entry] = store.history()
+    assert entry["id"] == row_id and entry["annotator"] == "alice" and entry["checkpoint"] == "ck-1"
+    assert entry["labels"] == {"colour": "White", "type": "Tights"}  # the missing "NA" label is dropped
+    assert entry["predictions"] == predictions and entry["text"] == "20 den stockings"
+    assert entry["changed"] == ["colour", "type"] and entry["previous_labels"] is None
+    assert entry["corrected"] == ["colour"]
+    assert datetime.fromisoformat(entry["created_at"]).utcoffset() == timedelta(0)
+
+    stored = entry["image_path"]
+    sha = hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert entry["image_sha256"] == sha and store.image_path(sha) == stored
+    assert stored == store.image_dir / sha[:2] / f"{sha}.png"
+    with Image.open(stored) as back:
+        assert back.size == photo.size
+    assert entry["item_id"] == f"img-{sha[:16]}"
+    current = store.current_labels()[entry["item_id"]]
+    assert current["labels"] == entry["labels"] and current["image_path"] == stored
+    assert current["annotator"] == "alice" and current["updated_at"] == entry["created_at"]
+
+    store.save_correction(image=PHOTOS[1], text="x" * 30_000, labels={"colour": "Red"}, annotator="b" * 300)
+    assert len(store.history()[0]["text"]) == 20_000 and store.history()[0]["annotator"] == "b" * 100
+    with pytest.raises(LabelStoreError, match="no image"):
+        store.image_path("0" * 64)
+
+
+def test_edits_keep_history(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    first = store.save_correction(image=PHOTOS[0], text="tights", labels={"colour": "Black", "type": "Tights"},
+                                  predictions={"colour": {"label": "Grey", "confidence": 0.4}},
+                                  annotator="alice", item_id="0111565001")
+    second = store.save_correction(image=PHOTOS[0], text="tights", labels={"colour": "Dark Grey", "type": "Tights"},
+                                   annotator="bob", item_id="0111565001")
+    store.save_correction(image=PHOTOS[1], text="other", labels={"colour": "Red"}, item_id="other")
+    assert store.count() == 3 and second > first
+
+    current = store.current_labels()
+    assert set(current) == {"0111565001", "other"}
+    assert current["0111565001"]["labels"] == {"colour": "Dark Grey", "type": "Tights"}
+    assert current["0111565001"]["annotator"] == "bob"
+
+    newest, oldest = store.history(item_id="0111565001")
+    assert (newest["id"], newest["annotator"], oldest["id"], oldest["annotator"]) == (second, "bob", first, "alice")
+    assert newest["changed"] == ["colour"] and newest["previous_labels"] == oldest["labels"]
+    assert oldest["changed"] == ["colour", "type"] and oldest["corrected"] == ["colour"]
+    assert [e["item_id"] for e in store.history()] == ["other", "0111565001", "0111565001"]
+    assert [e["id"] for e in store.history(limit=1)] == [store.history()[0]["id"]]
+
+
+def test_images_are_stored_once(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="a", labels={"colour": "Black"}, item_id="a")
+    store.save_correction(image=PHOTOS[0].read_bytes(), text="b", labels={"colour": "Black"}, item_id="b")
+    store.save_correction(image=str(PHOTOS[0]), text="c", labels={"colour": "Grey"}, item_id="a")
+    [stored] = image_files(store)
+    sha = hashlib.sha256(PHOTOS[0].read_bytes()).hexdigest()
+    assert stored == store.image_path(sha) and stored.name == f"{sha}.jpg"
+    assert stored.read_bytes() == PHOTOS[0].read_bytes()  # the original bytes, not re-encoded
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT sha256, bytes FROM images").fetchall() == [(sha, PHOTOS[0].stat().st_size)]
+
+
+def test_request_id_makes_a_save_idempotent(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    first = store.save_correction(image=tiny_png(1), text="a", labels={"colour": "Red"}, request_id="req-1")
+    again = store.save_correction(image=tiny_png(1), text="a", labels={"colour": "Blue"}, request_id="req-1")
+    other = store.save_correction(image=tiny_png(1), text="a", labels={"colour": "Blue"}, request_id="req-2")
+    assert first == again != other and store.count() == 2
+
+
+def test_wal_mode_and_schema_version(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert LabelStore(store.path).count() == 0  # reopening an existing store
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_export_is_a_manifest_the_trainer_reads(tmp_path, suffix):
+    store = LabelStore(tmp_path / "store" / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="stockings", labels={"colour": "Black"}, item_id="a")
+    store.save_correction(image=PHOTOS[0], text="stockings", labels={"colour": "White", "type": "Tights"},
+                          annotator="bob", item_id="a")
+    store.save_correction(image=PHOTOS[1], text="shape up, 30 den", labels={"type": "Leggings"}, item_id="b")
+    path = tmp_path / "store" / f"export{suffix}"
+    assert store.export(path) == 2
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+    rows = read_manifest(path)
+    assert [list(r) for r in rows] == [["id", "image", "text", "colour", "type", "annotator", "updated_at"]] * 2
+    assert [(r["id"], r["colour"], r["type"], r["annotator"]) for r in rows] == [("a", "White", "Tights", "bob"),
+                                                                               ("b", "", "Leggings", "")]
+    assert rows[1]["text"] == "shape up, 30 den" and not os.path.isabs(rows[0]["image"])
+    catalogue = Catalogue.open(CatalogueConfig(name="export", manifest=str(path), image_column="image",
+                                               text_columns=["text"], tasks=["colour", "type"], id_column="id"))
+    paths = catalogue.image_paths()
+    assert all(p.is_file() for p in paths) and paths[0].read_bytes() == PHOTOS[0].read_bytes()
+    assert catalogue.item_ids() == ["a", "b"] and catalogue.labels("colour") == ["White", None]
+    with pytest.raises(LabelStoreError, match="csv or .jsonl"):
+        store.export(tmp_path / "export.txt")
+
+
+def test_apply_to_overrides_and_appends(tmp_path):
+    folder = tmp_path / "catalogue"
+    (folder / "img").mkdir(parents=True)
+    for name, photo in zip(("a1", "a2"), PHOTOS):
+        shutil.copy(photo, folder / "img" / f"{name}.jpg")
+    manifest = folder / "items.csv"
+    manifest.write_text("id,image,name,desc,colour,type,split\n"
+                        "a1,img/a1.jpg,Stockings,Nylon,Black,Tights,train\n"
+                        "a2,img/a2.jpg,Shape up,Support,Black,Leggings,val\n")
+    config = CatalogueConfig(name="items", manifest=str(manifest), text_columns=["name", "desc"],
+                             tasks=["colour", "type"], id_column="id")
+    catalogue = Catalogue.open(config)
+    store = LabelStore(tmp_path / "store" / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="Stockings", labels={"colour": "White", "pattern": "Dots"},
+                          item_id="a1")
+    store.save_correction(image=PHOTOS[1], text="Shape up", labels={"type": "Tights"}, item_id="a2")
+    store.save_correction(image=PHOTOS[2], text="new upload", labels={"colour": "Blue"}, item_id="up-1")
+    store.save_correction(image=tiny_png(5), text="another task only", labels={"pattern": "Solid"}, item_id="up-2")
+
+    merged = store.apply_to(catalogue)
+    assert merged.item_ids() == ["a1", "a2", "up-1"]
+    assert merged.labels("colour") == ["White", "Black", "Blue"] and merged.labels("type") == ["Tights", "Tights", None]
+    assert "pattern" not in merged.rows[0]  # only the catalogue's tasks
+    new = merged.rows[2]
+    assert (new["split"], new["name"], new["desc"]) == ("train", "new upload", "")
+    assert os.path.isabs(new["image"]) and merged.rows[1]["split"] == "val"
+    paths = merged.image_paths()
+    assert all(p.is_file() for p in paths) and paths[2].read_bytes() == PHOTOS[2].read_bytes()
+    assert store.image_dir in merged.extra_roots
+
+    # the original is untouched
+    assert catalogue.labels("colour") == ["Black", "Black"] and len(catalogue) == 2 and catalogue.extra_roots == ()
+    # an item of the manifest left out of this split is not appended as a training row
+    train = store.apply_to(catalogue.split("train"))
+    assert train.item_ids() == ["a1", "up-1"] and [r["split"] for r in train.rows] == ["train", "train"]
+
+
+def test_concurrent_threads_store_every_save_once(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    errors, ids = [], {}
+
+    def writer(t: int) -> None:
+        try:
+            for i in range(50):
+                n = t * 50 + i
+                ids[n] = store.save_correction(image=tiny_png(n % 120), text=f"item {n}", labels={"colour": str(n)},
+                                               annotator=f"thread-{t}", item_id=f"item-{n}", request_id=f"req-{n}")
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and store.count() == 200 and len(set(ids.values())) == 200
+
+    first_ids = dict(ids)
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]  # every client retries every save
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and ids == first_ids and store.count() == 200
+    current = store.current_labels()
+    assert len(current) == 200 and all(current[f"item-{n}"]["labels"] == {"colour": str(n)} for n in range(200))
+    assert len(image_files(store)) == 120
+
+
+def test_concurrent_processes_store_every_save_once(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    store.count()  # the parent's connection, inherited by the children
+    pids = []
+    for p in range(4):
+        pid = os.fork()
+        if pid == 0:  # each request is sent by two processes at about the same time
+            code = 1
+            try:
+                for i in range(25):
+                    for n in (p * 25 + i, (p + 1) % 4 * 25 + i):
+                        store.save_correction(image=tiny_png(n), text=f"item {n}", labels={"colour": str(n)},
+                                              item_id=f"item-{n}", request_id=f"req-{n}")
+                code = 0
+            except Exception:  # noqa: BLE001 - shown in the test output, failed by the exit code
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0] * 4
+    current = store.current_labels()
+    assert store.count() == 100 and len(current) == 100 and len(image_files(store)) == 100
+    assert all(current[f"item-{n}"]["labels"] == {"colour": str(n)} for n in range(100))
+
+
+def test_a_returned_save_survives_a_killed_forked_writer(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    store.save_correction(image=tiny_png(1), text="parent", labels={"colour": "Red"})  # the parent's connection
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child saves on its own connection, acknowledges, and is killed
+        try:
+            row_id = store.save_correction(image=tiny_png(2), text="child", labels={"colour": "Blue"})
+            os.write(write, str(row_id).encode())
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    os.close(write)
+    acknowledged = int(os.read(read, 64))
+    os.close(read)
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    reopened = LabelStore(tmp_path / "labels.db")
+    assert reopened.count() == 2 and reopened.history()[0]["id"] == acknowledged
+    assert reopened.history()[0]["image_path"].is_file() and store.count() == 2
+
+
+def test_bad_input_is_refused_and_saves_nothing(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    huge = Image.new("1", (8000, 6000))
+    buffer = io.BytesIO()
+    huge.save(buffer, format="PNG")
+    huge_png = buffer.getvalue()
+    bad = [(dict(image=b"not an image", labels={"colour": "Red"}), "not a readable image"),
+           (dict(image=PHOTOS[0].read_bytes()[:200], labels={"colour": "Red"}), "not a readable image"),  # truncated
+           (dict(image=tmp_path / "missing.jpg", labels={"colour": "Red"}), "cannot read image"),
+           (dict(image=tiny_png(1), labels={}), "no labels"),
+           (dict(image=tiny_png(1), labels={"colour": "NA", "type": " "}), "no labels"),
+           (dict(image=tiny_png(1), labels={"colour": 3}), "must be strings"),
+           (dict(image=huge, labels={"colour": "Red"}), "megapixels"),  # over the trainer's pixel limit
+           (dict(image=huge_png, labels={"colour": "Red"}), "megapixels")]
+    for kwargs, message in bad:
+        with pytest.raises(LabelStoreError, match=message):
+            store.save_correction(text="x", **kwargs)
+    assert store.count() == 0 and image_files(store) == [] and store.history() == []
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LabelStoreError, match="not a usable label store"):
+        LabelStore(tmp_path / "junk.db")

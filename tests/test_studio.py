@@ -1,0 +1,103 @@
+"""The app's logic, without a browser, on a checkpoint trained on real data."""
+import csv
+
+import pytest
+
+from cma_clip.data import read_manifest
+from cma_clip.studio import (StudioError, heatmap, modality_figure, prediction_rows, text_shading,
+                             token_choices)
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM
+
+
+def test_predict_and_explain(studio):
+    result = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
+    rows = prediction_rows(result)
+    assert [r[0] for r in rows] == studio.predictor("hm-articles").tasks
+    assert all(0 < r[2] <= 1 for r in rows)
+    choices, best = token_choices(result, "colour_group_name")
+    assert best is not None and best in [index for _, index in choices]
+    assert all(not label.startswith("[") for label, _ in choices)  # [CLS]/[SEP] are not offered
+    relevance = result.token_relevance["colour_group_name"]
+    assert best == max((i for _, i in choices), key=lambda i: relevance[i])
+    picture = heatmap(result, best)
+    assert picture.size == (224, 224)
+    assert heatmap(result, choices[0][1]).tobytes() != heatmap(result, choices[-1][1]).tobytes()
+    shading = text_shading(result)
+    assert shading and all(word.strip() in EXAMPLE_TEXT.lower() for word, _ in shading)
+    assert max(score for _, score in shading) == 1.0
+    assert len(modality_figure(result).axes[0].patches) == 2 * len(rows)
+
+
+@pytest.mark.parametrize("image, message", [(None, "Upload a product image"), ("missing.jpg", "not found")])
+def test_predict_refuses_bad_images_with_a_message(studio, image, message):
+    with pytest.raises(StudioError, match=message):
+        studio.predict(image, "text", "hm-articles")
+
+
+def test_predict_refuses_a_text_file_named_jpg(studio, tmp_path):
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is not an image")
+    with pytest.raises(StudioError, match="not a readable image"):
+        studio.predict(str(fake), "text", "hm-articles")
+
+
+def test_unknown_model(studio):
+    with pytest.raises(StudioError, match="Unknown model"):
+        studio.predict(str(EXAMPLE_IMAGE), "text", "nope")
+
+
+def test_save_correction_history_and_export(studio):
+    result = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
+    labels = {t: p.label for t, p in result.tasks.items()}
+    labels["colour_group_name"] = "Turquoise glitter"  # a new label, not in the vocabulary
+    with pytest.raises(StudioError, match="annotator"):
+        studio.save_correction(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", " ", "0816591001", labels, result)
+    assert studio.store.count() == 0
+    studio.save_correction(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, result)
+    rows = studio.history_rows()
+    assert rows[0][1] == "ana" and rows[0][2] == "0816591001" and "Turquoise glitter" in rows[0][3]
+    for fmt in ("CSV", "JSONL"):
+        exported = read_manifest(studio.export(fmt))
+        assert exported[0]["colour_group_name"] == "Turquoise glitter"
+        assert exported[0]["id"] == "0816591001"
+
+
+def test_review_queue_on_a_catalogue_split(studio):
+    queue = studio.review_catalogue("hm-articles", "test", 12)
+    confidences = [item.confidence for item in queue.items]
+    assert len(queue.items) == 12 and confidences == sorted(confidences)
+    assert queue.progress_text() == "**0 reviewed of 12**"
+    first = queue.current
+    labels = {t: p.label for t, p in first.predictions.items()}
+    studio.review_save(queue, "ben", labels)
+    assert first.status == "accepted" and queue.current is not first
+    studio.review_skip(queue)
+    assert queue.reviewed == 2
+    assert studio.store.current_labels()[first.item_id]["labels"] == labels
+
+
+def test_bulk_accept_takes_only_items_above_every_threshold(studio):
+    queue = studio.review_catalogue("hm-articles", "val", 10)
+    for item in queue.items[5:]:  # the five most confident clear every task's threshold
+        for p in item.predictions.values():
+            p.auto_accept = True
+    assert studio.bulk_accept(queue, "cem") == 5 and studio.store.count() == 5
+    assert [item.status for item in queue.items] == ["pending"] * 5 + ["accepted"] * 5
+
+
+def test_review_upload_matches_images_by_name(studio, tmp_path):
+    with open(HM / "articles.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "test"][:3]
+    manifest = tmp_path / "upload.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["article_id", "image", "prod_name", "detail_desc"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in writer.fieldnames} for r in rows)
+    uploaded = [str(HM / r["image"]) for r in rows[:2]]  # the third image is not uploaded
+    queue = studio.review_upload("hm-articles", str(manifest), uploaded)
+    assert sorted(item.item_id for item in queue.items) == sorted(r["article_id"] for r in rows[:2])
+    assert len(queue.notes) == 1 and "not uploaded" in queue.notes[0]
+    with pytest.raises(StudioError, match="needs the columns"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("x,y\n1,2\n")
+        studio.review_upload("hm-articles", str(bad), uploaded)
