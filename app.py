@@ -149,6 +149,9 @@ def build(studio: Studio) -> gr.Blocks:
                 export_format = gr.Radio(["CSV", "JSONL"], value="CSV", label="Format (the trainer's manifest format)")
                 export_button = gr.Button("Export labels")
             export_file = gr.File(label="Exported labels")
+            with gr.Row():
+                push_button = gr.Button("Push labels to the Hugging Face Hub (optional)")
+                push_status = gr.Markdown()
             gr.Markdown("Train with the corrections: `python -m cma_clip.train --catalogue NAME --extra-labels "
                         f"{studio.store.path} --out checkpoints/NEW`")
 
@@ -195,6 +198,15 @@ def build(studio: Studio) -> gr.Blocks:
             return str(studio.export(fmt))
 
         export_button.click(export_labels, export_format, export_file, api_name="export_labels")
+
+        def push_labels():
+            """Push the label store to $CMA_CLIP_HUB_DATASET with $HF_TOKEN; off unless both are set."""
+            try:
+                return f"Pushed to {hub.push_label_store(studio.store.path, studio.export('jsonl'))}"
+            except hub.HubError as exc:
+                return f"Not pushed: {exc}"
+
+        push_button.click(push_labels, None, push_status, api_visibility="private")
         refresh.click(studio.history_rows, None, history, api_name="history")
 
         def show(queue: ReviewQueue | None):

@@ -57,6 +57,9 @@ class DualEncoder(nn.Module):
     image_pooled_dim: int
     text_token_dim: int
     text_pooled_dim: int
+    mean: tuple[float, float, float]  # pixel normalisation
+    std: tuple[float, float, float]
+    _key: str  # identity of the weights
 
     @property
     def num_patches(self) -> int:
@@ -67,7 +70,8 @@ class DualEncoder(nn.Module):
         return next(self.parameters()).device
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        raise NotImplementedError
+        """Letterbox to image_size and normalise with the encoder's mean and std."""
+        return images_to_tensor(images, self.image_size, self.mean, self.std)
 
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         raise NotImplementedError
@@ -84,7 +88,7 @@ class DualEncoder(nn.Module):
 
     def cache_key(self) -> str:
         """Identifies weights and preprocessing: cached features are valid only for the same key."""
-        raise NotImplementedError
+        return f"{self._key}-letterbox{self.image_size}"
 
     def forward(self, pixels: torch.Tensor, text: TextBatch) -> EncoderOutput:
         """Encode a batch; under bf16 autocast where the hardware has it, outputs in float32."""
@@ -183,12 +187,6 @@ class BundledBackbone(DualEncoder):
         self.cnn.to(memory_format=torch.channels_last)
         self.eval()
 
-    def cache_key(self) -> str:
-        return f"{self._key}-letterbox{self.image_size}"
-
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return images_to_tensor(images, self.image_size, self.mean, self.std)
-
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
                              max_length=max_tokens, return_tensors="pt")
@@ -256,12 +254,6 @@ class OpenClipBackbone(DualEncoder):
         digest = _file_digest(pretrained) if pretrained and os.path.exists(pretrained) else pretrained
         self._key = f"open_clip-{model_name}-{digest or 'random'}"
         self.eval()
-
-    def cache_key(self) -> str:
-        return f"{self._key}-letterbox{self.image_size}"
-
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        return images_to_tensor(images, self.image_size, self.mean, self.std)
 
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         ids = self.tokenizer(list(texts))[:, : min(max_tokens, self.context_length)]

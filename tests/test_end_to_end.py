@@ -104,3 +104,24 @@ def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     assert train.main([*common, "--epochs", "3", "--resume"]) == 0
     history = read_config(out)["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir):
+    import csv
+
+    from cma_clip.labels import LabelStore
+    from conftest import EXAMPLE_IMAGE
+
+    with open(HM / "articles.csv") as handle:
+        first = next(r for r in csv.DictReader(handle) if r["split"] == "train")
+    store = LabelStore(tmp_path / "labels.db")
+    store.save_correction(image=HM / first["image"], text=first["prod_name"], item_id=first["article_id"],
+                          labels={"colour_group_name": "Glitter Teal"}, annotator="ana")
+    store.save_correction(image=EXAMPLE_IMAGE, text="Striped jersey tee", annotator="ana",
+                          labels={"colour_group_name": "Glitter Teal", "graphical_appearance_name": "Stripe"})
+    out = tmp_path / "with-labels"
+    assert train.main(["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32",
+                       "--epochs", "1", "--align-epochs", "1", "--extra-labels", str(tmp_path / "labels.db"),
+                       "--out", str(out), "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    config = read_config(out)
+    assert "Glitter Teal" in config["tasks"]["colour_group_name"]["classes"]
