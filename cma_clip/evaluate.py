@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import create_backbone
+from .align import label_embeddings, zero_shot_probabilities
+from .backbones import DualEncoder, create_backbone
 from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
 from .data import Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features
 from .metrics import METRIC_NAMES, mean_metrics, task_metrics
@@ -42,6 +43,20 @@ def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray 
             chunks[task].append(logits.float().softmax(-1).cpu().numpy())
     return {task: np.concatenate(parts) if parts else np.zeros((0, model.cfg.tasks[task]))
             for task, parts in chunks.items()}
+
+
+@torch.no_grad()
+def zero_shot_probabilities_for(model: CMAClip, backbone: DualEncoder, classes: dict[str, list[str]],
+                                features: Features, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """The paper's "raw CLIP": image-to-prompt similarity in the aligned space, per task."""
+    device = next(model.parameters()).device
+    prompts = {task: label_embeddings(model.align, backbone, labels) for task, labels in classes.items()}
+    out: dict[str, list[np.ndarray]] = {task: [] for task in classes}
+    for start in range(0, len(features), batch_size):
+        pooled = torch.from_numpy(features.image_pooled[start:start + batch_size]).float().to(device)
+        for task, embeddings in prompts.items():
+            out[task].append(zero_shot_probabilities(model.align, pooled, embeddings).cpu().numpy())
+    return {task: np.concatenate(parts) for task, parts in out.items()}
 
 
 def score(probabilities: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict:
@@ -72,7 +87,10 @@ def catalogue_for_checkpoint(config: dict, manifest: str | Path) -> CatalogueCon
 
 
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str | None = "test",
-                        cache_dir: str | Path | None = None, device: torch.device | None = None) -> dict:
+                        cache_dir: str | Path | None = None, device: torch.device | None = None,
+                        zero_shot: bool = False) -> dict:
+    """Metrics of a checkpoint on a manifest (one split of it when it has a split column);
+    with `zero_shot`, of its CLIP-style alignment alone, classifying by label prompts."""
     device = device or default_device()
     model, config = load_checkpoint(checkpoint, device)
     catalogue = Catalogue.open(catalogue_for_checkpoint(config, manifest))
@@ -86,8 +104,14 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
         backbone.load_state_dict(finetuned)
     features = extract_features(backbone, catalogue, cache_dir, progress=sys.stderr.isatty())
     targets = {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task)) for task, spec in config["tasks"].items()}
-    report = score(predict_probabilities(model, features), targets)
-    report.update(checkpoint=str(checkpoint), manifest=str(manifest), split=split, items=len(catalogue))
+    if zero_shot:
+        classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
+        probabilities = zero_shot_probabilities_for(model, backbone, classes, features)
+    else:
+        probabilities = predict_probabilities(model, features)
+    report = score(probabilities, targets)
+    report.update(checkpoint=str(checkpoint), manifest=str(manifest), split=split, items=len(catalogue),
+                  method="zero-shot" if zero_shot else "cma-clip")
     return report
 
 
@@ -98,9 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="split to evaluate when the manifest has a split column")
     parser.add_argument("--out-json", help="write the report here")
     parser.add_argument("--cache-dir", help="feature cache folder (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
+    parser.add_argument("--zero-shot", action="store_true",
+                        help="evaluate the CLIP-style alignment alone with label prompts (the 'raw CLIP' baseline)")
     args = parser.parse_args(argv)
     try:
-        report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir)
+        report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir,
+                                     zero_shot=args.zero_shot)
     except (CheckpointError, CatalogueError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

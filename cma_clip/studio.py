@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -186,8 +186,9 @@ class Studio:
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         size = max(1, min(int(size or 50), len(catalogue)))
-        rows = np.random.default_rng(0).choice(len(catalogue), size=size, replace=False)
-        items = [(catalogue.item_ids()[i], str(catalogue.image_paths()[i]), catalogue.texts()[i]) for i in sorted(rows)]
+        picked = np.sort(np.random.default_rng(0).choice(len(catalogue), size=size, replace=False))
+        sample = replace(catalogue, rows=[catalogue.rows[i] for i in picked])
+        items = list(zip(sample.item_ids(), map(str, sample.image_paths()), sample.texts()))
         return self._queue(model, items, [], progress)
 
     def review_upload(self, model: str, manifest_path: str | None, image_paths: list[str] | None,

@@ -90,3 +90,35 @@ def running_app(checkpoint_dir, tmp_path_factory):
 
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def hm_rows(split: str, n: int) -> list[dict]:
+    import csv
+
+    with open(HM / "articles.csv", newline="") as handle:
+        return [r for r in csv.DictReader(handle) if r["split"] == split][:n]
+
+
+def write_hm_manifest(folder: Path, rows: list[dict], name: str = "items.csv", columns: list[str] | None = None) -> Path:
+    """A manifest of real H&M items in `folder`, with their images copied beside it
+    (manifests may not point outside their own folder)."""
+    import csv
+    import json
+    import shutil
+
+    columns = columns or [c for c in rows[0] if c != "split"]
+    records = []
+    for row in rows:
+        target = folder / row["image"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(HM / row["image"], target)
+        records.append({c: row[c] for c in columns})
+    path = folder / name
+    if name.endswith(".jsonl"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+    return path

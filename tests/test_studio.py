@@ -6,7 +6,7 @@ import pytest
 from cma_clip.data import read_manifest
 from cma_clip.studio import (StudioError, heatmap, modality_figure, prediction_rows, text_shading,
                              token_choices)
-from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows
 
 
 def test_predict_and_explain(studio):
@@ -86,8 +86,7 @@ def test_bulk_accept_takes_only_items_above_every_threshold(studio):
 
 
 def test_review_upload_matches_images_by_name(studio, tmp_path):
-    with open(HM / "articles.csv") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["split"] == "test"][:3]
+    rows = hm_rows("test", 3)
     manifest = tmp_path / "upload.csv"
     with open(manifest, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["article_id", "image", "prod_name", "detail_desc"])

