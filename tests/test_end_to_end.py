@@ -1,6 +1,7 @@
 """Train a few steps on a slice of the real H&M catalogue, then evaluate and predict with it."""
 import json
 
+import torch
 from PIL import Image
 
 from cma_clip import Predictor, evaluate, predict, train
@@ -113,3 +114,18 @@ def test_zero_shot_baseline_classifies_by_label_prompts(small_checkpoint, cache_
     assert zero_shot["method"] == "zero-shot" and trained["method"] == "cma-clip"
     assert set(zero_shot["tasks"]) == set(trained["tasks"])
     assert zero_shot["tasks"] != trained["tasks"]  # a different classifier, not the heads
+
+
+def test_finetuning_the_backbone_saves_and_reloads_its_weights(tmp_path, cache_dir):
+    out = tmp_path / "finetuned"
+    assert train.main(["--catalogue", "hm-articles", "--limit", "8", "--batch-size", "8", "--width", "32",
+                       "--epochs", "1", "--align-epochs", "1", "--finetune-backbone", "--out", str(out),
+                       "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    assert (out / "backbone.safetensors").exists()
+    from cma_clip.predict import shared_backbone
+
+    predictor = Predictor.from_checkpoint(out, "cpu")
+    pretrained = shared_backbone("bundled", "cpu").state_dict()
+    assert predictor.backbone is not shared_backbone("bundled", "cpu")
+    changed = [name for name, p in predictor.backbone.state_dict().items() if not torch.equal(p, pretrained[name])]
+    assert changed, "fine-tuning changed no backbone weight"
