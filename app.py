@@ -14,10 +14,10 @@ import gradio as gr  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
 from cma_clip.studio import (MAX_TASKS, Prediction, ReviewQueue, Studio, StudioError, heatmap,  # noqa: E402
-                             modality_figure, prediction_rows, text_shading, token_choices)
+                             modality_figure, open_user_image, prediction_rows, text_shading, token_choices)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-TABLE_HEADERS = ["task", "prediction", "confidence", "90%-precision threshold", "runners-up"]
+TABLE_HEADERS = ["task", "prediction", "confidence", "auto-accept (90% precision)", "runners-up"]
 MAX_UPLOAD = "20mb"
 HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
 SHORTCUTS = """
@@ -120,13 +120,14 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     split = gr.Dropdown(["test", "val", "train"], value="test", label="Split of the model's catalogue")
-                    size = gr.Number(value=50, precision=0, minimum=1, maximum=2000, label="Sample size")
-                    load_split = gr.Button("Load catalogue split")
+                    size = gr.Number(value=50, precision=0, minimum=1, maximum=2000, label="Sample size",
+                                     elem_id="review-size")
+                    load_split = gr.Button("Load catalogue split", elem_id="review-load")
                 with gr.Column():
                     manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"])
                     images = gr.File(label="...and its images", file_count="multiple", file_types=["image"])
                     load_upload = gr.Button("Load uploaded catalogue")
-            review_progress = gr.Markdown()
+            review_progress = gr.Markdown(elem_id="review-progress")
             with gr.Row():
                 review_image = gr.Image(label="Item", height=280, interactive=False)
                 with gr.Column():
@@ -216,7 +217,7 @@ def build(studio: Studio) -> gr.Blocks:
                 return (queue, done, None, "", [], *[gr.update(visible=False)] * MAX_TASKS, "")
             notes = ("Not loaded: " + "; ".join(queue.notes[:5])) if queue.notes else ""
             return (queue, queue.progress_text() + f" · item `{item.item_id}` · confidence {item.confidence:.2f}",
-                    item.image_path, item.text, prediction_rows(Prediction(item.predictions)),
+                    open_user_image(item.image_path), item.text, prediction_rows(Prediction(item.predictions)),
                     *slot_updates(studio, queue.model, Prediction(item.predictions)), notes)
 
         review_outputs = [queue_state, review_progress, review_image, review_text, review_table, *review_slots,

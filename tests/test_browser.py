@@ -41,3 +41,26 @@ def test_upload_predict_correct_save_and_see_history(running_app):
         browser.close()
     saved = [entry["labels"] for entry in studio.store.history(limit=5) if entry["annotator"] == "browser-tester"]
     assert saved and saved[0]["product_type_name"] == "Browser-corrected top"
+
+
+def test_review_queue_with_keyboard_shortcuts(running_app):
+    url, studio = running_app
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(url)
+        page.locator("#annotator input, #annotator textarea").first.fill("keyboard-reviewer")
+        page.get_by_role("tab", name="Review queue").click()
+        page.locator("#review-size input").fill("5")
+        page.locator("#review-load").click()
+        progress = page.locator("#review-progress")
+        expect(progress).to_contain_text("0 reviewed of 5", timeout=60_000)
+        page.locator("body").click(position={"x": 5, "y": 5})  # focus outside any text field
+        page.keyboard.press("n")  # skip
+        expect(progress).to_contain_text("1 reviewed of 5", timeout=30_000)
+        page.keyboard.press("a")  # accept the prediction as is
+        expect(progress).to_contain_text("2 reviewed of 5", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "browser-review.png"), full_page=True)
+        browser.close()
+    assert [e["annotator"] for e in studio.store.history(limit=1)] == ["keyboard-reviewer"]
