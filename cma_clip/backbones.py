@@ -38,6 +38,7 @@ class EncoderOutput:
     text_tokens: torch.Tensor  # [B, L, Ct]
     text_mask: torch.Tensor  # [B, L] bool, True for real tokens
     text_pooled: torch.Tensor  # [B, Dt]
+    text_ids: torch.Tensor | None = None  # [B, L] token ids, for the model's trainable lexical embedding
 
 
 @dataclass
@@ -96,7 +97,7 @@ class DualEncoder(nn.Module):
             image_tokens, image_pooled = self.encode_image(pixels)
             text_tokens, text_pooled = self.encode_text(text)
         return EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float(),
-                             text.mask, text_pooled.float())
+                             text.mask, text_pooled.float(), text.ids)
 
     def encode(self, images: list[Image.Image], texts: list[str], max_tokens: int) -> EncoderOutput:
         """Encode raw inputs on the backbone's device."""

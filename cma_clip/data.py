@@ -233,6 +233,7 @@ class Features:
     text_tokens: np.ndarray  # [N, L, Ct]
     text_mask: np.ndarray  # [N, L] bool
     text_pooled: np.ndarray  # [N, Dt]
+    text_ids: np.ndarray  # [N, L] int32 token ids
 
     def __len__(self) -> int:
         return len(self.image_pooled)
@@ -251,6 +252,7 @@ class Features:
             text_tokens=tensor(self.text_tokens[index, :length]),
             text_mask=torch.from_numpy(np.ascontiguousarray(mask[:, :length])).to(device),
             text_pooled=tensor(self.text_pooled[index]),
+            text_ids=torch.from_numpy(self.text_ids[index, :length].astype(np.int64)).to(device),
         )
 
 
@@ -285,7 +287,19 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     folder = Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
     if not (folder / "meta.json").exists():
         _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
-    return Features(**{name: np.load(folder / f"{name}.npy") for name in FEATURE_FIELDS})
+    arrays = {name: np.load(folder / f"{name}.npy") for name in FEATURE_FIELDS}
+    return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder))
+
+
+def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.ndarray:
+    """Token ids of the texts: tokenizer output only (seconds), so computed on first use and kept."""
+    path = folder / "text_ids.npy"
+    if not path.exists():
+        ids = backbone.tokenize(catalogue.texts(), catalogue.config.max_text_tokens).ids.numpy().astype(np.int32)
+        tmp = path.with_name(f"text_ids.tmp{os.getpid()}.npy")
+        np.save(tmp, ids)
+        tmp.rename(path)
+    return np.load(path)
 
 
 def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int,

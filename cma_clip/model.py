@@ -42,6 +42,7 @@ class CMAClipConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.1
     fusion: str = "cma"  # one of FUSIONS: the full model or an ablation
+    lexical_buckets: int = 0  # >0: a trainable embedding of hashed token ids added to the text tokens
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -128,6 +129,12 @@ class SequenceAttention(nn.Module):
         super().__init__()
         w = cfg.width
         self.text_in = nn.Linear(cfg.text_token_dim, w)
+        # The frozen text encoder's states are contextual but not fine-tuned; a trainable
+        # embedding of the (hashed) token ids gives the fusion a cheap lexical channel,
+        # standing in for fine-tuning the text encoder's input embeddings.
+        self.lexical = nn.Embedding(cfg.lexical_buckets, w) if cfg.lexical_buckets else None
+        if self.lexical is not None:
+            nn.init.normal_(self.lexical.weight, std=0.02)
         self.image_in = nn.Linear(cfg.image_token_dim, w)
         self.text_pos = nn.Parameter(torch.randn(1, cfg.max_text_tokens + 1, w) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(1, cfg.num_patches + 1, w) * 0.02)
@@ -138,7 +145,10 @@ class SequenceAttention(nn.Module):
     def forward(self, feats: EncoderOutput, text_cls: torch.Tensor, image_cls: torch.Tensor,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, AttentionMaps | None]:
         b, length = feats.text_mask.shape
-        text = torch.cat([text_cls[:, None], self.text_in(feats.text_tokens)], 1) + self.text_pos[:, :length + 1]
+        tokens = self.text_in(feats.text_tokens)
+        if self.lexical is not None:
+            tokens = tokens + self.lexical(feats.text_ids % self.lexical.num_embeddings)
+        text = torch.cat([text_cls[:, None], tokens], 1) + self.text_pos[:, :length + 1]
         image = torch.cat([image_cls[:, None], self.image_in(feats.image_tokens)], 1) + self.image_pos
         x = torch.cat([text + self.modality[0], image + self.modality[1]], 1)
         ones = torch.ones(b, 1, dtype=torch.bool, device=x.device)

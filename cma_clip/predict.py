@@ -100,6 +100,7 @@ class Predictor:
             feats = self.backbone.encode([image], [text], self.max_tokens)
         length = int(feats.text_mask.sum())
         feats.text_tokens, feats.text_mask = feats.text_tokens[:, :length], feats.text_mask[:, :length]
+        feats.text_ids = feats.text_ids[:, :length]
         feats.text_tokens.requires_grad_(True)
         with torch.enable_grad(), autocast(self.device):
             out = self.model(feats, return_attention=True)

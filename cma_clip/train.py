@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--heads", type=int, default=4)
     m.add_argument("--embed-dim", type=int, default=256)
     m.add_argument("--dropout", type=float, default=0.1)
+    m.add_argument("--lexical-buckets", type=int, default=8192,
+                   help="size of the trainable hashed token-id embedding added to the text tokens (0: off)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=15)
     o.add_argument("--align-epochs", type=int, default=10)
@@ -207,7 +209,8 @@ def train(args: argparse.Namespace) -> dict:
         text_token_dim=backbone.text_token_dim, text_pooled_dim=backbone.text_pooled_dim,
         num_patches=backbone.num_patches, max_text_tokens=config.max_text_tokens,
         tasks={t: len(v) for t, v in vocabs.items()}, embed_dim=args.embed_dim, width=args.width,
-        depth=args.depth, heads=args.heads, dropout=args.dropout, fusion=args.fusion)
+        depth=args.depth, heads=args.heads, dropout=args.dropout, fusion=args.fusion,
+        lexical_buckets=args.lexical_buckets)
     model = CMAClip(cfg).to(device)
     params = [p for n, p in model.named_parameters() if not n.startswith("align.")]
     if args.finetune_backbone:

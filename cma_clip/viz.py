@@ -64,3 +64,65 @@ def modality_chart(weights: dict[str, dict[str, float]]) -> Figure:
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def item_sweep_figure(sweep: dict[str, dict[str, list[float]]]) -> Figure:
+    """One subplot per noise mode: each task's probability of its clean prediction against severity."""
+    modes = list(sweep) or ["no noise chosen"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(3.6 * len(modes) + 1.6, 3.4), dpi=100, sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for task, values in sweep.get(mode, {}).items():
+            ax.plot(range(len(values)), values, marker="o", markersize=3, label=task)
+        ax.set_title(f"{mode} noise" if mode in sweep else mode, fontsize=10)
+        ax.set_xlabel("severity")
+        ax.set_xticks(range(6))
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("probability of the clean prediction")
+    if sweep:
+        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy") -> Figure:
+    """Mean over tasks of `metric` against severity, one line per noise mode (the sweep's "mean" rows)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row["task"] == "mean":
+            curves.setdefault(row["mode"], []).append((int(row["severity"]), float(row[metric])))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    for mode, points in curves.items():
+        severities, values = zip(*sorted(points))
+        ax.plot(severities, values, marker="o", label=f"{mode} noise")
+    ax.set_xlabel("severity")
+    ax.set_ylabel(f"mean {metric} over tasks")
+    ax.set_xticks(range(6))
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def modality_shift_chart(clean: dict[str, dict[str, float]], noisy: dict[str, dict[str, float]]) -> Figure:
+    """Grouped horizontal bars: each task's image weight on the clean and on the noisy input."""
+    tasks = list(clean)
+    y = np.arange(len(tasks))
+    fig, ax = plt.subplots(figsize=(6, 0.55 * len(tasks) + 0.9), dpi=100)
+    for offset, (name, weights, colour) in zip((-0.2, 0.2), (("clean", clean, "#8C8C8C"), ("noisy", noisy, "#DD8452"))):
+        values = [weights[t]["image"] for t in tasks]
+        ax.barh(y + offset, values, height=0.4, color=colour, label=name)
+        for yy, value in zip(y + offset, values):
+            ax.text(value + 0.01, yy, f"{value:.2f}", va="center", fontsize=8)
+    ax.set_yticks(y, tasks)
+    ax.set_xlim(0, 1.1)
+    ax.invert_yaxis()
+    ax.set_xlabel("image modality weight")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

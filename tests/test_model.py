@@ -7,11 +7,11 @@ from cma_clip.model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss
 TASKS = {"colour": 5, "pattern": 3}
 
 
-def make_model(fusion="cma", **kw):
+def make_model(fusion="cma", lexical_buckets=64, **kw):
     torch.manual_seed(0)
     cfg = CMAClipConfig(image_token_dim=20, image_pooled_dim=24, text_token_dim=12, text_pooled_dim=12,
                         num_patches=9, max_text_tokens=8, tasks=TASKS, embed_dim=16, width=32, depth=2,
-                        heads=4, fusion=fusion, **kw)
+                        heads=4, fusion=fusion, lexical_buckets=lexical_buckets, **kw)
     return CMAClip(cfg).eval()
 
 
@@ -20,7 +20,7 @@ def make_batch(b=3, length=6):
     mask = torch.ones(b, length, dtype=torch.bool)
     mask[0, 4:] = False  # item 0 has 4 real tokens, 2 padding
     return EncoderOutput(torch.randn(b, 9, 20), torch.randn(b, 24), torch.randn(b, length, 12), mask,
-                         torch.randn(b, 12))
+                         torch.randn(b, 12), torch.randint(0, 30000, (b, length)))
 
 
 def test_shapes_weights_and_attention_maps():
@@ -50,8 +50,19 @@ def test_padding_does_not_change_the_output():
     model, batch = make_model(), make_batch()
     before = model(batch).logits["colour"][0]
     batch.text_tokens[0, 4:] = 1000.0
+    batch.text_ids[0, 4:] = 7
     after = model(batch).logits["colour"][0]
     torch.testing.assert_close(before, after)
+
+
+def test_lexical_embedding_reads_the_token_ids():
+    batch = make_batch()
+    with_lexical, without = make_model(), make_model(lexical_buckets=0)
+    assert without.sequence.lexical is None
+    before, before_plain = with_lexical(batch).logits["colour"][1], without(batch).logits["colour"][1]
+    batch.text_ids[1, 2] += 1
+    assert not torch.allclose(before, with_lexical(batch).logits["colour"][1])
+    torch.testing.assert_close(before_plain, without(batch).logits["colour"][1])
 
 
 def test_attention_path_matches_fast_path():

@@ -1,0 +1,144 @@
+"""Noise-robustness probes: how a checkpoint's predictions move when its inputs are corrupted.
+
+    from cma_clip.robustness import probe, item_sweep, catalogue_sweep
+    result = probe(predictor, image, text, "occlusion", 3, "word_mask", 3, seed=0)
+    curves = item_sweep(predictor, image, text, "blur", "typos")  # mode -> task -> 6 probabilities
+    rows = catalogue_sweep(predictor, Catalogue.open(config, split="test", limit=100), "blur", "typos")
+
+A sweep corrupts the image ("image" mode), the text ("text") or both ("both") at every severity
+0..5 of `cma_clip.noise`; severity 0 is the clean input.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .data import Catalogue, load_image
+from .noise import SEVERITIES, corrupt_image, corrupt_text
+from .predict import Prediction, Predictor
+
+MODES = ("image", "text", "both")  # which input gets the noise in a sweep
+SWEEP_FIELDS = ("mode", "severity", "task", "accuracy", "n")
+
+
+@dataclass
+class Probe:
+    """One item's prediction on clean and on corrupted inputs."""
+
+    clean: Prediction
+    noisy: Prediction
+    noisy_image: Image.Image
+    noisy_text: str
+
+    def comparison_rows(self) -> list[list]:
+        """Per task: task, clean label and confidence, noisy label and confidence,
+        "changed"/"same", and the image modality weight clean and noisy."""
+        rows = []
+        for task, clean in self.clean.tasks.items():
+            noisy = self.noisy.tasks[task]
+            rows.append([task, clean.label, round(clean.confidence, 3), noisy.label, round(noisy.confidence, 3),
+                         "changed" if noisy.label != clean.label else "same",
+                         round(clean.modality_weights["image"], 3), round(noisy.modality_weights["image"], 3)])
+        return rows
+
+
+def _active(name: str | None) -> bool:
+    return name is not None and name != "none"
+
+
+def _corrupt(image: Image.Image, text: str, mode: str, image_noise: str | None, text_noise: str | None,
+             severity: int, seed: int) -> tuple[Image.Image, str]:
+    """The inputs of one sweep point: only the inputs `mode` names are corrupted."""
+    if mode in ("image", "both"):
+        image = corrupt_image(image, image_noise, severity, seed)
+    if mode in ("text", "both"):
+        text = corrupt_text(text, text_noise, severity, seed)
+    return image, text
+
+
+def sweep_modes(image_noise: str | None, text_noise: str | None) -> list[str]:
+    """The modes a pair of noise names allows ("none"/None switches a noise off)."""
+    needs = {"image": (image_noise,), "text": (text_noise,), "both": (image_noise, text_noise)}
+    return [mode for mode in MODES if all(_active(name) for name in needs[mode])]
+
+
+def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None, image_severity: int,
+          text_noise: str | None, text_severity: int, seed: int = 0) -> Probe:
+    """Predict (with attention maps) on the clean item and on its corrupted copy."""
+    noisy_image = corrupt_image(image, image_noise, image_severity, seed) if _active(image_noise) else image
+    noisy_text = corrupt_text(text, text_noise, text_severity, seed) if _active(text_noise) else text
+    return Probe(predictor.predict(image, text), predictor.predict(noisy_image, noisy_text), noisy_image, noisy_text)
+
+
+def item_sweep(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None,
+               text_noise: str | None, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """mode -> task -> probability of the clean top-1 label at severities 0..5 (list index = severity)."""
+    top_k = max(len(classes) for classes in predictor.classes.values())
+    sweep = {}
+    for mode in sweep_modes(image_noise, text_noise):
+        inputs = [_corrupt(image, text, mode, image_noise, text_noise, s, seed) for s in SEVERITIES]
+        predictions = predictor.predict_batch([i for i, _ in inputs], [t for _, t in inputs], top_k=top_k)
+        sweep[mode] = {}
+        for task, clean in predictions[0].tasks.items():
+            sweep[mode][task] = [dict(zip(p.tasks[task].labels, p.tasks[task].probabilities)).get(clean.label, 0.0)
+                                 for p in predictions]
+    return sweep
+
+
+def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str | None, text_noise: str | None,
+                    seed: int = 0, progress: Callable[[float, str], None] | None = None,
+                    batch_size: int = 16) -> list[dict]:
+    """Accuracy per (mode, severity, task) on `catalogue`, plus a task "mean" row per (mode, severity).
+
+    Accuracy is over the items labelled for the task; a label outside the checkpoint's vocabulary
+    counts as wrong. Item i is corrupted with seed `seed + i`; severity 0 is run once for all modes."""
+    modes = sweep_modes(image_noise, text_noise)
+    labels = {task: catalogue.labels(task) for task in predictor.tasks}
+    tasks = [task for task in predictor.tasks if any(label is not None for label in labels[task])]
+    runs = [(None, 0)] + [(mode, s) for mode in modes for s in SEVERITIES if s > 0]
+    correct = {(run, task): 0 for run in runs for task in tasks}
+    texts, paths = catalogue.texts(), catalogue.image_paths()
+    starts = range(0, len(paths), batch_size)
+    done, total = 0, len(starts) * len(runs)
+    for start in starts:
+        index = range(start, min(start + batch_size, len(paths)))
+        images = [load_image(paths[i]) for i in index]
+        for mode, severity in runs:
+            inputs = [(images[k], texts[i]) if mode is None else
+                      _corrupt(images[k], texts[i], mode, image_noise, text_noise, severity, seed + i)
+                      for k, i in enumerate(index)]
+            predictions = predictor.predict_batch([i for i, _ in inputs], [t for _, t in inputs], top_k=1)
+            for i, prediction in zip(index, predictions):
+                for task in tasks:
+                    correct[(mode, severity), task] += labels[task][i] == prediction.tasks[task].label
+            done += 1
+            if progress:
+                progress(done / total, f"{mode or 'clean'} noise, severity {severity}: items {index[-1] + 1}/{len(paths)}")
+    counts = {task: sum(label is not None for label in labels[task]) for task in tasks}
+    rows = []
+    for mode in modes:
+        for severity in SEVERITIES:
+            run = (None, 0) if severity == 0 else (mode, severity)
+            accuracies = [correct[run, task] / counts[task] for task in tasks]
+            rows += [{"mode": mode, "severity": severity, "task": task, "accuracy": acc, "n": counts[task]}
+                     for task, acc in zip(tasks, accuracies)]
+            rows.append({"mode": mode, "severity": severity, "task": "mean",
+                         "accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan,
+                         "n": len(catalogue)})
+    return rows
+
+
+def sweep_rows_to_csv(rows: list[dict], path: str | Path) -> Path:
+    """Write catalogue-sweep rows as CSV (columns mode, severity, task, accuracy, n)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SWEEP_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

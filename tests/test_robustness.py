@@ -1,0 +1,179 @@
+"""The noise-robustness probe on a real small checkpoint: clean vs noisy, item sweeps, catalogue sweeps."""
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from cma_clip import viz
+from cma_clip.backbones import to_rgb
+from cma_clip.data import Catalogue, CatalogueConfig, load_image
+from cma_clip.noise import SEVERITIES, corrupt_image
+from cma_clip.predict import Predictor
+from cma_clip.robustness import MODES, catalogue_sweep, item_sweep, probe, sweep_rows_to_csv
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
+
+
+@pytest.fixture(scope="module")
+def predictor(small_checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(small_checkpoint, "cpu")
+
+
+@pytest.fixture(scope="module")
+def image():
+    return load_image(EXAMPLE_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def sweep(predictor, image):
+    return item_sweep(predictor, image, EXAMPLE_TEXT, "occlusion", "word_mask", seed=1)
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> Catalogue:
+    return Catalogue.open(CatalogueConfig.load("hm-articles"), split="test", limit=6)
+
+
+@pytest.fixture(scope="module")
+def swept(predictor, catalogue):
+    calls = []
+    rows = catalogue_sweep(predictor, catalogue, "blur", "word_dropout", seed=0,
+                           progress=lambda fraction, text: calls.append((fraction, text)), batch_size=4)
+    return rows, calls
+
+
+def assert_same_prediction(a, b):
+    for task, p in a.tasks.items():
+        q = b.tasks[task]
+        assert (p.labels, p.probabilities, p.modality_weights) == (q.labels, q.probabilities, q.modality_weights)
+    assert a.tokens == b.tokens
+    assert np.array_equal(a.text_to_image, b.text_to_image)
+
+
+def test_probe_at_severity_zero_is_the_clean_prediction(predictor, image):
+    result = probe(predictor, image, EXAMPLE_TEXT, "occlusion", 0, "word_mask", 0, seed=3)
+    assert result.noisy_text == EXAMPLE_TEXT
+    assert np.array_equal(np.asarray(result.noisy_image), np.asarray(to_rgb(image)))
+    assert_same_prediction(result.clean, result.noisy)
+    assert_same_prediction(result.clean, predictor.predict(image, EXAMPLE_TEXT))
+    assert all(row[5] == "same" for row in result.comparison_rows())
+    switched_off = probe(predictor, image, EXAMPLE_TEXT, None, 5, "none", 5)
+    assert switched_off.noisy_text == EXAMPLE_TEXT and switched_off.noisy_image is image
+
+
+def test_strong_corruption_changes_the_inputs_and_compares_every_task(predictor, image):
+    result = probe(predictor, image, EXAMPLE_TEXT, "occlusion", 5, "word_mask", 5, seed=0)
+    assert result.noisy_text != EXAMPLE_TEXT and "[UNK]" in result.noisy_text
+    assert result.noisy_image.size == image.size
+    assert not np.array_equal(np.asarray(result.noisy_image), np.asarray(to_rgb(image)))
+    assert result.clean.text_to_image is not None and result.noisy.text_to_image is not None
+    rows = result.comparison_rows()
+    assert [row[0] for row in rows] == predictor.tasks
+    for task, clean_label, clean_conf, noisy_label, noisy_conf, verdict, clean_w, noisy_w in rows:
+        clean, noisy = result.clean.tasks[task], result.noisy.tasks[task]
+        assert (clean_label, noisy_label) == (clean.label, noisy.label)
+        assert clean_conf == round(clean.confidence, 3) and noisy_conf == round(noisy.confidence, 3)
+        assert verdict == ("same" if clean_label == noisy_label else "changed")
+        assert (clean_w, noisy_w) == (round(clean.modality_weights["image"], 3), round(noisy.modality_weights["image"], 3))
+    # the corruption moves the model: some task's confidence or image weight shifts
+    assert any(abs(c[2] - c[4]) > 1e-3 or abs(c[6] - c[7]) > 1e-3 for c in rows)
+
+
+def test_item_sweep_tracks_the_clean_prediction_over_severities(predictor, image, sweep):
+    clean = predictor.predict(image, EXAMPLE_TEXT)
+    assert list(sweep) == list(MODES)
+    for mode, curves in sweep.items():
+        assert list(curves) == predictor.tasks
+        for task, values in curves.items():
+            assert len(values) == len(SEVERITIES)
+            assert all(0.0 <= v <= 1.0 for v in values)
+            assert values[0] == pytest.approx(clean.tasks[task].confidence, abs=1e-5)
+    # "image" mode corrupts the image only, at the severity of the list index
+    top_k = max(len(c) for c in predictor.classes.values())
+    noisy = predictor.predict_batch([corrupt_image(image, "occlusion", 4, 1)], [EXAMPLE_TEXT], top_k=top_k)[0]
+    for task, prediction in noisy.tasks.items():
+        expected = dict(zip(prediction.labels, prediction.probabilities))[clean.tasks[task].label]
+        assert sweep["image"][task][4] == pytest.approx(expected, abs=1e-5)
+    assert any(abs(v[5] - v[0]) > 1e-4 for v in sweep["both"].values())
+
+
+def test_item_sweep_is_deterministic_and_skips_switched_off_noise(predictor, image, sweep):
+    assert item_sweep(predictor, image, EXAMPLE_TEXT, "occlusion", "word_mask", seed=1) == sweep
+    other = item_sweep(predictor, image, EXAMPLE_TEXT, "occlusion", "word_mask", seed=2)
+    assert other["image"] != sweep["image"]
+    assert list(item_sweep(predictor, image, EXAMPLE_TEXT, "blur", "none")) == ["image"]
+    assert list(item_sweep(predictor, image, EXAMPLE_TEXT, None, "typos")) == ["text"]
+    assert item_sweep(predictor, image, EXAMPLE_TEXT, None, None) == {}
+
+
+def test_catalogue_sweep_covers_every_mode_severity_and_task(predictor, catalogue, swept):
+    rows, calls = swept
+    tasks = [t for t in predictor.tasks if any(label is not None for label in catalogue.labels(t))]
+    keys = [(r["mode"], r["severity"], r["task"]) for r in rows]
+    assert sorted(keys) == sorted((m, s, t) for m in MODES for s in SEVERITIES for t in [*tasks, "mean"])
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    for mode in MODES:
+        for severity in SEVERITIES:
+            group = [r for r in rows if r["mode"] == mode and r["severity"] == severity]
+            per_task = [r["accuracy"] for r in group if r["task"] != "mean"]
+            assert [r["accuracy"] for r in group if r["task"] == "mean"] == [pytest.approx(np.mean(per_task))]
+    # progress: one call per batch and run (2 batches x (1 clean + 3 modes x 5 severities)), ending at 1
+    fractions = [f for f, _ in calls]
+    assert len(fractions) == 2 * 16 and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_catalogue_sweep_clean_accuracy_matches_direct_prediction(predictor, catalogue, swept):
+    rows, _ = swept
+    images = [load_image(p) for p in catalogue.image_paths()]
+    predictions = predictor.predict_batch(images, catalogue.texts())
+    for task in predictor.tasks:
+        labels = catalogue.labels(task)
+        hits = [p.tasks[task].label == label for p, label in zip(predictions, labels) if label is not None]
+        clean = [r for r in rows if r["task"] == task and r["severity"] == 0]
+        assert [r["mode"] for r in clean] == list(MODES)
+        assert all(r["accuracy"] == pytest.approx(np.mean(hits)) and r["n"] == len(hits) for r in clean)
+
+
+def test_catalogue_sweep_counts_labels_outside_the_vocabulary_as_wrong(predictor, catalogue):
+    task = predictor.tasks[0]
+    clean = predictor.predict_batch([load_image(catalogue.image_paths()[0])], catalogue.texts()[:1])[0]
+    right = replace(catalogue, rows=[{**catalogue.rows[0], task: clean.tasks[task].label}])
+    unknown = replace(catalogue, rows=[{**catalogue.rows[0], task: "A label no checkpoint knows"}])
+    accuracy = {name: [r["accuracy"] for r in catalogue_sweep(predictor, c, None, "typos")
+                       if r["task"] == task and r["severity"] == 0]
+                for name, c in (("right", right), ("unknown", unknown))}
+    assert accuracy == {"right": [1.0], "unknown": [0.0]}
+
+
+def test_sweep_rows_round_trip_through_csv(swept, tmp_path):
+    rows, _ = swept
+    path = sweep_rows_to_csv(rows, tmp_path / "out" / "sweep.csv")
+    with open(path, newline="") as handle:
+        back = list(csv.DictReader(handle))
+    assert [{**r, "severity": int(r["severity"]), "accuracy": float(r["accuracy"]), "n": int(r["n"])}
+            for r in back] == rows
+
+
+def test_robustness_figures(predictor, image, sweep, swept):
+    fig = viz.item_sweep_figure(sweep)
+    assert len(fig.axes) == len(MODES)
+    for ax, mode in zip(fig.axes, MODES):
+        assert len(ax.lines) == len(predictor.tasks)
+        assert list(ax.lines[0].get_ydata()) == sweep[mode][predictor.tasks[0]]
+    assert len(viz.item_sweep_figure({}).axes) == 1
+
+    rows, _ = swept
+    ax = viz.catalogue_sweep_figure(rows).axes[0]
+    assert [line.get_label() for line in ax.lines] == [f"{m} noise" for m in MODES]
+    means = [r["accuracy"] for r in rows if r["mode"] == "both" and r["task"] == "mean"]
+    assert list(ax.lines[2].get_ydata()) == means and list(ax.lines[2].get_xdata()) == list(SEVERITIES)
+
+    result = probe(predictor, image, EXAMPLE_TEXT, "blur", 5, "truncation", 5)
+    clean = {t: p.modality_weights for t, p in result.clean.tasks.items()}
+    noisy = {t: p.modality_weights for t, p in result.noisy.tasks.items()}
+    bars = viz.modality_shift_chart(clean, noisy).axes[0].patches
+    assert len(bars) == 2 * len(clean)
+    assert np.allclose([b.get_width() for b in bars],
+                       [w["image"] for w in clean.values()] + [w["image"] for w in noisy.values()])
