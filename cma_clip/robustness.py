@@ -118,7 +118,8 @@ def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str
                     correct[(mode, severity), task] += labels[task][i] == prediction.tasks[task].label
             done += 1
             if progress:
-                progress(done / total, f"{mode or 'clean'} noise, severity {severity}: items {index[-1] + 1}/{len(paths)}")
+                step = "clean inputs" if mode is None else f"{mode} noise, severity {severity}"
+                progress(done / total, f"{step}: items {index[-1] + 1}/{len(paths)}")
     counts = {task: sum(label is not None for label in labels[task]) for task in tasks}
     rows = []
     for mode in modes:

@@ -36,6 +36,7 @@ from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss
 from .runtime import autocast, default_device, seed_everything
 
 STATE = "train_state"
+MANIFEST_ARGS = ("manifest", "image_column", "text_columns", "id_column")
 SELECTION_METRIC = "recall_at_90_precision"
 
 
@@ -226,7 +227,8 @@ def train(args: argparse.Namespace) -> dict:
         "catalogue": {"name": config.name, "image_column": config.image_column, "text_columns": config.text_columns,
                       "id_column": config.id_column, "max_text_tokens": config.max_text_tokens},
         "tasks": {t: {"classes": v.classes, "threshold_90": None} for t, v in vocabs.items()},
-        "train": {k: v for k, v in vars(args).items() if k not in ("out", "resume", "quiet")},
+        "train": {k: v for k, v in vars(args).items() if k not in ("out", "resume", "quiet")
+                  and not (args.catalogue and k in MANIFEST_ARGS)},  # the catalogue entry holds the columns
     }
 
     counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": []}
