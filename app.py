@@ -13,12 +13,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
+from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.studio import (MAX_TASKS, Prediction, ReviewQueue, Studio, StudioError, heatmap,  # noqa: E402
                              modality_figure, open_user_image, prediction_rows, text_shading, token_choices)
+from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, modality_shift_chart  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TABLE_HEADERS = ["task", "prediction", "confidence", "auto-accept (90% precision)", "runners-up"]
 MAX_UPLOAD = "20mb"
+PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "change", "image weight clean",
+                 "image weight noisy"]
 HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
 SHORTCUTS = """
 <script>
@@ -142,6 +146,35 @@ def build(studio: Studio) -> gr.Blocks:
                 bulk = gr.Button("Bulk accept every item above all thresholds")
             review_notes = gr.Markdown()
 
+        with gr.Tab("Robustness"):
+            gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
+                        "clean; the same seed gives the same corruption.")
+            with gr.Row():
+                image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption")
+                image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity")
+                text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption")
+                text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity")
+                seed = gr.Number(value=0, precision=0, label="Seed")
+            with gr.Row():
+                probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
+                sweep_button = gr.Button("Sweep all severities for this item")
+            probe_json = gr.JSON(visible=False)
+            probe_table = gr.Dataframe(headers=PROBE_HEADERS, interactive=False, wrap=True, elem_id="probe-table",
+                                       label="Clean vs noisy: prediction, confidence and image weight per task")
+            with gr.Row():
+                clean_heat = gr.Image(label="Clean: image [CLS] attention", height=240, interactive=False)
+                noisy_heat = gr.Image(label="Noisy: image [CLS] attention", height=240, interactive=False,
+                                      elem_id="noisy-heatmap")
+                shift_plot = gr.Plot(label="Image modality weight, clean vs noisy")
+            noisy_text = gr.Textbox(label="Noisy text", interactive=False)
+            item_sweep_plot = gr.Plot(label="Confidence in the clean prediction against severity")
+            gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
+            with gr.Row():
+                sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=500, label="Items")
+                batch_sweep_button = gr.Button("Run batch sweep")
+            batch_plot = gr.Plot(label="Mean accuracy against severity")
+            batch_csv = gr.File(label="The numbers (CSV)")
+
         with gr.Tab("History & export"):
             refresh = gr.Button("Refresh")
             history = gr.Dataframe(headers=HISTORY_HEADERS, value=studio.history_rows, interactive=False, wrap=True,
@@ -255,6 +288,37 @@ def build(studio: Studio) -> gr.Blocks:
         accept.click(accept_item, [queue_state, annotator, *review_slots], review_outputs, api_name="review_accept")
         skip.click(skip_item, queue_state, review_outputs, api_name="review_skip")
         bulk.click(bulk_accept, [queue_state, annotator], review_outputs, api_name="bulk_accept")
+
+        @user_errors
+        def probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity, seed_value):
+            """Predict on the clean and the corrupted item; returns both predictions as JSON first."""
+            result = studio.probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity,
+                                  seed_value)
+            weights = {name: {t: p.modality_weights for t, p in pred.tasks.items()}
+                       for name, pred in (("clean", result.clean), ("noisy", result.noisy))}
+            summary = {"clean": result.clean.to_dict(), "noisy": result.noisy.to_dict(), "noisy_text": result.noisy_text}
+            return (summary, result.comparison_rows(), heatmap(result.clean, None), heatmap(result.noisy, None),
+                    modality_shift_chart(weights["clean"], weights["noisy"]), result.noisy_text)
+
+        probe_inputs = [image, text, model, image_noise, image_severity, text_noise, text_severity, seed]
+        probe_button.click(probe, probe_inputs, [probe_json, probe_table, clean_heat, noisy_heat, shift_plot,
+                                                 noisy_text], api_name="probe")
+
+        @user_errors
+        def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
+            return item_sweep_figure(studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise,
+                                                       seed_value))
+
+        sweep_button.click(sweep_item, [image, text, model, image_noise, text_noise, seed], item_sweep_plot,
+                           api_name="sweep_item")
+
+        @user_errors
+        def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, progress=gr.Progress()):
+            rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value, progress)
+            return catalogue_sweep_figure(rows), str(path)
+
+        batch_sweep_button.click(sweep_catalogue, [model, sweep_size, image_noise, text_noise, seed],
+                                 [batch_plot, batch_csv], api_name="sweep_catalogue")
 
         def tasks(model_name: str) -> dict:
             """The model's tasks and their known labels, in the order /save_correction takes them."""

@@ -41,3 +41,23 @@ def test_save_correction_then_read_it_back_and_export(client, running_app):
 def test_errors_come_back_as_messages(client):
     with pytest.raises(Exception, match="Upload a product image"):
         client.predict(None, "text", "hm-articles", api_name="/predict")
+
+
+def test_probe_endpoint_compares_clean_and_noisy(client):
+    summary, rows, *_ = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles",
+                                       "occlusion", 5, "word_mask", 5, 0, api_name="/probe")
+    assert set(summary["clean"]) == set(summary["noisy"]) and len(rows["data"]) == len(summary["clean"])
+    assert summary["noisy_text"] != EXAMPLE_TEXT and "[UNK]" in summary["noisy_text"]
+    for task, clean in summary["clean"].items():
+        row = next(r for r in rows["data"] if r[0] == task)
+        assert row[1] == clean["label"] and row[3] == summary["noisy"][task]["label"]
+    # severity 0 on both inputs is the clean prediction
+    same, *_ = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles",
+                              "blur", 0, "typos", 0, 0, api_name="/probe")
+    assert same["clean"] == same["noisy"]
+
+
+def test_probe_rejects_unknown_corruptions(client):
+    with pytest.raises(Exception, match="fog is not in the list of choices"):
+        client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles", "fog", 3, "typos", 1, 0,
+                       api_name="/probe")

@@ -64,3 +64,20 @@ def test_review_queue_with_keyboard_shortcuts(running_app):
         page.screenshot(path=str(ARTIFACTS / "browser-review.png"), full_page=True)
         browser.close()
     assert [e["annotator"] for e in studio.store.history(limit=1)] == ["keyboard-reviewer"]
+
+
+def test_robustness_view_shows_clean_and_noisy(running_app):
+    url, _ = running_app
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(url)
+        page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+        page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
+        page.get_by_role("tab", name="Robustness").click()
+        page.locator("#probe").click()
+        expect(page.locator("#probe-table")).to_contain_text("colour_group_name", timeout=60_000)
+        expect(page.locator("#noisy-heatmap img")).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "browser-robustness.png"), full_page=True)
+        browser.close()

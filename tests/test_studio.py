@@ -4,7 +4,7 @@ import csv
 import pytest
 
 from cma_clip.data import read_manifest
-from cma_clip.studio import (StudioError, heatmap, modality_figure, prediction_rows, text_shading,
+from cma_clip.studio import (StudioError, clean_text, heatmap, modality_figure, prediction_rows, text_shading,
                              token_choices)
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows
 
@@ -100,3 +100,19 @@ def test_review_upload_matches_images_by_name(studio, tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text("x,y\n1,2\n")
         studio.review_upload("hm-articles", str(bad), uploaded)
+
+
+def test_probe_and_sweeps_through_the_studio(studio):
+    result = studio.probe(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "blur", 4, "none", 0, seed=1)
+    assert result.noisy_text == clean_text(EXAMPLE_TEXT) and result.noisy_image.size != (0, 0)
+    with pytest.raises(StudioError, match="Severities go from 0"):
+        studio.probe(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "blur", 9, "none", 0)
+    with pytest.raises(StudioError, match="Unknown text corruption"):
+        studio.probe(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "blur", 1, "leet", 1)
+    with pytest.raises(StudioError, match="Choose an image or a text corruption"):
+        studio.item_sweep(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "none", "none")
+    sweep = studio.item_sweep(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "jpeg", "none")
+    assert list(sweep) == ["image"] and all(len(v) == 6 for v in sweep["image"].values())
+    rows, path = studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0)
+    assert {r["mode"] for r in rows} == {"text"} and path.exists()
+    assert read_manifest(path)[0].keys() >= {"mode", "severity", "task", "accuracy", "n"}
