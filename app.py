@@ -7,12 +7,14 @@ UI only: every action is a method of `cma_clip.studio.Studio`, tested without a 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
+from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.studio import (MAX_TASKS, Prediction, ReviewQueue, Studio, StudioError, heatmap,  # noqa: E402
                              modality_figure, open_user_image, prediction_rows, text_shading, token_choices)
@@ -34,6 +36,33 @@ document.addEventListener("keydown", (event) => {
 });
 </script>
 """
+
+
+def undecoded(image: gr.Image) -> gr.Image:
+    """Make an image input hand the event the uploaded file's path, undecoded.
+
+    gr.Image opens and converts every upload before the event runs: an unreadable file then
+    fails with Gradio's bare "Error", a large image is decoded before the studio's pixel
+    limit is checked, alpha turns black and 16-bit images clip. The studio decodes it
+    instead (`cma_clip.data.load_image`: size limit first, then EXIF, modes, alpha) and
+    words every failure. Gradio still checks, before this, that the path is one of its
+    uploads. (Set on the instance: Gradio writes a .pyi stub beside any component subclass.)"""
+    def preprocess(payload):
+        if payload is None or payload.path is None:
+            return gr.Image.preprocess(image, payload)
+        return payload.path
+
+    image.preprocess = preprocess
+    return image
+
+
+def keep_uploads_in(studio: Studio) -> Path:
+    """Make Gradio write uploads (and the files it serves) under the app's data folder, in
+    folders named by content hash, instead of the system's temp folder. Call before build()."""
+    folder = (studio.data_dir / "uploads").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder
 
 
 def user_errors(fn):
@@ -90,7 +119,8 @@ def build(studio: Studio) -> gr.Blocks:
         with gr.Tab("Predict & correct"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image")
+                    image = undecoded(gr.Image(type="filepath", label="Product image", height=300,
+                                               elem_id="input-image"))
                     text = gr.Textbox(label="Product text", lines=3, max_length=5000, elem_id="input-text",
                                       placeholder="e.g. Turtle Check Men Navy Blue Shirt")
                     predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
@@ -128,9 +158,11 @@ def build(studio: Studio) -> gr.Blocks:
                                      elem_id="review-size")
                     load_split = gr.Button("Load catalogue split", elem_id="review-load")
                 with gr.Column():
-                    manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"])
-                    images = gr.File(label="...and its images", file_count="multiple", file_types=["image"])
-                    load_upload = gr.Button("Load uploaded catalogue")
+                    manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
+                                       elem_id="review-manifest")
+                    images = gr.File(label="...and its images", file_count="multiple", file_types=["image"],
+                                     elem_id="review-images")
+                    load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
             review_progress = gr.Markdown(elem_id="review-progress")
             with gr.Row():
                 review_image = gr.Image(label="Item", height=280, interactive=False)
@@ -144,7 +176,7 @@ def build(studio: Studio) -> gr.Blocks:
                 accept = gr.Button("Accept / save and next (a)", variant="primary", elem_id="review-accept")
                 skip = gr.Button("Skip (n)", elem_id="review-skip")
                 bulk = gr.Button("Bulk accept every item above all thresholds")
-            review_notes = gr.Markdown()
+            review_notes = gr.Markdown(elem_id="review-notes")
 
         with gr.Tab("Robustness"):
             gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
@@ -333,7 +365,11 @@ def main() -> None:
     studio = Studio()
     hub_checkpoint = hub.checkpoint_from_env()
     if hub_checkpoint:
-        studio.add_checkpoint(*hub_checkpoint)
+        try:
+            studio.add_checkpoint(*hub_checkpoint)
+        except CheckpointError as exc:
+            print(f"[cma-clip] {exc}; continuing with the local checkpoints")
+    keep_uploads_in(studio)
     demo = build(studio)
     demo.queue(default_concurrency_limit=4).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),

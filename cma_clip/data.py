@@ -79,25 +79,46 @@ class CatalogueConfig:
 
 
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL manifest, every value as a string."""
+    """Rows of a CSV or JSONL manifest, every value as a string. A file that is not UTF-8,
+    a broken CSV or JSON line, or a CSV row with more or fewer fields than the header is
+    refused with a `CatalogueError` naming the row."""
     path = Path(path)
     if not path.is_file():
         raise CatalogueError(f"manifest not found: {path}")
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise CatalogueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-                    if not isinstance(record, dict):
-                        raise CatalogueError(f"{path}:{number}: each line must be a JSON object")
-                    rows.append({k: "" if v is None else str(v) for k, v in record.items()})
-        return rows
+    try:
+        return _read_jsonl(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise CatalogueError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _read_jsonl(path: Path) -> list[dict[str, str]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CatalogueError(f"{path.name}, line {number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise CatalogueError(f"{path.name}, line {number}: each line must be a JSON object")
+                rows.append({k: "" if v is None else str(v) for k, v in record.items()})
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise CatalogueError(f"{path.name}, line {reader.line_num}: not readable as CSV ({exc})") from exc
+    for number, row in enumerate(rows, 2):  # the header is row 1
+        if None in row or None in row.values():  # csv marks extra fields with key None, missing ones with None
+            fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+            raise CatalogueError(f"{path.name}, row {number}: {fields} fields where the header has "
+                                 f"{len(reader.fieldnames)} (an unquoted comma or line break?)")
+    return rows
 
 
 def is_missing(value: str | None) -> bool:
@@ -215,8 +236,12 @@ def load_image(path: str | Path) -> Image.Image:
         raise
     except FileNotFoundError as exc:
         raise ImageError(f"image not found: {path}") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{name} is not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked as it opens the file
+        raise ImageError(f"{name} has too many pixels to decode safely (a decompression bomb?); "
+                         f"the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).replace(str(path), name)  # the reason, without the server's folders
+        raise ImageError(f"{name} is not a readable image ({exc.__class__.__name__}: {reason})") from exc
 
 
 # ----------------------------------------------------------------------------- feature cache
@@ -265,8 +290,14 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.backbone.preprocess([load_image(self.paths[i])])[0]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        """The pixels and "", or blank pixels and why the image cannot be used: the reason is
+        raised in the main process, as an ImageError without the worker's traceback."""
+        try:
+            return self.backbone.preprocess([load_image(self.paths[i])])[0], ""
+        except ImageError as exc:
+            size = self.backbone.image_size
+            return torch.zeros(3, size, size), str(exc)
 
 
 def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
@@ -325,7 +356,10 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
     device = backbone.device
     start = 0
     with torch.no_grad():
-        for pixels in tqdm(loader, desc=f"features {catalogue.config.name}", disable=not progress):
+        for pixels, errors in tqdm(loader, desc=f"features {catalogue.config.name}", disable=not progress):
+            if any(errors):
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+                raise ImageError(next(e for e in errors if e))
             stop = start + len(pixels)
             text = backbone.tokenize(texts[start:stop], tokens)
             out = backbone(pixels.to(device), TextBatch(text.ids.to(device), text.mask.to(device)))

@@ -19,7 +19,7 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
 
     try:
         paths = [hf_hub_download(repo_id, name, revision=revision, etag_timeout=5) for name in (CONFIG, WEIGHTS)]
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:  # ValueError: a bad repo id
         raise HubError(f"could not download checkpoint {repo_id!r} from the Hugging Face Hub "
                        f"(offline or no access): {exc.__class__.__name__}") from exc
     return Path(paths[0]).parent
@@ -52,6 +52,6 @@ def push_label_store(db_path: str | Path, export_path: str | Path, repo_id: str 
         api.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
         for path in (Path(db_path), Path(export_path)):
             api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="dataset")
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, OSError, ValueError) as exc:  # ValueError: a bad repo id
         raise HubError(f"could not push labels to {repo_id!r}: {exc.__class__.__name__}") from exc
     return f"https://huggingface.co/datasets/{repo_id}"

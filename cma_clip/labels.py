@@ -118,6 +118,9 @@ class LabelStore:
             predictions_json = json.dumps(predictions or {}, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise LabelStoreError(f"predictions must be JSON-serialisable: {exc}") from exc
+        _check_encodable(text=text, labels=json.dumps(labels, ensure_ascii=False), predictions=predictions_json,
+                         annotator=str(annotator), checkpoint=str(checkpoint), item_id=str(item_id or ""),
+                         request_id=str(request_id or ""))
         sha = hashlib.sha256(data).hexdigest()
         relative = f"{sha[:2]}/{sha}.{extension}"
         if not (self.image_dir / relative).exists():
@@ -263,6 +266,15 @@ def _clean_labels(labels: dict[str, str]) -> dict[str, str]:
     if not clean:
         raise LabelStoreError("no labels: give at least one task's corrected label")
     return clean
+
+
+def _check_encodable(**fields: str) -> None:
+    """Refuse strings SQLite cannot store as UTF-8 (lone surrogates, which JSON can carry)."""
+    for name, value in fields.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LabelStoreError(f"{name} is not valid Unicode text ({exc.reason} at character {exc.start})") from exc
 
 
 def _image_bytes(image: Image.Image | bytes | str | Path) -> tuple[bytes, str]:

@@ -166,16 +166,16 @@ class SequenceAttention(nn.Module):
 
 class ModalityAttention(nn.Module):
     """Keyless attention over modalities, one learned vector w_k per task:
-    weights = softmax_m(w_k . e_m), output = sum_m weights_m e_m."""
+    weights = softmax_m(w_k . e_m), output = sum_m weights_m e_m.
+    (The trainer exempts w_k from weight decay, which would pull every task to 50/50.)"""
 
     def __init__(self, num_tasks: int, width: int) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_tasks, width) * 0.02)
-        self.scale = width ** -0.5
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """embeddings [B, M, W] -> per-task outputs [B, T, W] and weights [B, T, M]."""
-        scores = torch.einsum("tw,bmw->btm", self.queries, embeddings).float() * self.scale
+        scores = torch.einsum("tw,bmw->btm", self.queries, embeddings).float()
         weights = scores.softmax(dim=-1)  # in float32, so the weights sum to 1 under bf16 autocast too
         return weights.to(embeddings.dtype) @ embeddings, weights
 
@@ -224,6 +224,12 @@ class CMAClip(nn.Module):
             fused = weights @ embeddings
         logits = {task: head(fused[:, i]) for i, (task, head) in enumerate(self.heads.items())}
         return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps)
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Parameters kept out of weight decay: biases, norms, position and modality embeddings,
+    and the modality-attention vectors (decay would flatten every task's weights to 50/50)."""
+    return param.dim() < 2 or name.endswith(("_pos", "sequence.modality", "modality.queries"))
 
 
 def multitask_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:

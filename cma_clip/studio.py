@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from .backbones import BackboneError
 from .checkpoint import CheckpointError, read_config
 from .data import REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, load_image, read_manifest
 from .evaluate import catalogue_for_checkpoint
@@ -127,7 +128,10 @@ class Studio:
             raise StudioError(f"Unknown model {name!r}. Choose one of: {', '.join(self.checkpoints) or 'none found'}.")
         with self._lock:
             if name not in self._predictors:
-                self._predictors[name] = Predictor.from_checkpoint(self.checkpoints[name], self.device)
+                try:
+                    self._predictors[name] = Predictor.from_checkpoint(self.checkpoints[name], self.device)
+                except (CheckpointError, BackboneError) as exc:
+                    raise StudioError(f"Model {name!r} cannot be loaded: {exc}") from exc
             return self._predictors[name]
 
     def task_classes(self, model: str) -> dict[str, list[str]]:

@@ -32,7 +32,7 @@ from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageEr
                    load_image)
 from .evaluate import format_table, predict_probabilities, score
 from .metrics import threshold_at_precision
-from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss
+from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 from .runtime import autocast, default_device, seed_everything
 
 STATE = "train_state"
@@ -213,10 +213,13 @@ def train(args: argparse.Namespace) -> dict:
         depth=args.depth, heads=args.heads, dropout=args.dropout, fusion=args.fusion,
         lexical_buckets=args.lexical_buckets)
     model = CMAClip(cfg).to(device)
-    params = [p for n, p in model.named_parameters() if not n.startswith("align.")]
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("align.")]
     if args.finetune_backbone:
-        params += list(backbone.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        named += [(f"backbone.{n}", p) for n, p in backbone.named_parameters()]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}], lr=args.lr)
     steps_per_epoch = max(1, len(splits["train"]) // args.batch_size)
     total = args.epochs * steps_per_epoch
     if args.max_steps:

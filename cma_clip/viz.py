@@ -57,13 +57,7 @@ def modality_chart(weights: dict[str, dict[str, float]]) -> Figure:
     for y, value in enumerate(text):
         ax.text(value / 2, y, f"{value:.2f}", va="center", ha="center", color="white", fontsize=9)
         ax.text(value + (1 - value) / 2, y, f"{1 - value:.2f}", va="center", ha="center", color="white", fontsize=9)
-    ax.set_xlim(0, 1)
-    ax.invert_yaxis()
-    ax.set_xlabel("modality-wise attention weight")
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    return _finish_task_bars(fig, ax, "modality-wise attention weight", 1.0)
 
 
 def item_sweep_figure(sweep: dict[str, dict[str, list[float]]]) -> Figure:
@@ -119,9 +113,14 @@ def modality_shift_chart(clean: dict[str, dict[str, float]], noisy: dict[str, di
         for yy, value in zip(y + offset, values):
             ax.text(value + 0.01, yy, f"{value:.2f}", va="center", fontsize=8)
     ax.set_yticks(y, tasks)
-    ax.set_xlim(0, 1.1)
+    return _finish_task_bars(fig, ax, "image modality weight", 1.1)
+
+
+def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float) -> Figure:
+    """Shared layout of the per-task horizontal bar charts: first task on top, legend above."""
+    ax.set_xlim(0, xmax)
     ax.invert_yaxis()
-    ax.set_xlabel("image modality weight")
+    ax.set_xlabel(xlabel)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
     plt.close(fig)

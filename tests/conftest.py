@@ -81,6 +81,7 @@ def running_app(checkpoint_dir, tmp_path_factory):
     from cma_clip.studio import Studio
 
     studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("app-data"), device="cpu")
+    app.keep_uploads_in(studio)  # as main() does
     demo = app.build(studio)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,

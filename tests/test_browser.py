@@ -1,6 +1,8 @@
 """A real browser (Debian's chromium, driven by Playwright) through the predict-correct-save flow."""
+import csv
 import shutil
 
+import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
@@ -15,69 +17,107 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
 
 
-def test_upload_predict_correct_save_and_see_history(running_app):
-    url, studio = running_app
+@pytest.fixture()
+def page(running_app):
+    """A fresh browser page on the running app."""
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(url)
-        page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
-        page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
-        page.locator("#predict").click()
-        expect(page.locator("#predictions")).to_contain_text("colour_group_name", timeout=60_000)
-        expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
-        slot = page.locator("#slot-0 input")
-        expect(slot).to_be_visible()
-        slot.fill("Browser-corrected top")
-        slot.press("Enter")
-        page.locator("#annotator input, #annotator textarea").first.fill("browser-tester")
-        page.screenshot(path=str(ARTIFACTS / "browser-predict.png"), full_page=True)
-        page.locator("#save").click()
-        expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
-        page.get_by_role("tab", name="History & export").click()
-        expect(page.locator("#history")).to_contain_text("Browser-corrected top", timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "browser-history.png"), full_page=True)
+        page.goto(running_app[0])
+        yield page
         browser.close()
+
+
+def enter_item(page, text: str = EXAMPLE_TEXT) -> None:
+    page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+    page.locator("#input-text textarea").fill(text)
+
+
+def test_upload_predict_correct_save_and_see_history(running_app, page):
+    _, studio = running_app
+    enter_item(page)
+    page.locator("#predict").click()
+    expect(page.locator("#predictions")).to_contain_text("colour_group_name", timeout=60_000)
+    expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
+    slot = page.locator("#slot-0 input")
+    expect(slot).to_be_visible()
+    slot.fill("Browser-corrected top")
+    slot.press("Enter")
+    page.locator("#annotator input, #annotator textarea").first.fill("browser-tester")
+    page.screenshot(path=str(ARTIFACTS / "browser-predict.png"), full_page=True)
+    page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
+    page.get_by_role("tab", name="History & export").click()
+    expect(page.locator("#history")).to_contain_text("Browser-corrected top", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-history.png"), full_page=True)
     saved = [entry["labels"] for entry in studio.store.history(limit=5) if entry["annotator"] == "browser-tester"]
     assert saved and saved[0]["product_type_name"] == "Browser-corrected top"
 
 
-def test_review_queue_with_keyboard_shortcuts(running_app):
-    url, studio = running_app
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(url)
-        page.locator("#annotator input, #annotator textarea").first.fill("keyboard-reviewer")
-        page.get_by_role("tab", name="Review queue").click()
-        page.locator("#review-size input").fill("5")
-        page.locator("#review-load").click()
-        progress = page.locator("#review-progress")
-        expect(progress).to_contain_text("0 reviewed of 5", timeout=60_000)
-        page.locator("body").click(position={"x": 5, "y": 5})  # focus outside any text field
-        page.keyboard.press("n")  # skip
-        expect(progress).to_contain_text("1 reviewed of 5", timeout=30_000)
-        page.keyboard.press("a")  # accept the prediction as is
-        expect(progress).to_contain_text("2 reviewed of 5", timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "browser-review.png"), full_page=True)
-        browser.close()
+def test_review_queue_with_keyboard_shortcuts(running_app, page):
+    _, studio = running_app
+    page.locator("#annotator input, #annotator textarea").first.fill("keyboard-reviewer")
+    page.get_by_role("tab", name="Review queue").click()
+    page.locator("#review-size input").fill("5")
+    page.locator("#review-load").click()
+    progress = page.locator("#review-progress")
+    expect(progress).to_contain_text("0 reviewed of 5", timeout=60_000)
+    page.locator("body").click(position={"x": 5, "y": 5})  # focus outside any text field
+    page.keyboard.press("n")  # skip
+    expect(progress).to_contain_text("1 reviewed of 5", timeout=30_000)
+    page.keyboard.press("a")  # accept the prediction as is
+    expect(progress).to_contain_text("2 reviewed of 5", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-review.png"), full_page=True)
     assert [e["annotator"] for e in studio.store.history(limit=1)] == ["keyboard-reviewer"]
 
 
-def test_robustness_view_shows_clean_and_noisy(running_app):
-    url, _ = running_app
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(url)
-        page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
-        page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
-        page.get_by_role("tab", name="Robustness").click()
-        page.locator("#probe").click()
-        expect(page.locator("#probe-table")).to_contain_text("colour_group_name", timeout=60_000)
-        expect(page.locator("#noisy-heatmap img")).to_be_visible(timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "browser-robustness.png"), full_page=True)
-        browser.close()
+def test_robustness_view_shows_clean_and_noisy(page):
+    enter_item(page)
+    page.get_by_role("tab", name="Robustness").click()
+    page.locator("#probe").click()
+    expect(page.locator("#probe-table")).to_contain_text("colour_group_name", timeout=60_000)
+    expect(page.locator("#noisy-heatmap img")).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-robustness.png"), full_page=True)
+
+
+def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_app, page, tmp_path):
+    _, studio = running_app
+    payload = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
+    good = tmp_path / "good.csv"  # one item whose id is HTML, one row whose image name is HTML (not uploaded)
+    with open(good, "w", newline="") as handle:
+        csv.writer(handle).writerows([["article_id", "image", "prod_name", "detail_desc"],
+                                      ['<img src=x onerror="window.__xss=3">', EXAMPLE_IMAGE.name, "Tee", EXAMPLE_TEXT],
+                                      ["2", "<img src=x onerror=window.__xss=4>.jpg", "Tee", "Cotton"]])
+    bad = tmp_path / "bad.csv"  # column names in HTML: they come back in the error message
+    bad.write_text('"<img src=x onerror=""window.__xss=5"">",<script>window.__xss=6</script>\n1,2\n')
+    enter_item(page, f"{payload} Striped tee")
+    page.locator("#predict").click()
+    expect(page.locator("#predictions")).to_contain_text("colour_group_name", timeout=60_000)
+    slot = page.locator("#slot-0 input")
+    slot.fill(payload)
+    slot.press("Enter")
+    page.locator("#annotator input, #annotator textarea").first.fill("<b>html-tester</b>")
+    page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
+    page.get_by_role("tab", name="History & export").click()
+    expect(page.locator("#history")).to_contain_text(payload, timeout=30_000)  # shown as text
+
+    page.get_by_role("tab", name="Review queue").click()
+    page.locator("#review-manifest input[type=file]").set_input_files(str(good))
+    page.locator("#review-images input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+    expect(page.locator("#review-images")).to_contain_text(EXAMPLE_IMAGE.name, timeout=30_000)
+    page.locator("#review-load-upload").click()
+    expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 1", timeout=60_000)
+    expect(page.locator("#review-notes")).to_contain_text("was not uploaded")
+    page.locator("#review-manifest button[aria-label*='Clear'], #review-manifest button[aria-label*='clear']") \
+        .first.click()
+    page.locator("#review-manifest input[type=file]").set_input_files(str(bad))
+    page.locator("#review-load-upload").click()
+    expect(page.get_by_text("needs the columns").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-html-as-text.png"), full_page=True)
+    assert page.evaluate("() => window.__xss") is None  # no injected handler or script ran
+    page.evaluate("html => document.body.insertAdjacentHTML('beforeend', html)", payload)
+    page.wait_for_function("() => window.__xss === 1", timeout=10_000)  # as HTML, the payload would run
+    saved = [e for e in studio.store.history(limit=10) if e["annotator"] == "<b>html-tester</b>"]
+    assert saved and payload in saved[0]["text"] and saved[0]["labels"]["product_type_name"] == payload

@@ -277,3 +277,35 @@ def test_bad_input_is_refused_and_saves_nothing(tmp_path):
     (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(LabelStoreError, match="not a usable label store"):
         LabelStore(tmp_path / "junk.db")
+
+
+def test_eight_writers_in_threads_and_processes_with_exports_during_the_writes(tmp_path):
+    """The small version of `python -m scripts.stress_labels` (8 writers x 500 saves, figures in
+    docs/RELIABILITY.md): every save stored once, each export a consistent snapshot."""
+    from scripts.stress_labels import check_every_save_once, check_snapshots, run_writers
+
+    for mode in ("threads", "processes"):
+        path = tmp_path / mode / "labels.db"
+        path.parent.mkdir()
+        _, snapshots = run_writers(path, writers=8, saves=40, mode=mode)
+        assert check_every_save_once(path, 8, 40) == 320
+        assert check_snapshots(path, snapshots) == len(snapshots)
+        assert any(0 < len(s) < 8 * 25 for s in snapshots)  # some exports were taken mid-way
+    store = LabelStore(path)
+    final = {item: entry["labels"]["colour"] for item, entry in store.current_labels().items()}
+    assert check_snapshots(path, [final]) == 1
+    newest = store.history(limit=1)[0]["item_id"]
+    item, label = next((i, c) for i, c in final.items() if i != newest and int(c.split("-s")[1]) >= 25)
+    torn = {**final, item: label.replace(f"-s{label.split('-s')[1]}", f"-s{int(label.split('-s')[1]) - 25}")}
+    with pytest.raises(AssertionError, match="not a snapshot"):  # one item still at its previous edit
+        check_snapshots(path, [torn])
+
+
+def test_sigkill_in_the_middle_of_writes_keeps_every_acknowledged_save(tmp_path):
+    from scripts.stress_labels import kill_mid_writes
+
+    for kill, (after, delay) in enumerate([(30, 0.0), (61, 0.003)]):
+        result = kill_mid_writes(tmp_path / "labels.db", writer=kill, after_acks=after, delay=delay)
+        assert result["integrity"] == "ok" and result["acknowledged"] >= after
+        assert result["stored"] - result["acknowledged"] in (0, 1)
+    assert LabelStore(tmp_path / "labels.db").count() >= 30 + 61 + 2

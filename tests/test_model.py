@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cma_clip.backbones import EncoderOutput
-from cma_clip.model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss
+from cma_clip.model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 
 TASKS = {"colour": 5, "pattern": 3}
 
@@ -98,3 +98,28 @@ def test_missing_labels_are_masked_per_task():
     logits["colour"][1] += 100
     logits["pattern"] += 100
     torch.testing.assert_close(multitask_loss(logits, targets), expected)
+
+
+def test_modality_weights_learn_which_modality_each_task_needs():
+    """Task "by_image" is decided by the image alone, "by_text" by the text alone: trained
+    without sequence fusion (so each embedding is one modality), the keyless attention
+    must lean on the informative modality for each task."""
+    torch.manual_seed(0)
+    cfg = CMAClipConfig(image_token_dim=20, image_pooled_dim=24, text_token_dim=12, text_pooled_dim=12,
+                        num_patches=9, max_text_tokens=8, tasks={"by_image": 2, "by_text": 2}, embed_dim=16,
+                        width=32, depth=1, heads=4, fusion="no_sequence_attention")
+    model = CMAClip(cfg)
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("align.")]
+    optimizer = torch.optim.AdamW([
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": 0.05},
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}], lr=3e-3)
+    batch = make_batch(b=256)
+    targets = {"by_image": (batch.image_pooled[:, 0] > 0).long(), "by_text": (batch.text_pooled[:, 0] > 0).long()}
+    for _ in range(300):
+        loss = multitask_loss(model(batch).logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    weights = model.eval()(batch).modality_weights
+    assert weights["by_image"][:, 1].mean() > 0.6  # image weight
+    assert weights["by_text"][:, 0].mean() > 0.6  # text weight

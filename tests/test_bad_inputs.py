@@ -1,0 +1,557 @@
+"""Bad input against the package and the app (docs/RELIABILITY.md tabulates every case).
+
+Each case gets a clear message (a StudioError / gr.Error naming the problem, never a stack
+trace), nothing crashes, and nothing already saved is lost: the studio below holds one
+saved correction that every case must leave intact, and the app still predicts afterwards.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from cma_clip import evaluate, hub
+from cma_clip.checkpoint import CheckpointError, load_checkpoint
+from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, read_manifest
+from cma_clip.studio import MAX_TEXT_CHARS, Studio, StudioError, clean_text
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
+
+MODEL = "hm-articles"
+SEED_ITEM = "seed-0816591001"
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def seeded(checkpoint_dir, tmp_path_factory):
+    """A studio holding one saved correction, which no bad input may touch."""
+    studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("bad-inputs"), device="cpu")
+    labels = {task: classes[0] for task, classes in studio.task_classes(MODEL).items()}
+    studio.save_correction(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, MODEL, "seed", SEED_ITEM, labels)
+    return studio, labels
+
+
+def assert_seed_intact(studio: Studio, labels: dict) -> None:
+    assert studio.store.current_labels()[SEED_ITEM]["labels"] == labels
+
+
+# ---------------------------------------------------------------------------- image files
+def zero_png(path: Path, width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> Path:
+    """A valid all-black PNG of any size, written row by row: a few KB on disk for
+    megapixels decoded (a decompression bomb), without ever holding the pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    channels = {0: 1, 2: 3}[colour_type]
+    row = b"\0" * (1 + (width * channels * bit_depth + 7) // 8)  # filter byte + pixels
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def saved(image: Image.Image, path: Path, **options) -> Path:
+    image.save(path, **options)
+    return path
+
+
+def exif_rotated(path: Path) -> Path:
+    """Red left half, blue right half, stored with EXIF orientation 6 (display rotated 90° clockwise)."""
+    image = Image.new("RGB", (80, 40), (255, 0, 0))
+    image.paste((0, 0, 255), (40, 0, 80, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return saved(image, path, exif=exif, quality=95)
+
+
+def animated_gif(path: Path) -> Path:
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    return saved(frames[0], path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+
+def sixteen_bit(path: Path) -> Path:
+    """A 16-bit grey ramp, black on the left to white on the right."""
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
+    return saved(Image.fromarray(ramp), path)
+
+
+def palette(path: Path, transparent: bool) -> Path:
+    image = Image.new("P", (40, 40), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)  # index 1 is red
+    return saved(image, path, **({"transparency": 1} if transparent else {}))
+
+
+# case id -> (file maker, expected message)
+REFUSED_IMAGES = {
+    "corrupt-bytes": (lambda d: _write(d / "corrupt.jpg", bytes(range(256)) * 40), "corrupt.jpg is not a readable image"),
+    "truncated-jpeg": (lambda d: _write(d / "half.jpg", EXAMPLE_IMAGE.read_bytes()[: EXAMPLE_IMAGE.stat().st_size // 2]),
+                       r"half.jpg is not a readable image \(OSError: image file is truncated"),
+    "text-file-named-jpg": (lambda d: _write(d / "notes.jpg", b"Striped shirt, 100% cotton\n"),
+                            "notes.jpg is not a readable image"),
+    "empty-file": (lambda d: _write(d / "empty.png", b""), "empty.png is not a readable image"),
+    "svg-file": (lambda d: _write(d / "vector.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>'),
+                 "vector.svg is not a readable image"),
+    "huge-42-megapixels": (lambda d: zero_png(d / "huge.png", 7000, 6000),
+                           "huge.png is 7000x6000 pixels; the limit is 40 megapixels"),
+    "bomb-100-megapixels-in-15kb": (lambda d: zero_png(d / "bomb.png", 10_000, 10_000, bit_depth=1),
+                                    "bomb.png is 10000x10000 pixels; the limit is 40 megapixels"),
+    "bomb-over-pillow-limit": (lambda d: zero_png(d / "giant.png", 16_000, 16_000, bit_depth=1),
+                               r"giant.png has too many pixels to decode safely \(a decompression bomb\?\)"),
+    "a-folder": (lambda d: (d / "folder.jpg").mkdir() or d / "folder.jpg", "folder.jpg is not a readable image"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", REFUSED_IMAGES, ids=list(REFUSED_IMAGES))
+def test_unusable_image_is_refused_with_a_message(seeded, tmp_path, case):
+    studio, labels = seeded
+    make, message = REFUSED_IMAGES[case]
+    path = str(make(tmp_path))
+    before = studio.store.count()
+    with pytest.raises(StudioError, match=message) as error:
+        studio.predict(path, "Striped shirt", MODEL)
+    assert str(tmp_path) not in str(error.value)  # no server folders in the message
+    with pytest.raises(StudioError, match=message):
+        studio.save_correction(path, "Striped shirt", MODEL, "ana", None, labels)
+    with pytest.raises(StudioError, match=message):
+        studio.probe(path, "Striped shirt", MODEL, "blur", 2, "none", 0)
+    assert studio.store.count() == before
+    assert_seed_intact(studio, labels)
+
+
+def close(pixel, expected, tolerance=40) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, expected))
+
+
+RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
+# case id -> (file maker, check of the 224x224 image the model saw)
+USABLE_IMAGES = {
+    "1x1-pixel": (lambda d: saved(Image.new("RGB", (1, 1), RED), d / "dot.png"),
+                  lambda im: close(im.getpixel((112, 112)), RED)),
+    "big-36-megapixels": (lambda d: zero_png(d / "big.png", 6000, 6000),
+                          lambda im: close(im.getpixel((112, 112)), BLACK)),
+    "animated-gif-first-frame": (lambda d: animated_gif(d / "anim.gif"),
+                                 lambda im: close(im.getpixel((112, 112)), RED)),
+    "16-bit-png-not-clipped": (lambda d: sixteen_bit(d / "ramp16.png"),
+                               lambda im: im.getpixel((8, 112))[0] < 40 and im.getpixel((216, 112))[0] > 215
+                               and 90 < im.getpixel((112, 112))[0] < 165),
+    "cmyk-jpeg": (lambda d: saved(Image.new("CMYK", (40, 40), (0, 255, 0, 0)), d / "cmyk.jpg"),
+                  lambda im: close(im.getpixel((112, 112)), (255, 0, 255))),
+    "palette-png": (lambda d: palette(d / "palette.png", transparent=False),
+                    lambda im: close(im.getpixel((112, 112)), RED)),
+    "palette-transparency-on-white": (lambda d: palette(d / "palette-t.png", transparent=True),
+                                      lambda im: close(im.getpixel((112, 112)), WHITE)),
+    "rgba-transparent-on-white": (lambda d: saved(Image.new("RGBA", (40, 40), (0, 0, 0, 0)), d / "rgba.png"),
+                                  lambda im: close(im.getpixel((112, 112)), WHITE)),
+    "grey-alpha-on-white": (lambda d: saved(Image.new("LA", (40, 40), (0, 0)), d / "la.png"),
+                            lambda im: close(im.getpixel((112, 112)), WHITE)),
+    "exif-rotated-orientation-honoured": (lambda d: exif_rotated(d / "rotated.jpg"),  # red ends up on top
+                                          lambda im: close(im.getpixel((112, 60)), RED)
+                                          and close(im.getpixel((112, 164)), BLUE)),
+}
+
+
+@pytest.mark.parametrize("case", USABLE_IMAGES, ids=list(USABLE_IMAGES))
+def test_unusual_image_is_predicted_and_saved(seeded, tmp_path, case):
+    studio, labels = seeded
+    make, check = USABLE_IMAGES[case]
+    path = str(make(tmp_path))
+    result = studio.predict(path, "Striped shirt", MODEL)
+    assert set(result.tasks) == set(labels)
+    assert result.model_image.size == (224, 224) and check(result.model_image.convert("RGB"))
+    before = studio.store.count()
+    studio.save_correction(path, "Striped shirt", MODEL, "ana", f"image-{case}", labels, result)
+    stored = studio.store.current_labels()[f"image-{case}"]
+    assert studio.store.count() == before + 1 and stored["image_path"].read_bytes() == Path(path).read_bytes()
+    assert_seed_intact(studio, labels)
+
+
+# ---------------------------------------------------------------------------- text
+TEXTS = {
+    "empty": "",
+    "whitespace-only": " \t\n \u3000 \r\n ",
+    "100k-characters": ("Striped cotton shirt with a collar. " * 3000)[:100_000],
+    "control-characters": "Red\x00 shirt\x07 \x1b[31mwith\x08 stripes\x7f\u200b\x1f",
+    "emoji": "Red 👗 dress 🔥🔥 with a 👨‍👩‍👧 print",
+    "right-to-left": "فستان أحمر قطني — שמלה אדומה",
+    "cjk": "红色条纹连衣裙 ストライプのシャツ 줄무늬 셔츠",
+    "html-and-script-tags": '<script>alert(1)</script><img src=x onerror="alert(2)"><b>Striped</b> shirt',
+    "lone-surrogate": "Striped \ud800 shirt",
+}
+
+
+BLANK = ("empty", "whitespace-only")
+
+
+@pytest.mark.parametrize("case", TEXTS, ids=list(TEXTS))
+def test_odd_text_is_predicted_and_saved_as_plain_text(seeded, case):
+    studio, labels = seeded
+    text = TEXTS[case]
+    result = studio.predict(str(EXAMPLE_IMAGE), text, MODEL)
+    predictor = studio.predictor(MODEL)
+    assert set(result.tasks) == set(labels)
+    assert len(result.tokens) <= predictor.max_tokens and all(token.isprintable() for token in result.tokens)
+    cleaned = clean_text(text)
+    assert len(cleaned) <= MAX_TEXT_CHARS and cleaned.isprintable() and (cleaned == "") == (case in BLANK)
+    studio.save_correction(str(EXAMPLE_IMAGE), text, MODEL, "ana", f"text-{case}", labels, result)
+    assert studio.store.current_labels()[f"text-{case}"]["text"] == cleaned
+    exported = {row["id"]: row for row in read_manifest(studio.export("CSV"))}
+    assert exported[f"text-{case}"]["text"] == cleaned  # kept verbatim as data: "<script>" stays text
+    assert_seed_intact(studio, labels)
+
+
+def test_html_is_kept_as_text_not_stripped():
+    assert clean_text(TEXTS["html-and-script-tags"]) == TEXTS["html-and-script-tags"]
+    assert clean_text(TEXTS["control-characters"]) == "Red shirt [31mwith stripes"
+
+
+# ---------------------------------------------------------------------------- other fields
+FIELDS = {
+    "blank-annotator": (dict(annotator=" \t "), "Enter your name"),
+    "no-labels": (dict(labels={}), "Choose at least one label"),
+    "only-missing-labels": (dict(labels={"product_type_name": "NA", "colour_group_name": "null"}), "no labels"),
+    "no-image": (dict(image=None), "Upload the item's image"),
+    "label-not-unicode": (dict(labels={"product_type_name": "Top \ud800"}), "labels is not valid Unicode text"),
+    "annotator-not-unicode": (dict(annotator="ana \udfff"), "annotator is not valid Unicode text"),
+    "unknown-model": (dict(model="../../etc/passwd"), "Unknown model"),
+}
+
+
+@pytest.mark.parametrize("case", FIELDS, ids=list(FIELDS))
+def test_bad_correction_fields_save_nothing(seeded, case):
+    studio, labels = seeded
+    change, message = FIELDS[case]
+    args = {**dict(image=str(EXAMPLE_IMAGE), text="shirt", model=MODEL, annotator="ana", labels=labels), **change}
+    before = studio.store.count()
+    with pytest.raises(StudioError, match=message):
+        studio.save_correction(args["image"], args["text"], args["model"], args["annotator"], "x", args["labels"])
+    assert studio.store.count() == before
+    assert_seed_intact(studio, labels)
+
+
+def test_bad_export_format_and_severity(seeded):
+    studio, labels = seeded
+    with pytest.raises(StudioError, match="Export format must be CSV or JSONL"):
+        studio.export("../../labels.xlsx")
+    with pytest.raises(StudioError, match="Severities go from 0"):
+        studio.probe(str(EXAMPLE_IMAGE), "shirt", MODEL, "blur", "99", "none", 0)
+    assert_seed_intact(studio, labels)
+
+
+# ---------------------------------------------------------------------------- manifests
+def upload_rows(folder: Path, n: int = 3) -> tuple[list[dict], list[str]]:
+    """n real test items and their image paths as an upload would give them."""
+    rows = hm_rows("test", n)
+    return rows, [str(HM / r["image"]) for r in rows]
+
+
+COLUMNS = ["article_id", "image", "prod_name", "detail_desc"]
+
+
+def csv_text(rows: list[dict], columns=COLUMNS) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+MANIFESTS = {  # id -> (file name, contents from the rows, message)
+    "missing-columns": ("items.csv", lambda rows: "x,y\n1,2\n", r"needs the columns \['image', 'prod_name'"),
+    "header-only": ("items.csv", lambda rows: "article_id,image,prod_name,detail_desc\n", "no rows"),
+    "not-utf8": ("items.csv", lambda rows: csv_text(rows).encode("utf-16"), "items.csv is not UTF-8 text"),
+    "binary-file": ("items.csv", lambda rows: bytes(range(256)) * 8, "items.csv is not UTF-8 text"),
+    "row-with-missing-fields": ("items.csv", lambda rows: csv_text(rows) + "42,img.jpg\n",
+                                "items.csv, row 5: 2 fields where the header has 4"),
+    "row-with-extra-fields": ("items.csv", lambda rows: csv_text(rows) + "42,img.jpg,name,desc,extra,more\n",
+                              "items.csv, row 5: 6 fields where the header has 4"),
+    "field-over-csv-limit": ("items.csv", lambda rows: csv_text(rows) + f'1,a.jpg,"{"x" * 200_000}",d\n',
+                             "not readable as CSV"),
+    "broken-jsonl": ("items.jsonl", lambda rows: json.dumps(rows[0]) + "\n{oops\n", "items.jsonl, line 2: not valid JSON"),
+    "jsonl-not-objects": ("items.jsonl", lambda rows: "[1, 2]\n", "each line must be a JSON object"),
+    "images-not-uploaded": ("items.csv", lambda rows: csv_text([{**r, "image": f"other/{i}.jpg"}
+                                                               for i, r in enumerate(rows)]),
+                            "None of the manifest's images were uploaded"),
+    "paths-escaping-the-folder": ("items.csv", lambda rows: csv_text([{**r, "image": p} for r, p in
+                                                                     zip(rows, ["../../../../etc/passwd", "/etc/hostname",
+                                                                                "~/.ssh/id_rsa"])]),
+                                  r"None of the manifest's images were uploaded.*'passwd' was not uploaded"),
+}
+
+
+@pytest.mark.parametrize("case", MANIFESTS, ids=list(MANIFESTS))
+def test_bad_uploaded_manifest_is_refused_with_a_message(seeded, tmp_path, case):
+    studio, labels = seeded
+    name, contents, message = MANIFESTS[case]
+    rows, images = upload_rows(tmp_path)
+    data = contents(rows)
+    manifest = _write(tmp_path / name, data if isinstance(data, bytes) else data.encode("utf-8"))
+    with pytest.raises(StudioError, match=message) as error:
+        studio.review_upload(MODEL, str(manifest), images)
+    assert str(tmp_path) not in str(error.value)
+    assert_seed_intact(studio, labels)
+
+
+def test_uploaded_manifest_with_some_missing_and_unreadable_images_loads_the_rest(seeded, tmp_path):
+    studio, labels = seeded
+    rows, images = upload_rows(tmp_path, 4)
+    broken = _write(tmp_path / Path(rows[1]["image"]).name, b"not an image")  # uploaded, but not an image
+    manifest = _write(tmp_path / "items.csv", csv_text(rows).encode())
+    queue = studio.review_upload(MODEL, str(manifest), [images[0], str(broken), images[3]])  # rows[2] missing
+    assert sorted(item.item_id for item in queue.items) == sorted([rows[0]["article_id"], rows[3]["article_id"]])
+    assert any("was not uploaded" in note for note in queue.notes)
+    assert any(rows[1]["article_id"] in note and "not a readable image" in note for note in queue.notes)
+    assert_seed_intact(studio, labels)
+
+
+@pytest.mark.parametrize("image", ["../../../../etc/passwd", "/etc/hostname", "img/link-out.jpg"],
+                         ids=["dot-dot-path", "absolute-path", "symlink-leaving-the-folder"])
+def test_catalogue_paths_leaving_the_folder_are_refused(tmp_path, image):
+    rows = hm_rows("test", 2)
+    manifest = write_hm_manifest(tmp_path, rows)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "link-out.jpg").symlink_to("/etc/passwd")
+    text = manifest.read_text().replace(rows[1]["image"], image)
+    manifest.write_text(text)
+    config = CatalogueConfig("x", str(manifest), image_column="image", text_columns=["prod_name"],
+                             tasks=["colour_group_name"])
+    catalogue = Catalogue.open(config)
+    with pytest.raises(CatalogueError, match="leaves the catalogue folder"):
+        catalogue.image_paths()
+
+
+def test_evaluation_counts_unknown_labels_as_wrong_and_names_missing_images(small_checkpoint, cache_dir, tmp_path,
+                                                                            capsys):
+    rows = hm_rows("test", 6)
+    for row in rows:
+        row["colour_group_name"] = "Not-a-colour"  # outside the checkpoint's vocabulary
+    manifest = write_hm_manifest(tmp_path, rows, "unknown.csv")
+    report = evaluate.evaluate_checkpoint(small_checkpoint, manifest, None, cache_dir)
+    assert report["tasks"]["colour_group_name"]["n"] == 6 and report["tasks"]["colour_group_name"]["accuracy"] == 0
+    assert report["tasks"]["product_type_name"]["n"] == 6
+
+    (tmp_path / rows[2]["image"]).unlink()
+    code = evaluate.main(["--checkpoint", str(small_checkpoint), "--manifest", str(manifest),
+                          "--cache-dir", str(tmp_path / "fresh-cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "error: image not found" in err and Path(rows[2]["image"]).name in err
+    assert not list((tmp_path / "fresh-cache" / "features").iterdir())  # no half-built cache entry
+
+
+# ---------------------------------------------------------------------------- checkpoints
+class Payload:
+    """A pickle that creates a folder when unpickled: proof that nothing unpickles it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def damaged_checkpoints(source: Path, folder: Path, marker: Path) -> dict[str, str]:
+    """Copies of a good checkpoint, each broken one way; case id -> expected message."""
+    def copy(name: str) -> Path:
+        shutil.copytree(source, folder / name)
+        return folder / name
+
+    cases = {}
+    copy(MODEL)
+    weights = copy("truncated") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cases["truncated"] = "truncated or corrupt"
+    weights = copy("corrupted") / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])
+    cases["corrupted"] = "truncated or corrupt"
+    config_path = copy("config-not-matching-weights") / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["width"] *= 2
+    config_path.write_text(json.dumps(config))
+    cases["config-not-matching-weights"] = "weights do not match config.json"
+    config_path = copy("invalid-model-settings") / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["fusion"] = "magic"
+    config_path.write_text(json.dumps(config))
+    cases["invalid-model-settings"] = "invalid model settings"
+    config_path = copy("unknown-backbone") / "config.json"
+    config = json.loads(config_path.read_text())
+    config["backbone"] = "resnet-from-nowhere"
+    config_path.write_text(json.dumps(config))
+    cases["unknown-backbone"] = "unknown backbone"
+    pickled = copy("pickle-named-safetensors")
+    (pickled / "model.safetensors").write_bytes(pickle.dumps(Payload(marker)))
+    cases["pickle-named-safetensors"] = "truncated or corrupt"
+    pickled = copy("pickle-instead-of-safetensors")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "model.pt").write_bytes(pickle.dumps(Payload(marker)))
+    cases["pickle-instead-of-safetensors"] = "model.safetensors is missing"
+    (copy("config-not-json") / "config.json").write_text("{not json")  # not offered at all
+    return cases
+
+
+def test_damaged_checkpoints_are_refused_and_never_unpickled(small_checkpoint, tmp_path):
+    marker = tmp_path / "unpickled"
+    live = tmp_path / "payload-works"
+    pickle.loads(pickle.dumps(Payload(live)))  # the payload does act when unpickled ...
+    assert live.is_dir()
+    cases = damaged_checkpoints(small_checkpoint, tmp_path / "checkpoints", marker)
+    studio = Studio(tmp_path / "checkpoints", data_dir=tmp_path / "data", device="cpu")
+    assert "config-not-json" not in studio.model_names and set(cases) < set(studio.model_names)
+    for name, message in cases.items():
+        with pytest.raises(StudioError, match=f"Model '{name}' cannot be loaded: .*{message}"):
+            studio.predict(str(EXAMPLE_IMAGE), "shirt", name)
+    with pytest.raises(CheckpointError, match="pickle checkpoints are refused"):
+        load_checkpoint(tmp_path / "checkpoints" / "pickle-instead-of-safetensors" / "model.pt")
+    assert not marker.exists()  # ... and nothing unpickled it
+    assert set(studio.predict(str(EXAMPLE_IMAGE), "shirt", MODEL).tasks)  # the good model still works
+
+
+# ---------------------------------------------------------------------------- the hub token
+def test_hub_token_is_never_shown_or_logged(tmp_path, monkeypatch, capsys, caplog):
+    secret = "hf_SENTINELtoken0123456789abcdef"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    (tmp_path / "labels.db").write_bytes(b"")
+    (tmp_path / "export.jsonl").write_text("{}\n")
+    messages = []
+    for repo in ("someone/labels", "not a valid repo id!!"):
+        monkeypatch.setenv("CMA_CLIP_HUB_DATASET", repo)
+        with pytest.raises(hub.HubError) as error:  # offline in the tests: the push fails
+            hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl")
+        messages.append(str(error.value))
+    monkeypatch.setenv("CMA_CLIP_HUB_CHECKPOINT", "not a valid repo id!!")
+    assert hub.checkpoint_from_env() is None  # the app starts with its local checkpoints
+    out = capsys.readouterr()
+    shown = "\n".join([*messages, out.out, out.err, caplog.text])
+    assert all(m.startswith("could not push labels to") for m in messages)
+    assert "could not download checkpoint" in out.out
+    assert secret not in shown and secret[3:] not in shown
+
+
+# ---------------------------------------------------------------------------- the app
+@pytest.fixture(scope="module")
+def client(running_app):
+    url, _ = running_app
+    return Client(url, verbose=False)
+
+
+def api_predict(client: Client, path, text="Striped shirt"):
+    return client.predict(handle_file(str(path)) if path else None, text, MODEL, api_name="/predict")
+
+
+APP_REFUSED = ["corrupt-bytes", "truncated-jpeg", "text-file-named-jpg", "empty-file", "svg-file",
+               "huge-42-megapixels", "bomb-100-megapixels-in-15kb", "bomb-over-pillow-limit"]
+
+
+@pytest.mark.parametrize("case", APP_REFUSED, ids=APP_REFUSED)
+def test_app_refuses_unusable_images_with_a_message(client, running_app, tmp_path, case):
+    make, message = REFUSED_IMAGES[case]
+    with pytest.raises(Exception, match=message) as error:
+        api_predict(client, make(tmp_path))
+    shown = str(error.value)
+    assert "Traceback" not in shown and "uploads" not in shown and str(tmp_path) not in shown
+
+
+APP_USABLE = ["rgba-transparent-on-white", "16-bit-png-not-clipped", "exif-rotated-orientation-honoured",
+              "animated-gif-first-frame"]
+
+
+@pytest.mark.parametrize("case", APP_USABLE, ids=APP_USABLE)
+def test_app_predicts_unusual_images_as_the_studio_does(client, running_app, tmp_path, case):
+    _, studio = running_app
+    path = USABLE_IMAGES[case][0](tmp_path)
+    prediction = api_predict(client, path)[0]
+    expected = studio.predict(str(path), "Striped shirt", MODEL).to_dict()  # the app decodes nothing itself
+    assert {t: p["label"] for t, p in prediction.items()} == {t: p["label"] for t, p in expected.items()}
+    assert all(abs(p["confidence"] - expected[t]["confidence"]) < 1e-3 for t, p in prediction.items())
+
+
+def test_app_takes_odd_text_and_keeps_it_as_data(client, running_app):
+    _, studio = running_app
+    text = TEXTS["html-and-script-tags"] + TEXTS["control-characters"] + TEXTS["100k-characters"]
+    prediction = api_predict(client, EXAMPLE_IMAGE, text)[0]
+    assert set(prediction) == set(studio.task_classes(MODEL))
+    tasks = list(client.predict(MODEL, api_name="/tasks")["tasks"])
+    label = '<img src=x onerror="alert(3)">'
+    status, history = client.predict(handle_file(str(EXAMPLE_IMAGE)), text, MODEL, "<b>mallory</b>", "html-item",
+                                     label, *[None] * 7, api_name="/save_correction")
+    assert status.startswith("Saved correction")
+    stored = studio.store.current_labels()["html-item"]
+    assert stored["labels"] == {tasks[0]: label} and stored["text"] == clean_text(text)
+    assert stored["text"].startswith("<script>alert(1)</script>") and len(stored["text"]) == MAX_TEXT_CHARS
+    assert any(label in cell for row in history["data"] for cell in row)  # returned as text; the browser escapes it
+
+
+def raw_call(url: str, api_name: str, data: list) -> str:
+    """Call an endpoint with hand-made JSON (what a hostile client can send); returns the event stream."""
+    with httpx.Client(base_url=url, timeout=60) as http:
+        event = http.post(f"gradio_api/call/{api_name}", json={"data": data})
+        event.raise_for_status()
+        return http.get(f"gradio_api/call/{api_name}/{event.json()['event_id']}").text
+
+
+def test_app_refuses_files_it_did_not_receive(running_app):
+    url, _ = running_app
+    for path in ("/etc/passwd", str(EXAMPLE_IMAGE)):  # a server file, even an image, is not an upload
+        stream = raw_call(url, "predict", [{"path": path, "meta": {"_type": "gradio.FileData"}}, "shirt", MODEL])
+        assert "event: error" in stream and "root:" not in stream and "confidence" not in stream
+
+
+def test_uploads_stay_in_the_data_folder_under_hashed_names(running_app):
+    url, studio = running_app
+    uploads = (studio.data_dir / "uploads").resolve()
+    assert os.environ["GRADIO_TEMP_DIR"] == str(uploads)
+    def files_outside() -> set:
+        return {p for p in studio.data_dir.parent.rglob("*") if not p.resolve().is_relative_to(uploads)}
+
+    before = files_outside()
+    names = ["../../escape.jpg", "/tmp/escape.jpg", "..", "<img src=x onerror=alert(1)>.jpg"]
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for name in names:
+            response = http.post("gradio_api/upload", files={"files": (name, EXAMPLE_IMAGE.read_bytes(), "image/jpeg")})
+            if response.status_code == 200:
+                [stored] = response.json()
+                path = Path(stored).resolve()
+                assert path.is_relative_to(uploads) and path.parent.parent == uploads and path.is_file()
+                assert not set("<>/\\") & set(path.name)
+            else:
+                assert response.status_code == 400 and "Invalid file name" in response.text
+    assert files_outside() == before and not Path("/tmp/escape.jpg").exists()
+
+
+def test_upload_size_limit(running_app):
+    url, studio = running_app
+    uploads = (studio.data_dir / "uploads").resolve()
+    before = {p for p in uploads.rglob("*") if p.is_file()}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        response = http.post("gradio_api/upload", files={"files": ("big.jpg", b"\0" * (21 * 1024 * 1024), "image/jpeg")})
+    assert response.status_code == 413 and "maximum allowed size" in response.text
+    assert {p for p in uploads.rglob("*") if p.is_file()} == before  # the partial file is removed
+
+
+def test_app_still_works_after_bad_input(client, running_app):
+    _, studio = running_app
+    saved_before = studio.store.count()
+    with pytest.raises(Exception, match="Upload a product image"):
+        api_predict(client, None)
+    with pytest.raises(Exception, match="Unknown model|not in the list of choices"):
+        client.predict(handle_file(str(EXAMPLE_IMAGE)), "shirt", "no-such-model", api_name="/predict")
+    prediction = api_predict(client, EXAMPLE_IMAGE, EXAMPLE_TEXT)[0]
+    assert all(0 < p["confidence"] <= 1 for p in prediction.values())
+    assert studio.store.count() == saved_before
