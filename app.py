@@ -7,6 +7,8 @@ UI only: every action is a method of `cma_clip.studio.Studio`, tested without a 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -56,13 +58,23 @@ def undecoded(image: gr.Image) -> gr.Image:
     return image
 
 
-def keep_uploads_in(studio: Studio) -> Path:
-    """Make Gradio write uploads (and the files it serves) under the app's data folder, in
-    folders named by content hash, instead of the system's temp folder. Call before build()."""
+@contextmanager
+def keep_uploads_in(studio: Studio) -> Iterator[Path]:
+    """While the app runs, make Gradio write uploads (and the files it serves) under the
+    app's data folder, in folders named by content hash, instead of the system's temp
+    folder. Enter before build(); the previous setting comes back on exit, so apps built
+    one after another in one process (tests, benchmarks) each keep their own folder."""
     folder = (studio.data_dir / "uploads").resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
-    return folder
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
 
 
 def user_errors(fn):
@@ -369,12 +381,12 @@ def main() -> None:
             studio.add_checkpoint(*hub_checkpoint)
         except CheckpointError as exc:
             print(f"[cma-clip] {exc}; continuing with the local checkpoints")
-    keep_uploads_in(studio)
-    demo = build(studio)
-    demo.queue(default_concurrency_limit=4).launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))),
-        head=SHORTCUTS, max_file_size=MAX_UPLOAD)
+    with keep_uploads_in(studio):
+        demo = build(studio)
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
+            server_port=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))),
+            head=SHORTCUTS, max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

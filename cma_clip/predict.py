@@ -6,12 +6,17 @@
 
     python -m cma_clip.predict --checkpoint checkpoints/hm-articles --image assets/x.jpg --text "..."
     python -m cma_clip.predict --checkpoint checkpoints/hm-articles --manifest items.csv --out preds.jsonl
+
+Sharded over several processes (resumable: rerun the same command after a crash):
+
+    torchrun --standalone --nproc_per_node 4 -m cma_clip.predict --checkpoint C --manifest items.csv --out preds.jsonl
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import distributed
 from .backbones import DualEncoder, create_backbone, letterbox
 from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
 from .data import Catalogue, CatalogueError, ImageError, load_image
@@ -156,6 +162,8 @@ class Predictor:
         # prediction manifests need no label columns
         catalogue = Catalogue.open(replace(catalogue_for_checkpoint(self.config, manifest), tasks=[]))
         ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
+        if distributed.world_size() > 1:
+            return self._predict_sharded(ids, texts, paths, Path(out), batch_size)
         records = []
         for start in range(0, len(ids), batch_size):
             stop = start + batch_size
@@ -164,6 +172,55 @@ class Predictor:
                 records.append({"id": item_id, **_flatten(pred)})
         write_records(out, records)
         return len(records)
+
+    def _predict_sharded(self, ids: list[str], texts: list[str], paths: list[Path], out: Path, batch_size: int) -> int:
+        """predict_manifest under torchrun: each rank predicts its contiguous share of the rows into
+        OUT.shards/rank{r}-of-{w}.jsonl, appending and flushing every batch, and skips the rows a
+        crashed earlier run already wrote there; then rank 0 merges the shards in manifest order
+        into `out` and removes them. Shard lines carry their manifest row as "_row"."""
+        rank, world = distributed.rank(), distributed.world_size()
+        folder = Path(f"{out}.shards")
+        folder.mkdir(parents=True, exist_ok=True)
+        shard = folder / f"rank{rank}-of-{world}.jsonl"
+        rows = list(distributed.shard(range(len(ids)), rank, world))
+        mine = set(rows)
+        done = {r["_row"]: r for r in _read_shard(shard) if r["_row"] in mine and r["id"] == ids[r["_row"]]}
+        shard.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))  # drop a torn line
+        todo = [i for i in rows if i not in done]
+        with open(shard, "a", encoding="utf-8") as handle:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                preds = self.predict_batch([load_image(paths[i]) for i in batch], [texts[i] for i in batch])
+                handle.writelines(json.dumps({"_row": i, "id": ids[i], **_flatten(p)}, ensure_ascii=False) + "\n"
+                                  for i, p in zip(batch, preds))
+                handle.flush()
+        distributed.barrier()
+        if distributed.is_main():
+            merged: dict[int, dict] = {}
+            for path in sorted(folder.glob("rank*.jsonl")):  # shards of an earlier run with another world size too
+                for record in _read_shard(path):
+                    if record["_row"] < len(ids) and record["id"] == ids[record["_row"]]:
+                        merged.setdefault(record.pop("_row"), record)
+            missing = [ids[i] for i in range(len(ids)) if i not in merged]
+            if missing:
+                raise CatalogueError(f"{len(missing)} rows missing from the shards in {folder}, e.g. {missing[:3]}")
+            write_records(out, [merged[i] for i in range(len(ids))])
+            shutil.rmtree(folder)
+        distributed.barrier()
+        return len(ids)
+
+
+def _read_shard(path: Path) -> list[dict]:
+    """The complete lines of a shard; a line torn by a crash is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _flatten(prediction: Prediction) -> dict:
@@ -196,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="predict every row of a CSV/JSONL manifest instead")
     parser.add_argument("--out", help="output .jsonl or .csv for --manifest")
     args = parser.parse_args(argv)
+    if args.manifest and not args.out:
+        parser.error("--manifest needs --out")
+    rank, world, _, device = distributed.setup()  # several processes under torchrun; else a no-op
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.manifest:
-            if not args.out:
-                parser.error("--manifest needs --out")
-            print(f"{predictor.predict_manifest(args.manifest, args.out)} predictions written to {args.out}")
+            count = predictor.predict_manifest(args.manifest, args.out)
+            if rank == 0:
+                print(f"{count} predictions written to {args.out}" + (f" by {world} processes" if world > 1 else ""))
         elif args.image:
             print(json.dumps(predictor.predict(load_image(args.image), args.text).to_dict(), indent=2))
         else:
@@ -209,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, CatalogueError, ImageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
     return 0
 
 

@@ -9,6 +9,12 @@ warmup + cosine, early stopping on the validation split. Progress is saved every
 epoch; `--resume` continues an interrupted run. The best epoch is written as a
 checkpoint with its 90%-precision thresholds from `val` and, when there is a `test`
 split, its report on `test` (eval_test.json).
+
+Under torchrun (same options) the model is wrapped in DistributedDataParallel: every
+rank takes its share of each global batch of --batch-size items, so the number of
+steps and the loss are those of one process; rank 0 alone validates and writes.
+
+    torchrun --standalone --nproc_per_node 2 -m cma_clip.train --catalogue hm-articles --out ckpt/
 """
 from __future__ import annotations
 
@@ -22,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
 from .align import train_alignment
 from .backbones import DualEncoder, TextBatch, create_backbone
 from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint, save_checkpoint
@@ -33,7 +41,7 @@ from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageEr
 from .evaluate import format_table, predict_probabilities, score
 from .metrics import threshold_at_precision
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
-from .runtime import autocast, default_device, seed_everything
+from .runtime import autocast, seed_everything
 
 STATE = "train_state"
 MANIFEST_ARGS = ("manifest", "image_column", "text_columns", "id_column")
@@ -124,8 +132,9 @@ def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:
 class LiveBatches:
     """Backbone features computed per batch with gradients, for --finetune-backbone."""
 
-    def __init__(self, backbone: DualEncoder, catalogue: Catalogue) -> None:
+    def __init__(self, backbone: DualEncoder, catalogue: Catalogue, encoder: torch.nn.Module | None = None) -> None:
         self.backbone, self.paths, self.texts = backbone, catalogue.image_paths(), catalogue.texts()
+        self.encoder = encoder or backbone  # the backbone, or its DistributedDataParallel wrapper
         self.max_tokens = catalogue.config.max_text_tokens
 
     def __len__(self) -> int:
@@ -134,7 +143,7 @@ class LiveBatches:
     def batch(self, index: np.ndarray, device: torch.device):
         pixels = self.backbone.preprocess([load_image(self.paths[i]) for i in index]).to(device)
         text = self.backbone.tokenize([self.texts[i] for i in index], self.max_tokens)
-        return self.backbone(pixels, TextBatch(text.ids.to(device), text.mask.to(device)))
+        return self.encoder(pixels, TextBatch(text.ids.to(device), text.mask.to(device)))
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -144,6 +153,20 @@ def lr_lambda(warmup_steps: int, total_steps: int):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def rank_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+              labelled: dict[str, int]) -> torch.Tensor:
+    """This rank's share of `multitask_loss` over the whole global batch: each task's summed
+    cross-entropy over this rank's items, divided by `labelled[task]`, the task's number of
+    labelled items in the global batch. Summed over ranks it is the single-process loss."""
+    total = sum(x.sum() * 0.0 for x in logits.values())  # every head stays in the graph, for DDP
+    tasks = [t for t in targets if labelled[t] > 0]
+    for task in tasks:
+        mask = targets[task] >= 0
+        summed = F.cross_entropy(logits[task][mask].float(), targets[task][mask], reduction="sum")
+        total = total + summed / labelled[task]
+    return total / max(1, len(tasks))
 
 
 def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, counters: dict) -> None:
@@ -180,8 +203,12 @@ def thresholds_at_90(probabilities: dict[str, np.ndarray], targets: dict[str, np
 
 
 def train(args: argparse.Namespace) -> dict:
+    """Train and return the best epoch's metrics (on rank 0; {} on the other ranks)."""
     seed_everything(args.seed)
-    device = default_device()
+    rank, world, local_rank, device = distributed.setup()
+    main_rank = rank == 0
+    if args.batch_size < world:
+        raise CatalogueError(f"--batch-size {args.batch_size} is smaller than the {world} processes")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = catalogue_config(args)
@@ -196,7 +223,11 @@ def train(args: argparse.Namespace) -> dict:
         raise CatalogueError("training needs items in both the train and val splits")
 
     backbone = create_backbone(args.backbone, device, trainable=args.finetune_backbone)
-    features = extract_features(backbone, catalogue, args.cache_dir, progress=not args.quiet)
+    if not main_rank:
+        distributed.barrier()  # rank 0 builds the feature cache, the others then read it
+    features = extract_features(backbone, catalogue, args.cache_dir, progress=not args.quiet and main_rank)
+    if main_rank:
+        distributed.barrier()
     source = LiveBatches(backbone, catalogue) if args.finetune_backbone else features
     labels = {t: catalogue.labels(t) for t in config.tasks}
     vocabs = {t: LabelVocab.build([labels[t][i] for i in splits["train"]], args.min_count) for t in config.tasks}
@@ -212,6 +243,7 @@ def train(args: argparse.Namespace) -> dict:
         tasks={t: len(v) for t, v in vocabs.items()}, embed_dim=args.embed_dim, width=args.width,
         depth=args.depth, heads=args.heads, dropout=args.dropout, fusion=args.fusion,
         lexical_buckets=args.lexical_buckets)
+    seed_everything(args.seed)  # again: building the feature cache draws from the RNG, reading it does not
     model = CMAClip(cfg).to(device)
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("align.")]
     if args.finetune_backbone:
@@ -238,7 +270,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume and (out / f"{STATE}.json").exists():
         counters = load_state(out, model, optimizer)
         schedule.last_epoch = counters["step"]
-        print(f"resumed at epoch {counters['epoch']} (step {counters['step']})", file=sys.stderr)
+        if main_rank:
+            print(f"resumed at epoch {counters['epoch']} (step {counters['step']})", file=sys.stderr)
     else:
         started = time.time()
         counters["align_loss"] = train_alignment(
@@ -247,6 +280,16 @@ def train(args: argparse.Namespace) -> dict:
         counters["align_seconds"] = round(time.time() - started, 2)
     model.align.requires_grad_(False)
 
+    net, batches_of = model, source  # what training runs; validation uses model and source
+    if world > 1:  # the same alignment ran on every rank; DDP also copies rank 0's weights to the others
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [local_rank] if device.type == "cuda" else None
+        # unused: the ablations' parts (and the unfused norm under sequence attention)
+        net = DDP(model, device_ids=ids, find_unused_parameters=True)
+        if args.finetune_backbone:
+            batches_of = LiveBatches(backbone, catalogue, DDP(backbone, device_ids=ids, find_unused_parameters=True))
+        torch.manual_seed(args.seed + 1 + rank)  # different dropout masks on each rank
+
     train_targets = {t: torch.from_numpy(v) for t, v in targets.items()}
     while counters["epoch"] < args.epochs and counters["step"] < total:
         model.train()
@@ -254,11 +297,19 @@ def train(args: argparse.Namespace) -> dict:
         order = np.random.default_rng([args.seed, counters["epoch"]]).permutation(splits["train"])
         started, losses = time.time(), []
         batches = range(steps_per_epoch)
-        for b in tqdm(batches, desc=f"epoch {counters['epoch'] + 1}/{args.epochs}", disable=args.quiet, leave=False):
+        for b in tqdm(batches, desc=f"epoch {counters['epoch'] + 1}/{args.epochs}", disable=args.quiet or not main_rank,
+                      leave=False):
             index = order[b * args.batch_size:(b + 1) * args.batch_size]
+            if world > 1:  # this rank's share of the global batch
+                labelled = {t: int((v[index] >= 0).sum()) for t, v in train_targets.items()}
+                index = distributed.shard(index, rank, world)
             with autocast(device):
-                output = model(source.batch(index, device))
-            loss = multitask_loss(output.logits, {t: v[index].to(device) for t, v in train_targets.items()})
+                output = net(batches_of.batch(index, device))
+            batch_targets = {t: v[index].to(device) for t, v in train_targets.items()}
+            if world > 1:  # DDP averages the gradients over ranks: scale the shares back to a sum
+                loss = rank_loss(output.logits, batch_targets, labelled) * world
+            else:
+                loss = multitask_loss(output.logits, batch_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -269,23 +320,34 @@ def train(args: argparse.Namespace) -> dict:
             if counters["step"] >= total:
                 break
         seconds = time.time() - started
-        val = score(predict_probabilities(model, source, splits["val"]), {t: v[splits["val"]] for t, v in targets.items()})
+        epoch_loss = distributed.mean(float(np.mean(losses)))
+        val = None
+        if main_rank:
+            val = score(predict_probabilities(model, source, splits["val"]),
+                        {t: v[splits["val"]] for t, v in targets.items()})
+        val = distributed.broadcast(val)  # every rank takes the same early-stopping decision
         counters["epoch"] += 1
         value = val["mean"][SELECTION_METRIC]
-        counters["history"].append({"epoch": counters["epoch"], "loss": float(np.mean(losses)),
+        counters["history"].append({"epoch": counters["epoch"], "loss": epoch_loss,
                                     "seconds": round(seconds, 2), "val": val["mean"]})
-        print(f"epoch {counters['epoch']}: loss {np.mean(losses):.4f}  {seconds:.1f}s  val "
-              + "  ".join(f"{k} {v:.4f}" for k, v in val["mean"].items()), file=sys.stderr, flush=True)
+        if main_rank:
+            print(f"epoch {counters['epoch']}: loss {epoch_loss:.4f}  {seconds:.1f}s  val "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in val["mean"].items()), file=sys.stderr, flush=True)
         if value > counters["best"]:
             counters["best"], counters["bad_epochs"] = value, 0
-            save_checkpoint(out, model, {**meta, "metrics": {"val": val}},
-                            backbone.state_dict() if args.finetune_backbone else None)
+            if main_rank:
+                save_checkpoint(out, model, {**meta, "metrics": {"val": val}},
+                                backbone.state_dict() if args.finetune_backbone else None)
         else:
             counters["bad_epochs"] += 1
-        save_state(out, model, optimizer, counters)
+        if main_rank:
+            save_state(out, model, optimizer, counters)
         if counters["bad_epochs"] >= args.patience:
-            print(f"early stop: no val improvement for {args.patience} epochs", file=sys.stderr)
+            if main_rank:
+                print(f"early stop: no val improvement for {args.patience} epochs", file=sys.stderr)
             break
+    if not main_rank:
+        return {}
     return finish(out, meta, counters, source, backbone if args.finetune_backbone else None, targets, splits, device)
 
 
@@ -317,9 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         metrics = train(args)
+        distributed.barrier()  # the other ranks wait for rank 0's checkpoint
     except (CatalogueError, CheckpointError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()
     for split, report in metrics.items():
         print(f"\n[{split}]\n{format_table(report)}")
     return 0

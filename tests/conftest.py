@@ -81,13 +81,13 @@ def running_app(checkpoint_dir, tmp_path_factory):
     from cma_clip.studio import Studio
 
     studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("app-data"), device="cpu")
-    app.keep_uploads_in(studio)  # as main() does
-    demo = app.build(studio)
-    port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        head=app.SHORTCUTS, max_file_size=app.MAX_UPLOAD)
-    yield f"http://127.0.0.1:{port}/", studio
-    demo.close()
+    with app.keep_uploads_in(studio):  # as main() does
+        demo = app.build(studio)
+        port = free_port()
+        demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                            head=app.SHORTCUTS, max_file_size=app.MAX_UPLOAD)
+        yield f"http://127.0.0.1:{port}/", studio
+        demo.close()
 
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

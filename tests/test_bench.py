@@ -1,0 +1,30 @@
+"""python -m cma_clip.bench --quick: runs end to end and writes every figure (no timing assertions)."""
+import json
+import numbers
+
+from cma_clip import bench
+
+
+def test_quick_bench_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--out-json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["figures"]) == {"latency_bundled", "latency_open_clip", "app_predict", "feature_cache",
+                                   "training", "batch_prediction"}
+    expected = {
+        "latency_bundled": {"p50_s", "p95_s", "explained_p50_s", "backbone_p50_s", "forward_p50_s", "fusion_ratio"},
+        "latency_open_clip": {"p50_s", "p95_s", "backbone_p50_s", "forward_p50_s", "fusion_ratio"},
+        "app_predict": {"p50_s", "p95_s", "calls"},
+        "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio"},
+        "training": {"epoch_seconds", "items_per_s"},
+        "batch_prediction": {"items_per_s"},
+    }
+    for section, keys in expected.items():
+        assert keys <= set(doc["figures"][section]), section
+        for key, value in doc["figures"][section].items():
+            assert isinstance(value, numbers.Number) and value > 0, (section, key, value)
+    assert set(doc["targets"]) == set(bench.TARGETS)
+    assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
+    assert {"cpu", "cores", "torch", "bf16_autocast"} <= set(doc["hardware"])
+    assert doc["settings"]["warmup"] >= 1
+    assert "fusion ratio" in capsys.readouterr().out
