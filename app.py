@@ -293,9 +293,10 @@ def build(studio: Studio) -> gr.Blocks:
                 done = queue.progress_text() + " — all done." if queue else ""
                 return (queue, done, None, "", [], *[gr.update(visible=False)] * MAX_TASKS, "")
             notes = ("Not loaded: " + "; ".join(queue.notes[:5])) if queue.notes else ""
+            predicted = Prediction(item.predictions)
             return (queue, queue.progress_text() + f" · item `{item.item_id}` · confidence {item.confidence:.2f}",
-                    open_user_image(item.image_path), item.text, prediction_rows(Prediction(item.predictions)),
-                    *slot_updates(studio, queue.model, Prediction(item.predictions)), notes)
+                    open_user_image(item.image_path), item.text, prediction_rows(predicted),
+                    *slot_updates(studio, queue.model, predicted), notes)
 
         review_outputs = [queue_state, review_progress, review_image, review_text, review_table, *review_slots,
                           review_notes]

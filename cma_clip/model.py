@@ -232,15 +232,20 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.dim() < 2 or name.endswith(("_pos", "sequence.modality", "modality.queries"))
 
 
-def multitask_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+def multitask_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                   labelled: dict[str, int] | None = None) -> torch.Tensor:
     """Mean over tasks of cross-entropy on the items labelled for that task.
 
-    Missing (-1) and out-of-vocabulary (-2) labels are masked out of their task only."""
-    losses = []
-    for task, target in targets.items():
-        labelled = target >= 0
-        if labelled.any():
-            losses.append(F.cross_entropy(logits[task][labelled].float(), target[labelled]))
-    if not losses:
-        return next(iter(logits.values())).sum() * 0.0
-    return torch.stack(losses).mean()
+    Missing (-1) and out-of-vocabulary (-2) labels are masked out of their task only.
+    `labelled` gives each task's count of labelled items in the whole (global) batch when
+    these logits are only one rank's share of it: each rank's losses then sum to the
+    single-process loss. By default the counts are this batch's own."""
+    if labelled is None:
+        labelled = {task: int((target >= 0).sum()) for task, target in targets.items()}
+    total = sum(x.sum() * 0.0 for x in logits.values())  # every head stays in the graph (for DDP)
+    tasks = [task for task in targets if labelled[task] > 0]
+    for task in tasks:
+        mask = targets[task] >= 0
+        summed = F.cross_entropy(logits[task][mask].float(), targets[task][mask], reduction="sum")
+        total = total + summed / labelled[task]
+    return total / max(1, len(tasks))

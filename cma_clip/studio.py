@@ -19,7 +19,8 @@ from PIL import Image
 
 from .backbones import BackboneError
 from .checkpoint import CheckpointError, read_config
-from .data import REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, load_image, read_manifest
+from .data import (REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, join_text, load_image,
+                   read_manifest)
 from .evaluate import catalogue_for_checkpoint
 from . import noise, robustness
 from .labels import LabelStore, LabelStoreError
@@ -219,7 +220,7 @@ class Studio:
                 notes.append(f"row {number}: image {name!r} was not uploaded")
                 continue
             item_id = row.get(config.id_column or "", "") or name
-            text = ". ".join(row[c].strip() for c in config.text_columns if row.get(c, "").strip())
+            text = join_text(row, config.text_columns)
             items.append((item_id, by_name[name], text))
         if not items:
             raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3]))

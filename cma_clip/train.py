@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -153,20 +152,6 @@ def lr_lambda(warmup_steps: int, total_steps: int):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def rank_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-              labelled: dict[str, int]) -> torch.Tensor:
-    """This rank's share of `multitask_loss` over the whole global batch: each task's summed
-    cross-entropy over this rank's items, divided by `labelled[task]`, the task's number of
-    labelled items in the global batch. Summed over ranks it is the single-process loss."""
-    total = sum(x.sum() * 0.0 for x in logits.values())  # every head stays in the graph, for DDP
-    tasks = [t for t in targets if labelled[t] > 0]
-    for task in tasks:
-        mask = targets[task] >= 0
-        summed = F.cross_entropy(logits[task][mask].float(), targets[task][mask], reduction="sum")
-        total = total + summed / labelled[task]
-    return total / max(1, len(tasks))
 
 
 def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, counters: dict) -> None:
@@ -300,16 +285,16 @@ def train(args: argparse.Namespace) -> dict:
         for b in tqdm(batches, desc=f"epoch {counters['epoch'] + 1}/{args.epochs}", disable=args.quiet or not main_rank,
                       leave=False):
             index = order[b * args.batch_size:(b + 1) * args.batch_size]
-            if world > 1:  # this rank's share of the global batch
+            labelled = None  # one process: the batch's own counts
+            if world > 1:  # this rank's share of the global batch, normalised by the global counts
                 labelled = {t: int((v[index] >= 0).sum()) for t, v in train_targets.items()}
                 index = distributed.shard(index, rank, world)
             with autocast(device):
                 output = net(batches_of.batch(index, device))
             batch_targets = {t: v[index].to(device) for t, v in train_targets.items()}
+            loss = multitask_loss(output.logits, batch_targets, labelled)
             if world > 1:  # DDP averages the gradients over ranks: scale the shares back to a sum
-                loss = rank_loss(output.logits, batch_targets, labelled) * world
-            else:
-                loss = multitask_loss(output.logits, batch_targets)
+                loss = loss * world
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
