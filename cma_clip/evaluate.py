@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -22,23 +23,29 @@ from .backbones import DualEncoder, create_backbone
 from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
 from .data import Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features
 from .metrics import METRIC_NAMES, mean_metrics, task_metrics
-from .model import CMAClip
+from .model import CMAClip, CMAOutput
 from .runtime import autocast, default_device
 
 
 @torch.no_grad()
-def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray | None = None,
-                          batch_size: int = 512) -> dict[str, np.ndarray]:
-    """Class probabilities per task for the items `index` of `features` (all items when None).
+def iter_outputs(model: CMAClip, features: Features, index: np.ndarray | None = None,
+                 batch_size: int = 512) -> Iterator[CMAOutput]:
+    """The model's outputs on the items `index` of `features` (all items when None), batch by batch.
 
     `features` is anything with `__len__` and `batch(index, device) -> EncoderOutput`."""
     index = np.arange(len(features)) if index is None else np.asarray(index)
     device = next(model.parameters()).device
     model.eval()
-    chunks: dict[str, list[np.ndarray]] = {task: [] for task in model.tasks}
     for start in range(0, len(index), batch_size):
         with autocast(device):
-            out = model(features.batch(index[start:start + batch_size], device))
+            yield model(features.batch(index[start:start + batch_size], device))
+
+
+def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray | None = None,
+                          batch_size: int = 512) -> dict[str, np.ndarray]:
+    """Class probabilities per task for the items `index` of `features` (all items when None)."""
+    chunks: dict[str, list[np.ndarray]] = {task: [] for task in model.tasks}
+    for out in iter_outputs(model, features, index, batch_size):
         for task, logits in out.logits.items():
             chunks[task].append(logits.float().softmax(-1).cpu().numpy())
     return {task: np.concatenate(parts) if parts else np.zeros((0, model.cfg.tasks[task]))

@@ -22,8 +22,13 @@ from torch import nn
 from .align import AlignmentHeads
 from .backbones import EncoderOutput
 
-FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attention")
+FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attention",  # the model, its ablations
+           "late_fusion", "text_only", "image_only")  # baselines on the aligned embeddings
 MODALITIES = ("text", "image")
+# Fusions without modality-wise attention report fixed (text, image) weights: an even split for
+# those that use both modalities, all of the weight on the one a single-modality baseline uses.
+FIXED_WEIGHTS = {"no_modality_attention": (0.5, 0.5), "no_attention": (0.5, 0.5), "late_fusion": (0.5, 0.5),
+                 "text_only": (1.0, 0.0), "image_only": (0.0, 1.0)}
 
 
 @dataclass
@@ -191,7 +196,11 @@ class TaskHead(nn.Module):
 
 class CMAClip(nn.Module):
     """Multi-task classifier over backbone features: alignment heads, sequence-wise
-    attention, per-task modality-wise attention and MLP heads."""
+    attention, per-task modality-wise attention and MLP heads.
+
+    `cfg.fusion` switches parts off for ablations and baselines: "late_fusion" is an MLP
+    head per task on the concatenated aligned embeddings (the paper's fine-tuned CLIP),
+    "text_only"/"image_only" a head on one of them."""
 
     def __init__(self, cfg: CMAClipConfig) -> None:
         super().__init__()
@@ -202,7 +211,8 @@ class CMAClip(nn.Module):
         self.unfused_norm = nn.LayerNorm(cfg.width)
         self.sequence = SequenceAttention(cfg) if cfg.fusion in ("cma", "no_modality_attention") else None
         self.modality = ModalityAttention(len(cfg.tasks), cfg.width)
-        self.heads = nn.ModuleDict({task: TaskHead(cfg.width, n, cfg.dropout) for task, n in cfg.tasks.items()})
+        head_width = 2 * cfg.width if cfg.fusion == "late_fusion" else cfg.width
+        self.heads = nn.ModuleDict({task: TaskHead(head_width, n, cfg.dropout) for task, n in cfg.tasks.items()})
 
     @property
     def tasks(self) -> list[str]:
@@ -217,11 +227,15 @@ class CMAClip(nn.Module):
         else:
             text_emb, image_emb = self.unfused_norm(text_cls), self.unfused_norm(image_cls)
         embeddings = torch.stack([text_emb, image_emb], dim=1)  # [B, 2, W] in MODALITIES order
-        if self.cfg.fusion in ("cma", "no_sequence_attention"):
+        fusion = self.cfg.fusion
+        if fusion in ("cma", "no_sequence_attention"):
             fused, weights = self.modality(embeddings)
-        else:  # ablation: a plain average of the two modalities for every task
-            weights = embeddings.new_full((len(embeddings), len(self.tasks), 2), 0.5)
-            fused = weights @ embeddings
+        else:  # the same fixed weights for every item and task
+            weights = embeddings.new_tensor(FIXED_WEIGHTS[fusion]).expand(len(embeddings), len(self.tasks), 2)
+            if fusion == "late_fusion":
+                fused = embeddings.flatten(1)[:, None].expand(-1, len(self.tasks), -1)
+            else:  # a plain average of the two modalities, or the one modality a baseline uses
+                fused = weights @ embeddings
         logits = {task: head(fused[:, i]) for i, (task, head) in enumerate(self.heads.items())}
         return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps)
 

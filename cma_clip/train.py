@@ -65,7 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="bundled", help="'bundled' or 'open_clip:MODEL[:PRETRAINED]'")
     m.add_argument("--finetune-backbone", action="store_true", help="train the backbone too (slow; for a GPU)")
-    m.add_argument("--fusion", default="cma", choices=FUSIONS)
+    m.add_argument("--fusion", default="cma", choices=FUSIONS,
+                   help="the full model, an ablation or a baseline (see cma_clip.model.FUSIONS)")
+    m.add_argument("--align-from", help="take the CLIP-style alignment heads from this checkpoint instead of "
+                                        "training them (same backbone); comparisons then share aligned embeddings")
     m.add_argument("--width", type=int, default=192)
     m.add_argument("--depth", type=int, default=1)
     m.add_argument("--heads", type=int, default=4)
@@ -257,6 +260,12 @@ def train(args: argparse.Namespace) -> dict:
         schedule.last_epoch = counters["step"]
         if main_rank:
             print(f"resumed at epoch {counters['epoch']} (step {counters['step']})", file=sys.stderr)
+    elif args.align_from:
+        donor, donor_config = load_checkpoint(args.align_from, device)
+        if donor_config["backbone"] != args.backbone:
+            raise CheckpointError(f"--align-from {args.align_from} was trained on backbone "
+                                  f"{donor_config['backbone']!r}, not {args.backbone!r}")
+        model.align.load_state_dict(donor.align.state_dict())
     else:
         started = time.time()
         counters["align_loss"] = train_alignment(

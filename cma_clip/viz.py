@@ -125,3 +125,47 @@ def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float) -> Figure:
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def _severity_grid(curves: dict[str, dict[str, list[dict]]], rows: list[str], title: str,
+                   ylabels: dict[str, str]) -> Figure:
+    """A grid of curves against severity: one row per entry of `rows`, one column per noise mode;
+    `curves[line][mode][row]` holds {"mean", "std"} per severity, drawn as a line and a ±std band."""
+    modes = list(next(iter(curves.values())))
+    fig, axes = plt.subplots(len(rows), len(modes), figsize=(4.2 * len(modes), 3.2 * len(rows)), dpi=100,
+                             squeeze=False, sharex=True)
+    for (r, row), (c, mode) in ((rc, mc) for rc in enumerate(rows) for mc in enumerate(modes)):
+        ax = axes[r][c]
+        for line, by_mode in curves.items():
+            points = by_mode[mode][row]
+            mean = np.array([p["mean"] for p in points])
+            std = np.array([p["std"] for p in points])
+            severities = np.arange(len(points))
+            ax.plot(severities, mean, marker="o", markersize=3, label=line)
+            ax.fill_between(severities, mean - std, mean + std, alpha=0.15)
+        ax.set_title(f"{mode} noise" if r == 0 else "", fontsize=10)
+        ax.set_ylabel(ylabels[row] if c == 0 else "")
+        ax.set_xlabel("severity" if r == len(rows) - 1 else "")
+        ax.set_xticks(range(6))
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False, fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4) / len(rows), 1, 1))
+    plt.close(fig)
+    return fig
+
+
+def noise_curves_figure(curves: dict[str, dict[str, dict[str, list[dict]]]], title: str) -> Figure:
+    """Each method's mean accuracy and recall at 90% precision against severity, for image,
+    text and both noises: curves[method][mode][metric] = [{"mean", "std"} per severity]."""
+    return _severity_grid(curves, ["accuracy", "recall_at_90_precision"], title,
+                          {"accuracy": "mean accuracy", "recall_at_90_precision": "mean recall@90%P"})
+
+
+def modality_weight_curves_figure(image_weight: dict[str, dict[str, list[dict]]], title: str) -> Figure:
+    """Each task's image weight in the modality-wise attention against severity, per noise mode:
+    image_weight[mode][task] = [{"mean", "std"} per severity]."""
+    by_task = {task: {mode: {"image weight": image_weight[mode][task]} for mode in image_weight}
+               for task in next(iter(image_weight.values()))}
+    return _severity_grid(by_task, ["image weight"], title, {"image weight": "image modality weight"})

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cma_clip.backbones import EncoderOutput
-from cma_clip.model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
+from cma_clip.model import FIXED_WEIGHTS, FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 
 TASKS = {"colour": 5, "pattern": 3}
 
@@ -76,12 +76,33 @@ def test_attention_path_matches_fast_path():
 def test_ablations_run(fusion):
     out = make_model(fusion)(make_batch(), return_attention=True)
     assert out.logits["colour"].shape == (3, 5)
-    if fusion in ("no_modality_attention", "no_attention"):
-        assert torch.all(out.modality_weights["colour"] == 0.5)
-    if fusion in ("no_sequence_attention", "no_attention"):
+    if fusion in FIXED_WEIGHTS:
+        assert torch.all(out.modality_weights["colour"] == torch.tensor(FIXED_WEIGHTS[fusion]))
+    if fusion not in ("cma", "no_modality_attention"):
         assert out.attention is None
     else:
         assert out.attention is not None
+
+
+@pytest.mark.parametrize("fusion, ignored", [("text_only", "image"), ("image_only", "text")])
+def test_single_modality_baselines_ignore_the_other_modality(fusion, ignored):
+    model = make_model(fusion).eval()
+    batch = make_batch()
+    before = model(batch).logits["colour"]
+    fields = ("image_tokens", "image_pooled") if ignored == "image" else ("text_tokens", "text_pooled")
+    for name in fields:
+        setattr(batch, name, torch.randn_like(getattr(batch, name)))
+    torch.testing.assert_close(model(batch).logits["colour"], before)
+
+
+def test_late_fusion_head_sees_both_modalities():
+    model = make_model("late_fusion").eval()
+    batch = make_batch()
+    before = model(batch).logits["colour"]
+    for name in ("image_pooled", "text_pooled"):
+        changed = make_batch()  # the same batch (seeded) ...
+        setattr(changed, name, getattr(batch, name) + torch.randn_like(getattr(batch, name)))  # ... but one input
+        assert not torch.allclose(model(changed).logits["colour"], before)
 
 
 def test_bad_fusion_name_is_refused():

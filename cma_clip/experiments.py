@@ -1,0 +1,392 @@
+"""Reproduce the paper's three kinds of evidence on our catalogues: CMA-CLIP against
+baselines, its ablations, and its robustness to noisy images and texts.
+
+    python -m cma_clip.experiments                  # both catalogues, seeds 0 1 2 -> docs/results
+    python -m cma_clip.experiments --catalogues hm-articles --seeds 0 --epochs 2 --report /tmp/study
+
+Every method is trained by `cma_clip.train` with one recipe on the same frozen features,
+splits and tasks; options this command does not know go to `cma_clip.train` unchanged
+(`-- --width 64`). Per seed the CLIP-style alignment is trained once, with CMA-CLIP, and
+every other method starts from it (`--align-from`), so all of them see the same aligned
+embeddings; zero-shot ("raw CLIP") classifies by label prompts in that space. Runs are kept
+under --runs and skipped when complete: an interrupted study goes on where it stopped, and a
+second call only re-reports.
+
+Noise: a seeded sample of `test` is encoded clean and with image and text corruptions at
+severities 1-5 (item i gets corruption i mod 5 of each kind, with seed i), and every model is
+scored with noisy images, noisy texts and both.
+
+Writes to --report: results.json (every figure), TABLES.md, noise-<catalogue>.png and
+modality-<catalogue>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import train
+from .backbones import DualEncoder, TextBatch, create_backbone
+from .checkpoint import load_checkpoint
+from .data import Catalogue, CatalogueConfig, Features, LabelVocab, load_image
+from .evaluate import evaluate_checkpoint, iter_outputs, score, zero_shot_probabilities_for
+from .metrics import METRIC_NAMES
+from .model import MODALITIES, CMAClip
+from .noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
+from .robustness import MODES
+from .runtime import autocast, bf16_supported, default_device
+from .viz import modality_weight_curves_figure, noise_curves_figure
+
+# table row -> fusion of cma_clip.model; None: zero-shot with the seed's CMA-CLIP alignment
+METHODS = {
+    "zero-shot (raw CLIP)": None,
+    "text only": "text_only",
+    "image only": "image_only",
+    "late fusion (fine-tuned CLIP)": "late_fusion",
+    "w/o both attentions": "no_attention",
+    "w/o sequence-wise attention": "no_sequence_attention",
+    "w/o modality-wise attention": "no_modality_attention",
+    "CMA-CLIP": "cma",
+}
+CATALOGUES = ("fashion-product-images", "hm-articles")
+IMAGE_NOISES, TEXT_NOISES = list(IMAGE_CORRUPTIONS), list(TEXT_CORRUPTIONS)
+
+
+@dataclass
+class Study:
+    catalogues: list[str]
+    seeds: list[int]
+    epochs: int
+    runs: Path
+    report: Path
+    noise_items: int
+    data_root: str | None = None
+    cache_dir: str | None = None
+    train_args: tuple[str, ...] = ()
+
+    def run_dir(self, catalogue: str, seed: int, fusion: str) -> Path:
+        return self.runs / catalogue / f"seed-{seed}" / fusion
+
+
+def is_complete(run: Path) -> bool:
+    """A finished training run: its test report is written and no resumable state is left."""
+    return (run / "eval_test.json").exists() and not (run / f"{train.STATE}.json").exists()
+
+
+def train_run(study: Study, catalogue: str, seed: int, fusion: str) -> None:
+    run = study.run_dir(catalogue, seed, fusion)
+    if is_complete(run):
+        return
+    args = ["--catalogue", catalogue, "--fusion", fusion, "--seed", str(seed), "--epochs", str(study.epochs),
+            "--out", str(run), "--quiet", *study.train_args]
+    if fusion != "cma":
+        args += ["--align-from", str(study.run_dir(catalogue, seed, "cma"))]
+    if study.data_root:
+        args += ["--data-root", study.data_root]
+    if study.cache_dir:
+        args += ["--cache-dir", study.cache_dir]
+    if (run / f"{train.STATE}.json").exists():
+        args.append("--resume")
+    print(f"[study] train {catalogue} seed {seed} {fusion}", file=sys.stderr, flush=True)
+    started = time.time()
+    if train.main(args) != 0:
+        raise RuntimeError(f"training failed: python -m cma_clip.train {' '.join(args)}")
+    (run / "study.json").write_text(json.dumps({"seconds": round(time.time() - started, 1)}))
+
+
+def test_report(study: Study, catalogue: str, seed: int, fusion: str | None) -> dict:
+    """The test report of one method and seed (zero-shot: computed once and kept)."""
+    run = study.run_dir(catalogue, seed, fusion or "cma")
+    if fusion is not None:
+        return json.loads((run / "eval_test.json").read_text())
+    path = run / "zero_shot_test.json"
+    if not path.exists():
+        config = CatalogueConfig.load(catalogue, study.data_root)
+        report = evaluate_checkpoint(run, config.manifest, "test", study.cache_dir, zero_shot=True)
+        path.write_text(json.dumps(report, indent=2))
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def noise_sample(catalogue: Catalogue, items: int, seed: int = 0) -> Catalogue:
+    """A seeded sample of at most `items` rows, in manifest order."""
+    chosen = np.random.default_rng(seed).choice(len(catalogue), min(items, len(catalogue)), replace=False)
+    return replace(catalogue, rows=[catalogue.rows[i] for i in sorted(chosen)])
+
+
+class _NoisyImages(torch.utils.data.Dataset):
+    """Decoded, corrupted and preprocessed images, made in a DataLoader worker."""
+
+    def __init__(self, paths: list[Path], backbone: DualEncoder, severity: int) -> None:
+        self.paths, self.backbone, self.severity = paths, backbone, severity
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = corrupt_image(load_image(self.paths[i]), IMAGE_NOISES[i % len(IMAGE_NOISES)], self.severity, i)
+        return self.backbone.preprocess([image])[0]
+
+
+@torch.no_grad()
+def encode_noisy(backbone: DualEncoder, sample: Catalogue, severity: int, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Backbone features of the sample with images and texts corrupted at `severity` (0: clean)."""
+    device, max_tokens = backbone.device, sample.config.max_text_tokens
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in
+                                          ("image_tokens", "image_pooled", "text_tokens", "text_mask", "text_pooled",
+                                           "text_ids")}
+    loader = torch.utils.data.DataLoader(_NoisyImages(sample.image_paths(), backbone, severity),
+                                         batch_size=batch_size, num_workers=1)
+    texts = [corrupt_text(text, TEXT_NOISES[i % len(TEXT_NOISES)], severity, i)
+             for i, text in enumerate(sample.texts())]
+    for start, pixels in zip(range(0, len(texts), batch_size), loader):
+        batch = backbone.tokenize(texts[start:start + batch_size], max_tokens)
+        with autocast(device):
+            image_tokens, image_pooled = backbone.encode_image(pixels.to(device))
+            text_tokens, text_pooled = backbone.encode_text(TextBatch(batch.ids.to(device), batch.mask.to(device)))
+        for name, value in (("image_tokens", image_tokens), ("image_pooled", image_pooled),
+                            ("text_tokens", text_tokens), ("text_pooled", text_pooled)):
+            parts[name].append(value.float().cpu().numpy().astype(np.float16))
+        parts["text_mask"].append(batch.mask.numpy())
+        parts["text_ids"].append(batch.ids.numpy().astype(np.int32))
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def noisy_features(study: Study, backbone: DualEncoder, sample: Catalogue) -> dict[int, dict[str, np.ndarray]]:
+    """Severity -> features of the noise sample, cached under the runs folder."""
+    folder = study.runs / sample.config.name / f"noise-{len(sample)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for severity in SEVERITIES:
+        path = folder / f"severity-{severity}.npz"
+        if not path.exists():
+            print(f"[study] encode {sample.config.name} noise severity {severity}", file=sys.stderr, flush=True)
+            arrays = encode_noisy(backbone, sample, severity)
+            np.savez(folder / "partial.npz", **arrays)
+            (folder / "partial.npz").rename(path)
+        with np.load(path) as stored:
+            out[severity] = dict(stored)
+    return out
+
+
+def condition(features: dict[int, dict[str, np.ndarray]], mode: str, severity: int) -> Features:
+    """Noisy images ("image"), noisy texts ("text") or both, the other input clean."""
+    image = features[severity if mode in ("image", "both") else 0]
+    text = features[severity if mode in ("text", "both") else 0]
+    return Features(image_tokens=image["image_tokens"], image_pooled=image["image_pooled"],
+                    text_tokens=text["text_tokens"], text_mask=text["text_mask"],
+                    text_pooled=text["text_pooled"], text_ids=text["text_ids"])
+
+
+def noise_scores(model: CMAClip, config: dict, sample: Catalogue, features: dict[int, dict[str, np.ndarray]],
+                 backbone: DualEncoder | None = None) -> dict:
+    """mode -> severity -> {"mean": metrics, "image_weight": task -> mean image weight}.
+    With `backbone`, the zero-shot classifier of the model's alignment is scored instead."""
+    targets = {task: LabelVocab(spec["classes"]).encode(sample.labels(task)) for task, spec in config["tasks"].items()}
+    classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
+    out: dict[str, dict[int, dict]] = {}
+    for mode in MODES:
+        out[mode] = {}
+        for severity in SEVERITIES:
+            inputs = condition(features, mode, severity)
+            weights: dict[str, list[np.ndarray]] = {task: [] for task in classes}
+            if backbone is not None:
+                probabilities = zero_shot_probabilities_for(model, backbone, classes, inputs)
+            else:
+                chunks: dict[str, list[np.ndarray]] = {task: [] for task in classes}
+                for output in iter_outputs(model, inputs):
+                    for task in classes:
+                        chunks[task].append(output.logits[task].float().softmax(-1).cpu().numpy())
+                        weights[task].append(output.modality_weights[task][:, MODALITIES.index("image")]
+                                             .float().cpu().numpy())
+                probabilities = {task: np.concatenate(parts) for task, parts in chunks.items()}
+            report = score(probabilities, targets)
+            out[mode][severity] = {"mean": report["mean"],
+                                   "image_weight": {task: float(np.concatenate(w).mean()) for task, w in weights.items()
+                                                    if w}}
+    return out
+
+
+def run_noise(study: Study, catalogue: str, seed: int, fusion: str | None, sample: Catalogue,
+              features: dict[int, dict[str, np.ndarray]], backbone: DualEncoder) -> dict:
+    """Noise scores of one method and seed, computed once and kept in its run folder."""
+    run = study.run_dir(catalogue, seed, fusion or "cma")
+    path = run / f"noise-{len(sample)}{'-zero-shot' if fusion is None else ''}.json"
+    if not path.exists():
+        model, config = load_checkpoint(run, backbone.device)
+        scores = noise_scores(model, config, sample, features, backbone if fusion is None else None)
+        path.write_text(json.dumps(scores))
+    return {mode: {int(s): v for s, v in by_severity.items()}
+            for mode, by_severity in json.loads(path.read_text()).items()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation over seeds (0 for one seed)."""
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "n": len(array)}
+
+
+def hardware() -> str:
+    device = default_device()
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    precision = "bf16 autocast" if bf16_supported(device) else "float32"
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {precision}, torch {torch.__version__}"
+
+
+def summarise(catalogue_results: dict) -> dict:
+    """Means and spreads over seeds: test metrics per task and mean, noise curves, modality weights."""
+    summary: dict = {"test": {}, "noise": {}, "image_weight": {}}
+    for method, seeds in catalogue_results["test"].items():
+        reports = list(seeds.values())
+        tasks = list(reports[0]["tasks"])
+        summary["test"][method] = {
+            "mean": {m: spread([r["mean"][m] for r in reports]) for m in METRIC_NAMES},
+            "tasks": {t: {m: spread([r["tasks"][t][m] for r in reports]) for m in METRIC_NAMES} for t in tasks}}
+    for method, seeds in catalogue_results["noise"].items():
+        runs = list(seeds.values())
+        summary["noise"][method] = {
+            mode: {m: [spread([run[mode][s]["mean"][m] for run in runs]) for s in SEVERITIES] for m in METRIC_NAMES}
+            for mode in MODES}
+    cma = list(catalogue_results["noise"].get("CMA-CLIP", {}).values())
+    if cma:
+        tasks = list(cma[0]["image"][0]["image_weight"])
+        summary["image_weight"] = {
+            mode: {t: [spread([run[mode][s]["image_weight"][t] for run in cma]) for s in SEVERITIES] for t in tasks}
+            for mode in MODES}
+    return summary
+
+
+def _cell(value: dict) -> str:
+    return f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+
+def markdown_tables(results: dict) -> str:
+    """TABLES.md: every table of the study, generated from results.json."""
+    lines = ["# CMA-CLIP study: generated tables", "",
+             f"Generated by `{results['command']}`; values are mean ± sample standard deviation over seeds "
+             f"{results['settings']['seeds']} on `test`. Hardware: {results['hardware']}.", ""]
+    for catalogue, result in results["catalogues"].items():
+        summary = result["summary"]
+        lines += [f"## {catalogue}", "", "### Mean over tasks", "",
+                  "| method | accuracy | macro-F1 | recall@90%P | train time (s) |", "|---|---|---|---|---|"]
+        for method, test in summary["test"].items():
+            seconds = result["seconds"].get(method)
+            timing = f"{np.mean(seconds):.0f}" if seconds else "-"
+            lines.append(f"| {method} | " + " | ".join(_cell(test["mean"][m]) for m in METRIC_NAMES) + f" | {timing} |")
+        tasks = list(next(iter(summary["test"].values()))["tasks"])
+        for metric in METRIC_NAMES:
+            lines += ["", f"### Per task: {metric}", "", "| method | " + " | ".join(tasks) + " |",
+                      "|---|" + "---|" * len(tasks)]
+            for method, test in summary["test"].items():
+                lines.append(f"| {method} | " + " | ".join(_cell(test["tasks"][t][metric]) for t in tasks) + " |")
+        if not summary["noise"]:
+            lines.append("")
+            continue
+        lines += ["", f"### Under noise (mean over tasks, {result['noise_sample']} test items)", "",
+                  "| method | metric | clean | " + " | ".join(f"{mode} s3 | {mode} s5" for mode in MODES) + " |",
+                  "|---|---|---|" + "---|---|" * len(MODES)]
+        for method, curves in summary["noise"].items():
+            for metric in ("accuracy", "recall_at_90_precision"):
+                cells = [f"{curves[mode][metric][s]['mean']:.3f}" for mode in MODES for s in (3, 5)]
+                lines.append(f"| {method} | {metric} | {curves['image'][metric][0]['mean']:.3f} | " + " | ".join(cells)
+                             + " |")
+        if summary["image_weight"]:
+            lines += ["", "### CMA-CLIP's image weight (modality-wise attention) under noise", "",
+                      "| task | clean | image noise s5 | text noise s5 | both s5 |", "|---|---|---|---|---|"]
+            for task, clean in summary["image_weight"]["image"].items():
+                cells = [_cell(summary["image_weight"][mode][task][5]) for mode in MODES]
+                lines.append(f"| {task} | {_cell(clean[0])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_study(study: Study, command: str) -> dict:
+    device = default_device()
+    backbone = None
+    results = {"command": command, "hardware": hardware(),
+               "settings": {"seeds": study.seeds, "epochs": study.epochs, "noise_items": study.noise_items,
+                            "train_args": list(study.train_args)},
+               "catalogues": {}}
+    fusions = ["cma"] + [f for f in METHODS.values() if f not in (None, "cma")]  # cma first: the others reuse its alignment
+    for catalogue in study.catalogues:
+        for seed in study.seeds:
+            for fusion in fusions:
+                train_run(study, catalogue, seed, fusion)
+        result = {"test": {}, "noise": {}, "seconds": {}}
+        for method, fusion in METHODS.items():
+            result["test"][method] = {seed: test_report(study, catalogue, seed, fusion) for seed in study.seeds}
+            if fusion is not None:
+                result["seconds"][method] = [json.loads((study.run_dir(catalogue, s, fusion) / "study.json")
+                                                        .read_text())["seconds"] for s in study.seeds]
+        if study.noise_items:
+            config = json.loads((study.run_dir(catalogue, study.seeds[0], "cma") / "config.json").read_text())
+            backbone = backbone or create_backbone(config["backbone"], device)
+            test = Catalogue.open(CatalogueConfig.load(catalogue, study.data_root), split="test")
+            sample = noise_sample(test, study.noise_items)
+            features = noisy_features(study, backbone, sample)
+            result["noise_sample"] = len(sample)
+            for method, fusion in METHODS.items():
+                result["noise"][method] = {seed: run_noise(study, catalogue, seed, fusion, sample, features, backbone)
+                                           for seed in study.seeds}
+        result["summary"] = summarise(result)
+        results["catalogues"][catalogue] = result
+    write_report(study.report, results)
+    return results
+
+
+def write_report(folder: Path, results: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    (folder / "TABLES.md").write_text(markdown_tables(results))
+    for catalogue, result in results["catalogues"].items():
+        summary = result["summary"]
+        if summary["noise"]:
+            noise_curves_figure(summary["noise"], catalogue).savefig(folder / f"noise-{catalogue}.png", dpi=110)
+        if summary["image_weight"]:
+            modality_weight_curves_figure(summary["image_weight"], catalogue).savefig(folder / f"modality-{catalogue}.png",
+                                                                              dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="Other options are passed to python -m cma_clip.train.")
+    parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs of every method")
+    parser.add_argument("--noise-items", type=int, default=1000, help="test items in the noise sample (0: no noise)")
+    parser.add_argument("--runs", default="runs/study", help="folder of the training runs (kept; reruns skip them)")
+    parser.add_argument("--report", default="docs/results", help="folder for results.json, TABLES.md and plots")
+    parser.add_argument("--data-root", help="folder of the bundled catalogues (default ../shared/data)")
+    parser.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
+    args, train_args = parser.parse_known_args(argv)
+    train_args = [a for a in train_args if a != "--"]
+    study = Study(catalogues=args.catalogues, seeds=args.seeds, epochs=args.epochs, runs=Path(args.runs),
+                  report=Path(args.report), noise_items=args.noise_items, data_root=args.data_root,
+                  cache_dir=args.cache_dir, train_args=tuple(train_args))
+    started = time.time()
+    command = "python -m cma_clip.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = run_study(study, command.strip())
+    print(markdown_tables(results))
+    print(f"[study] done in {time.time() - started:.0f} s; report in {study.report}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
