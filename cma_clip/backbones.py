@@ -100,11 +100,13 @@ class DualEncoder(nn.Module):
                              text.mask, text_pooled.float(), text.ids)
 
     def encode(self, images: list[Image.Image], texts: list[str], max_tokens: int) -> EncoderOutput:
-        """Encode raw inputs on the backbone's device."""
+        """Encode raw inputs on the backbone's device, the texts trimmed to the batch's longest:
+        padding is masked, so it only costs time (a short title padded to 96 tokens, 4x)."""
         device = self.device
         pixels = self.preprocess(images).to(device)
         text = self.tokenize(texts, max_tokens)
-        return self(pixels, TextBatch(text.ids.to(device), text.mask.to(device)))
+        length = max(1, int(text.mask.sum(1).max()))
+        return self(pixels, TextBatch(text.ids[:, :length].to(device), text.mask[:, :length].to(device)))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -33,7 +33,7 @@ from .checkpoint import read_config
 from .data import Catalogue, CatalogueConfig, extract_features, load_image, read_manifest
 from .model import CMAClip, CMAClipConfig
 from .predict import Predictor
-from .runtime import autocast, bf16_supported, default_device
+from .runtime import autocast, bf16_supported, default_device, loader_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = ROOT / "checkpoints"
@@ -58,7 +58,7 @@ class Sizes:
     warmup: int = 3
     latency_repeats: int = 30
     app_calls: int = 30
-    cache_items: int = 256
+    cache_items: int = 1024  # 16 batches: the decode worker's start and the first batch weigh little
     cache_repeats: int = 3
     manifest_items: int = 128
     manifest_repeats: int = 3
@@ -185,7 +185,7 @@ def app_latency(sizes: Sizes, checkpoint_dir: Path = CHECKPOINTS) -> dict[str, f
 
 def cache_throughput(backbone: DualEncoder, sizes: Sizes) -> dict[str, float]:
     """`extract_features` into a fresh cache folder vs. the backbone alone on pre-decoded
-    tensors of the same batches (the extraction's default batch size)."""
+    tensors of the same batches (the extraction's default batch size and decode workers)."""
     catalogue = Catalogue.open(CatalogueConfig.load("hm-articles"), limit=sizes.cache_items)
     tokens, batch, device = catalogue.config.max_text_tokens, 64, backbone.device
     paths, texts = catalogue.image_paths(), catalogue.texts()
@@ -208,7 +208,7 @@ def cache_throughput(backbone: DualEncoder, sizes: Sizes) -> dict[str, float]:
     n = len(catalogue)
     build_rate, backbone_rate = n / p50(times["build"]), n / p50(times["backbone"])
     return {"items": n, "build_items_per_s": build_rate, "backbone_items_per_s": backbone_rate,
-            "ratio": build_rate / backbone_rate}
+            "ratio": build_rate / backbone_rate, "workers": loader_workers(device)}
 
 
 # ----------------------------------------------------------------------------- 4. training
@@ -289,29 +289,39 @@ def lookup(figures: dict, path: str) -> float:
     return figures[section][key]
 
 
-def run(sizes: Sizes, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every figure; returns the JSON document."""
+SECTIONS = ("latency", "app", "cache", "manifest", "training")
+
+
+def run(sizes: Sizes, log: Callable[[str], None] = print, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """The figures of `sections`; returns the JSON document."""
     device = default_device()
     load_before = os.getloadavg()[0]
     image = load_image(EXAMPLE_IMAGE)
     figures: dict[str, dict] = {}
-    log("latency: bundled backbone (checkpoints/hm-articles)")
     predictor = Predictor.from_checkpoint(CHECKPOINTS / MODEL, device)
-    figures["latency_bundled"] = latency(predictor, image, EXAMPLE_TEXT, sizes)
-    log(f"latency: {OPEN_CLIP} (random weights)")
-    other = random_predictor(OPEN_CLIP, predictor)
-    figures["latency_open_clip"] = latency(other, image, EXAMPLE_TEXT, sizes, explained=False)
-    del other
-    log("app: /predict through gradio_client")
-    figures["app_predict"] = app_latency(sizes)
-    log("feature cache build vs backbone")
-    figures["feature_cache"] = cache_throughput(predictor.backbone, sizes)
-    log("batch prediction over a manifest")
-    figures["batch_prediction"] = manifest_throughput(predictor, sizes)
-    log("training on cached features (fashion-product-images)")
-    figures["training"] = training(sizes)
+    if "latency" in sections:
+        log("latency: bundled backbone (checkpoints/hm-articles)")
+        figures["latency_bundled"] = latency(predictor, image, EXAMPLE_TEXT, sizes)
+        log(f"latency: {OPEN_CLIP} (random weights)")
+        other = random_predictor(OPEN_CLIP, predictor)
+        figures["latency_open_clip"] = latency(other, image, EXAMPLE_TEXT, sizes, explained=False)
+        del other
+    if "app" in sections:
+        log("app: /predict through gradio_client")
+        figures["app_predict"] = app_latency(sizes)
+    if "cache" in sections:
+        log("feature cache build vs backbone")
+        figures["feature_cache"] = cache_throughput(predictor.backbone, sizes)
+    if "manifest" in sections:
+        log("batch prediction over a manifest")
+        figures["batch_prediction"] = manifest_throughput(predictor, sizes)
+    if "training" in sections:
+        log("training on cached features (fashion-product-images)")
+        figures["training"] = training(sizes)
     targets = {}
     for name, (path, op, bound) in TARGETS.items():
+        if path.split(".")[0] not in figures:
+            continue
         value = lookup(figures, path)
         targets[name] = {"figure": path, "value": value, "target": f"{op} {bound}",
                          "met": value <= bound if op == "<=" else value >= bound}
@@ -319,36 +329,47 @@ def run(sizes: Sizes, log: Callable[[str], None] = print) -> dict[str, Any]:
     return {"hardware": machine, "settings": asdict(sizes), "figures": figures, "targets": targets}
 
 
+def _latency_rows(section: dict, name: str, repeats: int) -> list[tuple[str, str, str]]:
+    rows = [(f"predict_batch, batch 1, {name}: p50 / p95", f"{section['p50_s'] * 1e3:.1f} / {section['p95_s'] * 1e3:.1f} ms",
+             f"{repeats} runs")]
+    if "explained_p50_s" in section:
+        rows.append((f"predict (attention + relevance), {name}: p50 / p95",
+                     f"{section['explained_p50_s'] * 1e3:.1f} / {section['explained_p95_s'] * 1e3:.1f} ms",
+                     f"{repeats} runs"))
+    rows += [("  backbone alone / backbone + CMA-CLIP, p50",
+              f"{section['backbone_p50_s'] * 1e3:.1f} / {section['forward_p50_s'] * 1e3:.1f} ms", ""),
+             ("  fusion ratio" + (" (target <= 1.15)" if name == "bundled" else ""), f"{section['fusion_ratio']:.3f}",
+              "")]
+    return rows
+
+
 def format_table(doc: dict[str, Any]) -> str:
     """The figures as a plain-text table."""
     f, s = doc["figures"], doc["settings"]
-    lb, lo = f["latency_bundled"], f["latency_open_clip"]
-    rows = [
-        ("predict_batch, batch 1, bundled: p50 / p95", f"{lb['p50_s'] * 1e3:.1f} / {lb['p95_s'] * 1e3:.1f} ms",
-         f"{s['latency_repeats']} runs"),
-        ("predict (attention + relevance), bundled: p50 / p95",
-         f"{lb['explained_p50_s'] * 1e3:.1f} / {lb['explained_p95_s'] * 1e3:.1f} ms", f"{s['latency_repeats']} runs"),
-        ("  backbone alone / backbone + CMA-CLIP, p50",
-         f"{lb['backbone_p50_s'] * 1e3:.1f} / {lb['forward_p50_s'] * 1e3:.1f} ms", ""),
-        ("  fusion ratio (target <= 1.15)", f"{lb['fusion_ratio']:.3f}", ""),
-        ("predict_batch, batch 1, ViT-B-32 random: p50 / p95", f"{lo['p50_s'] * 1e3:.1f} / {lo['p95_s'] * 1e3:.1f} ms",
-         f"{s['latency_repeats']} runs"),
-        ("  backbone alone / backbone + CMA-CLIP, p50",
-         f"{lo['backbone_p50_s'] * 1e3:.1f} / {lo['forward_p50_s'] * 1e3:.1f} ms", ""),
-        ("  fusion ratio", f"{lo['fusion_ratio']:.3f}", ""),
-        ("app /predict end to end: p50 / p95 (target p50 <= 0.5 s)",
-         f"{f['app_predict']['p50_s']:.3f} / {f['app_predict']['p95_s']:.3f} s", f"{f['app_predict']['calls']} calls"),
-        ("feature cache build / backbone alone",
-         f"{f['feature_cache']['build_items_per_s']:.1f} / {f['feature_cache']['backbone_items_per_s']:.1f} items/s",
-         f"{f['feature_cache']['items']} items, {s['cache_repeats']} runs"),
-        ("  ratio (target >= 0.9)", f"{f['feature_cache']['ratio']:.3f}", ""),
-        ("training on cached features, batch 256", f"{f['training']['items_per_s']:.0f} items/s",
-         f"{f['training']['items_per_epoch']} items/epoch"),
-        ("  one epoch, fashion train split (target <= 60 s)", f"{f['training']['epoch_seconds']:.1f} s",
-         f"median of {f['training']['epochs_timed']} epochs"),
-        ("batch prediction over a manifest", f"{f['batch_prediction']['items_per_s']:.1f} items/s",
-         f"{f['batch_prediction']['items']} items, {s['manifest_repeats']} runs"),
-    ]
+    rows: list[tuple[str, str, str]] = []
+    if "latency_bundled" in f:
+        rows += _latency_rows(f["latency_bundled"], "bundled", s["latency_repeats"])
+        rows += _latency_rows(f["latency_open_clip"], "ViT-B-32 random", s["latency_repeats"])
+    if "app_predict" in f:
+        app = f["app_predict"]
+        rows.append(("app /predict end to end: p50 / p95 (target p50 <= 0.5 s)",
+                     f"{app['p50_s']:.3f} / {app['p95_s']:.3f} s", f"{app['calls']} calls"))
+    if "feature_cache" in f:
+        cache = f["feature_cache"]
+        rows += [("feature cache build / backbone alone",
+                  f"{cache['build_items_per_s']:.1f} / {cache['backbone_items_per_s']:.1f} items/s",
+                  f"{cache['items']} items, {s['cache_repeats']} runs, {cache['workers']} decode workers"),
+                 ("  ratio (target >= 0.9)", f"{cache['ratio']:.3f}", "")]
+    if "training" in f:
+        train = f["training"]
+        rows += [("training on cached features, batch 256", f"{train['items_per_s']:.0f} items/s",
+                  f"{train['items_per_epoch']} items/epoch"),
+                 (f"  one epoch of {train['train_items']} fashion train items (target <= 60 s for 32000)",
+                  f"{train['epoch_seconds']:.1f} s", f"median of {train['epochs_timed']} epochs")]
+    if "batch_prediction" in f:
+        batch = f["batch_prediction"]
+        rows.append(("batch prediction over a manifest", f"{batch['items_per_s']:.1f} items/s",
+                     f"{batch['items']} items, {s['manifest_repeats']} runs"))
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     lines = [f"{'figure':<{width}}  {'value':>{vwidth}}  repeats", "-" * (width + vwidth + 20)]
@@ -356,7 +377,8 @@ def format_table(doc: dict[str, Any]) -> str:
     h = doc["hardware"]
     lines.append("")
     lines.append(f"{h['cpu']}, {h['cores']} cores, torch {h['torch']} ({h['torch_threads']} threads), "
-                 f"device {h['device']}, bf16 autocast {'on' if h['bf16_autocast'] else 'off'}; "
+                 f"device {h['device']}" + (f" ({h['gpu']})" if h["gpu"] else "")
+                 + f", bf16 autocast {'on' if h['bf16_autocast'] else 'off'}; "
                  f"warm-up {s['warmup']} runs; load average {h['load_average_1m_before']:.2f} before, "
                  f"{h['load_average_1m']:.2f} after")
     lines += [f"target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'MISSED'}"
@@ -368,13 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark CMA-CLIP: latency, app, feature cache, training.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not figures to report")
     parser.add_argument("--out-json", default=str(ROOT / "docs" / "bench.json"), help="where to write the figures")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="which figures to measure (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    doc = run(QUICK if args.quick else FULL, log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+    doc = run(QUICK if args.quick else FULL, log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
+              sections=tuple(args.sections))
     doc["total_seconds"] = time.perf_counter() - started
-    doc["command"] = "python -m cma_clip.bench" + (" --quick" if args.quick else "")
+    doc["command"] = "python -m cma_clip.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")

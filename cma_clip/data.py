@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .backbones import DualEncoder, EncoderOutput, TextBatch
-from .runtime import bf16_supported
+from .runtime import bf16_supported, loader_workers
 
 MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "none", "null"})
 IGNORE = -1  # label index of a missing label: excluded from loss and metrics
@@ -307,17 +307,19 @@ def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
 
 
 def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
-                     batch_size: int = 64, num_workers: int = 1, progress: bool = True) -> Features:
+                     batch_size: int = 64, num_workers: int | None = None, progress: bool = True) -> Features:
     """Backbone features of every item, computed once and cached on disk as float16 .npy files.
 
     The cache entry is keyed by the backbone's weights and preprocessing, the precision,
     the text length and the manifest's images and texts; any change builds a new entry.
     Entries are written to a temporary folder and renamed when complete, so an
-    interrupted build never leaves a half-written cache behind.
+    interrupted build never leaves a half-written cache behind. Images are decoded in
+    `num_workers` DataLoader workers (default: `runtime.loader_workers`).
     """
     folder = Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
     if not (folder / "meta.json").exists():
-        _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
+        workers = loader_workers(backbone.device) if num_workers is None else num_workers
+        _build_cache(backbone, catalogue, folder, batch_size, workers, progress)
     arrays = {name: np.load(folder / f"{name}.npy") for name in FEATURE_FIELDS}
     return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder))
 

@@ -57,6 +57,10 @@ METHODS = {
     "CMA-CLIP": "cma",
 }
 CATALOGUES = ("fashion-product-images", "hm-articles")
+# Training epochs of every method, per catalogue: fashion has four times H&M's items, so 6 epochs
+# are 750 optimiser steps (H&M: 10 epochs, 310 steps); the shipped fashion run's validation
+# recall@90%P was 0.912 at epoch 6 and 0.916 at its best (epoch 13 of 15).
+EPOCHS = {"fashion-product-images": 6, "hm-articles": 10}
 IMAGE_NOISES, TEXT_NOISES = list(IMAGE_CORRUPTIONS), list(TEXT_CORRUPTIONS)
 
 
@@ -64,13 +68,16 @@ IMAGE_NOISES, TEXT_NOISES = list(IMAGE_CORRUPTIONS), list(TEXT_CORRUPTIONS)
 class Study:
     catalogues: list[str]
     seeds: list[int]
-    epochs: int
+    epochs: int | None  # None: EPOCHS, or 10 for other catalogues
     runs: Path
     report: Path
     noise_items: int
     data_root: str | None = None
     cache_dir: str | None = None
     train_args: tuple[str, ...] = ()
+
+    def epochs_for(self, catalogue: str) -> int:
+        return self.epochs or EPOCHS.get(catalogue, 10)
 
     def run_dir(self, catalogue: str, seed: int, fusion: str) -> Path:
         return self.runs / catalogue / f"seed-{seed}" / fusion
@@ -85,8 +92,8 @@ def train_run(study: Study, catalogue: str, seed: int, fusion: str) -> None:
     run = study.run_dir(catalogue, seed, fusion)
     if is_complete(run):
         return
-    args = ["--catalogue", catalogue, "--fusion", fusion, "--seed", str(seed), "--epochs", str(study.epochs),
-            "--out", str(run), "--quiet", *study.train_args]
+    args = ["--catalogue", catalogue, "--fusion", fusion, "--seed", str(seed),
+            "--epochs", str(study.epochs_for(catalogue)), "--out", str(run), "--quiet", *study.train_args]
     if fusion != "cma":
         args += ["--align-from", str(study.run_dir(catalogue, seed, "cma"))]
     if study.data_root:
@@ -321,7 +328,8 @@ def run_study(study: Study, command: str) -> dict:
     device = default_device()
     backbone = None
     results = {"command": command, "hardware": hardware(),
-               "settings": {"seeds": study.seeds, "epochs": study.epochs, "noise_items": study.noise_items,
+               "settings": {"seeds": study.seeds, "epochs": {c: study.epochs_for(c) for c in study.catalogues},
+                            "noise_items": study.noise_items,
                             "train_args": list(study.train_args)},
                "catalogues": {}}
     fusions = ["cma"] + [f for f in METHODS.values() if f not in (None, "cma")]  # cma first: the others reuse its alignment
@@ -369,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Other options are passed to python -m cma_clip.train.")
     parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs of every method")
+    parser.add_argument("--epochs", type=int, help=f"training epochs of every method (default: {EPOCHS})")
     parser.add_argument("--noise-items", type=int, default=1000, help="test items in the noise sample (0: no noise)")
     parser.add_argument("--runs", default="runs/study", help="folder of the training runs (kept; reruns skip them)")
     parser.add_argument("--report", default="docs/results", help="folder for results.json, TABLES.md and plots")

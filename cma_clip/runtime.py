@@ -28,6 +28,14 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
+def loader_workers(device: torch.device) -> int:
+    """DataLoader workers for decoding images: one on a CPU, where the model needs the cores
+    too; on a GPU the decoding is the bottleneck, so up to 8 (leaving a core for the main process)."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bfloat16 autocast where the hardware has it, full precision elsewhere."""
     if bf16_supported(device):

@@ -17,7 +17,8 @@ def test_bundled_backbone_outputs(backbone):
     images, texts = real_items()
     out = backbone.encode(images, texts, max_tokens=16)
     assert out.image_tokens.shape == (2, 49, 320) and out.image_pooled.shape == (2, 1280)
-    assert out.text_tokens.shape == (2, 16, 384) and out.text_pooled.shape == (2, 384)
+    # the batch is trimmed to its longest text (9 tokens), not padded to max_tokens
+    assert out.text_tokens.shape == (2, 9, 384) and out.text_pooled.shape == (2, 384)
     assert out.text_mask.dtype == torch.bool and out.text_mask.sum(1).tolist() == [5, 9]
     tokens = backbone.token_strings(texts[0], 16)
     assert tokens[0] == "[CLS]" and "striped" in tokens and len(tokens) == 5
@@ -37,13 +38,30 @@ def test_open_clip_token_extraction_with_random_weights():
         expected_text, expected_image = model.encode_text(full.ids), model.encode_image(pixels)
         model.visual.output_tokens = True
     assert out.image_tokens.shape == (2, 49, 512) and out.image_pooled.shape == (2, 512)
-    assert out.text_tokens.shape == (2, 20, 512) and out.text_pooled.shape == (2, 512)
+    assert out.text_tokens.shape == (2, 9, 512) and out.text_pooled.shape == (2, 512)  # trimmed to the longest
     # per-token outputs (full precision) agree with open_clip's own pooled embeddings
     torch.testing.assert_close(text_pooled, expected_text)
     torch.testing.assert_close(image_pooled, expected_image)
     assert text_tokens.shape == (2, 77, 512) and patches.shape == (2, 49, 512)
     tokens = backbone.token_strings(texts[0], 20)
     assert tokens[1:4] == ["striped", "cotton", "shirt"]
+
+
+@pytest.mark.parametrize("name", ["bundled", "open_clip:ViT-B-32"])
+def test_trimming_the_padding_changes_no_output(name, backbone, monkeypatch):
+    monkeypatch.setenv("CMA_CLIP_FP32", "1")  # no bf16 autocast: compare in full precision
+    encoder = backbone if name == "bundled" else create_backbone(name, "cpu")
+    images, texts = real_items()
+    with torch.no_grad():
+        trimmed = encoder.encode(images, texts, max_tokens=32)
+        padded = encoder.tokenize(texts, 32)
+        tokens, pooled = encoder.encode_text(padded)  # full precision, padded to 32
+    length = trimmed.text_mask.shape[1]
+    assert length < 32 and padded.mask[:, length:].sum() == 0
+    real = trimmed.text_mask
+    torch.testing.assert_close(trimmed.text_pooled, pooled, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trimmed.text_tokens[real], tokens[:, :length][real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trimmed.text_ids, padded.ids[:, :length])
 
 
 @pytest.mark.parametrize("offline_flag", ["1", "0"])

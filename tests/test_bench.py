@@ -28,3 +28,15 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     assert {"cpu", "cores", "torch", "bf16_autocast"} <= set(doc["hardware"])
     assert doc["settings"]["warmup"] >= 1
     assert "fusion ratio" in capsys.readouterr().out
+
+
+def test_sections_measure_only_what_is_asked(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--sections", "cache", "--out-json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["figures"]) == {"feature_cache"}
+    assert set(doc["targets"]) == {"cache_vs_backbone"}
+    assert doc["figures"]["feature_cache"]["workers"] == 1  # one decode worker on a CPU
+    table = capsys.readouterr().out
+    assert "feature cache build" in table and "fusion ratio" not in table
+    assert doc["command"] == f"python -m cma_clip.bench --quick --sections cache --out-json {out}"
