@@ -45,7 +45,7 @@ from .robustness import MODES
 from .runtime import autocast, bf16_supported, default_device
 from .viz import modality_weight_curves_figure, noise_curves_figure
 
-# table row -> fusion of cma_clip.model; None: zero-shot with the seed's CMA-CLIP alignment
+# table row -> run (a folder per seed); None: zero-shot with the seed's CMA-CLIP alignment
 METHODS = {
     "zero-shot (raw CLIP)": None,
     "text only": "text_only",
@@ -54,8 +54,11 @@ METHODS = {
     "w/o both attentions": "no_attention",
     "w/o sequence-wise attention": "no_sequence_attention",
     "w/o modality-wise attention": "no_modality_attention",
+    "CMA-CLIP w/o lexical channel": "cma_no_lexical",
     "CMA-CLIP": "cma",
 }
+# the training options of a run; by default its name is the fusion (cma_clip.model.FUSIONS)
+RUN_ARGS = {"cma_no_lexical": ["--fusion", "cma", "--lexical-buckets", "0"]}
 CATALOGUES = ("fashion-product-images", "hm-articles")
 # Training epochs of every method, per catalogue: fashion has four times H&M's items, so 6 epochs
 # are 750 optimiser steps (H&M: 10 epochs, 310 steps); the shipped fashion run's validation
@@ -79,8 +82,8 @@ class Study:
     def epochs_for(self, catalogue: str) -> int:
         return self.epochs or EPOCHS.get(catalogue, 10)
 
-    def run_dir(self, catalogue: str, seed: int, fusion: str) -> Path:
-        return self.runs / catalogue / f"seed-{seed}" / fusion
+    def run_dir(self, catalogue: str, seed: int, run: str) -> Path:
+        return self.runs / catalogue / f"seed-{seed}" / run
 
 
 def is_complete(run: Path) -> bool:
@@ -88,13 +91,13 @@ def is_complete(run: Path) -> bool:
     return (run / "eval_test.json").exists() and not (run / f"{train.STATE}.json").exists()
 
 
-def train_run(study: Study, catalogue: str, seed: int, fusion: str) -> None:
-    run = study.run_dir(catalogue, seed, fusion)
+def train_run(study: Study, catalogue: str, seed: int, name: str) -> None:
+    run = study.run_dir(catalogue, seed, name)
     if is_complete(run):
         return
-    args = ["--catalogue", catalogue, "--fusion", fusion, "--seed", str(seed),
+    args = ["--catalogue", catalogue, *RUN_ARGS.get(name, ["--fusion", name]), "--seed", str(seed),
             "--epochs", str(study.epochs_for(catalogue)), "--out", str(run), "--quiet", *study.train_args]
-    if fusion != "cma":
+    if name != "cma":
         args += ["--align-from", str(study.run_dir(catalogue, seed, "cma"))]
     if study.data_root:
         args += ["--data-root", study.data_root]
@@ -102,17 +105,17 @@ def train_run(study: Study, catalogue: str, seed: int, fusion: str) -> None:
         args += ["--cache-dir", study.cache_dir]
     if (run / f"{train.STATE}.json").exists():
         args.append("--resume")
-    print(f"[study] train {catalogue} seed {seed} {fusion}", file=sys.stderr, flush=True)
+    print(f"[study] train {catalogue} seed {seed} {name}", file=sys.stderr, flush=True)
     started = time.time()
     if train.main(args) != 0:
         raise RuntimeError(f"training failed: python -m cma_clip.train {' '.join(args)}")
     (run / "study.json").write_text(json.dumps({"seconds": round(time.time() - started, 1)}))
 
 
-def test_report(study: Study, catalogue: str, seed: int, fusion: str | None) -> dict:
+def test_report(study: Study, catalogue: str, seed: int, name: str | None) -> dict:
     """The test report of one method and seed (zero-shot: computed once and kept)."""
-    run = study.run_dir(catalogue, seed, fusion or "cma")
-    if fusion is not None:
+    run = study.run_dir(catalogue, seed, name or "cma")
+    if name is not None:
         return json.loads((run / "eval_test.json").read_text())
     path = run / "zero_shot_test.json"
     if not path.exists():
@@ -224,14 +227,14 @@ def noise_scores(model: CMAClip, config: dict, sample: Catalogue, features: dict
     return out
 
 
-def run_noise(study: Study, catalogue: str, seed: int, fusion: str | None, sample: Catalogue,
+def run_noise(study: Study, catalogue: str, seed: int, name: str | None, sample: Catalogue,
               features: dict[int, dict[str, np.ndarray]], backbone: DualEncoder) -> dict:
     """Noise scores of one method and seed, computed once and kept in its run folder."""
-    run = study.run_dir(catalogue, seed, fusion or "cma")
-    path = run / f"noise-{len(sample)}{'-zero-shot' if fusion is None else ''}.json"
+    run = study.run_dir(catalogue, seed, name or "cma")
+    path = run / f"noise-{len(sample)}{'-zero-shot' if name is None else ''}.json"
     if not path.exists():
         model, config = load_checkpoint(run, backbone.device)
-        scores = noise_scores(model, config, sample, features, backbone if fusion is None else None)
+        scores = noise_scores(model, config, sample, features, backbone if name is None else None)
         path.write_text(json.dumps(scores))
     return {mode: {int(s): v for s, v in by_severity.items()}
             for mode, by_severity in json.loads(path.read_text()).items()}
@@ -332,16 +335,16 @@ def run_study(study: Study, command: str) -> dict:
                             "noise_items": study.noise_items,
                             "train_args": list(study.train_args)},
                "catalogues": {}}
-    fusions = ["cma"] + [f for f in METHODS.values() if f not in (None, "cma")]  # cma first: the others reuse its alignment
+    runs = ["cma"] + [name for name in METHODS.values() if name not in (None, "cma")]  # the others reuse cma's alignment
     for catalogue in study.catalogues:
         for seed in study.seeds:
-            for fusion in fusions:
-                train_run(study, catalogue, seed, fusion)
+            for name in runs:
+                train_run(study, catalogue, seed, name)
         result = {"test": {}, "noise": {}, "seconds": {}}
-        for method, fusion in METHODS.items():
-            result["test"][method] = {seed: test_report(study, catalogue, seed, fusion) for seed in study.seeds}
-            if fusion is not None:
-                result["seconds"][method] = [json.loads((study.run_dir(catalogue, s, fusion) / "study.json")
+        for method, name in METHODS.items():
+            result["test"][method] = {seed: test_report(study, catalogue, seed, name) for seed in study.seeds}
+            if name is not None:
+                result["seconds"][method] = [json.loads((study.run_dir(catalogue, s, name) / "study.json")
                                                         .read_text())["seconds"] for s in study.seeds]
         if study.noise_items:
             config = json.loads((study.run_dir(catalogue, study.seeds[0], "cma") / "config.json").read_text())
@@ -350,8 +353,8 @@ def run_study(study: Study, command: str) -> dict:
             sample = noise_sample(test, study.noise_items)
             features = noisy_features(study, backbone, sample)
             result["noise_sample"] = len(sample)
-            for method, fusion in METHODS.items():
-                result["noise"][method] = {seed: run_noise(study, catalogue, seed, fusion, sample, features, backbone)
+            for method, name in METHODS.items():
+                result["noise"][method] = {seed: run_noise(study, catalogue, seed, name, sample, features, backbone)
                                            for seed in study.seeds}
         result["summary"] = summarise(result)
         results["catalogues"][catalogue] = result

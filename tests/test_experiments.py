@@ -30,16 +30,18 @@ def test_every_method_and_seed_is_reported_with_its_spread(study):
     root, _, results = study
     result = results["catalogues"]["hm-articles"]
     assert set(result["test"]) == set(METHODS)
-    for method, fusion in METHODS.items():
+    for method, name in METHODS.items():
         assert len(result["test"][method]) == len(SEEDS)
         per_seed = [result["test"][method][str(s)]["mean"]["accuracy"] for s in SEEDS]
         summary = result["summary"]["test"][method]["mean"]["accuracy"]
         assert summary["mean"] == pytest.approx(np.mean(per_seed))
         assert summary["std"] == pytest.approx(np.std(per_seed, ddof=1))
-        if fusion is not None:  # the table reads the runs' own test reports
-            run = root / "runs" / "hm-articles" / "seed-1" / fusion
+        if name is not None:  # the table reads the runs' own test reports
+            run = root / "runs" / "hm-articles" / "seed-1" / name
             assert result["test"][method]["1"] == json.loads((run / "eval_test.json").read_text())
-            assert json.loads((run / "config.json").read_text())["model"]["fusion"] == fusion
+            model = json.loads((run / "config.json").read_text())["model"]
+            assert model["fusion"] == ("cma" if name == "cma_no_lexical" else name)
+            assert (model["lexical_buckets"] == 0) == (name == "cma_no_lexical")
     tables = (root / "report" / "TABLES.md").read_text()
     for method in METHODS:
         assert f"| {method} |" in tables
