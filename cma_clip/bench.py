@@ -330,8 +330,8 @@ def run(sizes: Sizes, log: Callable[[str], None] = print, sections: tuple[str, .
 
 
 def _latency_rows(section: dict, name: str, repeats: int) -> list[tuple[str, str, str]]:
-    rows = [(f"predict_batch, batch 1, {name}: p50 / p95", f"{section['p50_s'] * 1e3:.1f} / {section['p95_s'] * 1e3:.1f} ms",
-             f"{repeats} runs")]
+    rows = [(f"predict_batch, batch 1, {name}: p50 / p95",
+             f"{section['p50_s'] * 1e3:.1f} / {section['p95_s'] * 1e3:.1f} ms", f"{repeats} runs")]
     if "explained_p50_s" in section:
         rows.append((f"predict (attention + relevance), {name}: p50 / p95",
                      f"{section['explained_p50_s'] * 1e3:.1f} / {section['explained_p95_s'] * 1e3:.1f} ms",

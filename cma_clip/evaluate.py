@@ -29,7 +29,7 @@ from .runtime import autocast, default_device
 
 @torch.no_grad()
 def iter_outputs(model: CMAClip, features: Features, index: np.ndarray | None = None,
-                 batch_size: int = 512) -> Iterator[CMAOutput]:
+                 batch_size: int = 512, return_attention: bool = False) -> Iterator[CMAOutput]:
     """The model's outputs on the items `index` of `features` (all items when None), batch by batch.
 
     `features` is anything with `__len__` and `batch(index, device) -> EncoderOutput`."""
@@ -38,7 +38,7 @@ def iter_outputs(model: CMAClip, features: Features, index: np.ndarray | None = 
     model.eval()
     for start in range(0, len(index), batch_size):
         with autocast(device):
-            yield model(features.batch(index[start:start + batch_size], device))
+            yield model(features.batch(index[start:start + batch_size], device), return_attention=return_attention)
 
 
 def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray | None = None,

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import train
+from . import bench, train
 from .backbones import DualEncoder, TextBatch, create_backbone
 from .checkpoint import load_checkpoint
 from .data import Catalogue, CatalogueConfig, Features, LabelVocab, load_image
@@ -42,7 +40,7 @@ from .metrics import METRIC_NAMES
 from .model import MODALITIES, CMAClip
 from .noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
 from .robustness import MODES
-from .runtime import autocast, bf16_supported, default_device
+from .runtime import autocast, default_device
 from .viz import modality_weight_curves_figure, noise_curves_figure
 
 # table row -> run (a folder per seed); None: zero-shot with the seed's CMA-CLIP alignment
@@ -149,7 +147,8 @@ class _NoisyImages(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def encode_noisy(backbone: DualEncoder, sample: Catalogue, severity: int, batch_size: int = 32) -> dict[str, np.ndarray]:
+def encode_noisy(backbone: DualEncoder, sample: Catalogue, severity: int,
+                 batch_size: int = 32) -> dict[str, np.ndarray]:
     """Backbone features of the sample with images and texts corrupted at `severity` (0: clean)."""
     device, max_tokens = backbone.device, sample.config.max_text_tokens
     parts: dict[str, list[np.ndarray]] = {name: [] for name in
@@ -200,7 +199,10 @@ def condition(features: dict[int, dict[str, np.ndarray]], mode: str, severity: i
 
 def noise_scores(model: CMAClip, config: dict, sample: Catalogue, features: dict[int, dict[str, np.ndarray]],
                  backbone: DualEncoder | None = None) -> dict:
-    """mode -> severity -> {"mean": metrics, "image_weight": task -> mean image weight}.
+    """mode -> severity -> {"mean": metrics, "image_weight": task -> mean image weight,
+    "image_weight_item_std": task -> its standard deviation over items, "cross_attention": mean
+    share of the image [CLS]'s last-layer attention on the text part ("image_cls_on_text") and
+    of the text [CLS]'s on the image part ("text_cls_on_image")}.
     With `backbone`, the zero-shot classifier of the model's alignment is scored instead."""
     targets = {task: LabelVocab(spec["classes"]).encode(sample.labels(task)) for task, spec in config["tasks"].items()}
     classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
@@ -210,21 +212,30 @@ def noise_scores(model: CMAClip, config: dict, sample: Catalogue, features: dict
         for severity in SEVERITIES:
             inputs = condition(features, mode, severity)
             weights: dict[str, list[np.ndarray]] = {task: [] for task in classes}
+            cross: dict[str, list[np.ndarray]] = {"image_cls_on_text": [], "text_cls_on_image": []}
             if backbone is not None:
                 probabilities = zero_shot_probabilities_for(model, backbone, classes, inputs)
             else:
                 chunks: dict[str, list[np.ndarray]] = {task: [] for task in classes}
-                for output in iter_outputs(model, inputs):
+                for output in iter_outputs(model, inputs, return_attention=model.sequence is not None):
                     for task in classes:
                         chunks[task].append(output.logits[task].float().softmax(-1).cpu().numpy())
                         weights[task].append(output.modality_weights[task][:, MODALITIES.index("image")]
                                              .float().cpu().numpy())
+                    if output.attention is not None:  # sequence [text CLS, L tokens, image CLS, patches]
+                        maps, text_end = output.attention, output.attention.text_length + 1
+                        cross["image_cls_on_text"].append(maps.image_cls[:, :text_end].sum(-1).float().cpu().numpy())
+                        cross["text_cls_on_image"].append(maps.text_cls[:, text_end:].sum(-1).float().cpu().numpy())
                 probabilities = {task: np.concatenate(parts) for task, parts in chunks.items()}
             report = score(probabilities, targets)
-            out[mode][severity] = {"mean": report["mean"],
-                                   "image_weight": {task: float(np.concatenate(w).mean()) for task, w in weights.items()
-                                                    if w}}
+            out[mode][severity] = {"mean": report["mean"], "image_weight": _means(weights),
+                                   "image_weight_item_std": _means(weights, np.std), "cross_attention": _means(cross)}
     return out
+
+
+def _means(parts: dict[str, list[np.ndarray]], statistic=np.mean) -> dict[str, float]:
+    """`statistic` (the mean, by default) over the items of each key's batches."""
+    return {key: float(statistic(np.concatenate(chunks))) for key, chunks in parts.items() if chunks}
 
 
 def run_noise(study: Study, catalogue: str, seed: int, name: str | None, sample: Catalogue,
@@ -251,18 +262,15 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def hardware() -> str:
-    device = default_device()
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    precision = "bf16 autocast" if bf16_supported(device) else "float32"
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {precision}, torch {torch.__version__}"
+    h = bench.hardware()
+    device = h["gpu"] or f"{h['cpu']}, {h['cores']} cores, {h['torch_threads']} torch threads"
+    return f"{device}, {'bf16 autocast' if h['bf16_autocast'] else 'float32'}, torch {h['torch']}"
 
 
 def summarise(catalogue_results: dict) -> dict:
     """Means and spreads over seeds: test metrics per task and mean, noise curves, modality weights."""
-    summary: dict = {"test": {}, "noise": {}, "image_weight": {}}
+    summary: dict = {"test": {}, "noise": {}, "image_weight": {}, "image_weight_item_std": {},
+                     "cross_attention": {}}
     for method, seeds in catalogue_results["test"].items():
         reports = list(seeds.values())
         tasks = list(reports[0]["tasks"])
@@ -275,11 +283,10 @@ def summarise(catalogue_results: dict) -> dict:
             mode: {m: [spread([run[mode][s]["mean"][m] for run in runs]) for s in SEVERITIES] for m in METRIC_NAMES}
             for mode in MODES}
     cma = list(catalogue_results["noise"].get("CMA-CLIP", {}).values())
-    if cma:
-        tasks = list(cma[0]["image"][0]["image_weight"])
-        summary["image_weight"] = {
-            mode: {t: [spread([run[mode][s]["image_weight"][t] for run in cma]) for s in SEVERITIES] for t in tasks}
-            for mode in MODES}
+    for key in ("image_weight", "image_weight_item_std", "cross_attention") if cma else ():
+        names = list(cma[0]["image"][0].get(key, {}))
+        summary[key] = {mode: {name: [spread([run[mode][s][key][name] for run in cma]) for s in SEVERITIES]
+                               for name in names} for mode in MODES}
     return summary
 
 
@@ -319,10 +326,20 @@ def markdown_tables(results: dict) -> str:
                              + " |")
         if summary["image_weight"]:
             lines += ["", "### CMA-CLIP's image weight (modality-wise attention) under noise", "",
-                      "| task | clean | image noise s5 | text noise s5 | both s5 |", "|---|---|---|---|---|"]
+                      "| task | clean | std over items, clean | image noise s5 | text noise s5 | both s5 |",
+                      "|---|---|---|---|---|---|"]
             for task, clean in summary["image_weight"]["image"].items():
                 cells = [_cell(summary["image_weight"][mode][task][5]) for mode in MODES]
-                lines.append(f"| {task} | {_cell(clean[0])} | " + " | ".join(cells) + " |")
+                item_std = summary["image_weight_item_std"]["image"][task][0]["mean"]
+                lines.append(f"| {task} | {_cell(clean[0])} | {item_std:.3f} | " + " | ".join(cells) + " |")
+        if summary["cross_attention"]:
+            lines += ["", "### CMA-CLIP's cross-modal attention (last layer) under noise", "",
+                      "| share of attention | clean | image noise s5 | text noise s5 | both s5 |",
+                      "|---|---|---|---|---|"]
+            labels = {"image_cls_on_text": "image [CLS] on the text", "text_cls_on_image": "text [CLS] on the image"}
+            for key, clean in summary["cross_attention"]["image"].items():
+                cells = [_cell(summary["cross_attention"][mode][key][5]) for mode in MODES]
+                lines.append(f"| {labels[key]} | {_cell(clean[0])} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -335,7 +352,8 @@ def run_study(study: Study, command: str) -> dict:
                             "noise_items": study.noise_items,
                             "train_args": list(study.train_args)},
                "catalogues": {}}
-    runs = ["cma"] + [name for name in METHODS.values() if name not in (None, "cma")]  # the others reuse cma's alignment
+    # cma first: the other runs of a seed reuse its alignment
+    runs = ["cma"] + [name for name in METHODS.values() if name not in (None, "cma")]
     for catalogue in study.catalogues:
         for seed in study.seeds:
             for name in runs:
@@ -371,8 +389,8 @@ def write_report(folder: Path, results: dict) -> None:
         if summary["noise"]:
             noise_curves_figure(summary["noise"], catalogue).savefig(folder / f"noise-{catalogue}.png", dpi=110)
         if summary["image_weight"]:
-            modality_weight_curves_figure(summary["image_weight"], catalogue).savefig(folder / f"modality-{catalogue}.png",
-                                                                              dpi=110)
+            figure = modality_weight_curves_figure(summary["image_weight"], catalogue)
+            figure.savefig(folder / f"modality-{catalogue}.png", dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,7 @@ def test_every_method_and_seed_is_reported_with_its_spread(study):
     tables = (root / "report" / "TABLES.md").read_text()
     for method in METHODS:
         assert f"| {method} |" in tables
+    assert "| image [CLS] on the text |" in tables
     for name in ("noise-hm-articles.png", "modality-hm-articles.png"):
         with Image.open(root / "report" / name) as image:
             assert image.width > 600 and image.height > 250
@@ -82,6 +83,9 @@ def test_noise_reaches_only_the_inputs_it_names(study):
         assert len({curve(method, mode)[0] for mode in ("image", "text", "both")}) == 1
     weights = noise["CMA-CLIP"]["0"]["image"]["0"]["image_weight"]
     assert weights and all(0.0 < w < 1.0 for w in weights.values())
+    cross = noise["CMA-CLIP"]["0"]["image"]["5"]["cross_attention"]
+    assert set(cross) == {"image_cls_on_text", "text_cls_on_image"} and all(0.0 < v < 1.0 for v in cross.values())
+    assert noise["late fusion (fine-tuned CLIP)"]["0"]["image"]["5"]["cross_attention"] == {}  # no sequence attention
 
 
 def test_a_second_call_reuses_the_runs(study):
