@@ -114,7 +114,7 @@ def latency(predictor: Predictor, image, text: str, sizes: Sizes, explained: boo
     @torch.no_grad()
     def full_forward():
         feats = backbone.encode([image], [text], tokens)
-        with autocast(predictor.device):
+        with autocast(predictor.device, batch_size=1):  # as Predictor.predict_batch runs one item
             return model(feats)
 
     fns = {"predict": lambda: predictor.predict_batch([image], [text]), "backbone": backbone_only,

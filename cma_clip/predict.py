@@ -103,12 +103,9 @@ class Predictor:
     def predict(self, image: Image.Image, text: str, top_k: int = 3) -> Prediction:
         """One item, with the attention maps the app draws and each task's token relevance."""
         with torch.no_grad():
-            feats = self.backbone.encode([image], [text], self.max_tokens)
-        length = int(feats.text_mask.sum())
-        feats.text_tokens, feats.text_mask = feats.text_tokens[:, :length], feats.text_mask[:, :length]
-        feats.text_ids = feats.text_ids[:, :length]
+            feats = self.backbone.encode([image], [text], self.max_tokens)  # no padding: one text
         feats.text_tokens.requires_grad_(True)
-        with torch.enable_grad(), autocast(self.device):
+        with torch.enable_grad(), autocast(self.device, batch_size=1):
             out = self.model(feats, return_attention=True)
             relevance = self._token_relevance(out, feats.text_tokens)
         prediction = self._task_predictions(out, top_k)[0]
@@ -137,7 +134,7 @@ class Predictor:
     def predict_batch(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
         """Many items at once, without attention maps."""
         feats = self.backbone.encode(images, texts, self.max_tokens)
-        with autocast(self.device):
+        with autocast(self.device, batch_size=len(images)):
             out = self.model(feats)
         return self._task_predictions(out, top_k)
 
