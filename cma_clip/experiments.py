@@ -387,7 +387,8 @@ def write_report(folder: Path, results: dict) -> None:
     for catalogue, result in results["catalogues"].items():
         summary = result["summary"]
         if summary["noise"]:
-            noise_curves_figure(summary["noise"], catalogue).savefig(folder / f"noise-{catalogue}.png", dpi=110)
+            figure = noise_curves_figure(summary["noise"], catalogue, emphasis="CMA-CLIP")
+            figure.savefig(folder / f"noise-{catalogue}.png", dpi=110)
         if summary["image_weight"]:
             figure = modality_weight_curves_figure(summary["image_weight"], catalogue)
             figure.savefig(folder / f"modality-{catalogue}.png", dpi=110)

@@ -128,9 +128,10 @@ def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float) -> Figure:
 
 
 def _severity_grid(curves: dict[str, dict[str, list[dict]]], rows: list[str], title: str,
-                   ylabels: dict[str, str]) -> Figure:
+                   ylabels: dict[str, str], emphasis: str | None = None) -> Figure:
     """A grid of curves against severity: one row per entry of `rows`, one column per noise mode;
-    `curves[line][mode][row]` holds {"mean", "std"} per severity, drawn as a line and a ±std band."""
+    `curves[line][mode][row]` holds {"mean", "std"} per severity, drawn as a line and a ±std band.
+    The `emphasis` line is drawn thicker and on top."""
     modes = list(next(iter(curves.values())))
     fig, axes = plt.subplots(len(rows), len(modes), figsize=(4.2 * len(modes), 3.2 * len(rows)), dpi=100,
                              squeeze=False, sharex=True)
@@ -141,7 +142,9 @@ def _severity_grid(curves: dict[str, dict[str, list[dict]]], rows: list[str], ti
             mean = np.array([p["mean"] for p in points])
             std = np.array([p["std"] for p in points])
             severities = np.arange(len(points))
-            ax.plot(severities, mean, marker="o", markersize=3, label=line)
+            bold = line == emphasis
+            ax.plot(severities, mean, marker="o", markersize=4 if bold else 3, linewidth=2.6 if bold else 1.2,
+                    zorder=3 if bold else 2, label=line)
             ax.fill_between(severities, mean - std, mean + std, alpha=0.15)
         ax.set_title(f"{mode} noise" if r == 0 else "", fontsize=10)
         ax.set_ylabel(ylabels[row] if c == 0 else "")
@@ -156,11 +159,12 @@ def _severity_grid(curves: dict[str, dict[str, list[dict]]], rows: list[str], ti
     return fig
 
 
-def noise_curves_figure(curves: dict[str, dict[str, dict[str, list[dict]]]], title: str) -> Figure:
+def noise_curves_figure(curves: dict[str, dict[str, dict[str, list[dict]]]], title: str,
+                        emphasis: str | None = None) -> Figure:
     """Each method's mean accuracy and recall at 90% precision against severity, for image,
     text and both noises: curves[method][mode][metric] = [{"mean", "std"} per severity]."""
     return _severity_grid(curves, ["accuracy", "recall_at_90_precision"], title,
-                          {"accuracy": "mean accuracy", "recall_at_90_precision": "mean recall@90%P"})
+                          {"accuracy": "mean accuracy", "recall_at_90_precision": "mean recall@90%P"}, emphasis)
 
 
 def modality_weight_curves_figure(image_weight: dict[str, dict[str, list[dict]]], title: str) -> Figure:
