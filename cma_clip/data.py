@@ -15,11 +15,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -284,8 +286,9 @@ class Features:
 class _ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers, so the backbone never waits."""
 
-    def __init__(self, paths: list[Path], backbone: DualEncoder):
-        self.paths, self.backbone = paths, backbone
+    def __init__(self, paths: list[Path], backbone: DualEncoder,
+                 transform: Callable[[Image.Image, int], Image.Image] | None = None):
+        self.paths, self.backbone, self.transform = paths, backbone, transform
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -294,10 +297,27 @@ class _ImageDataset(torch.utils.data.Dataset):
         """The pixels and "", or blank pixels and why the image cannot be used: the reason is
         raised in the main process, as an ImageError without the worker's traceback."""
         try:
-            return self.backbone.preprocess([load_image(self.paths[i])])[0], ""
+            image = load_image(self.paths[i])
         except ImageError as exc:
             size = self.backbone.image_size
             return torch.zeros(3, size, size), str(exc)
+        if self.transform is not None:
+            image = self.transform(image, i)
+        return self.backbone.preprocess([image])[0], ""
+
+
+def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64, num_workers: int | None = None,
+                  transform: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[torch.Tensor]:
+    """Preprocessed pixels of `paths` in order, `batch_size` at a time, decoded (and changed by
+    `transform(image, index)`, if given) in `num_workers` DataLoader workers (default:
+    `runtime.loader_workers`). An unusable image raises `ImageError`."""
+    workers = loader_workers(backbone.device) if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(_ImageDataset(paths, backbone, transform), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False)
+    for pixels, errors in loader:
+        if any(errors):
+            raise ImageError(next(e for e in errors if e))
+        yield pixels
 
 
 def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
@@ -318,8 +338,7 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     """
     folder = Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
     if not (folder / "meta.json").exists():
-        workers = loader_workers(backbone.device) if num_workers is None else num_workers
-        _build_cache(backbone, catalogue, folder, batch_size, workers, progress)
+        _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
     arrays = {name: np.load(folder / f"{name}.npy") for name in FEATURE_FIELDS}
     return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder))
 
@@ -336,7 +355,7 @@ def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.
 
 
 def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int,
-                 num_workers: int, progress: bool) -> None:
+                 num_workers: int | None, progress: bool) -> None:
     n, tokens = len(catalogue), catalogue.config.max_text_tokens
     texts = catalogue.texts()
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -352,22 +371,22 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
     arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=shape,
                                               dtype=np.bool_ if name == "text_mask" else np.float16)
               for name, shape in shapes.items()}
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(catalogue.image_paths(), backbone),
-        batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    batches = image_batches(catalogue.image_paths(), backbone, batch_size, num_workers)
     device = backbone.device
     start = 0
-    with torch.no_grad():
-        for pixels, errors in tqdm(loader, desc=f"features {catalogue.config.name}", disable=not progress):
-            if any(errors):
-                shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
-                raise ImageError(next(e for e in errors if e))
-            stop = start + len(pixels)
-            text = backbone.tokenize(texts[start:stop], tokens)
-            out = backbone(pixels.to(device), TextBatch(text.ids.to(device), text.mask.to(device)))
-            for name in FEATURE_FIELDS:
-                arrays[name][start:stop] = getattr(out, name).cpu().numpy()
-            start = stop
+    try:
+        with torch.no_grad():
+            for pixels in tqdm(batches, total=math.ceil(n / batch_size), desc=f"features {catalogue.config.name}",
+                               disable=not progress):
+                stop = start + len(pixels)
+                text = backbone.tokenize(texts[start:stop], tokens)
+                out = backbone(pixels.to(device), TextBatch(text.ids.to(device), text.mask.to(device)))
+                for name in FEATURE_FIELDS:
+                    arrays[name][start:stop] = getattr(out, name).cpu().numpy()
+                start = stop
+    except ImageError:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
     for array in arrays.values():
         array.flush()
     (tmp / "meta.json").write_text(json.dumps({"items": n, "backbone": backbone.cache_key(),

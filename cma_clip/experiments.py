@@ -26,21 +26,23 @@ import json
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import bench, train
 from .backbones import DualEncoder, TextBatch, create_backbone
-from .checkpoint import load_checkpoint
-from .data import Catalogue, CatalogueConfig, Features, LabelVocab, load_image
+from .checkpoint import load_checkpoint, read_config
+from .data import FEATURE_FIELDS, Catalogue, CatalogueConfig, Features, LabelVocab, image_batches
 from .evaluate import evaluate_checkpoint, iter_outputs, score, zero_shot_probabilities_for
 from .metrics import METRIC_NAMES
 from .model import MODALITIES, CMAClip
 from .noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
 from .robustness import MODES
-from .runtime import autocast, default_device
+from .runtime import default_device
 from .viz import modality_weight_curves_figure, noise_curves_figure
 
 # table row -> run (a folder per seed); None: zero-shot with the seed's CMA-CLIP alignment
@@ -132,43 +134,31 @@ def noise_sample(catalogue: Catalogue, items: int, seed: int = 0) -> Catalogue:
     return replace(catalogue, rows=[catalogue.rows[i] for i in sorted(chosen)])
 
 
-class _NoisyImages(torch.utils.data.Dataset):
-    """Decoded, corrupted and preprocessed images, made in a DataLoader worker."""
+def _corrupt_item(image: Image.Image, index: int, severity: int) -> Image.Image:
+    """Item `index`'s image noise: corruption `index` mod 5, seeded by the index."""
+    return corrupt_image(image, IMAGE_NOISES[index % len(IMAGE_NOISES)], severity, index)
 
-    def __init__(self, paths: list[Path], backbone: DualEncoder, severity: int) -> None:
-        self.paths, self.backbone, self.severity = paths, backbone, severity
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = corrupt_image(load_image(self.paths[i]), IMAGE_NOISES[i % len(IMAGE_NOISES)], self.severity, i)
-        return self.backbone.preprocess([image])[0]
+STORED_DTYPES = {"text_mask": np.bool_, "text_ids": np.int32}  # the other fields are kept as float16
 
 
 @torch.no_grad()
 def encode_noisy(backbone: DualEncoder, sample: Catalogue, severity: int,
                  batch_size: int = 32) -> dict[str, np.ndarray]:
     """Backbone features of the sample with images and texts corrupted at `severity` (0: clean)."""
-    device, max_tokens = backbone.device, sample.config.max_text_tokens
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in
-                                          ("image_tokens", "image_pooled", "text_tokens", "text_mask", "text_pooled",
-                                           "text_ids")}
-    loader = torch.utils.data.DataLoader(_NoisyImages(sample.image_paths(), backbone, severity),
-                                         batch_size=batch_size, num_workers=1)
+    device, fields = backbone.device, (*FEATURE_FIELDS, "text_ids")
     texts = [corrupt_text(text, TEXT_NOISES[i % len(TEXT_NOISES)], severity, i)
              for i, text in enumerate(sample.texts())]
-    for start, pixels in zip(range(0, len(texts), batch_size), loader):
-        batch = backbone.tokenize(texts[start:start + batch_size], max_tokens)
-        with autocast(device):
-            image_tokens, image_pooled = backbone.encode_image(pixels.to(device))
-            text_tokens, text_pooled = backbone.encode_text(TextBatch(batch.ids.to(device), batch.mask.to(device)))
-        for name, value in (("image_tokens", image_tokens), ("image_pooled", image_pooled),
-                            ("text_tokens", text_tokens), ("text_pooled", text_pooled)):
-            parts[name].append(value.float().cpu().numpy().astype(np.float16))
-        parts["text_mask"].append(batch.mask.numpy())
-        parts["text_ids"].append(batch.ids.numpy().astype(np.int32))
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    batches = image_batches(sample.image_paths(), backbone, batch_size,
+                            transform=partial(_corrupt_item, severity=severity))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+    for start, pixels in zip(range(0, len(texts), batch_size), batches):
+        text = backbone.tokenize(texts[start:start + batch_size], sample.config.max_text_tokens)
+        out = backbone(pixels.to(device), TextBatch(text.ids.to(device), text.mask.to(device)))
+        for name in fields:
+            parts[name].append(getattr(out, name).cpu().numpy())
+    return {name: np.concatenate(chunks).astype(STORED_DTYPES.get(name, np.float16))
+            for name, chunks in parts.items()}
 
 
 def noisy_features(study: Study, backbone: DualEncoder, sample: Catalogue) -> dict[int, dict[str, np.ndarray]]:
@@ -188,10 +178,9 @@ def noisy_features(study: Study, backbone: DualEncoder, sample: Catalogue) -> di
     return out
 
 
-def condition(features: dict[int, dict[str, np.ndarray]], mode: str, severity: int) -> Features:
-    """Noisy images ("image"), noisy texts ("text") or both, the other input clean."""
-    image = features[severity if mode in ("image", "both") else 0]
-    text = features[severity if mode in ("text", "both") else 0]
+def condition(features: dict[int, dict[str, np.ndarray]], image_severity: int, text_severity: int) -> Features:
+    """The sample's images at one severity and its texts at another (0: clean)."""
+    image, text = features[image_severity], features[text_severity]
     return Features(image_tokens=image["image_tokens"], image_pooled=image["image_pooled"],
                     text_tokens=text["text_tokens"], text_mask=text["text_mask"],
                     text_pooled=text["text_pooled"], text_ids=text["text_ids"])
@@ -206,31 +195,38 @@ def noise_scores(model: CMAClip, config: dict, sample: Catalogue, features: dict
     With `backbone`, the zero-shot classifier of the model's alignment is scored instead."""
     targets = {task: LabelVocab(spec["classes"]).encode(sample.labels(task)) for task, spec in config["tasks"].items()}
     classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
+    scored: dict[tuple[int, int], dict] = {}  # (image, text) severity -> scores; severity 0 is shared by the modes
     out: dict[str, dict[int, dict]] = {}
     for mode in MODES:
         out[mode] = {}
         for severity in SEVERITIES:
-            inputs = condition(features, mode, severity)
-            weights: dict[str, list[np.ndarray]] = {task: [] for task in classes}
-            cross: dict[str, list[np.ndarray]] = {"image_cls_on_text": [], "text_cls_on_image": []}
-            if backbone is not None:
-                probabilities = zero_shot_probabilities_for(model, backbone, classes, inputs)
-            else:
-                chunks: dict[str, list[np.ndarray]] = {task: [] for task in classes}
-                for output in iter_outputs(model, inputs, return_attention=model.sequence is not None):
-                    for task in classes:
-                        chunks[task].append(output.logits[task].float().softmax(-1).cpu().numpy())
-                        weights[task].append(output.modality_weights[task][:, MODALITIES.index("image")]
-                                             .float().cpu().numpy())
-                    if output.attention is not None:  # sequence [text CLS, L tokens, image CLS, patches]
-                        maps, text_end = output.attention, output.attention.text_length + 1
-                        cross["image_cls_on_text"].append(maps.image_cls[:, :text_end].sum(-1).float().cpu().numpy())
-                        cross["text_cls_on_image"].append(maps.text_cls[:, text_end:].sum(-1).float().cpu().numpy())
-                probabilities = {task: np.concatenate(parts) for task, parts in chunks.items()}
-            report = score(probabilities, targets)
-            out[mode][severity] = {"mean": report["mean"], "image_weight": _means(weights),
-                                   "image_weight_item_std": _means(weights, np.std), "cross_attention": _means(cross)}
+            key = (severity if mode in ("image", "both") else 0, severity if mode in ("text", "both") else 0)
+            if key not in scored:
+                scored[key] = _score_inputs(model, classes, targets, condition(features, *key), backbone)
+            out[mode][severity] = scored[key]
     return out
+
+
+def _score_inputs(model: CMAClip, classes: dict[str, list[str]], targets: dict[str, np.ndarray],
+                  inputs: Features, backbone: DualEncoder | None) -> dict:
+    """One condition's entry of `noise_scores`."""
+    weights: dict[str, list[np.ndarray]] = {task: [] for task in classes}
+    cross: dict[str, list[np.ndarray]] = {"image_cls_on_text": [], "text_cls_on_image": []}
+    if backbone is not None:
+        probabilities = zero_shot_probabilities_for(model, backbone, classes, inputs)
+    else:
+        chunks: dict[str, list[np.ndarray]] = {task: [] for task in classes}
+        for output in iter_outputs(model, inputs, return_attention=model.sequence is not None):
+            for task in classes:
+                chunks[task].append(output.logits[task].float().softmax(-1).cpu().numpy())
+                weights[task].append(output.modality_weights[task][:, MODALITIES.index("image")].float().cpu().numpy())
+            if output.attention is not None:  # sequence [text CLS, L tokens, image CLS, patches]
+                maps, text_end = output.attention, output.attention.text_length + 1
+                cross["image_cls_on_text"].append(maps.image_cls[:, :text_end].sum(-1).float().cpu().numpy())
+                cross["text_cls_on_image"].append(maps.text_cls[:, text_end:].sum(-1).float().cpu().numpy())
+        probabilities = {task: np.concatenate(parts) for task, parts in chunks.items()}
+    return {"mean": score(probabilities, targets)["mean"], "image_weight": _means(weights),
+            "image_weight_item_std": _means(weights, np.std), "cross_attention": _means(cross)}
 
 
 def _means(parts: dict[str, list[np.ndarray]], statistic=np.mean) -> dict[str, float]:
@@ -365,7 +361,7 @@ def run_study(study: Study, command: str) -> dict:
                 result["seconds"][method] = [json.loads((study.run_dir(catalogue, s, name) / "study.json")
                                                         .read_text())["seconds"] for s in study.seeds]
         if study.noise_items:
-            config = json.loads((study.run_dir(catalogue, study.seeds[0], "cma") / "config.json").read_text())
+            config = read_config(study.run_dir(catalogue, study.seeds[0], "cma"))
             backbone = backbone or create_backbone(config["backbone"], device)
             test = Catalogue.open(CatalogueConfig.load(catalogue, study.data_root), split="test")
             sample = noise_sample(test, study.noise_items)
