@@ -264,7 +264,7 @@ def build(studio: Studio) -> gr.Blocks:
             """Save the labels (one per task of the model, in order) as a correction in the label store."""
             tasks = list(studio.task_classes(model_name))
             row = studio.save_correction(image_path, text_value, model_name, annotator_name, item,
-                                         dict(zip(tasks, labels)), None)
+                                         dict(zip(tasks, labels)))
             return f"Saved correction #{row}.", studio.history_rows()
 
         save_button.click(save_correction, [image, text, model, annotator, item_id, *slots], [save_status, history],
@@ -281,7 +281,7 @@ def build(studio: Studio) -> gr.Blocks:
             """Push the label store to $CMA_CLIP_HUB_DATASET with $HF_TOKEN; off unless both are set."""
             try:
                 return f"Pushed to {hub.push_label_store(studio.store.path, studio.export('jsonl'))}"
-            except hub.HubError as exc:
+            except (hub.HubError, StudioError) as exc:
                 return f"Not pushed: {exc}"
 
         push_button.click(push_labels, None, push_status, api_visibility="private")
@@ -367,10 +367,15 @@ def build(studio: Studio) -> gr.Blocks:
 
         def tasks(model_name: str) -> dict:
             """The model's tasks and their known labels, in the order /save_correction takes them."""
-            return {"tasks": studio.task_classes(model_name)} if model_name in studio.checkpoints else {}
+            if model_name not in studio.checkpoints:
+                return {}
+            try:
+                return {"tasks": studio.task_classes(model_name)}
+            except StudioError as exc:
+                raise gr.Error(str(exc)) from None
 
         gr.api(tasks, api_name="tasks")
-        model.change(lambda m: slot_updates(studio, m, None), model, slots, api_visibility="private")
+        model.change(user_errors(lambda m: slot_updates(studio, m, None)), model, slots, api_visibility="private")
     return demo
 
 

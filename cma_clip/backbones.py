@@ -91,6 +91,12 @@ class DualEncoder(nn.Module):
         """Identifies weights and preprocessing: cached features are valid only for the same key."""
         return f"{self._key}-letterbox{self.image_size}"
 
+    def load_finetuned(self, state: dict[str, torch.Tensor], digest: str) -> None:
+        """Load fine-tuned weights; `digest` (of their file) joins the cache key, so their
+        features are cached apart from the pretrained weights'."""
+        self.load_state_dict(state)
+        self._key = f"{self._key.split('-finetuned-')[0]}-finetuned-{digest}"
+
     def forward(self, pixels: torch.Tensor, text: TextBatch) -> EncoderOutput:
         """Encode a batch; under bf16 autocast where the hardware has it, outputs in float32."""
         with autocast(pixels.device):
@@ -255,11 +261,13 @@ class OpenClipBackbone(DualEncoder):
         self.text_pooled_dim = embed_dim
         self.context_length = self.model.context_length
         digest = _file_digest(pretrained) if pretrained and os.path.exists(pretrained) else pretrained
-        self._key = f"open_clip-{model_name}-{digest or 'random'}"
+        self._key = f"open_clip-{model_name}-{digest or 'random'}-eot"  # -eot: long texts keep their EOT token
         self.eval()
 
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
-        ids = self.tokenizer(list(texts))[:, : min(max_tokens, self.context_length)]
+        # the tokenizer truncates to the context length keeping the EOT token last; cutting its
+        # output instead would drop the EOT, and the pooled text would come from a word token
+        ids = self.tokenizer(list(texts), context_length=min(max_tokens, self.context_length))
         eot = ids.argmax(dim=-1)  # the EOT token has the highest id in CLIP's vocabulary
         positions = torch.arange(ids.shape[1]).unsqueeze(0)
         return TextBatch(ids, positions <= eot.unsqueeze(1))

@@ -8,6 +8,7 @@ A checkpoint is a folder:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .backbones import DualEncoder
 from .model import CMAClip, CMAClipConfig
 
 FORMAT = "cma-clip/1"
@@ -78,10 +80,22 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> t
     return model.to(device).eval(), config
 
 
-def load_backbone_state(folder: str | Path) -> dict[str, torch.Tensor] | None:
-    """Fine-tuned backbone weights, when the checkpoint has them."""
+def has_finetuned_backbone(folder: str | Path) -> bool:
+    return (_checkpoint_folder(folder) / BACKBONE_WEIGHTS).exists()
+
+
+def load_finetuned_backbone(folder: str | Path, backbone: DualEncoder) -> bool:
+    """Load the checkpoint's fine-tuned backbone weights into `backbone`, when it has them
+    (False when it has none). The backbone's cache key then names these weights."""
     path = _checkpoint_folder(folder) / BACKBONE_WEIGHTS
-    return _load_tensors(path) if path.exists() else None
+    if not path.exists():
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    backbone.load_finetuned(_load_tensors(path), digest.hexdigest()[:16])
+    return True
 
 
 def _checkpoint_folder(folder: str | Path) -> Path:

@@ -20,7 +20,7 @@ import torch
 
 from .align import label_embeddings, zero_shot_probabilities
 from .backbones import DualEncoder, create_backbone
-from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_finetuned_backbone
 from .data import Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features
 from .metrics import METRIC_NAMES, mean_metrics, task_metrics
 from .model import CMAClip, CMAOutput
@@ -106,9 +106,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     if not len(catalogue):
         raise CatalogueError(f"no rows in split {split!r} of {manifest}")
     backbone = create_backbone(config["backbone"], device)
-    finetuned = load_backbone_state(checkpoint)
-    if finetuned is not None:
-        backbone.load_state_dict(finetuned)
+    load_finetuned_backbone(checkpoint, backbone)
     features = extract_features(backbone, catalogue, cache_dir, progress=sys.stderr.isatty())
     targets = {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task)) for task, spec in config["tasks"].items()}
     if zero_shot:

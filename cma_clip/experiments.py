@@ -88,7 +88,7 @@ class Study:
 
 def is_complete(run: Path) -> bool:
     """A finished training run: its test report is written and no resumable state is left."""
-    return (run / "eval_test.json").exists() and not (run / f"{train.STATE}.json").exists()
+    return (run / "eval_test.json").exists() and not (run / train.STATE_FILE).exists()
 
 
 def train_run(study: Study, catalogue: str, seed: int, name: str) -> None:
@@ -103,7 +103,7 @@ def train_run(study: Study, catalogue: str, seed: int, name: str) -> None:
         args += ["--data-root", study.data_root]
     if study.cache_dir:
         args += ["--cache-dir", study.cache_dir]
-    if (run / f"{train.STATE}.json").exists():
+    if (run / train.STATE_FILE).exists():
         args.append("--resume")
     print(f"[study] train {catalogue} seed {seed} {name}", file=sys.stderr, flush=True)
     started = time.time()

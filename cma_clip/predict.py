@@ -28,7 +28,7 @@ from PIL import Image
 
 from . import distributed
 from .backbones import DualEncoder, create_backbone, letterbox
-from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint
+from .checkpoint import CheckpointError, has_finetuned_backbone, load_checkpoint, load_finetuned_backbone
 from .data import Catalogue, CatalogueError, ImageError, load_image
 from .evaluate import catalogue_for_checkpoint
 from .model import MODALITIES, CMAClip
@@ -88,12 +88,11 @@ class Predictor:
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> "Predictor":
         device = torch.device(device) if device else default_device()
         model, config = load_checkpoint(folder, device)
-        finetuned = load_backbone_state(folder)
-        if finetuned is None:
-            backbone = shared_backbone(config["backbone"], str(device))
-        else:
+        if has_finetuned_backbone(folder):
             backbone = create_backbone(config["backbone"], device)
-            backbone.load_state_dict(finetuned)
+            load_finetuned_backbone(folder, backbone)
+        else:
+            backbone = shared_backbone(config["backbone"], str(device))
         return cls(model, config, backbone)
 
     @property

@@ -156,8 +156,9 @@ class Studio:
         chosen = {t: str(v).strip() for t, v in labels.items() if t in tasks and v is not None and str(v).strip()}
         if not chosen:
             raise StudioError("Choose at least one label to save.")
-        predictions = None if prediction is None else {
-            t: {"label": p.label, "confidence": round(p.confidence, 4)} for t, p in prediction.tasks.items()}
+        if prediction is None:  # the model's prediction is stored with the labels: compute it for these inputs
+            prediction = self.predict(image_path, text, model)
+        predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)} for t, p in prediction.tasks.items()}
         try:
             return self.store.save_correction(image=Path(image_path), text=clean_text(text), labels=chosen,
                                               predictions=predictions, annotator=annotator.strip(),
@@ -179,7 +180,10 @@ class Studio:
         if fmt not in ("csv", "jsonl"):
             raise StudioError("Export format must be CSV or JSONL.")
         path = self.data_dir / f"labels_export.{fmt}"  # beside the store: image paths stay inside the folder
-        self.store.export(path)
+        try:
+            self.store.export(path)
+        except LabelStoreError as exc:
+            raise StudioError(f"Export failed: {exc}") from exc
         return path
 
     # ------------------------------------------------------------------ review queue
@@ -190,12 +194,14 @@ class Studio:
         try:
             config = CatalogueConfig.load(name, self.data_root)
             catalogue = Catalogue.open(config, split=split)
+            if not len(catalogue):
+                raise CatalogueError(f"its {split!r} split has no items")
+            size = max(1, min(int(size or 50), len(catalogue)))
+            picked = np.sort(np.random.default_rng(0).choice(len(catalogue), size=size, replace=False))
+            sample = replace(catalogue, rows=[catalogue.rows[i] for i in picked])
+            items = list(zip(sample.item_ids(), map(str, sample.image_paths()), sample.texts()))
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
-        size = max(1, min(int(size or 50), len(catalogue)))
-        picked = np.sort(np.random.default_rng(0).choice(len(catalogue), size=size, replace=False))
-        sample = replace(catalogue, rows=[catalogue.rows[i] for i in picked])
-        items = list(zip(sample.item_ids(), map(str, sample.image_paths()), sample.texts()))
         return self._queue(model, items, [], progress)
 
     def review_upload(self, model: str, manifest_path: str | None, image_paths: list[str] | None,
@@ -278,7 +284,6 @@ class Studio:
         if queue.current is not None and queue.current.status != "pending":
             queue.advance()
         return len(confident)
-
 
     # ------------------------------------------------------------------ robustness
     def probe(self, image_path: str | None, text: str | None, model: str, image_noise: str | None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -28,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
 from .align import train_alignment
 from .backbones import DualEncoder, TextBatch, create_backbone
-from .checkpoint import CheckpointError, load_backbone_state, load_checkpoint, save_checkpoint
+from .checkpoint import BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone, save_checkpoint
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
                    load_image)
 from .evaluate import format_table, predict_probabilities, score
@@ -42,7 +44,7 @@ from .metrics import threshold_at_precision
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 from .runtime import autocast, seed_everything
 
-STATE = "train_state"
+STATE_FILE = "train_state.safetensors"  # what --resume reads; removed when the run finishes
 MANIFEST_ARGS = ("manifest", "image_column", "text_columns", "id_column")
 SELECTION_METRIC = "recall_at_90_precision"
 
@@ -157,20 +159,36 @@ def lr_lambda(warmup_steps: int, total_steps: int):
     return factor
 
 
-def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, counters: dict) -> None:
-    """Training state for --resume, as safetensors + JSON (no pickles)."""
+def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, counters: dict,
+               backbone: DualEncoder | None = None) -> None:
+    """Training state for --resume: one safetensors file (no pickles), the counters in its
+    metadata; `backbone` when it is being fine-tuned. Written to a temporary file renamed into
+    place, so a crash mid-write leaves the previous state."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if backbone is not None:
+        tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()})
     optim = optimizer.state_dict()
     for pid, state in optim["state"].items():
         for name, value in state.items():
             tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).cpu().contiguous()
-    save_file(tensors, str(out / f"{STATE}.safetensors"))
-    (out / f"{STATE}.json").write_text(json.dumps({**counters, "param_groups": optim["param_groups"]}))
+    partial = out / f"{STATE_FILE}.partial"
+    save_file(tensors, str(partial), metadata={"counters": json.dumps({**counters, "param_groups": optim["param_groups"]})})
+    os.replace(partial, out / STATE_FILE)
 
 
-def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer) -> dict:
-    tensors = load_file(str(out / f"{STATE}.safetensors"))
-    counters = json.loads((out / f"{STATE}.json").read_text())
+def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer,
+               backbone: DualEncoder | None = None) -> dict:
+    try:
+        with safe_open(str(out / STATE_FILE), "pt") as handle:
+            counters = json.loads(handle.metadata()["counters"])
+        tensors = load_file(str(out / STATE_FILE))
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot resume from {out}: its training state is unreadable ({exc}); "
+                              "start again without --resume") from exc
+    if backbone is not None:
+        if not any(k.startswith("backbone.") for k in tensors):
+            raise CheckpointError(f"cannot resume {out} with --finetune-backbone: its state has no backbone weights")
+        backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -199,6 +217,8 @@ def train(args: argparse.Namespace) -> dict:
         raise CatalogueError(f"--batch-size {args.batch_size} is smaller than the {world} processes")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.finetune_backbone:  # a fine-tuned backbone left by an earlier run in --out must not load with this one
+        (out / BACKBONE_WEIGHTS).unlink(missing_ok=True)
     config = catalogue_config(args)
     catalogue = Catalogue.open(config)
     if args.limit:
@@ -255,8 +275,8 @@ def train(args: argparse.Namespace) -> dict:
     }
 
     counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": []}
-    if args.resume and (out / f"{STATE}.json").exists():
-        counters = load_state(out, model, optimizer)
+    if args.resume and (out / STATE_FILE).exists():
+        counters = load_state(out, model, optimizer, backbone if args.finetune_backbone else None)
         schedule.last_epoch = counters["step"]
         if main_rank:
             print(f"resumed at epoch {counters['epoch']} (step {counters['step']})", file=sys.stderr)
@@ -335,7 +355,7 @@ def train(args: argparse.Namespace) -> dict:
         else:
             counters["bad_epochs"] += 1
         if main_rank:
-            save_state(out, model, optimizer, counters)
+            save_state(out, model, optimizer, counters, backbone if args.finetune_backbone else None)
         if counters["bad_epochs"] >= args.patience:
             if main_rank:
                 print(f"early stop: no val improvement for {args.patience} epochs", file=sys.stderr)
@@ -351,7 +371,7 @@ def finish(out: Path, meta: dict, counters: dict, features: Features | LiveBatch
     """Reload the best epoch, add its 90%-precision thresholds (from val) and test report."""
     model, _ = load_checkpoint(out, device)
     if finetuned is not None:
-        finetuned.load_state_dict(load_backbone_state(out))
+        load_finetuned_backbone(out, finetuned)
         finetuned.eval()
     val_probs = predict_probabilities(model, features, splits["val"])
     val_targets = {t: v[splits["val"]] for t, v in targets.items()}
@@ -364,8 +384,7 @@ def finish(out: Path, meta: dict, counters: dict, features: Features | LiveBatch
         (out / "eval_test.json").write_text(json.dumps(metrics["test"], indent=2))
     meta["training"] = {k: counters[k] for k in ("history", "align_loss", "align_seconds") if k in counters}
     save_checkpoint(out, model, {**meta, "metrics": metrics})
-    for suffix in (".safetensors", ".json"):
-        (out / f"{STATE}{suffix}").unlink(missing_ok=True)
+    (out / STATE_FILE).unlink(missing_ok=True)
     return metrics
 
 

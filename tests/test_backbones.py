@@ -45,6 +45,9 @@ def test_open_clip_token_extraction_with_random_weights():
     assert text_tokens.shape == (2, 77, 512) and patches.shape == (2, 49, 512)
     tokens = backbone.token_strings(texts[0], 20)
     assert tokens[1:4] == ["striped", "cotton", "shirt"]
+    # a text longer than max_tokens keeps its end-of-text token, which the pooled embedding reads
+    long = backbone.tokenize(["striped cotton shirt with long sleeves " * 10], 16)
+    assert long.mask.all() and long.ids[0, -1] == backbone.tokenizer.eot_token_id
 
 
 @pytest.mark.parametrize("name", ["bundled", "open_clip:ViT-B-32"])

@@ -75,6 +75,13 @@ def test_predict_command_over_a_manifest(small_checkpoint, tmp_path):
     assert all("colour_group_name_confidence" in r for r in records)
 
 
+def resume_counters(out):
+    from safetensors import safe_open
+
+    with safe_open(str(out / train.STATE_FILE), "pt") as handle:
+        return json.loads(handle.metadata()["counters"])
+
+
 def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "resume"
     common = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32",
@@ -83,7 +90,7 @@ def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(train, "finish", lambda *args, **kwargs: {})
         train.train(train.parse_args([*common, "--epochs", "1"]))
-    assert json.loads((out / "train_state.json").read_text())["epoch"] == 1
+    assert resume_counters(out)["epoch"] == 1
     assert train.main([*common, "--epochs", "3", "--resume"]) == 0
     history = read_config(out)["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -129,3 +136,35 @@ def test_finetuning_the_backbone_saves_and_reloads_its_weights(tmp_path, cache_d
     assert predictor.backbone is not shared_backbone("bundled", "cpu")
     changed = [name for name, p in predictor.backbone.state_dict().items() if not torch.equal(p, pretrained[name])]
     assert changed, "fine-tuning changed no backbone weight"
+    # its features are cached apart from the pretrained backbone's, which training cached first
+    assert predictor.backbone.cache_key() != shared_backbone("bundled", "cpu").cache_key()
+    manifest = write_hm_manifest(tmp_path, hm_rows("test", 8), "test8.csv")
+    evaluate.evaluate_checkpoint(out, manifest, "test", tmp_path / "eval-cache")
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "eval-cache").glob("features/*/meta.json")]
+    assert [m["backbone"] for m in metas] == [predictor.backbone.cache_key()]
+
+
+def test_resuming_a_finetuning_run_restores_the_backbone(tmp_path, cache_dir, monkeypatch):
+    out = tmp_path / "finetune-resume"
+    common = ["--catalogue", "hm-articles", "--limit", "8", "--batch-size", "8", "--width", "32", "--align-epochs", "1",
+              "--finetune-backbone", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "finish", lambda *args, **kwargs: {})
+        train.train(train.parse_args([*common, "--epochs", "1"]))
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / train.STATE_FILE))
+    after_one_epoch = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    assert after_one_epoch
+    restored = {}
+    real_load_state = train.load_state
+
+    def spy(out_dir, model, optimizer, backbone=None):
+        counters = real_load_state(out_dir, model, optimizer, backbone)
+        restored.update(backbone.state_dict())
+        return counters
+
+    monkeypatch.setattr(train, "load_state", spy)
+    assert train.main([*common, "--epochs", "2", "--resume"]) == 0
+    assert all(torch.equal(restored[k], v) for k, v in after_one_epoch.items())
+    assert [h["epoch"] for h in read_config(out)["training"]["history"]] == [1, 2]

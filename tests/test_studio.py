@@ -62,6 +62,28 @@ def test_save_correction_history_and_export(studio):
         assert exported[0]["id"] == "0816591001"
 
 
+def test_a_correction_saved_without_a_prediction_stores_the_models(studio):
+    """The Predict tab saves without passing its prediction: the store must still hold the
+    model's prediction for these inputs, so `corrected` tells where the labeler disagreed."""
+    expected = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
+    labels = {t: p.label for t, p in expected.tasks.items()}
+    labels["colour_group_name"] = "Turquoise glitter"
+    studio.save_correction(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels)
+    entry = studio.store.history()[0]
+    assert {t: p["label"] for t, p in entry["predictions"].items()} == {t: p.label for t, p in expected.tasks.items()}
+    assert entry["corrected"] == ["colour_group_name"]
+
+
+def test_review_queue_on_an_empty_split_says_so(studio, monkeypatch):
+    from cma_clip import studio as studio_module
+
+    real_open = studio_module.Catalogue.open
+    monkeypatch.setattr(studio_module.Catalogue, "open",
+                        lambda config, split=None: real_open(config, split=split).split("no-such-split"))
+    with pytest.raises(StudioError, match="no items"):
+        studio.review_catalogue("hm-articles", "test", 5)
+
+
 def test_review_queue_on_a_catalogue_split(studio):
     queue = studio.review_catalogue("hm-articles", "test", 12)
     confidences = [item.confidence for item in queue.items]
