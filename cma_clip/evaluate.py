@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .align import label_embeddings, zero_shot_probabilities
-from .backbones import DualEncoder, create_backbone
+from .backbones import BackboneError, DualEncoder, create_backbone
 from .checkpoint import CheckpointError, load_checkpoint, load_finetuned_backbone
 from .data import Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features
 from .metrics import METRIC_NAMES, mean_metrics, task_metrics
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir,
                                      zero_shot=args.zero_shot)
-    except (CheckpointError, CatalogueError, ImageError) as exc:
+    except (BackboneError, CheckpointError, CatalogueError, ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))

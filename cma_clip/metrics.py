@@ -65,4 +65,6 @@ METRIC_NAMES = ("accuracy", "macro_f1", "recall_at_90_precision")
 
 
 def mean_metrics(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {m: float(np.mean([t[m] for t in per_task.values()])) for m in METRIC_NAMES}
+    """Unweighted mean over the tasks that have labelled items (NaN when none has)."""
+    scored = [t for t in per_task.values() if t["n"] > 0]
+    return {m: float(np.mean([t[m] for t in scored])) if scored else float("nan") for m in METRIC_NAMES}

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from . import distributed
-from .backbones import DualEncoder, create_backbone, letterbox
+from .backbones import BackboneError, DualEncoder, create_backbone, letterbox
 from .checkpoint import CheckpointError, has_finetuned_backbone, load_checkpoint, load_finetuned_backbone
 from .data import Catalogue, CatalogueError, ImageError, load_image
 from .evaluate import catalogue_for_checkpoint
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(predictor.predict(load_image(args.image), args.text).to_dict(), indent=2))
         else:
             parser.error("give --image (and --text) or --manifest")
-    except (CheckpointError, CatalogueError, ImageError, OSError) as exc:
+    except (BackboneError, CheckpointError, CatalogueError, ImageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .align import train_alignment
-from .backbones import DualEncoder, TextBatch, create_backbone
+from .backbones import BackboneError, DualEncoder, TextBatch, create_backbone
 from .checkpoint import BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone, save_checkpoint
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
                    load_image)
 from .evaluate import format_table, predict_probabilities, score
+from .labels import LabelStore, LabelStoreError
 from .metrics import threshold_at_precision
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 from .runtime import autocast, seed_everything
@@ -55,10 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--catalogue", help="bundled config name (fashion-product-images, hm-articles) or a JSON config")
     src.add_argument("--data-root", help="folder the bundled configs' manifests are relative to (default ../shared/data)")
     src.add_argument("--manifest", help="CSV/JSONL manifest (instead of --catalogue)")
-    src.add_argument("--image-column", default="image")
-    src.add_argument("--text-columns", nargs="+", default=["text"])
+    src.add_argument("--image-column", help="with --manifest: the image path column (default image)")
+    src.add_argument("--text-columns", nargs="+", help="with --manifest: the text columns, joined (default text)")
     src.add_argument("--tasks", nargs="+", help="label columns to learn (default: the config's)")
-    src.add_argument("--id-column")
+    src.add_argument("--id-column", help="with --manifest: the item id column (default: none)")
     src.add_argument("--max-text-tokens", type=int)
     src.add_argument("--limit", type=int, help="use only the first N items of each split (quick runs, tests)")
     src.add_argument("--min-count", type=int, default=1, help="a class needs this many training items to be learned")
@@ -95,11 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def catalogue_config(args: argparse.Namespace) -> CatalogueConfig:
+    columns = {"--image-column": args.image_column, "--text-columns": args.text_columns, "--id-column": args.id_column}
     if args.catalogue:
+        given = [flag for flag, value in columns.items() if value]
+        if args.manifest or given:
+            raise CatalogueError(f"{' and '.join(given or ['--manifest'])} go with --manifest; a --catalogue config "
+                                 "names its own manifest and columns")
         config = CatalogueConfig.load(args.catalogue, args.data_root)
     elif args.manifest:
-        config = CatalogueConfig(name=Path(args.manifest).stem, manifest=args.manifest, image_column=args.image_column,
-                                 text_columns=args.text_columns, tasks=args.tasks or [], id_column=args.id_column)
+        config = CatalogueConfig(name=Path(args.manifest).stem, manifest=args.manifest,
+                                 image_column=args.image_column or "image", text_columns=args.text_columns or ["text"],
+                                 tasks=args.tasks or [], id_column=args.id_column)
     else:
         raise CatalogueError("give --catalogue or --manifest")
     if args.tasks:
@@ -224,7 +231,9 @@ def train(args: argparse.Namespace) -> dict:
     if args.limit:
         catalogue = limit_splits(catalogue, args.limit)
     if args.extra_labels:
-        from .labels import LabelStore
+        if not Path(args.extra_labels).is_file():
+            raise CatalogueError(f"--extra-labels {args.extra_labels}: no such label store (the app keeps it in "
+                                 "studio_data/labels.db)")
         catalogue = LabelStore(args.extra_labels).apply_to(catalogue)
     splits = split_indices(catalogue, args.seed)
     if not len(splits["train"]) or not len(splits["val"]):
@@ -243,6 +252,8 @@ def train(args: argparse.Namespace) -> dict:
     if empty:
         raise CatalogueError(f"tasks without any training label: {empty}")
     targets = {t: vocabs[t].encode(labels[t]) for t in config.tasks}
+    if not any((v[splits["val"]] != -1).any() for v in targets.values()):
+        raise CatalogueError("no val item has a label for any task: early stopping and thresholds need some")
 
     cfg = CMAClipConfig(
         image_token_dim=backbone.image_token_dim, image_pooled_dim=backbone.image_pooled_dim,
@@ -393,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = train(args)
         distributed.barrier()  # the other ranks wait for rank 0's checkpoint
-    except (CatalogueError, CheckpointError, ImageError) as exc:
+    except (BackboneError, CatalogueError, CheckpointError, ImageError, LabelStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

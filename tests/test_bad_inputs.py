@@ -555,3 +555,23 @@ def test_app_still_works_after_bad_input(client, running_app):
     prediction = api_predict(client, EXAMPLE_IMAGE, EXAMPLE_TEXT)[0]
     assert all(0 < p["confidence"] <= 1 for p in prediction.values())
     assert studio.store.count() == saved_before
+
+
+def test_training_refuses_bad_options_with_a_message(tmp_path, cache_dir, capsys):
+    from cma_clip import train
+
+    common = ["--out", str(tmp_path / "out"), "--cache-dir", str(cache_dir), "--quiet", "--limit", "8"]
+    cases = [
+        (["--catalogue", "hm-articles", "--text-columns", "prod_name"], "--text-columns go with --manifest"),
+        (["--catalogue", "hm-articles", "--extra-labels", str(tmp_path / "typo.db")], "no such label store"),
+        (["--catalogue", "hm-articles", "--backbone", "clip"], "unknown backbone 'clip'"),
+    ]
+    rows = hm_rows("train", 8) + [{**r, "colour_group_name": "", "product_type_name": ""} for r in hm_rows("val", 4)]
+    manifest = write_hm_manifest(tmp_path, rows, columns=["image", "prod_name", "colour_group_name",
+                                                          "product_type_name", "split"])
+    cases.append((["--manifest", str(manifest), "--text-columns", "prod_name", "--tasks", "colour_group_name",
+                   "product_type_name"], "no val item has a label"))
+    for args, message in cases:
+        assert train.main([*args, *common]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "typo.db").exists()

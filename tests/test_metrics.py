@@ -1,6 +1,7 @@
 import numpy as np
 
-from cma_clip.metrics import macro_f1, recall_at_precision, threshold_at_precision
+from cma_clip.metrics import (METRIC_NAMES, macro_f1, mean_metrics, recall_at_precision, task_metrics,
+                             threshold_at_precision)
 
 
 def test_recall_at_90_precision_takes_the_longest_precise_prefix():
@@ -26,3 +27,11 @@ def test_macro_f1_counts_every_class():
     y_pred = np.array([0, 0, 0, 2])  # class 1 never right, class 2 only wrong
     f1_class0 = 2 * 2 / (2 * 2 + 1 + 0)
     assert np.isclose(macro_f1(y_true, y_pred), f1_class0 / 3)
+
+
+def test_the_mean_over_tasks_leaves_out_tasks_without_labelled_items():
+    empty = task_metrics(np.array([], dtype=int), np.array([], dtype=int), np.array([]))
+    full = task_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), np.array([0.9, 0.8, 0.7]))
+    mean = mean_metrics({"a": full, "b": empty})
+    assert mean == {m: full[m] for m in METRIC_NAMES}
+    assert all(np.isnan(v) for v in mean_metrics({"b": empty}).values())
