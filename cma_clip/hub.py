@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import CONFIG, WEIGHTS
+from .checkpoint import BACKBONE_WEIGHTS, CONFIG, WEIGHTS, CheckpointError, read_config
 
 
 class HubError(RuntimeError):
@@ -13,16 +13,22 @@ class HubError(RuntimeError):
 
 
 def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
-    """Fetch config.json and model.safetensors of a checkpoint repository; returns its folder."""
+    """Fetch a checkpoint repository's config.json and model.safetensors, and its
+    backbone.safetensors when the backbone was fine-tuned; returns its folder."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         paths = [hf_hub_download(repo_id, name, revision=revision, etag_timeout=5) for name in (CONFIG, WEIGHTS)]
+        folder = Path(paths[0]).parent
+        if read_config(folder).get("train", {}).get("finetune_backbone"):
+            hf_hub_download(repo_id, BACKBONE_WEIGHTS, revision=revision, etag_timeout=5)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:  # ValueError: a bad repo id
         raise HubError(f"could not download checkpoint {repo_id!r} from the Hugging Face Hub "
                        f"(offline or no access): {exc.__class__.__name__}") from exc
-    return Path(paths[0]).parent
+    except CheckpointError as exc:
+        raise HubError(f"the hub repository {repo_id!r} is not a CMA-CLIP checkpoint: {exc}") from exc
+    return folder
 
 
 def checkpoint_from_env() -> tuple[str, Path] | None:

@@ -17,11 +17,12 @@ def default_device() -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bfloat16 autocast pays off on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    """bfloat16 autocast pays off on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX).
+    CMA_CLIP_FP32=1 turns it off everywhere."""
     if os.environ.get("CMA_CLIP_FP32"):
         return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -65,3 +66,26 @@ def test_pickle_files_are_refused(tmp_path):
     torch.save(make_model().state_dict(), path)
     with pytest.raises(CheckpointError, match="pickle"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("finetuned", [False, True])
+def test_hub_download_fetches_the_backbone_only_of_a_finetuned_checkpoint(small_checkpoint, tmp_path, monkeypatch,
+                                                                          finetuned):
+    import huggingface_hub
+
+    from cma_clip import hub
+
+    repo = tmp_path / "repo"
+    shutil.copytree(small_checkpoint, repo)
+    config = json.loads((repo / "config.json").read_text())
+    config["train"]["finetune_backbone"] = finetuned
+    (repo / "config.json").write_text(json.dumps(config))
+    asked = []
+
+    def fake_download(repo_id, name, revision=None, etag_timeout=None):
+        asked.append(name)
+        return str(repo / name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert hub.download_checkpoint("team/cma-clip") == repo
+    assert asked == ["config.json", "model.safetensors"] + (["backbone.safetensors"] if finetuned else [])

@@ -29,3 +29,12 @@ def test_decode_workers_per_device(monkeypatch):
     assert runtime.loader_workers(torch.device("cuda")) == 8
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
     assert runtime.loader_workers(torch.device("cuda")) == 1
+
+
+def test_fp32_switch_turns_bf16_off_on_a_gpu_too(monkeypatch):
+    from cma_clip.runtime import bf16_supported
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert bf16_supported(torch.device("cuda"))
+    monkeypatch.setenv("CMA_CLIP_FP32", "1")
+    assert not bf16_supported(torch.device("cuda"))
