@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import DualEncoder, TextBatch
+from .backbones import DualEncoder
 
 PROMPT = "a photo of a {label}"
 
@@ -88,7 +88,7 @@ def label_embeddings(heads: AlignmentHeads, backbone: DualEncoder, labels: list[
     texts = [prompt.format(label=label) for label in labels]
     batch = backbone.tokenize(texts, max_tokens)
     device = backbone.device
-    _, pooled = backbone.encode_text(TextBatch(batch.ids.to(device), batch.mask.to(device)))
+    _, pooled = backbone.encode_text(batch.to(device))
     return heads.embed_text(pooled.float().to(next(heads.parameters()).device))
 
 

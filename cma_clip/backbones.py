@@ -46,6 +46,9 @@ class TextBatch:
     ids: torch.Tensor  # [B, L] long
     mask: torch.Tensor  # [B, L] bool
 
+    def to(self, device: torch.device | str) -> "TextBatch":
+        return TextBatch(self.ids.to(device), self.mask.to(device))
+
 
 class DualEncoder(nn.Module):
     """Interface shared by all backbones. Subclasses set the dimensions and implement
@@ -112,7 +115,7 @@ class DualEncoder(nn.Module):
         pixels = self.preprocess(images).to(device)
         text = self.tokenize(texts, max_tokens)
         length = max(1, int(text.mask.sum(1).max()))
-        return self(pixels, TextBatch(text.ids[:, :length].to(device), text.mask[:, :length].to(device)))
+        return self(pixels, TextBatch(text.ids[:, :length], text.mask[:, :length]).to(device))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -28,16 +28,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .backbones import DualEncoder, TextBatch, create_backbone
+from .backbones import DualEncoder, create_backbone
 from .checkpoint import read_config
-from .data import Catalogue, CatalogueConfig, extract_features, load_image, read_manifest
+from .data import REPO_ROOT, Catalogue, CatalogueConfig, extract_features, load_image, read_manifest
 from .model import CMAClip, CMAClipConfig
 from .predict import Predictor
 from .runtime import autocast, bf16_supported, default_device, loader_workers
 
-ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINTS = ROOT / "checkpoints"
-EXAMPLE_IMAGE = ROOT / "assets" / "hm-0816591001.jpg"
+CHECKPOINTS = REPO_ROOT / "checkpoints"
+EXAMPLE_IMAGE = REPO_ROOT / "assets" / "hm-0816591001.jpg"
 EXAMPLE_TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-trimmed neckline."
 MODEL = "hm-articles"
 OPEN_CLIP = "open_clip:ViT-B-32"
@@ -154,8 +153,8 @@ def app_latency(sizes: Sizes, checkpoint_dir: Path = CHECKPOINTS) -> dict[str, f
     """End-to-end /predict through gradio_client (upload, prediction, heatmap, chart), sequential calls."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
     import app
     from gradio_client import Client, handle_file
 
@@ -193,7 +192,7 @@ def cache_throughput(backbone: DualEncoder, sizes: Sizes) -> dict[str, float]:
     for start in range(0, len(paths), batch):
         pixels = backbone.preprocess([load_image(p) for p in paths[start:start + batch]]).to(device)
         text = backbone.tokenize(texts[start:start + batch], tokens)
-        batches.append((pixels, TextBatch(text.ids.to(device), text.mask.to(device))))
+        batches.append((pixels, text.to(device)))
 
     @torch.no_grad()
     def backbone_only():
@@ -389,7 +388,8 @@ def format_table(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark CMA-CLIP: latency, app, feature cache, training.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not figures to report")
-    parser.add_argument("--out-json", default=str(ROOT / "docs" / "bench.json"), help="where to write the figures")
+    parser.add_argument("--out-json", help="where to write the figures (default: docs/bench.json for a full run; "
+                                           "a --quick or partial run writes JSON only when given this)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="which figures to measure (default: all)")
     args = parser.parse_args(argv)
@@ -400,11 +400,13 @@ def main(argv: list[str] | None = None) -> int:
               sections=tuple(args.sections))
     doc["total_seconds"] = time.perf_counter() - started
     doc["command"] = "python -m cma_clip.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
     print(format_table(doc))
-    print(f"\n{doc['total_seconds']:.0f} s in all; JSON written to {out}")
+    full = not args.quick and set(args.sections) == set(SECTIONS)
+    out = Path(args.out_json) if args.out_json else (REPO_ROOT / "docs" / "bench.json" if full else None)
+    if out is not None:  # a smoke or partial run never replaces the reported figures unasked
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\n{doc['total_seconds']:.0f} s in all; " + (f"JSON written to {out}" if out else "no JSON (give --out-json)"))
     return 0
 
 

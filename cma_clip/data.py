@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backbones import DualEncoder, EncoderOutput, TextBatch
+from .backbones import DualEncoder, EncoderOutput
 from .runtime import bf16_supported, loader_workers
 
 MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "none", "null"})
@@ -380,12 +380,12 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
                                disable=not progress):
                 stop = start + len(pixels)
                 text = backbone.tokenize(texts[start:stop], tokens)
-                out = backbone(pixels.to(device), TextBatch(text.ids.to(device), text.mask.to(device)))
+                out = backbone(pixels.to(device), text.to(device))
                 for name in FEATURE_FIELDS:
                     arrays[name][start:stop] = getattr(out, name).cpu().numpy()
                 start = stop
-    except ImageError:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+    except BaseException:  # an unusable image, Ctrl-C, out of memory: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     for array in arrays.values():
         array.flush()

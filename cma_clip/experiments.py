@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from . import bench, train
-from .backbones import DualEncoder, TextBatch, create_backbone
+from .backbones import DualEncoder, create_backbone
 from .checkpoint import load_checkpoint, read_config
 from .data import FEATURE_FIELDS, Catalogue, CatalogueConfig, Features, LabelVocab, image_batches
 from .evaluate import evaluate_checkpoint, iter_outputs, score, zero_shot_probabilities_for
@@ -154,7 +154,7 @@ def encode_noisy(backbone: DualEncoder, sample: Catalogue, severity: int,
     parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
     for start, pixels in zip(range(0, len(texts), batch_size), batches):
         text = backbone.tokenize(texts[start:start + batch_size], sample.config.max_text_tokens)
-        out = backbone(pixels.to(device), TextBatch(text.ids.to(device), text.mask.to(device)))
+        out = backbone(pixels.to(device), text.to(device))
         for name in fields:
             parts[name].append(getattr(out, name).cpu().numpy())
     return {name: np.concatenate(chunks).astype(STORED_DTYPES.get(name, np.float16))

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .align import train_alignment
-from .backbones import BackboneError, DualEncoder, TextBatch, create_backbone
+from .backbones import BackboneError, DualEncoder, create_backbone
 from .checkpoint import BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone, save_checkpoint
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
                    load_image)
@@ -154,7 +154,7 @@ class LiveBatches:
     def batch(self, index: np.ndarray, device: torch.device):
         pixels = self.backbone.preprocess([load_image(self.paths[i]) for i in index]).to(device)
         text = self.backbone.tokenize([self.texts[i] for i in index], self.max_tokens)
-        return self.encoder(pixels, TextBatch(text.ids.to(device), text.mask.to(device)))
+        return self.encoder(pixels, text.to(device))
 
 
 def lr_lambda(warmup_steps: int, total_steps: int):

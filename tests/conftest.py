@@ -66,18 +66,11 @@ EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "hm-08165910
 EXAMPLE_TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-trimmed neckline."
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def running_app(checkpoint_dir, tmp_path_factory):
     """The real app on a free local port, with its own data folder; yields (url, studio)."""
     import app
+    from cma_clip.bench import free_port
     from cma_clip.studio import Studio
 
     studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("app-data"), device="cpu")

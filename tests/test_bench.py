@@ -40,3 +40,10 @@ def test_sections_measure_only_what_is_asked(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "feature cache build" in table and "fusion ratio" not in table
     assert doc["command"] == f"python -m cma_clip.bench --quick --sections cache --out-json {out}"
+
+
+def test_a_smoke_run_leaves_the_reported_figures_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "REPO_ROOT", tmp_path)  # where a full run would write docs/bench.json
+    assert bench.main(["--quick", "--sections", "cache"]) == 0
+    assert not (tmp_path / "docs").exists()
+    assert "no JSON (give --out-json)" in capsys.readouterr().out

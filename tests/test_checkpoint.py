@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from cma_clip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cma_clip.model import CMAClip, CMAClipConfig
 from test_model import make_batch, make_model
 
 META = {"backbone": "bundled", "catalogue": {}, "tasks": {}}
