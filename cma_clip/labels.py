@@ -95,11 +95,11 @@ class LabelStore:
         conn.execute(f"BEGIN {mode}")
         try:
             yield conn
-        except BaseException:
+            conn.execute("COMMIT")
+        except BaseException:  # a failed COMMIT too: the connection must not stay inside the transaction
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def save_correction(self, *, image: Image.Image | bytes | str | Path, text: str, labels: dict[str, str],
                         predictions: dict[str, dict] | None = None, annotator: str = "", checkpoint: str = "",
@@ -219,7 +219,9 @@ class LabelStore:
         """A copy of `catalogue` with the current corrections applied.
 
         A correction overrides the labels of the catalogue's tasks for its item (matched on
-        the id column, else the image column). Items absent from the manifest are appended
+        the id column, else the image column), except on `test` rows: the test split keeps
+        its catalogue labels, so test figures stay comparable between runs and never score a
+        model against its own accepted predictions. Items absent from the manifest are appended
         (split "train", the stored image's absolute path, the text in the first text column);
         items of the manifest left out of this catalogue (by split or limit) are not, so a
         val or test item never comes back as a training row. Corrections without a label
@@ -233,7 +235,7 @@ class LabelStore:
                    for item_id, item in self.current_labels().items()}
         rows = [dict(row) for row in catalogue.rows]
         for row in rows:
-            if row.get(key) in current:
+            if row.get(key) in current and row.get("split") != "test":
                 row.update(current[row[key]][1])
         known = {row.get(key) for row in rows}
         if Path(config.manifest).is_file():
