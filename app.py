@@ -7,7 +7,7 @@ UI only: every action is a method of `cma_clip.studio.Studio`, tested without a 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import gradio as gr  # noqa: E402
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
-from cma_clip.studio import (MAX_TASKS, Prediction, ReviewQueue, Studio, StudioError, heatmap,  # noqa: E402
-                             modality_figure, open_user_image, prediction_rows, text_shading, token_choices)
+from cma_clip.studio import (MAX_SWEEP_ITEMS, MAX_TASKS, MAX_TEXT_CHARS, Prediction, ReviewQueue,  # noqa: E402
+                             Studio, StudioError, heatmap, modality_figure, open_user_image, prediction_rows,
+                             text_shading, token_choices)
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, modality_shift_chart  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -77,7 +78,7 @@ def keep_uploads_in(studio: Studio) -> Iterator[Path]:
             os.environ["GRADIO_TEMP_DIR"] = previous
 
 
-def user_errors(fn):
+def user_errors(fn: Callable) -> Callable:
     """Show StudioError as a message in the UI instead of a stack trace."""
     def wrapped(*args, **kwargs):
         try:
@@ -133,7 +134,7 @@ def build(studio: Studio) -> gr.Blocks:
                 with gr.Column(scale=1):
                     image = undecoded(gr.Image(type="filepath", label="Product image", height=300,
                                                elem_id="input-image"))
-                    text = gr.Textbox(label="Product text", lines=3, max_length=5000, elem_id="input-text",
+                    text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
                                       placeholder="e.g. Turtle Check Men Navy Blue Shirt")
                     predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
                     gr.Examples(examples(models), inputs=[image, text, model, item_id], label="Catalogue examples")
@@ -214,7 +215,7 @@ def build(studio: Studio) -> gr.Blocks:
             item_sweep_plot = gr.Plot(label="Confidence in the clean prediction against severity")
             gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
             with gr.Row():
-                sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=500, label="Items")
+                sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")
                 batch_sweep_button = gr.Button("Run batch sweep")
             batch_plot = gr.Plot(label="Mean accuracy against severity")
             batch_csv = gr.File(label="The numbers (CSV)")

@@ -54,7 +54,6 @@ class DualEncoder(nn.Module):
     """Interface shared by all backbones. Subclasses set the dimensions and implement
     `preprocess`, `tokenize`, `encode_image` and `encode_text`."""
 
-    name: str
     image_size: int
     grid_size: int  # patch tokens form a grid_size x grid_size grid
     image_token_dim: int
@@ -143,7 +142,8 @@ def letterbox(image: Image.Image, size: int, fill: tuple[int, int, int] = (255, 
     return canvas
 
 
-def images_to_tensor(images: list[Image.Image], size: int, mean, std) -> torch.Tensor:
+def images_to_tensor(images: list[Image.Image], size: int, mean: tuple[float, float, float],
+                     std: tuple[float, float, float]) -> torch.Tensor:
     array = np.stack([np.asarray(letterbox(im, size), dtype=np.float32) / 255.0 for im in images])
     pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
@@ -251,7 +251,6 @@ class OpenClipBackbone(DualEncoder):
             raise BackboneError(f"could not build open_clip model {model_name!r} "
                                 f"with pretrained={pretrained!r}: {exc}") from exc
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.name = f"open_clip:{model_name}:{pretrained or 'random'}"
         visual = self.model.visual
         visual.output_tokens = True
         size = visual.image_size

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .backbones import DualEncoder, create_backbone
 from .checkpoint import read_config
@@ -101,7 +102,7 @@ def p95(times: list[float]) -> float:
 
 # ----------------------------------------------------------------------------- 1. latency at batch 1
 
-def latency(predictor: Predictor, image, text: str, sizes: Sizes, explained: bool = True) -> dict[str, float]:
+def latency(predictor: Predictor, image: Image.Image, text: str, sizes: Sizes, explained: bool = True) -> dict[str, float]:
     """Batch-1 latency of `predict_batch` (and of `predict`, with attention maps and token
     relevance), and the fusion's cost: (backbone + CMA-CLIP) over backbone alone."""
     backbone, model, tokens = predictor.backbone, predictor.model, predictor.max_tokens

@@ -120,7 +120,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, keep: torch.Tensor,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), keep, need_weights)
         x = x + self.drop(y)
         return x + self.drop(self.mlp(self.norm2(x))), weights

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from .backbones import BackboneError
@@ -346,7 +347,7 @@ def open_user_image(path: str | None) -> Image.Image:
 
 def clean_text(text: str | None) -> str:
     """Printable text, bounded in length: control characters become spaces."""
-    text = "".join(ch if ch.isprintable() or ch in "\n\t" else " " for ch in (text or ""))
+    text = "".join(ch if ch.isprintable() else " " for ch in (text or ""))
     return " ".join(text.split())[:MAX_TEXT_CHARS]
 
 
@@ -394,5 +395,5 @@ def text_shading(prediction: Prediction, task: str | None = None) -> list[tuple[
     return token_highlights(prediction.tokens, weights)
 
 
-def modality_figure(prediction: Prediction):
+def modality_figure(prediction: Prediction) -> Figure:
     return modality_chart({t: p.modality_weights for t, p in prediction.tasks.items()})

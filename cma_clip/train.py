@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .align import train_alignment
-from .backbones import BackboneError, DualEncoder, create_backbone
+from .backbones import BackboneError, DualEncoder, EncoderOutput, create_backbone
 from .checkpoint import BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone, save_checkpoint
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
                    load_image)
@@ -151,13 +152,13 @@ class LiveBatches:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def batch(self, index: np.ndarray, device: torch.device):
+    def batch(self, index: np.ndarray, device: torch.device) -> EncoderOutput:
         pixels = self.backbone.preprocess([load_image(self.paths[i]) for i in index]).to(device)
         text = self.backbone.tokenize([self.texts[i] for i in index], self.max_tokens)
         return self.encoder(pixels, text.to(device))
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
