@@ -42,6 +42,9 @@ def test_every_method_and_seed_is_reported_with_its_spread(study):
             model = json.loads((run / "config.json").read_text())["model"]
             assert model["fusion"] == ("cma" if name == "cma_no_lexical" else name)
             assert (model["lexical_buckets"] == 0) == (name == "cma_no_lexical")
+            training = json.loads((run / "config.json").read_text())["training"]  # time: epochs + alignment
+            epochs = sum(e["seconds"] for e in training["history"]) + training.get("align_seconds", 0.0)
+            assert result["seconds"][method][1] == pytest.approx(epochs, abs=0.01) and epochs > 0
     tables = (root / "report" / "TABLES.md").read_text()
     for method in METHODS:
         assert f"| {method} |" in tables
