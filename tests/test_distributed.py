@@ -24,14 +24,14 @@ TRAIN = ["--catalogue", "hm-articles", "--limit", "32", "--width", "32", "--batc
          "--align-epochs", "1", "--dropout", "0", "--quiet"]
 
 
-def run(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+def run(args: list[str], processes: int = 1, succeeds: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMA_CLIP_FP32": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     done = subprocess.run([*launcher, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == succeeds, done.stderr[-3000:]
     return done
 
 
@@ -101,3 +101,16 @@ def test_sharded_prediction_matches_and_resumes(trained, tmp_path):
     assert resumed[first]["colour_group_name"] == "FROM-THE-CRASHED-RUN"
     assert all("_row" not in r for r in resumed)
     assert all(same(a, b) for i, (a, b) in enumerate(zip(one, resumed)) if i != first)
+
+
+def test_a_rank_that_fails_stops_the_run_with_its_message(tmp_path):
+    """Rank 0 meets an unreadable image while building the feature cache: it exits with the
+    message, and torchrun stops rank 1 (waiting at the cache barrier) instead of hanging."""
+    rows = hm_rows("train", 16) + hm_rows("val", 8)
+    manifest = write_hm_manifest(tmp_path, rows, columns=["image", "prod_name", "colour_group_name", "split"])
+    (tmp_path / rows[3]["image"]).write_bytes(b"not an image")
+    done = run(["cma_clip.train", "--manifest", str(manifest), "--text-columns", "prod_name", "--tasks",
+                "colour_group_name", "--epochs", "1", "--align-epochs", "1", "--batch-size", "8", "--width", "32",
+                "--quiet", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+               processes=2, succeeds=False)
+    assert "is not a readable image" in done.stderr
