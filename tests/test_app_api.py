@@ -61,3 +61,20 @@ def test_probe_rejects_unknown_corruptions(client):
     with pytest.raises(Exception, match="fog is not in the list of choices"):
         client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles", "fog", 3, "typos", 1, 0,
                        api_name="/probe")
+
+
+def test_a_broken_checkpoint_gives_a_message_not_a_trace(client, running_app, small_checkpoint, tmp_path):
+    import shutil
+
+    from gradio_client.exceptions import AppError
+
+    _, studio = running_app
+    broken = tmp_path / "broken"
+    shutil.copytree(small_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    studio.add_checkpoint("broken", broken)
+    try:
+        with pytest.raises(AppError, match="Model 'broken' cannot be loaded: .*truncated or corrupt"):
+            client.predict("broken", api_name="/tasks")
+    finally:
+        studio.checkpoints.pop("broken")
