@@ -214,7 +214,7 @@ class Studio:
         config = catalogue_for_checkpoint(predictor.config, manifest_path)
         try:
             rows = read_manifest(manifest_path)
-        except (CatalogueError, UnicodeDecodeError, csv.Error) as exc:
+        except CatalogueError as exc:  # read_manifest names the bad row or encoding
             raise StudioError(f"Cannot read the manifest: {exc}") from exc
         needed = [config.image_column, *config.text_columns]
         if not rows or any(c not in rows[0] for c in needed):
