@@ -7,7 +7,6 @@ probability over its tasks).
 """
 from __future__ import annotations
 
-import csv
 import os
 import threading
 from dataclasses import dataclass, field, replace
