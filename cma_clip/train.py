@@ -241,6 +241,12 @@ def train(args: argparse.Namespace) -> dict:
         raise CatalogueError("training needs items in both the train and val splits")
 
     backbone = create_backbone(args.backbone, device, trainable=args.finetune_backbone)
+    if config.max_text_tokens > backbone.max_text_tokens:  # e.g. a catalogue's 96 tokens on CLIP's 77
+        if main_rank:
+            print(f"note: texts are cut to {backbone.max_text_tokens} tokens, the backbone's limit "
+                  f"(the catalogue asks for {config.max_text_tokens})", file=sys.stderr)
+        config = replace(config, max_text_tokens=backbone.max_text_tokens)
+        catalogue = replace(catalogue, config=config)
     if not main_rank:
         distributed.barrier()  # rank 0 builds the feature cache, the others then read it
     features = extract_features(backbone, catalogue, args.cache_dir, progress=not args.quiet and main_rank)

@@ -168,3 +168,14 @@ def test_resuming_a_finetuning_run_restores_the_backbone(tmp_path, cache_dir, mo
     assert train.main([*common, "--epochs", "2", "--resume"]) == 0
     assert all(torch.equal(restored[k], v) for k, v in after_one_epoch.items())
     assert [h["epoch"] for h in read_config(out)["training"]["history"]] == [1, 2]
+
+
+def test_texts_are_cut_to_the_backbones_limit(tmp_path, cache_dir, capsys):
+    """hm-articles asks for 96 text tokens; CLIP's text tower takes 77."""
+    out = tmp_path / "clip"
+    assert train.main(["--catalogue", "hm-articles", "--backbone", "open_clip:ViT-B-32", "--limit", "8",
+                       "--batch-size", "8", "--width", "32", "--epochs", "1", "--align-epochs", "1", "--out", str(out),
+                       "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    config = read_config(out)
+    assert config["catalogue"]["max_text_tokens"] == config["model"]["max_text_tokens"] == 77
+    assert "texts are cut to 77 tokens" in capsys.readouterr().err
