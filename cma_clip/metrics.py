@@ -13,7 +13,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if not len(y_true):
         return float("nan")
     scores = []
-    for cls in np.union1d(y_true, y_pred):
+    for cls in np.union1d(y_true[y_true >= 0], y_pred):  # a label outside the vocabulary (< 0) is no class
         tp = np.sum((y_pred == cls) & (y_true == cls))
         fp = np.sum((y_pred == cls) & (y_true != cls))
         fn = np.sum((y_pred != cls) & (y_true == cls))
@@ -22,11 +22,16 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def _longest_precise_prefix(correct: np.ndarray, confidence: np.ndarray, precision: float) -> int:
-    """Length of the longest confidence-sorted prefix whose precision is >= `precision`."""
+    """Length of the longest confidence-sorted prefix whose precision is >= `precision`.
+
+    A prefix never splits items of equal confidence: a confidence threshold takes all of
+    them or none, so the result does not depend on the items' order."""
     order = np.argsort(-confidence, kind="stable")
     hits = np.cumsum(correct[order])
     prefix_precision = hits / np.arange(1, len(order) + 1)
-    ok = np.nonzero(prefix_precision >= precision)[0]
+    ranked = confidence[order]
+    ends = np.append(ranked[1:] != ranked[:-1], True)  # the last item of each run of equal confidence
+    ok = np.nonzero((prefix_precision >= precision) & ends)[0]
     return int(ok[-1] + 1) if len(ok) else 0
 
 
