@@ -265,6 +265,10 @@ class Features:
     def __len__(self) -> int:
         return len(self.image_pooled)
 
+    def take(self, index: np.ndarray) -> "Features":
+        """The items `index`, in that order."""
+        return Features(**{name: getattr(self, name)[index] for name in (*FEATURE_FIELDS, "text_ids")})
+
     def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> EncoderOutput:
         """A float32 batch, text trimmed to the longest sequence in it."""
         mask = self.text_mask[index]
@@ -320,10 +324,29 @@ def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64
         yield pixels
 
 
+def split_indices(catalogue: Catalogue, seed: int) -> dict[str, np.ndarray]:
+    """Row indices per split; without a split column, a seeded 80/10/10 split."""
+    if "split" in catalogue.rows[0]:
+        names = np.array([r["split"] for r in catalogue.rows])
+        return {s: np.nonzero(names == s)[0] for s in ("train", "val", "test")}
+    order = np.random.default_rng(seed).permutation(len(catalogue))
+    a, b = int(0.8 * len(order)), int(0.9 * len(order))
+    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
+
+
 def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
     precision = "bf16" if bf16_supported(backbone.device) else "fp32"
     raw = f"{backbone.cache_key()}|{precision}|{catalogue.config.max_text_tokens}|{catalogue.fingerprint()}"
     return f"{catalogue.config.name}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+
+
+def _cache_folder(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
+
+
+def has_cached_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None) -> bool:
+    """Whether `extract_features` would read the catalogue's features from the cache."""
+    return (_cache_folder(backbone, catalogue, cache_dir) / "meta.json").exists()
 
 
 def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
@@ -336,7 +359,7 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     interrupted build never leaves a half-written cache behind. Images are decoded in
     `num_workers` DataLoader workers (default: `runtime.loader_workers`).
     """
-    folder = Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
+    folder = _cache_folder(backbone, catalogue, cache_dir)
     if not (folder / "meta.json").exists():
         _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
     arrays = {name: np.load(folder / f"{name}.npy") for name in FEATURE_FIELDS}

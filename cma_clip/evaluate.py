@@ -5,13 +5,16 @@
 
 Prints a table and writes JSON: {"tasks": {task: {accuracy, macro_f1,
 recall_at_90_precision, n}}, "mean": {...}}. A manifest without a split column is
-evaluated whole. This command line is a public contract: keep it stable.
+evaluated whole, except the one the checkpoint was trained on: there --split takes the
+seeded split training made. Features come from the training's cache when the manifest
+has one. This command line is a public contract: keep it stable.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -21,7 +24,8 @@ import torch
 from .align import label_embeddings, zero_shot_probabilities
 from .backbones import BackboneError, DualEncoder, create_backbone
 from .checkpoint import CheckpointError, load_checkpoint, load_finetuned_backbone
-from .data import Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features
+from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
+                   has_cached_features, split_indices)
 from .metrics import METRIC_NAMES, mean_metrics, task_metrics
 from .model import CMAClip, CMAOutput
 from .runtime import autocast, default_device
@@ -96,28 +100,54 @@ def catalogue_for_checkpoint(config: dict, manifest: str | Path) -> CatalogueCon
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str | None = "test",
                         cache_dir: str | Path | None = None, device: torch.device | None = None,
                         zero_shot: bool = False) -> dict:
-    """Metrics of a checkpoint on a manifest (one split of it when it has a split column);
-    with `zero_shot`, of its CLIP-style alignment alone, classifying by label prompts."""
+    """Metrics of a checkpoint on one split of a manifest (see `evaluation_rows`); with
+    `zero_shot`, of its CLIP-style alignment alone, classifying by label prompts."""
     device = device or default_device()
     model, config = load_checkpoint(checkpoint, device)
     catalogue = Catalogue.open(catalogue_for_checkpoint(config, manifest))
-    if split and "split" in catalogue.rows[0]:
-        catalogue = catalogue.split(split)
-    if not len(catalogue):
-        raise CatalogueError(f"no rows in split {split!r} of {manifest}")
+    rows, split = evaluation_rows(catalogue, split, config)
     backbone = create_backbone(config["backbone"], device)
     load_finetuned_backbone(checkpoint, backbone)
-    features = extract_features(backbone, catalogue, cache_dir, progress=sys.stderr.isatty())
-    targets = {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task)) for task, spec in config["tasks"].items()}
+    if has_cached_features(backbone, catalogue, cache_dir):  # the whole manifest's, as training cached them
+        features = extract_features(backbone, catalogue, cache_dir).take(rows)
+    else:  # encode only the rows to score
+        features = extract_features(backbone, replace(catalogue, rows=[catalogue.rows[i] for i in rows]), cache_dir,
+                                    progress=sys.stderr.isatty())
+    targets = {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task))[rows]
+               for task, spec in config["tasks"].items()}
     if zero_shot:
         classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
         probabilities = zero_shot_probabilities_for(model, backbone, classes, features)
     else:
         probabilities = predict_probabilities(model, features)
     report = score(probabilities, targets)
-    report.update(checkpoint=str(checkpoint), manifest=str(manifest), split=split, items=len(catalogue),
+    report.update(checkpoint=str(checkpoint), manifest=str(manifest), split=split, items=len(rows),
                   method="zero-shot" if zero_shot else "cma-clip")
     return report
+
+
+def evaluation_rows(catalogue: Catalogue, split: str | None, config: dict) -> tuple[np.ndarray, str | None]:
+    """The rows to score and the split they form. With a split column: that split's rows.
+    Without one, on the manifest the checkpoint was trained on: the seeded split training
+    made (its train rows must not be scored as test); on any other manifest: every row."""
+    everything = np.arange(len(catalogue))
+    if split is None:
+        return everything, None
+    if "split" in catalogue.rows[0]:
+        rows = np.nonzero(np.array([r["split"] for r in catalogue.rows]) == split)[0]
+        if not len(rows):
+            raise CatalogueError(f"no rows in split {split!r} of {catalogue.config.manifest}")
+        return rows, split
+    trained = config.get("train", {})
+    if not trained.get("manifest") or Path(trained["manifest"]).resolve() != Path(catalogue.config.manifest).resolve():
+        return everything, None
+    if trained.get("limit") or trained.get("extra_labels"):
+        raise CatalogueError("this checkpoint was trained on a seeded split of this manifest changed by --limit or "
+                             "--extra-labels, which cannot be rebuilt here; evaluate on a manifest with a split column")
+    splits = split_indices(catalogue, trained.get("seed", 0))
+    if split not in splits:
+        raise CatalogueError(f"the manifest has no split column: choose --split train, val or test, not {split!r}")
+    return splits[split], split
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ from .align import train_alignment
 from .backbones import BackboneError, DualEncoder, EncoderOutput, create_backbone
 from .checkpoint import BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone, save_checkpoint
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
-                   load_image)
+                   load_image, split_indices)
 from .evaluate import format_table, predict_probabilities, score
 from .labels import LabelStore, LabelStoreError
 from .metrics import threshold_at_precision
@@ -117,16 +117,6 @@ def catalogue_config(args: argparse.Namespace) -> CatalogueConfig:
     if not config.tasks:
         raise CatalogueError("no tasks: give --tasks with the label columns to learn")
     return config
-
-
-def split_indices(catalogue: Catalogue, seed: int) -> dict[str, np.ndarray]:
-    """Row indices per split; without a split column, a seeded 80/10/10 split."""
-    if "split" in catalogue.rows[0]:
-        names = np.array([r["split"] for r in catalogue.rows])
-        return {s: np.nonzero(names == s)[0] for s in ("train", "val", "test")}
-    order = np.random.default_rng(seed).permutation(len(catalogue))
-    a, b = int(0.8 * len(order)), int(0.9 * len(order))
-    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
 
 
 def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:

@@ -46,6 +46,26 @@ def test_evaluate_on_the_test_split_matches_the_training_report(small_checkpoint
         assert abs(report["tasks"][task]["accuracy"] - metrics["accuracy"]) < 1e-6
 
 
+def test_evaluating_the_training_manifest_without_a_split_column_scores_only_its_test_split(tmp_path, cache_dir):
+    """Training made a seeded 80/10/10 split of this manifest: evaluation must not score
+    the training rows as test, and reads the features training cached."""
+    manifest = write_hm_manifest(tmp_path, hm_rows("train", 40), "nosplit.csv",
+                                 columns=["article_id", "image", "prod_name", "colour_group_name"])
+    out = tmp_path / "nosplit"
+    assert train.main(["--manifest", str(manifest), "--text-columns", "prod_name", "--tasks", "colour_group_name",
+                       "--id-column", "article_id", "--batch-size", "8", "--width", "32", "--epochs", "1",
+                       "--align-epochs", "1", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    cached = sorted((cache_dir / "features").iterdir())
+    report = evaluate.evaluate_checkpoint(out, manifest, "test", cache_dir)
+    assert (report["items"], report["split"]) == (4, "test")
+    assert report["tasks"] == json.loads((out / "eval_test.json").read_text())["tasks"]
+    assert sorted((cache_dir / "features").iterdir()) == cached  # nothing new was encoded
+    other = write_hm_manifest(tmp_path / "other", hm_rows("train", 40), "copy.csv",
+                              columns=["article_id", "image", "prod_name", "colour_group_name"])
+    whole = evaluate.evaluate_checkpoint(out, other, "test", cache_dir)  # a manifest it was not trained on
+    assert (whole["items"], whole["split"]) == (40, None)
+
+
 def test_predictor_on_a_real_item(small_checkpoint):
     predictor = Predictor.from_checkpoint(small_checkpoint, "cpu")
     image = Image.open(sorted((HM / "images").glob("*/*.jpg"))[0])
