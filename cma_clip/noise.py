@@ -24,7 +24,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from .backbones import to_rgb
 
 SEVERITIES = range(0, 6)  # 0 = clean (identity), 1..5 increasingly strong
-REFERENCE_SIDE = 224  # blur radii are given for this longer side and scaled with the image
+# The model sees images letterboxed to a 224-pixel side: blur radii are given for this longer side
+# and scaled with the image, and on an image REFERENCE_SIDE x g or larger, noise grains and JPEG
+# blocks are g pixels wide, so downscaling to the model's input does not average them away.
+REFERENCE_SIDE = 224
 
 # image parameters, one entry per severity 1..5
 NOISE_SIGMA = (0.08, 0.12, 0.18, 0.26, 0.38)  # std of additive Gaussian noise, pixel range [0, 1]
@@ -35,19 +38,28 @@ BRIGHTNESS = (0.9, 0.8, 0.7, 0.6, 0.5)  # darker ...
 CONTRAST = (0.9, 0.75, 0.6, 0.45, 0.3)  # ... and flatter (underexposed)
 OCCLUSION_FILL = (128, 128, 128)
 
-# text parameters: share of words touched (truncation: share of words kept)
+# text parameters: share of words touched, rounded up, and on short texts at least one word more
+# than at the severity below (see _words_touched)
 TYPO_SHARE = (0.1, 0.2, 0.3, 0.4, 0.5)
 DROPOUT_SHARE = (0.1, 0.2, 0.3, 0.4, 0.5)
 MASK_SHARE = (0.1, 0.2, 0.3, 0.4, 0.5)
 SHUFFLE_SHARE = (0.2, 0.4, 0.6, 0.8, 1.0)  # moving words loses less than deleting them
-TRUNCATION_KEEP = (0.9, 0.75, 0.6, 0.4, 0.2)
+TRUNCATION_CUT = (0.1, 0.25, 0.4, 0.6, 0.8)  # share of the words cut from the end
 MASK_TOKEN = "[UNK]"  # MiniLM's tokenizer maps it to its unknown token
 TYPO_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 
+def _grain(image: Image.Image) -> int:
+    """Pixels per noise grain or JPEG block step: 1 up to twice the model's input side."""
+    return max(1, max(image.size) // REFERENCE_SIDE)
+
+
 def _gaussian_noise(image: Image.Image, severity: int, rng: np.random.Generator) -> Image.Image:
     pixels = np.asarray(image, dtype=np.float32) / 255.0
-    noise = rng.standard_normal(pixels.shape, dtype=np.float32) * NOISE_SIGMA[severity - 1]
+    g = _grain(image)
+    height, width = -(-pixels.shape[0] // g), -(-pixels.shape[1] // g)
+    field = rng.standard_normal((height, width, 3), dtype=np.float32) * NOISE_SIGMA[severity - 1]
+    noise = field.repeat(g, axis=0).repeat(g, axis=1)[:pixels.shape[0], :pixels.shape[1]]
     return Image.fromarray((np.clip(pixels + noise, 0.0, 1.0) * 255.0).round().astype(np.uint8))
 
 
@@ -57,9 +69,12 @@ def _blur(image: Image.Image, severity: int, rng: np.random.Generator) -> Image.
 
 
 def _jpeg(image: Image.Image, severity: int, rng: np.random.Generator) -> Image.Image:
+    g = _grain(image)
+    small = image.resize((-(-image.width // g), -(-image.height // g)), Image.Resampling.BICUBIC) if g > 1 else image
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=JPEG_QUALITY[severity - 1])
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    small.save(buffer, format="JPEG", quality=JPEG_QUALITY[severity - 1])
+    out = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    return out.resize(image.size, Image.Resampling.BICUBIC) if g > 1 else out
 
 
 def _occlusion(image: Image.Image, severity: int, rng: np.random.Generator) -> Image.Image:
@@ -88,8 +103,14 @@ IMAGE_CORRUPTIONS: dict[str, Callable[[Image.Image, int, np.random.Generator], I
 }
 
 
-def _count(share: float, n: int) -> int:
-    return math.ceil(share * n - 1e-9)
+def _words_touched(shares: tuple[float, ...], severity: int, n: int, most: int) -> int:
+    """How many of `n` words a text corruption touches at `severity`: the severity's share,
+    rounded up, and at least one more than at the severity below (up to `most`), so every
+    severity is stronger than the last on short titles too."""
+    count = 0
+    for share in shares[:severity]:
+        count = min(most, max(count + 1, math.ceil(share * n - 1e-9)))
+    return count
 
 
 def _typo(word: str, rng: np.random.Generator) -> str:
@@ -111,7 +132,7 @@ def _typo(word: str, rng: np.random.Generator) -> str:
 
 def _typos(text: str, severity: int, rng: np.random.Generator) -> str:
     words = text.split()
-    for i in rng.permutation(len(words))[:_count(TYPO_SHARE[severity - 1], len(words))]:
+    for i in rng.permutation(len(words))[:_words_touched(TYPO_SHARE, severity, len(words), len(words))]:
         words[i] = _typo(words[i], rng)
     return " ".join(words) if words else text
 
@@ -119,14 +140,14 @@ def _typos(text: str, severity: int, rng: np.random.Generator) -> str:
 def _word_dropout(text: str, severity: int, rng: np.random.Generator) -> str:
     """Drop a share of the words, never the last one left."""
     words = text.split()
-    k = min(_count(DROPOUT_SHARE[severity - 1], len(words)), max(len(words) - 1, 0))
+    k = _words_touched(DROPOUT_SHARE, severity, len(words), max(len(words) - 1, 0))
     dropped = set(rng.permutation(len(words))[:k].tolist())
     return " ".join(w for i, w in enumerate(words) if i not in dropped) if words else text
 
 
 def _word_mask(text: str, severity: int, rng: np.random.Generator) -> str:
     words = text.split()
-    for i in rng.permutation(len(words))[:_count(MASK_SHARE[severity - 1], len(words))]:
+    for i in rng.permutation(len(words))[:_words_touched(MASK_SHARE, severity, len(words), len(words))]:
         words[i] = MASK_TOKEN
     return " ".join(words) if words else text
 
@@ -134,7 +155,7 @@ def _word_mask(text: str, severity: int, rng: np.random.Generator) -> str:
 def _word_shuffle(text: str, severity: int, rng: np.random.Generator) -> str:
     """Rotate a share of the words (at least two) through each other's positions."""
     words = text.split()
-    chosen = rng.permutation(len(words))[:max(2, _count(SHUFFLE_SHARE[severity - 1], len(words)))]
+    chosen = rng.permutation(len(words))[:max(2, _words_touched(SHUFFLE_SHARE, severity, len(words), len(words)))]
     moved = list(words)
     for src, dst in zip(chosen, np.roll(chosen, 1)):
         moved[dst] = words[src]
@@ -142,9 +163,10 @@ def _word_shuffle(text: str, severity: int, rng: np.random.Generator) -> str:
 
 
 def _truncation(text: str, severity: int, rng: np.random.Generator) -> str:
-    """Keep the first share of the words (at least one)."""
+    """Cut a share of the words from the end, keeping at least one."""
     words = text.split()
-    return " ".join(words[:max(1, _count(TRUNCATION_KEEP[severity - 1], len(words)))]) if words else text
+    cut = _words_touched(TRUNCATION_CUT, severity, len(words), max(len(words) - 1, 0))
+    return " ".join(words[:len(words) - cut]) if words else text
 
 
 TEXT_CORRUPTIONS: dict[str, Callable[[str, int, np.random.Generator], str]] = {

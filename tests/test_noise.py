@@ -107,27 +107,36 @@ def test_text_severity_zero_identity_and_determinism(name):
     assert differs == (name != "truncation")
 
 
-def touched(name: str, out: str) -> int:
+def touched(name: str, out: str, original: list[str] = WORDS) -> int:
     """How many words a corruption changed, checking that it changed nothing else."""
     words = out.split()
     if name == "truncation":
-        assert words == WORDS[:len(words)]
-        return len(WORDS) - len(words)
+        assert words == original[:len(words)]
+        return len(original) - len(words)
     if name == "word_dropout":
-        it = iter(WORDS)
+        it = iter(original)
         assert all(w in it for w in words)  # an ordered subsequence
-        return len(WORDS) - len(words)
+        return len(original) - len(words)
     if name == "word_shuffle":
-        assert sorted(words) == sorted(WORDS)
+        assert sorted(words) == sorted(original)
     else:
-        assert len(words) == len(WORDS)
+        assert len(words) == len(original)
     if name == "word_mask":
-        assert all(w in (o, MASK_TOKEN) for w, o in zip(words, WORDS))
-    return sum(w != o for w, o in zip(words, WORDS))
+        assert all(w in (o, MASK_TOKEN) for w, o in zip(words, original))
+    return sum(w != o for w, o in zip(words, original))
 
 
 SHARES = {"typos": noise.TYPO_SHARE, "word_dropout": noise.DROPOUT_SHARE, "word_mask": noise.MASK_SHARE,
-          "word_shuffle": noise.SHUFFLE_SHARE, "truncation": tuple(1 - k for k in noise.TRUNCATION_KEEP)}
+          "word_shuffle": noise.SHUFFLE_SHARE, "truncation": noise.TRUNCATION_CUT}
+
+
+@pytest.mark.parametrize("name", ["typos", "word_dropout", "word_mask", "truncation"])
+def test_every_severity_is_stronger_on_a_short_title_too(name):
+    """A 6-word title (the fashion catalogue's median): 10% and 20% of it both round up to
+    one or two words, yet each severity must touch more words than the one below."""
+    title = "Men Navy Blue Slim Fit Jeans"
+    counts = [touched(name, corrupt_text(title, name, s, seed=4), title.split()) for s in noise.SEVERITIES]
+    assert counts == [0, 1, 2, 3, 4, 5], (name, counts)
 
 
 @pytest.mark.parametrize("name", sorted(TEXT_CORRUPTIONS))
@@ -196,3 +205,19 @@ def test_unknown_name_lists_valid_names(image):
     with pytest.raises(ValueError, match="truncation.*word_dropout"):
         corrupt_text(TEXT, "Typos", 1)
     assert corrupt_image(image, "blur", np.int64(2)).size == image.size
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "jpeg"])
+def test_large_images_are_corrupted_at_the_models_scale(image, name):
+    """Noise and JPEG on a 10x larger photo must still reach the model's 224-pixel input:
+    their grains and blocks grow with the image instead of averaging away in the downscale."""
+    from cma_clip.backbones import letterbox
+
+    def damage(im: Image.Image) -> float:
+        seen = [pixels(letterbox(x, 224)) for x in (im, corrupt_image(im, name, 3, seed=0))]
+        return float(np.abs(seen[1] - seen[0]).mean())
+
+    # the photo in mid-tones (64-192), so the noise is not clipped at the white background
+    small = Image.fromarray((64 + pixels(letterbox(image, 224)) / 2).astype(np.uint8))
+    large = small.resize((2240, 2240), Image.Resampling.BICUBIC)
+    assert damage(large) > 0.6 * damage(small), name  # measured 0.72 and 0.86; corrupted at 2240: 0.09 and 0.37
