@@ -41,9 +41,14 @@ def save_checkpoint(folder: str | Path, model: CMAClip, meta: dict[str, Any],
     save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
     if backbone_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
-    config = {"format": FORMAT, **meta, "model": asdict(model.cfg)}
-    (folder / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    write_config(folder, model.cfg, meta)
     return folder
+
+
+def write_config(folder: str | Path, model_config: CMAClipConfig, meta: dict[str, Any]) -> None:
+    """config.json alone: `meta` and the model's settings (the weights stay untouched)."""
+    config = {"format": FORMAT, **meta, "model": asdict(model_config)}
+    (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

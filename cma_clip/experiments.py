@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -78,6 +79,7 @@ class Study:
     data_root: str | None = None
     cache_dir: str | None = None
     train_args: tuple[str, ...] = ()
+    rescore: bool = False  # recompute every stored report and the noise sample (after a metrics or noise change)
 
     def epochs_for(self, catalogue: str) -> int:
         return self.epochs or EPOCHS.get(catalogue, 10)
@@ -115,6 +117,20 @@ def train_seconds(run: Path) -> float:
     that was stopped and resumed counts every epoch once."""
     training = read_config(run)["training"]
     return round(sum(epoch["seconds"] for epoch in training["history"]) + training.get("align_seconds", 0.0), 2)
+
+
+def forget_scores(study: Study, catalogue: str, runs: list[str]) -> None:
+    """Rescore every run's test report from its checkpoint and drop the stored zero-shot and
+    noise scores and noise features, which the report then computes anew."""
+    for seed in study.seeds:
+        for name in runs:
+            run = study.run_dir(catalogue, seed, name)
+            print(f"[study] rescore {catalogue} seed {seed} {name}", file=sys.stderr, flush=True)
+            train.rescore(run, study.data_root, study.cache_dir)
+            for stored in [*run.glob("noise-*.json"), run / "zero_shot_test.json"]:
+                stored.unlink(missing_ok=True)
+    for folder in (study.runs / catalogue).glob("noise-*"):
+        shutil.rmtree(folder)
 
 
 def test_report(study: Study, catalogue: str, seed: int, name: str | None) -> dict:
@@ -360,6 +376,8 @@ def run_study(study: Study, command: str) -> dict:
         for seed in study.seeds:
             for name in runs:
                 train_run(study, catalogue, seed, name)
+        if study.rescore:
+            forget_scores(study, catalogue, runs)
         result = {"test": {}, "noise": {}, "seconds": {}}
         for method, name in METHODS.items():
             result["test"][method] = {seed: test_report(study, catalogue, seed, name) for seed in study.seeds}
@@ -406,11 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default="docs/results", help="folder for results.json, TABLES.md and plots")
     parser.add_argument("--data-root", help="folder of the bundled catalogues (default ../shared/data)")
     parser.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="after a change to the metrics or the corruptions: recompute every run's thresholds and "
+                             "reports from its checkpoint, and the noise sample's features and scores (no training)")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
     study = Study(catalogues=args.catalogues, seeds=args.seeds, epochs=args.epochs, runs=Path(args.runs),
                   report=Path(args.report), noise_items=args.noise_items, data_root=args.data_root,
-                  cache_dir=args.cache_dir, train_args=tuple(train_args))
+                  cache_dir=args.cache_dir, train_args=tuple(train_args), rescore=args.rescore)
     started = time.time()
     command = "python -m cma_clip.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
     results = run_study(study, command.strip())

@@ -37,14 +37,15 @@ from tqdm.auto import tqdm
 from . import distributed
 from .align import train_alignment
 from .backbones import BackboneError, DualEncoder, EncoderOutput, create_backbone
-from .checkpoint import BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone, save_checkpoint
+from .checkpoint import (BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone,
+                         save_checkpoint, write_config)
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
                    load_image, split_indices)
-from .evaluate import format_table, predict_probabilities, score
+from .evaluate import catalogue_for_checkpoint, format_table, predict_probabilities, score
 from .labels import LabelStore, LabelStoreError
 from .metrics import threshold_at_precision
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
-from .runtime import autocast, seed_everything
+from .runtime import autocast, default_device, seed_everything
 
 STATE_FILE = "train_state.safetensors"  # what --resume reads; removed when the run finishes
 MANIFEST_ARGS = ("manifest", "image_column", "text_columns", "id_column")
@@ -381,6 +382,17 @@ def finish(out: Path, meta: dict, counters: dict, features: Features | LiveBatch
     if finetuned is not None:
         load_finetuned_backbone(out, finetuned)
         finetuned.eval()
+    meta["training"] = {k: counters[k] for k in ("history", "align_loss", "align_seconds") if k in counters}
+    metrics = calibrate(out, model, meta, features, targets, splits)
+    save_checkpoint(out, model, {**meta, "metrics": metrics})
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return metrics
+
+
+def calibrate(out: Path, model: CMAClip, meta: dict, features: Features | LiveBatches,
+              targets: dict[str, np.ndarray], splits: dict[str, np.ndarray]) -> dict:
+    """Set each task's 90%-precision threshold in `meta` from val, score val and test (the
+    test report also to eval_test.json); returns the metrics."""
     val_probs = predict_probabilities(model, features, splits["val"])
     val_targets = {t: v[splits["val"]] for t, v in targets.items()}
     for task, threshold in thresholds_at_90(val_probs, val_targets).items():
@@ -390,9 +402,30 @@ def finish(out: Path, meta: dict, counters: dict, features: Features | LiveBatch
         metrics["test"] = score(predict_probabilities(model, features, splits["test"]),
                                 {t: v[splits["test"]] for t, v in targets.items()})
         (out / "eval_test.json").write_text(json.dumps(metrics["test"], indent=2))
-    meta["training"] = {k: counters[k] for k in ("history", "align_loss", "align_seconds") if k in counters}
-    save_checkpoint(out, model, {**meta, "metrics": metrics})
-    (out / STATE_FILE).unlink(missing_ok=True)
+    return metrics
+
+
+def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | None = None) -> dict:
+    """Recompute a finished checkpoint's thresholds and val/test reports with the current
+    metrics, on the features its training cached; the weights stay as they are. For after a
+    change to the metrics: `python -m cma_clip.experiments --rescore` runs it on a study."""
+    folder = Path(folder)
+    device = default_device()
+    model, config = load_checkpoint(folder, device)
+    settings = config["train"]
+    if settings.get("extra_labels") or settings.get("finetune_backbone"):
+        raise CheckpointError(f"{folder}: rescoring runs with --extra-labels or --finetune-backbone is not supported")
+    manifest = (CatalogueConfig.load(settings["catalogue"], data_root or settings.get("data_root")).manifest
+                if settings.get("catalogue") else settings["manifest"])
+    catalogue = Catalogue.open(catalogue_for_checkpoint(config, manifest))
+    if settings.get("limit"):
+        catalogue = limit_splits(catalogue, settings["limit"])
+    splits = split_indices(catalogue, settings["seed"])
+    features = extract_features(create_backbone(config["backbone"], device), catalogue, cache_dir, progress=False)
+    targets = {t: LabelVocab(spec["classes"]).encode(catalogue.labels(t)) for t, spec in config["tasks"].items()}
+    meta = {k: v for k, v in config.items() if k not in ("format", "model", "metrics")}
+    metrics = calibrate(folder, model, meta, features, targets, splits)
+    write_config(folder, model.cfg, {**meta, "metrics": metrics})
     return metrics
 
 

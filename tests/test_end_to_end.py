@@ -199,3 +199,17 @@ def test_texts_are_cut_to_the_backbones_limit(tmp_path, cache_dir, capsys):
     config = read_config(out)
     assert config["catalogue"]["max_text_tokens"] == config["model"]["max_text_tokens"] == 77
     assert "texts are cut to 77 tokens" in capsys.readouterr().err
+
+
+def test_rescoring_a_checkpoint_reproduces_its_reports(small_checkpoint, cache_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(small_checkpoint, copy)
+    before = read_config(copy)
+    (copy / "eval_test.json").unlink()
+    metrics = train.rescore(copy, cache_dir=str(cache_dir))
+    after = read_config(copy)
+    assert metrics == after["metrics"] == before["metrics"] and after["tasks"] == before["tasks"]
+    assert json.loads((copy / "eval_test.json").read_text()) == before["metrics"]["test"]
+    assert {k: v for k, v in after.items() if k != "metrics"} == {k: v for k, v in before.items() if k != "metrics"}

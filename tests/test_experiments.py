@@ -99,3 +99,16 @@ def test_a_second_call_reuses_the_runs(study):
     assert model.stat().st_mtime_ns == before
     again = json.loads((root / "report" / "results.json").read_text())
     assert again["catalogues"]["hm-articles"]["test"] == results["catalogues"]["hm-articles"]["test"]
+
+
+def test_rescoring_recomputes_every_report_without_training(study):
+    root, argv, results = study
+    runs = root / "runs" / "hm-articles"
+    model, noise_scores = runs / "seed-1" / "late_fusion" / "model.safetensors", runs / "seed-1" / "cma" / "noise-12.json"
+    weights_before, scores_before = model.stat().st_mtime_ns, noise_scores.stat().st_mtime_ns
+    assert experiments.main([*argv[:argv.index("--")], "--rescore", *argv[argv.index("--"):]]) == 0
+    assert model.stat().st_mtime_ns == weights_before and noise_scores.stat().st_mtime_ns != scores_before
+    again = json.loads((root / "report" / "results.json").read_text())["catalogues"]["hm-articles"]
+    before = results["catalogues"]["hm-articles"]
+    assert again["test"] == before["test"]  # same checkpoints, same features, same metrics
+    assert again["noise"] == before["noise"]  # the noise sample re-encoded identically
