@@ -227,7 +227,8 @@ class BundledBackbone(DualEncoder):
 
 
 class OpenClipBackbone(DualEncoder):
-    """Any open_clip model: patch tokens from the visual tower, per-token text states.
+    """An open_clip model of the original CLIP layout (ViT towers, BPE tokenizer): patch
+    tokens from the visual tower, per-token text states.
 
     Image tokens: the ViT patch tokens after ln_post, projected with `visual.proj`
     into the joint space; pooled = `encode_image`. Text tokens: the text transformer's
@@ -248,10 +249,18 @@ class OpenClipBackbone(DualEncoder):
                 "(open_clip:MODEL:/path/weights.safetensors) or use the offline 'bundled' backbone.")
         try:
             self.model = open_clip.create_model(model_name, pretrained=pretrained)
+            self.tokenizer = open_clip.get_tokenizer(model_name)  # some fetch a Hugging Face tokenizer
         except Exception as exc:  # open_clip raises many types; report them as one
             raise BackboneError(f"could not build open_clip model {model_name!r} "
                                 f"with pretrained={pretrained!r}: {exc}") from exc
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        # per-token outputs below assume the original CLIP layout: its BPE tokenizer (EOT = highest id),
+        # a token embedding and text projection on the model, and a ViT image tower with patch tokens
+        layout = (isinstance(self.tokenizer, open_clip.tokenizer.SimpleTokenizer)
+                  and all(hasattr(self.model, name) for name in ("token_embedding", "text_projection", "ln_final"))
+                  and hasattr(self.model.visual, "patch_size"))
+        if not layout:
+            raise BackboneError(f"open_clip model {model_name!r} does not have the original CLIP layout (BPE tokenizer, "
+                                "ViT image tower) that per-token outputs need; use a ViT CLIP such as ViT-B-32")
         visual = self.model.visual
         visual.output_tokens = True
         size = visual.image_size

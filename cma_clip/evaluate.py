@@ -126,6 +126,17 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     return report
 
 
+def training_manifest(config: dict, data_root: str | None = None) -> str | None:
+    """The manifest a checkpoint was trained on (None when it cannot be found here)."""
+    settings = config.get("train", {})
+    if settings.get("manifest"):
+        return settings["manifest"]
+    try:
+        return CatalogueConfig.load(settings["catalogue"], data_root or settings.get("data_root")).manifest
+    except (CatalogueError, KeyError, TypeError):
+        return None
+
+
 def evaluation_rows(catalogue: Catalogue, split: str | None, config: dict) -> tuple[np.ndarray, str | None]:
     """The rows to score and the split they form. With a split column: that split's rows.
     Without one, on the manifest the checkpoint was trained on: the seeded split training
@@ -139,7 +150,8 @@ def evaluation_rows(catalogue: Catalogue, split: str | None, config: dict) -> tu
             raise CatalogueError(f"no rows in split {split!r} of {catalogue.config.manifest}")
         return rows, split
     trained = config.get("train", {})
-    if not trained.get("manifest") or Path(trained["manifest"]).resolve() != Path(catalogue.config.manifest).resolve():
+    manifest = training_manifest(config)
+    if manifest is None or Path(manifest).resolve() != Path(catalogue.config.manifest).resolve():
         return everything, None
     if trained.get("limit") or trained.get("extra_labels"):
         raise CatalogueError("this checkpoint was trained on a seeded split of this manifest changed by --limit or "

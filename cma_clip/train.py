@@ -41,7 +41,7 @@ from .checkpoint import (BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, loa
                          save_checkpoint, write_config)
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
                    load_image, split_indices)
-from .evaluate import catalogue_for_checkpoint, format_table, predict_probabilities, score
+from .evaluate import catalogue_for_checkpoint, format_table, predict_probabilities, score, training_manifest
 from .labels import LabelStore, LabelStoreError
 from .metrics import threshold_at_precision
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
@@ -415,8 +415,9 @@ def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | N
     settings = config["train"]
     if settings.get("extra_labels") or settings.get("finetune_backbone"):
         raise CheckpointError(f"{folder}: rescoring runs with --extra-labels or --finetune-backbone is not supported")
-    manifest = (CatalogueConfig.load(settings["catalogue"], data_root or settings.get("data_root")).manifest
-                if settings.get("catalogue") else settings["manifest"])
+    manifest = training_manifest(config, data_root)
+    if manifest is None:
+        raise CheckpointError(f"{folder}: the catalogue it was trained on is not available here")
     catalogue = Catalogue.open(catalogue_for_checkpoint(config, manifest))
     if settings.get("limit"):
         catalogue = limit_splits(catalogue, settings["limit"])

@@ -79,3 +79,8 @@ def test_open_clip_pretrained_offline_fails_fast_and_clearly(monkeypatch, offlin
 def test_unknown_backbone_name():
     with pytest.raises(BackboneError, match="unknown backbone"):
         create_backbone("resnet-9000")
+
+
+def test_open_clip_models_without_the_clip_layout_are_refused_clearly():
+    with pytest.raises(BackboneError, match="does not have the original CLIP layout"):
+        create_backbone("open_clip:RN50", "cpu")  # a ResNet image tower: no patch tokens
