@@ -350,19 +350,21 @@ def has_cached_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: 
 
 
 def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
-                     batch_size: int = 64, num_workers: int | None = None, progress: bool = True) -> Features:
+                     batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
+                     memory_map: bool = False) -> Features:
     """Backbone features of every item, computed once and cached on disk as float16 .npy files.
 
     The cache entry is keyed by the backbone's weights and preprocessing, the precision,
     the text length and the manifest's images and texts; any change builds a new entry.
     Entries are written to a temporary folder and renamed when complete, so an
     interrupted build never leaves a half-written cache behind. Images are decoded in
-    `num_workers` DataLoader workers (default: `runtime.loader_workers`).
+    `num_workers` DataLoader workers (default: `runtime.loader_workers`). With `memory_map`,
+    the arrays stay on disk and only the rows read are loaded (for taking a few rows).
     """
     folder = _cache_folder(backbone, catalogue, cache_dir)
     if not (folder / "meta.json").exists():
         _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
-    arrays = {name: np.load(folder / f"{name}.npy") for name in FEATURE_FIELDS}
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if memory_map else None) for name in FEATURE_FIELDS}
     return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder))
 
 

@@ -109,7 +109,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     backbone = create_backbone(config["backbone"], device)
     load_finetuned_backbone(checkpoint, backbone)
     if has_cached_features(backbone, catalogue, cache_dir):  # the whole manifest's, as training cached them
-        features = extract_features(backbone, catalogue, cache_dir).take(rows)
+        features = extract_features(backbone, catalogue, cache_dir, memory_map=True).take(rows)
     else:  # encode only the rows to score
         features = extract_features(backbone, replace(catalogue, rows=[catalogue.rows[i] for i in rows]), cache_dir,
                                     progress=sys.stderr.isatty())
