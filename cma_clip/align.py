@@ -44,10 +44,14 @@ class AlignmentHeads(nn.Module):
     def embed_text(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(pooled), dim=-1)
 
+    def scale(self) -> torch.Tensor:
+        """The similarity scale (inverse temperature), capped at 100 as in CLIP."""
+        return self.logit_scale.clamp(max=math.log(100)).exp()
+
     def loss(self, image_pooled: torch.Tensor, text_pooled: torch.Tensor) -> torch.Tensor:
         """CLIP's symmetric cross-entropy over the in-batch similarity matrix."""
         image, text = self.embed_image(image_pooled), self.embed_text(text_pooled)
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.t()
+        logits = self.scale() * image @ text.t()
         target = torch.arange(len(image), device=image.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
@@ -95,5 +99,5 @@ def label_embeddings(heads: AlignmentHeads, backbone: DualEncoder, labels: list[
 @torch.no_grad()
 def zero_shot_probabilities(heads: AlignmentHeads, image_pooled: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Class probabilities from image-to-prompt similarity, [B, num_labels]."""
-    logits = heads.logit_scale.exp() * heads.embed_image(image_pooled) @ classes.t()
+    logits = heads.scale() * heads.embed_image(image_pooled) @ classes.t()
     return logits.softmax(dim=-1)
