@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backbones import DualEncoder, EncoderOutput
+from .backbones import BackboneError, DualEncoder, EncoderOutput
 from .runtime import bf16_supported, loader_workers
 
 MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "none", "null"})
@@ -407,7 +407,11 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
                 text = backbone.tokenize(texts[start:stop], tokens)
                 out = backbone(pixels.to(device), text.to(device))
                 for name in FEATURE_FIELDS:
-                    arrays[name][start:stop] = getattr(out, name).cpu().numpy()
+                    with np.errstate(over="ignore"):  # checked below, with a clearer message
+                        arrays[name][start:stop] = getattr(out, name).cpu().numpy()
+                    if name != "text_mask" and not np.isfinite(arrays[name][start:stop]).all():
+                        raise BackboneError(f"the backbone's {name} exceed float16's range (65504) or are not "
+                                            "finite, so its features cannot be cached")
                 start = stop
     except BaseException:  # an unusable image, Ctrl-C, out of memory: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)

@@ -78,3 +78,18 @@ def test_feature_cache_is_reused_and_rebuilt_on_change(tmp_path, backbone):
     assert len(list((cache / "features").iterdir())) == 2  # text changed: rebuilt
     assert np.array_equal(first.image_tokens, second.image_tokens)
     assert not np.array_equal(first.text_pooled[0], second.text_pooled[0])
+
+
+def test_features_beyond_float16_are_refused_and_leave_no_cache(tmp_path, backbone, monkeypatch):
+    from dataclasses import replace
+
+    from cma_clip.backbones import BackboneError
+
+    path = write_catalogue(tmp_path, [{"t": "red dress", "c": "Red"}])
+    config = CatalogueConfig("x", str(path), text_columns=["t"], tasks=["c"], max_text_tokens=8)
+    real = backbone.forward
+    monkeypatch.setattr(backbone, "forward", lambda pixels, text: replace(real(pixels, text), image_pooled=(
+        real(pixels, text).image_pooled * 1e6)))  # a backbone whose outputs float16 cannot hold
+    with pytest.raises(BackboneError, match="image_pooled exceed float16's range"):
+        extract_features(backbone, Catalogue.open(config), tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache" / "features").iterdir())
