@@ -34,13 +34,17 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(folder: str | Path, model: CMAClip, meta: dict[str, Any],
                     backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write weights and config; `meta` holds backbone, catalogue, tasks, training and metrics."""
+    """Write weights and config; `meta` holds backbone, catalogue, tasks, training and metrics.
+    The fine-tuned backbone's weights are written with `backbone_state`, and without it any
+    left in the folder by an earlier run are removed, so they never load with these weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
     if backbone_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
+    else:
+        (folder / BACKBONE_WEIGHTS).unlink(missing_ok=True)
     write_config(folder, model.cfg, meta)
     return folder
 

@@ -113,8 +113,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     else:  # encode only the rows to score
         features = extract_features(backbone, replace(catalogue, rows=[catalogue.rows[i] for i in rows]), cache_dir,
                                     progress=sys.stderr.isatty())
-    targets = {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task))[rows]
-               for task, spec in config["tasks"].items()}
+    targets = {task: target[rows] for task, target in task_targets(config, catalogue).items()}
     if zero_shot:
         classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
         probabilities = zero_shot_probabilities_for(model, backbone, classes, features)
@@ -124,6 +123,11 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     report.update(checkpoint=str(checkpoint), manifest=str(manifest), split=split, items=len(rows),
                   method="zero-shot" if zero_shot else "cma-clip")
     return report
+
+
+def task_targets(config: dict, catalogue: Catalogue) -> dict[str, np.ndarray]:
+    """Each of the checkpoint's tasks: the catalogue's labels as class indices of its vocabulary."""
+    return {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task)) for task, spec in config["tasks"].items()}
 
 
 def training_manifest(config: dict, data_root: str | None = None) -> str | None:

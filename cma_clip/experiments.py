@@ -37,8 +37,8 @@ from PIL import Image
 from . import bench, train
 from .backbones import DualEncoder, create_backbone
 from .checkpoint import load_checkpoint, read_config
-from .data import FEATURE_FIELDS, Catalogue, CatalogueConfig, Features, LabelVocab, image_batches
-from .evaluate import evaluate_checkpoint, iter_outputs, score, zero_shot_probabilities_for
+from .data import FEATURE_FIELDS, Catalogue, CatalogueConfig, Features, image_batches
+from .evaluate import evaluate_checkpoint, iter_outputs, score, task_targets, zero_shot_probabilities_for
 from .metrics import METRIC_NAMES
 from .model import MODALITIES, CMAClip
 from .noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
@@ -214,7 +214,7 @@ def noise_scores(model: CMAClip, config: dict, sample: Catalogue, features: dict
     share of the image [CLS]'s last-layer attention on the text part ("image_cls_on_text") and
     of the text [CLS]'s on the image part ("text_cls_on_image")}.
     With `backbone`, the zero-shot classifier of the model's alignment is scored instead."""
-    targets = {task: LabelVocab(spec["classes"]).encode(sample.labels(task)) for task, spec in config["tasks"].items()}
+    targets = task_targets(config, sample)
     classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
     scored: dict[tuple[int, int], dict] = {}  # (image, text) severity -> scores; severity 0 is shared by the modes
     out: dict[str, dict[int, dict]] = {}

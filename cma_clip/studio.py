@@ -149,7 +149,7 @@ class Studio:
                         prediction: Prediction | None = None) -> int:
         if not image_path:
             raise StudioError("Upload the item's image before saving a correction.")
-        open_user_image(image_path)  # refuse unreadable files before anything is written
+        image = open_user_image(image_path)  # refuse unreadable files before anything is written
         if not (annotator or "").strip():
             raise StudioError("Enter your name in the annotator field, so the correction can be attributed.")
         tasks = self.predictor(model).tasks
@@ -157,7 +157,7 @@ class Studio:
         if not chosen:
             raise StudioError("Choose at least one label to save.")
         if prediction is None:  # the model's prediction is stored with the labels: compute it for these inputs
-            prediction = self.predict(image_path, text, model)
+            prediction = self.predictor(model).predict_batch([image], [clean_text(text)])[0]
         predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)} for t, p in prediction.tasks.items()}
         try:
             return self.store.save_correction(image=Path(image_path), text=clean_text(text), labels=chosen,

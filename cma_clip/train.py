@@ -37,14 +37,16 @@ from tqdm.auto import tqdm
 from . import distributed
 from .align import train_alignment
 from .backbones import BackboneError, DualEncoder, EncoderOutput, create_backbone
-from .checkpoint import (BACKBONE_WEIGHTS, CheckpointError, load_checkpoint, load_finetuned_backbone,
+from .checkpoint import (CheckpointError, load_checkpoint, load_finetuned_backbone,
                          save_checkpoint, write_config)
 from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
                    load_image, split_indices)
-from .evaluate import catalogue_for_checkpoint, format_table, predict_probabilities, score, training_manifest
+from .evaluate import (catalogue_for_checkpoint, format_table, predict_probabilities, score, task_targets,
+                       training_manifest)
 from .labels import LabelStore, LabelStoreError
 from .metrics import threshold_at_precision
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
+from .predict import shared_backbone
 from .runtime import autocast, default_device, seed_everything
 
 STATE_FILE = "train_state.safetensors"  # what --resume reads; removed when the run finishes
@@ -216,8 +218,6 @@ def train(args: argparse.Namespace) -> dict:
         raise CatalogueError(f"--batch-size {args.batch_size} is smaller than the {world} processes")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.finetune_backbone:  # a fine-tuned backbone left by an earlier run in --out must not load with this one
-        (out / BACKBONE_WEIGHTS).unlink(missing_ok=True)
     config = catalogue_config(args)
     catalogue = Catalogue.open(config)
     if args.limit:
@@ -384,7 +384,7 @@ def finish(out: Path, meta: dict, counters: dict, features: Features | LiveBatch
         finetuned.eval()
     meta["training"] = {k: counters[k] for k in ("history", "align_loss", "align_seconds") if k in counters}
     metrics = calibrate(out, model, meta, features, targets, splits)
-    save_checkpoint(out, model, {**meta, "metrics": metrics})
+    write_config(out, model.cfg, {**meta, "metrics": metrics})  # the weights on disk are this epoch's already
     (out / STATE_FILE).unlink(missing_ok=True)
     return metrics
 
@@ -422,8 +422,10 @@ def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | N
     if settings.get("limit"):
         catalogue = limit_splits(catalogue, settings["limit"])
     splits = split_indices(catalogue, settings["seed"])
-    features = extract_features(create_backbone(config["backbone"], device), catalogue, cache_dir, progress=False)
-    targets = {t: LabelVocab(spec["classes"]).encode(catalogue.labels(t)) for t, spec in config["tasks"].items()}
+    # the runs of a study share one backbone and read only the val and test rows of its cache
+    features = extract_features(shared_backbone(config["backbone"], str(device)), catalogue, cache_dir,
+                                progress=False, memory_map=True)
+    targets = task_targets(config, catalogue)
     meta = {k: v for k, v in config.items() if k not in ("format", "model", "metrics")}
     metrics = calibrate(folder, model, meta, features, targets, splits)
     write_config(folder, model.cfg, {**meta, "metrics": metrics})
