@@ -22,12 +22,13 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from .errors import CMAClipError
 from .runtime import autocast, default_device
 
 DEFAULT_BACKBONE = "bundled"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(CMAClipError, RuntimeError):
     """A backbone could not be built (missing weights, no network, bad name)."""
 
 

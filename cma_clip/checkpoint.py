@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbones import DualEncoder
+from .errors import CMAClipError
 from .model import CMAClip, CMAClipConfig
 
 FORMAT = "cma-clip/1"
@@ -28,7 +29,7 @@ CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CMAClipError, RuntimeError):
     """A checkpoint that cannot be loaded, with the reason in words."""
 
 

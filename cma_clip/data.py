@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .backbones import BackboneError, DualEncoder, EncoderOutput
+from .errors import CMAClipError
 from .runtime import bf16_supported, loader_workers
 
 MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "none", "null"})
@@ -38,7 +39,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class CatalogueError(ValueError):
+class CatalogueError(CMAClipError, ValueError):
     """A manifest or catalogue config that cannot be used, with the reason."""
 
 
@@ -214,7 +215,7 @@ class LabelVocab:
         return np.array([IGNORE if lab is None else index.get(lab, UNKNOWN) for lab in labels], dtype=np.int64)
 
 
-class ImageError(ValueError):
+class ImageError(CMAClipError, ValueError):
     """A file that is not a usable image, with the reason in words."""
 
 

@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 from .checkpoint import BACKBONE_WEIGHTS, CONFIG, WEIGHTS, CheckpointError, read_config
+from .errors import CMAClipError
 
 
-class HubError(RuntimeError):
+class HubError(CMAClipError, RuntimeError):
     """The hub could not be used (offline, no token, missing repository)."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 
 from .data import MAX_IMAGE_PIXELS, Catalogue, is_missing, read_manifest
+from .errors import CMAClipError
 
 SCHEMA_VERSION = 1
 SCHEMA = (
@@ -50,7 +51,7 @@ PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 EXPORT_COLUMNS = ("id", "image", "text", "annotator", "updated_at")
 
 
-class LabelStoreError(ValueError):
+class LabelStoreError(CMAClipError, ValueError):
     """A correction or label store that cannot be used, with the reason."""
 
 

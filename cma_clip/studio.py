@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .backbones import BackboneError
+from .errors import CMAClipError
 from .checkpoint import CheckpointError, read_config
 from .data import (REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, join_text, load_image,
                    read_manifest)
@@ -34,7 +35,7 @@ MAX_SWEEP_ITEMS = 500  # a catalogue sweep costs about 0.4 s per item on 2 CPU c
 Progress = Callable[[float, str], None]
 
 
-class StudioError(ValueError):
+class StudioError(CMAClipError, ValueError):
     """A problem the user can fix, worded for the UI."""
 
 
