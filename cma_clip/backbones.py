@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -348,5 +349,11 @@ def create_backbone(name: str = DEFAULT_BACKBONE, device: str | torch.device | N
     return backbone.to(device or default_device())
 
 
+@lru_cache(maxsize=4)
+def shared_backbone(name: str, device: str) -> DualEncoder:
+    """One frozen backbone per (name, device), shared by every checkpoint that uses it."""
+    return create_backbone(name, device)
+
+
 __all__ = ["BackboneError", "BundledBackbone", "DualEncoder", "EncoderOutput", "OpenClipBackbone",
-           "TextBatch", "create_backbone", "letterbox", "to_rgb"]
+           "TextBatch", "create_backbone", "letterbox", "shared_backbone", "to_rgb"]

@@ -1,16 +1,20 @@
-"""Checkpoints: weights as safetensors plus a JSON config. Nothing is ever unpickled.
+"""Checkpoints: weights as safetensors plus a typed JSON config. Nothing is ever unpickled.
 
 A checkpoint is a folder:
     model.safetensors     the CMA-CLIP weights (alignment heads, fusion, task heads)
-    config.json           backbone id, catalogue columns, tasks with label vocabularies and
-                          90%-precision thresholds, model hyper-parameters, training settings, metrics
+    config.json           a `CheckpointConfig`: backbone id, catalogue columns, tasks with label
+                          vocabularies and 90%-precision thresholds, model hyper-parameters,
+                          training settings, history and metrics
     backbone.safetensors  only when the backbone was fine-tuned
+
+`CheckpointConfig` is the one owner of that metadata (as timm's `PretrainedCfg`): it is read
+and written here only, and the rest of the code uses its fields, never string keys.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +22,206 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbones import DualEncoder
+from .backbones import DualEncoder, create_backbone, shared_backbone
+from .data import CatalogueConfig, CatalogueError
 from .errors import CMAClipError
-from .model import CMAClip, CMAClipConfig
+from .model import FUSIONS, CMAClip, CMAClipConfig
 
 FORMAT = "cma-clip/1"
 WEIGHTS = "model.safetensors"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+MANIFEST_FIELDS = ("manifest", "image_column", "text_columns", "id_column")  # what a --catalogue config names itself
+RUN_FIELDS = ("out", "resume", "quiet")  # how a run was started, not what it trained
 
 
 class CheckpointError(CMAClipError, RuntimeError):
     """A checkpoint that cannot be loaded, with the reason in words."""
 
 
-def save_checkpoint(folder: str | Path, model: CMAClip, meta: dict[str, Any],
+@dataclass
+class TrainConfig:
+    """Everything one training run is given: the `python -m cma_clip.train` options, which
+    `cma_clip.train.parse_config` fills, and the settings a checkpoint records (`config.json`
+    "train", without the run's own `out`, `resume` and `quiet`)."""
+
+    out: str = ""  # the checkpoint folder to write
+    # data
+    catalogue: str | None = None  # a bundled config name or a JSON config; or give `manifest`
+    data_root: str | None = None
+    manifest: str | None = None
+    image_column: str | None = None
+    text_columns: list[str] | None = None
+    tasks: list[str] | None = None
+    id_column: str | None = None
+    max_text_tokens: int | None = None
+    limit: int | None = None  # the first N items of each split
+    min_count: int = 1  # a class needs this many training items to be learned
+    extra_labels: str | None = None  # a label store whose corrections override catalogue labels
+    cache_dir: str | None = None
+    # model
+    backbone: str = "bundled"
+    finetune_backbone: bool = False
+    fusion: str = "cma"
+    align_from: str | None = None  # take the alignment heads from this checkpoint
+    width: int = 192
+    depth: int = 1
+    heads: int = 4
+    embed_dim: int = 256
+    dropout: float = 0.1
+    lexical_buckets: int = 8192
+    # optimisation
+    epochs: int = 15
+    align_epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # share of steps spent warming up
+    patience: int = 4  # epochs without val improvement before stopping
+    seed: int = 0
+    max_steps: int | None = None
+    # the run
+    resume: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise CatalogueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+
+    def catalogue_config(self) -> CatalogueConfig:
+        """The catalogue this run trains on: a bundled or JSON config, or a manifest with its columns."""
+        columns = {"--image-column": self.image_column, "--text-columns": self.text_columns,
+                   "--id-column": self.id_column}
+        if self.catalogue:
+            given = [flag for flag, value in columns.items() if value]
+            if self.manifest or given:
+                raise CatalogueError(f"{' and '.join(given or ['--manifest'])} go with --manifest; a --catalogue "
+                                     "config names its own manifest and columns")
+            config = CatalogueConfig.load(self.catalogue, self.data_root)
+        elif self.manifest:
+            config = CatalogueConfig(name=Path(self.manifest).stem, manifest=self.manifest,
+                                     image_column=self.image_column or "image",
+                                     text_columns=self.text_columns or ["text"], tasks=self.tasks or [],
+                                     id_column=self.id_column)
+        else:
+            raise CatalogueError("give --catalogue or --manifest")
+        if self.tasks:
+            config = replace(config, tasks=self.tasks)
+        if self.max_text_tokens:
+            config = replace(config, max_text_tokens=self.max_text_tokens)
+        if not config.tasks:
+            raise CatalogueError("no tasks: give --tasks with the label columns to learn")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as config.json records them."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in RUN_FIELDS and not (self.catalogue and k in MANIFEST_FIELDS)}
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> "TrainConfig":
+        """Settings as recorded; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in known})
+
+
+@dataclass
+class TaskSpec:
+    """One task of a checkpoint: its classes (the label vocabulary, in output order) and the
+    confidence above which its top-1 prediction reached 90% precision on val (None: none did)."""
+
+    classes: list[str]
+    threshold_90: float | None = None
+
+
+@dataclass
+class CatalogueColumns:
+    """Which columns of a manifest a checkpoint reads; applied to any manifest by `on`."""
+
+    name: str
+    image_column: str = "image"
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    id_column: str | None = None
+    max_text_tokens: int = 64
+
+    @classmethod
+    def of(cls, config: CatalogueConfig) -> "CatalogueColumns":
+        return cls(name=config.name, image_column=config.image_column, text_columns=list(config.text_columns),
+                   id_column=config.id_column, max_text_tokens=config.max_text_tokens)
+
+    def on(self, manifest: str | Path, tasks: list[str]) -> CatalogueConfig:
+        """These columns on `manifest`, with `tasks` as its label columns."""
+        return CatalogueConfig(name=self.name, manifest=str(manifest), image_column=self.image_column,
+                               text_columns=list(self.text_columns), tasks=list(tasks), id_column=self.id_column,
+                               max_text_tokens=self.max_text_tokens)
+
+
+@dataclass
+class CheckpointConfig:
+    """A checkpoint's config.json, typed."""
+
+    backbone: str
+    catalogue: CatalogueColumns
+    tasks: dict[str, TaskSpec]
+    model: CMAClipConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    training: dict[str, Any] = field(default_factory=dict)  # epoch history, alignment loss and seconds
+    metrics: dict[str, Any] = field(default_factory=dict)  # split -> evaluation report
+
+    @property
+    def classes(self) -> dict[str, list[str]]:
+        return {task: spec.classes for task, spec in self.tasks.items()}
+
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        return {task: spec.threshold_90 for task, spec in self.tasks.items()}
+
+    def catalogue_on(self, manifest: str | Path) -> CatalogueConfig:
+        """The checkpoint's columns and tasks applied to another manifest."""
+        return self.catalogue.on(manifest, list(self.tasks))
+
+    def training_manifest(self, data_root: str | Path | None = None) -> str | None:
+        """The manifest this checkpoint was trained on (None when it cannot be found here)."""
+        if self.train.manifest:
+            return self.train.manifest
+        if not self.train.catalogue:
+            return None
+        try:
+            return CatalogueConfig.load(self.train.catalogue, data_root or self.train.data_root).manifest
+        except CatalogueError:
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "backbone": self.backbone, "catalogue": asdict(self.catalogue),
+                "tasks": {task: asdict(spec) for task, spec in self.tasks.items()}, "train": self.train.to_dict(),
+                "training": self.training, "metrics": self.metrics, "model": asdict(self.model)}
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "CheckpointConfig":
+        """Raises CheckpointError, naming the part that does not fit."""
+        try:
+            model = CMAClipConfig(**config["model"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"invalid model settings: {exc}") from exc
+        try:
+            return cls(backbone=config["backbone"], catalogue=CatalogueColumns(**config["catalogue"]),
+                       tasks={task: TaskSpec(**spec) for task, spec in config["tasks"].items()}, model=model,
+                       train=TrainConfig.from_dict(config.get("train", {})), training=config.get("training", {}),
+                       metrics=config.get("metrics", {}))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise CheckpointError(f"invalid settings: {exc!r}") from exc
+
+    def save(self, folder: str | Path) -> None:
+        """Write config.json alone (the weights stay untouched)."""
+        (Path(folder) / CONFIG).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+
+def save_checkpoint(folder: str | Path, model: CMAClip, config: CheckpointConfig,
                     backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write weights and config; `meta` holds backbone, catalogue, tasks, training and metrics.
-    The fine-tuned backbone's weights are written with `backbone_state`, and without it any
-    left in the folder by an earlier run are removed, so they never load with these weights."""
+    """Write weights and config (its `model` settings are the model's). The fine-tuned
+    backbone's weights are written with `backbone_state`, and without it any left in the
+    folder by an earlier run are removed, so they never load with these weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -46,38 +230,32 @@ def save_checkpoint(folder: str | Path, model: CMAClip, meta: dict[str, Any],
         save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
     else:
         (folder / BACKBONE_WEIGHTS).unlink(missing_ok=True)
-    write_config(folder, model.cfg, meta)
+    replace(config, model=model.cfg).save(folder)
     return folder
 
 
-def write_config(folder: str | Path, model_config: CMAClipConfig, meta: dict[str, Any]) -> None:
-    """config.json alone: `meta` and the model's settings (the weights stay untouched)."""
-    config = {"format": FORMAT, **meta, "model": asdict(model_config)}
-    (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False))
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
+def read_config(folder: str | Path) -> CheckpointConfig:
     folder = _checkpoint_folder(folder)
     try:
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{folder} has no {CONFIG}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{folder / CONFIG} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or "model" not in raw:
         raise CheckpointError(f"{folder / CONFIG} is not a CMA-CLIP config (expected format {FORMAT!r})")
-    return config
+    try:
+        return CheckpointConfig.from_dict(raw)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder / CONFIG}: {exc}") from exc
 
 
-def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> tuple[CMAClip, dict[str, Any]]:
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> tuple[CMAClip, CheckpointConfig]:
     """The model (in eval mode) and its config. Raises CheckpointError with a clear reason."""
     folder = _checkpoint_folder(folder)
     config = read_config(folder)
-    try:
-        model = CMAClip(CMAClipConfig(**config["model"]))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder / CONFIG}: invalid model settings: {exc}") from exc
-    state = _load_tensors(folder / WEIGHTS)
+    model = CMAClip(config.model)
+    state = model.drop_unbuilt(_load_tensors(folder / WEIGHTS))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -88,6 +266,16 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> t
             f"wrong shapes {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]})")
     model.load_state_dict(state)
     return model.to(device).eval(), config
+
+
+def load_backbone(folder: str | Path, config: CheckpointConfig, device: torch.device | str) -> DualEncoder:
+    """The backbone a checkpoint runs on: a copy with its fine-tuned weights when it has them,
+    else the frozen backbone shared by every checkpoint that uses it."""
+    if not has_finetuned_backbone(folder):
+        return shared_backbone(config.backbone, str(device))
+    backbone = create_backbone(config.backbone, device)
+    load_finetuned_backbone(folder, backbone)
+    return backbone
 
 
 def has_finetuned_backbone(folder: str | Path) -> bool:

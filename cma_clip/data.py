@@ -1,4 +1,4 @@
-"""Catalogues (manifests, tasks, label vocabularies) and the feature cache.
+"""Catalogues: manifests, splits, tasks and label vocabularies; images; tables written out.
 
 A catalogue is a CSV or JSONL manifest: one row per item, an image column with
 paths relative to the manifest, one or more text columns, and label columns used as
@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
-import math
 import os
-import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
-import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .backbones import BackboneError, DualEncoder, EncoderOutput
 from .errors import CMAClipError
-from .runtime import bf16_supported, loader_workers
 
 MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "none", "null"})
 IGNORE = -1  # label index of a missing label: excluded from loss and metrics
@@ -46,10 +41,6 @@ class CatalogueError(CMAClipError, ValueError):
 def default_data_root() -> Path:
     """Where the shared catalogues live: $CMA_CLIP_DATA, else ../shared/data beside the repo."""
     return Path(os.environ.get("CMA_CLIP_DATA", REPO_ROOT.parent / "shared" / "data"))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CMA_CLIP_CACHE", Path.home() / ".cache" / "cma_clip"))
 
 
 @dataclass
@@ -158,12 +149,19 @@ class Catalogue:
         catalogue = cls(config, rows, Path(config.manifest).resolve().parent)
         return catalogue.split(split, limit) if split or limit else catalogue
 
+    @property
+    def has_splits(self) -> bool:
+        """Whether the manifest has a split column."""
+        return bool(self.rows) and "split" in self.rows[0]
+
     def split(self, name: str | None, limit: int | None = None) -> "Catalogue":
         """Rows of one split (all rows when the manifest has no split column or `name` is None)."""
-        rows = self.rows
-        if name and "split" in rows[0]:
-            rows = [r for r in rows if r["split"] == name]
-        return replace(self, rows=rows[:limit] if limit else rows)
+        catalogue = self.take(split_indices(self).get(name, [])) if name and self.has_splits else self
+        return catalogue.take(range(min(limit, len(catalogue)))) if limit else catalogue
+
+    def take(self, index) -> "Catalogue":
+        """The rows `index`, in that order."""
+        return replace(self, rows=[self.rows[i] for i in index])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -247,179 +245,59 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{name} is not a readable image ({exc.__class__.__name__}: {reason})") from exc
 
 
-# ----------------------------------------------------------------------------- feature cache
-
-FEATURE_FIELDS = ("image_tokens", "image_pooled", "text_tokens", "text_mask", "text_pooled")
+SPLITS = ("train", "val", "test")
 
 
-@dataclass
-class Features:
-    """Frozen-backbone outputs for every item of a catalogue, as float16 arrays in memory."""
-
-    image_tokens: np.ndarray  # [N, P, Ci]
-    image_pooled: np.ndarray  # [N, Di]
-    text_tokens: np.ndarray  # [N, L, Ct]
-    text_mask: np.ndarray  # [N, L] bool
-    text_pooled: np.ndarray  # [N, Dt]
-    text_ids: np.ndarray  # [N, L] int32 token ids
-
-    def __len__(self) -> int:
-        return len(self.image_pooled)
-
-    def take(self, index: np.ndarray) -> "Features":
-        """The items `index`, in that order."""
-        return Features(**{name: getattr(self, name)[index] for name in (*FEATURE_FIELDS, "text_ids")})
-
-    def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> EncoderOutput:
-        """A float32 batch, text trimmed to the longest sequence in it."""
-        mask = self.text_mask[index]
-        length = max(1, int(mask.sum(1).max()))
-
-        def tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device).float()
-
-        return EncoderOutput(
-            image_tokens=tensor(self.image_tokens[index]),
-            image_pooled=tensor(self.image_pooled[index]),
-            text_tokens=tensor(self.text_tokens[index, :length]),
-            text_mask=torch.from_numpy(np.ascontiguousarray(mask[:, :length])).to(device),
-            text_pooled=tensor(self.text_pooled[index]),
-            text_ids=torch.from_numpy(self.text_ids[index, :length].astype(np.int64)).to(device),
-        )
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses images in DataLoader workers, so the backbone never waits."""
-
-    def __init__(self, paths: list[Path], backbone: DualEncoder,
-                 transform: Callable[[Image.Image, int], Image.Image] | None = None):
-        self.paths, self.backbone, self.transform = paths, backbone, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        """The pixels and "", or blank pixels and why the image cannot be used: the reason is
-        raised in the main process, as an ImageError without the worker's traceback."""
-        try:
-            image = load_image(self.paths[i])
-        except ImageError as exc:
-            size = self.backbone.image_size
-            return torch.zeros(3, size, size), str(exc)
-        if self.transform is not None:
-            image = self.transform(image, i)
-        return self.backbone.preprocess([image])[0], ""
-
-
-def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64, num_workers: int | None = None,
-                  transform: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[torch.Tensor]:
-    """Preprocessed pixels of `paths` in order, `batch_size` at a time, decoded (and changed by
-    `transform(image, index)`, if given) in `num_workers` DataLoader workers (default:
-    `runtime.loader_workers`). An unusable image raises `ImageError`."""
-    workers = loader_workers(backbone.device) if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(_ImageDataset(paths, backbone, transform), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
-    for pixels, errors in loader:
-        if any(errors):
-            raise ImageError(next(e for e in errors if e))
-        yield pixels
-
-
-def split_indices(catalogue: Catalogue, seed: int) -> dict[str, np.ndarray]:
-    """Row indices per split; without a split column, a seeded 80/10/10 split."""
-    if "split" in catalogue.rows[0]:
+def split_indices(catalogue: Catalogue, seed: int = 0) -> dict[str, np.ndarray]:
+    """Row indices per split: by the split column (train, val, test and any other name it
+    holds); without one, the seeded 80/10/10 split training makes."""
+    if catalogue.has_splits:
         names = np.array([r["split"] for r in catalogue.rows])
-        return {s: np.nonzero(names == s)[0] for s in ("train", "val", "test")}
+        return {s: np.nonzero(names == s)[0] for s in dict.fromkeys([*SPLITS, *names])}
     order = np.random.default_rng(seed).permutation(len(catalogue))
     a, b = int(0.8 * len(order)), int(0.9 * len(order))
     return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
 
 
-def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
-    precision = "bf16" if bf16_supported(backbone.device) else "fp32"
-    raw = f"{backbone.cache_key()}|{precision}|{catalogue.config.max_text_tokens}|{catalogue.fingerprint()}"
-    return f"{catalogue.config.name}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:
+    """The first `limit` rows of every split (quick runs, tests)."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, row in enumerate(catalogue.rows):
+        split = row.get("split", "")
+        if seen.get(split, 0) < limit:
+            seen[split] = seen.get(split, 0) + 1
+            keep.append(i)
+    return catalogue.take(keep)
 
 
-def _cache_folder(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
+def write_table(path: str | Path, records: list[dict], columns: list[str] | None = None) -> Path:
+    """Records as a CSV or JSONL file (by its suffix; CSV columns default to the first
+    record's keys), written atomically."""
+    path = Path(path)
+    buffer = io.StringIO()
+    if path.suffix.lower() == ".csv":
+        writer = csv.DictWriter(buffer, fieldnames=columns or (list(records[0]) if records else ["id"]))
+        writer.writeheader()
+        writer.writerows(records)
+    else:
+        buffer.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    return path
 
 
-def has_cached_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None) -> bool:
-    """Whether `extract_features` would read the catalogue's features from the cache."""
-    return (_cache_folder(backbone, catalogue, cache_dir) / "meta.json").exists()
-
-
-def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
-                     batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
-                     memory_map: bool = False) -> Features:
-    """Backbone features of every item, computed once and cached on disk as float16 .npy files.
-
-    The cache entry is keyed by the backbone's weights and preprocessing, the precision,
-    the text length and the manifest's images and texts; any change builds a new entry.
-    Entries are written to a temporary folder and renamed when complete, so an
-    interrupted build never leaves a half-written cache behind. Images are decoded in
-    `num_workers` DataLoader workers (default: `runtime.loader_workers`). With `memory_map`,
-    the arrays stay on disk and only the rows read are loaded (for taking a few rows).
-    """
-    folder = _cache_folder(backbone, catalogue, cache_dir)
-    if not (folder / "meta.json").exists():
-        _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if memory_map else None) for name in FEATURE_FIELDS}
-    return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder))
-
-
-def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.ndarray:
-    """Token ids of the texts: tokenizer output only (seconds), so computed on first use and kept."""
-    path = folder / "text_ids.npy"
-    if not path.exists():
-        ids = backbone.tokenize(catalogue.texts(), catalogue.config.max_text_tokens).ids.numpy().astype(np.int32)
-        tmp = path.with_name(f"text_ids.tmp{os.getpid()}.npy")
-        np.save(tmp, ids)
-        tmp.rename(path)
-    return np.load(path)
-
-
-def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int,
-                 num_workers: int | None, progress: bool) -> None:
-    n, tokens = len(catalogue), catalogue.config.max_text_tokens
-    texts = catalogue.texts()
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shapes = {
-        "image_tokens": (n, backbone.num_patches, backbone.image_token_dim),
-        "image_pooled": (n, backbone.image_pooled_dim),
-        "text_tokens": (n, tokens, backbone.text_token_dim),
-        "text_mask": (n, tokens),
-        "text_pooled": (n, backbone.text_pooled_dim),
-    }
-    arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=shape,
-                                              dtype=np.bool_ if name == "text_mask" else np.float16)
-              for name, shape in shapes.items()}
-    batches = image_batches(catalogue.image_paths(), backbone, batch_size, num_workers)
-    device = backbone.device
-    start = 0
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write through a synced temporary file renamed into place: readers see all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with torch.no_grad():
-            for pixels in tqdm(batches, total=math.ceil(n / batch_size), desc=f"features {catalogue.config.name}",
-                               disable=not progress):
-                stop = start + len(pixels)
-                text = backbone.tokenize(texts[start:stop], tokens)
-                out = backbone(pixels.to(device), text.to(device))
-                for name in FEATURE_FIELDS:
-                    with np.errstate(over="ignore"):  # checked below, with a clearer message
-                        arrays[name][start:stop] = getattr(out, name).cpu().numpy()
-                    if name != "text_mask" and not np.isfinite(arrays[name][start:stop]).all():
-                        raise BackboneError(f"the backbone's {name} exceed float16's range (65504) or are not "
-                                            "finite, so its features cannot be cached")
-                start = stop
-    except BaseException:  # an unusable image, Ctrl-C, out of memory: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
-    for array in arrays.values():
-        array.flush()
-    (tmp / "meta.json").write_text(json.dumps({"items": n, "backbone": backbone.cache_key(),
-                                               "catalogue": catalogue.config.name}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)

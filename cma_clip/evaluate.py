@@ -14,22 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .align import label_embeddings, zero_shot_probabilities
-from .backbones import BackboneError, DualEncoder, create_backbone
-from .checkpoint import CheckpointError, load_checkpoint, load_finetuned_backbone
-from .data import (Catalogue, CatalogueConfig, CatalogueError, Features, ImageError, LabelVocab, extract_features,
-                   has_cached_features, split_indices)
-from .metrics import METRIC_NAMES, mean_metrics, task_metrics
+from .backbones import DualEncoder
+from .checkpoint import CheckpointConfig, CheckpointError, load_backbone, load_checkpoint
+from .data import Catalogue, CatalogueError, LabelVocab, limit_splits, split_indices
+from .errors import CMAClipError
+from .features import Features, extract_features, has_cached_features
+from .metrics import METRIC_NAMES, mean_metrics, task_metrics, threshold_at_precision
 from .model import CMAClip, CMAOutput
 from .runtime import autocast, default_device
-
 
 @torch.no_grad()
 def iter_outputs(model: CMAClip, features: Features, index: np.ndarray | None = None,
@@ -46,10 +45,14 @@ def iter_outputs(model: CMAClip, features: Features, index: np.ndarray | None = 
 
 
 def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray | None = None,
-                          batch_size: int = 512) -> dict[str, np.ndarray]:
-    """Class probabilities per task for the items `index` of `features` (all items when None)."""
+                          batch_size: int = 512, return_attention: bool = False,
+                          on_output: Callable[[CMAOutput], None] | None = None) -> dict[str, np.ndarray]:
+    """Class probabilities per task for the items `index` of `features` (all items when None).
+    `on_output` sees each batch's outputs too (modality weights, attention maps on request)."""
     chunks: dict[str, list[np.ndarray]] = {task: [] for task in model.tasks}
-    for out in iter_outputs(model, features, index, batch_size):
+    for out in iter_outputs(model, features, index, batch_size, return_attention):
+        if on_output is not None:
+            on_output(out)
         for task, logits in out.logits.items():
             chunks[task].append(logits.float().softmax(-1).cpu().numpy())
     return {task: np.concatenate(parts) if parts else np.zeros((0, model.cfg.tasks[task]))
@@ -89,14 +92,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def catalogue_for_checkpoint(config: dict, manifest: str | Path) -> CatalogueConfig:
-    """The catalogue columns a checkpoint was trained with, applied to another manifest."""
-    columns = config["catalogue"]
-    return CatalogueConfig(name=columns["name"], manifest=str(manifest), image_column=columns["image_column"],
-                           text_columns=columns["text_columns"], tasks=list(config["tasks"]),
-                           id_column=columns.get("id_column"), max_text_tokens=columns["max_text_tokens"])
-
-
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str | None = "test",
                         cache_dir: str | Path | None = None, device: torch.device | None = None,
                         zero_shot: bool = False) -> dict:
@@ -104,19 +99,16 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     `zero_shot`, of its CLIP-style alignment alone, classifying by label prompts."""
     device = device or default_device()
     model, config = load_checkpoint(checkpoint, device)
-    catalogue = Catalogue.open(catalogue_for_checkpoint(config, manifest))
+    catalogue = Catalogue.open(config.catalogue_on(manifest))
     rows, split = evaluation_rows(catalogue, split, config)
-    backbone = create_backbone(config["backbone"], device)
-    load_finetuned_backbone(checkpoint, backbone)
+    backbone = load_backbone(checkpoint, config, device)
     if has_cached_features(backbone, catalogue, cache_dir):  # the whole manifest's, as training cached them
         features = extract_features(backbone, catalogue, cache_dir, memory_map=True).take(rows)
     else:  # encode only the rows to score
-        features = extract_features(backbone, replace(catalogue, rows=[catalogue.rows[i] for i in rows]), cache_dir,
-                                    progress=sys.stderr.isatty())
+        features = extract_features(backbone, catalogue.take(rows), cache_dir, progress=sys.stderr.isatty())
     targets = {task: target[rows] for task, target in task_targets(config, catalogue).items()}
     if zero_shot:
-        classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
-        probabilities = zero_shot_probabilities_for(model, backbone, classes, features)
+        probabilities = zero_shot_probabilities_for(model, backbone, config.classes, features)
     else:
         probabilities = predict_probabilities(model, features)
     report = score(probabilities, targets)
@@ -125,45 +117,88 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     return report
 
 
-def task_targets(config: dict, catalogue: Catalogue) -> dict[str, np.ndarray]:
+def task_targets(config: CheckpointConfig, catalogue: Catalogue) -> dict[str, np.ndarray]:
     """Each of the checkpoint's tasks: the catalogue's labels as class indices of its vocabulary."""
-    return {task: LabelVocab(spec["classes"]).encode(catalogue.labels(task)) for task, spec in config["tasks"].items()}
+    return {task: LabelVocab(classes).encode(catalogue.labels(task)) for task, classes in config.classes.items()}
 
 
-def training_manifest(config: dict, data_root: str | None = None) -> str | None:
-    """The manifest a checkpoint was trained on (None when it cannot be found here)."""
-    settings = config.get("train", {})
-    if settings.get("manifest"):
-        return settings["manifest"]
-    try:
-        return CatalogueConfig.load(settings["catalogue"], data_root or settings.get("data_root")).manifest
-    except (CatalogueError, KeyError, TypeError):
-        return None
-
-
-def evaluation_rows(catalogue: Catalogue, split: str | None, config: dict) -> tuple[np.ndarray, str | None]:
+def evaluation_rows(catalogue: Catalogue, split: str | None, config: CheckpointConfig) -> tuple[np.ndarray, str | None]:
     """The rows to score and the split they form. With a split column: that split's rows.
     Without one, on the manifest the checkpoint was trained on: the seeded split training
     made (its train rows must not be scored as test); on any other manifest: every row."""
     everything = np.arange(len(catalogue))
     if split is None:
         return everything, None
-    if "split" in catalogue.rows[0]:
-        rows = np.nonzero(np.array([r["split"] for r in catalogue.rows]) == split)[0]
+    if catalogue.has_splits:
+        rows = split_indices(catalogue).get(split, np.zeros(0, dtype=int))
         if not len(rows):
             raise CatalogueError(f"no rows in split {split!r} of {catalogue.config.manifest}")
         return rows, split
-    trained = config.get("train", {})
-    manifest = training_manifest(config)
+    trained = config.train
+    manifest = config.training_manifest()
     if manifest is None or Path(manifest).resolve() != Path(catalogue.config.manifest).resolve():
         return everything, None
-    if trained.get("limit") or trained.get("extra_labels"):
+    if trained.limit or trained.extra_labels:
         raise CatalogueError("this checkpoint was trained on a seeded split of this manifest changed by --limit or "
                              "--extra-labels, which cannot be rebuilt here; evaluate on a manifest with a split column")
-    splits = split_indices(catalogue, trained.get("seed", 0))
+    splits = split_indices(catalogue, trained.seed)
     if split not in splits:
         raise CatalogueError(f"the manifest has no split column: choose --split train, val or test, not {split!r}")
     return splits[split], split
+
+
+# ----------------------------------------------------------------------------- thresholds and reports
+
+def thresholds_at_90(probabilities: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Per task, the lowest confidence whose top-1 predictions reach 90% precision (None: none does)."""
+    out = {}
+    for task, probs in probabilities.items():
+        labelled = targets[task] != -1
+        correct = (probs[labelled].argmax(1) == targets[task][labelled]).astype(float)
+        out[task] = threshold_at_precision(correct, probs[labelled].max(1), 0.9)
+    return out
+
+
+def calibrate(folder: str | Path, model: CMAClip, config: CheckpointConfig, features: Features,
+              targets: dict[str, np.ndarray], splits: dict[str, np.ndarray]) -> dict:
+    """Set each task's 90%-precision threshold in `config` from val, score val and test (the
+    test report also to FOLDER/eval_test.json); returns the metrics, also set in `config`.
+
+    `features` is anything with `__len__` and `batch(index, device) -> EncoderOutput`."""
+    val_probs = predict_probabilities(model, features, splits["val"])
+    val_targets = {t: v[splits["val"]] for t, v in targets.items()}
+    for task, threshold in thresholds_at_90(val_probs, val_targets).items():
+        config.tasks[task].threshold_90 = threshold
+    metrics = {"val": score(val_probs, val_targets)}
+    if len(splits["test"]):
+        metrics["test"] = score(predict_probabilities(model, features, splits["test"]),
+                                {t: v[splits["test"]] for t, v in targets.items()})
+        (Path(folder) / "eval_test.json").write_text(json.dumps(metrics["test"], indent=2))
+    config.metrics = metrics
+    return metrics
+
+
+def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | None = None) -> dict:
+    """Recompute a finished checkpoint's thresholds and val/test reports with the current
+    metrics, on the features its training cached; the weights stay as they are. For after a
+    change to the metrics: `python -m cma_clip.experiments --rescore` runs it on a study."""
+    device = default_device()
+    model, config = load_checkpoint(folder, device)
+    if config.train.extra_labels or config.train.finetune_backbone:
+        raise CheckpointError(f"{folder}: rescoring runs with --extra-labels or --finetune-backbone is not supported")
+    manifest = config.training_manifest(data_root)
+    if manifest is None:
+        raise CheckpointError(f"{folder}: the catalogue it was trained on is not available here")
+    catalogue = Catalogue.open(config.catalogue_on(manifest))
+    if config.train.limit:
+        catalogue = limit_splits(catalogue, config.train.limit)
+    splits = split_indices(catalogue, config.train.seed)
+    # the runs of a study share one backbone and read only the val and test rows of its cache
+    features = extract_features(load_backbone(folder, config, device), catalogue, cache_dir, progress=False,
+                                memory_map=True)
+    metrics = calibrate(folder, model, config, features, task_targets(config, catalogue), splits)
+    config.save(folder)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir,
                                      zero_shot=args.zero_shot)
-    except (BackboneError, CheckpointError, CatalogueError, ImageError) as exc:
+    except CMAClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))

@@ -25,6 +25,9 @@ from .backbones import EncoderOutput
 FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attention",  # the model, its ablations
            "late_fusion", "text_only", "image_only")  # baselines on the aligned embeddings
 MODALITIES = ("text", "image")
+MASKED = -100  # the target cross-entropy ignores: missing and out-of-vocabulary labels
+SEQUENCE_FUSIONS = ("cma", "no_modality_attention")  # fusions with the sequence-wise attention
+MODALITY_FUSIONS = ("cma", "no_sequence_attention")  # fusions with the modality-wise attention
 # Fusions without modality-wise attention report fixed (text, image) weights: an even split for
 # those that use both modalities, all of the weight on the one a single-modality baseline uses.
 FIXED_WEIGHTS = {"no_modality_attention": (0.5, 0.5), "no_attention": (0.5, 0.5), "late_fusion": (0.5, 0.5),
@@ -199,9 +202,11 @@ class CMAClip(nn.Module):
     """Multi-task classifier over backbone features: alignment heads, sequence-wise
     attention, per-task modality-wise attention and MLP heads.
 
-    `cfg.fusion` switches parts off for ablations and baselines: "late_fusion" is an MLP
-    head per task on the concatenated aligned embeddings (the paper's fine-tuned CLIP),
-    "text_only"/"image_only" a head on one of them."""
+    `cfg.fusion` leaves parts out for ablations and baselines (only the parts a fusion uses
+    are built): "late_fusion" is an MLP head per task on the concatenated aligned embeddings
+    (the paper's fine-tuned CLIP), "text_only"/"image_only" a head on one of them."""
+
+    OPTIONAL = ("sequence", "unfused_norm", "modality")  # parts some fusions do not build
 
     def __init__(self, cfg: CMAClipConfig) -> None:
         super().__init__()
@@ -209,11 +214,18 @@ class CMAClip(nn.Module):
         self.align = AlignmentHeads(cfg.image_pooled_dim, cfg.text_pooled_dim, cfg.embed_dim)
         self.text_cls_in = nn.Linear(cfg.embed_dim, cfg.width)
         self.image_cls_in = nn.Linear(cfg.embed_dim, cfg.width)
-        self.unfused_norm = nn.LayerNorm(cfg.width)
-        self.sequence = SequenceAttention(cfg) if cfg.fusion in ("cma", "no_modality_attention") else None
-        self.modality = ModalityAttention(len(cfg.tasks), cfg.width)
+        fused = cfg.fusion in SEQUENCE_FUSIONS
+        self.sequence = SequenceAttention(cfg) if fused else None
+        self.unfused_norm = None if fused else nn.LayerNorm(cfg.width)
+        self.modality = ModalityAttention(len(cfg.tasks), cfg.width) if cfg.fusion in MODALITY_FUSIONS else None
         head_width = 2 * cfg.width if cfg.fusion == "late_fusion" else cfg.width
         self.heads = nn.ModuleDict({task: TaskHead(head_width, n, cfg.dropout) for task, n in cfg.tasks.items()})
+
+    def drop_unbuilt(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` without the weights of parts this fusion does not build: checkpoints written
+        before the model was built per fusion carry them, unused."""
+        unbuilt = tuple(f"{name}." for name in self.OPTIONAL if getattr(self, name) is None)
+        return {k: v for k, v in state.items() if not k.startswith(unbuilt)}
 
     @property
     def tasks(self) -> list[str]:
@@ -229,7 +241,7 @@ class CMAClip(nn.Module):
             text_emb, image_emb = self.unfused_norm(text_cls), self.unfused_norm(image_cls)
         embeddings = torch.stack([text_emb, image_emb], dim=1)  # [B, 2, W] in MODALITIES order
         fusion = self.cfg.fusion
-        if fusion in ("cma", "no_sequence_attention"):
+        if self.modality is not None:
             fused, weights = self.modality(embeddings)
         else:  # the same fixed weights for every item and task
             weights = embeddings.new_tensor(FIXED_WEIGHTS[fusion]).expand(len(embeddings), len(self.tasks), 2)
@@ -251,16 +263,16 @@ def multitask_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Ten
                    labelled: dict[str, int] | None = None) -> torch.Tensor:
     """Mean over tasks of cross-entropy on the items labelled for that task.
 
-    Missing (-1) and out-of-vocabulary (-2) labels are masked out of their task only.
-    `labelled` gives each task's count of labelled items in the whole (global) batch when
-    these logits are only one rank's share of it: each rank's losses then sum to the
-    single-process loss. By default the counts are this batch's own."""
+    Missing (-1) and out-of-vocabulary (-2) labels are masked out of their task only; a task
+    without labelled items adds zero, still through its head (so under DDP every head has a
+    gradient on every rank). `labelled` gives each task's count of labelled items in the whole
+    (global) batch when these logits are only one rank's share of it: each rank's losses then
+    sum to the single-process loss. By default the counts are this batch's own."""
     if labelled is None:
         labelled = {task: int((target >= 0).sum()) for task, target in targets.items()}
-    total = sum(x.sum() * 0.0 for x in logits.values())  # every head stays in the graph (for DDP)
-    tasks = [task for task in targets if labelled[task] > 0]
-    for task in tasks:
-        mask = targets[task] >= 0
-        summed = F.cross_entropy(logits[task][mask].float(), targets[task][mask], reduction="sum")
-        total = total + summed / labelled[task]
-    return total / max(1, len(tasks))
+    total = 0.0
+    for task, target in targets.items():
+        masked = torch.where(target >= 0, target, torch.full_like(target, MASKED))
+        summed = F.cross_entropy(logits[task].float(), masked, ignore_index=MASKED, reduction="sum")
+        total = total + summed / max(1, labelled[task])
+    return total / max(1, sum(count > 0 for count in labelled.values()))

@@ -14,12 +14,10 @@ Sharded over several processes (resumable: rerun the same command after a crash)
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +25,12 @@ import torch
 from PIL import Image
 
 from . import distributed
-from .backbones import BackboneError, DualEncoder, create_backbone, letterbox
-from .checkpoint import CheckpointError, has_finetuned_backbone, load_checkpoint, load_finetuned_backbone
-from .data import Catalogue, CatalogueError, ImageError, load_image
-from .evaluate import catalogue_for_checkpoint
+from .backbones import DualEncoder, letterbox
+from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
+from .data import Catalogue, CatalogueError, load_image, write_table
+from .errors import CMAClipError
 from .model import MODALITIES, CMAClip
 from .runtime import autocast, default_device
-
 
 @dataclass
 class TaskPrediction:
@@ -70,30 +67,19 @@ class Prediction:
                 for task, p in self.tasks.items()}
 
 
-@lru_cache(maxsize=4)
-def shared_backbone(name: str, device: str) -> DualEncoder:
-    """One frozen backbone per (name, device), shared by every predictor that uses it."""
-    return create_backbone(name, device)
-
-
 class Predictor:
-    def __init__(self, model: CMAClip, config: dict, backbone: DualEncoder) -> None:
+    def __init__(self, model: CMAClip, config: CheckpointConfig, backbone: DualEncoder) -> None:
         self.model, self.config, self.backbone = model, config, backbone
         self.device = next(model.parameters()).device
-        self.max_tokens = config["catalogue"]["max_text_tokens"]
-        self.classes = {task: spec["classes"] for task, spec in config["tasks"].items()}
-        self.thresholds = {task: spec.get("threshold_90") for task, spec in config["tasks"].items()}
+        self.max_tokens = config.catalogue.max_text_tokens
+        self.classes = config.classes
+        self.thresholds = config.thresholds
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> "Predictor":
         device = torch.device(device) if device else default_device()
         model, config = load_checkpoint(folder, device)
-        if has_finetuned_backbone(folder):
-            backbone = create_backbone(config["backbone"], device)
-            load_finetuned_backbone(folder, backbone)
-        else:
-            backbone = shared_backbone(config["backbone"], str(device))
-        return cls(model, config, backbone)
+        return cls(model, config, load_backbone(folder, config, device))
 
     @property
     def tasks(self) -> list[str]:
@@ -156,7 +142,7 @@ class Predictor:
     def predict_manifest(self, manifest: str | Path, out: str | Path, batch_size: int = 32) -> int:
         """Predict every row of a manifest; writes JSONL (or CSV by suffix). Returns the row count."""
         # prediction manifests need no label columns
-        catalogue = Catalogue.open(replace(catalogue_for_checkpoint(self.config, manifest), tasks=[]))
+        catalogue = Catalogue.open(replace(self.config.catalogue_on(manifest), tasks=[]))
         ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
         if distributed.world_size() > 1:
             return self._predict_sharded(ids, texts, paths, Path(out), batch_size)
@@ -166,7 +152,7 @@ class Predictor:
             images = [load_image(p) for p in paths[start:stop]]
             for item_id, pred in zip(ids[start:stop], self.predict_batch(images, texts[start:stop])):
                 records.append({"id": item_id, **_flatten(pred)})
-        write_records(out, records)
+        write_table(out, records)
         return len(records)
 
     def _predict_sharded(self, ids: list[str], texts: list[str], paths: list[Path], out: Path, batch_size: int) -> int:
@@ -200,7 +186,7 @@ class Predictor:
             missing = [ids[i] for i in range(len(ids)) if i not in merged]
             if missing:
                 raise CatalogueError(f"{len(missing)} rows missing from the shards in {folder}, e.g. {missing[:3]}")
-            write_records(out, [merged[i] for i in range(len(ids))])
+            write_table(out, [merged[i] for i in range(len(ids))])
             shutil.rmtree(folder)
         distributed.barrier()
         return len(ids)
@@ -228,19 +214,6 @@ def _flatten(prediction: Prediction) -> dict:
     return row
 
 
-def write_records(path: str | Path, records: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(records[0]) if records else ["id"])
-            writer.writeheader()
-            writer.writerows(records)
-    else:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Predict product attributes with a CMA-CLIP checkpoint.")
     parser.add_argument("--checkpoint", required=True)
@@ -262,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(predictor.predict(load_image(args.image), args.text).to_dict(), indent=2))
         else:
             parser.error("give --image (and --text) or --manifest")
-    except (BackboneError, CheckpointError, CatalogueError, ImageError, OSError) as exc:
+    except (CMAClipError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -10,10 +10,8 @@ A sweep corrupts the image ("image" mode), the text ("text") or both ("both") at
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from PIL import Image
@@ -132,14 +130,3 @@ def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str
                          "accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan,
                          "n": len(catalogue)})
     return rows
-
-
-def sweep_rows_to_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write catalogue-sweep rows as CSV (columns mode, severity, task, accuracy, n)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SWEEP_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path

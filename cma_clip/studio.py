@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +21,7 @@ from .backbones import BackboneError
 from .errors import CMAClipError
 from .checkpoint import CheckpointError, read_config
 from .data import (REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, join_text, load_image,
-                   read_manifest)
-from .evaluate import catalogue_for_checkpoint
+                   read_manifest, write_table)
 from . import noise, robustness
 from .labels import LabelStore, LabelStoreError
 from .predict import Prediction, Predictor, TaskPrediction
@@ -191,7 +190,7 @@ class Studio:
     def review_catalogue(self, model: str, split: str, size: int, progress: Progress | None = None) -> ReviewQueue:
         """A sample of one split of the model's own catalogue on disk."""
         predictor = self.predictor(model)
-        name = predictor.config["catalogue"]["name"]
+        name = predictor.config.catalogue.name
         try:
             config = CatalogueConfig.load(name, self.data_root)
             catalogue = Catalogue.open(config, split=split)
@@ -199,7 +198,7 @@ class Studio:
                 raise CatalogueError(f"its {split!r} split has no items")
             size = max(1, min(int(size or 50), len(catalogue)))
             picked = np.sort(np.random.default_rng(0).choice(len(catalogue), size=size, replace=False))
-            sample = replace(catalogue, rows=[catalogue.rows[i] for i in picked])
+            sample = catalogue.take(picked)
             items = list(zip(sample.item_ids(), map(str, sample.image_paths()), sample.texts()))
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
@@ -211,7 +210,7 @@ class Studio:
         if not manifest_path:
             raise StudioError("Upload a CSV or JSONL manifest.")
         predictor = self.predictor(model)
-        config = catalogue_for_checkpoint(predictor.config, manifest_path)
+        config = predictor.config.catalogue_on(manifest_path)
         try:
             rows = read_manifest(manifest_path)
         except CatalogueError as exc:  # read_manifest names the bad row or encoding
@@ -309,7 +308,7 @@ class Studio:
         _check_noise(image_noise, text_noise)
         if not robustness.sweep_modes(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
-        name = self.predictor(model).config["catalogue"]["name"]
+        name = self.predictor(model).config.catalogue.name
         try:
             catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root), split="test",
                                        limit=max(1, min(int(size or 50), MAX_SWEEP_ITEMS)))
@@ -317,7 +316,8 @@ class Studio:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise,
                                           int(seed or 0), progress)
-        path = robustness.sweep_rows_to_csv(rows, self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv")
+        path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv", rows,
+                           robustness.SWEEP_FIELDS)
         return rows, path
 
 

@@ -27,7 +27,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def backbone():
-    from cma_clip.predict import shared_backbone
+    from cma_clip.backbones import shared_backbone
 
     return shared_backbone("bundled", "cpu")
 

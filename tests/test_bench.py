@@ -2,7 +2,7 @@
 import json
 import numbers
 
-from cma_clip import bench
+from cma_clip.lab import bench
 
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):

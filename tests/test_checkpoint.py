@@ -4,20 +4,23 @@ import shutil
 import pytest
 import torch
 
-from cma_clip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cma_clip.checkpoint import CatalogueColumns, CheckpointConfig, CheckpointError, load_checkpoint, save_checkpoint
 from test_model import make_batch, make_model
 
-META = {"backbone": "bundled", "catalogue": {}, "tasks": {}}
+
+
+def meta(model) -> CheckpointConfig:
+    return CheckpointConfig(backbone="bundled", catalogue=CatalogueColumns("test"), tasks={}, model=model.cfg)
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
     model = make_model()
-    save_checkpoint(tmp_path / "ck", model, META)
+    save_checkpoint(tmp_path / "ck", model, meta(model))
     loaded, config = load_checkpoint(tmp_path / "ck")
     batch = make_batch()
     for task, logits in model(batch).logits.items():
         assert torch.equal(logits, loaded(batch).logits[task])
-    assert config["model"]["fusion"] == "cma"
+    assert config.model.fusion == "cma"
 
 
 def test_missing_checkpoint(tmp_path):
@@ -27,7 +30,8 @@ def test_missing_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
 def test_corrupt_weights_give_a_clear_error(tmp_path, damage):
-    save_checkpoint(tmp_path, make_model(), META)
+    model = make_model()
+    save_checkpoint(tmp_path, model, meta(model))
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     if damage == "truncate":
@@ -41,17 +45,19 @@ def test_corrupt_weights_give_a_clear_error(tmp_path, damage):
 
 
 def test_config_that_does_not_match_the_weights(tmp_path):
-    save_checkpoint(tmp_path, make_model(), META)
+    model = make_model()
+    save_checkpoint(tmp_path, model, meta(model))
     other = make_model(mlp_ratio=4.0)
     shutil.copy(tmp_path / "model.safetensors", tmp_path / "keep.safetensors")
-    save_checkpoint(tmp_path, other, META)  # new config.json ...
+    save_checkpoint(tmp_path, other, meta(other))  # new config.json ...
     shutil.move(tmp_path / "keep.safetensors", tmp_path / "model.safetensors")  # ... old weights
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(tmp_path)
 
 
 def test_broken_config_json(tmp_path):
-    save_checkpoint(tmp_path, make_model(), META)
+    model = make_model()
+    save_checkpoint(tmp_path, model, meta(model))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(tmp_path)

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from cma_clip.data import (IGNORE, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, LabelVocab,
-                           extract_features, read_manifest)
+from cma_clip.data import IGNORE, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, LabelVocab, read_manifest
+from cma_clip.features import extract_features
 from conftest import HM
 
 

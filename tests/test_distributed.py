@@ -61,9 +61,9 @@ def test_shard_splits_contiguously_and_completely():
 def test_ddp_training_matches_a_single_process(trained):
     single, ddp = trained
     one, two = read_config(single), read_config(ddp)
-    assert one["tasks"].keys() == two["tasks"].keys()
-    assert all(one["tasks"][t]["classes"] == two["tasks"][t]["classes"] for t in one["tasks"])
-    h1, h2 = one["training"]["history"], two["training"]["history"]
+    assert one.tasks.keys() == two.tasks.keys()
+    assert all(one.tasks[t].classes == two.tasks[t].classes for t in one.tasks)
+    h1, h2 = one.training["history"], two.training["history"]
     assert len(h1) == len(h2) == 2  # the same global batches: the same number of steps
     for a, b in zip(h1, h2):
         assert abs(a["loss"] - b["loss"]) < 1e-4

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from cma_clip import experiments
-from cma_clip.experiments import METHODS
+from cma_clip.lab import experiments
+from cma_clip.lab.experiments import METHODS
 
 SEEDS = [0, 1]
 

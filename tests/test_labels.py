@@ -307,9 +307,9 @@ def test_bad_input_is_refused_and_saves_nothing(tmp_path):
 
 
 def test_eight_writers_in_threads_and_processes_with_exports_during_the_writes(tmp_path):
-    """The small version of `python -m scripts.stress_labels` (8 writers x 500 saves, figures in
+    """The small version of `python -m cma_clip.lab.stress_labels` (8 writers x 500 saves, figures in
     docs/RELIABILITY.md): every save stored once, each export a consistent snapshot."""
-    from scripts.stress_labels import check_every_save_once, check_snapshots, run_writers
+    from cma_clip.lab.stress_labels import check_every_save_once, check_snapshots, run_writers
 
     for mode in ("threads", "processes"):
         path = tmp_path / mode / "labels.db"
@@ -329,7 +329,7 @@ def test_eight_writers_in_threads_and_processes_with_exports_during_the_writes(t
 
 
 def test_sigkill_in_the_middle_of_writes_keeps_every_acknowledged_save(tmp_path):
-    from scripts.stress_labels import kill_mid_writes
+    from cma_clip.lab.stress_labels import kill_mid_writes
 
     for kill, (after, delay) in enumerate([(30, 0.0), (61, 0.003)]):
         result = kill_mid_writes(tmp_path / "labels.db", writer=kill, after_acks=after, delay=delay)

@@ -1,4 +1,4 @@
-"""The small version of `python -m scripts.load_test` (50 concurrent, then 500 in a row; figures in
+"""The small version of `python -m cma_clip.lab.load_test` (50 concurrent, then 500 in a row; figures in
 docs/RELIABILITY.md): /predict through the Gradio queue of the running app."""
 import gc
 import os
@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cma_clip.predict import Prediction
-from scripts.load_test import concurrent, percentiles, sequential
+from cma_clip.lab.load_test import concurrent, percentiles, sequential
 
 KINDS = {"Prediction": Prediction, "Figure": Figure, "PIL image": Image.Image, "tensor": torch.Tensor}
 

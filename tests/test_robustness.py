@@ -9,10 +9,10 @@ import pytest
 
 from cma_clip import viz
 from cma_clip.backbones import to_rgb
-from cma_clip.data import Catalogue, CatalogueConfig, load_image
+from cma_clip.data import Catalogue, CatalogueConfig, load_image, write_table
 from cma_clip.noise import SEVERITIES, corrupt_image
 from cma_clip.predict import Predictor
-from cma_clip.robustness import MODES, catalogue_sweep, item_sweep, probe, sweep_rows_to_csv
+from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probe
 from cma_clip.runtime import bf16_supported
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
@@ -155,7 +155,7 @@ def test_catalogue_sweep_counts_labels_outside_the_vocabulary_as_wrong(predictor
 
 def test_sweep_rows_round_trip_through_csv(swept, tmp_path):
     rows, _ = swept
-    path = sweep_rows_to_csv(rows, tmp_path / "out" / "sweep.csv")
+    path = write_table(tmp_path / "out" / "sweep.csv", rows, SWEEP_FIELDS)
     with open(path, newline="") as handle:
         back = list(csv.DictReader(handle))
     assert [{**r, "severity": int(r["severity"]), "accuracy": float(r["accuracy"]), "n": int(r["n"])}

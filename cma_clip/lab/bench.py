@@ -1,0 +1,393 @@
+"""Benchmarks: latency, the app's /predict, feature-cache and training throughput, batch prediction.
+
+    python -m cma_clip.bench                        # the full run (about 5 minutes on 2 CPU cores)
+    python -m cma_clip.bench --quick --out-json /tmp/bench.json   # a smoke run on tiny sizes
+
+Every figure is the median of repeated runs after a warm-up; the repeats are in the JSON
+(`settings`) and in the printed table. Results and how to read them: docs/PERFORMANCE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..backbones import DualEncoder, create_backbone
+from ..checkpoint import read_config
+from ..data import REPO_ROOT, Catalogue, CatalogueConfig, load_image, read_manifest, write_table
+from ..features import extract_features
+from ..model import CMAClip
+from ..predict import Predictor
+from ..runtime import autocast, bf16_supported, default_device, loader_workers
+from ..train import TrainConfig, train
+from ..studio import Studio
+
+CHECKPOINTS = REPO_ROOT / "checkpoints"
+EXAMPLE_IMAGE = REPO_ROOT / "assets" / "hm-0816591001.jpg"
+EXAMPLE_TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-trimmed neckline."
+MODEL = "hm-articles"
+OPEN_CLIP = "open_clip:ViT-B-32"
+
+# targets from issue 7: (figure path, comparison, bound)
+TARGETS = {
+    "fusion_overhead": ("latency_bundled.fusion_ratio", "<=", 1.15),
+    "app_predict_p50": ("app_predict.p50_s", "<=", 0.5),
+    "cache_vs_backbone": ("feature_cache.ratio", ">=", 0.9),
+    "train_epoch_seconds": ("training.epoch_seconds", "<=", 60.0),
+}
+
+
+@dataclass
+class Sizes:
+    """How much each figure measures; `warmup` runs are discarded before `repeats` timed ones."""
+
+    warmup: int = 3
+    latency_repeats: int = 30
+    app_calls: int = 30
+    cache_items: int = 1024  # 16 batches: the decode worker's start and the first batch weigh little
+    cache_repeats: int = 3
+    manifest_items: int = 128
+    manifest_repeats: int = 3
+    train_limit: int | None = None  # items per split; None: the whole fashion catalogue
+    train_epochs: int = 2  # the first is the warm-up
+    batch_size: int = 256
+
+
+FULL = Sizes()
+QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, manifest_items=4,
+              manifest_repeats=1, train_limit=24, train_epochs=2)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of `fn` takes."""
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Time several functions alternately (so drifting load hits them alike), after `warmup` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            seconds = timed(fn)
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def p50(times: list[float]) -> float:
+    return float(np.median(times))
+
+
+def p95(times: list[float]) -> float:
+    return float(np.percentile(times, 95))
+
+
+# ----------------------------------------------------------------------------- 1. latency at batch 1
+
+def latency(predictor: Predictor, image: Image.Image, text: str, sizes: Sizes, explained: bool = True) -> dict[str, float]:
+    """Batch-1 latency of `predict_batch` (and of `predict`, with attention maps and token
+    relevance), and the fusion's cost: (backbone + CMA-CLIP) over backbone alone."""
+    backbone, model, tokens = predictor.backbone, predictor.model, predictor.max_tokens
+
+    @torch.no_grad()
+    def backbone_only():
+        return backbone.encode([image], [text], tokens)
+
+    @torch.no_grad()
+    def full_forward():
+        feats = backbone.encode([image], [text], tokens)
+        with autocast(predictor.device, batch_size=1):  # as Predictor.predict_batch runs one item
+            return model(feats)
+
+    fns = {"predict": lambda: predictor.predict_batch([image], [text]), "backbone": backbone_only,
+           "forward": full_forward}
+    if explained:
+        fns["explained"] = lambda: predictor.predict(image, text)
+    times = interleaved(fns, sizes.latency_repeats, sizes.warmup)
+    result = {"p50_s": p50(times["predict"]), "p95_s": p95(times["predict"]),
+              "backbone_p50_s": p50(times["backbone"]), "forward_p50_s": p50(times["forward"]),
+              "fusion_ratio": p50(times["forward"]) / p50(times["backbone"])}
+    if explained:
+        result.update(explained_p50_s=p50(times["explained"]), explained_p95_s=p95(times["explained"]))
+    return result
+
+
+def random_predictor(backbone_name: str, like: Predictor) -> Predictor:
+    """A CMA-CLIP with random weights on another backbone, with `like`'s tasks (speed only)."""
+    device = like.device
+    backbone = create_backbone(backbone_name, device)
+    model_cfg = replace(like.config.model, image_token_dim=backbone.image_token_dim,
+                        image_pooled_dim=backbone.image_pooled_dim, text_token_dim=backbone.text_token_dim,
+                        text_pooled_dim=backbone.text_pooled_dim, num_patches=backbone.num_patches)
+    model = CMAClip(model_cfg).to(device).eval()
+    return Predictor(model, replace(like.config, backbone=backbone_name, model=model_cfg), backbone)
+
+
+# ----------------------------------------------------------------------------- 2. the app's /predict
+
+def app_latency(sizes: Sizes, checkpoint_dir: Path = CHECKPOINTS) -> dict[str, float]:
+    """End-to-end /predict through gradio_client (upload, prediction, heatmap, chart), sequential calls,
+    on the app as `app.serve` runs it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import app  # the lab sits on top: it may use the UI (run from the repository's root)
+    from gradio_client import Client, handle_file
+
+    with tempfile.TemporaryDirectory(prefix="cma-bench-app-") as data_dir:
+        studio = Studio(checkpoint_dir, data_dir=data_dir, device=str(default_device()))
+        demo = app.serve(studio, host="127.0.0.1", block=False)
+        try:
+            client = Client(demo.local_url, verbose=False)
+
+            def call():
+                return client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, api_name="/predict")
+
+            times = interleaved({"predict": call}, sizes.app_calls, sizes.warmup)["predict"]
+        finally:
+            demo.close()
+    return {"p50_s": p50(times), "p95_s": p95(times), "calls": len(times)}
+
+
+# ----------------------------------------------------------------------------- 3. feature-cache build
+
+def cache_throughput(backbone: DualEncoder, sizes: Sizes) -> dict[str, float]:
+    """`extract_features` into a fresh cache folder vs. the backbone alone on pre-decoded
+    tensors of the same batches (the extraction's default batch size and decode workers)."""
+    catalogue = Catalogue.open(CatalogueConfig.load("hm-articles"), limit=sizes.cache_items)
+    tokens, batch, device = catalogue.config.max_text_tokens, 64, backbone.device
+    paths, texts = catalogue.image_paths(), catalogue.texts()
+    batches = []
+    for start in range(0, len(paths), batch):
+        pixels = backbone.preprocess([load_image(p) for p in paths[start:start + batch]]).to(device)
+        text = backbone.tokenize(texts[start:start + batch], tokens)
+        batches.append((pixels, text.to(device)))
+
+    @torch.no_grad()
+    def backbone_only():
+        for pixels, text in batches:
+            backbone(pixels, text)
+
+    def build():
+        with tempfile.TemporaryDirectory(prefix="cma-bench-cache-") as folder:
+            extract_features(backbone, catalogue, folder, batch_size=batch, progress=False)
+
+    times = interleaved({"build": build, "backbone": backbone_only}, sizes.cache_repeats, 1)
+    n = len(catalogue)
+    build_rate, backbone_rate = n / p50(times["build"]), n / p50(times["backbone"])
+    return {"items": n, "build_items_per_s": build_rate, "backbone_items_per_s": backbone_rate,
+            "ratio": build_rate / backbone_rate, "workers": loader_workers(device)}
+
+
+# ----------------------------------------------------------------------------- 4. training
+
+def training(sizes: Sizes) -> dict[str, float]:
+    """CMA-CLIP epochs on the fashion catalogue's cached features via `cma_clip.train`:
+    epoch seconds (median over the epochs after the first) and train items per second."""
+    with tempfile.TemporaryDirectory(prefix="cma-bench-train-") as tmp:
+        config = TrainConfig(catalogue="fashion-product-images", epochs=sizes.train_epochs, align_epochs=1,
+                             batch_size=sizes.batch_size, out=str(Path(tmp) / "ckpt"), quiet=True)
+        if sizes.train_limit:  # a small catalogue: its own features, in a throwaway cache
+            config = replace(config, limit=sizes.train_limit, cache_dir=str(Path(tmp) / "cache"))
+        log = io.StringIO()
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            train(config)
+        run_seconds = time.perf_counter() - started
+        history = read_config(config.out).training["history"]
+    catalogue = Catalogue.open(CatalogueConfig.load("fashion-product-images"), split="train", limit=sizes.train_limit)
+    n_train = len(catalogue)
+    items = min(n_train, max(1, n_train // sizes.batch_size) * sizes.batch_size)  # full batches, as train does
+    seconds = [h["seconds"] for h in history]
+    timed_epochs = seconds[1:] or seconds
+    epoch = p50(timed_epochs)
+    return {"epoch_seconds": epoch, "items_per_s": items / epoch, "train_items": n_train, "items_per_epoch": items,
+            "batch_size": sizes.batch_size, "first_epoch_seconds": seconds[0], "epochs_timed": len(timed_epochs),
+            "run_seconds": run_seconds}
+
+
+# ----------------------------------------------------------------------------- 5. batch prediction
+
+def manifest_throughput(predictor: Predictor, sizes: Sizes) -> dict[str, float]:
+    """`Predictor.predict_manifest` over H&M items (images copied beside a temporary manifest)."""
+    config = CatalogueConfig.load("hm-articles")
+    source = Path(config.manifest).parent
+    rows = read_manifest(config.manifest)[:sizes.manifest_items]
+    columns = [config.id_column, config.image_column, *config.text_columns]
+    with tempfile.TemporaryDirectory(prefix="cma-bench-manifest-") as tmp:
+        folder = Path(tmp)
+        for row in rows:
+            target = folder / row[config.image_column]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / row[config.image_column], target)
+        manifest = write_table(folder / "items.csv", [{c: row[c] for c in columns} for row in rows])
+        times = interleaved({"manifest": lambda: predictor.predict_manifest(manifest, folder / "out.jsonl")},
+                            sizes.manifest_repeats, 1)["manifest"]
+    return {"items": len(rows), "items_per_s": len(rows) / p50(times), "seconds": p50(times)}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def hardware() -> dict[str, Any]:
+    """CPU model, cores, torch version and whether bf16 autocast is on."""
+    model = platform.processor() or "unknown"
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), model)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    device = default_device()
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "bf16_autocast": bf16_supported(device),
+            "load_average_1m": os.getloadavg()[0]}  # other processes sharing the cores skew every figure
+
+
+def lookup(figures: dict, path: str) -> float:
+    section, key = path.split(".")
+    return figures[section][key]
+
+
+SECTIONS = ("latency", "app", "cache", "manifest", "training")
+
+
+def run(sizes: Sizes, log: Callable[[str], None] = print, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """The figures of `sections`; returns the JSON document."""
+    device = default_device()
+    load_before = os.getloadavg()[0]
+    image = load_image(EXAMPLE_IMAGE)
+    figures: dict[str, dict] = {}
+    predictor = Predictor.from_checkpoint(CHECKPOINTS / MODEL, device)
+    if "latency" in sections:
+        log("latency: bundled backbone (checkpoints/hm-articles)")
+        figures["latency_bundled"] = latency(predictor, image, EXAMPLE_TEXT, sizes)
+        log(f"latency: {OPEN_CLIP} (random weights)")
+        other = random_predictor(OPEN_CLIP, predictor)
+        figures["latency_open_clip"] = latency(other, image, EXAMPLE_TEXT, sizes, explained=False)
+        del other
+    if "app" in sections:
+        log("app: /predict through gradio_client")
+        figures["app_predict"] = app_latency(sizes)
+    if "cache" in sections:
+        log("feature cache build vs backbone")
+        figures["feature_cache"] = cache_throughput(predictor.backbone, sizes)
+    if "manifest" in sections:
+        log("batch prediction over a manifest")
+        figures["batch_prediction"] = manifest_throughput(predictor, sizes)
+    if "training" in sections:
+        log("training on cached features (fashion-product-images)")
+        figures["training"] = training(sizes)
+    targets = {}
+    for name, (path, op, bound) in TARGETS.items():
+        if path.split(".")[0] not in figures:
+            continue
+        value = lookup(figures, path)
+        targets[name] = {"figure": path, "value": value, "target": f"{op} {bound}",
+                         "met": value <= bound if op == "<=" else value >= bound}
+    machine = {**hardware(), "load_average_1m_before": load_before}
+    return {"hardware": machine, "settings": asdict(sizes), "figures": figures, "targets": targets}
+
+
+def _latency_rows(section: dict, name: str, repeats: int) -> list[tuple[str, str, str]]:
+    rows = [(f"predict_batch, batch 1, {name}: p50 / p95",
+             f"{section['p50_s'] * 1e3:.1f} / {section['p95_s'] * 1e3:.1f} ms", f"{repeats} runs")]
+    if "explained_p50_s" in section:
+        rows.append((f"predict (attention + relevance), {name}: p50 / p95",
+                     f"{section['explained_p50_s'] * 1e3:.1f} / {section['explained_p95_s'] * 1e3:.1f} ms",
+                     f"{repeats} runs"))
+    rows += [("  backbone alone / backbone + CMA-CLIP, p50",
+              f"{section['backbone_p50_s'] * 1e3:.1f} / {section['forward_p50_s'] * 1e3:.1f} ms", ""),
+             ("  fusion ratio" + (" (target <= 1.15)" if name == "bundled" else ""), f"{section['fusion_ratio']:.3f}",
+              "")]
+    return rows
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The figures as a plain-text table."""
+    f, s = doc["figures"], doc["settings"]
+    rows: list[tuple[str, str, str]] = []
+    if "latency_bundled" in f:
+        rows += _latency_rows(f["latency_bundled"], "bundled", s["latency_repeats"])
+        rows += _latency_rows(f["latency_open_clip"], "ViT-B-32 random", s["latency_repeats"])
+    if "app_predict" in f:
+        app = f["app_predict"]
+        rows.append(("app /predict end to end: p50 / p95 (target p50 <= 0.5 s)",
+                     f"{app['p50_s']:.3f} / {app['p95_s']:.3f} s", f"{app['calls']} calls"))
+    if "feature_cache" in f:
+        cache = f["feature_cache"]
+        rows += [("feature cache build / backbone alone",
+                  f"{cache['build_items_per_s']:.1f} / {cache['backbone_items_per_s']:.1f} items/s",
+                  f"{cache['items']} items, {s['cache_repeats']} runs, {cache['workers']} decode workers"),
+                 ("  ratio (target >= 0.9)", f"{cache['ratio']:.3f}", "")]
+    if "training" in f:
+        train = f["training"]
+        rows += [("training on cached features, batch 256", f"{train['items_per_s']:.0f} items/s",
+                  f"{train['items_per_epoch']} items/epoch"),
+                 (f"  one epoch of {train['train_items']} fashion train items (target <= 60 s for 32000)",
+                  f"{train['epoch_seconds']:.1f} s", f"median of {train['epochs_timed']} epochs")]
+    if "batch_prediction" in f:
+        batch = f["batch_prediction"]
+        rows.append(("batch prediction over a manifest", f"{batch['items_per_s']:.1f} items/s",
+                     f"{batch['items']} items, {s['manifest_repeats']} runs"))
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    lines = [f"{'figure':<{width}}  {'value':>{vwidth}}  repeats", "-" * (width + vwidth + 20)]
+    lines += [f"{a:<{width}}  {b:>{vwidth}}  {c}" for a, b, c in rows]
+    h = doc["hardware"]
+    lines.append("")
+    lines.append(f"{h['cpu']}, {h['cores']} cores, torch {h['torch']} ({h['torch_threads']} threads), "
+                 f"device {h['device']}" + (f" ({h['gpu']})" if h["gpu"] else "")
+                 + f", bf16 autocast {'on' if h['bf16_autocast'] else 'off'}; "
+                 f"warm-up {s['warmup']} runs; load average {h['load_average_1m_before']:.2f} before, "
+                 f"{h['load_average_1m']:.2f} after")
+    lines += [f"target {name}: {t['value']:.3f} {t['target']} -> {'met' if t['met'] else 'MISSED'}"
+              for name, t in doc["targets"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark CMA-CLIP: latency, app, feature cache, training.")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not figures to report")
+    parser.add_argument("--out-json", help="where to write the figures (default: docs/bench.json for a full run; "
+                                           "a --quick or partial run writes JSON only when given this)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="which figures to measure (default: all)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    doc = run(QUICK if args.quick else FULL, log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True),
+              sections=tuple(args.sections))
+    doc["total_seconds"] = time.perf_counter() - started
+    doc["command"] = "python -m cma_clip.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_table(doc))
+    full = not args.quick and set(args.sections) == set(SECTIONS)
+    out = Path(args.out_json) if args.out_json else (REPO_ROOT / "docs" / "bench.json" if full else None)
+    if out is not None:  # a smoke or partial run never replaces the reported figures unasked
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\n{doc['total_seconds']:.0f} s in all; " + (f"JSON written to {out}" if out else "no JSON (give --out-json)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
