@@ -18,17 +18,14 @@ import gradio as gr  # noqa: E402
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
-from cma_clip.studio import (MAX_SWEEP_ITEMS, MAX_TASKS, MAX_TEXT_CHARS, Prediction, ReviewQueue,  # noqa: E402
-                             Studio, StudioError, heatmap, modality_figure, open_user_image, prediction_rows,
-                             text_shading, token_choices)
-from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, modality_shift_chart  # noqa: E402
+from cma_clip.predict import Prediction  # noqa: E402
+from cma_clip.studio import (MAX_SWEEP_ITEMS, MAX_TASKS, MAX_TEXT_CHARS, ReviewQueue, Studio,  # noqa: E402
+                             StudioError, open_user_image, views)
+from cma_clip.studio.views import heatmap, modality_figure, prediction_rows, text_shading, token_choices  # noqa: E402
+from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-TABLE_HEADERS = ["task", "prediction", "confidence", "auto-accept (90% precision)", "runners-up"]
 MAX_UPLOAD = "20mb"
-PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "change", "image weight clean",
-                 "image weight noisy"]
-HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
 SHORTCUTS = """
 <script>
 document.addEventListener("keydown", (event) => {
@@ -117,6 +114,10 @@ def slot_updates(studio: Studio, model: str, prediction: Prediction | None) -> l
 
 def build(studio: Studio) -> gr.Blocks:
     models = studio.model_names
+
+    def history_rows() -> list[list[str]]:  # named: the history table's load event is the API's /history_rows
+        return views.history_rows(studio.history())
+
     with gr.Blocks(title="CMA-CLIP Studio") as demo:
         gr.Markdown("# CMA-CLIP Studio\nMulti-task product attribute prediction with cross-modality attention "
                     "([CMA-CLIP, Liu et al. 2021](https://arxiv.org/abs/2112.03562)). Upload a product photo and its "
@@ -139,8 +140,8 @@ def build(studio: Studio) -> gr.Blocks:
                     predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
                     gr.Examples(examples(models), inputs=[image, text, model, item_id], label="Catalogue examples")
                 with gr.Column(scale=2):
-                    table = gr.Dataframe(headers=TABLE_HEADERS, label="Predictions (top-1, confidence, auto-accept)",
-                                         interactive=False, wrap=True, elem_id="predictions")
+                    table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True,
+                                         label="Predictions (top-1, confidence, auto-accept)", elem_id="predictions")
                     with gr.Row():
                         task = gr.Dropdown([], label="Task to explain")
                         token = gr.Dropdown([], label="Text token (default: most relevant for the task)")
@@ -181,7 +182,7 @@ def build(studio: Studio) -> gr.Blocks:
                 review_image = gr.Image(label="Item", height=280, interactive=False)
                 with gr.Column():
                     review_text = gr.Textbox(label="Text", interactive=False, lines=3)
-                    review_table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True)
+                    review_table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True)
             with gr.Row():
                 review_slots = [gr.Dropdown([], label=f"task {i + 1}", allow_custom_value=True, visible=False)
                                 for i in range(MAX_TASKS)]
@@ -204,7 +205,7 @@ def build(studio: Studio) -> gr.Blocks:
                 probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
                 sweep_button = gr.Button("Sweep all severities for this item")
             probe_json = gr.JSON(visible=False)
-            probe_table = gr.Dataframe(headers=PROBE_HEADERS, interactive=False, wrap=True, elem_id="probe-table",
+            probe_table = gr.Dataframe(headers=views.PROBE_HEADERS, interactive=False, wrap=True, elem_id="probe-table",
                                        label="Clean vs noisy: prediction, confidence and image weight per task")
             with gr.Row():
                 clean_heat = gr.Image(label="Clean: image [CLS] attention", height=240, interactive=False)
@@ -222,7 +223,7 @@ def build(studio: Studio) -> gr.Blocks:
 
         with gr.Tab("History & export"):
             refresh = gr.Button("Refresh")
-            history = gr.Dataframe(headers=HISTORY_HEADERS, value=studio.history_rows, interactive=False, wrap=True,
+            history = gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False, wrap=True,
                                    elem_id="history")
             with gr.Row():
                 export_format = gr.Radio(["CSV", "JSONL"], value="CSV", label="Format (the trainer's manifest format)")
@@ -266,7 +267,7 @@ def build(studio: Studio) -> gr.Blocks:
             tasks = list(studio.task_classes(model_name))
             row = studio.save_correction(image_path, text_value, model_name, annotator_name, item,
                                          dict(zip(tasks, labels)))
-            return f"Saved correction #{row}.", studio.history_rows()
+            return f"Saved correction #{row}.", history_rows()
 
         save_button.click(save_correction, [image, text, model, annotator, item_id, *slots], [save_status, history],
                           api_name="save_correction")
@@ -286,18 +287,16 @@ def build(studio: Studio) -> gr.Blocks:
                 return f"Not pushed: {exc}"
 
         push_button.click(push_labels, None, push_status, api_visibility="private")
-        refresh.click(studio.history_rows, None, history, api_name="history")
+        refresh.click(history_rows, None, history, api_name="history")
 
         def show(queue: ReviewQueue | None):
             item = queue.current if queue else None
             if item is None:
-                done = queue.progress_text() + " — all done." if queue else ""
-                return (queue, done, None, "", [], *[gr.update(visible=False)] * MAX_TASKS, "")
-            notes = ("Not loaded: " + "; ".join(queue.notes[:5])) if queue.notes else ""
+                return (queue, views.review_status(queue), None, "", [], *[gr.update(visible=False)] * MAX_TASKS, "")
             predicted = Prediction(item.predictions)
-            return (queue, queue.progress_text() + f" · item `{item.item_id}` · confidence {item.confidence:.2f}",
-                    open_user_image(item.image_path), item.text, prediction_rows(predicted),
-                    *slot_updates(studio, queue.model, predicted), notes)
+            return (queue, views.review_status(queue), open_user_image(item.image_path), item.text,
+                    prediction_rows(predicted), *slot_updates(studio, queue.model, predicted),
+                    views.review_notes(queue))
 
         review_outputs = [queue_state, review_progress, review_image, review_text, review_table, *review_slots,
                           review_notes]
@@ -340,11 +339,8 @@ def build(studio: Studio) -> gr.Blocks:
             """Predict on the clean and the corrupted item; returns both predictions as JSON first."""
             result = studio.probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity,
                                   seed_value)
-            weights = {name: {t: p.modality_weights for t, p in pred.tasks.items()}
-                       for name, pred in (("clean", result.clean), ("noisy", result.noisy))}
-            summary = {"clean": result.clean.to_dict(), "noisy": result.noisy.to_dict(), "noisy_text": result.noisy_text}
-            return (summary, result.comparison_rows(), heatmap(result.clean, None), heatmap(result.noisy, None),
-                    modality_shift_chart(weights["clean"], weights["noisy"]), result.noisy_text)
+            return (views.probe_summary(result), views.probe_rows(result), heatmap(result.clean, None),
+                    heatmap(result.noisy, None), views.probe_shift_figure(result), result.noisy_text)
 
         probe_inputs = [image, text, model, image_noise, image_severity, text_noise, text_severity, seed]
         probe_button.click(probe, probe_inputs, [probe_json, probe_table, clean_heat, noisy_heat, shift_plot,
