@@ -4,14 +4,16 @@
 
 UI only: one builder per tab lays out its components and wires its events to a
 `cma_clip.studio.Studio` (the actions) and `cma_clip.studio.views` (how results are shown),
-both tested without a browser.
+both tested without a browser. `serve()` launches the app: `python app.py`, the tests and
+the benchmark all go through it.
 """
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -433,7 +435,22 @@ def build(studio: Studio) -> gr.Blocks:
     return demo
 
 
-def main() -> None:
+# ---------------------------------------------------------------------- launch
+@dataclass
+class Served:
+    """An app `serve(block=False)` started: its URL, and `close()` to stop it and give back GRADIO_TEMP_DIR."""
+
+    demo: gr.Blocks
+    url: str
+    _uploads: ExitStack = field(repr=False)
+
+    def close(self) -> None:
+        self.demo.close()
+        self._uploads.close()
+
+
+def default_studio() -> Studio:
+    """The studio `python app.py` serves: the local checkpoints, plus $CMA_CLIP_HUB_CHECKPOINT's when set."""
     studio = Studio()
     hub_checkpoint = hub.checkpoint_from_env()
     if hub_checkpoint:
@@ -441,13 +458,42 @@ def main() -> None:
             studio.add_checkpoint(*hub_checkpoint)
         except CheckpointError as exc:
             print(f"[cma-clip] {exc}; continuing with the local checkpoints")
-    with keep_uploads_in(studio):
+    return studio
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on now, chosen by the system."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def serve(studio: Studio | None = None, *, host: str | None = None, port: int | None = None,
+          block: bool = True) -> Served:
+    """Build and launch the app, uploads kept under the studio's data folder (`keep_uploads_in`).
+
+    `studio` defaults to `default_studio()`; `host` to $GRADIO_SERVER_NAME, else 0.0.0.0 on a
+    Hugging Face Space and 127.0.0.1 elsewhere; `port` to $GRADIO_SERVER_PORT, $PORT or 7860
+    when blocking, to a free port otherwise. `block=True` serves until interrupted;
+    `block=False` returns at once with the running app (tests, benchmarks)."""
+    studio = default_studio() if studio is None else studio
+    host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    if port is None:
+        port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))) if block else free_port(host)
+    uploads = ExitStack()
+    uploads.enter_context(keep_uploads_in(studio))
+    try:
         demo = build(studio)
-        demo.queue(default_concurrency_limit=4).launch(
-            server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"),
-            server_port=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))),
-            head=SHORTCUTS, max_file_size=MAX_UPLOAD)
+        demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, head=SHORTCUTS,
+                                                       max_file_size=MAX_UPLOAD, prevent_thread_lock=not block,
+                                                       quiet=not block)
+    except BaseException:
+        uploads.close()
+        raise
+    if block:  # launch() returned: the server has stopped
+        uploads.close()
+    return Served(demo, demo.local_url, uploads)
 
 
 if __name__ == "__main__":
-    main()
+    serve()

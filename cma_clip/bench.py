@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -144,12 +143,6 @@ def random_predictor(backbone_name: str, like: Predictor) -> Predictor:
 
 # ----------------------------------------------------------------------------- 2. the app's /predict
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def app_latency(sizes: Sizes, checkpoint_dir: Path = CHECKPOINTS) -> dict[str, float]:
     """End-to-end /predict through gradio_client (upload, prediction, heatmap, chart), sequential calls."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -163,21 +156,16 @@ def app_latency(sizes: Sizes, checkpoint_dir: Path = CHECKPOINTS) -> dict[str, f
 
     with tempfile.TemporaryDirectory(prefix="cma-bench-app-") as data_dir:
         studio = Studio(checkpoint_dir, data_dir=data_dir, device=str(default_device()))
-        with app.keep_uploads_in(studio):  # as app.main() does
-            demo = app.build(studio)
-            port = free_port()
-            demo.queue(default_concurrency_limit=4).launch(
-                server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                head=app.SHORTCUTS, max_file_size=app.MAX_UPLOAD)
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        served = app.serve(studio, host="127.0.0.1", block=False)
+        try:
+            client = Client(served.url, verbose=False)
 
-                def call():
-                    return client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, api_name="/predict")
+            def call():
+                return client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, api_name="/predict")
 
-                times = interleaved({"predict": call}, sizes.app_calls, sizes.warmup)["predict"]
-            finally:
-                demo.close()
+            times = interleaved({"predict": call}, sizes.app_calls, sizes.warmup)["predict"]
+        finally:
+            served.close()
     return {"p50_s": p50(times), "p95_s": p95(times), "calls": len(times)}
 
 
