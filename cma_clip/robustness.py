@@ -33,17 +33,6 @@ class Probe:
     noisy_image: Image.Image
     noisy_text: str
 
-    def comparison_rows(self) -> list[list]:
-        """Per task: task, clean label and confidence, noisy label and confidence,
-        "changed"/"same", and the image modality weight clean and noisy."""
-        rows = []
-        for task, clean in self.clean.tasks.items():
-            noisy = self.noisy.tasks[task]
-            rows.append([task, clean.label, round(clean.confidence, 3), noisy.label, round(noisy.confidence, 3),
-                         "changed" if noisy.label != clean.label else "same",
-                         round(clean.modality_weights["image"], 3), round(noisy.modality_weights["image"], 3)])
-        return rows
-
 
 def _active(name: str | None) -> bool:
     return name is not None and name != "none"

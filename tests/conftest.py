@@ -70,17 +70,12 @@ EXAMPLE_TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-t
 def running_app(checkpoint_dir, tmp_path_factory):
     """The real app on a free local port, with its own data folder; yields (url, studio)."""
     import app
-    from cma_clip.bench import free_port
     from cma_clip.studio import Studio
 
     studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("app-data"), device="cpu")
-    with app.keep_uploads_in(studio):  # as main() does
-        demo = app.build(studio)
-        port = free_port()
-        demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                            head=app.SHORTCUTS, max_file_size=app.MAX_UPLOAD)
-        yield f"http://127.0.0.1:{port}/", studio
-        demo.close()
+    served = app.serve(studio, host="127.0.0.1", block=False)
+    yield served.url, studio
+    served.close()
 
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

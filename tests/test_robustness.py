@@ -14,6 +14,7 @@ from cma_clip.noise import SEVERITIES, corrupt_image
 from cma_clip.predict import Predictor
 from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probe
 from cma_clip.runtime import bf16_supported
+from cma_clip.studio.views import probe_rows
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
 
@@ -59,7 +60,7 @@ def test_probe_at_severity_zero_is_the_clean_prediction(predictor, image):
     assert np.array_equal(np.asarray(result.noisy_image), np.asarray(to_rgb(image)))
     assert_same_prediction(result.clean, result.noisy)
     assert_same_prediction(result.clean, predictor.predict(image, EXAMPLE_TEXT))
-    assert all(row[5] == "same" for row in result.comparison_rows())
+    assert all(row[5] == "same" for row in probe_rows(result))
     switched_off = probe(predictor, image, EXAMPLE_TEXT, None, 5, "none", 5)
     assert switched_off.noisy_text == EXAMPLE_TEXT and switched_off.noisy_image is image
 
@@ -70,7 +71,7 @@ def test_strong_corruption_changes_the_inputs_and_compares_every_task(predictor,
     assert result.noisy_image.size == image.size
     assert not np.array_equal(np.asarray(result.noisy_image), np.asarray(to_rgb(image)))
     assert result.clean.text_to_image is not None and result.noisy.text_to_image is not None
-    rows = result.comparison_rows()
+    rows = probe_rows(result)
     assert [row[0] for row in rows] == predictor.tasks
     for task, clean_label, clean_conf, noisy_label, noisy_conf, verdict, clean_w, noisy_w in rows:
         clean, noisy = result.clean.tasks[task], result.noisy.tasks[task]

@@ -1,11 +1,14 @@
 """The app's logic, without a browser, on a checkpoint trained on real data."""
+import ast
 import csv
+from pathlib import Path
 
 import pytest
 
-from cma_clip.data import read_manifest
-from cma_clip.studio import (StudioError, clean_text, heatmap, modality_figure, prediction_rows, text_shading,
-                             token_choices)
+from cma_clip.data import Catalogue, read_manifest
+from cma_clip.studio import StudioError, clean_text
+from cma_clip.studio.views import (heatmap, history_rows, modality_figure, prediction_rows, review_progress,
+                                   text_shading, token_choices)
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows
 
 
@@ -54,7 +57,7 @@ def test_save_correction_history_and_export(studio):
         studio.save_correction(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", " ", "0816591001", labels, result)
     assert studio.store.count() == 0
     studio.save_correction(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, result)
-    rows = studio.history_rows()
+    rows = history_rows(studio.history())
     assert rows[0][1] == "ana" and rows[0][2] == "0816591001" and "Turquoise glitter" in rows[0][3]
     for fmt in ("CSV", "JSONL"):
         exported = read_manifest(studio.export(fmt))
@@ -75,10 +78,8 @@ def test_a_correction_saved_without_a_prediction_stores_the_models(studio):
 
 
 def test_review_queue_on_an_empty_split_says_so(studio, monkeypatch):
-    from cma_clip import studio as studio_module
-
-    real_open = studio_module.Catalogue.open
-    monkeypatch.setattr(studio_module.Catalogue, "open",
+    real_open = Catalogue.open
+    monkeypatch.setattr(Catalogue, "open",
                         lambda config, split=None: real_open(config, split=split).split("no-such-split"))
     with pytest.raises(StudioError, match="no items"):
         studio.review_catalogue("hm-articles", "test", 5)
@@ -88,7 +89,7 @@ def test_review_queue_on_a_catalogue_split(studio):
     queue = studio.review_catalogue("hm-articles", "test", 12)
     confidences = [item.confidence for item in queue.items]
     assert len(queue.items) == 12 and confidences == sorted(confidences)
-    assert queue.progress_text() == "**0 reviewed of 12**"
+    assert review_progress(queue) == "**0 reviewed of 12**"
     first = queue.current
     labels = {t: p.label for t, p in first.predictions.items()}
     studio.review_save(queue, "ben", labels)
@@ -138,3 +139,33 @@ def test_probe_and_sweeps_through_the_studio(studio):
     rows, path = studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0)
     assert {r["mode"] for r in rows} == {"text"} and path.exists()
     assert read_manifest(path)[0].keys() >= {"mode", "severity", "task", "accuracy", "n"}
+
+
+
+STUDIO = Path(__file__).resolve().parent.parent / "cma_clip" / "studio"
+NOT_IN_THE_STUDIO = ("app", "gradio", "gradio_client", "cma_clip.bench", "cma_clip.experiments")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of what a file of cma_clip/studio imports (`from ..x import y`: cma_clip.x, cma_clip.x.y)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            package = ["cma_clip", "studio"][:3 - node.level] if node.level else []
+            base = ".".join(package + ([node.module] if node.module else []))
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def forbidden(modules: set[str]) -> set[str]:
+    return {m for m in modules if any(m == f or m.startswith(f + ".") for f in NOT_IN_THE_STUDIO)}
+
+
+@pytest.mark.parametrize("name", ["__init__.py", "service.py", "views.py"])
+def test_the_studio_imports_neither_the_app_nor_gradio(name):
+    modules = imported_modules(STUDIO / name)
+    assert "cma_clip.studio.service" in modules or "cma_clip.predict" in modules  # the check reads the imports
+    assert forbidden(modules) == set()
+    assert forbidden(imported_modules(STUDIO.parent.parent / "app.py")) >= {"gradio"}  # ... and would see them

@@ -154,16 +154,16 @@ def app_latency(sizes: Sizes, checkpoint_dir: Path = CHECKPOINTS) -> dict[str, f
 
     with tempfile.TemporaryDirectory(prefix="cma-bench-app-") as data_dir:
         studio = Studio(checkpoint_dir, data_dir=data_dir, device=str(default_device()))
-        demo = app.serve(studio, host="127.0.0.1", block=False)
+        served = app.serve(studio, host="127.0.0.1", block=False)
         try:
-            client = Client(demo.local_url, verbose=False)
+            client = Client(served.url, verbose=False)
 
             def call():
                 return client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, api_name="/predict")
 
             times = interleaved({"predict": call}, sizes.app_calls, sizes.warmup)["predict"]
         finally:
-            demo.close()
+            served.close()
     return {"p50_s": p50(times), "p95_s": p95(times), "calls": len(times)}
 
 

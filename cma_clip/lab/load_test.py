@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -93,9 +92,9 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 def start_app(data_dir: Path) -> tuple[subprocess.Popen, str]:
     """`python app.py` (the checkpoints in checkpoints/) on a free port with its own data folder;
     returns (process, url) once it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from app import free_port  # the lab sits on top of the app (run from the repository's root)
+
+    port = free_port("127.0.0.1")
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
            "CMA_CLIP_STUDIO_DIR": str(data_dir), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     log = open(data_dir / "app.log", "w")  # noqa: SIM115 - the app's output, kept for inspection

@@ -1,9 +1,9 @@
-"""The logic behind the Gradio app, as plain functions and classes tested without a browser.
+"""The app's actions, as plain classes and functions tested without a browser.
 
-`app.py` lays out components and wires events to a `Studio`: predict and explain,
-save corrections to the label store, history and export, and a review queue sorted
-by uncertainty (least confident first: an item's confidence is the lowest top-1
-probability over its tasks).
+A `Studio` holds the models and the label store: predict, save corrections, history and
+export, a review queue sorted by uncertainty (least confident first: an item's confidence
+is the lowest top-1 probability over its tasks), and robustness probes and sweeps. What
+the app shows of their results is `views`; `app.py` lays out components and wires events.
 """
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image
 
-from .backbones import BackboneError
-from .errors import CMAClipError
-from .checkpoint import CheckpointError, read_config
-from .data import (REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, join_text, load_image,
-                   read_manifest, write_table)
-from . import noise, robustness
-from .labels import LabelStore, LabelStoreError
-from .predict import Prediction, Predictor, TaskPrediction
-from .viz import SPECIAL_TOKENS, attention_overlay, modality_chart, token_highlights
+from .. import noise, robustness
+from ..backbones import BackboneError
+from ..checkpoint import CheckpointError, read_config
+from ..data import (REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, join_text, load_image,
+                    read_manifest, write_table)
+from ..errors import CMAClipError
+from ..labels import LabelStore, LabelStoreError
+from ..predict import Prediction, Predictor, TaskPrediction
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
@@ -57,6 +55,8 @@ def available_checkpoints(folder: str | Path = CHECKPOINT_DIR) -> dict[str, Path
 
 @dataclass
 class ReviewItem:
+    """One item of a review queue, with the model's predictions and what the reviewer did."""
+
     item_id: str
     image_path: str
     text: str
@@ -75,6 +75,8 @@ class ReviewItem:
 
 @dataclass
 class ReviewQueue:
+    """A model's predictions on a batch of items, least confident first, and the item under review."""
+
     model: str
     items: list[ReviewItem] = field(default_factory=list)
     position: int = 0
@@ -87,9 +89,6 @@ class ReviewQueue:
     @property
     def current(self) -> ReviewItem | None:
         return self.items[self.position] if 0 <= self.position < len(self.items) else None
-
-    def progress_text(self) -> str:
-        return f"**{self.reviewed} reviewed of {len(self.items)}**"
 
     def advance(self) -> None:
         """Move to the next pending item after the current one (wrapping), if any."""
@@ -166,14 +165,9 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
 
-    def history_rows(self, limit: int = 50) -> list[list[str]]:
-        rows = []
-        for entry in self.store.history(limit=limit):
-            changes = ", ".join(f"{task}: {entry['labels'].get(task, '')}" for task in entry.get("changed", []))
-            labels = ", ".join(f"{task}={value}" for task, value in entry["labels"].items())
-            rows.append([entry["created_at"], entry["annotator"], entry["item_id"], labels, changes or "(same)",
-                         entry.get("checkpoint", "")])
-        return rows
+    def history(self, limit: int = 50) -> list[dict]:
+        """The latest label-store entries, newest first (`views.history_rows` tabulates them)."""
+        return self.store.history(limit=limit)
 
     def export(self, fmt: str) -> Path:
         fmt = (fmt or "").lower().lstrip(".")
@@ -335,8 +329,9 @@ def _check_noise(image_noise: str | None, text_noise: str | None) -> None:
         raise StudioError(f"Unknown text corruption {text_noise!r}.")
 
 
-# ---------------------------------------------------------------------- display helpers
+# ---------------------------------------------------------------------- input cleaning
 def open_user_image(path: str | None) -> Image.Image:
+    """The uploaded image, decoded by `load_image` (size limit, EXIF, modes); unreadable files are a StudioError."""
     if not path:
         raise StudioError("Upload a product image (JPEG, PNG, WebP, GIF or BMP).")
     try:
@@ -349,51 +344,3 @@ def clean_text(text: str | None) -> str:
     """Printable text, bounded in length: control characters become spaces."""
     text = "".join(ch if ch.isprintable() else " " for ch in (text or ""))
     return " ".join(text.split())[:MAX_TEXT_CHARS]
-
-
-def prediction_rows(prediction: Prediction) -> list[list]:
-    """Rows for the predictions table: task, top-1, confidence, auto-accept, runners-up."""
-    rows = []
-    for task, p in prediction.tasks.items():
-        mark = "✓ auto-accept" if p.auto_accept else (
-            "below threshold" if p.threshold is not None else "no 90% threshold")
-        others = ", ".join(f"{label} ({prob:.0%})" for label, prob in zip(p.labels[1:], p.probabilities[1:]))
-        rows.append([task, p.label, round(p.confidence, 3), mark, others])
-    return rows
-
-
-def token_choices(prediction: Prediction, task: str) -> tuple[list[tuple[str, int]], int | None]:
-    """(label, index) choices over the readable tokens, and the most relevant one for `task`."""
-    relevance = prediction.token_relevance.get(task)
-    choices, best, best_score = [], None, -1.0
-    for i, token in enumerate(prediction.tokens):
-        if token in SPECIAL_TOKENS:
-            continue
-        score = float(relevance[i]) if relevance is not None else 0.0
-        choices.append((f"{token}  (relevance {score:.2f})", i))
-        if score > best_score and any(ch.isalnum() for ch in token):  # punctuation is never the default
-            best, best_score = i, score
-    return choices, best
-
-
-def heatmap(prediction: Prediction, token_index: int | None) -> Image.Image | None:
-    """The selected token's attention over the image patches (the image [CLS]'s when none)."""
-    if prediction.model_image is None or prediction.text_to_image is None:
-        return None
-    if token_index is None or not 0 <= int(token_index) < len(prediction.text_to_image):
-        weights = prediction.image_cls_to_patches
-    else:
-        weights = prediction.text_to_image[int(token_index)]
-    return attention_overlay(prediction.model_image, weights, prediction.grid_size)
-
-
-def text_shading(prediction: Prediction, task: str | None = None) -> list[tuple[str, float]]:
-    """Tokens shaded by the image [CLS]'s attention, or by the task's relevance when given."""
-    weights = prediction.token_relevance.get(task) if task else prediction.image_cls_to_text
-    if weights is None:
-        return []
-    return token_highlights(prediction.tokens, weights)
-
-
-def modality_figure(prediction: Prediction) -> Figure:
-    return modality_chart({t: p.modality_weights for t, p in prediction.tasks.items()})
