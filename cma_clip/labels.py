@@ -1,15 +1,27 @@
-"""Label store: labelers' corrections in SQLite, their images in a content-addressed folder.
+"""Label store: labelers' decisions in SQLite, their images in a content-addressed folder.
 
 Every save appends one row to ``corrections`` (item id, image sha256, text, the model's
-predictions, the corrected labels, annotator, UTC time, checkpoint), so edits keep their
-history and an item's latest row is its current label set. Each image is stored once, as
-``<sha[:2]>/<sha>.<ext>`` in the image folder (default ``<db stem>_images/`` beside the
-database). The database runs in WAL mode with ``synchronous=FULL``: a save that returned
-survives the writer being killed, or a power cut. Every thread (and every process) uses its
-own connection, and a ``request_id`` makes a save idempotent, so retried saves store one row.
+predictions, annotator, checkpoint, UTC time, request id, source ``human`` or ``auto``, kind
+``label``, ``skip`` or ``undo``) and one row per task to ``decisions`` (label, status
+``accepted`` = the model's prediction, ``corrected`` = another label, ``skipped``, or
+``pending`` after an undo; the catalogue's label; the version the labeler saw; for an undo,
+the decision it reverts). Nothing is ever updated or deleted, so the store is its own audit.
 
-`export` writes the current labels as a manifest the trainer reads; `apply_to` merges them
-into an open catalogue.
+The *version* of an (item, task) is the id of its latest decision. Its state replays its
+decisions in order: a label or an undo sets label and status, a skip keeps the label and
+marks the task skipped. A save that names the versions its labeler saw is refused with a
+`LabelConflict` when someone saved another label since; a label outside a task's vocabulary
+is refused with an `UnknownLabel` naming close classes, unless confirmed as a new class.
+
+Each image is stored once, as ``<sha[:2]>/<sha>.<ext>`` in the image folder (default
+``<db stem>_images/`` beside the database). The database runs in WAL mode with
+``synchronous=FULL``: a save that returned survives the writer being killed, or a power cut.
+Every thread (and every process) uses its own connection, and a ``request_id`` makes a save
+idempotent, so retried saves store one row; a bulk accept is one transaction whose records
+are keyed by batch and item, so running it again stores only what is missing.
+
+`export` writes the current labels, with each label's provenance and the annotators'
+agreement, as a manifest the trainer reads; `apply_to` merges them into an open catalogue.
 """
 from __future__ import annotations
 
@@ -21,40 +33,206 @@ import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from itertools import combinations
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from PIL import Image
+from sklearn.metrics import cohen_kappa_score
 
 from .data import MAX_IMAGE_PIXELS, Catalogue, is_missing, read_manifest
 from .errors import CMAClipError
 
-SCHEMA_VERSION = 1
-SCHEMA = (
+STATUSES = ("pending", "accepted", "corrected", "skipped")
+SOURCES = ("human", "auto")
+
+# ---------------------------------------------------------------------------- SQL
+V1_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS images (sha256 TEXT PRIMARY KEY, path TEXT, bytes INTEGER, created_at TEXT)",
     "CREATE TABLE IF NOT EXISTS corrections (id INTEGER PRIMARY KEY AUTOINCREMENT, item_id TEXT NOT NULL,"
     " image_sha256 TEXT, text TEXT, predictions TEXT, labels TEXT NOT NULL, annotator TEXT, checkpoint TEXT,"
     " created_at TEXT NOT NULL, request_id TEXT UNIQUE)",
     "CREATE INDEX IF NOT EXISTS corrections_item_id ON corrections (item_id)",
 )
-# the latest correction of every item, with its image file
-CURRENT = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
-           " WHERE c.id IN (SELECT MAX(id) FROM corrections GROUP BY item_id) ORDER BY c.id")
+V2_SCHEMA = (
+    "ALTER TABLE corrections ADD COLUMN kind TEXT NOT NULL DEFAULT 'label' CHECK (kind IN ('label', 'skip', 'undo'))",
+    "ALTER TABLE corrections ADD COLUMN source TEXT NOT NULL DEFAULT 'human' CHECK (source IN ('human', 'auto'))",
+    "ALTER TABLE corrections ADD COLUMN batch_id TEXT",
+    "CREATE INDEX corrections_annotator ON corrections (annotator, id)",
+    "CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, save_id INTEGER NOT NULL REFERENCES corrections,"
+    " item_id TEXT NOT NULL, task TEXT NOT NULL, label TEXT,"
+    f" status TEXT NOT NULL CHECK (status IN {STATUSES}), catalogue_label TEXT, base_version INTEGER,"
+    " reverts INTEGER UNIQUE REFERENCES decisions)",  # a decision is reverted at most once
+    "CREATE INDEX decisions_item_task ON decisions (item_id, task, id)",
+    "CREATE INDEX decisions_task_label ON decisions (task, label)",
+    "CREATE INDEX decisions_save ON decisions (save_id)",
+    "CREATE TABLE queues (queue_id TEXT PRIMARY KEY, annotator TEXT NOT NULL, model TEXT NOT NULL,"
+    " payload TEXT NOT NULL, position INTEGER NOT NULL, updated_at TEXT NOT NULL)",
+    "CREATE INDEX queues_annotator ON queues (annotator, model)",
+)
+INSERT_IMAGE = "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)"
+IMAGE_FILE = "SELECT path FROM images WHERE sha256 = ?"
+COUNT_LABEL_SAVES = "SELECT COUNT(*) FROM corrections WHERE kind = 'label'"
+INSERT_SAVE = ("INSERT INTO corrections (item_id, image_sha256, text, predictions, labels, annotator, checkpoint,"
+               " created_at, request_id, kind, source, batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status, catalogue_label, base_version,"
+                   " reverts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
+SAVE_BY_REQUEST = "SELECT id, kind FROM corrections WHERE request_id = ?"
+SAVE_VERSIONS = "SELECT task, id FROM decisions WHERE save_id = ? ORDER BY id"
+KNOWN_LABELS = "SELECT DISTINCT label FROM decisions WHERE task = ? AND label IS NOT NULL"
+DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
+DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
+             " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
+             " c.predictions" + DECISIONS_FROM)
+COUNT_DECISIONS = "SELECT COUNT(*)" + DECISIONS_FROM
+AUDIT_PAGE = DECISIONS + "{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"
+ITEM_DECISIONS = DECISIONS + " WHERE d.item_id = ? AND d.save_id < ? ORDER BY d.id"
+ALL_DECISIONS = DECISIONS + " ORDER BY d.id"
+SEARCHED = ("d.item_id", "d.label", "c.annotator", "c.text")  # what audit's search looks in
+# each annotator's standing human labels: not auto-accepted, not undone
+HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
+                " AND NOT EXISTS (SELECT 1 FROM decisions r WHERE r.reverts = d.id) ORDER BY d.id")
+# the newest save of `annotator` that undo can still revert
+LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
+                 " AND NOT EXISTS (SELECT 1 FROM decisions d JOIN decisions r ON r.reverts = d.id"
+                 " WHERE d.save_id = c.id) ORDER BY c.id DESC LIMIT 1")
+UNDO_RESULT = ("SELECT u.item_id, u.task, r.save_id, r.label AS undone, u.label AS restored FROM decisions u"
+               " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
+LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
+               " WHERE c.kind = 'label' {where} ORDER BY c.id DESC LIMIT ?")
+# the text and image of every item's newest labelled save
+ITEM_CONTENT = ("SELECT c.item_id, c.text, i.path AS image_file FROM corrections c JOIN images i"
+                " ON i.sha256 = c.image_sha256 WHERE c.id IN (SELECT MAX(id) FROM corrections WHERE kind = 'label'"
+                " GROUP BY item_id) ORDER BY c.id")
+UPSERT_QUEUE = "INSERT OR REPLACE INTO queues VALUES (?, ?, ?, ?, ?, ?)"
+QUEUE_BY_ID = "SELECT * FROM queues WHERE queue_id = ?"
+LATEST_QUEUE = "SELECT * FROM queues WHERE annotator = ? {where} ORDER BY updated_at DESC, rowid DESC LIMIT 1"
+
 BUSY_TIMEOUT_S = 30.0
 MAX_TEXT_CHARS = 20_000
 MAX_NAME_CHARS = 100  # annotator, checkpoint
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 EXPORT_COLUMNS = ("id", "image", "text", "annotator", "updated_at")
+PROVENANCE = ("source", "annotator", "checkpoint", "at")  # export columns <task>__<field>
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # OWASP CSV injection
+LAST_ROW = 2**63 - 1
 
 
+# ---------------------------------------------------------------------------- errors and records
 class LabelStoreError(CMAClipError, ValueError):
     """A correction or label store that cannot be used, with the reason."""
 
 
+class Conflict(NamedTuple):
+    """One task of one item where a save would replace a label it did not see."""
+    item_id: str
+    task: str
+    yours: str | None  # what this save or undo would write
+    theirs: str | None  # the label standing now
+    annotator: str  # who set theirs
+    version: int  # the version standing now: pass it as the base version to save over it
+    created_at: str
+
+
+class LabelConflict(LabelStoreError):
+    """Someone else saved these tasks since the versions the labeler saw; nothing was stored.
+    Show both labels, and save again with `force=True` (or the new base versions) to keep yours."""
+
+    def __init__(self, conflicts: list[Conflict]) -> None:
+        self.conflicts = conflicts
+        super().__init__("; ".join(f"{c.task} of {c.item_id}: {c.annotator or 'someone'} saved {c.theirs!r} at "
+                                   f"{c.created_at} (version {c.version}), yours is {c.yours!r}" for c in conflicts))
+
+
+class UnknownClass(NamedTuple):
+    task: str
+    value: str
+    suggestions: list[str]  # existing classes it may be a typo of, closest first
+
+
+class UnknownLabel(LabelStoreError):
+    """Labels outside their task's vocabulary; nothing was stored. Pick a suggestion, or
+    confirm the value as a new class (`new_classes={task: value}`)."""
+
+    def __init__(self, unknown: list[UnknownClass]) -> None:
+        self.unknown = unknown
+        super().__init__("; ".join(f"{u.task}: {u.value!r} is not a known class"
+                                   + (f" (did you mean {' or '.join(map(repr, u.suggestions))}?)" if u.suggestions
+                                      else "") + "; confirm it as a new class to save it" for u in unknown))
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """Where one task of one item stands. `status` and `version` come from its latest
+    decision; `label` is the current label (a skip keeps it) and annotator, source,
+    checkpoint and created_at say who set it (who made the latest decision when there is none)."""
+    label: str | None
+    status: str
+    version: int
+    annotator: str
+    source: str
+    checkpoint: str
+    created_at: str
+
+
+class SaveResult(NamedTuple):
+    save_id: int
+    versions: dict[str, int]  # task -> the version this save created
+    duplicate: bool  # the request id was already stored: nothing new was
+
+
+class BulkResult(NamedTuple):
+    stored: int
+    already_there: int  # stored by an earlier run of the same batch
+    conflicts: list[Conflict]  # left out: someone saved another label since the queue was built
+
+
+class Undone(NamedTuple):
+    save_id: int  # the save that was reverted
+    item_id: str
+    tasks: dict[str, tuple[str | None, str | None]]  # task -> (label undone, label restored)
+
+
+@dataclass(frozen=True)
+class SavedQueue:
+    """A review queue as the studio left it: its payload (items, predictions, filter) and position."""
+    queue_id: str
+    annotator: str
+    model: str
+    payload: dict
+    position: int
+    updated_at: str
+
+
+class _Step(NamedTuple):
+    task: str
+    save_id: int
+    before: TaskState | None
+    after: TaskState
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated save whose image file is written, ready to insert."""
+    item_id: str
+    sha: str
+    image_file: str
+    image_bytes: int
+    text: str
+    labels: dict[str, str]
+    predictions: dict
+    catalogue: dict[str, str]
+    base_versions: dict[str, int | None] | None  # None: unchecked (callers that never saw a version)
+
+
+# ---------------------------------------------------------------------------- the store
 class LabelStore:
     """Corrections in a SQLite database at `path`, images in `image_dir`."""
 
@@ -68,13 +246,12 @@ class LabelStore:
                 raise LabelStoreError(f"{self.path}: SQLite cannot use WAL mode here (a network file system?)")
             with self._transaction("IMMEDIATE") as conn:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
+                if version > len(MIGRATIONS):
                     raise LabelStoreError(f"{self.path} has schema version {version}; this code reads "
-                                          f"up to {SCHEMA_VERSION}")
-                if version < SCHEMA_VERSION:
-                    for statement in SCHEMA:
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                                          f"up to {len(MIGRATIONS)}")
+                for migrate in MIGRATIONS[version:]:
+                    migrate(conn)
+                conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
         except sqlite3.DatabaseError as exc:
             raise LabelStoreError(f"{self.path} is not a usable label store: {exc}") from exc
 
@@ -92,6 +269,7 @@ class LabelStore:
 
     @contextmanager
     def _transaction(self, mode: str = "") -> Iterator[sqlite3.Connection]:
+        """One transaction: IMMEDIATE for writes, deferred for a consistent snapshot of several reads."""
         conn = self._connection()
         conn.execute(f"BEGIN {mode}")
         try:
@@ -102,100 +280,274 @@ class LabelStore:
                 conn.execute("ROLLBACK")
             raise
 
+    # ------------------------------------------------------------------ decisions
+    def save(self, *, image: Image.Image | bytes | str | Path, text: str, labels: Mapping[str, str | None],
+             annotator: str = "", item_id: str | None = None, predictions: Mapping[str, Any] | None = None,
+             checkpoint: str = "", base_versions: Mapping[str, int | None] | None = None,
+             request_id: str | None = None, source: str = "human", catalogue_labels: Mapping[str, str] | None = None,
+             vocabulary: Mapping[str, Iterable[str]] | None = None, new_classes: Mapping[str, str] | None = None,
+             force: bool = False) -> SaveResult:
+        """Store one decision per labelled task of one item (and its image, once).
+
+        Missing labels ("", "NA", ...) are dropped; at least one must remain. `item_id`
+        defaults to `content_item_id(image, text)`. `base_versions` maps each task to the
+        version the labeler saw (None or absent: none yet); a task someone saved another
+        label on since raises `LabelConflict`, unless `force`. Leaving `base_versions` out
+        skips that check, for callers that never showed a version. A task in `vocabulary`
+        takes its classes, the labels already saved for it, or the value confirmed in
+        `new_classes[task]`; any other value raises `UnknownLabel`. A `request_id` already
+        stored stores nothing and returns the first save's result (`duplicate=True`).
+        """
+        prepared = _prepare(self.image_dir, image, text, labels, predictions, item_id, catalogue_labels,
+                            base_versions, source)
+        annotator, checkpoint = _name(annotator, "annotator"), _name(checkpoint, "checkpoint")
+        with self._transaction("IMMEDIATE") as conn:
+            return _store(conn, prepared, annotator=annotator, checkpoint=checkpoint,
+                          request_id=_key(request_id, "request_id"), source=source, vocabulary=vocabulary,
+                          new_classes=new_classes, force=force)
+
     def save_correction(self, *, image: Image.Image | bytes | str | Path, text: str, labels: dict[str, str],
                         predictions: dict[str, dict] | None = None, annotator: str = "", checkpoint: str = "",
                         item_id: str | None = None, request_id: str | None = None) -> int:
-        """Store one correction (and its image, once) and return its row id.
+        """`save` without the version and vocabulary checks; returns the save's row id."""
+        return self.save(image=image, text=text, labels=labels, predictions=predictions, annotator=annotator,
+                         checkpoint=checkpoint, item_id=item_id, request_id=request_id).save_id
 
-        Missing labels ("", "NA", ...) are dropped; at least one must remain. `item_id`
-        defaults to "img-" and the image's sha256 prefix. Saving a `request_id` that is
-        already stored stores nothing and returns the first save's row id.
+    def save_many(self, records: Iterable[Mapping[str, Any]], batch_id: str, *, annotator: str,
+                  checkpoint: str = "") -> BulkResult:
+        """Auto-accept the model's labels for many items in one transaction: all or nothing.
+
+        Each record has `image`, `text`, `labels` (each the model's prediction) and
+        `predictions`, and optionally `item_id`, `catalogue_labels` and `base_versions` (the
+        versions the queue saw; absent: none). Each record is saved with the request id
+        "<batch_id>:<item_id>", so running the same batch again (after a crash, or in chunks,
+        each its own call) stores only what is missing. A record whose task someone labelled
+        otherwise since is left out and returned as a conflict: an auto-accept never
+        replaces a label.
         """
-        labels = _clean_labels(labels)
-        data, extension = _image_bytes(image)
-        if not isinstance(text, str):
-            raise LabelStoreError(f"text must be a string, not {type(text).__name__}")
-        try:
-            predictions_json = json.dumps(predictions or {}, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise LabelStoreError(f"predictions must be JSON-serialisable: {exc}") from exc
-        _check_encodable(text=text, labels=json.dumps(labels, ensure_ascii=False), predictions=predictions_json,
-                         annotator=str(annotator), checkpoint=str(checkpoint), item_id=str(item_id or ""),
-                         request_id=str(request_id or ""))
-        sha = hashlib.sha256(data).hexdigest()
-        relative = f"{sha[:2]}/{sha}.{extension}"
-        if not (self.image_dir / relative).exists():
-            _atomic_write(self.image_dir / relative, data)
-        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        batch_id, annotator, checkpoint = (_key(batch_id, "batch_id"), _name(annotator, "annotator"),
+                                           _name(checkpoint, "checkpoint"))
+        if not batch_id:
+            raise LabelStoreError("a bulk accept needs a batch id, so that running it again stores no duplicate")
+        prepared = []
+        for number, record in enumerate(records, 1):
+            try:
+                prepared.append(_prepare(self.image_dir, record.get("image"), record.get("text"),
+                                         record.get("labels"), record.get("predictions"), record.get("item_id"),
+                                         record.get("catalogue_labels"), record.get("base_versions") or {}, "auto"))
+            except LabelStoreError as exc:
+                raise LabelStoreError(f"record {number} ({record.get('item_id') or 'no id'}): {exc}") from exc
+        ids = [p.item_id for p in prepared]
+        if twice := sorted({i for i in ids if ids.count(i) > 1}):
+            raise LabelStoreError(f"items appear twice in the batch: {twice}")
+        stored, already, conflicts = 0, 0, []
         with self._transaction("IMMEDIATE") as conn:
-            if request_id is not None:
-                row = conn.execute("SELECT id FROM corrections WHERE request_id = ?", (str(request_id),)).fetchone()
-                if row:
-                    return row[0]
-            conn.execute("INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)", (sha, relative, len(data), now))
-            cursor = conn.execute(
-                "INSERT INTO corrections (item_id, image_sha256, text, predictions, labels, annotator, checkpoint,"
-                " created_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                ((str(item_id or "").strip() or f"img-{sha[:16]}"), sha, text[:MAX_TEXT_CHARS], predictions_json,
-                 json.dumps(labels, ensure_ascii=False), str(annotator).strip()[:MAX_NAME_CHARS],
-                 str(checkpoint).strip()[:MAX_NAME_CHARS], now, None if request_id is None else str(request_id)))
-            return cursor.lastrowid
+            for record in prepared:
+                try:
+                    result = _store(conn, record, annotator=annotator, checkpoint=checkpoint, source="auto",
+                                    request_id=f"{batch_id}:{record.item_id}", batch_id=batch_id)
+                except LabelConflict as exc:
+                    conflicts += exc.conflicts
+                    continue
+                already += result.duplicate
+                stored += not result.duplicate
+        return BulkResult(stored, already, conflicts)
+
+    def skip(self, item_id: str, tasks: Iterable[str], annotator: str, *, checkpoint: str = "",
+             request_id: str | None = None) -> SaveResult:
+        """Mark tasks of an item skipped: decided as far as the queue goes, their labels kept."""
+        item_id, tasks = _key(item_id, "item_id"), sorted({str(t).strip() for t in tasks} - {""})
+        if not item_id or not tasks:
+            raise LabelStoreError("a skip needs an item id and at least one task")
+        annotator, checkpoint = _name(annotator, "annotator"), _name(checkpoint, "checkpoint")
+        request_id = _key(request_id, "request_id")
+        with self._transaction("IMMEDIATE") as conn:
+            if (save_id := _stored_request(conn, request_id, "skip")) is not None:
+                return _save_result(conn, save_id, duplicate=True)
+            save_id = _insert_save(conn, item_id, None, None, {}, {}, annotator, checkpoint, request_id, "skip")
+            _decide(conn, save_id, item_id, [(t, None, "skipped", None, None, None) for t in tasks])
+            return _save_result(conn, save_id, duplicate=False)
+
+    def undo(self, annotator: str, *, force: bool = False, request_id: str | None = None) -> Undone:
+        """Revert `annotator`'s newest save (a label or a skip, not an auto-accept) that is
+        not reverted yet: each of its tasks goes back to its state before that save, and
+        again further back on the next call. Raises `LabelConflict` when someone changed
+        one of those tasks since (`force` reverts anyway), `LabelStoreError` when nothing
+        is left to undo. A `request_id` already stored returns the first undo's result."""
+        annotator, request_id = _name(annotator, "annotator"), _key(request_id, "request_id")
+        if not annotator:
+            raise LabelStoreError("undo needs the annotator whose decisions to revert")
+        with self._transaction("IMMEDIATE") as conn:
+            if (undo_id := _stored_request(conn, request_id, "undo")) is None:
+                target = conn.execute(LAST_UNDOABLE, (annotator,)).fetchone()
+                if target is None:
+                    raise LabelStoreError(f"nothing to undo: {annotator} has no decision left to revert")
+                undo_id = _revert(conn, target, annotator, request_id, force)
+            rows = conn.execute(UNDO_RESULT, (undo_id,)).fetchall()
+        return Undone(rows[0]["save_id"], rows[0]["item_id"], {r["task"]: (r["undone"], r["restored"]) for r in rows})
+
+    # ------------------------------------------------------------------ reading
+    def item_state(self, item_id: str) -> dict[str, TaskState]:
+        """Where each task of one item stands; a task never decided is absent (pending, no version)."""
+        states, _ = _replay(self._connection().execute(ITEM_DECISIONS, (str(item_id), LAST_ROW)))
+        return states.get(str(item_id), {})
+
+    def decided_items(self, tasks: Iterable[str] | None = None) -> set[str]:
+        """Items whose every task in `tasks` (default: every task they have a decision on) is
+        accepted, corrected or skipped: what a review queue leaves out."""
+        wanted = None if tasks is None else list(tasks)
+        states, _ = _replay(self._connection().execute(ALL_DECISIONS))
+        return {item for item, by_task in states.items()
+                if (relevant := by_task.keys() if wanted is None else wanted)
+                and all(t in by_task and by_task[t].status != "pending" for t in relevant)}
+
+    def item_history(self, item_id: str) -> list[dict]:
+        """Every decision on one item, oldest first, undos included, as `audit` rows."""
+        return [_audit_row(row) for row in self._connection().execute(ITEM_DECISIONS, (str(item_id), LAST_ROW))]
+
+    def audit(self, task: str | None = None, annotator: str | None = None, status: str | None = None,
+              source: str | None = None, search: str | None = None, limit: int = 100,
+              offset: int = 0) -> tuple[list[dict], int]:
+        """One page of decisions, newest first, and how many match: each with its label and
+        status, who (human or auto-accept), when, the checkpoint, the model's prediction and
+        the catalogue's label, and whether the label differs from them (None: nothing to
+        compare). `search` matches a part of the item id, label, annotator or text (ASCII
+        letters ignore case)."""
+        if status is not None and status not in STATUSES:
+            raise LabelStoreError(f"status must be one of {STATUSES}, not {status!r}")
+        if source is not None and source not in SOURCES:
+            raise LabelStoreError(f"source must be one of {SOURCES}, not {source!r}")
+        clauses, params = [], []
+        for column, value in (("d.task", task), ("c.annotator", annotator), ("d.status", status), ("c.source", source)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if search:
+            clauses.append("(" + " OR ".join(f"instr(lower(coalesce({c}, '')), lower(?))" for c in SEARCHED) + ")")
+            params += [search] * len(SEARCHED)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._transaction() as conn:
+            total = conn.execute(COUNT_DECISIONS + where, params).fetchone()[0]
+            rows = conn.execute(AUDIT_PAGE.format(where=where),
+                                (*params, int(limit), int(offset))).fetchall()
+        return [_audit_row(row) for row in rows], total
 
     def history(self, limit: int = 50, item_id: str | None = None) -> list[dict]:
-        """The latest `limit` corrections (of one item if given), newest first: who set which
-        labels and when, with `changed` (tasks whose label differs from the item's previous
-        entry; all of them for its first) and `corrected` (tasks labelled unlike the model)."""
-        where, params = ("WHERE c.item_id = ?", (item_id,)) if item_id is not None else ("", ())
-        rows = self._connection().execute(
-            "SELECT c.*, i.path AS image_file, (SELECT p.labels FROM corrections p WHERE p.item_id = c.item_id"
-            f" AND p.id < c.id ORDER BY p.id DESC LIMIT 1) AS previous FROM corrections c JOIN images i"
-            f" ON i.sha256 = c.image_sha256 {where} ORDER BY c.id DESC LIMIT ?", (*params, limit)).fetchall()
+        """The latest `limit` label saves (of one item if given), newest first: who set which
+        labels and when, with `previous_labels` (the item's labels before the save; None for
+        its first), `changed` (tasks whose label differs from where the labeler's control
+        started: the previous label, else the model's prediction) and `corrected` (tasks
+        labelled unlike the model). Skips and undos are in `item_history` and `audit`."""
+        where, params = ("AND c.item_id = ?", (item_id,)) if item_id is not None else ("", ())
         entries = []
-        for row in rows:
-            labels, predictions = json.loads(row["labels"]), json.loads(row["predictions"] or "{}")
-            previous = json.loads(row["previous"]) if row["previous"] else None
-            predicted = {t: p.get("label") if isinstance(p, dict) else p for t, p in predictions.items()}
-            entries.append({
-                "id": row["id"], "item_id": row["item_id"], "labels": labels, "previous_labels": previous,
-                "changed": sorted(t for t in {*labels, *(previous or {})} if labels.get(t) != (previous or {}).get(t)),
-                "corrected": sorted(t for t in labels if t in predicted and predicted[t] != labels[t]),
-                "predictions": predictions, "text": row["text"], "image_sha256": row["image_sha256"],
-                "image_path": self.image_dir / row["image_file"], "annotator": row["annotator"],
-                "checkpoint": row["checkpoint"], "created_at": row["created_at"], "request_id": row["request_id"]})
+        with self._transaction() as conn:
+            for row in conn.execute(LABEL_SAVES.format(where=where), (*params, limit)).fetchall():
+                states, _ = _replay(conn.execute(ITEM_DECISIONS, (row["item_id"], row["id"])))
+                previous = {t: s.label for t, s in states.get(row["item_id"], {}).items() if s.label is not None}
+                labels, predictions = json.loads(row["labels"]), json.loads(row["predictions"] or "{}")
+                predicted = _predicted(predictions)
+                entries.append({
+                    "id": row["id"], "item_id": row["item_id"], "labels": labels, "previous_labels": previous or None,
+                    "changed": sorted(t for t, v in labels.items() if v != previous.get(t, predicted.get(t))),
+                    "corrected": sorted(t for t in labels if t in predicted and predicted[t] != labels[t]),
+                    "predictions": predictions, "text": row["text"], "image_sha256": row["image_sha256"],
+                    "image_path": self.image_dir / row["image_file"], "annotator": row["annotator"],
+                    "checkpoint": row["checkpoint"], "created_at": row["created_at"], "request_id": row["request_id"],
+                    "source": row["source"]})
         return entries
 
     def current_labels(self) -> dict[str, dict]:
-        """Every item's latest correction, read as one snapshot: item_id -> labels, text,
-        image_path, annotator, updated_at."""
+        """Every labelled item's current labels, read as one snapshot: item_id -> labels,
+        text, image_path (of its newest labelled save), annotator and updated_at (of its
+        newest label), and `tasks`: task -> `TaskState` of each label."""
         with self._transaction() as conn:
-            rows = conn.execute(CURRENT).fetchall()
-        return {r["item_id"]: {"labels": json.loads(r["labels"]), "text": r["text"],
-                               "image_path": self.image_dir / r["image_file"], "annotator": r["annotator"],
-                               "updated_at": r["created_at"]} for r in rows}
+            return self._current(conn)
+
+    def _current(self, conn: sqlite3.Connection) -> dict[str, dict]:
+        states, _ = _replay(conn.execute(ALL_DECISIONS))
+        current = {}
+        for row in conn.execute(ITEM_CONTENT):
+            tasks = {t: s for t, s in states.get(row["item_id"], {}).items() if s.label is not None}
+            if tasks:
+                newest = max(tasks.values(), key=lambda s: (s.created_at, s.version))
+                current[row["item_id"]] = {"labels": {t: s.label for t, s in tasks.items()}, "text": row["text"],
+                                           "image_path": self.image_dir / row["image_file"],
+                                           "annotator": newest.annotator, "updated_at": newest.created_at,
+                                           "tasks": tasks}
+        return current
 
     def count(self) -> int:
-        """The number of stored corrections (every edit counts)."""
-        return self._connection().execute("SELECT COUNT(*) FROM corrections").fetchone()[0]
+        """The number of label saves (every edit and auto-accept counts; skips and undos do not)."""
+        return self._connection().execute(COUNT_LABEL_SAVES).fetchone()[0]
 
     def image_path(self, sha: str) -> Path:
         """The file of a stored image, by its sha256."""
-        row = self._connection().execute("SELECT path FROM images WHERE sha256 = ?", (sha,)).fetchone()
+        row = self._connection().execute(IMAGE_FILE, (sha,)).fetchone()
         if row is None:
             raise LabelStoreError(f"no image {sha} in {self.path}")
         return self.image_dir / row[0]
 
+    def agreement(self, tasks: Iterable[str] | None = None) -> dict[str, dict]:
+        """Inter-annotator agreement per task over the items that two or more annotators
+        labelled (each annotator's standing human label; auto-accepts and undone labels do
+        not count): task -> items, raw (the share of annotator pairs that agree), kappa
+        (Cohen's kappa, the mean over annotator pairs sharing two items or more; None when
+        no pair does, or when every label is one class) and annotators."""
+        with self._transaction() as conn:
+            return _agreement(conn, tasks)
+
+    # ------------------------------------------------------------------ review queues
+    def save_queue(self, queue_id: str, annotator: str, model: str, payload: Mapping[str, Any],
+                   position: int) -> SavedQueue:
+        """Keep a review queue (its JSON `payload` is the studio's) and the labeler's place in
+        it, so a page reload or a server restart resumes it; saving again replaces it."""
+        queue_id, annotator, model = _key(queue_id, "queue_id"), _name(annotator, "annotator"), _name(model, "model")
+        if not queue_id:
+            raise LabelStoreError("a review queue needs an id")
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise LabelStoreError(f"the queue position must be a whole number from 0, not {position!r}")
+        if not isinstance(payload, Mapping):
+            raise LabelStoreError(f"the queue payload must be a dict, not {type(payload).__name__}")
+        queue = SavedQueue(queue_id, annotator, model, dict(payload), position, _now())
+        with self._transaction("IMMEDIATE") as conn:
+            conn.execute(UPSERT_QUEUE, (queue_id, annotator, model, _json(payload, "the queue payload"), position,
+                                        queue.updated_at))
+        return queue
+
+    def load_queue(self, queue_id: str) -> SavedQueue | None:
+        """The saved queue `queue_id`, or None."""
+        row = self._connection().execute(QUEUE_BY_ID, (str(queue_id),)).fetchone()
+        return _saved_queue(row) if row else None
+
+    def latest_queue(self, annotator: str, model: str | None = None) -> SavedQueue | None:
+        """The queue `annotator` saved last (on `model` if given), or None."""
+        where, params = ("AND model = ?", (_name(model, "model"),)) if model is not None else ("", ())
+        row = self._connection().execute(LATEST_QUEUE.format(where=where),
+                                         (_name(annotator, "annotator"), *params)).fetchone()
+        return _saved_queue(row) if row else None
+
+    # ------------------------------------------------------------------ export
     def export(self, path: str | Path) -> int:
         """Write the current labels as a CSV or JSONL manifest (by suffix), one row per item:
-        id, image, text, one column per task (empty when unlabelled), annotator, updated_at.
-        Image paths are relative to the file's folder, so export beside the store (or above
-        it) for `Catalogue` to accept them. Written atomically; returns the number of rows."""
+        id, image, text, one column per task (empty when unlabelled), annotator, updated_at,
+        then each task's provenance as <task>__source (human or auto), <task>__annotator,
+        <task>__checkpoint and <task>__at, in both formats. Image paths are relative to the
+        file's folder, so export beside the store (or above it) for `Catalogue` to accept
+        them. CSV cells starting with = + - @, a tab or a carriage return get a leading ',
+        so a spreadsheet shows them as text instead of running them (OWASP); a trainer
+        reading the CSV sees that quote, while `--extra-labels` reads the store and never
+        does. `agreement()` is written beside, as <stem>.agreement.json. Both files are
+        written atomically, from one snapshot; returns the number of rows."""
         path = Path(path)
         if path.suffix.lower() not in (".csv", ".jsonl"):
             raise LabelStoreError(f"export to a .csv or .jsonl file, not {path.name}")
-        current = self.current_labels()
+        with self._transaction() as conn:
+            current, agreement = self._current(conn), _agreement(conn, None)
         tasks = sorted({t for item in current.values() for t in item["labels"]})
-        if clash := set(tasks) & set(EXPORT_COLUMNS):
+        provenance = [f"{t}__{field}" for t in tasks for field in PROVENANCE]
+        if clash := set(tasks) & {*EXPORT_COLUMNS, *provenance}:
             raise LabelStoreError(f"tasks {sorted(clash)} clash with the export's own columns")
+        columns = [*EXPORT_COLUMNS[:3], *tasks, *EXPORT_COLUMNS[3:], *provenance]
         folder = path.resolve().parent
         records = []
         for item_id, item in current.items():
@@ -203,17 +555,24 @@ class LabelStore:
                 image = os.path.relpath(item["image_path"], folder)
             except ValueError:  # another drive: keep the absolute path
                 image = str(item["image_path"])
-            records.append({"id": item_id, "image": image, "text": item["text"],
-                            **{t: item["labels"].get(t, "") for t in tasks},
-                            "annotator": item["annotator"], "updated_at": item["updated_at"]})
+            record = dict.fromkeys(columns, "")
+            record.update(id=item_id, image=image, text=item["text"], annotator=item["annotator"],
+                          updated_at=item["updated_at"])
+            for task, state in item["tasks"].items():
+                record.update({task: state.label, f"{task}__source": state.source,
+                               f"{task}__annotator": state.annotator, f"{task}__checkpoint": state.checkpoint,
+                               f"{task}__at": state.created_at})
+            records.append(record)
         buffer = io.StringIO()
         if path.suffix.lower() == ".csv":
-            writer = csv.DictWriter(buffer, fieldnames=[*EXPORT_COLUMNS[:3], *tasks, *EXPORT_COLUMNS[3:]])
+            writer = csv.DictWriter(buffer, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(records)
+            writer.writerows({k: _neutralise(v) for k, v in r.items()} for r in records)
         else:
             buffer.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         _atomic_write(path, buffer.getvalue().encode("utf-8"))
+        _atomic_write(path.with_name(f"{path.stem}.agreement.json"),
+                      (json.dumps(agreement, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         return len(records)
 
     def apply_to(self, catalogue: Catalogue) -> Catalogue:
@@ -258,14 +617,342 @@ class LabelStore:
         return replace(catalogue, rows=rows, extra_roots=extra_roots)
 
 
-def _clean_labels(labels: dict[str, str]) -> dict[str, str]:
-    """The labels with missing ones dropped; raises if none remain."""
-    if not isinstance(labels, dict):
-        raise LabelStoreError(f"labels must be a dict of task -> label, not {type(labels).__name__}")
+# ---------------------------------------------------------------------------- identity and vocabulary
+def content_item_id(image: Image.Image | bytes | str | Path, text: str) -> str:
+    """A stable id for an item uploaded without one: the same image bytes and text (up to
+    whitespace) always give the same id, another text of the same image another id."""
+    data, _ = _image_bytes(image)
+    if not isinstance(text, str):
+        raise LabelStoreError(f"text must be a string, not {type(text).__name__}")
+    _check_encodable(text=text)
+    return _content_id(hashlib.sha256(data).hexdigest(), text)
+
+
+def close_classes(value: str, classes: Iterable[str]) -> list[str]:
+    """Classes `value` may be a typo of, closest first: equal to it but for case, spaces,
+    '-' and '_', or within 2 edits of it (a swap of neighbours is one edit; 1 edit for
+    names of 3 to 5 characters and none below, where everything is a couple of edits apart)."""
+    key = _class_key(value)
+    limit = min(2, len(key) // 3)
+    scored = ((_edit_distance(key, _class_key(c), limit), c) for c in set(classes) if c != value)
+    return [c for distance, c in sorted(scored) if distance <= limit]
+
+
+def _content_id(sha: str, text: str) -> str:
+    return "img-" + hashlib.sha256(f"{sha}\0{' '.join(text.split())}".encode("utf-8")).hexdigest()[:16]
+
+
+def _class_key(value: str) -> str:
+    return "".join(ch for ch in value.casefold() if not ch.isspace() and ch not in "-_")
+
+
+def _edit_distance(a: str, b: str, limit: int) -> int:
+    """Levenshtein distance counting a swap of neighbours as one edit (optimal string
+    alignment); anything over `limit` may be reported as limit + 1."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    before, previous = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            distance = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if before is not None and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                distance = min(distance, before[j - 2] + 1)
+            row.append(distance)
+        before, previous = previous, row
+    return previous[-1]
+
+
+def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabulary: Mapping[str, Iterable[str]],
+                      new_classes: Mapping[str, str]) -> None:
+    """Refuse labels outside their task's classes and saved labels, unless confirmed new."""
+    unknown = []
+    for task, value in labels.items():
+        if task not in vocabulary or new_classes.get(task) == value:
+            continue
+        known = {*map(str, vocabulary[task]), *(row[0] for row in conn.execute(KNOWN_LABELS, (task,)))}
+        if value not in known:
+            unknown.append(UnknownClass(task, value, close_classes(value, known)))
+    if unknown:
+        raise UnknownLabel(unknown)
+
+
+# ---------------------------------------------------------------------------- schema migrations
+def _create_v1(conn: sqlite3.Connection) -> None:
+    for statement in V1_SCHEMA:
+        conn.execute(statement)
+
+
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """Add decisions, save kinds and sources, and review queues. Each v1 save becomes one
+    decision per label it set (base version unknown, no catalogue label). In v1 an item's
+    latest save was its whole label set, so a save that left out a task the item had
+    un-labelled it: that becomes a pending decision, and the current labels stay v1's."""
+    for statement in V2_SCHEMA:
+        conn.execute(statement)
+    previous: dict[str, dict[str, str]] = {}
+    for row in conn.execute(V1_SAVES).fetchall():
+        labels, predicted = json.loads(row["labels"]), _predicted(json.loads(row["predictions"] or "{}"))
+        dropped = [task for task in previous.get(row["item_id"], {}) if task not in labels]
+        _decide(conn, row["id"], row["item_id"],
+                [*((task, label, _status(label, predicted.get(task)), None, None, None)
+                   for task, label in labels.items()), *((task, None, "pending", None, None, None) for task in dropped)])
+        previous[row["item_id"]] = labels
+
+
+# step n takes a store from version n to n + 1; a new store runs them all, as an old one did
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2)
+
+
+# ---------------------------------------------------------------------------- writing
+def _prepare(image_dir: Path, image: Any, text: Any, labels: Any, predictions: Any, item_id: Any,
+             catalogue_labels: Any, base_versions: Any, source: str) -> _Prepared:
+    """Validate one save and write its image file (content-addressed: writing it twice is harmless)."""
+    if source not in SOURCES:
+        raise LabelStoreError(f"source must be one of {SOURCES}, not {source!r}")
+    labels = _clean_labels(labels)
+    catalogue = _strings(catalogue_labels or {}, "catalogue labels")
+    data, extension = _image_bytes(image)
+    if not isinstance(text, str):
+        raise LabelStoreError(f"text must be a string, not {type(text).__name__}")
+    if not isinstance(predictions or {}, Mapping):
+        raise LabelStoreError(f"predictions must be a dict of task -> prediction, not {type(predictions).__name__}")
+    predictions = dict(predictions or {})
+    if source == "auto" and (differ := sorted(t for t, v in labels.items() if _predicted(predictions).get(t) != v)):
+        raise LabelStoreError(f"an auto-accept takes the model's labels; {differ} differ from its predictions")
+    if base_versions is not None:
+        if not isinstance(base_versions, Mapping) or any(
+                v is not None and (not isinstance(v, int) or isinstance(v, bool)) for v in base_versions.values()):
+            raise LabelStoreError(f"base versions must be a dict of task -> version number or None, not "
+                                  f"{base_versions!r}")
+        base_versions = dict(base_versions)
+    _check_encodable(text=text)
+    for value, field in ((labels, "labels"), (catalogue, "catalogue labels"), (predictions, "predictions")):
+        _json(value, field)
+    sha = hashlib.sha256(data).hexdigest()
+    relative = f"{sha[:2]}/{sha}.{extension}"
+    if not (image_dir / relative).exists():
+        _atomic_write(image_dir / relative, data)
+    return _Prepared(_key(item_id, "item_id") or _content_id(sha, text), sha, relative, len(data),
+                     text[:MAX_TEXT_CHARS], labels, predictions, catalogue, base_versions)
+
+
+def _store(conn: sqlite3.Connection, save: _Prepared, *, annotator: str, checkpoint: str, request_id: str | None,
+           source: str, batch_id: str | None = None, vocabulary: Mapping[str, Iterable[str]] | None = None,
+           new_classes: Mapping[str, str] | None = None, force: bool = False) -> SaveResult:
+    """Check and insert one prepared save, inside the caller's IMMEDIATE transaction."""
+    if (save_id := _stored_request(conn, request_id, "label")) is not None:
+        return _save_result(conn, save_id, duplicate=True)
+    if vocabulary:
+        _check_vocabulary(conn, save.labels, vocabulary, new_classes or {})
+    if save.base_versions is not None:
+        states, steps = _replay(conn.execute(ITEM_DECISIONS, (save.item_id, LAST_ROW)))
+        conflicts = _conflicts(save, states.get(save.item_id, {}), steps)
+        if conflicts and not force:
+            raise LabelConflict(conflicts)
+    conn.execute(INSERT_IMAGE, (save.sha, save.image_file, save.image_bytes, _now()))
+    save_id = _insert_save(conn, save.item_id, save.sha, save.text, save.predictions, save.labels, annotator,
+                           checkpoint, request_id, "label", source, batch_id)
+    predicted, base = _predicted(save.predictions), save.base_versions or {}
+    _decide(conn, save_id, save.item_id, [(task, label, _status(label, predicted.get(task)), save.catalogue.get(task),
+                                           base.get(task), None) for task, label in save.labels.items()])
+    return _save_result(conn, save_id, duplicate=False)
+
+
+def _conflicts(save: _Prepared, current: dict[str, TaskState], steps: dict[int, _Step]) -> list[Conflict]:
+    """The tasks of `save` whose label someone changed to another since the base version."""
+    conflicts = []
+    for task, yours in save.labels.items():
+        base = save.base_versions.get(task)
+        if base is not None and (base not in steps or steps[base].task != task):
+            raise LabelStoreError(f"version {base} is not a version of {task} of item {save.item_id}: the item "
+                                  "shown is not the item being saved; reload it")
+        now = current.get(task)
+        if now is not None and now.version != base and now.label is not None and now.label != yours:
+            conflicts.append(Conflict(save.item_id, task, yours, now.label, now.annotator, now.version, now.created_at))
+    return conflicts
+
+
+def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, request_id: str | None,
+            force: bool) -> int:
+    """Append an undo of the save `target`: each of its tasks back to its state before it.
+    Returns the undo's row id."""
+    item_id = target["item_id"]
+    states, steps = _replay(conn.execute(ITEM_DECISIONS, (item_id, LAST_ROW)))
+    current = states[item_id]
+    reverted = {version: step for version, step in steps.items() if step.save_id == target["id"]}
+    restored = {version: (step.before.label, step.before.status) if step.before else (None, "pending")
+                for version, step in reverted.items()}
+    conflicts = [Conflict(item_id, step.task, restored[version][0], now.label, now.annotator, now.version,
+                          now.created_at) for version, step in reverted.items()
+                 if ((now := current[step.task]).label, now.status) != (step.after.label, step.after.status)]
+    if conflicts and not force:
+        raise LabelConflict(conflicts)
+    undo_id = _insert_save(conn, item_id, target["image_sha256"], target["text"],
+                           json.loads(target["predictions"] or "{}"),
+                           {reverted[v].task: label for v, (label, _) in restored.items() if label is not None},
+                           annotator, "", request_id, "undo")
+    _decide(conn, undo_id, item_id, [(step.task, *restored[version], None, current[step.task].version, version)
+                                     for version, step in reverted.items()])
+    return undo_id
+
+
+def _insert_save(conn: sqlite3.Connection, item_id: str, sha: str | None, text: str | None, predictions: dict,
+                 labels: dict, annotator: str, checkpoint: str, request_id: str | None, kind: str,
+                 source: str = "human", batch_id: str | None = None) -> int:
+    return conn.execute(INSERT_SAVE, (item_id, sha, text, json.dumps(predictions, ensure_ascii=False),
+                                      json.dumps(labels, ensure_ascii=False), annotator, checkpoint, _now(),
+                                      request_id, kind, source, batch_id)).lastrowid
+
+
+def _decide(conn: sqlite3.Connection, save_id: int, item_id: str,
+            decisions: Iterable[tuple[str, str | None, str, str | None, int | None, int | None]]) -> None:
+    """Insert a save's decisions: (task, label, status, catalogue label, base version, reverts) each."""
+    conn.executemany(INSERT_DECISION, [(save_id, item_id, *decision) for decision in decisions])
+
+
+def _stored_request(conn: sqlite3.Connection, request_id: str | None, kind: str) -> int | None:
+    """The row id of the save already stored under `request_id`, if any."""
+    row = conn.execute(SAVE_BY_REQUEST, (request_id,)).fetchone() if request_id is not None else None
+    if row is not None and row["kind"] != kind:
+        raise LabelStoreError(f"request id {request_id!r} was already used for a {row['kind']}, not a {kind}")
+    return row["id"] if row else None
+
+
+def _save_result(conn: sqlite3.Connection, save_id: int, duplicate: bool) -> SaveResult:
+    return SaveResult(save_id, dict(conn.execute(SAVE_VERSIONS, (save_id,)).fetchall()), duplicate)
+
+
+# ---------------------------------------------------------------------------- reading
+def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]], dict[int, _Step]]:
+    """Replay decisions, oldest first: each item's task states, and what each decision changed."""
+    states: dict[str, dict[str, TaskState]] = defaultdict(dict)
+    steps: dict[int, _Step] = {}
+    for row in rows:
+        tasks, version = states[row["item_id"]], row["version"]
+        before = tasks.get(row["task"])
+        if row["reverts"] is not None:  # an undo: the state before the decision it reverts, who set it included
+            restored = steps[row["reverts"]].before
+            after = replace(restored, version=version) if restored else _state(row)
+        elif row["status"] == "skipped" and before is not None and before.label is not None:
+            after = replace(before, status="skipped", version=version)
+        else:
+            after = _state(row)
+        tasks[row["task"]] = after
+        steps[version] = _Step(row["task"], row["save_id"], before, after)
+    return dict(states), steps
+
+
+def _state(row: sqlite3.Row) -> TaskState:
+    return TaskState(row["label"], row["status"], row["version"], row["annotator"] or "", row["source"],
+                     row["checkpoint"] or "", row["created_at"])
+
+
+def _predicted(predictions: Mapping[str, Any]) -> dict[str, Any]:
+    """task -> the model's label, from predictions stored as {"label": ...} or as the label itself."""
+    return {t: p.get("label") if isinstance(p, dict) else p for t, p in predictions.items()}
+
+
+def _status(label: str, predicted: str | None) -> str:
+    return "accepted" if label == predicted else "corrected"
+
+
+def _differs(label: str | None, other: str | None) -> bool | None:
+    return None if label is None or other is None else label != other
+
+
+def _audit_row(row: sqlite3.Row) -> dict:
+    prediction = json.loads(row["predictions"] or "{}").get(row["task"])
+    predicted, confidence = ((prediction.get("label"), prediction.get("confidence")) if isinstance(prediction, dict)
+                             else (prediction, None))
+    return {"version": row["version"], "save_id": row["save_id"], "item_id": row["item_id"], "task": row["task"],
+            "label": row["label"], "status": row["status"], "kind": row["kind"], "source": row["source"],
+            "annotator": row["annotator"], "created_at": row["created_at"], "checkpoint": row["checkpoint"],
+            "predicted_label": predicted, "predicted_confidence": confidence,
+            "catalogue_label": row["catalogue_label"], "changed_vs_model": _differs(row["label"], predicted),
+            "changed_vs_catalogue": _differs(row["label"], row["catalogue_label"]),
+            "base_version": row["base_version"], "reverts": row["reverts"], "text": row["text"]}
+
+
+def _agreement(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[str, dict]:
+    wanted = None if tasks is None else list(tasks)
+    labels: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)  # (task, item) -> annotator -> latest label
+    for row in conn.execute(HUMAN_LABELS):
+        if wanted is None or row["task"] in wanted:
+            labels[row["task"], row["item_id"]][row["annotator"]] = row["label"]
+    shared: dict[str, list[dict[str, str]]] = {task: [] for task in wanted or ()}
+    for (task, _), by_annotator in labels.items():
+        if len(by_annotator) >= 2:
+            shared.setdefault(task, []).append(by_annotator)
+    return {task: _agreement_of(items) for task, items in sorted(shared.items())}
+
+
+def _agreement_of(items: list[dict[str, str]]) -> dict:
+    """Raw agreement and mean pairwise Cohen's kappa over items labelled by two annotators or more."""
+    pairs = [(labels[a], labels[b]) for labels in items for a, b in combinations(sorted(labels), 2)]
+    annotators = sorted({a for labels in items for a in labels})
+    kappas = []
+    for a, b in combinations(annotators, 2):
+        both = [(labels[a], labels[b]) for labels in items if a in labels and b in labels]
+        if len(both) >= 2 and len({label for pair in both for label in pair}) > 1:  # one class: kappa is 0 / 0
+            kappas.append(float(cohen_kappa_score([x for x, _ in both], [y for _, y in both])))
+    return {"items": len(items), "raw": sum(x == y for x, y in pairs) / len(pairs) if pairs else None,
+            "kappa": sum(kappas) / len(kappas) if kappas else None, "annotators": annotators}
+
+
+def _saved_queue(row: sqlite3.Row) -> SavedQueue:
+    return SavedQueue(row["queue_id"], row["annotator"], row["model"], json.loads(row["payload"]), row["position"],
+                      row["updated_at"])
+
+
+def _neutralise(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text instead of evaluating (OWASP CSV injection)."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) else value
+
+
+# ---------------------------------------------------------------------------- validation
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _name(value: object, field: str) -> str:
+    """An annotator, checkpoint or model name: stripped, cut to MAX_NAME_CHARS."""
+    name = str(value or "").strip()[:MAX_NAME_CHARS]
+    _check_encodable(**{field: name})
+    return name
+
+
+def _key(value: object, field: str) -> str | None:
+    """An item, request, batch or queue id, kept whole (stripped); None when not given."""
+    if value is None:
+        return None
+    key = str(value).strip()
+    _check_encodable(**{field: key})
+    return key or None
+
+
+def _json(value: object, field: str) -> str:
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise LabelStoreError(f"{field} must be JSON-serialisable: {exc}") from exc
+    _check_encodable(**{field: text})
+    return text
+
+
+def _strings(labels: object, field: str) -> dict[str, str]:
+    """task -> label with the missing labels ("", "NA", ...) dropped."""
+    if not isinstance(labels, Mapping):
+        raise LabelStoreError(f"{field} must be a dict of task -> label, not {type(labels).__name__}")
     bad = [t for t, v in labels.items() if not isinstance(t, str) or not isinstance(v, (str, type(None)))]
     if bad:
-        raise LabelStoreError(f"labels must be strings; tasks {bad} are not")
-    clean = {t.strip(): v.strip() for t, v in labels.items() if t.strip() and not is_missing(v)}
+        raise LabelStoreError(f"{field} must be strings; tasks {bad} are not")
+    return {t.strip(): v.strip() for t, v in labels.items() if t.strip() and not is_missing(v)}
+
+
+def _clean_labels(labels: object) -> dict[str, str]:
+    """The labels with missing ones dropped; raises if none remain."""
+    clean = _strings(labels, "labels")
     if not clean:
         raise LabelStoreError("no labels: give at least one task's corrected label")
     return clean

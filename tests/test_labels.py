@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cma_clip.data import Catalogue, CatalogueConfig, read_manifest
-from cma_clip.labels import LabelStore, LabelStoreError
+from cma_clip.labels import LabelStore, LabelStoreError, content_item_id
 from conftest import HM
 
 PHOTOS = sorted((HM / "images").glob("*/*.jpg"))[:3]
@@ -43,8 +43,9 @@ def test_save_and_read_back_with_who_what_when(tmp_path):
     assert entry["id"] == row_id and entry["annotator"] == "alice" and entry["checkpoint"] == "ck-1"
     assert entry["labels"] == {"colour": "White", "type": "Tights"}  # the missing "NA" label is dropped
     assert entry["predictions"] == predictions and entry["text"] == "20 den stockings"
-    assert entry["changed"] == ["colour", "type"] and entry["previous_labels"] is None
-    assert entry["corrected"] == ["colour"]
+    # a first save changed only what differs from the model's prediction, where the labeler's control started
+    assert entry["changed"] == ["colour"] and entry["previous_labels"] is None
+    assert entry["corrected"] == ["colour"] and entry["source"] == "human"
     assert datetime.fromisoformat(entry["created_at"]).utcoffset() == timedelta(0)
 
     stored = entry["image_path"]
@@ -53,7 +54,8 @@ def test_save_and_read_back_with_who_what_when(tmp_path):
     assert stored == store.image_dir / sha[:2] / f"{sha}.png"
     with Image.open(stored) as back:
         assert back.size == photo.size
-    assert entry["item_id"] == f"img-{sha[:16]}"
+    assert entry["item_id"] == content_item_id(photo, "20 den stockings") == content_item_id(stored, " 20 den  stockings")
+    assert entry["item_id"] != content_item_id(photo, "30 den stockings")  # same image, another item
     current = store.current_labels()[entry["item_id"]]
     assert current["labels"] == entry["labels"] and current["image_path"] == stored
     assert current["annotator"] == "alice" and current["updated_at"] == entry["created_at"]
@@ -112,7 +114,7 @@ def test_wal_mode_and_schema_version(tmp_path):
     store = LabelStore(tmp_path / "labels.db")
     with sqlite3.connect(store.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert LabelStore(store.path).count() == 0  # reopening an existing store
 
 
@@ -128,10 +130,14 @@ def test_export_is_a_manifest_the_trainer_reads(tmp_path, suffix):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
     rows = read_manifest(path)
-    assert [list(r) for r in rows] == [["id", "image", "text", "colour", "type", "annotator", "updated_at"]] * 2
+    provenance = [f"{task}__{field}" for task in ("colour", "type") for field in ("source", "annotator", "checkpoint",
+                                                                                    "at")]
+    assert [list(r) for r in rows] == [["id", "image", "text", "colour", "type", "annotator", "updated_at",
+                                        *provenance]] * 2
     assert [(r["id"], r["colour"], r["type"], r["annotator"]) for r in rows] == [("a", "White", "Tights", "bob"),
                                                                                ("b", "", "Leggings", "")]
     assert rows[1]["text"] == "shape up, 30 den" and not os.path.isabs(rows[0]["image"])
+    assert (rows[0]["colour__source"], rows[0]["colour__annotator"], rows[1]["colour__source"]) == ("human", "bob", "")
     catalogue = Catalogue.open(CatalogueConfig(name="export", manifest=str(path), image_column="image",
                                                text_columns=["text"], tasks=["colour", "type"], id_column="id"))
     paths = catalogue.image_paths()

@@ -1,0 +1,471 @@
+"""A labeler's workflow at the label store: versions and conflicts, retries, bulk accepts
+that crash, undo, typos, the queue's state, agreement, audit, export and the v1 migration."""
+import csv
+import json
+import os
+import signal
+import sqlite3
+
+import numpy as np
+import pytest
+
+from cma_clip import train
+from cma_clip.data import Catalogue, read_manifest
+from cma_clip.labels import (Conflict, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownClass,
+                             UnknownLabel, close_classes)
+from cma_clip.review import ReviewError, rank, select, uncertainty
+from test_labels import PHOTOS, tiny_png
+
+PREDICTED = {"colour": {"label": "Black", "confidence": 0.61}, "type": {"label": "Tights", "confidence": 0.93}}
+
+
+@pytest.fixture()
+def store(tmp_path) -> LabelStore:
+    return LabelStore(tmp_path / "labels.db")
+
+
+def save(store: LabelStore, item: str, annotator: str, labels: dict, **kwargs):
+    """A labeler's save of `item` (its image and text derived from its id)."""
+    kwargs.setdefault("predictions", PREDICTED)
+    return store.save(image=tiny_png(sum(map(ord, item))), text=f"text of {item}", item_id=item, labels=labels,
+                      annotator=annotator, checkpoint="ck-1", **kwargs)
+
+
+def labels_of(store: LabelStore) -> dict[str, dict[str, str]]:
+    return {item: entry["labels"] for item, entry in store.current_labels().items()}
+
+
+# ---------------------------------------------------------------------------- no silent overwrite
+def test_two_annotators_on_one_item_get_a_conflict_with_both_labels(store):
+    assert store.item_state("a") == {}  # both open the pending item: no version yet
+    ben = save(store, "a", "ben", {"colour": "Red"}, base_versions={"colour": None})
+    with pytest.raises(LabelConflict) as caught:
+        save(store, "a", "ana", {"colour": "Blue", "type": "Tights"}, base_versions={"colour": None, "type": None})
+    [conflict] = caught.value.conflicts  # type was still undecided: no conflict there
+    assert conflict == Conflict("a", "colour", "Blue", "Red", "ben", ben.versions["colour"], conflict.created_at)
+    assert "'Red'" in str(caught.value) and "'Blue'" in str(caught.value) and "ben" in str(caught.value)
+    assert store.count() == 1 and labels_of(store) == {"a": {"colour": "Red"}}  # nothing replaced, nothing added
+
+    # the same label as theirs is no conflict
+    same = save(store, "a", "ana", {"colour": "Red"}, base_versions={"colour": None})
+    assert not same.duplicate and store.item_state("a")["colour"].annotator == "ana"
+    # the labeler chose to keep theirs over ben's: force saves
+    forced = save(store, "a", "ana", {"colour": "Blue"}, base_versions={"colour": None}, force=True)
+    assert store.item_state("a")["colour"].label == "Blue"
+    # ben still shows his version: refused; on the version he is shown now, his save goes through
+    with pytest.raises(LabelConflict):
+        save(store, "a", "ben", {"colour": "Green"}, base_versions={"colour": ben.versions["colour"]})
+    save(store, "a", "ben", {"colour": "Green"}, base_versions={"colour": forced.versions["colour"]})
+    # saving one task keeps the others
+    save(store, "a", "ana", {"type": "Socks"}, base_versions={"type": None})
+    assert labels_of(store) == {"a": {"colour": "Green", "type": "Socks"}}
+    # a version of another item (a stale item id in the form) is refused, whatever the force
+    save(store, "b", "ana", {"colour": "Red"})
+    with pytest.raises(LabelStoreError, match="not a version of colour of item b"):
+        save(store, "b", "ana", {"colour": "Blue"}, base_versions={"colour": forced.versions["colour"]}, force=True)
+
+
+def test_a_retried_save_stores_one_row(store):
+    first = save(store, "a", "ana", {"colour": "Red"}, base_versions={"colour": None}, request_id="req-1")
+    save(store, "a", "ben", {"colour": "Blue"}, base_versions={"colour": first.versions["colour"]})
+    # the retry arrives after ben's save: it is answered from the first, not checked again
+    again = save(store, "a", "ana", {"colour": "Red"}, base_versions={"colour": None}, request_id="req-1")
+    assert again == first._replace(duplicate=True)
+    assert store.count() == 2 and store.audit()[1] == 2
+    with pytest.raises(LabelStoreError, match="already used for a label"):
+        store.skip("a", ["colour"], "ana", request_id="req-1")
+
+
+# ---------------------------------------------------------------------------- bulk accept
+def bulk_records(items: list[str]) -> list[dict]:
+    return [{"item_id": item, "image": tiny_png(100 + n), "text": f"text of {item}", "labels": {"colour": "Black"},
+             "predictions": PREDICTED, "catalogue_labels": {"colour": "Grey"}} for n, item in enumerate(items)]
+
+
+class FailsOnDecision:
+    """The thread's connection, which fails (or kills its process) on its `n`-th insert of decisions."""
+
+    def __init__(self, real: sqlite3.Connection, n: int, kill: bool = False) -> None:
+        self.real, self.n, self.kill, self.calls = real, n, kill, 0
+
+    def executemany(self, sql, *args):
+        if sql.startswith("INSERT INTO decisions"):
+            self.calls += 1
+            if self.calls == self.n:
+                if self.kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise sqlite3.OperationalError("disk I/O error")
+        return self.real.executemany(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_a_bulk_accept_interrupted_by_a_crash_stores_nothing_and_reruns_without_duplicates(store):
+    records = bulk_records([f"item-{n}" for n in range(6)])
+    pid = os.fork()
+    if pid == 0:  # a writer killed in the middle of the batch's transaction
+        try:
+            store._local.conn = FailsOnDecision(store._connection(), 4, kill=True)  # the child's own connection
+            store.save_many(records, "batch-1", annotator="ana", checkpoint="ck-1")
+        finally:
+            os._exit(1)
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    reopened = LabelStore(store.path)
+    assert reopened.count() == 0 and reopened.audit()[1] == 0
+
+    # an error inside the transaction (a full disk) rolls back the records before it too
+    real = store._connection()
+    store._local.conn = FailsOnDecision(real, 4)
+    with pytest.raises(sqlite3.OperationalError):
+        store.save_many(records, "batch-1", annotator="ana")
+    store._local.conn = real
+    assert store.count() == 0 and not real.in_transaction
+
+    # a record that fails validation in the middle: refused before anything is written
+    broken = [*records[:3], {**records[3], "image": b"not an image"}, *records[4:]]
+    with pytest.raises(LabelStoreError, match="record 4 .item-3.: not a readable image"):
+        store.save_many(broken, "batch-1", annotator="ana")
+    with pytest.raises(LabelStoreError, match="auto-accept takes the model's labels"):
+        store.save_many([{**records[0], "labels": {"colour": "Red"}}], "batch-1", annotator="ana")
+    assert store.count() == 0
+
+    assert store.save_many(records, "batch-1", annotator="ana", checkpoint="ck-1") == (6, 0, [])
+    assert store.save_many(records, "batch-1", annotator="ana", checkpoint="ck-1") == (0, 6, [])
+    rows, total = store.audit(source="auto")
+    assert total == 6 and {(r["status"], r["annotator"], r["checkpoint"], r["changed_vs_catalogue"]) for r in rows} \
+        == {("accepted", "ana", "ck-1", True)}
+
+
+def test_a_bulk_accept_run_in_chunks_resumes_and_never_replaces_a_label(store):
+    records = bulk_records([f"item-{n}" for n in range(6)])
+    assert store.save_many(records[:3], "batch-2", annotator="ana") == (3, 0, [])  # the first chunk, then a crash
+    late = save(store, "item-4", "ben", {"colour": "Red"})  # a labeler decided one item meanwhile
+    stored, already, conflicts = store.save_many(records, "batch-2", annotator="ana")
+    assert (stored, already) == (2, 3)
+    assert conflicts == [Conflict("item-4", "colour", "Black", "Red", "ben", late.versions["colour"],
+                                  conflicts[0].created_at)]
+    assert store.count() == 6 and labels_of(store)["item-4"] == {"colour": "Red"}
+    assert store.item_state("item-0")["colour"].source == "auto"
+    with pytest.raises(LabelStoreError, match="twice"):
+        store.save_many([records[0], records[0]], "batch-3", annotator="ana")
+
+
+# ---------------------------------------------------------------------------- undo
+def test_undo_walks_back_more_than_ten_decisions(store):
+    before = []  # the current labels before each of ana's decisions
+    for step in range(12):
+        save(store, "b", "ben", {"type": f"ben-{step}"})  # another annotator's work, never undone by ana
+        before.append(labels_of(store))
+        item = "a" if step % 3 else "c"
+        if step == 7:
+            store.skip(item, ["colour"], "ana")
+        else:
+            save(store, item, "ana", {"colour": f"colour-{step}", "type": "Tights"})
+    for step in reversed(range(12)):
+        undone = store.undo("ana")
+        assert undone.item_id == ("a" if step % 3 else "c")
+        current = labels_of(store)
+        assert {i: v for i, v in current.items() if i != "b"} == {i: v for i, v in before[step].items() if i != "b"}
+    assert labels_of(store) == {"b": {"type": "ben-11"}}
+    assert {t: s.status for t, s in store.item_state("a").items()} == {"colour": "pending", "type": "pending"}
+    with pytest.raises(LabelStoreError, match="nothing to undo"):
+        store.undo("ana")
+    assert store.count() == 23  # undos append; they delete nothing
+
+
+def test_undo_restores_the_previous_label_and_who_set_it_and_refuses_to_drop_someone_elses(store):
+    save(store, "a", "ben", {"colour": "Red"})
+    first = save(store, "a", "ana", {"colour": "Blue"}, request_id="ana-1")
+    store.skip("a", ["colour"], "ana")
+    assert store.item_state("a")["colour"].status == "skipped" and store.item_state("a")["colour"].label == "Blue"
+    assert store.undo("ana", request_id="undo-1").tasks == {"colour": (None, "Blue")}  # the skip
+    assert store.undo("ana", request_id="undo-1").tasks == {"colour": (None, "Blue")}  # a retry: not a second undo
+    state = store.item_state("a")["colour"]
+    assert (state.label, state.status, state.annotator) == ("Blue", "corrected", "ana")
+    assert store.undo("ana") == (first.save_id, "a", {"colour": ("Blue", "Red")})
+    state = store.item_state("a")["colour"]
+    assert (state.label, state.annotator) == ("Red", "ben") and state.version > first.versions["colour"]
+
+    # ana's save was overtaken by cem's: her undo would drop his label
+    save(store, "a", "ana", {"colour": "Green"})
+    cem = save(store, "a", "cem", {"colour": "White"})
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ana")
+    assert caught.value.conflicts == [Conflict("a", "colour", "Red", "White", "cem", cem.versions["colour"],
+                                               caught.value.conflicts[0].created_at)]
+    assert store.item_state("a")["colour"].label == "White"
+    store.undo("ana", force=True)
+    assert store.item_state("a")["colour"].label == "Red"
+    history = store.item_history("a")
+    assert [h["kind"] for h in history] == ["label", "label", "skip", "undo", "undo", "label", "label", "undo"]
+    assert history[4]["reverts"] == first.versions["colour"] and history[4]["label"] == "Red"
+
+
+# ---------------------------------------------------------------------------- labels from the schema
+def test_a_typo_is_caught_with_a_suggestion_and_a_new_class_needs_confirmation(store):
+    vocabulary = {"colour": ["Navy Blue", "Black", "Off White"]}
+    for typo, suggestion in (("Navy Bleu", "Navy Blue"), ("navy  blue", "Navy Blue"), ("off-white", "Off White")):
+        with pytest.raises(UnknownLabel) as caught:
+            save(store, "a", "ana", {"colour": typo, "type": "anything"}, vocabulary=vocabulary)
+        assert caught.value.unknown == [UnknownClass("colour", typo, [suggestion])]
+        assert f"did you mean '{suggestion}'" in str(caught.value)
+    with pytest.raises(UnknownLabel) as caught:
+        save(store, "a", "ana", {"colour": "Turquoise glitter"}, vocabulary=vocabulary,
+             new_classes={"colour": "Turquoise"})  # confirmed another value
+    assert caught.value.unknown == [UnknownClass("colour", "Turquoise glitter", [])]
+    assert store.count() == 0
+
+    save(store, "a", "ana", {"colour": "Turquoise glitter"}, vocabulary=vocabulary,
+         new_classes={"colour": "Turquoise glitter"})
+    save(store, "b", "ana", {"colour": "Turquoise glitter"}, vocabulary=vocabulary)  # now a known class
+    with pytest.raises(UnknownLabel, match="did you mean 'Turquoise glitter'"):
+        save(store, "c", "ana", {"colour": "Turquoise gliter"}, vocabulary=vocabulary)
+    assert store.count() == 2
+
+
+def test_close_classes():
+    classes = ["Navy Blue", "Blue", "Black", "Gray", "Green", "Off White", "S", "M"]
+    assert close_classes("Bleu", classes) == ["Blue"]  # a swap of neighbours is one edit
+    assert close_classes("Grey", classes) == ["Gray"]  # Green is 2 edits away: too far for 4 letters
+    assert close_classes("NAVYBLUE", classes) == ["Navy Blue"]
+    assert close_classes("Navy Bluue", classes) == ["Navy Blue"]
+    assert close_classes("Navy Blu Green", classes) == []
+    assert close_classes("XS", classes) == []  # short names are all a couple of edits apart
+    assert close_classes("s", classes) == ["S"]
+    assert close_classes("Blue", classes) == []  # itself is no suggestion
+    assert close_classes("Blak", ["Black", "Blake", "Blue"]) == ["Black", "Blake"]
+
+
+# ---------------------------------------------------------------------------- state and queue
+def test_item_states_and_decided_items_feed_the_queue(store):
+    a = save(store, "a", "ana", {"colour": "Black", "type": "Socks"}, catalogue_labels={"colour": "Black"})
+    store.skip("b", ["colour"], "ana")
+    save(store, "c", "ana", {"colour": "Black"})
+    save(store, "d", "ben", {"colour": "Red"})
+    store.undo("ben")
+    state = store.item_state("a")
+    assert state["colour"] == TaskState("Black", "accepted", a.versions["colour"], "ana", "human", "ck-1",
+                                        state["colour"].created_at)
+    assert state["type"].status == "corrected" and store.item_state("nowhere") == {}
+    assert store.decided_items(["colour", "type"]) == {"a"}
+    assert store.decided_items(["colour"]) == {"a", "b", "c"}
+    assert store.decided_items() == {"a", "b", "c"}  # d was undone: pending again
+    assert store.item_state("d")["colour"].status == "pending"
+
+
+def test_a_review_queue_survives_a_restart(store):
+    payload = {"items": [{"item_id": "a", "image": "a.jpg", "text": "tee", "predictions": PREDICTED}], "filter": None}
+    store.save_queue("q1", "ana", "hm", payload, 0)
+    store.save_queue("q1", "ana", "hm", payload, 3)  # she moved on
+    store.save_queue("q2", "ana", "fashion", {"items": []}, 1)
+    store.save_queue("q3", "ben", "hm", {"items": []}, 0)
+
+    restarted = LabelStore(store.path)
+    q1 = restarted.load_queue("q1")
+    assert (q1.annotator, q1.model, q1.payload, q1.position) == ("ana", "hm", payload, 3)
+    assert restarted.latest_queue("ana").queue_id == "q2"
+    assert restarted.latest_queue("ana", "hm").queue_id == "q1"
+    assert restarted.latest_queue("cem") is None and restarted.load_queue("nope") is None
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(LabelStoreError, match="position"):
+            restarted.save_queue("q1", "ana", "hm", payload, bad)
+    with pytest.raises(LabelStoreError, match="JSON"):
+        restarted.save_queue("q1", "ana", "hm", {"items": {1, 2}}, 0)
+    assert restarted.load_queue("q1").position == 3
+
+
+# ---------------------------------------------------------------------------- agreement and audit
+def test_agreement_and_kappa_on_a_hand_checked_case(store, tmp_path):
+    # colour: ana R R B B, ben R B B B -> raw 3/4; p_e = .5 * .25 + .5 * .75 = .5; kappa = (.75 - .5) / .5 = .5
+    for item, ana, ben in (("1", "R", "R"), ("2", "R", "B"), ("3", "B", "B"), ("4", "B", "B")):
+        save(store, item, "ana", {"colour": "B" if item == "1" else ana})  # ana's first try on item 1...
+        save(store, item, "ben", {"colour": ben})
+        if item == "1":
+            save(store, item, "ana", {"colour": ana})  # ...is replaced by her latest label
+    save(store, "5", "ana", {"colour": "R"})  # one annotator only: not compared
+    save(store, "5", "cem", {"colour": "B"})
+    store.undo("cem")  # an undone label does not count
+    save(store, "7", "ana", {"colour": "Black"})
+    assert store.save_many(bulk_records(["7"]), "auto", annotator="dan").stored == 1  # an auto-accept does not count
+    # type: three annotators on one item -> 1 agreeing pair of 3; kappa needs two items
+    for annotator, label in (("ana", "X"), ("ben", "X"), ("cem", "Y")):
+        save(store, "6", annotator, {"type": label})
+
+    agreement = store.agreement()
+    assert agreement["colour"] == {"items": 4, "raw": 0.75, "kappa": pytest.approx(0.5), "annotators": ["ana", "ben"]}
+    assert agreement["type"] == {"items": 1, "raw": pytest.approx(1 / 3), "kappa": None,
+                                 "annotators": ["ana", "ben", "cem"]}
+    assert store.agreement(["type", "pattern"])["pattern"]["items"] == 0
+    store.export(tmp_path / "labels_export.csv")
+    assert json.loads((tmp_path / "labels_export.agreement.json").read_text()) == json.loads(json.dumps(agreement))
+
+
+def test_the_audit_filters_searches_and_compares_with_the_model_and_the_catalogue(store):
+    save(store, "tee-1", "ana", {"colour": "Black", "type": "Socks"}, catalogue_labels={"colour": "Grey"})
+    save(store, "tee-2", "ben", {"colour": "White"}, predictions={})
+    store.save_many(bulk_records(["dress-3"]), "b1", annotator="cem", checkpoint="ck-2")
+    store.skip("dress-4", ["colour"], "ana")
+    rows, total = store.audit()
+    assert total == 5 and [r["item_id"] for r in rows] == ["dress-4", "dress-3", "tee-2", "tee-1", "tee-1"]
+    socks, black = rows[3], rows[4]  # one save's decisions, in the order of its labels
+    assert (black["status"], black["changed_vs_model"], black["changed_vs_catalogue"]) == ("accepted", False, True)
+    assert (black["predicted_label"], black["predicted_confidence"], black["catalogue_label"]) \
+        == ("Black", 0.61, "Grey")
+    assert (socks["status"], socks["changed_vs_model"], socks["changed_vs_catalogue"]) == ("corrected", True, None)
+    white = rows[2]
+    assert (white["status"], white["changed_vs_model"], white["predicted_label"]) == ("corrected", None, None)
+    assert rows[0]["status"] == "skipped" and rows[0]["label"] is None and rows[1]["source"] == "auto"
+
+    def items(**filters) -> list[str]:
+        return [r["item_id"] for r in store.audit(**filters)[0]]
+
+    assert items(annotator="ana") == ["dress-4", "tee-1", "tee-1"]
+    assert items(task="type") == ["tee-1"] and items(status="corrected") == ["tee-2", "tee-1"]
+    assert items(source="auto") == ["dress-3"] and items(source="human", task="colour", annotator="ben") == ["tee-2"]
+    assert items(search="TEE") == ["tee-2", "tee-1", "tee-1"] and items(search="socks") == ["tee-1"]
+    assert items(search="text of dress") == ["dress-3"]  # the item's text (a skip has none)
+    assert items(search="CEM") == ["dress-3"] and items(search="nothing like it") == []
+    page, total = store.audit(limit=2, offset=2)
+    assert [r["item_id"] for r in page] == ["tee-2", "tee-1"] and total == 5
+    with pytest.raises(LabelStoreError, match="status must be one of"):
+        store.audit(status="done")
+
+
+# ---------------------------------------------------------------------------- export
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_export_carries_provenance_and_neutralises_formulas_in_csv(tmp_path, suffix):
+    store = LabelStore(tmp_path / "labels.db")
+    formula = '=HYPERLINK("http://evil.example","x")'
+    save(store, "a", "@mallory", {"colour": "-Minus", "type": "Tights"}, predictions={"type": "Tights"})
+    store.save(image=tiny_png(2), text=formula, item_id="+b", labels={"colour": "Red"}, annotator="ana")
+    store.save_many(bulk_records(["c"]), "batch", annotator="ana", checkpoint="ck-2")
+    path = tmp_path / f"export{suffix}"
+    assert store.export(path) == 3
+    rows = {r["id"]: r for r in read_manifest(path)}
+    quote = "'" if suffix == ".csv" else ""
+    a, b, c = rows["a"], rows[f"{quote}+b"], rows["c"]
+    assert (a["colour"], a["annotator"], b["text"]) == (f"{quote}-Minus", f"{quote}@mallory", quote + formula)
+    assert (a["colour__source"], a["colour__annotator"], a["colour__checkpoint"]) \
+        == ("human", quote + "@mallory", "ck-1")
+    assert a["colour__at"] == store.item_state("a")["colour"].created_at and a["type"] == "Tights"
+    assert (c["colour__source"], c["colour__annotator"], c["colour__checkpoint"], c["type__source"]) \
+        == ("auto", "ana", "ck-2", "")
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            cells = [cell for row in csv.reader(handle) for cell in row]
+        assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    # the store itself, read by `train --extra-labels`, never has the quote
+    assert labels_of(store)["a"]["colour"] == "-Minus" and store.current_labels()["+b"]["text"] == formula
+
+
+def test_the_trainer_reads_an_export_with_provenance(tmp_path, cache_dir):
+    store = LabelStore(tmp_path / "labels.db")
+    for n, photo in enumerate(PHOTOS[:2] * 5):  # ten items, two looks
+        store.save(image=photo, text=f"item {n}", item_id=f"item-{n}", annotator="ana",
+                   labels={"colour": ("Black", "White")[n % 2]})
+    path = tmp_path / "export.csv"
+    store.export(path)
+    args = ["--manifest", str(path), "--tasks", "colour", "--id-column", "id", "--out", str(tmp_path / "run")]
+    catalogue = Catalogue.open(train.catalogue_config(train.parse_args(args)))
+    assert catalogue.item_ids() == [f"item-{n}" for n in range(10)]
+    assert all(p.is_file() for p in catalogue.image_paths())
+    assert train.main([*args, "--epochs", "1", "--align-epochs", "1", "--batch-size", "8", "--width", "32",
+                       "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------- v1 -> v2
+V1_SQL = (  # schema version 1 as the store wrote it, verbatim
+    "CREATE TABLE IF NOT EXISTS images (sha256 TEXT PRIMARY KEY, path TEXT, bytes INTEGER, created_at TEXT)",
+    "CREATE TABLE IF NOT EXISTS corrections (id INTEGER PRIMARY KEY AUTOINCREMENT, item_id TEXT NOT NULL,"
+    " image_sha256 TEXT, text TEXT, predictions TEXT, labels TEXT NOT NULL, annotator TEXT, checkpoint TEXT,"
+    " created_at TEXT NOT NULL, request_id TEXT UNIQUE)",
+    "CREATE INDEX IF NOT EXISTS corrections_item_id ON corrections (item_id)",
+    "PRAGMA user_version = 1",
+)
+V1_INSERT = ("INSERT INTO corrections (item_id, image_sha256, text, predictions, labels, annotator, checkpoint,"
+             " created_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+V1_CURRENT = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
+              " WHERE c.id IN (SELECT MAX(id) FROM corrections GROUP BY item_id) ORDER BY c.id")
+
+
+def test_a_v1_store_migrates_keeping_every_row_and_its_current_labels(tmp_path):
+    path = tmp_path / "labels.db"
+    (tmp_path / "labels_images" / "ab").mkdir(parents=True)
+    (tmp_path / "labels_images" / "ab" / f"{'ab' * 32}.png").write_bytes(tiny_png(1))
+    v1_rows = [("a", {"colour": "Black", "type": "Tights"}, {"colour": {"label": "Grey", "confidence": 0.4}}, "alice"),
+               ("b", {"colour": "Red"}, {"colour": {"label": "Red", "confidence": 0.9}}, "bob"),
+               ("a", {"colour": "White"}, {}, "bob")]  # in v1 this save dropped a's type label
+    with sqlite3.connect(path) as conn:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        for statement in V1_SQL:
+            conn.execute(statement)
+        conn.execute("INSERT INTO images VALUES (?, ?, ?, ?)", ("ab" * 32, f"ab/{'ab' * 32}.png", 70, "2024"))
+        for n, (item, labels, predictions, annotator) in enumerate(v1_rows):
+            conn.execute(V1_INSERT, (item, "ab" * 32, f"text {item}", json.dumps(predictions), json.dumps(labels),
+                                     annotator, "ck-0", f"2024-01-0{n + 1}T00:00:00.000+00:00", f"v1-{n}"))
+        v1_current = {r["item_id"]: json.loads(r["labels"]) for r in conn.execute(V1_CURRENT)}
+        v1_ids = [r[0] for r in conn.execute("SELECT id FROM corrections ORDER BY id")]
+
+    store = LabelStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert store.count() == 3 and [e["id"] for e in store.history()] == v1_ids[::-1]
+    assert labels_of(store) == v1_current == {"a": {"colour": "White"}, "b": {"colour": "Red"}}
+    assert [(h["task"], h["label"], h["status"], h["annotator"]) for h in store.item_history("a")] == [
+        ("colour", "Black", "corrected", "alice"), ("type", "Tights", "corrected", "alice"),
+        ("colour", "White", "corrected", "bob"), ("type", None, "pending", "bob")]
+    assert store.item_state("b")["colour"].status == "accepted"
+    # a v1 request id still answers its retry; the store takes v2 saves and exports
+    assert store.save_correction(image=tiny_png(1), text="text b", labels={"colour": "Blue"},
+                                 request_id="v1-1") == v1_ids[1]
+    state = store.item_state("a")
+    save(store, "a", "ana", {"type": "Socks"}, base_versions={"type": state["type"].version})
+    assert labels_of(store)["a"] == {"colour": "White", "type": "Socks"}
+    assert store.export(tmp_path / "export.csv") == 2
+    assert LabelStore(path).audit()[1] == 6  # reopening does not migrate again
+
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 3")
+    with pytest.raises(LabelStoreError, match="schema version 3"):
+        LabelStore(path)
+
+
+# ---------------------------------------------------------------------------- review queue order and filters
+def test_uncertainty_by_strategy_on_hand_computed_values():
+    p = np.array([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2], [1.0, 0.0, 0.0]])
+    assert uncertainty(p, "least_confidence") == pytest.approx([0.3, 0.6, 0.0])
+    assert uncertainty(p, "margin") == pytest.approx([0.5, 1.0, 0.0])
+    # -(.7 ln .7 + .2 ln .2 + .1 ln .1) = 0.801819 and -(2 x .4 ln .4 + .2 ln .2) = 1.054920, over ln 3 = 1.098612
+    assert uncertainty(p, "entropy") == pytest.approx([0.729847, 0.960230, 0.0], abs=1e-6)
+    assert uncertainty(np.array([[0.5, 0.5]]), "entropy") == pytest.approx([1.0])
+    top2 = np.array([[0.6, 0.3], [0.5, 0.1]])  # top-k only: fine for least confidence and margin
+    assert uncertainty(top2, "margin") == pytest.approx([0.7, 0.6])
+    with pytest.raises(ReviewError, match="every class"):
+        uncertainty(top2, "entropy")
+    for bad in (np.array([0.5, 0.5]), np.array([[0.9, 0.9]]), np.array([[np.nan, 1.0]]), np.array([[-0.1, 1.1]])):
+        with pytest.raises(ReviewError):
+            uncertainty(bad, "margin")
+    with pytest.raises(ReviewError, match="strategy"):
+        uncertainty(p, "random")
+
+
+def test_rank_and_select_the_queue():
+    probabilities = {"colour": np.array([[0.9, 0.1], [0.55, 0.45], [0.7, 0.3]]),
+                     "type": np.array([[0.5, 0.3, 0.2], [0.95, 0.05, 0.0], [0.8, 0.1, 0.1]])}
+    assert rank(probabilities, "least_confidence").tolist() == [0, 1, 2]  # max over tasks: .5, .45, .3
+    assert rank(probabilities, "margin", task="colour").tolist() == [1, 2, 0]  # .9, .6, .2
+    with pytest.raises(ReviewError, match="task 'pattern'"):
+        rank(probabilities, task="pattern")
+
+    confidences = [{"colour": 0.9, "type": 0.5}, {"colour": 0.55, "type": 0.95}, {"colour": 0.7}, {}]
+    assert select(confidences) == [0, 1, 2]  # every item that has a task
+    assert select(confidences, task="colour", min_conf=0.7) == [0, 2]
+    assert select(confidences, task="type", max_conf=0.9) == [0]
+    assert select(confidences, min_conf=0.5, max_conf=0.6) == [0, 1]  # some task in the uncertain band
+    thresholds = {"colour": 0.85, "type": 0.9}  # bulk accept: every task clears its own threshold
+    assert select(confidences, min_conf=thresholds) == []
+    assert select(confidences, task="colour", min_conf=thresholds) == [0]
+    assert select(confidences, task="type", min_conf={"colour": 0.1, "type": None}) == []  # no threshold: never
