@@ -271,19 +271,28 @@ def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:
     return catalogue.take(keep)
 
 
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet runs as a formula (OWASP)
+
+
 def write_table(path: str | Path, records: list[dict], columns: list[str] | None = None) -> Path:
     """Records as a CSV or JSONL file (by its suffix; CSV columns default to the first
-    record's keys), written atomically."""
+    record's keys), written atomically. A CSV text cell starting with = + - @, a tab or a
+    carriage return gets a leading ' so a spreadsheet shows it as text instead of running
+    it (OWASP's rule for CSV injection); JSONL is written as it is."""
     path = Path(path)
     buffer = io.StringIO()
     if path.suffix.lower() == ".csv":
         writer = csv.DictWriter(buffer, fieldnames=columns or (list(records[0]) if records else ["id"]))
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: _neutralise(v) for k, v in r.items()} for r in records)
     else:
         buffer.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write(path, buffer.getvalue().encode("utf-8"))
     return path
+
+
+def _neutralise(value: object) -> object:
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) else value
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

@@ -25,13 +25,11 @@ agreement, as a manifest the trainer reads; `apply_to` merges them into an open 
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -45,7 +43,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score
 
-from .data import MAX_IMAGE_PIXELS, Catalogue, is_missing, read_manifest
+from .data import MAX_IMAGE_PIXELS, Catalogue, atomic_write, is_missing, read_manifest, write_table
 from .errors import CMAClipError
 
 STATUSES = ("pending", "accepted", "corrected", "skipped")
@@ -121,7 +119,6 @@ EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 EXPORT_COLUMNS = ("id", "image", "text", "annotator", "updated_at")
 PROVENANCE = ("source", "annotator", "checkpoint", "at")  # export columns <task>__<field>
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # OWASP CSV injection
 LAST_ROW = 2**63 - 1
 
 
@@ -563,16 +560,9 @@ class LabelStore:
                                f"{task}__annotator": state.annotator, f"{task}__checkpoint": state.checkpoint,
                                f"{task}__at": state.created_at})
             records.append(record)
-        buffer = io.StringIO()
-        if path.suffix.lower() == ".csv":
-            writer = csv.DictWriter(buffer, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows({k: _neutralise(v) for k, v in r.items()} for r in records)
-        else:
-            buffer.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        _atomic_write(path, buffer.getvalue().encode("utf-8"))
-        _atomic_write(path.with_name(f"{path.stem}.agreement.json"),
-                      (json.dumps(agreement, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_table(path, records, columns)
+        atomic_write(path.with_name(f"{path.stem}.agreement.json"),
+                     (json.dumps(agreement, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         return len(records)
 
     def apply_to(self, catalogue: Catalogue) -> Catalogue:
@@ -732,7 +722,7 @@ def _prepare(image_dir: Path, image: Any, text: Any, labels: Any, predictions: A
     sha = hashlib.sha256(data).hexdigest()
     relative = f"{sha[:2]}/{sha}.{extension}"
     if not (image_dir / relative).exists():
-        _atomic_write(image_dir / relative, data)
+        atomic_write(image_dir / relative, data)
     return _Prepared(_key(item_id, "item_id") or _content_id(sha, text), sha, relative, len(data),
                      text[:MAX_TEXT_CHARS], labels, predictions, catalogue, base_versions)
 
@@ -905,11 +895,6 @@ def _saved_queue(row: sqlite3.Row) -> SavedQueue:
                       row["updated_at"])
 
 
-def _neutralise(value: object) -> object:
-    """A CSV cell a spreadsheet shows as text instead of evaluating (OWASP CSV injection)."""
-    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) else value
-
-
 # ---------------------------------------------------------------------------- validation
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -1004,17 +989,3 @@ def _check_pixels(width: int, height: int) -> None:
                               f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a synced temporary file renamed into place: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

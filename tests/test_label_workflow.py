@@ -367,7 +367,7 @@ def test_the_trainer_reads_an_export_with_provenance(tmp_path, cache_dir):
     path = tmp_path / "export.csv"
     store.export(path)
     args = ["--manifest", str(path), "--tasks", "colour", "--id-column", "id", "--out", str(tmp_path / "run")]
-    catalogue = Catalogue.open(train.catalogue_config(train.parse_args(args)))
+    catalogue = Catalogue.open(train.parse_config(args).catalogue_config())
     assert catalogue.item_ids() == [f"item-{n}" for n in range(10)]
     assert all(p.is_file() for p in catalogue.image_paths())
     assert train.main([*args, "--epochs", "1", "--align-epochs", "1", "--batch-size", "8", "--width", "32",

@@ -1,0 +1,62 @@
+"""The layers: the library (cma_clip/*.py) never imports the studio, the lab or app.py; the
+studio never imports the lab or app.py. Imports only go down."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "cma_clip"
+ENTRY_POINTS = {"bench.py", "experiments.py"}  # `python -m cma_clip.bench|experiments`: the lab's command lines
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of every module a file imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def reaches(names: set[str], layers: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in names if any(n == layer or n.startswith(layer + ".") for layer in layers))
+
+
+LIBRARY = sorted(p for p in PACKAGE.glob("*.py") if p.name not in ENTRY_POINTS)
+STUDIO = sorted((PACKAGE / "studio").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
+def test_the_library_imports_neither_the_studio_nor_the_lab_nor_the_app(path):
+    assert reaches(imported_modules(path), ("cma_clip.studio", "cma_clip.lab", "app")) == []
+
+
+@pytest.mark.parametrize("path", STUDIO, ids=lambda p: p.name)
+def test_the_studio_imports_neither_the_lab_nor_the_app(path):
+    assert reaches(imported_modules(path), ("cma_clip.lab", "app")) == []
+
+
+def test_the_check_sees_a_relative_import_of_an_upper_layer():
+    lab = PACKAGE / "lab" / "bench.py"
+    assert "cma_clip.studio" in imported_modules(lab)  # `from ..studio import Studio`
+    assert reaches(imported_modules(ROOT / "app.py"), ("cma_clip.studio",))
+
+
+def test_the_command_line_entry_points_load_the_lab_only_when_run():
+    code = "import sys, cma_clip.bench, cma_clip.experiments; print(any(m.startswith('cma_clip.lab') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    help_text = subprocess.run([sys.executable, "-m", "cma_clip.bench", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    assert "--sections" in help_text
