@@ -4,16 +4,20 @@
     predictor = Predictor.from_checkpoint("checkpoints/hm-articles")
     prediction = predictor.predict(image, "Striped cotton shirt")
 
-Modules: backbones (dual encoders), align (CLIP-style alignment), model (CMA-CLIP),
-data (catalogues, feature cache), train / evaluate / predict (command lines),
-metrics, checkpoint (safetensors + JSON).
+The library: backbones (dual encoders), align (CLIP-style alignment), model (CMA-CLIP),
+checkpoint (typed config + safetensors), data (catalogues), features (the feature cache),
+train / evaluate / predict (command lines), metrics, labels (the label store), review,
+noise, robustness, viz. On top of it: `cma_clip.studio` (the app's service) and
+`cma_clip.lab` (benchmarks and the study); see docs/ARCHITECTURE.md.
 """
 from .backbones import BackboneError, DualEncoder, EncoderOutput, create_backbone
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointConfig, CheckpointError, TrainConfig, load_backbone, load_checkpoint,
+                         save_checkpoint)
 from .data import Catalogue, CatalogueConfig, CatalogueError
+from .errors import CMAClipError
 from .model import CMAClip, CMAClipConfig, CMAOutput
 from .predict import Prediction, Predictor
 
-__all__ = ["BackboneError", "CMAClip", "CMAClipConfig", "CMAOutput", "Catalogue", "CatalogueConfig",
-           "CatalogueError", "CheckpointError", "DualEncoder", "EncoderOutput", "Prediction", "Predictor",
-           "create_backbone", "load_checkpoint", "save_checkpoint"]
+__all__ = ["BackboneError", "CMAClip", "CMAClipConfig", "CMAClipError", "CMAOutput", "Catalogue", "CatalogueConfig",
+           "CatalogueError", "CheckpointConfig", "CheckpointError", "DualEncoder", "EncoderOutput", "Prediction",
+           "Predictor", "TrainConfig", "create_backbone", "load_backbone", "load_checkpoint", "save_checkpoint"]

@@ -237,6 +237,22 @@ def save_checkpoint(folder: str | Path, model: CMAClip, config: CheckpointConfig
 def read_config(folder: str | Path) -> CheckpointConfig:
     folder = _checkpoint_folder(folder)
     try:
+        return CheckpointConfig.from_dict(_config_json(folder))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder / CONFIG}: {exc}") from exc
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """Whether `folder` holds a CMA-CLIP config.json (its settings and weights are checked on loading)."""
+    try:
+        _config_json(_checkpoint_folder(folder))
+    except CheckpointError:
+        return False
+    return True
+
+
+def _config_json(folder: Path) -> dict[str, Any]:
+    try:
         raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{folder} has no {CONFIG}") from exc
@@ -244,10 +260,7 @@ def read_config(folder: str | Path) -> CheckpointConfig:
         raise CheckpointError(f"{folder / CONFIG} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or "model" not in raw:
         raise CheckpointError(f"{folder / CONFIG} is not a CMA-CLIP config (expected format {FORMAT!r})")
-    try:
-        return CheckpointConfig.from_dict(raw)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{folder / CONFIG}: {exc}") from exc
+    return raw
 
 
 def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> tuple[CMAClip, CheckpointConfig]:

@@ -144,3 +144,42 @@ def test_modality_weights_learn_which_modality_each_task_needs():
     weights = model.eval()(batch).modality_weights
     assert weights["by_image"][:, 1].mean() > 0.6  # image weight
     assert weights["by_text"][:, 0].mean() > 0.6  # text weight
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_built_parameter_is_used_by_its_fusion(fusion):
+    """Each fusion builds only what it uses (so DDP needs no find_unused_parameters): one
+    backward pass reaches every trainable parameter, even with a task left unlabelled."""
+    model = make_model(fusion).train()
+    model.align.requires_grad_(False)  # frozen after alignment, as training does
+    targets = {"colour": torch.tensor([0, 1, 2]), "pattern": torch.tensor([-1, -1, -1])}
+    multitask_loss(model(make_batch()).logits, targets).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
+def test_old_checkpoints_with_unbuilt_parts_still_load(tmp_path):
+    """Checkpoints from before the model was built per fusion carry weights of parts their
+    fusion never used (a late-fusion run's modality queries, a CMA run's unfused norm)."""
+    from safetensors.torch import save_file
+
+    from cma_clip.checkpoint import CatalogueColumns, CheckpointConfig, load_checkpoint, save_checkpoint
+
+    for fusion, extra in (("late_fusion", {"modality.queries": torch.zeros(2, 32)}),
+                          ("cma", {"unfused_norm.weight": torch.ones(32), "unfused_norm.bias": torch.zeros(32)})):
+        model = make_model(fusion)
+        folder = tmp_path / fusion
+        save_checkpoint(folder, model, CheckpointConfig("bundled", CatalogueColumns("c"), {}, model.cfg))
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file({**state, **extra}, str(folder / "model.safetensors"))
+        loaded, _ = load_checkpoint(folder)
+        batch = make_batch()
+        torch.testing.assert_close(loaded(batch).logits["colour"], model(batch).logits["colour"])
+        assert loaded.cfg == model.cfg
+
+
+def test_a_task_without_labels_adds_nothing_to_the_loss():
+    logits = {"colour": torch.randn(3, 5), "pattern": torch.randn(3, 3)}
+    alone = multitask_loss({"colour": logits["colour"]}, {"colour": torch.tensor([0, 1, 2])})
+    both = multitask_loss(logits, {"colour": torch.tensor([0, 1, 2]), "pattern": torch.tensor([-1, -2, -1])})
+    torch.testing.assert_close(both, alone)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .. import noise, robustness
 from ..backbones import BackboneError
-from ..checkpoint import CheckpointError, read_config
+from ..checkpoint import CheckpointError, is_checkpoint, read_config
 from ..data import (REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, join_text, load_image,
                     read_manifest, write_table)
 from ..errors import CMAClipError
@@ -42,15 +42,10 @@ def default_data_dir() -> Path:
 
 
 def available_checkpoints(folder: str | Path = CHECKPOINT_DIR) -> dict[str, Path]:
-    """Checkpoint name -> folder, for every sub-folder holding a valid config.json."""
-    found = {}
-    for path in sorted(Path(folder).glob("*/config.json")):
-        try:
-            read_config(path.parent)
-        except CheckpointError:
-            continue
-        found[path.parent.name] = path.parent
-    return found
+    """Checkpoint name -> folder, for every sub-folder holding a CMA-CLIP config.json (one that
+    cannot be loaded is still listed, and says why when chosen)."""
+    return {path.parent.name: path.parent for path in sorted(Path(folder).glob("*/config.json"))
+            if is_checkpoint(path.parent)}
 
 
 @dataclass
