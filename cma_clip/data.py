@@ -72,47 +72,106 @@ class CatalogueConfig:
         return replace(config, manifest=str(manifest))
 
 
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL manifest, every value as a string. A file that is not UTF-8,
-    a broken CSV or JSON line, or a CSV row with more or fewer fields than the header is
-    refused with a `CatalogueError` naming the row."""
+MAX_FIELD_CHARS = 20_000  # any manifest cell; the label store's longest field (its text) fits, so its export reads back
+MAX_MANIFEST_ROWS = 10_000  # for uploads read with read_manifest(path, max_rows=MAX_MANIFEST_ROWS); catalogues have no cap
+
+
+def read_manifest(path: str | Path, max_rows: int | None = None,
+                  max_field_chars: int | None = MAX_FIELD_CHARS) -> list[dict[str, str]]:
+    """Rows of a CSV or JSONL manifest, every value as a string. A UTF-8 byte order mark
+    (Excel's "CSV UTF-8") is skipped. Refused with a `CatalogueError` naming the row (and
+    column): a file that is not UTF-8; a broken CSV or JSON line; a CSV header with an empty
+    or repeated column name, or a JSON line with a repeated key (else the last one would
+    silently win); a CSV row with more or fewer fields than the header; a value longer than
+    `max_field_chars`; more than `max_rows` rows (None: no limit, for training catalogues;
+    an upload passes `MAX_MANIFEST_ROWS`), found without reading the rest of the file."""
     path = Path(path)
     if not path.is_file():
         raise CatalogueError(f"manifest not found: {path}")
+    read = _read_jsonl if path.suffix.lower() in (".jsonl", ".ndjson") else _read_csv
     try:
-        return _read_jsonl(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _read_csv(path)
+        return read(path, max_rows, max_field_chars)
     except UnicodeDecodeError as exc:
         raise CatalogueError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
-def _read_jsonl(path: Path) -> list[dict[str, str]]:
+def _check_row(path: Path, where: str, number: int, row: dict[str, str], max_rows: int | None,
+               max_field_chars: int | None) -> None:
+    if max_rows is not None and number > max_rows:
+        raise CatalogueError(f"{path.name} has more than {max_rows:,} rows; the limit is {max_rows:,} "
+                             "(split it into smaller manifests)")
+    if max_field_chars is not None:
+        for column, value in row.items():
+            if len(value) > max_field_chars:
+                raise CatalogueError(f"{path.name}, {where}: column {column[:80]!r} holds {len(value):,} characters; "
+                                     f"the limit is {max_field_chars:,}")
+
+
+def _read_jsonl(path: Path, max_rows: int | None, max_field_chars: int | None) -> list[dict[str, str]]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line, object_pairs_hook=_unique_keys)
                 except json.JSONDecodeError as exc:
                     raise CatalogueError(f"{path.name}, line {number}: not valid JSON ({exc.msg})") from exc
+                except _RepeatedKey as exc:
+                    raise CatalogueError(f"{path.name}, line {number}: the key {exc.args[0][:80]!r} appears "
+                                         "more than once") from None
                 if not isinstance(record, dict):
                     raise CatalogueError(f"{path.name}, line {number}: each line must be a JSON object")
-                rows.append({k: "" if v is None else str(v) for k, v in record.items()})
+                row = {k: "" if v is None else str(v) for k, v in record.items()}
+                _check_row(path, f"line {number}", len(rows) + 1, row, max_rows, max_field_chars)
+                rows.append(row)
     return rows
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        seen = set()
+        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return record
+
+
+def _read_csv(path: Path, max_rows: int | None, max_field_chars: int | None) -> list[dict[str, str]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         try:
-            rows = list(reader)
-        except csv.Error as exc:
-            raise CatalogueError(f"{path.name}, line {reader.line_num}: not readable as CSV ({exc})") from exc
-    for number, row in enumerate(rows, 2):  # the header is row 1
-        if None in row or None in row.values():  # csv marks extra fields with key None, missing ones with None
-            fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
-            raise CatalogueError(f"{path.name}, row {number}: {fields} fields where the header has "
-                                 f"{len(reader.fieldnames)} (an unquoted comma or line break?)")
+            _check_header(path, reader.fieldnames or [])
+            for number, row in enumerate(reader, 2):  # the header is row 1
+                if None in row or None in row.values():  # csv marks extra fields with key None, missing ones with None
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
+                    raise CatalogueError(f"{path.name}, row {number}: {fields} fields where the header has "
+                                         f"{len(reader.fieldnames)} (an unquoted comma or line break?)")
+                _check_row(path, f"row {number}", number - 1, row, max_rows, max_field_chars)
+                rows.append(row)
+        except csv.Error as exc:  # the line the csv reader was in (the DictReader's own count lags one row)
+            where = f"{path.name}, line {reader.reader.line_num}: not readable as CSV"
+            if "field larger than field limit" in str(exc):
+                raise CatalogueError(f"{where}: a field is longer than {csv.field_size_limit():,} characters; "
+                                     f"the limit is {max_field_chars or csv.field_size_limit():,}") from exc
+            raise CatalogueError(f"{where} ({exc})") from exc
     return rows
+
+
+def _check_header(path: Path, columns: list[str]) -> None:
+    """Refuse empty and repeated column names: csv.DictReader would key the row by the last
+    of the repeated columns (the others' values lost) and by '' for an unnamed one."""
+    if unnamed := [i for i, c in enumerate(columns, 1) if not c.strip()]:
+        many = len(unnamed) > 1
+        raise CatalogueError(f"{path.name}: column{'s' if many else ''} {', '.join(map(str, unnamed))} of the header "
+                             f"{'have' if many else 'has'} no name (header: {[c[:80] for c in columns[:20]]})")
+    counts = Counter(columns)
+    if repeated := [c for c in counts if counts[c] > 1]:
+        raise CatalogueError(f"{path.name}: the header repeats the column{'s' if len(repeated) > 1 else ''} "
+                             f"{', '.join(repr(c[:80]) for c in repeated)}; each column needs its own name")
 
 
 def is_missing(value: str | None) -> bool:
