@@ -1,4 +1,4 @@
-"""Hostile images: each refused with a message, or accepted at a bounded
+"""Hostile images and oversized fields: each refused with a message, or accepted at a bounded
 cost (docs/RELIABILITY.md; `python -m cma_clip.lab.hostile_images` measures the cost).
 
 The files are built here, small on disk: strips and bombs are streamed PNGs of zeros."""
@@ -14,8 +14,10 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
 from cma_clip.backbones import letterbox, to_rgb
-from cma_clip.data import MAX_ASPECT_RATIO, MAX_DECODED_SIDE, MAX_IMAGE_SIDE, ImageError, load_image, to_8_bits
+from cma_clip.data import (MAX_ASPECT_RATIO, MAX_DECODED_SIDE, MAX_IMAGE_SIDE, ImageError, load_image,
+                           read_manifest, to_8_bits)
 from cma_clip.lab import hostile_images as hostile
+from cma_clip.labels import MAX_ID_CHARS, MAX_LABEL_CHARS, LabelStore, LabelStoreError
 
 RED, BLUE, WHITE, MAGENTA = (255, 0, 0), (0, 0, 255), (255, 255, 255), (255, 0, 255)
 
@@ -230,3 +232,45 @@ def test_jpeg_draft_asks_for_the_decoded_side_only_when_needed(tmp_path, monkeyp
     assert calls == []  # small enough: decoded as it is
     load_image(write(tmp_path / "big.jpg", hostile.encoded(hostile.photo(5000, 2500), "JPEG")))
     assert calls == [(1024, 512)]
+
+
+# ---------------------------------------------------------------------------- label store sizes
+MEGABYTE = "x" * 1_000_000
+
+
+def tiny_png() -> bytes:
+    return hostile.encoded(Image.new("RGB", (4, 4), RED), "PNG")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(item_id=MEGABYTE), "item_id is 1,000,000 characters long; the limit is 200"),
+    (dict(labels={"colour": MEGABYTE}), r"the 'colour' label in labels is 1,000,000 characters long; the limit is 200"),
+    (dict(labels={MEGABYTE: "Red"}), "a task name in labels is 1,000,000 characters long"),
+    (dict(catalogue_labels={"colour": MEGABYTE}), "label in catalogue labels is 1,000,000 characters long"),
+    (dict(request_id=MEGABYTE), "request_id is 1,000,000 characters long"),
+    (dict(item_id="i" * (MAX_ID_CHARS + 1)), "item_id is 201 characters long; the limit is 200"),
+], ids=["1mb-item-id", "1mb-label", "1mb-task", "1mb-catalogue-label", "1mb-request-id", "201-char-id"])
+def test_label_store_refuses_oversized_ids_and_labels(tmp_path, change, message):
+    store = LabelStore(tmp_path / "labels.db")
+    store.save(image=tiny_png(), text="shirt", labels={"colour": "Red"}, annotator="ana", item_id="kept")
+    args = {**dict(image=tiny_png(), text="shirt", labels={"colour": "Red"}, annotator="ana", item_id="x"), **change}
+    with pytest.raises(LabelStoreError, match=message):
+        store.save(**args)
+    assert store.count() == 1 and set(store.current_labels()) == {"kept"}
+
+
+def test_label_store_limits_are_inclusive_and_names_are_cut(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    item, label = "i" * MAX_ID_CHARS, "l" * MAX_LABEL_CHARS
+    store.save(image=tiny_png(), text="t" * 30_000, labels={"colour": label}, annotator="a" * 1_000_000,
+               checkpoint="c" * 1_000_000, item_id=item)
+    with pytest.raises(LabelStoreError, match="a task name is 1,000,000 characters long"):
+        store.skip(item, [MEGABYTE], "ana")
+    with pytest.raises(LabelStoreError, match="queue_id is 1,000,000 characters long"):
+        store.save_queue(MEGABYTE, "ana", "m", {}, 0)
+    [entry] = store.history()
+    assert entry["item_id"] == item and entry["labels"] == {"colour": label}
+    assert len(entry["annotator"]) == len(entry["checkpoint"]) == 100 and len(entry["text"]) == 20_000
+    store.export(tmp_path / "labels.csv")
+    rows = read_manifest(tmp_path / "labels.csv")  # the export reads back under the field limit
+    assert rows[0]["id"] == item and rows[0]["colour"] == label
