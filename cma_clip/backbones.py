@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from .data import MAX_DECODED_SIDE, shrink_image, to_8_bits
 from .errors import CMAClipError
 from .runtime import autocast, default_device
 
@@ -127,16 +128,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
         canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, image)
-    if image.mode == "I;16" or image.mode.startswith("I;16") or image.mode == "I":
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((array * (255.0 / max(array.max(), 1.0))).astype(np.uint8))
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = to_8_bits(image)  # scaled by its brightest pixel, no float64 copy
     return image.convert("RGB")
 
 
 def letterbox(image: Image.Image, size: int, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Resize to fit a size x size square without distortion, padding with white
-    (product photos sit on white), so patch (i, j) covers the same region for every item."""
-    image = to_rgb(image)
+    (product photos sit on white), so patch (i, j) covers the same region for every item.
+    An image larger than `MAX_DECODED_SIDE` (one not from `load_image`) is first reduced in
+    its own mode, so converting it costs memory for that size, not for the original."""
+    image = to_rgb(shrink_image(image, MAX_DECODED_SIDE))
     scale = size / max(image.size)
     new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     image = image.resize(new_size, Image.Resampling.BICUBIC)

@@ -114,7 +114,9 @@ LATEST_QUEUE = "SELECT * FROM queues WHERE annotator = ? {where} ORDER BY update
 
 BUSY_TIMEOUT_S = 30.0
 MAX_TEXT_CHARS = 20_000
-MAX_NAME_CHARS = 100  # annotator, checkpoint
+MAX_NAME_CHARS = 100  # annotator, checkpoint, model: cut to this
+MAX_ID_CHARS = 200  # item, request, batch and queue ids: longer ones are refused (cutting would merge items)
+MAX_LABEL_CHARS = 200  # task names and labels: longer ones are refused
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 EXPORT_COLUMNS = ("id", "image", "text", "annotator", "updated_at")
@@ -356,6 +358,8 @@ class LabelStore:
         item_id, tasks = _key(item_id, "item_id"), sorted({str(t).strip() for t in tasks} - {""})
         if not item_id or not tasks:
             raise LabelStoreError("a skip needs an item id and at least one task")
+        for task in tasks:
+            _check_length(task, "a task name", MAX_LABEL_CHARS)
         annotator, checkpoint = _name(annotator, "annotator"), _name(checkpoint, "checkpoint")
         request_id = _key(request_id, "request_id")
         with self._transaction("IMMEDIATE") as conn:
@@ -912,8 +916,14 @@ def _key(value: object, field: str) -> str | None:
     if value is None:
         return None
     key = str(value).strip()
+    _check_length(key, field, MAX_ID_CHARS)
     _check_encodable(**{field: key})
     return key or None
+
+
+def _check_length(value: str, field: str, limit: int) -> None:
+    if len(value) > limit:
+        raise LabelStoreError(f"{field} is {len(value):,} characters long; the limit is {limit}")
 
 
 def _json(value: object, field: str) -> str:
@@ -932,7 +942,11 @@ def _strings(labels: object, field: str) -> dict[str, str]:
     bad = [t for t, v in labels.items() if not isinstance(t, str) or not isinstance(v, (str, type(None)))]
     if bad:
         raise LabelStoreError(f"{field} must be strings; tasks {bad} are not")
-    return {t.strip(): v.strip() for t, v in labels.items() if t.strip() and not is_missing(v)}
+    clean = {t.strip(): v.strip() for t, v in labels.items() if t.strip() and not is_missing(v)}
+    for task, label in clean.items():
+        _check_length(task, f"a task name in {field}", MAX_LABEL_CHARS)
+        _check_length(label, f"the {task[:40]!r} label in {field}", MAX_LABEL_CHARS)
+    return clean
 
 
 def _clean_labels(labels: object) -> dict[str, str]:

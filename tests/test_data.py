@@ -93,3 +93,73 @@ def test_features_beyond_float16_are_refused_and_leave_no_cache(tmp_path, backbo
     with pytest.raises(BackboneError, match="image_pooled exceed float16's range"):
         extract_features(backbone, Catalogue.open(config), tmp_path / "cache", progress=False)
     assert not list((tmp_path / "cache" / "features").iterdir())
+
+
+# ---------------------------------------------------------------------------- manifests from users
+def test_a_utf8_bom_does_not_hide_the_first_column(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark: without care the id column is
+    read as '\\ufeffid', and items are silently keyed by their file names."""
+    csv_path = tmp_path / "items.csv"
+    csv_path.write_bytes("\ufeffid,image,title\r\nsku-1,a.jpg,red dress\r\n".encode("utf-8"))
+    jsonl_path = tmp_path / "items.jsonl"
+    jsonl_path.write_bytes('\ufeff{"id": "sku-1", "image": "a.jpg", "title": "red dress"}\n'.encode("utf-8"))
+    for path in (csv_path, jsonl_path):
+        assert read_manifest(path) == [{"id": "sku-1", "image": "a.jpg", "title": "red dress"}]
+    config = CatalogueConfig("x", str(csv_path), text_columns=["title"], id_column="id")
+    assert Catalogue.open(config).item_ids() == ["sku-1"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("id,image,title,id\n1,a.jpg,t,2\n", r"items.csv: the header repeats the column 'id'; each column needs its own"),
+    ("id,title,image,title,image\n1,t,a,u,b\n", r"repeats the columns 'title', 'image'"),
+    ("id,,title\n1,a.jpg,t\n", r"items.csv: column 2 of the header has no name"),
+    ("id,image,title,\n1,a.jpg,t,\n", r"column 4 of the header has no name"),
+], ids=["repeated", "two-repeated", "unnamed", "trailing-comma"])
+def test_repeated_or_unnamed_columns_are_refused_by_name(tmp_path, text, message):
+    path = tmp_path / "items.csv"
+    path.write_text(text)
+    with pytest.raises(CatalogueError, match=message):
+        read_manifest(path)
+
+
+def test_a_repeated_jsonl_key_is_refused(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"id": "1", "image": "a.jpg"}\n{"id": "2", "image": "b.jpg", "id": "3"}\n')
+    with pytest.raises(CatalogueError, match=r"items.jsonl, line 2: the key 'id' appears more than once"):
+        read_manifest(path)
+
+
+def test_oversized_fields_are_refused_naming_row_and_column(tmp_path):
+    from cma_clip.data import MAX_FIELD_CHARS
+
+    path = tmp_path / "items.csv"
+    path.write_text(f'id,image,title\n1,a.jpg,short\n2,b.jpg,"{"x" * (MAX_FIELD_CHARS + 1)}"\n')
+    with pytest.raises(CatalogueError, match=r"items.csv, row 3: column 'title' holds 20,001 characters; "
+                                             r"the limit is 20,000"):
+        read_manifest(path)
+    assert len(read_manifest(path, max_field_chars=None)[1]["title"]) == MAX_FIELD_CHARS + 1
+    path.write_text(f'id,image,title\n1,a.jpg,"{"x" * 200_000}"\n')  # over the csv module's own limit
+    with pytest.raises(CatalogueError, match=r"items.csv, line 2: not readable as CSV: a field is longer than 131,072 characters; "
+                                             r"the limit is 20,000"):
+        read_manifest(path)
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text(json.dumps({"id": "1", "text": "y" * 30_000}) + "\n")
+    with pytest.raises(CatalogueError, match=r"items.jsonl, line 1: column 'text' holds 30,000 characters"):
+        read_manifest(jsonl)
+
+
+def test_row_cap_applies_only_when_asked(tmp_path):
+    from cma_clip.data import MAX_MANIFEST_ROWS
+
+    path = tmp_path / "items.csv"
+    path.write_text("id,image\n" + "".join(f"{i},{i}.jpg\n" for i in range(11)))
+    assert len(read_manifest(path, max_rows=11)) == 11
+    with pytest.raises(CatalogueError, match=r"items.csv has more than 10 rows; the limit is 10"):
+        read_manifest(path, max_rows=10)
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": str(i)}) + "\n" for i in range(11)))
+    with pytest.raises(CatalogueError, match=r"items.jsonl has more than 10 rows"):
+        read_manifest(jsonl, max_rows=10)
+    # training catalogues are read whole: 40,000 rows, four times the cap meant for uploads
+    assert MAX_MANIFEST_ROWS == 10_000
+    assert len(Catalogue.open(CatalogueConfig.load("fashion-product-images"))) == 40_000
