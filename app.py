@@ -27,7 +27,7 @@ from cma_clip.predict import Prediction  # noqa: E402
 from cma_clip.labels import STATUSES  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
-                             MAX_TEXT_CHARS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
+                             MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              StudioError, UndoOutcome, new_id, open_user_image, views)
 from cma_clip.studio.service import AUDIT_PAGE  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure  # noqa: E402
@@ -129,6 +129,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
     else the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
     classes = studio.task_classes(model)
     tasks = list(classes) if tasks is None else tasks
+    catalogue = catalogue if catalogue is not None else (view.catalogue if view else {})
     updates = {}
     for i, slot in enumerate(slots):
         if i < len(tasks):
@@ -205,7 +206,7 @@ class Shared:
 # ---------------------------------------------------------------------- tabs
 def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     """Predict, explain and correct one item; returns its image and text inputs (the Robustness tab's too)."""
-    with gr.Tab("Predict & correct"):
+    with gr.Tab("Predict & correct", id="predict"):
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
         pending = gr.State(None)  # a refused save waiting for the labeler's choice
@@ -274,8 +275,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         updates = {save_status: views.save_message(outcome), pending: pending_save(outcome),
                    **resolution(choice, outcome)}
         if outcome.stored:
-            view = studio.item_view(outcome.item_id, list(studio.task_classes(model_name)),
-                                    {t: p.label for t, p in result.tasks.items()} if result else {})
+            view = studio.model_view(model_name, outcome.item_id, result, bool((item or "").strip()))
             updates.update({shown: view.shown.to_dict(), request_id: new_id(), shared.history: shared.history_rows(),
                             item_line: views.item_line(view, bool((item or "").strip())),
                             **slot_updates(studio, slots, model_name, result, view)})
@@ -301,9 +301,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
             if how == "keep_theirs":
                 labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}
                 if not labels:
-                    view = studio.item_view(studio.resolve_item_id(image_path, text_value, item),
-                                            list(studio.task_classes(model_name)),
-                                            {t: p.label for t, p in result.tasks.items()} if result else {})
+                    view = studio.model_view(model_name, studio.resolve_item_id(image_path, text_value, item),
+                                             result, bool((item or "").strip()))
                     return {save_status: "Kept their labels; nothing of yours was left to save.", pending: None,
                             shown: view.shown.to_dict(), **resolution(choice, None),
                             **slot_updates(studio, slots, model_name, result, view)}
@@ -337,7 +336,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         tasks = list(studio.task_classes(model_name))
         row = studio.save_correction(image_path, text_value, model_name, annotator_name, item,
                                      dict(zip(tasks, labels)), request_id=rid)
-        return {save_status: f"Saved correction #{row} for item {views.code(studio.resolve_item_id(image_path, text_value, item))}.",
+        saved_as = studio.resolve_item_id(image_path, text_value, item)
+        return {save_status: f"Saved correction #{row} for item {views.code(saved_as)}.",
                 shared.history: shared.history_rows()}
 
     def forget_item_id():
@@ -431,44 +431,47 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
             panel.item_history: views.item_history_rows(view.history)}
 
 
-def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
+def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, list]:
     """A queue of catalogue or uploaded items, the most uncertain first, to accept, correct, skip and undo.
-    Returns its panel and `restore(annotator, model, queue_id)`, the panel's updates for a page load."""
+    Returns its panel, `restore(annotator, model, queue_id)` (the panel's updates for a page
+    load, {} when there is no queue to resume) and the components it updates."""
     models = studio.model_names
     tasks = studio.tasks_of(models[0]) if models else []
-    with gr.Tab("Review queue"):
+    with gr.Tab("Review queue", id="review"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
                     "left out. Your place in the queue is kept: a reload or a restart resumes it.")
-        with gr.Row():
-            with gr.Column():
-                split = gr.Dropdown(["train", "val", "test"], value="train", label="Split of the model's catalogue",
-                                    elem_id="review-split")
-                split_note = gr.Markdown(views.split_note("train"), elem_id="review-split-note")
-                size = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_QUEUE_ITEMS, label="Sample size",
-                                 elem_id="review-size")
-                load_split = gr.Button("Load catalogue sample", elem_id="review-load")
-            with gr.Column():
-                manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
-                                   elem_id="review-manifest")
-                images = gr.File(label="...and its images", file_count="multiple", file_types=["image"],
-                                 elem_id="review-images")
-                gr.Markdown(views.split_note("upload"))
-                load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
-            with gr.Column(elem_id="review-source-mislabels"):
-                # The suspected-mislabels queue source: `cma_clip.mislabels` (being built) will rank the
-                # catalogue's items by how likely their label is wrong and feed them to Studio.review_items.
-                gr.Markdown("**Suspected mislabels**  \nCatalogue items whose own label the model doubts, most "
-                            "suspect first. *Coming with `cma_clip.mislabels`.*")
-                gr.Button("Load suspected mislabels", interactive=False, elem_id="review-load-mislabels")
-        with gr.Row():
-            strategy = gr.Radio(list(STRATEGIES), value=STRATEGIES[0], label="Order: most uncertain first by",
-                                elem_id="review-strategy")
-            task_filter = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Tasks under review",
-                                      elem_id="review-task-filter")
-            min_conf = gr.Number(None, minimum=0, maximum=1, label="Confidence from", elem_id="review-min-conf")
-            max_conf = gr.Number(None, minimum=0, maximum=1, label="to", elem_id="review-max-conf")
-            show_decided = gr.Checkbox(False, label="Show decided items", elem_id="review-show-decided")
-            resume = gr.Button("Resume my last queue", elem_id="review-resume")
+        with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
+            with gr.Row():
+                with gr.Column():
+                    split = gr.Dropdown(["train", "val", "test"], value="train", label="Split of the model's catalogue",
+                                        elem_id="review-split")
+                    split_note = gr.Markdown(views.split_note("train"), elem_id="review-split-note")
+                    size = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_QUEUE_ITEMS, label="Sample size",
+                                     elem_id="review-size")
+                    load_split = gr.Button("Load catalogue sample", elem_id="review-load")
+                with gr.Column():
+                    manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
+                                       elem_id="review-manifest")
+                    images = gr.File(label="...and its images", file_count="multiple", file_types=["image"],
+                                     elem_id="review-images")
+                    gr.Markdown(views.split_note("upload"))
+                    load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
+                with gr.Column(elem_id="review-source-mislabels"):
+                    # The suspected-mislabels queue source: `cma_clip.mislabels` (being built) will rank the
+                    # catalogue's items by how likely their label is wrong and feed them to Studio.review_items.
+                    gr.Markdown("**Suspected mislabels**  \nCatalogue items whose own label the model doubts, most "
+                                "suspect first. *Coming with `cma_clip.mislabels`.*")
+                    gr.Button("Load suspected mislabels", interactive=False, elem_id="review-load-mislabels")
+            with gr.Row():
+                strategy = gr.Radio([(s.replace("_", " "), s) for s in STRATEGIES], value=STRATEGIES[0],
+                                    label="Order: most uncertain first by", elem_id="review-strategy")
+                task_filter = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Tasks under review",
+                                          elem_id="review-task-filter")
+                min_conf = gr.Number(0, minimum=0, maximum=1, step=0.05, label="Confidence from",
+                                     elem_id="review-min-conf")
+                max_conf = gr.Number(1, minimum=0, maximum=1, step=0.05, label="to", elem_id="review-max-conf")
+                show_decided = gr.Checkbox(False, label="Show decided items", elem_id="review-show-decided")
+                resume = gr.Button("Resume my last queue", elem_id="review-resume")
         progress = gr.Markdown(elem_id="review-progress")
         gr.Markdown(views.KEYS_HELP, elem_id="review-keys")
         with gr.Row():
@@ -476,7 +479,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text", interactive=False, lines=2)
                 table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True,
-                                     elem_id="review-table")
+                                     elem_id="review-table", column_widths=views.REVIEW_WIDTHS)
         with gr.Row():
             active = gr.Radio([], label="Active task (keys 1-9 pick its choices)", elem_id="review-active-task",
                               scale=3)
@@ -503,8 +506,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
                         "it again to finish without duplicates.")
             with gr.Row():
                 bulk_task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Task(s)", elem_id="bulk-task")
-                bulk_min = gr.Number(None, minimum=0, maximum=1, elem_id="bulk-min-conf",
-                                     label="Minimum confidence (empty: each task's 90%-precision threshold)")
+                bulk_min = gr.Dropdown([("each task's 90%-precision threshold", THRESHOLDS), "0.95", "0.9", "0.8",
+                                        "0.7"], value=THRESHOLDS, allow_custom_value=True, elem_id="bulk-min-conf",
+                                       label="Bar: minimum confidence (or type one from 0 to 1)")
                 bulk = gr.Button("Bulk accept", elem_id="review-bulk")
             bulk_status = gr.Markdown(elem_id="bulk-status")
         with gr.Accordion("History of this item", open=False):
@@ -535,7 +539,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
         queue = studio.review_catalogue(model_name, split_name, sample_size, progress, strategy=order,
                                         task=task_name, min_conf=low, max_conf=high, show_decided=decided,
                                         annotator=annotator_name)
-        return show_queue(studio, panel, queue)
+        return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
 
     @user_errors
     def load_uploaded(model_name, manifest_file, image_files, order, task_name, low, high, decided, annotator_name,
@@ -543,7 +547,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
         queue = studio.review_upload(model_name, manifest_file, image_files, progress, strategy=order,
                                      task=task_name, min_conf=low, max_conf=high, show_decided=decided,
                                      annotator=annotator_name)
-        return show_queue(studio, panel, queue)
+        return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
 
     @user_errors
     def accept_item(queue, seen, annotator_name, *rest):
@@ -657,13 +661,16 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
         queue = studio.resume_queue(None, annotator_name, model_name)
         if queue is None:
             raise StudioError(f"No queue kept for {annotator_name.strip()} on {model_name}: load a sample.")
-        return show_queue(studio, panel, queue, "Resumed where you left off.")
+        return {**show_queue(studio, panel, queue, "Resumed where you left off."), source_box: gr.update(open=False)}
 
     def restore(annotator_name, model_name, queue_id) -> dict:
         """A page load: the queue this browser had (else the annotator's last), where it was."""
         try:
             queue = studio.resume_queue(queue_id, annotator_name, model_name)
-            return show_queue(studio, panel, queue, "Resumed where you left off." if queue else "")
+            if queue is None:
+                return {}
+            return {**show_queue(studio, panel, queue, "Resumed where you left off."),
+                    source_box: gr.update(open=False)}
         except (StudioError, OSError) as exc:
             return {panel.status: f"Could not resume the queue: {views.plain(exc)}"}
 
@@ -672,12 +679,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
 
     filters = [strategy, task_filter, min_conf, max_conf, show_decided, shared.annotator]
     queue_inputs = [panel.queue, panel.shown, shared.annotator]
+    loaded_outputs = [*panel.outputs, source_box]
     for event in (
-        load_split.click(load_catalogue, [shared.model, split, size, *filters], panel.outputs,
+        load_split.click(load_catalogue, [shared.model, split, size, *filters], loaded_outputs,
                          api_name="review_catalogue"),
-        load_upload.click(load_uploaded, [shared.model, manifest, images, *filters], panel.outputs,
+        load_upload.click(load_uploaded, [shared.model, manifest, images, *filters], loaded_outputs,
                           api_name="review_upload"),
-        resume.click(resume_last, [shared.annotator, shared.model], panel.outputs, api_name="review_resume"),
+        resume.click(resume_last, [shared.annotator, shared.model], loaded_outputs, api_name="review_resume"),
     ):
         event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")
     split.change(views.split_note, split, split_note, api_visibility="private")
@@ -701,18 +709,18 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable]:
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
                api_name="bulk_accept")
 
-    def model_tasks(model_name):
+    def model_tasks(model_name):  # the filters offer the model's tasks
         names = studio.tasks_of(model_name)
         return {task_filter: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS),
                 bulk_task: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS)}
 
     shared.model.change(user_errors(model_tasks), shared.model, [task_filter, bulk_task], api_visibility="private")
-    return panel, restore
+    return panel, restore, loaded_outputs
 
 
 def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Textbox) -> None:
     """The Predict tab's item, corrupted: clean against noisy, sweeps over severities, a catalogue sweep."""
-    with gr.Tab("Robustness"):
+    with gr.Tab("Robustness", id="robustness"):
         gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
@@ -772,7 +780,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     annotators' agreement, the latest saves, export for the trainer and an optional push to the Hub."""
     models = studio.model_names
     tasks = sorted({t for m in models for t in studio.tasks_of(m)})
-    with gr.Tab("History & export"):
+    with gr.Tab("History & export", id="history") as tab:
         gr.Markdown("### Audit\nEvery decision, newest first: the label and its status, who and whether a human or "
                     "an auto-accept, what changed against the model's prediction and the catalogue's label, and "
                     "the checkpoint. Search looks in item ids, labels, annotators and texts.")
@@ -788,7 +796,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
             audit_button = gr.Button("Search", elem_id="audit-run")
         audit_summary = gr.Markdown(elem_id="audit-summary")
         audit_table = gr.Dataframe(headers=views.AUDIT_HEADERS, interactive=False, wrap=True, elem_id="audit",
-                                   max_height=520)
+                                   max_height=520, column_widths=views.AUDIT_WIDTHS)
         gr.Markdown("### One item's history\nEvery decision on one item, oldest first: labels, skips, undos and "
                     "auto-accepts.")
         with gr.Row():
@@ -801,8 +809,11 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     "Cohen's kappa (the mean over annotator pairs sharing two items or more). The export writes "
                     "it beside itself, as `<name>.agreement.json`.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
+        def agreement_rows() -> list[list]:  # named: the table's load event is the API's /agreement_rows
+            return views.agreement_rows(studio.agreement())
+
         agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement",
-                                       value=lambda: views.agreement_rows(studio.agreement()))
+                                       value=agreement_rows)
         gr.Markdown("### Latest saves")
         refresh = gr.Button("Refresh")
         shared.history.render()
@@ -810,8 +821,9 @@ def history_tab(studio: Studio, shared: Shared) -> None:
             export_format = gr.Radio(["CSV", "JSONL"], value="CSV", label="Format (the trainer's manifest format)")
             export_button = gr.Button("Export labels")
         with gr.Row():
-            export_file = gr.File(label="Exported labels (each label's source, annotator, checkpoint and time)")
-            agreement_file = gr.File(label="Agreement (JSON)")
+            export_file = gr.File(label="Exported labels (each label's source, annotator, checkpoint and time)",
+                                  interactive=False)
+            agreement_file = gr.File(label="Agreement (JSON)", interactive=False)
         with gr.Row():
             push_button = gr.Button("Push labels to the Hugging Face Hub (optional)")
             push_status = gr.Markdown()
@@ -855,6 +867,8 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]
     audit_outputs = [audit_table, audit_summary, audit_page]
     audit_button.click(audit, audit_inputs, audit_outputs, api_name="audit")
+    tab.select(audit, audit_inputs, audit_outputs, api_visibility="private").then(
+        agreement, None, agreement_table, api_visibility="private")
     for box in (audit_annotator, audit_search):
         box.submit(audit, audit_inputs, audit_outputs, api_visibility="private")
     history_button.click(item_history, history_item, item_table, api_name="item_history")
@@ -864,7 +878,6 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     export_button.click(export_labels, export_format, export_file, api_name="export_labels").success(
         agreement_beside, export_file, agreement_file, api_visibility="private")
     push_button.click(push_labels, None, push_status, api_visibility="private")
-    return audit, audit_inputs, audit_outputs
 
 
 def tasks_api(studio: Studio) -> None:
@@ -914,22 +927,28 @@ def build(studio: Studio) -> gr.Blocks:
                 annotator=gr.Textbox(label="Annotator", placeholder="your name (needed to save)", scale=2,
                                      elem_id="annotator"),
                 history=gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False,
-                                     wrap=True, elem_id="history", render=False),
+                                     wrap=True, elem_id="history", render=False, column_widths=views.HISTORY_WIDTHS),
                 history_rows=history_rows, remember_queue=remembered["queue"])
-        image, text = predict_tab(studio, shared)
-        panel, restore_queue = review_tab(studio, shared)
-        robustness_tab(studio, shared, image, text)
-        history_tab(studio, shared)
+        with gr.Tabs() as tabs:
+            image, text = predict_tab(studio, shared)
+            panel, restore_queue, restored_outputs = review_tab(studio, shared)
+            robustness_tab(studio, shared, image, text)
+            history_tab(studio, shared)
         tasks_api(studio)
 
-        def restore(annotator_name, model_name, queue_id):
-            """What this browser had before the reload: the annotator, the model and the queue."""
-            model_name = model_name if model_name in studio.checkpoints else (models[0] if models else None)
-            return {shared.annotator: annotator_name or "", shared.model: model_name,
-                    **restore_queue(annotator_name, model_name, queue_id)}
+        def restore(annotator_name, model_name, queue_id, typed_name, chosen_model):
+            """What this browser had before the reload: the annotator, the model and the queue
+            (a name typed before the page finished loading wins)."""
+            annotator_name = (typed_name or "").strip() or annotator_name or ""
+            model_name = model_name if model_name in studio.checkpoints else chosen_model
+            queue = restore_queue(annotator_name, model_name, queue_id)
+            return {shared.annotator: annotator_name if annotator_name != typed_name else gr.skip(),
+                    shared.model: model_name if model_name != chosen_model else gr.skip(),
+                    **queue, **({tabs: gr.Tabs(selected="review")} if panel.queue in queue else {})}
 
-        demo.load(restore, [remembered["annotator"], remembered["model"], remembered["queue"]],
-                  [shared.annotator, shared.model, *panel.outputs], api_visibility="private")
+        demo.load(restore, [remembered["annotator"], remembered["model"], remembered["queue"], shared.annotator,
+                            shared.model], [shared.annotator, shared.model, tabs, *restored_outputs],
+                  api_visibility="private")
         shared.annotator.change(lambda name: name, shared.annotator, remembered["annotator"],
                                 api_visibility="private")
         shared.model.change(lambda name: name, shared.model, remembered["model"], api_visibility="private")

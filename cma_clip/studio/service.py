@@ -81,6 +81,7 @@ class Studio:
         self._lock = threading.Lock()
         self._queue_locks: dict[str, threading.Lock] = {}
         self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
+        self._catalogues: dict[str, dict[str, dict[str, str]]] = {}  # catalogue -> item id -> its labels
         self.bulk_chunk = BULK_CHUNK
 
     # ------------------------------------------------------------------ models
@@ -160,11 +161,36 @@ class Studio:
 
     def predict_item(self, image_path: str | None, text: str | None, model: str,
                      item_id: str | None) -> tuple[Prediction, ItemView]:
-        """The Predict tab's item: the prediction, and the item's saved labels under its id."""
+        """The Predict tab's item: the prediction, and the item's saved labels under its id
+        (and the catalogue's own labels, when the id is one of the model's catalogue)."""
         prediction = self.predict(image_path, text, model)
         resolved = self.resolve_item_id(image_path, text, item_id)
-        return prediction, self.item_view(resolved, self.predictor(model).tasks,
-                                          {t: p.label for t, p in prediction.tasks.items()})
+        return prediction, self.model_view(model, resolved, prediction, bool((item_id or "").strip()))
+
+    def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
+        """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given)."""
+        view = self.item_view(item_id, self.predictor(model).tasks,
+                              {t: p.label for t, p in prediction.tasks.items()} if prediction else {})
+        view.catalogue = self.catalogue_labels(model, item_id) if catalogued else {}
+        return view
+
+    def catalogue_labels(self, model: str, item_id: str) -> dict[str, str]:
+        """The labels the model's own catalogue gives an item id ({} when it has no such item)."""
+        name = self.predictor(model).config.catalogue.name
+        with self._lock:
+            known = self._catalogues.get(name)
+        if known is None:
+            try:
+                catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root))
+                tasks = [t for t in self.predictor(model).tasks if t in catalogue.rows[0]]
+                columns = {t: catalogue.labels(t) for t in tasks}
+                known = {item: {t: columns[t][n] for t in tasks if columns[t][n]}
+                         for n, item in enumerate(catalogue.item_ids())}
+            except (CatalogueError, OSError):
+                known = {}
+            with self._lock:
+                self._catalogues[name] = known
+        return dict(known.get(item_id, {}))
 
     def save_item(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
                   item_id: str | None, labels: dict[str, str | None], shown: Shown | None, *,
@@ -182,8 +208,10 @@ class Studio:
         resolved = self.resolve_item_id(image_path, text, item_id)
         seen = shown.versions if shown is not None and shown.item_id == resolved else {}
         predictions = self._light_predictions(model, image, text, prediction)
+        catalogue = self.catalogue_labels(model, resolved) if (item_id or "").strip() else {}
         outcome = self._save(resolved, Path(image_path), clean_text(text), chosen, annotator, model, predictions,
-                             {t: seen.get(t) for t in chosen}, rid, new_classes, force, None)
+                             {t: seen.get(t) for t in chosen}, rid, new_classes, force,
+                             {t: v for t, v in catalogue.items() if t in chosen})
         return self._remember(rid, outcome)
 
     def _checked_inputs(self, image_path: str | None, annotator: str | None, model: str,
@@ -398,6 +426,7 @@ class Studio:
         if strategy not in STRATEGIES:
             raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
         min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
+        min_conf, max_conf = (None if min_conf == 0 else min_conf), (None if max_conf == 1 else max_conf)  # no bound
         if min_conf is not None and max_conf is not None and min_conf > max_conf:
             raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
         predictor = self.predictor(model)
@@ -417,7 +446,8 @@ class Studio:
                     queue.notes.append(f"{item_id}: {exc}")
             if chunk:
                 predictions = predictor.predict_batch(images, [text for _, _, text, _ in chunk], top_k=all_classes)
-                loaded += [ReviewItem(i, p, t, pred.tasks, catalogue=c) for (i, p, t, c), pred in zip(chunk, predictions)]
+                loaded += [ReviewItem(i, p, t, pred.tasks, catalogue=c)
+                           for (i, p, t, c), pred in zip(chunk, predictions)]
             if progress:
                 progress(min(1.0, (start + batch_size) / len(items)), "predicting")
         if not loaded:

@@ -20,10 +20,12 @@ PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (90% prec
 PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "change", "image weight clean",
                  "image weight noisy"]
 HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
-REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label",
-                  "choices (keys 1-9 on the active task)"]
+REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
+REVIEW_WIDTHS = ["20%", "14%", "11%", "17%", "14%", "9%", "15%"]
 AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
-                 "checkpoint", "kind", "version", "text"]
+                 "checkpoint", "kind", "version"]
+AUDIT_WIDTHS = ["12%", "11%", "13%", "10%", "7%", "7%", "7%", "10%", "10%", "6%", "4%", "3%"]
+HISTORY_WIDTHS = ["15%", "9%", "13%", "43%", "12%", "8%"]
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
                         "vs catalogue", "checkpoint", "version", "reverts"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators"]
@@ -157,14 +159,13 @@ def choice_labels(item: ReviewItem, task: str) -> list[str]:
 
 def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list]:
     """Per task under review: the saved label, its status and who saved it, the model's label
-    and confidence, the catalogue's label, and the top choices the number keys pick."""
+    and confidence, and the catalogue's label."""
     rows = []
     for task in tasks:
         p, state = item.predictions[task], view.states.get(task)
         saved = state.label if state and state.label is not None else ""
-        choices = "  ".join(f"{n} {label}" for n, label in enumerate(p.labels, 1))
         rows.append([task, saved, state.status if state else "pending", _who(state), p.label,
-                     round(p.confidence, 3), item.catalogue.get(task, ""), choices])
+                     round(p.confidence, 3), item.catalogue.get(task, "")])
     return rows
 
 
@@ -222,13 +223,13 @@ def save_message(outcome: SaveOutcome) -> str:
 
 def conflict_message(conflicts: list[Conflict]) -> str:
     """Both labels of each conflicting task, who saved theirs and when, and the choice."""
-    lines = [f"**Not saved: someone else saved {'this item' if len({c.item_id for c in conflicts}) == 1 else 'these items'}"
-             " since you opened it.**"]
+    what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
+    lines = [f"**Not saved: someone else saved {what} since you opened it.**"]
     for c in conflicts:
         lines.append(f"- {code(c.task)} of {code(c.item_id)}: yours {code(c.yours) if c.yours else '(none)'} · "
                      f"theirs {code(c.theirs) if c.theirs else '(none)'} by {code(c.annotator or 'someone')} at "
                      f"{plain(c.created_at[:19].replace('T', ' '))}")
-    lines.append("Choose **Keep theirs** (your other labels are still saved) or **Overwrite with mine**.")
+    lines.append("\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.")
     return "\n".join(lines)
 
 
@@ -239,14 +240,14 @@ def unknown_message(unknown: list[UnknownClass]) -> str:
         hint = (f" Did you mean {' or '.join(code(s) for s in u.suggestions)}?" if u.suggestions
                 else " No class is close to it.")
         lines.append(f"- {code(u.task)}: {code(u.value)} is not one of its classes.{hint}")
-    lines.append("**Use the suggestion** to correct it, or **Save as new class** if it really is a new class.")
+    lines.append("\n**Use the suggestion** to correct it, or **Save as new class** if it really is a new class.")
     return "\n".join(lines)
 
 
 def undo_message(outcome: UndoOutcome) -> str:
     if outcome.conflicts:
         return conflict_message(outcome.conflicts).replace(
-            "Choose **Keep theirs** (your other labels are still saved) or **Overwrite with mine**.",
+            "\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.",
             "Undo would drop their label: **Keep theirs** leaves it, **Overwrite with mine** undoes anyway.")
     changes = ", ".join(f"{code(t)}: {code(undone) if undone else '(skip)'} → "
                         f"{code(restored) if restored else '(none: pending)'}"
@@ -282,12 +283,13 @@ def _versus(other: str | None, changed: bool | None) -> str:
 def audit_rows(rows: list[dict]) -> list[list]:
     """Rows for the audit table (`Studio.audit`): when, which item and task, the label and
     status, who and whether a human or an auto-accept, what changed against the model's
-    prediction and the catalogue's label, the checkpoint, the kind of save and its version."""
+    prediction and the catalogue's label, the checkpoint, the kind of save and its version
+    (the text is searched, not shown)."""
     return [[r["created_at"][:23].replace("T", " "), r["item_id"], r["task"], r["label"] or "", r["status"],
              r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["kind"],
-             r["version"], (r["text"] or "")[:80]] for r in rows]
+             r["version"]] for r in rows]
 
 
 def audit_summary(total: int, page: int, page_size: int) -> str:

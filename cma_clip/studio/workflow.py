@@ -184,6 +184,7 @@ class ItemView:
     values: dict[str, str | None]
     shown: Shown
     history: list[dict]
+    catalogue: dict[str, str] = field(default_factory=dict)  # the catalogue's own labels, when known
 
 
 # ---------------------------------------------------------------------------- outcomes
