@@ -240,12 +240,12 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                     "the model's, the catalogue's and the saved label show under it. A label outside the task's "
                     "classes asks before it becomes a new class; a label someone else saved since you predicted "
                     "asks before it is replaced.")
-        item_line = gr.Markdown(elem_id="item-line")
+        item_line = gr.Markdown(label="item", elem_id="item-line")
         with gr.Row():
             slots = correction_slots(elem_id="slot")
-        request_id = gr.Textbox(new_id(), visible=False, elem_id="save-request-id")
+        request_id = gr.Textbox("", visible=False, label="request id", elem_id="save-request-id")
         save_button = gr.Button("Save correction", variant="primary", elem_id="save")
-        save_status = gr.Markdown(elem_id="save-status")
+        save_status = gr.Markdown(label="save status", elem_id="save-status")
         choice = Resolution.make("save")
         legacy_save = gr.Button(visible=False)  # /save_correction: the unchecked API, kept for scripts
 
@@ -472,7 +472,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                 max_conf = gr.Number(1, minimum=0, maximum=1, step=0.05, label="to", elem_id="review-max-conf")
                 show_decided = gr.Checkbox(False, label="Show decided items", elem_id="review-show-decided")
                 resume = gr.Button("Resume my last queue", elem_id="review-resume")
-        progress = gr.Markdown(elem_id="review-progress")
+        progress = gr.Markdown(label="review progress", elem_id="review-progress")
         gr.Markdown(views.KEYS_HELP, elem_id="review-keys")
         with gr.Row():
             image = gr.Image(label="Item", height=280, interactive=False, elem_id="review-image")
@@ -489,16 +489,16 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                        for n in range(CHOICES_KEPT)]
         with gr.Row():
             slots = correction_slots(elem_id="review-slot")
-        request_id = gr.Textbox(new_id(), visible=False, elem_id="review-request-id")
+        request_id = gr.Textbox("", visible=False, label="request id", elem_id="review-request-id")
         with gr.Row():
             accept = gr.Button("Accept / save and next (a)", variant="primary", elem_id="review-accept")
             skip = gr.Button("Skip (s)", elem_id="review-skip")
             undo = gr.Button("Undo (u)", elem_id="review-undo")
             previous = gr.Button("‹ Previous (p)", elem_id="review-previous")
             forward = gr.Button("Next › (no decision)", elem_id="review-next")
-        status = gr.Markdown(elem_id="review-status")
+        status = gr.Markdown(label="review status", elem_id="review-status")
         choice = Resolution.make("review")
-        notes = gr.Markdown(elem_id="review-notes")
+        notes = gr.Markdown(label="queue notes", elem_id="review-notes")
         with gr.Accordion("Bulk accept by filter", open=False):
             gr.Markdown("Accept the model's label of every pending item of this queue whose tasks clear the bar. "
                         "Each label is audited as an auto-accept; decided tasks and labels someone saved are never "
@@ -510,7 +510,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                         "0.7"], value=THRESHOLDS, allow_custom_value=True, elem_id="bulk-min-conf",
                                        label="Bar: minimum confidence (or type one from 0 to 1)")
                 bulk = gr.Button("Bulk accept", elem_id="review-bulk")
-            bulk_status = gr.Markdown(elem_id="bulk-status")
+            bulk_status = gr.Markdown(label="bulk accept status", elem_id="bulk-status")
         with gr.Accordion("History of this item", open=False):
             item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
                                         elem_id="review-item-history")
@@ -794,7 +794,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                                       elem_id="audit-search")
             audit_page = gr.Number(1, precision=0, minimum=1, label="Page", elem_id="audit-page")
             audit_button = gr.Button("Search", elem_id="audit-run")
-        audit_summary = gr.Markdown(elem_id="audit-summary")
+        audit_summary = gr.Markdown(label="audit summary", elem_id="audit-summary")
         audit_table = gr.Dataframe(headers=views.AUDIT_HEADERS, interactive=False, wrap=True, elem_id="audit",
                                    max_height=520, column_widths=views.AUDIT_WIDTHS)
         gr.Markdown("### One item's history\nEvery decision on one item, oldest first: labels, skips, undos and "
