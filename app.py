@@ -868,7 +868,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     audit_outputs = [audit_table, audit_summary, audit_page]
     audit_button.click(audit, audit_inputs, audit_outputs, api_name="audit")
     tab.select(audit, audit_inputs, audit_outputs, api_visibility="private").then(
-        agreement, None, agreement_table, api_visibility="private")
+        agreement_rows, None, agreement_table, api_visibility="private")
     for box in (audit_annotator, audit_search):
         box.submit(audit, audit_inputs, audit_outputs, api_visibility="private")
     history_button.click(item_history, history_item, item_table, api_name="item_history")
