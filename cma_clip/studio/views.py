@@ -179,7 +179,8 @@ def slot_info(prediction_label: str | None, confidence: float | None, catalogue:
     if state is not None and state.label is not None:
         parts.append(f"saved: {state.label} ({state.status}, {_who(state)})")
     elif state is not None:
-        parts.append(f"{state.status} ({_who(state)})")
+        parts.append(f"{state.status} again ({_who(state)})" if state.status == "pending"
+                     else f"{state.status} ({_who(state)})")
     else:
         parts.append("not saved yet")
     return html.escape(" · ".join(parts))
@@ -195,10 +196,15 @@ def item_line(view: ItemView, explicit: bool) -> str:
 
 
 def _who(state: TaskState | None) -> str:
+    """Who set the task's label, human or auto-accept, and when; for a task without a label
+    (an undo took it back), who undid it."""
     if state is None:
         return ""
+    when = state.created_at[:19].replace("T", " ")
+    if state.label is None and state.status == "pending":
+        return f"undone by {state.annotator or 'someone'}, {when}"
     source = "auto-accept" if state.source == "auto" else "human"
-    return f"{state.annotator or 'someone'}, {source}, {state.created_at[:19].replace('T', ' ')}"
+    return f"{state.annotator or 'someone'}, {source}, {when}"
 
 
 # ---------------------------------------------------------------------- outcomes
@@ -274,10 +280,10 @@ def bulk_message(outcome: BulkOutcome) -> str:
 
 # ---------------------------------------------------------------------- audit, item history, agreement
 def _versus(other: str | None, changed: bool | None) -> str:
-    """"same", "changed from X", or nothing to compare with."""
+    """"same", "differs: X" (X the label compared with), or nothing to compare with."""
     if changed is None:
         return ""
-    return "same" if not changed else f"changed from {other}"
+    return "same" if not changed else f"differs: {other}"
 
 
 def audit_rows(rows: list[dict]) -> list[list]:
