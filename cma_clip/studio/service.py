@@ -377,7 +377,8 @@ class Studio:
             raise StudioError(f"Cannot read the manifest: {exc}") from exc
         needed = [config.image_column, *config.text_columns]
         if not rows or any(c not in rows[0] for c in needed):
-            raise StudioError(f"The manifest needs the columns {needed} (found {sorted(rows[0]) if rows else 'no rows'}).")
+            found = sorted(rows[0]) if rows else "no rows"
+            raise StudioError(f"The manifest needs the columns {needed} (found {found}).")
         by_name = {Path(p).name: p for p in image_paths or []}
         decided = set() if show_decided else self.store.decided_items(tasks)
         items, notes, left_out = [], [], 0
