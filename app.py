@@ -215,7 +215,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 image = undecoded(gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image"))
                 text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
                                   placeholder="e.g. Turtle Check Men Navy Blue Shirt")
-                item_id = gr.Textbox(label="Item id", elem_id="item-id",
+                item_id = gr.Textbox("", label="Item id", elem_id="item-id",
                                      placeholder="the catalogue id; empty: a content id from the image and text",
                                      info="An example sets it; a new upload or an edited text clears it.")
                 predict_button = gr.Button("Predict", variant="primary", elem_id="predict")

@@ -116,6 +116,7 @@ def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_ap
     page.locator("#review-load-upload").click()
     expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 1", timeout=60_000)
     expect(page.locator("#review-notes")).to_contain_text("was not uploaded")
+    page.get_by_text("Queue: source, order and filters").click()  # it folds away once a queue is loaded
     page.locator("#review-manifest button[aria-label*='Clear'], #review-manifest button[aria-label*='clear']") \
         .first.click()
     page.locator("#review-manifest input[type=file]").set_input_files(str(bad))
