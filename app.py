@@ -24,22 +24,36 @@ from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
-from cma_clip.studio import (MAX_SWEEP_ITEMS, MAX_TASKS, MAX_TEXT_CHARS, ReviewQueue, Studio,  # noqa: E402
-                             StudioError, open_user_image, views)
+from cma_clip.labels import STATUSES  # noqa: E402
+from cma_clip.review import STRATEGIES  # noqa: E402
+from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
+                             MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
+                             StudioError, UndoOutcome, new_id, open_user_image, views)
+from cma_clip.studio.service import AUDIT_PAGE  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MAX_UPLOAD = "20mb"
+# Keys outside text fields click the Review tab's buttons (when shown): 1-9 the active task's
+# choices, t the next task, a accept, s or n skip, u undo, p previous (views.KEYS_HELP).
 SHORTCUTS = """
 <script>
 document.addEventListener("keydown", (event) => {
-  const tag = (event.target.tagName || "").toLowerCase();
-  if (["input", "textarea", "select"].includes(tag) || event.target.isContentEditable) return;
-  const target = {a: "review-accept", n: "review-skip"}[event.key.toLowerCase()];
-  if (target) { document.querySelector(`#${target}`)?.click(); event.preventDefault(); }
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  const field = event.target, tag = (field.tagName || "").toLowerCase();
+  const typing = tag === "textarea" || tag === "select" || field.isContentEditable ||
+    (tag === "input" && !["radio", "checkbox", "button", "submit"].includes((field.type || "").toLowerCase()));
+  if (typing) return;
+  const key = event.key.toLowerCase();
+  const target = /^[1-9]$/.test(key) ? `review-choice-${key}` :
+    {a: "review-accept", s: "review-skip", n: "review-skip", u: "review-undo", p: "review-previous",
+     t: "review-next-task"}[key];
+  const button = target && document.getElementById(target);
+  if (button && button.offsetParent !== null && !button.disabled) { button.click(); event.preventDefault(); }
 });
 </script>
 """
+BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue
 
 
 def undecoded(image: gr.Image) -> gr.Image:
@@ -108,18 +122,74 @@ def correction_slots(elem_id: str | None = None) -> list[gr.Dropdown]:
                         elem_id=f"{elem_id}-{i}" if elem_id else None) for i in range(MAX_TASKS)]
 
 
-def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, prediction: Prediction | None) -> dict:
-    """One dropdown per task, pre-filled with the prediction; unused slots hidden."""
-    classes = list(studio.task_classes(model).items())
+def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, prediction: Prediction | None,
+                 view: ItemView | None = None, catalogue: dict[str, str] | None = None,
+                 tasks: list[str] | None = None) -> dict:
+    """One dropdown per task (the model's, or `tasks`), starting at the item's saved label,
+    else the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
+    classes = studio.task_classes(model)
+    tasks = list(classes) if tasks is None else tasks
+    catalogue = catalogue if catalogue is not None else (view.catalogue if view else {})
     updates = {}
     for i, slot in enumerate(slots):
-        if i < len(classes):
-            task, labels = classes[i]
-            value = prediction.tasks[task].label if prediction else None
-            updates[slot] = gr.update(label=task, choices=labels, value=value, visible=True)
+        if i < len(tasks):
+            task = tasks[i]
+            p = prediction.tasks.get(task) if prediction else None
+            state = view.states.get(task) if view else None
+            value = view.values.get(task) if view else (p.label if p else None)
+            info = views.slot_info(p.label if p else None, p.confidence if p else None,
+                                   (catalogue or {}).get(task), state) if prediction or view else None
+            updates[slot] = gr.update(label=task, choices=classes[task], value=value, visible=True, info=info)
         else:
             updates[slot] = gr.update(visible=False, value=None)
     return updates
+
+
+def resolution(buttons: "Resolution", outcome: SaveOutcome | UndoOutcome | None) -> dict:
+    """Which of the conflict / new-class buttons a refused save shows (none otherwise)."""
+    conflict = bool(outcome is not None and outcome.conflicts)
+    unknown = bool(isinstance(outcome, SaveOutcome) and outcome.unknown)
+    suggest = unknown and any(u.suggestions for u in outcome.unknown)
+    return {buttons.keep_theirs: gr.update(visible=conflict), buttons.overwrite: gr.update(visible=conflict),
+            buttons.use_suggestion: gr.update(visible=suggest), buttons.new_class: gr.update(visible=unknown)}
+
+
+@dataclass
+class Resolution:
+    """The choices a refused save offers: keep theirs or overwrite (a conflict), use the
+    suggestion or save as a new class (an unknown label)."""
+
+    keep_theirs: gr.Button
+    overwrite: gr.Button
+    use_suggestion: gr.Button
+    new_class: gr.Button
+
+    @classmethod
+    def make(cls, prefix: str) -> "Resolution":
+        with gr.Row():
+            return cls(gr.Button("Keep theirs", visible=False, elem_id=f"{prefix}-keep-theirs"),
+                       gr.Button("Overwrite with mine", variant="stop", visible=False, elem_id=f"{prefix}-overwrite"),
+                       gr.Button("Use the suggestion", visible=False, elem_id=f"{prefix}-use-suggestion"),
+                       gr.Button("Save as new class", variant="stop", visible=False, elem_id=f"{prefix}-new-class"))
+
+    @property
+    def buttons(self) -> list[gr.Button]:
+        return [self.keep_theirs, self.overwrite, self.use_suggestion, self.new_class]
+
+
+def pending_save(outcome: SaveOutcome | UndoOutcome) -> dict | None:
+    """What a refused save or undo leaves for the labeler's choice (kept in a gr.State)."""
+    if isinstance(outcome, UndoOutcome):
+        return {"kind": "undo"} if outcome.conflicts else None
+    if outcome.result not in ("conflict", "unknown"):
+        return None
+    return {"kind": "label", "labels": outcome.labels, "request_id": outcome.request_id,
+            "new_classes": outcome.new_classes, "conflicts": [c.task for c in outcome.conflicts],
+            "unknown": [[u.task, u.value, u.suggestions] for u in outcome.unknown]}
+
+
+def shown_of(value: dict | None) -> Shown | None:
+    return Shown.from_dict(value)
 
 
 @dataclass
@@ -128,23 +198,28 @@ class Shared:
 
     model: gr.Dropdown
     annotator: gr.Textbox
-    item_id: gr.Textbox
     history: gr.Dataframe  # laid out in the History tab; a save in the Predict tab refreshes it
     history_rows: Callable[[], list[list[str]]]  # the table's rows: the latest corrections, newest first
+    remember_queue: gr.BrowserState  # the review queue's id, for a reload to resume it
 
 
 # ---------------------------------------------------------------------- tabs
 def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     """Predict, explain and correct one item; returns its image and text inputs (the Robustness tab's too)."""
-    with gr.Tab("Predict & correct"):
+    with gr.Tab("Predict & correct", id="predict"):
         prediction_state = gr.State(None)
+        shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
+        pending = gr.State(None)  # a refused save waiting for the labeler's choice
         with gr.Row():
             with gr.Column(scale=1):
                 image = undecoded(gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image"))
                 text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
                                   placeholder="e.g. Turtle Check Men Navy Blue Shirt")
+                item_id = gr.Textbox("", label="Item id", elem_id="item-id",
+                                     placeholder="the catalogue id; empty: a content id from the image and text",
+                                     info="An example sets it; a new upload or an edited text clears it.")
                 predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
-                gr.Examples(examples(studio.model_names), inputs=[image, text, shared.model, shared.item_id],
+                gr.Examples(examples(studio.model_names), inputs=[image, text, shared.model, item_id],
                             label="Catalogue examples")
             with gr.Column(scale=2):
                 table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True,
@@ -161,24 +236,32 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 relevance = gr.HighlightedText(label="Text tokens: relevance for the selected task "
                                                "(gradient x input)", combine_adjacent=False, show_legend=False)
                 result_json = gr.JSON(label="Raw prediction", visible=False)
-        gr.Markdown("### Correct and save\nEach dropdown starts at the prediction; pick another label or type a "
-                    "new one, then save.")
+        gr.Markdown("### Correct and save\nEach control starts at the item's saved label, else at the model's; "
+                    "the model's, the catalogue's and the saved label show under it. A label outside the task's "
+                    "classes asks before it becomes a new class; a label someone else saved since you predicted "
+                    "asks before it is replaced.")
+        item_line = gr.Markdown(label="item", elem_id="item-line")
         with gr.Row():
             slots = correction_slots(elem_id="slot")
+        request_id = gr.Textbox("", visible=False, label="request id", elem_id="save-request-id")
         save_button = gr.Button("Save correction", variant="primary", elem_id="save")
-        save_status = gr.Markdown(elem_id="save-status")
+        save_status = gr.Markdown(label="save status", elem_id="save-status")
+        choice = Resolution.make("save")
+        legacy_save = gr.Button(visible=False)  # /save_correction: the unchecked API, kept for scripts
 
     @user_errors
-    def predict(image_path, text_value, model_name):
+    def predict(image_path, text_value, model_name, item):
         """Predict every task for an image and its text. Returns the prediction as JSON first."""
-        result = studio.predict(image_path, text_value, model_name)
+        result, view = studio.predict_item(image_path, text_value, model_name, item)
         first = next(iter(result.tasks))
         choices, best = views.token_choices(result, first)
         return {result_json: result.to_dict(), table: views.prediction_rows(result),
                 task: gr.update(choices=list(result.tasks), value=first), token: gr.update(choices=choices, value=best),
                 heat: views.heatmap(result, best), weights_plot: views.modality_figure(result),
                 shading: views.text_shading(result), relevance: views.text_shading(result, first),
-                prediction_state: result, **slot_updates(studio, slots, model_name, result)}
+                prediction_state: result, shown: view.shown.to_dict(), request_id: new_id(), pending: None,
+                item_line: views.item_line(view, bool((item or "").strip())), save_status: "",
+                **resolution(choice, None), **slot_updates(studio, slots, model_name, result, view)}
 
     def explain_task(result, task_name):
         if result is None or task_name not in result.tasks:
@@ -187,22 +270,104 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return {token: gr.update(choices=choices, value=best), heat: views.heatmap(result, best),
                 relevance: views.text_shading(result, task_name)}
 
+    def after_save(outcome: SaveOutcome, image_path, text_value, model_name, item, result) -> dict:
+        """The save's message and the choices it leaves; a stored save refreshes the controls and the request id."""
+        updates = {save_status: views.save_message(outcome), pending: pending_save(outcome),
+                   **resolution(choice, outcome)}
+        if outcome.stored:
+            view = studio.model_view(model_name, outcome.item_id, result, bool((item or "").strip()))
+            updates.update({shown: view.shown.to_dict(), request_id: new_id(), shared.history: shared.history_rows(),
+                            item_line: views.item_line(view, bool((item or "").strip())),
+                            **slot_updates(studio, slots, model_name, result, view)})
+        return updates
+
     @user_errors
-    def save_correction(image_path, text_value, model_name, annotator_name, item, *labels):
-        """Save the labels (one per task of the model, in order) as a correction in the label store."""
+    def save_label(image_path, text_value, model_name, annotator_name, item, *rest):
+        """Save the labels (one per task of the model, in order) of the item on screen: checked
+        against the labels saved since it was predicted and the task's classes; a request id
+        already stored stores nothing."""
+        *labels, rid, seen, result = rest
+        tasks = list(studio.task_classes(model_name))
+        outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item,
+                                   dict(zip(tasks, labels)), shown_of(seen), request_id=rid, prediction=result)
+        return after_save(outcome, image_path, text_value, model_name, item, result)
+
+    def resolve(how: str):
+        @user_errors
+        def handler(image_path, text_value, model_name, annotator_name, item, waiting, seen, result):
+            if not waiting or waiting.get("kind") != "label":
+                raise StudioError("Nothing is waiting for a choice: save again.")
+            labels, new_classes, force = dict(waiting["labels"]), dict(waiting["new_classes"]), False
+            if how == "keep_theirs":
+                labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}
+                if not labels:
+                    view = studio.model_view(model_name, studio.resolve_item_id(image_path, text_value, item),
+                                             result, bool((item or "").strip()))
+                    return {save_status: "Kept their labels; nothing of yours was left to save.", pending: None,
+                            shown: view.shown.to_dict(), **resolution(choice, None),
+                            **slot_updates(studio, slots, model_name, result, view)}
+            elif how == "overwrite":
+                force = True
+            else:  # new class
+                new_classes.update({task: value for task, value, _ in waiting["unknown"]})
+            outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item, labels,
+                                       shown_of(seen), request_id=waiting["request_id"], new_classes=new_classes,
+                                       force=force, prediction=result)
+            return after_save(outcome, image_path, text_value, model_name, item, result)
+        handler.__name__ = f"save_{how}"
+        return handler
+
+    @user_errors
+    def use_suggestion(model_name, waiting):
+        """Put each unknown label's closest class in its control (nothing is saved)."""
+        if not waiting or not waiting.get("unknown"):
+            raise StudioError("No label is waiting for a suggestion.")
+        tasks = list(studio.task_classes(model_name))
+        updates = {slots[tasks.index(t)]: gr.update(value=suggestions[0])
+                   for t, _, suggestions in waiting["unknown"] if suggestions and t in tasks}
+        return {**updates, pending: None, **resolution(choice, None),
+                save_status: "Suggestion filled in: check it and save again."}
+
+    @user_errors
+    def save_correction(image_path, text_value, model_name, annotator_name, item, *rest):
+        """Save the labels (one per task of the model, in order) as a correction, unchecked (the
+        API scripts were written against); an optional request id makes a retry store one row."""
+        *labels, rid = rest
         tasks = list(studio.task_classes(model_name))
         row = studio.save_correction(image_path, text_value, model_name, annotator_name, item,
-                                     dict(zip(tasks, labels)))
-        return {save_status: f"Saved correction #{row}.", shared.history: shared.history_rows()}
+                                     dict(zip(tasks, labels)), request_id=rid)
+        saved_as = studio.resolve_item_id(image_path, text_value, item)
+        return {save_status: f"Saved correction #{row} for item {views.code(saved_as)}.",
+                shared.history: shared.history_rows()}
 
-    predict_button.click(predict, [image, text, shared.model],
+    def forget_item_id():
+        """A new image or an edited text is another item: its id no longer applies."""
+        return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
+                **resolution(choice, None)}
+
+    item_outputs = [item_id, shown, pending, item_line, *choice.buttons]
+    image.upload(forget_item_id, None, item_outputs, api_visibility="private")
+    image.clear(forget_item_id, None, item_outputs, api_visibility="private")
+    text.input(forget_item_id, None, item_outputs, api_visibility="private")
+    save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots]
+    predict_button.click(predict, [image, text, shared.model, item_id],
                          [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
-                          *slots], api_name="predict")
+                          shown, request_id, pending, item_line, save_status, *choice.buttons, *slots],
+                         api_name="predict")
     task.input(explain_task, [prediction_state, task], [token, heat, relevance], api_visibility="private")
     token.input(lambda result, index: views.heatmap(result, index) if result else None, [prediction_state, token],
                 heat, api_visibility="private")
-    save_button.click(save_correction, [image, text, shared.model, shared.annotator, shared.item_id, *slots],
-                      [save_status, shared.history], api_name="save_correction")
+    item_inputs = [image, text, shared.model, shared.annotator, item_id]
+    save_button.click(save_label, [*item_inputs, *slots, request_id, shown, prediction_state], save_outputs,
+                      api_name="save_label")
+    for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
+                        ("new_class", choice.new_class)):
+        button.click(resolve(how), [*item_inputs, pending, shown, prediction_state], save_outputs,
+                     api_name=f"save_{how}")
+    choice.use_suggestion.click(use_suggestion, [shared.model, pending],
+                                [*slots, pending, save_status, *choice.buttons], api_name="save_use_suggestion")
+    legacy_save.click(save_correction, [*item_inputs, *slots, request_id], [save_status, shared.history],
+                      api_name="save_correction")
     shared.model.change(user_errors(lambda m: slot_updates(studio, slots, m, None)), shared.model, slots,
                         api_visibility="private")
     return image, text
@@ -213,100 +378,349 @@ class ReviewPanel:
     """The Review tab's view of its queue: what `show_queue` fills."""
 
     queue: gr.State
+    shown: gr.State
+    pending: gr.State
     progress: gr.Markdown
     image: gr.Image
     text: gr.Textbox
     table: gr.Dataframe
+    active: gr.Radio
+    choices: list[gr.Button]
     slots: list[gr.Dropdown]
+    request_id: gr.Textbox
+    status: gr.Markdown
     notes: gr.Markdown
+    item_history: gr.Dataframe
+    choice: Resolution
 
     @property
     def outputs(self) -> list:
-        return [self.queue, self.progress, self.image, self.text, self.table, *self.slots, self.notes]
+        return [self.queue, self.shown, self.pending, self.progress, self.image, self.text, self.table, self.active,
+                *self.choices, *self.slots, self.request_id, self.status, self.notes, self.item_history,
+                *self.choice.buttons]
 
 
-def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None) -> dict:
-    """The panel's updates for the queue's current item (an empty panel when none is left)."""
+def choice_updates(panel: ReviewPanel, item: ReviewItem | None, task: str | None) -> dict:
+    """The number-key buttons for the active task's top choices."""
+    labels = views.choice_labels(item, task) if item is not None and task in item.predictions else []
+    return {button: gr.update(value=labels[n], visible=True) if n < len(labels) else gr.update(visible=False)
+            for n, button in enumerate(panel.choices)}
+
+
+def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, message: str = "",
+               outcome: SaveOutcome | UndoOutcome | None = None) -> dict:
+    """The panel's updates for the queue's current item (an empty panel when none is left):
+    each control at the item's saved label (else the model's), a fresh request id, the
+    versions shown, and `message` (with the choices a refused `outcome` offers)."""
     item = queue.current if queue else None
+    common = {panel.queue: queue, panel.progress: views.review_status(queue), panel.status: message,
+              panel.notes: views.review_notes(queue) if queue else "", panel.request_id: new_id(),
+              panel.pending: pending_save(outcome) if outcome is not None else None,
+              **resolution(panel.choice, outcome)}
     if item is None:
-        return {panel.queue: queue, panel.progress: views.review_status(queue), panel.image: None, panel.text: "",
-                panel.table: [], **dict.fromkeys(panel.slots, gr.update(visible=False)), panel.notes: ""}
-    predicted = Prediction(item.predictions)
-    return {panel.queue: queue, panel.progress: views.review_status(queue),
-            panel.image: open_user_image(item.image_path), panel.text: item.text,
-            panel.table: views.prediction_rows(predicted), **slot_updates(studio, panel.slots, queue.model, predicted),
-            panel.notes: views.review_notes(queue)}
+        return {**common, panel.shown: None, panel.image: None, panel.text: "", panel.table: [],
+                panel.active: gr.update(choices=[], value=None), **choice_updates(panel, None, None),
+                **dict.fromkeys(panel.slots, gr.update(visible=False)), panel.item_history: []}
+    view = studio.current_view(queue)
+    return {**common, panel.shown: view.shown.to_dict(), panel.image: open_user_image(item.image_path),
+            panel.text: item.text, panel.table: views.review_rows(item, view, queue.tasks),
+            panel.active: gr.update(choices=queue.tasks, value=queue.tasks[0]),
+            **choice_updates(panel, item, queue.tasks[0]),
+            **slot_updates(studio, panel.slots, queue.model, Prediction(item.predictions), view, item.catalogue,
+                           queue.tasks),
+            panel.item_history: views.item_history_rows(view.history)}
 
 
-def review_tab(studio: Studio, shared: Shared) -> None:
-    """A queue of catalogue or uploaded items, least confident first, to accept, correct or skip."""
-    with gr.Tab("Review queue"):
-        gr.Markdown("Items sorted by uncertainty, least confident first (an item's confidence is its lowest "
-                    "top-1 probability over the tasks). Shortcuts: **a** accept/save and next, **n** skip.")
+def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, list]:
+    """A queue of catalogue or uploaded items, the most uncertain first, to accept, correct, skip and undo.
+    Returns its panel, `restore(annotator, model, queue_id)` (the panel's updates for a page
+    load, {} when there is no queue to resume) and the components it updates."""
+    models = studio.model_names
+    tasks = studio.tasks_of(models[0]) if models else []
+    with gr.Tab("Review queue", id="review"):
+        gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
+                    "left out. Your place in the queue is kept: a reload or a restart resumes it.")
+        with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
+            with gr.Row():
+                with gr.Column():
+                    split = gr.Dropdown(["train", "val", "test"], value="train", label="Split of the model's catalogue",
+                                        elem_id="review-split")
+                    split_note = gr.Markdown(views.split_note("train"), elem_id="review-split-note")
+                    size = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_QUEUE_ITEMS, label="Sample size",
+                                     elem_id="review-size")
+                    load_split = gr.Button("Load catalogue sample", elem_id="review-load")
+                with gr.Column():
+                    manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
+                                       elem_id="review-manifest")
+                    images = gr.File(label="...and its images", file_count="multiple", file_types=["image"],
+                                     elem_id="review-images")
+                    gr.Markdown(views.split_note("upload"))
+                    load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
+                with gr.Column(elem_id="review-source-mislabels"):
+                    # The suspected-mislabels queue source: `cma_clip.mislabels` (being built) will rank the
+                    # catalogue's items by how likely their label is wrong and feed them to Studio.review_items.
+                    gr.Markdown("**Suspected mislabels**  \nCatalogue items whose own label the model doubts, most "
+                                "suspect first. *Coming with `cma_clip.mislabels`.*")
+                    gr.Button("Load suspected mislabels", interactive=False, elem_id="review-load-mislabels")
+            with gr.Row():
+                strategy = gr.Radio([(s.replace("_", " "), s) for s in STRATEGIES], value=STRATEGIES[0],
+                                    label="Order: most uncertain first by", elem_id="review-strategy")
+                task_filter = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Tasks under review",
+                                          elem_id="review-task-filter")
+                min_conf = gr.Number(0, minimum=0, maximum=1, step=0.05, label="Confidence from",
+                                     elem_id="review-min-conf")
+                max_conf = gr.Number(1, minimum=0, maximum=1, step=0.05, label="to", elem_id="review-max-conf")
+                show_decided = gr.Checkbox(False, label="Show decided items", elem_id="review-show-decided")
+                resume = gr.Button("Resume my last queue", elem_id="review-resume")
+        progress = gr.Markdown(label="review progress", elem_id="review-progress")
+        gr.Markdown(views.KEYS_HELP, elem_id="review-keys")
         with gr.Row():
-            with gr.Column():
-                split = gr.Dropdown(["test", "val", "train"], value="test", label="Split of the model's catalogue")
-                size = gr.Number(value=50, precision=0, minimum=1, maximum=2000, label="Sample size",
-                                 elem_id="review-size")
-                load_split = gr.Button("Load catalogue split", elem_id="review-load")
-            with gr.Column():
-                manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
-                                   elem_id="review-manifest")
-                images = gr.File(label="...and its images", file_count="multiple", file_types=["image"],
-                                 elem_id="review-images")
-                load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
-        progress = gr.Markdown(elem_id="review-progress")
+            image = gr.Image(label="Item", height=280, interactive=False, elem_id="review-image")
+            with gr.Column(scale=2):
+                text = gr.Textbox(label="Text", interactive=False, lines=2)
+                table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True,
+                                     elem_id="review-table", column_widths=views.REVIEW_WIDTHS)
         with gr.Row():
-            image = gr.Image(label="Item", height=280, interactive=False)
-            with gr.Column():
-                text = gr.Textbox(label="Text", interactive=False, lines=3)
-                table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True)
+            active = gr.Radio([], label="Active task (keys 1-9 pick its choices)", elem_id="review-active-task",
+                              scale=3)
+            next_task = gr.Button("Next task (t)", elem_id="review-next-task", scale=1)
         with gr.Row():
-            slots = correction_slots()
+            choices = [gr.Button(str(n + 1), visible=False, size="sm", elem_id=f"review-choice-{n + 1}")
+                       for n in range(CHOICES_KEPT)]
+        with gr.Row():
+            slots = correction_slots(elem_id="review-slot")
+        request_id = gr.Textbox("", visible=False, label="request id", elem_id="review-request-id")
         with gr.Row():
             accept = gr.Button("Accept / save and next (a)", variant="primary", elem_id="review-accept")
-            skip = gr.Button("Skip (n)", elem_id="review-skip")
-            bulk = gr.Button("Bulk accept every item above all thresholds")
-        notes = gr.Markdown(elem_id="review-notes")
-        panel = ReviewPanel(gr.State(None), progress, image, text, table, slots, notes)
+            skip = gr.Button("Skip (s)", elem_id="review-skip")
+            undo = gr.Button("Undo (u)", elem_id="review-undo")
+            previous = gr.Button("‹ Previous (p)", elem_id="review-previous")
+            forward = gr.Button("Next › (no decision)", elem_id="review-next")
+        status = gr.Markdown(label="review status", elem_id="review-status")
+        choice = Resolution.make("review")
+        notes = gr.Markdown(label="queue notes", elem_id="review-notes")
+        with gr.Accordion("Bulk accept by filter", open=False):
+            gr.Markdown("Accept the model's label of every pending item of this queue whose tasks clear the bar. "
+                        "Each label is audited as an auto-accept; decided tasks and labels someone saved are never "
+                        "replaced. The items go in chunks, each acknowledged once stored: after an interruption, run "
+                        "it again to finish without duplicates.")
+            with gr.Row():
+                bulk_task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Task(s)", elem_id="bulk-task")
+                bulk_min = gr.Dropdown([("each task's 90%-precision threshold", THRESHOLDS), "0.95", "0.9", "0.8",
+                                        "0.7"], value=THRESHOLDS, allow_custom_value=True, elem_id="bulk-min-conf",
+                                       label="Bar: minimum confidence (or type one from 0 to 1)")
+                bulk = gr.Button("Bulk accept", elem_id="review-bulk")
+            bulk_status = gr.Markdown(label="bulk accept status", elem_id="bulk-status")
+        with gr.Accordion("History of this item", open=False):
+            item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
+                                        elem_id="review-item-history")
+        panel = ReviewPanel(gr.State(None), gr.State(None), gr.State(None), progress, image, text, table, active,
+                            choices, slots, request_id, status, notes, item_history, choice)
 
     def loaded(queue: ReviewQueue | None) -> ReviewQueue:
         if queue is None:
-            raise StudioError("Load a catalogue to review first.")
+            raise StudioError("Load a catalogue sample to review first (or resume your last queue).")
         return queue
 
-    @user_errors
-    def load_catalogue(model_name, split_name, sample_size, progress=gr.Progress()):
-        return show_queue(studio, panel, studio.review_catalogue(model_name, split_name, sample_size, progress))
+    def labels_of(queue: ReviewQueue, values) -> dict:
+        return dict(zip(queue.tasks, values))
+
+    def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
+        """A stored decision shows the next item; a refused one stays on the item with its choices."""
+        if outcome.result in ("conflict", "unknown"):
+            return {panel.status: views.save_message(outcome), panel.pending: pending_save(outcome),
+                    **resolution(choice, outcome)}
+        return show_queue(studio, panel, queue, views.save_message(outcome))
 
     @user_errors
-    def load_uploaded(model_name, manifest_file, image_files, progress=gr.Progress()):
-        return show_queue(studio, panel, studio.review_upload(model_name, manifest_file, image_files, progress))
+    def load_catalogue(model_name, split_name, sample_size, order, task_name, low, high, decided, annotator_name,
+                       progress=gr.Progress()):
+        """A sample of the model's catalogue split, its decided items left out, most uncertain first."""
+        queue = studio.review_catalogue(model_name, split_name, sample_size, progress, strategy=order,
+                                        task=task_name, min_conf=low, max_conf=high, show_decided=decided,
+                                        annotator=annotator_name)
+        return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
 
     @user_errors
-    def accept_item(queue, annotator_name, *labels):
-        tasks = list(studio.task_classes(loaded(queue).model))
-        return show_queue(studio, panel, studio.review_save(queue, annotator_name, dict(zip(tasks, labels))))
+    def load_uploaded(model_name, manifest_file, image_files, order, task_name, low, high, decided, annotator_name,
+                      progress=gr.Progress()):
+        queue = studio.review_upload(model_name, manifest_file, image_files, progress, strategy=order,
+                                     task=task_name, min_conf=low, max_conf=high, show_decided=decided,
+                                     annotator=annotator_name)
+        return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
 
     @user_errors
-    def skip_item(queue):
-        return show_queue(studio, panel, studio.review_skip(queue) if queue else None)
+    def accept_item(queue, seen, annotator_name, *rest):
+        """Save the current item's labels (one per task under review, in order) and show the next item."""
+        *values, rid = rest
+        queue = loaded(queue)
+        return after(queue, studio.review_save(queue, annotator_name, labels_of(queue, values), shown_of(seen),
+                                               request_id=rid))
 
     @user_errors
-    def bulk_accept(queue, annotator_name, progress=gr.Progress()):
-        count = studio.bulk_accept(loaded(queue), annotator_name, progress)
-        return {**show_queue(studio, panel, queue), notes: f"Bulk-accepted {count} items."}
+    def skip_item(queue, seen, annotator_name, rid):
+        """Mark the current item's tasks skipped and show the next item."""
+        queue = loaded(queue)
+        return after(queue, studio.review_skip(queue, annotator_name, shown_of(seen), request_id=rid))
 
-    load_split.click(load_catalogue, [shared.model, split, size], panel.outputs, api_name="review_catalogue")
-    load_upload.click(load_uploaded, [shared.model, manifest, images], panel.outputs, api_name="review_upload")
-    accept.click(accept_item, [panel.queue, shared.annotator, *slots], panel.outputs, api_name="review_accept")
-    skip.click(skip_item, panel.queue, panel.outputs, api_name="review_skip")
-    bulk.click(bulk_accept, [panel.queue, shared.annotator], panel.outputs, api_name="bulk_accept")
+    @user_errors
+    def undo_last(queue, annotator_name):
+        """Revert your newest decision (again: the one before); the queue goes to that item."""
+        outcome = studio.review_undo(queue, annotator_name)
+        if outcome.conflicts:
+            return {panel.status: views.undo_message(outcome), panel.pending: pending_save(outcome),
+                    **resolution(choice, outcome)}
+        return show_queue(studio, panel, queue, views.undo_message(outcome))
+
+    @user_errors
+    def previous_item(queue, annotator_name):
+        """Go back to the item before, showing its saved labels."""
+        queue = loaded(queue)
+        moved = studio.review_previous(queue, annotator_name)
+        return show_queue(studio, panel, queue, "" if moved else "This is the first item of the queue.")
+
+    @user_errors
+    def next_item(queue, annotator_name):
+        """Go on to the next item without deciding this one."""
+        queue = loaded(queue)
+        studio.review_next(queue, annotator_name)
+        return show_queue(studio, panel, queue)
+
+    def resolve(how: str):
+        @user_errors
+        def handler(queue, seen, annotator_name, waiting):
+            queue = loaded(queue)
+            if not waiting:
+                raise StudioError("Nothing is waiting for a choice.")
+            if waiting["kind"] == "undo":
+                if how == "keep_theirs":
+                    return {panel.status: "Left their label as it is; nothing was undone.", panel.pending: None,
+                            **resolution(choice, None)}
+                outcome = studio.review_undo(queue, annotator_name, force=True)
+                return show_queue(studio, panel, queue, views.undo_message(outcome))
+            labels, new_classes, force = dict(waiting["labels"]), dict(waiting["new_classes"]), False
+            if how == "keep_theirs":
+                labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}
+                if not labels:
+                    studio.review_next(queue, annotator_name)
+                    return show_queue(studio, panel, queue, "Kept their labels; nothing of yours was left to save.")
+            elif how == "overwrite":
+                force = True
+            else:
+                new_classes.update({task: value for task, value, _ in waiting["unknown"]})
+            return after(queue, studio.review_save(queue, annotator_name, labels, shown_of(seen),
+                                                   request_id=waiting["request_id"], new_classes=new_classes,
+                                                   force=force))
+        handler.__name__ = f"review_{how}"
+        return handler
+
+    @user_errors
+    def use_suggestion(queue, waiting):
+        """Put each unknown label's closest class in its control (nothing is saved)."""
+        queue = loaded(queue)
+        if not waiting or not waiting.get("unknown"):
+            raise StudioError("No label is waiting for a suggestion.")
+        updates = {slots[queue.tasks.index(t)]: gr.update(value=suggestions[0])
+                   for t, _, suggestions in waiting["unknown"] if suggestions and t in queue.tasks}
+        return {**updates, panel.pending: None, **resolution(choice, None),
+                panel.status: "Suggestion filled in: check it and accept again."}
+
+    @user_errors
+    def pick(number: int, queue, task_name):
+        """Set the active task's control to its `number`-th choice, then make the next task active."""
+        queue = loaded(queue)
+        item = queue.current
+        if item is None or task_name not in queue.tasks:
+            return {}
+        labels = item.predictions[task_name].labels
+        if not 1 <= number <= len(labels):
+            return {}
+        following = queue.tasks[(queue.tasks.index(task_name) + 1) % len(queue.tasks)]
+        return {slots[queue.tasks.index(task_name)]: gr.update(value=labels[number - 1]),
+                active: gr.update(value=following), **choice_updates(panel, item, following)}
+
+    def activate(queue, task_name, step: int = 0):
+        if queue is None or queue.current is None or task_name not in queue.tasks:
+            return {}
+        task_now = queue.tasks[(queue.tasks.index(task_name) + step) % len(queue.tasks)]
+        return {active: gr.update(value=task_now), **choice_updates(panel, queue.current, task_now)}
+
+    @user_errors
+    def bulk_accept(queue, annotator_name, task_name, minimum, progress=gr.Progress()):
+        """Auto-accept every pending item of the queue whose task(s) clear the bar (empty: each task's threshold)."""
+        queue = loaded(queue)
+        outcome = studio.bulk_accept(queue, annotator_name, task=task_name, min_conf=minimum, progress=progress)
+        return {**show_queue(studio, panel, queue, views.bulk_message(outcome)),
+                bulk_status: views.bulk_message(outcome)}
+
+    @user_errors
+    def resume_last(annotator_name, model_name):
+        """The queue you moved in last on this model, where you left it."""
+        if not (annotator_name or "").strip():
+            raise StudioError("Enter your name in the annotator field: queues are kept per annotator.")
+        queue = studio.resume_queue(None, annotator_name, model_name)
+        if queue is None:
+            raise StudioError(f"No queue kept for {annotator_name.strip()} on {model_name}: load a sample.")
+        return {**show_queue(studio, panel, queue, "Resumed where you left off."), source_box: gr.update(open=False)}
+
+    def restore(annotator_name, model_name, queue_id) -> dict:
+        """A page load: the queue this browser had (else the annotator's last), where it was."""
+        try:
+            queue = studio.resume_queue(queue_id, annotator_name, model_name)
+            if queue is None:
+                return {}
+            return {**show_queue(studio, panel, queue, "Resumed where you left off."),
+                    source_box: gr.update(open=False)}
+        except (StudioError, OSError) as exc:
+            return {panel.status: f"Could not resume the queue: {views.plain(exc)}"}
+
+    def remember(queue):
+        return queue.queue_id if queue else gr.skip()
+
+    filters = [strategy, task_filter, min_conf, max_conf, show_decided, shared.annotator]
+    queue_inputs = [panel.queue, panel.shown, shared.annotator]
+    loaded_outputs = [*panel.outputs, source_box]
+    for event in (
+        load_split.click(load_catalogue, [shared.model, split, size, *filters], loaded_outputs,
+                         api_name="review_catalogue"),
+        load_upload.click(load_uploaded, [shared.model, manifest, images, *filters], loaded_outputs,
+                          api_name="review_upload"),
+        resume.click(resume_last, [shared.annotator, shared.model], loaded_outputs, api_name="review_resume"),
+    ):
+        event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")
+    split.change(views.split_note, split, split_note, api_visibility="private")
+    accept.click(accept_item, [*queue_inputs, *slots, request_id], panel.outputs, api_name="review_accept")
+    skip.click(skip_item, [*queue_inputs, request_id], panel.outputs, api_name="review_skip")
+    undo.click(undo_last, [panel.queue, shared.annotator], panel.outputs, api_name="review_undo")
+    previous.click(previous_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_previous")
+    forward.click(next_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_next")
+    for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
+                        ("new_class", choice.new_class)):
+        button.click(resolve(how), [*queue_inputs, panel.pending], panel.outputs, api_name=f"review_{how}")
+    choice.use_suggestion.click(use_suggestion, [panel.queue, panel.pending],
+                                [*slots, panel.pending, panel.status, *choice.buttons],
+                                api_name="review_use_suggestion")
+    for n, button in enumerate(choices, 1):
+        button.click(lambda queue, task_name, n=n: pick(n, queue, task_name), [panel.queue, active],
+                     [*slots, active, *choices], api_visibility="private")
+    active.input(activate, [panel.queue, active], [active, *choices], api_visibility="private")
+    next_task.click(lambda queue, task_name: activate(queue, task_name, 1), [panel.queue, active],
+                    [active, *choices], api_visibility="private")
+    bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
+               api_name="bulk_accept")
+
+    def model_tasks(model_name):  # the filters offer the model's tasks
+        names = studio.tasks_of(model_name)
+        return {task_filter: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS),
+                bulk_task: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS)}
+
+    shared.model.change(user_errors(model_tasks), shared.model, [task_filter, bulk_task], api_visibility="private")
+    return panel, restore, loaded_outputs
 
 
 def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Textbox) -> None:
     """The Predict tab's item, corrupted: clean against noisy, sweeps over severities, a catalogue sweep."""
-    with gr.Tab("Robustness"):
+    with gr.Tab("Robustness", id="robustness"):
         gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
@@ -362,14 +776,54 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
 
 def history_tab(studio: Studio, shared: Shared) -> None:
-    """The latest corrections, export for the trainer, and an optional push to the Hub."""
-    with gr.Tab("History & export"):
+    """The audit of every decision (filtered, searched, paged), one item's history, the
+    annotators' agreement, the latest saves, export for the trainer and an optional push to the Hub."""
+    models = studio.model_names
+    tasks = sorted({t for m in models for t in studio.tasks_of(m)})
+    with gr.Tab("History & export", id="history") as tab:
+        gr.Markdown("### Audit\nEvery decision, newest first: the label and its status, who and whether a human or "
+                    "an auto-accept, what changed against the model's prediction and the catalogue's label, and "
+                    "the checkpoint. Search looks in item ids, labels, annotators and texts.")
+        with gr.Row():
+            audit_task = gr.Dropdown(["any", *tasks], value="any", label="Task", allow_custom_value=True,
+                                     elem_id="audit-task")
+            audit_annotator = gr.Textbox(label="Annotator", placeholder="any", elem_id="audit-annotator")
+            audit_status = gr.Dropdown(["any", *STATUSES], value="any", label="Status", elem_id="audit-status")
+            audit_source = gr.Dropdown(["any", "human", "auto"], value="any", label="Source", elem_id="audit-source")
+            audit_search = gr.Textbox(label="Search", placeholder="item id, label, annotator or text",
+                                      elem_id="audit-search")
+            audit_page = gr.Number(1, precision=0, minimum=1, label="Page", elem_id="audit-page")
+            audit_button = gr.Button("Search", elem_id="audit-run")
+        audit_summary = gr.Markdown(label="audit summary", elem_id="audit-summary")
+        audit_table = gr.Dataframe(headers=views.AUDIT_HEADERS, interactive=False, wrap=True, elem_id="audit",
+                                   max_height=520, column_widths=views.AUDIT_WIDTHS)
+        gr.Markdown("### One item's history\nEvery decision on one item, oldest first: labels, skips, undos and "
+                    "auto-accepts.")
+        with gr.Row():
+            history_item = gr.Textbox(label="Item id", elem_id="history-item-id", scale=3)
+            history_button = gr.Button("Show its history", elem_id="history-item", scale=1)
+        item_table = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
+                                  elem_id="item-history")
+        gr.Markdown("### Agreement\nWhere two annotators or more labelled the same item and task (each one's "
+                    "standing human label; auto-accepts and undone labels do not count): raw agreement and "
+                    "Cohen's kappa (the mean over annotator pairs sharing two items or more). The export writes "
+                    "it beside itself, as `<name>.agreement.json`.")
+        agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
+        def agreement_rows() -> list[list]:  # named: the table's load event is the API's /agreement_rows
+            return views.agreement_rows(studio.agreement())
+
+        agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement",
+                                       value=agreement_rows)
+        gr.Markdown("### Latest saves")
         refresh = gr.Button("Refresh")
         shared.history.render()
         with gr.Row():
             export_format = gr.Radio(["CSV", "JSONL"], value="CSV", label="Format (the trainer's manifest format)")
             export_button = gr.Button("Export labels")
-        export_file = gr.File(label="Exported labels")
+        with gr.Row():
+            export_file = gr.File(label="Exported labels (each label's source, annotator, checkpoint and time)",
+                                  interactive=False)
+            agreement_file = gr.File(label="Agreement (JSON)", interactive=False)
         with gr.Row():
             push_button = gr.Button("Push labels to the Hugging Face Hub (optional)")
             push_status = gr.Markdown()
@@ -377,9 +831,31 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     f"{studio.store.path} --out checkpoints/NEW`")
 
     @user_errors
+    def audit(task_name, annotator_name, status_name, source_name, search, page):
+        """One page of the audit, filtered by task, annotator, status and source, and searched."""
+        rows, total, page = studio.audit(task_name, annotator_name, status_name, source_name, search, page or 1)
+        return {audit_table: views.audit_rows(rows), audit_summary: views.audit_summary(total, page, AUDIT_PAGE),
+                audit_page: page}
+
+    @user_errors
+    def item_history(item):
+        """Every decision on one item, oldest first."""
+        return views.item_history_rows(studio.item_history(item))
+
+    def agreement():
+        """Per task: items two annotators or more labelled, raw agreement, Cohen's kappa, annotators."""
+        return views.agreement_rows(studio.agreement())
+
+    @user_errors
     def export_labels(fmt):
         """Export the current labels as a CSV or JSONL manifest the trainer reads."""
         return str(studio.export(fmt))
+
+    def agreement_beside(path):
+        if not path:
+            return None
+        found = Path(path).with_name(f"{Path(path).stem}.agreement.json")
+        return str(found) if found.is_file() else None
 
     def push_labels():
         """Push the label store to $CMA_CLIP_HUB_DATASET with $HF_TOKEN; off unless both are set."""
@@ -388,8 +864,19 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         except (hub.HubError, StudioError) as exc:
             return f"Not pushed: {exc}"
 
+    audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]
+    audit_outputs = [audit_table, audit_summary, audit_page]
+    audit_button.click(audit, audit_inputs, audit_outputs, api_name="audit")
+    tab.select(audit, audit_inputs, audit_outputs, api_visibility="private").then(
+        agreement_rows, None, agreement_table, api_visibility="private")
+    for box in (audit_annotator, audit_search):
+        box.submit(audit, audit_inputs, audit_outputs, api_visibility="private")
+    history_button.click(item_history, history_item, item_table, api_name="item_history")
+    history_item.submit(item_history, history_item, item_table, api_visibility="private")
+    agreement_button.click(agreement, None, agreement_table, api_name="agreement")
     refresh.click(shared.history_rows, None, shared.history, api_name="history")
-    export_button.click(export_labels, export_format, export_file, api_name="export_labels")
+    export_button.click(export_labels, export_format, export_file, api_name="export_labels").success(
+        agreement_beside, export_file, agreement_file, api_visibility="private")
     push_button.click(push_labels, None, push_status, api_visibility="private")
 
 
@@ -407,31 +894,64 @@ def tasks_api(studio: Studio) -> None:
     gr.api(tasks, api_name="tasks")
 
 
+def browser_secret(studio: Studio) -> str:
+    """The key the browser's saved fields are encrypted with, kept in the data folder, so
+    that they still read after a server restart (a new random key would lose them)."""
+    path = studio.data_dir / "browser_state.key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.write_text(new_id())
+        return path.read_text().strip()
+
+
 def build(studio: Studio) -> gr.Blocks:
-    """The app: a header, the fields every tab shares, then the tabs."""
+    """The app: a header, the fields every tab shares, then the tabs; a page load restores
+    the annotator, the model and the review queue this browser had."""
     models = studio.model_names
 
     def history_rows() -> list[list[str]]:  # named: the history table's load event is the API's /history_rows
         return views.history_rows(studio.history())
 
+    secret = browser_secret(studio)
     with gr.Blocks(title="CMA-CLIP Studio") as demo:
         gr.Markdown("# CMA-CLIP Studio\nMulti-task product attribute prediction with cross-modality attention "
                     "([CMA-CLIP, Liu et al. 2021](https://arxiv.org/abs/2112.03562)). Upload a product photo and its "
                     "text, see every attribute with its confidence and what the model looked at, and correct it.")
+        remembered = {name: gr.BrowserState(None, storage_key=f"{BROWSER_KEY}-{name}", secret=secret)
+                      for name in ("annotator", "model", "queue")}
         with gr.Row():
             shared = Shared(
-                model=gr.Dropdown(models, value=models[0] if models else None, label="Model", scale=2),
+                model=gr.Dropdown(models, value=models[0] if models else None, label="Model", scale=2,
+                                  elem_id="model"),
                 annotator=gr.Textbox(label="Annotator", placeholder="your name (needed to save)", scale=2,
                                      elem_id="annotator"),
-                item_id=gr.Textbox(label="Item id (optional)", placeholder="catalogue id, if any", scale=1),
                 history=gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False,
-                                     wrap=True, elem_id="history", render=False),
-                history_rows=history_rows)
-        image, text = predict_tab(studio, shared)
-        review_tab(studio, shared)
-        robustness_tab(studio, shared, image, text)
-        history_tab(studio, shared)
+                                     wrap=True, elem_id="history", render=False, column_widths=views.HISTORY_WIDTHS),
+                history_rows=history_rows, remember_queue=remembered["queue"])
+        with gr.Tabs() as tabs:
+            image, text = predict_tab(studio, shared)
+            panel, restore_queue, restored_outputs = review_tab(studio, shared)
+            robustness_tab(studio, shared, image, text)
+            history_tab(studio, shared)
         tasks_api(studio)
+
+        def restore(annotator_name, model_name, queue_id, typed_name, chosen_model):
+            """What this browser had before the reload: the annotator, the model and the queue
+            (a name typed before the page finished loading wins)."""
+            annotator_name = (typed_name or "").strip() or annotator_name or ""
+            model_name = model_name if model_name in studio.checkpoints else chosen_model
+            queue = restore_queue(annotator_name, model_name, queue_id)
+            return {shared.annotator: annotator_name if annotator_name != typed_name else gr.skip(),
+                    shared.model: model_name if model_name != chosen_model else gr.skip(),
+                    **queue, **({tabs: gr.Tabs(selected="review")} if panel.queue in queue else {})}
+
+        demo.load(restore, [remembered["annotator"], remembered["model"], remembered["queue"], shared.annotator,
+                            shared.model], [shared.annotator, shared.model, tabs, *restored_outputs],
+                  api_visibility="private")
+        shared.annotator.change(lambda name: name, shared.annotator, remembered["annotator"],
+                                api_visibility="private")
+        shared.model.change(lambda name: name, shared.model, remembered["model"], api_visibility="private")
     return demo
 
 

@@ -575,3 +575,38 @@ def test_training_refuses_bad_options_with_a_message(tmp_path, cache_dir, capsys
         assert train.main([*args, *common]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_review_endpoints_refuse_bad_input_with_messages(running_app):
+    """The labeling workflow's endpoints word every refusal, and store nothing on one."""
+    url, studio = running_app
+    client = Client(url, verbose=False)  # a fresh session: no queue loaded
+    saved_before = studio.store.count()
+    cases = [
+        (("ann", *[None] * 8, ""), "/review_accept", "Load a catalogue sample to review first"),
+        (("ann", ""), "/review_skip", "Load a catalogue sample to review first"),
+        (("",), "/review_undo", "Enter your name"),
+        (("nobody-here",), "/review_undo", "nothing to undo"),
+        (("ann",), "/review_overwrite", "Load a catalogue sample"),
+        ((MODEL, "train", 5, "least_confidence", "every task", 0.9, 0.1, False, "ann"), "/review_catalogue",
+         "range is empty"),
+        ((MODEL, "train", 5, "least_confidence", "pattern", 0, 1, False, "ann"), "/review_catalogue",
+         "pattern is not in the list of choices"),
+        ((MODEL, None, None, "least_confidence", "every task", 0, 1, False, "ann"), "/review_upload",
+         "Upload a CSV or JSONL manifest"),
+        (("", MODEL), "/review_resume", "Enter your name"),
+        (("  ",), "/item_history", "Enter an item id"),
+        (("any", "", "done", "any", "", 1), "/audit", "not in the list of choices"),
+    ]
+    for args, endpoint, message in cases:
+        with pytest.raises(Exception, match=message) as error:
+            client.predict(*args, api_name=endpoint)
+        assert "Traceback" not in str(error.value), endpoint
+    client.predict(MODEL, "train", 2, "least_confidence", "every task", 0, 1, False, "ann",
+                   api_name="/review_catalogue")
+    for bar, message in (("abc", "must be a number"), ("1.5", "from 0 to 1")):
+        with pytest.raises(Exception, match=message):
+            client.predict("ann", "every task", bar, api_name="/bulk_accept")
+    with pytest.raises(Exception, match="Enter your name"):
+        client.predict("", *[None] * 8, "", api_name="/review_accept")
+    assert studio.store.count() == saved_before

@@ -47,7 +47,10 @@ def test_upload_predict_correct_save_and_see_history(running_app, page):
     page.locator("#annotator input, #annotator textarea").first.fill("browser-tester")
     page.screenshot(path=str(ARTIFACTS / "browser-predict.png"), full_page=True)
     page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text("not a known class", timeout=30_000)  # a new class: asked
+    page.locator("#save-new-class").click()
     expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
+    expect(page.locator("#save-status")).to_contain_text("New class confirmed")
     page.get_by_role("tab", name="History & export").click()
     expect(page.locator("#history")).to_contain_text("Browser-corrected top", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-history.png"), full_page=True)
@@ -59,6 +62,7 @@ def test_review_queue_with_keyboard_shortcuts(running_app, page):
     _, studio = running_app
     page.locator("#annotator input, #annotator textarea").first.fill("keyboard-reviewer")
     page.get_by_role("tab", name="Review queue").click()
+    expect(page.locator("#review-keys")).to_contain_text("1-9")  # the help line lists the keys
     page.locator("#review-size input").fill("5")
     page.locator("#review-load").click()
     progress = page.locator("#review-progress")
@@ -99,6 +103,8 @@ def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_ap
     slot.press("Enter")
     page.locator("#annotator input, #annotator textarea").first.fill("<b>html-tester</b>")
     page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text("not a known class", timeout=30_000)
+    page.locator("#save-new-class").click()
     expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
     page.get_by_role("tab", name="History & export").click()
     expect(page.locator("#history")).to_contain_text(payload, timeout=30_000)  # shown as text
@@ -110,6 +116,7 @@ def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_ap
     page.locator("#review-load-upload").click()
     expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 1", timeout=60_000)
     expect(page.locator("#review-notes")).to_contain_text("was not uploaded")
+    page.get_by_text("Queue: source, order and filters").click()  # it folds away once a queue is loaded
     page.locator("#review-manifest button[aria-label*='Clear'], #review-manifest button[aria-label*='clear']") \
         .first.click()
     page.locator("#review-manifest input[type=file]").set_input_files(str(bad))

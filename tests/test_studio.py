@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from cma_clip.data import Catalogue, read_manifest
-from cma_clip.studio import StudioError, clean_text
+from cma_clip.studio import StudioError, clean_text, views
 from cma_clip.studio.views import (heatmap, history_rows, modality_figure, prediction_rows, review_progress,
                                    text_shading, token_choices)
-from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
 
 
 def test_predict_and_explain(studio):
@@ -87,25 +87,143 @@ def test_review_queue_on_an_empty_split_says_so(studio, monkeypatch):
 
 def test_review_queue_on_a_catalogue_split(studio):
     queue = studio.review_catalogue("hm-articles", "test", 12)
-    confidences = [item.confidence for item in queue.items]
+    confidences = [item.confidence for item in queue.items]  # least confidence: the lowest top-1 over tasks
     assert len(queue.items) == 12 and confidences == sorted(confidences)
     assert review_progress(queue) == "**0 reviewed of 12**"
     first = queue.current
     labels = {t: p.label for t, p in first.predictions.items()}
-    studio.review_save(queue, "ben", labels)
+    outcome = studio.review_save(queue, "ben", labels)
+    assert outcome.result == "saved" and outcome.item_id == first.item_id
     assert first.status == "accepted" and queue.current is not first
-    studio.review_skip(queue)
+    studio.review_skip(queue, "ben")
     assert queue.reviewed == 2
     assert studio.store.current_labels()[first.item_id]["labels"] == labels
 
 
-def test_bulk_accept_takes_only_items_above_every_threshold(studio):
+def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studio, monkeypatch):
+    colour = "colour_group_name"
+    probe = studio.review_catalogue("hm-articles", "val", 10, show_decided=True)
+    confidences = sorted(item.predictions[colour].confidence for item in probe.items)
+    threshold = confidences[5]  # the five most confident colours clear it
+    monkeypatch.setitem(studio.predictor("hm-articles").thresholds, colour, threshold)
     queue = studio.review_catalogue("hm-articles", "val", 10)
-    for item in queue.items[5:]:  # the five most confident clear every task's threshold
-        for p in item.predictions.values():
-            p.auto_accept = True
-    assert studio.bulk_accept(queue, "cem") == 5 and studio.store.count() == 5
-    assert [item.status for item in queue.items] == ["pending"] * 5 + ["accepted"] * 5
+    clear = {item.item_id for item in queue.items if item.predictions[colour].confidence >= threshold}
+    assert len(clear) == 5
+    outcome = studio.bulk_accept(queue, "cem", task=colour)  # its 90%-precision threshold by default
+    assert (outcome.selected, outcome.stored, outcome.conflicts) == (5, 5, [])
+    rows, total = studio.store.audit(source="auto")
+    assert total == 5 and {(r["task"], r["annotator"], r["status"]) for r in rows} == {(colour, "cem", "accepted")}
+    assert {r["item_id"] for r in rows} == clear
+    assert all(item.status == "pending" for item in queue.items)  # the other tasks are still to review
+    again = studio.bulk_accept(queue, "cem", task=colour)
+    assert (again.stored, again.decided) == (0, 5) and studio.store.audit(source="auto")[1] == 5
+    with pytest.raises(StudioError, match="no 90%-precision threshold"):
+        studio.bulk_accept(queue, "cem", task="product_type_name")
+    numeric = studio.bulk_accept(queue, "cem", task="product_type_name", min_conf=0)
+    assert numeric.stored == 10
+
+
+def test_queue_strategies_filters_and_decided_items(studio, tmp_path):
+    tasks = studio.predictor("hm-articles").tasks
+    for strategy in ("least_confidence", "margin", "entropy"):
+        queue = studio.review_catalogue("hm-articles", "test", 8, strategy=strategy)
+        scores = [max(item.uncertainty[strategy][t] for t in tasks) for item in queue.items]
+        assert scores == sorted(scores, reverse=True), strategy
+        assert all(0 <= v <= 1 for item in queue.items for v in item.uncertainty[strategy].values())
+    colour = studio.review_catalogue("hm-articles", "test", 8, task="colour_group_name", strategy="margin")
+    assert colour.tasks == ["colour_group_name"]
+    margins = [item.uncertainty["margin"]["colour_group_name"] for item in colour.items]
+    assert margins == sorted(margins, reverse=True)
+    narrow = studio.review_catalogue("hm-articles", "test", 8, task="colour_group_name", min_conf=0.1, max_conf=0.3)
+    assert narrow.sampled == 8 and all(0.1 <= i.predictions["colour_group_name"].confidence <= 0.3
+                                       for i in narrow.items)
+    with pytest.raises(StudioError, match="range is empty"):
+        studio.review_catalogue("hm-articles", "test", 8, min_conf=0.8, max_conf=0.2)
+    with pytest.raises(StudioError, match="no task 'pattern'"):
+        studio.review_catalogue("hm-articles", "test", 8, task="pattern")
+
+    # decided items leave the next queue; "show decided" brings them back
+    manifest = write_hm_manifest(tmp_path, hm_rows("test", 5))
+    images = [str(tmp_path / r["image"]) for r in hm_rows("test", 5)]
+    first = studio.review_upload("hm-articles", str(manifest), images)
+    for _ in range(2):
+        studio.review_skip(first, "ana")
+    decided = {item.item_id for item in first.items if item.status != "pending"}
+    assert len(decided) == 2 and first.reviewed == 2
+    later = studio.review_upload("hm-articles", str(manifest), images)
+    assert len(later.items) == 3 and not decided & {item.item_id for item in later.items}
+    assert "2 decided items left out" in later.notes
+    again = studio.review_upload("hm-articles", str(manifest), images, show_decided=True)
+    assert len(again.items) == 5 and again.reviewed == 2
+
+
+def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
+    queue = studio.review_catalogue("hm-articles", "train", 4, annotator="ana")
+    item = queue.current
+    seen = studio.current_view(queue).shown  # both labelers open the same pending item
+    assert seen.item_id == item.item_id and set(seen.versions.values()) == {None}
+    colour = "colour_group_name"
+    classes = studio.task_classes("hm-articles")[colour]
+    mine, theirs = classes[0], classes[1]
+    saved = studio.review_save(queue, "ana", {colour: mine}, seen, request_id="ana-1")
+    assert saved.result == "saved" and saved.statuses[colour] in ("accepted", "corrected")
+    retry = studio.review_save(queue, "ana", {colour: mine}, seen, request_id="ana-1")
+    assert retry.result == "duplicate" and retry.save_id == saved.save_id and studio.store.count() == 1
+
+    other = studio.review_catalogue("hm-articles", "train", 4, show_decided=True)
+    other.position = other.index_of(item.item_id)
+    refused = studio.review_save(other, "ben", {colour: theirs}, seen)
+    assert refused.result == "conflict" and studio.store.count() == 1
+    [conflict] = refused.conflicts
+    assert (conflict.yours, conflict.theirs, conflict.annotator) == (theirs, mine, "ana")
+    assert "ana" in views.save_message(refused) and theirs in views.save_message(refused)
+    forced = studio.review_save(other, "ben", {colour: theirs}, seen, force=True)
+    assert forced.result == "saved" and studio.store.item_state(item.item_id)[colour].label == theirs
+
+    typo = mine[:-2] + mine[-1] + mine[-2]  # two letters swapped
+    other.position = other.index_of(item.item_id)
+    caught = studio.review_save(other, "ben", {colour: typo}, studio.current_view(other).shown)
+    assert caught.result == "unknown" and caught.unknown[0].suggestions[:1] == [mine]
+    assert studio.store.count() == 2
+    new = studio.review_save(other, "ben", {colour: "Turquoise glitter"}, studio.current_view(other).shown,
+                             new_classes={colour: "Turquoise glitter"})
+    assert new.result == "saved" and studio.store.item_state(item.item_id)[colour].label == "Turquoise glitter"
+
+    undone = studio.review_undo(other, "ben")
+    assert undone.tasks == {colour: ("Turquoise glitter", theirs)} and undone.in_queue
+    assert other.current.item_id == item.item_id
+    assert studio.store.item_state(item.item_id)[colour].label == theirs
+
+    # the queue and the place in it survive a restart (a new studio on the same folder)
+    assert studio.review_previous(queue, "ana") is True and queue.current.item_id == item.item_id
+    studio.review_next(queue, "ana")
+    from cma_clip.studio import Studio
+    restarted = Studio(studio.checkpoints["hm-articles"].parent, data_dir=studio.data_dir, device="cpu")
+    resumed = restarted.resume_queue(None, "ana", "hm-articles")
+    assert resumed.queue_id == queue.queue_id and resumed.position == queue.position
+    assert [i.item_id for i in resumed.items] == [i.item_id for i in queue.items]
+    assert restarted.resume_queue(queue.queue_id).position == queue.position
+    assert restarted.resume_queue(None, "nobody", "hm-articles") is None
+
+
+def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_path):
+    other_image = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
+    prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")
+    assert view.item_id == "0816591001" and view.values == {t: p.label for t, p in prediction.tasks.items()}
+    labels = dict(view.values, colour_group_name="Grey")
+    saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, view.shown)
+    assert saved.result == "saved" and saved.item_id == "0816591001"
+    assert "0816591001" in views.save_message(saved)
+    # an upload without an id gets its content id, never the last item's
+    upload = studio.save_item(str(other_image), EXAMPLE_TEXT, "hm-articles", "ana", "", labels, view.shown)
+    assert upload.result == "saved" and upload.item_id.startswith("img-") and upload.item_id != "0816591001"
+    assert studio.resolve_item_id(str(other_image), EXAMPLE_TEXT, None) == upload.item_id
+    assert studio.resolve_item_id(str(other_image), EXAMPLE_TEXT + " more", None) != upload.item_id
+    # predicting the item again shows its saved label
+    _, again = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")
+    assert again.values["colour_group_name"] == "Grey" and again.states["colour_group_name"].annotator == "ana"
+    current = studio.store.current_labels()
+    assert current["0816591001"]["labels"]["colour_group_name"] == "Grey" and upload.item_id in current
 
 
 def test_review_upload_matches_images_by_name(studio, tmp_path):
@@ -163,7 +281,7 @@ def forbidden(modules: set[str]) -> set[str]:
     return {m for m in modules if any(m == f or m.startswith(f + ".") for f in NOT_IN_THE_STUDIO)}
 
 
-@pytest.mark.parametrize("name", ["__init__.py", "service.py", "views.py"])
+@pytest.mark.parametrize("name", ["__init__.py", "service.py", "views.py", "workflow.py"])
 def test_the_studio_imports_neither_the_app_nor_gradio(name):
     modules = imported_modules(STUDIO / name)
     assert "cma_clip.studio.service" in modules or "cma_clip.predict" in modules  # the check reads the imports

@@ -1,34 +1,48 @@
 """The app's actions, as plain classes and functions tested without a browser.
 
-A `Studio` holds the models and the label store: predict, save corrections, history and
-export, a review queue sorted by uncertainty (least confident first: an item's confidence
-is the lowest top-1 probability over its tasks), and robustness probes and sweeps. What
-the app shows of their results is `views`; `app.py` lays out components and wires events.
+A `Studio` holds the models and the label store: predict, save labels (checked against
+the versions the labeler saw, the task's vocabulary and a request id), history, audit,
+agreement and export, a review queue (ranked by least confidence, margin or entropy,
+filtered by task and confidence, its decided items left out, kept in the store so that a
+reload or a restart resumes it) with save, skip, undo, previous and next and a bulk
+accept by filter, and robustness probes and sweeps. The queue's records and the actions'
+outcomes are `workflow`'s; what the app shows of them is `views`; `app.py` lays out
+components and wires events.
 """
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from .. import noise, robustness
+from .. import noise, review, robustness
 from ..backbones import BackboneError
 from ..checkpoint import CheckpointError, is_checkpoint, read_config
-from ..data import (REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, join_text, load_image,
-                    read_manifest, write_table)
+from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
+                    join_text, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import LabelStore, LabelStoreError
-from ..predict import Prediction, Predictor, TaskPrediction
+from ..labels import LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel, content_item_id
+from ..predict import Prediction, Predictor
+from ..review import STRATEGIES
+from .workflow import (ALL_TASKS, CHOICES_KEPT, THRESHOLDS, BulkOutcome, ItemView, ReviewItem, ReviewQueue,
+                       SaveOutcome, Shown, UndoOutcome)
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
 MAX_TEXT_CHARS = 5000
 MAX_SWEEP_ITEMS = 500  # a catalogue sweep costs about 0.4 s per item on 2 CPU cores
+MAX_QUEUE_ITEMS = 1000  # a review sample; predicted at about 20 items/s on 2 CPU cores
+SPLITS = ("train", "val", "test")
+BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
+AUDIT_PAGE = 50
+RECENT_REQUESTS = 1000  # stored requests remembered, to answer a retry with the first answer
 Progress = Callable[[float, str], None]
 
 
@@ -48,54 +62,6 @@ def available_checkpoints(folder: str | Path = CHECKPOINT_DIR) -> dict[str, Path
             if is_checkpoint(path.parent)}
 
 
-@dataclass
-class ReviewItem:
-    """One item of a review queue, with the model's predictions and what the reviewer did."""
-
-    item_id: str
-    image_path: str
-    text: str
-    predictions: dict[str, TaskPrediction]
-    status: str = "pending"  # pending | accepted | corrected | skipped
-
-    @property
-    def confidence(self) -> float:
-        """The lowest top-1 probability over the tasks: the queue's uncertainty measure."""
-        return min(p.confidence for p in self.predictions.values())
-
-    @property
-    def all_auto_accept(self) -> bool:
-        return all(p.auto_accept for p in self.predictions.values())
-
-
-@dataclass
-class ReviewQueue:
-    """A model's predictions on a batch of items, least confident first, and the item under review."""
-
-    model: str
-    items: list[ReviewItem] = field(default_factory=list)
-    position: int = 0
-    notes: list[str] = field(default_factory=list)  # rows that could not be loaded, and why
-
-    @property
-    def reviewed(self) -> int:
-        return sum(item.status != "pending" for item in self.items)
-
-    @property
-    def current(self) -> ReviewItem | None:
-        return self.items[self.position] if 0 <= self.position < len(self.items) else None
-
-    def advance(self) -> None:
-        """Move to the next pending item after the current one (wrapping), if any."""
-        n = len(self.items)
-        for step in range(1, n + 1):
-            candidate = (self.position + step) % n
-            if self.items[candidate].status == "pending":
-                self.position = candidate
-                return
-        self.position = n  # everything reviewed
-
-
 class Studio:
     """Models, the label store and the app's actions. Thread-safe: Gradio calls it from many threads."""
 
@@ -108,6 +74,10 @@ class Studio:
         self.device, self.data_root = device, data_root
         self._predictors: dict[str, Predictor] = {}
         self._lock = threading.Lock()
+        self._queue_locks: dict[str, threading.Lock] = {}
+        self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
+        self._catalogues: dict[str, dict[str, dict[str, str]]] = {}  # catalogue -> item id -> its labels
+        self.bulk_chunk = BULK_CHUNK
 
     # ------------------------------------------------------------------ models
     @property
@@ -132,15 +102,115 @@ class Studio:
     def task_classes(self, model: str) -> dict[str, list[str]]:
         return self.predictor(model).classes
 
+    def tasks_of(self, model: str) -> list[str]:
+        """A model's tasks read from its config, without loading it ([] when it cannot be read)."""
+        if model in self._predictors:
+            return self._predictors[model].tasks
+        try:
+            return list(read_config(self.checkpoints[model]).classes)
+        except (KeyError, CheckpointError):
+            return []
+
     # ------------------------------------------------------------------ predict and explain
     def predict(self, image_path: str | None, text: str | None, model: str) -> Prediction:
         image = open_user_image(image_path)
         return self.predictor(model).predict(image, clean_text(text), top_k=3)
 
-    # ------------------------------------------------------------------ correct and save
+    # ------------------------------------------------------------------ correct and save one item
     def save_correction(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
                         item_id: str | None, labels: dict[str, str | None],
-                        prediction: Prediction | None = None) -> int:
+                        prediction: Prediction | None = None, request_id: str | None = None) -> int:
+        """The unchecked save of the `/save_correction` API, kept for scripts written against
+        it: no version check, no vocabulary check (a request id still makes a retry store
+        one row). The app's own Save button goes through `save_item`. Returns the save's id."""
+        image, chosen = self._checked_inputs(image_path, annotator, model, labels)
+        predictions = self._light_predictions(model, image, text, prediction)
+        try:
+            return self.store.save_correction(image=Path(image_path), text=clean_text(text), labels=chosen,
+                                              predictions=predictions, annotator=annotator.strip(),
+                                              checkpoint=model, item_id=(item_id or "").strip() or None,
+                                              request_id=(request_id or "").strip() or None)
+        except LabelStoreError as exc:
+            raise StudioError(str(exc)) from exc
+
+    def resolve_item_id(self, image_path: str | None, text: str | None, item_id: str | None) -> str:
+        """The id a save of this image and text goes under: the catalogue id given, else the
+        content id (image bytes + text), so an upload without an id never takes another item's."""
+        explicit = (item_id or "").strip()
+        if explicit:
+            return explicit
+        open_user_image(image_path)  # a worded error for unreadable files
+        try:
+            return content_item_id(Path(image_path), clean_text(text))
+        except LabelStoreError as exc:
+            raise StudioError(str(exc)) from exc
+
+    def item_view(self, item_id: str, tasks: list[str], predicted: dict[str, str]) -> ItemView:
+        """Where each task of an item stands in the store, and where its control starts:
+        the latest saved label, else the model's prediction."""
+        states = self.store.item_state(item_id)
+        values = {t: states[t].label if t in states and states[t].label is not None else predicted.get(t)
+                  for t in tasks}
+        shown = Shown(item_id, {t: states[t].version if t in states else None for t in tasks})
+        return ItemView(item_id, states, values, shown, self.store.item_history(item_id))
+
+    def predict_item(self, image_path: str | None, text: str | None, model: str,
+                     item_id: str | None) -> tuple[Prediction, ItemView]:
+        """The Predict tab's item: the prediction, and the item's saved labels under its id
+        (and the catalogue's own labels, when the id is one of the model's catalogue)."""
+        prediction = self.predict(image_path, text, model)
+        resolved = self.resolve_item_id(image_path, text, item_id)
+        return prediction, self.model_view(model, resolved, prediction, bool((item_id or "").strip()))
+
+    def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
+        """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given)."""
+        view = self.item_view(item_id, self.predictor(model).tasks,
+                              {t: p.label for t, p in prediction.tasks.items()} if prediction else {})
+        view.catalogue = self.catalogue_labels(model, item_id) if catalogued else {}
+        return view
+
+    def catalogue_labels(self, model: str, item_id: str) -> dict[str, str]:
+        """The labels the model's own catalogue gives an item id ({} when it has no such item)."""
+        name = self.predictor(model).config.catalogue.name
+        with self._lock:
+            known = self._catalogues.get(name)
+        if known is None:
+            try:
+                catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root))
+                tasks = [t for t in self.predictor(model).tasks if t in catalogue.rows[0]]
+                columns = {t: catalogue.labels(t) for t in tasks}
+                known = {item: {t: columns[t][n] for t in tasks if columns[t][n]}
+                         for n, item in enumerate(catalogue.item_ids())}
+            except (CatalogueError, OSError):
+                known = {}
+            with self._lock:
+                self._catalogues[name] = known
+        return dict(known.get(item_id, {}))
+
+    def save_item(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
+                  item_id: str | None, labels: dict[str, str | None], shown: Shown | None, *,
+                  request_id: str | None = None, new_classes: dict[str, str] | None = None, force: bool = False,
+                  prediction: Prediction | None = None) -> SaveOutcome:
+        """The Predict tab's checked save. The item is the id given, else the content id. Its
+        base versions are those `shown` for that item (none shown, or another item shown: the
+        labeler saw none of its labels), so a label someone else saved comes back as a
+        conflict; labels outside the vocabulary come back as unknown unless confirmed in
+        `new_classes`; a `request_id` already stored stores nothing."""
+        rid = (request_id or "").strip() or None
+        if (done := self._recent(rid)) is not None:
+            return done
+        image, chosen = self._checked_inputs(image_path, annotator, model, labels)
+        resolved = self.resolve_item_id(image_path, text, item_id)
+        seen = shown.versions if shown is not None and shown.item_id == resolved else {}
+        predictions = self._light_predictions(model, image, text, prediction)
+        catalogue = self.catalogue_labels(model, resolved) if (item_id or "").strip() else {}
+        outcome = self._save(resolved, Path(image_path), clean_text(text), chosen, annotator, model, predictions,
+                             {t: seen.get(t) for t in chosen}, rid, new_classes, force,
+                             {t: v for t, v in catalogue.items() if t in chosen})
+        return self._remember(rid, outcome)
+
+    def _checked_inputs(self, image_path: str | None, annotator: str | None, model: str,
+                        labels: dict[str, str | None]) -> tuple[Image.Image, dict[str, str]]:
         if not image_path:
             raise StudioError("Upload the item's image before saving a correction.")
         image = open_user_image(image_path)  # refuse unreadable files before anything is written
@@ -150,19 +220,92 @@ class Studio:
         chosen = {t: str(v).strip() for t, v in labels.items() if t in tasks and v is not None and str(v).strip()}
         if not chosen:
             raise StudioError("Choose at least one label to save.")
-        if prediction is None:  # the model's prediction is stored with the labels: compute it for these inputs
+        return image, chosen
+
+    def _light_predictions(self, model: str, image: Image.Image, text: str | None,
+                           prediction: Prediction | None) -> dict[str, dict]:
+        """The model's label and confidence per task, stored with the labels."""
+        if prediction is None:  # compute it for these inputs
             prediction = self.predictor(model).predict_batch([image], [clean_text(text)])[0]
-        predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)} for t, p in prediction.tasks.items()}
+        return {t: {"label": p.label, "confidence": round(p.confidence, 4)} for t, p in prediction.tasks.items()}
+
+    def _save(self, item_id: str, image: Path, text: str, labels: dict[str, str], annotator: str | None, model: str,
+              predictions: dict[str, dict], base_versions: dict[str, int | None], request_id: str | None,
+              new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None) -> SaveOutcome:
+        """One checked save in the store, its refusals returned as outcomes."""
+        new_classes = {t: v for t, v in (new_classes or {}).items() if labels.get(t) == v}
         try:
-            return self.store.save_correction(image=Path(image_path), text=clean_text(text), labels=chosen,
-                                              predictions=predictions, annotator=annotator.strip(),
-                                              checkpoint=model, item_id=(item_id or "").strip() or None)
+            result = self.store.save(image=image, text=text, labels=labels, annotator=(annotator or "").strip(),
+                                     item_id=item_id, predictions=predictions, checkpoint=model,
+                                     base_versions=base_versions, request_id=request_id, source="human",
+                                     catalogue_labels=catalogue, vocabulary=self.task_classes(model),
+                                     new_classes=new_classes, force=force)
+        except UnknownLabel as exc:
+            return SaveOutcome("unknown", item_id, labels, unknown=exc.unknown, request_id=request_id,
+                               new_classes=new_classes)
+        except LabelConflict as exc:
+            return SaveOutcome("conflict", item_id, labels, conflicts=exc.conflicts, request_id=request_id,
+                               new_classes=new_classes)
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
+        predicted = {t: p["label"] for t, p in predictions.items()}
+        return SaveOutcome("duplicate" if result.duplicate else "saved", item_id, labels, result.save_id,
+                           {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
+                           request_id=request_id, new_classes=new_classes)
 
+    def _recent(self, request_id: str | None) -> SaveOutcome | None:
+        """The outcome of a request this server already stored, marked as a duplicate: a
+        retried call (the first's answer lost) gets the first's answer, whatever the
+        labeler's screen moved to since. The store dedups requests too, across restarts."""
+        with self._lock:
+            done = self._requests.get(request_id) if request_id else None
+        return replace(done, result="duplicate") if done is not None else None
+
+    def _remember(self, request_id: str | None, outcome: SaveOutcome) -> SaveOutcome:
+        if request_id and outcome.stored:
+            with self._lock:
+                self._requests[request_id] = outcome
+                while len(self._requests) > RECENT_REQUESTS:
+                    self._requests.popitem(last=False)
+        return outcome
+
+    # ------------------------------------------------------------------ history, audit, agreement, export
     def history(self, limit: int = 50) -> list[dict]:
         """The latest label-store entries, newest first (`views.history_rows` tabulates them)."""
         return self.store.history(limit=limit)
+
+    def audit(self, task: str | None = None, annotator: str | None = None, status: str | None = None,
+              source: str | None = None, search: str | None = None, page: int = 1,
+              page_size: int = AUDIT_PAGE) -> tuple[list[dict], int, int]:
+        """One page (from 1) of every decision, newest first, filtered; the rows, how many
+        match and the page shown. Empty filters ("", "any") filter nothing."""
+        def wanted(value: str | None) -> str | None:
+            value = (value or "").strip()
+            return None if value.lower() in ("", "any", "all", ALL_TASKS) else value
+
+        page = max(1, int(page or 1))
+        page_size = max(1, min(int(page_size or AUDIT_PAGE), 500))
+        try:
+            rows, total = self.store.audit(wanted(task), wanted(annotator), wanted(status), wanted(source),
+                                           (search or "").strip() or None, page_size, (page - 1) * page_size)
+            if not rows and total and page > 1:  # past the end: the last page
+                page = (total - 1) // page_size + 1
+                rows, total = self.store.audit(wanted(task), wanted(annotator), wanted(status), wanted(source),
+                                               (search or "").strip() or None, page_size, (page - 1) * page_size)
+        except LabelStoreError as exc:
+            raise StudioError(str(exc)) from exc
+        return rows, total, page
+
+    def item_history(self, item_id: str | None) -> list[dict]:
+        """Every decision on one item, oldest first (labels, skips, undos, auto-accepts)."""
+        item_id = (item_id or "").strip()
+        if not item_id:
+            raise StudioError("Enter an item id to see its history.")
+        return self.store.item_history(item_id)
+
+    def agreement(self) -> dict[str, dict]:
+        """Per task, raw agreement and Cohen's kappa where two annotators labelled the same item."""
+        return self.store.agreement()
 
     def export(self, fmt: str) -> Path:
         fmt = (fmt or "").lower().lstrip(".")
@@ -175,104 +318,365 @@ class Studio:
             raise StudioError(f"Export failed: {exc}") from exc
         return path
 
-    # ------------------------------------------------------------------ review queue
-    def review_catalogue(self, model: str, split: str, size: int, progress: Progress | None = None) -> ReviewQueue:
-        """A sample of one split of the model's own catalogue on disk."""
+    # ------------------------------------------------------------------ review queue: building
+    def review_catalogue(self, model: str, split: str, size: int, progress: Progress | None = None, *,
+                         strategy: str = STRATEGIES[0], task: str | None = None, min_conf: float | None = None,
+                         max_conf: float | None = None, show_decided: bool = False,
+                         annotator: str | None = None) -> ReviewQueue:
+        """A random sample of one split of the model's own catalogue, its decided items left
+        out (unless `show_decided`), ranked by `strategy` and filtered by confidence."""
         predictor = self.predictor(model)
         name = predictor.config.catalogue.name
+        if split not in SPLITS:
+            raise StudioError(f"Choose a split among {', '.join(SPLITS)}, not {split!r}.")
+        tasks = self._queue_tasks(model, task)
         try:
             config = CatalogueConfig.load(name, self.data_root)
             catalogue = Catalogue.open(config, split=split)
             if not len(catalogue):
                 raise CatalogueError(f"its {split!r} split has no items")
-            size = max(1, min(int(size or 50), len(catalogue)))
-            picked = np.sort(np.random.default_rng(0).choice(len(catalogue), size=size, replace=False))
+            ids = catalogue.item_ids()
+            decided = set() if show_decided else self.store.decided_items(tasks)
+            pool = [i for i, item_id in enumerate(ids) if item_id not in decided]
+            if not pool:
+                raise StudioError(f"Every item of the {split} split is decided for {', '.join(tasks)}. Tick "
+                                  "'show decided items' to review them again.")
+            size = max(1, min(int(size or 50), MAX_QUEUE_ITEMS, len(pool)))
+            picked = np.sort(np.random.default_rng(0).choice(pool, size=size, replace=False))
             sample = catalogue.take(picked)
-            items = list(zip(sample.item_ids(), map(str, sample.image_paths()), sample.texts()))
+            labels = {t: sample.labels(t) for t in predictor.tasks}
+            items = [(item_id, str(path), text, {t: labels[t][n] for t in labels if labels[t][n]})
+                     for n, (item_id, path, text) in enumerate(zip(sample.item_ids(), sample.image_paths(),
+                                                                   sample.texts()))]
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
-        return self._queue(model, items, [], progress)
+        notes = [f"{len(ids) - len(pool)} decided items of the split left out"] if len(pool) < len(ids) else []
+        return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
+                           max_conf=max_conf, show_decided=show_decided, split=split, annotator=annotator,
+                           source=f"{name}, {split} split: {size} sampled of {len(pool)} "
+                                  f"{'items' if show_decided else 'pending items'}")
 
     def review_upload(self, model: str, manifest_path: str | None, image_paths: list[str] | None,
-                      progress: Progress | None = None) -> ReviewQueue:
+                      progress: Progress | None = None, *, strategy: str = STRATEGIES[0], task: str | None = None,
+                      min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
+                      annotator: str | None = None) -> ReviewQueue:
         """An uploaded manifest and its images, matched by file name (uploads lose their folders)."""
         if not manifest_path:
             raise StudioError("Upload a CSV or JSONL manifest.")
         predictor = self.predictor(model)
+        tasks = self._queue_tasks(model, task)
         config = predictor.config.catalogue_on(manifest_path)
         try:
-            rows = read_manifest(manifest_path)
+            rows = read_manifest(manifest_path, max_rows=MAX_MANIFEST_ROWS)
         except CatalogueError as exc:  # read_manifest names the bad row or encoding
             raise StudioError(f"Cannot read the manifest: {exc}") from exc
         needed = [config.image_column, *config.text_columns]
         if not rows or any(c not in rows[0] for c in needed):
-            raise StudioError(f"The manifest needs the columns {needed} (found {sorted(rows[0]) if rows else 'no rows'}).")
+            found = sorted(rows[0]) if rows else "no rows"
+            raise StudioError(f"The manifest needs the columns {needed} (found {found}).")
         by_name = {Path(p).name: p for p in image_paths or []}
-        items, notes = [], []
+        decided = set() if show_decided else self.store.decided_items(tasks)
+        items, notes, left_out = [], [], 0
         for number, row in enumerate(rows, 1):
             name = Path(row[config.image_column]).name
             if name not in by_name:
                 notes.append(f"row {number}: image {name!r} was not uploaded")
                 continue
             item_id = row.get(config.id_column or "", "") or name
-            text = join_text(row, config.text_columns)
-            items.append((item_id, by_name[name], text))
+            if item_id in decided:
+                left_out += 1
+                continue
+            catalogue = {t: row[t].strip() for t in predictor.tasks if not is_missing(row.get(t))}
+            items.append((item_id, by_name[name], join_text(row, config.text_columns), catalogue))
+        if left_out:
+            notes.append(f"{left_out} decided items left out")
         if not items:
-            raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3]))
-        return self._queue(model, items, notes, progress)
+            raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3]) if not left_out
+                              else "Every uploaded item is decided. Tick 'show decided items' to review them again.")
+        return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
+                           max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
+                           source=f"upload {Path(manifest_path).name}: {len(items)} items")
 
-    def _queue(self, model: str, items: list[tuple[str, str, str]], notes: list[str],
-               progress: Progress | None, batch_size: int = 16) -> ReviewQueue:
+    def review_items(self, model: str, items: list[tuple[str, str, str, dict[str, str]]], source: str,
+                     progress: Progress | None = None, **options) -> ReviewQueue:
+        """A queue over any items (id, image path, text, catalogue labels): the entry point
+        for other queue sources, such as the suspected mislabels of `cma_clip.mislabels`."""
+        return self._queue(model, list(items), [], progress, tasks=self._queue_tasks(model, options.pop("task", None)),
+                           source=source, **options)
+
+    def _queue_tasks(self, model: str, task: str | None) -> list[str]:
+        tasks = self.predictor(model).tasks
+        if task in (None, "", ALL_TASKS):
+            return tasks
+        if task not in tasks:
+            raise StudioError(f"Model {model!r} has no task {task!r}; its tasks: {', '.join(tasks)}.")
+        return [task]
+
+    def _queue(self, model: str, items: list[tuple[str, str, str, dict[str, str]]], notes: list[str],
+               progress: Progress | None, *, tasks: list[str], strategy: str = STRATEGIES[0],
+               min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
+               split: str | None = None, source: str = "", annotator: str | None = None,
+               batch_size: int = 16) -> ReviewQueue:
+        """Predict every item (all classes, for entropy), rank by `strategy` over `tasks`,
+        keep those the confidence range lets through, and keep the queue in the store."""
+        if strategy not in STRATEGIES:
+            raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
+        min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
+        min_conf, max_conf = (None if min_conf == 0 else min_conf), (None if max_conf == 1 else max_conf)  # no bound
+        if min_conf is not None and max_conf is not None and min_conf > max_conf:
+            raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
         predictor = self.predictor(model)
-        queue = ReviewQueue(model, notes=notes)
+        all_classes = max(len(c) for c in predictor.classes.values())
+        queue = ReviewQueue(model, notes=list(notes), tasks=list(tasks), strategy=strategy, source=source,
+                            split=split, filters={"task": tasks[0] if len(tasks) == 1 < len(predictor.tasks) else None,
+                                                  "min_conf": min_conf, "max_conf": max_conf,
+                                                  "show_decided": bool(show_decided)})
+        loaded: list[ReviewItem] = []
         for start in range(0, len(items), batch_size):
             chunk, images = [], []
-            for item_id, path, text in items[start:start + batch_size]:
+            for item_id, path, text, catalogue in items[start:start + batch_size]:
                 try:
                     images.append(load_image(path))
-                    chunk.append((item_id, path, text))
+                    chunk.append((item_id, str(path), text, catalogue))
                 except ImageError as exc:
                     queue.notes.append(f"{item_id}: {exc}")
             if chunk:
-                predictions = predictor.predict_batch(images, [text for _, _, text in chunk])
-                queue.items += [ReviewItem(i, p, t, pred.tasks) for (i, p, t), pred in zip(chunk, predictions)]
+                predictions = predictor.predict_batch(images, [text for _, _, text, _ in chunk], top_k=all_classes)
+                loaded += [ReviewItem(i, p, t, pred.tasks, catalogue=c)
+                           for (i, p, t, c), pred in zip(chunk, predictions)]
             if progress:
                 progress(min(1.0, (start + batch_size) / len(items)), "predicting")
-        if not queue.items:
+        if not loaded:
             raise StudioError("No item could be loaded: " + "; ".join(queue.notes[:3]))
-        queue.items.sort(key=lambda item: item.confidence)
+        full = {t: np.array([item.predictions[t].probabilities for item in loaded]) for t in predictor.tasks}
+        for s in STRATEGIES:
+            scores = {t: review.uncertainty(full[t], s) for t in predictor.tasks}
+            for n, item in enumerate(loaded):
+                item.uncertainty[s] = {t: round(float(scores[t][n]), 4) for t in predictor.tasks}
+        order = review.rank({t: full[t] for t in tasks}, strategy)
+        ranked = [loaded[i] for i in order]
+        kept = review.select([{t: item.predictions[t].confidence for t in tasks} for item in ranked],
+                             min_conf=min_conf, max_conf=max_conf)
+        queue.sampled = len(ranked)
+        queue.items = [ranked[i] for i in kept]
+        for item in queue.items:  # the full distributions were for the ranking: keep the top choices
+            for p in item.predictions.values():
+                p.labels, p.probabilities = p.labels[:CHOICES_KEPT], p.probabilities[:CHOICES_KEPT]
+        if not queue.items:
+            raise StudioError(f"None of the {len(ranked)} items has a confidence in the range chosen"
+                              f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
+        self.refresh(queue)
+        if not queue.show_decided and queue.current is not None and queue.current.status != "pending":
+            queue.advance()
+        self.keep_queue(queue, annotator)
         return queue
 
-    def review_save(self, queue: ReviewQueue, annotator: str | None, labels: dict[str, str | None]) -> ReviewQueue:
-        """Save the current item with the given labels and move on."""
+    # ------------------------------------------------------------------ review queue: state and persistence
+    def refresh(self, queue: ReviewQueue) -> ReviewQueue:
+        """Each item's status from the store (someone else may have decided it meanwhile)."""
+        decided = self.store.decided_items(queue.tasks)
+        for item in queue.items:
+            item.status = (_item_status(self.store.item_state(item.item_id), queue.tasks)
+                           if item.item_id in decided else "pending")
+        return queue
+
+    def keep_queue(self, queue: ReviewQueue, annotator: str | None = None) -> None:
+        """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it)."""
+        try:
+            self.store.save_queue(queue.queue_id, (annotator or "").strip(), queue.model, queue.to_payload(),
+                                  max(0, queue.position))
+        except LabelStoreError as exc:
+            raise StudioError(f"The queue could not be kept: {exc}") from exc
+
+    def resume_queue(self, queue_id: str | None = None, annotator: str | None = None,
+                     model: str | None = None) -> ReviewQueue | None:
+        """A kept queue: by id, else the one `annotator` moved in last (on `model` if given);
+        None when there is none, or its model is gone."""
+        saved = None
+        if queue_id:
+            saved = self.store.load_queue(queue_id)
+        if saved is None and (annotator or "").strip():
+            saved = self.store.latest_queue(annotator.strip(), model or None)
+        if saved is None or saved.model not in self.checkpoints:
+            return None
+        queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position)
+        return self.refresh(queue)
+
+    def current_view(self, queue: ReviewQueue | None) -> ItemView | None:
+        """The queue's current item as the labeler sees it (None when the queue is done)."""
+        item = queue.current if queue else None
+        if item is None:
+            return None
+        return self.item_view(item.item_id, queue.tasks, item.predicted())
+
+    # ------------------------------------------------------------------ review queue: decisions
+    def review_save(self, queue: ReviewQueue, annotator: str | None, labels: dict[str, str | None],
+                    shown: Shown | None = None, *, request_id: str | None = None,
+                    new_classes: dict[str, str] | None = None, force: bool = False) -> SaveOutcome:
+        """Save the current item's labels (the queue's tasks) and move on. `shown` is what the
+        labeler saw (default: the item as it stands now); a save for another item than the
+        queue's current one is refused. Conflicts and unknown labels come back as outcomes,
+        the queue staying on the item; a request already stored is answered, not stored again."""
+        rid = (request_id or "").strip() or None
+        with self._queue_lock(queue):
+            if (done := self._recent(rid)) is not None:
+                return done
+            item, annotator = self._current(queue, shown), self._annotator(annotator)
+            shown = shown or self.current_view(queue).shown
+            chosen = {t: str(labels[t]).strip() for t in queue.tasks
+                      if labels.get(t) is not None and str(labels[t]).strip()}
+            if not chosen:
+                raise StudioError("Choose at least one label to save.")
+            predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
+                           for t, p in item.predictions.items()}
+            outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
+                                 predictions, {t: shown.versions.get(t) for t in chosen}, rid, new_classes, force,
+                                 {t: v for t, v in item.catalogue.items() if t in chosen})
+            if outcome.result == "saved":
+                self._moved_on(queue, annotator)
+            return self._remember(rid, outcome)
+
+    def review_skip(self, queue: ReviewQueue, annotator: str | None, shown: Shown | None = None, *,
+                    request_id: str | None = None) -> SaveOutcome:
+        """Mark the current item's tasks skipped (decided for the queue, labels kept) and move on."""
+        rid = (request_id or "").strip() or None
+        with self._queue_lock(queue):
+            if (done := self._recent(rid)) is not None:
+                return done
+            item, annotator = self._current(queue, shown), self._annotator(annotator)
+            try:
+                result = self.store.skip(item.item_id, queue.tasks, annotator, checkpoint=queue.model, request_id=rid)
+            except LabelStoreError as exc:
+                raise StudioError(str(exc)) from exc
+            outcome = SaveOutcome("duplicate" if result.duplicate else "saved", item.item_id, {}, result.save_id,
+                                  dict.fromkeys(queue.tasks, "skipped"), kind="skip", request_id=rid)
+            if not result.duplicate:
+                self._moved_on(queue, annotator)
+            return self._remember(rid, outcome)
+
+    def review_undo(self, queue: ReviewQueue | None, annotator: str | None, *, force: bool = False,
+                    request_id: str | None = None) -> UndoOutcome:
+        """Revert the annotator's newest decision not yet reverted (again and again, further
+        back); the queue goes to that item. Someone else's label saved since comes back as a
+        conflict unless `force`."""
+        annotator = self._annotator(annotator)
+        try:
+            undone = self.store.undo(annotator, force=force, request_id=(request_id or "").strip() or None)
+        except LabelConflict as exc:
+            return UndoOutcome(exc.conflicts[0].item_id, conflicts=exc.conflicts)
+        except LabelStoreError as exc:
+            raise StudioError(str(exc)) from exc
+        outcome = UndoOutcome(undone.item_id, undone.tasks)
+        if queue is not None:
+            with self._queue_lock(queue):
+                self.refresh(queue)
+                index = queue.index_of(undone.item_id)
+                if index is not None:
+                    queue.position, outcome.in_queue = index, True
+                self.keep_queue(queue, annotator)
+        return outcome
+
+    def review_previous(self, queue: ReviewQueue, annotator: str | None = None) -> bool:
+        """Step back to the item before (decided or not); False at the first item."""
+        with self._queue_lock(queue):
+            moved = queue.back()
+            self.refresh(queue)
+            self.keep_queue(queue, annotator)
+            return moved
+
+    def review_next(self, queue: ReviewQueue, annotator: str | None = None) -> None:
+        """Move on without deciding (the item stays pending and comes round again)."""
+        with self._queue_lock(queue):
+            self.refresh(queue)
+            queue.advance()
+            self.keep_queue(queue, annotator)
+
+    def bulk_accept(self, queue: ReviewQueue, annotator: str | None, *, task: str | None = None,
+                    min_conf: float | str | None = THRESHOLDS, progress: Progress | None = None) -> BulkOutcome:
+        """Auto-accept the model's labels of every queue item whose tasks (`task`, or every
+        task of the queue) clear their confidence bar: each task's 90%-precision threshold
+        (`THRESHOLDS`), or `min_conf`. Only the tasks still pending are accepted, each
+        audited as an auto-accept; decided tasks and labels someone saved are never replaced.
+        The items go in chunks, each one transaction; the batch id is fixed by the queue and
+        the filter, so running it again after an interruption stores only what is missing."""
+        annotator = self._annotator(annotator)
+        tasks = queue.tasks if task in (None, "", ALL_TASKS) else [task]
+        if any(t not in queue.tasks for t in tasks):
+            raise StudioError(f"Task {task!r} is not under review in this queue ({', '.join(queue.tasks)}).")
+        if min_conf in (None, "", THRESHOLDS):
+            bar: float | dict[str, float | None] = {t: _threshold(queue, t) for t in tasks}
+            spec = THRESHOLDS
+            if all(v is None for v in bar.values()):
+                raise StudioError(f"The model has no 90%-precision threshold for {', '.join(tasks)}: give a "
+                                  "minimum confidence instead.")
+        else:
+            bar = _confidence(min_conf, "minimum")
+            spec = f"{bar:g}"
+        outcome = BulkOutcome(f"{queue.queue_id}:bulk:{'+'.join(tasks)}:{spec}", tasks, 0)
+        with self._queue_lock(queue):
+            picked = [queue.items[i] for i in review.select(
+                [{t: item.predictions[t].confidence for t in tasks} for item in queue.items], min_conf=bar)]
+            outcome.selected = len(picked)
+            records = []
+            for item in picked:
+                states = self.store.item_state(item.item_id)
+                pending = [t for t in tasks if t not in states or states[t].status == "pending"]
+                if not pending:
+                    outcome.decided += 1
+                    continue
+                records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
+                                "labels": {t: item.predictions[t].label for t in pending},
+                                "predictions": {t: {"label": p.label, "confidence": round(p.confidence, 4)}
+                                                for t, p in item.predictions.items()},
+                                "catalogue_labels": {t: v for t, v in item.catalogue.items() if t in pending},
+                                "base_versions": {t: states[t].version if t in states else None for t in pending}})
+            for start in range(0, len(records), self.bulk_chunk):
+                try:
+                    result = self.store.save_many(records[start:start + self.bulk_chunk], outcome.batch_id,
+                                                  annotator=annotator, checkpoint=queue.model)
+                except (LabelStoreError, sqlite3.Error, OSError) as exc:
+                    self.refresh(queue)
+                    raise StudioError(
+                        f"The bulk accept stopped after {outcome.stored + outcome.already_there} of {len(records)} "
+                        f"items, each kept ({outcome.chunks} chunks committed): {exc}. Run it again to finish; "
+                        "nothing is stored twice.") from exc
+                outcome.stored += result.stored
+                outcome.already_there += result.already_there
+                outcome.conflicts += result.conflicts
+                outcome.chunks += 1
+                if progress:
+                    progress(min(1.0, (start + self.bulk_chunk) / len(records)),
+                             f"accepted {outcome.stored + outcome.already_there} of {len(records)}")
+            self.refresh(queue)
+            if queue.current is not None and queue.current.status != "pending" and not queue.show_decided:
+                queue.advance()
+            self.keep_queue(queue, annotator)
+        return outcome
+
+    def _current(self, queue: ReviewQueue, shown: Shown | None) -> ReviewItem:
         item = queue.current
         if item is None:
-            raise StudioError("The queue is finished: load another catalogue.")
-        self.save_correction(item.image_path, item.text, queue.model, annotator, item.item_id, labels,
-                             Prediction(item.predictions))
-        predicted = {t: p.label for t, p in item.predictions.items()}
-        item.status = "accepted" if all(labels.get(t) == v for t, v in predicted.items()) else "corrected"
+            raise StudioError("The queue is finished: load another sample, or go back with Previous.")
+        if shown is not None and shown.item_id != item.item_id:
+            raise StudioError(f"The item on screen ({shown.item_id}) is not the queue's current item "
+                              f"({item.item_id}); nothing was saved. Reload the page to see the current item.")
+        return item
+
+    @staticmethod
+    def _annotator(annotator: str | None) -> str:
+        if not (annotator or "").strip():
+            raise StudioError("Enter your name in the annotator field, so the decision can be attributed.")
+        return annotator.strip()
+
+    def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:
+        self.refresh(queue)
         queue.advance()
-        return queue
+        self.keep_queue(queue, annotator)
 
-    def review_skip(self, queue: ReviewQueue) -> ReviewQueue:
-        if queue.current is not None:
-            queue.current.status = "skipped"
-            queue.advance()
-        return queue
-
-    def bulk_accept(self, queue: ReviewQueue, annotator: str | None, progress: Progress | None = None) -> int:
-        """Accept every pending item whose every task clears its 90%-precision threshold."""
-        confident = [item for item in queue.items if item.status == "pending" and item.all_auto_accept]
-        for n, item in enumerate(confident, 1):
-            self.save_correction(item.image_path, item.text, queue.model, annotator, item.item_id,
-                                 {t: p.label for t, p in item.predictions.items()}, Prediction(item.predictions))
-            item.status = "accepted"
-            if progress:
-                progress(n / len(confident), "accepting")
-        if queue.current is not None and queue.current.status != "pending":
-            queue.advance()
-        return len(confident)
+    def _queue_lock(self, queue: ReviewQueue) -> threading.Lock:
+        """One lock per queue: two clicks on one queue (a double click, a retry) run one after the other."""
+        with self._lock:
+            return self._queue_locks.setdefault(queue.queue_id, threading.Lock())
 
     # ------------------------------------------------------------------ robustness
     def probe(self, image_path: str | None, text: str | None, model: str, image_noise: str | None,
@@ -308,6 +712,36 @@ class Studio:
         path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv", rows,
                            robustness.SWEEP_FIELDS)
         return rows, path
+
+
+def _item_status(states: dict[str, TaskState], tasks: list[str]) -> str:
+    """One word for a decided item: corrected if a task was, else accepted if a task was, else skipped."""
+    statuses = {states[t].status if t in states else "pending" for t in tasks}
+    if "pending" in statuses:
+        return "pending"
+    return next(s for s in ("corrected", "accepted", "skipped") if s in statuses)
+
+
+def _confidence(value, which: str) -> float | None:
+    """A confidence bound from the UI: None when empty, else a number in [0, 1]."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"The {which} confidence must be a number from 0 to 1, not {value!r}.") from None
+    if not 0 <= number <= 1:
+        raise StudioError(f"The {which} confidence must be from 0 to 1, not {number:g}.")
+    return number
+
+
+def _range(low: float | None, high: float | None) -> str:
+    return f"{0 if low is None else low:g} to {1 if high is None else high:g}"
+
+
+def _threshold(queue: ReviewQueue, task: str) -> float | None:
+    """The task's 90%-precision threshold, as the queue's predictions carry it."""
+    return next((item.predictions[task].threshold for item in queue.items if task in item.predictions), None)
 
 
 def _severity(value) -> int:

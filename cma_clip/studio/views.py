@@ -1,19 +1,50 @@
 """What the app shows of the service's results: table rows, token choices, heatmaps, text
-shading, charts and status lines. Formatting only: no actions, no Gradio."""
+shading, charts and status lines. Formatting only: no actions, no Gradio.
+
+Status lines are Markdown: every value a user or a manifest supplied (ids, labels, names)
+goes in a code span (`code`) or through `plain`, so it shows as text and never runs."""
 from __future__ import annotations
+
+import html
 
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..labels import Conflict, TaskState, UnknownClass
 from ..predict import Prediction
 from ..robustness import Probe
 from ..viz import SPECIAL_TOKENS, attention_overlay, modality_chart, modality_shift_chart, token_highlights
-from .service import ReviewQueue
+from .workflow import (SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome, UndoOutcome)
 
 PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (90% precision)", "runners-up"]
 PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "change", "image weight clean",
                  "image weight noisy"]
 HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
+REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
+REVIEW_WIDTHS = ["20%", "14%", "11%", "17%", "14%", "9%", "15%"]
+AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
+                 "checkpoint", "kind", "version"]
+AUDIT_WIDTHS = ["12%", "11%", "13%", "10%", "7%", "7%", "7%", "10%", "10%", "6%", "4%", "3%"]
+HISTORY_WIDTHS = ["15%", "9%", "13%", "43%", "12%", "8%"]
+ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
+                        "vs catalogue", "checkpoint", "version", "reverts"]
+AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators"]
+KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
+             "active) · **t** next task · **a** accept / save and next · **s** or **n** skip · **u** undo · "
+             "**p** previous item")
+
+
+# ---------------------------------------------------------------------- safe Markdown
+def code(value: object) -> str:
+    """A value as a Markdown code span: shown verbatim, never run as HTML."""
+    text = " ".join(str(value).split()).replace("`", "'")
+    return f"`{text}`" if text else "``"
+
+
+def plain(value: object) -> str:
+    """A value as Markdown text: HTML escaped, Markdown's own marks neutralised."""
+    text = html.escape(" ".join(str(value).split()))
+    return "".join("\\" + ch if ch in "\\`*_[]#|~<>" else ch for ch in text)
 
 
 # ---------------------------------------------------------------------- one prediction
@@ -86,18 +117,211 @@ def review_progress(queue: ReviewQueue) -> str:
 
 
 def review_status(queue: ReviewQueue | None) -> str:
-    """The line above the item: the progress, then the item's id and confidence, or "all done"."""
+    """The line above the item: the progress, then the item's id, place, status and confidence, or "all done"."""
     if queue is None:
         return ""
     item = queue.current
     if item is None:
-        return review_progress(queue) + " — all done."
-    return review_progress(queue) + f" · item `{item.item_id}` · confidence {item.confidence:.2f}"
+        return review_progress(queue) + " — all done." + ("" if queue.show_decided else
+                                                          " Previous (p) goes back; undo (u) reverts.")
+    return (review_progress(queue) + f" · item {code(item.item_id)} ({queue.position + 1} of {len(queue.items)})"
+            f" · **{item.status}** · confidence {item.confidence:.2f}")
 
 
 def review_notes(queue: ReviewQueue) -> str:
-    """The rows that could not be loaded (the first five), or nothing."""
-    return ("Not loaded: " + "; ".join(queue.notes[:5])) if queue.notes else ""
+    """Where the queue's items come from, its order and filter, and the rows that could not be loaded."""
+    filters = queue.filters
+    parts = [f"Queue: {plain(queue.source)}", f"order: {queue.strategy.replace('_', ' ')}"]
+    if len(queue.tasks) == 1:
+        parts.append(f"task {code(queue.tasks[0])}")
+    if filters.get("min_conf") is not None or filters.get("max_conf") is not None:
+        low, high = filters.get("min_conf"), filters.get("max_conf")
+        parts.append(f"confidence {0 if low is None else low:g} to {1 if high is None else high:g}: "
+                     f"{len(queue.items)} of {queue.sampled} items")
+    if filters.get("show_decided"):
+        parts.append("decided items shown")
+    line = " · ".join(parts) + "."
+    if queue.notes:
+        line += "  \nNot loaded: " + plain("; ".join(queue.notes[:5]))
+    return line
+
+
+def split_note(split: str | None) -> str:
+    """What becomes of the corrections of a split's items, in Markdown."""
+    return SPLIT_NOTES.get(split or "", "")
+
+
+def choice_labels(item: ReviewItem, task: str) -> list[str]:
+    """The buttons of a task's top choices: "1 · Beige 62%"."""
+    p = item.predictions[task]
+    return [f"{n} · {label} {prob:.0%}" for n, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1)]
+
+
+def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list]:
+    """Per task under review: the saved label, its status and who saved it, the model's label
+    and confidence, and the catalogue's label."""
+    rows = []
+    for task in tasks:
+        p, state = item.predictions[task], view.states.get(task)
+        saved = state.label if state and state.label is not None else ""
+        rows.append([task, saved, state.status if state else "pending", _who(state), p.label,
+                     round(p.confidence, 3), item.catalogue.get(task, "")])
+    return rows
+
+
+def slot_info(prediction_label: str | None, confidence: float | None, catalogue: str | None,
+              state: TaskState | None) -> str:
+    """The line under a task's control: the model's label, the catalogue's, and the saved one."""
+    parts = []
+    if prediction_label is not None:
+        parts.append(f"model: {prediction_label}" + (f" ({confidence:.0%})" if confidence is not None else ""))
+    parts.append(f"catalogue: {catalogue}" if catalogue else "catalogue: —")
+    if state is not None and state.label is not None:
+        parts.append(f"saved: {state.label} ({state.status}, {_who(state)})")
+    elif state is not None:
+        parts.append(f"{state.status} again ({_who(state)})" if state.status == "pending"
+                     else f"{state.status} ({_who(state)})")
+    else:
+        parts.append("not saved yet")
+    return html.escape(" · ".join(parts))
+
+
+def item_line(view: ItemView, explicit: bool) -> str:
+    """The Predict tab's line naming the item a save goes to, and where its labels stand."""
+    origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
+    saved = {t: s for t, s in view.states.items() if s.label is not None}
+    where = (f"{len(saved)} task(s) saved before; each control starts at its saved label"
+             if saved else "nothing saved yet; each control starts at the model's label")
+    return f"Item {code(view.item_id)} ({origin}) · {where}."
+
+
+def _who(state: TaskState | None) -> str:
+    """Who set the task's label, human or auto-accept, and when; for a task without a label
+    (an undo took it back), who undid it."""
+    if state is None:
+        return ""
+    when = state.created_at[:19].replace("T", " ")
+    if state.label is None and state.status == "pending":
+        return f"undone by {state.annotator or 'someone'}, {when}"
+    source = "auto-accept" if state.source == "auto" else "human"
+    return f"{state.annotator or 'someone'}, {source}, {when}"
+
+
+# ---------------------------------------------------------------------- outcomes
+def save_message(outcome: SaveOutcome) -> str:
+    """The line after a save or a skip: what was stored, for which item, or why nothing was."""
+    if outcome.result == "duplicate":
+        return (f"Already saved (save #{outcome.save_id}): this request was stored before, so nothing new was "
+                f"written" + (f" for item {code(outcome.item_id)}." if outcome.item_id else "."))
+    if outcome.result == "conflict":
+        return conflict_message(outcome.conflicts)
+    if outcome.result == "unknown":
+        return unknown_message(outcome.unknown)
+    if outcome.result == "kept":
+        return f"Kept their labels on item {code(outcome.item_id)}; nothing of yours was left to save."
+    if outcome.kind == "skip":
+        return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {', '.join(outcome.statuses)}."
+    labels = ", ".join(f"{code(t)} = {code(v)} ({outcome.statuses.get(t, '')})" for t, v in outcome.labels.items())
+    new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
+        if outcome.new_classes else ""
+    return f"Saved correction #{outcome.save_id} for item {code(outcome.item_id)}: {labels}.{new}"
+
+
+def conflict_message(conflicts: list[Conflict]) -> str:
+    """Both labels of each conflicting task, who saved theirs and when, and the choice."""
+    what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
+    lines = [f"**Not saved: someone else saved {what} since you opened it.**"]
+    for c in conflicts:
+        lines.append(f"- {code(c.task)} of {code(c.item_id)}: yours {code(c.yours) if c.yours else '(none)'} · "
+                     f"theirs {code(c.theirs) if c.theirs else '(none)'} by {code(c.annotator or 'someone')} at "
+                     f"{plain(c.created_at[:19].replace('T', ' '))}")
+    lines.append("\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.")
+    return "\n".join(lines)
+
+
+def unknown_message(unknown: list[UnknownClass]) -> str:
+    """Each label outside its task's classes, the close classes it may be a typo of, and the choice."""
+    lines = ["**Not saved: not a known class.**"]
+    for u in unknown:
+        hint = (f" Did you mean {' or '.join(code(s) for s in u.suggestions)}?" if u.suggestions
+                else " No class is close to it.")
+        lines.append(f"- {code(u.task)}: {code(u.value)} is not one of its classes.{hint}")
+    lines.append("\n**Use the suggestion** to correct it, or **Save as new class** if it really is a new class.")
+    return "\n".join(lines)
+
+
+def undo_message(outcome: UndoOutcome) -> str:
+    if outcome.conflicts:
+        return conflict_message(outcome.conflicts).replace(
+            "\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.",
+            "Undo would drop their label: **Keep theirs** leaves it, **Overwrite with mine** undoes anyway.")
+    changes = ", ".join(f"{code(t)}: {code(undone) if undone else '(skip)'} → "
+                        f"{code(restored) if restored else '(none: pending)'}"
+                        for t, (undone, restored) in outcome.tasks.items())
+    where = "" if outcome.in_queue else " (not in this queue)"
+    return f"Undone on item {code(outcome.item_id)}{where}: {changes}."
+
+
+def bulk_message(outcome: BulkOutcome) -> str:
+    tasks = ", ".join(code(t) for t in outcome.tasks)
+    parts = [f"Bulk accept ({tasks}): {outcome.selected} items clear the bar",
+             f"{outcome.stored} auto-accepted now"]
+    if outcome.already_there:
+        parts.append(f"{outcome.already_there} stored by an earlier run of this bulk accept")
+    if outcome.decided:
+        parts.append(f"{outcome.decided} already decided, left as they are")
+    line = ", ".join(parts) + f" ({outcome.chunks} chunk(s) committed)."
+    if outcome.conflicts:
+        line += " Left out, labelled otherwise since: " + "; ".join(
+            f"{code(c.item_id)} {code(c.task)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"
+            for c in outcome.conflicts[:5])
+    return line
+
+
+# ---------------------------------------------------------------------- audit, item history, agreement
+def _versus(other: str | None, changed: bool | None) -> str:
+    """"same", "differs: X" (X the label compared with), or nothing to compare with."""
+    if changed is None:
+        return ""
+    return "same" if not changed else f"differs: {other}"
+
+
+def audit_rows(rows: list[dict]) -> list[list]:
+    """Rows for the audit table (`Studio.audit`): when, which item and task, the label and
+    status, who and whether a human or an auto-accept, what changed against the model's
+    prediction and the catalogue's label, the checkpoint, the kind of save and its version
+    (the text is searched, not shown)."""
+    return [[r["created_at"][:23].replace("T", " "), r["item_id"], r["task"], r["label"] or "", r["status"],
+             r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
+             _versus(r["predicted_label"], r["changed_vs_model"]),
+             _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["kind"],
+             r["version"]] for r in rows]
+
+
+def audit_summary(total: int, page: int, page_size: int) -> str:
+    if not total:
+        return "No decision matches."
+    first = (page - 1) * page_size + 1
+    pages = (total - 1) // page_size + 1
+    return f"Decisions {first}-{min(total, first + page_size - 1)} of {total} (page {page} of {pages}), newest first."
+
+
+def item_history_rows(rows: list[dict]) -> list[list]:
+    """Rows for one item's history (`Studio.item_history`), oldest first."""
+    return [[r["created_at"][:23].replace("T", " "), r["task"], r["kind"], r["label"] or "", r["status"],
+             r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
+             _versus(r["predicted_label"], r["changed_vs_model"]),
+             _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "",
+             r["version"], r["reverts"] if r["reverts"] is not None else ""] for r in rows]
+
+
+def agreement_rows(agreement: dict[str, dict]) -> list[list]:
+    """Per task: the items two annotators or more labelled, raw agreement, Cohen's kappa, who."""
+    def number(value):
+        return "" if value is None else round(value, 3)
+
+    return [[task, a["items"], number(a["raw"]), number(a["kappa"]), ", ".join(a["annotators"])]
+            for task, a in agreement.items()]
 
 
 # ---------------------------------------------------------------------- robustness

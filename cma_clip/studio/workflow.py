@@ -1,0 +1,238 @@
+"""The review workflow's records: a queue and its items, what the labeler was shown, and
+the outcomes of the actions on them (save, skip, undo, bulk accept).
+
+Plain data, no store and no Gradio: `service.Studio` fills and acts on them, `views`
+formats them. A `ReviewQueue` turns into a JSON payload (`to_payload`) that the label
+store keeps (`LabelStore.save_queue`), so a page reload or a server restart resumes it
+(`ReviewQueue.from_payload`).
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..labels import Conflict, TaskState, UnknownClass
+from ..predict import TaskPrediction
+from ..review import STRATEGIES
+
+CHOICES_KEPT = 9  # each task's top choices a queue keeps: keys 1-9 pick them
+ALL_TASKS = "every task"  # the task filter's "no filter"
+THRESHOLDS = "thresholds"  # bulk accept: each task's own 90%-precision threshold
+
+# What `train --extra-labels` (LabelStore.apply_to) does with a correction, by the item's split.
+SPLIT_NOTES = {
+    "train": "Corrections of **train** items feed the next training run (`python -m cma_clip.train "
+             "--extra-labels`).",
+    "val": "Corrections of **val** items are **not trained on**: the next run with `--extra-labels` validates "
+           "on them (its best epoch and its 90%-precision auto-accept thresholds). They are kept and exported.",
+    "test": "Corrections of **test** items **never reach training**: `--extra-labels` keeps the catalogue's own "
+            "test labels, so test scores stay comparable between runs. They are kept in the store and the export "
+            "(audit, agreement) only.",
+    "upload": "Uploaded items the model's catalogue does not have are added to the next training run as **train** "
+              "items (`--extra-labels`); items it has keep their split (see the split notes).",
+}
+
+
+def new_id() -> str:
+    """A fresh random id (queues, request ids)."""
+    return uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------------------- the queue
+@dataclass
+class ReviewItem:
+    """One item of a review queue: its content, the model's predictions and the catalogue's
+    labels. `status` mirrors the label store (refreshed by `Studio.refresh`): pending until
+    every task of the queue is accepted, corrected or skipped."""
+
+    item_id: str
+    image_path: str
+    text: str
+    predictions: dict[str, TaskPrediction]
+    status: str = "pending"  # pending | accepted | corrected | skipped
+    catalogue: dict[str, str] = field(default_factory=dict)  # task -> the catalogue's own label
+    uncertainty: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy -> task -> [0, 1]
+
+    @property
+    def confidence(self) -> float:
+        """The lowest top-1 probability over the tasks."""
+        return min(p.confidence for p in self.predictions.values())
+
+    @property
+    def all_auto_accept(self) -> bool:
+        return all(p.auto_accept for p in self.predictions.values())
+
+    def predicted(self, tasks: list[str] | None = None) -> dict[str, str]:
+        return {t: p.label for t, p in self.predictions.items() if tasks is None or t in tasks}
+
+    def to_payload(self) -> dict:
+        return {"item_id": self.item_id, "image_path": self.image_path, "text": self.text,
+                "catalogue": self.catalogue, "uncertainty": self.uncertainty,
+                "predictions": {t: {"labels": p.labels, "probabilities": [round(x, 5) for x in p.probabilities],
+                                    "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()},
+                                    "threshold": p.threshold, "auto_accept": p.auto_accept}
+                                for t, p in self.predictions.items()}}
+
+    @classmethod
+    def from_payload(cls, data: dict) -> "ReviewItem":
+        return cls(data["item_id"], data["image_path"], data["text"],
+                   {t: TaskPrediction(p["labels"], p["probabilities"], p["modality_weights"], p["threshold"],
+                                      p["auto_accept"]) for t, p in data["predictions"].items()},
+                   catalogue=dict(data.get("catalogue") or {}), uncertainty=dict(data.get("uncertainty") or {}))
+
+
+@dataclass
+class ReviewQueue:
+    """A model's predictions on a sample of items, the most uncertain first, and the item under review.
+
+    `tasks` are the tasks under review (all the model's, or the one of the task filter):
+    an item is decided when each of them is. Moving on skips decided items unless
+    `show_decided`; `previous` steps back to any item."""
+
+    model: str
+    items: list[ReviewItem] = field(default_factory=list)
+    position: int = 0
+    notes: list[str] = field(default_factory=list)  # rows that could not be loaded, and why
+    queue_id: str = field(default_factory=new_id)
+    tasks: list[str] = field(default_factory=list)
+    strategy: str = STRATEGIES[0]
+    source: str = ""  # where the items came from, in words
+    split: str | None = None  # the catalogue split, or "upload"
+    filters: dict[str, Any] = field(default_factory=dict)  # task, min_conf, max_conf, show_decided
+    sampled: int = 0  # items sampled before the confidence filter
+
+    @property
+    def show_decided(self) -> bool:
+        return bool(self.filters.get("show_decided"))
+
+    @property
+    def reviewed(self) -> int:
+        return sum(item.status != "pending" for item in self.items)
+
+    @property
+    def current(self) -> ReviewItem | None:
+        return self.items[self.position] if 0 <= self.position < len(self.items) else None
+
+    def index_of(self, item_id: str) -> int | None:
+        return next((i for i, item in enumerate(self.items) if item.item_id == item_id), None)
+
+    def advance(self) -> None:
+        """Move to the next item to review after the current one: the next pending one
+        (wrapping round to those passed over), or simply the next one when decided items
+        are shown. Past the last: `current` is None (all done)."""
+        n = len(self.items)
+        if self.show_decided:
+            self.position = min(self.position + 1, n)
+            return
+        for step in range(1, n + 1):
+            candidate = (self.position + step) % n
+            if self.items[candidate].status == "pending":
+                self.position = candidate
+                return
+        self.position = n  # everything reviewed
+
+    def back(self) -> bool:
+        """Step back to the item before the current one (decided or not); False at the first."""
+        if self.position <= 0 or not self.items:
+            return False
+        self.position = min(self.position, len(self.items)) - 1
+        return True
+
+    def to_payload(self) -> dict:
+        return {"version": 1, "items": [item.to_payload() for item in self.items], "notes": self.notes,
+                "tasks": self.tasks, "strategy": self.strategy, "source": self.source, "split": self.split,
+                "filters": self.filters, "sampled": self.sampled}
+
+    @classmethod
+    def from_payload(cls, queue_id: str, model: str, payload: dict, position: int) -> "ReviewQueue":
+        items = [ReviewItem.from_payload(item) for item in payload.get("items", [])]
+        return cls(model, items, min(position, len(items)), list(payload.get("notes", [])), queue_id,
+                   list(payload.get("tasks") or []), payload.get("strategy", STRATEGIES[0]),
+                   payload.get("source", ""), payload.get("split"), dict(payload.get("filters") or {}),
+                   int(payload.get("sampled", len(items))))
+
+
+# ---------------------------------------------------------------------------- what the labeler saw
+@dataclass(frozen=True)
+class Shown:
+    """The item on screen and the version of each task's label it showed (None: none yet).
+    A save sends it back, so the store refuses a save over a label the labeler never saw,
+    and refuses to save for another item than the one shown."""
+
+    item_id: str
+    versions: dict[str, int | None]
+
+    def to_dict(self) -> dict:
+        return {"item_id": self.item_id, "versions": self.versions}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Shown | None":
+        if not data or not data.get("item_id"):
+            return None
+        return cls(str(data["item_id"]), {str(t): (None if v is None else int(v))
+                                          for t, v in (data.get("versions") or {}).items()})
+
+
+@dataclass
+class ItemView:
+    """An item as the labeler sees it: each task's saved state, where its control starts
+    (the latest saved label, else the model's prediction) and the versions shown."""
+
+    item_id: str
+    states: dict[str, TaskState]
+    values: dict[str, str | None]
+    shown: Shown
+    history: list[dict]
+    catalogue: dict[str, str] = field(default_factory=dict)  # the catalogue's own labels, when known
+
+
+# ---------------------------------------------------------------------------- outcomes
+@dataclass
+class SaveOutcome:
+    """What became of a save: `saved`, `duplicate` (the request id was stored already:
+    nothing new), `conflict` (someone saved another label since the version shown: nothing
+    stored, both labels in `conflicts`) or `unknown` (labels outside the vocabulary:
+    nothing stored, suggestions in `unknown`). Skips are saves of kind "skip"."""
+
+    result: str
+    item_id: str
+    labels: dict[str, str] = field(default_factory=dict)
+    save_id: int | None = None
+    statuses: dict[str, str] = field(default_factory=dict)  # task -> accepted | corrected | skipped
+    conflicts: list[Conflict] = field(default_factory=list)
+    unknown: list[UnknownClass] = field(default_factory=list)
+    kind: str = "label"  # label | skip
+    request_id: str | None = None
+    new_classes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stored(self) -> bool:
+        return self.result in ("saved", "duplicate")
+
+
+@dataclass
+class UndoOutcome:
+    """An undo: the save reverted (its item and each task's label undone -> restored), or
+    the conflicts that stopped it (someone changed those tasks since)."""
+
+    item_id: str | None
+    tasks: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    conflicts: list[Conflict] = field(default_factory=list)
+    in_queue: bool = False
+
+
+@dataclass
+class BulkOutcome:
+    """A bulk accept: how many items the filter picked among the queue's pending ones, how
+    many were stored now, how many an earlier run of the same bulk accept had stored, the
+    decided items left alone, and the conflicts left out (someone labelled them otherwise)."""
+
+    batch_id: str
+    tasks: list[str]
+    selected: int
+    stored: int = 0
+    already_there: int = 0
+    decided: int = 0
+    conflicts: list[Conflict] = field(default_factory=list)
+    chunks: int = 0

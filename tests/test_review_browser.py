@@ -1,0 +1,243 @@
+"""The labeling workflow in a real browser (Debian's chromium, driven by Playwright), on an app
+with its own store: the stale item id, two annotators on one item, keys, undo and previous,
+a typo, bulk accept by filter, a reload and a server restart, the audit and the agreement.
+Screenshots of the main states go to artifacts/review-*.png."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from cma_clip.data import read_manifest
+from cma_clip.labels import content_item_id
+from cma_clip.studio import Studio, clean_text
+from conftest import ARTIFACTS, EXAMPLE_IMAGE
+from test_browser import launch
+
+MODEL = "hm-articles"
+COLOUR = "colour_group_name"
+OTHER_IMAGE = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
+WAIT = 90_000  # ms: predictions on 2 shared CPU cores
+
+
+class App:
+    """The app on a port of its own, restartable on that port with a fresh studio on the same store."""
+
+    def __init__(self, checkpoint_dir, data_dir) -> None:
+        self.checkpoint_dir, self.data_dir = checkpoint_dir, data_dir
+        self.served, self.port = None, None
+        self.start()
+
+    def start(self) -> None:
+        import app
+
+        self.studio = Studio(self.checkpoint_dir, data_dir=self.data_dir, device="cpu")
+        self.served = app.serve(self.studio, host="127.0.0.1", port=self.port, block=False)
+        self.url = self.served.url
+        self.port = int(self.url.rstrip("/").rsplit(":", 1)[1])
+
+    def restart(self) -> None:
+        self.served.close()
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def review_app(checkpoint_dir, tmp_path_factory):
+    application = App(checkpoint_dir, tmp_path_factory.mktemp("review-browser"))
+    yield application
+    application.served.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, app: App, annotator: str | None = None):
+    """A new browser profile (its own localStorage) on the app, the page loaded."""
+    page = browser.new_context(viewport={"width": 1500, "height": 1400}).new_page()
+    page.goto(app.url)
+    expect(page.locator("#annotator textarea, #annotator input").first).to_be_visible(timeout=WAIT)
+    page.wait_for_timeout(1500)  # the page's load event (restoring what the browser kept) has run
+    if annotator:
+        name = page.locator("#annotator textarea, #annotator input").first
+        name.fill(annotator)
+        name.press("Tab")
+    return page
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"review-{name}.png"), full_page=True)
+
+
+def load_queue(page, size: int, split: str = "train") -> str:
+    page.get_by_role("tab", name="Review queue").click()
+    if split != "train":
+        page.locator("#review-split input").fill(split)
+        page.locator("#review-split input").press("Enter")
+    page.locator("#review-size input").fill(str(size))
+    page.locator("#review-load").click()
+    expect(page.locator("#review-progress")).to_contain_text(f"0 reviewed of {size}", timeout=WAIT)
+    return current_item(page)
+
+
+def current_item(page) -> str:
+    return re.search(r"item (\S+) \(", page.locator("#review-progress").inner_text()).group(1)
+
+
+def slot(page, task_index: int):
+    return page.locator(f"#review-slot-{task_index} input")
+
+
+def choose(locator, value: str) -> None:
+    locator.fill(value)
+    locator.press("Enter")
+
+
+def press(page, keys: str) -> None:
+    """Keys typed outside any text field, one after the other (each waits for its answer)."""
+    page.locator("#review-keys").click()
+    for key in keys:
+        page.keyboard.press(key)
+        page.wait_for_timeout(700)
+
+
+def test_the_stale_item_id_scenario(review_app, browser):
+    page = open_page(browser, review_app, "stale-tester")
+    page.get_by_text("Dingo tee").first.click()  # the T-shirt example: its id comes with it
+    item_box = page.locator("#item-id textarea, #item-id input").first
+    expect(item_box).to_have_value("0816591001", timeout=WAIT)
+    page.locator("#predict").click()
+    expect(page.locator("#item-line")).to_contain_text("0816591001", timeout=WAIT)
+    colour = page.locator("#slot-2 input")
+    expect(colour).to_be_visible()
+    choose(colour, "Light Grey")
+    page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text("for item 0816591001", timeout=WAIT)
+    shot(page, "stale-id-example")
+
+    page.locator("#input-image input[type=file]").set_input_files(str(OTHER_IMAGE))  # another photo
+    expect(item_box).to_have_value("", timeout=WAIT)  # the T-shirt's id is gone with it
+    page.locator("#predict").click()
+    content = content_item_id(OTHER_IMAGE, clean_text(page.locator("#input-text textarea").input_value()))
+    expect(page.locator("#item-line")).to_contain_text(content, timeout=WAIT)
+    page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text(f"for item {content}", timeout=WAIT)
+    shot(page, "stale-id-upload")
+
+    exported = {row["id"]: row for row in read_manifest(review_app.studio.export("csv"))}
+    assert exported["0816591001"][COLOUR] == "Light Grey"  # the T-shirt's correction is still its own
+    assert exported[content]["annotator"] == "stale-tester"
+    page.context.close()
+
+
+def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_app, browser):
+    ana, ben = open_page(browser, review_app, "ana"), open_page(browser, review_app, "ben")
+    item = load_queue(ana, 4)
+    assert load_queue(ben, 4) == item  # both on the same pending item
+    expect(ana.locator("#review-keys")).to_contain_text("1-9 pick the active task's choice")
+    expect(ana.locator("#review-split-note")).to_contain_text("feed the next training run")
+
+    # ana, keys only: t t makes colour the active task, 2 picks its second choice, a accepts
+    press(ana, "tt")
+    expect(ana.locator("#review-choice-1")).to_be_visible()
+    colour_choice = ana.locator("#review-choice-2").inner_text().split(" · ", 1)[1].rsplit(" ", 1)[0]
+    press(ana, "2")
+    expect(slot(ana, 2)).to_have_value(colour_choice)
+    shot(ana, "keys")
+    press(ana, "a")
+    expect(ana.locator("#review-progress")).to_contain_text("1 reviewed of 4", timeout=WAIT)
+    expect(ana.locator("#review-status")).to_contain_text(f"for item {item}")
+
+    # ben had the item open: his different colour is refused, both labels shown
+    theirs = "Dark Red" if colour_choice != "Dark Red" else "Grey"
+    choose(slot(ben, 2), theirs)
+    ben.locator("#review-accept").click()
+    expect(ben.locator("#review-status")).to_contain_text("Not saved", timeout=WAIT)
+    expect(ben.locator("#review-status")).to_contain_text(colour_choice)
+    expect(ben.locator("#review-status")).to_contain_text(theirs)
+    expect(ben.locator("#review-keep-theirs")).to_be_visible()
+    expect(ben.locator("#review-overwrite")).to_be_visible()
+    shot(ben, "conflict")
+    ben.locator("#review-keep-theirs").click()
+    expect(ben.locator("#review-progress")).to_contain_text("1 reviewed of 4", timeout=WAIT)
+    state = review_app.studio.store.item_state(item)[COLOUR]
+    assert (state.label, state.annotator) == (colour_choice, "ana")
+
+    # a typo on ana's next item is caught; the suggestion fixes it
+    choose(slot(ana, 2), "Dark Bleu")
+    ana.locator("#review-accept").click()
+    expect(ana.locator("#review-status")).to_contain_text("not a known class", timeout=WAIT)
+    expect(ana.locator("#review-status")).to_contain_text("Dark Blue")
+    shot(ana, "typo")
+    ana.locator("#review-use-suggestion").click()
+    expect(slot(ana, 2)).to_have_value("Dark Blue", timeout=WAIT)
+    next_item = current_item(ana)
+    press(ana, "a")
+    expect(ana.locator("#review-progress")).to_contain_text("2 reviewed of 4", timeout=WAIT)
+    assert review_app.studio.store.item_state(next_item)[COLOUR].label == "Dark Blue"
+
+    # undo (u) brings the item back with its previous state; previous (p) shows a decided item's labels
+    press(ana, "u")
+    expect(ana.locator("#review-status")).to_contain_text(f"Undone on item {next_item}", timeout=WAIT)
+    expect(ana.locator("#review-progress")).to_contain_text(f"1 reviewed of 4 · item {next_item}")
+    assert review_app.studio.store.item_state(next_item)[COLOUR].label is None
+    shot(ana, "undo")
+    press(ana, "p")
+    expect(ana.locator("#review-progress")).to_contain_text(f"item {item}", timeout=WAIT)
+    expect(slot(ana, 2)).to_have_value(colour_choice)
+    ana.locator("#review-next").click()
+    expect(ana.locator("#review-progress")).to_contain_text(f"item {next_item}", timeout=WAIT)
+
+    # a reload keeps the annotator, the queue and the place in it
+    ana.reload()
+    expect(ana.locator("#review-progress")).to_contain_text(f"1 reviewed of 4 · item {next_item}", timeout=WAIT)
+    expect(ana.locator("#annotator textarea, #annotator input").first).to_have_value("ana")
+    shot(ana, "reload")
+
+    # so does a server restart (a new studio on the same store, same address)
+    review_app.restart()
+    ana.reload()
+    expect(ana.locator("#review-progress")).to_contain_text(f"1 reviewed of 4 · item {next_item}", timeout=WAIT)
+    expect(ana.locator("#review-status")).to_contain_text("Resumed where you left off")
+    shot(ana, "restart")
+
+    # bulk accept by filter: every pending item whose colour clears 0.05, audited as auto-accepts
+    ana.get_by_text("Bulk accept by filter").click()
+    choose(ana.locator("#bulk-task input"), COLOUR)
+    choose(ana.locator("#bulk-min-conf input"), "0.05")
+    ana.locator("#review-bulk").click()
+    expect(ana.locator("#bulk-status")).to_contain_text("auto-accepted now", timeout=WAIT)
+    shot(ana, "bulk")
+    rows, total = review_app.studio.store.audit(source="auto")
+    assert total >= 1 and {(r["task"], r["annotator"]) for r in rows} == {(COLOUR, "ana")}
+
+    # the audit, filtered, and the agreement
+    ana.get_by_role("tab", name="History & export").click()
+    ana.locator("#audit-source input").fill("auto")
+    ana.locator("#audit-source input").press("Enter")
+    ana.locator("#audit-run").click()
+    expect(ana.locator("#audit")).to_contain_text("auto-accept", timeout=WAIT)
+    expect(ana.locator("#audit-summary")).to_contain_text(f"of {total}")
+    expect(ana.locator("#agreement")).to_contain_text("Cohen's kappa")
+    shot(ana, "audit")
+    for page in (ana, ben):
+        page.context.close()
+
+
+def test_val_and_test_say_where_their_corrections_go(review_app, browser):
+    page = open_page(browser, review_app)
+    page.get_by_role("tab", name="Review queue").click()
+    for split, words in (("test", "never reach training"), ("val", "not trained on"),
+                         ("train", "feed the next training run")):
+        page.locator("#review-split input").fill(split)
+        page.locator("#review-split input").press("Enter")
+        expect(page.locator("#review-split-note")).to_contain_text(words, timeout=WAIT)
+        if split == "test":
+            shot(page, "split-note")
+    page.context.close()

@@ -1,0 +1,334 @@
+"""The labeling workflow as labelers play it, through the app's API (gradio_client): each
+numbered point of the review issue as a scenario on a running app with its own store."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from cma_clip.data import read_manifest
+from cma_clip.labels import content_item_id
+from cma_clip.studio import ALL_TASKS, THRESHOLDS, Studio, clean_text
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
+
+MODEL = "hm-articles"
+OTHER_IMAGE = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
+COLOUR = "colour_group_name"
+PATTERN = "graphical_appearance_name"  # bulk accepted by one scenario only
+
+
+@pytest.fixture(scope="module")
+def review_app(checkpoint_dir, tmp_path_factory):
+    """The app on its own store (the scenarios count rows); yields (url, studio)."""
+    import app
+
+    studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("review-workflow"), device="cpu")
+    served = app.serve(studio, host="127.0.0.1", block=False)
+    yield served.url, studio
+    served.close()
+
+
+class Labeler:
+    """One browser session's worth of API calls; each answer as {output label: value}."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.client, self.name = Client(url, verbose=False), name
+        api = self.client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+        self.returns = {endpoint: [r["label"] for r in info["returns"]] for endpoint, info in api.items()}
+
+    def __call__(self, endpoint: str, *args) -> dict:
+        result = self.client.predict(*args, api_name=endpoint)
+        result = result if isinstance(result, tuple) else (result,)
+        return dict(zip(self.returns[endpoint], result))
+
+    def load(self, size: int = 4, *, split: str = "train", strategy: str = "least_confidence",
+             task: str = ALL_TASKS, low: float = 0, high: float = 1, decided: bool = False) -> dict:
+        return self("/review_catalogue", MODEL, split, size, strategy, task, low, high, decided, self.name)
+
+    def accept(self, labels: list, request_id: str = "") -> dict:
+        return self("/review_accept", self.name, *labels, request_id)
+
+
+def slots(answer: dict) -> list:
+    """The values of the 8 label controls in an answer (None for hidden ones)."""
+    values = []
+    for n in range(1, 9):
+        update = answer[f"task {n}"]
+        values.append(update.get("value") if isinstance(update, dict) and update.get("visible", True) else None)
+    return values
+
+
+def with_label(answer: dict, task: str, label: str) -> list:
+    values = slots(answer)
+    tasks = [answer[f"task {n}"].get("label") for n in range(1, 9)]
+    values[tasks.index(task)] = label
+    return values
+
+
+def current_item(answer: dict) -> str:
+    """The item id the review progress line names."""
+    line = answer["review progress"]
+    return line.split("item `", 1)[1].split("`", 1)[0]
+
+
+def classes(studio: Studio, task: str = COLOUR) -> list[str]:
+    return studio.task_classes(MODEL)[task]
+
+
+# ---------------------------------------------------------------------------- 1. identity
+def test_a_saved_label_belongs_to_the_item_on_screen(review_app):
+    url, studio = review_app
+    ana = Labeler(url, "ana")
+    shown = ana("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "0816591001")
+    assert "0816591001" in shown["item"] and "catalogue id" in shown["item"]
+    grey = classes(studio)[7]
+    saved = ana("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "ana", "0816591001",
+                *with_label(shown, COLOUR, grey), "")
+    assert saved["save status"].startswith("Saved correction") and "`0816591001`" in saved["save status"]
+
+    # another photo: the UI clears the id (an upload), so the content id applies
+    other = ana("/predict", handle_file(str(OTHER_IMAGE)), EXAMPLE_TEXT, MODEL, "")
+    content = content_item_id(OTHER_IMAGE, clean_text(EXAMPLE_TEXT))
+    assert content in other["item"] and "content id" in other["item"]
+    saved = ana("/save_label", handle_file(str(OTHER_IMAGE)), EXAMPLE_TEXT, MODEL, "ana", "", *slots(other), "")
+    assert f"`{content}`" in saved["save status"] and "0816591001" not in saved["save status"]
+
+    exported = {row["id"]: row for row in read_manifest(Client(url, verbose=False).predict(
+        "CSV", api_name="/export_labels"))}
+    assert exported["0816591001"][COLOUR] == grey  # the T-shirt keeps its own correction
+    assert exported[content]["product_type_name"] == slots(other)[0]
+    # predicting the T-shirt again shows its saved label, the model's beside it
+    again = ana("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "0816591001")
+    colour = again[f"task {list(studio.task_classes(MODEL)).index(COLOUR) + 1}"]
+    assert colour["value"] == grey and "saved: " + grey in colour["info"] and "model: " in colour["info"]
+
+
+# ---------------------------------------------------------------------------- 2, 3. state, no silent overwrite
+def test_two_annotators_on_one_item_see_the_conflict_and_choose(review_app):
+    url, studio = review_app
+    ana, ben = Labeler(url, "ana"), Labeler(url, "ben")
+    a, b = ana.load(3), ben.load(3)  # both open the same pending sample
+    item = current_item(a)
+    assert current_item(b) == item and "0 reviewed of 3" in a["review progress"]
+    mine, theirs = classes(studio)[0], classes(studio)[1]
+    saved = ana.accept(with_label(a, COLOUR, mine))
+    assert "Saved correction" in saved["review status"] and f"`{item}`" in saved["review status"]
+
+    refused = ben.accept(with_label(b, COLOUR, theirs))
+    message = refused["review status"]
+    assert "Not saved" in message and f"`{theirs}`" in message and f"`{mine}`" in message and "`ana`" in message
+    assert studio.store.item_state(item)[COLOUR].label == mine  # nothing silently replaced
+    kept = ben("/review_keep_theirs", "ben")  # ben keeps ana's colour; his other labels are saved
+    assert studio.store.item_state(item)[COLOUR].annotator == "ana"
+    assert {s.annotator for t, s in studio.store.item_state(item).items() if t != COLOUR} == {"ben"}
+    assert current_item(kept) != item
+
+    # on the next item ben overwrites, knowingly
+    second = current_item(kept)
+    shown_to_ben = kept
+    assert current_item(saved) == second
+    ana.accept(with_label(saved, COLOUR, mine))
+    refused = ben.accept(with_label(shown_to_ben, COLOUR, theirs))
+    assert "Not saved" in refused["review status"]
+    ben("/review_overwrite", "ben")
+    state = studio.store.item_state(second)[COLOUR]
+    assert (state.label, state.annotator) == (theirs, "ben")
+
+    # back on a decided item, each control starts at its saved label
+    back = ana("/review_previous", "ana")
+    assert current_item(back) == second and with_label(back, COLOUR, theirs) == slots(back)
+    assert "2 reviewed of 3" in back["review progress"]
+    # a queue loaded again leaves the decided items out
+    fresh = ana.load(3)
+    assert item not in fresh["review progress"] and second not in fresh["review progress"]
+
+
+def test_a_retried_save_stores_one_row(review_app):
+    url, studio = review_app
+    cara = Labeler(url, "cara")
+    shown = cara.load(3)
+    first = cara.accept(slots(shown), "retry-1")
+    retry = cara.accept(slots(shown), "retry-1")  # the answer was lost; the client sends it again
+    assert "Saved correction" in first["review status"] and "Already saved" in retry["review status"]
+    assert current_item(retry) == current_item(first)  # the queue did not move twice
+    rows, total = studio.store.audit(annotator="cara")
+    assert {r["save_id"] for r in rows} == {rows[0]["save_id"]} and total == len(studio.task_classes(MODEL))
+
+    # the Predict tab's save, retried from another session (a reload), stores one row too
+    item = cara("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "retry-item")
+    args = (handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "cara", "retry-item", *slots(item), "retry-2")
+    assert "Saved correction" in cara("/save_label", *args)["save status"]
+    assert "Already saved" in Labeler(url, "cara")("/save_label", *args)["save status"]
+    assert len(studio.store.history(item_id="retry-item")) == 1
+
+
+def test_a_reload_and_a_server_restart_resume_the_queue(review_app, checkpoint_dir):
+    import app
+
+    url, studio = review_app
+    dan = Labeler(url, "dan")
+    shown = dan.load(4)
+    shown = dan.accept(slots(shown))
+    shown = dan("/review_skip", "dan", "")
+    assert "2 reviewed of 4" in shown["review progress"]
+
+    reloaded = Labeler(url, "dan")("/review_resume", "dan", MODEL)  # a new page: a new session
+    assert reloaded["review progress"] == shown["review progress"] and slots(reloaded) == slots(shown)
+
+    restarted = app.serve(Studio(checkpoint_dir, data_dir=studio.data_dir, device="cpu"), host="127.0.0.1",
+                          block=False)
+    try:
+        resumed = Labeler(restarted.url, "dan")("/review_resume", "dan", MODEL)
+        assert resumed["review progress"] == shown["review progress"]
+        assert "Resumed where you left off" in resumed["review status"]
+    finally:
+        restarted.close()
+    with pytest.raises(AppError, match="No queue kept for nobody"):
+        Labeler(url, "nobody")("/review_resume", "nobody", MODEL)
+
+
+# ---------------------------------------------------------------------------- 4. labels from the schema
+def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
+    url, studio = review_app
+    eve = Labeler(url, "eve")
+    shown = eve.load(3)
+    item = current_item(shown)
+    before = studio.store.count()
+    caught = eve.accept(with_label(shown, COLOUR, "Dark Bleu"))
+    assert "not a known class" in caught["review status"] and "`Dark Blue`" in caught["review status"]
+    assert studio.store.count() == before and caught["review progress"] == {"__type__": "update"}  # stays put
+    suggested = eve("/review_use_suggestion")
+    assert "Dark Blue" in str(suggested) and studio.store.count() == before
+
+    new = eve.accept(with_label(shown, COLOUR, "Turquoise glitter"))
+    assert "No class is close to it" in new["review status"] and studio.store.count() == before
+    confirmed = eve("/review_new_class", "eve")
+    assert "New class confirmed" in confirmed["review status"]
+    assert studio.store.item_state(item)[COLOUR].label == "Turquoise glitter"
+    # the Predict tab asks too
+    shown = eve("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "typo-item")
+    refused = eve("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "typo-item",
+                  *with_label(shown, COLOUR, "dark blue"), "")
+    assert "`Dark Blue`" in refused["save status"] and not studio.store.item_state("typo-item")
+
+
+# ---------------------------------------------------------------------------- 5. undo, previous, history
+def test_undo_restores_the_previous_label_and_previous_goes_back(review_app):
+    url, studio = review_app
+    fay, gil = Labeler(url, "fay"), Labeler(url, "gil")
+    gil_view, fay_view = gil.load(3), fay.load(3)
+    item = current_item(gil_view)
+    assert current_item(fay_view) == item
+    first, second = classes(studio)[2], classes(studio)[3]
+    after = gil.accept(with_label(gil_view, COLOUR, first))
+    assert "Not saved" in fay.accept(with_label(fay_view, COLOUR, second))["review status"]
+    fay("/review_overwrite", "fay")
+    assert studio.store.item_state(item)[COLOUR].label == second
+
+    undone = fay("/review_undo", "fay")
+    assert current_item(undone) == item and f"`{second}` → `{first}`" in undone["review status"]
+    state = studio.store.item_state(item)[COLOUR]
+    assert (state.label, state.annotator) == (first, "gil")  # the previous label, and who set it
+    assert with_label(undone, COLOUR, first) == slots(undone)
+    with pytest.raises(AppError, match="nothing to undo"):
+        fay("/review_undo", "fay")
+
+    back = gil("/review_previous", "gil")
+    assert current_item(back) == item and with_label(back, COLOUR, first) == slots(back)
+    assert current_item(gil("/review_next", "gil")) == current_item(after)
+    history = gil("/item_history", item)
+    rows = history[next(iter(history))]["data"]
+    assert [(r[2], r[5]) for r in rows if r[1] == COLOUR] == [("label", "gil"), ("label", "fay"), ("undo", "fay")]
+
+
+# ---------------------------------------------------------------------------- 7. bulk accept
+def test_bulk_accept_by_filter_audits_auto_accepts(review_app, monkeypatch):
+    url, studio = review_app
+    hal = Labeler(url, "hal")
+    threshold = 0.12
+    monkeypatch.setitem(studio.predictor(MODEL).thresholds, COLOUR, threshold)
+    hal.load(6)
+    done = hal("/bulk_accept", "hal", COLOUR, THRESHOLDS)
+    message = done["bulk accept status"]
+    selected = int(message.split("): ", 1)[1].split(" items clear", 1)[0])
+    rows, total = studio.store.audit(annotator="hal")
+    assert total == selected > 0 and f"{selected} auto-accepted now" in message
+    assert {(r["task"], r["source"], r["status"]) for r in rows} == {(COLOUR, "auto", "accepted")}
+    assert all(r["predicted_confidence"] >= threshold for r in rows)
+    again = hal("/bulk_accept", "hal", COLOUR, THRESHOLDS)
+    assert "0 auto-accepted now" in again["bulk accept status"] and studio.store.audit(annotator="hal")[1] == total
+
+
+def test_an_interrupted_bulk_accept_resumes_without_duplicates(review_app, monkeypatch):
+    url, studio = review_app
+    ivy = Labeler(url, "ivy")
+    ivy.load(6)
+    real, calls = studio.store.save_many, []
+
+    def crash_on_second_chunk(records, batch_id, **kwargs):
+        calls.append(batch_id)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(records, batch_id, **kwargs)
+
+    monkeypatch.setattr(studio, "bulk_chunk", 2)
+    monkeypatch.setattr(studio.store, "save_many", crash_on_second_chunk)
+    with pytest.raises(AppError, match=r"stopped after 2 of 6 items, each kept \(1 chunks committed\).*Run it again"):
+        ivy("/bulk_accept", "ivy", PATTERN, "0")
+    assert studio.store.audit(annotator="ivy")[1] == 2
+    resumed = ivy("/bulk_accept", "ivy", PATTERN, "0")
+    assert "4 auto-accepted now" in resumed["bulk accept status"]
+    assert "2 already decided" in resumed["bulk accept status"]
+    rows, total = studio.store.audit(annotator="ivy")
+    assert total == 6 and len({r["item_id"] for r in rows}) == 6  # each item once
+    assert {r["source"] for r in rows} == {"auto"}
+
+
+# ---------------------------------------------------------------------------- 5, 9. audit and agreement
+def test_agreement_audit_and_export_provenance(review_app):
+    url, studio = review_app
+    jo, kim = Labeler(url, "jo"), Labeler(url, "kim")
+    a, b = classes(studio)[4], classes(studio)[5]
+    for item, (first, second) in {"pair-1": (a, a), "pair-2": (a, b), "pair-3": (b, b)}.items():
+        for labeler, label in ((jo, first), (kim, second)):
+            labeler("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, item)  # shows the versions
+            labels = [None] * 8
+            labels[list(studio.task_classes(MODEL)).index(COLOUR)] = label
+            assert "Saved correction" in labeler("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT,
+                                                 MODEL, labeler.name, item, *labels, "")["save status"]
+    table = jo("/agreement")
+    row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR)
+    pairs = studio.store.agreement([COLOUR])[COLOUR]
+    assert (row[1], row[2], row[3]) == (pairs["items"], round(pairs["raw"], 3), round(pairs["kappa"], 3))
+    assert pairs["items"] >= 3 and {"jo", "kim"} <= set(row[4].split(", "))
+    # jo and kim share 3 items (other pairs share fewer, and do not count for kappa):
+    # p_o = 2/3, p_e = 2/3 * 1/3 + 1/3 * 2/3 = 4/9, kappa = (2/3 - 4/9) / (5/9) = 0.4
+    assert row[3] == 0.4
+
+    audit = jo("/audit", COLOUR, "kim", "corrected", "human", "pair", 1)
+    summary, data = audit["audit summary"], audit[next(iter(audit))]["data"]
+    assert {r[1] for r in data} <= {"pair-1", "pair-2", "pair-3"} and all(r[5] == "kim" for r in data)
+    assert "newest first" in summary
+    assert all(r[6] == "human" and r[4] == "corrected" and r[7].startswith("differs: ") for r in data)
+
+    path = Client(url, verbose=False).predict("JSONL", api_name="/export_labels")
+    rows = {r["id"]: r for r in read_manifest(path)}
+    assert rows["pair-2"][COLOUR] == b and rows["pair-2"][f"{COLOUR}__annotator"] == "kim"
+    assert rows["pair-2"][f"{COLOUR}__source"] == "human" and rows["pair-2"][f"{COLOUR}__checkpoint"] == MODEL
+    assert rows["pair-2"][f"{COLOUR}__at"]
+    agreement = json.loads((studio.data_dir / "labels_export.agreement.json").read_text())  # beside the export
+    assert agreement[COLOUR]["kappa"] == pytest.approx(pairs["kappa"])
+
+
+# ---------------------------------------------------------------------------- 6. where labels go
+def test_the_queue_defaults_to_train_and_says_where_corrections_go(review_app):
+    url, _ = review_app
+    config = Client(url, verbose=False).config
+    props = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
+    assert props["review-split"]["value"] == "train"
+    assert "feed the next training run" in props["review-split-note"]["value"]
+    from cma_clip.studio import SPLIT_NOTES
+
+    assert "never reach training" in SPLIT_NOTES["test"] and "not trained on" in SPLIT_NOTES["val"]
