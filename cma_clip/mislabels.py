@@ -1,8 +1,8 @@
 """Suspected mislabels: catalogue labels that a confident out-of-fold prediction disagrees with.
 
-Every labelled item of a task is predicted by a linear head (logistic regression on the
-cached backbone's pooled image and text embeddings) trained on the other k-1 folds, so no
-item is judged by a head that saw its own label. cleanlab's `find_label_issues` then picks
+Every labelled item of a task is predicted by a linear head (logistic regression on the top
+256 whitened principal components of the cached backbone's pooled image and text embeddings)
+trained on the other k-1 folds, so no item is judged by a head that saw its own label. cleanlab's `find_label_issues` then picks
 the items whose label the out-of-fold probabilities contradict (confident learning), ranked
 by self-confidence: the out-of-fold probability of the catalogue's own label, lowest first.
 
@@ -159,7 +159,7 @@ def _rank(catalogue: Catalogue, task: str, x: np.ndarray, folds: int, seed: int)
         row, best = rows[i], int(probabilities[i].argmax())
         suspects.append(Suspect(item_id=ids[row], image=str(images[row]), text=texts[row], label=labels[row],
                                 suggested=classes[best], confidence=round(float(probabilities[i, best]), 4),
-                                quality=round(float(quality[i]), 4)))
+                                quality=float(f"{quality[i]:.4g}")))
     return MislabelQueue(catalogue=catalogue.config.name, task=task, suspects=suspects, scored=len(rows),
                          missing=labels.count(None), rare_classes=rare,
                          accuracy=round(float((probabilities.argmax(1) == y).mean()), 4),
@@ -191,7 +191,7 @@ def contact_sheets(suspects: list[Suspect], folder: str | Path, name: str) -> li
                 draw.text((x + 4, y + CELL + 2 + 14 * j), line, fill=colour, font=font)
             draw.rectangle((x, y, x + CELL - 1, y + height - 1), outline="lightgray")
         paths.append(folder / f"{name}-{first + 1:02d}-{first + per_sheet:02d}.jpg")
-        sheet.save(paths[-1], quality=70)
+        sheet.save(paths[-1], quality=65)
     return paths
 
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
           f"rare classes left out: {queue.rare_classes or 'none'}")
     for rank, s in enumerate(suspects, 1):
         print(f"{rank:4d}  {s.item_id}  {s.label!r} -> {s.suggested!r} ({s.confidence:.2f}, "
-              f"quality {s.quality:.3f})  {s.text[:60]}")
+              f"quality {s.quality:.2g})  {s.text[:60]}")
     if args.out:
         with open(args.out, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["rank", *Suspect.__dataclass_fields__])
