@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -10,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from cma_clip.data import default_data_root  # noqa: E402
+
+if TYPE_CHECKING:
+    from cma_clip.studio import Studio
 
 DATA = default_data_root()
 HM = DATA / "hm-articles"
@@ -66,16 +72,25 @@ EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "assets" / "hm-08165910
 EXAMPLE_TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-trimmed neckline."
 
 
-@pytest.fixture(scope="session")
-def running_app(checkpoint_dir, tmp_path_factory):
-    """The real app on a free local port, with its own data folder; yields (url, studio)."""
+@contextmanager
+def serving(checkpoint_dir: Path, data_dir: Path) -> Iterator[tuple[str, "Studio"]]:
+    """The real app (as `app.serve` runs it) on a free local port over `data_dir`: (url, studio)."""
     import app
     from cma_clip.studio import Studio
 
-    studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("app-data"), device="cpu")
+    studio = Studio(checkpoint_dir, data_dir=data_dir, device="cpu")
     served = app.serve(studio, host="127.0.0.1", block=False)
-    yield served.url, studio
-    served.close()
+    try:
+        yield served.url, studio
+    finally:
+        served.close()
+
+
+@pytest.fixture(scope="session")
+def running_app(checkpoint_dir, tmp_path_factory):
+    """The app shared by the API tests, with its own data folder; yields (url, studio)."""
+    with serving(checkpoint_dir, tmp_path_factory.mktemp("app-data")) as app_and_studio:
+        yield app_and_studio
 
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

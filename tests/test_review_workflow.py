@@ -11,7 +11,7 @@ from gradio_client.exceptions import AppError
 from cma_clip.data import read_manifest
 from cma_clip.labels import content_item_id
 from cma_clip.studio import ALL_TASKS, THRESHOLDS, Studio, clean_text
-from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, serving
 
 MODEL = "hm-articles"
 OTHER_IMAGE = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
@@ -22,12 +22,8 @@ PATTERN = "graphical_appearance_name"  # bulk accepted by one scenario only
 @pytest.fixture(scope="module")
 def review_app(checkpoint_dir, tmp_path_factory):
     """The app on its own store (the scenarios count rows); yields (url, studio)."""
-    import app
-
-    studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("review-workflow"), device="cpu")
-    served = app.serve(studio, host="127.0.0.1", block=False)
-    yield served.url, studio
-    served.close()
+    with serving(checkpoint_dir, tmp_path_factory.mktemp("review-workflow")) as app_and_studio:
+        yield app_and_studio
 
 
 class Labeler:
