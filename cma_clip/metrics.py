@@ -153,8 +153,8 @@ def threshold_with_confidence(correct: np.ndarray, confidence: np.ndarray, preci
                                                                 None if groups is None else np.asarray(groups))
     tail = (1 - level) / 2
     for i in range(len(thresholds) - 1, -1, -1):  # the lowest threshold first
-        # lower bound >= precision  <=>  P(X >= k | n, precision) <= tail, over the effective n and k = n * hits / accepted;
-        # it needs hits / accepted > precision
+        # lower bound >= precision  <=>  P(X >= k | n, precision) <= tail, over the effective n and
+        # k = n * hits / accepted; it needs hits / accepted > precision
         n = effective[i]
         if hits[i] > precision * accepted[i] and _tail(n * hits[i] / accepted[i], n, precision) <= tail:
             return float(thresholds[i])

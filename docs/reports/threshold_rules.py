@@ -46,7 +46,8 @@ def split_outputs(folder: Path) -> dict:
     whole = has_cached_features(backbone, catalogue)
     if whole:
         features = extract_features(backbone, catalogue, progress=False, memory_map=True)
-    out = {"text": catalogue.texts(), "product": [r.get("product_code") or str(i) for i, r in enumerate(catalogue.rows)]}
+    out = {"text": catalogue.texts(),
+           "product": [r.get("product_code") or str(i) for i, r in enumerate(catalogue.rows)]}
     for split in ("val", "test"):
         rows = splits[split]
         feats = features.take(rows) if whole else extract_features(backbone, catalogue.take(rows), progress=False)
