@@ -3,7 +3,7 @@
 A checkpoint is a folder:
     model.safetensors     the CMA-CLIP weights (alignment heads, fusion, task heads)
     config.json           a `CheckpointConfig`: backbone id, catalogue columns, tasks with label
-                          vocabularies and 90%-precision thresholds, model hyper-parameters,
+                          vocabularies and auto-accept thresholds, model hyper-parameters,
                           training settings, history and metrics
     backbone.safetensors  only when the backbone was fine-tuned
 
@@ -126,13 +126,24 @@ class TrainConfig:
         return cls(**{k: v for k, v in settings.items() if k in known})
 
 
+THRESHOLD_RULES = {  # how val chose a task's auto-accept threshold (docs/THRESHOLDS.md)
+    "point": "lowest confidence whose val precision (point estimate) is >= 0.90",
+    "clustered-cp-99": "lowest confidence whose exact 99% interval of val precision lies above 0.90, "
+                       "items with the same text counted as one cluster",
+}
+
+
 @dataclass
 class TaskSpec:
-    """One task of a checkpoint: its classes (the label vocabulary, in output order) and the
-    confidence above which its top-1 prediction reached 90% precision on val (None: none did)."""
+    """One task of a checkpoint: its classes (the label vocabulary, in output order) and its
+    auto-accept threshold: top-1 predictions with confidence >= `threshold_90` are accepted,
+    None when no threshold could promise 90% precision. `threshold_rule` (a THRESHOLD_RULES
+    key) says how val chose it; checkpoints written before it was recorded used "point", which
+    does not hold 90% on unseen items (docs/THRESHOLDS.md)."""
 
     classes: list[str]
     threshold_90: float | None = None
+    threshold_rule: str = "point"
 
 
 @dataclass

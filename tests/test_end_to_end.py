@@ -215,3 +215,65 @@ def test_rescoring_a_checkpoint_reproduces_its_reports(small_checkpoint, cache_d
     assert metrics == after.metrics == before.metrics and after.tasks == before.tasks
     assert json.loads((copy / "eval_test.json").read_text()) == before.metrics["test"]
     assert replace(after, metrics={}) == replace(before, metrics={})
+
+
+def test_evaluate_reports_what_auto_accepting_with_the_checkpoints_own_thresholds_does(
+        small_checkpoint, cache_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "thresholds"
+    shutil.copytree(small_checkpoint, copy)
+    config = read_config(copy)
+    every, none, *_ = config.tasks
+    config.tasks[every].threshold_90 = 0.0  # accepts every item
+    config.tasks[none].threshold_90 = None  # accepts none
+    config.save(copy)
+    manifest = write_hm_manifest(tmp_path, hm_rows("test", 48), "test48.csv")
+    out = tmp_path / "report.json"
+    assert evaluate.main(["--checkpoint", str(copy), "--manifest", str(manifest), "--split", "test",
+                          "--out-json", str(out), "--cache-dir", str(cache_dir)]) == 0
+    assert "operating_recall" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    for task, metrics in report["tasks"].items():
+        assert {"accuracy", "macro_f1", "recall_at_90_precision", "n", "threshold", "auto_accepted",
+                "auto_accept_precision", "auto_accept_precision_ci", "operating_recall"} <= set(metrics)
+        assert metrics["threshold"] == config.tasks[task].threshold_90
+        if metrics["auto_accepted"]:
+            low, high = metrics["auto_accept_precision_ci"]
+            assert 0.0 <= low <= metrics["auto_accept_precision"] <= high <= 1.0
+            assert metrics["operating_recall"] <= metrics["auto_accept_precision"]
+    assert report["tasks"][every]["auto_accepted"] == report["tasks"][every]["n"]
+    assert abs(report["tasks"][every]["auto_accept_precision"] - report["tasks"][every]["accuracy"]) < 1e-9
+    assert abs(report["tasks"][every]["operating_recall"] - report["tasks"][every]["accuracy"]) < 1e-9
+    assert report["tasks"][none]["auto_accepted"] == 0 and report["tasks"][none]["operating_recall"] == 0.0
+    assert report["tasks"][none]["auto_accept_precision"] is None
+    mean = sum(m["operating_recall"] for m in report["tasks"].values()) / len(report["tasks"])
+    assert abs(report["mean"]["operating_recall"] - mean) < 1e-9
+    zero_shot = evaluate.evaluate_checkpoint(copy, manifest, "test", cache_dir, zero_shot=True)
+    assert "operating_recall" not in zero_shot["mean"]  # the thresholds belong to the trained heads
+
+
+def test_thresholds_record_their_rule_and_configs_without_one_still_load(small_checkpoint, tmp_path):
+    import shutil
+
+    from cma_clip.checkpoint import THRESHOLD_RULES
+
+    config = read_config(small_checkpoint)
+    assert {spec.threshold_rule for spec in config.tasks.values()} == {evaluate.THRESHOLD_RULE}
+    assert evaluate.THRESHOLD_RULE in THRESHOLD_RULES
+    for task, spec in config.tasks.items():  # calibrate's val report used the thresholds it set
+        assert config.metrics["val"]["tasks"][task]["threshold"] == spec.threshold_90
+    old = tmp_path / "old"
+    shutil.copytree(small_checkpoint, old)
+    raw = json.loads((old / "config.json").read_text())
+    for spec in raw["tasks"].values():
+        del spec["threshold_rule"]
+        spec["threshold_90"] = 0.5
+    (old / "config.json").write_text(json.dumps(raw))
+    loaded = read_config(old)
+    assert {spec.threshold_rule for spec in loaded.tasks.values()} == {"point"}
+    predictor = Predictor.from_checkpoint(old, "cpu")
+    assert set(predictor.thresholds.values()) == {0.5}
+    prediction = predictor.predict_batch([Image.new("RGB", (64, 64), "red")], ["a red dress"])[0]
+    for p in prediction.tasks.values():
+        assert p.threshold == 0.5 and p.auto_accept == (p.confidence >= 0.5)

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from cma_clip.metrics import (METRIC_NAMES, binomial_interval, binomial_tail, macro_f1, mean_metrics,
-                              operating_point, precision_lower_bound, recall_at_precision, task_metrics,
-                              threshold_at_precision, threshold_with_confidence)
+from cma_clip.metrics import (METRIC_NAMES, binomial_interval, binomial_tail, effective_sizes, macro_f1,
+                              mean_metrics, operating_point, precision_lower_bound, recall_at_precision,
+                              task_metrics, threshold_at_precision, threshold_with_confidence)
 
 
 def test_recall_at_90_precision_takes_the_longest_precise_prefix():
@@ -138,3 +138,21 @@ def test_the_operating_point_counts_what_the_threshold_accepts():
     nothing = operating_point(correct, confidence, None)
     assert nothing["auto_accepted"] == 0 and nothing["operating_recall"] == 0.0
     assert nothing["auto_accept_precision"] is None and nothing["auto_accept_precision_ci"] is None
+
+
+def test_items_that_are_right_or_wrong_together_count_as_one():
+    rng = np.random.default_rng(0)
+    correct = rng.permutation(np.r_[np.ones(95), np.zeros(5)])
+    alone = np.arange(100)
+    assert effective_sizes(correct, alone) == pytest.approx(np.arange(1, 101))  # groups of one: n itself
+    copies, groups = np.repeat(correct, 4), np.repeat(alone, 4)  # each item 4 times, as 4 colour variants
+    assert effective_sizes(copies, groups)[-1] == pytest.approx(100)
+    assert effective_sizes(np.ones(8), [0, 0, 0, 0, 1, 1, 1, 1])[-1] == 2  # no error: count the groups
+    tied = np.ones(400)
+    assert threshold_with_confidence(copies, tied) == 1.0  # 380 of 400 "independent" items: bound 0.918
+    assert threshold_with_confidence(copies, tied, groups=groups) is None  # 95 of 100: bound 0.887
+    assert threshold_with_confidence(correct, tied[:100], groups=alone) is None
+    low, high = operating_point(copies, tied, 0.5, groups=groups)["auto_accept_precision_ci"]
+    assert (low, high) == pytest.approx(binomial_interval(95, 100))
+    assert operating_point(copies, tied, 0.5)["auto_accept_precision_ci"] == pytest.approx(
+        list(binomial_interval(380, 400)))
