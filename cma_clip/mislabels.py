@@ -191,7 +191,7 @@ def contact_sheets(suspects: list[Suspect], folder: str | Path, name: str) -> li
                 draw.text((x + 4, y + CELL + 2 + 14 * j), line, fill=colour, font=font)
             draw.rectangle((x, y, x + CELL - 1, y + height - 1), outline="lightgray")
         paths.append(folder / f"{name}-{first + 1:02d}-{first + per_sheet:02d}.jpg")
-        sheet.save(paths[-1], quality=65)
+        sheet.save(paths[-1], quality=55)
     return paths
 
 
