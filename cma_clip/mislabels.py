@@ -2,9 +2,10 @@
 
 Every labelled item of a task is predicted by a linear head (logistic regression on the top
 256 whitened principal components of the cached backbone's pooled image and text embeddings)
-trained on the other k-1 folds, so no item is judged by a head that saw its own label. cleanlab's `find_label_issues` then picks
-the items whose label the out-of-fold probabilities contradict (confident learning), ranked
-by self-confidence: the out-of-fold probability of the catalogue's own label, lowest first.
+trained on the other k-1 folds, so no item is judged by a head that saw its own label.
+cleanlab's `find_label_issues` then picks the items whose label the out-of-fold probabilities
+contradict (confident learning), ranked by self-confidence: the out-of-fold probability of the
+catalogue's own label, lowest first.
 
 Missing labels ("", "NA", ...) are skipped. A class with fewer labelled items than folds is
 left out (its items are neither fitted nor ranked, and the queue names the class): some fold's
