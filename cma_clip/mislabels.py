@@ -2,9 +2,10 @@
 
 Every labelled item of a task is predicted by a linear head (logistic regression on the top
 256 whitened principal components of the cached backbone's pooled image and text embeddings)
-trained on the other k-1 folds, so no item is judged by a head that saw its own label. cleanlab's `find_label_issues` then picks
-the items whose label the out-of-fold probabilities contradict (confident learning), ranked
-by self-confidence: the out-of-fold probability of the catalogue's own label, lowest first.
+trained on the other k-1 folds, so no item is judged by a head that saw its own label.
+cleanlab's `find_label_issues` then picks the items whose label the out-of-fold probabilities
+contradict (confident learning), ranked by self-confidence: the out-of-fold probability of the
+catalogue's own label, lowest first.
 
 Missing labels ("", "NA", ...) are skipped. A class with fewer labelled items than folds is
 left out (its items are neither fitted nor ranked, and the queue names the class): some fold's
@@ -191,7 +192,7 @@ def contact_sheets(suspects: list[Suspect], folder: str | Path, name: str) -> li
                 draw.text((x + 4, y + CELL + 2 + 14 * j), line, fill=colour, font=font)
             draw.rectangle((x, y, x + CELL - 1, y + height - 1), outline="lightgray")
         paths.append(folder / f"{name}-{first + 1:02d}-{first + per_sheet:02d}.jpg")
-        sheet.save(paths[-1], quality=65)
+        sheet.save(paths[-1], quality=55)
     return paths
 
 

@@ -54,7 +54,8 @@ def test_queue_is_cached_per_labels(sample, backbone, cache_dir):
     assert mislabel_queue(sample, TASK, backbone, cache_dir) == first
     assert time.perf_counter() - start < 2
     mislabel_queue(relabelled(sample, TASK, {0: "", 1: ""}), TASK, backbone, cache_dir)
-    assert len(set((cache_dir / "mislabels").glob(f"hm-articles-{TASK}-*.json")) - stored) == 1  # new labels, new queue
+    new = set((cache_dir / "mislabels").glob(f"hm-articles-{TASK}-*.json")) - stored
+    assert len(new) == 1  # new labels, new queue
 
 
 def test_missing_labels_and_rare_classes_are_left_out(sample, backbone, cache_dir):
