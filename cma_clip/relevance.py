@@ -1,0 +1,307 @@
+"""Per-task relevance: what each task's prediction rests on, over the image and over the words.
+
+    from cma_clip.relevance import explain
+    ex = explain(model, backbone, [image], [text], max_tokens)   # every task, one backward
+    ex.image[0, t]      # [grid*grid] relevance of the patches for task t, sums to 1
+    ex.text[0, t]       # [L] relevance of the text tokens (word pieces) for task t, sums to 1
+
+Two methods, both driven by the gradient of the task's top logit (its predicted class):
+
+* **Text, and the fusion's own tokens: gradient-weighted attention rollout** (Chefer et al.,
+  ICCV 2021). R = I; for every layer R <- R + mean_h[(grad A * A)^+] R. The task head reads
+  the fused text [CLS] and image [CLS] mixed by the task's modality-wise weights (w_text,
+  w_image), so the row it reads is w_text R[text CLS] + w_image R[image CLS]: the one-hot
+  [CLS] row of a single-[CLS] model, generalised to the head's actual mixture.
+* **Image: LayerCAM** (Jiang et al., IEEE TIP 2021; Grad-CAM with per-location positive
+  gradients, made for layers finer than the last one) on the image encoder's last 14x14
+  stage, summed into the 7x7 patch grid. The gradient reaches that layer through every route
+  the model has to the image: the patch tokens in the fusion transformer and the pooled
+  image embedding that starts the image [CLS].
+
+Why the image map is not read at the patch tokens: the 7x7 tokens of the EfficientNet are
+not local (each sees almost the whole 224 px image), so on H&M photos the rollout over the
+patch tokens, and Grad-CAM on them, put only 1.5-1.6x a uniform map's share on the product
+and mass on the white letterbox padding; one stage earlier, where features are still local,
+LayerCAM puts about 3x on the product (docs/RESULTS.md, "Explanations").
+
+The letterbox padding (`backbones.letterbox` fills the square with white) is not part of
+the photo: relevance that lands there is removed (in proportion to the share of each cell
+that is padding) and reported as `padding_share`. Maps are normalised to sum to 1.
+
+Cost: all tasks in one backward. The encoder's tail (from the 14x14 stage on) and the fusion
+run on one copy of the item per task (copy t carries task t's objective), so one ordinary
+backward gives every task's gradients (`is_grads_batched` falls back to slow per-sample
+loops for convolutions and batch norm).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import DualEncoder, EncoderOutput, TextBatch
+from .model import CMAClip, CMAOutput
+from .runtime import autocast
+
+RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
+
+
+@dataclass
+class Explanation:
+    """Relevance for every task of a batch of B items (T tasks, L text tokens, P patches)."""
+
+    output: CMAOutput  # the model's output for the B items (attention maps of the last layer included)
+    tasks: list[str]
+    image: np.ndarray  # [B, T, P] relevance of the patches (LayerCAM, padding removed), sums to 1 (or 0)
+    image_fine: np.ndarray  # [B, T, h, w] the same at the relevance layer's resolution, before pooling
+    text: np.ndarray  # [B, T, L] relevance of the text tokens (rollout), sums to 1 over the real tokens
+    rollout_patches: np.ndarray  # [B, T, P] the rollout's relevance of the patch tokens (padding removed)
+    gradcam_patches: np.ndarray  # [B, T, P] Grad-CAM on the patch tokens (padding removed)
+    token_gradient_input: np.ndarray  # [B, T, L] |gradient x input| of the text token states, sums to 1
+    image_share: np.ndarray  # [B, T] the rollout's share on the image side (image [CLS] + patches)
+    padding_share: np.ndarray  # [B, T] share of the LayerCAM map that fell on letterbox padding
+    photo_fraction: np.ndarray  # [B, P] share of each patch covered by the photo (1 - padding)
+    # the image maps before the padding is removed, by name ("relevance", "rollout", "gradcam"): [B, T, P]
+    unmasked: dict[str, np.ndarray] | None = None
+
+
+# ---------------------------------------------------------------------- building blocks
+def rollout(layers: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """Chefer et al.'s rule for self-attention: R = I, then R <- R + mean_h[(grad * A)^+] R per layer.
+    layers, grads: per layer [N, heads, S, S]; returns R [N, S, S]."""
+    n, _, s, _ = layers[0].shape
+    relevance = torch.eye(s, dtype=layers[0].dtype, device=layers[0].device).expand(n, s, s)
+    for attention, grad in zip(layers, grads):
+        relevance = relevance + (grad * attention).clamp(min=0).mean(dim=1) @ relevance
+    return relevance
+
+
+def read_row(relevance: torch.Tensor, weights: torch.Tensor, text_length: int) -> torch.Tensor:
+    """The row of R the task head reads: w_text R[text CLS] + w_image R[image CLS]. weights [N, 2]."""
+    return weights[:, :1] * relevance[:, 0] + weights[:, 1:] * relevance[:, text_length + 1]
+
+
+def layercam(activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """LayerCAM: sum over channels of ReLU(gradient) x activation, ReLU'd. [N, C, h, w] -> [N, h, w]."""
+    return (grad.clamp(min=0) * activation).sum(dim=1).clamp(min=0)
+
+
+def gradcam(tokens: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM on tokens [N, P, C]: channel weights = mean gradient over the tokens. -> [N, P]."""
+    return (tokens * grad.mean(dim=1, keepdim=True)).sum(-1).clamp(min=0)
+
+
+def photo_fraction(sizes: list[tuple[int, int]], image_size: int, cells: int) -> np.ndarray:
+    """[B, cells*cells]: the share of each cell of a cells x cells grid over the letterboxed square
+    that the photo covers (the rest is `letterbox`'s white padding). `sizes`: the photos' (w, h)."""
+    out = np.zeros((len(sizes), cells, cells), dtype=np.float32)
+    edges = np.linspace(0, image_size, cells + 1)
+    for i, (width, height) in enumerate(sizes):
+        scale = image_size / max(width, height)
+        w, h = max(1, round(width * scale)), max(1, round(height * scale))  # as letterbox computes them
+        x0, y0 = (image_size - w) // 2, (image_size - h) // 2
+        cover_x = np.clip(np.minimum(edges[1:], x0 + w) - np.maximum(edges[:-1], x0), 0, None) / np.diff(edges)
+        cover_y = np.clip(np.minimum(edges[1:], y0 + h) - np.maximum(edges[:-1], y0), 0, None) / np.diff(edges)
+        out[i] = np.outer(cover_y, cover_x)
+    return out.reshape(len(sizes), -1)
+
+
+def pool_to_grid(fine: torch.Tensor, grid: int) -> torch.Tensor:
+    """Sum a [N, h, w] map into a [N, grid*grid] patch grid (h a multiple of grid; nearest otherwise)."""
+    n, h, w = fine.shape
+    if h % grid or w % grid:
+        fine = torch.nn.functional.interpolate(fine[:, None], size=(grid * max(1, h // grid),) * 2)[:, 0]
+        n, h, w = fine.shape
+    return fine.reshape(n, grid, h // grid, grid, w // grid).sum(dim=(2, 4)).reshape(n, grid * grid)
+
+
+def normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return x / x.sum(dim=dim, keepdim=True).clamp(min=1e-12)
+
+
+# ---------------------------------------------------------------------- the image encoder, split
+def split_image_encoder(backbone: DualEncoder):
+    """(head, tail) for a backbone whose image encoder has a finer stage than its patch tokens:
+    head(pixels) -> activation [B, C, h, w]; tail(activation) -> (patch tokens [B, P, C'], pooled).
+    None for other backbones (their relevance layer is then the patch tokens themselves)."""
+    cnn = getattr(backbone, "cnn", None)
+    blocks = getattr(cnn, "_blocks", None)
+    if blocks is None or len(blocks) <= RELEVANCE_STAGE:
+        return None
+
+    def head(pixels: torch.Tensor) -> torch.Tensor:
+        x = cnn._swish(cnn._bn0(cnn._conv_stem(pixels.contiguous(memory_format=torch.channels_last))))
+        for block in blocks[:RELEVANCE_STAGE]:
+            x = block(x)
+        return x
+
+    def tail(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for block in blocks[RELEVANCE_STAGE:]:
+            x = block(x)
+        pooled = cnn._swish(cnn._bn1(cnn._conv_head(x))).mean(dim=(2, 3))
+        return x.flatten(2).transpose(1, 2), pooled
+
+    return head, tail
+
+
+def _text_batch(backbone: DualEncoder, texts: list[str], max_tokens: int) -> TextBatch:
+    text = backbone.tokenize(texts, max_tokens)
+    length = max(1, int(text.mask.sum(1).max()))  # as DualEncoder.encode trims
+    return TextBatch(text.ids[:, :length], text.mask[:, :length])
+
+
+# ---------------------------------------------------------------------- all tasks at once
+def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], texts: list[str],
+            max_tokens: int, keep_unmasked: bool = False) -> Explanation:
+    """Every task's relevance for a batch of items, from one forward and one backward.
+    `keep_unmasked`: also return the image maps before the letterbox padding is removed."""
+    device = backbone.device
+    tasks, count, batch = model.tasks, len(model.tasks), len(images)
+    pixels = backbone.preprocess(images).to(device)
+    text = _text_batch(backbone, texts, max_tokens).to(device)
+    split = split_image_encoder(backbone)
+    with torch.no_grad(), autocast(device):  # the frozen parts, as DualEncoder.forward runs them
+        text_tokens, text_pooled = backbone.encode_text(text)
+        if split is not None:
+            activation = split[0](pixels)
+        else:
+            image_tokens, image_pooled = backbone.encode_image(pixels)
+            side = int(round(image_tokens.shape[1] ** 0.5))
+            activation = image_tokens.transpose(1, 2).reshape(batch, -1, side, side)
+
+    def copies(x: torch.Tensor) -> torch.Tensor:  # item b's copy t at row b * count + t
+        return x.float().repeat_interleave(count, dim=0)
+
+    activation = copies(activation).requires_grad_(True)
+    text_tokens = copies(text_tokens).requires_grad_(True)
+    with torch.enable_grad():
+        if split is not None:
+            with autocast(device):  # the encoder's precision, as in DualEncoder.forward
+                tokens, pooled = split[1](activation)
+        else:  # the patch tokens are the relevance layer; the pooled embedding is not spatial
+            tokens, pooled = activation.flatten(2).transpose(1, 2), copies(image_pooled)
+        feats = EncoderOutput(tokens.float(), pooled.float(), text_tokens, text.mask.repeat_interleave(count, 0),
+                              copies(text_pooled), text.ids.repeat_interleave(count, 0))
+        with autocast(device, batch_size=batch):  # the fusion's precision, as in Predictor.predict
+            out = model(feats, return_attention=True, keep_layers=True)
+        task_of_copy = torch.arange(batch * count, device=device) % count
+        objective = sum(logits.float().max(dim=-1).values[task_of_copy == t].sum()
+                        for t, logits in enumerate(out.logits.values()))
+        layers = out.layer_attention or []
+        grads = torch.autograd.grad(objective, [*layers, activation, tokens, text_tokens], allow_unused=True)
+    layer_grads, (activation_grad, token_grad, text_grad) = grads[:len(layers)], grads[len(layers):]
+
+    length = text.mask.shape[1]
+    sizes = [image.size for image in images]
+    fine = layercam(activation.detach(), _zero_if_none(activation_grad, activation))  # [B*T, h, w]
+    cells = fine.shape[-1]
+    cover_fine = torch.from_numpy(photo_fraction(sizes, backbone.image_size, cells)).to(device)
+    cover_fine = cover_fine.repeat_interleave(count, 0).reshape(fine.shape)
+    total = fine.sum(dim=(1, 2)).clamp(min=1e-12)
+    padding_share = ((fine * (1 - cover_fine)).sum(dim=(1, 2)) / total)
+    grid = backbone.grid_size
+    unmasked = {"relevance": normalise(pool_to_grid(fine, grid))}
+    fine = normalise((fine * cover_fine).flatten(1)).reshape(fine.shape)
+    cover = torch.from_numpy(photo_fraction(sizes, backbone.image_size, grid)).to(device).repeat_interleave(count, 0)
+    image_map = normalise(pool_to_grid(fine, grid))
+    unmasked["gradcam"] = normalise(gradcam(tokens.detach().float(), _zero_if_none(token_grad, tokens)))
+    cam = normalise(unmasked["gradcam"] * cover)
+    real = text.mask.repeat_interleave(count, 0).float()
+    gxi = normalise((_zero_if_none(text_grad, text_tokens) * text_tokens.detach()).sum(-1).abs() * real)
+
+    weights = torch.stack([w for w in out.modality_weights.values()], 1).float()  # [B*T, T, 2]
+    weights = weights[torch.arange(batch * count, device=device), task_of_copy]  # copy t: task t's weights
+    if layers:
+        row = read_row(rollout([a.float() for a in layers], [_zero_if_none(g, a).float() for g, a in
+                                                              zip(layer_grads, layers)]), weights, length)
+        text_map = normalise(row[:, 1:1 + length] * real)
+        unmasked["rollout"] = normalise(row[:, length + 2:])
+        rollout_map = normalise(row[:, length + 2:] * cover)
+        image_side = row[:, length + 1:].sum(-1) / row.sum(-1).clamp(min=1e-12)
+    else:  # fusions without the sequence-wise attention read no tokens: no token relevance
+        text_map = torch.zeros_like(real)
+        rollout_map = unmasked["rollout"] = torch.zeros_like(cover)
+        image_side = weights[:, 1]
+
+    def per_item(x: torch.Tensor) -> np.ndarray:
+        x = x.detach().float().cpu().numpy()
+        return x.reshape(batch, count, *x.shape[1:])
+
+    first = torch.arange(batch, device=device) * count  # copy 0 of every item: the plain prediction
+    attention = out.attention
+    if attention is not None:
+        attention = type(attention)(attention.text_to_image[first].detach(), attention.text_cls[first].detach(),
+                                    attention.image_cls[first].detach(), attention.text_length)
+    output = CMAOutput({t: v[first].detach() for t, v in out.logits.items()},
+                       {t: v[first].detach() for t, v in out.modality_weights.items()}, attention)
+    return Explanation(output, tasks, per_item(image_map), per_item(fine), per_item(text_map), per_item(rollout_map),
+                       per_item(cam), per_item(gxi), per_item(image_side), per_item(padding_share),
+                       photo_fraction(sizes, backbone.image_size, grid),
+                       {k: per_item(v) for k, v in unmasked.items()} if keep_unmasked else None)
+
+
+def _zero_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+# ---------------------------------------------------------------------- words
+WORD = re.compile(r"\S+")
+
+
+def words_of(backbone: DualEncoder, text: str, max_tokens: int) -> tuple[list[str], list[int]]:
+    """The text's whole words (as written, punctuation attached: "men's", "rib-trimmed,") that the
+    model saw, and for each model token the index of its word (-1: a special token)."""
+    tokenizer = getattr(backbone, "tokenizer", None)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, truncation=True, max_length=max_tokens, return_offsets_mapping=True,
+                        return_special_tokens_mask=True)
+        spans = [(m.start(), m.end(), m.group()) for m in WORD.finditer(text)]
+        words, index, token_words = [], {}, []
+        for (start, end), special in zip(enc["offset_mapping"], enc["special_tokens_mask"]):
+            if special or end <= start:
+                token_words.append(-1)
+                continue
+            k = next((k for k, (a, b, _) in enumerate(spans) if a <= start < b), None)
+            if k is None:
+                token_words.append(-1)
+                continue
+            if k not in index:
+                index[k] = len(words)
+                words.append(spans[k][2])
+            token_words.append(index[k])
+        return words, token_words
+    return _words_from_pieces(backbone.token_strings(text, max_tokens))
+
+
+def _words_from_pieces(tokens: list[str]) -> tuple[list[str], list[int]]:
+    """Fallback without offsets: BERT word pieces (##) join the word before them."""
+    from .viz import SPECIAL_TOKENS
+
+    words, token_words = [], []
+    for token in tokens:
+        if token in SPECIAL_TOKENS:
+            token_words.append(-1)
+        elif token.startswith("##") and words:
+            words[-1] += token[2:]
+            token_words.append(len(words) - 1)
+        else:
+            words.append(token)
+            token_words.append(len(words) - 1)
+    return words, token_words
+
+
+def word_relevance(token_relevance: np.ndarray, token_words: list[int], count: int) -> np.ndarray:
+    """Sum token relevance into words. [L] -> [count]."""
+    out = np.zeros(count, dtype=np.float64)
+    for value, word in zip(np.asarray(token_relevance, dtype=np.float64), token_words):
+        if word >= 0:
+            out[word] += value
+    return out
+
+
+def is_word(word: str) -> bool:
+    """A word with a letter or digit: punctuation alone is never a default."""
+    return any(ch.isalnum() for ch in word)
