@@ -8,8 +8,7 @@ from PIL import Image
 
 from cma_clip.data import REPO_ROOT, Catalogue, CatalogueConfig, load_image
 from cma_clip.lab import explain as lab
-from cma_clip.relevance import (explain, layercam, photo_fraction, pool_to_grid, read_row, rollout, word_relevance,
-                                words_of)
+from cma_clip.relevance import layercam, photo_fraction, pool_to_grid, read_row, rollout, word_relevance, words_of
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
 SHIPPED = REPO_ROOT / "checkpoints" / "hm-articles"
