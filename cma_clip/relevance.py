@@ -20,31 +20,37 @@ Two methods, both driven by the gradient of the task's top logit (its predicted 
 
 Why the image map is not read at the patch tokens: the 7x7 tokens of the EfficientNet are
 not local (each sees almost the whole 224 px image), so on H&M photos the rollout over the
-patch tokens, and Grad-CAM on them, put only 1.5-1.6x a uniform map's share on the product
-and mass on the white letterbox padding; one stage earlier, where features are still local,
-LayerCAM puts about 3x on the product (docs/RESULTS.md, "Explanations").
+patch tokens, and Grad-CAM on them, put only about 1.5x a uniform map's share on the product
+(1.8-1.9x once the letterbox padding is removed) and 14-22% of their mass on that padding;
+one stage earlier, where features are still local, LayerCAM puts 2.6x on the product
+(docs/RESULTS.md, "Explanations"). Backbones without such a stage (open_clip ViTs) get
+LayerCAM on the patch tokens themselves.
 
 The letterbox padding (`backbones.letterbox` fills the square with white) is not part of
 the photo: relevance that lands there is removed (in proportion to the share of each cell
 that is padding) and reported as `padding_share`. Maps are normalised to sum to 1.
 
-Cost: all tasks in one backward. The encoder's tail (from the 14x14 stage on) and the fusion
-run on one copy of the item per task (copy t carries task t's objective), so one ordinary
-backward gives every task's gradients (`is_grads_batched` falls back to slow per-sample
-loops for convolutions and batch norm).
+Cost: all tasks in one backward. The fusion runs on one copy of the item per task (copy t
+carries task t's objective), so one ordinary backward gives every task's gradients at the patch
+tokens, the pooled embedding and the words; `LiteTail.pullback` then carries all of them through
+the encoder's last stage at once. Against the plain prediction this adds about 30% to a
+single-item `Predictor.predict` on 2 CPU cores (docs/RESULTS.md).
 """
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from .backbones import DualEncoder, EncoderOutput, TextBatch
 from .model import CMAClip, CMAOutput
-from .runtime import autocast
+from .runtime import autocast, bf16_supported
 
 RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
 
@@ -122,29 +128,147 @@ def normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x / x.sum(dim=dim, keepdim=True).clamp(min=1e-12)
 
 
-# ---------------------------------------------------------------------- the image encoder, split
-def split_image_encoder(backbone: DualEncoder):
-    """(head, tail) for a backbone whose image encoder has a finer stage than its patch tokens:
-    head(pixels) -> activation [B, C, h, w]; tail(activation) -> (patch tokens [B, P, C'], pooled).
-    None for other backbones (their relevance layer is then the patch tokens themselves)."""
-    cnn = getattr(backbone, "cnn", None)
-    blocks = getattr(cnn, "_blocks", None)
-    if blocks is None or len(blocks) <= RELEVANCE_STAGE:
-        return None
+# ---------------------------------------------------------------------- the image encoder's tail
+class LiteTail:
+    """The bundled EfficientNet-Lite0 from the relevance stage on (blocks RELEVANCE_STAGE.., the 1x1
+    head, the mean pool), run forward once per item and pulled back for many seeds at once.
 
-    def head(pixels: torch.Tensor) -> torch.Tensor:
+    The encoder is frozen and piecewise linear at an item (1x1 and depthwise convolutions, batch
+    norm in eval mode, ReLU6), so its Jacobian there is fixed: the forward keeps each ReLU6's local
+    slope (times the batch norm's scale before it), and `pullback` sends the T tasks' gradients
+    back through the same layers in one batched pass: matrix products for the 1x1 convolutions,
+    a depthwise convolution with the flipped kernel, the slopes (a hand-written vector-Jacobian
+    product, channels last). It equals autograd (tests/test_relevance.py) without re-running the
+    forward T times or autograd's per-operation overhead. `LiteTail.of(cnn)`: one per encoder."""
+
+    _made: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, cnn) -> None:
+        self.cnn = cnn
+        self.blocks = list(cnn._blocks[RELEVANCE_STAGE:])
+        self._weights: dict[torch.dtype, list] = {}
+
+    @classmethod
+    def of(cls, cnn) -> "LiteTail":
+        if cnn not in cls._made:
+            cls._made[cnn] = cls(cnn)
+        return cls._made[cnn]
+
+    @staticmethod
+    def supports(backbone: DualEncoder) -> bool:
+        cnn = getattr(backbone, "cnn", None)
+        blocks = getattr(cnn, "_blocks", None)
+        return (blocks is not None and len(blocks) > RELEVANCE_STAGE and isinstance(cnn._swish, nn.ReLU6)
+                and all(isinstance(b._swish, nn.ReLU6) and not b.has_se for b in blocks[RELEVANCE_STAGE:]))
+
+    def stem(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The encoder up to the relevance stage: [B, 3, 224, 224] -> [B, 112, 14, 14]."""
+        cnn = self.cnn
         x = cnn._swish(cnn._bn0(cnn._conv_stem(pixels.contiguous(memory_format=torch.channels_last))))
-        for block in blocks[:RELEVANCE_STAGE]:
+        for block in cnn._blocks[:RELEVANCE_STAGE]:
             x = block(x)
         return x
 
-    def tail(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for block in blocks[RELEVANCE_STAGE:]:
-            x = block(x)
-        pooled = cnn._swish(cnn._bn1(cnn._conv_head(x))).mean(dim=(2, 3))
-        return x.flatten(2).transpose(1, 2), pooled
+    def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(patch tokens [B, P, C], pooled [B, D], the slopes `pullback` needs, in `dtype`). The same
+        operations in the same order as the encoder's own forward, so the outputs are the encoder's."""
+        record = []
+        for block in self.blocks:
+            inputs, local = x, {}
+            if block._block_args.expand_ratio != 1:
+                z = block._bn0(block._expand_conv(x))
+                local["expand"] = _slope(z, block._bn0, dtype)
+                x = block._swish(z)
+            z = block._bn1(block._depthwise_conv(x))
+            local["depthwise"], local["size"] = _slope(z, block._bn1, dtype), tuple(x.shape[-2:])
+            x = block._bn2(block._project_conv(block._swish(z)))
+            if _has_skip(block):
+                x = x + inputs
+            record.append(local)
+        tokens = x
+        z = self.cnn._bn1(self.cnn._conv_head(x))
+        record.append(_slope(z, self.cnn._bn1, dtype) / (z.shape[-1] * z.shape[-2]))  # with the mean pool's 1/P
+        pooled = self.cnn._swish(z).mean(dim=(2, 3))
+        return tokens.flatten(2).transpose(1, 2), pooled, record
 
-    return head, tail
+    def pullback(self, record: list, token_grad: torch.Tensor, pooled_grad: torch.Tensor, copies: int) -> torch.Tensor:
+        """Gradients at the relevance stage [B*copies, C, h, w] (float32) from gradients at the patch
+        tokens [B*copies, P, C'] and at the pooled embedding [B*copies, D]; copy t of item b is row
+        b*copies+t. Computed in the dtype `forward` kept the slopes in."""
+        dtype = record[-1].dtype
+        weights = self._transposed(dtype)
+        n, p, c = token_grad.shape
+        side = int(round(p ** 0.5))
+        g = token_grad.to(dtype).reshape(n, side, side, c)  # channels last: token p = row * side + column
+        head = _per_copy(pooled_grad.to(dtype)[:, None, None, :], record[-1], copies)
+        g = g + head @ weights[-1]
+        for block, (project, expand), local in zip(reversed(self.blocks), reversed(weights[:-1]),
+                                                    reversed(record[:-1])):
+            skip = g if _has_skip(block) else None
+            g = _per_copy(g @ project, local["depthwise"], copies)
+            g = _depthwise_t(g, block._depthwise_conv, local["size"])
+            if expand is not None:
+                g = _per_copy(g, local["expand"], copies) @ expand
+            if skip is not None:
+                g = g + skip
+        return g.permute(0, 3, 1, 2).float()
+
+    def _transposed(self, dtype: torch.dtype) -> list:
+        """Per block (project, expand) as [Cout, Cin] matrices for the input gradient (the batch norm
+        after the projection folded in), then the head's; made once per dtype."""
+        if dtype not in self._weights:
+            with torch.no_grad():
+                def matrix(conv, scale=None):
+                    w = conv.weight.detach().float().flatten(1)  # [Cout, Cin]
+                    return (w * scale[:, None] if scale is not None else w).to(dtype).contiguous()
+
+                layers = [(matrix(b._project_conv, _bn_scale(b._bn2)),
+                           matrix(b._expand_conv) if b._block_args.expand_ratio != 1 else None) for b in self.blocks]
+                self._weights[dtype] = [*layers, matrix(self.cnn._conv_head)]
+        return self._weights[dtype]
+
+
+def _has_skip(block) -> bool:
+    args = block._block_args
+    stride = args.stride[0] if isinstance(args.stride, (list, tuple)) else args.stride
+    return bool(block.id_skip and stride == 1 and args.input_filters == args.output_filters)
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """d(batch norm)/dx in eval mode, per channel."""
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().float()
+
+
+def _slope(z: torch.Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype) -> torch.Tensor:
+    """d ReLU6(BN(x))/dx at z = BN(x), channels last: [B, C, H, W] -> [B, H, W, C]."""
+    inside = ((z > 0) & (z < 6)).permute(0, 2, 3, 1)
+    return (inside * _bn_scale(bn)).to(dtype)
+
+
+def _per_copy(g: torch.Tensor, slope: torch.Tensor, copies: int) -> torch.Tensor:
+    """g [B*copies, ...] (or broadcastable to it) times item b's slope [B, ...] on each of its copies."""
+    out = g.view(slope.shape[0], copies, *g.shape[1:]) * slope[:, None]
+    return out.reshape(-1, *out.shape[2:])
+
+
+def _depthwise_t(g: torch.Tensor, conv, size: tuple[int, int]) -> torch.Tensor:
+    """The input gradient of a depthwise convolution with TensorFlow's static 'same' padding, on
+    channels-last gradients [N, h, w, C] -> [N, H, W, C]: the output gradient spread back to the
+    stride (zeros between), convolved with the flipped kernel, the padding cut off."""
+    pad = getattr(conv.static_padding, "padding", (0, 0, 0, 0))  # (left, right, top, bottom)
+    left, right, top, bottom = pad if len(pad) == 4 else (0, 0, 0, 0)
+    x = g.permute(0, 3, 1, 2)  # a channels-last NCHW view, no copy
+    stride = conv.stride[0]
+    if stride > 1:
+        spread = x.new_zeros(*x.shape[:2], (x.shape[2] - 1) * stride + 1, (x.shape[3] - 1) * stride + 1)
+        spread[..., ::stride, ::stride] = x
+        x = spread.contiguous(memory_format=torch.channels_last)
+    weight = conv.weight.detach().to(g.dtype)
+    k = weight.shape[-1]
+    grad = F.conv2d(F.pad(x, (k - 1,) * 4), weight.flip(-1, -2), groups=conv.groups)
+    height, width = size[0] + top + bottom, size[1] + left + right  # inputs no window reached get 0
+    grad = F.pad(grad, (0, width - grad.shape[-1], 0, height - grad.shape[-2]))
+    return grad[..., top:top + size[0], left:left + size[1]].permute(0, 2, 3, 1).contiguous()
 
 
 def _text_batch(backbone: DualEncoder, texts: list[str], max_tokens: int) -> TextBatch:
@@ -162,41 +286,44 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
     tasks, count, batch = model.tasks, len(model.tasks), len(images)
     pixels = backbone.preprocess(images).to(device)
     text = _text_batch(backbone, texts, max_tokens).to(device)
-    split = split_image_encoder(backbone)
-    with torch.no_grad(), autocast(device):  # the frozen parts, as DualEncoder.forward runs them
+    tail = LiteTail.of(backbone.cnn) if LiteTail.supports(backbone) else None
+    precision = torch.bfloat16 if bf16_supported(device) else torch.float32  # the encoder's, as autocast runs it
+    with torch.no_grad(), autocast(device):  # the frozen encoders, as DualEncoder.forward runs them
         text_tokens, text_pooled = backbone.encode_text(text)
-        if split is not None:
-            activation = split[0](pixels)
-        else:
+        if tail is not None:
+            activation = tail.stem(pixels)
+            image_tokens, image_pooled, record = tail.forward(activation, precision)
+        else:  # no finer stage: the patch tokens are the relevance layer, the pooled embedding is not spatial
             image_tokens, image_pooled = backbone.encode_image(pixels)
             side = int(round(image_tokens.shape[1] ** 0.5))
             activation = image_tokens.transpose(1, 2).reshape(batch, -1, side, side)
 
     def copies(x: torch.Tensor) -> torch.Tensor:  # item b's copy t at row b * count + t
-        return x.float().repeat_interleave(count, dim=0)
+        return x.float().repeat_interleave(count, dim=0).requires_grad_(True)
 
-    activation = copies(activation).requires_grad_(True)
-    text_tokens = copies(text_tokens).requires_grad_(True)
+    # The fusion runs on one copy of each item per task, so one backward gives every task's gradients.
+    tokens, pooled, text_tokens = copies(image_tokens), copies(image_pooled), copies(text_tokens)
     with torch.enable_grad():
-        if split is not None:
-            with autocast(device):  # the encoder's precision, as in DualEncoder.forward
-                tokens, pooled = split[1](activation)
-        else:  # the patch tokens are the relevance layer; the pooled embedding is not spatial
-            tokens, pooled = activation.flatten(2).transpose(1, 2), copies(image_pooled)
-        feats = EncoderOutput(tokens.float(), pooled.float(), text_tokens, text.mask.repeat_interleave(count, 0),
-                              copies(text_pooled), text.ids.repeat_interleave(count, 0))
+        feats = EncoderOutput(tokens, pooled, text_tokens, text.mask.repeat_interleave(count, 0),
+                              text_pooled.float().repeat_interleave(count, 0), text.ids.repeat_interleave(count, 0))
         with autocast(device, batch_size=batch):  # the fusion's precision, as in Predictor.predict
             out = model(feats, return_attention=True, keep_layers=True)
         task_of_copy = torch.arange(batch * count, device=device) % count
         objective = sum(logits.float().max(dim=-1).values[task_of_copy == t].sum()
                         for t, logits in enumerate(out.logits.values()))
         layers = out.layer_attention or []
-        grads = torch.autograd.grad(objective, [*layers, activation, tokens, text_tokens], allow_unused=True)
-    layer_grads, (activation_grad, token_grad, text_grad) = grads[:len(layers)], grads[len(layers):]
-
+        grads = torch.autograd.grad(objective, [*layers, tokens, pooled, text_tokens], allow_unused=True)
+    layer_grads, (token_grad, pooled_grad, text_grad) = grads[:len(layers)], grads[len(layers):]
+    token_grad = _zero_if_none(token_grad, tokens)
+    with torch.no_grad():
+        if tail is not None:  # on into the image encoder, every task at once
+            activation_grad = tail.pullback(record, token_grad, _zero_if_none(pooled_grad, pooled), count)
+        else:
+            activation_grad = token_grad.transpose(1, 2).reshape(batch * count, *activation.shape[1:])
+        activation = activation.float().repeat_interleave(count, dim=0)
     length = text.mask.shape[1]
     sizes = [image.size for image in images]
-    fine = layercam(activation.detach(), _zero_if_none(activation_grad, activation))  # [B*T, h, w]
+    fine = layercam(activation, activation_grad)  # [B*T, h, w]
     cells = fine.shape[-1]
     cover_fine = torch.from_numpy(photo_fraction(sizes, backbone.image_size, cells)).to(device)
     cover_fine = cover_fine.repeat_interleave(count, 0).reshape(fine.shape)
@@ -207,7 +334,7 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
     fine = normalise((fine * cover_fine).flatten(1)).reshape(fine.shape)
     cover = torch.from_numpy(photo_fraction(sizes, backbone.image_size, grid)).to(device).repeat_interleave(count, 0)
     image_map = normalise(pool_to_grid(fine, grid))
-    unmasked["gradcam"] = normalise(gradcam(tokens.detach().float(), _zero_if_none(token_grad, tokens)))
+    unmasked["gradcam"] = normalise(gradcam(tokens.detach(), token_grad))
     cam = normalise(unmasked["gradcam"] * cover)
     real = text.mask.repeat_interleave(count, 0).float()
     gxi = normalise((_zero_if_none(text_grad, text_tokens) * text_tokens.detach()).sum(-1).abs() * real)

@@ -8,7 +8,8 @@ from PIL import Image
 
 from cma_clip.data import REPO_ROOT, Catalogue, CatalogueConfig, load_image
 from cma_clip.lab import explain as lab
-from cma_clip.relevance import layercam, photo_fraction, pool_to_grid, read_row, rollout, word_relevance, words_of
+from cma_clip.relevance import (LiteTail, layercam, photo_fraction, pool_to_grid, read_row, rollout, word_relevance,
+                                words_of)
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
 SHIPPED = REPO_ROOT / "checkpoints" / "hm-articles"
@@ -65,6 +66,37 @@ def test_product_mask_and_pointing_ratio():
     assert lab.pointing_ratio(np.ones(49), patches) == pytest.approx(1.0)
     assert lab.pointing_ratio(patches.astype(float), patches) == pytest.approx(1 / patches.mean())
     assert np.isnan(lab.pointing_ratio(np.ones(49), np.zeros(49, dtype=bool)))
+
+
+def test_the_encoder_pullback_equals_autograd(backbone):
+    """LiteTail sends many tasks' gradients back through the encoder's last stage in one pass: the same
+    numbers as autograd, one seed at a time (float32), and within bf16's precision in bfloat16."""
+    tail = LiteTail.of(backbone.cnn)
+    pixels = backbone.preprocess([load_image(EXAMPLE_IMAGE), Image.new("RGB", (60, 80), (200, 30, 30))])
+    with torch.no_grad():
+        activation = tail.stem(pixels)
+        tokens, pooled, record = tail.forward(activation)
+        reference_tokens, reference_pooled = backbone.encode_image(pixels)
+        _, _, record16 = tail.forward(activation, torch.bfloat16)
+    torch.testing.assert_close(tokens, reference_tokens)  # the encoder's own outputs
+    torch.testing.assert_close(pooled, reference_pooled)
+    torch.manual_seed(0)
+    copies = 3
+    token_grad, pooled_grad = torch.randn(2 * copies, 49, 320), torch.randn(2 * copies, 1280)
+    expected = []
+    for row in range(2 * copies):
+        x = activation[row // copies:row // copies + 1].clone().requires_grad_(True)
+        y = x
+        for block in backbone.cnn._blocks[11:]:
+            y = block(y)
+        cnn = backbone.cnn
+        pooled_y = cnn._swish(cnn._bn1(cnn._conv_head(y))).mean((2, 3))
+        objective = (y.flatten(2).transpose(1, 2) * token_grad[row]).sum() + (pooled_y * pooled_grad[row]).sum()
+        expected.append(torch.autograd.grad(objective, x)[0])
+    expected = torch.cat(expected)
+    torch.testing.assert_close(tail.pullback(record, token_grad, pooled_grad, copies), expected, atol=1e-4, rtol=1e-4)
+    low = tail.pullback(record16, token_grad, pooled_grad, copies)
+    assert ((low - expected).norm() / expected.norm()) < 0.03
 
 
 def test_whole_words_keep_their_punctuation(backbone):

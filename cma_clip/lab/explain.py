@@ -365,12 +365,15 @@ def plot(result: dict, name: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {"relevance": "#1f77b4", "rollout": "#ff7f0e", "gradcam": "#2ca02c", "gradient-input": "#ff7f0e",
+               "attention-word": "#d62728", "attention-cls": "#9467bd", "random": "#7f7f7f"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     for ax, side in zip(axes, ("image", "text")):
         d = result["deletion"][side]
         for kind, values in d["mean_confidence"].items():
             ax.plot(d["steps"], values, marker="o", linewidth=2.4 if kind == "relevance" else 1.2,
-                    linestyle="--" if kind == "random" else "-", label=kind)
+                    linestyle="--" if kind == "random" else "-", color=colours.get(kind), label=kind)
+        ax.set_xticks(d["steps"])
         ax.set_xlabel(f"{'patches' if side == 'image' else 'words'} removed (most relevant first)")
         ax.set_ylabel("probability of the clean top-1 label")
         ax.set_title(f"{name}: deleting {side} evidence", fontsize=10)
