@@ -134,11 +134,11 @@ class LiteTail:
     head, the mean pool), run forward once per item and pulled back for many seeds at once.
 
     The encoder is frozen and piecewise linear at an item (1x1 and depthwise convolutions, batch
-    norm in eval mode, ReLU6), so its Jacobian there is fixed: the forward keeps each ReLU6's local
-    slope (times the batch norm's scale before it), and `pullback` sends the T tasks' gradients
-    back through the same layers in one batched pass: matrix products for the 1x1 convolutions,
-    a depthwise convolution with the flipped kernel, the slopes (a hand-written vector-Jacobian
-    product, channels last). It equals autograd (tests/test_relevance.py) without re-running the
+    norm in eval mode, ReLU6), so its Jacobian there is fixed: the forward keeps each ReLU6's
+    input, and `pullback` sends the T tasks' gradients back through the same layers in one batched
+    pass: matrix products for the 1x1 convolutions, a depthwise convolution with the flipped kernel
+    and ReLU6's slope, each batch norm's scale folded into a weight (a hand-written
+    vector-Jacobian product, channels last). It equals autograd (tests/test_relevance.py) without re-running the
     forward T times or autograd's per-operation overhead. `LiteTail.of(cnn)`: one per encoder."""
 
     _made: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -170,61 +170,66 @@ class LiteTail:
         return x
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(patch tokens [B, P, C], pooled [B, D], the slopes `pullback` needs, in `dtype`). The same
-        operations in the same order as the encoder's own forward, so the outputs are the encoder's."""
+        """(patch tokens [B, P, C], pooled [B, D], what `pullback` needs: each ReLU6's input, channels
+        last, in `dtype`). The same operations in the same order as the encoder's own forward, so the
+        outputs are the encoder's."""
         record = []
         for block in self.blocks:
             inputs, local = x, {}
             if block._block_args.expand_ratio != 1:
                 z = block._bn0(block._expand_conv(x))
-                local["expand"] = _slope(z, block._bn0, dtype)
+                local["expand"] = _channels_last(z, dtype)
                 x = block._swish(z)
             z = block._bn1(block._depthwise_conv(x))
-            local["depthwise"], local["size"] = _slope(z, block._bn1, dtype), tuple(x.shape[-2:])
+            local["depthwise"], local["size"] = _channels_last(z, dtype), tuple(x.shape[-2:])
             x = block._bn2(block._project_conv(block._swish(z)))
             if _has_skip(block):
                 x = x + inputs
             record.append(local)
         tokens = x
         z = self.cnn._bn1(self.cnn._conv_head(x))
-        record.append(_slope(z, self.cnn._bn1, dtype) / (z.shape[-1] * z.shape[-2]))  # with the mean pool's 1/P
+        record.append(_channels_last(z, dtype))
         pooled = self.cnn._swish(z).mean(dim=(2, 3))
         return tokens.flatten(2).transpose(1, 2), pooled, record
 
     def pullback(self, record: list, token_grad: torch.Tensor, pooled_grad: torch.Tensor, copies: int) -> torch.Tensor:
         """Gradients at the relevance stage [B*copies, C, h, w] (float32) from gradients at the patch
         tokens [B*copies, P, C'] and at the pooled embedding [B*copies, D]; copy t of item b is row
-        b*copies+t. Computed in the dtype `forward` kept the slopes in."""
+        b*copies+t. Computed in the dtype `forward` kept its record in."""
         dtype = record[-1].dtype
         weights = self._transposed(dtype)
         n, p, c = token_grad.shape
         side = int(round(p ** 0.5))
         g = token_grad.to(dtype).reshape(n, side, side, c)  # channels last: token p = row * side + column
-        head = _per_copy(pooled_grad.to(dtype)[:, None, None, :], record[-1], copies)
-        g = g + head @ weights[-1]
-        for block, (project, expand), local in zip(reversed(self.blocks), reversed(weights[:-1]),
-                                                    reversed(record[:-1])):
+        head = pooled_grad.to(dtype)[:, None, None, :].expand(n, side, side, -1) / (side * side)  # the mean pool
+        g = g + _relu6_t(head, record[-1], copies) @ weights[-1]
+        for block, (project, depthwise, expand), local in zip(reversed(self.blocks), reversed(weights[:-1]),
+                                                               reversed(record[:-1])):
             skip = g if _has_skip(block) else None
-            g = _per_copy(g @ project, local["depthwise"], copies)
-            g = _depthwise_t(g, block._depthwise_conv, local["size"])
+            g = _relu6_t(g @ project, local["depthwise"], copies)
+            g = _depthwise_t(g, depthwise, block._depthwise_conv, local["size"])
             if expand is not None:
-                g = _per_copy(g, local["expand"], copies) @ expand
+                g = _relu6_t(g, local["expand"], copies) @ expand
             if skip is not None:
                 g = g + skip
         return g.permute(0, 3, 1, 2).float()
 
     def _transposed(self, dtype: torch.dtype) -> list:
-        """Per block (project, expand) as [Cout, Cin] matrices for the input gradient (the batch norm
-        after the projection folded in), then the head's; made once per dtype."""
+        """Per block (project, depthwise, expand) for the input gradient, each batch norm's scale
+        folded into the layer it follows (the 1x1 convolutions as [Cout, Cin] matrices, the depthwise
+        kernel flipped), then the head's matrix; made once per dtype."""
         if dtype not in self._weights:
             with torch.no_grad():
-                def matrix(conv, scale=None):
-                    w = conv.weight.detach().float().flatten(1)  # [Cout, Cin]
-                    return (w * scale[:, None] if scale is not None else w).to(dtype).contiguous()
+                def matrix(conv, scale):  # d(BN(conv x))/dx = W^T diag(scale): g -> (g * scale) @ W
+                    return (conv.weight.detach().float().flatten(1) * scale[:, None]).to(dtype).contiguous()
 
-                layers = [(matrix(b._project_conv, _bn_scale(b._bn2)),
-                           matrix(b._expand_conv) if b._block_args.expand_ratio != 1 else None) for b in self.blocks]
-                self._weights[dtype] = [*layers, matrix(self.cnn._conv_head)]
+                layers = []
+                for b in self.blocks:
+                    kernel = b._depthwise_conv.weight.detach().float() * _bn_scale(b._bn1)[:, None, None, None]
+                    layers.append((matrix(b._project_conv, _bn_scale(b._bn2)), kernel.flip(-1, -2).to(dtype),
+                                   matrix(b._expand_conv, _bn_scale(b._bn0)) if b._block_args.expand_ratio != 1
+                                   else None))
+                self._weights[dtype] = [*layers, matrix(self.cnn._conv_head, _bn_scale(self.cnn._bn1))]
         return self._weights[dtype]
 
 
@@ -239,19 +244,18 @@ def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().float()
 
 
-def _slope(z: torch.Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype) -> torch.Tensor:
-    """d ReLU6(BN(x))/dx at z = BN(x), channels last: [B, C, H, W] -> [B, H, W, C]."""
-    inside = ((z > 0) & (z < 6)).permute(0, 2, 3, 1)
-    return (inside * _bn_scale(bn)).to(dtype)
+def _channels_last(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return z.permute(0, 2, 3, 1).to(dtype)  # a view when z is already channels last in `dtype`
 
 
-def _per_copy(g: torch.Tensor, slope: torch.Tensor, copies: int) -> torch.Tensor:
-    """g [B*copies, ...] (or broadcastable to it) times item b's slope [B, ...] on each of its copies."""
-    out = g.view(slope.shape[0], copies, *g.shape[1:]) * slope[:, None]
-    return out.reshape(-1, *out.shape[2:])
+def _relu6_t(g: torch.Tensor, z: torch.Tensor, copies: int) -> torch.Tensor:
+    """g [B*copies, ...] through ReLU6 at item b's input z [B, ...] (the slope: 1 inside (0, 6), else 0)."""
+    shaped = g.reshape(z.shape[0], copies, *z.shape[1:])
+    out = torch.ops.aten.hardtanh_backward(shaped, z[:, None].expand_as(shaped), 0.0, 6.0)
+    return out.reshape(g.shape)
 
 
-def _depthwise_t(g: torch.Tensor, conv, size: tuple[int, int]) -> torch.Tensor:
+def _depthwise_t(g: torch.Tensor, flipped: torch.Tensor, conv, size: tuple[int, int]) -> torch.Tensor:
     """The input gradient of a depthwise convolution with TensorFlow's static 'same' padding, on
     channels-last gradients [N, h, w, C] -> [N, H, W, C]: the output gradient spread back to the
     stride (zeros between), convolved with the flipped kernel, the padding cut off."""
@@ -263,9 +267,8 @@ def _depthwise_t(g: torch.Tensor, conv, size: tuple[int, int]) -> torch.Tensor:
         spread = x.new_zeros(*x.shape[:2], (x.shape[2] - 1) * stride + 1, (x.shape[3] - 1) * stride + 1)
         spread[..., ::stride, ::stride] = x
         x = spread.contiguous(memory_format=torch.channels_last)
-    weight = conv.weight.detach().to(g.dtype)
-    k = weight.shape[-1]
-    grad = F.conv2d(F.pad(x, (k - 1,) * 4), weight.flip(-1, -2), groups=conv.groups)
+    k = flipped.shape[-1]
+    grad = F.conv2d(F.pad(x, (k - 1,) * 4), flipped, groups=conv.groups)
     height, width = size[0] + top + bottom, size[1] + left + right  # inputs no window reached get 0
     grad = F.pad(grad, (0, width - grad.shape[-1], 0, height - grad.shape[-2]))
     return grad[..., top:top + size[0], left:left + size[1]].permute(0, 2, 3, 1).contiguous()
