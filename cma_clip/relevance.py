@@ -267,10 +267,10 @@ def _depthwise_t(g: torch.Tensor, flipped: torch.Tensor, conv, size: tuple[int, 
         spread = x.new_zeros(*x.shape[:2], (x.shape[2] - 1) * stride + 1, (x.shape[3] - 1) * stride + 1)
         spread[..., ::stride, ::stride] = x
         x = spread.contiguous(memory_format=torch.channels_last)
-    k = flipped.shape[-1]
-    grad = F.conv2d(F.pad(x, (k - 1,) * 4), flipped, groups=conv.groups)
-    height, width = size[0] + top + bottom, size[1] + left + right  # inputs no window reached get 0
-    grad = F.pad(grad, (0, width - grad.shape[-1], 0, height - grad.shape[-2]))
+    grad = F.conv2d(x, flipped, padding=flipped.shape[-1] - 1, groups=conv.groups)
+    height, width = size[0] + top + bottom, size[1] + left + right
+    if grad.shape[-2:] != (height, width):  # inputs no window reached get 0
+        grad = F.pad(grad, (0, width - grad.shape[-1], 0, height - grad.shape[-2]))
     return grad[..., top:top + size[0], left:left + size[1]].permute(0, 2, 3, 1).contiguous()
 
 

@@ -169,7 +169,7 @@ def relevance_summary(prediction: Prediction, task: str | None) -> str:
     if relevance is None:
         return MAP_NOTE
     order = [i for i in np.argsort(-relevance.words, kind="stable") if any(c.isalnum() for c in prediction.words[i])]
-    top = ", ".join(f"*{plain(prediction.words[i])}* ({relevance.words[i]:.0%})" for i in order[:3])
+    top = ", ".join(f"{code(prediction.words[i])} ({relevance.words[i]:.0%})" for i in order[:3])
     line = (f"**{plain(task)}**: relevance on the image {relevance.image_share:.0%}, on the text "
             f"{1 - relevance.image_share:.0%}" + (f"; most relevant words: {top}" if top else "") + ".")
     if relevance.padding_share >= 0.005:
