@@ -51,24 +51,25 @@ def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
         cover = np.asarray(coverage, dtype=np.float32).reshape(grid.shape)
         strength *= np.asarray(Image.fromarray(cover, mode="F").resize((size, size), Image.Resampling.NEAREST))
     blended = np.asarray(base, dtype=np.float32) * (1 - strength[..., None]) + colours * strength[..., None]
-    bar_width, margin, bottom = 22, 12, 34
-    canvas = Image.new("RGB", (size + bar_width + 2 * margin + 100, size + bottom), "white")
-    canvas.paste(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), (0, 0))
+    bar_width, margin, top, bottom = 22, 12, 48, 34  # `top`: room for the app's label and buttons
+    canvas = Image.new("RGB", (size + bar_width + 2 * margin + 100, top + size + bottom), "white")
+    canvas.paste(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), (0, top))
     ramp = np.linspace(1, 0, size)[:, None].repeat(bar_width, 1)
     bar = Image.fromarray((matplotlib.colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8))
     x = size + margin
-    canvas.paste(bar, (x, 0))
+    canvas.paste(bar, (x, top))
     import textwrap
 
     from PIL import ImageDraw, ImageFont
 
     draw = ImageDraw.Draw(canvas)
     font, small = ImageFont.load_default(size=20), ImageFont.load_default(size=17)
-    draw.rectangle((x, 0, x + bar_width - 1, size - 1), outline="black")
-    draw.text((x + bar_width + 5, 0), f"{peak:.1%}", fill="black", font=font)
-    draw.text((x + bar_width + 5, size - 22), "0", fill="black", font=font)
-    draw.text((x + bar_width + 5, size // 2 - 45), "\n".join(textwrap.wrap(unit, 10)), fill="#333333", font=small)
-    draw.text((4, size + 6), title, fill="black", font=font)
+    draw.rectangle((x, top, x + bar_width - 1, top + size - 1), outline="black")
+    draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font)
+    draw.text((x + bar_width + 5, top + size - 22), "0", fill="black", font=font)
+    draw.text((x + bar_width + 5, top + size // 2 - 45), "\n".join(textwrap.wrap(unit, 10)), fill="#333333",
+              font=small)
+    draw.text((4, top + size + 6), title, fill="black", font=font)
     return canvas
 
 
