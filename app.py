@@ -225,16 +225,22 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True,
                                      label="Predictions (top-1, confidence, auto-accept)", elem_id="predictions")
                 with gr.Row():
-                    task = gr.Dropdown([], label="Task to explain")
-                    token = gr.Dropdown([], label="Text token (default: most relevant for the task)")
+                    task = gr.Dropdown([], label="Task to explain", elem_id="explain-task")
+                    map_kind = gr.Radio(views.MAP_CHOICES, value="relevance", label="Image map", elem_id="map-kind")
+                    token = gr.Dropdown([], label="Word for the attention map (default: the most relevant)",
+                                        elem_id="map-word")
+                    opacity = gr.Slider(0.1, 1.0, value=views.DEFAULT_OPACITY, step=0.05, label="Map opacity",
+                                        elem_id="map-opacity")
                 with gr.Row():
-                    heat = gr.Image(label="Attention of the token over image patches", height=280, interactive=False,
-                                    elem_id="heatmap")
+                    heat = gr.Image(label="Image map (colour bar: share of the map per cell)", height=320,
+                                    interactive=False, elem_id="heatmap")
                     weights_plot = gr.Plot(label="Modality-wise attention per task")
-                shading = gr.HighlightedText(label="Text tokens: attention of the image [CLS]",
+                map_note = gr.Markdown(views.MAP_NOTE, elem_id="map-note")
+                relevance = gr.HighlightedText(label="Words: relevance for the selected task (attention rollout; "
+                                               "1 = the most relevant word)", combine_adjacent=False,
+                                               show_legend=False, elem_id="word-relevance")
+                shading = gr.HighlightedText(label="Words: attention of the image [CLS] (raw attention)",
                                              combine_adjacent=False, show_legend=False)
-                relevance = gr.HighlightedText(label="Text tokens: relevance for the selected task "
-                                               "(gradient x input)", combine_adjacent=False, show_legend=False)
                 result_json = gr.JSON(label="Raw prediction", visible=False)
         gr.Markdown("### Correct and save\nEach control starts at the item's saved label, else at the model's; "
                     "the model's, the catalogue's and the saved label show under it. A label outside the task's "
@@ -254,21 +260,29 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         """Predict every task for an image and its text. Returns the prediction as JSON first."""
         result, view = studio.predict_item(image_path, text_value, model_name, item)
         first = next(iter(result.tasks))
-        choices, best = views.token_choices(result, first)
+        choices, best = views.word_choices(result, first)
         return {result_json: result.to_dict(), table: views.prediction_rows(result),
                 task: gr.update(choices=list(result.tasks), value=first), token: gr.update(choices=choices, value=best),
-                heat: views.heatmap(result, best), weights_plot: views.modality_figure(result),
-                shading: views.text_shading(result), relevance: views.text_shading(result, first),
+                heat: views.image_map(result, first, "relevance", best), weights_plot: views.modality_figure(result),
+                shading: views.word_attention_shading(result), relevance: views.word_shading(result, first),
+                map_kind: "relevance", map_note: views.relevance_summary(result, first),
                 prediction_state: result, shown: view.shown.to_dict(), request_id: new_id(), pending: None,
                 item_line: views.item_line(view, bool((item or "").strip())), save_status: "",
                 **resolution(choice, None), **slot_updates(studio, slots, model_name, result, view)}
 
-    def explain_task(result, task_name):
+    def explain_task(result, task_name, kind, strength):
         if result is None or task_name not in result.tasks:
             return gr.skip()
-        choices, best = views.token_choices(result, task_name)
-        return {token: gr.update(choices=choices, value=best), heat: views.heatmap(result, best),
-                relevance: views.text_shading(result, task_name)}
+        choices, best = views.word_choices(result, task_name)
+        return {token: gr.update(choices=choices, value=best),
+                heat: views.image_map(result, task_name, kind, best, strength),
+                relevance: views.word_shading(result, task_name), map_note: views.relevance_summary(result, task_name)}
+
+    def redraw(result, task_name, kind, word, strength):
+        return views.image_map(result, task_name, kind, word, strength) if result else None
+
+    def pick_word(result, task_name, word, strength):  # a word's map is its attention: switch to that view
+        return {map_kind: "attention", heat: redraw(result, task_name, "attention", word, strength)}
 
     def after_save(outcome: SaveOutcome, image_path, text_value, model_name, item, result) -> dict:
         """The save's message and the choices it leaves; a stored save refreshes the controls and the request id."""
@@ -352,11 +366,15 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots]
     predict_button.click(predict, [image, text, shared.model, item_id],
                          [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
-                          shown, request_id, pending, item_line, save_status, *choice.buttons, *slots],
-                         api_name="predict")
-    task.input(explain_task, [prediction_state, task], [token, heat, relevance], api_visibility="private")
-    token.input(lambda result, index: views.heatmap(result, index) if result else None, [prediction_state, token],
-                heat, api_visibility="private")
+                          shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
+                          map_note], api_name="predict"
+                         ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
+                                api_visibility="private")  # at the opacity the slider shows
+    task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
+               api_visibility="private")
+    token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")
+    for control in (map_kind.input, opacity.release):
+        control(redraw, [prediction_state, task, map_kind, token, opacity], heat, api_visibility="private")
     item_inputs = [image, text, shared.model, shared.annotator, item_id]
     save_button.click(save_label, [*item_inputs, *slots, request_id, shown, prediction_state], save_outputs,
                       api_name="save_label")
@@ -735,11 +753,15 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         probe_json = gr.JSON(visible=False)
         probe_table = gr.Dataframe(headers=views.PROBE_HEADERS, interactive=False, wrap=True, elem_id="probe-table",
                                    label="Clean vs noisy: prediction, confidence and image weight per task")
+        probe_state = gr.State(None)
+        probe_task = gr.Dropdown([], label="Task whose relevance the maps show", elem_id="probe-task")
         with gr.Row():
-            clean_heat = gr.Image(label="Clean: image [CLS] attention", height=240, interactive=False)
-            noisy_heat = gr.Image(label="Noisy: image [CLS] attention", height=240, interactive=False,
+            clean_heat = gr.Image(label="Clean: relevance for the task", height=260, interactive=False,
+                                  elem_id="clean-heatmap")
+            noisy_heat = gr.Image(label="Noisy: relevance for the task", height=260, interactive=False,
                                   elem_id="noisy-heatmap")
             shift_plot = gr.Plot(label="Image modality weight, clean vs noisy")
+        probe_note = gr.Markdown(elem_id="probe-shift")
         noisy_text = gr.Textbox(label="Noisy text", interactive=False)
         item_sweep_plot = gr.Plot(label="Confidence in the clean prediction against severity")
         gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
@@ -754,9 +776,17 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         """Predict on the clean and the corrupted item; returns both predictions as JSON first."""
         result = studio.probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity,
                               seed_value)
+        first = next(iter(result.clean.tasks))
+        clean_map, noisy_map, moved = views.probe_maps(result, first)
         return {probe_json: views.probe_summary(result), probe_table: views.probe_rows(result),
-                clean_heat: views.heatmap(result.clean, None), noisy_heat: views.heatmap(result.noisy, None),
+                clean_heat: clean_map, noisy_heat: noisy_map, probe_note: moved, probe_state: result,
+                probe_task: gr.update(choices=list(result.clean.tasks), value=first),
                 shift_plot: views.probe_shift_figure(result), noisy_text: result.noisy_text}
+
+    def probe_for_task(result, task_name):
+        if result is None:
+            return gr.skip()
+        return dict(zip((clean_heat, noisy_heat, probe_note), views.probe_maps(result, task_name)))
 
     @user_errors
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
@@ -768,7 +798,10 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         return {batch_plot: catalogue_sweep_figure(rows), batch_csv: str(path)}
 
     probe_button.click(probe, [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed],
-                       [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text], api_name="probe")
+                       [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
+                        probe_state, probe_task], api_name="probe")
+    probe_task.input(probe_for_task, [probe_state, probe_task], [clean_heat, noisy_heat, probe_note],
+                     api_visibility="private")
     sweep_button.click(sweep_item, [image, text, shared.model, image_noise, text_noise, seed], item_sweep_plot,
                        api_name="sweep_item")
     batch_sweep_button.click(sweep_catalogue, [shared.model, sweep_size, image_noise, text_noise, seed],

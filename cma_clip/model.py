@@ -84,6 +84,9 @@ class CMAOutput:
     logits: dict[str, torch.Tensor]  # task -> [B, classes]
     modality_weights: dict[str, torch.Tensor]  # task -> [B, 2] weights of (text, image), summing to 1
     attention: AttentionMaps | None = None
+    # With `keep_layers`: every layer's per-head attention probabilities [B, heads, S, S], first layer
+    # first, still in the autograd graph, so a gradient can be taken w.r.t. them (`cma_clip.relevance`).
+    layer_attention: list[torch.Tensor] | None = None
 
 
 class SelfAttention(nn.Module):
@@ -95,7 +98,9 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`keep` [B, S] is True for tokens that may be attended to (not padding)."""
+        """`keep` [B, S] is True for tokens that may be attended to (not padding). With `need_weights`
+        the explicit path also returns the per-head attention probabilities [B, heads, S, S], which
+        stay in the autograd graph: the output is computed from them."""
         b, s, w = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         mask = keep[:, None, None, :]
@@ -108,7 +113,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(b, s, w)
-        return self.out(y), (weights.mean(dim=1) if weights is not None else None)
+        return self.out(y), weights
 
 
 class Block(nn.Module):
@@ -152,7 +157,10 @@ class SequenceAttention(nn.Module):
         self.norm = nn.LayerNorm(w)
 
     def forward(self, feats: EncoderOutput, text_cls: torch.Tensor, image_cls: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, AttentionMaps | None]:
+                need_weights: bool = False, keep_layers: list | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMaps | None]:
+        """The fused text and image [CLS]; with `need_weights` the last layer's attention maps (mean
+        over heads). A list passed as `keep_layers` receives every layer's per-head attention."""
         b, length = feats.text_mask.shape
         tokens = self.text_in(feats.text_tokens)
         if self.lexical is not None:
@@ -164,10 +172,13 @@ class SequenceAttention(nn.Module):
         keep = torch.cat([ones, feats.text_mask.bool(), ones.expand(b, image.shape[1])], 1)
         weights = None
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, keep, need_weights and i == len(self.blocks) - 1)
+            x, weights = block(x, keep, keep_layers is not None or (need_weights and i == len(self.blocks) - 1))
+            if keep_layers is not None:
+                keep_layers.append(weights)
         x = self.norm(x)
         maps = None
-        if weights is not None:
+        if need_weights:
+            weights = weights.mean(dim=1)
             maps = AttentionMaps(text_to_image=weights[:, 1:length + 1, length + 2:],
                                  text_cls=weights[:, 0], image_cls=weights[:, length + 1], text_length=length)
         return x[:, 0], x[:, length + 1], maps
@@ -231,12 +242,15 @@ class CMAClip(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.cfg.tasks)
 
-    def forward(self, feats: EncoderOutput, return_attention: bool = False) -> CMAOutput:
+    def forward(self, feats: EncoderOutput, return_attention: bool = False, keep_layers: bool = False) -> CMAOutput:
+        """Every task's logits and modality weights; `return_attention`: the last layer's attention maps;
+        `keep_layers`: every layer's per-head attention probabilities, in the graph (`layer_attention`)."""
         text_cls = self.text_cls_in(self.align.embed_text(feats.text_pooled))
         image_cls = self.image_cls_in(self.align.embed_image(feats.image_pooled))
-        maps = None
+        maps, layers = None, [] if keep_layers and self.sequence is not None else None
         if self.sequence is not None:
-            text_emb, image_emb, maps = self.sequence(feats, text_cls, image_cls, need_weights=return_attention)
+            text_emb, image_emb, maps = self.sequence(feats, text_cls, image_cls, need_weights=return_attention,
+                                                      keep_layers=layers)
         else:
             text_emb, image_emb = self.unfused_norm(text_cls), self.unfused_norm(image_cls)
         embeddings = torch.stack([text_emb, image_emb], dim=1)  # [B, 2, W] in MODALITIES order
@@ -250,7 +264,7 @@ class CMAClip(nn.Module):
             else:  # a plain average of the two modalities, or the one modality a baseline uses
                 fused = weights @ embeddings
         logits = {task: head(fused[:, i]) for i, (task, head) in enumerate(self.heads.items())}
-        return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps)
+        return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps, layers)
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:

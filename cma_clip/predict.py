@@ -30,6 +30,7 @@ from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from .data import Catalogue, CatalogueError, load_image, write_table
 from .errors import CMAClipError
 from .model import MODALITIES, CMAClip
+from .relevance import explain, word_relevance, words_of
 from .runtime import autocast, default_device
 
 @dataclass
@@ -50,6 +51,26 @@ class TaskPrediction:
 
 
 @dataclass
+class TaskRelevance:
+    """What one task's prediction rests on (`cma_clip.relevance`): first-order estimates, not proofs."""
+
+    image: np.ndarray  # [patches] LayerCAM on the image encoder's 14x14 stage, pooled to the patch grid; sums to 1
+    image_fine: np.ndarray  # [h, w] the same at that stage's resolution (14x14 for the bundled backbone)
+    words: np.ndarray  # [len(Prediction.words)] attention rollout over the text, summed into whole words; sums to 1
+    tokens: np.ndarray  # [len(Prediction.tokens)] the same per model token, [CLS] and [SEP] included
+    rollout_patches: np.ndarray  # [patches] the rollout's relevance of the patch tokens (a second image view)
+    image_share: float  # share of the rollout on the image side ([CLS] and patches): how much the task reads the image
+    padding_share: float  # share of the image map that fell on the letterbox padding, removed from `image`
+
+    def top_word(self, words: list[str]) -> int | None:
+        """The most relevant word with a letter or digit (punctuation is never the default)."""
+        from .relevance import is_word
+
+        ranked = [i for i in np.argsort(-self.words, kind="stable") if is_word(words[i])]
+        return int(ranked[0]) if ranked else None
+
+
+@dataclass
 class Prediction:
     tasks: dict[str, TaskPrediction]
     tokens: list[str] = field(default_factory=list)  # the model's text tokens
@@ -59,6 +80,10 @@ class Prediction:
     token_relevance: dict[str, np.ndarray] = field(default_factory=dict)  # task -> [len(tokens)], sums to 1
     grid_size: int = 0
     model_image: Image.Image | None = None  # the letterboxed image the model saw
+    relevance: dict[str, TaskRelevance] = field(default_factory=dict)  # task -> what its prediction rests on
+    words: list[str] = field(default_factory=list)  # the text's whole words the model saw (punctuation attached)
+    token_words: list[int] = field(default_factory=list)  # per token: its index in `words`, -1 for special tokens
+    photo_fraction: np.ndarray | None = None  # [patches] share of each patch the photo covers (the rest is padding)
 
     def to_dict(self) -> dict:
         return {task: {"label": p.label, "confidence": round(p.confidence, 4), "auto_accept": p.auto_accept,
@@ -86,34 +111,31 @@ class Predictor:
         return list(self.classes)
 
     def predict(self, image: Image.Image, text: str, top_k: int = 3) -> Prediction:
-        """One item, with the attention maps the app draws and each task's token relevance."""
-        with torch.no_grad():
-            feats = self.backbone.encode([image], [text], self.max_tokens)  # no padding: one text
-        feats.text_tokens.requires_grad_(True)
-        with torch.enable_grad(), autocast(self.device, batch_size=1):
-            out = self.model(feats, return_attention=True)
-            relevance = self._token_relevance(out, feats.text_tokens)
+        """One item, with every task's relevance (`relevance`: image patches and whole words, from one
+        backward for all tasks), the last layer's attention maps and each token's gradient x input."""
+        ex = explain(self.model, self.backbone, [image], [text], self.max_tokens)  # no padding: one text
+        out = ex.output
         prediction = self._task_predictions(out, top_k)[0]
-        prediction.token_relevance = relevance
         prediction.tokens = self.backbone.token_strings(text, self.max_tokens)
+        prediction.words, prediction.token_words = words_of(self.backbone, text, self.max_tokens)
+        n, count = len(prediction.tokens), len(prediction.words)
+        for t, task in enumerate(ex.tasks):
+            prediction.token_relevance[task] = ex.token_gradient_input[0, t, :n]
+            words = word_relevance(ex.text[0, t, :n], prediction.token_words, count)  # [CLS]/[SEP] left out
+            prediction.relevance[task] = TaskRelevance(
+                image=ex.image[0, t], image_fine=ex.image_fine[0, t],
+                words=words / max(words.sum(), 1e-12), tokens=ex.text[0, t, :n],
+                rollout_patches=ex.rollout_patches[0, t], image_share=float(ex.image_share[0, t]),
+                padding_share=float(ex.padding_share[0, t]))
         prediction.grid_size = self.backbone.grid_size
         prediction.model_image = letterbox(image, self.backbone.image_size)
+        prediction.photo_fraction = ex.photo_fraction[0]
         if out.attention is not None:
             maps = out.attention
-            prediction.text_to_image = maps.text_to_image[0].detach().float().cpu().numpy()
-            prediction.image_cls_to_text = maps.cls_to_text("image")[0].detach().float().cpu().numpy()
-            prediction.image_cls_to_patches = maps.cls_to_patches("image")[0].detach().float().cpu().numpy()
+            prediction.text_to_image = maps.text_to_image[0].float().cpu().numpy()
+            prediction.image_cls_to_text = maps.cls_to_text("image")[0].float().cpu().numpy()
+            prediction.image_cls_to_patches = maps.cls_to_patches("image")[0].float().cpu().numpy()
         return prediction
-
-    def _token_relevance(self, out, text_tokens: torch.Tensor) -> dict[str, np.ndarray]:
-        """Gradient x input of each task's top logit w.r.t. the text token states,
-        normalised to sum to 1: which tokens the task's decision rests on."""
-        relevance = {}
-        for task, logits in out.logits.items():
-            (grad,) = torch.autograd.grad(logits[0].max(), text_tokens, retain_graph=True)
-            score = (grad * text_tokens).sum(-1)[0].abs().float()
-            relevance[task] = (score / score.sum().clamp(min=1e-12)).detach().cpu().numpy()
-        return relevance
 
     @torch.no_grad()
     def predict_batch(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:

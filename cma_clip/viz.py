@@ -26,6 +26,53 @@ def attention_overlay(image: Image.Image, patch_weights: np.ndarray, grid_size: 
     return Image.blend(image.convert("RGB"), coloured, alpha)
 
 
+def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55, cmap: str = "inferno",
+                   title: str = "", unit: str = "of the map per cell", coverage: np.ndarray | None = None,
+                   size: int = 448) -> Image.Image:
+    """The image with a heatmap on top and a colour bar beside it.
+
+    `weights` [h, w] (or a flat square grid) are shares of the map's mass per cell: the colour
+    runs from 0 to the largest cell, never stretched from the smallest, so a nearly flat map
+    looks flat. The colour's opacity grows with the value (`alpha` at the largest, clear at 0),
+    so the photo stays visible where the map is low. `coverage` [h, w] (share of each cell the
+    photo covers) fades the colour out on the letterbox padding. The bar reads 0 .. max, in
+    percent `unit`."""
+    grid = np.asarray(weights, dtype=np.float32)
+    if grid.ndim == 1:
+        side = int(round(len(grid) ** 0.5))
+        grid = grid.reshape(side, side)
+    peak = float(grid.max()) if grid.size else 0.0
+    scaled = grid / peak if peak > 0 else np.zeros_like(grid)
+    base = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    heat = np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+    colours = (matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255).astype(np.float32)
+    strength = alpha * np.clip(heat, 0, 1).astype(np.float32) ** 0.8
+    if coverage is not None:
+        cover = np.asarray(coverage, dtype=np.float32).reshape(grid.shape)
+        strength *= np.asarray(Image.fromarray(cover, mode="F").resize((size, size), Image.Resampling.NEAREST))
+    blended = np.asarray(base, dtype=np.float32) * (1 - strength[..., None]) + colours * strength[..., None]
+    bar_width, margin, top, bottom = 22, 12, 48, 34  # `top`: room for the app's label and buttons
+    canvas = Image.new("RGB", (size + bar_width + 2 * margin + 100, top + size + bottom), "white")
+    canvas.paste(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), (0, top))
+    ramp = np.linspace(1, 0, size)[:, None].repeat(bar_width, 1)
+    bar = Image.fromarray((matplotlib.colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8))
+    x = size + margin
+    canvas.paste(bar, (x, top))
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(canvas)
+    font, small = ImageFont.load_default(size=20), ImageFont.load_default(size=17)
+    draw.rectangle((x, top, x + bar_width - 1, top + size - 1), outline="black")
+    draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font)
+    draw.text((x + bar_width + 5, top + size - 22), "0", fill="black", font=font)
+    draw.text((x + bar_width + 5, top + size // 2 - 45), "\n".join(textwrap.wrap(unit, 10)), fill="#333333",
+              font=small)
+    draw.text((4, top + size + 6), title, fill="black", font=font)
+    return canvas
+
+
 def merge_wordpieces(tokens: list[str], weights: np.ndarray) -> list[tuple[str, float]]:
     """Whole words with the summed weight of their pieces; special tokens are dropped."""
     words: list[tuple[str, float]] = []

@@ -7,19 +7,26 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
 from ..labels import Conflict, TaskState, UnknownClass
 from ..predict import Prediction
 from ..robustness import Probe
-from ..viz import SPECIAL_TOKENS, attention_overlay, modality_chart, modality_shift_chart, token_highlights
+from ..viz import (SPECIAL_TOKENS, attention_overlay, modality_chart, modality_shift_chart, scaled_overlay,
+                   token_highlights)
 from .workflow import (SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome, UndoOutcome)
 
 PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (90% precision)", "runners-up"]
 PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "change", "image weight clean",
                  "image weight noisy"]
 HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
+MAP_CHOICES = [("Relevance for the task", "relevance"), ("Attention (raw, last layer)", "attention")]
+MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the task's top score (LayerCAM on the image "
+            "encoder, attention rollout over the words): what the prediction leans on locally, not a proof. Attention "
+            "shows where the model looked, which is often the empty background, not why it decided.")
+DEFAULT_OPACITY = 0.55
 REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
 REVIEW_WIDTHS = ["20%", "14%", "11%", "17%", "14%", "9%", "15%"]
 AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
@@ -82,6 +89,92 @@ def heatmap(prediction: Prediction, token_index: int | None) -> Image.Image | No
     else:
         weights = prediction.text_to_image[int(token_index)]
     return attention_overlay(prediction.model_image, weights, prediction.grid_size)
+
+
+# ---------------------------------------------------------------------- relevance (whole words, colour bar)
+def word_choices(prediction: Prediction, task: str) -> tuple[list[tuple[str, int]], int | None]:
+    """(label, word index) choices over the whole words, with the task's relevance, and the most
+    relevant word (one with a letter or digit) as the default."""
+    relevance = prediction.relevance.get(task)
+    if relevance is None:
+        return [], None
+    choices = [(f"{word}  (relevance {relevance.words[i]:.2f})", i) for i, word in enumerate(prediction.words)]
+    return choices, relevance.top_word(prediction.words)
+
+
+def word_attention(prediction: Prediction, word: int | None) -> np.ndarray | None:
+    """[patches] the last layer's attention of a word over the patches (the mean of its tokens' rows),
+    as shares of that attention; the image [CLS]'s when no word is chosen."""
+    if prediction.text_to_image is None:
+        return None
+    rows = [i for i, w in enumerate(prediction.token_words) if word is not None and w == int(word)]
+    weights = prediction.text_to_image[rows].mean(0) if rows else prediction.image_cls_to_patches
+    return weights / max(float(weights.sum()), 1e-12)
+
+
+def image_map(prediction: Prediction, task: str | None, kind: str = "relevance", word: int | None = None,
+              opacity: float = DEFAULT_OPACITY) -> Image.Image | None:
+    """The image map the app shows, with a colour bar: the task's relevance (default), or the raw
+    attention of a word (of the image [CLS] when none) over the patches."""
+    if prediction.model_image is None:
+        return None
+    opacity = float(DEFAULT_OPACITY if opacity is None else opacity)
+    if kind == "attention":
+        weights = word_attention(prediction, word)
+        if weights is None:
+            return None
+        valid = word is not None and 0 <= int(word) < len(prediction.words)
+        name = f"'{prediction.words[int(word)]}'" if valid else "the image [CLS]"
+        return scaled_overlay(prediction.model_image, weights, opacity, title=f"Attention (raw) of {name}",
+                              unit="of its patch attention per patch")
+    relevance = prediction.relevance.get(task or "")
+    if relevance is None:
+        return None
+    label = prediction.tasks[task].label if task in prediction.tasks else ""
+    coverage = prediction.photo_fraction
+    fine = relevance.image_fine
+    if coverage is not None and fine.shape[0] != prediction.grid_size:
+        side = fine.shape[0]
+        coverage = np.kron(coverage.reshape(prediction.grid_size, -1), np.ones((side // prediction.grid_size,) * 2))
+    return scaled_overlay(prediction.model_image, fine, opacity, title=f"Relevance for {task}: {label}",
+                          unit="of the relevance per cell", coverage=coverage)
+
+
+def word_shading(prediction: Prediction, task: str) -> list[tuple[str, float]]:
+    """Whole words shaded by the task's relevance, scaled so the most relevant word is 1."""
+    relevance = prediction.relevance.get(task)
+    if relevance is None:
+        return []
+    return _scaled_words(prediction.words, relevance.words)
+
+
+def word_attention_shading(prediction: Prediction) -> list[tuple[str, float]]:
+    """Whole words shaded by the image [CLS]'s raw attention (summed over each word's tokens)."""
+    if prediction.image_cls_to_text is None:
+        return []
+    from ..relevance import word_relevance
+
+    weights = word_relevance(prediction.image_cls_to_text, prediction.token_words, len(prediction.words))
+    return _scaled_words(prediction.words, weights)
+
+
+def _scaled_words(words: list[str], weights: np.ndarray) -> list[tuple[str, float]]:
+    peak = float(max(weights, default=0.0))
+    return [(f"{word} ", round(float(w) / peak, 3) if peak > 0 else 0.0) for word, w in zip(words, weights)]
+
+
+def relevance_summary(prediction: Prediction, task: str | None) -> str:
+    """One line on the task's relevance: image against text, the top words, the padding removed."""
+    relevance = prediction.relevance.get(task or "")
+    if relevance is None:
+        return MAP_NOTE
+    order = [i for i in np.argsort(-relevance.words, kind="stable") if any(c.isalnum() for c in prediction.words[i])]
+    top = ", ".join(f"{code(prediction.words[i])} ({relevance.words[i]:.0%})" for i in order[:3])
+    line = (f"**{plain(task)}**: relevance on the image {relevance.image_share:.0%}, on the text "
+            f"{1 - relevance.image_share:.0%}" + (f"; most relevant words: {top}" if top else "") + ".")
+    if relevance.padding_share >= 0.005:
+        line += f" The white letterbox padding drew {relevance.padding_share:.0%} of the image map; it is left out."
+    return line + "\n\n" + MAP_NOTE
 
 
 def text_shading(prediction: Prediction, task: str | None = None) -> list[tuple[str, float]]:
@@ -340,6 +433,23 @@ def probe_rows(result: Probe) -> list[list]:
                      "changed" if noisy.label != clean.label else "same",
                      round(clean.modality_weights["image"], 3), round(noisy.modality_weights["image"], 3)])
     return rows
+
+
+def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
+               ) -> tuple[Image.Image | None, Image.Image | None, str]:
+    """The task's relevance on the clean and on the noisy item, and how far it moved: the share of
+    the map's mass that changed place (total variation distance between the two patch maps)."""
+    clean, noisy = result.clean.relevance.get(task or ""), result.noisy.relevance.get(task or "")
+    if clean is None or noisy is None:
+        return None, None, ""
+    moved = 0.5 * float(np.abs(clean.image - noisy.image).sum())
+    grid = result.clean.grid_size
+    top_clean, top_noisy = (divmod(int(np.argmax(m.image)), grid) for m in (clean, noisy))
+    text = (f"**{plain(task)}**: {moved:.0%} of the image relevance moved under the noise (total variation "
+            f"between the clean and noisy maps); the most relevant patch went from row {top_clean[0] + 1}, column "
+            f"{top_clean[1] + 1} to row {top_noisy[0] + 1}, column {top_noisy[1] + 1}. Relevance on the image: "
+            f"{clean.image_share:.0%} clean, {noisy.image_share:.0%} noisy.")
+    return (image_map(result.clean, task, opacity=opacity), image_map(result.noisy, task, opacity=opacity), text)
 
 
 def probe_shift_figure(result: Probe) -> Figure:
