@@ -122,8 +122,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> "TrainConfig":
         """Settings as recorded; keys this version does not know are ignored."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in settings.items() if k in known})
+        return cls(**_known(cls, settings))
 
 
 THRESHOLD_RULES = {  # how val chose a task's auto-accept threshold (docs/THRESHOLDS.md)
@@ -217,7 +216,8 @@ class CheckpointConfig:
             raise CheckpointError(f"invalid model settings: {exc}") from exc
         try:
             return cls(backbone=config["backbone"], catalogue=CatalogueColumns(**config["catalogue"]),
-                       tasks={task: TaskSpec(**spec) for task, spec in config["tasks"].items()}, model=model,
+                       tasks={task: TaskSpec(**_known(TaskSpec, spec)) for task, spec in config["tasks"].items()},
+                       model=model,
                        train=TrainConfig.from_dict(config.get("train", {})), training=config.get("training", {}),
                        metrics=config.get("metrics", {}))
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -226,6 +226,12 @@ class CheckpointConfig:
     def save(self, folder: str | Path) -> None:
         """Write config.json alone (the weights stay untouched)."""
         (Path(folder) / CONFIG).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+
+def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` without the keys `cls` does not know: a config written by a newer version loads."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def save_checkpoint(folder: str | Path, model: CMAClip, config: CheckpointConfig,
