@@ -475,11 +475,11 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     gr.Markdown(views.split_note("upload"))
                     load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
                 with gr.Column(elem_id="review-source-mislabels"):
-                    # The suspected-mislabels queue source: `cma_clip.mislabels` (being built) will rank the
-                    # catalogue's items by how likely their label is wrong and feed them to Studio.review_items.
-                    gr.Markdown("**Suspected mislabels**  \nCatalogue items whose own label the model doubts, most "
-                                "suspect first. *Coming with `cma_clip.mislabels`.*")
-                    gr.Button("Load suspected mislabels", interactive=False, elem_id="review-load-mislabels")
+                    gr.Markdown("**Suspected mislabels**  \nCatalogue labels of the task chosen below that "
+                                "out-of-fold heads on the cached features doubt most (cleanlab's confident "
+                                "learning), most suspect first; as many as the sample size. The first time, the "
+                                "whole catalogue is encoded (minutes), then it opens at once.")
+                    load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
             with gr.Row():
                 strategy = gr.Radio([(s.replace("_", " "), s) for s in STRATEGIES], value=STRATEGIES[0],
                                     label="Order: most uncertain first by", elem_id="review-strategy")
@@ -550,22 +550,29 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     **resolution(choice, outcome)}
         return show_queue(studio, panel, queue, views.save_message(outcome))
 
-    @user_errors
-    def load_catalogue(model_name, split_name, sample_size, order, task_name, low, high, decided, annotator_name,
-                       progress=gr.Progress()):
-        """A sample of the model's catalogue split, its decided items left out, most uncertain first."""
-        queue = studio.review_catalogue(model_name, split_name, sample_size, progress, strategy=order,
-                                        task=task_name, min_conf=low, max_conf=high, show_decided=decided,
-                                        annotator=annotator_name)
+    def opened(queue: ReviewQueue) -> dict:
+        """A newly loaded queue's first item, the source panel folded away."""
         return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
 
+    def options(order, task_name, low, high, decided, annotator_name) -> dict:
+        return {"strategy": order, "task": task_name, "min_conf": low, "max_conf": high, "show_decided": decided,
+                "annotator": annotator_name}
+
     @user_errors
-    def load_uploaded(model_name, manifest_file, image_files, order, task_name, low, high, decided, annotator_name,
-                      progress=gr.Progress()):
-        queue = studio.review_upload(model_name, manifest_file, image_files, progress, strategy=order,
-                                     task=task_name, min_conf=low, max_conf=high, show_decided=decided,
-                                     annotator=annotator_name)
-        return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
+    def load_catalogue(model_name, split_name, sample_size, *filters, progress=gr.Progress()):
+        """A sample of the model's catalogue split, its decided items left out, most uncertain first."""
+        return opened(studio.review_catalogue(model_name, split_name, sample_size, progress, **options(*filters)))
+
+    @user_errors
+    def load_uploaded(model_name, manifest_file, image_files, *filters, progress=gr.Progress()):
+        """An uploaded manifest and its images, its decided items left out, most uncertain first."""
+        return opened(studio.review_upload(model_name, manifest_file, image_files, progress, **options(*filters)))
+
+    @user_errors
+    def load_suspects(model_name, task_name, sample_size, decided, annotator_name, progress=gr.Progress()):
+        """The catalogue labels of one task most likely wrong (cma_clip.mislabels), most suspect first."""
+        return opened(studio.review_mislabels(model_name, task_name, sample_size, progress, show_decided=decided,
+                                              annotator=annotator_name))
 
     @user_errors
     def accept_item(queue, seen, annotator_name, *rest):
@@ -703,6 +710,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                          api_name="review_catalogue"),
         load_upload.click(load_uploaded, [shared.model, manifest, images, *filters], loaded_outputs,
                           api_name="review_upload"),
+        load_mislabels.click(load_suspects, [shared.model, task_filter, size, show_decided, shared.annotator],
+                             loaded_outputs, api_name="review_mislabels"),
         resume.click(resume_last, [shared.annotator, shared.model], loaded_outputs, api_name="review_resume"),
     ):
         event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")

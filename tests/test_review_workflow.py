@@ -328,3 +328,11 @@ def test_the_queue_defaults_to_train_and_says_where_corrections_go(review_app):
     from cma_clip.studio import SPLIT_NOTES
 
     assert "never reach training" in SPLIT_NOTES["test"] and "not trained on" in SPLIT_NOTES["val"]
+
+
+# ---------------------------------------------------------------------------- 8. suspected mislabels
+def test_the_suspected_mislabels_source_asks_for_one_task(review_app):
+    """The endpoint is wired to the studio (the ranking itself: tests/test_studio.py, on a small sample)."""
+    url, _ = review_app
+    with pytest.raises(AppError, match="Choose the task whose catalogue labels to check"):
+        Labeler(url, "ana")("/review_mislabels", MODEL, ALL_TASKS, 5, False, "ana")

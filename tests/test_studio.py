@@ -226,6 +226,32 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     assert current["0816591001"]["labels"]["colour_group_name"] == "Grey" and upload.item_id in current
 
 
+def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_items(studio, tmp_path, monkeypatch):
+    """The Review tab's third source: the catalogue labels of one task that out-of-fold heads
+    doubt most (cma_clip.mislabels), in that order, on the first 100 items of each H&M split."""
+    from cma_clip.data import CatalogueConfig, limit_splits
+    from cma_clip.mislabels import mislabel_queue
+    from cma_clip.studio.service import MISLABEL_ORDER
+
+    monkeypatch.setenv("CMA_CLIP_CACHE", str(tmp_path / "cache"))
+    task = "garment_group_name"
+    with pytest.raises(StudioError, match="Choose the task"):
+        studio.review_mislabels("hm-articles", None, 10, limit=100)
+    queue = studio.review_mislabels("hm-articles", task, 5, limit=100)
+    catalogue = limit_splits(Catalogue.open(CatalogueConfig.load("hm-articles")), 100)
+    ranked = mislabel_queue(catalogue, task, studio.predictor("hm-articles").backbone)  # the cached ranking
+    assert ranked.suspects, "the ranking found no suspect on 300 real items"
+    expected = [s.item_id for s in ranked.suspects[:5]]
+    assert [item.item_id for item in queue.items] == expected and queue.strategy == MISLABEL_ORDER
+    assert queue.tasks == [task] and "most suspect" in queue.source
+    first = ranked.suspects[0]
+    assert queue.items[0].catalogue[task] == first.label != first.suggested  # the label under suspicion
+    saved = studio.review_save(queue, "ana", {task: first.suggested}, new_classes={task: first.suggested})
+    assert saved.result == "saved"
+    again = studio.review_mislabels("hm-articles", task, 5, limit=100)
+    assert first.item_id not in [item.item_id for item in again.items]  # decided: left out
+
+
 def test_review_upload_matches_images_by_name(studio, tmp_path):
     rows = hm_rows("test", 3)
     manifest = tmp_path / "upload.csv"

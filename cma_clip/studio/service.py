@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .. import noise, review, robustness
+from .. import mislabels, noise, review, robustness
 from ..backbones import BackboneError
 from ..checkpoint import CheckpointError, is_checkpoint, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
-                    join_text, load_image, read_manifest, write_table)
+                    join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel, content_item_id
 from ..predict import Prediction, Predictor
@@ -40,6 +40,7 @@ MAX_TEXT_CHARS = 5000
 MAX_SWEEP_ITEMS = 500  # a catalogue sweep costs about 0.4 s per item on 2 CPU cores
 MAX_QUEUE_ITEMS = 1000  # a review sample; predicted at about 20 items/s on 2 CPU cores
 SPLITS = ("train", "val", "test")
+MISLABEL_ORDER = "most_suspect_label"  # a suspected-mislabels queue keeps the ranking of cma_clip.mislabels
 BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
 AUDIT_PAGE = 50
 RECENT_REQUESTS = 1000  # stored requests remembered, to answer a retry with the first answer
@@ -397,6 +398,40 @@ class Studio:
                            max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
                            source=f"upload {Path(manifest_path).name}: {len(items)} items")
 
+    def review_mislabels(self, model: str, task: str | None, size: int, progress: Progress | None = None, *,
+                         show_decided: bool = False, annotator: str | None = None,
+                         limit: int | None = None) -> ReviewQueue:
+        """The catalogue labels of one task that out-of-fold heads on the cached features doubt
+        most (`cma_clip.mislabels`: cleanlab's confident learning), most suspect first. The first
+        call ranks the whole catalogue (its features are cached, then the ranking); `limit`
+        ranks only the first `limit` items of each split."""
+        predictor = self.predictor(model)
+        if task in (None, "", ALL_TASKS):
+            raise StudioError("Choose the task whose catalogue labels to check (Tasks under review).")
+        tasks = self._queue_tasks(model, task)
+        name = predictor.config.catalogue.name
+        try:
+            catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root))
+            if limit:
+                catalogue = limit_splits(catalogue, limit)
+            if progress:
+                progress(0.0, "ranking the catalogue's labels (the first time: its features are computed)")
+            ranked = mislabels.mislabel_queue(catalogue, task, predictor.backbone)
+        except CatalogueError as exc:
+            raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
+        decided = set() if show_decided else self.store.decided_items(tasks)
+        suspects = [s for s in ranked.suspects if s.item_id not in decided]
+        if not suspects:
+            raise StudioError(f"No suspected mislabel of {task} is left to review ({len(ranked.suspects)} found, "
+                              "all decided). Tick 'show decided items' to see them again.")
+        size = max(1, min(int(size or 50), MAX_QUEUE_ITEMS, len(suspects)))
+        items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label})
+                 for s in suspects[:size]]
+        source = (f"{name}: the {size} most suspect {task} labels of {len(ranked.suspects)} suspects among "
+                  f"{ranked.scored} labelled items (out-of-fold accuracy {ranked.accuracy:.2f})")
+        return self._queue(model, items, [], progress, tasks=tasks, show_decided=show_decided, split="mislabels",
+                           annotator=annotator, source=source, ranked=True)
+
     def review_items(self, model: str, items: list[tuple[str, str, str, dict[str, str]]], source: str,
                      progress: Progress | None = None, **options) -> ReviewQueue:
         """A queue over any items (id, image path, text, catalogue labels): the entry point
@@ -416,9 +451,10 @@ class Studio:
                progress: Progress | None, *, tasks: list[str], strategy: str = STRATEGIES[0],
                min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
                split: str | None = None, source: str = "", annotator: str | None = None,
-               batch_size: int = 16) -> ReviewQueue:
-        """Predict every item (all classes, for entropy), rank by `strategy` over `tasks`,
-        keep those the confidence range lets through, and keep the queue in the store."""
+               batch_size: int = 16, ranked: bool = False) -> ReviewQueue:
+        """Predict every item (all classes, for entropy), rank by `strategy` over `tasks` (or
+        keep the items' own order when they come `ranked`), keep those the confidence range
+        lets through, and keep the queue in the store."""
         if strategy not in STRATEGIES:
             raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
         min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
@@ -427,7 +463,8 @@ class Studio:
             raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
         predictor = self.predictor(model)
         all_classes = max(len(c) for c in predictor.classes.values())
-        queue = ReviewQueue(model, notes=list(notes), tasks=list(tasks), strategy=strategy, source=source,
+        queue = ReviewQueue(model, notes=list(notes), tasks=list(tasks), source=source,
+                            strategy=MISLABEL_ORDER if ranked else strategy,
                             split=split, filters={"task": tasks[0] if len(tasks) == 1 < len(predictor.tasks) else None,
                                                   "min_conf": min_conf, "max_conf": max_conf,
                                                   "show_decided": bool(show_decided)})
@@ -453,7 +490,7 @@ class Studio:
             scores = {t: review.uncertainty(full[t], s) for t in predictor.tasks}
             for n, item in enumerate(loaded):
                 item.uncertainty[s] = {t: round(float(scores[t][n]), 4) for t in predictor.tasks}
-        order = review.rank({t: full[t] for t in tasks}, strategy)
+        order = range(len(loaded)) if ranked else review.rank({t: full[t] for t in tasks}, strategy)
         ranked = [loaded[i] for i in order]
         kept = review.select([{t: item.predictions[t].confidence for t in tasks} for item in ranked],
                              min_conf=min_conf, max_conf=max_conf)
