@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from .colour import colour_descriptor
 from .data import MAX_DECODED_SIDE, shrink_image, to_8_bits
 from .errors import CMAClipError
 from .runtime import autocast, default_device
@@ -42,6 +43,7 @@ class EncoderOutput:
     text_mask: torch.Tensor  # [B, L] bool, True for real tokens
     text_pooled: torch.Tensor  # [B, Dt]
     text_ids: torch.Tensor | None = None  # [B, L] token ids, for the model's trainable lexical embedding
+    colour: torch.Tensor | None = None  # [B, colour.DESCRIPTOR_DIM] the foreground colour descriptor
 
 
 @dataclass
@@ -103,22 +105,28 @@ class DualEncoder(nn.Module):
         self.load_state_dict(state)
         self._key = f"{self._key.split('-finetuned-')[0]}-finetuned-{digest}"
 
-    def forward(self, pixels: torch.Tensor, text: TextBatch) -> EncoderOutput:
-        """Encode a batch; under bf16 autocast where the hardware has it, outputs in float32."""
+    def forward(self, pixels: torch.Tensor, text: TextBatch, colour: bool = False) -> EncoderOutput:
+        """Encode a batch; under bf16 autocast where the hardware has it, outputs in float32.
+        `colour`: also the foreground colour descriptor (for models that read it)."""
         with autocast(pixels.device):
             image_tokens, image_pooled = self.encode_image(pixels)
             text_tokens, text_pooled = self.encode_text(text)
-        return EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float(),
-                             text.mask, text_pooled.float(), text.ids)
+        return EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float(), text.mask,
+                             text_pooled.float(), text.ids, self.describe_colour(pixels) if colour else None)
 
-    def encode(self, images: list[Image.Image], texts: list[str], max_tokens: int) -> EncoderOutput:
+    def describe_colour(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The foreground colour descriptors of preprocessed pixels (`colour.colour_descriptor`)."""
+        return colour_descriptor(pixels, self.mean, self.std)
+
+    def encode(self, images: list[Image.Image], texts: list[str], max_tokens: int,
+               colour: bool = False) -> EncoderOutput:
         """Encode raw inputs on the backbone's device, the texts trimmed to the batch's longest:
         padding is masked, so it only costs time (a short title padded to 96 tokens, 4x)."""
         device = self.device
         pixels = self.preprocess(images).to(device)
         text = self.tokenize(texts, max_tokens)
         length = max(1, int(text.mask.sum(1).max()))
-        return self(pixels, TextBatch(text.ids[:, :length], text.mask[:, :length]).to(device))
+        return self(pixels, TextBatch(text.ids[:, :length], text.mask[:, :length]).to(device), colour)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -71,6 +71,8 @@ class TrainConfig:
     embed_dim: int = 256
     dropout: float = 0.1
     lexical_buckets: int = 8192
+    colour: bool = False  # the foreground colour descriptor as tokens and a modality (`colour.py`)
+    words_buckets: int = 0  # >0: the TF-IDF words token and modality (`model.WordsBag`)
     # optimisation
     epochs: int = 15
     align_epochs: int = 10

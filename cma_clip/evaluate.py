@@ -139,9 +139,10 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     rows, split = evaluation_rows(catalogue, split, config)
     backbone = load_backbone(checkpoint, config, device)
     if has_cached_features(backbone, catalogue, cache_dir):  # the whole manifest's, as training cached them
-        features = extract_features(backbone, catalogue, cache_dir, memory_map=True).take(rows)
+        features = extract_features(backbone, catalogue, cache_dir, memory_map=True, colour=model.cfg.colour).take(rows)
     else:  # encode only the rows to score
-        features = extract_features(backbone, catalogue.take(rows), cache_dir, progress=sys.stderr.isatty())
+        features = extract_features(backbone, catalogue.take(rows), cache_dir, progress=sys.stderr.isatty(),
+                                    colour=model.cfg.colour)
     targets = {task: target[rows] for task, target in task_targets(config, catalogue).items()}
     if zero_shot:  # the checkpoint's thresholds belong to its own classifier's confidences
         report = score(zero_shot_probabilities_for(model, backbone, config.classes, features), targets)
@@ -263,7 +264,7 @@ def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | N
     splits = split_indices(catalogue, config.train.seed)
     # the runs of a study share one backbone and read only the val and test rows of its cache
     features = extract_features(load_backbone(folder, config, device), catalogue, cache_dir, progress=False,
-                                memory_map=True)
+                                memory_map=True, colour=model.cfg.colour)
     metrics = calibrate(folder, model, config, features, task_targets(config, catalogue), splits)
     config.save(folder)
     return metrics

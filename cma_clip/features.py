@@ -43,13 +43,15 @@ class Features:
     text_mask: np.ndarray  # [N, L] bool
     text_pooled: np.ndarray  # [N, Dt]
     text_ids: np.ndarray  # [N, L] int32 token ids
+    colour: np.ndarray | None = None  # [N, colour.DESCRIPTOR_DIM] float16 foreground colour descriptors
 
     def __len__(self) -> int:
         return len(self.image_pooled)
 
     def take(self, index: np.ndarray) -> "Features":
         """The items `index`, in that order."""
-        return Features(**{name: getattr(self, name)[index] for name in (*FEATURE_FIELDS, "text_ids")})
+        return Features(**{name: getattr(self, name)[index] for name in (*FEATURE_FIELDS, "text_ids")},
+                        colour=None if self.colour is None else self.colour[index])
 
     def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> EncoderOutput:
         """A float32 batch, text trimmed to the longest sequence in it."""
@@ -66,6 +68,7 @@ class Features:
             text_mask=torch.from_numpy(np.ascontiguousarray(mask[:, :length])).to(device),
             text_pooled=tensor(self.text_pooled[index]),
             text_ids=torch.from_numpy(self.text_ids[index, :length].astype(np.int64)).to(device),
+            colour=None if self.colour is None else tensor(self.colour[index]),
         )
 
 
@@ -108,16 +111,17 @@ def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64
 
 @torch.no_grad()
 def encode_items(backbone: DualEncoder, paths: list[Path], texts: list[str], max_tokens: int, batch_size: int = 64,
-                 num_workers: int | None = None,
-                 transform: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[tuple[int, EncoderOutput]]:
+                 num_workers: int | None = None, transform: Callable[[Image.Image, int], Image.Image] | None = None,
+                 colour: bool = False) -> Iterator[tuple[int, EncoderOutput]]:
     """The backbone's outputs for items (image path, text), `batch_size` at a time, as (index of
     the batch's first item, outputs); images are decoded (and changed by `transform`) in
-    DataLoader workers while the backbone runs (see `image_batches`)."""
+    DataLoader workers while the backbone runs (see `image_batches`). `colour`: with the
+    foreground colour descriptors."""
     device = backbone.device
     for start, pixels in zip(range(0, len(texts), batch_size),
                              image_batches(paths, backbone, batch_size, num_workers, transform)):
         text = backbone.tokenize(texts[start:start + len(pixels)], max_tokens)
-        yield start, backbone(pixels.to(device), text.to(device))
+        yield start, backbone(pixels.to(device), text.to(device), colour)
 
 
 def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
@@ -137,7 +141,7 @@ def has_cached_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: 
 
 def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
                      batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
-                     memory_map: bool = False) -> Features:
+                     memory_map: bool = False, colour: bool = False) -> Features:
     """Backbone features of every item, computed once and cached on disk as float16 .npy files.
 
     The cache entry is keyed by the backbone's weights and preprocessing, the precision,
@@ -151,16 +155,32 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     if not (folder / "meta.json").exists():
         _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if memory_map else None) for name in FEATURE_FIELDS}
-    return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder))
+    return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder),
+                    colour=_colour(backbone, catalogue, folder, batch_size, num_workers, progress) if colour else None)
 
 
 def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.ndarray:
     """Token ids of the texts: tokenizer output only (seconds), so computed on first use and kept."""
-    path = folder / "text_ids.npy"
+    return _kept(folder / "text_ids.npy", lambda: backbone.tokenize(
+        catalogue.texts(), catalogue.config.max_text_tokens).ids.numpy().astype(np.int32))
+
+
+def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int, num_workers: int | None,
+            progress: bool) -> np.ndarray:
+    """Foreground colour descriptors of the images (`colour.py`): computed on first use and kept."""
+    def compute() -> np.ndarray:
+        batches = image_batches(catalogue.image_paths(), backbone, batch_size, num_workers)
+        return np.concatenate([backbone.describe_colour(pixels).numpy() for pixels in tqdm(
+            batches, total=math.ceil(len(catalogue) / batch_size), desc=f"colour {catalogue.config.name}",
+            disable=not progress)]).astype(np.float16)
+    return _kept(folder / "colour.npy", compute)
+
+
+def _kept(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """The array at `path`, computed and written (atomically) first if it is not there."""
     if not path.exists():
-        ids = backbone.tokenize(catalogue.texts(), catalogue.config.max_text_tokens).ids.numpy().astype(np.int32)
-        tmp = path.with_name(f"text_ids.tmp{os.getpid()}.npy")
-        np.save(tmp, ids)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+        np.save(tmp, compute())
         tmp.rename(path)
     return np.load(path)
 

@@ -4,7 +4,9 @@
     aligned text ─[CLS]─┤  + modality, position embeddings      │                     │  per task k:
                         ├─ transformer over [text ; image] ─────┤                     ├─ keyless attention (w_k)
     aligned image [CLS]─┤  (sequence-wise attention)            │                     │  → MLP head_k → logits_k
-    patch tokens ─proj──┘                                       └─ fused image [CLS] ─┘
+    patch tokens ─proj──┤                                       ├─ fused image [CLS] ─┤
+    colour [CLS], family tokens (optional, `colour.py`) ────────┤─ fused colour [CLS]─┤
+    TF-IDF words token (optional) ──────────────────────────────┘─ fused words ───────┘
 
 The model runs on backbone features (`EncoderOutput`), so it trains on cached
 features of a frozen backbone in seconds per epoch. The [CLS] tokens start from the
@@ -21,17 +23,23 @@ from torch import nn
 
 from .align import AlignmentHeads
 from .backbones import EncoderOutput
+from .colour import FAMILIES, FAMILY_FEATURES, HISTOGRAM_DIM, split as split_colour
 
 FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attention",  # the model, its ablations
            "late_fusion", "text_only", "image_only")  # baselines on the aligned embeddings
-MODALITIES = ("text", "image")
+MODALITIES = ("text", "image")  # always present; "colour" and "words" join them when the config asks
 MASKED = -100  # the target cross-entropy ignores: missing and out-of-vocabulary labels
 SEQUENCE_FUSIONS = ("cma", "no_modality_attention")  # fusions with the sequence-wise attention
 MODALITY_FUSIONS = ("cma", "no_sequence_attention")  # fusions with the modality-wise attention
-# Fusions without modality-wise attention report fixed (text, image) weights: an even split for
-# those that use both modalities, all of the weight on the one a single-modality baseline uses.
-FIXED_WEIGHTS = {"no_modality_attention": (0.5, 0.5), "no_attention": (0.5, 0.5), "late_fusion": (0.5, 0.5),
-                 "text_only": (1.0, 0.0), "image_only": (0.0, 1.0)}
+TEXT_SIDE, IMAGE_SIDE = ("text", "words"), ("image", "colour")
+SINGLE_SIDE = {"text_only": TEXT_SIDE, "image_only": IMAGE_SIDE}
+
+
+def fixed_weights(fusion: str, modalities: tuple[str, ...]) -> tuple[float, ...]:
+    """The weights a fusion without modality-wise attention reports: an even split over the
+    modalities it uses (all of them, or one side's for the single-modality baselines)."""
+    used = [m in SINGLE_SIDE.get(fusion, modalities) for m in modalities]
+    return tuple(u / sum(used) for u in used)
 
 
 @dataclass
@@ -51,6 +59,8 @@ class CMAClipConfig:
     dropout: float = 0.1
     fusion: str = "cma"  # one of FUSIONS: the full model or an ablation
     lexical_buckets: int = 0  # >0: a trainable embedding of hashed token ids added to the text tokens
+    colour: bool = False  # the foreground colour descriptor (`colour.py`) as tokens and a modality
+    words_buckets: int = 0  # >0: TF-IDF of hashed word-piece uni- and bigrams as one token and a modality
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -64,9 +74,10 @@ class AttentionMaps:
     The sequence is [text CLS, L text tokens, image CLS, P patches]."""
 
     text_to_image: torch.Tensor  # [B, L, P] each text token's attention on the patches
-    text_cls: torch.Tensor  # [B, L + P + 2] the text [CLS]'s attention on the whole sequence
-    image_cls: torch.Tensor  # [B, L + P + 2] the image [CLS]'s attention on the whole sequence
+    text_cls: torch.Tensor  # [B, S] the text [CLS]'s attention on the whole sequence
+    image_cls: torch.Tensor  # [B, S] the image [CLS]'s attention on the whole sequence
     text_length: int
+    num_patches: int
 
     def cls_to_text(self, which: str = "image") -> torch.Tensor:
         """[B, L]: a [CLS]'s attention on the text tokens."""
@@ -76,13 +87,13 @@ class AttentionMaps:
     def cls_to_patches(self, which: str = "image") -> torch.Tensor:
         """[B, P]: a [CLS]'s attention on the image patches."""
         row = self.image_cls if which == "image" else self.text_cls
-        return row[:, 2 + self.text_length:]
+        return row[:, 2 + self.text_length:2 + self.text_length + self.num_patches]
 
 
 @dataclass
 class CMAOutput:
     logits: dict[str, torch.Tensor]  # task -> [B, classes]
-    modality_weights: dict[str, torch.Tensor]  # task -> [B, 2] weights of (text, image), summing to 1
+    modality_weights: dict[str, torch.Tensor]  # task -> [B, M] weights of `CMAClip.modalities`, summing to 1
     attention: AttentionMaps | None = None
     # With `keep_layers`: every layer's per-head attention probabilities [B, heads, S, S], first layer
     # first, still in the autograd graph, so a gradient can be taken w.r.t. them (`cma_clip.relevance`).
@@ -153,23 +164,39 @@ class SequenceAttention(nn.Module):
         self.text_pos = nn.Parameter(torch.randn(1, cfg.max_text_tokens + 1, w) * 0.02)
         self.image_pos = nn.Parameter(torch.randn(1, cfg.num_patches + 1, w) * 0.02)
         self.modality = nn.Parameter(torch.randn(2, w) * 0.02)
+        extras = int(cfg.colour) + int(bool(cfg.words_buckets))
+        self.extra_modality = nn.Parameter(torch.randn(extras, w) * 0.02) if extras else None
+        self.colour_pos = nn.Parameter(torch.randn(1, len(FAMILIES) + 1, w) * 0.02) if cfg.colour else None
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
 
     def forward(self, feats: EncoderOutput, text_cls: torch.Tensor, image_cls: torch.Tensor,
-                need_weights: bool = False, keep_layers: list | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMaps | None]:
-        """The fused text and image [CLS]; with `need_weights` the last layer's attention maps (mean
-        over heads). A list passed as `keep_layers` receives every layer's per-head attention."""
+                extras: list["ExtraInput"] | None = None, need_weights: bool = False, keep_layers: list | None = None
+                ) -> tuple[list[torch.Tensor], AttentionMaps | None]:
+        """The fused [CLS] of every modality (text, image, then the extras in order); with
+        `need_weights` the last layer's attention maps (mean over heads). A list passed as
+        `keep_layers` receives every layer's per-head attention.
+
+        The sequence is [text CLS, L text tokens, image CLS, P patches, then per extra its
+        [CLS] and its tokens]."""
         b, length = feats.text_mask.shape
         tokens = self.text_in(feats.text_tokens)
         if self.lexical is not None:
             tokens = tokens + self.lexical(feats.text_ids % self.lexical.num_embeddings)
         text = torch.cat([text_cls[:, None], tokens], 1) + self.text_pos[:, :length + 1]
         image = torch.cat([image_cls[:, None], self.image_in(feats.image_tokens)], 1) + self.image_pos
-        x = torch.cat([text + self.modality[0], image + self.modality[1]], 1)
-        ones = torch.ones(b, 1, dtype=torch.bool, device=x.device)
-        keep = torch.cat([ones, feats.text_mask.bool(), ones.expand(b, image.shape[1])], 1)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=text.device)
+        parts = [text + self.modality[0], image + self.modality[1]]
+        keeps = [ones, feats.text_mask.bool(), ones.expand(b, image.shape[1])]
+        starts = [0, length + 1]
+        for i, extra in enumerate(extras or []):
+            group = extra.cls[:, None] if extra.tokens is None else torch.cat([extra.cls[:, None], extra.tokens], 1)
+            if extra.name == "colour":
+                group = group + self.colour_pos
+            starts.append(sum(p.shape[1] for p in parts))
+            parts.append(group + self.extra_modality[i])
+            keeps += [ones] if extra.keep is None else [ones, extra.keep]
+        x, keep = torch.cat(parts, 1), torch.cat(keeps, 1)
         weights = None
         for i, block in enumerate(self.blocks):
             x, weights = block(x, keep, keep_layers is not None or (need_weights and i == len(self.blocks) - 1))
@@ -179,9 +206,61 @@ class SequenceAttention(nn.Module):
         maps = None
         if need_weights:
             weights = weights.mean(dim=1)
-            maps = AttentionMaps(text_to_image=weights[:, 1:length + 1, length + 2:],
-                                 text_cls=weights[:, 0], image_cls=weights[:, length + 1], text_length=length)
-        return x[:, 0], x[:, length + 1], maps
+            patches = feats.image_tokens.shape[1]
+            maps = AttentionMaps(text_to_image=weights[:, 1:length + 1, length + 2:length + 2 + patches],
+                                 text_cls=weights[:, 0], image_cls=weights[:, length + 1], text_length=length,
+                                 num_patches=patches)
+        return [x[:, start] for start in starts], maps
+
+
+@dataclass
+class ExtraInput:
+    """A modality beyond text and image: its [CLS] [B, W], its tokens [B, K, W] (or None) and
+    which of them may be attended to [B, K]."""
+
+    name: str
+    cls: torch.Tensor
+    tokens: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+
+class WordsBag(nn.Module):
+    """The text as a bag of words: TF-IDF of its word-piece unigrams and bigrams, hashed into
+    `buckets`, projected to one token. A sparse lexical view the frozen contextual states lack
+    (a TF-IDF model beats them on product types); idf comes from the training texts (`fit_idf`)
+    and is kept in the checkpoint. Pieces in every text (the [CLS] and [SEP] tokens) get idf 0."""
+
+    def __init__(self, buckets: int, width: int) -> None:
+        super().__init__()
+        self.buckets = buckets
+        self.proj = nn.Linear(buckets, width)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        self.register_buffer("idf", torch.ones(buckets))
+
+    def grams(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bucket ids [B, 2L - 1] of the unigrams and bigrams, and which are real."""
+        ids, mask = ids.long(), mask.bool()
+        bigrams = ids[:, :-1] * 1_000_003 + ids[:, 1:] * 7_919 + 1
+        grams = torch.cat([ids, bigrams], 1) % self.buckets
+        return grams, torch.cat([mask, mask[:, :-1] & mask[:, 1:]], 1)
+
+    def counts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        grams, real = self.grams(ids, mask)
+        out = torch.zeros(len(ids), self.buckets, device=ids.device)
+        return out.scatter_add_(1, grams, real.float())
+
+    @torch.no_grad()
+    def fit_idf(self, ids: torch.Tensor, mask: torch.Tensor, batch: int = 1024) -> None:
+        """idf = log((1 + N) / (1 + df)) over the given texts (the training split)."""
+        df = torch.zeros(self.buckets)
+        for start in range(0, len(ids), batch):
+            df += (self.counts(ids[start:start + batch], mask[start:start + batch]) > 0).float().sum(0).cpu()
+        self.idf.copy_(torch.log((1 + len(ids)) / (1 + df)))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        tf = self.counts(ids, mask)
+        tfidf = torch.where(tf > 0, 1 + torch.log(tf.clamp(min=1)), tf) * self.idf  # sublinear tf
+        return self.proj(F.normalize(tfidf, dim=-1))
 
 
 class ModalityAttention(nn.Module):
@@ -222,14 +301,21 @@ class CMAClip(nn.Module):
     def __init__(self, cfg: CMAClipConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.modalities = MODALITIES + ("colour",) * cfg.colour + ("words",) * bool(cfg.words_buckets)
         self.align = AlignmentHeads(cfg.image_pooled_dim, cfg.text_pooled_dim, cfg.embed_dim)
         self.text_cls_in = nn.Linear(cfg.embed_dim, cfg.width)
         self.image_cls_in = nn.Linear(cfg.embed_dim, cfg.width)
+        # the colour [CLS] from the foreground histogram; a token per colour family from its share and mean colour
+        self.colour_cls_in = nn.Sequential(nn.Linear(HISTOGRAM_DIM, cfg.width), nn.GELU(),
+                                           nn.Linear(cfg.width, cfg.width)) if cfg.colour else None
+        self.colour_in = nn.Sequential(nn.Linear(FAMILY_FEATURES, cfg.width), nn.GELU(),
+                                       nn.Linear(cfg.width, cfg.width)) if cfg.colour else None
+        self.words = WordsBag(cfg.words_buckets, cfg.width) if cfg.words_buckets else None
         fused = cfg.fusion in SEQUENCE_FUSIONS
         self.sequence = SequenceAttention(cfg) if fused else None
         self.unfused_norm = None if fused else nn.LayerNorm(cfg.width)
-        self.modality = ModalityAttention(len(cfg.tasks), cfg.width) if cfg.fusion in MODALITY_FUSIONS else None
-        head_width = 2 * cfg.width if cfg.fusion == "late_fusion" else cfg.width
+        self.modality = (ModalityAttention(len(cfg.tasks), cfg.width) if cfg.fusion in MODALITY_FUSIONS else None)
+        head_width = len(self.modalities) * cfg.width if cfg.fusion == "late_fusion" else cfg.width
         self.heads = nn.ModuleDict({task: TaskHead(head_width, n, cfg.dropout) for task, n in cfg.tasks.items()})
 
     def drop_unbuilt(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -247,24 +333,50 @@ class CMAClip(nn.Module):
         `keep_layers`: every layer's per-head attention probabilities, in the graph (`layer_attention`)."""
         text_cls = self.text_cls_in(self.align.embed_text(feats.text_pooled))
         image_cls = self.image_cls_in(self.align.embed_image(feats.image_pooled))
+        extras = self.extra_inputs(feats)
         maps, layers = None, [] if keep_layers and self.sequence is not None else None
         if self.sequence is not None:
-            text_emb, image_emb, maps = self.sequence(feats, text_cls, image_cls, need_weights=return_attention,
-                                                      keep_layers=layers)
+            fused_cls, maps = self.sequence(feats, text_cls, image_cls, extras, need_weights=return_attention,
+                                            keep_layers=layers)
         else:
-            text_emb, image_emb = self.unfused_norm(text_cls), self.unfused_norm(image_cls)
-        embeddings = torch.stack([text_emb, image_emb], dim=1)  # [B, 2, W] in MODALITIES order
+            fused_cls = [self.unfused_norm(x) for x in (text_cls, image_cls, *(e.cls for e in extras))]
+        embeddings = torch.stack(fused_cls, dim=1)  # [B, M, W] in `modalities` order
         fusion = self.cfg.fusion
         if self.modality is not None:
             fused, weights = self.modality(embeddings)
         else:  # the same fixed weights for every item and task
-            weights = embeddings.new_tensor(FIXED_WEIGHTS[fusion]).expand(len(embeddings), len(self.tasks), 2)
+            fixed = embeddings.new_tensor(fixed_weights(fusion, self.modalities))
+            weights = fixed.expand(len(embeddings), len(self.tasks), len(self.modalities))
             if fusion == "late_fusion":
                 fused = embeddings.flatten(1)[:, None].expand(-1, len(self.tasks), -1)
-            else:  # a plain average of the two modalities, or the one modality a baseline uses
+            else:  # a plain average of the modalities, or of the ones a single-side baseline uses
                 fused = weights @ embeddings
         logits = {task: head(fused[:, i]) for i, (task, head) in enumerate(self.heads.items())}
         return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps, layers)
+
+    def cls_positions(self, text_length: int, num_patches: int) -> list[int]:
+        """Where each modality's [CLS] sits in the sequence-wise attention's sequence, in `modalities` order."""
+        positions = [0, text_length + 1]
+        after_image = text_length + num_patches + 2
+        if self.cfg.colour:
+            positions.append(after_image)
+            after_image += len(FAMILIES) + 1
+        if self.cfg.words_buckets:
+            positions.append(after_image)
+        return positions
+
+    def extra_inputs(self, feats: EncoderOutput) -> list[ExtraInput]:
+        """The colour and words modalities' inputs, where the config has them."""
+        extras = []
+        if self.colour_in is not None:
+            if feats.colour is None:
+                raise ValueError("this model reads the colour descriptor: encode with colour (`DualEncoder.colour`)")
+            histogram, families = split_colour(feats.colour.float())
+            extras.append(ExtraInput("colour", self.colour_cls_in(histogram), self.colour_in(families),
+                                     families[..., 0] > 0))
+        if self.words is not None:
+            extras.append(ExtraInput("words", self.words(feats.text_ids, feats.text_mask)))
+        return extras
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ from .backbones import DualEncoder, letterbox
 from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from .data import Catalogue, CatalogueError, load_image, write_table
 from .errors import CMAClipError
-from .model import MODALITIES, CMAClip
+from .model import CMAClip
 from .relevance import explain, word_relevance, words_of
 from .runtime import autocast, default_device
 
@@ -140,7 +140,7 @@ class Predictor:
     @torch.no_grad()
     def predict_batch(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
         """Many items at once, without attention maps."""
-        feats = self.backbone.encode(images, texts, self.max_tokens)
+        feats = self.backbone.encode(images, texts, self.max_tokens, colour=self.model.cfg.colour)
         with autocast(self.device, batch_size=len(images)):
             out = self.model(feats)
         return self._task_predictions(out, top_k)
@@ -157,7 +157,7 @@ class Predictor:
                 item[task] = TaskPrediction(
                     labels=[self.classes[task][j] for j in top.indices[i].tolist()],
                     probabilities=[float(v) for v in top.values[i]],
-                    modality_weights={m: float(weights[i, k]) for k, m in enumerate(MODALITIES)},
+                    modality_weights={m: float(weights[i, k]) for k, m in enumerate(self.model.modalities)},
                     threshold=threshold, auto_accept=threshold is not None and confidence >= threshold)
         return [Prediction(tasks) for tasks in per_item]
 

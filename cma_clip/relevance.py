@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 
 from .backbones import DualEncoder, EncoderOutput, TextBatch
-from .model import CMAClip, CMAOutput
+from .model import IMAGE_SIDE, CMAClip, CMAOutput
 from .runtime import autocast, bf16_supported
 
 RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
@@ -67,7 +67,7 @@ class Explanation:
     rollout_patches: np.ndarray  # [B, T, P] the rollout's relevance of the patch tokens (padding removed)
     gradcam_patches: np.ndarray  # [B, T, P] Grad-CAM on the patch tokens (padding removed)
     token_gradient_input: np.ndarray  # [B, T, L] |gradient x input| of the text token states, sums to 1
-    image_share: np.ndarray  # [B, T] the rollout's share on the image side (image [CLS] + patches)
+    image_share: np.ndarray  # [B, T] the rollout's share on the image side (image and colour [CLS] and tokens)
     padding_share: np.ndarray  # [B, T] share of the LayerCAM map that fell on letterbox padding
     photo_fraction: np.ndarray  # [B, P] share of each patch covered by the photo (1 - padding)
     # the image maps before the padding is removed, by name ("relevance", "rollout", "gradcam"): [B, T, P]
@@ -85,9 +85,10 @@ def rollout(layers: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tens
     return relevance
 
 
-def read_row(relevance: torch.Tensor, weights: torch.Tensor, text_length: int) -> torch.Tensor:
-    """The row of R the task head reads: w_text R[text CLS] + w_image R[image CLS]. weights [N, 2]."""
-    return weights[:, :1] * relevance[:, 0] + weights[:, 1:] * relevance[:, text_length + 1]
+def read_row(relevance: torch.Tensor, weights: torch.Tensor, cls_positions: list[int]) -> torch.Tensor:
+    """The row of R the task head reads: sum_m w_m R[CLS of modality m] (w_text R[text CLS] +
+    w_image R[image CLS] for a text-and-image model). weights [N, M], one [CLS] position per modality."""
+    return sum(weights[:, m:m + 1] * relevance[:, position] for m, position in enumerate(cls_positions))
 
 
 def layercam(activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -307,8 +308,10 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
     # The fusion runs on one copy of each item per task, so one backward gives every task's gradients.
     tokens, pooled, text_tokens = copies(image_tokens), copies(image_pooled), copies(text_tokens)
     with torch.enable_grad():
+        colour = backbone.describe_colour(pixels).repeat_interleave(count, 0) if model.cfg.colour else None
         feats = EncoderOutput(tokens, pooled, text_tokens, text.mask.repeat_interleave(count, 0),
-                              text_pooled.float().repeat_interleave(count, 0), text.ids.repeat_interleave(count, 0))
+                              text_pooled.float().repeat_interleave(count, 0), text.ids.repeat_interleave(count, 0),
+                              colour)
         with autocast(device, batch_size=batch):  # the fusion's precision, as in Predictor.predict
             out = model(feats, return_attention=True, keep_layers=True)
         task_of_copy = torch.arange(batch * count, device=device) % count
@@ -346,15 +349,18 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
     weights = weights[torch.arange(batch * count, device=device), task_of_copy]  # copy t: task t's weights
     if layers:
         row = read_row(rollout([a.float() for a in layers], [_zero_if_none(g, a).float() for g, a in
-                                                              zip(layer_grads, layers)]), weights, length)
+                                                              zip(layer_grads, layers)]), weights,
+                       model.cls_positions(length, grid * grid))
+        patches = row[:, length + 2:length + 2 + grid * grid]
         text_map = normalise(row[:, 1:1 + length] * real)
-        unmasked["rollout"] = normalise(row[:, length + 2:])
-        rollout_map = normalise(row[:, length + 2:] * cover)
-        image_side = row[:, length + 1:].sum(-1) / row.sum(-1).clamp(min=1e-12)
+        unmasked["rollout"] = normalise(patches)
+        rollout_map = normalise(patches * cover)
+        text_side = row[:, :length + 1].sum(-1) + (row[:, -1] if "words" in model.modalities else 0)
+        image_side = 1 - text_side / row.sum(-1).clamp(min=1e-12)
     else:  # fusions without the sequence-wise attention read no tokens: no token relevance
         text_map = torch.zeros_like(real)
         rollout_map = unmasked["rollout"] = torch.zeros_like(cover)
-        image_side = weights[:, 1]
+        image_side = sum(weights[:, m] for m, name in enumerate(model.modalities) if name in IMAGE_SIDE)
 
     def per_item(x: torch.Tensor) -> np.ndarray:
         x = x.detach().float().cpu().numpy()
@@ -363,8 +369,8 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
     first = torch.arange(batch, device=device) * count  # copy 0 of every item: the plain prediction
     attention = out.attention
     if attention is not None:
-        attention = type(attention)(attention.text_to_image[first].detach(), attention.text_cls[first].detach(),
-                                    attention.image_cls[first].detach(), attention.text_length)
+        attention = replace(attention, text_to_image=attention.text_to_image[first].detach(),
+                            text_cls=attention.text_cls[first].detach(), image_cls=attention.image_cls[first].detach())
     output = CMAOutput({t: v[first].detach() for t, v in out.logits.items()},
                        {t: v[first].detach() for t, v in out.modality_weights.items()}, attention)
     return Explanation(output, tasks, per_item(image_map), per_item(fine), per_item(text_map), per_item(rollout_map),

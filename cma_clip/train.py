@@ -88,6 +88,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     m.add_argument("--dropout", type=float, default=d.dropout)
     m.add_argument("--lexical-buckets", type=int, default=d.lexical_buckets,
                    help="size of the trainable hashed token-id embedding added to the text tokens (0: off)")
+    m.add_argument("--colour", action=argparse.BooleanOptionalAction, default=d.colour,
+                   help="the product's foreground colours as tokens and a modality")
+    m.add_argument("--words-buckets", type=int, default=d.words_buckets,
+                   help="hash buckets of the TF-IDF words token and modality (0: off)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=d.epochs)
     o.add_argument("--align-epochs", type=int, default=d.align_epochs)
@@ -141,7 +145,8 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
         catalogue = replace(catalogue, config=replace(config, max_text_tokens=backbone.max_text_tokens))
     if not main_rank:
         distributed.barrier()  # rank 0 builds the feature cache, the others then read it
-    features = extract_features(backbone, catalogue, cfg.cache_dir, progress=not cfg.quiet and main_rank)
+    features = extract_features(backbone, catalogue, cfg.cache_dir, progress=not cfg.quiet and main_rank,
+                                colour=cfg.colour)
     if main_rank:
         distributed.barrier()
     tasks = catalogue.config.tasks
@@ -159,8 +164,9 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
 class LiveBatches:
     """Backbone features computed per batch with gradients, for --finetune-backbone."""
 
-    def __init__(self, backbone: DualEncoder, catalogue: Catalogue, encoder: torch.nn.Module | None = None) -> None:
-        self.backbone, self.paths, self.texts = backbone, catalogue.image_paths(), catalogue.texts()
+    def __init__(self, backbone: DualEncoder, catalogue: Catalogue, encoder: torch.nn.Module | None = None,
+                 colour: bool = False) -> None:
+        self.backbone, self.paths, self.texts, self.colour = backbone, catalogue.image_paths(), catalogue.texts(), colour
         self.encoder = encoder or backbone  # the backbone, or its DistributedDataParallel wrapper
         self.max_tokens = catalogue.config.max_text_tokens
 
@@ -170,7 +176,7 @@ class LiveBatches:
     def batch(self, index: np.ndarray, device: torch.device) -> EncoderOutput:
         pixels = self.backbone.preprocess([load_image(self.paths[i]) for i in index]).to(device)
         text = self.backbone.tokenize([self.texts[i] for i in index], self.max_tokens)
-        return self.encoder(pixels, text.to(device))
+        return self.encoder(pixels, text.to(device), self.colour)
 
 
 # ----------------------------------------------------------------------------- model and optimiser
@@ -182,8 +188,13 @@ def build_model(cfg: TrainConfig, data: TrainingData, backbone: DualEncoder) -> 
         num_patches=backbone.num_patches, max_text_tokens=data.catalogue.config.max_text_tokens,
         tasks={t: len(v) for t, v in data.vocabs.items()}, embed_dim=cfg.embed_dim, width=cfg.width,
         depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout, fusion=cfg.fusion,
-        lexical_buckets=cfg.lexical_buckets)
-    return CMAClip(model_cfg)
+        lexical_buckets=cfg.lexical_buckets, colour=cfg.colour, words_buckets=cfg.words_buckets)
+    model = CMAClip(model_cfg)
+    if model.words is not None:  # idf from the training texts
+        train = data.splits["train"]
+        model.words.fit_idf(torch.from_numpy(data.features.text_ids[train]),
+                            torch.from_numpy(data.features.text_mask[train]))
+    return model
 
 
 def checkpoint_config(cfg: TrainConfig, data: TrainingData, model: CMAClip) -> CheckpointConfig:
@@ -327,14 +338,15 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
     """The epochs: train, validate, keep the best epoch as the checkpoint, save the state for
     --resume; stops early after `patience` epochs without improvement."""
     out, main_rank = Path(cfg.out), rank == 0
-    source = LiveBatches(tuned, data.catalogue) if tuned is not None else data.features
+    source = LiveBatches(tuned, data.catalogue, colour=cfg.colour) if tuned is not None else data.features
     net, batches_of = model, source  # what training runs; validation uses model and source
     if world > 1:  # the same alignment ran on every rank; DDP also copies rank 0's weights to the others
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [local_rank] if device.type == "cuda" else None
         net = DDP(model, device_ids=ids)  # the model builds only what its fusion uses
         if tuned is not None:  # the backbone has parts we never read (e.g. its classifier)
-            batches_of = LiveBatches(tuned, data.catalogue, DDP(tuned, device_ids=ids, find_unused_parameters=True))
+            batches_of = LiveBatches(tuned, data.catalogue, DDP(tuned, device_ids=ids, find_unused_parameters=True),
+                                     cfg.colour)
         torch.manual_seed(cfg.seed + 1 + rank)  # different dropout masks on each rank
     optimizer, splits = optimisation.optimizer, data.splits
     train_targets = {t: torch.from_numpy(v) for t, v in data.targets.items()}
@@ -398,7 +410,8 @@ def finish(out: Path, counters: dict, data: TrainingData, finetuned: bool, devic
     """Reload the best epoch, add its 90%-precision thresholds (from val) and test report."""
     model, config = load_checkpoint(out, device)
     config.training = {k: counters[k] for k in ("history", "align_loss", "align_seconds") if k in counters}
-    source = LiveBatches(load_backbone(out, config, device).eval(), data.catalogue) if finetuned else data.features
+    source = (LiveBatches(load_backbone(out, config, device).eval(), data.catalogue, colour=model.cfg.colour)
+              if finetuned else data.features)
     metrics = calibrate(out, model, config, source, data.targets, data.splits)
     config.save(out)  # the weights on disk are this epoch's already
     (out / STATE_FILE).unlink(missing_ok=True)

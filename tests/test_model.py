@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cma_clip.backbones import EncoderOutput
-from cma_clip.model import FIXED_WEIGHTS, FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
+from cma_clip.model import FUSIONS, MODALITY_FUSIONS, CMAClip, CMAClipConfig, fixed_weights, multitask_loss, no_decay
 
 TASKS = {"colour": 5, "pattern": 3}
 
@@ -76,8 +76,8 @@ def test_attention_path_matches_fast_path():
 def test_ablations_run(fusion):
     out = make_model(fusion)(make_batch(), return_attention=True)
     assert out.logits["colour"].shape == (3, 5)
-    if fusion in FIXED_WEIGHTS:
-        assert torch.all(out.modality_weights["colour"] == torch.tensor(FIXED_WEIGHTS[fusion]))
+    if fusion not in MODALITY_FUSIONS:
+        assert torch.all(out.modality_weights["colour"] == torch.tensor(fixed_weights(fusion, ("text", "image"))))
     if fusion not in ("cma", "no_modality_attention"):
         assert out.attention is None
     else:

@@ -31,7 +31,7 @@ def test_rollout_is_chefers_rule():
 def test_the_head_reads_both_cls_rows_by_its_modality_weights():
     r = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 6, 6)
     weights = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
-    row = read_row(r, weights, text_length=2)  # sequence: [text CLS, t1, t2, image CLS, p1, p2]
+    row = read_row(r, weights, [0, 3])  # sequence: [text CLS, t1, t2, image CLS, p1, p2]
     torch.testing.assert_close(row[0], 0.25 * r[0, 0] + 0.75 * r[0, 3])
     torch.testing.assert_close(row[1], r[1, 0])
 

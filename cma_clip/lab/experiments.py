@@ -42,7 +42,7 @@ from ..evaluate import (evaluate_checkpoint, predict_probabilities, rescore, sco
                         zero_shot_probabilities_for)
 from ..features import FEATURE_FIELDS, Features, encode_items
 from ..metrics import METRIC_NAMES
-from ..model import MODALITIES, CMAClip, CMAOutput
+from ..model import IMAGE_SIDE, CMAClip, CMAOutput
 from ..noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
 from ..robustness import MODES
 from ..runtime import default_device
@@ -164,12 +164,12 @@ STORED_DTYPES = {"text_mask": np.bool_, "text_ids": np.int32}  # the other field
 def encode_noisy(backbone: DualEncoder, sample: Catalogue, severity: int,
                  batch_size: int = 32) -> dict[str, np.ndarray]:
     """Backbone features of the sample with images and texts corrupted at `severity` (0: clean)."""
-    fields = (*FEATURE_FIELDS, "text_ids")
+    fields = (*FEATURE_FIELDS, "text_ids", "colour")
     texts = [corrupt_text(text, TEXT_NOISES[i % len(TEXT_NOISES)], severity, i)
              for i, text in enumerate(sample.texts())]
     parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
     for _, out in encode_items(backbone, sample.image_paths(), texts, sample.config.max_text_tokens, batch_size,
-                               transform=partial(_corrupt_item, severity=severity)):
+                               transform=partial(_corrupt_item, severity=severity), colour=True):
         for name in fields:
             parts[name].append(getattr(out, name).cpu().numpy())
     return {name: np.concatenate(chunks).astype(STORED_DTYPES.get(name, np.float16))
@@ -226,11 +226,12 @@ def _score_inputs(model: CMAClip, classes: dict[str, list[str]], targets: dict[s
                   inputs: Features, backbone: DualEncoder | None) -> dict:
     """One condition's entry of `noise_scores`."""
     weights: dict[str, list[np.ndarray]] = {task: [] for task in classes}
+    image_side = [m for m, name in enumerate(model.modalities) if name in IMAGE_SIDE]
     cross: dict[str, list[np.ndarray]] = {"image_cls_on_text": [], "text_cls_on_image": []}
 
     def gather(output: CMAOutput) -> None:
         for task in classes:
-            weights[task].append(output.modality_weights[task][:, MODALITIES.index("image")].float().cpu().numpy())
+            weights[task].append(output.modality_weights[task][:, image_side].sum(-1).float().cpu().numpy())
         if output.attention is not None:  # sequence [text CLS, L tokens, image CLS, patches]
             maps, text_end = output.attention, output.attention.text_length + 1
             cross["image_cls_on_text"].append(maps.image_cls[:, :text_end].sum(-1).float().cpu().numpy())
