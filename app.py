@@ -19,6 +19,8 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
@@ -53,6 +55,9 @@ document.addEventListener("keydown", (event) => {
 });
 </script>
 """
+# Gradio's files (uploads, outputs): every hour, those older than a day go (and all of them when the
+# server stops); a review upload's images are kept apart, in the studio's own folder (`studio.uploads`).
+CACHE_RETENTION = (3600, 86400)
 BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue
 
 
@@ -71,6 +76,34 @@ def undecoded(image: gr.Image) -> gr.Image:
         return payload.path
 
     image.preprocess = preprocess
+    return image
+
+
+def written_per_call(image: gr.Image) -> gr.Image:
+    """Make an image output write each value it shows to a file of its own.
+
+    Gradio saves a PIL image or array as `<content hash>/image.webp` in its cache and writes
+    that file again on every call producing the same image: a client still downloading it
+    then reads a short file ("Too little data for declared Content-Length"; 2 of 50 concurrent
+    /predict calls failed so). A path already inside Gradio's cache folder is served as it
+    is, so each value goes to a new file there first (`outputs/<random id>.<format>`), which
+    nothing writes again; `delete_cache` ages it out with the app's other files."""
+    def postprocess(value):
+        if isinstance(value, (PILImage.Image, np.ndarray)):
+            folder = Path(image.GRADIO_CACHE) / "outputs"
+            folder.mkdir(parents=True, exist_ok=True)
+            picture = value if isinstance(value, PILImage.Image) else PILImage.fromarray(np.asarray(value))
+            path = folder / f"{new_id()}.{image.format or 'webp'}"
+            try:
+                picture.save(path)
+            except (KeyError, ValueError, OSError):  # a mode the format cannot hold: PNG holds them all
+                path.unlink(missing_ok=True)
+                path = path.with_suffix(".png")
+                picture.save(path)
+            value = str(path)
+        return gr.Image.postprocess(image, value)
+
+    image.postprocess = postprocess
     return image
 
 
@@ -232,8 +265,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                     opacity = gr.Slider(0.1, 1.0, value=views.DEFAULT_OPACITY, step=0.05, label="Map opacity",
                                         elem_id="map-opacity")
                 with gr.Row():
-                    heat = gr.Image(label="Image map (colour bar: share of the map per cell)", height=320,
-                                    interactive=False, elem_id="heatmap")
+                    heat = written_per_call(gr.Image(label="Image map (colour bar: share of the map per cell)",
+                                                    height=320, interactive=False, elem_id="heatmap"))
                     weights_plot = gr.Plot(label="Modality-wise attention per task")
                 map_note = gr.Markdown(views.MAP_NOTE, elem_id="map-note")
                 relevance = gr.HighlightedText(label="Words: relevance for the selected task (attention rollout; "
@@ -470,7 +503,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                 with gr.Column():
                     manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
                                        elem_id="review-manifest")
-                    images = gr.File(label="...and its images", file_count="multiple", file_types=["image"],
+                    images = gr.File(label="...and its images (a .zip keeps their folders: rows red/1.jpg and "
+                                     "blue/1.jpg need one)", file_count="multiple", file_types=["image", ".zip"],
                                      elem_id="review-images")
                     gr.Markdown(views.split_note("upload"))
                     load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
@@ -493,7 +527,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         progress = gr.Markdown(label="review progress", elem_id="review-progress")
         gr.Markdown(views.KEYS_HELP, elem_id="review-keys")
         with gr.Row():
-            image = gr.Image(label="Item", height=280, interactive=False, elem_id="review-image")
+            image = written_per_call(gr.Image(label="Item", height=280, interactive=False, elem_id="review-image"))
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text", interactive=False, lines=2)
                 table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True,
@@ -765,10 +799,10 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         probe_state = gr.State(None)
         probe_task = gr.Dropdown([], label="Task whose relevance the maps show", elem_id="probe-task")
         with gr.Row():
-            clean_heat = gr.Image(label="Clean: relevance for the task", height=260, interactive=False,
-                                  elem_id="clean-heatmap")
-            noisy_heat = gr.Image(label="Noisy: relevance for the task", height=260, interactive=False,
-                                  elem_id="noisy-heatmap")
+            clean_heat = written_per_call(gr.Image(label="Clean: relevance for the task", height=260,
+                                                   interactive=False, elem_id="clean-heatmap"))
+            noisy_heat = written_per_call(gr.Image(label="Noisy: relevance for the task", height=260,
+                                                   interactive=False, elem_id="noisy-heatmap"))
             shift_plot = gr.Plot(label="Image modality weight, clean vs noisy")
         probe_note = gr.Markdown(elem_id="probe-shift")
         noisy_text = gr.Textbox(label="Noisy text", interactive=False)
@@ -956,7 +990,7 @@ def build(studio: Studio) -> gr.Blocks:
         return views.history_rows(studio.history())
 
     secret = browser_secret(studio)
-    with gr.Blocks(title="CMA-CLIP Studio") as demo:
+    with gr.Blocks(title="CMA-CLIP Studio", delete_cache=CACHE_RETENTION) as demo:
         gr.Markdown("# CMA-CLIP Studio\nMulti-task product attribute prediction with cross-modality attention "
                     "([CMA-CLIP, Liu et al. 2021](https://arxiv.org/abs/2112.03562)). Upload a product photo and its "
                     "text, see every attribute with its confidence and what the model looked at, and correct it.")
