@@ -26,12 +26,13 @@ from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
-from cma_clip.labels import STATUSES  # noqa: E402
+from cma_clip.labels import MAX_NAME_CHARS, STATUSES  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              StudioError, UndoOutcome, new_id, open_user_image, views)
-from cma_clip.studio.service import AUDIT_PAGE  # noqa: E402
+from cma_clip.studio.accounts import AccountsError, Login, login_from_env  # noqa: E402
+from cma_clip.studio.service import AUDIT_PAGE, MAX_SEED  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -107,6 +108,51 @@ def written_per_call(image: gr.Image) -> gr.Image:
     return image
 
 
+def typed_inputs(demo: gr.Blocks) -> None:
+    """Refuse, with a message naming the field, an API payload of the wrong type for a number,
+    a slider, a text box, a checkbox or a single-choice dropdown, and a number out of its
+    field's bounds. Gradio compares a number's payload with its bounds (`"abc" < 0`: a
+    TypeError, shown as a bare "Error"), words a bound without naming the field, turns any
+    payload into text for a text box and hands a list sent to a dropdown that takes typed
+    values on to the handler."""
+    for block in demo.blocks.values():
+        if isinstance(block, (gr.Number, gr.Slider)):
+            kinds, what = (int, float), "a number"
+        elif isinstance(block, gr.Textbox):
+            kinds, what = (str,), "text"
+        elif isinstance(block, gr.Checkbox):
+            kinds, what = (bool,), "true or false"
+        elif isinstance(block, gr.Dropdown) and not block.multiselect:
+            kinds, what = (str, int, float), "one value (text or a number)"
+        else:
+            continue
+        block.preprocess = _typed(block, kinds, what)
+
+
+def _typed(block: gr.components.Component, kinds: tuple[type, ...], what: str) -> Callable:
+    original = block.preprocess  # the component's own, or one set on the instance (`signed_in`, `undecoded`)
+
+    def preprocess(payload):
+        wrong = (not isinstance(payload, kinds) or (isinstance(payload, bool) and bool not in kinds)
+                 or payload != payload)  # NaN
+        name = block.label or "This field"
+        if payload is not None and wrong:
+            raise gr.Error(f"{name} takes {what}, not {repr(payload)[:80]}.")
+        if payload is not None and kinds[0] is int:  # a number: within the field's bounds
+            low, high = block.minimum, block.maximum
+            if (low is not None and payload < low) or (high is not None and payload > high):
+                bounds = (f"from {_shown(low)} to {_shown(high)}" if low is not None and high is not None
+                          else f"at least {_shown(low)}" if low is not None else f"at most {_shown(high)}")
+                raise gr.Error(f"{name} must be {bounds}, not {payload!r}.")
+        return original(payload)
+
+    return preprocess
+
+
+def _shown(number: float) -> str:
+    return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
+
+
 @contextmanager
 def keep_uploads_in(studio: Studio) -> Iterator[Path]:
     """While the app runs, make Gradio write uploads (and the files it serves) under the
@@ -127,14 +173,57 @@ def keep_uploads_in(studio: Studio) -> Iterator[Path]:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Show StudioError as a message in the UI instead of a stack trace."""
+    """Show StudioError as a message in the UI instead of a stack trace (and, with a login on,
+    give the event the signed-in user as its annotator: `signed_in`)."""
     def wrapped(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return fn(*as_signed_in(args), **kwargs)
         except StudioError as exc:
             raise gr.Error(str(exc)) from None
     wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
+
+
+class SignedIn:
+    """What the annotator box hands an event when a login is on, whatever the client sent:
+    `as_signed_in` puts the signed-in user's name in its place."""
+
+
+SIGNED_IN = SignedIn()
+
+
+def signed_in(annotator: gr.Textbox) -> gr.Textbox:
+    """The annotator box of an app with a login: not editable, and its value ignored by the
+    server (a client may send any name): every event gets the signed-in user instead."""
+    annotator.preprocess = lambda payload: SIGNED_IN
+    return annotator
+
+
+def as_signed_in(args: tuple) -> tuple:
+    """`args` with the signed-in user's name for each SIGNED_IN (refused when nobody is signed in)."""
+    if not any(a is SIGNED_IN for a in args):
+        return args
+    user = current_user()
+    if not user:
+        raise gr.Error("Sign in to save labels: the annotator is the signed-in user.")
+    return tuple(user if a is SIGNED_IN else a for a in args)
+
+
+def current_user() -> str | None:
+    """The user signed in for the event being run: Gradio's login (`auth`), else the Hugging
+    Face account of the OAuth session (a Space with `hf_oauth: true`); None when neither."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    if request is None:
+        return None
+    if request.username:
+        return str(request.username)
+    try:
+        info = request.session.get("oauth_info") or {}
+    except (AssertionError, AttributeError):  # no session middleware: OAuth is off
+        return None
+    return (info.get("userinfo") or {}).get("preferred_username")
 
 
 def examples(models: list[str]) -> list[list[str]]:
@@ -789,7 +878,7 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
             image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity")
             text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption")
             text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity")
-            seed = gr.Number(value=0, precision=0, label="Seed")
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
         with gr.Row():
             probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
             sweep_button = gr.Button("Sweep all severities for this item")
@@ -960,6 +1049,9 @@ def tasks_api(studio: Studio) -> None:
     """The /tasks endpoint (no component: the API only). Call it after the tabs, which it would split."""
     def tasks(model_name: str) -> dict:
         """The model's tasks and their known labels, in the order /save_correction takes them."""
+        if not isinstance(model_name, str):
+            raise gr.Error(f"/tasks takes a model's name (text), not {type(model_name).__name__}; the models: "
+                           f"{', '.join(studio.model_names)}.")
         if model_name not in studio.checkpoints:
             return {}
         try:
@@ -968,6 +1060,14 @@ def tasks_api(studio: Studio) -> None:
             raise gr.Error(str(exc)) from None
 
     gr.api(tasks, api_name="tasks")
+
+
+def annotator_box(login: Login) -> gr.Textbox:
+    """The name every decision is saved under: typed freely, or, with a login on, the signed-in user's."""
+    if login.on:
+        return signed_in(gr.Textbox(label="Annotator (signed in)", interactive=False, scale=2, elem_id="annotator"))
+    return gr.Textbox(label="Annotator", placeholder="your name (needed to save)", max_length=MAX_NAME_CHARS,
+                      scale=2, elem_id="annotator")
 
 
 def browser_secret(studio: Studio) -> str:
@@ -981,9 +1081,11 @@ def browser_secret(studio: Studio) -> str:
         return path.read_text().strip()
 
 
-def build(studio: Studio) -> gr.Blocks:
+def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
     """The app: a header, the fields every tab shares, then the tabs; a page load restores
-    the annotator, the model and the review queue this browser had."""
+    the annotator, the model and the review queue this browser had. With a `login` on, the
+    annotator is the signed-in user (the box shows the name and cannot be edited)."""
+    login = login or Login()
     models = studio.model_names
 
     def history_rows() -> list[list[str]]:  # named: the history table's load event is the API's /history_rows
@@ -1000,17 +1102,21 @@ def build(studio: Studio) -> gr.Blocks:
             shared = Shared(
                 model=gr.Dropdown(models, value=models[0] if models else None, label="Model", scale=2,
                                   elem_id="model"),
-                annotator=gr.Textbox(label="Annotator", placeholder="your name (needed to save)", scale=2,
-                                     elem_id="annotator"),
+                annotator=annotator_box(login),
                 history=gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False,
                                      wrap=True, elem_id="history", render=False, column_widths=views.HISTORY_WIDTHS),
                 history_rows=history_rows, remember_queue=remembered["queue"])
+            if login.oauth:
+                gr.LoginButton(scale=1)
+            elif login.on:
+                gr.Button("Log out", link="/logout", scale=0, elem_id="logout")
         with gr.Tabs() as tabs:
             image, text = predict_tab(studio, shared)
             panel, restore_queue, restored_outputs = review_tab(studio, shared)
             robustness_tab(studio, shared, image, text)
             history_tab(studio, shared)
         tasks_api(studio)
+        typed_inputs(demo)
 
         def restore(annotator_name, model_name, queue_id, typed_name, chosen_model):
             """What this browser had before the reload: the annotator, the model and the queue
@@ -1018,14 +1124,14 @@ def build(studio: Studio) -> gr.Blocks:
             annotator_name = (typed_name or "").strip() or annotator_name or ""
             model_name = model_name if model_name in studio.checkpoints else chosen_model
             queue = restore_queue(annotator_name, model_name, queue_id)
-            return {shared.annotator: annotator_name if annotator_name != typed_name else gr.skip(),
+            return {shared.annotator: annotator_name if annotator_name != typed_name or login.on else gr.skip(),
                     shared.model: model_name if model_name != chosen_model else gr.skip(),
                     **queue, **({tabs: gr.Tabs(selected="review")} if panel.queue in queue else {})}
 
-        demo.load(restore, [remembered["annotator"], remembered["model"], remembered["queue"], shared.annotator,
-                            shared.model], [shared.annotator, shared.model, tabs, *restored_outputs],
+        demo.load(user_errors(restore), [remembered["annotator"], remembered["model"], remembered["queue"],
+                                         shared.annotator, shared.model], [shared.annotator, shared.model, tabs, *restored_outputs],
                   api_visibility="private")
-        shared.annotator.change(lambda name: name, shared.annotator, remembered["annotator"],
+        shared.annotator.change(user_errors(lambda name: name), shared.annotator, remembered["annotator"],
                                 api_visibility="private")
         shared.model.change(lambda name: name, shared.model, remembered["model"], api_visibility="private")
     return demo
@@ -1065,7 +1171,7 @@ def free_port(host: str) -> int:
 
 
 def serve(studio: Studio | None = None, *, host: str | None = None, port: int | None = None,
-          block: bool = True) -> Served:
+          block: bool = True, login: Login | None = None) -> Served:
     """Build and launch the app, uploads kept under the studio's data folder (`keep_uploads_in`).
 
     `studio` defaults to `default_studio()`; `host` to $GRADIO_SERVER_NAME, else 0.0.0.0 on a
@@ -1073,16 +1179,18 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
     when blocking, to a free port otherwise. `block=True` serves until interrupted;
     `block=False` returns at once with the running app (tests, benchmarks)."""
     studio = default_studio() if studio is None else studio
+    login = login_from_env() if login is None else login
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     if port is None:
         port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))) if block else free_port(host)
     uploads = ExitStack()
     uploads.enter_context(keep_uploads_in(studio))
     try:
-        demo = build(studio)
-        demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, head=SHORTCUTS,
-                                                       max_file_size=MAX_UPLOAD, prevent_thread_lock=not block,
-                                                       quiet=not block)
+        demo = build(studio, login)
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=host, server_port=port, head=SHORTCUTS, max_file_size=MAX_UPLOAD,
+            prevent_thread_lock=not block, quiet=not block, auth=login.users.check if login.users else None,
+            auth_message="CMA-CLIP Studio: sign in to label.")
     except BaseException:
         uploads.close()
         raise
@@ -1092,4 +1200,7 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
 
 
 if __name__ == "__main__":
-    serve()
+    try:
+        serve()
+    except AccountsError as exc:  # a login asked for but not usable: say why, start nothing
+        raise SystemExit(f"error: {exc}") from None

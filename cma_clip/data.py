@@ -119,6 +119,9 @@ def _read_jsonl(path: Path, max_rows: int | None, max_field_chars: int | None) -
                     record = json.loads(line, object_pairs_hook=_unique_keys)
                 except json.JSONDecodeError as exc:
                     raise CatalogueError(f"{path.name}, line {number}: not valid JSON ({exc.msg})") from exc
+                except RecursionError:
+                    raise CatalogueError(f"{path.name}, line {number}: its values are nested too deeply; a "
+                                         "manifest line is a flat JSON object") from None
                 except _RepeatedKey as exc:
                     raise CatalogueError(f"{path.name}, line {number}: the key {exc.args[0][:80]!r} appears "
                                          "more than once") from None

@@ -6,8 +6,8 @@
     python -m cma_clip.lab.load_test --url http://127.0.0.1:7860/ --pid 1234   # an app already running
 
 Reports the errors, the p50/p95/max latency of the concurrent burst (each call timed from
-its submission, so queueing counts; each call downloads its output files, as a browser does), and the server's resident memory (VmRSS) before,
-during and after the sequential run. tests/test_load.py runs a small version.
+its submission, so queueing counts; each call downloads its output files, as a browser
+does), and the server's resident memory (VmRSS) before, during and after the sequential run. tests/test_load.py runs a small version.
 """
 from __future__ import annotations
 

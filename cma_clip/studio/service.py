@@ -12,6 +12,7 @@ components and wires events.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import threading
 from collections import OrderedDict
@@ -28,17 +29,20 @@ from ..checkpoint import CheckpointError, is_checkpoint, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
                     join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel, content_item_id
+from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
+                      content_item_id)
 from ..predict import Prediction, Predictor
 from ..review import STRATEGIES
+from . import uploads
 from .workflow import (ALL_TASKS, CHOICES_KEPT, THRESHOLDS, BulkOutcome, ItemView, ReviewItem, ReviewQueue,
-                       SaveOutcome, Shown, UndoOutcome)
+                       SaveOutcome, Shown, UndoOutcome, new_id)
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
 MAX_TEXT_CHARS = 5000
 MAX_SWEEP_ITEMS = 500  # a catalogue sweep costs about 0.4 s per item on 2 CPU cores
 MAX_QUEUE_ITEMS = 1000  # a review sample; predicted at about 20 items/s on 2 CPU cores
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds take it
 SPLITS = ("train", "val", "test")
 MISLABEL_ORDER = "most_suspect_label"  # a suspected-mislabels queue keeps the ranking of cma_clip.mislabels
 BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
@@ -72,6 +76,7 @@ class Studio:
         self.data_dir = Path(data_dir or default_data_dir())
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = LabelStore(self.data_dir / "labels.db")
+        self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
         self.device, self.data_root = device, data_root
         self._predictors: dict[str, Predictor] = {}
         self._lock = threading.Lock()
@@ -90,7 +95,7 @@ class Studio:
         self.checkpoints[name] = Path(folder)
 
     def predictor(self, name: str | None) -> Predictor:
-        if not name or name not in self.checkpoints:
+        if not isinstance(name, str) or name not in self.checkpoints:
             raise StudioError(f"Unknown model {name!r}. Choose one of: {', '.join(self.checkpoints) or 'none found'}.")
         with self._lock:
             if name not in self._predictors:
@@ -215,8 +220,7 @@ class Studio:
         if not image_path:
             raise StudioError("Upload the item's image before saving a correction.")
         image = open_user_image(image_path)  # refuse unreadable files before anything is written
-        if not (annotator or "").strip():
-            raise StudioError("Enter your name in the annotator field, so the correction can be attributed.")
+        self._annotator(annotator, "correction")
         tasks = self.predictor(model).tasks
         chosen = {t: str(v).strip() for t, v in labels.items() if t in tasks and v is not None and str(v).strip()}
         if not chosen:
@@ -281,10 +285,12 @@ class Studio:
         """One page (from 1) of every decision, newest first, filtered; the rows, how many
         match and the page shown. Empty filters ("", "any") filter nothing."""
         def wanted(value: str | None) -> str | None:
+            if value is not None and not isinstance(value, str):
+                raise StudioError(f"The audit's filters take text, not {type(value).__name__}.")
             value = (value or "").strip()
             return None if value.lower() in ("", "any", "all", ALL_TASKS) else value
 
-        page = max(1, int(page or 1))
+        page = whole_number(page, "page", 1, 10**9, default=1)
         page_size = max(1, min(int(page_size or AUDIT_PAGE), 500))
         try:
             rows, total = self.store.audit(wanted(task), wanted(annotator), wanted(status), wanted(source),
@@ -342,7 +348,7 @@ class Studio:
             if not pool:
                 raise StudioError(f"Every item of the {split} split is decided for {', '.join(tasks)}. Tick "
                                   "'show decided items' to review them again.")
-            size = max(1, min(int(size or 50), MAX_QUEUE_ITEMS, len(pool)))
+            size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(pool))
             picked = np.sort(np.random.default_rng(0).choice(pool, size=size, replace=False))
             sample = catalogue.take(picked)
             labels = {t: sample.labels(t) for t in predictor.tasks}
@@ -361,7 +367,8 @@ class Studio:
                       progress: Progress | None = None, *, strategy: str = STRATEGIES[0], task: str | None = None,
                       min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
                       annotator: str | None = None) -> ReviewQueue:
-        """An uploaded manifest and its images, matched by file name (uploads lose their folders)."""
+        """An uploaded manifest and its images (files, or a .zip keeping their folders), matched
+        by relative path (`uploads.match`) and kept in a folder of this upload's own."""
         if not manifest_path:
             raise StudioError("Upload a CSV or JSONL manifest.")
         predictor = self.predictor(model)
@@ -372,26 +379,42 @@ class Studio:
         except CatalogueError as exc:  # read_manifest names the bad row or encoding
             raise StudioError(f"Cannot read the manifest: {exc}") from exc
         needed = [config.image_column, *config.text_columns]
-        if not rows or any(c not in rows[0] for c in needed):
-            found = sorted(rows[0]) if rows else "no rows"
-            raise StudioError(f"The manifest needs the columns {needed} (found {found}).")
-        by_name = {Path(p).name: p for p in image_paths or []}
+        if not rows:
+            raise StudioError(f"The manifest has no rows: it needs the columns {needed} and a row per item.")
+        if lacking := [c for c in needed if c not in rows[0]]:
+            raise StudioError(f"The manifest lacks the column{'s' if len(lacking) > 1 else ''} "
+                              f"{', '.join(map(repr, lacking))}: it needs the columns {needed} "
+                              f"(found {sorted(rows[0])}).")
+        upload_id = new_id()
+        uploads.prune(self.uploads_dir, keep_ids={upload_id})
+        try:
+            images = uploads.receive(self.uploads_dir, upload_id, image_paths)
+            found, missing = uploads.match(images, [row[config.image_column] for row in rows])
+            kept = {i: uploads.keep(images, uploads.relative_path(rows[i][config.image_column]), path)
+                    for i, path in found.items()}
+        except (uploads.UploadError, OSError) as exc:
+            shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
+            raise StudioError(f"Cannot take the images: {exc}") from exc
+        uploads.discard_unused(images, set(kept.values()))
+        id_column = config.id_column if config.id_column in rows[0] else None
+        notes = [] if id_column or not config.id_column else [
+            f"no {config.id_column!r} column: items are keyed by their image path"]
         decided = set() if show_decided else self.store.decided_items(tasks)
-        items, notes, left_out = [], [], 0
-        for number, row in enumerate(rows, 1):
-            name = Path(row[config.image_column]).name
-            if name not in by_name:
-                notes.append(f"row {number}: image {name!r} was not uploaded")
+        items, left_out = [], 0
+        for number, row in enumerate(rows):
+            if number not in kept:
+                notes.append(f"row {number + 1}: {missing[number]}")
                 continue
-            item_id = row.get(config.id_column or "", "") or name
+            item_id = (row[id_column].strip() if id_column else "") or uploads.relative_path(row[config.image_column])
             if item_id in decided:
                 left_out += 1
                 continue
             catalogue = {t: row[t].strip() for t in predictor.tasks if not is_missing(row.get(t))}
-            items.append((item_id, by_name[name], join_text(row, config.text_columns), catalogue))
+            items.append((item_id, str(kept[number]), join_text(row, config.text_columns), catalogue))
         if left_out:
             notes.append(f"{left_out} decided items left out")
         if not items:
+            shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
             raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3]) if not left_out
                               else "Every uploaded item is decided. Tick 'show decided items' to review them again.")
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
@@ -424,7 +447,7 @@ class Studio:
         if not suspects:
             raise StudioError(f"No suspected mislabel of {task} is left to review ({len(ranked.suspects)} found, "
                               "all decided). Tick 'show decided items' to see them again.")
-        size = max(1, min(int(size or 50), MAX_QUEUE_ITEMS, len(suspects)))
+        size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(suspects))
         items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label})
                  for s in suspects[:size]]
         source = (f"{name}: the {size} most suspect {task} labels of {len(ranked.suspects)} suspects among "
@@ -518,7 +541,11 @@ class Studio:
         return queue
 
     def keep_queue(self, queue: ReviewQueue, annotator: str | None = None) -> None:
-        """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it)."""
+        """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it);
+        an uploaded queue's images count as used now (`uploads.prune` removes unused ones)."""
+        first = Path(queue.items[0].image_path) if queue.items else None
+        if first is not None and self.uploads_dir in first.parents:
+            uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
         try:
             self.store.save_queue(queue.queue_id, (annotator or "").strip(), queue.model, queue.to_payload(),
                                   max(0, queue.position))
@@ -700,10 +727,17 @@ class Studio:
         return item
 
     @staticmethod
-    def _annotator(annotator: str | None) -> str:
-        if not (annotator or "").strip():
-            raise StudioError("Enter your name in the annotator field, so the decision can be attributed.")
-        return annotator.strip()
+    def _annotator(annotator: str | None, what: str = "decision") -> str:
+        """The annotator's name, stripped: refused when empty, not text, or over `MAX_NAME_CHARS`."""
+        if annotator is not None and not isinstance(annotator, str):
+            raise StudioError(f"The annotator must be a name (text), not {type(annotator).__name__}.")
+        name = (annotator or "").strip()
+        if not name:
+            raise StudioError(f"Enter your name in the annotator field, so the {what} can be attributed.")
+        if len(name) > MAX_NAME_CHARS:
+            raise StudioError(f"The annotator's name is {len(name):,} characters long; the limit is "
+                              f"{MAX_NAME_CHARS}.")
+        return name
 
     def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:
         self.refresh(queue)
@@ -721,7 +755,7 @@ class Studio:
         """Clean and corrupted predictions of one item, side by side."""
         _check_noise(image_noise, text_noise)
         return robustness.probe(self.predictor(model), open_user_image(image_path), clean_text(text), image_noise,
-                                _severity(image_severity), text_noise, _severity(text_severity), int(seed or 0))
+                                _severity(image_severity), text_noise, _severity(text_severity), _seed(seed))
 
     def item_sweep(self, image_path: str | None, text: str | None, model: str, image_noise: str | None,
                    text_noise: str | None, seed: int = 0) -> dict[str, dict[str, list[float]]]:
@@ -730,7 +764,7 @@ class Studio:
         if not robustness.sweep_modes(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
         return robustness.item_sweep(self.predictor(model), open_user_image(image_path), clean_text(text),
-                                     image_noise, text_noise, int(seed or 0))
+                                     image_noise, text_noise, _seed(seed))
 
     def catalogue_sweep(self, model: str, size: int, image_noise: str | None, text_noise: str | None,
                         seed: int = 0, progress: Progress | None = None) -> tuple[list[dict], Path]:
@@ -741,11 +775,11 @@ class Studio:
         name = self.predictor(model).config.catalogue.name
         try:
             catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root), split="test",
-                                       limit=max(1, min(int(size or 50), MAX_SWEEP_ITEMS)))
+                                       limit=whole_number(size, "number of items", 1, MAX_SWEEP_ITEMS, default=50))
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise,
-                                          int(seed or 0), progress)
+                                          _seed(seed), progress)
         path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv", rows,
                            robustness.SWEEP_FIELDS)
         return rows, path
@@ -781,10 +815,31 @@ def _threshold(queue: ReviewQueue, task: str) -> float | None:
     return next((item.predictions[task].threshold for item in queue.items if task in item.predictions), None)
 
 
+def whole_number(value, what: str, low: int, high: int, default: int | None = None) -> int:
+    """A whole number from the UI or an API client, from `low` to `high` (`default` when empty);
+    anything else (text, a fraction, NaN, out of range) is refused with a message naming `what`."""
+    if default is not None and (value is None or (isinstance(value, str) and not value.strip())):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
+        raise StudioError(f"The {what} must be a whole number from {low:,} to {high:,}, not {value!r}.")
+    return int(number)
+
+
+def _seed(value) -> int:
+    return whole_number(value, "seed", 0, MAX_SEED, default=0)
+
+
 def _severity(value) -> int:
-    severity = int(round(float(value or 0)))
-    if severity not in noise.SEVERITIES:
-        raise StudioError("Severities go from 0 (clean) to 5.")
+    try:
+        severity = int(round(float(0 if value is None else value)))
+    except (TypeError, ValueError, OverflowError):
+        severity = -1
+    if isinstance(value, bool) or severity not in noise.SEVERITIES:
+        raise StudioError(f"Severities go from 0 (clean) to 5, not {value!r}.")
     return severity
 
 
@@ -800,6 +855,9 @@ def open_user_image(path: str | None) -> Image.Image:
     """The uploaded image, decoded by `load_image` (size limit, EXIF, modes); unreadable files are a StudioError."""
     if not path:
         raise StudioError("Upload a product image (JPEG, PNG, WebP, GIF or BMP).")
+    if not Path(path).exists():
+        raise StudioError(f"The image {Path(path).name} was not found on the server (uploads are removed "
+                          f"{uploads.UPLOAD_HOURS:g} hours after their last use): upload it again.")
     try:
         return load_image(path)
     except ImageError as exc:
