@@ -9,6 +9,7 @@ the benchmark all go through it.
 """
 from __future__ import annotations
 
+import html
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -137,14 +138,17 @@ def _typed(block: gr.components.Component, kinds: tuple[type, ...], what: str) -
                  or payload != payload)  # NaN
         name = block.label or "This field"
         if payload is not None and wrong:
-            raise gr.Error(f"{name} takes {what}, not {repr(payload)[:80]}.")
+            raise error(f"{name} takes {what}, not {repr(payload)[:80]}.")
         if payload is not None and kinds[0] is int:  # a number: within the field's bounds
             low, high = block.minimum, block.maximum
             if (low is not None and payload < low) or (high is not None and payload > high):
                 bounds = (f"from {_shown(low)} to {_shown(high)}" if low is not None and high is not None
                           else f"at least {_shown(low)}" if low is not None else f"at most {_shown(high)}")
-                raise gr.Error(f"{name} must be {bounds}, not {payload!r}.")
-        return original(payload)
+                raise error(f"{name} must be {bounds}, not {payload!r}.")
+        try:
+            return original(payload)
+        except gr.Error as exc:  # Gradio's own refusals quote the payload
+            raise error(exc.message) from None
 
     return preprocess
 
@@ -172,6 +176,12 @@ def keep_uploads_in(studio: Studio) -> Iterator[Path]:
             os.environ["GRADIO_TEMP_DIR"] = previous
 
 
+def error(message: str) -> gr.Error:
+    """A message for the UI's error toast, which Gradio renders as HTML: escaped, so that a name
+    or an id in it shows as text (an `<img>` in it would otherwise be fetched)."""
+    return gr.Error(html.escape(message, quote=False))
+
+
 def user_errors(fn: Callable) -> Callable:
     """Show StudioError as a message in the UI instead of a stack trace (and, with a login on,
     give the event the signed-in user as its annotator: `signed_in`)."""
@@ -179,7 +189,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*as_signed_in(args), **kwargs)
         except StudioError as exc:
-            raise gr.Error(str(exc)) from None
+            raise error(str(exc)) from None
     wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
 
@@ -205,7 +215,7 @@ def as_signed_in(args: tuple) -> tuple:
         return args
     user = current_user()
     if not user:
-        raise gr.Error("Sign in to save labels: the annotator is the signed-in user.")
+        raise error("Sign in to save labels: the annotator is the signed-in user.")
     return tuple(user if a is SIGNED_IN else a for a in args)
 
 
@@ -1025,9 +1035,9 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     def push_labels():
         """Push the label store to $CMA_CLIP_HUB_DATASET with $HF_TOKEN; off unless both are set."""
         try:
-            return f"Pushed to {hub.push_label_store(studio.store.path, studio.export('jsonl'))}"
+            return f"Pushed to {views.plain(hub.push_label_store(studio.store.path, studio.export('jsonl')))}"
         except (hub.HubError, StudioError) as exc:
-            return f"Not pushed: {exc}"
+            return f"Not pushed: {views.plain(exc)}"
 
     audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]
     audit_outputs = [audit_table, audit_summary, audit_page]
@@ -1050,14 +1060,14 @@ def tasks_api(studio: Studio) -> None:
     def tasks(model_name: str) -> dict:
         """The model's tasks and their known labels, in the order /save_correction takes them."""
         if not isinstance(model_name, str):
-            raise gr.Error(f"/tasks takes a model's name (text), not {type(model_name).__name__}; the models: "
+            raise error(f"/tasks takes a model's name (text), not {type(model_name).__name__}; the models: "
                            f"{', '.join(studio.model_names)}.")
         if model_name not in studio.checkpoints:
             return {}
         try:
             return {"tasks": studio.task_classes(model_name)}
         except StudioError as exc:
-            raise gr.Error(str(exc)) from None
+            raise error(str(exc)) from None
 
     gr.api(tasks, api_name="tasks")
 
