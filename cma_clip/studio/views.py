@@ -313,7 +313,8 @@ def save_message(outcome: SaveOutcome) -> str:
     if outcome.result == "kept":
         return f"Kept their labels on item {code(outcome.item_id)}; nothing of yours was left to save."
     if outcome.kind == "skip":
-        return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {', '.join(outcome.statuses)}."
+        tasks = ", ".join(map(code, outcome.statuses))
+        return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {tasks}."
     labels = ", ".join(f"{code(t)} = {code(v)} ({outcome.statuses.get(t, '')})" for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
