@@ -13,7 +13,8 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from cma_clip.data import load_image
+from cma_clip.data import load_image, read_manifest
+from cma_clip.lab import hostile_images as hostile
 from cma_clip.studio import Studio, StudioError, open_user_image, uploads
 from cma_clip.studio.accounts import AccountsError, Login, Users, add_user, login_from_env
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
@@ -61,6 +62,35 @@ def is_red(rgb) -> bool:
 
 def is_blue(rgb) -> bool:
     return rgb[2] > 200 and rgb[0] < 60
+
+
+# ---------------------------------------------------------------------- cases 1 and 2: images, CSV formulas
+def test_a_small_strip_image_is_refused_by_predict_in_well_under_a_second(running_app, tmp_path):
+    """The issue's 78 KB PNG of 1 x 39,999,999 pixels cost 15 s and 2.4 GB per /predict."""
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(hostile.zero_png(1, 39_999_999))
+    assert strip.stat().st_size < 100_000
+    client = client_of(running_app)
+    start = time.perf_counter()
+    with pytest.raises(Exception, match="strip.png is 1x39999999 pixels, an aspect ratio of 39,999,999:1"):
+        client.predict(handle_file(str(strip)), "t", MODEL, "", api_name="/predict")
+    seconds = time.perf_counter() - start
+    print(f"1 x 39,999,999 PNG refused by /predict in {seconds:.2f} s (upload included)")
+    assert seconds < 10  # the decode alone took 15 s
+
+
+def test_csv_export_through_the_app_neutralises_formulas_and_reads_back(running_app):
+    client = client_of(running_app)
+    formula = '=HYPERLINK("http://evil.example","x")'
+    client.predict(handle_file(IMAGE), EXAMPLE_TEXT, MODEL, "+cmd|' /C calc'!A0", "@formula-item", formula,
+                   *[None] * 7, "", api_name="/save_correction")
+    path = client.predict("CSV", api_name="/export_labels")
+    with open(path, newline="", encoding="utf-8") as handle:
+        cells = [cell for row in csv.reader(handle) for cell in row]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@")]
+    rows = {r["id"]: r for r in read_manifest(path)}  # the project's own reader takes it back
+    assert rows["'@formula-item"]["product_type_name"] == "'" + formula
+    assert rows["'@formula-item"]["annotator"] == "'+cmd|' /C calc'!A0"
 
 
 # ---------------------------------------------------------------------- case 3: manifests
