@@ -114,6 +114,9 @@ def match(images: UploadedImages, paths: list[str]) -> tuple[dict[int, Path], di
     for rel in relative:
         if rel:
             names.setdefault(PurePosixPath(rel).name, set()).add(rel)
+    members: dict[str, list[str]] = {}  # file name -> the zip members of that name (a suffix search stays short)
+    for key in images.by_path:
+        members.setdefault(PurePosixPath(key).name, []).append(key)
     found, missing = {}, {}
     for i, (raw, rel) in enumerate(zip(paths, relative)):
         if rel is None:
@@ -123,9 +126,9 @@ def match(images: UploadedImages, paths: list[str]) -> tuple[dict[int, Path], di
         if rel in images.by_path:
             found[i] = images.by_path[rel]
             continue
-        ends = [p for key, p in images.by_path.items() if key.endswith("/" + rel)]
+        ends = [key for key in members.get(name, []) if key.endswith("/" + rel)]
         if len(ends) == 1:
-            found[i] = ends[0]
+            found[i] = images.by_path[ends[0]]
             continue
         loose = images.by_name.get(name, [])
         if not loose:
