@@ -797,10 +797,12 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
-            image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption")
-            image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity")
-            text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption")
-            text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity")
+            image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption",
+                                      elem_id="image-noise")
+            image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity", elem_id="image-severity")
+            text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption",
+                                     elem_id="text-noise")
+            text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity", elem_id="text-severity")
             seed = gr.Number(value=0, precision=0, label="Seed")
         with gr.Row():
             probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
