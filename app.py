@@ -289,6 +289,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         save_status = gr.Markdown(label="save status", elem_id="save-status")
         choice = Resolution.make("save")
         legacy_save = gr.Button(visible=False)  # /save_correction: the unchecked API, kept for scripts
+        api_predict = gr.Button(visible=False)  # /predict for API clients (the Predict button validates first)
 
     def check_inputs(image_path, text_value, model_name, item):
         """Input errors shown on the field at fault (the other outputs stay as they were)."""
@@ -408,12 +409,16 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots]
-    predict_button.click(predict, [image, text, shared.model, item_id],
-                         [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
-                          shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
-                          map_note, text_note], api_name="predict", validator=check_inputs
+    predict_outputs = [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
+                       shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
+                       map_note, text_note]
+    # The button's input errors show on the field at fault (a validator); the /predict API answers
+    # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
+    predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,
+                         api_name="predict_checked", api_visibility="private"
                          ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
                                 api_visibility="private")  # at the opacity the slider shows
+    api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict")
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")
