@@ -61,6 +61,24 @@ document.addEventListener("keydown", (event) => {
 # server stops); a review upload's images are kept apart, in the studio's own folder (`studio.uploads`).
 CACHE_RETENTION = (3600, 86400)
 BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue
+# Layout that fits a 1366 x 768 laptop and a 412 px phone: tables scroll inside their own box, headers
+# break between words only, and on a narrow screen the Predict tab shows its results before the examples.
+CSS = """
+.table-wrap th, .table-wrap th * { word-break: normal !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+.table-wrap td, .table-wrap td *, .body-cell, .body-cell * { word-break: normal !important; }
+#predict-examples td:last-child { white-space: nowrap; }
+#image-error:empty, #text-note:empty { display: none; }
+#image-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+@media (max-width: 767px) {
+  #predict-row { flex-direction: column; flex-wrap: nowrap; }
+  #predict-inputs { display: contents; }
+  #predict-row > *, #predict-inputs > * { width: 100%; max-width: 100%; min-width: 0; margin-left: 0;
+    margin-right: 0; flex: none; }
+  #predict-results { order: 2; }
+  #predict-examples { order: 3; }
+}
+"""
 
 
 def undecoded(image: gr.Image) -> gr.Image:
@@ -248,6 +266,16 @@ def examples(models: list[str]) -> list[list[str]]:
                 for r in csv.DictReader(handle) if r["model"] in models]
 
 
+def shared_model_default(studio: Studio) -> str | None:
+    """The model the Model dropdown starts at."""
+    return studio.model_names[0] if studio.model_names else None
+
+
+def operating_figures(studio: Studio, model: str | None) -> str:
+    """What auto-accept did on the model's held-out items, per task (issue 14's operating figures)."""
+    return views.operating_figures(studio.held_out_metrics(model), studio.display_names(model)) if model else ""
+
+
 def correction_slots(elem_id: str | None = None) -> list[gr.Dropdown]:
     """One label dropdown per task, hidden until a model's tasks fill them (`slot_updates`)."""
     return [gr.Dropdown([], label=f"task {i + 1}", allow_custom_value=True, visible=False,
@@ -260,6 +288,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
     """One dropdown per task (the model's, or `tasks`), starting at the item's saved label,
     else the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
     classes = studio.task_classes(model)
+    names = studio.display_names(model)
     tasks = list(classes) if tasks is None else tasks
     catalogue = catalogue if catalogue is not None else (view.catalogue if view else {})
     updates = {}
@@ -271,7 +300,8 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             value = view.values.get(task) if view else (p.label if p else None)
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
                                    (catalogue or {}).get(task), state) if prediction or view else None
-            updates[slot] = gr.update(label=task, choices=classes[task], value=value, visible=True, info=info)
+            updates[slot] = gr.update(label=views.task_name(task, p, names), choices=classes[task], value=value,
+                                      visible=True, info=info)
         else:
             updates[slot] = gr.update(visible=False, value=None)
     return updates
@@ -342,20 +372,25 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
         pending = gr.State(None)  # a refused save waiting for the labeler's choice
-        with gr.Row():
-            with gr.Column(scale=1):
+        with gr.Row(elem_id="predict-row"):
+            with gr.Column(scale=1, min_width=280, elem_id="predict-inputs"):
                 image = undecoded(gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image"))
                 text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
                                   placeholder="e.g. Turtle Check Men Navy Blue Shirt")
+                text_note = gr.Markdown("", elem_id="text-note")
                 item_id = gr.Textbox("", label="Item id", elem_id="item-id",
                                      placeholder="the catalogue id; empty: a content id from the image and text",
                                      info="An example sets it; a new upload or an edited text clears it.")
                 predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
-                gr.Examples(examples(studio.model_names), inputs=[image, text, shared.model, item_id],
-                            label="Catalogue examples")
-            with gr.Column(scale=2):
+                with gr.Column(elem_id="predict-examples"):
+                    gr.Examples(examples(studio.model_names), inputs=[image, text, shared.model, item_id],
+                                label="Catalogue examples")
+            with gr.Column(scale=2, min_width=300, elem_id="predict-results"):
                 table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True,
-                                     label="Predictions (top-1, confidence, auto-accept)", elem_id="predictions")
+                                     column_widths=views.PREDICTION_WIDTHS, elem_id="predictions",
+                                     label="Predictions (top-1, confidence, auto-accept at the task's threshold)")
+                operating = gr.Markdown(operating_figures(studio, shared_model_default(studio)),
+                                        elem_id="operating-figures")
                 with gr.Row():
                     task = gr.Dropdown([], label="Task to explain", elem_id="explain-task")
                     map_kind = gr.Radio(views.MAP_CHOICES, value="relevance", label="Image map", elem_id="map-kind")
@@ -386,6 +421,15 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         save_status = gr.Markdown(label="save status", elem_id="save-status")
         choice = Resolution.make("save")
         legacy_save = gr.Button(visible=False)  # /save_correction: the unchecked API, kept for scripts
+        api_predict = gr.Button(visible=False)  # /predict for API clients (the Predict button validates first)
+
+    def check_inputs(image_path, text_value, model_name, item):
+        """Input errors shown on the field at fault (the other outputs stay as they were)."""
+        return [gr.validate(bool(image_path), "Upload a product image (JPEG, PNG, WebP, GIF or BMP) first."),
+                gr.validate(True, ""),
+                gr.validate(model_name in studio.checkpoints, f"Unknown model {model_name!r}: choose one of "
+                                                              f"{', '.join(studio.model_names) or 'none found'}."),
+                gr.validate(True, "")]
 
     @user_errors
     def predict(image_path, text_value, model_name, item):
@@ -393,8 +437,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         result, view = studio.predict_item(image_path, text_value, model_name, item)
         first = next(iter(result.tasks))
         choices, best = views.word_choices(result, first)
-        return {result_json: result.to_dict(), table: views.prediction_rows(result),
-                task: gr.update(choices=list(result.tasks), value=first), token: gr.update(choices=choices, value=best),
+        return {result_json: result.to_dict(), table: views.prediction_rows(result), text_note: views.text_note(result),
+                task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.tasks.items()], value=first),
+                token: gr.update(choices=choices, value=best),
                 heat: views.image_map(result, first, "relevance", best), weights_plot: views.modality_figure(result),
                 shading: views.word_attention_shading(result), relevance: views.word_shading(result, first),
                 map_kind: "relevance", map_note: views.relevance_summary(result, first),
@@ -496,12 +541,16 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots]
-    predict_button.click(predict, [image, text, shared.model, item_id],
-                         [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
-                          shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
-                          map_note], api_name="predict"
+    predict_outputs = [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
+                       shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
+                       map_note, text_note]
+    # The button's input errors show on the field at fault (a validator); the /predict API answers
+    # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
+    predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,
+                         api_name="predict_checked", api_visibility="private"
                          ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
                                 api_visibility="private")  # at the opacity the slider shows
+    api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict")
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")
@@ -520,6 +569,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                       api_name="save_correction")
     shared.model.change(user_errors(lambda m: slot_updates(studio, slots, m, None)), shared.model, slots,
                         api_visibility="private")
+    shared.model.change(lambda m: operating_figures(studio, m), shared.model, operating, api_visibility="private")
     return image, text
 
 
@@ -574,11 +624,12 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
     view = studio.current_view(queue)
     return {**common, panel.shown: view.shown.to_dict(), panel.image: open_user_image(item.image_path),
             panel.text: item.text, panel.table: views.review_rows(item, view, queue.tasks),
-            panel.active: gr.update(choices=queue.tasks, value=queue.tasks[0]),
+            panel.active: gr.update(choices=views.task_choices(queue.tasks, studio.display_names(queue.model)),
+                                    value=queue.tasks[0]),
             **choice_updates(panel, item, queue.tasks[0]),
             **slot_updates(studio, panel.slots, queue.model, Prediction(item.predictions), view, item.catalogue,
                            queue.tasks),
-            panel.item_history: views.item_history_rows(view.history)}
+            panel.item_history: views.item_history_rows(view.history, studio.display_names(queue.model))}
 
 
 def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, list]:
@@ -586,7 +637,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     Returns its panel, `restore(annotator, model, queue_id)` (the panel's updates for a page
     load, {} when there is no queue to resume) and the components it updates."""
     models = studio.model_names
-    tasks = studio.tasks_of(models[0]) if models else []
+    tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
     with gr.Tab("Review queue", id="review"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
                     "left out. Your place in the queue is kept: a reload or a restart resumes it.")
@@ -870,7 +921,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                api_name="bulk_accept")
 
     def model_tasks(model_name):  # the filters offer the model's tasks
-        names = studio.tasks_of(model_name)
+        names = views.task_choices(studio.tasks_of(model_name), studio.display_names(model_name))
         return {task_filter: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS),
                 bulk_task: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS)}
 
@@ -884,17 +935,20 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
-            image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption")
-            image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity")
-            text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption")
-            text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity")
+            image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption",
+                                      elem_id="image-noise")
+            image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity", elem_id="image-severity")
+            text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption",
+                                     elem_id="text-noise")
+            text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity", elem_id="text-severity")
             seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
         with gr.Row():
             probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
             sweep_button = gr.Button("Sweep all severities for this item")
         probe_json = gr.JSON(visible=False)
         probe_table = gr.Dataframe(headers=views.PROBE_HEADERS, interactive=False, wrap=True, elem_id="probe-table",
-                                   label="Clean vs noisy: prediction, confidence and image weight per task")
+                                   column_widths=views.PROBE_WIDTHS,
+                                   label="Clean vs noisy: prediction, confidence and its change, image weight per task")
         probe_state = gr.State(None)
         probe_task = gr.Dropdown([], label="Task whose relevance the maps show", elem_id="probe-task")
         with gr.Row():
@@ -905,12 +959,13 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
             shift_plot = gr.Plot(label="Image modality weight, clean vs noisy")
         probe_note = gr.Markdown(elem_id="probe-shift")
         noisy_text = gr.Textbox(label="Noisy text", interactive=False)
-        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction against severity")
+        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction and image modality weight against severity",
+                                  elem_id="item-sweep")
         gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
         with gr.Row():
             sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")
             batch_sweep_button = gr.Button("Run batch sweep")
-        batch_plot = gr.Plot(label="Mean accuracy against severity")
+        batch_plot = gr.Plot(label="Accuracy per task and its mean against severity", elem_id="batch-sweep")
         batch_csv = gr.File(label="The numbers (CSV)")
 
     @user_errors
@@ -922,7 +977,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         clean_map, noisy_map, moved = views.probe_maps(result, first)
         return {probe_json: views.probe_summary(result), probe_table: views.probe_rows(result),
                 clean_heat: clean_map, noisy_heat: noisy_map, probe_note: moved, probe_state: result,
-                probe_task: gr.update(choices=list(result.clean.tasks), value=first),
+                probe_task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.clean.tasks.items()],
+                                      value=first),
                 shift_plot: views.probe_shift_figure(result), noisy_text: result.noisy_text}
 
     def probe_for_task(result, task_name):
@@ -932,18 +988,22 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
     @user_errors
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
-        return item_sweep_figure(studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value))
+        sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
+        return item_sweep_figure(sweep.confidence, sweep.image_weight, studio.display_names(model_name))
 
     @user_errors
     def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, progress=gr.Progress()):
         rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value, progress)
-        return {batch_plot: catalogue_sweep_figure(rows), batch_csv: str(path)}
+        return {batch_plot: catalogue_sweep_figure(rows, names=studio.display_names(model_name)),
+                batch_csv: str(path)}
 
     probe_button.click(probe, [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed],
                        [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
                         probe_state, probe_task], api_name="probe")
     probe_task.input(probe_for_task, [probe_state, probe_task], [clean_heat, noisy_heat, probe_note],
                      api_visibility="private")
+    for noise, severity in ((image_noise, image_severity), (text_noise, text_severity)):  # "none": nothing to set
+        noise.change(lambda name: gr.update(interactive=name != "none"), noise, severity, api_visibility="private")
     sweep_button.click(sweep_item, [image, text, shared.model, image_noise, text_noise, seed], item_sweep_plot,
                        api_name="sweep_item")
     batch_sweep_button.click(sweep_catalogue, [shared.model, sweep_size, image_noise, text_noise, seed],
@@ -953,8 +1013,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 def history_tab(studio: Studio, shared: Shared) -> None:
     """The audit of every decision (filtered, searched, paged), one item's history, the
     annotators' agreement, the latest saves, export for the trainer and an optional push to the Hub."""
-    models = studio.model_names
-    tasks = sorted({t for m in models for t in studio.tasks_of(m)})
+    names = studio.display_names()
+    tasks = sorted(views.task_choices(list(names), names))
     with gr.Tab("History & export", id="history") as tab:
         gr.Markdown("### Audit\nEvery decision, newest first: the label and its status, who and whether a human or "
                     "an auto-accept, what changed against the model's prediction and the catalogue's label, and "
@@ -985,7 +1045,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     "it beside itself, as `<name>.agreement.json`.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
         def agreement_rows() -> list[list]:  # named: the table's load event is the API's /agreement_rows
-            return views.agreement_rows(studio.agreement())
+            return views.agreement_rows(studio.agreement(), names)
 
         agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement",
                                        value=agreement_rows)
@@ -1009,17 +1069,17 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     def audit(task_name, annotator_name, status_name, source_name, search, page):
         """One page of the audit, filtered by task, annotator, status and source, and searched."""
         rows, total, page = studio.audit(task_name, annotator_name, status_name, source_name, search, page or 1)
-        return {audit_table: views.audit_rows(rows), audit_summary: views.audit_summary(total, page, AUDIT_PAGE),
+        return {audit_table: views.audit_rows(rows, names), audit_summary: views.audit_summary(total, page, AUDIT_PAGE),
                 audit_page: page}
 
     @user_errors
     def item_history(item):
         """Every decision on one item, oldest first."""
-        return views.item_history_rows(studio.item_history(item))
+        return views.item_history_rows(studio.item_history(item), names)
 
     def agreement():
         """Per task: items two annotators or more labelled, raw agreement, Cohen's kappa, annotators."""
-        return views.agreement_rows(studio.agreement())
+        return views.agreement_rows(studio.agreement(), names)
 
     @user_errors
     def export_labels(fmt):
@@ -1099,7 +1159,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
     models = studio.model_names
 
     def history_rows() -> list[list[str]]:  # named: the history table's load event is the API's /history_rows
-        return views.history_rows(studio.history())
+        return views.history_rows(studio.history(), studio.display_names())
 
     secret = browser_secret(studio)
     with gr.Blocks(title="CMA-CLIP Studio", delete_cache=CACHE_RETENTION) as demo:
@@ -1110,7 +1170,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
                       for name in ("annotator", "model", "queue")}
         with gr.Row():
             shared = Shared(
-                model=gr.Dropdown(models, value=models[0] if models else None, label="Model", scale=2,
+                model=gr.Dropdown(models, value=shared_model_default(studio), label="Model", scale=2,
                                   elem_id="model"),
                 annotator=annotator_box(login),
                 history=gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False,
@@ -1198,7 +1258,7 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
     try:
         demo = build(studio, login)
         demo.queue(default_concurrency_limit=4).launch(
-            server_name=host, server_port=port, head=SHORTCUTS, max_file_size=MAX_UPLOAD,
+            server_name=host, server_port=port, head=SHORTCUTS, css=CSS, max_file_size=MAX_UPLOAD,
             prevent_thread_lock=not block, quiet=not block, auth=login.users.check if login.users else None,
             auth_message="CMA-CLIP Studio: sign in to label.")
     except BaseException:

@@ -57,6 +57,7 @@ class CatalogueConfig:
     tasks: list[str] = field(default_factory=list)
     id_column: str | None = None
     max_text_tokens: int = 64
+    task_names: dict[str, str] = field(default_factory=dict)  # task -> the name a person reads ("Pattern")
 
     @classmethod
     def load(cls, name_or_path: str, data_root: str | Path | None = None) -> "CatalogueConfig":

@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 
 from .backbones import DualEncoder, EncoderOutput, TextBatch
-from .model import CMAClip, CMAOutput
+from .model import CMAClip, CMAOutput, absent_texts
 from .runtime import autocast, bf16_supported
 
 RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
@@ -310,7 +310,9 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
         feats = EncoderOutput(tokens, pooled, text_tokens, text.mask.repeat_interleave(count, 0),
                               text_pooled.float().repeat_interleave(count, 0), text.ids.repeat_interleave(count, 0))
         with autocast(device, batch_size=batch):  # the fusion's precision, as in Predictor.predict
-            out = model(feats, return_attention=True, keep_layers=True)
+            absent = absent_texts(texts)
+            out = model(feats, return_attention=True, keep_layers=True,
+                        text_absent=None if absent is None else absent.repeat_interleave(count))
         task_of_copy = torch.arange(batch * count, device=device) % count
         objective = sum(logits.float().max(dim=-1).values[task_of_copy == t].sum()
                         for t, logits in enumerate(out.logits.values()))

@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -94,82 +95,107 @@ def token_highlights(tokens: list[str], weights: np.ndarray) -> list[tuple[str, 
     return [(f"{word} ", round(w / peak, 3) if peak > 0 else 0.0) for word, w in words]
 
 
+FONT = 12  # the charts shrink to a phone's width: their text starts large
+MIN_LABELLED = 0.12  # a bar segment narrower than this gets no number inside it
+
+
 def modality_chart(weights: dict[str, dict[str, float]]) -> Figure:
-    """Horizontal stacked bars: each task's text and image weight (they sum to 1)."""
+    """Horizontal stacked bars: each task's text and image weight (they sum to 1), in percent."""
     tasks = list(weights)
     text = np.array([weights[t]["text"] for t in tasks])
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(tasks) + 0.9), dpi=100)
+    fig, ax = plt.subplots(figsize=(5.2, 0.5 * len(tasks) + 1.4), dpi=100)
     ax.barh(tasks, text, color="#4C72B0", label="text")
     ax.barh(tasks, 1 - text, left=text, color="#DD8452", label="image")
     for y, value in enumerate(text):
-        ax.text(value / 2, y, f"{value:.2f}", va="center", ha="center", color="white", fontsize=9)
-        ax.text(value + (1 - value) / 2, y, f"{1 - value:.2f}", va="center", ha="center", color="white", fontsize=9)
-    return _finish_task_bars(fig, ax, "modality-wise attention weight", 1.0)
+        for share, middle in ((value, value / 2), (1 - value, value + (1 - value) / 2)):
+            if share >= MIN_LABELLED:
+                ax.text(middle, y, f"{share:.0%}", va="center", ha="center", color="white", fontsize=FONT - 1)
+    return _finish_task_bars(fig, ax, "modality-wise attention weight", 1.0, percent=True)
 
 
-def item_sweep_figure(sweep: dict[str, dict[str, list[float]]]) -> Figure:
-    """One subplot per noise mode: each task's probability of its clean prediction against severity."""
-    modes = list(sweep) or ["no noise chosen"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(3.6 * len(modes) + 1.6, 3.4), dpi=100, sharey=True, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for task, values in sweep.get(mode, {}).items():
-            ax.plot(range(len(values)), values, marker="o", markersize=3, label=task)
-        ax.set_title(f"{mode} noise" if mode in sweep else mode, fontsize=10)
-        ax.set_xlabel("severity")
-        ax.set_xticks(range(6))
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("probability of the clean prediction")
-    if sweep:
-        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
+def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabels: dict[str, str],
+                     names: dict[str, str] | None, emphasis: str | None = None) -> Figure:
+    """A row of subplots per entry of `panels` (row -> mode -> line -> values at severities 0..5), a
+    column per noise mode, one shared legend under them (tasks by their `names`)."""
+    rows = list(panels)
+    modes = list(next(iter(panels.values()))) or ["no noise chosen"]
+    fig, axes = plt.subplots(len(rows), len(modes), figsize=(3.4 * len(modes) + 0.8, 3.0 * len(rows) + 1.2),
+                             dpi=100, sharey="row", squeeze=False)
+    for r, row in enumerate(rows):
+        for c, mode in enumerate(modes):
+            ax = axes[r][c]
+            for line, values in panels[row].get(mode, {}).items():
+                bold = line == emphasis
+                ax.plot(range(len(values)), values, marker="o", markersize=4 if bold else 3,
+                        linewidth=3 if bold else 1.4, color="black" if bold else None, zorder=3 if bold else 2,
+                        label=(names or {}).get(line, line))
+            ax.set_title(f"{mode} noise" if mode in panels[row] else mode, fontsize=FONT)
+            ax.set_xlabel("severity" if r == len(rows) - 1 else "", fontsize=FONT - 1)
+            ax.set_xticks(range(6))
+            ax.set_ylim(0, 1.02)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(ylabels[row], fontsize=FONT - 1)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = 2 if len(modes) == 1 else 3
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False, fontsize=FONT - 1)
+    legend_rows = (len(labels) + columns - 1) // columns
+    fig.tight_layout(rect=(0, min(0.45, 0.32 * legend_rows / fig.get_figheight()), 1, 1))
     plt.close(fig)
     return fig
 
 
-def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy") -> Figure:
-    """Mean over tasks of `metric` against severity, one line per noise mode (the sweep's "mean" rows)."""
-    curves: dict[str, list[tuple[int, float]]] = {}
+def item_sweep_figure(sweep: dict[str, dict[str, list[float]]],
+                      image_weight: dict[str, dict[str, list[float]]] | None = None,
+                      names: dict[str, str] | None = None) -> Figure:
+    """One subplot per noise mode: each task's probability of its clean prediction against severity;
+    with `image_weight` (same shape), a second row: each task's image modality weight."""
+    panels = {"confidence": sweep, **({"image weight": image_weight} if image_weight is not None else {})}
+    return _severity_panels(panels, {"confidence": "probability of the clean prediction",
+                                     "image weight": "image modality weight"}, names)
+
+
+def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: dict[str, str] | None = None
+                           ) -> Figure:
+    """`metric` against severity, one subplot per noise mode: a line per task and their mean (bold)."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for row in rows:
-        if row["task"] == "mean":
-            curves.setdefault(row["mode"], []).append((int(row["severity"]), float(row[metric])))
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    for mode, points in curves.items():
-        severities, values = zip(*sorted(points))
-        ax.plot(severities, values, marker="o", label=f"{mode} noise")
-    ax.set_xlabel("severity")
-    ax.set_ylabel(f"mean {metric} over tasks")
-    ax.set_xticks(range(6))
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(frameon=False)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+        curves.setdefault(row["mode"], {}).setdefault(row["task"], []).append(
+            (int(row["severity"]), float(row[metric])))
+    by_mode = {mode: {task: [v for _, v in sorted(points)] for task, points in tasks.items()}
+               for mode, tasks in curves.items()}
+    return _severity_panels({metric: by_mode}, {metric: metric}, {"mean": "mean over tasks", **(names or {})},
+                            emphasis="mean")
 
 
 def modality_shift_chart(clean: dict[str, dict[str, float]], noisy: dict[str, dict[str, float]]) -> Figure:
     """Grouped horizontal bars: each task's image weight on the clean and on the noisy input."""
     tasks = list(clean)
     y = np.arange(len(tasks))
-    fig, ax = plt.subplots(figsize=(6, 0.55 * len(tasks) + 0.9), dpi=100)
+    fig, ax = plt.subplots(figsize=(5.2, 0.6 * len(tasks) + 1.4), dpi=100)
     for offset, (name, weights, colour) in zip((-0.2, 0.2), (("clean", clean, "#8C8C8C"), ("noisy", noisy, "#DD8452"))):
         values = [weights[t]["image"] for t in tasks]
         ax.barh(y + offset, values, height=0.4, color=colour, label=name)
         for yy, value in zip(y + offset, values):
-            ax.text(value + 0.01, yy, f"{value:.2f}", va="center", fontsize=8)
+            ax.text(value + 0.01, yy, f"{value:.0%}", va="center", fontsize=FONT - 2)
     ax.set_yticks(y, tasks)
-    return _finish_task_bars(fig, ax, "image modality weight", 1.1)
+    return _finish_task_bars(fig, ax, "image modality weight", 1.15, percent=True)
 
 
-def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float) -> Figure:
-    """Shared layout of the per-task horizontal bar charts: first task on top, legend above."""
+def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float, percent: bool = False) -> Figure:
+    """Shared layout of the per-task horizontal bar charts: first task on top, the legend in a band of
+    its own under the axis (the app's label covers the figure's top left corner), large text."""
     ax.set_xlim(0, xmax)
     ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT)
+    if percent:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.set_xticks([t for t in (0, 0.25, 0.5, 0.75, 1.0) if t <= xmax])
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=FONT)
+    fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1 - 0.3 / fig.get_figheight()))
     plt.close(fig)
     return fig
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .. import mislabels, noise, review, robustness
 from ..backbones import BackboneError
-from ..checkpoint import CheckpointError, is_checkpoint, read_config
+from ..checkpoint import CheckpointConfig, CheckpointError, is_checkpoint, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
                     join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
@@ -110,12 +110,33 @@ class Studio:
 
     def tasks_of(self, model: str) -> list[str]:
         """A model's tasks read from its config, without loading it ([] when it cannot be read)."""
-        if model in self._predictors:
-            return self._predictors[model].tasks
         try:
-            return list(read_config(self.checkpoints[model]).classes)
+            return list(self._config(model).classes)
         except (KeyError, CheckpointError):
             return []
+
+    def display_names(self, model: str | None = None) -> dict[str, str]:
+        """Task -> the name the app shows: one model's tasks, or (None) every model's (the history spans them)."""
+        names: dict[str, str] = {}
+        for name in ([model] if model else self.model_names):
+            try:
+                names.update(self._config(name).display_names)
+            except (KeyError, CheckpointError):
+                continue
+        return names
+
+    def held_out_metrics(self, model: str) -> dict:
+        """The model's report on its held-out `test` split as its config records it ({} when none)."""
+        try:
+            return self._config(model).metrics.get("test", {})
+        except (KeyError, CheckpointError):
+            return {}
+
+    def _config(self, model: str) -> CheckpointConfig:
+        """A model's config: its predictor's when loaded, else read from its folder (KeyError: no such model)."""
+        if model in self._predictors:
+            return self._predictors[model].config
+        return read_config(self.checkpoints[model])
 
     # ------------------------------------------------------------------ predict and explain
     def predict(self, image_path: str | None, text: str | None, model: str) -> Prediction:
@@ -758,12 +779,12 @@ class Studio:
                                 _severity(image_severity), text_noise, _severity(text_severity), _seed(seed))
 
     def item_sweep(self, image_path: str | None, text: str | None, model: str, image_noise: str | None,
-                   text_noise: str | None, seed: int = 0) -> dict[str, dict[str, list[float]]]:
-        """Each task's confidence in its clean prediction at severities 0..5."""
+                   text_noise: str | None, seed: int = 0) -> robustness.ItemSweep:
+        """Each task's confidence in its clean prediction and its image weight at severities 0..5."""
         _check_noise(image_noise, text_noise)
         if not robustness.sweep_modes(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
-        return robustness.item_sweep(self.predictor(model), open_user_image(image_path), clean_text(text),
+        return robustness.sweep_item(self.predictor(model), open_user_image(image_path), clean_text(text),
                                      image_noise, text_noise, _seed(seed))
 
     def catalogue_sweep(self, model: str, size: int, image_noise: str | None, text_noise: str | None,
