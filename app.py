@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+from gradio.components.plot import PlotData  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
@@ -29,8 +30,8 @@ from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              StudioError, UndoOutcome, new_id, open_user_image, views)
-from cma_clip.studio.service import AUDIT_PAGE  # noqa: E402
-from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure  # noqa: E402
+from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH  # noqa: E402
+from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MAX_UPLOAD = "20mb"
@@ -91,6 +92,12 @@ def keep_uploads_in(studio: Studio) -> Iterator[Path]:
             os.environ.pop("GRADIO_TEMP_DIR", None)
         else:
             os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+def chart(picture) -> PlotData:
+    """A chart `viz` drew as a picture, for a gr.Plot: shown as a static image, as a matplotlib figure
+    is, without a figure to lay out and rasterise on each call."""
+    return PlotData(type="matplotlib", plot=png_data_url(picture))
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -233,7 +240,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                                         elem_id="map-opacity")
                 with gr.Row():
                     heat = gr.Image(label="Image map (colour bar: share of the map per cell)", height=320,
-                                    interactive=False, elem_id="heatmap")
+                                    interactive=False, elem_id="heatmap", format="jpeg")  # 1 ms; WebP: 20 ms
                     weights_plot = gr.Plot(label="Modality-wise attention per task")
                 map_note = gr.Markdown(views.MAP_NOTE, elem_id="map-note")
                 relevance = gr.HighlightedText(label="Words: relevance for the selected task (attention rollout; "
@@ -263,7 +270,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         choices, best = views.word_choices(result, first)
         return {result_json: result.to_dict(), table: views.prediction_rows(result),
                 task: gr.update(choices=list(result.tasks), value=first), token: gr.update(choices=choices, value=best),
-                heat: views.image_map(result, first, "relevance", best), weights_plot: views.modality_figure(result),
+                heat: views.image_map(result, first, "relevance", best), weights_plot: chart(views.modality_figure(result)),
                 shading: views.word_attention_shading(result), relevance: views.word_shading(result, first),
                 map_kind: "relevance", map_note: views.relevance_summary(result, first),
                 prediction_state: result, shown: view.shown.to_dict(), request_id: new_id(), pending: None,
@@ -367,7 +374,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     predict_button.click(predict, [image, text, shared.model, item_id],
                          [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
                           shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
-                          map_note], api_name="predict"
+                          map_note], api_name="predict", concurrency_limit=MAX_BATCH  # batched in the studio
                          ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
                                 api_visibility="private")  # at the opacity the slider shows
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
@@ -1036,16 +1043,21 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
 
     `studio` defaults to `default_studio()`; `host` to $GRADIO_SERVER_NAME, else 0.0.0.0 on a
     Hugging Face Space and 127.0.0.1 elsewhere; `port` to $GRADIO_SERVER_PORT, $PORT or 7860
-    when blocking, to a free port otherwise. `block=True` serves until interrupted;
-    `block=False` returns at once with the running app (tests, benchmarks)."""
+    when blocking, to a free port otherwise. The models load in a background thread while the
+    UI is built (`Studio.load_models`), and the server starts once they are loaded and warm, so
+    its first prediction is as fast as the next ones. `block=True` serves until interrupted;
+    `block=False` returns the running app (tests, benchmarks)."""
     studio = default_studio() if studio is None else studio
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     if port is None:
         port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))) if block else free_port(host)
     uploads = ExitStack()
     uploads.enter_context(keep_uploads_in(studio))
+    if studio.loading is None:
+        studio.load_models()  # in the background, while the UI is built
     try:
         demo = build(studio)
+        studio.wait_loaded()  # the server says it is running once the models are loaded and warm
         demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, head=SHORTCUTS,
                                                        max_file_size=MAX_UPLOAD, prevent_thread_lock=not block,
                                                        quiet=not block)
