@@ -393,7 +393,7 @@ class Studio:
             raise StudioError(f"Choose a split among {', '.join(SPLITS)}, not {split!r}.")
         tasks = self._queue_tasks(model, task)
         try:
-            whole = self._catalogue(name)
+            whole = self.catalogue(name)
             catalogue = whole.split(split)
             if not len(catalogue):
                 raise CatalogueError(f"its {split!r} split has no items")
@@ -420,7 +420,7 @@ class Studio:
                            source=f"{name}, {split} split: {size} sampled of {len(pool)} "
                                   f"{'items' if show_decided else 'pending items'}")
 
-    def _catalogue(self, name: str) -> Catalogue:
+    def catalogue(self, name: str) -> Catalogue:
         """The whole catalogue `name` (its first `catalogue_limit` items per split), opened once."""
         with self._lock:
             opened = self._opened.get(name)
@@ -443,7 +443,7 @@ class Studio:
         predictor = self.predictor(model)
         if progress:
             progress(0.0, "reading the catalogue's predictions (the first time: computed from its cached features)")
-        scores = catalogue_predictions(predictor, self._catalogue(predictor.config.catalogue.name), split,
+        scores = catalogue_predictions(predictor, self.catalogue(predictor.config.catalogue.name), split,
                                        self.cache_dir)
         if scores is not None:  # features cached later (a mislabel ranking builds them) are picked up then
             with self._lock:
