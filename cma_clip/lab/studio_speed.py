@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -52,17 +53,19 @@ def p95(times: list[float]) -> float:
 
 class AppClient:
     """/predict over Gradio's HTTP API, as the page calls it: upload the image, join the queue, read
-    the server-sent events to the result, and download the map it links to."""
+    the server-sent events to the result, and download the map it links to. One client is one
+    session, as one browser tab is (a new session costs the server its state's set-up)."""
 
     def __init__(self, url: str) -> None:
         self.http = httpx.Client(base_url=url.rstrip("/"), timeout=120)
+        self.session = uuid.uuid4().hex
 
     def predict(self, image: Path, text: str, model: str = MODEL, item_id: str = "") -> list:
         with open(image, "rb") as handle:
             uploaded = self.http.post("/gradio_api/upload", files={"files": (image.name, handle)})
         uploaded.raise_for_status()
         data = [{"path": uploaded.json()[0], "meta": {"_type": "gradio.FileData"}}, text, model, item_id]
-        event = self.http.post("/gradio_api/call/predict", json={"data": data})
+        event = self.http.post("/gradio_api/call/predict", json={"data": data, "session_hash": self.session})
         event.raise_for_status()
         kind, outputs = "", None
         with self.http.stream("GET", f"/gradio_api/call/predict/{event.json()['event_id']}") as stream:
