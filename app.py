@@ -21,6 +21,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
+from gradio.components.plot import PlotData  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
@@ -33,8 +34,8 @@ from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              StudioError, UndoOutcome, new_id, open_user_image, views)
 from cma_clip.studio.accounts import AccountsError, Login, login_from_env  # noqa: E402
-from cma_clip.studio.service import AUDIT_PAGE, MAX_SEED  # noqa: E402
-from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure  # noqa: E402
+from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED  # noqa: E402
+from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MAX_UPLOAD = "20mb"
@@ -198,6 +199,12 @@ def error(message: str) -> gr.Error:
     """A message for the UI's error toast, which Gradio renders as HTML: escaped, so that a name
     or an id in it shows as text (an `<img>` in it would otherwise be fetched)."""
     return gr.Error(html.escape(message, quote=False))
+
+
+def chart(picture) -> PlotData:
+    """A chart `viz` drew as a picture, for a gr.Plot: shown as a static image, as a matplotlib figure
+    is, without a figure to lay out and rasterise on each call."""
+    return PlotData(type="matplotlib", plot=png_data_url(picture))
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -400,7 +407,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                                         elem_id="map-opacity")
                 with gr.Row():
                     heat = written_per_call(gr.Image(label="Image map (colour bar: share of the map per cell)",
-                                                    height=320, interactive=False, elem_id="heatmap"))
+                                                    height=320, interactive=False, elem_id="heatmap",
+                                                    format="jpeg"))  # 1 ms to encode; WebP: 20 ms
                     weights_plot = gr.Plot(label="Modality-wise attention per task")
                 map_note = gr.Markdown(views.MAP_NOTE, elem_id="map-note")
                 relevance = gr.HighlightedText(label="Words: relevance for the selected task (attention rollout; "
@@ -440,7 +448,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return {result_json: result.to_dict(), table: views.prediction_rows(result), text_note: views.text_note(result),
                 task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.tasks.items()], value=first),
                 token: gr.update(choices=choices, value=best),
-                heat: views.image_map(result, first, "relevance", best), weights_plot: views.modality_figure(result),
+                heat: views.image_map(result, first, "relevance", best),
+                weights_plot: chart(views.modality_figure(result)),
                 shading: views.word_attention_shading(result), relevance: views.word_shading(result, first),
                 map_kind: "relevance", map_note: views.relevance_summary(result, first),
                 prediction_state: result, shown: view.shown.to_dict(), request_id: new_id(), pending: None,
@@ -547,10 +556,12 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     # The button's input errors show on the field at fault (a validator); the /predict API answers
     # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
     predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,
-                         api_name="predict_checked", api_visibility="private"
+                         api_name="predict_checked", api_visibility="private",
+                         concurrency_limit=MAX_BATCH  # batched in the studio
                          ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
                                 api_visibility="private")  # at the opacity the slider shows
-    api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict")
+    api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict",
+                      concurrency_limit=MAX_BATCH)
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")
@@ -1246,8 +1257,10 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
 
     `studio` defaults to `default_studio()`; `host` to $GRADIO_SERVER_NAME, else 0.0.0.0 on a
     Hugging Face Space and 127.0.0.1 elsewhere; `port` to $GRADIO_SERVER_PORT, $PORT or 7860
-    when blocking, to a free port otherwise. `block=True` serves until interrupted;
-    `block=False` returns at once with the running app (tests, benchmarks)."""
+    when blocking, to a free port otherwise. The models load in a background thread while the
+    UI is built (`Studio.load_models`), and the server starts once they are loaded and warm, so
+    its first prediction is as fast as the next ones. `block=True` serves until interrupted;
+    `block=False` returns the running app (tests, benchmarks)."""
     studio = default_studio() if studio is None else studio
     login = login_from_env() if login is None else login
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
@@ -1255,8 +1268,11 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
         port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))) if block else free_port(host)
     uploads = ExitStack()
     uploads.enter_context(keep_uploads_in(studio))
+    if studio.loading is None:
+        studio.load_models()  # in the background, while the UI is built
     try:
         demo = build(studio, login)
+        studio.wait_loaded()  # the server says it is running once the models are loaded and warm
         demo.queue(default_concurrency_limit=4).launch(
             server_name=host, server_port=port, head=SHORTCUTS, css=CSS, max_file_size=MAX_UPLOAD,
             prevent_thread_lock=not block, quiet=not block, auth=login.users.check if login.users else None,

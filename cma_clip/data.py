@@ -185,11 +185,13 @@ def is_missing(value: str | None) -> bool:
     return value is None or value.strip().lower() in MISSING_LABELS
 
 
-def safe_image_path(root: Path, relative: str, extra_roots: tuple[Path, ...] = ()) -> Path:
+def safe_image_path(root: Path, relative: str, extra_roots: tuple[Path, ...] = (),
+                    resolved_roots: tuple[Path, ...] | None = None) -> Path:
     """Resolve a manifest's image path, refusing paths outside the catalogue folder
-    (and the `extra_roots` it may also use, such as a label store's image folder)."""
+    (and the `extra_roots` it may also use, such as a label store's image folder).
+    `resolved_roots`: those folders already resolved (many paths of one catalogue)."""
     path = (root / relative).resolve()
-    if not any(path.is_relative_to(r.resolve()) for r in (root, *extra_roots)):
+    if not any(path.is_relative_to(r) for r in resolved_roots or [r.resolve() for r in (root, *extra_roots)]):
         raise CatalogueError(f"image path {relative!r} leaves the catalogue folder {root.resolve()}")
     return path
 
@@ -242,7 +244,8 @@ class Catalogue:
         return [join_text(r, self.config.text_columns) for r in self.rows]
 
     def image_paths(self) -> list[Path]:
-        return [safe_image_path(self.root, r[self.config.image_column], self.extra_roots) for r in self.rows]
+        roots = tuple(r.resolve() for r in (self.root, *self.extra_roots))
+        return [safe_image_path(self.root, r[self.config.image_column], self.extra_roots, roots) for r in self.rows]
 
     def labels(self, task: str) -> list[str | None]:
         return [None if is_missing(r.get(task)) else r[task].strip() for r in self.rows]

@@ -14,10 +14,12 @@ Sharded over several processes (resumable: rerun the same command after a crash)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,36 @@ class Prediction:
                 for task, p in self.tasks.items()}
 
 
+@dataclass
+class Scores:
+    """Many items' class probabilities and modality weights, as arrays: what a review queue ranks and
+    filters (`Predictor.predictions` makes `Prediction`s of the rows it keeps)."""
+
+    probabilities: dict[str, np.ndarray]  # task -> [items, classes] float32, every class
+    modality_weights: dict[str, np.ndarray]  # task -> [items, 2] (text, image)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.probabilities.values()), ()))
+
+    def take(self, index) -> "Scores":
+        """The rows `index`, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return Scores({t: p[index] for t, p in self.probabilities.items()},
+                      {t: w[index] for t, w in self.modality_weights.items()})
+
+    @classmethod
+    def of(cls, out) -> "Scores":
+        """The softmax probabilities and modality weights of a model output (`CMAOutput`)."""
+        return cls({t: logits.detach().float().softmax(-1).cpu().numpy() for t, logits in out.logits.items()},
+                   {t: w.detach().float().cpu().numpy() for t, w in out.modality_weights.items()})
+
+    @classmethod
+    def concatenate(cls, parts: list["Scores"]) -> "Scores":
+        first = parts[0]
+        return cls({t: np.concatenate([p.probabilities[t] for p in parts]) for t in first.probabilities},
+                   {t: np.concatenate([p.modality_weights[t] for p in parts]) for t in first.modality_weights})
+
+
 class Predictor:
     def __init__(self, model: CMAClip, config: CheckpointConfig, backbone: DualEncoder) -> None:
         self.model, self.config, self.backbone = model, config, backbone
@@ -119,55 +151,74 @@ class Predictor:
     def predict(self, image: Image.Image, text: str, top_k: int = 3) -> Prediction:
         """One item, with every task's relevance (`relevance`: image patches and whole words, from one
         backward for all tasks), the last layer's attention maps and each token's gradient x input."""
-        ex = explain(self.model, self.backbone, [image], [text], self.max_tokens)  # no padding: one text
-        out = ex.output
-        prediction = self._task_predictions(out, top_k, [text])[0]
-        prediction.tokens = self.backbone.token_strings(text, self.max_tokens)
-        prediction.words, prediction.token_words = words_of(self.backbone, text, self.max_tokens)
-        n, count = len(prediction.tokens), len(prediction.words)
-        for t, task in enumerate(ex.tasks):
-            prediction.token_relevance[task] = ex.token_gradient_input[0, t, :n]
-            words = word_relevance(ex.text[0, t, :n], prediction.token_words, count)  # [CLS]/[SEP] left out
-            prediction.relevance[task] = TaskRelevance(
-                image=ex.image[0, t], image_fine=ex.image_fine[0, t],
-                words=words / max(words.sum(), 1e-12), tokens=ex.text[0, t, :n],
-                rollout_patches=ex.rollout_patches[0, t], image_share=float(ex.image_share[0, t]),
-                padding_share=float(ex.padding_share[0, t]))
-        prediction.grid_size = self.backbone.grid_size
-        prediction.model_image = letterbox(image, self.backbone.image_size)
-        prediction.photo_fraction = ex.photo_fraction[0]
-        if out.attention is not None:
-            maps = out.attention
-            prediction.text_to_image = maps.text_to_image[0].float().cpu().numpy()
-            prediction.image_cls_to_text = maps.cls_to_text("image")[0].float().cpu().numpy()
-            prediction.image_cls_to_patches = maps.cls_to_patches("image")[0].float().cpu().numpy()
-        return prediction
+        return self.predict_many([image], [text], top_k)[0]
 
-    @torch.no_grad()
+    def predict_many(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
+        """`predict` for several items at once (one forward and one backward: a server's micro-batch);
+        each item's result is the one `predict` gives it alone, up to float rounding."""
+        ex = explain(self.model, self.backbone, images, texts, self.max_tokens, single_precision=True)
+        predictions = self.predictions(Scores.of(ex.output), top_k, texts)
+        maps = ex.output.attention
+        if maps is not None:
+            text_to_image = maps.text_to_image.float().cpu().numpy()
+            cls_to_text = maps.cls_to_text("image").float().cpu().numpy()
+            cls_to_patches = maps.cls_to_patches("image").float().cpu().numpy()
+        for b, (prediction, image, text) in enumerate(zip(predictions, images, texts)):
+            prediction.tokens = self.backbone.token_strings(text, self.max_tokens)
+            prediction.words, prediction.token_words = words_of(self.backbone, text, self.max_tokens)
+            n, count = len(prediction.tokens), len(prediction.words)  # the item's tokens, its padding left out
+            for t, task in enumerate(ex.tasks):
+                prediction.token_relevance[task] = ex.token_gradient_input[b, t, :n]
+                words = word_relevance(ex.text[b, t, :n], prediction.token_words, count)  # [CLS]/[SEP] left out
+                prediction.relevance[task] = TaskRelevance(
+                    image=ex.image[b, t], image_fine=ex.image_fine[b, t],
+                    words=words / max(words.sum(), 1e-12), tokens=ex.text[b, t, :n],
+                    rollout_patches=ex.rollout_patches[b, t], image_share=float(ex.image_share[b, t]),
+                    padding_share=float(ex.padding_share[b, t]))
+            prediction.grid_size = self.backbone.grid_size
+            prediction.model_image = letterbox(image, self.backbone.image_size)
+            prediction.photo_fraction = ex.photo_fraction[b]
+            if maps is not None:
+                prediction.text_to_image = text_to_image[b, :n]
+                prediction.image_cls_to_text = cls_to_text[b, :n]
+                prediction.image_cls_to_patches = cls_to_patches[b]
+        return predictions
+
     def predict_batch(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
         """Many items at once, without attention maps."""
+        return self.predictions(self.score_batch(images, texts), top_k, texts)
+
+    @torch.no_grad()
+    def score_batch(self, images: list[Image.Image], texts: list[str]) -> Scores:
+        """Many items' probabilities over every class and modality weights, as arrays."""
         feats = self.backbone.encode(images, texts, self.max_tokens)
         with autocast(self.device, batch_size=len(images)):
-            out = self.model(feats, text_absent=absent_texts(texts))
-        return self._task_predictions(out, top_k, texts)
+            return Scores.of(self.model(feats, text_absent=absent_texts(texts)))
 
-    def _task_predictions(self, out, top_k: int, texts: list[str]) -> list[Prediction]:
-        absent = [not text.strip() for text in texts]
-        per_item: list[dict[str, TaskPrediction]] = [{} for _ in next(iter(out.logits.values()))]
-        for task, logits in out.logits.items():
-            probs = logits.detach().float().softmax(-1).cpu()
-            top = probs.topk(min(top_k, probs.shape[1]), dim=-1)
-            weights = out.modality_weights[task].detach().float().cpu()
-            threshold = self.thresholds[task]
-            for i, item in enumerate(per_item):
-                confidence = float(top.values[i, 0])
+    def predictions(self, scores: Scores, top_k: int = 3, texts: list[str] | None = None) -> list[Prediction]:
+        """Each row of `scores` as a `Prediction`: every task's top-k labels with the checkpoint's thresholds.
+        An item whose text is empty (`texts`) is never auto-accepted: the thresholds hold for items with text."""
+        absent = [not text.strip() for text in texts] if texts is not None else [False] * len(scores)
+        per_item: list[dict[str, TaskPrediction]] = [{} for _ in range(len(scores))]
+        for task, probs in scores.probabilities.items():
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, probs.shape[1])]
+            values = np.take_along_axis(probs, top, 1).tolist()
+            weights = scores.modality_weights[task].tolist()
+            threshold, classes = self.thresholds[task], self.classes[task]
+            for item, labels, probabilities, weight, missing in zip(per_item, top.tolist(), values, weights, absent):
                 item[task] = TaskPrediction(
-                    labels=[self.classes[task][j] for j in top.indices[i].tolist()],
-                    probabilities=[float(v) for v in top.values[i]],
-                    modality_weights={m: float(weights[i, k]) for k, m in enumerate(MODALITIES)},
-                    threshold=threshold, name=self.names[task],
-                    auto_accept=threshold is not None and confidence >= threshold and not absent[i])
+                    labels=[classes[j] for j in labels], probabilities=probabilities,
+                    modality_weights=dict(zip(MODALITIES, weight)), threshold=threshold, name=self.names[task],
+                    auto_accept=threshold is not None and probabilities[0] >= threshold and not missing)
         return [Prediction(tasks, text_absent=missing) for tasks, missing in zip(per_item, absent)]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the model's weights and classes: what predictions kept on disk are keyed by."""
+        digest = hashlib.sha256(json.dumps(self.classes, sort_keys=True).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def predict_manifest(self, manifest: str | Path, out: str | Path, batch_size: int = 32) -> int:
         """Predict every row of a manifest; writes JSONL (or CSV by suffix). Returns the row count."""

@@ -1,5 +1,14 @@
-"""Pictures of what the model attends to: patch heatmaps, token shading, modality weights."""
+"""Pictures of what the model attends to: patch heatmaps, token shading, modality weights.
+
+The app's pictures (`scaled_overlay`, `modality_chart`) are drawn with numpy and PIL, not a
+matplotlib figure: a figure's layout and rasterisation cost more than the model's prediction
+(docs/PERFORMANCE.md). matplotlib draws the study's and the sweeps' charts, and lends its colormaps."""
 from __future__ import annotations
+
+import base64
+import io
+import textwrap
+from functools import lru_cache
 
 import matplotlib
 
@@ -9,9 +18,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "<start_of_text>", "<end_of_text>"})
+TEXT_COLOUR, IMAGE_COLOUR = "#4C72B0", "#DD8452"  # the modality chart's text and image bars
+
+
+@lru_cache(maxsize=16)
+def colour_table(cmap: str) -> np.ndarray:
+    """[256, 3] uint8: a matplotlib colormap sampled once, for colouring maps by table lookup."""
+    return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def colour(values: np.ndarray, cmap: str) -> np.ndarray:
+    """Values in [0, 1] coloured by `cmap`: [..., 3] uint8 (256 levels)."""
+    index = (np.clip(values, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return colour_table(cmap)[index]
+
+
+@lru_cache(maxsize=8)
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's bundled font at `size` pixels, loaded once."""
+    return ImageFont.load_default(size=size)
 
 
 def attention_overlay(image: Image.Image, patch_weights: np.ndarray, grid_size: int,
@@ -22,9 +50,16 @@ def attention_overlay(image: Image.Image, patch_weights: np.ndarray, grid_size: 
     span = grid.max() - grid.min()
     grid = (grid - grid.min()) / span if span > 0 else np.zeros_like(grid)
     heat = Image.fromarray(grid, mode="F").resize(image.size, Image.Resampling.BILINEAR)
-    colours = matplotlib.colormaps[cmap](np.clip(np.asarray(heat), 0, 1))[..., :3]
-    coloured = Image.fromarray((colours * 255).astype(np.uint8))
-    return Image.blend(image.convert("RGB"), coloured, alpha)
+    return Image.blend(image.convert("RGB"), Image.fromarray(colour(np.asarray(heat), cmap)), alpha)
+
+
+@lru_cache(maxsize=8)
+def _colour_bar(cmap: str, height: int, width: int) -> Image.Image:
+    """The colour bar beside a map: the colormap from 1 (top) to 0, with a black frame."""
+    ramp = np.linspace(1, 0, height, dtype=np.float32)[:, None].repeat(width, 1)
+    bar = Image.fromarray(colour(ramp, cmap))
+    ImageDraw.Draw(bar).rectangle((0, 0, width - 1, height - 1), outline="black")
+    return bar
 
 
 def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55, cmap: str = "inferno",
@@ -45,32 +80,25 @@ def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
     peak = float(grid.max()) if grid.size else 0.0
     scaled = grid / peak if peak > 0 else np.zeros_like(grid)
     base = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    heat = np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR))
-    colours = (matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255).astype(np.float32)
-    strength = alpha * np.clip(heat, 0, 1).astype(np.float32) ** 0.8
+    heat = np.clip(np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR)),
+                   0, 1)
+    strength = alpha * heat ** np.float32(0.8)
     if coverage is not None:
         cover = np.asarray(coverage, dtype=np.float32).reshape(grid.shape)
         strength *= np.asarray(Image.fromarray(cover, mode="F").resize((size, size), Image.Resampling.NEAREST))
-    blended = np.asarray(base, dtype=np.float32) * (1 - strength[..., None]) + colours * strength[..., None]
+    photo = np.asarray(base, dtype=np.float32)
+    blended = photo + (colour(heat, cmap).astype(np.float32) - photo) * strength[..., None]
     bar_width, margin, top, bottom = 22, 12, 48, 34  # `top`: room for the app's label and buttons
     canvas = Image.new("RGB", (size + bar_width + 2 * margin + 100, top + size + bottom), "white")
-    canvas.paste(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), (0, top))
-    ramp = np.linspace(1, 0, size)[:, None].repeat(bar_width, 1)
-    bar = Image.fromarray((matplotlib.colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8))
+    canvas.paste(Image.fromarray((blended + 0.5).clip(0, 255).astype(np.uint8)), (0, top))
     x = size + margin
-    canvas.paste(bar, (x, top))
-    import textwrap
-
-    from PIL import ImageDraw, ImageFont
-
+    canvas.paste(_colour_bar(cmap, size, bar_width), (x, top))
     draw = ImageDraw.Draw(canvas)
-    font, small = ImageFont.load_default(size=20), ImageFont.load_default(size=17)
-    draw.rectangle((x, top, x + bar_width - 1, top + size - 1), outline="black")
-    draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font)
-    draw.text((x + bar_width + 5, top + size - 22), "0", fill="black", font=font)
+    draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font(20))
+    draw.text((x + bar_width + 5, top + size - 22), "0", fill="black", font=font(20))
     draw.text((x + bar_width + 5, top + size // 2 - 45), "\n".join(textwrap.wrap(unit, 10)), fill="#333333",
-              font=small)
-    draw.text((4, top + size + 6), title, fill="black", font=font)
+              font=font(17))
+    draw.text((4, top + size + 6), title, fill="black", font=font(20))
     return canvas
 
 
@@ -99,18 +127,51 @@ FONT = 12  # the charts shrink to a phone's width: their text starts large
 MIN_LABELLED = 0.12  # a bar segment narrower than this gets no number inside it
 
 
-def modality_chart(weights: dict[str, dict[str, float]]) -> Figure:
-    """Horizontal stacked bars: each task's text and image weight (they sum to 1), in percent."""
+def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Image.Image:
+    """Horizontal stacked bars, first task on top: each task's text weight (blue, from the left)
+    and image weight (orange; they sum to 1), in percent on the bars wide enough for them, a legend
+    above (apart from the bars) and an axis from 0 to 100% below."""
     tasks = list(weights)
-    text = np.array([weights[t]["text"] for t in tasks])
-    fig, ax = plt.subplots(figsize=(5.2, 0.5 * len(tasks) + 1.4), dpi=100)
-    ax.barh(tasks, text, color="#4C72B0", label="text")
-    ax.barh(tasks, 1 - text, left=text, color="#DD8452", label="image")
-    for y, value in enumerate(text):
-        for share, middle in ((value, value / 2), (1 - value, value + (1 - value) / 2)):
-            if share >= MIN_LABELLED:
-                ax.text(middle, y, f"{share:.0%}", va="center", ha="center", color="white", fontsize=FONT - 1)
-    return _finish_task_bars(fig, ax, "modality-wise attention weight", 1.0, percent=True)
+    label_font, value_font = font(13), font(12)
+    left = 10 + max((int(label_font.getlength(t)) for t in tasks), default=0)
+    right, top, row, bottom = width - 16, 34, 45, 48
+    span = right - left
+    canvas = Image.new("RGB", (width, top + row * len(tasks) + bottom), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = left + span // 2 - 80
+    for name, fill in (("text", TEXT_COLOUR), ("image", IMAGE_COLOUR)):  # the legend
+        draw.rectangle((x, 10, x + 22, 20), fill=fill)
+        draw.text((x + 28, 15), name, fill="black", font=label_font, anchor="lm")
+        x += 90
+    for n, task in enumerate(tasks):
+        middle = top + n * row + row // 2
+        text = min(max(float(weights[task]["text"]), 0.0), 1.0)
+        split = left + round(text * span)
+        draw.text((left - 6, middle), task, fill="black", font=label_font, anchor="rm")
+        y0, y1 = middle - round(0.4 * row), middle + round(0.4 * row) - 1
+        if split > left:
+            draw.rectangle((left, y0, split - 1, y1), fill=TEXT_COLOUR)
+        if split < right:
+            draw.rectangle((split, y0, right - 1, y1), fill=IMAGE_COLOUR)
+        for value, start, stop in ((text, left, split), (1 - text, split, right)):
+            if value >= MIN_LABELLED:
+                draw.text(((start + stop) / 2, middle), f"{value:.0%}", fill="white", font=value_font, anchor="mm")
+    axis = top + row * len(tasks)
+    draw.rectangle((left, top, right - 1, axis), outline="black")
+    for tick in np.linspace(0, 1, 6):
+        tx = left + round(tick * (span - 1))
+        draw.line((tx, axis, tx, axis + 4), fill="black")
+        draw.text((tx, axis + 6), f"{tick:.0%}", fill="black", font=label_font, anchor="mt")
+    draw.text((left + span / 2, axis + 26), "modality-wise attention weight", fill="black", font=label_font,
+              anchor="mt")
+    return canvas
+
+
+def png_data_url(image: Image.Image) -> str:
+    """A picture as a PNG data URL (fast compression: these are flat-colour charts)."""
+    with io.BytesIO() as out:
+        image.save(out, format="png", compress_level=1)
+        return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
 def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabels: dict[str, str],

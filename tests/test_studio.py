@@ -10,6 +10,7 @@ from cma_clip.studio import StudioError, clean_text, views
 from cma_clip.studio.views import (heatmap, history_rows, modality_figure, prediction_rows, review_progress,
                                    text_shading, token_choices)
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
+from test_viz import bar_shares
 
 
 def test_predict_and_explain(studio):
@@ -33,7 +34,9 @@ def test_predict_and_explain(studio):
     shading = text_shading(result)
     assert shading and all(word.strip() in EXAMPLE_TEXT.lower() for word, _ in shading)
     assert max(score for _, score in shading) == 1.0
-    assert len(modality_figure(result).axes[0].patches) == 2 * len(rows)
+    shares = bar_shares(modality_figure(result))
+    assert len(shares) == len(rows)
+    assert all(abs(share - p.modality_weights["text"]) < 0.01 for share, p in zip(shares, result.tasks.values()))
 
 
 @pytest.mark.parametrize("image, message", [(None, "Upload a product image"), ("missing.jpg", "not found")])

@@ -1,4 +1,5 @@
-"""Benchmarks: latency, the app's /predict, feature-cache and training throughput, batch prediction.
+"""Benchmarks: latency, the app's /predict, feature-cache and training throughput, batch prediction,
+and how fast the studio answers (start-up, concurrent clients, review queues: `studio_speed`).
 
     python -m cma_clip.bench                        # the full run (about 5 minutes on 2 CPU cores)
     python -m cma_clip.bench --quick --out-json /tmp/bench.json   # a smoke run on tiny sizes
@@ -23,7 +24,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -35,18 +35,19 @@ from ..model import CMAClip
 from ..predict import Predictor
 from ..runtime import autocast, bf16_supported, default_device, loader_workers
 from ..train import TrainConfig, train
-from ..studio import Studio
+from . import studio_speed
+from .studio_speed import CHECKPOINTS, EXAMPLE_IMAGE, EXAMPLE_TEXT, MODEL, interleaved, p50, p95
 
-CHECKPOINTS = REPO_ROOT / "checkpoints"
-EXAMPLE_IMAGE = REPO_ROOT / "assets" / "hm-0816591001.jpg"
-EXAMPLE_TEXT = "Dingo tee TVP. T-shirt in soft cotton jersey with a round, rib-trimmed neckline."
-MODEL = "hm-articles"
 OPEN_CLIP = "open_clip:ViT-B-32"
 
-# targets from issue 7: (figure path, comparison, bound)
+# targets from issues 7 and 17: (figure path, comparison, bound)
 TARGETS = {
     "fusion_overhead": ("latency_bundled.fusion_ratio", "<=", 1.15),
     "app_predict_p50": ("app_predict.p50_s", "<=", 0.5),
+    "app_vs_predictor": ("app_predict.ratio", "<=", 2.5),
+    "first_vs_warm": ("startup.ratio", "<=", 2.0),
+    "concurrent_vs_sequential": ("concurrency.ratio", ">=", 1.5),
+    "review_open_seconds": ("review.open_s", "<=", 5.0),
     "cache_vs_backbone": ("feature_cache.ratio", ">=", 0.9),
     "train_epoch_seconds": ("training.epoch_seconds", "<=", 60.0),
 }
@@ -66,40 +67,21 @@ class Sizes:
     train_limit: int | None = None  # items per split; None: the whole fashion catalogue
     train_epochs: int = 2  # the first is the warm-up
     batch_size: int = 256
+    start_calls: int = 10  # warm /predict calls after the first
+    clients: int = 16
+    client_rounds: int = 2  # calls per concurrent client; as many in a row
+    review_items: int = 2000
+    review_limit: int | None = None  # items per split of the catalogue; None: all of it
+    live_items: int = 48  # a queue predicted the old way, for scale
 
 
 FULL = Sizes()
 QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, manifest_items=4,
-              manifest_repeats=1, train_limit=24, train_epochs=2)
+              manifest_repeats=1, train_limit=24, train_epochs=2, start_calls=2, clients=4, client_rounds=1,
+              review_items=16, review_limit=24, live_items=4)
 
 
 # ----------------------------------------------------------------------------- timing helpers
-
-def timed(fn: Callable[[], Any]) -> float:
-    """Seconds one call of `fn` takes."""
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Time several functions alternately (so drifting load hits them alike), after `warmup` rounds."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
-            seconds = timed(fn)
-            if round_ >= warmup:
-                times[name].append(seconds)
-    return times
-
-
-def p50(times: list[float]) -> float:
-    return float(np.median(times))
-
-
-def p95(times: list[float]) -> float:
-    return float(np.percentile(times, 95))
-
 
 # ----------------------------------------------------------------------------- 1. latency at batch 1
 
@@ -140,31 +122,6 @@ def random_predictor(backbone_name: str, like: Predictor) -> Predictor:
                         text_pooled_dim=backbone.text_pooled_dim, num_patches=backbone.num_patches)
     model = CMAClip(model_cfg).to(device).eval()
     return Predictor(model, replace(like.config, backbone=backbone_name, model=model_cfg), backbone)
-
-
-# ----------------------------------------------------------------------------- 2. the app's /predict
-
-def app_latency(sizes: Sizes, checkpoint_dir: Path = CHECKPOINTS) -> dict[str, float]:
-    """End-to-end /predict through gradio_client (upload, prediction, heatmap, chart), sequential calls,
-    on the app as `app.serve` runs it."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import app  # the lab sits on top: it may use the UI (run from the repository's root)
-    from gradio_client import Client, handle_file
-
-    with tempfile.TemporaryDirectory(prefix="cma-bench-app-") as data_dir:
-        studio = Studio(checkpoint_dir, data_dir=data_dir, device=str(default_device()))
-        served = app.serve(studio, host="127.0.0.1", block=False)
-        try:
-            client = Client(served.url, verbose=False)
-
-            def call():
-                return client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, api_name="/predict")
-
-            times = interleaved({"predict": call}, sizes.app_calls, sizes.warmup)["predict"]
-        finally:
-            served.close()
-    return {"p50_s": p50(times), "p95_s": p95(times), "calls": len(times)}
 
 
 # ----------------------------------------------------------------------------- 3. feature-cache build
@@ -267,7 +224,7 @@ def lookup(figures: dict, path: str) -> float:
     return figures[section][key]
 
 
-SECTIONS = ("latency", "app", "cache", "manifest", "training")
+SECTIONS = ("latency", "app", "startup", "concurrency", "review", "cache", "manifest", "training")
 
 
 def run(sizes: Sizes, log: Callable[[str], None] = print, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
@@ -285,8 +242,18 @@ def run(sizes: Sizes, log: Callable[[str], None] = print, sections: tuple[str, .
         figures["latency_open_clip"] = latency(other, image, EXAMPLE_TEXT, sizes, explained=False)
         del other
     if "app" in sections:
-        log("app: /predict through gradio_client")
-        figures["app_predict"] = app_latency(sizes)
+        log("app: /predict end to end against Predictor.predict")
+        figures["app_predict"] = studio_speed.app_latency(predictor, sizes.app_calls, sizes.warmup)
+    if "startup" in sections:
+        log("start-up: the first /predict after the server runs, in a fresh process")
+        figures["startup"] = studio_speed.startup(sizes.start_calls)
+    if "concurrency" in sections:
+        log(f"concurrency: {sizes.clients} clients at once against calls in a row")
+        figures["concurrency"] = studio_speed.concurrency(sizes.clients, sizes.client_rounds)
+    if "review" in sections:
+        log(f"review: a queue of {sizes.review_items} catalogue items from kept predictions")
+        figures["review"] = studio_speed.review_queue(sizes.review_items, limit=sizes.review_limit,
+                                                      live_items=sizes.live_items)
     if "cache" in sections:
         log("feature cache build vs backbone")
         figures["feature_cache"] = cache_throughput(predictor.backbone, sizes)
@@ -328,10 +295,7 @@ def format_table(doc: dict[str, Any]) -> str:
     if "latency_bundled" in f:
         rows += _latency_rows(f["latency_bundled"], "bundled", s["latency_repeats"])
         rows += _latency_rows(f["latency_open_clip"], "ViT-B-32 random", s["latency_repeats"])
-    if "app_predict" in f:
-        app = f["app_predict"]
-        rows.append(("app /predict end to end: p50 / p95 (target p50 <= 0.5 s)",
-                     f"{app['p50_s']:.3f} / {app['p95_s']:.3f} s", f"{app['calls']} calls"))
+    rows += studio_speed.table_rows(f)
     if "feature_cache" in f:
         cache = f["feature_cache"]
         rows += [("feature cache build / backbone alone",

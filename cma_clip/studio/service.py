@@ -15,6 +15,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -25,15 +26,17 @@ from PIL import Image
 
 from .. import mislabels, noise, review, robustness
 from ..backbones import BackboneError
+from ..catalogue_predictions import catalogue_predictions
 from ..checkpoint import CheckpointConfig, CheckpointError, is_checkpoint, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
                     join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
                       content_item_id)
-from ..predict import Prediction, Predictor
+from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from . import uploads
+from .batching import MicroBatcher
 from .workflow import (ALL_TASKS, CHOICES_KEPT, THRESHOLDS, BulkOutcome, ItemView, ReviewItem, ReviewQueue,
                        SaveOutcome, Shown, UndoOutcome, new_id)
 
@@ -41,8 +44,9 @@ CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
 MAX_TEXT_CHARS = 5000
 MAX_SWEEP_ITEMS = 500  # a catalogue sweep costs about 0.4 s per item on 2 CPU cores
-MAX_QUEUE_ITEMS = 1000  # a review sample; predicted at about 20 items/s on 2 CPU cores
+MAX_QUEUE_ITEMS = 2000  # a review sample: read from kept catalogue predictions, else predicted (~20 items/s on 2 cores)
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds take it
+MAX_BATCH = 16  # concurrent /predict calls answered by one batch (`MicroBatcher`)
 SPLITS = ("train", "val", "test")
 MISLABEL_ORDER = "most_suspect_label"  # a suspected-mislabels queue keeps the ranking of cma_clip.mislabels
 BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
@@ -71,14 +75,24 @@ class Studio:
     """Models, the label store and the app's actions. Thread-safe: Gradio calls it from many threads."""
 
     def __init__(self, checkpoint_dir: str | Path = CHECKPOINT_DIR, data_dir: str | Path | None = None,
-                 device: str | None = None, data_root: str | Path | None = None) -> None:
+                 device: str | None = None, data_root: str | Path | None = None, cache_dir: str | Path | None = None,
+                 catalogue_limit: int | None = None) -> None:
+        """`cache_dir`: the feature cache and the kept catalogue predictions ($CMA_CLIP_CACHE by default);
+        `catalogue_limit`: review only the first N items of each split of a catalogue (quick runs, tests)."""
         self.checkpoints = available_checkpoints(checkpoint_dir)
         self.data_dir = Path(data_dir or default_data_dir())
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = LabelStore(self.data_dir / "labels.db")
         self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
         self.device, self.data_root = device, data_root
+        self.cache_dir, self.catalogue_limit = cache_dir, catalogue_limit
         self._predictors: dict[str, Predictor] = {}
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._batchers: dict[str, MicroBatcher] = {}
+        self._opened: dict[str, Catalogue] = {}  # catalogue name -> the whole catalogue, for review queues
+        self._scores: dict[tuple[str, str], Scores | None] = {}  # (model, split) -> its kept catalogue predictions
+        self.loading: threading.Thread | None = None
+        self.load_seconds: float | None = None
         self._lock = threading.Lock()
         self._queue_locks: dict[str, threading.Lock] = {}
         self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
@@ -95,15 +109,58 @@ class Studio:
         self.checkpoints[name] = Path(folder)
 
     def predictor(self, name: str | None) -> Predictor:
+        """The model `name`, loaded on first use (a call while it loads waits for that load)."""
         if not isinstance(name, str) or name not in self.checkpoints:
             raise StudioError(f"Unknown model {name!r}. Choose one of: {', '.join(self.checkpoints) or 'none found'}.")
+        if name in self._predictors:
+            return self._predictors[name]
         with self._lock:
+            lock = self._model_locks.setdefault(name, threading.Lock())
+        with lock:  # one load per model; the other models stay usable meanwhile
             if name not in self._predictors:
                 try:
                     self._predictors[name] = Predictor.from_checkpoint(self.checkpoints[name], self.device)
                 except (CheckpointError, BackboneError) as exc:
                     raise StudioError(f"Model {name!r} cannot be loaded: {exc}") from exc
             return self._predictors[name]
+
+    def load_models(self, names: list[str] | None = None) -> threading.Thread:
+        """Load the models (all by default, the first one first) and run one prediction on each, in a
+        background thread, so that the first user's prediction finds them loaded and warm. Returns the
+        thread (`wait_loaded` joins it); a model that cannot load is left for its first use to report."""
+        def load() -> None:
+            started = time.perf_counter()
+            for name in names if names is not None else self.model_names:
+                try:
+                    self.warm_up(name)
+                except StudioError:
+                    continue
+            self.load_seconds = time.perf_counter() - started
+
+        self.loading = threading.Thread(target=load, name="load-models", daemon=True)
+        self.loading.start()
+        return self.loading
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait for `load_models` to finish; True when it has (or never started)."""
+        if self.loading is not None:
+            self.loading.join(timeout)
+        return self.loading is None or not self.loading.is_alive()
+
+    def warm_up(self, name: str) -> None:
+        """Load a model and run one explained prediction of a blank item through it (kernels, buffers)."""
+        predictor = self.predictor(name)
+        blank = Image.new("RGB", (predictor.backbone.image_size,) * 2, "white")
+        self._batcher(name).submit((blank, "warm up: a plain white cotton t-shirt"))
+
+    def _batcher(self, name: str) -> MicroBatcher:
+        predictor = self.predictor(name)
+        with self._lock:
+            if name not in self._batchers:
+                def run(items: list[tuple[Image.Image, str]]) -> list[Prediction]:
+                    return predictor.predict_many([image for image, _ in items], [text for _, text in items])
+                self._batchers[name] = MicroBatcher(run, MAX_BATCH, name=f"predict-{name}")
+            return self._batchers[name]
 
     def task_classes(self, model: str) -> dict[str, list[str]]:
         return self.predictor(model).classes
@@ -140,8 +197,9 @@ class Studio:
 
     # ------------------------------------------------------------------ predict and explain
     def predict(self, image_path: str | None, text: str | None, model: str) -> Prediction:
+        """One item with its explanations; concurrent calls on a model run together as one batch."""
         image = open_user_image(image_path)
-        return self.predictor(model).predict(image, clean_text(text), top_k=3)
+        return self._batcher(model).submit((image, clean_text(text)))
 
     # ------------------------------------------------------------------ correct and save one item
     def save_correction(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
@@ -160,13 +218,16 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
 
-    def resolve_item_id(self, image_path: str | None, text: str | None, item_id: str | None) -> str:
+    def resolve_item_id(self, image_path: str | None, text: str | None, item_id: str | None,
+                        decoded: bool = False) -> str:
         """The id a save of this image and text goes under: the catalogue id given, else the
-        content id (image bytes + text), so an upload without an id never takes another item's."""
+        content id (image bytes + text), so an upload without an id never takes another item's.
+        `decoded`: the image was already opened (and checked) by the caller."""
         explicit = (item_id or "").strip()
         if explicit:
             return explicit
-        open_user_image(image_path)  # a worded error for unreadable files
+        if not decoded:
+            open_user_image(image_path)  # a worded error for unreadable files
         try:
             return content_item_id(Path(image_path), clean_text(text))
         except LabelStoreError as exc:
@@ -186,7 +247,7 @@ class Studio:
         """The Predict tab's item: the prediction, and the item's saved labels under its id
         (and the catalogue's own labels, when the id is one of the model's catalogue)."""
         prediction = self.predict(image_path, text, model)
-        resolved = self.resolve_item_id(image_path, text, item_id)
+        resolved = self.resolve_item_id(image_path, text, item_id, decoded=True)
         return prediction, self.model_view(model, resolved, prediction, bool((item_id or "").strip()))
 
     def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
@@ -359,8 +420,8 @@ class Studio:
             raise StudioError(f"Choose a split among {', '.join(SPLITS)}, not {split!r}.")
         tasks = self._queue_tasks(model, task)
         try:
-            config = CatalogueConfig.load(name, self.data_root)
-            catalogue = Catalogue.open(config, split=split)
+            whole = self.catalogue(name)
+            catalogue = whole.split(split)
             if not len(catalogue):
                 raise CatalogueError(f"its {split!r} split has no items")
             ids = catalogue.item_ids()
@@ -376,13 +437,45 @@ class Studio:
             items = [(item_id, str(path), text, {t: labels[t][n] for t in labels if labels[t][n]})
                      for n, (item_id, path, text) in enumerate(zip(sample.item_ids(), sample.image_paths(),
                                                                    sample.texts()))]
+            kept = self.catalogue_scores(model, split, progress)
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         notes = [f"{len(ids) - len(pool)} decided items of the split left out"] if len(pool) < len(ids) else []
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
                            max_conf=max_conf, show_decided=show_decided, split=split, annotator=annotator,
+                           scores=kept.take(picked) if kept is not None else None,
                            source=f"{name}, {split} split: {size} sampled of {len(pool)} "
                                   f"{'items' if show_decided else 'pending items'}")
+
+    def catalogue(self, name: str) -> Catalogue:
+        """The whole catalogue `name` (its first `catalogue_limit` items per split), opened once."""
+        with self._lock:
+            opened = self._opened.get(name)
+        if opened is None:
+            opened = Catalogue.open(CatalogueConfig.load(name, self.data_root))
+            if self.catalogue_limit:
+                opened = limit_splits(opened, self.catalogue_limit)
+            with self._lock:
+                self._opened[name] = opened
+        return opened
+
+    def catalogue_scores(self, model: str, split: str, progress: Progress | None = None) -> Scores | None:
+        """The model's predictions for every item of a split of its catalogue (`catalogue_predictions`:
+        computed once from the feature cache, then kept on disk and here); None when the catalogue's
+        features are not cached (a queue then predicts its sample)."""
+        key = (model, split)
+        with self._lock:
+            if key in self._scores:
+                return self._scores[key]
+        predictor = self.predictor(model)
+        if progress:
+            progress(0.0, "reading the catalogue's predictions (the first time: computed from its cached features)")
+        scores = catalogue_predictions(predictor, self.catalogue(predictor.config.catalogue.name), split,
+                                       self.cache_dir)
+        if scores is not None:  # features cached later (a mislabel ranking builds them) are picked up then
+            with self._lock:
+                self._scores[key] = scores
+        return scores
 
     def review_upload(self, model: str, manifest_path: str | None, image_paths: list[str] | None,
                       progress: Progress | None = None, *, strategy: str = STRATEGIES[0], task: str | None = None,
@@ -495,10 +588,11 @@ class Studio:
                progress: Progress | None, *, tasks: list[str], strategy: str = STRATEGIES[0],
                min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
                split: str | None = None, source: str = "", annotator: str | None = None,
-               batch_size: int = 16, ranked: bool = False) -> ReviewQueue:
-        """Predict every item (all classes, for entropy), rank by `strategy` over `tasks` (or
-        keep the items' own order when they come `ranked`), keep those the confidence range
-        lets through, and keep the queue in the store."""
+               batch_size: int = 16, ranked: bool = False, scores: Scores | None = None) -> ReviewQueue:
+        """Rank the items by `strategy` over `tasks` (or keep their own order when they come
+        `ranked`), keep those the confidence range lets through, and keep the queue in the store.
+        `scores` are the items' kept predictions (every class, for entropy), row by row; without
+        them the items are predicted here."""
         if strategy not in STRATEGIES:
             raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
         min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
@@ -506,13 +600,44 @@ class Studio:
         if min_conf is not None and max_conf is not None and min_conf > max_conf:
             raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
         predictor = self.predictor(model)
-        all_classes = max(len(c) for c in predictor.classes.values())
         queue = ReviewQueue(model, notes=list(notes), tasks=list(tasks), source=source,
                             strategy=MISLABEL_ORDER if ranked else strategy,
                             split=split, filters={"task": tasks[0] if len(tasks) == 1 < len(predictor.tasks) else None,
                                                   "min_conf": min_conf, "max_conf": max_conf,
                                                   "show_decided": bool(show_decided)})
-        loaded: list[ReviewItem] = []
+        if scores is None:
+            items, scores = self._score_items(predictor, items, queue.notes, progress, batch_size)
+        if not items:
+            raise StudioError("No item could be loaded: " + "; ".join(queue.notes[:3]))
+        uncertainty = {s: {t: review.uncertainty(scores.probabilities[t], s) for t in predictor.tasks}
+                       for s in STRATEGIES}
+        order = np.arange(len(items)) if ranked else review.rank({t: scores.probabilities[t] for t in tasks},
+                                                                  strategy)
+        top = {t: scores.probabilities[t][order].max(1) for t in tasks}
+        kept = order[review.select([{t: float(top[t][n]) for t in tasks} for n in range(len(order))],
+                                   min_conf=min_conf, max_conf=max_conf)]
+        queue.sampled = len(items)
+        predictions = predictor.predictions(scores.take(kept), top_k=CHOICES_KEPT)
+        queue.items = [ReviewItem(*items[i][:3], prediction.tasks, catalogue=items[i][3],
+                                  uncertainty={s: {t: round(float(by_task[t][i]), 4) for t in by_task}
+                                               for s, by_task in uncertainty.items()})
+                       for i, prediction in zip(kept.tolist(), predictions)]
+        if not queue.items:
+            raise StudioError(f"None of the {len(items)} items has a confidence in the range chosen"
+                              f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
+        self.refresh(queue)
+        if not queue.show_decided and queue.current is not None and queue.current.status != "pending":
+            queue.advance()
+        self.keep_queue(queue, annotator)
+        return queue
+
+    @staticmethod
+    def _score_items(predictor: Predictor, items: list[tuple[str, str, str, dict[str, str]]], notes: list[str],
+                     progress: Progress | None, batch_size: int
+                     ) -> tuple[list[tuple[str, str, str, dict[str, str]]], Scores | None]:
+        """Predict items (every class) batch by batch: the items whose image opened, and their scores;
+        an image that cannot be opened is left out with a note."""
+        loaded, parts = [], []
         for start in range(0, len(items), batch_size):
             chunk, images = [], []
             for item_id, path, text, catalogue in items[start:start + batch_size]:
@@ -520,37 +645,13 @@ class Studio:
                     images.append(load_image(path))
                     chunk.append((item_id, str(path), text, catalogue))
                 except ImageError as exc:
-                    queue.notes.append(f"{item_id}: {exc}")
+                    notes.append(f"{item_id}: {exc}")
             if chunk:
-                predictions = predictor.predict_batch(images, [text for _, _, text, _ in chunk], top_k=all_classes)
-                loaded += [ReviewItem(i, p, t, pred.tasks, catalogue=c)
-                           for (i, p, t, c), pred in zip(chunk, predictions)]
+                parts.append(predictor.score_batch(images, [text for _, _, text, _ in chunk]))
+                loaded += chunk
             if progress:
                 progress(min(1.0, (start + batch_size) / len(items)), "predicting")
-        if not loaded:
-            raise StudioError("No item could be loaded: " + "; ".join(queue.notes[:3]))
-        full = {t: np.array([item.predictions[t].probabilities for item in loaded]) for t in predictor.tasks}
-        for s in STRATEGIES:
-            scores = {t: review.uncertainty(full[t], s) for t in predictor.tasks}
-            for n, item in enumerate(loaded):
-                item.uncertainty[s] = {t: round(float(scores[t][n]), 4) for t in predictor.tasks}
-        order = range(len(loaded)) if ranked else review.rank({t: full[t] for t in tasks}, strategy)
-        ranked = [loaded[i] for i in order]
-        kept = review.select([{t: item.predictions[t].confidence for t in tasks} for item in ranked],
-                             min_conf=min_conf, max_conf=max_conf)
-        queue.sampled = len(ranked)
-        queue.items = [ranked[i] for i in kept]
-        for item in queue.items:  # the full distributions were for the ranking: keep the top choices
-            for p in item.predictions.values():
-                p.labels, p.probabilities = p.labels[:CHOICES_KEPT], p.probabilities[:CHOICES_KEPT]
-        if not queue.items:
-            raise StudioError(f"None of the {len(ranked)} items has a confidence in the range chosen"
-                              f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
-        self.refresh(queue)
-        if not queue.show_decided and queue.current is not None and queue.current.status != "pending":
-            queue.advance()
-        self.keep_queue(queue, annotator)
-        return queue
+        return loaded, Scores.concatenate(parts) if parts else None
 
     # ------------------------------------------------------------------ review queue: state and persistence
     def refresh(self, queue: ReviewQueue) -> ReviewQueue:
