@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class RayOptions:
     inference_workers: int = 1  # model actors
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1  # CPUs Ray reserves for each model actor
-    threads: int | None = None  # torch threads per model actor on a CPU; None: the CPUs it reserved
+    threads: int | None = None  # torch threads per model actor on a CPU; None: see _cpu_threads
     crash_once: str | None = None  # fault drill (tests): the first model batch kills its actor, once per marker file
 
 
@@ -98,10 +98,11 @@ class _Infer:
 
 
 def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str | Path,
-                         options: RayOptions | None = None) -> int:
+                         options: RayOptions | None = None, on_batch: Callable[[int], None] | None = None) -> int:
     """Predict every row of a CSV, JSONL or Parquet manifest on Ray Data into `out` (.parquet or
-    .jsonl, written atomically, rows in the manifest's order). Joins `ray.init` already done by
-    the caller, else starts Ray (local, or `options.address`) and stops it at the end."""
+    .jsonl, written atomically, rows in the manifest's order); `on_batch(rows written so far)`
+    after each batch. Joins `ray.init` already done by the caller, else starts Ray (local, or
+    `options.address`) and stops it at the end."""
     options = options or RayOptions()
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -114,7 +115,7 @@ def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str 
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
     try:
         dataset = prediction_dataset(ray, checkpoint, catalogue, options)
-        _write_in_order(dataset, out, len(catalogue))
+        _write_in_order(dataset, out, len(catalogue), on_batch)
     except ray.exceptions.RayTaskError as exc:
         raise _user_error(exc) from exc
     finally:
@@ -136,7 +137,7 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
     gpus = options.gpus_per_worker
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    threads = options.threads or (None if gpus else max(1, int(options.cpus_per_worker)))
+    threads = options.threads or (None if gpus else _cpu_threads(options))
     # two actor pools with their own resources, so Ray does not fuse the stages; Ray Data restarts
     # a dead actor and resubmits its batch (actor pools default to max_restarts=-1, max_task_retries=-1)
     return (ray.data.from_arrow(blocks)
@@ -149,7 +150,16 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
                          num_cpus=options.cpus_per_worker, num_gpus=gpus))
 
 
-def _write_in_order(dataset: Any, out: Path, rows: int) -> None:
+def _cpu_threads(options: RayOptions) -> int:
+    """torch threads of a model actor on CPUs: on a local Ray, the machine's cores shared by the
+    model actors (as one process would use them, the decode workers taking spare cycles, as the
+    DataLoader's do); on a cluster, the CPUs Ray reserved for the actor."""
+    if options.address is None:
+        return max(1, (os.cpu_count() or 1) // options.inference_workers)
+    return max(1, int(options.cpus_per_worker))
+
+
+def _write_in_order(dataset: Any, out: Path, rows: int, on_batch: Callable[[int], None] | None) -> None:
     """Stream the dataset's batches through the driver into `out`, checking each row's index;
     written to a temporary file renamed into place when complete."""
     pa, pq = pyarrow_modules()
@@ -170,6 +180,8 @@ def _write_in_order(dataset: Any, out: Path, rows: int) -> None:
                     writer.write_table(batch.cast(writer.schema))
                 else:
                     lines.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist())
+                if on_batch is not None:
+                    on_batch(expected)
         if writer is not None:
             writer.close()
         if expected != rows:

@@ -20,11 +20,10 @@ OPTIONS = RayOptions(batch_size=16)  # 40 items: 3 batches, the last one short
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
+def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))  # its logs and sockets go with pytest's temp folder
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # its files go to $TMPDIR/ray (conftest)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
