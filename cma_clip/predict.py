@@ -7,9 +7,11 @@
     python -m cma_clip.predict --checkpoint checkpoints/hm-articles --image assets/x.jpg --text "..."
     python -m cma_clip.predict --checkpoint checkpoints/hm-articles --manifest items.csv --out preds.jsonl
 
-Sharded over several processes (resumable: rerun the same command after a crash):
+Sharded over several processes (resumable: rerun the same command after a crash), or on Ray Data
+(local, or a cluster with --ray-address; cma_clip.ray_predict, docs/SCALE.md):
 
     torchrun --standalone --nproc_per_node 4 -m cma_clip.predict --checkpoint C --manifest items.csv --out preds.jsonl
+    python -m cma_clip.predict --checkpoint C --manifest items.parquet --out preds.parquet --engine ray
 """
 from __future__ import annotations
 
@@ -274,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.manifest and not args.out:
         parser.error("--manifest needs --out")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    for name in ("batch_size", "decode_workers", "inference_workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.engine == "ray":
         return _main_ray(args)
     rank, world, _, device = distributed.setup()  # several processes under torchrun; else a no-op

@@ -73,8 +73,8 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, manifest_items=16, manifest_batch=4,
-              manifest_repeats=1, train_limit=24, train_epochs=2)
+QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, manifest_items=16,
+              manifest_batch=4, manifest_repeats=1, train_limit=24, train_epochs=2)
 
 
 # ----------------------------------------------------------------------------- timing helpers
