@@ -98,11 +98,11 @@ class _Infer:
 
 
 def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str | Path,
-                         options: RayOptions | None = None, on_batch: Callable[[int], None] | None = None) -> int:
+                         options: RayOptions | None = None, on_finish: Callable[[Any], None] | None = None) -> int:
     """Predict every row of a CSV, JSONL or Parquet manifest on Ray Data into `out` (.parquet or
-    .jsonl, written atomically, rows in the manifest's order); `on_batch(rows written so far)`
-    after each batch. Joins `ray.init` already done by the caller, else starts Ray (local, or
-    `options.address`) and stops it at the end."""
+    .jsonl, written atomically, rows in the manifest's order); `on_finish(dataset)` once it is
+    written (its `stats()` say what each stage took). Joins `ray.init` already done by the
+    caller, else starts Ray (local, or `options.address`) and stops it at the end."""
     options = options or RayOptions()
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -115,7 +115,9 @@ def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str 
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
     try:
         dataset = prediction_dataset(ray, checkpoint, catalogue, options)
-        _write_in_order(dataset, out, len(catalogue), on_batch)
+        _write_in_order(dataset, out, len(catalogue))
+        if on_finish is not None:
+            on_finish(dataset)
     except ray.exceptions.RayTaskError as exc:
         raise _user_error(exc) from exc
     finally:
@@ -159,7 +161,7 @@ def _cpu_threads(options: RayOptions) -> int:
     return max(1, int(options.cpus_per_worker))
 
 
-def _write_in_order(dataset: Any, out: Path, rows: int, on_batch: Callable[[int], None] | None) -> None:
+def _write_in_order(dataset: Any, out: Path, rows: int) -> None:
     """Stream the dataset's batches through the driver into `out`, checking each row's index;
     written to a temporary file renamed into place when complete."""
     pa, pq = pyarrow_modules()
@@ -180,8 +182,6 @@ def _write_in_order(dataset: Any, out: Path, rows: int, on_batch: Callable[[int]
                     writer.write_table(batch.cast(writer.schema))
                 else:
                     lines.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist())
-                if on_batch is not None:
-                    on_batch(expected)
         if writer is not None:
             writer.close()
         if expected != rows:
