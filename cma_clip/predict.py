@@ -7,9 +7,11 @@
     python -m cma_clip.predict --checkpoint checkpoints/hm-articles --image assets/x.jpg --text "..."
     python -m cma_clip.predict --checkpoint checkpoints/hm-articles --manifest items.csv --out preds.jsonl
 
-Sharded over several processes (resumable: rerun the same command after a crash):
+Sharded over several processes (resumable: rerun the same command after a crash), or on Ray Data
+(local, or a cluster with --ray-address; cma_clip.ray_predict, docs/SCALE.md):
 
     torchrun --standalone --nproc_per_node 4 -m cma_clip.predict --checkpoint C --manifest items.csv --out preds.jsonl
+    python -m cma_clip.predict --checkpoint C --manifest items.parquet --out preds.parquet --engine ray
 """
 from __future__ import annotations
 
@@ -21,16 +23,18 @@ import sys
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import distributed
-from .backbones import DualEncoder, letterbox
+from .backbones import DualEncoder, TextBatch, letterbox
 from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from .data import Catalogue, CatalogueError, load_image, write_table
 from .errors import CMAClipError
+from .features import image_batches
 from .model import MODALITIES, CMAClip, absent_texts
 from .relevance import explain, word_relevance, words_of
 from .runtime import autocast, default_device
@@ -188,12 +192,24 @@ class Predictor:
         """Many items at once, without attention maps."""
         return self.predictions(self.score_batch(images, texts), top_k, texts)
 
-    @torch.no_grad()
     def score_batch(self, images: list[Image.Image], texts: list[str]) -> Scores:
         """Many items' probabilities over every class and modality weights, as arrays."""
-        feats = self.backbone.encode(images, texts, self.max_tokens)
-        with autocast(self.device, batch_size=len(images)):
-            return Scores.of(self.model(feats, text_absent=absent_texts(texts)))
+        return self.score_prepared(self.backbone.preprocess(images), self.backbone.tokenize(texts, self.max_tokens),
+                                   absent_texts(texts))
+
+    @torch.no_grad()
+    def score_prepared(self, pixels: torch.Tensor, text: TextBatch, text_absent: torch.Tensor | None = None) -> Scores:
+        """`score_batch` on images already preprocessed and texts already tokenised (by decode workers,
+        while the model runs); `text_absent` marks the items without text (`model.absent_texts`)."""
+        feats = self.backbone.encode_prepared(pixels, text)
+        with autocast(self.device, batch_size=len(pixels)):
+            return Scores.of(self.model(feats, text_absent=text_absent))
+
+    def predict_prepared(self, pixels: torch.Tensor, text: TextBatch, top_k: int = 3,
+                         texts: list[str] | None = None) -> list[Prediction]:
+        """`predict_batch` on prepared inputs (`score_prepared`); `texts`, when known, mark the items without text."""
+        absent = absent_texts(texts) if texts is not None else None
+        return self.predictions(self.score_prepared(pixels, text, absent), top_k, texts)
 
     def predictions(self, scores: Scores, top_k: int = 3, texts: list[str] | None = None) -> list[Prediction]:
         """Each row of `scores` as a `Prediction`: every task's top-k labels with the checkpoint's thresholds.
@@ -221,20 +237,26 @@ class Predictor:
         return digest.hexdigest()[:16]
 
     def predict_manifest(self, manifest: str | Path, out: str | Path, batch_size: int = 32) -> int:
-        """Predict every row of a manifest; writes JSONL (or CSV by suffix). Returns the row count."""
-        # prediction manifests need no label columns
-        catalogue = Catalogue.open(replace(self.config.catalogue_on(manifest), tasks=[]))
+        """Predict every row of a CSV, JSONL or Parquet manifest; writes JSONL, CSV or Parquet (by
+        the suffix). Images are decoded in DataLoader workers while the model runs. Returns the row count."""
+        catalogue = open_for_prediction(self.config, manifest)
         ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
         if distributed.world_size() > 1:
             return self._predict_sharded(ids, texts, paths, Path(out), batch_size)
         records = []
-        for start in range(0, len(ids), batch_size):
-            stop = start + batch_size
-            images = [load_image(p) for p in paths[start:stop]]
-            for item_id, pred in zip(ids[start:stop], self.predict_batch(images, texts[start:stop])):
-                records.append({"id": item_id, **_flatten(pred)})
+        for start, preds in self._predict_paths(paths, texts, batch_size):
+            records += [{"id": item_id, **prediction_row(pred)} for item_id, pred in zip(ids[start:], preds)]
         write_table(out, records)
         return len(records)
+
+    def _predict_paths(self, paths: list[Path], texts: list[str],
+                       batch_size: int) -> Iterator[tuple[int, list[Prediction]]]:
+        """(index of the batch's first item, its predictions), the images decoded and preprocessed
+        in `runtime.loader_workers` DataLoader workers (one on a CPU) while the model runs."""
+        for start, pixels in zip(range(0, len(paths), batch_size), image_batches(paths, self.backbone, batch_size)):
+            batch_texts = texts[start:start + len(pixels)]
+            yield start, self.predict_prepared(pixels, self.backbone.tokenize(batch_texts, self.max_tokens),
+                                               texts=batch_texts)
 
     def _predict_sharded(self, ids: list[str], texts: list[str], paths: list[Path], out: Path, batch_size: int) -> int:
         """predict_manifest under torchrun: each rank predicts its contiguous share of the rows into
@@ -251,11 +273,9 @@ class Predictor:
         shard.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))  # drop a torn line
         todo = [i for i in rows if i not in done]
         with open(shard, "a", encoding="utf-8") as handle:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                preds = self.predict_batch([load_image(paths[i]) for i in batch], [texts[i] for i in batch])
-                handle.writelines(json.dumps({"_row": i, "id": ids[i], **_flatten(p)}, ensure_ascii=False) + "\n"
-                                  for i, p in zip(batch, preds))
+            for start, preds in self._predict_paths([paths[i] for i in todo], [texts[i] for i in todo], batch_size):
+                handle.writelines(json.dumps({"_row": i, "id": ids[i], **prediction_row(p)}, ensure_ascii=False) + "\n"
+                                  for i, p in zip(todo[start:], preds))
                 handle.flush()
         distributed.barrier()
         if distributed.is_main():
@@ -286,7 +306,13 @@ def _read_shard(path: Path) -> list[dict]:
     return records
 
 
-def _flatten(prediction: Prediction) -> dict:
+def open_for_prediction(config: CheckpointConfig, manifest: str | Path) -> Catalogue:
+    """A manifest to predict, read with the checkpoint's columns; it needs no label columns."""
+    return Catalogue.open(replace(config.catalogue_on(manifest), tasks=[]))
+
+
+def prediction_row(prediction: Prediction) -> dict:
+    """One output row of batch prediction (without the id): per task its label, confidence and auto-accept."""
     row = {}
     for task, p in prediction.tasks.items():
         row[task] = p.label
@@ -300,16 +326,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--image", help="one image file")
     parser.add_argument("--text", default="", help="its text")
-    parser.add_argument("--manifest", help="predict every row of a CSV/JSONL manifest instead")
-    parser.add_argument("--out", help="output .jsonl or .csv for --manifest")
+    parser.add_argument("--manifest", help="predict every row of a CSV, JSONL or Parquet manifest instead")
+    parser.add_argument("--out", help="output .jsonl, .csv or .parquet for --manifest "
+                                      "(--engine ray: .jsonl or .parquet)")
+    parser.add_argument("--batch-size", type=int, default=32, help="items per batch (default 32)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process (or torchrun's); ray: Ray Data, see docs/SCALE.md")
+    ray_options = parser.add_argument_group("--engine ray")
+    ray_options.add_argument("--ray-address",
+                             help="a cluster's address ('auto' on its head node); default: a local Ray")
+    ray_options.add_argument("--decode-workers", type=int, default=1, help="CPU actors decoding images (default 1)")
+    ray_options.add_argument("--inference-workers", type=int, default=1, help="model actors (default 1)")
+    ray_options.add_argument("--gpus-per-worker", type=float,
+                             help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
     args = parser.parse_args(argv)
     if args.manifest and not args.out:
         parser.error("--manifest needs --out")
+    for name in ("batch_size", "decode_workers", "inference_workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.engine == "ray":
+        return _main_ray(args)
     rank, world, _, device = distributed.setup()  # several processes under torchrun; else a no-op
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.manifest:
-            count = predictor.predict_manifest(args.manifest, args.out)
+            count = predictor.predict_manifest(args.manifest, args.out, args.batch_size)
             if rank == 0:
                 print(f"{count} predictions written to {args.out}" + (f" by {world} processes" if world > 1 else ""))
         elif args.image:
@@ -321,6 +363,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.cleanup()
+    return 0
+
+
+def _main_ray(args: argparse.Namespace) -> int:
+    """`--engine ray`: the manifest scored on Ray Data (cma_clip.ray_predict)."""
+    if not args.manifest:
+        print("error: --engine ray predicts a --manifest", file=sys.stderr)
+        return 2
+    from .ray_predict import RayOptions, predict_manifest_ray
+
+    options = RayOptions(address=args.ray_address, batch_size=args.batch_size, decode_workers=args.decode_workers,
+                         inference_workers=args.inference_workers, gpus_per_worker=args.gpus_per_worker)
+    try:
+        count = predict_manifest_ray(args.checkpoint, args.manifest, args.out, options)
+    except (CMAClipError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{count} predictions written to {args.out} by Ray")
     return 0
 
 

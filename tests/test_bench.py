@@ -21,7 +21,8 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
         "review": {"items", "open_s", "resort_p50_s", "resort_max_s", "live_s"},
         "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio"},
         "training": {"epoch_seconds", "items_per_s"},
-        "batch_prediction": {"items_per_s"},
+        "batch_prediction": {"items_per_s", "backbone_items_per_s", "ratio", "ray_items_per_s",
+                             "ray_steady_items_per_s", "ray_ratio"},
     }
     for section, keys in expected.items():
         assert keys <= set(doc["figures"][section]), section
