@@ -9,6 +9,7 @@ the benchmark all go through it.
 """
 from __future__ import annotations
 
+import html
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -19,18 +20,22 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+from gradio.components.plot import PlotData  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
-from cma_clip.labels import STATUSES  # noqa: E402
+from cma_clip.labels import MAX_NAME_CHARS, STATUSES  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              StudioError, UndoOutcome, new_id, open_user_image, views)
-from cma_clip.studio.service import AUDIT_PAGE  # noqa: E402
-from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure  # noqa: E402
+from cma_clip.studio.accounts import AccountsError, Login, login_from_env  # noqa: E402
+from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED  # noqa: E402
+from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MAX_UPLOAD = "20mb"
@@ -53,7 +58,28 @@ document.addEventListener("keydown", (event) => {
 });
 </script>
 """
+# Gradio's files (uploads, outputs): every hour, those older than a day go (and all of them when the
+# server stops); a review upload's images are kept apart, in the studio's own folder (`studio.uploads`).
+CACHE_RETENTION = (3600, 86400)
 BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue
+# Layout that fits a 1366 x 768 laptop and a 412 px phone: tables scroll inside their own box, headers
+# break between words only, and on a narrow screen the Predict tab shows its results before the examples.
+CSS = """
+.table-wrap th, .table-wrap th * { word-break: normal !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+.table-wrap td, .table-wrap td *, .body-cell, .body-cell * { word-break: normal !important; }
+#predict-examples td:last-child { white-space: nowrap; }
+#image-error:empty, #text-note:empty { display: none; }
+#image-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+@media (max-width: 767px) {
+  #predict-row { flex-direction: column; flex-wrap: nowrap; }
+  #predict-inputs { display: contents; }
+  #predict-row > *, #predict-inputs > * { width: 100%; max-width: 100%; min-width: 0; margin-left: 0;
+    margin-right: 0; flex: none; }
+  #predict-results { order: 2; }
+  #predict-examples { order: 3; }
+}
+"""
 
 
 def undecoded(image: gr.Image) -> gr.Image:
@@ -72,6 +98,82 @@ def undecoded(image: gr.Image) -> gr.Image:
 
     image.preprocess = preprocess
     return image
+
+
+def written_per_call(image: gr.Image) -> gr.Image:
+    """Make an image output write each value it shows to a file of its own.
+
+    Gradio saves a PIL image or array as `<content hash>/image.webp` in its cache and writes
+    that file again on every call producing the same image: a client still downloading it
+    then reads a short file ("Too little data for declared Content-Length"; 2 of 50 concurrent
+    /predict calls failed so). A path already inside Gradio's cache folder is served as it
+    is, so each value goes to a new file there first (`outputs/<random id>.<format>`), which
+    nothing writes again; `delete_cache` ages it out with the app's other files."""
+    def postprocess(value):
+        if isinstance(value, (PILImage.Image, np.ndarray)):
+            folder = Path(image.GRADIO_CACHE) / "outputs"
+            folder.mkdir(parents=True, exist_ok=True)
+            picture = value if isinstance(value, PILImage.Image) else PILImage.fromarray(np.asarray(value))
+            path = folder / f"{new_id()}.{image.format or 'webp'}"
+            try:
+                picture.save(path)
+            except (KeyError, ValueError, OSError):  # a mode the format cannot hold: PNG holds them all
+                path.unlink(missing_ok=True)
+                path = path.with_suffix(".png")
+                picture.save(path)
+            value = str(path)
+        return gr.Image.postprocess(image, value)
+
+    image.postprocess = postprocess
+    return image
+
+
+def typed_inputs(demo: gr.Blocks) -> None:
+    """Refuse, with a message naming the field, an API payload of the wrong type for a number,
+    a slider, a text box, a checkbox or a single-choice dropdown, and a number out of its
+    field's bounds. Gradio compares a number's payload with its bounds (`"abc" < 0`: a
+    TypeError, shown as a bare "Error"), words a bound without naming the field, turns any
+    payload into text for a text box and hands a list sent to a dropdown that takes typed
+    values on to the handler."""
+    for block in demo.blocks.values():
+        if isinstance(block, (gr.Number, gr.Slider)):
+            kinds, what = (int, float), "a number"
+        elif isinstance(block, gr.Textbox):
+            kinds, what = (str,), "text"
+        elif isinstance(block, gr.Checkbox):
+            kinds, what = (bool,), "true or false"
+        elif isinstance(block, gr.Dropdown) and not block.multiselect:
+            kinds, what = (str, int, float), "one value (text or a number)"
+        else:
+            continue
+        block.preprocess = _typed(block, kinds, what)
+
+
+def _typed(block: gr.components.Component, kinds: tuple[type, ...], what: str) -> Callable:
+    original = block.preprocess  # the component's own, or one set on the instance (`signed_in`, `undecoded`)
+
+    def preprocess(payload):
+        wrong = (not isinstance(payload, kinds) or (isinstance(payload, bool) and bool not in kinds)
+                 or payload != payload)  # NaN
+        name = block.label or "This field"
+        if payload is not None and wrong:
+            raise error(f"{name} takes {what}, not {repr(payload)[:80]}.")
+        if payload is not None and kinds[0] is int:  # a number: within the field's bounds
+            low, high = block.minimum, block.maximum
+            if (low is not None and payload < low) or (high is not None and payload > high):
+                bounds = (f"from {_shown(low)} to {_shown(high)}" if low is not None and high is not None
+                          else f"at least {_shown(low)}" if low is not None else f"at most {_shown(high)}")
+                raise error(f"{name} must be {bounds}, not {payload!r}.")
+        try:
+            return original(payload)
+        except gr.Error as exc:  # Gradio's own refusals quote the payload
+            raise error(exc.message) from None
+
+    return preprocess
+
+
+def _shown(number: float) -> str:
+    return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
 
 
 @contextmanager
@@ -93,15 +195,70 @@ def keep_uploads_in(studio: Studio) -> Iterator[Path]:
             os.environ["GRADIO_TEMP_DIR"] = previous
 
 
+def error(message: str) -> gr.Error:
+    """A message for the UI's error toast, which Gradio renders as HTML: escaped, so that a name
+    or an id in it shows as text (an `<img>` in it would otherwise be fetched)."""
+    return gr.Error(html.escape(message, quote=False))
+
+
+def chart(picture) -> PlotData:
+    """A chart `viz` drew as a picture, for a gr.Plot: shown as a static image, as a matplotlib figure
+    is, without a figure to lay out and rasterise on each call."""
+    return PlotData(type="matplotlib", plot=png_data_url(picture))
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Show StudioError as a message in the UI instead of a stack trace."""
+    """Show StudioError as a message in the UI instead of a stack trace (and, with a login on,
+    give the event the signed-in user as its annotator: `signed_in`)."""
     def wrapped(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return fn(*as_signed_in(args), **kwargs)
         except StudioError as exc:
-            raise gr.Error(str(exc)) from None
+            raise error(str(exc)) from None
     wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
+
+
+class SignedIn:
+    """What the annotator box hands an event when a login is on, whatever the client sent:
+    `as_signed_in` puts the signed-in user's name in its place."""
+
+
+SIGNED_IN = SignedIn()
+
+
+def signed_in(annotator: gr.Textbox) -> gr.Textbox:
+    """The annotator box of an app with a login: not editable, and its value ignored by the
+    server (a client may send any name): every event gets the signed-in user instead."""
+    annotator.preprocess = lambda payload: SIGNED_IN
+    return annotator
+
+
+def as_signed_in(args: tuple) -> tuple:
+    """`args` with the signed-in user's name for each SIGNED_IN (refused when nobody is signed in)."""
+    if not any(a is SIGNED_IN for a in args):
+        return args
+    user = current_user()
+    if not user:
+        raise error("Sign in to save labels: the annotator is the signed-in user.")
+    return tuple(user if a is SIGNED_IN else a for a in args)
+
+
+def current_user() -> str | None:
+    """The user signed in for the event being run: Gradio's login (`auth`), else the Hugging
+    Face account of the OAuth session (a Space with `hf_oauth: true`); None when neither."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    if request is None:
+        return None
+    if request.username:
+        return str(request.username)
+    try:
+        info = request.session.get("oauth_info") or {}
+    except (AssertionError, AttributeError):  # no session middleware: OAuth is off
+        return None
+    return (info.get("userinfo") or {}).get("preferred_username")
 
 
 def examples(models: list[str]) -> list[list[str]]:
@@ -116,6 +273,16 @@ def examples(models: list[str]) -> list[list[str]]:
                 for r in csv.DictReader(handle) if r["model"] in models]
 
 
+def shared_model_default(studio: Studio) -> str | None:
+    """The model the Model dropdown starts at."""
+    return studio.model_names[0] if studio.model_names else None
+
+
+def operating_figures(studio: Studio, model: str | None) -> str:
+    """What auto-accept did on the model's held-out items, per task (issue 14's operating figures)."""
+    return views.operating_figures(studio.held_out_metrics(model), studio.display_names(model)) if model else ""
+
+
 def correction_slots(elem_id: str | None = None) -> list[gr.Dropdown]:
     """One label dropdown per task, hidden until a model's tasks fill them (`slot_updates`)."""
     return [gr.Dropdown([], label=f"task {i + 1}", allow_custom_value=True, visible=False,
@@ -128,6 +295,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
     """One dropdown per task (the model's, or `tasks`), starting at the item's saved label,
     else the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
     classes = studio.task_classes(model)
+    names = studio.display_names(model)
     tasks = list(classes) if tasks is None else tasks
     catalogue = catalogue if catalogue is not None else (view.catalogue if view else {})
     updates = {}
@@ -139,7 +307,8 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             value = view.values.get(task) if view else (p.label if p else None)
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
                                    (catalogue or {}).get(task), state) if prediction or view else None
-            updates[slot] = gr.update(label=task, choices=classes[task], value=value, visible=True, info=info)
+            updates[slot] = gr.update(label=views.task_name(task, p, names), choices=classes[task], value=value,
+                                      visible=True, info=info)
         else:
             updates[slot] = gr.update(visible=False, value=None)
     return updates
@@ -210,20 +379,25 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
         pending = gr.State(None)  # a refused save waiting for the labeler's choice
-        with gr.Row():
-            with gr.Column(scale=1):
+        with gr.Row(elem_id="predict-row"):
+            with gr.Column(scale=1, min_width=280, elem_id="predict-inputs"):
                 image = undecoded(gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image"))
                 text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
                                   placeholder="e.g. Turtle Check Men Navy Blue Shirt")
+                text_note = gr.Markdown("", elem_id="text-note")
                 item_id = gr.Textbox("", label="Item id", elem_id="item-id",
                                      placeholder="the catalogue id; empty: a content id from the image and text",
                                      info="An example sets it; a new upload or an edited text clears it.")
                 predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
-                gr.Examples(examples(studio.model_names), inputs=[image, text, shared.model, item_id],
-                            label="Catalogue examples")
-            with gr.Column(scale=2):
+                with gr.Column(elem_id="predict-examples"):
+                    gr.Examples(examples(studio.model_names), inputs=[image, text, shared.model, item_id],
+                                label="Catalogue examples")
+            with gr.Column(scale=2, min_width=300, elem_id="predict-results"):
                 table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True,
-                                     label="Predictions (top-1, confidence, auto-accept)", elem_id="predictions")
+                                     column_widths=views.PREDICTION_WIDTHS, elem_id="predictions",
+                                     label="Predictions (top-1, confidence, auto-accept at the task's threshold)")
+                operating = gr.Markdown(operating_figures(studio, shared_model_default(studio)),
+                                        elem_id="operating-figures")
                 with gr.Row():
                     task = gr.Dropdown([], label="Task to explain", elem_id="explain-task")
                     map_kind = gr.Radio(views.MAP_CHOICES, value="relevance", label="Image map", elem_id="map-kind")
@@ -232,8 +406,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                     opacity = gr.Slider(0.1, 1.0, value=views.DEFAULT_OPACITY, step=0.05, label="Map opacity",
                                         elem_id="map-opacity")
                 with gr.Row():
-                    heat = gr.Image(label="Image map (colour bar: share of the map per cell)", height=320,
-                                    interactive=False, elem_id="heatmap")
+                    heat = written_per_call(gr.Image(label="Image map (colour bar: share of the map per cell)",
+                                                    height=320, interactive=False, elem_id="heatmap",
+                                                    format="jpeg"))  # 1 ms to encode; WebP: 20 ms
                     weights_plot = gr.Plot(label="Modality-wise attention per task")
                 map_note = gr.Markdown(views.MAP_NOTE, elem_id="map-note")
                 relevance = gr.HighlightedText(label="Words: relevance for the selected task (attention rollout; "
@@ -254,6 +429,15 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         save_status = gr.Markdown(label="save status", elem_id="save-status")
         choice = Resolution.make("save")
         legacy_save = gr.Button(visible=False)  # /save_correction: the unchecked API, kept for scripts
+        api_predict = gr.Button(visible=False)  # /predict for API clients (the Predict button validates first)
+
+    def check_inputs(image_path, text_value, model_name, item):
+        """Input errors shown on the field at fault (the other outputs stay as they were)."""
+        return [gr.validate(bool(image_path), "Upload a product image (JPEG, PNG, WebP, GIF or BMP) first."),
+                gr.validate(True, ""),
+                gr.validate(model_name in studio.checkpoints, f"Unknown model {model_name!r}: choose one of "
+                                                              f"{', '.join(studio.model_names) or 'none found'}."),
+                gr.validate(True, "")]
 
     @user_errors
     def predict(image_path, text_value, model_name, item):
@@ -261,9 +445,11 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         result, view = studio.predict_item(image_path, text_value, model_name, item)
         first = next(iter(result.tasks))
         choices, best = views.word_choices(result, first)
-        return {result_json: result.to_dict(), table: views.prediction_rows(result),
-                task: gr.update(choices=list(result.tasks), value=first), token: gr.update(choices=choices, value=best),
-                heat: views.image_map(result, first, "relevance", best), weights_plot: views.modality_figure(result),
+        return {result_json: result.to_dict(), table: views.prediction_rows(result), text_note: views.text_note(result),
+                task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.tasks.items()], value=first),
+                token: gr.update(choices=choices, value=best),
+                heat: views.image_map(result, first, "relevance", best),
+                weights_plot: chart(views.modality_figure(result)),
                 shading: views.word_attention_shading(result), relevance: views.word_shading(result, first),
                 map_kind: "relevance", map_note: views.relevance_summary(result, first),
                 prediction_state: result, shown: view.shown.to_dict(), request_id: new_id(), pending: None,
@@ -364,12 +550,18 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots]
-    predict_button.click(predict, [image, text, shared.model, item_id],
-                         [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
-                          shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
-                          map_note], api_name="predict"
+    predict_outputs = [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
+                       shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
+                       map_note, text_note]
+    # The button's input errors show on the field at fault (a validator); the /predict API answers
+    # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
+    predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,
+                         api_name="predict_checked", api_visibility="private",
+                         concurrency_limit=MAX_BATCH  # batched in the studio
                          ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
                                 api_visibility="private")  # at the opacity the slider shows
+    api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict",
+                      concurrency_limit=MAX_BATCH)
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")
@@ -388,6 +580,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                       api_name="save_correction")
     shared.model.change(user_errors(lambda m: slot_updates(studio, slots, m, None)), shared.model, slots,
                         api_visibility="private")
+    shared.model.change(lambda m: operating_figures(studio, m), shared.model, operating, api_visibility="private")
     return image, text
 
 
@@ -442,11 +635,12 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
     view = studio.current_view(queue)
     return {**common, panel.shown: view.shown.to_dict(), panel.image: open_user_image(item.image_path),
             panel.text: item.text, panel.table: views.review_rows(item, view, queue.tasks),
-            panel.active: gr.update(choices=queue.tasks, value=queue.tasks[0]),
+            panel.active: gr.update(choices=views.task_choices(queue.tasks, studio.display_names(queue.model)),
+                                    value=queue.tasks[0]),
             **choice_updates(panel, item, queue.tasks[0]),
             **slot_updates(studio, panel.slots, queue.model, Prediction(item.predictions), view, item.catalogue,
                            queue.tasks),
-            panel.item_history: views.item_history_rows(view.history)}
+            panel.item_history: views.item_history_rows(view.history, studio.display_names(queue.model))}
 
 
 def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, list]:
@@ -454,7 +648,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     Returns its panel, `restore(annotator, model, queue_id)` (the panel's updates for a page
     load, {} when there is no queue to resume) and the components it updates."""
     models = studio.model_names
-    tasks = studio.tasks_of(models[0]) if models else []
+    tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
     with gr.Tab("Review queue", id="review"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
                     "left out. Your place in the queue is kept: a reload or a restart resumes it.")
@@ -470,7 +664,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                 with gr.Column():
                     manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
                                        elem_id="review-manifest")
-                    images = gr.File(label="...and its images", file_count="multiple", file_types=["image"],
+                    images = gr.File(label="...and its images (a .zip keeps their folders: rows red/1.jpg and "
+                                     "blue/1.jpg need one)", file_count="multiple", file_types=["image", ".zip"],
                                      elem_id="review-images")
                     gr.Markdown(views.split_note("upload"))
                     load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
@@ -493,7 +688,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         progress = gr.Markdown(label="review progress", elem_id="review-progress")
         gr.Markdown(views.KEYS_HELP, elem_id="review-keys")
         with gr.Row():
-            image = gr.Image(label="Item", height=280, interactive=False, elem_id="review-image")
+            image = written_per_call(gr.Image(label="Item", height=280, interactive=False, elem_id="review-image"))
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text", interactive=False, lines=2)
                 table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True,
@@ -737,7 +932,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                api_name="bulk_accept")
 
     def model_tasks(model_name):  # the filters offer the model's tasks
-        names = studio.tasks_of(model_name)
+        names = views.task_choices(studio.tasks_of(model_name), studio.display_names(model_name))
         return {task_filter: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS),
                 bulk_task: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS)}
 
@@ -751,33 +946,37 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
-            image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption")
-            image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity")
-            text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption")
-            text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity")
-            seed = gr.Number(value=0, precision=0, label="Seed")
+            image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption",
+                                      elem_id="image-noise")
+            image_severity = gr.Slider(0, 5, value=3, step=1, label="Image severity", elem_id="image-severity")
+            text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption",
+                                     elem_id="text-noise")
+            text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity", elem_id="text-severity")
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
         with gr.Row():
             probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
             sweep_button = gr.Button("Sweep all severities for this item")
         probe_json = gr.JSON(visible=False)
         probe_table = gr.Dataframe(headers=views.PROBE_HEADERS, interactive=False, wrap=True, elem_id="probe-table",
-                                   label="Clean vs noisy: prediction, confidence and image weight per task")
+                                   column_widths=views.PROBE_WIDTHS,
+                                   label="Clean vs noisy: prediction, confidence and its change, image weight per task")
         probe_state = gr.State(None)
         probe_task = gr.Dropdown([], label="Task whose relevance the maps show", elem_id="probe-task")
         with gr.Row():
-            clean_heat = gr.Image(label="Clean: relevance for the task", height=260, interactive=False,
-                                  elem_id="clean-heatmap")
-            noisy_heat = gr.Image(label="Noisy: relevance for the task", height=260, interactive=False,
-                                  elem_id="noisy-heatmap")
+            clean_heat = written_per_call(gr.Image(label="Clean: relevance for the task", height=260,
+                                                   interactive=False, elem_id="clean-heatmap"))
+            noisy_heat = written_per_call(gr.Image(label="Noisy: relevance for the task", height=260,
+                                                   interactive=False, elem_id="noisy-heatmap"))
             shift_plot = gr.Plot(label="Image modality weight, clean vs noisy")
         probe_note = gr.Markdown(elem_id="probe-shift")
         noisy_text = gr.Textbox(label="Noisy text", interactive=False)
-        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction against severity")
+        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction and image modality weight against severity",
+                                  elem_id="item-sweep")
         gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
         with gr.Row():
             sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")
             batch_sweep_button = gr.Button("Run batch sweep")
-        batch_plot = gr.Plot(label="Mean accuracy against severity")
+        batch_plot = gr.Plot(label="Accuracy per task and its mean against severity", elem_id="batch-sweep")
         batch_csv = gr.File(label="The numbers (CSV)")
 
     @user_errors
@@ -789,7 +988,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         clean_map, noisy_map, moved = views.probe_maps(result, first)
         return {probe_json: views.probe_summary(result), probe_table: views.probe_rows(result),
                 clean_heat: clean_map, noisy_heat: noisy_map, probe_note: moved, probe_state: result,
-                probe_task: gr.update(choices=list(result.clean.tasks), value=first),
+                probe_task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.clean.tasks.items()],
+                                      value=first),
                 shift_plot: views.probe_shift_figure(result), noisy_text: result.noisy_text}
 
     def probe_for_task(result, task_name):
@@ -799,18 +999,22 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
     @user_errors
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
-        return item_sweep_figure(studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value))
+        sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
+        return item_sweep_figure(sweep.confidence, sweep.image_weight, studio.display_names(model_name))
 
     @user_errors
     def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, progress=gr.Progress()):
         rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value, progress)
-        return {batch_plot: catalogue_sweep_figure(rows), batch_csv: str(path)}
+        return {batch_plot: catalogue_sweep_figure(rows, names=studio.display_names(model_name)),
+                batch_csv: str(path)}
 
     probe_button.click(probe, [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed],
                        [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
                         probe_state, probe_task], api_name="probe")
     probe_task.input(probe_for_task, [probe_state, probe_task], [clean_heat, noisy_heat, probe_note],
                      api_visibility="private")
+    for noise, severity in ((image_noise, image_severity), (text_noise, text_severity)):  # "none": nothing to set
+        noise.change(lambda name: gr.update(interactive=name != "none"), noise, severity, api_visibility="private")
     sweep_button.click(sweep_item, [image, text, shared.model, image_noise, text_noise, seed], item_sweep_plot,
                        api_name="sweep_item")
     batch_sweep_button.click(sweep_catalogue, [shared.model, sweep_size, image_noise, text_noise, seed],
@@ -820,8 +1024,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 def history_tab(studio: Studio, shared: Shared) -> None:
     """The audit of every decision (filtered, searched, paged), one item's history, the
     annotators' agreement, the latest saves, export for the trainer and an optional push to the Hub."""
-    models = studio.model_names
-    tasks = sorted({t for m in models for t in studio.tasks_of(m)})
+    names = studio.display_names()
+    tasks = sorted(views.task_choices(list(names), names))
     with gr.Tab("History & export", id="history") as tab:
         gr.Markdown("### Audit\nEvery decision, newest first: the label and its status, who and whether a human or "
                     "an auto-accept, what changed against the model's prediction and the catalogue's label, and "
@@ -852,7 +1056,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     "it beside itself, as `<name>.agreement.json`.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
         def agreement_rows() -> list[list]:  # named: the table's load event is the API's /agreement_rows
-            return views.agreement_rows(studio.agreement())
+            return views.agreement_rows(studio.agreement(), names)
 
         agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement",
                                        value=agreement_rows)
@@ -876,17 +1080,17 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     def audit(task_name, annotator_name, status_name, source_name, search, page):
         """One page of the audit, filtered by task, annotator, status and source, and searched."""
         rows, total, page = studio.audit(task_name, annotator_name, status_name, source_name, search, page or 1)
-        return {audit_table: views.audit_rows(rows), audit_summary: views.audit_summary(total, page, AUDIT_PAGE),
+        return {audit_table: views.audit_rows(rows, names), audit_summary: views.audit_summary(total, page, AUDIT_PAGE),
                 audit_page: page}
 
     @user_errors
     def item_history(item):
         """Every decision on one item, oldest first."""
-        return views.item_history_rows(studio.item_history(item))
+        return views.item_history_rows(studio.item_history(item), names)
 
     def agreement():
         """Per task: items two annotators or more labelled, raw agreement, Cohen's kappa, annotators."""
-        return views.agreement_rows(studio.agreement())
+        return views.agreement_rows(studio.agreement(), names)
 
     @user_errors
     def export_labels(fmt):
@@ -902,9 +1106,9 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     def push_labels():
         """Push the label store to $CMA_CLIP_HUB_DATASET with $HF_TOKEN; off unless both are set."""
         try:
-            return f"Pushed to {hub.push_label_store(studio.store.path, studio.export('jsonl'))}"
+            return f"Pushed to {views.plain(hub.push_label_store(studio.store.path, studio.export('jsonl')))}"
         except (hub.HubError, StudioError) as exc:
-            return f"Not pushed: {exc}"
+            return f"Not pushed: {views.plain(exc)}"
 
     audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]
     audit_outputs = [audit_table, audit_summary, audit_page]
@@ -926,14 +1130,25 @@ def tasks_api(studio: Studio) -> None:
     """The /tasks endpoint (no component: the API only). Call it after the tabs, which it would split."""
     def tasks(model_name: str) -> dict:
         """The model's tasks and their known labels, in the order /save_correction takes them."""
+        if not isinstance(model_name, str):
+            raise error(f"/tasks takes a model's name (text), not {type(model_name).__name__}; the models: "
+                           f"{', '.join(studio.model_names)}.")
         if model_name not in studio.checkpoints:
             return {}
         try:
             return {"tasks": studio.task_classes(model_name)}
         except StudioError as exc:
-            raise gr.Error(str(exc)) from None
+            raise error(str(exc)) from None
 
     gr.api(tasks, api_name="tasks")
+
+
+def annotator_box(login: Login) -> gr.Textbox:
+    """The name every decision is saved under: typed freely, or, with a login on, the signed-in user's."""
+    if login.on:
+        return signed_in(gr.Textbox(label="Annotator (signed in)", interactive=False, scale=2, elem_id="annotator"))
+    return gr.Textbox(label="Annotator", placeholder="your name (needed to save)", max_length=MAX_NAME_CHARS,
+                      scale=2, elem_id="annotator")
 
 
 def browser_secret(studio: Studio) -> str:
@@ -947,16 +1162,18 @@ def browser_secret(studio: Studio) -> str:
         return path.read_text().strip()
 
 
-def build(studio: Studio) -> gr.Blocks:
+def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
     """The app: a header, the fields every tab shares, then the tabs; a page load restores
-    the annotator, the model and the review queue this browser had."""
+    the annotator, the model and the review queue this browser had. With a `login` on, the
+    annotator is the signed-in user (the box shows the name and cannot be edited)."""
+    login = login or Login()
     models = studio.model_names
 
     def history_rows() -> list[list[str]]:  # named: the history table's load event is the API's /history_rows
-        return views.history_rows(studio.history())
+        return views.history_rows(studio.history(), studio.display_names())
 
     secret = browser_secret(studio)
-    with gr.Blocks(title="CMA-CLIP Studio") as demo:
+    with gr.Blocks(title="CMA-CLIP Studio", delete_cache=CACHE_RETENTION) as demo:
         gr.Markdown("# CMA-CLIP Studio\nMulti-task product attribute prediction with cross-modality attention "
                     "([CMA-CLIP, Liu et al. 2021](https://arxiv.org/abs/2112.03562)). Upload a product photo and its "
                     "text, see every attribute with its confidence and what the model looked at, and correct it.")
@@ -964,19 +1181,23 @@ def build(studio: Studio) -> gr.Blocks:
                       for name in ("annotator", "model", "queue")}
         with gr.Row():
             shared = Shared(
-                model=gr.Dropdown(models, value=models[0] if models else None, label="Model", scale=2,
+                model=gr.Dropdown(models, value=shared_model_default(studio), label="Model", scale=2,
                                   elem_id="model"),
-                annotator=gr.Textbox(label="Annotator", placeholder="your name (needed to save)", scale=2,
-                                     elem_id="annotator"),
+                annotator=annotator_box(login),
                 history=gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False,
                                      wrap=True, elem_id="history", render=False, column_widths=views.HISTORY_WIDTHS),
                 history_rows=history_rows, remember_queue=remembered["queue"])
+            if login.oauth:
+                gr.LoginButton(scale=1)
+            elif login.on:
+                gr.Button("Log out", link="/logout", scale=0, elem_id="logout")
         with gr.Tabs() as tabs:
             image, text = predict_tab(studio, shared)
             panel, restore_queue, restored_outputs = review_tab(studio, shared)
             robustness_tab(studio, shared, image, text)
             history_tab(studio, shared)
         tasks_api(studio)
+        typed_inputs(demo)
 
         def restore(annotator_name, model_name, queue_id, typed_name, chosen_model):
             """What this browser had before the reload: the annotator, the model and the queue
@@ -984,14 +1205,14 @@ def build(studio: Studio) -> gr.Blocks:
             annotator_name = (typed_name or "").strip() or annotator_name or ""
             model_name = model_name if model_name in studio.checkpoints else chosen_model
             queue = restore_queue(annotator_name, model_name, queue_id)
-            return {shared.annotator: annotator_name if annotator_name != typed_name else gr.skip(),
+            return {shared.annotator: annotator_name if annotator_name != typed_name or login.on else gr.skip(),
                     shared.model: model_name if model_name != chosen_model else gr.skip(),
                     **queue, **({tabs: gr.Tabs(selected="review")} if panel.queue in queue else {})}
 
-        demo.load(restore, [remembered["annotator"], remembered["model"], remembered["queue"], shared.annotator,
-                            shared.model], [shared.annotator, shared.model, tabs, *restored_outputs],
+        demo.load(user_errors(restore), [remembered["annotator"], remembered["model"], remembered["queue"],
+                                         shared.annotator, shared.model], [shared.annotator, shared.model, tabs, *restored_outputs],
                   api_visibility="private")
-        shared.annotator.change(lambda name: name, shared.annotator, remembered["annotator"],
+        shared.annotator.change(user_errors(lambda name: name), shared.annotator, remembered["annotator"],
                                 api_visibility="private")
         shared.model.change(lambda name: name, shared.model, remembered["model"], api_visibility="private")
     return demo
@@ -1031,24 +1252,31 @@ def free_port(host: str) -> int:
 
 
 def serve(studio: Studio | None = None, *, host: str | None = None, port: int | None = None,
-          block: bool = True) -> Served:
+          block: bool = True, login: Login | None = None) -> Served:
     """Build and launch the app, uploads kept under the studio's data folder (`keep_uploads_in`).
 
     `studio` defaults to `default_studio()`; `host` to $GRADIO_SERVER_NAME, else 0.0.0.0 on a
     Hugging Face Space and 127.0.0.1 elsewhere; `port` to $GRADIO_SERVER_PORT, $PORT or 7860
-    when blocking, to a free port otherwise. `block=True` serves until interrupted;
-    `block=False` returns at once with the running app (tests, benchmarks)."""
+    when blocking, to a free port otherwise. The models load in a background thread while the
+    UI is built (`Studio.load_models`), and the server starts once they are loaded and warm, so
+    its first prediction is as fast as the next ones. `block=True` serves until interrupted;
+    `block=False` returns the running app (tests, benchmarks)."""
     studio = default_studio() if studio is None else studio
+    login = login_from_env() if login is None else login
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     if port is None:
         port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))) if block else free_port(host)
     uploads = ExitStack()
     uploads.enter_context(keep_uploads_in(studio))
+    if studio.loading is None:
+        studio.load_models()  # in the background, while the UI is built
     try:
-        demo = build(studio)
-        demo.queue(default_concurrency_limit=4).launch(server_name=host, server_port=port, head=SHORTCUTS,
-                                                       max_file_size=MAX_UPLOAD, prevent_thread_lock=not block,
-                                                       quiet=not block)
+        demo = build(studio, login)
+        studio.wait_loaded()  # the server says it is running once the models are loaded and warm
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=host, server_port=port, head=SHORTCUTS, css=CSS, max_file_size=MAX_UPLOAD,
+            prevent_thread_lock=not block, quiet=not block, auth=login.users.check if login.users else None,
+            auth_message="CMA-CLIP Studio: sign in to label.")
     except BaseException:
         uploads.close()
         raise
@@ -1058,4 +1286,7 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
 
 
 if __name__ == "__main__":
-    serve()
+    try:
+        serve()
+    except AccountsError as exc:  # a login asked for but not usable: say why, start nothing
+        raise SystemExit(f"error: {exc}") from None

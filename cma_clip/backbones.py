@@ -82,6 +82,15 @@ class DualEncoder(nn.Module):
         """Letterbox to image_size and normalise with the encoder's mean and std."""
         return images_to_tensor(images, self.image_size, self.mean, self.std)
 
+    def letterbox_pixels(self, images: list[Image.Image]) -> np.ndarray:
+        """The first half of `preprocess`: letterboxed uint8 pixels [B, H, W, 3], a quarter of
+        the float tensor's bytes, for moving decoded images between processes or machines."""
+        return letterbox_pixels(images, self.image_size)
+
+    def normalise(self, pixels: np.ndarray) -> torch.Tensor:
+        """The second half of `preprocess`: `normalise(letterbox_pixels(x))` equals `preprocess(x)`."""
+        return normalise_pixels(pixels, self.mean, self.std)
+
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         raise NotImplementedError
 
@@ -122,11 +131,13 @@ class DualEncoder(nn.Module):
                colour: bool = False) -> EncoderOutput:
         """Encode raw inputs on the backbone's device, the texts trimmed to the batch's longest:
         padding is masked, so it only costs time (a short title padded to 96 tokens, 4x)."""
+        return self.encode_prepared(self.preprocess(images), self.tokenize(texts, max_tokens), colour)
+
+    def encode_prepared(self, pixels: torch.Tensor, text: TextBatch, colour: bool = False) -> EncoderOutput:
+        """`encode` on inputs already preprocessed and tokenised (in decode workers, say)."""
         device = self.device
-        pixels = self.preprocess(images).to(device)
-        text = self.tokenize(texts, max_tokens)
         length = max(1, int(text.mask.sum(1).max()))
-        return self(pixels, TextBatch(text.ids[:, :length], text.mask[:, :length]).to(device), colour)
+        return self(pixels.to(device), TextBatch(text.ids[:, :length], text.mask[:, :length]).to(device), colour)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -157,8 +168,18 @@ def letterbox(image: Image.Image, size: int, fill: tuple[int, int, int] = (255, 
 
 def images_to_tensor(images: list[Image.Image], size: int, mean: tuple[float, float, float],
                      std: tuple[float, float, float]) -> torch.Tensor:
-    array = np.stack([np.asarray(letterbox(im, size), dtype=np.float32) / 255.0 for im in images])
-    pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
+    return normalise_pixels(letterbox_pixels(images, size), mean, std)
+
+
+def letterbox_pixels(images: list[Image.Image], size: int) -> np.ndarray:
+    """Letterboxed images as uint8 [B, size, size, 3]."""
+    return np.stack([np.asarray(letterbox(im, size), dtype=np.uint8) for im in images])
+
+
+def normalise_pixels(pixels: np.ndarray, mean: tuple[float, float, float],
+                     std: tuple[float, float, float]) -> torch.Tensor:
+    """uint8 [B, H, W, 3] pixels as the encoder's normalised float input [B, 3, H, W] (channels last)."""
+    pixels = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0).permute(0, 3, 1, 2)
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
     return ((pixels - mean_t) / std_t).contiguous(memory_format=torch.channels_last)

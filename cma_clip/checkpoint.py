@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,18 @@ class TaskSpec:
     classes: list[str]
     threshold_90: float | None = None
     threshold_rule: str = "point"
+    display_name: str | None = None  # what a person reads; None: `readable_name` of the column
+
+
+def readable_name(column: str) -> str:
+    """A label column as a person reads it: "perceived_colour_master_name" -> "Perceived colour",
+    "articleType" -> "Article type" (the catalogue's own words, minus the "_name"/"_master" plumbing)."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", column).replace("_", " ").replace("-", " ").split()
+    words = [w.lower() for w in words]
+    while len(words) > 1 and words[-1] in ("name", "master", "id"):
+        words.pop()
+    text = " ".join(words)
+    return text[:1].upper() + text[1:] if text else column
 
 
 @dataclass
@@ -188,6 +201,11 @@ class CheckpointConfig:
     @property
     def thresholds(self) -> dict[str, float | None]:
         return {task: spec.threshold_90 for task, spec in self.tasks.items()}
+
+    @property
+    def display_names(self) -> dict[str, str]:
+        """Task -> the name the app shows (the API keeps the column names)."""
+        return {task: spec.display_name or readable_name(task) for task, spec in self.tasks.items()}
 
     def catalogue_on(self, manifest: str | Path) -> CatalogueConfig:
         """The checkpoint's columns and tasks applied to another manifest."""

@@ -57,6 +57,7 @@ class CatalogueConfig:
     tasks: list[str] = field(default_factory=list)
     id_column: str | None = None
     max_text_tokens: int = 64
+    task_names: dict[str, str] = field(default_factory=dict)  # task -> the name a person reads ("Pattern")
 
     @classmethod
     def load(cls, name_or_path: str, data_root: str | Path | None = None) -> "CatalogueConfig":
@@ -81,17 +82,19 @@ MAX_MANIFEST_ROWS = 10_000  # for uploads read with read_manifest(path, max_rows
 
 def read_manifest(path: str | Path, max_rows: int | None = None,
                   max_field_chars: int | None = MAX_FIELD_CHARS) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL manifest, every value as a string. A UTF-8 byte order mark
-    (Excel's "CSV UTF-8") is skipped. Refused with a `CatalogueError` naming the row (and
-    column): a file that is not UTF-8; a broken CSV or JSON line; a CSV header with an empty
-    or repeated column name, or a JSON line with a repeated key (else the last one would
-    silently win); a CSV row with more or fewer fields than the header; a value longer than
-    `max_field_chars`; more than `max_rows` rows (None: no limit, for training catalogues;
-    an upload passes `MAX_MANIFEST_ROWS`), found without reading the rest of the file."""
+    """Rows of a CSV, JSONL or Parquet manifest (Parquet needs pyarrow), every value as a
+    string. A UTF-8 byte order mark (Excel's "CSV UTF-8") is skipped. Refused with a
+    `CatalogueError` naming the row (and column): a file that is not UTF-8 (or not Parquet);
+    a broken CSV or JSON line; a CSV header with an empty or repeated column name, or a JSON
+    line with a repeated key (else the last one would silently win); a CSV row with more or
+    fewer fields than the header; a value longer than `max_field_chars`; more than
+    `max_rows` rows (None: no limit, for training catalogues; an upload passes
+    `MAX_MANIFEST_ROWS`), found without reading the rest of the file."""
     path = Path(path)
     if not path.is_file():
         raise CatalogueError(f"manifest not found: {path}")
-    read = _read_jsonl if path.suffix.lower() in (".jsonl", ".ndjson") else _read_csv
+    suffix = path.suffix.lower()
+    read = _read_jsonl if suffix in (".jsonl", ".ndjson") else _read_parquet if suffix == ".parquet" else _read_csv
     try:
         return read(path, max_rows, max_field_chars)
     except UnicodeDecodeError as exc:
@@ -119,6 +122,9 @@ def _read_jsonl(path: Path, max_rows: int | None, max_field_chars: int | None) -
                     record = json.loads(line, object_pairs_hook=_unique_keys)
                 except json.JSONDecodeError as exc:
                     raise CatalogueError(f"{path.name}, line {number}: not valid JSON ({exc.msg})") from exc
+                except RecursionError:
+                    raise CatalogueError(f"{path.name}, line {number}: its values are nested too deeply; a "
+                                         "manifest line is a flat JSON object") from None
                 except _RepeatedKey as exc:
                     raise CatalogueError(f"{path.name}, line {number}: the key {exc.args[0][:80]!r} appears "
                                          "more than once") from None
@@ -127,6 +133,32 @@ def _read_jsonl(path: Path, max_rows: int | None, max_field_chars: int | None) -
                 row = {k: "" if v is None else str(v) for k, v in record.items()}
                 _check_row(path, f"line {number}", len(rows) + 1, row, max_rows, max_field_chars)
                 rows.append(row)
+    return rows
+
+
+def pyarrow_modules():
+    """(pyarrow, pyarrow.parquet), or a CatalogueError saying how to install them: Parquet is optional."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as exc:
+        raise CatalogueError("Parquet files need pyarrow: pip install -r requirements-ray.txt") from exc
+    return pyarrow, pyarrow.parquet
+
+
+def _read_parquet(path: Path, max_rows: int | None, max_field_chars: int | None) -> list[dict[str, str]]:
+    pa, pq = pyarrow_modules()
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise CatalogueError(f"{path.name} is not a readable Parquet file ({exc})") from exc
+    _check_row(path, "", parquet.metadata.num_rows, {}, max_rows, None)  # before reading any row
+    rows = []
+    for batch in parquet.iter_batches():
+        for record in batch.to_pylist():
+            row = {k: "" if v is None else str(v) for k, v in record.items()}
+            _check_row(path, f"row {len(rows) + 1}", len(rows) + 1, row, max_rows, max_field_chars)
+            rows.append(row)
     return rows
 
 
@@ -181,11 +213,13 @@ def is_missing(value: str | None) -> bool:
     return value is None or value.strip().lower() in MISSING_LABELS
 
 
-def safe_image_path(root: Path, relative: str, extra_roots: tuple[Path, ...] = ()) -> Path:
+def safe_image_path(root: Path, relative: str, extra_roots: tuple[Path, ...] = (),
+                    resolved_roots: tuple[Path, ...] | None = None) -> Path:
     """Resolve a manifest's image path, refusing paths outside the catalogue folder
-    (and the `extra_roots` it may also use, such as a label store's image folder)."""
+    (and the `extra_roots` it may also use, such as a label store's image folder).
+    `resolved_roots`: those folders already resolved (many paths of one catalogue)."""
     path = (root / relative).resolve()
-    if not any(path.is_relative_to(r.resolve()) for r in (root, *extra_roots)):
+    if not any(path.is_relative_to(r) for r in resolved_roots or [r.resolve() for r in (root, *extra_roots)]):
         raise CatalogueError(f"image path {relative!r} leaves the catalogue folder {root.resolve()}")
     return path
 
@@ -238,7 +272,8 @@ class Catalogue:
         return [join_text(r, self.config.text_columns) for r in self.rows]
 
     def image_paths(self) -> list[Path]:
-        return [safe_image_path(self.root, r[self.config.image_column], self.extra_roots) for r in self.rows]
+        roots = tuple(r.resolve() for r in (self.root, *self.extra_roots))
+        return [safe_image_path(self.root, r[self.config.image_column], self.extra_roots, roots) for r in self.rows]
 
     def labels(self, task: str) -> list[str | None]:
         return [None if is_missing(r.get(task)) else r[task].strip() for r in self.rows]
@@ -512,11 +547,17 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet runs a
 
 
 def write_table(path: str | Path, records: list[dict], columns: list[str] | None = None) -> Path:
-    """Records as a CSV or JSONL file (by its suffix; CSV columns default to the first
-    record's keys), written atomically. A CSV text cell starting with = + - @, a tab or a
-    carriage return gets a leading ' so a spreadsheet shows it as text instead of running
-    it (OWASP's rule for CSV injection); JSONL is written as it is."""
+    """Records as a CSV, JSONL or Parquet file (by its suffix; CSV columns default to the first
+    record's keys; Parquet needs pyarrow), written atomically. A CSV text cell starting with
+    = + - @, a tab or a carriage return gets a leading ' so a spreadsheet shows it as text
+    instead of running it (OWASP's rule for CSV injection); JSONL and Parquet are written as they are."""
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        pa, pq = pyarrow_modules()
+        binary = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(records), binary)
+        atomic_write(path, binary.getvalue())
+        return path
     buffer = io.StringIO()
     if path.suffix.lower() == ".csv":
         writer = csv.DictWriter(buffer, fieldnames=columns or (list(records[0]) if records else ["id"]))

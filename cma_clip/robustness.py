@@ -3,6 +3,7 @@
     from cma_clip.robustness import probe, item_sweep, catalogue_sweep
     result = probe(predictor, image, text, "occlusion", 3, "word_mask", 3, seed=0)
     curves = item_sweep(predictor, image, text, "blur", "typos")  # mode -> task -> 6 probabilities
+    both = sweep_item(predictor, image, text, "blur", "typos")  # the same, and the image weights
     rows = catalogue_sweep(predictor, Catalogue.open(config, split="test", limit=100), "blur", "typos")
 
 A sweep corrupts the image ("image" mode), the text ("text") or both ("both") at every severity
@@ -62,19 +63,35 @@ def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str 
     return Probe(predictor.predict(image, text), predictor.predict(noisy_image, noisy_text), noisy_image, noisy_text)
 
 
-def item_sweep(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None,
-               text_noise: str | None, seed: int = 0) -> dict[str, dict[str, list[float]]]:
-    """mode -> task -> probability of the clean top-1 label at severities 0..5 (list index = severity)."""
+@dataclass
+class ItemSweep:
+    """One item over severities 0..5 (list index = severity), per mode and task: the probability of
+    the clean top-1 label, and the image's modality weight."""
+
+    confidence: dict[str, dict[str, list[float]]]
+    image_weight: dict[str, dict[str, list[float]]]
+
+
+def sweep_item(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None,
+               text_noise: str | None, seed: int = 0) -> ItemSweep:
+    """The item's confidence in its clean predictions and its image weights at every severity, per mode."""
     top_k = max(len(classes) for classes in predictor.classes.values())
-    sweep = {}
+    sweep = ItemSweep({}, {})
     for mode in sweep_modes(image_noise, text_noise):
         inputs = [_corrupt(image, text, mode, image_noise, text_noise, s, seed) for s in SEVERITIES]
         predictions = predictor.predict_batch([i for i, _ in inputs], [t for _, t in inputs], top_k=top_k)
-        sweep[mode] = {}
+        sweep.confidence[mode], sweep.image_weight[mode] = {}, {}
         for task, clean in predictions[0].tasks.items():
-            sweep[mode][task] = [dict(zip(p.tasks[task].labels, p.tasks[task].probabilities)).get(clean.label, 0.0)
-                                 for p in predictions]
+            sweep.confidence[mode][task] = [
+                dict(zip(p.tasks[task].labels, p.tasks[task].probabilities)).get(clean.label, 0.0) for p in predictions]
+            sweep.image_weight[mode][task] = [p.tasks[task].modality_weights["image"] for p in predictions]
     return sweep
+
+
+def item_sweep(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None,
+               text_noise: str | None, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """mode -> task -> probability of the clean top-1 label at severities 0..5 (list index = severity)."""
+    return sweep_item(predictor, image, text, image_noise, text_noise, seed).confidence
 
 
 def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str | None, text_noise: str | None,

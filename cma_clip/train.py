@@ -200,7 +200,8 @@ def build_model(cfg: TrainConfig, data: TrainingData, backbone: DualEncoder) -> 
 def checkpoint_config(cfg: TrainConfig, data: TrainingData, model: CMAClip) -> CheckpointConfig:
     """What the checkpoint will record; thresholds and metrics are filled in later."""
     return CheckpointConfig(backbone=cfg.backbone, catalogue=CatalogueColumns.of(data.catalogue.config),
-                            tasks={t: TaskSpec(v.classes) for t, v in data.vocabs.items()}, model=model.cfg,
+                            tasks={t: TaskSpec(v.classes, display_name=data.catalogue.config.task_names.get(t))
+                                   for t, v in data.vocabs.items()}, model=model.cfg,
                             train=cfg)
 
 

@@ -1,16 +1,46 @@
-"""Pictures of what the model attends to: patch heatmaps, token shading, modality weights."""
+"""Pictures of what the model attends to: patch heatmaps, token shading, modality weights.
+
+The app's pictures (`scaled_overlay`, `modality_chart`) are drawn with numpy and PIL, not a
+matplotlib figure: a figure's layout and rasterisation cost more than the model's prediction
+(docs/PERFORMANCE.md). matplotlib draws the study's and the sweeps' charts, and lends its colormaps."""
 from __future__ import annotations
+
+import base64
+import io
+import textwrap
+from functools import lru_cache
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "<start_of_text>", "<end_of_text>"})
+TEXT_COLOUR, IMAGE_COLOUR = "#4C72B0", "#DD8452"  # the modality chart's text and image bars
+MODALITY_COLOURS = {"text": TEXT_COLOUR, "image": IMAGE_COLOUR, "colour": "#55A868", "words": "#8172B3"}
+
+
+@lru_cache(maxsize=16)
+def colour_table(cmap: str) -> np.ndarray:
+    """[256, 3] uint8: a matplotlib colormap sampled once, for colouring maps by table lookup."""
+    return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def colour(values: np.ndarray, cmap: str) -> np.ndarray:
+    """Values in [0, 1] coloured by `cmap`: [..., 3] uint8 (256 levels)."""
+    index = (np.clip(values, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return colour_table(cmap)[index]
+
+
+@lru_cache(maxsize=8)
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's bundled font at `size` pixels, loaded once."""
+    return ImageFont.load_default(size=size)
 
 
 def attention_overlay(image: Image.Image, patch_weights: np.ndarray, grid_size: int,
@@ -21,9 +51,16 @@ def attention_overlay(image: Image.Image, patch_weights: np.ndarray, grid_size: 
     span = grid.max() - grid.min()
     grid = (grid - grid.min()) / span if span > 0 else np.zeros_like(grid)
     heat = Image.fromarray(grid, mode="F").resize(image.size, Image.Resampling.BILINEAR)
-    colours = matplotlib.colormaps[cmap](np.clip(np.asarray(heat), 0, 1))[..., :3]
-    coloured = Image.fromarray((colours * 255).astype(np.uint8))
-    return Image.blend(image.convert("RGB"), coloured, alpha)
+    return Image.blend(image.convert("RGB"), Image.fromarray(colour(np.asarray(heat), cmap)), alpha)
+
+
+@lru_cache(maxsize=8)
+def _colour_bar(cmap: str, height: int, width: int) -> Image.Image:
+    """The colour bar beside a map: the colormap from 1 (top) to 0, with a black frame."""
+    ramp = np.linspace(1, 0, height, dtype=np.float32)[:, None].repeat(width, 1)
+    bar = Image.fromarray(colour(ramp, cmap))
+    ImageDraw.Draw(bar).rectangle((0, 0, width - 1, height - 1), outline="black")
+    return bar
 
 
 def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55, cmap: str = "inferno",
@@ -44,32 +81,25 @@ def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
     peak = float(grid.max()) if grid.size else 0.0
     scaled = grid / peak if peak > 0 else np.zeros_like(grid)
     base = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    heat = np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR))
-    colours = (matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3] * 255).astype(np.float32)
-    strength = alpha * np.clip(heat, 0, 1).astype(np.float32) ** 0.8
+    heat = np.clip(np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR)),
+                   0, 1)
+    strength = alpha * heat ** np.float32(0.8)
     if coverage is not None:
         cover = np.asarray(coverage, dtype=np.float32).reshape(grid.shape)
         strength *= np.asarray(Image.fromarray(cover, mode="F").resize((size, size), Image.Resampling.NEAREST))
-    blended = np.asarray(base, dtype=np.float32) * (1 - strength[..., None]) + colours * strength[..., None]
+    photo = np.asarray(base, dtype=np.float32)
+    blended = photo + (colour(heat, cmap).astype(np.float32) - photo) * strength[..., None]
     bar_width, margin, top, bottom = 22, 12, 48, 34  # `top`: room for the app's label and buttons
     canvas = Image.new("RGB", (size + bar_width + 2 * margin + 100, top + size + bottom), "white")
-    canvas.paste(Image.fromarray(blended.clip(0, 255).astype(np.uint8)), (0, top))
-    ramp = np.linspace(1, 0, size)[:, None].repeat(bar_width, 1)
-    bar = Image.fromarray((matplotlib.colormaps[cmap](ramp)[..., :3] * 255).astype(np.uint8))
+    canvas.paste(Image.fromarray((blended + 0.5).clip(0, 255).astype(np.uint8)), (0, top))
     x = size + margin
-    canvas.paste(bar, (x, top))
-    import textwrap
-
-    from PIL import ImageDraw, ImageFont
-
+    canvas.paste(_colour_bar(cmap, size, bar_width), (x, top))
     draw = ImageDraw.Draw(canvas)
-    font, small = ImageFont.load_default(size=20), ImageFont.load_default(size=17)
-    draw.rectangle((x, top, x + bar_width - 1, top + size - 1), outline="black")
-    draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font)
-    draw.text((x + bar_width + 5, top + size - 22), "0", fill="black", font=font)
+    draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font(20))
+    draw.text((x + bar_width + 5, top + size - 22), "0", fill="black", font=font(20))
     draw.text((x + bar_width + 5, top + size // 2 - 45), "\n".join(textwrap.wrap(unit, 10)), fill="#333333",
-              font=small)
-    draw.text((4, top + size + 6), title, fill="black", font=font)
+              font=font(17))
+    draw.text((4, top + size + 6), title, fill="black", font=font(20))
     return canvas
 
 
@@ -94,82 +124,143 @@ def token_highlights(tokens: list[str], weights: np.ndarray) -> list[tuple[str, 
     return [(f"{word} ", round(w / peak, 3) if peak > 0 else 0.0) for word, w in words]
 
 
-def modality_chart(weights: dict[str, dict[str, float]]) -> Figure:
-    """Horizontal stacked bars: each task's text and image weight (they sum to 1)."""
+FONT = 12  # the charts shrink to a phone's width: their text starts large
+MIN_LABELLED = 0.12  # a bar segment narrower than this gets no number inside it
+
+
+def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Image.Image:
+    """Horizontal stacked bars, first task on top: each task's modality weights from the left (text
+    blue, image orange, then colour and words where the model has them; they sum to 1), in percent
+    on the bars wide enough for them, a legend above (apart from the bars) and an axis from 0 to
+    100% below."""
     tasks = list(weights)
-    text = np.array([weights[t]["text"] for t in tasks])
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(tasks) + 0.9), dpi=100)
-    ax.barh(tasks, text, color="#4C72B0", label="text")
-    ax.barh(tasks, 1 - text, left=text, color="#DD8452", label="image")
-    for y, value in enumerate(text):
-        ax.text(value / 2, y, f"{value:.2f}", va="center", ha="center", color="white", fontsize=9)
-        ax.text(value + (1 - value) / 2, y, f"{1 - value:.2f}", va="center", ha="center", color="white", fontsize=9)
-    return _finish_task_bars(fig, ax, "modality-wise attention weight", 1.0)
+    modalities = list(next(iter(weights.values()), {"text": 0.5, "image": 0.5}))
+    label_font, value_font = font(13), font(12)
+    left = 10 + max((int(label_font.getlength(t)) for t in tasks), default=0)
+    right, top, row, bottom = width - 16, 34, 45, 48
+    span = right - left
+    canvas = Image.new("RGB", (width, top + row * len(tasks) + bottom), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = left + span // 2 - 45 * len(modalities)
+    for name in modalities:  # the legend
+        draw.rectangle((x, 10, x + 22, 20), fill=MODALITY_COLOURS.get(name, "#8C8C8C"))
+        draw.text((x + 28, 15), name, fill="black", font=label_font, anchor="lm")
+        x += 90
+    for n, task in enumerate(tasks):
+        middle = top + n * row + row // 2
+        draw.text((left - 6, middle), task, fill="black", font=label_font, anchor="rm")
+        y0, y1 = middle - round(0.4 * row), middle + round(0.4 * row) - 1
+        start, total = left, 0.0
+        for k, name in enumerate(modalities):
+            value = min(max(float(weights[task][name]), 0.0), 1.0)
+            total += value
+            stop = right if k == len(modalities) - 1 else left + round(min(total, 1.0) * span)
+            if stop > start:
+                draw.rectangle((start, y0, stop - 1, y1), fill=MODALITY_COLOURS.get(name, "#8C8C8C"))
+            if value >= MIN_LABELLED:
+                draw.text(((start + stop) / 2, middle), f"{value:.0%}", fill="white", font=value_font, anchor="mm")
+            start = stop
+    axis = top + row * len(tasks)
+    draw.rectangle((left, top, right - 1, axis), outline="black")
+    for tick in np.linspace(0, 1, 6):
+        tx = left + round(tick * (span - 1))
+        draw.line((tx, axis, tx, axis + 4), fill="black")
+        draw.text((tx, axis + 6), f"{tick:.0%}", fill="black", font=label_font, anchor="mt")
+    draw.text((left + span / 2, axis + 26), "modality-wise attention weight", fill="black", font=label_font,
+              anchor="mt")
+    return canvas
 
 
-def item_sweep_figure(sweep: dict[str, dict[str, list[float]]]) -> Figure:
-    """One subplot per noise mode: each task's probability of its clean prediction against severity."""
-    modes = list(sweep) or ["no noise chosen"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(3.6 * len(modes) + 1.6, 3.4), dpi=100, sharey=True, squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for task, values in sweep.get(mode, {}).items():
-            ax.plot(range(len(values)), values, marker="o", markersize=3, label=task)
-        ax.set_title(f"{mode} noise" if mode in sweep else mode, fontsize=10)
-        ax.set_xlabel("severity")
-        ax.set_xticks(range(6))
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("probability of the clean prediction")
-    if sweep:
-        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
-    fig.tight_layout()
+def png_data_url(image: Image.Image) -> str:
+    """A picture as a PNG data URL (fast compression: these are flat-colour charts)."""
+    with io.BytesIO() as out:
+        image.save(out, format="png", compress_level=1)
+        return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabels: dict[str, str],
+                     names: dict[str, str] | None, emphasis: str | None = None) -> Figure:
+    """A row of subplots per entry of `panels` (row -> mode -> line -> values at severities 0..5), a
+    column per noise mode, one shared legend under them (tasks by their `names`)."""
+    rows = list(panels)
+    modes = list(next(iter(panels.values()))) or ["no noise chosen"]
+    fig, axes = plt.subplots(len(rows), len(modes), figsize=(3.4 * len(modes) + 0.8, 3.0 * len(rows) + 1.2),
+                             dpi=100, sharey="row", squeeze=False)
+    for r, row in enumerate(rows):
+        for c, mode in enumerate(modes):
+            ax = axes[r][c]
+            for line, values in panels[row].get(mode, {}).items():
+                bold = line == emphasis
+                ax.plot(range(len(values)), values, marker="o", markersize=4 if bold else 3,
+                        linewidth=3 if bold else 1.4, color="black" if bold else None, zorder=3 if bold else 2,
+                        label=(names or {}).get(line, line))
+            ax.set_title(f"{mode} noise" if mode in panels[row] else mode, fontsize=FONT)
+            ax.set_xlabel("severity" if r == len(rows) - 1 else "", fontsize=FONT - 1)
+            ax.set_xticks(range(6))
+            ax.set_ylim(0, 1.02)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(ylabels[row], fontsize=FONT - 1)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    columns = 2 if len(modes) == 1 else 3
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False, fontsize=FONT - 1)
+    legend_rows = (len(labels) + columns - 1) // columns
+    fig.tight_layout(rect=(0, min(0.45, 0.32 * legend_rows / fig.get_figheight()), 1, 1))
     plt.close(fig)
     return fig
 
 
-def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy") -> Figure:
-    """Mean over tasks of `metric` against severity, one line per noise mode (the sweep's "mean" rows)."""
-    curves: dict[str, list[tuple[int, float]]] = {}
+def item_sweep_figure(sweep: dict[str, dict[str, list[float]]],
+                      image_weight: dict[str, dict[str, list[float]]] | None = None,
+                      names: dict[str, str] | None = None) -> Figure:
+    """One subplot per noise mode: each task's probability of its clean prediction against severity;
+    with `image_weight` (same shape), a second row: each task's image modality weight."""
+    panels = {"confidence": sweep, **({"image weight": image_weight} if image_weight is not None else {})}
+    return _severity_panels(panels, {"confidence": "probability of the clean prediction",
+                                     "image weight": "image modality weight"}, names)
+
+
+def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: dict[str, str] | None = None
+                           ) -> Figure:
+    """`metric` against severity, one subplot per noise mode: a line per task and their mean (bold)."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for row in rows:
-        if row["task"] == "mean":
-            curves.setdefault(row["mode"], []).append((int(row["severity"]), float(row[metric])))
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    for mode, points in curves.items():
-        severities, values = zip(*sorted(points))
-        ax.plot(severities, values, marker="o", label=f"{mode} noise")
-    ax.set_xlabel("severity")
-    ax.set_ylabel(f"mean {metric} over tasks")
-    ax.set_xticks(range(6))
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(frameon=False)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+        curves.setdefault(row["mode"], {}).setdefault(row["task"], []).append(
+            (int(row["severity"]), float(row[metric])))
+    by_mode = {mode: {task: [v for _, v in sorted(points)] for task, points in tasks.items()}
+               for mode, tasks in curves.items()}
+    return _severity_panels({metric: by_mode}, {metric: metric}, {"mean": "mean over tasks", **(names or {})},
+                            emphasis="mean")
 
 
 def modality_shift_chart(clean: dict[str, dict[str, float]], noisy: dict[str, dict[str, float]]) -> Figure:
     """Grouped horizontal bars: each task's image weight on the clean and on the noisy input."""
     tasks = list(clean)
     y = np.arange(len(tasks))
-    fig, ax = plt.subplots(figsize=(6, 0.55 * len(tasks) + 0.9), dpi=100)
+    fig, ax = plt.subplots(figsize=(5.2, 0.6 * len(tasks) + 1.4), dpi=100)
     for offset, (name, weights, colour) in zip((-0.2, 0.2), (("clean", clean, "#8C8C8C"), ("noisy", noisy, "#DD8452"))):
         values = [weights[t]["image"] for t in tasks]
         ax.barh(y + offset, values, height=0.4, color=colour, label=name)
         for yy, value in zip(y + offset, values):
-            ax.text(value + 0.01, yy, f"{value:.2f}", va="center", fontsize=8)
+            ax.text(value + 0.01, yy, f"{value:.0%}", va="center", fontsize=FONT - 2)
     ax.set_yticks(y, tasks)
-    return _finish_task_bars(fig, ax, "image modality weight", 1.1)
+    return _finish_task_bars(fig, ax, "image modality weight", 1.15, percent=True)
 
 
-def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float) -> Figure:
-    """Shared layout of the per-task horizontal bar charts: first task on top, legend above."""
+def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float, percent: bool = False) -> Figure:
+    """Shared layout of the per-task horizontal bar charts: first task on top, the legend in a band of
+    its own under the axis (the app's label covers the figure's top left corner), large text."""
     ax.set_xlim(0, xmax)
     ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT)
+    if percent:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=0))
+        ax.set_xticks([t for t in (0, 0.25, 0.5, 0.75, 1.0) if t <= xmax])
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=FONT)
+    fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1 - 0.3 / fig.get_figheight()))
     plt.close(fig)
     return fig
 

@@ -24,6 +24,50 @@ HM = DATA / "hm-articles"
 def pytest_configure(config):
     if not (HM / "articles.csv").exists():
         raise pytest.UsageError(f"the shared catalogues are missing at {DATA}: set CMA_CLIP_DATA")
+    _own_temp_folder(config)
+
+
+def _own_temp_folder(config) -> None:
+    """Everything the run writes to the temporary folder goes into one folder of its own, removed
+    when every test passed: pytest's tmp_path folders, Gradio's uploads and cache (GRADIO_TEMP_DIR,
+    read when gradio is imported, so set before any test module is), Ray's session files and
+    whatever subprocesses (torchrun, chromium, Ray's workers) put in $TMPDIR. After a failure it
+    stays, with pytest's folders of the failed tests only (tmp_path_retention_policy)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="cma-clip-tests-"))
+    config.stash[TEMP_ROOT] = (root, {name: os.environ.get(name) for name in ("TMPDIR", "GRADIO_TEMP_DIR")},
+                               tempfile.tempdir)
+    os.environ["TMPDIR"] = str(root)
+    os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")
+    tempfile.tempdir = str(root)
+
+
+def pytest_unconfigure(config):
+    import shutil
+    import tempfile
+
+    if TEMP_ROOT not in config.stash:
+        return
+    root, environ, tempdir = config.stash[TEMP_ROOT]
+    for name, value in environ.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    tempfile.tempdir = tempdir
+    if config.stash.get(FAILED, False):
+        print(f"\nthe tests' temporary files are kept in {root} (a test failed)")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[FAILED] = exitstatus != 0
+
+
+TEMP_ROOT = pytest.StashKey[tuple]()
+FAILED = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session")

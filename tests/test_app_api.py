@@ -3,6 +3,7 @@
 import pytest
 from gradio_client import Client, handle_file
 
+from cma_clip.checkpoint import read_config
 from cma_clip.data import read_manifest
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
@@ -43,13 +44,14 @@ def test_errors_come_back_as_messages(client):
         client.predict(None, "text", "hm-articles", api_name="/predict")
 
 
-def test_probe_endpoint_compares_clean_and_noisy(client):
+def test_probe_endpoint_compares_clean_and_noisy(client, running_app):
     summary, rows, *_ = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles",
                                        "occlusion", 5, "word_mask", 5, 0, api_name="/probe")
     assert set(summary["clean"]) == set(summary["noisy"]) and len(rows["data"]) == len(summary["clean"])
     assert summary["noisy_text"] != EXAMPLE_TEXT and "[UNK]" in summary["noisy_text"]
-    for task, clean in summary["clean"].items():
-        row = next(r for r in rows["data"] if r[0] == task)
+    names = read_config(running_app[1].checkpoints["hm-articles"]).display_names
+    for (task, clean), row in zip(summary["clean"].items(), rows["data"]):  # the JSON keeps the column names,
+        assert row[0] == names[task]  # the table shows the task's name
         assert row[1] == clean["label"] and row[3] == summary["noisy"][task]["label"]
     # severity 0 on both inputs is the clean prediction
     same, *_ = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles",

@@ -291,7 +291,8 @@ MANIFESTS = {  # id -> (file name, contents from the rows, message)
     "paths-escaping-the-folder": ("items.csv", lambda rows: csv_text([{**r, "image": p} for r, p in
                                                                      zip(rows, ["../../../../etc/passwd", "/etc/hostname",
                                                                                 "~/.ssh/id_rsa"])]),
-                                  r"None of the manifest's images were uploaded.*'passwd' was not uploaded"),
+                                  r"None of the manifest's images were uploaded.*'\.\./\.\./\.\./\.\./etc/passwd' leaves "
+                                  "the manifest's folder"),
 }
 
 

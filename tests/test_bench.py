@@ -5,19 +5,24 @@ import numbers
 from cma_clip.lab import bench
 
 
-def test_quick_bench_writes_every_figure(tmp_path, capsys):
+def test_quick_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CMA_CLIP_CACHE", str(tmp_path / "cache"))  # the review queue's features and predictions
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--out-json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert set(doc["figures"]) == {"latency_bundled", "latency_open_clip", "app_predict", "feature_cache",
-                                   "training", "batch_prediction"}
+    assert set(doc["figures"]) == {"latency_bundled", "latency_open_clip", "app_predict", "startup", "concurrency",
+                                   "review", "feature_cache", "training", "batch_prediction"}
     expected = {
         "latency_bundled": {"p50_s", "p95_s", "explained_p50_s", "backbone_p50_s", "forward_p50_s", "fusion_ratio"},
         "latency_open_clip": {"p50_s", "p95_s", "backbone_p50_s", "forward_p50_s", "fusion_ratio"},
-        "app_predict": {"p50_s", "p95_s", "calls"},
+        "app_predict": {"p50_s", "p95_s", "calls", "predictor_p50_s", "ratio", "client_p50_s", "client_ratio"},
+        "startup": {"ready_s", "first_s", "warm_p50_s", "ratio"},
+        "concurrency": {"sequential_per_s", "concurrent_per_s", "ratio", "mean_batch"},
+        "review": {"items", "open_s", "resort_p50_s", "resort_max_s", "live_s"},
         "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio"},
         "training": {"epoch_seconds", "items_per_s"},
-        "batch_prediction": {"items_per_s"},
+        "batch_prediction": {"items_per_s", "backbone_items_per_s", "ratio", "ray_items_per_s",
+                             "ray_steady_items_per_s", "ray_ratio"},
     }
     for section, keys in expected.items():
         assert keys <= set(doc["figures"][section]), section

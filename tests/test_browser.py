@@ -38,7 +38,7 @@ def test_upload_predict_correct_save_and_see_history(running_app, page):
     _, studio = running_app
     enter_item(page)
     page.locator("#predict").click()
-    expect(page.locator("#predictions")).to_contain_text("colour_group_name", timeout=60_000)
+    expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
     expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
     slot = page.locator("#slot-0 input")
     expect(slot).to_be_visible()
@@ -80,7 +80,7 @@ def test_robustness_view_shows_clean_and_noisy(page):
     enter_item(page)
     page.get_by_role("tab", name="Robustness").click()
     page.locator("#probe").click()
-    expect(page.locator("#probe-table")).to_contain_text("colour_group_name", timeout=60_000)
+    expect(page.locator("#probe-table")).to_contain_text("Perceived colour", timeout=60_000)
     expect(page.locator("#noisy-heatmap img")).to_be_visible(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-robustness.png"), full_page=True)
 
@@ -97,7 +97,7 @@ def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_ap
     bad.write_text('"<img src=x onerror=""window.__xss=5"">",<script>window.__xss=6</script>\n1,2\n')
     enter_item(page, f"{payload} Striped tee")
     page.locator("#predict").click()
-    expect(page.locator("#predictions")).to_contain_text("colour_group_name", timeout=60_000)
+    expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
     slot = page.locator("#slot-0 input")
     slot.fill(payload)
     slot.press("Enter")

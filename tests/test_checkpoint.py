@@ -94,3 +94,28 @@ def test_hub_download_fetches_the_backbone_only_of_a_finetuned_checkpoint(small_
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     assert hub.download_checkpoint("team/cma-clip") == repo
     assert asked == ["config.json", "model.safetensors"] + (["backbone.safetensors"] if finetuned else [])
+
+
+def test_tasks_have_display_names_and_old_configs_get_readable_ones(tmp_path):
+    from cma_clip.checkpoint import TaskSpec, read_config, readable_name
+
+    model = make_model()
+    config = meta(model)
+    config.tasks = {"graphical_appearance_name": TaskSpec(["Stripe"], display_name="Pattern"),
+                    "perceived_colour_master_name": TaskSpec(["Blue"])}  # written before display names
+    save_checkpoint(tmp_path / "ck", model, config)
+    assert read_config(tmp_path / "ck").display_names == {"graphical_appearance_name": "Pattern",
+                                                          "perceived_colour_master_name": "Perceived colour"}
+    assert [readable_name(c) for c in ("articleType", "baseColour", "index_group_name")] == \
+        ["Article type", "Base colour", "Index group"]
+
+
+@pytest.mark.parametrize("name", ["hm-articles", "fashion-product-images"])
+def test_shipped_checkpoints_name_every_task_for_people(name):
+    from cma_clip.checkpoint import read_config
+    from cma_clip.data import CatalogueConfig, REPO_ROOT
+
+    config = read_config(REPO_ROOT / "checkpoints" / name)
+    names = config.display_names
+    assert set(names) == set(config.tasks) and not any("_" in n for n in names.values())
+    assert CatalogueConfig.load(name).task_names == names  # the catalogue config names them for training runs

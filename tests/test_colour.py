@@ -133,3 +133,12 @@ def test_the_words_modality_reads_the_words_not_their_order_alone():
     batch.text_ids[1, 2] += 1  # one word changed
     assert not torch.allclose(before[1], model(batch).logits["kind"][1])
     torch.testing.assert_close(before[2], model(batch).logits["kind"][2])
+
+
+def test_the_modality_chart_draws_every_modality():
+    from cma_clip.viz import MODALITY_COLOURS, modality_chart
+
+    chart = np.asarray(modality_chart({"Colour": {"text": 0.1, "image": 0.2, "colour": 0.5, "words": 0.2}}))
+    pixels = {tuple(p) for p in chart.reshape(-1, 3)}
+    for name, hex_colour in MODALITY_COLOURS.items():
+        assert tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, name

@@ -1,9 +1,11 @@
 import json
+import sys
 
 import numpy as np
 import pytest
 
-from cma_clip.data import IGNORE, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, LabelVocab, read_manifest
+from cma_clip.data import (IGNORE, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, LabelVocab, read_manifest,
+                           write_table)
 from cma_clip.features import extract_features
 from conftest import HM
 
@@ -32,6 +34,30 @@ def test_csv_and_jsonl_manifests_read_the_same(tmp_path):
     csv_rows = read_manifest(write_catalogue(tmp_path, [dict(r) for r in rows]))
     jsonl_rows = read_manifest(write_catalogue(tmp_path, [dict(r) for r in rows], "items.jsonl"))
     assert csv_rows == jsonl_rows
+
+
+def test_parquet_manifests_read_as_csv_ones_and_tables_round_trip(tmp_path):
+    rows = [{"title": "red dress", "colour": "Red", "year": "2019"},
+            {"title": "blue shirt", "colour": "NA", "year": ""}]
+    csv_rows = read_manifest(write_catalogue(tmp_path, [dict(r) for r in rows]))
+    assert read_manifest(write_table(tmp_path / "items.parquet", csv_rows)) == csv_rows
+    records = [{"id": "a", "confidence": 0.5, "auto_accept": True},
+               {"id": "b", "confidence": 0.25, "auto_accept": False}]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(write_table(tmp_path / "out.parquet", records)).to_pylist() == records  # types kept
+
+
+def test_parquet_errors_are_clear(tmp_path, monkeypatch):
+    (tmp_path / "broken.parquet").write_text("id,title\n1,shirt\n")
+    with pytest.raises(CatalogueError, match="broken.parquet is not a readable Parquet file"):
+        read_manifest(tmp_path / "broken.parquet")
+    many = write_table(tmp_path / "many.parquet", [{"id": str(i)} for i in range(5)])
+    with pytest.raises(CatalogueError, match="more than 4 rows"):
+        read_manifest(many, max_rows=4)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # an install without the optional extra
+    with pytest.raises(CatalogueError, match="pip install -r requirements-ray.txt"):
+        read_manifest(many)
 
 
 def test_missing_and_unknown_labels(tmp_path):

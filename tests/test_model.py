@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from cma_clip.backbones import EncoderOutput
-from cma_clip.model import FUSIONS, MODALITY_FUSIONS, CMAClip, CMAClipConfig, fixed_weights, multitask_loss, no_decay
+from cma_clip.model import (FUSIONS, MODALITY_FUSIONS, CMAClip, CMAClipConfig, absent_texts, fixed_weights, multitask_loss,
+                            no_decay)
 
 TASKS = {"colour": 5, "pattern": 3}
 
@@ -183,3 +184,17 @@ def test_a_task_without_labels_adds_nothing_to_the_loss():
     alone = multitask_loss({"colour": logits["colour"]}, {"colour": torch.tensor([0, 1, 2])})
     both = multitask_loss(logits, {"colour": torch.tensor([0, 1, 2]), "pattern": torch.tensor([-1, -2, -1])})
     torch.testing.assert_close(both, alone)
+
+
+def test_an_absent_text_puts_all_of_the_weight_on_the_image():
+    model, batch = make_model(), make_batch()
+    with torch.no_grad():
+        model.modality.queries.zero_()  # an even split, as an empty text gets about half of the weight
+    plain = model(batch)
+    absent = model(batch, text_absent=torch.tensor([True, False, False]))
+    for task, weights in absent.modality_weights.items():
+        torch.testing.assert_close(weights[0], torch.tensor([0.0, 1.0]))
+        torch.testing.assert_close(weights[1:], plain.modality_weights[task][1:])  # the others keep theirs
+        torch.testing.assert_close(absent.logits[task][1:], plain.logits[task][1:])
+        assert not torch.allclose(absent.logits[task][0], plain.logits[task][0])
+    assert absent_texts(["a tee", " "]).tolist() == [False, True] and absent_texts(["a tee"]) is None

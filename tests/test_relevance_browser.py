@@ -38,20 +38,20 @@ def choose(page, elem_id: str, option: str) -> None:
 
 def test_each_task_gets_its_own_relevance_map(running_app, page):
     _, studio = running_app
-    tasks = studio.predictor("hm-articles").tasks
+    tasks, names = studio.predictor("hm-articles").tasks, studio.predictor("hm-articles").names
     page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
     page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
     page.locator("#predict").click()
-    expect(page.locator("#predictions")).to_contain_text("colour_group_name", timeout=60_000)
+    expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
     expect(page.locator("#map-note")).to_contain_text("estimates", timeout=30_000)
-    expect(page.locator("#map-note")).to_contain_text(tasks[0])
+    expect(page.locator("#map-note")).to_contain_text(names[tasks[0]])  # tasks by the names people read
     expect(page.locator("#word-relevance")).to_contain_text("T-shirt")  # whole words, not word pieces
     expect(page.locator("#word-relevance")).not_to_contain_text("##")
     sources = {tasks[0]: heatmap_source(page)}
     page.locator("#heatmap").screenshot(path=str(ARTIFACTS / f"relevance-{tasks[0]}.png"))
     for task in tasks[1:]:
-        choose(page, "explain-task", task)
-        expect(page.locator("#map-note")).to_contain_text(task, timeout=30_000)
+        choose(page, "explain-task", names[task])
+        expect(page.locator("#map-note")).to_contain_text(names[task], timeout=30_000)
         sources[task] = changed_from(page, sources[list(sources)[-1]])
         page.locator("#heatmap").screenshot(path=str(ARTIFACTS / f"relevance-{task}.png"))
     assert len(set(sources.values())) == len(tasks)  # a different map for every task
@@ -69,16 +69,16 @@ def test_each_task_gets_its_own_relevance_map(running_app, page):
 
 def test_robustness_shows_relevance_clean_and_noisy(running_app, page):
     _, studio = running_app
-    tasks = studio.predictor("hm-articles").tasks
+    tasks, names = studio.predictor("hm-articles").tasks, studio.predictor("hm-articles").names
     page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
     page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
     page.get_by_role("tab", name="Robustness").click()
     page.locator("#probe").click()
-    expect(page.locator("#probe-table")).to_contain_text("colour_group_name", timeout=60_000)
+    expect(page.locator("#probe-table")).to_contain_text("Perceived colour", timeout=60_000)
     expect(page.locator("#probe-shift")).to_contain_text("moved", timeout=30_000)
     expect(page.locator("#clean-heatmap img")).to_be_visible()
     before = page.locator("#noisy-heatmap img").get_attribute("src")
-    choose(page, "probe-task", tasks[2])
-    expect(page.locator("#probe-shift")).to_contain_text(tasks[2], timeout=30_000)
+    choose(page, "probe-task", names[tasks[2]])
+    expect(page.locator("#probe-shift")).to_contain_text(names[tasks[2]], timeout=30_000)
     changed_from(page, before, "#noisy-heatmap img")
     page.screenshot(path=str(ARTIFACTS / "relevance-robustness.png"), full_page=True)

@@ -8,7 +8,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from cma_clip.data import read_manifest
+from cma_clip.data import CatalogueConfig, read_manifest
 from cma_clip.labels import content_item_id
 from cma_clip.studio import ALL_TASKS, THRESHOLDS, Studio, clean_text
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, serving
@@ -16,6 +16,7 @@ from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, serving
 MODEL = "hm-articles"
 OTHER_IMAGE = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
 COLOUR = "colour_group_name"
+COLOUR_NAME = "Colour"  # what the app's tables show for it (cma_clip/configs/hm-articles.json)
 PATTERN = "graphical_appearance_name"  # bulk accepted by one scenario only
 
 
@@ -58,8 +59,8 @@ def slots(answer: dict) -> list:
 
 def with_label(answer: dict, task: str, label: str) -> list:
     values = slots(answer)
-    tasks = [answer[f"task {n}"].get("label") for n in range(1, 9)]
-    values[tasks.index(task)] = label
+    shown = [answer[f"task {n}"].get("label") for n in range(1, 9)]  # each control is labelled by its task's name
+    values[shown.index(CatalogueConfig.load("hm-articles").task_names[task])] = label
     return values
 
 
@@ -236,7 +237,7 @@ def test_undo_restores_the_previous_label_and_previous_goes_back(review_app):
     assert current_item(gil("/review_next", "gil")) == current_item(after)
     history = gil("/item_history", item)
     rows = history[next(iter(history))]["data"]
-    assert [(r[2], r[5]) for r in rows if r[1] == COLOUR] == [("label", "gil"), ("label", "fay"), ("undo", "fay")]
+    assert [(r[2], r[5]) for r in rows if r[1] == COLOUR_NAME] == [("label", "gil"), ("label", "fay"), ("undo", "fay")]
 
 
 # ---------------------------------------------------------------------------- 7. bulk accept
@@ -295,7 +296,7 @@ def test_agreement_audit_and_export_provenance(review_app):
             assert "Saved correction" in labeler("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT,
                                                  MODEL, labeler.name, item, *labels, "")["save status"]
     table = jo("/agreement")
-    row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR)
+    row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
     pairs = studio.store.agreement([COLOUR])[COLOUR]
     assert (row[1], row[2], row[3]) == (pairs["items"], round(pairs["raw"], 3), round(pairs["kappa"], 3))
     assert pairs["items"] >= 3 and {"jo", "kim"} <= set(row[4].split(", "))

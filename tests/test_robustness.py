@@ -12,9 +12,9 @@ from cma_clip.backbones import to_rgb
 from cma_clip.data import Catalogue, CatalogueConfig, load_image, write_table
 from cma_clip.noise import SEVERITIES, corrupt_image
 from cma_clip.predict import Predictor
-from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probe
+from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probe, sweep_item
 from cma_clip.runtime import bf16_supported
-from cma_clip.studio.views import probe_rows
+from cma_clip.studio.views import percent, probe_rows
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
 
@@ -60,7 +60,7 @@ def test_probe_at_severity_zero_is_the_clean_prediction(predictor, image):
     assert np.array_equal(np.asarray(result.noisy_image), np.asarray(to_rgb(image)))
     assert_same_prediction(result.clean, result.noisy)
     assert_same_prediction(result.clean, predictor.predict(image, EXAMPLE_TEXT))
-    assert all(row[5] == "same" for row in probe_rows(result))
+    assert all(row[5] == "+0 pts" and row[6] == "same" for row in probe_rows(result))
     switched_off = probe(predictor, image, EXAMPLE_TEXT, None, 5, "none", 5)
     assert switched_off.noisy_text == EXAMPLE_TEXT and switched_off.noisy_image is image
 
@@ -72,15 +72,19 @@ def test_strong_corruption_changes_the_inputs_and_compares_every_task(predictor,
     assert not np.array_equal(np.asarray(result.noisy_image), np.asarray(to_rgb(image)))
     assert result.clean.text_to_image is not None and result.noisy.text_to_image is not None
     rows = probe_rows(result)
-    assert [row[0] for row in rows] == predictor.tasks
-    for task, clean_label, clean_conf, noisy_label, noisy_conf, verdict, clean_w, noisy_w in rows:
+    assert [row[0] for row in rows] == [predictor.names[t] for t in predictor.tasks]  # names a person reads
+    for task, (_, clean_label, clean_conf, noisy_label, noisy_conf, change, verdict, clean_w, noisy_w) in zip(
+            predictor.tasks, rows):
         clean, noisy = result.clean.tasks[task], result.noisy.tasks[task]
         assert (clean_label, noisy_label) == (clean.label, noisy.label)
-        assert clean_conf == round(clean.confidence, 3) and noisy_conf == round(noisy.confidence, 3)
+        assert (clean_conf, noisy_conf) == (percent(clean.confidence), percent(noisy.confidence))
+        points = round(100 * (noisy.confidence - clean.confidence))
+        assert change == f"{'+' if points >= 0 else '−'}{abs(points)} pts"
         assert verdict == ("same" if clean_label == noisy_label else "changed")
-        assert (clean_w, noisy_w) == (round(clean.modality_weights["image"], 3), round(noisy.modality_weights["image"], 3))
+        assert (clean_w, noisy_w) == (percent(clean.modality_weights["image"]),
+                                      percent(noisy.modality_weights["image"]))
     # the corruption moves the model: some task's confidence or image weight shifts
-    assert any(abs(c[2] - c[4]) > 1e-3 or abs(c[6] - c[7]) > 1e-3 for c in rows)
+    assert any(c[5] != "+0 pts" or c[7] != c[8] for c in rows)
 
 
 def test_item_sweep_tracks_the_clean_prediction_over_severities(predictor, image, sweep):
@@ -171,11 +175,24 @@ def test_robustness_figures(predictor, image, sweep, swept):
         assert list(ax.lines[0].get_ydata()) == sweep[mode][predictor.tasks[0]]
     assert len(viz.item_sweep_figure({}).axes) == 1
 
+    names = {task: f"Task {i}" for i, task in enumerate(predictor.tasks)}
+    weights = sweep_item(predictor, image, EXAMPLE_TEXT, "occlusion", "word_mask", seed=1)
+    assert weights.confidence == sweep
+    both = viz.item_sweep_figure(weights.confidence, weights.image_weight, names)
+    assert len(both.axes) == 2 * len(MODES)  # a row of confidences, a row of image weights
+    for ax, mode in zip(both.axes[len(MODES):], MODES):
+        assert list(ax.lines[0].get_ydata()) == weights.image_weight[mode][predictor.tasks[0]]
+    assert [t.get_text() for t in both.legends[0].get_texts()] == list(names.values())
+
     rows, _ = swept
-    ax = viz.catalogue_sweep_figure(rows).axes[0]
-    assert [line.get_label() for line in ax.lines] == [f"{m} noise" for m in MODES]
-    means = [r["accuracy"] for r in rows if r["mode"] == "both" and r["task"] == "mean"]
-    assert list(ax.lines[2].get_ydata()) == means and list(ax.lines[2].get_xdata()) == list(SEVERITIES)
+    figure = viz.catalogue_sweep_figure(rows, names=names)
+    assert [ax.get_title() for ax in figure.axes] == [f"{m} noise" for m in MODES]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    for ax, mode in zip(figure.axes, MODES):  # a curve per task and the mean
+        assert [line.get_label() for line in ax.lines] == [names.get(t, "mean over tasks") for t in tasks]
+        for line, task in zip(ax.lines, tasks):
+            values = [r["accuracy"] for r in rows if r["mode"] == mode and r["task"] == task]
+            assert list(line.get_ydata()) == values and list(line.get_xdata()) == list(SEVERITIES)
 
     result = probe(predictor, image, EXAMPLE_TEXT, "blur", 5, "truncation", 5)
     clean = {t: p.modality_weights for t, p in result.clean.tasks.items()}

@@ -10,13 +10,19 @@ from cma_clip.studio import StudioError, clean_text, views
 from cma_clip.studio.views import (heatmap, history_rows, modality_figure, prediction_rows, review_progress,
                                    text_shading, token_choices)
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
+from test_viz import bar_shares
 
 
 def test_predict_and_explain(studio):
     result = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
     rows = prediction_rows(result)
-    assert [r[0] for r in rows] == studio.predictor("hm-articles").tasks
-    assert all(0 < r[2] <= 1 for r in rows)
+    predictor = studio.predictor("hm-articles")
+    assert [r[0] for r in rows] == [predictor.names[t] for t in predictor.tasks]
+    assert predictor.names["graphical_appearance_name"] == "Pattern"  # the catalogue config's name
+    for row, p in zip(rows, result.tasks.values()):  # one format: percent, the threshold beside the verdict
+        assert row[2] == views.percent(p.confidence) and row[2].endswith("%")
+        assert p.threshold is None or views.percent(p.threshold) in row[3]
+        assert row[3].startswith("✓ auto-accept") == p.auto_accept
     choices, best = token_choices(result, "colour_group_name")
     assert best is not None and best in [index for _, index in choices]
     assert all(not label.startswith("[") for label, _ in choices)  # [CLS]/[SEP] are not offered
@@ -28,7 +34,9 @@ def test_predict_and_explain(studio):
     shading = text_shading(result)
     assert shading and all(word.strip() in EXAMPLE_TEXT.lower() for word, _ in shading)
     assert max(score for _, score in shading) == 1.0
-    assert len(modality_figure(result).axes[0].patches) == 2 * len(rows)
+    shares = bar_shares(modality_figure(result))
+    assert len(shares) == len(rows)
+    assert all(abs(share - p.modality_weights["text"]) < 0.01 for share, p in zip(shares, result.tasks.values()))
 
 
 @pytest.mark.parametrize("image, message", [(None, "Upload a product image"), ("missing.jpg", "not found")])
@@ -279,7 +287,9 @@ def test_probe_and_sweeps_through_the_studio(studio):
     with pytest.raises(StudioError, match="Choose an image or a text corruption"):
         studio.item_sweep(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "none", "none")
     sweep = studio.item_sweep(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "jpeg", "none")
-    assert list(sweep) == ["image"] and all(len(v) == 6 for v in sweep["image"].values())
+    assert list(sweep.confidence) == list(sweep.image_weight) == ["image"]
+    assert all(len(v) == 6 for part in (sweep.confidence, sweep.image_weight) for v in part["image"].values())
+    assert all(0 <= w <= 1 for v in sweep.image_weight["image"].values() for w in v)
     rows, path = studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0)
     assert {r["mode"] for r in rows} == {"text"} and path.exists()
     assert read_manifest(path)[0].keys() >= {"mode", "severity", "task", "accuracy", "n"}
@@ -313,3 +323,35 @@ def test_the_studio_imports_neither_the_app_nor_gradio(name):
     assert "cma_clip.studio.service" in modules or "cma_clip.predict" in modules  # the check reads the imports
     assert forbidden(modules) == set()
     assert forbidden(imported_modules(STUDIO.parent.parent / "app.py")) >= {"gradio"}  # ... and would see them
+
+
+def test_percent_verdict_and_operating_figures():
+    assert [views.percent(v) for v in (0.5, 0.962, 0.99290, 0.99991, 0.999996, 1.0, 0.0, 1e-6, None)] == \
+        ["50%", "96%", "99.3%", "99.99%", ">99.99%", "100%", "0%", "<0.01%", "—"]
+    from cma_clip.predict import TaskPrediction
+
+    p = TaskPrediction(["Sports"], [0.589], {"text": 0.5, "image": 0.5}, 0.43, True, "Usage")
+    assert views.verdict(p) == "✓ auto-accept (≥ 43%)"
+    assert views.verdict(p, text_absent=True) == "no text: not auto-accepted (≥ 43%)"
+    assert views.verdict(TaskPrediction(["x"], [0.3], {}, 0.87, False)) == "below 87%"
+    assert views.verdict(TaskPrediction(["x"], [0.3], {}, None, False)) == "no threshold holds 90%"
+    metrics = {"tasks": {"graphical_appearance_name": {
+        "n": 1002, "threshold": 0.978, "auto_accepted": 396, "auto_accept_precision": 0.9268,
+        "auto_accept_precision_ci": [0.8914, 0.9535], "operating_recall": 0.3663},
+        "index_group_name": {"n": 1002, "threshold": None, "auto_accepted": 0}}}
+    text = views.operating_figures(metrics, {"graphical_appearance_name": "Pattern"})
+    assert "1,002 held-out test items" in text and "_name" not in text
+    assert "**Pattern**: 93% precision [89%–95%] at ≥ 98%; labels 37% of items correctly" in text
+    assert "**Index group**: no threshold holds 90%" in text
+    assert views.operating_figures({}, {}) == ""
+
+
+def test_an_empty_text_rests_on_the_image_and_is_never_auto_accepted(studio):
+    result = studio.predict(str(EXAMPLE_IMAGE), "   ", "hm-articles")
+    assert result.text_absent and views.text_note(result) == views.NO_TEXT_NOTE
+    assert all(p.modality_weights == {"text": 0.0, "image": 1.0} and not p.auto_accept for p in result.tasks.values())
+    assert all(row[3].startswith(("no text", "no threshold")) for row in prediction_rows(result))
+    batch = studio.predictor("hm-articles").predict_batch([result.model_image], [""])[0]
+    assert batch.text_absent and not any(p.auto_accept for p in batch.tasks.values())
+    with_text = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
+    assert not with_text.text_absent and views.text_note(with_text) == ""

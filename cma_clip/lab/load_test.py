@@ -2,11 +2,12 @@
 
     python -m cma_clip.lab.load_test                          # starts `python app.py`, 50 concurrent, then 500 in a row
     python -m cma_clip.lab.load_test --concurrent 10 --sequential 30
+    python -m cma_clip.lab.load_test --sequential 0           # the burst only
     python -m cma_clip.lab.load_test --url http://127.0.0.1:7860/ --pid 1234   # an app already running
 
 Reports the errors, the p50/p95/max latency of the concurrent burst (each call timed from
-its submission, so queueing counts), and the server's resident memory (VmRSS) before,
-during and after the sequential run. tests/test_load.py runs a small version.
+its submission, so queueing counts; each call downloads its output files, as a browser
+does), and the server's resident memory (VmRSS) before, during and after the sequential run. tests/test_load.py runs a small version.
 """
 from __future__ import annotations
 
@@ -49,10 +50,13 @@ def predict_once(client: Client, text: str = TEXT) -> float:
     return seconds
 
 
+HTTP_TIMEOUT = 120  # s, each upload, queue join and download (httpx's default of 5 s is shorter than a burst's queue)
+
+
 def concurrent(url: str, n: int) -> tuple[list[float], list[str]]:
     """`n` /predict calls at once, each from its own client (its own session, as n users);
     returns the latencies of the successful calls and the errors."""
-    clients = [Client(url, verbose=False) for _ in range(n)]
+    clients = [Client(url, verbose=False, httpx_kwargs={"timeout": HTTP_TIMEOUT}) for _ in range(n)]
 
     def one(i: int) -> float | str:
         try:
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v:.2f} s" for k, v in stats.items()))
         for error in errors[:5]:
             print("  error:", error)
+        if not args.sequential:
+            return 1 if errors else 0
         result = sequential(url, args.sequential, pid)
         stats = percentiles(result["latencies"])
         print(f"{args.sequential} sequential /predict: " + ", ".join(f"{k} {v:.2f} s" for k, v in stats.items()))

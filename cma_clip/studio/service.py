@@ -12,8 +12,10 @@ components and wires events.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -24,21 +26,27 @@ from PIL import Image
 
 from .. import mislabels, noise, review, robustness
 from ..backbones import BackboneError
-from ..checkpoint import CheckpointError, is_checkpoint, read_config
+from ..catalogue_predictions import catalogue_predictions
+from ..checkpoint import CheckpointConfig, CheckpointError, is_checkpoint, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
                     join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel, content_item_id
-from ..predict import Prediction, Predictor
+from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
+                      content_item_id)
+from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
+from . import uploads
+from .batching import MicroBatcher
 from .workflow import (ALL_TASKS, CHOICES_KEPT, THRESHOLDS, BulkOutcome, ItemView, ReviewItem, ReviewQueue,
-                       SaveOutcome, Shown, UndoOutcome)
+                       SaveOutcome, Shown, UndoOutcome, new_id)
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
 MAX_TEXT_CHARS = 5000
 MAX_SWEEP_ITEMS = 500  # a catalogue sweep costs about 0.4 s per item on 2 CPU cores
-MAX_QUEUE_ITEMS = 1000  # a review sample; predicted at about 20 items/s on 2 CPU cores
+MAX_QUEUE_ITEMS = 2000  # a review sample: read from kept catalogue predictions, else predicted (~20 items/s on 2 cores)
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds take it
+MAX_BATCH = 16  # concurrent /predict calls answered by one batch (`MicroBatcher`)
 SPLITS = ("train", "val", "test")
 MISLABEL_ORDER = "most_suspect_label"  # a suspected-mislabels queue keeps the ranking of cma_clip.mislabels
 BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
@@ -67,13 +75,24 @@ class Studio:
     """Models, the label store and the app's actions. Thread-safe: Gradio calls it from many threads."""
 
     def __init__(self, checkpoint_dir: str | Path = CHECKPOINT_DIR, data_dir: str | Path | None = None,
-                 device: str | None = None, data_root: str | Path | None = None) -> None:
+                 device: str | None = None, data_root: str | Path | None = None, cache_dir: str | Path | None = None,
+                 catalogue_limit: int | None = None) -> None:
+        """`cache_dir`: the feature cache and the kept catalogue predictions ($CMA_CLIP_CACHE by default);
+        `catalogue_limit`: review only the first N items of each split of a catalogue (quick runs, tests)."""
         self.checkpoints = available_checkpoints(checkpoint_dir)
         self.data_dir = Path(data_dir or default_data_dir())
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = LabelStore(self.data_dir / "labels.db")
+        self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
         self.device, self.data_root = device, data_root
+        self.cache_dir, self.catalogue_limit = cache_dir, catalogue_limit
         self._predictors: dict[str, Predictor] = {}
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._batchers: dict[str, MicroBatcher] = {}
+        self._opened: dict[str, Catalogue] = {}  # catalogue name -> the whole catalogue, for review queues
+        self._scores: dict[tuple[str, str], Scores | None] = {}  # (model, split) -> its kept catalogue predictions
+        self.loading: threading.Thread | None = None
+        self.load_seconds: float | None = None
         self._lock = threading.Lock()
         self._queue_locks: dict[str, threading.Lock] = {}
         self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
@@ -90,9 +109,14 @@ class Studio:
         self.checkpoints[name] = Path(folder)
 
     def predictor(self, name: str | None) -> Predictor:
-        if not name or name not in self.checkpoints:
+        """The model `name`, loaded on first use (a call while it loads waits for that load)."""
+        if not isinstance(name, str) or name not in self.checkpoints:
             raise StudioError(f"Unknown model {name!r}. Choose one of: {', '.join(self.checkpoints) or 'none found'}.")
+        if name in self._predictors:
+            return self._predictors[name]
         with self._lock:
+            lock = self._model_locks.setdefault(name, threading.Lock())
+        with lock:  # one load per model; the other models stay usable meanwhile
             if name not in self._predictors:
                 try:
                     self._predictors[name] = Predictor.from_checkpoint(self.checkpoints[name], self.device)
@@ -100,22 +124,82 @@ class Studio:
                     raise StudioError(f"Model {name!r} cannot be loaded: {exc}") from exc
             return self._predictors[name]
 
+    def load_models(self, names: list[str] | None = None) -> threading.Thread:
+        """Load the models (all by default, the first one first) and run one prediction on each, in a
+        background thread, so that the first user's prediction finds them loaded and warm. Returns the
+        thread (`wait_loaded` joins it); a model that cannot load is left for its first use to report."""
+        def load() -> None:
+            started = time.perf_counter()
+            for name in names if names is not None else self.model_names:
+                try:
+                    self.warm_up(name)
+                except StudioError:
+                    continue
+            self.load_seconds = time.perf_counter() - started
+
+        self.loading = threading.Thread(target=load, name="load-models", daemon=True)
+        self.loading.start()
+        return self.loading
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Wait for `load_models` to finish; True when it has (or never started)."""
+        if self.loading is not None:
+            self.loading.join(timeout)
+        return self.loading is None or not self.loading.is_alive()
+
+    def warm_up(self, name: str) -> None:
+        """Load a model and run one explained prediction of a blank item through it (kernels, buffers)."""
+        predictor = self.predictor(name)
+        blank = Image.new("RGB", (predictor.backbone.image_size,) * 2, "white")
+        self._batcher(name).submit((blank, "warm up: a plain white cotton t-shirt"))
+
+    def _batcher(self, name: str) -> MicroBatcher:
+        predictor = self.predictor(name)
+        with self._lock:
+            if name not in self._batchers:
+                def run(items: list[tuple[Image.Image, str]]) -> list[Prediction]:
+                    return predictor.predict_many([image for image, _ in items], [text for _, text in items])
+                self._batchers[name] = MicroBatcher(run, MAX_BATCH, name=f"predict-{name}")
+            return self._batchers[name]
+
     def task_classes(self, model: str) -> dict[str, list[str]]:
         return self.predictor(model).classes
 
     def tasks_of(self, model: str) -> list[str]:
         """A model's tasks read from its config, without loading it ([] when it cannot be read)."""
-        if model in self._predictors:
-            return self._predictors[model].tasks
         try:
-            return list(read_config(self.checkpoints[model]).classes)
+            return list(self._config(model).classes)
         except (KeyError, CheckpointError):
             return []
 
+    def display_names(self, model: str | None = None) -> dict[str, str]:
+        """Task -> the name the app shows: one model's tasks, or (None) every model's (the history spans them)."""
+        names: dict[str, str] = {}
+        for name in ([model] if model else self.model_names):
+            try:
+                names.update(self._config(name).display_names)
+            except (KeyError, CheckpointError):
+                continue
+        return names
+
+    def held_out_metrics(self, model: str) -> dict:
+        """The model's report on its held-out `test` split as its config records it ({} when none)."""
+        try:
+            return self._config(model).metrics.get("test", {})
+        except (KeyError, CheckpointError):
+            return {}
+
+    def _config(self, model: str) -> CheckpointConfig:
+        """A model's config: its predictor's when loaded, else read from its folder (KeyError: no such model)."""
+        if model in self._predictors:
+            return self._predictors[model].config
+        return read_config(self.checkpoints[model])
+
     # ------------------------------------------------------------------ predict and explain
     def predict(self, image_path: str | None, text: str | None, model: str) -> Prediction:
+        """One item with its explanations; concurrent calls on a model run together as one batch."""
         image = open_user_image(image_path)
-        return self.predictor(model).predict(image, clean_text(text), top_k=3)
+        return self._batcher(model).submit((image, clean_text(text)))
 
     # ------------------------------------------------------------------ correct and save one item
     def save_correction(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
@@ -134,13 +218,16 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
 
-    def resolve_item_id(self, image_path: str | None, text: str | None, item_id: str | None) -> str:
+    def resolve_item_id(self, image_path: str | None, text: str | None, item_id: str | None,
+                        decoded: bool = False) -> str:
         """The id a save of this image and text goes under: the catalogue id given, else the
-        content id (image bytes + text), so an upload without an id never takes another item's."""
+        content id (image bytes + text), so an upload without an id never takes another item's.
+        `decoded`: the image was already opened (and checked) by the caller."""
         explicit = (item_id or "").strip()
         if explicit:
             return explicit
-        open_user_image(image_path)  # a worded error for unreadable files
+        if not decoded:
+            open_user_image(image_path)  # a worded error for unreadable files
         try:
             return content_item_id(Path(image_path), clean_text(text))
         except LabelStoreError as exc:
@@ -160,7 +247,7 @@ class Studio:
         """The Predict tab's item: the prediction, and the item's saved labels under its id
         (and the catalogue's own labels, when the id is one of the model's catalogue)."""
         prediction = self.predict(image_path, text, model)
-        resolved = self.resolve_item_id(image_path, text, item_id)
+        resolved = self.resolve_item_id(image_path, text, item_id, decoded=True)
         return prediction, self.model_view(model, resolved, prediction, bool((item_id or "").strip()))
 
     def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
@@ -215,8 +302,7 @@ class Studio:
         if not image_path:
             raise StudioError("Upload the item's image before saving a correction.")
         image = open_user_image(image_path)  # refuse unreadable files before anything is written
-        if not (annotator or "").strip():
-            raise StudioError("Enter your name in the annotator field, so the correction can be attributed.")
+        self._annotator(annotator, "correction")
         tasks = self.predictor(model).tasks
         chosen = {t: str(v).strip() for t, v in labels.items() if t in tasks and v is not None and str(v).strip()}
         if not chosen:
@@ -281,10 +367,12 @@ class Studio:
         """One page (from 1) of every decision, newest first, filtered; the rows, how many
         match and the page shown. Empty filters ("", "any") filter nothing."""
         def wanted(value: str | None) -> str | None:
+            if value is not None and not isinstance(value, str):
+                raise StudioError(f"The audit's filters take text, not {type(value).__name__}.")
             value = (value or "").strip()
             return None if value.lower() in ("", "any", "all", ALL_TASKS) else value
 
-        page = max(1, int(page or 1))
+        page = whole_number(page, "page", 1, 10**9, default=1)
         page_size = max(1, min(int(page_size or AUDIT_PAGE), 500))
         try:
             rows, total = self.store.audit(wanted(task), wanted(annotator), wanted(status), wanted(source),
@@ -332,8 +420,8 @@ class Studio:
             raise StudioError(f"Choose a split among {', '.join(SPLITS)}, not {split!r}.")
         tasks = self._queue_tasks(model, task)
         try:
-            config = CatalogueConfig.load(name, self.data_root)
-            catalogue = Catalogue.open(config, split=split)
+            whole = self.catalogue(name)
+            catalogue = whole.split(split)
             if not len(catalogue):
                 raise CatalogueError(f"its {split!r} split has no items")
             ids = catalogue.item_ids()
@@ -342,26 +430,59 @@ class Studio:
             if not pool:
                 raise StudioError(f"Every item of the {split} split is decided for {', '.join(tasks)}. Tick "
                                   "'show decided items' to review them again.")
-            size = max(1, min(int(size or 50), MAX_QUEUE_ITEMS, len(pool)))
+            size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(pool))
             picked = np.sort(np.random.default_rng(0).choice(pool, size=size, replace=False))
             sample = catalogue.take(picked)
             labels = {t: sample.labels(t) for t in predictor.tasks}
             items = [(item_id, str(path), text, {t: labels[t][n] for t in labels if labels[t][n]})
                      for n, (item_id, path, text) in enumerate(zip(sample.item_ids(), sample.image_paths(),
                                                                    sample.texts()))]
+            kept = self.catalogue_scores(model, split, progress)
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         notes = [f"{len(ids) - len(pool)} decided items of the split left out"] if len(pool) < len(ids) else []
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
                            max_conf=max_conf, show_decided=show_decided, split=split, annotator=annotator,
+                           scores=kept.take(picked) if kept is not None else None,
                            source=f"{name}, {split} split: {size} sampled of {len(pool)} "
                                   f"{'items' if show_decided else 'pending items'}")
+
+    def catalogue(self, name: str) -> Catalogue:
+        """The whole catalogue `name` (its first `catalogue_limit` items per split), opened once."""
+        with self._lock:
+            opened = self._opened.get(name)
+        if opened is None:
+            opened = Catalogue.open(CatalogueConfig.load(name, self.data_root))
+            if self.catalogue_limit:
+                opened = limit_splits(opened, self.catalogue_limit)
+            with self._lock:
+                self._opened[name] = opened
+        return opened
+
+    def catalogue_scores(self, model: str, split: str, progress: Progress | None = None) -> Scores | None:
+        """The model's predictions for every item of a split of its catalogue (`catalogue_predictions`:
+        computed once from the feature cache, then kept on disk and here); None when the catalogue's
+        features are not cached (a queue then predicts its sample)."""
+        key = (model, split)
+        with self._lock:
+            if key in self._scores:
+                return self._scores[key]
+        predictor = self.predictor(model)
+        if progress:
+            progress(0.0, "reading the catalogue's predictions (the first time: computed from its cached features)")
+        scores = catalogue_predictions(predictor, self.catalogue(predictor.config.catalogue.name), split,
+                                       self.cache_dir)
+        if scores is not None:  # features cached later (a mislabel ranking builds them) are picked up then
+            with self._lock:
+                self._scores[key] = scores
+        return scores
 
     def review_upload(self, model: str, manifest_path: str | None, image_paths: list[str] | None,
                       progress: Progress | None = None, *, strategy: str = STRATEGIES[0], task: str | None = None,
                       min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
                       annotator: str | None = None) -> ReviewQueue:
-        """An uploaded manifest and its images, matched by file name (uploads lose their folders)."""
+        """An uploaded manifest and its images (files, or a .zip keeping their folders), matched
+        by relative path (`uploads.match`) and kept in a folder of this upload's own."""
         if not manifest_path:
             raise StudioError("Upload a CSV or JSONL manifest.")
         predictor = self.predictor(model)
@@ -372,26 +493,42 @@ class Studio:
         except CatalogueError as exc:  # read_manifest names the bad row or encoding
             raise StudioError(f"Cannot read the manifest: {exc}") from exc
         needed = [config.image_column, *config.text_columns]
-        if not rows or any(c not in rows[0] for c in needed):
-            found = sorted(rows[0]) if rows else "no rows"
-            raise StudioError(f"The manifest needs the columns {needed} (found {found}).")
-        by_name = {Path(p).name: p for p in image_paths or []}
+        if not rows:
+            raise StudioError(f"The manifest has no rows: it needs the columns {needed} and a row per item.")
+        if lacking := [c for c in needed if c not in rows[0]]:
+            raise StudioError(f"The manifest lacks the column{'s' if len(lacking) > 1 else ''} "
+                              f"{', '.join(map(repr, lacking))}: it needs the columns {needed} "
+                              f"(found {sorted(rows[0])}).")
+        upload_id = new_id()
+        uploads.prune(self.uploads_dir, keep_ids={upload_id})
+        try:
+            images = uploads.receive(self.uploads_dir, upload_id, image_paths)
+            found, missing = uploads.match(images, [row[config.image_column] for row in rows])
+            kept = {i: uploads.keep(images, uploads.relative_path(rows[i][config.image_column]), path)
+                    for i, path in found.items()}
+        except (uploads.UploadError, OSError) as exc:
+            shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
+            raise StudioError(f"Cannot take the images: {exc}") from exc
+        uploads.discard_unused(images, set(kept.values()))
+        id_column = config.id_column if config.id_column in rows[0] else None
+        notes = [] if id_column or not config.id_column else [
+            f"no {config.id_column!r} column: items are keyed by their image path"]
         decided = set() if show_decided else self.store.decided_items(tasks)
-        items, notes, left_out = [], [], 0
-        for number, row in enumerate(rows, 1):
-            name = Path(row[config.image_column]).name
-            if name not in by_name:
-                notes.append(f"row {number}: image {name!r} was not uploaded")
+        items, left_out = [], 0
+        for number, row in enumerate(rows):
+            if number not in kept:
+                notes.append(f"row {number + 1}: {missing[number]}")
                 continue
-            item_id = row.get(config.id_column or "", "") or name
+            item_id = (row[id_column].strip() if id_column else "") or uploads.relative_path(row[config.image_column])
             if item_id in decided:
                 left_out += 1
                 continue
             catalogue = {t: row[t].strip() for t in predictor.tasks if not is_missing(row.get(t))}
-            items.append((item_id, by_name[name], join_text(row, config.text_columns), catalogue))
+            items.append((item_id, str(kept[number]), join_text(row, config.text_columns), catalogue))
         if left_out:
             notes.append(f"{left_out} decided items left out")
         if not items:
+            shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
             raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3]) if not left_out
                               else "Every uploaded item is decided. Tick 'show decided items' to review them again.")
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
@@ -424,7 +561,7 @@ class Studio:
         if not suspects:
             raise StudioError(f"No suspected mislabel of {task} is left to review ({len(ranked.suspects)} found, "
                               "all decided). Tick 'show decided items' to see them again.")
-        size = max(1, min(int(size or 50), MAX_QUEUE_ITEMS, len(suspects)))
+        size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(suspects))
         items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label})
                  for s in suspects[:size]]
         source = (f"{name}: the {size} most suspect {task} labels of {len(ranked.suspects)} suspects among "
@@ -451,10 +588,11 @@ class Studio:
                progress: Progress | None, *, tasks: list[str], strategy: str = STRATEGIES[0],
                min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
                split: str | None = None, source: str = "", annotator: str | None = None,
-               batch_size: int = 16, ranked: bool = False) -> ReviewQueue:
-        """Predict every item (all classes, for entropy), rank by `strategy` over `tasks` (or
-        keep the items' own order when they come `ranked`), keep those the confidence range
-        lets through, and keep the queue in the store."""
+               batch_size: int = 16, ranked: bool = False, scores: Scores | None = None) -> ReviewQueue:
+        """Rank the items by `strategy` over `tasks` (or keep their own order when they come
+        `ranked`), keep those the confidence range lets through, and keep the queue in the store.
+        `scores` are the items' kept predictions (every class, for entropy), row by row; without
+        them the items are predicted here."""
         if strategy not in STRATEGIES:
             raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
         min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
@@ -462,13 +600,44 @@ class Studio:
         if min_conf is not None and max_conf is not None and min_conf > max_conf:
             raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
         predictor = self.predictor(model)
-        all_classes = max(len(c) for c in predictor.classes.values())
         queue = ReviewQueue(model, notes=list(notes), tasks=list(tasks), source=source,
                             strategy=MISLABEL_ORDER if ranked else strategy,
                             split=split, filters={"task": tasks[0] if len(tasks) == 1 < len(predictor.tasks) else None,
                                                   "min_conf": min_conf, "max_conf": max_conf,
                                                   "show_decided": bool(show_decided)})
-        loaded: list[ReviewItem] = []
+        if scores is None:
+            items, scores = self._score_items(predictor, items, queue.notes, progress, batch_size)
+        if not items:
+            raise StudioError("No item could be loaded: " + "; ".join(queue.notes[:3]))
+        uncertainty = {s: {t: review.uncertainty(scores.probabilities[t], s) for t in predictor.tasks}
+                       for s in STRATEGIES}
+        order = np.arange(len(items)) if ranked else review.rank({t: scores.probabilities[t] for t in tasks},
+                                                                  strategy)
+        top = {t: scores.probabilities[t][order].max(1) for t in tasks}
+        kept = order[review.select([{t: float(top[t][n]) for t in tasks} for n in range(len(order))],
+                                   min_conf=min_conf, max_conf=max_conf)]
+        queue.sampled = len(items)
+        predictions = predictor.predictions(scores.take(kept), top_k=CHOICES_KEPT)
+        queue.items = [ReviewItem(*items[i][:3], prediction.tasks, catalogue=items[i][3],
+                                  uncertainty={s: {t: round(float(by_task[t][i]), 4) for t in by_task}
+                                               for s, by_task in uncertainty.items()})
+                       for i, prediction in zip(kept.tolist(), predictions)]
+        if not queue.items:
+            raise StudioError(f"None of the {len(items)} items has a confidence in the range chosen"
+                              f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
+        self.refresh(queue)
+        if not queue.show_decided and queue.current is not None and queue.current.status != "pending":
+            queue.advance()
+        self.keep_queue(queue, annotator)
+        return queue
+
+    @staticmethod
+    def _score_items(predictor: Predictor, items: list[tuple[str, str, str, dict[str, str]]], notes: list[str],
+                     progress: Progress | None, batch_size: int
+                     ) -> tuple[list[tuple[str, str, str, dict[str, str]]], Scores | None]:
+        """Predict items (every class) batch by batch: the items whose image opened, and their scores;
+        an image that cannot be opened is left out with a note."""
+        loaded, parts = [], []
         for start in range(0, len(items), batch_size):
             chunk, images = [], []
             for item_id, path, text, catalogue in items[start:start + batch_size]:
@@ -476,37 +645,13 @@ class Studio:
                     images.append(load_image(path))
                     chunk.append((item_id, str(path), text, catalogue))
                 except ImageError as exc:
-                    queue.notes.append(f"{item_id}: {exc}")
+                    notes.append(f"{item_id}: {exc}")
             if chunk:
-                predictions = predictor.predict_batch(images, [text for _, _, text, _ in chunk], top_k=all_classes)
-                loaded += [ReviewItem(i, p, t, pred.tasks, catalogue=c)
-                           for (i, p, t, c), pred in zip(chunk, predictions)]
+                parts.append(predictor.score_batch(images, [text for _, _, text, _ in chunk]))
+                loaded += chunk
             if progress:
                 progress(min(1.0, (start + batch_size) / len(items)), "predicting")
-        if not loaded:
-            raise StudioError("No item could be loaded: " + "; ".join(queue.notes[:3]))
-        full = {t: np.array([item.predictions[t].probabilities for item in loaded]) for t in predictor.tasks}
-        for s in STRATEGIES:
-            scores = {t: review.uncertainty(full[t], s) for t in predictor.tasks}
-            for n, item in enumerate(loaded):
-                item.uncertainty[s] = {t: round(float(scores[t][n]), 4) for t in predictor.tasks}
-        order = range(len(loaded)) if ranked else review.rank({t: full[t] for t in tasks}, strategy)
-        ranked = [loaded[i] for i in order]
-        kept = review.select([{t: item.predictions[t].confidence for t in tasks} for item in ranked],
-                             min_conf=min_conf, max_conf=max_conf)
-        queue.sampled = len(ranked)
-        queue.items = [ranked[i] for i in kept]
-        for item in queue.items:  # the full distributions were for the ranking: keep the top choices
-            for p in item.predictions.values():
-                p.labels, p.probabilities = p.labels[:CHOICES_KEPT], p.probabilities[:CHOICES_KEPT]
-        if not queue.items:
-            raise StudioError(f"None of the {len(ranked)} items has a confidence in the range chosen"
-                              f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
-        self.refresh(queue)
-        if not queue.show_decided and queue.current is not None and queue.current.status != "pending":
-            queue.advance()
-        self.keep_queue(queue, annotator)
-        return queue
+        return loaded, Scores.concatenate(parts) if parts else None
 
     # ------------------------------------------------------------------ review queue: state and persistence
     def refresh(self, queue: ReviewQueue) -> ReviewQueue:
@@ -518,7 +663,11 @@ class Studio:
         return queue
 
     def keep_queue(self, queue: ReviewQueue, annotator: str | None = None) -> None:
-        """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it)."""
+        """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it);
+        an uploaded queue's images count as used now (`uploads.prune` removes unused ones)."""
+        first = Path(queue.items[0].image_path) if queue.items else None
+        if first is not None and self.uploads_dir in first.parents:
+            uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
         try:
             self.store.save_queue(queue.queue_id, (annotator or "").strip(), queue.model, queue.to_payload(),
                                   max(0, queue.position))
@@ -700,10 +849,17 @@ class Studio:
         return item
 
     @staticmethod
-    def _annotator(annotator: str | None) -> str:
-        if not (annotator or "").strip():
-            raise StudioError("Enter your name in the annotator field, so the decision can be attributed.")
-        return annotator.strip()
+    def _annotator(annotator: str | None, what: str = "decision") -> str:
+        """The annotator's name, stripped: refused when empty, not text, or over `MAX_NAME_CHARS`."""
+        if annotator is not None and not isinstance(annotator, str):
+            raise StudioError(f"The annotator must be a name (text), not {type(annotator).__name__}.")
+        name = (annotator or "").strip()
+        if not name:
+            raise StudioError(f"Enter your name in the annotator field, so the {what} can be attributed.")
+        if len(name) > MAX_NAME_CHARS:
+            raise StudioError(f"The annotator's name is {len(name):,} characters long; the limit is "
+                              f"{MAX_NAME_CHARS}.")
+        return name
 
     def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:
         self.refresh(queue)
@@ -721,16 +877,16 @@ class Studio:
         """Clean and corrupted predictions of one item, side by side."""
         _check_noise(image_noise, text_noise)
         return robustness.probe(self.predictor(model), open_user_image(image_path), clean_text(text), image_noise,
-                                _severity(image_severity), text_noise, _severity(text_severity), int(seed or 0))
+                                _severity(image_severity), text_noise, _severity(text_severity), _seed(seed))
 
     def item_sweep(self, image_path: str | None, text: str | None, model: str, image_noise: str | None,
-                   text_noise: str | None, seed: int = 0) -> dict[str, dict[str, list[float]]]:
-        """Each task's confidence in its clean prediction at severities 0..5."""
+                   text_noise: str | None, seed: int = 0) -> robustness.ItemSweep:
+        """Each task's confidence in its clean prediction and its image weight at severities 0..5."""
         _check_noise(image_noise, text_noise)
         if not robustness.sweep_modes(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
-        return robustness.item_sweep(self.predictor(model), open_user_image(image_path), clean_text(text),
-                                     image_noise, text_noise, int(seed or 0))
+        return robustness.sweep_item(self.predictor(model), open_user_image(image_path), clean_text(text),
+                                     image_noise, text_noise, _seed(seed))
 
     def catalogue_sweep(self, model: str, size: int, image_noise: str | None, text_noise: str | None,
                         seed: int = 0, progress: Progress | None = None) -> tuple[list[dict], Path]:
@@ -741,11 +897,11 @@ class Studio:
         name = self.predictor(model).config.catalogue.name
         try:
             catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root), split="test",
-                                       limit=max(1, min(int(size or 50), MAX_SWEEP_ITEMS)))
+                                       limit=whole_number(size, "number of items", 1, MAX_SWEEP_ITEMS, default=50))
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise,
-                                          int(seed or 0), progress)
+                                          _seed(seed), progress)
         path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv", rows,
                            robustness.SWEEP_FIELDS)
         return rows, path
@@ -781,10 +937,31 @@ def _threshold(queue: ReviewQueue, task: str) -> float | None:
     return next((item.predictions[task].threshold for item in queue.items if task in item.predictions), None)
 
 
+def whole_number(value, what: str, low: int, high: int, default: int | None = None) -> int:
+    """A whole number from the UI or an API client, from `low` to `high` (`default` when empty);
+    anything else (text, a fraction, NaN, out of range) is refused with a message naming `what`."""
+    if default is not None and (value is None or (isinstance(value, str) and not value.strip())):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = float("nan")
+    if isinstance(value, bool) or not number.is_integer() or not low <= number <= high:
+        raise StudioError(f"The {what} must be a whole number from {low:,} to {high:,}, not {value!r}.")
+    return int(number)
+
+
+def _seed(value) -> int:
+    return whole_number(value, "seed", 0, MAX_SEED, default=0)
+
+
 def _severity(value) -> int:
-    severity = int(round(float(value or 0)))
-    if severity not in noise.SEVERITIES:
-        raise StudioError("Severities go from 0 (clean) to 5.")
+    try:
+        severity = int(round(float(0 if value is None else value)))
+    except (TypeError, ValueError, OverflowError):
+        severity = -1
+    if isinstance(value, bool) or severity not in noise.SEVERITIES:
+        raise StudioError(f"Severities go from 0 (clean) to 5, not {value!r}.")
     return severity
 
 
@@ -800,6 +977,9 @@ def open_user_image(path: str | None) -> Image.Image:
     """The uploaded image, decoded by `load_image` (size limit, EXIF, modes); unreadable files are a StudioError."""
     if not path:
         raise StudioError("Upload a product image (JPEG, PNG, WebP, GIF or BMP).")
+    if not Path(path).exists():
+        raise StudioError(f"The image {Path(path).name} was not found on the server (uploads are removed "
+                          f"{uploads.UPLOAD_HOURS:g} hours after their last use): upload it again.")
     try:
         return load_image(path)
     except ImageError as exc:

@@ -11,16 +11,23 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..checkpoint import readable_name
 from ..labels import Conflict, TaskState, UnknownClass
-from ..predict import Prediction
+from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import (SPECIAL_TOKENS, attention_overlay, modality_chart, modality_shift_chart, scaled_overlay,
                    token_highlights)
 from .workflow import (SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome, UndoOutcome)
 
-PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (90% precision)", "runners-up"]
-PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "change", "image weight clean",
-                 "image weight noisy"]
+PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshold)", "runners-up"]
+# in pixels, not shares: the table keeps readable columns and scrolls inside its box on a phone
+PREDICTION_WIDTHS = ["130px", "130px", "100px", "170px", "210px"]
+PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "conf. change", "label",
+                 "image weight clean", "image weight noisy"]
+PROBE_WIDTHS = ["130px", "120px", "90px", "120px", "90px", "100px", "90px", "100px", "100px"]
+NO_TEXT_NOTE = ("**No text: the prediction rests on the image only** (its modality weights are all on the image), "
+                "and nothing is auto-accepted: the thresholds hold 90% precision for items with a text; without "
+                "one, the auto-accepted held-out items reached only about 70%.")
 HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
 MAP_CHOICES = [("Relevance for the task", "relevance"), ("Attention (raw, last layer)", "attention")]
 MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the task's top score (LayerCAM on the image "
@@ -54,16 +61,75 @@ def plain(value: object) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]#|~<>" else ch for ch in text)
 
 
+# ---------------------------------------------------------------------- names and numbers
+def task_name(task: str, prediction: TaskPrediction | None = None, names: dict[str, str] | None = None) -> str:
+    """The name a person reads for a task: the prediction's, else `names`', else the column made readable."""
+    return (prediction.name if prediction is not None and prediction.name else None) or (names or {}).get(task) \
+        or readable_name(task)
+
+
+def task_choices(tasks: list[str], names: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(shown name, task) pairs for a dropdown or radio: people read names, events get the column."""
+    return [(task_name(task, names=names), task) for task in tasks]
+
+
+def percent(value: float | None) -> str:
+    """A probability as a percent; near 0% and 100% with the decimals that tell it apart from them
+    ("99.3%": a threshold of 99.3% must not read as 99%)."""
+    if value is None:
+        return "—"
+    if 0 < value < 0.00005 or 0.99995 <= value < 1:
+        return "<0.01%" if value < 0.5 else ">99.99%"
+    digits = 1 if 0 < value < 1 and not 0.01 <= value < 0.99 else 0
+    while 0 < digits < 2 and round(value * 100, digits) in (0, 100):
+        digits += 1
+    return f"{value:.{digits}%}"
+
+
+def verdict(p: TaskPrediction, text_absent: bool = False) -> str:
+    """Auto-accept or not, with the task's threshold beside it."""
+    if p.threshold is None:
+        return "no threshold holds 90%"
+    bar = f"≥ {percent(p.threshold)}"
+    if text_absent:
+        return f"no text: not auto-accepted ({bar})"
+    return f"✓ auto-accept ({bar})" if p.auto_accept else f"below {percent(p.threshold)}"
+
+
 # ---------------------------------------------------------------------- one prediction
 def prediction_rows(prediction: Prediction) -> list[list]:
-    """Rows for the predictions table: task, top-1, confidence, auto-accept, runners-up."""
+    """Rows for the predictions table: task, top-1, confidence, auto-accept with its threshold, runners-up."""
     rows = []
     for task, p in prediction.tasks.items():
-        mark = "✓ auto-accept" if p.auto_accept else (
-            "below threshold" if p.threshold is not None else "no 90% threshold")
-        others = ", ".join(f"{label} ({prob:.0%})" for label, prob in zip(p.labels[1:], p.probabilities[1:]))
-        rows.append([task, p.label, round(p.confidence, 3), mark, others])
+        others = ", ".join(f"{label} ({percent(prob)})" for label, prob in zip(p.labels[1:], p.probabilities[1:]))
+        rows.append([task_name(task, p), p.label, percent(p.confidence), verdict(p, prediction.text_absent), others])
     return rows
+
+
+def text_note(prediction: Prediction) -> str:
+    """The note under the text field: what an empty text means for the prediction ("" when there is one)."""
+    return NO_TEXT_NOTE if prediction.text_absent else ""
+
+
+def operating_figures(metrics: dict, names: dict[str, str]) -> str:
+    """What auto-accept did on held-out items, per task (`CheckpointConfig.metrics`' split report): its
+    precision with the 95% interval, at which threshold, and the share of items it labels correctly."""
+    tasks = (metrics or {}).get("tasks", {})
+    lines = []
+    for task, m in tasks.items():
+        name = plain(task_name(task, names=names))
+        if m.get("threshold") is None or not m.get("auto_accepted"):
+            lines.append(f"- **{name}**: no threshold holds 90% precision; nothing is auto-accepted.")
+            continue
+        low, high = m["auto_accept_precision_ci"]
+        lines.append(f"- **{name}**: {percent(m['auto_accept_precision'])} precision "
+                     f"[{percent(low)}–{percent(high)}] at ≥ {percent(m['threshold'])}; labels "
+                     f"{percent(m['operating_recall'])} of items correctly")
+    if not lines:
+        return ""
+    n = max((m.get("n", 0) for m in tasks.values()), default=0)
+    return (f"**Auto-accept on {n:,} held-out test items** (precision with its 95% interval, threshold, share of "
+            "items it labels correctly):\n" + "\n".join(lines))
 
 
 def token_choices(prediction: Prediction, task: str) -> tuple[list[tuple[str, int]], int | None]:
@@ -130,13 +196,14 @@ def image_map(prediction: Prediction, task: str | None, kind: str = "relevance",
     relevance = prediction.relevance.get(task or "")
     if relevance is None:
         return None
-    label = prediction.tasks[task].label if task in prediction.tasks else ""
+    p = prediction.tasks.get(task)
+    label, name = (p.label, task_name(task, p)) if p is not None else ("", task_name(task))
     coverage = prediction.photo_fraction
     fine = relevance.image_fine
     if coverage is not None and fine.shape[0] != prediction.grid_size:
         side = fine.shape[0]
         coverage = np.kron(coverage.reshape(prediction.grid_size, -1), np.ones((side // prediction.grid_size,) * 2))
-    return scaled_overlay(prediction.model_image, fine, opacity, title=f"Relevance for {task}: {label}",
+    return scaled_overlay(prediction.model_image, fine, opacity, title=f"Relevance for {name}: {label}",
                           unit="of the relevance per cell", coverage=coverage)
 
 
@@ -170,7 +237,8 @@ def relevance_summary(prediction: Prediction, task: str | None) -> str:
         return MAP_NOTE
     order = [i for i in np.argsort(-relevance.words, kind="stable") if any(c.isalnum() for c in prediction.words[i])]
     top = ", ".join(f"{code(prediction.words[i])} ({relevance.words[i]:.0%})" for i in order[:3])
-    line = (f"**{plain(task)}**: relevance on the image {relevance.image_share:.0%}, on the text "
+    name = plain(task_name(task, prediction.tasks.get(task)))
+    line = (f"**{name}**: relevance on the image {relevance.image_share:.0%}, on the text "
             f"{1 - relevance.image_share:.0%}" + (f"; most relevant words: {top}" if top else "") + ".")
     if relevance.padding_share >= 0.005:
         line += f" The white letterbox padding drew {relevance.padding_share:.0%} of the image map; it is left out."
@@ -187,17 +255,18 @@ def text_shading(prediction: Prediction, task: str | None = None) -> list[tuple[
 
 def modality_figure(prediction: Prediction) -> Figure:
     """Each task's text and image modality weights, as stacked bars."""
-    return modality_chart({t: p.modality_weights for t, p in prediction.tasks.items()})
+    return modality_chart({task_name(t, p): p.modality_weights for t, p in prediction.tasks.items()})
 
 
 # ---------------------------------------------------------------------- history
-def history_rows(entries: list[dict]) -> list[list[str]]:
+def history_rows(entries: list[dict], names: dict[str, str] | None = None) -> list[list[str]]:
     """Rows for the history table from label-store entries (`Studio.history`): time, annotator,
     item, labels, the labels that changed ("(same)" when none) and the model."""
     rows = []
     for entry in entries:
-        changes = ", ".join(f"{task}: {entry['labels'].get(task, '')}" for task in entry.get("changed", []))
-        labels = ", ".join(f"{task}={value}" for task, value in entry["labels"].items())
+        changes = ", ".join(f"{task_name(task, names=names)}: {entry['labels'].get(task, '')}"
+                            for task in entry.get("changed", []))
+        labels = ", ".join(f"{task_name(task, names=names)}={value}" for task, value in entry["labels"].items())
         rows.append([entry["created_at"], entry["annotator"], entry["item_id"], labels, changes or "(same)",
                      entry.get("checkpoint", "")])
     return rows
@@ -218,7 +287,7 @@ def review_status(queue: ReviewQueue | None) -> str:
         return review_progress(queue) + " — all done." + ("" if queue.show_decided else
                                                           " Previous (p) goes back; undo (u) reverts.")
     return (review_progress(queue) + f" · item {code(item.item_id)} ({queue.position + 1} of {len(queue.items)})"
-            f" · **{item.status}** · confidence {item.confidence:.2f}")
+            f" · **{item.status}** · confidence {percent(item.confidence)}")
 
 
 def review_notes(queue: ReviewQueue) -> str:
@@ -226,7 +295,8 @@ def review_notes(queue: ReviewQueue) -> str:
     filters = queue.filters
     parts = [f"Queue: {plain(queue.source)}", f"order: {queue.strategy.replace('_', ' ')}"]
     if len(queue.tasks) == 1:
-        parts.append(f"task {code(queue.tasks[0])}")
+        task = queue.tasks[0]
+        parts.append(f"task {code(task_name(task, queue.items[0].predictions.get(task) if queue.items else None))}")
     if filters.get("min_conf") is not None or filters.get("max_conf") is not None:
         low, high = filters.get("min_conf"), filters.get("max_conf")
         parts.append(f"confidence {0 if low is None else low:g} to {1 if high is None else high:g}: "
@@ -247,7 +317,7 @@ def split_note(split: str | None) -> str:
 def choice_labels(item: ReviewItem, task: str) -> list[str]:
     """The buttons of a task's top choices: "1 · Beige 62%"."""
     p = item.predictions[task]
-    return [f"{n} · {label} {prob:.0%}" for n, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1)]
+    return [f"{n} · {label} {percent(prob)}" for n, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1)]
 
 
 def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list]:
@@ -257,8 +327,8 @@ def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list
     for task in tasks:
         p, state = item.predictions[task], view.states.get(task)
         saved = state.label if state and state.label is not None else ""
-        rows.append([task, saved, state.status if state else "pending", _who(state), p.label,
-                     round(p.confidence, 3), item.catalogue.get(task, "")])
+        rows.append([task_name(task, p), saved, state.status if state else "pending", _who(state), p.label,
+                     percent(p.confidence), item.catalogue.get(task, "")])
     return rows
 
 
@@ -267,7 +337,7 @@ def slot_info(prediction_label: str | None, confidence: float | None, catalogue:
     """The line under a task's control: the model's label, the catalogue's, and the saved one."""
     parts = []
     if prediction_label is not None:
-        parts.append(f"model: {prediction_label}" + (f" ({confidence:.0%})" if confidence is not None else ""))
+        parts.append(f"model: {prediction_label}" + (f" ({percent(confidence)})" if confidence is not None else ""))
     parts.append(f"catalogue: {catalogue}" if catalogue else "catalogue: —")
     if state is not None and state.label is not None:
         parts.append(f"saved: {state.label} ({state.status}, {_who(state)})")
@@ -313,7 +383,8 @@ def save_message(outcome: SaveOutcome) -> str:
     if outcome.result == "kept":
         return f"Kept their labels on item {code(outcome.item_id)}; nothing of yours was left to save."
     if outcome.kind == "skip":
-        return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {', '.join(outcome.statuses)}."
+        tasks = ", ".join(map(code, outcome.statuses))
+        return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {tasks}."
     labels = ", ".join(f"{code(t)} = {code(v)} ({outcome.statuses.get(t, '')})" for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
@@ -379,12 +450,13 @@ def _versus(other: str | None, changed: bool | None) -> str:
     return "same" if not changed else f"differs: {other}"
 
 
-def audit_rows(rows: list[dict]) -> list[list]:
+def audit_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[list]:
     """Rows for the audit table (`Studio.audit`): when, which item and task, the label and
     status, who and whether a human or an auto-accept, what changed against the model's
     prediction and the catalogue's label, the checkpoint, the kind of save and its version
     (the text is searched, not shown)."""
-    return [[r["created_at"][:23].replace("T", " "), r["item_id"], r["task"], r["label"] or "", r["status"],
+    return [[r["created_at"][:23].replace("T", " "), r["item_id"], task_name(r["task"], names=names), r["label"] or "",
+             r["status"],
              r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["kind"],
@@ -399,21 +471,23 @@ def audit_summary(total: int, page: int, page_size: int) -> str:
     return f"Decisions {first}-{min(total, first + page_size - 1)} of {total} (page {page} of {pages}), newest first."
 
 
-def item_history_rows(rows: list[dict]) -> list[list]:
+def item_history_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[list]:
     """Rows for one item's history (`Studio.item_history`), oldest first."""
-    return [[r["created_at"][:23].replace("T", " "), r["task"], r["kind"], r["label"] or "", r["status"],
+    return [[r["created_at"][:23].replace("T", " "), task_name(r["task"], names=names), r["kind"], r["label"] or "",
+             r["status"],
              r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "",
              r["version"], r["reverts"] if r["reverts"] is not None else ""] for r in rows]
 
 
-def agreement_rows(agreement: dict[str, dict]) -> list[list]:
+def agreement_rows(agreement: dict[str, dict], names: dict[str, str] | None = None) -> list[list]:
     """Per task: the items two annotators or more labelled, raw agreement, Cohen's kappa, who."""
     def number(value):
         return "" if value is None else round(value, 3)
 
-    return [[task, a["items"], number(a["raw"]), number(a["kappa"]), ", ".join(a["annotators"])]
+    return [[task_name(task, names=names), a["items"], number(a["raw"]), number(a["kappa"]),
+             ", ".join(a["annotators"])]
             for task, a in agreement.items()]
 
 
@@ -424,14 +498,16 @@ def probe_summary(result: Probe) -> dict:
 
 
 def probe_rows(result: Probe) -> list[list]:
-    """Per task: task, clean label and confidence, noisy label and confidence,
-    "changed"/"same", and the image modality weight clean and noisy."""
+    """Per task: task, clean label and confidence, noisy label and confidence, the change in
+    confidence (percentage points), "changed"/"same", and the image modality weight clean and noisy."""
     rows = []
     for task, clean in result.clean.tasks.items():
         noisy = result.noisy.tasks[task]
-        rows.append([task, clean.label, round(clean.confidence, 3), noisy.label, round(noisy.confidence, 3),
+        change = round(100 * (noisy.confidence - clean.confidence))
+        rows.append([task_name(task, clean), clean.label, percent(clean.confidence), noisy.label,
+                     percent(noisy.confidence), f"{change:+d} pts".replace("-", "−"),
                      "changed" if noisy.label != clean.label else "same",
-                     round(clean.modality_weights["image"], 3), round(noisy.modality_weights["image"], 3)])
+                     percent(clean.modality_weights["image"]), percent(noisy.modality_weights["image"])])
     return rows
 
 
@@ -445,7 +521,8 @@ def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
     moved = 0.5 * float(np.abs(clean.image - noisy.image).sum())
     grid = result.clean.grid_size
     top_clean, top_noisy = (divmod(int(np.argmax(m.image)), grid) for m in (clean, noisy))
-    text = (f"**{plain(task)}**: {moved:.0%} of the image relevance moved under the noise (total variation "
+    name = plain(task_name(task, result.clean.tasks.get(task)))
+    text = (f"**{name}**: {moved:.0%} of the image relevance moved under the noise (total variation "
             f"between the clean and noisy maps); the most relevant patch went from row {top_clean[0] + 1}, column "
             f"{top_clean[1] + 1} to row {top_noisy[0] + 1}, column {top_noisy[1] + 1}. Relevance on the image: "
             f"{clean.image_share:.0%} clean, {noisy.image_share:.0%} noisy.")
@@ -454,5 +531,6 @@ def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
 
 def probe_shift_figure(result: Probe) -> Figure:
     """Each task's image modality weight, clean against noisy."""
-    clean, noisy = ({t: p.modality_weights for t, p in pred.tasks.items()} for pred in (result.clean, result.noisy))
+    clean, noisy = ({task_name(t, p): p.modality_weights for t, p in pred.tasks.items()}
+                    for pred in (result.clean, result.noisy))
     return modality_shift_chart(clean, noisy)

@@ -71,14 +71,14 @@ class ReviewItem:
                 "catalogue": self.catalogue, "uncertainty": self.uncertainty,
                 "predictions": {t: {"labels": p.labels, "probabilities": [round(x, 5) for x in p.probabilities],
                                     "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()},
-                                    "threshold": p.threshold, "auto_accept": p.auto_accept}
+                                    "threshold": p.threshold, "auto_accept": p.auto_accept, "name": p.name}
                                 for t, p in self.predictions.items()}}
 
     @classmethod
     def from_payload(cls, data: dict) -> "ReviewItem":
         return cls(data["item_id"], data["image_path"], data["text"],
                    {t: TaskPrediction(p["labels"], p["probabilities"], p["modality_weights"], p["threshold"],
-                                      p["auto_accept"]) for t, p in data["predictions"].items()},
+                                      p["auto_accept"], p.get("name", "")) for t, p in data["predictions"].items()},
                    catalogue=dict(data.get("catalogue") or {}), uncertainty=dict(data.get("uncertainty") or {}))
 
 

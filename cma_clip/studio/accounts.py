@@ -1,0 +1,171 @@
+"""Who may write labels: the optional login's users and their password hashes.
+
+Off unless configured. `python app.py` reads, in this order:
+
+- `CMA_CLIP_USERS=/path/users.txt`: one user a line, `name:scrypt$<salt hex>$<hash hex>`
+  (made by `python -m cma_clip.studio.accounts add users.txt NAME`, which asks the password);
+- `CMA_CLIP_AUTH=name:password,name2:password2`: plain passwords in the environment (a
+  Space's secrets, a test);
+- `CMA_CLIP_LOGIN=huggingface`: Hugging Face OAuth on a Space (`hf_oauth: true` in the
+  Space's README); the app shows Gradio's login button instead.
+
+When a login is on, the annotator of every decision is the signed-in user (app.py).
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import hmac
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CMAClipError
+from ..labels import MAX_NAME_CHARS
+
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # hashlib's scrypt at about 50 ms and 16 MB a check
+
+
+
+class AccountsError(CMAClipError, ValueError):
+    """A users file or variable that cannot be read, worded for the operator."""
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """`scrypt$<salt hex>$<hash hex>` for a password (a fresh random salt unless given)."""
+    salt = secrets.token_bytes(16) if salt is None else salt
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, **SCRYPT)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Whether `password` matches a `hash_password` result (constant-time comparison)."""
+    try:
+        kind, salt, digest = stored.split("$")
+        expected = bytes.fromhex(digest)
+        salt_bytes = bytes.fromhex(salt)
+    except ValueError:
+        return False
+    if kind != "scrypt":
+        return False
+    actual = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt_bytes, **SCRYPT)
+    return hmac.compare_digest(actual, expected)
+
+
+@dataclass
+class Users:
+    """The users allowed in: name -> password hash. `check` is Gradio's `auth` callable."""
+
+    hashes: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    def check(self, name: str, password: str) -> bool:
+        stored = self.hashes.get(str(name))
+        if stored is None:
+            verify_password(str(password), hash_password("", b"\0" * 16))  # same time for unknown names
+            return False
+        return verify_password(str(password), stored)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Users":
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AccountsError(f"cannot read the users file {path}: {exc}") from exc
+        hashes = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, _, stored = line.strip().rpartition(":")
+            if not _valid_name(name) or not stored.startswith("scrypt$") or stored.count("$") != 2:
+                raise AccountsError(f"{path.name}, line {number}: expected 'name:scrypt$salt$hash' (made by "
+                                    "`python -m cma_clip.studio.accounts add`)")
+            hashes[name] = stored
+        if not hashes:
+            raise AccountsError(f"the users file {path} names no user")
+        return cls(hashes, str(path))
+
+    @classmethod
+    def from_pairs(cls, text: str) -> "Users":
+        """`name:password,name2:password2` (a password may hold ':' but not ',')."""
+        hashes = {}
+        for pair in filter(None, (p.strip() for p in text.split(","))):
+            name, colon, password = pair.partition(":")
+            if not colon or not _valid_name(name) or not password:
+                raise AccountsError("CMA_CLIP_AUTH takes 'name:password' pairs separated by commas")
+            hashes[name] = hash_password(password)
+        if not hashes:
+            raise AccountsError("CMA_CLIP_AUTH names no user")
+        return cls(hashes, "CMA_CLIP_AUTH")
+
+
+def _valid_name(name: str) -> bool:
+    return (bool(name) and name == name.strip() and len(name) <= MAX_NAME_CHARS and ":" not in name
+            and name.isprintable())
+
+
+@dataclass(frozen=True)
+class Login:
+    """The app's login: none, passwords (`users`) or Hugging Face OAuth."""
+
+    users: Users | None = None
+    oauth: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.users is not None or self.oauth
+
+
+def login_from_env(environ: dict[str, str] | None = None) -> Login:
+    """The login the environment asks for (see the module's docstring); none by default."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CMA_CLIP_USERS"):
+        return Login(Users.from_file(environ["CMA_CLIP_USERS"]))
+    if environ.get("CMA_CLIP_AUTH"):
+        return Login(Users.from_pairs(environ["CMA_CLIP_AUTH"]))
+    kind = environ.get("CMA_CLIP_LOGIN", "").strip().lower()
+    if kind in ("huggingface", "hf", "oauth"):
+        return Login(oauth=True)
+    if kind not in ("", "none", "off"):
+        raise AccountsError(f"CMA_CLIP_LOGIN={kind!r}: use 'huggingface' (or set CMA_CLIP_USERS or CMA_CLIP_AUTH)")
+    return Login()
+
+
+def add_user(path: str | Path, name: str, password: str) -> None:
+    """Add or replace a user in a users file (created if missing), written with mode 600."""
+    if not _valid_name(name):
+        raise AccountsError(f"a user name is 1 to {MAX_NAME_CHARS} printable characters without ':' or edge spaces")
+    if not password:
+        raise AccountsError("the password is empty")
+    path = Path(path)
+    users = Users.from_file(path).hashes if path.exists() and path.read_text().strip() else {}
+    users[name] = hash_password(password)
+    path.write_text("".join(f"{n}:{h}\n" for n, h in users.items()), encoding="utf-8")
+    path.chmod(0o600)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Add a user to a CMA-CLIP Studio users file (CMA_CLIP_USERS).")
+    parser.add_argument("command", choices=["add"])
+    parser.add_argument("file")
+    parser.add_argument("name")
+    args = parser.parse_args(argv)
+    password = getpass.getpass(f"password for {args.name}: ")
+    if password != getpass.getpass("again: "):
+        print("error: the passwords differ", file=sys.stderr)
+        return 2
+    try:
+        add_user(args.file, args.name, password)
+    except AccountsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name} can sign in (users file {args.file})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""Issue 16 through the running app (gradio_client): uploaded manifests matched by relative
+path, upload caps and retention, escaped status lines, a worded refusal for every bad
+argument, and the optional login. The files are built at test time."""
+from __future__ import annotations
+
+import csv
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from cma_clip.data import load_image, read_manifest
+from cma_clip.lab import hostile_images as hostile
+from cma_clip.studio import Studio, StudioError, open_user_image, uploads
+from cma_clip.studio.accounts import AccountsError, Login, Users, add_user, login_from_env
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
+
+MODEL = "hm-articles"
+COLUMNS = ["image", "prod_name", "detail_desc"]
+FILTERS = ("least_confidence", "every task", 0, 1, False)
+BEACON = "a`![b](http://beacon.invalid/beacon.png)<img src=http://beacon.invalid/i.png>"
+
+
+def client_of(running_app) -> Client:
+    return Client(running_app[0], verbose=False)
+
+
+def write_manifest(path: Path, rows: list[list[str]], columns=COLUMNS) -> Path:
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([columns, *rows])
+    return path
+
+
+def colour_images(folder: Path) -> dict[str, Path]:
+    """red/1.jpg and blue/1.jpg: one file name in two folders."""
+    paths = {}
+    for colour in ("red", "blue"):
+        path = folder / colour / "1.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (96, 96), colour).save(path)
+        paths[colour] = path
+    return paths
+
+
+def queue_images(studio: Studio, annotator: str) -> dict[str, tuple[int, int, int]]:
+    """Item id -> the mean colour of its image, for the annotator's latest queue."""
+    saved = studio.store.latest_queue(annotator, MODEL)
+    colours = {}
+    for item in saved.payload["items"]:
+        pixels = load_image(item["image_path"]).convert("RGB").resize((1, 1)).getpixel((0, 0))
+        colours[item["item_id"]] = pixels
+    return colours
+
+
+def is_red(rgb) -> bool:
+    return rgb[0] > 200 and rgb[2] < 60
+
+
+def is_blue(rgb) -> bool:
+    return rgb[2] > 200 and rgb[0] < 60
+
+
+# ---------------------------------------------------------------------- cases 1 and 2: images, CSV formulas
+def test_a_small_strip_image_is_refused_by_predict_in_well_under_a_second(running_app, tmp_path):
+    """The issue's 78 KB PNG of 1 x 39,999,999 pixels cost 15 s and 2.4 GB per /predict."""
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(hostile.zero_png(1, 39_999_999))
+    assert strip.stat().st_size < 100_000
+    client = client_of(running_app)
+    start = time.perf_counter()
+    with pytest.raises(Exception, match="strip.png is 1x39999999 pixels, an aspect ratio of 39,999,999:1"):
+        client.predict(handle_file(str(strip)), "t", MODEL, "", api_name="/predict")
+    seconds = time.perf_counter() - start
+    print(f"1 x 39,999,999 PNG refused by /predict in {seconds:.2f} s (upload included)")
+    assert seconds < 10  # the decode alone took 15 s
+
+
+def test_csv_export_through_the_app_neutralises_formulas_and_reads_back(running_app):
+    client = client_of(running_app)
+    formula = '=HYPERLINK("http://evil.example","x")'
+    client.predict(handle_file(IMAGE), EXAMPLE_TEXT, MODEL, "+cmd|' /C calc'!A0", "@formula-item", formula,
+                   *[None] * 7, "", api_name="/save_correction")
+    path = client.predict("CSV", api_name="/export_labels")
+    with open(path, newline="", encoding="utf-8") as handle:
+        cells = [cell for row in csv.reader(handle) for cell in row]
+    assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@")]
+    rows = {r["id"]: r for r in read_manifest(path)}  # the project's own reader takes it back
+    assert rows["'@formula-item"]["product_type_name"] == "'" + formula
+    assert rows["'@formula-item"]["annotator"] == "'+cmd|' /C calc'!A0"
+
+
+# ---------------------------------------------------------------------- case 3: manifests
+def test_rows_with_one_file_name_in_two_folders_get_their_own_images_from_a_zip(running_app, tmp_path):
+    """Before, rows red/1.jpg and blue/1.jpg were both stored with the blue image."""
+    url, studio = running_app
+    images = colour_images(tmp_path / "catalogue")
+    manifest = write_manifest(tmp_path / "items.csv", [["red/1.jpg", "Red tee", "red"],
+                                                       ["blue/1.jpg", "Blue tee", "blue"]])
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:  # the folder above the manifest's paths, as a zip of it is
+        for colour, path in images.items():
+            bundle.write(path, f"catalogue/{colour}/1.jpg")
+    client_of(running_app).predict(MODEL, handle_file(str(manifest)), [handle_file(str(archive))], *FILTERS,
+                                   "zip-tester", api_name="/review_upload")
+    colours = queue_images(studio, "zip-tester")
+    assert set(colours) == {"red/1.jpg", "blue/1.jpg"}  # no id column: keyed by the relative path
+    assert is_red(colours["red/1.jpg"]) and is_blue(colours["blue/1.jpg"]), colours
+    kept = studio.store.latest_queue("zip-tester", MODEL).payload["items"][0]["image_path"]
+    assert Path(kept).is_relative_to(studio.uploads_dir)  # kept in the upload's own folder, not Gradio's cache
+
+
+def test_separate_files_of_one_name_in_two_folders_are_refused_not_guessed(running_app, tmp_path):
+    images = colour_images(tmp_path)
+    manifest = write_manifest(tmp_path / "items.csv", [["red/1.jpg", "Red tee", "red"],
+                                                       ["blue/1.jpg", "Blue tee", "blue"]])
+    with pytest.raises(Exception, match=r"row 1: image 'red/1.jpg' shares its file name with 'blue/1.jpg'.*"
+                                        r"upload the images as a \.zip"):
+        client_of(running_app).predict(MODEL, handle_file(str(manifest)),
+                                       [handle_file(str(p)) for p in images.values()], *FILTERS, "loose",
+                                       api_name="/review_upload")
+
+
+def test_separate_files_with_unambiguous_names_are_matched(running_app, tmp_path):
+    url, studio = running_app
+    images = colour_images(tmp_path)
+    manifest = write_manifest(tmp_path / "items.csv", [["red/1.jpg", "Red tee", "red"]])
+    client_of(running_app).predict(MODEL, handle_file(str(manifest)), [handle_file(str(images["red"]))],
+                                   *FILTERS, "loose-ok", api_name="/review_upload")
+    assert is_red(queue_images(studio, "loose-ok")["red/1.jpg"])
+
+
+def test_missing_required_column_is_named(running_app, tmp_path):
+    manifest = write_manifest(tmp_path / "items.csv", [["1.jpg", "Tee"]], columns=["image", "prod_name"])
+    with pytest.raises(Exception, match=r"The manifest lacks the column 'detail_desc'"):
+        client_of(running_app).predict(MODEL, handle_file(str(manifest)), [handle_file(str(EXAMPLE_IMAGE))],
+                                       *FILTERS, "ann", api_name="/review_upload")
+
+
+def test_zip_members_leaving_the_folder_are_passed_over(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("../../escape.jpg", b"x")
+        bundle.writestr("/abs/escape.jpg", b"x")
+        bundle.writestr("ok/1.jpg", b"x")
+    images = uploads.receive(tmp_path / "uploads", "u1", [str(archive)])
+    assert list(images.by_path) == ["ok/1.jpg"]
+    assert not (tmp_path / "escape.jpg").exists() and not list((tmp_path / "uploads").rglob("escape.jpg"))
+
+
+def test_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 1_000_000)
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("big.jpg", b"\0" * 5_000_000)  # 5 MB of zeros: about 5 KB packed
+    assert archive.stat().st_size < 50_000
+    with pytest.raises(uploads.UploadError, match="unpacks to 5 MB; the limit is 1 MB"):
+        uploads.receive(tmp_path / "uploads", "u1", [str(archive)])
+    assert not list((tmp_path / "uploads").rglob("big.jpg"))
+
+
+def test_uploads_are_removed_when_unused_too_long_or_over_the_storage_cap(tmp_path):
+    root = tmp_path / "uploads"
+    now = time.time()
+    for name, age_h, size in (("old", 80, 10), ("middle", 10, 600), ("recent", 1, 600), ("current", 100, 10)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "x.jpg").write_bytes(b"x" * size)
+        os.utime(folder, (now - age_h * 3600,) * 2)
+    removed = uploads.prune(root, keep_ids={"current"}, max_age_s=72 * 3600, max_bytes=1000, now=now)
+    assert removed == ["old", "middle"]  # older than 72 h; then the least recently used until 1000 bytes fit
+    assert sorted(p.name for p in root.iterdir()) == ["current", "recent"]
+
+
+def test_a_used_upload_is_kept_and_a_removed_one_is_explained(studio, tmp_path):
+    images = colour_images(tmp_path)
+    manifest = write_manifest(tmp_path / "items.csv", [["red/1.jpg", "Red tee", "red"]])
+    queue = studio.review_upload(MODEL, str(manifest), [str(images["red"])], annotator="keeper")
+    folder = Path(queue.items[0].image_path).parents[2]  # <uploads>/<upload id>/files/red/1.jpg
+    assert folder.parent == studio.uploads_dir
+    os.utime(folder, (time.time() - 1e6,) * 2)
+    studio.keep_queue(queue, "keeper")  # using the queue marks its upload as used now
+    assert time.time() - folder.stat().st_mtime < 60
+    uploads.prune(studio.uploads_dir, max_age_s=0)  # everything unused now goes
+    with pytest.raises(StudioError, match="was not found on the server .uploads are removed"):
+        open_user_image(queue.items[0].image_path)
+
+
+# ---------------------------------------------------------------------- case 4: field sizes
+def test_long_annotator_is_refused(running_app):
+    with pytest.raises(Exception, match="The annotator's name is 101 characters long; the limit is 100"):
+        client_of(running_app).predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "a" * 101, "",
+                                       "Black", *[None] * 7, "", api_name="/save_correction")
+
+
+# ---------------------------------------------------------------------- case 6: escaping
+def test_status_lines_keep_ids_with_markdown_in_code_spans(running_app, tmp_path):
+    """An item id with a backtick and an image link stays inside its code span in the review
+    progress line and the save message (as text; the browser test checks nothing is fetched)."""
+    url, studio = running_app
+    client = client_of(running_app)
+    manifest = write_manifest(tmp_path / "items.csv", [[BEACON, EXAMPLE_IMAGE.name, "Tee", EXAMPLE_TEXT]],
+                              columns=["article_id", *COLUMNS])
+    outputs = client.predict(MODEL, handle_file(str(manifest)), [handle_file(str(EXAMPLE_IMAGE))], *FILTERS,
+                             "escaper", api_name="/review_upload")
+    shown = "`" + BEACON.replace("`", "'") + "`"
+    progress = next(o for o in outputs if isinstance(o, str) and "reviewed of" in o)
+    assert shown in progress and progress.count("`") == 2, progress
+    message = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "escaper", BEACON,
+                             "Black", *[None] * 7, "", api_name="/save_correction")[0]
+    assert shown in message and message.count("`") == 2, message
+
+
+# ---------------------------------------------------------------------- case 7: bad arguments
+IMAGE = str(EXAMPLE_IMAGE)
+BAD_ARGUMENTS = {  # id -> (endpoint, arguments (a str IMAGE becomes an upload), message)
+    "probe-negative-seed": ("/probe", (IMAGE, "t", MODEL, "blur", 3, "none", 0, -1), "Seed must be from 0 to"),
+    "probe-seed-text": ("/probe", (IMAGE, "t", MODEL, "blur", 3, "none", 0, "abc"), "Seed takes a number, not 'abc'"),
+    "probe-huge-seed": ("/probe", (IMAGE, "t", MODEL, "blur", 3, "none", 0, 2**70), "Seed must be from 0 to"),
+    "probe-severity-text": ("/probe", (IMAGE, "t", MODEL, "blur", "x", "none", 0, 0),
+                            "Image severity takes a number, not 'x'"),
+    "probe-severity-99": ("/probe", (IMAGE, "t", MODEL, "blur", 99, "none", 0, 0), "Image severity must be from 0 to 5"),
+    "sweep-item-negative-seed": ("/sweep_item", (IMAGE, "t", MODEL, "blur", "none", -1), "Seed must be from 0"),
+    "sweep-catalogue-negative-seed": ("/sweep_catalogue", (MODEL, 4, "blur", "none", -1), "Seed must be from 0"),
+    "sweep-catalogue-size-text": ("/sweep_catalogue", (MODEL, "abc", "blur", "none", 0), "Items takes a number"),
+    "sweep-catalogue-size-0": ("/sweep_catalogue", (MODEL, 0, "blur", "none", 0), "Items must be from 1 to 500"),
+    "tasks-list": ("/tasks", ([MODEL],), "/tasks takes a model's name .text., not list"),
+    "tasks-dict": ("/tasks", ({"model": MODEL},), "/tasks takes a model's name .text., not dict"),
+    "predict-model-list": ("/predict", (IMAGE, "t", [MODEL], ""), "Model takes one value"),
+    "predict-text-list": ("/predict", (IMAGE, ["t"], MODEL, ""), "Product text takes text, not"),
+    "review-size-text": ("/review_catalogue", (MODEL, "train", "abc", *FILTERS, "ann"), "Sample size takes a number"),
+    "review-confidence-text": ("/review_catalogue", (MODEL, "train", 5, "least_confidence", "every task", "x", 1,
+                                                     False, "ann"), "Confidence from takes a number"),
+    "review-decided-text": ("/review_catalogue", (MODEL, "train", 5, "least_confidence", "every task", 0, 1, "yes",
+                                                  "ann"), "Show decided items takes true or false"),
+    "audit-page-text": ("/audit", ("any", "", "any", "any", "", "x"), "Page takes a number, not 'x'"),
+    "audit-task-list": ("/audit", (["a"], "", "any", "any", "", 1), "Task takes one value"),
+    "item-history-list": ("/item_history", (["x"],), "Item id takes text, not"),
+    "export-format": ("/export_labels", ("xlsx",), "'xlsx'.*is not in the list of choices"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS, ids=list(BAD_ARGUMENTS))
+def test_every_bad_argument_gets_a_specific_message(running_app, case):
+    endpoint, arguments, message = BAD_ARGUMENTS[case]
+    arguments = [handle_file(a) if a == IMAGE else a for a in arguments]
+    with pytest.raises(Exception, match=message) as error:
+        client_of(running_app).predict(*arguments, api_name=endpoint)
+    assert "Traceback" not in str(error.value) and str(error.value).strip() != "Error"
+
+
+def test_deeply_nested_jsonl_manifest_is_refused_with_a_message(running_app, tmp_path):
+    manifest = tmp_path / "nested.jsonl"
+    manifest.write_text('{"image": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(Exception, match="nested.jsonl, line 1: its values are nested too deeply"):
+        client_of(running_app).predict(MODEL, handle_file(str(manifest)), [handle_file(IMAGE)], *FILTERS, "ann",
+                                       api_name="/review_upload")
+
+
+def test_studio_refuses_bad_numbers_itself(studio):
+    """The service checks its numbers too (scripts call it without the UI's bounds)."""
+    for seed in (-1, 1.5, float("nan"), "abc", 2**40, True):
+        with pytest.raises(Exception, match="The seed must be a whole number from 0 to 4,294,967,295"):
+            studio.item_sweep(IMAGE, "t", MODEL, "blur", "none", seed)
+    with pytest.raises(Exception, match="Severities go from 0 .clean. to 5, not 'x'"):
+        studio.probe(IMAGE, "t", MODEL, "blur", "x", "none", 0)
+    with pytest.raises(Exception, match="The sample size must be a whole number from 1 to 1,000, not -3"):
+        studio.review_catalogue(MODEL, "train", -3)
+    with pytest.raises(Exception, match="The page must be a whole number"):
+        studio.audit(page="x")
+
+
+# ---------------------------------------------------------------------- case 8: who may write
+def test_passwords_are_stored_as_scrypt_hashes_and_checked(tmp_path):
+    path = tmp_path / "users.txt"
+    add_user(path, "ana", "correct horse")
+    add_user(path, "ben", "battery staple")
+    text = path.read_text()
+    assert "correct horse" not in text and text.startswith("ana:scrypt$") and oct(path.stat().st_mode)[-3:] == "600"
+    users = Users.from_file(path)
+    assert users.check("ana", "correct horse") and users.check("ben", "battery staple")
+    assert not users.check("ana", "battery staple") and not users.check("eve", "correct horse")
+    assert login_from_env({"CMA_CLIP_USERS": str(path)}).users.hashes == users.hashes
+    assert login_from_env({"CMA_CLIP_AUTH": "ana:pw:with:colons"}).users.check("ana", "pw:with:colons")
+    assert login_from_env({"CMA_CLIP_LOGIN": "huggingface"}).oauth
+    assert not login_from_env({}).on  # off by default
+    for environ, message in (({"CMA_CLIP_AUTH": "no-password"}, "name:password"),
+                             ({"CMA_CLIP_USERS": str(tmp_path / "none.txt")}, "cannot read the users file"),
+                             ({"CMA_CLIP_LOGIN": "ldap"}, "use 'huggingface'")):
+        with pytest.raises(AccountsError, match=message):
+            login_from_env(environ)
+    path.write_text("ana:plain-password\n")
+    with pytest.raises(AccountsError, match="line 1: expected 'name:scrypt"):
+        Users.from_file(path)
+
+
+@pytest.fixture(scope="module")
+def login_app(checkpoint_dir, tmp_path_factory):
+    """The app with a login (users ana and ben); yields (url, studio)."""
+    import app
+
+    studio = Studio(checkpoint_dir, data_dir=tmp_path_factory.mktemp("login-app"), device="cpu")
+    served = app.serve(studio, host="127.0.0.1", block=False,
+                       login=Login(Users.from_pairs("ana:ana-secret-1,ben:ben-secret-2")))
+    yield served.url, studio
+    served.close()
+
+
+def test_with_a_login_saves_go_under_the_signed_in_user_whatever_the_client_sends(login_app):
+    url, studio = login_app
+    with pytest.raises(Exception):
+        Client(url, verbose=False)  # no credentials: not even the API's description
+    with pytest.raises(Exception):
+        Client(url, verbose=False, auth=("ana", "wrong"))
+    client = Client(url, verbose=False, auth=("ana", "ana-secret-1"))
+    client.predict(handle_file(IMAGE), EXAMPLE_TEXT, MODEL, "mallory", "login-item", "Black", *[None] * 7, "",
+                   api_name="/save_correction")
+    client.predict(MODEL, "train", 2, *FILTERS, "mallory", api_name="/review_catalogue")
+    entry = studio.store.history(limit=1)[0]
+    assert entry["item_id"] == "login-item" and entry["annotator"] == "ana"
+    assert studio.store.latest_queue("ana", MODEL) is not None and studio.store.latest_queue("mallory") is None

@@ -1,0 +1,147 @@
+"""A real browser (Debian's chromium, driven by Playwright) at a 1366 x 768 laptop's size and a 412 px
+phone's: every tab fits without horizontal scrolling of the page, people read task names (never a
+raw column name), an input error shows on the field at fault, once, and on a phone the results
+come before the examples. Screenshots go to artifacts/layout-*.png."""
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
+from test_browser import launch
+
+SIZES = {"laptop": (1366, 768), "phone": (412, 915)}
+TABS = {"predict": "Predict & correct", "review": "Review queue", "robustness": "Robustness",
+        "history": "History & export"}
+# What sticks out of the page on the right: visible elements past the viewport's edge that no
+# horizontally scrolling box holds (Gradio's aria-hidden copy of the tab bar, kept for measuring, aside).
+OVERFLOW = """() => {
+  const width = window.innerWidth;
+  const inScroller = (el) => {
+    for (let a = el.parentElement; a; a = a.parentElement) {
+      if (a.getAttribute('aria-hidden') === 'true') return true;
+      const style = getComputedStyle(a);
+      if (['auto', 'scroll'].includes(style.overflowX) && a.scrollWidth > a.clientWidth) return true;
+    }
+    return false;
+  };
+  const out = [];
+  for (const el of document.querySelectorAll('body *')) {
+    const r = el.getBoundingClientRect();
+    if (r.width && r.right > width + 1 && el.checkVisibility() && !inScroller(el))
+      out.push(`${el.tagName.toLowerCase()}#${el.id} .${String(el.className.baseVal ?? el.className).slice(0, 40)}`);
+  }
+  return {scrollWidth: document.documentElement.scrollWidth, innerWidth: width, outside: out.slice(0, 10)};
+}"""
+
+
+@pytest.fixture(params=list(SIZES))
+def sized_page(request, running_app):
+    """A fresh page on the running app at one of SIZES; yields (size name, page)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    width, height = SIZES[request.param]
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(running_app[0])
+        expect(page.locator("#predict")).to_be_visible(timeout=60_000)
+        yield request.param, page
+        browser.close()
+
+
+def open_tab(page, name: str) -> None:
+    """Select a tab, through the tab bar's "More tabs" menu when a narrow screen folds it away."""
+    tab = page.get_by_role("tab", name=TABS[name])
+    if tab.count() and tab.is_visible():
+        tab.click()
+        return
+    page.get_by_role("button", name="More tabs").click()
+    page.locator(".overflow-dropdown button", has_text=TABS[name]).click()
+
+
+def assert_fits(page, where: str) -> None:
+    measured = page.evaluate(OVERFLOW)
+    assert measured["scrollWidth"] <= measured["innerWidth"], (where, measured)
+    assert not measured["outside"], (where, measured)
+
+
+def assert_no_column_names(page, where: str) -> None:
+    text = page.evaluate("() => document.body.innerText")
+    assert "_name" not in text, (where, [line for line in text.splitlines() if "_name" in line][:5])
+
+
+def predict_example(page, text: str = EXAMPLE_TEXT) -> None:
+    page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+    page.locator("#input-text textarea").fill(text)
+    page.locator("#predict").click()
+    expect(page.locator("#predictions")).to_contain_text("Pattern", timeout=60_000)
+
+
+def test_every_tab_fits_and_shows_names_not_columns(sized_page):
+    size, page = sized_page
+    predict_example(page)
+    expect(page.locator("#predictions")).to_contain_text("%")  # confidences in percent
+    expect(page.locator("#operating-figures")).to_contain_text("held-out test items")
+    expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
+    if size == "phone":  # the results before the examples
+        results, examples = page.locator("#predictions").bounding_box(), page.locator("#predict-examples")
+        assert results["y"] + results["height"] <= examples.bounding_box()["y"]
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-predict.png"), full_page=True)
+    assert_fits(page, f"{size} predict")
+    assert_no_column_names(page, f"{size} predict")
+
+    open_tab(page, "review")
+    page.locator("#review-size input").fill("3")
+    page.locator("#review-load").click()
+    expect(page.locator("#review-progress")).to_contain_text("reviewed of 3", timeout=60_000)
+    expect(page.locator("#review-table")).to_contain_text("Pattern")
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-review.png"), full_page=True)
+    assert_fits(page, f"{size} review")
+    assert_no_column_names(page, f"{size} review")
+
+    open_tab(page, "robustness")
+    page.locator("#probe").click()
+    expect(page.locator("#probe-table")).to_contain_text("pts", timeout=60_000)
+    expect(page.locator("#probe-table")).to_contain_text("Pattern")
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-robustness.png"), full_page=True)
+    assert_fits(page, f"{size} robustness")
+    assert_no_column_names(page, f"{size} robustness")
+
+    open_tab(page, "history")
+    expect(page.locator("#audit-summary")).not_to_be_empty(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-history.png"), full_page=True)
+    assert_fits(page, f"{size} history")
+    assert_no_column_names(page, f"{size} history")
+
+
+def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page):
+    size, page = sized_page
+    page.locator("#predict").click()
+    message = page.get_by_text("Upload a product image")
+    expect(message).to_have_count(1, timeout=30_000)
+    expect(message).to_be_visible()
+    field, shown = page.locator("#input-image").bounding_box(), message.bounding_box()
+    assert field["y"] <= shown["y"] <= field["y"] + field["height"]  # on the image field itself
+    assert page.locator(".error:visible").count() == 0  # no "Error" badge on the outputs
+    assert "Error" not in page.locator("#predictions").inner_text()
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-input-error.png"), full_page=True)
+    assert_fits(page, f"{size} input error")
+
+    predict_example(page, text="")  # an empty text: a note beside the field, the model on the image alone
+    expect(page.locator("#text-note")).to_contain_text("rests on the image only")
+    expect(page.locator("#predictions")).not_to_contain_text("✓ auto-accept")  # never without a text
+    expect(page.get_by_text("Upload a product image")).to_have_count(0)
+    page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
+    page.locator("#predict").click()
+    expect(page.locator("#text-note")).not_to_contain_text("image only", timeout=60_000)
+
+
+def test_severity_controls_follow_their_corruption(sized_page):
+    _, page = sized_page
+    open_tab(page, "robustness")
+    severity = page.locator("#image-severity input[type=range]")
+    expect(severity).to_be_enabled()
+    page.locator("#image-noise input").click()
+    page.get_by_role("option", name="none", exact=True).click()
+    expect(severity).to_be_disabled(timeout=10_000)
+    page.locator("#image-noise input").click()
+    page.get_by_role("option", name="blur", exact=True).click()
+    expect(severity).to_be_enabled(timeout=10_000)

@@ -1,0 +1,122 @@
+"""Batch prediction on Ray Data (`--engine ray`) against the single-process path, on 40 real H&M
+items and the shipped checkpoint: one local Ray with 2 CPUs for the module."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from cma_clip.data import ImageError, read_manifest, write_table
+from cma_clip.predict import Predictor, main
+from cma_clip.ray_predict import RayEngineError, RayOptions, import_ray, predict_manifest_ray, prediction_dataset
+from conftest import hm_rows, write_hm_manifest
+
+CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "hm-articles"
+ITEMS = 40
+OPTIONS = RayOptions(batch_size=16)  # 40 items: 3 batches, the last one short
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # its files go to $TMPDIR/ray (conftest)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory) -> dict[str, Path]:
+    """The same 40 test items as a CSV manifest and as a Parquet one (ids in the manifest's order)."""
+    folder = tmp_path_factory.mktemp("ray-items")
+    csv_path = write_hm_manifest(folder, hm_rows("test", ITEMS))
+    parquet_path = write_table(folder / "items.parquet", read_manifest(csv_path))
+    return {"csv": csv_path, "parquet": parquet_path}
+
+
+@pytest.fixture(scope="module")
+def single_process(manifests, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("local") / "preds.jsonl"
+    Predictor.from_checkpoint(CHECKPOINT, "cpu").predict_manifest(manifests["csv"], out, batch_size=16)
+    return read_jsonl(out)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
+    """Same ids in the same order, same labels and auto-accepts, confidences within rounding."""
+    assert [r["id"] for r in got] == [r["id"] for r in expected]
+    for mine, theirs in zip(got, expected):
+        assert set(mine) == set(theirs)
+        for key, value in theirs.items():
+            if key.endswith("_confidence"):
+                assert mine[key] == pytest.approx(value, abs=2e-4), (mine["id"], key)
+            else:
+                assert mine[key] == value, (mine["id"], key)
+
+
+def test_ray_gives_the_single_process_predictions_in_the_manifest_order(local_ray, manifests, single_process,
+                                                                        tmp_path):
+    out = tmp_path / "preds.parquet"
+    assert predict_manifest_ray(CHECKPOINT, manifests["parquet"], out, OPTIONS) == ITEMS
+    got = read_parquet(out)
+    assert [r["id"] for r in got] == [r["article_id"] for r in read_manifest(manifests["csv"])]
+    assert_same_predictions(got, single_process)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.parquet"]  # no temporary file left
+
+
+def test_a_crashed_model_actor_has_its_batch_retried(local_ray, manifests, single_process, tmp_path):
+    marker = tmp_path / "crashed"
+    out = tmp_path / "preds.jsonl"
+    predict_manifest_ray(CHECKPOINT, manifests["csv"], out, RayOptions(batch_size=16, crash_once=str(marker)))
+    assert marker.exists()  # the first model actor died (os._exit) in its first batch
+    assert_same_predictions(read_jsonl(out), single_process)
+
+
+def test_decoding_and_inference_are_separate_stages(local_ray, manifests, capsys):
+    from cma_clip.predict import open_for_prediction
+    from cma_clip.checkpoint import read_config
+
+    catalogue = open_for_prediction(read_config(CHECKPOINT), manifests["csv"])
+    prediction_dataset(local_ray, str(CHECKPOINT), catalogue, OPTIONS).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "ActorPoolMapOperator[MapBatches(_Infer)]" in optimized  # not fused with the decoding
+    assert "ActorPoolMapOperator[MapBatches(_Decode)]" in optimized
+
+
+def test_an_unreadable_image_stops_the_run_with_its_message(local_ray, manifests, tmp_path):
+    folder = tmp_path / "items"
+    shutil.copytree(manifests["csv"].parent, folder)
+    rows = read_manifest(folder / "items.csv")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    rows[20]["image"] = "broken.jpg"  # in the second batch: the first one is already written
+    manifest = write_table(folder / "broken.csv", rows)
+    with pytest.raises(ImageError) as caught:
+        predict_manifest_ray(CHECKPOINT, manifest, tmp_path / "preds.parquet", OPTIONS)
+    assert "broken.jpg" in str(caught.value) and "Traceback" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items"]  # nothing half-written
+
+
+def test_the_command_line_refuses_an_output_ray_does_not_write(manifests, tmp_path, capsys):
+    code = main(["--checkpoint", str(CHECKPOINT), "--manifest", str(manifests["csv"]),
+                 "--out", str(tmp_path / "preds.csv"), "--engine", "ray"])
+    assert code == 2
+    assert "--engine ray writes .parquet or .jsonl files, not preds.csv" in capsys.readouterr().err
+
+
+def test_without_ray_installed_the_message_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(RayEngineError, match="pip install -r requirements-ray.txt"):
+        import_ray()
