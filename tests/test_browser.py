@@ -1,6 +1,7 @@
 """A real browser (Debian's chromium, driven by Playwright) through the predict-correct-save flow."""
 import csv
 import shutil
+from contextlib import contextmanager
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -17,16 +18,23 @@ def launch(playwright):
     return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
 
 
-@pytest.fixture()
-def page(running_app):
-    """A fresh browser page on the running app."""
+@contextmanager
+def chromium():
+    """A launched chromium, closed afterwards (screenshots go to ARTIFACTS)."""
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
         browser = launch(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(running_app):
+    """A fresh browser page on the running app."""
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
         page.goto(running_app[0])
         yield page
-        browser.close()
 
 
 def enter_item(page, text: str = EXAMPLE_TEXT) -> None:

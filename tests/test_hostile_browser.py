@@ -8,12 +8,12 @@ import csv
 
 import pytest
 from gradio_client import Client, handle_file
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from cma_clip.studio import Studio
 from cma_clip.studio.accounts import Login, Users
 from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
-from test_browser import enter_item, launch
+from test_browser import chromium, enter_item
 
 MODEL = "hm-articles"
 WAIT = 90_000  # ms: predictions on 2 shared CPU cores
@@ -25,11 +25,8 @@ COLUMN = f"<img src=http://{HOST}/column.png>"
 
 @pytest.fixture()
 def browser():
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        yield browser
-        browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 def watched_page(browser, url: str):

@@ -75,6 +75,13 @@ def predict_example(page, text: str = EXAMPLE_TEXT) -> None:
     expect(page.locator("#predictions")).to_contain_text("Pattern", timeout=60_000)
 
 
+def check_view(page, size: str, view: str) -> None:
+    """A screenshot of the view, then: nothing sticks out of the page, no raw column name shows."""
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-{view}.png"), full_page=True)
+    assert_fits(page, f"{size} {view}")
+    assert_no_column_names(page, f"{size} {view}")
+
+
 def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     size, page = sized_page
     predict_example(page)
@@ -84,32 +91,24 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     if size == "phone":  # the results before the examples
         results, examples = page.locator("#predictions").bounding_box(), page.locator("#predict-examples")
         assert results["y"] + results["height"] <= examples.bounding_box()["y"]
-    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-predict.png"), full_page=True)
-    assert_fits(page, f"{size} predict")
-    assert_no_column_names(page, f"{size} predict")
+    check_view(page, size, "predict")
 
     open_tab(page, "review")
     page.locator("#review-size input").fill("3")
     page.locator("#review-load").click()
     expect(page.locator("#review-progress")).to_contain_text("reviewed of 3", timeout=60_000)
     expect(page.locator("#review-table")).to_contain_text("Pattern")
-    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-review.png"), full_page=True)
-    assert_fits(page, f"{size} review")
-    assert_no_column_names(page, f"{size} review")
+    check_view(page, size, "review")
 
     open_tab(page, "robustness")
     page.locator("#probe").click()
     expect(page.locator("#probe-table")).to_contain_text("pts", timeout=60_000)
     expect(page.locator("#probe-table")).to_contain_text("Pattern")
-    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-robustness.png"), full_page=True)
-    assert_fits(page, f"{size} robustness")
-    assert_no_column_names(page, f"{size} robustness")
+    check_view(page, size, "robustness")
 
     open_tab(page, "history")
     expect(page.locator("#audit-summary")).not_to_be_empty(timeout=30_000)
-    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-history.png"), full_page=True)
-    assert_fits(page, f"{size} history")
-    assert_no_column_names(page, f"{size} history")
+    check_view(page, size, "history")
 
 
 def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from cma_clip.data import read_manifest
 from cma_clip.labels import content_item_id
 from cma_clip.studio import Studio, clean_text
 from conftest import ARTIFACTS, EXAMPLE_IMAGE
-from test_browser import launch
+from test_browser import chromium
 
 MODEL = "hm-articles"
 COLOUR = "colour_group_name"
@@ -51,11 +51,8 @@ def review_app(checkpoint_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        yield browser
-        browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 def open_page(browser, app: App, annotator: str | None = None):
