@@ -61,6 +61,12 @@ document.addEventListener("keydown", (event) => {
 # Gradio's files (uploads, outputs): every hour, those older than a day go (and all of them when the
 # server stops); a review upload's images are kept apart, in the studio's own folder (`studio.uploads`).
 CACHE_RETENTION = (3600, 86400)
+# Before a save: an empty Annotator box (at the top of the page) is scrolled into view, where its message shows.
+SCROLL_TO_ANNOTATOR = """(...args) => {
+  const box = document.querySelector('#annotator textarea, #annotator input');
+  if (box && !box.value.trim()) box.scrollIntoView({block: 'center'});
+  return args;
+}"""
 BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue
 # Layout that fits a 1366 x 768 laptop and a 412 px phone: tables scroll inside their own box, headers
 # break between words only, and on a narrow screen the Predict tab shows its results before the examples.
@@ -430,6 +436,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         choice = Resolution.make("save")
         legacy_save = gr.Button(visible=False)  # /save_correction: the unchecked API, kept for scripts
         api_predict = gr.Button(visible=False)  # /predict for API clients (the Predict button validates first)
+        api_save = gr.Button(visible=False)  # /save_label for API clients (the Save button validates first)
 
     def check_inputs(image_path, text_value, model_name, item):
         """Input errors shown on the field at fault (the other outputs stay as they were)."""
@@ -568,8 +575,19 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     for control in (map_kind.input, opacity.release):
         control(redraw, [prediction_state, task, map_kind, token, opacity], heat, api_visibility="private")
     item_inputs = [image, text, shared.model, shared.annotator, item_id]
-    save_button.click(save_label, [*item_inputs, *slots, request_id, shown, prediction_state], save_outputs,
-                      api_name="save_label")
+    save_inputs = [*item_inputs, *slots, request_id, shown, prediction_state]
+
+    def check_save(image_path, text_value, model_name, annotator_name, *rest):
+        """A missing annotator shown on the Annotator box (which `SCROLL_TO_ANNOTATOR` brings into view),
+        once; nothing else changes."""
+        named = isinstance(annotator_name, str) and bool(annotator_name.strip())
+        fine = gr.validate(True, "")
+        return [fine, fine, fine, gr.validate(named, "Enter your name here to save: every decision is saved "
+                                                     "under it."), *[fine for _ in rest]]
+
+    save_button.click(save_label, save_inputs, save_outputs, validator=check_save, js=SCROLL_TO_ANNOTATOR,
+                      api_name="save_label_checked", api_visibility="private")
+    api_save.click(save_label, save_inputs, save_outputs, api_name="save_label")
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
                         ("new_class", choice.new_class)):
         button.click(resolve(how), [*item_inputs, pending, shown, prediction_state], save_outputs,

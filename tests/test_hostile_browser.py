@@ -108,7 +108,7 @@ def test_login_page_refuses_a_wrong_password_and_saves_under_the_signed_in_name(
     expect(name).to_be_disabled()
     enter_item(page)
     page.locator("#predict").click()
-    expect(page.locator("#predictions")).to_contain_text("colour_group_name", timeout=WAIT)
+    expect(page.locator("#predictions")).to_contain_text("Pattern", timeout=WAIT)  # tasks by their display names
     page.locator("#save").click()
     expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=WAIT)
     page.screenshot(path=str(ARTIFACTS / "hostile-login-saved.png"), full_page=True)

@@ -3,10 +3,10 @@ phone's: every tab fits without horizontal scrolling of the page, people read ta
 raw column name), an input error shows on the field at fault, once, and on a phone the results
 come before the examples. Screenshots go to artifacts/layout-*.png."""
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
-from test_browser import launch
+from test_browser import chromium
 
 SIZES = {"laptop": (1366, 768), "phone": (412, 915)}
 TABS = {"predict": "Predict & correct", "review": "Review queue", "robustness": "Robustness",
@@ -36,15 +36,12 @@ OVERFLOW = """() => {
 @pytest.fixture(params=list(SIZES))
 def sized_page(request, running_app):
     """A fresh page on the running app at one of SIZES; yields (size name, page)."""
-    ARTIFACTS.mkdir(exist_ok=True)
     width, height = SIZES[request.param]
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(running_app[0])
         expect(page.locator("#predict")).to_be_visible(timeout=60_000)
         yield request.param, page
-        browser.close()
 
 
 def open_tab(page, name: str) -> None:
@@ -131,6 +128,24 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page):
     page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
     page.locator("#predict").click()
     expect(page.locator("#text-note")).not_to_contain_text("image only", timeout=60_000)
+
+
+def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page):
+    size, page = sized_page
+    predict_example(page)
+    page.locator("#save").scroll_into_view_if_needed()
+    page.locator("#save").click()
+    message = page.get_by_text("Enter your name here to save")
+    expect(message).to_have_count(1, timeout=30_000)
+    expect(message).to_be_in_viewport()  # brought into view, not left above the fold
+    box, shown = page.locator("#annotator").bounding_box(), message.bounding_box()
+    assert box["y"] <= shown["y"] <= box["y"] + box["height"]  # on the Annotator box itself
+    expect(page.locator("#save-status")).not_to_contain_text("Error")
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-annotator-error.png"))
+    page.locator("#annotator input, #annotator textarea").first.fill("ana")
+    page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text("Saved", timeout=60_000)
+    expect(page.get_by_text("Enter your name here to save")).to_have_count(0)
 
 
 def test_severity_controls_follow_their_corruption(sized_page):
