@@ -580,7 +580,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     def check_save(image_path, text_value, model_name, annotator_name, *rest):
         """A missing annotator shown on the Annotator box (which `SCROLL_TO_ANNOTATOR` brings into view),
         once; nothing else changes."""
-        named = isinstance(annotator_name, str) and bool(annotator_name.strip())
+        named = annotator_name is SIGNED_IN or (isinstance(annotator_name, str) and bool(annotator_name.strip()))
         fine = gr.validate(True, "")
         return [fine, fine, fine, gr.validate(named, "Enter your name here to save: every decision is saved "
                                                      "under it."), *[fine for _ in rest]]
