@@ -114,8 +114,8 @@ def test_features_beyond_float16_are_refused_and_leave_no_cache(tmp_path, backbo
     path = write_catalogue(tmp_path, [{"t": "red dress", "c": "Red"}])
     config = CatalogueConfig("x", str(path), text_columns=["t"], tasks=["c"], max_text_tokens=8)
     real = backbone.forward
-    monkeypatch.setattr(backbone, "forward", lambda pixels, text: replace(real(pixels, text), image_pooled=(
-        real(pixels, text).image_pooled * 1e6)))  # a backbone whose outputs float16 cannot hold
+    monkeypatch.setattr(backbone, "forward", lambda pixels, text, colour=False: replace(
+        real(pixels, text, colour), image_pooled=real(pixels, text).image_pooled * 1e6))  # float16 cannot hold these
     with pytest.raises(BackboneError, match="image_pooled exceed float16's range"):
         extract_features(backbone, Catalogue.open(config), tmp_path / "cache", progress=False)
     assert not list((tmp_path / "cache" / "features").iterdir())

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cma_clip.data import load_image, read_manifest
 from cma_clip.lab import hostile_images as hostile
-from cma_clip.studio import Studio, StudioError, open_user_image, uploads
+from cma_clip.studio import MAX_QUEUE_ITEMS, Studio, StudioError, open_user_image, uploads
 from cma_clip.studio.accounts import AccountsError, Login, Users, add_user, login_from_env
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
@@ -267,7 +267,7 @@ def test_studio_refuses_bad_numbers_itself(studio):
             studio.item_sweep(IMAGE, "t", MODEL, "blur", "none", seed)
     with pytest.raises(Exception, match="Severities go from 0 .clean. to 5, not 'x'"):
         studio.probe(IMAGE, "t", MODEL, "blur", "x", "none", 0)
-    with pytest.raises(Exception, match="The sample size must be a whole number from 1 to 1,000, not -3"):
+    with pytest.raises(Exception, match=f"The sample size must be a whole number from 1 to {MAX_QUEUE_ITEMS:,}, not -3"):
         studio.review_catalogue(MODEL, "train", -3)
     with pytest.raises(Exception, match="The page must be a whole number"):
         studio.audit(page="x")
