@@ -131,20 +131,20 @@ MIN_LABELLED = 0.12  # a bar segment narrower than this gets no number inside it
 def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Image.Image:
     """Horizontal stacked bars, first task on top: each task's modality weights from the left (text
     blue, image orange, then colour and words where the model has them; they sum to 1), in percent
-    on the bars wide enough for them, a legend above (apart from the bars) and an axis from 0 to
-    100% below."""
+    on the bars wide enough for them, an axis from 0 to 100% below and the legend under it (at the
+    top, the component's own label would cover it)."""
     tasks = list(weights)
     modalities = list(next(iter(weights.values()), {"text": 0.5, "image": 0.5}))
     label_font, value_font = font(13), font(12)
     left = 10 + max((int(label_font.getlength(t)) for t in tasks), default=0)
-    right, top, row, bottom = width - 16, 34, 45, 48
+    right, top, row, bottom = width - 16, 34, 45, 76
     span = right - left
     canvas = Image.new("RGB", (width, top + row * len(tasks) + bottom), "white")
     draw = ImageDraw.Draw(canvas)
-    x = left + span // 2 - 45 * len(modalities)
-    for name in modalities:  # the legend
-        draw.rectangle((x, 10, x + 22, 20), fill=MODALITY_COLOURS.get(name, "#8C8C8C"))
-        draw.text((x + 28, 15), name, fill="black", font=label_font, anchor="lm")
+    x, legend = left + span // 2 - 45 * len(modalities), top + row * len(tasks) + 58
+    for name in modalities:
+        draw.rectangle((x, legend - 5, x + 22, legend + 5), fill=MODALITY_COLOURS.get(name, "#8C8C8C"))
+        draw.text((x + 28, legend), name, fill="black", font=label_font, anchor="lm")
         x += 90
     for n, task in enumerate(tasks):
         middle = top + n * row + row // 2
