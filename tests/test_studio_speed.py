@@ -140,7 +140,9 @@ def test_concurrent_predictions_each_get_their_own(studio):
     for got, expected, (_, text) in zip(results, alone, inputs):
         assert got.words == expected.words and got.words[0].lower() == text.split()[0].lower()
         for task, p in expected.tasks.items():
-            assert got.tasks[task].labels == p.labels
+            for rank, (label, alone_label) in enumerate(zip(got.tasks[task].labels, p.labels)):
+                # runners-up that tie may swap places under float rounding; nothing else may differ
+                assert label == alone_label or abs(got.tasks[task].probabilities[rank] - p.probabilities[rank]) < 1e-3
             assert abs(got.tasks[task].confidence - p.confidence) < 1e-2
             assert np.abs(got.relevance[task].words - expected.relevance[task].words).max() < 1e-2
         assert got.text_to_image.shape == expected.text_to_image.shape
