@@ -43,7 +43,7 @@ from .runtime import autocast, default_device
 class TaskPrediction:
     labels: list[str]  # top-k, most likely first
     probabilities: list[float]
-    modality_weights: dict[str, float]  # {"text": w, "image": 1 - w}
+    modality_weights: dict[str, float]  # modality -> weight, summing to 1 (`CMAClip.modalities`)
     threshold: float | None  # confidence giving 90% precision on val; None if none did
     auto_accept: bool  # top-1 confidence clears the threshold (never without a text: see `Prediction.text_absent`)
     name: str = ""  # the task's display name (`CheckpointConfig.display_names`)
@@ -109,7 +109,7 @@ class Scores:
     filters (`Predictor.predictions` makes `Prediction`s of the rows it keeps)."""
 
     probabilities: dict[str, np.ndarray]  # task -> [items, classes] float32, every class
-    modality_weights: dict[str, np.ndarray]  # task -> [items, 2] (text, image)
+    modality_weights: dict[str, np.ndarray]  # task -> [items, modalities] in `CMAClip.modalities` order
 
     def __len__(self) -> int:
         return len(next(iter(self.probabilities.values()), ()))
@@ -214,7 +214,8 @@ class Predictor:
     def predictions(self, scores: Scores, top_k: int = 3, texts: list[str] | None = None) -> list[Prediction]:
         """Each row of `scores` as a `Prediction`: every task's top-k labels with the checkpoint's thresholds.
         An item whose text is empty (`texts`) is never auto-accepted: the thresholds hold for items with text."""
-        absent = [not text.strip() for text in texts] if texts is not None else [False] * len(scores)
+        missing = absent_texts(texts) if texts is not None else None  # the model's one rule for "no text"
+        absent = missing.tolist() if missing is not None else [False] * len(scores)
         per_item: list[dict[str, TaskPrediction]] = [{} for _ in range(len(scores))]
         for task, probs in scores.probabilities.items():
             top = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, probs.shape[1])]
