@@ -777,6 +777,15 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         return opened(studio.review_catalogue(model_name, split_name, sample_size, progress, **options(*filters)))
 
     @user_errors
+    def rearrange(queue, order, task_name, low, high, annotator_name):
+        """Re-sort and re-filter the open queue over the items it sampled (in memory: nothing is
+        predicted again), from its first item to review; with no queue open, the choices wait for the next load."""
+        if queue is None:
+            return {panel.status: "The order and filters apply to the queue you load next."}
+        return show_queue(studio, panel, studio.arrange_queue(queue, annotator_name, strategy=order, task=task_name,
+                                                              min_conf=low, max_conf=high))
+
+    @user_errors
     def load_uploaded(model_name, manifest_file, image_files, *filters, progress=gr.Progress()):
         """An uploaded manifest and its images, its decided items left out, most uncertain first."""
         return opened(studio.review_upload(model_name, manifest_file, image_files, progress, **options(*filters)))
@@ -929,6 +938,12 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     ):
         event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")
     split.change(views.split_note, split, split_note, api_visibility="private")
+    arrange_inputs = [panel.queue, strategy, task_filter, min_conf, max_conf, shared.annotator]
+    strategy.input(rearrange, arrange_inputs, panel.outputs, api_name="review_arrange")
+    task_filter.input(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
+    for bound in (min_conf, max_conf):  # typing "0.35" passes through 0.3: re-filter once it is in
+        bound.submit(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
+        bound.blur(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
     accept.click(accept_item, [*queue_inputs, *slots, request_id], panel.outputs, api_name="review_accept")
     skip.click(skip_item, [*queue_inputs, request_id], panel.outputs, api_name="review_skip")
     undo.click(undo_last, [panel.queue, shared.annotator], panel.outputs, api_name="review_undo")

@@ -73,6 +73,8 @@ V2_SCHEMA = (
     " payload TEXT NOT NULL, position INTEGER NOT NULL, updated_at TEXT NOT NULL)",
     "CREATE INDEX queues_annotator ON queues (annotator, model)",
 )
+# a queue's order, filters and place change on every move: kept apart from its items, written once
+V3_SCHEMA = ("ALTER TABLE queues ADD COLUMN view TEXT",)
 INSERT_IMAGE = "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)"
 IMAGE_FILE = "SELECT path FROM images WHERE sha256 = ?"
 COUNT_LABEL_SAVES = "SELECT COUNT(*) FROM corrections WHERE kind = 'label'"
@@ -108,7 +110,10 @@ LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images 
 ITEM_CONTENT = ("SELECT c.item_id, c.text, i.path AS image_file FROM corrections c JOIN images i"
                 " ON i.sha256 = c.image_sha256 WHERE c.id IN (SELECT MAX(id) FROM corrections WHERE kind = 'label'"
                 " GROUP BY item_id) ORDER BY c.id")
-UPSERT_QUEUE = "INSERT OR REPLACE INTO queues VALUES (?, ?, ?, ?, ?, ?)"
+UPSERT_QUEUE = ("INSERT OR REPLACE INTO queues (queue_id, annotator, model, payload, position, updated_at, view)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)")
+MOVE_QUEUE = ("UPDATE queues SET annotator = ?, position = ?, updated_at = ?, view = COALESCE(?, view)"
+              " WHERE queue_id = ?")
 QUEUE_BY_ID = "SELECT * FROM queues WHERE queue_id = ?"
 LATEST_QUEUE = "SELECT * FROM queues WHERE annotator = ? {where} ORDER BY updated_at DESC, rowid DESC LIMIT 1"
 
@@ -201,13 +206,15 @@ class Undone(NamedTuple):
 
 @dataclass(frozen=True)
 class SavedQueue:
-    """A review queue as the studio left it: its payload (items, predictions, filter) and position."""
+    """A review queue as the studio left it: its payload (items, predictions), its view (order
+    and filters; None for a queue kept before views were kept apart) and position."""
     queue_id: str
     annotator: str
     model: str
     payload: dict
     position: int
     updated_at: str
+    view: dict | None = None
 
 
 class _Step(NamedTuple):
@@ -499,21 +506,34 @@ class LabelStore:
 
     # ------------------------------------------------------------------ review queues
     def save_queue(self, queue_id: str, annotator: str, model: str, payload: Mapping[str, Any],
-                   position: int) -> SavedQueue:
-        """Keep a review queue (its JSON `payload` is the studio's) and the labeler's place in
-        it, so a page reload or a server restart resumes it; saving again replaces it."""
+                   position: int, view: Mapping[str, Any] | None = None) -> SavedQueue:
+        """Keep a review queue (its JSON `payload` and `view` are the studio's) and the labeler's
+        place in it, so a page reload or a server restart resumes it; saving again replaces it."""
         queue_id, annotator, model = _key(queue_id, "queue_id"), _name(annotator, "annotator"), _name(model, "model")
         if not queue_id:
             raise LabelStoreError("a review queue needs an id")
-        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-            raise LabelStoreError(f"the queue position must be a whole number from 0, not {position!r}")
-        if not isinstance(payload, Mapping):
-            raise LabelStoreError(f"the queue payload must be a dict, not {type(payload).__name__}")
-        queue = SavedQueue(queue_id, annotator, model, dict(payload), position, _now())
+        _queue_position(position)
+        for name, value in (("payload", payload), ("view", view if view is not None else {})):
+            if not isinstance(value, Mapping):
+                raise LabelStoreError(f"the queue {name} must be a dict, not {type(value).__name__}")
+        queue = SavedQueue(queue_id, annotator, model, dict(payload), position, _now(),
+                           dict(view) if view is not None else None)
         with self._transaction("IMMEDIATE") as conn:
             conn.execute(UPSERT_QUEUE, (queue_id, annotator, model, _json(payload, "the queue payload"), position,
-                                        queue.updated_at))
+                                        queue.updated_at, None if view is None else _json(view, "the queue view")))
         return queue
+
+    def move_queue(self, queue_id: str, annotator: str, position: int, view: Mapping[str, Any] | None = None) -> bool:
+        """Keep a kept queue's new place (and `view`, when given) without writing its items
+        again: what a labeler's every step and re-sort costs. False when no queue has that id."""
+        _queue_position(position)
+        if view is not None and not isinstance(view, Mapping):
+            raise LabelStoreError(f"the queue view must be a dict, not {type(view).__name__}")
+        with self._transaction("IMMEDIATE") as conn:
+            moved = conn.execute(MOVE_QUEUE, (_name(annotator, "annotator"), position, _now(),
+                                              None if view is None else _json(view, "the queue view"),
+                                              _key(queue_id, "queue_id"))).rowcount
+        return moved > 0
 
     def load_queue(self, queue_id: str) -> SavedQueue | None:
         """The saved queue `queue_id`, or None."""
@@ -694,8 +714,14 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
         previous[row["item_id"]] = labels
 
 
+def _v2_to_v3(conn: sqlite3.Connection) -> None:
+    """Keep a queue's view (order, filters) apart from its items; a v2 queue's view stays in its payload."""
+    for statement in V3_SCHEMA:
+        conn.execute(statement)
+
+
 # step n takes a store from version n to n + 1; a new store runs them all, as an old one did
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2, _v2_to_v3)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -896,7 +922,12 @@ def _agreement_of(items: list[dict[str, str]]) -> dict:
 
 def _saved_queue(row: sqlite3.Row) -> SavedQueue:
     return SavedQueue(row["queue_id"], row["annotator"], row["model"], json.loads(row["payload"]), row["position"],
-                      row["updated_at"])
+                      row["updated_at"], json.loads(row["view"]) if row["view"] is not None else None)
+
+
+def _queue_position(position: Any) -> None:
+    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+        raise LabelStoreError(f"the queue position must be a whole number from 0, not {position!r}")
 
 
 # ---------------------------------------------------------------------------- validation

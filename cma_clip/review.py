@@ -59,10 +59,18 @@ def rank(probabilities: Mapping[str, np.ndarray], strategy: str = "least_confide
     tasks = [task] if task is not None else list(probabilities)
     if not tasks or any(t not in probabilities for t in tasks):
         raise ReviewError(f"no probabilities for task {task!r}" if task is not None else "no task to rank by")
-    scores = [uncertainty(probabilities[t], strategy) for t in tasks]
-    if len({len(s) for s in scores}) > 1:
+    return order([uncertainty(probabilities[t], strategy) for t in tasks])
+
+
+def order(uncertainties: Sequence[np.ndarray]) -> np.ndarray:
+    """Item indices, the most uncertain first (ties in item order), by each item's highest
+    uncertainty over the tasks; `uncertainties` holds one array of items per task (what `rank`
+    computes, or what a review queue kept of it)."""
+    if not len(uncertainties):
+        raise ReviewError("no task to rank by")
+    if len({len(u) for u in uncertainties}) > 1:
         raise ReviewError("every task needs one row of probabilities per item")
-    return np.argsort(-np.max(scores, axis=0), kind="stable")
+    return np.argsort(-np.max(np.asarray(uncertainties, dtype=np.float64), axis=0), kind="stable")
 
 
 def select(confidences: Sequence[Mapping[str, float]], task: str | None = None,

@@ -11,8 +11,8 @@ import pytest
 
 from cma_clip import train
 from cma_clip.data import Catalogue, read_manifest
-from cma_clip.labels import (Conflict, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownClass,
-                             UnknownLabel, close_classes)
+from cma_clip.labels import (MIGRATIONS, Conflict, LabelConflict, LabelStore, LabelStoreError, TaskState,
+                             UnknownClass, UnknownLabel, close_classes)
 from cma_clip.review import ReviewError, rank, select, uncertainty
 from test_labels import PHOTOS, tiny_png
 
@@ -275,6 +275,42 @@ def test_a_review_queue_survives_a_restart(store):
     assert restarted.load_queue("q1").position == 3
 
 
+def test_a_move_writes_the_queue_view_not_its_items(store):
+    payload = {"items": [{"item_id": "a"}, {"item_id": "b"}]}
+    store.save_queue("q1", "ana", "hm", payload, 0, view={"order": [0, 1]})
+    with sqlite3.connect(store.path) as conn:
+        written = conn.execute("SELECT payload, rowid FROM queues").fetchone()
+    assert store.move_queue("q1", "ben", 1, {"order": [1, 0]})
+    assert store.move_queue("q1", "ben", 0)  # the view stays when none is given
+    kept = LabelStore(store.path).load_queue("q1")
+    assert (kept.annotator, kept.position, kept.view, kept.payload) == ("ben", 0, {"order": [1, 0]}, payload)
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("SELECT payload, rowid FROM queues").fetchone() == written  # the same row, untouched
+    assert not store.move_queue("nope", "ana", 0) and store.load_queue("nope") is None
+    with pytest.raises(LabelStoreError, match="position"):
+        store.move_queue("q1", "ana", -1)
+    with pytest.raises(LabelStoreError, match="view must be a dict"):
+        store.move_queue("q1", "ana", 0, [1, 0])
+
+
+def test_a_v2_store_keeps_its_queues(tmp_path):
+    """A v2 store (queues without a view column) migrates; its queues come back with no view."""
+    path = tmp_path / "labels.db"
+    with sqlite3.connect(path) as conn:
+        conn.row_factory = sqlite3.Row
+        for migrate in MIGRATIONS[:2]:
+            migrate(conn)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("INSERT INTO queues VALUES (?, ?, ?, ?, ?, ?)",
+                     ("q1", "ana", "hm", json.dumps({"version": 1, "items": [], "strategy": "margin"}), 2, "2026"))
+    store = LabelStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    kept = store.load_queue("q1")
+    assert (kept.payload["strategy"], kept.position, kept.view) == ("margin", 2, None)
+    assert store.move_queue("q1", "ana", 0, {"order": []}) and store.load_queue("q1").view == {"order": []}
+
+
 # ---------------------------------------------------------------------------- agreement and audit
 def test_agreement_and_kappa_on_a_hand_checked_case(store, tmp_path):
     # colour: ana R R B B, ben R B B B -> raw 3/4; p_e = .5 * .25 + .5 * .75 = .5; kappa = (.75 - .5) / .5 = .5
@@ -411,7 +447,7 @@ def test_a_v1_store_migrates_keeping_every_row_and_its_current_labels(tmp_path):
 
     store = LabelStore(path)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     assert store.count() == 3 and [e["id"] for e in store.history()] == v1_ids[::-1]
     assert labels_of(store) == v1_current == {"a": {"colour": "White"}, "b": {"colour": "Red"}}
     assert [(h["task"], h["label"], h["status"], h["annotator"]) for h in store.item_history("a")] == [
@@ -428,8 +464,8 @@ def test_a_v1_store_migrates_keeping_every_row_and_its_current_labels(tmp_path):
     assert LabelStore(path).audit()[1] == 6  # reopening does not migrate again
 
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version = 3")
-    with pytest.raises(LabelStoreError, match="schema version 3"):
+        conn.execute("PRAGMA user_version = 4")
+    with pytest.raises(LabelStoreError, match="schema version 4"):
         LabelStore(path)
 
 

@@ -186,6 +186,25 @@ def test_a_reload_and_a_server_restart_resume_the_queue(review_app, checkpoint_d
         Labeler(url, "nobody")("/review_resume", "nobody", MODEL)
 
 
+def test_changing_the_order_re_sorts_the_open_queue(review_app):
+    """The order and filters apply to the open queue at once (no reload), and a reload keeps them."""
+    url, studio = review_app
+    eve = Labeler(url, "eve")
+    eve.load(8, split="val")
+    answer = eve("/review_arrange", "margin", COLOUR, 0, 1, "eve")
+    queue = studio.resume_queue(annotator="eve", model=MODEL)
+    assert (queue.strategy, queue.tasks, queue.sampled) == ("margin", [COLOUR], 8)
+    margins = [item.uncertainty["margin"][COLOUR] for item in queue.items]
+    assert margins == sorted(margins, reverse=True) and current_item(answer) == queue.items[0].item_id
+    assert "order: margin" in answer["queue notes"]
+    with pytest.raises(AppError, match="range is empty"):
+        eve("/review_arrange", "margin", COLOUR, 0.9, 0.1, "eve")
+    reloaded = Labeler(url, "eve")("/review_resume", "eve", MODEL)
+    assert reloaded["review progress"] == answer["review progress"]
+    idle = Labeler(url, "fay")("/review_arrange", "entropy", ALL_TASKS, 0, 1, "fay")  # no queue open
+    assert idle["review status"] == "The order and filters apply to the queue you load next."
+
+
 # ---------------------------------------------------------------------------- 4. labels from the schema
 def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
     url, studio = review_app

@@ -131,6 +131,38 @@ def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studi
     assert numeric.stored == 10
 
 
+def test_an_open_queue_re_sorts_and_re_filters_in_memory(studio, monkeypatch):
+    """Re-sorting an open queue predicts nothing and writes only its view; the order is the one a
+    fresh load with those choices gives; a filter narrows and widens again over the items sampled."""
+    colour = "colour_group_name"
+    queue = studio.review_catalogue("hm-articles", "test", 12)
+    studio.review_skip(queue, "ana")
+    skipped = queue.items[0].item_id
+    payload = studio.store.load_queue(queue.queue_id).payload
+    monkeypatch.setattr(studio, "_score_items", lambda *a, **k: pytest.fail("re-sorting predicted again"))
+    for strategy, task in (("margin", None), ("entropy", colour), ("least_confidence", None)):
+        studio.arrange_queue(queue, "ana", strategy=strategy, task=task)
+        fresh = studio.review_catalogue("hm-articles", "test", 12, strategy=strategy, task=task, show_decided=True)
+        assert [i.item_id for i in queue.items] == [i.item_id for i in fresh.items], strategy
+        assert queue.strategy == strategy and queue.tasks == fresh.tasks
+        assert queue.current.status == "pending" and queue.current.item_id != skipped  # the decided item is passed
+    confidences = sorted(item.predictions[colour].confidence for item in queue.pool)
+    low, high = round(confidences[3], 4), round(confidences[8], 4)  # about the middle half
+    narrow = studio.arrange_queue(queue, "ana", task=colour, min_conf=low, max_conf=high)
+    assert 3 <= len(narrow.items) < 12 and narrow.sampled == 12
+    assert all(low <= item.predictions[colour].confidence <= high for item in narrow.items)
+    kept = len(narrow.items)
+    with pytest.raises(StudioError, match="None of the 12 items"):
+        studio.arrange_queue(queue, "ana", task=colour, min_conf=min(1.0, confidences[-1] + 1e-3))
+    assert len(queue.items) == kept and queue.filters["min_conf"] == low  # a refused filter changes nothing
+    studio.review_next(queue, "ana")
+    resumed = studio.resume_queue(queue.queue_id)
+    assert [i.item_id for i in resumed.items] == [i.item_id for i in queue.items]
+    assert (resumed.position, resumed.tasks, resumed.filters) == (queue.position, [colour], queue.filters)
+    assert studio.arrange_queue(resumed, "ana").sampled == len(resumed.items) == 12  # widened again
+    assert studio.store.load_queue(queue.queue_id).payload == payload  # the items were written once
+
+
 def test_queue_strategies_filters_and_decided_items(studio, tmp_path):
     tasks = studio.predictor("hm-articles").tasks
     for strategy in ("least_confidence", "margin", "entropy"):

@@ -37,8 +37,8 @@ from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from . import uploads
 from .batching import MicroBatcher
-from .workflow import (ALL_TASKS, CHOICES_KEPT, THRESHOLDS, BulkOutcome, ItemView, ReviewItem, ReviewQueue,
-                       SaveOutcome, Shown, UndoOutcome, new_id)
+from .workflow import (ALL_TASKS, CHOICES_KEPT, MISLABEL_ORDER, THRESHOLDS, BulkOutcome, ItemView, ReviewItem,
+                       ReviewQueue, SaveOutcome, Shown, UndoOutcome, new_id)
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
@@ -48,7 +48,6 @@ MAX_QUEUE_ITEMS = 2000  # a review sample: read from kept catalogue predictions,
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds take it
 MAX_BATCH = 16  # concurrent /predict calls answered by one batch (`MicroBatcher`)
 SPLITS = ("train", "val", "test")
-MISLABEL_ORDER = "most_suspect_label"  # a suspected-mislabels queue keeps the ranking of cma_clip.mislabels
 BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
 AUDIT_PAGE = 50
 RECENT_REQUESTS = 1000  # stored requests remembered, to answer a retry with the first answer
@@ -592,44 +591,57 @@ class Studio:
         """Rank the items by `strategy` over `tasks` (or keep their own order when they come
         `ranked`), keep those the confidence range lets through, and keep the queue in the store.
         `scores` are the items' kept predictions (every class, for entropy), row by row; without
-        them the items are predicted here."""
-        if strategy not in STRATEGIES:
-            raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
-        min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
-        min_conf, max_conf = (None if min_conf == 0 else min_conf), (None if max_conf == 1 else max_conf)  # no bound
-        if min_conf is not None and max_conf is not None and min_conf > max_conf:
-            raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
+        them the items are predicted here. Every item stays in the queue's pool, so that
+        `arrange_queue` re-sorts and re-filters it in memory."""
         predictor = self.predictor(model)
-        queue = ReviewQueue(model, notes=list(notes), tasks=list(tasks), source=source,
-                            strategy=MISLABEL_ORDER if ranked else strategy,
-                            split=split, filters={"task": tasks[0] if len(tasks) == 1 < len(predictor.tasks) else None,
-                                                  "min_conf": min_conf, "max_conf": max_conf,
-                                                  "show_decided": bool(show_decided)})
+        queue = ReviewQueue(model, notes=list(notes), source=source, split=split,
+                            filters={"show_decided": bool(show_decided)})
         if scores is None:
             items, scores = self._score_items(predictor, items, queue.notes, progress, batch_size)
         if not items:
             raise StudioError("No item could be loaded: " + "; ".join(queue.notes[:3]))
         uncertainty = {s: {t: review.uncertainty(scores.probabilities[t], s) for t in predictor.tasks}
                        for s in STRATEGIES}
-        order = np.arange(len(items)) if ranked else review.rank({t: scores.probabilities[t] for t in tasks},
-                                                                  strategy)
-        top = {t: scores.probabilities[t][order].max(1) for t in tasks}
-        kept = order[review.select([{t: float(top[t][n]) for t in tasks} for n in range(len(order))],
-                                   min_conf=min_conf, max_conf=max_conf)]
-        queue.sampled = len(items)
-        predictions = predictor.predictions(scores.take(kept), top_k=CHOICES_KEPT)
-        queue.items = [ReviewItem(*items[i][:3], prediction.tasks, catalogue=items[i][3],
-                                  uncertainty={s: {t: round(float(by_task[t][i]), 4) for t in by_task}
-                                               for s, by_task in uncertainty.items()})
-                       for i, prediction in zip(kept.tolist(), predictions)]
-        if not queue.items:
-            raise StudioError(f"None of the {len(items)} items has a confidence in the range chosen"
+        predictions = predictor.predictions(scores, top_k=CHOICES_KEPT)
+        queue.pool = [ReviewItem(*item[:3], prediction.tasks, catalogue=item[3],
+                                 uncertainty={s: {t: float(by_task[t][i]) for t in by_task}
+                                              for s, by_task in uncertainty.items()})
+                      for i, (item, prediction) in enumerate(zip(items, predictions))]
+        queue.sampled = len(queue.pool)
+        self._arrange(queue, MISLABEL_ORDER if ranked else strategy, tasks, min_conf, max_conf)
+        self.keep_queue(queue, annotator)
+        return queue
+
+    def arrange_queue(self, queue: ReviewQueue, annotator: str | None = None, *, strategy: str = STRATEGIES[0],
+                      task: str | None = None, min_conf: float | None = None,
+                      max_conf: float | None = None) -> ReviewQueue:
+        """Re-sort and re-filter an open queue over the items it sampled, in memory (nothing is
+        predicted again), from its first item to review; a range that keeps no item is refused
+        and the queue stays as it was. Kept in the store like any move."""
+        with self._queue_lock(queue):
+            self._arrange(queue, strategy, self._queue_tasks(queue.model, task), min_conf, max_conf)
+            self.keep_queue(queue, annotator)
+        return queue
+
+    def _arrange(self, queue: ReviewQueue, strategy: str, tasks: list[str], min_conf, max_conf) -> None:
+        """Set the queue's view: its pool by `strategy` over `tasks`, filtered by confidence, from its start."""
+        if strategy not in (*STRATEGIES, MISLABEL_ORDER):
+            raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
+        min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
+        min_conf, max_conf = (None if min_conf == 0 else min_conf), (None if max_conf == 1 else max_conf)  # no bound
+        if min_conf is not None and max_conf is not None and min_conf > max_conf:
+            raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
+        items = queue.arranged(strategy, tasks, min_conf, max_conf)
+        if not items:
+            raise StudioError(f"None of the {len(queue.pool)} items has a confidence in the range chosen"
                               f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
+        every = self.predictor(queue.model).tasks
+        queue.items, queue.tasks, queue.strategy, queue.position = items, list(tasks), strategy, 0
+        queue.filters = {"task": tasks[0] if len(tasks) == 1 < len(every) else None, "min_conf": min_conf,
+                         "max_conf": max_conf, "show_decided": queue.show_decided}
         self.refresh(queue)
         if not queue.show_decided and queue.current is not None and queue.current.status != "pending":
             queue.advance()
-        self.keep_queue(queue, annotator)
-        return queue
 
     @staticmethod
     def _score_items(predictor: Predictor, items: list[tuple[str, str, str, dict[str, str]]], notes: list[str],
@@ -657,7 +669,7 @@ class Studio:
     def refresh(self, queue: ReviewQueue) -> ReviewQueue:
         """Each item's status from the store (someone else may have decided it meanwhile)."""
         decided = self.store.decided_items(queue.tasks)
-        for item in queue.items:
+        for item in queue.pool:
             item.status = (_item_status(self.store.item_state(item.item_id), queue.tasks)
                            if item.item_id in decided else "pending")
         return queue
@@ -668,9 +680,12 @@ class Studio:
         first = Path(queue.items[0].image_path) if queue.items else None
         if first is not None and self.uploads_dir in first.parents:
             uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
+        annotator, position = (annotator or "").strip(), max(0, queue.position)
         try:
-            self.store.save_queue(queue.queue_id, (annotator or "").strip(), queue.model, queue.to_payload(),
-                                  max(0, queue.position))
+            if not (queue.stored and self.store.move_queue(queue.queue_id, annotator, position, queue.view_payload())):
+                self.store.save_queue(queue.queue_id, annotator, queue.model, queue.to_payload(), position,
+                                      queue.view_payload())
+                queue.stored = True
         except LabelStoreError as exc:
             raise StudioError(f"The queue could not be kept: {exc}") from exc
 
@@ -685,7 +700,7 @@ class Studio:
             saved = self.store.latest_queue(annotator.strip(), model or None)
         if saved is None or saved.model not in self.checkpoints:
             return None
-        queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position)
+        queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position, saved.view)
         return self.refresh(queue)
 
     def current_view(self, queue: ReviewQueue | None) -> ItemView | None:

@@ -12,6 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from .. import review
 from ..labels import Conflict, TaskState, UnknownClass
 from ..predict import TaskPrediction
 from ..review import STRATEGIES
@@ -19,6 +22,7 @@ from ..review import STRATEGIES
 CHOICES_KEPT = 9  # each task's top choices a queue keeps: keys 1-9 pick them
 ALL_TASKS = "every task"  # the task filter's "no filter"
 THRESHOLDS = "thresholds"  # bulk accept: each task's own 90%-precision threshold
+MISLABEL_ORDER = "most_suspect_label"  # a suspected-mislabels queue keeps the ranking of cma_clip.mislabels
 
 # What `train --extra-labels` (LabelStore.apply_to) does with a correction, by the item's split.
 SPLIT_NOTES = {
@@ -68,7 +72,8 @@ class ReviewItem:
 
     def to_payload(self) -> dict:
         return {"item_id": self.item_id, "image_path": self.image_path, "text": self.text,
-                "catalogue": self.catalogue, "uncertainty": self.uncertainty,
+                "catalogue": self.catalogue,
+                "uncertainty": {s: {t: round(v, 6) for t, v in by_task.items()} for s, by_task in self.uncertainty.items()},
                 "predictions": {t: {"labels": p.labels, "probabilities": [round(x, 5) for x in p.probabilities],
                                     "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()},
                                     "threshold": p.threshold, "auto_accept": p.auto_accept, "name": p.name}
@@ -86,9 +91,11 @@ class ReviewItem:
 class ReviewQueue:
     """A model's predictions on a sample of items, the most uncertain first, and the item under review.
 
-    `tasks` are the tasks under review (all the model's, or the one of the task filter):
-    an item is decided when each of them is. Moving on skips decided items unless
-    `show_decided`; `previous` steps back to any item."""
+    `pool` holds every sampled item with its predictions and uncertainties; `items` is the view
+    the labeler walks: the pool ordered by `strategy` and filtered by confidence (`arrange`, in
+    memory: re-sorting never predicts again). `tasks` are the tasks under review (all the
+    model's, or the one of the task filter): an item is decided when each of them is. Moving
+    on skips decided items unless `show_decided`; `previous` steps back to any item."""
 
     model: str
     items: list[ReviewItem] = field(default_factory=list)
@@ -101,6 +108,31 @@ class ReviewQueue:
     split: str | None = None  # the catalogue split, or "upload"
     filters: dict[str, Any] = field(default_factory=dict)  # task, min_conf, max_conf, show_decided
     sampled: int = 0  # items sampled before the confidence filter
+    pool: list[ReviewItem] = field(default_factory=list)  # every sampled item (default: `items`)
+    stored: bool = field(default=False, compare=False)  # its pool is in the label store: a move writes the view only
+
+    def __post_init__(self) -> None:
+        self.pool = self.pool or list(self.items)
+        self.sampled = self.sampled or len(self.pool)
+
+    def arranged(self, strategy: str, tasks: list[str], min_conf: float | None = None,
+                 max_conf: float | None = None) -> list[ReviewItem]:
+        """The pool ordered by `strategy` over `tasks` (`MISLABEL_ORDER`: as sampled), the most
+        uncertain first, keeping the items whose confidence `review.select` lets through."""
+        if strategy == MISLABEL_ORDER:
+            ranking = np.arange(len(self.pool))
+        else:
+            ranking = review.order([np.array([item.uncertainty[strategy][t] for item in self.pool]) for t in tasks])
+        ranked = [self.pool[i] for i in ranking.tolist()]
+        keep = review.select([{t: item.predictions[t].confidence for t in tasks} for item in ranked],
+                             min_conf=min_conf, max_conf=max_conf)
+        return [ranked[i] for i in keep]
+
+    def view_payload(self) -> dict:
+        """What re-sorting and moving change: the view's items (indices into the pool), order and filters."""
+        where = {id(item): i for i, item in enumerate(self.pool)}
+        return {"order": [where[id(item)] for item in self.items], "tasks": self.tasks, "strategy": self.strategy,
+                "filters": self.filters}
 
     @property
     def show_decided(self) -> bool:
@@ -140,17 +172,21 @@ class ReviewQueue:
         return True
 
     def to_payload(self) -> dict:
-        return {"version": 1, "items": [item.to_payload() for item in self.items], "notes": self.notes,
-                "tasks": self.tasks, "strategy": self.strategy, "source": self.source, "split": self.split,
-                "filters": self.filters, "sampled": self.sampled}
+        """The pool and where it came from: written once (`view_payload` is what changes)."""
+        return {"version": 2, "items": [item.to_payload() for item in self.pool], "notes": self.notes,
+                "source": self.source, "split": self.split, "sampled": self.sampled}
 
     @classmethod
-    def from_payload(cls, queue_id: str, model: str, payload: dict, position: int) -> "ReviewQueue":
-        items = [ReviewItem.from_payload(item) for item in payload.get("items", [])]
+    def from_payload(cls, queue_id: str, model: str, payload: dict, position: int,
+                     view: dict | None = None) -> "ReviewQueue":
+        """A kept queue. A version 1 payload (before the pool) is its own view: its items are the pool."""
+        pool = [ReviewItem.from_payload(item) for item in payload.get("items", [])]
+        view = view if view is not None else payload
+        items = [pool[i] for i in view["order"]] if "order" in view else list(pool)
         return cls(model, items, min(position, len(items)), list(payload.get("notes", [])), queue_id,
-                   list(payload.get("tasks") or []), payload.get("strategy", STRATEGIES[0]),
-                   payload.get("source", ""), payload.get("split"), dict(payload.get("filters") or {}),
-                   int(payload.get("sampled", len(items))))
+                   list(view.get("tasks") or []), view.get("strategy", STRATEGIES[0]),
+                   payload.get("source", ""), payload.get("split"), dict(view.get("filters") or {}),
+                   int(payload.get("sampled", len(pool))), pool, stored=True)
 
 
 # ---------------------------------------------------------------------------- what the labeler saw
