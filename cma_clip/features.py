@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .backbones import BackboneError, DualEncoder, EncoderOutput
 from .data import Catalogue, ImageError, load_image
-from .runtime import bf16_supported, loader_workers
+from .runtime import bf16_supported, decode_threads, loader_workers
 
 
 def default_cache_dir() -> Path:
@@ -73,7 +74,7 @@ class Features:
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses images in DataLoader workers, so the backbone never waits."""
+    """Decodes and letterboxes images (to uint8 pixels: a quarter of the float tensor's bytes)."""
 
     def __init__(self, paths: list[Path], backbone: DualEncoder,
                  transform: Callable[[Image.Image, int], Image.Image] | None = None):
@@ -82,31 +83,49 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        """The pixels and "", or blank pixels and why the image cannot be used: the reason is
-        raised in the main process, as an ImageError without the worker's traceback."""
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
+        """The letterboxed pixels and "", or blank pixels and why the image cannot be used: the
+        reason is raised in the main process, as an ImageError without the worker's traceback."""
         try:
             image = load_image(self.paths[i])
         except ImageError as exc:
             size = self.backbone.image_size
-            return torch.zeros(3, size, size), str(exc)
+            return np.zeros((size, size, 3), np.uint8), str(exc)
         if self.transform is not None:
             image = self.transform(image, i)
-        return self.backbone.preprocess([image])[0], ""
+        return self.backbone.letterbox_pixels([image])[0], ""
 
 
 def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64, num_workers: int | None = None,
                   transform: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[torch.Tensor]:
     """Preprocessed pixels of `paths` in order, `batch_size` at a time, decoded (and changed by
     `transform(image, index)`, if given) in `num_workers` DataLoader workers (default:
-    `runtime.loader_workers`). An unusable image raises `ImageError`."""
+    `runtime.loader_workers`) while the model runs, or, with none (a CPU), by a pool of
+    `runtime.decode_threads` threads each time a batch is asked for; normalised here, a batch at
+    a time. An unusable image raises `ImageError`."""
     workers = loader_workers(backbone.device) if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(_ImageDataset(paths, backbone, transform), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
-    for pixels, errors in loader:
-        if any(errors):
-            raise ImageError(next(e for e in errors if e))
-        yield pixels
+    dataset = _ImageDataset(paths, backbone, transform)
+    if workers == 0:
+        with ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode") as pool:
+            batches = (_collate(list(pool.map(dataset.__getitem__, range(start, min(start + batch_size, len(paths))))))
+                       for start in range(0, len(paths), batch_size))
+            yield from (backbone.normalise(_checked(*batch)) for batch in batches)
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                         collate_fn=_collate)
+    yield from (backbone.normalise(_checked(*batch)) for batch in loader)
+
+
+def _collate(items: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, list[str]]:
+    return np.stack([pixels for pixels, _ in items]), [error for _, error in items]
+
+
+def _checked(pixels: np.ndarray, errors: list[str]) -> np.ndarray:
+    """A batch's pixels; the first image that could not be used raises its `ImageError` here, in the
+    main process (a worker's exception would arrive wrapped in its traceback)."""
+    if any(errors):
+        raise ImageError(next(e for e in errors if e))
+    return pixels
 
 
 @torch.no_grad()

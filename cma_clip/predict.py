@@ -239,7 +239,7 @@ class Predictor:
 
     def predict_manifest(self, manifest: str | Path, out: str | Path, batch_size: int = 32) -> int:
         """Predict every row of a CSV, JSONL or Parquet manifest; writes JSONL, CSV or Parquet (by
-        the suffix). Images are decoded in DataLoader workers while the model runs. Returns the row count."""
+        the suffix). Images are decoded as `features.image_batches` says. Returns the row count."""
         catalogue = open_for_prediction(self.config, manifest)
         ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
         if distributed.world_size() > 1:
@@ -253,7 +253,7 @@ class Predictor:
     def _predict_paths(self, paths: list[Path], texts: list[str],
                        batch_size: int) -> Iterator[tuple[int, list[Prediction]]]:
         """(index of the batch's first item, its predictions), the images decoded and preprocessed
-        in `runtime.loader_workers` DataLoader workers (one on a CPU) while the model runs."""
+        by `features.image_batches`: beside the model on a GPU, between its batches on a CPU."""
         for start, pixels in zip(range(0, len(paths), batch_size), image_batches(paths, self.backbone, batch_size)):
             batch_texts = texts[start:start + len(pixels)]
             yield start, self.predict_prepared(pixels, self.backbone.tokenize(batch_texts, self.max_tokens),
@@ -336,16 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     ray_options = parser.add_argument_group("--engine ray")
     ray_options.add_argument("--ray-address",
                              help="a cluster's address ('auto' on its head node); default: a local Ray")
-    ray_options.add_argument("--decode-workers", type=int, default=1, help="CPU actors decoding images (default 1)")
+    ray_options.add_argument("--decode-workers", type=int,
+                             help="CPU actors decoding images; 0: the model actors decode their own batches "
+                                  "(default: 1 when the model actors have GPUs, else 0)")
     ray_options.add_argument("--inference-workers", type=int, default=1, help="model actors (default 1)")
     ray_options.add_argument("--gpus-per-worker", type=float,
                              help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0)")
     args = parser.parse_args(argv)
     if args.manifest and not args.out:
         parser.error("--manifest needs --out")
-    for name in ("batch_size", "decode_workers", "inference_workers"):
+    for name in ("batch_size", "inference_workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.decode_workers is not None and args.decode_workers < 0:
+        parser.error("--decode-workers must be 0 or more")
     if args.engine == "ray":
         return _main_ray(args)
     rank, world, _, device = distributed.setup()  # several processes under torchrun; else a no-op

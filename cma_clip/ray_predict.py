@@ -6,7 +6,10 @@
 Two stages, so a cluster can give each its own resources: decode actors (CPU: read the
 image, letterbox it to uint8 pixels, tokenise the text) and model actors (`map_batches`
 with a callable class: the checkpoint loaded once per actor, on a GPU when the cluster has
-one). Ray streams batches between them, so decoding and inference overlap. An actor that
+one). Ray streams batches between them, so decoding and inference overlap. When the model
+actors run on CPUs, they decode their own batches by default (`decode_workers=0`), between
+batches and with every core, as one process does: a decode actor beside them takes the
+same cores (0.65 to 0.8 of the backbone's throughput on 2 cores, docs/PERFORMANCE.md). An actor that
 dies has its batch retried (`max_restarts`, `max_task_retries`); rows come out in the
 manifest's order (`DataContext.execution_options.preserve_order`, checked against a row
 index), and the driver streams them into one Parquet or JSONL file. `ray` is an optional
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -42,7 +46,7 @@ class RayOptions:
 
     address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001": join a cluster
     batch_size: int = 32  # items per batch, and per Ray block (a retried task redoes one batch)
-    decode_workers: int = 1  # CPU actors decoding images and tokenising texts
+    decode_workers: int | None = None  # CPU actors decoding; 0: the model actors decode; None: 1 with GPUs, else 0
     inference_workers: int = 1  # model actors
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1  # CPUs Ray reserves for each model actor
@@ -63,13 +67,15 @@ def import_ray() -> Any:
 class _Decode:
     """Stage 1 (CPU): image file -> letterboxed uint8 pixels, text -> token ids and mask."""
 
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoint: str, threads: int = 1) -> None:
         config = read_config(checkpoint)
         self.backbone = load_backbone(checkpoint, config, "cpu")  # its preprocessing and tokenizer
         self.max_tokens = config.catalogue.max_text_tokens
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")  # PIL releases the GIL
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = self.backbone.letterbox_pixels([load_image(p) for p in batch["path"]])
+        pixels = np.stack(list(self.pool.map(lambda path: self.backbone.letterbox_pixels([load_image(path)])[0],
+                                             batch["path"])))
         text = self.backbone.tokenize([str(t) for t in batch["text"]], self.max_tokens)
         return {"_row": batch["_row"], "id": batch["id"], "pixels": pixels,
                 "token_ids": text.ids.numpy(), "token_mask": text.mask.numpy()}
@@ -78,16 +84,20 @@ class _Decode:
 class _Infer:
     """Stage 2 (GPU when there is one): the checkpoint's model on decoded batches."""
 
-    def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None) -> None:
+    def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.predictor = Predictor.from_checkpoint(checkpoint)  # the actor's GPU if Ray gave it one, else the CPU
         self.crash_once = crash_once
+        # no decode stage: its batches come undecoded, and are decoded here with the actor's cores
+        self.decode = _Decode(checkpoint, torch.get_num_threads()) if decode else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.crash_once and not os.path.exists(self.crash_once):
             Path(self.crash_once).touch()
             os._exit(1)  # the drill: the actor dies mid-batch, as an out-of-memory kill would
+        if self.decode is not None:
+            batch = self.decode(batch)
         backbone = self.predictor.backbone
         text = TextBatch(torch.from_numpy(batch["token_ids"]), torch.from_numpy(batch["token_mask"]))
         preds = self.predictor.predict_prepared(backbone.normalise(batch["pixels"]), text)
@@ -128,7 +138,8 @@ def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str 
 
 def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options: RayOptions) -> Any:
     """The (lazy) dataset of the catalogue's prediction rows, in its order, with their row index
-    as `_row`: blocks of one batch, decoded by CPU actors, predicted by model actors."""
+    as `_row`: blocks of one batch, decoded by CPU actors (or by the model actors themselves:
+    `decode_workers=0`), predicted by model actors."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.raise_original_map_exception = True  # an ImageError reaches the driver as itself, not wrapped
@@ -140,16 +151,18 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     threads = options.threads or (None if gpus else _cpu_threads(options))
+    decoders = options.decode_workers if options.decode_workers is not None else (1 if gpus else 0)
+    dataset = ray.data.from_arrow(blocks)
     # two actor pools with their own resources, so Ray does not fuse the stages; Ray Data restarts
     # a dead actor and resubmits its batch (actor pools default to max_restarts=-1, max_task_retries=-1)
-    return (ray.data.from_arrow(blocks)
-            .map_batches(_Decode, fn_constructor_args=(checkpoint,), batch_size=options.batch_size,
-                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.decode_workers),
-                         num_cpus=1)
-            .map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once),
-                         batch_size=options.batch_size, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=options.inference_workers),
-                         num_cpus=options.cpus_per_worker, num_gpus=gpus))
+    if decoders:
+        dataset = dataset.map_batches(_Decode, fn_constructor_args=(checkpoint,), batch_size=options.batch_size,
+                                      batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=decoders),
+                                      num_cpus=1)
+    return dataset.map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once, not decoders),
+                               batch_size=options.batch_size, batch_format="numpy",
+                               compute=ray.data.ActorPoolStrategy(size=options.inference_workers),
+                               num_cpus=options.cpus_per_worker, num_gpus=gpus)
 
 
 def _cpu_threads(options: RayOptions) -> int:

@@ -30,11 +30,19 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def loader_workers(device: torch.device) -> int:
-    """DataLoader workers for decoding images: one on a CPU, where the model needs the cores
-    too; on a GPU the decoding is the bottleneck, so up to 8 (leaving a core for the main process)."""
+    """DataLoader worker processes for decoding images beside the model: none on a CPU, where
+    the model uses every core (the images are decoded between batches by `decode_threads`
+    threads: a worker process beside the model cost 20 to 30% of the throughput on 2 cores,
+    docs/PERFORMANCE.md); on a GPU the decoding is the bottleneck, so up to 8 (leaving a core
+    for the main process)."""
     if device.type == "cpu":
-        return 1
+        return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def decode_threads() -> int:
+    """Threads decoding a batch of images in the model's process (PIL releases the GIL): the cores."""
+    return max(1, os.cpu_count() or 1)
 
 
 SMALL_BATCH = 4  # on a CPU, batches below this size run in full precision (see autocast)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from PIL import Image, ImageChops, ImageDraw, ImageFont  # noqa: E402
 
 SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "<start_of_text>", "<end_of_text>"})
 TEXT_COLOUR, IMAGE_COLOUR = "#4C72B0", "#DD8452"  # the modality chart's text and image bars
@@ -55,12 +55,24 @@ def attention_overlay(image: Image.Image, patch_weights: np.ndarray, grid_size: 
 
 
 @lru_cache(maxsize=8)
-def _colour_bar(cmap: str, height: int, width: int) -> Image.Image:
-    """The colour bar beside a map: the colormap from 1 (top) to 0, with a black frame."""
+def _colour_bar(cmap: str, height: int, width: int, unit: str) -> Image.Image:
+    """The colour bar beside a map, from the top colour down to 0, with a black frame, its "0" and
+    its `unit` beside it: the part of a map's picture that does not depend on the map."""
     ramp = np.linspace(1, 0, height, dtype=np.float32)[:, None].repeat(width, 1)
     bar = Image.fromarray(colour(ramp, cmap))
     ImageDraw.Draw(bar).rectangle((0, 0, width - 1, height - 1), outline="black")
-    return bar
+    panel = Image.new("RGB", (width + 100, height), "white")
+    panel.paste(bar, (0, 0))
+    draw = ImageDraw.Draw(panel)
+    draw.text((width + 5, height - 22), "0", fill="black", font=font(20))
+    draw.text((width + 5, height // 2 - 45), "\n".join(textwrap.wrap(unit, 10)), fill="#333333", font=font(17))
+    return panel
+
+
+@lru_cache(maxsize=32)
+def _opacity_table(alpha: float) -> list[int]:
+    """The colour's opacity (0-255) for each of a map's 256 levels: `alpha` at the top, growing as level^0.8."""
+    return [round(255 * alpha * (level / 255) ** 0.8) for level in range(256)]
 
 
 def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55, cmap: str = "inferno",
@@ -73,7 +85,7 @@ def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
     looks flat. The colour's opacity grows with the value (`alpha` at the largest, clear at 0),
     so the photo stays visible where the map is low. `coverage` [h, w] (share of each cell the
     photo covers) fades the colour out on the letterbox padding. The bar reads 0 .. max, in
-    percent `unit`."""
+    percent `unit`. The map is drawn in 256 levels, blended by PIL (a server draws one per call)."""
     grid = np.asarray(weights, dtype=np.float32)
     if grid.ndim == 1:
         side = int(round(len(grid) ** 0.5))
@@ -81,24 +93,22 @@ def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
     peak = float(grid.max()) if grid.size else 0.0
     scaled = grid / peak if peak > 0 else np.zeros_like(grid)
     base = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    heat = np.clip(np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR)),
-                   0, 1)
-    strength = alpha * heat ** np.float32(0.8)
+    heat = np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR))
+    levels = Image.fromarray((np.clip(heat, 0, 1) * 255 + 0.5).astype(np.uint8))
+    mask = levels.point(_opacity_table(float(alpha)))
     if coverage is not None:
-        cover = np.asarray(coverage, dtype=np.float32).reshape(grid.shape)
-        strength *= np.asarray(Image.fromarray(cover, mode="F").resize((size, size), Image.Resampling.NEAREST))
-    photo = np.asarray(base, dtype=np.float32)
-    blended = photo + (colour(heat, cmap).astype(np.float32) - photo) * strength[..., None]
+        cover = np.clip(np.asarray(coverage, dtype=np.float32).reshape(grid.shape), 0, 1)
+        cover = Image.fromarray((cover * 255 + 0.5).astype(np.uint8)).resize((size, size), Image.Resampling.NEAREST)
+        mask = ImageChops.multiply(mask, cover)
+    painted = levels.copy()
+    painted.putpalette(colour_table(cmap).tobytes())  # each level's colour, looked up by PIL
     bar_width, margin, top, bottom = 22, 12, 48, 34  # `top`: room for the app's label and buttons
     canvas = Image.new("RGB", (size + bar_width + 2 * margin + 100, top + size + bottom), "white")
-    canvas.paste(Image.fromarray((blended + 0.5).clip(0, 255).astype(np.uint8)), (0, top))
+    canvas.paste(Image.composite(painted.convert("RGB"), base, mask), (0, top))
     x = size + margin
-    canvas.paste(_colour_bar(cmap, size, bar_width), (x, top))
+    canvas.paste(_colour_bar(cmap, size, bar_width, unit), (x, top))
     draw = ImageDraw.Draw(canvas)
     draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font(20))
-    draw.text((x + bar_width + 5, top + size - 22), "0", fill="black", font=font(20))
-    draw.text((x + bar_width + 5, top + size // 2 - 45), "\n".join(textwrap.wrap(unit, 10)), fill="#333333",
-              font=font(17))
     draw.text((4, top + size + 6), title, fill="black", font=font(20))
     return canvas
 

@@ -3,10 +3,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from cma_clip.data import (IGNORE, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, LabelVocab, read_manifest,
-                           write_table)
-from cma_clip.features import extract_features
+from cma_clip.data import (IGNORE, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, ImageError, LabelVocab,
+                           load_image, read_manifest, write_table)
+from cma_clip.features import extract_features, image_batches
 from conftest import HM
 
 
@@ -189,3 +190,19 @@ def test_row_cap_applies_only_when_asked(tmp_path):
     # training catalogues are read whole: 40,000 rows, four times the cap meant for uploads
     assert MAX_MANIFEST_ROWS == 10_000
     assert len(Catalogue.open(CatalogueConfig.load("fashion-product-images"))) == 40_000
+
+
+def test_images_decode_alike_in_threads_and_in_a_worker_process(tmp_path, backbone):
+    """On a CPU the images of a batch are decoded by threads between batches; on a GPU by DataLoader
+    workers beside the model: the same pixels in the same order, and an unusable image refused by name."""
+    paths = Catalogue.open(CatalogueConfig.load("hm-articles")).image_paths()[:10]
+    threads = list(image_batches(paths, backbone, batch_size=4, num_workers=0))
+    worker = list(image_batches(paths, backbone, batch_size=4, num_workers=1))
+    assert [len(b) for b in threads] == [len(b) for b in worker] == [4, 4, 2]
+    assert all(torch.equal(a, b) for a, b in zip(threads, worker))
+    assert torch.equal(threads[1][0], backbone.preprocess([load_image(paths[4])])[0])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a picture")
+    for workers in (0, 1):
+        with pytest.raises(ImageError, match="broken.jpg"):
+            list(image_batches([*paths[:3], broken], backbone, batch_size=2, num_workers=workers))

@@ -16,7 +16,8 @@ from conftest import hm_rows, write_hm_manifest
 
 CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "hm-articles"
 ITEMS = 40
-OPTIONS = RayOptions(batch_size=16)  # 40 items: 3 batches, the last one short
+OPTIONS = RayOptions(batch_size=16)  # 40 items: 3 batches, the last one short; on CPUs: decoded by the model actors
+STAGED = RayOptions(batch_size=16, decode_workers=1)  # a decode stage of its own, as beside GPUs
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,11 @@ def assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
                 assert mine[key] == value, (mine["id"], key)
 
 
+@pytest.mark.parametrize("options", [OPTIONS, STAGED], ids=["decoded-by-model-actors", "decode-stage"])
 def test_ray_gives_the_single_process_predictions_in_the_manifest_order(local_ray, manifests, single_process,
-                                                                        tmp_path):
+                                                                        tmp_path, options):
     out = tmp_path / "preds.parquet"
-    assert predict_manifest_ray(CHECKPOINT, manifests["parquet"], out, OPTIONS) == ITEMS
+    assert predict_manifest_ray(CHECKPOINT, manifests["parquet"], out, options) == ITEMS
     got = read_parquet(out)
     assert [r["id"] for r in got] == [r["article_id"] for r in read_manifest(manifests["csv"])]
     assert_same_predictions(got, single_process)
@@ -80,20 +82,26 @@ def test_ray_gives_the_single_process_predictions_in_the_manifest_order(local_ra
 def test_a_crashed_model_actor_has_its_batch_retried(local_ray, manifests, single_process, tmp_path):
     marker = tmp_path / "crashed"
     out = tmp_path / "preds.jsonl"
-    predict_manifest_ray(CHECKPOINT, manifests["csv"], out, RayOptions(batch_size=16, crash_once=str(marker)))
+    predict_manifest_ray(CHECKPOINT, manifests["csv"], out, RayOptions(batch_size=16, decode_workers=1,
+                                                                       crash_once=str(marker)))
     assert marker.exists()  # the first model actor died (os._exit) in its first batch
     assert_same_predictions(read_jsonl(out), single_process)
 
 
 def test_decoding_and_inference_are_separate_stages(local_ray, manifests, capsys):
+    """With decode actors, two actor pools (a cluster gives each its resources); on CPUs by default,
+    one: the model actors decode their own batches between them."""
     from cma_clip.predict import open_for_prediction
     from cma_clip.checkpoint import read_config
 
     catalogue = open_for_prediction(read_config(CHECKPOINT), manifests["csv"])
-    prediction_dataset(local_ray, str(CHECKPOINT), catalogue, OPTIONS).explain()
+    prediction_dataset(local_ray, str(CHECKPOINT), catalogue, STAGED).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(_Infer)]" in optimized  # not fused with the decoding
     assert "ActorPoolMapOperator[MapBatches(_Decode)]" in optimized
+    prediction_dataset(local_ray, str(CHECKPOINT), catalogue, OPTIONS).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "MapBatches(_Infer)" in optimized and "_Decode" not in optimized
 
 
 def test_an_unreadable_image_stops_the_run_with_its_message(local_ray, manifests, tmp_path):

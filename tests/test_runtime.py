@@ -24,8 +24,9 @@ def test_no_bf16_means_full_precision_at_any_batch(monkeypatch):
 
 
 def test_decode_workers_per_device(monkeypatch):
-    assert runtime.loader_workers(CPU) == 1
+    assert runtime.loader_workers(CPU) == 0  # decoded between batches, by threads of the model's process
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 16)
+    assert runtime.decode_threads() == 16
     assert runtime.loader_workers(torch.device("cuda")) == 8
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
     assert runtime.loader_workers(torch.device("cuda")) == 1
