@@ -80,6 +80,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
+    label_smoothing: float = 0.0  # share of each target spread over the other classes (calibration)
     warmup: float = 0.05  # share of steps spent warming up
     patience: int = 4  # epochs without val improvement before stopping
     seed: int = 0

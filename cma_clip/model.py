@@ -403,19 +403,21 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def multitask_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-                   labelled: dict[str, int] | None = None) -> torch.Tensor:
+                   labelled: dict[str, int] | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean over tasks of cross-entropy on the items labelled for that task.
 
     Missing (-1) and out-of-vocabulary (-2) labels are masked out of their task only; a task
     without labelled items adds zero, still through its head (so under DDP every head has a
     gradient on every rank). `labelled` gives each task's count of labelled items in the whole
     (global) batch when these logits are only one rank's share of it: each rank's losses then
-    sum to the single-process loss. By default the counts are this batch's own."""
+    sum to the single-process loss. By default the counts are this batch's own. `label_smoothing`
+    is cross-entropy's (a target of 1 - s on the label and s spread evenly over the classes)."""
     if labelled is None:
         labelled = {task: int((target >= 0).sum()) for task, target in targets.items()}
     total = 0.0
     for task, target in targets.items():
         masked = torch.where(target >= 0, target, torch.full_like(target, MASKED))
-        summed = F.cross_entropy(logits[task].float(), masked, ignore_index=MASKED, reduction="sum")
+        summed = F.cross_entropy(logits[task].float(), masked, ignore_index=MASKED, reduction="sum",
+                                 label_smoothing=label_smoothing)
         total = total + summed / max(1, labelled[task])
     return total / max(1, sum(count > 0 for count in labelled.values()))

@@ -98,6 +98,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     o.add_argument("--batch-size", type=int, default=d.batch_size)
     o.add_argument("--lr", type=float, default=d.lr)
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="spread this share of each target over the other classes (default 0: none)")
     o.add_argument("--warmup", type=float, default=d.warmup, help="share of steps spent warming up")
     o.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without val improvement")
@@ -367,7 +369,7 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
             with autocast(device):
                 output = net(batches_of.batch(index, device))
             batch_targets = {t: v[index].to(device) for t, v in train_targets.items()}
-            loss = multitask_loss(output.logits, batch_targets, labelled)
+            loss = multitask_loss(output.logits, batch_targets, labelled, cfg.label_smoothing)
             if world > 1:  # DDP averages the gradients over ranks: scale the shares back to a sum
                 loss = loss * world
             optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """python -m cma_clip.bench --quick: runs end to end and writes every figure (no timing assertions)."""
 import json
 import numbers
+import os
 
 from cma_clip.lab import bench
 
@@ -18,7 +19,7 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
         "app_predict": {"p50_s", "p95_s", "calls", "predictor_p50_s", "ratio", "client_p50_s", "client_ratio"},
         "startup": {"ready_s", "first_s", "warm_p50_s", "ratio"},
         "concurrency": {"sequential_per_s", "concurrent_per_s", "ratio", "mean_batch"},
-        "review": {"items", "open_s", "resort_p50_s", "resort_max_s", "live_s"},
+        "review": {"items", "open_s", "resort_p50_s", "resort_max_s", "move_p50_s", "live_s"},
         "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio"},
         "training": {"epoch_seconds", "items_per_s"},
         "batch_prediction": {"items_per_s", "backbone_items_per_s", "ratio", "ray_items_per_s",
@@ -41,7 +42,8 @@ def test_sections_measure_only_what_is_asked(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert set(doc["figures"]) == {"feature_cache"}
     assert set(doc["targets"]) == {"cache_vs_backbone"}
-    assert doc["figures"]["feature_cache"]["workers"] == 1  # one decode worker on a CPU
+    cache = doc["figures"]["feature_cache"]
+    assert (cache["decode_workers"], cache["decode_in_threads"]) == (os.cpu_count(), 1)  # on a CPU: a thread a core
     table = capsys.readouterr().out
     assert "feature cache build" in table and "fusion ratio" not in table
     assert doc["command"] == f"python -m cma_clip.bench --quick --sections cache --out-json {out}"

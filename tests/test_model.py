@@ -122,6 +122,16 @@ def test_missing_labels_are_masked_per_task():
     torch.testing.assert_close(multitask_loss(logits, targets), expected)
 
 
+def test_label_smoothing_spreads_the_target_on_hand_computed_values():
+    """Smoothing 0.3 over 3 classes: the label's target 0.8, each other class's 0.1; masked items still count for nothing."""
+    logits = {"colour": torch.tensor([[2.0, 0.0, 0.0], [5.0, 1.0, -1.0]])}
+    targets = {"colour": torch.tensor([0, -1])}
+    log_p = torch.log_softmax(logits["colour"][0], -1)
+    expected = -(0.8 * log_p[0] + 0.1 * log_p[1] + 0.1 * log_p[2])
+    torch.testing.assert_close(multitask_loss(logits, targets, label_smoothing=0.3), expected)
+    torch.testing.assert_close(multitask_loss(logits, targets), -log_p[0])
+
+
 def test_modality_weights_learn_which_modality_each_task_needs():
     """Task "by_image" is decided by the image alone, "by_text" by the text alone: trained
     without sequence fusion (so each embedding is one modality), the keyless attention

@@ -33,7 +33,7 @@ from ..data import REPO_ROOT, Catalogue, CatalogueConfig, load_image, read_manif
 from ..features import extract_features
 from ..model import CMAClip
 from ..predict import Predictor
-from ..runtime import autocast, bf16_supported, default_device, loader_workers
+from ..runtime import autocast, bf16_supported, decode_threads, default_device, loader_workers
 from ..train import TrainConfig, train
 from . import studio_speed
 from .studio_speed import CHECKPOINTS, EXAMPLE_IMAGE, EXAMPLE_TEXT, MODEL, interleaved, p50, p95, timed
@@ -155,7 +155,8 @@ def cache_throughput(backbone: DualEncoder, sizes: Sizes) -> dict[str, float]:
     n = len(catalogue)
     build_rate, backbone_rate = n / p50(times["build"]), n / p50(times["backbone"])
     return {"items": n, "build_items_per_s": build_rate, "backbone_items_per_s": backbone_rate,
-            "ratio": build_rate / backbone_rate, "workers": loader_workers(device)}
+            "ratio": build_rate / backbone_rate, "decode_workers": loader_workers(device) or decode_threads(),
+            "decode_in_threads": int(loader_workers(device) == 0)}
 
 
 # ----------------------------------------------------------------------------- 4. training
@@ -352,7 +353,8 @@ def format_table(doc: dict[str, Any]) -> str:
         cache = f["feature_cache"]
         rows += [("feature cache build / backbone alone",
                   f"{cache['build_items_per_s']:.1f} / {cache['backbone_items_per_s']:.1f} items/s",
-                  f"{cache['items']} items, {s['cache_repeats']} runs, {cache['workers']} decode workers"),
+                  f"{cache['items']} items, {s['cache_repeats']} runs, {cache['decode_workers']} decode "
+                  f"{'threads between batches' if cache['decode_in_threads'] else 'worker processes'}"),
                  ("  ratio (target >= 0.9)", f"{cache['ratio']:.3f}", "")]
     if "training" in f:
         train = f["training"]
