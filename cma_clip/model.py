@@ -294,7 +294,8 @@ class CMAClip(nn.Module):
 
     `cfg.fusion` leaves parts out for ablations and baselines (only the parts a fusion uses
     are built): "late_fusion" is an MLP head per task on the concatenated aligned embeddings
-    (the paper's fine-tuned CLIP), "text_only"/"image_only" a head on one of them."""
+    (the paper's fine-tuned CLIP baseline, with the towers frozen), "text_only"/"image_only" a head
+    on one of them."""
 
     OPTIONAL = ("sequence", "unfused_norm", "modality")  # parts some fusions do not build
 

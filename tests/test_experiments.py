@@ -88,7 +88,7 @@ def test_noise_reaches_only_the_inputs_it_names(study):
     assert weights and all(0.0 < w < 1.0 for w in weights.values())
     cross = noise["CMA-CLIP"]["0"]["image"]["5"]["cross_attention"]
     assert set(cross) == {"image_cls_on_text", "text_cls_on_image"} and all(0.0 < v < 1.0 for v in cross.values())
-    assert noise["late fusion (fine-tuned CLIP)"]["0"]["image"]["5"]["cross_attention"] == {}  # no sequence attention
+    assert noise["late fusion (heads on frozen embeddings)"]["0"]["image"]["5"]["cross_attention"] == {}  # no sequence attention
 
 
 def test_a_second_call_reuses_the_runs(study):

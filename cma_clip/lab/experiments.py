@@ -54,7 +54,7 @@ METHODS = {
     "zero-shot (raw CLIP)": None,
     "text only": "text_only",
     "image only": "image_only",
-    "late fusion (fine-tuned CLIP)": "late_fusion",
+    "late fusion (heads on frozen embeddings)": "late_fusion",
     "w/o both attentions": "no_attention",
     "w/o sequence-wise attention": "no_sequence_attention",
     "w/o modality-wise attention": "no_modality_attention",
