@@ -31,10 +31,10 @@ def bf16_supported(device: torch.device) -> bool:
 
 def loader_workers(device: torch.device) -> int:
     """DataLoader worker processes for decoding images beside the model: none on a CPU, where
-    the model uses every core (the images are decoded between batches by `decode_threads`
-    threads: a worker process beside the model cost 20 to 30% of the throughput on 2 cores,
-    docs/PERFORMANCE.md); on a GPU the decoding is the bottleneck, so up to 8 (leaving a core
-    for the main process)."""
+    the model uses every core (the images are decoded by `decode_threads` low-priority threads
+    of its process, `features.image_batches`: a worker process beside the model cost 20 to 30%
+    of the throughput on 2 cores, docs/PERFORMANCE.md); on a GPU the decoding is the
+    bottleneck, so up to 8 (leaving a core for the main process)."""
     if device.type == "cpu":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
