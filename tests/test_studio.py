@@ -135,16 +135,20 @@ def test_an_open_queue_re_sorts_and_re_filters_in_memory(studio, monkeypatch):
     """Re-sorting an open queue predicts nothing and writes only its view; the order is the one a
     fresh load with those choices gives; a filter narrows and widens again over the items sampled."""
     colour = "colour_group_name"
+    choices = (("margin", None), ("entropy", colour), ("least_confidence", None))
     queue = studio.review_catalogue("hm-articles", "test", 12)
     studio.review_skip(queue, "ana")
     skipped = queue.items[0].item_id
     payload = studio.store.load_queue(queue.queue_id).payload
+    fresh = {choice: studio.review_catalogue("hm-articles", "test", 12, strategy=choice[0], task=choice[1],
+                                             show_decided=True) for choice in choices}  # the same 12 items
+    # without kept catalogue predictions (an empty feature cache) a load predicts its items; a re-sort never
     monkeypatch.setattr(studio, "_score_items", lambda *a, **k: pytest.fail("re-sorting predicted again"))
-    for strategy, task in (("margin", None), ("entropy", colour), ("least_confidence", None)):
+    for strategy, task in choices:
         studio.arrange_queue(queue, "ana", strategy=strategy, task=task)
-        fresh = studio.review_catalogue("hm-articles", "test", 12, strategy=strategy, task=task, show_decided=True)
-        assert [i.item_id for i in queue.items] == [i.item_id for i in fresh.items], strategy
-        assert queue.strategy == strategy and queue.tasks == fresh.tasks
+        expected = fresh[strategy, task]
+        assert [i.item_id for i in queue.items] == [i.item_id for i in expected.items], strategy
+        assert queue.strategy == strategy and queue.tasks == expected.tasks
         assert queue.current.status == "pending" and queue.current.item_id != skipped  # the decided item is passed
     confidences = sorted(item.predictions[colour].confidence for item in queue.pool)
     low, high = round(confidences[3], 4), round(confidences[8], 4)  # about the middle half
