@@ -680,11 +680,10 @@ class Studio:
         first = Path(queue.items[0].image_path) if queue.items else None
         if first is not None and self.uploads_dir in first.parents:
             uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
-        annotator, position = (annotator or "").strip(), max(0, queue.position)
+        annotator, position, view = (annotator or "").strip(), max(0, queue.position), queue.view_payload()
         try:
-            if not (queue.stored and self.store.move_queue(queue.queue_id, annotator, position, queue.view_payload())):
-                self.store.save_queue(queue.queue_id, annotator, queue.model, queue.to_payload(), position,
-                                      queue.view_payload())
+            if not (queue.stored and self.store.move_queue(queue.queue_id, annotator, position, view)):
+                self.store.save_queue(queue.queue_id, annotator, queue.model, queue.to_payload(), position, view)
                 queue.stored = True
         except LabelStoreError as exc:
             raise StudioError(f"The queue could not be kept: {exc}") from exc
