@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .backbones import TextBatch
+from .backbones import DualEncoder, TextBatch
 from .checkpoint import load_backbone, read_config
 from .data import Catalogue, CatalogueError, load_image, pyarrow_modules
 from .errors import CMAClipError
@@ -67,9 +67,10 @@ def import_ray() -> Any:
 class _Decode:
     """Stage 1 (CPU): image file -> letterboxed uint8 pixels, text -> token ids and mask."""
 
-    def __init__(self, checkpoint: str, threads: int = 1) -> None:
+    def __init__(self, checkpoint: str, threads: int = 1, backbone: DualEncoder | None = None) -> None:
         config = read_config(checkpoint)
-        self.backbone = load_backbone(checkpoint, config, "cpu")  # its preprocessing and tokenizer
+        # its preprocessing and tokenizer: a model actor that decodes lends its own backbone
+        self.backbone = backbone or load_backbone(checkpoint, config, "cpu")
         self.max_tokens = config.catalogue.max_text_tokens
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")  # PIL releases the GIL
 
@@ -90,7 +91,7 @@ class _Infer:
         self.predictor = Predictor.from_checkpoint(checkpoint)  # the actor's GPU if Ray gave it one, else the CPU
         self.crash_once = crash_once
         # no decode stage: its batches come undecoded, and are decoded here with the actor's cores
-        self.decode = _Decode(checkpoint, torch.get_num_threads()) if decode else None
+        self.decode = _Decode(checkpoint, torch.get_num_threads(), self.predictor.backbone) if decode else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.crash_once and not os.path.exists(self.crash_once):
