@@ -28,6 +28,8 @@ from .data import MAX_DECODED_SIDE, shrink_image, to_8_bits
 from .errors import CMAClipError
 from .runtime import autocast, default_device
 
+ORIENTATION = 0x0112  # the EXIF tag
+
 DEFAULT_BACKBONE = "bundled"
 
 
@@ -141,28 +143,41 @@ class DualEncoder(nn.Module):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Honour EXIF orientation, flatten alpha on white, and convert any mode to RGB."""
-    image = ImageOps.exif_transpose(image)
+    """Honour EXIF orientation, flatten alpha on white, and convert any mode to RGB (a new image)."""
+    rgb = _upright_rgb(image)
+    return rgb.copy() if rgb is image else rgb
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """`to_rgb` without its copy: `image` itself when it is already upright RGB (for callers that
+    only read it, such as a resize: two full-image copies fewer per decoded photo)."""
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(canvas, image)
     if image.mode.startswith("I;16") or image.mode == "I":
         image = to_8_bits(image)  # scaled by its brightest pixel, no float64 copy
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _fitted(image: Image.Image, size: int) -> Image.Image:
+    """The upright RGB image resized (bicubic) to fit a size x size square without distortion.
+    An image larger than `MAX_DECODED_SIDE` (one not from `load_image`) is first reduced in
+    its own mode, so converting it costs memory for that size, not for the original."""
+    image = _upright_rgb(shrink_image(image, MAX_DECODED_SIDE))
+    scale = size / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BICUBIC)
 
 
 def letterbox(image: Image.Image, size: int, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Resize to fit a size x size square without distortion, padding with white
-    (product photos sit on white), so patch (i, j) covers the same region for every item.
-    An image larger than `MAX_DECODED_SIDE` (one not from `load_image`) is first reduced in
-    its own mode, so converting it costs memory for that size, not for the original."""
-    image = to_rgb(shrink_image(image, MAX_DECODED_SIDE))
-    scale = size / max(image.size)
-    new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    image = image.resize(new_size, Image.Resampling.BICUBIC)
+    (product photos sit on white), so patch (i, j) covers the same region for every item."""
+    fitted = _fitted(image, size)
     canvas = Image.new("RGB", (size, size), fill)
-    canvas.paste(image, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
+    canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
     return canvas
 
 
@@ -172,8 +187,14 @@ def images_to_tensor(images: list[Image.Image], size: int, mean: tuple[float, fl
 
 
 def letterbox_pixels(images: list[Image.Image], size: int) -> np.ndarray:
-    """Letterboxed images as uint8 [B, size, size, 3]."""
-    return np.stack([np.asarray(letterbox(im, size), dtype=np.uint8) for im in images])
+    """Letterboxed images as uint8 [B, size, size, 3]: `letterbox`'s pixels, each fitted image
+    written straight into one white array (no canvas and no full-size array copy per image)."""
+    pixels = np.full((len(images), size, size, 3), 255, dtype=np.uint8)
+    for row, image in zip(pixels, images):
+        fitted = _fitted(image, size)
+        top, left = (size - fitted.height) // 2, (size - fitted.width) // 2
+        row[top:top + fitted.height, left:left + fitted.width] = np.asarray(fitted)
+    return pixels
 
 
 def normalise_pixels(pixels: np.ndarray, mean: tuple[float, float, float],

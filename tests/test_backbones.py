@@ -84,3 +84,25 @@ def test_unknown_backbone_name():
 def test_open_clip_models_without_the_clip_layout_are_refused_clearly():
     with pytest.raises(BackboneError, match="does not have the original CLIP layout"):
         create_backbone("open_clip:RN50", "cpu")  # a ResNet image tower: no patch tokens
+
+
+def test_batch_pixels_are_the_letterboxed_images_and_to_rgb_copies():
+    import io
+
+    import numpy as np
+
+    from cma_clip.backbones import letterbox, letterbox_pixels, to_rgb
+
+    photos, _ = real_items(3)
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 300, 3), dtype=np.uint8))
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: turn it upright
+    base.save(rotated, "JPEG", exif=exif)
+    images = [*photos, base, base.convert("RGBA"), base.convert("P"), base.convert("L"), Image.open(rotated)]
+    batch = letterbox_pixels(images, 224)
+    for image, pixels in zip(images, batch):
+        assert np.array_equal(pixels, np.asarray(letterbox(image, 224)))
+    assert batch[-1].shape == (224, 224, 3) and np.all(batch[-1][:, :70] == 255)  # upright: padded left and right
+    rgb = to_rgb(base)
+    assert rgb is not base and np.array_equal(np.asarray(rgb), np.asarray(base))

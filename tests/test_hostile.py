@@ -202,8 +202,8 @@ def test_letterbox_reduces_a_big_image_before_converting_it(monkeypatch):
     import cma_clip.backbones as backbones
 
     converted = []
-    real = backbones.to_rgb
-    monkeypatch.setattr(backbones, "to_rgb", lambda image: converted.append(image.size) or real(image))
+    real = backbones._upright_rgb  # what letterbox converts with (to_rgb without its copy)
+    monkeypatch.setattr(backbones, "_upright_rgb", lambda image: converted.append(image.size) or real(image))
     picture = Image.new("LA", (6000, 3000), (0, 0))  # transparent: on white
     assert close(letterbox(picture, 224).getpixel((112, 112)), WHITE)
     sixteen = Image.fromarray(np.tile(np.linspace(0, 65535, 6000).astype(np.uint16), (3000, 1)))
