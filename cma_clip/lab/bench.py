@@ -74,6 +74,7 @@ class Sizes:
     start_calls: int = 10  # warm /predict calls after the first
     clients: int = 16
     client_rounds: int = 2  # calls per concurrent client; as many in a row
+    client_repeats: int = 3  # the two ways timed alternately this many times
     review_items: int = 2000
     review_limit: int | None = None  # items per split of the catalogue; None: all of it
     live_items: int = 48  # a queue predicted the old way, for scale
@@ -82,7 +83,7 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, manifest_items=16,
               manifest_batch=4, manifest_repeats=1, train_limit=24, train_epochs=2, start_calls=2, clients=4,
-              client_rounds=1, review_items=16, review_limit=24, live_items=4)
+              client_rounds=1, client_repeats=1, review_items=16, review_limit=24, live_items=4)
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -302,7 +303,7 @@ def run(sizes: Sizes, log: Callable[[str], None] = print, sections: tuple[str, .
         figures["startup"] = studio_speed.startup(sizes.start_calls)
     if "concurrency" in sections:
         log(f"concurrency: {sizes.clients} clients at once against calls in a row")
-        figures["concurrency"] = studio_speed.concurrency(sizes.clients, sizes.client_rounds)
+        figures["concurrency"] = studio_speed.concurrency(sizes.clients, sizes.client_rounds, sizes.client_repeats)
     if "review" in sections:
         log(f"review: a queue of {sizes.review_items} catalogue items from kept predictions")
         figures["review"] = studio_speed.review_queue(sizes.review_items, limit=sizes.review_limit,
