@@ -25,8 +25,9 @@ def test_mixed_is_the_weighted_mean():
     assert np.allclose(mixed([a, b], [0.75, 0.25])["t"], [[0.75, 0.25]])
 
 
-def test_every_method_is_scored_on_test_with_thresholds_from_val(small_checkpoint, cache_dir):
-    doc = run([small_checkpoint, small_checkpoint], cache_dir=str(cache_dir), log=lambda _: None)
+def test_every_method_is_scored_on_test_with_thresholds_from_val(small_checkpoint, cache_dir, tmp_path, capsys):
+    kept = tmp_path / "linear.npz"
+    doc = run([small_checkpoint, small_checkpoint], cache_dir=str(cache_dir), linear_file=kept, log=lambda _: None)
     reports = doc["methods"]
     assert len(reports) == 5  # each checkpoint, linear, their mean, mean + linear
     single, ensemble = reports[f"checkpoint 1 ({small_checkpoint})"], reports["mean of 2 checkpoints"]
@@ -37,3 +38,7 @@ def test_every_method_is_scored_on_test_with_thresholds_from_val(small_checkpoin
     # the mean of one checkpoint twice is that checkpoint
     assert ensemble["mean"]["recall_at_90_precision"] == pytest.approx(single["mean"]["recall_at_90_precision"])
     assert set(doc["mix_weight_val_r90p"]) == {f"{w:.1f}" for w in np.linspace(0, 1, 11)}
+    # the linear model's probabilities are kept: a second run reads them and scores the same
+    again = run([small_checkpoint], cache_dir=str(cache_dir), linear_file=kept, log=print)
+    assert "linear late fusion: fitting" not in capsys.readouterr().out
+    assert again["methods"]["linear late fusion"] == reports["linear late fusion"]

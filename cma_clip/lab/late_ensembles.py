@@ -28,7 +28,7 @@ from ..evaluate import THRESHOLD_RULE, item_groups, predict_probabilities, score
 from ..features import Features, extract_features
 from ..runtime import default_device
 
-REGULARISATION = (0.3, 1.0, 3.0)  # logistic regression's C, chosen per task on val
+REGULARISATION = (0.1, 0.3, 1.0, 3.0)  # logistic regression's C, chosen per task on val
 MIX_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # the linear model's share in a mix
 
 
@@ -86,8 +86,11 @@ def operating_report(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray
                  thresholds, groups[test])
 
 
-def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | None = None, log=print) -> dict:
-    """Every method's test report (and the val R@90P of each mix weight tried)."""
+def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | None = None,
+        linear_file: Path | None = None, log=print) -> dict:
+    """Every method's test report (and the val R@90P of each mix weight tried). `linear_file`
+    (.npz): the linear model's probabilities, read from there when it exists (they depend on the
+    catalogue only, not on the checkpoints), else fitted and written there."""
     device = default_device()
     models = [load_checkpoint(c, device) for c in checkpoints]
     config: CheckpointConfig = models[0][1]
@@ -103,9 +106,17 @@ def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | 
     targets, groups = task_targets(config, catalogue), item_groups(features, np.arange(len(features)))
     every = np.arange(len(catalogue))
     model_probs = [predict_probabilities(m, features, every) for m, _ in models]
-    log("linear late fusion: fitting")
-    linear = linear_probabilities(linear_design(catalogue.texts(), features, splits["train"]), targets,
-                                  config.classes, splits, log)
+    if linear_file is not None and linear_file.exists():
+        with np.load(linear_file) as kept:
+            linear = {task: kept[task] for task in targets}
+        if any(p.shape != (len(catalogue), len(config.classes[t])) for t, p in linear.items()):
+            raise SystemExit(f"{linear_file} holds another catalogue's probabilities")
+    else:
+        log("linear late fusion: fitting")
+        linear = linear_probabilities(linear_design(catalogue.texts(), features, splits["train"]), targets,
+                                      config.classes, splits, log)
+        if linear_file is not None:
+            np.savez_compressed(linear_file, **linear)
     ensemble = mixed(model_probs, [1.0] * len(model_probs))
     val_r90 = {w: score({t: p[splits["val"]] for t, p in mixed([ensemble, linear], [1 - w, w]).items()},
                         {t: y[splits["val"]] for t, y in targets.items()})["mean"]["recall_at_90_precision"]
@@ -134,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="runs of one catalogue")
     parser.add_argument("--out-json", type=Path)
+    parser.add_argument("--linear-probabilities", type=Path,
+                        help=".npz: the linear model's probabilities, kept there for the next run on this catalogue")
     args = parser.parse_args(argv)
-    doc = run(args.checkpoints, log=lambda line: print(line, file=sys.stderr, flush=True))
+    doc = run(args.checkpoints, linear_file=args.linear_probabilities,
+              log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_rows(doc))
     if args.out_json:
         args.out_json.write_text(json.dumps(doc, indent=2))
