@@ -32,6 +32,16 @@ REGULARISATION = (0.1, 0.3, 1.0, 3.0)  # logistic regression's C, chosen per tas
 MIX_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # the linear model's share in a mix
 
 
+def rows_of(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Each task's array at `rows`."""
+    return {task: array[rows] for task, array in arrays.items()}
+
+
+def val_recall(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], val: np.ndarray) -> float:
+    """Mean R@90P over the tasks on the val rows: what C and the mix weight are chosen by."""
+    return score(rows_of(probs, val), rows_of(targets, val))["mean"]["recall_at_90_precision"]
+
+
 def linear_design(texts: list[str], features: Features, train_rows: np.ndarray):
     """The linear model's inputs for every item: TF-IDF fitted on the train rows, beside the
     pooled embeddings and colour descriptor standardised on them (sparse, CSR)."""
@@ -40,10 +50,8 @@ def linear_design(texts: list[str], features: Features, train_rows: np.ndarray):
     from sklearn.preprocessing import StandardScaler
 
     words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit([texts[i] for i in train_rows])
-    dense = [np.asarray(features.image_pooled, np.float32), np.asarray(features.text_pooled, np.float32)]
-    if features.colour is not None:
-        dense.append(np.asarray(features.colour, np.float32))
-    dense = np.hstack(dense)
+    dense = np.hstack([np.asarray(array, np.float32)
+                       for array in (features.image_pooled, features.text_pooled, features.colour)])
     dense = StandardScaler().fit(dense[train_rows]).transform(dense) / np.sqrt(dense.shape[1] / 64)
     return sparse.hstack([words.transform(texts), sparse.csr_matrix(dense)]).tocsr()
 
@@ -62,8 +70,7 @@ def linear_probabilities(design, targets: dict[str, np.ndarray], classes: dict[s
             model = LogisticRegression(C=c, max_iter=300).fit(design[fit_rows], target[fit_rows])
             probs = np.zeros((design.shape[0], len(classes[task])), np.float32)
             probs[:, model.classes_] = model.predict_proba(design)
-            val = splits["val"]
-            r90 = score({task: probs[val]}, {task: target[val]})["mean"]["recall_at_90_precision"]
+            r90 = val_recall({task: probs}, {task: target}, splits["val"])
             log(f"  linear {task} C={c}: val R@90P {r90:.3f}")
             if best is None or r90 > best[0]:
                 best = (r90, probs)
@@ -80,17 +87,16 @@ def operating_report(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray
                      groups: np.ndarray) -> dict:
     """Thresholds from val by the checkpoints' rule, then the test report with them."""
     val, test = splits["val"], splits["test"]
-    thresholds = thresholds_at_90({t: p[val] for t, p in probs.items()}, {t: y[val] for t, y in targets.items()},
-                                  THRESHOLD_RULE, groups[val])
-    return score({t: p[test] for t, p in probs.items()}, {t: y[test] for t, y in targets.items()},
-                 thresholds, groups[test])
+    thresholds = thresholds_at_90(rows_of(probs, val), rows_of(targets, val), THRESHOLD_RULE, groups[val])
+    return score(rows_of(probs, test), rows_of(targets, test), thresholds, groups[test])
 
 
 def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | None = None,
         linear_file: Path | None = None, log=print) -> dict:
     """Every method's test report (and the val R@90P of each mix weight tried). `linear_file`
     (.npz): the linear model's probabilities, read from there when it exists (they depend on the
-    catalogue only, not on the checkpoints), else fitted and written there."""
+    catalogue only, not on the checkpoints: the features always carry the colour descriptor),
+    else fitted and written there."""
     device = default_device()
     models = [load_checkpoint(c, device) for c in checkpoints]
     config: CheckpointConfig = models[0][1]
@@ -100,9 +106,8 @@ def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | 
     if config.train.limit:  # the rows the runs were trained and calibrated on
         catalogue = limit_splits(catalogue, config.train.limit)
     splits = split_indices(catalogue)
-    colour = any(m.cfg.colour for m, _ in models)
     features = extract_features(load_backbone(checkpoints[0], config, device), catalogue, cache_dir, memory_map=True,
-                                colour=colour, progress=False)
+                                colour=True, progress=False)  # models without colour tokens ignore it
     targets, groups = task_targets(config, catalogue), item_groups(features, np.arange(len(features)))
     every = np.arange(len(catalogue))
     model_probs = [predict_probabilities(m, features, every) for m, _ in models]
@@ -118,9 +123,7 @@ def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | 
         if linear_file is not None:
             np.savez_compressed(linear_file, **linear)
     ensemble = mixed(model_probs, [1.0] * len(model_probs))
-    val_r90 = {w: score({t: p[splits["val"]] for t, p in mixed([ensemble, linear], [1 - w, w]).items()},
-                        {t: y[splits["val"]] for t, y in targets.items()})["mean"]["recall_at_90_precision"]
-               for w in MIX_WEIGHTS}
+    val_r90 = {w: val_recall(mixed([ensemble, linear], [1 - w, w]), targets, splits["val"]) for w in MIX_WEIGHTS}
     weight = float(max(val_r90, key=val_r90.get))
     methods = {f"checkpoint {i + 1} ({c})": p for i, (c, p) in enumerate(zip(checkpoints, model_probs))}
     methods.update({"linear late fusion": linear, f"mean of {len(models)} checkpoints": ensemble,

@@ -215,7 +215,9 @@ def _drive_clients(url: str, clients: int, rounds: int, how: str) -> float:
     if not _CLIENTS:
         _CLIENTS.extend(AppClient(url) for _ in range(clients))
 
-    def one_client(i: int, calls: int = rounds) -> None:
+    calls = 1 if how == "warm-up" else rounds
+
+    def one_client(i: int) -> None:
         for r in range(calls):
             _CLIENTS[i].predict(EXAMPLE_IMAGE, f"{EXAMPLE_TEXT} #{i}-{r}")
 
@@ -225,7 +227,7 @@ def _drive_clients(url: str, clients: int, rounds: int, how: str) -> float:
             _CLIENTS[0].predict(EXAMPLE_IMAGE, f"{EXAMPLE_TEXT} #{n}")
     else:
         with ThreadPoolExecutor(clients) as threads:
-            list(threads.map(partial(one_client, calls=1 if how == "warm-up" else rounds), range(clients)))
+            list(threads.map(one_client, range(clients)))
     return time.perf_counter() - started
 
 
