@@ -81,6 +81,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.0  # share of each target spread over the other classes (calibration)
+    ema: float = 0.0  # >0: validate and keep an exponential moving average of the weights with this decay per step
     warmup: float = 0.05  # share of steps spent warming up
     patience: int = 4  # epochs without val improvement before stopping
     seed: int = 0

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -100,6 +101,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
                    help="spread this share of each target over the other classes (default 0: none)")
+    o.add_argument("--ema", type=float, default=d.ema,
+                   help="validate and keep a moving average of the weights, this decay per step (e.g. 0.99; "
+                        "default 0: the weights as trained)")
     o.add_argument("--warmup", type=float, default=d.warmup, help="share of steps spent warming up")
     o.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without val improvement")
@@ -263,13 +267,14 @@ def align(cfg: TrainConfig, model: CMAClip, data: TrainingData, device: torch.de
 # ----------------------------------------------------------------------------- resumable state
 
 def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, counters: dict,
-               backbone: DualEncoder | None = None) -> None:
+               backbone: DualEncoder | None = None, ema: AveragedModel | None = None) -> None:
     """Training state for --resume: one safetensors file (no pickles), the counters in its
-    metadata; `backbone` when it is being fine-tuned. Written to a temporary file renamed into
-    place, so a crash mid-write leaves the previous state."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if backbone is not None:
-        tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()})
+    metadata; `backbone` when it is being fine-tuned, `ema` the weights' moving average. Written
+    to a temporary file renamed into place, so a crash mid-write leaves the previous state."""
+    tensors = {}
+    for prefix, module in (("model", model), ("backbone", backbone), ("ema", ema)):
+        if module is not None:
+            tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
     optim = optimizer.state_dict()
     for pid, state in optim["state"].items():
         for name, value in state.items():
@@ -280,7 +285,7 @@ def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, coun
 
 
 def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer,
-               backbone: DualEncoder | None = None) -> dict:
+               backbone: DualEncoder | None = None, ema: AveragedModel | None = None) -> dict:
     try:
         with safe_open(str(out / STATE_FILE), "pt") as handle:
             counters = json.loads(handle.metadata()["counters"])
@@ -293,6 +298,10 @@ def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer,
             raise CheckpointError(f"cannot resume {out} with --finetune-backbone: its state has no backbone weights")
         backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
     model.load_state_dict(model.drop_unbuilt({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
+    if ema is not None:
+        if not any(k.startswith("ema.") for k in tensors):
+            raise CheckpointError(f"cannot resume {out} with --ema: its state has no moving average")
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -320,27 +329,43 @@ def train(cfg: TrainConfig) -> dict:
     tuned = backbone if cfg.finetune_backbone else None
     optimisation = make_optimizer(cfg, model, data, tuned)
     counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": []}
-    if cfg.resume and (out / STATE_FILE).exists():
-        counters = load_state(out, model, optimisation.optimizer, tuned)
+    resume = cfg.resume and (out / STATE_FILE).exists()
+    if not resume:
+        counters.update(align(cfg, model, data, device))
+    model.align.requires_grad_(False)
+    ema = weight_average(cfg, model)
+    if resume:
+        counters = load_state(out, model, optimisation.optimizer, tuned, ema)
         optimisation.schedule.last_epoch = counters["step"]
         if main_rank:
             print(f"resumed at epoch {counters['epoch']} (step {counters['step']})", file=sys.stderr)
-    else:
-        counters.update(align(cfg, model, data, device))
-    model.align.requires_grad_(False)
     fit(cfg, model, data, optimisation, counters, checkpoint_config(cfg, data, model), tuned, device,
-        rank, world, local_rank)
+        rank, world, local_rank, ema)
     if not main_rank:
         return {}
     return finish(out, counters, data, cfg.finetune_backbone, device)
 
 
+def weight_average(cfg: TrainConfig, model: CMAClip) -> AveragedModel | None:
+    """With --ema: an exponential moving average of the model's weights (torch's `AveragedModel`),
+    updated after every step. It is what validation scores and the checkpoint keeps: the average
+    of the last few hundred steps generalises better than the last step's weights on a small
+    catalogue that a few epochs overfit (docs/RESULTS.md)."""
+    if not cfg.ema:
+        return None
+    if cfg.finetune_backbone:
+        raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+
 def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Optimisation, counters: dict,
         config: CheckpointConfig, tuned: DualEncoder | None, device: torch.device,
-        rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
+        rank: int = 0, world: int = 1, local_rank: int = 0, ema: AveragedModel | None = None) -> None:
     """The epochs: train, validate, keep the best epoch as the checkpoint, save the state for
-    --resume; stops early after `patience` epochs without improvement."""
+    --resume; stops early after `patience` epochs without improvement. With `ema`, its averaged
+    weights are validated and kept."""
     out, main_rank = Path(cfg.out), rank == 0
+    kept = ema.module if ema is not None else model  # the weights validation scores and the checkpoint keeps
     source = LiveBatches(tuned, data.catalogue, colour=cfg.colour) if tuned is not None else data.features
     net, batches_of = model, source  # what training runs; validation uses model and source
     if world > 1:  # the same alignment ran on every rank; DDP also copies rank 0's weights to the others
@@ -377,6 +402,8 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
             torch.nn.utils.clip_grad_norm_(optimisation.params, 1.0)
             optimizer.step()
             optimisation.schedule.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(loss.item())
             counters["step"] += 1
             if counters["step"] >= optimisation.total_steps:
@@ -385,7 +412,7 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
         epoch_loss = distributed.mean(float(np.mean(losses)))
         val = None
         if main_rank:
-            val = score(predict_probabilities(model, source, splits["val"]),
+            val = score(predict_probabilities(kept, source, splits["val"]),
                         {t: v[splits["val"]] for t, v in data.targets.items()})
         val = distributed.broadcast(val)  # every rank takes the same early-stopping decision
         counters["epoch"] += 1
@@ -397,12 +424,12 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
         if val["mean"][SELECTION_METRIC] > counters["best"]:
             counters["best"], counters["bad_epochs"] = val["mean"][SELECTION_METRIC], 0
             if main_rank:
-                save_checkpoint(out, model, replace(config, metrics={"val": val}),
+                save_checkpoint(out, kept, replace(config, metrics={"val": val}),
                                 tuned.state_dict() if tuned is not None else None)
         else:
             counters["bad_epochs"] += 1
         if main_rank:
-            save_state(out, model, optimizer, counters, tuned)
+            save_state(out, model, optimizer, counters, tuned, ema)
         if counters["bad_epochs"] >= cfg.patience:
             if main_rank:
                 print(f"early stop: no val improvement for {cfg.patience} epochs", file=sys.stderr)

@@ -2,11 +2,12 @@
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 from PIL import Image
 
 from cma_clip import Predictor, evaluate, predict, train
-from cma_clip.checkpoint import read_config
+from cma_clip.checkpoint import CheckpointError, read_config
 from conftest import HM, hm_rows, write_hm_manifest
 
 
@@ -116,6 +117,36 @@ def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     assert train.main([*common, "--epochs", "3", "--resume"]) == 0
     history = read_config(out).training["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, cache_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    def run(out, *extra, interrupted=False):
+        argv = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32",
+                "--align-epochs", "1", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet", *extra]
+        with monkeypatch.context() as patch:
+            if interrupted:  # the run dies before `finish`
+                patch.setattr(train, "finish", lambda *args, **kwargs: {})
+            train.train(train.parse_config(argv))
+
+    out = tmp_path / "ema"
+    run(out, "--epochs", "1", "--ema", "0.5", interrupted=True)  # one epoch of 2 steps
+    state = load_file(str(out / train.STATE_FILE))
+    assert int(state["ema.n_averaged"]) == 2
+    kept = load_file(str(out / "model.safetensors"))  # epoch 1 is the best so far: the checkpoint
+    assert all(torch.equal(kept[k], state[f"ema.module.{k}"]) for k in kept)
+    trained = [k for k in kept if k.startswith("heads.")]
+    assert trained and any(not torch.equal(kept[k], state[f"model.{k}"]) for k in trained)
+
+    run(out, "--epochs", "2", "--ema", "0.5", "--resume")
+    assert read_config(out).train.ema == 0.5
+    assert [h["epoch"] for h in read_config(out).training["history"]] == [1, 2]
+
+    plain = tmp_path / "plain"
+    run(plain, "--epochs", "1", interrupted=True)
+    with pytest.raises(CheckpointError, match="no moving average"):
+        run(plain, "--epochs", "2", "--ema", "0.5", "--resume")
 
 
 def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir):
