@@ -315,6 +315,37 @@ def noise_curves_figure(curves: dict[str, dict[str, dict[str, list[dict]]]], tit
                           {"accuracy": "mean accuracy", "recall_at_90_precision": "mean recall@90%P"}, emphasis)
 
 
+def corruption_curves_figure(curves: dict, title: str) -> Figure:
+    """`lab.noise_curves`' results: one panel per corruption (image kinds above, text kinds below),
+    against severity: the re-picked mean R@90P and, with the checkpoint's clean thresholds, the
+    mean operating recall and the lowest task's auto-accept precision, beside the 0.90 it promises."""
+    lines = {"R@90P (threshold re-picked)": "recall_at_90_precision",
+             "operating recall (clean thresholds)": "operating_recall",
+             "lowest task's precision (clean thresholds)": "lowest_auto_accept_precision"}
+    sides = ("image", "text")
+    columns = max(len(curves[side]) for side in sides)
+    fig, axes = plt.subplots(2, columns, figsize=(3.3 * columns, 6.4), dpi=100, squeeze=False, sharey=True)
+    for r, side in enumerate(sides):
+        for c, (kind, by_severity) in enumerate(curves[side].items()):
+            ax = axes[r][c]
+            reports = [(0, curves["clean"])] + sorted((int(s), v) for s, v in by_severity.items())
+            for label, key in lines.items():
+                points = [(s, v["mean"].get(key)) for s, v in reports if v["mean"].get(key) is not None]
+                ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1.4, label=label)
+            ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+            ax.set_title(f"{side}: {kind}", fontsize=10)
+            ax.set_xticks(range(6))
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("severity" if r == 1 else "")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    plt.close(fig)
+    return fig
+
+
 def modality_weight_curves_figure(image_weight: dict[str, dict[str, list[dict]]], title: str) -> Figure:
     """Each task's image weight in the modality-wise attention against severity, per noise mode:
     image_weight[mode][task] = [{"mean", "std"} per severity]."""
