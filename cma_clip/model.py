@@ -26,13 +26,14 @@ from .backbones import EncoderOutput
 from .colour import FAMILIES, FAMILY_FEATURES, HISTOGRAM_DIM, split as split_colour
 
 FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attention",  # the model, its ablations
-           "late_fusion", "text_only", "image_only")  # baselines on the aligned embeddings
+           "late_fusion", "text_only", "image_only",  # baselines on the aligned embeddings
+           "text_tokens", "image_tokens")  # baselines: the sequence-wise attention over one side's tokens
 MODALITIES = ("text", "image")  # always present; "colour" and "words" join them when the config asks
 MASKED = -100  # the target cross-entropy ignores: missing and out-of-vocabulary labels
-SEQUENCE_FUSIONS = ("cma", "no_modality_attention")  # fusions with the sequence-wise attention
+SEQUENCE_FUSIONS = ("cma", "no_modality_attention", "text_tokens", "image_tokens")  # with sequence-wise attention
 MODALITY_FUSIONS = ("cma", "no_sequence_attention")  # fusions with the modality-wise attention
 TEXT_SIDE, IMAGE_SIDE = ("text", "words"), ("image", "colour")
-SINGLE_SIDE = {"text_only": TEXT_SIDE, "image_only": IMAGE_SIDE}
+SINGLE_SIDE = {"text_only": TEXT_SIDE, "image_only": IMAGE_SIDE, "text_tokens": TEXT_SIDE, "image_tokens": IMAGE_SIDE}
 
 
 def fixed_weights(fusion: str, modalities: tuple[str, ...]) -> tuple[float, ...]:
@@ -169,6 +170,8 @@ class SequenceAttention(nn.Module):
         self.colour_pos = nn.Parameter(torch.randn(1, len(FAMILIES) + 1, w) * 0.02) if cfg.colour else None
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
+        # the single-side baselines hide the other side's tokens from every query
+        self.visible = SINGLE_SIDE.get(cfg.fusion) if cfg.fusion.endswith("_tokens") else None
 
     def forward(self, feats: EncoderOutput, text_cls: torch.Tensor, image_cls: torch.Tensor,
                 extras: list["ExtraInput"] | None = None, need_weights: bool = False, keep_layers: list | None = None
@@ -187,7 +190,7 @@ class SequenceAttention(nn.Module):
         image = torch.cat([image_cls[:, None], self.image_in(feats.image_tokens)], 1) + self.image_pos
         ones = torch.ones(b, 1, dtype=torch.bool, device=text.device)
         parts = [text + self.modality[0], image + self.modality[1]]
-        keeps = [ones, feats.text_mask.bool(), ones.expand(b, image.shape[1])]
+        keeps = [("text", ones), ("text", feats.text_mask.bool()), ("image", ones.expand(b, image.shape[1]))]
         starts = [0, length + 1]
         for i, extra in enumerate(extras or []):
             group = extra.cls[:, None] if extra.tokens is None else torch.cat([extra.cls[:, None], extra.tokens], 1)
@@ -195,8 +198,10 @@ class SequenceAttention(nn.Module):
                 group = group + self.colour_pos
             starts.append(sum(p.shape[1] for p in parts))
             parts.append(group + self.extra_modality[i])
-            keeps += [ones] if extra.keep is None else [ones, extra.keep]
-        x, keep = torch.cat(parts, 1), torch.cat(keeps, 1)
+            keeps += [(extra.name, ones)] + ([] if extra.keep is None else [(extra.name, extra.keep)])
+        x = torch.cat(parts, 1)
+        keep = torch.cat([k if self.visible is None or name in self.visible else torch.zeros_like(k)
+                          for name, k in keeps], 1)
         weights = None
         for i, block in enumerate(self.blocks):
             x, weights = block(x, keep, keep_layers is not None or (need_weights and i == len(self.blocks) - 1))
@@ -295,7 +300,8 @@ class CMAClip(nn.Module):
     `cfg.fusion` leaves parts out for ablations and baselines (only the parts a fusion uses
     are built): "late_fusion" is an MLP head per task on the concatenated aligned embeddings
     (the paper's fine-tuned CLIP baseline, with the towers frozen), "text_only"/"image_only" a head
-    on one of them."""
+    on one of them; "text_tokens"/"image_tokens" the sequence-wise attention over one side's tokens only
+    (the other side's are hidden from every query) and that side's fused [CLS] embeddings."""
 
     OPTIONAL = ("sequence", "unfused_norm", "modality")  # parts some fusions do not build
 

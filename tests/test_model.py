@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cma_clip.backbones import EncoderOutput
-from cma_clip.model import (FUSIONS, MODALITY_FUSIONS, CMAClip, CMAClipConfig, absent_texts, fixed_weights, multitask_loss,
+from cma_clip.model import (FUSIONS, MODALITY_FUSIONS, SEQUENCE_FUSIONS, CMAClip, CMAClipConfig, absent_texts, fixed_weights, multitask_loss,
                             no_decay)
 
 TASKS = {"colour": 5, "pattern": 3}
@@ -79,17 +79,23 @@ def test_ablations_run(fusion):
     assert out.logits["colour"].shape == (3, 5)
     if fusion not in MODALITY_FUSIONS:
         assert torch.all(out.modality_weights["colour"] == torch.tensor(fixed_weights(fusion, ("text", "image"))))
-    if fusion not in ("cma", "no_modality_attention"):
+    if fusion not in SEQUENCE_FUSIONS:
         assert out.attention is None
     else:
         assert out.attention is not None
 
 
-@pytest.mark.parametrize("fusion, ignored", [("text_only", "image"), ("image_only", "text")])
+@pytest.mark.parametrize("fusion, ignored", [("text_only", "image"), ("image_only", "text"),
+                                             ("text_tokens", "image"), ("image_tokens", "text")])
 def test_single_modality_baselines_ignore_the_other_modality(fusion, ignored):
     model = make_model(fusion).eval()
     batch = make_batch()
     before = model(batch).logits["colour"]
+    read = ("text_tokens", "text_pooled") if ignored == "image" else ("image_tokens", "image_pooled")
+    changed = make_batch()
+    for name in read:
+        setattr(changed, name, torch.randn_like(getattr(batch, name)))
+    assert not torch.allclose(model(changed).logits["colour"], before, atol=1e-3)  # its own side counts
     fields = ("image_tokens", "image_pooled") if ignored == "image" else ("text_tokens", "text_pooled")
     for name in fields:
         setattr(batch, name, torch.randn_like(getattr(batch, name)))

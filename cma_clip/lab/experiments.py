@@ -54,6 +54,8 @@ METHODS = {
     "zero-shot (raw CLIP)": None,
     "text only": "text_only",
     "image only": "image_only",
+    "text tokens only (sequence-wise attention)": "text_tokens",
+    "image tokens only (sequence-wise attention)": "image_tokens",
     "late fusion (heads on frozen embeddings)": "late_fusion",
     "w/o both attentions": "no_attention",
     "w/o sequence-wise attention": "no_sequence_attention",
