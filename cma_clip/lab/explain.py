@@ -110,14 +110,15 @@ def image_maps(ex: Explanation, b: int, tokens: list[str], predictor: Predictor)
     """[T, P] maps of every image kind for item b of an explanation."""
     attention = ex.output.attention
     length = attention.text_length
+    patches = slice(length + 2, length + 2 + attention.num_patches)  # not the colour or words tokens after them
     text_to_image = attention.text_to_image[b].float().cpu().numpy()  # [L, P]
     readable = [i for i, t in enumerate(tokens) if t not in _special() and is_word(t)]
     old = []
     for t in range(len(ex.tasks)):  # the old default: the token with the highest gradient x input
         best = max(readable, key=lambda i: ex.token_gradient_input[b, t, i]) if readable else None
         old.append(text_to_image[best] if best is not None
-                   else attention.image_cls[b, length + 2:].float().cpu().numpy())
-    cls = attention.image_cls[b, length + 2:].float().cpu().numpy()
+                   else attention.image_cls[b, patches].float().cpu().numpy())
+    cls = attention.image_cls[b, patches].float().cpu().numpy()
     return {"relevance": ex.image[b], "rollout": ex.rollout_patches[b], "gradcam": ex.gradcam_patches[b],
             "attention-word": np.stack(old), "attention-cls": np.repeat(cls[None], len(ex.tasks), 0)}
 
@@ -161,12 +162,19 @@ def paint_white(boxed: Image.Image, patches: np.ndarray, grid: int) -> Image.Ima
     return Image.fromarray(a)
 
 
+def colour_of(predictor: Predictor, pixels: torch.Tensor) -> torch.Tensor | None:
+    """The foreground colour descriptors of preprocessed pixels when the model reads them."""
+    return predictor.backbone.describe_colour(pixels) if predictor.model.cfg.colour else None
+
+
 @torch.no_grad()
 def text_probabilities(predictor: Predictor, image: Image.Image, texts: list[str]) -> dict[str, np.ndarray]:
     """task -> [N, classes] probabilities for one image with N texts, the image encoded once."""
     backbone, device = predictor.backbone, predictor.device
+    pixels = backbone.preprocess([image]).to(device)
     with autocast(device):
-        image_tokens, image_pooled = backbone.encode_image(backbone.preprocess([image]).to(device))
+        image_tokens, image_pooled = backbone.encode_image(pixels)
+    colour = colour_of(predictor, pixels)
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(texts), 64):
         chunk = texts[start:start + 64]
@@ -177,7 +185,8 @@ def text_probabilities(predictor: Predictor, image: Image.Image, texts: list[str
             text_tokens, text_pooled = backbone.encode_text(batch)
         m = len(chunk)
         feats = EncoderOutput(image_tokens.float().expand(m, -1, -1), image_pooled.float().expand(m, -1),
-                              text_tokens.float(), batch.mask, text_pooled.float(), batch.ids)
+                              text_tokens.float(), batch.mask, text_pooled.float(), batch.ids,
+                              None if colour is None else colour.expand(m, -1))
         with autocast(device, batch_size=m):
             logits = predictor.model(feats).logits
         for task, value in logits.items():
@@ -203,7 +212,7 @@ def image_probabilities(predictor: Predictor, images: list[Image.Image], text: s
         m = len(chunk)
         feats = EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float().expand(m, -1, -1),
                               text_batch.mask.to(predictor.device).expand(m, -1), text_pooled.float().expand(m, -1),
-                              text_batch.ids.to(predictor.device).expand(m, -1))
+                              text_batch.ids.to(predictor.device).expand(m, -1), colour_of(predictor, pixels))
         with autocast(predictor.device, batch_size=m):
             logits = predictor.model(feats).logits
         for task, value in logits.items():
