@@ -1003,8 +1003,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
             shift_plot = gr.Plot(label="Image modality weight, clean vs noisy")
         probe_note = gr.Markdown(elem_id="probe-shift")
         noisy_text = gr.Textbox(label="Noisy text", interactive=False)
-        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction and image modality weight against severity",
-                                  elem_id="item-sweep")
+        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction and image-side weight (image + colour) "
+                                        "against severity", elem_id="item-sweep")
         gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
         with gr.Row():
             sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")

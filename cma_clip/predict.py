@@ -35,7 +35,7 @@ from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from .data import Catalogue, CatalogueError, load_image, write_table
 from .errors import CMAClipError
 from .features import image_batches
-from .model import CMAClip, absent_texts
+from .model import IMAGE_SIDE, CMAClip, absent_texts
 from .relevance import explain, word_relevance, words_of
 from .runtime import autocast, default_device
 
@@ -55,6 +55,12 @@ class TaskPrediction:
     @property
     def confidence(self) -> float:
         return self.probabilities[0]
+
+    @property
+    def image_weight(self) -> float:
+        """The image side's share of the modality weights: the image's, plus the colour
+        descriptor's when the model reads it (what a robustness probe watches)."""
+        return sum(w for m, w in self.modality_weights.items() if m in IMAGE_SIDE)
 
 
 @dataclass

@@ -84,7 +84,7 @@ def sweep_item(predictor: Predictor, image: Image.Image, text: str, image_noise:
         for task, clean in predictions[0].tasks.items():
             sweep.confidence[mode][task] = [
                 dict(zip(p.tasks[task].labels, p.tasks[task].probabilities)).get(clean.label, 0.0) for p in predictions]
-            sweep.image_weight[mode][task] = [p.tasks[task].modality_weights["image"] for p in predictions]
+            sweep.image_weight[mode][task] = [p.tasks[task].image_weight for p in predictions]
     return sweep
 
 

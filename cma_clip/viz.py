@@ -228,7 +228,7 @@ def item_sweep_figure(sweep: dict[str, dict[str, list[float]]],
     with `image_weight` (same shape), a second row: each task's image modality weight."""
     panels = {"confidence": sweep, **({"image weight": image_weight} if image_weight is not None else {})}
     return _severity_panels(panels, {"confidence": "probability of the clean prediction",
-                                     "image weight": "image modality weight"}, names)
+                                     "image weight": "image-side weight (image + colour)"}, names)
 
 
 def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: dict[str, str] | None = None
@@ -244,18 +244,18 @@ def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: di
                             emphasis="mean")
 
 
-def modality_shift_chart(clean: dict[str, dict[str, float]], noisy: dict[str, dict[str, float]]) -> Figure:
+def modality_shift_chart(clean: dict[str, float], noisy: dict[str, float]) -> Figure:
     """Grouped horizontal bars: each task's image weight on the clean and on the noisy input."""
     tasks = list(clean)
     y = np.arange(len(tasks))
     fig, ax = plt.subplots(figsize=(5.2, 0.6 * len(tasks) + 1.4), dpi=100)
     for offset, (name, weights, colour) in zip((-0.2, 0.2), (("clean", clean, "#8C8C8C"), ("noisy", noisy, "#DD8452"))):
-        values = [weights[t]["image"] for t in tasks]
+        values = [weights[t] for t in tasks]
         ax.barh(y + offset, values, height=0.4, color=colour, label=name)
         for yy, value in zip(y + offset, values):
             ax.text(value + 0.01, yy, f"{value:.0%}", va="center", fontsize=FONT - 2)
     ax.set_yticks(y, tasks)
-    return _finish_task_bars(fig, ax, "image modality weight", 1.15, percent=True)
+    return _finish_task_bars(fig, ax, "image-side modality weight (image + colour)", 1.15, percent=True)
 
 
 def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float, percent: bool = False) -> Figure:

@@ -81,8 +81,7 @@ def test_strong_corruption_changes_the_inputs_and_compares_every_task(predictor,
         points = round(100 * (noisy.confidence - clean.confidence))
         assert change == f"{'+' if points >= 0 else '−'}{abs(points)} pts"
         assert verdict == ("same" if clean_label == noisy_label else "changed")
-        assert (clean_w, noisy_w) == (percent(clean.modality_weights["image"]),
-                                      percent(noisy.modality_weights["image"]))
+        assert (clean_w, noisy_w) == (percent(clean.image_weight), percent(noisy.image_weight))
     # the corruption moves the model: some task's confidence or image weight shifts
     assert any(c[5] != "+0 pts" or c[7] != c[8] for c in rows)
 
@@ -195,9 +194,17 @@ def test_robustness_figures(predictor, image, sweep, swept):
             assert list(line.get_ydata()) == values and list(line.get_xdata()) == list(SEVERITIES)
 
     result = probe(predictor, image, EXAMPLE_TEXT, "blur", 5, "truncation", 5)
-    clean = {t: p.modality_weights for t, p in result.clean.tasks.items()}
-    noisy = {t: p.modality_weights for t, p in result.noisy.tasks.items()}
+    clean = {t: p.image_weight for t, p in result.clean.tasks.items()}
+    noisy = {t: p.image_weight for t, p in result.noisy.tasks.items()}
     bars = viz.modality_shift_chart(clean, noisy).axes[0].patches
     assert len(bars) == 2 * len(clean)
-    assert np.allclose([b.get_width() for b in bars],
-                       [w["image"] for w in clean.values()] + [w["image"] for w in noisy.values()])
+    assert np.allclose([b.get_width() for b in bars], list(clean.values()) + list(noisy.values()))
+
+
+def test_the_image_weight_a_probe_watches_is_the_image_sides():
+    from cma_clip.predict import TaskPrediction
+
+    weights = {"text": 0.1, "image": 0.2, "colour": 0.6, "words": 0.1}  # a model with colour and words
+    task = TaskPrediction(["Red"], [0.9], weights, None, False)
+    assert task.image_weight == pytest.approx(0.8)
+    assert TaskPrediction(["Red"], [0.9], {"text": 0.3, "image": 0.7}, None, False).image_weight == pytest.approx(0.7)

@@ -507,7 +507,7 @@ def probe_rows(result: Probe) -> list[list]:
         rows.append([task_name(task, clean), clean.label, percent(clean.confidence), noisy.label,
                      percent(noisy.confidence), f"{change:+d} pts".replace("-", "−"),
                      "changed" if noisy.label != clean.label else "same",
-                     percent(clean.modality_weights["image"]), percent(noisy.modality_weights["image"])])
+                     percent(clean.image_weight), percent(noisy.image_weight)])
     return rows
 
 
@@ -530,7 +530,7 @@ def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
 
 
 def probe_shift_figure(result: Probe) -> Figure:
-    """Each task's image modality weight, clean against noisy."""
-    clean, noisy = ({task_name(t, p): p.modality_weights for t, p in pred.tasks.items()}
+    """Each task's image-side weight (image + colour), clean against noisy."""
+    clean, noisy = ({task_name(t, p): p.image_weight for t, p in pred.tasks.items()}
                     for pred in (result.clean, result.noisy))
     return modality_shift_chart(clean, noisy)
