@@ -93,6 +93,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise CatalogueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if not 0 <= self.ema < 1:
+            raise CatalogueError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema}")
+        if self.ema and self.finetune_backbone:
+            raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
 
     def catalogue_config(self) -> CatalogueConfig:
         """The catalogue this run trains on: a bundled or JSON config, or a manifest with its columns."""

@@ -112,7 +112,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    args = p.parse_args(argv)
+    try:
+        return TrainConfig(**vars(args))
+    except CatalogueError as exc:  # options that do not go together: a usage error, not a traceback
+        p.error(str(exc))
 
 
 # ----------------------------------------------------------------------------- data
@@ -353,8 +357,6 @@ def weight_average(cfg: TrainConfig, model: CMAClip) -> AveragedModel | None:
     catalogue that a few epochs overfit (docs/RESULTS.md)."""
     if not cfg.ema:
         return None
-    if cfg.finetune_backbone:
-        raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
 
 

@@ -119,7 +119,7 @@ def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
-def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, cache_dir, monkeypatch):
+def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, cache_dir, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     def run(out, *extra, interrupted=False):
@@ -147,6 +147,10 @@ def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, ca
     run(plain, "--epochs", "1", interrupted=True)
     with pytest.raises(CheckpointError, match="no moving average"):
         run(plain, "--epochs", "2", "--ema", "0.5", "--resume")
+    for bad in (["--ema", "1.5"], ["--ema", "0.9", "--finetune-backbone"]):
+        with pytest.raises(SystemExit) as exit_:
+            train.parse_config(["--catalogue", "hm-articles", "--out", str(out), *bad])
+        assert exit_.value.code == 2 and "--ema" in capsys.readouterr().err
 
 
 def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir):
