@@ -94,14 +94,15 @@ def latency(predictor: Predictor, image: Image.Image, text: str, sizes: Sizes, e
     """Batch-1 latency of `predict_batch` (and of `predict`, with attention maps and token
     relevance), and the fusion's cost: (backbone + CMA-CLIP) over backbone alone."""
     backbone, model, tokens = predictor.backbone, predictor.model, predictor.max_tokens
+    colour = model.cfg.colour  # the encoding of a model that reads the colour descriptor includes it
 
     @torch.no_grad()
     def backbone_only():
-        return backbone.encode([image], [text], tokens)
+        return backbone.encode([image], [text], tokens, colour)
 
     @torch.no_grad()
     def full_forward():
-        feats = backbone.encode([image], [text], tokens)
+        feats = backbone.encode([image], [text], tokens, colour)
         with autocast(predictor.device, batch_size=1):  # as Predictor.predict_batch runs one item
             return model(feats)
 
@@ -212,8 +213,8 @@ def manifest_throughput(predictor: Predictor, sizes: Sizes) -> dict[str, float]:
 
         @torch.no_grad()
         def backbone_only():
-            for pixels, text in batches:
-                backbone.encode_prepared(pixels, text)
+            for pixels, text in batches:  # with the colour descriptor when the model reads it, as prediction does
+                backbone.encode_prepared(pixels, text, predictor.model.cfg.colour)
 
         times = interleaved({"manifest": lambda: predictor.predict_manifest(manifest, folder / "out.jsonl", batch),
                              "backbone": backbone_only}, sizes.manifest_repeats, 1)
