@@ -45,7 +45,8 @@ def catalogue_predictions(predictor: Predictor, catalogue: Catalogue, split: str
                 return _scores(stored, predictor.tasks)
     if not build_features and not has_cached_features(predictor.backbone, catalogue, cache_dir):
         return None
-    features = extract_features(predictor.backbone, catalogue, cache_dir, progress=False, memory_map=True)
+    features = extract_features(predictor.backbone, catalogue, cache_dir, progress=False, memory_map=True,
+                                colour=predictor.model.cfg.colour)
     index = split_indices(catalogue)[split] if split and catalogue.has_splits else None  # as Catalogue.split
     weights: dict[str, list[np.ndarray]] = {t: [] for t in predictor.tasks}
 

@@ -96,6 +96,20 @@ def small_checkpoint(tmp_path_factory, cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def colour_checkpoint(tmp_path_factory, cache_dir) -> Path:
+    """Like `small_checkpoint`, with the shipped H&M recipe's inputs: colour and words tokens, weights averaged."""
+    from cma_clip import train
+
+    out = tmp_path_factory.mktemp("ckpt") / "hm-small-colour"
+    code = train.main(["--catalogue", "hm-articles", "--limit", "48", "--epochs", "2", "--align-epochs", "1",
+                       "--batch-size", "16", "--width", "64", "--colour", "--words-buckets", "256",
+                       "--lexical-buckets", "0", "--ema", "0.5", "--out", str(out), "--cache-dir", str(cache_dir),
+                       "--quiet"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory, small_checkpoint) -> Path:
     """A checkpoints folder like the repo's, holding the small checkpoint as 'hm-articles'."""
     import shutil

@@ -9,12 +9,14 @@ from cma_clip.lab import noise_curves
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS
 
 
-@pytest.fixture(scope="module")
-def sample(small_checkpoint, cache_dir):
-    model, config = load_checkpoint(small_checkpoint, "cpu")
-    backbone = load_backbone(small_checkpoint, config, "cpu")
+@pytest.fixture(scope="module", params=["small_checkpoint", "colour_checkpoint"])
+def sample(request, cache_dir):
+    checkpoint = request.getfixturevalue(request.param)
+    model, config = load_checkpoint(checkpoint, "cpu")
+    backbone = load_backbone(checkpoint, config, "cpu")
     catalogue = Catalogue.open(config.catalogue_on(config.training_manifest())).take(np.arange(6))
-    return backbone, catalogue, extract_features(backbone, catalogue, cache_dir, progress=False)
+    return backbone, catalogue, extract_features(backbone, catalogue, cache_dir, progress=False,
+                                                 colour=model.cfg.colour)
 
 
 @pytest.mark.parametrize("side", ["image", "text"])
@@ -23,7 +25,8 @@ def test_severity_0_re_encodes_the_cached_features(sample, side):
     encode = noise_curves.noisy_images if side == "image" else noise_curves.noisy_texts
     kind = next(iter(IMAGE_CORRUPTIONS if side == "image" else TEXT_CORRUPTIONS))
     again = encode(backbone, catalogue, clean, kind, 0)
-    for name in ("image_tokens", "image_pooled", "text_tokens", "text_pooled"):
+    names = ("image_tokens", "image_pooled", "text_tokens", "text_pooled") + ("colour",) * (clean.colour is not None)
+    for name in names:
         np.testing.assert_allclose(getattr(again, name).astype(np.float32), getattr(clean, name).astype(np.float32),
                                    atol=2e-2, err_msg=name)
     assert np.array_equal(again.text_ids, clean.text_ids) and np.array_equal(again.text_mask, clean.text_mask)

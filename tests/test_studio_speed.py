@@ -42,8 +42,10 @@ def assert_same_predictions(kept_probs: dict, fresh_probs: dict) -> None:
     assert compared > rows // 2
 
 
-def test_kept_predictions_equal_fresh_ones_and_are_read_back(small_checkpoint, catalogue, cache_dir, monkeypatch):
-    predictor = Predictor.from_checkpoint(small_checkpoint, "cpu")
+@pytest.mark.parametrize("model", ["small_checkpoint", "colour_checkpoint"])
+def test_kept_predictions_equal_fresh_ones_and_are_read_back(model, catalogue, cache_dir, monkeypatch, request):
+    checkpoint = request.getfixturevalue(model)  # the colour model reads the colour descriptors of the cache
+    predictor = Predictor.from_checkpoint(checkpoint, "cpu")
     scores = kept.catalogue_predictions(predictor, catalogue, "test", cache_dir)
     path = kept.predictions_path(predictor, catalogue, "test", cache_dir)
     assert scores is not None and path.exists() and len(scores) == len(catalogue.split("test"))
@@ -55,7 +57,7 @@ def test_kept_predictions_equal_fresh_ones_and_are_read_back(small_checkpoint, c
         raise AssertionError("kept predictions are read, not computed again")
 
     monkeypatch.setattr(kept, "predict_probabilities", no_model)
-    again = kept.catalogue_predictions(Predictor.from_checkpoint(small_checkpoint, "cpu"), catalogue, "test", cache_dir)
+    again = kept.catalogue_predictions(Predictor.from_checkpoint(checkpoint, "cpu"), catalogue, "test", cache_dir)
     for task, probs in scores.probabilities.items():
         assert np.array_equal(again.probabilities[task], probs)
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     catalogue = Catalogue.open(config.catalogue_on(config.training_manifest()))
     rows = split_indices(catalogue, config.train.seed)[args.split]
     backbone = load_backbone(folder, config, "cpu")
-    features = extract_features(backbone, catalogue, progress=False, memory_map=True).take(rows)
+    features = extract_features(backbone, catalogue, progress=False, memory_map=True, colour=model.cfg.colour).take(rows)
     targets = {t: v[rows] for t, v in task_targets(config, catalogue).items()}
     empty = empty_text_features(features, backbone, config.catalogue.max_text_tokens)
     report = {}
