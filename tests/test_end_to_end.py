@@ -216,8 +216,8 @@ def test_resuming_a_finetuning_run_restores_the_backbone(tmp_path, cache_dir, mo
     restored = {}
     real_load_state = train.load_state
 
-    def spy(out_dir, model, optimizer, backbone=None):
-        counters = real_load_state(out_dir, model, optimizer, backbone)
+    def spy(out_dir, model, optimizer, backbone=None, ema=None):
+        counters = real_load_state(out_dir, model, optimizer, backbone, ema)
         restored.update({k: v.clone() for k, v in backbone.state_dict().items()})  # as loaded, before training
         return counters
 
