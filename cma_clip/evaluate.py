@@ -138,11 +138,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     catalogue = Catalogue.open(config.catalogue_on(manifest))
     rows, split = evaluation_rows(catalogue, split, config)
     backbone = load_backbone(checkpoint, config, device)
-    if has_cached_features(backbone, catalogue, cache_dir):  # the whole manifest's, as training cached them
-        features = extract_features(backbone, catalogue, cache_dir, memory_map=True, colour=model.cfg.colour).take(rows)
-    else:  # encode only the rows to score
-        features = extract_features(backbone, catalogue.take(rows), cache_dir, progress=sys.stderr.isatty(),
-                                    colour=model.cfg.colour)
+    features = rows_features(backbone, catalogue, rows, cache_dir, model.cfg.colour)
     targets = {task: target[rows] for task, target in task_targets(config, catalogue).items()}
     if zero_shot:  # the checkpoint's thresholds belong to its own classifier's confidences
         report = score(zero_shot_probabilities_for(model, backbone, config.classes, features), targets)
@@ -152,6 +148,15 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     report.update(checkpoint=str(checkpoint), manifest=str(manifest), split=split, items=len(rows),
                   method="zero-shot" if zero_shot else "cma-clip")
     return report
+
+
+def rows_features(backbone: DualEncoder, catalogue: Catalogue, rows: np.ndarray, cache_dir: str | Path | None,
+                  colour: bool) -> Features:
+    """The features of `rows`: taken from the whole catalogue's cache when training built it, else
+    encoded for these rows alone (and cached as such)."""
+    if has_cached_features(backbone, catalogue, cache_dir):
+        return extract_features(backbone, catalogue, cache_dir, memory_map=True, colour=colour).take(rows)
+    return extract_features(backbone, catalogue.take(rows), cache_dir, progress=sys.stderr.isatty(), colour=colour)
 
 
 def task_targets(config: CheckpointConfig, catalogue: Catalogue) -> dict[str, np.ndarray]:

@@ -25,8 +25,8 @@ import torch
 from ..backbones import DualEncoder, TextBatch
 from ..checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from ..data import Catalogue, CatalogueError
-from ..evaluate import evaluation_rows, item_groups, predict_probabilities, score, task_targets
-from ..features import Features, encode_items, extract_features, has_cached_features
+from ..evaluate import evaluation_rows, item_groups, predict_probabilities, rows_features, score, task_targets
+from ..features import Features, image_batches
 from ..model import CMAClip
 from ..noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
 from ..runtime import autocast, default_device
@@ -34,17 +34,19 @@ from ..runtime import autocast, default_device
 FEATURE_DTYPE = np.float16  # as the feature cache keeps them
 
 
+@torch.no_grad()
 def noisy_images(backbone: DualEncoder, sample: Catalogue, clean: Features, kind: str, severity: int,
                  batch_size: int = 32) -> Features:
     """`clean` with the sample's images corrupted by `kind` at `severity` (item i seeded by i)."""
     image_tokens, image_pooled, colour = [], [], []
-    for _, out in encode_items(backbone, sample.image_paths(), sample.texts(), sample.config.max_text_tokens,
-                               batch_size, transform=lambda image, i: corrupt_image(image, kind, severity, i),
-                               colour=clean.colour is not None):
-        image_tokens.append(out.image_tokens.cpu().numpy().astype(FEATURE_DTYPE))
-        image_pooled.append(out.image_pooled.cpu().numpy().astype(FEATURE_DTYPE))
-        if out.colour is not None:
-            colour.append(out.colour.cpu().numpy().astype(FEATURE_DTYPE))
+    for pixels in image_batches(sample.image_paths(), backbone, batch_size,
+                                transform=lambda image, i: corrupt_image(image, kind, severity, i)):
+        with autocast(backbone.device):
+            tokens, pooled = backbone.encode_image(pixels.to(backbone.device))
+        image_tokens.append(tokens.float().cpu().numpy().astype(FEATURE_DTYPE))
+        image_pooled.append(pooled.float().cpu().numpy().astype(FEATURE_DTYPE))
+        if clean.colour is not None:
+            colour.append(backbone.describe_colour(pixels).cpu().numpy().astype(FEATURE_DTYPE))
     return replace(clean, image_tokens=np.concatenate(image_tokens), image_pooled=np.concatenate(image_pooled),
                    colour=np.concatenate(colour) if colour else None)
 
@@ -92,10 +94,7 @@ def corruption_curves(checkpoint: str | Path, items: int = 1000, severities: lis
     rows, _ = evaluation_rows(catalogue, "test", config)
     rows = np.sort(np.random.default_rng(seed).choice(rows, min(items, len(rows)), replace=False))
     sample = catalogue.take(rows)
-    if has_cached_features(backbone, catalogue, cache_dir):  # the whole manifest's, as training cached them
-        clean = extract_features(backbone, catalogue, cache_dir, memory_map=True, colour=model.cfg.colour).take(rows)
-    else:  # encode only the sample
-        clean = extract_features(backbone, sample, cache_dir, progress=False, colour=model.cfg.colour)
+    clean = rows_features(backbone, catalogue, rows, cache_dir, model.cfg.colour)
     targets = {task: target[rows] for task, target in task_targets(config, catalogue).items()}
     groups = item_groups(clean, np.arange(len(clean)))  # clusters by the clean text, whatever the noise
     out: dict = {"checkpoint": str(checkpoint), "items": len(rows), "seed": seed,
