@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .backbones import BackboneError, DualEncoder, EncoderOutput
 from .data import Catalogue, ImageError, load_image
-from .runtime import bf16_supported, decode_threads, loader_workers
+from .runtime import bf16_supported, decode_threads, loader_workers, lower_thread_priority
 
 
 def default_cache_dir() -> Path:
@@ -102,12 +101,12 @@ def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64
     """Preprocessed pixels of `paths` in order, `batch_size` at a time, decoded (and changed by
     `transform(image, index)`, if given) in `num_workers` DataLoader workers (default:
     `runtime.loader_workers`) while the model runs, or, with none (a CPU), by a pool of
-    `runtime.decode_threads` low-priority threads, a batch ahead (`_yield_to_others`); normalised
+    `runtime.decode_threads` low-priority threads, a batch ahead (`runtime.lower_thread_priority`); normalised
     here, a batch at a time. An unusable image raises `ImageError`."""
     workers = loader_workers(backbone.device) if num_workers is None else num_workers
     dataset = _ImageDataset(paths, backbone, transform)
     if workers == 0:
-        with ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode", initializer=_yield_to_others) as pool:
+        with ThreadPoolExecutor(decode_threads(), thread_name_prefix="decode", initializer=lower_thread_priority) as pool:
             def decode(start: int) -> list[Future]:
                 return [pool.submit(dataset.__getitem__, i) for i in range(start, min(start + batch_size, len(paths)))]
 
@@ -119,17 +118,6 @@ def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                                          collate_fn=_collate)
     yield from (backbone.normalise(_checked(*batch)) for batch in loader)
-
-
-def _yield_to_others() -> None:
-    """A decode thread runs at the lowest priority (nice 19, this thread only: Linux's nice is per
-    thread): it decodes the next batch in the moments the model leaves a core idle, and at full
-    speed once the model waits for it, without taking cores from the model's threads (which a
-    worker process beside the model did: 20 to 30% of its throughput on 2 cores)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: an ordinary thread
-        pass
 
 
 def _collate(items: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, list[str]]:

@@ -7,9 +7,10 @@ Two stages, so a cluster can give each its own resources: decode actors (CPU: re
 image, letterbox it to uint8 pixels, tokenise the text) and model actors (`map_batches`
 with a callable class: the checkpoint loaded once per actor, on a GPU when the cluster has
 one). Ray streams batches between them, so decoding and inference overlap. When the model
-actors run on CPUs, they decode their own batches by default (`decode_workers=0`), between
-batches and with every core, as one process does: a decode actor beside them takes the
-same cores (0.65 to 0.8 of the backbone's throughput on 2 cores, docs/PERFORMANCE.md). An actor that
+actors run on CPUs, they decode their own batches by default (`decode_workers=0`), as one
+process does: two batches in flight per actor, one decoded by low-priority threads while the
+other runs the model (a decode actor beside them takes the same cores: 0.65 to 0.8 of the
+backbone's throughput on 2 cores, docs/PERFORMANCE.md). An actor that
 dies has its batch retried (`max_restarts`, `max_task_retries`); rows come out in the
 manifest's order (`DataContext.execution_options.preserve_order`, checked against a row
 index), and the driver streams them into one Parquet or JSONL file. `ray` is an optional
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,12 @@ from .backbones import DualEncoder, TextBatch
 from .checkpoint import load_backbone, read_config
 from .data import Catalogue, CatalogueError, load_image, pyarrow_modules
 from .errors import CMAClipError
+from .model import absent_texts
 from .predict import Predictor, open_for_prediction, prediction_row
+from .runtime import lower_thread_priority
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
+DECODING_CALLS = 2  # batches in flight in a model actor that decodes: one decoding, one in the model
 
 
 class RayEngineError(CMAClipError, RuntimeError):
@@ -69,21 +74,26 @@ class _Decode:
 
     def __init__(self, checkpoint: str, threads: int = 1, backbone: DualEncoder | None = None) -> None:
         config = read_config(checkpoint)
-        # its preprocessing and tokenizer: a model actor that decodes lends its own backbone
+        # its preprocessing and tokenizer: a model actor that decodes lends its own backbone, and
+        # decodes at low priority, in the moments its model leaves a core idle
         self.backbone = backbone or load_backbone(checkpoint, config, "cpu")
         self.max_tokens = config.catalogue.max_text_tokens
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")  # PIL releases the GIL
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",  # PIL releases the GIL
+                                       initializer=lower_thread_priority if backbone is not None else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = np.stack(list(self.pool.map(lambda path: self.backbone.letterbox_pixels([load_image(path)])[0],
                                              batch["path"])))
         text = self.backbone.tokenize([str(t) for t in batch["text"]], self.max_tokens)
-        return {"_row": batch["_row"], "id": batch["id"], "pixels": pixels,
+        return {"_row": batch["_row"], "id": batch["id"], "text": batch["text"], "pixels": pixels,
                 "token_ids": text.ids.numpy(), "token_mask": text.mask.numpy()}
 
 
 class _Infer:
-    """Stage 2 (GPU when there is one): the checkpoint's model on decoded batches."""
+    """Stage 2 (GPU when there is one): the checkpoint's model on decoded batches. Up to two
+    calls run at once (`DECODING_CALLS`) when the actor decodes its own batches: the model runs
+    one batch at a time (`self.model_lock`), the decoding of the next and the output rows of
+    the last overlap it."""
 
     def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False) -> None:
         if threads:
@@ -92,6 +102,7 @@ class _Infer:
         self.crash_once = crash_once
         # no decode stage: its batches come undecoded, and are decoded here with the actor's cores
         self.decode = _Decode(checkpoint, torch.get_num_threads(), self.predictor.backbone) if decode else None
+        self.model_lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.crash_once and not os.path.exists(self.crash_once):
@@ -101,7 +112,10 @@ class _Infer:
             batch = self.decode(batch)
         backbone = self.predictor.backbone
         text = TextBatch(torch.from_numpy(batch["token_ids"]), torch.from_numpy(batch["token_mask"]))
-        preds = self.predictor.predict_prepared(backbone.normalise(batch["pixels"]), text)
+        texts = [str(t) for t in batch["text"]]  # an item without text is never auto-accepted, as in one process
+        with self.model_lock:
+            scores = self.predictor.score_prepared(backbone.normalise(batch["pixels"]), text, absent_texts(texts))
+        preds = self.predictor.predictions(scores, texts=texts)
         rows = [prediction_row(p) for p in preds]
         columns: dict[str, Any] = {"_row": batch["_row"], "id": batch["id"]}
         columns.update({name: np.array([row[name] for row in rows]) for name in rows[0]})
@@ -160,9 +174,11 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
         dataset = dataset.map_batches(_Decode, fn_constructor_args=(checkpoint,), batch_size=options.batch_size,
                                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=decoders),
                                       num_cpus=1)
+    calls = 1 if decoders else DECODING_CALLS
+    pool = ray.data.ActorPoolStrategy(size=options.inference_workers, max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=calls > 1)
     return dataset.map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once, not decoders),
-                               batch_size=options.batch_size, batch_format="numpy",
-                               compute=ray.data.ActorPoolStrategy(size=options.inference_workers),
+                               batch_size=options.batch_size, batch_format="numpy", compute=pool,
                                num_cpus=options.cpus_per_worker, num_gpus=gpus)
 
 

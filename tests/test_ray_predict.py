@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,13 +80,34 @@ def test_ray_gives_the_single_process_predictions_in_the_manifest_order(local_ra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.parquet"]  # no temporary file left
 
 
-def test_a_crashed_model_actor_has_its_batch_retried(local_ray, manifests, single_process, tmp_path):
+@pytest.mark.parametrize("options", [OPTIONS, STAGED], ids=["decoded-by-model-actors", "decode-stage"])
+def test_a_crashed_model_actor_has_its_batches_retried(local_ray, manifests, single_process, tmp_path, options):
+    """Decoding in the model actors, two batches are in flight in the actor that dies: both are redone."""
     marker = tmp_path / "crashed"
     out = tmp_path / "preds.jsonl"
-    predict_manifest_ray(CHECKPOINT, manifests["csv"], out, RayOptions(batch_size=16, decode_workers=1,
-                                                                       crash_once=str(marker)))
+    predict_manifest_ray(CHECKPOINT, manifests["csv"], out, replace(options, crash_once=str(marker)))
     assert marker.exists()  # the first model actor died (os._exit) in its first batch
     assert_same_predictions(read_jsonl(out), single_process)
+
+
+def test_items_without_text_are_not_auto_accepted_as_in_one_process(local_ray, manifests, tmp_path):
+    """The model is told which items lack a text (its `text_absent`), and their predictions are
+    never auto-accepted: the same rows as the single-process path, in both layouts."""
+    folder = tmp_path / "items"
+    shutil.copytree(manifests["csv"].parent, folder)
+    rows = read_manifest(folder / "items.csv")
+    for row in rows[:3] + rows[17:20]:
+        row.update(prod_name="", detail_desc="")  # the checkpoint's text columns
+    manifest = write_table(folder / "blank.csv", rows)
+    expected_path = tmp_path / "local.jsonl"
+    Predictor.from_checkpoint(CHECKPOINT, "cpu").predict_manifest(manifest, expected_path, batch_size=16)
+    expected = read_jsonl(expected_path)
+    blank = {r["article_id"] for r in rows[:3] + rows[17:20]}
+    assert not any(v for r in expected if r["id"] in blank for k, v in r.items() if k.endswith("_auto_accept"))
+    assert any(v for r in expected for k, v in r.items() if k.endswith("_auto_accept"))
+    for options in (OPTIONS, STAGED):
+        predict_manifest_ray(CHECKPOINT, manifest, tmp_path / "preds.jsonl", options)
+        assert_same_predictions(read_jsonl(tmp_path / "preds.jsonl"), expected)
 
 
 def test_decoding_and_inference_are_separate_stages(local_ray, manifests, capsys):
