@@ -63,7 +63,10 @@ def train_alignment(heads: AlignmentHeads, image_pooled: np.ndarray, text_pooled
     generator = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * max(1, len(image_pooled) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    # OneCycleLR divides by zero when its warm-up ends on the first step (10 steps: fewer than
+    # 2 * batch_size training items at the default 10 epochs); a longer warm-up there
+    warmup = 0.15 if 0.1 * steps == 1 else 0.1
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=warmup)
     heads.train()
     history = []
     for _ in range(epochs):

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,16 @@ def test_an_absent_text_puts_all_of_the_weight_on_the_image():
         torch.testing.assert_close(absent.logits[task][1:], plain.logits[task][1:])
         assert not torch.allclose(absent.logits[task][0], plain.logits[task][0])
     assert absent_texts(["a tee", " "]).tolist() == [False, True] and absent_texts(["a tee"]) is None
+
+
+@pytest.mark.parametrize("items", [1, 48, 600, 1100])
+def test_alignment_trains_on_any_number_of_training_items(items):
+    """At the default 10 epochs of batches of 512, 48 or 600 items make 10 steps: the one-cycle
+    schedule's warm-up then ended on its first step, a division by zero."""
+    from cma_clip.align import AlignmentHeads, train_alignment
+
+    rng = np.random.default_rng(0)
+    heads = AlignmentHeads(12, 8, 4)
+    losses = train_alignment(heads, rng.normal(size=(items, 12)).astype(np.float32),
+                             rng.normal(size=(items, 8)).astype(np.float32))
+    assert len(losses) == 10 and all(np.isfinite(losses))
