@@ -33,7 +33,6 @@ from .backbones import DualEncoder, TextBatch
 from .checkpoint import load_backbone, read_config
 from .data import Catalogue, CatalogueError, load_image, pyarrow_modules
 from .errors import CMAClipError
-from .model import absent_texts
 from .predict import Predictor, open_for_prediction, prediction_row
 from .runtime import lower_thread_priority
 
@@ -114,8 +113,7 @@ class _Infer:
         text = TextBatch(torch.from_numpy(batch["token_ids"]), torch.from_numpy(batch["token_mask"]))
         texts = [str(t) for t in batch["text"]]  # an item without text is never auto-accepted, as in one process
         with self.model_lock:
-            scores = self.predictor.score_prepared(backbone.normalise(batch["pixels"]), text, absent_texts(texts))
-        preds = self.predictor.predictions(scores, texts=texts)
+            preds = self.predictor.predict_prepared(backbone.normalise(batch["pixels"]), text, texts=texts)
         rows = [prediction_row(p) for p in preds]
         columns: dict[str, Any] = {"_row": batch["_row"], "id": batch["id"]}
         columns.update({name: np.array([row[name] for row in rows]) for name in rows[0]})

@@ -21,8 +21,8 @@ from PIL import Image
 
 from ..checkpoint import load_backbone, load_checkpoint
 from ..data import REPO_ROOT, Catalogue, split_indices
-from ..evaluate import score, task_targets
-from ..features import Features, extract_features
+from ..evaluate import rows_features, score, task_targets
+from ..features import Features
 from ..runtime import autocast
 
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     catalogue = Catalogue.open(config.catalogue_on(config.training_manifest()))
     rows = split_indices(catalogue, config.train.seed)[args.split]
     backbone = load_backbone(folder, config, "cpu")
-    features = extract_features(backbone, catalogue, progress=False, memory_map=True, colour=model.cfg.colour).take(rows)
+    features = rows_features(backbone, catalogue, rows, None, model.cfg.colour)
     targets = {t: v[rows] for t, v in task_targets(config, catalogue).items()}
     empty = empty_text_features(features, backbone, config.catalogue.max_text_tokens)
     report = {}
