@@ -6,7 +6,7 @@ import pytest
 from playwright.sync_api import expect
 
 from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
-from test_browser import chromium
+from test_browser import chromium, fill_until_it_holds
 
 SIZES = {"laptop": (1366, 768), "phone": (412, 915)}
 TABS = {"predict": "Predict & correct", "review": "Review queue", "robustness": "Robustness",
@@ -91,7 +91,7 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     check_view(page, size, "predict")
 
     open_tab(page, "review")
-    page.locator("#review-size input").fill("3")
+    fill_until_it_holds(page.locator("#review-size input"), "3")
     page.locator("#review-load").click()
     expect(page.locator("#review-progress")).to_contain_text("reviewed of 3", timeout=60_000)
     expect(page.locator("#review-table")).to_contain_text("Pattern")

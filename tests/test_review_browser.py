@@ -13,7 +13,7 @@ from cma_clip.data import read_manifest
 from cma_clip.labels import content_item_id
 from cma_clip.studio import Studio, clean_text
 from conftest import ARTIFACTS, EXAMPLE_IMAGE
-from test_browser import chromium
+from test_browser import chromium, fill_until_it_holds
 
 MODEL = "hm-articles"
 COLOUR = "colour_group_name"
@@ -75,9 +75,8 @@ def shot(page, name: str) -> None:
 def load_queue(page, size: int, split: str = "train") -> str:
     page.get_by_role("tab", name="Review queue").click()
     if split != "train":
-        page.locator("#review-split input").fill(split)
-        page.locator("#review-split input").press("Enter")
-    page.locator("#review-size input").fill(str(size))
+        fill_until_it_holds(page.locator("#review-split input"), split, press="Enter")
+    fill_until_it_holds(page.locator("#review-size input"), str(size))
     page.locator("#review-load").click()
     expect(page.locator("#review-progress")).to_contain_text(f"0 reviewed of {size}", timeout=WAIT)
     return current_item(page)
