@@ -1,7 +1,8 @@
 """Checkpoints: weights as safetensors plus a typed JSON config. Nothing is ever unpickled.
 
 A checkpoint is a folder:
-    model.safetensors     the CMA-CLIP weights (alignment heads, fusion, task heads)
+    model.safetensors     the CMA-CLIP weights (alignment heads, fusion, task heads; an ensemble's
+                          members under members.<i>., stored as float16 so two fit where one did)
     config.json           a `CheckpointConfig`: backbone id, catalogue columns, tasks with label
                           vocabularies and auto-accept thresholds, model hyper-parameters,
                           training settings, history and metrics
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .backbones import DualEncoder, create_backbone, shared_backbone
 from .data import CatalogueConfig, CatalogueError
 from .errors import CMAClipError
-from .model import FUSIONS, CMAClip, CMAClipConfig
+from .model import FUSIONS, Classifier, CMAClipConfig, Ensemble, create_model
 
 FORMAT = "cma-clip/1"
 WEIGHTS = "model.safetensors"
@@ -34,7 +35,7 @@ BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 MANIFEST_FIELDS = ("manifest", "image_column", "text_columns", "id_column")  # what a --catalogue config names itself
-RUN_FIELDS = ("out", "resume", "quiet")  # how a run was started, not what it trained
+RUN_FIELDS = ("out", "resume", "quiet", "from_members")  # how a run was started, not what it trained
 
 
 class CheckpointError(CMAClipError, RuntimeError):
@@ -85,18 +86,28 @@ class TrainConfig:
     warmup: float = 0.05  # share of steps spent warming up
     patience: int = 4  # epochs without val improvement before stopping
     seed: int = 0
+    split_seed: int | None = None  # the seed of the split (catalogues without a split column); None: `seed`
+    members: int = 1  # >1: train this many models from seeds seed, seed + 1, ... and keep them as an ensemble
     max_steps: int | None = None
     # the run
     resume: bool = False
     quiet: bool = False
+    from_members: list[str] | None = None  # no training: keep these finished runs as one ensemble in `out`
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise CatalogueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if self.members < 1:
+            raise CatalogueError(f"--members is how many models to train, at least 1, not {self.members}")
         if not 0 <= self.ema < 1:
             raise CatalogueError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema}")
         if self.ema and self.finetune_backbone:
             raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
+
+    @property
+    def splits_seed(self) -> int:
+        """What `data.split_indices` draws a catalogue's split from when it has no split column."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def catalogue_config(self) -> CatalogueConfig:
         """The catalogue this run trains on: a bundled or JSON config, or a manifest with its columns."""
@@ -260,14 +271,17 @@ def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in names}
 
 
-def save_checkpoint(folder: str | Path, model: CMAClip, config: CheckpointConfig,
+def save_checkpoint(folder: str | Path, model: Classifier, config: CheckpointConfig,
                     backbone_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write weights and config (its `model` settings are the model's). The fine-tuned
     backbone's weights are written with `backbone_state`, and without it any left in the
-    folder by an earlier run are removed, so they never load with these weights."""
+    folder by an earlier run are removed, so they never load with these weights. An ensemble's
+    weights are stored as float16 (loading turns them back to float32)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    half = isinstance(model, Ensemble)
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
     if backbone_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
@@ -306,11 +320,12 @@ def _config_json(folder: Path) -> dict[str, Any]:
     return raw
 
 
-def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> tuple[CMAClip, CheckpointConfig]:
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu"
+                    ) -> tuple[Classifier, CheckpointConfig]:
     """The model (in eval mode) and its config. Raises CheckpointError with a clear reason."""
     folder = _checkpoint_folder(folder)
     config = read_config(folder)
-    model = CMAClip(config.model)
+    model = create_model(config.model)
     state = model.drop_unbuilt(_load_tensors(folder / WEIGHTS))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -322,6 +337,34 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu") -> t
             f"wrong shapes {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]})")
     model.load_state_dict(state)
     return model.to(device).eval(), config
+
+
+def save_ensemble(folder: str | Path, members: list[str | Path]) -> CheckpointConfig:
+    """One checkpoint holding the finished runs `members` (one recipe and catalogue, different
+    seeds) as an `Ensemble`: their weights, and the first one's config with every member's
+    seed and history under `training["members"]`. Its thresholds and metrics are the first
+    member's until `evaluate.rescore` chooses the ensemble's own. Returns the config written."""
+    if len(members) < 2:
+        raise CheckpointError("an ensemble needs at least two member checkpoints")
+    models, configs = zip(*(load_checkpoint(m) for m in members))
+    first = configs[0]
+    for path, config in zip(members[1:], configs[1:]):
+        differs = [name for name, a, b in (("model settings", config.model, first.model),
+                                           ("tasks and classes", config.classes, first.classes),
+                                           ("catalogue", config.catalogue, first.catalogue),
+                                           ("backbone", config.backbone, first.backbone))
+                   if a != b]
+        if config.train.finetune_backbone or differs:
+            raise CheckpointError(f"{path} cannot join {members[0]} in an ensemble: "
+                                  + (", ".join(differs) or "its backbone was fine-tuned") + " differ")
+    ensemble = create_model(replace(first.model, members=len(models)))
+    for member, model in zip(ensemble.members, models):
+        member.load_state_dict(model.state_dict())
+    training = {"members": [{"folder": Path(m).name, "seed": c.train.seed, **c.training}
+                            for m, c in zip(members, configs)]}
+    config = replace(first, train=replace(first.train, members=len(models)), training=training)
+    save_checkpoint(folder, ensemble, config)
+    return read_config(folder)
 
 
 def load_backbone(folder: str | Path, config: CheckpointConfig, device: torch.device | str) -> DualEncoder:

@@ -31,11 +31,11 @@ from .errors import CMAClipError
 from .features import Features, extract_features, has_cached_features
 from .metrics import (METRIC_NAMES, mean_metrics, operating_point, task_metrics, threshold_at_precision,
                       threshold_with_confidence)
-from .model import CMAClip, CMAOutput
+from .model import Classifier, CMAOutput
 from .runtime import autocast, default_device
 
 @torch.no_grad()
-def iter_outputs(model: CMAClip, features: Features, index: np.ndarray | None = None,
+def iter_outputs(model: Classifier, features: Features, index: np.ndarray | None = None,
                  batch_size: int = 512, return_attention: bool = False) -> Iterator[CMAOutput]:
     """The model's outputs on the items `index` of `features` (all items when None), batch by batch.
 
@@ -48,7 +48,7 @@ def iter_outputs(model: CMAClip, features: Features, index: np.ndarray | None = 
             yield model(features.batch(index[start:start + batch_size], device), return_attention=return_attention)
 
 
-def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray | None = None,
+def predict_probabilities(model: Classifier, features: Features, index: np.ndarray | None = None,
                           batch_size: int = 512, return_attention: bool = False,
                           on_output: Callable[[CMAOutput], None] | None = None) -> dict[str, np.ndarray]:
     """Class probabilities per task for the items `index` of `features` (all items when None).
@@ -64,7 +64,7 @@ def predict_probabilities(model: CMAClip, features: Features, index: np.ndarray 
 
 
 @torch.no_grad()
-def zero_shot_probabilities_for(model: CMAClip, backbone: DualEncoder, classes: dict[str, list[str]],
+def zero_shot_probabilities_for(model: Classifier, backbone: DualEncoder, classes: dict[str, list[str]],
                                 features: Features, batch_size: int = 512) -> dict[str, np.ndarray]:
     """The paper's "raw CLIP": image-to-prompt similarity in the aligned space, per task."""
     device = next(model.parameters()).device
@@ -183,7 +183,7 @@ def evaluation_rows(catalogue: Catalogue, split: str | None, config: CheckpointC
     if trained.limit or trained.extra_labels:
         raise CatalogueError("this checkpoint was trained on a seeded split of this manifest changed by --limit or "
                              "--extra-labels, which cannot be rebuilt here; evaluate on a manifest with a split column")
-    splits = split_indices(catalogue, trained.seed)
+    splits = split_indices(catalogue, trained.splits_seed)
     if split not in splits:
         raise CatalogueError(f"the manifest has no split column: choose --split train, val or test, not {split!r}")
     return splits[split], split
@@ -228,7 +228,7 @@ def item_groups(features, index: np.ndarray) -> np.ndarray | None:
     return None if texts is None else np.array([texts[i] for i in index])
 
 
-def calibrate(folder: str | Path, model: CMAClip, config: CheckpointConfig, features: Features,
+def calibrate(folder: str | Path, model: Classifier, config: CheckpointConfig, features: Features,
               targets: dict[str, np.ndarray], splits: dict[str, np.ndarray]) -> dict:
     """Set each task's auto-accept threshold in `config` from val (`THRESHOLD_RULE`: 90%
     precision with 99% confidence, items sharing a text one cluster), score val and test with
@@ -266,7 +266,7 @@ def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | N
     catalogue = Catalogue.open(config.catalogue_on(manifest))
     if config.train.limit:
         catalogue = limit_splits(catalogue, config.train.limit)
-    splits = split_indices(catalogue, config.train.seed)
+    splits = split_indices(catalogue, config.train.splits_seed)
     # the runs of a study share one backbone and read only the val and test rows of its cache
     features = extract_features(load_backbone(folder, config, device), catalogue, cache_dir, progress=False,
                                 memory_map=True, colour=model.cfg.colour)

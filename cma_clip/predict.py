@@ -35,7 +35,7 @@ from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from .data import Catalogue, CatalogueError, load_image, write_table
 from .errors import CMAClipError
 from .features import image_batches
-from .model import IMAGE_SIDE, CMAClip, absent_texts
+from .model import IMAGE_SIDE, Classifier, absent_texts
 from .relevance import explain, word_relevance, words_of
 from .runtime import autocast, default_device
 
@@ -140,7 +140,7 @@ class Scores:
 
 
 class Predictor:
-    def __init__(self, model: CMAClip, config: CheckpointConfig, backbone: DualEncoder) -> None:
+    def __init__(self, model: Classifier, config: CheckpointConfig, backbone: DualEncoder) -> None:
         self.model, self.config, self.backbone = model, config, backbone
         self.device = next(model.parameters()).device
         self.max_tokens = config.catalogue.max_text_tokens

@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 
 from .backbones import DualEncoder, EncoderOutput, TextBatch
-from .model import IMAGE_SIDE, CMAClip, CMAOutput, absent_texts
+from .model import IMAGE_SIDE, Classifier, CMAOutput, absent_texts
 from .runtime import autocast, bf16_supported
 
 RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
@@ -282,7 +282,7 @@ def _text_batch(backbone: DualEncoder, texts: list[str], max_tokens: int) -> Tex
 
 
 # ---------------------------------------------------------------------- all tasks at once
-def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], texts: list[str],
+def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image], texts: list[str],
             max_tokens: int, keep_unmasked: bool = False, single_precision: bool = False) -> Explanation:
     """Every task's relevance for a batch of items, from one forward and one backward.
     `keep_unmasked`: also return the image maps before the letterbox padding is removed.
@@ -352,9 +352,12 @@ def explain(model: CMAClip, backbone: DualEncoder, images: list[Image.Image], te
     weights = torch.stack([w for w in out.modality_weights.values()], 1).float()  # [B*T, T, 2]
     weights = weights[torch.arange(batch * count, device=device), task_of_copy]  # copy t: task t's weights
     if layers:
-        row = read_row(rollout([a.float() for a in layers], [_zero_if_none(g, a).float() for g, a in
-                                                              zip(layer_grads, layers)]), weights,
-                       model.cls_positions(length, grid * grid))
+        # An ensemble's members each make their own rollout (their layers are not one stack), on their own
+        # gradients (the ensemble's mean takes 1/N of each), and their rows are averaged.
+        grads = [_zero_if_none(g, a).float() * out.layer_groups for g, a in zip(layer_grads, layers)]
+        depth, positions = len(layers) // out.layer_groups, model.cls_positions(length, grid * grid)
+        row = sum(read_row(rollout([a.float() for a in layers[g:g + depth]], grads[g:g + depth]), weights, positions)
+                  for g in range(0, len(layers), depth)) / out.layer_groups
         patches = row[:, length + 2:length + 2 + grid * grid]
         text_map = normalise(row[:, 1:1 + length] * real)
         unmasked["rollout"] = normalise(patches)

@@ -18,6 +18,10 @@ rank takes its share of each global batch of --batch-size items, so the number o
 steps and the loss are those of one process; rank 0 alone validates and writes.
 
     torchrun --standalone --nproc_per_node 2 -m cma_clip.train --catalogue hm-articles --out ckpt/
+
+With --members N, N runs from seeds seed, seed + 1, ... on one split (each in OUT-members/seed-S)
+become one checkpoint, an `Ensemble` with its own thresholds (`train_ensemble`); --from-members
+keeps finished runs of one recipe that way without training.
 """
 from __future__ import annotations
 
@@ -41,17 +45,17 @@ from tqdm.auto import tqdm
 from . import distributed
 from .align import train_alignment
 from .backbones import DualEncoder, EncoderOutput, create_backbone
-from .checkpoint import (CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, TrainConfig, load_backbone,
-                         load_checkpoint, save_checkpoint)
+from .checkpoint import (CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, TrainConfig,
+                         is_checkpoint, load_backbone, load_checkpoint, read_config, save_checkpoint, save_ensemble)
 from .data import Catalogue, CatalogueError, LabelVocab, limit_splits, load_image, split_indices
 from .errors import CMAClipError
-from .evaluate import calibrate, format_table, predict_probabilities, score
+from .evaluate import calibrate, format_table, predict_probabilities, rescore, score
 from .features import Features, extract_features
 from .labels import LabelStore
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 from .runtime import autocast, seed_everything
 
-__all__ = ["STATE_FILE", "TrainConfig", "main", "parse_config", "train"]
+__all__ = ["STATE_FILE", "TrainConfig", "combine", "main", "parse_config", "train"]
 
 STATE_FILE = "train_state.safetensors"  # what --resume reads; removed when the run finishes
 SELECTION_METRIC = "recall_at_90_precision"
@@ -108,8 +112,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     o.add_argument("--patience", type=int, default=d.patience,
                    help="stop after this many epochs without val improvement")
     o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--members", type=int, default=d.members,
+                   help="train this many models (seeds seed, seed + 1, ...) and keep them as one ensemble checkpoint")
     o.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick runs)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--from-members", nargs="+", metavar="RUN",
+                   help="no training: keep these finished runs of one recipe as one ensemble checkpoint in --out")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -145,7 +153,7 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
             raise CatalogueError(f"--extra-labels {cfg.extra_labels}: no such label store (the app keeps it in "
                                  "studio_data/labels.db)")
         catalogue = LabelStore(cfg.extra_labels).apply_to(catalogue)
-    splits = split_indices(catalogue, cfg.seed)
+    splits = split_indices(catalogue, cfg.splits_seed)
     if not len(splits["train"]) or not len(splits["val"]):
         raise CatalogueError("training needs items in both the train and val splits")
     if config.max_text_tokens > backbone.max_text_tokens:  # e.g. a catalogue's 96 tokens on CLIP's 77
@@ -318,7 +326,10 @@ def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer,
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: TrainConfig) -> dict:
-    """Train and return the best epoch's metrics (on rank 0; {} on the other ranks)."""
+    """Train and return the best epoch's metrics (on rank 0; {} on the other ranks); with
+    `cfg.members` > 1, an ensemble of that many runs (`train_ensemble`)."""
+    if cfg.members > 1:
+        return train_ensemble(cfg)
     seed_everything(cfg.seed)
     rank, world, local_rank, device = distributed.setup()
     main_rank = rank == 0
@@ -450,10 +461,41 @@ def finish(out: Path, counters: dict, data: TrainingData, finetuned: bool, devic
     return metrics
 
 
+def train_ensemble(cfg: TrainConfig) -> dict:
+    """`cfg.members` runs of the recipe from seeds seed, seed + 1, ..., all on the split of
+    `cfg.splits_seed`, each in OUT-members/seed-S (with --resume, finished ones are kept), then
+    one Ensemble checkpoint in OUT (`combine`). Returns its metrics (on rank 0)."""
+    runs = Path(f"{str(cfg.out).rstrip('/')}-members")
+    folders = [runs / f"seed-{cfg.seed + k}" for k in range(cfg.members)]
+    for k, folder in enumerate(folders):
+        if cfg.resume and is_checkpoint(folder) and not (folder / STATE_FILE).exists():
+            continue  # finished before the interruption
+        train(replace(cfg, out=str(folder), seed=cfg.seed + k, split_seed=cfg.splits_seed, members=1))
+        distributed.barrier()
+    return combine(cfg.out, folders, cfg.data_root, cfg.cache_dir) if distributed.is_main() else {}
+
+
+def combine(out: str | Path, members: list[str | Path], data_root: str | None = None,
+            cache_dir: str | None = None) -> dict:
+    """Keep finished runs of one recipe as one Ensemble checkpoint in `out`
+    (`checkpoint.save_ensemble`), with its own thresholds from val and its val and test reports
+    (`evaluate.rescore`, on the features the runs cached). The runs must share their split:
+    a catalogue's split column, or one split seed."""
+    configs = [read_config(m) for m in members]
+    manifest = configs[0].training_manifest(data_root)
+    if manifest is None:
+        raise CheckpointError(f"{members[0]}: the catalogue it was trained on is not available here")
+    if len({c.train.splits_seed for c in configs}) > 1 and not Catalogue.open(configs[0].catalogue_on(manifest)).has_splits:
+        raise CatalogueError("these runs split the catalogue differently (it has no split column and their seeds "
+                             "differ): train them with --members, which splits them alike")
+    save_ensemble(out, list(members))
+    return rescore(out, data_root, cache_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     try:
-        metrics = train(cfg)
+        metrics = combine(cfg.out, cfg.from_members, cfg.data_root, cfg.cache_dir) if cfg.from_members else train(cfg)
         distributed.barrier()  # the other ranks wait for rank 0's checkpoint
     except CMAClipError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, config = load_checkpoint(folder, "cpu")
     catalogue = Catalogue.open(config.catalogue_on(config.training_manifest()))
-    rows = split_indices(catalogue, config.train.seed)[args.split]
+    rows = split_indices(catalogue, config.train.splits_seed)[args.split]
     backbone = load_backbone(folder, config, "cpu")
     features = rows_features(backbone, catalogue, rows, None, model.cfg.colour)
     targets = {t: v[rows] for t, v in task_targets(config, catalogue).items()}

@@ -42,7 +42,7 @@ from ..evaluate import (evaluate_checkpoint, predict_probabilities, rescore, sco
                         zero_shot_probabilities_for)
 from ..features import FEATURE_FIELDS, Features, encode_items
 from ..metrics import METRIC_NAMES
-from ..model import IMAGE_SIDE, CMAClip, CMAOutput
+from ..model import IMAGE_SIDE, Classifier, CMAOutput
 from ..noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
 from ..robustness import MODES
 from ..runtime import default_device
@@ -203,7 +203,7 @@ def condition(features: dict[int, dict[str, np.ndarray]], image_severity: int, t
                     text_pooled=text["text_pooled"], text_ids=text["text_ids"])
 
 
-def noise_scores(model: CMAClip, config: CheckpointConfig, sample: Catalogue, features: dict[int, dict[str, np.ndarray]],
+def noise_scores(model: Classifier, config: CheckpointConfig, sample: Catalogue, features: dict[int, dict[str, np.ndarray]],
                  backbone: DualEncoder | None = None) -> dict:
     """mode -> severity -> {"mean": metrics, "image_weight": task -> mean image weight,
     "image_weight_item_std": task -> its standard deviation over items, "cross_attention": mean
@@ -224,7 +224,7 @@ def noise_scores(model: CMAClip, config: CheckpointConfig, sample: Catalogue, fe
     return out
 
 
-def _score_inputs(model: CMAClip, classes: dict[str, list[str]], targets: dict[str, np.ndarray],
+def _score_inputs(model: Classifier, classes: dict[str, list[str]], targets: dict[str, np.ndarray],
                   inputs: Features, backbone: DualEncoder | None) -> dict:
     """One condition's entry of `noise_scores`."""
     weights: dict[str, list[np.ndarray]] = {task: [] for task in classes}

@@ -27,7 +27,7 @@ from ..checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from ..data import Catalogue, CatalogueError
 from ..evaluate import evaluation_rows, item_groups, predict_probabilities, rows_features, score, task_targets
 from ..features import Features, image_batches
-from ..model import CMAClip
+from ..model import Classifier
 from ..noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
 from ..runtime import autocast, default_device
 
@@ -68,7 +68,7 @@ def noisy_texts(backbone: DualEncoder, sample: Catalogue, clean: Features, kind:
                    text_mask=batch.mask.numpy(), text_ids=batch.ids.numpy().astype(np.int32))
 
 
-def scored(model: CMAClip, config: CheckpointConfig, features: Features, targets: dict[str, np.ndarray],
+def scored(model: Classifier, config: CheckpointConfig, features: Features, targets: dict[str, np.ndarray],
            groups: np.ndarray | None) -> dict:
     """`evaluate.score` with the checkpoint's clean thresholds; the mean adds the lowest task's precision."""
     report = score(predict_probabilities(model, features), targets, config.thresholds, groups)

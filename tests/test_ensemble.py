@@ -1,0 +1,137 @@
+"""Seed ensembles: one checkpoint holding several runs of one recipe, read as the mean of their
+probabilities (`model.Ensemble`, `python -m cma_clip.train --members N` or `--from-members`)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from cma_clip import train
+from cma_clip.checkpoint import CheckpointError, load_checkpoint, read_config, save_ensemble
+from cma_clip.model import CMAClip, Ensemble, create_model
+from cma_clip.predict import Predictor
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
+from test_colour import make_batch, make_model
+
+TINY = ["--catalogue", "hm-articles", "--limit", "48", "--epochs", "2", "--align-epochs", "1", "--batch-size", "16",
+        "--width", "64", "--colour", "--words-buckets", "256", "--lexical-buckets", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_checkpoint(tmp_path_factory, cache_dir):
+    """Two tiny runs of the shipped H&M recipe (seeds 3 and 4) kept as one ensemble checkpoint."""
+    out = tmp_path_factory.mktemp("ensemble") / "hm-pair"
+    assert train.main([*TINY, "--members", "2", "--seed", "3", "--cache-dir", str(cache_dir), "--out", str(out)]) == 0
+    return out
+
+
+def members_of(folder):
+    return [folder.parent / f"{folder.name}-members" / f"seed-{seed}" for seed in (3, 4)]
+
+
+def test_the_ensemble_is_the_mean_of_its_members():
+    members = [make_model(), make_model()]
+    with torch.no_grad():  # two different members
+        for p in members[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ensemble = create_model(members[0].cfg.__class__(**{**members[0].cfg.__dict__, "members": 2})).eval()
+    assert isinstance(ensemble, Ensemble)
+    for target, member in zip(ensemble.members, members):
+        target.load_state_dict(member.state_dict())
+    batch = make_batch()
+    outs = [m(batch, return_attention=True, keep_layers=True) for m in members]
+    out = ensemble(batch, return_attention=True, keep_layers=True)
+    for task, logits in out.logits.items():
+        mean = sum(o.logits[task].softmax(-1) for o in outs) / 2
+        torch.testing.assert_close(logits.softmax(-1), mean)
+        assert not torch.allclose(outs[0].logits[task].softmax(-1), mean)  # the members do differ
+        torch.testing.assert_close(out.modality_weights[task], (outs[0].modality_weights[task]
+                                                                + outs[1].modality_weights[task]) / 2)
+    torch.testing.assert_close(out.attention.image_cls, (outs[0].attention.image_cls + outs[1].attention.image_cls) / 2)
+    assert out.layer_groups == 2 and len(out.layer_attention) == 2 * len(outs[0].layer_attention)
+    assert ensemble.modalities == members[0].modalities and ensemble.tasks == members[0].tasks
+
+
+def test_members_train_on_one_split_and_become_one_checkpoint(ensemble_checkpoint):
+    config = read_config(ensemble_checkpoint)
+    assert config.model.members == 2 and config.train.members == 2
+    assert [m["seed"] for m in config.training["members"]] == [3, 4]
+    assert [read_config(m).train.split_seed for m in members_of(ensemble_checkpoint)] == [3, 3]
+    for task, spec in config.tasks.items():  # the ensemble's own thresholds and reports, chosen on val
+        assert spec.threshold_rule == "clustered-cp-99", task
+    report = json.loads((ensemble_checkpoint / "eval_test.json").read_text())
+    assert report == config.metrics["test"] and set(report["tasks"]) == set(config.tasks)
+    with safe_open(str(ensemble_checkpoint / "model.safetensors"), "pt") as handle:
+        dtypes = {handle.get_tensor(k).dtype for k in handle.keys() if handle.get_tensor(k).is_floating_point()}
+        assert dtypes == {torch.float16}  # two members in the size of one
+        assert any(k.startswith("members.1.") for k in handle.keys())
+
+
+def test_a_loaded_ensemble_predicts_its_members_mean(ensemble_checkpoint, backbone):
+    from PIL import Image
+
+    ensemble, config = load_checkpoint(ensemble_checkpoint)
+    assert isinstance(ensemble, Ensemble) and next(ensemble.parameters()).dtype == torch.float32
+    image = Image.open(EXAMPLE_IMAGE)
+    every = max(config.model.tasks.values())  # every class of every task
+    predicted = Predictor(ensemble, config, backbone).predict(image, EXAMPLE_TEXT, top_k=every)
+    members = [Predictor(*load_checkpoint(folder), backbone).predict(image, EXAMPLE_TEXT, top_k=every)
+               for folder in members_of(ensemble_checkpoint)]
+    for task, result in predicted.tasks.items():
+        of = [dict(zip(m.tasks[task].labels, m.tasks[task].probabilities)) for m in members]
+        mean = [(of[0][label] + of[1][label]) / 2 for label in result.labels]
+        np.testing.assert_allclose(result.probabilities, mean, atol=2e-3)  # the weights were stored as float16
+        assert abs(sum(result.modality_weights.values()) - 1) < 1e-5
+        relevance = predicted.relevance[task]  # a rollout per member, averaged
+        assert np.isfinite(relevance.words).all() and abs(relevance.words.sum() - 1) < 1e-4
+        assert np.isfinite(relevance.image).all() and abs(relevance.image.sum() - 1) < 1e-4
+
+
+def test_identical_members_explain_as_one(ensemble_checkpoint, backbone):
+    """Each member's rollout on its own gradients, averaged: two copies of a model show what one
+    shows (a rollout over both members' layers as one stack, or on the mean's 1/2-scaled
+    gradients, would not)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from cma_clip.relevance import explain
+
+    member, config = load_checkpoint(members_of(ensemble_checkpoint)[0])
+    explanations = []
+    for count in (1, 2):
+        ensemble = Ensemble(replace(config.model, members=count)).eval()
+        for copy in ensemble.members:
+            copy.load_state_dict(member.state_dict())
+        explanations.append(explain(ensemble, backbone, [Image.open(EXAMPLE_IMAGE)], [EXAMPLE_TEXT],
+                                    config.catalogue.max_text_tokens))
+    one, two = explanations
+    for name in ("image", "text", "rollout_patches", "image_share"):
+        np.testing.assert_allclose(getattr(two, name), getattr(one, name), atol=1e-5, err_msg=name)
+    assert one.text.max() > 0 and one.image.max() > 0
+
+
+def test_runs_that_differ_are_refused(ensemble_checkpoint, small_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="model settings"):
+        save_ensemble(tmp_path / "mixed", [members_of(ensemble_checkpoint)[0], small_checkpoint])
+    with pytest.raises(CheckpointError, match="at least two"):
+        save_ensemble(tmp_path / "alone", [small_checkpoint])
+
+
+def test_finished_runs_join_from_the_command_line(ensemble_checkpoint, cache_dir, tmp_path):
+    out = tmp_path / "joined"
+    members = [str(m) for m in members_of(ensemble_checkpoint)]
+    assert train.main([*TINY, "--from-members", *members, "--cache-dir", str(cache_dir), "--out", str(out)]) == 0
+    assert read_config(out).metrics["test"] == read_config(ensemble_checkpoint).metrics["test"]
+
+
+def test_resume_keeps_the_members_already_trained(ensemble_checkpoint, cache_dir, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(members_of(ensemble_checkpoint)[0], tmp_path / "resumed-members" / "seed-3")
+    before = (tmp_path / "resumed-members" / "seed-3" / "model.safetensors").stat().st_mtime_ns
+    assert train.main([*TINY, "--members", "2", "--seed", "3", "--resume", "--cache-dir", str(cache_dir),
+                       "--out", str(out)]) == 0
+    assert (tmp_path / "resumed-members" / "seed-3" / "model.safetensors").stat().st_mtime_ns == before
+    assert read_config(out).model.members == 2 and isinstance(load_checkpoint(out)[0].members[0], CMAClip)
