@@ -15,9 +15,9 @@ from .checkpoint import (CheckpointConfig, CheckpointError, TrainConfig, load_ba
                          save_checkpoint)
 from .data import Catalogue, CatalogueConfig, CatalogueError
 from .errors import CMAClipError
-from .model import CMAClip, CMAClipConfig, CMAOutput
+from .model import CMAClip, CMAClipConfig, CMAOutput, Ensemble
 from .predict import Prediction, Predictor
 
 __all__ = ["BackboneError", "CMAClip", "CMAClipConfig", "CMAClipError", "CMAOutput", "Catalogue", "CatalogueConfig",
-           "CatalogueError", "CheckpointConfig", "CheckpointError", "DualEncoder", "EncoderOutput", "Prediction",
+           "CatalogueError", "CheckpointConfig", "CheckpointError", "DualEncoder", "EncoderOutput", "Ensemble", "Prediction",
            "Predictor", "TrainConfig", "create_backbone", "load_backbone", "load_checkpoint", "save_checkpoint"]
