@@ -12,7 +12,8 @@ from cma_clip import train
 from cma_clip.checkpoint import CheckpointError, load_checkpoint, read_config, save_ensemble
 from cma_clip.model import CMAClip, Ensemble, create_model
 from cma_clip.predict import Predictor
-from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
+from cma_clip.data import CatalogueError
+from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, hm_rows, write_hm_manifest
 from test_colour import make_batch, make_model
 
 TINY = ["--catalogue", "hm-articles", "--limit", "48", "--epochs", "2", "--align-epochs", "1", "--batch-size", "16",
@@ -135,3 +136,20 @@ def test_resume_keeps_the_members_already_trained(ensemble_checkpoint, cache_dir
                        "--out", str(out)]) == 0
     assert (tmp_path / "resumed-members" / "seed-3" / "model.safetensors").stat().st_mtime_ns == before
     assert read_config(out).model.members == 2 and isinstance(load_checkpoint(out)[0].members[0], CMAClip)
+
+
+def test_without_a_split_column_the_members_share_one_split(cache_dir, tmp_path):
+    """A manifest without a split column is split by a seed: --members splits every member by the
+    first seed; runs that were split by their own seeds are refused, not joined."""
+    manifest = write_hm_manifest(tmp_path, hm_rows("train", 60),
+                                 columns=["image", "prod_name", "detail_desc", "colour_group_name"])
+    tiny = ["--manifest", str(manifest), "--text-columns", "prod_name", "detail_desc", "--tasks", "colour_group_name",
+            "--epochs", "1", "--align-epochs", "1", "--batch-size", "16", "--width", "32", "--quiet",
+            "--cache-dir", str(cache_dir)]
+    assert train.main([*tiny, "--members", "2", "--seed", "5", "--out", str(tmp_path / "pair")]) == 0
+    assert read_config(tmp_path / "pair").metrics["val"]["tasks"]["colour_group_name"]["n"] > 0
+    assert [read_config(tmp_path / "pair-members" / f"seed-{s}").train.splits_seed for s in (5, 6)] == [5, 5]
+    for seed in (5, 6):  # two runs on their own splits
+        assert train.main([*tiny, "--seed", str(seed), "--out", str(tmp_path / f"alone-{seed}")]) == 0
+    with pytest.raises(CatalogueError, match="split the catalogue differently"):
+        train.combine(tmp_path / "mixed", [tmp_path / "alone-5", tmp_path / "alone-6"], cache_dir=str(cache_dir))
