@@ -339,11 +339,11 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu"
     return model.to(device).eval(), config
 
 
-def save_ensemble(folder: str | Path, members: list[str | Path]) -> CheckpointConfig:
+def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
     """One checkpoint holding the finished runs `members` (one recipe and catalogue, different
     seeds) as an `Ensemble`: their weights, and the first one's config with every member's
     seed and history under `training["members"]`. Its thresholds and metrics are the first
-    member's until `evaluate.rescore` chooses the ensemble's own. Returns the config written."""
+    member's until `evaluate.rescore` chooses the ensemble's own. Returns the folder."""
     if len(members) < 2:
         raise CheckpointError("an ensemble needs at least two member checkpoints")
     models, configs = zip(*(load_checkpoint(m) for m in members))
@@ -363,8 +363,7 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> CheckpointCo
     training = {"members": [{"folder": Path(m).name, "seed": c.train.seed, **c.training}
                             for m, c in zip(members, configs)]}
     config = replace(first, train=replace(first.train, members=len(models)), training=training)
-    save_checkpoint(folder, ensemble, config)
-    return read_config(folder)
+    return save_checkpoint(folder, ensemble, config)
 
 
 def load_backbone(folder: str | Path, config: CheckpointConfig, device: torch.device | str) -> DualEncoder:
