@@ -26,7 +26,7 @@ from torch import nn
 from .colour import colour_descriptor
 from .data import MAX_DECODED_SIDE, shrink_image, to_8_bits
 from .errors import CMAClipError
-from .runtime import autocast, default_device
+from .runtime import autocast, default_device, keep_freed_memory
 
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -399,7 +399,10 @@ def create_backbone(name: str = DEFAULT_BACKBONE, device: str | torch.device | N
     else:
         raise BackboneError(f"unknown backbone {name!r}: use 'bundled' or 'open_clip:MODEL[:PRETRAINED]'")
     backbone.requires_grad_(trainable)
-    return backbone.to(device or default_device())
+    device = torch.device(device or default_device())
+    if device.type == "cpu":
+        keep_freed_memory()  # a CPU backbone's batches run 1.6x faster (runtime.keep_freed_memory)
+    return backbone.to(device)
 
 
 @lru_cache(maxsize=4)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ from .backbones import DualEncoder, TextBatch
 from .checkpoint import load_backbone, read_config
 from .data import Catalogue, CatalogueError, load_image, pyarrow_modules
 from .errors import CMAClipError
-from .predict import Predictor, open_for_prediction, prediction_row
-from .runtime import lower_thread_priority
+from .predict import Prediction, Predictor, open_for_prediction, prediction_row
+from .runtime import keep_freed_memory, lower_thread_priority
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 DECODING_CALLS = 2  # batches in flight in a model actor that decodes: one decoding, one in the model
@@ -90,18 +89,29 @@ class _Decode:
 
 class _Infer:
     """Stage 2 (GPU when there is one): the checkpoint's model on decoded batches. Up to two
-    calls run at once (`DECODING_CALLS`) when the actor decodes its own batches: the model runs
-    one batch at a time (`self.model_lock`), the decoding of the next and the output rows of
-    the last overlap it."""
+    calls run at once (`DECODING_CALLS`) when the actor decodes its own batches: the decoding of
+    the next batch and the output rows of the last overlap the model, which runs one batch at a
+    time on one thread of its own (`self.model_thread`), where the model was also loaded.
+
+    One thread, because Ray runs concurrent calls on several threads, and every thread that runs
+    torch operators on a CPU gets its own OpenMP thread team: with two teams in one process the
+    backbone kept 1.55 to 1.75 of 2 cores busy instead of 1.95, and ran 1.5x slower than in the
+    driver (measured on 2 cores, docs/PERFORMANCE.md)."""
 
     def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        self.predictor = Predictor.from_checkpoint(checkpoint)  # the actor's GPU if Ray gave it one, else the CPU
+        keep_freed_memory()  # before the model thread starts: it then allocates from the main heap
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.predictor = self.model_thread.submit(self._load, checkpoint, threads).result()
         self.crash_once = crash_once
         # no decode stage: its batches come undecoded, and are decoded here with the actor's cores
-        self.decode = _Decode(checkpoint, torch.get_num_threads(), self.predictor.backbone) if decode else None
-        self.model_lock = threading.Lock()
+        threads = self.model_thread.submit(torch.get_num_threads).result()  # the model thread's, as set there
+        self.decode = _Decode(checkpoint, threads, self.predictor.backbone) if decode else None
+
+    @staticmethod
+    def _load(checkpoint: str, threads: int | None) -> Predictor:
+        if threads:
+            torch.set_num_threads(threads)  # OpenMP's thread count is per calling thread: set it on this one
+        return Predictor.from_checkpoint(checkpoint)  # the actor's GPU if Ray gave it one, else the CPU
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.crash_once and not os.path.exists(self.crash_once):
@@ -109,15 +119,17 @@ class _Infer:
             os._exit(1)  # the drill: the actor dies mid-batch, as an out-of-memory kill would
         if self.decode is not None:
             batch = self.decode(batch)
-        backbone = self.predictor.backbone
-        text = TextBatch(torch.from_numpy(batch["token_ids"]), torch.from_numpy(batch["token_mask"]))
-        texts = [str(t) for t in batch["text"]]  # an item without text is never auto-accepted, as in one process
-        with self.model_lock:
-            preds = self.predictor.predict_prepared(backbone.normalise(batch["pixels"]), text, texts=texts)
+        preds = self.model_thread.submit(self._predict, batch).result()
         rows = [prediction_row(p) for p in preds]
         columns: dict[str, Any] = {"_row": batch["_row"], "id": batch["id"]}
         columns.update({name: np.array([row[name] for row in rows]) for name in rows[0]})
         return columns
+
+    def _predict(self, batch: dict[str, np.ndarray]) -> list[Prediction]:
+        backbone = self.predictor.backbone
+        text = TextBatch(torch.from_numpy(batch["token_ids"]), torch.from_numpy(batch["token_mask"]))
+        texts = [str(t) for t in batch["text"]]  # an item without text is never auto-accepted, as in one process
+        return self.predictor.predict_prepared(backbone.normalise(batch["pixels"]), text, texts=texts)
 
 
 def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str | Path,

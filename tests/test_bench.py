@@ -23,7 +23,7 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
         "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio"},
         "training": {"epoch_seconds", "items_per_s"},
         "batch_prediction": {"items_per_s", "backbone_items_per_s", "ratio", "ray_items_per_s",
-                             "ray_steady_items_per_s", "ray_ratio", "ray_ratios"},
+                             "ray_steady_items_per_s", "backbone_around_ray_items_per_s", "ray_ratio", "ray_ratios"},
     }
     for section, keys in expected.items():
         assert keys <= set(doc["figures"][section]), section

@@ -1,4 +1,11 @@
-"""Precision and worker choices of cma_clip.runtime."""
+"""Precision, worker and memory choices of cma_clip.runtime."""
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from cma_clip import runtime
@@ -39,3 +46,33 @@ def test_fp32_switch_turns_bf16_off_on_a_gpu_too(monkeypatch):
     assert bf16_supported(torch.device("cuda"))
     monkeypatch.setenv("CMA_CLIP_FP32", "1")
     assert not bf16_supported(torch.device("cuda"))
+
+
+FAULTS_OF_A_REUSED_BLOCK = """
+import resource, sys, torch
+from cma_clip.backbones import create_backbone
+from cma_clip.runtime import keep_freed_memory
+create_backbone("bundled", "cpu")  # what turns it on: any backbone built for the CPU
+print(keep_freed_memory())  # cached: the value create_backbone's call got
+block = 96 << 20  # over glibc's 32 MiB mmap ceiling: by default its own mapping, unmapped when freed
+torch.empty(block, dtype=torch.uint8).fill_(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(block, dtype=torch.uint8).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's; elsewhere keep_freed_memory is a no-op")
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_freed_memory_is_reused_not_faulted_back_in(opt_out):
+    """A 96 MiB block freed and allocated again after a CPU backbone is built: kept, it costs no
+    page faults; glibc's default (the opt-out) unmaps it and faults all 24,576 of its pages back in."""
+    env = {**os.environ, "CMA_CLIP_KEEP_MEMORY": "0" if opt_out else "1"}
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REUSED_BLOCK], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[1]).stdout.split()
+    on, faults = out[0] == "True", int(out[1])
+    assert on is not opt_out
+    if opt_out:
+        assert faults > 20_000, faults
+    else:
+        assert faults < 1_000, faults
