@@ -44,12 +44,12 @@ def keep_freed_memory() -> bool:
     32 faults all its activations back in on every call: measured on 2 cores, 1.54 s a batch of
     which 1.13 s of system time; with freed memory kept, 0.94 s and no system time, for 250 to
     400 MB more peak memory (docs/PERFORMANCE.md). A thread other than the main one allocates
-    from an arena of its own, made of 64 MiB mappings that fault alike (0.4 to 0.7 s of system
-    time a batch in a Ray actor's model thread), so every thread shares the main heap: call this
-    before starting the threads that will run models. PyTorch's CPU tuning guide gets the same
-    from jemalloc or tcmalloc, which must be preloaded; glibc's `mallopt` works in a running
-    process. Once per process, on glibc only (a no-op elsewhere); CMA_CLIP_KEEP_MEMORY=0 opts
-    out. Returns whether it is on."""
+    from an arena of its own, made of 64 MiB mappings that fault alike (a model run on a second
+    thread: 0.38 to 0.52 s of system time a batch; none with one arena), so every thread shares
+    the main heap: call this before starting the threads that will run models. PyTorch's CPU
+    tuning guide gets the same from jemalloc or tcmalloc, which must be preloaded; glibc's
+    `mallopt` works in a running process. Once per process, on glibc only (a no-op elsewhere);
+    CMA_CLIP_KEEP_MEMORY=0 opts out. Returns whether it is on."""
     if os.environ.get("CMA_CLIP_KEEP_MEMORY") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
