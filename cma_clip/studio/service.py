@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .. import mislabels, noise, review, robustness
@@ -36,7 +35,6 @@ from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError
                       content_item_id)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
-from ..runtime import default_device, keep_freed_memory
 from . import uploads
 from .batching import MicroBatcher
 from .workflow import (ALL_TASKS, CHOICES_KEPT, MISLABEL_ORDER, THRESHOLDS, BulkOutcome, ItemView, ReviewItem,
@@ -138,8 +136,6 @@ class Studio:
                     continue
             self.load_seconds = time.perf_counter() - started
 
-        if torch.device(self.device or default_device()).type == "cpu":
-            keep_freed_memory()  # before the threads that run the models start (Gradio's come later)
         self.loading = threading.Thread(target=load, name="load-models", daemon=True)
         self.loading.start()
         return self.loading
