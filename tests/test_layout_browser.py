@@ -32,6 +32,27 @@ OVERFLOW = """() => {
   return {scrollWidth: document.documentElement.scrollWidth, innerWidth: width, outside: out.slice(0, 10)};
 }"""
 
+# Table cells too narrow for a short word, which then wraps a few letters a line ("pending" as
+# "pe / nd / in / g" on a phone): visible cells of every table whose words of up to 12 characters
+# (split where a line may break: spaces, hyphens, slashes) are wider than the cell's room. Longer
+# words may wrap; a table scrolls inside its box.
+SQUEEZED = """() => {
+  const context = document.createElement('canvas').getContext('2d');
+  const out = [];
+  for (const cell of document.querySelectorAll('.table-wrap td, .table-wrap th')) {
+    if (!cell.checkVisibility()) continue;
+    const words = cell.innerText.split(/[\\s\\/-]+/).filter((w) => w && w.length <= 12);
+    if (!words.length) continue;
+    const inner = cell.querySelector('span, div') || cell;
+    const style = getComputedStyle(inner), box = getComputedStyle(cell);
+    context.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+    const widest = Math.max(...words.map((w) => context.measureText(w).width));
+    const room = cell.clientWidth - parseFloat(box.paddingLeft) - parseFloat(box.paddingRight);
+    if (widest > room + 1) out.push(`${cell.innerText.trim().slice(0, 24)}: ${Math.round(widest)} > ${Math.round(room)} px`);
+  }
+  return out.slice(0, 10);
+}"""
+
 
 @pytest.fixture(params=list(SIZES))
 def sized_page(request, running_app):
@@ -73,10 +94,12 @@ def predict_example(page, text: str = EXAMPLE_TEXT) -> None:
 
 
 def check_view(page, size: str, view: str) -> None:
-    """A screenshot of the view, then: nothing sticks out of the page, no raw column name shows."""
+    """A screenshot of the view, then: nothing sticks out of the page, no raw column name shows, no
+    table column is too narrow for a short word."""
     page.screenshot(path=str(ARTIFACTS / f"layout-{size}-{view}.png"), full_page=True)
     assert_fits(page, f"{size} {view}")
     assert_no_column_names(page, f"{size} {view}")
+    assert not page.evaluate(SQUEEZED), (f"{size} {view}", page.evaluate(SQUEEZED))
 
 
 def test_every_tab_fits_and_shows_names_not_columns(sized_page):

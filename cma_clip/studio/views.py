@@ -20,7 +20,8 @@ from ..viz import (SPECIAL_TOKENS, attention_overlay, modality_chart, modality_s
 from .workflow import (SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome, UndoOutcome)
 
 PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshold)", "runners-up"]
-# in pixels, not shares: the table keeps readable columns and scrolls inside its box on a phone
+# Column widths in pixels, not shares: a table keeps readable columns and scrolls inside its box on a
+# phone (shares of a 412 px screen left "pending" a few letters a line).
 PREDICTION_WIDTHS = ["130px", "130px", "100px", "170px", "210px"]
 PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "conf. change", "label",
                  "image weight clean", "image weight noisy"]
@@ -35,11 +36,12 @@ MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the tas
             "shows where the model looked, which is often the empty background, not why it decided.")
 DEFAULT_OPACITY = 0.55
 REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
-REVIEW_WIDTHS = ["20%", "14%", "11%", "17%", "14%", "9%", "15%"]
+REVIEW_WIDTHS = ["130px", "110px", "90px", "100px", "120px", "110px", "120px"]
 AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
                  "checkpoint", "kind", "version"]
-AUDIT_WIDTHS = ["12%", "11%", "13%", "10%", "7%", "7%", "7%", "10%", "10%", "6%", "4%", "3%"]
-HISTORY_WIDTHS = ["15%", "9%", "13%", "43%", "12%", "8%"]
+AUDIT_WIDTHS = ["150px", "130px", "120px", "120px", "90px", "90px", "90px", "100px", "110px", "110px", "80px",
+                "80px"]
+HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
                         "vs catalogue", "checkpoint", "version", "reverts"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators"]
