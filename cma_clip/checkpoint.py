@@ -72,6 +72,7 @@ class TrainConfig:
     heads: int = 4
     embed_dim: int = 256
     dropout: float = 0.1
+    modality_dropout: float = 0.0  # in training, hide text, colour and words from an item at this rate each
     lexical_buckets: int = 8192
     colour: bool = False  # the foreground colour descriptor as tokens and a modality (`colour.py`)
     words_buckets: int = 0  # >0: the TF-IDF words token and modality (`model.WordsBag`)
@@ -101,6 +102,8 @@ class TrainConfig:
             raise CatalogueError(f"--members is how many models to train, at least 1, not {self.members}")
         if not 0 <= self.ema < 1:
             raise CatalogueError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema}")
+        if not 0 <= self.modality_dropout < 1:
+            raise CatalogueError(f"--modality-dropout is a rate in [0, 1), not {self.modality_dropout}")
         if self.ema and self.finetune_backbone:
             raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
 

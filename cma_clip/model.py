@@ -58,6 +58,9 @@ class CMAClipConfig:
     heads: int = 4
     mlp_ratio: float = 2.0
     dropout: float = 0.1
+    # in training, the chance that each of text, colour and words is hidden from an item (the image never
+    # is): its tokens from the sequence-wise attention, its weight from the modality-wise attention
+    modality_dropout: float = 0.0
     fusion: str = "cma"  # one of FUSIONS: the full model or an ablation
     lexical_buckets: int = 0  # >0: a trainable embedding of hashed token ids added to the text tokens
     colour: bool = False  # the foreground colour descriptor (`colour.py`) as tokens and a modality
@@ -178,11 +181,12 @@ class SequenceAttention(nn.Module):
         self.visible = SINGLE_SIDE.get(cfg.fusion) if cfg.fusion.endswith("_tokens") else None
 
     def forward(self, feats: EncoderOutput, text_cls: torch.Tensor, image_cls: torch.Tensor,
-                extras: list["ExtraInput"] | None = None, need_weights: bool = False, keep_layers: list | None = None
-                ) -> tuple[list[torch.Tensor], AttentionMaps | None]:
+                extras: list["ExtraInput"] | None = None, need_weights: bool = False, keep_layers: list | None = None,
+                hidden: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], AttentionMaps | None]:
         """The fused [CLS] of every modality (text, image, then the extras in order); with
         `need_weights` the last layer's attention maps (mean over heads). A list passed as
-        `keep_layers` receives every layer's per-head attention.
+        `keep_layers` receives every layer's per-head attention. `hidden`: modality -> [B] bool,
+        the items whose tokens of that modality no query may attend to.
 
         The sequence is [text CLS, L text tokens, image CLS, P patches, then per extra its
         [CLS] and its tokens]."""
@@ -204,7 +208,9 @@ class SequenceAttention(nn.Module):
             parts.append(group + self.extra_modality[i])
             keeps += [(extra.name, ones)] + ([] if extra.keep is None else [(extra.name, extra.keep)])
         x = torch.cat(parts, 1)
-        keep = torch.cat([k if self.visible is None or name in self.visible else torch.zeros_like(k)
+        hidden = hidden or {}
+        keep = torch.cat([(k if name not in hidden else k & ~hidden[name][:, None])
+                          if self.visible is None or name in self.visible else torch.zeros_like(k)
                           for name, k in keeps], 1)
         weights = None
         for i, block in enumerate(self.blocks):
@@ -348,10 +354,11 @@ class CMAClip(nn.Module):
         text_cls = self.text_cls_in(self.align.embed_text(feats.text_pooled))
         image_cls = self.image_cls_in(self.align.embed_image(feats.image_pooled))
         extras = self.extra_inputs(feats)
+        hidden = self.hidden_modalities(len(text_cls), text_cls.device)
         maps, layers = None, [] if keep_layers and self.sequence is not None else None
         if self.sequence is not None:
             fused_cls, maps = self.sequence(feats, text_cls, image_cls, extras, need_weights=return_attention,
-                                            keep_layers=layers)
+                                            keep_layers=layers, hidden=hidden)
         else:
             fused_cls = [self.unfused_norm(x) for x in (text_cls, image_cls, *(e.cls for e in extras))]
         embeddings = torch.stack(fused_cls, dim=1)  # [B, M, W] in `modalities` order
@@ -365,14 +372,38 @@ class CMAClip(nn.Module):
                 fused = embeddings.flatten(1)[:, None].expand(-1, len(self.tasks), -1)
             else:  # a plain average of the modalities, or of the ones a single-side baseline uses
                 fused = weights @ embeddings
-        if text_absent is not None and fusion != "late_fusion":  # the image side's weights, renormalised
-            image_side = weights.new_tensor([m in IMAGE_SIDE for m in self.modalities])
-            image_only = weights * image_side
-            image_only = image_only / image_only.sum(-1, keepdim=True).clamp(min=1e-12)
-            weights = torch.where(text_absent.to(weights.device)[:, None, None], image_only, weights)
+        absent = self.absent_modalities(text_absent, hidden, weights.device)
+        if absent is not None and fusion != "late_fusion":  # the present modalities' weights, renormalised
+            present = weights * ~absent[:, None, :]
+            present = present / present.sum(-1, keepdim=True).clamp(min=1e-12)
+            weights = torch.where(absent.any(-1)[:, None, None], present, weights)
             fused = weights.to(embeddings.dtype) @ embeddings
         logits = {task: head(fused[:, i]) for i, (task, head) in enumerate(self.heads.items())}
         return CMAOutput(logits, {task: weights[:, i] for i, task in enumerate(self.heads)}, maps, layers)
+
+    def hidden_modalities(self, batch: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """In training with `cfg.modality_dropout`: modality -> [B] bool, the items it is hidden from
+        (each of text, colour and words independently; never the image)."""
+        rate = self.cfg.modality_dropout
+        if not self.training or rate <= 0:
+            return None
+        return {m: torch.rand(batch, device=device) < rate for m in self.modalities if m != "image"}
+
+    def absent_modalities(self, text_absent: torch.Tensor | None, hidden: dict[str, torch.Tensor] | None,
+                          device: torch.device) -> torch.Tensor | None:
+        """[B, M] bool: the modalities an item lacks (the text side where it has no text, the hidden
+        ones), or None when every item has all of them."""
+        columns = []
+        for m in self.modalities:
+            lacks = hidden.get(m) if hidden else None
+            if text_absent is not None and m in TEXT_SIDE:
+                text_absent = text_absent.to(device)
+                lacks = text_absent if lacks is None else lacks | text_absent
+            columns.append(lacks)
+        if all(c is None for c in columns):
+            return None
+        reference = next(c for c in columns if c is not None)
+        return torch.stack([torch.zeros_like(reference) if c is None else c for c in columns], dim=1)
 
     def cls_positions(self, text_length: int, num_patches: int) -> list[int]:
         """Where each modality's [CLS] sits in the sequence-wise attention's sequence, in `modalities` order."""

@@ -91,6 +91,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     m.add_argument("--heads", type=int, default=d.heads)
     m.add_argument("--embed-dim", type=int, default=d.embed_dim)
     m.add_argument("--dropout", type=float, default=d.dropout)
+    m.add_argument("--modality-dropout", type=float, default=d.modality_dropout,
+                   help="in training, hide each of text, colour and words from an item at this rate (its tokens "
+                        "and its modality weight; never the image), so no task leans on one input alone")
     m.add_argument("--lexical-buckets", type=int, default=d.lexical_buckets,
                    help="size of the trainable hashed token-id embedding added to the text tokens (0: off)")
     m.add_argument("--colour", action=argparse.BooleanOptionalAction, default=d.colour,
@@ -205,8 +208,8 @@ def build_model(cfg: TrainConfig, data: TrainingData, backbone: DualEncoder) -> 
         text_token_dim=backbone.text_token_dim, text_pooled_dim=backbone.text_pooled_dim,
         num_patches=backbone.num_patches, max_text_tokens=data.catalogue.config.max_text_tokens,
         tasks={t: len(v) for t, v in data.vocabs.items()}, embed_dim=cfg.embed_dim, width=cfg.width,
-        depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout, fusion=cfg.fusion,
-        lexical_buckets=cfg.lexical_buckets, colour=cfg.colour, words_buckets=cfg.words_buckets)
+        depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout, modality_dropout=cfg.modality_dropout,
+        fusion=cfg.fusion, lexical_buckets=cfg.lexical_buckets, colour=cfg.colour, words_buckets=cfg.words_buckets)
     model = CMAClip(model_cfg)
     if model.words is not None:  # idf from the training texts
         train = data.splits["train"]

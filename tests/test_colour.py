@@ -142,3 +142,25 @@ def test_the_modality_chart_draws_every_modality():
     pixels = {tuple(p) for p in chart.reshape(-1, 3)}
     for name, hex_colour in MODALITY_COLOURS.items():
         assert tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, name
+
+
+def test_modality_dropout_hides_inputs_in_training_only():
+    """At rate ~1 every item loses text, colour and words: only the image decides, so changing the
+    others changes nothing, and their weights are 0. In evaluation the rate does nothing."""
+    model = make_model(colour=True, words_buckets=64, modality_dropout=0.999999, dropout=0.0)
+    batch = make_batch()
+    model.words.fit_idf(batch.text_ids, batch.text_mask)
+    reference = make_model(colour=True, words_buckets=64, dropout=0.0)
+    reference.load_state_dict(model.state_dict())
+    reference.words.idf.copy_(model.words.idf)
+    torch.testing.assert_close(model(batch).logits["kind"], reference(batch).logits["kind"])  # eval: no dropout
+    model.train()
+    before = model(batch)
+    for weights in before.modality_weights.values():
+        torch.testing.assert_close(weights, torch.tensor([[0.0, 1.0, 0.0, 0.0]] * 3))
+    changed = EncoderOutput(batch.image_tokens, batch.image_pooled, torch.randn_like(batch.text_tokens),
+                            batch.text_mask, torch.randn_like(batch.text_pooled), batch.text_ids.flip(0),
+                            batch.colour.flip(0))
+    torch.testing.assert_close(model(changed).logits["kind"], before.logits["kind"])
+    reference.train()  # without modality dropout the same change moves every item's logits
+    assert not torch.allclose(reference(changed).logits["kind"], reference(batch).logits["kind"])
