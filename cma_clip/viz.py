@@ -142,23 +142,17 @@ def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Im
     """Horizontal stacked bars, first task on top: each task's modality weights from the left (text
     blue, image orange, then colour and words where the model has them; they sum to 1), in percent
     on the bars wide enough for them, an axis from 0 to 100% below and the legend under it (at the
-    top, the component's own label would cover it)."""
+    top, the component's own label would cover it). What does not depend on the weights (names,
+    axis, legend) is drawn once per model (`_chart_frame`), each percentage once (`_label_stamp`):
+    a server draws one chart per prediction."""
     tasks = list(weights)
     modalities = list(next(iter(weights.values()), {"text": 0.5, "image": 0.5}))
-    label_font, value_font = font(13), font(12)
-    left = 10 + max((int(label_font.getlength(t)) for t in tasks), default=0)
-    right, top, row, bottom = width - 16, 34, 45, 76
+    canvas = _chart_frame(tuple(tasks), tuple(modalities), width).copy()
+    left, right, top, row = _chart_left(tuple(tasks)), width - 16, 34, 45
     span = right - left
-    canvas = Image.new("RGB", (width, top + row * len(tasks) + bottom), "white")
     draw = ImageDraw.Draw(canvas)
-    x, legend = left + span // 2 - 45 * len(modalities), top + row * len(tasks) + 58
-    for name in modalities:
-        draw.rectangle((x, legend - 5, x + 22, legend + 5), fill=MODALITY_COLOURS.get(name, "#8C8C8C"))
-        draw.text((x + 28, legend), name, fill="black", font=label_font, anchor="lm")
-        x += 90
     for n, task in enumerate(tasks):
         middle = top + n * row + row // 2
-        draw.text((left - 6, middle), task, fill="black", font=label_font, anchor="rm")
         y0, y1 = middle - round(0.4 * row), middle + round(0.4 * row) - 1
         start, total = left, 0.0
         for k, name in enumerate(modalities):
@@ -168,10 +162,34 @@ def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Im
             if stop > start:
                 draw.rectangle((start, y0, stop - 1, y1), fill=MODALITY_COLOURS.get(name, "#8C8C8C"))
             if value >= MIN_LABELLED:
-                draw.text(((start + stop) / 2, middle), f"{value:.0%}", fill="white", font=value_font, anchor="mm")
+                stamp, dx, dy = _label_stamp(f"{value:.0%}")
+                canvas.paste("white", (round((start + stop) / 2) + dx, middle + dy), stamp)
             start = stop
+    draw.rectangle((left, top, right - 1, top + row * len(tasks)), outline="black")
+    return canvas
+
+
+def _chart_left(tasks: tuple[str, ...]) -> int:
+    """Where the bars start: right of the longest task name."""
+    return 10 + max((int(font(13).getlength(t)) for t in tasks), default=0)
+
+
+@lru_cache(maxsize=16)
+def _chart_frame(tasks: tuple[str, ...], modalities: tuple[str, ...], width: int) -> Image.Image:
+    """A modality chart without its bars: the task names, the axis with its ticks and title, the legend."""
+    label_font = font(13)
+    left, right, top, row, bottom = _chart_left(tasks), width - 16, 34, 45, 76
+    span = right - left
+    canvas = Image.new("RGB", (width, top + row * len(tasks) + bottom), "white")
+    draw = ImageDraw.Draw(canvas)
+    x, legend = left + span // 2 - 45 * len(modalities), top + row * len(tasks) + 58
+    for name in modalities:
+        draw.rectangle((x, legend - 5, x + 22, legend + 5), fill=MODALITY_COLOURS.get(name, "#8C8C8C"))
+        draw.text((x + 28, legend), name, fill="black", font=label_font, anchor="lm")
+        x += 90
+    for n, task in enumerate(tasks):
+        draw.text((left - 6, top + n * row + row // 2), task, fill="black", font=label_font, anchor="rm")
     axis = top + row * len(tasks)
-    draw.rectangle((left, top, right - 1, axis), outline="black")
     for tick in np.linspace(0, 1, 6):
         tx = left + round(tick * (span - 1))
         draw.line((tx, axis, tx, axis + 4), fill="black")
@@ -179,6 +197,15 @@ def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Im
     draw.text((left + span / 2, axis + 26), "modality-wise attention weight", fill="black", font=label_font,
               anchor="mt")
     return canvas
+
+
+@lru_cache(maxsize=128)
+def _label_stamp(text: str, size: int = 12) -> tuple[Image.Image, int, int]:
+    """`text` as a mask to paste in a colour, centred on a point: (mask, x and y offset from the point)."""
+    left, top, right, bottom = font(size).getbbox(text, anchor="mm")
+    stamp = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(stamp).text((-left, -top), text, fill=255, font=font(size), anchor="mm")
+    return stamp, left, top
 
 
 def png_data_url(image: Image.Image) -> str:

@@ -1,6 +1,7 @@
 import numpy as np
 from PIL import Image
 
+from cma_clip import viz
 from cma_clip.viz import (IMAGE_COLOUR, TEXT_COLOUR, attention_overlay, colour, merge_wordpieces, modality_chart,
                           scaled_overlay, token_highlights)
 
@@ -39,6 +40,18 @@ def test_modality_chart_has_a_bar_pair_per_task():
     assert abs(shares[0] - 0.3) < 0.01 and abs(shares[1] - 0.8) < 0.01
     taller = modality_chart({f"task {i}": {"text": 0.5, "image": 0.5} for i in range(6)})
     assert taller.height > chart.height and len(bar_shares(taller)) == 6
+
+
+def test_modality_charts_of_one_model_share_their_frame_not_their_bars():
+    """The names, axis and legend are drawn once per model and reused; the bars go on a copy, so
+    the shared frame stays clean (the server's threads draw charts at once)."""
+    first = {"colour": {"text": 0.3, "image": 0.7}, "type": {"text": 0.8, "image": 0.2}}
+    before = np.asarray(modality_chart(first))
+    other = modality_chart({"colour": {"text": 0.9, "image": 0.1}, "type": {"text": 0.15, "image": 0.85}})
+    assert [round(s, 2) for s in bar_shares(other)] == [0.9, 0.15]
+    np.testing.assert_array_equal(np.asarray(modality_chart(first)), before)
+    frame = viz._chart_frame(("colour", "type"), ("text", "image"), 600)
+    assert bar_shares(frame) == [] and np.asarray(frame).shape == before.shape
 
 
 def test_colour_follows_the_colormap():
