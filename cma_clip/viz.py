@@ -148,7 +148,7 @@ def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Im
     tasks = list(weights)
     modalities = list(next(iter(weights.values()), {"text": 0.5, "image": 0.5}))
     canvas = _chart_frame(tuple(tasks), tuple(modalities), width).copy()
-    left, right, top, row = _chart_left(tuple(tasks)), width - 16, 34, 45
+    left, right, top, row = _chart_layout(tuple(tasks), width)
     span = right - left
     draw = ImageDraw.Draw(canvas)
     for n, task in enumerate(tasks):
@@ -169,16 +169,16 @@ def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Im
     return canvas
 
 
-def _chart_left(tasks: tuple[str, ...]) -> int:
-    """Where the bars start: right of the longest task name."""
-    return 10 + max((int(font(13).getlength(t)) for t in tasks), default=0)
+def _chart_layout(tasks: tuple[str, ...], width: int) -> tuple[int, int, int, int]:
+    """The bars' left and right edges (right of the longest task name), their top, a row's height."""
+    return 10 + max((int(font(13).getlength(t)) for t in tasks), default=0), width - 16, 34, 45
 
 
 @lru_cache(maxsize=16)
 def _chart_frame(tasks: tuple[str, ...], modalities: tuple[str, ...], width: int) -> Image.Image:
     """A modality chart without its bars: the task names, the axis with its ticks and title, the legend."""
     label_font = font(13)
-    left, right, top, row, bottom = _chart_left(tasks), width - 16, 34, 45, 76
+    (left, right, top, row), bottom = _chart_layout(tasks, width), 76
     span = right - left
     canvas = Image.new("RGB", (width, top + row * len(tasks) + bottom), "white")
     draw = ImageDraw.Draw(canvas)
