@@ -372,7 +372,7 @@ class CMAClip(nn.Module):
                 fused = embeddings.flatten(1)[:, None].expand(-1, len(self.tasks), -1)
             else:  # a plain average of the modalities, or of the ones a single-side baseline uses
                 fused = weights @ embeddings
-        absent = self.absent_modalities(text_absent, hidden, weights.device)
+        absent = self.absent_modalities(text_absent, hidden, len(weights), weights.device)
         if absent is not None and fusion != "late_fusion":  # the present modalities' weights, renormalised
             present = weights * ~absent[:, None, :]
             present = present / present.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -390,20 +390,18 @@ class CMAClip(nn.Module):
         return {m: torch.rand(batch, device=device) < rate for m in self.modalities if m != "image"}
 
     def absent_modalities(self, text_absent: torch.Tensor | None, hidden: dict[str, torch.Tensor] | None,
-                          device: torch.device) -> torch.Tensor | None:
+                          batch: int, device: torch.device) -> torch.Tensor | None:
         """[B, M] bool: the modalities an item lacks (the text side where it has no text, the hidden
         ones), or None when every item has all of them."""
-        columns = []
-        for m in self.modalities:
-            lacks = hidden.get(m) if hidden else None
-            if text_absent is not None and m in TEXT_SIDE:
-                text_absent = text_absent.to(device)
-                lacks = text_absent if lacks is None else lacks | text_absent
-            columns.append(lacks)
-        if all(c is None for c in columns):
+        if text_absent is None and not hidden:
             return None
-        reference = next(c for c in columns if c is not None)
-        return torch.stack([torch.zeros_like(reference) if c is None else c for c in columns], dim=1)
+        absent = torch.zeros(batch, len(self.modalities), dtype=torch.bool, device=device)
+        for i, m in enumerate(self.modalities):
+            if hidden and m in hidden:
+                absent[:, i] |= hidden[m]
+            if text_absent is not None and m in TEXT_SIDE:
+                absent[:, i] |= text_absent.to(device)
+        return absent
 
     def cls_positions(self, text_length: int, num_patches: int) -> list[int]:
         """Where each modality's [CLS] sits in the sequence-wise attention's sequence, in `modalities` order."""
