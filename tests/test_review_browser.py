@@ -91,8 +91,10 @@ def slot(page, task_index: int):
 
 
 def choose(locator, value: str) -> None:
-    locator.fill(value)
-    locator.press("Enter")
+    """Type a dropdown's value and press Enter, again until the dropdown shows it: a choice another
+    event's late outputs wrote back over would otherwise act on the old value (a bulk accept of every
+    task instead of the one chosen, seen once in CI)."""
+    fill_until_it_holds(locator, value, press="Enter")
 
 
 def press(page, keys: str) -> None:
