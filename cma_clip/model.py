@@ -116,22 +116,31 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(width, width)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`keep` [B, S] is True for tokens that may be attended to (not padding). With `need_weights`
         the explicit path also returns the per-head attention probabilities [B, heads, S, S], which
-        stay in the autograd graph: the output is computed from them."""
+        stay in the autograd graph: the output is computed from them. `rows` (positions [R]): only
+        those tokens query, the output is [B, R, W] (keys and values still come from every token)."""
         b, s, w = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        d = w // self.heads
+        if rows is None:
+            q, k, v = self.qkv(x).view(b, s, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+        else:
+            q_weight, kv_weight = self.qkv.weight.split([w, 2 * w])
+            q_bias, kv_bias = self.qkv.bias.split([w, 2 * w])
+            q = F.linear(x[:, rows], q_weight, q_bias).view(b, len(rows), self.heads, d).transpose(1, 2)
+            k, v = F.linear(x, kv_weight, kv_bias).view(b, s, 2, self.heads, d).permute(2, 0, 3, 1, 4)
         mask = keep[:, None, None, :]
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
             weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             y = weights @ v
         else:
             weights = None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(b, s, w)
+        y = y.transpose(1, 2).reshape(b, q.shape[2], w)
         return self.out(y), weights
 
 
@@ -147,10 +156,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, weights = self.attn(self.norm1(x), keep, need_weights)
-        x = x + self.drop(y)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, need_weights: bool = False,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`rows`: only those positions' outputs, [B, R, W] (see `SelfAttention.forward`)."""
+        y, weights = self.attn(self.norm1(x), keep, need_weights, rows)
+        x = (x if rows is None else x[:, rows]) + self.drop(y)
         return x + self.drop(self.mlp(self.norm2(x))), weights
 
 
@@ -213,11 +223,19 @@ class SequenceAttention(nn.Module):
                           if self.visible is None or name in self.visible else torch.zeros_like(k)
                           for name, k in keeps], 1)
         weights = None
+        # Without maps, only the [CLS] tokens leave the last layer: in inference it computes their
+        # rows alone (a third of the fusion's work at H&M sizes); training keeps every row, so its
+        # dropout draws, and the runs in docs/RESULTS.md, stay as they were.
+        cls_only = not (need_weights or keep_layers is not None or self.training)
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, keep, keep_layers is not None or (need_weights and i == len(self.blocks) - 1))
+            last = i == len(self.blocks) - 1
+            rows = torch.tensor(starts, device=x.device) if cls_only and last else None
+            x, weights = block(x, keep, keep_layers is not None or (need_weights and last), rows)
             if keep_layers is not None:
                 keep_layers.append(weights)
         x = self.norm(x)
+        if cls_only:
+            return list(x.unbind(1)), None
         maps = None
         if need_weights:
             weights = weights.mean(dim=1)

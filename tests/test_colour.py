@@ -6,7 +6,7 @@ from PIL import Image
 
 from cma_clip.backbones import EncoderOutput, images_to_tensor
 from cma_clip.colour import DESCRIPTOR_DIM, FAMILIES, HISTOGRAM_DIM, colour_descriptor, split
-from cma_clip.model import CMAClip, CMAClipConfig
+from cma_clip.model import SEQUENCE_FUSIONS, CMAClip, CMAClipConfig
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -57,11 +57,11 @@ def test_a_striped_product_shows_both_colours():
     assert 0.3 < shares["blue"] < 0.7 and 0.3 < shares["yellow"] < 0.7, shares
 
 
-def make_model(**kw):
+def make_model(depth=2, **kw):
     torch.manual_seed(0)
     cfg = CMAClipConfig(image_token_dim=20, image_pooled_dim=24, text_token_dim=12, text_pooled_dim=12,
                         num_patches=9, max_text_tokens=8, tasks={"colour": 5, "kind": 3}, embed_dim=16, width=32,
-                        depth=2, heads=4, **kw)
+                        depth=depth, heads=4, **kw)
     return CMAClip(cfg).eval()
 
 
@@ -89,6 +89,23 @@ def test_colour_and_words_are_modalities_of_every_fusion(fusion):
         assert out.attention.image_cls.shape == (3, 1 + 6 + 1 + 9 + 1 + len(FAMILIES) + 1)
         assert out.attention.cls_to_patches().shape == (3, 9)
         assert model.cls_positions(6, 9) == [0, 7, 17, 33]
+
+
+@pytest.mark.parametrize("fusion", SEQUENCE_FUSIONS)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_inference_computes_only_the_cls_rows_of_the_last_layer_and_agrees(fusion, depth):
+    """Without attention maps the last layer computes the [CLS] tokens' rows alone: the same
+    logits and modality weights as every row (the maps' path), with colour, words and padding."""
+    model, batch = make_model(colour=True, words_buckets=64, fusion=fusion, depth=depth), make_batch()
+    fast, full = model(batch), model(batch, return_attention=True)
+    assert fast.attention is None and full.attention is not None
+    for task in fast.logits:
+        torch.testing.assert_close(fast.logits[task], full.logits[task], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.modality_weights[task], full.modality_weights[task], atol=1e-5, rtol=1e-5)
+    rows = []
+    model.sequence.blocks[-1].register_forward_hook(lambda module, args, output: rows.append(output[0].shape[1]))
+    model(batch)
+    assert rows == [len(model.cls_positions(6, 9))]  # text, image, colour and words [CLS]
 
 
 def test_the_colour_modality_reads_the_descriptor():
