@@ -33,7 +33,7 @@ from .checkpoint import load_backbone, read_config
 from .data import Catalogue, CatalogueError, load_image, pyarrow_modules
 from .errors import CMAClipError
 from .predict import Prediction, Predictor, open_for_prediction, prediction_row
-from .runtime import keep_freed_memory, lower_thread_priority
+from .runtime import keep_freed_memory, kept_memory_env, lower_thread_priority
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 DECODING_CALLS = 2  # batches in flight in a model actor that decodes: one decoding, one in the model
@@ -99,7 +99,7 @@ class _Infer:
     driver (measured on 2 cores, docs/PERFORMANCE.md)."""
 
     def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False) -> None:
-        keep_freed_memory()  # before the model thread starts: it then allocates from the main heap
+        keep_freed_memory()  # where the actor was started without `kept_memory_env` (a no-op otherwise)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.predictor = self.model_thread.submit(self._load, checkpoint, threads).result()
         self.crash_once = crash_once
@@ -178,18 +178,22 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
     threads = options.threads or (None if gpus else _cpu_threads(options))
     decoders = options.decode_workers if options.decode_workers is not None else (1 if gpus else 0)
     dataset = ray.data.from_arrow(blocks)
+    # glibc's memory settings from the actors' start (`runtime.kept_memory_env`): Ray's own threads
+    # made their arenas before `keep_freed_memory` could run, and the model's thread faulted its
+    # activations back in on every batch (the inference stage 0.50 to 0.62 of the backbone alone)
+    environment = {"env_vars": kept_memory_env()}
     # two actor pools with their own resources, so Ray does not fuse the stages; Ray Data restarts
     # a dead actor and resubmits its batch (actor pools default to max_restarts=-1, max_task_retries=-1)
     if decoders:
         dataset = dataset.map_batches(_Decode, fn_constructor_args=(checkpoint,), batch_size=options.batch_size,
                                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=decoders),
-                                      num_cpus=1)
+                                      num_cpus=1, runtime_env=environment)
     calls = 1 if decoders else DECODING_CALLS
     pool = ray.data.ActorPoolStrategy(size=options.inference_workers, max_concurrent_calls_per_actor=calls,
                                       enable_true_multi_threading=calls > 1)
     return dataset.map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once, not decoders),
                                batch_size=options.batch_size, batch_format="numpy", compute=pool,
-                               num_cpus=options.cpus_per_worker, num_gpus=gpus)
+                               num_cpus=options.cpus_per_worker, num_gpus=gpus, runtime_env=environment)
 
 
 def _cpu_threads(options: RayOptions) -> int:

@@ -60,6 +60,19 @@ def keep_freed_memory() -> bool:
                ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEPT_FREE_BYTES), (M_ARENA_MAX, 1)))
 
 
+def kept_memory_env() -> dict[str, str]:
+    """`keep_freed_memory`'s settings as glibc's environment variables, for a process started
+    with them (a Ray actor): there they hold from its first allocation. Called in a process
+    already running threads (a Ray worker's), `keep_freed_memory` comes too late for them: those
+    threads' arenas exist, and a thread that runs the model in one of them maps and faults every
+    block over 64 MiB on each batch (half a core of system time, a 1.6x slower backbone,
+    measured in a Ray actor on 2 cores). Other C libraries ignore them; empty when
+    CMA_CLIP_KEEP_MEMORY=0 opts out."""
+    if os.environ.get("CMA_CLIP_KEEP_MEMORY") == "0":
+        return {}
+    return {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(KEPT_FREE_BYTES)}
+
+
 def loader_workers(device: torch.device) -> int:
     """DataLoader worker processes for decoding images beside the model: none on a CPU, where
     the model uses every core (the images are decoded by `decode_threads` low-priority threads
