@@ -66,7 +66,8 @@ def kept_memory_env() -> dict[str, str]:
     already running threads (a Ray worker's), `keep_freed_memory` comes too late for them: those
     threads' arenas exist, and a thread that runs the model in one of them maps and faults every
     block over 64 MiB on each batch (half a core of system time, a 1.6x slower backbone,
-    measured in a Ray actor on 2 cores). Other C libraries ignore them; empty when
+    measured in a Ray actor on 2 cores; with them, a thirtieth of the faults: docs/PERFORMANCE.md,
+    which also says where a second thread still faults). Other C libraries ignore them; empty when
     CMA_CLIP_KEEP_MEMORY=0 opts out."""
     if os.environ.get("CMA_CLIP_KEEP_MEMORY") == "0":
         return {}

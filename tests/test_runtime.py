@@ -48,38 +48,20 @@ def test_fp32_switch_turns_bf16_off_on_a_gpu_too(monkeypatch):
     assert not bf16_supported(torch.device("cuda"))
 
 
-REUSED_BLOCK_FAULTS = """
-def reused_block_faults():
-    \"\"\"Page faults of a 96 MiB block allocated again after it was freed: the fewest of 5 (the
-    first reuse faulted its pages in 2 runs of 4 here, later ones never). 96 MiB is over glibc's
-    32 MiB mmap ceiling and its 64 MiB arena heaps: by default its own mapping, unmapped when freed.\"\"\"
-    import resource, torch
-    block = 96 << 20
-    torch.empty(block, dtype=torch.uint8).fill_(1)
-    faults = []
-    for _ in range(5):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.empty(block, dtype=torch.uint8).fill_(1)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return min(faults)
-"""
-FAULTS_OF_A_REUSED_BLOCK = REUSED_BLOCK_FAULTS + """
+FAULTS_OF_A_REUSED_BLOCK = """
+import resource, sys, torch
 from cma_clip.backbones import create_backbone
 from cma_clip.runtime import keep_freed_memory
 create_backbone("bundled", "cpu")  # what turns it on: any backbone built for the CPU
-print(reused_block_faults())
+block = 96 << 20  # over glibc's 32 MiB mmap ceiling: by default its own mapping, unmapped when freed
+torch.empty(block, dtype=torch.uint8).fill_(1)
+faults = []
+for _ in range(5):  # the fewest of 5: the first reuse faulted its pages in 2 runs of 4 here, later ones never
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(block, dtype=torch.uint8).fill_(1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
 print(keep_freed_memory())  # cached: create_backbone's call's result (asked after the measurement)
-"""
-# A process whose threads allocated before `keep_freed_memory` ran (a Ray worker's, say): one of
-# them then runs the model.
-FAULTS_ON_AN_EARLY_THREAD = REUSED_BLOCK_FAULTS + """
-from concurrent.futures import ThreadPoolExecutor
-import torch
-from cma_clip.runtime import keep_freed_memory
-early = ThreadPoolExecutor(1)
-early.submit(lambda: torch.ones(1 << 16)).result()  # its first allocation: an arena of its own, unless one is all
-print(keep_freed_memory())
-print(early.submit(reused_block_faults).result())
 """
 
 
@@ -98,22 +80,3 @@ def test_freed_memory_is_reused_not_faulted_back_in(opt_out):
         assert faults > 20_000, faults
     else:
         assert faults < 1_000, faults
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the environment variables are glibc's")
-@pytest.mark.parametrize("started_with_them", [False, True])
-def test_a_process_started_with_the_kept_memory_env_keeps_its_early_threads_memory(started_with_them):
-    """`keep_freed_memory` in a process whose threads already allocated is too late for them: the
-    thread's own arena maps and unmaps the block (24,576 faults each time); started with
-    `kept_memory_env` (as the Ray actors are), every thread shares the main heap and keeps it."""
-    from cma_clip.runtime import kept_memory_env
-
-    env = {**os.environ, **(kept_memory_env() if started_with_them else {})}
-    out = subprocess.run([sys.executable, "-c", FAULTS_ON_AN_EARLY_THREAD], env=env, capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).parents[1]).stdout.split()
-    on, faults = out[0] == "True", int(out[1])
-    assert on
-    if started_with_them:
-        assert faults < 1_000, faults
-    else:
-        assert faults > 20_000, faults
