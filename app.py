@@ -897,8 +897,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         """Auto-accept every pending item of the queue whose task(s) clear the bar (empty: each task's threshold)."""
         queue = loaded(queue)
         outcome = studio.bulk_accept(queue, annotator_name, task=task_name, min_conf=minimum, progress=progress)
-        return {**show_queue(studio, panel, queue, views.bulk_message(outcome)),
-                bulk_status: views.bulk_message(outcome)}
+        message = views.bulk_message(outcome, studio.display_names())
+        return {**show_queue(studio, panel, queue, message), bulk_status: message}
 
     @user_errors
     def resume_last(annotator_name, model_name):

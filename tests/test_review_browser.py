@@ -211,6 +211,7 @@ def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_a
     choose(ana.locator("#bulk-min-conf input"), "0.05")
     ana.locator("#review-bulk").click()
     expect(ana.locator("#bulk-status")).to_contain_text("auto-accepted now", timeout=WAIT)
+    expect(ana.locator("#bulk-status")).to_contain_text("Bulk accept (Colour)")  # the name people read
     shot(ana, "bulk")
     rows, total = review_app.studio.store.audit(source="auto")
     assert total >= 1 and {(r["task"], r["annotator"]) for r in rows} == {(COLOUR, "ana")}

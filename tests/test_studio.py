@@ -391,3 +391,14 @@ def test_an_empty_text_rests_on_the_image_and_is_never_auto_accepted(studio):
     assert batch.text_absent and not any(p.auto_accept for p in batch.tasks.values())
     with_text = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
     assert not with_text.text_absent and views.text_note(with_text) == ""
+
+
+def test_a_bulk_accept_message_names_tasks_as_people_read_them():
+    from cma_clip.labels import Conflict
+    from cma_clip.studio.workflow import BulkOutcome
+
+    conflict = Conflict("0816591001", "colour_group_name", "Black", "White", "ben", 3, "2026-12-04")
+    outcome = BulkOutcome("q:bulk", ["colour_group_name", "index_group_name"], 4, stored=3, conflicts=[conflict])
+    message = views.bulk_message(outcome, {"index_group_name": "Section"})
+    assert message.startswith("Bulk accept (Colour group, Section): 4 items clear the bar, 3 auto-accepted now")
+    assert "Colour group = `White` by `ben`" in message and "_name" not in message

@@ -428,8 +428,9 @@ def undo_message(outcome: UndoOutcome) -> str:
     return f"Undone on item {code(outcome.item_id)}{where}: {changes}."
 
 
-def bulk_message(outcome: BulkOutcome) -> str:
-    tasks = ", ".join(code(t) for t in outcome.tasks)
+def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:
+    """What a bulk accept did, its tasks by the names people read (`names`: task -> name)."""
+    tasks = ", ".join(task_name(t, names=names) for t in outcome.tasks)
     parts = [f"Bulk accept ({tasks}): {outcome.selected} items clear the bar",
              f"{outcome.stored} auto-accepted now"]
     if outcome.already_there:
@@ -439,7 +440,7 @@ def bulk_message(outcome: BulkOutcome) -> str:
     line = ", ".join(parts) + f" ({outcome.chunks} chunk(s) committed)."
     if outcome.conflicts:
         line += " Left out, labelled otherwise since: " + "; ".join(
-            f"{code(c.item_id)} {code(c.task)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"
+            f"{code(c.item_id)} {task_name(c.task, names=names)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"
             for c in outcome.conflicts[:5])
     return line
 
