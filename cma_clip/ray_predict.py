@@ -178,9 +178,9 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
     threads = options.threads or (None if gpus else _cpu_threads(options))
     decoders = options.decode_workers if options.decode_workers is not None else (1 if gpus else 0)
     dataset = ray.data.from_arrow(blocks)
-    # glibc's memory settings from the actors' start (`runtime.kept_memory_env`): Ray's own threads
-    # made their arenas before `keep_freed_memory` could run, and the model's thread faulted its
-    # activations back in on every batch (the inference stage 0.50 to 0.62 of the backbone alone)
+    # glibc's memory settings from the actors' start (`runtime.kept_memory_env`): set from inside
+    # the actor they came too late, and its model thread faulted its activations back in on every
+    # batch (the inference stage 0.50 to 0.62 of the backbone alone)
     environment = {"env_vars": kept_memory_env()}
     # two actor pools with their own resources, so Ray does not fuse the stages; Ray Data restarts
     # a dead actor and resubmits its batch (actor pools default to max_restarts=-1, max_task_retries=-1)

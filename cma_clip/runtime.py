@@ -35,6 +35,10 @@ def bf16_supported(device: torch.device) -> bool:
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
 KEPT_FREE_BYTES = 1 << 30  # free memory at the heap's top kept for reuse before any goes back to the kernel
+# (mallopt option, environment variable, value): no mmap of its own for any block, freed memory kept,
+# one arena for every thread
+KEPT_MEMORY = ((M_MMAP_MAX, "MALLOC_MMAP_MAX_", 0), (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", KEPT_FREE_BYTES),
+               (M_ARENA_MAX, "MALLOC_ARENA_MAX", 1))
 
 
 @functools.cache
@@ -56,22 +60,17 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return all(libc.mallopt(option, value) for option, value in
-               ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEPT_FREE_BYTES), (M_ARENA_MAX, 1)))
+    return all(libc.mallopt(option, value) for option, _, value in KEPT_MEMORY)
 
 
 def kept_memory_env() -> dict[str, str]:
     """`keep_freed_memory`'s settings as glibc's environment variables, for a process started
-    with them (a Ray actor): there they hold from its first allocation. Called in a process
-    already running threads (a Ray worker's), `keep_freed_memory` comes too late for them: those
-    threads' arenas exist, and a thread that runs the model in one of them maps and faults every
-    block over 64 MiB on each batch (half a core of system time, a 1.6x slower backbone,
-    measured in a Ray actor on 2 cores; with them, a thirtieth of the faults: docs/PERFORMANCE.md,
-    which also says where a second thread still faults). Other C libraries ignore them; empty when
-    CMA_CLIP_KEEP_MEMORY=0 opts out."""
+    with them (the Ray actors), where they hold from its first allocation instead of from the
+    call: a Ray actor's model thread faulted a thirtieth as often with them (docs/PERFORMANCE.md).
+    Other C libraries ignore them; empty when CMA_CLIP_KEEP_MEMORY=0 opts out."""
     if os.environ.get("CMA_CLIP_KEEP_MEMORY") == "0":
         return {}
-    return {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(KEPT_FREE_BYTES)}
+    return {name: str(value) for _, name, value in KEPT_MEMORY}
 
 
 def loader_workers(device: torch.device) -> int:
