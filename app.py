@@ -479,7 +479,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
 
     def after_save(outcome: SaveOutcome, image_path, text_value, model_name, item, result) -> dict:
         """The save's message and the choices it leaves; a stored save refreshes the controls and the request id."""
-        updates = {save_status: views.save_message(outcome), pending: pending_save(outcome),
+        updates = {save_status: views.save_message(outcome, studio.display_names(model_name)), pending: pending_save(outcome),
                    **resolution(choice, outcome)}
         if outcome.stored:
             view = studio.model_view(model_name, outcome.item_id, result, bool((item or "").strip()))
@@ -758,10 +758,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
 
     def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
         """A stored decision shows the next item; a refused one stays on the item with its choices."""
+        message = views.save_message(outcome, studio.display_names(queue.model))
         if outcome.result in ("conflict", "unknown"):
-            return {panel.status: views.save_message(outcome), panel.pending: pending_save(outcome),
-                    **resolution(choice, outcome)}
-        return show_queue(studio, panel, queue, views.save_message(outcome))
+            return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
+        return show_queue(studio, panel, queue, message)
 
     def opened(queue: ReviewQueue) -> dict:
         """A newly loaded queue's first item, the source panel folded away."""
@@ -814,10 +814,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def undo_last(queue, annotator_name):
         """Revert your newest decision (again: the one before); the queue goes to that item."""
         outcome = studio.review_undo(queue, annotator_name)
+        message = views.undo_message(outcome, studio.display_names(queue.model))
         if outcome.conflicts:
-            return {panel.status: views.undo_message(outcome), panel.pending: pending_save(outcome),
-                    **resolution(choice, outcome)}
-        return show_queue(studio, panel, queue, views.undo_message(outcome))
+            return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
+        return show_queue(studio, panel, queue, message)
 
     @user_errors
     def previous_item(queue, annotator_name):
@@ -844,7 +844,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     return {panel.status: "Left their label as it is; nothing was undone.", panel.pending: None,
                             **resolution(choice, None)}
                 outcome = studio.review_undo(queue, annotator_name, force=True)
-                return show_queue(studio, panel, queue, views.undo_message(outcome))
+                return show_queue(studio, panel, queue, views.undo_message(outcome, studio.display_names(queue.model)))
             labels, new_classes, force = dict(waiting["labels"]), dict(waiting["new_classes"]), False
             if how == "keep_theirs":
                 labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}

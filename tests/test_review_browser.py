@@ -159,6 +159,8 @@ def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_a
     expect(ben.locator("#review-status")).to_contain_text("Not saved", timeout=WAIT)
     expect(ben.locator("#review-status")).to_contain_text(colour_choice)
     expect(ben.locator("#review-status")).to_contain_text(theirs)
+    expect(ben.locator("#review-status")).to_contain_text(f"Colour of {item}")  # tasks by people's names
+    expect(ben.locator("#review-status")).not_to_contain_text(COLOUR)
     expect(ben.locator("#review-keep-theirs")).to_be_visible()
     expect(ben.locator("#review-overwrite")).to_be_visible()
     shot(ben, "conflict")
@@ -172,6 +174,7 @@ def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_a
     ana.locator("#review-accept").click()
     expect(ana.locator("#review-status")).to_contain_text("not a known class", timeout=WAIT)
     expect(ana.locator("#review-status")).to_contain_text("Dark Blue")
+    expect(ana.locator("#review-status")).to_contain_text("Colour: Dark Bleu")
     shot(ana, "typo")
     ana.locator("#review-use-suggestion").click()
     expect(slot(ana, 2)).to_have_value("Dark Blue", timeout=WAIT)

@@ -220,7 +220,10 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     assert refused.result == "conflict" and studio.store.count() == 1
     [conflict] = refused.conflicts
     assert (conflict.yours, conflict.theirs, conflict.annotator) == (theirs, mine, "ana")
-    assert "ana" in views.save_message(refused) and theirs in views.save_message(refused)
+    names = studio.display_names("hm-articles")
+    message = views.save_message(refused, names)
+    assert "ana" in message and theirs in message
+    assert f"- {names[colour]} of `{item.item_id}`" in message and colour not in message  # people's names
     forced = studio.review_save(other, "ben", {colour: theirs}, seen, force=True)
     assert forced.result == "saved" and studio.store.item_state(item.item_id)[colour].label == theirs
 
@@ -228,6 +231,7 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     other.position = other.index_of(item.item_id)
     caught = studio.review_save(other, "ben", {colour: typo}, studio.current_view(other).shown)
     assert caught.result == "unknown" and caught.unknown[0].suggestions[:1] == [mine]
+    assert f"- {names[colour]}: `{typo}` is not one of its classes" in views.save_message(caught, names)
     assert studio.store.count() == 2
     new = studio.review_save(other, "ben", {colour: "Turquoise glitter"}, studio.current_view(other).shown,
                              new_classes={colour: "Turquoise glitter"})
@@ -235,6 +239,7 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
 
     undone = studio.review_undo(other, "ben")
     assert undone.tasks == {colour: ("Turquoise glitter", theirs)} and undone.in_queue
+    assert f"{names[colour]}: `Turquoise glitter` → `{theirs}`" in views.undo_message(undone, names)
     assert other.current.item_id == item.item_id
     assert studio.store.item_state(item.item_id)[colour].label == theirs
 
@@ -257,7 +262,8 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     labels = dict(view.values, colour_group_name="Grey")
     saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, view.shown)
     assert saved.result == "saved" and saved.item_id == "0816591001"
-    assert "0816591001" in views.save_message(saved)
+    message = views.save_message(saved, studio.display_names("hm-articles"))
+    assert "0816591001" in message and "= `Grey` (corrected)" in message and "_name" not in message
     # an upload without an id gets its content id, never the last item's
     upload = studio.save_item(str(other_image), EXAMPLE_TEXT, "hm-articles", "ana", "", labels, view.shown)
     assert upload.result == "saved" and upload.item_id.startswith("img-") and upload.item_id != "0816591001"

@@ -373,55 +373,56 @@ def _who(state: TaskState | None) -> str:
 
 
 # ---------------------------------------------------------------------- outcomes
-def save_message(outcome: SaveOutcome) -> str:
-    """The line after a save or a skip: what was stored, for which item, or why nothing was."""
+def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> str:
+    """The line after a save or a skip: what was stored, for which item, or why nothing was
+    (tasks by the names people read, `names`: task -> name)."""
     if outcome.result == "duplicate":
         return (f"Already saved (save #{outcome.save_id}): this request was stored before, so nothing new was "
                 f"written" + (f" for item {code(outcome.item_id)}." if outcome.item_id else "."))
     if outcome.result == "conflict":
-        return conflict_message(outcome.conflicts)
+        return conflict_message(outcome.conflicts, names)
     if outcome.result == "unknown":
-        return unknown_message(outcome.unknown)
+        return unknown_message(outcome.unknown, names)
     if outcome.result == "kept":
         return f"Kept their labels on item {code(outcome.item_id)}; nothing of yours was left to save."
     if outcome.kind == "skip":
-        tasks = ", ".join(map(code, outcome.statuses))
+        tasks = ", ".join(task_name(t, names=names) for t in outcome.statuses)
         return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {tasks}."
-    labels = ", ".join(f"{code(t)} = {code(v)} ({outcome.statuses.get(t, '')})" for t, v in outcome.labels.items())
+    labels = ", ".join(f"{task_name(t, names=names)} = {code(v)} ({outcome.statuses.get(t, '')})" for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
     return f"Saved correction #{outcome.save_id} for item {code(outcome.item_id)}: {labels}.{new}"
 
 
-def conflict_message(conflicts: list[Conflict]) -> str:
+def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = None) -> str:
     """Both labels of each conflicting task, who saved theirs and when, and the choice."""
     what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
     lines = [f"**Not saved: someone else saved {what} since you opened it.**"]
     for c in conflicts:
-        lines.append(f"- {code(c.task)} of {code(c.item_id)}: yours {code(c.yours) if c.yours else '(none)'} · "
+        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: yours {code(c.yours) if c.yours else '(none)'} · "
                      f"theirs {code(c.theirs) if c.theirs else '(none)'} by {code(c.annotator or 'someone')} at "
                      f"{plain(c.created_at[:19].replace('T', ' '))}")
     lines.append("\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.")
     return "\n".join(lines)
 
 
-def unknown_message(unknown: list[UnknownClass]) -> str:
+def unknown_message(unknown: list[UnknownClass], names: dict[str, str] | None = None) -> str:
     """Each label outside its task's classes, the close classes it may be a typo of, and the choice."""
     lines = ["**Not saved: not a known class.**"]
     for u in unknown:
         hint = (f" Did you mean {' or '.join(code(s) for s in u.suggestions)}?" if u.suggestions
                 else " No class is close to it.")
-        lines.append(f"- {code(u.task)}: {code(u.value)} is not one of its classes.{hint}")
+        lines.append(f"- {task_name(u.task, names=names)}: {code(u.value)} is not one of its classes.{hint}")
     lines.append("\n**Use the suggestion** to correct it, or **Save as new class** if it really is a new class.")
     return "\n".join(lines)
 
 
-def undo_message(outcome: UndoOutcome) -> str:
+def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> str:
     if outcome.conflicts:
-        return conflict_message(outcome.conflicts).replace(
+        return conflict_message(outcome.conflicts, names).replace(
             "\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.",
             "Undo would drop their label: **Keep theirs** leaves it, **Overwrite with mine** undoes anyway.")
-    changes = ", ".join(f"{code(t)}: {code(undone) if undone else '(skip)'} → "
+    changes = ", ".join(f"{task_name(t, names=names)}: {code(undone) if undone else '(skip)'} → "
                         f"{code(restored) if restored else '(none: pending)'}"
                         for t, (undone, restored) in outcome.tasks.items())
     where = "" if outcome.in_queue else " (not in this queue)"
