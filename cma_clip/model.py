@@ -223,10 +223,9 @@ class SequenceAttention(nn.Module):
                           if self.visible is None or name in self.visible else torch.zeros_like(k)
                           for name, k in keeps], 1)
         weights = None
-        # Without maps, only the [CLS] tokens leave the last layer: in inference it computes their
-        # rows alone (the H&M model's batch forward 3.3x faster); training keeps every row, so its
-        # dropout draws, and the runs in docs/RESULTS.md, stay as they were.
-        cls_only = not (need_weights or keep_layers is not None or self.training)
+        # Without maps, only the [CLS] tokens leave the last layer, so it computes their rows alone:
+        # the H&M model's batch forward 3.3x faster, a training step 4x (docs/PERFORMANCE.md).
+        cls_only = not (need_weights or keep_layers is not None)
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
             rows = torch.tensor(starts, device=x.device) if cls_only and last else None

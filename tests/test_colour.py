@@ -108,6 +108,25 @@ def test_inference_computes_only_the_cls_rows_of_the_last_layer_and_agrees(fusio
     assert rows == [len(model.cls_positions(6, 9))]  # text, image, colour and words [CLS]
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_training_on_the_cls_rows_alone_gives_the_gradients_of_every_row(depth):
+    """Training also computes only the [CLS] rows of the last layer: without dropout, the loss and
+    every parameter's gradient are those of the full path (the maps' path keeps every row)."""
+    model, batch = make_model(colour=True, words_buckets=64, depth=depth, dropout=0.0), make_batch()
+    model.train()
+    grads = []
+    for maps in (False, True):
+        model.zero_grad()
+        out = model(batch, return_attention=maps)
+        loss = sum(logits.logsumexp(-1).sum() - logits[:, 0].sum() for logits in out.logits.values())
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    fast, full = grads
+    assert fast.keys() == full.keys() and "sequence.blocks.0.attn.qkv.weight" in fast
+    for name in full:
+        torch.testing.assert_close(fast[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_the_colour_modality_reads_the_descriptor():
     model = make_model(colour=True)
     batch = make_batch()
