@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbones import DualEncoder, create_backbone, shared_backbone
@@ -31,6 +31,7 @@ from .model import FUSIONS, Classifier, CMAClipConfig, Ensemble, create_model
 
 FORMAT = "cma-clip/1"
 WEIGHTS = "model.safetensors"
+SHARED_KEY = "same_as_first_member"  # metadata: the weights stored once, as the first member's
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -279,13 +280,17 @@ def save_checkpoint(folder: str | Path, model: Classifier, config: CheckpointCon
     """Write weights and config (its `model` settings are the model's). The fine-tuned
     backbone's weights are written with `backbone_state`, and without it any left in the
     folder by an earlier run are removed, so they never load with these weights. An ensemble's
-    weights are stored as float16 (loading turns them back to float32)."""
+    weights are stored as float16 (loading turns them back to float32), and a member's tensor equal
+    to the first member's (an alignment the members share) only once (`SHARED_KEY`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     half = isinstance(model, Ensemble)
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    shared = [k for k in state if _first_member_key(k) in state and torch.equal(state[k], state[_first_member_key(k)])]
+    for key in shared:
+        del state[key]
+    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, SHARED_KEY: json.dumps(shared)})
     if backbone_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
     else:
@@ -408,10 +413,21 @@ def _checkpoint_folder(folder: str | Path) -> Path:
     return path
 
 
+def _first_member_key(key: str) -> str | None:
+    """An ensemble member's weight name, for the first member ("members.2.x" -> "members.0.x")."""
+    match = re.match(r"members\.([1-9]\d*)\.(.+)", key)
+    return f"members.0.{match.group(2)}" if match else None
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The weights, members' tensors stored once (`save_checkpoint`) given back to each member."""
     if not path.exists():
         raise CheckpointError(f"{path} is missing")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        with safe_open(str(path), "pt") as handle:
+            shared = json.loads((handle.metadata() or {}).get(SHARED_KEY, "[]"))
+        tensors = load_file(str(path))
+        tensors.update({key: tensors[_first_member_key(key)] for key in shared})
+        return tensors
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc

@@ -467,13 +467,17 @@ def finish(out: Path, counters: dict, data: TrainingData, finetuned: bool, devic
 def train_ensemble(cfg: TrainConfig) -> dict:
     """`cfg.members` runs of the recipe from seeds seed, seed + 1, ..., all on the split of
     `cfg.splits_seed`, each in OUT-members/seed-S (with --resume, finished ones are kept), then
-    one Ensemble checkpoint in OUT (`combine`). Returns its metrics (on rank 0)."""
+    one Ensemble checkpoint in OUT (`combine`). The members after the first take its alignment
+    heads (unless --align-from gives them all one), so the checkpoint stores them once.
+    Returns its metrics (on rank 0)."""
     runs = Path(f"{str(cfg.out).rstrip('/')}-members")
     folders = [runs / f"seed-{cfg.seed + k}" for k in range(cfg.members)]
     for k, folder in enumerate(folders):
         if cfg.resume and is_checkpoint(folder) and not (folder / STATE_FILE).exists():
             continue  # finished before the interruption
-        train(replace(cfg, out=str(folder), seed=cfg.seed + k, split_seed=cfg.splits_seed, members=1))
+        align_from = cfg.align_from or (str(folders[0]) if k else None)
+        train(replace(cfg, out=str(folder), seed=cfg.seed + k, split_seed=cfg.splits_seed, members=1,
+                      align_from=align_from))
         distributed.barrier()
     return combine(cfg.out, folders, cfg.data_root, cfg.cache_dir) if distributed.is_main() else {}
 

@@ -68,6 +68,29 @@ def test_members_train_on_one_split_and_become_one_checkpoint(ensemble_checkpoin
         dtypes = {handle.get_tensor(k).dtype for k in handle.keys() if handle.get_tensor(k).is_floating_point()}
         assert dtypes == {torch.float16}  # two members in the size of one
         assert any(k.startswith("members.1.") for k in handle.keys())
+        # the second member took the first's alignment heads: stored once, loaded into both
+        assert not any(k.startswith("members.1.align.") for k in handle.keys())
+        assert "members.1.align.text_proj.net.1.weight" in json.loads(handle.metadata()["same_as_first_member"])
+    first, second = members_of(ensemble_checkpoint)
+    assert read_config(second).train.align_from == str(first) and read_config(first).train.align_from is None
+    ensemble = load_checkpoint(ensemble_checkpoint)[0]
+    for name, weight in ensemble.members[1].align.state_dict().items():
+        torch.testing.assert_close(weight, ensemble.members[0].align.state_dict()[name])
+    member = load_checkpoint(second)[0]
+    for name, weight in member.state_dict().items():  # every other weight is its own, as trained
+        torch.testing.assert_close(ensemble.members[1].state_dict()[name], weight.half().float())
+
+
+def test_a_weights_file_whose_shared_list_names_no_first_member_weight_is_refused(ensemble_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(ensemble_checkpoint, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["members.0.align.logit_scale"]  # what members.1's shared copy would be read from
+    save_file(tensors, str(broken / "model.safetensors"),
+              metadata={"format": "cma-clip/1", "same_as_first_member": json.dumps(["members.1.align.logit_scale"])})
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(broken)
 
 
 def test_a_loaded_ensemble_predicts_its_members_mean(ensemble_checkpoint, backbone):
