@@ -32,6 +32,9 @@ from .model import FUSIONS, Classifier, CMAClipConfig, Ensemble, create_model
 FORMAT = "cma-clip/1"
 WEIGHTS = "model.safetensors"
 SHARED_KEY = "same_as_first_member"  # metadata: the weights stored once, as the first member's
+INT8_KEY = "int8_per_column"  # metadata: the weights stored as int8, a float32 scale per column (`_compact`)
+INT8_WEIGHTS = ("words.proj.weight",)  # the words token's [width, buckets] table: 6.3 of 8.2 MB a member in float16
+SCALE_SUFFIX = ".int8_scale"
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -280,17 +283,12 @@ def save_checkpoint(folder: str | Path, model: Classifier, config: CheckpointCon
     """Write weights and config (its `model` settings are the model's). The fine-tuned
     backbone's weights are written with `backbone_state`, and without it any left in the
     folder by an earlier run are removed, so they never load with these weights. An ensemble's
-    weights are stored as float16 (loading turns them back to float32), and a member's tensor equal
-    to the first member's (an alignment the members share) only once (`SHARED_KEY`)."""
+    weights are stored compactly (`_compact`); loading gives them back as float32."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    half = isinstance(model, Ensemble)
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}
-    shared = [k for k in state if _first_member_key(k) in state and torch.equal(state[k], state[_first_member_key(k)])]
-    for key in shared:
-        del state[key]
-    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, SHARED_KEY: json.dumps(shared)})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, compacted = _compact(state) if isinstance(model, Ensemble) else (state, {})
+    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, **compacted})
     if backbone_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
     else:
@@ -413,6 +411,31 @@ def _checkpoint_folder(folder: str | Path) -> Path:
     return path
 
 
+def _compact(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An ensemble's weights for storage, and the metadata that reads them back (`_expand`):
+    float16; a member's tensor equal to the first member's (an alignment they share) only once;
+    the words tables (`INT8_WEIGHTS`) as int8 with a float32 scale per bucket (max abs / 127: each
+    weight within half a step, 1/254 of its bucket's largest), so four members fit in 25 MB."""
+    shared = [k for k in state if _first_member_key(k) in state and torch.equal(state[k], state[_first_member_key(k)])]
+    int8 = [k for k in state if k.endswith(INT8_WEIGHTS) and k not in shared]
+    stored = {k: v.half() if v.is_floating_point() else v for k, v in state.items() if k not in shared}
+    for key in int8:
+        weight = state[key].float()
+        scale = weight.abs().amax(dim=0) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        stored[key] = (weight / scale).round().clamp(-127, 127).to(torch.int8)
+        stored[key + SCALE_SUFFIX] = scale
+    return stored, {SHARED_KEY: json.dumps(shared), INT8_KEY: json.dumps(int8)}
+
+
+def _expand(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`_compact`'s weights back as the model's (float16 stays: `load_state_dict` converts it)."""
+    for key in json.loads(metadata.get(INT8_KEY, "[]")):
+        tensors[key] = tensors[key].float() * tensors.pop(key + SCALE_SUFFIX)
+    tensors.update({key: tensors[_first_member_key(key)] for key in json.loads(metadata.get(SHARED_KEY, "[]"))})
+    return tensors
+
+
 def _first_member_key(key: str) -> str | None:
     """An ensemble member's weight name, for the first member ("members.2.x" -> "members.0.x")."""
     match = re.match(r"members\.([1-9]\d*)\.(.+)", key)
@@ -420,14 +443,12 @@ def _first_member_key(key: str) -> str | None:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The weights, members' tensors stored once (`save_checkpoint`) given back to each member."""
+    """The weights, as the model holds them (an ensemble's read back by `_expand`)."""
     if not path.exists():
         raise CheckpointError(f"{path} is missing")
     try:
         with safe_open(str(path), "pt") as handle:
-            shared = json.loads((handle.metadata() or {}).get(SHARED_KEY, "[]"))
-        tensors = load_file(str(path))
-        tensors.update({key: tensors[_first_member_key(key)] for key in shared})
-        return tensors
+            metadata = handle.metadata() or {}
+        return _expand(load_file(str(path)), metadata)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
