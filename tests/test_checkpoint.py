@@ -119,3 +119,14 @@ def test_shipped_checkpoints_name_every_task_for_people(name):
     names = config.display_names
     assert set(names) == set(config.tasks) and not any("_" in n for n in names.values())
     assert CatalogueConfig.load(name).task_names == names  # the catalogue config names them for training runs
+
+
+@pytest.mark.parametrize("name", ["hm-articles", "fashion-product-images"])
+def test_shipped_checkpoints_fit_in_25_mb_and_load_offline(name):
+    """Issue 14's limit on a shipped checkpoint's weights, and they load without the network."""
+    from cma_clip.data import REPO_ROOT
+
+    folder = REPO_ROOT / "checkpoints" / name
+    assert (folder / "model.safetensors").stat().st_size <= 25_000_000
+    model, config = load_checkpoint(folder)
+    assert config.model.members >= 2 and set(model.tasks) == set(config.tasks)
