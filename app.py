@@ -479,8 +479,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
 
     def after_save(outcome: SaveOutcome, image_path, text_value, model_name, item, result) -> dict:
         """The save's message and the choices it leaves; a stored save refreshes the controls and the request id."""
-        updates = {save_status: views.save_message(outcome, studio.display_names(model_name)), pending: pending_save(outcome),
-                   **resolution(choice, outcome)}
+        updates = {save_status: views.save_message(outcome, studio.display_names(model_name)),
+                   pending: pending_save(outcome), **resolution(choice, outcome)}
         if outcome.stored:
             view = studio.model_view(model_name, outcome.item_id, result, bool((item or "").strip()))
             updates.update({shown: view.shown.to_dict(), request_id: new_id(), shared.history: shared.history_rows(),

@@ -388,7 +388,8 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     if outcome.kind == "skip":
         tasks = ", ".join(task_name(t, names=names) for t in outcome.statuses)
         return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {tasks}."
-    labels = ", ".join(f"{task_name(t, names=names)} = {code(v)} ({outcome.statuses.get(t, '')})" for t, v in outcome.labels.items())
+    labels = ", ".join(f"{task_name(t, names=names)} = {code(v)} ({outcome.statuses.get(t, '')})"
+                       for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
     return f"Saved correction #{outcome.save_id} for item {code(outcome.item_id)}: {labels}.{new}"
@@ -399,7 +400,8 @@ def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = N
     what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
     lines = [f"**Not saved: someone else saved {what} since you opened it.**"]
     for c in conflicts:
-        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: yours {code(c.yours) if c.yours else '(none)'} · "
+        yours = code(c.yours) if c.yours else "(none)"
+        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: yours {yours} · "
                      f"theirs {code(c.theirs) if c.theirs else '(none)'} by {code(c.annotator or 'someone')} at "
                      f"{plain(c.created_at[:19].replace('T', ' '))}")
     lines.append("\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.")
