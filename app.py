@@ -844,7 +844,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     return {panel.status: "Left their label as it is; nothing was undone.", panel.pending: None,
                             **resolution(choice, None)}
                 outcome = studio.review_undo(queue, annotator_name, force=True)
-                return show_queue(studio, panel, queue, views.undo_message(outcome, studio.display_names(queue.model)))
+                message = views.undo_message(outcome, studio.display_names(queue.model))
+                return show_queue(studio, panel, queue, message)
             labels, new_classes, force = dict(waiting["labels"]), dict(waiting["new_classes"]), False
             if how == "keep_theirs":
                 labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .backbones import DualEncoder, create_backbone, shared_backbone
 from .data import CatalogueConfig, CatalogueError
@@ -416,7 +416,8 @@ def _compact(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], d
     float16; a member's tensor equal to the first member's (an alignment they share) only once;
     the words tables (`INT8_WEIGHTS`) as int8 with a float32 scale per bucket (max abs / 127: each
     weight within half a step, 1/254 of its bucket's largest), so four members fit in 25 MB."""
-    shared = [k for k in state if _first_member_key(k) in state and torch.equal(state[k], state[_first_member_key(k)])]
+    firsts = {k: _first_member_key(k) for k in state}
+    shared = [k for k, first in firsts.items() if first in state and torch.equal(state[k], state[first])]
     int8 = [k for k in state if k.endswith(INT8_WEIGHTS) and k not in shared]
     stored = {k: v.half() if v.is_floating_point() else v for k, v in state.items() if k not in shared}
     for key in int8:
@@ -447,8 +448,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointError(f"{path} is missing")
     try:
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-        return _expand(load_file(str(path)), metadata)
+        with safe_open(str(path), "pt") as handle:  # one read: the metadata and every tensor
+            return _expand({key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {})
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from exc
