@@ -30,11 +30,12 @@ The letterbox padding (`backbones.letterbox` fills the square with white) is not
 the photo: relevance that lands there is removed (in proportion to the share of each cell
 that is padding) and reported as `padding_share`. Maps are normalised to sum to 1.
 
-Cost: all tasks in one backward. The fusion runs on one copy of the item per task (copy t
-carries task t's objective), so one ordinary backward gives every task's gradients at the patch
-tokens, the pooled embedding and the words; `LiteTail.pullback` then carries all of them through
-the encoder's last stage at once. Against the plain prediction this adds about 30% to a
-single-item `Predictor.predict` on 2 CPU cores (docs/RESULTS.md).
+Cost: all tasks in one backward. The fusion runs once per item; autograd's batched gradients
+(`is_grads_batched`: one vector-Jacobian product per task, vectorised) give every task's gradients
+at the patch tokens, the pooled embedding, the words and each layer's attention at once, and
+`LiteTail.pullback` carries all of them through the encoder's last stage together. (It used to
+run the fusion on one copy of the item per task: the same numbers, within float rounding, for
+six times the fusion's forward; docs/PERFORMANCE.md.)
 """
 from __future__ import annotations
 
@@ -304,25 +305,26 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
             side = int(round(image_tokens.shape[1] ** 0.5))
             activation = image_tokens.transpose(1, 2).reshape(batch, -1, side, side)
 
-    def copies(x: torch.Tensor) -> torch.Tensor:  # item b's copy t at row b * count + t
-        return x.float().repeat_interleave(count, dim=0).requires_grad_(True)
+    def leaf(x: torch.Tensor) -> torch.Tensor:
+        return x.float().requires_grad_(True)
 
-    # The fusion runs on one copy of each item per task, so one backward gives every task's gradients.
-    tokens, pooled, text_tokens = copies(image_tokens), copies(image_pooled), copies(text_tokens)
+    # One forward of the fusion per item; every task's backward at once (autograd's batched gradients:
+    # grad_outputs t holds task t's objective, the item's top logit), so row b * count + t of each
+    # gradient is item b's for task t.
+    tokens, pooled, text_tokens = leaf(image_tokens), leaf(image_pooled), leaf(text_tokens)
     with torch.enable_grad():
-        colour = backbone.describe_colour(pixels).repeat_interleave(count, 0) if model.cfg.colour else None
-        feats = EncoderOutput(tokens, pooled, text_tokens, text.mask.repeat_interleave(count, 0),
-                              text_pooled.float().repeat_interleave(count, 0), text.ids.repeat_interleave(count, 0),
-                              colour)
+        colour = backbone.describe_colour(pixels) if model.cfg.colour else None
+        feats = EncoderOutput(tokens, pooled, text_tokens, text.mask, text_pooled.float(), text.ids, colour)
         with autocast(device, batch_size=1 if single_precision else batch):  # the fusion's, as in Predictor.predict
-            absent = absent_texts(texts)
-            out = model(feats, return_attention=True, keep_layers=True,
-                        text_absent=None if absent is None else absent.repeat_interleave(count))
-        task_of_copy = torch.arange(batch * count, device=device) % count
-        objective = sum(logits.float().max(dim=-1).values[task_of_copy == t].sum()
-                        for t, logits in enumerate(out.logits.values()))
+            out = model(feats, return_attention=True, keep_layers=True, text_absent=absent_texts(texts))
+        top = torch.stack([logits.float().max(dim=-1).values for logits in out.logits.values()], 1)  # [B, T]
+        per_task = torch.eye(count, device=device)[:, None, :].expand(count, batch, count)
         layers = out.layer_attention or []
-        grads = torch.autograd.grad(objective, [*layers, tokens, pooled, text_tokens], allow_unused=True)
+        inputs = [*layers, tokens, pooled, text_tokens]
+        grads = torch.autograd.grad(top, inputs, per_task, is_grads_batched=True, allow_unused=True)
+    grads = [None if g is None else g.transpose(0, 1).flatten(0, 1) for g in grads]  # [T, B, ...] -> [B*T, ...]
+    tokens, pooled, text_tokens = (x.detach().repeat_interleave(count, 0) for x in (tokens, pooled, text_tokens))
+    layers = [a.detach().repeat_interleave(count, 0) for a in layers]
     layer_grads, (token_grad, pooled_grad, text_grad) = grads[:len(layers)], grads[len(layers):]
     token_grad = _zero_if_none(token_grad, tokens)
     with torch.no_grad():
@@ -349,8 +351,7 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
     real = text.mask.repeat_interleave(count, 0).float()
     gxi = normalise((_zero_if_none(text_grad, text_tokens) * text_tokens.detach()).sum(-1).abs() * real)
 
-    weights = torch.stack([w for w in out.modality_weights.values()], 1).float()  # [B*T, T, 2]
-    weights = weights[torch.arange(batch * count, device=device), task_of_copy]  # copy t: task t's weights
+    weights = torch.stack([w for w in out.modality_weights.values()], 1).float().flatten(0, 1).detach()  # [B*T, M]
     if layers:
         # An ensemble's members each make their own rollout (their layers are not one stack), on their own
         # gradients (the ensemble's mean takes 1/N of each), and their rows are averaged.
@@ -373,13 +374,12 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
         x = x.detach().float().cpu().numpy()
         return x.reshape(batch, count, *x.shape[1:])
 
-    first = torch.arange(batch, device=device) * count  # copy 0 of every item: the plain prediction
     attention = out.attention
     if attention is not None:
-        attention = replace(attention, text_to_image=attention.text_to_image[first].detach(),
-                            text_cls=attention.text_cls[first].detach(), image_cls=attention.image_cls[first].detach())
-    output = CMAOutput({t: v[first].detach() for t, v in out.logits.items()},
-                       {t: v[first].detach() for t, v in out.modality_weights.items()}, attention)
+        attention = replace(attention, **{name: getattr(attention, name).detach()
+                                          for name in ("text_to_image", "text_cls", "image_cls")})
+    output = CMAOutput({t: v.detach() for t, v in out.logits.items()},
+                       {t: v.detach() for t, v in out.modality_weights.items()}, attention)
     return Explanation(output, tasks, per_item(image_map), per_item(fine), per_item(text_map), per_item(rollout_map),
                        per_item(cam), per_item(gxi), per_item(image_side), per_item(padding_share),
                        photo_fraction(sizes, backbone.image_size, grid),

@@ -1,6 +1,8 @@
 """Per-task relevance (cma_clip.relevance): the rules on small tensors, then the shipped H&M checkpoint on
 real test items: the maps point at the product, deleting what they mark lowers the confidence faster than
 deleting at random, and the app's views draw them."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +10,8 @@ from PIL import Image
 
 from cma_clip.data import REPO_ROOT, Catalogue, CatalogueConfig, load_image
 from cma_clip.lab import explain as lab
-from cma_clip.relevance import (LiteTail, layercam, photo_fraction, pool_to_grid, read_row, rollout, word_relevance,
-                                words_of)
+from cma_clip.relevance import (LiteTail, explain, layercam, photo_fraction, pool_to_grid, read_row, rollout,
+                                word_relevance, words_of)
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
 SHIPPED = REPO_ROOT / "checkpoints" / "hm-articles"
@@ -141,6 +143,41 @@ def test_predict_gives_every_task_relevance_and_the_same_labels(predictor):
     # the fields the app and the review code already used still work
     assert set(result.to_dict()) == set(result.tasks) and result.text_to_image.shape == (len(result.tokens), 49)
     assert result.token_relevance["colour_group_name"].sum() == pytest.approx(1, abs=1e-4)
+
+
+class OneTask(torch.nn.Module):
+    """A model seen through one of its tasks: `explain` on it computes that task's relevance alone."""
+
+    def __init__(self, model, task: str) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+        self.cfg, self.modalities, self.cls_positions = model.cfg, model.modalities, model.cls_positions
+
+    @property
+    def tasks(self) -> list[str]:
+        return [self.task]
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        return replace(out, logits={self.task: out.logits[self.task]},
+                       modality_weights={self.task: out.modality_weights[self.task]})
+
+
+def test_each_task_relevance_is_that_task_backward_alone(predictor):
+    """`explain` takes every task's gradients from one batched backward: each task's maps, shares and
+    token gradients equal a run on that task alone, item by item (two items, so rows cannot mix)."""
+    images = [load_image(EXAMPLE_IMAGE), Image.new("RGB", (120, 90), (40, 90, 200))]
+    texts = [EXAMPLE_TEXT, "Blue denim shorts with a striped belt"]
+    args = (predictor.backbone, images, texts, predictor.max_tokens)
+    together = explain(predictor.model, *args)
+    fields = ("image", "image_fine", "text", "rollout_patches", "gradcam_patches", "token_gradient_input",
+              "image_share", "padding_share")
+    for t, task in enumerate(predictor.tasks):
+        alone = explain(OneTask(predictor.model, task), *args)
+        for name in fields:
+            np.testing.assert_allclose(getattr(together, name)[:, t], getattr(alone, name)[:, 0], atol=2e-5,
+                                       err_msg=f"{task}: {name}")
+    assert not np.allclose(together.text[:, 0], together.text[:, 2], atol=1e-3)  # the tasks do differ
 
 
 def test_punctuation_is_never_the_default_word(predictor):
