@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from .backbones import DualEncoder, create_backbone, shared_backbone
 from .data import CatalogueConfig, CatalogueError
 from .errors import CMAClipError
-from .model import FUSIONS, Classifier, CMAClipConfig, Ensemble, create_model
+from .model import FUSIONS, MEMBER_SETTINGS, Classifier, CMAClipConfig, Ensemble, create_model
 
 FORMAT = "cma-clip/1"
 WEIGHTS = "model.safetensors"
@@ -346,16 +346,18 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu"
 
 
 def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
-    """One checkpoint holding the finished runs `members` (one recipe and catalogue, different
-    seeds) as an `Ensemble`: their weights, and the first one's config with every member's
-    seed and history under `training["members"]`. Its thresholds and metrics are the first
-    member's until `evaluate.rescore` chooses the ensemble's own. Returns the folder."""
+    """One checkpoint holding the finished runs `members` (one catalogue; different seeds, and
+    recipes that may differ in `model.MEMBER_SETTINGS`: the inputs they read) as an `Ensemble`:
+    their weights, and the first one's config with every member's seed and history under
+    `training["members"]`. Its thresholds and metrics are the first member's until
+    `evaluate.rescore` chooses the ensemble's own. Returns the folder."""
     if len(members) < 2:
         raise CheckpointError("an ensemble needs at least two member checkpoints")
     models, configs = zip(*(load_checkpoint(m) for m in members))
     first = configs[0]
     for path, config in zip(members[1:], configs[1:]):
-        differs = [name for name, a, b in (("model settings", config.model, first.model),
+        settings = replace(config.model, **{name: getattr(first.model, name) for name in MEMBER_SETTINGS})
+        differs = [name for name, a, b in (("model settings", settings, first.model),
                                            ("tasks and classes", config.classes, first.classes),
                                            ("catalogue", config.catalogue, first.catalogue),
                                            ("backbone", config.backbone, first.backbone))
@@ -363,7 +365,11 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
         if config.train.finetune_backbone or differs:
             raise CheckpointError(f"{path} cannot join {members[0]} in an ensemble: "
                                   + (", ".join(differs) or "its backbone was fine-tuned") + " differ")
-    ensemble = create_model(replace(first.model, members=len(models)))
+    # the ensemble reads the colour descriptor when any member does; each member keeps its own settings
+    shared = replace(first.model, members=len(models), colour=any(c.model.colour for c in configs))
+    own = [{name: getattr(c.model, name) for name in MEMBER_SETTINGS
+            if getattr(c.model, name) != getattr(shared, name)} for c in configs]
+    ensemble = create_model(replace(shared, member_settings=own if any(own) else None))
     for member, model in zip(ensemble.members, models):
         member.load_state_dict(model.state_dict())
     training = {"members": [{"folder": Path(m).name, "seed": c.train.seed, **c.training}

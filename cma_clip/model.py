@@ -15,6 +15,7 @@ CLIP-aligned pooled embeddings (`align.AlignmentHeads`).
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -29,6 +30,9 @@ FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attentio
            "late_fusion", "text_only", "image_only",  # baselines on the aligned embeddings
            "text_tokens", "image_tokens")  # baselines: the sequence-wise attention over one side's tokens
 MODALITIES = ("text", "image")  # always present; "colour" and "words" join them when the config asks
+# what the members of one Ensemble may differ in: the inputs they read and how they were regularised, not
+# the shapes a rollout per member assumes (depth, the tasks)
+MEMBER_SETTINGS = ("colour", "words_buckets", "lexical_buckets", "modality_dropout", "dropout")
 MASKED = -100  # the target cross-entropy ignores: missing and out-of-vocabulary labels
 SEQUENCE_FUSIONS = ("cma", "no_modality_attention", "text_tokens", "image_tokens")  # with sequence-wise attention
 MODALITY_FUSIONS = ("cma", "no_sequence_attention")  # fusions with the modality-wise attention
@@ -66,12 +70,25 @@ class CMAClipConfig:
     colour: bool = False  # the foreground colour descriptor (`colour.py`) as tokens and a modality
     words_buckets: int = 0  # >0: TF-IDF of hashed word-piece uni- and bigrams as one token and a modality
     members: int = 1  # >1: an `Ensemble` of this many models of these settings
+    # an Ensemble of several recipes: per member, its settings that differ from these (`MEMBER_SETTINGS` only)
+    member_settings: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
         if self.members < 1:
             raise ValueError(f"an ensemble has at least one member, not {self.members}")
+        if self.member_settings is not None:
+            if len(self.member_settings) != self.members:
+                raise ValueError(f"{len(self.member_settings)} members' settings for {self.members} members")
+            other = {key for settings in self.member_settings for key in settings} - set(MEMBER_SETTINGS)
+            if other:
+                raise ValueError(f"members of one ensemble may differ only in {MEMBER_SETTINGS}, not {sorted(other)}")
+
+    def member_configs(self) -> list["CMAClipConfig"]:
+        """Each member's own settings (an Ensemble's), as a single model's config."""
+        settings = self.member_settings or [{}] * self.members
+        return [replace(self, members=1, member_settings=None, **own) for own in settings]
 
 
 @dataclass
@@ -446,17 +463,19 @@ class CMAClip(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Models of one recipe trained from different seeds (`python -m cma_clip.train --members N`),
-    read as one: the mean of their class probabilities (returned as log-probabilities, so a softmax
-    gives them back), of their modality weights and of their attention maps. The backbone runs once;
-    only the fusion and heads run per member. Two seeds lift H&M's R@90P and operating recall more
-    than any input added to one model (docs/RESULTS.md)."""
+    """Models trained from different seeds (`python -m cma_clip.train --members N`), or of several
+    recipes (`--from-members`: `cfg.member_settings`), read as one: the mean of their class
+    probabilities (returned as log-probabilities, so a softmax gives them back), of their modality
+    weights (over every modality a member reads; a member without one gives it 0) and of their
+    attention maps. The backbone runs once; only the fusion and heads run per member. Two seeds lift
+    H&M's R@90P and operating recall more than any input added to one model (docs/RESULTS.md)."""
 
     def __init__(self, cfg: CMAClipConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.members = nn.ModuleList(CMAClip(replace(cfg, members=1)) for _ in range(cfg.members))
-        self.modalities, self.cls_positions = self.members[0].modalities, self.members[0].cls_positions
+        self.members = nn.ModuleList(CMAClip(member) for member in cfg.member_configs())
+        self.modalities = tuple(m for m in MODALITIES + ("colour", "words")
+                                if any(m in member.modalities for member in self.members))
 
     @property
     def tasks(self) -> list[str]:
@@ -481,14 +500,34 @@ class Ensemble(nn.Module):
         count = len(outs)
         logits = {task: torch.stack([o.logits[task].float().log_softmax(-1) for o in outs]).logsumexp(0)
                   - math.log(count) for task in self.tasks}
-        weights = {task: sum(o.modality_weights[task] for o in outs) / count for task in self.tasks}
+        weights = {task: sum(self.widen(o.modality_weights[task], member.modalities)
+                             for o, member in zip(outs, self.members)) / count for task in self.tasks}
         maps = None
         if outs[0].attention is not None:
             first = outs[0].attention
-            maps = replace(first, **{name: sum(getattr(o.attention, name) for o in outs) / count
+            maps = replace(first, **{name: sum(pad_to(getattr(o.attention, name), max_length(outs, name))
+                                               for o in outs) / count
                                      for name in ("text_to_image", "text_cls", "image_cls")})
         layers = None if outs[0].layer_attention is None else [a for o in outs for a in o.layer_attention]
         return CMAOutput(logits, weights, maps, layers, layer_groups=count)
+
+    def widen(self, weights: torch.Tensor, modalities: tuple[str, ...]) -> torch.Tensor:
+        """A member's modality weights [B, M'] over `modalities`, as [B, M] over the ensemble's."""
+        if modalities == self.modalities:
+            return weights
+        wide = weights.new_zeros(*weights.shape[:-1], len(self.modalities))
+        wide[..., [self.modalities.index(m) for m in modalities]] = weights
+        return wide
+
+
+def max_length(outs: list[CMAOutput], name: str) -> int:
+    return max(getattr(o.attention, name).shape[-1] for o in outs)
+
+
+def pad_to(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """Attention rows over a member's sequence, zero-padded at the end to `length` positions: the
+    members' sequences agree up to the image patches and differ only in the extra tokens after them."""
+    return F.pad(rows, (0, length - rows.shape[-1])) if rows.shape[-1] < length else rows
 
 
 Classifier = CMAClip | Ensemble  # what a checkpoint holds (`checkpoint.load_checkpoint`)

@@ -354,17 +354,22 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
     weights = torch.stack([w for w in out.modality_weights.values()], 1).float().flatten(0, 1).detach()  # [B*T, M]
     if layers:
         # An ensemble's members each make their own rollout (their layers are not one stack), on their own
-        # gradients (the ensemble's mean takes 1/N of each), and their rows are averaged.
+        # gradients (the ensemble's mean takes 1/N of each), read at their own [CLS] positions with the
+        # ensemble's weights of the modalities they have; their readings are averaged.
         grads = [_zero_if_none(g, a).float() * out.layer_groups for g, a in zip(layer_grads, layers)]
-        depth, positions = len(layers) // out.layer_groups, model.cls_positions(length, grid * grid)
-        row = sum(read_row(rollout([a.float() for a in layers[g:g + depth]], grads[g:g + depth]), weights, positions)
-                  for g in range(0, len(layers), depth)) / out.layer_groups
-        patches = row[:, length + 2:length + 2 + grid * grid]
-        text_map = normalise(row[:, 1:1 + length] * real)
+        depth, patch_count = len(layers) // out.layer_groups, grid * grid
+        readings = []
+        for g, member in zip(range(0, len(layers), depth), getattr(model, "members", [model])):
+            own = weights[:, [model.modalities.index(m) for m in member.modalities]]
+            row = read_row(rollout([a.float() for a in layers[g:g + depth]], grads[g:g + depth]), own,
+                           member.cls_positions(length, patch_count))
+            text_side = row[:, :length + 1].sum(-1) + (row[:, -1] if "words" in member.modalities else 0)
+            readings.append((row[:, 1:1 + length], row[:, length + 2:length + 2 + patch_count], text_side, row.sum(-1)))
+        text_row, patches, text_side, total = (sum(parts) / len(readings) for parts in zip(*readings))
+        text_map = normalise(text_row * real)
         unmasked["rollout"] = normalise(patches)
         rollout_map = normalise(patches * cover)
-        text_side = row[:, :length + 1].sum(-1) + (row[:, -1] if "words" in model.modalities else 0)
-        image_side = 1 - text_side / row.sum(-1).clamp(min=1e-12)
+        image_side = 1 - text_side / total.clamp(min=1e-12)
     else:  # fusions without the sequence-wise attention read no tokens: no token relevance
         text_map = torch.zeros_like(real)
         rollout_map = unmasked["rollout"] = torch.zeros_like(cover)

@@ -21,7 +21,8 @@ steps and the loss are those of one process; rank 0 alone validates and writes.
 
 With --members N, N runs from seeds seed, seed + 1, ... on one split (each in OUT-members/seed-S)
 become one checkpoint, an `Ensemble` with its own thresholds (`train_ensemble`); --from-members
-keeps finished runs of one recipe that way without training.
+keeps finished runs that way without training: seeds of one recipe, or recipes that differ in the
+inputs they read (`model.MEMBER_SETTINGS`: a colour-only run beside colour + words runs).
 """
 from __future__ import annotations
 
@@ -120,7 +121,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     o.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (quick runs)")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--from-members", nargs="+", metavar="RUN",
-                   help="no training: keep these finished runs of one recipe as one ensemble checkpoint in --out")
+                   help="no training: keep these finished runs (one catalogue; recipes may differ in their inputs) "
+                        "as one ensemble checkpoint in --out")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -484,7 +486,7 @@ def train_ensemble(cfg: TrainConfig) -> dict:
 
 def combine(out: str | Path, members: list[str | Path], data_root: str | None = None,
             cache_dir: str | None = None) -> dict:
-    """Keep finished runs of one recipe as one Ensemble checkpoint in `out`
+    """Keep finished runs (seeds, or recipes differing in their inputs) as one Ensemble checkpoint in `out`
     (`checkpoint.save_ensemble`), with its own thresholds from val and its val and test reports
     (`evaluate.rescore`, on the features the runs cached). The runs must share their split:
     a catalogue's split column, or one split seed."""

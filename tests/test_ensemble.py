@@ -2,6 +2,7 @@
 probabilities (`model.Ensemble`, `python -m cma_clip.train --members N` or `--from-members`)."""
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -119,14 +120,13 @@ def test_a_loaded_ensemble_predicts_its_members_mean(ensemble_checkpoint, backbo
         relevance = predicted.relevance[task]  # a rollout per member, averaged
         assert np.isfinite(relevance.words).all() and abs(relevance.words.sum() - 1) < 1e-4
         assert np.isfinite(relevance.image).all() and abs(relevance.image.sum() - 1) < 1e-4
+        assert 0 <= relevance.image_share <= 1
 
 
 def test_identical_members_explain_as_one(ensemble_checkpoint, backbone):
     """Each member's rollout on its own gradients, averaged: two copies of a model show what one
     shows (a rollout over both members' layers as one stack, or on the mean's 1/2-scaled
     gradients, would not)."""
-    from dataclasses import replace
-
     from PIL import Image
 
     from cma_clip.relevance import explain
@@ -145,11 +145,69 @@ def test_identical_members_explain_as_one(ensemble_checkpoint, backbone):
     assert one.text.max() > 0 and one.image.max() > 0
 
 
-def test_runs_that_differ_are_refused(ensemble_checkpoint, small_checkpoint, tmp_path):
+def test_runs_that_differ_beyond_their_inputs_are_refused(ensemble_checkpoint, small_checkpoint, cache_dir, tmp_path):
+    narrow = tmp_path / "narrow"  # the shipped recipe at another width
+    args = [*TINY, "--cache-dir", str(cache_dir), "--out", str(narrow)]
+    args[args.index("--width") + 1] = "32"
+    assert train.main(args) == 0
     with pytest.raises(CheckpointError, match="model settings"):
-        save_ensemble(tmp_path / "mixed", [members_of(ensemble_checkpoint)[0], small_checkpoint])
+        save_ensemble(tmp_path / "mixed", [members_of(ensemble_checkpoint)[0], narrow])
     with pytest.raises(CheckpointError, match="at least two"):
         save_ensemble(tmp_path / "alone", [small_checkpoint])
+
+
+def test_members_may_differ_only_in_their_inputs():
+    cfg = make_model().cfg
+    with pytest.raises(ValueError, match="depth"):
+        replace(cfg, members=2, member_settings=[{}, {"depth": 1}])
+    with pytest.raises(ValueError, match="for 2 members"):
+        replace(cfg, members=2, member_settings=[{}])
+    ensemble = Ensemble(replace(cfg, members=2, member_settings=[{"words_buckets": 64}, {"colour": True}])).eval()
+    assert [m.cfg.words_buckets for m in ensemble.members] == [64, 0] and ensemble.members[1].cfg.colour
+    assert [m.modalities for m in ensemble.members] == [("text", "image", "words"), ("text", "image", "colour")]
+    assert ensemble.modalities == ("text", "image", "colour", "words")
+    batch = make_batch()
+    outs = [member(batch, return_attention=True) for member in ensemble.members]
+    out = ensemble(batch, return_attention=True)
+    for task, weights in out.modality_weights.items():  # each member's weights in the ensemble's columns
+        words_only, colour_only = (o.modality_weights[task] for o in outs)
+        torch.testing.assert_close(weights[:, :2], (words_only[:, :2] + colour_only[:, :2]) / 2)
+        torch.testing.assert_close(weights[:, 2], colour_only[:, 2] / 2)
+        torch.testing.assert_close(weights[:, 3], words_only[:, 2] / 2)
+    patches = (outs[0].attention.cls_to_patches() + outs[1].attention.cls_to_patches()) / 2
+    torch.testing.assert_close(out.attention.cls_to_patches(), patches)  # sequences of other lengths, averaged
+
+
+def test_runs_of_other_inputs_join_and_predict_their_mean(ensemble_checkpoint, small_checkpoint, backbone, tmp_path):
+    """A plain run (text and image tokens, the hashed lexical channel) and a colour + words run as one
+    ensemble: each member keeps its own settings, the probabilities are their mean, the modality weights
+    cover every modality either reads (a member gives 0 to one it lacks), and the relevance reads each
+    member's rollout at its own [CLS] positions."""
+    from PIL import Image
+
+    plain, words_run = small_checkpoint, members_of(ensemble_checkpoint)[0]
+    out = save_ensemble(tmp_path / "mixed", [plain, words_run])
+    ensemble, config = load_checkpoint(out)
+    assert config.model.colour  # the ensemble reads the colour descriptor: one member does
+    assert [m.modalities for m in ensemble.members] == [("text", "image"), ("text", "image", "colour", "words")]
+    assert ensemble.modalities == ("text", "image", "colour", "words")
+    assert [m.cfg.lexical_buckets for m in ensemble.members] == [read_config(plain).model.lexical_buckets, 0]
+    image = Image.open(EXAMPLE_IMAGE)
+    every = max(config.model.tasks.values())
+    predicted = Predictor(ensemble, config, backbone).predict(image, EXAMPLE_TEXT, top_k=every)
+    members = [Predictor(*load_checkpoint(folder), backbone).predict(image, EXAMPLE_TEXT, top_k=every)
+               for folder in (plain, words_run)]
+    for task, result in predicted.tasks.items():
+        of = [dict(zip(m.tasks[task].labels, m.tasks[task].probabilities)) for m in members]
+        np.testing.assert_allclose(result.probabilities, [(of[0][c] + of[1][c]) / 2 for c in result.labels], atol=2e-3)
+        weights = [m.tasks[task].modality_weights for m in members]
+        for modality, weight in result.modality_weights.items():
+            assert abs(weight - (weights[0].get(modality, 0) + weights[1][modality]) / 2) < 2e-3, (task, modality)
+        assert result.modality_weights["words"] > 0 and abs(sum(result.modality_weights.values()) - 1) < 1e-5
+        relevance = predicted.relevance[task]
+        assert np.isfinite(relevance.words).all() and abs(relevance.words.sum() - 1) < 1e-4
+        assert np.isfinite(relevance.image).all() and abs(relevance.image.sum() - 1) < 1e-4
+        assert 0 <= relevance.image_share <= 1
 
 
 def test_finished_runs_join_from_the_command_line(ensemble_checkpoint, cache_dir, tmp_path):

@@ -10,6 +10,7 @@ from PIL import Image
 
 from cma_clip.data import REPO_ROOT, Catalogue, CatalogueConfig, load_image
 from cma_clip.lab import explain as lab
+from cma_clip.model import Ensemble
 from cma_clip.relevance import (LiteTail, explain, layercam, photo_fraction, pool_to_grid, read_row, rollout,
                                 word_relevance, words_of)
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
@@ -151,7 +152,11 @@ class OneTask(torch.nn.Module):
     def __init__(self, model, task: str) -> None:
         super().__init__()
         self.model, self.task = model, task
-        self.cfg, self.modalities, self.cls_positions = model.cfg, model.modalities, model.cls_positions
+        self.cfg, self.modalities = model.cfg, model.modalities
+        if isinstance(model, Ensemble):  # `explain` reads each member at its own [CLS] positions
+            self.members = model.members
+        else:
+            self.cls_positions = model.cls_positions
 
     @property
     def tasks(self) -> list[str]:
