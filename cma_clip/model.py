@@ -15,8 +15,8 @@ CLIP-aligned pooled embeddings (`align.AlignmentHeads`).
 from __future__ import annotations
 
 import math
-from typing import Any
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
