@@ -505,8 +505,7 @@ class Ensemble(nn.Module):
         maps = None
         if outs[0].attention is not None:
             first = outs[0].attention
-            maps = replace(first, **{name: sum(pad_to(getattr(o.attention, name), max_length(outs, name))
-                                               for o in outs) / count
+            maps = replace(first, **{name: padded_mean([getattr(o.attention, name) for o in outs])
                                      for name in ("text_to_image", "text_cls", "image_cls")})
         layers = None if outs[0].layer_attention is None else [a for o in outs for a in o.layer_attention]
         return CMAOutput(logits, weights, maps, layers, layer_groups=count)
@@ -520,14 +519,11 @@ class Ensemble(nn.Module):
         return wide
 
 
-def max_length(outs: list[CMAOutput], name: str) -> int:
-    return max(getattr(o.attention, name).shape[-1] for o in outs)
-
-
-def pad_to(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """Attention rows over a member's sequence, zero-padded at the end to `length` positions: the
-    members' sequences agree up to the image patches and differ only in the extra tokens after them."""
-    return F.pad(rows, (0, length - rows.shape[-1])) if rows.shape[-1] < length else rows
+def padded_mean(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the members' attention rows, each zero-padded at the end to the longest: their
+    sequences agree up to the image patches and differ only in the extra tokens after them."""
+    length = max(r.shape[-1] for r in rows)
+    return sum(F.pad(r, (0, length - r.shape[-1])) for r in rows) / len(rows)
 
 
 Classifier = CMAClip | Ensemble  # what a checkpoint holds (`checkpoint.load_checkpoint`)
