@@ -6,7 +6,7 @@ from PIL import Image
 
 from cma_clip.backbones import EncoderOutput, images_to_tensor
 from cma_clip.colour import DESCRIPTOR_DIM, FAMILIES, HISTOGRAM_DIM, colour_descriptor, split
-from cma_clip.model import SEQUENCE_FUSIONS, CMAClip, CMAClipConfig
+from cma_clip.model import SEQUENCE_FUSIONS, CMAClip, CMAClipConfig, WordsBag
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -159,6 +159,33 @@ def test_words_idf_comes_from_the_training_texts():
     assert idf[grams[0, 0]] == 0 and idf[grams[0, 3]] == 0  # [CLS] and [SEP]: in every text
     assert idf[grams[2, 1]] > idf[grams[0, 1]] > 0  # 800 (one text) is rarer than 500 (two texts)
     assert real.sum() == mask.sum() + (mask[:, :-1] & mask[:, 1:]).sum()
+
+
+def test_the_words_token_is_the_dense_tfidf_product_read_column_by_column():
+    """The words token reads only its grams' columns of the table; it must equal the dense
+    proj(normalise(TF-IDF)) it replaced, in value and in gradient, with repeated grams (sublinear
+    tf), bucket collisions, padding and a text of [CLS] alone."""
+    torch.manual_seed(0)
+    bag = WordsBag(64, 16)  # few buckets: grams collide
+    ids = torch.randint(0, 30, (5, 12))
+    ids[0, 3:6] = ids[0, 2]  # a word repeated
+    mask = torch.ones(5, 12, dtype=torch.bool)
+    mask[2, 6:], mask[4, 1:] = False, False
+    bag.fit_idf(ids, mask)
+
+    def dense(ids, mask):
+        tf = bag.counts(ids, mask)
+        tfidf = torch.where(tf > 0, 1 + torch.log(tf.clamp(min=1)), tf) * bag.idf
+        return bag.proj(torch.nn.functional.normalize(tfidf, dim=-1))
+
+    sparse = bag(ids, mask)
+    torch.testing.assert_close(sparse, dense(ids, mask))
+    sparse.square().sum().backward()
+    grad = bag.proj.weight.grad.clone()
+    bag.zero_grad()
+    dense(ids, mask).square().sum().backward()
+    torch.testing.assert_close(grad, bag.proj.weight.grad)
+    assert grad[:, bag.grams(ids, mask)[0][0]].abs().sum() > 0
 
 
 def test_the_words_modality_reads_the_words_not_their_order_alone():
