@@ -60,6 +60,8 @@ class TrainConfig:
     image_column: str | None = None
     text_columns: list[str] | None = None
     tasks: list[str] | None = None
+    # label columns learned beside the tasks, for what they teach the shared fusion; not kept in the checkpoint
+    auxiliary_tasks: list[str] | None = None
     id_column: str | None = None
     max_text_tokens: int | None = None
     limit: int | None = None  # the first N items of each split

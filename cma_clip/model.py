@@ -387,6 +387,20 @@ class CMAClip(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.cfg.tasks)
 
+    def only_tasks(self, tasks: list[str]) -> "CMAClip":
+        """This model for `tasks` (some of its own) alone: their heads and modality queries, every
+        shared part as it is (copied). How training leaves its auxiliary tasks out of the checkpoint."""
+        if tasks == self.tasks:
+            return self
+        with torch.device("meta"):  # built without drawing from the random generator: the weights come next
+            model = CMAClip(replace(self.cfg, tasks={t: self.cfg.tasks[t] for t in tasks}))
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()
+                 if not k.startswith("heads.") or k.split(".")[1] in tasks}
+        if self.modality is not None:
+            state["modality.queries"] = state["modality.queries"][[self.tasks.index(t) for t in tasks]]
+        model.load_state_dict(state, assign=True)
+        return model.train(self.training)
+
     def forward(self, feats: EncoderOutput, return_attention: bool = False, keep_layers: bool = False,
                 text_absent: torch.Tensor | None = None) -> CMAOutput:
         """Every task's logits and modality weights; `return_attention`: the last layer's attention maps;

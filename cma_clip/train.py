@@ -73,6 +73,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     src.add_argument("--image-column", help="with --manifest: the image path column (default image)")
     src.add_argument("--text-columns", nargs="+", help="with --manifest: the text columns, joined (default text)")
     src.add_argument("--tasks", nargs="+", help="label columns to learn (default: the config's)")
+    src.add_argument("--auxiliary-tasks", nargs="+", metavar="COLUMN",
+                     help="label columns learned beside the tasks to shape the shared fusion (e.g. H&M's "
+                          "department_name); they do not count in early stopping and the checkpoint leaves them out")
     src.add_argument("--id-column", help="with --manifest: the item id column (default: none)")
     src.add_argument("--max-text-tokens", type=int)
     src.add_argument("--limit", type=int, help="use only the first N items of each split (quick runs, tests)")
@@ -137,13 +140,19 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 @dataclass
 class TrainingData:
     """What training reads: the catalogue, its splits, the backbone features, the tasks'
-    vocabularies and every item's targets (class indices; -1 missing, -2 out of vocabulary)."""
+    vocabularies and every item's targets (class indices; -1 missing, -2 out of vocabulary), the
+    auxiliary tasks' after the catalogue's."""
 
     catalogue: Catalogue
     splits: dict[str, np.ndarray]
     features: Features
     vocabs: dict[str, LabelVocab]
     targets: dict[str, np.ndarray]
+
+    @property
+    def tasks(self) -> list[str]:
+        """The catalogue's tasks: what the checkpoint keeps and validation scores."""
+        return self.catalogue.config.tasks
 
 
 def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -> TrainingData:
@@ -172,7 +181,10 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
                                 colour=cfg.colour)
     if main_rank:
         distributed.barrier()
-    tasks = catalogue.config.tasks
+    tasks = catalogue.config.tasks + [t for t in cfg.auxiliary_tasks or [] if t not in catalogue.config.tasks]
+    absent = [t for t in tasks if t not in catalogue.rows[0]]
+    if absent:
+        raise CatalogueError(f"--auxiliary-tasks {absent}: no such column in {catalogue.config.manifest}")
     labels = {t: catalogue.labels(t) for t in tasks}
     vocabs = {t: LabelVocab.build([labels[t][i] for i in splits["train"]], cfg.min_count) for t in tasks}
     empty = [t for t, v in vocabs.items() if not len(v)]
@@ -222,10 +234,10 @@ def build_model(cfg: TrainConfig, data: TrainingData, backbone: DualEncoder) -> 
 
 def checkpoint_config(cfg: TrainConfig, data: TrainingData, model: CMAClip) -> CheckpointConfig:
     """What the checkpoint will record; thresholds and metrics are filled in later."""
+    names = data.catalogue.config.task_names
     return CheckpointConfig(backbone=cfg.backbone, catalogue=CatalogueColumns.of(data.catalogue.config),
-                            tasks={t: TaskSpec(v.classes, display_name=data.catalogue.config.task_names.get(t))
-                                   for t, v in data.vocabs.items()}, model=model.cfg,
-                            train=cfg)
+                            tasks={t: TaskSpec(data.vocabs[t].classes, display_name=names.get(t)) for t in data.tasks},
+                            model=replace(model.cfg, tasks={t: model.cfg.tasks[t] for t in data.tasks}), train=cfg)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -430,8 +442,9 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
         epoch_loss = distributed.mean(float(np.mean(losses)))
         val = None
         if main_rank:
-            val = score(predict_probabilities(kept, source, splits["val"]),
-                        {t: v[splits["val"]] for t, v in data.targets.items()})
+            probabilities = predict_probabilities(kept, source, splits["val"])
+            val = score({t: probabilities[t] for t in data.tasks},
+                        {t: data.targets[t][splits["val"]] for t in data.tasks})
         val = distributed.broadcast(val)  # every rank takes the same early-stopping decision
         counters["epoch"] += 1
         counters["history"].append({"epoch": counters["epoch"], "loss": epoch_loss,
@@ -442,7 +455,7 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
         if val["mean"][SELECTION_METRIC] > counters["best"]:
             counters["best"], counters["bad_epochs"] = val["mean"][SELECTION_METRIC], 0
             if main_rank:
-                save_checkpoint(out, kept, replace(config, metrics={"val": val}),
+                save_checkpoint(out, kept.only_tasks(data.tasks), replace(config, metrics={"val": val}),
                                 tuned.state_dict() if tuned is not None else None)
         else:
             counters["bad_epochs"] += 1

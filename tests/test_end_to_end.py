@@ -8,6 +8,7 @@ from PIL import Image
 
 from cma_clip import Predictor, evaluate, predict, train
 from cma_clip.checkpoint import CheckpointError, read_config
+from cma_clip.model import multitask_loss
 from conftest import HM, hm_rows, write_hm_manifest
 
 
@@ -169,6 +170,39 @@ def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir):
                        "--out", str(out), "--cache-dir", str(cache_dir), "--quiet"]) == 0
     config = read_config(out)
     assert "Glitter Teal" in config.tasks["colour_group_name"].classes
+
+
+def test_auxiliary_tasks_train_beside_the_tasks_and_stay_out_of_the_checkpoint(tmp_path, cache_dir, monkeypatch):
+    """--auxiliary-tasks: learned with the catalogue's tasks (in the loss, with their labels), scored
+    nowhere, kept nowhere; the checkpoint loads and predicts the catalogue's tasks."""
+    common = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32", "--epochs", "1",
+              "--align-epochs", "1", "--cache-dir", str(cache_dir), "--quiet"]
+    in_loss = []
+
+    def recording_loss(logits, targets, *args):
+        in_loss.append({t for t in logits if (targets[t] >= 0).any()})
+        return multitask_loss(logits, targets, *args)
+
+    monkeypatch.setattr(train, "multitask_loss", recording_loss)
+    assert train.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "aux"), "--auxiliary-tasks", "department_name",
+                       "section_name"]) == 0
+    plain, aux = read_config(tmp_path / "plain"), read_config(tmp_path / "aux")
+    assert {"department_name", "section_name"} <= in_loss[-1] and "department_name" not in in_loss[0]
+    assert list(aux.tasks) == list(plain.tasks) and set(aux.model.tasks) == set(plain.tasks)
+    assert aux.train.auxiliary_tasks == ["department_name", "section_name"]
+    assert set(aux.metrics["val"]["tasks"]) == set(plain.tasks) == set(aux.metrics["test"]["tasks"])
+    model = Predictor.from_checkpoint(tmp_path / "aux").model
+    assert model.modality.queries.shape[0] == len(plain.tasks) and set(model.heads) == set(plain.tasks)
+    prediction = Predictor.from_checkpoint(tmp_path / "aux").predict(Image.open(HM / hm_rows("test", 1)[0]["image"]),
+                                                                     "Striped top")
+    assert set(prediction.tasks) == set(plain.tasks)
+
+
+def test_an_auxiliary_task_the_manifest_lacks_is_refused_by_name(tmp_path, cache_dir, capsys):
+    assert train.main(["--catalogue", "hm-articles", "--limit", "16", "--epochs", "1", "--out", str(tmp_path / "x"),
+                       "--auxiliary-tasks", "department_nmae", "--cache-dir", str(cache_dir), "--quiet"]) == 2
+    assert "--auxiliary-tasks ['department_nmae']: no such column" in capsys.readouterr().err
 
 
 def test_zero_shot_baseline_classifies_by_label_prompts(small_checkpoint, cache_dir, tmp_path):

@@ -228,3 +228,20 @@ def test_alignment_trains_on_any_number_of_training_items(items):
     losses = train_alignment(heads, rng.normal(size=(items, 12)).astype(np.float32),
                              rng.normal(size=(items, 8)).astype(np.float32))
     assert len(losses) == 10 and all(np.isfinite(losses))
+
+
+def test_a_model_kept_for_some_of_its_tasks_predicts_them_as_before():
+    """How training leaves auxiliary tasks out of a checkpoint: the kept tasks' logits and modality
+    weights are the full model's, and the copy owns its weights (training on does not move them)."""
+    model = make_model(colour=False, words_buckets=64)
+    batch = make_batch()
+    full = model(batch)
+    kept = model.only_tasks(["pattern"])
+    assert kept.tasks == ["pattern"] and kept.modality.queries.shape[0] == 1 and set(kept.heads) == {"pattern"}
+    out = kept(batch)
+    torch.testing.assert_close(out.logits["pattern"], full.logits["pattern"])
+    torch.testing.assert_close(out.modality_weights["pattern"], full.modality_weights["pattern"])
+    with torch.no_grad():
+        model.heads["pattern"].net[0].weight.add_(1.0)
+    torch.testing.assert_close(kept(batch).logits["pattern"], full.logits["pattern"])
+    assert model.only_tasks(model.tasks) is model
