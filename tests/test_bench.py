@@ -23,13 +23,16 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
         "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio"},
         "training": {"epoch_seconds", "items_per_s"},
         "batch_prediction": {"items_per_s", "backbone_items_per_s", "ratio", "ray_items_per_s",
-                             "ray_steady_items_per_s", "backbone_around_ray_items_per_s", "ray_ratio", "ray_ratios"},
+                             "ray_steady_items_per_s", "backbone_around_ray_items_per_s", "ray_ratio", "ray_ratios",
+                             # on a CPU: the best ratio its cores allow, from each part's CPU time
+                             "bound_ratio", "backbone_cpu_s", "decoding_cpu_s", "model_cpu_s", "cores_available"},
     }
     for section, keys in expected.items():
         assert keys <= set(doc["figures"][section]), section
         for key, value in doc["figures"][section].items():
             for number in value if isinstance(value, list) else [value]:  # a figure, or one per run
                 assert isinstance(number, numbers.Number) and number > 0, (section, key, value)
+    assert doc["figures"]["batch_prediction"]["bound_ratio"] <= 1  # the backbone alone is the fastest run
     assert set(doc["targets"]) == set(bench.TARGETS)
     assert all(isinstance(t["met"], bool) for t in doc["targets"].values())
     assert {"cpu", "cores", "torch", "bf16_autocast"} <= set(doc["hardware"])

@@ -30,7 +30,7 @@ from PIL import Image
 from ..backbones import DualEncoder, create_backbone
 from ..checkpoint import read_config
 from ..data import REPO_ROOT, Catalogue, CatalogueConfig, load_image, read_manifest, write_table
-from ..features import extract_features
+from ..features import extract_features, image_batches
 from ..model import CMAClip
 from ..predict import Predictor
 from ..runtime import autocast, bf16_supported, decode_threads, default_device, loader_workers
@@ -222,6 +222,8 @@ def manifest_throughput(predictor: Predictor, sizes: Sizes) -> dict[str, float]:
         figures = {"items": n, "batch_size": batch, "items_per_s": n / p50(times["manifest"]),
                    "seconds": p50(times["manifest"]), "backbone_items_per_s": n / p50(times["backbone"])}
         figures["ratio"] = figures["items_per_s"] / figures["backbone_items_per_s"]
+        if predictor.device.type == "cpu":
+            figures.update(cpu_bound(predictor, paths, batches, p50(times["backbone"]), sizes))
         warmup = write_table(folder / "warmup.csv", [{c: row[c] for c in columns} for row in rows[:batch]])
         ray_runs = []
         for _ in range(sizes.ray_runs):
@@ -237,6 +239,39 @@ def manifest_throughput(predictor: Predictor, sizes: Sizes) -> dict[str, float]:
     figures.update(median_run)  # the run with the median ratio, and every run's ratio
     figures["ray_ratios"] = [r["ray_ratio"] for r in ray_runs]
     return figures
+
+
+def cpu_bound(predictor: Predictor, paths: list[Path], batches: list, backbone_seconds: float,
+              sizes: Sizes) -> dict[str, Any]:
+    """The highest batch-prediction ratio these cores allow: on a CPU, decoding and the fusion run
+    on the cores the backbone uses, so at best every core is busy and the run takes the CPU time of
+    backbone, decoding and model together over the cores. Each part's process CPU time (all its
+    threads) is measured alone, median of `manifest_repeats` after one warm-up."""
+    backbone, model, colour = predictor.backbone, predictor.model, predictor.model.cfg.colour
+    with torch.no_grad():
+        encoded = [backbone.encode_prepared(pixels, text, colour) for pixels, text in batches]
+
+    @torch.no_grad()
+    def model_only():
+        for feats in encoded:
+            with autocast(predictor.device, batch_size=len(feats.text_mask)):  # as `Predictor.score_prepared`
+                model(feats)
+
+    def cpu_seconds(fn: Callable[[], Any]) -> float:
+        fn()
+        spent = []
+        for _ in range(sizes.manifest_repeats):
+            started = time.process_time()
+            fn()
+            spent.append(time.process_time() - started)
+        return p50(spent)
+
+    spent = {"backbone_cpu_s": cpu_seconds(lambda: [backbone.encode_prepared(p, t, colour) for p, t in batches]),
+             "decoding_cpu_s": cpu_seconds(lambda: list(image_batches(paths, backbone, sizes.manifest_batch))),
+             "model_cpu_s": cpu_seconds(model_only)}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    shortest = sum(spent.values()) / cores  # the least wall time that CPU work can take
+    return {**spent, "cores_available": cores, "bound_ratio": backbone_seconds / max(backbone_seconds, shortest)}
 
 
 def _ray_throughput(manifest: Path, warmup: Path, out: Path, batch: int) -> dict[str, float]:
@@ -385,6 +420,11 @@ def format_table(doc: dict[str, Any]) -> str:
                   f"{batch['items_per_s']:.1f} / {batch['backbone_items_per_s']:.1f} items/s",
                   f"{batch['items']} items, batch {batch['batch_size']}, {s['manifest_repeats']} runs"),
                  ("  ratio (target >= 0.9)", f"{batch['ratio']:.3f}", ""),
+                 *([("  at most, every core busy: (backbone + decoding + model CPU time) / cores",
+                     f"{batch['bound_ratio']:.3f}",
+                     f"{batch['backbone_cpu_s']:.2f} + {batch['decoding_cpu_s']:.2f} + {batch['model_cpu_s']:.2f} s "
+                     f"over {batch['cores_available']} cores")]
+                   if "bound_ratio" in batch else []),
                  ("  on Ray: end to end / inference stage / backbone alone around it",
                   f"{batch['ray_items_per_s']:.1f} / {batch['ray_steady_items_per_s']:.1f} / "
                   f"{batch['backbone_around_ray_items_per_s']:.1f} items/s",
