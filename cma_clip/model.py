@@ -90,6 +90,10 @@ class CMAClipConfig:
         settings = self.member_settings or [{}] * self.members
         return [replace(self, members=1, member_settings=None, **own) for own in settings]
 
+    def only_tasks(self, tasks: list[str]) -> "CMAClipConfig":
+        """This config for `tasks` (some of its own) alone."""
+        return replace(self, tasks={t: self.tasks[t] for t in tasks})
+
 
 @dataclass
 class AttentionMaps:
@@ -393,7 +397,7 @@ class CMAClip(nn.Module):
         if tasks == self.tasks:
             return self
         with torch.device("meta"):  # built without drawing from the random generator: the weights come next
-            model = CMAClip(replace(self.cfg, tasks={t: self.cfg.tasks[t] for t in tasks}))
+            model = CMAClip(self.cfg.only_tasks(tasks))
         state = {k: v.detach().clone() for k, v in self.state_dict().items()
                  if not k.startswith("heads.") or k.split(".")[1] in tasks}
         if self.modality is not None:

@@ -160,6 +160,11 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
     its features, cached by rank 0 while the other ranks wait."""
     config = cfg.catalogue_config()
     catalogue = Catalogue.open(config)
+    auxiliary = [t for t in cfg.auxiliary_tasks or [] if t not in catalogue.config.tasks]
+    # before the features are built; the catalogue's own columns were checked as it opened
+    absent = [t for t in auxiliary if t not in catalogue.rows[0]]
+    if absent:
+        raise CatalogueError(f"--auxiliary-tasks {absent}: no such column in {catalogue.config.manifest}")
     if cfg.limit:
         catalogue = limit_splits(catalogue, cfg.limit)
     if cfg.extra_labels:
@@ -181,10 +186,7 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
                                 colour=cfg.colour)
     if main_rank:
         distributed.barrier()
-    tasks = catalogue.config.tasks + [t for t in cfg.auxiliary_tasks or [] if t not in catalogue.config.tasks]
-    absent = [t for t in tasks if t not in catalogue.rows[0]]
-    if absent:
-        raise CatalogueError(f"--auxiliary-tasks {absent}: no such column in {catalogue.config.manifest}")
+    tasks = catalogue.config.tasks + auxiliary
     labels = {t: catalogue.labels(t) for t in tasks}
     vocabs = {t: LabelVocab.build([labels[t][i] for i in splits["train"]], cfg.min_count) for t in tasks}
     empty = [t for t, v in vocabs.items() if not len(v)]
@@ -237,7 +239,7 @@ def checkpoint_config(cfg: TrainConfig, data: TrainingData, model: CMAClip) -> C
     names = data.catalogue.config.task_names
     return CheckpointConfig(backbone=cfg.backbone, catalogue=CatalogueColumns.of(data.catalogue.config),
                             tasks={t: TaskSpec(data.vocabs[t].classes, display_name=names.get(t)) for t in data.tasks},
-                            model=replace(model.cfg, tasks={t: model.cfg.tasks[t] for t in data.tasks}), train=cfg)
+                            model=model.cfg.only_tasks(data.tasks), train=cfg)
 
 
 def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

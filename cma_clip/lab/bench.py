@@ -223,7 +223,7 @@ def manifest_throughput(predictor: Predictor, sizes: Sizes) -> dict[str, float]:
                    "seconds": p50(times["manifest"]), "backbone_items_per_s": n / p50(times["backbone"])}
         figures["ratio"] = figures["items_per_s"] / figures["backbone_items_per_s"]
         if predictor.device.type == "cpu":
-            figures.update(cpu_bound(predictor, paths, batches, p50(times["backbone"]), sizes))
+            figures.update(cpu_bound(predictor, paths, batches, backbone_only, p50(times["backbone"]), sizes))
         warmup = write_table(folder / "warmup.csv", [{c: row[c] for c in columns} for row in rows[:batch]])
         ray_runs = []
         for _ in range(sizes.ray_runs):
@@ -241,15 +241,15 @@ def manifest_throughput(predictor: Predictor, sizes: Sizes) -> dict[str, float]:
     return figures
 
 
-def cpu_bound(predictor: Predictor, paths: list[Path], batches: list, backbone_seconds: float,
-              sizes: Sizes) -> dict[str, Any]:
+def cpu_bound(predictor: Predictor, paths: list[Path], batches: list, backbone_only: Callable[[], Any],
+              backbone_seconds: float, sizes: Sizes) -> dict[str, Any]:
     """The highest batch-prediction ratio these cores allow: on a CPU, decoding and the fusion run
     on the cores the backbone uses, so at best every core is busy and the run takes the CPU time of
     backbone, decoding and model together over the cores. Each part's process CPU time (all its
     threads) is measured alone, median of `manifest_repeats` after one warm-up."""
-    backbone, model, colour = predictor.backbone, predictor.model, predictor.model.cfg.colour
+    backbone, model = predictor.backbone, predictor.model
     with torch.no_grad():
-        encoded = [backbone.encode_prepared(pixels, text, colour) for pixels, text in batches]
+        encoded = [backbone.encode_prepared(pixels, text, model.cfg.colour) for pixels, text in batches]
 
     @torch.no_grad()
     def model_only():
@@ -266,7 +266,7 @@ def cpu_bound(predictor: Predictor, paths: list[Path], batches: list, backbone_s
             spent.append(time.process_time() - started)
         return p50(spent)
 
-    spent = {"backbone_cpu_s": cpu_seconds(lambda: [backbone.encode_prepared(p, t, colour) for p, t in batches]),
+    spent = {"backbone_cpu_s": cpu_seconds(backbone_only),
              "decoding_cpu_s": cpu_seconds(lambda: list(image_batches(paths, backbone, sizes.manifest_batch))),
              "model_cpu_s": cpu_seconds(model_only)}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
