@@ -61,6 +61,11 @@ def test_markdown_and_html_from_data_make_the_browser_fetch_nothing(running_app,
     expect(progress).to_contain_text(f"a'![b](http://{HOST}/item.png)<img src=http://{HOST}/item-html.png>")
     page.locator("#review-skip").click()  # the skip message names the item; the table names the annotator
     expect(page.locator("#review-status")).to_contain_text("Skipped item", timeout=30_000)
+    page.locator("#review-previous").click()  # the skipped item: its info lines name the annotator
+    info = page.locator("#review-slot-0 .info-text")
+    expect(info).to_contain_text(f"skipped (<img src=http://{HOST}/annotator.png>![a]", timeout=30_000)
+    expect(info).not_to_contain_text("&lt;")  # Gradio escapes the HTML itself: shown once, as typed
+    assert info.locator("a, img, code").count() == 0  # and its Markdown made no link, image or code
     page.get_by_text("Queue: source, order and filters").click()
     page.locator("#review-manifest button[aria-label*='Clear'], #review-manifest button[aria-label*='clear']") \
         .first.click()

@@ -408,3 +408,14 @@ def test_a_bulk_accept_message_names_tasks_as_people_read_them():
     message = views.bulk_message(outcome, {"index_group_name": "Section"})
     assert message.startswith("Bulk accept (Colour group, Section): 4 items clear the bar, 3 auto-accepted now")
     assert "Colour group = `White` by `ben`" in message and "_name" not in message
+
+
+def test_a_control_info_line_is_plain_text_that_gradio_escapes_and_never_links():
+    from cma_clip.labels import TaskState
+
+    state = TaskState("Dark Blue", "accepted", 2, "<b>ana</b> & ![x](http://beacon.invalid/a.png)", "human", "",
+                      "2026-12-04T10:00:00")
+    info = views.slot_info("Stripe", 0.999996, "`Solid`", state)
+    assert info.startswith("model: Stripe (>99.99%) · catalogue: 'Solid' · saved: Dark Blue (accepted, ")
+    assert "<b>ana</b> & ![x]" in info and "&gt;" not in info and "&amp;" not in info  # Gradio escapes HTML
+    assert "](" not in info and "]\u200b(http://beacon.invalid/a.png)" in info  # its Markdown makes no link

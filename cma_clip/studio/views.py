@@ -63,6 +63,14 @@ def plain(value: object) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]#|~<>" else ch for ch in text)
 
 
+def info_text(value: object) -> str:
+    """A value for a component's `info` line. Gradio escapes its HTML itself (escaping it here
+    showed "&gt;" to people) and then reads a little Markdown without backslash escapes: a code
+    span's backtick becomes a quote and a link's "](" is split by a zero-width space, so data
+    neither styles as code nor becomes a link; emphasis marks stay (they cannot fetch or run)."""
+    return " ".join(str(value).split()).replace("`", "'").replace("](", "]\u200b(")
+
+
 # ---------------------------------------------------------------------- names and numbers
 def task_name(task: str, prediction: TaskPrediction | None = None, names: dict[str, str] | None = None) -> str:
     """The name a person reads for a task: the prediction's, else `names`', else the column made readable."""
@@ -348,7 +356,7 @@ def slot_info(prediction_label: str | None, confidence: float | None, catalogue:
                      else f"{state.status} ({_who(state)})")
     else:
         parts.append("not saved yet")
-    return html.escape(" · ".join(parts))
+    return info_text(" · ".join(parts))
 
 
 def item_line(view: ItemView, explicit: bool) -> str:
