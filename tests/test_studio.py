@@ -383,9 +383,13 @@ def test_percent_verdict_and_operating_figures():
         "index_group_name": {"n": 1002, "threshold": None, "auto_accepted": 0}}}
     text = views.operating_figures(metrics, {"graphical_appearance_name": "Pattern"})
     assert "1,002 held-out test items" in text and "_name" not in text
-    assert "**Pattern**: 93% precision [89%–95%] at ≥ 98%; labels 37% of items correctly" in text
+    assert "**Pattern**: 92.7% precision [89.1%–95.3%] at ≥ 98%; labels 37% of items correctly" in text
     assert "**Index group**: no threshold holds 90%" in text
     assert views.operating_figures({}, {}) == ""
+    just_below = {"tasks": {"colour_group_name": {"n": 1002, "threshold": 0.795, "auto_accepted": 464,
+                                                   "auto_accept_precision": 0.8966, "auto_accept_precision_ci":
+                                                   [0.8620, 0.9250], "operating_recall": 0.4152}}}
+    assert "89.7% precision [86.2%–92.5%]" in views.operating_figures(just_below, {})  # not "90%"
 
 
 def test_an_empty_text_rests_on_the_image_and_is_never_auto_accepted(studio):

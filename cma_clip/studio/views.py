@@ -121,6 +121,11 @@ def text_note(prediction: Prediction) -> str:
     return NO_TEXT_NOTE if prediction.text_absent else ""
 
 
+def tenths(value: float) -> str:
+    """A precision beside the 90% promise, to a tenth of a percent: 0.897 must not read as 90%."""
+    return f"{value * 100:.1f}%"
+
+
 def operating_figures(metrics: dict, names: dict[str, str]) -> str:
     """What auto-accept did on held-out items, per task (`CheckpointConfig.metrics`' split report): its
     precision with the 95% interval, at which threshold, and the share of items it labels correctly."""
@@ -132,8 +137,8 @@ def operating_figures(metrics: dict, names: dict[str, str]) -> str:
             lines.append(f"- **{name}**: no threshold holds 90% precision; nothing is auto-accepted.")
             continue
         low, high = m["auto_accept_precision_ci"]
-        lines.append(f"- **{name}**: {percent(m['auto_accept_precision'])} precision "
-                     f"[{percent(low)}–{percent(high)}] at ≥ {percent(m['threshold'])}; labels "
+        lines.append(f"- **{name}**: {tenths(m['auto_accept_precision'])} precision "
+                     f"[{tenths(low)}–{tenths(high)}] at ≥ {percent(m['threshold'])}; labels "
                      f"{percent(m['operating_recall'])} of items correctly")
     if not lines:
         return ""
