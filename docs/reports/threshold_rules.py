@@ -40,17 +40,18 @@ def split_outputs(folder: Path) -> dict:
     product (H&M's split unit; the row itself elsewhere)."""
     model, config = load_checkpoint(folder, "cpu")
     catalogue = Catalogue.open(config.catalogue_on(config.training_manifest()))
-    splits = split_indices(catalogue, config.train.seed)
+    splits = split_indices(catalogue, config.train.splits_seed)
     backbone = load_backbone(folder, config, "cpu")
     targets = task_targets(config, catalogue)
     whole = has_cached_features(backbone, catalogue)
     if whole:
-        features = extract_features(backbone, catalogue, progress=False, memory_map=True)
+        features = extract_features(backbone, catalogue, progress=False, memory_map=True, colour=model.cfg.colour)
     out = {"text": catalogue.texts(),
            "product": [r.get("product_code") or str(i) for i, r in enumerate(catalogue.rows)]}
     for split in ("val", "test"):
         rows = splits[split]
-        feats = features.take(rows) if whole else extract_features(backbone, catalogue.take(rows), progress=False)
+        feats = features.take(rows) if whole else extract_features(backbone, catalogue.take(rows), progress=False,
+                                                                   colour=model.cfg.colour)
         probs = predict_probabilities(model, feats)
         out[split] = {}
         for task, p in probs.items():
