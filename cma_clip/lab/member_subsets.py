@@ -1,0 +1,147 @@
+"""Which finished runs to keep in one checkpoint: every candidate ensemble of several recipes'
+seeds, scored on val as a ship decision needs it.
+
+    python -m cma_clip.lab.member_subsets --recipes runs/hm-cw-members runs/hm-c-members \
+        --baseline checkpoints/hm-articles --max-mb 25 [--test] [--out-json subsets.json]
+
+Each recipe folder holds its runs as `seed-S` (what `train --members N` writes in OUT-members).
+Candidates: the first k seeds of each recipe, every combination of k's with two runs at least.
+Each is joined as `train --from-members` joins them (`checkpoint.save_ensemble`, in a temporary
+folder, for its size) and read as the mean of its runs' probabilities; its thresholds come from val
+by the checkpoints' rule (`evaluate.THRESHOLD_RULE`). The choice (docs/RESULTS.md, "More, cheaper
+members"): among the candidates within --max-mb whose val operating recall reaches the baseline's
+(the shipped checkpoint, its thresholds chosen again the same way), the highest val mean R@90P; it
+beats the baseline when its val R@90P and operating recall both do. `--test` adds the test figures,
+for the report only: a choice made on them would no longer be held out.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import load_backbone, load_checkpoint, save_ensemble
+from ..data import Catalogue, limit_splits, split_indices
+from ..errors import CMAClipError
+from ..evaluate import THRESHOLD_RULE, item_groups, predict_probabilities, score, task_targets, thresholds_at_90
+from ..features import extract_features
+from ..runtime import default_device
+from .late_ensembles import mixed, rows_of
+
+
+def recipe_runs(folder: Path) -> list[Path]:
+    """A recipe's runs, `seed-S` in the order of S."""
+    runs = sorted(folder.glob("seed-*"), key=lambda p: int(p.name.split("-", 1)[1]))
+    if not runs:
+        raise SystemExit(f"{folder}: no seed-S runs (train with --members N writes them in OUT-members)")
+    return runs
+
+
+def candidates(recipes: list[list[Path]]) -> list[tuple[int, ...]]:
+    """How many of each recipe's first seeds a candidate keeps: every combination, two runs at least."""
+    return [counts for counts in itertools.product(*(range(len(r) + 1) for r in recipes)) if sum(counts) >= 2]
+
+
+def reports(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits: dict[str, np.ndarray],
+            groups: np.ndarray, test: bool) -> dict:
+    """Thresholds from val by the checkpoints' rule; val (and test) scored with them."""
+    val = splits["val"]
+    thresholds = thresholds_at_90(rows_of(probs, val), rows_of(targets, val), THRESHOLD_RULE, groups[val])
+    out = {"thresholds": thresholds}
+    for split in ("val", "test") if test else ("val",):
+        rows = splits[split]
+        out[split] = score(rows_of(probs, rows), rows_of(targets, rows), thresholds, groups[rows])["mean"]
+    return out
+
+
+def chosen(rows: list[dict], baseline: dict, max_mb: float) -> dict | None:
+    """The rule's candidate: within the size, val operating recall at least the baseline's, the highest
+    val mean R@90P (None when no candidate qualifies)."""
+    eligible = [r for r in rows if r["megabytes"] <= max_mb
+                and r["val"]["operating_recall"] >= baseline["val"]["operating_recall"]]
+    return max(eligible, key=lambda r: r["val"]["recall_at_90_precision"], default=None)
+
+
+def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: bool = False,
+        data_root: str | None = None, cache_dir: str | None = None, log=print) -> dict:
+    device = default_device()
+    recipes = [recipe_runs(Path(f)) for f in recipe_folders]
+    base_model, config = load_checkpoint(baseline, device)
+    catalogue = Catalogue.open(config.catalogue_on(config.training_manifest(data_root)))
+    if config.train.limit:  # the rows the runs were trained and calibrated on
+        catalogue = limit_splits(catalogue, config.train.limit)
+    splits = split_indices(catalogue, config.train.splits_seed)
+    features = extract_features(load_backbone(baseline, config, device), catalogue, cache_dir, memory_map=True,
+                                colour=True, progress=False)  # models without colour tokens ignore it
+    targets, groups = task_targets(config, catalogue), item_groups(features, np.arange(len(features)))
+    rows = np.concatenate([splits["val"], splits["test"]])
+
+    def probabilities(model) -> dict[str, np.ndarray]:  # every item's, filled on the val and test rows
+        out = {t: np.zeros((len(catalogue), n), np.float32) for t, n in model.cfg.tasks.items()}
+        for task, p in predict_probabilities(model, features, rows).items():
+            out[task][rows] = p
+        return out
+
+    base = reports(probabilities(base_model), targets, splits, groups, test)
+    per_run = {}
+    for run_folder in (r for recipe in recipes for r in recipe):
+        model, run_config = load_checkpoint(run_folder, device)
+        if run_config.classes != config.classes:
+            raise SystemExit(f"{run_folder}: other tasks or classes than {baseline}")
+        per_run[run_folder] = probabilities(model)
+        log(f"probabilities of {run_folder}")
+    out = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for counts in candidates(recipes):
+            runs = [r for recipe, k in zip(recipes, counts) for r in recipe[:k]]
+            size = save_ensemble(Path(scratch) / "-".join(map(str, counts)), runs) / "model.safetensors"
+            row = {"runs": [str(r) for r in runs], "counts": list(counts), "megabytes": size.stat().st_size / 1e6,
+                   **reports(mixed([per_run[r] for r in runs], [1.0] * len(runs)), targets, splits, groups, test)}
+            out.append(row)
+            log(format_row(row))
+    pick = chosen(out, base, max_mb)
+    beats = bool(pick and all(pick["val"][k] > base["val"][k] for k in ("recall_at_90_precision", "operating_recall")))
+    return {"recipes": [str(f) for f in recipe_folders], "baseline": {"checkpoint": str(baseline), **base},
+            "max_mb": max_mb, "threshold_rule": THRESHOLD_RULE, "candidates": out,
+            "chosen": pick["counts"] if pick else None, "chosen_beats_baseline": beats}
+
+
+def format_row(row: dict) -> str:
+    figures = " ".join(f"{split} {row[split]['recall_at_90_precision']:.4f} / {row[split]['operating_recall']:.4f}"
+                       for split in ("val", "test") if split in row)
+    return f"{'+'.join(map(str, row['counts'])):>12s}  {row['megabytes']:6.1f} MB  {figures}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipes", nargs="+", required=True, type=Path, help="OUT-members folders of seed-S runs")
+    parser.add_argument("--baseline", required=True, type=Path, help="the checkpoint a candidate must beat")
+    parser.add_argument("--max-mb", type=float, default=25.0)
+    parser.add_argument("--test", action="store_true", help="also the test figures (for the report only)")
+    parser.add_argument("--data-root")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--out-json", type=Path)
+    args = parser.parse_args(argv)
+    print(f"{'seeds kept':>12s}  {'size':>9s}  R@90P / operating recall (mean over tasks)")
+    try:
+        doc = run(args.recipes, args.baseline, args.max_mb, args.test, args.data_root, args.cache_dir)
+    except CMAClipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'baseline':>12s}  {'':9s}  " + " ".join(
+        f"{s} {doc['baseline'][s]['recall_at_90_precision']:.4f} / {doc['baseline'][s]['operating_recall']:.4f}"
+        for s in ("val", "test") if s in doc["baseline"]))
+    verdict = "beats the baseline" if doc["chosen_beats_baseline"] else "does not beat the baseline"
+    print(f"chosen: {doc['chosen']} ({verdict})" if doc["chosen"] else "chosen: none qualifies")
+    if args.out_json:
+        args.out_json.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Choosing which finished runs to keep in one checkpoint (cma_clip/lab/member_subsets.py)."""
+from pathlib import Path
+
+import pytest
+
+from cma_clip import train
+from cma_clip.lab import member_subsets
+from cma_clip.lab.late_ensembles import run as late_run
+from test_ensemble import TINY
+
+
+@pytest.fixture(scope="module")
+def two_recipes(tmp_path_factory, cache_dir):
+    """Two tiny recipes (colour + words, colour alone), two seeds each, and the first one joined as a baseline."""
+    root = tmp_path_factory.mktemp("subsets")
+    words_off = [a if previous != "--words-buckets" else "0" for previous, a in zip([None, *TINY], TINY)]
+    for name, args in (("cw", TINY), ("c", words_off)):
+        assert train.main([*args, "--members", "2", "--seed", "3", "--cache-dir", str(cache_dir),
+                           "--out", str(root / name)]) == 0
+    return root
+
+
+def test_candidates_are_every_combination_of_first_seeds_with_two_runs_at_least():
+    recipes = [[Path("a0"), Path("a1")], [Path("b0")]]
+    assert member_subsets.candidates(recipes) == [(1, 1), (2, 0), (2, 1)]
+
+
+def test_the_rule_takes_the_best_val_r90p_among_candidates_small_enough_that_reach_the_baseline_recall():
+    def row(counts, mb, r90, recall):
+        return {"counts": counts, "megabytes": mb, "val": {"recall_at_90_precision": r90, "operating_recall": recall}}
+
+    baseline = {"val": {"recall_at_90_precision": 0.70, "operating_recall": 0.62}}
+    rows = [row([1, 1], 10, 0.75, 0.61),  # best R@90P, but its operating recall falls short
+            row([2, 1], 30, 0.74, 0.65),  # too large
+            row([2, 0], 20, 0.71, 0.62), row([1, 2], 20, 0.72, 0.63)]
+    assert member_subsets.chosen(rows, baseline, 25)["counts"] == [1, 2]
+    assert member_subsets.chosen(rows, baseline, 35)["counts"] == [2, 1]
+    assert member_subsets.chosen(rows[:1], baseline, 25) is None
+
+
+def test_thresholds_come_from_val_and_score_test():
+    import numpy as np
+
+    n = 200  # val: 100 items confidently right; test: 100 items confidently wrong
+    probs = {"t": np.tile([[0.98, 0.02]], (n, 1)).astype(np.float32)}
+    targets = {"t": np.r_[np.zeros(100, int), np.ones(100, int)]}
+    splits = {"val": np.arange(100), "test": np.arange(100, 200)}
+    out = member_subsets.reports(probs, targets, splits, np.arange(n), test=True)
+    assert out["thresholds"]["t"] == pytest.approx(0.98)
+    assert out["val"]["operating_recall"] == 1.0 and out["test"]["operating_recall"] == 0.0
+    assert member_subsets.reports(probs, targets, splits, np.arange(n), test=False).keys() == {"thresholds", "val"}
+
+
+def test_every_candidate_is_sized_and_scored_as_a_joined_mean(two_recipes, cache_dir):
+    recipes = [two_recipes / "cw-members", two_recipes / "c-members"]
+    doc = member_subsets.run(recipes, two_recipes / "cw", test=True, cache_dir=str(cache_dir), log=lambda _: None)
+    rows = {tuple(r["counts"]): r for r in doc["candidates"]}
+    assert list(rows) == [(0, 2), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert rows[(0, 2)]["runs"] == [str(recipes[1] / "seed-3"), str(recipes[1] / "seed-4")]
+    assert 0 < rows[(2, 0)]["megabytes"] < rows[(2, 1)]["megabytes"] < rows[(2, 2)]["megabytes"]
+    # the two colour + words seeds: the same test figures as the lab's mean of the two checkpoints
+    late = late_run([recipes[0] / "seed-3", recipes[0] / "seed-4"], cache_dir=str(cache_dir),
+                    linear_file=two_recipes / "linear.npz", log=lambda _: None)["methods"]["mean of 2 checkpoints"]
+    for key in ("accuracy", "recall_at_90_precision", "operating_recall"):
+        assert rows[(2, 0)]["test"][key] == pytest.approx(late["mean"][key])
+    assert doc["baseline"]["val"].keys() == rows[(2, 0)]["val"].keys()
+    assert doc["chosen"] is None or doc["chosen"] in [list(c) for c in rows]
+
+
+def test_a_missing_baseline_is_named_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "r" / "seed-0").mkdir(parents=True)
+    assert member_subsets.main(["--recipes", str(tmp_path / "r"), "--baseline", str(tmp_path / "nothing")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
