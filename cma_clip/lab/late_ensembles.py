@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,12 +84,42 @@ def mixed(parts: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str,
     return {task: sum(w * p[task] for w, p in zip(weights, parts)) / sum(weights) for task in parts[0]}
 
 
+def val_thresholds(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits: dict[str, np.ndarray],
+                   groups: np.ndarray) -> dict[str, float | None]:
+    """Each task's auto-accept threshold from the val rows, by the checkpoints' rule."""
+    val = splits["val"]
+    return thresholds_at_90(rows_of(probs, val), rows_of(targets, val), THRESHOLD_RULE, groups[val])
+
+
 def operating_report(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits: dict[str, np.ndarray],
                      groups: np.ndarray) -> dict:
     """Thresholds from val by the checkpoints' rule, then the test report with them."""
-    val, test = splits["val"], splits["test"]
-    thresholds = thresholds_at_90(rows_of(probs, val), rows_of(targets, val), THRESHOLD_RULE, groups[val])
-    return score(rows_of(probs, test), rows_of(targets, test), thresholds, groups[test])
+    test = splits["test"]
+    return score(rows_of(probs, test), rows_of(targets, test), val_thresholds(probs, targets, splits, groups),
+                 groups[test])
+
+
+class ScoringData(NamedTuple):
+    """What scoring a checkpoint's catalogue needs: its rows, splits, cached features, targets and text groups."""
+
+    catalogue: Catalogue
+    splits: dict[str, np.ndarray]
+    features: Features
+    targets: dict[str, np.ndarray]
+    groups: np.ndarray
+
+
+def scoring_data(checkpoint: Path, config: CheckpointConfig, device, data_root: str | None = None,
+                 cache_dir: str | None = None) -> ScoringData:
+    """The catalogue a checkpoint was trained on (its limit and split seed), with the features its
+    training cached (the colour descriptor too: models without colour tokens ignore it)."""
+    catalogue = Catalogue.open(config.catalogue_on(config.training_manifest(data_root)))
+    if config.train.limit:  # the rows the runs were trained and calibrated on
+        catalogue = limit_splits(catalogue, config.train.limit)
+    features = extract_features(load_backbone(checkpoint, config, device), catalogue, cache_dir, memory_map=True,
+                                colour=True, progress=False)
+    return ScoringData(catalogue, split_indices(catalogue, config.train.splits_seed), features,
+                       task_targets(config, catalogue), item_groups(features, np.arange(len(features))))
 
 
 def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | None = None,
@@ -102,13 +133,7 @@ def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | 
     config: CheckpointConfig = models[0][1]
     if any(c.classes != config.classes for _, c in models):
         raise SystemExit("the checkpoints must share their tasks and classes (one catalogue)")
-    catalogue = Catalogue.open(config.catalogue_on(config.training_manifest(data_root)))
-    if config.train.limit:  # the rows the runs were trained and calibrated on
-        catalogue = limit_splits(catalogue, config.train.limit)
-    splits = split_indices(catalogue)
-    features = extract_features(load_backbone(checkpoints[0], config, device), catalogue, cache_dir, memory_map=True,
-                                colour=True, progress=False)  # models without colour tokens ignore it
-    targets, groups = task_targets(config, catalogue), item_groups(features, np.arange(len(features)))
+    catalogue, splits, features, targets, groups = scoring_data(checkpoints[0], config, device, data_root, cache_dir)
     every = np.arange(len(catalogue))
     model_probs = [predict_probabilities(m, features, every) for m, _ in models]
     if linear_file is not None and linear_file.exists():

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_backbone, load_checkpoint, save_ensemble
-from ..data import Catalogue, limit_splits, split_indices
+from ..checkpoint import load_checkpoint, save_ensemble
 from ..errors import CMAClipError
-from ..evaluate import THRESHOLD_RULE, item_groups, predict_probabilities, score, task_targets, thresholds_at_90
-from ..features import extract_features
+from ..evaluate import THRESHOLD_RULE, predict_probabilities, score
 from ..runtime import default_device
-from .late_ensembles import mixed, rows_of
+from .late_ensembles import mixed, rows_of, scoring_data, val_thresholds
 
 
 def recipe_runs(folder: Path) -> list[Path]:
@@ -50,8 +48,7 @@ def candidates(recipes: list[list[Path]]) -> list[tuple[int, ...]]:
 def reports(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits: dict[str, np.ndarray],
             groups: np.ndarray, test: bool) -> dict:
     """Thresholds from val by the checkpoints' rule; val (and test) scored with them."""
-    val = splits["val"]
-    thresholds = thresholds_at_90(rows_of(probs, val), rows_of(targets, val), THRESHOLD_RULE, groups[val])
+    thresholds = val_thresholds(probs, targets, splits, groups)
     out = {"thresholds": thresholds}
     for split in ("val", "test") if test else ("val",):
         rows = splits[split]
@@ -72,13 +69,7 @@ def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: 
     device = default_device()
     recipes = [recipe_runs(Path(f)) for f in recipe_folders]
     base_model, config = load_checkpoint(baseline, device)
-    catalogue = Catalogue.open(config.catalogue_on(config.training_manifest(data_root)))
-    if config.train.limit:  # the rows the runs were trained and calibrated on
-        catalogue = limit_splits(catalogue, config.train.limit)
-    splits = split_indices(catalogue, config.train.splits_seed)
-    features = extract_features(load_backbone(baseline, config, device), catalogue, cache_dir, memory_map=True,
-                                colour=True, progress=False)  # models without colour tokens ignore it
-    targets, groups = task_targets(config, catalogue), item_groups(features, np.arange(len(features)))
+    catalogue, splits, features, targets, groups = scoring_data(baseline, config, device, data_root, cache_dir)
     rows = np.concatenate([splits["val"], splits["test"]])
 
     def probabilities(model) -> dict[str, np.ndarray]:  # every item's, filled on the val and test rows

@@ -51,9 +51,14 @@ KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's cho
 
 
 # ---------------------------------------------------------------------- safe Markdown
+def _one_line(value: object) -> str:
+    """A value on one line, its backticks made quotes (they would open or close a code span)."""
+    return " ".join(str(value).split()).replace("`", "'")
+
+
 def code(value: object) -> str:
     """A value as a Markdown code span: shown verbatim, never run as HTML."""
-    text = " ".join(str(value).split()).replace("`", "'")
+    text = _one_line(value)
     return f"`{text}`" if text else "``"
 
 
@@ -68,7 +73,7 @@ def info_text(value: object) -> str:
     showed "&gt;" to people) and then reads a little Markdown without backslash escapes: a code
     span's backtick becomes a quote and a link's "](" is split by a zero-width space, so data
     neither styles as code nor becomes a link; emphasis marks stay (they cannot fetch or run)."""
-    return " ".join(str(value).split()).replace("`", "'").replace("](", "]\u200b(")
+    return _one_line(value).replace("](", "]\u200b(")
 
 
 # ---------------------------------------------------------------------- names and numbers
