@@ -111,9 +111,13 @@ class DualEncoder(nn.Module):
         return f"{self._key}-letterbox{self.image_size}"
 
     def load_finetuned(self, state: dict[str, torch.Tensor], digest: str) -> None:
-        """Load fine-tuned weights; `digest` (of their file) joins the cache key, so their
-        features are cached apart from the pretrained weights'."""
-        self.load_state_dict(state)
+        """Load fine-tuned weights, all of the backbone's or some of them (its top layers; the
+        rest stay pretrained); `digest` (of their file) joins the cache key, so their features
+        are cached apart from the pretrained weights'."""
+        unknown = sorted(set(state) - set(self.state_dict()))
+        if unknown or not state:
+            raise BackboneError(f"these weights are not this backbone's: {', '.join(unknown[:3]) or 'none given'}")
+        self.load_state_dict(state, strict=False)
         self._key = f"{self._key.split('-finetuned-')[0]}-finetuned-{digest}"
 
     def forward(self, pixels: torch.Tensor, text: TextBatch, colour: bool = False) -> EncoderOutput:

@@ -400,12 +400,18 @@ def load_finetuned_backbone(folder: str | Path, backbone: DualEncoder) -> bool:
     path = _checkpoint_folder(folder) / BACKBONE_WEIGHTS
     if not path.exists():
         return False
+    load_backbone_weights(path, backbone)
+    return True
+
+
+def load_backbone_weights(path: str | Path, backbone: DualEncoder) -> None:
+    """Load a safetensors file of fine-tuned backbone weights (all or some of its tensors, under
+    the backbone's names) into `backbone`; its cache key then names the file's contents."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    backbone.load_finetuned(_load_tensors(path), digest.hexdigest()[:16])
-    return True
+    backbone.load_finetuned(_load_tensors(Path(path)), digest.hexdigest()[:16])
 
 
 def _checkpoint_folder(folder: str | Path) -> Path:

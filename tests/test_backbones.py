@@ -106,3 +106,23 @@ def test_batch_pixels_are_the_letterboxed_images_and_to_rgb_copies():
     assert batch[-1].shape == (224, 224, 3) and np.all(batch[-1][:, :70] == 255)  # upright: padded left and right
     rgb = to_rgb(base)
     assert rgb is not base and np.array_equal(np.asarray(rgb), np.asarray(base))
+
+
+def test_finetuned_weights_may_be_some_of_the_backbones_and_nothing_else(tmp_path):
+    from safetensors.torch import save_file
+
+    from cma_clip.checkpoint import load_backbone_weights
+
+    backbone = create_backbone("bundled", "cpu")
+    pretrained = {k: v.clone() for k, v in backbone.state_dict().items()}
+    key = backbone.cache_key()
+    tuned = {"cnn._conv_head.weight": pretrained["cnn._conv_head.weight"] * 1.5}
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    load_backbone_weights(tmp_path / "tuned.safetensors", backbone)
+    state = backbone.state_dict()
+    assert torch.equal(state["cnn._conv_head.weight"], tuned["cnn._conv_head.weight"])
+    assert all(torch.equal(state[k], v) for k, v in pretrained.items() if k != "cnn._conv_head.weight")
+    assert backbone.cache_key() != key  # their features are cached apart
+    save_file({"cnn._blocks.99.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(BackboneError, match="not this backbone's"):
+        load_backbone_weights(tmp_path / "other.safetensors", backbone)
