@@ -188,14 +188,17 @@ def run(cfg: TrainConfig, tower: str, layers: int, lr_scale: float, backbone_wei
     data: TrainingData = load_data(cfg, backbone)
     started = time.time()
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    states = (text_middle_states(backbone, data.features, layers, cache) if tower == "text"
-              else image_middle_states(backbone, data.catalogue, max(layers, 1), cache))
+    # at --layers 0 the image side still runs through a (frozen) copy of its last block, so the
+    # frozen reference is computed the way the tuned runs are
+    copied = max(layers, 1) if tower == "image" else layers
+    states = (text_middle_states(backbone, data.features, copied, cache) if tower == "text"
+              else image_middle_states(backbone, data.catalogue, copied, cache))
     states_seconds = time.time() - started
     seed_everything(cfg.seed)
     model = build_model(cfg, data, backbone).to(device)
     align(cfg, model, data, device)
     model.align.requires_grad_(False)
-    top = TOWERS[tower](backbone, max(layers, 1) if tower == "image" else layers).to(device)
+    top = TOWERS[tower](backbone, copied).to(device)
     top.requires_grad_(bool(layers))
     pretrained = [p.detach().clone() for p in top.parameters()]
     trained = nn.ModuleDict({"model": model, "top": top})
