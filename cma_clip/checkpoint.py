@@ -71,6 +71,9 @@ class TrainConfig:
     # model
     backbone: str = "bundled"
     finetune_backbone: bool = False
+    # tuned layers loaded into the backbone and kept frozen (a safetensors of some of its tensors,
+    # e.g. `lab.tower_finetune`'s); the checkpoint keeps them as its backbone.safetensors
+    backbone_weights: str | None = None
     fusion: str = "cma"
     align_from: str | None = None  # take the alignment heads from this checkpoint
     width: int = 192
@@ -110,6 +113,9 @@ class TrainConfig:
             raise CatalogueError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema}")
         if not 0 <= self.modality_dropout < 1:
             raise CatalogueError(f"--modality-dropout is a rate in [0, 1), not {self.modality_dropout}")
+        if self.backbone_weights and self.finetune_backbone:
+            raise CatalogueError("--backbone-weights starts from tuned layers kept frozen; it does not go with "
+                                 "--finetune-backbone")
         if self.ema and self.finetune_backbone:
             raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
 
@@ -364,6 +370,8 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
                                            ("catalogue", config.catalogue, first.catalogue),
                                            ("backbone", config.backbone, first.backbone))
                    if a != b]
+        if _backbone_file_digest(path) != _backbone_file_digest(members[0]):
+            differs.append("backbone weights")
         if config.train.finetune_backbone or differs:
             raise CheckpointError(f"{path} cannot join {members[0]} in an ensemble: "
                                   + (", ".join(differs) or "its backbone was fine-tuned") + " differ")
@@ -377,7 +385,8 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
     training = {"members": [{"folder": Path(m).name, "seed": c.train.seed, **c.training}
                             for m, c in zip(members, configs)]}
     config = replace(first, train=replace(first.train, members=len(models)), training=training)
-    return save_checkpoint(folder, ensemble, config)
+    tuned = _checkpoint_folder(members[0]) / BACKBONE_WEIGHTS  # the members' one set of tuned backbone layers
+    return save_checkpoint(folder, ensemble, config, _load_tensors(tuned) if tuned.exists() else None)
 
 
 def load_backbone(folder: str | Path, config: CheckpointConfig, device: torch.device | str) -> DualEncoder:
@@ -407,11 +416,20 @@ def load_finetuned_backbone(folder: str | Path, backbone: DualEncoder) -> bool:
 def load_backbone_weights(path: str | Path, backbone: DualEncoder) -> None:
     """Load a safetensors file of fine-tuned backbone weights (all or some of its tensors, under
     the backbone's names) into `backbone`; its cache key then names the file's contents."""
+    backbone.load_finetuned(_load_tensors(Path(path)), _file_digest(Path(path)))
+
+
+def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    backbone.load_finetuned(_load_tensors(Path(path)), digest.hexdigest()[:16])
+    return digest.hexdigest()[:16]
+
+
+def _backbone_file_digest(folder: str | Path) -> str | None:
+    path = _checkpoint_folder(folder) / BACKBONE_WEIGHTS
+    return _file_digest(path) if path.exists() else None
 
 
 def _checkpoint_folder(folder: str | Path) -> Path:

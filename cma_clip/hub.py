@@ -22,7 +22,8 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
     try:
         paths = [hf_hub_download(repo_id, name, revision=revision, etag_timeout=5) for name in (CONFIG, WEIGHTS)]
         folder = Path(paths[0]).parent
-        if read_config(folder).train.finetune_backbone:
+        train = read_config(folder).train
+        if train.finetune_backbone or train.backbone_weights:
             hf_hub_download(repo_id, BACKBONE_WEIGHTS, revision=revision, etag_timeout=5)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:  # ValueError: a bad repo id
         raise HubError(f"could not download checkpoint {repo_id!r} from the Hugging Face Hub "

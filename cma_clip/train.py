@@ -47,7 +47,8 @@ from . import distributed
 from .align import train_alignment
 from .backbones import DualEncoder, EncoderOutput, create_backbone
 from .checkpoint import (CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, TrainConfig,
-                         is_checkpoint, load_backbone, load_checkpoint, read_config, save_checkpoint, save_ensemble)
+                         is_checkpoint, load_backbone, load_backbone_weights, load_checkpoint, read_config,
+                         save_checkpoint, save_ensemble)
 from .data import Catalogue, CatalogueError, LabelVocab, limit_splits, load_image, split_indices
 from .errors import CMAClipError
 from .evaluate import calibrate, format_table, predict_probabilities, rescore, score
@@ -86,6 +87,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default=d.backbone, help="'bundled' or 'open_clip:MODEL[:PRETRAINED]'")
     m.add_argument("--finetune-backbone", action="store_true", help="train the backbone too (slow; for a GPU)")
+    m.add_argument("--backbone-weights", metavar="FILE",
+                   help="tuned layers to load into the backbone, kept frozen (e.g. lab.tower_finetune's "
+                        "tuned-layers.safetensors); the checkpoint keeps them")
     m.add_argument("--fusion", default=d.fusion, choices=FUSIONS,
                    help="the full model, an ablation or a baseline (see cma_clip.model.FUSIONS)")
     m.add_argument("--align-from", help="take the CLIP-style alignment heads from this checkpoint instead of "
@@ -357,6 +361,8 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     backbone = create_backbone(cfg.backbone, device, trainable=cfg.finetune_backbone)
+    if cfg.backbone_weights:
+        load_backbone_weights(cfg.backbone_weights, backbone)
     data = load_data(cfg, backbone, main_rank)
     seed_everything(cfg.seed)  # again: building the feature cache draws from the RNG, reading it does not
     model = build_model(cfg, data, backbone).to(device)
@@ -398,6 +404,7 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
     weights are validated and kept."""
     out, main_rank = Path(cfg.out), rank == 0
     kept = ema.module if ema is not None else model  # the weights validation scores and the checkpoint keeps
+    given = load_file(cfg.backbone_weights) if cfg.backbone_weights else None  # tuned layers, kept as they came
     source = LiveBatches(tuned, data.catalogue, colour=cfg.colour) if tuned is not None else data.features
     net, batches_of = model, source  # what training runs; validation uses model and source
     if world > 1:  # the same alignment ran on every rank; DDP also copies rank 0's weights to the others
@@ -458,7 +465,7 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
             counters["best"], counters["bad_epochs"] = val["mean"][SELECTION_METRIC], 0
             if main_rank:
                 save_checkpoint(out, kept.only_tasks(data.tasks), replace(config, metrics={"val": val}),
-                                tuned.state_dict() if tuned is not None else None)
+                                tuned.state_dict() if tuned is not None else given)
         else:
             counters["bad_epochs"] += 1
         if main_rank:

@@ -73,7 +73,7 @@ def test_pickle_files_are_refused(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("finetuned", [False, True])
+@pytest.mark.parametrize("finetuned", [None, "finetune_backbone", "backbone_weights"])
 def test_hub_download_fetches_the_backbone_only_of_a_finetuned_checkpoint(small_checkpoint, tmp_path, monkeypatch,
                                                                           finetuned):
     import huggingface_hub
@@ -83,7 +83,8 @@ def test_hub_download_fetches_the_backbone_only_of_a_finetuned_checkpoint(small_
     repo = tmp_path / "repo"
     shutil.copytree(small_checkpoint, repo)
     config = json.loads((repo / "config.json").read_text())
-    config["train"]["finetune_backbone"] = finetuned
+    if finetuned:  # trained with the backbone, or from tuned layers given to training
+        config["train"][finetuned] = True if finetuned == "finetune_backbone" else "tuned-layers.safetensors"
     (repo / "config.json").write_text(json.dumps(config))
     asked = []
 

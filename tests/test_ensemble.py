@@ -242,3 +242,34 @@ def test_without_a_split_column_the_members_share_one_split(cache_dir, tmp_path)
         assert train.main([*tiny, "--seed", str(seed), "--out", str(tmp_path / f"alone-{seed}")]) == 0
     with pytest.raises(CatalogueError, match="split the catalogue differently"):
         train.combine(tmp_path / "mixed", [tmp_path / "alone-5", tmp_path / "alone-6"], cache_dir=str(cache_dir))
+
+
+def test_tuned_layers_given_to_training_stay_frozen_and_travel_with_the_checkpoint(backbone, cache_dir, tmp_path):
+    """--backbone-weights (e.g. lab.tower_finetune's tuned image tail): every member and the ensemble
+    keep the same file, loading applies it (and caches its features apart), runs on other tuned
+    layers cannot join, and it does not go with --finetune-backbone."""
+    from safetensors.torch import save_file
+
+    from cma_clip.checkpoint import TrainConfig, load_backbone
+
+    head = backbone.state_dict()["cnn._conv_head.weight"]
+    weights = {}
+    for name, scale in (("a", 1.1), ("b", 0.9)):
+        weights[name] = tmp_path / f"{name}.safetensors"
+        save_file({"cnn._conv_head.weight": (head * scale).half()}, str(weights[name]))
+    out = tmp_path / "tuned-pair"
+    assert train.main([*TINY, "--members", "2", "--seed", "3", "--backbone-weights", str(weights["a"]),
+                       "--cache-dir", str(cache_dir), "--out", str(out)]) == 0
+    for folder in [out, *members_of(out)]:
+        assert (folder / "backbone.safetensors").read_bytes() == weights["a"].read_bytes()
+    loaded = load_backbone(out, read_config(out), "cpu")
+    torch.testing.assert_close(loaded.state_dict()["cnn._conv_head.weight"], (head * 1.1).half().float())
+    torch.testing.assert_close(loaded.state_dict()["cnn._bn1.weight"], backbone.state_dict()["cnn._bn1.weight"])
+    assert loaded.cache_key() != backbone.cache_key()
+    other = tmp_path / "other"
+    assert train.main([*TINY, "--backbone-weights", str(weights["b"]), "--cache-dir", str(cache_dir),
+                       "--out", str(other)]) == 0
+    with pytest.raises(CheckpointError, match="backbone weights"):
+        save_ensemble(tmp_path / "mixed", [members_of(out)[0], other])
+    with pytest.raises(CatalogueError, match="backbone-weights"):
+        TrainConfig(catalogue="hm-articles", backbone_weights=str(weights["a"]), finetune_backbone=True)

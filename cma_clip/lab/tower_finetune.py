@@ -140,11 +140,13 @@ def image_middle_states(backbone: DualEncoder, catalogue: Catalogue, layers: int
 
 def backbone_state(top: TextTop | ImageTail) -> dict[str, torch.Tensor]:
     """The tuned layers' tensors under the backbone's own names: a partial backbone state that
-    `DualEncoder.load_finetuned` takes (what a checkpoint's backbone.safetensors holds)."""
+    `DualEncoder.load_finetuned` takes (what a checkpoint's backbone.safetensors holds). In
+    float16: half the bytes in a checkpoint, and the backbone computes in float32 from them."""
     state = {}
     for name, tensor in top.state_dict().items():
         module, rest = next((m, name[len(m):]) for m in top.backbone_names if name.startswith(m + "."))
-        state[top.backbone_names[module] + rest] = tensor.detach().float().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        state[top.backbone_names[module] + rest] = tensor.half() if tensor.is_floating_point() else tensor
     return state
 
 
