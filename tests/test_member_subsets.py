@@ -71,3 +71,22 @@ def test_a_missing_baseline_is_named_without_a_traceback(tmp_path, capsys):
     (tmp_path / "r" / "seed-0").mkdir(parents=True)
     assert member_subsets.main(["--recipes", str(tmp_path / "r"), "--baseline", str(tmp_path / "nothing")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_runs_on_tuned_backbone_layers_are_scored_on_their_own_features_and_sized_with_them(two_recipes, cache_dir,
+                                                                                           backbone, tmp_path):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "tuned.safetensors"
+    save_file({"cnn._conv_head.weight": (backbone.state_dict()["cnn._conv_head.weight"] * 1.2).half()}, str(weights))
+    assert train.main([*TINY, "--members", "2", "--seed", "3", "--backbone-weights", str(weights),
+                       "--cache-dir", str(cache_dir), "--out", str(tmp_path / "tuned")]) == 0
+    recipe = tmp_path / "tuned-members"
+    doc = member_subsets.run([recipe], two_recipes / "cw", test=True, cache_dir=str(cache_dir), log=lambda _: None)
+    (row,) = doc["candidates"]
+    late = late_run([recipe / "seed-3", recipe / "seed-4"], cache_dir=str(cache_dir),
+                    linear_file=two_recipes / "linear.npz", log=lambda _: None)["methods"]["mean of 2 checkpoints"]
+    for key in ("accuracy", "recall_at_90_precision", "operating_recall"):  # the tuned backbone's features
+        assert row["test"][key] == pytest.approx(late["mean"][key])
+    joined = (tmp_path / "tuned" / "model.safetensors").stat().st_size + weights.stat().st_size
+    assert row["megabytes"] == pytest.approx(joined / 1e6)

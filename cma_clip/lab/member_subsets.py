@@ -7,7 +7,8 @@ seeds, scored on val as a ship decision needs it.
 Each recipe folder holds its runs as `seed-S` (what `train --members N` writes in OUT-members).
 Candidates: the first k seeds of each recipe, every combination of k's with two runs at least.
 Each is joined as `train --from-members` joins them (`checkpoint.save_ensemble`, in a temporary
-folder, for its size) and read as the mean of its runs' probabilities; its thresholds come from val
+folder, for its size: its weights and any tuned backbone layers) and read as the mean of its runs'
+probabilities (each run on its own backbone's features); its thresholds come from val
 by the checkpoints' rule (`evaluate.THRESHOLD_RULE`). The choice (docs/RESULTS.md, "More, cheaper
 members"): among the candidates within --max-mb whose val operating recall reaches the baseline's
 (the shipped checkpoint, its thresholds chosen again the same way), the highest val mean R@90P; it
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_checkpoint, save_ensemble
+from ..checkpoint import load_backbone, load_checkpoint, save_ensemble
 from ..errors import CMAClipError
 from ..evaluate import THRESHOLD_RULE, predict_probabilities, score
+from ..features import Features, extract_features
 from ..runtime import default_device
 from .late_ensembles import mixed, rows_of, scoring_data, val_thresholds
 
@@ -72,26 +74,37 @@ def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: 
     catalogue, splits, features, targets, groups = scoring_data(baseline, config, device, data_root, cache_dir)
     rows = np.concatenate([splits["val"], splits["test"]])
 
-    def probabilities(model) -> dict[str, np.ndarray]:  # every item's, filled on the val and test rows
+    by_backbone = {load_backbone(baseline, config, device).cache_key(): features}
+
+    def features_of(folder: Path, run_config) -> Features:
+        """A run's features: its backbone's (runs on tuned backbone layers read their own)."""
+        backbone = load_backbone(folder, run_config, device)
+        if backbone.cache_key() not in by_backbone:
+            by_backbone[backbone.cache_key()] = extract_features(backbone, catalogue, cache_dir, memory_map=True,
+                                                                 colour=True, progress=False)
+        return by_backbone[backbone.cache_key()]
+
+    def probabilities(model, run_features: Features) -> dict[str, np.ndarray]:  # filled on the val and test rows
         out = {t: np.zeros((len(catalogue), n), np.float32) for t, n in model.cfg.tasks.items()}
-        for task, p in predict_probabilities(model, features, rows).items():
+        for task, p in predict_probabilities(model, run_features, rows).items():
             out[task][rows] = p
         return out
 
-    base = reports(probabilities(base_model), targets, splits, groups, test)
+    base = reports(probabilities(base_model, features), targets, splits, groups, test)
     per_run = {}
     for run_folder in (r for recipe in recipes for r in recipe):
         model, run_config = load_checkpoint(run_folder, device)
         if run_config.classes != config.classes:
             raise SystemExit(f"{run_folder}: other tasks or classes than {baseline}")
-        per_run[run_folder] = probabilities(model)
+        per_run[run_folder] = probabilities(model, features_of(run_folder, run_config))
         log(f"probabilities of {run_folder}")
     out = []
     with tempfile.TemporaryDirectory() as scratch:
         for counts in candidates(recipes):
             runs = [r for recipe, k in zip(recipes, counts) for r in recipe[:k]]
-            size = save_ensemble(Path(scratch) / "-".join(map(str, counts)), runs) / "model.safetensors"
-            row = {"runs": [str(r) for r in runs], "counts": list(counts), "megabytes": size.stat().st_size / 1e6,
+            joined = save_ensemble(Path(scratch) / "-".join(map(str, counts)), runs)
+            size = sum(f.stat().st_size for f in joined.glob("*.safetensors"))  # tuned backbone layers too
+            row = {"runs": [str(r) for r in runs], "counts": list(counts), "megabytes": size / 1e6,
                    **reports(mixed([per_run[r] for r in runs], [1.0] * len(runs)), targets, splits, groups, test)}
             out.append(row)
             log(format_row(row))
