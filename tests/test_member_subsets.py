@@ -75,18 +75,30 @@ def test_a_missing_baseline_is_named_without_a_traceback(tmp_path, capsys):
 
 def test_runs_on_tuned_backbone_layers_are_scored_on_their_own_features_and_sized_with_them(two_recipes, cache_dir,
                                                                                            backbone, tmp_path):
+    import numpy as np
     from safetensors.torch import save_file
 
+    from cma_clip.checkpoint import load_checkpoint, read_config
+    from cma_clip.evaluate import predict_probabilities
+    from cma_clip.lab.late_ensembles import scoring_data
+
     weights = tmp_path / "tuned.safetensors"
-    save_file({"cnn._conv_head.weight": (backbone.state_dict()["cnn._conv_head.weight"] * 1.2).half()}, str(weights))
+    save_file({"cnn._conv_head.weight": (backbone.state_dict()["cnn._conv_head.weight"] * 1.5).half()}, str(weights))
     assert train.main([*TINY, "--members", "2", "--seed", "3", "--backbone-weights", str(weights),
                        "--cache-dir", str(cache_dir), "--out", str(tmp_path / "tuned")]) == 0
-    recipe = tmp_path / "tuned-members"
-    doc = member_subsets.run([recipe], two_recipes / "cw", test=True, cache_dir=str(cache_dir), log=lambda _: None)
-    (row,) = doc["candidates"]
-    late = late_run([recipe / "seed-3", recipe / "seed-4"], cache_dir=str(cache_dir),
-                    linear_file=two_recipes / "linear.npz", log=lambda _: None)["methods"]["mean of 2 checkpoints"]
-    for key in ("accuracy", "recall_at_90_precision", "operating_recall"):  # the tuned backbone's features
-        assert row["test"][key] == pytest.approx(late["mean"][key])
+    run = tmp_path / "tuned-members" / "seed-3"
+    frozen = scoring_data(two_recipes / "cw", read_config(two_recipes / "cw"), "cpu", cache_dir=str(cache_dir))
+    own = scoring_data(run, read_config(run), "cpu", cache_dir=str(cache_dir))  # the tuned backbone's features
+    rows = np.concatenate([frozen.splits["val"], frozen.splits["test"]])
+    known = {backbone.cache_key(): frozen.features}
+    got = member_subsets.run_probabilities([run], read_config(run).classes, frozen.catalogue, rows, known, "cpu",
+                                           str(cache_dir), log=lambda _: None)[run]
+    model, _ = load_checkpoint(run)
+    for task, expected in predict_probabilities(model, own.features, rows).items():
+        np.testing.assert_allclose(got[task][rows], expected, atol=1e-6)
+        assert not np.allclose(expected, predict_probabilities(model, frozen.features, rows)[task], atol=1e-4)
+    assert len(known) == 2  # the tuned backbone's features joined the frozen one's
+    doc = member_subsets.run([tmp_path / "tuned-members"], two_recipes / "cw", cache_dir=str(cache_dir),
+                             log=lambda _: None)
     joined = (tmp_path / "tuned" / "model.safetensors").stat().st_size + weights.stat().st_size
-    assert row["megabytes"] == pytest.approx(joined / 1e6)
+    assert doc["candidates"][0]["megabytes"] == pytest.approx(joined / 1e6)

@@ -66,6 +66,32 @@ def chosen(rows: list[dict], baseline: dict, max_mb: float) -> dict | None:
     return max(eligible, key=lambda r: r["val"]["recall_at_90_precision"], default=None)
 
 
+def probabilities(model, features: Features, items: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's probabilities on `rows`, in arrays over all `items` (zero elsewhere)."""
+    out = {t: np.zeros((items, n), np.float32) for t, n in model.cfg.tasks.items()}
+    for task, p in predict_probabilities(model, features, rows).items():
+        out[task][rows] = p
+    return out
+
+
+def run_probabilities(runs: list[Path], classes: dict, catalogue, rows: np.ndarray, by_backbone: dict[str, Features],
+                      device, cache_dir: str | None = None, log=print) -> dict[Path, dict[str, np.ndarray]]:
+    """Each run's probabilities on `rows`, read from its own backbone's features: `by_backbone` holds
+    features by backbone cache key and gains those of runs on tuned backbone layers."""
+    out = {}
+    for folder in runs:
+        model, run_config = load_checkpoint(folder, device)
+        if run_config.classes != classes:
+            raise SystemExit(f"{folder}: other tasks or classes than the baseline")
+        backbone = load_backbone(folder, run_config, device)
+        if backbone.cache_key() not in by_backbone:
+            by_backbone[backbone.cache_key()] = extract_features(backbone, catalogue, cache_dir, memory_map=True,
+                                                                 colour=True, progress=False)
+        out[folder] = probabilities(model, by_backbone[backbone.cache_key()], len(catalogue), rows)
+        log(f"probabilities of {folder}")
+    return out
+
+
 def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: bool = False,
         data_root: str | None = None, cache_dir: str | None = None, log=print) -> dict:
     device = default_device()
@@ -75,29 +101,9 @@ def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: 
     rows = np.concatenate([splits["val"], splits["test"]])
 
     by_backbone = {load_backbone(baseline, config, device).cache_key(): features}
-
-    def features_of(folder: Path, run_config) -> Features:
-        """A run's features: its backbone's (runs on tuned backbone layers read their own)."""
-        backbone = load_backbone(folder, run_config, device)
-        if backbone.cache_key() not in by_backbone:
-            by_backbone[backbone.cache_key()] = extract_features(backbone, catalogue, cache_dir, memory_map=True,
-                                                                 colour=True, progress=False)
-        return by_backbone[backbone.cache_key()]
-
-    def probabilities(model, run_features: Features) -> dict[str, np.ndarray]:  # filled on the val and test rows
-        out = {t: np.zeros((len(catalogue), n), np.float32) for t, n in model.cfg.tasks.items()}
-        for task, p in predict_probabilities(model, run_features, rows).items():
-            out[task][rows] = p
-        return out
-
-    base = reports(probabilities(base_model, features), targets, splits, groups, test)
-    per_run = {}
-    for run_folder in (r for recipe in recipes for r in recipe):
-        model, run_config = load_checkpoint(run_folder, device)
-        if run_config.classes != config.classes:
-            raise SystemExit(f"{run_folder}: other tasks or classes than {baseline}")
-        per_run[run_folder] = probabilities(model, features_of(run_folder, run_config))
-        log(f"probabilities of {run_folder}")
+    base = reports(probabilities(base_model, features, len(catalogue), rows), targets, splits, groups, test)
+    per_run = run_probabilities([r for recipe in recipes for r in recipe], config.classes, catalogue, rows,
+                                by_backbone, device, cache_dir, log)
     out = []
     with tempfile.TemporaryDirectory() as scratch:
         for counts in candidates(recipes):
