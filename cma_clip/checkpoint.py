@@ -362,7 +362,7 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
     if len(members) < 2:
         raise CheckpointError("an ensemble needs at least two member checkpoints")
     models, configs = zip(*(load_checkpoint(m) for m in members))
-    first = configs[0]
+    first, first_tuned = configs[0], tuned_backbone_digest(members[0])
     for path, config in zip(members[1:], configs[1:]):
         settings = replace(config.model, **{name: getattr(first.model, name) for name in MEMBER_SETTINGS})
         differs = [name for name, a, b in (("model settings", settings, first.model),
@@ -370,7 +370,7 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
                                            ("catalogue", config.catalogue, first.catalogue),
                                            ("backbone", config.backbone, first.backbone))
                    if a != b]
-        if _backbone_file_digest(path) != _backbone_file_digest(members[0]):
+        if tuned_backbone_digest(path) != first_tuned:
             differs.append("backbone weights")
         if config.train.finetune_backbone or differs:
             raise CheckpointError(f"{path} cannot join {members[0]} in an ensemble: "
@@ -427,7 +427,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _backbone_file_digest(folder: str | Path) -> str | None:
+def tuned_backbone_digest(folder: str | Path) -> str | None:
+    """The digest of a checkpoint's fine-tuned backbone weights (None: the pretrained backbone). With
+    the backbone's name it says which features a checkpoint reads, without building the backbone."""
     path = _checkpoint_folder(folder) / BACKBONE_WEIGHTS
     return _file_digest(path) if path.exists() else None
 

@@ -90,7 +90,7 @@ def test_runs_on_tuned_backbone_layers_are_scored_on_their_own_features_and_size
     frozen = scoring_data(two_recipes / "cw", read_config(two_recipes / "cw"), "cpu", cache_dir=str(cache_dir))
     own = scoring_data(run, read_config(run), "cpu", cache_dir=str(cache_dir))  # the tuned backbone's features
     rows = np.concatenate([frozen.splits["val"], frozen.splits["test"]])
-    known = {backbone.cache_key(): frozen.features}
+    known = {member_subsets.backbone_of(two_recipes / "cw", read_config(two_recipes / "cw")): frozen.features}
     got = member_subsets.run_probabilities([run], read_config(run).classes, frozen.catalogue, rows, known, "cpu",
                                            str(cache_dir), log=lambda _: None)[run]
     model, _ = load_checkpoint(run)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_backbone, load_checkpoint, save_ensemble
+from ..checkpoint import load_backbone, load_checkpoint, save_ensemble, tuned_backbone_digest
 from ..errors import CMAClipError
 from ..evaluate import THRESHOLD_RULE, predict_probabilities, score
 from ..features import Features, extract_features
@@ -74,20 +74,25 @@ def probabilities(model, features: Features, items: int, rows: np.ndarray) -> di
     return out
 
 
-def run_probabilities(runs: list[Path], classes: dict, catalogue, rows: np.ndarray, by_backbone: dict[str, Features],
+def backbone_of(folder: Path, config) -> tuple[str, str | None]:
+    """Which features a checkpoint reads: its backbone's name and tuned weights' digest."""
+    return config.backbone, tuned_backbone_digest(folder)
+
+
+def run_probabilities(runs: list[Path], classes: dict, catalogue, rows: np.ndarray, by_backbone: dict[tuple, Features],
                       device, cache_dir: str | None = None, log=print) -> dict[Path, dict[str, np.ndarray]]:
     """Each run's probabilities on `rows`, read from its own backbone's features: `by_backbone` holds
-    features by backbone cache key and gains those of runs on tuned backbone layers."""
+    features by `backbone_of` and gains those of runs on other (tuned) backbone layers, each built once."""
     out = {}
     for folder in runs:
         model, run_config = load_checkpoint(folder, device)
         if run_config.classes != classes:
             raise SystemExit(f"{folder}: other tasks or classes than the baseline")
-        backbone = load_backbone(folder, run_config, device)
-        if backbone.cache_key() not in by_backbone:
-            by_backbone[backbone.cache_key()] = extract_features(backbone, catalogue, cache_dir, memory_map=True,
-                                                                 colour=True, progress=False)
-        out[folder] = probabilities(model, by_backbone[backbone.cache_key()], len(catalogue), rows)
+        key = backbone_of(folder, run_config)
+        if key not in by_backbone:
+            by_backbone[key] = extract_features(load_backbone(folder, run_config, device), catalogue, cache_dir,
+                                                memory_map=True, colour=True, progress=False)
+        out[folder] = probabilities(model, by_backbone[key], len(catalogue), rows)
         log(f"probabilities of {folder}")
     return out
 
@@ -100,7 +105,7 @@ def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: 
     catalogue, splits, features, targets, groups = scoring_data(baseline, config, device, data_root, cache_dir)
     rows = np.concatenate([splits["val"], splits["test"]])
 
-    by_backbone = {load_backbone(baseline, config, device).cache_key(): features}
+    by_backbone = {backbone_of(baseline, config): features}
     base = reports(probabilities(base_model, features, len(catalogue), rows), targets, splits, groups, test)
     per_run = run_probabilities([r for recipe in recipes for r in recipe], config.classes, catalogue, rows,
                                 by_backbone, device, cache_dir, log)
