@@ -358,7 +358,7 @@ def pending_save(outcome: SaveOutcome | UndoOutcome) -> dict | None:
         return {"kind": "undo"} if outcome.conflicts else None
     if outcome.result not in ("conflict", "unknown"):
         return None
-    return {"kind": "label", "labels": outcome.labels, "request_id": outcome.request_id,
+    return {"kind": outcome.kind, "labels": outcome.labels, "request_id": outcome.request_id,
             "new_classes": outcome.new_classes, "conflicts": [c.task for c in outcome.conflicts],
             "unknown": [[u.task, u.value, u.suggestions] for u in outcome.unknown]}
 
@@ -810,14 +810,18 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         queue = loaded(queue)
         return after(queue, studio.review_skip(queue, annotator_name, shown_of(seen), request_id=rid))
 
+    def undone(queue: ReviewQueue | None, outcome: UndoOutcome) -> dict:
+        """An undo's outcome: the queue at its item (with the choice, when it met a conflict), or
+        only the message when no queue is open."""
+        message = views.undo_message(outcome, studio.display_names(queue.model if queue else None))
+        if queue is not None:
+            return show_queue(studio, panel, queue, message, outcome if outcome.conflicts else None)
+        return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
+
     @user_errors
     def undo_last(queue, annotator_name):
         """Revert your newest decision (again: the one before); the queue goes to that item."""
-        outcome = studio.review_undo(queue, annotator_name)
-        message = views.undo_message(outcome, studio.display_names(queue.model))
-        if outcome.conflicts:
-            return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
-        return show_queue(studio, panel, queue, message)
+        return undone(queue, studio.review_undo(queue, annotator_name))
 
     @user_errors
     def previous_item(queue, annotator_name):
@@ -836,16 +840,18 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def resolve(how: str):
         @user_errors
         def handler(queue, seen, annotator_name, waiting):
-            queue = loaded(queue)
             if not waiting:
                 raise StudioError("Nothing is waiting for a choice.")
             if waiting["kind"] == "undo":
+                return undone(queue, studio.review_undo(queue, annotator_name, force=how == "overwrite",
+                                                        keep_theirs=how == "keep_theirs"))
+            queue = loaded(queue)
+            if waiting["kind"] == "skip":
                 if how == "keep_theirs":
-                    return {panel.status: "Left their label as it is; nothing was undone.", panel.pending: None,
-                            **resolution(choice, None)}
-                outcome = studio.review_undo(queue, annotator_name, force=True)
-                message = views.undo_message(outcome, studio.display_names(queue.model))
-                return show_queue(studio, panel, queue, message)
+                    studio.review_next(queue, annotator_name)
+                    return show_queue(studio, panel, queue, "Kept their decision; nothing was skipped.")
+                return after(queue, studio.review_skip(queue, annotator_name, shown_of(seen),
+                                                       request_id=waiting["request_id"], force=True))
             labels, new_classes, force = dict(waiting["labels"]), dict(waiting["new_classes"]), False
             if how == "keep_theirs":
                 labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}

@@ -10,8 +10,11 @@ the decision it reverts). Nothing is ever updated or deleted, so the store is it
 The *version* of an (item, task) is the id of its latest decision. Its state replays its
 decisions in order: a label or an undo sets label and status, a skip keeps the label and
 marks the task skipped. A save that names the versions its labeler saw is refused with a
-`LabelConflict` when someone saved another label since; a label outside a task's vocabulary
-is refused with an `UnknownLabel` naming close classes, unless confirmed as a new class.
+`LabelConflict` when someone saved another label since (a skip: when someone else decided
+it since; an undo: when someone else decided one of its tasks since, even the same label);
+a label outside a task's vocabulary (or a label some item holds now) is refused with an
+`UnknownLabel` naming close classes, unless confirmed as a new class. ``claims`` holds the
+item each labeler is on, for ten minutes after their last step, so queues steer apart.
 
 Each image is stored once, as ``<sha[:2]>/<sha>.<ext>`` in the image folder (default
 ``<db stem>_images/`` beside the database). The database runs in WAL mode with
@@ -35,7 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -75,17 +78,31 @@ V2_SCHEMA = (
 )
 # a queue's order, filters and place change on every move: kept apart from its items, written once
 V3_SCHEMA = ("ALTER TABLE queues ADD COLUMN view TEXT",)
+# an undo names the save it undoes (it may leave tasks someone else decided since as they stand, so
+# no decision of it need revert one of the save's); claims: the item each labeler is on
+V4_SCHEMA = (
+    "ALTER TABLE corrections ADD COLUMN undoes INTEGER REFERENCES corrections",
+    "UPDATE corrections SET undoes = (SELECT r.save_id FROM decisions u JOIN decisions r ON r.id = u.reverts"
+    " WHERE u.save_id = corrections.id LIMIT 1) WHERE kind = 'undo'",
+    "CREATE UNIQUE INDEX corrections_undoes ON corrections (undoes)",  # a save is undone at most once
+    "CREATE TABLE claims (annotator TEXT PRIMARY KEY, item_id TEXT NOT NULL, expires_at TEXT NOT NULL)",
+    "CREATE INDEX claims_item ON claims (item_id)",
+)
 INSERT_IMAGE = "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)"
 IMAGE_FILE = "SELECT path FROM images WHERE sha256 = ?"
 COUNT_LABEL_SAVES = "SELECT COUNT(*) FROM corrections WHERE kind = 'label'"
 INSERT_SAVE = ("INSERT INTO corrections (item_id, image_sha256, text, predictions, labels, annotator, checkpoint,"
-               " created_at, request_id, kind, source, batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+               " created_at, request_id, kind, source, batch_id, undoes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status, catalogue_label, base_version,"
                    " reverts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
 SAVE_BY_REQUEST = "SELECT id, kind FROM corrections WHERE request_id = ?"
 SAVE_VERSIONS = "SELECT task, id FROM decisions WHERE save_id = ? ORDER BY id"
-KNOWN_LABELS = "SELECT DISTINCT label FROM decisions WHERE task = ? AND label IS NOT NULL"
+# the labels some item holds now: each (item, task)'s latest decision that sets its label (a skip keeps
+# the label before it; an undo's row holds the label it restores), so an undone or replaced label is gone
+KNOWN_LABELS = ("SELECT DISTINCT d.label FROM decisions d WHERE d.task = ? AND d.label IS NOT NULL AND d.id ="
+                " (SELECT MAX(e.id) FROM decisions e WHERE e.item_id = d.item_id AND e.task = d.task"
+                " AND (e.label IS NOT NULL OR e.status = 'pending' OR e.reverts IS NOT NULL))")
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
 DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
              " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
@@ -95,15 +112,17 @@ AUDIT_PAGE = DECISIONS + "{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"
 ITEM_DECISIONS = DECISIONS + " WHERE d.item_id = ? AND d.save_id < ? ORDER BY d.id"
 ALL_DECISIONS = DECISIONS + " ORDER BY d.id"
 SEARCHED = ("d.item_id", "d.label", "c.annotator", "c.text")  # what audit's search looks in
+NOT_UNDONE = " AND NOT EXISTS (SELECT 1 FROM corrections u WHERE u.undoes = {save})"
 # each annotator's standing human labels: not auto-accepted, not undone
 HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
-                " AND NOT EXISTS (SELECT 1 FROM decisions r WHERE r.reverts = d.id) ORDER BY d.id")
+                + NOT_UNDONE.format(save="d.save_id") + " ORDER BY d.id")
 # the newest save of `annotator` that undo can still revert
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
-                 " AND NOT EXISTS (SELECT 1 FROM decisions d JOIN decisions r ON r.reverts = d.id"
-                 " WHERE d.save_id = c.id) ORDER BY c.id DESC LIMIT 1")
-UNDO_RESULT = ("SELECT u.item_id, u.task, r.save_id, r.label AS undone, u.label AS restored FROM decisions u"
+                 + NOT_UNDONE.format(save="c.id") + " ORDER BY c.id DESC LIMIT 1")
+UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
+UNDO_RESULT = ("SELECT u.task, r.label AS undone, u.label AS restored FROM decisions u"
                " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
+SAVE_TASKS = "SELECT task FROM decisions WHERE save_id = ? ORDER BY id"
 LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
                " WHERE c.kind = 'label' {where} ORDER BY c.id DESC LIMIT ?")
 # the text and image of every item's newest labelled save
@@ -116,6 +135,10 @@ MOVE_QUEUE = ("UPDATE queues SET annotator = ?, position = ?, updated_at = ?, vi
               " WHERE queue_id = ?")
 QUEUE_BY_ID = "SELECT * FROM queues WHERE queue_id = ?"
 LATEST_QUEUE = "SELECT * FROM queues WHERE annotator = ? {where} ORDER BY updated_at DESC, rowid DESC LIMIT 1"
+CLAIM_HOLDER = "SELECT annotator FROM claims WHERE item_id = ? AND annotator != ? AND expires_at > ?"
+UPSERT_CLAIM = "INSERT OR REPLACE INTO claims (annotator, item_id, expires_at) VALUES (?, ?, ?)"
+OTHERS_CLAIMS = "SELECT item_id, annotator FROM claims WHERE annotator != ? AND expires_at > ?"
+RELEASE_CLAIM = "DELETE FROM claims WHERE annotator = ?"
 
 BUSY_TIMEOUT_S = 30.0
 MAX_TEXT_CHARS = 20_000
@@ -127,6 +150,7 @@ PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 EXPORT_COLUMNS = ("id", "image", "text", "annotator", "updated_at")
 PROVENANCE = ("source", "annotator", "checkpoint", "at")  # export columns <task>__<field>
 LAST_ROW = 2**63 - 1
+CLAIM_MINUTES = 10.0  # a labeler's claim on the item on screen lapses this long after their last step
 
 
 # ---------------------------------------------------------------------------- errors and records
@@ -140,9 +164,10 @@ class Conflict(NamedTuple):
     task: str
     yours: str | None  # what this save or undo would write
     theirs: str | None  # the label standing now
-    annotator: str  # who set theirs
+    annotator: str  # who set theirs (for an undo or a skip: who made the decision standing now)
     version: int  # the version standing now: pass it as the base version to save over it
     created_at: str
+    status: str = ""  # the status standing now (accepted, corrected, skipped or pending)
 
 
 class LabelConflict(LabelStoreError):
@@ -176,7 +201,8 @@ class UnknownLabel(LabelStoreError):
 class TaskState:
     """Where one task of one item stands. `status` and `version` come from its latest
     decision; `label` is the current label (a skip keeps it) and annotator, source,
-    checkpoint and created_at say who set it (who made the latest decision when there is none)."""
+    checkpoint and created_at say who set it (who made the latest decision when there is none);
+    `decided_by` made the latest decision (a label, a skip or an undo)."""
     label: str | None
     status: str
     version: int
@@ -184,6 +210,12 @@ class TaskState:
     source: str
     checkpoint: str
     created_at: str
+    decided_by: str = ""
+
+    def same_decision(self, other: "TaskState") -> bool:
+        """The same label, status and provenance: only the version (and who restored it) may differ,
+        e.g. after someone's later decision on it was undone."""
+        return replace(self, version=0, decided_by="") == replace(other, version=0, decided_by="")
 
 
 class SaveResult(NamedTuple):
@@ -202,6 +234,7 @@ class Undone(NamedTuple):
     save_id: int  # the save that was reverted
     item_id: str
     tasks: dict[str, tuple[str | None, str | None]]  # task -> (label undone, label restored)
+    kept: list[str] = []  # the save's tasks someone else decided since, left as they stand
 
 
 @dataclass(frozen=True)
@@ -360,8 +393,11 @@ class LabelStore:
         return BulkResult(stored, already, conflicts)
 
     def skip(self, item_id: str, tasks: Iterable[str], annotator: str, *, checkpoint: str = "",
-             request_id: str | None = None) -> SaveResult:
-        """Mark tasks of an item skipped: decided as far as the queue goes, their labels kept."""
+             request_id: str | None = None, base_versions: Mapping[str, int | None] | None = None,
+             force: bool = False) -> SaveResult:
+        """Mark tasks of an item skipped: decided as far as the queue goes, their labels kept.
+        With the `base_versions` the labeler saw, raises `LabelConflict` when someone else
+        decided one of those tasks since (`force` skips anyway)."""
         item_id, tasks = _key(item_id, "item_id"), sorted({str(t).strip() for t in tasks} - {""})
         if not item_id or not tasks:
             raise LabelStoreError("a skip needs an item id and at least one task")
@@ -372,16 +408,27 @@ class LabelStore:
         with self._transaction("IMMEDIATE") as conn:
             if (save_id := _stored_request(conn, request_id, "skip")) is not None:
                 return _save_result(conn, save_id, duplicate=True)
+            if base_versions is not None:
+                states, _ = _replay(conn.execute(ITEM_DECISIONS, (item_id, LAST_ROW)))
+                current = states.get(item_id, {})
+                conflicts = [_conflict(item_id, task, None, now) for task in tasks
+                             if (now := current.get(task)) is not None and now.version != base_versions.get(task)
+                             and now.status != "pending" and now.decided_by != annotator]
+                if conflicts and not force:
+                    raise LabelConflict(conflicts)
             save_id = _insert_save(conn, item_id, None, None, {}, {}, annotator, checkpoint, request_id, "skip")
             _decide(conn, save_id, item_id, [(t, None, "skipped", None, None, None) for t in tasks])
             return _save_result(conn, save_id, duplicate=False)
 
-    def undo(self, annotator: str, *, force: bool = False, request_id: str | None = None) -> Undone:
+    def undo(self, annotator: str, *, force: bool = False, keep_theirs: bool = False,
+             request_id: str | None = None) -> Undone:
         """Revert `annotator`'s newest save (a label or a skip, not an auto-accept) that is
-        not reverted yet: each of its tasks goes back to its state before that save, and
-        again further back on the next call. Raises `LabelConflict` when someone changed
-        one of those tasks since (`force` reverts anyway), `LabelStoreError` when nothing
-        is left to undo. A `request_id` already stored returns the first undo's result."""
+        not undone yet: each of its tasks goes back to its state before that save, and
+        again further back on the next call. Raises `LabelConflict` when someone else
+        decided one of those tasks since (even the same label: undo must not erase their
+        decision); `force` reverts them anyway, `keep_theirs` leaves them as they stand and
+        reverts the rest. `LabelStoreError` when nothing is left to undo. A `request_id`
+        already stored returns the first undo's result."""
         annotator, request_id = _name(annotator, "annotator"), _key(request_id, "request_id")
         if not annotator:
             raise LabelStoreError("undo needs the annotator whose decisions to revert")
@@ -390,9 +437,39 @@ class LabelStore:
                 target = conn.execute(LAST_UNDOABLE, (annotator,)).fetchone()
                 if target is None:
                     raise LabelStoreError(f"nothing to undo: {annotator} has no decision left to revert")
-                undo_id = _revert(conn, target, annotator, request_id, force)
-            rows = conn.execute(UNDO_RESULT, (undo_id,)).fetchall()
-        return Undone(rows[0]["save_id"], rows[0]["item_id"], {r["task"]: (r["undone"], r["restored"]) for r in rows})
+                undo_id = _revert(conn, target, annotator, request_id, force, keep_theirs)
+            undo = conn.execute(UNDO_SAVE, (undo_id,)).fetchone()
+            tasks = {r["task"]: (r["undone"], r["restored"]) for r in conn.execute(UNDO_RESULT, (undo_id,))}
+            kept = [r["task"] for r in conn.execute(SAVE_TASKS, (undo["undoes"],)) if r["task"] not in tasks]
+        return Undone(undo["undoes"], undo["item_id"], tasks, kept)
+
+    # ------------------------------------------------------------------ claims
+    def claim(self, item_id: str, annotator: str, minutes: float = CLAIM_MINUTES) -> str | None:
+        """Mark `item_id` as the item `annotator` is on, for `minutes` from now; their claim on
+        any other item ends. Returns who else holds a live claim on it (then it stays theirs:
+        two labelers may still open one item, but each queue steers clear of the other's), or None."""
+        item_id, annotator = _key(item_id, "item_id"), _name(annotator, "annotator")
+        if not item_id or not annotator:
+            raise LabelStoreError("a claim needs an item id and an annotator")
+        now = datetime.now(timezone.utc)
+        with self._transaction("IMMEDIATE") as conn:
+            holder = conn.execute(CLAIM_HOLDER, (item_id, annotator, now.isoformat(timespec="milliseconds")))
+            if (row := holder.fetchone()) is not None:
+                conn.execute(RELEASE_CLAIM, (annotator,))
+                return row["annotator"]
+            expires = (now + timedelta(minutes=minutes)).isoformat(timespec="milliseconds")
+            conn.execute(UPSERT_CLAIM, (annotator, item_id, expires))
+        return None
+
+    def claims(self, annotator: str = "") -> dict[str, str]:
+        """Item id -> annotator, for every live claim of an annotator other than `annotator`."""
+        rows = self._connection().execute(OTHERS_CLAIMS, (_name(annotator, "annotator"), _now()))
+        return {row["item_id"]: row["annotator"] for row in rows}
+
+    def release(self, annotator: str) -> None:
+        """End `annotator`'s claim, if any (they left the queue)."""
+        with self._transaction("IMMEDIATE") as conn:
+            conn.execute(RELEASE_CLAIM, (_name(annotator, "annotator"),))
 
     # ------------------------------------------------------------------ reading
     def item_state(self, item_id: str) -> dict[str, TaskState]:
@@ -720,8 +797,14 @@ def _v2_to_v3(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v3_to_v4(conn: sqlite3.Connection) -> None:
+    """Each undo names the save it undoes (found from its decisions for v3's undos); add claims."""
+    for statement in V4_SCHEMA:
+        conn.execute(statement)
+
+
 # step n takes a store from version n to n + 1; a new store runs them all, as an old one did
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2, _v2_to_v3)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -793,25 +876,32 @@ def _conflicts(save: _Prepared, current: dict[str, TaskState], steps: dict[int, 
     return conflicts
 
 
+def _conflict(item_id: str, task: str, yours: str | None, now: TaskState) -> Conflict:
+    """A conflict with the decision standing now on a task, named by whoever made it."""
+    return Conflict(item_id, task, yours, now.label, now.decided_by or now.annotator, now.version, now.created_at,
+                    now.status)
+
+
 def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, request_id: str | None,
-            force: bool) -> int:
-    """Append an undo of the save `target`: each of its tasks back to its state before it.
-    Returns the undo's row id."""
+            force: bool, keep_theirs: bool) -> int:
+    """Append an undo of the save `target`: each of its tasks back to its state before it,
+    except, with `keep_theirs`, the tasks someone decided since. Returns the undo's row id."""
     item_id = target["item_id"]
     states, steps = _replay(conn.execute(ITEM_DECISIONS, (item_id, LAST_ROW)))
     current = states[item_id]
     reverted = {version: step for version, step in steps.items() if step.save_id == target["id"]}
     restored = {version: (step.before.label, step.before.status) if step.before else (None, "pending")
                 for version, step in reverted.items()}
-    conflicts = [Conflict(item_id, step.task, restored[version][0], now.label, now.annotator, now.version,
-                          now.created_at) for version, step in reverted.items()
-                 if ((now := current[step.task]).label, now.status) != (step.after.label, step.after.status)]
-    if conflicts and not force:
-        raise LabelConflict(conflicts)
+    changed = {version for version, step in reverted.items() if not current[step.task].same_decision(step.after)}
+    if changed and not (force or keep_theirs):
+        raise LabelConflict([_conflict(item_id, reverted[v].task, restored[v][0], current[reverted[v].task])
+                             for v in sorted(changed)])
+    if keep_theirs:
+        reverted = {version: step for version, step in reverted.items() if version not in changed}
     undo_id = _insert_save(conn, item_id, target["image_sha256"], target["text"],
                            json.loads(target["predictions"] or "{}"),
-                           {reverted[v].task: label for v, (label, _) in restored.items() if label is not None},
-                           annotator, "", request_id, "undo")
+                           {step.task: restored[v][0] for v, step in reverted.items() if restored[v][0] is not None},
+                           annotator, "", request_id, "undo", undoes=target["id"])
     _decide(conn, undo_id, item_id, [(step.task, *restored[version], None, current[step.task].version, version)
                                      for version, step in reverted.items()])
     return undo_id
@@ -819,10 +909,10 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
 
 def _insert_save(conn: sqlite3.Connection, item_id: str, sha: str | None, text: str | None, predictions: dict,
                  labels: dict, annotator: str, checkpoint: str, request_id: str | None, kind: str,
-                 source: str = "human", batch_id: str | None = None) -> int:
+                 source: str = "human", batch_id: str | None = None, undoes: int | None = None) -> int:
     return conn.execute(INSERT_SAVE, (item_id, sha, text, json.dumps(predictions, ensure_ascii=False),
                                       json.dumps(labels, ensure_ascii=False), annotator, checkpoint, _now(),
-                                      request_id, kind, source, batch_id)).lastrowid
+                                      request_id, kind, source, batch_id, undoes)).lastrowid
 
 
 def _decide(conn: sqlite3.Connection, save_id: int, item_id: str,
@@ -851,11 +941,12 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
     for row in rows:
         tasks, version = states[row["item_id"]], row["version"]
         before = tasks.get(row["task"])
+        decided_by = row["annotator"] or ""
         if row["reverts"] is not None:  # an undo: the state before the decision it reverts, who set it included
             restored = steps[row["reverts"]].before
-            after = replace(restored, version=version) if restored else _state(row)
+            after = replace(restored, version=version, decided_by=decided_by) if restored else _state(row)
         elif row["status"] == "skipped" and before is not None and before.label is not None:
-            after = replace(before, status="skipped", version=version)
+            after = replace(before, status="skipped", version=version, decided_by=decided_by)
         else:
             after = _state(row)
         tasks[row["task"]] = after
@@ -865,7 +956,7 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
 
 def _state(row: sqlite3.Row) -> TaskState:
     return TaskState(row["label"], row["status"], row["version"], row["annotator"] or "", row["source"],
-                     row["checkpoint"] or "", row["created_at"])
+                     row["checkpoint"] or "", row["created_at"], row["annotator"] or "")
 
 
 def _predicted(predictions: Mapping[str, Any]) -> dict[str, Any]:

@@ -183,7 +183,7 @@ def test_undo_restores_the_previous_label_and_who_set_it_and_refuses_to_drop_som
     assert store.undo("ana", request_id="undo-1").tasks == {"colour": (None, "Blue")}  # a retry: not a second undo
     state = store.item_state("a")["colour"]
     assert (state.label, state.status, state.annotator) == ("Blue", "corrected", "ana")
-    assert store.undo("ana") == (first.save_id, "a", {"colour": ("Blue", "Red")})
+    assert store.undo("ana") == (first.save_id, "a", {"colour": ("Blue", "Red")}, [])
     state = store.item_state("a")["colour"]
     assert (state.label, state.annotator) == ("Red", "ben") and state.version > first.versions["colour"]
 
@@ -193,13 +193,67 @@ def test_undo_restores_the_previous_label_and_who_set_it_and_refuses_to_drop_som
     with pytest.raises(LabelConflict) as caught:
         store.undo("ana")
     assert caught.value.conflicts == [Conflict("a", "colour", "Red", "White", "cem", cem.versions["colour"],
-                                               caught.value.conflicts[0].created_at)]
+                                               caught.value.conflicts[0].created_at, "corrected")]
     assert store.item_state("a")["colour"].label == "White"
     store.undo("ana", force=True)
     assert store.item_state("a")["colour"].label == "Red"
     history = store.item_history("a")
     assert [h["kind"] for h in history] == ["label", "label", "skip", "undo", "undo", "label", "label", "undo"]
     assert history[4]["reverts"] == first.versions["colour"] and history[4]["label"] == "Red"
+
+
+def test_undo_never_erases_someone_elses_decision_even_the_same_label(store):
+    save(store, "a", "ana", {"colour": "Red", "type": "Socks"})
+    ben = save(store, "a", "ben", {"colour": "Red"},  # ben agrees with ana: his own decision, the same label
+               base_versions={"colour": store.item_state("a")["colour"].version})
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ana")
+    assert [(c.task, c.theirs, c.annotator, c.status, c.version) for c in caught.value.conflicts] == [
+        ("colour", "Red", "ben", "corrected", ben.versions["colour"])]
+    assert store.item_state("a")["colour"].annotator == "ben"
+
+    undone = store.undo("ana", keep_theirs=True)  # ben's colour stays; ana's type is reverted
+    assert (undone.tasks, undone.kept) == ({"type": ("Socks", None)}, ["colour"])
+    state = store.item_state("a")
+    assert (state["colour"].label, state["colour"].annotator, state["type"].status) == ("Red", "ben", "pending")
+    with pytest.raises(LabelStoreError, match="nothing to undo"):  # that save is undone: undo is not stuck on it
+        store.undo("ana")
+    assert [h["annotator"] for h in store.audit(annotator="ana")[0]] == ["ana", "ana", "ana"]
+
+
+def test_an_undo_conflict_names_who_decided_last_a_skip_included(store):
+    save(store, "a", "ana", {"colour": "Red"})
+    skipped = store.skip("a", ["colour"], "ben", base_versions={"colour": store.item_state("a")["colour"].version})
+    state = store.item_state("a")["colour"]
+    assert (state.label, state.annotator, state.decided_by, state.status) == ("Red", "ana", "ben", "skipped")
+    with pytest.raises(LabelConflict) as caught:  # ana's undo would drop ben's skip: ben is named, not ana
+        store.undo("ana")
+    assert [(c.annotator, c.status, c.version) for c in caught.value.conflicts] == [
+        ("ben", "skipped", skipped.versions["colour"])]
+    store.undo("ben")  # once ben's skip is undone, ana's label stands as she left it: her undo goes through
+    assert store.undo("ana").tasks == {"colour": ("Red", None)}
+
+
+def test_a_stale_skip_is_refused_and_attributed_right_when_forced(store):
+    seen = {"colour": None, "type": None}  # ana opened the pending item
+    ben = save(store, "a", "ben", {"colour": "Red"})
+    with pytest.raises(LabelConflict) as caught:
+        store.skip("a", ["colour", "type"], "ana", base_versions=seen)
+    assert [(c.task, c.theirs, c.annotator, c.status, c.version) for c in caught.value.conflicts] == [
+        ("colour", "Red", "ben", "corrected", ben.versions["colour"])]
+    assert store.item_state("a")["colour"].status == "corrected" and "type" not in store.item_state("a")
+
+    store.skip("a", ["colour", "type"], "ana", base_versions=seen, force=True)  # knowingly
+    state = store.item_state("a")
+    assert (state["colour"].label, state["colour"].annotator, state["colour"].decided_by) == ("Red", "ben", "ana")
+    assert state["type"].status == "skipped"
+    # her own decision since is no conflict, nor is a task someone's undo left pending
+    save(store, "b", "ana", {"colour": "Blue"})
+    store.skip("b", ["colour"], "ana", base_versions={"colour": None})
+    save(store, "c", "ben", {"colour": "Blue"})
+    store.undo("ben")
+    store.skip("c", ["colour"], "ana", base_versions={"colour": None})
+    assert store.item_state("c")["colour"].status == "skipped"
 
 
 # ---------------------------------------------------------------------------- labels from the schema
@@ -224,6 +278,20 @@ def test_a_typo_is_caught_with_a_suggestion_and_a_new_class_needs_confirmation(s
     assert store.count() == 2
 
 
+def test_a_new_class_that_was_undone_or_replaced_is_no_class_any_more(store):
+    vocabulary = {"colour": ["Navy Blue", "Black"]}
+    save(store, "a", "ana", {"colour": "Nawy Blue"}, vocabulary=vocabulary, new_classes={"colour": "Nawy Blue"})
+    store.undo("ana")  # the typo confirmed by mistake, undone
+    with pytest.raises(UnknownLabel, match="did you mean 'Navy Blue'"):
+        save(store, "b", "ana", {"colour": "Nawy Blue"}, vocabulary=vocabulary)
+    save(store, "a", "ana", {"colour": "Navy Bluee"}, vocabulary=vocabulary, new_classes={"colour": "Navy Bluee"})
+    save(store, "a", "ana", {"colour": "Navy Blue"}, vocabulary=vocabulary)  # corrected by a later save
+    with pytest.raises(UnknownLabel):
+        save(store, "b", "ana", {"colour": "Navy Bluee"}, vocabulary=vocabulary)
+    store.skip("a", ["colour"], "ana")  # a skip keeps the label: still a class
+    save(store, "c", "ana", {"colour": "Navy Blue"}, vocabulary={"colour": ["Black"]})
+
+
 def test_close_classes():
     classes = ["Navy Blue", "Blue", "Black", "Gray", "Green", "Off White", "S", "M"]
     assert close_classes("Bleu", classes) == ["Blue"]  # a swap of neighbours is one edit
@@ -246,7 +314,7 @@ def test_item_states_and_decided_items_feed_the_queue(store):
     store.undo("ben")
     state = store.item_state("a")
     assert state["colour"] == TaskState("Black", "accepted", a.versions["colour"], "ana", "human", "ck-1",
-                                        state["colour"].created_at)
+                                        state["colour"].created_at, "ana")
     assert state["type"].status == "corrected" and store.item_state("nowhere") == {}
     assert store.decided_items(["colour", "type"]) == {"a"}
     assert store.decided_items(["colour"]) == {"a", "b", "c"}
@@ -305,7 +373,7 @@ def test_a_v2_store_keeps_its_queues(tmp_path):
                      ("q1", "ana", "hm", json.dumps({"version": 1, "items": [], "strategy": "margin"}), 2, "2026"))
     store = LabelStore(path)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     kept = store.load_queue("q1")
     assert (kept.payload["strategy"], kept.position, kept.view) == ("margin", 2, None)
     assert store.move_queue("q1", "ana", 0, {"order": []}) and store.load_queue("q1").view == {"order": []}
@@ -447,7 +515,7 @@ def test_a_v1_store_migrates_keeping_every_row_and_its_current_labels(tmp_path):
 
     store = LabelStore(path)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert store.count() == 3 and [e["id"] for e in store.history()] == v1_ids[::-1]
     assert labels_of(store) == v1_current == {"a": {"colour": "White"}, "b": {"colour": "Red"}}
     assert [(h["task"], h["label"], h["status"], h["annotator"]) for h in store.item_history("a")] == [
@@ -464,9 +532,45 @@ def test_a_v1_store_migrates_keeping_every_row_and_its_current_labels(tmp_path):
     assert LabelStore(path).audit()[1] == 6  # reopening does not migrate again
 
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version = 4")
-    with pytest.raises(LabelStoreError, match="schema version 4"):
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(LabelStoreError, match=f"schema version {len(MIGRATIONS) + 1}"):
         LabelStore(path)
+
+
+def test_a_v3_store_names_the_save_each_undo_undid(tmp_path):
+    """v3 undos knew their target only through their decisions: the migration names it, so
+    an undone save stays undone and the next undo goes further back."""
+    path = tmp_path / "labels.db"
+    with sqlite3.connect(path) as conn:
+        for migrate in MIGRATIONS[:3]:
+            migrate(conn)
+        conn.execute("PRAGMA user_version = 3")
+        save_sql = ("INSERT INTO corrections (id, item_id, labels, annotator, created_at, kind) "
+                    "VALUES (?, 'a', '{}', 'ana', '2026', ?)")
+        for save_id, kind, label, reverts in ((1, "label", "Red", None), (2, "label", "Blue", None),
+                                              (3, "undo", "Red", 2)):
+            conn.execute(save_sql, (save_id, kind))
+            conn.execute("INSERT INTO decisions (id, save_id, item_id, task, label, status, reverts) "
+                         "VALUES (?, ?, 'a', 'colour', ?, 'corrected', ?)", (save_id, save_id, label, reverts))
+    store = LabelStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT id, undoes FROM corrections ORDER BY id").fetchall() == [
+            (1, None), (2, None), (3, 2)]
+    assert store.undo("ana").tasks == {"colour": ("Red", None)}  # save 1: save 2 is undone already
+    with pytest.raises(LabelStoreError, match="nothing to undo"):
+        store.undo("ana")
+
+
+def test_claims_keep_two_labelers_apart_and_lapse(store):
+    assert store.claim("a", "ana") is None and store.claim("a", "ana") is None  # hers, again
+    assert store.claim("d", "ben") is None and store.claim("a", "ben") == "ana"  # refused: ana is on it
+    assert store.claims("ben") == {"a": "ana"} and store.claims("ana") == {}  # ben left d
+    assert store.claim("b", "ana") is None  # ana moved on: her claim follows her
+    assert store.claims("ben") == {"b": "ana"} and store.claim("a", "ben") is None
+    store.release("ana")
+    assert store.claims("ben") == {}
+    assert store.claim("c", "cem", minutes=-1) is None  # a claim that lapsed holds nothing
+    assert store.claims("ana") == {"a": "ben"} and store.claims("ben") == {} and store.claim("c", "ben") is None
 
 
 # ---------------------------------------------------------------------------- review queue order and filters

@@ -70,6 +70,15 @@ def current_item(answer: dict) -> str:
     return line.split("item `", 1)[1].split("`", 1)[0]
 
 
+def open_item(labeler: Labeler, answer: dict, item: str) -> dict:
+    """Step back (Previous) to `item`: how a labeler opens an item their queue steered them past."""
+    for _ in range(8):
+        if current_item(answer) == item:
+            return answer
+        answer = labeler("/review_previous", labeler.name)
+    raise AssertionError(f"{item} is not before {labeler.name}'s item")
+
+
 def classes(studio: Studio, task: str = COLOUR) -> list[str]:
     return studio.task_classes(MODEL)[task]
 
@@ -106,9 +115,11 @@ def test_a_saved_label_belongs_to_the_item_on_screen(review_app):
 def test_two_annotators_on_one_item_see_the_conflict_and_choose(review_app):
     url, studio = review_app
     ana, ben = Labeler(url, "ana"), Labeler(url, "ben")
-    a, b = ana.load(3), ben.load(3)  # both open the same pending sample
+    a, b = ana.load(3), ben.load(3)  # the same pending sample: ben's queue steers past ana's item
     item = current_item(a)
-    assert current_item(b) == item and "0 reviewed of 3" in a["review progress"]
+    assert current_item(b) != item and "0 reviewed of 3" in a["review progress"]
+    b = open_item(ben, b, item)  # ben opens it all the same
+    assert "`ana` is on this item too" in b["review progress"]
     mine, theirs = classes(studio)[0], classes(studio)[1]
     saved = ana.accept(with_label(a, COLOUR, mine))
     assert "Saved correction" in saved["review status"] and f"`{item}`" in saved["review status"]
@@ -122,10 +133,10 @@ def test_two_annotators_on_one_item_see_the_conflict_and_choose(review_app):
     assert {s.annotator for t, s in studio.store.item_state(item).items() if t != COLOUR} == {"ben"}
     assert current_item(kept) != item
 
-    # on the next item ben overwrites, knowingly
-    second = current_item(kept)
-    shown_to_ben = kept
-    assert current_item(saved) == second
+    # on ana's next item ben overwrites, knowingly
+    second = current_item(saved)
+    assert current_item(kept) != second
+    shown_to_ben = open_item(ben, kept, second)
     ana.accept(with_label(saved, COLOUR, mine))
     refused = ben.accept(with_label(shown_to_ben, COLOUR, theirs))
     assert "Not saved" in refused["review status"]
@@ -220,6 +231,7 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
 
     new = eve.accept(with_label(shown, COLOUR, "Turquoise glitter"))
     assert "No class is close to it" in new["review status"] and studio.store.count() == before
+    assert "Use the suggestion" in caught["review status"] and "Use the suggestion" not in new["review status"]
     confirmed = eve("/review_new_class", "eve")
     assert "New class confirmed" in confirmed["review status"]
     assert studio.store.item_state(item)[COLOUR].label == "Turquoise glitter"
@@ -236,7 +248,7 @@ def test_undo_restores_the_previous_label_and_previous_goes_back(review_app):
     fay, gil = Labeler(url, "fay"), Labeler(url, "gil")
     gil_view, fay_view = gil.load(3), fay.load(3)
     item = current_item(gil_view)
-    assert current_item(fay_view) == item
+    fay_view = open_item(fay, fay_view, item)
     first, second = classes(studio)[2], classes(studio)[3]
     after = gil.accept(with_label(gil_view, COLOUR, first))
     assert "Not saved" in fay.accept(with_label(fay_view, COLOUR, second))["review status"]
@@ -257,6 +269,63 @@ def test_undo_restores_the_previous_label_and_previous_goes_back(review_app):
     history = gil("/item_history", item)
     rows = history[next(iter(history))]["data"]
     assert [(r[2], r[5]) for r in rows if r[1] == COLOUR_NAME] == [("label", "gil"), ("label", "fay"), ("undo", "fay")]
+
+
+def test_an_undo_that_meets_someone_elses_decision_shows_it_and_keep_theirs_moves_on(review_app):
+    url, studio = review_app
+    lee, mia = Labeler(url, "lee"), Labeler(url, "mia")
+    shown = lee.load(3)
+    item = current_item(shown)
+    moved = lee.accept(slots(shown))
+    # mia decides lee's item after him (on the Predict tab, by its id)
+    mia_view = mia("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, item)
+    mia("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "mia", item,
+        *with_label(mia_view, COLOUR, classes(studio)[4]), "")
+
+    refused = lee("/review_undo", "lee")
+    message = refused["review status"]
+    assert "Not undone" in message and "`mia`" in message and "`lee`" not in message.split("\n", 1)[1]
+    assert current_item(refused) == item != current_item(moved)  # the screen shows the item in question
+    assert studio.store.item_state(item)[COLOUR].annotator == "mia"
+    kept = lee("/review_keep_theirs", "lee")
+    assert "Nothing reverted" in kept["review status"] and COLOUR_NAME in kept["review status"]
+    assert {s.annotator for s in studio.store.item_state(item).values()} == {"mia"}
+    with pytest.raises(AppError, match="nothing to undo"):  # not stuck on the same conflict
+        lee("/review_undo", "lee")
+
+
+def decided_behind_the_back(url: str, name: str, other: str) -> tuple[Labeler, str]:
+    """`name` loads a sample; `other` opens the item on `name`'s screen and accepts it."""
+    labeler, second = Labeler(url, name), Labeler(url, other)
+    item = current_item(labeler.load(3))
+    second.accept(slots(open_item(second, second.load(3), item)))
+    return labeler, item
+
+
+def test_a_stale_skip_is_refused_and_undo_works_with_no_queue_open(review_app):
+    url, studio = review_app
+    nia, item = decided_behind_the_back(url, "nia", "oto")
+    refused = nia("/review_skip", "nia", "")  # nia's screen still shows the item as pending
+    assert "Not skipped" in refused["review status"] and "`oto`" in refused["review status"]
+    assert {s.status for s in studio.store.item_state(item).values()} <= {"accepted", "corrected"}
+    moved = nia("/review_keep_theirs", "nia")
+    assert "Kept their decision" in moved["review status"] and current_item(moved) != item
+
+    # the Predict tab's save, undone from a page with no queue open
+    page = Labeler(url, "nia")
+    page_view = page("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "no-queue-item")
+    page("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "nia", "no-queue-item",
+         *with_label(page_view, COLOUR, classes(studio)[5]), "")
+    undone = Labeler(url, "nia")("/review_undo", "nia")
+    assert "Undone on item `no-queue-item` (not in this queue)" in undone["review status"]
+    assert studio.store.item_state("no-queue-item")[COLOUR].status == "pending"
+
+
+def test_a_reload_resumes_past_an_item_someone_else_decided(review_app):
+    url, _ = review_app
+    _, item = decided_behind_the_back(url, "pia", "quin")
+    resumed = Labeler(url, "pia")("/review_resume", "pia", MODEL)
+    assert current_item(resumed) != item and "1 reviewed of 3" in resumed["review progress"]
 
 
 # ---------------------------------------------------------------------------- 7. bulk accept

@@ -608,7 +608,7 @@ class Studio:
                                               for s, by_task in uncertainty.items()})
                       for i, (item, prediction) in enumerate(zip(items, predictions))]
         queue.sampled = len(queue.pool)
-        self._arrange(queue, MISLABEL_ORDER if ranked else strategy, tasks, min_conf, max_conf)
+        self._arrange(queue, MISLABEL_ORDER if ranked else strategy, tasks, min_conf, max_conf, annotator)
         self.keep_queue(queue, annotator)
         return queue
 
@@ -619,12 +619,14 @@ class Studio:
         predicted again), from its first item to review; a range that keeps no item is refused
         and the queue stays as it was. Kept in the store like any move."""
         with self._queue_lock(queue):
-            self._arrange(queue, strategy, self._queue_tasks(queue.model, task), min_conf, max_conf)
+            self._arrange(queue, strategy, self._queue_tasks(queue.model, task), min_conf, max_conf, annotator)
             self.keep_queue(queue, annotator)
         return queue
 
-    def _arrange(self, queue: ReviewQueue, strategy: str, tasks: list[str], min_conf, max_conf) -> None:
-        """Set the queue's view: its pool by `strategy` over `tasks`, filtered by confidence, from its start."""
+    def _arrange(self, queue: ReviewQueue, strategy: str, tasks: list[str], min_conf, max_conf,
+                 annotator: str | None) -> None:
+        """Set the queue's view: its pool by `strategy` over `tasks`, filtered by confidence, from
+        its first item to review (not one someone else is on)."""
         if strategy not in (*STRATEGIES, MISLABEL_ORDER):
             raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
         min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
@@ -639,8 +641,8 @@ class Studio:
         queue.items, queue.tasks, queue.strategy, queue.position = items, list(tasks), strategy, 0
         queue.filters = {"task": tasks[0] if len(tasks) == 1 < len(every) else None, "min_conf": min_conf,
                          "max_conf": max_conf, "show_decided": queue.show_decided}
-        self.refresh(queue)
-        if not queue.show_decided and queue.current is not None and queue.current.status != "pending":
+        self.refresh(queue, annotator)
+        if queue.should_move_on():
             queue.advance()
 
     @staticmethod
@@ -666,17 +668,21 @@ class Studio:
         return loaded, Scores.concatenate(parts) if parts else None
 
     # ------------------------------------------------------------------ review queue: state and persistence
-    def refresh(self, queue: ReviewQueue) -> ReviewQueue:
-        """Each item's status from the store (someone else may have decided it meanwhile)."""
-        decided = self.store.decided_items(queue.tasks)
+    def refresh(self, queue: ReviewQueue, annotator: str | None = None) -> ReviewQueue:
+        """Each item's status from the store (someone else may have decided it meanwhile), and
+        who else than `annotator` is on it now (their claim; no claims without an annotator)."""
+        annotator = (annotator or "").strip()
+        decided, claimed = self.store.decided_items(queue.tasks), self.store.claims(annotator) if annotator else {}
         for item in queue.pool:
             item.status = (_item_status(self.store.item_state(item.item_id), queue.tasks)
                            if item.item_id in decided else "pending")
+            item.claimed_by = claimed.get(item.item_id, "")
         return queue
 
     def keep_queue(self, queue: ReviewQueue, annotator: str | None = None) -> None:
-        """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it);
-        an uploaded queue's images count as used now (`uploads.prune` removes unused ones)."""
+        """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it),
+        and the labeler's claim on its current item (so other queues steer clear of it); an uploaded
+        queue's images count as used now (`uploads.prune` removes unused ones)."""
         first = Path(queue.items[0].image_path) if queue.items else None
         if first is not None and self.uploads_dir in first.parents:
             uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
@@ -685,13 +691,18 @@ class Studio:
             if not (queue.stored and self.store.move_queue(queue.queue_id, annotator, position, view)):
                 self.store.save_queue(queue.queue_id, annotator, queue.model, queue.to_payload(), position, view)
                 queue.stored = True
+            if annotator and (item := queue.current) is not None:
+                item.claimed_by = self.store.claim(item.item_id, annotator) or ""
+            elif annotator:
+                self.store.release(annotator)
         except LabelStoreError as exc:
             raise StudioError(f"The queue could not be kept: {exc}") from exc
 
     def resume_queue(self, queue_id: str | None = None, annotator: str | None = None,
                      model: str | None = None) -> ReviewQueue | None:
-        """A kept queue: by id, else the one `annotator` moved in last (on `model` if given);
-        None when there is none, or its model is gone."""
+        """A kept queue: by id, else the one `annotator` moved in last (on `model` if given),
+        at its place, or the next item to review when its item was decided meanwhile or
+        someone else is on it; None when there is none, or its model is gone."""
         saved = None
         if queue_id:
             saved = self.store.load_queue(queue_id)
@@ -700,7 +711,14 @@ class Studio:
         if saved is None or saved.model not in self.checkpoints:
             return None
         queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position, saved.view)
-        return self.refresh(queue)
+        annotator = (annotator or "").strip()
+        self.refresh(queue, annotator)
+        moved = queue.should_move_on()
+        if moved:
+            queue.advance()
+        if moved or annotator:
+            self.keep_queue(queue, annotator or saved.annotator)
+        return queue
 
     def current_view(self, queue: ReviewQueue | None) -> ItemView | None:
         """The queue's current item as the labeler sees it (None when the queue is done)."""
@@ -737,15 +755,20 @@ class Studio:
             return self._remember(rid, outcome)
 
     def review_skip(self, queue: ReviewQueue, annotator: str | None, shown: Shown | None = None, *,
-                    request_id: str | None = None) -> SaveOutcome:
-        """Mark the current item's tasks skipped (decided for the queue, labels kept) and move on."""
+                    request_id: str | None = None, force: bool = False) -> SaveOutcome:
+        """Mark the current item's tasks skipped (decided for the queue, labels kept) and move on.
+        A task someone else decided since `shown` comes back as a conflict unless `force`."""
         rid = (request_id or "").strip() or None
         with self._queue_lock(queue):
             if (done := self._recent(rid)) is not None:
                 return done
             item, annotator = self._current(queue, shown), self._annotator(annotator)
+            shown = shown or self.current_view(queue).shown
             try:
-                result = self.store.skip(item.item_id, queue.tasks, annotator, checkpoint=queue.model, request_id=rid)
+                result = self.store.skip(item.item_id, queue.tasks, annotator, checkpoint=queue.model, request_id=rid,
+                                         base_versions={t: shown.versions.get(t) for t in queue.tasks}, force=force)
+            except LabelConflict as exc:
+                return SaveOutcome("conflict", item.item_id, conflicts=exc.conflicts, kind="skip", request_id=rid)
             except LabelStoreError as exc:
                 raise StudioError(str(exc)) from exc
             outcome = SaveOutcome("duplicate" if result.duplicate else "saved", item.item_id, {}, result.save_id,
@@ -755,22 +778,24 @@ class Studio:
             return self._remember(rid, outcome)
 
     def review_undo(self, queue: ReviewQueue | None, annotator: str | None, *, force: bool = False,
-                    request_id: str | None = None) -> UndoOutcome:
+                    keep_theirs: bool = False, request_id: str | None = None) -> UndoOutcome:
         """Revert the annotator's newest decision not yet reverted (again and again, further
-        back); the queue goes to that item. Someone else's label saved since comes back as a
-        conflict unless `force`."""
+        back); the queue goes to that item. A task someone else decided since comes back as a
+        conflict (the queue shows that item, for the choice) unless `force` (revert it anyway)
+        or `keep_theirs` (leave it, revert the rest)."""
         annotator = self._annotator(annotator)
         try:
-            undone = self.store.undo(annotator, force=force, request_id=(request_id or "").strip() or None)
+            undone = self.store.undo(annotator, force=force, keep_theirs=keep_theirs,
+                                     request_id=(request_id or "").strip() or None)
+            outcome = UndoOutcome(undone.item_id, undone.tasks, kept=undone.kept)
         except LabelConflict as exc:
-            return UndoOutcome(exc.conflicts[0].item_id, conflicts=exc.conflicts)
+            outcome = UndoOutcome(exc.conflicts[0].item_id, conflicts=exc.conflicts)
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
-        outcome = UndoOutcome(undone.item_id, undone.tasks)
         if queue is not None:
             with self._queue_lock(queue):
-                self.refresh(queue)
-                index = queue.index_of(undone.item_id)
+                self.refresh(queue, annotator)
+                index = queue.index_of(outcome.item_id)
                 if index is not None:
                     queue.position, outcome.in_queue = index, True
                 self.keep_queue(queue, annotator)
@@ -780,14 +805,14 @@ class Studio:
         """Step back to the item before (decided or not); False at the first item."""
         with self._queue_lock(queue):
             moved = queue.back()
-            self.refresh(queue)
+            self.refresh(queue, annotator)
             self.keep_queue(queue, annotator)
             return moved
 
     def review_next(self, queue: ReviewQueue, annotator: str | None = None) -> None:
         """Move on without deciding (the item stays pending and comes round again)."""
         with self._queue_lock(queue):
-            self.refresh(queue)
+            self.refresh(queue, annotator)
             queue.advance()
             self.keep_queue(queue, annotator)
 
@@ -835,7 +860,7 @@ class Studio:
                     result = self.store.save_many(records[start:start + self.bulk_chunk], outcome.batch_id,
                                                   annotator=annotator, checkpoint=queue.model)
                 except (LabelStoreError, sqlite3.Error, OSError) as exc:
-                    self.refresh(queue)
+                    self.refresh(queue, annotator)
                     raise StudioError(
                         f"The bulk accept stopped after {outcome.stored + outcome.already_there} of {len(records)} "
                         f"items, each kept ({outcome.chunks} chunks committed): {exc}. Run it again to finish; "
@@ -847,7 +872,7 @@ class Studio:
                 if progress:
                     progress(min(1.0, (start + self.bulk_chunk) / len(records)),
                              f"accepted {outcome.stored + outcome.already_there} of {len(records)}")
-            self.refresh(queue)
+            self.refresh(queue, annotator)
             if queue.current is not None and queue.current.status != "pending" and not queue.show_decided:
                 queue.advance()
             self.keep_queue(queue, annotator)
@@ -876,7 +901,7 @@ class Studio:
         return name
 
     def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:
-        self.refresh(queue)
+        self.refresh(queue, annotator)
         queue.advance()
         self.keep_queue(queue, annotator)
 

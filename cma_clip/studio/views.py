@@ -306,8 +306,9 @@ def review_status(queue: ReviewQueue | None) -> str:
     if item is None:
         return review_progress(queue) + " — all done." + ("" if queue.show_decided else
                                                           " Previous (p) goes back; undo (u) reverts.")
-    return (review_progress(queue) + f" · item {code(item.item_id)} ({queue.position + 1} of {len(queue.items)})"
+    line = (review_progress(queue) + f" · item {code(item.item_id)} ({queue.position + 1} of {len(queue.items)})"
             f" · **{item.status}** · confidence {percent(item.confidence)}")
+    return line + (f" · {code(item.claimed_by)} is on this item too" if item.claimed_by else "")
 
 
 def review_notes(queue: ReviewQueue) -> str:
@@ -398,7 +399,7 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
         return (f"Already saved (save #{outcome.save_id}): this request was stored before, so nothing new was "
                 f"written" + (f" for item {code(outcome.item_id)}." if outcome.item_id else "."))
     if outcome.result == "conflict":
-        return conflict_message(outcome.conflicts, names)
+        return conflict_message(outcome.conflicts, names, outcome.kind)
     if outcome.result == "unknown":
         return unknown_message(outcome.unknown, names)
     if outcome.result == "kept":
@@ -413,16 +414,30 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     return f"Saved correction #{outcome.save_id} for item {code(outcome.item_id)}: {labels}.{new}"
 
 
-def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = None) -> str:
-    """Both labels of each conflicting task, who saved theirs and when, and the choice."""
+CONFLICT_TEXT = {  # action -> (what was refused, since when, the choice)
+    "label": ("Not saved: someone else saved", "since you opened it",
+              "Choose **Keep theirs** (your other labels are saved) or **Overwrite with mine**."),
+    "skip": ("Not skipped: someone else decided", "since you opened it",
+             "Choose **Keep theirs** (move on, their decision stands) or **Overwrite with mine** (skip anyway)."),
+    "undo": ("Not undone: someone else decided", "after you",
+             "Undo would drop their decision: **Keep theirs** leaves it and undoes the rest of your save, "
+             "**Overwrite with mine** undoes anyway."),
+}
+
+
+def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = None, action: str = "label") -> str:
+    """Both labels of each conflicting task, who made theirs (a label, a skip) and when, and
+    the choice, for a refused `action` (label, skip or undo)."""
+    refused, since, choice = CONFLICT_TEXT[action]
     what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
-    lines = [f"**Not saved: someone else saved {what} since you opened it.**"]
+    lines = [f"**{refused} {what} {since}.**"]
     for c in conflicts:
         yours = code(c.yours) if c.yours else "(none)"
+        status = f", {c.status}" if c.status else ""
         lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: yours {yours} · "
-                     f"theirs {code(c.theirs) if c.theirs else '(none)'} by {code(c.annotator or 'someone')} at "
-                     f"{plain(c.created_at[:19].replace('T', ' '))}")
-    lines.append("\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.")
+                     f"theirs {code(c.theirs) if c.theirs else '(none)'}{status} by {code(c.annotator or 'someone')}"
+                     f" at {plain(c.created_at[:19].replace('T', ' '))}")
+    lines.append("\n" + choice)
     return "\n".join(lines)
 
 
@@ -433,20 +448,24 @@ def unknown_message(unknown: list[UnknownClass], names: dict[str, str] | None = 
         hint = (f" Did you mean {' or '.join(code(s) for s in u.suggestions)}?" if u.suggestions
                 else " No class is close to it.")
         lines.append(f"- {task_name(u.task, names=names)}: {code(u.value)} is not one of its classes.{hint}")
-    lines.append("\n**Use the suggestion** to correct it, or **Save as new class** if it really is a new class.")
+    fix = "**Use the suggestion** to correct it" if any(u.suggestions for u in unknown) else "Correct it"
+    lines.append(f"\n{fix}, or **Save as new class** if it really is a new class.")
     return "\n".join(lines)
 
 
 def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> str:
     if outcome.conflicts:
-        return conflict_message(outcome.conflicts, names).replace(
-            "\nChoose **Keep theirs** (your other labels are saved) or **Overwrite with mine**.",
-            "Undo would drop their label: **Keep theirs** leaves it, **Overwrite with mine** undoes anyway.")
+        return conflict_message(outcome.conflicts, names, "undo")
     changes = ", ".join(f"{task_name(t, names=names)}: {code(undone) if undone else '(skip)'} → "
                         f"{code(restored) if restored else '(none: pending)'}"
                         for t, (undone, restored) in outcome.tasks.items())
     where = "" if outcome.in_queue else " (not in this queue)"
-    return f"Undone on item {code(outcome.item_id)}{where}: {changes}."
+    kept = ", ".join(task_name(t, names=names) for t in outcome.kept)
+    if not outcome.tasks:
+        return (f"Nothing reverted on item {code(outcome.item_id)}{where}: someone else decided {kept} after you, "
+                "and their decisions stand. Undo goes on from your decision before it.")
+    kept = f" Kept as someone else decided since: {kept}." if kept else ""
+    return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}"
 
 
 def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:

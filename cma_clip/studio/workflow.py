@@ -57,6 +57,7 @@ class ReviewItem:
     status: str = "pending"  # pending | accepted | corrected | skipped
     catalogue: dict[str, str] = field(default_factory=dict)  # task -> the catalogue's own label
     uncertainty: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy -> task -> [0, 1]
+    claimed_by: str = ""  # another labeler on it now (the store's claims, refreshed like `status`; not kept)
 
     @property
     def confidence(self) -> float:
@@ -150,19 +151,23 @@ class ReviewQueue:
         return next((i for i, item in enumerate(self.items) if item.item_id == item_id), None)
 
     def advance(self) -> None:
-        """Move to the next item to review after the current one: the next pending one
-        (wrapping round to those passed over), or simply the next one when decided items
-        are shown. Past the last: `current` is None (all done)."""
+        """Move to the next item to review after the current one: the next pending one no
+        other labeler is on (wrapping round to those passed over; when others are on every
+        pending item, the next pending one), or simply the next one when decided items are
+        shown. Past the last: `current` is None (all done)."""
         n = len(self.items)
         if self.show_decided:
             self.position = min(self.position + 1, n)
             return
-        for step in range(1, n + 1):
-            candidate = (self.position + step) % n
-            if self.items[candidate].status == "pending":
-                self.position = candidate
-                return
-        self.position = n  # everything reviewed
+        following = [(self.position + step) % n for step in range(1, n + 1)]
+        pending = [i for i in following if self.items[i].status == "pending"]
+        free = (i for i in pending if not self.items[i].claimed_by)
+        self.position = next(free, pending[0] if pending else n)  # n: everything reviewed
+
+    def should_move_on(self) -> bool:
+        """The current item is decided (and decided items are not shown), or another labeler is on it."""
+        item = self.current
+        return item is not None and (item.claimed_by != "" or not self.show_decided and item.status != "pending")
 
     def back(self) -> bool:
         """Step back to the item before the current one (decided or not); False at the first."""
@@ -249,13 +254,14 @@ class SaveOutcome:
 
 @dataclass
 class UndoOutcome:
-    """An undo: the save reverted (its item and each task's label undone -> restored), or
-    the conflicts that stopped it (someone changed those tasks since)."""
+    """An undo: the save reverted (its item and each task's label undone -> restored, the
+    tasks kept as someone else decided them since), or the conflicts that stopped it."""
 
     item_id: str | None
     tasks: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     in_queue: bool = False
+    kept: list[str] = field(default_factory=list)
 
 
 @dataclass
