@@ -840,12 +840,12 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def resolve(how: str):
         @user_errors
         def handler(queue, seen, annotator_name, waiting):
-            if not waiting:
-                raise StudioError("Nothing is waiting for a choice.")
-            if waiting["kind"] == "undo":
+            if waiting and waiting["kind"] == "undo":  # an undo needs no open queue
                 return undone(queue, studio.review_undo(queue, annotator_name, force=how == "overwrite",
                                                         keep_theirs=how == "keep_theirs"))
             queue = loaded(queue)
+            if not waiting:
+                raise StudioError("Nothing is waiting for a choice.")
             if waiting["kind"] == "skip":
                 if how == "keep_theirs":
                     studio.review_next(queue, annotator_name)
