@@ -98,11 +98,12 @@ INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status
 V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
 SAVE_BY_REQUEST = "SELECT id, kind FROM corrections WHERE request_id = ?"
 SAVE_VERSIONS = "SELECT task, id FROM decisions WHERE save_id = ? ORDER BY id"
-# the labels some item holds now: each (item, task)'s latest decision that sets its label (a skip keeps
+USED_LABELS = "SELECT DISTINCT label FROM decisions WHERE task = ? AND label IS NOT NULL"
+# does some item hold this label now: an (item, task)'s latest decision that sets its label (a skip keeps
 # the label before it; an undo's row holds the label it restores), so an undone or replaced label is gone
-KNOWN_LABELS = ("SELECT DISTINCT d.label FROM decisions d WHERE d.task = ? AND d.label IS NOT NULL AND d.id ="
-                " (SELECT MAX(e.id) FROM decisions e WHERE e.item_id = d.item_id AND e.task = d.task"
-                " AND (e.label IS NOT NULL OR e.status = 'pending' OR e.reverts IS NOT NULL))")
+LABEL_HELD = ("SELECT 1 FROM decisions d WHERE d.task = ? AND d.label = ? AND d.id ="
+              " (SELECT MAX(e.id) FROM decisions e WHERE e.item_id = d.item_id AND e.task = d.task"
+              " AND (e.label IS NOT NULL OR e.status = 'pending' OR e.reverts IS NOT NULL)) LIMIT 1")
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
 DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
              " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
@@ -756,14 +757,16 @@ def _edit_distance(a: str, b: str, limit: int) -> int:
 
 def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabulary: Mapping[str, Iterable[str]],
                       new_classes: Mapping[str, str]) -> None:
-    """Refuse labels outside their task's classes and saved labels, unless confirmed new."""
+    """Refuse labels outside their task's classes and the labels items hold now, unless confirmed new."""
     unknown = []
     for task, value in labels.items():
-        if task not in vocabulary or new_classes.get(task) == value:
+        classes = set(map(str, vocabulary.get(task, ())))
+        if task not in vocabulary or new_classes.get(task) == value or value in classes:
             continue
-        known = {*map(str, vocabulary[task]), *(row[0] for row in conn.execute(KNOWN_LABELS, (task,)))}
-        if value not in known:
-            unknown.append(UnknownClass(task, value, close_classes(value, known)))
+        held = {label for (label,) in conn.execute(USED_LABELS, (task,)).fetchall()
+                if label not in classes and conn.execute(LABEL_HELD, (task, label)).fetchone()}
+        if value not in held:
+            unknown.append(UnknownClass(task, value, close_classes(value, classes | held)))
     if unknown:
         raise UnknownLabel(unknown)
 
