@@ -355,7 +355,8 @@ class Resolution:
 def pending_save(outcome: SaveOutcome | UndoOutcome) -> dict | None:
     """What a refused save or undo leaves for the labeler's choice (kept in a gr.State)."""
     if isinstance(outcome, UndoOutcome):
-        return {"kind": "undo"} if outcome.conflicts else None
+        return ({"kind": "undo", "save_id": outcome.save_id, "request_id": outcome.request_id}
+                if outcome.conflicts else None)
     if outcome.result not in ("conflict", "unknown"):
         return None
     return {"kind": outcome.kind, "labels": outcome.labels, "request_id": outcome.request_id,
@@ -697,7 +698,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                 strategy = gr.Radio([(s.replace("_", " "), s) for s in STRATEGIES], value=STRATEGIES[0],
                                     label="Order: most uncertain first by", elem_id="review-strategy")
                 task_filter = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Tasks under review",
-                                          elem_id="review-task-filter")
+                                          allow_custom_value=True, elem_id="review-task-filter")
                 min_conf = gr.Number(0, minimum=0, maximum=1, step=0.05, label="Confidence from",
                                      elem_id="review-min-conf")
                 max_conf = gr.Number(1, minimum=0, maximum=1, step=0.05, label="to", elem_id="review-max-conf")
@@ -736,7 +737,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                         "replaced. The items go in chunks, each acknowledged once stored: after an interruption, run "
                         "it again to finish without duplicates.")
             with gr.Row():
-                bulk_task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Task(s)", elem_id="bulk-task")
+                bulk_task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Task(s)", elem_id="bulk-task",
+                                        allow_custom_value=True)  # any model's task (API); the studio checks it
                 bulk_min = gr.Dropdown([("each task's 90%-precision threshold", THRESHOLDS), "0.95", "0.9", "0.8",
                                         "0.7"], value=THRESHOLDS, allow_custom_value=True, elem_id="bulk-min-conf",
                                        label="Bar: minimum confidence (or type one from 0 to 1)")
@@ -819,9 +821,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
 
     @user_errors
-    def undo_last(queue, annotator_name):
+    def undo_last(queue, annotator_name, rid):
         """Revert your newest decision (again: the one before); the queue goes to that item."""
-        return undone(queue, studio.review_undo(queue, annotator_name))
+        return undone(queue, studio.review_undo(queue, annotator_name, request_id=rid))
 
     @user_errors
     def previous_item(queue, annotator_name):
@@ -842,7 +844,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         def handler(queue, seen, annotator_name, waiting):
             if waiting and waiting["kind"] == "undo":  # an undo needs no open queue
                 return undone(queue, studio.review_undo(queue, annotator_name, force=how == "overwrite",
-                                                        keep_theirs=how == "keep_theirs"))
+                                                        keep_theirs=how == "keep_theirs",
+                                                        save_id=waiting.get("save_id"),
+                                                        request_id=waiting.get("request_id")))
             queue = loaded(queue)
             if not waiting:
                 raise StudioError("Nothing is waiting for a choice.")
@@ -953,7 +957,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         bound.blur(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
     accept.click(accept_item, [*queue_inputs, *slots, request_id], panel.outputs, api_name="review_accept")
     skip.click(skip_item, [*queue_inputs, request_id], panel.outputs, api_name="review_skip")
-    undo.click(undo_last, [panel.queue, shared.annotator], panel.outputs, api_name="review_undo")
+    undo.click(undo_last, [panel.queue, shared.annotator, request_id], panel.outputs, api_name="review_undo")
     previous.click(previous_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_previous")
     forward.click(next_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_next")
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),

@@ -121,7 +121,7 @@ HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND 
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
                  + NOT_UNDONE.format(save="c.id") + " ORDER BY c.id DESC LIMIT 1")
 UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
-UNDO_RESULT = ("SELECT u.task, r.label AS undone, u.label AS restored FROM decisions u"
+UNDO_RESULT = ("SELECT u.task, r.label AS undone, u.label AS restored, u.base_version, u.reverts FROM decisions u"
                " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
 SAVE_TASKS = "SELECT task FROM decisions WHERE save_id = ? ORDER BY id"
 LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
@@ -175,8 +175,8 @@ class LabelConflict(LabelStoreError):
     """Someone else saved these tasks since the versions the labeler saw; nothing was stored.
     Show both labels, and save again with `force=True` (or the new base versions) to keep yours."""
 
-    def __init__(self, conflicts: list[Conflict]) -> None:
-        self.conflicts = conflicts
+    def __init__(self, conflicts: list[Conflict], save_id: int | None = None) -> None:
+        self.conflicts, self.save_id = conflicts, save_id  # save_id: the save an undo would revert
         super().__init__("; ".join(f"{c.task} of {c.item_id}: {c.annotator or 'someone'} saved {c.theirs!r} at "
                                    f"{c.created_at} (version {c.version}), yours is {c.yours!r}" for c in conflicts))
 
@@ -236,6 +236,7 @@ class Undone(NamedTuple):
     item_id: str
     tasks: dict[str, tuple[str | None, str | None]]  # task -> (label undone, label restored)
     kept: list[str] = []  # the save's tasks someone else decided since, left as they stand
+    dropped: list[Conflict] = []  # someone else's decisions since that a forced undo reverted
 
 
 @dataclass(frozen=True)
@@ -399,7 +400,7 @@ class LabelStore:
         """Mark tasks of an item skipped: decided as far as the queue goes, their labels kept.
         With the `base_versions` the labeler saw, raises `LabelConflict` when someone else
         decided one of those tasks since (`force` skips anyway)."""
-        item_id, tasks = _key(item_id, "item_id"), sorted({str(t).strip() for t in tasks} - {""})
+        item_id, tasks = _key(item_id, "item_id"), [t for t in dict.fromkeys(str(t).strip() for t in tasks) if t]
         if not item_id or not tasks:
             raise LabelStoreError("a skip needs an item id and at least one task")
         for task in tasks:
@@ -422,14 +423,16 @@ class LabelStore:
             return _save_result(conn, save_id, duplicate=False)
 
     def undo(self, annotator: str, *, force: bool = False, keep_theirs: bool = False,
-             request_id: str | None = None) -> Undone:
+             request_id: str | None = None, save_id: int | None = None) -> Undone:
         """Revert `annotator`'s newest save (a label or a skip, not an auto-accept) that is
         not undone yet: each of its tasks goes back to its state before that save, and
         again further back on the next call. Raises `LabelConflict` when someone else
         decided one of those tasks since (even the same label: undo must not erase their
         decision); `force` reverts them anyway, `keep_theirs` leaves them as they stand and
-        reverts the rest. `LabelStoreError` when nothing is left to undo. A `request_id`
-        already stored returns the first undo's result."""
+        reverts the rest (both answer a conflict: pass its `save_id`, so that they revert
+        that save or nothing). `LabelStoreError` when nothing is left to undo, or when
+        `save_id` is no longer the newest. A `request_id` already stored returns the first
+        undo's result."""
         annotator, request_id = _name(annotator, "annotator"), _key(request_id, "request_id")
         if not annotator:
             raise LabelStoreError("undo needs the annotator whose decisions to revert")
@@ -438,11 +441,18 @@ class LabelStore:
                 target = conn.execute(LAST_UNDOABLE, (annotator,)).fetchone()
                 if target is None:
                     raise LabelStoreError(f"nothing to undo: {annotator} has no decision left to revert")
+                if save_id is not None and target["id"] != save_id:
+                    raise LabelStoreError(f"nothing was undone: save #{save_id} is not {annotator}'s newest decision "
+                                          "any more (it was undone, or a newer one came since); undo again")
                 undo_id = _revert(conn, target, annotator, request_id, force, keep_theirs)
             undo = conn.execute(UNDO_SAVE, (undo_id,)).fetchone()
-            tasks = {r["task"]: (r["undone"], r["restored"]) for r in conn.execute(UNDO_RESULT, (undo_id,))}
+            rows = conn.execute(UNDO_RESULT, (undo_id,)).fetchall()
+            tasks = {r["task"]: (r["undone"], r["restored"]) for r in rows}
             kept = [r["task"] for r in conn.execute(SAVE_TASKS, (undo["undoes"],)) if r["task"] not in tasks]
-        return Undone(undo["undoes"], undo["item_id"], tasks, kept)
+            _, steps = _replay(conn.execute(ITEM_DECISIONS, (undo["item_id"], LAST_ROW)))
+        dropped = [_conflict(undo["item_id"], r["task"], r["restored"], steps[r["base_version"]].after)
+                   for r in rows if not steps[r["base_version"]].after.same_decision(steps[r["reverts"]].after)]
+        return Undone(undo["undoes"], undo["item_id"], tasks, kept, dropped)
 
     # ------------------------------------------------------------------ claims
     def claim(self, item_id: str, annotator: str, minutes: float = CLAIM_MINUTES) -> str | None:
@@ -875,7 +885,7 @@ def _conflicts(save: _Prepared, current: dict[str, TaskState], steps: dict[int, 
                                   "shown is not the item being saved; reload it")
         now = current.get(task)
         if now is not None and now.version != base and now.label is not None and now.label != yours:
-            conflicts.append(Conflict(save.item_id, task, yours, now.label, now.annotator, now.version, now.created_at))
+            conflicts.append(_conflict(save.item_id, task, yours, now))
     return conflicts
 
 
@@ -898,7 +908,7 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
     changed = {version for version, step in reverted.items() if not current[step.task].same_decision(step.after)}
     if changed and not (force or keep_theirs):
         raise LabelConflict([_conflict(item_id, reverted[v].task, restored[v][0], current[reverted[v].task])
-                             for v in sorted(changed)])
+                             for v in sorted(changed)], save_id=target["id"])
     if keep_theirs:
         reverted = {version: step for version, step in reverted.items() if version not in changed}
     undo_id = _insert_save(conn, item_id, target["image_sha256"], target["text"],

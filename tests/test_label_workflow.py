@@ -42,7 +42,8 @@ def test_two_annotators_on_one_item_get_a_conflict_with_both_labels(store):
     with pytest.raises(LabelConflict) as caught:
         save(store, "a", "ana", {"colour": "Blue", "type": "Tights"}, base_versions={"colour": None, "type": None})
     [conflict] = caught.value.conflicts  # type was still undecided: no conflict there
-    assert conflict == Conflict("a", "colour", "Blue", "Red", "ben", ben.versions["colour"], conflict.created_at)
+    assert conflict == Conflict("a", "colour", "Blue", "Red", "ben", ben.versions["colour"], conflict.created_at,
+                                "corrected")
     assert "'Red'" in str(caught.value) and "'Blue'" in str(caught.value) and "ben" in str(caught.value)
     assert store.count() == 1 and labels_of(store) == {"a": {"colour": "Red"}}  # nothing replaced, nothing added
 
@@ -144,7 +145,7 @@ def test_a_bulk_accept_run_in_chunks_resumes_and_never_replaces_a_label(store):
     stored, already, conflicts = store.save_many(records, "batch-2", annotator="ana")
     assert (stored, already) == (2, 3)
     assert conflicts == [Conflict("item-4", "colour", "Black", "Red", "ben", late.versions["colour"],
-                                  conflicts[0].created_at)]
+                                  conflicts[0].created_at, "corrected")]
     assert store.count() == 6 and labels_of(store)["item-4"] == {"colour": "Red"}
     assert store.item_state("item-0")["colour"].source == "auto"
     with pytest.raises(LabelStoreError, match="twice"):
@@ -183,7 +184,7 @@ def test_undo_restores_the_previous_label_and_who_set_it_and_refuses_to_drop_som
     assert store.undo("ana", request_id="undo-1").tasks == {"colour": (None, "Blue")}  # a retry: not a second undo
     state = store.item_state("a")["colour"]
     assert (state.label, state.status, state.annotator) == ("Blue", "corrected", "ana")
-    assert store.undo("ana") == (first.save_id, "a", {"colour": ("Blue", "Red")}, [])
+    assert store.undo("ana") == (first.save_id, "a", {"colour": ("Blue", "Red")}, [], [])
     state = store.item_state("a")["colour"]
     assert (state.label, state.annotator) == ("Red", "ben") and state.version > first.versions["colour"]
 
@@ -221,6 +222,25 @@ def test_undo_never_erases_someone_elses_decision_even_the_same_label(store):
     assert [h["annotator"] for h in store.audit(annotator="ana")[0]] == ["ana", "ana", "ana"]
 
 
+def test_a_choice_on_an_undo_conflict_reverts_that_save_or_nothing_and_names_what_it_dropped(store):
+    save(store, "a", "ana", {"colour": "Pink"})
+    lou = save(store, "a", "lou", {"colour": "Red"})
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ana")
+    target = caught.value.save_id
+    save(store, "b", "ana", {"colour": "Blue"})  # ana saved again before she chose
+    with pytest.raises(LabelStoreError, match=f"save #{target} is not ana's newest"):
+        store.undo("ana", force=True, save_id=target)
+    assert store.item_state("b")["colour"].label == "Blue" and store.item_state("a")["colour"].label == "Red"
+
+    store.undo("ana", request_id="undo-b")  # b's save; a retry with its request id undoes nothing more
+    assert store.undo("ana", request_id="undo-b").item_id == "b" and store.item_state("a")["colour"].label == "Red"
+    forced = store.undo("ana", force=True, save_id=target)
+    assert forced.tasks == {"colour": ("Pink", None)}  # ana's label undone; lou's, standing, dropped:
+    assert [(c.task, c.theirs, c.annotator, c.status, c.version) for c in forced.dropped] == [
+        ("colour", "Red", "lou", "corrected", lou.versions["colour"])]
+
+
 def test_an_undo_conflict_names_who_decided_last_a_skip_included(store):
     save(store, "a", "ana", {"colour": "Red"})
     skipped = store.skip("a", ["colour"], "ben", base_versions={"colour": store.item_state("a")["colour"].version})
@@ -247,6 +267,14 @@ def test_a_stale_skip_is_refused_and_attributed_right_when_forced(store):
     state = store.item_state("a")
     assert (state["colour"].label, state["colour"].annotator, state["colour"].decided_by) == ("Red", "ben", "ana")
     assert state["type"].status == "skipped"
+    # a save over it names the skip's maker, and tasks keep the order they were given in
+    with pytest.raises(LabelConflict) as caught:
+        save(store, "a", "fin", {"colour": "Blue"}, base_versions={"colour": ben.versions["colour"]})
+    assert [(c.annotator, c.status) for c in caught.value.conflicts] == [("ana", "skipped")]
+    save(store, "z", "ben", {"type": "Socks", "colour": "Red"})
+    with pytest.raises(LabelConflict) as caught:
+        store.skip("z", ["type", "colour"], "ana", base_versions={})
+    assert [c.task for c in caught.value.conflicts] == ["type", "colour"]
     # her own decision since is no conflict, nor is a task someone's undo left pending
     save(store, "b", "ana", {"colour": "Blue"})
     store.skip("b", ["colour"], "ana", base_versions={"colour": None})

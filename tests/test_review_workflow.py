@@ -79,6 +79,13 @@ def open_item(labeler: Labeler, answer: dict, item: str) -> dict:
     raise AssertionError(f"{item} is not before {labeler.name}'s item")
 
 
+def save_on_predict_tab(labeler: Labeler, item: str, colour: str) -> dict:
+    """A Predict-tab save of `item` (the example photo) with `colour`."""
+    view = labeler("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, item)
+    return labeler("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, labeler.name, item,
+                   *with_label(view, COLOUR, colour), "")
+
+
 def classes(studio: Studio, task: str = COLOUR) -> list[str]:
     return studio.task_classes(MODEL)[task]
 
@@ -277,10 +284,7 @@ def test_an_undo_that_meets_someone_elses_decision_shows_it_and_keep_theirs_move
     shown = lee.load(3)
     item = current_item(shown)
     moved = lee.accept(slots(shown))
-    # mia decides lee's item after him (on the Predict tab, by its id)
-    mia_view = mia("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, item)
-    mia("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "mia", item,
-        *with_label(mia_view, COLOUR, classes(studio)[4]), "")
+    save_on_predict_tab(mia, item, classes(studio)[4])  # mia decides lee's item after him
 
     refused = lee("/review_undo", "lee")
     message = refused["review status"]
@@ -312,13 +316,44 @@ def test_a_stale_skip_is_refused_and_undo_works_with_no_queue_open(review_app):
     assert "Kept their decision" in moved["review status"] and current_item(moved) != item
 
     # the Predict tab's save, undone from a page with no queue open
-    page = Labeler(url, "nia")
-    page_view = page("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "no-queue-item")
-    page("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "nia", "no-queue-item",
-         *with_label(page_view, COLOUR, classes(studio)[5]), "")
-    undone = Labeler(url, "nia")("/review_undo", "nia")
-    assert "Undone on item `no-queue-item` (not in this queue)" in undone["review status"]
+    save_on_predict_tab(Labeler(url, "nia"), "no-queue-item", classes(studio)[5])
+    undone = Labeler(url, "nia")("/review_undo", "nia", "")["review status"]
+    assert "Undone on item `no-queue-item`:" in undone and "not in this queue" not in undone
     assert studio.store.item_state("no-queue-item")[COLOUR].status == "pending"
+
+
+def test_a_choice_on_an_undo_conflict_applies_to_that_save_and_a_retried_undo_undoes_once(review_app):
+    url, studio = review_app
+    rae, sol = Labeler(url, "rae"), Labeler(url, "sol")
+    shown = rae.load(3)
+    item = current_item(shown)
+    rae.accept(slots(shown))
+    theirs = classes(studio)[6]
+    save_on_predict_tab(sol, item, theirs)
+    assert "Not undone" in rae("/review_undo", "rae", "")["review status"]
+    save_on_predict_tab(rae, "rae-other", classes(studio)[7])  # rae saves again before she chooses
+    with pytest.raises(AppError, match="is not rae's newest decision"):
+        rae("/review_keep_theirs", "rae")  # the choice was about her save of `item`, not this one
+    assert studio.store.item_state("rae-other")[COLOUR].annotator == "rae"
+
+    first, retry = (rae("/review_undo", "rae", "rae-undo-1") for _ in range(2))  # a lost answer, retried
+    assert "Undone on item `rae-other`" in first["review status"] == retry["review status"]
+    assert studio.store.item_state("rae-other")[COLOUR].status == "pending"
+    assert studio.store.item_state(item)[COLOUR].label == theirs  # the retry undid nothing more
+
+    assert "Not undone" in rae("/review_undo", "rae", "")["review status"]
+    forced = rae("/review_overwrite", "rae")["review status"]
+    assert f"Dropped {COLOUR_NAME} `{theirs}`, corrected by `sol`" in forced
+    assert studio.store.item_state(item)[COLOUR].status == "pending"
+
+
+def test_a_reload_resumes_on_your_own_decided_item(review_app):
+    url, _ = review_app
+    tom = Labeler(url, "tom")
+    shown = tom.load(3)
+    item = current_item(shown)
+    open_item(tom, tom.accept(slots(shown)), item)  # back to look at what he decided
+    assert current_item(Labeler(url, "tom")("/review_resume", "tom", MODEL)) == item
 
 
 def test_a_reload_resumes_past_an_item_someone_else_decided(review_app):

@@ -701,8 +701,9 @@ class Studio:
     def resume_queue(self, queue_id: str | None = None, annotator: str | None = None,
                      model: str | None = None) -> ReviewQueue | None:
         """A kept queue: by id, else the one `annotator` moved in last (on `model` if given),
-        at its place, or the next item to review when its item was decided meanwhile or
-        someone else is on it; None when there is none, or its model is gone."""
+        at its place (an item they decided themselves included), or the next item to review
+        when someone else decided its item meanwhile or is on it; None when there is none,
+        or its model is gone."""
         saved = None
         if queue_id:
             saved = self.store.load_queue(queue_id)
@@ -713,11 +714,14 @@ class Studio:
         queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position, saved.view)
         annotator = (annotator or "").strip()
         self.refresh(queue, annotator)
-        moved = queue.should_move_on()
+        item, owner = queue.current, annotator or saved.annotator
+        states = self.store.item_state(item.item_id) if item is not None else {}
+        mine = all(states[t].decided_by == owner for t in queue.tasks if t in states)  # back on their own item
+        moved = queue.should_move_on() and not (mine and not item.claimed_by)
         if moved:
             queue.advance()
         if moved or annotator:
-            self.keep_queue(queue, annotator or saved.annotator)
+            self.keep_queue(queue, owner)
         return queue
 
     def current_view(self, queue: ReviewQueue | None) -> ItemView | None:
@@ -778,20 +782,25 @@ class Studio:
             return self._remember(rid, outcome)
 
     def review_undo(self, queue: ReviewQueue | None, annotator: str | None, *, force: bool = False,
-                    keep_theirs: bool = False, request_id: str | None = None) -> UndoOutcome:
+                    keep_theirs: bool = False, request_id: str | None = None,
+                    save_id: int | None = None) -> UndoOutcome:
         """Revert the annotator's newest decision not yet reverted (again and again, further
         back); the queue goes to that item. A task someone else decided since comes back as a
         conflict (the queue shows that item, for the choice) unless `force` (revert it anyway)
-        or `keep_theirs` (leave it, revert the rest)."""
-        annotator = self._annotator(annotator)
+        or `keep_theirs` (leave it, revert the rest): those two answer a conflict and take its
+        `save_id`, so they revert that save or nothing. A request id already stored answers
+        with the first undo's result."""
+        annotator, rid = self._annotator(annotator), (request_id or "").strip() or None
         try:
-            undone = self.store.undo(annotator, force=force, keep_theirs=keep_theirs,
-                                     request_id=(request_id or "").strip() or None)
-            outcome = UndoOutcome(undone.item_id, undone.tasks, kept=undone.kept)
+            undone = self.store.undo(annotator, force=force, keep_theirs=keep_theirs, request_id=rid, save_id=save_id)
+            outcome = UndoOutcome(undone.item_id, undone.tasks, kept=undone.kept, dropped=undone.dropped,
+                                  save_id=undone.save_id, request_id=rid)
         except LabelConflict as exc:
-            outcome = UndoOutcome(exc.conflicts[0].item_id, conflicts=exc.conflicts)
+            outcome = UndoOutcome(exc.conflicts[0].item_id, conflicts=exc.conflicts, save_id=exc.save_id,
+                                  request_id=rid)
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
+        outcome.queue_open = queue is not None
         if queue is not None:
             with self._queue_lock(queue):
                 self.refresh(queue, annotator)

@@ -432,9 +432,10 @@ def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = N
     what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
     lines = [f"**{refused} {what} {since}.**"]
     for c in conflicts:
-        yours = code(c.yours) if c.yours else "(none)"
+        yours = {"skip": "yours: skip", "undo": f"undo restores {code(c.yours) if c.yours else '(none: pending)'}"
+                 }.get(action, f"yours {code(c.yours) if c.yours else '(none)'}")
         status = f", {c.status}" if c.status else ""
-        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: yours {yours} · "
+        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: {yours} · "
                      f"theirs {code(c.theirs) if c.theirs else '(none)'}{status} by {code(c.annotator or 'someone')}"
                      f" at {plain(c.created_at[:19].replace('T', ' '))}")
     lines.append("\n" + choice)
@@ -459,13 +460,16 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
     changes = ", ".join(f"{task_name(t, names=names)}: {code(undone) if undone else '(skip)'} → "
                         f"{code(restored) if restored else '(none: pending)'}"
                         for t, (undone, restored) in outcome.tasks.items())
-    where = "" if outcome.in_queue else " (not in this queue)"
+    where = " (not in this queue)" if outcome.queue_open and not outcome.in_queue else ""
     kept = ", ".join(task_name(t, names=names) for t in outcome.kept)
     if not outcome.tasks:
         return (f"Nothing reverted on item {code(outcome.item_id)}{where}: someone else decided {kept} after you, "
                 "and their decisions stand. Undo goes on from your decision before it.")
     kept = f" Kept as someone else decided since: {kept}." if kept else ""
-    return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}"
+    dropped = "".join(f" Dropped {task_name(c.task, names=names)} {code(c.theirs) if c.theirs else '(none)'}"
+                      f"{f', {c.status}' if c.status else ''} by {code(c.annotator or 'someone')}."
+                      for c in outcome.dropped)
+    return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}{dropped}"
 
 
 def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:

@@ -255,13 +255,18 @@ class SaveOutcome:
 @dataclass
 class UndoOutcome:
     """An undo: the save reverted (its item and each task's label undone -> restored, the
-    tasks kept as someone else decided them since), or the conflicts that stopped it."""
+    tasks kept as someone else decided them since, their decisions a forced undo dropped),
+    or the conflicts that stopped it (`save_id` then names the save the choice applies to)."""
 
     item_id: str | None
     tasks: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
-    in_queue: bool = False
+    in_queue: bool = False  # the item is in the open queue, which now shows it
     kept: list[str] = field(default_factory=list)
+    dropped: list[Conflict] = field(default_factory=list)
+    save_id: int | None = None
+    request_id: str | None = None
+    queue_open: bool = False
 
 
 @dataclass
