@@ -348,11 +348,14 @@ def test_a_choice_on_an_undo_conflict_applies_to_that_save_and_a_retried_undo_un
 
 
 def test_a_reload_resumes_on_your_own_decided_item(review_app):
-    url, _ = review_app
+    url, studio = review_app
     tom = Labeler(url, "tom")
     shown = tom.load(3)
     item = current_item(shown)
     open_item(tom, tom.accept(slots(shown)), item)  # back to look at what he decided
+    studio.store.release("tom")  # he closes the page; uma opens the item: it is still his to come back to
+    studio.store.claim(item, "uma")
+    assert item in studio.store.claims("tom")  # someone else (uma, or a labeler still on it) is on it
     assert current_item(Labeler(url, "tom")("/review_resume", "tom", MODEL)) == item
 
 

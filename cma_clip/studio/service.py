@@ -716,8 +716,9 @@ class Studio:
         self.refresh(queue, annotator)
         item, owner = queue.current, annotator or saved.annotator
         states = self.store.item_state(item.item_id) if item is not None else {}
-        mine = all(states[t].decided_by == owner for t in queue.tasks if t in states)  # back on their own item
-        moved = queue.should_move_on() and not (mine and not item.claimed_by)
+        mine = item is not None and item.status != "pending" and all(  # back on an item they decided
+            states[t].decided_by == owner for t in queue.tasks if t in states)
+        moved = queue.should_move_on() and not mine
         if moved:
             queue.advance()
         if moved or annotator:
