@@ -770,8 +770,10 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
     """Refuse labels outside their task's classes and the labels items hold now, unless confirmed new."""
     unknown = []
     for task, value in labels.items():
-        classes = set(map(str, vocabulary.get(task, ())))
-        if task not in vocabulary or new_classes.get(task) == value or value in classes:
+        if task not in vocabulary or new_classes.get(task) == value:
+            continue
+        classes = set(map(str, vocabulary[task]))
+        if value in classes:
             continue
         held = {label for (label,) in conn.execute(USED_LABELS, (task,)).fetchall()
                 if label not in classes and conn.execute(LABEL_HELD, (task, label)).fetchone()}

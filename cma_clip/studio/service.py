@@ -794,8 +794,7 @@ class Studio:
         annotator, rid = self._annotator(annotator), (request_id or "").strip() or None
         try:
             undone = self.store.undo(annotator, force=force, keep_theirs=keep_theirs, request_id=rid, save_id=save_id)
-            outcome = UndoOutcome(undone.item_id, undone.tasks, kept=undone.kept, dropped=undone.dropped,
-                                  save_id=undone.save_id, request_id=rid)
+            outcome = UndoOutcome(**undone._asdict(), request_id=rid)
         except LabelConflict as exc:
             outcome = UndoOutcome(exc.conflicts[0].item_id, conflicts=exc.conflicts, save_id=exc.save_id,
                                   request_id=rid)

@@ -425,6 +425,12 @@ CONFLICT_TEXT = {  # action -> (what was refused, since when, the choice)
 }
 
 
+def standing(c: Conflict) -> str:
+    """The decision standing in a conflict: its label, status and who made it."""
+    return (f"{code(c.theirs) if c.theirs else '(none)'}{f', {c.status}' if c.status else ''}"
+            f" by {code(c.annotator or 'someone')}")
+
+
 def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = None, action: str = "label") -> str:
     """Both labels of each conflicting task, who made theirs (a label, a skip) and when, and
     the choice, for a refused `action` (label, skip or undo)."""
@@ -434,9 +440,7 @@ def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = N
     for c in conflicts:
         yours = {"skip": "yours: skip", "undo": f"undo restores {code(c.yours) if c.yours else '(none: pending)'}"
                  }.get(action, f"yours {code(c.yours) if c.yours else '(none)'}")
-        status = f", {c.status}" if c.status else ""
-        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: {yours} · "
-                     f"theirs {code(c.theirs) if c.theirs else '(none)'}{status} by {code(c.annotator or 'someone')}"
+        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: {yours} · theirs {standing(c)}"
                      f" at {plain(c.created_at[:19].replace('T', ' '))}")
     lines.append("\n" + choice)
     return "\n".join(lines)
@@ -466,9 +470,7 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
         return (f"Nothing reverted on item {code(outcome.item_id)}{where}: someone else decided {kept} after you, "
                 "and their decisions stand. Undo goes on from your decision before it.")
     kept = f" Kept as someone else decided since: {kept}." if kept else ""
-    dropped = "".join(f" Dropped {task_name(c.task, names=names)} {code(c.theirs) if c.theirs else '(none)'}"
-                      f"{f', {c.status}' if c.status else ''} by {code(c.annotator or 'someone')}."
-                      for c in outcome.dropped)
+    dropped = "".join(f" Dropped {task_name(c.task, names=names)} {standing(c)}." for c in outcome.dropped)
     return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}{dropped}"
 
 
