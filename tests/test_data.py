@@ -206,3 +206,52 @@ def test_images_decode_alike_in_threads_and_in_a_worker_process(tmp_path, backbo
     for workers in (0, 1):
         with pytest.raises(ImageError, match="broken.jpg"):
             list(image_batches([*paths[:3], broken], backbone, batch_size=2, num_workers=workers))
+
+
+@pytest.fixture(scope="module")
+def hm_catalogue():
+    return Catalogue.open(CatalogueConfig.load("hm-articles"))
+
+
+def test_calibration_items_are_whole_products_taken_from_train_only(hm_catalogue):
+    from cma_clip.data import split_indices
+
+    plain, held = split_indices(hm_catalogue, 0), split_indices(hm_catalogue, 0, calibration_items=1000)
+    for name in ("val", "test"):
+        assert np.array_equal(held[name], plain[name])
+    train, calibration = held["train"], held["calibration"]
+    assert not set(train) & set(calibration) and np.array_equal(np.sort(np.r_[train, calibration]), plain["train"])
+    product = np.array([r["product_code"] for r in hm_catalogue.rows])
+    assert not set(product[train]) & set(product[calibration])  # no product on both sides
+    largest = max(np.unique(product[plain["train"]], return_counts=True)[1])
+    assert 1000 <= len(calibration) < 1000 + largest
+    assert np.array_equal(split_indices(hm_catalogue, 0, 1000)["calibration"], calibration)  # seeded
+    assert not np.array_equal(split_indices(hm_catalogue, 1, 1000)["calibration"], calibration)
+
+
+def test_without_a_group_column_calibration_items_are_whole_texts(hm_catalogue):
+    from dataclasses import replace
+
+    from cma_clip.data import split_indices
+
+    catalogue = replace(hm_catalogue, config=replace(hm_catalogue.config, group_column=None))
+    held = split_indices(catalogue, 0, calibration_items=300)
+    texts = catalogue.texts()
+    assert not {texts[i] for i in held["train"]} & {texts[i] for i in held["calibration"]}
+    assert len(held["calibration"]) >= 300
+
+
+def test_calibration_items_that_cannot_be_held_out_are_refused_clearly(hm_catalogue, tmp_path):
+    from dataclasses import replace
+
+    from cma_clip.data import split_indices
+
+    with pytest.raises(CatalogueError, match="would leave no training items"):
+        split_indices(hm_catalogue, 0, calibration_items=len(split_indices(hm_catalogue)["train"]))
+    unknown = replace(hm_catalogue, config=replace(hm_catalogue.config, group_column="no_such_column"))
+    with pytest.raises(CatalogueError, match="group column 'no_such_column'"):
+        split_indices(unknown, 0, calibration_items=10)
+    rows = [{"text": f"item {i}", "colour": "Red", "split": s} for i, s in enumerate(["train"] * 4 + ["calibration"])]
+    own = Catalogue.open(CatalogueConfig(name="own", manifest=str(write_catalogue(tmp_path, rows)), tasks=["colour"]))
+    with pytest.raises(CatalogueError, match="already has a 'calibration' split"):
+        split_indices(own, 0, calibration_items=2)
