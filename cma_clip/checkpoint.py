@@ -97,8 +97,6 @@ class TrainConfig:
     patience: int = 4  # epochs without val improvement before stopping
     seed: int = 0
     split_seed: int | None = None  # the seed of the split (catalogues without a split column); None: `seed`
-    # train items (whole text groups) held out to certify the auto-accept thresholds with val (`data.hold_out_calibration`)
-    calibration_items: int = 0
     members: int = 1  # >1: train this many models from seeds seed, seed + 1, ... and keep them as an ensemble
     max_steps: int | None = None
     # the run
@@ -113,8 +111,6 @@ class TrainConfig:
             raise CatalogueError(f"--members is how many models to train, at least 1, not {self.members}")
         if not 0 <= self.ema < 1:
             raise CatalogueError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema}")
-        if self.calibration_items < 0:
-            raise CatalogueError(f"--calibration-items is a number of train items, 0 or more, not {self.calibration_items}")
         if not 0 <= self.modality_dropout < 1:
             raise CatalogueError(f"--modality-dropout is a rate in [0, 1), not {self.modality_dropout}")
         if self.backbone_weights and self.finetune_backbone:
@@ -125,8 +121,7 @@ class TrainConfig:
 
     @property
     def splits_seed(self) -> int:
-        """What `data.split_indices` draws a catalogue's split (when it has no split column) and
-        the calibration items from."""
+        """What `data.split_indices` draws a catalogue's split from when it has no split column."""
         return self.seed if self.split_seed is None else self.split_seed
 
     def catalogue_config(self) -> CatalogueConfig:
@@ -206,19 +201,17 @@ class CatalogueColumns:
     text_columns: list[str] = field(default_factory=lambda: ["text"])
     id_column: str | None = None
     max_text_tokens: int = 64
-    group_column: str | None = None  # which items are one product (`data.hold_out_calibration`)
 
     @classmethod
     def of(cls, config: CatalogueConfig) -> "CatalogueColumns":
         return cls(name=config.name, image_column=config.image_column, text_columns=list(config.text_columns),
-                   id_column=config.id_column, max_text_tokens=config.max_text_tokens,
-                   group_column=config.group_column)
+                   id_column=config.id_column, max_text_tokens=config.max_text_tokens)
 
     def on(self, manifest: str | Path, tasks: list[str]) -> CatalogueConfig:
         """These columns on `manifest`, with `tasks` as its label columns."""
         return CatalogueConfig(name=self.name, manifest=str(manifest), image_column=self.image_column,
                                text_columns=list(self.text_columns), tasks=list(tasks), id_column=self.id_column,
-                               max_text_tokens=self.max_text_tokens, group_column=self.group_column)
+                               max_text_tokens=self.max_text_tokens)
 
 
 @dataclass

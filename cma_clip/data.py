@@ -58,7 +58,6 @@ class CatalogueConfig:
     id_column: str | None = None
     max_text_tokens: int = 64
     task_names: dict[str, str] = field(default_factory=dict)  # task -> the name a person reads ("Pattern")
-    group_column: str | None = None  # one product's items (colour variants) share it; default: the same text
 
     @classmethod
     def load(cls, name_or_path: str, data_root: str | Path | None = None) -> "CatalogueConfig":
@@ -521,41 +520,15 @@ def to_8_bits(image: Image.Image) -> Image.Image:
 SPLITS = ("train", "val", "test")
 
 
-def split_indices(catalogue: Catalogue, seed: int = 0, calibration_items: int = 0) -> dict[str, np.ndarray]:
+def split_indices(catalogue: Catalogue, seed: int = 0) -> dict[str, np.ndarray]:
     """Row indices per split: by the split column (train, val, test and any other name it
-    holds); without one, the seeded 80/10/10 split training makes. With `calibration_items`,
-    about that many train rows move to a "calibration" split (`hold_out_calibration`)."""
+    holds); without one, the seeded 80/10/10 split training makes."""
     if catalogue.has_splits:
         names = np.array([r["split"] for r in catalogue.rows])
-        splits = {s: np.nonzero(names == s)[0] for s in dict.fromkeys([*SPLITS, *names])}
-    else:
-        order = np.random.default_rng(seed).permutation(len(catalogue))
-        a, b = int(0.8 * len(order)), int(0.9 * len(order))
-        splits = {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
-    return hold_out_calibration(catalogue, splits, calibration_items, seed) if calibration_items else splits
-
-
-def hold_out_calibration(catalogue: Catalogue, splits: dict[str, np.ndarray], items: int,
-                         seed: int) -> dict[str, np.ndarray]:
-    """Move whole groups of train rows (one product's items: the config's `group_column`, else
-    the same text, which colour variants share), in a seeded random order, to a "calibration" split until it holds at least `items` rows.
-
-    Auto-accept thresholds are certified on val and these rows together: the bound a threshold
-    must pass tightens with the items it is measured on, so more of them lower the thresholds at
-    the same promise (docs/THRESHOLDS.md). A model never trains on them."""
-    if "calibration" in splits:
-        raise CatalogueError("the catalogue's split column already has a 'calibration' split")
-    train = splits["train"]
-    if items >= len(train):
-        raise CatalogueError(f"--calibration-items {items} would leave no training items (train has {len(train)})")
-    column = catalogue.config.group_column
-    if column and catalogue.rows and column not in catalogue.rows[0]:
-        raise CatalogueError(f"group column {column!r} is not in {catalogue.config.manifest}")
-    keys = [r[column] for r in catalogue.rows] if column else catalogue.texts()
-    groups = np.unique([keys[i] for i in train], return_inverse=True)[1].ravel()
-    order = np.random.default_rng([seed, items]).permutation(groups.max() + 1)
-    taken = np.isin(groups, order[:np.searchsorted(np.cumsum(np.bincount(groups)[order]), items) + 1])
-    return {**splits, "train": train[~taken], "calibration": train[taken]}
+        return {s: np.nonzero(names == s)[0] for s in dict.fromkeys([*SPLITS, *names])}
+    order = np.random.default_rng(seed).permutation(len(catalogue))
+    a, b = int(0.8 * len(order)), int(0.9 * len(order))
+    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
 
 
 def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:

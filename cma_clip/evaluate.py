@@ -183,7 +183,7 @@ def evaluation_rows(catalogue: Catalogue, split: str | None, config: CheckpointC
     if trained.limit or trained.extra_labels:
         raise CatalogueError("this checkpoint was trained on a seeded split of this manifest changed by --limit or "
                              "--extra-labels, which cannot be rebuilt here; evaluate on a manifest with a split column")
-    splits = split_indices(catalogue, trained.splits_seed, trained.calibration_items)
+    splits = split_indices(catalogue, trained.splits_seed)
     if split not in splits:
         raise CatalogueError(f"the manifest has no split column: choose --split train, val or test, not {split!r}")
     return splits[split], split
@@ -228,30 +228,21 @@ def item_groups(features, index: np.ndarray) -> np.ndarray | None:
     return None if texts is None else np.array([texts[i] for i in index])
 
 
-def calibration_rows(splits: dict[str, np.ndarray]) -> np.ndarray:
-    """The rows auto-accept thresholds are chosen on: val, then the train items held out for it
-    (`data.hold_out_calibration`), if any."""
-    return np.concatenate([splits["val"], splits.get("calibration", np.zeros(0, dtype=int))])
-
-
 def calibrate(folder: str | Path, model: Classifier, config: CheckpointConfig, features: Features,
               targets: dict[str, np.ndarray], splits: dict[str, np.ndarray]) -> dict:
-    """Set each task's auto-accept threshold in `config` from val and any held-out calibration
-    items (`calibration_rows`; `THRESHOLD_RULE`: 90% precision with 99% confidence, items
-    sharing a text one cluster), score val and test with them (the test report also to
-    FOLDER/eval_test.json); returns the metrics, also set in `config`.
+    """Set each task's auto-accept threshold in `config` from val (`THRESHOLD_RULE`: 90%
+    precision with 99% confidence, items sharing a text one cluster), score val and test with
+    them (the test report also to FOLDER/eval_test.json); returns the metrics, also set in
+    `config`.
 
     `features` is anything with `__len__` and `batch(index, device) -> EncoderOutput`."""
-    rows = calibration_rows(splits)
-    probs = predict_probabilities(model, features, rows)
-    chosen = thresholds_at_90(probs, {t: v[rows] for t, v in targets.items()}, THRESHOLD_RULE,
-                              item_groups(features, rows))
-    for task, threshold in chosen.items():
+    val_probs = predict_probabilities(model, features, splits["val"])
+    val_targets = {t: v[splits["val"]] for t, v in targets.items()}
+    val_groups = item_groups(features, splits["val"])
+    for task, threshold in thresholds_at_90(val_probs, val_targets, THRESHOLD_RULE, val_groups).items():
         config.tasks[task].threshold_90 = threshold
         config.tasks[task].threshold_rule = THRESHOLD_RULE
-    val = np.arange(len(splits["val"]))  # val comes first in `rows`
-    metrics = {"val": score({t: p[val] for t, p in probs.items()}, {t: v[splits["val"]] for t, v in targets.items()},
-                            config.thresholds, item_groups(features, splits["val"]))}
+    metrics = {"val": score(val_probs, val_targets, config.thresholds, val_groups)}
     if len(splits["test"]):
         metrics["test"] = score(predict_probabilities(model, features, splits["test"]),
                                 {t: v[splits["test"]] for t, v in targets.items()}, config.thresholds,
@@ -275,7 +266,7 @@ def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | N
     catalogue = Catalogue.open(config.catalogue_on(manifest))
     if config.train.limit:
         catalogue = limit_splits(catalogue, config.train.limit)
-    splits = split_indices(catalogue, config.train.splits_seed, config.train.calibration_items)
+    splits = split_indices(catalogue, config.train.splits_seed)
     # the runs of a study share one backbone and read only the val and test rows of its cache
     features = extract_features(load_backbone(folder, config, device), catalogue, cache_dir, progress=False,
                                 memory_map=True, colour=model.cfg.colour)

@@ -82,9 +82,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     src.add_argument("--limit", type=int, help="use only the first N items of each split (quick runs, tests)")
     src.add_argument("--min-count", type=int, default=d.min_count,
                      help="a class needs this many training items to be learned")
-    src.add_argument("--calibration-items", type=int, default=d.calibration_items, metavar="N",
-                     help="hold out about N train items (whole text groups) to certify the auto-accept thresholds "
-                          "with val: lower thresholds at the same promise, for fewer training items (default 0)")
     src.add_argument("--extra-labels", help="SQLite label store whose corrections override catalogue labels")
     src.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
     m = p.add_argument_group("model")
@@ -179,7 +176,7 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
             raise CatalogueError(f"--extra-labels {cfg.extra_labels}: no such label store (the app keeps it in "
                                  "studio_data/labels.db)")
         catalogue = LabelStore(cfg.extra_labels).apply_to(catalogue)
-    splits = split_indices(catalogue, cfg.splits_seed, cfg.calibration_items)
+    splits = split_indices(catalogue, cfg.splits_seed)
     if not len(splits["train"]) or not len(splits["val"]):
         raise CatalogueError("training needs items in both the train and val splits")
     if config.max_text_tokens > backbone.max_text_tokens:  # e.g. a catalogue's 96 tokens on CLIP's 77
@@ -519,13 +516,9 @@ def combine(out: str | Path, members: list[str | Path], data_root: str | None = 
     manifest = configs[0].training_manifest(data_root)
     if manifest is None:
         raise CheckpointError(f"{members[0]}: the catalogue it was trained on is not available here")
-    if len({c.train.calibration_items for c in configs}) > 1:
-        raise CatalogueError("these runs held out different calibration items (--calibration-items differs): a "
-                             "member may have trained on another's calibration items")
-    seeded = configs[0].train.calibration_items or not Catalogue.open(configs[0].catalogue_on(manifest)).has_splits
-    if len({c.train.splits_seed for c in configs}) > 1 and seeded:
-        raise CatalogueError("these runs split the catalogue differently (their split seeds differ and the split or "
-                             "the calibration items depend on it): train them with --members, which splits them alike")
+    if len({c.train.splits_seed for c in configs}) > 1 and not Catalogue.open(configs[0].catalogue_on(manifest)).has_splits:
+        raise CatalogueError("these runs split the catalogue differently (it has no split column and their seeds "
+                             "differ): train them with --members, which splits them alike")
     save_ensemble(out, list(members))
     return rescore(out, data_root, cache_dir)
 

@@ -273,34 +273,3 @@ def test_tuned_layers_given_to_training_stay_frozen_and_travel_with_the_checkpoi
         save_ensemble(tmp_path / "mixed", [members_of(out)[0], other])
     with pytest.raises(CatalogueError, match="backbone-weights"):
         TrainConfig(catalogue="hm-articles", backbone_weights=str(weights["a"]), finetune_backbone=True)
-
-
-def test_calibration_items_stay_out_of_training_and_certify_the_thresholds(ensemble_checkpoint, backbone, cache_dir,
-                                                                          tmp_path):
-    """--calibration-items: the members train without those items, and the thresholds come from val and them
-    together; runs that held out other items are not joined."""
-    from cma_clip.data import Catalogue, limit_splits, split_indices
-    from cma_clip.evaluate import THRESHOLD_RULE, item_groups, predict_probabilities, task_targets, thresholds_at_90
-    from cma_clip.features import extract_features
-
-    out = tmp_path / "held"
-    assert train.main([*TINY, "--members", "2", "--seed", "3", "--calibration-items", "20", "--cache-dir",
-                       str(cache_dir), "--out", str(out)]) == 0
-    cfg = train.parse_config([*TINY, "--seed", "3", "--calibration-items", "20", "--cache-dir", str(cache_dir), "--out", str(out)])
-    splits = train.load_data(cfg, backbone).splits
-    assert len(splits["train"]) == 48 - len(splits["calibration"]) and len(splits["calibration"]) >= 20
-    model, config = load_checkpoint(out)
-    assert config.train.calibration_items == 20
-    catalogue = limit_splits(Catalogue.open(config.catalogue_on(config.training_manifest())), 48)
-    assert np.array_equal(split_indices(catalogue, 3, 20)["calibration"], splits["calibration"])
-    features = extract_features(backbone, catalogue, cache_dir, colour=True, progress=False)
-    rows = np.r_[splits["val"], splits["calibration"]]
-    targets = {t: v[rows] for t, v in task_targets(config, catalogue).items()}
-    expected = thresholds_at_90(predict_probabilities(model, features, rows), targets, THRESHOLD_RULE,
-                                item_groups(features, rows))
-    assert config.thresholds == expected
-    val_only = read_config(ensemble_checkpoint)  # the same recipe and seeds on every train item
-    assert val_only.train.calibration_items == 0
-    with pytest.raises(CatalogueError, match="held out different calibration items"):
-        train.combine(tmp_path / "mixed", [*members_of(ensemble_checkpoint)[:1], out.parent / "held-members" / "seed-4"],
-                      cache_dir=str(cache_dir))

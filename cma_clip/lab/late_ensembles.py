@@ -25,7 +25,7 @@ import numpy as np
 
 from ..checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from ..data import Catalogue, limit_splits, split_indices
-from ..evaluate import THRESHOLD_RULE, calibration_rows, item_groups, predict_probabilities, score, task_targets, thresholds_at_90
+from ..evaluate import THRESHOLD_RULE, item_groups, predict_probabilities, score, task_targets, thresholds_at_90
 from ..features import Features, extract_features
 from ..runtime import default_device
 
@@ -86,10 +86,9 @@ def mixed(parts: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str,
 
 def val_thresholds(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits: dict[str, np.ndarray],
                    groups: np.ndarray) -> dict[str, float | None]:
-    """Each task's auto-accept threshold from the val rows (and any held-out calibration rows), by
-    the checkpoints' rule."""
-    rows = calibration_rows(splits)
-    return thresholds_at_90(rows_of(probs, rows), rows_of(targets, rows), THRESHOLD_RULE, groups[rows])
+    """Each task's auto-accept threshold from the val rows, by the checkpoints' rule."""
+    val = splits["val"]
+    return thresholds_at_90(rows_of(probs, val), rows_of(targets, val), THRESHOLD_RULE, groups[val])
 
 
 def operating_report(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits: dict[str, np.ndarray],
@@ -119,7 +118,7 @@ def scoring_data(checkpoint: Path, config: CheckpointConfig, device, data_root: 
         catalogue = limit_splits(catalogue, config.train.limit)
     features = extract_features(load_backbone(checkpoint, config, device), catalogue, cache_dir, memory_map=True,
                                 colour=True, progress=False)
-    return ScoringData(catalogue, split_indices(catalogue, config.train.splits_seed, config.train.calibration_items), features,
+    return ScoringData(catalogue, split_indices(catalogue, config.train.splits_seed), features,
                        task_targets(config, catalogue), item_groups(features, np.arange(len(features))))
 
 
