@@ -773,12 +773,11 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
         if task not in vocabulary or new_classes.get(task) == value:
             continue
         classes = set(map(str, vocabulary[task]))
-        if value in classes:
+        if value in classes or conn.execute(LABEL_HELD, (task, value)).fetchone():
             continue
-        held = {label for (label,) in conn.execute(USED_LABELS, (task,)).fetchall()
+        held = {label for (label,) in conn.execute(USED_LABELS, (task,)).fetchall()  # only for the suggestions
                 if label not in classes and conn.execute(LABEL_HELD, (task, label)).fetchone()}
-        if value not in held:
-            unknown.append(UnknownClass(task, value, close_classes(value, classes | held)))
+        unknown.append(UnknownClass(task, value, close_classes(value, classes | held)))
     if unknown:
         raise UnknownLabel(unknown)
 
