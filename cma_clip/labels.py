@@ -98,12 +98,13 @@ INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status
 V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
 SAVE_BY_REQUEST = "SELECT id, kind FROM corrections WHERE request_id = ?"
 SAVE_VERSIONS = "SELECT task, id FROM decisions WHERE save_id = ? ORDER BY id"
-USED_LABELS = "SELECT DISTINCT label FROM decisions WHERE task = ? AND label IS NOT NULL"
-# does some item hold this label now: an (item, task)'s latest decision that sets its label (a skip keeps
-# the label before it; an undo's row holds the label it restores), so an undone or replaced label is gone
-LABEL_HELD = ("SELECT 1 FROM decisions d WHERE d.task = ? AND d.label = ? AND d.id ="
-              " (SELECT MAX(e.id) FROM decisions e WHERE e.item_id = d.item_id AND e.task = d.task"
-              " AND (e.label IS NOT NULL OR e.status = 'pending' OR e.reverts IS NOT NULL)) LIMIT 1")
+# the labels items hold now: an (item, task)'s latest decision that sets its label (a skip keeps the label
+# before it; an undo's row holds the label it restores), so an undone or replaced label is gone
+_HOLDING = ("FROM decisions d WHERE d.task = ? AND d.label {} AND d.id ="
+            " (SELECT MAX(e.id) FROM decisions e WHERE e.item_id = d.item_id AND e.task = d.task"
+            " AND (e.label IS NOT NULL OR e.status = 'pending' OR e.reverts IS NOT NULL))")
+LABEL_HELD = "SELECT 1 " + _HOLDING.format("= ?") + " LIMIT 1"  # does some item hold this label now
+HELD_LABELS = "SELECT DISTINCT d.label " + _HOLDING.format("IS NOT NULL")
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
 DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
              " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
@@ -775,8 +776,7 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
         classes = set(map(str, vocabulary[task]))
         if value in classes or conn.execute(LABEL_HELD, (task, value)).fetchone():
             continue
-        held = {label for (label,) in conn.execute(USED_LABELS, (task,)).fetchall()  # only for the suggestions
-                if label not in classes and conn.execute(LABEL_HELD, (task, label)).fetchone()}
+        held = {label for (label,) in conn.execute(HELD_LABELS, (task,))}  # only for the suggestions
         unknown.append(UnknownClass(task, value, close_classes(value, classes | held)))
     if unknown:
         raise UnknownLabel(unknown)
