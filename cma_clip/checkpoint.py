@@ -85,6 +85,7 @@ class TrainConfig:
     lexical_buckets: int = 8192
     colour: bool = False  # the foreground colour descriptor as tokens and a modality (`colour.py`)
     words_buckets: int = 0  # >0: the TF-IDF words token and modality (`model.WordsBag`)
+    image_tower: str = "main"  # "mobilenet_v2": read the second image tower's tokens (bundled+mobilenet_v2)
     # optimisation
     epochs: int = 15
     align_epochs: int = 10
@@ -113,6 +114,9 @@ class TrainConfig:
             raise CatalogueError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema}")
         if not 0 <= self.modality_dropout < 1:
             raise CatalogueError(f"--modality-dropout is a rate in [0, 1), not {self.modality_dropout}")
+        if self.image_tower != "main" and not self.backbone.endswith("+" + self.image_tower):
+            raise CatalogueError(f"--image-tower {self.image_tower} reads a second image tower: use "
+                                 f"--backbone bundled+{self.image_tower} (and its weights, --backbone-weights)")
         if self.backbone_weights and self.finetune_backbone:
             raise CatalogueError("--backbone-weights starts from tuned layers kept frozen; it does not go with "
                                  "--finetune-backbone")

@@ -71,7 +71,7 @@ def zero_shot_probabilities_for(model: Classifier, backbone: DualEncoder, classe
     prompts = {task: label_embeddings(model.align, backbone, labels) for task, labels in classes.items()}
     out: dict[str, list[np.ndarray]] = {task: [] for task in classes}
     for start in range(0, len(features), batch_size):
-        pooled = torch.from_numpy(features.image_pooled[start:start + batch_size]).float().to(device)
+        pooled = torch.from_numpy(features.pooled_image(model.align_tower)[start:start + batch_size]).float().to(device)
         for task, embeddings in prompts.items():
             out[task].append(zero_shot_probabilities(model.align, pooled, embeddings).cpu().numpy())
     return {task: np.concatenate(parts) for task, parts in out.items()}

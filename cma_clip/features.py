@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import mobilenet
 from .backbones import BackboneError, DualEncoder, EncoderOutput
 from .data import Catalogue, ImageError, load_image
 from .runtime import bf16_supported, decode_threads, loader_workers, lower_thread_priority
@@ -32,6 +33,7 @@ def default_cache_dir() -> Path:
 
 
 FEATURE_FIELDS = ("image_tokens", "image_pooled", "text_tokens", "text_mask", "text_pooled")
+MOBILENET_FIELDS = ("mobilenet_tokens", "mobilenet_pooled")  # the second image tower's, where the backbone has it
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Features:
     text_pooled: np.ndarray  # [N, Dt]
     text_ids: np.ndarray  # [N, L] int32 token ids
     colour: np.ndarray | None = None  # [N, colour.DESCRIPTOR_DIM] float16 foreground colour descriptors
+    mobilenet_tokens: np.ndarray | None = None  # [N, P, 320] the second image tower's (`mobilenet.py`)
+    mobilenet_pooled: np.ndarray | None = None  # [N, 1280]
 
     def __len__(self) -> int:
         return len(self.image_pooled)
@@ -52,7 +56,15 @@ class Features:
     def take(self, index: np.ndarray) -> "Features":
         """The items `index`, in that order."""
         return Features(**{name: getattr(self, name)[index] for name in (*FEATURE_FIELDS, "text_ids")},
-                        colour=None if self.colour is None else self.colour[index])
+                        **{name: None if getattr(self, name) is None else getattr(self, name)[index]
+                           for name in ("colour", *MOBILENET_FIELDS)})
+
+    def pooled_image(self, tower: str) -> np.ndarray:
+        """The pooled image embeddings of `tower` (`backbones.IMAGE_TOWERS`): what a model's alignment reads."""
+        pooled = self.image_pooled if tower == "main" else self.mobilenet_pooled
+        if pooled is None:
+            raise BackboneError("these features have no MobileNetV2 tower: extract them with bundled+mobilenet_v2")
+        return pooled
 
     def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> EncoderOutput:
         """A float32 batch, text trimmed to the longest sequence in it."""
@@ -70,6 +82,8 @@ class Features:
             text_pooled=tensor(self.text_pooled[index]),
             text_ids=torch.from_numpy(self.text_ids[index, :length].astype(np.int64)).to(device),
             colour=None if self.colour is None else tensor(self.colour[index]),
+            **{name: None if getattr(self, name) is None else tensor(getattr(self, name)[index])
+               for name in MOBILENET_FIELDS},
         )
 
 
@@ -177,7 +191,8 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     folder = _cache_folder(backbone, catalogue, cache_dir)
     if not (folder / "meta.json").exists():
         _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if memory_map else None) for name in FEATURE_FIELDS}
+    fields = FEATURE_FIELDS + MOBILENET_FIELDS * backbone.has_mobilenet
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if memory_map else None) for name in fields}
     return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder),
                     colour=_colour(backbone, catalogue, folder, batch_size, num_workers, progress) if colour else None)
 
@@ -222,6 +237,9 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
         "text_mask": (n, tokens),
         "text_pooled": (n, backbone.text_pooled_dim),
     }
+    if backbone.has_mobilenet:
+        shapes.update(mobilenet_tokens=(n, backbone.num_patches, mobilenet.TOKEN_DIM),
+                      mobilenet_pooled=(n, mobilenet.POOLED_DIM))
     arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=shape,
                                               dtype=np.bool_ if name == "text_mask" else np.float16)
               for name, shape in shapes.items()}
@@ -230,7 +248,7 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
         for start, out in tqdm(batches, total=math.ceil(n / batch_size), desc=f"features {catalogue.config.name}",
                                disable=not progress):
             stop = start + len(out.image_pooled)
-            for name in FEATURE_FIELDS:
+            for name in shapes:
                 with np.errstate(over="ignore"):  # checked below, with a clearer message
                     arrays[name][start:stop] = getattr(out, name).cpu().numpy()
                 if name != "text_mask" and not np.isfinite(arrays[name][start:stop]).all():

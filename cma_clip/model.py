@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .align import AlignmentHeads
-from .backbones import EncoderOutput
+from .backbones import IMAGE_TOWERS, EncoderOutput
 from .colour import FAMILIES, FAMILY_FEATURES, HISTOGRAM_DIM, split as split_colour
 
 FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attention",  # the model, its ablations
@@ -32,7 +32,7 @@ FUSIONS = ("cma", "no_modality_attention", "no_sequence_attention", "no_attentio
 MODALITIES = ("text", "image")  # always present; "colour" and "words" join them when the config asks
 # what the members of one Ensemble may differ in: the inputs they read and how they were regularised, not
 # the shapes a rollout per member assumes (depth, the tasks)
-MEMBER_SETTINGS = ("colour", "words_buckets", "lexical_buckets", "modality_dropout", "dropout")
+MEMBER_SETTINGS = ("colour", "words_buckets", "lexical_buckets", "modality_dropout", "dropout", "image_tower")
 MASKED = -100  # the target cross-entropy ignores: missing and out-of-vocabulary labels
 SEQUENCE_FUSIONS = ("cma", "no_modality_attention", "text_tokens", "image_tokens")  # with sequence-wise attention
 MODALITY_FUSIONS = ("cma", "no_sequence_attention")  # fusions with the modality-wise attention
@@ -69,6 +69,9 @@ class CMAClipConfig:
     lexical_buckets: int = 0  # >0: a trainable embedding of hashed token ids added to the text tokens
     colour: bool = False  # the foreground colour descriptor (`colour.py`) as tokens and a modality
     words_buckets: int = 0  # >0: TF-IDF of hashed word-piece uni- and bigrams as one token and a modality
+    # whose image tokens and pooled embedding the model reads (`backbones.IMAGE_TOWERS`): the backbone's own
+    # ("main") or the second tower's ("mobilenet_v2", same shapes), which some ensemble members read
+    image_tower: str = "main"
     members: int = 1  # >1: an `Ensemble` of this many models of these settings
     # an Ensemble of several recipes: per member, its settings that differ from these (`MEMBER_SETTINGS` only)
     member_settings: list[dict[str, Any]] | None = None
@@ -76,6 +79,8 @@ class CMAClipConfig:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if self.image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"image tower must be one of {IMAGE_TOWERS}, not {self.image_tower!r}")
         if self.members < 1:
             raise ValueError(f"an ensemble has at least one member, not {self.members}")
         if self.member_settings is not None:
@@ -391,6 +396,11 @@ class CMAClip(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.cfg.tasks)
 
+    @property
+    def align_tower(self) -> str:
+        """The image tower whose pooled embedding `align` embeds."""
+        return self.cfg.image_tower
+
     def only_tasks(self, tasks: list[str]) -> "CMAClip":
         """This model for `tasks` (some of its own) alone: their heads and modality queries, every
         shared part as it is (copied). How training leaves its auxiliary tasks out of the checkpoint."""
@@ -511,6 +521,10 @@ class Ensemble(nn.Module):
     def align(self) -> AlignmentHeads:
         """The first member's CLIP-style alignment (the zero-shot baseline reads one)."""
         return self.members[0].align
+
+    @property
+    def align_tower(self) -> str:
+        return self.members[0].align_tower
 
     def drop_unbuilt(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`CMAClip.drop_unbuilt` for each member's weights (`members.<i>.`)."""

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .align import train_alignment
-from .backbones import DualEncoder, EncoderOutput, create_backbone
+from .backbones import IMAGE_TOWERS, DualEncoder, EncoderOutput, create_backbone
 from .checkpoint import (CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, TrainConfig,
                          is_checkpoint, load_backbone, load_backbone_weights, load_checkpoint, read_config,
                          save_checkpoint, save_ensemble)
@@ -85,7 +85,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     src.add_argument("--extra-labels", help="SQLite label store whose corrections override catalogue labels")
     src.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
     m = p.add_argument_group("model")
-    m.add_argument("--backbone", default=d.backbone, help="'bundled' or 'open_clip:MODEL[:PRETRAINED]'")
+    m.add_argument("--backbone", default=d.backbone, help="'bundled', 'bundled+mobilenet_v2' or 'open_clip:MODEL[:PRETRAINED]'")
     m.add_argument("--finetune-backbone", action="store_true", help="train the backbone too (slow; for a GPU)")
     m.add_argument("--backbone-weights", metavar="FILE",
                    help="tuned layers to load into the backbone, kept frozen (e.g. lab.tower_finetune's "
@@ -108,6 +108,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                    help="the product's foreground colours as tokens and a modality")
     m.add_argument("--words-buckets", type=int, default=d.words_buckets,
                    help="hash buckets of the TF-IDF words token and modality (0: off)")
+    m.add_argument("--image-tower", choices=IMAGE_TOWERS, default=d.image_tower,
+                   help="read the backbone's own image tokens (main) or its second tower's (mobilenet_v2: "
+                        "--backbone bundled+mobilenet_v2; python -m cma_clip.mobilenet writes its weights)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=d.epochs)
     o.add_argument("--align-epochs", type=int, default=d.align_epochs)
@@ -229,7 +232,8 @@ def build_model(cfg: TrainConfig, data: TrainingData, backbone: DualEncoder) -> 
         num_patches=backbone.num_patches, max_text_tokens=data.catalogue.config.max_text_tokens,
         tasks={t: len(v) for t, v in data.vocabs.items()}, embed_dim=cfg.embed_dim, width=cfg.width,
         depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout, modality_dropout=cfg.modality_dropout,
-        fusion=cfg.fusion, lexical_buckets=cfg.lexical_buckets, colour=cfg.colour, words_buckets=cfg.words_buckets)
+        fusion=cfg.fusion, lexical_buckets=cfg.lexical_buckets, colour=cfg.colour, words_buckets=cfg.words_buckets,
+        image_tower=cfg.image_tower)
     model = CMAClip(model_cfg)
     if model.words is not None:  # idf from the training texts
         train = data.splits["train"]
@@ -290,11 +294,15 @@ def align(cfg: TrainConfig, model: CMAClip, data: TrainingData, device: torch.de
         if donor_config.backbone != cfg.backbone:
             raise CheckpointError(f"--align-from {cfg.align_from} was trained on backbone "
                                   f"{donor_config.backbone!r}, not {cfg.backbone!r}")
+        if donor.align_tower != model.align_tower:
+            raise CheckpointError(f"--align-from {cfg.align_from} aligned the {donor.align_tower!r} image tower, "
+                                  f"not {model.align_tower!r}")
         model.align.load_state_dict(donor.align.state_dict())
         return {}
     started = time.time()
     train = data.splits["train"]
-    losses = train_alignment(model.align, data.features.image_pooled[train], data.features.text_pooled[train],
+    losses = train_alignment(model.align, data.features.pooled_image(cfg.image_tower)[train],
+                             data.features.text_pooled[train],
                              epochs=cfg.align_epochs, seed=cfg.seed, device=device)
     return {"align_loss": losses, "align_seconds": round(time.time() - started, 2)}
 
