@@ -123,9 +123,13 @@ class DualEncoder(nn.Module):
     def encode_text(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def encode_mobilenet(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The second image tower's tokens and pooled embedding (`has_mobilenet` backbones)."""
+    def mobilenet_features(self) -> nn.Sequential:
+        """The second image tower with its weights (`has_mobilenet` backbones; `mobilenet.py`)."""
         raise BackboneError("this backbone has no second image tower: use bundled+mobilenet_v2")
+
+    def encode_mobilenet(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second image tower's tokens and pooled embedding."""
+        return mobilenet.encode(self.mobilenet_features(), pixels.contiguous(memory_format=torch.channels_last))
 
     def cache_key(self) -> str:
         """Identifies weights and preprocessing: cached features are valid only for the same key."""
@@ -147,12 +151,21 @@ class DualEncoder(nn.Module):
         """Encode a batch; under bf16 autocast where the hardware has it, outputs in float32.
         `colour`: also the foreground colour descriptor (for models that read it)."""
         with autocast(pixels.device):
-            image_tokens, image_pooled = self.encode_image(pixels)
             text_tokens, text_pooled = self.encode_text(text)
+        return EncoderOutput(**self.image_fields(pixels), text_tokens=text_tokens.float(), text_mask=text.mask,
+                             text_pooled=text_pooled.float(), text_ids=text.ids,
+                             colour=self.describe_colour(pixels) if colour else None)
+
+    def image_fields(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every image tower's `EncoderOutput` fields for preprocessed pixels, in float32 (the
+        encoders under bf16 autocast where the hardware has it)."""
+        with autocast(pixels.device):
+            tokens, pooled = self.encode_image(pixels)
             second = self.encode_mobilenet(pixels) if self.has_mobilenet else None
-        return EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float(), text.mask,
-                             text_pooled.float(), text.ids, self.describe_colour(pixels) if colour else None,
-                             *(None, None) if second is None else (second[0].float(), second[1].float()))
+        fields = {"image_tokens": tokens.float(), "image_pooled": pooled.float()}
+        if second is not None:
+            fields.update(mobilenet_tokens=second[0].float(), mobilenet_pooled=second[1].float())
+        return fields
 
     def describe_colour(self, pixels: torch.Tensor) -> torch.Tensor:
         """The foreground colour descriptors of preprocessed pixels (`colour.colour_descriptor`)."""
@@ -298,13 +311,13 @@ class BundledBackbone(DualEncoder):
                 raise BackboneError(f"these weights hold {len(given)} of MobileNetV2's {len(tower)} tensors")
             self.mobilenet_loaded |= bool(given)
 
-    def encode_mobilenet(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mobilenet_features(self) -> nn.Sequential:
         if self.mobilenet is None:
-            return super().encode_mobilenet(pixels)  # raises: no second tower
+            return super().mobilenet_features()  # raises: no second tower
         if not self.mobilenet_loaded:
             raise BackboneError("MobileNetV2's weights are not loaded: they come with the checkpoint "
                                 "(backbone.safetensors) or, to train, --backbone-weights (python -m cma_clip.mobilenet)")
-        return mobilenet.encode(self.mobilenet, pixels.contiguous(memory_format=torch.channels_last))
+        return self.mobilenet
 
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         enc = self.tokenizer(list(texts), padding="max_length", truncation=True,

@@ -421,6 +421,7 @@ class CMAClip(nn.Module):
         `keep_layers`: every layer's per-head attention probabilities, in the graph (`layer_attention`).
         `text_absent` [B] bool marks items without text: their modality weights go wholly to the image
         (an empty text still gets about half of the weight otherwise)."""
+        feats = feats.seen_by(self.cfg.image_tower)
         text_cls = self.text_cls_in(self.align.embed_text(feats.text_pooled))
         image_cls = self.image_cls_in(self.align.embed_image(feats.image_pooled))
         extras = self.extra_inputs(feats)

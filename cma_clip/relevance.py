@@ -26,6 +26,11 @@ one stage earlier, where features are still local, LayerCAM puts 2.6x on the pro
 (docs/RESULTS.md, "Explanations"). Backbones without such a stage (open_clip ViTs) get
 LayerCAM on the patch tokens themselves.
 
+Ensembles with members on the second image tower (`bundled+mobilenet_v2`): the gradient also
+runs back into MobileNetV2's last 14x14 stage (`MOBILENET_STAGE`, by autograd), LayerCAM is taken
+there too, and the two towers' maps, each normalised, are mixed in proportion to the members that
+read each tower (the ensemble is the mean of its members, so each member's explanation counts once).
+
 The letterbox padding (`backbones.letterbox` fills the square with white) is not part of
 the photo: relevance that lands there is removed (in proportion to the share of each cell
 that is padding) and reported as `padding_share`. Maps are normalised to sum to 1.
@@ -54,6 +59,7 @@ from .model import IMAGE_SIDE, Classifier, CMAOutput, absent_texts
 from .runtime import autocast, bf16_supported
 
 RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
+MOBILENET_STAGE = 14  # MobileNetV2's `features` before this one run at 14x14 (and finer)
 
 
 @dataclass
@@ -294,9 +300,14 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
     pixels = backbone.preprocess(images).to(device)
     text = _text_batch(backbone, texts, max_tokens).to(device)
     tail = LiteTail.of(backbone.cnn) if LiteTail.supports(backbone) else None
+    towers = [member.cfg.image_tower for member in getattr(model, "members", [model])]
+    second = "mobilenet_v2" in towers
     precision = torch.bfloat16 if bf16_supported(device) else torch.float32  # the encoder's, as autocast runs it
     with torch.no_grad(), autocast(device):  # the frozen encoders, as DualEncoder.forward runs them
         text_tokens, text_pooled = backbone.encode_text(text)
+        if second:  # the second tower up to its relevance stage
+            second_tower = backbone.mobilenet_features()
+            second_activation = second_tower[:MOBILENET_STAGE](pixels.contiguous(memory_format=torch.channels_last))
         if tail is not None:
             activation = tail.stem(pixels)
             image_tokens, image_pooled, record = tail.forward(activation, precision)
@@ -312,20 +323,27 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
     # grad_outputs t holds task t's objective, the item's top logit), so row b * count + t of each
     # gradient is item b's for task t.
     tokens, pooled, text_tokens = leaf(image_tokens), leaf(image_pooled), leaf(text_tokens)
+    second_leaf = leaf(second_activation) if second else None
     with torch.enable_grad():
         colour = backbone.describe_colour(pixels) if model.cfg.colour else None
         feats = EncoderOutput(tokens, pooled, text_tokens, text.mask, text_pooled.float(), text.ids, colour)
+        if second_leaf is not None:
+            with autocast(device):
+                grid_map = second_tower[MOBILENET_STAGE:-1](second_leaf)
+                second_pooled = second_tower[-1](grid_map).mean(dim=(2, 3))
+            feats = replace(feats, mobilenet_tokens=grid_map.flatten(2).transpose(1, 2).float(),
+                            mobilenet_pooled=second_pooled.float())
         with autocast(device, batch_size=1 if single_precision else batch):  # the fusion's, as in Predictor.predict
             out = model(feats, return_attention=True, keep_layers=True, text_absent=absent_texts(texts))
         top = torch.stack([logits.float().max(dim=-1).values for logits in out.logits.values()], 1)  # [B, T]
         per_task = torch.eye(count, device=device)[:, None, :].expand(count, batch, count)
         layers = out.layer_attention or []
-        inputs = [*layers, tokens, pooled, text_tokens]
+        inputs = [*layers, tokens, pooled, text_tokens, *[second_leaf] * second]
         grads = torch.autograd.grad(top, inputs, per_task, is_grads_batched=True, allow_unused=True)
     grads = [None if g is None else g.transpose(0, 1).flatten(0, 1) for g in grads]  # [T, B, ...] -> [B*T, ...]
     tokens, pooled, text_tokens = (x.detach().repeat_interleave(count, 0) for x in (tokens, pooled, text_tokens))
     layers = [a.detach().repeat_interleave(count, 0) for a in layers]
-    layer_grads, (token_grad, pooled_grad, text_grad) = grads[:len(layers)], grads[len(layers):]
+    layer_grads, (token_grad, pooled_grad, text_grad) = grads[:len(layers)], grads[len(layers):len(layers) + 3]
     token_grad = _zero_if_none(token_grad, tokens)
     with torch.no_grad():
         if tail is not None:  # on into the image encoder, every task at once
@@ -336,6 +354,12 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
     length = text.mask.shape[1]
     sizes = [image.size for image in images]
     fine = layercam(activation, activation_grad)  # [B*T, h, w]
+    if second:  # each tower's map normalised, mixed as the members that read it
+        second_activation = second_leaf.detach().repeat_interleave(count, 0)
+        second_fine = layercam(second_activation, _zero_if_none(grads[-1], second_activation))
+        share = towers.count("mobilenet_v2") / len(towers)
+        fine = (1 - share) * normalise(fine.flatten(1)).reshape(fine.shape) + share * normalise(
+            second_fine.flatten(1)).reshape(second_fine.shape)
     cells = fine.shape[-1]
     cover_fine = torch.from_numpy(photo_fraction(sizes, backbone.image_size, cells)).to(device)
     cover_fine = cover_fine.repeat_interleave(count, 0).reshape(fine.shape)

@@ -172,8 +172,7 @@ def text_probabilities(predictor: Predictor, image: Image.Image, texts: list[str
     """task -> [N, classes] probabilities for one image with N texts, the image encoded once."""
     backbone, device = predictor.backbone, predictor.device
     pixels = backbone.preprocess([image]).to(device)
-    with autocast(device):
-        image_tokens, image_pooled = backbone.encode_image(pixels)
+    image_fields = backbone.image_fields(pixels)
     colour = colour_of(predictor, pixels)
     out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(texts), 64):
@@ -184,9 +183,9 @@ def text_probabilities(predictor: Predictor, image: Image.Image, texts: list[str
         with autocast(device):
             text_tokens, text_pooled = backbone.encode_text(batch)
         m = len(chunk)
-        feats = EncoderOutput(image_tokens.float().expand(m, -1, -1), image_pooled.float().expand(m, -1),
-                              text_tokens.float(), batch.mask, text_pooled.float(), batch.ids,
-                              None if colour is None else colour.expand(m, -1))
+        feats = EncoderOutput(**{name: x.expand(m, *x.shape[1:]) for name, x in image_fields.items()},
+                              text_tokens=text_tokens.float(), text_mask=batch.mask, text_pooled=text_pooled.float(),
+                              text_ids=batch.ids, colour=None if colour is None else colour.expand(m, -1))
         with autocast(device, batch_size=m):
             logits = predictor.model(feats).logits
         for task, value in logits.items():
@@ -207,12 +206,12 @@ def image_probabilities(predictor: Predictor, images: list[Image.Image], text: s
     for start in range(0, len(images), 64):
         chunk = images[start:start + 64]
         pixels = backbone.preprocess(chunk).to(predictor.device)
-        with autocast(predictor.device):
-            image_tokens, image_pooled = backbone.encode_image(pixels)
         m = len(chunk)
-        feats = EncoderOutput(image_tokens.float(), image_pooled.float(), text_tokens.float().expand(m, -1, -1),
-                              text_batch.mask.to(predictor.device).expand(m, -1), text_pooled.float().expand(m, -1),
-                              text_batch.ids.to(predictor.device).expand(m, -1), colour_of(predictor, pixels))
+        feats = EncoderOutput(**backbone.image_fields(pixels), text_tokens=text_tokens.float().expand(m, -1, -1),
+                              text_mask=text_batch.mask.to(predictor.device).expand(m, -1),
+                              text_pooled=text_pooled.float().expand(m, -1),
+                              text_ids=text_batch.ids.to(predictor.device).expand(m, -1),
+                              colour=colour_of(predictor, pixels))
         with autocast(predictor.device, batch_size=m):
             logits = predictor.model(feats).logits
         for task, value in logits.items():

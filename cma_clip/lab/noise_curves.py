@@ -38,17 +38,15 @@ FEATURE_DTYPE = np.float16  # as the feature cache keeps them
 def noisy_images(backbone: DualEncoder, sample: Catalogue, clean: Features, kind: str, severity: int,
                  batch_size: int = 32) -> Features:
     """`clean` with the sample's images corrupted by `kind` at `severity` (item i seeded by i)."""
-    image_tokens, image_pooled, colour = [], [], []
+    parts: dict[str, list[np.ndarray]] = {}
     for pixels in image_batches(sample.image_paths(), backbone, batch_size,
                                 transform=lambda image, i: corrupt_image(image, kind, severity, i)):
-        with autocast(backbone.device):
-            tokens, pooled = backbone.encode_image(pixels.to(backbone.device))
-        image_tokens.append(tokens.float().cpu().numpy().astype(FEATURE_DTYPE))
-        image_pooled.append(pooled.float().cpu().numpy().astype(FEATURE_DTYPE))
+        fields = backbone.image_fields(pixels.to(backbone.device))  # every image tower's
         if clean.colour is not None:
-            colour.append(backbone.describe_colour(pixels).cpu().numpy().astype(FEATURE_DTYPE))
-    return replace(clean, image_tokens=np.concatenate(image_tokens), image_pooled=np.concatenate(image_pooled),
-                   colour=np.concatenate(colour) if colour else None)
+            fields["colour"] = backbone.describe_colour(pixels)
+        for name, value in fields.items():
+            parts.setdefault(name, []).append(value.float().cpu().numpy().astype(FEATURE_DTYPE))
+    return replace(clean, **{name: np.concatenate(arrays) for name, arrays in parts.items()})
 
 
 @torch.no_grad()
