@@ -4,8 +4,8 @@
     predictor = Predictor.from_checkpoint("checkpoints/hm-articles")
     prediction = predictor.predict(image, "Striped cotton shirt")
 
-The library: backbones (dual encoders), align (CLIP-style alignment), model (CMA-CLIP),
-checkpoint (typed config + safetensors), data (catalogues), features (the feature cache),
+The library: backbones (dual encoders; mobilenet, the second image tower), align (CLIP-style
+alignment), model (CMA-CLIP), checkpoint (typed config + safetensors), data (catalogues), features (the feature cache),
 train / evaluate / predict (command lines), metrics, labels (the label store), review,
 noise, robustness, viz. On top of it: `cma_clip.studio` (the app's service) and
 `cma_clip.lab` (benchmarks and the study); see docs/ARCHITECTURE.md.
