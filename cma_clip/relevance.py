@@ -27,7 +27,8 @@ one stage earlier, where features are still local, LayerCAM puts 2.6x on the pro
 LayerCAM on the patch tokens themselves.
 
 Ensembles with members on the second image tower (`bundled+mobilenet_v2`): the gradient also
-runs back into MobileNetV2's last 14x14 stage (`MOBILENET_STAGE`, by autograd), LayerCAM is taken
+runs back into MobileNetV2 at 14x14 (`MOBILENET_STAGE`: after its 64-channel 14x14 blocks, the
+earliest 14x14 map; docs/RESULTS.md, "Explanations"), by autograd, LayerCAM is taken
 there too, and the two towers' maps, each normalised, are mixed in proportion to the members that
 read each tower (the ensemble is the mean of its members, so each member's explanation counts once).
 
@@ -59,7 +60,7 @@ from .model import IMAGE_SIDE, Classifier, CMAOutput, absent_texts
 from .runtime import autocast, bf16_supported
 
 RELEVANCE_STAGE = 11  # the bundled EfficientNet's blocks before this one run at 14x14 (and finer)
-MOBILENET_STAGE = 14  # MobileNetV2's `features` before this one run at 14x14 (and finer)
+MOBILENET_STAGE = 11  # MobileNetV2's `features` before this one end with its 64-channel 14x14 blocks (7-10)
 
 
 @dataclass
