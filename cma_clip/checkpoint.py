@@ -2,7 +2,7 @@
 
 A checkpoint is a folder:
     model.safetensors     the CMA-CLIP weights (alignment heads, fusion, task heads; an ensemble's
-                          members under members.<i>., stored as float16 so two fit where one did)
+                          members under members.<i>., stored compactly: `_compact`)
     config.json           a `CheckpointConfig`: backbone id, catalogue columns, tasks with label
                           vocabularies and auto-accept thresholds, model hyper-parameters,
                           training settings, history and metrics
@@ -27,14 +27,16 @@ from safetensors.torch import save_file
 from .backbones import DualEncoder, create_backbone, shared_backbone
 from .data import CatalogueConfig, CatalogueError
 from .errors import CMAClipError
-from .model import FUSIONS, MEMBER_SETTINGS, Classifier, CMAClipConfig, Ensemble, create_model
+from .int8 import SCALE_SUFFIX, from_int8, to_int8
+from .model import FUSIONS, MEMBER_SETTINGS, Classifier, CMAClip, CMAClipConfig, Ensemble, create_model
 
 FORMAT = "cma-clip/1"
 WEIGHTS = "model.safetensors"
-SHARED_KEY = "same_as_first_member"  # metadata: the weights stored once, as the first member's
-INT8_KEY = "int8_per_column"  # metadata: the weights stored as int8, a float32 scale per column (`_compact`)
-INT8_WEIGHTS = ("words.proj.weight",)  # the words token's [width, buckets] table: 6.3 of 8.2 MB a member in float16
-SCALE_SUFFIX = ".int8_scale"
+SHARED_KEY = "same_as"  # metadata: {weight: the earlier member's equal weight it is read from}
+FIRST_MEMBER_SHARED_KEY = "same_as_first_member"  # the same in files before 2026-12-05: a list, each the first member's
+INT8_KEY = "int8_per_column"  # metadata: the weights stored as int8 (named for the words tables, the first so stored)
+WORDS_TABLE = "words.proj.weight"  # the words token's [width, buckets] table: int8 with a scale per bucket
+MEMBER_KEY = re.compile(r"members\.(\d+)\.(.+)")
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -393,6 +395,13 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
     return save_checkpoint(folder, ensemble, config, _load_tensors(tuned) if tuned.exists() else None)
 
 
+def as_stored_in_ensemble(model: CMAClip) -> CMAClip:
+    """`model` (one run) with its weights as an ensemble checkpoint stores them (`_compact`): what
+    it predicts as a member of a saved ensemble, for choosing members before they are joined."""
+    model.load_state_dict(_expand(*_compact(model.state_dict())))
+    return model
+
+
 def load_backbone(folder: str | Path, config: CheckpointConfig, device: torch.device | str) -> DualEncoder:
     """The backbone a checkpoint runs on, shared by every checkpoint on the same backbone and weights:
     the pretrained one, or one with the checkpoint's tuned weights (`backbone.safetensors`, known by
@@ -447,35 +456,45 @@ def _checkpoint_folder(folder: str | Path) -> Path:
 
 
 def _compact(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """An ensemble's weights for storage, and the metadata that reads them back (`_expand`):
-    float16; a member's tensor equal to the first member's (an alignment they share) only once;
-    the words tables (`INT8_WEIGHTS`) as int8 with a float32 scale per bucket (max abs / 127: each
-    weight within half a step, 1/254 of its bucket's largest), so four members fit in 25 MB."""
-    firsts = {k: _first_member_key(k) for k in state}
-    shared = [k for k, first in firsts.items() if first in state and torch.equal(state[k], state[first])]
-    int8 = [k for k in state if k.endswith(INT8_WEIGHTS) and k not in shared]
-    stored = {k: v.half() if v.is_floating_point() else v for k, v in state.items() if k not in shared}
-    for key in int8:
-        weight = state[key].float()
-        scale = weight.abs().amax(dim=0) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        stored[key] = (weight / scale).round().clamp(-127, 127).to(torch.int8)
-        stored[key + SCALE_SUFFIX] = scale
+    """An ensemble's weights for storage, and the metadata that reads them back (`_expand`).
+    A member's tensor equal to an earlier member's (the alignment of one `--members` run) is
+    stored once. Weight matrices are int8 (`int8.to_int8`: a scale per row; per bucket for the
+    words tables), everything else float16: a member takes about a third of its float16 size, so
+    an ensemble of twelve fits in 25 MB (docs/RESULTS.md, "Members stored smaller")."""
+    shared = {key: source for key in state if (source := _earlier_equal(key, state))}
+    stored, int8 = {}, []
+    for key, value in state.items():
+        if key in shared:
+            continue
+        if value.is_floating_point() and value.dim() == 2 and key.endswith("weight"):
+            stored[key], stored[key + SCALE_SUFFIX] = to_int8(value, dims=(0,) if key.endswith(WORDS_TABLE) else (1,))
+            int8.append(key)
+        else:
+            stored[key] = value.half() if value.is_floating_point() else value
     return stored, {SHARED_KEY: json.dumps(shared), INT8_KEY: json.dumps(int8)}
+
+
+def _earlier_equal(key: str, state: dict[str, torch.Tensor]) -> str | None:
+    """The first earlier member's tensor equal to member weight `key` (stored itself: an equal
+    tensor before it would come first), or None."""
+    match = MEMBER_KEY.fullmatch(key)
+    if match is None:
+        return None
+    for member in range(int(match.group(1))):
+        earlier = state.get(f"members.{member}.{match.group(2)}")
+        if earlier is not None and torch.equal(earlier, state[key]):
+            return f"members.{member}.{match.group(2)}"
+    return None
 
 
 def _expand(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
     """`_compact`'s weights back as the model's (float16 stays: `load_state_dict` converts it)."""
     for key in json.loads(metadata.get(INT8_KEY, "[]")):
-        tensors[key] = tensors[key].float() * tensors.pop(key + SCALE_SUFFIX)
-    tensors.update({key: tensors[_first_member_key(key)] for key in json.loads(metadata.get(SHARED_KEY, "[]"))})
+        tensors[key] = from_int8(tensors[key], tensors.pop(key + SCALE_SUFFIX))
+    shared = json.loads(metadata.get(SHARED_KEY, "{}"))
+    shared.update({key: MEMBER_KEY.sub(r"members.0.\2", key) for key in json.loads(metadata.get(FIRST_MEMBER_SHARED_KEY, "[]"))})
+    tensors.update({key: tensors[source] for key, source in shared.items()})
     return tensors
-
-
-def _first_member_key(key: str) -> str | None:
-    """An ensemble member's weight name, for the first member ("members.2.x" -> "members.0.x")."""
-    match = re.match(r"members\.([1-9]\d*)\.(.+)", key)
-    return f"members.0.{match.group(2)}" if match else None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

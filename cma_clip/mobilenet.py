@@ -30,8 +30,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .int8 import SCALE_SUFFIX, from_int8, to_int8
+
 PREFIX = "mobilenet."  # the tower's names inside `backbones.BundledBackbone`
-SCALE = ".int8_scale"  # beside an int8 weight: its float32 scale per output channel
 WHEEL_FILE = "mobilenet_v2-b0353104.pth"
 TOKEN_DIM, POOLED_DIM = 320, 1280
 
@@ -58,13 +59,10 @@ def quantised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, value in state.items():
         if not value.is_floating_point():
             continue
-        value = value.detach().float().cpu()
         if value.dim() == 4 and value.shape[1] > 1:
-            scale = (value.abs().amax(dim=(1, 2, 3), keepdim=True) / 127).clamp(min=1e-12)
-            stored[name] = (value / scale).round().clamp(-127, 127).to(torch.int8)
-            stored[name + SCALE] = scale
+            stored[name], stored[name + SCALE_SUFFIX] = to_int8(value, dims=(1, 2, 3))
         else:
-            stored[name] = value.half()
+            stored[name] = value.detach().cpu().half()
     return stored
 
 
@@ -72,10 +70,10 @@ def dequantised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`quantised`'s inverse (in float32); tensors without a scale beside them are returned as they are."""
     out = {}
     for name, value in state.items():
-        if name.endswith(SCALE):
+        if name.endswith(SCALE_SUFFIX):
             continue
-        scale = state.get(name + SCALE)
-        out[name] = value if scale is None else value.float() * scale
+        scale = state.get(name + SCALE_SUFFIX)
+        out[name] = value if scale is None else from_int8(value, scale)
     return out
 
 

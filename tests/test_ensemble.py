@@ -67,13 +67,18 @@ def test_members_train_on_one_split_and_become_one_checkpoint(ensemble_checkpoin
     assert report == config.metrics["test"] and set(report["tasks"]) == set(config.tasks)
     with safe_open(str(ensemble_checkpoint / "model.safetensors"), "pt") as handle:
         dtypes = {k: handle.get_tensor(k).dtype for k in handle.keys()}
-        # two members in the size of one: float16, the words tables int8 with a float32 scale per bucket
+        # weight matrices int8 with a float32 scale (per bucket for the words tables, per row for the rest),
+        # every other float float16
+        matrices = [k for k in dtypes if k.endswith("weight") and len(handle.get_slice(k).get_shape()) == 2]
+        assert "members.0.sequence.blocks.0.attn.qkv.weight" in matrices
+        assert {dtypes[k] for k in matrices} == {torch.int8} and all(k + ".int8_scale" in dtypes for k in matrices)
         assert {d for k, d in dtypes.items() if d.is_floating_point and not k.endswith(".int8_scale")} == {torch.float16}
-        assert {dtypes[f"members.{i}.words.proj.weight"] for i in (0, 1)} == {torch.int8}
+        assert handle.get_tensor("members.1.words.proj.weight.int8_scale").shape[0] == 1  # one scale per bucket
         assert any(k.startswith("members.1.") for k in handle.keys())
         # the second member took the first's alignment heads: stored once, loaded into both
         assert not any(k.startswith("members.1.align.") for k in handle.keys())
-        assert "members.1.align.text_proj.net.1.weight" in json.loads(handle.metadata()["same_as_first_member"])
+        same_as = json.loads(handle.metadata()["same_as"])
+        assert same_as["members.1.align.text_proj.net.1.weight"] == "members.0.align.text_proj.net.1.weight"
     first, second = members_of(ensemble_checkpoint)
     assert read_config(second).train.align_from == str(first) and read_config(first).train.align_from is None
     ensemble = load_checkpoint(ensemble_checkpoint)[0]
@@ -82,9 +87,9 @@ def test_members_train_on_one_split_and_become_one_checkpoint(ensemble_checkpoin
     member = load_checkpoint(second)[0]
     for name, weight in member.state_dict().items():  # every other weight is its own, as trained
         stored = ensemble.members[1].state_dict()[name]
-        if name == "words.proj.weight":  # int8: within half a step (a bucket's largest / 254), and no closer
-            step = weight.abs().amax(dim=0) / 127
-            assert ((stored - weight).abs() <= step * 0.5001 + 1e-9).all()
+        if weight.dim() == 2 and name.endswith("weight"):  # int8: within half a step (a slice's largest / 254)
+            step = weight.abs().amax(dim=0 if name == "words.proj.weight" else 1, keepdim=True) / 127
+            assert ((stored - weight).abs() <= step * 0.5001 + 1e-9).all(), name
             assert not torch.equal(stored, weight.half().float())
         else:
             torch.testing.assert_close(stored, weight.half().float())
@@ -100,6 +105,43 @@ def test_a_weights_file_whose_shared_list_names_no_first_member_weight_is_refuse
               metadata={"format": "cma-clip/1", "same_as_first_member": json.dumps(["members.1.align.logit_scale"])})
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(broken)
+
+
+def test_members_of_one_run_after_another_run_store_their_shared_alignment_once(ensemble_checkpoint,
+                                                                              small_checkpoint, tmp_path):
+    pair = members_of(ensemble_checkpoint)  # one `--members 2` run: one alignment, not the first member's
+    out = save_ensemble(tmp_path / "three", [small_checkpoint, *pair])
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        stored, same_as = set(handle.keys()), json.loads(handle.metadata()["same_as"])
+    assert any(k.startswith("members.1.align.") for k in stored)
+    assert not any(k.startswith("members.2.align.") for k in stored)
+    assert same_as["members.2.align.image_proj.net.1.weight"] == "members.1.align.image_proj.net.1.weight"
+    ensemble = load_checkpoint(out)[0]
+    for name, weight in ensemble.members[2].align.state_dict().items():
+        torch.testing.assert_close(weight, ensemble.members[1].align.state_dict()[name], rtol=0, atol=0)
+    assert not torch.equal(ensemble.members[0].align.text_proj.net[1].weight, ensemble.members[1].align.text_proj.net[1].weight)
+
+
+def test_ensembles_written_before_int8_matrices_still_load(ensemble_checkpoint, tmp_path):
+    """Files from before 2026-12-05: float16 matrices, int8 words tables with a flat scale per bucket,
+    and the weights shared with the first member listed under "same_as_first_member"."""
+    from safetensors.torch import save_file
+    old = tmp_path / "old"
+    shutil.copytree(ensemble_checkpoint, old)
+    state = load_checkpoint(ensemble_checkpoint)[0].state_dict()
+    shared = [k for k in state if k.startswith("members.1.align.")]
+    tensors = {k: v.half() for k, v in state.items() if k not in shared}
+    for key in [k for k in tensors if k.endswith("words.proj.weight")]:
+        weight = state[key]
+        scale = weight.abs().amax(dim=0) / 127
+        tensors[key], tensors[key + ".int8_scale"] = (weight / scale).round().to(torch.int8), scale
+    metadata = {"format": "cma-clip/1", "same_as_first_member": json.dumps(shared),
+                "int8_per_column": json.dumps([k for k in tensors if k.endswith("words.proj.weight")])}
+    save_file(tensors, str(old / "model.safetensors"), metadata=metadata)
+    loaded = load_checkpoint(old)[0].state_dict()
+    for name, weight in state.items():
+        torch.testing.assert_close(loaded[name], weight, rtol=0, atol=float(weight.abs().max()) / 250 + 1e-6)
+    torch.testing.assert_close(loaded["members.1.align.logit_scale"], loaded["members.0.align.logit_scale"])
 
 
 def test_a_loaded_ensemble_predicts_its_members_mean(ensemble_checkpoint, backbone):

@@ -17,7 +17,8 @@ from cma_clip.backbones import BackboneError, create_backbone
 from cma_clip.checkpoint import BACKBONE_WEIGHTS, load_backbone, load_backbone_weights, read_config
 from cma_clip.data import Catalogue, CatalogueConfig, load_image
 from cma_clip.features import extract_features
-from cma_clip.mobilenet import SCALE, dequantised, export, quantised
+from cma_clip.int8 import SCALE_SUFFIX
+from cma_clip.mobilenet import dequantised, export, quantised
 from cma_clip.model import Ensemble
 from cma_clip.predict import Predictor
 from cma_clip.relevance import explain
@@ -56,7 +57,7 @@ def test_int8_storage_keeps_each_channel_within_half_a_step():
     state = {"pointwise": torch.randn(16, 8, 1, 1), "depthwise": torch.randn(8, 1, 3, 3), "bn": torch.rand(8),
              "counter": torch.tensor(3)}
     stored = quantised(state)
-    assert stored["pointwise"].dtype == torch.int8 and stored["pointwise" + SCALE].shape == (16, 1, 1, 1)
+    assert stored["pointwise"].dtype == torch.int8 and stored["pointwise" + SCALE_SUFFIX].shape == (16, 1, 1, 1)
     assert stored["depthwise"].dtype == torch.float16 and stored["bn"].dtype == torch.float16  # depthwise: too few numbers
     assert "counter" not in stored  # batch norms' integer counters are not weights
     back = dequantised(stored)

@@ -2,15 +2,17 @@
 seeds, scored on val as a ship decision needs it.
 
     python -m cma_clip.lab.member_subsets --recipes runs/hm-cw-members runs/hm-c-members \
-        --baseline checkpoints/hm-articles --max-mb 25 [--test] [--out-json subsets.json]
+        --baseline checkpoints/hm-articles --max-mb 25 [--max-minutes 27] [--test] [--out-json subsets.json]
 
 Each recipe folder holds its runs as `seed-S` (what `train --members N` writes in OUT-members).
 Candidates: the first k seeds of each recipe, every combination of k's with two runs at least.
 Each is joined as `train --from-members` joins them (`checkpoint.save_ensemble`, in a temporary
 folder, for its size: its weights and any tuned backbone layers) and read as the mean of its runs'
-probabilities (each run on its own backbone's features); its thresholds come from val
-by the checkpoints' rule (`evaluate.THRESHOLD_RULE`). The choice (docs/RESULTS.md, "More, cheaper
-members"): among the candidates within --max-mb whose val operating recall reaches the baseline's
+probabilities (each run on its own backbone's features, its weights as the checkpoint stores them);
+its thresholds come from val by the checkpoints' rule (`evaluate.THRESHOLD_RULE`). Its training
+time is its runs' recorded epoch and alignment seconds. The choice (docs/RESULTS.md, "More, cheaper
+members"; the time budget since "Members stored smaller"): among the candidates within --max-mb
+and --max-minutes whose val operating recall reaches the baseline's
 (the shipped checkpoint, its thresholds chosen again the same way), the highest val mean R@90P; it
 beats the baseline when its val R@90P and operating recall both do. `--test` adds the test figures,
 for the report only: a choice made on them would no longer be held out.
@@ -26,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import load_backbone, load_checkpoint, save_ensemble, tuned_backbone_digest
+from ..checkpoint import (as_stored_in_ensemble, load_backbone, load_checkpoint, read_config, save_ensemble,
+                          tuned_backbone_digest)
 from ..errors import CMAClipError
 from ..evaluate import THRESHOLD_RULE, predict_probabilities, score
 from ..features import Features, extract_features
@@ -58,10 +61,10 @@ def reports(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits
     return out
 
 
-def chosen(rows: list[dict], baseline: dict, max_mb: float) -> dict | None:
-    """The rule's candidate: within the size, val operating recall at least the baseline's, the highest
-    val mean R@90P (None when no candidate qualifies)."""
-    eligible = [r for r in rows if r["megabytes"] <= max_mb
+def chosen(rows: list[dict], baseline: dict, max_mb: float, max_minutes: float = float("inf")) -> dict | None:
+    """The rule's candidate: within the size and training time, val operating recall at least the
+    baseline's, the highest val mean R@90P (None when no candidate qualifies)."""
+    eligible = [r for r in rows if r["megabytes"] <= max_mb and r["training_minutes"] <= max_minutes
                 and r["val"]["operating_recall"] >= baseline["val"]["operating_recall"]]
     return max(eligible, key=lambda r: r["val"]["recall_at_90_precision"], default=None)
 
@@ -86,6 +89,7 @@ def run_probabilities(runs: list[Path], classes: dict, catalogue, rows: np.ndarr
     out = {}
     for folder in runs:
         model, run_config = load_checkpoint(folder, device)
+        model = as_stored_in_ensemble(model)
         if run_config.classes != classes:
             raise SystemExit(f"{folder}: other tasks or classes than the baseline")
         key = backbone_of(folder, run_config)
@@ -97,8 +101,14 @@ def run_probabilities(runs: list[Path], classes: dict, catalogue, rows: np.ndarr
     return out
 
 
-def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: bool = False,
-        data_root: str | None = None, cache_dir: str | None = None, log=print) -> dict:
+def training_seconds(folder: str | Path) -> float:
+    """A run's recorded training time: its epochs and its alignment (none when it took another run's)."""
+    training = read_config(folder).training
+    return sum(epoch["seconds"] for epoch in training["history"]) + training.get("align_seconds", 0.0)
+
+
+def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, max_minutes: float = float("inf"),
+        test: bool = False, data_root: str | None = None, cache_dir: str | None = None, log=print) -> dict:
     device = default_device()
     recipes = [recipe_runs(Path(f)) for f in recipe_folders]
     base_model, config = load_checkpoint(baseline, device)
@@ -116,20 +126,22 @@ def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, test: 
             joined = save_ensemble(Path(scratch) / "-".join(map(str, counts)), runs)
             size = sum(f.stat().st_size for f in joined.glob("*.safetensors"))  # tuned backbone layers too
             row = {"runs": [str(r) for r in runs], "counts": list(counts), "megabytes": size / 1e6,
+                   "training_minutes": sum(training_seconds(r) for r in runs) / 60,
                    **reports(mixed([per_run[r] for r in runs], [1.0] * len(runs)), targets, splits, groups, test)}
             out.append(row)
             log(format_row(row))
-    pick = chosen(out, base, max_mb)
+    pick = chosen(out, base, max_mb, max_minutes)
     beats = bool(pick and all(pick["val"][k] > base["val"][k] for k in ("recall_at_90_precision", "operating_recall")))
     return {"recipes": [str(f) for f in recipe_folders], "baseline": {"checkpoint": str(baseline), **base},
-            "max_mb": max_mb, "threshold_rule": THRESHOLD_RULE, "candidates": out,
+            "max_mb": max_mb, "max_minutes": max_minutes, "threshold_rule": THRESHOLD_RULE, "candidates": out,
             "chosen": pick["counts"] if pick else None, "chosen_beats_baseline": beats}
 
 
 def format_row(row: dict) -> str:
     figures = " ".join(f"{split} {row[split]['recall_at_90_precision']:.4f} / {row[split]['operating_recall']:.4f}"
                        for split in ("val", "test") if split in row)
-    return f"{'+'.join(map(str, row['counts'])):>12s}  {row['megabytes']:6.1f} MB  {figures}"
+    return (f"{'+'.join(map(str, row['counts'])):>12s}  {row['megabytes']:6.1f} MB  "
+            f"{row['training_minutes']:5.1f} min  {figures}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,18 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", required=True, type=Path, help="OUT-members folders of seed-S runs")
     parser.add_argument("--baseline", required=True, type=Path, help="the checkpoint a candidate must beat")
     parser.add_argument("--max-mb", type=float, default=25.0)
+    parser.add_argument("--max-minutes", type=float, default=float("inf"),
+                        help="the most recorded training time (epochs and alignment) the members may sum to")
     parser.add_argument("--test", action="store_true", help="also the test figures (for the report only)")
     parser.add_argument("--data-root")
     parser.add_argument("--cache-dir")
     parser.add_argument("--out-json", type=Path)
     args = parser.parse_args(argv)
-    print(f"{'seeds kept':>12s}  {'size':>9s}  R@90P / operating recall (mean over tasks)")
+    print(f"{'seeds kept':>12s}  {'size':>9s}  {'training':>9s}  R@90P / operating recall (mean over tasks)")
     try:
-        doc = run(args.recipes, args.baseline, args.max_mb, args.test, args.data_root, args.cache_dir)
+        doc = run(args.recipes, args.baseline, args.max_mb, args.max_minutes, args.test, args.data_root, args.cache_dir)
     except CMAClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{'baseline':>12s}  {'':9s}  " + " ".join(
+    print(f"{'baseline':>12s}  {'':9s}  {'':9s}  " + " ".join(
         f"{s} {doc['baseline'][s]['recall_at_90_precision']:.4f} / {doc['baseline'][s]['operating_recall']:.4f}"
         for s in ("val", "test") if s in doc["baseline"]))
     verdict = "beats the baseline" if doc["chosen_beats_baseline"] else "does not beat the baseline"
