@@ -1,7 +1,8 @@
 """Weights stored as int8, each slice with its own float32 scale (symmetric, max abs / 127).
 
-Every weight comes back within half a step of its slice's largest / 127, which moves no prediction
-that matters (docs/RESULTS.md, "Members stored smaller"); the file is a quarter of float32's.
+Every weight comes back within half a step of its slice's largest / 127; the file is a quarter of
+float32's. On the shipped ensembles val R@90P and operating recall stay within 0.001 of float32
+(docs/RESULTS.md, "Members stored smaller").
 The scale keeps the reduced dimensions (size 1), so `value * scale` reads it back along any axis:
 per output channel for a convolution, per row for a weight matrix, per bucket for the words table.
 """

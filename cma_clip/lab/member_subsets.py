@@ -61,10 +61,11 @@ def reports(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], splits
     return out
 
 
-def chosen(rows: list[dict], baseline: dict, max_mb: float, max_minutes: float = float("inf")) -> dict | None:
+def chosen(rows: list[dict], baseline: dict, max_mb: float, max_minutes: float | None = None) -> dict | None:
     """The rule's candidate: within the size and training time, val operating recall at least the
     baseline's, the highest val mean R@90P (None when no candidate qualifies)."""
-    eligible = [r for r in rows if r["megabytes"] <= max_mb and r["training_minutes"] <= max_minutes
+    eligible = [r for r in rows if r["megabytes"] <= max_mb
+                and (max_minutes is None or r["training_minutes"] <= max_minutes)
                 and r["val"]["operating_recall"] >= baseline["val"]["operating_recall"]]
     return max(eligible, key=lambda r: r["val"]["recall_at_90_precision"], default=None)
 
@@ -107,7 +108,7 @@ def training_seconds(folder: str | Path) -> float:
     return sum(epoch["seconds"] for epoch in training["history"]) + training.get("align_seconds", 0.0)
 
 
-def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, max_minutes: float = float("inf"),
+def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, max_minutes: float | None = None,
         test: bool = False, data_root: str | None = None, cache_dir: str | None = None, log=print) -> dict:
     device = default_device()
     recipes = [recipe_runs(Path(f)) for f in recipe_folders]
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", required=True, type=Path, help="OUT-members folders of seed-S runs")
     parser.add_argument("--baseline", required=True, type=Path, help="the checkpoint a candidate must beat")
     parser.add_argument("--max-mb", type=float, default=25.0)
-    parser.add_argument("--max-minutes", type=float, default=float("inf"),
+    parser.add_argument("--max-minutes", type=float,
                         help="the most recorded training time (epochs and alignment) the members may sum to")
     parser.add_argument("--test", action="store_true", help="also the test figures (for the report only)")
     parser.add_argument("--data-root")
