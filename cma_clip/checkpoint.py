@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,34 @@ def save_ensemble(folder: str | Path, members: list[str | Path]) -> Path:
     config = replace(first, train=replace(first.train, members=len(models)), training=training)
     tuned = _checkpoint_folder(members[0]) / BACKBONE_WEIGHTS  # the members' one set of tuned backbone layers
     return save_checkpoint(folder, ensemble, config, _load_tensors(tuned) if tuned.exists() else None)
+
+
+def save_members(folder: str | Path, out: str | Path) -> list[Path]:
+    """The inverse of `save_ensemble`: each member of the ensemble checkpoint `folder` written back
+    as the finished run it was (its settings, seed and history; its weights as the ensemble stores
+    them; the ensemble's backbone file byte for byte) in `out/recipe-R/seed-S`, one `recipe-R` per
+    distinct member settings in order of first appearance: the folders `lab.member_subsets` reads as
+    recipes, so shipped members can be weighed against new ones without training them again."""
+    model, config = load_checkpoint(folder)
+    records = config.training.get("members", [])
+    if not isinstance(model, Ensemble) or len(records) != len(model.members):
+        raise CheckpointError(f"{folder} is not an ensemble that records its members' training")
+    tower = _checkpoint_folder(folder) / BACKBONE_WEIGHTS
+    recipes: list[dict[str, Any]] = []
+    written = []
+    for member, own, record in zip(model.members, config.model.member_settings or [{}] * len(records), records):
+        if own not in recipes:
+            recipes.append(own)
+        run = Path(out) / f"recipe-{recipes.index(own)}" / f"seed-{record['seed']}"
+        if run.exists():
+            raise CheckpointError(f"{run} exists: two members of one recipe share seed {record['seed']}")
+        train = replace(config.train, members=1, seed=record["seed"], **own)
+        training = {k: v for k, v in record.items() if k not in ("folder", "seed")}
+        save_checkpoint(run, member, replace(config, train=train, training=training, metrics={}))
+        if tower.exists():
+            shutil.copyfile(tower, run / BACKBONE_WEIGHTS)
+        written.append(run)
+    return written
 
 
 def as_stored_in_ensemble(model: CMAClip) -> CMAClip:

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from cma_clip import train
-from cma_clip.checkpoint import CheckpointError, load_checkpoint, read_config, save_ensemble
+from cma_clip.checkpoint import CheckpointError, load_checkpoint, read_config, save_ensemble, save_members
+from cma_clip.lab import member_subsets
 from cma_clip.model import CMAClip, Ensemble, create_model
 from cma_clip.predict import Predictor
 from cma_clip.data import CatalogueError
@@ -250,6 +251,35 @@ def test_runs_of_other_inputs_join_and_predict_their_mean(ensemble_checkpoint, s
         assert np.isfinite(relevance.words).all() and abs(relevance.words.sum() - 1) < 1e-4
         assert np.isfinite(relevance.image).all() and abs(relevance.image.sum() - 1) < 1e-4
         assert 0 <= relevance.image_share <= 1
+
+
+def test_an_ensemble_comes_apart_into_the_runs_it_joined(ensemble_checkpoint, small_checkpoint, tmp_path):
+    """`save_members` gives back each member as its run (settings, seed, history, weights as stored), one
+    folder per recipe, so joining them again writes the same checkpoint; one run is refused."""
+    runs = [small_checkpoint, *members_of(ensemble_checkpoint)]
+    joined = save_ensemble(tmp_path / "mixed", runs)
+    assert member_subsets.main(["--unjoin", str(joined), str(tmp_path / "runs")]) == 0
+    parts = sorted((tmp_path / "runs").glob("recipe-*/seed-*"))
+    plain_seed = read_config(small_checkpoint).train.seed
+    assert [p.relative_to(tmp_path / "runs").as_posix() for p in parts] == [
+        f"recipe-0/seed-{plain_seed}", "recipe-1/seed-3", "recipe-1/seed-4"]
+    for part, run in zip(parts, runs):
+        config, original = read_config(part), read_config(run)
+        assert config.model == original.model and config.train.seed == original.train.seed
+        assert config.training["history"] == original.training["history"]
+        assert member_subsets.training_seconds(part) == member_subsets.training_seconds(run)
+    again = save_ensemble(tmp_path / "again", parts)
+    (model, config), (expected, expected_config) = load_checkpoint(again), load_checkpoint(joined)
+    assert config.model == expected_config.model
+    without_folder = [[{k: v for k, v in m.items() if k != "folder"} for m in c.training["members"]]
+                      for c in (config, expected_config)]
+    assert without_folder[0] == without_folder[1]  # a run's folder name is the one thing not kept
+    for key, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(CheckpointError, match="not an ensemble"):
+        save_members(small_checkpoint, tmp_path / "one")
+    with pytest.raises(CheckpointError, match="exists"):
+        save_members(joined, tmp_path / "runs")
 
 
 def test_finished_runs_join_from_the_command_line(ensemble_checkpoint, cache_dir, tmp_path):

@@ -3,6 +3,7 @@ seeds, scored on val as a ship decision needs it.
 
     python -m cma_clip.lab.member_subsets --recipes runs/hm-cw-members runs/hm-c-members \
         --baseline checkpoints/hm-articles --max-mb 25 [--max-minutes 27] [--test] [--out-json subsets.json]
+    python -m cma_clip.lab.member_subsets --unjoin checkpoints/hm-articles runs/shipped   # its members as runs
 
 Each recipe folder holds its runs as `seed-S` (what `train --members N` writes in OUT-members).
 Candidates: the first k seeds of each recipe, every combination of k's with two runs at least.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import (as_stored_in_ensemble, load_backbone, load_checkpoint, read_config, save_ensemble,
-                          tuned_backbone_digest)
+                          save_members, tuned_backbone_digest)
 from ..errors import CMAClipError
 from ..evaluate import THRESHOLD_RULE, predict_probabilities, score
 from ..features import Features, extract_features
@@ -147,8 +148,10 @@ def format_row(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", nargs="+", required=True, type=Path, help="OUT-members folders of seed-S runs")
-    parser.add_argument("--baseline", required=True, type=Path, help="the checkpoint a candidate must beat")
+    parser.add_argument("--recipes", nargs="+", type=Path, help="OUT-members folders of seed-S runs")
+    parser.add_argument("--baseline", type=Path, help="the checkpoint a candidate must beat")
+    parser.add_argument("--unjoin", nargs=2, type=Path, metavar=("CHECKPOINT", "OUT"),
+                        help="instead: write an ensemble's members back out as runs, OUT/recipe-R/seed-S")
     parser.add_argument("--max-mb", type=float, default=25.0)
     parser.add_argument("--max-minutes", type=float,
                         help="the most recorded training time (epochs and alignment) the members may sum to")
@@ -157,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir")
     parser.add_argument("--out-json", type=Path)
     args = parser.parse_args(argv)
+    if args.unjoin:
+        try:
+            for folder in save_members(*args.unjoin):
+                print(folder)
+        except CMAClipError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if not (args.recipes and args.baseline):
+        parser.error("--recipes and --baseline are required (or --unjoin CHECKPOINT OUT)")
     print(f"{'seeds kept':>12s}  {'size':>9s}  {'training':>9s}  R@90P / operating recall (mean over tasks)")
     try:
         doc = run(args.recipes, args.baseline, args.max_mb, args.max_minutes, args.test, args.data_root, args.cache_dir)
