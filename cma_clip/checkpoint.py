@@ -521,7 +521,8 @@ def _expand(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[
     for key in json.loads(metadata.get(INT8_KEY, "[]")):
         tensors[key] = from_int8(tensors[key], tensors.pop(key + SCALE_SUFFIX))
     shared = json.loads(metadata.get(SHARED_KEY, "{}"))
-    shared.update({key: MEMBER_KEY.sub(r"members.0.\2", key) for key in json.loads(metadata.get(FIRST_MEMBER_SHARED_KEY, "[]"))})
+    first_member_shared = json.loads(metadata.get(FIRST_MEMBER_SHARED_KEY, "[]"))  # files before 2026-12-05
+    shared.update({key: MEMBER_KEY.sub(r"members.0.\2", key) for key in first_member_shared})
     tensors.update({key: tensors[source] for key, source in shared.items()})
     return tensors
 

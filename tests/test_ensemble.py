@@ -120,7 +120,8 @@ def test_members_of_one_run_after_another_run_store_their_shared_alignment_once(
     ensemble = load_checkpoint(out)[0]
     for name, weight in ensemble.members[2].align.state_dict().items():
         torch.testing.assert_close(weight, ensemble.members[1].align.state_dict()[name], rtol=0, atol=0)
-    assert not torch.equal(ensemble.members[0].align.text_proj.net[1].weight, ensemble.members[1].align.text_proj.net[1].weight)
+    first, second = (ensemble.members[i].align.text_proj.net[1].weight for i in (0, 1))
+    assert not torch.equal(first, second)
 
 
 def test_ensembles_written_before_int8_matrices_still_load(ensemble_checkpoint, tmp_path):

@@ -119,8 +119,9 @@ def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, max_mi
 
     by_backbone = {backbone_of(baseline, config): features}
     base = reports(probabilities(base_model, features, len(catalogue), rows), targets, splits, groups, test)
-    per_run = run_probabilities([r for recipe in recipes for r in recipe], config.classes, catalogue, rows,
-                                by_backbone, device, cache_dir, log)
+    every_run = [r for recipe in recipes for r in recipe]
+    minutes = {r: training_seconds(r) / 60 for r in every_run}  # each run's config read once, not per candidate
+    per_run = run_probabilities(every_run, config.classes, catalogue, rows, by_backbone, device, cache_dir, log)
     out = []
     with tempfile.TemporaryDirectory() as scratch:
         for counts in candidates(recipes):
@@ -128,7 +129,7 @@ def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, max_mi
             joined = save_ensemble(Path(scratch) / "-".join(map(str, counts)), runs)
             size = sum(f.stat().st_size for f in joined.glob("*.safetensors"))  # tuned backbone layers too
             row = {"runs": [str(r) for r in runs], "counts": list(counts), "megabytes": size / 1e6,
-                   "training_minutes": sum(training_seconds(r) for r in runs) / 60,
+                   "training_minutes": sum(minutes[r] for r in runs),
                    **reports(mixed([per_run[r] for r in runs], [1.0] * len(runs)), targets, splits, groups, test)}
             out.append(row)
             log(format_row(row))
