@@ -76,6 +76,9 @@ CSS = """
 .table-wrap td, .table-wrap td *, .body-cell, .body-cell * { word-break: normal !important; }
 #predict-examples td:last-child { white-space: nowrap; }
 #image-error:empty, #text-note:empty { display: none; }
+/* A refused review action (a wrong upload after a right one, a save without a name) leaves the open queue as
+   it was, and its message in the toast: Gradio's "Error" badge over each of the queue's outputs would hide it. */
+#review-tab [data-testid="status-tracker"]:has(> .error) { display: none !important; }
 #image-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
 @media (max-width: 767px) {
   #predict-row { flex-direction: column; flex-wrap: nowrap; }
@@ -668,7 +671,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     load, {} when there is no queue to resume) and the components it updates."""
     models = studio.model_names
     tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
-    with gr.Tab("Review queue", id="review"):
+    with gr.Tab("Review queue", id="review", elem_id="review-tab"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
                     "left out. Your place in the queue is kept: a reload or a restart resumes it.")
         with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
@@ -709,7 +712,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         with gr.Row():
             image = written_per_call(gr.Image(label="Item", height=280, interactive=False, elem_id="review-image"))
             with gr.Column(scale=2):
-                text = gr.Textbox(label="Text", interactive=False, lines=2)
+                text = gr.Textbox(label="Text", interactive=False, lines=2, elem_id="review-text")
                 table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True,
                                      elem_id="review-table", column_widths=views.REVIEW_WIDTHS)
         with gr.Row():

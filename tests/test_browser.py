@@ -1,5 +1,6 @@
 """A real browser (Debian's chromium, driven by Playwright) through the predict-correct-save flow."""
 import csv
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -141,13 +142,17 @@ def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_ap
     expect(page.locator("#review-images").get_by_role("cell", name=EXAMPLE_IMAGE.name)).to_be_visible(timeout=30_000)
     page.locator("#review-load-upload").click()
     expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 1", timeout=60_000)
-    expect(page.locator("#review-notes")).to_contain_text("was not uploaded")
+    expect(page.locator("#review-notes")).to_contain_text("image '<img src=x onerror=window.__xss=4>.jpg' was not uploaded")
     page.get_by_text("Queue: source, order and filters").click()  # it folds away once a queue is loaded
     page.locator("#review-manifest button[aria-label*='Clear'], #review-manifest button[aria-label*='clear']") \
         .first.click()
     page.locator("#review-manifest input[type=file]").set_input_files(str(bad))
     page.locator("#review-load-upload").click()
     expect(page.get_by_text("needs the columns").first).to_be_visible(timeout=30_000)
+    # the refused upload leaves the queue already open on view, without Gradio's "Error" badges over it
+    expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 1")
+    expect(page.locator("#review-text textarea")).to_have_value(re.compile(re.escape(EXAMPLE_TEXT)))
+    expect(page.locator("#review-tab .error:visible")).to_have_count(0)
     page.screenshot(path=str(ARTIFACTS / "browser-html-as-text.png"), full_page=True)
     assert page.evaluate("() => window.__xss") is None  # no injected handler or script ran
     page.evaluate("html => document.body.insertAdjacentHTML('beforeend', html)", payload)

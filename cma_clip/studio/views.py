@@ -63,8 +63,10 @@ def code(value: object) -> str:
 
 
 def plain(value: object) -> str:
-    """A value as Markdown text: HTML escaped, Markdown's own marks neutralised."""
-    text = html.escape(" ".join(str(value).split()))
+    """A value as Markdown text: HTML escaped, Markdown's own marks neutralised. Quotes stay as they
+    are: text is never an attribute, and an entity such as "&#x27;" would show as typed once its "#"
+    is escaped."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
     return "".join("\\" + ch if ch in "\\`*_[]#|~<>" else ch for ch in text)
 
 
