@@ -79,7 +79,6 @@ class TrainConfig:
     backbone_weights: str | None = None
     fusion: str = "cma"
     align_from: str | None = None  # take the alignment heads from this checkpoint
-    init_from: str | None = None  # start from this run's weights where names and shapes match (its alignment too)
     width: int = 192
     depth: int = 1
     heads: int = 4
@@ -126,8 +125,6 @@ class TrainConfig:
                                  "--finetune-backbone")
         if self.ema and self.finetune_backbone:
             raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
-        if self.init_from and self.align_from:
-            raise CatalogueError("--init-from brings its own alignment heads; it does not go with --align-from")
 
     @property
     def splits_seed(self) -> int:

@@ -54,7 +54,7 @@ from .errors import CMAClipError
 from .evaluate import calibrate, format_table, predict_probabilities, rescore, score
 from .features import Features, extract_features
 from .labels import LabelStore
-from .model import FUSIONS, Classifier, CMAClip, CMAClipConfig, multitask_loss, no_decay
+from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 from .runtime import autocast, seed_everything
 
 __all__ = ["STATE_FILE", "TrainConfig", "combine", "main", "parse_config", "train"]
@@ -94,10 +94,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
                    help="the full model, an ablation or a baseline (see cma_clip.model.FUSIONS)")
     m.add_argument("--align-from", help="take the CLIP-style alignment heads from this checkpoint instead of "
                                         "training them (same backbone); comparisons then share aligned embeddings")
-    m.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start from this run's weights wherever a name and shape match, its alignment heads "
-                        "included (same backbone and image tower; e.g. a run on another catalogue); the task "
-                        "heads, the per-task modality queries and the words' idf stay this run's own")
     m.add_argument("--width", type=int, default=d.width)
     m.add_argument("--depth", type=int, default=d.depth)
     m.add_argument("--heads", type=int, default=d.heads)
@@ -290,43 +286,18 @@ def make_optimizer(cfg: TrainConfig, model: CMAClip, data: TrainingData,
     return Optimisation(optimizer, schedule, [p for _, p in named], steps_per_epoch, total)
 
 
-def donor(option: str, folder: str, model: CMAClip, cfg: TrainConfig, device: torch.device) -> Classifier:
-    """The checkpoint `folder` that `option` (--align-from, --init-from) takes weights from, refused
-    unless it read the same backbone and aligned the same image tower as this run."""
-    given, given_config = load_checkpoint(folder, device)
-    if given_config.backbone != cfg.backbone:
-        raise CheckpointError(f"{option} {folder} was trained on backbone {given_config.backbone!r}, "
-                              f"not {cfg.backbone!r}")
-    if given.align_tower != model.align_tower:
-        raise CheckpointError(f"{option} {folder} aligned the {given.align_tower!r} image tower, "
-                              f"not {model.align_tower!r}")
-    return given
-
-
-OWN_WEIGHTS = ("heads.", "modality.queries", "words.idf")  # what --init-from leaves to the run: its tasks, its texts
-
-
-def initialise(model: CMAClip, start: Classifier) -> list[str]:
-    """Copy `start`'s weights into `model` wherever a name and shape match, except `OWN_WEIGHTS`.
-    Returns the names copied. A run on another catalogue gives the fusion layers more examples than
-    this catalogue has (docs/RESULTS.md, session 24)."""
-    if not isinstance(start, CMAClip):
-        raise CheckpointError("--init-from takes one run, not an ensemble: give one of its members' runs")
-    own, given = model.state_dict(), start.state_dict()
-    copied = [k for k, v in given.items() if k in own and own[k].shape == v.shape and not k.startswith(OWN_WEIGHTS)]
-    model.load_state_dict({k: given[k] for k in copied}, strict=False)
-    return copied
-
-
 def align(cfg: TrainConfig, model: CMAClip, data: TrainingData, device: torch.device) -> dict:
     """CLIP-style alignment of the pooled embeddings on the train split, or the heads of
-    --align-from, or --init-from's weights (its alignment heads among them); the heads are frozen
-    after. Returns the alignment's loss and seconds ({} when it takes the heads)."""
-    if cfg.init_from:
-        initialise(model, donor("--init-from", cfg.init_from, model, cfg, device))
-        return {}
+    --align-from; the heads are frozen after. Returns the alignment's loss and seconds."""
     if cfg.align_from:
-        model.align.load_state_dict(donor("--align-from", cfg.align_from, model, cfg, device).align.state_dict())
+        donor, donor_config = load_checkpoint(cfg.align_from, device)
+        if donor_config.backbone != cfg.backbone:
+            raise CheckpointError(f"--align-from {cfg.align_from} was trained on backbone "
+                                  f"{donor_config.backbone!r}, not {cfg.backbone!r}")
+        if donor.align_tower != model.align_tower:
+            raise CheckpointError(f"--align-from {cfg.align_from} aligned the {donor.align_tower!r} image tower, "
+                                  f"not {model.align_tower!r}")
+        model.align.load_state_dict(donor.align.state_dict())
         return {}
     started = time.time()
     train = data.splits["train"]
@@ -529,14 +500,14 @@ def train_ensemble(cfg: TrainConfig) -> dict:
     """`cfg.members` runs of the recipe from seeds seed, seed + 1, ..., all on the split of
     `cfg.splits_seed`, each in OUT-members/seed-S (with --resume, finished ones are kept), then
     one Ensemble checkpoint in OUT (`combine`). The members after the first take its alignment
-    heads (unless --align-from or --init-from gives them all one), so the checkpoint stores them once.
+    heads (unless --align-from gives them all one), so the checkpoint stores them once.
     Returns its metrics (on rank 0)."""
     runs = Path(f"{str(cfg.out).rstrip('/')}-members")
     folders = [runs / f"seed-{cfg.seed + k}" for k in range(cfg.members)]
     for k, folder in enumerate(folders):
         if cfg.resume and is_checkpoint(folder) and not (folder / STATE_FILE).exists():
             continue  # finished before the interruption
-        align_from = cfg.align_from or (str(folders[0]) if k and not cfg.init_from else None)
+        align_from = cfg.align_from or (str(folders[0]) if k else None)
         train(replace(cfg, out=str(folder), seed=cfg.seed + k, split_seed=cfg.splits_seed, members=1,
                       align_from=align_from))
         distributed.barrier()
