@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import mobilenet
 from .backbones import BackboneError, DualEncoder, EncoderOutput
+from .colour import DESCRIPTOR_DIM
 from .data import Catalogue, ImageError, load_image
 from .runtime import bf16_supported, decode_threads, loader_workers, lower_thread_priority
 
@@ -207,10 +208,16 @@ def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_siz
             progress: bool) -> np.ndarray:
     """Foreground colour descriptors of the images (`colour.py`): computed on first use and kept."""
     def compute() -> np.ndarray:
+        # filled in place: a list of per-batch results, concatenated at the end, kept the freed
+        # decoding buffers between them from going back to the system (40,000 photos: 1.9 GB more at the peak)
+        out = np.empty((len(catalogue), DESCRIPTOR_DIM), np.float16)
         batches = image_batches(catalogue.image_paths(), backbone, batch_size, num_workers)
-        return np.concatenate([backbone.describe_colour(pixels).numpy() for pixels in tqdm(
-            batches, total=math.ceil(len(catalogue) / batch_size), desc=f"colour {catalogue.config.name}",
-            disable=not progress)]).astype(np.float16)
+        start = 0
+        for pixels in tqdm(batches, total=math.ceil(len(catalogue) / batch_size), desc=f"colour {catalogue.config.name}",
+                           disable=not progress):
+            out[start:start + len(pixels)] = backbone.describe_colour(pixels).numpy()
+            start += len(pixels)
+        return out
     return _kept(folder / "colour.npy", compute)
 
 

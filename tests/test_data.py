@@ -107,6 +107,18 @@ def test_feature_cache_is_reused_and_rebuilt_on_change(tmp_path, backbone):
     assert not np.array_equal(first.text_pooled[0], second.text_pooled[0])
 
 
+def test_cached_colour_descriptors_are_each_photos_own_in_catalogue_order(tmp_path, backbone):
+    rows = [{"t": f"item {i}", "c": "Red"} for i in range(5)]
+    config = CatalogueConfig("x", str(write_catalogue(tmp_path, rows)), text_columns=["t"], tasks=["c"],
+                             max_text_tokens=8)
+    catalogue = Catalogue.open(config)
+    cached = extract_features(backbone, catalogue, tmp_path / "cache", batch_size=2, progress=False, colour=True).colour
+    own = [backbone.describe_colour(backbone.preprocess([load_image(p)]))[0].numpy() for p in catalogue.image_paths()]
+    assert cached.shape == (5, len(own[0])) and cached.dtype == np.float16  # three batches, the last one short
+    np.testing.assert_allclose(cached.astype(np.float32), np.stack(own), atol=2e-3, rtol=2e-3)
+    assert not np.allclose(cached[0], cached[1])
+
+
 def test_features_beyond_float16_are_refused_and_leave_no_cache(tmp_path, backbone, monkeypatch):
     from dataclasses import replace
 
