@@ -28,7 +28,7 @@ from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
-from cma_clip.labels import MAX_NAME_CHARS, STATUSES  # noqa: E402
+from cma_clip.labels import MAX_NAME_CHARS, STATUSES, agreement_file  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
@@ -316,7 +316,8 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             value = view.values.get(task) if view else (p.label if p else None)
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
                                    (catalogue or {}).get(task), state) if prediction or view else None
-            updates[slot] = gr.update(label=views.task_name(task, p, names), choices=classes[task], value=value,
+            updates[slot] = gr.update(label=views.task_name(task, p, names),
+                                      choices=views.typing_order(classes[task]), value=value,
                                       visible=True, info=info)
         else:
             updates[slot] = gr.update(visible=False, value=None)
@@ -713,8 +714,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             image = written_per_call(gr.Image(label="Item", height=280, interactive=False, elem_id="review-image"))
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text", interactive=False, lines=2, elem_id="review-text")
-                table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True,
-                                     elem_id="review-table", column_widths=views.REVIEW_WIDTHS)
+                table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True, label="item labels",
+                                     show_label=False, elem_id="review-table", column_widths=views.REVIEW_WIDTHS)
         with gr.Row():
             active = gr.Radio([], label="Active task (keys 1-9 pick its choices)", elem_id="review-active-task",
                               scale=3)
@@ -762,10 +763,18 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         return dict(zip(queue.tasks, values))
 
     def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
-        """A stored decision shows the next item; a refused one stays on the item with its choices."""
+        """A stored decision shows the next item; a refused one stays on the item with its choices,
+        the labeler's own choices kept, and (a conflict) the item's table and history as they stand now."""
         message = views.save_message(outcome, studio.display_names(queue.model))
+        updates = {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
+        if outcome.result == "conflict" and queue.current is not None:
+            view = studio.current_view(queue)
+            updates.update({panel.progress: views.review_status(queue),
+                            panel.table: views.review_rows(queue.current, view, queue.tasks),
+                            panel.item_history: views.item_history_rows(view.history,
+                                                                        studio.display_names(queue.model))})
         if outcome.result in ("conflict", "unknown"):
-            return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
+            return updates
         return show_queue(studio, panel, queue, message)
 
     def opened(queue: ReviewQueue) -> dict:
@@ -1115,8 +1124,8 @@ def history_tab(studio: Studio, shared: Shared) -> None:
             export_button = gr.Button("Export labels")
         with gr.Row():
             export_file = gr.File(label="Exported labels (each label's source, annotator, checkpoint and time)",
-                                  interactive=False)
-            agreement_file = gr.File(label="Agreement (JSON)", interactive=False)
+                                  interactive=False, elem_id="export-file")
+            agreement_json = gr.File(label="Agreement (JSON)", interactive=False, elem_id="agreement-file")
         with gr.Row():
             push_button = gr.Button("Push labels to the Hugging Face Hub (optional)")
             push_status = gr.Markdown()
@@ -1144,10 +1153,10 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         """Export the current labels as a CSV or JSONL manifest the trainer reads."""
         return str(studio.export(fmt))
 
-    def agreement_beside(path):
-        if not path:
-            return None
-        found = Path(path).with_name(f"{Path(path).stem}.agreement.json")
+    def agreement_beside(fmt):
+        """The agreement the export wrote beside itself (the export's file component holds Gradio's copy
+        of the export, elsewhere, so it is found from the format)."""
+        found = agreement_file(studio.export_path(fmt))
         return str(found) if found.is_file() else None
 
     def push_labels():
@@ -1161,7 +1170,8 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     audit_outputs = [audit_table, audit_summary, audit_page]
     audit_button.click(audit, audit_inputs, audit_outputs, api_name="audit")
     tab.select(audit, audit_inputs, audit_outputs, api_visibility="private").then(
-        agreement_rows, None, agreement_table, api_visibility="private")
+        agreement_rows, None, agreement_table, api_visibility="private").then(
+        shared.history_rows, None, shared.history, api_visibility="private")
     for box in (audit_annotator, audit_search):
         box.submit(audit, audit_inputs, audit_outputs, api_visibility="private")
     history_button.click(item_history, history_item, item_table, api_name="item_history")
@@ -1169,7 +1179,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     agreement_button.click(agreement, None, agreement_table, api_name="agreement")
     refresh.click(shared.history_rows, None, shared.history, api_name="history")
     export_button.click(export_labels, export_format, export_file, api_name="export_labels").success(
-        agreement_beside, export_file, agreement_file, api_visibility="private")
+        agreement_beside, export_format, agreement_json, api_visibility="private")
     push_button.click(push_labels, None, push_status, api_visibility="private")
 
 

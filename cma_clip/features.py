@@ -213,8 +213,8 @@ def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_siz
         out = np.empty((len(catalogue), DESCRIPTOR_DIM), np.float16)
         batches = image_batches(catalogue.image_paths(), backbone, batch_size, num_workers)
         start = 0
-        for pixels in tqdm(batches, total=math.ceil(len(catalogue) / batch_size), desc=f"colour {catalogue.config.name}",
-                           disable=not progress):
+        for pixels in tqdm(batches, total=math.ceil(len(catalogue) / batch_size),
+                           desc=f"colour {catalogue.config.name}", disable=not progress):
             out[start:start + len(pixels)] = backbone.describe_colour(pixels).numpy()
             start += len(pixels)
         return out

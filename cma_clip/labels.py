@@ -125,7 +125,8 @@ UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
 UNDO_RESULT = ("SELECT u.task, r.label AS undone, u.label AS restored, u.base_version, u.reverts FROM decisions u"
                " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
 SAVE_TASKS = "SELECT task FROM decisions WHERE save_id = ? ORDER BY id"
-LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
+LABEL_SAVES = ("SELECT c.*, i.path AS image_file, (SELECT u.annotator FROM corrections u WHERE u.undoes = c.id)"
+               " AS undone_by FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
                " WHERE c.kind = 'label' {where} ORDER BY c.id DESC LIMIT ?")
 # the text and image of every item's newest labelled save
 ITEM_CONTENT = ("SELECT c.item_id, c.text, i.path AS image_file FROM corrections c JOIN images i"
@@ -534,7 +535,8 @@ class LabelStore:
         labels and when, with `previous_labels` (the item's labels before the save; None for
         its first), `changed` (tasks whose label differs from where the labeler's control
         started: the previous label, else the model's prediction) and `corrected` (tasks
-        labelled unlike the model). Skips and undos are in `item_history` and `audit`."""
+        labelled unlike the model) and `undone_by` (who undid the save; None while it stands). Skips and
+        undos themselves are in `item_history` and `audit`."""
         where, params = ("AND c.item_id = ?", (item_id,)) if item_id is not None else ("", ())
         entries = []
         with self._transaction() as conn:
@@ -550,7 +552,7 @@ class LabelStore:
                     "predictions": predictions, "text": row["text"], "image_sha256": row["image_sha256"],
                     "image_path": self.image_dir / row["image_file"], "annotator": row["annotator"],
                     "checkpoint": row["checkpoint"], "created_at": row["created_at"], "request_id": row["request_id"],
-                    "source": row["source"]})
+                    "source": row["source"], "undone_by": row["undone_by"]})
         return entries
 
     def current_labels(self) -> dict[str, dict]:
@@ -674,7 +676,7 @@ class LabelStore:
                                f"{task}__at": state.created_at})
             records.append(record)
         write_table(path, records, columns)
-        atomic_write(path.with_name(f"{path.stem}.agreement.json"),
+        atomic_write(agreement_file(path),
                      (json.dumps(agreement, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         return len(records)
 
@@ -729,6 +731,12 @@ def content_item_id(image: Image.Image | bytes | str | Path, text: str) -> str:
         raise LabelStoreError(f"text must be a string, not {type(text).__name__}")
     _check_encodable(text=text)
     return _content_id(hashlib.sha256(data).hexdigest(), text)
+
+
+def agreement_file(export: str | Path) -> Path:
+    """Where `LabelStore.export` writes the agreement beside an export: <stem>.agreement.json."""
+    export = Path(export)
+    return export.with_name(f"{export.stem}.agreement.json")
 
 
 def close_classes(value: str, classes: Iterable[str]) -> list[str]:

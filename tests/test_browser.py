@@ -84,6 +84,46 @@ def test_upload_predict_correct_save_and_see_history(running_app, page):
     assert saved and saved[0]["product_type_name"] == "Browser-corrected top"
 
 
+def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_agreement(tmp_path):
+    """On the shipped H&M checkpoint, whose classes hold one another ("Grey" is in "Dark Grey",
+    "Solid" in "Mixed solid/pattern"): the label dropdown keeps what a labeler typed when Enter
+    takes the first choice left. The export then offers its agreement file beside it."""
+    from pathlib import Path
+
+    from conftest import serving
+
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints"
+    with serving(shipped, tmp_path / "data") as (url, studio), chromium() as browser:
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(url)
+        page.locator("#model").get_by_label("Model").click()
+        page.get_by_role("option", name="hm-articles").click()
+        enter_item(page)
+        page.locator("#predict").click()
+        expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
+        tasks, classes = list(studio.task_classes("hm-articles")), studio.task_classes("hm-articles")
+        typed = {"graphical_appearance_name": ("Solid", "Mixed solid/pattern"),
+                 "colour_group_name": ("Grey", "Dark Grey")}  # the class typed, a class holding it before it A-Z
+        for task, (name, holder) in typed.items():
+            assert {name, holder} <= set(classes[task]) and sorted([name, holder]) == [holder, name]
+            slot = page.locator(f"#slot-{tasks.index(task)} input")
+            slot.fill(name)
+            slot.press("Enter")
+            expect(slot).to_have_value(name)
+        page.locator("#annotator input, #annotator textarea").first.fill("typing-tester")
+        page.locator("#save").click()
+        expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
+        [saved] = [e["labels"] for e in studio.store.history(limit=5) if e["annotator"] == "typing-tester"]
+        assert {task: saved[task] for task in typed} == {task: name for task, (name, _) in typed.items()}
+        page.get_by_role("tab", name="History & export").click()
+        page.get_by_role("button", name="Export labels").click()
+        # each file's row, by its accessible name (the cell shows stem and extension as two spans)
+        expect(page.locator("#export-file").get_by_role("cell", name="labels_export.csv")).to_be_visible(timeout=30_000)
+        expect(page.locator("#agreement-file").get_by_role("cell", name="labels_export.agreement.json")) \
+            .to_be_visible(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "browser-typed-class-and-export.png"), full_page=True)
+
+
 def test_review_queue_with_keyboard_shortcuts(running_app, page):
     _, studio = running_app
     page.locator("#annotator input, #annotator textarea").first.fill("keyboard-reviewer")

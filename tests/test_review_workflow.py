@@ -135,6 +135,10 @@ def test_two_annotators_on_one_item_see_the_conflict_and_choose(review_app):
     message = refused["review status"]
     assert "Not saved" in message and f"`{theirs}`" in message and f"`{mine}`" in message and "`ana`" in message
     assert studio.store.item_state(item)[COLOUR].label == mine  # nothing silently replaced
+    # ben's table shows the item as it stands now (ana's label), his own choice stays in his controls
+    row = next(r for r in refused["item labels"]["data"] if r[0] == COLOUR_NAME)
+    assert row[1] == mine and row[3].startswith("ana, human"), row
+    assert not any("value" in (refused[f"task {n}"] or {}) for n in range(1, 9))  # ben's controls stay as he set them
     kept = ben("/review_keep_theirs", "ben")  # ben keeps ana's colour; his other labels are saved
     assert studio.store.item_state(item)[COLOUR].annotator == "ana"
     assert {s.annotator for t, s in studio.store.item_state(item).items() if t != COLOUR} == {"ben"}

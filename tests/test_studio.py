@@ -242,6 +242,13 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     assert f"{names[colour]}: `Turquoise glitter` → `{theirs}`" in views.undo_message(undone, names)
     assert other.current.item_id == item.item_id
     assert studio.store.item_state(item.item_id)[colour].label == theirs
+    undone_row = next(r for r in history_rows(studio.history()) if "Turquoise glitter" in r[3])
+    assert undone_row[4].endswith(" · undone by ben")  # the latest saves say which no longer stand
+    assert not any(r[4].endswith("undone by ben") for r in history_rows(studio.history()) if theirs in r[3])
+    spaced = next(c for c in classes if " " in c)  # typed with doubled spaces: the class, not a new one
+    doubled = studio.review_save(other, "ben", {colour: f"  {spaced.replace(' ', '   ')} "},
+                                 studio.current_view(other).shown)
+    assert doubled.result == "saved" and studio.store.item_state(item.item_id)[colour].label == spaced
 
     # the queue and the place in it survive a restart (a new studio on the same folder)
     assert studio.review_previous(queue, "ana") is True and queue.current.item_id == item.item_id
@@ -365,6 +372,23 @@ def test_the_studio_imports_neither_the_app_nor_gradio(name):
     assert "cma_clip.studio.service" in modules or "cma_clip.predict" in modules  # the check reads the imports
     assert forbidden(modules) == set()
     assert forbidden(imported_modules(STUDIO.parent.parent / "app.py")) >= {"gradio"}  # ... and would see them
+
+
+@pytest.mark.parametrize("checkpoint", ["hm-articles", "fashion-product-images"])
+def test_label_choices_put_each_class_before_the_classes_that_contain_it(checkpoint):
+    """A label dropdown filters its choices by what is typed and Enter takes the first left: typing
+    a class's whole name must give that class (the browser test types one)."""
+    from cma_clip.checkpoint import read_config
+
+    assert views.typing_order(["Mixed solid/pattern", "Solid", "Dark Grey", "Grey", "Bikini top", "Top"]) == [
+        "Grey", "Dark Grey", "Solid", "Mixed solid/pattern", "Top", "Bikini top"]
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / checkpoint
+    for task, classes in read_config(shipped).classes.items():
+        order = views.typing_order(classes)
+        assert sorted(order) == sorted(set(classes))
+        for typed in classes:
+            first = next(c for c in order if typed.casefold() in c.casefold())
+            assert first.casefold() == typed.casefold(), (task, typed, first)  # H&M has "Dog Wear" and "Dog wear"
 
 
 def test_percent_verdict_and_operating_figures():

@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -303,7 +303,7 @@ class Studio:
         image = open_user_image(image_path)  # refuse unreadable files before anything is written
         self._annotator(annotator, "correction")
         tasks = self.predictor(model).tasks
-        chosen = {t: str(v).strip() for t, v in labels.items() if t in tasks and v is not None and str(v).strip()}
+        chosen = given_labels(labels, tasks)
         if not chosen:
             raise StudioError("Choose at least one label to save.")
         return image, chosen
@@ -319,7 +319,7 @@ class Studio:
               predictions: dict[str, dict], base_versions: dict[str, int | None], request_id: str | None,
               new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
-        new_classes = {t: v for t, v in (new_classes or {}).items() if labels.get(t) == v}
+        new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
         try:
             result = self.store.save(image=image, text=text, labels=labels, annotator=(annotator or "").strip(),
                                      item_id=item_id, predictions=predictions, checkpoint=model,
@@ -395,11 +395,16 @@ class Studio:
         """Per task, raw agreement and Cohen's kappa where two annotators labelled the same item."""
         return self.store.agreement()
 
-    def export(self, fmt: str) -> Path:
+    def export_path(self, fmt: str) -> Path:
+        """Where `export` writes the labels in `fmt` (CSV or JSONL): beside the store, so image paths
+        stay inside its folder; the agreement goes beside it (`labels.agreement_file`)."""
         fmt = (fmt or "").lower().lstrip(".")
         if fmt not in ("csv", "jsonl"):
             raise StudioError("Export format must be CSV or JSONL.")
-        path = self.data_dir / f"labels_export.{fmt}"  # beside the store: image paths stay inside the folder
+        return self.data_dir / f"labels_export.{fmt}"
+
+    def export(self, fmt: str) -> Path:
+        path = self.export_path(fmt)
         try:
             self.store.export(path)
         except LabelStoreError as exc:
@@ -746,8 +751,7 @@ class Studio:
                 return done
             item, annotator = self._current(queue, shown), self._annotator(annotator)
             shown = shown or self.current_view(queue).shown
-            chosen = {t: str(labels[t]).strip() for t in queue.tasks
-                      if labels.get(t) is not None and str(labels[t]).strip()}
+            chosen = given_labels(labels, queue.tasks)
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
@@ -1038,3 +1042,11 @@ def clean_text(text: str | None) -> str:
     """Printable text, bounded in length: control characters become spaces."""
     text = "".join(ch if ch.isprintable() else " " for ch in (text or ""))
     return " ".join(text.split())[:MAX_TEXT_CHARS]
+
+
+def given_labels(labels: dict[str, object], tasks: Iterable[str]) -> dict[str, str]:
+    """The non-empty labels given for `tasks`, each run of spaces made one: a doubled space typed by
+    hand is no new class, and the message that would ask shows both names alike."""
+    tasks = set(tasks)
+    chosen = {t: " ".join(str(v).split()) for t, v in labels.items() if t in tasks and v is not None}
+    return {t: v for t, v in chosen.items() if v}

@@ -5,6 +5,8 @@ Status lines are Markdown: every value a user or a manifest supplied (ids, label
 goes in a code span (`code`) or through `plain`, so it shows as text and never runs."""
 from __future__ import annotations
 
+import functools
+import heapq
 import html
 
 import numpy as np
@@ -36,7 +38,7 @@ MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the tas
             "shows where the model looked, which is often the empty background, not why it decided.")
 DEFAULT_OPACITY = 0.55
 REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
-REVIEW_WIDTHS = ["130px", "110px", "90px", "100px", "120px", "110px", "120px"]
+REVIEW_WIDTHS = ["130px", "110px", "100px", "100px", "120px", "110px", "120px"]  # "corrected" on one line
 AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
                  "checkpoint", "kind", "version"]
 AUDIT_WIDTHS = ["150px", "130px", "120px", "120px", "90px", "90px", "90px", "100px", "110px", "110px", "80px",
@@ -88,6 +90,33 @@ def task_name(task: str, prediction: TaskPrediction | None = None, names: dict[s
 def task_choices(tasks: list[str], names: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """(shown name, task) pairs for a dropdown or radio: people read names, events get the column."""
     return [(task_name(task, names=names), task) for task in tasks]
+
+
+def typing_order(classes: list[str]) -> list[str]:
+    """`classes` for a label dropdown: alphabetical, except that each comes before every class that
+    contains it (case aside). A dropdown filters its choices by what is typed and Enter takes the
+    first one left, so typing "Grey" must not give "Dark Grey", nor "Solid" "Mixed solid/pattern"."""
+    return list(_typing_order(tuple(classes)))
+
+
+@functools.lru_cache(maxsize=64)
+def _typing_order(classes: tuple[str, ...]) -> tuple[str, ...]:
+    names = sorted(set(classes), key=lambda c: (c.casefold(), c))
+    key = {c: c.casefold() for c in names}
+    inside = {c: [d for d in names if key[d] != key[c] and key[d] in key[c]] for c in names}  # must come first
+    waiting = {c: len(inside[c]) for c in names}
+    ready = [(key[c], c) for c in names if not waiting[c]]
+    heapq.heapify(ready)
+    order = []
+    while ready:  # Kahn's topological sort, the alphabetically first ready class each time
+        _, c = heapq.heappop(ready)
+        order.append(c)
+        for d in names:
+            if c in inside[d]:
+                waiting[d] -= 1
+                if not waiting[d]:
+                    heapq.heappush(ready, (key[d], d))
+    return tuple(order)
 
 
 def percent(value: float | None) -> str:
@@ -283,13 +312,14 @@ def modality_figure(prediction: Prediction) -> Figure:
 # ---------------------------------------------------------------------- history
 def history_rows(entries: list[dict], names: dict[str, str] | None = None) -> list[list[str]]:
     """Rows for the history table from label-store entries (`Studio.history`): time, annotator,
-    item, labels, the labels that changed ("(same)" when none) and the model."""
+    item, labels, the labels that changed ("(same)" when none; who undid the save, if someone did) and the model."""
     rows = []
     for entry in entries:
         changes = ", ".join(f"{task_name(task, names=names)}: {entry['labels'].get(task, '')}"
                             for task in entry.get("changed", []))
         labels = ", ".join(f"{task_name(task, names=names)}={value}" for task, value in entry["labels"].items())
-        rows.append([entry["created_at"], entry["annotator"], entry["item_id"], labels, changes or "(same)",
+        undone = f" · undone by {entry['undone_by'] or 'someone'}" if entry.get("undone_by") is not None else ""
+        rows.append([entry["created_at"], entry["annotator"], entry["item_id"], labels, (changes or "(same)") + undone,
                      entry.get("checkpoint", "")])
     return rows
 
@@ -418,7 +448,8 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
 
 CONFLICT_TEXT = {  # action -> (what was refused, since when, the choice)
     "label": ("Not saved: someone else saved", "since you opened it",
-              "Choose **Keep theirs** (your other labels are saved) or **Overwrite with mine**."),
+              "Choose **Keep theirs** (their label stands; your labels for the other tasks are then saved) or "
+              "**Overwrite with mine**."),
     "skip": ("Not skipped: someone else decided", "since you opened it",
              "Choose **Keep theirs** (move on, their decision stands) or **Overwrite with mine** (skip anyway)."),
     "undo": ("Not undone: someone else decided", "after you",
