@@ -767,12 +767,16 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         the labeler's own choices kept, and (a conflict) the item's table and history as they stand now."""
         message = views.save_message(outcome, studio.display_names(queue.model))
         updates = {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
-        if outcome.result == "conflict" and queue.current is not None:
+        if outcome.result == "conflict" and (item := queue.current) is not None:
             view = studio.current_view(queue)
             updates.update({panel.progress: views.review_status(queue),
-                            panel.table: views.review_rows(queue.current, view, queue.tasks),
+                            panel.table: views.review_rows(item, view, queue.tasks),
                             panel.item_history: views.item_history_rows(view.history,
                                                                         studio.display_names(queue.model))})
+            for slot, task in zip(panel.slots, queue.tasks):  # the lines under the controls, their values kept
+                p = item.predictions[task]
+                updates[slot] = gr.update(info=views.slot_info(p.label, p.confidence, item.catalogue.get(task),
+                                                               view.states.get(task)))
         if outcome.result in ("conflict", "unknown"):
             return updates
         return show_queue(studio, panel, queue, message)

@@ -117,8 +117,15 @@ def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studi
     queue = studio.review_catalogue("hm-articles", "val", 10)
     clear = {item.item_id for item in queue.items if item.predictions[colour].confidence >= threshold}
     assert len(clear) == 5
+    opened = sorted(clear)[0]
+    studio.store.claim(opened, "dee")  # another labeler has this one open: it is theirs to decide
     outcome = studio.bulk_accept(queue, "cem", task=colour)  # its 90%-precision threshold by default
-    assert (outcome.selected, outcome.stored, outcome.conflicts) == (5, 5, [])
+    assert (outcome.selected, outcome.stored, outcome.conflicts, outcome.claimed) == (5, 4, [], {opened: "dee"})
+    assert f"1 left to the labelers who have them open (`{opened}` by `dee`)" in views.bulk_message(outcome)
+    assert colour not in studio.store.item_state(opened)
+    studio.store.release("dee")
+    outcome = studio.bulk_accept(queue, "cem", task=colour)
+    assert (outcome.stored, outcome.already_there, outcome.claimed) == (1, 0, {})
     rows, total = studio.store.audit(source="auto")
     assert total == 5 and {(r["task"], r["annotator"], r["status"]) for r in rows} == {(colour, "cem", "accepted")}
     assert {r["item_id"] for r in rows} == clear
@@ -434,7 +441,9 @@ def test_a_bulk_accept_message_names_tasks_as_people_read_them():
     conflict = Conflict("0816591001", "colour_group_name", "Black", "White", "ben", 3, "2026-12-04")
     outcome = BulkOutcome("q:bulk", ["colour_group_name", "index_group_name"], 4, stored=3, conflicts=[conflict])
     message = views.bulk_message(outcome, {"index_group_name": "Section"})
-    assert message.startswith("Bulk accept (Colour group, Section): 4 items clear the bar, 3 auto-accepted now")
+    assert message.startswith("Bulk accept (Colour group, Section): 4 items of the queue clear the bar, "
+                              "3 auto-accepted now")
+    assert "(stored in 0 transactions)" in message  # no "chunk(s)": words people write
     assert "Colour group = `White` by `ben`" in message and "_name" not in message
 
 

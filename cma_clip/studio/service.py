@@ -38,7 +38,7 @@ from ..review import STRATEGIES
 from . import uploads
 from .batching import MicroBatcher
 from .workflow import (ALL_TASKS, CHOICES_KEPT, MISLABEL_ORDER, THRESHOLDS, BulkOutcome, ItemView, ReviewItem,
-                       ReviewQueue, SaveOutcome, Shown, UndoOutcome, new_id)
+                       ReviewQueue, SaveOutcome, Shown, UndoOutcome, new_id, plural)
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
@@ -444,7 +444,7 @@ class Studio:
             kept = self.catalogue_scores(model, split, progress)
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
-        notes = [f"{len(ids) - len(pool)} decided items of the split left out"] if len(pool) < len(ids) else []
+        notes = [f"{plural(len(ids) - len(pool), 'decided item')} of the split left out"] if len(pool) < len(ids) else []
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
                            max_conf=max_conf, show_decided=show_decided, split=split, annotator=annotator,
                            scores=kept.take(picked) if kept is not None else None,
@@ -530,7 +530,7 @@ class Studio:
             catalogue = {t: row[t].strip() for t in predictor.tasks if not is_missing(row.get(t))}
             items.append((item_id, str(kept[number]), join_text(row, config.text_columns), catalogue))
         if left_out:
-            notes.append(f"{left_out} decided items left out")
+            notes.append(f"{plural(left_out, 'decided item')} left out")
         if not items:
             shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
             raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3]) if not left_out
@@ -761,6 +761,8 @@ class Studio:
                                  {t: v for t, v in item.catalogue.items() if t in chosen})
             if outcome.result == "saved":
                 self._moved_on(queue, annotator)
+            elif outcome.result == "conflict":  # someone decided it meanwhile: the queue says so now
+                self.refresh(queue, annotator)
             return self._remember(rid, outcome)
 
     def review_skip(self, queue: ReviewQueue, annotator: str | None, shown: Shown | None = None, *,
@@ -777,6 +779,7 @@ class Studio:
                 result = self.store.skip(item.item_id, queue.tasks, annotator, checkpoint=queue.model, request_id=rid,
                                          base_versions={t: shown.versions.get(t) for t in queue.tasks}, force=force)
             except LabelConflict as exc:
+                self.refresh(queue, annotator)  # someone decided it meanwhile: the queue says so now
                 return SaveOutcome("conflict", item.item_id, conflicts=exc.conflicts, kind="skip", request_id=rid)
             except LabelStoreError as exc:
                 raise StudioError(str(exc)) from exc
@@ -834,7 +837,8 @@ class Studio:
         """Auto-accept the model's labels of every queue item whose tasks (`task`, or every
         task of the queue) clear their confidence bar: each task's 90%-precision threshold
         (`THRESHOLDS`), or `min_conf`. Only the tasks still pending are accepted, each
-        audited as an auto-accept; decided tasks and labels someone saved are never replaced.
+        audited as an auto-accept; decided tasks and labels someone saved are never replaced,
+        and items another labeler has open (a live claim) are left to them.
         The items go in chunks, each one transaction; the batch id is fixed by the queue and
         the filter, so running it again after an interruption stores only what is missing."""
         annotator = self._annotator(annotator)
@@ -855,8 +859,12 @@ class Studio:
             picked = [queue.items[i] for i in review.select(
                 [{t: item.predictions[t].confidence for t in tasks} for item in queue.items], min_conf=bar)]
             outcome.selected = len(picked)
+            others = self.store.claims(annotator)  # items other labelers have open: theirs to decide
             records = []
             for item in picked:
+                if item.item_id in others:
+                    outcome.claimed[item.item_id] = others[item.item_id]
+                    continue
                 states = self.store.item_state(item.item_id)
                 pending = [t for t in tasks if t not in states or states[t].status == "pending"]
                 if not pending:

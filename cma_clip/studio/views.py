@@ -19,7 +19,8 @@ from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import (SPECIAL_TOKENS, attention_overlay, modality_chart, modality_shift_chart, scaled_overlay,
                    token_highlights)
-from .workflow import (SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome, UndoOutcome)
+from .workflow import (SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome, UndoOutcome,
+                       plural)
 
 PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshold)", "runners-up"]
 # Column widths in pixels, not shares: a table keeps readable columns and scrolls inside its box on a
@@ -358,7 +359,7 @@ def review_notes(queue: ReviewQueue) -> str:
         parts.append("decided items shown")
     line = " · ".join(parts) + "."
     if queue.notes:
-        line += "  \nNot loaded: " + plain("; ".join(queue.notes[:5]))
+        line += "  \nNotes: " + plain("; ".join(queue.notes[:5]))
     return line
 
 
@@ -406,7 +407,7 @@ def item_line(view: ItemView, explicit: bool) -> str:
     """The Predict tab's line naming the item a save goes to, and where its labels stand."""
     origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
     saved = {t: s for t, s in view.states.items() if s.label is not None}
-    where = (f"{len(saved)} task(s) saved before; each control starts at its saved label"
+    where = (f"{plural(len(saved), 'task')} saved before; each control starts at its saved label"
              if saved else "nothing saved yet; each control starts at the model's label")
     return f"Item {code(view.item_id)} ({origin}) · {where}."
 
@@ -510,13 +511,17 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
 def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:
     """What a bulk accept did, its tasks by the names people read (`names`: task -> name)."""
     tasks = ", ".join(task_name(t, names=names) for t in outcome.tasks)
-    parts = [f"Bulk accept ({tasks}): {outcome.selected} items clear the bar",
+    parts = [f"Bulk accept ({tasks}): {plural(outcome.selected, 'item')} of the queue clear the bar",
              f"{outcome.stored} auto-accepted now"]
     if outcome.already_there:
         parts.append(f"{outcome.already_there} stored by an earlier run of this bulk accept")
     if outcome.decided:
         parts.append(f"{outcome.decided} already decided, left as they are")
-    line = ", ".join(parts) + f" ({outcome.chunks} chunk(s) committed)."
+    if outcome.claimed:
+        parts.append(f"{len(outcome.claimed)} left to the labelers who have them open ("
+                     + ", ".join(f"{code(item)} by {code(who)}" for item, who in list(outcome.claimed.items())[:5])
+                     + ")")
+    line = ", ".join(parts) + f" (stored in {plural(outcome.chunks, 'transaction')})."
     if outcome.conflicts:
         line += " Left out, labelled otherwise since: " + "; ".join(
             f"{code(c.item_id)} {task_name(c.task, names=names)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"

@@ -38,6 +38,11 @@ SPLIT_NOTES = {
 }
 
 
+def plural(count: int, noun: str) -> str:
+    """How many of `noun`, in words people write: "1 item", "3 items"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def new_id() -> str:
     """A fresh random id (queues, request ids)."""
     return uuid.uuid4().hex
@@ -273,7 +278,8 @@ class UndoOutcome:
 class BulkOutcome:
     """A bulk accept: how many items the filter picked among the queue's pending ones, how
     many were stored now, how many an earlier run of the same bulk accept had stored, the
-    decided items left alone, and the conflicts left out (someone labelled them otherwise)."""
+    decided items left alone, the items left to the labelers who have them open (item id ->
+    annotator), and the conflicts left out (someone labelled them otherwise)."""
 
     batch_id: str
     tasks: list[str]
@@ -281,5 +287,6 @@ class BulkOutcome:
     stored: int = 0
     already_there: int = 0
     decided: int = 0
+    claimed: dict[str, str] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     chunks: int = 0
