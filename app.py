@@ -714,8 +714,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             image = written_per_call(gr.Image(label="Item", height=280, interactive=False, elem_id="review-image"))
             with gr.Column(scale=2):
                 text = gr.Textbox(label="Text", interactive=False, lines=2, elem_id="review-text")
+                # tall enough for 8 tasks whose "saved by" cells wrap (the default 500 px hid the last rows)
                 table = gr.Dataframe(headers=views.REVIEW_HEADERS, interactive=False, wrap=True, label="item labels",
-                                     show_label=False, elem_id="review-table", column_widths=views.REVIEW_WIDTHS)
+                                     show_label=False, elem_id="review-table", column_widths=views.REVIEW_WIDTHS,
+                                     max_height=900)
         with gr.Row():
             active = gr.Radio([], label="Active task (keys 1-9 pick its choices)", elem_id="review-active-task",
                               scale=3)

@@ -444,7 +444,8 @@ class Studio:
             kept = self.catalogue_scores(model, split, progress)
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
-        notes = [f"{plural(len(ids) - len(pool), 'decided item')} of the split left out"] if len(pool) < len(ids) else []
+        left_out = len(ids) - len(pool)
+        notes = [f"{plural(left_out, 'decided item')} of the split left out"] if left_out else []
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
                            max_conf=max_conf, show_decided=show_decided, split=split, annotator=annotator,
                            scores=kept.take(picked) if kept is not None else None,
