@@ -657,13 +657,24 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
                 **dict.fromkeys(panel.slots, gr.update(visible=False)), panel.item_history: []}
     view = studio.current_view(queue)
     return {**common, panel.shown: view.shown.to_dict(), panel.image: open_user_image(item.image_path),
-            panel.text: item.text, panel.table: views.review_rows(item, view, queue.tasks),
+            panel.text: item.text, **standing(studio, panel, queue, view),
             panel.active: gr.update(choices=views.task_choices(queue.tasks, studio.display_names(queue.model)),
                                     value=queue.tasks[0]),
             **choice_updates(panel, item, queue.tasks[0]),
-            **slot_updates(studio, panel.slots, queue.model, Prediction(item.predictions), view, item.catalogue,
-                           queue.tasks),
+            **review_slots(studio, panel, queue, view)}
+
+
+def standing(studio: Studio, panel: ReviewPanel, queue: ReviewQueue, view: ItemView) -> dict:
+    """Where the queue's current item stands: its table and its history."""
+    return {panel.table: views.review_rows(queue.current, view, queue.tasks),
             panel.item_history: views.item_history_rows(view.history, studio.display_names(queue.model))}
+
+
+def review_slots(studio: Studio, panel: ReviewPanel, queue: ReviewQueue, view: ItemView) -> dict:
+    """The label controls of the queue's current item (`slot_updates` over the queue's tasks)."""
+    item = queue.current
+    return slot_updates(studio, panel.slots, queue.model, Prediction(item.predictions), view, item.catalogue,
+                        queue.tasks)
 
 
 def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, list]:
@@ -769,16 +780,11 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         the labeler's own choices kept, and (a conflict) the item's table and history as they stand now."""
         message = views.save_message(outcome, studio.display_names(queue.model))
         updates = {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
-        if outcome.result == "conflict" and (item := queue.current) is not None:
+        if outcome.result == "conflict" and queue.current is not None:
             view = studio.current_view(queue)
-            updates.update({panel.progress: views.review_status(queue),
-                            panel.table: views.review_rows(item, view, queue.tasks),
-                            panel.item_history: views.item_history_rows(view.history,
-                                                                        studio.display_names(queue.model))})
-            for slot, task in zip(panel.slots, queue.tasks):  # the lines under the controls, their values kept
-                p = item.predictions[task]
-                updates[slot] = gr.update(info=views.slot_info(p.label, p.confidence, item.catalogue.get(task),
-                                                               view.states.get(task)))
+            updates.update({panel.progress: views.review_status(queue), **standing(studio, panel, queue, view)})
+            updates.update({slot: gr.update(info=update["info"])  # the lines under the controls, values kept
+                            for slot, update in review_slots(studio, panel, queue, view).items() if update["visible"]})
         if outcome.result in ("conflict", "unknown"):
             return updates
         return show_queue(studio, panel, queue, message)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import heapq
 import html
+from collections import Counter
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -104,19 +105,18 @@ def typing_order(classes: list[str]) -> list[str]:
 def _typing_order(classes: tuple[str, ...]) -> tuple[str, ...]:
     names = sorted(set(classes), key=lambda c: (c.casefold(), c))
     key = {c: c.casefold() for c in names}
-    inside = {c: [d for d in names if key[d] != key[c] and key[d] in key[c]] for c in names}  # must come first
-    waiting = {c: len(inside[c]) for c in names}
+    holders = {c: [d for d in names if key[c] != key[d] and key[c] in key[d]] for c in names}  # come after c
+    waiting = Counter(d for held in holders.values() for d in held)  # classes each one must wait for
     ready = [(key[c], c) for c in names if not waiting[c]]
     heapq.heapify(ready)
     order = []
     while ready:  # Kahn's topological sort, the alphabetically first ready class each time
         _, c = heapq.heappop(ready)
         order.append(c)
-        for d in names:
-            if c in inside[d]:
-                waiting[d] -= 1
-                if not waiting[d]:
-                    heapq.heappush(ready, (key[d], d))
+        for d in holders[c]:
+            waiting[d] -= 1
+            if not waiting[d]:
+                heapq.heappush(ready, (key[d], d))
     return tuple(order)
 
 
