@@ -9,6 +9,7 @@ the benchmark all go through it.
 """
 from __future__ import annotations
 
+import functools
 import html
 import os
 import socket
@@ -218,13 +219,14 @@ def chart(picture) -> PlotData:
 
 def user_errors(fn: Callable) -> Callable:
     """Show StudioError as a message in the UI instead of a stack trace (and, with a login on,
-    give the event the signed-in user as its annotator: `signed_in`)."""
+    give the event the signed-in user as its annotator: `signed_in`). It keeps `fn`'s signature,
+    which Gradio reads to hand a `gr.Progress` parameter its progress bar."""
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*as_signed_in(args), **kwargs)
         except StudioError as exc:
             raise error(str(exc)) from None
-    wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
     return wrapped
 
 
@@ -793,14 +795,14 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         """A newly loaded queue's first item, the source panel folded away."""
         return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
 
-    def options(order, task_name, low, high, decided, annotator_name) -> dict:
-        return {"strategy": order, "task": task_name, "min_conf": low, "max_conf": high, "show_decided": decided,
-                "annotator": annotator_name}
-
     @user_errors
-    def load_catalogue(model_name, split_name, sample_size, *filters, progress=gr.Progress()):
-        """A sample of the model's catalogue split, its decided items left out, most uncertain first."""
-        return opened(studio.review_catalogue(model_name, split_name, sample_size, progress, **options(*filters)))
+    def load_catalogue(model_name, split_name, sample_size, order, task_name, low, high, decided, annotator_name,
+                       progress=gr.Progress()):
+        """A sample of the model's catalogue split, its decided items left out, most uncertain first.
+        (Gradio hands a progress bar only to a positional parameter: the filters are spelled out.)"""
+        return opened(studio.review_catalogue(model_name, split_name, sample_size, progress, strategy=order,
+                                              task=task_name, min_conf=low, max_conf=high, show_decided=decided,
+                                              annotator=annotator_name))
 
     @user_errors
     def rearrange(queue, order, task_name, low, high, annotator_name):
@@ -812,9 +814,12 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                                               min_conf=low, max_conf=high))
 
     @user_errors
-    def load_uploaded(model_name, manifest_file, image_files, *filters, progress=gr.Progress()):
+    def load_uploaded(model_name, manifest_file, image_files, order, task_name, low, high, decided, annotator_name,
+                      progress=gr.Progress()):
         """An uploaded manifest and its images, its decided items left out, most uncertain first."""
-        return opened(studio.review_upload(model_name, manifest_file, image_files, progress, **options(*filters)))
+        return opened(studio.review_upload(model_name, manifest_file, image_files, progress, strategy=order,
+                                           task=task_name, min_conf=low, max_conf=high, show_decided=decided,
+                                           annotator=annotator_name))
 
     @user_errors
     def load_suspects(model_name, task_name, sample_size, decided, annotator_name, progress=gr.Progress()):

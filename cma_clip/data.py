@@ -362,9 +362,10 @@ def load_image(path: str | Path, max_side: int | None = MAX_DECODED_SIDE) -> Ima
         raise ImageError(f"{name} has too many pixels to decode safely (a decompression bomb?); "
                          f"the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).replace(str(path), name)  # the reason, without the server's folders
-        formats = f"; only {FORMAT_NAMES} are read" if isinstance(exc, UnidentifiedImageError) else ""
-        raise ImageError(f"{name} is not a readable image ({exc.__class__.__name__}: {reason}){formats}") from exc
+        unknown = isinstance(exc, UnidentifiedImageError)
+        why = "its content is not a known image format" if unknown else str(exc).replace(str(path), name)
+        formats = f"; only {FORMAT_NAMES} are read" if unknown else ""  # no exception names, no server folders
+        raise ImageError(f"{name} is not a readable image ({why}){formats}") from exc
 
 
 def check_image_size(width: int, height: int, name: str = "the image") -> None:

@@ -426,6 +426,19 @@ def test_an_interrupted_bulk_accept_resumes_without_duplicates(review_app, monke
 
 
 # ---------------------------------------------------------------------------- 5, 9. audit and agreement
+def test_the_long_events_hand_gradio_their_progress_bar(review_app):
+    """Gradio gives a progress tracker only to a handler whose signature asks for one: the app's
+    error wrapper must show it the handler's own (a 73 s queue load once showed only a timer)."""
+    from gradio import helpers
+
+    import app
+
+    handlers = {block.api_name: block.fn for block in app.build(review_app[1]).fns.values()}
+    for endpoint in ("review_catalogue", "review_upload", "review_mislabels", "bulk_accept", "sweep_catalogue"):
+        _, progress_at, _, _ = helpers.special_args(handlers[endpoint])
+        assert progress_at is not None, endpoint
+
+
 def test_agreement_audit_and_export_provenance(review_app):
     url, studio = review_app
     jo, kim = Labeler(url, "jo"), Labeler(url, "kim")

@@ -327,6 +327,13 @@ def test_review_upload_matches_images_by_name(studio, tmp_path):
     queue = studio.review_upload("hm-articles", str(manifest), uploaded)
     assert sorted(item.item_id for item in queue.items) == sorted(r["article_id"] for r in rows[:2])
     assert len(queue.notes) == 1 and "not uploaded" in queue.notes[0]
+    assert queue.source == "upload upload.csv: 3 manifest rows"  # the notes say what became of the third
+    fake = tmp_path / Path(rows[0]["image"]).name  # a text file under the first row's image name
+    fake.write_text("Striped shirt, 100% cotton")
+    queue = studio.review_upload("hm-articles", str(manifest), [str(fake), uploaded[1]])
+    assert [item.item_id for item in queue.items] == [rows[1]["article_id"]]
+    assert any(f"{fake.name} is not a readable image (its content is not a known image format); only JPEG" in note
+               for note in queue.notes), queue.notes
     with pytest.raises(StudioError, match="needs the columns"):
         bad = tmp_path / "bad.csv"
         bad.write_text("x,y\n1,2\n")

@@ -538,7 +538,7 @@ class Studio:
                               else "Every uploaded item is decided. Tick 'show decided items' to review them again.")
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
                            max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
-                           source=f"upload {Path(manifest_path).name}: {len(items)} items")
+                           source=f"upload {Path(manifest_path).name}: {plural(len(rows), 'manifest row')}")
 
     def review_mislabels(self, model: str, task: str | None, size: int, progress: Progress | None = None, *,
                          show_decided: bool = False, annotator: str | None = None,
