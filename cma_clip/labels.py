@@ -115,19 +115,30 @@ ITEM_DECISIONS = DECISIONS + " WHERE d.item_id = ? AND d.save_id < ? ORDER BY d.
 ALL_DECISIONS = DECISIONS + " ORDER BY d.id"
 SEARCHED = ("d.item_id", "d.label", "c.annotator", "c.text")  # what audit's search looks in
 NOT_UNDONE = " AND NOT EXISTS (SELECT 1 FROM corrections u WHERE u.undoes = {save})"
-# each annotator's standing human labels: not auto-accepted, not undone
+# each annotator's human labels: not auto-accepted, not reverted by an undo (one that kept someone's later
+# decision, or that someone's forced undo dropped, still says what its annotator judged)
 HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
-                + NOT_UNDONE.format(save="d.save_id") + " ORDER BY d.id")
-# the newest save of `annotator` that undo can still revert
+                " AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.reverts = d.id) ORDER BY d.id")
+# the newest save of `annotator` that undo can still revert (an undo that kept every task as someone
+# else decided since still passes over it)
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
                  + NOT_UNDONE.format(save="c.id") + " ORDER BY c.id DESC LIMIT 1")
 UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
 UNDO_RESULT = ("SELECT u.task, r.label AS undone, u.label AS restored, u.base_version, u.reverts FROM decisions u"
                " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
 SAVE_TASKS = "SELECT task FROM decisions WHERE save_id = ? ORDER BY id"
-LABEL_SAVES = ("SELECT c.*, i.path AS image_file, (SELECT u.annotator FROM corrections u WHERE u.undoes = c.id)"
-               " AS undone_by FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
+LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
                " WHERE c.kind = 'label' {where} ORDER BY c.id DESC LIMIT ?")
+# what undos did to one save's decisions: its own undo reverted them, or someone's forced undo of an
+# earlier save dropped them while they stood (the undo's base version is them, its reverted one is not)
+_TAKEN_BACK = ("SELECT d.task, c.annotator FROM decisions d JOIN decisions u ON {join} JOIN corrections c"
+               " ON c.id = u.save_id WHERE d.save_id = ? ORDER BY d.id")
+REVERTED_TASKS = _TAKEN_BACK.format(join="u.reverts = d.id")
+DROPPED_TASKS = _TAKEN_BACK.format(join="u.base_version = d.id AND u.reverts != d.id")
+# each undo's tasks of the save it undid that it left as someone else decided since ("keep theirs")
+KEPT_AT_UNDO = ("SELECT u.id AS save_id, u.item_id, u.annotator, u.source, u.created_at, t.task FROM corrections u"
+                " JOIN decisions t ON t.save_id = u.undoes WHERE u.item_id = ? AND u.kind = 'undo' AND NOT EXISTS"
+                " (SELECT 1 FROM decisions d WHERE d.save_id = u.id AND d.task = t.task) ORDER BY t.id")
 # the text and image of every item's newest labelled save
 ITEM_CONTENT = ("SELECT c.item_id, c.text, i.path AS image_file FROM corrections c JOIN images i"
                 " ON i.sha256 = c.image_sha256 WHERE c.id IN (SELECT MAX(id) FROM corrections WHERE kind = 'label'"
@@ -500,8 +511,19 @@ class LabelStore:
                 and all(t in by_task and by_task[t].status != "pending" for t in relevant)}
 
     def item_history(self, item_id: str) -> list[dict]:
-        """Every decision on one item, oldest first, undos included, as `audit` rows."""
-        return [_audit_row(row) for row in self._connection().execute(ITEM_DECISIONS, (str(item_id), LAST_ROW))]
+        """Every decision on one item, oldest first, undos included, as `audit` rows. An undo's row
+        adds `dropped`: the decision standing then that it took away though it reverted another
+        (someone else's, made since: a forced undo), else None. Each task an undo left as someone
+        else decided since ("keep theirs") gets a row of its own, with status "kept theirs" and no
+        version."""
+        with self._transaction() as conn:
+            rows = conn.execute(ITEM_DECISIONS, (str(item_id), LAST_ROW)).fetchall()
+            kept = conn.execute(KEPT_AT_UNDO, (str(item_id),)).fetchall()
+        _, steps = _replay(rows)
+        history = [{**_audit_row(row), "dropped": _dropped(steps, row)} for row in rows]
+        history += [{**dict.fromkeys(history[0]), **dict(row), "kind": "undo", "status": "kept theirs"}
+                    for row in kept]  # an undo keeps only tasks of a save on this item: history has rows
+        return sorted(history, key=lambda r: (r["save_id"], r["version"] is None, r["version"] or 0))
 
     def audit(self, task: str | None = None, annotator: str | None = None, status: str | None = None,
               source: str | None = None, search: str | None = None, limit: int = 100,
@@ -535,8 +557,10 @@ class LabelStore:
         labels and when, with `previous_labels` (the item's labels before the save; None for
         its first), `changed` (tasks whose label differs from where the labeler's control
         started: the previous label, else the model's prediction) and `corrected` (tasks
-        labelled unlike the model) and `undone_by` (who undid the save; None while it stands). Skips and
-        undos themselves are in `item_history` and `audit`."""
+        labelled unlike the model), `undone` (task -> who reverted its label with an undo), `dropped`
+        (task -> whose forced undo of an earlier save took its label away) and `undone_by` (who undid
+        the save, when its undo reverted any of it; None otherwise). Skips and undos themselves are in
+        `item_history` and `audit`."""
         where, params = ("AND c.item_id = ?", (item_id,)) if item_id is not None else ("", ())
         entries = []
         with self._transaction() as conn:
@@ -545,6 +569,7 @@ class LabelStore:
                 previous = {t: s.label for t, s in states.get(row["item_id"], {}).items() if s.label is not None}
                 labels, predictions = json.loads(row["labels"]), json.loads(row["predictions"] or "{}")
                 predicted = _predicted(predictions)
+                undone = dict(conn.execute(REVERTED_TASKS, (row["id"],)).fetchall())
                 entries.append({
                     "id": row["id"], "item_id": row["item_id"], "labels": labels, "previous_labels": previous or None,
                     "changed": sorted(t for t, v in labels.items() if v != previous.get(t, predicted.get(t))),
@@ -552,7 +577,9 @@ class LabelStore:
                     "predictions": predictions, "text": row["text"], "image_sha256": row["image_sha256"],
                     "image_path": self.image_dir / row["image_file"], "annotator": row["annotator"],
                     "checkpoint": row["checkpoint"], "created_at": row["created_at"], "request_id": row["request_id"],
-                    "source": row["source"], "undone_by": row["undone_by"]})
+                    "source": row["source"], "undone": undone,
+                    "dropped": dict(conn.execute(DROPPED_TASKS, (row["id"],)).fetchall()),
+                    "undone_by": next(iter(undone.values()), None)})
         return entries
 
     def current_labels(self) -> dict[str, dict]:
@@ -588,8 +615,8 @@ class LabelStore:
 
     def agreement(self, tasks: Iterable[str] | None = None) -> dict[str, dict]:
         """Inter-annotator agreement per task over the items that two or more annotators
-        labelled (each annotator's standing human label; auto-accepts and undone labels do
-        not count): task -> items, raw (the share of annotator pairs that agree), kappa
+        labelled (each annotator's latest human label; auto-accepts and labels their own undo
+        reverted do not count, a label someone else replaced since does): task -> items, raw (the share of annotator pairs that agree), kappa
         (Cohen's kappa, the mean over annotator pairs sharing two items or more; None when
         no pair does, or when every label is one class) and annotators."""
         with self._transaction() as conn:
@@ -974,6 +1001,18 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
         tasks[row["task"]] = after
         steps[version] = _Step(row["task"], row["save_id"], before, after)
     return dict(states), steps
+
+
+def _dropped(steps: dict[int, _Step], row: sqlite3.Row) -> dict | None:
+    """For an undo's row, the decision standing then that it took away though it reverted another
+    (label, status, who made it, version), else None."""
+    if row["reverts"] is None:
+        return None
+    standing = steps[row["version"]].before
+    if standing is None or standing.same_decision(steps[row["reverts"]].after):
+        return None
+    return {"label": standing.label, "status": standing.status, "by": standing.decided_by or standing.annotator,
+            "version": standing.version}
 
 
 def _state(row: sqlite3.Row) -> TaskState:

@@ -241,6 +241,42 @@ def test_a_choice_on_an_undo_conflict_reverts_that_save_or_nothing_and_names_wha
         ("colour", "Red", "lou", "corrected", lou.versions["colour"])]
 
 
+def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
+    from cma_clip.studio.views import history_rows, item_history_rows
+
+    # ana's undo keeps ben's later label on every task: nothing of hers is reverted, and no record says it was
+    ana = save(store, "a", "ana", {"colour": "Grey"})
+    save(store, "a", "ben", {"colour": "Red"}, base_versions=ana.versions)
+    assert store.undo("ana", keep_theirs=True).kept == ["colour"]
+    [ben_entry, ana_entry] = store.history(item_id="a")
+    assert (ana_entry["undone"], ana_entry["dropped"], ana_entry["undone_by"]) == ({}, {}, None)
+    assert history_rows([ana_entry])[0][4] == "Colour: Grey"  # no "undone by"
+    assert [(r["annotator"], r["kind"], r["status"], r["label"], r["version"] is None) for r in store.item_history("a")] \
+        == [("ana", "label", "corrected", "Grey", False), ("ben", "label", "corrected", "Red", False),
+            ("ana", "undo", "kept theirs", None, True)]  # the undo is in the item's history
+    assert store.agreement()["colour"]["items"] == 1  # ana judged Grey, ben Red: both still count
+
+    # ana's forced undo of her next save drops lou's label: lou's save says so, the undo names it
+    pink = save(store, "b", "ana", {"colour": "Pink", "type": "Socks"})
+    lou = save(store, "b", "lou", {"colour": "White"}, base_versions=pink.versions)
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ana")
+    forced = store.undo("ana", force=True, save_id=caught.value.save_id)
+    [lou_entry, pink_entry] = store.history(item_id="b")
+    assert (pink_entry["undone"], pink_entry["undone_by"]) == ({"colour": "ana", "type": "ana"}, "ana")
+    assert (lou_entry["dropped"], lou_entry["undone_by"]) == ({"colour": "ana"}, None)
+    assert [row[4] for row in history_rows([lou_entry, pink_entry])] == [
+        "Colour: White · Colour dropped by ana's undo", "Colour: Pink, Type: Socks · undone by ana"]
+    undo_rows = [r for r in store.item_history("b") if r["kind"] == "undo"]
+    assert [(r["task"], r["reverts"], r["dropped"]) for r in undo_rows] == [
+        ("colour", pink.versions["colour"], {"label": "White", "status": "corrected", "by": "lou",
+                                            "version": lou.versions["colour"]}),
+        ("type", pink.versions["type"], None)]
+    assert item_history_rows(undo_rows)[0][-1] == f"{pink.versions['colour']}; dropped lou's White " \
+                                                  f"({lou.versions['colour']})"
+    assert forced.tasks["colour"] == ("Pink", None) and store.agreement()["colour"]["items"] == 1  # ana's Pink is out
+
+
 def test_an_undo_conflict_names_who_decided_last_a_skip_included(store):
     save(store, "a", "ana", {"colour": "Red"})
     skipped = store.skip("a", ["colour"], "ben", base_versions={"colour": store.item_state("a")["colour"].version})

@@ -358,6 +358,7 @@ def test_a_choice_on_an_undo_conflict_applies_to_that_save_and_a_retried_undo_un
     assert "Not undone" in rae("/review_undo", "rae", "")["review status"]
     forced = rae("/review_overwrite", "rae")["review status"]
     assert f"Dropped {COLOUR_NAME} `{theirs}`, corrected by `sol`" in forced
+    assert f"{COLOUR_NAME}: `{theirs}` → (none: pending)" in forced  # what stood went, not rae's older label
     assert studio.store.item_state(item)[COLOUR].status == "pending"
 
 

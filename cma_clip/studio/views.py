@@ -313,16 +313,27 @@ def modality_figure(prediction: Prediction) -> Figure:
 # ---------------------------------------------------------------------- history
 def history_rows(entries: list[dict], names: dict[str, str] | None = None) -> list[list[str]]:
     """Rows for the history table from label-store entries (`Studio.history`): time, annotator,
-    item, labels, the labels that changed ("(same)" when none; who undid the save, if someone did) and the model."""
+    item, labels, the labels that changed ("(same)" when none; what undos took back of it) and the model."""
     rows = []
     for entry in entries:
         changes = ", ".join(f"{task_name(task, names=names)}: {entry['labels'].get(task, '')}"
                             for task in entry.get("changed", []))
         labels = ", ".join(f"{task_name(task, names=names)}={value}" for task, value in entry["labels"].items())
-        undone = f" · undone by {entry['undone_by'] or 'someone'}" if entry.get("undone_by") is not None else ""
-        rows.append([entry["created_at"], entry["annotator"], entry["item_id"], labels, (changes or "(same)") + undone,
-                     entry.get("checkpoint", "")])
+        rows.append([entry["created_at"], entry["annotator"], entry["item_id"], labels,
+                     (changes or "(same)") + taken_back(entry, names), entry.get("checkpoint", "")])
     return rows
+
+
+def taken_back(entry: dict, names: dict[str, str] | None = None) -> str:
+    """What undos took back of a save (`LabelStore.history`): " · undone by ana" when its own undo
+    reverted all of it, else the tasks: " · Colour undone by ana", " · Colour dropped by ben's undo"."""
+    marks = []
+    for what, by_task in (("undone by {}", entry.get("undone", {})), ("dropped by {}'s undo", entry.get("dropped", {}))):
+        whole = what.startswith("undone") and set(by_task) >= set(entry["labels"])
+        for who in dict.fromkeys(by_task.values()):
+            tasks = "" if whole else ", ".join(task_name(t, names=names) for t, w in by_task.items() if w == who) + " "
+            marks.append(f" · {tasks}{what.format(who or 'someone')}")
+    return "".join(marks)
 
 
 # ---------------------------------------------------------------------- review queue
@@ -495,9 +506,11 @@ def unknown_message(unknown: list[UnknownClass], names: dict[str, str] | None = 
 def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> str:
     if outcome.conflicts:
         return conflict_message(outcome.conflicts, names, "undo")
+    taken = {t: (undone, restored) for t, (undone, restored) in outcome.tasks.items()}
+    taken.update({c.task: (None if c.status == "skipped" else c.theirs, c.yours)  # what stood, not your older label
+                  for c in outcome.dropped})
     changes = ", ".join(f"{task_name(t, names=names)}: {code(undone) if undone else '(skip)'} → "
-                        f"{code(restored) if restored else '(none: pending)'}"
-                        for t, (undone, restored) in outcome.tasks.items())
+                        f"{code(restored) if restored else '(none: pending)'}" for t, (undone, restored) in taken.items())
     where = " (not in this queue)" if outcome.queue_open and not outcome.in_queue else ""
     kept = ", ".join(task_name(t, names=names) for t in outcome.kept)
     if not outcome.tasks:
@@ -565,7 +578,17 @@ def item_history_rows(rows: list[dict], names: dict[str, str] | None = None) -> 
              r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "",
-             r["version"], r["reverts"] if r["reverts"] is not None else ""] for r in rows]
+             r["version"] or "", _reverts(r)] for r in rows]
+
+
+def _reverts(row: dict) -> str:
+    """An undo row's reverted version, and the decision it dropped (someone else's, standing then)."""
+    if row["reverts"] is None:
+        return ""
+    if not (dropped := row.get("dropped")):
+        return str(row["reverts"])
+    what = "skip" if dropped["status"] == "skipped" else dropped["label"] or dropped["status"]
+    return f"{row['reverts']}; dropped {dropped['by'] or 'someone'}'s {what} ({dropped['version']})"
 
 
 def agreement_rows(agreement: dict[str, dict], names: dict[str, str] | None = None) -> list[list]:
