@@ -83,7 +83,9 @@ MAX_MANIFEST_ROWS = 10_000  # for uploads read with read_manifest(path, max_rows
 def read_manifest(path: str | Path, max_rows: int | None = None,
                   max_field_chars: int | None = MAX_FIELD_CHARS) -> list[dict[str, str]]:
     """Rows of a CSV, JSONL or Parquet manifest (Parquet needs pyarrow), every value as a
-    string. A UTF-8 byte order mark (Excel's "CSV UTF-8") is skipped. Refused with a
+    string. A UTF-8 byte order mark (Excel's "CSV UTF-8") is skipped, and a CSV cell kept from
+    running as a formula by a leading quote ('=x, as `write_table` and spreadsheets save it) reads
+    as it was (=x). Refused with a
     `CatalogueError` naming the row (and column): a file that is not UTF-8 (or not Parquet);
     a broken CSV or JSON line; a CSV header with an empty or repeated column name, or a JSON
     line with a repeated key (else the last one would silently win); a CSV row with more or
@@ -186,7 +188,7 @@ def _read_csv(path: Path, max_rows: int | None, max_field_chars: int | None) -> 
                     raise CatalogueError(f"{path.name}, row {number}: {fields} fields where the header has "
                                          f"{len(reader.fieldnames)} (an unquoted comma or line break?)")
                 _check_row(path, f"row {number}", number - 1, row, max_rows, max_field_chars)
-                rows.append(row)
+                rows.append({k: _restore(v) for k, v in row.items()})
         except csv.Error as exc:  # the line the csv reader was in (the DictReader's own count lags one row)
             where = f"{path.name}, line {reader.reader.line_num}: not readable as CSV"
             if "field larger than field limit" in str(exc):
@@ -545,13 +547,17 @@ def limit_splits(catalogue: Catalogue, limit: int) -> Catalogue:
 
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet runs as a formula (OWASP)
+# a cell that could run as a formula, behind any quotes already there: writing adds one quote (a spreadsheet
+# shows the rest as text), reading takes one off, so a CSV export reads back as it was stored
+QUOTED_FORMULA = re.compile("'*[" + re.escape("".join(FORMULA_PREFIXES)) + "]")
 
 
 def write_table(path: str | Path, records: list[dict], columns: list[str] | None = None) -> Path:
     """Records as a CSV, JSONL or Parquet file (by its suffix; CSV columns default to the first
     record's keys; Parquet needs pyarrow), written atomically. A CSV text cell starting with
-    = + - @, a tab or a carriage return gets a leading ' so a spreadsheet shows it as text
-    instead of running it (OWASP's rule for CSV injection); JSONL and Parquet are written as they are."""
+    = + - @, a tab or a carriage return (after any quotes) gets a leading ' so a spreadsheet shows it
+    as text instead of running it (OWASP's rule for CSV injection), and `read_manifest` takes it off
+    again; JSONL and Parquet are written as they are."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         pa, pq = pyarrow_modules()
@@ -571,7 +577,12 @@ def write_table(path: str | Path, records: list[dict], columns: list[str] | None
 
 
 def _neutralise(value: object) -> object:
-    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_PREFIXES) else value
+    return f"'{value}" if isinstance(value, str) and QUOTED_FORMULA.match(value) else value
+
+
+def _restore(value: str | None) -> str | None:
+    """A CSV cell as it was before `_neutralise` (a spreadsheet reads a cell saved as '=x as =x too)."""
+    return value[1:] if value and value[0] == "'" and QUOTED_FORMULA.match(value, 1) else value
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:

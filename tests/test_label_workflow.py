@@ -508,14 +508,14 @@ def test_export_carries_provenance_and_neutralises_formulas_in_csv(tmp_path, suf
     save(store, "a", "@mallory", {"colour": "-Minus", "type": "Tights"}, predictions={"type": "Tights"})
     store.save(image=tiny_png(2), text=formula, item_id="+b", labels={"colour": "Red"}, annotator="ana")
     store.save_many(bulk_records(["c"]), "batch", annotator="ana", checkpoint="ck-2")
+    store.save(image=tiny_png(3), text="'90s tee", item_id="'=d", labels={"colour": "''+Plus"}, annotator="ana")
     path = tmp_path / f"export{suffix}"
-    assert store.export(path) == 3
-    rows = {r["id"]: r for r in read_manifest(path)}
-    quote = "'" if suffix == ".csv" else ""
-    a, b, c = rows["a"], rows[f"{quote}+b"], rows["c"]
-    assert (a["colour"], a["annotator"], b["text"]) == (f"{quote}-Minus", f"{quote}@mallory", quote + formula)
-    assert (a["colour__source"], a["colour__annotator"], a["colour__checkpoint"]) \
-        == ("human", quote + "@mallory", "ck-1")
+    assert store.export(path) == 4
+    rows = {r["id"]: r for r in read_manifest(path)}  # read back as stored: ids match the catalogue's
+    a, b, c, d = rows["a"], rows["+b"], rows["c"], rows["'=d"]
+    assert (a["colour"], a["annotator"], b["text"]) == ("-Minus", "@mallory", formula)
+    assert (d["colour"], d["text"]) == ("''+Plus", "'90s tee")  # quotes already there survive the round trip
+    assert (a["colour__source"], a["colour__annotator"], a["colour__checkpoint"]) == ("human", "@mallory", "ck-1")
     assert a["colour__at"] == store.item_state("a")["colour"].created_at and a["type"] == "Tights"
     assert (c["colour__source"], c["colour__annotator"], c["colour__checkpoint"], c["type__source"]) \
         == ("auto", "ana", "ck-2", "")
@@ -523,6 +523,7 @@ def test_export_carries_provenance_and_neutralises_formulas_in_csv(tmp_path, suf
         with open(path, newline="", encoding="utf-8") as handle:
             cells = [cell for row in csv.reader(handle) for cell in row]
         assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+        assert {"'-Minus", "'@mallory", "'" + formula, "'" + "''+Plus", "'90s tee"} <= set(cells)
     # the store itself, read by `train --extra-labels`, never has the quote
     assert labels_of(store)["a"]["colour"] == "-Minus" and store.current_labels()["+b"]["text"] == formula
 
