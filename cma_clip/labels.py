@@ -616,9 +616,10 @@ class LabelStore:
     def agreement(self, tasks: Iterable[str] | None = None) -> dict[str, dict]:
         """Inter-annotator agreement per task over the items that two or more annotators
         labelled (each annotator's latest human label; auto-accepts and labels their own undo
-        reverted do not count, a label someone else replaced since does): task -> items, raw (the share of annotator pairs that agree), kappa
-        (Cohen's kappa, the mean over annotator pairs sharing two items or more; None when
-        no pair does, or when every label is one class) and annotators."""
+        reverted do not count, a label someone else replaced since does): task -> items, raw
+        (the share of annotator pairs that agree), kappa (Cohen's kappa, the mean over annotator
+        pairs sharing two items or more; None when no pair does, or when every label is one class)
+        and annotators."""
         with self._transaction() as conn:
             return _agreement(conn, tasks)
 

@@ -251,9 +251,10 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
     [ben_entry, ana_entry] = store.history(item_id="a")
     assert (ana_entry["undone"], ana_entry["dropped"], ana_entry["undone_by"]) == ({}, {}, None)
     assert history_rows([ana_entry])[0][4] == "Colour: Grey"  # no "undone by"
-    assert [(r["annotator"], r["kind"], r["status"], r["label"], r["version"] is None) for r in store.item_history("a")] \
-        == [("ana", "label", "corrected", "Grey", False), ("ben", "label", "corrected", "Red", False),
-            ("ana", "undo", "kept theirs", None, True)]  # the undo is in the item's history
+    history = store.item_history("a")
+    assert [(r["annotator"], r["kind"], r["status"], r["label"], r["version"] is None) for r in history] == [
+        ("ana", "label", "corrected", "Grey", False), ("ben", "label", "corrected", "Red", False),
+        ("ana", "undo", "kept theirs", None, True)]  # the undo is in the item's history
     assert store.agreement()["colour"]["items"] == 1  # ana judged Grey, ben Red: both still count
 
     # ana's forced undo of her next save drops lou's label: lou's save says so, the undo names it

@@ -328,7 +328,8 @@ def taken_back(entry: dict, names: dict[str, str] | None = None) -> str:
     """What undos took back of a save (`LabelStore.history`): " · undone by ana" when its own undo
     reverted all of it, else the tasks: " · Colour undone by ana", " · Colour dropped by ben's undo"."""
     marks = []
-    for what, by_task in (("undone by {}", entry.get("undone", {})), ("dropped by {}'s undo", entry.get("dropped", {}))):
+    for what, by_task in (("undone by {}", entry.get("undone", {})),
+                          ("dropped by {}'s undo", entry.get("dropped", {}))):
         whole = what.startswith("undone") and set(by_task) >= set(entry["labels"])
         for who in dict.fromkeys(by_task.values()):
             tasks = "" if whole else ", ".join(task_name(t, names=names) for t, w in by_task.items() if w == who) + " "
@@ -510,7 +511,8 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
     taken.update({c.task: (None if c.status == "skipped" else c.theirs, c.yours)  # what stood, not your older label
                   for c in outcome.dropped})
     changes = ", ".join(f"{task_name(t, names=names)}: {code(undone) if undone else '(skip)'} → "
-                        f"{code(restored) if restored else '(none: pending)'}" for t, (undone, restored) in taken.items())
+                        f"{code(restored) if restored else '(none: pending)'}"
+                        for t, (undone, restored) in taken.items())
     where = " (not in this queue)" if outcome.queue_open and not outcome.in_queue else ""
     kept = ", ".join(task_name(t, names=names) for t in outcome.kept)
     if not outcome.tasks:
