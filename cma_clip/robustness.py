@@ -121,7 +121,7 @@ def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str
                 for task in tasks:
                     correct[(mode, severity), task] += labels[task][i] == prediction.tasks[task].label
             done += 1
-            if progress:
+            if progress is not None:
                 step = "clean inputs" if mode is None else f"{mode} noise, severity {severity}"
                 progress(done / total, f"{step}: items {index[-1] + 1}/{len(paths)}")
     counts = {task: sum(label is not None for label in labels[task]) for task in tasks}

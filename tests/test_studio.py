@@ -138,6 +138,31 @@ def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studi
     assert numeric.stored == 10
 
 
+class ProgressLikeGradios:
+    """A progress bar that, like Gradio's `gr.Progress`, is falsy (its `__len__` is 0 while it tracks
+    nothing): a long step must still report to it."""
+
+    def __init__(self) -> None:
+        self.reports = []
+
+    def __len__(self) -> int:
+        return 0
+
+    def __call__(self, fraction, desc=None, *args, **kwargs) -> None:
+        self.reports.append(desc)
+
+
+def test_the_long_steps_report_to_a_falsy_progress_bar(studio, monkeypatch):
+    loading, accepting, sweeping = ProgressLikeGradios(), ProgressLikeGradios(), ProgressLikeGradios()
+    queue = studio.review_catalogue("hm-articles", "val", 10, loading)
+    assert loading.reports and all(loading.reports), loading.reports
+    monkeypatch.setattr(studio, "bulk_chunk", 2)
+    studio.bulk_accept(queue, "cem", task="product_type_name", min_conf=0, progress=accepting)
+    assert len(accepting.reports) == 5 and "10" in accepting.reports[-1], accepting.reports
+    studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0, progress=sweeping)
+    assert sweeping.reports, sweeping.reports
+
+
 def test_an_open_queue_re_sorts_and_re_filters_in_memory(studio, monkeypatch):
     """Re-sorting an open queue predicts nothing and writes only its view; the order is the one a
     fresh load with those choices gives; a filter narrows and widens again over the items sampled."""

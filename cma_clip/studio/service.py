@@ -473,7 +473,7 @@ class Studio:
             if key in self._scores:
                 return self._scores[key]
         predictor = self.predictor(model)
-        if progress:
+        if progress is not None:
             progress(0.0, "reading the catalogue's predictions (the first time: computed from its cached features)")
         scores = catalogue_predictions(predictor, self.catalogue(predictor.config.catalogue.name), split,
                                        self.cache_dir)
@@ -556,7 +556,7 @@ class Studio:
             catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root))
             if limit:
                 catalogue = limit_splits(catalogue, limit)
-            if progress:
+            if progress is not None:
                 progress(0.0, "ranking the catalogue's labels (the first time: its features are computed)")
             ranked = mislabels.mislabel_queue(catalogue, task, predictor.backbone)
         except CatalogueError as exc:
@@ -669,7 +669,7 @@ class Studio:
             if chunk:
                 parts.append(predictor.score_batch(images, [text for _, _, text, _ in chunk]))
                 loaded += chunk
-            if progress:
+            if progress is not None:
                 progress(min(1.0, (start + batch_size) / len(items)), "predicting")
         return loaded, Scores.concatenate(parts) if parts else None
 
@@ -891,7 +891,7 @@ class Studio:
                 outcome.already_there += result.already_there
                 outcome.conflicts += result.conflicts
                 outcome.chunks += 1
-                if progress:
+                if progress is not None:
                     progress(min(1.0, (start + self.bulk_chunk) / len(records)),
                              f"accepted {outcome.stored + outcome.already_there} of {len(records)}")
             self.refresh(queue, annotator)
