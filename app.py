@@ -579,8 +579,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")
-    for control in (map_kind.input, opacity.release):
-        control(redraw, [prediction_state, task, map_kind, token, opacity], heat, api_visibility="private")
+    for control in (map_kind.input, opacity.input):  # input: a drag and a typed opacity (release misses the latter)
+        control(redraw, [prediction_state, task, map_kind, token, opacity], heat, api_visibility="private",
+                trigger_mode="always_last")
     item_inputs = [image, text, shared.model, shared.annotator, item_id]
     save_inputs = [*item_inputs, *slots, request_id, shown, prediction_state]
 

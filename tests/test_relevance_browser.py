@@ -61,10 +61,12 @@ def test_each_task_gets_its_own_relevance_map(running_app, page):
     page.locator("#map-kind").get_by_text("Attention (raw, last layer)").click()
     attention = changed_from(page, before)
     page.locator("#heatmap").screenshot(path=str(ARTIFACTS / "relevance-attention-view.png"))
-    slider = page.locator("#map-opacity input[type=range]")
-    slider.fill("0.9")
-    slider.dispatch_event("pointerup")  # the slider redraws on release
-    changed_from(page, attention)
+    page.locator("#map-opacity input[type=range]").fill("0.9")  # dragged
+    dragged = changed_from(page, attention)
+    typed = page.locator("#map-opacity input[type=number]")
+    typed.fill("0.4")  # typed in the slider's box
+    typed.press("Enter")
+    changed_from(page, dragged)
 
 
 def test_robustness_shows_relevance_clean_and_noisy(running_app, page):
