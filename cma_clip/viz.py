@@ -43,17 +43,6 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def attention_overlay(image: Image.Image, patch_weights: np.ndarray, grid_size: int,
-                      alpha: float = 0.55, cmap: str = "inferno") -> Image.Image:
-    """The image with a patch-grid heatmap on top: weights are min-max scaled,
-    upsampled bilinearly to the image size and coloured with a matplotlib colormap."""
-    grid = np.asarray(patch_weights, dtype=np.float32).reshape(grid_size, grid_size)
-    span = grid.max() - grid.min()
-    grid = (grid - grid.min()) / span if span > 0 else np.zeros_like(grid)
-    heat = Image.fromarray(grid, mode="F").resize(image.size, Image.Resampling.BILINEAR)
-    return Image.blend(image.convert("RGB"), Image.fromarray(colour(np.asarray(heat), cmap)), alpha)
-
-
 @lru_cache(maxsize=8)
 def _colour_bar(cmap: str, height: int, width: int, unit: str) -> Image.Image:
     """The colour bar beside a map, from the top colour down to 0, with a black frame, its "0" and
@@ -111,27 +100,6 @@ def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
     draw.text((x + bar_width + 5, top), f"{peak:.1%}", fill="black", font=font(20))
     draw.text((4, top + size + 6), title, fill="black", font=font(20))
     return canvas
-
-
-def merge_wordpieces(tokens: list[str], weights: np.ndarray) -> list[tuple[str, float]]:
-    """Whole words with the summed weight of their pieces; special tokens are dropped."""
-    words: list[tuple[str, float]] = []
-    for token, weight in zip(tokens, np.asarray(weights, dtype=float)):
-        if token in SPECIAL_TOKENS:
-            continue
-        if token.startswith("##") and words:
-            word, total = words[-1]
-            words[-1] = (word + token[2:], total + weight)
-        else:
-            words.append((token, weight))
-    return words
-
-
-def token_highlights(tokens: list[str], weights: np.ndarray) -> list[tuple[str, float]]:
-    """(word, score in [0, 1]) pairs for gr.HighlightedText, scaled by the largest weight."""
-    words = merge_wordpieces(tokens, weights)
-    peak = max((w for _, w in words), default=0.0)
-    return [(f"{word} ", round(w / peak, 3) if peak > 0 else 0.0) for word, w in words]
 
 
 FONT = 12  # the charts shrink to a phone's width: their text starts large

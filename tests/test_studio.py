@@ -7,8 +7,7 @@ import pytest
 
 from cma_clip.data import Catalogue, read_manifest
 from cma_clip.studio import StudioError, clean_text, views
-from cma_clip.studio.views import (heatmap, history_rows, modality_figure, prediction_rows, review_progress,
-                                   text_shading, token_choices)
+from cma_clip.studio.views import history_rows, modality_figure, prediction_rows, review_progress
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
 from test_viz import bar_shares
 
@@ -23,16 +22,15 @@ def test_predict_and_explain(studio):
         assert row[2] == views.percent(p.confidence) and row[2].endswith("%")
         assert p.threshold is None or views.percent(p.threshold) in row[3]
         assert row[3].startswith("✓ auto-accept") == p.auto_accept
-    choices, best = token_choices(result, "colour_group_name")
+    choices, best = views.word_choices(result, "colour_group_name")
     assert best is not None and best in [index for _, index in choices]
-    assert all(not label.startswith("[") for label, _ in choices)  # [CLS]/[SEP] are not offered
-    relevance = result.token_relevance["colour_group_name"]
-    assert best == max((i for _, i in choices), key=lambda i: relevance[i])
-    picture = heatmap(result, best)
-    assert picture.size == (224, 224)
-    assert heatmap(result, choices[0][1]).tobytes() != heatmap(result, choices[-1][1]).tobytes()
-    shading = text_shading(result)
-    assert shading and all(word.strip() in EXAMPLE_TEXT.lower() for word, _ in shading)
+    assert [label.split("  (")[0] for label, _ in choices] == result.words  # whole words, no [CLS]/[SEP]
+    shares = result.relevance["colour_group_name"].words
+    assert choices[best][0].endswith(f"({shares[best]:.0%} of the text's relevance)")  # as the note writes it
+    first, last = (views.image_map(result, None, kind="attention", word=choices[i][1]) for i in (0, -1))
+    assert first.tobytes() != last.tobytes()  # each word's attention over the patches
+    shading = views.word_shading(result, "colour_group_name")
+    assert shading and " ".join(word.strip() for word, _ in shading) == EXAMPLE_TEXT  # the words as typed
     assert max(score for _, score in shading) == 1.0
     shares = bar_shares(modality_figure(result))
     assert len(shares) == len(rows)
@@ -368,6 +366,9 @@ def test_review_upload_matches_images_by_name(studio, tmp_path):
 def test_probe_and_sweeps_through_the_studio(studio):
     result = studio.probe(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "blur", 4, "none", 0, seed=1)
     assert result.noisy_text == clean_text(EXAMPLE_TEXT) and result.noisy_image.size != (0, 0)
+    same = studio.probe(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "blur", 0, "none", 0)
+    assert "0% of the image relevance moved" in views.probe_maps(same, "colour_group_name")[2]
+    assert "the most relevant patch stayed at row " in views.probe_maps(same, "colour_group_name")[2]
     with pytest.raises(StudioError, match="Severities go from 0"):
         studio.probe(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "blur", 9, "none", 0)
     with pytest.raises(StudioError, match="Unknown text corruption"):
