@@ -81,6 +81,8 @@ CSS = """
    it was, and its message in the toast: Gradio's "Error" badge over each of the queue's outputs would hide it. */
 #review-tab [data-testid="status-tracker"]:has(> .error) { display: none !important; }
 #image-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
+/* A chart's label sits above it, not over its top (a title, the first bars), at any width. */
+.chart > label[data-testid="block-label"] { position: static !important; }
 @media (max-width: 767px) {
   #predict-row { flex-direction: column; flex-wrap: nowrap; }
   #predict-inputs { display: contents; }
@@ -414,15 +416,18 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 with gr.Row():
                     task = gr.Dropdown([], label="Task to explain", elem_id="explain-task")
                     map_kind = gr.Radio(views.MAP_CHOICES, value="relevance", label="Image map", elem_id="map-kind")
-                    token = gr.Dropdown([], label="Word for the attention map (default: the most relevant)",
+                    token = gr.Dropdown([], label="Word for the attention map (its share of the text relevance)",
                                         elem_id="map-word")
                     opacity = gr.Slider(0.1, 1.0, value=views.DEFAULT_OPACITY, step=0.05, label="Map opacity",
                                         elem_id="map-opacity")
-                with gr.Row():
-                    heat = written_per_call(gr.Image(label="Image map (colour bar: share of the map per cell)",
-                                                    height=320, interactive=False, elem_id="heatmap",
-                                                    format="jpeg"))  # 1 ms to encode; WebP: 20 ms
-                    weights_plot = gr.Plot(label="Modality-wise attention per task")
+                with gr.Row():  # side by side on a laptop; each too wide for half a phone, so stacked there
+                    with gr.Column(min_width=320):
+                        heat = written_per_call(gr.Image(label="Image map (colour bar: share of the map per cell)",
+                                                        height=320, interactive=False, elem_id="heatmap",
+                                                        format="jpeg"))  # 1 ms to encode; WebP: 20 ms
+                    with gr.Column(min_width=320):
+                        weights_plot = gr.Plot(label="Modality weights per task", elem_id="modality-chart",
+                                               elem_classes=["chart"])
                 map_note = gr.Markdown(views.MAP_NOTE, elem_id="map-note")
                 relevance = gr.HighlightedText(label="Words: relevance for the selected task (attention rollout; "
                                                "1 = the most relevant word)", combine_adjacent=False,
@@ -1041,16 +1046,17 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
                                                    interactive=False, elem_id="clean-heatmap"))
             noisy_heat = written_per_call(gr.Image(label="Noisy: relevance for the task", height=260,
                                                    interactive=False, elem_id="noisy-heatmap"))
-            shift_plot = gr.Plot(label="Image modality weight, clean vs noisy")
+            shift_plot = gr.Plot(label="Image modality weight, clean vs noisy", elem_classes=["chart"])
         probe_note = gr.Markdown(elem_id="probe-shift")
         noisy_text = gr.Textbox(label="Noisy text", interactive=False)
         item_sweep_plot = gr.Plot(label="Confidence in the clean prediction and image-side weight (image + colour) "
-                                        "against severity", elem_id="item-sweep")
+                                        "against severity", elem_id="item-sweep", elem_classes=["chart"])
         gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
         with gr.Row():
             sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")
             batch_sweep_button = gr.Button("Run batch sweep")
-        batch_plot = gr.Plot(label="Accuracy per task and its mean against severity", elem_id="batch-sweep")
+        batch_plot = gr.Plot(label="Accuracy per task and its mean against severity", elem_id="batch-sweep",
+                             elem_classes=["chart"])
         batch_csv = gr.File(label="The numbers (CSV)")
 
     @user_errors

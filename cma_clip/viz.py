@@ -106,7 +106,7 @@ FONT = 12  # the charts shrink to a phone's width: their text starts large
 MIN_LABELLED = 0.12  # a bar segment narrower than this gets no number inside it
 
 
-def modality_chart(weights: dict[str, dict[str, float]], width: int = 600) -> Image.Image:
+def modality_chart(weights: dict[str, dict[str, float]], width: int = 440) -> Image.Image:
     """Horizontal stacked bars, first task on top: each task's modality weights from the left (text
     blue, image orange, then colour and words where the model has them; they sum to 1), in percent
     on the bars wide enough for them, an axis from 0 to 100% below and the legend under it (at the
@@ -250,7 +250,7 @@ def modality_shift_chart(clean: dict[str, float], noisy: dict[str, float]) -> Fi
         for yy, value in zip(y + offset, values):
             ax.text(value + 0.01, yy, f"{value:.0%}", va="center", fontsize=FONT - 2)
     ax.set_yticks(y, tasks)
-    return _finish_task_bars(fig, ax, "image-side modality weight (image + colour)", 1.15, percent=True)
+    return _finish_task_bars(fig, ax, "image-side weight (image + colour)", 1.15, percent=True)
 
 
 def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float, percent: bool = False) -> Figure:

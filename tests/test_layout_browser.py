@@ -112,6 +112,10 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     if size == "phone":  # the results before the examples
         results, examples = page.locator("#predictions").bounding_box(), page.locator("#predict-examples")
         assert results["y"] + results["height"] <= examples.bounding_box()["y"]
+    for picture in ("#heatmap img", "#modality-chart img"):  # never squeezed into half a phone's width
+        assert page.locator(picture).bounding_box()["width"] >= 300, (size, picture)
+    label = page.locator("#modality-chart label[data-testid=block-label]").bounding_box()
+    assert label["y"] + label["height"] <= page.locator("#modality-chart img").bounding_box()["y"] + 1  # not over it
     check_view(page, size, "predict")
 
     open_tab(page, "review")

@@ -26,7 +26,7 @@ def test_predict_and_explain(studio):
     assert best is not None and best in [index for _, index in choices]
     assert [label.split("  (")[0] for label, _ in choices] == result.words  # whole words, no [CLS]/[SEP]
     shares = result.relevance["colour_group_name"].words
-    assert choices[best][0].endswith(f"({shares[best]:.0%} of the text's relevance)")  # as the note writes it
+    assert choices[best][0].endswith(f"({shares[best]:.0%})")  # as the note writes it
     first, last = (views.image_map(result, None, kind="attention", word=choices[i][1]) for i in (0, -1))
     assert first.tobytes() != last.tobytes()  # each word's attention over the patches
     shading = views.word_shading(result, "colour_group_name")

@@ -33,7 +33,7 @@ def test_modality_charts_of_one_model_share_their_frame_not_their_bars():
     other = modality_chart({"colour": {"text": 0.9, "image": 0.1}, "type": {"text": 0.15, "image": 0.85}})
     assert [round(s, 2) for s in bar_shares(other)] == [0.9, 0.15]
     np.testing.assert_array_equal(np.asarray(modality_chart(first)), before)
-    frame = viz._chart_frame(("colour", "type"), ("text", "image"), 600)
+    frame = viz._chart_frame(("colour", "type"), ("text", "image"), before.shape[1])  # at the chart's width
     assert bar_shares(frame) == [] and np.asarray(frame).shape == before.shape
 
 

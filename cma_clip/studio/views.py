@@ -37,7 +37,10 @@ HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "mode
 MAP_CHOICES = [("Relevance for the task", "relevance"), ("Attention (raw, last layer)", "attention")]
 MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the task's top score (LayerCAM on the image "
             "encoder, attention rollout over the words): what the prediction leans on locally, not a proof. Attention "
-            "shows where the model looked, which is often the empty background, not why it decided.")
+            "shows where the model looked, which is often the empty background, not why it decided. The modality "
+            "weights are each task's modality-wise attention over its inputs (the text and the image; colour and "
+            "words where the model has them): how its head mixes them, a measure other than the relevance split, so "
+            "the two need not agree.")
 DEFAULT_OPACITY = 0.55
 REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
 REVIEW_WIDTHS = ["130px", "110px", "100px", "100px", "120px", "110px", "120px"]  # "corrected" on one line
@@ -191,8 +194,7 @@ def word_choices(prediction: Prediction, task: str) -> tuple[list[tuple[str, int
     relevance = prediction.relevance.get(task)
     if relevance is None:
         return [], None
-    choices = [(f"{word}  ({relevance.words[i]:.0%} of the text's relevance)", i)
-               for i, word in enumerate(prediction.words)]
+    choices = [(f"{word}  ({relevance.words[i]:.0%})", i) for i, word in enumerate(prediction.words)]
     return choices, relevance.top_word(prediction.words)
 
 
