@@ -405,8 +405,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                                      info="An example sets it; a new upload or an edited text clears it.")
                 predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
                 with gr.Column(elem_id="predict-examples"):
-                    gr.Examples(examples(studio.model_names), inputs=[image, text, shared.model, item_id],
-                                label="Catalogue examples")
+                    catalogue_examples = gr.Examples(examples(studio.model_names),
+                                                     inputs=[image, text, shared.model, item_id],
+                                                     label="Catalogue examples (a click predicts it)")
             with gr.Column(scale=2, min_width=300, elem_id="predict-results"):
                 table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True,
                                      column_widths=views.PREDICTION_WIDTHS, elem_id="predictions",
@@ -581,6 +582,10 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                                 api_visibility="private")  # at the opacity the slider shows
     api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict",
                       concurrency_limit=MAX_BATCH)
+    catalogue_examples.load_input_event.then(  # a visitor's click on an example shows its prediction at once
+        predict, [image, text, shared.model, item_id], predict_outputs, api_visibility="private",
+        concurrency_limit=MAX_BATCH).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
+                                          api_visibility="private")
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")

@@ -199,3 +199,13 @@ def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_ap
     page.wait_for_function("() => window.__xss === 1", timeout=10_000)  # as HTML, the payload would run
     saved = [e for e in studio.store.history(limit=10) if e["annotator"] == "<b>html-tester</b>"]
     assert saved and payload in saved[0]["text"] and saved[0]["labels"]["product_type_name"] == payload
+
+
+def test_a_click_on_an_example_shows_its_prediction(running_app, page):
+    import app
+
+    item = app.examples(running_app[1].model_names)[0][3]  # the first example's catalogue id
+    page.locator("#predict-examples tr.tr-body").first.click()
+    expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)  # no Predict press needed
+    expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
+    expect(page.locator("#item-id textarea, #item-id input").first).to_have_value(item)
