@@ -390,7 +390,7 @@ class Shared:
 # ---------------------------------------------------------------------- tabs
 def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     """Predict, explain and correct one item; returns its image and text inputs (the Robustness tab's too)."""
-    with gr.Tab("Predict & correct", id="predict"):
+    with gr.Tab("Predict", id="predict"):
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
         pending = gr.State(None)  # a refused save waiting for the labeler's choice
@@ -696,7 +696,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     load, {} when there is no queue to resume) and the components it updates."""
     models = studio.model_names
     tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
-    with gr.Tab("Review queue", id="review", elem_id="review-tab"):
+    with gr.Tab("Review", id="review", elem_id="review-tab"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
                     "left out. Your place in the queue is kept: a reload or a restart resumes it.")
         with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
@@ -1027,7 +1027,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
 def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Textbox) -> None:
     """The Predict tab's item, corrupted: clean against noisy, sweeps over severities, a catalogue sweep."""
     with gr.Tab("Robustness", id="robustness"):
-        gr.Markdown("Corrupt the current image and text (from *Predict & correct*) and compare. Severity 0 is "
+        gr.Markdown("Corrupt the current image and text (from *Predict*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
             image_noise = gr.Dropdown(["none", *IMAGE_CORRUPTIONS], value="occlusion", label="Image corruption",
@@ -1111,7 +1111,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     annotators' agreement, the latest saves, export for the trainer and an optional push to the Hub."""
     names = studio.display_names()
     tasks = sorted(views.task_choices(list(names), names))
-    with gr.Tab("History & export", id="history") as tab:
+    with gr.Tab("History", id="history") as tab:
         gr.Markdown("### Audit\nEvery decision, newest first: the label and its status, who and whether a human or "
                     "an auto-accept, what changed against the model's prediction and the catalogue's label, and "
                     "the checkpoint. Search looks in item ids, labels, annotators and texts.")

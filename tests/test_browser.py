@@ -77,7 +77,7 @@ def test_upload_predict_correct_save_and_see_history(running_app, page):
     page.locator("#save-new-class").click()
     expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
     expect(page.locator("#save-status")).to_contain_text("New class confirmed")
-    page.get_by_role("tab", name="History & export").click()
+    page.get_by_role("tab", name="History").click()
     expect(page.locator("#history")).to_contain_text("Browser-corrected top", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-history.png"), full_page=True)
     saved = [entry["labels"] for entry in studio.store.history(limit=5) if entry["annotator"] == "browser-tester"]
@@ -115,7 +115,7 @@ def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_
         expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
         [saved] = [e["labels"] for e in studio.store.history(limit=5) if e["annotator"] == "typing-tester"]
         assert {task: saved[task] for task in typed} == {task: name for task, (name, _) in typed.items()}
-        page.get_by_role("tab", name="History & export").click()
+        page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Export labels").click()
         # each file's row, by its accessible name (the cell shows stem and extension as two spans)
         expect(page.locator("#export-file").get_by_role("cell", name="labels_export.csv")).to_be_visible(timeout=30_000)
@@ -127,7 +127,7 @@ def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_
 def test_review_queue_with_keyboard_shortcuts(running_app, page):
     _, studio = running_app
     page.locator("#annotator input, #annotator textarea").first.fill("keyboard-reviewer")
-    page.get_by_role("tab", name="Review queue").click()
+    page.get_by_role("tab", name="Review").click()
     expect(page.locator("#review-keys")).to_contain_text("1-9")  # the help line lists the keys
     fill_until_it_holds(page.locator("#review-size input"), "5")
     page.locator("#review-load").click()
@@ -172,10 +172,10 @@ def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_ap
     expect(page.locator("#save-status")).to_contain_text("not a known class", timeout=30_000)
     page.locator("#save-new-class").click()
     expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=30_000)
-    page.get_by_role("tab", name="History & export").click()
+    page.get_by_role("tab", name="History").click()
     expect(page.locator("#history")).to_contain_text(payload, timeout=30_000)  # shown as text
 
-    page.get_by_role("tab", name="Review queue").click()
+    page.get_by_role("tab", name="Review").click()
     page.locator("#review-manifest input[type=file]").set_input_files(str(good))
     page.locator("#review-images input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
     # the uploaded file's row, by its accessible name (the cell shows stem and extension as two spans)

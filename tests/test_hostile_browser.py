@@ -51,7 +51,7 @@ def test_markdown_and_html_from_data_make_the_browser_fetch_nothing(running_app,
     expect(name).to_be_visible(timeout=WAIT)
     name.fill(ANNOTATOR)
     name.press("Tab")
-    page.get_by_role("tab", name="Review queue").click()
+    page.get_by_role("tab", name="Review").click()
     page.locator("#review-manifest input[type=file]").set_input_files(str(good))
     page.locator("#review-images input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
     expect(page.locator("#review-images")).to_contain_text(EXAMPLE_IMAGE.name, timeout=30_000)
@@ -73,7 +73,7 @@ def test_markdown_and_html_from_data_make_the_browser_fetch_nothing(running_app,
     page.locator("#review-load-upload").click()
     expect(page.get_by_text("lacks the column").first).to_be_visible(timeout=30_000)
     expect(page.get_by_text(COLUMN).first).to_be_visible()  # the toast shows the name as text
-    page.get_by_role("tab", name="History & export").click()
+    page.get_by_role("tab", name="History").click()
     expect(page.locator("#audit")).to_contain_text(ANNOTATOR, timeout=30_000)
     page.wait_for_timeout(1000)
     page.screenshot(path=str(ARTIFACTS / "hostile-no-beacon.png"), full_page=True)

@@ -9,8 +9,7 @@ from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
 from test_browser import chromium, fill_until_it_holds
 
 SIZES = {"laptop": (1366, 768), "phone": (412, 915)}
-TABS = {"predict": "Predict & correct", "review": "Review queue", "robustness": "Robustness",
-        "history": "History & export"}
+TABS = {"predict": "Predict", "review": "Review", "robustness": "Robustness", "history": "History"}
 # What sticks out of the page on the right: visible elements past the viewport's edge that no
 # horizontally scrolling box holds (Gradio's aria-hidden copy of the tab bar, kept for measuring, aside).
 OVERFLOW = """() => {
@@ -105,6 +104,8 @@ def check_view(page, size: str, view: str) -> None:
 
 def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     size, page = sized_page
+    for name in TABS.values():  # each tab in the bar, none folded into a "More tabs" menu on a phone
+        expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
     predict_example(page)
     expect(page.locator("#predictions")).to_contain_text("%")  # confidences in percent
     expect(page.locator("#operating-figures")).to_contain_text("held-out test items")

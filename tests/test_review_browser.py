@@ -73,7 +73,7 @@ def shot(page, name: str) -> None:
 
 
 def load_queue(page, size: int, split: str = "train") -> str:
-    page.get_by_role("tab", name="Review queue").click()
+    page.get_by_role("tab", name="Review").click()
     if split != "train":
         fill_until_it_holds(page.locator("#review-split input"), split, press="Enter")
     fill_until_it_holds(page.locator("#review-size input"), str(size))
@@ -223,7 +223,7 @@ def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_a
     assert total >= 1 and {(r["task"], r["annotator"]) for r in rows} == {(COLOUR, "ana")}
 
     # the audit, filtered, and the agreement
-    ana.get_by_role("tab", name="History & export").click()
+    ana.get_by_role("tab", name="History").click()
     ana.locator("#audit-source input").fill("auto")
     ana.locator("#audit-source input").press("Enter")
     ana.locator("#audit-run").click()
@@ -237,7 +237,7 @@ def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_a
 
 def test_val_and_test_say_where_their_corrections_go(review_app, browser):
     page = open_page(browser, review_app)
-    page.get_by_role("tab", name="Review queue").click()
+    page.get_by_role("tab", name="Review").click()
     for split, words in (("test", "never reach training"), ("val", "not trained on"),
                          ("train", "feed the next training run")):
         page.locator("#review-split input").fill(split)
