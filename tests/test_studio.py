@@ -461,6 +461,7 @@ def test_an_empty_text_rests_on_the_image_and_is_never_auto_accepted(studio):
     assert result.text_absent and views.text_note(result) == views.NO_TEXT_NOTE
     assert all(p.modality_weights == {"text": 0.0, "image": 1.0} and not p.auto_accept for p in result.tasks.values())
     assert all(row[3].startswith(("no text", "no threshold")) for row in prediction_rows(result))
+    assert "no text; relevance on the image" in views.relevance_summary(result, "colour_group_name")
     batch = studio.predictor("hm-articles").predict_batch([result.model_image], [""])[0]
     assert batch.text_absent and not any(p.auto_accept for p in batch.tasks.values())
     with_text = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")

@@ -268,8 +268,12 @@ def relevance_summary(prediction: Prediction, task: str | None) -> str:
     order = [i for i in np.argsort(-relevance.words, kind="stable") if any(c.isalnum() for c in prediction.words[i])]
     top = ", ".join(f"{code(prediction.words[i])} ({relevance.words[i]:.0%})" for i in order[:3])
     name = plain(task_name(task, prediction.tasks.get(task)))
-    line = (f"**{name}**: relevance on the image {relevance.image_share:.0%}, on the text "
-            f"{1 - relevance.image_share:.0%}" + (f"; most relevant words: {top}" if top else "") + ".")
+    if prediction.words:
+        line = (f"**{name}**: relevance on the image {relevance.image_share:.0%}, on the text "
+                f"{1 - relevance.image_share:.0%}" + (f"; most relevant words: {top}" if top else "") + ".")
+    else:  # the modality weights are all on the image; the gradient still reaches the text's markers
+        line = (f"**{name}**: no text; relevance on the image {relevance.image_share:.0%}, the rest on the empty "
+                "text's start and end markers.")
     if relevance.padding_share >= 0.005:
         line += f" The white letterbox padding drew {relevance.padding_share:.0%} of the image map; it is left out."
     return line + "\n\n" + MAP_NOTE
