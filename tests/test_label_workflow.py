@@ -244,17 +244,19 @@ def test_a_choice_on_an_undo_conflict_reverts_that_save_or_nothing_and_names_wha
 def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
     from cma_clip.studio.views import history_rows, item_history_rows
 
-    # ana's undo keeps ben's later label on every task: nothing of hers is reverted, and no record says it was
-    ana = save(store, "a", "ana", {"colour": "Grey"})
+    # ana's undo keeps ben's later colour: only her type is reverted, and every record says just that
+    ana = save(store, "a", "ana", {"colour": "Grey", "type": "Socks"})
     save(store, "a", "ben", {"colour": "Red"}, base_versions=ana.versions)
     assert store.undo("ana", keep_theirs=True).kept == ["colour"]
     [ben_entry, ana_entry] = store.history(item_id="a")
-    assert (ana_entry["undone"], ana_entry["dropped"], ana_entry["undone_by"]) == ({}, {}, None)
-    assert history_rows([ana_entry])[0][4] == "Colour: Grey"  # no "undone by"
+    assert (ana_entry["undone"], ana_entry["dropped"], ana_entry["undone_by"]) == ({"type": "ana"}, {}, "ana")
+    assert history_rows([ana_entry])[0][4] == "Colour: Grey, Type: Socks · Type undone by ana"
     history = store.item_history("a")
-    assert [(r["annotator"], r["kind"], r["status"], r["label"], r["version"] is None) for r in history] == [
-        ("ana", "label", "corrected", "Grey", False), ("ben", "label", "corrected", "Red", False),
-        ("ana", "undo", "kept theirs", None, True)]  # the undo is in the item's history
+    assert [(r["task"], r["annotator"], r["kind"], r["status"], r["label"]) for r in history] == [
+        ("colour", "ana", "label", "corrected", "Grey"), ("type", "ana", "label", "corrected", "Socks"),
+        ("colour", "ben", "label", "corrected", "Red"), ("type", "ana", "undo", "pending", None),
+        ("colour", "ana", "undo", "kept theirs", None)]  # the undo's kept task is in the item's history
+    assert history[-1]["version"] is None and history[-2]["reverts"] == ana.versions["type"]
     assert store.agreement()["colour"]["items"] == 1  # ana judged Grey, ben Red: both still count
 
     # ana's forced undo of her next save drops lou's label: lou's save says so, the undo names it
@@ -267,7 +269,7 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
     assert (pink_entry["undone"], pink_entry["undone_by"]) == ({"colour": "ana", "type": "ana"}, "ana")
     assert (lou_entry["dropped"], lou_entry["undone_by"]) == ({"colour": "ana"}, None)
     assert [row[4] for row in history_rows([lou_entry, pink_entry])] == [
-        "Colour: White · Colour dropped by ana's undo", "Colour: Pink, Type: Socks · undone by ana"]
+        "Colour: White · dropped by ana's undo", "Colour: Pink, Type: Socks · undone by ana"]
     undo_rows = [r for r in store.item_history("b") if r["kind"] == "undo"]
     assert [(r["task"], r["reverts"], r["dropped"]) for r in undo_rows] == [
         ("colour", pink.versions["colour"], {"label": "White", "status": "corrected", "by": "lou",

@@ -299,12 +299,13 @@ def history_rows(entries: list[dict], names: dict[str, str] | None = None) -> li
 
 
 def taken_back(entry: dict, names: dict[str, str] | None = None) -> str:
-    """What undos took back of a save (`LabelStore.history`): " · undone by ana" when its own undo
-    reverted all of it, else the tasks: " · Colour undone by ana", " · Colour dropped by ben's undo"."""
+    """What undos took back of a save (`LabelStore.history`): " · undone by ana" or " · dropped by
+    ben's undo" (someone's forced undo) when one undo took all of it, else with the tasks:
+    " · Colour undone by ana"."""
     marks = []
     for what, by_task in (("undone by {}", entry.get("undone", {})),
                           ("dropped by {}'s undo", entry.get("dropped", {}))):
-        whole = what.startswith("undone") and set(by_task) >= set(entry["labels"])
+        whole = set(by_task) >= set(entry["labels"]) and len(set(by_task.values())) == 1
         for who in dict.fromkeys(by_task.values()):
             tasks = "" if whole else ", ".join(task_name(t, names=names) for t, w in by_task.items() if w == who) + " "
             marks.append(f" · {tasks}{what.format(who or 'someone')}")
@@ -481,7 +482,7 @@ def unknown_message(unknown: list[UnknownClass], names: dict[str, str] | None = 
 def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> str:
     if outcome.conflicts:
         return conflict_message(outcome.conflicts, names, "undo")
-    taken = {t: (undone, restored) for t, (undone, restored) in outcome.tasks.items()}
+    taken = dict(outcome.tasks)
     taken.update({c.task: (None if c.status == "skipped" else c.theirs, c.yours)  # what stood, not your older label
                   for c in outcome.dropped})
     changes = ", ".join(f"{task_name(t, names=names)}: {code(undone) if undone else '(skip)'} → "
