@@ -52,7 +52,7 @@ document.addEventListener("keydown", (event) => {
   if (typing) return;
   const key = event.key.toLowerCase();
   const target = /^[1-9]$/.test(key) ? `review-choice-${key}` :
-    {a: "review-accept", s: "review-skip", n: "review-skip", u: "review-undo", p: "review-previous",
+    {a: "review-accept", s: "review-skip", n: "review-next", u: "review-undo", p: "review-previous",
      t: "review-next-task"}[key];
   const button = target && document.getElementById(target);
   if (button && button.offsetParent !== null && !button.disabled) { button.click(); event.preventDefault(); }
@@ -757,7 +757,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             skip = gr.Button("Skip (s)", elem_id="review-skip")
             undo = gr.Button("Undo (u)", elem_id="review-undo")
             previous = gr.Button("‹ Previous (p)", elem_id="review-previous")
-            forward = gr.Button("Next › (no decision)", elem_id="review-next")
+            forward = gr.Button("Next › (n, no decision)", elem_id="review-next")
         status = gr.Markdown(label="review status", elem_id="review-status")
         choice = Resolution.make("review")
         notes = gr.Markdown(label="queue notes", elem_id="review-notes")
@@ -978,14 +978,16 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     filters = [strategy, task_filter, min_conf, max_conf, show_decided, shared.annotator]
     queue_inputs = [panel.queue, panel.shown, shared.annotator]
     loaded_outputs = [*panel.outputs, source_box]
+    on_image = {"show_progress_on": panel.image}  # one progress bar, on the item's box, not one per output
     for event in (
         load_split.click(load_catalogue, [shared.model, split, size, *filters], loaded_outputs,
-                         api_name="review_catalogue"),
+                         api_name="review_catalogue", **on_image),
         load_upload.click(load_uploaded, [shared.model, manifest, images, *filters], loaded_outputs,
-                          api_name="review_upload"),
+                          api_name="review_upload", **on_image),
         load_mislabels.click(load_suspects, [shared.model, task_filter, size, show_decided, shared.annotator],
-                             loaded_outputs, api_name="review_mislabels"),
-        resume.click(resume_last, [shared.annotator, shared.model], loaded_outputs, api_name="review_resume"),
+                             loaded_outputs, api_name="review_mislabels", **on_image),
+        resume.click(resume_last, [shared.annotator, shared.model], loaded_outputs, api_name="review_resume",
+                     **on_image),
     ):
         event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")
     split.change(views.split_note, split, split_note, api_visibility="private")
@@ -1013,7 +1015,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     next_task.click(lambda queue, task_name: activate(queue, task_name, 1), [panel.queue, active],
                     [active, *choices], api_visibility="private")
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
-               api_name="bulk_accept")
+               api_name="bulk_accept", show_progress_on=bulk_status)  # beside its button
 
     def model_tasks(model_name):  # the filters offer the model's tasks
         names = views.task_choices(studio.tasks_of(model_name), studio.display_names(model_name))

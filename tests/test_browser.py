@@ -134,12 +134,24 @@ def test_review_queue_with_keyboard_shortcuts(running_app, page):
     progress = page.locator("#review-progress")
     expect(progress).to_contain_text("0 reviewed of 5", timeout=60_000)
     page.locator("body").click(position={"x": 5, "y": 5})  # focus outside any text field
-    page.keyboard.press("n")  # skip
+    page.keyboard.press("s")  # skip
     expect(progress).to_contain_text("1 reviewed of 5", timeout=30_000)
     page.keyboard.press("a")  # accept the prediction as is
     expect(progress).to_contain_text("2 reviewed of 5", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-review.png"), full_page=True)
     assert [e["annotator"] for e in studio.store.history(limit=1)] == ["keyboard-reviewer"]
+    saves = studio.store.count()
+    expect(progress).to_contain_text("(3 of 5)")
+    page.keyboard.press("p")  # back to the accepted item...
+    expect(progress).to_contain_text("(2 of 5)", timeout=30_000)
+    page.keyboard.press("n")  # ...and on without a decision
+    expect(progress).to_contain_text("(3 of 5)", timeout=30_000)
+    page.keyboard.press("p")
+    expect(progress).to_contain_text("(2 of 5)", timeout=30_000)
+    page.keyboard.press("a")  # accepting it again as it stands saves nothing new
+    expect(page.locator("#review-status")).to_contain_text("nothing new saved", timeout=30_000)
+    expect(progress).to_contain_text("2 reviewed of 5")
+    assert studio.store.count() == saves
 
 
 def test_robustness_view_shows_clean_and_noisy(page):

@@ -104,6 +104,15 @@ def test_review_queue_on_a_catalogue_split(studio):
     studio.review_skip(queue, "ben")
     assert queue.reviewed == 2
     assert studio.store.current_labels()[first.item_id]["labels"] == labels
+    saves = studio.store.count()
+    studio.review_previous(queue, "ben"), studio.review_previous(queue, "ben")  # back to the accepted item
+    assert queue.current is first
+    again = studio.review_save(queue, "ben", labels)  # accepted again as it stands: nothing new, moved on
+    assert again.result == "unchanged" and studio.store.count() == saves and queue.current is not first
+    assert "nothing new saved, moved on" in views.save_message(again)
+    studio.review_previous(queue, "ben")
+    other = studio.review_save(queue, "cem", labels)  # another labeler's same labels are theirs: stored
+    assert other.result == "saved" and studio.store.count() == saves + 1
 
 
 def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studio, monkeypatch):

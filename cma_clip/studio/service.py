@@ -755,6 +755,11 @@ class Studio:
             chosen = given_labels(labels, queue.tasks)
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
+            standing = self.store.item_state(item.item_id)
+            if not new_classes and all(_own_label(standing.get(t), label, annotator, shown.versions.get(t))
+                                       for t, label in chosen.items()):  # e.g. back with Previous, then accept
+                self._moved_on(queue, annotator)
+                return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
                            for t, p in item.predictions.items()}
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
@@ -974,6 +979,12 @@ def _item_status(states: dict[str, TaskState], tasks: list[str]) -> str:
     if "pending" in statuses:
         return "pending"
     return next(s for s in ("corrected", "accepted", "skipped") if s in statuses)
+
+
+def _own_label(state: TaskState | None, label: str, annotator: str, seen: int | None) -> bool:
+    """The task stands at the labeler's own human label `label`, as they saw it: saving it again adds nothing."""
+    return (state is not None and state.version == seen and state.label == label and state.annotator == annotator
+            and state.source == "human" and state.status in ("accepted", "corrected"))
 
 
 def _confidence(value, which: str) -> float | None:

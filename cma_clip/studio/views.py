@@ -53,8 +53,8 @@ ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "
                         "vs catalogue", "checkpoint", "version", "reverts"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators"]
 KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
-             "active) · **t** next task · **a** accept / save and next · **s** or **n** skip · **u** undo · "
-             "**p** previous item")
+             "active) · **t** next task · **a** accept / save and next · **s** skip · **n** next item (no "
+             "decision) · **u** undo · **p** previous item")
 
 
 # ---------------------------------------------------------------------- safe Markdown
@@ -422,6 +422,9 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
         return conflict_message(outcome.conflicts, names, outcome.kind)
     if outcome.result == "unknown":
         return unknown_message(outcome.unknown, names)
+    if outcome.result == "unchanged":
+        return (f"Item {code(outcome.item_id)} already stands at your labels: nothing new saved, moved on "
+                "(undo reverts your save).")
     if outcome.result == "kept":
         return f"Kept their labels on item {code(outcome.item_id)}; nothing of yours was left to save."
     if outcome.kind == "skip":

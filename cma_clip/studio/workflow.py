@@ -237,7 +237,8 @@ class ItemView:
 @dataclass
 class SaveOutcome:
     """What became of a save: `saved`, `duplicate` (the request id was stored already:
-    nothing new), `conflict` (someone saved another label since the version shown: nothing
+    nothing new), `unchanged` (the item stands at the labeler's own labels: nothing stored, moved
+    on), `conflict` (someone saved another label since the version shown: nothing
     stored, both labels in `conflicts`) or `unknown` (labels outside the vocabulary:
     nothing stored, suggestions in `unknown`). Skips are saves of kind "skip"."""
 
