@@ -444,6 +444,12 @@ def test_percent_verdict_and_operating_figures():
     assert [views.percent(v) for v in (0.5, 0.962, 0.99290, 0.99991, 0.999996, 1.0, 0.0, 1e-6, None)] == \
         ["50%", "96%", "99.3%", "99.99%", ">99.99%", "100%", "0%", "<0.01%", "—"]
     from cma_clip.predict import TaskPrediction
+    from cma_clip.studio.workflow import ReviewItem
+
+    near = [0.999996, 3e-6, 1e-6, 0.00004]  # a saved queue, read back after a reload, writes them as before
+    item = ReviewItem("x", "x.jpg", "", {"t": TaskPrediction(list("abcd"), near, {"text": 1.0}, None, False)})
+    again = ReviewItem.from_payload(item.to_payload()).predictions["t"].probabilities
+    assert [views.percent(v) for v in again] == [views.percent(v) for v in near] == [">99.99%", *["<0.01%"] * 3]
 
     p = TaskPrediction(["Sports"], [0.589], {"text": 0.5, "image": 0.5}, 0.43, True, "Usage")
     assert views.verdict(p) == "✓ auto-accept (≥ 43%)"

@@ -43,6 +43,13 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def kept_probability(value: float) -> float:
+    """A probability as a saved queue keeps it: 6 decimals, never rounded to exactly 0 or 1 when it
+    was not (the app then writes "<0.01%" and ">99.99%" after a reload as before, not "0%", "100%")."""
+    kept = round(float(value), 6)
+    return 1e-6 if kept == 0 < value else 0.999999 if kept == 1 > value else kept
+
+
 def new_id() -> str:
     """A fresh random id (queues, request ids)."""
     return uuid.uuid4().hex
@@ -80,7 +87,7 @@ class ReviewItem:
         return {"item_id": self.item_id, "image_path": self.image_path, "text": self.text,
                 "catalogue": self.catalogue,
                 "uncertainty": {s: {t: round(v, 6) for t, v in by_task.items()} for s, by_task in self.uncertainty.items()},
-                "predictions": {t: {"labels": p.labels, "probabilities": [round(x, 5) for x in p.probabilities],
+                "predictions": {t: {"labels": p.labels, "probabilities": [kept_probability(x) for x in p.probabilities],
                                     "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()},
                                     "threshold": p.threshold, "auto_accept": p.auto_accept, "name": p.name}
                                 for t, p in self.predictions.items()}}
