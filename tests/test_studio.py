@@ -505,3 +505,15 @@ def test_a_control_info_line_is_plain_text_that_gradio_escapes_and_never_links()
     assert info.startswith("model: Stripe (>99.99%) · catalogue: 'Solid' · saved: Dark Blue (accepted, ")
     assert "<b>ana</b> & ![x]" in info and "&gt;" not in info and "&amp;" not in info  # Gradio escapes HTML
     assert "](" not in info and "]\u200b(http://beacon.invalid/a.png)" in info  # its Markdown makes no link
+
+
+def test_the_history_tells_apart_tasks_two_models_name_alike(tmp_path):
+    """The history spans every model: fashion's baseColour and H&M's colour_group_name are both "Colour"
+    to people, so the history's filter and tables name their columns too."""
+    from cma_clip.studio import Studio
+
+    shipped = Studio(Path(__file__).resolve().parents[1] / "checkpoints", data_dir=tmp_path / "studio", device="cpu")
+    names = shipped.display_names()
+    assert names["baseColour"] == "Colour (baseColour)" and names["colour_group_name"] == "Colour (colour_group_name)"
+    assert len(set(names.values())) == len(names)
+    assert shipped.display_names("hm-articles")["colour_group_name"] == "Colour"  # one model's own view is plain

@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -172,14 +172,16 @@ class Studio:
             return []
 
     def display_names(self, model: str | None = None) -> dict[str, str]:
-        """Task -> the name the app shows: one model's tasks, or (None) every model's (the history spans them)."""
+        """Task -> the name the app shows: one model's tasks, or (None) every model's (the history spans
+        them), where a name two models' tasks share gets its column beside it: "Colour (baseColour)"."""
         names: dict[str, str] = {}
         for name in ([model] if model else self.model_names):
             try:
                 names.update(self._config(name).display_names)
             except (KeyError, CheckpointError):
                 continue
-        return names
+        shared = {name for name, count in Counter(names.values()).items() if count > 1}
+        return {task: f"{name} ({task})" if name in shared else name for task, name in names.items()}
 
     def held_out_metrics(self, model: str) -> dict:
         """The model's report on its held-out `test` split as its config records it ({} when none)."""
