@@ -339,7 +339,9 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     assert ranked.suspects, "the ranking found no suspect on 300 real items"
     expected = [s.item_id for s in ranked.suspects[:5]]
     assert [item.item_id for item in queue.items] == expected and queue.strategy == MISLABEL_ORDER
-    assert queue.tasks == [task] and "most suspect" in queue.source
+    assert queue.tasks == [task] and "most suspect Garment group labels" in queue.source  # names, not columns
+    shown = queue.current.predictions[task].confidence  # the line above the item: the reviewed task's confidence
+    assert f"· confidence {views.percent(shown)}" in views.review_status(queue)
     first = ranked.suspects[0]
     assert queue.items[0].catalogue[task] == first.label != first.suggested  # the label under suspicion
     saved = studio.review_save(queue, "ana", {task: first.suggested}, new_classes={task: first.suggested})

@@ -565,13 +565,14 @@ class Studio:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         decided = set() if show_decided else self.store.decided_items(tasks)
         suspects = [s for s in ranked.suspects if s.item_id not in decided]
+        shown_name = self.display_names(model).get(task, task)
         if not suspects:
-            raise StudioError(f"No suspected mislabel of {task} is left to review ({len(ranked.suspects)} found, "
-                              "all decided). Tick 'show decided items' to see them again.")
+            raise StudioError(f"No suspected mislabel of {shown_name} is left to review ({len(ranked.suspects)} "
+                              "found, all decided). Tick 'show decided items' to see them again.")
         size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(suspects))
         items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label})
                  for s in suspects[:size]]
-        source = (f"{name}: the {size} most suspect {task} labels of {len(ranked.suspects)} suspects among "
+        source = (f"{name}: the {size} most suspect {shown_name} labels of {len(ranked.suspects)} suspects among "
                   f"{ranked.scored} labelled items (out-of-fold accuracy {ranked.accuracy:.2f})")
         return self._queue(model, items, [], progress, tasks=tasks, show_decided=show_decided, split="mislabels",
                            annotator=annotator, source=source, ranked=True)

@@ -326,8 +326,10 @@ def review_status(queue: ReviewQueue | None) -> str:
     if item is None:
         return review_progress(queue) + " — all done." + ("" if queue.show_decided else
                                                           " Previous (p) goes back; undo (u) reverts.")
+    tasks = [t for t in queue.tasks if t in item.predictions] or list(item.predictions)  # the tasks under review
+    lowest = min(item.predictions[t].confidence for t in tasks)
     line = (review_progress(queue) + f" · item {code(item.item_id)} ({queue.position + 1} of {len(queue.items)})"
-            f" · **{item.status}** · confidence {percent(item.confidence)}")
+            f" · **{item.status}** · {'confidence' if len(tasks) == 1 else 'lowest confidence'} {percent(lowest)}")
     return line + (f" · {code(item.claimed_by)} is on this item too" if item.claimed_by else "")
 
 
