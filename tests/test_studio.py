@@ -342,6 +342,9 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     assert queue.tasks == [task] and "most suspect Garment group labels" in queue.source  # names, not columns
     shown = queue.current.predictions[task].confidence  # the line above the item: the reviewed task's confidence
     assert f"· confidence {views.percent(shown)}" in views.review_status(queue)
+    first = ranked.suspects[0]  # and under it, why the item is suspect
+    assert f"give the catalogue's {first.label} {first.quality:.1%} and suggest {first.suggested}" \
+        in views.review_status(queue)
     first = ranked.suspects[0]
     assert queue.items[0].catalogue[task] == first.label != first.suggested  # the label under suspicion
     saved = studio.review_save(queue, "ana", {task: first.suggested}, new_classes={task: first.suggested})

@@ -570,8 +570,9 @@ class Studio:
             raise StudioError(f"No suspected mislabel of {shown_name} is left to review ({len(ranked.suspects)} "
                               "found, all decided). Tick 'show decided items' to see them again.")
         size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(suspects))
-        items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label})
-                 for s in suspects[:size]]
+        items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label},
+                  f"Suspect: heads that never saw its label give the catalogue's {s.label} {s.quality:.1%} and "
+                  f"suggest {s.suggested} ({s.confidence:.0%}).") for s in suspects[:size]]
         source = (f"{name}: the {size} most suspect {shown_name} labels of {len(ranked.suspects)} suspects among "
                   f"{ranked.scored} labelled items (out-of-fold accuracy {ranked.accuracy:.2f})")
         return self._queue(model, items, [], progress, tasks=tasks, show_decided=show_decided, split="mislabels",
@@ -592,13 +593,13 @@ class Studio:
             raise StudioError(f"Model {model!r} has no task {task!r}; its tasks: {', '.join(tasks)}.")
         return [task]
 
-    def _queue(self, model: str, items: list[tuple[str, str, str, dict[str, str]]], notes: list[str],
+    def _queue(self, model: str, items: list[tuple], notes: list[str],
                progress: Progress | None, *, tasks: list[str], strategy: str = STRATEGIES[0],
                min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
                split: str | None = None, source: str = "", annotator: str | None = None,
                batch_size: int = 16, ranked: bool = False, scores: Scores | None = None) -> ReviewQueue:
-        """Rank the items by `strategy` over `tasks` (or keep their own order when they come
-        `ranked`), keep those the confidence range lets through, and keep the queue in the store.
+        """Rank the items (id, image path, text, catalogue labels[, a note on why it is queued]) by
+        `strategy` over `tasks` (or keep their own order when they come `ranked`), keep those the confidence range lets through, and keep the queue in the store.
         `scores` are the items' kept predictions (every class, for entropy), row by row; without
         them the items are predicted here. Every item stays in the queue's pool, so that
         `arrange_queue` re-sorts and re-filters it in memory."""
@@ -612,7 +613,7 @@ class Studio:
         uncertainty = {s: {t: review.uncertainty(scores.probabilities[t], s) for t in predictor.tasks}
                        for s in STRATEGIES}
         predictions = predictor.predictions(scores, top_k=CHOICES_KEPT)
-        queue.pool = [ReviewItem(*item[:3], prediction.tasks, catalogue=item[3],
+        queue.pool = [ReviewItem(*item[:3], prediction.tasks, catalogue=item[3], note=(item[4:] or [""])[0],
                                  uncertainty={s: {t: float(by_task[t][i]) for t in by_task}
                                               for s, by_task in uncertainty.items()})
                       for i, (item, prediction) in enumerate(zip(items, predictions))]
@@ -655,22 +656,21 @@ class Studio:
             queue.advance()
 
     @staticmethod
-    def _score_items(predictor: Predictor, items: list[tuple[str, str, str, dict[str, str]]], notes: list[str],
-                     progress: Progress | None, batch_size: int
-                     ) -> tuple[list[tuple[str, str, str, dict[str, str]]], Scores | None]:
-        """Predict items (every class) batch by batch: the items whose image opened, and their scores;
-        an image that cannot be opened is left out with a note."""
+    def _score_items(predictor: Predictor, items: list[tuple], notes: list[str], progress: Progress | None,
+                     batch_size: int) -> tuple[list[tuple], Scores | None]:
+        """Predict items (as `_queue` takes them; every class) batch by batch: the items whose image
+        opened, and their scores; an image that cannot be opened is left out with a note."""
         loaded, parts = [], []
         for start in range(0, len(items), batch_size):
             chunk, images = [], []
-            for item_id, path, text, catalogue in items[start:start + batch_size]:
+            for item in items[start:start + batch_size]:
                 try:
-                    images.append(load_image(path))
-                    chunk.append((item_id, str(path), text, catalogue))
+                    images.append(load_image(item[1]))
+                    chunk.append((item[0], str(item[1]), *item[2:]))
                 except ImageError as exc:
-                    notes.append(f"{item_id}: {exc}")
+                    notes.append(f"{item[0]}: {exc}")
             if chunk:
-                parts.append(predictor.score_batch(images, [text for _, _, text, _ in chunk]))
+                parts.append(predictor.score_batch(images, [item[2] for item in chunk]))
                 loaded += chunk
             if progress is not None:
                 progress(min(1.0, (start + batch_size) / len(items)), "predicting")

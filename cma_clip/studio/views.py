@@ -330,7 +330,8 @@ def review_status(queue: ReviewQueue | None) -> str:
     lowest = min(item.predictions[t].confidence for t in tasks)
     line = (review_progress(queue) + f" · item {code(item.item_id)} ({queue.position + 1} of {len(queue.items)})"
             f" · **{item.status}** · {'confidence' if len(tasks) == 1 else 'lowest confidence'} {percent(lowest)}")
-    return line + (f" · {code(item.claimed_by)} is on this item too" if item.claimed_by else "")
+    line += f" · {code(item.claimed_by)} is on this item too" if item.claimed_by else ""
+    return line + (f"  \n{plain(item.note)}" if item.note else "")
 
 
 def review_notes(queue: ReviewQueue) -> str:

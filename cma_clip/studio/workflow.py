@@ -70,6 +70,7 @@ class ReviewItem:
     catalogue: dict[str, str] = field(default_factory=dict)  # task -> the catalogue's own label
     uncertainty: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy -> task -> [0, 1]
     claimed_by: str = ""  # another labeler on it now (the store's claims, refreshed like `status`; not kept)
+    note: str = ""  # why the item is in the queue, when its source says (a suspected mislabel: the evidence)
 
     @property
     def confidence(self) -> float:
@@ -85,7 +86,7 @@ class ReviewItem:
 
     def to_payload(self) -> dict:
         return {"item_id": self.item_id, "image_path": self.image_path, "text": self.text,
-                "catalogue": self.catalogue,
+                "catalogue": self.catalogue, "note": self.note,
                 "uncertainty": {s: {t: round(v, 6) for t, v in by_task.items()} for s, by_task in self.uncertainty.items()},
                 "predictions": {t: {"labels": p.labels, "probabilities": [kept_probability(x) for x in p.probabilities],
                                     "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()},
@@ -97,7 +98,8 @@ class ReviewItem:
         return cls(data["item_id"], data["image_path"], data["text"],
                    {t: TaskPrediction(p["labels"], p["probabilities"], p["modality_weights"], p["threshold"],
                                       p["auto_accept"], p.get("name", "")) for t, p in data["predictions"].items()},
-                   catalogue=dict(data.get("catalogue") or {}), uncertainty=dict(data.get("uncertainty") or {}))
+                   catalogue=dict(data.get("catalogue") or {}), uncertainty=dict(data.get("uncertainty") or {}),
+                   note=data.get("note") or "")
 
 
 @dataclass
