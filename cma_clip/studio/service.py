@@ -599,7 +599,8 @@ class Studio:
                split: str | None = None, source: str = "", annotator: str | None = None,
                batch_size: int = 16, ranked: bool = False, scores: Scores | None = None) -> ReviewQueue:
         """Rank the items (id, image path, text, catalogue labels[, a note on why it is queued]) by
-        `strategy` over `tasks` (or keep their own order when they come `ranked`), keep those the confidence range lets through, and keep the queue in the store.
+        `strategy` over `tasks` (or keep their own order when they come `ranked`), keep those the
+        confidence range lets through, and keep the queue in the store.
         `scores` are the items' kept predictions (every class, for entropy), row by row; without
         them the items are predicted here. Every item stays in the queue's pool, so that
         `arrange_queue` re-sorts and re-filters it in memory."""
