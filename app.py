@@ -723,7 +723,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                 "whole catalogue is encoded (minutes), then it opens at once.")
                     load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
             with gr.Row():
-                strategy = gr.Radio([(s.replace("_", " "), s) for s in STRATEGIES], value=STRATEGIES[0],
+                strategy = gr.Radio(views.order_choices(), value=STRATEGIES[0],
                                     label="Order: most uncertain first by", elem_id="review-strategy")
                 task_filter = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Tasks under review",
                                           allow_custom_value=True, elem_id="review-task-filter")
@@ -802,9 +802,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             return updates
         return show_queue(studio, panel, queue, message)
 
-    def opened(queue: ReviewQueue) -> dict:
-        """A newly loaded queue's first item, the source panel folded away."""
-        return {**show_queue(studio, panel, queue), source_box: gr.update(open=False)}
+    def opened(queue: ReviewQueue, message: str = "") -> dict:
+        """A newly loaded (or resumed) queue at its item, the source panel folded away, the order and
+        task controls as the queue has them (a suspected-mislabels queue's ranking among the orders)."""
+        single = queue.tasks[0] if len(queue.tasks) == 1 else ALL_TASKS
+        return {**show_queue(studio, panel, queue, message), source_box: gr.update(open=False),
+                strategy: gr.update(choices=views.order_choices(queue), value=queue.strategy),
+                task_filter: gr.update(value=single)}
 
     @user_errors
     def load_catalogue(model_name, split_name, sample_size, order, task_name, low, high, decided, annotator_name,
@@ -959,7 +963,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         queue = studio.resume_queue(None, annotator_name, model_name)
         if queue is None:
             raise StudioError(f"No queue kept for {annotator_name.strip()} on {model_name}: load a sample.")
-        return {**show_queue(studio, panel, queue, "Resumed where you left off."), source_box: gr.update(open=False)}
+        return opened(queue, "Resumed where you left off.")
 
     def restore(annotator_name, model_name, queue_id) -> dict:
         """A page load: the queue this browser had (else the annotator's last), where it was."""
@@ -967,8 +971,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             queue = studio.resume_queue(queue_id, annotator_name, model_name)
             if queue is None:
                 return {}
-            return {**show_queue(studio, panel, queue, "Resumed where you left off."),
-                    source_box: gr.update(open=False)}
+            return opened(queue, "Resumed where you left off.")
         except (StudioError, OSError) as exc:
             return {panel.status: f"Could not resume the queue: {views.plain(exc)}"}
 
@@ -977,7 +980,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
 
     filters = [strategy, task_filter, min_conf, max_conf, show_decided, shared.annotator]
     queue_inputs = [panel.queue, panel.shown, shared.annotator]
-    loaded_outputs = [*panel.outputs, source_box]
+    loaded_outputs = [*panel.outputs, source_box, strategy, task_filter]
     on_image = {"show_progress_on": panel.image}  # one progress bar, on the item's box, not one per output
     for event in (
         load_split.click(load_catalogue, [shared.model, split, size, *filters], loaded_outputs,
@@ -1017,12 +1020,14 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
                api_name="bulk_accept", show_progress_on=bulk_status)  # beside its button
 
-    def model_tasks(model_name):  # the filters offer the model's tasks
-        names = views.task_choices(studio.tasks_of(model_name), studio.display_names(model_name))
-        return {task_filter: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS),
+    def model_tasks(model_name, task_now):  # the filters offer the model's tasks (one still its own stays chosen)
+        tasks = studio.tasks_of(model_name)
+        names = views.task_choices(tasks, studio.display_names(model_name))
+        return {task_filter: gr.update(choices=[ALL_TASKS, *names], value=task_now if task_now in tasks else ALL_TASKS),
                 bulk_task: gr.update(choices=[ALL_TASKS, *names], value=ALL_TASKS)}
 
-    shared.model.change(user_errors(model_tasks), shared.model, [task_filter, bulk_task], api_visibility="private")
+    shared.model.change(user_errors(model_tasks), [shared.model, task_filter], [task_filter, bulk_task],
+                        api_visibility="private")
     return panel, restore, loaded_outputs
 
 

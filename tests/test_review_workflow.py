@@ -488,6 +488,15 @@ def test_the_queue_defaults_to_train_and_says_where_corrections_go(review_app):
 
 
 # ---------------------------------------------------------------------------- 8. suspected mislabels
+def test_a_resumed_queue_shows_its_own_order_and_task(review_app):
+    url, _ = review_app
+    uma = Labeler(url, "uma")
+    uma.load(3, strategy="margin", task=COLOUR)
+    resumed = Labeler(url, "uma")("/review_resume", "uma", MODEL)  # another browser
+    order, task = resumed["Order: most uncertain first by"], resumed["Tasks under review"]  # (control updates)
+    assert (order["value"], task["value"]) == ("margin", COLOUR)
+
+
 def test_the_suspected_mislabels_source_asks_for_one_task(review_app):
     """The endpoint is wired to the studio (the ranking itself: tests/test_studio.py, on a small sample)."""
     url, _ = review_app

@@ -342,6 +342,11 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     assert queue.tasks == [task] and "most suspect Garment group labels" in queue.source  # names, not columns
     shown = queue.current.predictions[task].confidence  # the line above the item: the reviewed task's confidence
     assert f"· confidence {views.percent(shown)}" in views.review_status(queue)
+    assert views.order_choices(queue)[-1] == ("most suspect label", MISLABEL_ORDER)  # its order is offered
+    assert MISLABEL_ORDER not in [value for _, value in views.order_choices()]  # (a sample has none)
+    studio.arrange_queue(queue, "ana", strategy="margin", task=task)
+    studio.arrange_queue(queue, "ana", strategy=MISLABEL_ORDER, task=task)  # and brings the ranking back
+    assert [item.item_id for item in queue.items] == expected
     first = ranked.suspects[0]  # and under it, why the item is suspect
     assert f"give the catalogue's {first.label} {first.quality:.1%} and suggest {first.suggested}" \
         in views.review_status(queue)

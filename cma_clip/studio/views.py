@@ -19,8 +19,9 @@ from ..labels import Conflict, TaskState, UnknownClass
 from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import modality_chart, modality_shift_chart, scaled_overlay
-from .workflow import (SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome, UndoOutcome,
-                       plural)
+from ..review import STRATEGIES
+from .workflow import (MISLABEL_ORDER, SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome,
+                       UndoOutcome, plural)
 
 PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshold)", "runners-up"]
 # Column widths in pixels, not shares: a table keeps readable columns and scrolls inside its box on a
@@ -316,6 +317,12 @@ def taken_back(entry: dict, names: dict[str, str] | None = None) -> str:
 def review_progress(queue: ReviewQueue) -> str:
     """How many items are reviewed, in Markdown."""
     return f"**{queue.reviewed} reviewed of {len(queue.items)}**"
+
+
+def order_choices(queue: ReviewQueue | None = None) -> list[tuple[str, str]]:
+    """The Order control's choices: the uncertainty strategies, and a suspected-mislabels queue's own ranking."""
+    choices = [(s.replace("_", " "), s) for s in STRATEGIES]
+    return choices + [("most suspect label", MISLABEL_ORDER)] if queue and queue.split == "mislabels" else choices
 
 
 def review_status(queue: ReviewQueue | None) -> str:
