@@ -116,6 +116,7 @@ def test_login_page_refuses_a_wrong_password_and_saves_under_the_signed_in_name(
     expect(page.locator("#predictions")).to_contain_text("Pattern", timeout=WAIT)  # tasks by their display names
     page.locator("#save").click()
     expect(page.locator("#save-status")).to_contain_text("Saved correction", timeout=WAIT)
+    expect(page.locator("#save-status")).to_contain_text("by ana")  # the message names whose save it is
     page.screenshot(path=str(ARTIFACTS / "hostile-login-saved.png"), full_page=True)
     assert studio.store.history(limit=1)[0]["annotator"] == "ana"
     client = Client(url, verbose=False, auth=("ben", "ben-secret-2"))  # a client naming someone else

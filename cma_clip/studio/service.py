@@ -339,7 +339,7 @@ class Studio:
         predicted = {t: p["label"] for t, p in predictions.items()}
         return SaveOutcome("duplicate" if result.duplicate else "saved", item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
-                           request_id=request_id, new_classes=new_classes)
+                           request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip())
 
     def _recent(self, request_id: str | None) -> SaveOutcome | None:
         """The outcome of a request this server already stored, marked as a duplicate: a
@@ -794,7 +794,8 @@ class Studio:
             except LabelStoreError as exc:
                 raise StudioError(str(exc)) from exc
             outcome = SaveOutcome("duplicate" if result.duplicate else "saved", item.item_id, {}, result.save_id,
-                                  dict.fromkeys(queue.tasks, "skipped"), kind="skip", request_id=rid)
+                                  dict.fromkeys(queue.tasks, "skipped"), kind="skip", request_id=rid,
+                                  annotator=annotator)
             if not result.duplicate:
                 self._moved_on(queue, annotator)
             return self._remember(rid, outcome)

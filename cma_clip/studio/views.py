@@ -437,14 +437,15 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
                 "(undo reverts your save).")
     if outcome.result == "kept":
         return f"Kept their labels on item {code(outcome.item_id)}; nothing of yours was left to save."
+    by = f" by {code(outcome.annotator)}" if outcome.annotator else ""
     if outcome.kind == "skip":
         tasks = ", ".join(task_name(t, names=names) for t in outcome.statuses)
-        return f"Skipped item {code(outcome.item_id)} (save #{outcome.save_id}): {tasks}."
+        return f"Skipped item {code(outcome.item_id)}{by} (save #{outcome.save_id}): {tasks}."
     labels = ", ".join(f"{task_name(t, names=names)} = {code(v)} ({outcome.statuses.get(t, '')})"
                        for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
-    return f"Saved correction #{outcome.save_id} for item {code(outcome.item_id)}: {labels}.{new}"
+    return f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}"
 
 
 CONFLICT_TEXT = {  # action -> (what was refused, since when, the choice)

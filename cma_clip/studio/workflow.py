@@ -261,6 +261,7 @@ class SaveOutcome:
     kind: str = "label"  # label | skip
     request_id: str | None = None
     new_classes: dict[str, str] = field(default_factory=dict)
+    annotator: str = ""  # whose decision was stored (with a login on: the signed-in user, whatever was typed)
 
     @property
     def stored(self) -> bool:
