@@ -708,6 +708,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     size = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_QUEUE_ITEMS, label="Sample size",
                                      elem_id="review-size")
                     load_split = gr.Button("Load catalogue sample", elem_id="review-load")
+                    split_loading = gr.Markdown(min_height=48)  # its progress bar, under the button
                 with gr.Column():
                     manifest = gr.File(label="...or upload a manifest (CSV/JSONL)", file_types=[".csv", ".jsonl"],
                                        elem_id="review-manifest")
@@ -716,12 +717,14 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                      elem_id="review-images")
                     gr.Markdown(views.split_note("upload"))
                     load_upload = gr.Button("Load uploaded catalogue", elem_id="review-load-upload")
+                    upload_loading = gr.Markdown(min_height=48)
                 with gr.Column(elem_id="review-source-mislabels"):
                     gr.Markdown("**Suspected mislabels**  \nCatalogue labels of the task chosen below that "
                                 "out-of-fold heads on the cached features doubt most (cleanlab's confident "
                                 "learning), most suspect first; as many as the sample size. The first time, the "
                                 "whole catalogue is encoded (minutes), then it opens at once.")
                     load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
+                    mislabels_loading = gr.Markdown(min_height=48)
             with gr.Row():
                 strategy = gr.Radio(views.order_choices(), value=STRATEGIES[0],
                                     label="Order: most uncertain first by", elem_id="review-strategy")
@@ -773,7 +776,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                         "0.7"], value=THRESHOLDS, allow_custom_value=True, elem_id="bulk-min-conf",
                                        label="Bar: minimum confidence (or type one from 0 to 1)")
                 bulk = gr.Button("Bulk accept", elem_id="review-bulk")
-            bulk_status = gr.Markdown(label="bulk accept status", elem_id="bulk-status")
+            bulk_status = gr.Markdown(label="bulk accept status", min_height=48, elem_id="bulk-status")
         with gr.Accordion("History of this item", open=False):
             item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
                                         elem_id="review-item-history")
@@ -981,16 +984,16 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     filters = [strategy, task_filter, min_conf, max_conf, show_decided, shared.annotator]
     queue_inputs = [panel.queue, panel.shown, shared.annotator]
     loaded_outputs = [*panel.outputs, source_box, strategy, task_filter]
-    on_image = {"show_progress_on": panel.image}  # one progress bar, on the item's box, not one per output
-    for event in (
-        load_split.click(load_catalogue, [shared.model, split, size, *filters], loaded_outputs,
-                         api_name="review_catalogue", **on_image),
-        load_upload.click(load_uploaded, [shared.model, manifest, images, *filters], loaded_outputs,
-                          api_name="review_upload", **on_image),
+    for event in (  # one progress bar under the button pressed and one on the item, not one on every output
+        load_split.click(load_catalogue, [shared.model, split, size, *filters], [*loaded_outputs, split_loading],
+                         api_name="review_catalogue", show_progress_on=[split_loading, panel.image]),
+        load_upload.click(load_uploaded, [shared.model, manifest, images, *filters], [*loaded_outputs, upload_loading],
+                          api_name="review_upload", show_progress_on=[upload_loading, panel.image]),
         load_mislabels.click(load_suspects, [shared.model, task_filter, size, show_decided, shared.annotator],
-                             loaded_outputs, api_name="review_mislabels", **on_image),
+                             [*loaded_outputs, mislabels_loading], api_name="review_mislabels",
+                             show_progress_on=[mislabels_loading, panel.image]),
         resume.click(resume_last, [shared.annotator, shared.model], loaded_outputs, api_name="review_resume",
-                     **on_image),
+                     show_progress_on=panel.image),
     ):
         event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")
     split.change(views.split_note, split, split_note, api_visibility="private")
