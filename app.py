@@ -813,14 +813,17 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                 strategy: gr.update(choices=views.order_choices(queue), value=queue.strategy),
                 task_filter: gr.update(value=single)}
 
+    def options(order, task_name, low, high, decided, annotator_name) -> dict:
+        return {"strategy": order, "task": task_name, "min_conf": low, "max_conf": high, "show_decided": decided,
+                "annotator": annotator_name}
+
     @user_errors
     def load_catalogue(model_name, split_name, sample_size, order, task_name, low, high, decided, annotator_name,
                        progress=gr.Progress()):
         """A sample of the model's catalogue split, its decided items left out, most uncertain first.
         (Gradio hands a progress bar only to a positional parameter: the filters are spelled out.)"""
-        return opened(studio.review_catalogue(model_name, split_name, sample_size, progress, strategy=order,
-                                              task=task_name, min_conf=low, max_conf=high, show_decided=decided,
-                                              annotator=annotator_name))
+        return opened(studio.review_catalogue(model_name, split_name, sample_size, progress,
+                                              **options(order, task_name, low, high, decided, annotator_name)))
 
     @user_errors
     def rearrange(queue, order, task_name, low, high, annotator_name):
@@ -835,9 +838,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def load_uploaded(model_name, manifest_file, image_files, order, task_name, low, high, decided, annotator_name,
                       progress=gr.Progress()):
         """An uploaded manifest and its images, its decided items left out, most uncertain first."""
-        return opened(studio.review_upload(model_name, manifest_file, image_files, progress, strategy=order,
-                                           task=task_name, min_conf=low, max_conf=high, show_decided=decided,
-                                           annotator=annotator_name))
+        return opened(studio.review_upload(model_name, manifest_file, image_files, progress,
+                                           **options(order, task_name, low, high, decided, annotator_name)))
 
     @user_errors
     def load_suspects(model_name, task_name, sample_size, decided, annotator_name, progress=gr.Progress()):

@@ -129,12 +129,11 @@ UNDO_RESULT = ("SELECT u.task, r.label AS undone, u.label AS restored, u.base_ve
 SAVE_TASKS = "SELECT task FROM decisions WHERE save_id = ? ORDER BY id"
 LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
                " WHERE c.kind = 'label' {where} ORDER BY c.id DESC LIMIT ?")
-# what undos did to one save's decisions: its own undo reverted them, or someone's forced undo of an
-# earlier save dropped them while they stood (the undo's base version is them, its reverted one is not)
-_TAKEN_BACK = ("SELECT d.task, c.annotator FROM decisions d JOIN decisions u ON {join} JOIN corrections c"
-               " ON c.id = u.save_id WHERE d.save_id = ? ORDER BY d.id")
-REVERTED_TASKS = _TAKEN_BACK.format(join="u.reverts = d.id")
-DROPPED_TASKS = _TAKEN_BACK.format(join="u.base_version = d.id AND u.reverts != d.id")
+# what undos did to one save's decisions: its own undo reverted them (reverted = 1), or someone's forced
+# undo of an earlier save dropped them while they stood (the undo's base version is them, its reverted one not)
+TAKEN_BACK = ("SELECT d.task, c.annotator, u.reverts = d.id AS reverted FROM decisions d JOIN decisions u"
+              " ON u.reverts = d.id OR (u.base_version = d.id AND u.reverts != d.id) JOIN corrections c"
+              " ON c.id = u.save_id WHERE d.save_id = ? ORDER BY d.id")
 # each undo's tasks of the save it undid that it left as someone else decided since ("keep theirs")
 KEPT_AT_UNDO = ("SELECT u.id AS save_id, u.item_id, u.annotator, u.source, u.created_at, t.task FROM corrections u"
                 " JOIN decisions t ON t.save_id = u.undoes WHERE u.item_id = ? AND u.kind = 'undo' AND NOT EXISTS"
@@ -569,7 +568,8 @@ class LabelStore:
                 previous = {t: s.label for t, s in states.get(row["item_id"], {}).items() if s.label is not None}
                 labels, predictions = json.loads(row["labels"]), json.loads(row["predictions"] or "{}")
                 predicted = _predicted(predictions)
-                undone = dict(conn.execute(REVERTED_TASKS, (row["id"],)).fetchall())
+                taken = conn.execute(TAKEN_BACK, (row["id"],)).fetchall()
+                undone = {t["task"]: t["annotator"] for t in taken if t["reverted"]}
                 entries.append({
                     "id": row["id"], "item_id": row["item_id"], "labels": labels, "previous_labels": previous or None,
                     "changed": sorted(t for t, v in labels.items() if v != previous.get(t, predicted.get(t))),
@@ -578,7 +578,7 @@ class LabelStore:
                     "image_path": self.image_dir / row["image_file"], "annotator": row["annotator"],
                     "checkpoint": row["checkpoint"], "created_at": row["created_at"], "request_id": row["request_id"],
                     "source": row["source"], "undone": undone,
-                    "dropped": dict(conn.execute(DROPPED_TASKS, (row["id"],)).fetchall()),
+                    "dropped": {t["task"]: t["annotator"] for t in taken if not t["reverted"]},
                     "undone_by": next(iter(undone.values()), None)})
         return entries
 
