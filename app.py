@@ -725,6 +725,12 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                 "whole catalogue is encoded (minutes), then it opens at once.")
                     load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
                     mislabels_loading = gr.Markdown(min_height=48)
+                with gr.Column(elem_id="review-source-disagreements"):
+                    gr.Markdown("**Disagreements**  \nItems whose annotators' labels differ on the tasks chosen below "
+                                "(a second labeler reviewing decided items, or an overwrite), the oldest first. Your "
+                                "save settles each one; the agreement figures keep the annotators' own labels.")
+                    load_disagreements = gr.Button("Load disagreements", elem_id="review-load-disagreements")
+                    disagreements_loading = gr.Markdown(min_height=48)
             with gr.Row():
                 strategy = gr.Radio(views.order_choices(), value=STRATEGIES[0],
                                     label="Order: most uncertain first by", elem_id="review-strategy")
@@ -846,6 +852,12 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         """The catalogue labels of one task most likely wrong (cma_clip.mislabels), most suspect first."""
         return opened(studio.review_mislabels(model_name, task_name, sample_size, progress, show_decided=decided,
                                               annotator=annotator_name))
+
+    @user_errors
+    def load_disputes(model_name, task_name, sample_size, annotator_name, progress=gr.Progress()):
+        """The items whose annotators disagree, oldest first: a save here adjudicates."""
+        return opened(studio.review_disagreements(model_name, task_name, sample_size, progress,
+                                                  annotator=annotator_name))
 
     @user_errors
     def accept_item(queue, seen, annotator_name, *rest):
@@ -994,6 +1006,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         load_mislabels.click(load_suspects, [shared.model, task_filter, size, show_decided, shared.annotator],
                              [*loaded_outputs, mislabels_loading], api_name="review_mislabels",
                              show_progress_on=[mislabels_loading, panel.image]),
+        load_disagreements.click(load_disputes, [shared.model, task_filter, size, shared.annotator],
+                                 [*loaded_outputs, disagreements_loading], api_name="review_disagreements",
+                                 show_progress_on=[disagreements_loading, panel.image]),
         resume.click(resume_last, [shared.annotator, shared.model], loaded_outputs, api_name="review_resume",
                      show_progress_on=panel.image),
     ):

@@ -5,7 +5,8 @@ predictions, annotator, checkpoint, UTC time, request id, source ``human`` or ``
 ``label``, ``skip`` or ``undo``) and one row per task to ``decisions`` (label, status
 ``accepted`` = the model's prediction, ``corrected`` = another label, ``skipped``, or
 ``pending`` after an undo; the catalogue's label; the version the labeler saw; for an undo,
-the decision it reverts). Nothing is ever updated or deleted, so the store is its own audit.
+the decision it reverts; whether the save *adjudicates*: a reviewer's decision on what annotators
+disagree on). Nothing is ever updated or deleted, so the store is its own audit.
 
 The *version* of an (item, task) is the id of its latest decision. Its state replays its
 decisions in order: a label or an undo sets label and status, a skip keeps the label and
@@ -15,6 +16,8 @@ it since; an undo: when someone else decided one of its tasks since, even the sa
 a label outside a task's vocabulary (or a label some item holds now) is refused with an
 `UnknownLabel` naming close classes, unless confirmed as a new class. ``claims`` holds the
 item each labeler is on, for ten minutes after their last step, so queues steer apart.
+`disagreements` lists the items whose annotators' labels differ on a task and that no
+adjudication settled since (a later label that differs opens it again).
 
 Each image is stored once, as ``<sha[:2]>/<sha>.<ext>`` in the image folder (default
 ``<db stem>_images/`` beside the database). The database runs in WAL mode with
@@ -34,7 +37,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -88,11 +91,14 @@ V4_SCHEMA = (
     "CREATE TABLE claims (annotator TEXT PRIMARY KEY, item_id TEXT NOT NULL, expires_at TEXT NOT NULL)",
     "CREATE INDEX claims_item ON claims (item_id)",
 )
+# a save that adjudicates: a reviewer's decision on a disagreement (not one more annotator's vote)
+V5_SCHEMA = ("ALTER TABLE corrections ADD COLUMN adjudicated INTEGER NOT NULL DEFAULT 0 CHECK (adjudicated IN (0, 1))",)
 INSERT_IMAGE = "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)"
 IMAGE_FILE = "SELECT path FROM images WHERE sha256 = ?"
 COUNT_LABEL_SAVES = "SELECT COUNT(*) FROM corrections WHERE kind = 'label'"
 INSERT_SAVE = ("INSERT INTO corrections (item_id, image_sha256, text, predictions, labels, annotator, checkpoint,"
-               " created_at, request_id, kind, source, batch_id, undoes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+               " created_at, request_id, kind, source, batch_id, undoes, adjudicated)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status, catalogue_label, base_version,"
                    " reverts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
@@ -108,17 +114,19 @@ HELD_LABELS = "SELECT DISTINCT d.label " + _HOLDING.format("IS NOT NULL")
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
 DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
              " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
-             " c.predictions" + DECISIONS_FROM)
+             " c.predictions, c.adjudicated" + DECISIONS_FROM)
 COUNT_DECISIONS = "SELECT COUNT(*)" + DECISIONS_FROM
 AUDIT_PAGE = DECISIONS + "{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"
 ITEM_DECISIONS = DECISIONS + " WHERE d.item_id = ? AND d.save_id < ? ORDER BY d.id"
 ALL_DECISIONS = DECISIONS + " ORDER BY d.id"
 SEARCHED = ("d.item_id", "d.label", "c.annotator", "c.text")  # what audit's search looks in
 NOT_UNDONE = " AND NOT EXISTS (SELECT 1 FROM corrections u WHERE u.undoes = {save})"
-# each annotator's human labels: not auto-accepted, not reverted by an undo (one that kept someone's later
-# decision, or that someone's forced undo dropped, still says what its annotator judged)
+NOT_REVERTED = " AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.reverts = d.id)"
+# each annotator's human labels: not auto-accepted, not an adjudication, not reverted by an undo (one that
+# kept someone's later decision, or that someone's forced undo dropped, still says what its annotator judged)
 HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
-                " AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.reverts = d.id) ORDER BY d.id")
+                " AND c.adjudicated = 0" + NOT_REVERTED + " ORDER BY d.id")
+ADJUDICATIONS = DECISIONS + " WHERE c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED + " ORDER BY d.id"
 # the newest save of `annotator` that undo can still revert (an undo that kept every task as someone
 # else decided since still passes over it)
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
@@ -251,6 +259,15 @@ class Undone(NamedTuple):
     dropped: list[Conflict] = []  # someone else's decisions since that a forced undo reverted
 
 
+class Disagreement(NamedTuple):
+    """An item whose annotators' labels differ on some tasks, not settled by an adjudication since."""
+    item_id: str
+    text: str
+    image_path: Path  # of its newest labelled save
+    labels: dict[str, dict[str, str]]  # task -> annotator -> their latest label (not undone)
+    since: str  # when the newest of those labels was saved
+
+
 @dataclass(frozen=True)
 class SavedQueue:
     """A review queue as the studio left it: its payload (items, predictions), its view (order
@@ -339,7 +356,7 @@ class LabelStore:
              checkpoint: str = "", base_versions: Mapping[str, int | None] | None = None,
              request_id: str | None = None, source: str = "human", catalogue_labels: Mapping[str, str] | None = None,
              vocabulary: Mapping[str, Iterable[str]] | None = None, new_classes: Mapping[str, str] | None = None,
-             force: bool = False) -> SaveResult:
+             force: bool = False, adjudicated: bool = False) -> SaveResult:
         """Store one decision per labelled task of one item (and its image, once).
 
         Missing labels ("", "NA", ...) are dropped; at least one must remain. `item_id`
@@ -349,7 +366,8 @@ class LabelStore:
         skips that check, for callers that never showed a version. A task in `vocabulary`
         takes its classes, the labels already saved for it, or the value confirmed in
         `new_classes[task]`; any other value raises `UnknownLabel`. A `request_id` already
-        stored stores nothing and returns the first save's result (`duplicate=True`).
+        stored stores nothing and returns the first save's result (`duplicate=True`). `adjudicated`:
+        a reviewer's decision on a disagreement, which settles it and is left out of the agreement.
         """
         prepared = _prepare(self.image_dir, image, text, labels, predictions, item_id, catalogue_labels,
                             base_versions, source)
@@ -357,7 +375,7 @@ class LabelStore:
         with self._transaction("IMMEDIATE") as conn:
             return _store(conn, prepared, annotator=annotator, checkpoint=checkpoint,
                           request_id=_key(request_id, "request_id"), source=source, vocabulary=vocabulary,
-                          new_classes=new_classes, force=force)
+                          new_classes=new_classes, force=force, adjudicated=bool(adjudicated))
 
     def save_correction(self, *, image: Image.Image | bytes | str | Path, text: str, labels: dict[str, str],
                         predictions: dict[str, dict] | None = None, annotator: str = "", checkpoint: str = "",
@@ -618,10 +636,26 @@ class LabelStore:
         labelled (each annotator's latest human label; auto-accepts and labels their own undo
         reverted do not count, a label someone else replaced since does): task -> items, raw
         (the share of annotator pairs that agree), kappa (Cohen's kappa, the mean over annotator
-        pairs sharing two items or more; None when no pair does, or when every label is one class)
-        and annotators."""
+        pairs sharing two items or more; None when no pair does, or when every label is one class),
+        annotators and open_disagreements (items whose annotators disagree, not settled since:
+        `disagreements`)."""
         with self._transaction() as conn:
             return _agreement(conn, tasks)
+
+    def disagreements(self, tasks: Iterable[str] | None = None) -> list[Disagreement]:
+        """The items whose annotators disagree on a task of `tasks` (each annotator's latest label,
+        as `agreement` counts them) and that no adjudication (a save with `adjudicated`, not undone)
+        settled after the newest of those labels, the oldest disagreement first."""
+        with self._transaction() as conn:
+            found, since = _open_disagreements(conn, _annotators_labels(conn, tasks))
+            current = self._current(conn) if found else {}
+        return sorted((Disagreement(item, current[item]["text"], current[item]["image_path"], by_task, since[item])
+                       for item, by_task in found.items() if item in current), key=lambda d: (d.since, d.item_id))
+
+    def disagreeing_items(self, tasks: Iterable[str] | None = None) -> set[str]:
+        """The ids of `disagreements(tasks)`, without reading their content."""
+        with self._transaction() as conn:
+            return set(_open_disagreements(conn, _annotators_labels(conn, tasks))[0])
 
     # ------------------------------------------------------------------ review queues
     def save_queue(self, queue_id: str, annotator: str, model: str, payload: Mapping[str, Any],
@@ -853,8 +887,15 @@ def _v3_to_v4(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v4_to_v5(conn: sqlite3.Connection) -> None:
+    """Mark the saves that adjudicate a disagreement (none before v5)."""
+    for statement in V5_SCHEMA:
+        conn.execute(statement)
+
+
 # step n takes a store from version n to n + 1; a new store runs them all, as an old one did
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4,
+                                                                _v4_to_v5)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -892,7 +933,7 @@ def _prepare(image_dir: Path, image: Any, text: Any, labels: Any, predictions: A
 
 def _store(conn: sqlite3.Connection, save: _Prepared, *, annotator: str, checkpoint: str, request_id: str | None,
            source: str, batch_id: str | None = None, vocabulary: Mapping[str, Iterable[str]] | None = None,
-           new_classes: Mapping[str, str] | None = None, force: bool = False) -> SaveResult:
+           new_classes: Mapping[str, str] | None = None, force: bool = False, adjudicated: bool = False) -> SaveResult:
     """Check and insert one prepared save, inside the caller's IMMEDIATE transaction."""
     if (save_id := _stored_request(conn, request_id, "label")) is not None:
         return _save_result(conn, save_id, duplicate=True)
@@ -905,7 +946,7 @@ def _store(conn: sqlite3.Connection, save: _Prepared, *, annotator: str, checkpo
             raise LabelConflict(conflicts)
     conn.execute(INSERT_IMAGE, (save.sha, save.image_file, save.image_bytes, _now()))
     save_id = _insert_save(conn, save.item_id, save.sha, save.text, save.predictions, save.labels, annotator,
-                           checkpoint, request_id, "label", source, batch_id)
+                           checkpoint, request_id, "label", source, batch_id, adjudicated=adjudicated)
     predicted, base = _predicted(save.predictions), save.base_versions or {}
     _decide(conn, save_id, save.item_id, [(task, label, _status(label, predicted.get(task)), save.catalogue.get(task),
                                            base.get(task), None) for task, label in save.labels.items()])
@@ -959,10 +1000,11 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
 
 def _insert_save(conn: sqlite3.Connection, item_id: str, sha: str | None, text: str | None, predictions: dict,
                  labels: dict, annotator: str, checkpoint: str, request_id: str | None, kind: str,
-                 source: str = "human", batch_id: str | None = None, undoes: int | None = None) -> int:
+                 source: str = "human", batch_id: str | None = None, undoes: int | None = None,
+                 adjudicated: bool = False) -> int:
     return conn.execute(INSERT_SAVE, (item_id, sha, text, json.dumps(predictions, ensure_ascii=False),
                                       json.dumps(labels, ensure_ascii=False), annotator, checkpoint, _now(),
-                                      request_id, kind, source, batch_id, undoes)).lastrowid
+                                      request_id, kind, source, batch_id, undoes, int(adjudicated))).lastrowid
 
 
 def _decide(conn: sqlite3.Connection, save_id: int, item_id: str,
@@ -1044,20 +1086,46 @@ def _audit_row(row: sqlite3.Row) -> dict:
             "predicted_label": predicted, "predicted_confidence": confidence,
             "catalogue_label": row["catalogue_label"], "changed_vs_model": _differs(row["label"], predicted),
             "changed_vs_catalogue": _differs(row["label"], row["catalogue_label"]),
-            "base_version": row["base_version"], "reverts": row["reverts"], "text": row["text"]}
+            "base_version": row["base_version"], "reverts": row["reverts"], "text": row["text"],
+            "adjudicated": bool(row["adjudicated"])}
+
+
+def _annotators_labels(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[tuple[str, str], dict]:
+    """(task, item) -> annotator -> the row of their latest human label (`HUMAN_LABELS`), on `tasks` (None: all)."""
+    wanted = None if tasks is None else set(tasks)
+    labels: dict[tuple[str, str], dict[str, sqlite3.Row]] = defaultdict(dict)
+    for row in conn.execute(HUMAN_LABELS):
+        if wanted is None or row["task"] in wanted:
+            labels[row["task"], row["item_id"]][row["annotator"]] = row
+    return labels
 
 
 def _agreement(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[str, dict]:
-    wanted = None if tasks is None else list(tasks)
-    labels: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)  # (task, item) -> annotator -> latest label
-    for row in conn.execute(HUMAN_LABELS):
-        if wanted is None or row["task"] in wanted:
-            labels[row["task"], row["item_id"]][row["annotator"]] = row["label"]
-    shared: dict[str, list[dict[str, str]]] = {task: [] for task in wanted or ()}
+    tasks = None if tasks is None else list(tasks)
+    labels = _annotators_labels(conn, tasks)
+    shared: dict[str, list[dict[str, str]]] = {task: [] for task in tasks or ()}
     for (task, _), by_annotator in labels.items():
         if len(by_annotator) >= 2:
-            shared.setdefault(task, []).append(by_annotator)
-    return {task: _agreement_of(items) for task, items in sorted(shared.items())}
+            shared.setdefault(task, []).append({a: row["label"] for a, row in by_annotator.items()})
+    unsettled = Counter(task for by_task in _open_disagreements(conn, labels)[0].values() for task in by_task)
+    return {task: {**_agreement_of(items), "open_disagreements": unsettled[task]}
+            for task, items in sorted(shared.items())}
+
+
+def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], dict],
+                        ) -> tuple[dict[str, dict[str, dict[str, str]]], dict[str, str]]:
+    """Of the annotators' labels (`_annotators_labels`), the disagreements no adjudication settled after
+    their newest label: item -> task -> annotator -> label, and item -> when the newest was saved."""
+    settled = {(row["task"], row["item_id"]): row["version"] for row in conn.execute(ADJUDICATIONS)}
+    found: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
+    since: dict[str, str] = {}
+    for (task, item), by_annotator in labels.items():
+        rows = by_annotator.values()
+        if len({row["label"] for row in rows}) < 2 or settled.get((task, item), 0) > max(r["version"] for r in rows):
+            continue
+        found[item][task] = {annotator: row["label"] for annotator, row in sorted(by_annotator.items())}
+        since[item] = max(since.get(item, ""), *(row["created_at"] for row in rows))
+    return dict(found), since
 
 
 def _agreement_of(items: list[dict[str, str]]) -> dict:

@@ -464,12 +464,61 @@ def test_agreement_and_kappa_on_a_hand_checked_case(store, tmp_path):
         save(store, "6", annotator, {"type": label})
 
     agreement = store.agreement()
-    assert agreement["colour"] == {"items": 4, "raw": 0.75, "kappa": pytest.approx(0.5), "annotators": ["ana", "ben"]}
+    assert agreement["colour"] == {"items": 4, "raw": 0.75, "kappa": pytest.approx(0.5), "annotators": ["ana", "ben"],
+                                   "open_disagreements": 1}  # item 2
     assert agreement["type"] == {"items": 1, "raw": pytest.approx(1 / 3), "kappa": None,
-                                 "annotators": ["ana", "ben", "cem"]}
+                                 "annotators": ["ana", "ben", "cem"], "open_disagreements": 1}
     assert store.agreement(["type", "pattern"])["pattern"]["items"] == 0
     store.export(tmp_path / "labels_export.csv")
     assert json.loads((tmp_path / "labels_export.agreement.json").read_text()) == json.loads(json.dumps(agreement))
+
+
+def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store):
+    """Items whose annotators' latest labels differ, until a reviewer's save (`adjudicated`) settles
+    them; an undo of that save or a later label that differs opens them again; the reviewer is no voter."""
+    save(store, "1", "ana", {"colour": "Red", "type": "Tights"})
+    save(store, "1", "ben", {"colour": "Blue", "type": "Tights"})  # colour disputed, type agreed
+    save(store, "2", "ana", {"colour": "Red"})
+    save(store, "2", "ben", {"colour": "Red"})  # agreed
+    save(store, "3", "ana", {"colour": "Red"})
+    save(store, "3", "cem", {"colour": "Blue"})
+    store.undo("cem")  # an undone label is no disagreement
+    assert store.save_many(bulk_records(["4"]), "auto", annotator="dan").stored == 1  # dan auto-accepts Black
+    save(store, "4", "ana", {"colour": "Red"})  # an auto-accept is no vote: no disagreement
+    [found] = store.disagreements()
+    assert (found.item_id, found.labels, found.text) == ("1", {"colour": {"ana": "Red", "ben": "Blue"}}, "text of 1")
+    assert found.image_path.is_file() and found.since == store.item_state("1")["colour"].created_at
+    assert store.disagreements(["type"]) == [] and store.disagreeing_items(["colour"]) == {"1"}
+    before = store.agreement()
+
+    settled = save(store, "1", "eve", {"colour": "Red"}, adjudicated=True)
+    assert store.disagreements() == [] and store.item_state("1")["colour"].label == "Red"
+    after = store.agreement()  # the reviewer's label is no vote; the disagreement is settled
+    assert after == {**before, "colour": {**before["colour"], "open_disagreements": 0}}
+    assert before["colour"]["open_disagreements"] == 1
+    row = next(r for r in store.item_history("1") if r["version"] == settled.versions["colour"])
+    assert row["adjudicated"] and not store.item_history("2")[0]["adjudicated"]
+    store.undo("eve")
+    assert store.disagreeing_items() == {"1"}  # the settlement undone: open again
+    save(store, "1", "eve", {"colour": "Red"}, adjudicated=True)
+    save(store, "1", "ben", {"colour": "Blue"})  # ben says Blue again, after it was settled
+    assert store.disagreeing_items() == {"1"}
+    save(store, "1", "ben", {"colour": "Red"})  # and then comes round
+    assert store.disagreeing_items() == set()
+
+
+def test_a_v4_store_gains_adjudications(tmp_path):
+    path = tmp_path / "labels.db"
+    with sqlite3.connect(path) as conn:
+        for migrate in MIGRATIONS[:4]:
+            migrate(conn)
+        conn.execute("PRAGMA user_version = 4")
+    store = LabelStore(path)
+    save(store, "1", "ana", {"colour": "Red"})
+    save(store, "1", "ben", {"colour": "Blue"})
+    assert store.disagreeing_items() == {"1"}
+    save(store, "1", "eve", {"colour": "Blue"}, adjudicated=True)
+    assert store.disagreeing_items() == set()
 
 
 def test_the_audit_filters_searches_and_compares_with_the_model_and_the_catalogue(store):

@@ -502,3 +502,44 @@ def test_the_suspected_mislabels_source_asks_for_one_task(review_app):
     url, _ = review_app
     with pytest.raises(AppError, match="Choose the task whose catalogue labels to check"):
         Labeler(url, "ana")("/review_mislabels", MODEL, ALL_TASKS, 5, False, "ana")
+
+
+# ---------------------------------------------------------------------------- disagreements
+def test_a_reviewer_settles_what_two_annotators_disagree_on(review_app):
+    """Two annotators label one item's colour differently (another item alike): the Disagreements
+    source queues the item with both labels, the reviewer's save settles it (audited as such, no
+    vote in the agreement), an undo opens it again, and bulk accept stays out of such a queue."""
+    url, studio = review_app
+    dee, eli, fay = Labeler(url, "dee"), Labeler(url, "eli"), Labeler(url, "fay")
+    first, second = classes(studio)[2], classes(studio)[3]
+    save_on_predict_tab(dee, "dispute-1", first)
+    save_on_predict_tab(eli, "dispute-1", second)
+    save_on_predict_tab(dee, "dispute-2", first)
+    save_on_predict_tab(eli, "dispute-2", first)  # agreed: not queued
+    before = studio.store.agreement([COLOUR])
+
+    answer = loaded = fay("/review_disagreements", MODEL, COLOUR, 50, "fay")
+    queued = [item.item_id for item in studio.resume_queue(None, "fay", MODEL).items]
+    assert "dispute-1" in queued and "dispute-2" not in queued
+    for _ in queued:
+        if current_item(answer) == "dispute-1":
+            break
+        answer = fay("/review_next", "fay")
+    assert f"Annotators disagree on {COLOUR_NAME}: dee {first}, eli {second}" in answer["review progress"]
+    order = loaded["Order: most uncertain first by"]
+    assert ["oldest disagreement first", "source_order"] in order["choices"] and order["value"] == "source_order"
+    with pytest.raises(AppError, match="settle each one"):
+        fay("/bulk_accept", "fay", ALL_TASKS, THRESHOLDS)
+
+    saved = fay.accept(with_label(answer, COLOUR, second))
+    assert "Saved correction" in saved["review status"] and "dispute-1" not in studio.store.disagreeing_items()
+    assert studio.store.item_state("dispute-1")[COLOUR].label == second
+    after = studio.store.agreement([COLOUR])[COLOUR]
+    assert after == {**before[COLOUR], "open_disagreements": before[COLOUR]["open_disagreements"] - 1}  # no voter
+    table = fay("/agreement")
+    row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
+    assert row[-1] == after["open_disagreements"]  # the History tab says how many wait
+    audit = fay("/audit", COLOUR, "fay", "any", "any", "dispute-1", 1)
+    assert [row[6] for row in audit[next(iter(audit))]["data"]] == ["human, adjudicates"]
+    fay("/review_undo", "fay", "")
+    assert "dispute-1" in studio.store.disagreeing_items([COLOUR])  # open again

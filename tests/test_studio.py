@@ -327,7 +327,7 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     doubt most (cma_clip.mislabels), in that order, on the first 100 items of each H&M split."""
     from cma_clip.data import CatalogueConfig, limit_splits
     from cma_clip.mislabels import mislabel_queue
-    from cma_clip.studio.service import MISLABEL_ORDER
+    from cma_clip.studio.service import SOURCE_ORDER
 
     monkeypatch.setenv("CMA_CLIP_CACHE", str(tmp_path / "cache"))
     task = "garment_group_name"
@@ -338,14 +338,14 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     ranked = mislabel_queue(catalogue, task, studio.predictor("hm-articles").backbone)  # the cached ranking
     assert ranked.suspects, "the ranking found no suspect on 300 real items"
     expected = [s.item_id for s in ranked.suspects[:5]]
-    assert [item.item_id for item in queue.items] == expected and queue.strategy == MISLABEL_ORDER
+    assert [item.item_id for item in queue.items] == expected and queue.strategy == SOURCE_ORDER
     assert queue.tasks == [task] and "most suspect Garment group labels" in queue.source  # names, not columns
     shown = queue.current.predictions[task].confidence  # the line above the item: the reviewed task's confidence
     assert f"· confidence {views.percent(shown)}" in views.review_status(queue)
-    assert views.order_choices(queue)[-1] == ("most suspect label", MISLABEL_ORDER)  # its order is offered
-    assert MISLABEL_ORDER not in [value for _, value in views.order_choices()]  # (a sample has none)
+    assert views.order_choices(queue)[-1] == ("most suspect label", SOURCE_ORDER)  # its order is offered
+    assert SOURCE_ORDER not in [value for _, value in views.order_choices()]  # (a sample has none)
     studio.arrange_queue(queue, "ana", strategy="margin", task=task)
-    studio.arrange_queue(queue, "ana", strategy=MISLABEL_ORDER, task=task)  # and brings the ranking back
+    studio.arrange_queue(queue, "ana", strategy=SOURCE_ORDER, task=task)  # and brings the ranking back
     assert [item.item_id for item in queue.items] == expected
     first = ranked.suspects[0]  # and under it, why the item is suspect
     assert f"give the catalogue's {first.label} {first.quality:.1%} and suggest {first.suggested}" \
@@ -356,6 +356,28 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     assert saved.result == "saved"
     again = studio.review_mislabels("hm-articles", task, 5, limit=100)
     assert first.item_id not in [item.item_id for item in again.items]  # decided: left out
+
+
+def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_past_settled_ones(studio):
+    colour = "colour_group_name"
+    with pytest.raises(StudioError, match="No disagreement to settle on Colour"):
+        studio.review_disagreements("hm-articles", colour, 10)
+    red, blue = studio.task_classes("hm-articles")[colour][:2]
+    for item in ("d-1", "d-2"):
+        for annotator, label in (("ana", red), ("ben", blue)):
+            studio.store.save(image=EXAMPLE_IMAGE, text=EXAMPLE_TEXT, labels={colour: label}, annotator=annotator,
+                              item_id=item)
+    queue = studio.review_disagreements("hm-articles", colour, 10, annotator="ben")
+    assert [item.item_id for item in queue.items] == ["d-1", "d-2"] and queue.tasks == [colour]
+    assert [item.status for item in queue.items] == ["pending", "pending"]  # every item holds labels, all open
+    assert "the 2 oldest of 2 items whose annotators disagree" in queue.source
+    # ben, one of the two, accepts the label standing (his own) as it is: that settles it too
+    view = studio.current_view(queue)
+    assert view.values == {colour: blue} and studio.review_save(queue, "ben", view.values, view.shown).result == "saved"
+    assert studio.store.disagreeing_items() == {"d-2"} and queue.current.item_id == "d-2"
+    assert studio.review_save(queue, "ben", {colour: red}).result == "saved"
+    resumed = studio.resume_queue(queue.queue_id, "ben")
+    assert "pending" not in [item.status for item in resumed.items] and resumed.current is None
 
 
 def test_review_upload_matches_images_by_name(studio, tmp_path):

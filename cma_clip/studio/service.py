@@ -31,14 +31,14 @@ from ..checkpoint import CheckpointConfig, CheckpointError, is_checkpoint, read_
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
                     join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
-                      content_item_id)
+from ..labels import (MAX_NAME_CHARS, Disagreement, LabelConflict, LabelStore, LabelStoreError, TaskState,
+                      UnknownLabel, content_item_id)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from . import uploads
 from .batching import MicroBatcher
-from .workflow import (ALL_TASKS, CHOICES_KEPT, MISLABEL_ORDER, THRESHOLDS, BulkOutcome, ItemView, ReviewItem,
-                       ReviewQueue, SaveOutcome, Shown, UndoOutcome, new_id, plural)
+from .workflow import (ALL_TASKS, CHOICES_KEPT, DISAGREEMENTS, MISLABELS, SOURCE_ORDER, THRESHOLDS, BulkOutcome,
+                       ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, UndoOutcome, new_id, plural)
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 MAX_TASKS = 8  # correction dropdowns the UI lays out; a checkpoint uses the first len(tasks)
@@ -319,7 +319,8 @@ class Studio:
 
     def _save(self, item_id: str, image: Path, text: str, labels: dict[str, str], annotator: str | None, model: str,
               predictions: dict[str, dict], base_versions: dict[str, int | None], request_id: str | None,
-              new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None) -> SaveOutcome:
+              new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None, *,
+              adjudicated: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
         new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
         try:
@@ -327,7 +328,7 @@ class Studio:
                                      item_id=item_id, predictions=predictions, checkpoint=model,
                                      base_versions=base_versions, request_id=request_id, source="human",
                                      catalogue_labels=catalogue, vocabulary=self.task_classes(model),
-                                     new_classes=new_classes, force=force)
+                                     new_classes=new_classes, force=force, adjudicated=adjudicated)
         except UnknownLabel as exc:
             return SaveOutcome("unknown", item_id, labels, unknown=exc.unknown, request_id=request_id,
                                new_classes=new_classes)
@@ -575,8 +576,27 @@ class Studio:
                   f"suggest {s.suggested} ({s.confidence:.0%}).") for s in suspects[:size]]
         source = (f"{name}: the {size} most suspect {shown_name} labels of {len(ranked.suspects)} suspects among "
                   f"{ranked.scored} labelled items (out-of-fold accuracy {ranked.accuracy:.2f})")
-        return self._queue(model, items, [], progress, tasks=tasks, show_decided=show_decided, split="mislabels",
+        return self._queue(model, items, [], progress, tasks=tasks, show_decided=show_decided, split=MISLABELS,
                            annotator=annotator, source=source, ranked=True)
+
+    def review_disagreements(self, model: str, task: str | None, size: int, progress: Progress | None = None, *,
+                             annotator: str | None = None) -> ReviewQueue:
+        """The items whose annotators' labels differ on the tasks under review (`LabelStore.disagreements`),
+        the oldest disagreement first. A save in this queue adjudicates: it settles the disagreement
+        (until a later label differs again) and stays out of the agreement figures."""
+        tasks = self._queue_tasks(model, task)
+        names = self.display_names(model)
+        found = self.store.disagreements(tasks)
+        if not found:
+            raise StudioError(f"No disagreement to settle on {', '.join(names.get(t, t) for t in tasks)}: annotators' "
+                              "labels differ when a second labeler reviews decided items ('Show decided items') or "
+                              "overwrites a label.")
+        size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(found))
+        items = [(d.item_id, str(d.image_path), d.text, self.catalogue_labels(model, d.item_id),
+                  disagreement_note(d, names)) for d in found[:size]]
+        return self._queue(model, items, [], progress, tasks=tasks, split=DISAGREEMENTS, annotator=annotator,
+                           ranked=True, source=f"the {size} oldest of {plural(len(found), 'item')} whose annotators "
+                                               "disagree")
 
     def review_items(self, model: str, items: list[tuple[str, str, str, dict[str, str]]], source: str,
                      progress: Progress | None = None, **options) -> ReviewQueue:
@@ -619,7 +639,7 @@ class Studio:
                                               for s, by_task in uncertainty.items()})
                       for i, (item, prediction) in enumerate(zip(items, predictions))]
         queue.sampled = len(queue.pool)
-        self._arrange(queue, MISLABEL_ORDER if ranked else strategy, tasks, min_conf, max_conf, annotator)
+        self._arrange(queue, SOURCE_ORDER if ranked else strategy, tasks, min_conf, max_conf, annotator)
         self.keep_queue(queue, annotator)
         return queue
 
@@ -638,7 +658,7 @@ class Studio:
                  annotator: str | None) -> None:
         """Set the queue's view: its pool by `strategy` over `tasks`, filtered by confidence, from
         its first item to review (not one someone else is on)."""
-        if strategy not in (*STRATEGIES, MISLABEL_ORDER):
+        if strategy not in (*STRATEGIES, SOURCE_ORDER):
             raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
         min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
         min_conf, max_conf = (None if min_conf == 0 else min_conf), (None if max_conf == 1 else max_conf)  # no bound
@@ -679,13 +699,23 @@ class Studio:
 
     # ------------------------------------------------------------------ review queue: state and persistence
     def refresh(self, queue: ReviewQueue, annotator: str | None = None) -> ReviewQueue:
-        """Each item's status from the store (someone else may have decided it meanwhile), and
-        who else than `annotator` is on it now (their claim; no claims without an annotator)."""
+        """Each item's status from the store (someone else may have decided it meanwhile; in a
+        disagreements queue an item is pending while its disagreement is open), and who else than
+        `annotator` is on it now (their claim; no claims without an annotator)."""
         annotator = (annotator or "").strip()
-        decided, claimed = self.store.decided_items(queue.tasks), self.store.claims(annotator) if annotator else {}
+        if queue.split == DISAGREEMENTS:
+            disputed = self.store.disagreeing_items(queue.tasks)
+            decided = {item.item_id for item in queue.pool} - disputed
+        else:
+            decided = self.store.decided_items(queue.tasks)
+        claimed = self.store.claims(annotator) if annotator else {}
         for item in queue.pool:
-            item.status = (_item_status(self.store.item_state(item.item_id), queue.tasks)
-                           if item.item_id in decided else "pending")
+            if item.item_id in decided:
+                states = self.store.item_state(item.item_id)  # a settled item: the tasks it holds labels on
+                tasks = [t for t in queue.tasks if t in states] if queue.split == DISAGREEMENTS else queue.tasks
+                item.status = _item_status(states, tasks)
+            else:
+                item.status = "pending"
             item.claimed_by = claimed.get(item.item_id, "")
         return queue
 
@@ -759,16 +789,17 @@ class Studio:
             chosen = given_labels(labels, queue.tasks)
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
-            standing = self.store.item_state(item.item_id)
-            if not new_classes and all(_own_label(standing.get(t), label, annotator, shown.versions.get(t))
-                                       for t, label in chosen.items()):  # e.g. back with Previous, then accept
+            standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
+            own = all(_own_label(standing.get(t), label, annotator, shown.versions.get(t))
+                      for t, label in chosen.items())
+            if own and not new_classes and not adjudicating:  # e.g. back with Previous, then accept
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
                            for t, p in item.predictions.items()}
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
                                  predictions, {t: shown.versions.get(t) for t in chosen}, rid, new_classes, force,
-                                 {t: v for t, v in item.catalogue.items() if t in chosen})
+                                 {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating)
             if outcome.result == "saved":
                 self._moved_on(queue, annotator)
             elif outcome.result == "conflict":  # someone decided it meanwhile: the queue says so now
@@ -853,6 +884,9 @@ class Studio:
         The items go in chunks, each one transaction; the batch id is fixed by the queue and
         the filter, so running it again after an interruption stores only what is missing."""
         annotator = self._annotator(annotator)
+        if queue.split == DISAGREEMENTS:
+            raise StudioError("Bulk accept leaves labels people saved alone, and every item of a disagreements "
+                              "queue holds theirs: settle each one in the queue.")
         tasks = queue.tasks if task in (None, "", ALL_TASKS) else [task]
         if any(t not in queue.tasks for t in tasks):
             raise StudioError(f"Task {task!r} is not under review in this queue ({', '.join(queue.tasks)}).")
@@ -984,6 +1018,13 @@ def _item_status(states: dict[str, TaskState], tasks: list[str]) -> str:
     if "pending" in statuses:
         return "pending"
     return next(s for s in ("corrected", "accepted", "skipped") if s in statuses)
+
+
+def disagreement_note(disagreement: Disagreement, names: dict[str, str]) -> str:
+    """What the annotators said, task by task: "Annotators disagree: Colour: ana Red, ben Blue."."""
+    said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
+                     for task, by_annotator in disagreement.labels.items())
+    return f"Annotators disagree on {said}. Your save settles it."
 
 
 def _own_label(state: TaskState | None, label: str, annotator: str, seen: int | None) -> bool:

@@ -20,8 +20,8 @@ from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import modality_chart, modality_shift_chart, scaled_overlay
 from ..review import STRATEGIES
-from .workflow import (MISLABEL_ORDER, SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome,
-                       UndoOutcome, plural)
+from .workflow import (SOURCE_ORDER, SOURCE_ORDER_NAMES, SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem,
+                       ReviewQueue, SaveOutcome, UndoOutcome, plural)
 
 PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshold)", "runners-up"]
 # Column widths in pixels, not shares: a table keeps readable columns and scrolls inside its box on a
@@ -52,7 +52,8 @@ AUDIT_WIDTHS = ["150px", "130px", "190px", "120px", "100px", "90px", "90px", "10
 HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
                         "vs catalogue", "checkpoint", "version", "reverts"]
-AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators"]
+AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators",
+                     "open disagreements"]
 KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
              "active) · **t** next task · **a** accept / save and next · **s** skip · **n** next item (no "
              "decision) · **u** undo · **p** previous item")
@@ -320,9 +321,11 @@ def review_progress(queue: ReviewQueue) -> str:
 
 
 def order_choices(queue: ReviewQueue | None = None) -> list[tuple[str, str]]:
-    """The Order control's choices: the uncertainty strategies, and a suspected-mislabels queue's own ranking."""
+    """The Order control's choices: the uncertainty strategies, and the order of a queue whose source ranks
+    its items (suspected mislabels, disagreements)."""
     choices = [(s.replace("_", " "), s) for s in STRATEGIES]
-    return choices + [("most suspect label", MISLABEL_ORDER)] if queue and queue.split == "mislabels" else choices
+    own = SOURCE_ORDER_NAMES.get(queue.split or "") if queue else None
+    return choices + [(own, SOURCE_ORDER)] if own else choices
 
 
 def review_status(queue: ReviewQueue | None) -> str:
@@ -548,10 +551,15 @@ def audit_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[li
     (the text is searched, not shown)."""
     return [[r["created_at"][:23].replace("T", " "), r["item_id"], task_name(r["task"], names=names), r["label"] or "",
              r["status"],
-             r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
+             r["annotator"] or "", _source(r),
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["kind"],
              r["version"]] for r in rows]
+
+
+def _source(row: dict) -> str:
+    """Who made a decision: an auto-accept, a human, or a human settling a disagreement."""
+    return "auto-accept" if row["source"] == "auto" else "human, adjudicates" if row.get("adjudicated") else "human"
 
 
 def audit_summary(total: int, page: int, page_size: int) -> str:
@@ -566,7 +574,7 @@ def item_history_rows(rows: list[dict], names: dict[str, str] | None = None) -> 
     """Rows for one item's history (`Studio.item_history`), oldest first."""
     return [[r["created_at"][:23].replace("T", " "), task_name(r["task"], names=names), r["kind"], r["label"] or "",
              r["status"],
-             r["annotator"] or "", "auto-accept" if r["source"] == "auto" else "human",
+             r["annotator"] or "", _source(r),
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "",
              r["version"] or "", _reverts(r)] for r in rows]
@@ -583,12 +591,13 @@ def _reverts(row: dict) -> str:
 
 
 def agreement_rows(agreement: dict[str, dict], names: dict[str, str] | None = None) -> list[list]:
-    """Per task: the items two annotators or more labelled, raw agreement, Cohen's kappa, who."""
+    """Per task: the items two annotators or more labelled, raw agreement, Cohen's kappa, who, and how
+    many of those items still wait for a reviewer (the Review tab's Disagreements source)."""
     def number(value):
         return "" if value is None else round(value, 3)
 
     return [[task_name(task, names=names), a["items"], number(a["raw"]), number(a["kappa"]),
-             ", ".join(a["annotators"])]
+             ", ".join(a["annotators"]), a["open_disagreements"]]
             for task, a in agreement.items()]
 
 

@@ -22,7 +22,9 @@ from ..review import STRATEGIES
 CHOICES_KEPT = 9  # each task's top choices a queue keeps: keys 1-9 pick them
 ALL_TASKS = "every task"  # the task filter's "no filter"
 THRESHOLDS = "thresholds"  # bulk accept: each task's own 90%-precision threshold
-MISLABEL_ORDER = "most_suspect_label"  # a suspected-mislabels queue keeps the ranking of cma_clip.mislabels
+SOURCE_ORDER = "source_order"  # the order a queue's source gives (most suspect label, oldest disagreement first)
+MISLABELS, DISAGREEMENTS = "mislabels", "disagreements"  # the queue sources that rank their own items
+SOURCE_ORDER_NAMES = {MISLABELS: "most suspect label", DISAGREEMENTS: "oldest disagreement first"}
 
 # What `train --extra-labels` (LabelStore.apply_to) does with a correction, by the item's split.
 SPLIT_NOTES = {
@@ -120,7 +122,7 @@ class ReviewQueue:
     tasks: list[str] = field(default_factory=list)
     strategy: str = STRATEGIES[0]
     source: str = ""  # where the items came from, in words
-    split: str | None = None  # the catalogue split, or "upload"
+    split: str | None = None  # the catalogue split, "upload", MISLABELS or DISAGREEMENTS
     filters: dict[str, Any] = field(default_factory=dict)  # task, min_conf, max_conf, show_decided
     sampled: int = 0  # items sampled before the confidence filter
     pool: list[ReviewItem] = field(default_factory=list)  # every sampled item (default: `items`)
@@ -132,9 +134,9 @@ class ReviewQueue:
 
     def arranged(self, strategy: str, tasks: list[str], min_conf: float | None = None,
                  max_conf: float | None = None) -> list[ReviewItem]:
-        """The pool ordered by `strategy` over `tasks` (`MISLABEL_ORDER`: as sampled), the most
+        """The pool ordered by `strategy` over `tasks` (`SOURCE_ORDER`: as sampled), the most
         uncertain first, keeping the items whose confidence `review.select` lets through."""
-        if strategy == MISLABEL_ORDER:
+        if strategy == SOURCE_ORDER:
             ranking = np.arange(len(self.pool))
         else:
             ranking = review.order([np.array([item.uncertainty[strategy][t] for item in self.pool]) for t in tasks])
@@ -202,8 +204,9 @@ class ReviewQueue:
         pool = [ReviewItem.from_payload(item) for item in payload.get("items", [])]
         view = view if view is not None else payload
         items = [pool[i] for i in view["order"]] if "order" in view else list(pool)
+        strategy = view.get("strategy", STRATEGIES[0])
         return cls(model, items, min(position, len(items)), list(payload.get("notes", [])), queue_id,
-                   list(view.get("tasks") or []), view.get("strategy", STRATEGIES[0]),
+                   list(view.get("tasks") or []), SOURCE_ORDER if strategy == "most_suspect_label" else strategy,
                    payload.get("source", ""), payload.get("split"), dict(view.get("filters") or {}),
                    int(payload.get("sampled", len(pool))), pool, stored=True)
 
