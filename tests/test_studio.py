@@ -107,9 +107,12 @@ def test_review_queue_on_a_catalogue_split(studio):
     saves = studio.store.count()
     studio.review_previous(queue, "ben"), studio.review_previous(queue, "ben")  # back to the accepted item
     assert queue.current is first
-    again = studio.review_save(queue, "ben", labels)  # accepted again as it stands: nothing new, moved on
+    again = studio.review_save(queue, "ben", labels, request_id="r-1")  # accepted as it stands: moved on
     assert again.result == "unchanged" and studio.store.count() == saves and queue.current is not first
     assert "nothing new saved, moved on" in views.save_message(again)
+    retried = studio.review_save(queue, "ben", labels, request_id="r-1")  # its answer lost: the client retries
+    assert retried.result == "unchanged" and retried.item_id == first.item_id  # the first's answer, nothing
+    assert studio.store.count() == saves  # saved onto the item the queue moved to
     studio.review_previous(queue, "ben")
     other = studio.review_save(queue, "cem", labels)  # another labeler's same labels are theirs: stored
     assert other.result == "saved" and studio.store.count() == saves + 1

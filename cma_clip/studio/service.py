@@ -343,15 +343,18 @@ class Studio:
                            request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip())
 
     def _recent(self, request_id: str | None) -> SaveOutcome | None:
-        """The outcome of a request this server already stored, marked as a duplicate: a
-        retried call (the first's answer lost) gets the first's answer, whatever the
-        labeler's screen moved to since. The store dedups requests too, across restarts."""
+        """The outcome of a request this server already answered with a move (stored, marked as a
+        duplicate, or unchanged): a retried call (the first's answer lost) gets the first's answer,
+        whatever the labeler's screen moved to since, never a save on the item it moved to. The
+        store dedups stored requests too, across restarts."""
         with self._lock:
             done = self._requests.get(request_id) if request_id else None
-        return replace(done, result="duplicate") if done is not None else None
+        if done is None:
+            return None
+        return replace(done, result="duplicate") if done.stored else done
 
     def _remember(self, request_id: str | None, outcome: SaveOutcome) -> SaveOutcome:
-        if request_id and outcome.stored:
+        if request_id and (outcome.stored or outcome.result == "unchanged"):
             with self._lock:
                 self._requests[request_id] = outcome
                 while len(self._requests) > RECENT_REQUESTS:
