@@ -725,7 +725,6 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                 "whole catalogue is encoded (minutes), then it opens at once.")
                     load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
                     mislabels_loading = gr.Markdown(min_height=48)
-                with gr.Column(elem_id="review-source-disagreements"):
                     gr.Markdown("**Disagreements**  \nItems whose annotators' labels differ on the tasks chosen below "
                                 "(a second labeler reviewing decided items, or an overwrite), the oldest first. Your "
                                 "save settles each one; the agreement figures keep the annotators' own labels.")
