@@ -540,6 +540,6 @@ def test_a_reviewer_settles_what_two_annotators_disagree_on(review_app):
     row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
     assert row[-1] == after["open_disagreements"]  # the History tab says how many wait
     audit = fay("/audit", COLOUR, "fay", "any", "any", "dispute-1", 1)
-    assert [row[6] for row in audit[next(iter(audit))]["data"]] == ["human, adjudicates"]
+    assert [row[6] for row in audit[next(iter(audit))]["data"]] == ["adjudication"]
     fay("/review_undo", "fay", "")
     assert "dispute-1" in studio.store.disagreeing_items([COLOUR])  # open again

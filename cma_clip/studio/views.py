@@ -47,7 +47,7 @@ REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", 
 REVIEW_WIDTHS = ["130px", "110px", "100px", "100px", "120px", "110px", "120px"]  # "corrected" on one line
 AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
                  "checkpoint", "kind", "version"]
-AUDIT_WIDTHS = ["150px", "130px", "190px", "120px", "100px", "90px", "90px", "100px", "110px", "110px", "80px",
+AUDIT_WIDTHS = ["150px", "130px", "190px", "120px", "100px", "90px", "120px", "100px", "110px", "110px", "80px",
                 "80px"]
 HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
@@ -558,8 +558,8 @@ def audit_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[li
 
 
 def _source(row: dict) -> str:
-    """Who made a decision: an auto-accept, a human, or a human settling a disagreement."""
-    return "auto-accept" if row["source"] == "auto" else "human, adjudicates" if row.get("adjudicated") else "human"
+    """Who made a decision: an auto-accept, a human, or a human settling a disagreement (adjudication)."""
+    return "auto-accept" if row["source"] == "auto" else "adjudication" if row.get("adjudicated") else "human"
 
 
 def audit_summary(total: int, page: int, page_size: int) -> str:
