@@ -12,14 +12,14 @@ A sweep corrupts the image ("image" mode), the text ("text") or both ("both") at
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from PIL import Image
 
 from .data import Catalogue, load_image
 from .noise import SEVERITIES, corrupt_image, corrupt_text
-from .predict import Prediction, Predictor
+from .predict import Prediction, Predictor, TaskPrediction
 
 MODES = ("image", "text", "both")  # which input gets the noise in a sweep
 SWEEP_FIELDS = ("mode", "severity", "task", "accuracy", "n")
@@ -27,12 +27,19 @@ SWEEP_FIELDS = ("mode", "severity", "task", "accuracy", "n")
 
 @dataclass
 class Probe:
-    """One item's prediction on clean and on corrupted inputs."""
+    """One item's prediction on clean and on corrupted inputs, and per task the probability the noisy
+    prediction gives the clean top-1 label (what the item sweep plots: it falls when the label flips)."""
 
     clean: Prediction
     noisy: Prediction
     noisy_image: Image.Image
     noisy_text: str
+    clean_label_kept: dict[str, float] = field(default_factory=dict)
+
+
+def probability_of(prediction: TaskPrediction, label: str) -> float:
+    """The probability a task's prediction gives `label` (0 when it is not among its top-k)."""
+    return dict(zip(prediction.labels, prediction.probabilities)).get(label, 0.0)
 
 
 def _active(name: str | None) -> bool:
@@ -57,10 +64,17 @@ def sweep_modes(image_noise: str | None, text_noise: str | None) -> list[str]:
 
 def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None, image_severity: int,
           text_noise: str | None, text_severity: int, seed: int = 0) -> Probe:
-    """Predict (with attention maps) on the clean item and on its corrupted copy."""
+    """Predict (with attention maps) on the clean item and on its corrupted copy (every class of it,
+    for the clean label's probability; its top 3 kept, as the clean one's)."""
     noisy_image = corrupt_image(image, image_noise, image_severity, seed) if _active(image_noise) else image
     noisy_text = corrupt_text(text, text_noise, text_severity, seed) if _active(text_noise) else text
-    return Probe(predictor.predict(image, text), predictor.predict(noisy_image, noisy_text), noisy_image, noisy_text)
+    clean = predictor.predict(image, text)
+    noisy = predictor.predict(noisy_image, noisy_text, top_k=max(len(c) for c in predictor.classes.values()))
+    kept = {task: probability_of(p, clean.tasks[task].label) for task, p in noisy.tasks.items()}
+    top = len(next(iter(clean.tasks.values())).labels)
+    noisy.tasks = {task: replace(p, labels=p.labels[:top], probabilities=p.probabilities[:top])
+                   for task, p in noisy.tasks.items()}
+    return Probe(clean, noisy, noisy_image, noisy_text, kept)
 
 
 @dataclass
@@ -82,8 +96,7 @@ def sweep_item(predictor: Predictor, image: Image.Image, text: str, image_noise:
         predictions = predictor.predict_batch([i for i, _ in inputs], [t for _, t in inputs], top_k=top_k)
         sweep.confidence[mode], sweep.image_weight[mode] = {}, {}
         for task, clean in predictions[0].tasks.items():
-            sweep.confidence[mode][task] = [
-                dict(zip(p.tasks[task].labels, p.tasks[task].probabilities)).get(clean.label, 0.0) for p in predictions]
+            sweep.confidence[mode][task] = [probability_of(p.tasks[task], clean.label) for p in predictions]
             sweep.image_weight[mode][task] = [p.tasks[task].image_weight for p in predictions]
     return sweep
 

@@ -9,10 +9,10 @@ import pytest
 
 from cma_clip import viz
 from cma_clip.backbones import to_rgb
-from cma_clip.data import Catalogue, CatalogueConfig, load_image, write_table
+from cma_clip.data import REPO_ROOT, Catalogue, CatalogueConfig, load_image, write_table
 from cma_clip.noise import SEVERITIES, corrupt_image
 from cma_clip.predict import Predictor
-from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probe, sweep_item
+from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probability_of, probe, sweep_item
 from cma_clip.runtime import bf16_supported
 from cma_clip.studio.views import percent, probe_rows
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
@@ -73,17 +73,39 @@ def test_strong_corruption_changes_the_inputs_and_compares_every_task(predictor,
     assert result.clean.text_to_image is not None and result.noisy.text_to_image is not None
     rows = probe_rows(result)
     assert [row[0] for row in rows] == [predictor.names[t] for t in predictor.tasks]  # names a person reads
+    every = predictor.predict(result.noisy_image, result.noisy_text, top_k=1000)  # every class of the noisy input
     for task, (_, clean_label, clean_conf, noisy_label, noisy_conf, change, verdict, clean_w, noisy_w) in zip(
             predictor.tasks, rows):
         clean, noisy = result.clean.tasks[task], result.noisy.tasks[task]
         assert (clean_label, noisy_label) == (clean.label, noisy.label)
         assert (clean_conf, noisy_conf) == (percent(clean.confidence), percent(noisy.confidence))
-        points = round(100 * (noisy.confidence - clean.confidence))
+        kept = probability_of(every.tasks[task], clean.label)  # the clean label's probability under the noise
+        assert result.clean_label_kept[task] == pytest.approx(kept, abs=1e-6)
+        points = round(100 * (kept - clean.confidence))
         assert change == f"{'+' if points >= 0 else '−'}{abs(points)} pts"
+        if noisy_label != clean_label:  # a flipped label: its probability fell below the noisy top-1's
+            assert kept < noisy.confidence and points < 0
         assert verdict == ("same" if clean_label == noisy_label else "changed")
         assert (clean_w, noisy_w) == (percent(clean.image_weight), percent(noisy.image_weight))
     # the corruption moves the model: some task's confidence or image weight shifts
     assert any(c[5] != "+0 pts" or c[7] != c[8] for c in rows)
+
+
+def test_a_flipped_label_shows_how_far_the_clean_labels_confidence_fell():
+    """On the shipped H&M model, blur 5 flips the T-shirt's pattern and colour: the table's change is
+    the clean label's fall, as the item sweep plots it (the noisy top-1 minus the clean top-1 once said
+    -6 pts where Stripe fell from 89% to 1%)."""
+    shipped = Predictor.from_checkpoint(REPO_ROOT / "checkpoints" / "hm-articles", "cpu")
+    photo = load_image(EXAMPLE_IMAGE)
+    result = probe(shipped, photo, EXAMPLE_TEXT, "blur", 5, "none", 0)
+    curves = item_sweep(shipped, photo, EXAMPLE_TEXT, "blur", "none")["image"]
+    rows = dict(zip(shipped.tasks, probe_rows(result)))
+    flipped = [t for t in shipped.tasks if result.noisy.tasks[t].label != result.clean.tasks[t].label]
+    assert flipped
+    for task in flipped:
+        fell = 100 * (curves[task][5] - result.clean.tasks[task].confidence)  # the sweep, in bf16 where it can
+        shown = int(rows[task][5].replace("−", "-").split()[0])
+        assert abs(shown - fell) <= 1 and shown < 0, (task, shown, fell)
 
 
 def test_item_sweep_tracks_the_clean_prediction_over_severities(predictor, image, sweep):

@@ -27,8 +27,8 @@ PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshol
 # Column widths in pixels, not shares: a table keeps readable columns and scrolls inside its box on a
 # phone (shares of a 412 px screen left "pending" a few letters a line).
 PREDICTION_WIDTHS = ["130px", "130px", "100px", "170px", "210px"]
-PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "conf. change", "label",
-                 "image weight clean", "image weight noisy"]
+PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "clean label's conf. change", "label",
+                 "image-side weight clean (image + colour)", "image-side weight noisy"]
 PROBE_WIDTHS = ["130px", "120px", "90px", "120px", "90px", "100px", "90px", "100px", "100px"]
 NO_TEXT_NOTE = ("**No text: the prediction rests on the image only** (its modality weights are all on the image), "
                 "and nothing is auto-accepted: the thresholds hold 90% precision for items with a text; without "
@@ -608,12 +608,13 @@ def probe_summary(result: Probe) -> dict:
 
 
 def probe_rows(result: Probe) -> list[list]:
-    """Per task: task, clean label and confidence, noisy label and confidence, the change in
-    confidence (percentage points), "changed"/"same", and the image modality weight clean and noisy."""
+    """Per task: task, clean label and confidence, noisy label and confidence, the change in the
+    confidence in the clean label (percentage points: as the item sweep plots it, so a flipped label
+    shows how far its probability fell), "changed"/"same", and the image modality weight clean and noisy."""
     rows = []
     for task, clean in result.clean.tasks.items():
         noisy = result.noisy.tasks[task]
-        change = round(100 * (noisy.confidence - clean.confidence))
+        change = round(100 * (result.clean_label_kept[task] - clean.confidence))
         rows.append([task_name(task, clean), clean.label, percent(clean.confidence), noisy.label,
                      percent(noisy.confidence), f"{change:+d} pts".replace("-", "−"),
                      "changed" if noisy.label != clean.label else "same",
