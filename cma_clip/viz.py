@@ -66,7 +66,7 @@ def _opacity_table(alpha: float) -> list[int]:
 
 def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55, cmap: str = "inferno",
                    title: str = "", unit: str = "of the map per cell", coverage: np.ndarray | None = None,
-                   size: int = 448) -> Image.Image:
+                   size: int = 448, peak: float | None = None) -> Image.Image:
     """The image with a heatmap on top and a colour bar beside it.
 
     `weights` [h, w] (or a flat square grid) are shares of the map's mass per cell: the colour
@@ -74,12 +74,13 @@ def scaled_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
     looks flat. The colour's opacity grows with the value (`alpha` at the largest, clear at 0),
     so the photo stays visible where the map is low. `coverage` [h, w] (share of each cell the
     photo covers) fades the colour out on the letterbox padding. The bar reads 0 .. max, in
-    percent `unit`. The map is drawn in 256 levels, blended by PIL (a server draws one per call)."""
+    percent `unit`; `peak` sets its top instead of the largest cell (two maps drawn to one scale, to be
+    compared by eye). The map is drawn in 256 levels, blended by PIL (a server draws one per call)."""
     grid = np.asarray(weights, dtype=np.float32)
     if grid.ndim == 1:
         side = int(round(len(grid) ** 0.5))
         grid = grid.reshape(side, side)
-    peak = float(grid.max()) if grid.size else 0.0
+    peak = float(grid.max()) if peak is None and grid.size else float(peak or 0.0)
     scaled = grid / peak if peak > 0 else np.zeros_like(grid)
     base = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     heat = np.asarray(Image.fromarray(scaled, mode="F").resize((size, size), Image.Resampling.BILINEAR))

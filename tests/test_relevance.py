@@ -238,3 +238,10 @@ def test_views_draw_relevance_with_a_colour_bar_and_words(predictor):
     noisy = probe(predictor, load_image(EXAMPLE_IMAGE), EXAMPLE_TEXT, "occlusion", 5, "none", 0)
     clean_map, noisy_map, text = views.probe_maps(noisy, tasks[2])
     assert clean_map is not None and noisy_map is not None and "moved" in text
+    # one colour scale for both maps, up to the larger one's top cell: the flatter map is drawn paler
+    maps = [noisy.clean.relevance[tasks[2]].image_fine, noisy.noisy.relevance[tasks[2]].image_fine]
+    peak = max(float(m.max()) for m in maps)
+    assert clean_map.tobytes() == views.image_map(noisy.clean, tasks[2], peak=peak).tobytes()
+    assert noisy_map.tobytes() == views.image_map(noisy.noisy, tasks[2], peak=peak).tobytes()
+    flatter = min((noisy.clean, noisy.noisy), key=lambda p: float(p.relevance[tasks[2]].image_fine.max()))
+    assert views.image_map(flatter, tasks[2]).tobytes() != views.image_map(flatter, tasks[2], peak=peak).tobytes()

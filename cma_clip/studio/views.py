@@ -211,9 +211,10 @@ def word_attention(prediction: Prediction, word: int | None) -> np.ndarray | Non
 
 
 def image_map(prediction: Prediction, task: str | None, kind: str = "relevance", word: int | None = None,
-              opacity: float = DEFAULT_OPACITY) -> Image.Image | None:
-    """The image map the app shows, with a colour bar: the task's relevance (default), or the raw
-    attention of a word (of the image [CLS] when none) over the patches."""
+              opacity: float = DEFAULT_OPACITY, peak: float | None = None) -> Image.Image | None:
+    """The image map the app shows, with a colour bar: the task's relevance (default; `peak`: the
+    bar's top, default the map's largest cell), or the raw attention of a word (of the image [CLS]
+    when none) over the patches."""
     if prediction.model_image is None:
         return None
     opacity = float(DEFAULT_OPACITY if opacity is None else opacity)
@@ -236,7 +237,7 @@ def image_map(prediction: Prediction, task: str | None, kind: str = "relevance",
         side = fine.shape[0]
         coverage = np.kron(coverage.reshape(prediction.grid_size, -1), np.ones((side // prediction.grid_size,) * 2))
     return scaled_overlay(prediction.model_image, fine, opacity, title=f"Relevance for {name}: {label}",
-                          unit="of the relevance per cell", coverage=coverage)
+                          unit="of the relevance per cell", coverage=coverage, peak=peak)
 
 
 def word_shading(prediction: Prediction, task: str) -> list[tuple[str, float]]:
@@ -624,8 +625,9 @@ def probe_rows(result: Probe) -> list[list]:
 
 def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
                ) -> tuple[Image.Image | None, Image.Image | None, str]:
-    """The task's relevance on the clean and on the noisy item, and how far it moved: the share of
-    the map's mass that changed place (total variation distance between the two patch maps)."""
+    """The task's relevance on the clean and on the noisy item, on one colour scale (a flatter map
+    looks paler), and how far it moved: the share of the map's mass that changed place (total
+    variation distance between the two patch maps)."""
     clean, noisy = result.clean.relevance.get(task or ""), result.noisy.relevance.get(task or "")
     if clean is None or noisy is None:
         return None, None, ""
@@ -638,7 +640,9 @@ def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
     text = (f"**{name}**: {moved:.0%} of the image relevance moved under the noise (total variation "
             f"between the clean and noisy maps); the most relevant patch {top}. Relevance on the image: "
             f"{clean.image_share:.0%} clean, {noisy.image_share:.0%} noisy.")
-    return (image_map(result.clean, task, opacity=opacity), image_map(result.noisy, task, opacity=opacity), text)
+    peak = max(float(clean.image_fine.max()), float(noisy.image_fine.max()))
+    return (image_map(result.clean, task, opacity=opacity, peak=peak),
+            image_map(result.noisy, task, opacity=opacity, peak=peak), text)
 
 
 def probe_shift_figure(result: Probe) -> Figure:
