@@ -35,6 +35,7 @@ class Probe:
     noisy_image: Image.Image
     noisy_text: str
     clean_label_kept: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the text noise could not reach
 
 
 def probability_of(prediction: TaskPrediction, label: str) -> float:
@@ -71,10 +72,16 @@ def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str 
     clean = predictor.predict(image, text)
     noisy = predictor.predict(noisy_image, noisy_text, top_k=max(len(c) for c in predictor.classes.values()))
     kept = {task: probability_of(p, clean.tasks[task].label) for task, p in noisy.tasks.items()}
+    notes = []
+    if _active(text_noise) and not text.strip():
+        notes.append("There is no text to corrupt: the text noise changed nothing.")
+    elif _active(text_noise) and len(clean.words) < len(words := text.split()):
+        notes.append(f"The model reads the first {predictor.max_tokens} tokens of a text: {len(clean.words)} of "
+                     f"these {len(words)} words. The noise on the words after them changes nothing it sees.")
     top = len(next(iter(clean.tasks.values())).labels)
     noisy.tasks = {task: replace(p, labels=p.labels[:top], probabilities=p.probabilities[:top])
                    for task, p in noisy.tasks.items()}
-    return Probe(clean, noisy, noisy_image, noisy_text, kept)
+    return Probe(clean, noisy, noisy_image, noisy_text, kept, notes)
 
 
 @dataclass

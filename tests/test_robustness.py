@@ -14,6 +14,7 @@ from cma_clip.noise import SEVERITIES, corrupt_image
 from cma_clip.predict import Predictor
 from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probability_of, probe, sweep_item
 from cma_clip.runtime import bf16_supported
+from cma_clip.studio import views
 from cma_clip.studio.views import percent, probe_rows
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
@@ -89,6 +90,19 @@ def test_strong_corruption_changes_the_inputs_and_compares_every_task(predictor,
         assert (clean_w, noisy_w) == (percent(clean.image_weight), percent(noisy.image_weight))
     # the corruption moves the model: some task's confidence or image weight shifts
     assert any(c[5] != "+0 pts" or c[7] != c[8] for c in rows)
+
+
+def test_the_probe_says_when_the_text_noise_cannot_reach_what_the_model_reads(predictor, image):
+    assert probe(predictor, image, EXAMPLE_TEXT, "none", 0, "typos", 3).notes == []
+    empty = probe(predictor, image, "  ", "none", 0, "typos", 3)
+    assert empty.notes == ["There is no text to corrupt: the text noise changed nothing."]
+    long_text = " ".join([EXAMPLE_TEXT] * 20)
+    long = probe(predictor, image, long_text, "none", 0, "truncation", 2)
+    [note] = long.notes
+    assert f"reads the first {predictor.max_tokens} tokens" in note
+    assert f"{len(long.clean.words)} of these {len(long_text.split())} words" in note
+    assert note in views.probe_maps(long, predictor.tasks[0])[2]  # under the maps, where the app shows it
+    assert probe(predictor, image, long_text, "blur", 2, "none", 0).notes == []  # no text noise: nothing to say
 
 
 def test_a_flipped_label_shows_how_far_the_clean_labels_confidence_fell():

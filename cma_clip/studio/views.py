@@ -640,6 +640,7 @@ def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
     text = (f"**{name}**: {moved:.0%} of the image relevance moved under the noise (total variation "
             f"between the clean and noisy maps); the most relevant patch {top}. Relevance on the image: "
             f"{clean.image_share:.0%} clean, {noisy.image_share:.0%} noisy.")
+    text += "".join(f"  \n{plain(note)}" for note in result.notes)  # what the text noise could not reach
     peak = max(float(clean.image_fine.max()), float(noisy.image_fine.max()))
     return (image_map(result.clean, task, opacity=opacity, peak=peak),
             image_map(result.noisy, task, opacity=opacity, peak=peak), text)
