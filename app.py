@@ -146,7 +146,9 @@ def typed_inputs(demo: gr.Blocks) -> None:
     field's bounds. Gradio compares a number's payload with its bounds (`"abc" < 0`: a
     TypeError, shown as a bare "Error"), words a bound without naming the field, turns any
     payload into text for a text box and hands a list sent to a dropdown that takes typed
-    values on to the handler."""
+    values on to the handler. A field of whole numbers (a number of precision 0, a slider of whole
+    steps) refuses a fraction, which Gradio would round without a word; a slider refuses an empty value
+    (Gradio's own check fails on it with a bare "Error")."""
     for block in demo.blocks.values():
         if isinstance(block, (gr.Number, gr.Slider)):
             kinds, what = (int, float), "a number"
@@ -170,6 +172,10 @@ def _typed(block: gr.components.Component, kinds: tuple[type, ...], what: str) -
         name = block.label or "This field"
         if payload is not None and wrong:
             raise error(f"{name} takes {what}, not {repr(payload)[:80]}.")
+        if payload is not None and kinds[0] is int and _whole(block) and not float(payload).is_integer():
+            raise error(f"{name} takes a whole number, not {payload!r}.")
+        if payload is None and isinstance(block, gr.Slider):
+            raise error(f"{name} takes a number, not None.")
         if payload is not None and kinds[0] is int:  # a number: within the field's bounds
             low, high = block.minimum, block.maximum
             if (low is not None and payload < low) or (high is not None and payload > high):
@@ -182,6 +188,13 @@ def _typed(block: gr.components.Component, kinds: tuple[type, ...], what: str) -
             raise error(exc.message) from None
 
     return preprocess
+
+
+def _whole(block: gr.components.Component) -> bool:
+    """Does the field hold whole numbers only (a number of precision 0, a slider of whole steps from a whole start)?"""
+    if isinstance(block, gr.Slider):
+        return float(block.step).is_integer() and float(block.minimum).is_integer()
+    return getattr(block, "precision", None) == 0
 
 
 def _shown(number: float) -> str:
