@@ -1124,7 +1124,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
     @user_errors
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
         sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
-        return item_sweep_figure(sweep.confidence, sweep.image_weight, studio.display_names(model_name))
+        return item_sweep_figure(sweep.confidence, sweep.image_weight, studio.display_names(model_name),
+                                 sweep.corruptions)
 
     @user_errors
     def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, progress=gr.Progress()):

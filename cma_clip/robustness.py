@@ -22,7 +22,7 @@ from .noise import SEVERITIES, corrupt_image, corrupt_text
 from .predict import Prediction, Predictor, TaskPrediction
 
 MODES = ("image", "text", "both")  # which input gets the noise in a sweep
-SWEEP_FIELDS = ("mode", "severity", "task", "accuracy", "n")
+SWEEP_FIELDS = ("mode", "corruption", "severity", "task", "accuracy", "n", "seed")
 
 
 @dataclass
@@ -57,10 +57,11 @@ def _corrupt(image: Image.Image, text: str, mode: str, image_noise: str | None, 
     return image, text
 
 
-def sweep_modes(image_noise: str | None, text_noise: str | None) -> list[str]:
-    """The modes a pair of noise names allows ("none"/None switches a noise off)."""
+def corruptions(image_noise: str | None, text_noise: str | None) -> dict[str, str]:
+    """Each mode a pair of noise names allows ("none"/None switches a noise off) -> the corruption
+    it applies: "blur", "typos", "blur + typos"."""
     needs = {"image": (image_noise,), "text": (text_noise,), "both": (image_noise, text_noise)}
-    return [mode for mode in MODES if all(_active(name) for name in needs[mode])]
+    return {mode: " + ".join(needs[mode]) for mode in MODES if all(_active(name) for name in needs[mode])}
 
 
 def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None, image_severity: int,
@@ -87,18 +88,19 @@ def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str 
 @dataclass
 class ItemSweep:
     """One item over severities 0..5 (list index = severity), per mode and task: the probability of
-    the clean top-1 label, and the image's modality weight."""
+    the clean top-1 label, and the image's modality weight; and each mode's corruption (`corruptions`)."""
 
     confidence: dict[str, dict[str, list[float]]]
     image_weight: dict[str, dict[str, list[float]]]
+    corruptions: dict[str, str] = field(default_factory=dict)
 
 
 def sweep_item(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None,
                text_noise: str | None, seed: int = 0) -> ItemSweep:
     """The item's confidence in its clean predictions and its image weights at every severity, per mode."""
     top_k = max(len(classes) for classes in predictor.classes.values())
-    sweep = ItemSweep({}, {})
-    for mode in sweep_modes(image_noise, text_noise):
+    sweep = ItemSweep({}, {}, corruptions(image_noise, text_noise))
+    for mode in sweep.corruptions:
         inputs = [_corrupt(image, text, mode, image_noise, text_noise, s, seed) for s in SEVERITIES]
         predictions = predictor.predict_batch([i for i, _ in inputs], [t for _, t in inputs], top_k=top_k)
         sweep.confidence[mode], sweep.image_weight[mode] = {}, {}
@@ -121,7 +123,7 @@ def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str
 
     Accuracy is over the items labelled for the task; a label outside the checkpoint's vocabulary
     counts as wrong. Item i is corrupted with seed `seed + i`; severity 0 is run once for all modes."""
-    modes = sweep_modes(image_noise, text_noise)
+    modes = corruptions(image_noise, text_noise)
     labels = {task: catalogue.labels(task) for task in predictor.tasks}
     tasks = [task for task in predictor.tasks if any(label is not None for label in labels[task])]
     runs = [(None, 0)] + [(mode, s) for mode in modes for s in SEVERITIES if s > 0]
@@ -150,9 +152,9 @@ def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str
         for severity in SEVERITIES:
             run = (None, 0) if severity == 0 else (mode, severity)
             accuracies = [correct[run, task] / counts[task] for task in tasks]
-            rows += [{"mode": mode, "severity": severity, "task": task, "accuracy": acc, "n": counts[task]}
+            run = {"mode": mode, "corruption": modes[mode], "severity": severity}
+            rows += [{**run, "task": task, "accuracy": acc, "n": counts[task], "seed": seed}
                      for task, acc in zip(tasks, accuracies)]
-            rows.append({"mode": mode, "severity": severity, "task": "mean",
-                         "accuracy": sum(accuracies) / len(accuracies) if accuracies else math.nan,
-                         "n": len(catalogue)})
+            mean = sum(accuracies) / len(accuracies) if accuracies else math.nan
+            rows.append({**run, "task": "mean", "accuracy": mean, "n": len(catalogue), "seed": seed})
     return rows

@@ -185,9 +185,11 @@ def png_data_url(image: Image.Image) -> str:
 
 
 def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabels: dict[str, str],
-                     names: dict[str, str] | None, emphasis: str | None = None) -> Figure:
+                     names: dict[str, str] | None, emphasis: str | None = None,
+                     corruptions: dict[str, str] | None = None) -> Figure:
     """A row of subplots per entry of `panels` (row -> mode -> line -> values at severities 0..5), a
-    column per noise mode, one shared legend under them (tasks by their `names`)."""
+    column per noise mode titled with its corruption ("image noise: blur"), one shared legend under
+    them (tasks by their `names`)."""
     rows = list(panels)
     modes = list(next(iter(panels.values()))) or ["no noise chosen"]
     fig, axes = plt.subplots(len(rows), len(modes), figsize=(3.4 * len(modes) + 0.8, 3.0 * len(rows) + 1.2),
@@ -200,7 +202,8 @@ def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabe
                 ax.plot(range(len(values)), values, marker="o", markersize=4 if bold else 3,
                         linewidth=3 if bold else 1.4, color="black" if bold else None, zorder=3 if bold else 2,
                         label=(names or {}).get(line, line))
-            ax.set_title(f"{mode} noise" if mode in panels[row] else mode, fontsize=FONT)
+            title = f"{mode} noise" + (f": {corruptions[mode]}" if mode in (corruptions or {}) else "")
+            ax.set_title(title if mode in panels[row] else mode, fontsize=FONT)
             ax.set_xlabel("severity" if r == len(rows) - 1 else "", fontsize=FONT - 1)
             ax.set_xticks(range(6))
             ax.set_ylim(0, 1.02)
@@ -219,25 +222,29 @@ def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabe
 
 def item_sweep_figure(sweep: dict[str, dict[str, list[float]]],
                       image_weight: dict[str, dict[str, list[float]]] | None = None,
-                      names: dict[str, str] | None = None) -> Figure:
-    """One subplot per noise mode: each task's probability of its clean prediction against severity;
-    with `image_weight` (same shape), a second row: each task's image modality weight."""
+                      names: dict[str, str] | None = None, corruptions: dict[str, str] | None = None) -> Figure:
+    """One subplot per noise mode (titled with its corruption: `robustness.corruptions`): each task's
+    probability of its clean prediction against severity; with `image_weight` (same shape), a second
+    row: each task's image modality weight."""
     panels = {"confidence": sweep, **({"image weight": image_weight} if image_weight is not None else {})}
     return _severity_panels(panels, {"confidence": "probability of the clean prediction",
-                                     "image weight": "image-side weight (image + colour)"}, names)
+                                     "image weight": "image-side weight (image + colour)"}, names,
+                            corruptions=corruptions)
 
 
 def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: dict[str, str] | None = None
                            ) -> Figure:
-    """`metric` against severity, one subplot per noise mode: a line per task and their mean (bold)."""
+    """`metric` against severity, one subplot per noise mode (titled with the rows' corruption): a line
+    per task and their mean (bold)."""
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    corruptions = {row["mode"]: row["corruption"] for row in rows if row.get("corruption")}
     for row in rows:
         curves.setdefault(row["mode"], {}).setdefault(row["task"], []).append(
             (int(row["severity"]), float(row[metric])))
     by_mode = {mode: {task: [v for _, v in sorted(points)] for task, points in tasks.items()}
                for mode, tasks in curves.items()}
     return _severity_panels({metric: by_mode}, {metric: metric}, {"mean": "mean over tasks", **(names or {})},
-                            emphasis="mean")
+                            emphasis="mean", corruptions=corruptions)
 
 
 def modality_shift_chart(clean: dict[str, float], noisy: dict[str, float]) -> Figure:

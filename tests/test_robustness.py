@@ -12,7 +12,8 @@ from cma_clip.backbones import to_rgb
 from cma_clip.data import REPO_ROOT, Catalogue, CatalogueConfig, load_image, write_table
 from cma_clip.noise import SEVERITIES, corrupt_image
 from cma_clip.predict import Predictor
-from cma_clip.robustness import MODES, SWEEP_FIELDS, catalogue_sweep, item_sweep, probability_of, probe, sweep_item
+from cma_clip.robustness import (MODES, SWEEP_FIELDS, catalogue_sweep, corruptions, item_sweep, probability_of, probe,
+                                 sweep_item)
 from cma_clip.runtime import bf16_supported
 from cma_clip.studio import views
 from cma_clip.studio.views import percent, probe_rows
@@ -198,8 +199,8 @@ def test_sweep_rows_round_trip_through_csv(swept, tmp_path):
     path = write_table(tmp_path / "out" / "sweep.csv", rows, SWEEP_FIELDS)
     with open(path, newline="") as handle:
         back = list(csv.DictReader(handle))
-    assert [{**r, "severity": int(r["severity"]), "accuracy": float(r["accuracy"]), "n": int(r["n"])}
-            for r in back] == rows
+    assert [{**r, "severity": int(r["severity"]), "accuracy": float(r["accuracy"]), "n": int(r["n"]),
+             "seed": int(r["seed"])} for r in back] == rows
 
 
 def test_robustness_figures(predictor, image, sweep, swept):
@@ -213,7 +214,9 @@ def test_robustness_figures(predictor, image, sweep, swept):
     names = {task: f"Task {i}" for i, task in enumerate(predictor.tasks)}
     weights = sweep_item(predictor, image, EXAMPLE_TEXT, "occlusion", "word_mask", seed=1)
     assert weights.confidence == sweep
-    both = viz.item_sweep_figure(weights.confidence, weights.image_weight, names)
+    assert weights.corruptions == corruptions("occlusion", "word_mask")
+    both = viz.item_sweep_figure(weights.confidence, weights.image_weight, names, weights.corruptions)
+    assert both.axes[0].get_title() == "image noise: occlusion" and both.axes[2].get_title().endswith("+ word_mask")
     assert len(both.axes) == 2 * len(MODES)  # a row of confidences, a row of image weights
     for ax, mode in zip(both.axes[len(MODES):], MODES):
         assert list(ax.lines[0].get_ydata()) == weights.image_weight[mode][predictor.tasks[0]]
@@ -221,7 +224,8 @@ def test_robustness_figures(predictor, image, sweep, swept):
 
     rows, _ = swept
     figure = viz.catalogue_sweep_figure(rows, names=names)
-    assert [ax.get_title() for ax in figure.axes] == [f"{m} noise" for m in MODES]
+    assert [ax.get_title() for ax in figure.axes] == [  # each panel names its corruption
+        "image noise: blur", "text noise: word_dropout", "both noise: blur + word_dropout"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     for ax, mode in zip(figure.axes, MODES):  # a curve per task and the mean
         assert [line.get_label() for line in ax.lines] == [names.get(t, "mean over tasks") for t in tasks]

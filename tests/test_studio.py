@@ -425,7 +425,10 @@ def test_probe_and_sweeps_through_the_studio(studio):
     assert all(0 <= w <= 1 for v in sweep.image_weight["image"].values() for w in v)
     rows, path = studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0)
     assert {r["mode"] for r in rows} == {"text"} and path.exists()
-    assert read_manifest(path)[0].keys() >= {"mode", "severity", "task", "accuracy", "n"}
+    written = read_manifest(path)
+    assert written[0].keys() >= {"mode", "corruption", "severity", "task", "accuracy", "n", "seed"}
+    assert {r["corruption"] for r in written} == {"truncation"}  # what was run, not only the file's name
+    assert all(len(r["accuracy"].partition(".")[2]) <= 4 for r in written)  # rounded for a reader
 
 
 

@@ -991,7 +991,7 @@ class Studio:
                    text_noise: str | None, seed: int = 0) -> robustness.ItemSweep:
         """Each task's confidence in its clean prediction and its image weight at severities 0..5."""
         _check_noise(image_noise, text_noise)
-        if not robustness.sweep_modes(image_noise, text_noise):
+        if not robustness.corruptions(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
         return robustness.sweep_item(self.predictor(model), open_user_image(image_path), clean_text(text),
                                      image_noise, text_noise, _seed(seed))
@@ -1000,7 +1000,7 @@ class Studio:
                         seed: int = 0, progress: Progress | None = None) -> tuple[list[dict], Path]:
         """Mean accuracy against severity on a sample of the model's catalogue's test split; rows and CSV."""
         _check_noise(image_noise, text_noise)
-        if not robustness.sweep_modes(image_noise, text_noise):
+        if not robustness.corruptions(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
         name = self.predictor(model).config.catalogue.name
         try:
@@ -1010,8 +1010,8 @@ class Studio:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise,
                                           _seed(seed), progress)
-        path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv", rows,
-                           robustness.SWEEP_FIELDS)
+        path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv",
+                           [{**row, "accuracy": round(row["accuracy"], 4)} for row in rows], robustness.SWEEP_FIELDS)
         return rows, path
 
 
