@@ -90,6 +90,9 @@ CSS = """
     margin-right: 0; flex: none; }
   #predict-results { order: 2; }
   #predict-examples { order: 3; }
+  /* a sweep's 3 x 2 panels keep readable ticks and legends: the chart scrolls sideways instead of shrinking */
+  #item-sweep .matplotlib, #batch-sweep .matplotlib { display: block; overflow-x: auto; }
+  #item-sweep .matplotlib img, #batch-sweep .matplotlib img { width: 760px; max-width: none; }
 }
 """
 

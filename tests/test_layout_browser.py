@@ -130,6 +130,10 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     page.locator("#probe").click()
     expect(page.locator("#probe-table")).to_contain_text("pts", timeout=60_000)
     expect(page.locator("#probe-table")).to_contain_text("Pattern")
+    page.get_by_role("button", name="Sweep all severities for this item").click()
+    expect(page.locator("#item-sweep img")).to_be_visible(timeout=120_000)
+    # a sweep's six panels keep readable text: on a phone the chart scrolls sideways, never shrinks to 346 px
+    assert page.locator("#item-sweep img").bounding_box()["width"] >= 700, size
     check_view(page, size, "robustness")
 
     open_tab(page, "history")
