@@ -29,7 +29,7 @@ from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
-from cma_clip.labels import MAX_NAME_CHARS, STATUSES, agreement_file  # noqa: E402
+from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES, agreement_file  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
@@ -815,7 +815,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
         """A stored decision shows the next item; a refused one stays on the item with its choices,
         the labeler's own choices kept, and (a conflict) the item's table and history as they stand now."""
-        message = views.save_message(outcome, studio.display_names(queue.model))
+        message = views.save_message(outcome, studio.display_names(queue.model)) + views.shown_again(outcome, queue)
         updates = {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
         if outcome.result == "conflict" and queue.current is not None:
             view = studio.current_view(queue)
@@ -1163,7 +1163,8 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                                      elem_id="audit-task")
             audit_annotator = gr.Textbox(label="Annotator", placeholder="any", elem_id="audit-annotator")
             audit_status = gr.Dropdown(["any", *STATUSES], value="any", label="Status", elem_id="audit-status")
-            audit_source = gr.Dropdown(["any", "human", "auto"], value="any", label="Source", elem_id="audit-source")
+            audit_source = gr.Dropdown(["any", *AUDIT_SOURCES], value="any", label="Source",
+                                       elem_id="audit-source")
             audit_search = gr.Textbox(label="Search", placeholder="item id, label, annotator or text",
                                       elem_id="audit-search")
             audit_page = gr.Number(1, precision=0, minimum=1, label="Page", elem_id="audit-page")

@@ -17,7 +17,7 @@ a label outside a task's vocabulary (or a label some item holds now) is refused 
 `UnknownLabel` naming close classes, unless confirmed as a new class. ``claims`` holds the
 item each labeler is on, for ten minutes after their last step, so queues steer apart.
 `disagreements` lists the items whose annotators' labels differ on a task and that no
-adjudication settled since (a later label that differs opens it again).
+adjudication settled (a later label that differs from the adjudicated one opens it again).
 
 Each image is stored once, as ``<sha[:2]>/<sha>.<ext>`` in the image folder (default
 ``<db stem>_images/`` beside the database). The database runs in WAL mode with
@@ -54,6 +54,9 @@ from .errors import CMAClipError
 
 STATUSES = ("pending", "accepted", "corrected", "skipped")
 SOURCES = ("human", "auto")
+# what the audit's source filter tells apart: a labeler's label, an auto-accept, a reviewer's adjudication
+AUDIT_SOURCES = {"human": "c.source = 'human' AND c.adjudicated = 0", "auto": "c.source = 'auto'",
+                 "adjudication": "c.adjudicated = 1"}
 
 # ---------------------------------------------------------------------------- SQL
 V1_SCHEMA = (
@@ -127,6 +130,8 @@ NOT_REVERTED = " AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.reverts = d.i
 HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
                 " AND c.adjudicated = 0" + NOT_REVERTED + " ORDER BY d.id")
 ADJUDICATIONS = DECISIONS + " WHERE c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED + " ORDER BY d.id"
+CATALOGUE_LABELS = ("SELECT task, catalogue_label FROM decisions WHERE item_id = ? AND catalogue_label IS NOT NULL"
+                    " ORDER BY id")
 # the newest save of `annotator` that undo can still revert (an undo that kept every task as someone
 # else decided since still passes over it)
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
@@ -232,6 +237,7 @@ class TaskState:
     checkpoint: str
     created_at: str
     decided_by: str = ""
+    adjudicated: bool = False  # the label was a reviewer's decision on a disagreement
 
     def same_decision(self, other: "TaskState") -> bool:
         """The same label, status and provenance: only the version (and who restored it) may differ,
@@ -266,6 +272,7 @@ class Disagreement(NamedTuple):
     image_path: Path  # of its newest labelled save
     labels: dict[str, dict[str, str]]  # task -> annotator -> their latest label (not undone)
     since: str  # when the newest of those labels was saved
+    catalogue: dict[str, str] = {}  # task -> the catalogue label its saves recorded (an upload's manifest too)
 
 
 @dataclass(frozen=True)
@@ -546,16 +553,16 @@ class LabelStore:
               source: str | None = None, search: str | None = None, limit: int = 100,
               offset: int = 0) -> tuple[list[dict], int]:
         """One page of decisions, newest first, and how many match: each with its label and
-        status, who (human or auto-accept), when, the checkpoint, the model's prediction and
+        status, who (`source`: human, auto or adjudication), when, the checkpoint, the model's prediction and
         the catalogue's label, and whether the label differs from them (None: nothing to
         compare). `search` matches a part of the item id, label, annotator or text (ASCII
         letters ignore case)."""
         if status is not None and status not in STATUSES:
             raise LabelStoreError(f"status must be one of {STATUSES}, not {status!r}")
-        if source is not None and source not in SOURCES:
-            raise LabelStoreError(f"source must be one of {SOURCES}, not {source!r}")
-        clauses, params = [], []
-        for column, value in (("d.task", task), ("c.annotator", annotator), ("d.status", status), ("c.source", source)):
+        if source is not None and source not in AUDIT_SOURCES:
+            raise LabelStoreError(f"source must be one of {tuple(AUDIT_SOURCES)}, not {source!r}")
+        clauses, params = [] if source is None else [AUDIT_SOURCES[source]], []
+        for column, value in (("d.task", task), ("c.annotator", annotator), ("d.status", status)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
@@ -644,18 +651,22 @@ class LabelStore:
 
     def disagreements(self, tasks: Iterable[str] | None = None) -> list[Disagreement]:
         """The items whose annotators disagree on a task of `tasks` (each annotator's latest label,
-        as `agreement` counts them) and that no adjudication (a save with `adjudicated`, not undone)
-        settled after the newest of those labels, the oldest disagreement first."""
+        as `agreement` counts them) that are open: no adjudication (a save with `adjudicated`, not
+        undone) settled them, or a label saved after it differs from it. The oldest disagreement
+        first, each with its text, image and the catalogue labels its saves recorded."""
         with self._transaction() as conn:
             found, since = _open_disagreements(conn, _annotators_labels(conn, tasks))
             current = self._current(conn) if found else {}
-        return sorted((Disagreement(item, current[item]["text"], current[item]["image_path"], by_task, since[item])
+            recorded = {item: {row["task"]: row["catalogue_label"] for row in conn.execute(CATALOGUE_LABELS, (item,))}
+                        for item in found}
+        return sorted((Disagreement(item, current[item]["text"], current[item]["image_path"], by_task, since[item],
+                                    recorded[item])
                        for item, by_task in found.items() if item in current), key=lambda d: (d.since, d.item_id))
 
-    def disagreeing_items(self, tasks: Iterable[str] | None = None) -> set[str]:
-        """The ids of `disagreements(tasks)`, without reading their content."""
+    def open_disagreements(self, tasks: Iterable[str] | None = None) -> dict[str, dict[str, dict[str, str]]]:
+        """`disagreements(tasks)` as item -> task -> annotator -> label, without reading their content."""
         with self._transaction() as conn:
-            return set(_open_disagreements(conn, _annotators_labels(conn, tasks))[0])
+            return _open_disagreements(conn, _annotators_labels(conn, tasks))[0]
 
     # ------------------------------------------------------------------ review queues
     def save_queue(self, queue_id: str, annotator: str, model: str, payload: Mapping[str, Any],
@@ -1060,7 +1071,7 @@ def _dropped(steps: dict[int, _Step], row: sqlite3.Row) -> dict | None:
 
 def _state(row: sqlite3.Row) -> TaskState:
     return TaskState(row["label"], row["status"], row["version"], row["annotator"] or "", row["source"],
-                     row["checkpoint"] or "", row["created_at"], row["annotator"] or "")
+                     row["checkpoint"] or "", row["created_at"], row["annotator"] or "", bool(row["adjudicated"]))
 
 
 def _predicted(predictions: Mapping[str, Any]) -> dict[str, Any]:
@@ -1114,14 +1125,18 @@ def _agreement(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[st
 
 def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], dict],
                         ) -> tuple[dict[str, dict[str, dict[str, str]]], dict[str, str]]:
-    """Of the annotators' labels (`_annotators_labels`), the disagreements no adjudication settled after
-    their newest label: item -> task -> annotator -> label, and item -> when the newest was saved."""
-    settled = {(row["task"], row["item_id"]): row["version"] for row in conn.execute(ADJUDICATIONS)}
+    """Of the annotators' labels (`_annotators_labels`), the disagreements open: none adjudicated, or a
+    label saved after the newest adjudication differs from it. item -> task -> annotator -> label, and
+    item -> when the newest of those labels was saved."""
+    settled = {(row["task"], row["item_id"]): row for row in conn.execute(ADJUDICATIONS)}  # the newest
     found: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
     since: dict[str, str] = {}
     for (task, item), by_annotator in labels.items():
         rows = by_annotator.values()
-        if len({row["label"] for row in rows}) < 2 or settled.get((task, item), 0) > max(r["version"] for r in rows):
+        if len({row["label"] for row in rows}) < 2:
+            continue
+        if (ruling := settled.get((task, item))) is not None and all(
+                row["label"] == ruling["label"] for row in rows if row["version"] > ruling["version"]):
             continue
         found[item][task] = {annotator: row["label"] for annotator, row in sorted(by_annotator.items())}
         since[item] = max(since.get(item, ""), *(row["created_at"] for row in rows))

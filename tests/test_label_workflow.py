@@ -488,7 +488,8 @@ def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store):
     [found] = store.disagreements()
     assert (found.item_id, found.labels, found.text) == ("1", {"colour": {"ana": "Red", "ben": "Blue"}}, "text of 1")
     assert found.image_path.is_file() and found.since == store.item_state("1")["colour"].created_at
-    assert store.disagreements(["type"]) == [] and store.disagreeing_items(["colour"]) == {"1"}
+    assert store.open_disagreements() == {"1": {"colour": {"ana": "Red", "ben": "Blue"}}}
+    assert store.disagreements(["type"]) == [] and set(store.open_disagreements(["colour"])) == {"1"}
     before = store.agreement()
 
     settled = save(store, "1", "eve", {"colour": "Red"}, adjudicated=True)
@@ -499,12 +500,14 @@ def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store):
     row = next(r for r in store.item_history("1") if r["version"] == settled.versions["colour"])
     assert row["adjudicated"] and not store.item_history("2")[0]["adjudicated"]
     store.undo("eve")
-    assert store.disagreeing_items() == {"1"}  # the settlement undone: open again
+    assert set(store.open_disagreements()) == {"1"}  # the settlement undone: open again
     save(store, "1", "eve", {"colour": "Red"}, adjudicated=True)
+    save(store, "1", "dan", {"colour": "Red"})  # a later label that agrees with the ruling: still settled
+    assert store.open_disagreements() == {}
     save(store, "1", "ben", {"colour": "Blue"})  # ben says Blue again, after it was settled
-    assert store.disagreeing_items() == {"1"}
+    assert set(store.open_disagreements()) == {"1"}
     save(store, "1", "ben", {"colour": "Red"})  # and then comes round
-    assert store.disagreeing_items() == set()
+    assert store.open_disagreements() == {}
 
 
 def test_a_v4_store_gains_adjudications(tmp_path):
@@ -516,9 +519,9 @@ def test_a_v4_store_gains_adjudications(tmp_path):
     store = LabelStore(path)
     save(store, "1", "ana", {"colour": "Red"})
     save(store, "1", "ben", {"colour": "Blue"})
-    assert store.disagreeing_items() == {"1"}
+    assert set(store.open_disagreements()) == {"1"}
     save(store, "1", "eve", {"colour": "Blue"}, adjudicated=True)
-    assert store.disagreeing_items() == set()
+    assert store.open_disagreements() == {}
 
 
 def test_the_audit_filters_searches_and_compares_with_the_model_and_the_catalogue(store):

@@ -532,14 +532,16 @@ def test_a_reviewer_settles_what_two_annotators_disagree_on(review_app):
         fay("/bulk_accept", "fay", ALL_TASKS, THRESHOLDS)
 
     saved = fay.accept(with_label(answer, COLOUR, second))
-    assert "Saved correction" in saved["review status"] and "dispute-1" not in studio.store.disagreeing_items()
+    assert "Saved correction" in saved["review status"] and "dispute-1" not in studio.store.open_disagreements()
     assert studio.store.item_state("dispute-1")[COLOUR].label == second
     after = studio.store.agreement([COLOUR])[COLOUR]
     assert after == {**before[COLOUR], "open_disagreements": before[COLOUR]["open_disagreements"] - 1}  # no voter
     table = fay("/agreement")
     row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
     assert row[-1] == after["open_disagreements"]  # the History tab says how many wait
-    audit = fay("/audit", COLOUR, "fay", "any", "any", "dispute-1", 1)
-    assert [row[6] for row in audit[next(iter(audit))]["data"]] == ["adjudication"]
+    audit = fay("/audit", COLOUR, "any", "any", "adjudication", "dispute-1", 1)  # the source filter tells it apart
+    assert [(row[5], row[6]) for row in audit[next(iter(audit))]["data"]] == [("fay", "adjudication")]
+    human = fay("/audit", COLOUR, "any", "any", "human", "dispute-1", 1)
+    assert {row[5] for row in human[next(iter(human))]["data"]} == {"dee", "eli"}
     fay("/review_undo", "fay", "")
-    assert "dispute-1" in studio.store.disagreeing_items([COLOUR])  # open again
+    assert "dispute-1" in studio.store.open_disagreements([COLOUR])  # open again

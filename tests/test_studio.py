@@ -367,9 +367,9 @@ def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_
         studio.review_disagreements("hm-articles", colour, 10)
     red, blue = studio.task_classes("hm-articles")[colour][:2]
     for item in ("d-1", "d-2"):
-        for annotator, label in (("ana", red), ("ben", blue)):
+        for annotator, label in (("ana", red), ("ben", blue)):  # d-2 as an upload: its manifest's label recorded
             studio.store.save(image=EXAMPLE_IMAGE, text=EXAMPLE_TEXT, labels={colour: label}, annotator=annotator,
-                              item_id=item)
+                              item_id=item, catalogue_labels={colour: red} if item == "d-2" else None)
     queue = studio.review_disagreements("hm-articles", colour, 10, annotator="ben")
     assert [item.item_id for item in queue.items] == ["d-1", "d-2"] and queue.tasks == [colour]
     assert [item.status for item in queue.items] == ["pending", "pending"]  # every item holds labels, all open
@@ -377,7 +377,19 @@ def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_
     # ben, one of the two, accepts the label standing (his own) as it is: that settles it too
     view = studio.current_view(queue)
     assert view.values == {colour: blue} and studio.review_save(queue, "ben", view.values, view.shown).result == "saved"
-    assert studio.store.disagreeing_items() == {"d-2"} and queue.current.item_id == "d-2"
+    assert set(studio.store.open_disagreements()) == {"d-2"} and queue.current.item_id == "d-2"
+    assert queue.items[0].note.startswith("Settled") and queue.items[1].note.startswith("Annotators disagree")
+    assert queue.items[1].catalogue == {colour: red}  # what its saves recorded
+    assert "order: oldest disagreement first" in views.review_notes(queue)
+    assert studio.store.item_state("d-1")[colour].adjudicated and ", adjudication, " in views.review_rows(
+        queue.items[0], studio.item_view("d-1", [colour], {}), [colour])[0][3]
+    skipped = studio.review_skip(queue, "ben")  # the only open item left: it comes back, and the message says why
+    assert queue.current.item_id == "d-2" and "so it shows again" in views.shown_again(skipped, queue)
+    studio.review_previous(queue, "ben")  # back on the settled d-1: accepting it again stores nothing
+    saves = studio.store.count()
+    again = studio.current_view(queue)
+    assert studio.review_save(queue, "ben", again.values, again.shown).result == "unchanged"
+    assert studio.store.count() == saves and queue.current.item_id == "d-2"
     assert studio.review_save(queue, "ben", {colour: red}).result == "saved"
     resumed = studio.resume_queue(queue.queue_id, "ben")
     assert "pending" not in [item.status for item in resumed.items] and resumed.current is None

@@ -31,8 +31,8 @@ from ..checkpoint import CheckpointConfig, CheckpointError, is_checkpoint, read_
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
                     join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import (MAX_NAME_CHARS, Disagreement, LabelConflict, LabelStore, LabelStoreError, TaskState,
-                      UnknownLabel, content_item_id)
+from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
+                      content_item_id)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from . import uploads
@@ -595,8 +595,8 @@ class Studio:
                               "labels differ when a second labeler reviews decided items ('Show decided items') or "
                               "overwrites a label.")
         size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(found))
-        items = [(d.item_id, str(d.image_path), d.text, self.catalogue_labels(model, d.item_id),
-                  disagreement_note(d, names)) for d in found[:size]]
+        items = [(d.item_id, str(d.image_path), d.text, d.catalogue or self.catalogue_labels(model, d.item_id),
+                  disagreement_note(d.labels, names)) for d in found[:size]]
         return self._queue(model, items, [], progress, tasks=tasks, split=DISAGREEMENTS, annotator=annotator,
                            ranked=True, source=f"the {size} oldest of {plural(len(found), 'item')} whose annotators "
                                                "disagree")
@@ -706,9 +706,11 @@ class Studio:
         disagreements queue an item is pending while its disagreement is open), and who else than
         `annotator` is on it now (their claim; no claims without an annotator)."""
         annotator = (annotator or "").strip()
-        if queue.split == DISAGREEMENTS:
-            disputed = self.store.disagreeing_items(queue.tasks)
-            decided = {item.item_id for item in queue.pool} - disputed
+        if queue.split == DISAGREEMENTS:  # and each item's note as the disagreement stands now
+            disputed, names = self.store.open_disagreements(queue.tasks), self.display_names(queue.model)
+            decided = {item.item_id for item in queue.pool} - set(disputed)
+            for item in queue.pool:
+                item.note = disagreement_note(disputed.get(item.item_id, {}), names)
         else:
             decided = self.store.decided_items(queue.tasks)
         claimed = self.store.claims(annotator) if annotator else {}
@@ -795,7 +797,8 @@ class Studio:
             standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
             own = all(_own_label(standing.get(t), label, annotator, shown.versions.get(t))
                       for t, label in chosen.items())
-            if own and not new_classes and not adjudicating:  # e.g. back with Previous, then accept
+            settled = adjudicating and item.item_id not in self.store.open_disagreements(queue.tasks)
+            if own and not new_classes and (settled or not adjudicating):  # e.g. back with Previous, then accept
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
@@ -1023,10 +1026,13 @@ def _item_status(states: dict[str, TaskState], tasks: list[str]) -> str:
     return next(s for s in ("corrected", "accepted", "skipped") if s in statuses)
 
 
-def disagreement_note(disagreement: Disagreement, names: dict[str, str]) -> str:
-    """What the annotators said, task by task: "Annotators disagree: Colour: ana Red, ben Blue."."""
+def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) -> str:
+    """What the annotators said, task by task ("Annotators disagree on Colour: ana Red, ben Blue."), from
+    `LabelStore.open_disagreements`' entry of the item; an item with none is settled."""
+    if not labels:
+        return "Settled: no open disagreement on the tasks under review."
     said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
-                     for task, by_annotator in disagreement.labels.items())
+                     for task, by_annotator in labels.items())
     return f"Annotators disagree on {said}. Your save settles it."
 
 

@@ -348,7 +348,8 @@ def review_status(queue: ReviewQueue | None) -> str:
 def review_notes(queue: ReviewQueue) -> str:
     """Where the queue's items come from, its order and filter, and the rows that could not be loaded."""
     filters = queue.filters
-    parts = [f"Queue: {plain(queue.source)}", f"order: {queue.strategy.replace('_', ' ')}"]
+    order = SOURCE_ORDER_NAMES.get(queue.split or "") if queue.strategy == SOURCE_ORDER else None
+    parts = [f"Queue: {plain(queue.source)}", f"order: {order or queue.strategy.replace('_', ' ')}"]
     if len(queue.tasks) == 1:
         task = queue.tasks[0]
         parts.append(f"task {code(task_name(task, queue.items[0].predictions.get(task) if queue.items else None))}")
@@ -421,8 +422,7 @@ def _who(state: TaskState | None) -> str:
     when = state.created_at[:19].replace("T", " ")
     if state.label is None and state.status == "pending":
         return f"undone by {state.annotator or 'someone'}, {when}"
-    source = "auto-accept" if state.source == "auto" else "human"
-    return f"{state.annotator or 'someone'}, {source}, {when}"
+    return f"{state.annotator or 'someone'}, {source_word(state.source, state.adjudicated)}, {when}"
 
 
 # ---------------------------------------------------------------------- outcomes
@@ -450,6 +450,14 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
     return f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}"
+
+
+def shown_again(outcome: SaveOutcome, queue: ReviewQueue) -> str:
+    """After a skip that left its item open (a disagreement) when no other item was free: why it shows again."""
+    if outcome.kind == "skip" and outcome.stored and queue.current is not None \
+            and queue.current.item_id == outcome.item_id:
+        return " It stays open, and no other item of the queue is free to review, so it shows again."
+    return ""
 
 
 CONFLICT_TEXT = {  # action -> (what was refused, since when, the choice)
@@ -552,15 +560,15 @@ def audit_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[li
     (the text is searched, not shown)."""
     return [[r["created_at"][:23].replace("T", " "), r["item_id"], task_name(r["task"], names=names), r["label"] or "",
              r["status"],
-             r["annotator"] or "", _source(r),
+             r["annotator"] or "", source_word(r["source"], r.get("adjudicated")),
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["kind"],
              r["version"]] for r in rows]
 
 
-def _source(row: dict) -> str:
+def source_word(source: str, adjudicated: bool | None) -> str:
     """Who made a decision: an auto-accept, a human, or a human settling a disagreement (adjudication)."""
-    return "auto-accept" if row["source"] == "auto" else "adjudication" if row.get("adjudicated") else "human"
+    return "auto-accept" if source == "auto" else "adjudication" if adjudicated else "human"
 
 
 def audit_summary(total: int, page: int, page_size: int) -> str:
@@ -575,7 +583,7 @@ def item_history_rows(rows: list[dict], names: dict[str, str] | None = None) -> 
     """Rows for one item's history (`Studio.item_history`), oldest first."""
     return [[r["created_at"][:23].replace("T", " "), task_name(r["task"], names=names), r["kind"], r["label"] or "",
              r["status"],
-             r["annotator"] or "", _source(r),
+             r["annotator"] or "", source_word(r["source"], r.get("adjudicated")),
              _versus(r["predicted_label"], r["changed_vs_model"]),
              _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "",
              r["version"] or "", _reverts(r)] for r in rows]
