@@ -586,7 +586,7 @@ class Studio:
                              annotator: str | None = None) -> ReviewQueue:
         """The items whose annotators' labels differ on the tasks under review (`LabelStore.disagreements`),
         the oldest disagreement first. A save in this queue adjudicates: it settles the disagreement
-        (until a later label differs again) and stays out of the agreement figures."""
+        (until a later label differs from it) and stays out of the agreement figures."""
         tasks = self._queue_tasks(model, task)
         names = self.display_names(model)
         found = self.store.disagreements(tasks)
