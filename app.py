@@ -815,7 +815,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
         """A stored decision shows the next item; a refused one stays on the item with its choices,
         the labeler's own choices kept, and (a conflict) the item's table and history as they stand now."""
-        message = views.save_message(outcome, studio.display_names(queue.model)) + views.shown_again(outcome, queue)
+        message = views.save_message(outcome, studio.display_names(queue.model))
+        if outcome.kind == "skip" and outcome.stored and (again := views.shown_again(outcome.item_id, queue)):
+            message += " " + again
         updates = {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
         if outcome.result == "conflict" and queue.current is not None:
             view = studio.current_view(queue)
@@ -912,8 +914,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def next_item(queue, annotator_name):
         """Go on to the next item without deciding this one."""
         queue = loaded(queue)
+        left = queue.current.item_id if queue.current is not None else None
         studio.review_next(queue, annotator_name)
-        return show_queue(studio, panel, queue)
+        return show_queue(studio, panel, queue, views.shown_again(left, queue))
 
     def resolve(how: str):
         @user_errors

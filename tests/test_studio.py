@@ -384,7 +384,11 @@ def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_
     assert studio.store.item_state("d-1")[colour].adjudicated and ", adjudication, " in views.review_rows(
         queue.items[0], studio.item_view("d-1", [colour], {}), [colour])[0][3]
     skipped = studio.review_skip(queue, "ben")  # the only open item left: it comes back, and the message says why
-    assert queue.current.item_id == "d-2" and "so it shows again" in views.shown_again(skipped, queue)
+    assert skipped.kind == "skip" and queue.current.item_id == "d-2"
+    assert "so it shows again" in views.shown_again(skipped.item_id, queue)
+    studio.review_next(queue, "ben")  # Next, too
+    assert queue.current.item_id == "d-2" and views.shown_again("d-2", queue)
+    assert views.shown_again("d-1", queue) == ""  # (an item left for another is no news)
     studio.review_previous(queue, "ben")  # back on the settled d-1: accepting it again stores nothing
     saves = studio.store.count()
     again = studio.current_view(queue)

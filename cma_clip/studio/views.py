@@ -452,11 +452,11 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     return f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}"
 
 
-def shown_again(outcome: SaveOutcome, queue: ReviewQueue) -> str:
-    """After a skip that left its item open (a disagreement) when no other item was free: why it shows again."""
-    if outcome.kind == "skip" and outcome.stored and queue.current is not None \
-            and queue.current.item_id == outcome.item_id:
-        return " It stays open, and no other item of the queue is free to review, so it shows again."
+def shown_again(left: str | None, queue: ReviewQueue) -> str:
+    """Why the item the labeler just left (`left`: a skip that kept it open, as in a disagreements queue,
+    or Next) is on screen again: no other item of the queue is free to review."""
+    if left and queue.current is not None and queue.current.item_id == left:
+        return "It stays open, and no other item of the queue is free to review, so it shows again."
     return ""
 
 
