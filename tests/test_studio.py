@@ -118,6 +118,19 @@ def test_review_queue_on_a_catalogue_split(studio):
     assert other.result == "saved" and studio.store.count() == saves + 1
 
 
+def test_previous_after_the_last_item_goes_back_to_it_not_to_the_first(studio):
+    """Deciding the last item wraps the queue round to an item left pending earlier: Previous goes
+    back to the item just decided (it said "This is the first item of the queue")."""
+    queue = studio.review_catalogue("hm-articles", "test", 3)
+    first, second, last = (item.item_id for item in queue.items)
+    studio.review_next(queue, "ben")  # the first left pending
+    for _ in range(2):
+        studio.review_save(queue, "ben", queue.current.predicted())
+    assert queue.current.item_id == first  # wrapped round
+    assert studio.review_previous(queue, "ben") and queue.current.item_id == last
+    assert studio.review_previous(queue, "ben") and queue.current.item_id == second  # then on back, as before
+
+
 def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studio, monkeypatch):
     colour = "colour_group_name"
     probe = studio.review_catalogue("hm-articles", "val", 10, show_decided=True)

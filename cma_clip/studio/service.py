@@ -673,6 +673,7 @@ class Studio:
                               f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
         every = self.predictor(queue.model).tasks
         queue.items, queue.tasks, queue.strategy, queue.position = items, list(tasks), strategy, 0
+        queue.wrapped_from = None
         queue.filters = {"task": tasks[0] if len(tasks) == 1 < len(every) else None, "min_conf": min_conf,
                          "max_conf": max_conf, "show_decided": queue.show_decided}
         self.refresh(queue, annotator)
@@ -861,7 +862,7 @@ class Studio:
                 self.refresh(queue, annotator)
                 index = queue.index_of(outcome.item_id)
                 if index is not None:
-                    queue.position, outcome.in_queue = index, True
+                    queue.position, queue.wrapped_from, outcome.in_queue = index, None, True
                 self.keep_queue(queue, annotator)
         return outcome
 

@@ -127,6 +127,7 @@ class ReviewQueue:
     sampled: int = 0  # items sampled before the confidence filter
     pool: list[ReviewItem] = field(default_factory=list)  # every sampled item (default: `items`)
     stored: bool = field(default=False, compare=False)  # its pool is in the label store: a move writes the view only
+    wrapped_from: int | None = field(default=None, compare=False)  # where an `advance` that wrapped round left
 
     def __post_init__(self) -> None:
         self.pool = self.pool or list(self.items)
@@ -171,7 +172,8 @@ class ReviewQueue:
         other labeler is on (wrapping round to those passed over; when others are on every
         pending item, the next pending one), or simply the next one when decided items are
         shown. Past the last: `current` is None (all done)."""
-        n = len(self.items)
+        n, left = len(self.items), self.position
+        self.wrapped_from = None
         if self.show_decided:
             self.position = min(self.position + 1, n)
             return
@@ -179,6 +181,8 @@ class ReviewQueue:
         pending = [i for i in following if self.items[i].status == "pending"]
         free = (i for i in pending if not self.items[i].claimed_by)
         self.position = next(free, pending[0] if pending else n)  # n: everything reviewed
+        if self.position < left:  # round to an item passed over: Previous goes back to the one left
+            self.wrapped_from = left
 
     def should_move_on(self) -> bool:
         """The current item is decided (and decided items are not shown), or another labeler is on it."""
@@ -186,7 +190,11 @@ class ReviewQueue:
         return item is not None and (item.claimed_by != "" or not self.show_decided and item.status != "pending")
 
     def back(self) -> bool:
-        """Step back to the item before the current one (decided or not); False at the first."""
+        """Step back to the item before the current one (decided or not); after an `advance` that
+        wrapped round to an earlier item (the last one decided), to the item it left. False at the first."""
+        if self.wrapped_from is not None and self.items:
+            self.position, self.wrapped_from = min(self.wrapped_from, len(self.items) - 1), None
+            return True
         if self.position <= 0 or not self.items:
             return False
         self.position = min(self.position, len(self.items)) - 1
