@@ -507,6 +507,15 @@ def test_label_choices_put_each_class_before_the_classes_that_contain_it(checkpo
             assert first.casefold() == typed.casefold(), (task, typed, first)  # H&M has "Dog Wear" and "Dog wear"
 
 
+def test_a_mislabels_queue_kept_before_the_rename_keeps_its_ranking():
+    """Queues saved before 2026-12-06 name the mislabels ranking "most_suspect_label": read as SOURCE_ORDER."""
+    from cma_clip.studio.workflow import SOURCE_ORDER, ReviewQueue
+
+    kept = ReviewQueue.from_payload("q", "hm-articles", {"items": [], "split": "mislabels"}, 0,
+                                    {"order": [], "tasks": ["t"], "strategy": "most_suspect_label"})
+    assert kept.strategy == SOURCE_ORDER and views.order_choices(kept)[-1] == ("most suspect label", SOURCE_ORDER)
+
+
 def test_percent_verdict_and_operating_figures():
     assert [views.percent(v) for v in (0.5, 0.962, 0.99290, 0.99991, 0.999996, 1.0, 0.0, 1e-6, None)] == \
         ["50%", "96%", "99.3%", "99.99%", ">99.99%", "100%", "0%", "<0.01%", "—"]
