@@ -270,7 +270,8 @@ class Disagreement(NamedTuple):
     item_id: str
     text: str
     image_path: Path  # of its newest labelled save
-    labels: dict[str, dict[str, str]]  # task -> annotator -> their latest label (not undone)
+    labels: dict[str, dict[str, str]]  # task -> annotator -> their latest label (not undone); one a later
+    # label reopened also names the ruling it overturned, as "<adjudicator>'s ruling" -> label
     since: str  # when the newest of those labels was saved
     catalogue: dict[str, str] = {}  # task -> the catalogue label its saves recorded (an upload's manifest too)
 
@@ -1139,6 +1140,8 @@ def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], 
                 row["label"] == ruling["label"] for row in rows if row["version"] > ruling["version"]):
             continue
         found[item][task] = {annotator: row["label"] for annotator, row in sorted(by_annotator.items())}
+        if ruling is not None:  # reopened: the ruling a later label went against
+            found[item][task][f"{ruling['annotator']}'s ruling"] = ruling["label"]
         since[item] = max(since.get(item, ""), *(row["created_at"] for row in rows))
     return dict(found), since
 

@@ -505,7 +505,8 @@ def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store):
     save(store, "1", "dan", {"colour": "Red"})  # a later label that agrees with the ruling: still settled
     assert store.open_disagreements() == {}
     save(store, "1", "ben", {"colour": "Blue"})  # ben says Blue again, after it was settled
-    assert set(store.open_disagreements()) == {"1"}
+    assert store.open_disagreements() == {"1": {"colour": {"ana": "Red", "ben": "Blue", "dan": "Red",
+                                                           "eve's ruling": "Red"}}}  # what it goes against
     save(store, "1", "ben", {"colour": "Red"})  # and then comes round
     assert store.open_disagreements() == {}
 
