@@ -1183,9 +1183,10 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         item_table = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
                                   elem_id="item-history")
         gr.Markdown("### Agreement\nWhere two annotators or more labelled the same item and task (each one's "
-                    "standing human label; auto-accepts and undone labels do not count): raw agreement and "
-                    "Cohen's kappa (the mean over annotator pairs sharing two items or more). The export writes "
-                    "it beside itself, as `<name>.agreement.json`.")
+                    "standing human label; auto-accepts, adjudications and undone labels do not count): raw "
+                    "agreement and Cohen's kappa (the mean over annotator pairs sharing two items or more), and "
+                    "the items whose annotators still disagree (the Review tab's Disagreements source settles "
+                    "them). The export writes it beside itself, as `<name>.agreement.json`.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
         def agreement_rows() -> list[list]:  # named: the table's load event is the API's /agreement_rows
             return views.agreement_rows(studio.agreement(), names)
