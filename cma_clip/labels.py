@@ -716,7 +716,7 @@ class LabelStore:
     def export(self, path: str | Path) -> int:
         """Write the current labels as a CSV or JSONL manifest (by suffix), one row per item:
         id, image, text, one column per task (empty when unlabelled), annotator, updated_at,
-        then each task's provenance as <task>__source (human or auto), <task>__annotator,
+        then each task's provenance as <task>__source (human, auto or adjudication), <task>__annotator,
         <task>__checkpoint and <task>__at, in both formats. Image paths are relative to the
         file's folder, so export beside the store (or above it) for `Catalogue` to accept
         them. CSV cells starting with = + - @, a tab or a carriage return get a leading ',
@@ -745,7 +745,8 @@ class LabelStore:
             record.update(id=item_id, image=image, text=item["text"], annotator=item["annotator"],
                           updated_at=item["updated_at"])
             for task, state in item["tasks"].items():
-                record.update({task: state.label, f"{task}__source": state.source,
+                source = "adjudication" if state.adjudicated else state.source
+                record.update({task: state.label, f"{task}__source": source,
                                f"{task}__annotator": state.annotator, f"{task}__checkpoint": state.checkpoint,
                                f"{task}__at": state.created_at})
             records.append(record)

@@ -473,7 +473,7 @@ def test_agreement_and_kappa_on_a_hand_checked_case(store, tmp_path):
     assert json.loads((tmp_path / "labels_export.agreement.json").read_text()) == json.loads(json.dumps(agreement))
 
 
-def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store):
+def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store, tmp_path):
     """Items whose annotators' latest labels differ, until a reviewer's save (`adjudicated`) settles
     them; an undo of that save or a later label that differs opens them again; the reviewer is no voter."""
     save(store, "1", "ana", {"colour": "Red", "type": "Tights"})
@@ -493,6 +493,9 @@ def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store):
     before = store.agreement()
 
     settled = save(store, "1", "eve", {"colour": "Red"}, adjudicated=True)
+    store.export(tmp_path / "labels.csv")
+    exported = {row["id"]: row for row in read_manifest(tmp_path / "labels.csv")}
+    assert (exported["1"]["colour__source"], exported["2"]["colour__source"]) == ("adjudication", "human")
     assert store.disagreements() == [] and store.item_state("1")["colour"].label == "Red"
     after = store.agreement()  # the reviewer's label is no vote; the disagreement is settled
     assert after == {**before, "colour": {**before["colour"], "open_disagreements": 0}}
