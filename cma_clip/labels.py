@@ -655,14 +655,16 @@ class LabelStore:
         as `agreement` counts them) that are open: no adjudication (a save with `adjudicated`, not
         undone) settled them, or a label saved after it differs from it. The oldest disagreement
         first, each with its text, image and the catalogue labels its saves recorded."""
+        latest = LABEL_SAVES.format(where="AND c.item_id = ?")  # an item's newest labelled save: its content
+        listed = []
         with self._transaction() as conn:
             found, since = _open_disagreements(conn, _annotators_labels(conn, tasks))
-            current = self._current(conn) if found else {}
-            recorded = {item: {row["task"]: row["catalogue_label"] for row in conn.execute(CATALOGUE_LABELS, (item,))}
-                        for item in found}
-        return sorted((Disagreement(item, current[item]["text"], current[item]["image_path"], by_task, since[item],
-                                    recorded[item])
-                       for item, by_task in found.items() if item in current), key=lambda d: (d.since, d.item_id))
+            for item, by_task in found.items():
+                save = conn.execute(latest, (item, 1)).fetchone()
+                recorded = {row["task"]: row["catalogue_label"] for row in conn.execute(CATALOGUE_LABELS, (item,))}
+                listed.append(Disagreement(item, save["text"], self.image_dir / save["image_file"], by_task,
+                                               since[item], recorded))
+        return sorted(listed, key=lambda d: (d.since, d.item_id))
 
     def open_disagreements(self, tasks: Iterable[str] | None = None) -> dict[str, dict[str, dict[str, str]]]:
         """`disagreements(tasks)` as item -> task -> annotator -> label, without reading their content."""

@@ -65,12 +65,12 @@ def corruptions(image_noise: str | None, text_noise: str | None) -> dict[str, st
 
 
 def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None, image_severity: int,
-          text_noise: str | None, text_severity: int, seed: int = 0) -> Probe:
-    """Predict (with attention maps) on the clean item and on its corrupted copy (every class of it,
-    for the clean label's probability; its top 3 kept, as the clean one's)."""
+          text_noise: str | None, text_severity: int, seed: int = 0, top_k: int = 3) -> Probe:
+    """Predict (with attention maps, each task's `top_k` labels) on the clean item and on its corrupted
+    copy (every class of it first, for the clean label's probability)."""
     noisy_image = corrupt_image(image, image_noise, image_severity, seed) if _active(image_noise) else image
     noisy_text = corrupt_text(text, text_noise, text_severity, seed) if _active(text_noise) else text
-    clean = predictor.predict(image, text)
+    clean = predictor.predict(image, text, top_k)
     noisy = predictor.predict(noisy_image, noisy_text, top_k=max(len(c) for c in predictor.classes.values()))
     kept = {task: probability_of(p, clean.tasks[task].label) for task, p in noisy.tasks.items()}
     notes = []
@@ -79,8 +79,7 @@ def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str 
     elif _active(text_noise) and len(clean.words) < len(words := text.split()):
         notes.append(f"The model reads the first {predictor.max_tokens} tokens of a text: {len(clean.words)} of "
                      f"these {len(words)} words. The noise on the words after them changes nothing it sees.")
-    top = len(next(iter(clean.tasks.values())).labels)
-    noisy.tasks = {task: replace(p, labels=p.labels[:top], probabilities=p.probabilities[:top])
+    noisy.tasks = {task: replace(p, labels=p.labels[:top_k], probabilities=p.probabilities[:top_k])
                    for task, p in noisy.tasks.items()}
     return Probe(clean, noisy, noisy_image, noisy_text, kept, notes)
 

@@ -672,8 +672,8 @@ class Studio:
             raise StudioError(f"None of the {len(queue.pool)} items has a confidence in the range chosen"
                               f" ({_range(min_conf, max_conf)}) for {', '.join(tasks)}. Widen it, or sample more.")
         every = self.predictor(queue.model).tasks
-        queue.items, queue.tasks, queue.strategy, queue.position = items, list(tasks), strategy, 0
-        queue.wrapped_from = None
+        queue.items, queue.tasks, queue.strategy = items, list(tasks), strategy
+        queue.go_to(0)
         queue.filters = {"task": tasks[0] if len(tasks) == 1 < len(every) else None, "min_conf": min_conf,
                          "max_conf": max_conf, "show_decided": queue.show_decided}
         self.refresh(queue, annotator)
@@ -797,9 +797,10 @@ class Studio:
                 raise StudioError("Choose at least one label to save.")
             standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
             own = all(_own_label(standing.get(t), label, annotator, shown.versions.get(t))
-                      for t, label in chosen.items())
-            settled = adjudicating and item.item_id not in self.store.open_disagreements(queue.tasks)
-            if own and not new_classes and (settled or not adjudicating):  # e.g. back with Previous, then accept
+                      for t, label in chosen.items())  # e.g. back with Previous, then accept
+            # (a disagreement still open is settled by accepting the label standing: that is a save)
+            if own and not new_classes and (
+                    not adjudicating or item.item_id not in self.store.open_disagreements(queue.tasks)):
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
@@ -862,7 +863,8 @@ class Studio:
                 self.refresh(queue, annotator)
                 index = queue.index_of(outcome.item_id)
                 if index is not None:
-                    queue.position, queue.wrapped_from, outcome.in_queue = index, None, True
+                    queue.go_to(index)
+                    outcome.in_queue = True
                 self.keep_queue(queue, annotator)
         return outcome
 

@@ -20,8 +20,8 @@ from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import modality_chart, modality_shift_chart, scaled_overlay
 from ..review import STRATEGIES
-from .workflow import (SOURCE_ORDER, SOURCE_ORDER_NAMES, SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem,
-                       ReviewQueue, SaveOutcome, UndoOutcome, plural)
+from .workflow import (SOURCE_ORDER, SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome,
+                       UndoOutcome, plural)
 
 PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshold)", "runners-up"]
 # Column widths in pixels, not shares: a table keeps readable columns and scrolls inside its box on a
@@ -325,7 +325,7 @@ def order_choices(queue: ReviewQueue | None = None) -> list[tuple[str, str]]:
     """The Order control's choices: the uncertainty strategies, and the order of a queue whose source ranks
     its items (suspected mislabels, disagreements)."""
     choices = [(s.replace("_", " "), s) for s in STRATEGIES]
-    own = SOURCE_ORDER_NAMES.get(queue.split or "") if queue else None
+    own = queue.source_order_name if queue else None
     return choices + [(own, SOURCE_ORDER)] if own else choices
 
 
@@ -348,7 +348,7 @@ def review_status(queue: ReviewQueue | None) -> str:
 def review_notes(queue: ReviewQueue) -> str:
     """Where the queue's items come from, its order and filter, and the rows that could not be loaded."""
     filters = queue.filters
-    order = SOURCE_ORDER_NAMES.get(queue.split or "") if queue.strategy == SOURCE_ORDER else None
+    order = queue.source_order_name if queue.strategy == SOURCE_ORDER else None
     parts = [f"Queue: {plain(queue.source)}", f"order: {order or queue.strategy.replace('_', ' ')}"]
     if len(queue.tasks) == 1:
         task = queue.tasks[0]

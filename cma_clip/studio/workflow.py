@@ -153,6 +153,11 @@ class ReviewQueue:
                 "filters": self.filters}
 
     @property
+    def source_order_name(self) -> str | None:
+        """What the order of a source that ranks its own items is called ("most suspect label"); None for others."""
+        return SOURCE_ORDER_NAMES.get(self.split or "")
+
+    @property
     def show_decided(self) -> bool:
         return bool(self.filters.get("show_decided"))
 
@@ -166,6 +171,10 @@ class ReviewQueue:
 
     def index_of(self, item_id: str) -> int | None:
         return next((i for i, item in enumerate(self.items) if item.item_id == item_id), None)
+
+    def go_to(self, index: int) -> None:
+        """Put the item at `index` on screen (Previous then steps back from it)."""
+        self.position, self.wrapped_from = index, None
 
     def advance(self) -> None:
         """Move to the next item to review after the current one: the next pending one no
