@@ -415,7 +415,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 image = undecoded(gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image"))
                 text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
                                   placeholder="e.g. Turtle Check Men Navy Blue Shirt")
-                text_note = gr.Markdown("", elem_id="text-note")
+                input_note = gr.Markdown("", elem_id="input-note")
                 item_id = gr.Textbox("", label="Item id", elem_id="item-id",
                                      placeholder="the catalogue id; empty: a content id from the image and text",
                                      info="An example sets it; a new upload or an edited text clears it.")
@@ -481,7 +481,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         result, view = studio.predict_item(image_path, text_value, model_name, item)
         first = next(iter(result.tasks))
         choices, best = views.word_choices(result, first)
-        return {result_json: result.to_dict(), table: views.prediction_rows(result), text_note: views.text_note(result),
+        return {result_json: result.to_dict(), table: views.prediction_rows(result),
+                input_note: views.input_note(result),
                 task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.tasks.items()], value=first),
                 token: gr.update(choices=choices, value=best),
                 heat: views.image_map(result, first, "relevance", best),
@@ -588,7 +589,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots]
     predict_outputs = [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
                        shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
-                       map_note, text_note]
+                       map_note, input_note]
     # The button's input errors show on the field at fault (a validator); the /predict API answers
     # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
     predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,

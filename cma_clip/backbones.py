@@ -15,6 +15,7 @@ Backbones:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -34,6 +35,10 @@ from .runtime import autocast, default_device, keep_freed_memory
 ORIENTATION = 0x0112  # the EXIF tag
 
 DEFAULT_BACKBONE = "bundled"
+# A photo whose every channel spans at most this many of 255 levels shows nothing (`blank_photos`). Of
+# the 49,999 photos of the two catalogues one does, and it is pure white (fashion item 44998, a watch
+# without a photo); the next spans 34 levels (`cma_clip.lab.blank_photos`, docs/results/blank-photos-*.json).
+BLANK_SPAN = 8
 IMAGE_TOWERS = ("main", "mobilenet_v2")  # which image tower's features a model reads (`EncoderOutput.seen_by`)
 
 
@@ -113,6 +118,23 @@ class DualEncoder(nn.Module):
     def normalise(self, pixels: np.ndarray) -> torch.Tensor:
         """The second half of `preprocess`: `normalise(letterbox_pixels(x))` equals `preprocess(x)`."""
         return normalise_pixels(pixels, self.mean, self.std)
+
+    def photo_span(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B] float: how many of 255 levels the photo in the normalised input `pixels` spans in
+        its widest channel, the letterbox's white padding aside (0 for one flat colour or pure white)."""
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1) * 255
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1) * 255
+        levels = pixels.float() * std + mean
+        padding = (levels > 254.5).all(1, keepdim=True)  # white in every channel: the padding, or a white photo
+        top = levels.masked_fill(padding, -math.inf).amax((2, 3))
+        bottom = levels.masked_fill(padding, math.inf).amin((2, 3))
+        return (top - bottom).amax(1).clamp(min=0)  # all white: -inf, so 0
+
+    def blank_photos(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B] bool, True where the photo shows one flat colour (`photo_span` at most `BLANK_SPAN`):
+        a 1 x 1 image, a blank placeholder. The image then tells the model nothing, and its
+        confidence is no longer what the thresholds were set on (`Predictor.predictions`)."""
+        return self.photo_span(pixels) <= BLANK_SPAN
 
     def tokenize(self, texts: list[str], max_tokens: int) -> TextBatch:
         raise NotImplementedError

@@ -101,6 +101,14 @@ class Prediction:
     # is auto-accepted: the thresholds were set on items with a text, and without one the auto-accepted val
     # items reach only 0.88 (H&M) and 0.70 (fashion) precision (`cma_clip.lab.empty_text`, 2026-12-06).
     text_absent: bool = False
+    # A photo of one flat colour (`DualEncoder.blank_photos`): nothing is auto-accepted either; with a 1 x 1
+    # photo the auto-accepted H&M pattern on test reached only 0.78 precision, fashion season 0.87.
+    photo_blank: bool = False
+
+    @property
+    def withheld(self) -> str:
+        """Why nothing of this item is auto-accepted whatever its confidence ("" when nothing stops it)."""
+        return "no text" if self.text_absent else "blank photo" if self.photo_blank else ""
 
     def to_dict(self) -> dict:
         return {task: {"label": p.label, "confidence": round(p.confidence, 4), "auto_accept": p.auto_accept,
@@ -116,6 +124,7 @@ class Scores:
 
     probabilities: dict[str, np.ndarray]  # task -> [items, classes] float32, every class
     modality_weights: dict[str, np.ndarray]  # task -> [items, modalities] in `CMAClip.modalities` order
+    blank_photo: np.ndarray | None = None  # [items] bool (`DualEncoder.blank_photos`); None: not looked at
 
     def __len__(self) -> int:
         return len(next(iter(self.probabilities.values()), ()))
@@ -124,19 +133,23 @@ class Scores:
         """The rows `index`, in that order."""
         index = np.asarray(index, dtype=np.int64)
         return Scores({t: p[index] for t, p in self.probabilities.items()},
-                      {t: w[index] for t, w in self.modality_weights.items()})
+                      {t: w[index] for t, w in self.modality_weights.items()},
+                      None if self.blank_photo is None else self.blank_photo[index])
 
     @classmethod
-    def of(cls, out) -> "Scores":
+    def of(cls, out, blank_photo: torch.Tensor | None = None) -> "Scores":
         """The softmax probabilities and modality weights of a model output (`CMAOutput`)."""
         return cls({t: logits.detach().float().softmax(-1).cpu().numpy() for t, logits in out.logits.items()},
-                   {t: w.detach().float().cpu().numpy() for t, w in out.modality_weights.items()})
+                   {t: w.detach().float().cpu().numpy() for t, w in out.modality_weights.items()},
+                   None if blank_photo is None else blank_photo.cpu().numpy())
 
     @classmethod
     def concatenate(cls, parts: list["Scores"]) -> "Scores":
         first = parts[0]
+        blank = [p.blank_photo if p.blank_photo is not None else np.zeros(len(p), bool) for p in parts]
         return cls({t: np.concatenate([p.probabilities[t] for p in parts]) for t in first.probabilities},
-                   {t: np.concatenate([p.modality_weights[t] for p in parts]) for t in first.modality_weights})
+                   {t: np.concatenate([p.modality_weights[t] for p in parts]) for t in first.modality_weights},
+                   None if all(p.blank_photo is None for p in parts) else np.concatenate(blank))
 
 
 class Predictor:
@@ -167,7 +180,7 @@ class Predictor:
         """`predict` for several items at once (one forward and one backward: a server's micro-batch);
         each item's result is the one `predict` gives it alone, up to float rounding."""
         ex = explain(self.model, self.backbone, images, texts, self.max_tokens, single_precision=True)
-        predictions = self.predictions(Scores.of(ex.output), top_k, texts)
+        predictions = self.predictions(Scores.of(ex.output, ex.blank_photo), top_k, texts)
         maps = ex.output.attention
         if maps is not None:
             text_to_image = maps.text_to_image.float().cpu().numpy()
@@ -209,7 +222,7 @@ class Predictor:
         while the model runs); `text_absent` marks the items without text (`model.absent_texts`)."""
         feats = self.backbone.encode_prepared(pixels, text, colour=self.model.cfg.colour)
         with autocast(self.device, batch_size=len(pixels)):
-            return Scores.of(self.model(feats, text_absent=text_absent))
+            return Scores.of(self.model(feats, text_absent=text_absent), self.backbone.blank_photos(pixels))
 
     def predict_prepared(self, pixels: torch.Tensor, text: TextBatch, top_k: int = 3,
                          texts: list[str] | None = None) -> list[Prediction]:
@@ -219,21 +232,25 @@ class Predictor:
 
     def predictions(self, scores: Scores, top_k: int = 3, texts: list[str] | None = None) -> list[Prediction]:
         """Each row of `scores` as a `Prediction`: every task's top-k labels with the checkpoint's thresholds.
-        An item whose text is empty (`texts`) is never auto-accepted: the thresholds hold for items with text."""
+        An item whose text is empty (`texts`) or whose photo is blank (`scores.blank_photo`) is never
+        auto-accepted: the thresholds hold for items with both (`Prediction.withheld`)."""
         missing = absent_texts(texts) if texts is not None else None  # the model's one rule for "no text"
         absent = missing.tolist() if missing is not None else [False] * len(scores)
+        blank = scores.blank_photo.tolist() if scores.blank_photo is not None else [False] * len(scores)
         per_item: list[dict[str, TaskPrediction]] = [{} for _ in range(len(scores))]
         for task, probs in scores.probabilities.items():
             top = np.argsort(-probs, axis=1, kind="stable")[:, :min(top_k, probs.shape[1])]
             values = np.take_along_axis(probs, top, 1).tolist()
             weights = scores.modality_weights[task].tolist()
             threshold, classes = self.thresholds[task], self.classes[task]
-            for item, labels, probabilities, weight, missing in zip(per_item, top.tolist(), values, weights, absent):
+            for item, labels, probabilities, weight, withheld in zip(per_item, top.tolist(), values, weights,
+                                                                    np.logical_or(absent, blank).tolist()):
                 item[task] = TaskPrediction(
                     labels=[classes[j] for j in labels], probabilities=probabilities,
                     modality_weights=dict(zip(self.model.modalities, weight)), threshold=threshold, name=self.names[task],
-                    auto_accept=threshold is not None and probabilities[0] >= threshold and not missing)
-        return [Prediction(tasks, text_absent=missing) for tasks, missing in zip(per_item, absent)]
+                    auto_accept=threshold is not None and probabilities[0] >= threshold and not withheld)
+        return [Prediction(tasks, text_absent=missing, photo_blank=flat)
+                for tasks, missing, flat in zip(per_item, absent, blank)]
 
     @cached_property
     def fingerprint(self) -> str:
@@ -319,8 +336,9 @@ def open_for_prediction(config: CheckpointConfig, manifest: str | Path) -> Catal
 
 
 def prediction_row(prediction: Prediction) -> dict:
-    """One output row of batch prediction (without the id): per task its label, confidence and auto-accept."""
-    row = {}
+    """One output row of batch prediction (without the id): per task its label, confidence and auto-accept;
+    and why nothing of the item is auto-accepted, when its input rules it out (`Prediction.withheld`)."""
+    row = {"withheld": prediction.withheld}
     for task, p in prediction.tasks.items():
         row[task] = p.label
         row[f"{task}_confidence"] = round(p.confidence, 4)

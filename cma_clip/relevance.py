@@ -79,6 +79,7 @@ class Explanation:
     image_share: np.ndarray  # [B, T] the rollout's share on the image side (image and colour [CLS] and tokens)
     padding_share: np.ndarray  # [B, T] share of the LayerCAM map that fell on letterbox padding
     photo_fraction: np.ndarray  # [B, P] share of each patch covered by the photo (1 - padding)
+    blank_photo: torch.Tensor  # [B] bool: the photo shows one flat colour (`DualEncoder.blank_photos`)
     # the image maps before the padding is removed, by name ("relevance", "rollout", "gradcam"): [B, T, P]
     unmasked: dict[str, np.ndarray] | None = None
 
@@ -411,7 +412,7 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
                        {t: v.detach() for t, v in out.modality_weights.items()}, attention)
     return Explanation(output, tasks, per_item(image_map), per_item(fine), per_item(text_map), per_item(rollout_map),
                        per_item(cam), per_item(gxi), per_item(image_side), per_item(padding_share),
-                       photo_fraction(sizes, backbone.image_size, grid),
+                       photo_fraction(sizes, backbone.image_size, grid), backbone.blank_photos(pixels),
                        {k: per_item(v) for k, v in unmasked.items()} if keep_unmasked else None)
 
 

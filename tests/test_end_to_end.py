@@ -343,6 +343,8 @@ def test_thresholds_record_their_rule_and_configs_without_one_still_load(small_c
     assert {spec.threshold_rule for spec in loaded.tasks.values()} == {"point"}
     predictor = Predictor.from_checkpoint(old, "cpu")
     assert set(predictor.thresholds.values()) == {0.5}
-    prediction = predictor.predict_batch([Image.new("RGB", (64, 64), "red")], ["a red dress"])[0]
+    photo = Image.new("RGB", (64, 64), "red")
+    photo.paste((30, 30, 160), (16, 16, 48, 48))  # not one flat colour: a blank photo is never auto-accepted
+    prediction = predictor.predict_batch([photo], ["a red dress"])[0]
     for p in prediction.tasks.values():
         assert p.threshold == 0.5 and p.auto_accept == (p.confidence >= 0.5)

@@ -155,12 +155,12 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page):
     assert_fits(page, f"{size} input error")
 
     predict_example(page, text="")  # an empty text: a note beside the field, the model on the image alone
-    expect(page.locator("#text-note")).to_contain_text("rests on the image only")
+    expect(page.locator("#input-note")).to_contain_text("rests on the image only")
     expect(page.locator("#predictions")).not_to_contain_text("✓ auto-accept")  # never without a text
     expect(page.get_by_text("Upload a product image")).to_have_count(0)
     page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
     page.locator("#predict").click()
-    expect(page.locator("#text-note")).not_to_contain_text("image only", timeout=60_000)
+    expect(page.locator("#input-note")).not_to_contain_text("image only", timeout=60_000)
 
 
 def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page):

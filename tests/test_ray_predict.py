@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cma_clip.data import ImageError, read_manifest, write_table
 from cma_clip.predict import Predictor, main
@@ -90,20 +91,26 @@ def test_a_crashed_model_actor_has_its_batches_retried(local_ray, manifests, sin
     assert_same_predictions(read_jsonl(out), single_process)
 
 
-def test_items_without_text_are_not_auto_accepted_as_in_one_process(local_ray, manifests, tmp_path):
-    """The model is told which items lack a text (its `text_absent`), and their predictions are
-    never auto-accepted: the same rows as the single-process path, in both layouts."""
+def test_items_without_text_or_with_a_blank_photo_are_not_auto_accepted_as_in_one_process(local_ray, manifests,
+                                                                                          tmp_path):
+    """The model is told which items lack a text (its `text_absent`), and neither their predictions
+    nor those of items whose photo is one flat colour (a placeholder) are ever auto-accepted, each
+    row saying why: the same rows as the single-process path, in both layouts."""
     folder = tmp_path / "items"
     shutil.copytree(manifests["csv"].parent, folder)
     rows = read_manifest(folder / "items.csv")
     for row in rows[:3] + rows[17:20]:
         row.update(prod_name="", detail_desc="")  # the checkpoint's text columns
+    for row in rows[8:10]:
+        Image.new("RGB", (180, 240), (240, 240, 240)).save(folder / row["image"], "JPEG")
     manifest = write_table(folder / "blank.csv", rows)
     expected_path = tmp_path / "local.jsonl"
     Predictor.from_checkpoint(CHECKPOINT, "cpu").predict_manifest(manifest, expected_path, batch_size=16)
     expected = read_jsonl(expected_path)
-    blank = {r["article_id"] for r in rows[:3] + rows[17:20]}
-    assert not any(v for r in expected if r["id"] in blank for k, v in r.items() if k.endswith("_auto_accept"))
+    why = {r["article_id"]: "no text" for r in rows[:3] + rows[17:20]}
+    why |= {r["article_id"]: "blank photo" for r in rows[8:10]}
+    assert {r["id"]: r["withheld"] for r in expected if r["withheld"]} == why
+    assert not any(v for r in expected if r["id"] in why for k, v in r.items() if k.endswith("_auto_accept"))
     assert any(v for r in expected for k, v in r.items() if k.endswith("_auto_accept"))
     for options in (OPTIONS, STAGED):
         predict_manifest_ray(CHECKPOINT, manifest, tmp_path / "preds.jsonl", options)

@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cma_clip.data import Catalogue, read_manifest
 from cma_clip.studio import StudioError, clean_text, views
@@ -529,7 +530,7 @@ def test_percent_verdict_and_operating_figures():
 
     p = TaskPrediction(["Sports"], [0.589], {"text": 0.5, "image": 0.5}, 0.43, True, "Usage")
     assert views.verdict(p) == "✓ auto-accept (≥ 43%)"
-    assert views.verdict(p, text_absent=True) == "no text: not auto-accepted (≥ 43%)"
+    assert views.verdict(p, "no text") == "no text: not auto-accepted (≥ 43%)"
     assert views.verdict(TaskPrediction(["x"], [0.3], {}, 0.87, False)) == "below 87%"
     assert views.verdict(TaskPrediction(["x"], [0.3], {}, None, False)) == "no threshold holds 90%"
     metrics = {"tasks": {"graphical_appearance_name": {
@@ -549,14 +550,52 @@ def test_percent_verdict_and_operating_figures():
 
 def test_an_empty_text_rests_on_the_image_and_is_never_auto_accepted(studio):
     result = studio.predict(str(EXAMPLE_IMAGE), "   ", "hm-articles")
-    assert result.text_absent and views.text_note(result) == views.NO_TEXT_NOTE
+    assert result.text_absent and views.input_note(result) == views.NO_TEXT_NOTE
     assert all(p.modality_weights == {"text": 0.0, "image": 1.0} and not p.auto_accept for p in result.tasks.values())
     assert all(row[3].startswith(("no text", "no threshold")) for row in prediction_rows(result))
     assert "no text; relevance on the image" in views.relevance_summary(result, "colour_group_name")
     batch = studio.predictor("hm-articles").predict_batch([result.model_image], [""])[0]
     assert batch.text_absent and not any(p.auto_accept for p in batch.tasks.values())
     with_text = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
-    assert not with_text.text_absent and views.text_note(with_text) == ""
+    assert not with_text.text_absent and views.input_note(with_text) == ""
+
+
+def test_a_blank_photo_or_no_text_is_never_auto_accepted_one_by_one_or_in_bulk(studio, tmp_path, monkeypatch):
+    """A photo of one flat colour (a 1 x 1 upload, a blank placeholder) tells the model nothing: like an
+    empty text, it rules auto-accept out, on the Predict tab, in batches and in a queue's bulk accept."""
+    predictor = studio.predictor("hm-articles")
+    for task in predictor.tasks:  # every label clears its threshold: only the inputs can hold one back
+        monkeypatch.setitem(predictor.thresholds, task, 0.0)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (1, 1), (128, 128, 128)).save(blank)
+    result = studio.predict(str(blank), EXAMPLE_TEXT, "hm-articles")
+    assert result.photo_blank and not result.text_absent and result.withheld == "blank photo"
+    assert not any(p.auto_accept for p in result.tasks.values())
+    assert views.input_note(result) == views.BLANK_PHOTO_NOTE
+    assert all(row[3] == "blank photo: not auto-accepted (≥ 0%)" for row in prediction_rows(result))
+    photo = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
+    assert not photo.photo_blank and all(p.auto_accept for p in photo.tasks.values()) and views.input_note(photo) == ""
+    batch = predictor.predict_batch([Image.open(blank), Image.open(EXAMPLE_IMAGE)], [EXAMPLE_TEXT] * 2)
+    assert [(b.photo_blank, any(p.auto_accept for p in b.tasks.values())) for b in batch] == [(True, False),
+                                                                                              (False, True)]
+
+    rows = hm_rows("test", 3)  # an upload: a placeholder photo, an item without text, an item with both
+    rows[1] = {**rows[1], "prod_name": "", "detail_desc": ""}
+    manifest = write_hm_manifest(tmp_path / "upload", rows)
+    Image.new("RGB", (200, 300), (230, 230, 230)).save(tmp_path / "upload" / rows[0]["image"])
+    queue = studio.review_upload("hm-articles", str(manifest), [str(tmp_path / "upload" / r["image"]) for r in rows])
+    ids = [r["article_id"] for r in rows]
+    assert {item.item_id: item.withheld for item in queue.items} == dict(zip(ids, ["blank photo", "no text", ""]))
+    queue.go_to(next(i for i, item in enumerate(queue.items) if item.item_id == ids[0]))
+    assert "blank photo: never auto-accepted" in views.review_status(queue)
+    kept = studio.resume_queue(queue.queue_id)  # as a reload reads it back
+    assert {item.item_id: item.withheld for item in kept.pool} == {item.item_id: item.withheld for item in queue.pool}
+    for bar in (None, 0.0):  # the thresholds, or a confidence the labeler gives
+        outcome = studio.bulk_accept(queue, "cem", min_conf=bar)
+        assert (outcome.selected, outcome.withheld) == (3, 2)
+        assert "2 without a text or with a blank photo left to review" in views.bulk_message(outcome)
+    assert studio.store.item_state(ids[0]) == studio.store.item_state(ids[1]) == {}
+    assert set(studio.store.item_state(ids[2])) == set(predictor.tasks)
 
 
 def test_a_bulk_accept_message_names_tasks_as_people_read_them():

@@ -636,8 +636,9 @@ class Studio:
             raise StudioError("No item could be loaded: " + "; ".join(queue.notes[:3]))
         uncertainty = {s: {t: review.uncertainty(scores.probabilities[t], s) for t in predictor.tasks}
                        for s in STRATEGIES}
-        predictions = predictor.predictions(scores, top_k=CHOICES_KEPT)
+        predictions = predictor.predictions(scores, top_k=CHOICES_KEPT, texts=[item[2] for item in items])
         queue.pool = [ReviewItem(*item[:3], prediction.tasks, catalogue=item[3], note=(item[4:] or [""])[0],
+                                 withheld=prediction.withheld,
                                  uncertainty={s: {t: float(by_task[t][i]) for t in by_task}
                                               for s, by_task in uncertainty.items()})
                       for i, (item, prediction) in enumerate(zip(items, predictions))]
@@ -887,7 +888,8 @@ class Studio:
                     min_conf: float | str | None = THRESHOLDS, progress: Progress | None = None) -> BulkOutcome:
         """Auto-accept the model's labels of every queue item whose tasks (`task`, or every
         task of the queue) clear their confidence bar: each task's 90%-precision threshold
-        (`THRESHOLDS`), or `min_conf`. Only the tasks still pending are accepted, each
+        (`THRESHOLDS`), or `min_conf`. An item without a text or with a blank photo is never
+        taken (`ReviewItem.withheld`). Only the tasks still pending are accepted, each
         audited as an auto-accept; decided tasks and labels someone saved are never replaced,
         and items another labeler has open (a live claim) are left to them.
         The items go in chunks, each one transaction; the batch id is fixed by the queue and
@@ -916,6 +918,9 @@ class Studio:
             others = self.store.claims(annotator)  # items other labelers have open: theirs to decide
             records = []
             for item in picked:
+                if item.withheld:
+                    outcome.withheld += 1
+                    continue
                 if item.item_id in others:
                     outcome.claimed[item.item_id] = others[item.item_id]
                     continue

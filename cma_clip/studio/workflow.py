@@ -73,22 +73,19 @@ class ReviewItem:
     uncertainty: dict[str, dict[str, float]] = field(default_factory=dict)  # strategy -> task -> [0, 1]
     claimed_by: str = ""  # another labeler on it now (the store's claims, refreshed like `status`; not kept)
     note: str = ""  # why the item is in the queue, when its source says (a suspected mislabel: the evidence)
+    withheld: str = ""  # why no bulk accept takes it: "no text", "blank photo" (`Prediction.withheld`), or ""
 
     @property
     def confidence(self) -> float:
         """The lowest top-1 probability over the tasks."""
         return min(p.confidence for p in self.predictions.values())
 
-    @property
-    def all_auto_accept(self) -> bool:
-        return all(p.auto_accept for p in self.predictions.values())
-
     def predicted(self, tasks: list[str] | None = None) -> dict[str, str]:
         return {t: p.label for t, p in self.predictions.items() if tasks is None or t in tasks}
 
     def to_payload(self) -> dict:
         return {"item_id": self.item_id, "image_path": self.image_path, "text": self.text,
-                "catalogue": self.catalogue, "note": self.note,
+                "catalogue": self.catalogue, "note": self.note, "withheld": self.withheld,
                 "uncertainty": {s: {t: round(v, 6) for t, v in by_task.items()} for s, by_task in self.uncertainty.items()},
                 "predictions": {t: {"labels": p.labels, "probabilities": [kept_probability(x) for x in p.probabilities],
                                     "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()},
@@ -101,7 +98,7 @@ class ReviewItem:
                    {t: TaskPrediction(p["labels"], p["probabilities"], p["modality_weights"], p["threshold"],
                                       p["auto_accept"], p.get("name", "")) for t, p in data["predictions"].items()},
                    catalogue=dict(data.get("catalogue") or {}), uncertainty=dict(data.get("uncertainty") or {}),
-                   note=data.get("note") or "")
+                   note=data.get("note") or "", withheld=data.get("withheld") or "")
 
 
 @dataclass
@@ -318,6 +315,7 @@ class BulkOutcome:
     stored: int = 0
     already_there: int = 0
     decided: int = 0
+    withheld: int = 0  # items without a text or with a blank photo: never auto-accepted (`ReviewItem.withheld`)
     claimed: dict[str, str] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     chunks: int = 0
