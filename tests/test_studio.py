@@ -8,6 +8,7 @@ from PIL import Image
 
 from cma_clip.data import Catalogue, read_manifest
 from cma_clip.studio import StudioError, clean_text, views
+from cma_clip.studio.service import default_reviewers
 from cma_clip.studio.views import history_rows, modality_figure, prediction_rows, review_progress
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
 from test_viz import bar_shares
@@ -373,6 +374,35 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     assert saved.result == "saved"
     again = studio.review_mislabels("hm-articles", task, 5, limit=100)
     assert first.item_id not in [item.item_id for item in again.items]  # decided: left out
+
+
+def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
+    colour = "colour_group_name"
+    red, blue = studio.task_classes("hm-articles")[colour][:2]
+    for annotator, label in (("ana", red), ("ben", blue)):
+        studio.store.save(image=EXAMPLE_IMAGE, text=EXAMPLE_TEXT, labels={colour: label}, annotator=annotator,
+                          item_id="d-1")
+    queue = studio.review_disagreements("hm-articles", colour, 10, annotator="ben")  # none named: anyone
+    monkeypatch.setattr(studio, "reviewers", frozenset({"cem", "dee"}))
+    with pytest.raises(StudioError, match=r"for the reviewers \(cem, dee\), and ben is not one of them"):
+        studio.review_disagreements("hm-articles", colour, 10, annotator="ben")
+    with pytest.raises(StudioError, match="an annotator without a name is not one"):
+        studio.review_disagreements("hm-articles", colour, 10)
+    shown = studio.current_view(queue).shown  # the queue ben opened before the reviewers were named
+    for decide in (lambda: studio.review_save(queue, "ben", {colour: red}, shown),
+                   lambda: studio.review_skip(queue, "ben", shown)):
+        with pytest.raises(StudioError, match="for the reviewers"):
+            decide()
+    assert set(studio.store.open_disagreements()) == {"d-1"} and studio.store.item_state("d-1")[colour].label == blue
+    settling = studio.review_disagreements("hm-articles", colour, 10, annotator=" cem ")
+    assert studio.review_save(settling, "cem", {colour: red}).result == "saved"
+    assert not studio.store.open_disagreements()
+    assert views.reviewers_note(studio.reviewers) == "Settled by the reviewers: `cem`, `dee`."
+    assert "Anyone may settle them" in views.reviewers_note(frozenset())
+    monkeypatch.setenv("CMA_CLIP_REVIEWERS", " cem, dee ,,")
+    assert default_reviewers() == {"cem", "dee"}
+    monkeypatch.delenv("CMA_CLIP_REVIEWERS")
+    assert default_reviewers() == frozenset()
 
 
 def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_past_settled_ones(studio):

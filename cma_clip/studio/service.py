@@ -63,6 +63,11 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("CMA_CLIP_STUDIO_DIR", REPO_ROOT / "studio_data"))
 
 
+def default_reviewers() -> frozenset[str]:
+    """Who may settle disagreements: $CMA_CLIP_REVIEWERS, names separated by commas (none: anyone)."""
+    return frozenset(name.strip() for name in os.environ.get("CMA_CLIP_REVIEWERS", "").split(",") if name.strip())
+
+
 def available_checkpoints(folder: str | Path = CHECKPOINT_DIR) -> dict[str, Path]:
     """Checkpoint name -> folder, for every sub-folder holding a CMA-CLIP config.json (one that
     cannot be loaded is still listed, and says why when chosen)."""
@@ -75,9 +80,10 @@ class Studio:
 
     def __init__(self, checkpoint_dir: str | Path = CHECKPOINT_DIR, data_dir: str | Path | None = None,
                  device: str | None = None, data_root: str | Path | None = None, cache_dir: str | Path | None = None,
-                 catalogue_limit: int | None = None) -> None:
+                 catalogue_limit: int | None = None, reviewers: Iterable[str] | None = None) -> None:
         """`cache_dir`: the feature cache and the kept catalogue predictions ($CMA_CLIP_CACHE by default);
-        `catalogue_limit`: review only the first N items of each split of a catalogue (quick runs, tests)."""
+        `catalogue_limit`: review only the first N items of each split of a catalogue (quick runs, tests);
+        `reviewers`: the annotators who may settle disagreements (default `default_reviewers`; none: anyone)."""
         self.checkpoints = available_checkpoints(checkpoint_dir)
         self.data_dir = Path(data_dir or default_data_dir())
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +103,7 @@ class Studio:
         self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
         self._catalogues: dict[str, dict[str, dict[str, str]]] = {}  # catalogue -> item id -> its labels
         self.bulk_chunk = BULK_CHUNK
+        self.reviewers = frozenset(default_reviewers() if reviewers is None else reviewers)
 
     # ------------------------------------------------------------------ models
     @property
@@ -586,7 +593,9 @@ class Studio:
                              annotator: str | None = None) -> ReviewQueue:
         """The items whose annotators' labels differ on the tasks under review (`LabelStore.disagreements`),
         the oldest disagreement first. A save in this queue adjudicates: it settles the disagreement
-        (until a later label differs from it) and stays out of the agreement figures."""
+        (until a later label differs from it) and stays out of the agreement figures. Only for the
+        `reviewers`, when some are named."""
+        self._reviewer(annotator)
         tasks = self._queue_tasks(model, task)
         names = self.display_names(model)
         found = self.store.disagreements(tasks)
@@ -791,7 +800,7 @@ class Studio:
         with self._queue_lock(queue):
             if (done := self._recent(rid)) is not None:
                 return done
-            item, annotator = self._current(queue, shown), self._annotator(annotator)
+            item, annotator = self._current(queue, shown), self._decider(queue, annotator)
             shown = shown or self.current_view(queue).shown
             chosen = given_labels(labels, queue.tasks)
             if not chosen:
@@ -823,7 +832,7 @@ class Studio:
         with self._queue_lock(queue):
             if (done := self._recent(rid)) is not None:
                 return done
-            item, annotator = self._current(queue, shown), self._annotator(annotator)
+            item, annotator = self._current(queue, shown), self._decider(queue, annotator)
             shown = shown or self.current_view(queue).shown
             try:
                 result = self.store.skip(item.item_id, queue.tasks, annotator, checkpoint=queue.model, request_id=rid,
@@ -978,6 +987,21 @@ class Studio:
         if len(name) > MAX_NAME_CHARS:
             raise StudioError(f"The annotator's name is {len(name):,} characters long; the limit is "
                               f"{MAX_NAME_CHARS}.")
+        return name
+
+    def _reviewer(self, annotator: str | None) -> None:
+        """Refuse an annotator who may not settle disagreements: one not among the `reviewers`, when some are named."""
+        name = annotator.strip() if isinstance(annotator, str) else ""
+        if self.reviewers and name not in self.reviewers:
+            raise StudioError(f"Settling disagreements is for the reviewers ({', '.join(sorted(self.reviewers))}), "
+                              f"and {name or 'an annotator without a name'} is not one of them: label in the other "
+                              "queues, and a reviewer will settle what annotators disagree on.")
+
+    def _decider(self, queue: ReviewQueue, annotator: str | None) -> str:
+        """Who decides the queue's current item: anyone named, a reviewer in a disagreements queue."""
+        name = self._annotator(annotator)
+        if queue.split == DISAGREEMENTS:
+            self._reviewer(name)
         return name
 
     def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:

@@ -370,6 +370,13 @@ def review_notes(queue: ReviewQueue) -> str:
     return line
 
 
+def reviewers_note(reviewers: frozenset[str]) -> str:
+    """Who may settle disagreements, for the Disagreements source."""
+    if not reviewers:
+        return "Anyone may settle them (`CMA_CLIP_REVIEWERS` names the reviewers)."
+    return "Settled by the reviewers: " + ", ".join(code(name) for name in sorted(reviewers)) + "."
+
+
 def split_note(split: str | None) -> str:
     """What becomes of the corrections of a split's items, in Markdown."""
     return SPLIT_NOTES.get(split or "", "")
