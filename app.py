@@ -580,9 +580,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     def forget_item_id():
         """A new image or an edited text is another item: its id no longer applies."""
         return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
-                **resolution(choice, None)}
+                input_note: "", **resolution(choice, None)}
 
-    item_outputs = [item_id, shown, pending, item_line, *choice.buttons]
+    item_outputs = [item_id, shown, pending, item_line, input_note, *choice.buttons]
     image.upload(forget_item_id, None, item_outputs, api_visibility="private")
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")

@@ -107,11 +107,14 @@ class Prediction:
 
     @property
     def withheld(self) -> str:
-        """Why nothing of this item is auto-accepted whatever its confidence ("" when nothing stops it)."""
-        return "no text" if self.text_absent else "blank photo" if self.photo_blank else ""
+        """Why nothing of this item is auto-accepted whatever its confidence: "no text", "blank photo",
+        both ("no text, blank photo"), or "" when nothing stops it."""
+        return ", ".join(why for why, present in (("no text", self.text_absent), ("blank photo", self.photo_blank))
+                         if present)
 
     def to_dict(self) -> dict:
         return {task: {"label": p.label, "confidence": round(p.confidence, 4), "auto_accept": p.auto_accept,
+                       "withheld": self.withheld,
                        "top_k": dict(zip(p.labels, [round(x, 4) for x in p.probabilities])),
                        "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()}}
                 for task, p in self.tasks.items()}

@@ -158,9 +158,13 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page):
     expect(page.locator("#input-note")).to_contain_text("rests on the image only")
     expect(page.locator("#predictions")).not_to_contain_text("✓ auto-accept")  # never without a text
     expect(page.get_by_text("Upload a product image")).to_have_count(0)
-    page.locator("#input-text textarea").fill(EXAMPLE_TEXT)
+    page.locator("#input-text textarea").fill(EXAMPLE_TEXT[:-1])  # an edited text: the note no longer applies
+    page.locator("#input-text textarea").press_sequentially(EXAMPLE_TEXT[-1])  # (typed: `fill` is no input event)
+    expect(page.locator("#input-note")).not_to_contain_text("image only", timeout=30_000)
+    expect(page.locator("#item-line")).to_contain_text("New item: predict it")
     page.locator("#predict").click()
-    expect(page.locator("#input-note")).not_to_contain_text("image only", timeout=60_000)
+    expect(page.locator("#item-line")).not_to_contain_text("New item", timeout=60_000)  # predicted with the text
+    expect(page.locator("#input-note")).not_to_contain_text("image only")
 
 
 def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page):

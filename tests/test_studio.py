@@ -560,7 +560,7 @@ def test_percent_verdict_and_operating_figures():
 
     p = TaskPrediction(["Sports"], [0.589], {"text": 0.5, "image": 0.5}, 0.43, True, "Usage")
     assert views.verdict(p) == "✓ auto-accept (≥ 43%)"
-    assert views.verdict(p, "no text") == "no text: not auto-accepted (≥ 43%)"
+    assert views.verdict(p, "no text") == "withheld: no text (≥ 43%)"
     assert views.verdict(TaskPrediction(["x"], [0.3], {}, 0.87, False)) == "below 87%"
     assert views.verdict(TaskPrediction(["x"], [0.3], {}, None, False)) == "no threshold holds 90%"
     metrics = {"tasks": {"graphical_appearance_name": {
@@ -582,7 +582,7 @@ def test_an_empty_text_rests_on_the_image_and_is_never_auto_accepted(studio):
     result = studio.predict(str(EXAMPLE_IMAGE), "   ", "hm-articles")
     assert result.text_absent and views.input_note(result) == views.NO_TEXT_NOTE
     assert all(p.modality_weights == {"text": 0.0, "image": 1.0} and not p.auto_accept for p in result.tasks.values())
-    assert all(row[3].startswith(("no text", "no threshold")) for row in prediction_rows(result))
+    assert all(row[3].startswith(("withheld: no text", "no threshold")) for row in prediction_rows(result))
     assert "no text; relevance on the image" in views.relevance_summary(result, "colour_group_name")
     batch = studio.predictor("hm-articles").predict_batch([result.model_image], [""])[0]
     assert batch.text_absent and not any(p.auto_accept for p in batch.tasks.values())
@@ -602,7 +602,11 @@ def test_a_blank_photo_or_no_text_is_never_auto_accepted_one_by_one_or_in_bulk(s
     assert result.photo_blank and not result.text_absent and result.withheld == "blank photo"
     assert not any(p.auto_accept for p in result.tasks.values())
     assert views.input_note(result) == views.BLANK_PHOTO_NOTE
-    assert all(row[3] == "blank photo: not auto-accepted (≥ 0%)" for row in prediction_rows(result))
+    assert all(row[3] == "withheld: blank photo (≥ 0%)" for row in prediction_rows(result))
+    assert {answer["withheld"] for answer in result.to_dict().values()} == {"blank photo"}  # the API's JSON says why
+    both = studio.predict(str(blank), "", "hm-articles")
+    assert both.withheld == "no text, blank photo" and views.input_note(both) == "  \n".join(
+        [views.NO_TEXT_NOTE, views.BLANK_PHOTO_NOTE])
     photo = studio.predict(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles")
     assert not photo.photo_blank and all(p.auto_accept for p in photo.tasks.values()) and views.input_note(photo) == ""
     batch = predictor.predict_batch([Image.open(blank), Image.open(EXAMPLE_IMAGE)], [EXAMPLE_TEXT] * 2)
@@ -639,6 +643,7 @@ def test_a_bulk_accept_message_names_tasks_as_people_read_them():
                               "3 auto-accepted now")
     assert "(stored in 0 transactions)" in message  # no "chunk(s)": words people write
     assert "Colour group = `White` by `ben`" in message and "_name" not in message
+    assert "1 item of the queue clears the bar" in views.bulk_message(BulkOutcome("q:bulk", ["t"], 1))
 
 
 def test_a_control_info_line_is_plain_text_that_gradio_escapes_and_never_links():

@@ -79,6 +79,35 @@ def test_another_checkpoint_gets_its_own_predictions(small_checkpoint, catalogue
     assert not empty.exists()  # no features there: nothing computed, nothing kept
 
 
+def test_kept_predictions_say_which_photos_are_blank_and_older_ones_learn_it(small_checkpoint, catalogue,
+                                                                             tmp_path, monkeypatch):
+    """A queue opens from kept predictions: they must carry the blank-photo flags (never auto-accepted)
+    that fresh predictions get, and an entry kept before there were flags gains them once."""
+    import shutil
+    from dataclasses import replace
+
+    from PIL import Image
+
+    copy = replace(catalogue, root=tmp_path / "data")  # the catalogue with one test photo a flat placeholder
+    for row, path in zip(catalogue.rows, catalogue.image_paths()):
+        (copy.root / row["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy.root / row["image"])
+    test = copy.split("test")
+    Image.new("RGB", (180, 240), (236, 236, 236)).save(test.image_paths()[5], "JPEG")
+    predictor = Predictor.from_checkpoint(small_checkpoint, "cpu")
+    cache = tmp_path / "cache"
+    scores = kept.catalogue_predictions(predictor, copy, "test", cache, build_features=True)
+    assert scores.blank_photo.tolist() == [i == 5 for i in range(len(test))]
+    assert not any(p.auto_accept for p in predictor.predictions(scores.take([5]))[0].tasks.values())
+    path = kept.predictions_path(predictor, copy, "test", cache)
+    with np.load(path) as stored:  # as an entry kept before the flags
+        np.savez(path, **{name: stored[name] for name in stored.files if name != "blank_photo"})
+    again = kept.catalogue_predictions(predictor, copy, "test", cache)
+    assert np.array_equal(again.blank_photo, scores.blank_photo)
+    monkeypatch.setattr(kept, "blank_photos", None)  # kept with the entry now: the photos are not decoded again
+    assert np.array_equal(kept.catalogue_predictions(predictor, copy, "test", cache).blank_photo, scores.blank_photo)
+
+
 def test_a_review_queue_opens_from_kept_predictions(checkpoint_dir, cache_dir, tmp_path):
     fast = Studio(checkpoint_dir, data_dir=tmp_path / "fast", device="cpu", cache_dir=cache_dir,
                   catalogue_limit=LIMIT)

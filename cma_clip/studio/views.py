@@ -148,7 +148,7 @@ def verdict(p: TaskPrediction, withheld: str = "") -> str:
         return "no threshold holds 90%"
     bar = f"≥ {percent(p.threshold)}"
     if withheld:
-        return f"{withheld}: not auto-accepted ({bar})"
+        return f"withheld: {withheld} ({bar})"
     return f"✓ auto-accept ({bar})" if p.auto_accept else f"below {percent(p.threshold)}"
 
 
@@ -164,7 +164,8 @@ def prediction_rows(prediction: Prediction) -> list[list]:
 
 def input_note(prediction: Prediction) -> str:
     """The note under the inputs: what an empty text or a blank photo means for the prediction ("" for neither)."""
-    return NO_TEXT_NOTE if prediction.text_absent else BLANK_PHOTO_NOTE if prediction.photo_blank else ""
+    return "  \n".join(note for note, present in ((NO_TEXT_NOTE, prediction.text_absent),
+                                                  (BLANK_PHOTO_NOTE, prediction.photo_blank)) if present)
 
 
 def tenths(value: float) -> str:
@@ -539,7 +540,8 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
 def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:
     """What a bulk accept did, its tasks by the names people read (`names`: task -> name)."""
     tasks = ", ".join(task_name(t, names=names) for t in outcome.tasks)
-    parts = [f"Bulk accept ({tasks}): {plural(outcome.selected, 'item')} of the queue clear the bar",
+    parts = [f"Bulk accept ({tasks}): {plural(outcome.selected, 'item')} of the queue "
+             f"{'clears' if outcome.selected == 1 else 'clear'} the bar",
              f"{outcome.stored} auto-accepted now"]
     if outcome.already_there:
         parts.append(f"{outcome.already_there} stored by an earlier run of this bulk accept")
