@@ -743,8 +743,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
                     mislabels_loading = gr.Markdown(min_height=48)
                     gr.Markdown("**Disagreements**  \nItems whose annotators' labels differ on the tasks chosen below "
-                                "(a second labeler reviewing decided items, or an overwrite), the oldest first. Your "
-                                "save settles each one; the agreement figures keep the annotators' own labels. "
+                                "(a second labeler reviewing decided items, or an overwrite), the oldest first. A save "
+                                "there settles each one; the agreement figures keep the annotators' own labels. "
                                 + views.reviewers_note(studio.reviewers))
                     load_disagreements = gr.Button("Load disagreements", elem_id="review-load-disagreements")
                     disagreements_loading = gr.Markdown(min_height=48)

@@ -397,6 +397,10 @@ def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
     settling = studio.review_disagreements("hm-articles", colour, 10, annotator=" cem ")
     assert studio.review_save(settling, "cem", {colour: red}).result == "saved"
     assert not studio.store.open_disagreements()
+    # ben signs in on the browser cem used: the queue id it kept opens ben's own last queue, not cem's
+    assert studio.resume_queue(settling.queue_id, "ben").queue_id == queue.queue_id
+    assert studio.store.load_queue(settling.queue_id).annotator == "cem"
+    assert studio.resume_queue(settling.queue_id, "cem").queue_id == settling.queue_id
     assert views.reviewers_note(studio.reviewers) == "Settled by the reviewers: `cem`, `dee`."
     assert "Anyone may settle them" in views.reviewers_note(frozenset())
     monkeypatch.setenv("CMA_CLIP_REVIEWERS", " cem, dee ,,")

@@ -756,13 +756,16 @@ class Studio:
 
     def resume_queue(self, queue_id: str | None = None, annotator: str | None = None,
                      model: str | None = None) -> ReviewQueue | None:
-        """A kept queue: by id, else the one `annotator` moved in last (on `model` if given),
+        """A kept queue: by id (when it is `annotator`'s: a browser another labeler used keeps
+        theirs), else the one `annotator` moved in last (on `model` if given),
         at its place (an item they decided themselves included), or the next item to review
         when someone else decided its item meanwhile or is on it; None when there is none,
         or its model is gone."""
         saved = None
         if queue_id:
             saved = self.store.load_queue(queue_id)
+            if saved is not None and (annotator or "").strip() not in ("", saved.annotator):
+                saved = None
         if saved is None and (annotator or "").strip():
             saved = self.store.latest_queue(annotator.strip(), model or None)
         if saved is None or saved.model not in self.checkpoints:
