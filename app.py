@@ -225,8 +225,9 @@ def keep_uploads_in(studio: Studio) -> Iterator[Path]:
 
 def error(message: str) -> gr.Error:
     """A message for the UI's error toast, which Gradio renders as HTML: escaped, so that a name
-    or an id in it shows as text (an `<img>` in it would otherwise be fetched)."""
-    return gr.Error(html.escape(message, quote=False))
+    or an id in it shows as text (an `<img>` in it would otherwise be fetched). The user's to fix:
+    no traceback in the server's log, where it would hide real faults."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
 def chart(picture) -> PlotData:
