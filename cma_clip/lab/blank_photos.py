@@ -1,4 +1,4 @@
-"""How many real product photos would the blank-photo rule flag? None should.
+"""How many real product photos does the blank-photo rule flag? Only truly blank ones should be.
 
     python -m cma_clip.lab.blank_photos --catalogue hm-articles
 
@@ -23,7 +23,8 @@ from ..checkpoint import load_backbone, load_checkpoint
 from ..data import REPO_ROOT, Catalogue
 from ..features import image_batches
 
-MADE_UP = {"1 x 1 grey": Image.new("RGB", (1, 1), (128, 128, 128)), "white 512 x 512": Image.new("RGB", (512, 512), "white"),
+MADE_UP = {"1 x 1 grey": Image.new("RGB", (1, 1), (128, 128, 128)),
+           "white 512 x 512": Image.new("RGB", (512, 512), "white"),
            "black 60 x 80": Image.new("RGB", (60, 80), "black")}
 
 
