@@ -393,6 +393,17 @@ def shown_of(value: dict | None) -> Shown | None:
     return Shown.from_dict(value)
 
 
+def decided_on(seen: dict | None, item_on_screen: str | None) -> Shown | None:
+    """What a decision was made on: the item the panel showed last (`seen`, kept on the server), or,
+    when the labeler's screen still shows another item (an event moved the queue and its answer is
+    not on screen yet), that item, which the studio then refuses to decide for the queue's current one."""
+    shown = shown_of(seen)
+    on_screen = (item_on_screen or "").strip() if isinstance(item_on_screen, str) else ""
+    if on_screen and (shown is None or shown.item_id != on_screen):
+        return Shown(on_screen, {})
+    return shown
+
+
 @dataclass
 class Shared:
     """What more than one tab uses: the fields above the tabs, and the history table."""
@@ -657,12 +668,16 @@ class ReviewPanel:
     notes: gr.Markdown
     item_history: gr.Dataframe
     choice: Resolution
+    # The id of the item on the labeler's screen, sent from the browser with a decision: `shown` (and
+    # the queue) live on the server and move with an event as soon as it runs, before its answer
+    # reaches the screen; a decision made meanwhile would go to the next item with this one's labels.
+    on_screen: gr.Textbox
 
     @property
     def outputs(self) -> list:
         return [self.queue, self.shown, self.pending, self.progress, self.image, self.text, self.table, self.active,
                 *self.choices, *self.slots, self.request_id, self.status, self.notes, self.item_history,
-                *self.choice.buttons]
+                *self.choice.buttons, self.on_screen]
 
 
 def choice_updates(panel: ReviewPanel, item: ReviewItem | None, task: str | None) -> dict:
@@ -680,6 +695,7 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
     item = queue.current if queue else None
     common = {panel.queue: queue, panel.progress: views.review_status(queue), panel.status: message,
               panel.notes: views.review_notes(queue) if queue else "", panel.request_id: new_id(),
+              panel.on_screen: item.item_id if item else "",
               panel.pending: pending_save(outcome) if outcome is not None else None,
               **resolution(panel.choice, outcome)}
     if item is None:
@@ -779,6 +795,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         with gr.Row():
             slots = correction_slots(elem_id="review-slot")
         request_id = gr.Textbox("", visible=False, label="request id", elem_id="review-request-id")
+        on_screen = gr.Textbox("", visible=False, label="item on screen", elem_id="review-on-screen")
         with gr.Row():
             accept = gr.Button("Accept / save and next (a)", variant="primary", elem_id="review-accept")
             skip = gr.Button("Skip (s)", elem_id="review-skip")
@@ -805,7 +822,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
                                         elem_id="review-item-history")
         panel = ReviewPanel(gr.State(None), gr.State(None), gr.State(None), progress, image, text, table, active,
-                            choices, slots, request_id, status, notes, item_history, choice)
+                            choices, slots, request_id, status, notes, item_history, choice, on_screen)
 
     def loaded(queue: ReviewQueue | None) -> ReviewQueue:
         if queue is None:
@@ -881,17 +898,19 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
 
     @user_errors
     def accept_item(queue, seen, annotator_name, *rest):
-        """Save the current item's labels (one per task under review, in order) and show the next item."""
-        *values, rid = rest
+        """Save the current item's labels (one per task under review, in order) and show the next item.
+        The last input, optional for API clients, is the id of the item on the labeler's screen."""
+        *values, rid, item_on_screen = rest
         queue = loaded(queue)
-        return after(queue, studio.review_save(queue, annotator_name, labels_of(queue, values), shown_of(seen),
-                                               request_id=rid))
+        return after(queue, studio.review_save(queue, annotator_name, labels_of(queue, values),
+                                               decided_on(seen, item_on_screen), request_id=rid))
 
     @user_errors
-    def skip_item(queue, seen, annotator_name, rid):
+    def skip_item(queue, seen, annotator_name, rid, item_on_screen=""):
         """Mark the current item's tasks skipped and show the next item."""
         queue = loaded(queue)
-        return after(queue, studio.review_skip(queue, annotator_name, shown_of(seen), request_id=rid))
+        return after(queue, studio.review_skip(queue, annotator_name, decided_on(seen, item_on_screen),
+                                               request_id=rid))
 
     def undone(queue: ReviewQueue | None, outcome: UndoOutcome) -> dict:
         """An undo's outcome: the queue at its item (with the choice, when it met a conflict), or
@@ -1041,8 +1060,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     for bound in (min_conf, max_conf):  # typing "0.35" passes through 0.3: re-filter once it is in
         bound.submit(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
         bound.blur(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
-    accept.click(accept_item, [*queue_inputs, *slots, request_id], panel.outputs, api_name="review_accept")
-    skip.click(skip_item, [*queue_inputs, request_id], panel.outputs, api_name="review_skip")
+    accept.click(accept_item, [*queue_inputs, *slots, request_id, on_screen], panel.outputs, api_name="review_accept")
+    skip.click(skip_item, [*queue_inputs, request_id, on_screen], panel.outputs, api_name="review_skip")
     undo.click(undo_last, [panel.queue, shared.annotator, request_id], panel.outputs, api_name="review_undo")
     previous.click(previous_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_previous")
     forward.click(next_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_next")

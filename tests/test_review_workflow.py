@@ -125,6 +125,27 @@ def test_a_saved_label_belongs_to_the_item_on_screen(review_app):
     assert colour["value"] == grey and "saved: " + grey in colour["info"] and "model: " in colour["info"]
 
 
+def test_a_decision_made_before_the_screen_caught_up_is_refused_not_saved_on_the_next_item(review_app):
+    """The queue and the item shown live on the server and move as soon as an event runs (Next), but
+    its answer reaches the screen later: an accept clicked meanwhile carries the labels on screen. It
+    names the item on screen, and is refused; it used to save those labels on the next item."""
+    url, studio = review_app
+    gus = Labeler(url, "gus")
+    shown = gus.load(4, split="val")
+    on_screen, labels = current_item(shown), slots(shown)
+    moved = gus("/review_next", "gus")  # the server has moved on; this answer is not on the screen yet
+    assert current_item(moved) != on_screen
+    saves = studio.store.count()
+    for decide in (lambda: gus("/review_accept", "gus", *labels, "", on_screen),
+                   lambda: gus("/review_skip", "gus", "", on_screen)):
+        with pytest.raises(AppError, match=f"The item on screen \\({on_screen}\\) is not the queue's current item"):
+            decide()
+    assert studio.store.count() == saves and current_item(moved) not in studio.store.decided_items()
+    saved = gus("/review_accept", "gus", *slots(moved), "", current_item(moved))  # the item on screen: saved
+    assert saved["review status"].startswith("Saved") and f"`{current_item(moved)}`" in saved["review status"]
+    assert gus.accept(slots(saved))["review status"].startswith("Saved")  # a client without the field: as before
+
+
 # ---------------------------------------------------------------------------- 2, 3. state, no silent overwrite
 def test_two_annotators_on_one_item_see_the_conflict_and_choose(review_app):
     url, studio = review_app
