@@ -472,6 +472,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         with gr.Row():
             slots = correction_slots(elem_id="slot")
         request_id = gr.Textbox("", visible=False, label="request id", elem_id="save-request-id")
+        # the item whose labels the controls show, sent from the browser with a save (a prediction's answer
+        # may not be on screen yet when an example's photo, text and id already are)
+        labels_for = gr.Textbox("", visible=False, label="labels of item", elem_id="save-labels-for")
         save_button = gr.Button("Save correction", variant="primary", elem_id="save")
         save_status = gr.Markdown(label="save status", elem_id="save-status")
         choice = Resolution.make("save")
@@ -502,6 +505,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 shading: views.word_attention_shading(result), relevance: views.word_shading(result, first),
                 map_kind: "relevance", map_note: views.relevance_summary(result, first),
                 prediction_state: result, shown: view.shown.to_dict(), request_id: new_id(), pending: None,
+                labels_for: view.item_id,
                 item_line: views.item_line(view, bool((item or "").strip())), save_status: "",
                 **resolution(choice, None), **slot_updates(studio, slots, model_name, result, view)}
 
@@ -526,6 +530,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         if outcome.stored:
             view = studio.model_view(model_name, outcome.item_id, result, bool((item or "").strip()))
             updates.update({shown: view.shown.to_dict(), request_id: new_id(), shared.history: shared.history_rows(),
+                            labels_for: view.item_id,
                             item_line: views.item_line(view, bool((item or "").strip())),
                             **slot_updates(studio, slots, model_name, result, view)})
         return updates
@@ -534,11 +539,13 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     def save_label(image_path, text_value, model_name, annotator_name, item, *rest):
         """Save the labels (one per task of the model, in order) of the item on screen: checked
         against the labels saved since it was predicted and the task's classes; a request id
-        already stored stores nothing."""
-        *labels, rid, seen, result = rest
+        already stored stores nothing. The last input, optional for API clients, is the item
+        whose labels the controls show."""
+        *labels, rid, seen, result, controls_item = rest
         tasks = list(studio.task_classes(model_name))
         outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item,
-                                   dict(zip(tasks, labels)), shown_of(seen), request_id=rid, prediction=result)
+                                   dict(zip(tasks, labels)), shown_of(seen), request_id=rid, prediction=result,
+                                   labels_for=controls_item)
         return after_save(outcome, image_path, text_value, model_name, item, result)
 
     def resolve(how: str):
@@ -592,16 +599,17 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     def forget_item_id():
         """A new image or an edited text is another item: its id no longer applies."""
         return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
-                input_note: "", **resolution(choice, None)}
+                input_note: "", labels_for: "", **resolution(choice, None)}
 
-    item_outputs = [item_id, shown, pending, item_line, input_note, *choice.buttons]
+    item_outputs = [item_id, shown, pending, item_line, input_note, labels_for, *choice.buttons]
     image.upload(forget_item_id, None, item_outputs, api_visibility="private")
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")
-    save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots]
+    save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots,
+                    labels_for]
     predict_outputs = [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,
                        shown, request_id, pending, item_line, save_status, *choice.buttons, *slots, map_kind,
-                       map_note, input_note]
+                       map_note, input_note, labels_for]
     # The button's input errors show on the field at fault (a validator); the /predict API answers
     # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
     predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,
@@ -622,7 +630,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         control(redraw, [prediction_state, task, map_kind, token, opacity], heat, api_visibility="private",
                 trigger_mode="always_last")
     item_inputs = [image, text, shared.model, shared.annotator, item_id]
-    save_inputs = [*item_inputs, *slots, request_id, shown, prediction_state]
+    save_inputs = [*item_inputs, *slots, request_id, shown, prediction_state, labels_for]
 
     def check_save(image_path, text_value, model_name, annotator_name, *rest):
         """A missing annotator shown on the Annotator box (which `SCROLL_TO_ANNOTATOR` brings into view),

@@ -108,6 +108,14 @@ def test_a_saved_label_belongs_to_the_item_on_screen(review_app):
                 *with_label(shown, COLOUR, grey), "")
     assert saved["save status"].startswith("Saved correction") and "`0816591001`" in saved["save status"]
 
+    # another example clicked: its photo, text and id are on screen at once, its prediction not yet (the
+    # controls still show the T-shirt's labels, the browser says so): a save then is refused, not stored
+    saves = studio.store.count()
+    with pytest.raises(AppError, match="The labels on screen are item 0816591001's"):
+        ana("/save_label", handle_file(str(OTHER_IMAGE)), EXAMPLE_TEXT, MODEL, "ana", "0719876001",
+            *with_label(shown, COLOUR, grey), "", "0816591001")
+    assert studio.store.count() == saves
+
     # another photo: the UI clears the id (an upload), so the content id applies
     other = ana("/predict", handle_file(str(OTHER_IMAGE)), EXAMPLE_TEXT, MODEL, "")
     content = content_item_id(OTHER_IMAGE, clean_text(EXAMPLE_TEXT))

@@ -286,17 +286,22 @@ class Studio:
     def save_item(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
                   item_id: str | None, labels: dict[str, str | None], shown: Shown | None, *,
                   request_id: str | None = None, new_classes: dict[str, str] | None = None, force: bool = False,
-                  prediction: Prediction | None = None) -> SaveOutcome:
+                  prediction: Prediction | None = None, labels_for: str | None = None) -> SaveOutcome:
         """The Predict tab's checked save. The item is the id given, else the content id. Its
         base versions are those `shown` for that item (none shown, or another item shown: the
         labeler saw none of its labels), so a label someone else saved comes back as a
         conflict; labels outside the vocabulary come back as unknown unless confirmed in
-        `new_classes`; a `request_id` already stored stores nothing."""
+        `new_classes`; a `request_id` already stored stores nothing. `labels_for`: the item
+        whose labels the controls show (its prediction's); a save for another item is refused."""
         rid = (request_id or "").strip() or None
         if (done := self._recent(rid)) is not None:
             return done
         image, chosen = self._checked_inputs(image_path, annotator, model, labels)
         resolved = self.resolve_item_id(image_path, text, item_id)
+        controls = labels_for.strip() if isinstance(labels_for, str) else ""
+        if controls and controls != resolved:
+            raise StudioError(f"The labels on screen are item {controls}'s, and the photo, text and id are item "
+                              f"{resolved}'s: nothing was saved. Predict it (its labels then show), then save.")
         seen = shown.versions if shown is not None and shown.item_id == resolved else {}
         predictions = self._light_predictions(model, image, text, prediction)
         catalogue = self.catalogue_labels(model, resolved) if (item_id or "").strip() else {}
