@@ -1309,8 +1309,9 @@ def tasks_api(studio: Studio) -> None:
 
 def annotator_box(login: Login) -> gr.Textbox:
     """The name every decision is saved under: typed freely, or, with a login on, the signed-in user's."""
-    if login.on:
-        return signed_in(gr.Textbox(label="Annotator (signed in)", interactive=False, scale=2, elem_id="annotator"))
+    if login.on:  # (a value, so that API clients may leave out the name the server replaces)
+        return signed_in(gr.Textbox("", label="Annotator (signed in)", interactive=False, scale=2,
+                                    elem_id="annotator"))
     return gr.Textbox(label="Annotator", placeholder="your name (needed to save)", max_length=MAX_NAME_CHARS,
                       scale=2, elem_id="annotator")
 

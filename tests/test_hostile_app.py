@@ -327,5 +327,6 @@ def test_with_a_login_saves_go_under_the_signed_in_user_whatever_the_client_send
                    api_name="/save_correction")
     client.predict(MODEL, "train", 2, *FILTERS, "mallory", api_name="/review_catalogue")
     entry = studio.store.history(limit=1)[0]
+    client.predict(MODEL, "train", 2, *FILTERS, api_name="/review_catalogue")  # the name left out: it is ana
     assert entry["item_id"] == "login-item" and entry["annotator"] == "ana"
     assert studio.store.latest_queue("ana", MODEL) is not None and studio.store.latest_queue("mallory") is None
