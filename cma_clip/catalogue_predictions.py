@@ -40,14 +40,15 @@ def catalogue_predictions(predictor: Predictor, catalogue: Catalogue, split: str
     when kept; else computed from the cached features and kept. None when the catalogue's features
     are not cached (unless `build_features`: then they are built first, minutes per 10,000 items)."""
     path = predictions_path(predictor, catalogue, split, cache_dir)
-    ids = catalogue.split(split).item_ids()
+    items = catalogue.split(split)
+    ids = items.item_ids()
     if path.exists():
         with np.load(path) as stored:
             if stored["item_ids"].tolist() == ids:
                 scores = _scores(stored, predictor.tasks)
                 if scores.blank_photo is not None:
                     return scores
-                scores.blank_photo = blank_photos(predictor, catalogue.split(split))  # kept before they were
+                scores.blank_photo = blank_photos(predictor, items)  # kept before they were
                 _keep(path, scores, ids)
                 return scores
     if not build_features and not has_cached_features(predictor.backbone, catalogue, cache_dir):
@@ -64,7 +65,7 @@ def catalogue_predictions(predictor: Predictor, catalogue: Catalogue, split: str
     probabilities = predict_probabilities(predictor.model, features, index, on_output=keep_weights)
     scores = Scores({t: p.astype(np.float32) for t, p in probabilities.items()},
                     {t: np.concatenate(w) if w else np.zeros((0, 2), np.float32) for t, w in weights.items()},
-                    blank_photos(predictor, catalogue.split(split)))
+                    blank_photos(predictor, items))
     _keep(path, scores, ids)
     return scores
 
