@@ -1237,7 +1237,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
             push_button = gr.Button("Push labels to the Hugging Face Hub (optional)")
             push_status = gr.Markdown()
         gr.Markdown("Train with the corrections: `python -m cma_clip.train --catalogue NAME --extra-labels "
-                    f"{studio.store.path} --out checkpoints/NEW`")
+                    f"{studio.store.path} --out checkpoints/NEW` (or `--extra-labels` the export you downloaded).")
 
     @user_errors
     def audit(task_name, annotator_name, status_name, source_name, search, page):

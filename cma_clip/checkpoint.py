@@ -69,7 +69,7 @@ class TrainConfig:
     max_text_tokens: int | None = None
     limit: int | None = None  # the first N items of each split
     min_count: int = 1  # a class needs this many training items to be learned
-    extra_labels: str | None = None  # a label store whose corrections override catalogue labels
+    extra_labels: str | None = None  # a label store (or its export) whose labels override the catalogue's
     cache_dir: str | None = None
     # model
     backbone: str = "bundled"

@@ -27,7 +27,8 @@ idempotent, so retried saves store one row; a bulk accept is one transaction who
 are keyed by batch and item, so running it again stores only what is missing.
 
 `export` writes the current labels, with each label's provenance and the annotators'
-agreement, as a manifest the trainer reads; `apply_to` merges them into an open catalogue.
+agreement, as a manifest the trainer reads (`extra_labels` merges a store or an export into a
+catalogue for training).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 from sklearn.metrics import cohen_kappa_score
 
-from .data import MAX_IMAGE_PIXELS, Catalogue, atomic_write, is_missing, read_manifest, write_table
+from .data import MAX_IMAGE_PIXELS, atomic_write, is_missing, write_table
 from .errors import CMAClipError
 
 STATUSES = ("pending", "accepted", "corrected", "skipped")
@@ -720,12 +721,12 @@ class LabelStore:
         id, image, text, one column per task (empty when unlabelled), annotator, updated_at,
         then each task's provenance as <task>__source (human, auto or adjudication), <task>__annotator,
         <task>__checkpoint and <task>__at, in both formats. Image paths are relative to the
-        file's folder, so export beside the store (or above it) for `Catalogue` to accept
-        them. CSV cells starting with = + - @, a tab or a carriage return get a leading ',
-        so a spreadsheet shows them as text instead of running them (OWASP); a trainer
-        reading the CSV sees that quote, while `--extra-labels` reads the store and never
-        does. `agreement()` is written beside, as <stem>.agreement.json. Both files are
-        written atomically, from one snapshot; returns the number of rows."""
+        file's folder, so export beside the store (or above it) for `Catalogue` and
+        `train --extra-labels` to find them. CSV cells starting with = + - @, a tab or a carriage
+        return get a leading ', so a spreadsheet shows them as text instead of running them
+        (OWASP); `read_manifest` (the trainer's reader) takes the quote off again. `agreement()`
+        is written beside, as <stem>.agreement.json. Both files are written atomically, from one
+        snapshot; returns the number of rows."""
         path = Path(path)
         if path.suffix.lower() not in (".csv", ".jsonl"):
             raise LabelStoreError(f"export to a .csv or .jsonl file, not {path.name}")
@@ -757,46 +758,6 @@ class LabelStore:
                      (json.dumps(agreement, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         return len(records)
 
-    def apply_to(self, catalogue: Catalogue) -> Catalogue:
-        """A copy of `catalogue` with the current corrections applied.
-
-        A correction overrides the labels of the catalogue's tasks for its item (matched on
-        the id column, else the image column), except on `test` rows: the test split keeps
-        its catalogue labels, so test figures stay comparable between runs and never score a
-        model against its own accepted predictions. Items absent from the manifest are appended
-        (split "train", the stored image's absolute path, the text in the first text column);
-        items of the manifest left out of this catalogue (by split or limit) are not, so a
-        val or test item never comes back as a training row. Corrections without a label
-        for any of the catalogue's tasks add nothing.
-        """
-        config = catalogue.config
-        columns = list(catalogue.rows[0]) if catalogue.rows else [config.image_column, *config.text_columns,
-                                                                   *config.tasks]
-        key = config.id_column if config.id_column in columns else config.image_column
-        current = {item_id: (item, {t: v for t, v in item["labels"].items() if t in config.tasks})
-                   for item_id, item in self.current_labels().items()}
-        rows = [dict(row) for row in catalogue.rows]
-        for row in rows:
-            if row.get(key) in current and row.get("split") != "test":
-                row.update(current[row[key]][1])
-        known = {row.get(key) for row in rows}
-        if Path(config.manifest).is_file():
-            known |= {row.get(key) for row in read_manifest(config.manifest)}
-        for item_id, (item, labels) in current.items():
-            if item_id in known or not labels:
-                continue
-            row = {**dict.fromkeys(columns, ""), **labels, config.image_column: str(item["image_path"])}
-            if config.text_columns:
-                row[config.text_columns[0]] = item["text"]
-            if key != config.image_column:
-                row[key] = item_id
-            if "split" in columns:
-                row["split"] = "train"
-            rows.append(row)
-        extra_roots = catalogue.extra_roots
-        if self.image_dir not in extra_roots:
-            extra_roots = (*extra_roots, self.image_dir)
-        return replace(catalogue, rows=rows, extra_roots=extra_roots)
 
 
 # ---------------------------------------------------------------------------- identity and vocabulary

@@ -53,7 +53,7 @@ from .data import Catalogue, CatalogueError, LabelVocab, limit_splits, load_imag
 from .errors import CMAClipError
 from .evaluate import calibrate, format_table, predict_probabilities, rescore, score
 from .features import Features, extract_features
-from .labels import LabelStore
+from .extra_labels import merge, read_corrections
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 from .runtime import autocast, seed_everything
 
@@ -82,7 +82,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     src.add_argument("--limit", type=int, help="use only the first N items of each split (quick runs, tests)")
     src.add_argument("--min-count", type=int, default=d.min_count,
                      help="a class needs this many training items to be learned")
-    src.add_argument("--extra-labels", help="SQLite label store whose corrections override catalogue labels")
+    src.add_argument("--extra-labels", metavar="FILE",
+                     help="the app's label store (studio_data/labels.db) or its CSV/JSONL export: its labels "
+                          "override the catalogue's on train items and add uploaded items (cma_clip/extra_labels.py)")
     src.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default=d.backbone, help="'bundled', 'bundled+mobilenet_v2' or 'open_clip:MODEL[:PRETRAINED]'")
@@ -155,6 +157,7 @@ class TrainingData:
     features: Features
     vocabs: dict[str, LabelVocab]
     targets: dict[str, np.ndarray]
+    extra_labels: dict | None = None  # what --extra-labels did (`extra_labels.Merged.report`), kept in the checkpoint
 
     @property
     def tasks(self) -> list[str]:
@@ -174,11 +177,12 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
         raise CatalogueError(f"--auxiliary-tasks {absent}: no such column in {catalogue.config.manifest}")
     if cfg.limit:
         catalogue = limit_splits(catalogue, cfg.limit)
+    extra_labels = None
     if cfg.extra_labels:
-        if not Path(cfg.extra_labels).is_file():
-            raise CatalogueError(f"--extra-labels {cfg.extra_labels}: no such label store (the app keeps it in "
-                                 "studio_data/labels.db)")
-        catalogue = LabelStore(cfg.extra_labels).apply_to(catalogue)
+        merged = merge(catalogue, read_corrections(cfg.extra_labels), cfg.splits_seed)
+        catalogue, extra_labels = merged.catalogue, merged.report()
+        if main_rank:
+            print(merged.summary(), file=sys.stderr)
     splits = split_indices(catalogue, cfg.splits_seed)
     if not len(splits["train"]) or not len(splits["val"]):
         raise CatalogueError("training needs items in both the train and val splits")
@@ -202,7 +206,7 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
     targets = {t: vocabs[t].encode(labels[t]) for t in tasks}
     if not any((v[splits["val"]] != -1).any() for v in targets.values()):
         raise CatalogueError("no val item has a label for any task: early stopping and thresholds need some")
-    return TrainingData(catalogue, splits, features, vocabs, targets)
+    return TrainingData(catalogue, splits, features, vocabs, targets, extra_labels)
 
 
 class LiveBatches:
@@ -488,6 +492,8 @@ def finish(out: Path, counters: dict, data: TrainingData, finetuned: bool, devic
     """Reload the best epoch, add its 90%-precision thresholds (from val) and test report."""
     model, config = load_checkpoint(out, device)
     config.training = {k: counters[k] for k in ("history", "align_loss", "align_seconds") if k in counters}
+    if data.extra_labels:
+        config.training["extra_labels"] = data.extra_labels
     source = (LiveBatches(load_backbone(out, config, device).eval(), data.catalogue, colour=model.cfg.colour)
               if finetuned else data.features)
     metrics = calibrate(out, model, config, source, data.targets, data.splits)

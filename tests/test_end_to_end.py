@@ -154,7 +154,7 @@ def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, ca
         assert exit_.value.code == 2 and "--ema" in capsys.readouterr().err
 
 
-def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir):
+def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir, capsys):
     from cma_clip.labels import LabelStore
     from conftest import EXAMPLE_IMAGE
 
@@ -162,14 +162,25 @@ def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir):
     store = LabelStore(tmp_path / "labels.db")
     store.save_correction(image=HM / first["image"], text=first["prod_name"], item_id=first["article_id"],
                           labels={"colour_group_name": "Glitter Teal"}, annotator="ana")
+    with Image.open(EXAMPLE_IMAGE) as photo:  # a photo the catalogue does not have: a new train row
+        store.save_correction(image=photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), text="Striped jersey tee",
+                              annotator="ana", labels={"colour_group_name": "Glitter Teal",
+                                                       "graphical_appearance_name": "Stripe"})
+    # a catalogue item's own photo, uploaded without its id: that item, which this run leaves out (--limit)
     store.save_correction(image=EXAMPLE_IMAGE, text="Striped jersey tee", annotator="ana",
-                          labels={"colour_group_name": "Glitter Teal", "graphical_appearance_name": "Stripe"})
+                          labels={"colour_group_name": "Glitter Teal"})
     out = tmp_path / "with-labels"
     assert train.main(["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32",
                        "--epochs", "1", "--align-epochs", "1", "--extra-labels", str(tmp_path / "labels.db"),
                        "--out", str(out), "--cache-dir", str(cache_dir), "--quiet"]) == 0
     config = read_config(out)
     assert "Glitter Teal" in config.tasks["colour_group_name"].classes
+    err = capsys.readouterr().err
+    assert "--extra-labels labels.db: 3 labelled items; 1 train items relabelled" in err
+    assert "1 uploads have a catalogue item's photo and count as that item; 1 items outside this run" in err
+    kept = config.training["extra_labels"]  # which labels the run trained on
+    assert (kept["train"], kept["added"], kept["same_photo"], kept["left_out"]) == (1, 1, 1, 1)
+    assert kept["source"] == str((tmp_path / "labels.db").resolve()) and kept["newest_label"]
 
 
 def test_auxiliary_tasks_train_beside_the_tasks_and_stay_out_of_the_checkpoint(tmp_path, cache_dir, monkeypatch):

@@ -1,7 +1,6 @@
 import hashlib
 import io
 import os
-import shutil
 import signal
 import sqlite3
 import threading
@@ -145,46 +144,6 @@ def test_export_is_a_manifest_the_trainer_reads(tmp_path, suffix):
     assert catalogue.item_ids() == ["a", "b"] and catalogue.labels("colour") == ["White", None]
     with pytest.raises(LabelStoreError, match="csv or .jsonl"):
         store.export(tmp_path / "export.txt")
-
-
-def test_apply_to_overrides_and_appends(tmp_path):
-    folder = tmp_path / "catalogue"
-    (folder / "img").mkdir(parents=True)
-    for name, photo in zip(("a1", "a2"), PHOTOS):
-        shutil.copy(photo, folder / "img" / f"{name}.jpg")
-    manifest = folder / "items.csv"
-    manifest.write_text("id,image,name,desc,colour,type,split\n"
-                        "a1,img/a1.jpg,Stockings,Nylon,Black,Tights,train\n"
-                        "a2,img/a2.jpg,Shape up,Support,Black,Leggings,val\n"
-                        "a3,img/a1.jpg,Held out,Nylon,Black,Tights,test\n")
-    config = CatalogueConfig(name="items", manifest=str(manifest), text_columns=["name", "desc"],
-                             tasks=["colour", "type"], id_column="id")
-    catalogue = Catalogue.open(config)
-    store = LabelStore(tmp_path / "store" / "labels.db")
-    store.save_correction(image=PHOTOS[0], text="Stockings", labels={"colour": "White", "pattern": "Dots"},
-                          item_id="a1")
-    store.save_correction(image=PHOTOS[1], text="Shape up", labels={"type": "Tights"}, item_id="a2")
-    store.save_correction(image=PHOTOS[2], text="new upload", labels={"colour": "Blue"}, item_id="up-1")
-    store.save_correction(image=tiny_png(5), text="another task only", labels={"pattern": "Solid"}, item_id="up-2")
-    store.save_correction(image=PHOTOS[0], text="Held out", labels={"colour": "Red"}, item_id="a3")
-
-    merged = store.apply_to(catalogue)
-    assert merged.item_ids() == ["a1", "a2", "a3", "up-1"]
-    assert merged.labels("colour") == ["White", "Black", "Black", "Blue"]  # the test row keeps its label
-    assert merged.labels("type") == ["Tights", "Tights", "Tights", None]
-    assert "pattern" not in merged.rows[0]  # only the catalogue's tasks
-    new = merged.rows[3]
-    assert (new["split"], new["name"], new["desc"]) == ("train", "new upload", "")
-    assert os.path.isabs(new["image"]) and merged.rows[1]["split"] == "val"
-    paths = merged.image_paths()
-    assert all(p.is_file() for p in paths) and paths[3].read_bytes() == PHOTOS[2].read_bytes()
-    assert store.image_dir in merged.extra_roots
-
-    # the original is untouched
-    assert catalogue.labels("colour") == ["Black"] * 3 and len(catalogue) == 3 and catalogue.extra_roots == ()
-    # an item of the manifest left out of this split is not appended as a training row
-    train = store.apply_to(catalogue.split("train"))
-    assert train.item_ids() == ["a1", "up-1"] and [r["split"] for r in train.rows] == ["train", "train"]
 
 
 def test_a_failed_commit_leaves_the_store_usable(tmp_path):

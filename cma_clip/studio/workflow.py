@@ -26,7 +26,7 @@ SOURCE_ORDER = "source_order"  # the order a queue's source gives (most suspect 
 MISLABELS, DISAGREEMENTS = "mislabels", "disagreements"  # the queue sources that rank their own items
 SOURCE_ORDER_NAMES = {MISLABELS: "most suspect label", DISAGREEMENTS: "oldest disagreement first"}
 
-# What `train --extra-labels` (LabelStore.apply_to) does with a correction, by the item's split.
+# What `train --extra-labels` (cma_clip/extra_labels.py) does with a correction, by the item's split.
 SPLIT_NOTES = {
     "train": "Corrections of **train** items feed the next training run (`python -m cma_clip.train "
              "--extra-labels`).",
@@ -36,7 +36,8 @@ SPLIT_NOTES = {
             "test labels, so test scores stay comparable between runs. They are kept in the store and the export "
             "(audit, agreement) only.",
     "upload": "Uploaded items the model's catalogue does not have are added to the next training run as **train** "
-              "items (`--extra-labels`); items it has keep their split (see the split notes).",
+              "items (`--extra-labels`); items it has keep their split (see the split notes), and so does an upload "
+              "of a catalogue item's own photo.",
 }
 
 

@@ -1,0 +1,226 @@
+"""The labelers' corrections as training data: `python -m cma_clip.train --extra-labels`.
+
+`read_corrections` reads them from the app's label store (`studio_data/labels.db`) or from one
+of its exports (the History tab's CSV or JSONL, downloaded anywhere); `merge` applies them to
+a catalogue, by the split of each item, and says what it did (training prints it and keeps it
+in the checkpoint):
+
+- a correction of a **train** item replaces its catalogue labels;
+- one of a **val** item too, and the run validates on it (best epoch, thresholds): it is never
+  trained on;
+- a **test** item keeps its catalogue labels, so test figures stay comparable between runs and
+  never score a model against labels it suggested;
+- an item the catalogue lacks (an upload) becomes a train row, unless its photo is, byte for
+  byte, the photo of a catalogue item: it then counts as that item, so a test photo uploaded
+  without its id never becomes a training row;
+- an item of the catalogue this run leaves out (`--limit`) is left out.
+
+A catalogue without a split column gets the seeded split training draws written into it first,
+so the rows the corrections add do not reshuffle which items are test.
+"""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections import defaultdict
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .data import Catalogue, CatalogueError, is_missing, read_manifest, split_indices
+from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError
+
+EXPORT_SUFFIXES = (".csv", ".jsonl")
+# what `merge` counts: the labelled items, then what became of them
+OUTCOMES = ("corrections", "train", "val", "test", "added", "same_photo", "left_out", "no_image", "other_tasks")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One item's current labels, its text and its photo (None: an export's photo not beside it)."""
+
+    labels: dict[str, str]
+    text: str
+    image: Path | None
+
+
+@dataclass(frozen=True)
+class Corrections:
+    """Every labelled item of a label store or an export, by item id."""
+
+    source: Path
+    items: dict[str, Correction]
+    image_root: Path  # the folder the photos are in, which the merged catalogue may read images from
+    newest: str | None  # the time of the newest label: which labels a run trained on
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class Merged:
+    """A catalogue with the corrections applied, and what became of them (`counts`)."""
+
+    catalogue: Catalogue
+    source: Path
+    newest: str | None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+
+    def report(self) -> dict:
+        """What the checkpoint keeps (`training["extra_labels"]`)."""
+        return {"source": str(self.source), "newest_label": self.newest, **self.counts}
+
+    def summary(self) -> str:
+        """One line a person reads before the run starts."""
+        c = self.counts
+        parts = [f"{c['train']} train items relabelled", f"{c['val']} val items (validated on, not trained on)",
+                 f"{c['test']} test items kept their catalogue labels", f"{c['added']} new items added as train rows"]
+        if c["same_photo"]:
+            parts.append(f"{c['same_photo']} uploads have a catalogue item's photo and count as that item")
+        if c["left_out"]:
+            parts.append(f"{c['left_out']} items outside this run (--limit)")
+        if c["no_image"]:
+            parts.append(f"{c['no_image']} new items not added: their photos are missing (an export's are in the "
+                         "labels_images/ folder beside the label store; train with the store to add them)")
+        if c["other_tasks"]:
+            parts.append(f"{c['other_tasks']} with labels for other tasks only")
+        return f"--extra-labels {self.source.name}: {c['corrections']} labelled items; " + "; ".join(parts)
+
+
+def read_corrections(path: str | Path) -> Corrections:
+    """The corrections in a label store or in one of its exports (by the suffix .csv or .jsonl).
+    Raises CatalogueError for a missing file, a file that is neither, or a store without labels
+    (never writing to it: an empty file stays empty)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise CatalogueError(f"--extra-labels {path}: no such file (the app keeps its label store in "
+                             "studio_data/labels.db; the History tab exports it as CSV or JSONL)")
+    corrections = _from_export(path) if path.suffix.lower() in EXPORT_SUFFIXES else _from_store(path)
+    if not corrections.items:
+        raise CatalogueError(f"--extra-labels {path}: it holds no labels")
+    return corrections
+
+
+def _from_store(path: Path) -> Corrections:
+    try:  # read-only first: a wrong file must not become an empty label store
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "corrections" not in tables:
+            raise CatalogueError(f"--extra-labels {path} is not a label store (no corrections table); give the "
+                                 "app's studio_data/labels.db or an export (.csv, .jsonl)")
+        store = LabelStore(path)
+        current = store.current_labels()
+    except (sqlite3.DatabaseError, LabelStoreError) as exc:
+        raise CatalogueError(f"--extra-labels {path} is not a label store ({exc}); give the app's "
+                             "studio_data/labels.db or an export (.csv, .jsonl)") from exc
+    items = {item_id: Correction(item["labels"], item["text"], _found(item["image_path"]))
+             for item_id, item in current.items()}
+    newest = max((item["updated_at"] for item in current.values()), default=None)
+    return Corrections(path, items, store.image_dir, newest)
+
+
+def _from_export(path: Path) -> Corrections:
+    rows = read_manifest(path)
+    if rows and (absent := [c for c in EXPORT_COLUMNS if c not in rows[0]]):
+        raise CatalogueError(f"--extra-labels {path.name} is not an export of the label store: it lacks the "
+                             f"columns {absent}")
+    folder = path.resolve().parent
+    tasks = [c for c in (rows[0] if rows else ()) if c not in EXPORT_COLUMNS and "__" not in c]
+    items = {}
+    for row in rows:
+        labels = {t: row[t].strip() for t in tasks if not is_missing(row[t])}
+        items[row["id"]] = Correction(labels, row["text"], _found(folder / row["image"]) if row["image"] else None)
+    return Corrections(path, items, folder, max((row["updated_at"] for row in rows), default=None))
+
+
+def _found(image: Path) -> Path | None:
+    image = image.resolve()
+    return image if image.is_file() else None
+
+
+def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0) -> Merged:
+    """A copy of `catalogue` with `corrections` applied, by the rules of the module's docstring;
+    `split_seed` draws the split of a catalogue without a split column (as training does)."""
+    config = catalogue.config
+    merged = Merged(catalogue, corrections.source, corrections.newest)
+    counts = merged.counts
+    counts["corrections"] = len(corrections)
+    rows = [dict(row) for row in catalogue.rows]
+    if not catalogue.has_splits and rows:
+        for split, index in split_indices(catalogue, split_seed).items():
+            for i in index:
+                rows[i]["split"] = split
+    key = config.id_column if config.id_column and rows and config.id_column in rows[0] else config.image_column
+    by_id = {row.get(key): i for i, row in enumerate(rows)}
+    manifest = _Manifest(catalogue)
+    relabel: list[tuple[int, dict[str, str]]] = []  # photo matches first, so an item's own correction wins
+    added = []
+    for item_id, correction in corrections.items.items():
+        labels = {t: v for t, v in correction.labels.items() if t in config.tasks}
+        if not labels:
+            counts["other_tasks"] += 1
+            continue
+        if item_id in by_id:
+            relabel.append((by_id[item_id], labels))
+        elif item_id in manifest.ids:
+            counts["left_out"] += 1
+        elif correction.image is None:
+            counts["no_image"] += 1
+        elif same := manifest.items_with(correction.image):
+            counts["same_photo"] += 1
+            inside = [by_id[i] for i in same if i in by_id]
+            counts["left_out"] += not inside
+            relabel[:0] = [(i, labels) for i in inside]
+        else:
+            added.append((item_id, correction, labels))
+    columns = list(rows[0]) if rows else [config.image_column, *config.text_columns, *config.tasks]
+    for i, labels in relabel:
+        split = rows[i].get("split", "train")
+        counts[split if split in ("val", "test") else "train"] += 1
+        if split != "test":
+            rows[i].update(labels)
+    for item_id, correction, labels in added:
+        row = {**dict.fromkeys(columns, ""), **labels, config.image_column: str(correction.image), "split": "train"}
+        if config.text_columns:
+            row[config.text_columns[0]] = correction.text
+        if key != config.image_column:
+            row[key] = item_id
+        rows.append(row)
+        counts["added"] += 1
+    extra_roots = catalogue.extra_roots
+    if corrections.image_root not in extra_roots:
+        extra_roots = (*extra_roots, corrections.image_root)
+    merged.catalogue = replace(catalogue, rows=rows, extra_roots=extra_roots)
+    return merged
+
+
+class _Manifest:
+    """The whole manifest a (limited) catalogue came from: its item ids, and which of its items
+    have a given photo, byte for byte (files of the same size are hashed, once each, so a
+    catalogue of 40,000 photos costs a `stat` each)."""
+
+    def __init__(self, catalogue: Catalogue) -> None:
+        self._whole = Catalogue.open(catalogue.config) if Path(catalogue.config.manifest).is_file() else catalogue
+        self.ids = set(self._whole.item_ids())
+        self._by_size: dict[int, list[tuple[str, Path]]] | None = None
+        self._hashes: dict[Path, str] = {}
+
+    def items_with(self, photo: Path) -> list[str]:
+        if self._by_size is None:
+            self._by_size = defaultdict(list)
+            for item_id, path in zip(self._whole.item_ids(), self._whole.image_paths()):
+                if path.is_file():
+                    self._by_size[path.stat().st_size].append((item_id, path))
+        candidates = self._by_size.get(photo.stat().st_size, [])
+        digest = _sha256(photo) if candidates else None
+        return [item_id for item_id, path in candidates if self._hash(path) == digest]
+
+    def _hash(self, path: Path) -> str:
+        if path not in self._hashes:
+            self._hashes[path] = _sha256(path)
+        return self._hashes[path]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -1,0 +1,147 @@
+"""`train --extra-labels`: the labelers' corrections, from the label store or its export, merged
+into a catalogue by split (cma_clip/extra_labels.py)."""
+import io
+import os
+import shutil
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, split_indices
+from cma_clip.extra_labels import merge, read_corrections
+from cma_clip.labels import LabelStore
+from conftest import HM
+
+PHOTOS = sorted((HM / "images").glob("*/*.jpg"))[:3]
+
+
+def tiny_png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (i, 9, 7)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def three_items(tmp_path, split_column: bool = True) -> Catalogue:
+    """a1 (train) and a3 (test) share PHOTOS[0]; a2 (val) has PHOTOS[1]."""
+    folder = tmp_path / "catalogue"
+    (folder / "img").mkdir(parents=True)
+    for name, photo in zip(("a1", "a2"), PHOTOS):
+        shutil.copy(photo, folder / "img" / f"{name}.jpg")
+    rows = [("a1", "img/a1.jpg", "Stockings", "Nylon", "Black", "Tights", "train"),
+            ("a2", "img/a2.jpg", "Shape up", "Support", "Black", "Leggings", "val"),
+            ("a3", "img/a1.jpg", "Held out", "Nylon", "Black", "Tights", "test")]
+    columns = ["id", "image", "name", "desc", "colour", "type", "split"][:7 if split_column else 6]
+    lines = [",".join(columns)] + [",".join(row[:len(columns)]) for row in rows]
+    (folder / "items.csv").write_text("\n".join(lines) + "\n")
+    config = CatalogueConfig(name="items", manifest=str(folder / "items.csv"), text_columns=["name", "desc"],
+                             tasks=["colour", "type"], id_column="id")
+    return Catalogue.open(config)
+
+
+def test_a_store_overrides_train_and_val_keeps_test_and_adds_uploads(tmp_path):
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "store" / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="Stockings", labels={"colour": "White", "pattern": "Dots"},
+                          item_id="a1")
+    store.save_correction(image=PHOTOS[1], text="Shape up", labels={"type": "Tights"}, item_id="a2")
+    store.save_correction(image=PHOTOS[2], text="new upload", labels={"colour": "Blue"}, item_id="up-1")
+    store.save_correction(image=tiny_png(5), text="another task only", labels={"pattern": "Solid"}, item_id="up-2")
+    store.save_correction(image=PHOTOS[0], text="Held out", labels={"colour": "Red"}, item_id="a3")
+
+    merged = merge(catalogue, read_corrections(store.path))
+    result = merged.catalogue
+    assert result.item_ids() == ["a1", "a2", "a3", "up-1"]
+    assert result.labels("colour") == ["White", "Black", "Black", "Blue"]  # the test row keeps its label
+    assert result.labels("type") == ["Tights", "Tights", "Tights", None]
+    assert "pattern" not in result.rows[0]  # only the catalogue's tasks
+    new = result.rows[3]
+    assert (new["split"], new["name"], new["desc"]) == ("train", "new upload", "")
+    assert os.path.isabs(new["image"]) and result.rows[1]["split"] == "val"
+    paths = result.image_paths()
+    assert all(p.is_file() for p in paths) and paths[3].read_bytes() == PHOTOS[2].read_bytes()
+    assert store.image_dir in result.extra_roots
+    assert {k: merged.counts[k] for k in ("corrections", "train", "val", "test", "added", "other_tasks")} == {
+        "corrections": 5, "train": 1, "val": 1, "test": 1, "added": 1, "other_tasks": 1}
+    summary = merged.summary()
+    assert "1 train items relabelled" in summary and "1 test items kept their catalogue labels" in summary
+    report = merged.report()
+    assert report["source"] == str(store.path) and report["newest_label"] and report["added"] == 1
+
+    # the original is untouched
+    assert catalogue.labels("colour") == ["Black"] * 3 and len(catalogue) == 3 and catalogue.extra_roots == ()
+    # an item of the manifest left out of this run is not appended as a training row
+    train = merge(catalogue.split("train"), read_corrections(store.path))
+    assert train.catalogue.item_ids() == ["a1", "up-1"] and [r["split"] for r in train.catalogue.rows] == ["train"] * 2
+    assert train.counts["left_out"] == 2 and "2 items outside this run" in train.summary()
+
+
+def test_an_upload_of_a_catalogue_photo_counts_as_that_item_never_as_a_new_train_row(tmp_path):
+    """A test item's photo, uploaded without its id (a content id), must not leak into training."""
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "labels.db")
+    store.save_correction(image=PHOTOS[1], text="typed anew", labels={"colour": "Grey"})  # a2's photo (val)
+    store.save_correction(image=PHOTOS[0], text="typed again", labels={"type": "Socks"})  # a1 (train), a3 (test)
+    merged = merge(catalogue, read_corrections(store.path))
+    assert merged.catalogue.item_ids() == ["a1", "a2", "a3"]  # nothing added
+    assert merged.catalogue.labels("colour") == ["Black", "Grey", "Black"]
+    assert merged.catalogue.labels("type") == ["Socks", "Leggings", "Tights"]  # the test item keeps its label
+    assert (merged.counts["same_photo"], merged.counts["added"], merged.counts["test"]) == (2, 0, 1)
+    # an item's own correction wins over an upload of its photo
+    store.save_correction(image=PHOTOS[0], text="Stockings", labels={"type": "Tights"}, item_id="a1")
+    assert merge(catalogue, read_corrections(store.path)).catalogue.labels("type")[0] == "Tights"
+
+
+def test_an_export_trains_like_its_store_and_a_download_without_photos_says_what_it_left_out(tmp_path):
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "studio" / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="Stockings", labels={"colour": "=White"}, item_id="a1")
+    store.save_correction(image=PHOTOS[2], text="new, \"quoted\"", labels={"colour": "Blue"}, item_id="up-1")
+    from_store = merge(catalogue, read_corrections(store.path)).catalogue
+    for suffix in ("csv", "jsonl"):
+        export = tmp_path / "studio" / f"labels_export.{suffix}"
+        store.export(export)
+        merged = merge(catalogue, read_corrections(export))
+        assert merged.catalogue.rows == from_store.rows and merged.counts["added"] == 1
+        downloaded = tmp_path / "downloads" / export.name  # the browser's copy: no labels_images/ beside it
+        downloaded.parent.mkdir(exist_ok=True)
+        shutil.copy(export, downloaded)
+        merged = merge(catalogue, read_corrections(downloaded))
+        assert merged.catalogue.labels("colour") == ["=White", "Black", "Black"]  # the formula quote is off again
+        assert merged.counts["no_image"] == 1 and "1 new items not added: their photos are missing" in merged.summary()
+    (tmp_path / "not-an-export.csv").write_text("article_id,colour\n1,Red\n")
+    with pytest.raises(CatalogueError, match="not an export of the label store: it lacks the columns"):
+        read_corrections(tmp_path / "not-an-export.csv")
+
+
+def test_a_file_that_is_no_label_store_is_refused_and_left_as_it_was(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(CatalogueError, match="not a label store"):
+        read_corrections(empty)
+    assert empty.stat().st_size == 0  # no schema written into the user's file
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE things (x)")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all " * 100)
+    for path in (other, garbage):
+        with pytest.raises(CatalogueError, match="not a label store"):
+            read_corrections(path)
+    with pytest.raises(CatalogueError, match="it holds no labels"):
+        read_corrections(LabelStore(tmp_path / "new.db").path)
+    with pytest.raises(CatalogueError, match="no such file"):
+        read_corrections(tmp_path / "typo.db")
+
+
+def test_added_rows_do_not_reshuffle_the_split_of_a_catalogue_without_a_split_column(tmp_path):
+    catalogue = three_items(tmp_path, split_column=False)
+    store = LabelStore(tmp_path / "labels.db")
+    for i in range(4):
+        store.save_correction(image=tiny_png(i), text=f"upload {i}", labels={"colour": "Blue"})
+    before = split_indices(catalogue, seed=3)
+    merged = merge(catalogue, read_corrections(store.path), split_seed=3).catalogue
+    after = split_indices(merged, seed=3)
+    for split in ("train", "val", "test"):
+        assert set(after[split]) & {0, 1, 2} == set(before[split])
+    assert set(after["train"]) >= {3, 4, 5, 6}
