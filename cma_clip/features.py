@@ -250,8 +250,8 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
     arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", shape=shape,
                                               dtype=np.bool_ if name == "text_mask" else np.float16)
               for name, shape in shapes.items()}
-    batches = encode_items(backbone, catalogue.image_paths(), texts, tokens, batch_size, num_workers)
     try:
+        batches = encode_items(backbone, catalogue.image_paths(), texts, tokens, batch_size, num_workers)
         for start, out in tqdm(batches, total=math.ceil(n / batch_size), desc=f"features {catalogue.config.name}",
                                disable=not progress):
             stop = start + len(out.image_pooled)

@@ -26,6 +26,7 @@ from PIL import Image
 from cma_clip import evaluate, hub
 from cma_clip.checkpoint import CheckpointError, load_checkpoint
 from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, read_manifest
+from cma_clip.features import extract_features
 from cma_clip.studio import MAX_TEXT_CHARS, Studio, StudioError, clean_text
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
 
@@ -325,7 +326,7 @@ def test_uploaded_manifest_with_some_missing_and_unreadable_images_loads_the_res
 
 @pytest.mark.parametrize("image", ["../../../../etc/passwd", "/etc/hostname", "img/link-out.jpg"],
                          ids=["dot-dot-path", "absolute-path", "symlink-leaving-the-folder"])
-def test_catalogue_paths_leaving_the_folder_are_refused(tmp_path, image):
+def test_catalogue_paths_leaving_the_folder_are_refused(tmp_path, image, backbone):
     rows = hm_rows("test", 2)
     manifest = write_hm_manifest(tmp_path, rows)
     (tmp_path / "img").mkdir()
@@ -337,6 +338,9 @@ def test_catalogue_paths_leaving_the_folder_are_refused(tmp_path, image):
     catalogue = Catalogue.open(config)
     with pytest.raises(CatalogueError, match="leaves the catalogue folder"):
         catalogue.image_paths()
+    with pytest.raises(CatalogueError, match="leaves the catalogue folder"):  # a training run's feature cache
+        extract_features(backbone, catalogue, tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "features").iterdir())  # no half-built cache entry
 
 
 def test_evaluation_counts_unknown_labels_as_wrong_and_names_missing_images(small_checkpoint, cache_dir, tmp_path,
