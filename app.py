@@ -55,7 +55,12 @@ document.addEventListener("keydown", (event) => {
     {a: "review-accept", s: "review-skip", n: "review-next", u: "review-undo", p: "review-previous",
      t: "review-next-task"}[key];
   const button = target && document.getElementById(target);
-  if (button && button.offsetParent !== null && !button.disabled) { button.click(); event.preventDefault(); }
+  // a digit's button may still be hidden for the task before (its pick checks the active task's choices)
+  const shown = (element) => element && element.offsetParent !== null;
+  const reviewing = shown(document.getElementById("review-accept"));
+  if (button && !button.disabled && (shown(button) || (/^[1-9]$/.test(key) && reviewing))) {
+    button.click(); event.preventDefault();
+  }
 });
 </script>
 """
@@ -68,6 +73,30 @@ SCROLL_TO_ANNOTATOR = """(...args) => {
   if (box && !box.value.trim()) box.scrollIntoView({block: 'center'});
   return args;
 }"""
+# After an example's click, on a narrow screen (results stacked above the examples), its prediction comes into view.
+SCROLL_TO_RESULTS = """(...args) => {
+  if (window.innerWidth < 768) document.getElementById('predict-results')?.scrollIntoView({block: 'start'});
+  return args;
+}"""
+# Gradio's default theme, but bold text in the fonts' bold: the wheel's SemiBold (600) files hold only a few
+# letters ("A", "B" and a space), so the other letters of a semibold title came from another font.
+THEME = gr.themes.Default(
+    font=(gr.themes.LocalFont("Source Sans Pro", weights=(400, 700)), "ui-sans-serif", "system-ui", "sans-serif"),
+    font_mono=(gr.themes.LocalFont("IBM Plex Mono", weights=(400, 700)), "ui-monospace", "monospace"))
+# A pick (a number key or button) and the next task (t) change the controls in the browser at once, from the
+# item's choices (`views.choice_map`): a round trip to the server let a quick "2 a" save the label before the
+# pick, and a quick "t t 3" pick on the task before.
+PICK_JS = """(map, active, ...slots) => {
+  const number = %d, tasks = (map && map.tasks) || [], at = tasks.indexOf(active);
+  const labels = at < 0 ? [] : (map.labels[active] || []);
+  if (number > labels.length) return [active, ...slots];
+  slots[at] = labels[number - 1];
+  return [tasks[(at + 1) %% tasks.length], ...slots];
+}"""
+NEXT_TASK_JS = """(map, active) => {
+  const tasks = (map && map.tasks) || [];
+  return tasks.length ? tasks[(tasks.indexOf(active) + 1) % tasks.length] : active;
+}"""
 BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue
 # Layout that fits a 1366 x 768 laptop and a 412 px phone: tables scroll inside their own box, headers
 # break between words only, and on a narrow screen the Predict tab shows its results before the examples.
@@ -75,11 +104,22 @@ CSS = """
 .table-wrap th, .table-wrap th * { word-break: normal !important; overflow-wrap: normal !important;
   hyphens: none !important; }
 .table-wrap td, .table-wrap td *, .body-cell, .body-cell * { word-break: normal !important; }
+/* tables in the page's font, not monospace: more of their columns fit a phone */
+.table-wrap th, .table-wrap td, .table-wrap th *, .table-wrap td *, .virtual-row, .virtual-row * {
+  font-family: var(--font) !important; }
 #predict-examples td:last-child { white-space: nowrap; }
 #image-error:empty, #text-note:empty { display: none; }
 /* A refused review action (a wrong upload after a right one, a save without a name) leaves the open queue as
    it was, and its message in the toast: Gradio's "Error" badge over each of the queue's outputs would hide it. */
-#review-tab [data-testid="status-tracker"]:has(> .error) { display: none !important; }
+#review-tab [data-testid="status-tracker"]:has(> .error), #robustness-tab [data-testid="status-tracker"]:has(> .error) {
+  display: none !important; }
+/* a field's hint (under the correction controls, the item id) readable: 7:1 on white, not Gradio's 1.9:1 */
+.gradio-container { --block-info-text-color: #52525b; }
+.dark .gradio-container, .gradio-container.dark { --block-info-text-color: #a1a1aa; }
+/* a number key's button beyond the active task's choices (kept in the page, so a quick key can click it) */
+.unused-choice { display: none !important; }
+/* a small catalogue photo (fashion's are 60 x 80) fills the item's box, as on the Predict tab */
+#review-image img { width: 100%; height: 100%; object-fit: contain; }
 #image-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
 /* A chart's label sits above it, not over its top (a title, the first bars), at any width. */
 .chart > label[data-testid="block-label"] { position: static !important; }
@@ -93,6 +133,14 @@ CSS = """
   /* a sweep's 3 x 2 panels keep readable ticks and legends: the chart scrolls sideways instead of shrinking */
   #item-sweep .matplotlib, #batch-sweep .matplotlib { display: block; overflow-x: auto; }
   #item-sweep .matplotlib img, #batch-sweep .matplotlib img { width: 760px; max-width: none; }
+  /* the clean and noisy maps one above the other, at a width their colour bars can be read */
+  #probe-maps { flex-wrap: wrap; }
+  #probe-maps > * { min-width: 100% !important; }
+}
+/* a touch screen: no keys to list, and the choice buttons big enough to tap */
+@media (hover: none) and (pointer: coarse) {
+  #review-keys { display: none; }
+  [id^="review-choice-"] { min-height: 40px; }
 }
 """
 
@@ -620,7 +668,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict",
                       concurrency_limit=MAX_BATCH)
     catalogue_examples.load_input_event.then(  # a visitor's click on an example shows its prediction at once
-        predict, [image, text, shared.model, item_id], predict_outputs, api_visibility="private",
+        predict, [image, text, shared.model, item_id], predict_outputs, api_visibility="private", js=SCROLL_TO_RESULTS,
         concurrency_limit=MAX_BATCH).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
                                           api_visibility="private")
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
@@ -676,6 +724,7 @@ class ReviewPanel:
     notes: gr.Markdown
     item_history: gr.Dataframe
     choice: Resolution
+    choice_map: gr.JSON  # the item's tasks and each one's top choices, for the picks made in the browser
     # The id of the item on the labeler's screen, sent from the browser with a decision: `shown` (and
     # the queue) live on the server and move with an event as soon as it runs, before its answer
     # reaches the screen; a decision made meanwhile would go to the next item with this one's labels.
@@ -685,14 +734,14 @@ class ReviewPanel:
     def outputs(self) -> list:
         return [self.queue, self.shown, self.pending, self.progress, self.image, self.text, self.table, self.active,
                 *self.choices, *self.slots, self.request_id, self.status, self.notes, self.item_history,
-                *self.choice.buttons, self.on_screen]
+                *self.choice.buttons, self.on_screen, self.choice_map]
 
 
 def choice_updates(panel: ReviewPanel, item: ReviewItem | None, task: str | None) -> dict:
     """The number-key buttons for the active task's top choices."""
     labels = views.choice_labels(item, task) if item is not None and task in item.predictions else []
-    return {button: gr.update(value=labels[n], visible=True) if n < len(labels) else gr.update(visible=False)
-            for n, button in enumerate(panel.choices)}
+    return {button: gr.update(value=labels[n], elem_classes=[]) if n < len(labels)
+            else gr.update(elem_classes=["unused-choice"]) for n, button in enumerate(panel.choices)}
 
 
 def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, message: str = "",
@@ -704,6 +753,7 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
     common = {panel.queue: queue, panel.progress: views.review_status(queue), panel.status: message,
               panel.notes: views.review_notes(queue) if queue else "", panel.request_id: new_id(),
               panel.on_screen: item.item_id if item else "",
+              panel.choice_map: views.choice_map(queue.tasks, item) if item else None,
               panel.pending: pending_save(outcome) if outcome is not None else None,
               **resolution(panel.choice, outcome)}
     if item is None:
@@ -798,12 +848,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                               scale=3)
             next_task = gr.Button("Next task (t)", elem_id="review-next-task", scale=1)
         with gr.Row():
-            choices = [gr.Button(str(n + 1), visible=False, size="sm", elem_id=f"review-choice-{n + 1}")
-                       for n in range(CHOICES_KEPT)]
+            choices = [gr.Button(str(n + 1), size="sm", elem_id=f"review-choice-{n + 1}",
+                                 elem_classes=["unused-choice"]) for n in range(CHOICES_KEPT)]
         with gr.Row():
             slots = correction_slots(elem_id="review-slot")
         request_id = gr.Textbox("", visible=False, label="request id", elem_id="review-request-id")
         on_screen = gr.Textbox("", visible=False, label="item on screen", elem_id="review-on-screen")
+        choice_map = gr.JSON(None, visible=False, elem_id="review-choice-map")
         with gr.Row():
             accept = gr.Button("Accept / save and next (a)", variant="primary", elem_id="review-accept")
             skip = gr.Button("Skip (s)", elem_id="review-skip")
@@ -830,7 +881,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
                                         elem_id="review-item-history")
         panel = ReviewPanel(gr.State(None), gr.State(None), gr.State(None), progress, image, text, table, active,
-                            choices, slots, request_id, status, notes, item_history, choice, on_screen)
+                            choices, slots, request_id, status, notes, item_history, choice, choice_map, on_screen)
 
     def loaded(queue: ReviewQueue | None) -> ReviewQueue:
         if queue is None:
@@ -941,10 +992,16 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         return show_queue(studio, panel, queue, "" if moved else "This is the first item of the queue.")
 
     @user_errors
-    def next_item(queue, annotator_name):
-        """Go on to the next item without deciding this one."""
+    def next_item(queue, annotator_name, item_on_screen=""):
+        """Go on to the next item without deciding this one. The last input, optional for API clients, is
+        the id of the item on the labeler's screen: pressed before the item an accept moved to reached the
+        screen, Next would pass it over unseen, so it only shows it."""
         queue = loaded(queue)
         left = queue.current.item_id if queue.current is not None else None
+        on_screen = (item_on_screen or "").strip() if isinstance(item_on_screen, str) else ""
+        if on_screen and left is not None and on_screen != left:
+            return show_queue(studio, panel, queue, f"Item {views.code(left)} had not reached your screen: here "
+                                                    "it is (nothing passed over).")
         studio.review_next(queue, annotator_name)
         return show_queue(studio, panel, queue, views.shown_again(left, queue))
 
@@ -993,24 +1050,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                 panel.status: "Suggestion filled in: check it and accept again."}
 
     @user_errors
-    def pick(number: int, queue, task_name):
-        """Set the active task's control to its `number`-th choice, then make the next task active."""
-        queue = loaded(queue)
-        item = queue.current
-        if item is None or task_name not in queue.tasks:
-            return {}
-        labels = item.predictions[task_name].labels
-        if not 1 <= number <= len(labels):
-            return {}
-        following = queue.tasks[(queue.tasks.index(task_name) + 1) % len(queue.tasks)]
-        return {slots[queue.tasks.index(task_name)]: gr.update(value=labels[number - 1]),
-                active: gr.update(value=following), **choice_updates(panel, item, following)}
-
-    def activate(queue, task_name, step: int = 0):
-        if queue is None or queue.current is None or task_name not in queue.tasks:
-            return {}
-        task_now = queue.tasks[(queue.tasks.index(task_name) + step) % len(queue.tasks)]
-        return {active: gr.update(value=task_now), **choice_updates(panel, queue.current, task_now)}
+    def buttons_for(queue, task_name):
+        """The number-key buttons of the active task (which a pick or `t` set in the browser)."""
+        item = queue.current if queue is not None else None
+        return choice_updates(panel, item, task_name if item is not None and task_name in queue.tasks else None)
 
     @user_errors
     def bulk_accept(queue, annotator_name, task_name, minimum, progress=gr.Progress()):
@@ -1072,7 +1115,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     skip.click(skip_item, [*queue_inputs, request_id, on_screen], panel.outputs, api_name="review_skip")
     undo.click(undo_last, [panel.queue, shared.annotator, request_id], panel.outputs, api_name="review_undo")
     previous.click(previous_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_previous")
-    forward.click(next_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_next")
+    forward.click(next_item, [panel.queue, shared.annotator, on_screen], panel.outputs, api_name="review_next")
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
                         ("new_class", choice.new_class)):
         button.click(resolve(how), [*queue_inputs, panel.pending], panel.outputs, api_name=f"review_{how}")
@@ -1080,11 +1123,12 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                                 [*slots, panel.pending, panel.status, *choice.buttons],
                                 api_name="review_use_suggestion")
     for n, button in enumerate(choices, 1):
-        button.click(lambda queue, task_name, n=n: pick(n, queue, task_name), [panel.queue, active],
-                     [*slots, active, *choices], api_visibility="private")
-    active.input(activate, [panel.queue, active], [active, *choices], api_visibility="private")
-    next_task.click(lambda queue, task_name: activate(queue, task_name, 1), [panel.queue, active],
-                    [active, *choices], api_visibility="private")
+        button.click(None, [choice_map, active, *slots], [active, *slots], js=PICK_JS % n,
+                     api_visibility="private").then(buttons_for, [panel.queue, active], choices,
+                                                    api_visibility="private")
+    active.input(buttons_for, [panel.queue, active], choices, api_visibility="private")
+    next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, api_visibility="private").then(
+        buttons_for, [panel.queue, active], choices, api_visibility="private")
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
                api_name="bulk_accept", show_progress_on=bulk_status)  # beside its button
 
@@ -1101,7 +1145,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
 
 def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Textbox) -> None:
     """The Predict tab's item, corrupted: clean against noisy, sweeps over severities, a catalogue sweep."""
-    with gr.Tab("Robustness", id="robustness"):
+    with gr.Tab("Robustness", id="robustness", elem_id="robustness-tab"):
         gr.Markdown("Corrupt the current image and text (from *Predict*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
@@ -1121,7 +1165,7 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
                                    label="Clean vs noisy: prediction, confidence and its change, image weight per task")
         probe_state = gr.State(None)
         probe_task = gr.Dropdown([], label="Task whose relevance the maps show", elem_id="probe-task")
-        with gr.Row():
+        with gr.Row(elem_id="probe-maps"):
             clean_heat = written_per_call(gr.Image(label="Clean: relevance for the task", height=260,
                                                    interactive=False, elem_id="clean-heatmap"))
             noisy_heat = written_per_call(gr.Image(label="Noisy: relevance for the task", height=260,
@@ -1139,9 +1183,15 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
                              elem_classes=["chart"])
         batch_csv = gr.File(label="The numbers (CSV)")
 
+    def need_item(image_path):
+        if not image_path:  # the tab has no image field of its own: say where the item comes from
+            raise error("Robustness corrupts the Predict tab's item: click an example or upload an image there "
+                        "first.")
+
     @user_errors
     def probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity, seed_value):
         """Predict on the clean and the corrupted item; returns both predictions as JSON first."""
+        need_item(image_path)
         result = studio.probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity,
                               seed_value)
         first = next(iter(result.clean.tasks))
@@ -1159,6 +1209,7 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
     @user_errors
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
+        need_item(image_path)
         sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
         return item_sweep_figure(sweep.confidence, sweep.image_weight, studio.display_names(model_name),
                                  sweep.corruptions)
@@ -1439,7 +1490,7 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
         demo = build(studio, login)
         studio.wait_loaded()  # the server says it is running once the models are loaded and warm
         demo.queue(default_concurrency_limit=4).launch(
-            server_name=host, server_port=port, head=SHORTCUTS, css=CSS, max_file_size=MAX_UPLOAD,
+            server_name=host, server_port=port, head=SHORTCUTS, css=CSS, theme=THEME, max_file_size=MAX_UPLOAD,
             prevent_thread_lock=not block, quiet=not block, auth=login.users.check if login.users else None,
             auth_message="CMA-CLIP Studio: sign in to label.")
     except BaseException:

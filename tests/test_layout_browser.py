@@ -93,6 +93,24 @@ def predict_example(page, text: str = EXAMPLE_TEXT) -> None:
     expect(page.locator("#heatmap img")).to_be_visible(timeout=60_000)  # its map drawn too
 
 
+CONTRAST = """(selector) => {
+  const luminance = (rgb) => {
+    const [r, g, b] = rgb.match(/[\\d.]+/g).slice(0, 3).map((v) => {
+      const c = v / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const text = luminance(getComputedStyle(document.querySelector(selector)).color);
+  return (Math.max(text, 1) + 0.05) / (Math.min(text, 1) + 0.05);
+}"""
+
+
+def contrast(page, selector: str) -> float:
+    """The WCAG contrast ratio of an element's text against white (the light theme's page)."""
+    return page.evaluate(CONTRAST, selector)
+
+
 def check_view(page, size: str, view: str) -> None:
     """A screenshot of the view, then: nothing sticks out of the page, no raw column name shows, no
     table column is too narrow for a short word."""
@@ -117,6 +135,10 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
         assert page.locator(picture).bounding_box()["width"] >= 300, (size, picture)
     label = page.locator("#modality-chart label[data-testid=block-label]").bounding_box()
     assert label["y"] + label["height"] <= page.locator("#modality-chart img").bounding_box()["y"] + 1  # not over it
+    assert contrast(page, "#item-id .info-text") >= 4.5, size  # a field's hint, readable (Gradio's: 1.9)
+    # every bold letter from one font: Gradio's SemiBold files hold a few letters only, so no 600 face loads
+    assert page.evaluate("async () => { await document.fonts.ready; return [...document.fonts].filter("
+                         "(f) => f.status === 'loaded' && f.weight === '600').length; }") == 0
     check_view(page, size, "predict")
 
     open_tab(page, "review")
@@ -130,6 +152,8 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     page.locator("#probe").click()
     expect(page.locator("#probe-table")).to_contain_text("pts", timeout=60_000)
     expect(page.locator("#probe-table")).to_contain_text("Pattern")
+    for picture in ("#clean-heatmap", "#noisy-heatmap"):  # on a phone one above the other, never 164 px each
+        assert page.locator(picture).bounding_box()["width"] >= 300, (size, picture)
     page.get_by_role("button", name="Sweep all severities for this item").click()
     expect(page.locator("#item-sweep img")).to_be_visible(timeout=120_000)
     # a sweep's six panels keep readable text: on a phone the chart scrolls sideways, never shrinks to 346 px
@@ -188,6 +212,20 @@ def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page)
     page.locator("#save").click()
     expect(page.locator("#save-status")).to_contain_text("Saved", timeout=60_000)
     expect(page.get_by_text("Enter your name here to save")).to_have_count(0)
+
+
+def test_an_example_brings_its_prediction_into_view_and_robustness_asks_for_an_item(sized_page):
+    size, page = sized_page
+    open_tab(page, "robustness")
+    page.locator("#probe").click()  # nothing predicted yet: the tab says where its item comes from
+    expect(page.get_by_text("Robustness corrupts the Predict tab's item")).to_be_visible(timeout=30_000)
+    assert page.locator("[data-testid=status-tracker] > .error:visible").count() == 0  # no badge over the outputs
+    open_tab(page, "predict")
+    page.locator("#predict-examples tbody tr").nth(1).click()
+    expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
+    if size == "phone":  # the results sit above the examples: brought into view, not left off screen
+        expect(page.locator("#predictions")).to_be_in_viewport(timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / f"layout-{size}-example.png"))
 
 
 def test_severity_controls_follow_their_corruption(sized_page):

@@ -134,6 +134,47 @@ def test_the_stale_item_id_scenario(review_app, browser):
     page.context.close()
 
 
+def choice_label(page, number: int) -> str:
+    """The label of a number key's button, "2 · Dark Red 12%" -> "Dark Red"."""
+    return page.locator(f"#review-choice-{number}").inner_text().split(" · ", 1)[1].rsplit(" ", 1)[0]
+
+
+def test_quick_keys_act_in_order_on_the_item_on_screen(review_app, browser):
+    """Keys pressed without waiting for the screen: a pick changes the controls in the browser at
+    once, so "2 a" saves the second choice and "t t 3 a" the third task's third choice (each pick
+    was a round trip, and the accept carried the labels from before it); "n" pressed before the
+    next item reached the screen shows it rather than passing it over unseen."""
+    page = open_page(browser, review_app, "quick")
+    item = load_queue(page, 5)
+    page.locator("#review-keys").click()
+    wanted = choice_label(page, 2)
+    page.keyboard.press("2")
+    page.keyboard.press("a")
+    expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
+    expect(page.locator("#review-status")).to_contain_text(f"= {wanted} (")
+    assert wanted in review_app.studio.store.current_labels()[item]["labels"].values()
+
+    item = current_item(page)
+    press(page, "tt")  # to read the third task's choices, then round to the first task again
+    third = page.locator("#review-active-task label:has(input:checked)").inner_text().strip()
+    wanted = choice_label(page, 3)
+    press(page, "t" * (page.locator("#review-active-task input[type=radio]").count() - 2))
+    for key in "tt3a":
+        page.keyboard.press(key)
+    expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
+    expect(page.locator("#review-status")).to_contain_text(f"{third} = {wanted} (")
+
+    expect(page.locator("#review-progress")).to_contain_text("2 reviewed of 5", timeout=WAIT)
+    shown = current_item(page)
+    page.keyboard.press("a")
+    page.keyboard.press("n")
+    expect(page.locator("#review-status")).to_contain_text("had not reached your screen", timeout=WAIT)
+    expect(page.locator("#review-progress")).to_contain_text("3 reviewed of 5")
+    assert shown in review_app.studio.store.current_labels()
+    next_item = current_item(page)
+    assert next_item != shown and next_item not in review_app.studio.store.current_labels()  # on screen, undecided
+
+
 def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_app, browser):
     ana, ben = open_page(browser, review_app, "ana"), open_page(browser, review_app, "ben")
     item = load_queue(ana, 4)

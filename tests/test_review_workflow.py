@@ -149,6 +149,8 @@ def test_a_decision_made_before_the_screen_caught_up_is_refused_not_saved_on_the
         with pytest.raises(AppError, match=f"The item on screen \\({on_screen}\\) is not the queue's current item"):
             decide()
     assert studio.store.count() == saves and current_item(moved) not in studio.store.decided_items()
+    stayed = gus("/review_next", "gus", on_screen)  # Next from the screen's item: shows the one it has not seen
+    assert current_item(stayed) == current_item(moved) and "had not reached your screen" in stayed["review status"]
     saved = gus("/review_accept", "gus", *slots(moved), "", current_item(moved))  # the item on screen: saved
     assert saved["review status"].startswith("Saved") and f"`{current_item(moved)}`" in saved["review status"]
     assert gus.accept(slots(saved))["review status"].startswith("Saved")  # a client without the field: as before

@@ -563,8 +563,8 @@ def test_percent_verdict_and_operating_figures():
     assert [views.percent(v) for v in again] == [views.percent(v) for v in near] == [">99.99%", *["<0.01%"] * 3]
 
     p = TaskPrediction(["Sports"], [0.589], {"text": 0.5, "image": 0.5}, 0.43, True, "Usage")
-    assert views.verdict(p) == "✓ auto-accept (≥ 43%)"
-    assert views.verdict(p, "no text") == "withheld: no text (≥ 43%)"
+    assert views.verdict(p) == "✓ auto-accept (≥\u00a043%)"
+    assert views.verdict(p, "no text") == "withheld: no text (≥\u00a043%)"
     assert views.verdict(TaskPrediction(["x"], [0.3], {}, 0.87, False)) == "below 87%"
     assert views.verdict(TaskPrediction(["x"], [0.3], {}, None, False)) == "no threshold holds 90%"
     metrics = {"tasks": {"graphical_appearance_name": {
@@ -573,7 +573,7 @@ def test_percent_verdict_and_operating_figures():
         "index_group_name": {"n": 1002, "threshold": None, "auto_accepted": 0}}}
     text = views.operating_figures(metrics, {"graphical_appearance_name": "Pattern"})
     assert "1,002 held-out test items" in text and "_name" not in text
-    assert "**Pattern**: 92.7% precision [89.1%–95.3%] at ≥ 98%; labels 37% of items correctly" in text
+    assert "**Pattern**: 92.7% precision [89.1%–95.3%] at ≥\u00a098%; labels 37% of items correctly" in text
     assert "**Index group**: no threshold holds 90%" in text
     assert views.operating_figures({}, {}) == ""
     just_below = {"tasks": {"colour_group_name": {"n": 1002, "threshold": 0.795, "auto_accepted": 464,
@@ -606,7 +606,7 @@ def test_a_blank_photo_or_no_text_is_never_auto_accepted_one_by_one_or_in_bulk(s
     assert result.photo_blank and not result.text_absent and result.withheld == "blank photo"
     assert not any(p.auto_accept for p in result.tasks.values())
     assert views.input_note(result) == views.BLANK_PHOTO_NOTE
-    assert all(row[3] == "withheld: blank photo (≥ 0%)" for row in prediction_rows(result))
+    assert all(row[3] == "withheld: blank photo (≥\u00a00%)" for row in prediction_rows(result))
     assert {answer["withheld"] for answer in result.to_dict().values()} == {"blank photo"}  # the API's JSON says why
     both = studio.predict(str(blank), "", "hm-articles")
     assert both.withheld == "no text, blank photo" and views.input_note(both) == "  \n".join(

@@ -47,7 +47,7 @@ MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the tas
             "the two need not agree.")
 DEFAULT_OPACITY = 0.55
 REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
-REVIEW_WIDTHS = ["130px", "110px", "100px", "100px", "120px", "110px", "120px"]  # "corrected" on one line
+REVIEW_WIDTHS = ["130px", "110px", "100px", "140px", "120px", "110px", "120px"]  # "corrected" on one line
 AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
                  "checkpoint", "kind", "version"]
 AUDIT_WIDTHS = ["150px", "130px", "190px", "120px", "100px", "90px", "120px", "100px", "110px", "110px", "80px",
@@ -146,7 +146,7 @@ def verdict(p: TaskPrediction, withheld: str = "") -> str:
     rules auto-accept out (`Prediction.withheld`)."""
     if p.threshold is None:
         return "no threshold holds 90%"
-    bar = f"≥ {percent(p.threshold)}"
+    bar = f"≥\u00a0{percent(p.threshold)}"  # never broken between the sign and its number
     if withheld:
         return f"withheld: {withheld} ({bar})"
     return f"✓ auto-accept ({bar})" if p.auto_accept else f"below {percent(p.threshold)}"
@@ -185,7 +185,7 @@ def operating_figures(metrics: dict, names: dict[str, str]) -> str:
             continue
         low, high = m["auto_accept_precision_ci"]
         lines.append(f"- **{name}**: {tenths(m['auto_accept_precision'])} precision "
-                     f"[{tenths(low)}–{tenths(high)}] at ≥ {percent(m['threshold'])}; labels "
+                     f"[{tenths(low)}–{tenths(high)}] at ≥\u00a0{percent(m['threshold'])}; labels "
                      f"{percent(m['operating_recall'])} of items correctly")
     if not lines:
         return ""
@@ -389,6 +389,12 @@ def choice_labels(item: ReviewItem, task: str) -> list[str]:
     return [f"{n} · {label} {percent(prob)}" for n, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1)]
 
 
+def choice_map(tasks: list[str], item: ReviewItem) -> dict:
+    """The tasks under review, in order, and each one's choices (as the number keys pick them): what
+    the browser sets the controls from, at once (app.PICK_JS)."""
+    return {"tasks": list(tasks), "labels": {t: list(item.predictions[t].labels) for t in tasks}}
+
+
 def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list]:
     """Per task under review: the saved label, its status and who saved it, the model's label
     and confidence, and the catalogue's label."""
@@ -432,7 +438,7 @@ def _who(state: TaskState | None) -> str:
     (an undo took it back), who undid it."""
     if state is None:
         return ""
-    when = state.created_at[:19].replace("T", " ")
+    when = state.created_at[5:16].replace("T", " ")  # month, day and minute: the cell stays two lines high
     if state.label is None and state.status == "pending":
         return f"undone by {state.annotator or 'someone'}, {when}"
     return f"{state.annotator or 'someone'}, {source_word(state.source, state.adjudicated)}, {when}"
