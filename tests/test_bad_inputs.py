@@ -570,7 +570,8 @@ def test_training_refuses_bad_options_with_a_message(tmp_path, cache_dir, capsys
     common = ["--out", str(tmp_path / "out"), "--cache-dir", str(cache_dir), "--quiet", "--limit", "8"]
     cases = [
         (["--catalogue", "hm-articles", "--text-columns", "prod_name"], "--text-columns go with --manifest"),
-        (["--catalogue", "hm-articles", "--extra-labels", str(tmp_path / "typo.db")], "no such label store"),
+        (["--catalogue", "hm-articles", "--extra-labels", str(tmp_path / "typo.db")],
+         "typo.db: no such file (the app keeps its label store in studio_data/labels.db"),
         (["--catalogue", "hm-articles", "--backbone", "clip"], "unknown backbone 'clip'"),
     ]
     rows = hm_rows("train", 8) + [{**r, "colour_group_name": "", "product_type_name": ""} for r in hm_rows("val", 4)]
