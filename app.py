@@ -1060,7 +1060,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         """Auto-accept every pending item of the queue whose task(s) clear the bar (empty: each task's threshold)."""
         queue = loaded(queue)
         outcome = studio.bulk_accept(queue, annotator_name, task=task_name, min_conf=minimum, progress=progress)
-        message = views.bulk_message(outcome, studio.display_names())
+        message = views.bulk_message(outcome, studio.display_names(queue.model))
         return {**show_queue(studio, panel, queue, message), bulk_status: message}
 
     @user_errors

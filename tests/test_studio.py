@@ -155,12 +155,16 @@ def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studi
     assert total == 5 and {(r["task"], r["annotator"], r["status"]) for r in rows} == {(colour, "cem", "accepted")}
     assert {r["item_id"] for r in rows} == clear
     assert all(item.status == "pending" for item in queue.items)  # the other tasks are still to review
+    studio.store.claim(opened, "dee")  # decided already: counted so, not as left to whoever has it open
     again = studio.bulk_accept(queue, "cem", task=colour)
-    assert (again.stored, again.decided) == (0, 5) and studio.store.audit(source="auto")[1] == 5
+    assert (again.stored, again.decided, again.claimed) == (0, 5, {}) and studio.store.audit(source="auto")[1] == 5
+    studio.store.release("dee")
     with pytest.raises(StudioError, match="no 90%-precision threshold"):
         studio.bulk_accept(queue, "cem", task="product_type_name")
+    on_screen = queue.current.item_id
     numeric = studio.bulk_accept(queue, "cem", task="product_type_name", min_conf=0)
-    assert numeric.stored == 10
+    assert numeric.stored == 10 and numeric.took_open == on_screen  # the labeler is told the queue moved on
+    assert f"It took the item you had open, `{on_screen}`" in views.bulk_message(numeric)
 
 
 class ProgressLikeGradios:

@@ -938,13 +938,13 @@ class Studio:
                 if item.withheld:
                     outcome.withheld += 1
                     continue
-                if item.item_id in others:
-                    outcome.claimed[item.item_id] = others[item.item_id]
-                    continue
                 states = self.store.item_state(item.item_id)
                 pending = [t for t in tasks if t not in states or states[t].status == "pending"]
-                if not pending:
+                if not pending:  # decided, whoever has it open now
                     outcome.decided += 1
+                    continue
+                if item.item_id in others:
+                    outcome.claimed[item.item_id] = others[item.item_id]
                     continue
                 records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
                                 "labels": {t: item.predictions[t].label for t in pending},
@@ -969,9 +969,12 @@ class Studio:
                 if progress is not None:
                     progress(min(1.0, (start + self.bulk_chunk) / len(records)),
                              f"accepted {outcome.stored + outcome.already_there} of {len(records)}")
+            open_item = queue.current.item_id if queue.current is not None else None
             self.refresh(queue, annotator)
             if queue.current is not None and queue.current.status != "pending" and not queue.show_decided:
                 queue.advance()
+            if open_item in {record["item_id"] for record in records}:
+                outcome.took_open = open_item
             self.keep_queue(queue, annotator)
         return outcome
 

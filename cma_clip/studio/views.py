@@ -561,6 +561,8 @@ def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> s
                      + ", ".join(f"{code(item)} by {code(who)}" for item, who in list(outcome.claimed.items())[:5])
                      + ")")
     line = ", ".join(parts) + f" (stored in {plural(outcome.chunks, 'transaction')})."
+    if outcome.took_open:
+        line += f" It took the item you had open, {code(outcome.took_open)}: the queue moved on."
     if outcome.conflicts:
         line += " Left out, labelled otherwise since: " + "; ".join(
             f"{code(c.item_id)} {task_name(c.task, names=names)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"

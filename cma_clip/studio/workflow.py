@@ -320,3 +320,4 @@ class BulkOutcome:
     claimed: dict[str, str] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     chunks: int = 0
+    took_open: str | None = None  # the item the labeler had open, which it accepted (the queue moved on)
