@@ -976,7 +976,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         only the message when no queue is open."""
         message = views.undo_message(outcome, studio.display_names(queue.model if queue else None))
         if queue is not None:
-            return show_queue(studio, panel, queue, message, outcome if outcome.conflicts else None)
+            updates = show_queue(studio, panel, queue, message, outcome if outcome.conflicts else None)
+            if queue.current is not None and queue.current.item_id == outcome.item_id and not outcome.conflicts:
+                for task, (undone_label, restored) in outcome.tasks.items():  # your answer back, to edit (Prodigy's)
+                    if undone_label is not None and restored is None and task in queue.tasks:
+                        slot = panel.slots[queue.tasks.index(task)]
+                        updates[slot] = {**updates[slot], "value": undone_label}
+            return updates
         return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
 
     @user_errors

@@ -323,6 +323,22 @@ def test_undo_restores_the_previous_label_and_previous_goes_back(review_app):
     assert [(r[2], r[5]) for r in rows if r[1] == COLOUR_NAME] == [("label", "gil"), ("label", "fay"), ("undo", "fay")]
 
 
+def test_an_undone_answer_comes_back_in_the_controls_to_edit(review_app):
+    """Undo takes a first label back (the task is pending again) and the controls start at the label
+    undone, not at the model's: the labeler edits their answer instead of entering it again."""
+    url, studio = review_app
+    hal = Labeler(url, "hal")
+    view = hal.load(3, split="test")
+    item = current_item(view)
+    mine = next(c for c in classes(studio) if c not in slots(view))  # a correction, not the model's label
+    hal.accept(with_label(view, COLOUR, mine))
+    undone = hal("/review_undo", "hal")
+    assert current_item(undone) == item and studio.store.item_state(item)[COLOUR].label is None
+    assert slots(undone) == with_label(view, COLOUR, mine)  # the other tasks at the model's labels, as before
+    hal.accept(slots(undone))
+    assert studio.store.item_state(item)[COLOUR].label == mine
+
+
 def test_an_undo_that_meets_someone_elses_decision_shows_it_and_keep_theirs_moves_on(review_app):
     url, studio = review_app
     lee, mia = Labeler(url, "lee"), Labeler(url, "mia")
