@@ -675,3 +675,16 @@ def test_the_history_tells_apart_tasks_two_models_name_alike(tmp_path):
     assert names["baseColour"] == "Colour (baseColour)" and names["colour_group_name"] == "Colour (colour_group_name)"
     assert len(set(names.values())) == len(names)
     assert shipped.display_names("hm-articles")["colour_group_name"] == "Colour"  # one model's own view is plain
+
+
+def test_the_predict_tab_says_where_a_held_out_items_corrections_go(studio):
+    """A val or test item's labels saved on the Predict tab never train the next run: its item line says so."""
+    for split, words in (("val", "a **val** item: the next training run validates on its labels"),
+                         ("test", "a **test** item: its labels never reach training")):
+        item = hm_rows(split, 1)[0]["article_id"]
+        view = studio.model_view("hm-articles", item, None, True)
+        assert (view.split, view.catalogue["colour_group_name"]) == (split, hm_rows(split, 1)[0]["colour_group_name"])
+        assert words in views.item_line(view, True)
+    train = studio.model_view("hm-articles", hm_rows("train", 1)[0]["article_id"], None, True)
+    assert train.split == "train" and "**" not in views.item_line(train, True)
+    assert studio.model_view("hm-articles", "img-upload", None, False).split is None

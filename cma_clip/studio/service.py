@@ -101,7 +101,8 @@ class Studio:
         self._lock = threading.Lock()
         self._queue_locks: dict[str, threading.Lock] = {}
         self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
-        self._catalogues: dict[str, dict[str, dict[str, str]]] = {}  # catalogue -> item id -> its labels
+        # catalogue -> item id -> its labels, and its split
+        self._catalogues: dict[str, dict[str, tuple[dict[str, str], str | None]]] = {}
         self.bulk_chunk = BULK_CHUNK
         self.reviewers = frozenset(default_reviewers() if reviewers is None else reviewers)
 
@@ -262,11 +263,16 @@ class Studio:
         """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given)."""
         view = self.item_view(item_id, self.predictor(model).tasks,
                               {t: p.label for t, p in prediction.tasks.items()} if prediction else {})
-        view.catalogue = self.catalogue_labels(model, item_id) if catalogued else {}
+        if catalogued:
+            view.catalogue, view.split = self._catalogue_item(model, item_id)
         return view
 
     def catalogue_labels(self, model: str, item_id: str) -> dict[str, str]:
         """The labels the model's own catalogue gives an item id ({} when it has no such item)."""
+        return self._catalogue_item(model, item_id)[0]
+
+    def _catalogue_item(self, model: str, item_id: str) -> tuple[dict[str, str], str | None]:
+        """An item id's labels and split in the model's own catalogue (({}, None) when it has no such item)."""
         name = self.predictor(model).config.catalogue.name
         with self._lock:
             known = self._catalogues.get(name)
@@ -275,13 +281,14 @@ class Studio:
                 catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root))
                 tasks = [t for t in self.predictor(model).tasks if t in catalogue.rows[0]]
                 columns = {t: catalogue.labels(t) for t in tasks}
-                known = {item: {t: columns[t][n] for t in tasks if columns[t][n]}
-                         for n, item in enumerate(catalogue.item_ids())}
+                known = {item: ({t: columns[t][n] for t in tasks if columns[t][n]}, row.get("split"))
+                         for n, (item, row) in enumerate(zip(catalogue.item_ids(), catalogue.rows))}
             except (CatalogueError, OSError):
                 known = {}
             with self._lock:
                 self._catalogues[name] = known
-        return dict(known.get(item_id, {}))
+        labels, split = known.get(item_id, ({}, None))
+        return dict(labels), split
 
     def save_item(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
                   item_id: str | None, labels: dict[str, str | None], shown: Shown | None, *,

@@ -430,7 +430,10 @@ def item_line(view: ItemView, explicit: bool) -> str:
     saved = {t: s for t, s in view.states.items() if s.label is not None}
     where = (f"{plural(len(saved), 'task')} saved before; each control starts at its saved label"
              if saved else "nothing saved yet; each control starts at the model's label")
-    return f"Item {code(view.item_id)} ({origin}) · {where}."
+    held_out = {"val": "a **val** item: the next training run validates on its labels, never trains on them",
+                "test": "a **test** item: its labels never reach training (test keeps the catalogue's)"}
+    note = f" · {held_out[view.split]}" if view.split in held_out else ""
+    return f"Item {code(view.item_id)} ({origin}) · {where}{note}."
 
 
 def _who(state: TaskState | None) -> str:

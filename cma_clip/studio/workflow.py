@@ -258,6 +258,7 @@ class ItemView:
     shown: Shown
     history: list[dict]
     catalogue: dict[str, str] = field(default_factory=dict)  # the catalogue's own labels, when known
+    split: str | None = None  # the catalogue item's split, when known (where its corrections go: SPLIT_NOTES)
 
 
 # ---------------------------------------------------------------------------- outcomes
