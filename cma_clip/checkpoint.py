@@ -70,6 +70,7 @@ class TrainConfig:
     limit: int | None = None  # the first N items of each split
     min_count: int = 1  # a class needs this many training items to be learned
     extra_labels: str | None = None  # a label store (or its export) whose labels override the catalogue's
+    auto_labels: bool = True  # with extra_labels: the labels a model auto-accepted count too
     cache_dir: str | None = None
     # model
     backbone: str = "bundled"

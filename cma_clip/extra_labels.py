@@ -13,7 +13,9 @@ in the checkpoint):
 - an item the catalogue lacks (an upload) becomes a train row, unless its photo is, byte for
   byte, the photo of a catalogue item: it then counts as that item, so a test photo uploaded
   without its id never becomes a training row;
-- an item of the catalogue this run leaves out (`--limit`) is left out.
+- an item of the catalogue this run leaves out (`--limit`) is left out;
+- a label the model auto-accepted (a bulk accept) counts as the others do, unless `auto_labels`
+  is off (`--no-auto-labels`): a model trained on its own guesses learns their errors back.
 
 A catalogue without a split column gets the seeded split training draws written into it first,
 so the rows the corrections add do not reshuffle which items are test.
@@ -32,7 +34,8 @@ from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError
 
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 # what `merge` counts: the labelled items, then what became of them
-OUTCOMES = ("corrections", "train", "val", "test", "added", "same_photo", "left_out", "no_image", "other_tasks")
+OUTCOMES = ("corrections", "train", "val", "test", "added", "same_photo", "left_out", "no_image", "other_tasks",
+            "auto_labels", "auto_left_out")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Correction:
     labels: dict[str, str]
     text: str
     image: Path | None
+    auto: frozenset[str] = frozenset()  # the tasks whose label the model auto-accepted
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,11 @@ class Merged:
                          "labels_images/ folder beside the label store; train with the store to add them)")
         if c["other_tasks"]:
             parts.append(f"{c['other_tasks']} with labels for other tasks only")
+        if c["auto_labels"]:
+            parts.append(f"{c['auto_labels']} of the labels used were auto-accepted by a model (--no-auto-labels "
+                         "leaves them out)")
+        if c["auto_left_out"]:
+            parts.append(f"{c['auto_left_out']} auto-accepted labels left out (--no-auto-labels)")
         return f"--extra-labels {self.source.name}: {c['corrections']} labelled items; " + "; ".join(parts)
 
 
@@ -113,7 +122,8 @@ def _from_store(path: Path) -> Corrections:
     except (sqlite3.DatabaseError, LabelStoreError) as exc:
         raise CatalogueError(f"--extra-labels {path} is not a label store ({exc}); give the app's "
                              "studio_data/labels.db or an export (.csv, .jsonl)") from exc
-    items = {item_id: Correction(item["labels"], item["text"], _found(item["image_path"]))
+    items = {item_id: Correction(item["labels"], item["text"], _found(item["image_path"]),
+                                 frozenset(t for t, state in item["tasks"].items() if state.source == "auto"))
              for item_id, item in current.items()}
     newest = max((item["updated_at"] for item in current.values()), default=None)
     return Corrections(path, items, store.image_dir, newest)
@@ -129,7 +139,9 @@ def _from_export(path: Path) -> Corrections:
     items = {}
     for row in rows:
         labels = {t: row[t].strip() for t in tasks if not is_missing(row[t])}
-        items[row["id"]] = Correction(labels, row["text"], _found(folder / row["image"]) if row["image"] else None)
+        auto = frozenset(t for t in labels if row.get(f"{t}__source") == "auto")
+        items[row["id"]] = Correction(labels, row["text"], _found(folder / row["image"]) if row["image"] else None,
+                                      auto)
     return Corrections(path, items, folder, max((row["updated_at"] for row in rows), default=None))
 
 
@@ -138,9 +150,10 @@ def _found(image: Path) -> Path | None:
     return image if image.is_file() else None
 
 
-def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0) -> Merged:
+def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, auto_labels: bool = True) -> Merged:
     """A copy of `catalogue` with `corrections` applied, by the rules of the module's docstring;
-    `split_seed` draws the split of a catalogue without a split column (as training does)."""
+    `split_seed` draws the split of a catalogue without a split column (as training does);
+    `auto_labels` False leaves out the labels a model auto-accepted."""
     config = catalogue.config
     merged = Merged(catalogue, corrections.source, corrections.newest)
     counts = merged.counts
@@ -153,15 +166,19 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0) -
     key = config.id_column if config.id_column and rows and config.id_column in rows[0] else config.image_column
     by_id = {row.get(key): i for i, row in enumerate(rows)}
     manifest = _Manifest(catalogue)
-    relabel: list[tuple[int, dict[str, str]]] = []  # photo matches first, so an item's own correction wins
+    relabel: list[tuple[int, dict[str, str], int]] = []  # photo matches first, so an item's own correction wins
     added = []
     for item_id, correction in corrections.items.items():
         labels = {t: v for t, v in correction.labels.items() if t in config.tasks}
+        auto = correction.auto & labels.keys()
+        if not auto_labels:
+            counts["auto_left_out"] += len(auto)
+            labels, auto = {t: v for t, v in labels.items() if t not in auto}, set()
         if not labels:
-            counts["other_tasks"] += 1
+            counts["other_tasks"] += not correction.auto
             continue
         if item_id in by_id:
-            relabel.append((by_id[item_id], labels))
+            relabel.append((by_id[item_id], labels, len(auto)))
         elif item_id in manifest.ids:
             counts["left_out"] += 1
         elif correction.image is None:
@@ -170,15 +187,17 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0) -
             counts["same_photo"] += 1
             inside = [by_id[i] for i in same if i in by_id]
             counts["left_out"] += not inside
-            relabel[:0] = [(i, labels) for i in inside]
+            relabel[:0] = [(i, labels, len(auto)) for i in inside]
         else:
             added.append((item_id, correction, labels))
+            counts["auto_labels"] += len(auto)
     columns = list(rows[0]) if rows else [config.image_column, *config.text_columns, *config.tasks]
-    for i, labels in relabel:
+    for i, labels, auto_count in relabel:
         split = rows[i].get("split", "train")
         counts[split if split in ("val", "test") else "train"] += 1
         if split != "test":
             rows[i].update(labels)
+            counts["auto_labels"] += auto_count
     for item_id, correction, labels in added:
         row = {**dict.fromkeys(columns, ""), **labels, config.image_column: str(correction.image), "split": "train"}
         if config.text_columns:

@@ -85,6 +85,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     src.add_argument("--extra-labels", metavar="FILE",
                      help="the app's label store (studio_data/labels.db) or its CSV/JSONL export: its labels "
                           "override the catalogue's on train items and add uploaded items (cma_clip/extra_labels.py)")
+    src.add_argument("--no-auto-labels", dest="auto_labels", action="store_false",
+                     help="with --extra-labels: leave out the labels a model auto-accepted (bulk accept), "
+                          "train on what people labelled")
     src.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default=d.backbone, help="'bundled', 'bundled+mobilenet_v2' or 'open_clip:MODEL[:PRETRAINED]'")
@@ -179,7 +182,7 @@ def load_data(cfg: TrainConfig, backbone: DualEncoder, main_rank: bool = True) -
         catalogue = limit_splits(catalogue, cfg.limit)
     extra_labels = None
     if cfg.extra_labels:
-        merged = merge(catalogue, read_corrections(cfg.extra_labels), cfg.splits_seed)
+        merged = merge(catalogue, read_corrections(cfg.extra_labels), cfg.splits_seed, cfg.auto_labels)
         catalogue, extra_labels = merged.catalogue, merged.report()
         if main_rank:
             print(merged.summary(), file=sys.stderr)

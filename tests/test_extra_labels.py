@@ -145,3 +145,20 @@ def test_added_rows_do_not_reshuffle_the_split_of_a_catalogue_without_a_split_co
     for split in ("train", "val", "test"):
         assert set(after[split]) & {0, 1, 2} == set(before[split])
     assert set(after["train"]) >= {3, 4, 5, 6}
+
+
+def test_auto_accepted_labels_count_unless_left_out_and_the_summary_says_how_many(tmp_path):
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "labels.db")
+    store.save_many([{"item_id": "a1", "image": PHOTOS[0], "text": "Stockings", "labels": {"colour": "Grey"},
+                      "predictions": {"colour": {"label": "Grey", "confidence": 0.97}}}], "bulk-1", annotator="ana")
+    store.save_correction(image=PHOTOS[1], text="Shape up", labels={"type": "Tights"}, item_id="a2")
+    for source in (store.path, tmp_path / "labels_export.csv"):  # the export keeps each label's source
+        store.export(tmp_path / "labels_export.csv")
+        merged = merge(catalogue, read_corrections(source))
+        assert merged.catalogue.labels("colour")[0] == "Grey" and merged.counts["auto_labels"] == 1
+        assert "1 of the labels used were auto-accepted by a model" in merged.summary()
+        human = merge(catalogue, read_corrections(source), auto_labels=False)
+        assert human.catalogue.labels("colour") == ["Black"] * 3 and human.catalogue.labels("type")[1] == "Tights"
+        assert (human.counts["auto_left_out"], human.counts["auto_labels"], human.counts["other_tasks"]) == (1, 0, 0)
+        assert "1 auto-accepted labels left out (--no-auto-labels)" in human.summary()
