@@ -278,6 +278,11 @@ def error(message: str) -> gr.Error:
     return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
+def shown_path(path: Path) -> str:
+    """A server path as a visitor reads it: relative to the folder the app runs in, when it is inside it."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def chart(picture) -> PlotData:
     """A chart `viz` drew as a picture, for a gr.Plot: shown as a static image, as a matplotlib figure
     is, without a figure to lay out and rasterise on each call."""
@@ -1294,7 +1299,8 @@ def history_tab(studio: Studio, shared: Shared) -> None:
             push_button = gr.Button("Push labels to the Hugging Face Hub (optional)")
             push_status = gr.Markdown()
         gr.Markdown("Train with the corrections: `python -m cma_clip.train --catalogue NAME --extra-labels "
-                    f"{studio.store.path} --out checkpoints/NEW` (or `--extra-labels` the export you downloaded).")
+                    f"{shown_path(studio.store.path)} --out checkpoints/NEW` (or `--extra-labels` the export you "
+                    "downloaded).")
 
     @user_errors
     def audit(task_name, annotator_name, status_name, source_name, search, page):

@@ -67,6 +67,7 @@ def test_save_correction_history_and_export(studio):
     studio.save_correction(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, result)
     rows = history_rows(studio.history())
     assert rows[0][1] == "ana" and rows[0][2] == "0816591001" and "Turquoise glitter" in rows[0][3]
+    assert "T" not in rows[0][0] and "+00:00" not in rows[0][0]  # the time as the audit writes it
     for fmt in ("CSV", "JSONL"):
         exported = read_manifest(studio.export(fmt))
         assert exported[0]["colour_group_name"] == "Turquoise glitter"

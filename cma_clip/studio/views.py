@@ -301,7 +301,7 @@ def history_rows(entries: list[dict], names: dict[str, str] | None = None) -> li
         changes = ", ".join(f"{task_name(task, names=names)}: {entry['labels'].get(task, '')}"
                             for task in entry.get("changed", []))
         labels = ", ".join(f"{task_name(task, names=names)}={value}" for task, value in entry["labels"].items())
-        rows.append([entry["created_at"], entry["annotator"], entry["item_id"], labels,
+        rows.append([entry["created_at"][:23].replace("T", " "), entry["annotator"], entry["item_id"], labels,
                      (changes or "(same)") + taken_back(entry, names), entry.get("checkpoint", "")])
     return rows
 
