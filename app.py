@@ -477,14 +477,15 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         pending = gr.State(None)  # a refused save waiting for the labeler's choice
         with gr.Row(elem_id="predict-row"):
             with gr.Column(scale=1, min_width=280, elem_id="predict-inputs"):
-                image = undecoded(gr.Image(type="filepath", label="Product image", height=300, elem_id="input-image"))
+                # image, text and the button above a laptop's fold (1366 x 768); the item id, rarely typed, below
+                image = undecoded(gr.Image(type="filepath", label="Product image", height=260, elem_id="input-image"))
                 text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
                                   placeholder="e.g. Turtle Check Men Navy Blue Shirt")
                 input_note = gr.Markdown("", elem_id="input-note")
+                predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
                 item_id = gr.Textbox("", label="Item id", elem_id="item-id",
                                      placeholder="the catalogue id; empty: a content id from the image and text",
                                      info="An example sets it; a new upload or an edited text clears it.")
-                predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
                 with gr.Column(elem_id="predict-examples"):
                     catalogue_examples = gr.Examples(examples(studio.model_names),
                                                      inputs=[image, text, shared.model, item_id],

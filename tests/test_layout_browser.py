@@ -124,6 +124,8 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     size, page = sized_page
     for name in TABS.values():  # each tab in the bar, none folded into a "More tabs" menu on a phone
         expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+    if size == "laptop":  # image, text and Predict above the fold
+        expect(page.locator("#predict")).to_be_in_viewport(ratio=1)
     predict_example(page)
     expect(page.locator("#predictions")).to_contain_text("%")  # confidences in percent
     expect(page.locator("#operating-figures")).to_contain_text("held-out test items")
