@@ -1134,13 +1134,15 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     choice.use_suggestion.click(use_suggestion, [panel.queue, panel.pending],
                                 [*slots, panel.pending, panel.status, *choice.buttons],
                                 api_name="review_use_suggestion")
+    # the buttons follow the active task one answer at a time, in the order of the keys (two quick "t"s
+    # answered out of order would leave the task before's choices on the buttons)
+    buttons = {"fn": buttons_for, "inputs": [panel.queue, active], "outputs": choices, "api_visibility": "private",
+               "concurrency_limit": 1, "concurrency_id": "review-choice-buttons"}
     for n, button in enumerate(choices, 1):
         button.click(None, [choice_map, active, *slots], [active, *slots], js=PICK_JS % n,
-                     api_visibility="private").then(buttons_for, [panel.queue, active], choices,
-                                                    api_visibility="private")
-    active.input(buttons_for, [panel.queue, active], choices, api_visibility="private")
-    next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, api_visibility="private").then(
-        buttons_for, [panel.queue, active], choices, api_visibility="private")
+                     api_visibility="private").then(**buttons)
+    active.input(**buttons)
+    next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, api_visibility="private").then(**buttons)
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
                api_name="bulk_accept", show_progress_on=bulk_status)  # beside its button
 

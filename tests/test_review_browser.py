@@ -165,6 +165,14 @@ def test_quick_keys_act_in_order_on_the_item_on_screen(review_app, browser):
     expect(page.locator("#review-status")).to_contain_text(f"{third} = {wanted} (")
 
     expect(page.locator("#review-progress")).to_contain_text("2 reviewed of 5", timeout=WAIT)
+    tasks = page.locator("#review-active-task input[type=radio]").count()
+    for key in "t" * (tasks + 1):  # quick: the buttons end at the active task's choices, whatever answered last
+        page.keyboard.press(key)
+    page.wait_for_timeout(2000)
+    quick = [page.locator(f"#review-choice-{n}").inner_text() for n in (1, 2)]
+    press(page, "t" * tasks)  # round again, each answer awaited
+    assert [page.locator(f"#review-choice-{n}").inner_text() for n in (1, 2)] == quick
+
     shown = current_item(page)
     page.keyboard.press("a")
     page.keyboard.press("n")
