@@ -257,6 +257,12 @@ class Catalogue:
         catalogue = self.take(split_indices(self).get(name, [])) if name and self.has_splits else self
         return catalogue.take(range(min(limit, len(catalogue)))) if limit else catalogue
 
+    def sample(self, size: int, seed: int = 0) -> "Catalogue":
+        """`size` rows drawn at random (seeded), kept in their catalogue order; a larger `size` keeps a
+        smaller one's rows (the first rows of one seeded permutation)."""
+        order = np.random.default_rng(seed).permutation(len(self))[:size]
+        return self.take(np.sort(order))
+
     def take(self, index) -> "Catalogue":
         """The rows `index`, in that order."""
         return replace(self, rows=[self.rows[i] for i in index])

@@ -59,7 +59,22 @@ def test_every_corruption_is_scored_with_the_clean_thresholds(small_checkpoint, 
         assert report["mean"]["lowest_precision_task"] == first
     table = noise_curves.markdown_table(curves, severities=(5,))
     assert len(table.splitlines()) == 3 + len(IMAGE_CORRUPTIONS) + len(TEXT_CORRUPTIONS)  # head, rule, clean, kinds
+    clean = curves["clean"]["tasks"][first]  # the lowest precision with its interval and how many it rests on
+    low, high = clean["auto_accept_precision_ci"]
+    assert f"[{low:.3f}, {high:.3f}] of {clean['auto_accepted']} ({first})" in table.splitlines()[2]
     from cma_clip.viz import corruption_curves_figure
 
     corruption_curves_figure(curves, "test").savefig(tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_the_command_refuses_bad_options_and_a_missing_checkpoint_with_a_message(tmp_path, capsys):
+    out = ["--out-json", str(tmp_path / "curves.json")]
+    for bad in (["--severities", "9"], ["--items", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            noise_curves.main(["--checkpoint", str(tmp_path), *bad, *out])
+        assert exit_.value.code == 2
+    assert "--items is how many test items to sample" in capsys.readouterr().err
+    assert noise_curves.main(["--checkpoint", str(tmp_path / "nowhere"), *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and not (tmp_path / "curves.json").exists()

@@ -498,6 +498,22 @@ def test_probe_and_sweeps_through_the_studio(studio):
     assert written[0].keys() >= {"mode", "corruption", "severity", "task", "accuracy", "n", "seed"}
     assert {r["corruption"] for r in written} == {"truncation"}  # what was run, not only the file's name
     assert all(len(r["accuracy"].partition(".")[2]) <= 4 for r in written)  # rounded for a reader
+    assert path.name == "hm-articles-none-truncation-4-items-seed-0.csv"  # another seed or size: another file
+
+
+def test_a_catalogue_sweep_runs_on_a_random_sample_of_test_the_same_for_every_seed(studio, monkeypatch):
+    """Not the split's first rows: a catalogue's order groups alike items (fashion's first test rows are
+    sportswear, its clean accuracy there 0.79 against 0.94 on the split)."""
+    from cma_clip.studio import service
+    swept = []
+    monkeypatch.setattr(service.robustness, "catalogue_sweep", lambda predictor, catalogue, *args: swept.append(
+        catalogue.item_ids()) or [])
+    for size, seed in ((8, 0), (8, 5), (16, 0)):
+        studio.catalogue_sweep("hm-articles", size, "blur", "none", seed=seed)
+    first = [row["article_id"] for row in hm_rows("test", 8)]
+    assert swept[0] != first and swept[0] == swept[1]  # the seed draws the corruptions, not the items
+    assert set(swept[0]) < set(swept[2]) and len(set(swept[2])) == 16  # more items keep the fewer's
+    assert set(swept[2]) <= {row["article_id"] for row in hm_rows("test", 10_000)}
 
 
 

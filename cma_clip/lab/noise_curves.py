@@ -25,6 +25,7 @@ import torch
 from ..backbones import DualEncoder, TextBatch
 from ..checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from ..data import Catalogue, CatalogueError
+from ..errors import CMAClipError
 from ..evaluate import evaluation_rows, item_groups, predict_probabilities, rows_features, score, task_targets
 from ..features import Features, image_batches
 from ..model import Classifier
@@ -110,13 +111,18 @@ def corruption_curves(checkpoint: str | Path, items: int = 1000, severities: lis
     return out
 
 
-def markdown_table(curves: dict, severities: tuple[int, ...] = (3, 5)) -> str:
+def markdown_table(curves: dict, severities: tuple[int, ...] = (1, 3, 5)) -> str:
     """Per corruption, at the given severities: re-picked R@90P, operating recall and the lowest
-    task's auto-accept precision with the clean thresholds (the task in brackets)."""
+    task's auto-accept precision with the clean thresholds (its 95% interval and items accepted, then
+    the task, in brackets)."""
     def cell(report: dict) -> str:
         mean = report["mean"]
         low = mean.get("lowest_auto_accept_precision")
-        lowest = f"{low:.3f} ({mean['lowest_precision_task']})" if low is not None else "none accepted"
+        if low is None:
+            return f"{mean['recall_at_90_precision']:.3f} / {mean['operating_recall']:.3f} / none accepted"
+        task = report["tasks"][mean["lowest_precision_task"]]
+        (lo, hi), accepted = task["auto_accept_precision_ci"], task["auto_accepted"]
+        lowest = f"{low:.3f} [{lo:.3f}, {hi:.3f}] of {accepted} ({mean['lowest_precision_task']})"
         return f"{mean['recall_at_90_precision']:.3f} / {mean['operating_recall']:.3f} / {lowest}"
 
     head = " | ".join(f"severity {s}: R@90P / op. recall / lowest precision" for s in severities)
@@ -134,13 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--items", type=int, default=1000, help="test items sampled (default 1000)")
-    p.add_argument("--severities", type=int, nargs="+", help="default 1 to 5")
+    p.add_argument("--severities", type=int, nargs="+", choices=[s for s in SEVERITIES if s], metavar="1-5",
+                   help="default 1 to 5")
     p.add_argument("--cache-dir")
     p.add_argument("--out-json", required=True)
     p.add_argument("--plot", help="PNG of the curves")
     args = p.parse_args(argv)
-    curves = corruption_curves(args.checkpoint, args.items, args.severities, args.cache_dir,
-                               log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.items < 1:
+        p.error(f"--items is how many test items to sample, at least 1, not {args.items}")
+    try:
+        curves = corruption_curves(args.checkpoint, args.items, args.severities, args.cache_dir,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    except CMAClipError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     Path(args.out_json).write_text(json.dumps(curves, indent=1))
     if args.plot:
         from ..viz import corruption_curves_figure
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(args.checkpoint).name
         corruption_curves_figure(curves, f"{name}: each corruption alone, the checkpoint's clean thresholds "
                                          f"({curves['items']} test items)").savefig(args.plot)
-    print(markdown_table(curves))
+    print(markdown_table(curves, tuple(sorted(args.severities or (1, 3, 5)))))
     return 0
 
 

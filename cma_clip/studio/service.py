@@ -1051,19 +1051,20 @@ class Studio:
 
     def catalogue_sweep(self, model: str, size: int, image_noise: str | None, text_noise: str | None,
                         seed: int = 0, progress: Progress | None = None) -> tuple[list[dict], Path]:
-        """Mean accuracy against severity on a sample of the model's catalogue's test split; rows and CSV."""
+        """Mean accuracy against severity on a random sample of the model's catalogue's test split (the same
+        items for every seed, which draws the corruptions only; more items keep the fewer's); rows and CSV."""
         _check_noise(image_noise, text_noise)
         if not robustness.corruptions(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
         name = self.predictor(model).config.catalogue.name
-        try:
-            catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root), split="test",
-                                       limit=whole_number(size, "number of items", 1, MAX_SWEEP_ITEMS, default=50))
+        size = whole_number(size, "number of items", 1, MAX_SWEEP_ITEMS, default=50)
+        try:  # not the first rows: a catalogue's order groups alike items (fashion's first test rows are sportswear)
+            catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root), split="test").sample(size)
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
-        rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise,
-                                          _seed(seed), progress)
-        path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}.csv",
+        seed = _seed(seed)
+        rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise, seed, progress)
+        path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}-{size}-items-seed-{seed}.csv",
                            [{**row, "accuracy": round(row["accuracy"], 4)} for row in rows], robustness.SWEEP_FIELDS)
         return rows, path
 
