@@ -1064,7 +1064,8 @@ class Studio:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         seed = _seed(seed)
         rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise, seed, progress)
-        path = write_table(self.data_dir / "sweeps" / f"{model}-{image_noise}-{text_noise}-{size}-items-seed-{seed}.csv",
+        file_name = f"{model}-{image_noise}-{text_noise}-{size}-items-seed-{seed}.csv"
+        path = write_table(self.data_dir / "sweeps" / file_name,
                            [{**row, "accuracy": round(row["accuracy"], 4)} for row in rows], robustness.SWEEP_FIELDS)
         return rows, path
 
