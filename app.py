@@ -939,6 +939,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         predicted again), from its first item to review; with no queue open, the choices wait for the next load."""
         if queue is None:
             return {panel.status: "The order and filters apply to the queue you load next."}
+        if studio.arranged_as(queue, strategy=order, task=task_name, min_conf=low, max_conf=high):
+            return {}  # a box left as it was (its blur): the controls keep the labeler's picks
         return show_queue(studio, panel, studio.arrange_queue(queue, annotator_name, strategy=order, task=task_name,
                                                               min_conf=low, max_conf=high))
 
@@ -1134,15 +1136,17 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     choice.use_suggestion.click(use_suggestion, [panel.queue, panel.pending],
                                 [*slots, panel.pending, panel.status, *choice.buttons],
                                 api_name="review_use_suggestion")
-    # the buttons follow the active task one answer at a time, in the order of the keys (two quick "t"s
-    # answered out of order would leave the task before's choices on the buttons)
+    # The buttons follow the active task one answer at a time, in the order of the keys, and the last key's
+    # always runs: Gradio drops a trigger while the event before is running ("once"), which left the task
+    # before's choices on the buttons after a quick "t t". Every pick and "t" runs ("multiple").
     buttons = {"fn": buttons_for, "inputs": [panel.queue, active], "outputs": choices, "api_visibility": "private",
-               "concurrency_limit": 1, "concurrency_id": "review-choice-buttons"}
+               "concurrency_limit": 1, "concurrency_id": "review-choice-buttons", "trigger_mode": "always_last"}
     for n, button in enumerate(choices, 1):
-        button.click(None, [choice_map, active, *slots], [active, *slots], js=PICK_JS % n,
+        button.click(None, [choice_map, active, *slots], [active, *slots], js=PICK_JS % n, trigger_mode="multiple",
                      api_visibility="private").then(**buttons)
     active.input(**buttons)
-    next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, api_visibility="private").then(**buttons)
+    next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, trigger_mode="multiple",
+                    api_visibility="private").then(**buttons)
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
                api_name="bulk_accept", show_progress_on=bulk_status)  # beside its button
 

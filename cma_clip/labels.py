@@ -989,11 +989,20 @@ def _decide(conn: sqlite3.Connection, save_id: int, item_id: str,
     conn.executemany(INSERT_DECISION, [(save_id, item_id, *decision) for decision in decisions])
 
 
+def request_reused(kind: str, used_by: str, request_id: str) -> str:
+    """Why a `kind` of decision (label, skip, undo) is refused under a request id another kind used: in a
+    browser, a key pressed before the answer to the last one came back (which brings the next id)."""
+    action = {"label": "save"}
+    return (f"This {action.get(kind, kind)} came before the answer to your last {action.get(used_by, used_by)} "
+            f"reached the screen, so it was not run: press it again (its request id {request_id!r} was already "
+            f"used for that {action.get(used_by, used_by)}).")
+
+
 def _stored_request(conn: sqlite3.Connection, request_id: str | None, kind: str) -> int | None:
     """The row id of the save already stored under `request_id`, if any."""
     row = conn.execute(SAVE_BY_REQUEST, (request_id,)).fetchone() if request_id is not None else None
     if row is not None and row["kind"] != kind:
-        raise LabelStoreError(f"request id {request_id!r} was already used for a {row['kind']}, not a {kind}")
+        raise LabelStoreError(request_reused(kind, row["kind"], request_id))
     return row["id"] if row else None
 
 

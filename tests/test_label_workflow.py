@@ -73,7 +73,8 @@ def test_a_retried_save_stores_one_row(store):
     again = save(store, "a", "ana", {"colour": "Red"}, base_versions={"colour": None}, request_id="req-1")
     assert again == first._replace(duplicate=True)
     assert store.count() == 2 and store.audit()[1] == 2
-    with pytest.raises(LabelStoreError, match="already used for a label"):
+    with pytest.raises(LabelStoreError, match="This skip came before the answer to your last save reached the "
+                                              "screen, so it was not run: press it again .* used for that save"):
         store.skip("a", ["colour"], "ana", request_id="req-1")
 
 

@@ -145,7 +145,7 @@ def test_quick_keys_act_in_order_on_the_item_on_screen(review_app, browser):
     was a round trip, and the accept carried the labels from before it); "n" pressed before the
     next item reached the screen shows it rather than passing it over unseen."""
     page = open_page(browser, review_app, "quick")
-    item = load_queue(page, 5)
+    item = load_queue(page, 6)
     page.locator("#review-keys").click()
     wanted = choice_label(page, 2)
     page.keyboard.press("2")
@@ -164,7 +164,7 @@ def test_quick_keys_act_in_order_on_the_item_on_screen(review_app, browser):
     expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
     expect(page.locator("#review-status")).to_contain_text(f"{third} = {wanted} (")
 
-    expect(page.locator("#review-progress")).to_contain_text("2 reviewed of 5", timeout=WAIT)
+    expect(page.locator("#review-progress")).to_contain_text("2 reviewed of 6", timeout=WAIT)
     tasks = page.locator("#review-active-task input[type=radio]").count()
     for key in "t" * (tasks + 1):  # quick: the buttons end at the active task's choices, whatever answered last
         page.keyboard.press(key)
@@ -173,11 +173,22 @@ def test_quick_keys_act_in_order_on_the_item_on_screen(review_app, browser):
     press(page, "t" * tasks)  # round again, each answer awaited
     assert [page.locator(f"#review-choice-{n}").inner_text() for n in (1, 2)] == quick
 
+    item, wanted = current_item(page), choice_label(page, 2)  # a filter box entered and left as it was
+    page.get_by_text("Queue: source, order and filters").click()  # (folded away once a queue loads)
+    page.locator("#review-min-conf input").click()
+    page.locator("#review-keys").click()
+    page.keyboard.press("2")
+    page.wait_for_timeout(1500)  # its blur re-sorted the queue, whose answer reset the controls after the pick
+    page.keyboard.press("a")
+    expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
+    expect(page.locator("#review-status")).to_contain_text(f"= {wanted} (")
+
+    expect(page.locator("#review-progress")).to_contain_text("3 reviewed of 6", timeout=WAIT)
     shown = current_item(page)
     page.keyboard.press("a")
     page.keyboard.press("n")
     expect(page.locator("#review-status")).to_contain_text("had not reached your screen", timeout=WAIT)
-    expect(page.locator("#review-progress")).to_contain_text("3 reviewed of 5")
+    expect(page.locator("#review-progress")).to_contain_text("4 reviewed of 6")
     assert shown in review_app.studio.store.current_labels()
     next_item = current_item(page)
     assert next_item != shown and next_item not in review_app.studio.store.current_labels()  # on screen, undecided

@@ -327,15 +327,15 @@ def test_an_undone_answer_comes_back_in_the_controls_to_edit(review_app):
     """Undo takes a first label back (the task is pending again) and the controls start at the label
     undone, not at the model's: the labeler edits their answer instead of entering it again."""
     url, studio = review_app
-    hal = Labeler(url, "hal")
-    view = hal.load(3, split="test")
+    una = Labeler(url, "una")
+    view = una.load(3, split="test")
     item = current_item(view)
     mine = next(c for c in classes(studio) if c not in slots(view))  # a correction, not the model's label
-    hal.accept(with_label(view, COLOUR, mine))
-    undone = hal("/review_undo", "hal")
+    una.accept(with_label(view, COLOUR, mine))
+    undone = una("/review_undo", "una")
     assert current_item(undone) == item and studio.store.item_state(item)[COLOUR].label is None
     assert slots(undone) == with_label(view, COLOUR, mine)  # the other tasks at the model's labels, as before
-    hal.accept(slots(undone))
+    una.accept(slots(undone))
     assert studio.store.item_state(item)[COLOUR].label == mine
 
 
@@ -381,6 +381,24 @@ def test_a_stale_skip_is_refused_and_undo_works_with_no_queue_open(review_app):
     undone = Labeler(url, "nia")("/review_undo", "nia", "")["review status"]
     assert "Undone on item `no-queue-item`:" in undone and "not in this queue" not in undone
     assert studio.store.item_state("no-queue-item")[COLOUR].status == "pending"
+
+
+def test_a_key_pressed_before_the_last_answer_came_back_is_refused_in_words_never_answered_as_another(review_app):
+    """In a browser the request id comes with each answer: "a" then "u", or "s" then "a", pressed at once send
+    the next decision under the id the last one used. It is refused with a message saying to press it again,
+    not answered as that decision ("Already saved" for a skip) or in the store's terms."""
+    url, studio = review_app
+    pax = Labeler(url, "pax")
+    view = pax.load(4, split="val")
+    pax("/review_skip", "pax", "req-skip")
+    with pytest.raises(AppError, match="This save came before the answer to your last skip reached the screen, "
+                                       "so it was not run: press it again"):
+        pax("/review_accept", "pax", *slots(view), "req-skip")
+    saved = pax("/review_accept", "pax", *slots(pax("/review_next", "pax")), "req-save")
+    assert saved["review status"].startswith("Saved")
+    with pytest.raises(AppError, match="This undo came before the answer to your last save reached the screen"):
+        pax("/review_undo", "pax", "req-save")
+    assert "Undone" in pax("/review_undo", "pax", "req-undo")["review status"]  # pressed again: a fresh id
 
 
 def test_a_choice_on_an_undo_conflict_applies_to_that_save_and_a_retried_undo_undoes_once(review_app):

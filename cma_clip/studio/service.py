@@ -32,7 +32,7 @@ from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, Ca
                     join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
-                      content_item_id)
+                      content_item_id, request_reused)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from . import uploads
@@ -361,15 +361,18 @@ class Studio:
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
                            request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip())
 
-    def _recent(self, request_id: str | None) -> SaveOutcome | None:
+    def _recent(self, request_id: str | None, kind: str = "label") -> SaveOutcome | None:
         """The outcome of a request this server already answered with a move (stored, marked as a
         duplicate, or unchanged): a retried call (the first's answer lost) gets the first's answer,
         whatever the labeler's screen moved to since, never a save on the item it moved to. The
-        store dedups stored requests too, across restarts."""
+        store dedups stored requests too, across restarts. A request id another kind of decision
+        used (`kind`: label or skip) is refused: that is no retry."""
         with self._lock:
             done = self._requests.get(request_id) if request_id else None
         if done is None:
             return None
+        if done.kind != kind:
+            raise StudioError(request_reused(kind, done.kind, request_id))
         return replace(done, result="duplicate") if done.stored else done
 
     def _remember(self, request_id: str | None, outcome: SaveOutcome) -> SaveOutcome:
@@ -679,16 +682,21 @@ class Studio:
             self.keep_queue(queue, annotator)
         return queue
 
+    def arranged_as(self, queue: ReviewQueue, *, strategy: str = STRATEGIES[0], task: str | None = None,
+                    min_conf: float | None = None, max_conf: float | None = None) -> bool:
+        """Whether the queue is arranged so already (a filter box left as it was: nothing to re-sort, and
+        the controls keep what the labeler picked)."""
+        bounds = _bounds(min_conf, max_conf)
+        return (strategy, self._queue_tasks(queue.model, task), bounds) == (
+            queue.strategy, queue.tasks, (queue.filters.get("min_conf"), queue.filters.get("max_conf")))
+
     def _arrange(self, queue: ReviewQueue, strategy: str, tasks: list[str], min_conf, max_conf,
                  annotator: str | None) -> None:
         """Set the queue's view: its pool by `strategy` over `tasks`, filtered by confidence, from
         its first item to review (not one someone else is on)."""
         if strategy not in (*STRATEGIES, SOURCE_ORDER):
             raise StudioError(f"Choose a strategy among {', '.join(STRATEGIES)}, not {strategy!r}.")
-        min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
-        min_conf, max_conf = (None if min_conf == 0 else min_conf), (None if max_conf == 1 else max_conf)  # no bound
-        if min_conf is not None and max_conf is not None and min_conf > max_conf:
-            raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
+        min_conf, max_conf = _bounds(min_conf, max_conf)
         items = queue.arranged(strategy, tasks, min_conf, max_conf)
         if not items:
             raise StudioError(f"None of the {len(queue.pool)} items has a confidence in the range chosen"
@@ -845,7 +853,7 @@ class Studio:
         A task someone else decided since `shown` comes back as a conflict unless `force`."""
         rid = (request_id or "").strip() or None
         with self._queue_lock(queue):
-            if (done := self._recent(rid)) is not None:
+            if (done := self._recent(rid, "skip")) is not None:
                 return done
             item, annotator = self._current(queue, shown), self._decider(queue, annotator)
             shown = shown or self.current_view(queue).shown
@@ -991,7 +999,8 @@ class Studio:
             raise StudioError("The queue is finished: load another sample, or go back with Previous.")
         if shown is not None and shown.item_id != item.item_id:
             raise StudioError(f"The item on screen ({shown.item_id}) is not the queue's current item "
-                              f"({item.item_id}); nothing was saved. Reload the page to see the current item.")
+                              f"({item.item_id}); nothing was saved. It is on its way to your screen (reload the page "
+                              "if it does not come).")
         return item
 
     @staticmethod
@@ -1068,6 +1077,15 @@ class Studio:
         path = write_table(self.data_dir / "sweeps" / file_name,
                            [{**row, "accuracy": round(row["accuracy"], 4)} for row in rows], robustness.SWEEP_FIELDS)
         return rows, path
+
+
+def _bounds(min_conf, max_conf) -> tuple[float | None, float | None]:
+    """A confidence range as a queue keeps it: None for no bound (0 and 1); refused when empty."""
+    min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
+    min_conf, max_conf = (None if min_conf == 0 else min_conf), (None if max_conf == 1 else max_conf)
+    if min_conf is not None and max_conf is not None and min_conf > max_conf:
+        raise StudioError(f"The confidence range is empty: {min_conf} is above {max_conf}.")
+    return min_conf, max_conf
 
 
 def _item_status(states: dict[str, TaskState], tasks: list[str]) -> str:
