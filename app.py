@@ -940,7 +940,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         if queue is None:
             return {panel.status: "The order and filters apply to the queue you load next."}
         if studio.arranged_as(queue, strategy=order, task=task_name, min_conf=low, max_conf=high):
-            return {}  # a box left as it was (its blur): the controls keep the labeler's picks
+            return {panel.status: gr.skip()}  # a box left as it was (its blur): the controls keep the picks
         return show_queue(studio, panel, studio.arrange_queue(queue, annotator_name, strategy=order, task=task_name,
                                                               min_conf=low, max_conf=high))
 
@@ -1064,10 +1064,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                 panel.status: "Suggestion filled in: check it and accept again."}
 
     @user_errors
-    def buttons_for(queue, task_name):
-        """The number-key buttons of the active task (which a pick or `t` set in the browser)."""
+    def buttons_for(queue, task_name, item_on_screen):
+        """The number-key buttons of the active task (which a pick or `t` set in the browser), for the item on
+        screen only: after a quick "t a" the queue has moved on, and the next item's answer sets them."""
         item = queue.current if queue is not None else None
-        return choice_updates(panel, item, task_name if item is not None and task_name in queue.tasks else None)
+        if item is None or item.item_id != item_on_screen or task_name not in queue.tasks:
+            return dict.fromkeys(choices, gr.skip())
+        return choice_updates(panel, item, task_name)
 
     @user_errors
     def bulk_accept(queue, annotator_name, task_name, minimum, progress=gr.Progress()):
@@ -1139,7 +1142,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     # The buttons follow the active task one answer at a time, in the order of the keys, and the last key's
     # always runs: Gradio drops a trigger while the event before is running ("once"), which left the task
     # before's choices on the buttons after a quick "t t". Every pick and "t" runs ("multiple").
-    buttons = {"fn": buttons_for, "inputs": [panel.queue, active], "outputs": choices, "api_visibility": "private",
+    buttons = {"fn": buttons_for, "inputs": [panel.queue, active, on_screen], "outputs": choices,
+               "api_visibility": "private",
                "concurrency_limit": 1, "concurrency_id": "review-choice-buttons", "trigger_mode": "always_last"}
     for n, button in enumerate(choices, 1):
         button.click(None, [choice_map, active, *slots], [active, *slots], js=PICK_JS % n, trigger_mode="multiple",
