@@ -1063,7 +1063,6 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         return {**updates, panel.pending: None, **resolution(choice, None),
                 panel.status: "Suggestion filled in: check it and accept again."}
 
-    @user_errors
     def buttons_for(queue, task_name, item_on_screen):
         """The number-key buttons of the active task (which a pick or `t` set in the browser), for the item on
         screen only: after a quick "t a" the queue has moved on, and the next item's answer sets them."""

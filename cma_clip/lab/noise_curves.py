@@ -117,12 +117,11 @@ def markdown_table(curves: dict, severities: tuple[int, ...] = (1, 3, 5)) -> str
     the task, in brackets)."""
     def cell(report: dict) -> str:
         mean = report["mean"]
-        low = mean.get("lowest_auto_accept_precision")
-        if low is None:
-            return f"{mean['recall_at_90_precision']:.3f} / {mean['operating_recall']:.3f} / none accepted"
-        task = report["tasks"][mean["lowest_precision_task"]]
-        (lo, hi), accepted = task["auto_accept_precision_ci"], task["auto_accepted"]
-        lowest = f"{low:.3f} [{lo:.3f}, {hi:.3f}] of {accepted} ({mean['lowest_precision_task']})"
+        low, lowest = mean.get("lowest_auto_accept_precision"), "none accepted"
+        if low is not None:
+            task = report["tasks"][mean["lowest_precision_task"]]
+            (lo, hi), accepted = task["auto_accept_precision_ci"], task["auto_accepted"]
+            lowest = f"{low:.3f} [{lo:.3f}, {hi:.3f}] of {accepted} ({mean['lowest_precision_task']})"
         return f"{mean['recall_at_90_precision']:.3f} / {mean['operating_recall']:.3f} / {lowest}"
 
     head = " | ".join(f"severity {s}: R@90P / op. recall / lowest precision" for s in severities)
