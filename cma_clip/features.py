@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,10 +163,29 @@ def encode_items(backbone: DualEncoder, paths: list[Path], texts: list[str], max
         yield start, backbone(pixels.to(device), text.to(device), colour)
 
 
-def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
+def _encoder_key(backbone: DualEncoder, max_tokens: int) -> str:
+    """What an item's features depend on besides its photo and text."""
     precision = "bf16" if bf16_supported(backbone.device) else "fp32"
-    raw = f"{backbone.cache_key()}|{precision}|{catalogue.config.max_text_tokens}|{catalogue.fingerprint()}"
+    return f"{backbone.cache_key()}|{precision}|{max_tokens}"
+
+
+def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
+    raw = f"{_encoder_key(backbone, catalogue.config.max_text_tokens)}|{catalogue.fingerprint()}"
     return f"{catalogue.config.name}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+
+
+def _row_keys(catalogue: Catalogue) -> np.ndarray:
+    """One key per item: its photo (resolved path, size and modification time) and its text. Rows
+    of another cache entry with the same key and encoder are copied instead of encoded again."""
+    keys = []
+    for path, text in zip(catalogue.image_paths(), catalogue.texts()):
+        try:
+            stat = path.stat()
+            photo = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:  # a missing photo: encoding names it
+            photo = str(path)
+        keys.append(hashlib.blake2b(f"{photo}\0{text}".encode(), digest_size=16).digest())
+    return np.array(keys, dtype="S16")
 
 
 def _cache_folder(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None) -> Path:
@@ -183,19 +203,26 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     """Backbone features of every item, computed once and cached on disk as float16 .npy files.
 
     The cache entry is keyed by the backbone's weights and preprocessing, the precision,
-    the text length and the manifest's images and texts; any change builds a new entry.
+    the text length and the manifest's images and texts; any change builds a new entry. A new
+    entry copies the rows of items another entry of the same encoder already holds (same photo
+    file, size and modification time, same text) and encodes only the others: a catalogue with
+    a few rows added or changed (`train --extra-labels` with uploads) costs those rows.
     Entries are written to a temporary folder and renamed when complete, so an
     interrupted build never leaves a half-written cache behind. Images are decoded in
     `num_workers` DataLoader workers (default: `runtime.loader_workers`). With `memory_map`,
     the arrays stay on disk and only the rows read are loaded (for taking a few rows).
     """
     folder = _cache_folder(backbone, catalogue, cache_dir)
-    if not (folder / "meta.json").exists():
-        _build_cache(backbone, catalogue, folder, batch_size, num_workers, progress)
+    encoder = _encoder_key(backbone, catalogue.config.max_text_tokens)
+    if (folder / "meta.json").exists():
+        _index_rows(folder, catalogue, encoder)
+    else:
+        _build_cache(backbone, catalogue, folder, encoder, batch_size, num_workers, progress)
     fields = FEATURE_FIELDS + MOBILENET_FIELDS * backbone.has_mobilenet
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r" if memory_map else None) for name in fields}
     return Features(**arrays, text_ids=_token_ids(backbone, catalogue, folder),
-                    colour=_colour(backbone, catalogue, folder, batch_size, num_workers, progress) if colour else None)
+                    colour=_colour(backbone, catalogue, folder, encoder, batch_size, num_workers, progress)
+                    if colour else None)
 
 
 def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.ndarray:
@@ -204,18 +231,21 @@ def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.
         catalogue.texts(), catalogue.config.max_text_tokens).ids.numpy().astype(np.int32))
 
 
-def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int, num_workers: int | None,
-            progress: bool) -> np.ndarray:
-    """Foreground colour descriptors of the images (`colour.py`): computed on first use and kept."""
+def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: str, batch_size: int,
+            num_workers: int | None, progress: bool) -> np.ndarray:
+    """Foreground colour descriptors of the images (`colour.py`): computed on first use and kept,
+    copied for the items another entry of the encoder has them for."""
     def compute() -> np.ndarray:
         # filled in place: a list of per-batch results, concatenated at the end, kept the freed
         # decoding buffers between them from going back to the system (40,000 photos: 1.9 GB more at the peak)
         out = np.empty((len(catalogue), DESCRIPTOR_DIM), np.float16)
-        batches = image_batches(catalogue.image_paths(), backbone, batch_size, num_workers)
+        todo = _reuse_rows(folder, encoder, _load_row_keys(folder), {"colour": out})
+        paths = catalogue.image_paths()
+        batches = image_batches([paths[i] for i in todo], backbone, batch_size, num_workers)
         start = 0
-        for pixels in tqdm(batches, total=math.ceil(len(catalogue) / batch_size),
+        for pixels in tqdm(batches, total=math.ceil(len(todo) / batch_size),
                            desc=f"colour {catalogue.config.name}", disable=not progress):
-            out[start:start + len(pixels)] = backbone.describe_colour(pixels).numpy()
+            out[todo[start:start + len(pixels)]] = backbone.describe_colour(pixels).numpy()
             start += len(pixels)
         return out
     return _kept(folder / "colour.npy", compute)
@@ -230,7 +260,56 @@ def _kept(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
     return np.load(path)
 
 
-def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batch_size: int,
+def _index_rows(folder: Path, catalogue: Catalogue, encoder: str) -> None:
+    """Give an entry built before entries kept their row keys those keys, and its encoder, so
+    later entries can copy its rows (the folder's name says these are the catalogue's rows)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("encoder") == encoder and (folder / "row_keys.npy").exists():
+        return
+    try:
+        _kept(folder / "row_keys.npy", lambda: _row_keys(catalogue))
+        tmp = folder / f"meta.tmp{os.getpid()}.json"
+        tmp.write_text(json.dumps({**meta, "encoder": encoder}))
+        tmp.rename(folder / "meta.json")
+    except OSError:  # a cache we may only read (shared, read-only) is read as it is: the keys only save time
+        pass
+
+
+def _load_row_keys(folder: Path) -> np.ndarray:
+    return np.load(folder / "row_keys.npy")
+
+
+def _reuse_rows(folder: Path, encoder: str, keys: np.ndarray, arrays: dict[str, np.ndarray],
+                chunk: int = 1024) -> np.ndarray:
+    """Fill `arrays` (by field name) with the rows of `keys` that another complete entry of
+    `encoder` beside `folder` holds in every one of those fields (the entry holding most of them);
+    returns the indices of the rows left to compute."""
+    best: tuple[Path, np.ndarray, np.ndarray] | None = None
+    for other in folder.parent.iterdir():
+        if other == folder or ".tmp" in other.name or not (other / "row_keys.npy").exists():
+            continue
+        try:
+            meta = json.loads((other / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("encoder") != encoder or not all((other / f"{name}.npy").exists() for name in arrays):
+            continue
+        at = {key: i for i, key in enumerate(_load_row_keys(other).tolist())}
+        pairs = [(i, at[key]) for i, key in enumerate(keys.tolist()) if key in at]
+        if pairs and (best is None or len(pairs) > len(best[1])):
+            new, old = np.array(pairs).T
+            best = other, new, old
+    if best is None:
+        return np.arange(len(keys))
+    other, new, old = best
+    for name, array in arrays.items():
+        source = np.load(other / f"{name}.npy", mmap_mode="r")
+        for start in range(0, len(new), chunk):  # a chunk at a time: a whole field may not fit in memory
+            array[new[start:start + chunk]] = source[old[start:start + chunk]]
+    return np.setdiff1d(np.arange(len(keys)), new)
+
+
+def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: str, batch_size: int,
                  num_workers: int | None, progress: bool) -> None:
     n, tokens = len(catalogue), catalogue.config.max_text_tokens
     texts = catalogue.texts()
@@ -251,14 +330,22 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
                                               dtype=np.bool_ if name == "text_mask" else np.float16)
               for name, shape in shapes.items()}
     try:
-        batches = encode_items(backbone, catalogue.image_paths(), texts, tokens, batch_size, num_workers)
-        for start, out in tqdm(batches, total=math.ceil(n / batch_size), desc=f"features {catalogue.config.name}",
-                               disable=not progress):
-            stop = start + len(out.image_pooled)
+        keys = _row_keys(catalogue)
+        np.save(tmp / "row_keys.npy", keys)
+        todo = _reuse_rows(folder, encoder, keys, arrays)
+        if progress and len(todo) < n:
+            print(f"features {catalogue.config.name}: {n - len(todo)} of {n} items copied from the cache, "
+                  f"{len(todo)} to encode", file=sys.stderr)
+        paths = catalogue.image_paths()
+        batches = encode_items(backbone, [paths[i] for i in todo], [texts[i] for i in todo], tokens, batch_size,
+                               num_workers)
+        for start, out in tqdm(batches, total=math.ceil(len(todo) / batch_size),
+                               desc=f"features {catalogue.config.name}", disable=not progress):
+            rows = todo[start:start + len(out.image_pooled)]
             for name in shapes:
                 with np.errstate(over="ignore"):  # checked below, with a clearer message
-                    arrays[name][start:stop] = getattr(out, name).cpu().numpy()
-                if name != "text_mask" and not np.isfinite(arrays[name][start:stop]).all():
+                    arrays[name][rows] = getattr(out, name).cpu().numpy()
+                if name != "text_mask" and not np.isfinite(arrays[name][rows]).all():
                     raise BackboneError(f"the backbone's {name} exceed float16's range (65504) or are not "
                                         "finite, so its features cannot be cached")
     except BaseException:  # an unusable image, Ctrl-C, out of memory: nothing half-written stays behind
@@ -267,6 +354,6 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, batc
     for array in arrays.values():
         array.flush()
     (tmp / "meta.json").write_text(json.dumps({"items": n, "backbone": backbone.cache_key(),
-                                               "catalogue": catalogue.config.name}))
+                                               "catalogue": catalogue.config.name, "encoder": encoder}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

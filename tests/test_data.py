@@ -107,6 +107,67 @@ def test_feature_cache_is_reused_and_rebuilt_on_change(tmp_path, backbone):
     assert not np.array_equal(first.text_pooled[0], second.text_pooled[0])
 
 
+def test_a_new_cache_entry_copies_the_rows_it_shares_and_encodes_only_the_others(tmp_path, backbone, monkeypatch):
+    """A catalogue with rows added or changed (`train --extra-labels` with uploads) costs those rows,
+    also when the entry it copies from was built before entries kept their row keys."""
+    import shutil
+
+    rows = [{"t": f"item {i}", "c": "Red"} for i in range(4)]
+    config = CatalogueConfig("x", str(write_catalogue(tmp_path, rows)), text_columns=["t"], tasks=["c"],
+                             max_text_tokens=8)
+    cache = tmp_path / "cache"
+    first = extract_features(backbone, Catalogue.open(config), cache, batch_size=2, progress=False, colour=True)
+    (entry,) = (cache / "features").iterdir()
+    (entry / "row_keys.npy").unlink()  # as an entry built before they were kept
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "encoder"}))
+    extract_features(backbone, Catalogue.open(config), cache, progress=False)  # reading it indexes its rows
+
+    source = sorted((HM / "images").glob("*/*.jpg"))
+    shutil.copy(source[10], tmp_path / "img" / "4.jpg")
+    shutil.copy(source[11], tmp_path / "img" / "2.jpg")  # a photo replaced under the same name
+    rows[1]["t"] = "item 1 in navy"  # a text changed
+    changed = CatalogueConfig("x", str(write_catalogue(tmp_path, [*rows, {"t": "new", "c": "Red",
+                                                                          "image": "img/4.jpg"}], "more.csv")),
+                              text_columns=["t"], tasks=["c"], max_text_tokens=8)
+    encoded, described = [], []
+    forward, describe = backbone.forward, backbone.describe_colour
+    monkeypatch.setattr(backbone, "forward", lambda pixels, text, colour=False: (
+        encoded.append(len(pixels)), forward(pixels, text, colour))[1])
+    monkeypatch.setattr(backbone, "describe_colour", lambda pixels: (described.append(len(pixels)),
+                                                                     describe(pixels))[1])
+    second = extract_features(backbone, Catalogue.open(changed), cache, batch_size=2, progress=False, colour=True)
+    assert sum(encoded) == sum(described) == 3  # rows 1, 2 and 4
+    for name in ("image_tokens", "text_tokens", "text_mask", "text_pooled", "colour"):
+        assert np.array_equal(getattr(second, name)[[0, 3]], getattr(first, name)[[0, 3]]), name
+    monkeypatch.undo()
+    fresh = extract_features(backbone, Catalogue.open(changed), tmp_path / "fresh", batch_size=2, progress=False,
+                             colour=True)
+    for name in ("image_pooled", "text_pooled", "colour"):
+        np.testing.assert_allclose(getattr(second, name).astype(np.float32), getattr(fresh, name).astype(np.float32),
+                                   atol=2e-2, rtol=2e-2, err_msg=name)
+    assert not np.allclose(second.image_pooled[2], first.image_pooled[2])
+    assert not np.allclose(second.text_pooled[1], first.text_pooled[1])
+
+
+def test_an_entry_that_cannot_be_given_row_keys_is_read_as_it_is(tmp_path, backbone, monkeypatch):
+    """A cache on a read-only disk (a shared one) serves features as before; the row keys only save time."""
+    import cma_clip.features as features
+
+    path = write_catalogue(tmp_path, [{"t": "red dress", "c": "Red"}])
+    config = CatalogueConfig("x", str(path), text_columns=["t"], tasks=["c"], max_text_tokens=8)
+    first = extract_features(backbone, Catalogue.open(config), tmp_path / "cache", progress=False)
+    (entry,) = (tmp_path / "cache" / "features").iterdir()
+    (entry / "row_keys.npy").unlink()
+
+    def read_only(path, array):
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(features.np, "save", read_only)
+    again = extract_features(backbone, Catalogue.open(config), tmp_path / "cache", progress=False)
+    assert np.array_equal(again.image_tokens, first.image_tokens) and not (entry / "row_keys.npy").exists()
+
+
 def test_cached_colour_descriptors_are_each_photos_own_in_catalogue_order(tmp_path, backbone):
     rows = [{"t": f"item {i}", "c": "Red"} for i in range(5)]
     config = CatalogueConfig("x", str(write_catalogue(tmp_path, rows)), text_columns=["t"], tasks=["c"],

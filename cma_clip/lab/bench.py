@@ -65,6 +65,7 @@ class Sizes:
     app_calls: int = 30
     cache_items: int = 1024  # 16 batches: the decode worker's start and the first batch weigh little
     cache_repeats: int = 3
+    cache_added: int = 16  # items a second catalogue adds to the first (uploads given to `train --extra-labels`)
     manifest_items: int = 256
     manifest_batch: int = 32
     manifest_repeats: int = 5
@@ -82,7 +83,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, manifest_items=16,
+QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, cache_added=2, manifest_items=16,
               manifest_batch=4, manifest_repeats=1, ray_runs=1, train_limit=24, train_epochs=2, start_calls=2, clients=4,
               client_rounds=1, client_repeats=1, review_items=16, review_limit=24, live_items=4)
 
@@ -135,8 +136,13 @@ def random_predictor(backbone_name: str, like: Predictor) -> Predictor:
 
 def cache_throughput(backbone: DualEncoder, sizes: Sizes) -> dict[str, float]:
     """`extract_features` into a fresh cache folder vs. the backbone alone on pre-decoded
-    tensors of the same batches (the extraction's default batch size and decode workers)."""
-    catalogue = Catalogue.open(CatalogueConfig.load("hm-articles"), limit=sizes.cache_items)
+    tensors of the same batches (the extraction's default batch size and decode workers); and
+    the entry of a catalogue with `sizes.cache_added` items more, built beside the first one's
+    (it copies the shared rows), vs. built alone."""
+    config = CatalogueConfig.load("hm-articles")
+    catalogue = Catalogue.open(config, limit=sizes.cache_items)
+    whole = Catalogue.open(config)
+    more = replace(catalogue, rows=[*catalogue.rows, *whole.rows[len(whole.rows) - sizes.cache_added:]])
     tokens, batch, device = catalogue.config.max_text_tokens, 64, backbone.device
     paths, texts = catalogue.image_paths(), catalogue.texts()
     batches = []
@@ -150,16 +156,31 @@ def cache_throughput(backbone: DualEncoder, sizes: Sizes) -> dict[str, float]:
         for pixels, text in batches:
             backbone(pixels, text)
 
-    def build():
+    def build(items: Catalogue = catalogue):
         with tempfile.TemporaryDirectory(prefix="cma-bench-cache-") as folder:
-            extract_features(backbone, catalogue, folder, batch_size=batch, progress=False)
+            extract_features(backbone, items, folder, batch_size=batch, progress=False)
 
-    times = interleaved({"build": build, "backbone": backbone_only}, sizes.cache_repeats, 1)
+    times = interleaved({"build": build, "backbone": backbone_only, "more_alone": lambda: build(more)},
+                        sizes.cache_repeats, 1)
+    with tempfile.TemporaryDirectory(prefix="cma-bench-cache-") as folder:
+        extract_features(backbone, catalogue, folder, batch_size=batch, progress=False)
+        first = next((Path(folder) / "features").iterdir())
+        times["more_beside"] = []
+        for _ in range(1 + sizes.cache_repeats):  # the first run is the warm-up
+            for entry in (Path(folder) / "features").iterdir():
+                if entry != first:
+                    shutil.rmtree(entry)
+            times["more_beside"].append(timed(lambda: extract_features(backbone, more, folder, batch_size=batch,
+                                                                       progress=False)))
+        del times["more_beside"][0]
     n = len(catalogue)
     build_rate, backbone_rate = n / p50(times["build"]), n / p50(times["backbone"])
+    beside = p50(times["more_beside"])
     return {"items": n, "build_items_per_s": build_rate, "backbone_items_per_s": backbone_rate,
             "ratio": build_rate / backbone_rate, "decode_workers": loader_workers(device) or decode_threads(),
-            "decode_in_threads": int(loader_workers(device) == 0)}
+            "decode_in_threads": int(loader_workers(device) == 0), "added_items": sizes.cache_added,
+            "more_alone_s": p50(times["more_alone"]), "more_beside_s": beside,
+            "reuse_speedup": p50(times["more_alone"]) / beside}
 
 
 # ----------------------------------------------------------------------------- 4. training
@@ -407,7 +428,10 @@ def format_table(doc: dict[str, Any]) -> str:
                   f"{cache['build_items_per_s']:.1f} / {cache['backbone_items_per_s']:.1f} items/s",
                   f"{cache['items']} items, {s['cache_repeats']} runs, {cache['decode_workers']} decode "
                   f"{'threads between batches' if cache['decode_in_threads'] else 'worker processes'}"),
-                 ("  ratio (target >= 0.9)", f"{cache['ratio']:.3f}", "")]
+                 ("  ratio (target >= 0.9)", f"{cache['ratio']:.3f}", ""),
+                 (f"  {cache['items']} + {cache['added_items']} items: built alone / beside the first "
+                  f"{cache['items']}'s", f"{cache['more_alone_s']:.2f} / {cache['more_beside_s']:.2f} s",
+                  f"{cache['reuse_speedup']:.1f}x faster")]
     if "training" in f:
         train = f["training"]
         rows += [("training on cached features, batch 256", f"{train['items_per_s']:.0f} items/s",
