@@ -60,3 +60,20 @@ def test_the_command_line_entry_points_load_the_lab_only_when_run():
     help_text = subprocess.run([sys.executable, "-m", "cma_clip.bench", "--help"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout
     assert "--sections" in help_text
+
+
+@pytest.mark.parametrize("command", ["cma_clip.predict", "cma_clip.mobilenet", "cma_clip.train"])
+def test_a_command_of_the_package_runs_without_a_warning_that_it_was_imported_before(command):
+    """`python -m cma_clip.predict`: the package's own imports left the module in sys.modules, and
+    Python warned of "unpredictable behaviour" on every run (the package now imports on first use)."""
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", command, "--help"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-500:]
+
+
+def test_the_package_still_exports_its_public_names():
+    code = ("import cma_clip; from cma_clip import *; "
+            "print(sorted(cma_clip.__all__) == sorted(n for n in cma_clip.__all__ if n in globals()), "
+            "Predictor.__module__, CatalogueError.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "cma_clip.predict", "cma_clip.data"]
