@@ -304,6 +304,24 @@ def test_passwords_are_stored_as_scrypt_hashes_and_checked(tmp_path):
         Users.from_file(path)
 
 
+def test_the_accounts_command_refuses_a_bad_file_or_name_before_asking_a_password(tmp_path, monkeypatch, capsys):
+    from cma_clip.studio import accounts
+
+    asked = []
+    monkeypatch.setattr(accounts.getpass, "getpass", lambda prompt: asked.append(prompt) or "pass-1")
+    for file, name, message in ((tmp_path / "no-folder" / "users.txt", "dee", "no folder"),
+                                (tmp_path, "dee", "is a folder"),
+                                (tmp_path / "users.txt", "bad:name", "user name")):
+        assert accounts.main(["add", str(file), name]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and not asked
+    path = tmp_path / "users.txt"
+    assert accounts.main(["add", str(path), "dee"]) == 0 and "dee can sign in" in capsys.readouterr().out
+    assert accounts.main(["add", str(path), "dee"]) == 0 and "dee's password is replaced" in capsys.readouterr().out
+    assert asked[-2].startswith("new password for dee") and oct(path.stat().st_mode)[-3:] == "600"
+    assert Users.from_file(path).check("dee", "pass-1") and not list(tmp_path.glob(".users.txt.tmp*"))
+
+
 @pytest.fixture(scope="module")
 def login_app(checkpoint_dir, tmp_path_factory):
     """The app with a login (users ana and ben); yields (url, studio)."""

@@ -135,35 +135,57 @@ def login_from_env(environ: dict[str, str] | None = None) -> Login:
     return Login()
 
 
-def add_user(path: str | Path, name: str, password: str) -> None:
-    """Add or replace a user in a users file (created if missing), written with mode 600."""
-    if not _valid_name(name):
-        raise AccountsError(f"a user name is 1 to {MAX_NAME_CHARS} printable characters without ':' or edge spaces")
+def add_user(path: str | Path, name: str, password: str) -> bool:
+    """Add or replace a user in a users file (created if missing, mode 600 from the start);
+    True when the user was there and their password is replaced."""
+    users = _writable_users(path, name)
     if not password:
         raise AccountsError("the password is empty")
-    path = Path(path)
-    users = Users.from_file(path).hashes if path.exists() and path.read_text().strip() else {}
+    replaced = name in users
     users[name] = hash_password(password)
-    path.write_text("".join(f"{n}:{h}\n" for n, h in users.items()), encoding="utf-8")
-    path.chmod(0o600)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
+            handle.write("".join(f"{n}:{h}\n" for n, h in users.items()))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise AccountsError(f"cannot write the users file {path}: {exc.strerror or exc}") from exc
+    return replaced
+
+
+def _writable_users(path: str | Path, name: str) -> dict[str, str]:
+    """The users already in `path`, once the name and the file are known to be usable (checked
+    before a password is asked for)."""
+    if not _valid_name(name):
+        raise AccountsError(f"a user name is 1 to {MAX_NAME_CHARS} printable characters without ':' or edge spaces")
+    path = Path(path)
+    if path.is_dir():
+        raise AccountsError(f"{path} is a folder: give the users file's path (for example {path / 'users.txt'})")
+    if not path.parent.is_dir():
+        raise AccountsError(f"no folder {path.parent} for the users file: create it first")
+    return Users.from_file(path).hashes if path.exists() and path.read_text().strip() else {}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Add a user to a CMA-CLIP Studio users file (CMA_CLIP_USERS).")
+    parser = argparse.ArgumentParser(description="Add a user to a CMA-CLIP Studio users file (CMA_CLIP_USERS), "
+                                                 "or replace their password.")
     parser.add_argument("command", choices=["add"])
     parser.add_argument("file")
     parser.add_argument("name")
     args = parser.parse_args(argv)
-    password = getpass.getpass(f"password for {args.name}: ")
-    if password != getpass.getpass("again: "):
-        print("error: the passwords differ", file=sys.stderr)
-        return 2
     try:
-        add_user(args.file, args.name, password)
+        known = args.name in _writable_users(args.file, args.name)
+        password = getpass.getpass(f"{'new ' * known}password for {args.name}: ")
+        if password != getpass.getpass("again: "):
+            raise AccountsError("the passwords differ")
+        replaced = add_user(args.file, args.name, password)
     except AccountsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.name} can sign in (users file {args.file})")
+    print(f"{args.name}'s password is replaced" if replaced else f"{args.name} can sign in",
+          f"(users file {args.file})")
     return 0
 
 
