@@ -589,6 +589,16 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                             **slot_updates(studio, slots, model_name, result, view)})
         return updates
 
+    def labels_by_task(model_name: str, labels: list) -> dict:
+        """The label slots' values by the model's tasks, in order; a label in a slot past them is
+        refused (an API client's labels in the wrong slots would be stored under other tasks)."""
+        tasks = list(studio.task_classes(model_name))
+        if extra := [(i + 1, label) for i, label in enumerate(labels[len(tasks):], len(tasks)) if label]:
+            raise StudioError(f"{model_name} has {len(tasks)} tasks ({', '.join(tasks)}): label slot "
+                              f"{extra[0][0]} ({extra[0][1]!r}) has no task; leave the slots after the "
+                              f"{len(tasks)}th empty.")
+        return dict(zip(tasks, labels))
+
     @user_errors
     def save_label(image_path, text_value, model_name, annotator_name, item, *rest):
         """Save the labels (one per task of the model, in order) of the item on screen: checked
@@ -596,10 +606,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         already stored stores nothing. The last input, optional for API clients, is the item
         whose labels the controls show."""
         *labels, rid, seen, result, controls_item = rest
-        tasks = list(studio.task_classes(model_name))
         outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item,
-                                   dict(zip(tasks, labels)), shown_of(seen), request_id=rid, prediction=result,
-                                   labels_for=controls_item)
+                                   labels_by_task(model_name, labels), shown_of(seen), request_id=rid,
+                                   prediction=result, labels_for=controls_item)
         return after_save(outcome, image_path, text_value, model_name, item, result)
 
     def resolve(how: str):
@@ -643,9 +652,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         """Save the labels (one per task of the model, in order) as a correction, unchecked (the
         API scripts were written against); an optional request id makes a retry store one row."""
         *labels, rid = rest
-        tasks = list(studio.task_classes(model_name))
         row = studio.save_correction(image_path, text_value, model_name, annotator_name, item,
-                                     dict(zip(tasks, labels)), request_id=rid)
+                                     labels_by_task(model_name, labels), request_id=rid)
         saved_as = studio.resolve_item_id(image_path, text_value, item)
         return {save_status: f"Saved correction #{row} for item {views.code(saved_as)}.",
                 shared.history: shared.history_rows()}
@@ -1371,7 +1379,7 @@ def tasks_api(studio: Studio) -> None:
             raise error(f"/tasks takes a model's name (text), not {type(model_name).__name__}; the models: "
                            f"{', '.join(studio.model_names)}.")
         if model_name not in studio.checkpoints:
-            return {}
+            raise error(f"No model {model_name!r}; the models: {', '.join(studio.model_names)}.")
         try:
             return {"tasks": studio.task_classes(model_name)}
         except StudioError as exc:
