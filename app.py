@@ -398,6 +398,16 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
     return updates
 
 
+def labels_in_slots(tasks: list[str], labels: list, whose: str) -> dict:
+    """The label slots' values by `tasks`, in order; a label in a slot past them is refused (an API
+    client's labels in the wrong slots would be stored under other tasks). `whose`: "hm-articles
+    has", "the queue reviews"."""
+    if extra := [(i + 1, label) for i, label in enumerate(labels[len(tasks):], len(tasks)) if label]:
+        raise StudioError(f"{whose} {len(tasks)} task{'s' * (len(tasks) != 1)} ({', '.join(tasks)}): label slot "
+                          f"{extra[0][0]} ({extra[0][1]!r}) has no task: only the first {len(tasks)} slots take labels.")
+    return dict(zip(tasks, labels))
+
+
 def resolution(buttons: "Resolution", outcome: SaveOutcome | UndoOutcome | None) -> dict:
     """Which of the conflict / new-class buttons a refused save shows (none otherwise)."""
     conflict = bool(outcome is not None and outcome.conflicts)
@@ -590,14 +600,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return updates
 
     def labels_by_task(model_name: str, labels: list) -> dict:
-        """The label slots' values by the model's tasks, in order; a label in a slot past them is
-        refused (an API client's labels in the wrong slots would be stored under other tasks)."""
-        tasks = list(studio.task_classes(model_name))
-        if extra := [(i + 1, label) for i, label in enumerate(labels[len(tasks):], len(tasks)) if label]:
-            raise StudioError(f"{model_name} has {len(tasks)} tasks ({', '.join(tasks)}): label slot "
-                              f"{extra[0][0]} ({extra[0][1]!r}) has no task; leave the slots after the "
-                              f"{len(tasks)}th empty.")
-        return dict(zip(tasks, labels))
+        return labels_in_slots(list(studio.task_classes(model_name)), labels, f"{model_name} has")
 
     @user_errors
     def save_label(image_path, text_value, model_name, annotator_name, item, *rest):
@@ -903,7 +906,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         return queue
 
     def labels_of(queue: ReviewQueue, values) -> dict:
-        return dict(zip(queue.tasks, values))
+        return labels_in_slots(queue.tasks, values, "the queue reviews")
 
     def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
         """A stored decision shows the next item; a refused one stays on the item with its choices,

@@ -260,6 +260,10 @@ def test_changing_the_order_re_sorts_the_open_queue(review_app):
     margins = [item.uncertainty["margin"][COLOUR] for item in queue.items]
     assert margins == sorted(margins, reverse=True) and current_item(answer) == queue.items[0].item_id
     assert "order: margin" in answer["queue notes"]
+    before = studio.store.count()  # the slots follow the queue's one task now: a second label is refused
+    with pytest.raises(AppError, match=r"the queue reviews 1 task \(colour_group_name\): label slot 2 .'Other"):
+        eve("/review_accept", "eve", "Black", "Other accessories", *[None] * 6, "", current_item(answer))
+    assert studio.store.count() == before
     with pytest.raises(AppError, match="range is empty"):
         eve("/review_arrange", "margin", COLOUR, 0.9, 0.1, "eve")
     reloaded = Labeler(url, "eve")("/review_resume", "eve", MODEL)
