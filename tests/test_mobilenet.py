@@ -15,7 +15,7 @@ from torchvision.models import mobilenet_v2
 from cma_clip import train
 from cma_clip.backbones import BackboneError, create_backbone
 from cma_clip.checkpoint import BACKBONE_WEIGHTS, load_backbone, load_backbone_weights, read_config
-from cma_clip.data import Catalogue, CatalogueConfig, load_image
+from cma_clip.data import REPO_ROOT, Catalogue, CatalogueConfig, load_image
 from cma_clip.features import extract_features
 from cma_clip.int8 import SCALE_SUFFIX
 from cma_clip.mobilenet import dequantised, export, quantised
@@ -174,3 +174,21 @@ def test_checkpoints_with_the_same_tower_share_one_backbone(mixed_checkpoint, tm
     shutil.copytree(mixed_checkpoint, copy)
     first = load_backbone(mixed_checkpoint, read_config(mixed_checkpoint), "cpu")
     assert load_backbone(copy, read_config(copy), "cpu") is first and first.mobilenet_loaded
+
+
+def test_the_export_command_refuses_files_that_are_not_the_towers_weights_in_words(tmp_path, capsys):
+    from cma_clip import mobilenet
+
+    torch.save({"features.0.0.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    for source, message in ((REPO_ROOT / "checkpoints" / "hm-articles" / BACKBONE_WEIGHTS, "give it to train "
+                             "--backbone-weights as it is"), (REPO_ROOT / "checkpoints", "is a folder"),
+                            (tmp_path / "none.pth", "is not there"),
+                            (REPO_ROOT / "README.md", "is not a PyTorch state dict"),
+                            (tmp_path / "other.pth", "is not torchvision's MobileNetV2"),
+                            (tmp_path / "list.pth", "is not torchvision's MobileNetV2")):
+        with pytest.raises(SystemExit) as exit_:
+            mobilenet.main([str(tmp_path / "out.safetensors"), "--from", str(source)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.safetensors").exists()
