@@ -404,7 +404,8 @@ def labels_in_slots(tasks: list[str], labels: list, whose: str) -> dict:
     has", "the queue reviews"."""
     if extra := [(i + 1, label) for i, label in enumerate(labels[len(tasks):], len(tasks)) if label]:
         raise StudioError(f"{whose} {len(tasks)} task{'s' * (len(tasks) != 1)} ({', '.join(tasks)}): label slot "
-                          f"{extra[0][0]} ({extra[0][1]!r}) has no task: only the first {len(tasks)} slots take labels.")
+                          f"{extra[0][0]} ({extra[0][1]!r}) has no task: only the first {len(tasks)} slots take "
+                          "labels.")
     return dict(zip(tasks, labels))
 
 

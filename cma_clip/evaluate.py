@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a manifest.
 
     python -m cma_clip.evaluate --checkpoint checkpoints/hm-articles \\
-        --manifest ../shared/data/hm-articles/articles.csv --split test --out-json report.json
+        --manifest "${CMA_CLIP_DATA:-../shared/data}/hm-articles/articles.csv" --split test --out-json report.json
 
 Prints a table and writes JSON: {"tasks": {task: {accuracy, macro_f1,
 recall_at_90_precision, n, threshold, auto_accepted, auto_accept_precision,

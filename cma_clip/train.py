@@ -69,7 +69,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     p = argparse.ArgumentParser(description="Train CMA-CLIP on a catalogue.")
     src = p.add_argument_group("data")
     src.add_argument("--catalogue", help="bundled config name (fashion-product-images, hm-articles) or a JSON config")
-    src.add_argument("--data-root", help="folder the bundled configs' manifests are relative to (default ../shared/data)")
+    src.add_argument("--data-root", help="folder the bundled configs' manifests are relative to (default: "
+                     "$CMA_CLIP_DATA, else ../shared/data beside the repository)")
     src.add_argument("--manifest", help="CSV/JSONL manifest (instead of --catalogue)")
     src.add_argument("--image-column", help="with --manifest: the image path column (default image)")
     src.add_argument("--text-columns", nargs="+", help="with --manifest: the text columns, joined (default text)")
@@ -374,11 +375,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.batch_size < world:
         raise CatalogueError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     backbone = create_backbone(cfg.backbone, device, trainable=cfg.finetune_backbone)
     if cfg.backbone_weights:
         load_backbone_weights(cfg.backbone_weights, backbone)
     data = load_data(cfg, backbone, main_rank)
+    out.mkdir(parents=True, exist_ok=True)  # once the data is usable: a refused run leaves no empty folder
     seed_everything(cfg.seed)  # again: building the feature cache draws from the RNG, reading it does not
     model = build_model(cfg, data, backbone).to(device)
     tuned = backbone if cfg.finetune_backbone else None

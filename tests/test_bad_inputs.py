@@ -583,6 +583,7 @@ def test_training_refuses_bad_options_with_a_message(tmp_path, cache_dir, capsys
         assert train.main([*args, *common]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "typo.db").exists()
+    assert not (tmp_path / "out").exists()  # a refused run leaves no empty checkpoint folder behind
 
 
 def test_review_endpoints_refuse_bad_input_with_messages(running_app):
