@@ -33,7 +33,7 @@ from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES, agreement_f
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
-                             StudioError, UndoOutcome, new_id, open_user_image, views)
+                             StudioError, UndoOutcome, new_id, open_user_image, text_is_cut, views)
 from cma_clip.studio.accounts import AccountsError, Login, login_from_env  # noqa: E402
 from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
@@ -562,7 +562,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         first = next(iter(result.tasks))
         choices, best = views.word_choices(result, first)
         return {result_json: result.to_dict(), table: views.prediction_rows(result),
-                input_note: views.input_note(result),
+                input_note: views.input_note(result, text_is_cut(text_value)),
                 task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.tasks.items()], value=first),
                 token: gr.update(choices=choices, value=best),
                 heat: views.image_map(result, first, "relevance", best),

@@ -492,8 +492,11 @@ def test_app_predicts_unusual_images_as_the_studio_does(client, running_app, tmp
 def test_app_takes_odd_text_and_keeps_it_as_data(client, running_app):
     _, studio = running_app
     text = TEXTS["html-and-script-tags"] + TEXTS["control-characters"] + TEXTS["100k-characters"]
-    prediction = api_predict(client, EXAMPLE_IMAGE, text)[0]
+    prediction, *outputs = api_predict(client, EXAMPLE_IMAGE, text)
     assert set(prediction) == set(studio.task_classes(MODEL))
+    cut = "The text was cut to its first 5,000 characters"  # an API client's: the box takes no more
+    assert any(isinstance(out, str) and cut in out for out in outputs)
+    assert not any(isinstance(out, str) and cut in out for out in api_predict(client, EXAMPLE_IMAGE, "x" * 5000))
     tasks = list(client.predict(MODEL, api_name="/tasks")["tasks"])
     label = '<img src=x onerror="alert(3)">'
     status, history = client.predict(handle_file(str(EXAMPLE_IMAGE)), text, MODEL, "<b>mallory</b>", "html-item",

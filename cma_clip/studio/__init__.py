@@ -8,11 +8,11 @@ lines). `app.py` lays out the components and wires their events to them. The pub
 are re-exported here.
 """
 from .service import (CHECKPOINT_DIR, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS, MAX_TEXT_CHARS, SPLITS, Studio,
-                      StudioError, available_checkpoints, clean_text, default_data_dir, open_user_image)
+                      StudioError, available_checkpoints, clean_text, default_data_dir, open_user_image, text_is_cut)
 from .workflow import (ALL_TASKS, CHOICES_KEPT, SPLIT_NOTES, THRESHOLDS, BulkOutcome, ItemView, ReviewItem,
                        ReviewQueue, SaveOutcome, Shown, UndoOutcome, new_id)
 
 __all__ = ["ALL_TASKS", "CHECKPOINT_DIR", "CHOICES_KEPT", "MAX_QUEUE_ITEMS", "MAX_SWEEP_ITEMS", "MAX_TASKS",
            "MAX_TEXT_CHARS", "SPLITS", "SPLIT_NOTES", "THRESHOLDS", "BulkOutcome", "ItemView", "ReviewItem",
            "ReviewQueue", "SaveOutcome", "Shown", "Studio", "StudioError", "UndoOutcome", "available_checkpoints",
-           "clean_text", "default_data_dir", "new_id", "open_user_image"]
+           "clean_text", "default_data_dir", "new_id", "open_user_image", "text_is_cut"]

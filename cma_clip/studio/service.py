@@ -1183,10 +1183,15 @@ def open_user_image(path: str | None) -> Image.Image:
         raise StudioError(str(exc)) from exc
 
 
-def clean_text(text: str | None) -> str:
-    """Printable text, bounded in length: control characters become spaces."""
+def clean_text(text: str | None, limit: int | None = MAX_TEXT_CHARS) -> str:
+    """Printable text, bounded in length (`limit` characters; None: not): control characters become spaces."""
     text = "".join(ch if ch.isprintable() else " " for ch in (text or ""))
-    return " ".join(text.split())[:MAX_TEXT_CHARS]
+    return " ".join(text.split())[:limit]
+
+
+def text_is_cut(text: str | None) -> bool:
+    """Whether `clean_text` cuts the text (to its first MAX_TEXT_CHARS characters)."""
+    return len(clean_text(text, None)) > MAX_TEXT_CHARS
 
 
 def given_labels(labels: dict[str, object], tasks: Iterable[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import modality_chart, modality_shift_chart, scaled_overlay
 from ..review import STRATEGIES
+from .service import MAX_TEXT_CHARS
 from .workflow import (SOURCE_ORDER, SPLIT_NOTES, BulkOutcome, ItemView, ReviewItem, ReviewQueue, SaveOutcome,
                        UndoOutcome, plural)
 
@@ -37,6 +38,8 @@ NO_TEXT_NOTE = ("**No text: the prediction rests on the image only** (its modali
 BLANK_PHOTO_NOTE = ("**The photo is one flat colour**: it tells the model nothing, so nothing is auto-accepted: the "
                     "thresholds hold 90% precision for items with a photo; with a 1 x 1 photo, the shipped models' "
                     "auto-accepted test items fell to 78% precision on H&M's pattern and 87% on fashion's season.")
+TEXT_CUT_NOTE = (f"**The text was cut to its first {MAX_TEXT_CHARS:,} characters**, as a save stores it (the model "
+                 "reads fewer: its first tokens).")
 HISTORY_HEADERS = ["time (UTC)", "annotator", "item", "labels", "changed", "model"]
 MAP_CHOICES = [("Relevance for the task", "relevance"), ("Attention (raw, last layer)", "attention")]
 MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the task's top score (LayerCAM on the image "
@@ -162,10 +165,12 @@ def prediction_rows(prediction: Prediction) -> list[list]:
     return rows
 
 
-def input_note(prediction: Prediction) -> str:
-    """The note under the inputs: what an empty text or a blank photo means for the prediction ("" for neither)."""
+def input_note(prediction: Prediction, text_cut: bool = False) -> str:
+    """The note under the inputs: what an empty text, a blank photo or a text cut to its first
+    `MAX_TEXT_CHARS` characters (an API client's; the box takes no more) means ("" for none)."""
     return "  \n".join(note for note, present in ((NO_TEXT_NOTE, prediction.text_absent),
-                                                  (BLANK_PHOTO_NOTE, prediction.photo_blank)) if present)
+                                                  (BLANK_PHOTO_NOTE, prediction.photo_blank),
+                                                  (TEXT_CUT_NOTE, text_cut)) if present)
 
 
 def tenths(value: float) -> str:
