@@ -1,5 +1,8 @@
 """The feature cache: frozen-backbone outputs of a catalogue, computed once and kept on disk.
 
+    python -m cma_clip.features list                       # the entries, their size and last use
+    python -m cma_clip.features prune --unused-days 14     # remove those unused for two weeks
+
 With a frozen backbone, CMA-CLIP trains and evaluates on cached features (patch tokens,
 text token states, pooled embeddings) in seconds per epoch. `encode_items` is the one loop
 that runs the backbone over a catalogue's images and texts; the cache, the study's noisy
@@ -7,6 +10,8 @@ encodings and the benchmarks use it.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -15,6 +20,7 @@ import shutil
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -216,6 +222,8 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     encoder = _encoder_key(backbone, catalogue.config.max_text_tokens)
     if (folder / "meta.json").exists():
         _index_rows(folder, catalogue, encoder)
+        with contextlib.suppress(OSError):  # when it was last read: what `prune` goes by (a read-only cache: never)
+            os.utime(folder / "meta.json")
     else:
         _build_cache(backbone, catalogue, folder, encoder, batch_size, num_workers, progress)
     fields = FEATURE_FIELDS + MOBILENET_FIELDS * backbone.has_mobilenet
@@ -357,3 +365,83 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, enco
                                                "catalogue": catalogue.config.name, "encoder": encoder}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+# ----------------------------------------------------------------------------- the cache's entries
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry of the cache (a catalogue's features for one encoder), or a build left unfinished
+    (`unfinished`: a run killed before it could clean up)."""
+
+    path: Path
+    items: int
+    bytes: int
+    last_used: datetime
+    unfinished: bool = False
+
+
+def cache_entries(cache_dir: str | Path | None = None) -> list[CacheEntry]:
+    """The entries under `cache_dir` (default `default_cache_dir()`), least recently used first."""
+    root = Path(cache_dir or default_cache_dir()) / "features"
+    entries = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        meta_path = folder / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            files = [f for f in folder.iterdir() if f.is_file()]
+            used = (meta_path.stat().st_mtime if meta  # an unfinished build: its last write
+                    else max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime))
+        except (OSError, ValueError):
+            continue
+        entries.append(CacheEntry(folder, meta.get("items", 0), sum(f.stat().st_size for f in files),
+                                  datetime.fromtimestamp(used, timezone.utc), unfinished=not meta))
+    return sorted(entries, key=lambda e: e.last_used)
+
+
+def prune(cache_dir: str | Path | None, unused_days: float, dry_run: bool = False) -> list[CacheEntry]:
+    """Remove the entries not read for `unused_days` (unfinished builds as well); returns them.
+    A run that needs one again rebuilds it, copying what the entries left hold."""
+    cutoff = datetime.now(timezone.utc).timestamp() - unused_days * 86400
+    gone = [e for e in cache_entries(cache_dir) if e.last_used.timestamp() < cutoff]
+    if not dry_run:
+        for entry in gone:
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return gone
+
+
+def _line(e: CacheEntry) -> str:
+    return (f"{e.last_used:%Y-%m-%d %H:%M}  {_size(e.bytes):>9}  {e.items:>7}  {e.path.name}"
+            + "  (unfinished: a build that was killed)" * e.unfinished)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="List or prune the feature cache ($CMA_CLIP_CACHE/features).")
+    parser.add_argument("command", choices=["list", "prune"])
+    parser.add_argument("--cache-dir", help=f"the cache's folder (default {default_cache_dir()})")
+    parser.add_argument("--unused-days", type=float, help="prune: remove the entries no run read for this many days")
+    parser.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        entries = cache_entries(args.cache_dir)
+        print(f"{'last used (UTC)':<16}  {'size':>9}  {'items':>7}  entry")
+        for e in entries:
+            print(_line(e))
+        print(f"{len(entries)} entries, {_size(sum(e.bytes for e in entries))}")
+        return 0
+    if args.unused_days is None or args.unused_days < 0:
+        parser.error("prune takes --unused-days N (0 or more)")
+    gone = prune(args.cache_dir, args.unused_days, args.dry_run)
+    print(f"{'would remove' if args.dry_run else 'removed'} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} "
+          f"({_size(sum(e.bytes for e in gone))}) unused for {args.unused_days:g} days")
+    for e in gone:
+        print(_line(e))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -168,6 +168,39 @@ def test_an_entry_that_cannot_be_given_row_keys_is_read_as_it_is(tmp_path, backb
     assert np.array_equal(again.image_tokens, first.image_tokens) and not (entry / "row_keys.npy").exists()
 
 
+def test_prune_removes_the_entries_no_run_read_lately_and_killed_builds(tmp_path, backbone, capsys):
+    import os
+    import time
+
+    from cma_clip import features
+
+    cache = tmp_path / "cache"
+    configs = [CatalogueConfig("x", str(write_catalogue(tmp_path, [{"t": text, "c": "Red"}], f"{text}.csv")),
+                               text_columns=["t"], tasks=["c"], max_text_tokens=8) for text in ("old", "new")]
+    for config in configs:
+        extract_features(backbone, Catalogue.open(config), cache, progress=False)
+    old, new = (features._cache_folder(backbone, Catalogue.open(c), cache) for c in configs)
+    month_ago = time.time() - 30 * 86400
+    os.utime(old / "meta.json", (month_ago, month_ago))
+    killed = cache / "features" / "x-0123456789abcdef.tmp999"  # a build killed before it could clean up
+    killed.mkdir()
+    (killed / "image_tokens.npy").write_bytes(b"0" * 10)
+    os.utime(killed / "image_tokens.npy", (month_ago, month_ago))
+    assert features.main(["list", "--cache-dir", str(cache)]) == 0
+    listed = capsys.readouterr().out
+    assert listed.index(killed.name) < listed.index(old.name) < listed.index(new.name)  # least recently used first
+    assert "(unfinished" in listed and "3 entries" in listed
+    assert features.main(["prune", "--cache-dir", str(cache), "--unused-days", "14", "--dry-run"]) == 0
+    assert "would remove 2 entries" in capsys.readouterr().out and old.exists() and killed.exists()
+    extract_features(backbone, Catalogue.open(configs[0]), cache, progress=False)  # read again: used today
+    assert features.main(["prune", "--cache-dir", str(cache), "--unused-days", "14"]) == 0
+    assert "removed 1 entry" in capsys.readouterr().out
+    assert old.exists() and new.exists() and not killed.exists()
+    with pytest.raises(SystemExit):
+        features.main(["prune", "--cache-dir", str(cache)])
+    assert "prune takes --unused-days" in capsys.readouterr().err
+
+
 def test_cached_colour_descriptors_are_each_photos_own_in_catalogue_order(tmp_path, backbone):
     rows = [{"t": f"item {i}", "c": "Red"} for i in range(5)]
     config = CatalogueConfig("x", str(write_catalogue(tmp_path, rows)), text_columns=["t"], tasks=["c"],
