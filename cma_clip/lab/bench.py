@@ -83,9 +83,10 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, cache_added=2, manifest_items=16,
-              manifest_batch=4, manifest_repeats=1, ray_runs=1, train_limit=24, train_epochs=2, start_calls=2, clients=4,
-              client_rounds=1, client_repeats=1, review_items=16, review_limit=24, live_items=4)
+QUICK = Sizes(warmup=1, latency_repeats=3, app_calls=2, cache_items=8, cache_repeats=1, cache_added=2,
+              manifest_items=16, manifest_batch=4, manifest_repeats=1, ray_runs=1, train_limit=24, train_epochs=2,
+              start_calls=2, clients=4, client_rounds=1, client_repeats=1, review_items=16, review_limit=24,
+              live_items=4)
 
 
 # ----------------------------------------------------------------------------- timing helpers
