@@ -20,7 +20,8 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
         "startup": {"ready_s", "first_s", "warm_p50_s", "ratio"},
         "concurrency": {"sequential_per_s", "concurrent_per_s", "ratio", "mean_batch"},
         "review": {"items", "open_s", "resort_p50_s", "resort_max_s", "move_p50_s", "live_s"},
-        "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio"},
+        "feature_cache": {"build_items_per_s", "backbone_items_per_s", "ratio", "added_items", "more_alone_s",
+                          "more_beside_s", "reuse_speedup"},
         "training": {"epoch_seconds", "items_per_s"},
         "batch_prediction": {"items_per_s", "backbone_items_per_s", "ratio", "ray_items_per_s",
                              "ray_steady_items_per_s", "backbone_around_ray_items_per_s", "ray_ratio", "ray_ratios",
@@ -50,6 +51,7 @@ def test_sections_measure_only_what_is_asked(tmp_path, capsys):
     assert (cache["decode_workers"], cache["decode_in_threads"]) == (os.cpu_count(), 1)  # on a CPU: a thread a core
     table = capsys.readouterr().out
     assert "feature cache build" in table and "fusion ratio" not in table
+    assert "8 + 2 items: built alone / beside the first 8's" in table
     assert doc["command"] == f"python -m cma_clip.bench --quick --sections cache --out-json {out}"
 
 
