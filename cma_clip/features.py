@@ -341,7 +341,7 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, enco
         keys = _row_keys(catalogue)
         np.save(tmp / "row_keys.npy", keys)
         todo = _reuse_rows(folder, encoder, keys, arrays)
-        if progress and len(todo) < n:
+        if len(todo) < n:  # said even without progress bars (train --quiet): which rows were encoded
             print(f"features {catalogue.config.name}: {n - len(todo)} of {n} items copied from the cache, "
                   f"{len(todo)} to encode", file=sys.stderr)
         paths = catalogue.image_paths()

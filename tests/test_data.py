@@ -107,7 +107,8 @@ def test_feature_cache_is_reused_and_rebuilt_on_change(tmp_path, backbone):
     assert not np.array_equal(first.text_pooled[0], second.text_pooled[0])
 
 
-def test_a_new_cache_entry_copies_the_rows_it_shares_and_encodes_only_the_others(tmp_path, backbone, monkeypatch):
+def test_a_new_cache_entry_copies_the_rows_it_shares_and_encodes_only_the_others(tmp_path, backbone, monkeypatch,
+                                                                                 capsys):
     """A catalogue with rows added or changed (`train --extra-labels` with uploads) costs those rows,
     also when the entry it copies from was built before entries kept their row keys."""
     import shutil
@@ -138,6 +139,7 @@ def test_a_new_cache_entry_copies_the_rows_it_shares_and_encodes_only_the_others
                                                                      describe(pixels))[1])
     second = extract_features(backbone, Catalogue.open(changed), cache, batch_size=2, progress=False, colour=True)
     assert sum(encoded) == sum(described) == 3  # rows 1, 2 and 4
+    assert "features x: 2 of 5 items copied from the cache, 3 to encode" in capsys.readouterr().err  # no progress
     for name in ("image_tokens", "text_tokens", "text_mask", "text_pooled", "colour"):
         assert np.array_equal(getattr(second, name)[[0, 3]], getattr(first, name)[[0, 3]]), name
     monkeypatch.undo()
