@@ -1322,7 +1322,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
             push_status = gr.Markdown()
         gr.Markdown("Train with the corrections: `python -m cma_clip.train --catalogue NAME --extra-labels "
                     f"{shown_path(studio.store.path)} --out checkpoints/NEW` (or `--extra-labels` the export you "
-                    "downloaded).")
+                    "downloaded), then restart the app: it lists the checkpoints it found when it started.")
 
     @user_errors
     def audit(task_name, annotator_name, status_name, source_name, search, page):
