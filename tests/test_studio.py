@@ -333,6 +333,10 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     assert saved.result == "saved" and saved.item_id == "0816591001"
     message = views.save_message(saved, studio.display_names("hm-articles"))
     assert "0816591001" in message and "= `Grey` (corrected)" in message and "_name" not in message
+    # the labels that differ from the catalogue's are named (an accept stores the model's guesses too)
+    differ = [t for t, v in labels.items() if view.catalogue.get(t, v) != v]
+    assert "colour_group_name" in differ and view.catalogue["colour_group_name"] == "Dark Blue"
+    assert message.count("(the catalogue says") == len(differ) and "(the catalogue says `Dark Blue`)" in message
     # an upload without an id gets its content id, never the last item's
     upload = studio.save_item(str(other_image), EXAMPLE_TEXT, "hm-articles", "ana", "", labels, view.shown)
     assert upload.result == "saved" and upload.item_id.startswith("img-") and upload.item_id != "0816591001"

@@ -476,7 +476,10 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
                        for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
-    return f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}"
+    differ = [f"{task_name(t, names=names)} (the catalogue says {code(outcome.catalogue[t])})"
+              for t, v in outcome.labels.items() if outcome.catalogue.get(t, v) != v]
+    differ_note = f" Not the catalogue's label: {', '.join(differ)}." if differ else ""
+    return f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}{differ_note}"
 
 
 def shown_again(left: str | None, queue: ReviewQueue) -> str:

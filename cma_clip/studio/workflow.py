@@ -281,6 +281,7 @@ class SaveOutcome:
     request_id: str | None = None
     new_classes: dict[str, str] = field(default_factory=dict)
     annotator: str = ""  # whose decision was stored (with a login on: the signed-in user, whatever was typed)
+    catalogue: dict[str, str] = field(default_factory=dict)  # the item's catalogue labels, of the tasks saved
 
     @property
     def stored(self) -> bool:
