@@ -21,7 +21,7 @@ import os
 import re
 import struct
 import tempfile
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -292,6 +292,46 @@ class Catalogue:
         for row, text in zip(self.rows, self.texts()):
             digest.update(row[self.config.image_column].encode() + b"\0" + text.encode() + b"\n")
         return digest.hexdigest()[:16]
+
+
+class PhotoIndex:
+    """Which items of a catalogue have a given photo, byte for byte. Files of the photo's size
+    are hashed, once each, so a look-up in 40,000 photos costs a `stat` each; a photo known by its
+    sha256 alone hashes every file once (2.8 s for fashion's 40,000)."""
+
+    def __init__(self, catalogue: Catalogue) -> None:
+        self._items = list(zip(catalogue.item_ids(), catalogue.image_paths()))
+        self._by_size: dict[int, list[tuple[str, Path]]] | None = None
+        self._by_digest: dict[str, list[str]] | None = None
+        self._hashes: dict[Path, str] = {}
+
+    def with_file(self, photo: Path) -> list[str]:
+        if self._by_size is None:
+            self._by_size = defaultdict(list)
+            for item_id, path in self._items:
+                if path.is_file():
+                    self._by_size[path.stat().st_size].append((item_id, path))
+        candidates = self._by_size.get(photo.stat().st_size, [])
+        digest = file_sha256(photo) if candidates else None
+        return [item_id for item_id, path in candidates if self._hash(path) == digest]
+
+    def with_digest(self, digest: str) -> list[str]:
+        if self._by_digest is None:
+            self._by_digest = defaultdict(list)
+            for item_id, path in self._items:
+                if path.is_file():
+                    self._by_digest[self._hash(path)].append(item_id)
+        return self._by_digest.get(digest, [])
+
+    def _hash(self, path: Path) -> str:
+        if path not in self._hashes:
+            self._hashes[path] = file_sha256(path)
+        return self._hashes[path]
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def join_text(row: dict[str, str], columns: list[str]) -> str:

@@ -22,14 +22,12 @@ so the rows the corrections add do not reshuffle which items are test.
 """
 from __future__ import annotations
 
-import hashlib
 import sqlite3
-from collections import defaultdict
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .data import Catalogue, CatalogueError, is_missing, read_manifest, split_indices
+from .data import Catalogue, CatalogueError, PhotoIndex, is_missing, read_manifest, split_indices
 from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError
 
 EXPORT_SUFFIXES = (".csv", ".jsonl")
@@ -224,47 +222,15 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
 
 
 class _Manifest:
-    """The whole manifest a (limited) catalogue came from: its item ids, and which of its items
-    have a given photo, byte for byte (files of the same size are hashed, once each, so a
-    catalogue of 40,000 photos costs a `stat` each; a photo known by its sha256 alone, every
-    file: 2.8 s for fashion's 40,000)."""
+    """The whole manifest a (limited) catalogue came from: its item ids, and its items' photos."""
 
     def __init__(self, catalogue: Catalogue) -> None:
-        self._whole = Catalogue.open(catalogue.config) if Path(catalogue.config.manifest).is_file() else catalogue
-        self.ids = set(self._whole.item_ids())
-        self._by_size: dict[int, list[tuple[str, Path]]] | None = None
-        self._by_digest: dict[str, list[str]] | None = None
-        self._hashes: dict[Path, str] = {}
+        whole = Catalogue.open(catalogue.config) if Path(catalogue.config.manifest).is_file() else catalogue
+        self.ids = set(whole.item_ids())
+        self._photos = PhotoIndex(whole)
 
     def items_with(self, correction: Correction) -> list[str]:
         """The items whose photo is the correction's (its file, else the sha256 its name gives)."""
         if correction.image is not None:
-            return self._items_with_file(correction.image)
-        if correction.digest is None:
-            return []
-        if self._by_digest is None:
-            self._by_digest = defaultdict(list)
-            for item_id, path in zip(self._whole.item_ids(), self._whole.image_paths()):
-                if path.is_file():
-                    self._by_digest[self._hash(path)].append(item_id)
-        return self._by_digest.get(correction.digest, [])
-
-    def _items_with_file(self, photo: Path) -> list[str]:
-        if self._by_size is None:
-            self._by_size = defaultdict(list)
-            for item_id, path in zip(self._whole.item_ids(), self._whole.image_paths()):
-                if path.is_file():
-                    self._by_size[path.stat().st_size].append((item_id, path))
-        candidates = self._by_size.get(photo.stat().st_size, [])
-        digest = _sha256(photo) if candidates else None
-        return [item_id for item_id, path in candidates if self._hash(path) == digest]
-
-    def _hash(self, path: Path) -> str:
-        if path not in self._hashes:
-            self._hashes[path] = _sha256(path)
-        return self._hashes[path]
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+            return self._photos.with_file(correction.image)
+        return self._photos.with_digest(correction.digest) if correction.digest else []

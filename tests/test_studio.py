@@ -337,6 +337,14 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     differ = [t for t, v in labels.items() if view.catalogue.get(t, v) != v]
     assert "colour_group_name" in differ and view.catalogue["colour_group_name"] == "Dark Blue"
     assert message.count("(the catalogue says") == len(differ) and "(the catalogue says `Dark Blue`)" in message
+    # a catalogue photo uploaded without its id: the line names the item (its saves would count as its in training)
+    _, bare = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "")
+    assert bare.item_id.startswith("img-") and bare.photo_of == [("0816591001", "test")] and view.photo_of == []
+    line = views.item_line(bare, explicit=False)
+    assert "this is the photo of catalogue item `0816591001`** (a **test** item): type its id" in line
+    flipped = tmp_path / "flipped.png"
+    Image.open(EXAMPLE_IMAGE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    assert studio.predict_item(str(flipped), EXAMPLE_TEXT, "hm-articles", "")[1].photo_of == []
     # an upload without an id gets its content id, never the last item's
     upload = studio.save_item(str(other_image), EXAMPLE_TEXT, "hm-articles", "ana", "", labels, view.shown)
     assert upload.result == "saved" and upload.item_id.startswith("img-") and upload.item_id != "0816591001"

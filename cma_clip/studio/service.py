@@ -28,8 +28,8 @@ from .. import mislabels, noise, review, robustness
 from ..backbones import BackboneError
 from ..catalogue_predictions import catalogue_predictions
 from ..checkpoint import CheckpointConfig, CheckpointError, is_checkpoint, read_config
-from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, is_missing,
-                    join_text, limit_splits, load_image, read_manifest, write_table)
+from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, PhotoIndex,
+                    is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
                       content_item_id, request_reused)
@@ -103,6 +103,8 @@ class Studio:
         self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
         # catalogue -> item id -> its labels, and its split
         self._catalogues: dict[str, dict[str, tuple[dict[str, str], str | None]]] = {}
+        self._photo_indexes: dict[str, PhotoIndex | None] = {}
+        self._photo_lock = threading.Lock()
         self.bulk_chunk = BULK_CHUNK
         self.reviewers = frozenset(default_reviewers() if reviewers is None else reviewers)
 
@@ -256,8 +258,26 @@ class Studio:
         """The Predict tab's item: the prediction, and the item's saved labels under its id
         (and the catalogue's own labels, when the id is one of the model's catalogue)."""
         prediction = self.predict(image_path, text, model)
+        explicit = bool((item_id or "").strip())
         resolved = self.resolve_item_id(image_path, text, item_id, decoded=True)
-        return prediction, self.model_view(model, resolved, prediction, bool((item_id or "").strip()))
+        view = self.model_view(model, resolved, prediction, explicit)
+        if not explicit:
+            view.photo_of = [(item, self._catalogue_item(model, item)[1])
+                             for item in self.catalogue_items_with_photo(model, Path(image_path))]
+        return prediction, view
+
+    def catalogue_items_with_photo(self, model: str, photo: Path) -> list[str]:
+        """The ids of the model's catalogue items whose photo is `photo`, byte for byte (an item
+        uploaded without its id); [] when the catalogue cannot be read."""
+        name = self.predictor(model).config.catalogue.name
+        with self._photo_lock:  # one index per catalogue, built on first use (a stat per photo)
+            if name not in self._photo_indexes:
+                try:
+                    self._photo_indexes[name] = PhotoIndex(Catalogue.open(CatalogueConfig.load(name, self.data_root)))
+                except (CatalogueError, OSError):
+                    self._photo_indexes[name] = None
+            index = self._photo_indexes[name]
+            return index.with_file(photo) if index is not None else []
 
     def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
         """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given)."""

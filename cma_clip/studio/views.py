@@ -438,6 +438,12 @@ def item_line(view: ItemView, explicit: bool) -> str:
     held_out = {"val": "a **val** item: the next training run validates on its labels, never trains on them",
                 "test": "a **test** item: its labels never reach training (test keeps the catalogue's)"}
     note = f" · {held_out[view.split]}" if view.split in held_out else ""
+    if not explicit and view.photo_of:
+        item, split = view.photo_of[0]
+        kind = f" (a **{split}** item)" if split in held_out else ""
+        note += (f" · **this is the photo of catalogue item {code(item)}**{kind}: type its id in Item id to label "
+                 "that item, with its saved and catalogue labels beside (training counts a save of the photo as "
+                 "that item's anyway)")
     return f"Item {code(view.item_id)} ({origin}) · {where}{note}."
 
 

@@ -259,6 +259,8 @@ class ItemView:
     history: list[dict]
     catalogue: dict[str, str] = field(default_factory=dict)  # the catalogue's own labels, when known
     split: str | None = None  # the catalogue item's split, when known (where its corrections go: SPLIT_NOTES)
+    photo_of: list[tuple[str, str | None]] = field(default_factory=list)  # no id given: the catalogue items
+    # (id, split) whose photo this is, byte for byte
 
 
 # ---------------------------------------------------------------------------- outcomes
