@@ -247,7 +247,7 @@ def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: 
         # filled in place: a list of per-batch results, concatenated at the end, kept the freed
         # decoding buffers between them from going back to the system (40,000 photos: 1.9 GB more at the peak)
         out = np.empty((len(catalogue), DESCRIPTOR_DIM), np.float16)
-        todo = _reuse_rows(folder, encoder, _load_row_keys(folder), {"colour": out})
+        todo = _reuse_rows(folder, encoder, _row_keys(catalogue), {"colour": out})
         paths = catalogue.image_paths()
         batches = image_batches([paths[i] for i in todo], backbone, batch_size, num_workers)
         start = 0
@@ -283,10 +283,6 @@ def _index_rows(folder: Path, catalogue: Catalogue, encoder: str) -> None:
         pass
 
 
-def _load_row_keys(folder: Path) -> np.ndarray:
-    return np.load(folder / "row_keys.npy")
-
-
 def _reuse_rows(folder: Path, encoder: str, keys: np.ndarray, arrays: dict[str, np.ndarray],
                 chunk: int = 1024) -> np.ndarray:
     """Fill `arrays` (by field name) with the rows of `keys` that another complete entry of
@@ -302,7 +298,7 @@ def _reuse_rows(folder: Path, encoder: str, keys: np.ndarray, arrays: dict[str, 
             continue
         if meta.get("encoder") != encoder or not all((other / f"{name}.npy").exists() for name in arrays):
             continue
-        at = {key: i for i, key in enumerate(_load_row_keys(other).tolist())}
+        at = {key: i for i, key in enumerate(np.load(other / "row_keys.npy").tolist())}
         pairs = [(i, at[key]) for i, key in enumerate(keys.tolist()) if key in at]
         if pairs and (best is None or len(pairs) > len(best[1])):
             new, old = np.array(pairs).T
