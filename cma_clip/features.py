@@ -119,12 +119,14 @@ class _ImageDataset(torch.utils.data.Dataset):
 
 
 def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64, num_workers: int | None = None,
-                  transform: Callable[[Image.Image, int], Image.Image] | None = None) -> Iterator[torch.Tensor]:
+                  transform: Callable[[Image.Image, int], Image.Image] | None = None,
+                  unreadable: dict[int, str] | None = None) -> Iterator[torch.Tensor]:
     """Preprocessed pixels of `paths` in order, `batch_size` at a time, decoded (and changed by
     `transform(image, index)`, if given) in `num_workers` DataLoader workers (default:
     `runtime.loader_workers`) while the model runs, or, with none (a CPU), by a pool of
     `runtime.decode_threads` low-priority threads, a batch ahead (`runtime.lower_thread_priority`); normalised
-    here, a batch at a time. An unusable image raises `ImageError`."""
+    here, a batch at a time. An unusable image raises `ImageError`; given an `unreadable` dict, it
+    gets blank pixels instead, and its index and message go into the dict."""
     workers = loader_workers(backbone.device) if num_workers is None else num_workers
     dataset = _ImageDataset(paths, backbone, transform)
     if workers == 0:
@@ -135,22 +137,27 @@ def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64
             ahead = decode(0)
             for start in range(0, len(paths), batch_size):
                 current, ahead = ahead, decode(start + batch_size)  # the next batch, in the model's idle moments
-                yield backbone.normalise(_checked(*_collate([future.result() for future in current])))
+                pixels, errors = _collate([future.result() for future in current])
+                yield backbone.normalise(_checked(pixels, errors, start, unreadable))
         return
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                                          collate_fn=_collate)
-    yield from (backbone.normalise(_checked(*batch)) for batch in loader)
+    yield from (backbone.normalise(_checked(pixels, errors, start, unreadable))
+                for start, (pixels, errors) in zip(range(0, len(paths), batch_size), loader))
 
 
 def _collate(items: list[tuple[np.ndarray, str]]) -> tuple[np.ndarray, list[str]]:
     return np.stack([pixels for pixels, _ in items]), [error for _, error in items]
 
 
-def _checked(pixels: np.ndarray, errors: list[str]) -> np.ndarray:
-    """A batch's pixels; the first image that could not be used raises its `ImageError` here, in the
-    main process (a worker's exception would arrive wrapped in its traceback)."""
+def _checked(pixels: np.ndarray, errors: list[str], start: int, unreadable: dict[int, str] | None) -> np.ndarray:
+    """A batch's pixels (its first item at index `start`); the first image that could not be used
+    raises its `ImageError` here, in the main process (a worker's exception would arrive wrapped in
+    its traceback), unless `unreadable` takes the batch's failures."""
     if any(errors):
-        raise ImageError(next(e for e in errors if e))
+        if unreadable is None:
+            raise ImageError(next(e for e in errors if e))
+        unreadable.update({start + i: error for i, error in enumerate(errors) if error})
     return pixels
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from . import distributed
 from .backbones import DualEncoder, TextBatch, letterbox
 from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
-from .data import Catalogue, CatalogueError, load_image, write_table
+from .data import Catalogue, CatalogueError, load_image, read_manifest, write_table
 from .errors import CMAClipError
 from .features import image_batches
 from .model import IMAGE_SIDE, Classifier, absent_texts
@@ -263,29 +263,37 @@ class Predictor:
             digest.update(name.encode() + tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def predict_manifest(self, manifest: str | Path, out: str | Path, batch_size: int = 32) -> int:
+    def predict_manifest(self, manifest: str | Path, out: str | Path, batch_size: int = 32,
+                         skip_unreadable: bool = False) -> int:
         """Predict every row of a CSV, JSONL or Parquet manifest; writes JSONL, CSV or Parquet (by
-        the suffix). Images are decoded as `features.image_batches` says. Returns the row count."""
+        the suffix). Images are decoded as `features.image_batches` says. An unreadable image stops
+        the run with its message, or, `skip_unreadable`, gets a row without labels and its message
+        in the `error` column every row then has. Returns the row count."""
         catalogue = open_for_prediction(self.config, manifest)
         ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
         if distributed.world_size() > 1:
-            return self._predict_sharded(ids, texts, paths, Path(out), batch_size)
+            return self._predict_sharded(ids, texts, paths, Path(out), batch_size, skip_unreadable)
         records = []
-        for start, preds in self._predict_paths(paths, texts, batch_size):
-            records += [{"id": item_id, **prediction_row(pred)} for item_id, pred in zip(ids[start:], preds)]
+        for start, rows in self._predict_paths(paths, texts, batch_size, skip_unreadable):
+            records += [{"id": item_id, **row} for item_id, row in zip(ids[start:], rows)]
         write_table(out, records)
         return len(records)
 
-    def _predict_paths(self, paths: list[Path], texts: list[str],
-                       batch_size: int) -> Iterator[tuple[int, list[Prediction]]]:
-        """(index of the batch's first item, its predictions), the images decoded and preprocessed
+    def _predict_paths(self, paths: list[Path], texts: list[str], batch_size: int,
+                       skip_unreadable: bool = False) -> Iterator[tuple[int, list[dict]]]:
+        """(index of the batch's first item, its output rows), the images decoded and preprocessed
         by `features.image_batches`: beside the model on a GPU, between its batches on a CPU."""
-        for start, pixels in zip(range(0, len(paths), batch_size), image_batches(paths, self.backbone, batch_size)):
+        unreadable: dict[int, str] | None = {} if skip_unreadable else None
+        batches = image_batches(paths, self.backbone, batch_size, unreadable=unreadable)
+        for start, pixels in zip(range(0, len(paths), batch_size), batches):
             batch_texts = texts[start:start + len(pixels)]
-            yield start, self.predict_prepared(pixels, self.backbone.tokenize(batch_texts, self.max_tokens),
-                                               texts=batch_texts)
+            preds = self.predict_prepared(pixels, self.backbone.tokenize(batch_texts, self.max_tokens),
+                                          texts=batch_texts)
+            yield start, [prediction_row(p) if unreadable is None else
+                          output_row(p, unreadable.get(start + i, "")) for i, p in enumerate(preds)]
 
-    def _predict_sharded(self, ids: list[str], texts: list[str], paths: list[Path], out: Path, batch_size: int) -> int:
+    def _predict_sharded(self, ids: list[str], texts: list[str], paths: list[Path], out: Path, batch_size: int,
+                         skip_unreadable: bool) -> int:
         """predict_manifest under torchrun: each rank predicts its contiguous share of the rows into
         OUT.shards/rank{r}-of-{w}.jsonl, appending and flushing every batch, and skips the rows a
         crashed earlier run already wrote there; then rank 0 merges the shards in manifest order
@@ -300,9 +308,10 @@ class Predictor:
         shard.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))  # drop a torn line
         todo = [i for i in rows if i not in done]
         with open(shard, "a", encoding="utf-8") as handle:
-            for start, preds in self._predict_paths([paths[i] for i in todo], [texts[i] for i in todo], batch_size):
-                handle.writelines(json.dumps({"_row": i, "id": ids[i], **prediction_row(p)}, ensure_ascii=False) + "\n"
-                                  for i, p in zip(todo[start:], preds))
+            for start, rows in self._predict_paths([paths[i] for i in todo], [texts[i] for i in todo], batch_size,
+                                                   skip_unreadable):
+                handle.writelines(json.dumps({"_row": i, "id": ids[i], **row}, ensure_ascii=False) + "\n"
+                                  for i, row in zip(todo[start:], rows))
                 handle.flush()
         distributed.barrier()
         if distributed.is_main():
@@ -349,6 +358,17 @@ def prediction_row(prediction: Prediction) -> dict:
     return row
 
 
+def output_row(prediction: Prediction, error: str) -> dict:
+    """`prediction_row` with an `error` column: "" for a readable image; for an unreadable one
+    (`error`: why), no labels, confidence 0 and no auto-accept."""
+    if not error:
+        return {**prediction_row(prediction), "error": ""}
+    row = {"withheld": "unreadable image"}
+    for task in prediction.tasks:
+        row.update({task: "", f"{task}_confidence": 0.0, f"{task}_auto_accept": False})
+    return {**row, "error": error}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Predict product attributes with a CMA-CLIP checkpoint.")
     parser.add_argument("--checkpoint", required=True)
@@ -358,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output .jsonl, .csv or .parquet for --manifest "
                                       "(--engine ray: .jsonl or .parquet)")
     parser.add_argument("--batch-size", type=int, default=32, help="items per batch (default 32)")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="--manifest: an unreadable image gets a row without labels and its message in an "
+                             "'error' column, instead of stopping the run")
     parser.add_argument("--engine", choices=("local", "ray"), default="local",
                         help="local: this process (or torchrun's); ray: Ray Data, see docs/SCALE.md")
     ray_options = parser.add_argument_group("--engine ray")
@@ -383,9 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.manifest:
-            count = predictor.predict_manifest(args.manifest, args.out, args.batch_size)
+            count = predictor.predict_manifest(args.manifest, args.out, args.batch_size, args.skip_unreadable)
             if rank == 0:
-                print(f"{count} predictions written to {args.out}" + (f" by {world} processes" if world > 1 else ""))
+                print(f"{count} predictions written to {args.out}" + (f" by {world} processes" if world > 1 else "")
+                      + _unreadable_count(args))
         elif args.image:
             print(json.dumps(predictor.predict(load_image(args.image), args.text).to_dict(), indent=2))
         else:
@@ -406,14 +430,23 @@ def _main_ray(args: argparse.Namespace) -> int:
     from .ray_predict import RayOptions, predict_manifest_ray
 
     options = RayOptions(address=args.ray_address, batch_size=args.batch_size, decode_workers=args.decode_workers,
-                         inference_workers=args.inference_workers, gpus_per_worker=args.gpus_per_worker)
+                         inference_workers=args.inference_workers, gpus_per_worker=args.gpus_per_worker,
+                         skip_unreadable=args.skip_unreadable)
     try:
         count = predict_manifest_ray(args.checkpoint, args.manifest, args.out, options)
     except (CMAClipError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{count} predictions written to {args.out} by Ray")
+    print(f"{count} predictions written to {args.out} by Ray" + _unreadable_count(args))
     return 0
+
+
+def _unreadable_count(args: argparse.Namespace) -> str:
+    """With --skip-unreadable: how many rows of the output have an error (read back from it)."""
+    if not args.skip_unreadable:
+        return ""
+    errors = sum(1 for row in read_manifest(args.out) if row.get("error"))
+    return f"; {errors} unreadable images (their rows say why in the 'error' column)"
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ import torch
 
 from .backbones import DualEncoder, TextBatch
 from .checkpoint import load_backbone, read_config
-from .data import Catalogue, CatalogueError, load_image, pyarrow_modules
+from .data import Catalogue, CatalogueError, ImageError, load_image, pyarrow_modules
 from .errors import CMAClipError
-from .predict import Prediction, Predictor, open_for_prediction, prediction_row
+from .predict import Prediction, Predictor, open_for_prediction, output_row, prediction_row
 from .runtime import keep_freed_memory, kept_memory_env, lower_thread_priority
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
@@ -55,6 +55,7 @@ class RayOptions:
     cpus_per_worker: float = 1  # CPUs Ray reserves for each model actor
     threads: int | None = None  # torch threads per model actor on a CPU; None: see _cpu_threads
     crash_once: str | None = None  # fault drill (tests): the first model batch kills its actor, once per marker file
+    skip_unreadable: bool = False  # an unreadable image gets a row without labels and an error, instead of stopping
 
 
 def import_ray() -> Any:
@@ -68,9 +69,11 @@ def import_ray() -> Any:
 
 
 class _Decode:
-    """Stage 1 (CPU): image file -> letterboxed uint8 pixels, text -> token ids and mask."""
+    """Stage 1 (CPU): image file -> letterboxed uint8 pixels, text -> token ids and mask. With
+    `skip_unreadable`, an unreadable image gets blank pixels and its message in `error`."""
 
-    def __init__(self, checkpoint: str, threads: int = 1, backbone: DualEncoder | None = None) -> None:
+    def __init__(self, checkpoint: str, threads: int = 1, backbone: DualEncoder | None = None,
+                 skip_unreadable: bool = False) -> None:
         config = read_config(checkpoint)
         # its preprocessing and tokenizer: a model actor that decodes lends its own backbone, and
         # decodes at low priority, in the moments its model leaves a core idle
@@ -78,13 +81,26 @@ class _Decode:
         self.max_tokens = config.catalogue.max_text_tokens
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",  # PIL releases the GIL
                                        initializer=lower_thread_priority if backbone is not None else None)
+        self.skip_unreadable = skip_unreadable
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = np.stack(list(self.pool.map(lambda path: self.backbone.letterbox_pixels([load_image(path)])[0],
-                                             batch["path"])))
+        decoded = list(self.pool.map(self._pixels, batch["path"]))
         text = self.backbone.tokenize([str(t) for t in batch["text"]], self.max_tokens)
-        return {"_row": batch["_row"], "id": batch["id"], "text": batch["text"], "pixels": pixels,
-                "token_ids": text.ids.numpy(), "token_mask": text.mask.numpy()}
+        columns = {"_row": batch["_row"], "id": batch["id"], "text": batch["text"],
+                   "pixels": np.stack([pixels for pixels, _ in decoded]),
+                   "token_ids": text.ids.numpy(), "token_mask": text.mask.numpy()}
+        if self.skip_unreadable:
+            columns["error"] = np.array([error for _, error in decoded], dtype=object)
+        return columns
+
+    def _pixels(self, path: str) -> tuple[np.ndarray, str]:
+        try:
+            return self.backbone.letterbox_pixels([load_image(path)])[0], ""
+        except ImageError as exc:
+            if not self.skip_unreadable:
+                raise
+            size = self.backbone.image_size
+            return np.zeros((size, size, 3), np.uint8), str(exc)
 
 
 class _Infer:
@@ -98,14 +114,15 @@ class _Infer:
     backbone kept 1.55 to 1.75 of 2 cores busy instead of 1.95, and ran 1.5x slower than in the
     driver (measured on 2 cores, docs/PERFORMANCE.md)."""
 
-    def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False) -> None:
+    def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False,
+                 skip_unreadable: bool = False) -> None:
         keep_freed_memory()  # where the actor was started without `kept_memory_env` (a no-op otherwise)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.predictor = self.model_thread.submit(self._load, checkpoint, threads).result()
         self.crash_once = crash_once
         # no decode stage: its batches come undecoded, and are decoded here with the actor's cores
         threads = self.model_thread.submit(torch.get_num_threads).result()  # the model thread's, as set there
-        self.decode = _Decode(checkpoint, threads, self.predictor.backbone) if decode else None
+        self.decode = _Decode(checkpoint, threads, self.predictor.backbone, skip_unreadable) if decode else None
 
     @staticmethod
     def _load(checkpoint: str, threads: int | None) -> Predictor:
@@ -120,7 +137,8 @@ class _Infer:
         if self.decode is not None:
             batch = self.decode(batch)
         preds = self.model_thread.submit(self._predict, batch).result()
-        rows = [prediction_row(p) for p in preds]
+        rows = ([output_row(p, str(e)) for p, e in zip(preds, batch["error"])] if "error" in batch
+                else [prediction_row(p) for p in preds])
         columns: dict[str, Any] = {"_row": batch["_row"], "id": batch["id"]}
         columns.update({name: np.array([row[name] for row in rows]) for name in rows[0]})
         return columns
@@ -185,13 +203,15 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
     # two actor pools with their own resources, so Ray does not fuse the stages; Ray Data restarts
     # a dead actor and resubmits its batch (actor pools default to max_restarts=-1, max_task_retries=-1)
     if decoders:
-        dataset = dataset.map_batches(_Decode, fn_constructor_args=(checkpoint,), batch_size=options.batch_size,
+        dataset = dataset.map_batches(_Decode, fn_constructor_args=(checkpoint, 1, None, options.skip_unreadable),
+                                      batch_size=options.batch_size,
                                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=decoders),
                                       num_cpus=1, runtime_env=environment)
     calls = 1 if decoders else DECODING_CALLS
     pool = ray.data.ActorPoolStrategy(size=options.inference_workers, max_concurrent_calls_per_actor=calls,
                                       enable_true_multi_threading=calls > 1)
-    return dataset.map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once, not decoders),
+    return dataset.map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once, not decoders,
+                                                            options.skip_unreadable),
                                batch_size=options.batch_size, batch_format="numpy", compute=pool,
                                num_cpus=options.cpus_per_worker, num_gpus=gpus, runtime_env=environment)
 

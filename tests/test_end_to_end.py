@@ -8,6 +8,7 @@ from PIL import Image
 
 from cma_clip import Predictor, evaluate, predict, train
 from cma_clip.checkpoint import CheckpointError, read_config
+from cma_clip.data import read_manifest
 from cma_clip.model import multitask_loss
 from conftest import HM, hm_rows, write_hm_manifest
 
@@ -97,6 +98,32 @@ def test_predict_command_over_a_manifest(small_checkpoint, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == [r["article_id"] for r in rows]
     assert all("colour_group_name_confidence" in r for r in records)
+
+
+def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tmp_path, capsys):
+    """A catalogue-scale run is not stopped by one bad file: --skip-unreadable writes its row with
+    the reason and no labels; without it the run stops with the message and writes nothing."""
+    rows = hm_rows("test", 5)
+    columns = ["article_id", "image", "prod_name", "detail_desc"]
+    good = write_hm_manifest(tmp_path, rows, "good.csv", columns)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    broken = tmp_path / "broken.csv"
+    broken.write_text(good.read_text().replace(rows[3]["image"], "broken.jpg"))
+    checkpoint = ["--checkpoint", str(small_checkpoint), "--batch-size", "2"]
+    assert predict.main([*checkpoint, "--manifest", str(broken), "--out", str(tmp_path / "stopped.csv")]) == 2
+    assert "broken.jpg" in capsys.readouterr().err and not (tmp_path / "stopped.csv").exists()
+    out = tmp_path / "skipped.csv"
+    assert predict.main([*checkpoint, "--manifest", str(broken), "--skip-unreadable", "--out", str(out)]) == 0
+    assert f"5 predictions written to {out}; 1 unreadable images" in capsys.readouterr().out
+    records = read_manifest(out)
+    assert [r["id"] for r in records] == [r["article_id"] for r in rows]
+    assert [bool(r["error"]) for r in records] == [False, False, False, True, False]
+    assert "broken.jpg" in records[3]["error"] and records[3]["colour_group_name"] == ""
+    assert records[3]["colour_group_name_auto_accept"] == "False" and records[3]["withheld"] == "unreadable image"
+    assert predict.main([*checkpoint, "--manifest", str(good), "--out", str(tmp_path / "good.jsonl")]) == 0
+    readable = [json.loads(line) for line in (tmp_path / "good.jsonl").read_text().splitlines()]
+    for i in (0, 1, 2, 4):  # the other rows as a run without the bad file gives them
+        assert records[i]["colour_group_name"] == readable[i]["colour_group_name"]
 
 
 def resume_counters(out):

@@ -146,6 +146,25 @@ def test_an_unreadable_image_stops_the_run_with_its_message(local_ray, manifests
     assert sorted(p.name for p in tmp_path.iterdir()) == ["items"]  # nothing half-written
 
 
+@pytest.mark.parametrize("layout", [OPTIONS, STAGED], ids=["model-actors-decode", "decode-stage"])
+def test_an_unreadable_image_skipped_gets_its_row_as_in_one_process(local_ray, manifests, tmp_path, layout):
+    folder = tmp_path / "items"
+    shutil.copytree(manifests["csv"].parent, folder)
+    rows = read_manifest(folder / "items.csv")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    rows[20]["image"] = "broken.jpg"
+    manifest = write_table(folder / "broken.csv", rows)
+    out = tmp_path / "preds.parquet"
+    predict_manifest_ray(CHECKPOINT, manifest, out, replace(layout, skip_unreadable=True))
+    got = read_parquet(out)
+    expected_path = tmp_path / "one.jsonl"
+    Predictor.from_checkpoint(CHECKPOINT, "cpu").predict_manifest(manifest, expected_path, batch_size=16,
+                                                                  skip_unreadable=True)
+    expected = read_jsonl(expected_path)
+    assert [bool(r["error"]) for r in got] == [i == 20 for i in range(ITEMS)] and "broken.jpg" in got[20]["error"]
+    assert_same_predictions(got, expected)
+
+
 def test_the_command_line_refuses_an_output_ray_does_not_write(manifests, tmp_path, capsys):
     code = main(["--checkpoint", str(CHECKPOINT), "--manifest", str(manifests["csv"]),
                  "--out", str(tmp_path / "preds.csv"), "--engine", "ray"])
