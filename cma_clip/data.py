@@ -301,16 +301,14 @@ class PhotoIndex:
 
     def __init__(self, catalogue: Catalogue) -> None:
         self._items = list(zip(catalogue.item_ids(), catalogue.image_paths()))
-        self._by_size: dict[int, list[tuple[str, Path]]] | None = None
+        self._by_size: dict[int, list[tuple[str, Path]]] = defaultdict(list)
+        for item_id, path in self._items:
+            if path.is_file():
+                self._by_size[path.stat().st_size].append((item_id, path))
         self._by_digest: dict[str, list[str]] | None = None
         self._hashes: dict[Path, str] = {}
 
     def with_file(self, photo: Path) -> list[str]:
-        if self._by_size is None:
-            self._by_size = defaultdict(list)
-            for item_id, path in self._items:
-                if path.is_file():
-                    self._by_size[path.stat().st_size].append((item_id, path))
         candidates = self._by_size.get(photo.stat().st_size, [])
         digest = file_sha256(photo) if candidates else None
         return [item_id for item_id, path in candidates if self._hash(path) == digest]

@@ -104,7 +104,7 @@ class Studio:
         # catalogue -> item id -> its labels, and its split
         self._catalogues: dict[str, dict[str, tuple[dict[str, str], str | None]]] = {}
         self._photo_indexes: dict[str, PhotoIndex | None] = {}
-        self._photo_lock = threading.Lock()
+        self._photo_lock = threading.RLock()
         self.bulk_chunk = BULK_CHUNK
         self.reviewers = frozenset(default_reviewers() if reviewers is None else reviewers)
 
@@ -145,6 +145,9 @@ class Studio:
                 except StudioError:
                     continue
             self.load_seconds = time.perf_counter() - started
+            # after the server starts: a stat per catalogue photo, so the first upload finds the index built
+            threading.Thread(target=lambda: [self._photo_index(name) for name in list(self._predictors)],
+                             name="index-photos", daemon=True).start()
 
         self.loading = threading.Thread(target=load, name="load-models", daemon=True)
         self.loading.start()
@@ -269,15 +272,20 @@ class Studio:
     def catalogue_items_with_photo(self, model: str, photo: Path) -> list[str]:
         """The ids of the model's catalogue items whose photo is `photo`, byte for byte (an item
         uploaded without its id); [] when the catalogue cannot be read."""
+        with self._photo_lock:
+            index = self._photo_index(model)
+            return index.with_file(photo) if index is not None else []
+
+    def _photo_index(self, model: str) -> PhotoIndex | None:
+        """The model's catalogue's photo index, built once (`load_models` builds them in the background)."""
         name = self.predictor(model).config.catalogue.name
-        with self._photo_lock:  # one index per catalogue, built on first use (a stat per photo)
+        with self._photo_lock:
             if name not in self._photo_indexes:
                 try:
                     self._photo_indexes[name] = PhotoIndex(Catalogue.open(CatalogueConfig.load(name, self.data_root)))
                 except (CatalogueError, OSError):
                     self._photo_indexes[name] = None
-            index = self._photo_indexes[name]
-            return index.with_file(photo) if index is not None else []
+            return self._photo_indexes[name]
 
     def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
         """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given)."""
