@@ -111,7 +111,8 @@ def test_an_export_trains_like_its_store_and_a_download_without_photos_says_what
         downloaded.parent.mkdir(exist_ok=True)
         shutil.copy(export, downloaded)
         merged = merge(catalogue, read_corrections(downloaded))
-        # the formula quote is off again; a2's photo, uploaded without its id, is known by the sha256 its file is named by
+        # the formula quote is off again; a2's photo, uploaded without its id, is known by the sha256
+        # its file is named by
         assert merged.catalogue.labels("colour") == ["=White", "Grey", "Black"]
         assert (merged.counts["same_photo"], merged.counts["val"]) == (1, 1)
         assert merged.counts["no_image"] == 1 and "1 new items not added: their photos are missing" in merged.summary()
