@@ -1107,11 +1107,11 @@ def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], 
     since: dict[str, str] = {}
     for (task, item), by_annotator in labels.items():
         rows = by_annotator.values()
-        if len({row["label"] for row in rows}) < 2:
-            continue
-        if (ruling := settled.get((task, item))) is not None and all(
-                row["label"] == ruling["label"] for row in rows if row["version"] > ruling["version"]):
-            continue
+        if (ruling := settled.get((task, item))) is None:
+            if len({row["label"] for row in rows}) < 2:
+                continue
+        elif all(row["label"] == ruling["label"] for row in rows if row["version"] > ruling["version"]):
+            continue  # settled: no label since the ruling goes against it (the annotators may now agree on another)
         found[item][task] = {annotator: row["label"] for annotator, row in sorted(by_annotator.items())}
         if ruling is not None:  # reopened: the ruling a later label went against
             found[item][task][f"{ruling['annotator']}'s ruling"] = ruling["label"]

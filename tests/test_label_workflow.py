@@ -513,6 +513,12 @@ def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store, tmp_p
                                                            "eve's ruling": "Red"}}}  # what it goes against
     save(store, "1", "ben", {"colour": "Red"})  # and then comes round
     assert store.open_disagreements() == {}
+    save(store, "5", "ana", {"colour": "Red"})
+    save(store, "5", "ben", {"colour": "Blue"})
+    save(store, "5", "eve", {"colour": "Red"}, adjudicated=True)
+    save(store, "5", "ana", {"colour": "Blue"})  # ana comes round to ben: they agree, against the ruling
+    assert store.open_disagreements() == {"5": {"colour": {"ana": "Blue", "ben": "Blue", "eve's ruling": "Red"}}}
+    assert store.agreement()["colour"]["open_disagreements"] == 1
 
 
 def test_a_v4_store_gains_adjudications(tmp_path):
