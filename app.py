@@ -1274,7 +1274,8 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     with gr.Tab("History", id="history") as tab:
         gr.Markdown("### Audit\nEvery decision, newest first: the label and its status, who and whether a human or "
                     "an auto-accept, what changed against the model's prediction and the catalogue's label, and "
-                    "the checkpoint. Search looks in item ids, labels, annotators and texts.")
+                    "the checkpoint. Search looks in item ids, labels, annotators and texts. An undo's status is "
+                    "that of the label it restored. Wide tables scroll sideways (on a phone, swipe them).")
         with gr.Row():
             audit_task = gr.Dropdown(["any", *tasks], value="any", label="Task", allow_custom_value=True,
                                      elem_id="audit-task")

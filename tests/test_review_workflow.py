@@ -611,8 +611,8 @@ def test_a_reviewer_settles_what_two_annotators_disagree_on(review_app, capfd):
     row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
     assert row[-1] == after["open_disagreements"]  # the History tab says how many wait
     audit = fay("/audit", COLOUR, "any", "any", "adjudication", "dispute-1", 1)  # the source filter tells it apart
-    assert [(row[5], row[6]) for row in audit[next(iter(audit))]["data"]] == [("fay", "adjudication")]
+    assert [(row[6], row[7]) for row in audit[next(iter(audit))]["data"]] == [("fay", "adjudication")]
     human = fay("/audit", COLOUR, "any", "any", "human", "dispute-1", 1)
-    assert {row[5] for row in human[next(iter(human))]["data"]} == {"dee", "eli"}
+    assert {row[6] for row in human[next(iter(human))]["data"]} == {"dee", "eli"}
     fay("/review_undo", "fay", "")
     assert "dispute-1" in studio.store.open_disagreements([COLOUR])  # open again

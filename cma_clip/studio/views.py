@@ -51,10 +51,11 @@ MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the tas
 DEFAULT_OPACITY = 0.55
 REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
 REVIEW_WIDTHS = ["130px", "110px", "100px", "140px", "120px", "110px", "120px"]  # "corrected" on one line
-AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "by", "source", "vs model", "vs catalogue",
-                 "checkpoint", "kind", "version"]
-AUDIT_WIDTHS = ["150px", "130px", "190px", "120px", "100px", "90px", "120px", "100px", "110px", "110px", "80px",
-                "80px"]
+# the kind beside the status (an undo's status is the label it restored); the widths fit a 1366-px screen
+AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "kind", "by", "source", "vs model", "vs catalogue",
+                 "checkpoint", "version"]
+AUDIT_WIDTHS = ["125px", "115px", "155px", "120px", "90px", "70px", "80px", "95px", "90px", "100px", "100px",
+                "65px"]
 HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
                         "vs catalogue", "checkpoint", "version", "reverts"]
@@ -596,16 +597,15 @@ def _versus(other: str | None, changed: bool | None) -> str:
 
 
 def audit_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[list]:
-    """Rows for the audit table (`Studio.audit`): when, which item and task, the label and
-    status, who and whether a human or an auto-accept, what changed against the model's
-    prediction and the catalogue's label, the checkpoint, the kind of save and its version
-    (the text is searched, not shown)."""
+    """Rows for the audit table (`Studio.audit`): when, which item and task, the label, its
+    status and the kind of save, who and whether a human or an auto-accept, what changed against
+    the model's prediction and the catalogue's label, the checkpoint and the version (the text is
+    searched, not shown)."""
     return [[r["created_at"][:23].replace("T", " "), r["item_id"], task_name(r["task"], names=names), r["label"] or "",
-             r["status"],
-             r["annotator"] or "", source_word(r["source"], r.get("adjudicated")),
+             r["status"], r["kind"], r["annotator"] or "", source_word(r["source"], r.get("adjudicated")),
              _versus(r["predicted_label"], r["changed_vs_model"]),
-             _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["kind"],
-             r["version"]] for r in rows]
+             _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["version"]]
+            for r in rows]
 
 
 def source_word(source: str, adjudicated: bool | None) -> str:
