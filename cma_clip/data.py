@@ -596,12 +596,14 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet runs a
 QUOTED_FORMULA = re.compile("'*[" + re.escape("".join(FORMULA_PREFIXES)) + "]")
 
 
-def write_table(path: str | Path, records: list[dict], columns: list[str] | None = None) -> Path:
+def write_table(path: str | Path, records: list[dict], columns: list[str] | None = None,
+                spreadsheet: bool = False) -> Path:
     """Records as a CSV, JSONL or Parquet file (by its suffix; CSV columns default to the first
     record's keys; Parquet needs pyarrow), written atomically. A CSV text cell starting with
     = + - @, a tab or a carriage return (after any quotes) gets a leading ' so a spreadsheet shows it
     as text instead of running it (OWASP's rule for CSV injection), and `read_manifest` takes it off
-    again; JSONL and Parquet are written as they are."""
+    again; JSONL and Parquet are written as they are. `spreadsheet`: a CSV starts with a UTF-8
+    byte-order mark, without which Excel reads the text as another encoding (`read_manifest` skips it)."""
     path = Path(path)
     if path.suffix.lower() == ".parquet":
         pa, pq = pyarrow_modules()
@@ -616,7 +618,8 @@ def write_table(path: str | Path, records: list[dict], columns: list[str] | None
         writer.writerows({k: _neutralise(v) for k, v in r.items()} for r in records)
     else:
         buffer.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    bom = spreadsheet and path.suffix.lower() == ".csv"
+    atomic_write(path, buffer.getvalue().encode("utf-8-sig" if bom else "utf-8"))
     return path
 
 

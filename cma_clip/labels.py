@@ -578,6 +578,11 @@ class LabelStore:
                                 (*params, int(limit), int(offset))).fetchall()
         return [_audit_row(row) for row in rows], total
 
+    def decided_tasks(self) -> list[str]:
+        """Every task some decision names, sorted."""
+        with self._transaction() as conn:
+            return [row[0] for row in conn.execute("SELECT DISTINCT task FROM decisions ORDER BY task")]
+
     def history(self, limit: int = 50, item_id: str | None = None) -> list[dict]:
         """The latest `limit` label saves (of one item if given), newest first: who set which
         labels and when, with `previous_labels` (the item's labels before the save; None for
@@ -753,7 +758,7 @@ class LabelStore:
                                f"{task}__annotator": state.annotator, f"{task}__checkpoint": state.checkpoint,
                                f"{task}__at": state.created_at})
             records.append(record)
-        write_table(path, records, columns)
+        write_table(path, records, columns, spreadsheet=True)  # a lead opens it in a spreadsheet
         atomic_write(agreement_file(path),
                      (json.dumps(agreement, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         return len(records)

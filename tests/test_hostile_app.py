@@ -85,7 +85,8 @@ def test_csv_export_through_the_app_neutralises_formulas_and_reads_back(running_
     client.predict(handle_file(IMAGE), EXAMPLE_TEXT, MODEL, "+cmd|' /C calc'!A0", "@formula-item", formula,
                    *[None] * 7, "", api_name="/save_correction")
     path = client.predict("CSV", api_name="/export_labels")
-    with open(path, newline="", encoding="utf-8") as handle:
+    assert Path(path).read_bytes().startswith(b"\xef\xbb\xbfid,")  # the BOM: Excel reads the text as UTF-8
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         cells = [cell for row in csv.reader(handle) for cell in row]
     assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@")]
     assert {"'@formula-item", "'" + formula} <= set(cells)
@@ -250,6 +251,8 @@ BAD_ARGUMENTS = {  # id -> (endpoint, arguments (a str IMAGE becomes an upload),
                                                   "ann"), "Show decided items takes true or false"),
     "audit-page-text": ("/audit", ("any", "", "any", "any", "", "x"), "Page takes a number, not 'x'"),
     "audit-task-list": ("/audit", (["a"], "", "any", "any", "", 1), "Task takes one value"),
+    "audit-unknown-task": ("/audit", ("bogus", "", "any", "any", "", 1), "No decision names the task 'bogus'; the "
+                                                                          "tasks decided: "),
     "item-history-list": ("/item_history", (["x"],), "Item id takes text, not"),
     "export-format": ("/export_labels", ("xlsx",), "'xlsx'.*is not in the list of choices"),
 }

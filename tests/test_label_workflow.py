@@ -586,7 +586,7 @@ def test_export_carries_provenance_and_neutralises_formulas_in_csv(tmp_path, suf
     assert (c["colour__source"], c["colour__annotator"], c["colour__checkpoint"], c["type__source"]) \
         == ("auto", "ana", "ck-2", "")
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             cells = [cell for row in csv.reader(handle) for cell in row]
         assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
         assert {"'-Minus", "'@mallory", "'" + formula, "'" + "''+Plus", "'90s tee"} <= set(cells)

@@ -531,9 +531,9 @@ def test_agreement_audit_and_export_provenance(review_app):
 
     audit = jo("/audit", COLOUR, "kim", "corrected", "human", "pair", 1)
     summary, data = audit["audit summary"], audit[next(iter(audit))]["data"]
-    assert {r[1] for r in data} <= {"pair-1", "pair-2", "pair-3"} and all(r[5] == "kim" for r in data)
+    assert {r[1] for r in data} <= {"pair-1", "pair-2", "pair-3"} and all(r[6] == "kim" for r in data)
     assert "newest first" in summary
-    assert all(r[6] == "human" and r[4] == "corrected" and r[7].startswith("differs: ") for r in data)
+    assert all((r[4], r[5], r[7]) == ("corrected", "label", "human") and r[8].startswith("differs: ") for r in data)
 
     path = Client(url, verbose=False).predict("JSONL", api_name="/export_labels")
     rows = {r["id"]: r for r in read_manifest(path)}

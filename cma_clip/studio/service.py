@@ -439,6 +439,10 @@ class Studio:
                                                (search or "").strip() or None, page_size, (page - 1) * page_size)
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
+        if not total and (task := wanted(task)) and task not in (decided := self.store.decided_tasks()):
+            names = self.display_names()
+            raise StudioError(f"No decision names the task {task!r}; the tasks decided: "
+                              f"{', '.join(names.get(t, t) for t in decided) or 'none yet'}.")
         return rows, total, page
 
     def item_history(self, item_id: str | None) -> list[dict]:
