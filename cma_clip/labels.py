@@ -539,14 +539,17 @@ class LabelStore:
     def item_history(self, item_id: str) -> list[dict]:
         """Every decision on one item, oldest first, undos included, as `audit` rows. An undo's row
         adds `dropped`: the decision standing then that it took away though it reverted another
-        (someone else's, made since: a forced undo), else None. Each task an undo left as someone
+        (someone else's, made since: a forced undo), else None; a label's row `replaced`: someone
+        else's label standing then that its author had not seen (an "overwrite with mine", an
+        unchecked API save), else None. Each task an undo left as someone
         else decided since ("keep theirs") gets a row of its own, with status "kept theirs" and no
         version."""
         with self._transaction() as conn:
             rows = conn.execute(ITEM_DECISIONS, (str(item_id), LAST_ROW)).fetchall()
             kept = conn.execute(KEPT_AT_UNDO, (str(item_id),)).fetchall()
         _, steps = _replay(rows)
-        history = [{**_audit_row(row), "dropped": _dropped(steps, row)} for row in rows]
+        history = [{**_audit_row(row), "dropped": _dropped(steps, row), "replaced": _replaced(steps, row)}
+                   for row in rows]
         history += [{**dict.fromkeys(history[0]), **dict(row), "kind": "undo", "status": "kept theirs"}
                     for row in kept]  # an undo keeps only tasks of a save on this item: history has rows
         return sorted(history, key=lambda r: (r["save_id"], r["version"] is None, r["version"] or 0))
@@ -1046,6 +1049,18 @@ def _dropped(steps: dict[int, _Step], row: sqlite3.Row) -> dict | None:
         return None
     return {"label": standing.label, "status": standing.status, "by": standing.decided_by or standing.annotator,
             "version": standing.version}
+
+
+def _replaced(steps: dict[int, _Step], row: sqlite3.Row) -> dict | None:
+    """For a label's row, someone else's label standing then that the save replaced unseen (its base
+    version is not that label's), else None."""
+    if row["reverts"] is not None or row["kind"] != "label" or row["label"] is None:
+        return None
+    standing = steps[row["version"]].before
+    if standing is None or standing.label in (None, row["label"]) or row["base_version"] == standing.version:
+        return None
+    by = standing.decided_by or standing.annotator
+    return None if by == (row["annotator"] or "") else {"label": standing.label, "by": by, "version": standing.version}
 
 
 def _state(row: sqlite3.Row) -> TaskState:

@@ -58,7 +58,7 @@ AUDIT_WIDTHS = ["125px", "115px", "155px", "120px", "90px", "70px", "80px", "95p
                 "65px"]
 HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
-                        "vs catalogue", "checkpoint", "version", "reverts"]
+                        "vs catalogue", "checkpoint", "version", "reverts / replaced"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators",
                      "open disagreements"]
 KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
@@ -632,9 +632,12 @@ def item_history_rows(rows: list[dict], names: dict[str, str] | None = None) -> 
 
 
 def _reverts(row: dict) -> str:
-    """An undo row's reverted version, and the decision it dropped (someone else's, standing then)."""
+    """An undo row's reverted version, and the decision it dropped (someone else's, standing then);
+    a label's row, the label of someone else's it replaced unseen."""
     if row["reverts"] is None:
-        return ""
+        replaced = row.get("replaced")
+        return f"replaced {replaced['by'] or 'someone'}'s {replaced['label']} ({replaced['version']}) unseen" \
+            if replaced else ""
     if not (dropped := row.get("dropped")):
         return str(row["reverts"])
     what = "skip" if dropped["status"] == "skipped" else dropped["label"] or dropped["status"]
