@@ -342,6 +342,9 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     assert bare.item_id.startswith("img-") and bare.photo_of == [("0816591001", "test")] and view.photo_of == []
     line = views.item_line(bare, explicit=False)
     assert "this is the photo of catalogue item `0816591001`** (a **test** item): type its id" in line
+    assert "no catalogue item has this id" not in views.item_line(view, explicit=True)
+    _, typo = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591O01")  # an O for a 0
+    assert "no catalogue item has this id, and nothing is saved under it" in views.item_line(typo, explicit=True)
     flipped = tmp_path / "flipped.png"
     Image.open(EXAMPLE_IMAGE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
     assert studio.predict_item(str(flipped), EXAMPLE_TEXT, "hm-articles", "")[1].photo_of == []

@@ -439,6 +439,9 @@ def item_line(view: ItemView, explicit: bool) -> str:
     held_out = {"val": "a **val** item: the next training run validates on its labels, never trains on them",
                 "test": "a **test** item: its labels never reach training (test keeps the catalogue's)"}
     note = f" · {held_out[view.split]}" if view.split in held_out else ""
+    if explicit and not saved and not view.catalogue and view.split is None:
+        note += (" · **no catalogue item has this id, and nothing is saved under it**: check it for a typo (a save "
+                 "makes it a new item)")
     if not explicit and view.photo_of:
         item, split = view.photo_of[0]
         kind = f" (a **{split}** item)" if split in held_out else ""
