@@ -292,16 +292,22 @@ class Predictor:
             yield start, [prediction_row(p) if unreadable is None else
                           output_row(p, unreadable.get(start + i, "")) for i, p in enumerate(preds)]
 
+    def shard_run(self, skip_unreadable: bool) -> str:
+        """What a torchrun shard's name says of the run that wrote it (`_predict_sharded`)."""
+        return hashlib.sha256(f"{self.fingerprint}|skip_unreadable={skip_unreadable}".encode()).hexdigest()[:12]
+
     def _predict_sharded(self, ids: list[str], texts: list[str], paths: list[Path], out: Path, batch_size: int,
                          skip_unreadable: bool) -> int:
         """predict_manifest under torchrun: each rank predicts its contiguous share of the rows into
-        OUT.shards/rank{r}-of-{w}.jsonl, appending and flushing every batch, and skips the rows a
+        OUT.shards/rank{r}-of-{w}-{run}.jsonl, appending and flushing every batch, and skips the rows a
         crashed earlier run already wrote there; then rank 0 merges the shards in manifest order
-        into `out` and removes them. Shard lines carry their manifest row as "_row"."""
+        into `out` and removes them. Shard lines carry their manifest row as "_row". `run` names the
+        checkpoint's weights and the options that shape a row: a rerun with others starts afresh."""
         rank, world = distributed.rank(), distributed.world_size()
         folder = Path(f"{out}.shards")
         folder.mkdir(parents=True, exist_ok=True)
-        shard = folder / f"rank{rank}-of-{world}.jsonl"
+        run = self.shard_run(skip_unreadable)
+        shard = folder / f"rank{rank}-of-{world}-{run}.jsonl"
         rows = list(distributed.shard(range(len(ids)), rank, world))
         mine = set(rows)
         done = {r["_row"]: r for r in _read_shard(shard) if r["_row"] in mine and r["id"] == ids[r["_row"]]}
@@ -316,7 +322,7 @@ class Predictor:
         distributed.barrier()
         if distributed.is_main():
             merged: dict[int, dict] = {}
-            for path in sorted(folder.glob("rank*.jsonl")):  # shards of an earlier run with another world size too
+            for path in sorted(folder.glob(f"rank*-{run}.jsonl")):  # an earlier run's with another world size too
                 for record in _read_shard(path):
                     if record["_row"] < len(ids) and record["id"] == ids[record["_row"]]:
                         merged.setdefault(record.pop("_row"), record)

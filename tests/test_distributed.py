@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from cma_clip import distributed
 from cma_clip.checkpoint import read_config
+from cma_clip.predict import Predictor
 from conftest import hm_rows, write_hm_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,12 +94,16 @@ def test_sharded_prediction_matches_and_resumes(trained, tmp_path):
     shards.mkdir()
     first = 13 // 2  # rank 1's first row
     kept = {"_row": first, **one[first], "colour_group_name": "FROM-THE-CRASHED-RUN"}
-    (shards / "rank1-of-2.jsonl").write_text(
+    run_id = Predictor.from_checkpoint(checkpoint, "cpu").shard_run(skip_unreadable=False)
+    (shards / "rank0-of-2-another0run.jsonl").write_text(  # another checkpoint's or options' rows: never reused
+        json.dumps({"_row": 0, **one[0], "colour_group_name": "FROM-ANOTHER-RUN"}) + "\n")
+    (shards / f"rank1-of-2-{run_id}.jsonl").write_text(
         json.dumps(kept) + "\n" + json.dumps({"_row": first + 1, **one[first + 1]}) + "\n" + '{"_row": 8, "id"')
     run([*base, "--out", str(tmp_path / "resumed.jsonl")], processes=2)
     resumed = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
     assert [r["id"] for r in resumed] == [r["id"] for r in one]  # complete, in order, no duplicates
     assert resumed[first]["colour_group_name"] == "FROM-THE-CRASHED-RUN"
+    assert resumed[0]["colour_group_name"] != "FROM-ANOTHER-RUN"
     assert all("_row" not in r for r in resumed)
     assert all(same(a, b) for i, (a, b) in enumerate(zip(one, resumed)) if i != first)
 
