@@ -401,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.manifest and not args.out:
         parser.error("--manifest needs --out")
+    if args.out and Path(args.out).suffix.lower() not in (".jsonl", ".csv", ".parquet"):
+        parser.error(f"--out {args.out}: give a .jsonl, .csv or .parquet file")
     for name in ("batch_size", "inference_workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -112,6 +112,9 @@ def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tm
     checkpoint = ["--checkpoint", str(small_checkpoint), "--batch-size", "2"]
     assert predict.main([*checkpoint, "--manifest", str(broken), "--out", str(tmp_path / "stopped.csv")]) == 2
     assert "broken.jpg" in capsys.readouterr().err and not (tmp_path / "stopped.csv").exists()
+    with pytest.raises(SystemExit):  # an output of no known kind was written as JSONL under its name
+        predict.main([*checkpoint, "--manifest", str(broken), "--out", str(tmp_path / "x.txt")])
+    assert "give a .jsonl, .csv or .parquet file" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
     out = tmp_path / "skipped.csv"
     assert predict.main([*checkpoint, "--manifest", str(broken), "--skip-unreadable", "--out", str(out)]) == 0
     assert f"5 predictions written to {out}; 1 unreadable images" in capsys.readouterr().out
