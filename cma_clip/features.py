@@ -379,9 +379,10 @@ class CacheEntry:
 
     path: Path
     items: int
-    bytes: int
+    bytes: int  # on disk (an unfinished build's arrays are sparse until written)
     last_used: datetime
     unfinished: bool = False
+    building: bool = False  # unfinished, and the process building it still runs (on this machine)
 
 
 def cache_entries(cache_dir: str | Path | None = None) -> list[CacheEntry]:
@@ -397,16 +398,36 @@ def cache_entries(cache_dir: str | Path | None = None) -> list[CacheEntry]:
                     else max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime))
         except (OSError, ValueError):
             continue
-        entries.append(CacheEntry(folder, meta.get("items", 0), sum(f.stat().st_size for f in files),
-                                  datetime.fromtimestamp(used, timezone.utc), unfinished=not meta))
+        entries.append(CacheEntry(folder, meta.get("items", 0), sum(_disk_bytes(f) for f in files),
+                                  datetime.fromtimestamp(used, timezone.utc), unfinished=not meta,
+                                  building=not meta and _builder_runs(folder)))
     return sorted(entries, key=lambda e: e.last_used)
 
 
+def _disk_bytes(path: Path) -> int:
+    stat = path.stat()
+    return stat.st_blocks * 512 if hasattr(stat, "st_blocks") else stat.st_size
+
+
+def _builder_runs(folder: Path) -> bool:
+    """Whether the process named by an unfinished build's folder (`<key>.tmp<pid>`) still runs."""
+    pid = folder.name.rpartition(".tmp")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it runs, as another user
+        return True
+    return True
+
+
 def prune(cache_dir: str | Path | None, unused_days: float, dry_run: bool = False) -> list[CacheEntry]:
-    """Remove the entries not read for `unused_days` (unfinished builds as well); returns them.
-    A run that needs one again rebuilds it, copying what the entries left hold."""
+    """Remove the entries not read for `unused_days` (and builds a killed run left, not those
+    running); returns them. A run that needs one again rebuilds it, copying what the others hold."""
     cutoff = datetime.now(timezone.utc).timestamp() - unused_days * 86400
-    gone = [e for e in cache_entries(cache_dir) if e.last_used.timestamp() < cutoff]
+    gone = [e for e in cache_entries(cache_dir) if e.last_used.timestamp() < cutoff and not e.building]
     if not dry_run:
         for entry in gone:
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -414,8 +435,9 @@ def prune(cache_dir: str | Path | None, unused_days: float, dry_run: bool = Fals
 
 
 def _line(e: CacheEntry) -> str:
-    return (f"{e.last_used:%Y-%m-%d %H:%M}  {_size(e.bytes):>9}  {e.items:>7}  {e.path.name}"
-            + "  (unfinished: a build that was killed)" * e.unfinished)
+    state = ("  (unfinished: being built)" if e.building else "  (unfinished: a build that was killed)"
+             if e.unfinished else "")
+    return f"{e.last_used:%Y-%m-%d %H:%M}  {_size(e.bytes):>9}  {e.items:>7}  {e.path.name}{state}"
 
 
 def _size(n: int) -> str:
@@ -429,14 +451,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unused-days", type=float, help="prune: remove the entries no run read for this many days")
     parser.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")
     args = parser.parse_args(argv)
+    root = Path(args.cache_dir or default_cache_dir()) / "features"
+    if not root.is_dir():
+        parser.error(f"no feature cache at {root}: --cache-dir takes the folder that holds features/")
     if args.command == "list":
+        if args.unused_days is not None or args.dry_run:
+            parser.error("--unused-days and --dry-run go with prune")
         entries = cache_entries(args.cache_dir)
         print(f"{'last used (UTC)':<16}  {'size':>9}  {'items':>7}  entry")
         for e in entries:
             print(_line(e))
         print(f"{len(entries)} entries, {_size(sum(e.bytes for e in entries))}")
         return 0
-    if args.unused_days is None or args.unused_days < 0:
+    if args.unused_days is None or not 0 <= args.unused_days < math.inf:
         parser.error("prune takes --unused-days N (0 or more)")
     gone = prune(args.cache_dir, args.unused_days, args.dry_run)
     print(f"{'would remove' if args.dry_run else 'removed'} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'} "

@@ -184,23 +184,30 @@ def test_prune_removes_the_entries_no_run_read_lately_and_killed_builds(tmp_path
     old, new = (features._cache_folder(backbone, Catalogue.open(c), cache) for c in configs)
     month_ago = time.time() - 30 * 86400
     os.utime(old / "meta.json", (month_ago, month_ago))
-    killed = cache / "features" / "x-0123456789abcdef.tmp999"  # a build killed before it could clean up
-    killed.mkdir()
-    (killed / "image_tokens.npy").write_bytes(b"0" * 10)
-    os.utime(killed / "image_tokens.npy", (month_ago, month_ago))
+    killed = cache / "features" / f"x-0123456789abcdef.tmp{2**22 + 1}"  # a build killed before it could clean up
+    building = cache / "features" / f"x-fedcba9876543210.tmp{os.getpid()}"  # one whose process still runs
+    for unfinished in (killed, building):
+        unfinished.mkdir()
+        (unfinished / "image_tokens.npy").write_bytes(b"0" * 10)
+        os.utime(unfinished / "image_tokens.npy", (month_ago, month_ago))
     assert features.main(["list", "--cache-dir", str(cache)]) == 0
     listed = capsys.readouterr().out
     assert listed.index(killed.name) < listed.index(old.name) < listed.index(new.name)  # least recently used first
-    assert "(unfinished" in listed and "3 entries" in listed
+    assert f"{killed.name}  (unfinished: a build that was killed)" in listed
+    assert f"{building.name}  (unfinished: being built)" in listed and "4 entries" in listed
     assert features.main(["prune", "--cache-dir", str(cache), "--unused-days", "14", "--dry-run"]) == 0
     assert "would remove 2 entries" in capsys.readouterr().out and old.exists() and killed.exists()
     extract_features(backbone, Catalogue.open(configs[0]), cache, progress=False)  # read again: used today
     assert features.main(["prune", "--cache-dir", str(cache), "--unused-days", "14"]) == 0
     assert "removed 1 entry" in capsys.readouterr().out
-    assert old.exists() and new.exists() and not killed.exists()
-    with pytest.raises(SystemExit):
-        features.main(["prune", "--cache-dir", str(cache)])
-    assert "prune takes --unused-days" in capsys.readouterr().err
+    assert old.exists() and new.exists() and not killed.exists() and building.exists()
+    for args, message in ((["prune", "--cache-dir", str(cache)], "prune takes --unused-days"),
+                          (["prune", "--cache-dir", str(cache), "--unused-days", "nan"], "prune takes --unused-days"),
+                          (["list", "--cache-dir", str(cache), "--dry-run"], "go with prune"),
+                          (["list", "--cache-dir", str(cache / "features")], "no feature cache at")):
+        with pytest.raises(SystemExit):
+            features.main(args)
+        assert message in capsys.readouterr().err
 
 
 def test_cached_colour_descriptors_are_each_photos_own_in_catalogue_order(tmp_path, backbone):
