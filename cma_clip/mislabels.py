@@ -40,6 +40,7 @@ from sklearn.model_selection import StratifiedKFold
 from .backbones import DualEncoder, letterbox
 from .data import Catalogue, CatalogueConfig, CatalogueError
 from .features import Features, default_cache_dir, extract_features, feature_key
+from .runtime import exit_on_sigterm
 
 METHOD = "pca256-logreg-v1"  # part of the queue's cache key: change it when the method changes
 COMPONENTS = 256  # whitened principal components the heads see, at most one per ITEMS_PER_COMPONENT items
@@ -235,4 +236,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

@@ -7,6 +7,8 @@ import functools
 import os
 import platform
 import random
+import signal
+import sys
 import threading
 
 import numpy as np
@@ -114,6 +116,14 @@ def autocast(device: torch.device, batch_size: int | None = None) -> contextlib.
     if bf16_supported(device) and not small:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def exit_on_sigterm() -> None:
+    """Let SIGTERM (`kill`, torchrun stopping its workers, systemd, Kubernetes) end a command as
+    Ctrl-C does, through its `finally` and `except BaseException` blocks: a feature cache build
+    then removes its unfinished folder (Python's default stops at once, leaving it full size)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def seed_everything(seed: int) -> None:

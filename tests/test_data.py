@@ -210,6 +210,30 @@ def test_prune_removes_the_entries_no_run_read_lately_and_killed_builds(tmp_path
         assert message in capsys.readouterr().err
 
 
+def test_a_training_run_stopped_by_sigterm_leaves_no_unfinished_cache_build(tmp_path):
+    """`kill`, torchrun and Kubernetes stop a run with SIGTERM: it unwinds as Ctrl-C does, and the
+    feature cache it was building is removed instead of staying behind full size."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from cma_clip.data import REPO_ROOT
+
+    cache = tmp_path / "cache"
+    run = subprocess.Popen([sys.executable, "-m", "cma_clip.train", "--catalogue", "hm-articles", "--limit", "300",
+                            "--epochs", "1", "--quiet", "--cache-dir", str(cache), "--out", str(tmp_path / "run")],
+                           cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("features/*.tmp*")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    assert list(cache.glob("features/*.tmp*")), "the run never started building its cache"
+    os.kill(run.pid, signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-800:]
+    assert not list(cache.glob("features/*"))
+
+
 def test_cached_colour_descriptors_are_each_photos_own_in_catalogue_order(tmp_path, backbone):
     rows = [{"t": f"item {i}", "c": "Red"} for i in range(5)]
     config = CatalogueConfig("x", str(write_catalogue(tmp_path, rows)), text_columns=["t"], tasks=["c"],
