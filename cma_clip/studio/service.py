@@ -274,7 +274,10 @@ class Studio:
         uploaded without its id); [] when the catalogue cannot be read."""
         with self._photo_lock:
             index = self._photo_index(model)
-            return index.with_file(photo) if index is not None else []
+            try:
+                return index.with_file(photo) if index is not None else []
+            except OSError:  # a catalogue photo gone since: the look-up only adds a note
+                return []
 
     def _photo_index(self, model: str) -> PhotoIndex | None:
         """The model's catalogue's photo index, built once (`load_models` builds them in the background)."""
