@@ -13,7 +13,6 @@ and written here only, and the rest of the code uses its fields, never string ke
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -26,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .backbones import DualEncoder, create_backbone, shared_backbone
-from .data import CatalogueConfig, CatalogueError
+from .data import CatalogueConfig, CatalogueError, file_sha256
 from .errors import CMAClipError
 from .int8 import SCALE_SUFFIX, from_int8, to_int8
 from .model import FUSIONS, MEMBER_SETTINGS, Classifier, CMAClip, CMAClipConfig, Ensemble, create_model
@@ -460,11 +459,7 @@ def load_backbone_weights(path: str | Path, backbone: DualEncoder) -> None:
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def tuned_backbone_digest(folder: str | Path) -> str | None:

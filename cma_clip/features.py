@@ -106,16 +106,24 @@ class _ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
-        """The letterboxed pixels and "", or blank pixels and why the image cannot be used: the
-        reason is raised in the main process, as an ImageError without the worker's traceback."""
-        try:
-            image = load_image(self.paths[i])
-        except ImageError as exc:
-            size = self.backbone.image_size
-            return np.zeros((size, size, 3), np.uint8), str(exc)
-        if self.transform is not None:
-            image = self.transform(image, i)
-        return self.backbone.letterbox_pixels([image])[0], ""
+        """`decoded_pixels` of image i: the reason an image cannot be used is raised in the main
+        process, as an ImageError without the worker's traceback."""
+        transform = self.transform
+        return decoded_pixels(self.backbone, self.paths[i], None if transform is None else lambda im: transform(im, i))
+
+
+def decoded_pixels(backbone: DualEncoder, path: Path | str,
+                   transform: Callable[[Image.Image], Image.Image] | None = None) -> tuple[np.ndarray, str]:
+    """An image's letterboxed uint8 pixels (changed by `transform` first) and "", or blank pixels
+    and why the image cannot be used."""
+    try:
+        image = load_image(path)
+    except ImageError as exc:
+        size = backbone.image_size
+        return np.zeros((size, size, 3), np.uint8), str(exc)
+    if transform is not None:
+        image = transform(image)
+    return backbone.letterbox_pixels([image])[0], ""
 
 
 def image_batches(paths: list[Path], backbone: DualEncoder, batch_size: int = 64, num_workers: int | None = None,
@@ -254,7 +262,8 @@ def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: 
         # filled in place: a list of per-batch results, concatenated at the end, kept the freed
         # decoding buffers between them from going back to the system (40,000 photos: 1.9 GB more at the peak)
         out = np.empty((len(catalogue), DESCRIPTOR_DIM), np.float16)
-        todo = _reuse_rows(folder, encoder, _row_keys(catalogue), {"colour": out})
+        keys = folder / "row_keys.npy"  # kept by the entry (not in a cache we may only read: made afresh)
+        todo = _reuse_rows(folder, encoder, np.load(keys) if keys.exists() else _row_keys(catalogue), {"colour": out})
         paths = catalogue.image_paths()
         batches = image_batches([paths[i] for i in todo], backbone, batch_size, num_workers)
         start = 0

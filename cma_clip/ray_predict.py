@@ -30,8 +30,9 @@ import torch
 
 from .backbones import DualEncoder, TextBatch
 from .checkpoint import load_backbone, read_config
-from .data import Catalogue, CatalogueError, ImageError, load_image, pyarrow_modules
+from .data import Catalogue, CatalogueError, ImageError, pyarrow_modules
 from .errors import CMAClipError
+from .features import decoded_pixels
 from .predict import Prediction, Predictor, open_for_prediction, output_row, prediction_row
 from .runtime import keep_freed_memory, kept_memory_env, lower_thread_priority
 
@@ -94,13 +95,10 @@ class _Decode:
         return columns
 
     def _pixels(self, path: str) -> tuple[np.ndarray, str]:
-        try:
-            return self.backbone.letterbox_pixels([load_image(path)])[0], ""
-        except ImageError as exc:
-            if not self.skip_unreadable:
-                raise
-            size = self.backbone.image_size
-            return np.zeros((size, size, 3), np.uint8), str(exc)
+        pixels, error = decoded_pixels(self.backbone, path)
+        if error and not self.skip_unreadable:
+            raise ImageError(error)
+        return pixels, error
 
 
 class _Infer:

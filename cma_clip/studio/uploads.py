@@ -11,7 +11,6 @@ folders unused for `max_age_s` and the oldest ones over `max_bytes`, at each upl
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -19,6 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..data import file_sha256
 from ..errors import CMAClipError
 
 MAX_UPLOAD_FILES = 10_000  # images in one upload (the manifest's row cap)
@@ -164,8 +164,7 @@ def discard_unused(images: UploadedImages, used: set[Path]) -> None:
 
 
 def _digest(path: Path) -> tuple[int, str]:
-    with open(path, "rb") as handle:
-        return path.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest()
+    return path.stat().st_size, file_sha256(path)
 
 
 def touch(folder: Path) -> None:
