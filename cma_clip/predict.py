@@ -32,7 +32,7 @@ from PIL import Image
 from . import distributed
 from .backbones import DualEncoder, TextBatch, letterbox
 from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
-from .data import Catalogue, CatalogueError, load_image, read_manifest, write_table
+from .data import Catalogue, CatalogueError, ImageError, load_image, read_manifest, write_table
 from .errors import CMAClipError
 from .features import image_batches
 from .model import IMAGE_SIDE, Classifier, absent_texts
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error("give --image (and --text) or --manifest")
     except (CMAClipError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_failure(exc, args), file=sys.stderr)
         return 2
     finally:
         distributed.cleanup()
@@ -443,10 +443,17 @@ def _main_ray(args: argparse.Namespace) -> int:
     try:
         count = predict_manifest_ray(args.checkpoint, args.manifest, args.out, options)
     except (CMAClipError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_failure(exc, args), file=sys.stderr)
         return 2
     print(f"{count} predictions written to {args.out} by Ray" + _unreadable_count(args))
     return 0
+
+
+def _failure(exc: Exception, args: argparse.Namespace) -> str:
+    """The message of a failed run; an unreadable image of a manifest says how to go past it."""
+    hint = ("\n--skip-unreadable scores the other rows and names each unreadable image in an 'error' column"
+            if isinstance(exc, ImageError) and args.manifest and not args.skip_unreadable else "")
+    return f"error: {exc}{hint}"
 
 
 def _unreadable_count(args: argparse.Namespace) -> str:

@@ -22,6 +22,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ from .checkpoint import load_backbone, read_config
 from .data import Catalogue, CatalogueError, ImageError, pyarrow_modules
 from .errors import CMAClipError
 from .features import decoded_pixels
-from .predict import Prediction, Predictor, open_for_prediction, output_row, prediction_row
+from .predict import Prediction, Predictor, open_for_prediction, output_row
 from .runtime import keep_freed_memory, kept_memory_env, lower_thread_priority
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
@@ -70,11 +71,11 @@ def import_ray() -> Any:
 
 
 class _Decode:
-    """Stage 1 (CPU): image file -> letterboxed uint8 pixels, text -> token ids and mask. With
-    `skip_unreadable`, an unreadable image gets blank pixels and its message in `error`."""
+    """Stage 1 (CPU): image file -> letterboxed uint8 pixels, text -> token ids and mask. An
+    unreadable image gets blank pixels and its message in `error`: the driver decides whether it
+    stops the run (a worker's exception would reach the user buried in Ray's tracebacks)."""
 
-    def __init__(self, checkpoint: str, threads: int = 1, backbone: DualEncoder | None = None,
-                 skip_unreadable: bool = False) -> None:
+    def __init__(self, checkpoint: str, threads: int = 1, backbone: DualEncoder | None = None) -> None:
         config = read_config(checkpoint)
         # its preprocessing and tokenizer: a model actor that decodes lends its own backbone, and
         # decodes at low priority, in the moments its model leaves a core idle
@@ -82,23 +83,14 @@ class _Decode:
         self.max_tokens = config.catalogue.max_text_tokens
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode",  # PIL releases the GIL
                                        initializer=lower_thread_priority if backbone is not None else None)
-        self.skip_unreadable = skip_unreadable
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = list(self.pool.map(self._pixels, batch["path"]))
+        decoded = list(self.pool.map(partial(decoded_pixels, self.backbone), batch["path"]))
         text = self.backbone.tokenize([str(t) for t in batch["text"]], self.max_tokens)
-        columns = {"_row": batch["_row"], "id": batch["id"], "text": batch["text"],
-                   "pixels": np.stack([pixels for pixels, _ in decoded]),
-                   "token_ids": text.ids.numpy(), "token_mask": text.mask.numpy()}
-        if self.skip_unreadable:
-            columns["error"] = np.array([error for _, error in decoded], dtype=object)
-        return columns
-
-    def _pixels(self, path: str) -> tuple[np.ndarray, str]:
-        pixels, error = decoded_pixels(self.backbone, path)
-        if error and not self.skip_unreadable:
-            raise ImageError(error)
-        return pixels, error
+        return {"_row": batch["_row"], "id": batch["id"], "text": batch["text"],
+                "pixels": np.stack([pixels for pixels, _ in decoded]),
+                "token_ids": text.ids.numpy(), "token_mask": text.mask.numpy(),
+                "error": np.array([error for _, error in decoded], dtype=object)}
 
 
 class _Infer:
@@ -112,15 +104,14 @@ class _Infer:
     backbone kept 1.55 to 1.75 of 2 cores busy instead of 1.95, and ran 1.5x slower than in the
     driver (measured on 2 cores, docs/PERFORMANCE.md)."""
 
-    def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False,
-                 skip_unreadable: bool = False) -> None:
+    def __init__(self, checkpoint: str, threads: int | None, crash_once: str | None, decode: bool = False) -> None:
         keep_freed_memory()  # where the actor was started without `kept_memory_env` (a no-op otherwise)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.predictor = self.model_thread.submit(self._load, checkpoint, threads).result()
         self.crash_once = crash_once
         # no decode stage: its batches come undecoded, and are decoded here with the actor's cores
         threads = self.model_thread.submit(torch.get_num_threads).result()  # the model thread's, as set there
-        self.decode = _Decode(checkpoint, threads, self.predictor.backbone, skip_unreadable) if decode else None
+        self.decode = _Decode(checkpoint, threads, self.predictor.backbone) if decode else None
 
     @staticmethod
     def _load(checkpoint: str, threads: int | None) -> Predictor:
@@ -135,8 +126,7 @@ class _Infer:
         if self.decode is not None:
             batch = self.decode(batch)
         preds = self.model_thread.submit(self._predict, batch).result()
-        rows = ([output_row(p, str(e)) for p, e in zip(preds, batch["error"])] if "error" in batch
-                else [prediction_row(p) for p in preds])
+        rows = [output_row(p, str(e)) for p, e in zip(preds, batch["error"])]
         columns: dict[str, Any] = {"_row": batch["_row"], "id": batch["id"]}
         columns.update({name: np.array([row[name] for row in rows]) for name in rows[0]})
         return columns
@@ -166,7 +156,7 @@ def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str 
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
     try:
         dataset = prediction_dataset(ray, checkpoint, catalogue, options)
-        _write_in_order(dataset, out, len(catalogue))
+        _write_in_order(dataset, out, len(catalogue), options.skip_unreadable)
         if on_finish is not None:
             on_finish(dataset)
     except ray.exceptions.RayTaskError as exc:
@@ -183,7 +173,7 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
     `decode_workers=0`), predicted by model actors."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    context.raise_original_map_exception = True  # an ImageError reaches the driver as itself, not wrapped
+    context.raise_original_map_exception = True  # a worker's CMAClipError reaches the driver as itself
     pa, _ = pyarrow_modules()
     table = pa.table({"_row": np.arange(len(catalogue)), "id": catalogue.item_ids(), "text": catalogue.texts(),
                       "path": [str(p) for p in catalogue.image_paths()]})
@@ -201,15 +191,14 @@ def prediction_dataset(ray: Any, checkpoint: str, catalogue: Catalogue, options:
     # two actor pools with their own resources, so Ray does not fuse the stages; Ray Data restarts
     # a dead actor and resubmits its batch (actor pools default to max_restarts=-1, max_task_retries=-1)
     if decoders:
-        dataset = dataset.map_batches(_Decode, fn_constructor_args=(checkpoint, 1, None, options.skip_unreadable),
+        dataset = dataset.map_batches(_Decode, fn_constructor_args=(checkpoint, 1, None),
                                       batch_size=options.batch_size,
                                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=decoders),
                                       num_cpus=1, runtime_env=environment)
     calls = 1 if decoders else DECODING_CALLS
     pool = ray.data.ActorPoolStrategy(size=options.inference_workers, max_concurrent_calls_per_actor=calls,
                                       enable_true_multi_threading=calls > 1)
-    return dataset.map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once, not decoders,
-                                                            options.skip_unreadable),
+    return dataset.map_batches(_Infer, fn_constructor_args=(checkpoint, threads, options.crash_once, not decoders),
                                batch_size=options.batch_size, batch_format="numpy", compute=pool,
                                num_cpus=options.cpus_per_worker, num_gpus=gpus, runtime_env=environment)
 
@@ -223,9 +212,10 @@ def _cpu_threads(options: RayOptions) -> int:
     return max(1, int(options.cpus_per_worker))
 
 
-def _write_in_order(dataset: Any, out: Path, rows: int) -> None:
+def _write_in_order(dataset: Any, out: Path, rows: int, skip_unreadable: bool) -> None:
     """Stream the dataset's batches through the driver into `out`, checking each row's index;
-    written to a temporary file renamed into place when complete."""
+    written to a temporary file renamed into place when complete. The first unreadable image
+    stops the run with its `ImageError`, unless `skip_unreadable` keeps the rows' `error` column."""
     pa, pq = pyarrow_modules()
     parquet = out.suffix.lower() == ".parquet"
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -238,7 +228,11 @@ def _write_in_order(dataset: Any, out: Path, rows: int) -> None:
                 if not np.array_equal(order, np.arange(expected, expected + len(order))):
                     raise RayEngineError(f"rows came back out of order at row {expected}")
                 expected += len(order)
-                batch = batch.drop_columns(["_row"])
+                if not skip_unreadable:
+                    errors = [error for error in batch.column("error").to_pylist() if error]
+                    if errors:
+                        raise ImageError(errors[0])
+                batch = batch.drop_columns(["_row"] if skip_unreadable else ["_row", "error"])
                 if parquet:
                     writer = writer or pq.ParquetWriter(tmp, batch.schema)
                     writer.write_table(batch.cast(writer.schema))
@@ -254,8 +248,8 @@ def _write_in_order(dataset: Any, out: Path, rows: int) -> None:
 
 
 def _user_error(exc: Exception) -> Exception:
-    """A worker's CMAClipError (an unreadable image, say) with its own message, without Ray's
-    traceback; anything else as a RayEngineError."""
+    """A worker's CMAClipError with its own message, without Ray's traceback; anything else as a
+    RayEngineError."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, CMAClipError):
         return type(cause)(*cause.args)

@@ -111,7 +111,9 @@ def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tm
     broken.write_text(good.read_text().replace(rows[3]["image"], "broken.jpg"))
     checkpoint = ["--checkpoint", str(small_checkpoint), "--batch-size", "2"]
     assert predict.main([*checkpoint, "--manifest", str(broken), "--out", str(tmp_path / "stopped.csv")]) == 2
-    assert "broken.jpg" in capsys.readouterr().err and not (tmp_path / "stopped.csv").exists()
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "--skip-unreadable scores the other rows" in err
+    assert not (tmp_path / "stopped.csv").exists()
     with pytest.raises(SystemExit):  # an output of no known kind was written as JSONL under its name
         predict.main([*checkpoint, "--manifest", str(broken), "--out", str(tmp_path / "x.txt")])
     assert "give a .jsonl, .csv or .parquet file" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()

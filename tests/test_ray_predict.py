@@ -133,27 +133,45 @@ def test_decoding_and_inference_are_separate_stages(local_ray, manifests, capsys
     assert "MapBatches(_Infer)" in optimized and "_Decode" not in optimized
 
 
-def test_an_unreadable_image_stops_the_run_with_its_message(local_ray, manifests, tmp_path):
-    folder = tmp_path / "items"
-    shutil.copytree(manifests["csv"].parent, folder)
-    rows = read_manifest(folder / "items.csv")
-    (folder / "broken.jpg").write_bytes(b"not an image")
-    rows[20]["image"] = "broken.jpg"  # in the second batch: the first one is already written
-    manifest = write_table(folder / "broken.csv", rows)
-    with pytest.raises(ImageError) as caught:
-        predict_manifest_ray(CHECKPOINT, manifest, tmp_path / "preds.parquet", OPTIONS)
-    assert "broken.jpg" in str(caught.value) and "Traceback" not in str(caught.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["items"]  # nothing half-written
-
-
-@pytest.mark.parametrize("layout", [OPTIONS, STAGED], ids=["model-actors-decode", "decode-stage"])
-def test_an_unreadable_image_skipped_gets_its_row_as_in_one_process(local_ray, manifests, tmp_path, layout):
+def broken_manifest(manifests: dict[str, Path], tmp_path: Path) -> Path:
+    """The 40 items with row 20's photo (in the second batch of 16) an unreadable file."""
     folder = tmp_path / "items"
     shutil.copytree(manifests["csv"].parent, folder)
     rows = read_manifest(folder / "items.csv")
     (folder / "broken.jpg").write_bytes(b"not an image")
     rows[20]["image"] = "broken.jpg"
-    manifest = write_table(folder / "broken.csv", rows)
+    return write_table(folder / "broken.csv", rows)
+
+
+@pytest.mark.parametrize("layout", [OPTIONS, STAGED], ids=["model-actors-decode", "decode-stage"])
+def test_an_unreadable_image_stops_the_run_with_its_message_alone(local_ray, manifests, tmp_path, capfd, layout):
+    """The message as one process gives it, and nothing of Ray's: no traceback of its own, no
+    advice on its retries (a worker's exception came wrapped in both, some 190 lines)."""
+    manifest = broken_manifest(manifests, tmp_path)
+    with pytest.raises(ImageError) as caught:
+        predict_manifest_ray(CHECKPOINT, manifest, tmp_path / "preds.parquet", layout)
+    with pytest.raises(ImageError) as alone:
+        Predictor.from_checkpoint(CHECKPOINT, "cpu").predict_manifest(manifest, tmp_path / "one.jsonl")
+    assert str(caught.value) == str(alone.value) and "broken.jpg" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items"]  # nothing half-written
+    assert "Traceback" not in "".join(capfd.readouterr())
+
+
+def test_the_command_line_stops_at_an_unreadable_image_in_two_lines(local_ray, manifests, tmp_path, capfd):
+    manifest = broken_manifest(manifests, tmp_path)
+    code = main(["--checkpoint", str(CHECKPOINT), "--manifest", str(manifest), "--out", str(tmp_path / "p.jsonl"),
+                 "--engine", "ray", "--batch-size", "16"])
+    out, err = capfd.readouterr()
+    assert code == 2 and "Traceback" not in out + err
+    assert err.splitlines()[-2:] == [
+        "error: broken.jpg is not a readable image (its content is not a known image format); only JPEG, PNG, "
+        "WebP, GIF and BMP are read",
+        "--skip-unreadable scores the other rows and names each unreadable image in an 'error' column"]
+
+
+@pytest.mark.parametrize("layout", [OPTIONS, STAGED], ids=["model-actors-decode", "decode-stage"])
+def test_an_unreadable_image_skipped_gets_its_row_as_in_one_process(local_ray, manifests, tmp_path, layout):
+    manifest = broken_manifest(manifests, tmp_path)
     out = tmp_path / "preds.parquet"
     predict_manifest_ray(CHECKPOINT, manifest, out, replace(layout, skip_unreadable=True))
     got = read_parquet(out)
