@@ -179,7 +179,8 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 def _read_csv(path: Path, max_rows: int | None, max_field_chars: int | None) -> list[dict[str, str]]:
     rows = []
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, delimiter=_delimiter(handle.readline(65_536)))
+        handle.seek(0)
         try:
             _check_header(path, reader.fieldnames or [])
             for number, row in enumerate(reader, 2):  # the header is row 1
@@ -187,8 +188,9 @@ def _read_csv(path: Path, max_rows: int | None, max_field_chars: int | None) -> 
                     fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, []))
                     raise CatalogueError(f"{path.name}, row {number}: {fields} fields where the header has "
                                          f"{len(reader.fieldnames)} (an unquoted comma or line break?)")
+                row = {k: _restore(v) for k, v in row.items()}  # checked as read: '= and 20,000 more fit
                 _check_row(path, f"row {number}", number - 1, row, max_rows, max_field_chars)
-                rows.append({k: _restore(v) for k, v in row.items()})
+                rows.append(row)
         except csv.Error as exc:  # the line the csv reader was in (the DictReader's own count lags one row)
             where = f"{path.name}, line {reader.reader.line_num}: not readable as CSV"
             if "field larger than field limit" in str(exc):
@@ -196,6 +198,12 @@ def _read_csv(path: Path, max_rows: int | None, max_field_chars: int | None) -> 
                                      f"the limit is {max_field_chars or csv.field_size_limit():,}") from exc
             raise CatalogueError(f"{where} ({exc})") from exc
     return rows
+
+
+def _delimiter(header: str) -> str:
+    """Commas; or semicolons (a spreadsheet's "CSV" where the decimal mark is a comma) or tabs, when
+    the header has those and no comma."""
+    return "," if "," in header else next((d for d in ";\t" if d in header), ",")
 
 
 def _check_header(path: Path, columns: list[str]) -> None:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cma_clip.data import (IGNORE, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, ImageError, LabelVocab,
-                           load_image, read_manifest, write_table)
+from cma_clip.data import (IGNORE, MAX_FIELD_CHARS, UNKNOWN, Catalogue, CatalogueConfig, CatalogueError, ImageError,
+                           LabelVocab, load_image, read_manifest, write_table)
 from cma_clip.features import extract_features, image_batches
 from conftest import HM
 
@@ -273,6 +273,30 @@ def test_a_utf8_bom_does_not_hide_the_first_column(tmp_path):
         assert read_manifest(path) == [{"id": "sku-1", "image": "a.jpg", "title": "red dress"}]
     config = CatalogueConfig("x", str(csv_path), text_columns=["title"], id_column="id")
     assert Catalogue.open(config).item_ids() == ["sku-1"]
+
+
+def test_a_spreadsheet_csv_separated_by_semicolons_or_tabs_reads_as_with_commas(tmp_path):
+    """Where the decimal mark is a comma, a spreadsheet saves "CSV" with semicolons: read as one
+    column, every row was refused ("2 fields where the header has 1")."""
+    expected = [{"id": "sku-1", "image": "a.jpg", "title": "red dress, long"}, {"id": "sku-2", "image": "b.jpg",
+                                                                                "title": "x;y"}]
+    semicolons = '\ufeffid;image;title\r\nsku-1;a.jpg;red dress, long\r\nsku-2;b.jpg;"x;y"\r\n'
+    tabs = "id\timage\ttitle\nsku-1\ta.jpg\tred dress, long\nsku-2\tb.jpg\tx;y\n"
+    for name, text in (("semicolons.csv", semicolons), ("tabs.csv", tabs)):
+        (tmp_path / name).write_bytes(text.encode("utf-8"))
+        assert read_manifest(tmp_path / name) == expected
+    (tmp_path / "commas.csv").write_text("id,image,title\nsku-1,a.jpg,a;b\tc\n")  # a comma in the header: commas
+    assert read_manifest(tmp_path / "commas.csv") == [{"id": "sku-1", "image": "a.jpg", "title": "a;b\tc"}]
+
+
+def test_a_cell_at_the_length_limit_that_write_table_guards_as_a_formula_reads_back(tmp_path):
+    """The guard's leading quote made it one character longer than the limit, and the whole file refused."""
+    path = write_table(tmp_path / "long.csv", [{"id": "a", "text": "=" + "x" * (MAX_FIELD_CHARS - 1)}],
+                       spreadsheet=True)
+    assert read_manifest(path)[0]["text"] == "=" + "x" * (MAX_FIELD_CHARS - 1)
+    write_table(path, [{"id": "a", "text": "=" + "x" * MAX_FIELD_CHARS}], spreadsheet=True)
+    with pytest.raises(CatalogueError, match=f"holds {MAX_FIELD_CHARS + 1:,} characters"):
+        read_manifest(path)
 
 
 @pytest.mark.parametrize("text,message", [
