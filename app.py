@@ -27,6 +27,7 @@ from PIL import Image as PILImage  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
+from cma_clip.errors import CMAClipError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
 from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES, agreement_file  # noqa: E402
@@ -290,15 +291,17 @@ def chart(picture) -> PlotData:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Show StudioError as a message in the UI instead of a stack trace (and, with a login on,
-    give the event the signed-in user as its annotator: `signed_in`). It keeps `fn`'s signature,
-    which Gradio reads to hand a `gr.Progress` parameter its progress bar."""
+    """Show a CMAClipError (the service's StudioError, or one of the library's it let through: a
+    label store locked by another process, say) as a message in the UI instead of a stack trace
+    (and, with a login on, give the event the signed-in user as its annotator: `signed_in`). It
+    keeps `fn`'s signature, which Gradio reads to hand a `gr.Progress` parameter its progress bar."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*as_signed_in(args), **kwargs)
-        except StudioError as exc:
-            raise error(str(exc)) from None
+        except CMAClipError as exc:
+            message = str(exc)
+            raise error(message[:1].upper() + message[1:]) from None
     return wrapped
 
 

@@ -116,11 +116,14 @@ def _from_store(path: Path) -> Corrections:
         if "corrections" not in tables:
             raise CatalogueError(f"--extra-labels {path} is not a label store (no corrections table); give the "
                                  "app's studio_data/labels.db or an export (.csv, .jsonl)")
-        store = LabelStore(path)
-        current = store.current_labels()
-    except (sqlite3.DatabaseError, LabelStoreError) as exc:
+    except sqlite3.DatabaseError as exc:
         raise CatalogueError(f"--extra-labels {path} is not a label store ({exc}); give the app's "
                              "studio_data/labels.db or an export (.csv, .jsonl)") from exc
+    try:
+        store = LabelStore(path)
+        current = store.current_labels()
+    except LabelStoreError as exc:
+        raise CatalogueError(f"--extra-labels {path}: {exc}") from exc
     items = {item_id: Correction(item["labels"], item["text"], _found(item["image_path"]),
                                  frozenset(t for t, state in item["tasks"].items() if state.source == "auto"))
              for item_id, item in current.items()}

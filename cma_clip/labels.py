@@ -319,6 +319,10 @@ class LabelStore:
         self.path = Path(path).resolve()
         self.image_dir = Path(image_dir).resolve() if image_dir else self.path.with_name(f"{self.path.stem}_images")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.path.parent, os.W_OK):  # SQLite would say only "unable to open database file"
+            raise LabelStoreError(f"{self.path} is in a folder this process cannot write (read-only?), and SQLite "
+                                  f"writes its journal beside the store: copy {self.path.name} and its "
+                                  f"{self.image_dir.name} folder somewhere writable, or give an export")
         self._local, self._pid = threading.local(), os.getpid()
         try:
             if self._connection().execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
@@ -350,14 +354,17 @@ class LabelStore:
     def _transaction(self, mode: str = "") -> Iterator[sqlite3.Connection]:
         """One transaction: IMMEDIATE for writes, deferred for a consistent snapshot of several reads."""
         conn = self._connection()
-        conn.execute(f"BEGIN {mode}")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:  # a failed COMMIT too: the connection must not stay inside the transaction
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            conn.execute(f"BEGIN {mode}")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:  # a failed COMMIT too: the connection must not stay inside the transaction
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:  # locked past BUSY_TIMEOUT_S, a full disk, an I/O error
+            raise LabelStoreError(_unusable(exc, bool(mode))) from exc
 
     # ------------------------------------------------------------------ decisions
     def save(self, *, image: Image.Image | bytes | str | Path, text: str, labels: Mapping[str, str | None],
@@ -1196,6 +1203,15 @@ def _json(value: object, field: str) -> str:
         raise LabelStoreError(f"{field} must be JSON-serialisable: {exc}") from exc
     _check_encodable(**{field: text})
     return text
+
+
+def _unusable(exc: sqlite3.OperationalError, writing: bool) -> str:
+    """What a failed transaction tells the user: nothing of it was kept."""
+    outcome = "nothing was saved" if writing else "nothing could be read"
+    if "locked" in str(exc) or "busy" in str(exc):
+        return (f"the label store is busy: another process has held it for over {BUSY_TIMEOUT_S:g} s; {outcome}, "
+                "try again")
+    return f"the label store could not be used ({exc}); {outcome}"
 
 
 def _strings(labels: object, field: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ import io
 import os
 import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -139,6 +140,22 @@ def test_a_file_that_is_no_label_store_is_refused_and_left_as_it_was(tmp_path):
         read_corrections(LabelStore(tmp_path / "new.db").path)
     with pytest.raises(CatalogueError, match="no such file"):
         read_corrections(tmp_path / "typo.db")
+
+
+def test_a_label_store_in_a_folder_that_cannot_be_written_is_named_as_such(tmp_path, monkeypatch):
+    """SQLite opens a WAL store for writing even to read it, and said only "unable to open database
+    file", which read as "not a label store". The folder is made unwritable as os.access sees it (a
+    read-only mount, or permissions: root, who runs CI, passes the latter)."""
+    store = LabelStore(tmp_path / "ro" / "labels.db")
+    store.save_correction(image=tiny_png(1), text="x", labels={"colour": "Red"}, item_id="a")
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (mode != os.W_OK or Path(path) != store.path.parent)
+                        and writable(path, mode, **kw))
+    with pytest.raises(CatalogueError, match=r"labels.db is in a folder this process cannot write \(read-only\?\)"
+                                             ".*copy labels.db and its labels_images folder somewhere writable"):
+        read_corrections(store.path)
+    monkeypatch.undo()
+    assert read_corrections(store.path).items.keys() == {"a"}
 
 
 def test_added_rows_do_not_reshuffle_the_split_of_a_catalogue_without_a_split_column(tmp_path):

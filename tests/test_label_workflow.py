@@ -119,7 +119,7 @@ def test_a_bulk_accept_interrupted_by_a_crash_stores_nothing_and_reruns_without_
     # an error inside the transaction (a full disk) rolls back the records before it too
     real = store._connection()
     store._local.conn = FailsOnDecision(real, 4)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(LabelStoreError, match="could not be used .disk I/O error.; nothing was saved"):
         store.save_many(records, "batch-1", annotator="ana")
     store._local.conn = real
     assert store.count() == 0 and not real.in_transaction

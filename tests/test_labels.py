@@ -163,10 +163,29 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path):
             return getattr(real, name)
 
     store._local.conn = CommitFailsOnce()
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(LabelStoreError, match="could not be used .disk I/O error.; nothing was saved"):
         store.save_correction(image=tiny_png(1), text="lost", labels={"colour": "Red"}, item_id="a")
     assert not real.in_transaction and store.count() == 0
     store.save_correction(image=tiny_png(2), text="kept", labels={"colour": "Blue"}, item_id="b")
+    assert store.count() == 1
+
+
+def test_a_store_another_process_holds_locked_refuses_with_a_message_and_keeps_nothing(tmp_path, monkeypatch):
+    """A lock held past the busy timeout (a copy, a backup tool, a stuck writer) raised SQLite's bare
+    "database is locked", which the app showed as an unexplained error."""
+    monkeypatch.setattr("cma_clip.labels.BUSY_TIMEOUT_S", 0.2)
+    store = LabelStore(tmp_path / "labels.db")
+    holder = sqlite3.connect(tmp_path / "labels.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(LabelStoreError, match=r"the label store is busy: another process has held it for over "
+                                                  r"0.2 s; nothing was saved, try again"):
+            store.save_correction(image=tiny_png(1), text="x", labels={"colour": "Red"}, item_id="a")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.count() == 0
+    store.save_correction(image=tiny_png(1), text="x", labels={"colour": "Red"}, item_id="a")
     assert store.count() == 1
 
 

@@ -9,7 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from cma_clip.data import CatalogueConfig, read_manifest
-from cma_clip.labels import content_item_id
+from cma_clip.labels import LabelStoreError, content_item_id
 from cma_clip.studio import ALL_TASKS, THRESHOLDS, Studio, clean_text
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, serving
 
@@ -301,6 +301,39 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
     refused = eve("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "typo-item",
                   *with_label(shown, COLOUR, "dark blue"), "")
     assert "`Dark Blue`" in refused["save status"] and not studio.store.item_state("typo-item")
+
+
+@pytest.mark.parametrize("word", ["N/A", "none", " NULL "])
+def test_a_label_typed_as_a_missing_label_word_is_refused_not_dropped_unsaid(review_app, word):
+    """The store drops "NA", "none", ... as no label (catalogue rows carry them): a labeler who
+    typed one was told it was saved, while nothing of it was kept."""
+    url, studio = review_app
+    hal = Labeler(url, "hal")
+    shown = hal.load(3)
+    item, before = current_item(shown), studio.store.count()
+    with pytest.raises(AppError, match=f"Colour = {word.strip()}: the catalogues and training read this as no label, "
+                                       "so nothing was saved"):
+        hal.accept(with_label(shown, COLOUR, word))
+    assert studio.store.count() == before and COLOUR not in studio.store.item_state(item)
+    shown = hal("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "missing-word-item")
+    with pytest.raises(AppError, match="nothing was saved"):
+        hal("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "hal", "missing-word-item",
+            *with_label(shown, COLOUR, word), "")
+    assert studio.store.count() == before and not studio.store.item_state("missing-word-item")
+
+
+def test_a_label_store_error_the_service_lets_through_reaches_the_user_as_its_message(review_app, monkeypatch):
+    """The UI showed only StudioError's messages: a LabelStoreError (a store another process held
+    locked past the busy timeout) came as a bare "Error" with a traceback in the server's log."""
+    url, studio = review_app
+
+    def busy(*args, **kwargs):
+        raise LabelStoreError("the label store is busy: another process has held it for over 30 s; nothing could "
+                              "be read, try again")
+
+    monkeypatch.setattr(studio.store, "audit", busy)
+    with pytest.raises(AppError, match="The label store is busy: another process has held it for over 30 s"):
+        Labeler(url, "ivy")("/audit", "any", "", "any", "any", "", 1)
 
 
 # ---------------------------------------------------------------------------- 5. undo, previous, history

@@ -373,6 +373,11 @@ class Studio:
               adjudicated: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
         new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
+        if missing := {t: v for t, v in labels.items() if is_missing(v)}:  # the store would drop them unsaid
+            names = self.display_names(model)
+            given = ", ".join(f"{names.get(t, t)} = {v}" for t, v in missing.items())
+            raise StudioError(f"{given}: the catalogues and training read this as no label, so nothing was saved. "
+                              "Choose a class, or clear the box to give the task no label.")
         try:
             result = self.store.save(image=image, text=text, labels=labels, annotator=(annotator or "").strip(),
                                      item_id=item_id, predictions=predictions, checkpoint=model,
