@@ -38,6 +38,7 @@ import json
 import os
 import sqlite3
 import threading
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -807,7 +808,8 @@ def _content_id(sha: str, text: str) -> str:
 
 
 def _class_key(value: str) -> str:
-    return "".join(ch for ch in value.casefold() if not ch.isspace() and ch not in "-_")
+    """What two spellings of one class share: compatibility forms (full-width letters) folded too."""
+    return "".join(ch for ch in unicodedata.normalize("NFKC", value).casefold() if not ch.isspace() and ch not in "-_")
 
 
 def _edit_distance(a: str, b: str, limit: int) -> int:

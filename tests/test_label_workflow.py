@@ -371,6 +371,7 @@ def test_close_classes():
     assert close_classes("s", classes) == ["S"]
     assert close_classes("Blue", classes) == []  # itself is no suggestion
     assert close_classes("Blak", ["Black", "Blake", "Blue"]) == ["Black", "Blake"]
+    assert close_classes("ＮＡＶＹ　ＢＬＵＥ", classes) == ["Navy Blue"]  # full-width, as a CJK keyboard types it
 
 
 # ---------------------------------------------------------------------------- state and queue
