@@ -79,7 +79,8 @@ class Merged:
         parts = [f"{c['train']} train items relabelled", f"{c['val']} val items (validated on, not trained on)",
                  f"{c['test']} test items kept their catalogue labels", f"{c['added']} new items added as train rows"]
         if c["same_photo"]:
-            parts.append(f"{c['same_photo']} uploads have a catalogue item's photo and count as that item")
+            parts.append(f"{c['same_photo']} items under an id the catalogue lacks have a catalogue item's photo "
+                         "and count as that item")
         if c["left_out"]:
             parts.append(f"{c['left_out']} items outside this run (--limit)")
         if c["no_image"]:

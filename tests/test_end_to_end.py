@@ -209,7 +209,8 @@ def test_training_with_extra_labels_learns_the_corrections(tmp_path, cache_dir, 
     assert "Glitter Teal" in config.tasks["colour_group_name"].classes
     err = capsys.readouterr().err
     assert "--extra-labels labels.db: 3 labelled items; 1 train items relabelled" in err
-    assert "1 uploads have a catalogue item's photo and count as that item; 1 items outside this run" in err
+    assert ("1 items under an id the catalogue lacks have a catalogue item's photo and count as that item; 1 items "
+            "outside this run") in err
     kept = config.training["extra_labels"]  # which labels the run trained on
     assert (kept["train"], kept["added"], kept["same_photo"], kept["left_out"]) == (1, 1, 1, 1)
     assert kept["source"] == str((tmp_path / "labels.db").resolve()) and kept["newest_label"]
