@@ -300,8 +300,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*as_signed_in(args), **kwargs)
         except CMAClipError as exc:
-            message = str(exc)
-            raise error(message[:1].upper() + message[1:]) from None
+            raise error(str(exc)) from None
     return wrapped
 
 

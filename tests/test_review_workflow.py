@@ -332,7 +332,7 @@ def test_a_label_store_error_the_service_lets_through_reaches_the_user_as_its_me
                               "be read, try again")
 
     monkeypatch.setattr(studio.store, "audit", busy)
-    with pytest.raises(AppError, match="The label store is busy: another process has held it for over 30 s"):
+    with pytest.raises(AppError, match="the label store is busy: another process has held it for over 30 s"):
         Labeler(url, "ivy")("/audit", "any", "", "any", "any", "", 1)
 
 
