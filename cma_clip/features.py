@@ -454,7 +454,8 @@ def _size(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="List or prune the feature cache ($CMA_CLIP_CACHE/features).")
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.features",
+                                     description="List or prune the feature cache ($CMA_CLIP_CACHE/features).")
     parser.add_argument("command", choices=["list", "prune"])
     parser.add_argument("--cache-dir", help=f"the cache's folder (default {default_cache_dir()})")
     parser.add_argument("--unused-days", type=float, help="prune: remove the entries no run read for this many days")

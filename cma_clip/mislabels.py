@@ -198,7 +198,7 @@ def contact_sheets(suspects: list[Suspect], folder: str | Path, name: str) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.mislabels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalogue", required=True, help="bundled catalogue name or config JSON")
     parser.add_argument("--task", required=True)
     parser.add_argument("--top", type=int, default=50, help="how many suspects to show (0: all)")

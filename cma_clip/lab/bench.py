@@ -473,7 +473,8 @@ def format_table(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark CMA-CLIP: latency, app, feature cache, training.")
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.bench",
+                                     description="Benchmark CMA-CLIP: latency, app, feature cache, training.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not figures to report")
     parser.add_argument("--out-json", help="where to write the figures (default: docs/bench.json for a full run; "
                                            "a --quick or partial run writes JSON only when given this)")

@@ -87,7 +87,7 @@ def probe(train_x, train_y, val_x, val_y, classes: int, epochs: int = 200) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.compare_image_encoders")
     parser.add_argument("--train", type=int, default=1500)
     parser.add_argument("--val", type=int, default=500)
     args = parser.parse_args()

@@ -412,7 +412,7 @@ def write_report(folder: Path, results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.experiments", description=__doc__.split("\n")[0],
                                      epilog="Other options are passed to python -m cma_clip.train.")
     parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -393,7 +393,8 @@ def plot(result: dict, name: str, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Pointing ratio and deletion check of the relevance maps.")
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.explain",
+                                     description="Pointing ratio and deletion check of the relevance maps.")
     parser.add_argument("--catalogue", default="hm-articles")
     parser.add_argument("--checkpoint", help="default: checkpoints/<catalogue>")
     parser.add_argument("--items", type=int, default=1002, help="test items (a seeded sample when fewer than all)")

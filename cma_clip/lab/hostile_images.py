@@ -292,7 +292,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.hostile_images", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", help="comma-separated case names (default: all); --list shows them")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--out-json", help="also write the records as JSON here")

@@ -170,7 +170,7 @@ def format_rows(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.late_ensembles", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="runs of one catalogue")
     parser.add_argument("--out-json", type=Path)
     parser.add_argument("--linear-probabilities", type=Path,

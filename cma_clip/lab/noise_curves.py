@@ -136,7 +136,7 @@ def markdown_table(curves: dict, severities: tuple[int, ...] = (1, 3, 5)) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cma_clip.lab.noise_curves", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--items", type=int, default=1000, help="test items sampled (default 1000)")
     p.add_argument("--severities", type=int, nargs="+", choices=[s for s in SEVERITIES if s], metavar="1-5",

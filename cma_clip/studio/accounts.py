@@ -169,7 +169,8 @@ def _writable_users(path: str | Path, name: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Add a user to a CMA-CLIP Studio users file (CMA_CLIP_USERS), "
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.studio.accounts",
+                                     description="Add a user to a CMA-CLIP Studio users file (CMA_CLIP_USERS), "
                                                  "or replace their password.")
     parser.add_argument("command", choices=["add"])
     parser.add_argument("file")
