@@ -14,6 +14,7 @@ and written here only, and the rest of the code uses its fields, never string ke
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -113,6 +114,7 @@ class TrainConfig:
             raise CatalogueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
         if self.members < 1:
             raise CatalogueError(f"--members is how many models to train, at least 1, not {self.members}")
+        self._check_ranges()
         if not 0 <= self.ema < 1:
             raise CatalogueError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema}")
         if not 0 <= self.modality_dropout < 1:
@@ -125,6 +127,31 @@ class TrainConfig:
                                  "--finetune-backbone")
         if self.ema and self.finetune_backbone:
             raise CatalogueError("--ema averages the fusion model's weights only; it does not go with --finetune-backbone")
+
+    def _check_ranges(self) -> None:
+        """Numbers training cannot use refused up front: torch met some only mid-run, with a traceback
+        and an empty --out folder left behind, and trained through others (a NaN weight decay wrote a
+        checkpoint of NaN weights)."""
+        at_least = {1: {"--epochs": self.epochs, "--width": self.width, "--depth": self.depth, "--heads": self.heads,
+                        "--embed-dim": self.embed_dim, "--batch-size": self.batch_size, "--patience": self.patience,
+                        "--max-text-tokens": self.max_text_tokens, "--max-steps": self.max_steps},
+                    0: {"--align-epochs": self.align_epochs, "--lexical-buckets": self.lexical_buckets,
+                        "--words-buckets": self.words_buckets}}
+        for low, values in at_least.items():
+            for flag, value in values.items():
+                if value is not None and value < low:
+                    raise CatalogueError(f"{flag} must be at least {low}, not {value}")
+        for flag, value in {"--dropout": self.dropout, "--label-smoothing": self.label_smoothing,
+                            "--warmup": self.warmup}.items():
+            if not 0 <= value < 1:
+                raise CatalogueError(f"{flag} is a share in [0, 1), not {value}")
+        if not 0 < self.lr < math.inf:
+            raise CatalogueError(f"--lr must be a positive number, not {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise CatalogueError(f"--weight-decay must be 0 or a positive number, not {self.weight_decay}")
+        if self.width % self.heads:
+            raise CatalogueError(f"--width {self.width} must be a multiple of --heads {self.heads} (each attention "
+                                 "head takes width / heads of it)")
 
     @property
     def splits_seed(self) -> int:

@@ -402,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.manifest and not args.out:
         parser.error("--manifest needs --out")
+    if args.manifest and args.image:
+        parser.error("give --image (one item) or --manifest (many), not both")
+    if args.manifest and Path(args.out).resolve() == Path(args.manifest).resolve():
+        parser.error(f"--out {args.out} is the manifest itself: the predictions would replace the items; give "
+                     "another file")
     if args.out and Path(args.out).suffix.lower() not in (".jsonl", ".csv", ".parquet"):
         parser.error(f"--out {args.out}: give a .jsonl, .csv or .parquet file")
     for name in ("batch_size", "inference_workers"):

@@ -589,6 +589,29 @@ def test_training_refuses_bad_options_with_a_message(tmp_path, cache_dir, capsys
     assert not (tmp_path / "out").exists()  # a refused run leaves no empty checkpoint folder behind
 
 
+@pytest.mark.parametrize("option,message", [
+    (["--weight-decay", "nan"], "--weight-decay must be 0 or a positive number, not nan"),  # trained NaN weights
+    (["--lr", "-1"], "--lr must be a positive number, not -1.0"),
+    (["--dropout", "1.5"], "--dropout is a share in [0, 1), not 1.5"),
+    (["--label-smoothing", "2"], "--label-smoothing is a share in [0, 1), not 2.0"),
+    (["--warmup", "-3"], "--warmup is a share in [0, 1), not -3.0"),
+    (["--heads", "5"], "--width 192 must be a multiple of --heads 5"),
+    (["--width", "0"], "--width must be at least 1, not 0"),
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--max-text-tokens", "-2"], "--max-text-tokens must be at least 1, not -2"),
+    (["--words-buckets", "-1"], "--words-buckets must be at least 0, not -1"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_training_refuses_numbers_it_cannot_use_before_it_starts(tmp_path, capsys, option, message):
+    """Torch met some of these mid-run (a traceback, an empty --out left behind), and trained through
+    others: a NaN weight decay wrote a checkpoint of NaN weights and exited 0."""
+    from cma_clip import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--catalogue", "hm-articles", "--out", str(tmp_path / "out"), "--limit", "8", *option])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_review_endpoints_refuse_bad_input_with_messages(running_app):
     """The labeling workflow's endpoints word every refusal, and store nothing on one."""
     url, studio = running_app

@@ -114,6 +114,12 @@ def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tm
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "--skip-unreadable scores the other rows" in err
     assert not (tmp_path / "stopped.csv").exists()
+    for args, refusal in ((["--out", str(broken)], "is the manifest itself"),  # the items were replaced
+                          (["--out", str(tmp_path / "x.csv"), "--image", str(tmp_path / "broken.jpg")], "not both")):
+        with pytest.raises(SystemExit):
+            predict.main([*checkpoint, "--manifest", str(broken), *args])
+        assert refusal in capsys.readouterr().err
+    assert broken.read_text().startswith("article_id,image")
     with pytest.raises(SystemExit):  # an output of no known kind was written as JSONL under its name
         predict.main([*checkpoint, "--manifest", str(broken), "--out", str(tmp_path / "x.txt")])
     assert "give a .jsonl, .csv or .parquet file" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
