@@ -214,6 +214,18 @@ class TaskSpec:
     threshold_rule: str = "point"
     display_name: str | None = None  # what a person reads; None: `readable_name` of the column
 
+    def __post_init__(self) -> None:
+        """A hand-edited config.json checked: a threshold outside [0, 1] auto-accepted every item or
+        none, a NaN one wrote invalid JSON, and repeated class names scored one class as another."""
+        if not isinstance(self.classes, list) or not self.classes or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError(f"classes must be a non-empty list of names, not {str(self.classes)[:80]}")
+        if len(set(self.classes)) < len(self.classes):
+            raise ValueError(f"classes repeat names: {sorted({c for c in self.classes if self.classes.count(c) > 1})}")
+        threshold = self.threshold_90
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0 <= threshold <= 1):
+            raise ValueError(f"threshold_90 must be a confidence in [0, 1] or null, not {threshold!r}")
+
 
 def readable_name(column: str) -> str:
     """A label column as a person reads it: "perceived_colour_master_name" -> "Perceived colour",
@@ -260,6 +272,18 @@ class CheckpointConfig:
     training: dict[str, Any] = field(default_factory=dict)  # epoch history, alignment loss and seconds
     metrics: dict[str, Any] = field(default_factory=dict)  # split -> evaluation report
 
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("no tasks")
+        if set(self.tasks) != set(self.model.tasks):
+            raise ValueError(f"the tasks {sorted(self.tasks)} are not the model's {sorted(self.model.tasks)}")
+        for task, spec in self.tasks.items():
+            if len(spec.classes) != self.model.tasks[task]:
+                raise ValueError(f"task {task!r} names {len(spec.classes)} classes for the model's "
+                                 f"{self.model.tasks[task]} outputs")
+        if self.catalogue.max_text_tokens < 1:
+            raise ValueError(f"max_text_tokens must be at least 1, not {self.catalogue.max_text_tokens}")
+
     @property
     def classes(self) -> dict[str, list[str]]:
         return {task: spec.classes for task, spec in self.tasks.items()}
@@ -301,17 +325,26 @@ class CheckpointConfig:
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"invalid model settings: {exc}") from exc
         try:
-            return cls(backbone=config["backbone"], catalogue=CatalogueColumns(**config["catalogue"]),
-                       tasks={task: TaskSpec(**_known(TaskSpec, spec)) for task, spec in config["tasks"].items()},
+            tasks = {task: _task_spec(task, spec) for task, spec in config["tasks"].items()}
+            return cls(backbone=config["backbone"], catalogue=CatalogueColumns(**config["catalogue"]), tasks=tasks,
                        model=model,
                        train=TrainConfig.from_dict(config.get("train", {})), training=config.get("training", {}),
                        metrics=config.get("metrics", {}))
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        except ValueError as exc:  # a value checked by the dataclasses: their message says what and why
+            raise CheckpointError(f"invalid settings: {exc}") from exc
+        except (TypeError, KeyError, AttributeError) as exc:
             raise CheckpointError(f"invalid settings: {exc!r}") from exc
 
     def save(self, folder: str | Path) -> None:
         """Write config.json alone (the weights stay untouched)."""
         (Path(folder) / CONFIG).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+
+def _task_spec(task: str, spec: dict[str, Any]) -> TaskSpec:
+    try:
+        return TaskSpec(**_known(TaskSpec, spec))
+    except ValueError as exc:
+        raise ValueError(f"task {task!r}: {exc}") from exc
 
 
 def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:

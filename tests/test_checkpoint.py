@@ -1,16 +1,20 @@
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
-from cma_clip.checkpoint import CatalogueColumns, CheckpointConfig, CheckpointError, load_checkpoint, save_checkpoint
+from cma_clip.checkpoint import (CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, load_checkpoint,
+                                 save_checkpoint)
+from cma_clip.model import CMAClip
 from test_model import make_batch, make_model
 
 
 
 def meta(model) -> CheckpointConfig:
-    return CheckpointConfig(backbone="bundled", catalogue=CatalogueColumns("test"), tasks={}, model=model.cfg)
+    tasks = {task: TaskSpec([f"{task}-{i}" for i in range(n)]) for task, n in model.cfg.tasks.items()}
+    return CheckpointConfig(backbone="bundled", catalogue=CatalogueColumns("test"), tasks=tasks, model=model.cfg)
 
 
 def test_round_trip_gives_identical_outputs(tmp_path):
@@ -66,6 +70,39 @@ def test_broken_config_json(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def edit_config(folder, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def first_task(config: dict) -> dict:
+    return next(iter(config["tasks"].values()))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: first_task(c)["classes"].pop(), "task 'colour' names 4 classes for the model's 5 outputs"),
+    (lambda c: first_task(c).update(threshold_90=-0.5),
+     "task 'colour': threshold_90 must be a confidence in .0, 1. or null, not -0.5"),
+    (lambda c: first_task(c).update(threshold_90=1.5), "not 1.5"),
+    (lambda c: first_task(c).update(threshold_90=float("nan")), "not nan"),  # written back as invalid JSON
+    (lambda c: first_task(c).update(threshold_90="abc"), "not 'abc'"),
+    (lambda c: first_task(c)["classes"].__setitem__(1, first_task(c)["classes"][0]), "classes repeat names"),
+    (lambda c: first_task(c).update(classes=None), "classes must be a non-empty list of names, not None"),
+    (lambda c: c.update(tasks={}), "no tasks"),
+    (lambda c: c["catalogue"].update(max_text_tokens=0), "max_text_tokens must be at least 1, not 0"),
+], ids=["a-class-cut", "threshold-below-0", "threshold-above-1", "threshold-nan", "threshold-text",
+        "repeated-class", "no-classes", "no-tasks", "no-tokens"])
+def test_a_hand_edited_config_that_would_give_wrong_figures_is_refused(tmp_path, edit, message):
+    """Each of these loaded: evaluate then reported wrong figures (a class list one short scored
+    the last class as none, a threshold below 0 auto-accepted every item) or met a traceback."""
+    model = make_model()
+    save_checkpoint(tmp_path, model, meta(model))
+    edit_config(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path)
+
+
 def test_pickle_files_are_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(make_model().state_dict(), path)
@@ -100,7 +137,8 @@ def test_hub_download_fetches_the_backbone_only_of_a_finetuned_checkpoint(small_
 def test_tasks_have_display_names_and_old_configs_get_readable_ones(tmp_path):
     from cma_clip.checkpoint import TaskSpec, read_config, readable_name
 
-    model = make_model()
+    tasks = {"graphical_appearance_name": 1, "perceived_colour_master_name": 1}
+    model = CMAClip(replace(make_model().cfg, tasks=tasks))
     config = meta(model)
     config.tasks = {"graphical_appearance_name": TaskSpec(["Stripe"], display_name="Pattern"),
                     "perceived_colour_master_name": TaskSpec(["Blue"])}  # written before display names
