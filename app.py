@@ -1526,6 +1526,8 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
     try:
         demo = build(studio, login)
         studio.wait_loaded()  # the server says it is running once the models are loaded and warm
+        for name, why in studio.unusable.items():  # a broken folder in checkpoints/ is named, not served unsaid
+            print(f"[cma-clip] checkpoints/{name} is not usable: {why}")
         demo.queue(default_concurrency_limit=4).launch(
             server_name=host, server_port=port, head=SHORTCUTS, css=CSS, theme=THEME, max_file_size=MAX_UPLOAD,
             prevent_thread_lock=not block, quiet=not block, auth=login.users.check if login.users else None,

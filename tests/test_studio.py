@@ -1,13 +1,14 @@
 """The app's logic, without a browser, on a checkpoint trained on real data."""
 import ast
 import csv
+import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from cma_clip.data import Catalogue, read_manifest
-from cma_clip.studio import StudioError, clean_text, views
+from cma_clip.studio import Studio, StudioError, clean_text, views
 from cma_clip.studio.service import default_reviewers
 from cma_clip.studio.views import history_rows, modality_figure, prediction_rows, review_progress
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
@@ -50,6 +51,29 @@ def test_predict_refuses_a_text_file_named_jpg(studio, tmp_path):
     fake.write_text("this is not an image")
     with pytest.raises(StudioError, match="not a readable image"):
         studio.predict(str(fake), "text", "hm-articles")
+
+
+def test_checkpoint_folders_that_cannot_serve_are_named_not_listed_or_served_unsaid(small_checkpoint, tmp_path):
+    """A config.json that does not read as a checkpoint's was dropped from the models without a
+    word (or listed, and became the default model); broken weights were found by the first user."""
+    import shutil
+
+    folder = tmp_path / "checkpoints"
+    for name in ("good", "aa-badjson", "ab-tasks-text", "zz-broken"):
+        shutil.copytree(small_checkpoint, folder / name)
+    (folder / "aa-badjson" / "config.json").write_text('{"format": ')
+    config = json.loads((folder / "ab-tasks-text" / "config.json").read_text())
+    (folder / "ab-tasks-text" / "config.json").write_text(json.dumps({**config, "tasks": "oops"}))
+    weights = folder / "zz-broken" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    studio = Studio(folder, data_dir=tmp_path / "studio", device="cpu")
+    assert studio.model_names == ["good", "zz-broken"]
+    assert sorted(studio.unusable) == ["aa-badjson", "ab-tasks-text"]
+    assert "not valid JSON" in studio.unusable["aa-badjson"] and "invalid settings" in studio.unusable["ab-tasks-text"]
+    studio.load_models()
+    assert studio.wait_loaded(120)
+    assert "Model 'zz-broken' cannot be loaded" in studio.unusable["zz-broken"] and "good" not in studio.unusable
+    assert studio.predictor("good").tasks
 
 
 def test_unknown_model(studio):

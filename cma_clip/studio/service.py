@@ -27,7 +27,7 @@ from PIL import Image
 from .. import mislabels, noise, review, robustness
 from ..backbones import BackboneError
 from ..catalogue_predictions import catalogue_predictions
-from ..checkpoint import CheckpointConfig, CheckpointError, is_checkpoint, read_config
+from ..checkpoint import CheckpointConfig, CheckpointError, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, PhotoIndex,
                     is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
@@ -68,11 +68,21 @@ def default_reviewers() -> frozenset[str]:
     return frozenset(name.strip() for name in os.environ.get("CMA_CLIP_REVIEWERS", "").split(",") if name.strip())
 
 
-def available_checkpoints(folder: str | Path = CHECKPOINT_DIR) -> dict[str, Path]:
-    """Checkpoint name -> folder, for every sub-folder holding a CMA-CLIP config.json (one that
-    cannot be loaded is still listed, and says why when chosen)."""
-    return {path.parent.name: path.parent for path in sorted(Path(folder).glob("*/config.json"))
-            if is_checkpoint(path.parent)}
+def available_checkpoints(folder: str | Path = CHECKPOINT_DIR,
+                          left_out: dict[str, str] | None = None) -> dict[str, Path]:
+    """Checkpoint name -> folder, for every sub-folder whose config.json reads as a CMA-CLIP config
+    (weights that cannot be loaded are found on first use, which says why); the others go into
+    `left_out` (name -> why), so the app can name them instead of dropping them unsaid."""
+    found = {}
+    for path in sorted(Path(folder).glob("*/config.json")):
+        try:
+            read_config(path.parent)
+        except CheckpointError as exc:
+            if left_out is not None:
+                left_out[path.parent.name] = str(exc)
+            continue
+        found[path.parent.name] = path.parent
+    return found
 
 
 class Studio:
@@ -84,7 +94,8 @@ class Studio:
         """`cache_dir`: the feature cache and the kept catalogue predictions ($CMA_CLIP_CACHE by default);
         `catalogue_limit`: review only the first N items of each split of a catalogue (quick runs, tests);
         `reviewers`: the annotators who may settle disagreements (default `default_reviewers`; none: anyone)."""
-        self.checkpoints = available_checkpoints(checkpoint_dir)
+        self.unusable: dict[str, str] = {}  # checkpoint -> why it is left out (its config) or fails (its weights)
+        self.checkpoints = available_checkpoints(checkpoint_dir, self.unusable)
         self.data_dir = Path(data_dir or default_data_dir())
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = LabelStore(self.data_dir / "labels.db")
@@ -142,8 +153,8 @@ class Studio:
             for name in names if names is not None else self.model_names:
                 try:
                     self.warm_up(name)
-                except StudioError:
-                    continue
+                except StudioError as exc:
+                    self.unusable[name] = str(exc)
             self.load_seconds = time.perf_counter() - started
             # after the server starts: a stat per catalogue photo, so the first upload finds the index built
             threading.Thread(target=lambda: [self._photo_index(name) for name in list(self._predictors)],
