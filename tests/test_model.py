@@ -181,13 +181,14 @@ def test_old_checkpoints_with_unbuilt_parts_still_load(tmp_path):
     fusion never used (a late-fusion run's modality queries, a CMA run's unfused norm)."""
     from safetensors.torch import save_file
 
-    from cma_clip.checkpoint import CatalogueColumns, CheckpointConfig, load_checkpoint, save_checkpoint
+    from cma_clip.checkpoint import CatalogueColumns, CheckpointConfig, TaskSpec, load_checkpoint, save_checkpoint
 
     for fusion, extra in (("late_fusion", {"modality.queries": torch.zeros(2, 32)}),
                           ("cma", {"unfused_norm.weight": torch.ones(32), "unfused_norm.bias": torch.zeros(32)})):
         model = make_model(fusion)
         folder = tmp_path / fusion
-        save_checkpoint(folder, model, CheckpointConfig("bundled", CatalogueColumns("c"), {}, model.cfg))
+        tasks = {task: TaskSpec([f"{task}-{i}" for i in range(n)]) for task, n in TASKS.items()}
+        save_checkpoint(folder, model, CheckpointConfig("bundled", CatalogueColumns("c"), tasks, model.cfg))
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file({**state, **extra}, str(folder / "model.safetensors"))
         loaded, _ = load_checkpoint(folder)
@@ -215,6 +216,8 @@ def test_an_absent_text_puts_all_of_the_weight_on_the_image():
         torch.testing.assert_close(absent.logits[task][1:], plain.logits[task][1:])
         assert not torch.allclose(absent.logits[task][0], plain.logits[task][0])
     assert absent_texts(["a tee", " "]).tolist() == [False, True] and absent_texts(["a tee"]) is None
+    assert absent_texts(["\u200b", "\u3000\xa0", "\u200b\u200d\n", "👕", "\u200btee"]).tolist() == [
+        True, True, True, False, False]  # a zero-width space alone reads as no text: the tokenizer drops it
 
 
 @pytest.mark.parametrize("items", [1, 48, 600, 1100])
