@@ -40,7 +40,7 @@ from sklearn.model_selection import StratifiedKFold
 from .backbones import DualEncoder, letterbox
 from .data import Catalogue, CatalogueConfig, CatalogueError
 from .features import Features, default_cache_dir, extract_features, feature_key
-from .runtime import exit_on_sigterm
+from .runtime import exit_on_stop_signals
 
 METHOD = "pca256-logreg-v1"  # part of the queue's cache key: change it when the method changes
 COMPONENTS = 256  # whitened principal components the heads see, at most one per ITEMS_PER_COMPONENT items
@@ -209,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="feature and queue cache (default: $CMA_CLIP_CACHE)")
     parser.add_argument("--data-root", help="where the catalogues live (default: $CMA_CLIP_DATA)")
     args = parser.parse_args(argv)
+    for flag, value, low in (("--top", args.top, 0), ("--folds", args.folds, 2), ("--seed", args.seed, 0)):
+        if value < low:
+            parser.error(f"{flag} must be at least {low}, not {value}")
+    if args.out and Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a folder: give the CSV file to write")
+    if args.sheets and Path(args.sheets).exists() and not Path(args.sheets).is_dir():
+        parser.error(f"--sheets {args.sheets} is a file: give the folder to draw the sheets in")
     from .backbones import shared_backbone
 
     try:
@@ -236,5 +243,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()
+    exit_on_stop_signals()
     sys.exit(main())

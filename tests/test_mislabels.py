@@ -82,3 +82,18 @@ def test_out_of_fold_probabilities(sample, backbone, cache_dir):
     assert np.allclose(probabilities.sum(1), 1)
     with pytest.raises(ValueError, match="fewer than 5 folds"):
         out_of_fold_probabilities(x, np.r_[y[:-4], [3, 3, 3, 3]], folds=5)
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--top", "-1"], "--top must be at least 0, not -1"),  # read as a slice: all but the last suspect
+    (["--folds", "1"], "--folds must be at least 2, not 1"),  # scikit-learn's traceback
+    (["--seed", "-1"], "--seed must be at least 0, not -1"),
+    (["--out", "."], "is a folder: give the CSV file to write"),
+    (["--sheets", __file__], "is a file: give the folder to draw the sheets in"),
+], ids=["top", "folds", "seed", "out-folder", "sheets-file"])
+def test_the_command_line_refuses_options_it_cannot_use_before_any_work(capsys, option, message):
+    from cma_clip.mislabels import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--catalogue", "hm-articles", "--task", "colour_group_name", *option])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
