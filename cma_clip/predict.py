@@ -182,6 +182,8 @@ class Predictor:
     def predict_many(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
         """`predict` for several items at once (one forward and one backward: a server's micro-batch);
         each item's result is the one `predict` gives it alone, up to float rounding."""
+        if not _checked_items(images, texts):
+            return []
         ex = explain(self.model, self.backbone, images, texts, self.max_tokens, single_precision=True)
         predictions = self.predictions(Scores.of(ex.output, ex.blank_photo), top_k, texts)
         maps = ex.output.attention
@@ -212,10 +214,14 @@ class Predictor:
 
     def predict_batch(self, images: list[Image.Image], texts: list[str], top_k: int = 3) -> list[Prediction]:
         """Many items at once, without attention maps."""
+        if not _checked_items(images, texts):
+            return []
         return self.predictions(self.score_batch(images, texts), top_k, texts)
 
     def score_batch(self, images: list[Image.Image], texts: list[str]) -> Scores:
         """Many items' probabilities over every class and modality weights, as arrays."""
+        if not _checked_items(images, texts):
+            raise ValueError("no items to score")
         return self.score_prepared(self.backbone.preprocess(images), self.backbone.tokenize(texts, self.max_tokens),
                                    absent_texts(texts))
 
@@ -237,6 +243,8 @@ class Predictor:
         """Each row of `scores` as a `Prediction`: every task's top-k labels with the checkpoint's thresholds.
         An item whose text is empty (`texts`) or whose photo is blank (`scores.blank_photo`) is never
         auto-accepted: the thresholds hold for items with both (`Prediction.withheld`)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k is how many labels to give per task, at least 1, not {top_k!r}")
         missing = absent_texts(texts) if texts is not None else None  # the model's one rule for "no text"
         absent = missing.tolist() if missing is not None else [False] * len(scores)
         blank = scores.blank_photo.tolist() if scores.blank_photo is not None else [False] * len(scores)
@@ -346,6 +354,20 @@ def _read_shard(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def _checked_items(images: list[Image.Image], texts: list[str]) -> int:
+    """How many items there are, once each is an image with a text (torch's and PIL's errors name
+    neither: "Sizes of tensors must match", "no attribute 'size'")."""
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images and {len(texts)} texts: give one text per image ('' for none)")
+    for i, (image, text) in enumerate(zip(images, texts)):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"item {i}: the image is a {type(image).__name__}, not a PIL image (open files with "
+                            "cma_clip.data.load_image)")
+        if not isinstance(text, str):
+            raise TypeError(f"item {i}: the text is a {type(text).__name__}, not a string ('' for none)")
+    return len(images)
 
 
 def open_for_prediction(config: CheckpointConfig, manifest: str | Path) -> Catalogue:

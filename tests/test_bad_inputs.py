@@ -343,6 +343,28 @@ def test_catalogue_paths_leaving_the_folder_are_refused(tmp_path, image, backbon
     assert not list((tmp_path / "cache" / "features").iterdir())  # no half-built cache entry
 
 
+def test_the_predictor_names_what_is_wrong_with_its_arguments(small_checkpoint):
+    """From Python: torch's and PIL's errors named neither the argument nor the fix ("Sizes of tensors
+    must match", "no attribute 'size'"), and a negative top_k sliced the labels (4 of 5)."""
+    from cma_clip.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(small_checkpoint, "cpu")
+    image = Image.new("RGB", (64, 64), "red")
+    cases = [(lambda: predictor.predict(image, "tee", top_k=0), ValueError, "top_k .* at least 1, not 0"),
+             (lambda: predictor.predict_batch([image], ["tee"], top_k=-1), ValueError, "at least 1, not -1"),
+             (lambda: predictor.predict_many([image, image], ["tee"]), ValueError, "2 images and 1 texts"),
+             (lambda: predictor.predict(None, "tee"), TypeError, "item 0: the image is a NoneType, not a PIL image"),
+             (lambda: predictor.predict_batch([image, "a.jpg"], ["a", "b"]), TypeError, "item 1: the image is a str"),
+             (lambda: predictor.predict(image, None), TypeError, "the text is a NoneType"),
+             (lambda: predictor.score_batch([], []), ValueError, "no items to score")]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert predictor.predict_many([], []) == [] and predictor.predict_batch([], []) == []
+    assert len(predictor.predict(image, "tee", top_k=100).tasks["colour_group_name"].labels) == len(
+        predictor.classes["colour_group_name"])
+
+
 def test_evaluation_counts_unknown_labels_as_wrong_and_names_missing_images(small_checkpoint, cache_dir, tmp_path,
                                                                             capsys):
     rows = hm_rows("test", 6)
