@@ -32,7 +32,7 @@ from .features import Features, extract_features, has_cached_features
 from .metrics import (METRIC_NAMES, mean_metrics, operating_point, task_metrics, threshold_at_precision,
                       threshold_with_confidence)
 from .model import Classifier, CMAOutput
-from .runtime import autocast, default_device, exit_on_sigterm
+from .runtime import autocast, default_device, exit_on_stop_signals
 
 @torch.no_grad()
 def iter_outputs(model: Classifier, features: Features, index: np.ndarray | None = None,
@@ -299,5 +299,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()
+    exit_on_stop_signals()
     sys.exit(main())

@@ -118,12 +118,14 @@ def autocast(device: torch.device, batch_size: int | None = None) -> contextlib.
     return contextlib.nullcontext()
 
 
-def exit_on_sigterm() -> None:
-    """Let SIGTERM (`kill`, torchrun stopping its workers, systemd, Kubernetes) end a command as
-    Ctrl-C does, through its `finally` and `except BaseException` blocks: a feature cache build
-    then removes its unfinished folder (Python's default stops at once, leaving it full size)."""
+def exit_on_stop_signals() -> None:
+    """End a command on SIGTERM (`kill`, torchrun stopping its workers, systemd, Kubernetes) and on
+    Ctrl-C through its `finally` and `except BaseException` blocks, quietly, with the shell's code
+    (143, 130): a feature cache build then removes its unfinished folder (Python's default stops
+    at once on SIGTERM, leaving it full size, and prints a KeyboardInterrupt traceback on Ctrl-C)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, lambda signum, frame: sys.exit(128 + signum))
 
 
 def seed_everything(seed: int) -> None:

@@ -55,7 +55,7 @@ from .evaluate import calibrate, format_table, predict_probabilities, rescore, s
 from .features import Features, extract_features
 from .extra_labels import merge, read_corrections
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
-from .runtime import autocast, exit_on_sigterm, seed_everything
+from .runtime import autocast, exit_on_stop_signals, seed_everything
 
 __all__ = ["STATE_FILE", "TrainConfig", "combine", "main", "parse_config", "train"]
 
@@ -557,5 +557,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()
+    exit_on_stop_signals()
     sys.exit(main())

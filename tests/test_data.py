@@ -210,9 +210,11 @@ def test_prune_removes_the_entries_no_run_read_lately_and_killed_builds(tmp_path
         assert message in capsys.readouterr().err
 
 
-def test_a_training_run_stopped_by_sigterm_leaves_no_unfinished_cache_build(tmp_path):
-    """`kill`, torchrun and Kubernetes stop a run with SIGTERM: it unwinds as Ctrl-C does, and the
-    feature cache it was building is removed instead of staying behind full size."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_training_run_stopped_by_a_signal_leaves_no_unfinished_cache_build_and_no_traceback(tmp_path, stop):
+    """`kill`, torchrun and Kubernetes stop a run with SIGTERM, a person with Ctrl-C (SIGINT): it
+    unwinds quietly with the shell's code, and the feature cache it was building is removed instead
+    of staying behind full size (SIGTERM), without a KeyboardInterrupt traceback (Ctrl-C)."""
     import os
     import signal
     import subprocess
@@ -228,9 +230,9 @@ def test_a_training_run_stopped_by_sigterm_leaves_no_unfinished_cache_build(tmp_
     while not list(cache.glob("features/*.tmp*")) and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.2)
     assert list(cache.glob("features/*.tmp*")), "the run never started building its cache"
-    os.kill(run.pid, signal.SIGTERM)
+    os.kill(run.pid, getattr(signal, stop))
     _, err = run.communicate(timeout=60)
-    assert run.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-800:]
+    assert run.returncode == 128 + getattr(signal, stop) and "Traceback" not in err, err[-800:]
     assert not list(cache.glob("features/*"))
 
 
