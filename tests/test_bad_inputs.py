@@ -442,7 +442,10 @@ def test_damaged_checkpoints_are_refused_and_never_unpickled(small_checkpoint, t
     assert live.is_dir()
     cases = damaged_checkpoints(small_checkpoint, tmp_path / "checkpoints", marker)
     studio = Studio(tmp_path / "checkpoints", data_dir=tmp_path / "data", device="cpu")
-    assert "config-not-json" not in studio.model_names and set(cases) < set(studio.model_names)
+    left_out = {"config-not-json": "not valid JSON", "invalid-model-settings": cases.pop("invalid-model-settings")}
+    assert set(studio.unusable) == set(left_out) and not set(left_out) & set(studio.model_names)  # named, not offered
+    assert all(message in studio.unusable[name] for name, message in left_out.items())
+    assert set(cases) < set(studio.model_names)
     for name, message in cases.items():
         with pytest.raises(StudioError, match=f"Model '{name}' cannot be loaded: .*{message}"):
             studio.predict(str(EXAMPLE_IMAGE), "shirt", name)
