@@ -141,7 +141,16 @@ def test_review_queue_on_a_catalogue_split(studio):
     assert retried.result == "unchanged" and retried.item_id == first.item_id  # the first's answer, nothing
     assert studio.store.count() == saves  # saved onto the item the queue moved to
     studio.review_previous(queue, "ben")
-    other = studio.review_save(queue, "cem", labels)  # another labeler's same labels are theirs: stored
+    current = queue.current
+    with pytest.raises(StudioError, match="This page shows ben's review queue, and you are now cem: nothing was done"):
+        studio.review_save(queue, "cem", labels)  # ben's page, left open in a browser signed in as cem since
+    with pytest.raises(StudioError, match="ben's review queue"):
+        studio.review_next(queue, "cem")
+    assert studio.store.count() == saves and queue.owner == "ben" and queue.current is current
+    assert studio.resume_queue(queue.queue_id, "ben").owner == "ben"
+    cems = studio.review_catalogue("hm-articles", "test", 12, show_decided=True)
+    cems.position = cems.index_of(current.item_id)
+    other = studio.review_save(cems, "cem", labels)  # another labeler's same labels are theirs: stored
     assert other.result == "saved" and studio.store.count() == saves + 1
 
 

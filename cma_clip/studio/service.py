@@ -730,6 +730,7 @@ class Studio:
         predicted again), from its first item to review; a range that keeps no item is refused
         and the queue stays as it was. Kept in the store like any move."""
         with self._queue_lock(queue):
+            self._check_owner(queue, (annotator or "").strip())
             self._arrange(queue, strategy, self._queue_tasks(queue.model, task), min_conf, max_conf, annotator)
             self.keep_queue(queue, annotator)
         return queue
@@ -815,6 +816,9 @@ class Studio:
         if first is not None and self.uploads_dir in first.parents:
             uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
         annotator, position, view = (annotator or "").strip(), max(0, queue.position), queue.view_payload()
+        if annotator:
+            self._check_owner(queue, annotator)
+            queue.owner = queue.owner or annotator
         try:
             if not (queue.stored and self.store.move_queue(queue.queue_id, annotator, position, view)):
                 self.store.save_queue(queue.queue_id, annotator, queue.model, queue.to_payload(), position, view)
@@ -843,6 +847,7 @@ class Studio:
         if saved is None or saved.model not in self.checkpoints:
             return None
         queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position, saved.view)
+        queue.owner = saved.annotator
         annotator = (annotator or "").strip()
         self.refresh(queue, annotator)
         item, owner = queue.current, annotator or saved.annotator
@@ -934,6 +939,8 @@ class Studio:
         `save_id`, so they revert that save or nothing. A request id already stored answers
         with the first undo's result."""
         annotator, rid = self._annotator(annotator), (request_id or "").strip() or None
+        if queue is not None:
+            self._check_owner(queue, annotator)
         try:
             undone = self.store.undo(annotator, force=force, keep_theirs=keep_theirs, request_id=rid, save_id=save_id)
             outcome = UndoOutcome(**undone._asdict(), request_id=rid)
@@ -956,6 +963,7 @@ class Studio:
     def review_previous(self, queue: ReviewQueue, annotator: str | None = None) -> bool:
         """Step back to the item before (decided or not); False at the first item."""
         with self._queue_lock(queue):
+            self._check_owner(queue, (annotator or "").strip())
             moved = queue.back()
             self.refresh(queue, annotator)
             self.keep_queue(queue, annotator)
@@ -964,6 +972,7 @@ class Studio:
     def review_next(self, queue: ReviewQueue, annotator: str | None = None) -> None:
         """Move on without deciding (the item stays pending and comes round again)."""
         with self._queue_lock(queue):
+            self._check_owner(queue, (annotator or "").strip())
             self.refresh(queue, annotator)
             queue.advance()
             self.keep_queue(queue, annotator)
@@ -979,6 +988,7 @@ class Studio:
         The items go in chunks, each one transaction; the batch id is fixed by the queue and
         the filter, so running it again after an interruption stores only what is missing."""
         annotator = self._annotator(annotator)
+        self._check_owner(queue, annotator)
         if queue.split == DISAGREEMENTS:
             raise StudioError("Bulk accept leaves labels people saved alone, and every item of a disagreements "
                               "queue holds theirs: settle each one in the queue.")
@@ -1079,9 +1089,19 @@ class Studio:
     def _decider(self, queue: ReviewQueue, annotator: str | None) -> str:
         """Who decides the queue's current item: anyone named, a reviewer in a disagreements queue."""
         name = self._annotator(annotator)
+        self._check_owner(queue, name)
         if queue.split == DISAGREEMENTS:
             self._reviewer(name)
         return name
+
+    @staticmethod
+    def _check_owner(queue: ReviewQueue, annotator: str) -> None:
+        """Refuse a decision or a move on another annotator's queue: a page left open while its
+        browser signed in as someone else saved that person's labels on it and took the queue over."""
+        if queue.owner and annotator and annotator != queue.owner:
+            raise StudioError(f"This page shows {queue.owner}'s review queue, and you are now {annotator}: nothing "
+                              f"was done. Reload the page to review as {annotator} (your last queue resumes), or "
+                              f"go back to {queue.owner}.")
 
     def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:
         self.refresh(queue, annotator)

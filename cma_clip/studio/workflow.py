@@ -126,6 +126,9 @@ class ReviewQueue:
     pool: list[ReviewItem] = field(default_factory=list)  # every sampled item (default: `items`)
     stored: bool = field(default=False, compare=False)  # its pool is in the label store: a move writes the view only
     wrapped_from: int | None = field(default=None, compare=False)  # where an `advance` that wrapped round left
+    # the annotator it is kept for (its first keep, or the kept queue's); decisions and moves by
+    # another name on it are refused (a page left open while its browser signed in as someone else)
+    owner: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         self.pool = self.pool or list(self.items)
