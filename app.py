@@ -1140,7 +1140,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     task_filter.input(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
     for bound in (min_conf, max_conf):  # typing "0.35" passes through 0.3: re-filter once it is in
         bound.submit(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
-        bound.blur(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
+        # without the pending overlay over the panel: a click that blurs the box (on an Active task
+        # radio, say) would land on it and be lost, and the next key picked for the task before
+        bound.blur(rearrange, arrange_inputs, panel.outputs, api_visibility="private", show_progress="hidden")
     accept.click(accept_item, [*queue_inputs, *slots, request_id, on_screen], panel.outputs, api_name="review_accept")
     skip.click(skip_item, [*queue_inputs, request_id, on_screen], panel.outputs, api_name="review_skip")
     undo.click(undo_last, [panel.queue, shared.annotator, request_id], panel.outputs, api_name="review_undo")

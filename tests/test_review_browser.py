@@ -315,3 +315,17 @@ def test_val_and_test_say_where_their_corrections_go(review_app, browser):
         if split == "test":
             shot(page, "split-note")
     page.context.close()
+
+
+def test_an_active_task_picked_right_after_a_confidence_box_takes_the_click(review_app, browser):
+    """Clicking a radio blurs the box: its re-filter event laid its pending overlay over the panel,
+    the click was lost, and the next key picked a choice for the task before (a label saved on the
+    wrong task, seen by a QA labeler)."""
+    page = open_page(browser, review_app, "radio-tester")
+    load_queue(page, 3)
+    if not page.locator("#review-min-conf input").is_visible():
+        page.get_by_text("Queue: source, order and filters").first.click()
+    for task in ("colour_group_name", "graphical_appearance_name"):
+        page.locator("#review-min-conf input").click()
+        page.locator(f"#review-active-task input[value='{task}']").locator("..").click()
+        expect(page.locator("#review-active-task input:checked")).to_have_value(task, timeout=WAIT)
