@@ -154,6 +154,24 @@ def test_review_queue_on_a_catalogue_split(studio):
     assert other.result == "saved" and studio.store.count() == saves + 1
 
 
+def test_a_second_tab_accepting_the_same_labels_saves_nothing_twice(studio):
+    """Two tabs of one labeler on one item: the second accept stored a copy, which a first undo then
+    reverted into itself ("Gender: Women → Women")."""
+    laptop = studio.review_catalogue("hm-articles", "test", 3)
+    studio.keep_queue(laptop, "ben")
+    phone = studio.resume_queue(laptop.queue_id, "ben")  # the same queue, opened before the laptop's accept
+    seen = studio.current_view(phone).shown
+    labels = laptop.current.predicted()
+    assert studio.review_save(laptop, "ben", labels).result == "saved"
+    again = studio.review_save(phone, "ben", labels, seen)
+    assert again.result == "unchanged" and studio.store.count() == 1
+    changed = dict(labels, colour_group_name=next(c for c in studio.task_classes("hm-articles")["colour_group_name"]
+                                                  if c != labels["colour_group_name"]))
+    phone.position = phone.index_of(again.item_id)
+    stale = studio.review_save(phone, "ben", changed, seen)  # a change over the save it did not see: asked
+    assert stale.result == "conflict" and studio.store.count() == 1
+
+
 def test_previous_after_the_last_item_goes_back_to_it_not_to_the_first(studio):
     """Deciding the last item wraps the queue round to an item left pending earlier: Previous goes
     back to the item just decided (it said "This is the first item of the queue")."""

@@ -886,8 +886,8 @@ class Studio:
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
             standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
-            own = all(_own_label(standing.get(t), label, annotator, shown.versions.get(t))
-                      for t, label in chosen.items())  # e.g. back with Previous, then accept
+            own = all(_own_label(standing.get(t), label, annotator) for t, label in chosen.items())
+            # e.g. back with Previous, then accept; or a second tab of theirs, which saw the item before
             # (a disagreement still open is settled by accepting the label standing: that is a save)
             if own and not new_classes and (
                     not adjudicating or item.item_id not in self.store.open_disagreements(queue.tasks)):
@@ -1178,9 +1178,11 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
     return f"Annotators disagree on {said}. Your save settles it."
 
 
-def _own_label(state: TaskState | None, label: str, annotator: str, seen: int | None) -> bool:
-    """The task stands at the labeler's own human label `label`, as they saw it: saving it again adds nothing."""
-    return (state is not None and state.version == seen and state.label == label and state.annotator == annotator
+def _own_label(state: TaskState | None, label: str, annotator: str) -> bool:
+    """The task stands at the labeler's own human label `label`: saving it again adds nothing,
+    whichever version their screen showed (a second tab stored a copy, which a first undo then
+    "undid" into itself)."""
+    return (state is not None and state.label == label and state.annotator == annotator
             and state.source == "human" and state.status in ("accepted", "corrected"))
 
 
