@@ -172,6 +172,21 @@ def test_a_second_tab_accepting_the_same_labels_saves_nothing_twice(studio):
     assert stale.result == "conflict" and studio.store.count() == 1
 
 
+def test_a_review_save_names_the_tasks_left_pending_and_a_label_too_long_by_its_task(studio):
+    """A box cleared was left out without a word (the item stayed pending); a 499-character label was
+    refused in the store's words ("the 'usage' label in labels")."""
+    queue = studio.review_catalogue("hm-articles", "test", 3)
+    names = studio.display_names("hm-articles")
+    labels = queue.current.predicted()
+    with pytest.raises(StudioError, match=f"The {names['colour_group_name']} label is 499 characters long; a label "
+                                          "has at most 200: nothing was saved"):
+        studio.review_save(queue, "ben", dict(labels, colour_group_name="x" * 499))
+    saved = studio.review_save(queue, "ben", dict(labels, colour_group_name=""))
+    assert saved.result == "saved" and saved.unlabelled == ["colour_group_name"] and studio.store.count() == 1
+    assert (f"No label given for {names['colour_group_name']}: the item stays pending for it"
+            in views.save_message(saved, names))
+
+
 def test_previous_after_the_last_item_goes_back_to_it_not_to_the_first(studio):
     """Deciding the last item wraps the queue round to an item left pending earlier: Previous goes
     back to the item just decided (it said "This is the first item of the queue")."""

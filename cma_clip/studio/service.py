@@ -31,8 +31,8 @@ from ..checkpoint import CheckpointConfig, CheckpointError, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, PhotoIndex,
                     is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import (MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState, UnknownLabel,
-                      content_item_id, request_reused)
+from ..labels import (MAX_LABEL_CHARS, MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState,
+                      UnknownLabel, content_item_id, request_reused)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from . import uploads
@@ -384,11 +384,14 @@ class Studio:
               adjudicated: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
         new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
+        names = self.display_names(model)
         if missing := {t: v for t, v in labels.items() if is_missing(v)}:  # the store would drop them unsaid
-            names = self.display_names(model)
             given = ", ".join(f"{names.get(t, t)} = {v}" for t, v in missing.items())
             raise StudioError(f"{given}: the catalogues and training read this as no label, so nothing was saved. "
                               "Choose a class, or clear the box to give the task no label.")
+        if long := [t for t, v in labels.items() if len(v) > MAX_LABEL_CHARS]:  # the store's words name no task
+            raise StudioError(f"The {names.get(long[0], long[0])} label is {len(labels[long[0]]):,} characters long; "
+                              f"a label has at most {MAX_LABEL_CHARS}: nothing was saved.")
         try:
             result = self.store.save(image=image, text=text, labels=labels, annotator=(annotator or "").strip(),
                                      item_id=item_id, predictions=predictions, checkpoint=model,
@@ -899,6 +902,7 @@ class Studio:
                                  predictions, {t: shown.versions.get(t) for t in chosen}, rid, new_classes, force,
                                  {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating)
             if outcome.result == "saved":
+                outcome.unlabelled = [t for t in queue.tasks if t not in chosen]
                 self._moved_on(queue, annotator)
             elif outcome.result == "conflict":  # someone decided it meanwhile: the queue says so now
                 self.refresh(queue, annotator)

@@ -489,7 +489,10 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     differ = [f"{task_name(t, names=names)} (the catalogue says {code(outcome.catalogue[t])})"
               for t, v in outcome.labels.items() if outcome.catalogue.get(t, v) != v]
     differ_note = f" Not the catalogue's label: {', '.join(differ)}." if differ else ""
-    return f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}{differ_note}"
+    pending = (f" No label given for {', '.join(task_name(t, names=names) for t in outcome.unlabelled)}: the item "
+               "stays pending for it, and comes round again." if outcome.unlabelled else "")
+    return (f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}{differ_note}"
+            f"{pending}")
 
 
 def shown_again(left: str | None, queue: ReviewQueue) -> str:

@@ -287,6 +287,7 @@ class SaveOutcome:
     new_classes: dict[str, str] = field(default_factory=dict)
     annotator: str = ""  # whose decision was stored (with a login on: the signed-in user, whatever was typed)
     catalogue: dict[str, str] = field(default_factory=dict)  # the item's catalogue labels, of the tasks saved
+    unlabelled: list[str] = field(default_factory=list)  # a queue's tasks given no label: they stay pending
 
     @property
     def stored(self) -> bool:
