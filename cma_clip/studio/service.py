@@ -384,14 +384,14 @@ class Studio:
               adjudicated: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
         new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
-        names = self.display_names(model)
         if missing := {t: v for t, v in labels.items() if is_missing(v)}:  # the store would drop them unsaid
-            given = ", ".join(f"{names.get(t, t)} = {v}" for t, v in missing.items())
+            given = ", ".join(f"{self.display_names(model).get(t, t)} = {v}" for t, v in missing.items())
             raise StudioError(f"{given}: the catalogues and training read this as no label, so nothing was saved. "
                               "Choose a class, or clear the box to give the task no label.")
         if long := [t for t, v in labels.items() if len(v) > MAX_LABEL_CHARS]:  # the store's words name no task
-            raise StudioError(f"The {names.get(long[0], long[0])} label is {len(labels[long[0]]):,} characters long; "
-                              f"a label has at most {MAX_LABEL_CHARS}: nothing was saved.")
+            name = self.display_names(model).get(long[0], long[0])
+            raise StudioError(f"The {name} label is {len(labels[long[0]]):,} characters long; a label has at most "
+                              f"{MAX_LABEL_CHARS}: nothing was saved.")
         try:
             result = self.store.save(image=image, text=text, labels=labels, annotator=(annotator or "").strip(),
                                      item_id=item_id, predictions=predictions, checkpoint=model,
