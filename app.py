@@ -35,7 +35,7 @@ from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              StudioError, UndoOutcome, new_id, open_user_image, text_is_cut, views)
-from cma_clip.studio.accounts import AccountsError, Login, login_from_env  # noqa: E402
+from cma_clip.studio.accounts import Login, login_from_env  # noqa: E402
 from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
 
@@ -1545,5 +1545,5 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
 if __name__ == "__main__":
     try:
         serve()
-    except AccountsError as exc:  # a login asked for but not usable: say why, start nothing
+    except CMAClipError as exc:  # a login or a device asked for but not usable: say why, start nothing
         raise SystemExit(f"error: {exc}") from None

@@ -30,7 +30,7 @@ from . import mobilenet
 from .colour import colour_descriptor
 from .data import MAX_DECODED_SIDE, shrink_image, to_8_bits
 from .errors import CMAClipError
-from .runtime import autocast, default_device, keep_freed_memory
+from .runtime import autocast, resolve_device, keep_freed_memory
 
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -488,7 +488,7 @@ def create_backbone(name: str = DEFAULT_BACKBONE, device: str | torch.device | N
     else:
         raise BackboneError(f"unknown backbone {name!r}: use 'bundled', 'bundled+mobilenet_v2' or 'open_clip:MODEL[:PRETRAINED]'")
     backbone.requires_grad_(trainable)
-    device = torch.device(device or default_device())
+    device = resolve_device(device)
     if device.type == "cpu":
         keep_freed_memory()  # a CPU backbone's batches run 1.6x faster (runtime.keep_freed_memory)
     return backbone.to(device)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .runtime import default_device
+from .runtime import resolve_device
 
 
 def setup() -> tuple[int, int, int, torch.device]:
@@ -23,7 +23,7 @@ def setup() -> tuple[int, int, int, torch.device]:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = default_device()
+    device = resolve_device()
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

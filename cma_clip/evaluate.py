@@ -32,7 +32,7 @@ from .features import Features, extract_features, has_cached_features
 from .metrics import (METRIC_NAMES, mean_metrics, operating_point, task_metrics, threshold_at_precision,
                       threshold_with_confidence)
 from .model import Classifier, CMAOutput
-from .runtime import autocast, default_device, exit_on_stop_signals
+from .runtime import autocast, resolve_device, exit_on_stop_signals
 
 @torch.no_grad()
 def iter_outputs(model: Classifier, features: Features, index: np.ndarray | None = None,
@@ -133,7 +133,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
                         zero_shot: bool = False) -> dict:
     """Metrics of a checkpoint on one split of a manifest (see `evaluation_rows`); with
     `zero_shot`, of its CLIP-style alignment alone, classifying by label prompts."""
-    device = device or default_device()
+    device = resolve_device(device)
     model, config = load_checkpoint(checkpoint, device)
     catalogue = Catalogue.open(config.catalogue_on(manifest))
     rows, split = evaluation_rows(catalogue, split, config)
@@ -256,7 +256,7 @@ def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | N
     """Recompute a finished checkpoint's thresholds and val/test reports with the current
     metrics, on the features its training cached; the weights stay as they are. For after a
     change to the metrics: `python -m cma_clip.experiments --rescore` runs it on a study."""
-    device = default_device()
+    device = resolve_device()
     model, config = load_checkpoint(folder, device)
     if config.train.extra_labels or config.train.finetune_backbone:
         raise CheckpointError(f"{folder}: rescoring runs with --extra-labels or --finetune-backbone is not supported")

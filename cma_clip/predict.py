@@ -37,7 +37,7 @@ from .errors import CMAClipError
 from .features import image_batches
 from .model import IMAGE_SIDE, Classifier, absent_texts
 from .relevance import explain, word_relevance, words_of
-from .runtime import autocast, default_device
+from .runtime import autocast, resolve_device
 
 @dataclass
 class TaskPrediction:
@@ -166,7 +166,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> "Predictor":
-        device = torch.device(device) if device else default_device()
+        device = resolve_device(device)
         model, config = load_checkpoint(folder, device)
         return cls(model, config, load_backbone(folder, config, device))
 
@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--decode-workers must be 0 or more")
     if args.engine == "ray":
         return _main_ray(args)
-    rank, world, _, device = distributed.setup()  # several processes under torchrun; else a no-op
     try:
+        rank, world, _, device = distributed.setup()  # several processes under torchrun; else a no-op
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.manifest:
             count = predictor.predict_manifest(args.manifest, args.out, args.batch_size, args.skip_unreadable)

@@ -14,12 +14,31 @@ import threading
 import numpy as np
 import torch
 
+from .errors import CMAClipError
 
-def default_device() -> torch.device:
-    """The GPU when there is one, else the CPU. CMA_CLIP_DEVICE overrides."""
-    if os.environ.get("CMA_CLIP_DEVICE"):
-        return torch.device(os.environ["CMA_CLIP_DEVICE"])
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+class DeviceError(CMAClipError, ValueError):
+    """A device asked for (an argument or CMA_CLIP_DEVICE) that this machine cannot run on."""
+
+
+def resolve_device(spec: str | torch.device | None = None) -> torch.device:
+    """The device asked for, checked; without one, CMA_CLIP_DEVICE, else the GPU when there is one,
+    else the CPU. A device this machine lacks says so here, not as torch's driver error mid-run."""
+    spec = spec or os.environ.get("CMA_CLIP_DEVICE")
+    if not spec:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device {str(spec)!r} is not one torch knows: give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count() > 0:
+        raise DeviceError(f"device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available and not available():
+        raise DeviceError(f"device {device}: torch finds no {device.type.upper()} device on this machine; "
+                          "use cpu (or unset CMA_CLIP_DEVICE)")
+    return device
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -48,6 +48,39 @@ def test_fp32_switch_turns_bf16_off_on_a_gpu_too(monkeypatch):
     assert not bf16_supported(torch.device("cuda"))
 
 
+def test_a_device_this_machine_lacks_is_named_before_anything_runs(monkeypatch):
+    """CMA_CLIP_DEVICE=banana or =cuda on a machine without a GPU raised torch's own errors from
+    deep in a load ("Found no NVIDIA driver on your system"): they are a DeviceError saying what to give."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CMA_CLIP_DEVICE", raising=False)
+    assert runtime.resolve_device() == CPU and runtime.resolve_device("cpu") == CPU
+    for spec, words in (("banana", "not one torch knows: give cpu, cuda or cuda:N"),
+                        ("cuda", "torch finds no CUDA device on this machine"), ("cuda:1", "no CUDA device")):
+        with pytest.raises(runtime.DeviceError, match=words):
+            runtime.resolve_device(spec)
+        monkeypatch.setenv("CMA_CLIP_DEVICE", spec)
+        with pytest.raises(runtime.DeviceError, match=words):
+            runtime.resolve_device()
+        monkeypatch.delenv("CMA_CLIP_DEVICE")
+    assert runtime.resolve_device(torch.device("cpu")) == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime.resolve_device() == torch.device("cuda") and runtime.resolve_device("cuda:1").index == 1
+    with pytest.raises(runtime.DeviceError, match="has 2 GPU"):
+        runtime.resolve_device("cuda:2")
+
+
+def test_the_commands_and_the_app_refuse_a_missing_device_in_one_line(tmp_path):
+    env = {**os.environ, "CMA_CLIP_DEVICE": "banana", "CMA_CLIP_STUDIO_DIR": str(tmp_path / "studio")}
+    root = Path(__file__).resolve().parents[1]
+    for command in (["-m", "cma_clip.predict", "--checkpoint", "checkpoints/hm-articles", "--image",
+                     "assets/hm-0214844001.jpg"], ["app.py"]):
+        run = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode in (1, 2) and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip() == "error: device 'banana' is not one torch knows: give cpu, cuda or cuda:N"
+
+
 FAULTS_OF_A_REUSED_BLOCK = """
 import resource, sys, torch
 from cma_clip.backbones import create_backbone

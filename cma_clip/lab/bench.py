@@ -33,7 +33,7 @@ from ..data import REPO_ROOT, Catalogue, CatalogueConfig, load_image, read_manif
 from ..features import extract_features, image_batches
 from ..model import CMAClip
 from ..predict import Predictor
-from ..runtime import autocast, bf16_supported, decode_threads, default_device, loader_workers
+from ..runtime import autocast, bf16_supported, decode_threads, resolve_device, loader_workers
 from ..train import TrainConfig, train
 from . import studio_speed
 from .studio_speed import CHECKPOINTS, EXAMPLE_IMAGE, EXAMPLE_TEXT, MODEL, interleaved, p50, p95, timed
@@ -338,7 +338,7 @@ def hardware() -> dict[str, Any]:
         model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), model)
     except (OSError, subprocess.SubprocessError):
         pass
-    device = default_device()
+    device = resolve_device()
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
@@ -356,7 +356,7 @@ SECTIONS = ("latency", "app", "startup", "concurrency", "review", "cache", "mani
 
 def run(sizes: Sizes, log: Callable[[str], None] = print, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     """The figures of `sections`; returns the JSON document."""
-    device = default_device()
+    device = resolve_device()
     load_before = os.getloadavg()[0]
     image = load_image(EXAMPLE_IMAGE)
     figures: dict[str, dict] = {}

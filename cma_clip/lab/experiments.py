@@ -45,7 +45,7 @@ from ..metrics import METRIC_NAMES
 from ..model import IMAGE_SIDE, Classifier, CMAOutput
 from ..noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
 from ..robustness import MODES
-from ..runtime import default_device
+from ..runtime import resolve_device
 from ..viz import modality_weight_curves_figure, noise_curves_figure
 from .bench import hardware as machine
 
@@ -361,7 +361,7 @@ def markdown_tables(results: dict) -> str:
 
 
 def run_study(study: Study, command: str) -> dict:
-    device = default_device()
+    device = resolve_device()
     backbone = None
     results = {"command": command, "hardware": hardware(),
                "settings": {"seeds": study.seeds, "epochs": {c: study.epochs_for(c) for c in study.catalogues},

@@ -27,7 +27,7 @@ from ..checkpoint import CheckpointConfig, load_backbone, load_checkpoint
 from ..data import Catalogue, limit_splits, split_indices
 from ..evaluate import THRESHOLD_RULE, item_groups, predict_probabilities, score, task_targets, thresholds_at_90
 from ..features import Features, extract_features
-from ..runtime import default_device
+from ..runtime import resolve_device
 
 REGULARISATION = (0.1, 0.3, 1.0, 3.0)  # logistic regression's C, chosen per task on val
 MIX_WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # the linear model's share in a mix
@@ -128,7 +128,7 @@ def run(checkpoints: list[Path], data_root: str | None = None, cache_dir: str | 
     (.npz): the linear model's probabilities, read from there when it exists (they depend on the
     catalogue only, not on the checkpoints: the features always carry the colour descriptor),
     else fitted and written there."""
-    device = default_device()
+    device = resolve_device()
     models = [load_checkpoint(c, device) for c in checkpoints]
     config: CheckpointConfig = models[0][1]
     if any(c.classes != config.classes for _, c in models):

@@ -34,7 +34,7 @@ from ..checkpoint import (as_stored_in_ensemble, load_backbone, load_checkpoint,
 from ..errors import CMAClipError
 from ..evaluate import THRESHOLD_RULE, predict_probabilities, score
 from ..features import Features, extract_features
-from ..runtime import default_device
+from ..runtime import resolve_device
 from .late_ensembles import mixed, rows_of, scoring_data, val_thresholds
 
 
@@ -111,7 +111,7 @@ def training_seconds(folder: str | Path) -> float:
 
 def run(recipe_folders: list[Path], baseline: Path, max_mb: float = 25.0, max_minutes: float | None = None,
         test: bool = False, data_root: str | None = None, cache_dir: str | None = None, log=print) -> dict:
-    device = default_device()
+    device = resolve_device()
     recipes = [recipe_runs(Path(f)) for f in recipe_folders]
     base_model, config = load_checkpoint(baseline, device)
     catalogue, splits, features, targets, groups = scoring_data(baseline, config, device, data_root, cache_dir)

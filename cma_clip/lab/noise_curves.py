@@ -30,7 +30,7 @@ from ..evaluate import evaluation_rows, item_groups, predict_probabilities, rows
 from ..features import Features, image_batches
 from ..model import Classifier
 from ..noise import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_CORRUPTIONS, corrupt_image, corrupt_text
-from ..runtime import autocast, default_device
+from ..runtime import autocast, resolve_device
 
 FEATURE_DTYPE = np.float16  # as the feature cache keeps them
 
@@ -83,7 +83,7 @@ def corruption_curves(checkpoint: str | Path, items: int = 1000, severities: lis
                       cache_dir: str | Path | None = None, seed: int = 0, log=print) -> dict:
     """{"clean": report, "image"|"text": {kind: {severity: report}}} on a seeded `test` sample of at
     most `items` items; every report is `evaluate.score`'s with the checkpoint's own thresholds."""
-    device = default_device()
+    device = resolve_device()
     model, config = load_checkpoint(checkpoint, device)
     backbone = load_backbone(checkpoint, config, device)
     manifest = config.training_manifest()

@@ -41,7 +41,7 @@ from ..data import Catalogue
 from ..evaluate import calibrate, format_table, predict_probabilities, score
 from ..features import Features, default_cache_dir, image_batches
 from ..model import multitask_loss, no_decay
-from ..runtime import autocast, default_device, seed_everything
+from ..runtime import autocast, resolve_device, seed_everything
 from ..train import SELECTION_METRIC, TrainingData, align, build_model, checkpoint_config, load_data, lr_lambda
 
 
@@ -181,7 +181,7 @@ def run(cfg: TrainConfig, tower: str, layers: int, lr_scale: float, backbone_wei
     "image") trained too, on the backbone with `backbone_weights` (an earlier run's tuned layers)
     if given; returns the val and test reports (thresholds from val) and the timings."""
     seed_everything(cfg.seed)
-    device = default_device()
+    device = resolve_device()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     backbone = create_backbone(cfg.backbone, device)

@@ -34,6 +34,7 @@ from ..errors import CMAClipError
 from ..labels import (MAX_LABEL_CHARS, MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState,
                       UnknownLabel, content_item_id, request_reused)
 from ..predict import Prediction, Predictor, Scores
+from ..runtime import resolve_device
 from ..review import STRATEGIES
 from . import uploads
 from .batching import MicroBatcher
@@ -100,7 +101,7 @@ class Studio:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = LabelStore(self.data_dir / "labels.db")
         self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
-        self.device, self.data_root = device, data_root
+        self.device, self.data_root = resolve_device(device), data_root  # a device this machine lacks fails here
         self.cache_dir, self.catalogue_limit = cache_dir, catalogue_limit
         self._predictors: dict[str, Predictor] = {}
         self._model_locks: dict[str, threading.Lock] = {}
