@@ -481,8 +481,16 @@ def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
             decide()
     assert set(studio.store.open_disagreements()) == {"d-1"} and studio.store.item_state("d-1")[colour].label == blue
     settling = studio.review_disagreements("hm-articles", colour, 10, annotator=" cem ")
+    late = studio.review_disagreements("hm-articles", colour, 10, annotator="dee")  # opened before cem settles
+    late_shown = studio.current_view(late).shown
     assert studio.review_save(settling, "cem", {colour: red}).result == "saved"
     assert not studio.store.open_disagreements()
+    saves = studio.store.count()  # dee rules as cem did: one ruling stands, not two; ruling otherwise conflicts
+    overruled = studio.review_save(late, "dee", {colour: blue}, late_shown)
+    assert overruled.result == "conflict" and overruled.conflicts[0].theirs == red
+    agreed = studio.review_save(late, "dee", {colour: red}, late_shown)
+    assert (agreed.result, studio.store.count()) == ("unchanged", saves)
+    assert views.save_message(agreed).startswith("Item `d-1` was settled by `cem` with these labels meanwhile")
     # ben signs in on the browser cem used: the queue id it kept opens ben's own last queue, not cem's
     assert studio.resume_queue(settling.queue_id, "ben").queue_id == queue.queue_id
     assert studio.store.load_queue(settling.queue_id).annotator == "cem"

@@ -891,12 +891,16 @@ class Studio:
                 raise StudioError("Choose at least one label to save.")
             standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
             own = all(_own_label(standing.get(t), label, annotator) for t, label in chosen.items())
+            # a reviewer whose queue still showed a disagreement another settled, ruling as they did
+            ruled = adjudicating and all(_ruling(standing.get(t), label) for t, label in chosen.items())
             # e.g. back with Previous, then accept; or a second tab of theirs, which saw the item before
             # (a disagreement still open is settled by accepting the label standing: that is a save)
-            if own and not new_classes and (
+            if (own or ruled) and not new_classes and (
                     not adjudicating or item.item_id not in self.store.open_disagreements(queue.tasks)):
                 self._moved_on(queue, annotator)
-                return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid))
+                by = "" if own else ", ".join(sorted({standing[t].annotator for t in chosen}))
+                return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid,
+                                                       annotator=by))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
                            for t, p in item.predictions.items()}
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
@@ -1189,6 +1193,12 @@ def _own_label(state: TaskState | None, label: str, annotator: str) -> bool:
     "undid" into itself)."""
     return (state is not None and state.label == label and state.annotator == annotator
             and state.source == "human" and state.status in ("accepted", "corrected"))
+
+
+def _ruling(state: TaskState | None, label: str) -> bool:
+    """The task stands at a reviewer's ruling `label` on a disagreement."""
+    return (state is not None and state.label == label and state.adjudicated
+            and state.status in ("accepted", "corrected"))
 
 
 def _confidence(value, which: str) -> float | None:

@@ -473,6 +473,9 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
         return conflict_message(outcome.conflicts, names, outcome.kind)
     if outcome.result == "unknown":
         return unknown_message(outcome.unknown, names)
+    if outcome.result == "unchanged" and outcome.annotator:
+        return (f"Item {code(outcome.item_id)} was settled by {code(outcome.annotator)} with these labels "
+                "meanwhile: nothing new saved, moved on.")
     if outcome.result == "unchanged":
         return (f"Item {code(outcome.item_id)} already stands at your labels: nothing new saved, moved on "
                 "(undo reverts your save).")

@@ -270,8 +270,8 @@ class ItemView:
 @dataclass
 class SaveOutcome:
     """What became of a save: `saved`, `duplicate` (the request id was stored already:
-    nothing new), `unchanged` (the item stands at the labeler's own labels: nothing stored, moved
-    on), `conflict` (someone saved another label since the version shown: nothing
+    nothing new), `unchanged` (the item stands at the labeler's own labels, or at a reviewer's
+    ruling of the same labels: nothing stored, moved on), `conflict` (someone saved another label since the version shown: nothing
     stored, both labels in `conflicts`) or `unknown` (labels outside the vocabulary:
     nothing stored, suggestions in `unknown`). Skips are saves of kind "skip"."""
 
@@ -285,7 +285,9 @@ class SaveOutcome:
     kind: str = "label"  # label | skip
     request_id: str | None = None
     new_classes: dict[str, str] = field(default_factory=dict)
-    annotator: str = ""  # whose decision was stored (with a login on: the signed-in user, whatever was typed)
+    # whose decision was stored (with a login on: the signed-in user, whatever was typed); for `unchanged`,
+    # the reviewers whose ruling already stood at these labels (empty: the labeler's own labels)
+    annotator: str = ""
     catalogue: dict[str, str] = field(default_factory=dict)  # the item's catalogue labels, of the tasks saved
     unlabelled: list[str] = field(default_factory=list)  # a queue's tasks given no label: they stay pending
 
