@@ -358,11 +358,6 @@ def examples(models: list[str]) -> list[list[str]]:
                 for r in csv.DictReader(handle) if r["model"] in models]
 
 
-def shared_model_default(studio: Studio) -> str | None:
-    """The model the Model dropdown starts at."""
-    return studio.model_names[0] if studio.model_names else None
-
-
 def operating_figures(studio: Studio, model: str | None) -> str:
     """What auto-accept did on the model's held-out items, per task (issue 14's operating figures)."""
     return views.operating_figures(studio.held_out_metrics(model), studio.display_names(model)) if model else ""
@@ -507,7 +502,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 table = gr.Dataframe(headers=views.PREDICTION_HEADERS, interactive=False, wrap=True,
                                      column_widths=views.PREDICTION_WIDTHS, elem_id="predictions",
                                      label="Predictions (top-1, confidence, auto-accept at the task's threshold)")
-                operating = gr.Markdown(operating_figures(studio, shared_model_default(studio)),
+                operating = gr.Markdown(operating_figures(studio, studio.default_model),
                                         elem_id="operating-figures")
                 with gr.Row():
                     task = gr.Dropdown([], label="Task to explain", elem_id="explain-task")
@@ -1436,7 +1431,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
                       for name in ("annotator", "model", "queue")}
         with gr.Row():
             shared = Shared(
-                model=gr.Dropdown(models, value=shared_model_default(studio), label="Model", scale=2,
+                model=gr.Dropdown(models, value=studio.default_model, label="Model", scale=2,
                                   elem_id="model"),
                 annotator=annotator_box(login),
                 history=gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False,
@@ -1458,7 +1453,9 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
             """What this browser had before the reload: the annotator, the model and the queue
             (a name typed before the page finished loading wins)."""
             annotator_name = (typed_name or "").strip() or annotator_name or ""
-            model_name = model_name if model_name in studio.checkpoints else chosen_model
+            # the model it had, else the one chosen, unless its weights failed to load (known once loaded)
+            model_name = next((m for m in (model_name, chosen_model) if m in studio.checkpoints
+                               and m not in studio.unusable), studio.default_model)
             queue = restore_queue(annotator_name, model_name, queue_id)
             return {shared.annotator: annotator_name if annotator_name != typed_name or login.on else gr.skip(),
                     shared.model: model_name if model_name != chosen_model else gr.skip(),

@@ -59,21 +59,23 @@ def test_checkpoint_folders_that_cannot_serve_are_named_not_listed_or_served_uns
     import shutil
 
     folder = tmp_path / "checkpoints"
-    for name in ("good", "aa-badjson", "ab-tasks-text", "zz-broken"):
+    for name in ("good", "aa-badjson", "ab-tasks-text", "a-broken"):
         shutil.copytree(small_checkpoint, folder / name)
     (folder / "aa-badjson" / "config.json").write_text('{"format": ')
     config = json.loads((folder / "ab-tasks-text" / "config.json").read_text())
     (folder / "ab-tasks-text" / "config.json").write_text(json.dumps({**config, "tasks": "oops"}))
-    weights = folder / "zz-broken" / "model.safetensors"
+    weights = folder / "a-broken" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     studio = Studio(folder, data_dir=tmp_path / "studio", device="cpu")
-    assert studio.model_names == ["good", "zz-broken"]
+    assert studio.default_model == "a-broken"  # not known to be broken before it loads
+    assert studio.model_names == ["a-broken", "good"]
     assert sorted(studio.unusable) == ["aa-badjson", "ab-tasks-text"]
     assert "not valid JSON" in studio.unusable["aa-badjson"] and "invalid settings" in studio.unusable["ab-tasks-text"]
     studio.load_models()
     assert studio.wait_loaded(120)
-    assert "Model 'zz-broken' cannot be loaded" in studio.unusable["zz-broken"] and "good" not in studio.unusable
+    assert "Model 'a-broken' cannot be loaded" in studio.unusable["a-broken"] and "good" not in studio.unusable
     assert studio.predictor("good").tasks
+    assert studio.default_model == "good"  # the first model whose weights load, not the first folder
 
 
 def test_unknown_model(studio):

@@ -125,6 +125,12 @@ class Studio:
     def model_names(self) -> list[str]:
         return list(self.checkpoints)
 
+    @property
+    def default_model(self) -> str | None:
+        """The model a new page starts at: the first whose weights load (as far as `load_models` knows)."""
+        usable = [name for name in self.model_names if name not in self.unusable]
+        return (usable or self.model_names or [None])[0]
+
     def add_checkpoint(self, name: str, folder: str | Path) -> None:
         read_config(folder)
         self.checkpoints[name] = Path(folder)
