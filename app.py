@@ -63,6 +63,21 @@ document.addEventListener("keydown", (event) => {
     button.click(); event.preventDefault();
   }
 });
+// A request refused as unauthenticated (a logout in another tab, a restart with new accounts) failed
+// without a word: a banner says so, and that nothing was done.
+const gradioFetch = window.fetch;
+window.fetch = async (...args) => {
+  const response = await gradioFetch(...args);
+  const url = String(args[0] && args[0].url || args[0]);
+  if (response.status === 401 && url.includes("/gradio_api/") && !document.getElementById("signed-out")) {
+    const banner = document.createElement("div");
+    banner.id = "signed-out"; banner.setAttribute("role", "alert");
+    banner.innerHTML = "You are signed out (a logout in another tab, or the server restarted): this page's " +
+      "last action did nothing. <a href='/'>Sign in again</a> (your queue resumes where you left off).";
+    document.body.prepend(banner);
+  }
+  return response;
+};
 </script>
 """
 # Gradio's files (uploads, outputs): every hour, those older than a day go (and all of them when the
@@ -102,6 +117,9 @@ BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: 
 # Layout that fits a 1366 x 768 laptop and a 412 px phone: tables scroll inside their own box, headers
 # break between words only, and on a narrow screen the Predict tab shows its results before the examples.
 CSS = """
+#signed-out { position: fixed; top: 0; left: 0; right: 0; z-index: 1000; padding: 12px 16px;
+  background: #b91c1c; color: white; font-weight: 700; text-align: center; }
+#signed-out a { color: white; text-decoration: underline; }
 .table-wrap th, .table-wrap th * { word-break: normal !important; overflow-wrap: normal !important;
   hyphens: none !important; }
 .table-wrap td, .table-wrap td *, .body-cell, .body-cell * { word-break: normal !important; }

@@ -31,7 +31,7 @@ def browser():
 
 def watched_page(browser, url: str):
     """A page on `url`, and the list of every URL it requests (filled as it goes)."""
-    page = browser.new_page(viewport={"width": 1500, "height": 1400})
+    page = browser.new_context(viewport={"width": 1500, "height": 1400}).new_page()  # room for a second tab
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
     page.goto(url)
@@ -125,3 +125,15 @@ def test_login_page_refuses_a_wrong_password_and_saves_under_the_signed_in_name(
                    "", api_name="/save_correction")
     entry = studio.store.history(limit=1)[0]
     assert entry["item_id"] == "ben-item" and entry["annotator"] == "ben"
+    # a logout in another tab: this page's next save did nothing without a word; a banner says so
+    expect(page.locator("#signed-out")).to_have_count(0)
+    other = page.context.new_page()
+    other.goto(url)
+    other.locator("#logout").click()
+    expect(other.locator("input[type=password]").first).to_be_visible(timeout=WAIT)
+    saves = studio.store.count()
+    page.locator("#save").click()
+    expect(page.locator("#signed-out")).to_contain_text("You are signed out", timeout=WAIT)
+    expect(page.locator("#signed-out")).to_contain_text("last action did nothing")
+    page.screenshot(path=str(ARTIFACTS / "hostile-login-signed-out.png"))
+    assert studio.store.count() == saves
