@@ -36,7 +36,7 @@ from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              StudioError, UndoOutcome, new_id, open_user_image, text_is_cut, views)
 from cma_clip.studio.accounts import Login, login_from_env  # noqa: E402
-from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED  # noqa: E402
+from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED, SweepStopped  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -1193,7 +1193,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     return panel, restore, loaded_outputs
 
 
-def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Textbox) -> None:
+def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Textbox) -> Callable:
     """The Predict tab's item, corrupted: clean against noisy, sweeps over severities, a catalogue sweep."""
     with gr.Tab("Robustness", id="robustness", elem_id="robustness-tab"):
         gr.Markdown("Corrupt the current image and text (from *Predict*) and compare. Severity 0 is "
@@ -1229,6 +1229,7 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         with gr.Row():
             sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")
             batch_sweep_button = gr.Button("Run batch sweep")
+            stop_sweep_button = gr.Button("Stop", variant="stop", scale=0, elem_id="stop-sweep")
         batch_plot = gr.Plot(label="Accuracy per task and its mean against severity", elem_id="batch-sweep",
                              elem_classes=["chart"])
         batch_csv = gr.File(label="The numbers (CSV)")
@@ -1265,10 +1266,19 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
                                  sweep.corruptions)
 
     @user_errors
-    def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, progress=gr.Progress()):
-        rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value, progress)
+    def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, request: gr.Request,
+                        progress=gr.Progress()):
+        try:
+            rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value, progress,
+                                                session=request.session_hash)
+        except SweepStopped as exc:
+            raise gr.Error(html.escape(str(exc)), title="Stopped", print_exception=False) from None
         return {batch_plot: catalogue_sweep_figure(rows, names=studio.display_names(model_name)),
                 batch_csv: str(path)}
+
+    def stop_sweep(request: gr.Request) -> None:
+        """Stop this page's batch sweep (an API client's: from the same Client) after its current batch."""
+        studio.stop_sweep(request.session_hash)
 
     probe_button.click(probe, [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed],
                        [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
@@ -1281,6 +1291,10 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
                        api_name="sweep_item")
     batch_sweep_button.click(sweep_catalogue, [shared.model, sweep_size, image_noise, text_noise, seed],
                              [batch_plot, batch_csv], api_name="sweep_catalogue")
+    # not behind the queue's busy workers (a sweep may be one of them)
+    stop_sweep_button.click(stop_sweep, None, None, api_name="stop_sweep", concurrency_limit=None,
+                            show_progress="hidden")
+    return stop_sweep
 
 
 def history_tab(studio: Studio, shared: Shared) -> None:
@@ -1462,10 +1476,11 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
         with gr.Tabs() as tabs:
             image, text = predict_tab(studio, shared)
             panel, restore_queue, restored_outputs = review_tab(studio, shared)
-            robustness_tab(studio, shared, image, text)
+            stop_sweep = robustness_tab(studio, shared, image, text)
             history_tab(studio, shared)
         tasks_api(studio)
         typed_inputs(demo)
+        demo.unload(stop_sweep)  # a closed or reloaded tab's batch sweep stops too
 
         def restore(annotator_name, model_name, queue_id, typed_name, chosen_model):
             """What this browser had before the reload: the annotator, the model and the queue

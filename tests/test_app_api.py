@@ -80,3 +80,25 @@ def test_a_broken_checkpoint_gives_a_message_not_a_trace(client, running_app, sm
             client.predict("broken", api_name="/tasks")
     finally:
         studio.checkpoints.pop("broken")
+
+
+def test_a_batch_sweep_stops_when_asked(running_app):
+    """A sweep of 500 items is minutes of both cores: a closed tab or a cancelled client job went on to
+    the end. The page's Stop (an API client's /stop_sweep, from the same Client) ends it after its batch."""
+    import time
+
+    _, studio = running_app
+    client = Client(running_app[0], verbose=False)
+    job = client.submit("hm-articles", 300, "jpeg", "none", 0, api_name="/sweep_catalogue")
+    for _ in range(600):  # until it reports its first batch
+        if (status := job.status()).progress_data:
+            break
+        time.sleep(0.2)
+    assert status.progress_data, "the sweep never reported progress"
+    Client(running_app[0], verbose=False).predict(api_name="/stop_sweep")  # another session's stop: not this sweep
+    time.sleep(1)
+    assert not job.done()
+    client.predict(api_name="/stop_sweep")
+    with pytest.raises(Exception, match="Batch sweep stopped at .*%: a stopped sweep keeps no plot or CSV"):
+        job.result(timeout=120)
+    assert not list((studio.data_dir / "sweeps").glob("*-300-items-*"))

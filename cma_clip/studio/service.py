@@ -59,6 +59,10 @@ class StudioError(CMAClipError, ValueError):
     """A problem the user can fix, worded for the UI."""
 
 
+class SweepStopped(StudioError):
+    """A batch sweep stopped by its user (`Studio.stop_sweep`): nothing of it is kept."""
+
+
 def default_data_dir() -> Path:
     """Where the app keeps its label store and stored images: $CMA_CLIP_STUDIO_DIR or ./studio_data."""
     return Path(os.environ.get("CMA_CLIP_STUDIO_DIR", REPO_ROOT / "studio_data"))
@@ -111,6 +115,7 @@ class Studio:
         self.loading: threading.Thread | None = None
         self.load_seconds: float | None = None
         self._lock = threading.Lock()
+        self._sweeps: dict[str, threading.Event] = {}  # a session -> the stop signal of the batch sweep it runs
         self._queue_locks: dict[str, threading.Lock] = {}
         self._requests: OrderedDict[str, SaveOutcome] = OrderedDict()
         # catalogue -> item id -> its labels, and its split
@@ -1146,9 +1151,12 @@ class Studio:
                                      image_noise, text_noise, _seed(seed))
 
     def catalogue_sweep(self, model: str, size: int, image_noise: str | None, text_noise: str | None,
-                        seed: int = 0, progress: Progress | None = None) -> tuple[list[dict], Path]:
+                        seed: int = 0, progress: Progress | None = None, *,
+                        session: str | None = None) -> tuple[list[dict], Path]:
         """Mean accuracy against severity on a random sample of the model's catalogue's test split (the same
-        items for every seed, which draws the corruptions only; more items keep the fewer's); rows and CSV."""
+        items for every seed, which draws the corruptions only; more items keep the fewer's); rows and CSV.
+        `stop_sweep(session)` stops it between two batches, with SweepStopped (minutes of both cores
+        went on after a tab was closed or a client cancelled)."""
         _check_noise(image_noise, text_noise)
         if not robustness.corruptions(image_noise, text_noise):
             raise StudioError("Choose an image or a text corruption to sweep.")
@@ -1159,11 +1167,37 @@ class Studio:
         except CatalogueError as exc:
             raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
         seed = _seed(seed)
-        rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise, seed, progress)
+        stop = threading.Event()
+
+        def report(fraction: float, step: str) -> None:
+            if stop.is_set():
+                raise SweepStopped(f"Batch sweep stopped at {fraction:.0%}: a stopped sweep keeps no plot or CSV.")
+            if progress is not None:
+                progress(fraction, step)
+
+        if session is not None:
+            with self._lock:
+                if (running := self._sweeps.get(session)) is not None:  # one per page: its sweep before stops
+                    running.set()
+                self._sweeps[session] = stop
+        try:
+            rows = robustness.catalogue_sweep(self.predictor(model), catalogue, image_noise, text_noise, seed, report)
+        finally:
+            with self._lock:
+                if self._sweeps.get(session) is stop:
+                    del self._sweeps[session]
         file_name = f"{model}-{image_noise}-{text_noise}-{size}-items-seed-{seed}.csv"
         path = write_table(self.data_dir / "sweeps" / file_name,
                            [{**row, "accuracy": round(row["accuracy"], 4)} for row in rows], robustness.SWEEP_FIELDS)
         return rows, path
+
+    def stop_sweep(self, session: str) -> bool:
+        """Stop the batch sweep `session` runs, after its current batch; False when it runs none."""
+        with self._lock:
+            stop = self._sweeps.get(session)
+        if stop is not None:
+            stop.set()
+        return stop is not None
 
 
 def _bounds(min_conf, max_conf) -> tuple[float | None, float | None]:
