@@ -40,7 +40,9 @@ from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED, SweepStoppe
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-MAX_UPLOAD = "20mb"
+# any one uploaded file (Gradio refuses a larger one with 413): a zip of a few thousand product photos
+# fits (Label Studio's default is alike); an upload may hold several, up to uploads.MAX_UPLOAD_BYTES
+MAX_UPLOAD = "250mb"
 # Keys outside text fields click the Review tab's buttons (when shown): 1-9 the active task's
 # choices, t the next task, a accept, s or n skip, u undo, p previous (views.KEYS_HELP).
 SHORTCUTS = """

@@ -571,11 +571,17 @@ def test_uploads_stay_in_the_data_folder_under_hashed_names(running_app):
 
 
 def test_upload_size_limit(running_app):
+    """One file up to 250 MB (a zip of a review's photos: at 20 MB, one of 100 photos was refused);
+    a byte more is refused."""
+    import app
+
     url, studio = running_app
     uploads = (studio.data_dir / "uploads").resolve()
     before = {p for p in uploads.rglob("*") if p.is_file()}
-    with httpx.Client(base_url=url, timeout=60) as http:
-        response = http.post("gradio_api/upload", files={"files": ("big.jpg", b"\0" * (21 * 1024 * 1024), "image/jpeg")})
+    assert app.MAX_UPLOAD == "250mb"
+    with httpx.Client(base_url=url, timeout=120) as http:
+        response = http.post("gradio_api/upload", files={"files": ("big.zip", b"\0" * (250 * 1024 * 1024 + 1),
+                                                                   "application/zip")})
     assert response.status_code == 413 and "maximum allowed size" in response.text
     assert {p for p in uploads.rglob("*") if p.is_file()} == before  # the partial file is removed
 

@@ -164,17 +164,74 @@ def test_zip_bomb_is_refused_before_unpacking(tmp_path, monkeypatch):
     assert not list((tmp_path / "uploads").rglob("big.jpg"))
 
 
-def test_uploads_are_removed_when_unused_too_long_or_over_the_storage_cap(tmp_path):
-    root = tmp_path / "uploads"
-    now = time.time()
-    for name, age_h, size in (("old", 80, 10), ("middle", 10, 600), ("recent", 1, 600), ("current", 100, 10)):
+def upload_folders(root: Path, ages: dict[str, tuple[float, int]]) -> None:
+    """An upload folder per name, last used `age` hours ago and holding `size` bytes."""
+    for name, (age_h, size) in ages.items():
         folder = root / name
         folder.mkdir(parents=True)
         (folder / "x.jpg").write_bytes(b"x" * size)
-        os.utime(folder, (now - age_h * 3600,) * 2)
-    removed = uploads.prune(root, keep_ids={"current"}, max_age_s=72 * 3600, max_bytes=1000, now=now)
-    assert removed == ["old", "middle"]  # older than 72 h; then the least recently used until 1000 bytes fit
-    assert sorted(p.name for p in root.iterdir()) == ["current", "recent"]
+        os.utime(folder, (time.time() - age_h * 3600,) * 2)
+
+
+def test_uploads_are_removed_when_unused_too_long_or_over_the_storage_cap(tmp_path):
+    root = tmp_path / "uploads"
+    upload_folders(root, {"old": (80, 10), "middle": (10, 600), "recent": (1.5, 600), "live": (0.2, 500),
+                          "current": (100, 10)})
+    removed = uploads.prune(root, keep_ids={"current"}, max_age_s=72 * 3600, max_bytes=1000)
+    # older than 72 h; then the least recently used until 1000 bytes fit, but not one in use this last hour
+    assert removed == ["old", "middle", "recent"]
+    assert sorted(p.name for p in root.iterdir()) == ["current", "live"]
+    assert uploads.prune(root, keep_ids={"current"}, max_bytes=100) == []  # over the cap, but in use
+
+
+def test_an_upload_that_does_not_fit_beside_the_ones_in_use_is_refused_not_theirs_removed(studio, tmp_path,
+                                                                                          monkeypatch):
+    """Three failed uploads of a 1 MB zip holding 990 MB of zeros each stayed on disk, and the storage cap
+    then removed the images of a queue opened minutes before: its labeler's resume failed."""
+    upload_folders(studio.uploads_dir, {"someone-reviewing": (0.1, 6000)})
+    monkeypatch.setattr(uploads, "UPLOAD_STORAGE_MB", 0.005)
+    images = colour_images(tmp_path)
+    manifest = write_manifest(tmp_path / "items.csv", [["red/1.jpg", "Red tee", "red"]])
+    with pytest.raises(StudioError, match=r"the uploads' storage is full .* the others were used in the last 60 "
+                                          "minutes: nothing was taken"):
+        studio.review_upload(MODEL, str(manifest), [str(images["red"])], annotator="late")
+    assert [p.name for p in studio.uploads_dir.iterdir()] == ["someone-reviewing"]
+
+
+def test_a_failed_upload_leaves_nothing_behind_and_a_huge_member_is_refused_unpacked(studio, tmp_path,
+                                                                                     monkeypatch):
+    manifest = write_manifest(tmp_path / "items.csv", [["imgs/1.jpg", "Tee", "tee"]])
+    archive = tmp_path / "zeros.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("imgs/1.jpg", b"\0" * 3_000_000)  # no image: the queue loads nothing
+    with pytest.raises(StudioError, match="No item could be loaded"):
+        studio.review_upload(MODEL, str(manifest), [str(archive)], annotator="zeros")
+    assert not list(studio.uploads_dir.iterdir())  # its 3 MB went with it
+    monkeypatch.setattr(uploads, "MAX_IMAGE_FILE_BYTES", 1_000_000)
+    with pytest.raises(StudioError, match=r"zeros.zip: imgs/1.jpg unpacks to 3 MB; an image file has at most 1 MB"):
+        studio.review_upload(MODEL, str(manifest), [str(archive)], annotator="zeros")
+    assert not list(studio.uploads_dir.iterdir())
+
+
+def test_a_manifest_repeating_an_item_id_is_refused_and_its_texts_are_cleaned(studio, tmp_path):
+    """Three rows of one id: the first item alone was reviewed, "3 reviewed of 3"; texts kept control
+    characters (an ANSI escape, a NUL) into the label store and its CSV export."""
+    images = colour_images(tmp_path)
+    columns = ["article_id", *COLUMNS]
+    rows = [["dupX", "red/1.jpg", "Red tee", "red"], ["dupX", "blue/1.jpg", "Blue tee", "blue"]]
+    with pytest.raises(StudioError, match=r"1 row repeats an item id: row 2 repeats 'dupX' of row 1\. Items are "
+                                          r"keyed by the 'article_id' column, one row per item: nothing was loaded"):
+        studio.review_upload(MODEL, str(write_manifest(tmp_path / "dup.csv", rows, columns)),
+                             [str(p) for p in images.values()])
+    no_ids = write_manifest(tmp_path / "paths.csv", [["red/1.jpg", "a", "b"], ["./red/1.jpg", "c", "d"]])
+    with pytest.raises(StudioError, match=r"row 2 repeats 'red/1.jpg' of row 1\. Items are keyed by the image path"):
+        studio.review_upload(MODEL, str(no_ids), [str(images["red"])])
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.write(images["red"], "red/1.jpg")
+    noisy = write_manifest(tmp_path / "noisy.csv", [["red/1.jpg", "Line1\nLine2\r\nEsc\x1b[31m red", "bell\x07"]])
+    queue = studio.review_upload(MODEL, str(noisy), [str(archive)], annotator="clean")
+    assert queue.items[0].text == "Line1 Line2 Esc [31m red. bell"
 
 
 def test_a_used_upload_is_kept_and_a_removed_one_is_explained(studio, tmp_path):

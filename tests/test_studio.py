@@ -2,6 +2,8 @@
 import ast
 import csv
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,39 @@ def test_review_queue_on_a_catalogue_split(studio):
     cems.position = cems.index_of(current.item_id)
     other = studio.review_save(cems, "cem", labels)  # another labeler's same labels are theirs: stored
     assert other.result == "saved" and studio.store.count() == saves + 1
+
+
+def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
+    """A queue reads the others' claims, then moves: labelers moving at the same moment were each given
+    the item that looked free, and both labelled it (a QA run: 6 labelers, 60 saves on 57 items).
+    A queue whose claim on the item it moved to fails moves on to the next free one."""
+    ana = studio.review_catalogue("hm-articles", "test", 6, annotator="ana")
+    ben = studio.review_catalogue("hm-articles", "test", 6, annotator="ben")
+    assert [item.item_id for item in ana.items] == [item.item_id for item in ben.items]
+    first, taken = ana.current.item_id, ben.current.item_id
+    assert first != taken and ben.position == 1  # ben's queue steered past the item ana is on
+    monkeypatch.setattr(studio.store, "claims", lambda annotator="": {})  # as read before ben claimed his
+    assert studio.review_save(ana, "ana", ana.current.predicted()).result == "saved"
+    assert ana.current.item_id not in (first, taken) and ana.position == 2
+    monkeypatch.undo()
+    assert studio.store.claims() == {ana.current.item_id: "ana", taken: "ben"}
+    assert "is on this item too" not in views.review_status(ana)
+    # many at once, each on a queue of their own: no item is labelled twice
+    labelers = [f"l{i}" for i in range(4)]
+    queues = {name: studio.review_catalogue("hm-articles", "test", 12, annotator=name) for name in labelers}
+    start = threading.Barrier(len(labelers))
+
+    def label(name: str) -> list[str]:
+        start.wait()
+        return [studio.review_save(queues[name], name, queues[name].current.predicted()).item_id for _ in range(2)]
+
+    with ThreadPoolExecutor(len(labelers)) as pool:
+        saved = [item for items in pool.map(label, labelers) for item in items]
+    assert len(saved) == len(set(saved)) == 2 * len(labelers)
+    # a queue that shows decided items walks every one, for a second label: it does not steer past a claim
+    studio.store.claim(first, "dee")
+    second = studio.review_catalogue("hm-articles", "test", 6, annotator="cem", show_decided=True)
+    assert second.current.item_id == first and "`dee` is on this item too" in views.review_status(second)
 
 
 def test_a_second_tab_accepting_the_same_labels_saves_nothing_twice(studio):

@@ -599,6 +599,10 @@ class Studio:
             raise StudioError(f"The manifest lacks the column{'s' if len(lacking) > 1 else ''} "
                               f"{', '.join(map(repr, lacking))}: it needs the columns {needed} "
                               f"(found {sorted(rows[0])}).")
+        id_column = config.id_column if config.id_column in rows[0] else None
+        item_ids = [(row[id_column].strip() if id_column else "") or uploads.relative_path(row[config.image_column])
+                    for row in rows]
+        _check_unique(item_ids, id_column)
         upload_id = new_id()
         uploads.prune(self.uploads_dir, keep_ids={upload_id})
         try:
@@ -606,34 +610,36 @@ class Studio:
             found, missing = uploads.match(images, [row[config.image_column] for row in rows])
             kept = {i: uploads.keep(images, uploads.relative_path(rows[i][config.image_column]), path)
                     for i, path in found.items()}
+            uploads.discard_unused(images, set(kept.values()))
+            uploads.make_room(self.uploads_dir, upload_id)
         except (uploads.UploadError, OSError) as exc:
             shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
             raise StudioError(f"Cannot take the images: {exc}") from exc
-        uploads.discard_unused(images, set(kept.values()))
-        id_column = config.id_column if config.id_column in rows[0] else None
         notes = [] if id_column or not config.id_column else [
             f"no {config.id_column!r} column: items are keyed by their image path"]
         decided = set() if show_decided else self.store.decided_items(tasks)
         items, left_out = [], 0
-        for number, row in enumerate(rows):
+        for number, (row, item_id) in enumerate(zip(rows, item_ids)):
             if number not in kept:
                 notes.append(f"row {number + 1}: {missing[number]}")
-                continue
-            item_id = (row[id_column].strip() if id_column else "") or uploads.relative_path(row[config.image_column])
-            if item_id in decided:
+            elif item_id in decided:
                 left_out += 1
-                continue
-            catalogue = {t: row[t].strip() for t in predictor.tasks if not is_missing(row.get(t))}
-            items.append((item_id, str(kept[number]), join_text(row, config.text_columns), catalogue))
+            else:  # a manifest's text as the Predict tab takes a typed one: one printable line
+                catalogue = {t: row[t].strip() for t in predictor.tasks if not is_missing(row.get(t))}
+                items.append((item_id, str(kept[number]), clean_text(join_text(row, config.text_columns)), catalogue))
         if left_out:
             notes.append(f"{plural(left_out, 'decided item')} left out")
-        if not items:
+        try:  # an upload no queue holds (none of its items loaded) is removed at once, not left to take room
+            if not items:
+                raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3])
+                                  if not left_out else
+                                  "Every uploaded item is decided. Tick 'show decided items' to review them again.")
+            return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
+                               max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
+                               source=f"upload {Path(manifest_path).name}: {plural(len(rows), 'manifest row')}")
+        except BaseException:
             shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
-            raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3]) if not left_out
-                              else "Every uploaded item is decided. Tick 'show decided items' to review them again.")
-        return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
-                           max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
-                           source=f"upload {Path(manifest_path).name}: {plural(len(rows), 'manifest row')}")
+            raise
 
     def review_mislabels(self, model: str, task: str | None, size: int, progress: Progress | None = None, *,
                          show_decided: bool = False, annotator: str | None = None,
@@ -814,36 +820,66 @@ class Studio:
             decided = self.store.decided_items(queue.tasks)
         claimed = self.store.claims(annotator) if annotator else {}
         for item in queue.pool:
-            if item.item_id in decided:
-                states = self.store.item_state(item.item_id)  # a settled item: the tasks it holds labels on
-                tasks = [t for t in queue.tasks if t in states] if queue.split == DISAGREEMENTS else queue.tasks
-                item.status = _item_status(states, tasks)
-            else:
-                item.status = "pending"
+            item.status = self._decided_status(queue, item.item_id) if item.item_id in decided else "pending"
             item.claimed_by = claimed.get(item.item_id, "")
         return queue
 
-    def keep_queue(self, queue: ReviewQueue, annotator: str | None = None) -> None:
+    def _decided_status(self, queue: ReviewQueue, item_id: str) -> str:
+        """A decided item's status in the queue (a settled disagreement: over the tasks it holds labels on)."""
+        states = self.store.item_state(item_id)
+        tasks = [t for t in queue.tasks if t in states] if queue.split == DISAGREEMENTS else queue.tasks
+        return _item_status(states, tasks)
+
+    def _status_now(self, queue: ReviewQueue, item_id: str) -> str:
+        """One item's status in the queue as the store has it now (`refresh` reads every item's)."""
+        if queue.split == DISAGREEMENTS and item_id in self.store.open_disagreements(queue.tasks):
+            return "pending"
+        return self._decided_status(queue, item_id)
+
+    def keep_queue(self, queue: ReviewQueue, annotator: str | None = None, *, steer: bool = True) -> None:
         """Keep the queue and the labeler's place in it in the store (a reload or a restart resumes it),
         and the labeler's claim on its current item (so other queues steer clear of it); an uploaded
-        queue's images count as used now (`uploads.prune` removes unused ones)."""
+        queue's images count as used now (`uploads.prune` removes unused ones). With `steer` (a move
+        the queue chose, not Previous or an undo's item), a pending item another labeler claimed
+        since the queue read the claims is passed for the next free one: labelers moving at the
+        same moment were all given the one item that looked free to each."""
         first = Path(queue.items[0].image_path) if queue.items else None
         if first is not None and self.uploads_dir in first.parents:
             uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
-        annotator, position, view = (annotator or "").strip(), max(0, queue.position), queue.view_payload()
+        annotator = (annotator or "").strip()
         if annotator:
             self._check_owner(queue, annotator)
             queue.owner = queue.owner or annotator
         try:
+            if annotator and queue.current is not None:
+                self._claim_current(queue, annotator, steer and not queue.show_decided)
+            elif annotator:
+                self.store.release(annotator)
+            position, view = max(0, queue.position), queue.view_payload()
             if not (queue.stored and self.store.move_queue(queue.queue_id, annotator, position, view)):
                 self.store.save_queue(queue.queue_id, annotator, queue.model, queue.to_payload(), position, view)
                 queue.stored = True
-            if annotator and (item := queue.current) is not None:
-                item.claimed_by = self.store.claim(item.item_id, annotator) or ""
-            elif annotator:
-                self.store.release(annotator)
         except LabelStoreError as exc:
             raise StudioError(f"The queue could not be kept: {exc}") from exc
+
+    def _claim_current(self, queue: ReviewQueue, annotator: str, steer: bool) -> None:
+        """Claim the queue's current item for `annotator`; with `steer`, while the pending item moved
+        to is another's, or was decided since the queue read the store, on to the next free pending
+        item (none left: the queue stays on a taken one, or is done)."""
+        while True:
+            item = queue.current
+            known_taken = bool(item.claimed_by)  # the queue moved to a taken item: no free one was left
+            item.claimed_by = self.store.claim(item.item_id, annotator) or ""
+            if not steer or known_taken or item.status != "pending":
+                return
+            if not item.claimed_by and (status := self._status_now(queue, item.item_id)) == "pending":
+                return  # it is this labeler's, and still to decide
+            item.status = status if not item.claimed_by else item.status
+            left = queue.wrapped_from  # where the move began, if it wrapped round: Previous goes back there
+            queue.advance()  # past the items known to be taken or decided, this one now among them
+            queue.wrapped_from = queue.wrapped_from if queue.wrapped_from is not None else left
+            if queue.current is None or queue.current.claimed_by:
+                return
 
     def resume_queue(self, queue_id: str | None = None, annotator: str | None = None,
                      model: str | None = None) -> ReviewQueue | None:
@@ -977,7 +1013,7 @@ class Studio:
                 if index is not None:
                     queue.go_to(index)
                     outcome.in_queue = True
-                self.keep_queue(queue, annotator)
+                self.keep_queue(queue, annotator, steer=False)
         return outcome
 
     def review_previous(self, queue: ReviewQueue, annotator: str | None = None) -> bool:
@@ -986,7 +1022,7 @@ class Studio:
             self._check_owner(queue, (annotator or "").strip())
             moved = queue.back()
             self.refresh(queue, annotator)
-            self.keep_queue(queue, annotator)
+            self.keep_queue(queue, annotator, steer=False)
             return moved
 
     def review_next(self, queue: ReviewQueue, annotator: str | None = None) -> None:
@@ -1200,6 +1236,20 @@ class Studio:
         return stop is not None
 
 
+def _check_unique(item_ids: list[str | None], id_column: str | None) -> None:
+    """Refuse a manifest whose rows repeat an item id: the first row's item alone was reviewed, and
+    the labels of the others would have gone to it."""
+    first: dict[str, int] = {}
+    repeats = [(number, key) for number, key in enumerate(item_ids)
+               if key is not None and first.setdefault(key, number) != number]
+    if repeats:
+        said = "; ".join(f"row {number + 1} repeats {key!r} of row {first[key] + 1}" for number, key in repeats[:3])
+        keyed = f"the {id_column!r} column" if id_column else "the image path (no id column)"
+        raise StudioError(f"{plural(len(repeats), 'row')} repeat{'s' * (len(repeats) == 1)} an item id: {said}"
+                          f"{' …' if len(repeats) > 3 else ''}. Items are keyed by {keyed}, one row per item: "
+                          "nothing was loaded.")
+
+
 def _bounds(min_conf, max_conf) -> tuple[float | None, float | None]:
     """A confidence range as a queue keeps it: None for no bound (0 and 1); refused when empty."""
     min_conf, max_conf = _confidence(min_conf, "minimum"), _confidence(max_conf, "maximum")
@@ -1305,7 +1355,8 @@ def open_user_image(path: str | None) -> Image.Image:
         raise StudioError("Upload a product image (JPEG, PNG, WebP, GIF or BMP).")
     if not Path(path).exists():
         raise StudioError(f"The image {Path(path).name} was not found on the server (uploads are removed "
-                          f"{uploads.UPLOAD_HOURS:g} hours after their last use): upload it again.")
+                          f"{uploads.UPLOAD_HOURS:g} hours after their last use, or after an hour unused when "
+                          "the uploads outgrow their storage): upload it again.")
     try:
         return load_image(path)
     except ImageError as exc:

@@ -7,7 +7,9 @@ matched by path; a separately uploaded file is matched only when its name is una
 (one row names it and one upload carries it). Everything matched is copied into a folder of
 its own, `<root>/<upload id>/<the row's relative path>`, which the review queue's items point
 to (Gradio's own upload cache is emptied on a restart, the queue is not). `prune` removes the
-folders unused for `max_age_s` and the oldest ones over `max_bytes`, at each upload.
+folders unused for `max_age_s`, and the least recently used ones idle for an hour while they
+exceed the storage cap, at each upload; `make_room` refuses an upload that does not fit beside
+the uploads in use (a queue opened minutes ago lost its images to a stranger's upload).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ MAX_UPLOAD_FILES = 10_000  # images in one upload (the manifest's row cap)
 MAX_UPLOAD_BYTES = 1_000_000_000  # one upload, a .zip's members counted unpacked (a zip bomb stops here)
 UPLOAD_HOURS = float(os.environ.get("CMA_CLIP_UPLOAD_HOURS", 72))  # an upload unused this long is removed
 UPLOAD_STORAGE_MB = float(os.environ.get("CMA_CLIP_UPLOAD_MB", 2000))  # all uploads; the oldest go first
+IN_USE_S = 3600  # an upload used this recently is not removed to make room: someone is reviewing it
+MAX_IMAGE_FILE_BYTES = 100_000_000  # one image file: a 40-megapixel photo is a few MB (a zip of zeros is not one)
 
 
 class UploadError(CMAClipError, ValueError):
@@ -89,6 +93,9 @@ def _unzip(archive: Path, images: UploadedImages) -> None:
             if images.size + declared > MAX_UPLOAD_BYTES:
                 raise UploadError(f"{archive.name} unpacks to {declared / 1e6:,.0f} MB; the limit is "
                                   f"{MAX_UPLOAD_BYTES // 1_000_000:,} MB per upload.")
+            if huge := next((m for m in members if m.file_size > MAX_IMAGE_FILE_BYTES), None):
+                raise UploadError(f"{archive.name}: {huge.filename} unpacks to {huge.file_size / 1e6:,.0f} MB; an "
+                                  f"image file has at most {MAX_IMAGE_FILE_BYTES // 1_000_000} MB.")
             images.count(declared)
             for member in members:
                 inside = relative_path(member.filename)
@@ -178,9 +185,36 @@ def touch(folder: Path) -> None:
 def prune(root: Path, keep_ids: set[str] = frozenset(), max_age_s: float = UPLOAD_HOURS * 3600,
           max_bytes: float = UPLOAD_STORAGE_MB * 1e6, now: float | None = None) -> list[str]:
     """Remove the upload folders under `root` unused for `max_age_s`, then the least recently
-    used ones until the rest fit in `max_bytes` (`keep_ids` are kept whatever their age).
-    Returns the ids removed."""
+    used ones idle for `IN_USE_S` until the rest fit in `max_bytes` (`keep_ids` are kept
+    whatever their age). Returns the ids removed."""
     now = time.time() if now is None else now
+    folders = _folders(root)
+    removed, total = [], sum(size for _, size, _ in folders)
+    for used, size, folder in folders:
+        if folder.name in keep_ids:
+            continue
+        if now - used > max_age_s or (total > max_bytes and now - used > IN_USE_S):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+            total -= size
+    return removed
+
+
+def make_room(root: Path, upload_id: str, max_bytes: float | None = None) -> None:
+    """After upload `upload_id` was received: `prune` the others, and refuse it (its folder removed)
+    when the uploads still exceed `max_bytes` (default $CMA_CLIP_UPLOAD_MB), the rest being in use."""
+    max_bytes = UPLOAD_STORAGE_MB * 1e6 if max_bytes is None else max_bytes
+    prune(root, keep_ids={upload_id}, max_bytes=max_bytes)
+    total = sum(size for _, size, _ in _folders(root))
+    if total > max_bytes:
+        shutil.rmtree(root / upload_id, ignore_errors=True)
+        raise UploadError(f"the uploads' storage is full ({total / 1e6:,.0f} MB with this upload, the cap is "
+                          f"{max_bytes / 1e6:,.0f} MB, $CMA_CLIP_UPLOAD_MB) and the others were used in the last "
+                          f"{IN_USE_S // 60} minutes: nothing was taken; upload fewer images, or try again later.")
+
+
+def _folders(root: Path) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, folder) of each upload under `root`, the least recently used first."""
     if not root.is_dir():
         return []
     folders = []
@@ -188,13 +222,4 @@ def prune(root: Path, keep_ids: set[str] = frozenset(), max_age_s: float = UPLOA
         if folder.is_dir() and not folder.is_symlink():
             size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
             folders.append((folder.stat().st_mtime, size, folder))
-    folders.sort()  # least recently used first
-    removed, total = [], sum(size for _, size, _ in folders)
-    for used, size, folder in folders:
-        if folder.name in keep_ids:
-            continue
-        if now - used > max_age_s or total > max_bytes:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-            total -= size
-    return removed
+    return sorted(folders)

@@ -195,9 +195,10 @@ class ReviewQueue:
             self.wrapped_from = left
 
     def should_move_on(self) -> bool:
-        """The current item is decided (and decided items are not shown), or another labeler is on it."""
+        """The current item is decided or another labeler is on it, and decided items are not shown (a
+        queue that shows them walks every item, for a second label on each)."""
         item = self.current
-        return item is not None and (item.claimed_by != "" or not self.show_decided and item.status != "pending")
+        return item is not None and not self.show_decided and (item.claimed_by != "" or item.status != "pending")
 
     def back(self) -> bool:
         """Step back to the item before the current one (decided or not); after an `advance` that
