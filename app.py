@@ -1336,11 +1336,8 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     "the items whose annotators still disagree (the Review tab's Disagreements source settles "
                     "them). The export writes it beside itself, as `<name>.agreement.json`.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
-        def agreement_rows() -> list[list]:  # named: the table's load event is the API's /agreement_rows
-            return views.agreement_rows(studio.agreement(), names)
-
-        agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement",
-                                       value=agreement_rows)
+        # filled when the tab opens (a callable value would add a second public API name for /agreement)
+        agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement")
         gr.Markdown("### Latest saves")
         refresh = gr.Button("Refresh")
         shared.history.render()
@@ -1394,16 +1391,17 @@ def history_tab(studio: Studio, shared: Shared) -> None:
 
     audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]
     audit_outputs = [audit_table, audit_summary, audit_page]
+    # the public events first: a private one named after the same function would take its API name
     audit_button.click(audit, audit_inputs, audit_outputs, api_name="audit")
+    history_button.click(item_history, history_item, item_table, api_name="item_history")
+    agreement_button.click(agreement, None, agreement_table, api_name="agreement")
+    refresh.click(shared.history_rows, None, shared.history, api_name="history")
     tab.select(audit, audit_inputs, audit_outputs, api_visibility="private").then(
-        agreement_rows, None, agreement_table, api_visibility="private").then(
+        agreement, None, agreement_table, api_visibility="private").then(
         shared.history_rows, None, shared.history, api_visibility="private")
     for box in (audit_annotator, audit_search):
         box.submit(audit, audit_inputs, audit_outputs, api_visibility="private")
-    history_button.click(item_history, history_item, item_table, api_name="item_history")
     history_item.submit(item_history, history_item, item_table, api_visibility="private")
-    agreement_button.click(agreement, None, agreement_table, api_name="agreement")
-    refresh.click(shared.history_rows, None, shared.history, api_name="history")
     export_button.click(export_labels, export_format, export_file, api_name="export_labels").success(
         agreement_beside, export_format, agreement_json, api_visibility="private")
     push_button.click(push_labels, None, push_status, api_visibility="private")
@@ -1453,7 +1451,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
     login = login or Login()
     models = studio.model_names
 
-    def history_rows() -> list[list[str]]:  # named: the history table's load event is the API's /history_rows
+    def history_rows() -> list[list[str]]:
         return views.history_rows(studio.history(), studio.display_names())
 
     secret = browser_secret(studio)
@@ -1468,7 +1466,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
                 model=gr.Dropdown(models, value=studio.default_model, label="Model", scale=2,
                                   elem_id="model"),
                 annotator=annotator_box(login),
-                history=gr.Dataframe(headers=views.HISTORY_HEADERS, value=history_rows, interactive=False,
+                history=gr.Dataframe(headers=views.HISTORY_HEADERS, interactive=False,  # filled as agreement is
                                      wrap=True, elem_id="history", render=False, column_widths=views.HISTORY_WIDTHS),
                 history_rows=history_rows, remember_queue=remembered["queue"])
             if login.oauth:

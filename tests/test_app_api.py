@@ -102,3 +102,16 @@ def test_a_batch_sweep_stops_when_asked(running_app):
     with pytest.raises(Exception, match="Batch sweep stopped at .*%: a stopped sweep keeps no plot or CSV"):
         job.result(timeout=120)
     assert not list((studio.data_dir / "sweeps").glob("*-300-items-*"))
+
+
+def test_the_public_endpoints_are_the_ones_the_readme_documents(client):
+    """Each public endpoint is in the README's API table and each one there is served: the tables'
+    load events once added /agreement_rows_1 and /history_rows_1 beside /agreement and /history."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = {name for line in readme.splitlines() if line.startswith("| `/")
+                  for name in re.findall(r"`(/\w+)`", line.split("|")[1])}
+    served = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert served == documented, (sorted(served - documented), sorted(documented - served))
