@@ -10,7 +10,7 @@ from gradio_client.exceptions import AppError
 
 from cma_clip.data import CatalogueConfig, read_manifest
 from cma_clip.labels import LabelStoreError, content_item_id
-from cma_clip.studio import ALL_TASKS, THRESHOLDS, Studio, clean_text
+from cma_clip.studio import ALL_TASKS, THRESHOLDS, Studio, clean_text, views
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, serving
 
 MODEL = "hm-articles"
@@ -553,7 +553,7 @@ def test_agreement_audit_and_export_provenance(review_app):
     table = jo("/agreement")
     row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
     pairs = studio.store.agreement([COLOUR])[COLOUR]
-    assert (row[1], row[2], row[3]) == (pairs["items"], round(pairs["raw"], 3), round(pairs["kappa"], 3))
+    assert (row[1], row[2], row[3]) == (pairs["items"], views.percent(pairs["raw"]), round(pairs["kappa"], 3))
     assert pairs["items"] >= 3 and {"jo", "kim"} <= set(row[4].split(", "))
     # jo and kim share 3 items (other pairs share fewer, and do not count for kappa):
     # p_o = 2/3, p_e = 2/3 * 1/3 + 1/3 * 2/3 = 4/9, kappa = (2/3 - 4/9) / (5/9) = 0.4

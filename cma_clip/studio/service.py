@@ -484,7 +484,10 @@ class Studio:
         item_id = (item_id or "").strip()
         if not item_id:
             raise StudioError("Enter an item id to see its history.")
-        return self.store.item_history(item_id)
+        if not (rows := self.store.item_history(item_id)):  # an empty table said nothing of why
+            raise StudioError(f"No decision on item {item_id!r} yet (ids match exactly; the audit's search "
+                              "finds part of one).")
+        return rows
 
     def agreement(self) -> dict[str, dict]:
         """Per task, raw agreement and Cohen's kappa where two annotators labelled the same item."""

@@ -659,7 +659,8 @@ def agreement_rows(agreement: dict[str, dict], names: dict[str, str] | None = No
     def number(value):
         return "" if value is None else round(value, 3)
 
-    return [[task_name(task, names=names), a["items"], number(a["raw"]), number(a["kappa"]),
+    return [[task_name(task, names=names), a["items"], percent(a["raw"]) if a["raw"] is not None else "",
+             number(a["kappa"]),
              ", ".join(a["annotators"]), a["open_disagreements"]]
             for task, a in agreement.items()]
 
