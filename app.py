@@ -1264,6 +1264,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
         need_item(image_path)
         sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
+        for note in sweep.notes:  # beside the plot, whose flat text curves would read as robustness
+            gr.Info(html.escape(note))
         return item_sweep_figure(sweep.confidence, sweep.image_weight, studio.display_names(model_name),
                                  sweep.corruptions)
 

@@ -20,6 +20,7 @@ from PIL import Image
 from .data import Catalogue, load_image
 from .noise import SEVERITIES, corrupt_image, corrupt_text
 from .predict import Prediction, Predictor, TaskPrediction
+from .relevance import words_of
 
 MODES = ("image", "text", "both")  # which input gets the noise in a sweep
 SWEEP_FIELDS = ("mode", "corruption", "severity", "task", "accuracy", "n", "seed")
@@ -73,15 +74,22 @@ def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str 
     clean = predictor.predict(image, text, top_k)
     noisy = predictor.predict(noisy_image, noisy_text, top_k=max(len(c) for c in predictor.classes.values()))
     kept = {task: probability_of(p, clean.tasks[task].label) for task, p in noisy.tasks.items()}
-    notes = []
-    if _active(text_noise) and not text.strip():
-        notes.append("There is no text to corrupt: the text noise changed nothing.")
-    elif _active(text_noise) and len(clean.words) < len(words := text.split()):
-        notes.append(f"The model reads the first {predictor.max_tokens} tokens of a text: {len(clean.words)} of "
-                     f"these {len(words)} words. The noise on the words after them changes nothing it sees.")
     noisy.tasks = {task: replace(p, labels=p.labels[:top_k], probabilities=p.probabilities[:top_k])
                    for task, p in noisy.tasks.items()}
-    return Probe(clean, noisy, noisy_image, noisy_text, kept, notes)
+    return Probe(clean, noisy, noisy_image, noisy_text, kept, text_noise_notes(predictor, text, text_noise))
+
+
+def text_noise_notes(predictor: Predictor, text: str, text_noise: str | None) -> list[str]:
+    """What a text corruption cannot reach: a text that is empty, or words past what the model reads."""
+    if not _active(text_noise):
+        return []
+    if not text.strip():
+        return ["There is no text to corrupt: the text noise changes nothing (flat text curves)."]
+    seen, words = len(words_of(predictor.backbone, text, predictor.max_tokens)[0]), text.split()
+    if seen < len(words):
+        return [f"The model reads the first {predictor.max_tokens} tokens of a text: {seen} of these "
+                f"{len(words)} words. The noise on the words after them changes nothing it sees."]
+    return []
 
 
 @dataclass
@@ -92,13 +100,14 @@ class ItemSweep:
     confidence: dict[str, dict[str, list[float]]]
     image_weight: dict[str, dict[str, list[float]]]
     corruptions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the text noise could not reach (`text_noise_notes`)
 
 
 def sweep_item(predictor: Predictor, image: Image.Image, text: str, image_noise: str | None,
                text_noise: str | None, seed: int = 0) -> ItemSweep:
     """The item's confidence in its clean predictions and its image weights at every severity, per mode."""
     top_k = max(len(classes) for classes in predictor.classes.values())
-    sweep = ItemSweep({}, {}, corruptions(image_noise, text_noise))
+    sweep = ItemSweep({}, {}, corruptions(image_noise, text_noise), text_noise_notes(predictor, text, text_noise))
     for mode in sweep.corruptions:
         inputs = [_corrupt(image, text, mode, image_noise, text_noise, s, seed) for s in SEVERITIES]
         predictions = predictor.predict_batch([i for i, _ in inputs], [t for _, t in inputs], top_k=top_k)
@@ -144,7 +153,8 @@ def catalogue_sweep(predictor: Predictor, catalogue: Catalogue, image_noise: str
             done += 1
             if progress is not None:
                 step = "clean inputs" if mode is None else f"{mode} noise, severity {severity}"
-                progress(done / total, f"{step}: items {index[-1] + 1}/{len(paths)}")
+                # every corruption runs on a batch before the next batch: the items lead, the step follows
+                progress(done / total, f"items {index[0] + 1}-{index[-1] + 1} of {len(paths)}: {step}")
     counts = {task: sum(label is not None for label in labels[task]) for task in tasks}
     rows = []
     for mode in modes:

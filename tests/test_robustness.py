@@ -96,7 +96,10 @@ def test_strong_corruption_changes_the_inputs_and_compares_every_task(predictor,
 def test_the_probe_says_when_the_text_noise_cannot_reach_what_the_model_reads(predictor, image):
     assert probe(predictor, image, EXAMPLE_TEXT, "none", 0, "typos", 3).notes == []
     empty = probe(predictor, image, "  ", "none", 0, "typos", 3)
-    assert empty.notes == ["There is no text to corrupt: the text noise changed nothing."]
+    assert empty.notes == ["There is no text to corrupt: the text noise changes nothing (flat text curves)."]
+    # the item sweep says it too: its flat text curves read as a model robust to typos
+    assert sweep_item(predictor, image, "", "none", "typos").notes == empty.notes
+    assert sweep_item(predictor, image, EXAMPLE_TEXT, "blur", "typos").notes == []
     long_text = " ".join([EXAMPLE_TEXT] * 20)
     long = probe(predictor, image, long_text, "none", 0, "truncation", 2)
     [note] = long.notes
@@ -169,6 +172,8 @@ def test_catalogue_sweep_covers_every_mode_severity_and_task(predictor, catalogu
     # progress: one call per batch and run (2 batches x (1 clean + 3 modes x 5 severities)), ending at 1
     fractions = [f for f, _ in calls]
     assert len(fractions) == 2 * 16 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    # each line names its batch's items first: the corruption after them changes within a batch
+    assert calls[16][1].startswith("items 5-") and calls[16][1].endswith(": clean inputs")
 
 
 def test_catalogue_sweep_clean_accuracy_matches_direct_prediction(predictor, catalogue, swept):
