@@ -154,6 +154,8 @@ CSS = """
   /* a sweep's 3 x 2 panels keep readable ticks and legends: the chart scrolls sideways instead of shrinking */
   #item-sweep .matplotlib, #batch-sweep .matplotlib { display: block; overflow-x: auto; }
   #item-sweep .matplotlib img, #batch-sweep .matplotlib img { width: 760px; max-width: none; }
+  #item-sweep .matplotlib::before, #batch-sweep .matplotlib::before { content: "Scroll sideways for every panel \\2192";
+    display: block; position: sticky; left: 0; font-size: var(--text-sm); color: var(--block-info-text-color); }
   /* the clean and noisy maps one above the other, at a width their colour bars can be read */
   #probe-maps { flex-wrap: wrap; }
   #probe-maps > * { min-width: 100% !important; }
