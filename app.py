@@ -216,8 +216,8 @@ def written_per_call(image: gr.Image) -> gr.Image:
 
 def typed_inputs(demo: gr.Blocks) -> None:
     """Refuse, with a message naming the field, an API payload of the wrong type for a number,
-    a slider, a text box, a checkbox or a single-choice dropdown, and a number out of its
-    field's bounds. Gradio compares a number's payload with its bounds (`"abc" < 0`: a
+    a slider, a text box, a checkbox, a radio or a single-choice dropdown (or outside its
+    choices), and a number out of its field's bounds. Gradio compares a number's payload with its bounds (`"abc" < 0`: a
     TypeError, shown as a bare "Error"), words a bound without naming the field, turns any
     payload into text for a text box and hands a list sent to a dropdown that takes typed
     values on to the handler. A field of whole numbers (a number of precision 0, a slider of whole
@@ -230,7 +230,7 @@ def typed_inputs(demo: gr.Blocks) -> None:
             kinds, what = (str,), "text"
         elif isinstance(block, gr.Checkbox):
             kinds, what = (bool,), "true or false"
-        elif isinstance(block, gr.Dropdown) and not block.multiselect:
+        elif (isinstance(block, gr.Dropdown) and not block.multiselect) or isinstance(block, gr.Radio):
             kinds, what = (str, int, float), "one value (text or a number)"
         else:
             continue
@@ -258,8 +258,8 @@ def _typed(block: gr.components.Component, kinds: tuple[type, ...], what: str) -
                 raise error(f"{name} must be {bounds}, not {payload!r}.")
         try:
             return original(payload)
-        except gr.Error as exc:  # Gradio's own refusals quote the payload
-            raise error(exc.message) from None
+        except gr.Error as exc:  # Gradio's own refusals quote the payload but name no field
+            raise error(f"{name}: {exc.message.removeprefix('Value: ')}") from None
 
     return preprocess
 

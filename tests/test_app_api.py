@@ -60,7 +60,7 @@ def test_probe_endpoint_compares_clean_and_noisy(client, running_app):
 
 
 def test_probe_rejects_unknown_corruptions(client):
-    with pytest.raises(Exception, match="fog is not in the list of choices"):
+    with pytest.raises(Exception, match="Image corruption: fog is not in the list of choices"):  # names the field
         client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles", "fog", 3, "typos", 1, 0,
                        api_name="/probe")
 

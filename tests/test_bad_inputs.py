@@ -663,7 +663,7 @@ def test_review_endpoints_refuse_bad_input_with_messages(running_app):
         (("", MODEL), "/review_resume", "Enter your name"),
         (("  ",), "/item_history", "Enter an item id"),
         (("no-such-item",), "/item_history", "No decision on item 'no-such-item' yet"),  # was an empty table
-        (("any", "", "done", "any", "", 1), "/audit", "not in the list of choices"),
+        (("any", "", "done", "any", "", 1), "/audit", "Status: done is not in the list of choices"),
     ]
     for args, endpoint, message in cases:
         with pytest.raises(Exception, match=message) as error:

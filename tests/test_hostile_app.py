@@ -311,7 +311,8 @@ BAD_ARGUMENTS = {  # id -> (endpoint, arguments (a str IMAGE becomes an upload),
     "audit-unknown-task": ("/audit", ("bogus", "", "any", "any", "", 1), "No decision names the task 'bogus'; the "
                                                                           "tasks decided: "),
     "item-history-list": ("/item_history", (["x"],), "Item id takes text, not"),
-    "export-format": ("/export_labels", ("xlsx",), "'xlsx'.*is not in the list of choices"),
+    "export-format": ("/export_labels", ("xlsx",), r"Format \(the trainer's manifest format\): 'xlsx'.*is not in "
+                                                   "the list of choices"),
 }
 
 
