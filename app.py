@@ -217,8 +217,9 @@ def written_per_call(image: gr.Image) -> gr.Image:
 def typed_inputs(demo: gr.Blocks) -> None:
     """Refuse, with a message naming the field, an API payload of the wrong type for a number,
     a slider, a text box, a checkbox, a radio or a single-choice dropdown (or outside its
-    choices), and a number out of its field's bounds. Gradio compares a number's payload with its bounds (`"abc" < 0`: a
-    TypeError, shown as a bare "Error"), words a bound without naming the field, turns any
+    choices), and a number out of its field's bounds. Gradio compares a number's payload with
+    its bounds (`"abc" < 0`: a TypeError, shown as a bare "Error"), words a bound or a choice
+    without naming the field, turns any
     payload into text for a text box and hands a list sent to a dropdown that takes typed
     values on to the handler. A field of whole numbers (a number of precision 0, a slider of whole
     steps) refuses a fraction, which Gradio would round without a word; a slider refuses an empty value

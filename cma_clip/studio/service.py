@@ -34,8 +34,8 @@ from ..errors import CMAClipError
 from ..labels import (MAX_LABEL_CHARS, MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState,
                       UnknownLabel, content_item_id, request_reused)
 from ..predict import Prediction, Predictor, Scores
-from ..runtime import resolve_device
 from ..review import STRATEGIES
+from ..runtime import resolve_device
 from . import uploads
 from .batching import MicroBatcher
 from .workflow import (ALL_TASKS, CHOICES_KEPT, DISAGREEMENTS, MISLABELS, SOURCE_ORDER, THRESHOLDS, BulkOutcome,
