@@ -23,6 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from gradio.components.plot import PlotData  # noqa: E402
+from gradio.context import LocalContext  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
@@ -311,6 +312,16 @@ def chart(picture) -> PlotData:
     """A chart `viz` drew as a picture, for a gr.Plot: shown as a static image, as a matplotlib figure
     is, without a figure to lay out and rasterise on each call."""
     return PlotData(type="matplotlib", plot=png_data_url(picture))
+
+
+def event_ended() -> bool:
+    """Whether Gradio has ended the event the calling handler runs for (a client's `job.cancel()`):
+    it cancels the event's task, not a function running in a worker thread, which went on for
+    minutes. Gradio offers no public test; its queue drops the event from its bookkeeping
+    (read defensively: False when it cannot be read)."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    return isinstance(events, dict) and event_id is not None and event_id not in events
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -1275,11 +1286,17 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
     @user_errors
     def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, request: gr.Request,
                         progress=gr.Progress()):
+        def progress_unless_cancelled(fraction: float, step: str) -> None:
+            if event_ended():  # a client's job.cancel(): Gradio ends the event, not the thread running it
+                raise SweepStopped("The batch sweep's client cancelled it.")
+            progress(fraction, step)
+
         try:
-            rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value, progress,
-                                                session=request.session_hash)
-        except SweepStopped as exc:
-            raise gr.Error(html.escape(str(exc)), title="Stopped", print_exception=False) from None
+            rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value,
+                                                progress_unless_cancelled, session=request.session_hash)
+        except SweepStopped as exc:  # the user's own stop: a notice, not an error
+            gr.Warning(html.escape(str(exc)))
+            return {batch_plot: None, batch_csv: None}
         return {batch_plot: catalogue_sweep_figure(rows, names=studio.display_names(model_name)),
                 batch_csv: str(path)}
 

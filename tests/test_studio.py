@@ -186,6 +186,16 @@ def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
         saved = [item for items in pool.map(label, labelers) for item in items]
     assert len(saved) == len(set(saved)) == 2 * len(labelers)
     # a queue that shows decided items walks every one, for a second label: it does not steer past a claim
+    # at a queue's end the items left with others stay theirs (8 labelers once gave one item 8 labels)
+    eve = studio.review_catalogue("hm-articles", "val", 2, annotator="eve")
+    fay = studio.review_catalogue("hm-articles", "val", 2, annotator="fay")
+    assert fay.current.item_id != eve.current.item_id
+    studio.review_save(fay, "fay", fay.current.predicted())
+    assert fay.current is None and [item.item_id for item in fay.waiting_on] == [eve.current.item_id]
+    assert "nothing left for you now: 1 item left is open with `eve`" in views.review_status(fay)
+    studio.store.release("eve")  # eve leaves it: Next finds it
+    studio.review_next(fay, "fay")
+    assert fay.current.item_id == eve.current.item_id and not fay.waiting_on
     studio.store.claim(first, "dee")
     second = studio.review_catalogue("hm-articles", "test", 6, annotator="cem", show_decided=True)
     assert second.current.item_id == first and "`dee` is on this item too" in views.review_status(second)

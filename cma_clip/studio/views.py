@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..checkpoint import readable_name
-from ..labels import Conflict, TaskState, UnknownClass
+from ..labels import CLAIM_MINUTES, Conflict, TaskState, UnknownClass
 from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import modality_chart, modality_shift_chart, scaled_overlay
@@ -345,6 +345,11 @@ def review_status(queue: ReviewQueue | None) -> str:
     if queue is None:
         return ""
     item = queue.current
+    if item is None and (taken := queue.waiting_on) and not queue.show_decided:
+        who = ", ".join(code(name) for name in sorted({item.claimed_by for item in taken if item.claimed_by}))
+        return (review_progress(queue) + f" — nothing left for you now: {plural(len(taken), 'item')} left "
+                f"{'is' if len(taken) == 1 else 'are'} open with {who or 'other labelers'} (a claim lapses "
+                f"{CLAIM_MINUTES:g} minutes after its labeler's last step). Next looks again; Previous goes back.")
     if item is None:
         return review_progress(queue) + " — all done." + ("" if queue.show_decided else
                                                           " Previous (p) goes back; undo (u) reverts.")

@@ -179,9 +179,10 @@ class ReviewQueue:
 
     def advance(self) -> None:
         """Move to the next item to review after the current one: the next pending one no
-        other labeler is on (wrapping round to those passed over; when others are on every
-        pending item, the next pending one), or simply the next one when decided items are
-        shown. Past the last: `current` is None (all done)."""
+        other labeler is on (wrapping round to those passed over), or simply the next one when
+        decided items are shown. Past the last, or when others are on every pending item (a
+        second label on one of theirs, unasked: 8 labelers at a queue's end once gave one item 8):
+        `current` is None (`waiting_on` names them)."""
         n, left = len(self.items), self.position
         self.wrapped_from = None
         if self.show_decided:
@@ -190,9 +191,14 @@ class ReviewQueue:
         following = [(self.position + step) % n for step in range(1, n + 1)]
         pending = [i for i in following if self.items[i].status == "pending"]
         free = (i for i in pending if not self.items[i].claimed_by)
-        self.position = next(free, pending[0] if pending else n)  # n: everything reviewed
+        self.position = next(free, n)  # n: everything reviewed, or the rest is with others
         if self.position < left:  # round to an item passed over: Previous goes back to the one left
             self.wrapped_from = left
+
+    @property
+    def waiting_on(self) -> list[ReviewItem]:
+        """Past the last item: the pending items left, which other labelers are on (empty when all is done)."""
+        return [item for item in self.items if item.status == "pending"] if self.current is None else []
 
     def should_move_on(self) -> bool:
         """The current item is decided or another labeler is on it, and decided items are not shown (a
