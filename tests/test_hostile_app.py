@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -207,6 +208,15 @@ def test_a_failed_upload_leaves_nothing_behind_and_a_huge_member_is_refused_unpa
     with pytest.raises(StudioError, match="No item could be loaded"):
         studio.review_upload(MODEL, str(manifest), [str(archive)], annotator="zeros")
     assert not list(studio.uploads_dir.iterdir())  # its 3 MB went with it
+    images, mixed = colour_images(tmp_path), tmp_path / "mixed.zip"
+    with zipfile.ZipFile(mixed, "w") as bundle:  # one readable image, one not: the queue keeps the first's
+        bundle.write(images["red"], "imgs/1.jpg")
+        bundle.writestr("imgs/2.jpg", b"not an image")
+    two = write_manifest(tmp_path / "two.csv", [["imgs/1.jpg", "Tee", "tee"], ["imgs/2.jpg", "Tee", "tee"]])
+    queue = studio.review_upload(MODEL, str(two), [str(mixed)], annotator="zeros")
+    assert len(queue.items) == 1 and "imgs/2.jpg" in "; ".join(queue.notes)
+    assert [p.name for p in studio.uploads_dir.rglob("*.jpg")] == ["1.jpg"]  # the unreadable one went
+    shutil.rmtree(studio.uploads_dir)
     monkeypatch.setattr(uploads, "MAX_IMAGE_FILE_BYTES", 1_000_000)
     with pytest.raises(StudioError, match=r"zeros.zip: imgs/1.jpg unpacks to 3 MB; an image file has at most 1 MB"):
         studio.review_upload(MODEL, str(manifest), [str(archive)], annotator="zeros")
@@ -231,7 +241,7 @@ def test_a_manifest_repeating_an_item_id_is_refused_and_its_texts_are_cleaned(st
         bundle.write(images["red"], "red/1.jpg")
     noisy = write_manifest(tmp_path / "noisy.csv", [["red/1.jpg", "Line1\nLine2\r\nEsc\x1b[31m red", "bell\x07"]])
     queue = studio.review_upload(MODEL, str(noisy), [str(archive)], annotator="clean")
-    assert queue.items[0].text == "Line1 Line2 Esc [31m red. bell"
+    assert queue.items[0].text == "Line1 Line2 Esc red. bell"  # the whole escape sequence: no "[31m" left
 
 
 def test_a_used_upload_is_kept_and_a_removed_one_is_explained(studio, tmp_path):

@@ -27,6 +27,13 @@ def review_app(checkpoint_dir, tmp_path_factory):
         yield app_and_studio
 
 
+@pytest.fixture(autouse=True)
+def earlier_labelers_left(review_app):
+    """Each scenario starts with the earlier scenarios' labelers gone: their claims last 10 minutes,
+    and a queue leaves the items others are on to them (a small sample could be all taken)."""
+    others_leave(review_app[1], "")
+
+
 class Labeler:
     """One browser session's worth of API calls; each answer as {output label: value}."""
 

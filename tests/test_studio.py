@@ -527,8 +527,11 @@ def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
         with pytest.raises(StudioError, match="for the reviewers"):
             decide()
     assert set(studio.store.open_disagreements()) == {"d-1"} and studio.store.item_state("d-1")[colour].label == blue
+    studio.store.release("ben")  # refused, ben leaves the item his queue had open
     settling = studio.review_disagreements("hm-articles", colour, 10, annotator=" cem ")
     late = studio.review_disagreements("hm-articles", colour, 10, annotator="dee")  # opened before cem settles
+    assert late.current is None and "nothing left for you now" in views.review_status(late)  # cem is on it
+    studio.review_previous(late, "dee")  # dee opens it all the same
     late_shown = studio.current_view(late).shown
     assert studio.review_save(settling, "cem", {colour: red}).result == "saved"
     assert not studio.store.open_disagreements()

@@ -12,6 +12,7 @@ components and wires events.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -637,9 +638,12 @@ class Studio:
                 raise StudioError("None of the manifest's images were uploaded. " + "; ".join(notes[:3])
                                   if not left_out else
                                   "Every uploaded item is decided. Tick 'show decided items' to review them again.")
-            return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
-                               max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
-                               source=f"upload {Path(manifest_path).name}: {plural(len(rows), 'manifest row')}")
+            queue = self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
+                                max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
+                                source=f"upload {Path(manifest_path).name}: {plural(len(rows), 'manifest row')}")
+            for path in set(kept.values()) - {Path(item.image_path) for item in queue.pool}:
+                path.unlink(missing_ok=True)  # an unreadable image: the queue left its row out
+            return queue
         except BaseException:
             shutil.rmtree(self.uploads_dir / upload_id, ignore_errors=True)
             raise
@@ -1367,9 +1371,15 @@ def open_user_image(path: str | None) -> Image.Image:
 
 
 def clean_text(text: str | None, limit: int | None = MAX_TEXT_CHARS) -> str:
-    """Printable text, bounded in length (`limit` characters; None: not): control characters become spaces."""
-    text = "".join(ch if ch.isprintable() else " " for ch in (text or ""))
+    """Printable text, bounded in length (`limit` characters; None: not): terminal escape sequences
+    go whole (their ESC alone left "[31m" behind), other control characters become spaces."""
+    text = ANSI_ESCAPE.sub(" ", text or "")
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
     return " ".join(text.split())[:limit]
+
+
+# a terminal's escape sequences: CSI (colours, "\x1b[31m"), OSC (a window title, ended by BEL or ESC \), others
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 
 
 def text_is_cut(text: str | None) -> bool:
