@@ -1404,8 +1404,10 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         found = agreement_file(studio.export_path(fmt))
         return str(found) if found.is_file() else None
 
-    def push_labels():
-        """Push the label store to $CMA_CLIP_HUB_DATASET with $HF_TOKEN; off unless both are set."""
+    @user_errors
+    def push_labels(_annotator):
+        """Push the label store to $CMA_CLIP_HUB_DATASET with $HF_TOKEN; off unless both are set. With a
+        login on, `user_errors` refuses it to a visitor not signed in (one pushed to the owner's dataset)."""
         try:
             return f"Pushed to {views.plain(hub.push_label_store(studio.store.path, studio.export('jsonl')))}"
         except (hub.HubError, StudioError) as exc:
@@ -1426,7 +1428,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     history_item.submit(item_history, history_item, item_table, api_visibility="private")
     export_button.click(export_labels, export_format, export_file, api_name="export_labels").success(
         agreement_beside, export_format, agreement_json, api_visibility="private")
-    push_button.click(push_labels, None, push_status, api_visibility="private")
+    push_button.click(push_labels, shared.annotator, push_status, api_visibility="private")
 
 
 def tasks_api(studio: Studio) -> None:
@@ -1568,8 +1570,8 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
     UI is built (`Studio.load_models`), and the server starts once they are loaded and warm, so
     its first prediction is as fast as the next ones. `block=True` serves until interrupted;
     `block=False` returns the running app (tests, benchmarks)."""
+    login = login_from_env() if login is None else login  # a login that cannot work stops us first, at once
     studio = default_studio() if studio is None else studio
-    login = login_from_env() if login is None else login
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     if port is None:
         port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))) if block else free_port(host)

@@ -1,12 +1,19 @@
 """Optional Hugging Face Hub features, off by default: a checkpoint from the hub, and
-pushing the label store to a hub dataset. Offline, both fail fast with a clear message."""
+pushing the label store to a hub dataset. Offline, or with a Hub that does not answer, both
+fail within `HUB_DEADLINE_S` with a message in words (huggingface_hub's own client waits
+forever on a silent server: a push hung for minutes, a start-up download for 391 s)."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from .checkpoint import BACKBONE_WEIGHTS, CONFIG, WEIGHTS, CheckpointError, read_config
 from .errors import CMAClipError
+
+HUB_DEADLINE_S = float(os.environ.get("CMA_CLIP_HUB_TIMEOUT", 60))  # one download or push, retries included
+T = TypeVar("T")
 
 
 class HubError(CMAClipError, RuntimeError):
@@ -17,20 +24,19 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
     """Fetch a checkpoint repository's config.json and model.safetensors, and its
     backbone.safetensors when the backbone was fine-tuned; returns its folder."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
+    def fetch() -> Path:
         paths = [hf_hub_download(repo_id, name, revision=revision, etag_timeout=5) for name in (CONFIG, WEIGHTS)]
         folder = Path(paths[0]).parent
         train = read_config(folder).train
         if train.finetune_backbone or train.backbone_weights:
             hf_hub_download(repo_id, BACKBONE_WEIGHTS, revision=revision, etag_timeout=5)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:  # ValueError: a bad repo id
-        raise HubError(f"could not download checkpoint {repo_id!r} from the Hugging Face Hub "
-                       f"(offline or no access): {exc.__class__.__name__}") from exc
+        return folder
+
+    try:
+        return _within_deadline(fetch, f"could not download checkpoint {repo_id!r} from the Hugging Face Hub")
     except CheckpointError as exc:
         raise HubError(f"the hub repository {repo_id!r} is not a CMA-CLIP checkpoint: {exc}") from exc
-    return folder
 
 
 def checkpoint_from_env() -> tuple[str, Path] | None:
@@ -53,13 +59,77 @@ def push_label_store(db_path: str | Path, export_path: str | Path, repo_id: str 
     if not repo_id or not token:
         raise HubError("pushing labels needs CMA_CLIP_HUB_DATASET (a dataset repository) and HF_TOKEN")
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi(token=token)
-    try:
+    def push() -> None:
+        api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
         for path in (Path(db_path), Path(export_path)):
             api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="dataset")
-    except (HfHubHTTPError, OSError, ValueError) as exc:  # ValueError: a bad repo id
-        raise HubError(f"could not push labels to {repo_id!r}: {exc.__class__.__name__}") from exc
+
+    _within_deadline(push, f"could not push labels to {repo_id!r}")
     return f"https://huggingface.co/datasets/{repo_id}"
+
+
+def _within_deadline(call: Callable[[], T], failed: str) -> T:
+    """`call()`'s result, run in a thread of its own for at most `HUB_DEADLINE_S`; a failure to reach
+    or use the Hub is a HubError, `failed` followed by the reason in words. A call past the deadline
+    is left to end in the background (its client has per-request timeouts too, `_hub_client_timeouts`)."""
+    _hub_client_timeouts()
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="hub", daemon=True)
+    worker.start()
+    worker.join(HUB_DEADLINE_S)
+    if worker.is_alive():
+        raise HubError(f"{failed}: the Hub did not answer within {HUB_DEADLINE_S:g} s (CMA_CLIP_HUB_TIMEOUT)")
+    if "error" not in outcome:
+        return outcome["value"]
+    error = outcome["error"]
+    if isinstance(error, CMAClipError):
+        raise error
+    reason = _reason(error)
+    if reason is None:
+        raise error
+    raise HubError(f"{failed}: {reason}") from error
+
+
+def _hub_client_timeouts() -> None:
+    """Give huggingface_hub's shared HTTP client timeouts (it has none: a request to a Hub that
+    accepts the connection and never answers waits forever)."""
+    import httpx2
+    from huggingface_hub import get_session
+
+    get_session().timeout = httpx2.Timeout(30, connect=10)
+
+
+def _reason(error: BaseException) -> str | None:
+    """Why a Hub call failed, in words; None for an error that is no Hub failure (a bug)."""
+    import httpx2
+    from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set, so the Hub is not asked"
+    if isinstance(error, HFValidationError):
+        return "that is not a repository id (owner/name)"
+    if isinstance(error, LocalEntryNotFoundError):
+        return "the Hub could not be reached (offline?) and its files are not in the local cache"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repository, or the token has no access to it"
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(error.response, "status_code", None)
+        words = {401: "the token was refused", 403: "the token may not write there"}.get(status, "the Hub refused it")
+        return f"{words} (HTTP {status})" if status else words
+    if isinstance(error, httpx2.TimeoutException):
+        return "the Hub did not answer in time"
+    if isinstance(error, (httpx2.TransportError, OSError)):
+        return f"the Hub could not be reached (offline?): {error.__class__.__name__}"
+    if isinstance(error, ValueError):
+        return f"the Hub client refused it: {str(error)[:200]}"
+    return None

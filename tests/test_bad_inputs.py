@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -475,6 +476,40 @@ def test_hub_token_is_never_shown_or_logged(tmp_path, monkeypatch, capsys, caplo
     assert all(m.startswith("could not push labels to") for m in messages)
     assert "could not download checkpoint" in out.out
     assert secret not in shown and secret[3:] not in shown
+
+
+def test_a_hub_that_cannot_be_reached_or_does_not_answer_fails_in_words_and_in_time(tmp_path, monkeypatch):
+    """A push to an unreachable Hub raised httpx's ConnectError past the app (no message at all), and
+    against a Hub that accepts connections and never answers it hung for minutes."""
+    import socket
+
+    import huggingface_hub.constants
+
+    (tmp_path / "labels.db").write_bytes(b"")
+    (tmp_path / "export.jsonl").write_text("{}\n")
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(hub.HubError, match=r"could not push labels to 'someone/labels': the Hub could not be "
+                                           r"reached \(offline\?\): ConnectError"):
+        hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "someone/labels")
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(hub, "HUB_DEADLINE_S", 2)
+        start = time.perf_counter()
+        with pytest.raises(hub.HubError, match="the Hub did not answer within 2 s"):
+            hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "someone/labels")
+        assert time.perf_counter() - start < 30
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE is set"):
+        hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "someone/labels")
+    with pytest.raises(hub.HubError, match="not a repository id"):
+        hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "not a valid repo id!!")
 
 
 # ---------------------------------------------------------------------------- the app

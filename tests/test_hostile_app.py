@@ -357,7 +357,9 @@ def test_studio_refuses_bad_numbers_itself(studio):
 
 
 # ---------------------------------------------------------------------- case 8: who may write
-def test_passwords_are_stored_as_scrypt_hashes_and_checked(tmp_path):
+def test_passwords_are_stored_as_scrypt_hashes_and_checked(tmp_path, monkeypatch):
+    from cma_clip.studio import accounts
+
     path = tmp_path / "users.txt"
     add_user(path, "ana", "correct horse")
     add_user(path, "ben", "battery staple")
@@ -368,13 +370,24 @@ def test_passwords_are_stored_as_scrypt_hashes_and_checked(tmp_path):
     assert not users.check("ana", "battery staple") and not users.check("eve", "correct horse")
     assert login_from_env({"CMA_CLIP_USERS": str(path)}).users.hashes == users.hashes
     assert login_from_env({"CMA_CLIP_AUTH": "ana:pw:with:colons"}).users.check("ana", "pw:with:colons")
-    assert login_from_env({"CMA_CLIP_LOGIN": "huggingface"}).oauth
+    space = {"CMA_CLIP_LOGIN": "huggingface", "SPACE_ID": "team/studio", "OAUTH_CLIENT_ID": "id"}
+    monkeypatch.setattr(accounts.importlib.util, "find_spec", lambda name: object())  # gradio[oauth] installed
+    assert login_from_env(space).oauth
     assert not login_from_env({}).on  # off by default
+    path.write_text(path.read_text() * 2)
     for environ, message in (({"CMA_CLIP_AUTH": "no-password"}, "name:password"),
+                             ({"CMA_CLIP_AUTH": "ana:one,ana:two"}, "names ana twice"),  # the last one won
+                             ({"CMA_CLIP_USERS": str(path)}, r"line 3: ana has a line already"),
                              ({"CMA_CLIP_USERS": str(tmp_path / "none.txt")}, "cannot read the users file"),
-                             ({"CMA_CLIP_LOGIN": "ldap"}, "use 'huggingface'")):
+                             ({"CMA_CLIP_LOGIN": "ldap"}, "use 'huggingface'"),
+                             # off a Space, Gradio signs everyone in as the token's owner
+                             ({"CMA_CLIP_LOGIN": "huggingface"}, "works on a Space only"),
+                             ({**space, "OAUTH_CLIENT_ID": ""}, "add 'hf_oauth: true' to the front matter")):
         with pytest.raises(AccountsError, match=message):
             login_from_env(environ)
+    monkeypatch.setattr(accounts.importlib.util, "find_spec", lambda name: None)  # a traceback at launch, before
+    with pytest.raises(AccountsError, match="needs authlib and itsdangerous: add '-r requirements-oauth.txt'"):
+        login_from_env(space)
     path.write_text("ana:plain-password\n")
     with pytest.raises(AccountsError, match="line 1: expected 'name:scrypt"):
         Users.from_file(path)
@@ -424,3 +437,20 @@ def test_with_a_login_saves_go_under_the_signed_in_user_whatever_the_client_send
     client.predict(MODEL, "train", 2, *FILTERS, api_name="/review_catalogue")  # the name left out: it is ana
     assert entry["item_id"] == "login-item" and entry["annotator"] == "ana"
     assert studio.store.latest_queue("ana", MODEL) is not None and studio.store.latest_queue("mallory") is None
+
+
+def test_a_login_that_cannot_work_stops_the_app_at_once_in_one_line(tmp_path):
+    """CMA_CLIP_LOGIN=huggingface off a Space died in Gradio's ImportError traceback and an abort,
+    after the models had loaded (and after a Hub checkpoint's download, minutes on a silent Hub)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CMA_CLIP_LOGIN": "huggingface", "CMA_CLIP_STUDIO_DIR": str(tmp_path / "studio"),
+           "CMA_CLIP_HUB_CHECKPOINT": "team/never-asked"}
+    env.pop("SPACE_ID", None)
+    run = subprocess.run([sys.executable, "app.py"], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().startswith("error: CMA_CLIP_LOGIN=huggingface: Hugging Face sign-in works on a Space "
+                                         "only")
+    assert "never-asked" not in run.stdout + run.stderr  # refused before the studio (and the Hub) was asked

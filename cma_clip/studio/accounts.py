@@ -7,7 +7,9 @@ Off unless configured. `python app.py` reads, in this order:
 - `CMA_CLIP_AUTH=name:password,name2:password2`: plain passwords in the environment (a
   Space's secrets, a test);
 - `CMA_CLIP_LOGIN=huggingface`: Hugging Face OAuth on a Space (`hf_oauth: true` in the
-  Space's README); the app shows Gradio's login button instead.
+  Space's README, and Gradio's OAuth extras: requirements-oauth.txt); the app shows Gradio's
+  login button instead. Refused elsewhere: off a Space, Gradio's stand-in signs every visitor
+  in as the owner of the machine's Hugging Face token.
 
 When a login is on, the annotator of every decision is the signed-in user (app.py).
 """
@@ -17,6 +19,7 @@ import argparse
 import getpass
 import hashlib
 import hmac
+import importlib.util
 import os
 import secrets
 import sys
@@ -84,6 +87,9 @@ class Users:
             if not _valid_name(name) or not stored.startswith("scrypt$") or stored.count("$") != 2:
                 raise AccountsError(f"{path.name}, line {number}: expected 'name:scrypt$salt$hash' (made by "
                                     "`python -m cma_clip.studio.accounts add`)")
+            if name in hashes:
+                raise AccountsError(f"{path.name}, line {number}: {name} has a line already (which password "
+                                    "holds? keep one)")
             hashes[name] = stored
         if not hashes:
             raise AccountsError(f"the users file {path} names no user")
@@ -97,6 +103,8 @@ class Users:
             name, colon, password = pair.partition(":")
             if not colon or not _valid_name(name) or not password:
                 raise AccountsError("CMA_CLIP_AUTH takes 'name:password' pairs separated by commas")
+            if name in hashes:
+                raise AccountsError(f"CMA_CLIP_AUTH names {name} twice (which password holds? keep one)")
             hashes[name] = hash_password(password)
         if not hashes:
             raise AccountsError("CMA_CLIP_AUTH names no user")
@@ -129,10 +137,26 @@ def login_from_env(environ: dict[str, str] | None = None) -> Login:
         return Login(Users.from_pairs(environ["CMA_CLIP_AUTH"]))
     kind = environ.get("CMA_CLIP_LOGIN", "").strip().lower()
     if kind in ("huggingface", "hf", "oauth"):
+        if problem := oauth_problem(environ):
+            raise AccountsError(f"CMA_CLIP_LOGIN={kind}: {problem}")
         return Login(oauth=True)
     if kind not in ("", "none", "off"):
         raise AccountsError(f"CMA_CLIP_LOGIN={kind!r}: use 'huggingface' (or set CMA_CLIP_USERS or CMA_CLIP_AUTH)")
     return Login()
+
+
+def oauth_problem(environ: dict[str, str]) -> str | None:
+    """Why Hugging Face OAuth cannot sign users in here (Gradio failed with a traceback, or off a Space
+    signed everyone in as the token's owner), or None."""
+    if not environ.get("SPACE_ID"):
+        return ("Hugging Face sign-in works on a Space only (off one, Gradio signs every visitor in as the "
+                "owner of this machine's token); use CMA_CLIP_USERS or CMA_CLIP_AUTH here")
+    if not environ.get("OAUTH_CLIENT_ID"):
+        return "the Space has no OAuth app: add 'hf_oauth: true' to the front matter of its README.md"
+    if missing := [name for name in ("authlib", "itsdangerous") if importlib.util.find_spec(name) is None]:
+        return (f"Gradio's OAuth needs {' and '.join(missing)}: add '-r requirements-oauth.txt' to "
+                "requirements.txt (or pip install -r requirements-oauth.txt)")
+    return None
 
 
 def add_user(path: str | Path, name: str, password: str) -> bool:
