@@ -346,7 +346,7 @@ def review_status(queue: ReviewQueue | None) -> str:
         return ""
     item = queue.current
     if item is None and (taken := queue.waiting_on) and not queue.show_decided:
-        who = ", ".join(code(name) for name in sorted({item.claimed_by for item in taken if item.claimed_by}))
+        who = ", ".join(code(name) for name in sorted({other.claimed_by for other in taken if other.claimed_by}))
         return (review_progress(queue) + f" — nothing left for you now: {plural(len(taken), 'item')} left "
                 f"{'is' if len(taken) == 1 else 'are'} open with {who or 'other labelers'} (a claim lapses "
                 f"{CLAIM_MINUTES:g} minutes after its labeler's last step). Next looks again; Previous goes back.")

@@ -278,9 +278,10 @@ class ItemView:
 class SaveOutcome:
     """What became of a save: `saved`, `duplicate` (the request id was stored already:
     nothing new), `unchanged` (the item stands at the labeler's own labels, or at a reviewer's
-    ruling of the same labels: nothing stored, moved on), `conflict` (someone saved another label since the version shown: nothing
-    stored, both labels in `conflicts`) or `unknown` (labels outside the vocabulary:
-    nothing stored, suggestions in `unknown`). Skips are saves of kind "skip"."""
+    ruling of the same labels: nothing stored, moved on), `conflict` (someone saved another
+    label since the version shown: nothing stored, both labels in `conflicts`) or `unknown`
+    (labels outside the vocabulary: nothing stored, suggestions in `unknown`). Skips are saves
+    of kind "skip"."""
 
     result: str
     item_id: str
