@@ -193,6 +193,8 @@ def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
     studio.review_save(fay, "fay", fay.current.predicted())
     assert fay.current is None and [item.item_id for item in fay.waiting_on] == [eve.current.item_id]
     assert "nothing left for you now: 1 item left is open with `eve`" in views.review_status(fay)
+    with pytest.raises(StudioError, match="Nothing is left for you in this queue now"):  # not "finished"
+        studio.review_save(fay, "fay", {"colour_group_name": "Black"})
     studio.store.release("eve")  # eve leaves it: Next finds it
     studio.review_next(fay, "fay")
     assert fay.current.item_id == eve.current.item_id and not fay.waiting_on

@@ -1120,6 +1120,9 @@ class Studio:
 
     def _current(self, queue: ReviewQueue, shown: Shown | None) -> ReviewItem:
         item = queue.current
+        if item is None and queue.waiting_on:
+            raise StudioError("Nothing is left for you in this queue now: the items left are open with other "
+                              "labelers. Next looks again; Previous goes back.")
         if item is None:
             raise StudioError("The queue is finished: load another sample, or go back with Previous.")
         if shown is not None and shown.item_id != item.item_id:
