@@ -185,7 +185,6 @@ def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
     with ThreadPoolExecutor(len(labelers)) as pool:
         saved = [item for items in pool.map(label, labelers) for item in items]
     assert len(saved) == len(set(saved)) == 2 * len(labelers)
-    # a queue that shows decided items walks every one, for a second label: it does not steer past a claim
     # at a queue's end the items left with others stay theirs (8 labelers once gave one item 8 labels)
     eve = studio.review_catalogue("hm-articles", "val", 2, annotator="eve")
     fay = studio.review_catalogue("hm-articles", "val", 2, annotator="fay")
@@ -198,6 +197,7 @@ def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
     studio.store.release("eve")  # eve leaves it: Next finds it
     studio.review_next(fay, "fay")
     assert fay.current.item_id == eve.current.item_id and not fay.waiting_on
+    # a queue that shows decided items walks every one, for a second label: it does not steer past a claim
     studio.store.claim(first, "dee")
     second = studio.review_catalogue("hm-articles", "test", 6, annotator="cem", show_decided=True)
     assert second.current.item_id == first and "`dee` is on this item too" in views.review_status(second)
