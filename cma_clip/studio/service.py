@@ -608,7 +608,7 @@ class Studio:
                     for row in rows]
         _check_unique(item_ids, id_column)
         upload_id = new_id()
-        uploads.prune(self.uploads_dir, keep_ids={upload_id})
+        uploads.prune(self.uploads_dir, keep_ids={upload_id})  # room before the upload is written
         try:
             images = uploads.receive(self.uploads_dir, upload_id, image_paths)
             found, missing = uploads.match(images, [row[config.image_column] for row in rows])
@@ -858,10 +858,10 @@ class Studio:
             self._check_owner(queue, annotator)
             queue.owner = queue.owner or annotator
         try:
-            if annotator and queue.current is not None:
-                self._claim_current(queue, annotator, steer and not queue.show_decided)
-            elif annotator:
+            if annotator and queue.current is None:
                 self.store.release(annotator)
+            elif annotator:
+                self._claim_current(queue, annotator, steer and not queue.show_decided)
             position, view = max(0, queue.position), queue.view_payload()
             if not (queue.stored and self.store.move_queue(queue.queue_id, annotator, position, view)):
                 self.store.save_queue(queue.queue_id, annotator, queue.model, queue.to_payload(), position, view)
@@ -879,9 +879,10 @@ class Studio:
             item.claimed_by = self.store.claim(item.item_id, annotator) or ""
             if not steer or known_taken or item.status != "pending":
                 return
-            if not item.claimed_by and (status := self._status_now(queue, item.item_id)) == "pending":
-                return  # it is this labeler's, and still to decide
-            item.status = status if not item.claimed_by else item.status
+            if not item.claimed_by:  # this labeler's now: still to decide, unless decided since the queue read it
+                item.status = self._status_now(queue, item.item_id)
+                if item.status == "pending":
+                    return
             left = queue.wrapped_from  # where the move began, if it wrapped round: Previous goes back there
             queue.advance()  # past the items known to be taken or decided, this one now among them
             queue.wrapped_from = queue.wrapped_from if queue.wrapped_from is not None else left
@@ -1373,16 +1374,16 @@ def open_user_image(path: str | None) -> Image.Image:
         raise StudioError(str(exc)) from exc
 
 
+# a terminal's escape sequences: CSI (colours, "\x1b[31m"), OSC (a window title, ended by BEL or ESC \), others
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+
+
 def clean_text(text: str | None, limit: int | None = MAX_TEXT_CHARS) -> str:
     """Printable text, bounded in length (`limit` characters; None: not): terminal escape sequences
     go whole (their ESC alone left "[31m" behind), other control characters become spaces."""
     text = ANSI_ESCAPE.sub(" ", text or "")
     text = "".join(ch if ch.isprintable() else " " for ch in text)
     return " ".join(text.split())[:limit]
-
-
-# a terminal's escape sequences: CSI (colours, "\x1b[31m"), OSC (a window title, ended by BEL or ESC \), others
-ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 
 
 def text_is_cut(text: str | None) -> bool:

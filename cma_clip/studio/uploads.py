@@ -187,25 +187,14 @@ def prune(root: Path, keep_ids: set[str] = frozenset(), max_age_s: float = UPLOA
     """Remove the upload folders under `root` unused for `max_age_s`, then the least recently
     used ones idle for `IN_USE_S` until the rest fit in `max_bytes` (`keep_ids` are kept
     whatever their age). Returns the ids removed."""
-    now = time.time() if now is None else now
-    folders = _folders(root)
-    removed, total = [], sum(size for _, size, _ in folders)
-    for used, size, folder in folders:
-        if folder.name in keep_ids:
-            continue
-        if now - used > max_age_s or (total > max_bytes and now - used > IN_USE_S):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-            total -= size
-    return removed
+    return _prune(root, keep_ids, max_age_s, max_bytes, now)[0]
 
 
 def make_room(root: Path, upload_id: str, max_bytes: float | None = None) -> None:
     """After upload `upload_id` was received: `prune` the others, and refuse it (its folder removed)
     when the uploads still exceed `max_bytes` (default $CMA_CLIP_UPLOAD_MB), the rest being in use."""
     max_bytes = UPLOAD_STORAGE_MB * 1e6 if max_bytes is None else max_bytes
-    prune(root, keep_ids={upload_id}, max_bytes=max_bytes)
-    total = sum(size for _, size, _ in _folders(root))
+    _, total = _prune(root, {upload_id}, UPLOAD_HOURS * 3600, max_bytes)
     if total > max_bytes:
         shutil.rmtree(root / upload_id, ignore_errors=True)
         raise UploadError(f"the uploads' storage is full ({total / 1e6:,.0f} MB with this upload, the cap is "
@@ -213,13 +202,21 @@ def make_room(root: Path, upload_id: str, max_bytes: float | None = None) -> Non
                           f"{IN_USE_S // 60} minutes: nothing was taken; upload fewer images, or try again later.")
 
 
-def _folders(root: Path) -> list[tuple[float, int, Path]]:
-    """(last use, bytes, folder) of each upload under `root`, the least recently used first."""
-    if not root.is_dir():
-        return []
-    folders = []
-    for folder in root.iterdir():
+def _prune(root: Path, keep_ids: set[str], max_age_s: float, max_bytes: float,
+           now: float | None = None) -> tuple[list[str], int]:
+    """`prune`, in one walk of the uploads: the ids removed and the bytes the rest hold."""
+    now = time.time() if now is None else now
+    folders = []  # (last use, bytes, folder), the least recently used first
+    for folder in root.iterdir() if root.is_dir() else []:
         if folder.is_dir() and not folder.is_symlink():
             size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
             folders.append((folder.stat().st_mtime, size, folder))
-    return sorted(folders)
+    removed, total = [], sum(size for _, size, _ in folders)
+    for used, size, folder in sorted(folders):
+        if folder.name in keep_ids:
+            continue
+        if now - used > max_age_s or (total > max_bytes and now - used > IN_USE_S):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+            total -= size
+    return removed, total
