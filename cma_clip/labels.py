@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sqlite3
 import threading
 import unicodedata
@@ -793,14 +794,29 @@ def agreement_file(export: str | Path) -> Path:
     return export.with_name(f"{export.stem}.agreement.json")
 
 
-def close_classes(value: str, classes: Iterable[str]) -> list[str]:
-    """Classes `value` may be a typo of, closest first: equal to it but for case, spaces,
-    '-' and '_', or within 2 edits of it (a swap of neighbours is one edit; 1 edit for
-    names of 3 to 5 characters and none below, where everything is a couple of edits apart)."""
-    key = _class_key(value)
+def close_classes(value: str, classes: Iterable[str], most: int = 5) -> list[str]:
+    """Classes `value` may be a typo or a start of, closest first (at most `most`): equal to it but for
+    case, spaces, '-' and '_', or within 2 edits of it (a swap of neighbours is one edit; 1 edit for
+    names of 3 to 5 characters and none below, where everything is a couple of edits apart); then, for
+    3 characters or more, the classes it begins ("Wint": Winter, "Navy": Navy Blue) or begins a later
+    word of ("Melange": Grey Melange), shortest first: a labeler who typed the start of a class and
+    saved before the dropdown completed it meant that class, not a new one."""
+    key, classes = _class_key(value), set(classes)
+    if value in classes:
+        return []
     limit = min(2, len(key) // 3)
-    scored = ((_edit_distance(key, _class_key(c), limit), c) for c in set(classes) if c != value)
-    return [c for distance, c in sorted(scored) if distance <= limit]
+    scored = sorted((_edit_distance(key, _class_key(c), limit), c) for c in classes)
+    typos = [c for distance, c in scored if distance <= limit]
+    starts = []
+    if len(key) >= 3 and not (scored and scored[0][0] == 0):  # none when a class is this one, spelled otherwise
+        starts = sorted((c for c in classes if c not in typos and _begins(key, c)), key=lambda c: (len(c), c))
+    return (typos + starts)[:most]
+
+
+def _begins(key: str, name: str) -> bool:
+    """Whether `key` (a `_class_key`) begins the class `name` or one of its later words."""
+    words = re.split(r"[\s_-]+", unicodedata.normalize("NFKC", name).casefold())
+    return _class_key(name).startswith(key) or any(word.startswith(key) for word in words[1:])
 
 
 def _content_id(sha: str, text: str) -> str:

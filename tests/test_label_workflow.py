@@ -372,6 +372,16 @@ def test_close_classes():
     assert close_classes("Blue", classes) == []  # itself is no suggestion
     assert close_classes("Blak", ["Black", "Blake", "Blue"]) == ["Black", "Blake"]
     assert close_classes("ＮＡＶＹ　ＢＬＵＥ", classes) == ["Navy Blue"]  # full-width, as a CJK keyboard types it
+    # the start of a class, saved before the dropdown completed it (QA, session 32: "Wint" had no suggestion)
+    assert close_classes("Wint", ["Winter", "Summer", "Spring"]) == ["Winter"]
+    assert close_classes("navy", classes) == ["Navy Blue"]
+    assert close_classes("blue", classes) == ["Blue"]  # that class, spelled otherwise: no more
+    assert close_classes("Bl", classes) == []  # under 3 characters: too many classes begin so
+    assert close_classes("whi", classes) == ["Off White"]  # the start of a later word
+    assert close_classes("Gre", ["Grey", "Grey Melange", "Green", "Dark Green"]) == ["Grey", "Green", "Dark Green",
+                                                                                     "Grey Melange"]
+    assert close_classes("Gray", ["Grey", "Grey Melange", "Light Grey"]) == ["Grey"]
+    assert close_classes("Size", [f"Size {n}" for n in range(20, 0, -1)]) == [f"Size {n}" for n in range(1, 6)]
 
 
 # ---------------------------------------------------------------------------- state and queue
