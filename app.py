@@ -92,6 +92,23 @@ SCROLL_TO_ANNOTATOR = """(...args) => {
   if (box && !box.value.trim()) box.scrollIntoView({block: 'center'});
   return args;
 }"""
+# A review decision or move (Accept, Skip, Undo, Previous, Next, a conflict's choices): on a narrow screen (a
+# phone) the item sits far above these buttons, so the next item is brought into view; a refusal (the item stays)
+# brings its message into view, on any screen. The item on screen before is read off the progress line.
+REVIEW_ITEM = "document.getElementById('review-progress')?.innerText.match(/item (\\S+) \\(/)?.[1]"
+REVIEW_BEFORE = f"""(...args) => {{
+  window.reviewItemBefore = {REVIEW_ITEM};
+  return ({SCROLL_TO_ANNOTATOR})(...args);
+}}"""
+REVIEW_AFTER = f"""() => {{
+  const name = document.querySelector('#annotator textarea, #annotator input');
+  if (name && !name.value.trim()) return;  // the Annotator box is in view, with its message
+  if ({REVIEW_ITEM} === window.reviewItemBefore) {{
+    document.getElementById('review-status')?.scrollIntoView({{block: 'nearest'}});
+  }} else if (window.innerWidth < 768) {{
+    document.getElementById('review-progress')?.scrollIntoView({{block: 'start'}});
+  }}
+}}"""
 # After an example's click, on a narrow screen (results stacked above the examples), its prediction comes into view.
 SCROLL_TO_RESULTS = """(...args) => {
   if (window.innerWidth < 768) document.getElementById('predict-results')?.scrollIntoView({block: 'start'});
@@ -1172,14 +1189,22 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         # without the pending overlay over the panel: a click that blurs the box (on an Active task
         # radio, say) would land on it and be lost, and the next key picked for the task before
         bound.blur(rearrange, arrange_inputs, panel.outputs, api_visibility="private", show_progress="hidden")
-    accept.click(accept_item, [*queue_inputs, *slots, request_id, on_screen], panel.outputs, api_name="review_accept")
-    skip.click(skip_item, [*queue_inputs, request_id, on_screen], panel.outputs, api_name="review_skip")
-    undo.click(undo_last, [panel.queue, shared.annotator, request_id], panel.outputs, api_name="review_undo")
-    previous.click(previous_item, [panel.queue, shared.annotator], panel.outputs, api_name="review_previous")
-    forward.click(next_item, [panel.queue, shared.annotator, on_screen], panel.outputs, api_name="review_next")
+    moves = [accept.click(accept_item, [*queue_inputs, *slots, request_id, on_screen], panel.outputs,
+                          api_name="review_accept", js=REVIEW_BEFORE),
+             skip.click(skip_item, [*queue_inputs, request_id, on_screen], panel.outputs, api_name="review_skip",
+                        js=REVIEW_BEFORE),
+             undo.click(undo_last, [panel.queue, shared.annotator, request_id], panel.outputs,
+                        api_name="review_undo", js=REVIEW_BEFORE),
+             previous.click(previous_item, [panel.queue, shared.annotator], panel.outputs,
+                            api_name="review_previous", js=REVIEW_BEFORE),
+             forward.click(next_item, [panel.queue, shared.annotator, on_screen], panel.outputs,
+                           api_name="review_next", js=REVIEW_BEFORE)]
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
                         ("new_class", choice.new_class)):
-        button.click(resolve(how), [*queue_inputs, panel.pending], panel.outputs, api_name=f"review_{how}")
+        moves.append(button.click(resolve(how), [*queue_inputs, panel.pending], panel.outputs,
+                                  api_name=f"review_{how}", js=REVIEW_BEFORE))
+    for move in moves:
+        move.then(None, js=REVIEW_AFTER, api_visibility="private")
     choice.use_suggestion.click(use_suggestion, [panel.queue, panel.pending],
                                 [*slots, panel.pending, panel.status, *choice.buttons],
                                 api_name="review_use_suggestion")

@@ -55,9 +55,13 @@ def browser():
         yield launched
 
 
-def open_page(browser, app: App, annotator: str | None = None):
-    """A new browser profile (its own localStorage) on the app, the page loaded."""
-    page = browser.new_context(viewport={"width": 1500, "height": 1400}).new_page()
+PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
+
+
+def open_page(browser, app: App, annotator: str | None = None, device: dict | None = None):
+    """A new browser profile (its own localStorage) on the app, the page loaded (a large screen
+    unless `device` says otherwise)."""
+    page = browser.new_context(**(device or {"viewport": {"width": 1500, "height": 1400}})).new_page()
     page.goto(app.url)
     expect(page.locator("#annotator textarea, #annotator input").first).to_be_visible(timeout=WAIT)
     page.wait_for_timeout(1500)  # the page's load event (restoring what the browser kept) has run
@@ -329,3 +333,26 @@ def test_an_active_task_picked_right_after_a_confidence_box_takes_the_click(revi
         page.locator("#review-min-conf input").click()
         page.locator(f"#review-active-task input[value='{task}']").locator("..").click()
         expect(page.locator("#review-active-task input:checked")).to_have_value(task, timeout=WAIT)
+
+
+def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, browser):
+    """On a phone the item sits far above Accept: after a tap the next item was off screen, and a refused
+    save's message under the buttons too, so nothing seemed to happen (QA labeler, session 32)."""
+    page = open_page(browser, review_app, "phone-tester", PHONE)
+    first = load_queue(page, 3)
+    page.locator("#review-accept").scroll_into_view_if_needed()
+    page.locator("#review-accept").tap()
+    expect(page.locator("#review-progress")).not_to_contain_text(f"item {first} (", timeout=WAIT)
+    expect(page.locator("#review-progress")).to_be_in_viewport(timeout=10_000)
+    expect(page.locator("#review-image")).to_be_in_viewport()
+    shot(page, "phone-next-item")
+
+    second = current_item(page)
+    fill_until_it_holds(slot(page, 0), "Qqzzyx glitter")  # typed, no Enter: not a class
+    page.locator("#review-accept").evaluate("button => button.scrollIntoView({block: 'end'})")  # the screen's foot
+    page.locator("#review-accept").tap()
+    expect(page.locator("#review-status")).to_contain_text("not a known class", timeout=WAIT)
+    expect(page.locator("#review-status")).to_be_in_viewport(timeout=10_000)
+    assert current_item(page) == second and review_app.studio.store.item_state(second) == {}
+    shot(page, "phone-refusal")
+    page.context.close()
