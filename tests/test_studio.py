@@ -1,5 +1,6 @@
 """The app's logic, without a browser, on a checkpoint trained on real data."""
 import ast
+import dataclasses
 import csv
 import json
 import threading
@@ -417,6 +418,11 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     undone = studio.review_undo(other, "ben")
     assert undone.tasks == {colour: ("Turquoise glitter", theirs)} and undone.in_queue
     assert f"{names[colour]}: `Turquoise glitter` → `{theirs}`" in views.undo_message(undone, names)
+    both = dataclasses.replace(undone, tasks={colour: ("Turquoise glitter", theirs), "usage": ("Casual", "Casual")})
+    assert views.undo_message(both, {**names, "usage": "Usage"}).endswith(
+        f"{names[colour]}: `Turquoise glitter` → `{theirs}`; as before, unchanged: Usage `Casual`.")
+    same = dataclasses.replace(undone, tasks={"usage": ("Casual", "Casual")})
+    assert views.undo_message(same, {"usage": "Usage"}).endswith(": Usage `Casual`, as before (unchanged).")
     assert other.current.item_id == item.item_id
     assert studio.store.item_state(item.item_id)[colour].label == theirs
     undone_row = next(r for r in history_rows(studio.history()) if "Turquoise glitter" in r[3])
@@ -480,7 +486,7 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     doubt most (cma_clip.mislabels), in that order, on the first 100 items of each H&M split."""
     from cma_clip.data import CatalogueConfig, limit_splits
     from cma_clip.mislabels import mislabel_queue
-    from cma_clip.studio.service import SOURCE_ORDER
+    from cma_clip.studio.service import SOURCE_ORDER, _share
 
     monkeypatch.setenv("CMA_CLIP_CACHE", str(tmp_path / "cache"))
     task = "garment_group_name"
@@ -501,10 +507,13 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     studio.arrange_queue(queue, "ana", strategy=SOURCE_ORDER, task=task)  # and brings the ranking back
     assert [item.item_id for item in queue.items] == expected
     first = ranked.suspects[0]  # and under it, why the item is suspect
-    assert f"give the catalogue's {first.label} {first.quality:.1%} and suggest {first.suggested}" \
-        in views.review_status(queue)
+    shown = views.review_status(queue)
+    assert f"give the catalogue's {first.label} " in shown and f"and suggest {first.suggested}" in shown
+    assert " 0.0% " not in shown  # the most suspect read "0.0%" (QA, session 32)
+    assert [_share(p) for p in (2e-4, 0.0006, 0.5)] == ["under 0.1%", "0.1%", "50.0%"]
     first = ranked.suspects[0]
     assert queue.items[0].catalogue[task] == first.label != first.suggested  # the label under suspicion
+    assert studio.current_view(queue).values == {task: first.label}  # Accept confirms it (QA, session 32)
     saved = studio.review_save(queue, "ana", {task: first.suggested}, new_classes={task: first.suggested})
     assert saved.result == "saved"
     again = studio.review_mislabels("hm-articles", task, 5, limit=100)

@@ -677,8 +677,8 @@ class Studio:
                               "found, all decided). Tick 'show decided items' to see them again.")
         size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(suspects))
         items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label},
-                  f"Suspect: heads that never saw its label give the catalogue's {s.label} {s.quality:.1%} and "
-                  f"suggest {s.suggested} ({s.confidence:.0%}).") for s in suspects[:size]]
+                  f"Suspect: heads that never saw its label give the catalogue's {s.label} "
+                  f"{_share(s.quality)} and suggest {s.suggested} ({s.confidence:.0%}).") for s in suspects[:size]]
         source = (f"{name}: the {size} most suspect {shown_name} labels of {len(ranked.suspects)} suspects among "
                   f"{ranked.scored} labelled items (out-of-fold accuracy {ranked.accuracy:.2f})")
         return self._queue(model, items, [], progress, tasks=tasks, show_decided=show_decided, split=MISLABELS,
@@ -925,7 +925,10 @@ class Studio:
         item = queue.current if queue else None
         if item is None:
             return None
-        return self.item_view(item.item_id, queue.tasks, item.predicted())
+        # a suspected-mislabels queue asks whether the catalogue's label is right: its controls start there,
+        # so Accept confirms it (at the model's label, Accept stored a third opinion nobody had chosen)
+        start = {**item.predicted(), **item.catalogue} if queue.split == MISLABELS else item.predicted()
+        return self.item_view(item.item_id, queue.tasks, start)
 
     # ------------------------------------------------------------------ review queue: decisions
     def review_save(self, queue: ReviewQueue, annotator: str | None, labels: dict[str, str | None],
@@ -1294,6 +1297,11 @@ def _own_label(state: TaskState | None, label: str, annotator: str) -> bool:
     "undid" into itself)."""
     return (state is not None and state.label == label and state.annotator == annotator
             and state.source == "human" and state.status in ("accepted", "corrected"))
+
+
+def _share(probability: float) -> str:
+    """A probability in a note, to a tenth of a percent ("under 0.1%", not "0.0%", for the most suspect labels)."""
+    return f"{probability:.1%}" if probability >= 0.0005 else "under 0.1%"
 
 
 def _ruling(state: TaskState | None, label: str) -> bool:

@@ -564,7 +564,11 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
                   for c in outcome.dropped})
     changes = ", ".join(f"{task_name(t, names=names)}: {code(undone) if undone else '(skip)'} → "
                         f"{code(restored) if restored else '(none: pending)'}"
-                        for t, (undone, restored) in taken.items())
+                        for t, (undone, restored) in taken.items() if undone is None or undone != restored)
+    same = ", ".join(f"{task_name(t, names=names)} {code(undone)}" for t, (undone, restored) in taken.items()
+                     if undone is not None and undone == restored)  # saved as it stood: "Men → Men" said nothing
+    if same:
+        changes = f"{changes}; as before, unchanged: {same}" if changes else f"{same}, as before (unchanged)"
     where = " (not in this queue)" if outcome.queue_open and not outcome.in_queue else ""
     kept = ", ".join(task_name(t, names=names) for t in outcome.kept)
     if not outcome.tasks:
