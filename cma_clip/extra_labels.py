@@ -15,7 +15,9 @@ in the checkpoint):
   without its id never becomes a training row;
 - an item of the catalogue this run leaves out (`--limit`) is left out;
 - a label the model auto-accepted (a bulk accept) counts as the others do, unless `auto_labels`
-  is off (`--no-auto-labels`): a model trained on its own guesses learns their errors back.
+  is off (`--no-auto-labels`): a model trained on its own guesses learns their errors back;
+- a label of an open disagreement (annotators differ and no reviewer settled it, or a label since
+  went against the ruling) is left out: it is not a label yet.
 
 A catalogue without a split column gets the seeded split training draws written into it first,
 so the rows the corrections add do not reshuffle which items are test.
@@ -33,7 +35,7 @@ from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 # what `merge` counts: the labelled items, then what became of them
 OUTCOMES = ("corrections", "train", "val", "test", "added", "same_photo", "left_out", "no_image", "other_tasks",
-            "auto_labels", "auto_left_out")
+            "auto_labels", "auto_left_out", "disputed_left_out")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Corrections:
     items: dict[str, Correction]
     image_root: Path  # the folder the photos are in, which the merged catalogue may read images from
     newest: str | None  # the time of the newest label: which labels a run trained on
+    disputed: int = 0  # labels left out: open disagreements
 
     def __len__(self) -> int:
         return len(self.items)
@@ -93,6 +96,9 @@ class Merged:
                          "leaves them out)")
         if c["auto_left_out"]:
             parts.append(f"{c['auto_left_out']} auto-accepted labels left out (--no-auto-labels)")
+        if c["disputed_left_out"]:
+            parts.append(f"{c['disputed_left_out']} labels of open disagreements left out (a reviewer settles them "
+                         "in the Review tab's Disagreements queue)")
         return f"--extra-labels {self.source.name}: {c['corrections']} labelled items; " + "; ".join(parts)
 
 
@@ -106,8 +112,22 @@ def read_corrections(path: str | Path) -> Corrections:
                              "studio_data/labels.db; the History tab exports it as CSV or JSONL)")
     corrections = _from_export(path) if path.suffix.lower() in EXPORT_SUFFIXES else _from_store(path)
     if not corrections.items:
-        raise CatalogueError(f"--extra-labels {path}: it holds no labels")
+        disputed = (f" settled (its {corrections.disputed} labels are open disagreements, for a reviewer's Disagreements "
+                    "queue)" if corrections.disputed else "")
+        raise CatalogueError(f"--extra-labels {path}: it holds no labels{disputed}")
     return corrections
+
+
+def _settled(corrections: dict[str, tuple[Correction, set[str]]], path: Path, image_root: Path,
+             newest: str | None) -> Corrections:
+    """Corrections without the labels of open disagreements (item -> (correction, its disputed tasks))."""
+    items, disputed = {}, 0
+    for item_id, (correction, tasks) in corrections.items():
+        disputed += len(tasks & correction.labels.keys())
+        labels = {t: label for t, label in correction.labels.items() if t not in tasks}
+        if labels:
+            items[item_id] = replace(correction, labels=labels, auto=correction.auto & labels.keys())
+    return Corrections(path, items, image_root, newest, disputed)
 
 
 def _from_store(path: Path) -> Corrections:
@@ -125,11 +145,12 @@ def _from_store(path: Path) -> Corrections:
         current = store.current_labels()
     except LabelStoreError as exc:
         raise CatalogueError(f"--extra-labels {path}: {exc}") from exc
-    items = {item_id: Correction(item["labels"], item["text"], _found(item["image_path"]),
-                                 frozenset(t for t, state in item["tasks"].items() if state.source == "auto"))
+    items = {item_id: (Correction(item["labels"], item["text"], _found(item["image_path"]),
+                                  frozenset(t for t, state in item["tasks"].items() if state.source == "auto")),
+                       set(item["disputed"]))
              for item_id, item in current.items()}
     newest = max((item["updated_at"] for item in current.values()), default=None)
-    return Corrections(path, items, store.image_dir, newest)
+    return _settled(items, path, store.image_dir, newest)
 
 
 def _from_export(path: Path) -> Corrections:
@@ -144,9 +165,10 @@ def _from_export(path: Path) -> Corrections:
         labels = {t: row[t].strip() for t in tasks if not is_missing(row[t])}
         auto = frozenset(t for t in labels if row.get(f"{t}__source") == "auto")
         image = _found(folder / row["image"]) if row["image"] else None
-        items[row["id"]] = Correction(labels, row["text"], image, auto,
-                                      None if image else _digest_in_name(row["image"]))
-    return Corrections(path, items, folder, max((row["updated_at"] for row in rows), default=None))
+        disputed = {t for t in labels if not is_missing(row.get(f"{t}__disputed"))}  # older exports lack the column
+        items[row["id"]] = (Correction(labels, row["text"], image, auto,
+                                       None if image else _digest_in_name(row["image"])), disputed)
+    return _settled(items, path, folder, max((row["updated_at"] for row in rows), default=None))
 
 
 def _digest_in_name(image: str) -> str | None:
@@ -167,7 +189,7 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
     config = catalogue.config
     merged = Merged(catalogue, corrections.source, corrections.newest)
     counts = merged.counts
-    counts["corrections"] = len(corrections)
+    counts["corrections"], counts["disputed_left_out"] = len(corrections), corrections.disputed
     rows = [dict(row) for row in catalogue.rows]
     if not catalogue.has_splits and rows:
         for split, index in split_indices(catalogue, split_seed).items():

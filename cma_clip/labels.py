@@ -133,6 +133,8 @@ NOT_REVERTED = " AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.reverts = d.i
 HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
                 " AND c.adjudicated = 0" + NOT_REVERTED + " ORDER BY d.id")
 ADJUDICATIONS = DECISIONS + " WHERE c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED + " ORDER BY d.id"
+ITEM_RULINGS = (DECISIONS + " WHERE d.item_id = ? AND c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED
+                + " ORDER BY d.id")
 CATALOGUE_LABELS = ("SELECT task, catalogue_label FROM decisions WHERE item_id = ? AND catalogue_label IS NOT NULL"
                     " ORDER BY id")
 # the newest save of `annotator` that undo can still revert (an undo that kept every task as someone
@@ -177,7 +179,8 @@ MAX_LABEL_CHARS = 200  # task names and labels: longer ones are refused
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 EXPORT_COLUMNS = ("id", "image", "text", "annotator", "updated_at")
-PROVENANCE = ("source", "annotator", "checkpoint", "at")  # export columns <task>__<field>
+# export columns <task>__<field>; "disputed": the labels of an open disagreement on the task ("ana: Red; ben: Blue")
+PROVENANCE = ("source", "annotator", "checkpoint", "at", "disputed")
 LAST_ROW = 2**63 - 1
 CLAIM_MINUTES = 10.0  # a labeler's claim on the item on screen lapses this long after their last step
 
@@ -629,12 +632,14 @@ class LabelStore:
     def current_labels(self) -> dict[str, dict]:
         """Every labelled item's current labels, read as one snapshot: item_id -> labels,
         text, image_path (of its newest labelled save), annotator and updated_at (of its
-        newest label), and `tasks`: task -> `TaskState` of each label."""
+        newest label), `tasks`: task -> `TaskState` of each label, and `disputed`: task -> annotator ->
+        label of each open disagreement (`open_disagreements`: not a settled label yet)."""
         with self._transaction() as conn:
             return self._current(conn)
 
     def _current(self, conn: sqlite3.Connection) -> dict[str, dict]:
         states, _ = _replay(conn.execute(ALL_DECISIONS))
+        disputed = _open_disagreements(conn, _annotators_labels(conn, None))[0]
         current = {}
         for row in conn.execute(ITEM_CONTENT):
             tasks = {t: s for t, s in states.get(row["item_id"], {}).items() if s.label is not None}
@@ -643,7 +648,7 @@ class LabelStore:
                 current[row["item_id"]] = {"labels": {t: s.label for t, s in tasks.items()}, "text": row["text"],
                                            "image_path": self.image_dir / row["image_file"],
                                            "annotator": newest.annotator, "updated_at": newest.created_at,
-                                           "tasks": tasks}
+                                           "tasks": tasks, "disputed": disputed.get(row["item_id"], {})}
         return current
 
     def count(self) -> int:
@@ -667,6 +672,11 @@ class LabelStore:
         `disagreements`)."""
         with self._transaction() as conn:
             return _agreement(conn, tasks)
+
+    def rulings(self, item_id: str) -> dict[str, TaskState]:
+        """One item's reviewer rulings that stand (not undone), the newest per task."""
+        rows = self._connection().execute(ITEM_RULINGS, (str(item_id),))
+        return {row["task"]: _state(row) for row in rows}
 
     def disagreements(self, tasks: Iterable[str] | None = None) -> list[Disagreement]:
         """The items whose annotators disagree on a task of `tasks` (each annotator's latest label,
@@ -737,7 +747,8 @@ class LabelStore:
         """Write the current labels as a CSV or JSONL manifest (by suffix), one row per item:
         id, image, text, one column per task (empty when unlabelled), annotator, updated_at,
         then each task's provenance as <task>__source (human, auto or adjudication), <task>__annotator,
-        <task>__checkpoint and <task>__at, in both formats. Image paths are relative to the
+        <task>__checkpoint and <task>__at, and <task>__disputed: the labels of an open disagreement on
+        it ("ana: Red; ben: Blue"; `read_corrections` leaves such a label out of training), in both formats. Image paths are relative to the
         file's folder, so export beside the store (or above it) for `Catalogue` and
         `train --extra-labels` to find them. CSV cells starting with = + - @, a tab or a carriage
         return get a leading ', so a spreadsheet shows them as text instead of running them
@@ -768,7 +779,9 @@ class LabelStore:
                 source = "adjudication" if state.adjudicated else state.source
                 record.update({task: state.label, f"{task}__source": source,
                                f"{task}__annotator": state.annotator, f"{task}__checkpoint": state.checkpoint,
-                               f"{task}__at": state.created_at})
+                               f"{task}__at": state.created_at,
+                               f"{task}__disputed": "; ".join(f"{who}: {label}" for who, label in
+                                                              item["disputed"].get(task, {}).items())})
             records.append(record)
         write_table(path, records, columns, spreadsheet=True)  # a lead opens it in a spreadsheet
         atomic_write(agreement_file(path),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, split_indices
+from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, read_manifest, split_indices
 from cma_clip.extra_labels import merge, read_corrections
 from cma_clip.labels import LabelStore
 from conftest import HM
@@ -186,3 +186,36 @@ def test_auto_accepted_labels_count_unless_left_out_and_the_summary_says_how_man
         assert human.catalogue.labels("colour") == ["Black"] * 3 and human.catalogue.labels("type")[1] == "Tights"
         assert (human.counts["auto_left_out"], human.counts["auto_labels"], human.counts["other_tasks"]) == (1, 0, 0)
         assert "1 auto-accepted labels left out (--no-auto-labels)" in human.summary()
+
+
+def test_open_disagreements_are_marked_in_the_export_and_left_out_of_training(tmp_path):
+    """Annotators who differ (or a label since that went against the ruling) give no label yet: the
+    export names who said what, training leaves it out (QA, session 32: ben's label after rita's
+    ruling was trained on, without a word)."""
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "labels.db")
+
+    def label(who: str, item: str, colour: str, ruling: bool = False) -> None:
+        store.save(image=PHOTOS[0 if item == "a1" else 1], text="t", labels={"colour": colour}, item_id=item,
+                   annotator=who, adjudicated=ruling)
+
+    label("ana", "a1", "White")
+    label("ben", "a1", "Beige")
+    label("ana", "a2", "Red")
+    label("ben", "a2", "Green")
+    label("rita", "a2", "Pink", ruling=True)  # a2 settled; a1 open
+    export = tmp_path / "labels_export.csv"
+    store.export(export)
+    rows = {row["id"]: row for row in read_manifest(export)}
+    assert rows["a1"]["colour__disputed"] == "ana: White; ben: Beige" and rows["a2"]["colour__disputed"] == ""
+    for source in (store.path, export):
+        merged = merge(catalogue, read_corrections(source))
+        assert merged.catalogue.labels("colour")[:2] == ["Black", "Pink"]  # a1 keeps the catalogue's
+        assert merged.counts["disputed_left_out"] == 1 and "1 labels of open disagreements left out" in merged.summary()
+
+    label("ben", "a2", "Grey")  # against the ruling: open again
+    store.export(export)
+    assert read_manifest(export)[1]["colour__disputed"] == "ana: Red; ben: Grey; rita's ruling: Pink"
+    for source in (store.path, export):
+        with pytest.raises(CatalogueError, match="holds no labels settled .its 2 labels are open disagreements"):
+            read_corrections(source)

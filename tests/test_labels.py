@@ -130,7 +130,7 @@ def test_export_is_a_manifest_the_trainer_reads(tmp_path, suffix):
 
     rows = read_manifest(path)
     provenance = [f"{task}__{field}" for task in ("colour", "type") for field in ("source", "annotator", "checkpoint",
-                                                                                    "at")]
+                                                                                    "at", "disputed")]
     assert [list(r) for r in rows] == [["id", "image", "text", "colour", "type", "annotator", "updated_at",
                                         *provenance]] * 2
     assert [(r["id"], r["colour"], r["type"], r["annotator"]) for r in rows] == [("a", "White", "Tights", "bob"),

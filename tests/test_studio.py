@@ -562,6 +562,14 @@ def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
     assert default_reviewers() == {"cem", "dee"}
     monkeypatch.delenv("CMA_CLIP_REVIEWERS")
     assert default_reviewers() == frozenset()
+    # ben labels the item again, against cem's ruling: stored, and told it reopens (QA, session 32: he was not)
+    again = studio.review_items("hm-articles", [("d-1", str(EXAMPLE_IMAGE), EXAMPLE_TEXT, {})], "d-1 again",
+                                annotator="ben", show_decided=True)
+    reopened = studio.review_save(again, "ben", {colour: blue})
+    assert reopened.result == "saved" and reopened.against[colour].label == red
+    assert f"goes against `cem`'s ruling on Colour (`{red}`): the disagreement is open again" in \
+        views.save_message(reopened, studio.display_names("hm-articles"))
+    assert studio.store.open_disagreements()["d-1"][colour]["cem's ruling"] == red
 
 
 def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_past_settled_ones(studio):

@@ -420,10 +420,12 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         predicted = {t: p["label"] for t, p in predictions.items()}
+        rulings = {} if adjudicated else self.store.rulings(item_id)  # a label against one reopens the item
         return SaveOutcome("duplicate" if result.duplicate else "saved", item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
                            request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip(),
-                           catalogue={t: v for t, v in (catalogue or {}).items() if t in labels and not is_missing(v)})
+                           catalogue={t: v for t, v in (catalogue or {}).items() if t in labels and not is_missing(v)},
+                           against={t: r for t, r in rulings.items() if t in labels and labels[t] != r.label})
 
     def _recent(self, request_id: str | None, kind: str = "label") -> SaveOutcome | None:
         """The outcome of a request this server already answered with a move (stored, marked as a

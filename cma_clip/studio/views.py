@@ -499,8 +499,11 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     differ_note = f" Not the catalogue's label: {', '.join(differ)}." if differ else ""
     pending = (f" No label given for {', '.join(task_name(t, names=names) for t in outcome.unlabelled)}: the item "
                "stays pending for it, and comes round again." if outcome.unlabelled else "")
+    against = "".join(f" This goes against {code(r.annotator)}'s ruling on {task_name(t, names=names)} "
+                      f"({code(r.label)}): the disagreement is open again until a reviewer settles it, and training "
+                      "leaves the label out meanwhile." for t, r in outcome.against.items())
     return (f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}{differ_note}"
-            f"{pending}")
+            f"{pending}{against}")
 
 
 def shown_again(left: str | None, queue: ReviewQueue) -> str:

@@ -298,6 +298,7 @@ class SaveOutcome:
     annotator: str = ""
     catalogue: dict[str, str] = field(default_factory=dict)  # the item's catalogue labels, of the tasks saved
     unlabelled: list[str] = field(default_factory=list)  # a queue's tasks given no label: they stay pending
+    against: dict[str, TaskState] = field(default_factory=dict)  # task -> the reviewer's ruling the save went against
 
     @property
     def stored(self) -> bool:
