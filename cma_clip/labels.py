@@ -142,16 +142,20 @@ CATALOGUE_LABELS = ("SELECT task, catalogue_label FROM decisions WHERE item_id =
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
                  + NOT_UNDONE.format(save="c.id") + " ORDER BY c.id DESC LIMIT 1")
 UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
-UNDO_RESULT = ("SELECT u.task, r.label AS undone, u.label AS restored, u.base_version, u.reverts FROM decisions u"
+UNDO_RESULT = ("SELECT u.id AS version, u.task, r.label AS undone, u.label AS restored, u.base_version, u.reverts"
+               " FROM decisions u"
                " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
 SAVE_TASKS = "SELECT task FROM decisions WHERE save_id = ? ORDER BY id"
 LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
                " WHERE c.kind = 'label' {where} ORDER BY c.id DESC LIMIT ?")
 # what undos did to one save's decisions: its own undo reverted them (reverted = 1), or someone's forced
-# undo of an earlier save dropped them while they stood (the undo's base version is them, its reverted one not)
+# undo of an earlier save dropped them (made after the decision it reverted, standing then or under a later
+# one, not reverted before: `_dropped_by_undo`)
 TAKEN_BACK = ("SELECT d.task, c.annotator, u.reverts = d.id AS reverted FROM decisions d JOIN decisions u"
-              " ON u.reverts = d.id OR (u.base_version = d.id AND u.reverts != d.id) JOIN corrections c"
-              " ON c.id = u.save_id WHERE d.save_id = ? ORDER BY d.id")
+              " ON u.reverts = d.id OR (u.item_id = d.item_id AND u.task = d.task AND d.reverts IS NULL"
+              " AND d.id > u.reverts AND d.id <= u.base_version AND NOT EXISTS (SELECT 1 FROM decisions x"
+              " WHERE x.reverts = d.id AND x.id < u.id)) JOIN corrections c ON c.id = u.save_id"
+              " WHERE d.save_id = ? ORDER BY d.id")
 # each undo's tasks of the save it undid that it left as someone else decided since ("keep theirs")
 KEPT_AT_UNDO = ("SELECT u.id AS save_id, u.item_id, u.annotator, u.source, u.created_at, t.task FROM corrections u"
                 " JOIN decisions t ON t.save_id = u.undoes WHERE u.item_id = ? AND u.kind = 'undo' AND NOT EXISTS"
@@ -500,9 +504,10 @@ class LabelStore:
             rows = conn.execute(UNDO_RESULT, (undo_id,)).fetchall()
             tasks = {r["task"]: (r["undone"], r["restored"]) for r in rows}
             kept = [r["task"] for r in conn.execute(SAVE_TASKS, (undo["undoes"],)) if r["task"] not in tasks]
-            _, steps = _replay(conn.execute(ITEM_DECISIONS, (undo["item_id"], LAST_ROW)))
-        dropped = [_conflict(undo["item_id"], r["task"], r["restored"], steps[r["base_version"]].after)
-                   for r in rows if not steps[r["base_version"]].after.same_decision(steps[r["reverts"]].after)]
+            decisions = conn.execute(ITEM_DECISIONS, (undo["item_id"], LAST_ROW)).fetchall()
+        _, steps = _replay(decisions)
+        dropped = [_conflict(undo["item_id"], r["task"], r["restored"], state)
+                   for r in rows for state in _dropped_by_undo(decisions, steps, r)]
         return Undone(undo["undoes"], undo["item_id"], tasks, kept, dropped)
 
     # ------------------------------------------------------------------ claims
@@ -550,8 +555,8 @@ class LabelStore:
 
     def item_history(self, item_id: str) -> list[dict]:
         """Every decision on one item, oldest first, undos included, as `audit` rows. An undo's row
-        adds `dropped`: the decision standing then that it took away though it reverted another
-        (someone else's, made since: a forced undo), else None; a label's row `replaced`: someone
+        adds `dropped`: the decisions it took away though it reverted another (someone else's, made
+        since: a forced undo drops the one standing and those under it), else []; a label's row `replaced`: someone
         else's label standing then that its author had not seen (an "overwrite with mine", an
         unchecked API save), else None. Each task an undo left as someone
         else decided since ("keep theirs") gets a row of its own, with status "kept theirs" and no
@@ -560,7 +565,7 @@ class LabelStore:
             rows = conn.execute(ITEM_DECISIONS, (str(item_id), LAST_ROW)).fetchall()
             kept = conn.execute(KEPT_AT_UNDO, (str(item_id),)).fetchall()
         _, steps = _replay(rows)
-        history = [{**_audit_row(row), "dropped": _dropped(steps, row), "replaced": _replaced(steps, row)}
+        history = [{**_audit_row(row), "dropped": _dropped(rows, steps, row), "replaced": _replaced(steps, row)}
                    for row in rows]
         history += [{**dict.fromkeys(history[0]), **dict(row), "kind": "undo", "status": "kept theirs"}
                     for row in kept]  # an undo keeps only tasks of a save on this item: history has rows
@@ -1000,15 +1005,19 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
     """Append an undo of the save `target`: each of its tasks back to its state before it,
     except, with `keep_theirs`, the tasks someone decided since. Returns the undo's row id."""
     item_id = target["item_id"]
-    states, steps = _replay(conn.execute(ITEM_DECISIONS, (item_id, LAST_ROW)))
+    decisions = conn.execute(ITEM_DECISIONS, (item_id, LAST_ROW)).fetchall()
+    states, steps = _replay(decisions)
     current = states[item_id]
     reverted = {version: step for version, step in steps.items() if step.save_id == target["id"]}
     restored = {version: (step.before.label, step.before.status) if step.before else (None, "pending")
                 for version, step in reverted.items()}
     changed = {version for version, step in reverted.items() if not current[step.task].same_decision(step.after)}
     if changed and not (force or keep_theirs):
-        raise LabelConflict([_conflict(item_id, reverted[v].task, restored[v][0], current[reverted[v].task])
-                             for v in sorted(changed)], save_id=target["id"])
+        raise LabelConflict([_conflict(item_id, reverted[v].task, restored[v][0], state) for v in sorted(changed)
+                             for state in _dropped_by_undo(decisions, steps, {
+                                 "task": reverted[v].task, "reverts": v, "version": LAST_ROW,
+                                 "base_version": current[reverted[v].task].version})
+                             or [current[reverted[v].task]]], save_id=target["id"])
     if keep_theirs:
         reverted = {version: step for version, step in reverted.items() if version not in changed}
     undo_id = _insert_save(conn, item_id, target["image_sha256"], target["text"],
@@ -1077,16 +1086,22 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
     return dict(states), steps
 
 
-def _dropped(steps: dict[int, _Step], row: sqlite3.Row) -> dict | None:
-    """For an undo's row, the decision standing then that it took away though it reverted another
-    (label, status, who made it, version), else None."""
-    if row["reverts"] is None:
-        return None
-    standing = steps[row["version"]].before
-    if standing is None or standing.same_decision(steps[row["reverts"]].after):
-        return None
-    return {"label": standing.label, "status": standing.status, "by": standing.decided_by or standing.annotator,
-            "version": standing.version}
+def _dropped_by_undo(decisions: list[sqlite3.Row], steps: dict[int, _Step], undo: Mapping) -> list[TaskState]:
+    """The decisions an undo's row (task, reverts, base_version, version) took away though it reverted
+    another, oldest first: each made on its task after the decision it reverts, up to the one standing
+    then, and not reverted before it (someone else's, taken by a forced undo; not only the one standing)."""
+    if undo["reverts"] is None:
+        return []
+    reverted = {d["reverts"] for d in decisions if d["reverts"] is not None and d["version"] < undo["version"]}
+    return [steps[d["version"]].after for d in decisions
+            if d["task"] == undo["task"] and d["reverts"] is None and d["version"] not in reverted
+            and undo["reverts"] < d["version"] <= undo["base_version"]]
+
+
+def _dropped(decisions: list[sqlite3.Row], steps: dict[int, _Step], row: sqlite3.Row) -> list[dict]:
+    """For an undo's row, the decisions it took away (`_dropped_by_undo`): label, status, who made it, version."""
+    return [{"label": state.label, "status": state.status, "by": state.decided_by or state.annotator,
+             "version": state.version} for state in _dropped_by_undo(decisions, steps, row)]
 
 
 def _replaced(steps: dict[int, _Step], row: sqlite3.Row) -> dict | None:

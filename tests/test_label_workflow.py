@@ -273,12 +273,36 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
         "Colour: White · dropped by ana's undo", "Colour: Pink, Type: Socks · undone by ana"]
     undo_rows = [r for r in store.item_history("b") if r["kind"] == "undo"]
     assert [(r["task"], r["reverts"], r["dropped"]) for r in undo_rows] == [
-        ("colour", pink.versions["colour"], {"label": "White", "status": "corrected", "by": "lou",
-                                            "version": lou.versions["colour"]}),
-        ("type", pink.versions["type"], None)]
+        ("colour", pink.versions["colour"], [{"label": "White", "status": "corrected", "by": "lou",
+                                             "version": lou.versions["colour"]}]),
+        ("type", pink.versions["type"], [])]
     assert item_history_rows(undo_rows)[0][-1] == f"{pink.versions['colour']}; dropped lou's White " \
                                                   f"({lou.versions['colour']})"
     assert forced.tasks["colour"] == ("Pink", None) and store.agreement()["colour"]["items"] == 1  # ana's Pink is out
+
+
+def test_a_forced_undo_names_every_decision_it_drops_not_only_the_one_standing(store):
+    """QA, session 32: ana's forced undo took ben's label and rita's ruling on it; only rita's was named,
+    and ben's save still read as standing."""
+    from cma_clip.studio.views import history_rows, item_history_rows
+
+    ana = save(store, "a", "ana", {"colour": "Red"})
+    ben = save(store, "a", "ben", {"colour": "Green"}, base_versions=ana.versions)
+    rita = save(store, "a", "rita", {"colour": "Black"}, base_versions=ben.versions, adjudicated=True)
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ana")
+    assert [(c.theirs, c.annotator) for c in caught.value.conflicts] == [("Green", "ben"), ("Black", "rita")]
+    forced = store.undo("ana", force=True, save_id=caught.value.save_id)
+    assert [(c.theirs, c.annotator, c.version) for c in forced.dropped] == [
+        ("Green", "ben", ben.versions["colour"]), ("Black", "rita", rita.versions["colour"])]
+    assert store.item_state("a")["colour"].label is None  # back to before ana's save: pending
+    latest = {entry["annotator"]: entry for entry in store.history(item_id="a")}
+    assert latest["ben"]["dropped"] == latest["rita"]["dropped"] == {"colour": "ana"}
+    assert history_rows([latest["ben"]])[0][4] == "Colour: Green · dropped by ana's undo"
+    [undo_row] = [r for r in store.item_history("a") if r["kind"] == "undo"]
+    assert item_history_rows([undo_row])[0][-1] == (f"{ana.versions['colour']}; dropped ben's Green "
+                                                    f"({ben.versions['colour']}), rita's Black "
+                                                    f"({rita.versions['colour']})")
 
 
 def test_an_undo_conflict_names_who_decided_last_a_skip_included(store):

@@ -653,7 +653,7 @@ def item_history_rows(rows: list[dict], names: dict[str, str] | None = None) -> 
 
 
 def _reverts(row: dict) -> str:
-    """An undo row's reverted version, and the decision it dropped (someone else's, standing then);
+    """An undo row's reverted version, and the decisions it dropped (someone else's, made since);
     a label's row, the label of someone else's it replaced unseen."""
     if row["reverts"] is None:
         replaced = row.get("replaced")
@@ -661,8 +661,9 @@ def _reverts(row: dict) -> str:
             if replaced else ""
     if not (dropped := row.get("dropped")):
         return str(row["reverts"])
-    what = "skip" if dropped["status"] == "skipped" else dropped["label"] or dropped["status"]
-    return f"{row['reverts']}; dropped {dropped['by'] or 'someone'}'s {what} ({dropped['version']})"
+    return f"{row['reverts']}; dropped " + ", ".join(
+        f"{d['by'] or 'someone'}'s {'skip' if d['status'] == 'skipped' else d['label'] or d['status']} ({d['version']})"
+        for d in dropped)
 
 
 def agreement_rows(agreement: dict[str, dict], names: dict[str, str] | None = None) -> list[list]:
