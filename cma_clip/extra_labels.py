@@ -112,8 +112,8 @@ def read_corrections(path: str | Path) -> Corrections:
                              "studio_data/labels.db; the History tab exports it as CSV or JSONL)")
     corrections = _from_export(path) if path.suffix.lower() in EXPORT_SUFFIXES else _from_store(path)
     if not corrections.items:
-        disputed = (f" settled (its {corrections.disputed} labels are open disagreements, for a reviewer's Disagreements "
-                    "queue)" if corrections.disputed else "")
+        disputed = (f" settled (its {corrections.disputed} labels are open disagreements, for a reviewer's "
+                    "Disagreements queue)" if corrections.disputed else "")
         raise CatalogueError(f"--extra-labels {path}: it holds no labels{disputed}")
     return corrections
 

@@ -753,8 +753,8 @@ class LabelStore:
         id, image, text, one column per task (empty when unlabelled), annotator, updated_at,
         then each task's provenance as <task>__source (human, auto or adjudication), <task>__annotator,
         <task>__checkpoint and <task>__at, and <task>__disputed: the labels of an open disagreement on
-        it ("ana: Red; ben: Blue"; `read_corrections` leaves such a label out of training), in both formats. Image paths are relative to the
-        file's folder, so export beside the store (or above it) for `Catalogue` and
+        it ("ana: Red; ben: Blue"; `read_corrections` leaves such a label out of training), in both
+        formats. Image paths are relative to the file's folder, so export beside the store (or above it) for `Catalogue` and
         `train --extra-labels` to find them. CSV cells starting with = + - @, a tab or a carriage
         return get a leading ', so a spreadsheet shows them as text instead of running them
         (OWASP); `read_manifest` (the trainer's reader) takes the quote off again. `agreement()`
