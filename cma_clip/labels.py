@@ -128,10 +128,11 @@ ALL_DECISIONS = DECISIONS + " ORDER BY d.id"
 SEARCHED = ("d.item_id", "d.label", "c.annotator", "c.text")  # what audit's search looks in
 NOT_UNDONE = " AND NOT EXISTS (SELECT 1 FROM corrections u WHERE u.undoes = {save})"
 NOT_REVERTED = " AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.reverts = d.id)"
-# each annotator's human labels: not auto-accepted, not an adjudication, not reverted by an undo (one that
-# kept someone's later decision, or that someone's forced undo dropped, still says what its annotator judged)
+# each annotator's human labels: not auto-accepted, not an adjudication, not of a save its annotator undid
+# (an undo that kept someone's later decision withdraws the label all the same: its annotator took it back;
+# one that someone's forced undo dropped still says what its annotator judged)
 HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
-                " AND c.adjudicated = 0" + NOT_REVERTED + " ORDER BY d.id")
+                " AND c.adjudicated = 0" + NOT_UNDONE.format(save="c.id") + " ORDER BY d.id")
 ADJUDICATIONS = DECISIONS + " WHERE c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED + " ORDER BY d.id"
 ITEM_RULINGS = (DECISIONS + " WHERE d.item_id = ? AND c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED
                 + " ORDER BY d.id")
@@ -157,6 +158,10 @@ TAKEN_BACK = ("SELECT d.task, c.annotator, u.reverts = d.id AS reverted FROM dec
               " WHERE x.reverts = d.id AND x.id < u.id)) JOIN corrections c ON c.id = u.save_id"
               " WHERE d.save_id = ? ORDER BY d.id")
 # each undo's tasks of the save it undid that it left as someone else decided since ("keep theirs")
+# the tasks of one save that its undo left as someone else decided since, and who undid it
+KEPT_OF_SAVE = ("SELECT t.task, u.annotator FROM corrections u JOIN decisions t ON t.save_id = u.undoes"
+                " WHERE u.undoes = ? AND u.kind = 'undo' AND NOT EXISTS"
+                " (SELECT 1 FROM decisions d WHERE d.save_id = u.id AND d.task = t.task) ORDER BY t.id")
 KEPT_AT_UNDO = ("SELECT u.id AS save_id, u.item_id, u.annotator, u.source, u.created_at, t.task FROM corrections u"
                 " JOIN decisions t ON t.save_id = u.undoes WHERE u.item_id = ? AND u.kind = 'undo' AND NOT EXISTS"
                 " (SELECT 1 FROM decisions d WHERE d.save_id = u.id AND d.task = t.task) ORDER BY t.id")
@@ -609,7 +614,9 @@ class LabelStore:
         its first), `changed` (tasks whose label differs from where the labeler's control
         started: the previous label, else the model's prediction) and `corrected` (tasks
         labelled unlike the model), `undone` (task -> who reverted its label with an undo), `dropped`
-        (task -> whose forced undo of an earlier save took its label away) and `undone_by` (who undid
+        (task -> whose forced undo of an earlier save took its label away), `withdrawn` (task -> who
+        undid the save but kept someone's later decision on it: the label no longer counts as their
+        judgement) and `undone_by` (who undid
         the save, when its undo reverted any of it; None otherwise). Skips and undos themselves are in
         `item_history` and `audit`."""
         where, params = ("AND c.item_id = ?", (item_id,)) if item_id is not None else ("", ())
@@ -631,6 +638,7 @@ class LabelStore:
                     "checkpoint": row["checkpoint"], "created_at": row["created_at"], "request_id": row["request_id"],
                     "source": row["source"], "undone": undone,
                     "dropped": {t["task"]: t["annotator"] for t in taken if not t["reverted"]},
+                    "withdrawn": dict(conn.execute(KEPT_OF_SAVE, (row["id"],)).fetchall()),
                     "undone_by": next(iter(undone.values()), None)})
         return entries
 
@@ -670,7 +678,8 @@ class LabelStore:
     def agreement(self, tasks: Iterable[str] | None = None) -> dict[str, dict]:
         """Inter-annotator agreement per task over the items that two or more annotators
         labelled (each annotator's latest human label; auto-accepts and labels their own undo
-        reverted do not count, a label someone else replaced since does): task -> items, raw
+        took back, reverted or kept as someone decided since, do not count; a label someone else
+        replaced since does): task -> items, raw
         (the share of annotator pairs that agree), kappa (Cohen's kappa, the mean over annotator
         pairs sharing two items or more; None when no pair does, or when every label is one class),
         annotators and open_disagreements (items whose annotators disagree, not settled since:

@@ -251,14 +251,17 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
     assert store.undo("ana", keep_theirs=True).kept == ["colour"]
     [ben_entry, ana_entry] = store.history(item_id="a")
     assert (ana_entry["undone"], ana_entry["dropped"], ana_entry["undone_by"]) == ({"type": "ana"}, {}, "ana")
-    assert history_rows([ana_entry])[0][4] == "Colour: Grey, Type: Socks · Type undone by ana"
+    assert ana_entry["withdrawn"] == {"colour": "ana"} and ben_entry["withdrawn"] == {}
+    assert history_rows([ana_entry])[0][4] == ("Colour: Grey, Type: Socks · Type undone by ana · Colour withdrawn by "
+                                               "ana (theirs kept)")
     history = store.item_history("a")
     assert [(r["task"], r["annotator"], r["kind"], r["status"], r["label"]) for r in history] == [
         ("colour", "ana", "label", "corrected", "Grey"), ("type", "ana", "label", "corrected", "Socks"),
         ("colour", "ben", "label", "corrected", "Red"), ("type", "ana", "undo", "pending", None),
         ("colour", "ana", "undo", "kept theirs", None)]  # the undo's kept task is in the item's history
     assert history[-1]["version"] is None and history[-2]["reverts"] == ana.versions["type"]
-    assert store.agreement()["colour"]["items"] == 1  # ana judged Grey, ben Red: both still count
+    # ana took her Grey back (QA, session 32: it still counted, and kept a disagreement open she had withdrawn)
+    assert "colour" not in store.agreement() and store.open_disagreements() == {}  # no item with two labels
 
     # ana's forced undo of her next save drops lou's label: lou's save says so, the undo names it
     pink = save(store, "b", "ana", {"colour": "Pink", "type": "Socks"})
@@ -278,7 +281,7 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
         ("type", pink.versions["type"], [])]
     assert item_history_rows(undo_rows)[0][-1] == f"{pink.versions['colour']}; dropped lou's White " \
                                                   f"({lou.versions['colour']})"
-    assert forced.tasks["colour"] == ("Pink", None) and store.agreement()["colour"]["items"] == 1  # ana's Pink is out
+    assert forced.tasks["colour"] == ("Pink", None) and "colour" not in store.agreement()  # ana's Pink is out too
 
 
 def test_a_forced_undo_names_every_decision_it_drops_not_only_the_one_standing(store):

@@ -313,12 +313,13 @@ def history_rows(entries: list[dict], names: dict[str, str] | None = None) -> li
 
 
 def taken_back(entry: dict, names: dict[str, str] | None = None) -> str:
-    """What undos took back of a save (`LabelStore.history`): " · undone by ana" or " · dropped by
-    ben's undo" (someone's forced undo) when one undo took all of it, else with the tasks:
-    " · Colour undone by ana"."""
+    """What undos took back of a save (`LabelStore.history`): " · undone by ana", " · dropped by
+    ben's undo" (someone's forced undo) or " · withdrawn by ana (theirs kept)" when one undo took all
+    of it, else with the tasks: " · Colour undone by ana"."""
     marks = []
     for what, by_task in (("undone by {}", entry.get("undone", {})),
-                          ("dropped by {}'s undo", entry.get("dropped", {}))):
+                          ("dropped by {}'s undo", entry.get("dropped", {})),
+                          ("withdrawn by {} (theirs kept)", entry.get("withdrawn", {}))):
         whole = set(by_task) >= set(entry["labels"]) and len(set(by_task.values())) == 1
         for who in dict.fromkeys(by_task.values()):
             tasks = "" if whole else ", ".join(task_name(t, names=names) for t, w in by_task.items() if w == who) + " "
@@ -576,8 +577,9 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
     kept = ", ".join(task_name(t, names=names) for t in outcome.kept)
     if not outcome.tasks:
         return (f"Nothing reverted on item {code(outcome.item_id)}{where}: someone else decided {kept} after you, "
-                "and their decisions stand. Undo goes on from your decision before it.")
-    kept = f" Kept as someone else decided since: {kept}." if kept else ""
+                "and their decisions stand; your label is withdrawn (it no longer counts in the agreement). Undo "
+                "goes on from your decision before it.")
+    kept = f" Kept as someone else decided since, your label withdrawn: {kept}." if kept else ""
     dropped = "".join(f" Dropped {task_name(c.task, names=names)} {standing(c)}." for c in outcome.dropped)
     return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}{dropped}"
 
