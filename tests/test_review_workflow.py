@@ -640,7 +640,8 @@ def test_a_reviewer_settles_what_two_annotators_disagree_on(review_app, capfd):
     assert "Traceback" not in capfd.readouterr().err  # a message to the user, not a fault in the server's log
 
     saved = fay.accept(with_label(answer, COLOUR, second))
-    assert "Saved correction" in saved["review status"] and "dispute-1" not in studio.store.open_disagreements()
+    assert "It settles the disagreement" in saved["review status"]  # a ruling, not read as any save (session 32)
+    assert "dispute-1" not in studio.store.open_disagreements()
     assert studio.store.item_state("dispute-1")[COLOUR].label == second
     after = studio.store.agreement([COLOUR])[COLOUR]
     assert after == {**before[COLOUR], "open_disagreements": before[COLOUR]["open_disagreements"] - 1}  # no voter

@@ -544,7 +544,9 @@ def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
     assert late.current is None and "nothing left for you now" in views.review_status(late)  # cem is on it
     studio.review_previous(late, "dee")  # dee opens it all the same
     late_shown = studio.current_view(late).shown
-    assert studio.review_save(settling, "cem", {colour: red}).result == "saved"
+    ruled = studio.review_save(settling, "cem", {colour: red})
+    assert ruled.result == "saved" and views.save_message(ruled).startswith(f"Ruling #{ruled.save_id} by `cem` on item")
+    assert "It settles the disagreement" in views.save_message(ruled)  # not read as any other save (QA, session 32)
     assert not studio.store.open_disagreements()
     saves = studio.store.count()  # dee rules as cem did: one ruling stands, not two; ruling otherwise conflicts
     overruled = studio.review_save(late, "dee", {colour: blue}, late_shown)

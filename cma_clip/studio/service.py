@@ -425,7 +425,8 @@ class Studio:
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
                            request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip(),
                            catalogue={t: v for t, v in (catalogue or {}).items() if t in labels and not is_missing(v)},
-                           against={t: r for t, r in rulings.items() if t in labels and labels[t] != r.label})
+                           against={t: r for t, r in rulings.items() if t in labels and labels[t] != r.label},
+                           ruling=adjudicated)
 
     def _recent(self, request_id: str | None, kind: str = "label") -> SaveOutcome | None:
         """The outcome of a request this server already answered with a move (stored, marked as a

@@ -503,6 +503,9 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     against = "".join(f" This goes against {code(r.annotator)}'s ruling on {task_name(t, names=names)} "
                       f"({code(r.label)}): the disagreement is open again until a reviewer settles it, and training "
                       "leaves the label out meanwhile." for t, r in outcome.against.items())
+    if outcome.ruling:
+        return (f"Ruling #{outcome.save_id}{by} on item {code(outcome.item_id)}: {labels}. It settles the "
+                f"disagreement: the export takes it as the label (source: adjudication).{new}{differ_note}{pending}")
     return (f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}{differ_note}"
             f"{pending}{against}")
 

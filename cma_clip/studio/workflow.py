@@ -299,6 +299,7 @@ class SaveOutcome:
     catalogue: dict[str, str] = field(default_factory=dict)  # the item's catalogue labels, of the tasks saved
     unlabelled: list[str] = field(default_factory=list)  # a queue's tasks given no label: they stay pending
     against: dict[str, TaskState] = field(default_factory=dict)  # task -> the reviewer's ruling the save went against
+    ruling: bool = False  # a reviewer's save in a disagreements queue: it settles the disagreement
 
     @property
     def stored(self) -> bool:
