@@ -155,6 +155,8 @@ CSS = """
 /* a field's hint (under the correction controls, the item id) readable: 7:1 on white, not Gradio's 1.9:1 */
 .gradio-container { --block-info-text-color: #52525b; }
 .dark .gradio-container, .gradio-container.dark { --block-info-text-color: #a1a1aa; }
+/* A dropdown's list only while focus is in it: Gradio's stayed drawn after a Tab past it, over the fields below. */
+.wrap:not(:focus-within) > .options { display: none !important; }
 /* a number key's button beyond the active task's choices (kept in the page, so a quick key can click it) */
 .unused-choice { display: none !important; }
 /* a small catalogue photo (fashion's are 60 x 80) fills the item's box, as on the Predict tab */
@@ -564,7 +566,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                                         elem_id="map-opacity")
                 with gr.Row():  # side by side on a laptop; each too wide for half a phone, so stacked there
                     with gr.Column(min_width=320):
-                        heat = written_per_call(gr.Image(label="Image map (colour bar: share of the map per cell)",
+                        # a short label: a long one ran under the image's buttons on a phone (its colour bar
+                        # says what a cell holds)
+                        heat = written_per_call(gr.Image(label="Map on the photo",
                                                         height=320, interactive=False, elem_id="heatmap",
                                                         format="jpeg"))  # 1 ms to encode; WebP: 20 ms
                     with gr.Column(min_width=320):

@@ -230,6 +230,10 @@ def test_an_example_brings_its_prediction_into_view_and_robustness_asks_for_an_i
     expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
     if size == "phone":  # the results sit above the examples: brought into view, not left off screen
         expect(page.locator("#predictions")).to_be_in_viewport(timeout=10_000)
+    expect(page.locator("#heatmap img")).to_be_visible(timeout=60_000)
+    label = page.locator("#heatmap [data-testid=block-label]").bounding_box()
+    buttons = page.locator("#heatmap .icon-button-wrapper").bounding_box()
+    assert label["x"] + label["width"] <= buttons["x"], (label, buttons)  # the map's label clear of its buttons
     page.screenshot(path=str(ARTIFACTS / f"layout-{size}-example.png"))
 
 

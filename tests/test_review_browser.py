@@ -360,3 +360,26 @@ def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, brows
     assert current_item(page) == second and review_app.studio.store.item_state(second) == {}
     shot(page, "phone-refusal")
     page.context.close()
+
+
+def test_a_label_list_tabbed_past_closes(review_app, browser):
+    """A keyboard labeler tabbing through the label controls left each one's list of classes drawn over
+    the fields below (QA, session 32); a list still opens on focus, and picks by keys and by mouse."""
+    page = open_page(browser, review_app, "tab-tester")
+    load_queue(page, 3)
+    page.locator("#review-slot-0 input").focus()
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        page.wait_for_timeout(300)
+        assert page.locator("[role=listbox]:visible").count() <= 1
+    page.locator("#review-slot-2 input").focus()
+    expect(page.locator("#review-slot-2 [role=listbox]")).to_be_visible()
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("Enter")
+    expect(page.locator("[role=listbox]:visible")).to_have_count(0)
+    page.locator("#review-slot-3 input").click()
+    option = page.locator("#review-slot-3 li[role=option]").nth(1)
+    picked = option.inner_text().replace("✓", "").strip()
+    option.click()
+    expect(slot(page, 3)).to_have_value(picked)
+    page.context.close()
