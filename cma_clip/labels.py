@@ -118,9 +118,13 @@ _HOLDING = ("FROM decisions d WHERE d.task = ? AND d.label {} AND d.id ="
 LABEL_HELD = "SELECT 1 " + _HOLDING.format("= ?") + " LIMIT 1"  # does some item hold this label now
 HELD_LABELS = "SELECT DISTINCT d.label " + _HOLDING.format("IS NOT NULL")
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
+# withdrawn_at: the undo that took the decision back though it kept someone's later one on its task
+# ("keep theirs": it wrote no decision for that task), which a later undo's restore passes over
 DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
              " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
-             " c.predictions, c.adjudicated" + DECISIONS_FROM)
+             " c.predictions, c.adjudicated, (SELECT w.id FROM corrections w WHERE w.undoes = d.save_id AND NOT EXISTS"
+             " (SELECT 1 FROM decisions k WHERE k.save_id = w.id AND k.task = d.task)) AS withdrawn_at"
+             + DECISIONS_FROM)
 COUNT_DECISIONS = "SELECT COUNT(*)" + DECISIONS_FROM
 AUDIT_PAGE = DECISIONS + "{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"
 ITEM_DECISIONS = DECISIONS + " WHERE d.item_id = ? AND d.save_id < ? ORDER BY d.id"
@@ -128,20 +132,26 @@ ALL_DECISIONS = DECISIONS + " ORDER BY d.id"
 SEARCHED = ("d.item_id", "d.label", "c.annotator", "c.text")  # what audit's search looks in
 NOT_UNDONE = " AND NOT EXISTS (SELECT 1 FROM corrections u WHERE u.undoes = {save})"
 NOT_REVERTED = " AND NOT EXISTS (SELECT 1 FROM decisions u WHERE u.reverts = d.id)"
+# not dropped by someone's forced undo: made on its task after the decision that undo reverted, up to the one
+# standing then (`_dropped_by_undo`)
+NOT_DROPPED = (" AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.item_id = d.item_id AND x.task = d.task"
+               " AND x.reverts < d.id AND d.id <= x.base_version)")
 # each annotator's human labels: not auto-accepted, not an adjudication, not of a save its annotator undid
 # (an undo that kept someone's later decision withdraws the label all the same: its annotator took it back;
 # one that someone's forced undo dropped still says what its annotator judged)
 HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
                 " AND c.adjudicated = 0" + NOT_UNDONE.format(save="c.id") + " ORDER BY d.id")
-ADJUDICATIONS = DECISIONS + " WHERE c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED + " ORDER BY d.id"
-ITEM_RULINGS = (DECISIONS + " WHERE d.item_id = ? AND c.kind = 'label' AND c.adjudicated = 1" + NOT_REVERTED
-                + " ORDER BY d.id")
+# the rulings that stand: not undone (reverted or withdrawn) by the reviewer, not dropped by a forced undo
+STANDING_RULING = " c.kind = 'label' AND c.adjudicated = 1" + NOT_UNDONE.format(save="c.id") + NOT_DROPPED
+ADJUDICATIONS = DECISIONS + " WHERE" + STANDING_RULING + " ORDER BY d.id"
+ITEM_RULINGS = DECISIONS + " WHERE d.item_id = ? AND" + STANDING_RULING + " ORDER BY d.id"
 CATALOGUE_LABELS = ("SELECT task, catalogue_label FROM decisions WHERE item_id = ? AND catalogue_label IS NOT NULL"
                     " ORDER BY id")
 # the newest save of `annotator` that undo can still revert (an undo that kept every task as someone
 # else decided since still passes over it)
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
-                 + NOT_UNDONE.format(save="c.id") + " ORDER BY c.id DESC LIMIT 1")
+                 + NOT_UNDONE.format(save="c.id") + " AND EXISTS (SELECT 1 FROM decisions d WHERE d.save_id = c.id"
+                 + NOT_DROPPED + ") ORDER BY c.id DESC LIMIT 1")  # a save someone's forced undo dropped is gone
 UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
 UNDO_RESULT = ("SELECT u.id AS version, u.task, r.label AS undone, u.label AS restored, u.base_version, u.reverts"
                " FROM decisions u"
@@ -1018,8 +1028,9 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
     states, steps = _replay(decisions)
     current = states[item_id]
     reverted = {version: step for version, step in steps.items() if step.save_id == target["id"]}
-    restored = {version: (step.before.label, step.before.status) if step.before else (None, "pending")
-                for version, step in reverted.items()}
+    back = {version: _restored([d for d in decisions if d["task"] == step.task], steps, version, LAST_ROW)
+            for version, step in reverted.items()}
+    restored = {version: (state.label, state.status) if state else (None, "pending") for version, state in back.items()}
     changed = {version for version, step in reverted.items() if not current[step.task].same_decision(step.after)}
     if changed and not (force or keep_theirs):
         raise LabelConflict([_conflict(item_id, reverted[v].task, restored[v][0], state) for v in sorted(changed)
@@ -1079,12 +1090,13 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
     """Replay decisions, oldest first: each item's task states, and what each decision changed."""
     states: dict[str, dict[str, TaskState]] = defaultdict(dict)
     steps: dict[int, _Step] = {}
+    seen: dict[tuple[str, str], list[sqlite3.Row]] = defaultdict(list)  # each item's task's rows so far
     for row in rows:
         tasks, version = states[row["item_id"]], row["version"]
         before = tasks.get(row["task"])
         decided_by = row["annotator"] or ""
-        if row["reverts"] is not None:  # an undo: the state before the decision it reverts, who set it included
-            restored = steps[row["reverts"]].before
+        if row["reverts"] is not None:  # an undo: the state it brings back, who set it included
+            restored = _restored(seen[row["item_id"], row["task"]], steps, row["reverts"], row["save_id"])
             after = replace(restored, version=version, decided_by=decided_by) if restored else _state(row)
         elif row["status"] == "skipped" and before is not None and before.label is not None:
             after = replace(before, status="skipped", version=version, decided_by=decided_by)
@@ -1092,7 +1104,24 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
             after = _state(row)
         tasks[row["task"]] = after
         steps[version] = _Step(row["task"], row["save_id"], before, after)
+        seen[row["item_id"], row["task"]].append(row)
     return dict(states), steps
+
+
+def _restored(rows: list[sqlite3.Row], steps: dict[int, _Step], reverts: int, save_id: int) -> TaskState | None:
+    """What an undo (its save `save_id`) of the decision `reverts` brings back: the newest decision made
+    before it on its task (`rows`: that task's, oldest first) that still stands behind it; one undone,
+    dropped by a forced undo or withdrawn ("keep theirs") before this undo is passed over, never brought
+    back (None: the task goes back to pending)."""
+    gone = set()
+    for row in rows:
+        if row["reverts"] is not None:
+            gone.add(row["reverts"])
+            gone.update(r["version"] for r in rows if r["reverts"] is None
+                        and row["reverts"] < r["version"] <= row["base_version"])
+    standing = [row for row in rows if row["reverts"] is None and row["version"] < reverts and row["version"] not in gone
+                and not (row["withdrawn_at"] is not None and row["withdrawn_at"] < save_id)]
+    return steps[standing[-1]["version"]].after if standing else None
 
 
 def _dropped_by_undo(decisions: list[sqlite3.Row], steps: dict[int, _Step], undo: Mapping) -> list[TaskState]:

@@ -308,6 +308,33 @@ def test_a_forced_undo_names_every_decision_it_drops_not_only_the_one_standing(s
                                                     f"({rita.versions['colour']})")
 
 
+def test_a_label_taken_back_or_dropped_never_comes_back(store):
+    """QA, session 32: a ruling a forced undo dropped still settled (or reopened) the item; a label its
+    annotator withdrew ("keep theirs") became the item's label again when the other labeler undid; a
+    ruling already dropped could be undone, bringing back another dropped label."""
+    # ana Red, ben Green, rita rules Black; ana's forced undo drops ben's and rita's
+    ana = save(store, "a", "ana", {"colour": "Red"})
+    ben = save(store, "a", "ben", {"colour": "Green"}, base_versions=ana.versions)
+    save(store, "a", "rita", {"colour": "Black"}, base_versions=ben.versions, adjudicated=True)
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ana")
+    store.undo("ana", force=True, save_id=caught.value.save_id)
+    assert store.rulings("a") == {}  # the dropped ruling settles nothing
+    pink = save(store, "a", "ana", {"colour": "Pink"})  # no ruling to go against: ana Pink, ben Green, open
+    assert store.open_disagreements() == {"a": {"colour": {"ana": "Pink", "ben": "Green"}}}
+    save(store, "a", "ana", {"colour": "Green"}, base_versions=pink.versions)  # ana comes round to ben
+    assert store.open_disagreements() == {}
+    with pytest.raises(LabelStoreError, match="nothing to undo: rita"):  # her ruling is gone already
+        store.undo("rita")
+
+    # ana Red, ben Green; ana withdraws hers, keeping ben's; ben undoes his: back to pending, not ana's Red
+    ana = save(store, "b", "ana", {"colour": "Red"})
+    ben = save(store, "b", "ben", {"colour": "Green"}, base_versions=ana.versions)
+    store.undo("ana", keep_theirs=True)
+    assert store.undo("ben").tasks == {"colour": ("Green", None)}
+    assert store.item_state("b")["colour"].label is None and "b" not in store.current_labels()
+
+
 def test_an_undo_conflict_names_who_decided_last_a_skip_included(store):
     save(store, "a", "ana", {"colour": "Red"})
     skipped = store.skip("a", ["colour"], "ben", base_versions={"colour": store.item_state("a")["colour"].version})

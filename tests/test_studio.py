@@ -159,6 +159,28 @@ def test_review_queue_on_a_catalogue_split(studio):
     assert other.result == "saved" and studio.store.count() == saves + 1
 
 
+def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
+    """A queue showing decided items is a second pass, for the agreement: its controls started at the
+    first annotator's label, so a plain Accept copied it (QA, session 32). They start at the model's now,
+    and at the labeler's own label once they saved one."""
+    colour = "colour_group_name"
+    ana = studio.review_catalogue("hm-articles", "test", 3, annotator="ana")
+    item = ana.current
+    other = next(c for c in studio.task_classes("hm-articles")[colour] if c != item.predictions[colour].label)
+    assert studio.review_save(ana, "ana", {**item.predicted(), colour: other}).result == "saved"
+    ben = studio.review_catalogue("hm-articles", "test", 3, annotator="ben", show_decided=True)
+    ben.position = ben.index_of(item.item_id)
+    view = studio.current_view(ben)
+    assert view.values[colour] == item.predictions[colour].label != other  # not ana's
+    assert view.states[colour].label == other  # which the item's table still shows
+    assert studio.review_save(ben, "ben", {colour: "Black" if other != "Black" else "White"}).result == "saved"
+    ben.position = ben.index_of(item.item_id)
+    assert studio.current_view(ben).values[colour] == ("Black" if other != "Black" else "White")  # his own
+    again = studio.review_catalogue("hm-articles", "test", 3, annotator="ana", show_decided=True)
+    again.position = again.index_of(item.item_id)  # ana, whose label ben replaced: the model's again
+    assert studio.current_view(again).values[colour] == item.predictions[colour].label
+
+
 def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
     """A queue reads the others' claims, then moves: labelers moving at the same moment were each given
     the item that looked free, and both labelled it (a QA run: 6 labelers, 60 saves on 57 items).

@@ -931,7 +931,13 @@ class Studio:
         # a suspected-mislabels queue asks whether the catalogue's label is right: its controls start there,
         # so Accept confirms it (at the model's label, Accept stored a third opinion nobody had chosen)
         start = {**item.predicted(), **item.catalogue} if queue.split == MISLABELS else item.predicted()
-        return self.item_view(item.item_id, queue.tasks, start)
+        view = self.item_view(item.item_id, queue.tasks, start)
+        if queue.show_decided and queue.split != DISAGREEMENTS and queue.owner:
+            # a second annotator's pass (for the agreement): a control starts at their own label, else where
+            # the first annotator's started, never at another's label, which would anchor the second opinion
+            view.values = {t: state.label if (state := view.states.get(t)) and state.label is not None
+                           and state.annotator == queue.owner else start.get(t) for t in queue.tasks}
+        return view
 
     # ------------------------------------------------------------------ review queue: decisions
     def review_save(self, queue: ReviewQueue, annotator: str | None, labels: dict[str, str | None],
