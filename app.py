@@ -448,6 +448,18 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
     return updates
 
 
+def suggested(slots: list[gr.Dropdown], tasks: list[str], waiting: dict | None) -> dict:
+    """The refused save's (`waiting`) unknown labels replaced, in the controls of `tasks`, by their closest
+    class; refused when no label waits, or none has a class close to it (the API's "filled in" was empty)."""
+    if not waiting or not waiting.get("unknown"):
+        raise StudioError("No label is waiting for a suggestion.")
+    updates = {slots[tasks.index(t)]: gr.update(value=suggestions[0])
+               for t, _, suggestions in waiting["unknown"] if suggestions and t in tasks}
+    if not updates:
+        raise StudioError("No class is close to the label you typed: correct it, or save it as a new class.")
+    return updates
+
+
 def labels_in_slots(tasks: list[str], labels: list, whose: str) -> dict:
     """The label slots' values by `tasks`, in order; a label in a slot past them is refused (an API
     client's labels in the wrong slots would be stored under other tasks). `whose`: "hm-articles
@@ -695,11 +707,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     @user_errors
     def use_suggestion(model_name, waiting):
         """Put each unknown label's closest class in its control (nothing is saved)."""
-        if not waiting or not waiting.get("unknown"):
-            raise StudioError("No label is waiting for a suggestion.")
-        tasks = list(studio.task_classes(model_name))
-        updates = {slots[tasks.index(t)]: gr.update(value=suggestions[0])
-                   for t, _, suggestions in waiting["unknown"] if suggestions and t in tasks}
+        updates = suggested(slots, list(studio.task_classes(model_name)), waiting)
         return {**updates, pending: None, **resolution(choice, None),
                 save_status: "Suggestion filled in: check it and save again."}
 
@@ -1121,11 +1129,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     @user_errors
     def use_suggestion(queue, waiting):
         """Put each unknown label's closest class in its control (nothing is saved)."""
-        queue = loaded(queue)
-        if not waiting or not waiting.get("unknown"):
-            raise StudioError("No label is waiting for a suggestion.")
-        updates = {slots[queue.tasks.index(t)]: gr.update(value=suggestions[0])
-                   for t, _, suggestions in waiting["unknown"] if suggestions and t in queue.tasks}
+        updates = suggested(slots, loaded(queue).tasks, waiting)
         return {**updates, panel.pending: None, **resolution(choice, None),
                 panel.status: "Suggestion filled in: check it and accept again."}
 

@@ -299,6 +299,8 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
 
     new = eve.accept(with_label(shown, COLOUR, "Turquoise glitter"))
     assert "No class is close to it" in new["review status"] and studio.store.count() == before
+    with pytest.raises(AppError, match="No class is close to the label you typed"):  # it said "filled in" (QA)
+        eve("/review_use_suggestion")
     assert "Use the suggestion" in caught["review status"] and "Use the suggestion" not in new["review status"]
     confirmed = eve("/review_new_class", "eve")
     assert "New class confirmed" in confirmed["review status"]
