@@ -1390,8 +1390,10 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         gr.Markdown("### Agreement\nWhere two annotators or more labelled the same item and task (each one's "
                     "standing human label; auto-accepts, adjudications and undone labels do not count): raw "
                     "agreement and Cohen's kappa (the mean over annotator pairs sharing two items or more), and "
-                    "the items whose annotators still disagree (the Review tab's Disagreements source settles "
-                    "them). The export writes it beside itself, as `<name>.agreement.json`.")
+                    "the items whose annotators still disagree, or where a label since goes against a reviewer's "
+                    "ruling (even one annotator's: so there may be more of them than items labelled twice; the "
+                    "Review tab's Disagreements source settles them). The export writes it beside itself, as "
+                    "`<name>.agreement.json`.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
         # filled when the tab opens (a callable value would add a second public API name for /agreement)
         agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement")
