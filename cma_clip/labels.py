@@ -153,8 +153,8 @@ LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind !
                  + NOT_UNDONE.format(save="c.id") + " AND EXISTS (SELECT 1 FROM decisions d WHERE d.save_id = c.id"
                  + NOT_DROPPED + ") ORDER BY c.id DESC LIMIT 1")  # a save someone's forced undo dropped is gone
 UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
-UNDO_RESULT = ("SELECT u.id AS version, u.task, r.label AS undone, u.label AS restored, u.base_version, u.reverts"
-               " FROM decisions u"
+UNDO_RESULT = ("SELECT u.id AS version, u.save_id, u.task, r.label AS undone, u.label AS restored, u.base_version,"
+               " u.reverts FROM decisions u"
                " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
 SAVE_TASKS = "SELECT task FROM decisions WHERE save_id = ? ORDER BY id"
 LABEL_SAVES = ("SELECT c.*, i.path AS image_file FROM corrections c JOIN images i ON i.sha256 = c.image_sha256"
@@ -1027,17 +1027,19 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
     decisions = conn.execute(ITEM_DECISIONS, (item_id, LAST_ROW)).fetchall()
     states, steps = _replay(decisions)
     current = states[item_id]
-    reverted = {version: step for version, step in steps.items() if step.save_id == target["id"]}
-    back = {version: _restored([d for d in decisions if d["task"] == step.task], steps, version, LAST_ROW)
-            for version, step in reverted.items()}
+    rows = {task: [d for d in decisions if d["task"] == task] for task in current}
+    # the save's decisions still standing (one a forced undo dropped is gone already: nothing to revert)
+    reverted = {version: step for version, step in steps.items() if step.save_id == target["id"]
+                and version not in _taken_back(rows[step.task], LAST_ROW)}
+    back = {version: _restored(rows[step.task], steps, version, LAST_ROW) for version, step in reverted.items()}
     restored = {version: (state.label, state.status) if state else (None, "pending") for version, state in back.items()}
-    changed = {version for version, step in reverted.items() if not current[step.task].same_decision(step.after)}
+    # someone decided since: a decision made after it that still stands (a skip over the same label included)
+    since = {version: [steps[r["version"]].after for r in _standing(rows[step.task], LAST_ROW)
+                       if r["version"] > version] for version, step in reverted.items()}
+    changed = {version for version, later in since.items() if later}
     if changed and not (force or keep_theirs):
         raise LabelConflict([_conflict(item_id, reverted[v].task, restored[v][0], state) for v in sorted(changed)
-                             for state in _dropped_by_undo(decisions, steps, {
-                                 "task": reverted[v].task, "reverts": v, "version": LAST_ROW,
-                                 "base_version": current[reverted[v].task].version})
-                             or [current[reverted[v].task]]], save_id=target["id"])
+                             for state in since[v]], save_id=target["id"])
     if keep_theirs:
         reverted = {version: step for version, step in reverted.items() if version not in changed}
     undo_id = _insert_save(conn, item_id, target["image_sha256"], target["text"],
@@ -1108,32 +1110,43 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
     return dict(states), steps
 
 
-def _restored(rows: list[sqlite3.Row], steps: dict[int, _Step], reverts: int, save_id: int) -> TaskState | None:
-    """What an undo (its save `save_id`) of the decision `reverts` brings back: the newest decision made
-    before it on its task (`rows`: that task's, oldest first) that still stands behind it; one undone,
-    dropped by a forced undo or withdrawn ("keep theirs") before this undo is passed over, never brought
-    back (None: the task goes back to pending)."""
+def _taken_back(rows: list[sqlite3.Row], before: int) -> set[int]:
+    """The decisions of `rows` (one item's task, oldest first) taken back by a save before the save `before`:
+    reverted by an undo, dropped by a forced undo (made after the decision it reverted, up to the one
+    standing then), or withdrawn (an undo that kept someone's later decision: "keep theirs")."""
     gone = set()
     for row in rows:
-        if row["reverts"] is not None:
+        if row["reverts"] is not None and row["save_id"] < before:
             gone.add(row["reverts"])
             gone.update(r["version"] for r in rows if r["reverts"] is None
                         and row["reverts"] < r["version"] <= row["base_version"])
-    standing = [row for row in rows if row["reverts"] is None and row["version"] < reverts and row["version"] not in gone
-                and not (row["withdrawn_at"] is not None and row["withdrawn_at"] < save_id)]
+    return gone | {r["version"] for r in rows if r["withdrawn_at"] is not None and r["withdrawn_at"] < before}
+
+
+def _standing(rows: list[sqlite3.Row], before: int) -> list[sqlite3.Row]:
+    """The decisions of `rows` (one item's task) that still stand as of the save `before`: not undo rows,
+    not taken back (`_taken_back`)."""
+    gone = _taken_back(rows, before)
+    return [r for r in rows if r["reverts"] is None and r["version"] not in gone]
+
+
+def _restored(rows: list[sqlite3.Row], steps: dict[int, _Step], reverts: int, save_id: int) -> TaskState | None:
+    """What an undo (its save `save_id`) of the decision `reverts` brings back: the newest decision made
+    before it on its task (`rows`: that task's, oldest first) that still stands; one undone, dropped by a
+    forced undo or withdrawn ("keep theirs") is passed over, never brought back (None: back to pending)."""
+    standing = [r for r in _standing(rows, save_id) if r["version"] < reverts]
     return steps[standing[-1]["version"]].after if standing else None
 
 
 def _dropped_by_undo(decisions: list[sqlite3.Row], steps: dict[int, _Step], undo: Mapping) -> list[TaskState]:
-    """The decisions an undo's row (task, reverts, base_version, version) took away though it reverted
+    """The decisions an undo's row (task, reverts, base_version, save_id) took away though it reverted
     another, oldest first: each made on its task after the decision it reverts, up to the one standing
-    then, and not reverted before it (someone else's, taken by a forced undo; not only the one standing)."""
+    then, and still standing before it (someone else's, taken by a forced undo; not only the one standing)."""
     if undo["reverts"] is None:
         return []
-    reverted = {d["reverts"] for d in decisions if d["reverts"] is not None and d["version"] < undo["version"]}
-    return [steps[d["version"]].after for d in decisions
-            if d["task"] == undo["task"] and d["reverts"] is None and d["version"] not in reverted
-            and undo["reverts"] < d["version"] <= undo["base_version"]]
+    rows = [d for d in decisions if d["task"] == undo["task"]]
+    return [steps[d["version"]].after for d in _standing(rows, undo["save_id"])
+            if undo["reverts"] < d["version"] <= undo["base_version"]]
 
 
 def _dropped(decisions: list[sqlite3.Row], steps: dict[int, _Step], row: sqlite3.Row) -> list[dict]:

@@ -335,6 +335,43 @@ def test_a_label_taken_back_or_dropped_never_comes_back(store):
     assert store.item_state("b")["colour"].label is None and "b" not in store.current_labels()
 
 
+def test_an_undo_meets_only_decisions_still_standing(store):
+    """An enumerated check of the undo contract (QA, session 32): a plain undo of ana's skip removed ben's
+    later skip over the same label without a word; an undo named as dropped a decision a forced undo had
+    dropped, or its author withdrawn, before."""
+    def state(item: str) -> dict:
+        return {t: s.version for t, s in store.item_state(item).items()}
+
+    save(store, "a", "ana", {"colour": "X"})
+    store.skip("a", ["colour"], "ana", base_versions=state("a"))
+    ben = store.skip("a", ["colour"], "ben", base_versions=state("a"))
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ana")
+    assert [(c.annotator, c.status, c.version) for c in caught.value.conflicts] == [
+        ("ben", "skipped", ben.versions["colour"])]
+
+    save(store, "b", "cem", {"colour": "Z"}, adjudicated=True)
+    save(store, "b", "ben", {"colour": "X"}, base_versions=state("b"))
+    save(store, "b", "cem", {"colour": "Y"}, base_versions=state("b"), adjudicated=True)
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ben")
+    assert [c.theirs for c in store.undo("ben", force=True, save_id=caught.value.save_id).dropped] == ["Y"]
+    undone = store.undo("cem")  # his ruling Y is gone already: his Z is undone, nothing more dropped
+    assert undone.tasks == {"colour": ("Z", None)} and undone.dropped == []
+
+    save(store, "c", "ben", {"colour": "X"})
+    save(store, "c", "cem", {"colour": "Y"}, base_versions=state("c"))
+    save(store, "c", "ana", {"colour": "Z"}, base_versions=state("c"))
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("cem")
+    store.undo("cem", keep_theirs=True, save_id=caught.value.save_id)  # cem withdraws Y
+    with pytest.raises(LabelConflict) as caught:
+        store.undo("ben")
+    assert [(c.theirs, c.annotator) for c in caught.value.conflicts] == [("Z", "ana")]  # not cem's withdrawn Y
+    forced = store.undo("ben", force=True, save_id=caught.value.save_id)
+    assert [(c.theirs, c.annotator) for c in forced.dropped] == [("Z", "ana")]
+
+
 def test_an_undo_conflict_names_who_decided_last_a_skip_included(store):
     save(store, "a", "ana", {"colour": "Red"})
     skipped = store.skip("a", ["colour"], "ben", base_versions={"colour": store.item_state("a")["colour"].version})
