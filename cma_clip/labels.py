@@ -1107,7 +1107,24 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
         tasks[row["task"]] = after
         steps[version] = _Step(row["task"], row["save_id"], before, after)
         seen[row["item_id"], row["task"]].append(row)
+    for (item_id, task), task_rows in seen.items():
+        if (state := states[item_id][task]).status == "skipped" and state.label is not None:
+            states[item_id][task] = _under_skip(task_rows, steps, state)
     return dict(states), steps
+
+
+def _under_skip(rows: list[sqlite3.Row], steps: dict[int, _Step], skip: TaskState) -> TaskState:
+    """A skip standing now, with the label under it that still stands: a skip keeps the label it was made
+    over, and that label's author may have withdrawn it since ("keep theirs": it stayed under the skip, and
+    was exported and trained on); the newest label still standing before the skip takes its place, else none."""
+    labels = [r for r in _standing(rows, LAST_ROW) if r["version"] < skip.version and r["status"] != "skipped"]
+    under = steps[labels[-1]["version"]].after if labels else None
+    if under is not None and (under.label, under.annotator, under.created_at) == (skip.label, skip.annotator,
+                                                                                   skip.created_at):
+        return skip
+    if under is None:
+        return replace(skip, label=None, annotator=skip.decided_by, source="human", adjudicated=False)
+    return replace(under, status="skipped", version=skip.version, decided_by=skip.decided_by)
 
 
 def _taken_back(rows: list[sqlite3.Row], before: int) -> set[int]:

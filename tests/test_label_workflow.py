@@ -372,6 +372,26 @@ def test_an_undo_meets_only_decisions_still_standing(store):
     assert [(c.theirs, c.annotator) for c in forced.dropped] == [("Z", "ana")]
 
 
+def test_a_label_withdrawn_under_someones_skip_is_not_the_label_any_more(store):
+    """A skip keeps the label it was made over; ana withdrew hers ("keep theirs", cem had skipped since),
+    and it stayed under the skip: exported and trained on (QA, session 32)."""
+    def state(item: str) -> dict:
+        return {t: s.version for t, s in store.item_state(item).items()}
+
+    for item, before in (("a", None), ("b", "Y")):
+        if before:
+            save(store, item, "ben", {"colour": before})
+        save(store, item, "ana", {"colour": "X"}, base_versions=state(item))
+        store.skip(item, ["colour"], "cem", base_versions=state(item))
+        with pytest.raises(LabelConflict) as caught:
+            store.undo("ana")
+        store.undo("ana", keep_theirs=True, save_id=caught.value.save_id)
+    skipped = store.item_state("a")["colour"]
+    assert (skipped.label, skipped.status, skipped.decided_by) == (None, "skipped", "cem")
+    assert store.item_state("b")["colour"].label == "Y" and store.item_state("b")["colour"].annotator == "ben"
+    assert {item: entry["labels"] for item, entry in store.current_labels().items()} == {"b": {"colour": "Y"}}
+
+
 def test_an_undo_conflict_names_who_decided_last_a_skip_included(store):
     save(store, "a", "ana", {"colour": "Red"})
     skipped = store.skip("a", ["colour"], "ben", base_versions={"colour": store.item_state("a")["colour"].version})
