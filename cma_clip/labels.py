@@ -1028,14 +1028,15 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
     states, steps = _replay(decisions)
     current = states[item_id]
     rows = {task: [d for d in decisions if d["task"] == task] for task in current}
+    standing = {task: [r["version"] for r in _standing(task_rows, LAST_ROW)] for task, task_rows in rows.items()}
     # the save's decisions still standing (one a forced undo dropped is gone already: nothing to revert)
     reverted = {version: step for version, step in steps.items() if step.save_id == target["id"]
-                and version not in _taken_back(rows[step.task], LAST_ROW)}
+                and version in standing[step.task]}
     back = {version: _restored(rows[step.task], steps, version, LAST_ROW) for version, step in reverted.items()}
     restored = {version: (state.label, state.status) if state else (None, "pending") for version, state in back.items()}
     # someone decided since: a decision made after it that still stands (a skip over the same label included)
-    since = {version: [steps[r["version"]].after for r in _standing(rows[step.task], LAST_ROW)
-                       if r["version"] > version] for version, step in reverted.items()}
+    since = {version: [steps[later].after for later in standing[step.task] if later > version]
+             for version, step in reverted.items()}
     changed = {version for version, later in since.items() if later}
     if changed and not (force or keep_theirs):
         raise LabelConflict([_conflict(item_id, reverted[v].task, restored[v][0], state) for v in sorted(changed)
