@@ -693,7 +693,7 @@ class LabelStore:
         (the share of annotator pairs that agree), kappa (Cohen's kappa, the mean over annotator
         pairs sharing two items or more; None when no pair does, or when every label is one class),
         annotators and open_disagreements (items whose annotators disagree, not settled since:
-        `disagreements`)."""
+        `disagreements`; a lone label against a ruling is one, so a task may list it with no items)."""
         with self._transaction() as conn:
             return _agreement(conn, tasks)
 
@@ -1235,8 +1235,8 @@ def _agreement(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[st
         if len(by_annotator) >= 2:
             shared.setdefault(task, []).append({a: row["label"] for a, row in by_annotator.items()})
     unsettled = Counter(task for by_task in _open_disagreements(conn, labels)[0].values() for task in by_task)
-    return {task: {**_agreement_of(items), "open_disagreements": unsettled[task]}
-            for task, items in sorted(shared.items())}
+    return {task: {**_agreement_of(shared.get(task, [])), "open_disagreements": unsettled[task]}
+            for task in sorted(shared.keys() | unsettled.keys())}  # a lone label against a ruling is open too
 
 
 def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], dict],

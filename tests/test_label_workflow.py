@@ -643,6 +643,16 @@ def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store, tmp_p
     assert store.agreement()["colour"]["open_disagreements"] == 1
 
 
+def test_a_lone_label_against_a_ruling_is_counted_where_nobody_else_labelled_the_task(store):
+    """An item a reviewer ruled on and one annotator labelled against it since is an open disagreement;
+    the agreement counts it for its task even when no item of that task has two annotators."""
+    save(store, "1", "eve", {"type": "Tights"}, adjudicated=True)  # a ruling, nobody's label before it
+    save(store, "1", "ana", {"type": "Socks"})  # ana alone goes against it
+    assert store.open_disagreements() == {"1": {"type": {"ana": "Socks", "eve's ruling": "Tights"}}}
+    assert store.agreement()["type"] == {"items": 0, "raw": None, "kappa": None, "annotators": [],
+                                         "open_disagreements": 1}
+
+
 def test_a_v4_store_gains_adjudications(tmp_path):
     path = tmp_path / "labels.db"
     with sqlite3.connect(path) as conn:
