@@ -357,6 +357,35 @@ def user_errors(fn: Callable) -> Callable:
     return wrapped
 
 
+def errors_in(note: gr.Markdown) -> Callable[[Callable], Callable]:
+    """`user_errors` for a button whose results lie beside `note`: the message shows there, as a
+    warning that stays, and every other output keeps what it showed (a raised error put an "Error"
+    badge on each output, and its toast faded, leaving no word of what went wrong). A success clears
+    the note. `fn` returns its outputs as a dict; the API twin of the button keeps `user_errors`."""
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                return {note: "", **fn(*as_signed_in(args), **kwargs)}
+            except CMAClipError as exc:
+                return {note: f"⚠️ {views.plain(exc)}"}
+        return wrapped
+    return decorate
+
+
+def image_problem(image_path: str | None) -> str:
+    """Why the image cannot be predicted ('' when it can): none given, gone, or `open_user_image`'s
+    refusal (unreadable, too large). Decoded here as well as in the prediction, so that a validator
+    can show the refusal on the image field."""
+    if not image_path:
+        return "Upload a product image (JPEG, PNG, WebP, GIF or BMP) first."
+    try:
+        open_user_image(image_path).close()
+    except StudioError as exc:
+        return str(exc)
+    return ""
+
+
 class SignedIn:
     """What the annotator box hands an event when a login is on, whatever the client sent:
     `as_signed_in` puts the signed-in user's name in its place."""
@@ -612,8 +641,10 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         api_save = gr.Button(visible=False)  # /save_label for API clients (the Save button validates first)
 
     def check_inputs(image_path, text_value, model_name, item):
-        """Input errors shown on the field at fault (the other outputs stay as they were)."""
-        return [gr.validate(bool(image_path), "Upload a product image (JPEG, PNG, WebP, GIF or BMP) first."),
+        """Input errors shown on the field at fault (the other outputs stay as they were): a missing or
+        unreadable image (an error raised by the prediction would mark every output), an unknown model."""
+        problem = image_problem(image_path)
+        return [gr.validate(not problem, problem),
                 gr.validate(True, ""),
                 gr.validate(model_name in studio.checkpoints, f"Unknown model {model_name!r}: choose one of "
                                                               f"{', '.join(studio.model_names) or 'none found'}."),
@@ -1260,6 +1291,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         with gr.Row():
             probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
             sweep_button = gr.Button("Sweep all severities for this item")
+        status = gr.Markdown(elem_id="robustness-status")  # why a probe or a sweep could not run
+        api_probe, api_sweep = gr.Button(visible=False), gr.Button(visible=False)  # their API: errors as errors
         probe_json = gr.JSON(visible=False)
         probe_table = gr.Dataframe(headers=views.PROBE_HEADERS, interactive=False, wrap=True, elem_id="probe-table",
                                    column_widths=views.PROBE_WIDTHS,
@@ -1287,10 +1320,9 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
     def need_item(image_path):
         if not image_path:  # the tab has no image field of its own: say where the item comes from
-            raise error("Robustness corrupts the Predict tab's item: click an example or upload an image there "
-                        "first.")
+            raise StudioError("Robustness corrupts the Predict tab's item: click an example or upload an image "
+                              "there first.")
 
-    @user_errors
     def probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity, seed_value):
         """Predict on the clean and the corrupted item; returns both predictions as JSON first."""
         need_item(image_path)
@@ -1309,14 +1341,13 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
             return gr.skip()
         return dict(zip((clean_heat, noisy_heat, probe_note), views.probe_maps(result, task_name)))
 
-    @user_errors
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
         need_item(image_path)
         sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
         for note in sweep.notes:  # beside the plot, whose flat text curves would read as robustness
             gr.Info(html.escape(note))
-        return item_sweep_figure(sweep.confidence, sweep.image_weight, studio.display_names(model_name),
-                                 sweep.corruptions)
+        return {item_sweep_plot: item_sweep_figure(sweep.confidence, sweep.image_weight,
+                                                   studio.display_names(model_name), sweep.corruptions)}
 
     @user_errors
     def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, request: gr.Request,
@@ -1339,15 +1370,20 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         """Stop this page's batch sweep (an API client's: from the same Client) after its current batch."""
         studio.stop_sweep(request.session_hash)
 
-    probe_button.click(probe, [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed],
-                       [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
-                        probe_state, probe_task], api_name="probe")
+    probe_inputs = [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed]
+    probe_outputs = [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
+                     probe_state, probe_task]
+    probe_button.click(errors_in(status)(probe), probe_inputs, [*probe_outputs, status], api_name="probe_shown",
+                       api_visibility="private")  # (named: its function's name would take "probe")
+    api_probe.click(user_errors(probe), probe_inputs, probe_outputs, api_name="probe")
     probe_task.input(probe_for_task, [probe_state, probe_task], [clean_heat, noisy_heat, probe_note],
                      api_visibility="private")
     for noise, severity in ((image_noise, image_severity), (text_noise, text_severity)):  # "none": nothing to set
         noise.change(lambda name: gr.update(interactive=name != "none"), noise, severity, api_visibility="private")
-    sweep_button.click(sweep_item, [image, text, shared.model, image_noise, text_noise, seed], item_sweep_plot,
-                       api_name="sweep_item")
+    sweep_inputs = [image, text, shared.model, image_noise, text_noise, seed]
+    sweep_button.click(errors_in(status)(sweep_item), sweep_inputs, [item_sweep_plot, status],
+                       api_name="sweep_item_shown", api_visibility="private")
+    api_sweep.click(user_errors(sweep_item), sweep_inputs, item_sweep_plot, api_name="sweep_item")
     batch_sweep_button.click(sweep_catalogue, [shared.model, sweep_size, image_noise, text_noise, seed],
                              [batch_plot, batch_csv], api_name="sweep_catalogue")
     # not behind the queue's busy workers (a sweep may be one of them)

@@ -170,7 +170,7 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     check_view(page, size, "history")
 
 
-def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page):
+def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page, tmp_path):
     size, page = sized_page
     page.locator("#predict").click()
     message = page.get_by_text("Upload a product image")
@@ -182,6 +182,17 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page):
     assert "Error" not in page.locator("#predictions").inner_text()
     page.screenshot(path=str(ARTIFACTS / f"layout-{size}-input-error.png"), full_page=True)
     assert_fits(page, f"{size} input error")
+
+    not_an_image = tmp_path / "notes.jpg"  # a text file named .jpg: refused on the image field too
+    not_an_image.write_text("not a photo")
+    page.locator("#input-image input[type=file]").set_input_files(str(not_an_image))
+    page.locator("#predict").click()
+    refusal = page.get_by_text("notes.jpg is not a readable image")
+    expect(refusal).to_have_count(1, timeout=30_000)
+    field, shown = page.locator("#input-image").bounding_box(), refusal.bounding_box()
+    assert field["y"] <= shown["y"] <= field["y"] + field["height"]
+    assert page.locator(".error:visible").count() == 0
+    page.locator("#input-image button[aria-label*='Clear'], #input-image button[aria-label*='clear']").first.click()
 
     predict_example(page, text="")  # an empty text: a note beside the field, the model on the image alone
     expect(page.locator("#input-note")).to_contain_text("rests on the image only")
@@ -223,8 +234,14 @@ def test_an_example_brings_its_prediction_into_view_and_robustness_asks_for_an_i
     size, page = sized_page
     open_tab(page, "robustness")
     page.locator("#probe").click()  # nothing predicted yet: the tab says where its item comes from
-    expect(page.get_by_text("Robustness corrupts the Predict tab's item")).to_be_visible(timeout=30_000)
-    assert page.locator("[data-testid=status-tracker] > .error:visible").count() == 0  # no badge over the outputs
+    expect(page.locator("#robustness-status")).to_contain_text("Robustness corrupts the Predict tab's item",
+                                                               timeout=30_000)
+    page.wait_for_timeout(6_000)  # past the toast an error would have faded with: the message stays
+    expect(page.locator("#robustness-status")).to_contain_text("Robustness corrupts the Predict tab's item")
+    assert page.locator(".error:visible").count() == 0  # and no "Error" badge over the outputs
+    page.locator("#robustness-tab button", has_text="Sweep all severities").click()
+    expect(page.locator("#robustness-status")).to_contain_text("Robustness corrupts", timeout=30_000)
+    assert page.locator(".error:visible").count() == 0
     open_tab(page, "predict")
     page.locator("#predict-examples tbody tr").nth(1).click()
     expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
