@@ -35,7 +35,7 @@ from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES, agreement_f
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
-                             StudioError, UndoOutcome, new_id, open_user_image, text_is_cut, views)
+                             SPLITS, StudioError, UndoOutcome, new_id, open_user_image, text_is_cut, views)
 from cma_clip.studio.accounts import Login, login_from_env  # noqa: E402
 from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED, SweepStopped  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
@@ -903,7 +903,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
             with gr.Row():
                 with gr.Column():
-                    split = gr.Dropdown(["train", "val", "test"], value="train", label="Split of the model's catalogue",
+                    split = gr.Dropdown(list(SPLITS), value="train", label="Split of the model's catalogue",
                                         elem_id="review-split")
                     split_note = gr.Markdown(views.split_note("train"), elem_id="review-split-note")
                     size = gr.Number(value=50, precision=0, minimum=1, maximum=MAX_QUEUE_ITEMS, label="Sample size",
@@ -1019,12 +1019,17 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         return show_queue(studio, panel, queue, message)
 
     def opened(queue: ReviewQueue, message: str = "") -> dict:
-        """A newly loaded (or resumed) queue at its item, the source panel folded away, the order and
-        task controls as the queue has them (a suspected-mislabels queue's ranking among the orders)."""
+        """A newly loaded (or resumed) queue at its item, the source panel folded away, the controls as
+        the queue has them: order (a suspected-mislabels queue's ranking among them), task, confidence
+        range, decided items shown, and a catalogue sample's split and size (a reload showed the
+        defaults, and a re-sort then dropped the queue's confidence range unasked)."""
         single = queue.tasks[0] if len(queue.tasks) == 1 else ALL_TASKS
+        low, high = queue.filters.get("min_conf"), queue.filters.get("max_conf")
+        sample = {split: queue.split, size: queue.sampled} if queue.split in SPLITS else {}
         return {**show_queue(studio, panel, queue, message), source_box: gr.update(open=False),
                 strategy: gr.update(choices=views.order_choices(queue), value=queue.strategy),
-                task_filter: gr.update(value=single)}
+                task_filter: gr.update(value=single), min_conf: 0 if low is None else low,
+                max_conf: 1 if high is None else high, show_decided: queue.show_decided, **sample}
 
     def options(order, task_name, low, high, decided, annotator_name) -> dict:
         return {"strategy": order, "task": task_name, "min_conf": low, "max_conf": high, "show_decided": decided,
@@ -1205,7 +1210,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
 
     filters = [strategy, task_filter, min_conf, max_conf, show_decided, shared.annotator]
     queue_inputs = [panel.queue, panel.shown, shared.annotator]
-    loaded_outputs = [*panel.outputs, source_box, strategy, task_filter]
+    loaded_outputs = [*panel.outputs, source_box, strategy, task_filter, min_conf, max_conf, show_decided, split, size]
     for event in (  # one progress bar under the button pressed and one on the item, not one on every output
         load_split.click(load_catalogue, [shared.model, split, size, *filters], [*loaded_outputs, split_loading],
                          api_name="review_catalogue", show_progress_on=[split_loading, panel.image]),

@@ -325,6 +325,30 @@ def test_val_and_test_say_where_their_corrections_go(review_app, browser):
     page.context.close()
 
 
+def test_a_reload_shows_the_queues_own_controls_and_a_resort_keeps_its_range(review_app, browser):
+    """After a reload the queue resumed, but its controls read train, 50 and 0 to 1: the next load took
+    them, and a re-sort dropped the queue's confidence range unasked (QA labeler, session 33)."""
+    page = open_page(browser, review_app, "range-keeper")
+    page.get_by_role("tab", name="Review").click()
+    fill_until_it_holds(page.locator("#review-split input"), "val", press="Enter")
+    for box, value in (("#review-size", "6"), ("#review-min-conf", "0.05"), ("#review-max-conf", "0.99")):
+        fill_until_it_holds(page.locator(f"{box} input"), value)
+    page.locator("#review-load").click()
+    notes = page.locator("#review-notes")
+    expect(notes).to_contain_text("confidence 0.05 to 0.99", timeout=WAIT)
+    page.reload()
+    expect(notes).to_contain_text("confidence 0.05 to 0.99", timeout=WAIT)  # the queue resumed
+    if not page.locator("#review-min-conf input").is_visible():
+        page.get_by_text("Queue: source, order and filters").first.click()
+    for box, value in (("#review-split input", "val"), ("#review-size input", "6"),
+                       ("#review-min-conf input", "0.05"), ("#review-max-conf input", "0.99")):
+        expect(page.locator(box)).to_have_value(value, timeout=WAIT)
+    page.locator("#review-strategy input[value='entropy']").locator("..").click()
+    expect(notes).to_contain_text("order: entropy", timeout=WAIT)
+    expect(notes).to_contain_text("confidence 0.05 to 0.99")  # the re-sort kept the range
+    page.context.close()
+
+
 def test_an_active_task_picked_right_after_a_confidence_box_takes_the_click(review_app, browser):
     """Clicking a radio blurs the box: its re-filter event laid its pending overlay over the panel,
     the click was lost, and the next key picked a choice for the task before (a label saved on the
