@@ -302,8 +302,14 @@ def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studi
         studio.bulk_accept(queue, "cem", task="product_type_name")
     on_screen = queue.current.item_id
     numeric = studio.bulk_accept(queue, "cem", task="product_type_name", min_conf=0)
-    assert numeric.stored == 10 and numeric.took_open == on_screen  # the labeler is told the queue moved on
-    assert f"It took the item you had open, `{on_screen}`" in views.bulk_message(numeric)
+    assert numeric.stored == 10 and numeric.took_open == on_screen  # the labeler is told it took the item...
+    assert queue.current.item_id == on_screen and not numeric.moved_on  # ...whose other tasks are still to review
+    assert (f"It took the item you had open, `{on_screen}`: its other tasks wait for you there."
+            in views.bulk_message(numeric))
+    every = studio.bulk_accept(queue, "cem", min_conf=0)  # each task: the item is decided, the queue moves on
+    assert every.took_open == on_screen and every.moved_on
+    assert queue.current is None or queue.current.item_id != on_screen
+    assert "the queue moved on." in views.bulk_message(every)
 
 
 class ProgressLikeGradios:

@@ -1128,6 +1128,7 @@ class Studio:
                 queue.advance()
             if open_item in {record["item_id"] for record in records}:
                 outcome.took_open = open_item
+                outcome.moved_on = queue.current is None or queue.current.item_id != open_item
             self.keep_queue(queue, annotator)
         return outcome
 

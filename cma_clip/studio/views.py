@@ -606,7 +606,8 @@ def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> s
                      + ")")
     line = ", ".join(parts) + f" (stored in {plural(outcome.chunks, 'transaction')})."
     if outcome.took_open:
-        line += f" It took the item you had open, {code(outcome.took_open)}: the queue moved on."
+        line += f" It took the item you had open, {code(outcome.took_open)}: " + (
+            "the queue moved on." if outcome.moved_on else "its other tasks wait for you there.")
     if outcome.conflicts:
         line += " Left out, labelled otherwise since: " + "; ".join(
             f"{code(c.item_id)} {task_name(c.task, names=names)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"

@@ -340,4 +340,5 @@ class BulkOutcome:
     claimed: dict[str, str] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     chunks: int = 0
-    took_open: str | None = None  # the item the labeler had open, which it accepted (the queue moved on)
+    took_open: str | None = None  # the item the labeler had open, which it accepted (some of its tasks, or all)
+    moved_on: bool = False  # and the queue moved past it (every task under review decided)
