@@ -242,6 +242,8 @@ def test_a_second_tab_accepting_the_same_labels_saves_nothing_twice(studio):
     phone.position = phone.index_of(again.item_id)
     stale = studio.review_save(phone, "ben", changed, seen)  # a change over the save it did not see: asked
     assert stale.result == "conflict" and studio.store.count() == 1
+    message = views.save_message(stale)  # ben's own save, from the other tab: not "someone else"
+    assert message.startswith("**Not saved: you saved this item in another tab or window since you opened it.**")
 
 
 def test_a_review_save_names_the_tasks_left_pending_and_a_label_too_long_by_its_task(studio):

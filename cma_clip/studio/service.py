@@ -416,7 +416,7 @@ class Studio:
                                new_classes=new_classes)
         except LabelConflict as exc:
             return SaveOutcome("conflict", item_id, labels, conflicts=exc.conflicts, request_id=request_id,
-                               new_classes=new_classes)
+                               new_classes=new_classes, annotator=(annotator or "").strip())
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         predicted = {t: p["label"] for t, p in predictions.items()}
@@ -995,7 +995,8 @@ class Studio:
                                          base_versions={t: shown.versions.get(t) for t in queue.tasks}, force=force)
             except LabelConflict as exc:
                 self.refresh(queue, annotator)  # someone decided it meanwhile: the queue says so now
-                return SaveOutcome("conflict", item.item_id, conflicts=exc.conflicts, kind="skip", request_id=rid)
+                return SaveOutcome("conflict", item.item_id, conflicts=exc.conflicts, kind="skip", request_id=rid,
+                                   annotator=annotator)
             except LabelStoreError as exc:
                 raise StudioError(str(exc)) from exc
             outcome = SaveOutcome("duplicate" if result.duplicate else "saved", item.item_id, {}, result.save_id,

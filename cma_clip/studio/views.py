@@ -476,7 +476,7 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
         return (f"Already saved (save #{outcome.save_id}): this request was stored before, so nothing new was "
                 f"written" + (f" for item {code(outcome.item_id)}." if outcome.item_id else "."))
     if outcome.result == "conflict":
-        return conflict_message(outcome.conflicts, names, outcome.kind)
+        return conflict_message(outcome.conflicts, names, outcome.kind, outcome.annotator)
     if outcome.result == "unknown":
         return unknown_message(outcome.unknown, names)
     if outcome.result == "unchanged" and outcome.annotator:
@@ -536,10 +536,14 @@ def standing(c: Conflict) -> str:
             f" by {code(c.annotator or 'someone')}")
 
 
-def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = None, action: str = "label") -> str:
+def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = None, action: str = "label",
+                     annotator: str = "") -> str:
     """Both labels of each conflicting task, who made theirs (a label, a skip) and when, and
-    the choice, for a refused `action` (label, skip or undo)."""
+    the choice, for a refused `action` (label, skip or undo). Decisions all by `annotator`, the
+    one refused, were made in another tab or window: said so, not "someone else"."""
     refused, since, choice = CONFLICT_TEXT[action]
+    if annotator and all(c.annotator == annotator for c in conflicts):
+        refused, since = refused.replace("someone else", "you"), f"in another tab or window {since}"
     what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
     lines = [f"**{refused} {what} {since}.**"]
     for c in conflicts:
