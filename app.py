@@ -147,6 +147,8 @@ CSS = """
 .table-wrap th, .table-wrap td, .table-wrap th *, .table-wrap td *, .virtual-row, .virtual-row * {
   font-family: var(--font) !important; }
 #predict-examples td:last-child { white-space: nowrap; }
+/* a word as long as the text box allows breaks inside the notes, not past the page's edge */
+#input-note, #input-note *, #map-note, #map-note * { overflow-wrap: anywhere !important; }
 #image-error:empty, #text-note:empty { display: none; }
 /* A refused review action (a wrong upload after a right one, a save without a name) leaves the open queue as
    it was, and its message in the toast: Gradio's "Error" badge over each of the queue's outputs would hide it. */

@@ -36,7 +36,7 @@ from .data import Catalogue, CatalogueError, ImageError, load_image, read_manife
 from .errors import CMAClipError
 from .features import image_batches
 from .model import IMAGE_SIDE, Classifier, absent_texts
-from .relevance import explain, word_relevance, words_of
+from .relevance import WORD, explain, word_relevance, words_of
 from .runtime import autocast, resolve_device
 
 @dataclass
@@ -96,6 +96,7 @@ class Prediction:
     relevance: dict[str, TaskRelevance] = field(default_factory=dict)  # task -> what its prediction rests on
     words: list[str] = field(default_factory=list)  # the text's whole words the model saw (punctuation attached)
     token_words: list[int] = field(default_factory=list)  # per token: its index in `words`, -1 for special tokens
+    words_unread: int = 0  # the text's words past the encoder's token limit: not read (`explain` sets it)
     photo_fraction: np.ndarray | None = None  # [patches] share of each patch the photo covers (the rest is padding)
     # No text: the prediction rests on the image alone (its modality weights all on the image), and nothing
     # is auto-accepted: the thresholds were set on items with a text, and without one the auto-accepted val
@@ -194,6 +195,7 @@ class Predictor:
         for b, (prediction, image, text) in enumerate(zip(predictions, images, texts)):
             prediction.tokens = self.backbone.token_strings(text, self.max_tokens)
             prediction.words, prediction.token_words = words_of(self.backbone, text, self.max_tokens)
+            prediction.words_unread = max(0, len(WORD.findall(text)) - len(prediction.words))
             n, count = len(prediction.tokens), len(prediction.words)  # the item's tokens, its padding left out
             for t, task in enumerate(ex.tasks):
                 prediction.token_relevance[task] = ex.token_gradient_input[b, t, :n]

@@ -206,6 +206,13 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page, 
     expect(page.locator("#item-line")).not_to_contain_text("New item", timeout=60_000)  # predicted with the text
     expect(page.locator("#input-note")).not_to_contain_text("image only")
 
+    predict_example(page, text=" ".join([EXAMPLE_TEXT] * 20))  # 20 texts: past the model's token limit
+    expect(page.locator("#input-note")).to_contain_text("The model read the first", timeout=60_000)
+    predict_example(page, text="x" * 3000)  # one word as long as a text: the note quoting it breaks it at the edge
+    expect(page.locator("#map-note")).to_contain_text("x" * 100, timeout=60_000)
+    note, panel = page.locator("#map-note").evaluate("n => [n.scrollWidth, n.clientWidth]")
+    assert note <= panel, (note, panel)
+
 
 def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page):
     size, page = sized_page

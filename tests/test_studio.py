@@ -41,6 +41,18 @@ def test_predict_and_explain(studio):
     shares = bar_shares(modality_figure(result))
     assert len(shares) == len(rows)
     assert all(abs(share - p.modality_weights["text"]) < 0.01 for share, p in zip(shares, result.tasks.values()))
+    assert result.words_unread == 0 and views.input_note(result) == ""  # the whole text read: no note
+
+
+def test_a_text_past_the_token_limit_says_how_much_the_model_read(studio):
+    """A long text was cut to the encoder's first tokens without a word: the maps showed 30 words of 600."""
+    words = "Nike running shoe black mesh upper".split() * 100
+    result = studio.predict(str(EXAMPLE_IMAGE), " ".join(words), "hm-articles")
+    read = len(result.words)
+    assert 0 < read < len(words) and result.words_unread == len(words) - read
+    assert result.words == words[:read]  # the words it read are the text's first ones
+    assert (f"**The model read the first {read} words of the text**; the other {len(words) - read:,} are past"
+            in views.input_note(result))
 
 
 @pytest.mark.parametrize("image, message", [(None, "Upload a product image"), ("missing.jpg", "not found")])

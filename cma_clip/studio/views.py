@@ -167,10 +167,14 @@ def prediction_rows(prediction: Prediction) -> list[list]:
 
 
 def input_note(prediction: Prediction, text_cut: bool = False) -> str:
-    """The note under the inputs: what an empty text, a blank photo or a text cut to its first
-    `MAX_TEXT_CHARS` characters (an API client's; the box takes no more) means ("" for none)."""
+    """The note under the inputs: what an empty text, a blank photo, a text longer than the model
+    reads, or a text cut to its first `MAX_TEXT_CHARS` characters (an API client's; the box takes no
+    more) means ("" for none)."""
+    unread = (f"**The model read the first {plural(len(prediction.words), 'word')} of the text**; the other "
+              f"{prediction.words_unread:,} are past its encoder's token limit: not read, and not in the maps.")
     return "  \n".join(note for note, present in ((NO_TEXT_NOTE, prediction.text_absent),
                                                   (BLANK_PHOTO_NOTE, prediction.photo_blank),
+                                                  (unread, prediction.words_unread > 0),
                                                   (TEXT_CUT_NOTE, text_cut)) if present)
 
 
