@@ -149,7 +149,6 @@ CSS = """
 #predict-examples td:last-child { white-space: nowrap; }
 /* a word as long as the text box allows breaks inside the notes, not past the page's edge */
 #input-note, #input-note *, #map-note, #map-note * { overflow-wrap: anywhere !important; }
-#image-error:empty, #text-note:empty { display: none; }
 /* A refused review action (a wrong upload after a right one, a save without a name) leaves the open queue as
    it was, and its message in the toast: Gradio's "Error" badge over each of the queue's outputs would hide it. */
 #review-tab [data-testid="status-tracker"]:has(> .error), #robustness-tab [data-testid="status-tracker"]:has(> .error) {
@@ -163,7 +162,6 @@ CSS = """
 .unused-choice { display: none !important; }
 /* a small catalogue photo (fashion's are 60 x 80) fills the item's box, as on the Predict tab */
 #review-image img { width: 100%; height: 100%; object-fit: contain; }
-#image-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }
 /* A chart's label sits above it, not over its top (a title, the first bars), at any width. */
 .chart > label[data-testid="block-label"] { position: static !important; }
 @media (max-width: 767px) {
@@ -760,8 +758,13 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
                 input_note: "", labels_for: "", **resolution(choice, None)}
 
+    def new_photo(image_path):
+        """A new upload is a new item; a file that cannot be predicted is said at once, under the inputs."""
+        problem = image_problem(image_path)
+        return {**forget_item_id(), input_note: f"⚠️ {views.plain(problem)}" if problem else ""}
+
     item_outputs = [item_id, shown, pending, item_line, input_note, labels_for, *choice.buttons]
-    image.upload(forget_item_id, None, item_outputs, api_visibility="private")
+    image.upload(new_photo, image, item_outputs, api_visibility="private")
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots,

@@ -186,8 +186,9 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page, 
     not_an_image = tmp_path / "notes.jpg"  # a text file named .jpg: refused on the image field too
     not_an_image.write_text("not a photo")
     page.locator("#input-image input[type=file]").set_input_files(str(not_an_image))
-    page.locator("#predict").click()
-    refusal = page.get_by_text("notes.jpg is not a readable image")
+    expect(page.locator("#input-note")).to_contain_text("notes.jpg is not a readable image", timeout=30_000)
+    page.locator("#predict").click()  # (said at the upload, under the inputs; and on the field at Predict)
+    refusal = page.locator("#input-image").get_by_text("notes.jpg is not a readable image")
     expect(refusal).to_have_count(1, timeout=30_000)
     field, shown = page.locator("#input-image").bounding_box(), refusal.bounding_box()
     assert field["y"] <= shown["y"] <= field["y"] + field["height"]
