@@ -147,6 +147,9 @@ CSS = """
 .table-wrap th, .table-wrap td, .table-wrap th *, .table-wrap td *, .virtual-row, .virtual-row * {
   font-family: var(--font) !important; }
 #predict-examples td:last-child { white-space: nowrap; }
+/* a dropdown's value stops short of its arrow, cut with "…" (on a phone the arrow covered its last letters) */
+.secondary-wrap:has(> .icon-wrap) input { padding-right: calc(2 * var(--size-5)) !important;
+  text-overflow: ellipsis; }
 /* a word as long as the text box allows breaks inside the notes, not past the page's edge */
 #input-note, #input-note *, #map-note, #map-note * { overflow-wrap: anywhere !important; }
 /* A refused review action (a wrong upload after a right one, a save without a name) leaves the open queue as

@@ -215,6 +215,21 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page, 
     assert note <= panel, (note, panel)
 
 
+ARROW_CLEARANCE = """(box) => {
+  const input = box.querySelector('input'), arrow = box.querySelector('.icon-wrap');
+  const style = getComputedStyle(input);
+  return [input.getBoundingClientRect().right - parseFloat(style.paddingRight), arrow.getBoundingClientRect().left,
+          style.textOverflow];
+}"""
+
+
+def test_a_dropdowns_value_stops_short_of_its_arrow(sized_page):
+    """On a phone the Model box read "fashion-product-i" with its arrow over the last letters (QA, session 33)."""
+    size, page = sized_page
+    text_end, arrow_start, overflow = page.locator("#model").evaluate(ARROW_CLEARANCE)
+    assert text_end <= arrow_start and overflow == "ellipsis", (size, text_end, arrow_start, overflow)
+
+
 def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page):
     size, page = sized_page
     predict_example(page)
