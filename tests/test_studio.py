@@ -907,3 +907,15 @@ def test_the_predict_tab_says_where_a_held_out_items_corrections_go(studio):
     train = studio.model_view("hm-articles", hm_rows("train", 1)[0]["article_id"], None, True)
     assert train.split == "train" and "**" not in views.item_line(train, True)
     assert studio.model_view("hm-articles", "img-upload", None, False).split is None
+
+
+def test_a_word_the_text_holds_twice_is_numbered_where_a_person_picks_it(studio):
+    """The top words read "mesh (10%), mesh (8%), mesh (7%)": which mesh? (QA, session 33)"""
+    result = studio.predict(str(EXAMPLE_IMAGE), "black mesh top, mesh sleeves and a mesh back", "hm-articles")
+    assert views.word_names(result.words) == ["black", "mesh #1", "top,", "mesh #2", "sleeves", "and", "a",
+                                              "mesh #3", "back"]
+    choices, _ = views.word_choices(result, "colour_group_name")
+    assert [label.split("  (")[0] for label, _ in choices] == views.word_names(result.words)
+    tops = {views.relevance_summary(result, task).split("most relevant words: ")[1].split(".")[0]
+            for task in result.tasks}  # each task's three top words
+    assert any("mesh #" in top for top in tops) and not any("`mesh`" in top for top in tops)

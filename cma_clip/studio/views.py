@@ -211,8 +211,18 @@ def word_choices(prediction: Prediction, task: str) -> tuple[list[tuple[str, int
     relevance = prediction.relevance.get(task)
     if relevance is None:
         return [], None
-    choices = [(f"{word}  ({relevance.words[i]:.0%})", i) for i, word in enumerate(prediction.words)]
+    choices = [(f"{word}  ({relevance.words[i]:.0%})", i) for i, word in enumerate(word_names(prediction.words))]
     return choices, relevance.top_word(prediction.words)
+
+
+def word_names(words: list[str]) -> list[str]:
+    """Each word as a person picks it: a word the text holds more than once numbered by its turn
+    ("mesh #2"), so that three "mesh" of different relevance are told apart."""
+    counts, seen, names = Counter(words), Counter(), []
+    for word in words:
+        seen[word] += 1
+        names.append(f"{word} #{seen[word]}" if counts[word] > 1 else word)
+    return names
 
 
 def word_attention(prediction: Prediction, word: int | None) -> np.ndarray | None:
@@ -284,7 +294,8 @@ def relevance_summary(prediction: Prediction, task: str | None) -> str:
     if relevance is None:
         return MAP_NOTE
     order = [i for i in np.argsort(-relevance.words, kind="stable") if any(c.isalnum() for c in prediction.words[i])]
-    top = ", ".join(f"{code(prediction.words[i])} ({relevance.words[i]:.0%})" for i in order[:3])
+    names = word_names(prediction.words)
+    top = ", ".join(f"{code(names[i])} ({relevance.words[i]:.0%})" for i in order[:3])
     name = plain(task_name(task, prediction.tasks.get(task)))
     if prediction.words:
         line = (f"**{name}**: relevance on the image {relevance.image_share:.0%}, on the text "
