@@ -53,6 +53,8 @@ def test_a_text_past_the_token_limit_says_how_much_the_model_read(studio):
     assert result.words == words[:read]  # the words it read are the text's first ones
     assert (f"**The model read the first {read} words of the text**; the other {len(words) - read:,} are past"
             in views.input_note(result))
+    one_more = dataclasses.replace(result, words_unread=1)
+    assert "; the other word is past its encoder's token limit" in views.input_note(one_more)
 
 
 @pytest.mark.parametrize("image, message", [(None, "Upload a product image"), ("missing.jpg", "not found")])
@@ -256,6 +258,7 @@ def test_a_second_tab_accepting_the_same_labels_saves_nothing_twice(studio):
     assert stale.result == "conflict" and studio.store.count() == 1
     message = views.save_message(stale)  # ben's own save, from the other tab: not "someone else"
     assert message.startswith("**Not saved: you saved this item in another tab or window since you opened it.**")
+    assert " · saved `" in message and "theirs" not in message.split("\n\n")[0]  # the choice's buttons keep their names
 
 
 def test_a_review_save_names_the_tasks_left_pending_and_a_label_too_long_by_its_task(studio):

@@ -170,8 +170,9 @@ def input_note(prediction: Prediction, text_cut: bool = False) -> str:
     """The note under the inputs: what an empty text, a blank photo, a text longer than the model
     reads, or a text cut to its first `MAX_TEXT_CHARS` characters (an API client's; the box takes no
     more) means ("" for none)."""
+    rest = "word is" if prediction.words_unread == 1 else f"{prediction.words_unread:,} are"
     unread = (f"**The model read the first {plural(len(prediction.words), 'word')} of the text**; the other "
-              f"{prediction.words_unread:,} are past its encoder's token limit: not read, and not in the maps.")
+              f"{rest} past its encoder's token limit: not read, and not in the maps.")
     return "  \n".join(note for note, present in ((NO_TEXT_NOTE, prediction.text_absent),
                                                   (BLANK_PHOTO_NOTE, prediction.photo_blank),
                                                   (unread, prediction.words_unread > 0),
@@ -557,14 +558,15 @@ def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = N
     the choice, for a refused `action` (label, skip or undo). Decisions all by `annotator`, the
     one refused, were made in another tab or window: said so, not "someone else"."""
     refused, since, choice = CONFLICT_TEXT[action]
+    theirs = "theirs"
     if annotator and all(c.annotator == annotator for c in conflicts):
-        refused, since = refused.replace("someone else", "you"), f"in another tab or window {since}"
+        refused, since, theirs = refused.replace("someone else", "you"), f"in another tab or window {since}", "saved"
     what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
     lines = [f"**{refused} {what} {since}.**"]
     for c in conflicts:
         yours = {"skip": "yours: skip", "undo": f"undo restores {code(c.yours) if c.yours else '(none: pending)'}"
                  }.get(action, f"yours {code(c.yours) if c.yours else '(none)'}")
-        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: {yours} · theirs {standing(c)}"
+        lines.append(f"- {task_name(c.task, names=names)} of {code(c.item_id)}: {yours} · {theirs} {standing(c)}"
                      f" at {plain(c.created_at[:19].replace('T', ' '))}")
     lines.append("\n" + choice)
     return "\n".join(lines)
