@@ -761,13 +761,20 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
                 input_note: "", labels_for: "", **resolution(choice, None)}
 
-    def new_photo(image_path):
-        """A new upload is a new item; a file that cannot be predicted is said at once, under the inputs."""
+    def new_photo(image_path, model_name):
+        """A new upload is a new item: the last item's results go (beside the new photo they read as
+        its own), and a file that cannot be predicted is said at once, under the inputs."""
         problem = image_problem(image_path)
-        return {**forget_item_id(), input_note: f"⚠️ {views.plain(problem)}" if problem else ""}
+        return {**forget_item_id(), input_note: f"⚠️ {views.plain(problem)}" if problem else "",
+                result_json: None, table: None, task: gr.update(choices=[], value=None),
+                token: gr.update(choices=[], value=None), heat: None, weights_plot: None, shading: None,
+                relevance: None, map_note: views.MAP_NOTE, prediction_state: None, save_status: "",
+                **slot_updates(studio, slots, model_name, None)}
 
     item_outputs = [item_id, shown, pending, item_line, input_note, labels_for, *choice.buttons]
-    image.upload(new_photo, image, item_outputs, api_visibility="private")
+    image.upload(new_photo, [image, shared.model], [*item_outputs, result_json, table, task, token, heat, weights_plot,
+                                                    shading, relevance, map_note, prediction_state, save_status,
+                                                    *slots], api_visibility="private")
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots,

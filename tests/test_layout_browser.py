@@ -214,6 +214,11 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page, 
     note, panel = page.locator("#map-note").evaluate("n => [n.scrollWidth, n.clientWidth]")
     assert note <= panel, (note, panel)
 
+    page.locator("#input-image input[type=file]").set_input_files(str(not_an_image))  # a new item: the last one's
+    expect(page.locator("#input-note")).to_contain_text("not a readable image", timeout=30_000)  # results go
+    expect(page.locator("#predictions")).not_to_contain_text("%")
+    expect(page.locator("#heatmap img")).to_have_count(0)
+
 
 ARROW_CLEARANCE = """(box) => {
   const input = box.querySelector('input'), arrow = box.querySelector('.icon-wrap');
