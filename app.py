@@ -1404,6 +1404,7 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
     sweep_button.click(errors_in(status)(sweep_item), sweep_inputs, [item_sweep_plot, status],
                        api_name="sweep_item_shown", api_visibility="private")
     api_sweep.click(user_errors(sweep_item), sweep_inputs, item_sweep_plot, api_name="sweep_item")
+    image.change(lambda: "", None, status, api_visibility="private")  # another item: the refusal no longer applies
     batch_sweep_button.click(sweep_catalogue, [shared.model, sweep_size, image_noise, text_noise, seed],
                              [batch_plot, batch_csv], api_name="sweep_catalogue")
     # not behind the queue's busy workers (a sweep may be one of them)

@@ -273,6 +273,7 @@ def test_an_example_brings_its_prediction_into_view_and_robustness_asks_for_an_i
     open_tab(page, "predict")
     page.locator("#predict-examples tbody tr").nth(1).click()
     expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
+    expect(page.locator("#robustness-status")).to_be_empty()  # an item now: the refusal no longer applies
     if size == "phone":  # the results sit above the examples: brought into view, not left off screen
         expect(page.locator("#predictions")).to_be_in_viewport(timeout=10_000)
     expect(page.locator("#heatmap img")).to_be_visible(timeout=60_000)
