@@ -23,10 +23,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .backbones import DualEncoder, create_backbone, shared_backbone
-from .data import CatalogueConfig, CatalogueError, file_sha256
+from .data import CatalogueConfig, CatalogueError, file_sha256, write_tensors
 from .errors import CMAClipError
 from .int8 import SCALE_SUFFIX, from_int8, to_int8
 from .model import FUSIONS, MEMBER_SETTINGS, Classifier, CMAClip, CMAClipConfig, Ensemble, create_model
@@ -42,7 +41,7 @@ BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 MANIFEST_FIELDS = ("manifest", "image_column", "text_columns", "id_column")  # what a --catalogue config names itself
-RUN_FIELDS = ("out", "resume", "quiet", "from_members")  # how a run was started, not what it trained
+RUN_FIELDS = ("out", "resume", "overwrite", "quiet", "from_members")  # how a run was started, not what it trained
 
 
 class CheckpointError(CMAClipError, RuntimeError):
@@ -53,7 +52,7 @@ class CheckpointError(CMAClipError, RuntimeError):
 class TrainConfig:
     """Everything one training run is given: the `python -m cma_clip.train` options, which
     `cma_clip.train.parse_config` fills, and the settings a checkpoint records (`config.json`
-    "train", without the run's own `out`, `resume` and `quiet`)."""
+    "train", without the run's own `out`, `resume`, `overwrite` and `quiet`)."""
 
     out: str = ""  # the checkpoint folder to write
     # data
@@ -106,6 +105,7 @@ class TrainConfig:
     max_steps: int | None = None
     # the run
     resume: bool = False
+    overwrite: bool = False  # replace the checkpoint `out` holds (the command line refuses to, without it)
     quiet: bool = False
     from_members: list[str] | None = None  # no training: keep these finished runs as one ensemble in `out`
 
@@ -363,9 +363,9 @@ def save_checkpoint(folder: str | Path, model: Classifier, config: CheckpointCon
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state, compacted = _compact(state) if isinstance(model, Ensemble) else (state, {})
-    save_file(state, str(folder / WEIGHTS), metadata={"format": FORMAT, **compacted})
+    write_tensors(folder / WEIGHTS, state, metadata={"format": FORMAT, **compacted})
     if backbone_state is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in backbone_state.items()}, str(folder / BACKBONE_WEIGHTS))
+        write_tensors(folder / BACKBONE_WEIGHTS, {k: v.detach().contiguous().cpu() for k, v in backbone_state.items()})
     else:
         (folder / BACKBONE_WEIGHTS).unlink(missing_ok=True)
     replace(config, model=model.cfg).save(folder)

@@ -640,6 +640,14 @@ def _restore(value: str | None) -> str | None:
     return value[1:] if value and value[0] == "'" and QUOTED_FORMULA.match(value, 1) else value
 
 
+def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written by `atomic_write`: whole or not at all, readable by all (safetensors'
+    own `save_file` writes it in place, and owner-only: an app run as another user could not load it)."""
+    from safetensors.torch import save  # here: reading catalogues never needs torch
+
+    atomic_write(path, save(tensors, metadata=metadata))
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write through a synced temporary file renamed into place: readers see all or nothing."""
     path = Path(path)

@@ -28,9 +28,9 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from .data import write_tensors
 from .errors import CMAClipError
 from .int8 import SCALE_SUFFIX, from_int8, to_int8
 
@@ -115,7 +115,7 @@ def export(source: Path, out: Path) -> Path:
         raise TowerWeightsError(f"{source} is not torchvision's MobileNetV2: its features.* tensors are missing or "
                                 "of other shapes") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({PREFIX + k: v.contiguous() for k, v in quantised(features).items()}, str(out))
+    write_tensors(out, {PREFIX + k: v.contiguous() for k, v in quantised(features).items()})
     return out
 
 

@@ -138,8 +138,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--from-members", nargs="+", metavar="RUN",
                    help="no training: keep these finished runs (one catalogue; recipes may differ in their inputs) "
-                        "as one ensemble checkpoint in --out")
+                        "as one ensemble checkpoint in --out, scored on val and test (the catalogue's photos are "
+                        "encoded first unless the feature cache holds them)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint --out holds (refused without it: --out may name a shipped one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
@@ -541,9 +544,22 @@ def combine(out: str | Path, members: list[str | Path], data_root: str | None = 
     return rescore(out, data_root, cache_dir)
 
 
+def check_out(cfg: TrainConfig) -> None:
+    """Refuse, before any work, an --out that is a file, or a folder holding a checkpoint that neither
+    --overwrite nor --resume says to replace or continue: the README's retraining command names the
+    shipped checkpoint's folder, and a quick run copied from it replaced the shipped weights unasked."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file: name a folder for the checkpoint")
+    if is_checkpoint(out) and not (cfg.overwrite or cfg.resume):
+        raise CheckpointError(f"{out} holds a checkpoint already: add --overwrite to replace it, or name another "
+                              "folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     try:
+        check_out(cfg)
         metrics = combine(cfg.out, cfg.from_members, cfg.data_root, cfg.cache_dir) if cfg.from_members else train(cfg)
         distributed.barrier()  # the other ranks wait for rank 0's checkpoint
     except CMAClipError as exc:

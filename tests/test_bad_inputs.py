@@ -656,6 +656,33 @@ def test_training_refuses_bad_options_with_a_message(tmp_path, cache_dir, capsys
     assert not (tmp_path / "out").exists()  # a refused run leaves no empty checkpoint folder behind
 
 
+def test_training_replaces_a_checkpoint_only_when_told_and_writes_weights_others_can_read(
+        tmp_path, small_checkpoint, cache_dir, capsys):
+    """A quick run copied from the README's retraining command (`--out checkpoints/hm-articles`)
+    replaced the shipped weights unasked; a file as --out died in a traceback; the weights were
+    written owner-only (0600), so an app run as another user could not load them (QA, session 33)."""
+    import shutil
+
+    from cma_clip import train
+
+    shipped = tmp_path / "hm-articles"
+    shutil.copytree(small_checkpoint, shipped)
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    quick = ["--catalogue", "hm-articles", "--limit", "16", "--epochs", "1", "--align-epochs", "1", "--width", "64",
+             "--cache-dir", str(cache_dir), "--quiet"]
+    assert train.main([*quick, "--out", str(shipped)]) == 2
+    assert f"{shipped} holds a checkpoint already: add --overwrite to replace it" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before  # untouched
+    readme = tmp_path / "README.md"
+    readme.write_text("notes")
+    assert train.main([*quick, "--out", str(readme)]) == 2
+    assert f"--out {readme} is a file: name a folder for the checkpoint" in capsys.readouterr().err
+    assert train.main([*quick, "--out", str(shipped), "--overwrite"]) == 0  # told: replaced
+    assert (shipped / "model.safetensors").read_bytes() != before["model.safetensors"]
+    for written in shipped.iterdir():
+        assert written.stat().st_mode & 0o044 == 0o044, (written.name, oct(written.stat().st_mode))
+
+
 @pytest.mark.parametrize("option,message", [
     (["--weight-decay", "nan"], "--weight-decay must be 0 or a positive number, not nan"),  # trained NaN weights
     (["--lr", "-1"], "--lr must be a positive number, not -1.0"),

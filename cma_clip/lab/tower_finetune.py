@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..backbones import DualEncoder, EncoderOutput, create_backbone
 from ..checkpoint import TrainConfig, load_backbone_weights
-from ..data import Catalogue
+from ..data import Catalogue, write_tensors
 from ..evaluate import calibrate, format_table, predict_probabilities, score
 from ..features import Features, default_cache_dir, image_batches
 from ..model import multitask_loss, no_decay
@@ -264,7 +263,7 @@ def run(cfg: TrainConfig, tower: str, layers: int, lr_scale: float, backbone_wei
               "states_seconds": round(states_seconds, 1), "train_seconds": round(train_seconds, 1), **metrics}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     if layers:
-        save_file(backbone_state(kept["top"]), str(out / TUNED_LAYERS))
+        write_tensors(out / TUNED_LAYERS, backbone_state(kept["top"]))
     return report
 
 
