@@ -26,7 +26,7 @@ import torch
 from .align import label_embeddings, zero_shot_probabilities
 from .backbones import DualEncoder
 from .checkpoint import CheckpointConfig, CheckpointError, load_backbone, load_checkpoint
-from .data import Catalogue, CatalogueError, LabelVocab, limit_splits, split_indices
+from .data import Catalogue, CatalogueError, LabelVocab, atomic_write, limit_splits, split_indices
 from .errors import CMAClipError
 from .features import Features, extract_features, has_cached_features
 from .metrics import (METRIC_NAMES, mean_metrics, operating_point, task_metrics, threshold_at_precision,
@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-shot", action="store_true",
                         help="evaluate the CLIP-style alignment alone with label prompts (the 'raw CLIP' baseline)")
     args = parser.parse_args(argv)
+    if args.out_json and Path(args.out_json).is_dir():  # said before the evaluation, not after it
+        parser.error(f"--out-json {args.out_json} is a folder: give a file, e.g. {Path(args.out_json) / 'report.json'}")
     try:
         report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir,
                                      zero_shot=args.zero_shot)
@@ -293,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(report))
     if args.out_json:
-        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out_json).write_text(json.dumps(report, indent=2))
+        try:
+            atomic_write(args.out_json, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+        except OSError as exc:  # a parent that is a file, a folder not writable: the table above stands
+            print(f"error: cannot write --out-json {args.out_json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

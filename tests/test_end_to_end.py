@@ -41,6 +41,17 @@ def test_evaluate_command_line_contract(small_checkpoint, cache_dir, tmp_path, c
         assert 0.0 <= metrics["accuracy"] <= 1.0
     assert "mean" in capsys.readouterr().out
 
+    common = ["--checkpoint", str(small_checkpoint), "--manifest", str(manifest), "--cache-dir", str(cache_dir)]
+    with pytest.raises(SystemExit) as refused:  # a folder as the report: said before evaluating (a traceback after)
+        evaluate.main([*common, "--out-json", str(tmp_path)])
+    assert refused.value.code == 2
+    assert f"--out-json {tmp_path} is a folder: give a file, e.g. {tmp_path / 'report.json'}" in capsys.readouterr().err
+    under_a_file = out / "report.json"  # its parent is the report written above: the table printed, one line
+    assert evaluate.main([*common, "--out-json", str(under_a_file)]) == 2
+    printed = capsys.readouterr()
+    assert "mean" in printed.out and f"error: cannot write --out-json {under_a_file}" in printed.err
+    assert "Traceback" not in printed.err
+
 
 def test_evaluate_on_the_test_split_matches_the_training_report(small_checkpoint, cache_dir, tmp_path):
     # the checkpoint was trained on the first 48 rows of each split: the same test items
