@@ -276,7 +276,7 @@ def rescore(folder: str | Path, data_root: str | None = None, cache_dir: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json)")
     parser.add_argument("--manifest", required=True, help="CSV or JSONL manifest with the checkpoint's columns")
     parser.add_argument("--split", default="test", help="split to evaluate when the manifest has a split column")

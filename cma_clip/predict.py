@@ -402,7 +402,7 @@ def output_row(prediction: Prediction, error: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cma_clip.predict",
                                      description="Predict product attributes with a CMA-CLIP checkpoint.")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json)")
     parser.add_argument("--image", help="one image file")
     parser.add_argument("--text", default="", help="its text")
     parser.add_argument("--manifest", help="predict every row of a CSV, JSONL or Parquet manifest instead")

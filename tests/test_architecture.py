@@ -3,8 +3,10 @@ studio never imports the lab or app.py. Imports only go down."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,22 @@ def test_a_command_of_the_package_runs_without_a_warning_that_it_was_imported_be
     out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", command, "--help"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-500:]
+
+
+def test_every_command_the_readme_names_says_what_it_does_in_whole_sentences():
+    """`experiments --help` stopped mid-sentence ("...CMA-CLIP against": the first line of its docstring),
+    and one command had no description at all (QA, session 33)."""
+    commands = sorted(set(re.findall(r"python -m (cma_clip[.a-z_]*)", (ROOT / "README.md").read_text())))
+    assert len(commands) >= 15
+
+    def description(command: str) -> str:
+        out = subprocess.run([sys.executable, "-m", command, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, (command, out.stderr[-300:])
+        return out.stdout.split("\n\n")[1]  # after the usage lines
+
+    with ThreadPoolExecutor(4) as pool:
+        for command, text in zip(commands, pool.map(description, commands)):
+            assert not text.startswith("options:") and text.rstrip().endswith((".", "?", ")", "`")), (command, text)
 
 
 def test_the_package_still_exports_its_public_names():

@@ -29,7 +29,7 @@ MADE_UP = {"1 x 1 grey": Image.new("RGB", (1, 1), (128, 128, 128)),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.blank_photos", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.blank_photos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalogue", default="hm-articles")
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()

@@ -87,9 +87,10 @@ def probe(train_x, train_y, val_x, val_y, classes: int, epochs: int = 200) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.compare_image_encoders")
-    parser.add_argument("--train", type=int, default=1500)
-    parser.add_argument("--val", type=int, default=500)
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.compare_image_encoders",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=int, default=1500, help="H&M train items the probes learn from (default 1500)")
+    parser.add_argument("--val", type=int, default=500, help="H&M val items they are scored on (default 500)")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = CatalogueConfig.load("hm-articles")

@@ -68,7 +68,7 @@ def probabilities(model, features: Features, absent: bool, batch_size: int = 512
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.empty_text", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.empty_text", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalogue", default="hm-articles")
     parser.add_argument("--split", default="val")
     parser.add_argument("--checkpoint", default=None, help="default: checkpoints/CATALOGUE")

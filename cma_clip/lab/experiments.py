@@ -412,7 +412,7 @@ def write_report(folder: Path, results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.experiments", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.experiments", description=__doc__.split("\n\n")[0],
                                      epilog="Other options are passed to python -m cma_clip.train.")
     parser.add_argument("--catalogues", nargs="+", default=list(CATALOGUES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-items", type=int, default=1000, help="test items in the noise sample (0: no noise)")
     parser.add_argument("--runs", default="runs/study", help="folder of the training runs (kept; reruns skip them)")
     parser.add_argument("--report", default="docs/results", help="folder for results.json, TABLES.md and plots")
-    parser.add_argument("--data-root", help="folder of the bundled catalogues (default ../shared/data)")
+    parser.add_argument("--data-root",
+                        help="folder of the bundled catalogues (default $CMA_CLIP_DATA, else ../shared/data)")
     parser.add_argument("--cache-dir", help="feature cache (default ~/.cache/cma_clip or $CMA_CLIP_CACHE)")
     parser.add_argument("--rescore", action="store_true",
                         help="after a change to the metrics or the corruptions: recompute every run's thresholds and "

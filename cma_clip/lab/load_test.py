@@ -120,7 +120,7 @@ def start_app(data_dir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.load_test", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.load_test", description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrent", type=int, default=50)
     parser.add_argument("--sequential", type=int, default=500)
     parser.add_argument("--url", help="an app already running (default: start `python app.py`)")

@@ -148,7 +148,7 @@ def format_row(row: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.member_subsets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.member_subsets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="+", type=Path, help="OUT-members folders of seed-S runs")
     parser.add_argument("--baseline", type=Path, help="the checkpoint a candidate must beat")
     parser.add_argument("--unjoin", nargs=2, type=Path, metavar=("CHECKPOINT", "OUT"),

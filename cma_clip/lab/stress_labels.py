@@ -189,7 +189,7 @@ def kill_mid_writes(path: Path, writer: int, after_acks: int, delay: float = 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.stress_labels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.stress_labels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--saves", type=int, default=500)
     parser.add_argument("--kills", type=int, default=8)

@@ -268,7 +268,7 @@ def run(cfg: TrainConfig, tower: str, layers: int, lr_scale: float, backbone_wei
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cma_clip.lab.tower_finetune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cma_clip.lab.tower_finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--catalogue", default="hm-articles")
     p.add_argument("--tower", choices=sorted(TOWERS), default="text")
     p.add_argument("--layers", type=int, default=1, help="top layers to train (0: all frozen)")
