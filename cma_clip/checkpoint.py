@@ -535,6 +535,8 @@ def _checkpoint_folder(folder: str | Path) -> Path:
         raise CheckpointError(f"{path}: pickle checkpoints are refused; only safetensors + JSON are loaded")
     if path.is_file() and path.name in (WEIGHTS, CONFIG):
         path = path.parent
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: give the checkpoint's folder (model.safetensors + config.json)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path

@@ -93,6 +93,8 @@ def read_manifest(path: str | Path, max_rows: int | None = None,
     `max_rows` rows (None: no limit, for training catalogues; an upload passes
     `MAX_MANIFEST_ROWS`), found without reading the rest of the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CatalogueError(f"{path} is a folder: give the manifest file in it (CSV, JSONL or Parquet)")
     if not path.is_file():
         raise CatalogueError(f"manifest not found: {path}")
     suffix = path.suffix.lower()

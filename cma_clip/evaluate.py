@@ -172,9 +172,11 @@ def evaluation_rows(catalogue: Catalogue, split: str | None, config: CheckpointC
     if split is None:
         return everything, None
     if catalogue.has_splits:
-        rows = split_indices(catalogue).get(split, np.zeros(0, dtype=int))
+        splits = split_indices(catalogue)
+        rows = splits.get(split, np.zeros(0, dtype=int))
         if not len(rows):
-            raise CatalogueError(f"no rows in split {split!r} of {catalogue.config.manifest}")
+            held = ", ".join(sorted(name for name, found in splits.items() if len(found))) or "none"
+            raise CatalogueError(f"no rows in split {split!r} of {catalogue.config.manifest}: its splits are {held}")
         return rows, split
     trained = config.train
     manifest = config.training_manifest()

@@ -107,6 +107,9 @@ def read_corrections(path: str | Path) -> Corrections:
     Raises CatalogueError for a missing file, a file that is neither, or a store without labels
     (never writing to it: an empty file stays empty)."""
     path = Path(path).resolve()
+    if path.is_dir():
+        raise CatalogueError(f"--extra-labels {path} is a folder: give the label store in it (labels.db) or an "
+                             "export of it (CSV or JSONL)")
     if not path.is_file():
         raise CatalogueError(f"--extra-labels {path}: no such file (the app keeps its label store in "
                              "studio_data/labels.db; the History tab exports it as CSV or JSONL)")

@@ -10,7 +10,7 @@ from cma_clip import Predictor, evaluate, predict, train
 from cma_clip.checkpoint import CheckpointError, read_config
 from cma_clip.data import read_manifest
 from cma_clip.model import multitask_loss
-from conftest import HM, hm_rows, write_hm_manifest
+from conftest import EXAMPLE_IMAGE, HM, hm_rows, write_hm_manifest
 
 
 def test_training_writes_a_complete_checkpoint(small_checkpoint):
@@ -51,6 +51,31 @@ def test_evaluate_command_line_contract(small_checkpoint, cache_dir, tmp_path, c
     printed = capsys.readouterr()
     assert "mean" in printed.out and f"error: cannot write --out-json {under_a_file}" in printed.err
     assert "Traceback" not in printed.err
+
+
+def test_commands_name_a_folder_or_a_file_given_for_the_other_and_the_splits_there_are(
+        small_checkpoint, cache_dir, tmp_path, capsys):
+    """A folder as --manifest or --extra-labels read "not found", an image as --checkpoint "checkpoint
+    not found", and a split name that is not there named none that are (QA, session 33)."""
+    rows = hm_rows("test", 4) + hm_rows("val", 4)
+    manifest = write_hm_manifest(tmp_path, rows, "mixed.csv", list(rows[0]))  # the split column kept
+    checkpoint = ["--checkpoint", str(small_checkpoint), "--cache-dir", str(cache_dir)]
+    cases = [
+        (evaluate.main, [*checkpoint, "--manifest", str(tmp_path)], f"{tmp_path} is a folder: give the manifest file"),
+        (evaluate.main, ["--checkpoint", str(EXAMPLE_IMAGE), "--manifest", str(manifest)],
+         f"{EXAMPLE_IMAGE} is a file: give the checkpoint's folder (model.safetensors + config.json)"),
+        (evaluate.main, [*checkpoint, "--manifest", str(manifest), "--split", "tset"],
+         "no rows in split 'tset' of"),
+        (train.main, ["--catalogue", "hm-articles", "--extra-labels", str(tmp_path), "--limit", "8", "--quiet",
+                      "--cache-dir", str(cache_dir), "--out", str(tmp_path / "run")],
+         f"--extra-labels {tmp_path.resolve()} is a folder: give the label store in it"),
+    ]
+    for command, args, message in cases:
+        assert command(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert evaluate.main([*checkpoint, "--manifest", str(manifest), "--split", "tset"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(": its splits are test, val")
 
 
 def test_evaluate_on_the_test_split_matches_the_training_report(small_checkpoint, cache_dir, tmp_path):
