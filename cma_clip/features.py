@@ -462,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="prune: say what would go, remove nothing")
     args = parser.parse_args(argv)
     root = Path(args.cache_dir or default_cache_dir()) / "features"
-    if not root.is_dir():
+    if not root.is_dir() and not args.cache_dir:  # the default folder: nothing encoded on this machine yet
+        print(f"no feature cache yet at {root}: nothing has been encoded on this machine")
+        return 0
+    if not root.is_dir():  # a folder given: a typo, or the features/ folder itself
         parser.error(f"no feature cache at {root}: --cache-dir takes the folder that holds features/")
     if args.command == "list":
         if args.unused_days is not None or args.dry_run:

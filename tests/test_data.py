@@ -170,7 +170,7 @@ def test_an_entry_that_cannot_be_given_row_keys_is_read_as_it_is(tmp_path, backb
     assert np.array_equal(again.image_tokens, first.image_tokens) and not (entry / "row_keys.npy").exists()
 
 
-def test_prune_removes_the_entries_no_run_read_lately_and_killed_builds(tmp_path, backbone, capsys):
+def test_prune_removes_the_entries_no_run_read_lately_and_killed_builds(tmp_path, backbone, capsys, monkeypatch):
     import os
     import time
 
@@ -208,6 +208,9 @@ def test_prune_removes_the_entries_no_run_read_lately_and_killed_builds(tmp_path
         with pytest.raises(SystemExit):
             features.main(args)
         assert message in capsys.readouterr().err
+    monkeypatch.setenv("CMA_CLIP_CACHE", str(tmp_path / "fresh-machine"))  # the default folder, nothing encoded yet
+    assert features.main(["list"]) == 0
+    assert "no feature cache yet at" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
