@@ -148,6 +148,9 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     page.locator("#review-load").click()
     expect(page.locator("#review-progress")).to_contain_text("reviewed of 3", timeout=60_000)
     expect(page.locator("#review-table")).to_contain_text("Pattern")
+    if size == "laptop":  # every column of the item's table in view ("catalogue label" was cut at the edge)
+        table, last = page.locator("#review-table").bounding_box(), page.locator("#review-table th").last.bounding_box()
+        assert last["x"] + last["width"] <= table["x"] + table["width"] + 1, (last, table)
     check_view(page, size, "review")
 
     open_tab(page, "robustness")

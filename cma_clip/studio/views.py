@@ -50,7 +50,7 @@ MAP_NOTE = ("*The maps are estimates.* Relevance follows the gradient of the tas
             "the two need not agree.")
 DEFAULT_OPACITY = 0.55
 REVIEW_HEADERS = ["task", "saved label", "status", "saved by", "model's label", "confidence", "catalogue label"]
-REVIEW_WIDTHS = ["130px", "110px", "100px", "140px", "120px", "110px", "120px"]  # "corrected" on one line
+REVIEW_WIDTHS = ["115px", "105px", "95px", "130px", "110px", "100px", "125px"]  # "corrected" on one line; 780 px in all
 # the kind beside the status (an undo's status is the label it restored); the widths fit a 1366-px screen
 AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "kind", "by", "source", "vs model", "vs catalogue",
                  "checkpoint", "version"]
