@@ -619,6 +619,33 @@ def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
     assert studio.store.open_disagreements()["d-1"][colour]["cem's ruling"] == red
 
 
+def test_a_ruling_over_every_task_stores_the_tasks_in_dispute_not_the_models_guesses(studio):
+    """rita's Accept in a Disagreements queue over every task stored the model's labels of four tasks nobody
+    had labelled as her rulings, and without their catalogue labels (QA reviewer, session 33)."""
+    colour, pattern = "colour_group_name", "graphical_appearance_name"
+    row = hm_rows("test", 1)[0]
+    red, blue = studio.task_classes("hm-articles")[colour][:2]
+    for annotator, label in (("ana", red), ("ben", blue)):  # they disagree on colour only
+        studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={colour: label}, annotator=annotator,
+                          item_id=row["article_id"], catalogue_labels={colour: row[colour]})
+    queue = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
+    assert len(queue.tasks) > 2 and queue.current.catalogue[pattern] == row[pattern]  # the catalogue's, not "—"
+    view = studio.current_view(queue)
+    ruled = studio.review_save(queue, "rita", view.values, view.shown)  # Accept, as the controls start
+    assert ruled.result == "saved" and list(ruled.labels) == [colour]
+    states = studio.store.item_state(row["article_id"])
+    assert set(states) == {colour} and states[colour].adjudicated and states[colour].label == blue
+    assert "No label given" not in views.save_message(ruled)
+    again = studio.review_items("hm-articles", [(row["article_id"], str(HM / row["image"]), row["prod_name"], {})],
+                                "again", annotator="ana", show_decided=True)
+    studio.review_save(again, "ana", {colour: red})  # ana against the ruling: open again
+    reopened = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
+    view = studio.current_view(reopened)
+    other = next(c for c in studio.task_classes("hm-articles")[pattern] if c != view.values[pattern])
+    both = studio.review_save(reopened, "rita", dict(view.values, **{pattern: other}), view.shown)
+    assert sorted(both.labels) == sorted([colour, pattern])  # a task the reviewer changed is hers too
+
+
 def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_past_settled_ones(studio):
     colour = "colour_group_name"
     with pytest.raises(StudioError, match="No disagreement to settle on Colour"):

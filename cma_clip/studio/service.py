@@ -702,7 +702,8 @@ class Studio:
                               "labels differ when a second labeler reviews decided items ('Show decided items') or "
                               "overwrites a label.")
         size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(found))
-        items = [(d.item_id, str(d.image_path), d.text, d.catalogue or self.catalogue_labels(model, d.item_id),
+        # each item's catalogue labels: what its saves recorded, else (a task no save recorded) the catalogue's
+        items = [(d.item_id, str(d.image_path), d.text, {**self.catalogue_labels(model, d.item_id), **d.catalogue},
                   disagreement_note(d.labels, names)) for d in found[:size]]
         return self._queue(model, items, [], progress, tasks=tasks, split=DISAGREEMENTS, annotator=annotator,
                            ranked=True, source=f"the {size} oldest of {plural(len(found), 'item')} whose annotators "
@@ -957,6 +958,12 @@ class Studio:
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
             standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
+            if adjudicating:  # a ruling covers the tasks in dispute and those the reviewer changed, not the
+                # model's guesses on the rest (an Accept stored them as rulings); settled meanwhile: as it stands
+                disputed, start = self.store.open_disagreements(queue.tasks).get(item.item_id, {}), \
+                    self.current_view(queue).values
+                chosen = {t: v for t, v in chosen.items() if t in disputed or v != start.get(t)} or {
+                    t: v for t, v in chosen.items() if t in standing}
             own = all(_own_label(standing.get(t), label, annotator) for t, label in chosen.items())
             # a reviewer whose queue still showed a disagreement another settled, ruling as they did
             ruled = adjudicating and all(_ruling(standing.get(t), label) for t, label in chosen.items())
@@ -974,7 +981,7 @@ class Studio:
                                  predictions, {t: shown.versions.get(t) for t in chosen}, rid, new_classes, force,
                                  {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating)
             if outcome.result == "saved":
-                outcome.unlabelled = [t for t in queue.tasks if t not in chosen]
+                outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen]
                 self._moved_on(queue, annotator)
             elif outcome.result == "conflict":  # someone decided it meanwhile: the queue says so now
                 self.refresh(queue, annotator)
