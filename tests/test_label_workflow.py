@@ -260,6 +260,9 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
         ("colour", "ben", "label", "corrected", "Red"), ("type", "ana", "undo", "pending", None),
         ("colour", "ana", "undo", "kept theirs", None)]  # the undo's kept task is in the item's history
     assert history[-1]["version"] is None and history[-2]["reverts"] == ana.versions["type"]
+    shown = item_history_rows(history[-2:])  # as the History tab reads them (QA, session 33: "Melange" alone
+    assert [(row[3], row[7]) for row in shown] == [  # read as the undoer's label, "28" said nothing)
+        ("none (restored)", f"undoes {ana.versions['type']}"), ("", "left as decided since; ana's label withdrawn")]
     # ana took her Grey back (QA, session 32: it still counted, and kept a disagreement open she had withdrawn)
     assert "colour" not in store.agreement() and store.open_disagreements() == {}  # no item with two labels
 
@@ -279,7 +282,7 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
         ("colour", pink.versions["colour"], [{"label": "White", "status": "corrected", "by": "lou",
                                              "version": lou.versions["colour"]}]),
         ("type", pink.versions["type"], [])]
-    assert item_history_rows(undo_rows)[0][-1] == f"{pink.versions['colour']}; dropped lou's White " \
+    assert item_history_rows(undo_rows)[0][7] == f"undoes {pink.versions['colour']}; dropped lou's White " \
                                                   f"({lou.versions['colour']})"
     assert forced.tasks["colour"] == ("Pink", None) and "colour" not in store.agreement()  # ana's Pink is out too
 
@@ -303,7 +306,7 @@ def test_a_forced_undo_names_every_decision_it_drops_not_only_the_one_standing(s
     assert latest["ben"]["dropped"] == latest["rita"]["dropped"] == {"colour": "ana"}
     assert history_rows([latest["ben"]])[0][4] == "Colour: Green · dropped by ana's undo"
     [undo_row] = [r for r in store.item_history("a") if r["kind"] == "undo"]
-    assert item_history_rows([undo_row])[0][-1] == (f"{ana.versions['colour']}; dropped ben's Green "
+    assert item_history_rows([undo_row])[0][7] == (f"undoes {ana.versions['colour']}; dropped ben's Green "
                                                     f"({ben.versions['colour']}), rita's Black "
                                                     f"({rita.versions['colour']})")
 

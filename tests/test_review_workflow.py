@@ -203,10 +203,10 @@ def test_two_annotators_on_one_item_see_the_conflict_and_choose(review_app):
     state = studio.store.item_state(second)[COLOUR]
     assert (state.label, state.annotator) == (theirs, "ben")
     history = ben("/item_history", second)  # a lead sees the overwrite for what it was
-    replaced = [r[-1] for r in history[next(iter(history))]["data"] if r[1] == COLOUR_NAME and r[-1]]
+    replaced = [r[7] for r in history[next(iter(history))]["data"] if r[1] == COLOUR_NAME and r[7]]
     anas = max(r["version"] for r in studio.store.item_history(second)
                if (r["task"], r["annotator"], r["kind"]) == (COLOUR, "ana", "label"))
-    assert replaced == [f"replaced ana's {mine} ({anas}) unseen"]
+    assert replaced == [f"overwrote ana's {mine} ({anas})"]
 
     # back on a decided item, each control starts at its saved label
     back = ana("/review_previous", "ana")

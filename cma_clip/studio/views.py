@@ -57,8 +57,9 @@ AUDIT_HEADERS = ["time (UTC)", "item", "task", "label", "status", "kind", "by", 
 AUDIT_WIDTHS = ["125px", "115px", "155px", "120px", "90px", "70px", "80px", "95px", "90px", "100px", "100px",
                 "65px"]
 HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
-ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "vs model",
-                        "vs catalogue", "checkpoint", "version", "reverts / replaced"]
+# what an undo undid, and what a label overwrote, beside who did it: at the end it was past a laptop's edge
+ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "undid / overwrote",
+                        "vs model", "vs catalogue", "checkpoint", "version"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators",
                      "open disagreements"]
 KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
@@ -670,25 +671,35 @@ def audit_summary(total: int, page: int, page_size: int) -> str:
 
 
 def item_history_rows(rows: list[dict], names: dict[str, str] | None = None) -> list[list]:
-    """Rows for one item's history (`Studio.item_history`), oldest first."""
-    return [[r["created_at"][:23].replace("T", " "), task_name(r["task"], names=names), r["kind"], r["label"] or "",
+    """Rows for one item's history (`Studio.item_history`), oldest first. An undo's label is the one it
+    restored, said so: "Melange" alone read as the undoer's own label (QA, session 33)."""
+    return [[r["created_at"][:23].replace("T", " "), task_name(r["task"], names=names), r["kind"], _label_of(r),
              r["status"],
-             r["annotator"] or "", source_word(r["source"], r.get("adjudicated")),
+             r["annotator"] or "", source_word(r["source"], r.get("adjudicated")), _reverts(r),
              _versus(r["predicted_label"], r["changed_vs_model"]),
-             _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "",
-             r["version"] or "", _reverts(r)] for r in rows]
+             _versus(r["catalogue_label"], r["changed_vs_catalogue"]), r["checkpoint"] or "", r["version"] or ""]
+            for r in rows]
+
+
+def _label_of(row: dict) -> str:
+    if row["kind"] != "undo" or row["status"] == "kept theirs":
+        return row["label"] or ""
+    return f"{row['label']} (restored)" if row["label"] else "none (restored)"
 
 
 def _reverts(row: dict) -> str:
-    """An undo row's reverted version, and the decisions it dropped (someone else's, made since);
-    a label's row, the label of someone else's it replaced unseen."""
+    """An undo row's reverted version, and the decisions it dropped (someone else's, made since); a
+    "keep theirs" row, that the task was left as decided since; a label's row, the label of someone
+    else's it overwrote (its save did not start from it: an Overwrite with mine, an unchecked API save)."""
+    if row["status"] == "kept theirs":
+        return f"left as decided since; {row['annotator'] or 'the undoer'}'s label withdrawn"
     if row["reverts"] is None:
         replaced = row.get("replaced")
-        return f"replaced {replaced['by'] or 'someone'}'s {replaced['label']} ({replaced['version']}) unseen" \
+        return f"overwrote {replaced['by'] or 'someone'}'s {replaced['label']} ({replaced['version']})" \
             if replaced else ""
     if not (dropped := row.get("dropped")):
-        return str(row["reverts"])
-    return f"{row['reverts']}; dropped " + ", ".join(
+        return f"undoes {row['reverts']}"
+    return f"undoes {row['reverts']}; dropped " + ", ".join(
         f"{d['by'] or 'someone'}'s {'skip' if d['status'] == 'skipped' else d['label'] or d['status']} ({d['version']})"
         for d in dropped)
 
