@@ -5,12 +5,15 @@ forever on a silent server: a push hung for minutes, a start-up download for 391
 from __future__ import annotations
 
 import os
+import sqlite3
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
 from .checkpoint import BACKBONE_WEIGHTS, CONFIG, WEIGHTS, CheckpointError, read_config
 from .errors import CMAClipError
+from .labels import LabelStoreError, snapshot
 
 HUB_DEADLINE_S = float(os.environ.get("CMA_CLIP_HUB_TIMEOUT", 60))  # one download or push, retries included
 T = TypeVar("T")
@@ -52,21 +55,29 @@ def checkpoint_from_env() -> tuple[str, Path] | None:
 
 
 def push_label_store(db_path: str | Path, export_path: str | Path, repo_id: str | None = None) -> str:
-    """Upload the label store and its JSONL export to a hub dataset ($CMA_CLIP_HUB_DATASET);
-    needs $HF_TOKEN. The token is passed to the client only, never logged or returned."""
+    """Upload the label store (a `snapshot`: labels.db alone may hold none of the saves its
+    write-ahead log does) and its JSONL export to a hub dataset ($CMA_CLIP_HUB_DATASET); needs
+    $HF_TOKEN. The token is passed to the client only, never logged or returned."""
     repo_id = repo_id or os.environ.get("CMA_CLIP_HUB_DATASET", "").strip()
     token = os.environ.get("HF_TOKEN", "").strip()
     if not repo_id or not token:
         raise HubError("pushing labels needs CMA_CLIP_HUB_DATASET (a dataset repository) and HF_TOKEN")
     from huggingface_hub import HfApi
 
-    def push() -> None:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
-        for path in (Path(db_path), Path(export_path)):
-            api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="dataset")
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            store = snapshot(db_path, Path(folder) / Path(db_path).name)
+        except (LabelStoreError, sqlite3.Error) as exc:
+            raise HubError(f"could not read the label store to push it: {exc}") from exc
 
-    _within_deadline(push, f"could not push labels to {repo_id!r}")
+        def push() -> None:
+            api = HfApi(token=token)
+            api.create_repo(repo_id, repo_type="dataset", private=True, exist_ok=True)
+            for path in (store, Path(export_path)):
+                api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id,
+                                repo_type="dataset")
+
+        _within_deadline(push, f"could not push labels to {repo_id!r}")
     return f"https://huggingface.co/datasets/{repo_id}"
 
 

@@ -16,6 +16,7 @@ import shutil
 import struct
 import time
 import zlib
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -476,6 +477,42 @@ def test_hub_token_is_never_shown_or_logged(tmp_path, monkeypatch, capsys, caplo
     assert all(m.startswith("could not push labels to") for m in messages)
     assert "could not download checkpoint" in out.out
     assert secret not in shown and secret[3:] not in shown
+
+
+def test_a_push_sends_every_save_even_those_only_the_write_ahead_log_holds(tmp_path, monkeypatch):
+    """Stopped by SIGTERM (a Space, Docker, systemd), the app left labels.db a bare 4 KB and every save in
+    labels.db-wal; the push uploaded labels.db alone: a database with no tables (QA deployer, session 33)."""
+    import sqlite3
+
+    import huggingface_hub
+
+    from cma_clip.labels import LabelStore
+
+    store = LabelStore(tmp_path / "labels.db")
+    for n in range(3):
+        store.save(image=EXAMPLE_IMAGE, text=f"text {n}", labels={"colour": "Red"}, annotator="ana", item_id=f"i{n}")
+    assert (tmp_path / "labels.db-wal").stat().st_size > 0  # the saves sit in the log: labels.db alone lacks them
+    (tmp_path / "export.jsonl").write_text("{}\n")
+    uploaded = {}
+
+    class RecordingApi:  # the Hub, as far as a push sees it
+        def __init__(self, token):
+            pass
+
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def upload_file(self, path_or_fileobj, path_in_repo, **kwargs):
+            if path_in_repo.endswith(".db"):
+                with closing(sqlite3.connect(path_or_fileobj)) as conn:
+                    uploaded[path_in_repo] = conn.execute("SELECT COUNT(*) FROM corrections").fetchone()[0]
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "someone/labels")
+    assert uploaded == {"labels.db": 3}
+    with pytest.raises(hub.HubError, match="could not read the label store to push it: no label store at"):
+        hub.push_label_store(tmp_path / "nothing.db", tmp_path / "export.jsonl", "someone/labels")
 
 
 def test_a_hub_that_cannot_be_reached_or_does_not_answer_fails_in_words_and_in_time(tmp_path, monkeypatch):
