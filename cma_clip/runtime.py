@@ -21,6 +21,9 @@ class DeviceError(CMAClipError, ValueError):
     """A device asked for (an argument or CMA_CLIP_DEVICE) that this machine cannot run on."""
 
 
+SUPPORTED_DEVICES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """The device asked for, checked; without one, CMA_CLIP_DEVICE, else the GPU when there is one,
     else the CPU. A device this machine lacks says so here, not as torch's driver error mid-run."""
@@ -31,6 +34,8 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
         device = torch.device(spec)
     except (RuntimeError, TypeError):
         raise DeviceError(f"device {str(spec)!r} is not one torch knows: give cpu, cuda or cuda:N") from None
+    if device.type not in SUPPORTED_DEVICES:  # meta, xpu, ...: torch names them, the app cannot predict on them
+        raise DeviceError(f"device {device}: CMA-CLIP runs on {', '.join(SUPPORTED_DEVICES)}, not {device.type}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count() > 0:
         raise DeviceError(f"device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")

@@ -55,7 +55,9 @@ def test_a_device_this_machine_lacks_is_named_before_anything_runs(monkeypatch):
     monkeypatch.delenv("CMA_CLIP_DEVICE", raising=False)
     assert runtime.resolve_device() == CPU and runtime.resolve_device("cpu") == CPU
     for spec, words in (("banana", "not one torch knows: give cpu, cuda or cuda:N"),
-                        ("cuda", "torch finds no CUDA device on this machine"), ("cuda:1", "no CUDA device")):
+                        ("cuda", "torch finds no CUDA device on this machine"), ("cuda:1", "no CUDA device"),
+                        ("meta", "CMA-CLIP runs on cpu, cuda, mps, not meta"),  # the app served, predicting nothing
+                        ("xpu", "CMA-CLIP runs on cpu, cuda, mps, not xpu")):
         with pytest.raises(runtime.DeviceError, match=words):
             runtime.resolve_device(spec)
         monkeypatch.setenv("CMA_CLIP_DEVICE", spec)
