@@ -33,11 +33,13 @@ from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
 from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES, agreement_file  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
+from cma_clip.runtime import env_number  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              SPLITS, StudioError, UndoOutcome, new_id, open_user_image, text_is_cut, views)
 from cma_clip.studio.accounts import Login, login_from_env  # noqa: E402
 from cma_clip.studio.service import AUDIT_PAGE, MAX_BATCH, MAX_SEED, SweepStopped  # noqa: E402
+from cma_clip.studio.uploads import upload_hours, upload_storage_bytes  # noqa: E402
 from cma_clip.viz import catalogue_sweep_figure, item_sweep_figure, png_data_url  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -1665,10 +1667,13 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
     its first prediction is as fast as the next ones. `block=True` serves until interrupted;
     `block=False` returns the running app (tests, benchmarks)."""
     login = login_from_env() if login is None else login  # a login that cannot work stops us first, at once
+    for setting in (upload_hours, upload_storage_bytes, hub.hub_deadline_s):
+        setting()  # a number set that cannot be used stops us too, naming its variable (not at first use)
     studio = default_studio() if studio is None else studio
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     if port is None:
-        port = int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))) if block else free_port(host)
+        named = next((name for name in ("GRADIO_SERVER_PORT", "PORT") if os.environ.get(name, "").strip()), "PORT")
+        port = int(env_number(named, 7860)) if block else free_port(host)
     uploads = ExitStack()
     uploads.enter_context(keep_uploads_in(studio))
     if studio.loading is None:

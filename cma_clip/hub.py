@@ -1,6 +1,6 @@
 """Optional Hugging Face Hub features, off by default: a checkpoint from the hub, and
 pushing the label store to a hub dataset. Offline, or with a Hub that does not answer, both
-fail within `HUB_DEADLINE_S` with a message in words (huggingface_hub's own client waits
+fail within `hub_deadline_s()` with a message in words (huggingface_hub's own client waits
 forever on a silent server: a push hung for minutes, a start-up download for 391 s)."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Callable, TypeVar
 from .checkpoint import BACKBONE_WEIGHTS, CONFIG, WEIGHTS, CheckpointError, read_config
 from .errors import CMAClipError
 from .labels import LabelStoreError, snapshot
+from .runtime import env_number
 
-HUB_DEADLINE_S = float(os.environ.get("CMA_CLIP_HUB_TIMEOUT", 60))  # one download or push, retries included
 T = TypeVar("T")
 
 
@@ -81,8 +81,13 @@ def push_label_store(db_path: str | Path, export_path: str | Path, repo_id: str 
     return f"https://huggingface.co/datasets/{repo_id}"
 
 
+def hub_deadline_s() -> float:
+    """How long one download or push may take, retries included: $CMA_CLIP_HUB_TIMEOUT, else 60 s."""
+    return env_number("CMA_CLIP_HUB_TIMEOUT", 60)
+
+
 def _within_deadline(call: Callable[[], T], failed: str) -> T:
-    """`call()`'s result, run in a thread of its own for at most `HUB_DEADLINE_S`; a failure to reach
+    """`call()`'s result, run in a thread of its own for at most `hub_deadline_s()`; a failure to reach
     or use the Hub is a HubError, `failed` followed by the reason in words. A call past the deadline
     is left to end in the background (its client has per-request timeouts too, `_hub_client_timeouts`)."""
     _hub_client_timeouts()
@@ -96,9 +101,10 @@ def _within_deadline(call: Callable[[], T], failed: str) -> T:
 
     worker = threading.Thread(target=run, name="hub", daemon=True)
     worker.start()
-    worker.join(HUB_DEADLINE_S)
+    deadline = hub_deadline_s()
+    worker.join(deadline)
     if worker.is_alive():
-        raise HubError(f"{failed}: the Hub did not answer within {HUB_DEADLINE_S:g} s (CMA_CLIP_HUB_TIMEOUT)")
+        raise HubError(f"{failed}: the Hub did not answer within {deadline:g} s (CMA_CLIP_HUB_TIMEOUT)")
     if "error" not in outcome:
         return outcome["value"]
     error = outcome["error"]

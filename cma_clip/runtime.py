@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import os
 import platform
 import random
@@ -19,6 +20,25 @@ from .errors import CMAClipError
 
 class DeviceError(CMAClipError, ValueError):
     """A device asked for (an argument or CMA_CLIP_DEVICE) that this machine cannot run on."""
+
+
+class SettingError(CMAClipError, ValueError):
+    """An environment variable whose value cannot be used."""
+
+
+def env_number(name: str, default: float) -> float:
+    """The positive number environment variable `name` holds, else `default` when it is unset or
+    empty; anything else is a SettingError naming the variable (`float()`'s ValueError named none)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise SettingError(f"{name}={raw!r}: give a number above 0")
+    return value
 
 
 SUPPORTED_DEVICES = ("cpu", "cuda", "mps")

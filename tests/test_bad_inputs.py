@@ -479,6 +479,19 @@ def test_hub_token_is_never_shown_or_logged(tmp_path, monkeypatch, capsys, caplo
     assert secret not in shown and secret[3:] not in shown
 
 
+@pytest.mark.parametrize("variable,value", [("CMA_CLIP_UPLOAD_MB", "1GB"), ("CMA_CLIP_UPLOAD_HOURS", "abc"),
+                                            ("CMA_CLIP_HUB_TIMEOUT", "-5")])
+def test_the_app_refuses_a_number_setting_it_cannot_use_before_it_starts(studio, monkeypatch, variable, value):
+    """Read at import or at first use, these died in float()'s traceback, or waited "-5 s" (QA deployer)."""
+    import app
+
+    from cma_clip.runtime import SettingError
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingError, match=variable):
+        app.serve(studio, host="127.0.0.1", block=False)
+
+
 def test_a_push_sends_every_save_even_those_only_the_write_ahead_log_holds(tmp_path, monkeypatch):
     """Stopped by SIGTERM (a Space, Docker, systemd), the app left labels.db a bare 4 KB and every save in
     labels.db-wal; the push uploaded labels.db alone: a database with no tables (QA deployer, session 33)."""
@@ -537,7 +550,7 @@ def test_a_hub_that_cannot_be_reached_or_does_not_answer_fails_in_words_and_in_t
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
-        monkeypatch.setattr(hub, "HUB_DEADLINE_S", 2)
+        monkeypatch.setenv("CMA_CLIP_HUB_TIMEOUT", "2")
         start = time.perf_counter()
         with pytest.raises(hub.HubError, match="the Hub did not answer within 2 s"):
             hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "someone/labels")

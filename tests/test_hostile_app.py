@@ -190,7 +190,7 @@ def test_an_upload_that_does_not_fit_beside_the_ones_in_use_is_refused_not_their
     """Three failed uploads of a 1 MB zip holding 990 MB of zeros each stayed on disk, and the storage cap
     then removed the images of a queue opened minutes before: its labeler's resume failed."""
     upload_folders(studio.uploads_dir, {"someone-reviewing": (0.1, 6000)})
-    monkeypatch.setattr(uploads, "UPLOAD_STORAGE_MB", 0.005)
+    monkeypatch.setenv("CMA_CLIP_UPLOAD_MB", "0.005")
     images = colour_images(tmp_path)
     manifest = write_manifest(tmp_path / "items.csv", [["red/1.jpg", "Red tee", "red"]])
     with pytest.raises(StudioError, match=r"the uploads' storage is full .* the others were used in the last 60 "

@@ -1,6 +1,7 @@
 """Precision, worker and memory choices of cma_clip.runtime."""
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,17 @@ def test_freed_memory_is_reused_not_faulted_back_in(opt_out):
         assert faults > 20_000, faults
     else:
         assert faults < 1_000, faults
+
+
+def test_a_number_setting_that_cannot_be_used_names_its_variable(monkeypatch):
+    """CMA_CLIP_UPLOAD_MB=1GB, CMA_CLIP_HUB_TIMEOUT=abc or PORT=abc died in float()'s traceback, naming no
+    variable; a negative timeout was taken ("did not answer within -5 s") (QA deployer, session 33)."""
+    monkeypatch.delenv("CMA_CLIP_X", raising=False)
+    assert runtime.env_number("CMA_CLIP_X", 72) == 72.0
+    monkeypatch.setenv("CMA_CLIP_X", " 0.5 ")
+    assert runtime.env_number("CMA_CLIP_X", 72) == 0.5
+    for raw, words in (("1GB", "CMA_CLIP_X='1GB' is not a number"), ("-5", "CMA_CLIP_X='-5': give a number above 0"),
+                       ("nan", "give a number above 0"), ("0", "give a number above 0")):
+        monkeypatch.setenv("CMA_CLIP_X", raw)
+        with pytest.raises(runtime.SettingError, match=re.escape(words)):
+            runtime.env_number("CMA_CLIP_X", 72)

@@ -1392,7 +1392,7 @@ def open_user_image(path: str | None) -> Image.Image:
         raise StudioError("Upload a product image (JPEG, PNG, WebP, GIF or BMP).")
     if not Path(path).exists():
         raise StudioError(f"The image {Path(path).name} was not found on the server (uploads are removed "
-                          f"{uploads.UPLOAD_HOURS:g} hours after their last use, or after an hour unused when "
+                          f"{uploads.upload_hours():g} hours after their last use, or after an hour unused when "
                           "the uploads outgrow their storage): upload it again.")
     try:
         return load_image(path)

@@ -22,11 +22,10 @@ from pathlib import Path, PurePosixPath
 
 from ..data import file_sha256
 from ..errors import CMAClipError
+from ..runtime import env_number
 
 MAX_UPLOAD_FILES = 10_000  # images in one upload (the manifest's row cap)
 MAX_UPLOAD_BYTES = 1_000_000_000  # one upload, a .zip's members counted unpacked (a zip bomb stops here)
-UPLOAD_HOURS = float(os.environ.get("CMA_CLIP_UPLOAD_HOURS", 72))  # an upload unused this long is removed
-UPLOAD_STORAGE_MB = float(os.environ.get("CMA_CLIP_UPLOAD_MB", 2000))  # all uploads; the oldest go first
 IN_USE_S = 3600  # an upload used this recently is not removed to make room: someone is reviewing it
 MAX_IMAGE_FILE_BYTES = 100_000_000  # one image file: a 40-megapixel photo is a few MB (a zip of zeros is not one)
 
@@ -182,19 +181,31 @@ def touch(folder: Path) -> None:
         pass
 
 
-def prune(root: Path, keep_ids: set[str] = frozenset(), max_age_s: float = UPLOAD_HOURS * 3600,
-          max_bytes: float = UPLOAD_STORAGE_MB * 1e6, now: float | None = None) -> list[str]:
-    """Remove the upload folders under `root` unused for `max_age_s`, then the least recently
-    used ones idle for `IN_USE_S` until the rest fit in `max_bytes` (`keep_ids` are kept
-    whatever their age). Returns the ids removed."""
+def upload_hours() -> float:
+    """How long an upload unused is kept: $CMA_CLIP_UPLOAD_HOURS, else 72."""
+    return env_number("CMA_CLIP_UPLOAD_HOURS", 72)
+
+
+def upload_storage_bytes() -> float:
+    """What all uploads may take together (the oldest go first): $CMA_CLIP_UPLOAD_MB, else 2,000 MB."""
+    return env_number("CMA_CLIP_UPLOAD_MB", 2000) * 1e6
+
+
+def prune(root: Path, keep_ids: set[str] = frozenset(), max_age_s: float | None = None,
+          max_bytes: float | None = None, now: float | None = None) -> list[str]:
+    """Remove the upload folders under `root` unused for `max_age_s` (default `upload_hours`), then the
+    least recently used ones idle for `IN_USE_S` until the rest fit in `max_bytes` (default
+    `upload_storage_bytes`; `keep_ids` are kept whatever their age). Returns the ids removed."""
+    max_age_s = upload_hours() * 3600 if max_age_s is None else max_age_s
+    max_bytes = upload_storage_bytes() if max_bytes is None else max_bytes
     return _prune(root, keep_ids, max_age_s, max_bytes, now)[0]
 
 
 def make_room(root: Path, upload_id: str, max_bytes: float | None = None) -> None:
     """After upload `upload_id` was received: `prune` the others, and refuse it (its folder removed)
     when the uploads still exceed `max_bytes` (default $CMA_CLIP_UPLOAD_MB), the rest being in use."""
-    max_bytes = UPLOAD_STORAGE_MB * 1e6 if max_bytes is None else max_bytes
-    _, total = _prune(root, {upload_id}, UPLOAD_HOURS * 3600, max_bytes)
+    max_bytes = upload_storage_bytes() if max_bytes is None else max_bytes
+    _, total = _prune(root, {upload_id}, upload_hours() * 3600, max_bytes)
     if total > max_bytes:
         shutil.rmtree(root / upload_id, ignore_errors=True)
         raise UploadError(f"the uploads' storage is full ({total / 1e6:,.0f} MB with this upload, the cap is "
