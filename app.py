@@ -1700,3 +1700,5 @@ if __name__ == "__main__":
         serve()
     except CMAClipError as exc:  # a login or a device asked for but not usable: say why, start nothing
         raise SystemExit(f"error: {exc}") from None
+    except OSError as exc:  # Gradio's "Cannot find empty port in range" when the port is taken, say
+        raise SystemExit(f"error: {exc}") from None

@@ -411,6 +411,29 @@ def test_the_accounts_command_refuses_a_bad_file_or_name_before_asking_a_passwor
     assert Users.from_file(path).check("dee", "pass-1") and not list(tmp_path.glob(".users.txt.tmp*"))
 
 
+def test_a_deployers_slips_are_one_line_each(tmp_path, monkeypatch, capsys, checkpoint_dir):
+    """No terminal for the password (a script): getpass's EOFError traceback; both CMA_CLIP_USERS and
+    CMA_CLIP_AUTH set: the second silently ignored; CMA_CLIP_STUDIO_DIR a file or under a read-only
+    mount: a traceback (QA deployer, session 33)."""
+    from cma_clip.studio import StudioError, accounts
+
+    def no_terminal(prompt):
+        raise EOFError
+
+    monkeypatch.setattr(accounts.getpass, "getpass", no_terminal)
+    assert accounts.main(["add", str(tmp_path / "users.txt"), "ben"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no password given for ben: run it in a terminal, or pipe" in err and "Traceback" not in err
+    users = tmp_path / "users.txt"
+    users.write_text("")
+    with pytest.raises(AccountsError, match="CMA_CLIP_USERS and CMA_CLIP_AUTH are both set: keep one"):
+        login_from_env({"CMA_CLIP_USERS": str(users), "CMA_CLIP_AUTH": "ben:pw-ben"})
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(StudioError, match=r"cannot make the studio's folder .*notes.txt \(CMA_CLIP_STUDIO_DIR\)"):
+        Studio(checkpoint_dir, data_dir=a_file, device="cpu")
+
+
 @pytest.fixture(scope="module")
 def login_app(checkpoint_dir, tmp_path_factory):
     """The app with a login (users ana and ben); yields (url, studio)."""

@@ -131,6 +131,9 @@ class Login:
 def login_from_env(environ: dict[str, str] | None = None) -> Login:
     """The login the environment asks for (see the module's docstring); none by default."""
     environ = os.environ if environ is None else environ
+    if environ.get("CMA_CLIP_USERS") and environ.get("CMA_CLIP_AUTH"):  # one was silently ignored
+        raise AccountsError("CMA_CLIP_USERS and CMA_CLIP_AUTH are both set: keep one (the users file holds "
+                            "hashed passwords; CMA_CLIP_AUTH plain ones)")
     if environ.get("CMA_CLIP_USERS"):
         return Login(Users.from_file(environ["CMA_CLIP_USERS"]))
     if environ.get("CMA_CLIP_AUTH"):
@@ -206,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         if password != getpass.getpass("again: "):
             raise AccountsError("the passwords differ")
         replaced = add_user(args.file, args.name, password)
+    except EOFError:  # no terminal and nothing piped in (a script, a CI job)
+        print(f"error: no password given for {args.name}: run it in a terminal, or pipe the password in twice",
+              file=sys.stderr)
+        return 2
     except AccountsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

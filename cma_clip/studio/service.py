@@ -103,7 +103,11 @@ class Studio:
         self.unusable: dict[str, str] = {}  # checkpoint -> why it is left out (its config) or fails (its weights)
         self.checkpoints = available_checkpoints(checkpoint_dir, self.unusable)
         self.data_dir = Path(data_dir or default_data_dir())
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file by that name, a read-only disk (a Space without persistent storage)
+            raise StudioError(f"cannot make the studio's folder {self.data_dir} (CMA_CLIP_STUDIO_DIR): "
+                              f"{exc.strerror or exc}") from exc
         self.store = LabelStore(self.data_dir / "labels.db")
         self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
         self.device, self.data_root = resolve_device(device), data_root  # a device this machine lacks fails here
