@@ -320,3 +320,15 @@ def test_sigkill_in_the_middle_of_writes_keeps_every_acknowledged_save(tmp_path)
         assert result["integrity"] == "ok" and result["acknowledged"] >= after
         assert result["stored"] - result["acknowledged"] in (0, 1)
     assert LabelStore(tmp_path / "labels.db").count() >= 30 + 61 + 2
+
+
+@pytest.mark.parametrize("option,message", [(["--writers", "-1"], "--writers must be at least 1, not -1"),
+                                            (["--saves", "0"], "--saves must be at least 1, not 0"),
+                                            (["--kills", "-2"], "--kills must be at least 0, not -2")])
+def test_the_stress_command_refuses_counts_it_cannot_use(option, message, capsys):
+    """`--writers -1` exited 0 having stored nothing, its figures printed as a pass (QA deployer, session 33)."""
+    from cma_clip.lab import stress_labels
+
+    with pytest.raises(SystemExit) as stopped:
+        stress_labels.main(option)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -190,11 +190,15 @@ def kill_mid_writes(path: Path, writer: int, after_acks: int, delay: float = 0.0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cma_clip.lab.stress_labels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--writers", type=int, default=8)
-    parser.add_argument("--saves", type=int, default=500)
-    parser.add_argument("--kills", type=int, default=8)
+    parser.add_argument("--writers", type=int, default=8, help="concurrent writers per mode (threads, processes)")
+    parser.add_argument("--saves", type=int, default=500, help="saves per writer")
+    parser.add_argument("--kills", type=int, default=8,
+                        help="processes SIGKILLed mid-write, after ack 40, 77, ... (each writes until killed)")
     parser.add_argument("--folder", help="where to put the databases (default: a temporary folder)")
     args = parser.parse_args(argv)
+    for name, least in (("writers", 1), ("saves", 1), ("kills", 0)):
+        if getattr(args, name) < least:  # -1 writers "passed", storing nothing
+            parser.error(f"--{name} must be at least {least}, not {getattr(args, name)}")
     folder = Path(args.folder or tempfile.mkdtemp(prefix="stress-labels-"))
     for mode in ("threads", "processes"):
         path = folder / mode / "labels.db"
