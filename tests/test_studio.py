@@ -258,7 +258,7 @@ def test_a_second_tab_accepting_the_same_labels_saves_nothing_twice(studio):
     assert stale.result == "conflict" and studio.store.count() == 1
     message = views.save_message(stale)  # ben's own save, from the other tab: not "someone else"
     assert message.startswith("**Not saved: you saved this item in another tab or window since you opened it.**")
-    assert " · saved `" in message and "theirs" not in message.split("\n\n")[0]  # the choice's buttons keep their names
+    assert " · saved `" in message and "theirs" not in message.split("\n\n")[0]  # (the buttons keep their names)
 
 
 def test_a_review_save_names_the_tasks_left_pending_and_a_label_too_long_by_its_task(studio):
