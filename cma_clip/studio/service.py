@@ -962,10 +962,11 @@ class Studio:
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
             standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
+            # the item's open disagreement (task -> who said what), read once: a whole-store reading
+            disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
             if adjudicating:  # a ruling covers the tasks in dispute and those the reviewer changed, not the
                 # model's guesses on the rest (an Accept stored them as rulings); settled meanwhile: as it stands
-                disputed, start = self.store.open_disagreements(queue.tasks).get(item.item_id, {}), \
-                    self.current_view(queue).values
+                start = self.current_view(queue).values
                 chosen = {t: v for t, v in chosen.items() if t in disputed or v != start.get(t)} or {
                     t: v for t, v in chosen.items() if t in standing}
             own = all(_own_label(standing.get(t), label, annotator) for t, label in chosen.items())
@@ -973,8 +974,7 @@ class Studio:
             ruled = adjudicating and all(_ruling(standing.get(t), label) for t, label in chosen.items())
             # e.g. back with Previous, then accept; or a second tab of theirs, which saw the item before
             # (a disagreement still open is settled by accepting the label standing: that is a save)
-            if (own or ruled) and not new_classes and (
-                    not adjudicating or item.item_id not in self.store.open_disagreements(queue.tasks)):
+            if (own or ruled) and not new_classes and not disputed:
                 self._moved_on(queue, annotator)
                 by = "" if own else ", ".join(sorted({standing[t].annotator for t in chosen}))
                 return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid,
