@@ -1007,7 +1007,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             bulk_status = gr.Markdown(label="bulk accept status", min_height=48, elem_id="bulk-status")
         with gr.Accordion("History of this item", open=False):
             item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
-                                        elem_id="review-item-history")
+                                        elem_id="review-item-history", column_widths=views.ITEM_HISTORY_WIDTHS)
         panel = ReviewPanel(gr.State(None), gr.State(None), gr.State(None), progress, image, text, table, active,
                             choices, slots, request_id, status, notes, item_history, choice, choice_map, on_screen)
 
@@ -1445,7 +1445,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
             history_item = gr.Textbox(label="Item id", elem_id="history-item-id", scale=3)
             history_button = gr.Button("Show its history", elem_id="history-item", scale=1)
         item_table = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
-                                  elem_id="item-history")
+                                  elem_id="item-history", column_widths=views.ITEM_HISTORY_WIDTHS)
         gr.Markdown("### Agreement\nWhere two annotators or more labelled the same item and task (each one's "
                     "standing human label; auto-accepts, adjudications and undone labels do not count): raw "
                     "agreement and Cohen's kappa (the mean over annotator pairs sharing two items or more), and "

@@ -5,7 +5,7 @@ come before the examples. Screenshots go to artifacts/layout-*.png."""
 import pytest
 from playwright.sync_api import expect
 
-from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
+from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT, serving
 from test_browser import chromium, fill_until_it_holds
 
 SIZES = {"laptop": (1366, 768), "phone": (412, 915)}
@@ -85,6 +85,12 @@ def assert_no_column_names(page, where: str) -> None:
     assert "_name" not in text, (where, [line for line in text.splitlines() if "_name" in line][:5])
 
 
+def assert_every_column_in_view(page, table: str) -> None:
+    """The table's last column ends inside the table's box: no sideways scrolling to reach it."""
+    box, last = page.locator(table).bounding_box(), page.locator(f"{table} th").last.bounding_box()
+    assert last["x"] + last["width"] <= box["x"] + box["width"] + 1, (table, last, box)
+
+
 def predict_example(page, text: str = EXAMPLE_TEXT) -> None:
     page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
     page.locator("#input-text textarea").fill(text)
@@ -149,8 +155,9 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     expect(page.locator("#review-progress")).to_contain_text("reviewed of 3", timeout=60_000)
     expect(page.locator("#review-table")).to_contain_text("Pattern")
     if size == "laptop":  # every column of the item's table in view ("catalogue label" was cut at the edge)
-        table, last = page.locator("#review-table").bounding_box(), page.locator("#review-table th").last.bounding_box()
-        assert last["x"] + last["width"] <= table["x"] + table["width"] + 1, (last, table)
+        assert_every_column_in_view(page, "#review-table")
+        page.get_by_text("History of this item").click()
+        assert_every_column_in_view(page, "#review-item-history")
     check_view(page, size, "review")
 
     open_tab(page, "robustness")
@@ -168,8 +175,8 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     open_tab(page, "history")
     expect(page.locator("#audit-summary")).not_to_be_empty(timeout=30_000)
     if size == "laptop":  # every audit column in view (the kind and the version were past the edge)
-        table, last = page.locator("#audit").bounding_box(), page.locator("#audit th").last.bounding_box()
-        assert last["x"] + last["width"] <= table["x"] + table["width"] + 1, (last, table)
+        assert_every_column_in_view(page, "#audit")
+        assert_every_column_in_view(page, "#item-history")  # one item's (checkpoint and version were past it)
     check_view(page, size, "history")
 
 
@@ -297,3 +304,24 @@ def test_severity_controls_follow_their_corruption(sized_page):
     page.locator("#image-noise input").click()
     page.get_by_role("option", name="blur", exact=True).click()
     expect(severity).to_be_enabled(timeout=10_000)
+
+
+def test_one_items_history_shows_every_column_on_a_laptop(checkpoint_dir, tmp_path):
+    """Twelve columns of an item with saves by two annotators: the checkpoint and the version were
+    past a 1366-px screen's edge (a sideways scroll inside the table)."""
+    item = "0816591001"
+    with serving(checkpoint_dir, tmp_path / "data") as (url, studio), chromium() as browser:
+        _, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", item)
+        for annotator, colour in (("ana", "Grey"), ("ben", "Black")):  # ben overwrites ana's labels unseen
+            saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", annotator, item,
+                                     dict(view.values, colour_group_name=colour), view.shown, force=True)
+            assert saved.result == "saved", saved
+        page = browser.new_page(viewport={"width": 1366, "height": 768})
+        page.goto(url)
+        expect(page.locator("#predict")).to_be_visible(timeout=60_000)
+        open_tab(page, "history")
+        fill_until_it_holds(page.locator("#history-item-id input, #history-item-id textarea"), item)
+        page.locator("#history-item").click()
+        expect(page.locator("#item-history")).to_contain_text("overwrote ana's Grey (3)", timeout=30_000)
+        assert_every_column_in_view(page, "#item-history")
+        check_view(page, "laptop", "item-history")

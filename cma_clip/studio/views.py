@@ -60,6 +60,10 @@ HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
 # what an undo undid, and what a label overwrote, beside who did it: at the end it was past a laptop's edge
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "undid / overwrote",
                         "vs model", "vs catalogue", "checkpoint", "version"]
+# 1,185 px: the Review tab's accordion is 1,190 wide on a 1366-px screen (a long "overwrote ..." pushed the last
+# columns past its edge)
+ITEM_HISTORY_WIDTHS = ["125px", "125px", "70px", "120px", "90px", "65px", "95px", "140px", "90px", "100px", "100px",
+                       "65px"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators",
                      "open disagreements"]
 KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
