@@ -51,7 +51,8 @@ MAX_UPLOAD = "250mb"
 SHORTCUTS = """
 <script>
 document.addEventListener("keydown", (event) => {
-  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  // a held key decides once: its auto-repeat (about 30 a second) accepted or undid item after item unseen
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
   const field = event.target, tag = (field.tagName || "").toLowerCase();
   const typing = tag === "textarea" || tag === "select" || field.isContentEditable ||
     (tag === "input" && !["radio", "checkbox", "button", "submit"].includes((field.type || "").toLowerCase()));

@@ -407,3 +407,31 @@ def test_a_label_list_tabbed_past_closes(review_app, browser):
     option.click()
     expect(slot(page, 3)).to_have_value(picked)
     page.context.close()
+
+
+def test_a_held_key_decides_once(review_app, browser):
+    """Holding "a" accepted the whole queue, each item on screen for 0.4 s, and holding "u" undid three
+    saves while the status named one (QA keyboard labeler, session 34): a key's auto-repeat is ignored."""
+    page = open_page(browser, review_app, "holder")
+    first = load_queue(page, 4)
+    page.locator("#review-keys").click()
+    for _ in range(12):  # one press, then its auto-repeat (each later keydown has repeat set)
+        page.keyboard.down("a")
+        page.wait_for_timeout(150)
+    page.keyboard.up("a")
+    expect(page.locator("#review-progress")).to_contain_text("1 reviewed of 4", timeout=WAIT)
+    second = current_item(page)
+    press(page, "a")
+    expect(page.locator("#review-progress")).to_contain_text("2 reviewed of 4", timeout=WAIT)
+    page.wait_for_timeout(3000)  # any accept a repeat had sent has answered
+    saved = review_app.studio.store.current_labels()
+    assert first in saved and second in saved and current_item(page) not in saved
+    for _ in range(12):
+        page.keyboard.down("u")
+        page.wait_for_timeout(150)
+    page.keyboard.up("u")
+    expect(page.locator("#review-status")).to_contain_text(f"Undone on item {second}", timeout=WAIT)
+    page.wait_for_timeout(3000)
+    saved = review_app.studio.store.current_labels()
+    assert first in saved and second not in saved
+    page.context.close()
