@@ -69,6 +69,21 @@ document.addEventListener("keydown", (event) => {
     button.click(); event.preventDefault();
   }
 });
+// The lines that say what a click did (saved, undone, refused, the next item) are live regions, so a screen reader
+// reads them out when they change (Gradio's Markdown has no role; only its error toasts were announced), and the
+// item under review has a name (its photo's alt text was empty).
+const LIVE = ["review-status", "review-progress", "save-status", "bulk-status", "robustness-status"];
+new MutationObserver(() => {
+  for (const id of LIVE) {
+    const line = document.getElementById(id);
+    if (line && !line.hasAttribute("aria-live")) {
+      line.setAttribute("role", "status");
+      line.setAttribute("aria-live", "polite");
+    }
+  }
+  const photo = document.querySelector("#review-image img:not([alt^='Photo'])");
+  if (photo) photo.alt = "Photo of the item under review";
+}).observe(document.documentElement, {childList: true, subtree: true});
 // A request refused as unauthenticated (a logout in another tab, a restart with new accounts) failed
 // without a word: a banner says so, and that nothing was done.
 const gradioFetch = window.fetch;

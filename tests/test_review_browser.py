@@ -435,3 +435,20 @@ def test_a_held_key_decides_once(review_app, browser):
     saved = review_app.studio.store.current_labels()
     assert first in saved and second not in saved
     page.context.close()
+
+
+def test_a_screen_reader_hears_what_a_decision_did(review_app, browser):
+    """The status and progress lines are live regions (a screen reader heard nothing on a save or an
+    undo, only error toasts) and the photo under review has a name (QA keyboard labeler, session 34)."""
+    page = open_page(browser, review_app, "listener")
+    item = load_queue(page, 2)
+    for line in ("#review-status", "#review-progress"):
+        expect(page.locator(line)).to_have_attribute("aria-live", "polite")
+        expect(page.locator(line)).to_have_attribute("role", "status")
+    expect(page.locator("#review-image img")).to_have_attribute("alt", "Photo of the item under review")
+    press(page, "a")
+    expect(page.get_by_role("status").filter(has_text=f"for item {item}")).to_have_count(1, timeout=WAIT)
+    expect(page.locator("#review-image img")).to_have_attribute("alt", "Photo of the item under review")
+    page.get_by_role("tab", name="Predict").click()
+    expect(page.locator("#save-status")).to_have_attribute("aria-live", "polite")
+    page.context.close()
