@@ -962,8 +962,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
                     mislabels_loading = gr.Markdown(min_height=48)
                     gr.Markdown("**Disagreements**  \nItems whose annotators' labels differ on the tasks chosen below "
-                                "(a second labeler reviewing decided items, or an overwrite), the oldest first. A save "
-                                "there settles each one; the agreement figures keep the annotators' own labels. "
+                                "(a second labeler reviewing decided items, or an overwrite), the oldest first. A task in "
+                                "dispute starts empty (the number keys list the annotators' labels first): your "
+                                "choice settles it; the agreement figures keep the annotators' own labels. "
                                 + views.reviewers_note(studio.reviewers))
                     load_disagreements = gr.Button("Load disagreements", elem_id="review-load-disagreements")
                     disagreements_loading = gr.Markdown(min_height=48)
@@ -1047,7 +1048,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             updates.update({panel.progress: views.review_status(queue), **standing(studio, panel, queue, view)})
             updates.update({slot: gr.update(info=update["info"])  # the lines under the controls, values kept
                             for slot, update in review_slots(studio, panel, queue, view).items() if update["visible"]})
-        if outcome.result in ("conflict", "unknown"):
+        if outcome.result in ("conflict", "unknown", "unchosen"):  # the item stays, the labeler's choices kept
             return updates
         return show_queue(studio, panel, queue, message)
 

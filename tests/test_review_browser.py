@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 from cma_clip.data import read_manifest
 from cma_clip.labels import content_item_id
 from cma_clip.studio import Studio, clean_text
-from conftest import ARTIFACTS, EXAMPLE_IMAGE
+from conftest import ARTIFACTS, EXAMPLE_IMAGE, HM, hm_rows
 from test_browser import chromium, fill_until_it_holds
 
 MODEL = "hm-articles"
@@ -413,16 +413,16 @@ def test_a_held_key_decides_once(review_app, browser):
     """Holding "a" accepted the whole queue, each item on screen for 0.4 s, and holding "u" undid three
     saves while the status named one (QA keyboard labeler, session 34): a key's auto-repeat is ignored."""
     page = open_page(browser, review_app, "holder")
-    first = load_queue(page, 4)
+    first = load_queue(page, 12)  # more than the items other tests' labelers hold
     page.locator("#review-keys").click()
     for _ in range(12):  # one press, then its auto-repeat (each later keydown has repeat set)
         page.keyboard.down("a")
         page.wait_for_timeout(150)
     page.keyboard.up("a")
-    expect(page.locator("#review-progress")).to_contain_text("1 reviewed of 4", timeout=WAIT)
+    expect(page.locator("#review-progress")).to_contain_text("1 reviewed of 12", timeout=WAIT)
     second = current_item(page)
     press(page, "a")
-    expect(page.locator("#review-progress")).to_contain_text("2 reviewed of 4", timeout=WAIT)
+    expect(page.locator("#review-progress")).to_contain_text("2 reviewed of 12", timeout=WAIT)
     page.wait_for_timeout(3000)  # any accept a repeat had sent has answered
     saved = review_app.studio.store.current_labels()
     assert first in saved and second in saved and current_item(page) not in saved
@@ -441,7 +441,7 @@ def test_a_screen_reader_hears_what_a_decision_did(review_app, browser):
     """The status and progress lines are live regions (a screen reader heard nothing on a save or an
     undo, only error toasts) and the photo under review has a name (QA keyboard labeler, session 34)."""
     page = open_page(browser, review_app, "listener")
-    item = load_queue(page, 2)
+    item = load_queue(page, 12)  # more than the items other tests' labelers hold
     for line in ("#review-status", "#review-progress"):
         expect(page.locator(line)).to_have_attribute("aria-live", "polite")
         expect(page.locator(line)).to_have_attribute("role", "status")
@@ -451,4 +451,39 @@ def test_a_screen_reader_hears_what_a_decision_did(review_app, browser):
     expect(page.locator("#review-image img")).to_have_attribute("alt", "Photo of the item under review")
     page.get_by_role("tab", name="Predict").click()
     expect(page.locator("#save-status")).to_have_attribute("aria-live", "polite")
+    page.context.close()
+
+
+def test_a_ruling_is_the_reviewers_choice_not_the_latest_label(review_app, browser):
+    """In the Disagreements queue a disputed task's control started at the latest label, so one reflex
+    Accept sided with whoever saved last (QA keyboard labeler, session 34): it starts empty, Accept
+    refuses until a label is chosen, and the number keys list the annotators' labels first."""
+    row = hm_rows("val", 7)[-1]
+    store, colour = review_app.studio.store, "colour_group_name"
+    first, second = review_app.studio.task_classes(MODEL)[colour][3:5]
+    for annotator, label in (("kim", first), ("lee", second)):
+        store.save(image=HM / row["image"], text=row["prod_name"], labels={colour: label}, annotator=annotator,
+                   item_id=row["article_id"])
+    page = open_page(browser, review_app, "rita")
+    page.get_by_role("tab", name="Review").click()
+    page.locator("#review-load-disagreements").click()
+    expect(page.locator("#review-progress")).to_contain_text("disagree", timeout=WAIT)
+    while current_item(page) != row["article_id"]:  # other tests' disagreements come first (the oldest first)
+        press(page, "s")
+    expect(page.locator("#review-progress")).to_contain_text(f"kim {first}, lee {second}")
+    page.locator("#review-active-task label").get_by_text("Colour", exact=True).click()
+    expect(page.locator("#review-choice-1")).to_contain_text(f"1 · {first} (kim)")
+    expect(page.locator("#review-choice-2")).to_contain_text(f"2 · {second} (lee)")
+    expect(slot(page, 2)).to_have_value("")
+    press(page, "a")
+    expect(page.locator("#review-status")).to_contain_text(f"Nothing was saved: choose a label for Colour (kim {first}",
+                                                           timeout=WAIT)
+    assert not store.item_state(row["article_id"])[colour].adjudicated and current_item(page) == row["article_id"]
+    shot(page, "ruling-unchosen")
+    page.locator("#review-active-task label").get_by_text("Colour", exact=True).click()
+    press(page, "1a")
+    expect(page.locator("#review-status")).to_contain_text("It settles the disagreement", timeout=WAIT)
+    state = store.item_state(row["article_id"])[colour]
+    assert state.adjudicated and state.label == first and state.annotator == "rita"
+    shot(page, "ruling-chosen")
     page.context.close()

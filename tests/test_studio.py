@@ -631,7 +631,16 @@ def test_a_ruling_over_every_task_stores_the_tasks_in_dispute_not_the_models_gue
     queue = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
     assert len(queue.tasks) > 2 and queue.current.catalogue[pattern] == row[pattern]  # the catalogue's, not "—"
     view = studio.current_view(queue)
-    ruled = studio.review_save(queue, "rita", view.values, view.shown)  # Accept, as the controls start
+    assert view.values[colour] is None and view.values[pattern] == queue.current.predictions[pattern].label
+    refused = studio.review_save(queue, "rita", view.values, view.shown)  # Accept, as the controls start: no choice
+    assert refused.result == "unchosen" and refused.unchosen == {colour: {"ana": red, "ben": blue}}
+    assert views.save_message(refused, studio.display_names("hm-articles")).startswith(
+        f"Nothing was saved: choose a label for Colour (ana `{red}`, ben `{blue}`).")
+    assert queue.current.item_id == row["article_id"]  # the item stays
+    assert [label for label, _, _ in queue.current.choices(colour)][:2] == [red, blue]  # the keys 1 and 2
+    assert studio.store.item_state(row["article_id"])[colour].label == blue and not studio.store.item_state(
+        row["article_id"])[colour].adjudicated
+    ruled = studio.review_save(queue, "rita", dict(view.values, **{colour: blue}), view.shown)  # key 2, then Accept
     assert ruled.result == "saved" and list(ruled.labels) == [colour]
     states = studio.store.item_state(row["article_id"])
     assert set(states) == {colour} and states[colour].adjudicated and states[colour].label == blue
@@ -642,7 +651,7 @@ def test_a_ruling_over_every_task_stores_the_tasks_in_dispute_not_the_models_gue
     reopened = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
     view = studio.current_view(reopened)
     other = next(c for c in studio.task_classes("hm-articles")[pattern] if c != view.values[pattern])
-    both = studio.review_save(reopened, "rita", dict(view.values, **{pattern: other}), view.shown)
+    both = studio.review_save(reopened, "rita", dict(view.values, **{colour: red, pattern: other}), view.shown)
     assert sorted(both.labels) == sorted([colour, pattern])  # a task the reviewer changed is hers too
 
 
@@ -659,9 +668,12 @@ def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_
     assert [item.item_id for item in queue.items] == ["d-1", "d-2"] and queue.tasks == [colour]
     assert [item.status for item in queue.items] == ["pending", "pending"]  # every item holds labels, all open
     assert "the 2 oldest of 2 items whose annotators disagree" in queue.source
-    # ben, one of the two, accepts the label standing (his own) as it is: that settles it too
+    # ben, one of the two, chooses the label standing (his own): that settles it too
     view = studio.current_view(queue)
-    assert view.values == {colour: blue} and studio.review_save(queue, "ben", view.values, view.shown).result == "saved"
+    keys = views.choice_labels(queue.current, colour)  # the number keys: their labels first, with who said them
+    assert view.values == {colour: None} and keys[0].startswith(f"1 · {red} (ana)") and keys[1].startswith(
+        f"2 · {blue} (ben)")
+    assert studio.review_save(queue, "ben", {colour: blue}, view.shown).result == "saved"
     assert set(studio.store.open_disagreements()) == {"d-2"} and queue.current.item_id == "d-2"
     assert queue.items[0].note.startswith("Settled") and queue.items[1].note.startswith("Annotators disagree")
     assert queue.items[1].catalogue == {colour: red}  # what its saves recorded

@@ -830,7 +830,8 @@ class Studio:
             disputed, names = self.store.open_disagreements(queue.tasks), self.display_names(queue.model)
             decided = {item.item_id for item in queue.pool} - set(disputed)
             for item in queue.pool:
-                item.note = disagreement_note(disputed.get(item.item_id, {}), names)
+                item.disputed = disputed.get(item.item_id, {})
+                item.note = disagreement_note(item.disputed, names)
         else:
             decided = self.store.decided_items(queue.tasks)
         claimed = self.store.claims(annotator) if annotator else {}
@@ -937,6 +938,9 @@ class Studio:
         # so Accept confirms it (at the model's label, Accept stored a third opinion nobody had chosen)
         start = {**item.predicted(), **item.catalogue} if queue.split == MISLABELS else item.predicted()
         view = self.item_view(item.item_id, queue.tasks, start)
+        if queue.split == DISAGREEMENTS:  # a task in dispute starts empty: a ruling is the reviewer's choice (at
+            # the latest label, one reflex Accept sided with whoever saved last)
+            view.values = {t: None if t in item.disputed else label for t, label in view.values.items()}
         if queue.show_decided and queue.split != DISAGREEMENTS and queue.owner:
             # a second annotator's pass (for the agreement): a control starts at their own label, else where
             # the first annotator's started, never at another's label, which would anchor the second opinion
@@ -966,6 +970,8 @@ class Studio:
             disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
             if adjudicating:  # a ruling covers the tasks in dispute and those the reviewer changed, not the
                 # model's guesses on the rest (an Accept stored them as rulings); settled meanwhile: as it stands
+                if unchosen := {t: said for t, said in (disputed or item.disputed).items() if t not in chosen}:
+                    return SaveOutcome("unchosen", item.item_id, request_id=rid, unchosen=unchosen)
                 start = self.current_view(queue).values
                 chosen = {t: v for t, v in chosen.items() if t in disputed or v != start.get(t)} or {
                     t: v for t, v in chosen.items() if t in standing}
@@ -1310,7 +1316,7 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
         return "Settled: no open disagreement on the tasks under review."
     said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
                      for task, by_annotator in labels.items())
-    return f"Annotators disagree on {said}. Your save settles it."
+    return f"Annotators disagree on {said}. Choose the label (the number keys list theirs first): your save settles it."
 
 
 def _own_label(state: TaskState | None, label: str, annotator: str) -> bool:

@@ -417,15 +417,16 @@ def split_note(split: str | None) -> str:
 
 
 def choice_labels(item: ReviewItem, task: str) -> list[str]:
-    """The buttons of a task's top choices: "1 · Beige 62%"."""
-    p = item.predictions[task]
-    return [f"{n} · {label} {percent(prob)}" for n, (label, prob) in enumerate(zip(p.labels, p.probabilities), 1)]
+    """The buttons of a task's top choices: "1 · Beige 62%", in dispute "1 · Red (ana) 12%"."""
+    return [" ".join(filter(None, [f"{n} · {label}", f"({', '.join(said)})" if said else "",
+                                   percent(probability) if probability is not None else ""]))
+            for n, (label, probability, said) in enumerate(item.choices(task), 1)]
 
 
 def choice_map(tasks: list[str], item: ReviewItem) -> dict:
     """The tasks under review, in order, and each one's choices (as the number keys pick them): what
     the browser sets the controls from, at once (app.PICK_JS)."""
-    return {"tasks": list(tasks), "labels": {t: list(item.predictions[t].labels) for t in tasks}}
+    return {"tasks": list(tasks), "labels": {t: [label for label, _, _ in item.choices(t)] for t in tasks}}
 
 
 def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list]:
@@ -500,6 +501,11 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
         return conflict_message(outcome.conflicts, names, outcome.kind, outcome.annotator)
     if outcome.result == "unknown":
         return unknown_message(outcome.unknown, names)
+    if outcome.result == "unchosen":
+        said = "; ".join(f"{task_name(t, names=names)} ({', '.join(f'{a} {code(v)}' for a, v in by.items())})"
+                         for t, by in outcome.unchosen.items())
+        return (f"Nothing was saved: choose a label for {said}. A ruling is your choice: the number keys list the "
+                "annotators' labels first. Skip (s) leaves the disagreement open.")
     if outcome.result == "unchanged" and outcome.annotator:
         return (f"Item {code(outcome.item_id)} was settled by {code(outcome.annotator)} with these labels "
                 "meanwhile: nothing new saved, moved on.")

@@ -75,6 +75,8 @@ class ReviewItem:
     claimed_by: str = ""  # another labeler on it now (the store's claims, refreshed like `status`; not kept)
     note: str = ""  # why the item is in the queue, when its source says (a suspected mislabel: the evidence)
     withheld: str = ""  # why no bulk accept takes it: "no text", "blank photo" (`Prediction.withheld`), or ""
+    # a disagreements queue's open disagreement: task -> annotator -> label (refreshed like `status`; not kept)
+    disputed: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def confidence(self) -> float:
@@ -83,6 +85,17 @@ class ReviewItem:
 
     def predicted(self, tasks: list[str] | None = None) -> dict[str, str]:
         return {t: p.label for t, p in self.predictions.items() if tasks is None or t in tasks}
+
+    def choices(self, task: str) -> list[tuple[str, float | None, list[str]]]:
+        """A task's top choices, as the number keys pick them: (label, the model's probability where it is
+        among its top choices, who said it). In dispute, the annotators' labels come first."""
+        p = self.predictions[task]
+        probability = dict(zip(p.labels, p.probabilities))
+        said: dict[str, list[str]] = {}
+        for annotator, label in self.disputed.get(task, {}).items():
+            said.setdefault(label, []).append(annotator)
+        labels = [*said, *(label for label in p.labels if label not in said)][:max(CHOICES_KEPT, len(said))]
+        return [(label, probability.get(label), said.get(label, [])) for label in labels]
 
     def to_payload(self) -> dict:
         return {"item_id": self.item_id, "image_path": self.image_path, "text": self.text,
@@ -280,8 +293,9 @@ class SaveOutcome:
     nothing new), `unchanged` (the item stands at the labeler's own labels, or at a reviewer's
     ruling of the same labels: nothing stored, moved on), `conflict` (someone saved another
     label since the version shown: nothing stored, both labels in `conflicts`) or `unknown`
-    (labels outside the vocabulary: nothing stored, suggestions in `unknown`). Skips are saves
-    of kind "skip"."""
+    (labels outside the vocabulary: nothing stored, suggestions in `unknown`) or `unchosen` (a
+    ruling that left a task in dispute without a label: nothing stored, who said what in
+    `unchosen`). Skips are saves of kind "skip"."""
 
     result: str
     item_id: str
@@ -300,6 +314,7 @@ class SaveOutcome:
     unlabelled: list[str] = field(default_factory=list)  # a queue's tasks given no label: they stay pending
     against: dict[str, TaskState] = field(default_factory=dict)  # task -> the reviewer's ruling the save went against
     ruling: bool = False  # a reviewer's save in a disagreements queue: it settles the disagreement
+    unchosen: dict[str, dict[str, str]] = field(default_factory=dict)  # task in dispute -> annotator -> label
 
     @property
     def stored(self) -> bool:
