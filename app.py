@@ -104,10 +104,11 @@ window.fetch = async (...args) => {
 # Gradio's files (uploads, outputs): every hour, those older than a day go (and all of them when the
 # server stops); a review upload's images are kept apart, in the studio's own folder (`studio.uploads`).
 CACHE_RETENTION = (3600, 86400)
-# Before a save: an empty Annotator box (at the top of the page) is scrolled into view, where its message shows.
+# Before a save: an empty Annotator box (at the top of the page) is scrolled into view, where its message shows,
+# and takes the focus, so the name can be typed at once (a keyboard labeler's focus was left on the page's body).
 SCROLL_TO_ANNOTATOR = """(...args) => {
   const box = document.querySelector('#annotator textarea, #annotator input');
-  if (box && !box.value.trim()) box.scrollIntoView({block: 'center'});
+  if (box && !box.value.trim()) { box.scrollIntoView({block: 'center'}); box.focus({preventScroll: true}); }
   return args;
 }"""
 # A review decision or move (Accept, Skip, Undo, Previous, Next, a conflict's choices): on a narrow screen (a

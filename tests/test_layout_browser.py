@@ -258,6 +258,7 @@ def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page)
                  "textarea").first.input_value(), page.locator(".validation-error, .error").all_inner_texts())
         raise AssertionError(f"no annotator message; save status, annotator box, errors: {shown}") from missing
     expect(message).to_be_in_viewport()  # brought into view, not left above the fold
+    expect(page.locator("#annotator input, #annotator textarea").first).to_be_focused()  # to type the name at once
     box, shown = page.locator("#annotator").bounding_box(), message.bounding_box()
     assert box["y"] <= shown["y"] <= box["y"] + box["height"]  # on the Annotator box itself
     expect(page.locator("#save-status")).not_to_contain_text("Error")
