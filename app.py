@@ -198,6 +198,10 @@ CSS = """
   #item-sweep .matplotlib img, #batch-sweep .matplotlib img { width: 760px; max-width: none; }
   #item-sweep .matplotlib::before, #batch-sweep .matplotlib::before { content: "Scroll sideways for every panel \\2192";
     display: block; position: sticky; left: 0; font-size: var(--text-sm); color: var(--block-info-text-color); }
+  /* After a tap on Accept the next item comes into view, its progress line at the top: what the tap did (a
+     ruling's number, say) shows right under it; under the buttons it was below the screen's foot. */
+  #review-progress ~ * { order: 2; }
+  #review-progress, #review-status { order: 1; }
   /* the clean and noisy maps one above the other, at a width their colour bars can be read */
   #probe-maps { flex-wrap: wrap; }
   #probe-maps > * { min-width: 100% !important; }

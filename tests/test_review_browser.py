@@ -373,6 +373,8 @@ def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, brows
     expect(page.locator("#review-progress")).not_to_contain_text(f"item {first} (", timeout=WAIT)
     expect(page.locator("#review-progress")).to_be_in_viewport(timeout=10_000)
     expect(page.locator("#review-image")).to_be_in_viewport()
+    expect(page.locator("#review-status")).to_contain_text(f"for item {first}")  # what the tap did, in view too
+    expect(page.locator("#review-status")).to_be_in_viewport()
     shot(page, "phone-next-item")
 
     second = current_item(page)
