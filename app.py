@@ -71,7 +71,8 @@ document.addEventListener("keydown", (event) => {
 });
 // The lines that say what a click did (saved, undone, refused, the next item) are live regions, so a screen reader
 // reads them out when they change (Gradio's Markdown has no role; only its error toasts were announced), and the
-// item under review has a name (its photo's alt text was empty).
+// item under review has a name (its photo's alt text was empty), as has each group of radio buttons (Gradio's
+// fieldset holds its label in a span, not a legend, so "Active task" was never read out).
 const LIVE = ["review-status", "review-progress", "save-status", "bulk-status", "robustness-status"];
 new MutationObserver(() => {
   for (const id of LIVE) {
@@ -79,6 +80,13 @@ new MutationObserver(() => {
     if (line && !line.hasAttribute("aria-live")) {
       line.setAttribute("role", "status");
       line.setAttribute("aria-live", "polite");
+    }
+  }
+  for (const info of document.querySelectorAll("fieldset > [data-testid=block-info]")) {
+    const group = info.parentElement;
+    if (!group.hasAttribute("aria-label")) group.setAttribute("aria-label", info.textContent.trim());
+    if (!group.hasAttribute("role") && group.querySelector("input[type=radio]")) {
+      group.setAttribute("role", "radiogroup");
     }
   }
   const photo = document.querySelector("#review-image img:not([alt^='Photo'])");
@@ -967,8 +975,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     load_mislabels = gr.Button("Load suspected mislabels", elem_id="review-load-mislabels")
                     mislabels_loading = gr.Markdown(min_height=48)
                     gr.Markdown("**Disagreements**  \nItems whose annotators' labels differ on the tasks chosen below "
-                                "(a second labeler reviewing decided items, or an overwrite), the oldest first. A task in "
-                                "dispute starts empty (the number keys list the annotators' labels first): your "
+                                "(a second labeler reviewing decided items, or an overwrite), the oldest first. A task "
+                                "in dispute starts empty (the number keys list the annotators' labels first): your "
                                 "choice settles it; the agreement figures keep the annotators' own labels. "
                                 + views.reviewers_note(studio.reviewers))
                     load_disagreements = gr.Button("Load disagreements", elem_id="review-load-disagreements")

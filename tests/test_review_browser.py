@@ -448,6 +448,8 @@ def test_a_screen_reader_hears_what_a_decision_did(review_app, browser):
         expect(page.locator(line)).to_have_attribute("aria-live", "polite")
         expect(page.locator(line)).to_have_attribute("role", "status")
     expect(page.locator("#review-image img")).to_have_attribute("alt", "Photo of the item under review")
+    active = page.get_by_role("radiogroup", name="Active task (keys 1-9 pick its choices)")
+    expect(active.get_by_role("radio")).not_to_have_count(0)  # the group's name is read out with its buttons
     press(page, "a")
     expect(page.get_by_role("status").filter(has_text=f"for item {item}")).to_have_count(1, timeout=WAIT)
     expect(page.locator("#review-image img")).to_have_attribute("alt", "Photo of the item under review")
