@@ -1478,7 +1478,9 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                                   elem_id="item-history", column_widths=views.ITEM_HISTORY_WIDTHS)
         gr.Markdown("### Agreement\nWhere two annotators or more labelled the same item and task (each one's "
                     "standing human label; auto-accepts, adjudications and undone labels do not count): raw "
-                    "agreement and Cohen's kappa (the mean over annotator pairs sharing two items or more), and "
+                    "agreement and Cohen's kappa (the mean over annotator pairs sharing two items or more; it "
+                    "discounts the agreement chance alone gives, so it is 0 where one annotator gave every item the "
+                    "same class, however high the raw agreement, and blank where both did), and "
                     "the items whose annotators still disagree, or where a label since goes against a reviewer's "
                     "ruling (even one annotator's: so there may be more of them than items labelled twice; the "
                     "Review tab's Disagreements source settles them). The export writes it beside itself, as "
