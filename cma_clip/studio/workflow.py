@@ -94,7 +94,7 @@ class ReviewItem:
         said: dict[str, list[str]] = {}
         for annotator, label in self.disputed.get(task, {}).items():
             said.setdefault(label, []).append(annotator)
-        labels = [*said, *(label for label in p.labels if label not in said)][:max(CHOICES_KEPT, len(said))]
+        labels = [*said, *(label for label in p.labels if label not in said)][:CHOICES_KEPT]
         return [(label, probability.get(label), said.get(label, [])) for label in labels]
 
     def to_payload(self) -> dict:
