@@ -136,6 +136,13 @@ REVIEW_AFTER = f"""() => {{
     document.getElementById('review-progress')?.scrollIntoView({{block: 'start'}});
   }}
 }}"""
+# A queue opened (or resumed): the focus goes to its progress line, which a screen reader reads out and from where
+# Tab goes on to the item's controls (the button pressed folds away with the source panel: the focus fell back to
+# the page's body, and the next Tab started again from the top of the page).
+FOCUS_QUEUE = """() => {
+  const line = document.getElementById('review-progress');
+  if (line) { line.tabIndex = -1; line.focus(); }
+}"""
 # After an example's click, on a narrow screen (results stacked above the examples), its prediction comes into view.
 SCROLL_TO_RESULTS = """(...args) => {
   if (window.innerWidth < 768) document.getElementById('predict-results')?.scrollIntoView({block: 'start'});
@@ -1273,6 +1280,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                      show_progress_on=panel.image),
     ):
         event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")
+        event.success(None, js=FOCUS_QUEUE, api_visibility="private")
     split.change(views.split_note, split, split_note, api_visibility="private")
     arrange_inputs = [panel.queue, strategy, task_filter, min_conf, max_conf, shared.annotator]
     strategy.input(rearrange, arrange_inputs, panel.outputs, api_name="review_arrange")

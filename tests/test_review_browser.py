@@ -443,7 +443,16 @@ def test_a_screen_reader_hears_what_a_decision_did(review_app, browser):
     """The status and progress lines are live regions (a screen reader heard nothing on a save or an
     undo, only error toasts) and the photo under review has a name (QA keyboard labeler, session 34)."""
     page = open_page(browser, review_app, "listener")
-    item = load_queue(page, 12)  # more than the items other tests' labelers hold
+    page.get_by_role("tab", name="Review").click()
+    fill_until_it_holds(page.locator("#review-size input"), "12")  # more than the items other tests' labelers hold
+    page.locator("#review-load").focus()
+    page.keyboard.press("Enter")  # opened from the keyboard: the focus goes to the queue, not back to the page's top
+    expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 12", timeout=WAIT)
+    expect(page.locator("#review-progress")).to_be_focused()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.getBoundingClientRect().top") > \
+        page.locator("#review-progress").bounding_box()["y"]
+    item = current_item(page)
     for line in ("#review-status", "#review-progress"):
         expect(page.locator(line)).to_have_attribute("aria-live", "polite")
         expect(page.locator(line)).to_have_attribute("role", "status")
