@@ -130,9 +130,12 @@ REVIEW_BEFORE = f"""(...args) => {{
 REVIEW_AFTER = f"""() => {{
   const name = document.querySelector('#annotator textarea, #annotator input');
   if (name && !name.value.trim()) return;  // the Annotator box is in view, with its message
+  const tab = document.getElementById('review-tab');
   if ({REVIEW_ITEM} === window.reviewItemBefore) {{
+    tab?.classList.remove('moved-on');
     document.getElementById('review-status')?.scrollIntoView({{block: 'nearest'}});
   }} else if (window.innerWidth < 768) {{
+    tab?.classList.add('moved-on');
     document.getElementById('review-progress')?.scrollIntoView({{block: 'start'}});
   }}
 }}"""
@@ -214,9 +217,10 @@ CSS = """
   #item-sweep .matplotlib::before, #batch-sweep .matplotlib::before { content: "Scroll sideways for every panel \\2192";
     display: block; position: sticky; left: 0; font-size: var(--text-sm); color: var(--block-info-text-color); }
   /* After a tap on Accept the next item comes into view, its progress line at the top: what the tap did (a
-     ruling's number, say) shows right under it; under the buttons it was below the screen's foot. */
-  #review-progress ~ * { order: 2; }
-  #review-progress, #review-status { order: 1; }
+     ruling's number, say) shows right under it; under the buttons it was below the screen's foot. A refusal
+     (the item stays) shows under the buttons, beside the controls and choices that answer it. */
+  #review-tab.moved-on #review-progress ~ * { order: 2; }
+  #review-tab.moved-on #review-progress, #review-tab.moved-on #review-status { order: 1; }
   /* the clean and noisy maps one above the other, at a width their colour bars can be read */
   #probe-maps { flex-wrap: wrap; }
   #probe-maps > * { min-width: 100% !important; }
@@ -922,12 +926,12 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
         return {**common, panel.shown: None, panel.image: None, panel.text: "", panel.table: [],
                 panel.active: gr.update(choices=[], value=None), **choice_updates(panel, None, None),
                 **dict.fromkeys(panel.slots, gr.update(visible=False)), panel.item_history: []}
-    view = studio.current_view(queue)
+    view, first = studio.current_view(queue), views.first_task(queue.tasks, item)
     return {**common, panel.shown: view.shown.to_dict(), panel.image: open_user_image(item.image_path),
             panel.text: item.text, **standing(studio, panel, queue, view),
             panel.active: gr.update(choices=views.task_choices(queue.tasks, studio.display_names(queue.model)),
-                                    value=queue.tasks[0]),
-            **choice_updates(panel, item, queue.tasks[0]),
+                                    value=first),
+            **choice_updates(panel, item, first),
             **review_slots(studio, panel, queue, view)}
 
 
@@ -1068,6 +1072,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             updates.update({panel.progress: views.review_status(queue), **standing(studio, panel, queue, view)})
             updates.update({slot: gr.update(info=update["info"])  # the lines under the controls, values kept
                             for slot, update in review_slots(studio, panel, queue, view).items() if update["visible"]})
+        if outcome.result == "unchosen" and queue.current is not None:  # the keys now pick for the task to choose
+            task = next(t for t in queue.tasks if t in outcome.unchosen)
+            updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task)})
         if outcome.result in ("conflict", "unknown", "unchosen"):  # the item stays, the labeler's choices kept
             return updates
         return show_queue(studio, panel, queue, message)

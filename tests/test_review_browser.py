@@ -383,6 +383,7 @@ def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, brows
     page.locator("#review-accept").tap()
     expect(page.locator("#review-status")).to_contain_text("not a known class", timeout=WAIT)
     expect(page.locator("#review-status")).to_be_in_viewport(timeout=10_000)
+    expect(page.locator("#review-accept")).to_be_in_viewport()  # beside the buttons that answer it, not the top
     assert current_item(page) == second and review_app.studio.store.item_state(second) == {}
     shot(page, "phone-refusal")
     page.context.close()
@@ -489,7 +490,8 @@ def test_a_ruling_is_the_reviewers_choice_not_the_latest_label(review_app, brows
     while current_item(page) != row["article_id"]:  # other tests' disagreements come first (the oldest first)
         press(page, "s")
     expect(page.locator("#review-progress")).to_contain_text(f"kim {first}, lee {second}")
-    page.locator("#review-active-task label").get_by_text("Colour", exact=True).click()
+    active = page.locator("#review-active-task label:has(input:checked)")
+    expect(active).to_have_text("Colour")  # the item opens at the task in dispute: the keys pick for it
     expect(page.locator("#review-choice-1")).to_contain_text(f"1 · {first} (kim)")
     expect(page.locator("#review-choice-2")).to_contain_text(f"2 · {second} (lee)")
     expect(slot(page, 2)).to_have_value("")
@@ -498,7 +500,7 @@ def test_a_ruling_is_the_reviewers_choice_not_the_latest_label(review_app, brows
                                                            timeout=WAIT)
     assert not store.item_state(row["article_id"])[colour].adjudicated and current_item(page) == row["article_id"]
     shot(page, "ruling-unchosen")
-    page.locator("#review-active-task label").get_by_text("Colour", exact=True).click()
+    expect(active).to_have_text("Colour")
     press(page, "1a")
     expect(page.locator("#review-status")).to_contain_text("It settles the disagreement", timeout=WAIT)
     state = store.item_state(row["article_id"])[colour]

@@ -635,7 +635,7 @@ def test_a_ruling_over_every_task_stores_the_tasks_in_dispute_not_the_models_gue
     refused = studio.review_save(queue, "rita", view.values, view.shown)  # Accept, as the controls start: no choice
     assert refused.result == "unchosen" and refused.unchosen == {colour: {"ana": red, "ben": blue}}
     assert views.save_message(refused, studio.display_names("hm-articles")).startswith(
-        f"Nothing was saved: choose a label for Colour (ana `{red}`, ben `{blue}`).")
+        f"Nothing was saved: choose a label for Colour (ana `{red}`, ben `{blue}`): a ruling is your choice")
     assert queue.current.item_id == row["article_id"]  # the item stays
     assert [label for label, _, _ in queue.current.choices(colour)][:2] == [red, blue]  # the keys 1 and 2
     assert studio.store.item_state(row["article_id"])[colour].label == blue and not studio.store.item_state(
@@ -653,6 +653,44 @@ def test_a_ruling_over_every_task_stores_the_tasks_in_dispute_not_the_models_gue
     other = next(c for c in studio.task_classes("hm-articles")[pattern] if c != view.values[pattern])
     both = studio.review_save(reopened, "rita", dict(view.values, **{colour: red, pattern: other}), view.shown)
     assert sorted(both.labels) == sorted([colour, pattern])  # a task the reviewer changed is hers too
+
+
+def test_a_reviewers_skip_undo_and_a_dispute_ended_meanwhile(studio):
+    """QA reviewer, session 34: rita's skip marked the four tasks nobody labelled skipped (taking the item out of
+    every labeler's queue for them) and read as ben's; undoing her ruling said "Colour Blue, as before
+    (unchanged)"; a dispute that ended while it was on screen asked her to choose between labels no longer in
+    dispute."""
+    colour = "colour_group_name"
+    rows = hm_rows("test", 2)
+    red, blue = studio.task_classes("hm-articles")[colour][:2]
+    for row in rows:
+        for annotator, label in (("ana", red), ("ben", blue)):
+            studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={colour: label},
+                              annotator=annotator, item_id=row["article_id"])
+    names = studio.display_names("hm-articles")
+    queue = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
+    first, second = (row["article_id"] for row in rows)
+    assert views.first_task(queue.tasks, queue.current) == colour  # the keys pick for the task in dispute
+    skipped = studio.review_skip(queue, "rita")
+    assert skipped.result == "saved" and list(skipped.statuses) == [colour]
+    assert set(studio.store.item_state(first)) == {colour} and first in studio.store.open_disagreements()
+    assert "skipped by rita" in views.review_rows(queue.items[0], studio.item_view(first, [colour], {}), [colour])[0][3]
+    view = studio.current_view(queue)
+    assert queue.current.item_id == second
+    ruled = studio.review_save(queue, "rita", dict(view.values, **{colour: blue}), view.shown)
+    assert ruled.result == "saved" and second not in studio.store.open_disagreements()
+    undone = studio.review_undo(queue, "rita")
+    assert undone.reopened == {colour: {"ana": red, "ben": blue}}
+    assert f"Your ruling is withdrawn: the disagreement is open again on Colour (ana `{red}`, ben `{blue}`)" in \
+        views.undo_message(undone, names)
+    view = studio.current_view(queue)
+    assert queue.current.item_id == second and view.values[colour] is None
+    studio.store.save(image=HM / rows[1]["image"], text=rows[1]["prod_name"], labels={colour: blue},
+                      annotator="ana", item_id=second)  # ana comes round to ben's label: nothing in dispute
+    ended = studio.review_save(queue, "rita", view.values, view.shown)
+    assert ended.result == "settled" and "ended meanwhile" in views.save_message(ended, names)
+    state = studio.store.item_state(second)[colour]
+    assert state.annotator == "ana" and not state.adjudicated  # nothing of rita's stored
 
 
 def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_past_settled_ones(studio):
@@ -673,6 +711,9 @@ def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_
     keys = views.choice_labels(queue.current, colour)  # the number keys: their labels first, with who said them
     assert view.values == {colour: None} and keys[0].startswith(f"1 · {red} (ana)") and keys[1].startswith(
         f"2 · {blue} (ben)")
+    # a queue over the disputed task alone: Accept with its control empty gets the same answer, not "Choose at
+    # least one label" (QA, session 34)
+    assert studio.review_save(queue, "ben", view.values, view.shown).result == "unchosen"
     assert studio.review_save(queue, "ben", {colour: blue}, view.shown).result == "saved"
     assert set(studio.store.open_disagreements()) == {"d-2"} and queue.current.item_id == "d-2"
     assert queue.items[0].note.startswith("Settled") and queue.items[1].note.startswith("Annotators disagree")

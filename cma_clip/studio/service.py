@@ -447,7 +447,7 @@ class Studio:
         return replace(done, result="duplicate") if done.stored else done
 
     def _remember(self, request_id: str | None, outcome: SaveOutcome) -> SaveOutcome:
-        if request_id and (outcome.stored or outcome.result == "unchanged"):
+        if request_id and (outcome.stored or outcome.result in ("unchanged", "settled")):
             with self._lock:
                 self._requests[request_id] = outcome
                 while len(self._requests) > RECENT_REQUESTS:
@@ -962,16 +962,20 @@ class Studio:
                 return done
             item, annotator = self._current(queue, shown), self._decider(queue, annotator)
             shown = shown or self.current_view(queue).shown
-            chosen = given_labels(labels, queue.tasks)
-            if not chosen:
-                raise StudioError("Choose at least one label to save.")
-            standing, adjudicating = self.store.item_state(item.item_id), queue.split == DISAGREEMENTS
+            chosen, adjudicating = given_labels(labels, queue.tasks), queue.split == DISAGREEMENTS
             # the item's open disagreement (task -> who said what), read once: a whole-store reading
             disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
+            if unchosen := {t: said for t, said in disputed.items() if t not in chosen}:  # a ruling is a choice
+                return SaveOutcome("unchosen", item.item_id, request_id=rid, unchosen=unchosen)
+            if adjudicating and not disputed and any(t not in chosen for t in item.disputed):  # its control empty
+                self._moved_on(queue, annotator)  # the dispute on screen ended meanwhile (a later label agrees,
+                # or another reviewer ruled): nothing to choose between any more
+                return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid))
+            if not chosen:
+                raise StudioError("Choose at least one label to save.")
+            standing = self.store.item_state(item.item_id)
             if adjudicating:  # a ruling covers the tasks in dispute and those the reviewer changed, not the
                 # model's guesses on the rest (an Accept stored them as rulings); settled meanwhile: as it stands
-                if unchosen := {t: said for t, said in (disputed or item.disputed).items() if t not in chosen}:
-                    return SaveOutcome("unchosen", item.item_id, request_id=rid, unchosen=unchosen)
                 start = self.current_view(queue).values
                 chosen = {t: v for t, v in chosen.items() if t in disputed or v != start.get(t)} or {
                     t: v for t, v in chosen.items() if t in standing}
@@ -1007,9 +1011,13 @@ class Studio:
                 return done
             item, annotator = self._current(queue, shown), self._decider(queue, annotator)
             shown = shown or self.current_view(queue).shown
+            # a reviewer's skip passes over the dispute; it marked the tasks nobody labelled skipped too, which
+            # took the item out of every labeler's queue for them
+            tasks = [t for t in queue.tasks if t in item.disputed] if queue.split == DISAGREEMENTS else []
+            tasks = tasks or queue.tasks
             try:
-                result = self.store.skip(item.item_id, queue.tasks, annotator, checkpoint=queue.model, request_id=rid,
-                                         base_versions={t: shown.versions.get(t) for t in queue.tasks}, force=force)
+                result = self.store.skip(item.item_id, tasks, annotator, checkpoint=queue.model, request_id=rid,
+                                         base_versions={t: shown.versions.get(t) for t in tasks}, force=force)
             except LabelConflict as exc:
                 self.refresh(queue, annotator)  # someone decided it meanwhile: the queue says so now
                 return SaveOutcome("conflict", item.item_id, conflicts=exc.conflicts, kind="skip", request_id=rid,
@@ -1017,7 +1025,7 @@ class Studio:
             except LabelStoreError as exc:
                 raise StudioError(str(exc)) from exc
             outcome = SaveOutcome("duplicate" if result.duplicate else "saved", item.item_id, {}, result.save_id,
-                                  dict.fromkeys(queue.tasks, "skipped"), kind="skip", request_id=rid,
+                                  dict.fromkeys(tasks, "skipped"), kind="skip", request_id=rid,
                                   annotator=annotator)
             if not result.duplicate:
                 self._moved_on(queue, annotator)
@@ -1051,6 +1059,7 @@ class Studio:
                 if index is not None:
                     queue.go_to(index)
                     outcome.in_queue = True
+                    outcome.reopened = {t: said for t, said in queue.current.disputed.items() if t in outcome.tasks}
                 self.keep_queue(queue, annotator, steer=False)
         return outcome
 
@@ -1316,7 +1325,7 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
         return "Settled: no open disagreement on the tasks under review."
     said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
                      for task, by_annotator in labels.items())
-    return f"Annotators disagree on {said}. Choose the label (the number keys list theirs first): your save settles it."
+    return f"Annotators disagree on {said}. Choose the label (the choices list theirs first): your save settles it."
 
 
 def _own_label(state: TaskState | None, label: str, annotator: str) -> bool:

@@ -423,6 +423,12 @@ def choice_labels(item: ReviewItem, task: str) -> list[str]:
             for n, (label, probability, said) in enumerate(item.choices(task), 1)]
 
 
+def first_task(tasks: list[str], item: ReviewItem) -> str:
+    """The task an item opens at (the number keys pick for it): its first task in dispute, else the first
+    (in a Disagreements queue the keys picked for Product type while Colour waited for a choice)."""
+    return next((t for t in tasks if t in item.disputed), tasks[0])
+
+
 def choice_map(tasks: list[str], item: ReviewItem) -> dict:
     """The tasks under review, in order, and each one's choices (as the number keys pick them): what
     the browser sets the controls from, at once (app.PICK_JS)."""
@@ -487,7 +493,10 @@ def _who(state: TaskState | None) -> str:
     when = state.created_at[5:16].replace("T", " ")  # month, day and minute: the cell stays two lines high
     if state.label is None and state.status == "pending":
         return f"undone by {state.annotator or 'someone'}, {when}"
-    return f"{state.annotator or 'someone'}, {source_word(state.source, state.adjudicated)}, {when}"
+    # a skip keeps the label standing: its author, and who skipped (a reviewer passing over a dispute)
+    skipped_by = state.status == "skipped" and state.decided_by and state.decided_by != state.annotator
+    skipper = f", skipped by {state.decided_by}" if skipped_by else ""
+    return f"{state.annotator or 'someone'}, {source_word(state.source, state.adjudicated)}, {when}{skipper}"
 
 
 # ---------------------------------------------------------------------- outcomes
@@ -504,8 +513,11 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     if outcome.result == "unchosen":
         said = "; ".join(f"{task_name(t, names=names)} ({', '.join(f'{a} {code(v)}' for a, v in by.items())})"
                          for t, by in outcome.unchosen.items())
-        return (f"Nothing was saved: choose a label for {said}. A ruling is your choice: the number keys list the "
-                "annotators' labels first. Skip (s) leaves the disagreement open.")
+        return (f"Nothing was saved: choose a label for {said}: a ruling is your choice, and the choices list the "
+                "annotators' labels first. Skip leaves the disagreement open.")
+    if outcome.result == "settled":
+        return (f"Item {code(outcome.item_id)}'s disagreement ended meanwhile (a later label agrees, or another "
+                "reviewer ruled): nothing to settle, nothing saved, moved on.")
     if outcome.result == "unchanged" and outcome.annotator:
         return (f"Item {code(outcome.item_id)} was settled by {code(outcome.annotator)} with these labels "
                 "meanwhile: nothing new saved, moved on.")
@@ -616,7 +628,10 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
                 "goes on from your decision before it.")
     kept = f" Kept as someone else decided since, your label withdrawn: {kept}." if kept else ""
     dropped = "".join(f" Dropped {task_name(c.task, names=names)} {standing(c)}." for c in outcome.dropped)
-    return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}{dropped}"
+    reopened = "; ".join(f"{task_name(t, names=names)} ({', '.join(f'{a} {code(v)}' for a, v in by.items())})"
+                         for t, by in outcome.reopened.items())
+    reopened = f" Your ruling is withdrawn: the disagreement is open again on {reopened}." if reopened else ""
+    return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}{dropped}{reopened}"
 
 
 def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:

@@ -293,9 +293,10 @@ class SaveOutcome:
     nothing new), `unchanged` (the item stands at the labeler's own labels, or at a reviewer's
     ruling of the same labels: nothing stored, moved on), `conflict` (someone saved another
     label since the version shown: nothing stored, both labels in `conflicts`) or `unknown`
-    (labels outside the vocabulary: nothing stored, suggestions in `unknown`) or `unchosen` (a
+    (labels outside the vocabulary: nothing stored, suggestions in `unknown`), `unchosen` (a
     ruling that left a task in dispute without a label: nothing stored, who said what in
-    `unchosen`). Skips are saves of kind "skip"."""
+    `unchosen`) or `settled` (that dispute ended meanwhile: nothing stored, moved on). Skips
+    are saves of kind "skip"."""
 
     result: str
     item_id: str
@@ -336,6 +337,7 @@ class UndoOutcome:
     save_id: int | None = None
     request_id: str | None = None
     queue_open: bool = False
+    reopened: dict[str, dict[str, str]] = field(default_factory=dict)  # an undone ruling: the dispute open again
 
 
 @dataclass
