@@ -198,6 +198,8 @@ CSS = """
 .dark .gradio-container, .gradio-container.dark { --block-info-text-color: #a1a1aa; }
 /* A dropdown's list only while focus is in it: Gradio's stayed drawn after a Tab past it, over the fields below. */
 .wrap:not(:focus-within) > .options { display: none !important; }
+/* the progress line holds the focus when a queue opens (FOCUS_QUEUE): its ring clear of the text */
+#review-progress:focus { outline-offset: 4px; border-radius: 4px; }
 /* a number key's button beyond the active task's choices (kept in the page, so a quick key can click it) */
 .unused-choice { display: none !important; }
 /* a small catalogue photo (fashion's are 60 x 80) fills the item's box, as on the Predict tab */
