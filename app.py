@@ -131,8 +131,11 @@ REVIEW_AFTER = f"""() => {{
   const name = document.querySelector('#annotator textarea, #annotator input');
   if (name && !name.value.trim()) return;  // the Annotator box is in view, with its message
   const tab = document.getElementById('review-tab');
-  if ({REVIEW_ITEM} === window.reviewItemBefore) {{
+  if ({REVIEW_ITEM} === window.reviewItemBefore) {{  // the message, and the buttons under it that answer it
     tab?.classList.remove('moved-on');
+    const answers = [...document.querySelectorAll('#review-keep-theirs, #review-overwrite, #review-use-suggestion, ' +
+      '#review-new-class')].filter((button) => button.offsetParent !== null);
+    answers.at(-1)?.scrollIntoView({{block: 'nearest'}});
     document.getElementById('review-status')?.scrollIntoView({{block: 'nearest'}});
   }} else if (window.innerWidth < 768) {{
     tab?.classList.add('moved-on');

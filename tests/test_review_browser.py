@@ -383,7 +383,7 @@ def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, brows
     page.locator("#review-accept").tap()
     expect(page.locator("#review-status")).to_contain_text("not a known class", timeout=WAIT)
     expect(page.locator("#review-status")).to_be_in_viewport(timeout=10_000)
-    expect(page.locator("#review-accept")).to_be_in_viewport()  # beside the buttons that answer it, not the top
+    expect(page.locator("#review-new-class")).to_be_in_viewport()  # with the buttons that answer it, not at the top
     assert current_item(page) == second and review_app.studio.store.item_state(second) == {}
     shot(page, "phone-refusal")
     page.context.close()

@@ -687,10 +687,16 @@ def test_a_reviewers_skip_undo_and_a_dispute_ended_meanwhile(studio):
     assert queue.current.item_id == second and view.values[colour] is None
     studio.store.save(image=HM / rows[1]["image"], text=rows[1]["prod_name"], labels={colour: blue},
                       annotator="ana", item_id=second)  # ana comes round to ben's label: nothing in dispute
-    ended = studio.review_save(queue, "rita", view.values, view.shown)
+    # rita then picks ben's label (the one both now say): that stored a "ruling" of no dispute
+    ended = studio.review_save(queue, "rita", dict(view.values, **{colour: blue}), view.shown)
     assert ended.result == "settled" and "ended meanwhile" in views.save_message(ended, names)
     state = studio.store.item_state(second)[colour]
     assert state.annotator == "ana" and not state.adjudicated  # nothing of rita's stored
+    # a skip of a dispute ended meanwhile: passed over too (it met a conflict offering to overwrite them)
+    studio.store.save(image=HM / rows[0]["image"], text=rows[0]["prod_name"], labels={colour: blue},
+                      annotator="ana", item_id=first)
+    assert queue.current.item_id == first and studio.review_skip(queue, "rita").result == "settled"
+    assert studio.store.item_state(first)[colour].annotator == "ana"
 
 
 def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_past_settled_ones(studio):

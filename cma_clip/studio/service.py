@@ -967,9 +967,10 @@ class Studio:
             disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
             if unchosen := {t: said for t, said in disputed.items() if t not in chosen}:  # a ruling is a choice
                 return SaveOutcome("unchosen", item.item_id, request_id=rid, unchosen=unchosen)
-            if adjudicating and not disputed and any(t not in chosen for t in item.disputed):  # its control empty
-                self._moved_on(queue, annotator)  # the dispute on screen ended meanwhile (a later label agrees,
-                # or another reviewer ruled): nothing to choose between any more
+            if adjudicating and item.disputed and not disputed:  # the dispute on screen ended meanwhile (a later
+                # label agrees, or another reviewer ruled): nothing to settle (a pick then stored a "ruling" of
+                # what both now said, or met a conflict that offered to overwrite them)
+                self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid))
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
@@ -1014,6 +1015,9 @@ class Studio:
             # a reviewer's skip passes over the dispute; it marked the tasks nobody labelled skipped too, which
             # took the item out of every labeler's queue for them
             tasks = [t for t in queue.tasks if t in item.disputed] if queue.split == DISAGREEMENTS else []
+            if tasks and not self.store.open_disagreements(tasks).get(item.item_id):  # ended meanwhile
+                self._moved_on(queue, annotator)
+                return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid, kind="skip"))
             tasks = tasks or queue.tasks
             try:
                 result = self.store.skip(item.item_id, tasks, annotator, checkpoint=queue.model, request_id=rid,

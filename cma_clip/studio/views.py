@@ -61,8 +61,8 @@ HISTORY_WIDTHS = ["150px", "100px", "130px", "300px", "150px", "110px"]
 ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "source", "undid / overwrote",
                         "vs model", "vs catalogue", "checkpoint", "version"]
 # 1,185 px: the Review tab's accordion is 1,190 wide on a 1366-px screen (a long "overwrote ..." pushed the last
-# columns past its edge)
-ITEM_HISTORY_WIDTHS = ["125px", "125px", "70px", "120px", "90px", "65px", "95px", "140px", "90px", "100px", "100px",
+# columns past its edge); the task's wide enough for "Colour (colour_group_name)" (two models' tasks sharing a name)
+ITEM_HISTORY_WIDTHS = ["125px", "155px", "70px", "110px", "90px", "65px", "95px", "125px", "90px", "95px", "100px",
                        "65px"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators",
                      "open disagreements"]
