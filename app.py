@@ -238,6 +238,16 @@ CSS = """
 """
 
 
+UNDECODED: set[str] = set()  # the elem_ids of the image inputs `undecoded` made
+GRADIO_IMAGE_PREPROCESS = gr.Image.preprocess
+
+
+def _preprocess_image(self: gr.Image, payload):
+    if self.elem_id in UNDECODED and payload is not None and payload.path is not None:
+        return payload.path
+    return GRADIO_IMAGE_PREPROCESS(self, payload)
+
+
 def undecoded(image: gr.Image) -> gr.Image:
     """Make an image input hand the event the uploaded file's path, undecoded.
 
@@ -246,13 +256,12 @@ def undecoded(image: gr.Image) -> gr.Image:
     limit is checked, alpha turns black and 16-bit images clip. The studio decodes it
     instead (`cma_clip.data.load_image`: size limit first, then EXIF, modes, alpha) and
     words every failure. Gradio still checks, before this, that the path is one of its
-    uploads. (Set on the instance: Gradio writes a .pyi stub beside any component subclass.)"""
-    def preprocess(payload):
-        if payload is None or payload.path is None:
-            return gr.Image.preprocess(image, payload)
-        return payload.path
-
-    image.preprocess = preprocess
+    uploads. Set on the class for the image's elem_id: an event that updates an input's
+    properties (an example's click does) gives the session a new instance of its class, which
+    an override on the instance did not reach; and Gradio writes a .pyi stub beside any
+    component subclass."""
+    UNDECODED.add(image.elem_id)
+    gr.Image.preprocess = _preprocess_image
     return image
 
 

@@ -229,6 +229,14 @@ def test_an_input_error_shows_on_its_field_once_and_leaves_the_rest(sized_page, 
     expect(page.locator("#predictions")).not_to_contain_text("%")
     expect(page.locator("#heatmap img")).to_have_count(0)
 
+    # after an example's click, Gradio decoded the next upload itself: a bare "Error" on ~20 fields and a
+    # traceback (QA, session 34); the refusal is the app's, as before the click
+    page.locator("#predict-examples tr.tr-body").first.click()
+    expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
+    page.locator("#input-image input[type=file]").set_input_files(str(not_an_image))
+    expect(page.locator("#input-note")).to_contain_text("notes.jpg is not a readable image", timeout=30_000)
+    assert page.locator(".error:visible").count() == 0
+
 
 ARROW_CLEARANCE = """(box) => {
   const input = box.querySelector('input'), arrow = box.querySelector('.icon-wrap');

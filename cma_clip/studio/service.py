@@ -967,14 +967,12 @@ class Studio:
             disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
             if unchosen := {t: said for t, said in disputed.items() if t not in chosen}:  # a ruling is a choice
                 return SaveOutcome("unchosen", item.item_id, request_id=rid, unchosen=unchosen)
-            if adjudicating and item.disputed and not disputed:  # the dispute on screen ended meanwhile (a later
-                # label agrees, or another reviewer ruled): nothing to settle (a pick then stored a "ruling" of
-                # what both now said, or met a conflict that offered to overwrite them)
+            standing = self.store.item_state(item.item_id)
+            if adjudicating and self._agreed_meanwhile(item, disputed, standing):
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid))
             if not chosen:
                 raise StudioError("Choose at least one label to save.")
-            standing = self.store.item_state(item.item_id)
             if adjudicating:  # a ruling covers the tasks in dispute and those the reviewer changed, not the
                 # model's guesses on the rest (an Accept stored them as rulings); settled meanwhile: as it stands
                 start = self.current_view(queue).values
@@ -1015,7 +1013,8 @@ class Studio:
             # a reviewer's skip passes over the dispute; it marked the tasks nobody labelled skipped too, which
             # took the item out of every labeler's queue for them
             tasks = [t for t in queue.tasks if t in item.disputed] if queue.split == DISAGREEMENTS else []
-            if tasks and not self.store.open_disagreements(tasks).get(item.item_id):  # ended meanwhile
+            if tasks and self._agreed_meanwhile(item, self.store.open_disagreements(tasks).get(item.item_id, {}),
+                                                self.store.item_state(item.item_id)):
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid, kind="skip"))
             tasks = tasks or queue.tasks
@@ -1213,6 +1212,14 @@ class Studio:
             raise StudioError(f"This page shows {queue.owner}'s review queue, and you are now {annotator}: nothing "
                               f"was done. Reload the page to review as {annotator} (your last queue resumes), or "
                               f"go back to {queue.owner}.")
+
+    @staticmethod
+    def _agreed_meanwhile(item: ReviewItem, disputed: dict, standing: dict[str, TaskState]) -> bool:
+        """The dispute on screen ended since, its annotators' labels now agreeing (`disputed`: what is open
+        now): nothing to settle. A pick then stored a "ruling" of what both said, or met a conflict offering
+        to overwrite them. (Another reviewer's ruling meanwhile is a conflict, or "settled by" when alike.)"""
+        return bool(item.disputed) and not disputed and not any(
+            standing[t].adjudicated for t in item.disputed if t in standing)
 
     def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:
         self.refresh(queue, annotator)
