@@ -1215,8 +1215,8 @@ class Studio:
 
     @staticmethod
     def _agreed_meanwhile(item: ReviewItem, disputed: dict, standing: dict[str, TaskState]) -> bool:
-        """The dispute on screen ended since, its annotators' labels now agreeing (`disputed`: what is open
-        now): nothing to settle. A pick then stored a "ruling" of what both said, or met a conflict offering
+        """The dispute on screen ended since, its annotators' labels no longer differing (`disputed`: what is
+        open now): nothing to settle. A pick then stored a "ruling" of what both said, or met a conflict offering
         to overwrite them. (Another reviewer's ruling meanwhile is a conflict, or "settled by" when alike.)"""
         return bool(item.disputed) and not disputed and not any(
             standing[t].adjudicated for t in item.disputed if t in standing)

@@ -516,8 +516,8 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
         return (f"Nothing was saved: choose a label for {said}: a ruling is your choice, and the choices list the "
                 "annotators' labels first. Skip leaves the disagreement open.")
     if outcome.result == "settled":
-        return (f"Item {code(outcome.item_id)}'s disagreement ended meanwhile: its annotators' labels now agree. "
-                "Nothing to settle, nothing saved, moved on.")
+        return (f"Item {code(outcome.item_id)}'s disagreement ended meanwhile: its annotators' labels no longer "
+                "differ (one came round, or withdrew theirs). Nothing to settle, nothing saved, moved on.")
     if outcome.result == "unchanged" and outcome.annotator:
         return (f"Item {code(outcome.item_id)} was settled by {code(outcome.annotator)} with these labels "
                 "meanwhile: nothing new saved, moved on.")
