@@ -511,10 +511,8 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     if outcome.result == "unknown":
         return unknown_message(outcome.unknown, names)
     if outcome.result == "unchosen":
-        said = "; ".join(f"{task_name(t, names=names)} ({', '.join(f'{a} {code(v)}' for a, v in by.items())})"
-                         for t, by in outcome.unchosen.items())
-        return (f"Nothing was saved: choose a label for {said}: a ruling is your choice, and the choices list the "
-                "annotators' labels first. Skip leaves the disagreement open.")
+        return (f"Nothing was saved: choose a label for {who_said(outcome.unchosen, names)}: a ruling is your "
+                "choice, and the choices list the annotators' labels first. Skip leaves the disagreement open.")
     if outcome.result == "settled":
         return (f"Item {code(outcome.item_id)}'s disagreement ended meanwhile: its annotators' labels no longer "
                 "differ (one came round, or withdrew theirs). Nothing to settle, nothing saved, moved on.")
@@ -607,6 +605,12 @@ def unknown_message(unknown: list[UnknownClass], names: dict[str, str] | None = 
     return "\n".join(lines)
 
 
+def who_said(disputes: dict[str, dict[str, str]], names: dict[str, str] | None = None) -> str:
+    """Who said what on each task of a dispute: "Colour (ana `Red`, ben `Blue`)"."""
+    return "; ".join(f"{task_name(t, names=names)} ({', '.join(f'{a} {code(v)}' for a, v in by.items())})"
+                     for t, by in disputes.items())
+
+
 def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> str:
     if outcome.conflicts:
         return conflict_message(outcome.conflicts, names, "undo")
@@ -628,9 +632,8 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
                 "goes on from your decision before it.")
     kept = f" Kept as someone else decided since, your label withdrawn: {kept}." if kept else ""
     dropped = "".join(f" Dropped {task_name(c.task, names=names)} {standing(c)}." for c in outcome.dropped)
-    reopened = "; ".join(f"{task_name(t, names=names)} ({', '.join(f'{a} {code(v)}' for a, v in by.items())})"
-                         for t, by in outcome.reopened.items())
-    reopened = f" Your ruling is withdrawn: the disagreement is open again on {reopened}." if reopened else ""
+    reopened = (f" Your ruling is withdrawn: the disagreement is open again on {who_said(outcome.reopened, names)}."
+                if outcome.reopened else "")
     return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}{dropped}{reopened}"
 
 
