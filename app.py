@@ -940,7 +940,7 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
         return {**common, panel.shown: None, panel.image: None, panel.text: "", panel.table: [],
                 panel.active: gr.update(choices=[], value=None), **choice_updates(panel, None, None),
                 **dict.fromkeys(panel.slots, gr.update(visible=False)), panel.item_history: []}
-    view, first = studio.current_view(queue), views.first_task(queue.tasks, item)
+    view, first = studio.current_view(queue), views.first_task(queue.tasks, item.disputed)
     return {**common, panel.shown: view.shown.to_dict(), panel.image: open_user_image(item.image_path),
             panel.text: item.text, **standing(studio, panel, queue, view),
             panel.active: gr.update(choices=views.task_choices(queue.tasks, studio.display_names(queue.model)),
@@ -1087,7 +1087,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             updates.update({slot: gr.update(info=update["info"])  # the lines under the controls, values kept
                             for slot, update in review_slots(studio, panel, queue, view).items() if update["visible"]})
         if outcome.result == "unchosen" and queue.current is not None:  # the keys now pick for the task to choose
-            task = next(t for t in queue.tasks if t in outcome.unchosen)
+            task = views.first_task(queue.tasks, outcome.unchosen)
             updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task)})
         if outcome.result in ("conflict", "unknown", "unchosen"):  # the item stays, the labeler's choices kept
             return updates

@@ -670,7 +670,7 @@ def test_a_reviewers_skip_undo_and_a_dispute_ended_meanwhile(studio):
     names = studio.display_names("hm-articles")
     queue = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
     first, second = (row["article_id"] for row in rows)
-    assert views.first_task(queue.tasks, queue.current) == colour  # the keys pick for the task in dispute
+    assert views.first_task(queue.tasks, queue.current.disputed) == colour  # the keys pick for the task in dispute
     skipped = studio.review_skip(queue, "rita")
     assert skipped.result == "saved" and list(skipped.statuses) == [colour]
     assert set(studio.store.item_state(first)) == {colour} and first in studio.store.open_disagreements()

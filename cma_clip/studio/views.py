@@ -9,6 +9,7 @@ import functools
 import heapq
 import html
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -423,10 +424,10 @@ def choice_labels(item: ReviewItem, task: str) -> list[str]:
             for n, (label, probability, said) in enumerate(item.choices(task), 1)]
 
 
-def first_task(tasks: list[str], item: ReviewItem) -> str:
-    """The task an item opens at (the number keys pick for it): its first task in dispute, else the first
-    (in a Disagreements queue the keys picked for Product type while Colour waited for a choice)."""
-    return next((t for t in tasks if t in item.disputed), tasks[0])
+def first_task(tasks: list[str], disputed: Mapping[str, object]) -> str:
+    """The task the number keys pick for: the first of `tasks` in dispute (an item's `disputed`, or the tasks a
+    ruling left unchosen), else the first (the keys picked for Product type while Colour waited for a choice)."""
+    return next((t for t in tasks if t in disputed), tasks[0])
 
 
 def choice_map(tasks: list[str], item: ReviewItem) -> dict:
