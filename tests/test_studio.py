@@ -1008,3 +1008,52 @@ def test_a_word_the_text_holds_twice_is_numbered_where_a_person_picks_it(studio)
     tops = {views.relevance_summary(result, task).split("most relevant words: ")[1].split(".")[0]
             for task in result.tasks}  # each task's three top words
     assert any("mesh #" in top for top in tops) and not any("`mesh`" in top for top in tops)
+
+
+def test_a_ruling_passes_over_a_task_whose_dispute_ended_meanwhile(studio):
+    """Two tasks in dispute, the annotators came round on one while it was on screen: the reviewer's pick there
+    met a conflict offering to overwrite both annotators (or stored a ruling of no dispute). Only the task still in
+    dispute is ruled; the other is left as both annotators say, and the message says so (session 35)."""
+    colour, pattern = "colour_group_name", "graphical_appearance_name"
+    row = hm_rows("test", 1)[0]
+    red, blue = studio.task_classes("hm-articles")[colour][:2]
+    dots, stripes, plain = studio.task_classes("hm-articles")[pattern][:3]
+    item_id, names = row["article_id"], studio.display_names("hm-articles")
+    for annotator, labels in (("ana", {colour: red, pattern: dots}), ("ben", {colour: blue, pattern: stripes})):
+        studio.store.save(image=HM / row["image"], text=row["prod_name"], labels=labels, annotator=annotator,
+                          item_id=item_id)
+    queue = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
+    view = studio.current_view(queue)
+    assert set(queue.current.disputed) == {colour, pattern} and view.values[pattern] is None
+    studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={pattern: stripes}, annotator="ana",
+                      item_id=item_id)  # ana comes round to ben's pattern while rita looks at the item
+    ruled = studio.review_save(queue, "rita", dict(view.values, **{colour: red, pattern: plain}), view.shown)
+    assert ruled.result == "saved" and ruled.labels == {colour: red} and ruled.ended == {pattern: stripes}
+    states = studio.store.item_state(item_id)
+    assert states[colour].adjudicated and states[colour].label == red
+    assert (states[pattern].label, states[pattern].annotator, states[pattern].adjudicated) == (stripes, "ana", False)
+    message = views.save_message(ruled, names)
+    assert message.startswith(f"Ruling #{ruled.save_id} by `rita` on item `{item_id}`: Colour = `{red}`")
+    assert f"Pattern's disagreement ended meanwhile (its annotators' labels no longer differ; it stands at " \
+           f"`{stripes}`): your pick there was not stored." in message
+    assert not studio.store.open_disagreements() and queue.current is None
+    def both_in_dispute_then_ana_comes_round_on_pattern():
+        ben = {colour: red, pattern: dots}
+        for annotator, labels in (("ana", {colour: blue, pattern: stripes}), ("ben", ben)):
+            studio.store.save(image=HM / row["image"], text=row["prod_name"], labels=labels, annotator=annotator,
+                              item_id=item_id)
+        opened = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
+        assert set(opened.current.disputed) == {colour, pattern}
+        on_screen = studio.current_view(opened)
+        studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={pattern: dots}, annotator="ana",
+                          item_id=item_id)
+        return opened, on_screen
+
+    queue, view = both_in_dispute_then_ana_comes_round_on_pattern()
+    alone = studio.review_save(queue, "rita", dict(view.values, **{colour: blue}), view.shown)  # no pick there
+    assert alone.result == "saved" and not alone.ended and "ended meanwhile" not in views.save_message(alone, names)
+    # a skip likewise: of the tasks still in dispute only (it met a conflict over the ended one)
+    queue, view = both_in_dispute_then_ana_comes_round_on_pattern()
+    skipped = studio.review_skip(queue, "rita", view.shown)
+    assert skipped.result == "saved" and list(skipped.statuses) == [colour]
+    assert studio.store.item_state(item_id)[pattern].status != "skipped"

@@ -968,7 +968,8 @@ class Studio:
             if unchosen := {t: said for t, said in disputed.items() if t not in chosen}:  # a ruling is a choice
                 return SaveOutcome("unchosen", item.item_id, request_id=rid, unchosen=unchosen)
             standing = self.store.item_state(item.item_id)
-            if adjudicating and self._agreed_meanwhile(item, disputed, standing):
+            ended = self._ended_meanwhile(item, disputed, standing) if adjudicating else {}
+            if ended and len(ended) == len(item.disputed) and not disputed:  # the whole dispute
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid))
             if not chosen:
@@ -978,6 +979,8 @@ class Studio:
                 start = self.current_view(queue).values
                 chosen = {t: v for t, v in chosen.items() if t in disputed or v != start.get(t)} or {
                     t: v for t, v in chosen.items() if t in standing}
+                ended = {t: label for t, label in ended.items() if t in chosen}  # picked there: not stored
+                chosen = {t: v for t, v in chosen.items() if t not in ended}  # as its annotators left it
             own = all(_own_label(standing.get(t), label, annotator) for t, label in chosen.items())
             # a reviewer whose queue still showed a disagreement another settled, ruling as they did
             ruled = adjudicating and all(_ruling(standing.get(t), label) for t, label in chosen.items())
@@ -993,6 +996,7 @@ class Studio:
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
                                  predictions, {t: shown.versions.get(t) for t in chosen}, rid, new_classes, force,
                                  {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating)
+            outcome.ended = ended
             if outcome.result == "saved":
                 outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen]
                 self._moved_on(queue, annotator)
@@ -1013,8 +1017,9 @@ class Studio:
             # a reviewer's skip passes over the dispute; it marked the tasks nobody labelled skipped too, which
             # took the item out of every labeler's queue for them
             tasks = [t for t in queue.tasks if t in item.disputed] if queue.split == DISAGREEMENTS else []
-            if tasks and self._agreed_meanwhile(item, self.store.open_disagreements(tasks).get(item.item_id, {}),
-                                                self.store.item_state(item.item_id)):
+            ended = self._ended_meanwhile(item, self.store.open_disagreements(tasks).get(item.item_id, {}),
+                                          self.store.item_state(item.item_id)) if tasks else {}
+            if ended and not (tasks := [t for t in tasks if t not in ended]):
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid, kind="skip"))
             tasks = tasks or queue.tasks
@@ -1214,12 +1219,13 @@ class Studio:
                               f"go back to {queue.owner}.")
 
     @staticmethod
-    def _agreed_meanwhile(item: ReviewItem, disputed: dict, standing: dict[str, TaskState]) -> bool:
-        """The dispute on screen ended since, its annotators' labels no longer differing (`disputed`: what is
-        open now): nothing to settle. A pick then stored a "ruling" of what both said, or met a conflict offering
-        to overwrite them. (Another reviewer's ruling meanwhile is a conflict, or "settled by" when alike.)"""
-        return bool(item.disputed) and not disputed and not any(
-            standing[t].adjudicated for t in item.disputed if t in standing)
+    def _ended_meanwhile(item: ReviewItem, disputed: dict, standing: dict[str, TaskState]) -> dict[str, str | None]:
+        """The tasks in dispute on screen whose dispute ended since, their annotators' labels no longer differing
+        (`disputed`: what is open now), each with the label it stands at: nothing to settle there. A pick then
+        stored a "ruling" of what both said, or met a conflict offering to overwrite them. (Another reviewer's
+        ruling meanwhile is a conflict, or "settled by" when alike.)"""
+        return {t: standing[t].label if t in standing else None for t in item.disputed
+                if t not in disputed and not (t in standing and standing[t].adjudicated)}
 
     def _moved_on(self, queue: ReviewQueue, annotator: str) -> None:
         self.refresh(queue, annotator)

@@ -541,9 +541,13 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     against = "".join(f" This goes against {code(r.annotator)}'s ruling on {task_name(t, names=names)} "
                       f"({code(r.label)}): the disagreement is open again until a reviewer settles it, and training "
                       "leaves the label out meanwhile." for t, r in outcome.against.items())
+    ended = "".join(f" {task_name(t, names=names)}'s disagreement ended meanwhile (its annotators' labels no longer "
+                    f"differ; it stands at {code(label) if label else 'no label'}): your pick there was not stored."
+                    for t, label in outcome.ended.items())
     if outcome.ruling:
         return (f"Ruling #{outcome.save_id}{by} on item {code(outcome.item_id)}: {labels}. It settles the "
-                f"disagreement: the export takes it as the label (source: adjudication).{new}{differ_note}{pending}")
+                f"disagreement: the export takes it as the label (source: adjudication).{new}{differ_note}{pending}"
+                f"{ended}")
     return (f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}{differ_note}"
             f"{pending}{against}")
 

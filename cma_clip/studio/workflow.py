@@ -316,6 +316,7 @@ class SaveOutcome:
     against: dict[str, TaskState] = field(default_factory=dict)  # task -> the reviewer's ruling the save went against
     ruling: bool = False  # a reviewer's save in a disagreements queue: it settles the disagreement
     unchosen: dict[str, dict[str, str]] = field(default_factory=dict)  # task in dispute -> annotator -> label
+    ended: dict[str, str | None] = field(default_factory=dict)  # a task whose dispute ended meanwhile -> its label
 
     @property
     def stored(self) -> bool:
