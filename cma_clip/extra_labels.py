@@ -17,7 +17,8 @@ in the checkpoint):
 - a label the model auto-accepted (a bulk accept) counts as the others do, unless `auto_labels`
   is off (`--no-auto-labels`): a model trained on its own guesses learns their errors back;
 - a label of an open disagreement (annotators differ and no reviewer settled it, or a label since
-  went against the ruling) is left out: it is not a label yet.
+  went against the ruling) is left out: it is not a label yet. The catalogue's label of that task is
+  left out too (of a train or val item), as a label in dispute: the annotators may both have rejected it.
 
 A catalogue without a split column gets the seeded split training draws written into it first,
 so the rows the corrections add do not reshuffle which items are test.
@@ -35,7 +36,7 @@ from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 # what `merge` counts: the labelled items, then what became of them
 OUTCOMES = ("corrections", "train", "val", "test", "added", "same_photo", "left_out", "no_image", "other_tasks",
-            "auto_labels", "auto_left_out", "disputed_left_out")
+            "auto_labels", "auto_left_out", "disputed_left_out", "confirmed")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Correction:
     image: Path | None
     auto: frozenset[str] = frozenset()  # the tasks whose label the model auto-accepted
     digest: str | None = None  # the photo's sha256 where its file is missing (an export's file is named by it)
+    disputed: frozenset[str] = frozenset()  # the tasks of its open disagreements (their labels not in `labels`)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ class Merged:
     def summary(self) -> str:
         """One line a person reads before the run starts."""
         c = self.counts
-        parts = [f"{c['train']} train items relabelled", f"{c['val']} val items (validated on, not trained on)",
+        confirmed = f" ({c['confirmed']} of them as the catalogue had them)" if c["confirmed"] else ""
+        parts = [f"{c['train']} train items relabelled{confirmed}", f"{c['val']} val items (validated on, not trained on)",
                  f"{c['test']} test items kept their catalogue labels", f"{c['added']} new items added as train rows"]
         if c["same_photo"]:
             parts.append(f"{c['same_photo']} items under an id the catalogue lacks have a catalogue item's photo "
@@ -97,8 +100,8 @@ class Merged:
         if c["auto_left_out"]:
             parts.append(f"{c['auto_left_out']} auto-accepted labels left out (--no-auto-labels)")
         if c["disputed_left_out"]:
-            parts.append(f"{c['disputed_left_out']} labels of open disagreements left out (a reviewer settles them "
-                         "in the Review tab's Disagreements queue)")
+            parts.append(f"{c['disputed_left_out']} labels of open disagreements left out, the catalogue's of those "
+                         "tasks too (a reviewer settles them in the Review tab's Disagreements queue)")
         return f"--extra-labels {self.source.name}: {c['corrections']} labelled items; " + "; ".join(parts)
 
 
@@ -114,7 +117,7 @@ def read_corrections(path: str | Path) -> Corrections:
         raise CatalogueError(f"--extra-labels {path}: no such file (the app keeps its label store in "
                              "studio_data/labels.db; the History tab exports it as CSV or JSONL)")
     corrections = _from_export(path) if path.suffix.lower() in EXPORT_SUFFIXES else _from_store(path)
-    if not corrections.items:
+    if not any(correction.labels for correction in corrections.items.values()):
         disputed = (f" settled (its {corrections.disputed} labels are open disagreements, for a reviewer's "
                     "Disagreements queue)" if corrections.disputed else "")
         raise CatalogueError(f"--extra-labels {path}: it holds no labels{disputed}")
@@ -126,10 +129,10 @@ def _settled(corrections: dict[str, tuple[Correction, set[str]]], path: Path, im
     """Corrections without the labels of open disagreements (item -> (correction, its disputed tasks))."""
     items, disputed = {}, 0
     for item_id, (correction, tasks) in corrections.items():
-        disputed += len(tasks & correction.labels.keys())
+        tasks = frozenset(tasks & correction.labels.keys())
+        disputed += len(tasks)
         labels = {t: label for t, label in correction.labels.items() if t not in tasks}
-        if labels:
-            items[item_id] = replace(correction, labels=labels, auto=correction.auto & labels.keys())
+        items[item_id] = replace(correction, labels=labels, auto=correction.auto & labels.keys(), disputed=tasks)
     return Corrections(path, items, image_root, newest, disputed)
 
 
@@ -201,42 +204,50 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
     key = config.id_column if config.id_column and rows and config.id_column in rows[0] else config.image_column
     by_id = {row.get(key): i for i, row in enumerate(rows)}
     manifest = _Manifest(catalogue)
-    relabel: list[tuple[int, dict[str, str], int]] = []  # photo matches first, so an item's own correction wins
+    relabel: list[tuple[int, Correction]] = []  # photo matches first, so an item's own correction wins
     added = []
     for item_id, correction in corrections.items.items():
         labels = {t: v for t, v in correction.labels.items() if t in config.tasks}
         auto = correction.auto & labels.keys()
         if not auto_labels:
             counts["auto_left_out"] += len(auto)
-            labels, auto = {t: v for t, v in labels.items() if t not in auto}, set()
-        if not labels:
+            labels, auto = {t: v for t, v in labels.items() if t not in auto}, frozenset()
+        if not labels and not correction.disputed & set(config.tasks):
             counts["other_tasks"] += not correction.auto
             continue
+        correction = replace(correction, labels=labels, auto=auto, disputed=correction.disputed & set(config.tasks))
         if item_id in by_id:
-            relabel.append((by_id[item_id], labels, len(auto)))
+            relabel.append((by_id[item_id], correction))
         elif item_id in manifest.ids:
             counts["left_out"] += 1
         elif same := manifest.items_with(correction):
             counts["same_photo"] += 1
             inside = [by_id[i] for i in same if i in by_id]
             counts["left_out"] += not inside
-            relabel[:0] = [(i, labels, len(auto)) for i in inside]
+            relabel[:0] = [(i, correction) for i in inside]
+        elif not labels:  # a new item with labels in dispute only: nothing to add
+            continue
         elif correction.image is None:
             counts["no_image"] += 1
         else:
-            added.append((item_id, correction, labels))
+            added.append((item_id, correction))
             counts["auto_labels"] += len(auto)
     columns = list(rows[0]) if rows else [config.image_column, *config.text_columns, *config.tasks]
-    relabelled = set()  # an item labelled by its id and through its photo counts once
-    for i, labels, auto_count in relabel:
+    relabelled, changed = set(), set()  # an item labelled by its id and through its photo counts once
+    for i, correction in relabel:
         split = rows[i].get("split", "train")
         counts[split if split in ("val", "test") else "train"] += i not in relabelled
         relabelled.add(i)
         if split != "test":
-            rows[i].update(labels)
-            counts["auto_labels"] += auto_count
-    for item_id, correction, labels in added:
-        row = {**dict.fromkeys(columns, ""), **labels, config.image_column: str(correction.image), "split": "train"}
+            before = dict(rows[i])
+            rows[i].update(correction.labels)
+            rows[i].update(dict.fromkeys(correction.disputed, ""))  # a label in dispute, the catalogue's too
+            counts["auto_labels"] += len(correction.auto)
+            if rows[i] != before:
+                changed.add(i)
+    counts["confirmed"] = sum(rows[i].get("split", "train") not in ("val", "test") for i in relabelled - changed)
+    for item_id, correction in added:
+        row = {**dict.fromkeys(columns, ""), **correction.labels, config.image_column: str(correction.image), "split": "train"}
         if config.text_columns:
             row[config.text_columns[0]] = correction.text
         if key != config.image_column:

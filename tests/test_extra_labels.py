@@ -210,7 +210,10 @@ def test_open_disagreements_are_marked_in_the_export_and_left_out_of_training(tm
     assert rows["a1"]["colour__disputed"] == "ana: White; ben: Beige" and rows["a2"]["colour__disputed"] == ""
     for source in (store.path, export):
         merged = merge(catalogue, read_corrections(source))
-        assert merged.catalogue.labels("colour")[:2] == ["Black", "Pink"]  # a1 keeps the catalogue's
+        # a1's colour is in dispute: neither annotator's label is trained on, nor the catalogue's, which both
+        # annotators may have rejected (QA, session 35: a1 trained on the catalogue's Black)
+        assert merged.catalogue.labels("colour")[:2] == [None, "Pink"]
+        assert merged.catalogue.labels("type")[:2] == ["Tights", "Leggings"]  # their other tasks as they were
         assert merged.counts["disputed_left_out"] == 1 and "1 labels of open disagreements left out" in merged.summary()
 
     label("ben", "a2", "Grey")  # against the ruling: open again
@@ -219,3 +222,24 @@ def test_open_disagreements_are_marked_in_the_export_and_left_out_of_training(tm
     for source in (store.path, export):
         with pytest.raises(CatalogueError, match="holds no labels settled .its 2 labels are open disagreements"):
             read_corrections(source)
+
+
+def test_a_dispute_leaves_the_task_out_and_a_confirmation_is_not_counted_as_a_change(tmp_path):
+    """QA, session 35: an item whose colour was in dispute trained on the catalogue's colour, which both annotators
+    had rejected, and was counted among the "relabelled" though nothing of it changed."""
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "labels.db")
+    store.save(image=PHOTOS[0], text="t", labels={"colour": "White", "type": "Tights"}, item_id="a1", annotator="ana")
+    store.save(image=PHOTOS[0], text="t", labels={"colour": "Beige"}, item_id="a1", annotator="ben")
+    merged = merge(catalogue, read_corrections(store.path))
+    row = merged.catalogue.rows[0]
+    assert (row["colour"], row["type"]) == ("", "Tights") and merged.catalogue.labels("colour")[0] is None
+    assert (merged.counts["train"], merged.counts["confirmed"], merged.counts["disputed_left_out"]) == (1, 0, 1)
+    assert "1 labels of open disagreements left out, the catalogue's of those tasks too" in merged.summary()
+    store.save(image=PHOTOS[0], text="t", labels={"colour": "Black"}, item_id="a1", annotator="ana")
+    store.save(image=PHOTOS[0], text="t", labels={"colour": "Black"}, item_id="a1", annotator="ben")  # they agree
+    merged = merge(catalogue, read_corrections(store.path))
+    assert merged.catalogue.rows[0] == catalogue.rows[0] | {"split": "train"}  # the catalogue's labels, confirmed
+    assert (merged.counts["train"], merged.counts["confirmed"], merged.counts["disputed_left_out"]) == (1, 1, 0)
+    assert "1 train items relabelled (1 of them as the catalogue had them)" in merged.summary()
+    assert merged.report()["confirmed"] == 1
