@@ -82,7 +82,8 @@ class Merged:
         """One line a person reads before the run starts."""
         c = self.counts
         confirmed = f" ({c['confirmed']} of them as the catalogue had them)" if c["confirmed"] else ""
-        parts = [f"{c['train']} train items relabelled{confirmed}", f"{c['val']} val items (validated on, not trained on)",
+        parts = [f"{c['train']} train items relabelled{confirmed}",
+                 f"{c['val']} val items (validated on, not trained on)",
                  f"{c['test']} test items kept their catalogue labels", f"{c['added']} new items added as train rows"]
         if c["same_photo"]:
             parts.append(f"{c['same_photo']} items under an id the catalogue lacks have a catalogue item's photo "
@@ -247,7 +248,8 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
                 changed.add(i)
     counts["confirmed"] = sum(rows[i].get("split", "train") not in ("val", "test") for i in relabelled - changed)
     for item_id, correction in added:
-        row = {**dict.fromkeys(columns, ""), **correction.labels, config.image_column: str(correction.image), "split": "train"}
+        row = {**dict.fromkeys(columns, ""), **correction.labels, config.image_column: str(correction.image),
+               "split": "train"}
         if config.text_columns:
             row[config.text_columns[0]] = correction.text
         if key != config.image_column:
