@@ -28,6 +28,7 @@ from PIL import Image as PILImage  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
+from cma_clip.data import atomic_write  # noqa: E402
 from cma_clip.errors import CMAClipError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
@@ -1616,13 +1617,13 @@ def annotator_box(login: Login) -> gr.Textbox:
 
 def browser_secret(studio: Studio) -> str:
     """The key the browser's saved fields are encrypted with, kept in the data folder, so
-    that they still read after a server restart (a new random key would lose them)."""
+    that they still read after a server restart (a new random key would lose them). Two processes
+    starting at once on a new folder share one key (each wrote its own: one read the other's
+    half-written file, an empty key, and Gradio then drew a key of its own)."""
     path = studio.data_dir / "browser_state.key"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        path.write_text(new_id())
-        return path.read_text().strip()
+    if not path.is_file():
+        atomic_write(path, new_id().encode(), keep_existing=True)
+    return path.read_text().strip()
 
 
 def build(studio: Studio, login: Login | None = None) -> gr.Blocks:

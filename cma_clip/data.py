@@ -650,8 +650,9 @@ def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | No
     atomic_write(path, save(tensors, metadata=metadata))
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write through a synced temporary file renamed into place: readers see all or nothing."""
+def atomic_write(path: str | Path, data: bytes, keep_existing: bool = False) -> None:
+    """Write through a synced temporary file renamed into place: readers see all or nothing.
+    `keep_existing`: a file already at `path` stays (of writers racing to create it, the first wins, whole)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -661,7 +662,14 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        if not keep_existing:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # unlike a rename, refuses to replace
+        except FileExistsError:
+            pass
+        Path(tmp).unlink()
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -127,3 +127,34 @@ def test_the_public_endpoints_are_the_ones_the_readme_documents(client):
                   for name in re.findall(r"`(/\w+)`", line.split("|")[1])}
     served = set(client.view_api(return_format="dict", print_info=False)["named_endpoints"])
     assert served == documented, (sorted(served - documented), sorted(documented - served))
+
+
+def _secret_after(barrier, data_dir: str, keys) -> None:
+    import types
+    from pathlib import Path
+
+    import app
+    barrier.wait()
+    keys.put(app.browser_secret(types.SimpleNamespace(data_dir=Path(data_dir))))
+
+
+def test_processes_starting_at_once_on_a_new_folder_share_one_browser_key(tmp_path):
+    """QA, session 35: of two processes starting at once, 7 trials in 40 held different keys and 2 an empty one
+    (read between the other's create and write): Gradio then drew a key of its own, and the browser's saved
+    annotator, model and queue did not read after a restart."""
+    import multiprocessing
+
+    import app  # noqa: F401 (imported once, here: the processes forked from this one start at once)
+    context = multiprocessing.get_context("fork")
+    for trial in range(12):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        barrier, keys = context.Barrier(3), context.Queue()
+        starts = [context.Process(target=_secret_after, args=(barrier, str(folder), keys)) for _ in range(3)]
+        for process in starts:
+            process.start()
+        held = [keys.get(timeout=60) for _ in starts]
+        for process in starts:
+            process.join(timeout=60)
+        assert held[0] and set(held) == {(folder / "browser_state.key").read_text().strip()}, (trial, held)
+        assert [p.name for p in folder.iterdir()] == ["browser_state.key"]  # no temporary file left
