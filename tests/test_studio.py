@@ -490,6 +490,24 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     assert restarted.resume_queue(None, "nobody", "hm-articles") is None
 
 
+
+def test_a_second_save_of_the_same_labels_in_the_predict_tab_stores_nothing(studio):
+    """QA, session 35: a second Save of the labels the item already stood at (the labeler's own) stored a copy,
+    which a later undo reverted into itself, as a second tab's accept did in a queue."""
+    prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")
+    labels = dict(view.values, colour_group_name="Grey")
+    first = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, view.shown,
+                             request_id="p-1", prediction=prediction)
+    saves, shown = studio.store.count(), studio.model_view("hm-articles", "0816591001", prediction, True).shown
+    again = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", " ana ", "0816591001", labels, shown,
+                             request_id="p-2", prediction=prediction)
+    assert (first.result, again.result, studio.store.count()) == ("saved", "unchanged", saves)
+    assert views.save_message(again) == ("Item `0816591001` already stands at your labels: nothing new saved (undo "
+                                         "reverts your save).")  # the Predict tab stays on the item
+    ben = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ben", "0816591001", labels, shown,
+                           request_id="p-3", prediction=prediction)  # the same labels, ben's judgement: stored
+    assert ben.result == "saved" and studio.store.count() == saves + 1
+
 def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_path):
     other_image = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
     prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")

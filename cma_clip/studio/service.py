@@ -370,6 +370,10 @@ class Studio:
                               f"{resolved}'s: nothing was saved. Predict it (its labels then show), then save.")
         seen = shown.versions if shown is not None and shown.item_id == resolved else {}
         predictions = self._light_predictions(model, image, text, prediction)
+        # a second Save of the labeler's own labels stored a copy, which an undo then "undid" into itself
+        standing, name = self.store.item_state(resolved), (annotator or "").strip()
+        if not new_classes and all(_own_label(standing.get(t), v, name) for t, v in chosen.items()):
+            return self._remember(rid, SaveOutcome("unchanged", resolved, chosen, request_id=rid))
         catalogue = self.catalogue_labels(model, resolved) if (item_id or "").strip() else {}
         outcome = self._save(resolved, Path(image_path), clean_text(text), chosen, annotator, model, predictions,
                              {t: seen.get(t) for t in chosen}, rid, new_classes, force,
@@ -989,7 +993,7 @@ class Studio:
             if (own or ruled) and not new_classes and not disputed:
                 self._moved_on(queue, annotator)
                 by = "" if own else ", ".join(sorted({standing[t].annotator for t in chosen}))
-                return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid,
+                return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid, moved_on=True,
                                                        annotator=by))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
                            for t, p in item.predictions.items()}

@@ -521,8 +521,8 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
         return (f"Item {code(outcome.item_id)} was settled by {code(outcome.annotator)} with these labels "
                 "meanwhile: nothing new saved, moved on.")
     if outcome.result == "unchanged":
-        return (f"Item {code(outcome.item_id)} already stands at your labels: nothing new saved, moved on "
-                "(undo reverts your save).")
+        return (f"Item {code(outcome.item_id)} already stands at your labels: nothing new saved"
+                f"{', moved on' if outcome.moved_on else ''} (undo reverts your save).")
     if outcome.result == "kept":
         return f"Kept their labels on item {code(outcome.item_id)}; nothing of yours was left to save."
     by = f" by {code(outcome.annotator)}" if outcome.annotator else ""

@@ -317,6 +317,7 @@ class SaveOutcome:
     ruling: bool = False  # a reviewer's save in a disagreements queue: it settles the disagreement
     unchosen: dict[str, dict[str, str]] = field(default_factory=dict)  # task in dispute -> annotator -> label
     ended: dict[str, str | None] = field(default_factory=dict)  # a task whose dispute ended meanwhile -> its label
+    moved_on: bool = False  # a review queue's answer: it moved past the item (the Predict tab's stays)
 
     @property
     def stored(self) -> bool:
