@@ -109,6 +109,7 @@ INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status
                    " reverts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
 SAVE_BY_REQUEST = "SELECT id, kind FROM corrections WHERE request_id = ?"
+SAVE_BATCH = "SELECT batch_id FROM corrections WHERE id = ?"
 SAVE_VERSIONS = "SELECT task, id FROM decisions WHERE save_id = ? ORDER BY id"
 # the labels items hold now: an (item, task)'s latest decision that sets its label (a skip keeps the label
 # before it; an undo's row holds the label it restores), so an undone or replaced label is gone
@@ -147,11 +148,23 @@ ADJUDICATIONS = DECISIONS + " WHERE" + STANDING_RULING + " ORDER BY d.id"
 ITEM_RULINGS = DECISIONS + " WHERE d.item_id = ? AND" + STANDING_RULING + " ORDER BY d.id"
 CATALOGUE_LABELS = ("SELECT task, catalogue_label FROM decisions WHERE item_id = ? AND catalogue_label IS NOT NULL"
                     " ORDER BY id")
+# a save not undone with a decision standing (a save someone's forced undo dropped is gone)
+STANDING = (NOT_UNDONE.format(save="c.id") + " AND EXISTS (SELECT 1 FROM decisions d WHERE d.save_id = c.id"
+            + NOT_DROPPED + ")")
 # the newest save of `annotator` that undo can still revert (an undo that kept every task as someone
 # else decided since still passes over it)
 LAST_UNDOABLE = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind != 'undo' AND c.source = 'human'"
-                 + NOT_UNDONE.format(save="c.id") + " AND EXISTS (SELECT 1 FROM decisions d WHERE d.save_id = c.id"
-                 + NOT_DROPPED + ") ORDER BY c.id DESC LIMIT 1")  # a save someone's forced undo dropped is gone
+                 + STANDING + " ORDER BY c.id DESC LIMIT 1")
+# a bulk accept's saves still standing, and the newest bulk accept of `annotator` undo can still revert
+BATCH_SAVES = "SELECT * FROM corrections c WHERE c.batch_id = ? AND c.annotator = ? AND c.kind = 'label'" + STANDING
+LAST_BATCH = ("SELECT * FROM corrections c WHERE c.annotator = ? AND c.kind = 'label' AND c.batch_id IS NOT NULL"
+              + STANDING + " ORDER BY c.id DESC LIMIT 1")
+BATCH_ITEMS = "SELECT DISTINCT item_id FROM corrections c WHERE c.batch_id = ? AND c.kind = 'label'" + STANDING
+BATCH_UNDONE = ("SELECT 1 FROM corrections c WHERE c.batch_id = ? AND EXISTS (SELECT 1 FROM corrections u"
+                " WHERE u.undoes = c.id) LIMIT 1")
+# the undos one request made: a bulk accept's undo is an undo per save, "<request id>:<save id>" after the first
+BATCH_UNDOS = ("SELECT id FROM corrections WHERE kind = 'undo' AND (request_id = ? OR substr(request_id, 1, ?) = ?)"
+               " ORDER BY id")
 UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
 UNDO_RESULT = ("SELECT u.id AS version, u.save_id, u.task, r.label AS undone, u.label AS restored, u.base_version,"
                " u.reverts FROM decisions u"
@@ -280,6 +293,7 @@ class BulkResult(NamedTuple):
     stored: int
     already_there: int  # stored by an earlier run of the same batch
     conflicts: list[Conflict]  # left out: someone saved another label since the queue was built
+    decided: int = 0  # left out: every task decided since, with the same label (another bulk accept at once)
 
 
 class Undone(NamedTuple):
@@ -288,6 +302,12 @@ class Undone(NamedTuple):
     tasks: dict[str, tuple[str | None, str | None]]  # task -> (label undone, label restored)
     kept: list[str] = []  # the save's tasks someone else decided since, left as they stand
     dropped: list[Conflict] = []  # someone else's decisions since that a forced undo reverted
+
+
+class BatchUndone(NamedTuple):
+    """A bulk accept undone: each of its saves reverted, but the tasks someone decided since."""
+    batch_id: str
+    items: list[Undone]
 
 
 class Disagreement(NamedTuple):
@@ -432,9 +452,10 @@ class LabelStore:
         `predictions`, and optionally `item_id`, `catalogue_labels` and `base_versions` (the
         versions the queue saw; absent: none). Each record is saved with the request id
         "<batch_id>:<item_id>", so running the same batch again (after a crash, or in chunks,
-        each its own call) stores only what is missing. A record whose task someone labelled
-        otherwise since is left out and returned as a conflict: an auto-accept never
-        replaces a label.
+        each its own call) stores only what is missing. An auto-accept takes only tasks still
+        pending: a task someone decided since is left out, returned as a conflict when its label
+        differs (an auto-accept never replaces a label), else counted as decided (two bulk
+        accepts at the same moment stored every label twice).
         """
         batch_id, annotator, checkpoint = (_key(batch_id, "batch_id"), _name(annotator, "annotator"),
                                            _name(checkpoint, "checkpoint"))
@@ -451,18 +472,25 @@ class LabelStore:
         ids = [p.item_id for p in prepared]
         if twice := sorted({i for i in ids if ids.count(i) > 1}):
             raise LabelStoreError(f"items appear twice in the batch: {twice}")
-        stored, already, conflicts = 0, 0, []
+        stored, already, conflicts, decided = 0, 0, [], 0
         with self._transaction("IMMEDIATE") as conn:
             for record in prepared:
-                try:
-                    result = _store(conn, record, annotator=annotator, checkpoint=checkpoint, source="auto",
-                                    request_id=f"{batch_id}:{record.item_id}", batch_id=batch_id)
-                except LabelConflict as exc:
-                    conflicts += exc.conflicts
+                request_id = f"{batch_id}:{record.item_id}"
+                if _stored_request(conn, request_id, "label") is not None:
+                    already += 1
                     continue
-                already += result.duplicate
-                stored += not result.duplicate
-        return BulkResult(stored, already, conflicts)
+                states, _ = _replay(conn.execute(ITEM_DECISIONS, (record.item_id, LAST_ROW)))
+                since = {t: now for t, now in states.get(record.item_id, {}).items() if t in record.labels
+                         and now.version != (record.base_versions or {}).get(t) and now.status != "pending"}
+                conflicts += [_conflict(record.item_id, t, record.labels[t], now) for t, now in since.items()
+                              if now.label is not None and now.label != record.labels[t]]
+                if not (pending := {t: label for t, label in record.labels.items() if t not in since}):
+                    decided += all(now.label == record.labels[t] for t, now in since.items())
+                    continue
+                _store(conn, replace(record, labels=pending), annotator=annotator, checkpoint=checkpoint,
+                       source="auto", request_id=request_id, batch_id=batch_id)
+                stored += 1
+        return BulkResult(stored, already, conflicts, decided)
 
     def skip(self, item_id: str, tasks: Iterable[str], annotator: str, *, checkpoint: str = "",
              request_id: str | None = None, base_versions: Mapping[str, int | None] | None = None,
@@ -493,10 +521,12 @@ class LabelStore:
             return _save_result(conn, save_id, duplicate=False)
 
     def undo(self, annotator: str, *, force: bool = False, keep_theirs: bool = False,
-             request_id: str | None = None, save_id: int | None = None) -> Undone:
-        """Revert `annotator`'s newest save (a label or a skip, not an auto-accept) that is
-        not undone yet: each of its tasks goes back to its state before that save, and
-        again further back on the next call. Raises `LabelConflict` when someone else
+             request_id: str | None = None, save_id: int | None = None) -> Undone | BatchUndone:
+        """Revert `annotator`'s newest save (a label or a skip) that is not undone yet: each of
+        its tasks goes back to its state before that save, and again further back on the next
+        call. A bulk accept is one decision: its saves are reverted together (a `BatchUndone`),
+        leaving the tasks someone decided since as they stand (an undo reached past it to the
+        labels saved by hand before it). Raises `LabelConflict` when someone else
         decided one of those tasks since (even the same label: undo must not erase their
         decision); `force` reverts them anyway, `keep_theirs` leaves them as they stand and
         reverts the rest (both answer a conflict: pass its `save_id`, so that they revert
@@ -509,21 +539,40 @@ class LabelStore:
         with self._transaction("IMMEDIATE") as conn:
             if (undo_id := _stored_request(conn, request_id, "undo")) is None:
                 target = conn.execute(LAST_UNDOABLE, (annotator,)).fetchone()
+                batch = conn.execute(LAST_BATCH, (annotator,)).fetchone()
+                if batch is not None and (target is None or batch["id"] > target["id"]):
+                    target = batch
                 if target is None:
                     raise LabelStoreError(f"nothing to undo: {annotator} has no decision left to revert")
                 if save_id is not None and target["id"] != save_id:
                     raise LabelStoreError(f"nothing was undone: save #{save_id} is not {annotator}'s newest decision "
                                           "any more (it was undone, or a newer one came since); undo again")
+                if target["batch_id"]:
+                    saves = conn.execute(BATCH_SAVES, (target["batch_id"], annotator)).fetchall()
+                    return BatchUndone(target["batch_id"], [
+                        _undone(conn, _revert(conn, save, annotator, request_id if n == 0 else
+                                              request_id and f"{request_id}:{save['id']}", False, True))
+                        for n, save in enumerate(saves)])
                 undo_id = _revert(conn, target, annotator, request_id, force, keep_theirs)
-            undo = conn.execute(UNDO_SAVE, (undo_id,)).fetchone()
-            rows = conn.execute(UNDO_RESULT, (undo_id,)).fetchall()
-            tasks = {r["task"]: (r["undone"], r["restored"]) for r in rows}
-            kept = [r["task"] for r in conn.execute(SAVE_TASKS, (undo["undoes"],)) if r["task"] not in tasks]
-            decisions = conn.execute(ITEM_DECISIONS, (undo["item_id"], LAST_ROW)).fetchall()
-        _, steps = _replay(decisions)
-        dropped = [_conflict(undo["item_id"], r["task"], r["restored"], state)
-                   for r in rows for state in _dropped_by_undo(decisions, steps, r)]
-        return Undone(undo["undoes"], undo["item_id"], tasks, kept, dropped)
+            undone = _undone(conn, undo_id)
+            if batch_id := conn.execute(SAVE_BATCH, (undone.save_id,)).fetchone()[0]:  # a retried bulk undo
+                prefix = f"{request_id}:"
+                return BatchUndone(batch_id, [_undone(conn, row["id"]) for row in conn.execute(
+                    BATCH_UNDOS, (request_id, len(prefix), prefix))])
+        return undone
+
+    def batch_items(self, batch_id: str) -> set[str]:
+        """The items a bulk accept's saves still stand on (not undone)."""
+        return {row["item_id"] for row in self._connection().execute(BATCH_ITEMS, (batch_id,))}
+
+    def fresh_batch(self, batch_id: str) -> str:
+        """`batch_id`, or, once an undo reverted it, the next of "<batch_id>#2", "#3"...: running a bulk
+        accept again after its undo stores its labels again (a batch's saves are keyed by its id)."""
+        conn, candidate, run = self._connection(), batch_id, 1
+        while conn.execute(BATCH_UNDONE, (candidate,)).fetchone() is not None:
+            run += 1
+            candidate = f"{batch_id}#{run}"
+        return candidate
 
     # ------------------------------------------------------------------ claims
     def claim(self, item_id: str, annotator: str, minutes: float = CLAIM_MINUTES) -> str | None:
@@ -1086,6 +1135,20 @@ def request_reused(kind: str, used_by: str, request_id: str) -> str:
     return (f"This {action.get(kind, kind)} came before the answer to your last {action.get(used_by, used_by)} "
             f"reached the screen, so it was not run: press it again (its request id {request_id!r} was already "
             f"used for that {action.get(used_by, used_by)}).")
+
+
+def _undone(conn: sqlite3.Connection, undo_id: int) -> Undone:
+    """What the undo `undo_id` did: the save it reverted, each task's label undone and restored, the tasks
+    it left as someone else decided since, and the decisions since that it dropped (a forced undo)."""
+    undo = conn.execute(UNDO_SAVE, (undo_id,)).fetchone()
+    rows = conn.execute(UNDO_RESULT, (undo_id,)).fetchall()
+    tasks = {r["task"]: (r["undone"], r["restored"]) for r in rows}
+    kept = [r["task"] for r in conn.execute(SAVE_TASKS, (undo["undoes"],)) if r["task"] not in tasks]
+    decisions = conn.execute(ITEM_DECISIONS, (undo["item_id"], LAST_ROW)).fetchall()
+    _, steps = _replay(decisions)
+    dropped = [_conflict(undo["item_id"], r["task"], r["restored"], state)
+               for r in rows for state in _dropped_by_undo(decisions, steps, r)]
+    return Undone(undo["undoes"], undo["item_id"], tasks, kept, dropped)
 
 
 def _stored_request(conn: sqlite3.Connection, request_id: str | None, kind: str) -> int | None:

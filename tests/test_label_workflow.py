@@ -11,7 +11,7 @@ import pytest
 
 from cma_clip import train
 from cma_clip.data import Catalogue, read_manifest
-from cma_clip.labels import (MIGRATIONS, Conflict, LabelConflict, LabelStore, LabelStoreError, TaskState,
+from cma_clip.labels import (MIGRATIONS, BatchUndone, Conflict, LabelConflict, LabelStore, LabelStoreError, TaskState,
                              UnknownClass, UnknownLabel, close_classes)
 from cma_clip.review import ReviewError, rank, select, uncertainty
 from test_labels import PHOTOS, tiny_png
@@ -132,8 +132,8 @@ def test_a_bulk_accept_interrupted_by_a_crash_stores_nothing_and_reruns_without_
         store.save_many([{**records[0], "labels": {"colour": "Red"}}], "batch-1", annotator="ana")
     assert store.count() == 0
 
-    assert store.save_many(records, "batch-1", annotator="ana", checkpoint="ck-1") == (6, 0, [])
-    assert store.save_many(records, "batch-1", annotator="ana", checkpoint="ck-1") == (0, 6, [])
+    assert store.save_many(records, "batch-1", annotator="ana", checkpoint="ck-1") == (6, 0, [], 0)
+    assert store.save_many(records, "batch-1", annotator="ana", checkpoint="ck-1") == (0, 6, [], 0)
     rows, total = store.audit(source="auto")
     assert total == 6 and {(r["status"], r["annotator"], r["checkpoint"], r["changed_vs_catalogue"]) for r in rows} \
         == {("accepted", "ana", "ck-1", True)}
@@ -141,10 +141,10 @@ def test_a_bulk_accept_interrupted_by_a_crash_stores_nothing_and_reruns_without_
 
 def test_a_bulk_accept_run_in_chunks_resumes_and_never_replaces_a_label(store):
     records = bulk_records([f"item-{n}" for n in range(6)])
-    assert store.save_many(records[:3], "batch-2", annotator="ana") == (3, 0, [])  # the first chunk, then a crash
+    assert store.save_many(records[:3], "batch-2", annotator="ana") == (3, 0, [], 0)  # the first chunk, then a crash
     late = save(store, "item-4", "ben", {"colour": "Red"})  # a labeler decided one item meanwhile
-    stored, already, conflicts = store.save_many(records, "batch-2", annotator="ana")
-    assert (stored, already) == (2, 3)
+    stored, already, conflicts, decided = store.save_many(records, "batch-2", annotator="ana")
+    assert (stored, already, decided) == (2, 3, 0)
     assert conflicts == [Conflict("item-4", "colour", "Black", "Red", "ben", late.versions["colour"],
                                   conflicts[0].created_at, "corrected")]
     assert store.count() == 6 and labels_of(store)["item-4"] == {"colour": "Red"}
@@ -152,6 +152,41 @@ def test_a_bulk_accept_run_in_chunks_resumes_and_never_replaces_a_label(store):
     with pytest.raises(LabelStoreError, match="twice"):
         store.save_many([records[0], records[0]], "batch-3", annotator="ana")
 
+
+
+def test_two_bulk_accepts_at_the_same_moment_store_each_label_once(store):
+    """QA, session 35: two labelers' bulk accepts over one sample, run together, each stored every label (78 rows
+    for 40 items): both saw the items pending, and the same label decided since was no conflict."""
+    records = [{**r, "base_versions": {"colour": None}} for r in bulk_records([f"item-{n}" for n in range(4)])]
+    save(store, "item-3", "ben", {"colour": "Red"})  # a person labelled one otherwise meanwhile
+    assert store.save_many(records, "hal:bulk", annotator="hal")[:2] == (3, 0)
+    stored, already, conflicts, decided = store.save_many(records, "ida:bulk", annotator="ida")  # as queued
+    assert (stored, already, decided) == (0, 0, 3) and [c.item_id for c in conflicts] == ["item-3"]
+    rows, total = store.audit(source="auto")
+    assert total == 3 and {r["annotator"] for r in rows} == {"hal"}
+
+
+def test_undo_takes_back_a_bulk_accept_as_one_decision_not_the_labels_saved_before_it(store):
+    """QA, session 35: Undo after a bulk accept reverted the labeler's hand labels saved before it, and the bulk
+    accept stayed; with nothing but bulk accepts, "nothing to undo"."""
+    save(store, "own", "ana", {"colour": "Blue"})
+    items = [f"item-{n}" for n in range(4)]
+    assert store.save_many(bulk_records(items), "ana:bulk", annotator="ana").stored == 4
+    save(store, "item-2", "ben", {"colour": "Red"})  # ben decided one since: his label stays
+    undone = store.undo("ana", request_id="u-1")
+    assert isinstance(undone, BatchUndone) and undone.batch_id == "ana:bulk"
+    assert {u.item_id: u.tasks for u in undone.items if u.tasks} == {i: {"colour": ("Black", None)}
+                                                                     for i in items if i != "item-2"}
+    assert [u.kept for u in undone.items if u.item_id == "item-2"] == [["colour"]]
+    assert labels_of(store) == {"own": {"colour": "Blue"}, "item-2": {"colour": "Red"}}
+    assert store.undo("ana", request_id="u-1") == undone  # a retry: the first's answer, nothing more undone
+    assert labels_of(store) == {"own": {"colour": "Blue"}, "item-2": {"colour": "Red"}}
+    assert store.undo("ana").item_id == "own" and labels_of(store) == {"item-2": {"colour": "Red"}}  # then hers
+    # the same bulk accept run again after its undo stores its labels again (its saves are keyed by its id)
+    again = store.fresh_batch("ana:bulk")
+    assert again == "ana:bulk#2" and store.fresh_batch("other") == "other"
+    assert store.save_many(bulk_records(items), again, annotator="ana")[:2] == (3, 0)
+    assert store.batch_items(again) == {"item-0", "item-1", "item-3"} and store.batch_items("ana:bulk") == set()
 
 # ---------------------------------------------------------------------------- undo
 def test_undo_walks_back_more_than_ten_decisions(store):
@@ -583,8 +618,8 @@ def test_agreement_and_kappa_on_a_hand_checked_case(store, tmp_path):
     save(store, "5", "ana", {"colour": "R"})  # one annotator only: not compared
     save(store, "5", "cem", {"colour": "B"})
     store.undo("cem")  # an undone label does not count
-    save(store, "7", "ana", {"colour": "Black"})
     assert store.save_many(bulk_records(["7"]), "auto", annotator="dan").stored == 1  # an auto-accept does not count
+    save(store, "7", "ana", {"colour": "Black"})  # (a bulk accept after her label would leave it: decided)
     # type: three annotators on one item -> 1 agreeing pair of 3; kappa needs two items
     for annotator, label in (("ana", "X"), ("ben", "X"), ("cem", "Y")):
         save(store, "6", annotator, {"type": label})

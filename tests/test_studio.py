@@ -305,15 +305,17 @@ def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studi
     assert f"1 left to the labelers who have them open (`{opened}` by `dee`)" in views.bulk_message(outcome)
     assert colour not in studio.store.item_state(opened)
     studio.store.release("dee")
-    outcome = studio.bulk_accept(queue, "cem", task=colour)
-    assert (outcome.stored, outcome.already_there, outcome.claimed) == (1, 0, {})
+    outcome = studio.bulk_accept(queue, "cem", task=colour)  # the four it stored are its own, not "decided"
+    assert (outcome.stored, outcome.already_there, outcome.decided, outcome.claimed) == (1, 4, 0, {})
+    assert "4 stored by an earlier run of this bulk accept" in views.bulk_message(outcome)
     rows, total = studio.store.audit(source="auto")
     assert total == 5 and {(r["task"], r["annotator"], r["status"]) for r in rows} == {(colour, "cem", "accepted")}
     assert {r["item_id"] for r in rows} == clear
     assert all(item.status == "pending" for item in queue.items)  # the other tasks are still to review
-    studio.store.claim(opened, "dee")  # decided already: counted so, not as left to whoever has it open
+    studio.store.claim(opened, "dee")  # decided already (by this bulk accept): not left to whoever has it open
     again = studio.bulk_accept(queue, "cem", task=colour)
-    assert (again.stored, again.decided, again.claimed) == (0, 5, {}) and studio.store.audit(source="auto")[1] == 5
+    assert (again.stored, again.already_there, again.claimed) == (0, 5, {})
+    assert studio.store.audit(source="auto")[1] == 5
     studio.store.release("dee")
     with pytest.raises(StudioError, match="no 90%-precision threshold"):
         studio.bulk_accept(queue, "cem", task="product_type_name")
@@ -328,6 +330,28 @@ def test_bulk_accept_by_filter_accepts_what_clears_the_bar_as_auto_accepts(studi
     assert queue.current is None or queue.current.item_id != on_screen
     assert "the queue moved on." in views.bulk_message(every)
 
+
+
+def test_undo_after_a_bulk_accept_takes_it_back_whole(studio):
+    """QA, session 35: ana's two Undos after her bulk accept reverted the two labels she had saved by hand before
+    it (her work lost), and the 26 auto-accepts stayed; a labeler with only a bulk accept had "nothing to undo"."""
+    colour = "colour_group_name"
+    queue = studio.review_catalogue("hm-articles", "val", 6)
+    own = queue.current.item_id
+    studio.review_save(queue, "ana", {colour: queue.current.predictions[colour].label})
+    bulk = studio.bulk_accept(queue, "ana", task=colour, min_conf=0)
+    assert bulk.stored == 5
+    undone = studio.review_undo(queue, "ana")
+    message = views.undo_message(undone, studio.display_names("hm-articles"))
+    assert message == ("Undid your bulk accept (Colour): 5 auto-accepted labels on 5 items back to pending. Undo "
+                       "goes on from your decision before it.")
+    assert set(studio.store.current_labels()) == {own} and studio.store.audit(source="auto")[1] == 5  # audited
+    states = [studio.store.item_state(item.item_id).get(colour) for item in queue.items if item.item_id != own]
+    assert len(states) == 5 and all(state.status == "pending" for state in states)  # to review again
+    again = studio.bulk_accept(queue, "ana", task=colour, min_conf=0)  # run again: stored again
+    assert (again.stored, again.already_there, again.decided) == (5, 0, 1)
+    studio.review_undo(queue, "ana")
+    assert studio.review_undo(queue, "ana").item_id == own and not studio.store.current_labels()  # then hers
 
 class ProgressLikeGradios:
     """A progress bar that, like Gradio's `gr.Progress`, is falsy (its `__len__` is 0 while it tracks

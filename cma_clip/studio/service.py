@@ -32,8 +32,8 @@ from ..checkpoint import CheckpointConfig, CheckpointError, read_config
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, PhotoIndex,
                     is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import (MAX_LABEL_CHARS, MAX_NAME_CHARS, LabelConflict, LabelStore, LabelStoreError, TaskState,
-                      UnknownLabel, content_item_id, request_reused)
+from ..labels import (MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore, LabelStoreError,
+                      TaskState, UnknownLabel, content_item_id, request_reused)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -1057,7 +1057,8 @@ class Studio:
             self._check_owner(queue, annotator)
         try:
             undone = self.store.undo(annotator, force=force, keep_theirs=keep_theirs, request_id=rid, save_id=save_id)
-            outcome = UndoOutcome(**undone._asdict(), request_id=rid)
+            outcome = (UndoOutcome(None, batch=undone.items, request_id=rid) if isinstance(undone, BatchUndone)
+                       else UndoOutcome(**undone._asdict(), request_id=rid))
         except LabelConflict as exc:
             outcome = UndoOutcome(exc.conflicts[0].item_id, conflicts=exc.conflicts, save_id=exc.save_id,
                                   request_id=rid)
@@ -1119,13 +1120,14 @@ class Studio:
         else:
             bar = _confidence(min_conf, "minimum")
             spec = f"{bar:g}"
-        outcome = BulkOutcome(f"{queue.queue_id}:bulk:{'+'.join(tasks)}:{spec}", tasks, 0)
+        outcome = BulkOutcome(self.store.fresh_batch(f"{queue.queue_id}:bulk:{'+'.join(tasks)}:{spec}"), tasks, 0)
         with self._queue_lock(queue):
             picked = [queue.items[i] for i in review.select(
                 [{t: item.predictions[t].confidence for t in tasks} for item in queue.items], min_conf=bar)]
             outcome.selected = len(picked)
             others = self.store.claims(annotator)  # items other labelers have open: theirs to decide
-            records = []
+            ours = self.store.batch_items(outcome.batch_id)  # stored by an earlier run of this bulk accept
+            records, earlier = [], 0
             for item in picked:
                 if item.withheld:
                     outcome.withheld += 1
@@ -1133,7 +1135,8 @@ class Studio:
                 states = self.store.item_state(item.item_id)
                 pending = [t for t in tasks if t not in states or states[t].status == "pending"]
                 if not pending:  # decided, whoever has it open now
-                    outcome.decided += 1
+                    earlier += item.item_id in ours
+                    outcome.decided += item.item_id not in ours
                     continue
                 if item.item_id in others:
                     outcome.claimed[item.item_id] = others[item.item_id]
@@ -1157,10 +1160,12 @@ class Studio:
                 outcome.stored += result.stored
                 outcome.already_there += result.already_there
                 outcome.conflicts += result.conflicts
+                outcome.decided += result.decided
                 outcome.chunks += 1
                 if progress is not None:
                     progress(min(1.0, (start + self.bulk_chunk) / len(records)),
                              f"accepted {outcome.stored + outcome.already_there} of {len(records)}")
+            outcome.already_there += earlier
             open_item = queue.current.item_id if queue.current is not None else None
             self.refresh(queue, annotator)
             if queue.current is not None and queue.current.status != "pending" and not queue.show_decided:

@@ -619,6 +619,8 @@ def who_said(disputes: dict[str, dict[str, str]], names: dict[str, str] | None =
 def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> str:
     if outcome.conflicts:
         return conflict_message(outcome.conflicts, names, "undo")
+    if outcome.batch:
+        return bulk_undo_message(outcome, names)
     taken = dict(outcome.tasks)
     taken.update({c.task: (None if c.status == "skipped" else c.theirs, c.yours)  # what stood, not your older label
                   for c in outcome.dropped})
@@ -640,6 +642,20 @@ def undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> s
     reopened = (f" Your ruling is withdrawn: the disagreement is open again on {who_said(outcome.reopened, names)}."
                 if outcome.reopened else "")
     return f"Undone on item {code(outcome.item_id)}{where}: {changes}.{kept}{dropped}{reopened}"
+
+
+def bulk_undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None) -> str:
+    """An undone bulk accept: how many of its labels went back to pending, on which tasks, and the items
+    someone decided since, left as they stand."""
+    undone = [u for u in outcome.batch if u.tasks]
+    tasks = ", ".join(task_name(t, names=names) for t in dict.fromkeys(t for u in outcome.batch
+                                                                       for t in (*u.tasks, *u.kept)))
+    line = (f"Undid your bulk accept ({tasks}): {plural(sum(len(u.tasks) for u in undone), 'auto-accepted label')} "
+            f"on {plural(len(undone), 'item')} back to pending.")
+    if kept := [u for u in outcome.batch if u.kept]:
+        line += (f" Left as someone else decided since: {plural(len(kept), 'item')} ("
+                 + ", ".join(code(u.item_id) for u in kept[:5]) + (", ..." if len(kept) > 5 else "") + ").")
+    return line + " Undo goes on from your decision before it."
 
 
 def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:

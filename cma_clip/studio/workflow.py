@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import review
-from ..labels import Conflict, TaskState, UnknownClass
+from ..labels import Conflict, TaskState, Undone, UnknownClass
 from ..predict import TaskPrediction
 from ..review import STRATEGIES
 
@@ -340,6 +340,7 @@ class UndoOutcome:
     request_id: str | None = None
     queue_open: bool = False
     reopened: dict[str, dict[str, str]] = field(default_factory=dict)  # an undone ruling: the dispute open again
+    batch: list[Undone] = field(default_factory=list)  # an undone bulk accept: each of its saves' undo
 
 
 @dataclass
