@@ -1048,18 +1048,19 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         status = gr.Markdown(label="review status", elem_id="review-status")
         choice = Resolution.make("review")
         notes = gr.Markdown(label="queue notes", elem_id="review-notes")
-        with gr.Accordion("Bulk accept by filter", open=False):
+        with gr.Accordion("Bulk accept by filter", open=False) as bulk_panel:
             gr.Markdown("Accept the model's label of every pending item of this queue whose tasks clear the bar. "
                         "Each label is audited as an auto-accept; decided tasks and labels someone saved are never "
                         "replaced. The items go in chunks, each acknowledged once stored: after an interruption, run "
-                        "it again to finish without duplicates.")
-            with gr.Row():
+                        "it again to finish without duplicates. Undo (u) takes a bulk accept back whole.")
+            with gr.Row():  # (each control wide enough to read its value on a phone: "each tas…" was all it showed)
                 bulk_task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Task(s)", elem_id="bulk-task",
-                                        allow_custom_value=True)  # any model's task (API); the studio checks it
-                bulk_min = gr.Dropdown([("each task's 90%-precision threshold", THRESHOLDS), "0.95", "0.9", "0.8",
+                                        allow_custom_value=True, min_width=260)  # any model's task (API): checked
+                bulk_min = gr.Dropdown([("90%-precision thresholds", THRESHOLDS), "0.95", "0.9", "0.8",
                                         "0.7"], value=THRESHOLDS, allow_custom_value=True, elem_id="bulk-min-conf",
-                                       label="Bar: minimum confidence (or type one from 0 to 1)")
-                bulk = gr.Button("Bulk accept", elem_id="review-bulk")
+                                       label="Bar: minimum confidence (or type one from 0 to 1)", min_width=300)
+            bulk_preview = gr.Markdown(elem_id="bulk-preview")  # how many it would take, before it is pressed
+            bulk = gr.Button("Bulk accept", elem_id="review-bulk")
             bulk_status = gr.Markdown(label="bulk accept status", min_height=48, elem_id="bulk-status")
         with gr.Accordion("History of this item", open=False):
             item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
@@ -1343,8 +1344,24 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     active.input(**buttons)
     next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, trigger_mode="multiple",
                     api_visibility="private").then(**buttons)
+    def preview_bulk(queue, annotator_name, task_name, minimum):
+        """What Bulk accept would do now with these filters, shown before it is pressed."""
+        if queue is None:
+            return "Load a queue: bulk accept takes its items."
+        try:
+            outcome, count = studio.bulk_preview(queue, current_user() if annotator_name is SIGNED_IN
+                                                 else annotator_name, task=task_name, min_conf=minimum)
+        except CMAClipError as exc:
+            return f"⚠️ {views.plain(exc)}"
+        return views.bulk_preview_message(outcome, count, studio.display_names(queue.model))
+
+    preview = {"fn": preview_bulk, "inputs": [panel.queue, shared.annotator, bulk_task, bulk_min],
+               "outputs": bulk_preview, "api_visibility": "private", "show_progress": "hidden",
+               "trigger_mode": "always_last"}
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
-               api_name="bulk_accept", show_progress_on=bulk_status)  # beside its button
+               api_name="bulk_accept", show_progress_on=bulk_status).then(**preview)  # beside its button
+    for counts_change in (bulk_panel.expand, bulk_task.change, bulk_min.change, panel.progress.change):
+        counts_change(**preview)  # (the progress line changes with each decision and queue)
 
     def model_tasks(model_name, task_now):  # the filters offer the model's tasks (one still its own stays chosen)
         tasks = studio.tasks_of(model_name)

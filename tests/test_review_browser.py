@@ -292,12 +292,24 @@ def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_a
     ana.get_by_text("Bulk accept by filter").click()
     choose(ana.locator("#bulk-task input"), "Colour")  # the task by the name people read
     choose(ana.locator("#bulk-min-conf input"), "0.05")
+    # how many it takes, before it is pressed (QA, session 35: the count came only after one click wrote them)
+    expect(ana.locator("#bulk-preview")).to_contain_text("would auto-accept the model's labels of", timeout=WAIT)
+    expect(ana.locator("#bulk-preview")).to_contain_text("Bulk accept (Colour)")
+    taking = int(re.search(r"labels of (\d+) item", ana.locator("#bulk-preview").inner_text())[1])
+    before = {item: now["labels"] for item, now in review_app.studio.store.current_labels().items()}
     ana.locator("#review-bulk").click()
-    expect(ana.locator("#bulk-status")).to_contain_text("auto-accepted now", timeout=WAIT)
+    expect(ana.locator("#bulk-status")).to_contain_text(f"{taking} auto-accepted now", timeout=WAIT)
     expect(ana.locator("#bulk-status")).to_contain_text("Bulk accept (Colour)")  # the name people read
+    expect(ana.locator("#bulk-preview")).to_contain_text("labels of 0 items now", timeout=WAIT)
     shot(ana, "bulk")
     rows, total = review_app.studio.store.audit(source="auto")
-    assert total >= 1 and {(r["task"], r["annotator"]) for r in rows} == {(COLOUR, "ana")}
+    assert total == taking >= 1 and {(r["task"], r["annotator"]) for r in rows} == {(COLOUR, "ana")}
+    # Undo takes it back whole (QA, session 35: it reverted ana's labels saved by hand before it)
+    ana.locator("body").press("u")
+    expect(ana.locator("#review-status")).to_contain_text(f"Undid your bulk accept (Colour): {taking} auto-accepted",
+                                                          timeout=WAIT)
+    after = {item: now["labels"] for item, now in review_app.studio.store.current_labels().items()}
+    assert after == before  # the labels saved by hand as they were, the auto-accepts gone
 
     # the audit, filtered, and the agreement
     ana.get_by_role("tab", name="History").click()
@@ -386,6 +398,14 @@ def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, brows
     expect(page.locator("#review-new-class")).to_be_in_viewport()  # with the buttons that answer it, not at the top
     assert current_item(page) == second and review_app.studio.store.item_state(second) == {}
     shot(page, "phone-refusal")
+    # the bulk accept's bar reads whole on a phone (QA, session 35: "each tas…"), and its count shows before
+    page.get_by_text("Bulk accept by filter").tap()
+    expect(page.locator("#bulk-preview")).to_contain_text(  # (this test model has no thresholds)
+        "The model has no 90%-precision threshold for Product type, Pattern, Colour", timeout=WAIT)
+    bar = page.locator("#bulk-min-conf input")
+    assert bar.input_value() == "90%-precision thresholds"  # each task's own
+    assert bar.evaluate("box => box.scrollWidth <= box.clientWidth"), "the bar's value is cut"
+    shot(page, "phone-bulk")
     page.context.close()
 
 

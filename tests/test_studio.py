@@ -1099,3 +1099,19 @@ def test_a_ruling_passes_over_a_task_whose_dispute_ended_meanwhile(studio):
     skipped = studio.review_skip(queue, "rita", view.shown)
     assert skipped.result == "saved" and list(skipped.statuses) == [colour]
     assert studio.store.item_state(item_id)[pattern].status != "skipped"
+
+
+def test_a_bulk_accepts_preview_counts_what_it_then_stores(studio):
+    colour = "colour_group_name"
+    queue = studio.review_catalogue("hm-articles", "val", 8)
+    studio.review_save(queue, "ana", {colour: queue.current.predictions[colour].label})
+    preview, taking = studio.bulk_preview(queue, "ana", task=colour, min_conf=0)
+    assert (preview.selected, taking, preview.decided) == (8, 7, 1)
+    assert views.bulk_preview_message(preview, taking, studio.display_names("hm-articles")) == (
+        "Bulk accept (Colour) would auto-accept the model's labels of **7 items** now (8 of the queue clear the "
+        "bar), 1 already decided, left as they are. Undo takes it back whole.")
+    assert studio.store.audit(source="auto")[1] == 0  # nothing stored by a preview
+    assert studio.bulk_accept(queue, "ana", task=colour, min_conf=0).stored == taking
+    assert studio.bulk_preview(queue, "ana", task=colour, min_conf=0)[1] == 0
+    with pytest.raises(StudioError, match="not under review"):
+        studio.bulk_preview(queue, "ana", task="nope")

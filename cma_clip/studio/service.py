@@ -1105,48 +1105,9 @@ class Studio:
         the filter, so running it again after an interruption stores only what is missing."""
         annotator = self._annotator(annotator)
         self._check_owner(queue, annotator)
-        if queue.split == DISAGREEMENTS:
-            raise StudioError("Bulk accept leaves labels people saved alone, and every item of a disagreements "
-                              "queue holds theirs: settle each one in the queue.")
-        tasks = queue.tasks if task in (None, "", ALL_TASKS) else [task]
-        if any(t not in queue.tasks for t in tasks):
-            raise StudioError(f"Task {task!r} is not under review in this queue ({', '.join(queue.tasks)}).")
-        if min_conf in (None, "", THRESHOLDS):
-            bar: float | dict[str, float | None] = {t: _threshold(queue, t) for t in tasks}
-            spec = THRESHOLDS
-            if all(v is None for v in bar.values()):
-                raise StudioError(f"The model has no 90%-precision threshold for {', '.join(tasks)}: give a "
-                                  "minimum confidence instead.")
-        else:
-            bar = _confidence(min_conf, "minimum")
-            spec = f"{bar:g}"
-        outcome = BulkOutcome(self.store.fresh_batch(f"{queue.queue_id}:bulk:{'+'.join(tasks)}:{spec}"), tasks, 0)
         with self._queue_lock(queue):
-            picked = [queue.items[i] for i in review.select(
-                [{t: item.predictions[t].confidence for t in tasks} for item in queue.items], min_conf=bar)]
-            outcome.selected = len(picked)
-            others = self.store.claims(annotator)  # items other labelers have open: theirs to decide
-            ours = self.store.batch_items(outcome.batch_id)  # stored by an earlier run of this bulk accept
-            records, earlier = [], 0
-            for item in picked:
-                if item.withheld:
-                    outcome.withheld += 1
-                    continue
-                states = self.store.item_state(item.item_id)
-                pending = [t for t in tasks if t not in states or states[t].status == "pending"]
-                if not pending:  # decided, whoever has it open now
-                    earlier += item.item_id in ours
-                    outcome.decided += item.item_id not in ours
-                    continue
-                if item.item_id in others:
-                    outcome.claimed[item.item_id] = others[item.item_id]
-                    continue
-                records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
-                                "labels": {t: item.predictions[t].label for t in pending},
-                                "predictions": {t: {"label": p.label, "confidence": round(p.confidence, 4)}
-                                                for t, p in item.predictions.items()},
-                                "catalogue_labels": {t: v for t, v in item.catalogue.items() if t in pending},
-                                "base_versions": {t: states[t].version if t in states else None for t in pending}})
+            outcome, records = self._bulk_plan(queue, annotator, task, min_conf)
+            done = 0  # of `records`, stored now or by an earlier run
             for start in range(0, len(records), self.bulk_chunk):
                 try:
                     result = self.store.save_many(records[start:start + self.bulk_chunk], outcome.batch_id,
@@ -1154,18 +1115,18 @@ class Studio:
                 except (LabelStoreError, sqlite3.Error, OSError) as exc:
                     self.refresh(queue, annotator)
                     raise StudioError(
-                        f"The bulk accept stopped after {outcome.stored + outcome.already_there} of {len(records)} "
+                        f"The bulk accept stopped after {done} of {len(records)} "
                         f"items, each kept ({outcome.chunks} chunks committed): {exc}. Run it again to finish; "
                         "nothing is stored twice.") from exc
                 outcome.stored += result.stored
                 outcome.already_there += result.already_there
+                done += result.stored + result.already_there
                 outcome.conflicts += result.conflicts
                 outcome.decided += result.decided
                 outcome.chunks += 1
                 if progress is not None:
                     progress(min(1.0, (start + self.bulk_chunk) / len(records)),
-                             f"accepted {outcome.stored + outcome.already_there} of {len(records)}")
-            outcome.already_there += earlier
+                             f"accepted {done} of {len(records)}")
             open_item = queue.current.item_id if queue.current is not None else None
             self.refresh(queue, annotator)
             if queue.current is not None and queue.current.status != "pending" and not queue.show_decided:
@@ -1175,6 +1136,60 @@ class Studio:
                 outcome.moved_on = queue.current is None or queue.current.item_id != open_item
             self.keep_queue(queue, annotator)
         return outcome
+
+    def bulk_preview(self, queue: ReviewQueue, annotator: str | None, *, task: str | None = None,
+                     min_conf: float | str | None = THRESHOLDS) -> tuple[BulkOutcome, int]:
+        """What `bulk_accept` would do now, nothing stored: its counts, and how many items it would accept.
+        It reads the queue without its lock, which would hold the labeler's next decision back."""
+        outcome, records = self._bulk_plan(queue, (annotator or "").strip(), task, min_conf)
+        return outcome, len(records)
+
+    def _bulk_plan(self, queue: ReviewQueue, annotator: str, task: str | None,
+                   min_conf: float | str | None) -> tuple[BulkOutcome, list[dict]]:
+        """A bulk accept's counts before it stores anything, and the records it would store."""
+        if queue.split == DISAGREEMENTS:
+            raise StudioError("Bulk accept leaves labels people saved alone, and every item of a disagreements "
+                              "queue holds theirs: settle each one in the queue.")
+        tasks, names = queue.tasks if task in (None, "", ALL_TASKS) else [task], self.display_names(queue.model)
+        if any(t not in queue.tasks for t in tasks):
+            raise StudioError(f"Task {task!r} is not under review in this queue "
+                              f"({', '.join(names.get(t, t) for t in queue.tasks)}).")
+        if min_conf in (None, "", THRESHOLDS):
+            bar: float | dict[str, float | None] = {t: _threshold(queue, t) for t in tasks}
+            spec = THRESHOLDS
+            if all(v is None for v in bar.values()):
+                raise StudioError(f"The model has no 90%-precision threshold for "
+                                  f"{', '.join(names.get(t, t) for t in tasks)}: give a minimum confidence instead.")
+        else:
+            bar = _confidence(min_conf, "minimum")
+            spec = f"{bar:g}"
+        outcome = BulkOutcome(self.store.fresh_batch(f"{queue.queue_id}:bulk:{'+'.join(tasks)}:{spec}"), tasks, 0)
+        picked = [queue.items[i] for i in review.select(
+            [{t: item.predictions[t].confidence for t in tasks} for item in queue.items], min_conf=bar)]
+        outcome.selected = len(picked)
+        others = self.store.claims(annotator)  # items other labelers have open: theirs to decide
+        ours = self.store.batch_items(outcome.batch_id)  # stored by an earlier run of this bulk accept
+        records = []
+        for item in picked:
+            if item.withheld:
+                outcome.withheld += 1
+                continue
+            states = self.store.item_state(item.item_id)
+            pending = [t for t in tasks if t not in states or states[t].status == "pending"]
+            if not pending:  # decided, whoever has it open now
+                outcome.already_there += item.item_id in ours
+                outcome.decided += item.item_id not in ours
+                continue
+            if item.item_id in others:
+                outcome.claimed[item.item_id] = others[item.item_id]
+                continue
+            records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
+                            "labels": {t: item.predictions[t].label for t in pending},
+                            "predictions": {t: {"label": p.label, "confidence": round(p.confidence, 4)}
+                                            for t, p in item.predictions.items()},
+                            "catalogue_labels": {t: v for t, v in item.catalogue.items() if t in pending},
+                            "base_versions": {t: states[t].version if t in states else None for t in pending}})
+        return outcome, records
 
     def _current(self, queue: ReviewQueue, shown: Shown | None) -> ReviewItem:
         item = queue.current

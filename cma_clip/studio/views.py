@@ -664,6 +664,28 @@ def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> s
     parts = [f"Bulk accept ({tasks}): {plural(outcome.selected, 'item')} of the queue "
              f"{'clears' if outcome.selected == 1 else 'clear'} the bar",
              f"{outcome.stored} auto-accepted now"]
+    line = ", ".join(parts + _left_alone(outcome)) + f" (stored in {plural(outcome.chunks, 'transaction')})."
+    if outcome.took_open:
+        line += f" It took the item you had open, {code(outcome.took_open)}: " + (
+            "the queue moved on." if outcome.moved_on else "its other tasks wait for you there.")
+    if outcome.conflicts:
+        line += " Left out, labelled otherwise since: " + "; ".join(
+            f"{code(c.item_id)} {task_name(c.task, names=names)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"
+            for c in outcome.conflicts[:5])
+    return line
+
+
+def bulk_preview_message(outcome: BulkOutcome, count: int, names: dict[str, str] | None = None) -> str:
+    """What a bulk accept with these filters would do now, before it is pressed (`count`: the items it takes)."""
+    tasks = ", ".join(task_name(t, names=names) for t in outcome.tasks)
+    return ", ".join([f"Bulk accept ({tasks}) would auto-accept the model's labels of **{plural(count, 'item')}** now "
+                      f"({outcome.selected} of the queue {'clears' if outcome.selected == 1 else 'clear'} the bar)",
+                      *_left_alone(outcome)]) + ". Undo takes it back whole."
+
+
+def _left_alone(outcome: BulkOutcome) -> list[str]:
+    """The items a bulk accept that clear its bar leaves alone, and why."""
+    parts = []
     if outcome.already_there:
         parts.append(f"{outcome.already_there} stored by an earlier run of this bulk accept")
     if outcome.decided:
@@ -675,15 +697,7 @@ def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> s
         parts.append(f"{len(outcome.claimed)} left to the labelers who have them open ("
                      + ", ".join(f"{code(item)} by {code(who)}" for item, who in list(outcome.claimed.items())[:5])
                      + ")")
-    line = ", ".join(parts) + f" (stored in {plural(outcome.chunks, 'transaction')})."
-    if outcome.took_open:
-        line += f" It took the item you had open, {code(outcome.took_open)}: " + (
-            "the queue moved on." if outcome.moved_on else "its other tasks wait for you there.")
-    if outcome.conflicts:
-        line += " Left out, labelled otherwise since: " + "; ".join(
-            f"{code(c.item_id)} {task_name(c.task, names=names)} = {code(c.theirs)} by {code(c.annotator or 'someone')}"
-            for c in outcome.conflicts[:5])
-    return line
+    return parts
 
 
 # ---------------------------------------------------------------------- audit, item history, agreement
