@@ -232,6 +232,7 @@ class Conflict(NamedTuple):
     version: int  # the version standing now: pass it as the base version to save over it
     created_at: str
     status: str = ""  # the status standing now (accepted, corrected, skipped or pending)
+    source: str = "human"  # of the decision standing now: human, or auto (a bulk accept)
 
 
 class LabelConflict(LabelStoreError):
@@ -1077,7 +1078,7 @@ def _conflicts(save: _Prepared, current: dict[str, TaskState], steps: dict[int, 
 def _conflict(item_id: str, task: str, yours: str | None, now: TaskState) -> Conflict:
     """A conflict with the decision standing now on a task, named by whoever made it."""
     return Conflict(item_id, task, yours, now.label, now.decided_by or now.annotator, now.version, now.created_at,
-                    now.status)
+                    now.status, now.source)
 
 
 def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, request_id: str | None,

@@ -1115,3 +1115,20 @@ def test_a_bulk_accepts_preview_counts_what_it_then_stores(studio):
     assert studio.bulk_preview(queue, "ana", task=colour, min_conf=0)[1] == 0
     with pytest.raises(StudioError, match="not under review"):
         studio.bulk_preview(queue, "ana", task="nope")
+
+
+def test_a_conflict_with_a_bulk_accept_says_it_was_one(studio):
+    """QA, session 35: gus's save over fred's bulk accept read "accepted by `fred`", as if fred had chosen it."""
+    colour = "colour_group_name"
+    queue = studio.review_catalogue("hm-articles", "val", 3)
+    item, shown = queue.current, studio.current_view(queue).shown
+    predicted = item.predictions[colour].label
+    studio.store.save_many([{"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
+                             "labels": {colour: predicted},
+                             "predictions": {colour: {"label": predicted, "confidence": 0.5}}}], "fred:bulk",
+                           annotator="fred")
+    other = next(c for c in studio.task_classes("hm-articles")[colour] if c != predicted)
+    refused = studio.review_save(queue, "gus", {colour: other}, shown)
+    assert refused.result == "conflict" and refused.conflicts[0].source == "auto"
+    assert (f"`{predicted}`, accepted by `fred`'s bulk accept (the model's label, no person's)"
+            in views.save_message(refused))

@@ -574,8 +574,9 @@ CONFLICT_TEXT = {  # action -> (what was refused, since when, the choice)
 
 def standing(c: Conflict) -> str:
     """The decision standing in a conflict: its label, status and who made it."""
+    auto = "'s bulk accept (the model's label, no person's)" if c.source == "auto" else ""
     return (f"{code(c.theirs) if c.theirs else '(none)'}{f', {c.status}' if c.status else ''}"
-            f" by {code(c.annotator or 'someone')}")
+            f" by {code(c.annotator or 'someone')}{auto}")
 
 
 def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = None, action: str = "label",
