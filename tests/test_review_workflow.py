@@ -528,7 +528,7 @@ def test_an_interrupted_bulk_accept_resumes_without_duplicates(review_app, monke
     assert studio.store.audit(annotator="ivy")[1] == 2
     resumed = ivy("/bulk_accept", "ivy", PATTERN, "0")
     assert "4 auto-accepted now" in resumed["bulk accept status"]
-    assert "2 already decided" in resumed["bulk accept status"]
+    assert "2 stored by an earlier run of this bulk accept" in resumed["bulk accept status"]  # its own, not others'
     rows, total = studio.store.audit(annotator="ivy")
     assert total == 6 and len({r["item_id"] for r in rows}) == 6  # each item once
     assert {r["source"] for r in rows} == {"auto"}
