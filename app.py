@@ -1088,6 +1088,14 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             updates.update({panel.progress: views.review_status(queue), **standing(studio, panel, queue, view)})
             updates.update({slot: gr.update(info=update["info"])  # the lines under the controls, values kept
                             for slot, update in review_slots(studio, panel, queue, view).items() if update["visible"]})
+            if queue.current.disputed:  # the keys as the dispute stands now (they offered "1 · Stripe (ana)" after
+                # ana had come round to Check, and picked for a task no longer in dispute)
+                task = views.first_task(queue.tasks, queue.current.disputed)
+                updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task),
+                                panel.choice_map: views.choice_map(queue.tasks, queue.current)})
+            for task, label in outcome.ended.items():  # the pick there was not stored: the task as it stands
+                slot = panel.slots[queue.tasks.index(task)]
+                updates[slot] = {**updates.get(slot, gr.update()), "value": label}
         if outcome.result == "unchosen" and queue.current is not None:  # the keys now pick for the task to choose
             task = views.first_task(queue.tasks, outcome.unchosen)
             updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task)})

@@ -375,6 +375,42 @@ def test_an_active_task_picked_right_after_a_confidence_box_takes_the_click(revi
         expect(page.locator("#review-active-task input:checked")).to_have_value(task, timeout=WAIT)
 
 
+
+def test_after_a_rulings_conflict_the_keys_pick_for_the_dispute_as_it_stands(review_app, browser):
+    """QA, session 35: kim saved her item again (coming round to lee's Pattern, another Colour) while rita ruled;
+    after the conflict the keys still offered "1 · <kim's old Pattern> (kim)" for Pattern, no longer in dispute,
+    and a pick there stored a "ruling" over what both annotators now said."""
+    row = hm_rows("val", 9)[-1]
+    studio, pattern, colour = review_app.studio, "graphical_appearance_name", "colour_group_name"
+    store, item = studio.store, row["article_id"]
+    dots, stripes = studio.task_classes(MODEL)[pattern][1:3]
+    red, blue, green = studio.task_classes(MODEL)[colour][5:8]
+    for annotator, labels in (("kim", {pattern: dots, colour: red}), ("lee", {pattern: stripes, colour: blue})):
+        store.save(image=HM / row["image"], text=row["prod_name"], labels=labels, annotator=annotator, item_id=item)
+    page = open_page(browser, review_app, "rita")
+    page.get_by_role("tab", name="Review").click()
+    page.locator("#review-load-disagreements").click()
+    expect(page.locator("#review-progress")).to_contain_text("disagree", timeout=WAIT)
+    while current_item(page) != item:  # other tests' disagreements come first (the oldest first)
+        press(page, "s")
+    expect(page.locator("#review-choice-1")).to_contain_text(f"1 · {dots} (kim)")  # Pattern, the first in dispute
+    store.save(image=HM / row["image"], text=row["prod_name"], labels={pattern: stripes, colour: green},
+               annotator="kim", item_id=item)  # kim comes round on Pattern, and changes her Colour
+    press(page, "11a")  # Pattern kim's (as on screen), Colour kim's (as on screen), Accept
+    status = page.locator("#review-status")
+    expect(status).to_contain_text("Not saved: someone else saved", timeout=WAIT)
+    expect(status).to_contain_text(f"Pattern's disagreement ended meanwhile (its annotators' labels no longer differ; "
+                                   f"it stands at {stripes}): your pick there was not stored.")
+    expect(page.locator("#review-active-task label:has(input:checked)")).to_have_text("Colour")
+    expect(page.locator("#review-choice-1")).to_contain_text(f"1 · {green} (kim)")  # as the dispute stands now
+    shot(page, "ruling-conflict-keys")
+    press(page, "2a")  # lee's Blue
+    expect(status).to_contain_text("It settles the disagreement", timeout=WAIT)
+    states = store.item_state(item)
+    assert (states[colour].label, states[colour].adjudicated) == (blue, True)
+    assert (states[pattern].label, states[pattern].annotator, states[pattern].adjudicated) == (stripes, "kim", False)
+    page.context.close()
+
 def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, browser):
     """On a phone the item sits far above Accept: after a tap the next item was off screen, and a refused
     save's message under the buttons too, so nothing seemed to happen (QA labeler, session 32)."""

@@ -1113,8 +1113,9 @@ def test_a_bulk_accepts_preview_counts_what_it_then_stores(studio):
     assert studio.store.audit(source="auto")[1] == 0  # nothing stored by a preview
     assert studio.bulk_accept(queue, "ana", task=colour, min_conf=0).stored == taking
     assert studio.bulk_preview(queue, "ana", task=colour, min_conf=0)[1] == 0
-    with pytest.raises(StudioError, match="not under review"):
+    with pytest.raises(StudioError, match=r"'nope' is not under review in this queue: Product type \(product_type"):
         studio.bulk_preview(queue, "ana", task="nope")
+    assert studio.bulk_preview(queue, "ana", task="Colour", min_conf=0)[0].tasks == [colour]  # the name people read
 
 
 def test_a_conflict_with_a_bulk_accept_says_it_was_one(studio):
@@ -1132,3 +1133,36 @@ def test_a_conflict_with_a_bulk_accept_says_it_was_one(studio):
     assert refused.result == "conflict" and refused.conflicts[0].source == "auto"
     assert (f"`{predicted}`, accepted by `fred`'s bulk accept (the model's label, no person's)"
             in views.save_message(refused))
+
+
+def test_an_annotators_whole_item_resave_does_not_stop_a_ruling_on_the_dispute_as_shown(studio):
+    """QA, session 35: ana saved her whole item again (coming round on Pattern, the same Colour): rita's ruling
+    on Colour met a conflict over nothing new, and was never told her Pattern pick was not stored."""
+    colour, pattern = "colour_group_name", "graphical_appearance_name"
+    row = hm_rows("test", 1)[0]
+    red, blue = studio.task_classes("hm-articles")[colour][:2]
+    dots, stripes = studio.task_classes("hm-articles")[pattern][:2]
+    item_id, names = row["article_id"], studio.display_names("hm-articles")
+
+    def label(annotator: str, labels: dict) -> None:
+        studio.store.save(image=HM / row["image"], text=row["prod_name"], labels=labels, annotator=annotator,
+                          item_id=item_id)
+
+    for decide in ("rule", "skip"):
+        label("ana", {colour: red, pattern: dots})
+        label("ben", {colour: blue, pattern: stripes})
+        queue = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
+        view = studio.current_view(queue)
+        label("ana", {colour: red, pattern: stripes})  # her whole item again: Pattern as ben's, Colour as before
+        if decide == "rule":
+            done = studio.review_save(queue, "rita", dict(view.values, **{colour: blue, pattern: dots}), view.shown)
+            assert done.result == "saved" and done.labels == {colour: blue} and done.ended == {pattern: stripes}
+            assert "your pick there was not stored" in views.save_message(done, names)
+            studio.review_undo(queue, "rita")  # the dispute open again, for the skip
+        else:
+            done = studio.review_skip(queue, "rita", view.shown)
+            assert done.result == "saved" and list(done.statuses) == [colour]
+            assert views.save_message(done, names).endswith(
+                f"Pattern's disagreement ended meanwhile (its annotators' labels no longer differ; it stands at "
+                f"`{stripes}`): it is not skipped.")
+        assert studio.store.item_state(item_id)[pattern].label == stripes

@@ -998,7 +998,8 @@ class Studio:
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
                            for t, p in item.predictions.items()}
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
-                                 predictions, {t: shown.versions.get(t) for t in chosen}, rid, new_classes, force,
+                                 predictions, _decided_over(item, disputed, standing, shown, chosen), rid,
+                                 new_classes, force,
                                  {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating)
             outcome.ended = ended
             if outcome.result == "saved":
@@ -1021,24 +1022,26 @@ class Studio:
             # a reviewer's skip passes over the dispute; it marked the tasks nobody labelled skipped too, which
             # took the item out of every labeler's queue for them
             tasks = [t for t in queue.tasks if t in item.disputed] if queue.split == DISAGREEMENTS else []
-            ended = self._ended_meanwhile(item, self.store.open_disagreements(tasks).get(item.item_id, {}),
-                                          self.store.item_state(item.item_id)) if tasks else {}
+            disputed = self.store.open_disagreements(tasks).get(item.item_id, {}) if tasks else {}
+            standing = self.store.item_state(item.item_id) if tasks else {}
+            ended = self._ended_meanwhile(item, disputed, standing) if tasks else {}
             if ended and not (tasks := [t for t in tasks if t not in ended]):
                 self._moved_on(queue, annotator)
                 return self._remember(rid, SaveOutcome("settled", item.item_id, request_id=rid, kind="skip"))
             tasks = tasks or queue.tasks
             try:
                 result = self.store.skip(item.item_id, tasks, annotator, checkpoint=queue.model, request_id=rid,
-                                         base_versions={t: shown.versions.get(t) for t in tasks}, force=force)
+                                         base_versions=_decided_over(item, disputed, standing, shown, tasks),
+                                         force=force)
             except LabelConflict as exc:
                 self.refresh(queue, annotator)  # someone decided it meanwhile: the queue says so now
                 return SaveOutcome("conflict", item.item_id, conflicts=exc.conflicts, kind="skip", request_id=rid,
-                                   annotator=annotator)
+                                   annotator=annotator, ended=ended)
             except LabelStoreError as exc:
                 raise StudioError(str(exc)) from exc
             outcome = SaveOutcome("duplicate" if result.duplicate else "saved", item.item_id, {}, result.save_id,
                                   dict.fromkeys(tasks, "skipped"), kind="skip", request_id=rid,
-                                  annotator=annotator)
+                                  annotator=annotator, ended=ended)
             if not result.duplicate:
                 self._moved_on(queue, annotator)
             return self._remember(rid, outcome)
@@ -1150,10 +1153,12 @@ class Studio:
         if queue.split == DISAGREEMENTS:
             raise StudioError("Bulk accept leaves labels people saved alone, and every item of a disagreements "
                               "queue holds theirs: settle each one in the queue.")
-        tasks, names = queue.tasks if task in (None, "", ALL_TASKS) else [task], self.display_names(queue.model)
+        names = self.display_names(queue.model)
+        task = {names.get(t, t): t for t in queue.tasks}.get(task, task)  # "Colour" for colour_group_name (API)
+        tasks = queue.tasks if task in (None, "", ALL_TASKS) else [task]
         if any(t not in queue.tasks for t in tasks):
-            raise StudioError(f"Task {task!r} is not under review in this queue "
-                              f"({', '.join(names.get(t, t) for t in queue.tasks)}).")
+            raise StudioError(f"Task {task!r} is not under review in this queue: "
+                              f"{', '.join(f'{names.get(t, t)} ({t})' for t in queue.tasks)}.")
         if min_conf in (None, "", THRESHOLDS):
             bar: float | dict[str, float | None] = {t: _threshold(queue, t) for t in tasks}
             spec = THRESHOLDS
@@ -1367,6 +1372,15 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
     said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
                      for task, by_annotator in labels.items())
     return f"Annotators disagree on {said}. Choose the label (the choices list theirs first): your save settles it."
+
+
+def _decided_over(item: ReviewItem, disputed: dict[str, dict[str, str]], standing: dict[str, TaskState],
+                  shown: Shown, tasks: Iterable[str]) -> dict[str, int | None]:
+    """The versions a decision on `tasks` of the item is made over: those `shown`, but for a task whose
+    dispute (`disputed`: open now) stands as on the reviewer's screen, the version standing now (an annotator
+    saved their item again, with the same label on it: the ruling met a conflict over nothing new)."""
+    return {t: standing[t].version if t in disputed and disputed[t] == item.disputed.get(t) else shown.versions.get(t)
+            for t in tasks}
 
 
 def _own_label(state: TaskState | None, label: str, annotator: str) -> bool:

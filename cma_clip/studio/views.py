@@ -507,8 +507,13 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     if outcome.result == "duplicate":
         return (f"Already saved (save #{outcome.save_id}): this request was stored before, so nothing new was "
                 f"written" + (f" for item {code(outcome.item_id)}." if outcome.item_id else "."))
+    left = "your pick there was not stored" if outcome.kind == "label" else "it is not skipped"
+    ended = "".join(f" {task_name(t, names=names)}'s disagreement ended meanwhile (its annotators' labels no longer "
+                    f"differ; it stands at {code(label) if label else 'no label'}): {left}."
+                    for t, label in outcome.ended.items())
     if outcome.result == "conflict":
-        return conflict_message(outcome.conflicts, names, outcome.kind, outcome.annotator)
+        return conflict_message(outcome.conflicts, names, outcome.kind, outcome.annotator) + (
+            f"\n\n{ended.strip()}" if ended else "")
     if outcome.result == "unknown":
         return unknown_message(outcome.unknown, names)
     if outcome.result == "unchosen":
@@ -528,7 +533,7 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     by = f" by {code(outcome.annotator)}" if outcome.annotator else ""
     if outcome.kind == "skip":
         tasks = ", ".join(task_name(t, names=names) for t in outcome.statuses)
-        return f"Skipped item {code(outcome.item_id)}{by} (save #{outcome.save_id}): {tasks}."
+        return f"Skipped item {code(outcome.item_id)}{by} (save #{outcome.save_id}): {tasks}.{ended}"
     labels = ", ".join(f"{task_name(t, names=names)} = {code(v)} ({outcome.statuses.get(t, '')})"
                        for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
@@ -541,9 +546,6 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     against = "".join(f" This goes against {code(r.annotator)}'s ruling on {task_name(t, names=names)} "
                       f"({code(r.label)}): the disagreement is open again until a reviewer settles it, and training "
                       "leaves the label out meanwhile." for t, r in outcome.against.items())
-    ended = "".join(f" {task_name(t, names=names)}'s disagreement ended meanwhile (its annotators' labels no longer "
-                    f"differ; it stands at {code(label) if label else 'no label'}): your pick there was not stored."
-                    for t, label in outcome.ended.items())
     if outcome.ruling:
         return (f"Ruling #{outcome.save_id}{by} on item {code(outcome.item_id)}: {labels}. It settles the "
                 f"disagreement: the export takes it as the label (source: adjudication).{new}{differ_note}{pending}"
