@@ -1166,3 +1166,24 @@ def test_an_annotators_whole_item_resave_does_not_stop_a_ruling_on_the_dispute_a
                 f"Pattern's disagreement ended meanwhile (its annotators' labels no longer differ; it stands at "
                 f"`{stripes}`): it is not skipped.")
         assert studio.store.item_state(item_id)[pattern].label == stripes
+
+
+def test_a_label_saved_meanwhile_on_an_undisputed_task_is_not_ruled_over(studio):
+    """QA, session 35: cy labelled Section while rita looked at the item's Colour dispute; rita's Accept sent
+    the model's Section still on her screen, which read as her change: a conflict, and Overwrite stored the
+    model's guess as a ruling over cy's label."""
+    colour, section = "colour_group_name", "index_group_name"
+    row = hm_rows("test", 1)[0]
+    red, blue = studio.task_classes("hm-articles")[colour][:2]
+    for annotator, label in (("ana", red), ("ben", blue)):
+        studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={colour: label}, annotator=annotator,
+                          item_id=row["article_id"])
+    queue = studio.review_disagreements("hm-articles", None, 10, annotator="rita")
+    view = studio.current_view(queue)
+    guess = view.values[section]
+    other = next(c for c in studio.task_classes("hm-articles")[section] if c != guess)
+    studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={section: other}, annotator="cy",
+                      item_id=row["article_id"])
+    ruled = studio.review_save(queue, "rita", dict(view.values, **{colour: blue}), view.shown)
+    assert ruled.result == "saved" and ruled.labels == {colour: blue}
+    assert studio.store.item_state(row["article_id"])[section].label == other

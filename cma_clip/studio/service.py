@@ -980,7 +980,7 @@ class Studio:
                 raise StudioError("Choose at least one label to save.")
             if adjudicating:  # a ruling covers the tasks in dispute and those the reviewer changed, not the
                 # model's guesses on the rest (an Accept stored them as rulings); settled meanwhile: as it stands
-                start = self.current_view(queue).values
+                start = _as_shown(item, shown, self.store.item_history(item.item_id))
                 chosen = {t: v for t, v in chosen.items() if t in disputed or v != start.get(t)} or {
                     t: v for t, v in chosen.items() if t in standing}
                 ended = {t: label for t, label in ended.items() if t in chosen}  # picked there: not stored
@@ -1372,6 +1372,14 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
     said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
                      for task, by_annotator in labels.items())
     return f"Annotators disagree on {said}. Choose the label (the choices list theirs first): your save settles it."
+
+
+def _as_shown(item: ReviewItem, shown: Shown, history: list[dict]) -> dict[str, str]:
+    """The label each task's control started at on the labeler's screen: that of the version `shown`, else
+    the model's. (Read now, a label someone saved since made the model's guess left on screen look like the
+    reviewer's change, and a ruling over that label.)"""
+    labels = {row["version"]: row["label"] for row in history if row["version"] is not None}
+    return {t: labels.get(shown.versions.get(t)) or p.label for t, p in item.predictions.items()}
 
 
 def _decided_over(item: ReviewItem, disputed: dict[str, dict[str, str]], standing: dict[str, TaskState],
