@@ -1096,9 +1096,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             for task, label in outcome.ended.items():  # the pick there was not stored: the task as it stands
                 slot = panel.slots[queue.tasks.index(task)]
                 updates[slot] = {**updates.get(slot, gr.update()), "value": label}
-        if outcome.result == "unchosen" and queue.current is not None:  # the keys now pick for the task to choose
+        if outcome.result == "unchosen" and queue.current is not None:  # the keys now pick for the task to choose,
+            # among the labels said now (they offered those of before, which the message no longer named)
             task = views.first_task(queue.tasks, outcome.unchosen)
-            updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task)})
+            updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task),
+                            panel.choice_map: views.choice_map(queue.tasks, queue.current),
+                            panel.progress: views.review_status(queue),
+                            **standing(studio, panel, queue, studio.current_view(queue))})
         if outcome.result in ("conflict", "unknown", "unchosen"):  # the item stays, the labeler's choices kept
             return updates
         return show_queue(studio, panel, queue, message)

@@ -1187,3 +1187,35 @@ def test_a_label_saved_meanwhile_on_an_undisputed_task_is_not_ruled_over(studio)
     ruled = studio.review_save(queue, "rita", dict(view.values, **{colour: blue}), view.shown)
     assert ruled.result == "saved" and ruled.labels == {colour: blue}
     assert studio.store.item_state(row["article_id"])[section].label == other
+
+
+def test_a_refused_ruling_shows_the_dispute_as_it_stands_and_an_undo_says_what_it_reopened(studio):
+    """QA, session 35: after "choose a label" the keys still offered ana's label of before (the message named
+    her new one); undoing a ruling on an item outside the queue did not say the dispute was open again, and
+    undoing a reviewer's skip said her "ruling" was withdrawn."""
+    colour = "colour_group_name"
+    rows = hm_rows("test", 2)
+    red, blue, green = studio.task_classes("hm-articles")[colour][:3]
+    names = studio.display_names("hm-articles")
+    for row in rows:
+        for annotator, label in (("ana", red), ("ben", blue)):
+            studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={colour: label},
+                              annotator=annotator, item_id=row["article_id"])
+    queue = studio.review_disagreements("hm-articles", colour, 10, annotator="rita")
+    first = queue.current.item_id
+    row = next(r for r in rows if r["article_id"] == first)
+    studio.store.save(image=HM / row["image"], text=row["prod_name"], labels={colour: green}, annotator="ana",
+                      item_id=first)
+    refused = studio.review_save(queue, "rita", {colour: None})
+    assert refused.result == "unchosen" and refused.unchosen[colour]["ana"] == green
+    assert queue.current.disputed[colour]["ana"] == green  # what the keys and the header offer now
+    assert [label for label, _, _ in queue.current.choices(colour)][:2] == [green, blue]
+    ruled = studio.review_save(queue, "rita", {colour: blue})
+    assert ruled.result == "saved"
+    skipped = studio.review_skip(queue, "rita")
+    assert skipped.result == "saved"
+    undone = studio.review_undo(queue, "rita")  # the skip: no ruling withdrawn
+    assert not undone.reopened and "ruling is withdrawn" not in views.undo_message(undone, names)
+    elsewhere = studio.review_undo(None, "rita")  # the ruling, from no queue
+    assert elsewhere.reopened == {colour: {"ana": green, "ben": blue}}
+    assert "Your ruling is withdrawn: the disagreement is open again on Colour" in views.undo_message(elsewhere, names)

@@ -970,6 +970,7 @@ class Studio:
             # the item's open disagreement (task -> who said what), read once: a whole-store reading
             disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
             if unchosen := {t: said for t, said in disputed.items() if t not in chosen}:  # a ruling is a choice
+                self.refresh(queue, annotator)  # the dispute as it stands: the keys offered labels changed since
                 return SaveOutcome("unchosen", item.item_id, request_id=rid, unchosen=unchosen)
             standing = self.store.item_state(item.item_id)
             ended = self._ended_meanwhile(item, disputed, standing) if adjudicating else {}
@@ -1068,6 +1069,11 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         outcome.queue_open = queue is not None
+        if outcome.tasks and any(row["save_id"] == outcome.save_id and row["adjudicated"] and row["kind"] == "label"
+                                 for row in self.store.item_history(outcome.item_id)):  # a ruling (not a skip),
+            # in this queue or not: its dispute is open again
+            outcome.reopened = {t: said for t, said in self.store.open_disagreements(list(outcome.tasks)).get(
+                outcome.item_id, {}).items()}
         if queue is not None:
             with self._queue_lock(queue):
                 self.refresh(queue, annotator)
@@ -1075,7 +1081,6 @@ class Studio:
                 if index is not None:
                     queue.go_to(index)
                     outcome.in_queue = True
-                    outcome.reopened = {t: said for t, said in queue.current.disputed.items() if t in outcome.tasks}
                 self.keep_queue(queue, annotator, steer=False)
         return outcome
 
