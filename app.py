@@ -1076,6 +1076,11 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def labels_of(queue: ReviewQueue, values) -> dict:
         return labels_in_slots(queue.tasks, values, "the queue reviews")
 
+    def keys_for(queue: ReviewQueue, task: str) -> dict:
+        """The active task `task`, and the number keys for it among the current item's choices now."""
+        return {panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task),
+                panel.choice_map: views.choice_map(queue.tasks, queue.current)}
+
     def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
         """A stored decision shows the next item; a refused one stays on the item with its choices,
         the labeler's own choices kept, and (a conflict) the item's table and history as they stand now."""
@@ -1090,17 +1095,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                             for slot, update in review_slots(studio, panel, queue, view).items() if update["visible"]})
             if queue.current.disputed:  # the keys as the dispute stands now (they offered "1 · Stripe (ana)" after
                 # ana had come round to Check, and picked for a task no longer in dispute)
-                task = views.first_task(queue.tasks, queue.current.disputed)
-                updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task),
-                                panel.choice_map: views.choice_map(queue.tasks, queue.current)})
+                updates.update(keys_for(queue, views.first_task(queue.tasks, queue.current.disputed)))
             for task, label in outcome.ended.items():  # the pick there was not stored: the task as it stands
                 slot = panel.slots[queue.tasks.index(task)]
                 updates[slot] = {**updates.get(slot, gr.update()), "value": label}
         if outcome.result == "unchosen" and queue.current is not None:  # the keys now pick for the task to choose,
             # among the labels said now (they offered those of before, which the message no longer named)
-            task = views.first_task(queue.tasks, outcome.unchosen)
-            updates.update({panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task),
-                            panel.choice_map: views.choice_map(queue.tasks, queue.current),
+            updates.update({**keys_for(queue, views.first_task(queue.tasks, outcome.unchosen)),
                             panel.progress: views.review_status(queue),
                             **standing(studio, panel, queue, studio.current_view(queue))})
         if outcome.result in ("conflict", "unknown", "unchosen"):  # the item stays, the labeler's choices kept
@@ -1356,6 +1357,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     active.input(**buttons)
     next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, trigger_mode="multiple",
                     api_visibility="private").then(**buttons)
+
     def preview_bulk(queue, annotator_name, task_name, minimum):
         """What Bulk accept would do now with these filters, shown before it is pressed."""
         if queue is None:
