@@ -1374,8 +1374,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                "trigger_mode": "always_last"}
     bulk.click(bulk_accept, [panel.queue, shared.annotator, bulk_task, bulk_min], [*panel.outputs, bulk_status],
                api_name="bulk_accept", show_progress_on=bulk_status).then(**preview)  # beside its button
-    for counts_change in (bulk_panel.expand, bulk_task.change, bulk_min.change, panel.progress.change):
-        counts_change(**preview)  # (the progress line changes with each decision and queue)
+    for counts_change in (bulk_panel.expand, bulk_task.change, bulk_min.change, panel.progress.change,
+                          panel.status.change):
+        counts_change(**preview)  # (the progress line changes with each decision and queue, the status with an
+        # undo: an undone bulk accept left the count at "0 items, 5 stored by an earlier run")
 
     def model_tasks(model_name, task_now):  # the filters offer the model's tasks (one still its own stays chosen)
         tasks = studio.tasks_of(model_name)

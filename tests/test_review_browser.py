@@ -310,6 +310,7 @@ def test_two_annotators_keys_undo_previous_typo_bulk_reload_and_restart(review_a
                                                           timeout=WAIT)
     after = {item: now["labels"] for item, now in review_app.studio.store.current_labels().items()}
     assert after == before  # the labels saved by hand as they were, the auto-accepts gone
+    expect(ana.locator("#bulk-preview")).to_contain_text(f"labels of {taking} item", timeout=WAIT)  # to take again
 
     # the audit, filtered, and the agreement
     ana.get_by_role("tab", name="History").click()
