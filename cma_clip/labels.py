@@ -165,7 +165,8 @@ BATCH_UNDONE = ("SELECT 1 FROM corrections c WHERE c.batch_id = ? AND EXISTS (SE
 # the undos one request made: a bulk accept's undo is an undo per save, "<request id>:<save id>" after the first
 BATCH_UNDOS = ("SELECT id FROM corrections WHERE kind = 'undo' AND (request_id = ? OR substr(request_id, 1, ?) = ?)"
                " ORDER BY id")
-UNDO_SAVE = "SELECT item_id, undoes FROM corrections WHERE id = ?"
+UNDO_SAVE = ("SELECT u.item_id, u.undoes, s.kind = 'label' AND s.adjudicated AS ruling FROM corrections u"
+             " JOIN corrections s ON s.id = u.undoes WHERE u.id = ?")
 UNDO_RESULT = ("SELECT u.id AS version, u.save_id, u.task, r.label AS undone, u.label AS restored, u.base_version,"
                " u.reverts FROM decisions u"
                " JOIN decisions r ON r.id = u.reverts WHERE u.save_id = ? ORDER BY u.id")
@@ -303,6 +304,7 @@ class Undone(NamedTuple):
     tasks: dict[str, tuple[str | None, str | None]]  # task -> (label undone, label restored)
     kept: list[str] = []  # the save's tasks someone else decided since, left as they stand
     dropped: list[Conflict] = []  # someone else's decisions since that a forced undo reverted
+    ruling: bool = False  # the save reverted was a reviewer's ruling on a disagreement
 
 
 class BatchUndone(NamedTuple):
@@ -1140,7 +1142,8 @@ def request_reused(kind: str, used_by: str, request_id: str) -> str:
 
 def _undone(conn: sqlite3.Connection, undo_id: int) -> Undone:
     """What the undo `undo_id` did: the save it reverted, each task's label undone and restored, the tasks
-    it left as someone else decided since, and the decisions since that it dropped (a forced undo)."""
+    it left as someone else decided since, the decisions since that it dropped (a forced undo), and
+    whether the save was a ruling."""
     undo = conn.execute(UNDO_SAVE, (undo_id,)).fetchone()
     rows = conn.execute(UNDO_RESULT, (undo_id,)).fetchall()
     tasks = {r["task"]: (r["undone"], r["restored"]) for r in rows}
@@ -1149,7 +1152,7 @@ def _undone(conn: sqlite3.Connection, undo_id: int) -> Undone:
     _, steps = _replay(decisions)
     dropped = [_conflict(undo["item_id"], r["task"], r["restored"], state)
                for r in rows for state in _dropped_by_undo(decisions, steps, r)]
-    return Undone(undo["undoes"], undo["item_id"], tasks, kept, dropped)
+    return Undone(undo["undoes"], undo["item_id"], tasks, kept, dropped, bool(undo["ruling"]))
 
 
 def _stored_request(conn: sqlite3.Connection, request_id: str | None, kind: str) -> int | None:

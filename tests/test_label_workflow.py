@@ -220,7 +220,7 @@ def test_undo_restores_the_previous_label_and_who_set_it_and_refuses_to_drop_som
     assert store.undo("ana", request_id="undo-1").tasks == {"colour": (None, "Blue")}  # a retry: not a second undo
     state = store.item_state("a")["colour"]
     assert (state.label, state.status, state.annotator) == ("Blue", "corrected", "ana")
-    assert store.undo("ana") == (first.save_id, "a", {"colour": ("Blue", "Red")}, [], [])
+    assert store.undo("ana") == (first.save_id, "a", {"colour": ("Blue", "Red")}, [], [], False)
     state = store.item_state("a")["colour"]
     assert (state.label, state.annotator) == ("Red", "ben") and state.version > first.versions["colour"]
 

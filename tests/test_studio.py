@@ -1215,7 +1215,8 @@ def test_a_refused_ruling_shows_the_dispute_as_it_stands_and_an_undo_says_what_i
     skipped = studio.review_skip(queue, "rita")
     assert skipped.result == "saved"
     undone = studio.review_undo(queue, "rita")  # the skip: no ruling withdrawn
-    assert not undone.reopened and "ruling is withdrawn" not in views.undo_message(undone, names)
+    assert not undone.ruling and not undone.reopened and "ruling is withdrawn" not in views.undo_message(undone, names)
     elsewhere = studio.review_undo(None, "rita")  # the ruling, from no queue
+    assert elsewhere.ruling
     assert elsewhere.reopened == {colour: {"ana": green, "ben": blue}}
     assert "Your ruling is withdrawn: the disagreement is open again on Colour" in views.undo_message(elsewhere, names)

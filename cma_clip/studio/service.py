@@ -1069,9 +1069,7 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         outcome.queue_open = queue is not None
-        if outcome.tasks and any(row["save_id"] == outcome.save_id and row["adjudicated"] and row["kind"] == "label"
-                                 for row in self.store.item_history(outcome.item_id)):  # a ruling (not a skip),
-            # in this queue or not: its dispute is open again
+        if outcome.tasks and outcome.ruling:  # in this queue or not: its dispute is open again
             outcome.reopened = {t: said for t, said in self.store.open_disagreements(list(outcome.tasks)).get(
                 outcome.item_id, {}).items()}
         if queue is not None:

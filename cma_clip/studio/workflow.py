@@ -339,6 +339,7 @@ class UndoOutcome:
     save_id: int | None = None
     request_id: str | None = None
     queue_open: bool = False
+    ruling: bool = False  # the save reverted was a ruling (not a skip) on a disagreement
     reopened: dict[str, dict[str, str]] = field(default_factory=dict)  # an undone ruling: the dispute open again
     batch: list[Undone] = field(default_factory=list)  # an undone bulk accept: each of its saves' undo
 
