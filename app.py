@@ -163,12 +163,18 @@ THEME = gr.themes.Default(
 # A pick (a number key or button) and the next task (t) change the controls in the browser at once, from the
 # item's choices (`views.choice_map`): a round trip to the server let a quick "2 a" save the label before the
 # pick, and a quick "t t 3" pick on the task before.
+# A key beyond the active task's choices says so (it did nothing, silently).
 PICK_JS = """(map, active, ...slots) => {
   const number = %d, tasks = (map && map.tasks) || [], at = tasks.indexOf(active);
   const labels = at < 0 ? [] : (map.labels[active] || []);
-  if (number > labels.length) return [active, ...slots];
+  if (number > labels.length) {
+    const name = (map && map.names && map.names[active]) || active, n = labels.length;
+    return [active, ...slots, at < 0 ? "Choose the active task first: the number keys pick its choices." :
+      `Key ${number} picks nothing: ${name} has ${n} choice${n === 1 ? "" : "s"} here (keys 1-${n}). ` +
+      `Any other label: type it in ${name}'s box.`];
+  }
   slots[at] = labels[number - 1];
-  return [tasks[(at + 1) %% tasks.length], ...slots];
+  return [tasks[(at + 1) %% tasks.length], ...slots, ""];
 }"""
 NEXT_TASK_JS = """(map, active) => {
   const tasks = (map && map.tasks) || [];
@@ -910,12 +916,13 @@ class ReviewPanel:
     # the queue) live on the server and move with an event as soon as it runs, before its answer
     # reaches the screen; a decision made meanwhile would go to the next item with this one's labels.
     on_screen: gr.Textbox
+    key_note: gr.Markdown  # a number key that picked nothing says so here (app.PICK_JS)
 
     @property
     def outputs(self) -> list:
         return [self.queue, self.shown, self.pending, self.progress, self.image, self.text, self.table, self.active,
                 *self.choices, *self.slots, self.request_id, self.status, self.notes, self.item_history,
-                *self.choice.buttons, self.on_screen, self.choice_map]
+                *self.choice.buttons, self.on_screen, self.choice_map, self.key_note]
 
 
 def choice_updates(panel: ReviewPanel, item: ReviewItem | None, task: str | None) -> dict:
@@ -934,7 +941,9 @@ def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, me
     common = {panel.queue: queue, panel.progress: views.review_status(queue), panel.status: message,
               panel.notes: views.review_notes(queue) if queue else "", panel.request_id: new_id(),
               panel.on_screen: item.item_id if item else "",
-              panel.choice_map: views.choice_map(queue.tasks, item) if item else None,
+              panel.choice_map: views.choice_map(queue.tasks, item, studio.display_names(queue.model)) if item
+              else None,
+              panel.key_note: "",
               panel.pending: pending_save(outcome) if outcome is not None else None,
               **resolution(panel.choice, outcome)}
     if item is None:
@@ -1034,6 +1043,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         with gr.Row():
             choices = [gr.Button(str(n + 1), size="sm", elem_id=f"review-choice-{n + 1}",
                                  elem_classes=["unused-choice"]) for n in range(CHOICES_KEPT)]
+        key_note = gr.Markdown("", elem_id="review-key-note")
         with gr.Row():
             slots = correction_slots(elem_id="review-slot")
         request_id = gr.Textbox("", visible=False, label="request id", elem_id="review-request-id")
@@ -1066,7 +1076,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             item_history = gr.Dataframe(headers=views.ITEM_HISTORY_HEADERS, interactive=False, wrap=True,
                                         elem_id="review-item-history", column_widths=views.ITEM_HISTORY_WIDTHS)
         panel = ReviewPanel(gr.State(None), gr.State(None), gr.State(None), progress, image, text, table, active,
-                            choices, slots, request_id, status, notes, item_history, choice, choice_map, on_screen)
+                            choices, slots, request_id, status, notes, item_history, choice, choice_map, on_screen,
+                            key_note)
 
     def loaded(queue: ReviewQueue | None) -> ReviewQueue:
         if queue is None:
@@ -1079,7 +1090,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def keys_for(queue: ReviewQueue, task: str) -> dict:
         """The active task `task`, and the number keys for it among the current item's choices now."""
         return {panel.active: gr.update(value=task), **choice_updates(panel, queue.current, task),
-                panel.choice_map: views.choice_map(queue.tasks, queue.current)}
+                panel.choice_map: views.choice_map(queue.tasks, queue.current, studio.display_names(queue.model))}
 
     def after(queue: ReviewQueue, outcome: SaveOutcome) -> dict:
         """A stored decision shows the next item; a refused one stays on the item with its choices,
@@ -1352,7 +1363,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                "api_visibility": "private",
                "concurrency_limit": 1, "concurrency_id": "review-choice-buttons", "trigger_mode": "always_last"}
     for n, button in enumerate(choices, 1):
-        button.click(None, [choice_map, active, *slots], [active, *slots], js=PICK_JS % n, trigger_mode="multiple",
+        button.click(None, [choice_map, active, *slots], [active, *slots, key_note], js=PICK_JS % n,
+                     trigger_mode="multiple",
                      api_visibility="private").then(**buttons)
     active.input(**buttons)
     next_task.click(None, [choice_map, active], active, js=NEXT_TASK_JS, trigger_mode="multiple",

@@ -564,3 +564,28 @@ def test_a_ruling_is_the_reviewers_choice_not_the_latest_label(review_app, brows
     assert state.adjudicated and state.label == first and state.annotator == "rita"
     shot(page, "ruling-chosen")
     page.context.close()
+
+
+def test_a_number_key_beyond_the_tasks_choices_says_so(review_app, browser):
+    """QA, sessions 34-35: a digit beyond the active task's choices (6 on Section's 5) did nothing,
+    without a word: a line under the keys says so, and the next pick clears it (Section is index_group_name)."""
+    page = open_page(browser, review_app, "keys-beyond")
+    item = load_queue(page, 2)
+    page.locator("#review-active-task label", has_text="Section").click()
+    expect(page.locator("#review-active-task label:has(input:checked)")).to_have_text("Section")
+    page.wait_for_timeout(1500)  # the buttons follow the active task
+    shown = page.locator("[id^=review-choice-]:visible").count()
+    assert 0 < shown < 9
+    before = [slot(page, n).input_value() for n in range(8) if slot(page, n).is_visible()]
+    press(page, str(shown + 1))
+    expect(page.locator("#review-key-note")).to_contain_text(
+        f"Key {shown + 1} picks nothing: Section has {shown} choices here (keys 1-{shown})")
+    assert [slot(page, n).input_value() for n in range(8) if slot(page, n).is_visible()] == before
+    shot(page, "key-beyond-choices")
+    wanted = choice_label(page, 1)
+    press(page, "1")
+    expect(page.locator("#review-key-note")).not_to_contain_text("picks nothing")
+    press(page, "a")
+    expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
+    assert review_app.studio.store.current_labels()[item]["labels"]["index_group_name"] == wanted
+    page.context.close()

@@ -430,10 +430,11 @@ def first_task(tasks: list[str], disputed: Mapping[str, object]) -> str:
     return next((t for t in tasks if t in disputed), tasks[0])
 
 
-def choice_map(tasks: list[str], item: ReviewItem) -> dict:
-    """The tasks under review, in order, and each one's choices (as the number keys pick them): what
-    the browser sets the controls from, at once (app.PICK_JS)."""
-    return {"tasks": list(tasks), "labels": {t: [label for label, _, _ in item.choices(t)] for t in tasks}}
+def choice_map(tasks: list[str], item: ReviewItem, names: dict[str, str] | None = None) -> dict:
+    """The tasks under review, in order, each one's choices (as the number keys pick them) and shown
+    name: what the browser sets the controls from, at once (app.PICK_JS)."""
+    return {"tasks": list(tasks), "labels": {t: [label for label, _, _ in item.choices(t)] for t in tasks},
+            "names": {t: task_name(t, names=names) for t in tasks}}
 
 
 def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list]:
