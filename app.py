@@ -534,7 +534,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             state = view.states.get(task) if view else None
             value = view.values.get(task) if view else (p.label if p else None)
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
-                                   (catalogue or {}).get(task), state) if prediction or view else None
+                                   (catalogue or {}).get(task), state) if prediction or view else ""
             updates[slot] = gr.update(label=views.task_name(task, p, names),
                                       choices=views.typing_order(classes[task]), value=value,
                                       visible=True, info=info)
@@ -847,17 +847,23 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                        map_note, input_note, labels_for]
     # The button's input errors show on the field at fault (a validator); the /predict API answers
     # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
-    predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,
-                         api_name="predict_checked", api_visibility="private",
-                         concurrency_limit=MAX_BATCH  # batched in the studio
-                         ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
-                                api_visibility="private")  # at the opacity the slider shows
+    predicting = predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs,
+                                      validator=check_inputs, api_name="predict_checked", api_visibility="private",
+                                      concurrency_limit=MAX_BATCH)  # batched in the studio
+    drawing = predicting.then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
+                              api_visibility="private")  # at the opacity the slider shows
     api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict",
                       concurrency_limit=MAX_BATCH)
-    catalogue_examples.load_input_event.then(  # a visitor's click on an example shows its prediction at once
+    example_predicting = catalogue_examples.load_input_event.then(  # a visitor's click on an example predicts it
         predict, [image, text, shared.model, item_id], predict_outputs, api_visibility="private", js=SCROLL_TO_RESULTS,
-        concurrency_limit=MAX_BATCH).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
-                                          api_visibility="private")
+        concurrency_limit=MAX_BATCH)
+    example_drawing = example_predicting.then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
+                                              api_visibility="private")
+    # A photo uploaded while the last one is predicted ends that prediction: its answer, landing after the
+    # upload cleared the results, put the last item's labels beside the new photo, and its map's task was
+    # no longer among the cleared choices ("Value: gender is not in the list of choices: []").
+    image.upload(None, None, None, cancels=[predicting, drawing, example_predicting, example_drawing],
+                 api_visibility="private")
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")

@@ -84,6 +84,41 @@ def test_upload_predict_correct_save_and_see_history(running_app, page):
     assert saved and saved[0]["product_type_name"] == "Browser-corrected top"
 
 
+def test_a_new_photo_clears_the_last_items_labels_and_ends_its_prediction(running_app, page, monkeypatch):
+    """QA, session 36: after a new upload the controls' captions still read the last item's "model: Men
+    (>99.99%)" beside the new photo; and a photo uploaded while the last was predicted raised "Value:
+    gender is not in the list of choices: []" (the prediction's answer landed after the upload had
+    cleared the results): the upload ends that prediction."""
+    other = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
+    enter_item(page)
+    page.locator("#predict").click()
+    expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
+    expect(page.locator("#slot-0")).to_contain_text("model:")
+    page.locator("#input-image input[type=file]").set_input_files(str(other))
+    expect(page.locator("#item-line")).to_contain_text("New item: predict it")
+    for n in range(3):
+        expect(page.locator(f"#slot-{n}")).not_to_contain_text("model:")
+    studio, predict_item = running_app[1], running_app[1].predict_item
+
+    def slow_predict(*args, **kwargs):  # a prediction as long as the shipped model's on a busy laptop
+        time.sleep(2.0)
+        return predict_item(*args, **kwargs)
+
+    monkeypatch.setattr(studio, "predict_item", slow_predict)
+    page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+    page.locator("#predict").click()
+    page.wait_for_timeout(500)  # the prediction is running when the next photo comes
+    page.locator("#input-image input[type=file]").set_input_files(str(other))
+    page.wait_for_timeout(4000)  # past the end of the prediction
+    expect(page.locator(".toast-body")).to_have_count(0)
+    expect(page.locator("#slot-0")).not_to_contain_text("model:")
+    expect(page.locator("#predictions")).not_to_contain_text("Perceived colour")
+    monkeypatch.undo()
+    page.locator("#predict").click()  # the new photo predicts as usual
+    expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
+    expect(page.locator("#slot-0")).to_contain_text("model:")
+
+
 def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_agreement(tmp_path):
     """On the shipped H&M checkpoint, whose classes hold one another ("Grey" is in "Dark Grey",
     "Solid" in "Mixed solid/pattern"): the label dropdown keeps what a labeler typed when Enter
