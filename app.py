@@ -549,7 +549,7 @@ def suggested(slots: list[gr.Dropdown], tasks: list[str], waiting: dict | None) 
     if not waiting or not waiting.get("unknown"):
         raise StudioError("No label is waiting for a suggestion.")
     updates = {slots[tasks.index(t)]: gr.update(value=suggestions[0])
-               for t, _, suggestions in waiting["unknown"] if suggestions and t in tasks}
+               for t, _, suggestions, _ in waiting["unknown"] if suggestions and t in tasks}
     if not updates:
         raise StudioError("No class is close to the label you typed: correct it, or save it as a new class.")
     return updates
@@ -571,8 +571,9 @@ def resolution(buttons: "Resolution", outcome: SaveOutcome | UndoOutcome | None)
     conflict = bool(outcome is not None and outcome.conflicts)
     unknown = bool(isinstance(outcome, SaveOutcome) and outcome.unknown)
     suggest = unknown and any(u.suggestions for u in outcome.unknown)
+    new_class = unknown and not all(u.same_as for u in outcome.unknown)  # a class written otherwise is none
     return {buttons.keep_theirs: gr.update(visible=conflict), buttons.overwrite: gr.update(visible=conflict),
-            buttons.use_suggestion: gr.update(visible=suggest), buttons.new_class: gr.update(visible=unknown)}
+            buttons.use_suggestion: gr.update(visible=suggest), buttons.new_class: gr.update(visible=new_class)}
 
 
 @dataclass
@@ -607,7 +608,7 @@ def pending_save(outcome: SaveOutcome | UndoOutcome) -> dict | None:
         return None
     return {"kind": outcome.kind, "labels": outcome.labels, "request_id": outcome.request_id,
             "new_classes": outcome.new_classes, "conflicts": [c.task for c in outcome.conflicts],
-            "unknown": [[u.task, u.value, u.suggestions] for u in outcome.unknown]}
+            "unknown": [[u.task, u.value, u.suggestions, u.same_as] for u in outcome.unknown]}
 
 
 def shown_of(value: dict | None) -> Shown | None:
@@ -793,7 +794,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
             elif how == "overwrite":
                 force = True
             else:  # new class
-                new_classes.update({task: value for task, value, _ in waiting["unknown"]})
+                new_classes.update({task: value for task, value, _, same_as in waiting["unknown"] if not same_as})
             outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item, labels,
                                        shown_of(seen), request_id=waiting["request_id"], new_classes=new_classes,
                                        force=force, prediction=result)
@@ -1262,7 +1263,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             elif how == "overwrite":
                 force = True
             else:
-                new_classes.update({task: value for task, value, _ in waiting["unknown"]})
+                new_classes.update({task: value for task, value, _, same_as in waiting["unknown"] if not same_as})
             return after(queue, studio.review_save(queue, annotator_name, labels, shown_of(seen),
                                                    request_id=waiting["request_id"], new_classes=new_classes,
                                                    force=force))

@@ -250,6 +250,7 @@ class UnknownClass(NamedTuple):
     task: str
     value: str
     suggestions: list[str]  # existing classes it may be a typo of, closest first
+    same_as: str | None = None  # the class it only spells otherwise (case, spaces, '-', '_'): never a class of its own
 
 
 class UnknownLabel(LabelStoreError):
@@ -258,9 +259,11 @@ class UnknownLabel(LabelStoreError):
 
     def __init__(self, unknown: list[UnknownClass]) -> None:
         self.unknown = unknown
-        super().__init__("; ".join(f"{u.task}: {u.value!r} is not a known class"
-                                   + (f" (did you mean {' or '.join(map(repr, u.suggestions))}?)" if u.suggestions
-                                      else "") + "; confirm it as a new class to save it" for u in unknown))
+        super().__init__("; ".join(
+            f"{u.task}: {u.value!r} is the class {u.same_as!r} written otherwise; save it as {u.same_as!r}"
+            if u.same_as else f"{u.task}: {u.value!r} is not a known class"
+            + (f" (did you mean {' or '.join(map(repr, u.suggestions))}?)" if u.suggestions else "")
+            + "; confirm it as a new class to save it" for u in unknown))
 
 
 @dataclass(frozen=True)
@@ -948,16 +951,21 @@ def _edit_distance(a: str, b: str, limit: int) -> int:
 
 def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabulary: Mapping[str, Iterable[str]],
                       new_classes: Mapping[str, str]) -> None:
-    """Refuse labels outside their task's classes and the labels items hold now, unless confirmed new."""
+    """Refuse labels outside their task's classes and the labels items hold now, unless confirmed new; a
+    class written otherwise ("black" for "Black", "off-white" for "Off White") even when confirmed: two
+    spellings of one class would train as two classes."""
     unknown = []
     for task, value in labels.items():
-        if task not in vocabulary or new_classes.get(task) == value:
+        if task not in vocabulary:
             continue
         classes = set(map(str, vocabulary[task]))
         if value in classes or conn.execute(LABEL_HELD, (task, value)).fetchone():
             continue
-        held = {label for (label,) in conn.execute(HELD_LABELS, (task,))}  # only for the suggestions
-        unknown.append(UnknownClass(task, value, close_classes(value, classes | held)))
+        held = {label for (label,) in conn.execute(HELD_LABELS, (task,))}
+        same_as = next((c for c in [*sorted(classes), *sorted(held - classes)] if _class_key(c) == _class_key(value)),
+                       None)
+        if new_classes.get(task) != value or same_as is not None:
+            unknown.append(UnknownClass(task, value, close_classes(value, classes | held), same_as))
     if unknown:
         raise UnknownLabel(unknown)
 

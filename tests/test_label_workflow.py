@@ -14,6 +14,7 @@ from cma_clip.data import Catalogue, read_manifest
 from cma_clip.labels import (MIGRATIONS, BatchUndone, Conflict, LabelConflict, LabelStore, LabelStoreError, TaskState,
                              UnknownClass, UnknownLabel, close_classes)
 from cma_clip.review import ReviewError, rank, select, uncertainty
+from cma_clip.studio import views
 from test_labels import PHOTOS, tiny_png
 
 PREDICTED = {"colour": {"label": "Black", "confidence": 0.61}, "type": {"label": "Tights", "confidence": 0.93}}
@@ -476,11 +477,13 @@ def test_a_stale_skip_is_refused_and_attributed_right_when_forced(store):
 # ---------------------------------------------------------------------------- labels from the schema
 def test_a_typo_is_caught_with_a_suggestion_and_a_new_class_needs_confirmation(store):
     vocabulary = {"colour": ["Navy Blue", "Black", "Off White"]}
-    for typo, suggestion in (("Navy Bleu", "Navy Blue"), ("navy  blue", "Navy Blue"), ("off-white", "Off White")):
+    for typo, suggestion, same_as in (("Navy Bleu", "Navy Blue", None), ("navy  blue", "Navy Blue", "Navy Blue"),
+                                      ("off-white", "Off White", "Off White")):
         with pytest.raises(UnknownLabel) as caught:
             save(store, "a", "ana", {"colour": typo, "type": "anything"}, vocabulary=vocabulary)
-        assert caught.value.unknown == [UnknownClass("colour", typo, [suggestion])]
-        assert f"did you mean '{suggestion}'" in str(caught.value)
+        assert caught.value.unknown == [UnknownClass("colour", typo, [suggestion], same_as)]
+        assert (f"is the class '{same_as}' written otherwise" if same_as else f"did you mean '{suggestion}'") \
+            in str(caught.value)
     with pytest.raises(UnknownLabel) as caught:
         save(store, "a", "ana", {"colour": "Turquoise glitter"}, vocabulary=vocabulary,
              new_classes={"colour": "Turquoise"})  # confirmed another value
@@ -493,6 +496,27 @@ def test_a_typo_is_caught_with_a_suggestion_and_a_new_class_needs_confirmation(s
     with pytest.raises(UnknownLabel, match="did you mean 'Turquoise glitter'"):
         save(store, "c", "ana", {"colour": "Turquoise gliter"}, vocabulary=vocabulary)
     assert store.count() == 2
+
+
+def test_a_class_written_otherwise_is_never_confirmed_as_a_class_of_its_own(store):
+    """QA, session 36: "black" confirmed as a new class was stored beside "Black" (the export then held
+    both: two classes for training). A spelling that differs from a class (or a confirmed new class) only
+    in case, spaces, '-' or '_' is refused even when confirmed, and names the class it spells."""
+    vocabulary = {"colour": ["Navy Blue", "Black"]}
+    for variant, same_as in (("black", "Black"), ("BLACK", "Black"), ("navy_blue", "Navy Blue")):
+        with pytest.raises(UnknownLabel) as caught:
+            save(store, "a", "ana", {"colour": variant}, vocabulary=vocabulary, new_classes={"colour": variant})
+        assert caught.value.unknown == [UnknownClass("colour", variant, [same_as], same_as)]
+    save(store, "a", "ana", {"colour": "Turquoise glitter"}, vocabulary=vocabulary,
+         new_classes={"colour": "Turquoise glitter"})
+    with pytest.raises(UnknownLabel) as caught:  # a confirmed new class is a class: its spellings too
+        save(store, "b", "ana", {"colour": "turquoise Glitter"}, vocabulary=vocabulary,
+             new_classes={"colour": "turquoise Glitter"})
+    assert caught.value.unknown[0].same_as == "Turquoise glitter"
+    assert store.count() == 1 and store.current_labels()["a"]["labels"] == {"colour": "Turquoise glitter"}
+    message = views.unknown_message(caught.value.unknown, {"colour": "Colour"})
+    assert "`turquoise Glitter` is the class `Turquoise glitter` written otherwise" in message
+    assert "Save as new class" not in message and "**Use the suggestion** to correct it." in message
 
 
 def test_a_new_class_that_was_undone_or_replaced_is_no_class_any_more(store):

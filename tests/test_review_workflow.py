@@ -310,6 +310,10 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
     refused = eve("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "typo-item",
                   *with_label(shown, COLOUR, "dark blue"), "")
     assert "`Dark Blue`" in refused["save status"] and not studio.store.item_state("typo-item")
+    assert "is the class `Dark Blue` written otherwise" in refused["save status"]  # QA, session 36: "black"
+    assert "Save as new class" not in refused["save status"]  # beside "Black" was confirmed as a class
+    still = eve("/save_new_class", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "typo-item")
+    assert "written otherwise" in still["save status"] and not studio.store.item_state("typo-item")
 
     # a missing label's word, which the store would drop as no label while the save said it was kept
     before = studio.store.count()

@@ -606,11 +606,16 @@ def unknown_message(unknown: list[UnknownClass], names: dict[str, str] | None = 
     """Each label outside its task's classes, the close classes it may be a typo of, and the choice."""
     lines = ["**Not saved: not a known class.**"]
     for u in unknown:
+        if u.same_as:
+            lines.append(f"- {task_name(u.task, names=names)}: {code(u.value)} is the class {code(u.same_as)} "
+                         "written otherwise (case, spaces, '-' or '_'): it cannot be a class of its own.")
+            continue
         hint = (f" Did you mean {' or '.join(code(s) for s in u.suggestions)}?" if u.suggestions
                 else " No class is close to it.")
         lines.append(f"- {task_name(u.task, names=names)}: {code(u.value)} is not one of its classes.{hint}")
     fix = "**Use the suggestion** to correct it" if any(u.suggestions for u in unknown) else "Correct it"
-    lines.append(f"\n{fix}, or **Save as new class** if it really is a new class.")
+    new = "" if all(u.same_as for u in unknown) else ", or **Save as new class** if it really is a new class"
+    lines.append(f"\n{fix}{new}.")
     return "\n".join(lines)
 
 
