@@ -522,7 +522,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
                  tasks: list[str] | None = None) -> dict:
     """One dropdown per task (the model's, or `tasks`), starting at the item's saved label,
     else the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
-    classes = studio.task_classes(model)
+    classes, new_classes = studio.task_classes(model), studio.new_classes(model)
     names = studio.display_names(model)
     tasks = list(classes) if tasks is None else tasks
     catalogue = catalogue if catalogue is not None else (view.catalogue if view else {})
@@ -536,8 +536,8 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
                                    (catalogue or {}).get(task), state) if prediction or view else ""
             updates[slot] = gr.update(label=views.task_name(task, p, names),
-                                      choices=views.typing_order(classes[task]), value=value,
-                                      visible=True, info=info)
+                                      choices=views.typing_order([*classes[task], *new_classes.get(task, [])]),
+                                      value=value, visible=True, info=info)
         else:
             updates[slot] = gr.update(visible=False, value=None)
     return updates
@@ -1644,14 +1644,15 @@ def history_tab(studio: Studio, shared: Shared) -> None:
 def tasks_api(studio: Studio) -> None:
     """The /tasks endpoint (no component: the API only). Call it after the tabs, which it would split."""
     def tasks(model_name: str) -> dict:
-        """The model's tasks and their known labels, in the order /save_correction takes them."""
+        """The model's tasks and their classes, in the order /save_correction takes them, and the new
+        classes labelers confirmed since (labels items hold outside those classes)."""
         if not isinstance(model_name, str):
             raise error(f"/tasks takes a model's name (text), not {type(model_name).__name__}; the models: "
                            f"{', '.join(studio.model_names)}.")
         if model_name not in studio.checkpoints:
             raise error(f"No model {model_name!r}; the models: {', '.join(studio.model_names)}.")
         try:
-            return {"tasks": studio.task_classes(model_name)}
+            return {"tasks": studio.task_classes(model_name), "new_classes": studio.new_classes(model_name)}
         except StudioError as exc:
             raise error(str(exc)) from None
 

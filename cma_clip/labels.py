@@ -118,6 +118,7 @@ _HOLDING = ("FROM decisions d WHERE d.task = ? AND d.label {} AND d.id ="
             " AND (e.label IS NOT NULL OR e.status = 'pending' OR e.reverts IS NOT NULL))")
 LABEL_HELD = "SELECT 1 " + _HOLDING.format("= ?") + " LIMIT 1"  # does some item hold this label now
 HELD_LABELS = "SELECT DISTINCT d.label " + _HOLDING.format("IS NOT NULL")
+TASK_LABELS = "SELECT DISTINCT label FROM decisions WHERE task = ? AND label IS NOT NULL"  # ever saved (an index scan)
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
 # withdrawn_at: the undo that took the decision back though it kept someone's later one on its task
 # ("keep theirs": it wrote no decision for that task), which a later undo's restore passes over
@@ -772,6 +773,17 @@ class LabelStore:
                 listed.append(Disagreement(item, save["text"], self.image_dir / save["image_file"], by_task,
                                                since[item], recorded))
         return sorted(listed, key=lambda d: (d.since, d.item_id))
+
+    def new_classes(self, vocabulary: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+        """Per task of `vocabulary`, the labels some item holds now outside its classes (new classes a
+        labeler confirmed, not undone or replaced since), sorted."""
+        with self._transaction() as conn:
+            found = {}
+            for task, classes in vocabulary.items():
+                known = set(map(str, classes))
+                found[task] = sorted(label for (label,) in conn.execute(TASK_LABELS, (task,))
+                                     if label not in known and conn.execute(LABEL_HELD, (task, label)).fetchone())
+            return found
 
     def open_disagreements(self, tasks: Iterable[str] | None = None) -> dict[str, dict[str, dict[str, str]]]:
         """`disagreements(tasks)` as item -> task -> annotator -> label, without reading their content."""

@@ -522,11 +522,15 @@ def test_a_class_written_otherwise_is_never_confirmed_as_a_class_of_its_own(stor
 def test_a_new_class_that_was_undone_or_replaced_is_no_class_any_more(store):
     vocabulary = {"colour": ["Navy Blue", "Black"]}
     save(store, "a", "ana", {"colour": "Nawy Blue"}, vocabulary=vocabulary, new_classes={"colour": "Nawy Blue"})
+    assert store.new_classes(vocabulary) == {"colour": ["Nawy Blue"]}  # the choices beside the model's classes
     store.undo("ana")  # the typo confirmed by mistake, undone
+    assert store.new_classes(vocabulary) == {"colour": []}
     with pytest.raises(UnknownLabel, match="did you mean 'Navy Blue'"):
         save(store, "b", "ana", {"colour": "Nawy Blue"}, vocabulary=vocabulary)
     save(store, "a", "ana", {"colour": "Navy Bluee"}, vocabulary=vocabulary, new_classes={"colour": "Navy Bluee"})
+    assert store.new_classes(vocabulary) == {"colour": ["Navy Bluee"]}
     save(store, "a", "ana", {"colour": "Navy Blue"}, vocabulary=vocabulary)  # corrected by a later save
+    assert store.new_classes(vocabulary) == {"colour": []}
     with pytest.raises(UnknownLabel):
         save(store, "b", "ana", {"colour": "Navy Bluee"}, vocabulary=vocabulary)
     store.skip("a", ["colour"], "ana")  # a skip keeps the label: still a class

@@ -305,6 +305,11 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
     confirmed = eve("/review_new_class", "eve")
     assert "New class confirmed" in confirmed["review status"]
     assert studio.store.item_state(item)[COLOUR].label == "Turquoise glitter"
+    # QA, session 36: a confirmed class was no choice anywhere (each next use typed and confirmed again)
+    colour_slot = next(answer for n in range(1, 9) if (answer := confirmed[f"task {n}"]).get("label") == "Colour")
+    assert ["Turquoise glitter"] * 2 in colour_slot["choices"]  # the next item's Colour offers it
+    listed = eve.client.predict(MODEL, api_name="/tasks")
+    assert listed["new_classes"][COLOUR] == ["Turquoise glitter"] and "Turquoise glitter" not in listed["tasks"][COLOUR]
     # the Predict tab asks too
     shown = eve("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "typo-item")
     refused = eve("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "typo-item",

@@ -205,6 +205,11 @@ class Studio:
     def task_classes(self, model: str) -> dict[str, list[str]]:
         return self.predictor(model).classes
 
+    def new_classes(self, model: str) -> dict[str, list[str]]:
+        """Per task of `model`, the new classes labelers confirmed (labels items hold outside its classes):
+        choices beside the model's classes, so the next item need not type and confirm one again."""
+        return self.store.new_classes(self.task_classes(model))
+
     def tasks_of(self, model: str) -> list[str]:
         """A model's tasks read from its config, without loading it ([] when it cannot be read)."""
         try:
