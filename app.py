@@ -169,6 +169,7 @@ PICK_JS = """(map, active, ...slots) => {
   const labels = at < 0 ? [] : (map.labels[active] || []);
   if (number > labels.length) {
     const name = (map && map.names && map.names[active]) || active, n = labels.length;
+    if (!map) return [active, ...slots, "No item is on screen: the number keys pick the labels of one."];
     return [active, ...slots, at < 0 ? "Choose the active task first: the number keys pick its choices." :
       `Key ${number} picks nothing: ${name} has ${n} choice${n === 1 ? "" : "s"} here (keys 1-${n}). ` +
       `Any other label: type it in ${name}'s box.`];
@@ -1187,6 +1188,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         The last input, optional for API clients, is the id of the item on the labeler's screen."""
         *values, rid, item_on_screen = rest
         queue = loaded(queue)
+        if why := queue.nothing_to_decide():  # a key pressed on a finished queue: one line, not a toast a press
+            return {panel.status: why}
         return after(queue, studio.review_save(queue, annotator_name, labels_of(queue, values),
                                                decided_on(seen, item_on_screen), request_id=rid))
 
@@ -1194,6 +1197,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     def skip_item(queue, seen, annotator_name, rid, item_on_screen=""):
         """Mark the current item's tasks skipped and show the next item."""
         queue = loaded(queue)
+        if why := queue.nothing_to_decide():
+            return {panel.status: why}
         return after(queue, studio.review_skip(queue, annotator_name, decided_on(seen, item_on_screen),
                                                request_id=rid))
 

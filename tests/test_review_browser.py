@@ -589,3 +589,23 @@ def test_a_number_key_beyond_the_tasks_choices_says_so(review_app, browser):
     expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
     assert review_app.studio.store.current_labels()[item]["labels"]["index_group_name"] == wanted
     page.context.close()
+
+
+def test_keys_on_a_finished_queue_say_so_once_in_the_status_line(review_app, browser):
+    """QA, sessions 34-36: on a finished queue each key stacked one more error toast ("The queue is
+    finished ..."), and a digit did nothing, without a word."""
+    page = open_page(browser, review_app, "keys-finished")
+    item = load_queue(page, 1)
+    press(page, "a")
+    expect(page.locator("#review-progress")).to_contain_text("all done", timeout=WAIT)
+    assert item in review_app.studio.store.current_labels()
+    before = review_app.studio.store.count()
+    press(page, "aas")
+    expect(page.locator("#review-status")).to_contain_text("The queue is finished: load another sample")
+    press(page, "5")
+    expect(page.locator("#review-key-note")).to_contain_text("No item is on screen")
+    page.wait_for_timeout(1000)
+    expect(page.locator(".toast-body")).to_have_count(0)
+    assert review_app.studio.store.count() == before
+    shot(page, "keys-on-finished-queue")
+    page.context.close()

@@ -1206,11 +1206,8 @@ class Studio:
 
     def _current(self, queue: ReviewQueue, shown: Shown | None) -> ReviewItem:
         item = queue.current
-        if item is None and queue.waiting_on:
-            raise StudioError("Nothing is left for you in this queue now: the items left are open with other "
-                              "labelers. Next looks again; Previous goes back.")
         if item is None:
-            raise StudioError("The queue is finished: load another sample, or go back with Previous.")
+            raise StudioError(queue.nothing_to_decide())
         if shown is not None and shown.item_id != item.item_id:
             raise StudioError(f"The item on screen ({shown.item_id}) is not the queue's current item "
                               f"({item.item_id}); nothing was saved. It is on its way to your screen (reload the page "

@@ -213,6 +213,15 @@ class ReviewQueue:
         """Past the last item: the pending items left, which other labelers are on (empty when all is done)."""
         return [item for item in self.items if item.status == "pending"] if self.current is None else []
 
+    def nothing_to_decide(self) -> str | None:
+        """Why a decision has no item now (past the last, or the rest open with others), else None."""
+        if self.current is not None:
+            return None
+        if self.waiting_on:
+            return ("Nothing is left for you in this queue now: the items left are open with other labelers. "
+                    "Next looks again; Previous goes back.")
+        return "The queue is finished: load another sample, or go back with Previous."
+
     def should_move_on(self) -> bool:
         """The current item is decided or another labeler is on it, and decided items are not shown (a
         queue that shows them walks every item, for a second label on each)."""
