@@ -32,7 +32,7 @@ from cma_clip.data import atomic_write  # noqa: E402
 from cma_clip.errors import CMAClipError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
-from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES, agreement_file  # noqa: E402
+from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
 from cma_clip.runtime import env_number  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
@@ -1613,11 +1613,11 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         """Export the current labels as a CSV or JSONL manifest the trainer reads."""
         return str(studio.export(fmt))
 
-    def agreement_beside(fmt):
+    def agreement_beside(exported):
         """The agreement the export wrote beside itself (the export's file component holds Gradio's copy
-        of the export, elsewhere, so it is found from the format)."""
-        found = agreement_file(studio.export_path(fmt))
-        return str(found) if found.is_file() else None
+        of the export, elsewhere, by the same name)."""
+        found = studio.export_agreement(exported) if exported else None
+        return str(found) if found else None
 
     @user_errors
     def push_labels(_annotator):
@@ -1642,7 +1642,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         box.submit(audit, audit_inputs, audit_outputs, api_visibility="private")
     history_item.submit(item_history, history_item, item_table, api_visibility="private")
     export_button.click(export_labels, export_format, export_file, api_name="export_labels").success(
-        agreement_beside, export_format, agreement_json, api_visibility="private")
+        agreement_beside, export_file, agreement_json, api_visibility="private")
     push_button.click(push_labels, shared.annotator, push_status, api_visibility="private")
 
 

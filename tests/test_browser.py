@@ -153,8 +153,12 @@ def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Export labels").click()
         # each file's row, by its accessible name (the cell shows stem and extension as two spans)
-        expect(page.locator("#export-file").get_by_role("cell", name="labels_export.csv")).to_be_visible(timeout=30_000)
-        expect(page.locator("#agreement-file").get_by_role("cell", name="labels_export.agreement.json")) \
+        exported = re.compile(r"labels_export-\d{8}T\d{12}Z-[0-9a-f]{6}")  # each export its own file
+        expect(page.locator("#export-file").get_by_role("cell", name=exported)).to_be_visible(timeout=30_000)
+        name = page.locator("#export-file").get_by_role("cell", name=exported).first.get_attribute("aria-label") \
+            or page.locator("#export-file").get_by_role("cell", name=exported).first.inner_text()
+        stem = exported.search(name).group(0)
+        expect(page.locator("#agreement-file").get_by_role("cell", name=f"{stem}.agreement.json")) \
             .to_be_visible(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "browser-typed-class-and-export.png"), full_page=True)
 

@@ -588,7 +588,7 @@ def test_agreement_audit_and_export_provenance(review_app):
     assert rows["pair-2"][COLOUR] == b and rows["pair-2"][f"{COLOUR}__annotator"] == "kim"
     assert rows["pair-2"][f"{COLOUR}__source"] == "human" and rows["pair-2"][f"{COLOUR}__checkpoint"] == MODEL
     assert rows["pair-2"][f"{COLOUR}__at"]
-    agreement = json.loads((studio.data_dir / "labels_export.agreement.json").read_text())  # beside the export
+    agreement = json.loads(studio.export_agreement(path).read_text())  # beside the export
     assert agreement[COLOUR]["kappa"] == pytest.approx(pairs["kappa"])
 
 

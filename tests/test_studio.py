@@ -117,6 +117,25 @@ def test_save_correction_history_and_export(studio):
         assert exported[0]["id"] == "0816591001"
 
 
+def test_each_export_is_a_file_of_its_own_and_the_newest_are_kept(studio, monkeypatch):
+    """QA, sessions 35-36: every export went to one name (labels_export.csv) in the studio folder, so two
+    exports at once could hand one of them the other's snapshot, and the agreement was found afterwards by
+    its format (another export's, meanwhile). Each export now has its own file, agreement beside it."""
+    from cma_clip.studio import service
+
+    monkeypatch.setattr(service, "EXPORTS_KEPT", 3)
+    exports = [studio.export(fmt) for fmt in ("CSV", "jsonl", "csv", "JSONL", "csv")]
+    assert len({e.name for e in exports}) == 5
+    kept = sorted(f.name for f in studio.data_dir.iterdir() if f.name.startswith("labels_export-"))
+    assert kept == sorted(n for e in exports[2:] for n in (e.name, f"{e.stem}.agreement.json"))
+    copy = studio.data_dir.parent / "gradio-cache" / exports[-1].name  # the File component's copy, elsewhere
+    assert studio.export_agreement(copy) == studio.data_dir / f"{exports[-1].stem}.agreement.json"
+    assert studio.export_agreement(exports[0]) is None  # pruned
+    assert studio.export_agreement(studio.data_dir / "labels.db") is None
+    with pytest.raises(StudioError, match="CSV or JSONL"):
+        studio.export("xlsx")
+
+
 def test_a_correction_saved_without_a_prediction_stores_the_models(studio):
     """The Predict tab saves without passing its prediction: the store must still hold the
     model's prediction for these inputs, so `corrected` tells where the labeler disagreed."""

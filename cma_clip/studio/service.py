@@ -33,7 +33,7 @@ from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, Ca
                     is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import (MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore, LabelStoreError,
-                      TaskState, UnknownLabel, content_item_id, request_reused)
+                      TaskState, UnknownLabel, agreement_file, content_item_id, request_reused)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -52,6 +52,8 @@ MAX_BATCH = 16  # concurrent /predict calls answered by one batch (`MicroBatcher
 SPLITS = ("train", "val", "test")
 BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
 AUDIT_PAGE = 50
+EXPORTS_KEPT = 20  # the newest exports kept in the studio folder (a download is Gradio's copy or the client's)
+EXPORT_NAME = re.compile(r"labels_export-\d{8}T\d{12}Z-[0-9a-f]{6}\.(csv|jsonl)")  # UTC to the microsecond
 RECENT_REQUESTS = 1000  # stored requests remembered, to answer a retry with the first answer
 Progress = Callable[[float, str], None]
 
@@ -510,21 +512,32 @@ class Studio:
         """Per task, raw agreement and Cohen's kappa where two annotators labelled the same item."""
         return self.store.agreement()
 
-    def export_path(self, fmt: str) -> Path:
-        """Where `export` writes the labels in `fmt` (CSV or JSONL): beside the store, so image paths
-        stay inside its folder; the agreement goes beside it (`labels.agreement_file`)."""
-        fmt = (fmt or "").lower().lstrip(".")
+    def export(self, fmt: str) -> Path:
+        """The labels now, in `fmt` (CSV or JSONL), in a file of this export's own, named by its time
+        (two exports at once each get their own snapshot and agreement): beside the store, so image paths
+        stay inside its folder; the agreement goes beside it (`labels.agreement_file`). The newest
+        `EXPORTS_KEPT` exports are kept."""
+        fmt = (fmt or "").lower().lstrip(".") if isinstance(fmt, str) else ""
         if fmt not in ("csv", "jsonl"):
             raise StudioError("Export format must be CSV or JSONL.")
-        return self.data_dir / f"labels_export.{fmt}"
-
-    def export(self, fmt: str) -> Path:
-        path = self.export_path(fmt)
+        now = time.time_ns() // 1000
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 1_000_000)) + f"{now % 1_000_000:06d}Z"
+        path = self.data_dir / f"labels_export-{stamp}-{new_id()[:6]}.{fmt}"
         try:
             self.store.export(path)
         except LabelStoreError as exc:
             raise StudioError(f"Export failed: {exc}") from exc
+        for old in sorted((f for f in self.data_dir.iterdir() if EXPORT_NAME.fullmatch(f.name)),
+                          reverse=True)[EXPORTS_KEPT:]:  # the oldest first to go: the names begin with the time
+            for done in (old, agreement_file(old)):
+                done.unlink(missing_ok=True)
         return path
+
+    def export_agreement(self, exported: str | Path) -> Path | None:
+        """The agreement an export (`export`'s file, or a copy of it by the same name) wrote beside itself."""
+        name = Path(exported).name
+        found = agreement_file(self.data_dir / name) if EXPORT_NAME.fullmatch(name) else None
+        return found if found is not None and found.is_file() else None
 
     # ------------------------------------------------------------------ review queue: building
     def review_catalogue(self, model: str, split: str, size: int, progress: Progress | None = None, *,
