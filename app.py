@@ -234,6 +234,9 @@ CSS = """
      (the item stays) shows under the buttons, beside the controls and choices that answer it. */
   #review-tab.moved-on #review-progress ~ * { order: 2; }
   #review-tab.moved-on #review-progress, #review-tab.moved-on #review-status { order: 1; }
+  /* a dropdown's value read whole: half a phone cut the model's name ("fashion-…"), a word and its share,
+     a corruption's name ("word_m…") */
+  #model, #annotator, #explain-task, #map-word, #image-noise, #text-noise { min-width: 100% !important; }
   /* the clean and noisy maps one above the other, at a width their colour bars can be read */
   #probe-maps { flex-wrap: wrap; }
   #probe-maps > * { min-width: 100% !important; }

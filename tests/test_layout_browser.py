@@ -253,6 +253,20 @@ def test_a_dropdowns_value_stops_short_of_its_arrow(sized_page):
     assert text_end <= arrow_start and overflow == "ellipsis", (size, text_end, arrow_start, overflow)
 
 
+def test_a_corruptions_name_reads_whole(sized_page):
+    """On a phone the Robustness tab's boxes read "word_m…" and the Model box "fashion-…" (QA, session 36):
+    each takes the whole width there, and the longest names fit."""
+    size, page = sized_page
+    open_tab(page, "robustness")
+    for box, longest in (("#image-noise", "brightness_contrast"), ("#text-noise", "word_shuffle")):
+        field = page.locator(f"{box} input")
+        field.click()
+        page.get_by_role("option", name=longest, exact=True).click()
+        expect(field).to_have_value(longest)
+        shown, needed = field.evaluate("f => [f.clientWidth, f.scrollWidth]")
+        assert needed <= shown, (size, box, shown, needed)
+
+
 def test_a_save_without_annotator_shows_on_the_annotator_box_in_view(sized_page):
     size, page = sized_page
     predict_example(page)
