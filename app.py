@@ -652,7 +652,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
             with gr.Column(scale=1, min_width=280, elem_id="predict-inputs"):
                 # image, text and the button above a laptop's fold (1366 x 768); the item id, rarely typed, below
                 image = undecoded(gr.Image(type="filepath", label="Product image", height=260, elem_id="input-image"))
-                text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS, elem_id="input-text",
+                # one character past the limit: a longer paste keeps it, so the prediction says the text was
+                # cut (at the limit itself the box cut a 20,000-character paste without a word)
+                text = gr.Textbox(label="Product text", lines=3, max_length=MAX_TEXT_CHARS + 1, elem_id="input-text",
                                   placeholder="e.g. Turtle Check Men Navy Blue Shirt")
                 input_note = gr.Markdown("", elem_id="input-note")
                 predict_button = gr.Button("Predict", variant="primary", elem_id="predict")

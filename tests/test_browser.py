@@ -119,6 +119,16 @@ def test_a_new_photo_clears_the_last_items_labels_and_ends_its_prediction(runnin
     expect(page.locator("#slot-0")).to_contain_text("model:")
 
 
+def test_a_long_paste_says_it_was_cut(running_app, page):
+    """QA, session 36: 20,000 characters pasted into the text box kept its first 5,000 without a word (the box's
+    own limit cut them): the prediction says the text was cut, as it does to an API client."""
+    page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+    page.locator("#input-text textarea").fill("striped cotton shirt " * 1000)
+    page.locator("#predict").click()
+    expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
+    expect(page.locator("#input-note")).to_contain_text("The text was cut to its first 5,000 characters")
+
+
 def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_agreement(tmp_path):
     """On the shipped H&M checkpoint, whose classes hold one another ("Grey" is in "Dark Grey",
     "Solid" in "Mixed solid/pattern"): the label dropdown keeps what a labeler typed when Enter
