@@ -96,7 +96,9 @@ def predict_example(page, text: str = EXAMPLE_TEXT) -> None:
     page.locator("#input-text textarea").fill(text)
     page.locator("#predict").click()
     expect(page.locator("#predictions")).to_contain_text("Pattern", timeout=60_000)
-    expect(page.locator("#heatmap img")).to_be_visible(timeout=60_000)  # its map drawn too
+    # its map drawn too, scrolled to as a person would: on a phone it lies past the lazy image's load distance
+    page.locator("#heatmap").scroll_into_view_if_needed()
+    expect(page.locator("#heatmap img")).to_be_visible(timeout=60_000)
 
 
 CONTRAST = """(selector) => {
