@@ -971,7 +971,7 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
         if task not in vocabulary:
             continue
         classes = set(map(str, vocabulary[task]))
-        if value in classes or conn.execute(LABEL_HELD, (task, value)).fetchone():
+        if value in classes or conn.execute(LABEL_HELD, (task, value)).fetchone() or _disputed(conn, task, value):
             continue
         held = {label for (label,) in conn.execute(HELD_LABELS, (task,))}
         same_as = next((c for c in [*sorted(classes), *sorted(held - classes)] if _class_key(c) == _class_key(value)),
@@ -980,6 +980,13 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
             unknown.append(UnknownClass(task, value, close_classes(value, classes | held), same_as))
     if unknown:
         raise UnknownLabel(unknown)
+
+
+def _disputed(conn: sqlite3.Connection, task: str, value: str) -> bool:
+    """Whether `value` is one side of an open disagreement on `task`: a class while it stands there (a
+    ruling may pick it, though another label replaced it on its item), read only for a label otherwise unknown."""
+    found, _ = _open_disagreements(conn, _annotators_labels(conn, [task]))
+    return any(value in by_task.get(task, {}).values() for by_task in found.values())
 
 
 # ---------------------------------------------------------------------------- schema migrations

@@ -519,6 +519,24 @@ def test_a_class_written_otherwise_is_never_confirmed_as_a_class_of_its_own(stor
     assert "Save as new class" not in message and "**Use the suggestion** to correct it." in message
 
 
+def test_a_new_class_one_side_of_an_open_disagreement_stays_a_class_for_the_ruling(store):
+    """QA, session 36: ana's confirmed "Turquoise glitter", replaced on its item by ben's "White", was no class
+    any more while their disagreement stood, so rita's ruling for it asked her "is it a new class?"."""
+    vocabulary = {"colour": ["White", "Black"]}
+    save(store, "a", "ana", {"colour": "Turquoise glitter"}, vocabulary=vocabulary,
+         new_classes={"colour": "Turquoise glitter"})
+    ben = save(store, "a", "ben", {"colour": "White"}, vocabulary=vocabulary)
+    assert store.open_disagreements(["colour"]) == {"a": {"colour": {"ana": "Turquoise glitter", "ben": "White"}}}
+    save(store, "b", "cy", {"colour": "Turquoise glitter"}, vocabulary=vocabulary)  # a class while it stands there
+    save(store, "b", "cy", {"colour": "Black"}, vocabulary=vocabulary)
+    save(store, "a", "rita", {"colour": "Turquoise glitter"}, vocabulary=vocabulary, base_versions=ben.versions,
+         adjudicated=True)
+    assert store.item_state("a")["colour"].label == "Turquoise glitter" and not store.open_disagreements(["colour"])
+    save(store, "a", "rita", {"colour": "White"}, vocabulary=vocabulary, adjudicated=True)  # she thinks again
+    with pytest.raises(UnknownLabel):  # settled otherwise, held by no item: no class any more
+        save(store, "c", "cy", {"colour": "Turquoise glitter"}, vocabulary=vocabulary)
+
+
 def test_a_new_class_that_was_undone_or_replaced_is_no_class_any_more(store):
     vocabulary = {"colour": ["Navy Blue", "Black"]}
     save(store, "a", "ana", {"colour": "Nawy Blue"}, vocabulary=vocabulary, new_classes={"colour": "Nawy Blue"})
