@@ -603,6 +603,23 @@ class Resolution:
         return [self.keep_theirs, self.overwrite, self.use_suggestion, self.new_class]
 
 
+def answered(waiting: dict, how: str) -> tuple[dict, dict, bool]:
+    """A refused save's labels, confirmed new classes and force, as the labeler's choice `how` answers it:
+    keep_theirs leaves out the tasks in conflict, overwrite forces, new_class confirms each new label and
+    saves a class written otherwise as the class it spells (the message named it; "Save as new class"
+    stored nothing while a variant was in the save beside a new class)."""
+    labels, new_classes = dict(waiting["labels"]), dict(waiting["new_classes"])
+    if how == "keep_theirs":
+        labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}
+    elif how == "new_class":
+        for task, value, _, same_as in waiting["unknown"]:
+            if same_as:
+                labels[task] = same_as
+            else:
+                new_classes[task] = value
+    return labels, new_classes, how == "overwrite"
+
+
 def pending_save(outcome: SaveOutcome | UndoOutcome) -> dict | None:
     """What a refused save or undo leaves for the labeler's choice (kept in a gr.State)."""
     if isinstance(outcome, UndoOutcome):
@@ -788,19 +805,14 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         def handler(image_path, text_value, model_name, annotator_name, item, waiting, seen, result):
             if not waiting or waiting.get("kind") != "label":
                 raise StudioError("Nothing is waiting for a choice: save again.")
-            labels, new_classes, force = dict(waiting["labels"]), dict(waiting["new_classes"]), False
+            labels, new_classes, force = answered(waiting, how)
             if how == "keep_theirs":
-                labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}
                 if not labels:
                     view = studio.model_view(model_name, studio.resolve_item_id(image_path, text_value, item),
                                              result, bool((item or "").strip()))
                     return {save_status: "Kept their labels; nothing of yours was left to save.", pending: None,
                             shown: view.shown.to_dict(), **resolution(choice, None),
                             **slot_updates(studio, slots, model_name, result, view)}
-            elif how == "overwrite":
-                force = True
-            else:  # new class
-                new_classes.update({task: value for task, value, _, same_as in waiting["unknown"] if not same_as})
             outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item, labels,
                                        shown_of(seen), request_id=waiting["request_id"], new_classes=new_classes,
                                        force=force, prediction=result)
@@ -1264,16 +1276,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                     return show_queue(studio, panel, queue, "Kept their decision; nothing was skipped.")
                 return after(queue, studio.review_skip(queue, annotator_name, shown_of(seen),
                                                        request_id=waiting["request_id"], force=True))
-            labels, new_classes, force = dict(waiting["labels"]), dict(waiting["new_classes"]), False
-            if how == "keep_theirs":
-                labels = {t: v for t, v in labels.items() if t not in waiting["conflicts"]}
-                if not labels:
-                    studio.review_next(queue, annotator_name)
-                    return show_queue(studio, panel, queue, "Kept their labels; nothing of yours was left to save.")
-            elif how == "overwrite":
-                force = True
-            else:
-                new_classes.update({task: value for task, value, _, same_as in waiting["unknown"] if not same_as})
+            labels, new_classes, force = answered(waiting, how)
+            if how == "keep_theirs" and not labels:
+                studio.review_next(queue, annotator_name)
+                return show_queue(studio, panel, queue, "Kept their labels; nothing of yours was left to save.")
             return after(queue, studio.review_save(queue, annotator_name, labels, shown_of(seen),
                                                    request_id=waiting["request_id"], new_classes=new_classes,
                                                    force=force))

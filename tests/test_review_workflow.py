@@ -317,8 +317,16 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
     assert "`Dark Blue`" in refused["save status"] and not studio.store.item_state("typo-item")
     assert "is the class `Dark Blue` written otherwise" in refused["save status"]  # QA, session 36: "black"
     assert "Save as new class" not in refused["save status"]  # beside "Black" was confirmed as a class
-    still = eve("/save_new_class", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "typo-item")
-    assert "written otherwise" in still["save status"] and not studio.store.item_state("typo-item")
+    # beside a real new class, Save as new class confirms it and saves the variant as the class it spells
+    # (it stored nothing, again and again: QA, session 36)
+    mixed = with_label(shown, COLOUR, "dark blue")
+    mixed[with_label(shown, PATTERN, "§").index("§")] = "Tie dye"
+    asked = eve("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "variant-item", *mixed, "")
+    assert "**Save as new class** if it really is a new class (Colour as `Dark Blue`)" in asked["save status"]
+    saved = eve("/save_new_class", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "variant-item")
+    assert "New class confirmed" in saved["save status"]
+    state = studio.store.item_state("variant-item")
+    assert (state[COLOUR].label, state[PATTERN].label) == ("Dark Blue", "Tie dye")
 
     # a missing label's word, which the store would drop as no label while the save said it was kept
     before = studio.store.count()

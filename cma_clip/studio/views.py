@@ -614,7 +614,13 @@ def unknown_message(unknown: list[UnknownClass], names: dict[str, str] | None = 
                 else " No class is close to it.")
         lines.append(f"- {task_name(u.task, names=names)}: {code(u.value)} is not one of its classes.{hint}")
     fix = "**Use the suggestion** to correct it" if any(u.suggestions for u in unknown) else "Correct it"
-    new = "" if all(u.same_as for u in unknown) else ", or **Save as new class** if it really is a new class"
+    variants = [f"{task_name(u.task, names=names)} as {code(u.same_as)}" for u in unknown if u.same_as]
+    if len(variants) == len(unknown):
+        new = ""
+    elif variants:  # the new classes confirmed, each class written otherwise saved as the class it spells
+        new = f", or **Save as new class** if it really is a new class ({', '.join(variants)})"
+    else:
+        new = ", or **Save as new class** if it really is a new class"
     lines.append(f"\n{fix}{new}.")
     return "\n".join(lines)
 
