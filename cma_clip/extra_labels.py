@@ -73,10 +73,12 @@ class Merged:
     source: Path
     newest: str | None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    new_classes: dict[str, list[str]] = field(default_factory=dict)  # task -> labels no item of the run had
 
     def report(self) -> dict:
         """What the checkpoint keeps (`training["extra_labels"]`)."""
-        return {"source": str(self.source), "newest_label": self.newest, **self.counts}
+        return {"source": str(self.source), "newest_label": self.newest, **self.counts,
+                "new_classes": self.new_classes}
 
     def summary(self) -> str:
         """One line a person reads before the run starts."""
@@ -103,6 +105,9 @@ class Merged:
         if c["disputed_left_out"]:
             parts.append(f"{c['disputed_left_out']} labels of open disagreements left out, the catalogue's of those "
                          "tasks too (a reviewer settles them in the Review tab's Disagreements queue)")
+        if self.new_classes:  # each one a class of the model: a typo or a formula pasted in shows here
+            parts.append("new classes (no item of this run had them): " + "; ".join(
+                f"{task} {', '.join(map(repr, labels))}" for task, labels in self.new_classes.items()))
         return f"--extra-labels {self.source.name}: {c['corrections']} labelled items; " + "; ".join(parts)
 
 
@@ -198,6 +203,7 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
     counts = merged.counts
     counts["corrections"], counts["disputed_left_out"] = len(corrections), corrections.disputed
     rows = [dict(row) for row in catalogue.rows]
+    known = {task: {row.get(task) for row in rows} for task in config.tasks}  # the classes before the corrections
     if not catalogue.has_splits and rows:
         for split, index in split_indices(catalogue, split_seed).items():
             for i in index:
@@ -246,7 +252,15 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
             counts["auto_labels"] += len(correction.auto)
             if rows[i] != before:
                 changed.add(i)
+    if counts["corrections"] and counts["other_tasks"] == counts["corrections"]:
+        raise CatalogueError(f"--extra-labels {corrections.source.name}: none of its {counts['corrections']} labelled "
+                             f"items has a label for this catalogue's tasks ({', '.join(config.tasks)}): an export of "
+                             "another catalogue's labels?")
     counts["confirmed"] = sum(rows[i].get("split", "train") not in ("val", "test") for i in relabelled - changed)
+    trained = [c.labels for i, c in relabel if rows[i].get("split", "train") not in ("val", "test")]
+    trained += [c.labels for _, c in added]
+    merged.new_classes = {task: sorted(new) for task in config.tasks
+                          if (new := {labels[task] for labels in trained if task in labels} - known[task])}
     for item_id, correction in added:
         row = {**dict.fromkeys(columns, ""), **correction.labels, config.image_column: str(correction.image),
                "split": "train"}

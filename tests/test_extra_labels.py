@@ -68,6 +68,10 @@ def test_a_store_overrides_train_and_val_keeps_test_and_adds_uploads(tmp_path):
     assert "1 train items relabelled" in summary and "1 test items kept their catalogue labels" in summary
     report = merged.report()
     assert report["source"] == str(store.path) and report["newest_label"] and report["added"] == 1
+    # each class the run gains is named (QA, session 36: a formula pasted in became a class unsaid); a val
+    # item's label is validated on, no class of the model
+    assert report["new_classes"] == {"colour": ["Blue", "White"]}
+    assert "new classes (no item of this run had them): colour 'Blue', 'White'" in summary
 
     # the original is untouched
     assert catalogue.labels("colour") == ["Black"] * 3 and len(catalogue) == 3 and catalogue.extra_roots == ()
@@ -75,6 +79,18 @@ def test_a_store_overrides_train_and_val_keeps_test_and_adds_uploads(tmp_path):
     train = merge(catalogue.split("train"), read_corrections(store.path))
     assert train.catalogue.item_ids() == ["a1", "up-1"] and [r["split"] for r in train.catalogue.rows] == ["train"] * 2
     assert train.counts["left_out"] == 2 and "2 items outside this run" in train.summary()
+
+
+def test_an_export_of_another_catalogue_is_refused(tmp_path):
+    """QA, session 36: the labels of another catalogue's tasks only trained a checkpoint as if nothing were
+    wrong ("1 with labels for other tasks only", exit 0)."""
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "store" / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="Men Watch", labels={"baseColour": "Black", "gender": "Men"},
+                          item_id="4665")
+    with pytest.raises(CatalogueError, match=r"none of its 1 labelled items has a label for this catalogue's tasks "
+                                             r"\(colour, type\): an export of another catalogue's labels\?"):
+        merge(catalogue, read_corrections(store.path))
 
 
 def test_an_upload_of_a_catalogue_photo_counts_as_that_item_never_as_a_new_train_row(tmp_path):
