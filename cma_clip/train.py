@@ -27,6 +27,7 @@ inputs they read (`model.MEMBER_SETTINGS`: a colour-only run beside colour + wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -338,30 +339,45 @@ def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, coun
     os.replace(partial, out / STATE_FILE)
 
 
-def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer,
-               backbone: DualEncoder | None = None, ema: AveragedModel | None = None) -> dict:
+def state_counters(out: Path) -> dict:
+    """The counters an interrupted run's state holds (its epoch, step, history, extra labels)."""
     try:
         with safe_open(str(out / STATE_FILE), "pt") as handle:
-            counters = json.loads(handle.metadata()["counters"])
-        tensors = load_file(str(out / STATE_FILE))
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            return json.loads(handle.metadata()["counters"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot resume from {out}: its training state is unreadable ({exc}); "
                               "start again without --resume") from exc
-    if backbone is not None:
-        if not any(k.startswith("backbone.") for k in tensors):
-            raise CheckpointError(f"cannot resume {out} with --finetune-backbone: its state has no backbone weights")
-        backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
-    model.load_state_dict(model.drop_unbuilt({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
-    if ema is not None:
-        if not any(k.startswith("ema.") for k in tensors):
-            raise CheckpointError(f"cannot resume {out} with --ema: its state has no moving average")
-        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+
+
+def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer,
+               backbone: DualEncoder | None = None, ema: AveragedModel | None = None) -> dict:
+    counters = state_counters(out)
+    try:
+        tensors = load_file(str(out / STATE_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot resume from {out}: its training state is unreadable ({exc}); "
+                              "start again without --resume") from exc
+    if backbone is not None and not any(k.startswith("backbone.") for k in tensors):
+        raise CheckpointError(f"cannot resume {out} with --finetune-backbone: its state has no backbone weights")
+    if ema is not None and not any(k.startswith("ema.") for k in tensors):
+        raise CheckpointError(f"cannot resume {out} with --ema: its state has no moving average")
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": counters.pop("param_groups")})
+    try:
+        if backbone is not None:
+            backbone.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        model.load_state_dict(model.drop_unbuilt({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        optimizer.load_state_dict({"state": state, "param_groups": counters.pop("param_groups")})
+    except (RuntimeError, ValueError, KeyError) as exc:  # another model: other classes, widths or options
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        first = next((line for line in lines if not line.startswith("Error(s) in loading")), type(exc).__name__)
+        raise CheckpointError(f"cannot resume {out}: this run's model is not the one it began ({first[:200]}); "
+                              "start again with --overwrite") from None
     return counters
 
 
@@ -387,8 +403,14 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(cfg, data, backbone).to(device)
     tuned = backbone if cfg.finetune_backbone else None
     optimisation = make_optimizer(cfg, model, data, tuned)
-    counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": []}
+    counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": [],
+                "extra_labels": data.extra_labels}
     resume = cfg.resume and (out / STATE_FILE).exists()
+    if resume and (began := state_counters(out).get("extra_labels")) != data.extra_labels:
+        # labels saved after the interruption: the epochs before and after would train on two label sets
+        then, now = ((labels or {}).get("newest_label") for labels in (began, data.extra_labels))
+        raise CheckpointError(f"cannot resume {out}: its --extra-labels are not those it began with (newest label "
+                              f"then {then or 'none'}, now {now or 'none'}): start again with --overwrite")
     if not resume:
         counters.update(align(cfg, model, data, device))
     model.align.requires_grad_(False)
@@ -551,9 +573,22 @@ def check_out(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file: name a folder for the checkpoint")
+    if (out / STATE_FILE).is_file() and not (cfg.overwrite or cfg.resume):  # it looked like a finished checkpoint
+        epoch = state_counters(out).get("epoch", "?")
+        raise CheckpointError(f"{out} holds a run interrupted after epoch {epoch}: add --resume to go on with it, "
+                              "--overwrite to start again, or name another folder")
     if is_checkpoint(out) and not (cfg.overwrite or cfg.resume):
         raise CheckpointError(f"{out} holds a checkpoint already: add --overwrite to replace it, or name another "
                               "folder")
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:  # a folder that cannot be made is refused now, not by a traceback once the data has loaded
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    finally:
+        for folder in made:  # deepest first: a refused run leaves no empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:

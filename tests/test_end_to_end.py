@@ -194,6 +194,45 @@ def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+def test_an_interrupted_run_says_so_and_resumes_only_on_the_labels_it_began_with(tmp_path, cache_dir, monkeypatch,
+                                                                                 capsys):
+    """QA, session 36: a run stopped mid-way looked finished ("holds a checkpoint already: add --overwrite",
+    which throws its state away); labels saved after the interruption resumed unsaid (epochs 1-3 on one label
+    set, 4-20 on another), a new class crashed --resume with a size mismatch; an --out that cannot be made
+    was a traceback after the data had loaded."""
+    from cma_clip.labels import LabelStore
+
+    store = LabelStore(tmp_path / "studio" / "labels.db")
+    first, second = hm_rows("train", 2)
+    store.save_correction(image=HM / first["image"], text=first["prod_name"], item_id=first["article_id"],
+                          labels={"colour_group_name": "Red"}, annotator="ana")
+    out = tmp_path / "stopped"
+    common = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32", "--align-epochs",
+              "1", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet", "--extra-labels", str(store.path)]
+    with monkeypatch.context() as patch:  # a run that dies after its first epoch
+        patch.setattr(train, "finish", lambda *args, **kwargs: {})
+        train.train(train.parse_config([*common, "--epochs", "1"]))
+    capsys.readouterr()
+    assert train.main([*common, "--epochs", "3"]) == 2
+    assert (f"{out} holds a run interrupted after epoch 1: add --resume to go on with it, --overwrite to start "
+            "again") in capsys.readouterr().err
+    store.save_correction(image=HM / second["image"], text=second["prod_name"], item_id=second["article_id"],
+                          labels={"graphical_appearance_name": "Houndstooth Weave"}, annotator="ana")  # a new class
+    assert train.main([*common, "--epochs", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume {out}: its --extra-labels are not those it began with" in err and "Traceback" not in err
+    assert resume_counters(out)["epoch"] == 1  # its state kept, for a rerun on the labels it began with
+
+    (tmp_path / "file.txt").write_text("not a folder")
+    unmakeable = tmp_path / "file.txt" / "run"
+    quick = ["--catalogue", "hm-articles", "--limit", "8", "--epochs", "1", "--cache-dir", str(cache_dir), "--quiet"]
+    assert train.main([*quick, "--out", str(unmakeable)]) == 2
+    assert f"cannot create --out {unmakeable}: Not a directory" in capsys.readouterr().err
+    deeper = tmp_path / "new" / "deeper" / "run"  # made to try, then refused for another reason: none left
+    assert train.main([*quick, "--out", str(deeper), "--extra-labels", str(tmp_path / "missing.db")]) == 2
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
 def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, cache_dir, monkeypatch, capsys):
     from safetensors.torch import load_file
 
@@ -222,6 +261,8 @@ def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, ca
     run(plain, "--epochs", "1", interrupted=True)
     with pytest.raises(CheckpointError, match="no moving average"):
         run(plain, "--epochs", "2", "--ema", "0.5", "--resume")
+    with pytest.raises(CheckpointError, match="this run's model is not the one it began .size mismatch"):
+        run(plain, "--epochs", "2", "--width", "48", "--resume")  # a traceback, once (QA, session 36)
     for bad in (["--ema", "1.5"], ["--ema", "0.9", "--finetune-backbone"]):
         with pytest.raises(SystemExit) as exit_:
             train.parse_config(["--catalogue", "hm-articles", "--out", str(out), *bad])
