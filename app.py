@@ -806,13 +806,12 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
             if not waiting or waiting.get("kind") != "label":
                 raise StudioError("Nothing is waiting for a choice: save again.")
             labels, new_classes, force = answered(waiting, how)
-            if how == "keep_theirs":
-                if not labels:
-                    view = studio.model_view(model_name, studio.resolve_item_id(image_path, text_value, item),
-                                             result, bool((item or "").strip()))
-                    return {save_status: "Kept their labels; nothing of yours was left to save.", pending: None,
-                            shown: view.shown.to_dict(), **resolution(choice, None),
-                            **slot_updates(studio, slots, model_name, result, view)}
+            if how == "keep_theirs" and not labels:
+                view = studio.model_view(model_name, studio.resolve_item_id(image_path, text_value, item),
+                                         result, bool((item or "").strip()))
+                return {save_status: "Kept their labels; nothing of yours was left to save.", pending: None,
+                        shown: view.shown.to_dict(), **resolution(choice, None),
+                        **slot_updates(studio, slots, model_name, result, view)}
             outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item, labels,
                                        shown_of(seen), request_id=waiting["request_id"], new_classes=new_classes,
                                        force=force, prediction=result)
