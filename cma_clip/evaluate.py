@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out_json and Path(args.out_json).is_dir():  # said before the evaluation, not after it
         parser.error(f"--out-json {args.out_json} is a folder: give a file, e.g. {Path(args.out_json) / 'report.json'}")
+    if args.out_json and (above := next(p for p in Path(args.out_json).absolute().parents if p.exists())).is_file():
+        parser.error(f"--out-json {args.out_json}: {above} is a file, not a folder")  # it said "File exists", after
     try:
         report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir,
                                      zero_shot=args.zero_shot)

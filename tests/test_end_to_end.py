@@ -46,10 +46,16 @@ def test_evaluate_command_line_contract(small_checkpoint, cache_dir, tmp_path, c
         evaluate.main([*common, "--out-json", str(tmp_path)])
     assert refused.value.code == 2
     assert f"--out-json {tmp_path} is a folder: give a file, e.g. {tmp_path / 'report.json'}" in capsys.readouterr().err
-    under_a_file = out / "report.json"  # its parent is the report written above: the table printed, one line
-    assert evaluate.main([*common, "--out-json", str(under_a_file)]) == 2
+    under_a_file = out / "sub" / "report.json"  # under the report written above: said before evaluating too
+    with pytest.raises(SystemExit) as refused:  # (it said "File exists", after the evaluation: QA, session 36)
+        evaluate.main([*common, "--out-json", str(under_a_file)])
     printed = capsys.readouterr()
-    assert "mean" in printed.out and f"error: cannot write --out-json {under_a_file}" in printed.err
+    assert refused.value.code == 2 and "mean" not in printed.out
+    assert f"--out-json {under_a_file}: {out.absolute()} is a file, not a folder" in printed.err
+    unwritable = "/proc/cma-clip-report.json"  # a folder no one writes in (root neither): the table stands
+    assert evaluate.main([*common, "--out-json", unwritable]) == 2
+    printed = capsys.readouterr()
+    assert "mean" in printed.out and f"error: cannot write --out-json {unwritable}" in printed.err
     assert "Traceback" not in printed.err
 
 
