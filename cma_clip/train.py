@@ -420,8 +420,14 @@ def train(cfg: TrainConfig) -> dict:
         optimisation.schedule.last_epoch = counters["step"]
         if main_rank:
             print(f"resumed at epoch {counters['epoch']} (step {counters['step']})", file=sys.stderr)
-    fit(cfg, model, data, optimisation, counters, checkpoint_config(cfg, data, model), tuned, device,
-        rank, world, local_rank, ema)
+    try:
+        fit(cfg, model, data, optimisation, counters, checkpoint_config(cfg, data, model), tuned, device,
+            rank, world, local_rank, ema)
+    except SystemExit:  # Ctrl-C or SIGTERM (runtime.exit_on_stop_signals): say what is kept, then stop
+        if main_rank and (out / STATE_FILE).is_file():
+            print(f"stopped: {out} keeps the run after epoch {state_counters(out).get('epoch', '?')} of "
+                  f"{cfg.epochs}: the same command with --resume goes on with it", file=sys.stderr)
+        raise
     if not main_rank:
         return {}
     return finish(out, counters, data, cfg.finetune_backbone, device)

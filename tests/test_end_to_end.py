@@ -215,10 +215,18 @@ def test_an_interrupted_run_says_so_and_resumes_only_on_the_labels_it_began_with
     out = tmp_path / "stopped"
     common = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32", "--align-epochs",
               "1", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet", "--extra-labels", str(store.path)]
-    with monkeypatch.context() as patch:  # a run that dies after its first epoch
-        patch.setattr(train, "finish", lambda *args, **kwargs: {})
-        train.train(train.parse_config([*common, "--epochs", "1"]))
+    save_state = train.save_state
+
+    def stopped_once_saved(*args, **kwargs):  # Ctrl-C during the second epoch (runtime.exit_on_stop_signals)
+        save_state(*args, **kwargs)
+        raise SystemExit(130)
+
     capsys.readouterr()
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        patch.setattr(train, "save_state", stopped_once_saved)
+        train.main([*common, "--epochs", "3"])
+    assert (f"stopped: {out} keeps the run after epoch 1 of 3: the same command with --resume goes on with it"
+            in capsys.readouterr().err)  # it stopped without a word (QA, session 36)
     assert train.main([*common, "--epochs", "3"]) == 2
     assert (f"{out} holds a run interrupted after epoch 1: add --resume to go on with it, --overwrite to start "
             "again") in capsys.readouterr().err
