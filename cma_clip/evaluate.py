@@ -32,7 +32,7 @@ from .features import Features, extract_features, has_cached_features
 from .metrics import (METRIC_NAMES, mean_metrics, operating_point, task_metrics, threshold_at_precision,
                       threshold_with_confidence)
 from .model import Classifier, CMAOutput
-from .runtime import autocast, resolve_device, exit_on_stop_signals
+from .runtime import autocast, exit_on_stop_signals, output_file_problem, resolve_device
 
 @torch.no_grad()
 def iter_outputs(model: Classifier, features: Features, index: np.ndarray | None = None,
@@ -287,10 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-shot", action="store_true",
                         help="evaluate the CLIP-style alignment alone with label prompts (the 'raw CLIP' baseline)")
     args = parser.parse_args(argv)
-    if args.out_json and Path(args.out_json).is_dir():  # said before the evaluation, not after it
-        parser.error(f"--out-json {args.out_json} is a folder: give a file, e.g. {Path(args.out_json) / 'report.json'}")
-    if args.out_json and (above := next(p for p in Path(args.out_json).absolute().parents if p.exists())).is_file():
-        parser.error(f"--out-json {args.out_json}: {above} is a file, not a folder")  # it said "File exists", after
+    if args.out_json and (problem := output_file_problem("--out-json", args.out_json, "report.json")):
+        parser.error(problem)
     try:
         report = evaluate_checkpoint(args.checkpoint, args.manifest, args.split, args.cache_dir,
                                      zero_shot=args.zero_shot)

@@ -37,7 +37,7 @@ from .errors import CMAClipError
 from .features import image_batches
 from .model import IMAGE_SIDE, Classifier, absent_texts
 from .relevance import WORD, explain, word_relevance, words_of
-from .runtime import autocast, resolve_device
+from .runtime import autocast, exit_on_stop_signals, output_file_problem, resolve_device
 
 @dataclass
 class TaskPrediction:
@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                      "another file")
     if args.out and Path(args.out).suffix.lower() not in (".jsonl", ".csv", ".parquet"):
         parser.error(f"--out {args.out}: give a .jsonl, .csv or .parquet file")
+    if args.out and (problem := output_file_problem("--out", args.out, "predictions.jsonl")):
+        parser.error(problem)  # before the catalogue is predicted, not after
     for name in ("batch_size", "inference_workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -495,4 +497,5 @@ def _unreadable_count(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
+    exit_on_stop_signals()  # Ctrl-C: exit 130 quietly (it printed a KeyboardInterrupt traceback)
     sys.exit(main())

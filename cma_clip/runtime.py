@@ -11,6 +11,7 @@ import random
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -170,6 +171,18 @@ def exit_on_stop_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for stop in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop, lambda signum, frame: sys.exit(128 + signum))
+
+
+def output_file_problem(flag: str, path: str, example: str) -> str | None:
+    """Why a command's output file `path` (given as `flag`) cannot be written, said before the work that
+    fills it: a folder by its name (`example`: a file name to suggest in it), or a file where a folder
+    above it should be (said after a whole evaluation or a catalogue's predictions, as "Is a directory"
+    or "File exists")."""
+    out = Path(path)
+    if out.is_dir():
+        return f"{flag} {path} is a folder: give a file, e.g. {out / example}"
+    above = next(folder for folder in out.absolute().parents if folder.exists())
+    return f"{flag} {path}: {above} is a file, not a folder" if above.is_file() else None
 
 
 def seed_everything(seed: int) -> None:

@@ -239,6 +239,29 @@ def test_a_training_run_stopped_by_a_signal_leaves_no_unfinished_cache_build_and
     assert not list(cache.glob("features/*"))
 
 
+def test_a_catalogue_prediction_stopped_by_ctrl_c_exits_quietly_and_writes_nothing(tmp_path):
+    """QA, session 36: Ctrl-C during `predict --manifest` printed a 72-line KeyboardInterrupt traceback (the
+    other commands exit 130 quietly)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from cma_clip.data import REPO_ROOT
+
+    out = tmp_path / "predictions.jsonl"
+    run = subprocess.Popen([sys.executable, "-m", "cma_clip.predict", "--checkpoint", "checkpoints/hm-articles",
+                            "--manifest", str(HM / "articles.csv"), "--out", str(out)],
+                           cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "CMA_CLIP_CACHE": str(tmp_path / "cache")})
+    time.sleep(20)  # the model loaded, the catalogue's 10,000 rows on their way (minutes on 2 cores)
+    assert run.poll() is None, "the run ended before it could be stopped"
+    os.kill(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err, err[-800:]
+    assert not out.exists() and not list(tmp_path.glob(".predictions*"))
+
+
 def test_cached_colour_descriptors_are_each_photos_own_in_catalogue_order(tmp_path, backbone):
     rows = [{"t": f"item {i}", "c": "Red"} for i in range(5)]
     config = CatalogueConfig("x", str(write_catalogue(tmp_path, rows)), text_columns=["t"], tasks=["c"],

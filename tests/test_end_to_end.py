@@ -156,8 +156,12 @@ def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tm
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "--skip-unreadable scores the other rows" in err
     assert not (tmp_path / "stopped.csv").exists()
+    (tmp_path / "folder.jsonl").mkdir()
     for args, refusal in ((["--out", str(broken)], "is the manifest itself"),  # the items were replaced
-                          (["--out", str(tmp_path / "x.csv"), "--image", str(tmp_path / "broken.jpg")], "not both")):
+                          (["--out", str(tmp_path / "x.csv"), "--image", str(tmp_path / "broken.jpg")], "not both"),
+                          # said before the catalogue is predicted ("Is a directory", "File exists" after: QA, s36)
+                          (["--out", str(tmp_path / "folder.jsonl")], "is a folder: give a file, e.g. "),
+                          (["--out", str(good / "x.jsonl")], f"{good} is a file, not a folder")):
         with pytest.raises(SystemExit):
             predict.main([*checkpoint, "--manifest", str(broken), *args])
         assert refusal in capsys.readouterr().err
