@@ -13,6 +13,9 @@ import functools
 import html
 import os
 import socket
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -403,6 +406,38 @@ def chart(picture) -> PlotData:
     return PlotData(type="matplotlib", plot=png_data_url(picture))
 
 
+class LatestUploads:
+    """Each browser session's last uploaded photo and when it came. A prediction whose photo another upload
+    replaced while it ran answers nothing: landing after the upload had cleared the results, it put the
+    last item's labels beside the new photo, and its map's task was no longer among the cleared choices
+    ("Value: gender is not in the list of choices: []"). Cancelling it instead (Gradio's `cancels`) also
+    ended, on a busy server, the prediction of the new photo clicked right after its upload."""
+
+    KEPT = 10_000  # sessions remembered, the oldest forgotten first
+
+    def __init__(self) -> None:
+        self._latest: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _session() -> str | None:
+        return getattr(LocalContext.request.get(None), "session_hash", None)
+
+    def note(self, image_path: str | None) -> None:
+        if (session := self._session()) is not None:
+            with self._lock:
+                self._latest[session] = (str(image_path), time.monotonic())
+                self._latest.move_to_end(session)
+                while len(self._latest) > self.KEPT:
+                    self._latest.popitem(last=False)
+
+    def superseded(self, image_path: str | None, started: float) -> bool:
+        """Whether another photo was uploaded in this session since a prediction of `image_path` began."""
+        with self._lock:
+            path, at = self._latest.get(self._session() or "", (None, float("-inf")))
+        return at > started and path != str(image_path)
+
+
 def event_ended() -> bool:
     """Whether Gradio has ended the event the calling handler runs for (a client's `job.cancel()`):
     it cancels the event's task, not a function running in a worker thread, which went on for
@@ -740,10 +775,15 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                                                               f"{', '.join(studio.model_names) or 'none found'}."),
                 gr.validate(True, "")]
 
+    uploads = LatestUploads()
+
     @user_errors
     def predict(image_path, text_value, model_name, item):
         """Predict every task for an image and its text. Returns the prediction as JSON first."""
+        started = time.monotonic()
         result, view = studio.predict_item(image_path, text_value, model_name, item)
+        if uploads.superseded(image_path, started):  # nothing: the new photo's cleared results stay
+            return {}
         first = next(iter(result.tasks))
         choices, best = views.word_choices(result, first)
         return {result_json: result.to_dict(), table: views.prediction_rows(result),
@@ -845,6 +885,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     def new_photo(image_path, model_name):
         """A new upload is a new item: the last item's results go (beside the new photo they read as
         its own), and a file that cannot be predicted is said at once, under the inputs."""
+        uploads.note(image_path)
         problem = image_problem(image_path)
         return {**forget_item_id(), input_note: f"⚠️ {views.plain(problem)}" if problem else "",
                 result_json: None, table: None, task: gr.update(choices=[], value=None),
@@ -865,23 +906,17 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                        map_note, input_note, labels_for]
     # The button's input errors show on the field at fault (a validator); the /predict API answers
     # them, and the errors of Gradio's own input checks, as messages (a validator would answer a bare 400).
-    predicting = predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs,
-                                      validator=check_inputs, api_name="predict_checked", api_visibility="private",
-                                      concurrency_limit=MAX_BATCH)  # batched in the studio
-    drawing = predicting.then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
-                              api_visibility="private")  # at the opacity the slider shows
+    predict_button.click(predict, [image, text, shared.model, item_id], predict_outputs, validator=check_inputs,
+                         api_name="predict_checked", api_visibility="private",
+                         concurrency_limit=MAX_BATCH  # batched in the studio
+                         ).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
+                                api_visibility="private")  # at the opacity the slider shows
     api_predict.click(predict, [image, text, shared.model, item_id], predict_outputs, api_name="predict",
                       concurrency_limit=MAX_BATCH)
-    example_predicting = catalogue_examples.load_input_event.then(  # a visitor's click on an example predicts it
+    catalogue_examples.load_input_event.then(  # a visitor's click on an example shows its prediction at once
         predict, [image, text, shared.model, item_id], predict_outputs, api_visibility="private", js=SCROLL_TO_RESULTS,
-        concurrency_limit=MAX_BATCH)
-    example_drawing = example_predicting.then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
-                                              api_visibility="private")
-    # A photo uploaded while the last one is predicted ends that prediction: its answer, landing after the
-    # upload cleared the results, put the last item's labels beside the new photo, and its map's task was
-    # no longer among the cleared choices ("Value: gender is not in the list of choices: []").
-    image.upload(None, None, None, cancels=[predicting, drawing, example_predicting, example_drawing],
-                 api_visibility="private")
+        concurrency_limit=MAX_BATCH).then(redraw, [prediction_state, task, map_kind, token, opacity], heat,
+                                          api_visibility="private")
     task.input(explain_task, [prediction_state, task, map_kind, opacity], [token, heat, relevance, map_note],
                api_visibility="private")
     token.input(pick_word, [prediction_state, task, token, opacity], [map_kind, heat], api_visibility="private")
