@@ -39,6 +39,7 @@ WORDS_TABLE = "words.proj.weight"  # the words token's [width, buckets] table: i
 MEMBER_KEY = re.compile(r"members\.(\d+)\.(.+)")
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
+TRAIN_STATE = "train_state.safetensors"  # a run's resumable state (train.py): there until the run finishes
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 MANIFEST_FIELDS = ("manifest", "image_column", "text_columns", "id_column")  # what a --catalogue config names itself
 RUN_FIELDS = ("out", "resume", "overwrite", "quiet", "from_members")  # how a run was started, not what it trained
@@ -387,6 +388,28 @@ def is_checkpoint(folder: str | Path) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def train_state_counters(folder: str | Path) -> dict:
+    """The counters a run's resumable state holds (its epoch, step, history, extra labels)."""
+    with safe_open(str(Path(folder) / TRAIN_STATE), "pt") as handle:
+        return json.loads(handle.metadata()["counters"])
+
+
+def require_finished(folder: str | Path) -> None:
+    """Refuse a folder whose training run has not finished (stopped, or still training): its weights
+    are the best epoch so far, without the thresholds and test report the run ends with, so serving
+    it would auto-accept nothing and say nothing of why."""
+    folder = _checkpoint_folder(folder)
+    if not (folder / TRAIN_STATE).is_file():
+        return
+    try:
+        epoch = train_state_counters(folder).get("epoch", "?")
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        epoch = "?"
+    raise CheckpointError(f"{folder} holds a training run that has not finished (stopped or still training, after "
+                          f"epoch {epoch}): no thresholds or test report yet; a stopped run finishes with its train "
+                          "command and --resume")
 
 
 def _config_json(folder: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 
 from .align import label_embeddings, zero_shot_probabilities
 from .backbones import DualEncoder
-from .checkpoint import CheckpointConfig, CheckpointError, load_backbone, load_checkpoint
+from .checkpoint import CheckpointConfig, CheckpointError, load_backbone, load_checkpoint, require_finished
 from .data import Catalogue, CatalogueError, LabelVocab, atomic_write, limit_splits, split_indices
 from .errors import CMAClipError
 from .features import Features, extract_features, has_cached_features
@@ -134,6 +134,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, split: str
     """Metrics of a checkpoint on one split of a manifest (see `evaluation_rows`); with
     `zero_shot`, of its CLIP-style alignment alone, classifying by label prompts."""
     device = resolve_device(device)
+    require_finished(checkpoint)
     model, config = load_checkpoint(checkpoint, device)
     catalogue = Catalogue.open(config.catalogue_on(manifest))
     rows, split = evaluation_rows(catalogue, split, config)

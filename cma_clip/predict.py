@@ -31,7 +31,7 @@ from PIL import Image
 
 from . import distributed
 from .backbones import DualEncoder, TextBatch, letterbox
-from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint
+from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint, require_finished
 from .data import Catalogue, CatalogueError, ImageError, load_image, read_manifest, write_table
 from .errors import CMAClipError
 from .features import image_batches
@@ -168,6 +168,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> "Predictor":
         device = resolve_device(device)
+        require_finished(folder)
         model, config = load_checkpoint(folder, device)
         return cls(model, config, load_backbone(folder, config, device))
 

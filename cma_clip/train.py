@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .align import train_alignment
 from .backbones import IMAGE_TOWERS, DualEncoder, EncoderOutput, create_backbone
-from .checkpoint import (CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, TrainConfig,
+from .checkpoint import (TRAIN_STATE, CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, TrainConfig,
                          is_checkpoint, load_backbone, load_backbone_weights, load_checkpoint, read_config,
-                         save_checkpoint, save_ensemble)
+                         save_checkpoint, save_ensemble, train_state_counters)
 from .data import Catalogue, CatalogueError, LabelVocab, limit_splits, load_image, split_indices
 from .errors import CMAClipError
 from .evaluate import calibrate, format_table, predict_probabilities, rescore, score
@@ -58,9 +58,8 @@ from .extra_labels import merge, read_corrections
 from .model import FUSIONS, CMAClip, CMAClipConfig, multitask_loss, no_decay
 from .runtime import autocast, exit_on_stop_signals, seed_everything
 
-__all__ = ["STATE_FILE", "TrainConfig", "combine", "main", "parse_config", "train"]
+__all__ = ["TrainConfig", "combine", "main", "parse_config", "train"]
 
-STATE_FILE = "train_state.safetensors"  # what --resume reads; removed when the run finishes
 SELECTION_METRIC = "recall_at_90_precision"
 
 
@@ -334,16 +333,15 @@ def save_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer, coun
     for pid, state in optim["state"].items():
         for name, value in state.items():
             tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).cpu().contiguous()
-    partial = out / f"{STATE_FILE}.partial"
+    partial = out / f"{TRAIN_STATE}.partial"
     save_file(tensors, str(partial), metadata={"counters": json.dumps({**counters, "param_groups": optim["param_groups"]})})
-    os.replace(partial, out / STATE_FILE)
+    os.replace(partial, out / TRAIN_STATE)
 
 
 def state_counters(out: Path) -> dict:
     """The counters an interrupted run's state holds (its epoch, step, history, extra labels)."""
     try:
-        with safe_open(str(out / STATE_FILE), "pt") as handle:
-            return json.loads(handle.metadata()["counters"])
+        return train_state_counters(out)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot resume from {out}: its training state is unreadable ({exc}); "
                               "start again without --resume") from exc
@@ -353,7 +351,7 @@ def load_state(out: Path, model: CMAClip, optimizer: torch.optim.Optimizer,
                backbone: DualEncoder | None = None, ema: AveragedModel | None = None) -> dict:
     counters = state_counters(out)
     try:
-        tensors = load_file(str(out / STATE_FILE))
+        tensors = load_file(str(out / TRAIN_STATE))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot resume from {out}: its training state is unreadable ({exc}); "
                               "start again without --resume") from exc
@@ -405,7 +403,7 @@ def train(cfg: TrainConfig) -> dict:
     optimisation = make_optimizer(cfg, model, data, tuned)
     counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": [],
                 "extra_labels": data.extra_labels}
-    resume = cfg.resume and (out / STATE_FILE).exists()
+    resume = cfg.resume and (out / TRAIN_STATE).exists()
     if resume and (began := state_counters(out).get("extra_labels")) != data.extra_labels:
         # labels saved after the interruption: the epochs before and after would train on two label sets
         then, now = ((labels or {}).get("newest_label") for labels in (began, data.extra_labels))
@@ -424,7 +422,7 @@ def train(cfg: TrainConfig) -> dict:
         fit(cfg, model, data, optimisation, counters, checkpoint_config(cfg, data, model), tuned, device,
             rank, world, local_rank, ema)
     except SystemExit:  # Ctrl-C or SIGTERM (runtime.exit_on_stop_signals): say what is kept, then stop
-        if main_rank and (out / STATE_FILE).is_file():
+        if main_rank and (out / TRAIN_STATE).is_file():
             print(f"stopped: {out} keeps the run after epoch {state_counters(out).get('epoch', '?')} of "
                   f"{cfg.epochs}: the same command with --resume goes on with it", file=sys.stderr)
         raise
@@ -533,7 +531,7 @@ def finish(out: Path, counters: dict, data: TrainingData, finetuned: bool, devic
               if finetuned else data.features)
     metrics = calibrate(out, model, config, source, data.targets, data.splits)
     config.save(out)  # the weights on disk are this epoch's already
-    (out / STATE_FILE).unlink(missing_ok=True)
+    (out / TRAIN_STATE).unlink(missing_ok=True)
     return metrics
 
 
@@ -546,7 +544,7 @@ def train_ensemble(cfg: TrainConfig) -> dict:
     runs = Path(f"{str(cfg.out).rstrip('/')}-members")
     folders = [runs / f"seed-{cfg.seed + k}" for k in range(cfg.members)]
     for k, folder in enumerate(folders):
-        if cfg.resume and is_checkpoint(folder) and not (folder / STATE_FILE).exists():
+        if cfg.resume and is_checkpoint(folder) and not (folder / TRAIN_STATE).exists():
             continue  # finished before the interruption
         align_from = cfg.align_from or (str(folders[0]) if k else None)
         train(replace(cfg, out=str(folder), seed=cfg.seed + k, split_seed=cfg.splits_seed, members=1,
@@ -579,7 +577,7 @@ def check_out(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file: name a folder for the checkpoint")
-    if (out / STATE_FILE).is_file() and not (cfg.overwrite or cfg.resume):  # it looked like a finished checkpoint
+    if (out / TRAIN_STATE).is_file() and not (cfg.overwrite or cfg.resume):  # it looked like a finished checkpoint
         epoch = state_counters(out).get("epoch", "?")
         raise CheckpointError(f"{out} holds a run interrupted after epoch {epoch}: add --resume to go on with it, "
                               "--overwrite to start again, or name another folder")

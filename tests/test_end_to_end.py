@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from cma_clip import Predictor, evaluate, predict, train
-from cma_clip.checkpoint import CheckpointError, read_config
+from cma_clip.checkpoint import TRAIN_STATE, CheckpointError, read_config
 from cma_clip.data import read_manifest
 from cma_clip.model import multitask_loss
+from cma_clip.studio.service import available_checkpoints
 from conftest import EXAMPLE_IMAGE, HM, hm_rows, write_hm_manifest
 
 
@@ -186,7 +187,7 @@ def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tm
 def resume_counters(out):
     from safetensors import safe_open
 
-    with safe_open(str(out / train.STATE_FILE), "pt") as handle:
+    with safe_open(str(out / TRAIN_STATE), "pt") as handle:
         return json.loads(handle.metadata()["counters"])
 
 
@@ -234,6 +235,17 @@ def test_an_interrupted_run_says_so_and_resumes_only_on_the_labels_it_began_with
     assert train.main([*common, "--epochs", "3"]) == 2
     assert (f"{out} holds a run interrupted after epoch 1: add --resume to go on with it, --overwrite to start "
             "again") in capsys.readouterr().err
+    # nor is it served as if finished (QA, session 36): its weights have no thresholds or test report yet
+    unfinished = f"{out} holds a training run that has not finished (stopped or still training, after epoch 1)"
+    left_out = {}
+    assert available_checkpoints(tmp_path, left_out) == {} and unfinished in left_out["stopped"]
+    with pytest.raises(CheckpointError, match="a stopped run finishes with its train command and --resume"):
+        Predictor.from_checkpoint(out)
+    assert predict.main(["--checkpoint", str(out), "--image", str(EXAMPLE_IMAGE), "--text", "a red top"]) == 2
+    assert unfinished in capsys.readouterr().err
+    manifest = write_hm_manifest(tmp_path, hm_rows("test", 2), "two.jsonl")
+    assert evaluate.main(["--checkpoint", str(out), "--manifest", str(manifest), "--cache-dir", str(cache_dir)]) == 2
+    assert unfinished in capsys.readouterr().err
     store.save_correction(image=HM / second["image"], text=second["prod_name"], item_id=second["article_id"],
                           labels={"graphical_appearance_name": "Houndstooth Weave"}, annotator="ana")  # a new class
     assert train.main([*common, "--epochs", "3", "--resume"]) == 2
@@ -264,7 +276,7 @@ def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, ca
 
     out = tmp_path / "ema"
     run(out, "--epochs", "1", "--ema", "0.5", interrupted=True)  # one epoch of 2 steps
-    state = load_file(str(out / train.STATE_FILE))
+    state = load_file(str(out / TRAIN_STATE))
     assert int(state["ema.n_averaged"]) == 2
     kept = load_file(str(out / "model.safetensors"))  # epoch 1 is the best so far: the checkpoint
     assert all(torch.equal(kept[k], state[f"ema.module.{k}"]) for k in kept)
@@ -389,7 +401,7 @@ def test_resuming_a_finetuning_run_restores_the_backbone(tmp_path, cache_dir, mo
         train.train(train.parse_config([*common, "--epochs", "1"]))
     from safetensors.torch import load_file
 
-    state = load_file(str(out / train.STATE_FILE))
+    state = load_file(str(out / TRAIN_STATE))
     after_one_epoch = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     assert after_one_epoch
     restored = {}

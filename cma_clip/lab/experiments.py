@@ -35,7 +35,7 @@ from PIL import Image
 
 from .. import train
 from ..backbones import DualEncoder
-from ..checkpoint import CheckpointConfig, load_backbone, load_checkpoint, read_config
+from ..checkpoint import TRAIN_STATE, CheckpointConfig, load_backbone, load_checkpoint, read_config
 from ..data import Catalogue, CatalogueConfig
 from ..errors import CMAClipError
 from ..evaluate import (evaluate_checkpoint, predict_probabilities, rescore, score, task_targets,
@@ -95,7 +95,7 @@ class Study:
 
 def is_complete(run: Path) -> bool:
     """A finished training run: its test report is written and no resumable state is left."""
-    return (run / "eval_test.json").exists() and not (run / train.STATE_FILE).exists()
+    return (run / "eval_test.json").exists() and not (run / TRAIN_STATE).exists()
 
 
 def train_run(study: Study, catalogue: str, seed: int, name: str) -> None:
@@ -104,7 +104,7 @@ def train_run(study: Study, catalogue: str, seed: int, name: str) -> None:
         return
     config = replace(train.parse_config(["--out", str(run), *study.train_args]), catalogue=catalogue, seed=seed,
                      epochs=study.epochs_for(catalogue), quiet=True, data_root=study.data_root,
-                     cache_dir=study.cache_dir, resume=(run / train.STATE_FILE).exists(),
+                     cache_dir=study.cache_dir, resume=(run / TRAIN_STATE).exists(),
                      **RUN_SETTINGS.get(name, {"fusion": name}))
     if name != "cma":
         config = replace(config, align_from=str(study.run_dir(catalogue, seed, "cma")))

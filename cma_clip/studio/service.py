@@ -28,7 +28,7 @@ from PIL import Image
 from .. import mislabels, noise, review, robustness
 from ..backbones import BackboneError
 from ..catalogue_predictions import catalogue_predictions
-from ..checkpoint import CheckpointConfig, CheckpointError, read_config
+from ..checkpoint import CheckpointConfig, CheckpointError, read_config, require_finished
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, PhotoIndex,
                     is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
@@ -79,12 +79,13 @@ def default_reviewers() -> frozenset[str]:
 def available_checkpoints(folder: str | Path = CHECKPOINT_DIR,
                           left_out: dict[str, str] | None = None) -> dict[str, Path]:
     """Checkpoint name -> folder, for every sub-folder whose config.json reads as a CMA-CLIP config
-    (weights that cannot be loaded are found on first use, which says why); the others go into
+    of a finished run (weights that cannot be loaded are found on first use, which says why); the others go into
     `left_out` (name -> why), so the app can name them instead of dropping them unsaid."""
     found = {}
     for path in sorted(Path(folder).glob("*/config.json")):
         try:
             read_config(path.parent)
+            require_finished(path.parent)
         except CheckpointError as exc:
             if left_out is not None:
                 left_out[path.parent.name] = str(exc)
