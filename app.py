@@ -198,6 +198,7 @@ CSS = """
 .table-wrap th, .table-wrap td, .table-wrap th *, .table-wrap td *, .virtual-row, .virtual-row * {
   font-family: var(--font) !important; }
 #predict-examples td:last-child { white-space: nowrap; }
+.rtl .textfield { direction: rtl; }  /* a right-to-left text's words from the right (views.word_direction) */
 /* a dropdown's value stops short of its arrow, cut with "…" (on a phone the arrow covered its last letters) */
 .secondary-wrap:has(> .icon-wrap) input { padding-right: calc(2 * var(--size-5)) !important;
   text-overflow: ellipsis; }
@@ -786,13 +787,15 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
             return {}
         first = next(iter(result.tasks))
         choices, best = views.word_choices(result, first)
+        direction = views.word_direction(result)  # an Arabic or Hebrew text's words laid out from the right
         return {result_json: result.to_dict(), table: views.prediction_rows(result),
                 input_note: views.input_note(result, text_is_cut(text_value)),
                 task: gr.update(choices=[(views.task_name(t, p), t) for t, p in result.tasks.items()], value=first),
                 token: gr.update(choices=choices, value=best),
                 heat: views.image_map(result, first, "relevance", best),
                 weights_plot: chart(views.modality_figure(result)),
-                shading: views.word_attention_shading(result), relevance: views.word_shading(result, first),
+                shading: gr.update(value=views.word_attention_shading(result), elem_classes=direction),
+                relevance: gr.update(value=views.word_shading(result, first), elem_classes=direction),
                 map_kind: "relevance", map_note: views.relevance_summary(result, first),
                 prediction_state: result, shown: view.shown.to_dict(), request_id: new_id(), pending: None,
                 labels_for: view.item_id,

@@ -940,8 +940,30 @@ def _content_id(sha: str, text: str) -> str:
 
 
 def _class_key(value: str) -> str:
-    """What two spellings of one class share: compatibility forms (full-width letters) folded too."""
-    return "".join(ch for ch in unicodedata.normalize("NFKC", value).casefold() if not ch.isspace() and ch not in "-_")
+    """What two spellings of one class share: compatibility forms (full-width letters) folded too, and
+    invisible characters dropped; the dotted capital I ("İndigo") is a case of i, as "ß" is of "SS"."""
+    folded = unicodedata.normalize("NFKC", value).casefold().replace("i\u0307", "i")
+    return "".join(ch for ch in folded if not ch.isspace() and ch not in "-_" and unicodedata.category(ch) != "Cf")
+
+
+JOINERS = "\u200c\u200d"  # zero-width non-joiner and joiner: they shape a Persian or Indic word, an emoji sequence
+WORD_BREAK = "\u200b"  # zero-width space: a break between words (Thai, Khmer) that shows none
+
+
+def without_invisibles(text: str) -> str:
+    """`text` without its invisible format characters (Unicode Cf: soft hyphens, direction marks,
+    byte-order marks, word joiners), which make one word look like another; a zero-width space
+    becomes a space, and the joiners stay."""
+    return "".join(" " if ch == WORD_BREAK else ch for ch in text
+                   if ch in JOINERS or ch == WORD_BREAK or unicodedata.category(ch) != "Cf")
+
+
+def tidy_label(value: str) -> str:
+    """A label as it is stored: composed (NFC: a decomposed "é", as some keyboards type it, is the
+    same label as "é"), without invisible characters, one space between words and no joiner at a
+    word's edge. "Black" with a zero-width space after it was a second class that looked the same."""
+    words = without_invisibles(unicodedata.normalize("NFC", value)).split()
+    return " ".join(word for word in (w.strip(JOINERS) for w in words) if word)
 
 
 def _edit_distance(a: str, b: str, limit: int) -> int:
@@ -976,7 +998,7 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
         held = {label for (label,) in conn.execute(HELD_LABELS, (task,))}
         same_as = next((c for c in [*sorted(classes), *sorted(held - classes)] if _class_key(c) == _class_key(value)),
                        None)
-        if new_classes.get(task) != value or same_as is not None:
+        if tidy_label(str(new_classes.get(task) or "")) != value or same_as is not None:
             unknown.append(UnknownClass(task, value, close_classes(value, classes | held), same_as))
     if unknown:
         raise UnknownLabel(unknown)
@@ -1450,8 +1472,8 @@ def _strings(labels: object, field: str) -> dict[str, str]:
 
 
 def _clean_labels(labels: object) -> dict[str, str]:
-    """The labels with missing ones dropped; raises if none remain."""
-    clean = _strings(labels, "labels")
+    """The labels (`tidy_label`) with missing ones dropped; raises if none remain."""
+    clean = {t: v for t, v in ((t, tidy_label(v)) for t, v in _strings(labels, "labels").items()) if v}
     if not clean:
         raise LabelStoreError("no labels: give at least one task's corrected label")
     return clean

@@ -29,6 +29,7 @@ from cma_clip import evaluate, hub
 from cma_clip.checkpoint import CheckpointError, load_checkpoint
 from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, read_manifest
 from cma_clip.features import extract_features
+from cma_clip.labels import JOINERS
 from cma_clip.studio import MAX_TEXT_CHARS, Studio, StudioError, clean_text
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
 
@@ -213,7 +214,8 @@ def test_odd_text_is_predicted_and_saved_as_plain_text(seeded, case):
     assert set(result.tasks) == set(labels)
     assert len(result.tokens) <= predictor.max_tokens and all(token.isprintable() for token in result.tokens)
     cleaned = clean_text(text)
-    assert len(cleaned) <= MAX_TEXT_CHARS and cleaned.isprintable() and (cleaned == "") == (case in BLANK)
+    assert len(cleaned) <= MAX_TEXT_CHARS and (cleaned == "") == (case in BLANK)
+    assert all(ch.isprintable() or ch in JOINERS for ch in cleaned)  # the joiners of an emoji sequence stay
     studio.save_correction(str(EXAMPLE_IMAGE), text, MODEL, "ana", f"text-{case}", labels, result)
     assert studio.store.current_labels()[f"text-{case}"]["text"] == cleaned
     exported = {row["id"]: row for row in read_manifest(studio.export("CSV"))}
@@ -225,6 +227,16 @@ def test_html_is_kept_as_text_not_stripped():
     assert clean_text(TEXTS["html-and-script-tags"]) == TEXTS["html-and-script-tags"]
     # a terminal escape goes whole: its ESC alone left "[31m" in the text
     assert clean_text(TEXTS["control-characters"]) == "Red shirt with stripes"
+
+
+def test_invisible_characters_go_from_a_text_and_the_joiners_of_a_word_stay():
+    """QA, session 37: every zero-width character became a space, so a Persian word with its
+    non-joiner ("پیراهن\u200cها") and an emoji sequence ("👩\u200d🔬") were stored and shown as two;
+    a soft hyphen split "Baumwolle"."""
+    assert clean_text("👩\u200d🔬 lab coat پیراهن\u200cها") == "👩\u200d🔬 lab coat پیراهن\u200cها"
+    assert clean_text(TEXTS["emoji"]) == "Red 👗 dress 🔥🔥 with a 👨\u200d👩\u200d👧 print"
+    assert clean_text("\ufeffBaum\u00adwolle\u200e shirt\u2060") == "Baumwolle shirt"
+    assert clean_text("Black\u200bcotton") == "Black cotton"  # a zero-width space is a break between words
 
 
 # ---------------------------------------------------------------------------- other fields

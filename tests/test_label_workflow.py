@@ -481,7 +481,8 @@ def test_a_typo_is_caught_with_a_suggestion_and_a_new_class_needs_confirmation(s
                                       ("off-white", "Off White", "Off White")):
         with pytest.raises(UnknownLabel) as caught:
             save(store, "a", "ana", {"colour": typo, "type": "anything"}, vocabulary=vocabulary)
-        assert caught.value.unknown == [UnknownClass("colour", typo, [suggestion], same_as)]
+        # the label as it would be stored (`tidy_label`: one space between words)
+        assert caught.value.unknown == [UnknownClass("colour", " ".join(typo.split()), [suggestion], same_as)]
         assert (f"is the class '{same_as}' written otherwise" if same_as else f"did you mean '{suggestion}'") \
             in str(caught.value)
     with pytest.raises(UnknownLabel) as caught:
@@ -517,6 +518,28 @@ def test_a_class_written_otherwise_is_never_confirmed_as_a_class_of_its_own(stor
     message = views.unknown_message(caught.value.unknown, {"colour": "Colour"})
     assert "`turquoise Glitter` is the class `Turquoise glitter` written otherwise" in message
     assert "Save as new class" not in message and "**Use the suggestion** to correct it." in message
+
+
+def test_a_label_is_stored_composed_and_without_invisible_characters(store):
+    """QA, session 37: "Black" with a zero-width space after it was confirmed as a new class that looked
+    like "Black" (a second class for training); a decomposed "été" (as some keyboards type it) was stored
+    so, and the composed one then refused as "written otherwise" beside a name that looked the same;
+    "Indigo" was a new class beside a confirmed "İndigo"."""
+    vocabulary = {"colour": ["Black", "Crème"]}
+    for item, typed in (("a", "Black\u200b"), ("b", "\u200dBlack\u2060"), ("c", "Cre\u0300me"),
+                        ("d", "Cr\u00e8me\u200d"), ("e", "Cr\u00ade\u0300me")):
+        save(store, item, "ana", {"colour": typed}, vocabulary=vocabulary)  # no new class asked for
+    assert labels_of(store) == {"a": {"colour": "Black"}, "b": {"colour": "Black"}, "c": {"colour": "Crème"},
+                                "d": {"colour": "Crème"}, "e": {"colour": "Crème"}}
+    save(store, "f", "ana", {"colour": "Vert e\u0301te\u0301"}, vocabulary=vocabulary,
+         new_classes={"colour": "Vert e\u0301te\u0301"})
+    save(store, "g", "ben", {"colour": "Vert \u00e9t\u00e9"}, vocabulary=vocabulary)  # the same class, composed
+    assert labels_of(store)["f"] == labels_of(store)["g"] == {"colour": "Vert \u00e9t\u00e9"}
+    save(store, "h", "ana", {"colour": "\u0130ndigo"}, vocabulary=vocabulary, new_classes={"colour": "\u0130ndigo"})
+    with pytest.raises(UnknownLabel) as caught:  # a case of the dotted capital I, as "black" is of "Black"
+        save(store, "i", "ana", {"colour": "Indigo"}, vocabulary=vocabulary, new_classes={"colour": "Indigo"})
+    assert caught.value.unknown[0].same_as == "\u0130ndigo"
+    assert store.new_classes(vocabulary) == {"colour": ["Vert \u00e9t\u00e9", "\u0130ndigo"]}
 
 
 def test_a_new_class_one_side_of_an_open_disagreement_stays_a_class_for_the_ruling(store):

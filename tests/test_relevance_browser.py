@@ -84,3 +84,22 @@ def test_robustness_shows_relevance_clean_and_noisy(running_app, page):
     expect(page.locator("#probe-shift")).to_contain_text(names[tasks[2]], timeout=30_000)
     changed_from(page, before, "#noisy-heatmap img")
     page.screenshot(path=str(ARTIFACTS / "relevance-robustness.png"), full_page=True)
+
+
+def test_a_right_to_left_text_reads_from_the_right(running_app, page):
+    """QA, session 37: an Arabic text's words were laid out from the left, its first word at the far left,
+    so a reader of Arabic read the sentence backwards."""
+    arabic = "قميص قطني أزرق للرجال"
+    page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE_IMAGE))
+    page.locator("#input-text textarea").fill(arabic)
+    page.locator("#predict").click()
+    words = page.locator("#word-relevance .token")
+    expect(words.first).to_contain_text("قميص", timeout=60_000)
+    first, second = (words.nth(i).bounding_box() for i in (0, 1))
+    assert first["x"] > second["x"]  # the first word on the right
+    page.locator("#word-relevance").screenshot(path=str(ARTIFACTS / "relevance-right-to-left.png"))
+    page.locator("#input-text textarea").fill(EXAMPLE_TEXT)  # the next text, left to right again
+    page.locator("#predict").click()
+    expect(words.first).to_contain_text("Dingo", timeout=60_000)
+    first, second = (words.nth(i).bounding_box() for i in (0, 1))
+    assert first["x"] < second["x"]

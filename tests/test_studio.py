@@ -42,6 +42,11 @@ def test_predict_and_explain(studio):
     assert len(shares) == len(rows)
     assert all(abs(share - p.modality_weights["text"]) < 0.01 for share, p in zip(shares, result.tasks.values()))
     assert result.words_unread == 0 and views.input_note(result) == ""  # the whole text read: no note
+    assert views.word_direction(result) == []
+    arabic = studio.predict(str(EXAMPLE_IMAGE), "قميص قطني (Cotton) أزرق", "hm-articles")
+    assert views.word_direction(arabic) == ["rtl"]  # its words laid out from the right (QA, session 37)
+    labels = [label for label, _ in views.word_choices(arabic, "colour_group_name")[0]]
+    assert labels[0].startswith("\u2068قميص\u2069  (") and labels[2].startswith("(Cotton)  (")  # not "(%22) قميص"
 
 
 def test_a_text_past_the_token_limit_says_how_much_the_model_read(studio):

@@ -32,8 +32,9 @@ from ..checkpoint import CheckpointConfig, CheckpointError, read_config, require
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, PhotoIndex,
                     is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
-from ..labels import (MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore, LabelStoreError,
-                      TaskState, UnknownLabel, agreement_file, content_item_id, request_reused)
+from ..labels import (JOINERS, MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore,
+                      LabelStoreError, TaskState, UnknownLabel, agreement_file, content_item_id, request_reused,
+                      tidy_label, without_invisibles)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -1507,9 +1508,10 @@ ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b
 
 def clean_text(text: str | None, limit: int | None = MAX_TEXT_CHARS) -> str:
     """Printable text, bounded in length (`limit` characters; None: not): terminal escape sequences
-    go whole (their ESC alone left "[31m" behind), other control characters become spaces."""
-    text = ANSI_ESCAPE.sub(" ", text or "")
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    go whole (their ESC alone left "[31m" behind), invisible ones go (`without_invisibles`: the joiners
+    of a Persian word or an emoji stay), other control characters become spaces."""
+    text = without_invisibles(ANSI_ESCAPE.sub(" ", text or ""))
+    text = "".join(ch if ch.isprintable() or ch in JOINERS else " " for ch in text)
     return " ".join(text.split())[:limit]
 
 
@@ -1519,8 +1521,8 @@ def text_is_cut(text: str | None) -> bool:
 
 
 def given_labels(labels: dict[str, object], tasks: Iterable[str]) -> dict[str, str]:
-    """The non-empty labels given for `tasks`, each run of spaces made one: a doubled space typed by
-    hand is no new class, and the message that would ask shows both names alike."""
+    """The non-empty labels given for `tasks`, as stored (`tidy_label`): a doubled space typed by hand
+    or an invisible character is no new class, and the message that would ask shows both names alike."""
     tasks = set(tasks)
-    chosen = {t: " ".join(str(v).split()) for t, v in labels.items() if t in tasks and v is not None}
+    chosen = {t: tidy_label(str(v)) for t, v in labels.items() if t in tasks and v is not None}
     return {t: v for t, v in chosen.items() if v}
