@@ -23,6 +23,15 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from cma_clip.runtime import SettingError, server_port  # noqa: E402
+
+try:  # before Gradio, whose import reads GRADIO_SERVER_PORT as a number: a bad or empty one was its traceback
+    server_port()
+except SettingError as exc:
+    raise SystemExit(f"error: {exc}") from None
+if not os.environ.get("GRADIO_SERVER_PORT", "unset").strip():
+    del os.environ["GRADIO_SERVER_PORT"]  # set empty (docker -e GRADIO_SERVER_PORT=): unset, as every setting here
+
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 from gradio.components.plot import PlotData  # noqa: E402
@@ -37,7 +46,6 @@ from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
 from cma_clip.labels import AUDIT_SOURCES, MAX_NAME_CHARS, STATUSES  # noqa: E402
 from cma_clip.review import STRATEGIES  # noqa: E402
-from cma_clip.runtime import env_number  # noqa: E402
 from cma_clip.studio import (ALL_TASKS, CHOICES_KEPT, MAX_QUEUE_ITEMS, MAX_SWEEP_ITEMS, MAX_TASKS,  # noqa: E402
                              MAX_TEXT_CHARS, THRESHOLDS, ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, Studio,
                              SPLITS, StudioError, UndoOutcome, new_id, open_user_image, text_is_cut, views)
@@ -1840,8 +1848,7 @@ def serve(studio: Studio | None = None, *, host: str | None = None, port: int | 
     studio = default_studio() if studio is None else studio
     host = host or os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     if port is None:
-        named = next((name for name in ("GRADIO_SERVER_PORT", "PORT") if os.environ.get(name, "").strip()), "PORT")
-        port = int(env_number(named, 7860)) if block else free_port(host)
+        port = server_port() if block else free_port(host)
     uploads = ExitStack()
     uploads.enter_context(keep_uploads_in(studio))
     if studio.loading is None:

@@ -110,6 +110,7 @@ INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status
 V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
 SAVE_BY_REQUEST = "SELECT id, kind FROM corrections WHERE request_id = ?"
 SAVE_BATCH = "SELECT batch_id FROM corrections WHERE id = ?"
+SAVE_ITEM = "SELECT item_id FROM corrections WHERE id = ?"
 SAVE_VERSIONS = "SELECT task, id FROM decisions WHERE save_id = ? ORDER BY id"
 # the labels items hold now: an (item, task)'s latest decision that sets its label (a skip keeps the label
 # before it; an undo's row holds the label it restores), so an undone or replaced label is gone
@@ -293,6 +294,7 @@ class SaveResult(NamedTuple):
     save_id: int
     versions: dict[str, int]  # task -> the version this save created
     duplicate: bool  # the request id was already stored: nothing new was
+    item_id: str  # the save's item (a duplicate's: the item its request saved first, whatever the retry names)
 
 
 class BulkResult(NamedTuple):
@@ -1213,7 +1215,8 @@ def _stored_request(conn: sqlite3.Connection, request_id: str | None, kind: str)
 
 
 def _save_result(conn: sqlite3.Connection, save_id: int, duplicate: bool) -> SaveResult:
-    return SaveResult(save_id, dict(conn.execute(SAVE_VERSIONS, (save_id,)).fetchall()), duplicate)
+    return SaveResult(save_id, dict(conn.execute(SAVE_VERSIONS, (save_id,)).fetchall()), duplicate,
+                      conn.execute(SAVE_ITEM, (save_id,)).fetchone()[0])
 
 
 # ---------------------------------------------------------------------------- reading

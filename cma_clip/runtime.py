@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import functools
 import math
+import re
 import os
 import platform
 import random
@@ -25,6 +26,19 @@ class DeviceError(CMAClipError, ValueError):
 
 class SettingError(CMAClipError, ValueError):
     """An environment variable whose value cannot be used."""
+
+
+def server_port(default: int = 7860) -> int:
+    """The port to serve on: $GRADIO_SERVER_PORT, else $PORT (a Space's, a container's), else `default`.
+    A value that is no port (a word, a fraction, 0, above 65535) is a SettingError naming its variable:
+    a fraction was cut short unsaid and a port above 65535 was a traceback from the socket."""
+    for name in ("GRADIO_SERVER_PORT", "PORT"):
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            if not re.fullmatch(r"[0-9]{1,5}", raw) or not 1 <= int(raw) <= 65535:
+                raise SettingError(f"{name}={raw!r}: give a port, a whole number from 1 to 65535")
+            return int(raw)
+    return default
 
 
 def env_number(name: str, default: float) -> float:
@@ -48,13 +62,14 @@ SUPPORTED_DEVICES = ("cpu", "cuda", "mps")
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """The device asked for, checked; without one, CMA_CLIP_DEVICE, else the GPU when there is one,
     else the CPU. A device this machine lacks says so here, not as torch's driver error mid-run."""
-    spec = spec or os.environ.get("CMA_CLIP_DEVICE")
+    named = "" if spec else "CMA_CLIP_DEVICE: "  # a device set in the environment says where it came from
+    spec = spec or os.environ.get("CMA_CLIP_DEVICE", "").strip().lower()  # " CPU " is cpu
     if not spec:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError):
-        raise DeviceError(f"device {str(spec)!r} is not one torch knows: give cpu, cuda or cuda:N") from None
+        raise DeviceError(f"{named}device {str(spec)!r} is not one torch knows: give cpu, cuda or cuda:N") from None
     if device.type not in SUPPORTED_DEVICES:  # meta, xpu, ...: torch names them, the app cannot predict on them
         raise DeviceError(f"device {device}: CMA-CLIP runs on {', '.join(SUPPORTED_DEVICES)}, not {device.type}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count() > 0:

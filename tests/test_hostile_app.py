@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -17,7 +18,7 @@ from PIL import Image
 from cma_clip.data import load_image, read_manifest
 from cma_clip.lab import hostile_images as hostile
 from cma_clip.studio import MAX_QUEUE_ITEMS, Studio, StudioError, open_user_image, uploads
-from cma_clip.studio.accounts import AccountsError, Login, Users, add_user, login_from_env
+from cma_clip.studio.accounts import AccountsError, Login, Users, add_user, hash_password, login_from_env
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT
 
 MODEL = "hm-articles"
@@ -391,6 +392,16 @@ def test_passwords_are_stored_as_scrypt_hashes_and_checked(tmp_path, monkeypatch
     path.write_text("ana:plain-password\n")
     with pytest.raises(AccountsError, match="line 1: expected 'name:scrypt"):
         Users.from_file(path)
+    # a damaged hash was taken, and its user refused at every sign-in, unsaid (QA operator, session 37)
+    for damaged in ("scrypt$zz$qq", "scrypt$$", "scrypt$00$" + "ab" * 63, "scrypt$0$" + "ab" * 64):
+        path.write_text(f"ben:{hash_password('pw')}\nana:{damaged}\n")
+        with pytest.raises(AccountsError, match=re.escape("line 2: ana's hash is not one `python -m "
+                                                          "cma_clip.studio.accounts add` makes")):
+            Users.from_file(path)
+    for pairs in ({"CMA_CLIP_AUTH": "ana:pw"}, {"CMA_CLIP_USERS": str(path)}):  # the login asked for was ignored
+        with pytest.raises(AccountsError, match=f"CMA_CLIP_LOGIN='huggingface' and {next(iter(pairs))} are both set"):
+            login_from_env({**space, **pairs})
+    assert login_from_env({"CMA_CLIP_LOGIN": "off", "CMA_CLIP_AUTH": "ana:pw"}).users.check("ana", "pw")
 
 
 def test_the_accounts_command_refuses_a_bad_file_or_name_before_asking_a_password(tmp_path, monkeypatch, capsys):

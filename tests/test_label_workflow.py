@@ -74,6 +74,10 @@ def test_a_retried_save_stores_one_row(store):
     again = save(store, "a", "ana", {"colour": "Red"}, base_versions={"colour": None}, request_id="req-1")
     assert again == first._replace(duplicate=True)
     assert store.count() == 2 and store.audit()[1] == 2
+    # retried after a restart, from a screen that moved on to item c: the answer names the item it was stored on,
+    # not c ("Already saved ... for item c", QA operator, session 37)
+    moved_on = save(store, "c", "ana", {"colour": "Green"}, request_id="req-1")
+    assert moved_on == first._replace(duplicate=True) and moved_on.item_id == "a" and store.count() == 2
     with pytest.raises(LabelStoreError, match="This skip came before the answer to your last save reached the "
                                               "screen, so it was not run: press it again .* used for that save"):
         store.skip("a", ["colour"], "ana", request_id="req-1")

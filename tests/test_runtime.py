@@ -66,6 +66,10 @@ def test_a_device_this_machine_lacks_is_named_before_anything_runs(monkeypatch):
             runtime.resolve_device()
         monkeypatch.delenv("CMA_CLIP_DEVICE")
     assert runtime.resolve_device(torch.device("cpu")) == CPU
+    for spec in (" CPU ", "Cpu"):  # as typed in a Space's settings: the case and spaces forgiven, as elsewhere
+        monkeypatch.setenv("CMA_CLIP_DEVICE", spec)
+        assert runtime.resolve_device() == CPU
+    monkeypatch.delenv("CMA_CLIP_DEVICE")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert runtime.resolve_device() == torch.device("cuda") and runtime.resolve_device("cuda:1").index == 1
@@ -81,7 +85,8 @@ def test_the_commands_and_the_app_refuse_a_missing_device_in_one_line(tmp_path):
         run = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode in (1, 2) and "Traceback" not in run.stderr, run.stderr
-        assert run.stderr.strip() == "error: device 'banana' is not one torch knows: give cpu, cuda or cuda:N"
+        assert run.stderr.strip() == ("error: CMA_CLIP_DEVICE: device 'banana' is not one torch knows: give cpu, cuda "
+                                      "or cuda:N")  # the variable named (QA operator, session 37)
 
 
 
@@ -140,3 +145,25 @@ def test_a_number_setting_that_cannot_be_used_names_its_variable(monkeypatch):
         monkeypatch.setenv("CMA_CLIP_X", raw)
         with pytest.raises(runtime.SettingError, match=re.escape(words)):
             runtime.env_number("CMA_CLIP_X", 72)
+
+
+def test_a_port_that_is_no_port_is_named_before_gradio_reads_it(tmp_path, monkeypatch):
+    """QA operator, session 37: GRADIO_SERVER_PORT= (empty) or =abc died in Gradio's import-time traceback
+    (int('')), a port above 65535 in the socket's, and PORT=7971.9 served on 7971 unsaid."""
+    for name in ("GRADIO_SERVER_PORT", "PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.server_port() == 7860
+    monkeypatch.setenv("PORT", " 7971 ")
+    assert runtime.server_port() == 7971
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7972")  # Gradio's own variable first
+    assert runtime.server_port() == 7972
+    for raw in ("abc", "7971.9", "99999", "0", "-1", "٣"):
+        monkeypatch.setenv("GRADIO_SERVER_PORT", raw)
+        with pytest.raises(runtime.SettingError, match=re.escape(f"GRADIO_SERVER_PORT={raw!r}: give a port, a whole "
+                                                                 "number from 1 to 65535")):
+            runtime.server_port()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CMA_CLIP_STUDIO_DIR": str(tmp_path / "studio"), "GRADIO_SERVER_PORT": "", "PORT": "70000"}
+    run = subprocess.run([sys.executable, "app.py"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.strip() == ("error: PORT='70000': give a port, a whole number from 1 "
+                                                          "to 65535")

@@ -484,6 +484,11 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     assert saved.result == "saved" and saved.statuses[colour] in ("accepted", "corrected")
     retry = studio.review_save(queue, "ana", {colour: mine}, seen, request_id="ana-1")
     assert retry.result == "duplicate" and retry.save_id == saved.save_id and studio.store.count() == 1
+    studio._requests.clear()  # a restart: the server's answers are gone, the store still knows the request
+    assert queue.current.item_id != item.item_id  # the queue moved on; the retry comes from the next item's screen
+    after_restart = studio.review_save(queue, "ana", {colour: mine}, request_id="ana-1")
+    assert after_restart.result == "duplicate" and after_restart.item_id == item.item_id  # it named the next item
+    assert f"for item `{item.item_id}`" in views.save_message(after_restart) and studio.store.count() == 1
 
     other = studio.review_catalogue("hm-articles", "train", 4, show_decided=True)
     other.position = other.index_of(item.item_id)

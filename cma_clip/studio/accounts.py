@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import importlib.util
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from ..errors import CMAClipError
 from ..labels import MAX_NAME_CHARS
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # hashlib's scrypt at about 50 ms and 16 MB a check
+SCRYPT_BYTES = 64  # the length of hashlib.scrypt's hash (its dklen default)
+STORED_HASH = re.compile(rf"scrypt\$(?:[0-9a-fA-F]{{2}})+\$[0-9a-fA-F]{{{SCRYPT_BYTES * 2}}}")
 
 
 
@@ -87,6 +90,10 @@ class Users:
             if not _valid_name(name) or not stored.startswith("scrypt$") or stored.count("$") != 2:
                 raise AccountsError(f"{path.name}, line {number}: expected 'name:scrypt$salt$hash' (made by "
                                     "`python -m cma_clip.studio.accounts add`)")
+            if not STORED_HASH.fullmatch(stored):  # accepted, it refused every password of its user unsaid
+                raise AccountsError(f"{path.name}, line {number}: {name}'s hash is not one `python -m "
+                                    f"cma_clip.studio.accounts add` makes (scrypt$<salt hex>$<{SCRYPT_BYTES * 2} hex "
+                                    f"digits>): add {name} again")
             if name in hashes:
                 raise AccountsError(f"{path.name}, line {number}: {name} has a line already (which password "
                                     "holds? keep one)")
@@ -134,11 +141,14 @@ def login_from_env(environ: dict[str, str] | None = None) -> Login:
     if environ.get("CMA_CLIP_USERS") and environ.get("CMA_CLIP_AUTH"):  # one was silently ignored
         raise AccountsError("CMA_CLIP_USERS and CMA_CLIP_AUTH are both set: keep one (the users file holds "
                             "hashed passwords; CMA_CLIP_AUTH plain ones)")
+    kind = environ.get("CMA_CLIP_LOGIN", "").strip().lower()
+    given = next((name for name in ("CMA_CLIP_USERS", "CMA_CLIP_AUTH") if environ.get(name)), None)
+    if given and kind not in ("", "none", "off"):  # the passwords won, the login asked for was ignored unsaid
+        raise AccountsError(f"CMA_CLIP_LOGIN={kind!r} and {given} are both set: keep one")
     if environ.get("CMA_CLIP_USERS"):
         return Login(Users.from_file(environ["CMA_CLIP_USERS"]))
     if environ.get("CMA_CLIP_AUTH"):
         return Login(Users.from_pairs(environ["CMA_CLIP_AUTH"]))
-    kind = environ.get("CMA_CLIP_LOGIN", "").strip().lower()
     if kind in ("huggingface", "hf", "oauth"):
         if problem := oauth_problem(environ):
             raise AccountsError(f"CMA_CLIP_LOGIN={kind}: {problem}")

@@ -438,7 +438,7 @@ class Studio:
             raise StudioError(str(exc)) from exc
         predicted = {t: p["label"] for t, p in predictions.items()}
         rulings = {} if adjudicated else self.store.rulings(item_id)  # a label against one reopens the item
-        return SaveOutcome("duplicate" if result.duplicate else "saved", item_id, labels, result.save_id,
+        return SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
                            request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip(),
                            catalogue={t: v for t, v in (catalogue or {}).items() if t in labels and not is_missing(v)},
@@ -1060,7 +1060,7 @@ class Studio:
                                    annotator=annotator, ended=ended)
             except LabelStoreError as exc:
                 raise StudioError(str(exc)) from exc
-            outcome = SaveOutcome("duplicate" if result.duplicate else "saved", item.item_id, {}, result.save_id,
+            outcome = SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, {}, result.save_id,
                                   dict.fromkeys(tasks, "skipped"), kind="skip", request_id=rid,
                                   annotator=annotator, ended=ended)
             if not result.duplicate:
