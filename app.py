@@ -40,7 +40,7 @@ from PIL import Image as PILImage  # noqa: E402
 
 from cma_clip import hub  # noqa: E402
 from cma_clip.checkpoint import CheckpointError  # noqa: E402
-from cma_clip.data import atomic_write  # noqa: E402
+from cma_clip.data import atomic_write, default_data_root  # noqa: E402
 from cma_clip.errors import CMAClipError  # noqa: E402
 from cma_clip.noise import IMAGE_CORRUPTIONS, TEXT_CORRUPTIONS  # noqa: E402
 from cma_clip.predict import Prediction  # noqa: E402
@@ -1816,6 +1816,9 @@ class Served:
 def default_studio() -> Studio:
     """The studio `python app.py` serves: the local checkpoints, plus $CMA_CLIP_HUB_CHECKPOINT's when set."""
     studio = Studio()
+    if not (catalogues := default_data_root()).is_dir():  # said when a catalogue view was opened, not before
+        print(f"[cma-clip] no catalogues at {catalogues} (CMA_CLIP_DATA): the catalogue review queues, suspected "
+              "mislabels and the batch sweep say so when opened; the rest works")
     hub_checkpoint = hub.checkpoint_from_env()
     if hub_checkpoint:
         try:

@@ -131,8 +131,12 @@ def _reason(error: BaseException) -> str | None:
     from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError)
 
+    from huggingface_hub import constants
+
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set, so the Hub is not asked"
+    if isinstance(error, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:  # a download says so this way
+        return "HF_HUB_OFFLINE is set, so the Hub is not asked, and its files are not in the local cache"
     if isinstance(error, HFValidationError):
         return "that is not a repository id (owner/name)"
     if isinstance(error, LocalEntryNotFoundError):

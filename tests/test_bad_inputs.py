@@ -572,6 +572,11 @@ def test_a_hub_that_cannot_be_reached_or_does_not_answer_fails_in_words_and_in_t
         hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "someone/labels")
     with pytest.raises(hub.HubError, match="not a repository id"):
         hub.push_label_store(tmp_path / "labels.db", tmp_path / "export.jsonl", "not a valid repo id!!")
+    # a checkpoint's download said "the Hub could not be reached (offline?)" (QA operator, session 37)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(hub.HubError, match=r"could not download checkpoint 'someone/model' from the Hugging Face Hub: "
+                                           "HF_HUB_OFFLINE is set, so the Hub is not asked, and its files are not in"):
+        hub.download_checkpoint("someone/model")
 
 
 # ---------------------------------------------------------------------------- the app

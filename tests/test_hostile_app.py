@@ -443,6 +443,26 @@ def test_a_deployers_slips_are_one_line_each(tmp_path, monkeypatch, capsys, chec
     a_file.write_text("x")
     with pytest.raises(StudioError, match=r"cannot make the studio's folder .*notes.txt \(CMA_CLIP_STUDIO_DIR\)"):
         Studio(checkpoint_dir, data_dir=a_file, device="cpu")
+    # a read-only folder was refused in the label store's words for --extra-labels ("copy labels.db and its
+    # labels_images folder somewhere writable"), with no labels.db there (QA operator, session 37)
+    read_only, access = tmp_path / "read-only", os.access
+    read_only.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and Path(path) != read_only)
+    with pytest.raises(StudioError, match=r"studio's folder .*read-only \(CMA_CLIP_STUDIO_DIR\) cannot be written "
+                                          r"\(read-only\?\): the label store and uploaded images are kept there"):
+        Studio(checkpoint_dir, data_dir=read_only, device="cpu")
+    monkeypatch.setattr(os, "access", access)
+    # catalogues not where CMA_CLIP_DATA says: the app started without a word, and a queue named no variable
+    monkeypatch.setenv("CMA_CLIP_DATA", str(tmp_path / "no-data"))
+    monkeypatch.setenv("CMA_CLIP_STUDIO_DIR", str(tmp_path / "studio"))
+    import app
+
+    capsys.readouterr()
+    studio = app.default_studio()
+    assert f"[cma-clip] no catalogues at {tmp_path / 'no-data'} (CMA_CLIP_DATA)" in capsys.readouterr().out
+    with pytest.raises(StudioError, match=r"The hm-articles catalogue is not available here: .* \(catalogues are "
+                                          r"read from .*no-data: CMA_CLIP_DATA\)"):
+        studio.review_catalogue("hm-articles", "train", 2)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from ..backbones import BackboneError
 from ..catalogue_predictions import catalogue_predictions
 from ..checkpoint import CheckpointConfig, CheckpointError, read_config, require_finished
 from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, CatalogueError, ImageError, PhotoIndex,
-                    is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
+                    default_data_root, is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import (JOINERS, MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore,
                       LabelStoreError, TaskState, UnknownLabel, agreement_file, content_item_id, request_reused,
@@ -112,6 +112,10 @@ class Studio:
         except OSError as exc:  # a file by that name, a read-only disk (a Space without persistent storage)
             raise StudioError(f"cannot make the studio's folder {self.data_dir} (CMA_CLIP_STUDIO_DIR): "
                               f"{exc.strerror or exc}") from exc
+        if not os.access(self.data_dir, os.W_OK):  # the store's message spoke of copying a labels.db it lacked
+            raise StudioError(f"the studio's folder {self.data_dir} (CMA_CLIP_STUDIO_DIR) cannot be written "
+                              "(read-only?): the label store and uploaded images are kept there; give a writable folder (on a "
+                              "Space, its persistent storage: /data/studio)")
         self.store = LabelStore(self.data_dir / "labels.db")
         self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
         self.device, self.data_root = resolve_device(device), data_root  # a device this machine lacks fails here
@@ -133,6 +137,12 @@ class Studio:
         self._photo_lock = threading.RLock()
         self.bulk_chunk = BULK_CHUNK
         self.reviewers = frozenset(default_reviewers() if reviewers is None else reviewers)
+
+    def _catalogue_missing(self, name: str, exc: CatalogueError) -> StudioError:
+        """The refusal of a view that reads a catalogue this server cannot open, naming where it looked."""
+        root = self.data_root or default_data_root()
+        return StudioError(f"The {name} catalogue is not available here: {exc} (catalogues are read from {root}: "
+                           "CMA_CLIP_DATA)")
 
     # ------------------------------------------------------------------ models
     @property
@@ -573,7 +583,7 @@ class Studio:
                                                                    sample.texts()))]
             kept = self.catalogue_scores(model, split, progress)
         except CatalogueError as exc:
-            raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
+            raise self._catalogue_missing(name, exc) from exc
         left_out = len(ids) - len(pool)
         notes = [f"{plural(left_out, 'decided item')} of the split left out"] if left_out else []
         return self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
@@ -699,7 +709,7 @@ class Studio:
                 progress(0.0, "ranking the catalogue's labels (the first time: its features are computed)")
             ranked = mislabels.mislabel_queue(catalogue, task, predictor.backbone)
         except CatalogueError as exc:
-            raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
+            raise self._catalogue_missing(name, exc) from exc
         decided = set() if show_decided else self.store.decided_items(tasks)
         suspects = [s for s in ranked.suspects if s.item_id not in decided]
         shown_name = self.display_names(model).get(task, task)
@@ -1318,7 +1328,7 @@ class Studio:
         try:  # not the first rows: a catalogue's order groups alike items (fashion's first test rows are sportswear)
             catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root), split="test").sample(size)
         except CatalogueError as exc:
-            raise StudioError(f"The {name} catalogue is not available here: {exc}") from exc
+            raise self._catalogue_missing(name, exc) from exc
         seed = _seed(seed)
         stop = threading.Event()
 
