@@ -103,6 +103,17 @@ new MutationObserver(() => {
   }
   const photo = document.querySelector("#review-image img:not([alt^='Photo'])");
   if (photo) photo.alt = "Photo of the item under review";
+  // a picture that is a button (the image map: a click shows it whole) is named by its block's label, and an
+  // example's photo by its text: both were read out as a nameless "button" and an empty grid cell
+  for (const picture of document.querySelectorAll("button img[alt='']")) {
+    const label = picture.closest(".block")?.querySelector("[data-testid=block-label]")?.textContent.trim();
+    if (label) picture.alt = label;
+  }
+  for (const picture of document.querySelectorAll("#predict-examples td img")) {  // its text may come after it
+    const text = picture.closest("td").nextElementSibling?.textContent.trim();
+    const name = text ? `Photo of the example: ${text}` : "Photo of the example";
+    if (picture.alt !== name) picture.alt = name;
+  }
 }).observe(document.documentElement, {childList: true, subtree: true});
 // A request refused as unauthenticated (a logout in another tab, a restart with new accounts) failed
 // without a word: a banner says so, and that nothing was done.
@@ -1819,6 +1830,8 @@ def default_studio() -> Studio:
     if not (catalogues := default_data_root()).is_dir():  # said when a catalogue view was opened, not before
         print(f"[cma-clip] no catalogues at {catalogues} (CMA_CLIP_DATA): the catalogue review queues, suspected "
               "mislabels and the batch sweep say so when opened; the rest works")
+    if os.environ.get("CMA_CLIP_HUB_DATASET", "").strip() and not os.environ.get("HF_TOKEN", "").strip():
+        print("[cma-clip] CMA_CLIP_HUB_DATASET is set without HF_TOKEN: 'Push labels to the Hub' will refuse")
     hub_checkpoint = hub.checkpoint_from_env()
     if hub_checkpoint:
         try:

@@ -51,8 +51,9 @@ def env_number(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingError(f"{name}={raw!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise SettingError(f"{name}={raw!r}: give a number above 0")
+    if not (math.isfinite(value) and value > 0):  # "inf" read as "give a number above 0" (QA operator, session 37)
+        raise SettingError(f"{name}={raw!r}: give a number above 0" + ("" if math.isfinite(value) else
+                                                                        ", not infinity or NaN"))
     return value
 
 

@@ -271,3 +271,8 @@ def test_a_click_on_an_example_shows_its_prediction(running_app, page):
     expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)  # no Predict press needed
     expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
     expect(page.locator("#item-id textarea, #item-id input").first).to_have_value(item)
+    # named for a screen reader: the image map (a button holding the picture) and each example's photo, read out
+    # as a nameless "button" and an empty grid cell (QA keyboard user, session 37)
+    expect(page.locator("#heatmap").get_by_role("button", name="Map on the photo")).to_be_visible()
+    expect(page.locator("#predict-examples").get_by_role("gridcell", name="Photo of the example: ").first) \
+        .to_be_visible()

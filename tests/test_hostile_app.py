@@ -457,9 +457,13 @@ def test_a_deployers_slips_are_one_line_each(tmp_path, monkeypatch, capsys, chec
     monkeypatch.setenv("CMA_CLIP_STUDIO_DIR", str(tmp_path / "studio"))
     import app
 
+    monkeypatch.setenv("CMA_CLIP_HUB_DATASET", "team/labels")  # and a push that cannot work, said at start
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     capsys.readouterr()
     studio = app.default_studio()
-    assert f"[cma-clip] no catalogues at {tmp_path / 'no-data'} (CMA_CLIP_DATA)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"[cma-clip] no catalogues at {tmp_path / 'no-data'} (CMA_CLIP_DATA)" in out
+    assert "CMA_CLIP_HUB_DATASET is set without HF_TOKEN: 'Push labels to the Hub' will refuse" in out
     with pytest.raises(StudioError, match=r"The hm-articles catalogue is not available here: .* \(catalogues are "
                                           r"read from .*no-data: CMA_CLIP_DATA\)"):
         studio.review_catalogue("hm-articles", "train", 2)

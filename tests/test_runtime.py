@@ -141,7 +141,8 @@ def test_a_number_setting_that_cannot_be_used_names_its_variable(monkeypatch):
     monkeypatch.setenv("CMA_CLIP_X", " 0.5 ")
     assert runtime.env_number("CMA_CLIP_X", 72) == 0.5
     for raw, words in (("1GB", "CMA_CLIP_X='1GB' is not a number"), ("-5", "CMA_CLIP_X='-5': give a number above 0"),
-                       ("nan", "give a number above 0"), ("0", "give a number above 0")):
+                       ("nan", "give a number above 0, not infinity or NaN"), ("0", "give a number above 0"),
+                       ("inf", "CMA_CLIP_X='inf': give a number above 0, not infinity or NaN")):
         monkeypatch.setenv("CMA_CLIP_X", raw)
         with pytest.raises(runtime.SettingError, match=re.escape(words)):
             runtime.env_number("CMA_CLIP_X", 72)
