@@ -114,8 +114,8 @@ class Studio:
                               f"{exc.strerror or exc}") from exc
         if not os.access(self.data_dir, os.W_OK):  # the store's message spoke of copying a labels.db it lacked
             raise StudioError(f"the studio's folder {self.data_dir} (CMA_CLIP_STUDIO_DIR) cannot be written "
-                              "(read-only?): the label store and uploaded images are kept there; give a writable folder "
-                              "(on a Space, its persistent storage: /data/studio)")
+                              "(read-only?): the label store and uploaded images are kept there; give a writable "
+                              "folder (on a Space, its persistent storage: /data/studio)")
         self.store = LabelStore(self.data_dir / "labels.db")
         self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
         self.device, self.data_root = resolve_device(device), data_root  # a device this machine lacks fails here
