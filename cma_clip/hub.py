@@ -128,10 +128,9 @@ def _hub_client_timeouts() -> None:
 def _reason(error: BaseException) -> str | None:
     """Why a Hub call failed, in words; None for an error that is no Hub failure (a bug)."""
     import httpx2
+    from huggingface_hub import constants
     from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError)
-
-    from huggingface_hub import constants
 
     if isinstance(error, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set, so the Hub is not asked"

@@ -439,7 +439,7 @@ class LabelStore:
         a reviewer's decision on a disagreement, which settles it and is left out of the agreement.
         """
         prepared = _prepare(self.image_dir, image, text, labels, predictions, item_id, catalogue_labels,
-                            base_versions, source)
+                            base_versions, source, vocabulary)
         annotator, checkpoint = _name(annotator, "annotator"), _name(checkpoint, "checkpoint")
         with self._transaction("IMMEDIATE") as conn:
             return _store(conn, prepared, annotator=annotator, checkpoint=checkpoint,
@@ -960,10 +960,13 @@ def without_invisibles(text: str) -> str:
                    if ch in JOINERS or ch == WORD_BREAK or unicodedata.category(ch) != "Cf")
 
 
-def tidy_label(value: str) -> str:
+def tidy_label(value: str, classes: Iterable[str] = ()) -> str:
     """A label as it is stored: composed (NFC: a decomposed "é", as some keyboards type it, is the
     same label as "é"), without invisible characters, one space between words and no joiner at a
-    word's edge. "Black" with a zero-width space after it was a second class that looked the same."""
+    word's edge ("Black" with a zero-width space after it was a second class that looked the same);
+    one of the model's `classes` stays as the model spells it, whatever its form."""
+    if value in classes:
+        return value
     words = without_invisibles(unicodedata.normalize("NFC", value)).split()
     return " ".join(word for word in (w.strip(JOINERS) for w in words) if word)
 
@@ -1000,7 +1003,7 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
         held = {label for (label,) in conn.execute(HELD_LABELS, (task,))}
         same_as = next((c for c in [*sorted(classes), *sorted(held - classes)] if _class_key(c) == _class_key(value)),
                        None)
-        if tidy_label(str(new_classes.get(task) or "")) != value or same_as is not None:
+        if tidy_label(str(new_classes.get(task) or ""), classes) != value or same_as is not None:
             unknown.append(UnknownClass(task, value, close_classes(value, classes | held), same_as))
     if unknown:
         raise UnknownLabel(unknown)
@@ -1061,11 +1064,13 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_
 
 # ---------------------------------------------------------------------------- writing
 def _prepare(image_dir: Path, image: Any, text: Any, labels: Any, predictions: Any, item_id: Any,
-             catalogue_labels: Any, base_versions: Any, source: str) -> _Prepared:
-    """Validate one save and write its image file (content-addressed: writing it twice is harmless)."""
+             catalogue_labels: Any, base_versions: Any, source: str,
+             vocabulary: Mapping[str, Iterable[str]] | None = None) -> _Prepared:
+    """Validate one save and write its image file (content-addressed: writing it twice is harmless);
+    `vocabulary`: each task's classes, which a label keeps as spelled there (`tidy_label`)."""
     if source not in SOURCES:
         raise LabelStoreError(f"source must be one of {SOURCES}, not {source!r}")
-    labels = _clean_labels(labels)
+    labels = _clean_labels(labels, None if source == "auto" else vocabulary or {})
     catalogue = _strings(catalogue_labels or {}, "catalogue labels")
     data, extension = _image_bytes(image)
     if not isinstance(text, str):
@@ -1474,9 +1479,13 @@ def _strings(labels: object, field: str) -> dict[str, str]:
     return clean
 
 
-def _clean_labels(labels: object) -> dict[str, str]:
-    """The labels (`tidy_label`) with missing ones dropped; raises if none remain."""
-    clean = {t: v for t, v in ((t, tidy_label(v)) for t, v in _strings(labels, "labels").items()) if v}
+def _clean_labels(labels: object, classes: Mapping[str, Iterable[str]] | None) -> dict[str, str]:
+    """The labels with missing ones dropped, each a `tidy_label` of its task's `classes` (None: the
+    model's own labels, an auto-accept's, kept as they are); raises if none remain."""
+    clean = _strings(labels, "labels")
+    if classes is not None:
+        tidied = ((t, tidy_label(v, set(map(str, classes.get(t, ()))))) for t, v in clean.items())
+        clean = {t: v for t, v in tidied if v}
     if not clean:
         raise LabelStoreError("no labels: give at least one task's corrected label")
     return clean

@@ -5,10 +5,10 @@ import contextlib
 import ctypes
 import functools
 import math
-import re
 import os
 import platform
 import random
+import re
 import signal
 import sys
 import threading

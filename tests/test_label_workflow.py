@@ -544,6 +544,12 @@ def test_a_label_is_stored_composed_and_without_invisible_characters(store):
         save(store, "i", "ana", {"colour": "Indigo"}, vocabulary=vocabulary, new_classes={"colour": "Indigo"})
     assert caught.value.unknown[0].same_as == "\u0130ndigo"
     assert store.new_classes(vocabulary) == {"colour": ["Vert \u00e9t\u00e9", "\u0130ndigo"]}
+    # a model's class stays as its catalogue spells it, whatever its form: tidied, it would be a class "written
+    # otherwise" and refused, or train as a class of its own
+    odd = {"colour": ["Cre\u0300me", "Dark  Blue"]}
+    save(store, "j", "ana", {"colour": "Cre\u0300me"}, vocabulary=odd)
+    save(store, "k", "ana", {"colour": "Dark  Blue"}, vocabulary=odd)
+    assert labels_of(store)["j"] == {"colour": "Cre\u0300me"} and labels_of(store)["k"] == {"colour": "Dark  Blue"}
 
 
 def test_a_new_class_one_side_of_an_open_disagreement_stays_a_class_for_the_ruling(store):

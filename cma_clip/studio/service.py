@@ -20,7 +20,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -405,8 +405,7 @@ class Studio:
             raise StudioError("Upload the item's image before saving a correction.")
         image = open_user_image(image_path)  # refuse unreadable files before anything is written
         self._annotator(annotator, "correction")
-        tasks = self.predictor(model).tasks
-        chosen = given_labels(labels, tasks)
+        chosen = given_labels(labels, self.task_classes(model))
         if not chosen:
             raise StudioError("Choose at least one label to save.")
         return image, chosen
@@ -423,7 +422,9 @@ class Studio:
               new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None, *,
               adjudicated: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
-        new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
+        classes = self.task_classes(model)
+        new_classes = {t: v for t, v in given_labels(new_classes or {}, {t: classes.get(t, ()) for t in labels}).items()
+                       if labels.get(t) == v}
         if missing := {t: v for t, v in labels.items() if is_missing(v)}:  # the store would drop them unsaid
             given = ", ".join(f"{self.display_names(model).get(t, t)} = {v}" for t, v in missing.items())
             raise StudioError(f"{given}: the catalogues and training read this as no label, so nothing was saved. "
@@ -996,7 +997,9 @@ class Studio:
                 return done
             item, annotator = self._current(queue, shown), self._decider(queue, annotator)
             shown = shown or self.current_view(queue).shown
-            chosen, adjudicating = given_labels(labels, queue.tasks), queue.split == DISAGREEMENTS
+            classes = self.task_classes(queue.model)
+            chosen = given_labels(labels, {t: classes.get(t, ()) for t in queue.tasks})
+            adjudicating = queue.split == DISAGREEMENTS
             # the item's open disagreement (task -> who said what), read once: a whole-store reading
             disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
             if unchosen := {t: said for t, said in disputed.items() if t not in chosen}:  # a ruling is a choice
@@ -1530,9 +1533,10 @@ def text_is_cut(text: str | None) -> bool:
     return len(clean_text(text, None)) > MAX_TEXT_CHARS
 
 
-def given_labels(labels: dict[str, object], tasks: Iterable[str]) -> dict[str, str]:
-    """The non-empty labels given for `tasks`, as stored (`tidy_label`): a doubled space typed by hand
-    or an invisible character is no new class, and the message that would ask shows both names alike."""
-    tasks = set(tasks)
-    chosen = {t: tidy_label(str(v)) for t, v in labels.items() if t in tasks and v is not None}
+def given_labels(labels: dict[str, object], classes: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """The non-empty labels given for the tasks of `classes`, as stored (`tidy_label`): a doubled space
+    typed by hand or an invisible character is no new class, and the message that would ask shows both
+    names alike."""
+    chosen = {t: tidy_label(str(v), set(map(str, classes[t]))) for t, v in labels.items()
+              if t in classes and v is not None}
     return {t: v for t, v in chosen.items() if v}
