@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .data import Catalogue, CatalogueError, PhotoIndex, is_missing, read_manifest, split_indices
-from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError
+from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError, tidy_label
 
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 # what `merge` counts: the labelled items, then what became of them
@@ -203,7 +203,8 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
     counts = merged.counts
     counts["corrections"], counts["disputed_left_out"] = len(corrections), corrections.disputed
     rows = [dict(row) for row in catalogue.rows]
-    known = {task: {row.get(task) for row in rows} for task in config.tasks}  # the classes before the corrections
+    known = {task: {row[task] for row in rows if isinstance(row.get(task), str) and not is_missing(row[task])}
+             for task in config.tasks}  # the classes before the corrections
     if not catalogue.has_splits and rows:
         for split, index in split_indices(catalogue, split_seed).items():
             for i in index:
@@ -214,7 +215,8 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
     relabel: list[tuple[int, Correction]] = []  # photo matches first, so an item's own correction wins
     added = []
     for item_id, correction in corrections.items.items():
-        labels = {t: v for t, v in correction.labels.items() if t in config.tasks}
+        # as stored today (`tidy_label`: a label saved with a zero-width space, say, before labels were tidied)
+        labels = {t: tidy_label(v, known[t]) for t, v in correction.labels.items() if t in config.tasks}
         auto = correction.auto & labels.keys()
         if not auto_labels:
             counts["auto_left_out"] += len(auto)

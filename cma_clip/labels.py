@@ -41,7 +41,7 @@ import sqlite3
 import threading
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -425,7 +425,8 @@ class LabelStore:
              checkpoint: str = "", base_versions: Mapping[str, int | None] | None = None,
              request_id: str | None = None, source: str = "human", catalogue_labels: Mapping[str, str] | None = None,
              vocabulary: Mapping[str, Iterable[str]] | None = None, new_classes: Mapping[str, str] | None = None,
-             force: bool = False, adjudicated: bool = False) -> SaveResult:
+             force: bool = False, adjudicated: bool = False,
+             classes: Mapping[str, Iterable[str]] | None = None) -> SaveResult:
         """Store one decision per labelled task of one item (and its image, once).
 
         Missing labels ("", "NA", ...) are dropped; at least one must remain. `item_id`
@@ -437,9 +438,11 @@ class LabelStore:
         `new_classes[task]`; any other value raises `UnknownLabel`. A `request_id` already
         stored stores nothing and returns the first save's result (`duplicate=True`). `adjudicated`:
         a reviewer's decision on a disagreement, which settles it and is left out of the agreement.
+        A human label is stored as `tidy_label` spells it, a class of `vocabulary` (else `classes`, when
+        the vocabulary is not checked) and a label items hold as they spell it.
         """
         prepared = _prepare(self.image_dir, image, text, labels, predictions, item_id, catalogue_labels,
-                            base_versions, source, vocabulary)
+                            base_versions, source, vocabulary if vocabulary is not None else classes)
         annotator, checkpoint = _name(annotator, "annotator"), _name(checkpoint, "checkpoint")
         with self._transaction("IMMEDIATE") as conn:
             return _store(conn, prepared, annotator=annotator, checkpoint=checkpoint,
@@ -448,10 +451,12 @@ class LabelStore:
 
     def save_correction(self, *, image: Image.Image | bytes | str | Path, text: str, labels: dict[str, str],
                         predictions: dict[str, dict] | None = None, annotator: str = "", checkpoint: str = "",
-                        item_id: str | None = None, request_id: str | None = None) -> int:
-        """`save` without the version and vocabulary checks; returns the save's row id."""
+                        item_id: str | None = None, request_id: str | None = None,
+                        classes: Mapping[str, Iterable[str]] | None = None) -> int:
+        """`save` without the version and vocabulary checks; returns the save's row id. `classes`: each
+        task's classes, which a label keeps as spelled there (`tidy_label`)."""
         return self.save(image=image, text=text, labels=labels, predictions=predictions, annotator=annotator,
-                         checkpoint=checkpoint, item_id=item_id, request_id=request_id).save_id
+                         checkpoint=checkpoint, item_id=item_id, request_id=request_id, classes=classes).save_id
 
     def save_many(self, records: Iterable[Mapping[str, Any]], batch_id: str, *, annotator: str,
                   checkpoint: str = "") -> BulkResult:
@@ -960,13 +965,18 @@ def without_invisibles(text: str) -> str:
                    if ch in JOINERS or ch == WORD_BREAK or unicodedata.category(ch) != "Cf")
 
 
-def tidy_label(value: str, classes: Iterable[str] = ()) -> str:
+def tidy_label(value: str, classes: Collection[str] = ()) -> str:
     """A label as it is stored: composed (NFC: a decomposed "é", as some keyboards type it, is the
     same label as "é"), without invisible characters, one space between words and no joiner at a
     word's edge ("Black" with a zero-width space after it was a second class that looked the same);
-    one of the model's `classes` stays as the model spells it, whatever its form."""
+    a label spelled like one of the model's `classes` is that class, as the model spells it, whatever its form."""
     if value in classes:
         return value
+    tidy = _tidied(value)
+    return next((c for c in classes if _tidied(c) == tidy), tidy)  # "Dark Blue" typed, "Dark  Blue" the class
+
+
+def _tidied(value: str) -> str:
     words = without_invisibles(unicodedata.normalize("NFC", value)).split()
     return " ".join(word for word in (w.strip(JOINERS) for w in words) if word)
 
@@ -1007,6 +1017,20 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
             unknown.append(UnknownClass(task, value, close_classes(value, classes | held), same_as))
     if unknown:
         raise UnknownLabel(unknown)
+
+
+def _as_held(conn: sqlite3.Connection, labels: dict[str, str], vocabulary: Mapping[str, Iterable[str]]
+             ) -> dict[str, str]:
+    """Each label outside its task's classes that items hold spelled otherwise (stored before labels were
+    tidied: a decomposed "été", a zero-width space) as they hold it, so picking it again is no new class
+    "written otherwise" of itself; read only for a label not held as it is."""
+    held = {}
+    for task, value in labels.items():
+        if task in vocabulary and value not in set(map(str, vocabulary[task])) and not conn.execute(
+                LABEL_HELD, (task, value)).fetchone():
+            value = next((label for (label,) in conn.execute(HELD_LABELS, (task,)) if _tidied(label) == value), value)
+        held[task] = value
+    return held
 
 
 def _disputed(conn: sqlite3.Connection, task: str, value: str) -> bool:
@@ -1065,12 +1089,12 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_
 # ---------------------------------------------------------------------------- writing
 def _prepare(image_dir: Path, image: Any, text: Any, labels: Any, predictions: Any, item_id: Any,
              catalogue_labels: Any, base_versions: Any, source: str,
-             vocabulary: Mapping[str, Iterable[str]] | None = None) -> _Prepared:
+             classes: Mapping[str, Iterable[str]] | None = None) -> _Prepared:
     """Validate one save and write its image file (content-addressed: writing it twice is harmless);
-    `vocabulary`: each task's classes, which a label keeps as spelled there (`tidy_label`)."""
+    `classes`: each task's classes, which a human label keeps as spelled there (`tidy_label`)."""
     if source not in SOURCES:
         raise LabelStoreError(f"source must be one of {SOURCES}, not {source!r}")
-    labels = _clean_labels(labels, None if source == "auto" else vocabulary or {})
+    labels = _clean_labels(labels, None if source == "auto" else classes or {})
     catalogue = _strings(catalogue_labels or {}, "catalogue labels")
     data, extension = _image_bytes(image)
     if not isinstance(text, str):
@@ -1104,6 +1128,7 @@ def _store(conn: sqlite3.Connection, save: _Prepared, *, annotator: str, checkpo
     if (save_id := _stored_request(conn, request_id, "label")) is not None:
         return _save_result(conn, save_id, duplicate=True)
     if vocabulary:
+        save = replace(save, labels=_as_held(conn, save.labels, vocabulary)) if source == "human" else save
         _check_vocabulary(conn, save.labels, vocabulary, new_classes or {})
     if save.base_versions is not None:
         states, steps = _replay(conn.execute(ITEM_DECISIONS, (save.item_id, LAST_ROW)))
@@ -1485,7 +1510,7 @@ def _clean_labels(labels: object, classes: Mapping[str, Iterable[str]] | None) -
     clean = _strings(labels, "labels")
     if classes is not None:
         tidied = ((t, tidy_label(v, set(map(str, classes.get(t, ()))))) for t, v in clean.items())
-        clean = {t: v for t, v in tidied if v}
+        clean = {t: v for t, v in tidied if v and not is_missing(v)}  # "NA" and a zero-width space: "NA"
     if not clean:
         raise LabelStoreError("no labels: give at least one task's corrected label")
     return clean

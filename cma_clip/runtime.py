@@ -72,13 +72,13 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     except (RuntimeError, TypeError):
         raise DeviceError(f"{named}device {str(spec)!r} is not one torch knows: give cpu, cuda or cuda:N") from None
     if device.type not in SUPPORTED_DEVICES:  # meta, xpu, ...: torch names them, the app cannot predict on them
-        raise DeviceError(f"device {device}: CMA-CLIP runs on {', '.join(SUPPORTED_DEVICES)}, not {device.type}")
+        raise DeviceError(f"{named}device {device}: CMA-CLIP runs on {', '.join(SUPPORTED_DEVICES)}, not {device.type}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count() > 0:
-        raise DeviceError(f"device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+        raise DeviceError(f"{named}device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
     if available and not available():
-        raise DeviceError(f"device {device}: torch finds no {device.type.upper()} device on this machine; "
+        raise DeviceError(f"{named}device {device}: torch finds no {device.type.upper()} device on this machine; "
                           "use cpu (or unset CMA_CLIP_DEVICE)")
     return device
 

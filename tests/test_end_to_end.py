@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cma_clip import Predictor, evaluate, predict, train
-from cma_clip.checkpoint import TRAIN_STATE, CheckpointError, read_config
+from cma_clip.checkpoint import TRAIN_STATE, CheckpointError, read_config, train_state_counters
 from cma_clip.data import read_manifest
 from cma_clip.model import multitask_loss
 from cma_clip.studio.service import available_checkpoints
@@ -184,13 +184,6 @@ def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tm
         assert records[i]["colour_group_name"] == readable[i]["colour_group_name"]
 
 
-def resume_counters(out):
-    from safetensors import safe_open
-
-    with safe_open(str(out / TRAIN_STATE), "pt") as handle:
-        return json.loads(handle.metadata()["counters"])
-
-
 def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "resume"
     common = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32",
@@ -199,7 +192,7 @@ def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(train, "finish", lambda *args, **kwargs: {})
         train.train(train.parse_config([*common, "--epochs", "1"]))
-    assert resume_counters(out)["epoch"] == 1
+    assert train_state_counters(out)["epoch"] == 1
     assert train.main([*common, "--epochs", "3", "--resume"]) == 0
     history = read_config(out).training["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -235,7 +228,7 @@ def test_an_interrupted_run_says_so_and_resumes_only_on_the_labels_it_began_with
     assert train.main([*common, "--epochs", "3"]) == 2
     assert (f"{out} holds a run interrupted after epoch 1: add --resume to go on with it, --overwrite to start "
             "again") in capsys.readouterr().err
-    # nor is it served as if finished (QA, session 36): its weights have no thresholds or test report yet
+    # nor is it served as if finished (QA, session 37): its weights have no thresholds or test report yet
     unfinished = f"{out} holds a training run that has not finished (stopped or still training, after epoch 1)"
     left_out = {}
     assert available_checkpoints(tmp_path, left_out) == {} and unfinished in left_out["stopped"]
@@ -251,7 +244,7 @@ def test_an_interrupted_run_says_so_and_resumes_only_on_the_labels_it_began_with
     assert train.main([*common, "--epochs", "3", "--resume"]) == 2
     err = capsys.readouterr().err
     assert f"cannot resume {out}: its --extra-labels are not those it began with" in err and "Traceback" not in err
-    assert resume_counters(out)["epoch"] == 1  # its state kept, for a rerun on the labels it began with
+    assert train_state_counters(out)["epoch"] == 1  # its state kept, for a rerun on the labels it began with
 
     (tmp_path / "file.txt").write_text("not a folder")
     unmakeable = tmp_path / "file.txt" / "run"

@@ -259,3 +259,17 @@ def test_a_dispute_leaves_the_task_out_and_a_confirmation_is_not_counted_as_a_ch
     assert (merged.counts["train"], merged.counts["confirmed"], merged.counts["disputed_left_out"]) == (1, 1, 0)
     assert "1 train items relabelled (1 of them as the catalogue had them)" in merged.summary()
     assert merged.report()["confirmed"] == 1
+
+
+def test_labels_stored_before_they_were_tidied_train_as_the_class_they_spell(tmp_path):
+    """Review, session 37: a label saved with a zero-width space or decomposed before labels were tidied (an
+    auto-accept keeps a model's labels as they are: the way such a label reaches a store now) trained as a class of
+    its own beside the one it looks like."""
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "store" / "labels.db")
+    for item, photo, label in (("a1", PHOTOS[0], "Black\u200b"), ("up-1", PHOTOS[2], "Cre\u0300me")):
+        store.save(image=photo, text="old", labels={"colour": label}, item_id=item, source="auto",
+                   predictions={"colour": {"label": label, "confidence": 0.99}})
+    merged = merge(catalogue, read_corrections(store.path))
+    assert merged.catalogue.labels("colour") == ["Black", "Black", "Black", "Cr\u00e8me"]
+    assert merged.report()["new_classes"] == {"colour": ["Cr\u00e8me"]}  # not 'Black\u200b' beside Black

@@ -550,6 +550,24 @@ def test_a_label_is_stored_composed_and_without_invisible_characters(store):
     save(store, "j", "ana", {"colour": "Cre\u0300me"}, vocabulary=odd)
     save(store, "k", "ana", {"colour": "Dark  Blue"}, vocabulary=odd)
     assert labels_of(store)["j"] == {"colour": "Cre\u0300me"} and labels_of(store)["k"] == {"colour": "Dark  Blue"}
+    save(store, "l", "ana", {"colour": "Dark Blue"}, vocabulary=odd)  # typed as people do: the class, as spelled
+    assert labels_of(store)["l"] == {"colour": "Dark  Blue"}
+    store.save_correction(image=tiny_png(1), text="t", labels={"colour": "Dark Blue\u200b"}, item_id="m", classes=odd)
+    store.save_correction(image=tiny_png(1), text="t", labels={"colour": "Cr\u00e8me"}, item_id="n")  # no classes given
+    assert labels_of(store)["m"] == {"colour": "Dark  Blue"} and labels_of(store)["n"] == {"colour": "Cr\u00e8me"}
+
+
+def test_a_label_held_as_spelled_before_labels_were_tidied_is_picked_again_as_it_is(store):
+    """Review, session 37: a new class stored decomposed ("Vert e\u0301te\u0301") before labels were tidied, picked
+    again from its control, was refused as written otherwise of itself, with no way out; a missing-label word with
+    an invisible character ("NA" and a zero-width space) was stored as the label "NA"."""
+    vocabulary, old = {"colour": ["Black"]}, "Vert e\u0301te\u0301"
+    save(store, "a", "bot", {"colour": old}, source="auto", predictions={"colour": {"label": old, "confidence": 1}})
+    save(store, "b", "ana", {"colour": old}, vocabulary=vocabulary)  # picked from the control: its held spelling
+    save(store, "c", "ben", {"colour": "Vert \u00e9t\u00e9"}, vocabulary=vocabulary)  # typed composed: the same
+    assert labels_of(store)["b"] == labels_of(store)["c"] == {"colour": old}
+    with pytest.raises(LabelStoreError, match="no labels"):
+        save(store, "d", "ana", {"colour": "NA\u200b"}, vocabulary=vocabulary, new_classes={"colour": "NA\u200b"})
 
 
 def test_a_new_class_one_side_of_an_open_disagreement_stays_a_class_for_the_ruling(store):

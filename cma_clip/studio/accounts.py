@@ -31,7 +31,7 @@ from ..errors import CMAClipError
 from ..labels import MAX_NAME_CHARS
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # hashlib's scrypt at about 50 ms and 16 MB a check
-SCRYPT_BYTES = 64  # the length of hashlib.scrypt's hash (its dklen default)
+SCRYPT_BYTES = 64  # the hash's length (hashlib.scrypt's default: hashes made before it was set are as long)
 STORED_HASH = re.compile(rf"scrypt\$(?:[0-9a-fA-F]{{2}})+\$[0-9a-fA-F]{{{SCRYPT_BYTES * 2}}}")
 
 
@@ -43,7 +43,7 @@ class AccountsError(CMAClipError, ValueError):
 def hash_password(password: str, salt: bytes | None = None) -> str:
     """`scrypt$<salt hex>$<hash hex>` for a password (a fresh random salt unless given)."""
     salt = secrets.token_bytes(16) if salt is None else salt
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, **SCRYPT)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, dklen=SCRYPT_BYTES, **SCRYPT)
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 

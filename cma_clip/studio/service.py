@@ -20,7 +20,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -34,7 +34,7 @@ from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, Ca
 from ..errors import CMAClipError
 from ..labels import (JOINERS, MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore,
                       LabelStoreError, TaskState, UnknownLabel, agreement_file, content_item_id, request_reused,
-                      tidy_label, without_invisibles)
+                      without_invisibles)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -140,9 +140,9 @@ class Studio:
 
     def _catalogue_missing(self, name: str, exc: CatalogueError) -> StudioError:
         """The refusal of a view that reads a catalogue this server cannot open, naming where it looked."""
-        root = self.data_root or default_data_root()
-        return StudioError(f"The {name} catalogue is not available here: {exc} (catalogues are read from {root}: "
-                           "CMA_CLIP_DATA)")
+        where = (f"catalogues are read from {default_data_root()}: CMA_CLIP_DATA" if self.data_root is None else
+                 f"catalogues are read from {self.data_root}")
+        return StudioError(f"The {name} catalogue is not available here: {exc} ({where})")
 
     # ------------------------------------------------------------------ models
     @property
@@ -275,7 +275,8 @@ class Studio:
             return self.store.save_correction(image=Path(image_path), text=clean_text(text), labels=chosen,
                                               predictions=predictions, annotator=annotator.strip(),
                                               checkpoint=model, item_id=(item_id or "").strip() or None,
-                                              request_id=(request_id or "").strip() or None)
+                                              request_id=(request_id or "").strip() or None,
+                                              classes=self.task_classes(model))  # each kept as the model spells it
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
 
@@ -405,7 +406,8 @@ class Studio:
             raise StudioError("Upload the item's image before saving a correction.")
         image = open_user_image(image_path)  # refuse unreadable files before anything is written
         self._annotator(annotator, "correction")
-        chosen = given_labels(labels, self.task_classes(model))
+        tasks = self.predictor(model).tasks
+        chosen = given_labels(labels, tasks)
         if not chosen:
             raise StudioError("Choose at least one label to save.")
         return image, chosen
@@ -422,9 +424,7 @@ class Studio:
               new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None, *,
               adjudicated: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
-        classes = self.task_classes(model)
-        new_classes = {t: v for t, v in given_labels(new_classes or {}, {t: classes.get(t, ()) for t in labels}).items()
-                       if labels.get(t) == v}
+        new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
         if missing := {t: v for t, v in labels.items() if is_missing(v)}:  # the store would drop them unsaid
             given = ", ".join(f"{self.display_names(model).get(t, t)} = {v}" for t, v in missing.items())
             raise StudioError(f"{given}: the catalogues and training read this as no label, so nothing was saved. "
@@ -448,7 +448,7 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         predicted = {t: p["label"] for t, p in predictions.items()}
-        rulings = {} if adjudicated else self.store.rulings(item_id)  # a label against one reopens the item
+        rulings = {} if adjudicated else self.store.rulings(result.item_id)  # a label against one reopens the item
         return SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
                            request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip(),
@@ -997,9 +997,7 @@ class Studio:
                 return done
             item, annotator = self._current(queue, shown), self._decider(queue, annotator)
             shown = shown or self.current_view(queue).shown
-            classes = self.task_classes(queue.model)
-            chosen = given_labels(labels, {t: classes.get(t, ()) for t in queue.tasks})
-            adjudicating = queue.split == DISAGREEMENTS
+            chosen, adjudicating = given_labels(labels, queue.tasks), queue.split == DISAGREEMENTS
             # the item's open disagreement (task -> who said what), read once: a whole-store reading
             disputed = self.store.open_disagreements(queue.tasks).get(item.item_id, {}) if adjudicating else {}
             if unchosen := {t: said for t, said in disputed.items() if t not in chosen}:  # a ruling is a choice
@@ -1533,10 +1531,10 @@ def text_is_cut(text: str | None) -> bool:
     return len(clean_text(text, None)) > MAX_TEXT_CHARS
 
 
-def given_labels(labels: dict[str, object], classes: Mapping[str, Iterable[str]]) -> dict[str, str]:
-    """The non-empty labels given for the tasks of `classes`, as stored (`tidy_label`): a doubled space
-    typed by hand or an invisible character is no new class, and the message that would ask shows both
-    names alike."""
-    chosen = {t: tidy_label(str(v), set(map(str, classes[t]))) for t, v in labels.items()
-              if t in classes and v is not None}
+def given_labels(labels: dict[str, object], tasks: Iterable[str]) -> dict[str, str]:
+    """The non-empty labels given for `tasks`, each run of spaces made one: a doubled space typed by
+    hand is no new class, and the message that would ask shows both names alike (the store stores
+    each label as `tidy_label` spells it)."""
+    tasks = set(tasks)
+    chosen = {t: " ".join(str(v).split()) for t, v in labels.items() if t in tasks and v is not None}
     return {t: v for t, v in chosen.items() if v}

@@ -224,10 +224,10 @@ def word_choices(prediction: Prediction, task: str) -> tuple[list[tuple[str, int
     return choices, relevance.top_word(prediction.words)
 
 
-def reads_right_to_left(words: list[str]) -> bool:
+def reads_right_to_left(text: str) -> bool:
     """Whether a text reads right to left: its first letter with a direction is Arabic, Hebrew, ...
     (Unicode's bidirectional classes R and AL), as a browser's `dir="auto"` decides."""
-    for ch in "".join(words):
+    for ch in text:
         direction = unicodedata.bidirectional(ch)
         if direction in ("R", "AL", "L"):
             return direction != "L"
@@ -237,12 +237,12 @@ def reads_right_to_left(words: list[str]) -> bool:
 def isolated(word: str) -> str:
     """A right-to-left word set apart from the text around it (Unicode's first-strong isolate), so
     "بأكمام  (22%)" does not read "(%22) بأكمام"."""
-    return f"\u2068{word}\u2069" if reads_right_to_left([word]) else word
+    return f"\u2068{word}\u2069" if reads_right_to_left(word) else word
 
 
 def word_direction(prediction: Prediction) -> list[str]:
     """The CSS classes of the word views: "rtl" lays a right-to-left text's words out from the right."""
-    return ["rtl"] if reads_right_to_left(prediction.words) else []
+    return ["rtl"] if reads_right_to_left(" ".join(prediction.words)) else []
 
 
 def word_names(words: list[str]) -> list[str]:
