@@ -101,6 +101,9 @@ new MutationObserver(() => {
       group.setAttribute("role", "radiogroup");
     }
   }
+  // a dropdown's open list of options scrolls, so Chromium put it in the Tab order: Tab from a long list's box
+  // went into the list, which closed under it, and the focus fell to the page's body (QA keyboard user, s37)
+  for (const list of document.querySelectorAll("ul.option-list:not([tabindex])")) list.tabIndex = -1;
   const photo = document.querySelector("#review-image img:not([alt^='Photo'])");
   if (photo) photo.alt = "Photo of the item under review";
   // a picture that is a button (the image map: a click shows it whole) is named by its block's label, and an

@@ -4,6 +4,7 @@ import re
 import shutil
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -134,8 +135,6 @@ def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_
     """On the shipped H&M checkpoint, whose classes hold one another ("Grey" is in "Dark Grey",
     "Solid" in "Mixed solid/pattern"): the label dropdown keeps what a labeler typed when Enter
     takes the first choice left. The export then offers its agreement file beside it."""
-    from pathlib import Path
-
     from conftest import serving
 
     shipped = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -276,3 +275,27 @@ def test_a_click_on_an_example_shows_its_prediction(running_app, page):
     expect(page.locator("#heatmap").get_by_role("button", name="Map on the photo")).to_be_visible()
     expect(page.locator("#predict-examples").get_by_role("gridcell", name="Photo of the example: ").first) \
         .to_be_visible()
+
+
+def test_tab_goes_from_label_box_to_label_box(tmp_path):
+    """QA keyboard user, session 37: Tab from a label box with a long list (the shipped H&M checkpoint: 100 product
+    types) went into its open list, which Chromium puts in the Tab order because it scrolls, the list closed under
+    it and the focus fell to the page's body. Chromium as people run it (its new headless mode: the old one,
+    `--headless`, leaves scrolling boxes out of the Tab order)."""
+    from conftest import serving
+
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints"
+    with serving(shipped, tmp_path / "data") as (url, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1366, "height": 900})
+        page.goto(url)
+        page.locator("#predict-examples tr.tr-body").first.click()  # an H&M item
+        expect(page.locator("#predictions")).to_contain_text("Product type", timeout=60_000)
+        for i in range(3):
+            page.locator(f"#slot-{i} input").focus()
+            lists = page.locator(f"#slot-{i} ul.option-list")
+            expect(lists).to_be_visible()  # open, as a focused box is, and long enough to scroll
+            assert lists.evaluate("list => list.scrollHeight > list.clientHeight")
+            page.keyboard.press("Tab")
+            expect(page.locator(f"#slot-{i + 1} input")).to_be_focused()
+        browser.close()
