@@ -40,6 +40,7 @@ MEMBER_KEY = re.compile(r"members\.(\d+)\.(.+)")
 BACKBONE_WEIGHTS = "backbone.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.safetensors"  # a run's resumable state (train.py): there until the run finishes
+UNFINISHED = "unfinished_run"  # written as a run starts writing its folder (train.py), removed as it finishes
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 MANIFEST_FIELDS = ("manifest", "image_column", "text_columns", "id_column")  # what a --catalogue config names itself
 RUN_FIELDS = ("out", "resume", "overwrite", "quiet", "from_members")  # how a run was started, not what it trained
@@ -396,20 +397,27 @@ def train_state_counters(folder: str | Path) -> dict:
         return json.loads(handle.metadata()["counters"])
 
 
+def unfinished(folder: str | Path) -> bool:
+    """Whether a training run writes `folder` or stopped before it finished (its marker, or its
+    resumable state: a run stopped while it saved an epoch may have left one without the other)."""
+    folder = Path(folder)
+    return (folder / UNFINISHED).is_file() or (folder / TRAIN_STATE).is_file()
+
+
 def require_finished(folder: str | Path) -> None:
     """Refuse a folder whose training run has not finished (stopped, or still training): its weights
     are the best epoch so far, without the thresholds and test report the run ends with, so serving
     it would auto-accept nothing and say nothing of why."""
     folder = _checkpoint_folder(folder)
-    if not (folder / TRAIN_STATE).is_file():
+    if not unfinished(folder):
         return
     try:
-        epoch = train_state_counters(folder).get("epoch", "?")
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
-        epoch = "?"
-    raise CheckpointError(f"{folder} holds a training run that has not finished (stopped or still training, after "
-                          f"epoch {epoch}): no thresholds or test report yet; a stopped run finishes with its train "
-                          "command and --resume")
+        when = f"after epoch {train_state_counters(folder).get('epoch', '?')}"
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):  # none saved yet, or one half-written
+        when = "before an epoch was saved to resume from"
+    raise CheckpointError(f"{folder} holds a training run that has not finished (stopped or still training, {when}): "
+                          "no thresholds or test report yet; a stopped run finishes with its train command and "
+                          "--resume")
 
 
 def _config_json(folder: Path) -> dict[str, Any]:

@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .align import train_alignment
 from .backbones import IMAGE_TOWERS, DualEncoder, EncoderOutput, create_backbone
-from .checkpoint import (TRAIN_STATE, CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec, TrainConfig,
-                         is_checkpoint, load_backbone, load_backbone_weights, load_checkpoint, read_config,
-                         save_checkpoint, save_ensemble, train_state_counters)
+from .checkpoint import (TRAIN_STATE, UNFINISHED, CatalogueColumns, CheckpointConfig, CheckpointError, TaskSpec,
+                         TrainConfig, is_checkpoint, load_backbone, load_backbone_weights, load_checkpoint,
+                         read_config, save_checkpoint, save_ensemble, train_state_counters, unfinished)
 from .data import Catalogue, CatalogueError, LabelVocab, limit_splits, load_image, split_indices
 from .errors import CMAClipError
 from .evaluate import calibrate, format_table, predict_probabilities, rescore, score
@@ -397,6 +397,9 @@ def train(cfg: TrainConfig) -> dict:
         load_backbone_weights(cfg.backbone_weights, backbone)
     data = load_data(cfg, backbone, main_rank)
     out.mkdir(parents=True, exist_ok=True)  # once the data is usable: a refused run leaves no empty folder
+    if main_rank:  # until `finish` removes it, the folder is no checkpoint to serve (`checkpoint.require_finished`)
+        (out / UNFINISHED).write_text("a training run writes this folder: its checkpoint is finished when this "
+                                      "file is gone\n")
     seed_everything(cfg.seed)  # again: building the feature cache draws from the RNG, reading it does not
     model = build_model(cfg, data, backbone).to(device)
     tuned = backbone if cfg.finetune_backbone else None
@@ -404,6 +407,9 @@ def train(cfg: TrainConfig) -> dict:
     counters = {"epoch": 0, "step": 0, "best": -1.0, "bad_epochs": 0, "history": [], "align_loss": [],
                 "extra_labels": data.extra_labels}
     resume = cfg.resume and (out / TRAIN_STATE).exists()
+    if cfg.resume and not resume and main_rank:  # it retrained from the start unsaid
+        print(f"nothing to resume in {out} (no epoch of a run there was saved): training from the start",
+              file=sys.stderr)
     if resume and (began := state_counters(out).get("extra_labels")) != data.extra_labels:
         # labels saved after the interruption: the epochs before and after would train on two label sets
         then, now = ((labels or {}).get("newest_label") for labels in (began, data.extra_labels))
@@ -425,6 +431,9 @@ def train(cfg: TrainConfig) -> dict:
         if main_rank and (out / TRAIN_STATE).is_file():
             print(f"stopped: {out} keeps the run after epoch {state_counters(out).get('epoch', '?')} of "
                   f"{cfg.epochs}: the same command with --resume goes on with it", file=sys.stderr)
+        elif main_rank:  # stopped in its first epoch, or while saving it
+            print(f"stopped: {out} keeps no epoch to resume from: the same command with --overwrite starts again",
+                  file=sys.stderr)
         raise
     if not main_rank:
         return {}
@@ -532,6 +541,7 @@ def finish(out: Path, counters: dict, data: TrainingData, finetuned: bool, devic
     metrics = calibrate(out, model, config, source, data.targets, data.splits)
     config.save(out)  # the weights on disk are this epoch's already
     (out / TRAIN_STATE).unlink(missing_ok=True)
+    (out / UNFINISHED).unlink(missing_ok=True)  # a checkpoint now
     return metrics
 
 
@@ -544,7 +554,7 @@ def train_ensemble(cfg: TrainConfig) -> dict:
     runs = Path(f"{str(cfg.out).rstrip('/')}-members")
     folders = [runs / f"seed-{cfg.seed + k}" for k in range(cfg.members)]
     for k, folder in enumerate(folders):
-        if cfg.resume and is_checkpoint(folder) and not (folder / TRAIN_STATE).exists():
+        if cfg.resume and is_checkpoint(folder) and not unfinished(folder):
             continue  # finished before the interruption
         align_from = cfg.align_from or (str(folders[0]) if k else None)
         train(replace(cfg, out=str(folder), seed=cfg.seed + k, split_seed=cfg.splits_seed, members=1,
@@ -577,10 +587,11 @@ def check_out(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file: name a folder for the checkpoint")
-    if (out / TRAIN_STATE).is_file() and not (cfg.overwrite or cfg.resume):  # it looked like a finished checkpoint
-        epoch = state_counters(out).get("epoch", "?")
-        raise CheckpointError(f"{out} holds a run interrupted after epoch {epoch}: add --resume to go on with it, "
-                              "--overwrite to start again, or name another folder")
+    if unfinished(out) and not (cfg.overwrite or cfg.resume):  # it looked like a finished checkpoint
+        when = (f"after epoch {state_counters(out).get('epoch', '?')}: add --resume to go on with it, "
+                if (out / TRAIN_STATE).is_file() else "before an epoch was saved to resume from: add ")
+        raise CheckpointError(f"{out} holds a run interrupted {when}--overwrite to start again, or name another "
+                              "folder")
     if is_checkpoint(out) and not (cfg.overwrite or cfg.resume):
         raise CheckpointError(f"{out} holds a checkpoint already: add --overwrite to replace it, or name another "
                               "folder")

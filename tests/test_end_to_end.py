@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cma_clip import Predictor, evaluate, predict, train
-from cma_clip.checkpoint import TRAIN_STATE, CheckpointError, read_config, train_state_counters
+from cma_clip.checkpoint import TRAIN_STATE, CheckpointError, is_checkpoint, read_config, train_state_counters
 from cma_clip.data import read_manifest
 from cma_clip.model import multitask_loss
 from cma_clip.studio.service import available_checkpoints
@@ -254,6 +254,36 @@ def test_an_interrupted_run_says_so_and_resumes_only_on_the_labels_it_began_with
     deeper = tmp_path / "new" / "deeper" / "run"  # made to try, then refused for another reason: none left
     assert train.main([*quick, "--out", str(deeper), "--extra-labels", str(tmp_path / "missing.db")]) == 2
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_run_stopped_while_it_saved_its_first_epoch_is_no_checkpoint(tmp_path, cache_dir, monkeypatch, capsys):
+    """QA researcher, session 37: Ctrl-C as a run saved its first epoch (its weights written, its resumable state
+    not yet) left a folder the app listed and predict served as finished, without a word; --resume then trained
+    from the start unsaid."""
+    out = tmp_path / "midsave"
+    common = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32", "--align-epochs",
+              "1", "--out", str(out), "--cache-dir", str(cache_dir), "--quiet", "--epochs", "1"]
+
+    def stopped_before_saving(*args, **kwargs):  # the checkpoint written, the state not
+        raise SystemExit(130)
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        patch.setattr(train, "save_state", stopped_before_saving)
+        train.main(common)
+    assert is_checkpoint(out) and not (out / TRAIN_STATE).exists()
+    assert (f"stopped: {out} keeps no epoch to resume from: the same command with --overwrite starts again"
+            in capsys.readouterr().err)
+    left_out = {}
+    assert available_checkpoints(tmp_path, left_out) == {}
+    assert "not finished (stopped or still training, before an epoch was saved to resume from)" in left_out["midsave"]
+    assert train.main(common) == 2
+    assert (f"{out} holds a run interrupted before an epoch was saved to resume from: add --overwrite to start "
+            "again") in capsys.readouterr().err
+    assert train.main([*common, "--resume"]) == 0
+    assert f"nothing to resume in {out} (no epoch of a run there was saved): training from the start" in \
+        capsys.readouterr().err
+    assert list(available_checkpoints(tmp_path)) == ["midsave"]  # finished: served
 
 
 def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, cache_dir, monkeypatch, capsys):

@@ -35,7 +35,7 @@ from PIL import Image
 
 from .. import train
 from ..backbones import DualEncoder
-from ..checkpoint import TRAIN_STATE, CheckpointConfig, load_backbone, load_checkpoint, read_config
+from ..checkpoint import TRAIN_STATE, CheckpointConfig, load_backbone, load_checkpoint, read_config, unfinished
 from ..data import Catalogue, CatalogueConfig
 from ..errors import CMAClipError
 from ..evaluate import (evaluate_checkpoint, predict_probabilities, rescore, score, task_targets,
@@ -95,7 +95,7 @@ class Study:
 
 def is_complete(run: Path) -> bool:
     """A finished training run: its test report is written and no resumable state is left."""
-    return (run / "eval_test.json").exists() and not (run / TRAIN_STATE).exists()
+    return (run / "eval_test.json").exists() and not unfinished(run)
 
 
 def train_run(study: Study, catalogue: str, seed: int, name: str) -> None:
