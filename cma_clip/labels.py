@@ -111,7 +111,7 @@ V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id
 SAVE_BY_REQUEST = "SELECT id, kind FROM corrections WHERE request_id = ?"
 SAVE_BATCH = "SELECT batch_id FROM corrections WHERE id = ?"
 SAVE_ITEM = "SELECT item_id FROM corrections WHERE id = ?"
-SAVE_VERSIONS = "SELECT task, id FROM decisions WHERE save_id = ? ORDER BY id"
+SAVE_DECISIONS = "SELECT task, id, label FROM decisions WHERE save_id = ? ORDER BY id"
 # the labels items hold now: an (item, task)'s latest decision that sets its label (a skip keeps the label
 # before it; an undo's row holds the label it restores), so an undone or replaced label is gone
 _HOLDING = ("FROM decisions d WHERE d.task = ? AND d.label {} AND d.id ="
@@ -295,6 +295,7 @@ class SaveResult(NamedTuple):
     versions: dict[str, int]  # task -> the version this save created
     duplicate: bool  # the request id was already stored: nothing new was
     item_id: str  # the save's item (a duplicate's: the item its request saved first, whatever the retry names)
+    labels: dict[str, str]  # task -> the label as stored (`tidy_label`), which the save's message names
 
 
 class BulkResult(NamedTuple):
@@ -1245,8 +1246,9 @@ def _stored_request(conn: sqlite3.Connection, request_id: str | None, kind: str)
 
 
 def _save_result(conn: sqlite3.Connection, save_id: int, duplicate: bool) -> SaveResult:
-    return SaveResult(save_id, dict(conn.execute(SAVE_VERSIONS, (save_id,)).fetchall()), duplicate,
-                      conn.execute(SAVE_ITEM, (save_id,)).fetchone()[0])
+    decisions = conn.execute(SAVE_DECISIONS, (save_id,)).fetchall()
+    return SaveResult(save_id, {task: version for task, version, _ in decisions}, duplicate,
+                      conn.execute(SAVE_ITEM, (save_id,)).fetchone()[0], {task: label for task, _, label in decisions})
 
 
 # ---------------------------------------------------------------------------- reading

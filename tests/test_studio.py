@@ -530,6 +530,9 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     doubled = studio.review_save(other, "ben", {colour: f"  {spaced.replace(' ', '   ')} "},
                                  studio.current_view(other).shown)
     assert doubled.result == "saved" and studio.store.item_state(item.item_id)[colour].label == spaced
+    # the message names the label as stored: it showed the zero-width space the store dropped (QA lead, session 37)
+    pasted = studio.review_save(other, "ben", {colour: mine + "\u200b"}, studio.current_view(other).shown)
+    assert pasted.result == "saved" and pasted.labels == {colour: mine} and "\u200b" not in views.save_message(pasted)
 
     # the queue and the place in it survive a restart (a new studio on the same folder)
     assert studio.review_previous(queue, "ana") is True and queue.current.item_id == item.item_id

@@ -448,6 +448,7 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         predicted = {t: p["label"] for t, p in predictions.items()}
+        labels = result.labels  # as stored: "Black" for a "Black" typed with a zero-width space after it
         rulings = {} if adjudicated else self.store.rulings(result.item_id)  # a label against one reopens the item
         return SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
