@@ -283,6 +283,8 @@ def test_a_second_tab_accepting_the_same_labels_saves_nothing_twice(studio):
     message = views.save_message(stale)  # ben's own save, from the other tab: not "someone else"
     assert message.startswith("**Not saved: you saved this item in another tab or window since you opened it.**")
     assert " · saved `" in message and "theirs" not in message.split("\n\n")[0]  # (the buttons keep their names)
+    # and Keep theirs keeps the label ben saved there, not "their label" (QA team lead, session 37)
+    assert "**Keep theirs** (the label you saved there stands;" in message and "their label" not in message
 
 
 def test_a_review_save_names_the_tasks_left_pending_and_a_label_too_long_by_its_task(studio):

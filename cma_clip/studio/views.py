@@ -614,6 +614,8 @@ def conflict_message(conflicts: list[Conflict], names: dict[str, str] | None = N
     theirs = "theirs"
     if annotator and all(c.annotator == annotator for c in conflicts):
         refused, since, theirs = refused.replace("someone else", "you"), f"in another tab or window {since}", "saved"
+        choice = (choice.replace("their label stands", "the label you saved there stands")  # not someone else's
+                  .replace("their decision", "the decision you made there"))
     what = "this item" if len({c.item_id for c in conflicts}) == 1 else "these items"
     lines = [f"**{refused} {what} {since}.**"]
     for c in conflicts:
