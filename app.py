@@ -1513,11 +1513,11 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
                                                    interactive=False, elem_id="clean-heatmap"))
             noisy_heat = written_per_call(gr.Image(label="Noisy: relevance for the task", height=260,
                                                    interactive=False, elem_id="noisy-heatmap"))
-            shift_plot = gr.Plot(label="Image modality weight, clean vs noisy", elem_classes=["chart"])
+            shift_plot = gr.Plot(label="Image-side modality weight, clean vs noisy", elem_classes=["chart"])
         probe_note = gr.Markdown(elem_id="probe-shift")
         noisy_text = gr.Textbox(label="Noisy text", interactive=False)
-        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction and image-side weight (image + colour) "
-                                        "against severity", elem_id="item-sweep", elem_classes=["chart"])
+        item_sweep_plot = gr.Plot(label="Confidence in the clean prediction and image-side weight against severity",
+                                  elem_id="item-sweep", elem_classes=["chart"])
         gr.Markdown("### Batch sweep on the model's catalogue (`test` split)")
         with gr.Row():
             sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")

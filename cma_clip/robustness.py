@@ -76,15 +76,21 @@ def probe(predictor: Predictor, image: Image.Image, text: str, image_noise: str 
     kept = {task: probability_of(p, clean.tasks[task].label) for task, p in noisy.tasks.items()}
     noisy.tasks = {task: replace(p, labels=p.labels[:top_k], probabilities=p.probabilities[:top_k])
                    for task, p in noisy.tasks.items()}
-    return Probe(clean, noisy, noisy_image, noisy_text, kept, text_noise_notes(predictor, text, text_noise))
+    return Probe(clean, noisy, noisy_image, noisy_text, kept,
+                 text_noise_notes(predictor, text, text_noise, [text_severity] if text_severity else [], seed))
 
 
-def text_noise_notes(predictor: Predictor, text: str, text_noise: str | None) -> list[str]:
-    """What a text corruption cannot reach: a text that is empty, or words past what the model reads."""
+def text_noise_notes(predictor: Predictor, text: str, text_noise: str | None, severities: list[int],
+                     seed: int = 0) -> list[str]:
+    """What a text corruption at `severities` cannot reach: a text that is empty, or too short for it
+    (one word to drop, shuffle or cut), or words past what the model reads."""
     if not _active(text_noise):
         return []
     if not text.strip():
         return ["There is no text to corrupt: the text noise changes nothing (flat text curves)."]
+    if severities and all(corrupt_text(text, text_noise, s, seed) == " ".join(text.split()) for s in severities):
+        return [f"This text is too short for {text_noise} to change it"  # a flat curve read as robustness
+                f"{' at any severity' if len(severities) > 1 else ''}: the noisy text is the clean one."]
     seen, words = len(words_of(predictor.backbone, text, predictor.max_tokens)[0]), text.split()
     if seen < len(words):
         return [f"The model reads the first {predictor.max_tokens} tokens of a text: {seen} of these "
@@ -107,7 +113,8 @@ def sweep_item(predictor: Predictor, image: Image.Image, text: str, image_noise:
                text_noise: str | None, seed: int = 0) -> ItemSweep:
     """The item's confidence in its clean predictions and its image weights at every severity, per mode."""
     top_k = max(len(classes) for classes in predictor.classes.values())
-    sweep = ItemSweep({}, {}, corruptions(image_noise, text_noise), text_noise_notes(predictor, text, text_noise))
+    sweep = ItemSweep({}, {}, corruptions(image_noise, text_noise),
+                      text_noise_notes(predictor, text, text_noise, [s for s in SEVERITIES if s], seed))
     for mode in sweep.corruptions:
         inputs = [_corrupt(image, text, mode, image_noise, text_noise, s, seed) for s in SEVERITIES]
         predictions = predictor.predict_batch([i for i, _ in inputs], [t for _, t in inputs], top_k=top_k)

@@ -228,7 +228,7 @@ def item_sweep_figure(sweep: dict[str, dict[str, list[float]]],
     row: each task's image modality weight."""
     panels = {"confidence": sweep, **({"image weight": image_weight} if image_weight is not None else {})}
     return _severity_panels(panels, {"confidence": "probability of the clean prediction",
-                                     "image weight": "image-side weight (image + colour)"}, names,
+                                     "image weight": "image-side weight"}, names,
                             corruptions=corruptions)
 
 
@@ -247,8 +247,10 @@ def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: di
                             emphasis="mean", corruptions=corruptions)
 
 
-def modality_shift_chart(clean: dict[str, float], noisy: dict[str, float]) -> Figure:
-    """Grouped horizontal bars: each task's image weight on the clean and on the noisy input."""
+def modality_shift_chart(clean: dict[str, float], noisy: dict[str, float], axis: str = "image-side weight"
+                         ) -> Figure:
+    """Grouped horizontal bars: each task's image weight on the clean and on the noisy input (`axis`:
+    what it sums, e.g. "image-side weight (image + colour)" for a model that reads the colour)."""
     tasks = list(clean)
     y = np.arange(len(tasks))
     fig, ax = plt.subplots(figsize=(5.2, 0.6 * len(tasks) + 1.4), dpi=100)
@@ -258,7 +260,7 @@ def modality_shift_chart(clean: dict[str, float], noisy: dict[str, float]) -> Fi
         for yy, value in zip(y + offset, values):
             ax.text(value + 0.01, yy, f"{value:.0%}", va="center", fontsize=FONT - 2)
     ax.set_yticks(y, tasks)
-    return _finish_task_bars(fig, ax, "image-side weight (image + colour)", 1.15, percent=True)
+    return _finish_task_bars(fig, ax, axis, 1.15, percent=True)
 
 
 def _finish_task_bars(fig: Figure, ax, xlabel: str, xmax: float, percent: bool = False) -> Figure:

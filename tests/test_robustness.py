@@ -107,6 +107,13 @@ def test_the_probe_says_when_the_text_noise_cannot_reach_what_the_model_reads(pr
     assert f"{len(long.clean.words)} of these {len(long_text.split())} words" in note
     assert note in views.probe_maps(long, predictor.tasks[0])[2]  # under the maps, where the app shows it
     assert probe(predictor, image, long_text, "blur", 2, "none", 0).notes == []  # no text noise: nothing to say
+    # a text too short for the noise: the flat curves read as robustness (QA researcher, session 37)
+    short = probe(predictor, image, "Tee", "none", 0, "word_dropout", 5)
+    assert short.noisy_text == "Tee" and short.notes == [
+        "This text is too short for word_dropout to change it: the noisy text is the clean one."]
+    assert sweep_item(predictor, image, "Tee", "none", "word_shuffle").notes == [
+        "This text is too short for word_shuffle to change it at any severity: the noisy text is the clean one."]
+    assert probe(predictor, image, "Tee", "none", 0, "typos", 5).notes == []  # typos reach one word
 
 
 def test_a_flipped_label_shows_how_far_the_clean_labels_confidence_fell():
@@ -244,6 +251,12 @@ def test_robustness_figures(predictor, image, sweep, swept):
     bars = viz.modality_shift_chart(clean, noisy).axes[0].patches
     assert len(bars) == 2 * len(clean)
     assert np.allclose([b.get_width() for b in bars], list(clean.values()) + list(noisy.values()))
+    # the axis says what the image side holds: "image + colour" on fashion's chart, which reads no colour (QA, s37)
+    for weights, axis in (({"text": 0.5, "image": 0.5}, "image weight"),
+                          ({"text": 0.4, "image": 0.3, "colour": 0.3}, "image-side weight (image + colour)")):
+        for prediction in (result.clean, result.noisy):
+            prediction.tasks = {t: replace(p, modality_weights=weights) for t, p in prediction.tasks.items()}
+        assert views.probe_shift_figure(result).axes[0].get_xlabel() == axis
 
 
 def test_the_image_weight_a_probe_watches_is_the_image_sides():

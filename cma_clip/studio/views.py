@@ -31,7 +31,7 @@ PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshol
 # phone (shares of a 412 px screen left "pending" a few letters a line).
 PREDICTION_WIDTHS = ["130px", "130px", "100px", "170px", "210px"]
 PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "clean label's conf. change", "label",
-                 "image-side weight clean (image + colour)", "image-side weight noisy"]
+                 "image-side weight clean", "image-side weight noisy"]
 PROBE_WIDTHS = ["130px", "120px", "90px", "120px", "90px", "100px", "90px", "100px", "100px"]
 NO_TEXT_NOTE = ("**No text: the prediction rests on the image only** (its modality weights are all on the image), "
                 "and nothing is auto-accepted: the thresholds hold 90% precision for items with a text; without "
@@ -864,7 +864,9 @@ def probe_maps(result: Probe, task: str | None, opacity: float = DEFAULT_OPACITY
 
 
 def probe_shift_figure(result: Probe) -> Figure:
-    """Each task's image-side weight (image + colour), clean against noisy."""
+    """Each task's image-side weight (the image's, and the colour's for a model that reads it: H&M's,
+    not fashion's), clean against noisy."""
     clean, noisy = ({task_name(t, p): p.image_weight for t, p in pred.tasks.items()}
                     for pred in (result.clean, result.noisy))
-    return modality_shift_chart(clean, noisy)
+    reads_colour = any("colour" in p.modality_weights for p in result.clean.tasks.values())
+    return modality_shift_chart(clean, noisy, "image-side weight (image + colour)" if reads_colour else "image weight")
