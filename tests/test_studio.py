@@ -635,6 +635,10 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     first = ranked.suspects[0]
     assert queue.items[0].catalogue[task] == first.label != first.suggested  # the label under suspicion
     assert studio.current_view(queue).values == {task: first.label}  # Accept confirms it (QA, session 32)
+    # key 1 picks the suggestion, however low the model puts it (it was no key at all: QA team lead, session 37)
+    assert views.choice_labels(queue.current, task)[0].startswith(f"1 · {first.suggested} (suggested)")
+    assert views.choice_map([task], queue.current)["labels"][task][0] == first.suggested
+    assert studio.resume_queue(queue.queue_id).items[0].suggested == {task: first.suggested}  # kept with the queue
     saved = studio.review_save(queue, "ana", {task: first.suggested}, new_classes={task: first.suggested})
     assert saved.result == "saved"
     again = studio.review_mislabels("hm-articles", task, 5, limit=100)

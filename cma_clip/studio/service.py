@@ -721,7 +721,8 @@ class Studio:
         size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(suspects))
         items = [(s.item_id, s.image, s.text, self.catalogue_labels(model, s.item_id) or {task: s.label},
                   f"Suspect: heads that never saw its label give the catalogue's {s.label} "
-                  f"{_share(s.quality)} and suggest {s.suggested} ({s.confidence:.0%}).") for s in suspects[:size]]
+                  f"{_share(s.quality)} and suggest {s.suggested} ({s.confidence:.0%}).", {task: s.suggested})
+                 for s in suspects[:size]]
         source = (f"{name}: the {size} most suspect {shown_name} labels of {len(ranked.suspects)} suspects among "
                   f"{ranked.scored} labelled items (out-of-fold accuracy {ranked.accuracy:.2f})")
         return self._queue(model, items, [], progress, tasks=tasks, show_decided=show_decided, split=MISLABELS,
@@ -769,7 +770,8 @@ class Studio:
                min_conf: float | None = None, max_conf: float | None = None, show_decided: bool = False,
                split: str | None = None, source: str = "", annotator: str | None = None,
                batch_size: int = 16, ranked: bool = False, scores: Scores | None = None) -> ReviewQueue:
-        """Rank the items (id, image path, text, catalogue labels[, a note on why it is queued]) by
+        """Rank the items (id, image path, text, catalogue labels[, a note on why it is queued[, the labels
+        it suggests]]) by
         `strategy` over `tasks` (or keep their own order when they come `ranked`), keep those the
         confidence range lets through, and keep the queue in the store.
         `scores` are the items' kept predictions (every class, for entropy), row by row; without
@@ -786,7 +788,7 @@ class Studio:
                        for s in STRATEGIES}
         predictions = predictor.predictions(scores, top_k=CHOICES_KEPT, texts=[item[2] for item in items])
         queue.pool = [ReviewItem(*item[:3], prediction.tasks, catalogue=item[3], note=(item[4:] or [""])[0],
-                                 withheld=prediction.withheld,
+                                 withheld=prediction.withheld, suggested=(item[5:] or [{}])[0],
                                  uncertainty={s: {t: float(by_task[t][i]) for t in by_task}
                                               for s, by_task in uncertainty.items()})
                       for i, (item, prediction) in enumerate(zip(items, predictions))]

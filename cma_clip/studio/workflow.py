@@ -77,6 +77,7 @@ class ReviewItem:
     withheld: str = ""  # why no bulk accept takes it: "no text", "blank photo" (`Prediction.withheld`), or ""
     # a disagreements queue's open disagreement: task -> annotator -> label (refreshed like `status`; not kept)
     disputed: dict[str, dict[str, str]] = field(default_factory=dict)
+    suggested: dict[str, str] = field(default_factory=dict)  # task -> the label its queue's source suggests
 
     @property
     def confidence(self) -> float:
@@ -88,10 +89,13 @@ class ReviewItem:
 
     def choices(self, task: str) -> list[tuple[str, float | None, list[str]]]:
         """A task's top choices, as the number keys pick them: (label, the model's probability where it is
-        among its top choices, who said it). In dispute, the annotators' labels come first."""
+        among its top choices, who said it). In dispute, the annotators' labels come first; a suspected
+        mislabel's suggestion comes first, said by "suggested"."""
         p = self.predictions[task]
         probability = dict(zip(p.labels, p.probabilities))
         said: dict[str, list[str]] = {}
+        if task in self.suggested:  # it was no key where the model's own top choices left it out (QA lead, s37)
+            said[self.suggested[task]] = ["suggested"]
         for annotator, label in self.disputed.get(task, {}).items():
             said.setdefault(label, []).append(annotator)
         labels = [*said, *(label for label in p.labels if label not in said)][:CHOICES_KEPT]
@@ -99,7 +103,7 @@ class ReviewItem:
 
     def to_payload(self) -> dict:
         return {"item_id": self.item_id, "image_path": self.image_path, "text": self.text,
-                "catalogue": self.catalogue, "note": self.note, "withheld": self.withheld,
+                "catalogue": self.catalogue, "note": self.note, "withheld": self.withheld, "suggested": self.suggested,
                 "uncertainty": {s: {t: round(v, 6) for t, v in by_task.items()} for s, by_task in self.uncertainty.items()},
                 "predictions": {t: {"labels": p.labels, "probabilities": [kept_probability(x) for x in p.probabilities],
                                     "modality_weights": {k: round(v, 4) for k, v in p.modality_weights.items()},
@@ -112,7 +116,8 @@ class ReviewItem:
                    {t: TaskPrediction(p["labels"], p["probabilities"], p["modality_weights"], p["threshold"],
                                       p["auto_accept"], p.get("name", "")) for t, p in data["predictions"].items()},
                    catalogue=dict(data.get("catalogue") or {}), uncertainty=dict(data.get("uncertainty") or {}),
-                   note=data.get("note") or "", withheld=data.get("withheld") or "")
+                   note=data.get("note") or "", withheld=data.get("withheld") or "",
+                   suggested=dict(data.get("suggested") or {}))
 
 
 @dataclass
