@@ -207,6 +207,9 @@ def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     other = next(c for c in studio.task_classes("hm-articles")[colour] if c != item.predictions[colour].label)
     assert studio.review_save(ana, "ana", {**item.predicted(), colour: other}).result == "saved"
     ben = studio.review_catalogue("hm-articles", "test", 3, annotator="ben", show_decided=True)
+    # his second pass counts the team's decisions, and says so: he read ana's as his own (QA team lead, session 37)
+    assert views.review_progress(ben) == "**1 reviewed of 3 (by anyone)**"
+    assert views.review_progress(ana) == "**1 reviewed of 3**"
     ben.position = ben.index_of(item.item_id)
     view = studio.current_view(ben)
     assert view.values[colour] == item.predictions[colour].label != other  # not ana's

@@ -374,8 +374,10 @@ def taken_back(entry: dict, names: dict[str, str] | None = None) -> str:
 
 # ---------------------------------------------------------------------- review queue
 def review_progress(queue: ReviewQueue) -> str:
-    """How many items are reviewed, in Markdown."""
-    return f"**{queue.reviewed} reviewed of {len(queue.items)}**"
+    """How many items are reviewed, in Markdown: by anyone, said where decided items are shown (a second
+    pass read the team's count as its own: "6 reviewed of 6" before its first decision)."""
+    anyone = " (by anyone)" if queue.filters.get("show_decided") else ""
+    return f"**{queue.reviewed} reviewed of {len(queue.items)}{anyone}**"
 
 
 def order_choices(queue: ReviewQueue | None = None) -> list[tuple[str, str]]:
