@@ -512,9 +512,6 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
         counters["epoch"] += 1
         counters["history"].append({"epoch": counters["epoch"], "loss": epoch_loss,
                                     "seconds": round(seconds, 2), "val": val["mean"]})
-        if main_rank:
-            print(f"epoch {counters['epoch']}: loss {epoch_loss:.4f}  {seconds:.1f}s  val "
-                  + "  ".join(f"{k} {v:.4f}" for k, v in val["mean"].items()), file=sys.stderr, flush=True)
         if val["mean"][SELECTION_METRIC] > counters["best"]:
             counters["best"], counters["bad_epochs"] = val["mean"][SELECTION_METRIC], 0
             if main_rank:
@@ -522,8 +519,10 @@ def fit(cfg: TrainConfig, model: CMAClip, data: TrainingData, optimisation: Opti
                                 tuned.state_dict() if tuned is not None else given)
         else:
             counters["bad_epochs"] += 1
-        if main_rank:
+        if main_rank:  # saved, then said: a Ctrl-C at the epoch's line lost the epoch it reported
             save_state(out, model, optimizer, counters, tuned, ema)
+            print(f"epoch {counters['epoch']}: loss {epoch_loss:.4f}  {seconds:.1f}s  val "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in val["mean"].items()), file=sys.stderr, flush=True)
         if counters["bad_epochs"] >= cfg.patience:
             if main_rank:
                 print(f"early stop: no val improvement for {cfg.patience} epochs", file=sys.stderr)
@@ -592,6 +591,9 @@ def check_out(cfg: TrainConfig) -> None:
                 if (out / TRAIN_STATE).is_file() else "before an epoch was saved to resume from: add ")
         raise CheckpointError(f"{out} holds a run interrupted {when}--overwrite to start again, or name another "
                               "folder")
+    if cfg.resume and not cfg.overwrite and is_checkpoint(out) and not unfinished(out):  # it retrained unsaid
+        raise CheckpointError(f"{out} holds a finished checkpoint: there is nothing to resume; add --overwrite "
+                              "(without --resume) to train it again, or name another folder")
     if is_checkpoint(out) and not (cfg.overwrite or cfg.resume):
         raise CheckpointError(f"{out} holds a checkpoint already: add --overwrite to replace it, or name another "
                               "folder")

@@ -272,8 +272,9 @@ def test_a_run_stopped_while_it_saved_its_first_epoch_is_no_checkpoint(tmp_path,
         patch.setattr(train, "save_state", stopped_before_saving)
         train.main(common)
     assert is_checkpoint(out) and not (out / TRAIN_STATE).exists()
-    assert (f"stopped: {out} keeps no epoch to resume from: the same command with --overwrite starts again"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert f"stopped: {out} keeps no epoch to resume from: the same command with --overwrite starts again" in err
+    assert "epoch 1:" not in err  # an epoch is said once saved: its line, then a Ctrl-C, lost it (QA re-check, s37)
     left_out = {}
     assert available_checkpoints(tmp_path, left_out) == {}
     assert "not finished (stopped or still training, before an epoch was saved to resume from)" in left_out["midsave"]
@@ -284,6 +285,8 @@ def test_a_run_stopped_while_it_saved_its_first_epoch_is_no_checkpoint(tmp_path,
     assert f"nothing to resume in {out} (no epoch of a run there was saved): training from the start" in \
         capsys.readouterr().err
     assert list(available_checkpoints(tmp_path)) == ["midsave"]  # finished: served
+    assert train.main([*common, "--resume"]) == 2  # it trained the finished run again from the start, unsaid
+    assert f"{out} holds a finished checkpoint: there is nothing to resume" in capsys.readouterr().err
 
 
 def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path, cache_dir, monkeypatch, capsys):

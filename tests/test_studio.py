@@ -538,6 +538,12 @@ def test_review_decisions_conflicts_typos_retries_undo_and_resume(studio):
     # the message names the label as stored: it showed the zero-width space the store dropped (QA lead, session 37)
     pasted = studio.review_save(other, "ben", {colour: mine + "\u200b"}, studio.current_view(other).shown)
     assert pasted.result == "saved" and pasted.labels == {colour: mine} and "\u200b" not in views.save_message(pasted)
+    # Save as new class on a label typed decomposed: it answered the refusal with nothing stored (QA re-check, s37)
+    decomposed = studio.review_save(other, "ben", {colour: "Vert e\u0301te\u0301"}, studio.current_view(other).shown)
+    assert decomposed.result == "unknown" and decomposed.unknown[0].value == "Vert \u00e9t\u00e9"
+    confirmed = studio.review_save(other, "ben", {colour: "Vert e\u0301te\u0301"}, studio.current_view(other).shown,
+                                   new_classes={colour: decomposed.unknown[0].value})  # as the app's button sends it
+    assert confirmed.result == "saved" and confirmed.labels == {colour: "Vert \u00e9t\u00e9"}
 
     # the queue and the place in it survive a restart (a new studio on the same folder)
     assert studio.review_previous(queue, "ana") is True and queue.current.item_id == item.item_id

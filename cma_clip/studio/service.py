@@ -34,7 +34,7 @@ from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, Ca
 from ..errors import CMAClipError
 from ..labels import (JOINERS, MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore,
                       LabelStoreError, TaskState, UnknownLabel, agreement_file, content_item_id, request_reused,
-                      without_invisibles)
+                      tidy_label, without_invisibles)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -424,7 +424,9 @@ class Studio:
               new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None, *,
               adjudicated: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes."""
-        new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items() if labels.get(t) == v}
+        # the confirmed class as the refusal named it (`tidy_label`: "Vert été" for a decomposed "Vert été")
+        new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items()
+                       if tidy_label(labels.get(t) or "") == tidy_label(v)}
         if missing := {t: v for t, v in labels.items() if is_missing(v)}:  # the store would drop them unsaid
             given = ", ".join(f"{self.display_names(model).get(t, t)} = {v}" for t, v in missing.items())
             raise StudioError(f"{given}: the catalogues and training read this as no label, so nothing was saved. "
