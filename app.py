@@ -81,6 +81,13 @@ document.addEventListener("keydown", (event) => {
     button.click(); event.preventDefault();
   }
 });
+// Gradio's Textbox says "input" (which clears the Predict tab's item id: another text, another item) on a key press:
+// a paste, a cut, a drop or Backspace changed the text unsaid, and a pasted text was saved under the last item's id.
+document.addEventListener("input", (event) => {
+  const box = event.target;
+  if (!box.closest?.("#input-text") || ["insertText", "insertLineBreak"].includes(event.inputType)) return;
+  setTimeout(() => box.dispatchEvent(new KeyboardEvent("keypress", {bubbles: true})));
+}, true);
 // The lines that say what a click did (saved, undone, refused, the next item) are live regions, so a screen reader
 // reads them out when they change (Gradio's Markdown has no role; only its error toasts were announced), and the
 // item under review has a name (its photo's alt text was empty), as has each group of radio buttons (Gradio's

@@ -299,3 +299,23 @@ def test_tab_goes_from_label_box_to_label_box(tmp_path):
             page.keyboard.press("Tab")
             expect(page.locator(f"#slot-{i + 1} input")).to_be_focused()
         browser.close()
+
+
+def test_a_text_pasted_or_cut_is_another_item(running_app, page):
+    """QA, session 37: Gradio's Textbox says it was edited on a key press, so a text pasted over a catalogue
+    item's (or shortened with Backspace) kept the item's id: its save went to that item, with another text."""
+    page.locator("#predict-examples tr.tr-body").first.click()
+    expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
+    item_id, text = page.locator("#item-id textarea, #item-id input").first, page.locator("#input-text textarea")
+    expect(item_id).not_to_have_value("")
+    text.click()
+    page.keyboard.press("End")
+    page.keyboard.press("Backspace")
+    expect(item_id).to_have_value("")
+    page.locator("#predict-examples tr.tr-body").first.click()  # back to the catalogue item
+    expect(item_id).not_to_have_value("", timeout=30_000)
+    expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
+    text.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Control+X")  # cut: the same event as a paste over it, without the clipboard's permission
+    expect(item_id).to_have_value("")
