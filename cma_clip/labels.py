@@ -1000,38 +1000,32 @@ def _edit_distance(a: str, b: str, limit: int) -> int:
 
 
 def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabulary: Mapping[str, Iterable[str]],
-                      new_classes: Mapping[str, str]) -> None:
+                      new_classes: Mapping[str, str], as_held: bool) -> dict[str, str]:
     """Refuse labels outside their task's classes and the labels items hold now, unless confirmed new; a
     class written otherwise ("black" for "Black", "off-white" for "Off White") even when confirmed: two
-    spellings of one class would train as two classes."""
-    unknown = []
+    spellings of one class would train as two classes. Returns the labels, each (with `as_held`: a
+    human's) that items hold spelled otherwise (stored before labels were tidied: a decomposed "été", a
+    zero-width space) as they hold it, so picking it again is no new class "written otherwise" of itself."""
+    checked, unknown = dict(labels), []
     for task, value in labels.items():
         if task not in vocabulary:
             continue
         classes = set(map(str, vocabulary[task]))
-        if value in classes or conn.execute(LABEL_HELD, (task, value)).fetchone() or _disputed(conn, task, value):
+        if value in classes or conn.execute(LABEL_HELD, (task, value)).fetchone():
             continue
         held = {label for (label,) in conn.execute(HELD_LABELS, (task,))}
+        if as_held and (spelled := next((label for label in held if _tidied(label) == value), None)) is not None:
+            checked[task] = spelled
+            continue
+        if _disputed(conn, task, value):
+            continue
         same_as = next((c for c in [*sorted(classes), *sorted(held - classes)] if _class_key(c) == _class_key(value)),
                        None)
         if tidy_label(str(new_classes.get(task) or ""), classes) != value or same_as is not None:
             unknown.append(UnknownClass(task, value, close_classes(value, classes | held), same_as))
     if unknown:
         raise UnknownLabel(unknown)
-
-
-def _as_held(conn: sqlite3.Connection, labels: dict[str, str], vocabulary: Mapping[str, Iterable[str]]
-             ) -> dict[str, str]:
-    """Each label outside its task's classes that items hold spelled otherwise (stored before labels were
-    tidied: a decomposed "été", a zero-width space) as they hold it, so picking it again is no new class
-    "written otherwise" of itself; read only for a label not held as it is."""
-    held = {}
-    for task, value in labels.items():
-        if task in vocabulary and value not in set(map(str, vocabulary[task])) and not conn.execute(
-                LABEL_HELD, (task, value)).fetchone():
-            value = next((label for (label,) in conn.execute(HELD_LABELS, (task,)) if _tidied(label) == value), value)
-        held[task] = value
-    return held
+    return checked
 
 
 def _disputed(conn: sqlite3.Connection, task: str, value: str) -> bool:
@@ -1129,8 +1123,8 @@ def _store(conn: sqlite3.Connection, save: _Prepared, *, annotator: str, checkpo
     if (save_id := _stored_request(conn, request_id, "label")) is not None:
         return _save_result(conn, save_id, duplicate=True)
     if vocabulary:
-        save = replace(save, labels=_as_held(conn, save.labels, vocabulary)) if source == "human" else save
-        _check_vocabulary(conn, save.labels, vocabulary, new_classes or {})
+        save = replace(save, labels=_check_vocabulary(conn, save.labels, vocabulary, new_classes or {},
+                                                      as_held=source == "human"))
     if save.base_versions is not None:
         states, steps = _replay(conn.execute(ITEM_DECISIONS, (save.item_id, LAST_ROW)))
         conflicts = _conflicts(save, states.get(save.item_id, {}), steps)
