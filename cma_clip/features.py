@@ -195,9 +195,10 @@ def feature_key(backbone: DualEncoder, catalogue: Catalogue) -> str:
     return f"{catalogue.config.name}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
 
 
-def _row_keys(catalogue: Catalogue) -> np.ndarray:
+def row_keys(catalogue: Catalogue) -> np.ndarray:
     """One key per item: its photo (resolved path, size and modification time) and its text. Rows
-    of another cache entry with the same key and encoder are copied instead of encoded again."""
+    of another cache entry with the same key and encoder are copied instead of encoded again; a
+    resumed sharded prediction keeps only the rows whose key is unchanged (`predict`)."""
     keys = []
     for path, text in zip(catalogue.image_paths(), catalogue.texts()):
         try:
@@ -263,7 +264,7 @@ def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: 
         # decoding buffers between them from going back to the system (40,000 photos: 1.9 GB more at the peak)
         out = np.empty((len(catalogue), DESCRIPTOR_DIM), np.float16)
         keys = folder / "row_keys.npy"  # kept by the entry (not in a cache we may only read: made afresh)
-        todo = _reuse_rows(folder, encoder, np.load(keys) if keys.exists() else _row_keys(catalogue), {"colour": out})
+        todo = _reuse_rows(folder, encoder, np.load(keys) if keys.exists() else row_keys(catalogue), {"colour": out})
         paths = catalogue.image_paths()
         batches = image_batches([paths[i] for i in todo], backbone, batch_size, num_workers)
         start = 0
@@ -291,7 +292,7 @@ def _index_rows(folder: Path, catalogue: Catalogue, encoder: str) -> None:
     if meta.get("encoder") == encoder and (folder / "row_keys.npy").exists():
         return
     try:
-        _kept(folder / "row_keys.npy", lambda: _row_keys(catalogue))
+        _kept(folder / "row_keys.npy", lambda: row_keys(catalogue))
         tmp = folder / f"meta.tmp{os.getpid()}.json"
         tmp.write_text(json.dumps({**meta, "encoder": encoder}))
         tmp.rename(folder / "meta.json")
@@ -350,7 +351,7 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, enco
                                               dtype=np.bool_ if name == "text_mask" else np.float16)
               for name, shape in shapes.items()}
     try:
-        keys = _row_keys(catalogue)
+        keys = row_keys(catalogue)
         np.save(tmp / "row_keys.npy", keys)
         todo = _reuse_rows(folder, encoder, keys, arrays)
         if len(todo) < n:  # said even without progress bars (train --quiet): which rows were encoded

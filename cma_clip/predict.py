@@ -34,7 +34,7 @@ from .backbones import DualEncoder, TextBatch, letterbox
 from .checkpoint import CheckpointConfig, load_backbone, load_checkpoint, require_finished
 from .data import Catalogue, CatalogueError, ImageError, load_image, read_manifest, write_table
 from .errors import CMAClipError
-from .features import image_batches
+from .features import image_batches, row_keys
 from .model import IMAGE_SIDE, Classifier, absent_texts
 from .relevance import WORD, explain, word_relevance, words_of
 from .runtime import autocast, exit_on_stop_signals, output_file_problem, resolve_device
@@ -283,7 +283,8 @@ class Predictor:
         catalogue = open_for_prediction(self.config, manifest)
         ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
         if distributed.world_size() > 1:
-            return self._predict_sharded(ids, texts, paths, Path(out), batch_size, skip_unreadable)
+            keys = [key.hex() for key in row_keys(catalogue)]
+            return self._predict_sharded(ids, keys, texts, paths, Path(out), batch_size, skip_unreadable)
         records = []
         for start, rows in self._predict_paths(paths, texts, batch_size, skip_unreadable):
             records += [{"id": item_id, **row} for item_id, row in zip(ids[start:], rows)]
@@ -307,13 +308,15 @@ class Predictor:
         """What a torchrun shard's name says of the run that wrote it (`_predict_sharded`)."""
         return hashlib.sha256(f"{self.fingerprint}|skip_unreadable={skip_unreadable}".encode()).hexdigest()[:12]
 
-    def _predict_sharded(self, ids: list[str], texts: list[str], paths: list[Path], out: Path, batch_size: int,
-                         skip_unreadable: bool) -> int:
+    def _predict_sharded(self, ids: list[str], keys: list[str], texts: list[str], paths: list[Path], out: Path,
+                         batch_size: int, skip_unreadable: bool) -> int:
         """predict_manifest under torchrun: each rank predicts its contiguous share of the rows into
         OUT.shards/rank{r}-of-{w}-{run}.jsonl, appending and flushing every batch, and skips the rows a
         crashed earlier run already wrote there; then rank 0 merges the shards in manifest order
-        into `out` and removes them. Shard lines carry their manifest row as "_row". `run` names the
-        checkpoint's weights and the options that shape a row: a rerun with others starts afresh."""
+        into `out` and removes them. Shard lines carry their manifest row as "_row" and the row's
+        content as "_key" (`features.row_keys`: its text and photo file), so a row whose text or photo
+        was fixed before the rerun is predicted again. `run` names the checkpoint's weights and the
+        options that shape a row: a rerun with others starts afresh."""
         rank, world = distributed.rank(), distributed.world_size()
         folder = Path(f"{out}.shards")
         folder.mkdir(parents=True, exist_ok=True)
@@ -321,21 +324,25 @@ class Predictor:
         shard = folder / f"rank{rank}-of-{world}-{run}.jsonl"
         rows = list(distributed.shard(range(len(ids)), rank, world))
         mine = set(rows)
-        done = {r["_row"]: r for r in _read_shard(shard) if r["_row"] in mine and r["id"] == ids[r["_row"]]}
+        done = {r["_row"]: r for r in _read_shard(shard) if _unchanged(r, ids, keys) and r["_row"] in mine}
         shard.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))  # drop a torn line
         todo = [i for i in rows if i not in done]
+        if done:
+            print(f"rank {rank}: {len(done)} of {len(rows)} rows kept from an interrupted run, unchanged since",
+                  file=sys.stderr)
         with open(shard, "a", encoding="utf-8") as handle:
             for start, rows in self._predict_paths([paths[i] for i in todo], [texts[i] for i in todo], batch_size,
                                                    skip_unreadable):
-                handle.writelines(json.dumps({"_row": i, "id": ids[i], **row}, ensure_ascii=False) + "\n"
-                                  for i, row in zip(todo[start:], rows))
+                handle.writelines(json.dumps({"_row": i, "_key": keys[i], "id": ids[i], **row}, ensure_ascii=False)
+                                  + "\n" for i, row in zip(todo[start:], rows))
                 handle.flush()
         distributed.barrier()
         if distributed.is_main():
             merged: dict[int, dict] = {}
             for path in sorted(folder.glob(f"rank*-{run}.jsonl")):  # an earlier run's with another world size too
                 for record in _read_shard(path):
-                    if record["_row"] < len(ids) and record["id"] == ids[record["_row"]]:
+                    if _unchanged(record, ids, keys):
+                        record.pop("_key")
                         merged.setdefault(record.pop("_row"), record)
             missing = [ids[i] for i in range(len(ids)) if i not in merged]
             if missing:
@@ -344,6 +351,13 @@ class Predictor:
             shutil.rmtree(folder)
         distributed.barrier()
         return len(ids)
+
+
+def _unchanged(record: dict, ids: list[str], keys: list[str]) -> bool:
+    """A shard line written for the manifest's row as it is now: same id, same text and photo."""
+    row = record.get("_row")
+    return isinstance(row, int) and 0 <= row < len(ids) and record.get("id") == ids[row] \
+        and record.get("_key") == keys[row]
 
 
 def _read_shard(path: Path) -> list[dict]:

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from cma_clip import distributed
 from cma_clip.checkpoint import read_config
-from cma_clip.predict import Predictor
+from cma_clip.features import row_keys
+from cma_clip.predict import Predictor, open_for_prediction
 from conftest import hm_rows, write_hm_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,23 +89,29 @@ def test_sharded_prediction_matches_and_resumes(trained, tmp_path):
     assert all(same(a, b) for a, b in zip(one, two))
     assert not (tmp_path / "two.jsonl.shards").exists()  # merged and removed
 
-    # a crashed run: rank 1 had written two rows (the first marked, to see it is kept, not
-    # recomputed) and half a line; rank 0 nothing
+    # a crashed run: rank 1 had written three rows (marked, to see which are kept, not recomputed)
+    # and half a line; rank 0 nothing. The third row's text was fixed since: predicted again.
     shards = tmp_path / "resumed.jsonl.shards"
     shards.mkdir()
     first = 13 // 2  # rank 1's first row
-    kept = {"_row": first, **one[first], "colour_group_name": "FROM-THE-CRASHED-RUN"}
-    run_id = Predictor.from_checkpoint(checkpoint, "cpu").shard_run(skip_unreadable=False)
+    predictor = Predictor.from_checkpoint(checkpoint, "cpu")
+    keys = [key.hex() for key in row_keys(open_for_prediction(predictor.config, manifest))]
+    kept = {"_row": first, "_key": keys[first], **one[first], "colour_group_name": "FROM-THE-CRASHED-RUN"}
+    stale = {"_row": first + 2, "_key": "0" * 32, **one[first + 2], "colour_group_name": "FROM-THE-OLD-TEXT"}
+    run_id = predictor.shard_run(skip_unreadable=False)
     (shards / "rank0-of-2-another0run.jsonl").write_text(  # another checkpoint's or options' rows: never reused
-        json.dumps({"_row": 0, **one[0], "colour_group_name": "FROM-ANOTHER-RUN"}) + "\n")
+        json.dumps({"_row": 0, "_key": keys[0], **one[0], "colour_group_name": "FROM-ANOTHER-RUN"}) + "\n")
     (shards / f"rank1-of-2-{run_id}.jsonl").write_text(
-        json.dumps(kept) + "\n" + json.dumps({"_row": first + 1, **one[first + 1]}) + "\n" + '{"_row": 8, "id"')
-    run([*base, "--out", str(tmp_path / "resumed.jsonl")], processes=2)
+        json.dumps(kept) + "\n" + json.dumps({"_row": first + 1, "_key": keys[first + 1], **one[first + 1]}) + "\n"
+        + json.dumps(stale) + "\n" + '{"_row": 8, "id"')
+    done = run([*base, "--out", str(tmp_path / "resumed.jsonl")], processes=2)
+    assert "rank 1: 2 of 7 rows kept from an interrupted run" in done.stderr
     resumed = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
     assert [r["id"] for r in resumed] == [r["id"] for r in one]  # complete, in order, no duplicates
     assert resumed[first]["colour_group_name"] == "FROM-THE-CRASHED-RUN"
     assert resumed[0]["colour_group_name"] != "FROM-ANOTHER-RUN"
-    assert all("_row" not in r for r in resumed)
+    assert resumed[first + 2]["colour_group_name"] != "FROM-THE-OLD-TEXT"
+    assert all("_row" not in r and "_key" not in r for r in resumed)
     assert all(same(a, b) for i, (a, b) in enumerate(zip(one, resumed)) if i != first)
 
 
