@@ -28,6 +28,7 @@ from __future__ import annotations
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .data import Catalogue, CatalogueError, PhotoIndex, is_missing, read_manifest, split_indices
@@ -36,7 +37,7 @@ from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError, tidy_label
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 # what `merge` counts: the labelled items, then what became of them
 OUTCOMES = ("corrections", "train", "val", "test", "added", "same_photo", "left_out", "no_image", "other_tasks",
-            "auto_labels", "auto_left_out", "disputed_left_out", "confirmed")
+            "auto_labels", "auto_left_out", "disputed_left_out", "confirmed", "repeated_rows", "conflicting_labels")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Corrections:
     image_root: Path  # the folder the photos are in, which the merged catalogue may read images from
     newest: str | None  # the time of the newest label: which labels a run trained on
     disputed: int = 0  # labels left out: open disagreements
+    repeated: int = 0  # an export's rows beyond the first of their id (exports joined): the newest label kept
+    conflicts: int = 0  # labels those rows differ on
 
     def __len__(self) -> int:
         return len(self.items)
@@ -87,6 +90,9 @@ class Merged:
         parts = [f"{c['train']} train items relabelled{confirmed}",
                  f"{c['val']} val items (validated on, not trained on)",
                  f"{c['test']} test items kept their catalogue labels", f"{c['added']} new items added as train rows"]
+        if c["repeated_rows"]:
+            parts.append(f"{c['repeated_rows']} rows repeat an item of an earlier row (exports joined): of each task "
+                         f"the newest label kept ({c['conflicting_labels']} labels differed between the rows)")
         if c["same_photo"]:
             parts.append(f"{c['same_photo']} items under an id the catalogue lacks have a catalogue item's photo "
                          "and count as that item")
@@ -172,15 +178,40 @@ def _from_export(path: Path) -> Corrections:
                              f"columns {absent}")
     folder = path.resolve().parent
     tasks = [c for c in (rows[0] if rows else ()) if c not in EXPORT_COLUMNS and "__" not in c]
-    items = {}
+    groups: dict[str, list[dict]] = {}
     for row in rows:
-        labels = {t: row[t].strip() for t in tasks if not is_missing(row[t])}
-        auto = frozenset(t for t in labels if row.get(f"{t}__source") == "auto")
-        image = _found(folder / row["image"]) if row["image"] else None
-        disputed = {t for t in labels if not is_missing(row.get(f"{t}__disputed"))}  # older exports lack the column
-        items[row["id"]] = (Correction(labels, row["text"], image, auto,
-                                       None if image else _digest_in_name(row["image"])), disputed)
-    return _settled(items, path, folder, max((row["updated_at"] for row in rows), default=None))
+        groups.setdefault(row["id"], []).append(row)
+    items, conflicts = {}, 0
+    for item_id, group in groups.items():
+        # several rows of one id: exports joined together (two labelers' machines); a tie: the later row
+        newest = max(reversed(group), key=_labelled_at)
+        labels, auto, disputed = {}, set(), set()
+        for task in tasks:
+            labelled = [row for row in group if not is_missing(row[task])]
+            if not labelled:
+                continue
+            chosen = max(reversed(labelled), key=lambda row: _labelled_at(row, task))
+            labels[task] = chosen[task].strip()
+            conflicts += len({row[task].strip() for row in labelled}) > 1
+            auto |= {task} if chosen.get(f"{task}__source") == "auto" else set()
+            disputed |= {task} if not is_missing(chosen.get(f"{task}__disputed")) else set()  # older exports: none
+        image = _found(folder / newest["image"]) if newest["image"] else None
+        items[item_id] = (Correction(labels, newest["text"], image, frozenset(auto),
+                                     None if image else _digest_in_name(newest["image"])), disputed)
+    corrections = _settled(items, path, folder, max((row["updated_at"] for row in rows), default=None))
+    return replace(corrections, repeated=len(rows) - len(groups), conflicts=conflicts)
+
+
+def _labelled_at(row: dict, task: str | None = None) -> tuple:
+    """When a row of an export was labelled (of `task`: its <task>__at, else the row's updated_at), as a
+    sort key: a time a spreadsheet rewrote into another format ranks below the readable ones."""
+    value = (row.get(f"{task}__at") or "").strip() if task else ""
+    value = value or row["updated_at"] or ""
+    try:
+        at = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return (0, datetime.min.replace(tzinfo=timezone.utc))
+    return (1, at if at.tzinfo else at.replace(tzinfo=timezone.utc))
 
 
 def _digest_in_name(image: str) -> str | None:
@@ -202,6 +233,7 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
     merged = Merged(catalogue, corrections.source, corrections.newest)
     counts = merged.counts
     counts["corrections"], counts["disputed_left_out"] = len(corrections), corrections.disputed
+    counts["repeated_rows"], counts["conflicting_labels"] = corrections.repeated, corrections.conflicts
     rows = [dict(row) for row in catalogue.rows]
     known = {task: {row[task] for row in rows if isinstance(row.get(task), str) and not is_missing(row[task])}
              for task in config.tasks}  # the classes before the corrections

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, read_manifest, split_indices
+from cma_clip.data import Catalogue, CatalogueConfig, CatalogueError, read_manifest, split_indices, write_table
 from cma_clip.extra_labels import merge, read_corrections
 from cma_clip.labels import LabelStore
 from conftest import HM
@@ -273,3 +273,26 @@ def test_labels_stored_before_they_were_tidied_train_as_the_class_they_spell(tmp
     merged = merge(catalogue, read_corrections(store.path))
     assert merged.catalogue.labels("colour") == ["Black", "Black", "Black", "Cr\u00e8me"]
     assert merged.report()["new_classes"] == {"colour": ["Cr\u00e8me"]}  # not 'Black\u200b' beside Black
+
+
+def test_exports_joined_together_keep_each_tasks_newest_label_and_say_so(tmp_path):
+    """Two labelers' exports pasted into one file: an item's rows give, task by task, the label saved
+    last (not the row that comes last), and the summary counts the repeated rows and the differing labels."""
+    catalogue = three_items(tmp_path)
+    exports = []
+    for name, labels in (("ana", {"colour": "Green", "type": "Tights"}), ("ben", {"colour": "Red"})):
+        store = LabelStore(tmp_path / name / "labels.db")
+        store.save_correction(image=PHOTOS[0], text="Stockings", labels=labels, item_id="a1", annotator=name)
+        exports.append(tmp_path / name / "labels_export.csv")
+        store.export(exports[-1])
+    ana, ben = (read_manifest(path) for path in exports)
+    ana[0]["colour__at"] = "2027-01-01T00:00:00.000+00:00"  # ana's colour is the newer: ben's row comes last
+    joined = tmp_path / "ana" / "joined.csv"
+    write_table(joined, [*ana, *ben], list(ana[0]))
+    corrections = read_corrections(joined)
+    assert corrections.items["a1"].labels == {"colour": "Green", "type": "Tights"}
+    assert (corrections.repeated, corrections.conflicts) == (1, 1)
+    merged = merge(catalogue, corrections)
+    assert merged.catalogue.labels("colour")[0] == "Green"
+    assert "1 rows repeat an item of an earlier row (exports joined): of each task the newest label kept " \
+           "(1 labels differed between the rows)" in merged.summary()
