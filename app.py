@@ -81,6 +81,15 @@ document.addEventListener("keydown", (event) => {
     button.click(); event.preventDefault();
   }
 });
+// A second click on a choice button soon after the first (a thumb's double tap, a double click) is dropped: the
+// first pick moved the buttons on to the next task, so the second picked that task's label, unseen (QA phone
+// labeler, s38). A number key's click (not a person's: isTrusted false) is never dropped: "3 1" picks two tasks.
+let choiceClickedAt = -Infinity;
+document.addEventListener("click", (event) => {
+  if (!event.isTrusted || !event.target.closest?.("[id^=review-choice-]")) return;
+  if (event.timeStamp - choiceClickedAt < 600) { event.stopImmediatePropagation(); event.preventDefault(); return; }
+  choiceClickedAt = event.timeStamp;
+}, true);
 // Gradio's Textbox says "input" (which clears the Predict tab's item id: another text, another item) on a key press:
 // a paste, a cut, a drop or Backspace changed the text unsaid, and a pasted text was saved under the last item's id.
 document.addEventListener("input", (event) => {

@@ -591,6 +591,30 @@ def test_a_number_key_beyond_the_tasks_choices_says_so(review_app, browser):
     page.context.close()
 
 
+def test_a_double_tap_on_a_choice_picks_once(review_app, browser):
+    """QA phone labeler, session 38: a pick moves the buttons on to the next task, so a double tap on
+    a choice (or a double click) also picked the next task's label there, unseen, and Accept saved it."""
+    page = open_page(browser, review_app, "double-tap", PHONE)
+    item = load_queue(page, 2)
+    page.locator("#review-active-task label").first.click()
+    page.wait_for_timeout(1500)  # the buttons follow the active task
+    before = [slot(page, n).input_value() for n in range(8) if slot(page, n).is_visible()]
+    wanted = choice_label(page, 2)
+    page.locator("#review-choice-2").dblclick()
+    page.wait_for_timeout(1500)
+    after = [slot(page, n).input_value() for n in range(8) if slot(page, n).is_visible()]
+    assert after[0] == wanted and after[1:] == before[1:]  # the second task kept its label
+    second = choice_label(page, 1)  # a tap after a pause picks for the next task, as it should
+    page.locator("#review-choice-1").tap()
+    expect(slot(page, 1)).to_have_value(second)
+    page.locator("#review-accept").tap()
+    expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
+    saved = review_app.studio.store.current_labels()[item]["labels"]
+    tasks = review_app.studio.predictor(MODEL).tasks  # the slots' order
+    assert [saved[tasks[0]], saved[tasks[1]]] == [wanted, second] and len(saved) == len(before)
+    page.context.close()
+
+
 def test_keys_on_a_finished_queue_say_so_once_in_the_status_line(review_app, browser):
     """QA, sessions 34-36: on a finished queue each key stacked one more error toast ("The queue is
     finished ..."), and a digit did nothing, without a word."""
