@@ -120,6 +120,12 @@ new MutationObserver(() => {
   // a dropdown's open list of options scrolls, so Chromium put it in the Tab order: Tab from a long list's box
   // went into the list, which closed under it, and the focus fell to the page's body (QA keyboard user, s37)
   for (const list of document.querySelectorAll("ul.option-list:not([tabindex])")) list.tabIndex = -1;
+  // a name, not a sentence: a phone's keyboard wrote "Rita" for the laptop's "rita" (the store matches them, but
+  // the reviewers' list and the History filter are typed too), and autocorrect changed unknown names
+  const name = document.querySelector("#annotator :is(textarea, input):not([autocapitalize])");
+  if (name) {
+    name.setAttribute("autocapitalize", "none"); name.setAttribute("autocorrect", "off"); name.spellcheck = false;
+  }
   const photo = document.querySelector("#review-image img:not([alt^='Photo'])");
   if (photo) photo.alt = "Photo of the item under review";
   // a picture that is a button (the image map: a click shows it whole) is named by its block's label, and an

@@ -332,3 +332,30 @@ def test_the_stress_command_refuses_counts_it_cannot_use(option, message, capsys
     with pytest.raises(SystemExit) as stopped:
         stress_labels.main(option)
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_annotator_is_one_person_whatever_the_case_a_keyboard_gave_the_name(tmp_path):
+    """QA phone labeler, session 38: the phone's keyboard wrote "Rita", the laptop "rita": two
+    annotators (their own undo, queues, agreement), and the History filter found only one."""
+    store = LabelStore(tmp_path / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="tights", labels={"colour": "Black"}, annotator="rita")
+    store.save_correction(image=PHOTOS[1], text="socks", labels={"colour": "Red"}, annotator="Rita ")
+    assert [entry["annotator"] for entry in store.history()] == ["rita", "rita"]
+    assert store.undo("RITA").item_id == store.history()[0]["item_id"]  # the newest save, the phone's
+    rows, total = store.audit(annotator="RITA")
+    assert total == len(rows) == 3 and {row["annotator"] for row in rows} == {"rita"}
+    store.save_queue("q1", "ben", "hm", {"items": []}, 0)
+    assert store.latest_queue("BEN").queue_id == "q1"  # a queue opened, nothing saved yet
+    store.save_correction(image=PHOTOS[2], text="cap", labels={"colour": "Blue"}, annotator="Ben")
+    assert store.history()[0]["annotator"] == "ben"
+
+
+def test_names_held_in_both_spellings_before_stay_two_annotators(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    for photo, name in zip(PHOTOS[:2], ("rita", "rita-too")):
+        store.save_correction(image=photo, text=name, labels={"colour": "Black"}, annotator=name)
+    with sqlite3.connect(store.path) as conn:  # a store from before names were matched: both spellings
+        conn.execute("UPDATE corrections SET annotator = 'Rita' WHERE annotator = 'rita-too'")
+    for name in ("rita", "Rita"):
+        LabelStore(store.path).save_correction(image=PHOTOS[2], text=name, labels={"colour": "Blue"}, annotator=name)
+    assert [entry["annotator"] for entry in store.history()] == ["Rita", "rita", "Rita", "rita"]

@@ -416,6 +416,9 @@ def test_on_a_phone_the_next_item_and_a_refusal_come_into_view(review_app, brows
     """On a phone the item sits far above Accept: after a tap the next item was off screen, and a refused
     save's message under the buttons too, so nothing seemed to happen (QA labeler, session 32)."""
     page = open_page(browser, review_app, "phone-tester", PHONE)
+    name = page.locator("#annotator textarea, #annotator input").first  # a name: no capital, no autocorrect
+    assert name.evaluate("box => [box.autocapitalize, box.getAttribute('autocorrect'), box.spellcheck]") == [
+        "none", "off", False]
     first = load_queue(page, 3)
     page.locator("#review-accept").scroll_into_view_if_needed()
     page.locator("#review-accept").tap()

@@ -1261,7 +1261,7 @@ class Studio:
     def _reviewer(self, annotator: str | None) -> None:
         """Refuse an annotator who may not settle disagreements: one not among the `reviewers`, when some are named."""
         name = annotator.strip() if isinstance(annotator, str) else ""
-        if self.reviewers and name not in self.reviewers:
+        if self.reviewers and name.casefold() not in {reviewer.casefold() for reviewer in self.reviewers}:
             raise StudioError(f"Settling disagreements is for the reviewers ({', '.join(sorted(self.reviewers))}), "
                               f"and {name or 'an annotator without a name'} is not one of them: label in the other "
                               "queues, and a reviewer will settle what annotators disagree on.")
