@@ -627,16 +627,22 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
     return updates
 
 
-def suggested(slots: list[gr.Dropdown], tasks: list[str], waiting: dict | None) -> dict:
+def suggested(slots: list[gr.Dropdown], tasks: list[str], waiting: dict | None, names: dict[str, str],
+              again: str) -> tuple[dict, str]:
     """The refused save's (`waiting`) unknown labels replaced, in the controls of `tasks`, by their closest
-    class; refused when no label waits, or none has a class close to it (the API's "filled in" was empty)."""
+    class, and a line that names them and the labels left without one (`again`: "save", "accept"); refused
+    when no label waits, or none has a class close to it (the API's "filled in" was empty)."""
     if not waiting or not waiting.get("unknown"):
         raise StudioError("No label is waiting for a suggestion.")
-    updates = {slots[tasks.index(t)]: gr.update(value=suggestions[0])
-               for t, _, suggestions, _ in waiting["unknown"] if suggestions and t in tasks}
+    unknown = [(t, value, suggestions) for t, value, suggestions, _ in waiting["unknown"] if t in tasks]
+    updates = {slots[tasks.index(t)]: gr.update(value=suggestions[0]) for t, _, suggestions in unknown if suggestions}
     if not updates:
         raise StudioError("No class is close to the label you typed: correct it, or save it as a new class.")
-    return updates
+    filled = ", ".join(f"{names.get(t, t)} {suggestions[0]}" for t, _, suggestions in unknown if suggestions)
+    left = [f"{names.get(t, t)} {value.strip()!r}" for t, value, suggestions in unknown if not suggestions]
+    note = (f"; no class is close to {', '.join(left)}: correct it, or {again} again and save it as a new class"
+            if left else "")
+    return updates, f"Suggestion filled in ({filled}): check it and {again} again{note}."
 
 
 def labels_in_slots(tasks: list[str], labels: list, whose: str) -> dict:
@@ -909,9 +915,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     @user_errors
     def use_suggestion(model_name, waiting):
         """Put each unknown label's closest class in its control (nothing is saved)."""
-        updates = suggested(slots, list(studio.task_classes(model_name)), waiting)
-        return {**updates, pending: None, **resolution(choice, None),
-                save_status: "Suggestion filled in: check it and save again."}
+        updates, message = suggested(slots, list(studio.task_classes(model_name)), waiting,
+                                     studio.display_names(model_name), "save")
+        return {**updates, pending: None, **resolution(choice, None), save_status: message}
 
     @user_errors
     def save_correction(image_path, text_value, model_name, annotator_name, item, *rest):
@@ -1370,9 +1376,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     @user_errors
     def use_suggestion(queue, waiting):
         """Put each unknown label's closest class in its control (nothing is saved)."""
-        updates = suggested(slots, loaded(queue).tasks, waiting)
-        return {**updates, panel.pending: None, **resolution(choice, None),
-                panel.status: "Suggestion filled in: check it and accept again."}
+        queue = loaded(queue)
+        updates, message = suggested(slots, queue.tasks, waiting, studio.display_names(queue.model), "accept")
+        return {**updates, panel.pending: None, **resolution(choice, None), panel.status: message}
 
     def buttons_for(queue, task_name, item_on_screen):
         """The number-key buttons of the active task (which a pick or `t` set in the browser), for the item on

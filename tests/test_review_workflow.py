@@ -296,6 +296,16 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
     assert studio.store.count() == before and caught["review progress"] == {"__type__": "update"}  # stays put
     suggested = eve("/review_use_suggestion")
     assert "Dark Blue" in str(suggested) and studio.store.count() == before
+    assert suggested["review status"] == "Suggestion filled in (Colour Dark Blue): check it and accept again."
+    # QA phone labeler, session 38: with a second unknown label, which has no class close to it, the line said
+    # only "filled in", and the next Accept was refused again, on that label
+    values = with_label(shown, COLOUR, "Dark Bleu")
+    values[[answer.get("label") for answer in (shown[f"task {n}"] for n in range(1, 9))].index("Pattern")] = "Qqzzyx "
+    eve.accept(values)
+    suggested = eve("/review_use_suggestion")
+    assert suggested["review status"] == ("Suggestion filled in (Colour Dark Blue): check it and accept again; no "
+                                          "class is close to Pattern 'Qqzzyx': correct it, or accept again and save "
+                                          "it as a new class.")
 
     new = eve.accept(with_label(shown, COLOUR, "Turquoise glitter"))
     assert "No class is close to it" in new["review status"] and studio.store.count() == before
