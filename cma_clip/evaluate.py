@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))
+    if report["split"] is None:  # the figures are of every row: said, since --split (given or not) did not apply
+        print(f"note: {args.manifest} has no split column: all its {report['items']} rows were evaluated "
+              f"(--split {args.split} applies to a manifest with one)", file=sys.stderr)
     if args.out_json:
         try:
             atomic_write(args.out_json, (json.dumps(report, indent=2) + "\n").encode("utf-8"))

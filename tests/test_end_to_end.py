@@ -40,7 +40,10 @@ def test_evaluate_command_line_contract(small_checkpoint, cache_dir, tmp_path, c
     for metrics in [*report["tasks"].values(), report["mean"]]:
         assert {"accuracy", "macro_f1", "recall_at_90_precision"} <= set(metrics)
         assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert "mean" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "mean" in said.out
+    assert f"note: {manifest} has no split column: all its 20 rows were evaluated (--split test applies to a " \
+           "manifest with one)" in said.err  # QA, session 38: --split test was dropped without a word
 
     common = ["--checkpoint", str(small_checkpoint), "--manifest", str(manifest), "--cache-dir", str(cache_dir)]
     with pytest.raises(SystemExit) as refused:  # a folder as the report: said before evaluating (a traceback after)
