@@ -102,7 +102,20 @@ def read_manifest(path: str | Path, max_rows: int | None = None,
     try:
         return read(path, max_rows, max_field_chars)
     except UnicodeDecodeError as exc:
-        raise CatalogueError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise CatalogueError(_not_utf8(path, exc)) from exc
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, and what to do: `error`'s position is within the chunk a
+    reader decoded last (it said "byte 0"), so it is found again in the whole file."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        error = whole
+    line = raw.count(b"\n", 0, error.start) + 1
+    return (f"{path.name} is not UTF-8 text (line {line}: {error.reason} at byte {error.start}): save it as UTF-8 "
+            "(a spreadsheet's \"CSV UTF-8\")")
 
 
 def _check_row(path: Path, where: str, number: int, row: dict[str, str], max_rows: int | None,
@@ -247,13 +260,19 @@ class Catalogue:
 
     @classmethod
     def open(cls, config: CatalogueConfig, split: str | None = None, limit: int | None = None) -> "Catalogue":
-        rows = read_manifest(config.manifest)
+        rows = [row for row in read_manifest(config.manifest)  # a spreadsheet's blank rows (";;;") left out
+                if any(value is not None and str(value).strip() for value in row.values())]
         if not rows:
             raise CatalogueError(f"manifest {config.manifest} has no rows")
         needed = [config.image_column, *config.text_columns, *config.tasks]
         missing = [c for c in needed if c not in rows[0]]
         if missing:
             raise CatalogueError(f"manifest {config.manifest} lacks columns {missing}; it has {sorted(rows[0])}")
+        if empty := [n for n, row in enumerate(rows, 1) if not str(row[config.image_column] or "").strip()]:
+            raise CatalogueError(f"manifest {config.manifest}: {len(empty)} row{'s' * (len(empty) > 1)} without an "
+                                 f"image path (an empty {config.image_column!r} cell), e.g. item "
+                                 f"{', '.join(map(str, empty[:5]))} (counted from 1, the header not counted): give "
+                                 "each item its photo, or delete the row")
         catalogue = cls(config, rows, Path(config.manifest).resolve().parent)
         return catalogue.split(split, limit) if split or limit else catalogue
 
@@ -413,7 +432,9 @@ def load_image(path: str | Path, max_side: int | None = MAX_DECODED_SIDE) -> Ima
     except ImageError:
         raise
     except FileNotFoundError as exc:
-        raise ImageError(f"image not found: {path}") from exc
+        web = " (an address on the web? images are read from files: download them and give their paths)" \
+            if re.search(r"\b(https?|ftp|s3|gs):/", str(path)) else ""
+        raise ImageError(f"image not found: {path}{web}") from exc
     except Image.DecompressionBombError as exc:  # Pillow's own limit, checked as it opens the file
         raise ImageError(f"{name} has too many pixels to decode safely (a decompression bomb?); "
                          f"the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from exc

@@ -20,6 +20,7 @@ import hashlib
 import json
 import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -392,6 +393,17 @@ def open_for_prediction(config: CheckpointConfig, manifest: str | Path) -> Catal
     return Catalogue.open(replace(config.catalogue_on(manifest), tasks=[]))
 
 
+def repeated_ids(catalogue: Catalogue) -> str:
+    """A note when ids repeat in a manifest (each row is predicted, but a join on the id is then
+    ambiguous), else ""."""
+    counts = Counter(catalogue.item_ids())
+    repeated = [item_id for item_id, n in counts.items() if n > 1]
+    if not repeated:
+        return ""
+    return (f"note: {len(repeated)} ids are on several rows (e.g. {', '.join(map(repr, repeated[:3]))}): each row "
+            "has its own prediction, in the manifest's order; a join on the id matches them all")
+
+
 def prediction_row(prediction: Prediction) -> dict:
     """One output row of batch prediction (without the id): per task its label, confidence and auto-accept;
     and why nothing of the item is auto-accepted, when its input rules it out (`Prediction.withheld`)."""
@@ -443,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--manifest needs --out")
     if args.manifest and args.image:
         parser.error("give --image (one item) or --manifest (many), not both")
+    if args.image and args.out:  # it was ignored: the JSON went to the screen and no file was written
+        parser.error("--out is for --manifest: --image prints its prediction as JSON (redirect it: > prediction.json)")
     if args.manifest and Path(args.out).resolve() == Path(args.manifest).resolve():
         parser.error(f"--out {args.out} is the manifest itself: the predictions would replace the items; give "
                      "another file")
@@ -462,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.manifest:
             count = predictor.predict_manifest(args.manifest, args.out, args.batch_size, args.skip_unreadable)
+            if rank == 0 and (repeated := repeated_ids(open_for_prediction(predictor.config, args.manifest))):
+                print(repeated, file=sys.stderr)
             if rank == 0:
                 print(f"{count} predictions written to {args.out}" + (f" by {world} processes" if world > 1 else "")
                       + _unreadable_count(args))

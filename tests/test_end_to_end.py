@@ -187,6 +187,44 @@ def test_predict_command_skips_unreadable_images_when_asked(small_checkpoint, tm
         assert records[i]["colour_group_name"] == readable[i]["colour_group_name"]
 
 
+def test_predict_command_on_a_spreadsheets_manifest_says_what_is_wrong(small_checkpoint, tmp_path, capsys):
+    """QA lead, session 38: a spreadsheet's blank rows (";;;") stopped the run with "m is not a readable image
+    (Is a directory)", a row without a photo too; a web address was "not found" under a mangled path; repeated
+    ids, --out beside --image and a Latin-1 file passed without a word or a remedy."""
+    rows = hm_rows("test", 4)
+    columns = ["article_id", "image", "prod_name", "detail_desc"]
+    good = write_hm_manifest(tmp_path, rows, "good.csv", columns)
+    checkpoint = ["--checkpoint", str(small_checkpoint)]
+    blank = tmp_path / "blank.csv"
+    blank.write_text(good.read_text().replace(",", ";") + ";;;\n;;;\n")
+    out = tmp_path / "blank.jsonl"
+    assert predict.main([*checkpoint, "--manifest", str(blank), "--out", str(out)]) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [r["article_id"] for r in rows]
+    capsys.readouterr()
+    lines = good.read_text().splitlines()
+    no_photo = tmp_path / "no-photo.csv"
+    no_photo.write_text("\n".join([lines[0], lines[1], "42,,A tee,Soft jersey", *lines[2:]]) + "\n")
+    assert predict.main([*checkpoint, "--manifest", str(no_photo), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "1 row without an image path (an empty 'image' cell), e.g. item 2" in capsys.readouterr().err
+    web = tmp_path / "web.csv"
+    web.write_text("\n".join([lines[0], "43,https://example.com/shirt.jpg,A shirt,Cotton"]) + "\n")
+    assert predict.main([*checkpoint, "--manifest", str(web), "--out", str(tmp_path / "x.csv")]) == 2
+    assert "(an address on the web? images are read from files" in capsys.readouterr().err
+    twice = tmp_path / "twice.csv"
+    twice.write_text("\n".join([*lines, lines[1]]) + "\n")
+    assert predict.main([*checkpoint, "--manifest", str(twice), "--out", str(tmp_path / "twice.csv.jsonl")]) == 0
+    assert f"note: 1 ids are on several rows (e.g. '{rows[0]['article_id']}')" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main([*checkpoint, "--image", str(EXAMPLE_IMAGE), "--out", str(tmp_path / "one.csv")])
+    assert "--out is for --manifest" in capsys.readouterr().err
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("\n".join([lines[0], lines[1] + " Caf\u00e9"]).encode("latin-1"))
+    assert predict.main([*checkpoint, "--manifest", str(latin), "--out", str(tmp_path / "x.csv")]) == 2
+    offset = len(lines[0]) + 1 + len(lines[1]) + 4  # the é, on line 2: said so (it said "byte 0", of a chunk)
+    assert f"is not UTF-8 text (line 2: unexpected end of data at byte {offset})" in (err := capsys.readouterr().err)
+    assert 'save it as UTF-8 (a spreadsheet\'s "CSV UTF-8")' in err
+
+
 def test_resume_continues_an_interrupted_run(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "resume"
     common = ["--catalogue", "hm-articles", "--limit", "32", "--batch-size", "16", "--width", "32",
