@@ -228,7 +228,8 @@ NEXT_TASK_JS = """(map, active) => {
   const tasks = (map && map.tasks) || [];
   return tasks.length ? tasks[(tasks.indexOf(active) + 1) % tasks.length] : active;
 }"""
-BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue
+BROWSER_KEY = "cma-clip-studio"  # localStorage keys of what a reload restores: annotator, model, queue, tab
+TABS = {"predict": "Predict", "review": "Review", "robustness": "Robustness", "history": "History"}  # id: label
 # Layout that fits a 1366 x 768 laptop and a 412 px phone: tables scroll inside their own box, headers
 # break between words only, and on a narrow screen the Predict tab shows its results before the examples.
 CSS = """
@@ -747,7 +748,7 @@ class Shared:
 # ---------------------------------------------------------------------- tabs
 def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     """Predict, explain and correct one item; returns its image and text inputs (the Robustness tab's too)."""
-    with gr.Tab("Predict", id="predict"):
+    with gr.Tab(TABS["predict"], id="predict"):
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
         pending = gr.State(None)  # a refused save waiting for the labeler's choice
@@ -1090,7 +1091,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     load, {} when there is no queue to resume) and the components it updates."""
     models = studio.model_names
     tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
-    with gr.Tab("Review", id="review", elem_id="review-tab"):
+    with gr.Tab(TABS["review"], id="review", elem_id="review-tab"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
                     "left out. Your place in the queue is kept: a reload or a restart resumes it.")
         with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
@@ -1514,7 +1515,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
 
 def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Textbox) -> Callable:
     """The Predict tab's item, corrupted: clean against noisy, sweeps over severities, a catalogue sweep."""
-    with gr.Tab("Robustness", id="robustness", elem_id="robustness-tab"):
+    with gr.Tab(TABS["robustness"], id="robustness", elem_id="robustness-tab"):
         gr.Markdown("Corrupt the current image and text (from *Predict*) and compare. Severity 0 is "
                     "clean; the same seed gives the same corruption.")
         with gr.Row():
@@ -1635,7 +1636,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     annotators' agreement, the latest saves, export for the trainer and an optional push to the Hub."""
     names = studio.display_names()
     tasks = sorted(views.task_choices(list(names), names))
-    with gr.Tab("History", id="history") as tab:
+    with gr.Tab(TABS["history"], id="history") as tab:
         gr.Markdown("### Audit\nEvery decision, newest first: the label and its status, who and whether a human or "
                     "an auto-accept, what changed against the model's prediction and the catalogue's label, and "
                     "the checkpoint. Search looks in item ids, labels, annotators and texts. An undo's status is "
@@ -1798,7 +1799,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
                     "([CMA-CLIP, Liu et al. 2021](https://arxiv.org/abs/2112.03562)). Upload a product photo and its "
                     "text, see every attribute with its confidence and what the model looked at, and correct it.")
         remembered = {name: gr.BrowserState(None, storage_key=f"{BROWSER_KEY}-{name}", secret=secret)
-                      for name in ("annotator", "model", "queue")}
+                      for name in ("annotator", "model", "queue", "tab")}
         with gr.Row():
             shared = Shared(
                 model=gr.Dropdown(models, value=studio.default_model, label="Model", scale=2,
@@ -1820,9 +1821,10 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
         typed_inputs(demo)
         demo.unload(stop_sweep)  # a closed or reloaded tab's batch sweep stops too
 
-        def restore(annotator_name, model_name, queue_id, typed_name, chosen_model):
-            """What this browser had before the reload: the annotator, the model and the queue
-            (a name typed before the page finished loading wins)."""
+        def restore(annotator_name, model_name, queue_id, tab, typed_name, chosen_model):
+            """What this browser had before the reload: the annotator, the model, the queue and the tab
+            (a name typed before the page finished loading wins). A restored queue shows its tab, unless
+            another tab was open (a reload on Predict went to Review: QA phone labeler, session 38)."""
             annotator_name = (typed_name or "").strip() or annotator_name or ""
             # the model it had, else the one chosen, unless its weights failed to load (known once loaded)
             model_name = next((m for m in (model_name, chosen_model) if m in studio.checkpoints
@@ -1830,11 +1832,14 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
             queue = restore_queue(annotator_name, model_name, queue_id)
             return {shared.annotator: annotator_name if annotator_name != typed_name or login.on else gr.skip(),
                     shared.model: model_name if model_name != chosen_model else gr.skip(),
-                    **queue, **({tabs: gr.Tabs(selected="review")} if panel.queue in queue else {})}
+                    **queue, **({tabs: gr.Tabs(selected=tab or "review")} if tab or panel.queue in queue else {})}
 
-        demo.load(user_errors(restore), [remembered["annotator"], remembered["model"], remembered["queue"],
-                                         shared.annotator, shared.model], [shared.annotator, shared.model, tabs, *restored_outputs],
-                  api_visibility="private")
+        demo.load(user_errors(restore), [*remembered.values(), shared.annotator, shared.model],
+                  [shared.annotator, shared.model, tabs, *restored_outputs], api_visibility="private")
+        def remember_tab(evt: gr.SelectData) -> str | None:
+            return next((tab for tab, label in TABS.items() if label == evt.value), None)
+
+        tabs.select(remember_tab, None, remembered["tab"], api_visibility="private")
         shared.annotator.change(user_errors(lambda name: name), shared.annotator, remembered["annotator"],
                                 api_visibility="private")
         shared.model.change(lambda name: name, shared.model, remembered["model"], api_visibility="private")

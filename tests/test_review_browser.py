@@ -618,6 +618,24 @@ def test_a_double_tap_on_a_choice_picks_once(review_app, browser):
     page.context.close()
 
 
+def test_a_reload_stays_on_the_tab_it_was_on(review_app, browser):
+    """QA phone labeler, session 38: a reload on Predict (with a queue open) opened the Review tab."""
+    page = open_page(browser, review_app, "reload-tab")
+    item = load_queue(page, 2)
+    page.get_by_role("tab", name="Predict").click()
+    page.wait_for_timeout(1500)  # the tab is kept in the browser
+    page.reload()
+    expect(page.get_by_role("tab", name="Predict")).to_have_attribute("aria-selected", "true", timeout=WAIT)
+    page.wait_for_timeout(3000)  # the queue's restore has come back: it did not move the page to Review
+    expect(page.get_by_role("tab", name="Predict")).to_have_attribute("aria-selected", "true")
+    page.get_by_role("tab", name="Review").click()
+    expect(page.locator("#review-progress")).to_contain_text(f"item {item} (", timeout=WAIT)  # the queue is there
+    page.reload()
+    expect(page.get_by_role("tab", name="Review")).to_have_attribute("aria-selected", "true", timeout=WAIT)
+    expect(page.locator("#review-progress")).to_contain_text(f"item {item} (", timeout=WAIT)
+    page.context.close()
+
+
 def test_keys_on_a_finished_queue_say_so_once_in_the_status_line(review_app, browser):
     """QA, sessions 34-36: on a finished queue each key stacked one more error toast ("The queue is
     finished ..."), and a digit did nothing, without a word."""
