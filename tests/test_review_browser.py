@@ -621,7 +621,7 @@ def test_a_double_tap_on_a_choice_picks_once(review_app, browser):
 def test_a_reload_stays_on_the_tab_it_was_on(review_app, browser):
     """QA phone labeler, session 38: a reload on Predict (with a queue open) opened the Review tab."""
     page = open_page(browser, review_app, "reload-tab")
-    item = load_queue(page, 2)
+    item = load_queue(page, 12)  # (the tests before decided a small sample's items)
     page.get_by_role("tab", name="Predict").click()
     page.wait_for_timeout(1500)  # the tab is kept in the browser
     page.reload()
