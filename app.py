@@ -802,7 +802,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         gr.Markdown("### Correct and save\nEach control starts at the item's saved label, else at the model's; "
                     "the model's, the catalogue's and the saved label show under it. A label outside the task's "
                     "classes asks before it becomes a new class; a label someone else saved since you predicted "
-                    "asks before it is replaced.")
+                    "asks before it is replaced. Undo reverts your newest decision, made on any tab.")
         item_line = gr.Markdown(label="item", elem_id="item-line")
         with gr.Row():
             slots = correction_slots(elem_id="slot")
@@ -810,7 +810,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         # the item whose labels the controls show, sent from the browser with a save (a prediction's answer
         # may not be on screen yet when an example's photo, text and id already are)
         labels_for = gr.Textbox("", visible=False, label="labels of item", elem_id="save-labels-for")
-        save_button = gr.Button("Save correction", variant="primary", elem_id="save")
+        with gr.Row():
+            save_button = gr.Button("Save correction", variant="primary", elem_id="save")
+            undo_button = gr.Button("Undo my last save", elem_id="save-undo")
         save_status = gr.Markdown(label="save status", elem_id="save-status")
         choice = Resolution.make("save")
         legacy_save = gr.Button(visible=False)  # /save_correction: the unchecked API, kept for scripts
@@ -879,6 +881,27 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                             **slot_updates(studio, slots, model_name, result, view)})
         return updates
 
+    def after_undo(outcome: UndoOutcome, image_path, text_value, model_name, item, result) -> dict:
+        """The undo's message and the choices it leaves (a conflict); the controls follow it when it reverted
+        the item on screen (else a save would meet its own undo as a label changed since)."""
+        updates = {save_status: views.undo_message(outcome, studio.display_names(model_name)),
+                   pending: pending_save(outcome), **resolution(choice, outcome)}
+        if outcome.conflicts:
+            return updates
+        updates.update({request_id: new_id(), shared.history: shared.history_rows()})
+        if result is not None and outcome.item_id == studio.resolve_item_id(image_path, text_value, item):
+            view = studio.model_view(model_name, outcome.item_id, result, bool((item or "").strip()))
+            updates.update({shown: view.shown.to_dict(), labels_for: view.item_id,
+                            item_line: views.item_line(view, bool((item or "").strip())),
+                            **slot_updates(studio, slots, model_name, result, view)})
+        return updates
+
+    @user_errors
+    def undo_save(image_path, text_value, model_name, annotator_name, item, rid, result):
+        """Revert your newest decision, made on any tab (again: the one before), as the Review tab's Undo does."""
+        outcome = studio.review_undo(None, annotator_name, request_id=rid)
+        return after_undo(outcome, image_path, text_value, model_name, item, result)
+
     def labels_by_task(model_name: str, labels: list) -> dict:
         return labels_in_slots(list(studio.task_classes(model_name)), labels, f"{model_name} has")
 
@@ -897,6 +920,11 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     def resolve(how: str):
         @user_errors
         def handler(image_path, text_value, model_name, annotator_name, item, waiting, seen, result):
+            if waiting and waiting.get("kind") == "undo":  # an undo that met someone's later decision
+                outcome = studio.review_undo(None, annotator_name, force=how == "overwrite",
+                                             keep_theirs=how == "keep_theirs", save_id=waiting.get("save_id"),
+                                             request_id=waiting.get("request_id"))
+                return after_undo(outcome, image_path, text_value, model_name, item, result)
             if not waiting or waiting.get("kind") != "label":
                 raise StudioError("Nothing is waiting for a choice: save again.")
             labels, new_classes, force = answered(waiting, how)
@@ -991,6 +1019,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     save_button.click(save_label, save_inputs, save_outputs, validator=check_save, js=SCROLL_TO_ANNOTATOR,
                       api_name="save_label_checked", api_visibility="private")
     api_save.click(save_label, save_inputs, save_outputs, api_name="save_label")
+    undo_button.click(undo_save, [*item_inputs, request_id, prediction_state], save_outputs, js=SCROLL_TO_ANNOTATOR,
+                      api_name="save_undo")
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
                         ("new_class", choice.new_class)):
         button.click(resolve(how), [*item_inputs, pending, shown, prediction_state], save_outputs,

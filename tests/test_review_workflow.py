@@ -453,6 +453,30 @@ def test_a_stale_skip_is_refused_and_undo_works_with_no_queue_open(review_app):
     assert studio.store.item_state("no-queue-item")[COLOUR].status == "pending"
 
 
+def test_the_predict_tabs_undo_reverts_your_last_save_and_its_controls_follow(review_app):
+    """QA phone labeler, session 38: a labeler on the Predict tab had no undo (only the Review queue's)."""
+    url, studio = review_app
+    qin, rex = Labeler(url, "qin"), Labeler(url, "rex")
+    first, second = classes(studio)[2], classes(studio)[3]
+    item_inputs = (handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "qin", "predict-undo")
+    save_on_predict_tab(qin, "predict-undo", first)
+    undone = qin("/save_undo", *item_inputs, "")
+    assert undone["save status"].startswith("Undone on item `predict-undo`: ")
+    assert f"{COLOUR_NAME}: `{first}` → (none: pending)" in undone["save status"]
+    assert studio.store.item_state("predict-undo")[COLOUR].status == "pending"
+    # the controls follow the undo: a save now is no conflict with it
+    saved = qin("/save_label", *item_inputs, *with_label(undone, COLOUR, second), "")
+    assert saved["save status"].startswith("Saved correction")
+    assert studio.store.item_state("predict-undo")[COLOUR].label == second
+
+    save_on_predict_tab(rex, "predict-undo", first)  # rex decides it after qin: qin's undo asks
+    refused = qin("/save_undo", *item_inputs, "")
+    assert "Not undone" in refused["save status"] and "`rex`" in refused["save status"]
+    kept = qin("/save_keep_theirs", *item_inputs)
+    assert "Nothing reverted" in kept["save status"]
+    assert studio.store.item_state("predict-undo")[COLOUR].annotator == "rex"
+
+
 def test_a_key_pressed_before_the_last_answer_came_back_is_refused_in_words_never_answered_as_another(review_app):
     """In a browser the request id comes with each answer: "a" then "u", or "s" then "a", pressed at once send
     the next decision under the id the last one used. It is refused with a message saying to press it again,
