@@ -267,12 +267,14 @@ CSS = """
 /* A chart's label sits above it, not over its top (a title, the first bars), at any width. */
 .chart > label[data-testid="block-label"] { position: static !important; }
 @media (max-width: 767px) {
-  #predict-row { flex-direction: column; flex-wrap: nowrap; }
-  #predict-inputs { display: contents; }
+  /* one column: the inputs, the results, "Correct and save", then the examples (between the results and the
+     correction they were 2,000 px of scrolling on a phone, per item: QA phone labeler, session 38) */
+  #predict-row, #predict-inputs { display: contents; }
   #predict-row > *, #predict-inputs > * { width: 100%; max-width: 100%; min-width: 0; margin-left: 0;
     margin-right: 0; flex: none; }
   #predict-results { order: 2; }
-  #predict-examples { order: 3; }
+  #predict-row ~ * { order: 3; }
+  #predict-examples { order: 4; }
   /* a sweep's 3 x 2 panels keep readable ticks and legends: the chart scrolls sideways instead of shrinking */
   #item-sweep .matplotlib, #batch-sweep .matplotlib { display: block; overflow-x: auto; }
   #item-sweep .matplotlib img, #batch-sweep .matplotlib img { width: 760px; max-width: none; }

@@ -138,9 +138,12 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     expect(page.locator("#predictions")).to_contain_text("%")  # confidences in percent
     expect(page.locator("#operating-figures")).to_contain_text("held-out test items")
     expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
-    if size == "phone":  # the results before the examples
+    if size == "phone":  # the results, then the correction and its Save, then the examples
         results, examples = page.locator("#predictions").bounding_box(), page.locator("#predict-examples")
-        assert results["y"] + results["height"] <= examples.bounding_box()["y"]
+        save = page.locator("#save").bounding_box()
+        assert results["y"] + results["height"] <= save["y"]
+        assert save["y"] + save["height"] <= examples.bounding_box()["y"]
+        assert page.locator("#predict").bounding_box()["y"] < results["y"]  # the inputs first
     for picture in ("#heatmap img", "#modality-chart img"):  # never squeezed into half a phone's width
         assert page.locator(picture).bounding_box()["width"] >= 300, (size, picture)
     label = page.locator("#modality-chart label[data-testid=block-label]").bounding_box()
