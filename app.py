@@ -295,7 +295,12 @@ CSS = """
 /* a touch screen: no keys to list, and the choice buttons big enough to tap */
 @media (hover: none) and (pointer: coarse) {
   #review-keys { display: none; }
-  [id^="review-choice-"] { min-height: 40px; }
+  /* targets a thumb hits (44 px, WCAG 2.5.5): the choices looked 26 px tall in 12 px type, a radio was 16 px
+     and a tab 32 px (QA phone labeler, session 38) */
+  [id^="review-choice-"] { min-height: 44px; font-size: var(--text-md) !important; }
+  button[role="tab"] { min-height: 44px; }
+  fieldset input[type="radio"], fieldset input[type="checkbox"] { width: 22px; height: 22px; }
+  fieldset label:has(> input[type="radio"]) { min-height: 44px; }
 }
 """
 

@@ -599,6 +599,9 @@ def test_a_double_tap_on_a_choice_picks_once(review_app, browser):
     a choice (or a double click) also picked the next task's label there, unseen, and Accept saved it."""
     page = open_page(browser, review_app, "double-tap", PHONE)
     item = load_queue(page, 2)
+    heights = {target: page.locator(target).first.bounding_box()["height"] for target in (
+        "#review-choice-1", "[role=tab]", "#review-active-task label", "#review-active-task input[type=radio]")}
+    assert min(heights.values()) >= 22 and heights["#review-choice-1"] >= 44 and heights["[role=tab]"] >= 44, heights
     page.locator("#review-active-task label").first.click()
     page.wait_for_timeout(1500)  # the buttons follow the active task
     before = [slot(page, n).input_value() for n in range(8) if slot(page, n).is_visible()]
