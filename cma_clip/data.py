@@ -91,7 +91,8 @@ def read_manifest(path: str | Path, max_rows: int | None = None,
     line with a repeated key (else the last one would silently win); a CSV row with more or
     fewer fields than the header; a value longer than `max_field_chars`; more than
     `max_rows` rows (None: no limit, for training catalogues; an upload passes
-    `MAX_MANIFEST_ROWS`), found without reading the rest of the file."""
+    `MAX_MANIFEST_ROWS`), found without reading the rest of the file. A row with no value in any
+    column (a spreadsheet's blank row, ";;;") is left out."""
     path = Path(path)
     if path.is_dir():
         raise CatalogueError(f"{path} is a folder: give the manifest file in it (CSV, JSONL or Parquet)")
@@ -100,9 +101,10 @@ def read_manifest(path: str | Path, max_rows: int | None = None,
     suffix = path.suffix.lower()
     read = _read_jsonl if suffix in (".jsonl", ".ndjson") else _read_parquet if suffix == ".parquet" else _read_csv
     try:
-        return read(path, max_rows, max_field_chars)
+        rows = read(path, max_rows, max_field_chars)
     except UnicodeDecodeError as exc:
         raise CatalogueError(_not_utf8(path, exc)) from exc
+    return [row for row in rows if any(value is not None and str(value).strip() for value in row.values())]
 
 
 def _not_utf8(path: Path, error: UnicodeDecodeError) -> str:
@@ -260,8 +262,7 @@ class Catalogue:
 
     @classmethod
     def open(cls, config: CatalogueConfig, split: str | None = None, limit: int | None = None) -> "Catalogue":
-        rows = [row for row in read_manifest(config.manifest)  # a spreadsheet's blank rows (";;;") left out
-                if any(value is not None and str(value).strip() for value in row.values())]
+        rows = read_manifest(config.manifest)
         if not rows:
             raise CatalogueError(f"manifest {config.manifest} has no rows")
         needed = [config.image_column, *config.text_columns, *config.tasks]
