@@ -220,8 +220,9 @@ def has_cached_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: 
 
 
 def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str | Path | None = None,
-                     batch_size: int = 64, num_workers: int | None = None, progress: bool = True,
-                     memory_map: bool = False, colour: bool = False) -> Features:
+                     batch_size: int = 64, num_workers: int | None = None,
+                     progress: bool | Callable[[float, str], None] = True, memory_map: bool = False,
+                     colour: bool = False) -> Features:
     """Backbone features of every item, computed once and cached on disk as float16 .npy files.
 
     The cache entry is keyed by the backbone's weights and preprocessing, the precision,
@@ -231,7 +232,9 @@ def extract_features(backbone: DualEncoder, catalogue: Catalogue, cache_dir: str
     a few rows added or changed (`train --extra-labels` with uploads) costs those rows.
     Entries are written to a temporary folder and renamed when complete, so an
     interrupted build never leaves a half-written cache behind. Images are decoded in
-    `num_workers` DataLoader workers (default: `runtime.loader_workers`). With `memory_map`,
+    `num_workers` DataLoader workers (default: `runtime.loader_workers`). `progress`: a tqdm bar,
+    or none, or a callback (fraction done, what) for a UI, which a first build keeps waiting for
+    minutes (the app's suspected mislabels). With `memory_map`,
     the arrays stay on disk and only the rows read are loaded (for taking a few rows).
     """
     folder = _cache_folder(backbone, catalogue, cache_dir)
@@ -256,7 +259,7 @@ def _token_ids(backbone: DualEncoder, catalogue: Catalogue, folder: Path) -> np.
 
 
 def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: str, batch_size: int,
-            num_workers: int | None, progress: bool) -> np.ndarray:
+            num_workers: int | None, progress: bool | Callable[[float, str], None]) -> np.ndarray:
     """Foreground colour descriptors of the images (`colour.py`): computed on first use and kept,
     copied for the items another entry of the encoder has them for."""
     def compute() -> np.ndarray:
@@ -269,7 +272,7 @@ def _colour(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: 
         batches = image_batches([paths[i] for i in todo], backbone, batch_size, num_workers)
         start = 0
         for pixels in tqdm(batches, total=math.ceil(len(todo) / batch_size),
-                           desc=f"colour {catalogue.config.name}", disable=not progress):
+                           desc=f"colour {catalogue.config.name}", disable=progress is not True):
             out[todo[start:start + len(pixels)]] = backbone.describe_colour(pixels).numpy()
             start += len(pixels)
         return out
@@ -331,7 +334,7 @@ def _reuse_rows(folder: Path, encoder: str, keys: np.ndarray, arrays: dict[str, 
 
 
 def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, encoder: str, batch_size: int,
-                 num_workers: int | None, progress: bool) -> None:
+                 num_workers: int | None, progress: bool | Callable[[float, str], None]) -> None:
     n, tokens = len(catalogue), catalogue.config.max_text_tokens
     texts = catalogue.texts()
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -361,8 +364,10 @@ def _build_cache(backbone: DualEncoder, catalogue: Catalogue, folder: Path, enco
         batches = encode_items(backbone, [paths[i] for i in todo], [texts[i] for i in todo], tokens, batch_size,
                                num_workers)
         for start, out in tqdm(batches, total=math.ceil(len(todo) / batch_size),
-                               desc=f"features {catalogue.config.name}", disable=not progress):
+                               desc=f"features {catalogue.config.name}", disable=progress is not True):
             rows = todo[start:start + len(out.image_pooled)]
+            if callable(progress):
+                progress((start + len(rows)) / len(todo), f"computing the features of {catalogue.config.name}")
             for name in shapes:
                 with np.errstate(over="ignore"):  # checked below, with a clearer message
                     arrays[name][rows] = getattr(out, name).cpu().numpy()

@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from cleanlab.filter import find_label_issues
@@ -115,9 +116,11 @@ def _queue_path(catalogue: Catalogue, task: str, backbone: DualEncoder, cache_di
 
 
 def mislabel_queue(catalogue: Catalogue, task: str, backbone: DualEncoder, cache_dir: str | Path | None = None,
-                   folds: int = 5, seed: int = 0) -> MislabelQueue:
+                   folds: int = 5, seed: int = 0,
+                   progress: Callable[[float, str], None] | None = None) -> MislabelQueue:
     """The ranked suspects of `task` over all of `catalogue`'s items, read from the cache
-    when this catalogue, backbone, task, labels and settings were ranked before."""
+    when this catalogue, backbone, task, labels and settings were ranked before; `progress`
+    hears how far the features a first ranking computes are (`features.extract_features`)."""
     if task not in catalogue.config.tasks:
         raise CatalogueError(f"{catalogue.config.name} has no task {task!r}; its tasks: {catalogue.config.tasks}")
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -125,7 +128,10 @@ def mislabel_queue(catalogue: Catalogue, task: str, backbone: DualEncoder, cache
     if path.exists():
         stored = json.loads(path.read_text())
         return MislabelQueue(**{**stored, "suspects": [Suspect(**s) for s in stored["suspects"]]})
-    features = extract_features(backbone, catalogue, cache_dir, progress=False, memory_map=True)
+    features = extract_features(backbone, catalogue, cache_dir, progress=progress if progress is not None else False,
+                                memory_map=True)
+    if progress is not None:
+        progress(1.0, "ranking the labels (heads trained on the other folds)")
     queue = _rank(catalogue, task, feature_matrix(features), folds, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

@@ -631,7 +631,10 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     task = "garment_group_name"
     with pytest.raises(StudioError, match="Choose the task"):
         studio.review_mislabels("hm-articles", None, 10, limit=100)
-    queue = studio.review_mislabels("hm-articles", task, 5, limit=100)
+    heard = []  # the features a first ranking computes take minutes on a whole catalogue: said as they go
+    queue = studio.review_mislabels("hm-articles", task, 5, lambda done, what: heard.append((done, what)), limit=100)
+    computing = [done for done, what in heard if what == "computing the features of hm-articles"]
+    assert computing and 0 < computing[0] < 1 and computing[-1] == 1, heard  # it stayed at 0% (QA, s37)
     catalogue = limit_splits(Catalogue.open(CatalogueConfig.load("hm-articles")), 100)
     ranked = mislabel_queue(catalogue, task, studio.predictor("hm-articles").backbone)  # the cached ranking
     assert ranked.suspects, "the ranking found no suspect on 300 real items"

@@ -711,7 +711,7 @@ class Studio:
                 catalogue = limit_splits(catalogue, limit)
             if progress is not None:
                 progress(0.0, "ranking the catalogue's labels (the first time: its features are computed)")
-            ranked = mislabels.mislabel_queue(catalogue, task, predictor.backbone)
+            ranked = mislabels.mislabel_queue(catalogue, task, predictor.backbone, self.cache_dir, progress=progress)
         except CatalogueError as exc:
             raise self._catalogue_missing(name, exc) from exc
         decided = set() if show_decided else self.store.decided_items(tasks)
