@@ -381,7 +381,7 @@ class LabelStore:
                                   f"writes its journal beside the store: copy {self.path.name} and its "
                                   f"{self.image_dir.name} folder somewhere writable, or give an export")
         self._local, self._pid = threading.local(), os.getpid()
-        self._held_annotators: dict[str, str] = {}  # a name as typed -> as the store holds it (`_annotator`)
+        self._held_annotators: dict[str, str] = {}  # a name as typed -> as the store holds it (`held_annotator`)
         try:
             if self._connection().execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
                 raise LabelStoreError(f"{self.path}: SQLite cannot use WAL mode here (a network file system?)")
@@ -396,7 +396,7 @@ class LabelStore:
         except sqlite3.DatabaseError as exc:
             raise LabelStoreError(f"{self.path} is not a usable label store: {exc}") from exc
 
-    def _annotator(self, value: object) -> str:
+    def held_annotator(self, value: object) -> str:
         """An annotator's name (`_name`) as the store already holds it where it differs only in the case
         of its ASCII letters: "Rita" typed on a phone (whose keyboard capitalises) is the "rita" of the
         laptop, one annotator for queues, undo, claims and agreement, not two. A name held as typed
@@ -467,7 +467,7 @@ class LabelStore:
         """
         prepared = _prepare(self.image_dir, image, text, labels, predictions, item_id, catalogue_labels,
                             base_versions, source, vocabulary if vocabulary is not None else classes)
-        annotator, checkpoint = self._annotator(annotator), _name(checkpoint, "checkpoint")
+        annotator, checkpoint = self.held_annotator(annotator), _name(checkpoint, "checkpoint")
         with self._transaction("IMMEDIATE") as conn:
             return _store(conn, prepared, annotator=annotator, checkpoint=checkpoint,
                           request_id=_key(request_id, "request_id"), source=source, vocabulary=vocabulary,
@@ -495,7 +495,7 @@ class LabelStore:
         differs (an auto-accept never replaces a label), else counted as decided (two bulk
         accepts at the same moment stored every label twice).
         """
-        batch_id, annotator, checkpoint = (_key(batch_id, "batch_id"), self._annotator(annotator),
+        batch_id, annotator, checkpoint = (_key(batch_id, "batch_id"), self.held_annotator(annotator),
                                            _name(checkpoint, "checkpoint"))
         if not batch_id:
             raise LabelStoreError("a bulk accept needs a batch id, so that running it again stores no duplicate")
@@ -541,7 +541,7 @@ class LabelStore:
             raise LabelStoreError("a skip needs an item id and at least one task")
         for task in tasks:
             _check_length(task, "a task name", MAX_LABEL_CHARS)
-        annotator, checkpoint = self._annotator(annotator), _name(checkpoint, "checkpoint")
+        annotator, checkpoint = self.held_annotator(annotator), _name(checkpoint, "checkpoint")
         request_id = _key(request_id, "request_id")
         with self._transaction("IMMEDIATE") as conn:
             if (save_id := _stored_request(conn, request_id, "skip")) is not None:
@@ -571,7 +571,7 @@ class LabelStore:
         that save or nothing). `LabelStoreError` when nothing is left to undo, or when
         `save_id` is no longer the newest. A `request_id` already stored returns the first
         undo's result."""
-        annotator, request_id = self._annotator(annotator), _key(request_id, "request_id")
+        annotator, request_id = self.held_annotator(annotator), _key(request_id, "request_id")
         if not annotator:
             raise LabelStoreError("undo needs the annotator whose decisions to revert")
         with self._transaction("IMMEDIATE") as conn:
@@ -617,7 +617,7 @@ class LabelStore:
         """Mark `item_id` as the item `annotator` is on, for `minutes` from now; their claim on
         any other item ends. Returns who else holds a live claim on it (then it stays theirs:
         two labelers may still open one item, but each queue steers clear of the other's), or None."""
-        item_id, annotator = _key(item_id, "item_id"), self._annotator(annotator)
+        item_id, annotator = _key(item_id, "item_id"), self.held_annotator(annotator)
         if not item_id or not annotator:
             raise LabelStoreError("a claim needs an item id and an annotator")
         now = datetime.now(timezone.utc)
@@ -632,13 +632,13 @@ class LabelStore:
 
     def claims(self, annotator: str = "") -> dict[str, str]:
         """Item id -> annotator, for every live claim of an annotator other than `annotator`."""
-        rows = self._connection().execute(OTHERS_CLAIMS, (self._annotator(annotator), _now()))
+        rows = self._connection().execute(OTHERS_CLAIMS, (self.held_annotator(annotator), _now()))
         return {row["item_id"]: row["annotator"] for row in rows}
 
     def release(self, annotator: str) -> None:
         """End `annotator`'s claim, if any (they left the queue)."""
         with self._transaction("IMMEDIATE") as conn:
-            conn.execute(RELEASE_CLAIM, (self._annotator(annotator),))
+            conn.execute(RELEASE_CLAIM, (self.held_annotator(annotator),))
 
     # ------------------------------------------------------------------ reading
     def item_state(self, item_id: str) -> dict[str, TaskState]:
@@ -687,7 +687,7 @@ class LabelStore:
             raise LabelStoreError(f"source must be one of {tuple(AUDIT_SOURCES)}, not {source!r}")
         clauses, params = [] if source is None else [AUDIT_SOURCES[source]], []
         for column, value in (("d.task", task), ("c.annotator", annotator), ("d.status", status)):
-            if value is not None:  # an annotator in any case of its ASCII letters (`_annotator`)
+            if value is not None:  # an annotator in any case of its ASCII letters (`held_annotator`)
                 clauses.append(f"{column} = ?" + " COLLATE NOCASE" * (column == "c.annotator"))
                 params.append(value)
         if search:
@@ -826,7 +826,7 @@ class LabelStore:
                    position: int, view: Mapping[str, Any] | None = None) -> SavedQueue:
         """Keep a review queue (its JSON `payload` and `view` are the studio's) and the labeler's
         place in it, so a page reload or a server restart resumes it; saving again replaces it."""
-        queue_id, annotator, model = _key(queue_id, "queue_id"), self._annotator(annotator), _name(model, "model")
+        queue_id, annotator, model = _key(queue_id, "queue_id"), self.held_annotator(annotator), _name(model, "model")
         if not queue_id:
             raise LabelStoreError("a review queue needs an id")
         _queue_position(position)
@@ -847,7 +847,7 @@ class LabelStore:
         if view is not None and not isinstance(view, Mapping):
             raise LabelStoreError(f"the queue view must be a dict, not {type(view).__name__}")
         with self._transaction("IMMEDIATE") as conn:
-            moved = conn.execute(MOVE_QUEUE, (self._annotator(annotator), position, _now(),
+            moved = conn.execute(MOVE_QUEUE, (self.held_annotator(annotator), position, _now(),
                                               None if view is None else _json(view, "the queue view"),
                                               _key(queue_id, "queue_id"))).rowcount
         return moved > 0
@@ -861,7 +861,7 @@ class LabelStore:
         """The queue `annotator` saved last (on `model` if given), or None."""
         where, params = ("AND model = ?", (_name(model, "model"),)) if model is not None else ("", ())
         row = self._connection().execute(LATEST_QUEUE.format(where=where),
-                                         (self._annotator(annotator), *params)).fetchone()
+                                         (self.held_annotator(annotator), *params)).fetchone()
         return _saved_queue(row) if row else None
 
     # ------------------------------------------------------------------ export

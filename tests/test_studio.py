@@ -162,6 +162,23 @@ def test_a_reviewer_is_one_whatever_the_case_of_the_typed_name(checkpoint_dir, t
         studio.review_disagreements("hm-articles", None, 5, annotator="ben")
 
 
+def test_the_laptops_rita_and_the_phones_rita_share_one_queue(studio):
+    """Review of session 38: the store took "Rita" as the "rita" it held, but the studio compared names as typed:
+    the phone's "Rita" was refused the laptop's queue ("This page shows rita's review queue"), and a second
+    accept of her own labels stored a copy."""
+    laptop = studio.review_catalogue("hm-articles", "test", 3, annotator="rita")
+    studio.keep_queue(laptop, "rita")
+    phone = studio.resume_queue(None, "Rita ", "hm-articles")
+    assert phone is not None and phone.queue_id == laptop.queue_id and phone.owner == "rita"
+    seen = studio.current_view(phone).shown
+    labels = laptop.current.predicted()
+    assert studio.review_save(laptop, "rita", labels).result == "saved"
+    again = studio.review_save(phone, "Rita", labels, seen)
+    assert again.result == "unchanged" and studio.store.count() == 1
+    studio.review_next(phone, "RITA")
+    assert studio.store.history()[0]["annotator"] == "rita"
+
+
 def test_review_queue_on_an_empty_split_says_so(studio, monkeypatch):
     real_open = Catalogue.open
     monkeypatch.setattr(Catalogue, "open",

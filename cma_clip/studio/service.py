@@ -391,7 +391,7 @@ class Studio:
         seen = shown.versions if shown is not None and shown.item_id == resolved else {}
         predictions = self._light_predictions(model, image, text, prediction)
         # a second Save of the labeler's own labels stored a copy, which an undo then "undid" into itself
-        standing, name = self.store.item_state(resolved), (annotator or "").strip()
+        standing, name = self.store.item_state(resolved), self._held(annotator)
         if not new_classes and all(_own_label(standing.get(t), v, name) for t, v in chosen.items()):
             return self._remember(rid, SaveOutcome("unchanged", resolved, chosen, request_id=rid))
         catalogue = self.catalogue_labels(model, resolved) if (item_id or "").strip() else {}
@@ -436,7 +436,7 @@ class Studio:
             raise StudioError(f"The {name} label is {len(labels[long[0]]):,} characters long; a label has at most "
                               f"{MAX_LABEL_CHARS}: nothing was saved.")
         try:
-            result = self.store.save(image=image, text=text, labels=labels, annotator=(annotator or "").strip(),
+            result = self.store.save(image=image, text=text, labels=labels, annotator=self._held(annotator),
                                      item_id=item_id, predictions=predictions, checkpoint=model,
                                      base_versions=base_versions, request_id=request_id, source="human",
                                      catalogue_labels=catalogue, vocabulary=self.task_classes(model),
@@ -446,7 +446,7 @@ class Studio:
                                new_classes=new_classes)
         except LabelConflict as exc:
             return SaveOutcome("conflict", item_id, labels, conflicts=exc.conflicts, request_id=request_id,
-                               new_classes=new_classes, annotator=(annotator or "").strip())
+                               new_classes=new_classes, annotator=self._held(annotator))
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         predicted = {t: p["label"] for t, p in predictions.items()}
@@ -454,7 +454,7 @@ class Studio:
         rulings = {} if adjudicated else self.store.rulings(result.item_id)  # a label against one reopens the item
         return SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
-                           request_id=request_id, new_classes=new_classes, annotator=(annotator or "").strip(),
+                           request_id=request_id, new_classes=new_classes, annotator=self._held(annotator),
                            catalogue={t: v for t, v in (catalogue or {}).items() if t in labels and not is_missing(v)},
                            against={t: r for t, r in rulings.items() if t in labels and labels[t] != r.label},
                            ruling=adjudicated)
@@ -806,7 +806,7 @@ class Studio:
         predicted again), from its first item to review; a range that keeps no item is refused
         and the queue stays as it was. Kept in the store like any move."""
         with self._queue_lock(queue):
-            self._check_owner(queue, (annotator or "").strip())
+            self._check_owner(queue, self._held(annotator))
             self._arrange(queue, strategy, self._queue_tasks(queue.model, task), min_conf, max_conf, annotator)
             self.keep_queue(queue, annotator)
         return queue
@@ -865,7 +865,7 @@ class Studio:
         """Each item's status from the store (someone else may have decided it meanwhile; in a
         disagreements queue an item is pending while its disagreement is open), and who else than
         `annotator` is on it now (their claim; no claims without an annotator)."""
-        annotator = (annotator or "").strip()
+        annotator = self._held(annotator)
         if queue.split == DISAGREEMENTS:  # and each item's note as the disagreement stands now
             disputed, names = self.store.open_disagreements(queue.tasks), self.display_names(queue.model)
             decided = {item.item_id for item in queue.pool} - set(disputed)
@@ -902,7 +902,7 @@ class Studio:
         first = Path(queue.items[0].image_path) if queue.items else None
         if first is not None and self.uploads_dir in first.parents:
             uploads.touch(self.uploads_dir / first.relative_to(self.uploads_dir).parts[0])
-        annotator = (annotator or "").strip()
+        annotator = self._held(annotator)
         if annotator:
             self._check_owner(queue, annotator)
             queue.owner = queue.owner or annotator
@@ -948,15 +948,15 @@ class Studio:
         saved = None
         if queue_id:
             saved = self.store.load_queue(queue_id)
-            if saved is not None and (annotator or "").strip() not in ("", saved.annotator):
+            if saved is not None and self._held(annotator) not in ("", saved.annotator):
                 saved = None
-        if saved is None and (annotator or "").strip():
-            saved = self.store.latest_queue(annotator.strip(), model or None)
+        if saved is None and self._held(annotator):
+            saved = self.store.latest_queue(self._held(annotator), model or None)
         if saved is None or saved.model not in self.checkpoints:
             return None
         queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position, saved.view)
         queue.owner = saved.annotator
-        annotator = (annotator or "").strip()
+        annotator = self._held(annotator)
         self.refresh(queue, annotator)
         item, owner = queue.current, annotator or saved.annotator
         states = self.store.item_state(item.item_id) if item is not None else {}
@@ -1121,7 +1121,7 @@ class Studio:
     def review_previous(self, queue: ReviewQueue, annotator: str | None = None) -> bool:
         """Step back to the item before (decided or not); False at the first item."""
         with self._queue_lock(queue):
-            self._check_owner(queue, (annotator or "").strip())
+            self._check_owner(queue, self._held(annotator))
             moved = queue.back()
             self.refresh(queue, annotator)
             self.keep_queue(queue, annotator, steer=False)
@@ -1130,7 +1130,7 @@ class Studio:
     def review_next(self, queue: ReviewQueue, annotator: str | None = None) -> None:
         """Move on without deciding (the item stays pending and comes round again)."""
         with self._queue_lock(queue):
-            self._check_owner(queue, (annotator or "").strip())
+            self._check_owner(queue, self._held(annotator))
             self.refresh(queue, annotator)
             queue.advance()
             self.keep_queue(queue, annotator)
@@ -1183,7 +1183,7 @@ class Studio:
                      min_conf: float | str | None = THRESHOLDS) -> tuple[BulkOutcome, int]:
         """What `bulk_accept` would do now, nothing stored: its counts, and how many items it would accept.
         It reads the queue without its lock, which would hold the labeler's next decision back."""
-        outcome, records = self._bulk_plan(queue, (annotator or "").strip(), task, min_conf)
+        outcome, records = self._bulk_plan(queue, self._held(annotator), task, min_conf)
         return outcome, len(records)
 
     def _bulk_plan(self, queue: ReviewQueue, annotator: str, task: str | None,
@@ -1245,9 +1245,19 @@ class Studio:
                               "if it does not come).")
         return item
 
-    @staticmethod
-    def _annotator(annotator: str | None, what: str = "decision") -> str:
-        """The annotator's name, stripped: refused when empty, not text, or over `MAX_NAME_CHARS`."""
+    def _held(self, annotator: str | None) -> str:
+        """The annotator's name as the store holds it (`LabelStore.held_annotator`: "Rita" from a phone's keyboard
+        is the laptop's "rita"), stripped; "" for none. Every comparison of names goes through it."""
+        if not isinstance(annotator, str) or not annotator.strip():
+            return ""
+        try:
+            return self.store.held_annotator(annotator)
+        except LabelStoreError as exc:
+            raise StudioError(str(exc)) from exc
+
+    def _annotator(self, annotator: str | None, what: str = "decision") -> str:
+        """The annotator's name as the store holds it (`_held`): refused when empty, not text, or over
+        `MAX_NAME_CHARS`."""
         if annotator is not None and not isinstance(annotator, str):
             raise StudioError(f"The annotator must be a name (text), not {type(annotator).__name__}.")
         name = (annotator or "").strip()
@@ -1256,7 +1266,7 @@ class Studio:
         if len(name) > MAX_NAME_CHARS:
             raise StudioError(f"The annotator's name is {len(name):,} characters long; the limit is "
                               f"{MAX_NAME_CHARS}.")
-        return name
+        return self._held(name)
 
     def _reviewer(self, annotator: str | None) -> None:
         """Refuse an annotator who may not settle disagreements: one not among the `reviewers`, when some are named."""
