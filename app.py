@@ -888,15 +888,16 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                             **slot_updates(studio, slots, model_name, result, view)})
         return updates
 
-    def after_undo(outcome: UndoOutcome, image_path, text_value, model_name, item, result) -> dict:
+    def after_undo(outcome: UndoOutcome, model_name, item, seen, result) -> dict:
         """The undo's message and the choices it leaves (a conflict); the controls follow it when it reverted
-        the item on screen (else a save would meet its own undo as a label changed since)."""
+        the item they show (`seen`; else a save would meet its own undo as a label changed since)."""
         updates = {save_status: views.undo_message(outcome, studio.display_names(model_name)),
                    pending: pending_save(outcome), **resolution(choice, outcome)}
         if outcome.conflicts:
             return updates
         updates.update({request_id: new_id(), shared.history: shared.history_rows()})
-        if result is not None and outcome.item_id == studio.resolve_item_id(image_path, text_value, item):
+        controls = shown_of(seen)
+        if result is not None and controls is not None and outcome.item_id == controls.item_id:
             view = studio.model_view(model_name, outcome.item_id, result, bool((item or "").strip()))
             updates.update({shown: view.shown.to_dict(), labels_for: view.item_id,
                             item_line: views.item_line(view, bool((item or "").strip())),
@@ -904,10 +905,10 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return updates
 
     @user_errors
-    def undo_save(image_path, text_value, model_name, annotator_name, item, rid, result):
+    def undo_save(image_path, text_value, model_name, annotator_name, item, rid, seen, result):
         """Revert your newest decision, made on any tab (again: the one before), as the Review tab's Undo does."""
         outcome = studio.review_undo(None, annotator_name, request_id=rid)
-        return after_undo(outcome, image_path, text_value, model_name, item, result)
+        return after_undo(outcome, model_name, item, seen, result)
 
     def labels_by_task(model_name: str, labels: list) -> dict:
         return labels_in_slots(list(studio.task_classes(model_name)), labels, f"{model_name} has")
@@ -931,7 +932,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                 outcome = studio.review_undo(None, annotator_name, force=how == "overwrite",
                                              keep_theirs=how == "keep_theirs", save_id=waiting.get("save_id"),
                                              request_id=waiting.get("request_id"))
-                return after_undo(outcome, image_path, text_value, model_name, item, result)
+                return after_undo(outcome, model_name, item, seen, result)
             if not waiting or waiting.get("kind") != "label":
                 raise StudioError("Nothing is waiting for a choice: save again.")
             labels, new_classes, force = answered(waiting, how)
@@ -1026,8 +1027,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     save_button.click(save_label, save_inputs, save_outputs, validator=check_save, js=SCROLL_TO_ANNOTATOR,
                       api_name="save_label_checked", api_visibility="private")
     api_save.click(save_label, save_inputs, save_outputs, api_name="save_label")
-    undo_button.click(undo_save, [*item_inputs, request_id, prediction_state], save_outputs, js=SCROLL_TO_ANNOTATOR,
-                      api_name="save_undo")
+    undo_button.click(undo_save, [*item_inputs, request_id, shown, prediction_state], save_outputs,
+                      js=SCROLL_TO_ANNOTATOR, api_name="save_undo")
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
                         ("new_class", choice.new_class)):
         button.click(resolve(how), [*item_inputs, pending, shown, prediction_state], save_outputs,
