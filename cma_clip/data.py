@@ -261,7 +261,10 @@ class Catalogue:
     extra_roots: tuple[Path, ...] = ()  # other folders rows may take images from
 
     @classmethod
-    def open(cls, config: CatalogueConfig, split: str | None = None, limit: int | None = None) -> "Catalogue":
+    def open(cls, config: CatalogueConfig, split: str | None = None, limit: int | None = None, *,
+             photos_required: bool = True) -> "Catalogue":
+        """The manifest's rows (of one split, the first `limit`); a row without an image path is refused,
+        unless not `photos_required` (a prediction that writes each unreadable image's row with its error)."""
         rows = read_manifest(config.manifest)
         if not rows:
             raise CatalogueError(f"manifest {config.manifest} has no rows")
@@ -269,11 +272,14 @@ class Catalogue:
         missing = [c for c in needed if c not in rows[0]]
         if missing:
             raise CatalogueError(f"manifest {config.manifest} lacks columns {missing}; it has {sorted(rows[0])}")
-        if empty := [n for n, row in enumerate(rows, 1) if not str(row[config.image_column] or "").strip()]:
+        empty = [n for n, row in enumerate(rows, 1) if not str(row[config.image_column] or "").strip()]
+        if empty and photos_required:
+            ids = config.id_column if config.id_column in rows[0] else None
+            named = ", ".join(f"{n}" + (f" (id {rows[n - 1][ids]!r})" if ids else "") for n in empty[:5])
             raise CatalogueError(f"manifest {config.manifest}: {len(empty)} row{'s' * (len(empty) > 1)} without an "
-                                 f"image path (an empty {config.image_column!r} cell), e.g. item "
-                                 f"{', '.join(map(str, empty[:5]))} (counted from 1, the header not counted): give "
-                                 "each item its photo, or delete the row")
+                                 f"image path (an empty {config.image_column!r} cell), e.g. item {named} (counted "
+                                 "from 1, the header and blank rows not counted): give each item its photo, or "
+                                 "delete the row")
         catalogue = cls(config, rows, Path(config.manifest).resolve().parent)
         return catalogue.split(split, limit) if split or limit else catalogue
 
@@ -432,6 +438,8 @@ def load_image(path: str | Path, max_side: int | None = MAX_DECODED_SIDE) -> Ima
             return shrink_image(image, max_side) if max_side else image
     except ImageError:
         raise
+    except IsADirectoryError as exc:  # a manifest row's empty image cell is its folder
+        raise ImageError(f"no image file: {path} is a folder (an empty image cell?)") from exc
     except FileNotFoundError as exc:
         web = " (an address on the web? images are read from files: download them and give their paths)" \
             if re.search(r"\b(https?|ftp|s3|gs):/", str(path)) else ""

@@ -281,7 +281,7 @@ class Predictor:
         the suffix). Images are decoded as `features.image_batches` says. An unreadable image stops
         the run with its message, or, `skip_unreadable`, gets a row without labels and its message
         in the `error` column every row then has. Returns the row count."""
-        catalogue = open_for_prediction(self.config, manifest)
+        catalogue = open_for_prediction(self.config, manifest, photos_required=not skip_unreadable)
         ids, texts, paths = catalogue.item_ids(), catalogue.texts(), catalogue.image_paths()
         if distributed.world_size() > 1:
             keys = [key.hex() for key in row_keys(catalogue)]
@@ -388,9 +388,10 @@ def _checked_items(images: list[Image.Image], texts: list[str]) -> int:
     return len(images)
 
 
-def open_for_prediction(config: CheckpointConfig, manifest: str | Path) -> Catalogue:
-    """A manifest to predict, read with the checkpoint's columns; it needs no label columns."""
-    return Catalogue.open(replace(config.catalogue_on(manifest), tasks=[]))
+def open_for_prediction(config: CheckpointConfig, manifest: str | Path, photos_required: bool = True) -> Catalogue:
+    """A manifest to predict, read with the checkpoint's columns; it needs no label columns (`photos_required`:
+    as `Catalogue.open`)."""
+    return Catalogue.open(replace(config.catalogue_on(manifest), tasks=[]), photos_required=photos_required)
 
 
 def repeated_ids(catalogue: Catalogue) -> str:
@@ -400,8 +401,10 @@ def repeated_ids(catalogue: Catalogue) -> str:
     repeated = [item_id for item_id, n in counts.items() if n > 1]
     if not repeated:
         return ""
-    return (f"note: {len(repeated)} ids are on several rows (e.g. {', '.join(map(repr, repeated[:3]))}): each row "
-            "has its own prediction, in the manifest's order; a join on the id matches them all")
+    many = len(repeated) > 1
+    return (f"note: {len(repeated)} id{'s are' if many else ' is'} on several rows (e.g. "
+            f"{', '.join(map(repr, repeated[:3]))}): each row has its own prediction, in the manifest's order; a join "
+            "on the id matches them all")
 
 
 def prediction_row(prediction: Prediction) -> dict:
@@ -476,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.manifest:
             count = predictor.predict_manifest(args.manifest, args.out, args.batch_size, args.skip_unreadable)
-            if rank == 0 and (repeated := repeated_ids(open_for_prediction(predictor.config, args.manifest))):
+            if rank == 0 and (repeated := repeated_ids(open_for_prediction(predictor.config, args.manifest,
+                                                                           photos_required=False))):
                 print(repeated, file=sys.stderr)
             if rank == 0:
                 print(f"{count} predictions written to {args.out}" + (f" by {world} processes" if world > 1 else "")

@@ -150,7 +150,7 @@ def predict_manifest_ray(checkpoint: str | Path, manifest: str | Path, out: str 
         raise CatalogueError(f"--engine ray writes {' or '.join(OUTPUT_SUFFIXES)} files, not {out.name}")
     ray = import_ray()
     checkpoint = str(Path(checkpoint).resolve())
-    catalogue = open_for_prediction(read_config(checkpoint), manifest)
+    catalogue = open_for_prediction(read_config(checkpoint), manifest, photos_required=not options.skip_unreadable)
     started = not ray.is_initialized()
     if started:
         ray.init(address=options.address, include_dashboard=False, log_to_driver=False)

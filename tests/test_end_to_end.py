@@ -205,7 +205,12 @@ def test_predict_command_on_a_spreadsheets_manifest_says_what_is_wrong(small_che
     no_photo = tmp_path / "no-photo.csv"
     no_photo.write_text("\n".join([lines[0], lines[1], "42,,A tee,Soft jersey", *lines[2:]]) + "\n")
     assert predict.main([*checkpoint, "--manifest", str(no_photo), "--out", str(tmp_path / "x.csv")]) == 2
-    assert "1 row without an image path (an empty 'image' cell), e.g. item 2" in capsys.readouterr().err
+    assert "1 row without an image path (an empty 'image' cell), e.g. item 2 (id '42')" in capsys.readouterr().err
+    skipped = tmp_path / "skipped.csv"  # with --skip-unreadable the row is written with its error (review, s38)
+    assert predict.main([*checkpoint, "--manifest", str(no_photo), "--skip-unreadable", "--out", str(skipped)]) == 0
+    assert [row["id"] for row in read_manifest(skipped)] == [rows[0]["article_id"], "42",
+                                                            *[r["article_id"] for r in rows[1:]]]
+    assert "no image file" in (error := read_manifest(skipped)[1]["error"]) and "empty image cell" in error
     web = tmp_path / "web.csv"
     web.write_text("\n".join([lines[0], "43,https://example.com/shirt.jpg,A shirt,Cotton"]) + "\n")
     assert predict.main([*checkpoint, "--manifest", str(web), "--out", str(tmp_path / "x.csv")]) == 2
@@ -213,7 +218,7 @@ def test_predict_command_on_a_spreadsheets_manifest_says_what_is_wrong(small_che
     twice = tmp_path / "twice.csv"
     twice.write_text("\n".join([*lines, lines[1]]) + "\n")
     assert predict.main([*checkpoint, "--manifest", str(twice), "--out", str(tmp_path / "twice.csv.jsonl")]) == 0
-    assert f"note: 1 ids are on several rows (e.g. '{rows[0]['article_id']}')" in capsys.readouterr().err
+    assert f"note: 1 id is on several rows (e.g. '{rows[0]['article_id']}')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         predict.main([*checkpoint, "--image", str(EXAMPLE_IMAGE), "--out", str(tmp_path / "one.csv")])
     assert "--out is for --manifest" in capsys.readouterr().err
