@@ -91,8 +91,10 @@ class Merged:
                  f"{c['val']} val items (validated on, not trained on)",
                  f"{c['test']} test items kept their catalogue labels", f"{c['added']} new items added as train rows"]
         if c["repeated_rows"]:
-            parts.append(f"{c['repeated_rows']} rows repeat an item of an earlier row (exports joined): of each task "
-                         f"the newest label kept ({c['conflicting_labels']} labels differed between the rows)")
+            parts.append(f"{c['repeated_rows']} row{'s repeat' if c['repeated_rows'] > 1 else ' repeats'} an item of "
+                         f"an earlier row (exports joined): of each task the newest label kept "
+                         f"({c['conflicting_labels']} label{'s' * (c['conflicting_labels'] != 1)} differed between "
+                         "the rows; where annotators differ, it is left out as a disagreement)")
         if c["same_photo"]:
             parts.append(f"{c['same_photo']} items under an id the catalogue lacks have a catalogue item's photo "
                          "and count as that item")
@@ -195,11 +197,24 @@ def _from_export(path: Path) -> Corrections:
             conflicts += len({row[task].strip() for row in labelled}) > 1
             auto |= {task} if chosen.get(f"{task}__source") == "auto" else set()
             disputed |= {task} if not is_missing(chosen.get(f"{task}__disputed")) else set()  # older exports: none
+            if _annotators_differ(labelled, task):  # as one store would hold it: a disagreement, not trained on
+                disputed.add(task)
         image = _found(folder / newest["image"]) if newest["image"] else None
         items[item_id] = (Correction(labels, newest["text"], image, frozenset(auto),
                                      None if image else _digest_in_name(newest["image"])), disputed)
     corrections = _settled(items, path, folder, max((row["updated_at"] for row in rows), default=None))
     return replace(corrections, repeated=len(rows) - len(groups), conflicts=conflicts)
+
+
+def _annotators_differ(rows: list[dict], task: str) -> bool:
+    """Whether the annotators of an item's rows (exports joined) end on different labels of `task`,
+    each annotator's newest label counting."""
+    newest: dict[str, dict] = {}
+    for row in rows:
+        who = (row.get(f"{task}__annotator") or row.get("annotator") or "").strip()
+        if who not in newest or _labelled_at(row, task) >= _labelled_at(newest[who], task):
+            newest[who] = row
+    return len({row[task].strip() for row in newest.values()}) > 1
 
 
 def _labelled_at(row: dict, task: str | None = None) -> tuple:

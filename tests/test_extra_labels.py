@@ -276,8 +276,9 @@ def test_labels_stored_before_they_were_tidied_train_as_the_class_they_spell(tmp
 
 
 def test_exports_joined_together_keep_each_tasks_newest_label_and_say_so(tmp_path):
-    """Two labelers' exports pasted into one file: an item's rows give, task by task, the label saved
-    last (not the row that comes last), and the summary counts the repeated rows and the differing labels."""
+    """Exports pasted into one file: an item's rows give, task by task, the label saved last (not the row
+    that comes last); two annotators ending on different labels are a disagreement, left out as in one store;
+    the summary counts the repeated rows and the differing labels."""
     catalogue = three_items(tmp_path)
     exports = []
     for name, labels in (("ana", {"colour": "Green", "type": "Tights"}), ("ben", {"colour": "Red"})):
@@ -286,13 +287,17 @@ def test_exports_joined_together_keep_each_tasks_newest_label_and_say_so(tmp_pat
         exports.append(tmp_path / name / "labels_export.csv")
         store.export(exports[-1])
     ana, ben = (read_manifest(path) for path in exports)
-    ana[0]["colour__at"] = "2027-01-01T00:00:00.000+00:00"  # ana's colour is the newer: ben's row comes last
+    later = dict(ana[0], colour="Blue", colour__at="2027-01-01T00:00:00.000+00:00")  # ana's own, newer: it wins
     joined = tmp_path / "ana" / "joined.csv"
-    write_table(joined, [*ana, *ben], list(ana[0]))
+    write_table(joined, [later, *ana], list(ana[0]))
     corrections = read_corrections(joined)
-    assert corrections.items["a1"].labels == {"colour": "Green", "type": "Tights"}
+    assert corrections.items["a1"].labels == {"colour": "Blue", "type": "Tights"} and not corrections.disputed
     assert (corrections.repeated, corrections.conflicts) == (1, 1)
+
+    write_table(joined, [*ana, *ben], list(ana[0]))  # ana's Green and ben's Red: a disagreement
+    corrections = read_corrections(joined)
+    assert corrections.items["a1"].labels == {"type": "Tights"} and corrections.items["a1"].disputed == {"colour"}
     merged = merge(catalogue, corrections)
-    assert merged.catalogue.labels("colour")[0] == "Green"
-    assert "1 rows repeat an item of an earlier row (exports joined): of each task the newest label kept " \
-           "(1 labels differed between the rows)" in merged.summary()
+    assert merged.counts["disputed_left_out"] == 1 and merged.catalogue.labels("type")[0] == "Tights"
+    assert "1 row repeats an item of an earlier row (exports joined): of each task the newest label kept (1 label " \
+           "differed between the rows; where annotators differ, it is left out as a disagreement)" in merged.summary()
