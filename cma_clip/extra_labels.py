@@ -18,7 +18,9 @@ in the checkpoint):
   is off (`--no-auto-labels`): a model trained on its own guesses learns their errors back;
 - a label of an open disagreement (annotators differ and no reviewer settled it, or a label since
   went against the ruling) is left out: it is not a label yet. The catalogue's label of that task is
-  left out too (of a train or val item), as a label in dispute: the annotators may both have rejected it.
+  left out too (of a train or val item), as a label in dispute: the annotators may both have rejected it;
+- exports joined into one file (an id on several rows): of each task the newest label (by `<task>__at`);
+  annotators ending on different labels are a disagreement, left out as above.
 
 A catalogue without a split column gets the seeded split training draws written into it first,
 so the rows the corrections add do not reshuffle which items are test.
