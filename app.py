@@ -84,11 +84,15 @@ document.addEventListener("keydown", (event) => {
 // A second click on a choice button soon after the first (a thumb's double tap, a double click) is dropped: the
 // first pick moved the buttons on to the next task, so the second picked that task's label, unseen (QA phone
 // labeler, s38). A number key's click (not a person's: isTrusted false) is never dropped: "3 1" picks two tasks.
-let choiceClickedAt = -Infinity;
+// Two quick taps on two buttons are two picks (one task each).
+let choiceClicked = {at: -Infinity, id: ""};
 document.addEventListener("click", (event) => {
-  if (!event.isTrusted || !event.target.closest?.("[id^=review-choice-]")) return;
-  if (event.timeStamp - choiceClickedAt < 600) { event.stopImmediatePropagation(); event.preventDefault(); return; }
-  choiceClickedAt = event.timeStamp;
+  const button = event.isTrusted && event.target.closest?.("[id^=review-choice-]");
+  if (!button) return;
+  if (button.id === choiceClicked.id && event.timeStamp - choiceClicked.at < 600) {
+    event.stopImmediatePropagation(); event.preventDefault(); return;
+  }
+  choiceClicked = {at: event.timeStamp, id: button.id};
 }, true);
 // Gradio's Textbox says "input" (which clears the Predict tab's item id: another text, another item) on a key press:
 // a paste, a cut, a drop or Backspace changed the text unsaid, and a pasted text was saved under the last item's id.
@@ -904,10 +908,14 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
                             **slot_updates(studio, slots, model_name, result, view)})
         return updates
 
-    @user_errors
     def undo_save(image_path, text_value, model_name, annotator_name, item, rid, seen, result):
-        """Revert your newest decision, made on any tab (again: the one before), as the Review tab's Undo does."""
-        outcome = studio.review_undo(None, annotator_name, request_id=rid)
+        """Revert your newest decision, made on any tab (again: the one before), as the Review tab's Undo does.
+        A refusal (nothing left to undo, no name) is said in the save's line, in place of the last message: as
+        an error it put a red badge over each correction control and left "Undone ..." under them (QA, s38)."""
+        try:
+            outcome = studio.review_undo(None, annotator_name, request_id=rid)
+        except StudioError as exc:
+            return {save_status: f"⚠️ {views.plain(str(exc))}", pending: None, **resolution(choice, None)}
         return after_undo(outcome, model_name, item, seen, result)
 
     def labels_by_task(model_name: str, labels: list) -> dict:

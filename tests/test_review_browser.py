@@ -612,12 +612,15 @@ def test_a_double_tap_on_a_choice_picks_once(review_app, browser):
     assert after[0] == wanted and after[1:] == before[1:]  # the second task kept its label
     second = choice_label(page, 1)  # a tap after a pause picks for the next task, as it should
     page.locator("#review-choice-1").tap()
+    page.locator("#review-choice-2").tap()  # another button at once: a pick for the third task (QA, s38: dropped)
     expect(slot(page, 1)).to_have_value(second)
+    expect(slot(page, 2)).not_to_have_value(before[2])  # the third task's second choice, not its first
+    third = slot(page, 2).input_value()
     page.locator("#review-accept").tap()
     expect(page.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
     saved = review_app.studio.store.current_labels()[item]["labels"]
     tasks = review_app.studio.predictor(MODEL).tasks  # the slots' order
-    assert [saved[tasks[0]], saved[tasks[1]]] == [wanted, second] and len(saved) == len(before)
+    assert [saved[t] for t in tasks[:3]] == [wanted, second, third] and len(saved) == len(before)
     page.context.close()
 
 

@@ -475,6 +475,11 @@ def test_the_predict_tabs_undo_reverts_your_last_save_and_its_controls_follow(re
     kept = qin("/save_keep_theirs", *item_inputs)
     assert "Nothing reverted" in kept["save status"]
     assert studio.store.item_state("predict-undo")[COLOUR].annotator == "rex"
+    # nothing left to undo, or no name: said in the save's line, in place of "Undone ...", not as an error over
+    # every correction control (QA, s38)
+    for name, said in (("qin", "nothing to undo"), ("", "Enter your name")):
+        refused = qin("/save_undo", *item_inputs[:3], name, "predict-undo", "")
+        assert refused["save status"].startswith("⚠️") and said in refused["save status"]
 
 
 def test_a_key_pressed_before_the_last_answer_came_back_is_refused_in_words_never_answered_as_another(review_app):
