@@ -438,8 +438,8 @@ def load_image(path: str | Path, max_side: int | None = MAX_DECODED_SIDE) -> Ima
             return shrink_image(image, max_side) if max_side else image
     except ImageError:
         raise
-    except IsADirectoryError as exc:  # a manifest row's empty image cell is its folder
-        raise ImageError(f"no image file: {path} is a folder (an empty image cell?)") from exc
+    except IsADirectoryError as exc:  # a manifest row's empty image cell is its folder (named, never its path)
+        raise ImageError(f"{name} is not a readable image (a folder, not a file: an empty image cell?)") from exc
     except FileNotFoundError as exc:
         web = " (an address on the web? images are read from files: download them and give their paths)" \
             if re.search(r"\b(https?|ftp|s3|gs):/", str(path)) else ""

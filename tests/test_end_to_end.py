@@ -210,7 +210,7 @@ def test_predict_command_on_a_spreadsheets_manifest_says_what_is_wrong(small_che
     assert predict.main([*checkpoint, "--manifest", str(no_photo), "--skip-unreadable", "--out", str(skipped)]) == 0
     assert [row["id"] for row in read_manifest(skipped)] == [rows[0]["article_id"], "42",
                                                             *[r["article_id"] for r in rows[1:]]]
-    assert "no image file" in (error := read_manifest(skipped)[1]["error"]) and "empty image cell" in error
+    assert "is not a readable image (a folder, not a file: an empty image cell?)" in read_manifest(skipped)[1]["error"]
     web = tmp_path / "web.csv"
     web.write_text("\n".join([lines[0], "43,https://example.com/shirt.jpg,A shirt,Cotton"]) + "\n")
     assert predict.main([*checkpoint, "--manifest", str(web), "--out", str(tmp_path / "x.csv")]) == 2
