@@ -400,7 +400,9 @@ class LabelStore:
         """An annotator's name (`_name`) as the store already holds it where it differs only in the case
         of its ASCII letters: "Rita" typed on a phone (whose keyboard capitalises) is the "rita" of the
         laptop, one annotator for queues, undo, claims and agreement, not two. A name held as typed
-        stays itself (a store with both spellings from before keeps both)."""
+        stays itself (a store with both spellings from before keeps both). A write reads it under its
+        write lock (inside the transaction): the first saves of "Rita" and of "rita" at one instant each
+        found the other not held yet, and stored both."""
         name = _name(value, "annotator")
         if not name or name in self._held_annotators:
             return self._held_annotators.get(name, name)
@@ -467,9 +469,9 @@ class LabelStore:
         """
         prepared = _prepare(self.image_dir, image, text, labels, predictions, item_id, catalogue_labels,
                             base_versions, source, vocabulary if vocabulary is not None else classes)
-        annotator, checkpoint = self.held_annotator(annotator), _name(checkpoint, "checkpoint")
+        annotator, checkpoint = _name(annotator, "annotator"), _name(checkpoint, "checkpoint")
         with self._transaction("IMMEDIATE") as conn:
-            return _store(conn, prepared, annotator=annotator, checkpoint=checkpoint,
+            return _store(conn, prepared, annotator=self.held_annotator(annotator), checkpoint=checkpoint,
                           request_id=_key(request_id, "request_id"), source=source, vocabulary=vocabulary,
                           new_classes=new_classes, force=force, adjudicated=bool(adjudicated))
 
@@ -495,7 +497,7 @@ class LabelStore:
         differs (an auto-accept never replaces a label), else counted as decided (two bulk
         accepts at the same moment stored every label twice).
         """
-        batch_id, annotator, checkpoint = (_key(batch_id, "batch_id"), self.held_annotator(annotator),
+        batch_id, annotator, checkpoint = (_key(batch_id, "batch_id"), _name(annotator, "annotator"),
                                            _name(checkpoint, "checkpoint"))
         if not batch_id:
             raise LabelStoreError("a bulk accept needs a batch id, so that running it again stores no duplicate")
@@ -512,6 +514,7 @@ class LabelStore:
             raise LabelStoreError(f"items appear twice in the batch: {twice}")
         stored, already, conflicts, decided = 0, 0, [], 0
         with self._transaction("IMMEDIATE") as conn:
+            annotator = self.held_annotator(annotator)
             for record in prepared:
                 request_id = f"{batch_id}:{record.item_id}"
                 if _stored_request(conn, request_id, "label") is not None:
@@ -541,9 +544,10 @@ class LabelStore:
             raise LabelStoreError("a skip needs an item id and at least one task")
         for task in tasks:
             _check_length(task, "a task name", MAX_LABEL_CHARS)
-        annotator, checkpoint = self.held_annotator(annotator), _name(checkpoint, "checkpoint")
+        annotator, checkpoint = _name(annotator, "annotator"), _name(checkpoint, "checkpoint")
         request_id = _key(request_id, "request_id")
         with self._transaction("IMMEDIATE") as conn:
+            annotator = self.held_annotator(annotator)
             if (save_id := _stored_request(conn, request_id, "skip")) is not None:
                 return _save_result(conn, save_id, duplicate=True)
             if base_versions is not None:

@@ -350,6 +350,36 @@ def test_an_annotator_is_one_person_whatever_the_case_a_keyboard_gave_the_name(t
     assert store.history()[0]["annotator"] == "ben"
 
 
+def test_first_saves_of_two_spellings_at_one_instant_store_one_annotator(tmp_path):
+    """The name was matched before the save took the write lock: "Rita" (a phone) and "rita" (a laptop)
+    saving their first labels at one instant each found the other not held yet, and both were stored.
+    Another writer holds the lock while both saves start, so both wait on it with their names read."""
+    path = tmp_path / "labels.db"
+    phone, laptop = LabelStore(path), LabelStore(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    errors = []
+
+    def first_save(store: LabelStore, name: str, photo) -> None:
+        try:
+            store.save_correction(image=photo, text=name, labels={"colour": "Black"}, annotator=name)
+        except Exception as exc:  # reported below: an exception in a thread would pass unseen
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_save, args=(store, name, photo))
+               for store, name, photo in zip((phone, laptop), ("Rita", "rita"), PHOTOS)]
+    for thread in threads:
+        thread.start()
+    threading.Event().wait(1.0)  # both are waiting for the lock
+    holder.execute("COMMIT")
+    holder.close()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    names = [entry["annotator"] for entry in LabelStore(path).history()]
+    assert len(names) == 2 and len(set(names)) == 1, names
+
+
 def test_names_held_in_both_spellings_before_stay_two_annotators(tmp_path):
     store = LabelStore(tmp_path / "labels.db")
     for photo, name in zip(PHOTOS[:2], ("rita", "rita-too")):
