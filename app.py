@@ -1882,6 +1882,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
 
         demo.load(user_errors(restore), [*remembered.values(), shared.annotator, shared.model],
                   [shared.annotator, shared.model, tabs, *restored_outputs], api_visibility="private")
+
         def remember_tab(evt: gr.SelectData) -> str | None:
             return next((tab for tab, label in TABS.items() if label == evt.value), None)
 

@@ -272,8 +272,9 @@ class Catalogue:
         missing = [c for c in needed if c not in rows[0]]
         if missing:
             raise CatalogueError(f"manifest {config.manifest} lacks columns {missing}; it has {sorted(rows[0])}")
-        empty = [n for n, row in enumerate(rows, 1) if not str(row[config.image_column] or "").strip()]
-        if empty and photos_required:
+        empty = [n for n, row in enumerate(rows, 1) if not str(row[config.image_column] or "").strip()] \
+            if photos_required else []
+        if empty:
             ids = config.id_column if config.id_column in rows[0] else None
             named = ", ".join(f"{n}" + (f" (id {rows[n - 1][ids]!r})" if ids else "") for n in empty[:5])
             raise CatalogueError(f"manifest {config.manifest}: {len(empty)} row{'s' * (len(empty) > 1)} without an "

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -394,10 +394,10 @@ def open_for_prediction(config: CheckpointConfig, manifest: str | Path, photos_r
     return Catalogue.open(replace(config.catalogue_on(manifest), tasks=[]), photos_required=photos_required)
 
 
-def repeated_ids(catalogue: Catalogue) -> str:
+def repeated_ids(ids: Iterable[str]) -> str:
     """A note when ids repeat in a manifest (each row is predicted, but a join on the id is then
     ambiguous), else ""."""
-    counts = Counter(catalogue.item_ids())
+    counts = Counter(ids)
     repeated = [item_id for item_id, n in counts.items() if n > 1]
     if not repeated:
         return ""
@@ -479,12 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_checkpoint(args.checkpoint, device)
         if args.manifest:
             count = predictor.predict_manifest(args.manifest, args.out, args.batch_size, args.skip_unreadable)
-            if rank == 0 and (repeated := repeated_ids(open_for_prediction(predictor.config, args.manifest,
-                                                                           photos_required=False))):
-                print(repeated, file=sys.stderr)
             if rank == 0:
-                print(f"{count} predictions written to {args.out}" + (f" by {world} processes" if world > 1 else "")
-                      + _unreadable_count(args))
+                _say_written(args, count, f" by {world} processes" if world > 1 else "")
         elif args.image:
             print(json.dumps(predictor.predict(load_image(args.image), args.text).to_dict(), indent=2))
         else:
@@ -512,7 +508,7 @@ def _main_ray(args: argparse.Namespace) -> int:
     except (CMAClipError, OSError) as exc:
         print(_failure(exc, args), file=sys.stderr)
         return 2
-    print(f"{count} predictions written to {args.out} by Ray" + _unreadable_count(args))
+    _say_written(args, count, " by Ray")
     return 0
 
 
@@ -523,12 +519,15 @@ def _failure(exc: Exception, args: argparse.Namespace) -> str:
     return f"error: {exc}{hint}"
 
 
-def _unreadable_count(args: argparse.Namespace) -> str:
-    """With --skip-unreadable: how many rows of the output have an error (read back from it)."""
-    if not args.skip_unreadable:
-        return ""
-    errors = sum(1 for row in read_manifest(args.out) if row.get("error"))
-    return f"; {errors} unreadable images (their rows say why in the 'error' column)"
+def _say_written(args: argparse.Namespace, count: int, by: str) -> None:
+    """A finished manifest run's last lines, of its output read back once: the ids on several rows
+    (`repeated_ids`), then the count and, with --skip-unreadable, how many rows have an error."""
+    rows = read_manifest(args.out)
+    if repeated := repeated_ids(str(row["id"]) for row in rows):
+        print(repeated, file=sys.stderr)
+    errors = sum(1 for row in rows if row.get("error"))
+    print(f"{count} predictions written to {args.out}{by}" + (
+        f"; {errors} unreadable images (their rows say why in the 'error' column)" if args.skip_unreadable else ""))
 
 
 if __name__ == "__main__":

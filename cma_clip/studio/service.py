@@ -435,8 +435,9 @@ class Studio:
             name = self.display_names(model).get(long[0], long[0])
             raise StudioError(f"The {name} label is {len(labels[long[0]]):,} characters long; a label has at most "
                               f"{MAX_LABEL_CHARS}: nothing was saved.")
+        annotator = self._held(annotator)
         try:
-            result = self.store.save(image=image, text=text, labels=labels, annotator=self._held(annotator),
+            result = self.store.save(image=image, text=text, labels=labels, annotator=annotator,
                                      item_id=item_id, predictions=predictions, checkpoint=model,
                                      base_versions=base_versions, request_id=request_id, source="human",
                                      catalogue_labels=catalogue, vocabulary=self.task_classes(model),
@@ -446,7 +447,7 @@ class Studio:
                                new_classes=new_classes)
         except LabelConflict as exc:
             return SaveOutcome("conflict", item_id, labels, conflicts=exc.conflicts, request_id=request_id,
-                               new_classes=new_classes, annotator=self._held(annotator))
+                               new_classes=new_classes, annotator=annotator)
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
         predicted = {t: p["label"] for t, p in predictions.items()}
@@ -454,7 +455,7 @@ class Studio:
         rulings = {} if adjudicated else self.store.rulings(result.item_id)  # a label against one reopens the item
         return SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
-                           request_id=request_id, new_classes=new_classes, annotator=self._held(annotator),
+                           request_id=request_id, new_classes=new_classes, annotator=annotator,
                            catalogue={t: v for t, v in (catalogue or {}).items() if t in labels and not is_missing(v)},
                            against={t: r for t, r in rulings.items() if t in labels and labels[t] != r.label},
                            ruling=adjudicated)
@@ -945,18 +946,17 @@ class Studio:
         at its place (an item they decided themselves included), or the next item to review
         when someone else decided its item meanwhile or is on it; None when there is none,
         or its model is gone."""
-        saved = None
+        saved, annotator = None, self._held(annotator)
         if queue_id:
             saved = self.store.load_queue(queue_id)
-            if saved is not None and self._held(annotator) not in ("", saved.annotator):
+            if saved is not None and annotator not in ("", saved.annotator):
                 saved = None
-        if saved is None and self._held(annotator):
-            saved = self.store.latest_queue(self._held(annotator), model or None)
+        if saved is None and annotator:
+            saved = self.store.latest_queue(annotator, model or None)
         if saved is None or saved.model not in self.checkpoints:
             return None
         queue = ReviewQueue.from_payload(saved.queue_id, saved.model, saved.payload, saved.position, saved.view)
         queue.owner = saved.annotator
-        annotator = self._held(annotator)
         self.refresh(queue, annotator)
         item, owner = queue.current, annotator or saved.annotator
         states = self.store.item_state(item.item_id) if item is not None else {}
