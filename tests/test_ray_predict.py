@@ -176,6 +176,20 @@ def test_the_command_line_stops_at_an_unreadable_image_in_two_lines(local_ray, m
         "--skip-unreadable scores the other rows and names each unreadable image in an 'error' column"]
 
 
+def test_the_command_line_names_ids_on_several_rows_as_the_one_process_engine_does(local_ray, manifests, tmp_path,
+                                                                                    capfd):
+    """The note on repeated ids was the one-process engine's alone (it re-read the manifest for it)."""
+    lines = manifests["csv"].read_text().splitlines()
+    twice = manifests["csv"].with_name("twice.csv")  # beside the photos the manifest names
+    twice.write_text("\n".join([*lines, lines[1]]) + "\n")
+    first_id = read_manifest(twice)[0]["article_id"]
+    code = main(["--checkpoint", str(CHECKPOINT), "--manifest", str(twice), "--out", str(tmp_path / "p.jsonl"),
+                 "--engine", "ray", "--batch-size", "16"])
+    out, err = capfd.readouterr()
+    assert code == 0 and f"note: 1 id is on several rows (e.g. '{first_id}')" in err
+    assert f"{ITEMS + 1} predictions written to {tmp_path / 'p.jsonl'} by Ray" in out
+
+
 @pytest.mark.parametrize("layout", [OPTIONS, STAGED], ids=["model-actors-decode", "decode-stage"])
 def test_an_unreadable_image_skipped_gets_its_row_as_in_one_process(local_ray, manifests, tmp_path, layout):
     manifest = broken_manifest(manifests, tmp_path)
