@@ -206,8 +206,8 @@ UPSERT_CLAIM = "INSERT OR REPLACE INTO claims (annotator, item_id, expires_at) V
 OTHERS_CLAIMS = "SELECT item_id, annotator FROM claims WHERE annotator != ? AND expires_at > ?"
 RELEASE_CLAIM = "DELETE FROM claims WHERE annotator = ?"
 HELD_ANNOTATOR = ("SELECT annotator FROM (SELECT annotator, 0 AS q, id FROM corrections"
-                  " WHERE annotator = ? COLLATE NOCASE UNION ALL SELECT annotator, 1, 0 FROM queues"
-                  " WHERE annotator = ? COLLATE NOCASE) ORDER BY q, id LIMIT 1")
+                  " WHERE annotator = ? COLLATE NAME UNION ALL SELECT annotator, 1, 0 FROM queues"
+                  " WHERE annotator = ? COLLATE NAME) ORDER BY q, id LIMIT 1")
 
 BUSY_TIMEOUT_S = 30.0
 MAX_TEXT_CHARS = 20_000
@@ -398,7 +398,7 @@ class LabelStore:
 
     def held_annotator(self, value: object) -> str:
         """An annotator's name (`_name`) as the store already holds it where it differs only in the case
-        of its ASCII letters: "Rita" typed on a phone (whose keyboard capitalises) is the "rita" of the
+        of its letters (`name_key`): "Rita" typed on a phone (whose keyboard capitalises) is the "rita" of the
         laptop, one annotator for queues, undo, claims and agreement, not two. A name held as typed
         stays itself (a store with both spellings from before keeps both). A write reads it under its
         write lock (inside the transaction): the first saves of "Rita" and of "rita" at one instant each
@@ -425,6 +425,7 @@ class LabelStore:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.row_factory = sqlite3.Row
+            conn.create_collation("NAME", _compare_names)  # annotators' names, as `name_key` matches them
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
@@ -691,8 +692,8 @@ class LabelStore:
             raise LabelStoreError(f"source must be one of {tuple(AUDIT_SOURCES)}, not {source!r}")
         clauses, params = [] if source is None else [AUDIT_SOURCES[source]], []
         for column, value in (("d.task", task), ("c.annotator", annotator), ("d.status", status)):
-            if value is not None:  # an annotator in any case of its ASCII letters (`held_annotator`)
-                clauses.append(f"{column} = ?" + " COLLATE NOCASE" * (column == "c.annotator"))
+            if value is not None:  # an annotator in any case of its letters (`held_annotator`)
+                clauses.append(f"{column} = ?" + " COLLATE NAME" * (column == "c.annotator"))
                 params.append(value)
         if search:
             clauses.append("(" + " OR ".join(f"instr(lower(coalesce({c}, '')), lower(?))" for c in SEARCHED) + ")")
@@ -1471,6 +1472,17 @@ def _queue_position(position: Any) -> None:
 # ---------------------------------------------------------------------------- validation
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def name_key(name: str) -> str:
+    """What two spellings of one annotator share: "Émile" from a phone's keyboard and "émile" from a
+    laptop's (SQLite's NOCASE folds ASCII letters only), composed or not."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _compare_names(a: str, b: str) -> int:
+    a, b = name_key(a), name_key(b)
+    return (a > b) - (a < b)
 
 
 def _name(value: object, field: str) -> str:

@@ -350,6 +350,20 @@ def test_an_annotator_is_one_person_whatever_the_case_a_keyboard_gave_the_name(t
     assert store.history()[0]["annotator"] == "ben"
 
 
+def test_a_name_with_letters_beyond_ascii_is_one_annotator_in_any_case_and_form(tmp_path):
+    """SQLite's NOCASE folds ASCII letters only: a phone's "Émile" and a laptop's "émile" were two
+    annotators, as were "Øyvind" and "øyvind"; a decomposed "é" (typed on some keyboards) too."""
+    store = LabelStore(tmp_path / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="tights", labels={"colour": "Black"}, annotator="émile")
+    store.save_correction(image=PHOTOS[1], text="socks", labels={"colour": "Red"}, annotator="Émile")
+    store.save_correction(image=PHOTOS[2], text="cap", labels={"colour": "Blue"}, annotator="E\u0301mile")
+    assert [entry["annotator"] for entry in store.history()] == ["émile"] * 3
+    rows, total = store.audit(annotator="ÉMILE")
+    assert total == len(rows) == 3
+    store.save_queue("q1", "øyvind", "hm", {"items": []}, 0)
+    assert store.latest_queue("Øyvind").queue_id == "q1"
+
+
 def test_first_saves_of_two_spellings_at_one_instant_store_one_annotator(tmp_path):
     """The name was matched before the save took the write lock: "Rita" (a phone) and "rita" (a laptop)
     saving their first labels at one instant each found the other not held yet, and both were stored.

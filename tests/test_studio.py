@@ -155,10 +155,11 @@ def test_a_correction_saved_without_a_prediction_stores_the_models(studio):
 
 def test_a_reviewer_is_one_whatever_the_case_of_the_typed_name(checkpoint_dir, tmp_path):
     """QA phone labeler, session 38: CMA_CLIP_REVIEWERS=rita, and "Rita" (a phone's keyboard) was refused."""
-    studio = Studio(checkpoint_dir, data_dir=tmp_path / "studio", device="cpu", reviewers=["rita"])
-    with pytest.raises(StudioError, match="No disagreement to settle"):  # let in: there is nothing to settle yet
-        studio.review_disagreements("hm-articles", None, 5, annotator="Rita")
-    with pytest.raises(StudioError, match=r"Settling disagreements is for the reviewers \(rita\), and ben"):
+    studio = Studio(checkpoint_dir, data_dir=tmp_path / "studio", device="cpu", reviewers=["rita", "émile"])
+    for name in ("Rita", "Émile", "E\u0301mile"):  # a decomposed "É" too (some keyboards type it so)
+        with pytest.raises(StudioError, match="No disagreement to settle"):  # let in: there is nothing to settle yet
+            studio.review_disagreements("hm-articles", None, 5, annotator=name)
+    with pytest.raises(StudioError, match=r"Settling disagreements is for the reviewers \(rita, émile\), and ben"):
         studio.review_disagreements("hm-articles", None, 5, annotator="ben")
 
 

@@ -33,8 +33,8 @@ from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, Ca
                     default_data_root, is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import (JOINERS, MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore,
-                      LabelStoreError, TaskState, UnknownLabel, agreement_file, content_item_id, request_reused,
-                      tidy_label, without_invisibles)
+                      LabelStoreError, TaskState, UnknownLabel, agreement_file, content_item_id, name_key,
+                      request_reused, tidy_label, without_invisibles)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -1271,7 +1271,7 @@ class Studio:
     def _reviewer(self, annotator: str | None) -> None:
         """Refuse an annotator who may not settle disagreements: one not among the `reviewers`, when some are named."""
         name = annotator.strip() if isinstance(annotator, str) else ""
-        if self.reviewers and name.casefold() not in {reviewer.casefold() for reviewer in self.reviewers}:
+        if self.reviewers and name_key(name) not in {name_key(reviewer) for reviewer in self.reviewers}:
             raise StudioError(f"Settling disagreements is for the reviewers ({', '.join(sorted(self.reviewers))}), "
                               f"and {name or 'an annotator without a name'} is not one of them: label in the other "
                               "queues, and a reviewer will settle what annotators disagree on.")
