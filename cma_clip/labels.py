@@ -426,6 +426,7 @@ class LabelStore:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.create_collation("NAME", _compare_names)  # annotators' names, as `name_key` matches them
+            conn.create_function("FOLD", 1, lambda text: name_key(str(text)), deterministic=True)
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
@@ -684,8 +685,8 @@ class LabelStore:
         """One page of decisions, newest first, and how many match: each with its label and
         status, who (`source`: human, auto or adjudication), when, the checkpoint, the model's prediction and
         the catalogue's label, and whether the label differs from them (None: nothing to
-        compare). `search` matches a part of the item id, label, annotator or text (ASCII
-        letters ignore case)."""
+        compare). `search` matches a part of the item id, label, annotator or text in any case
+        (`name_key`)."""
         if status is not None and status not in STATUSES:
             raise LabelStoreError(f"status must be one of {STATUSES}, not {status!r}")
         if source is not None and source not in AUDIT_SOURCES:
@@ -695,8 +696,9 @@ class LabelStore:
             if value is not None:  # an annotator in any case of its letters (`held_annotator`)
                 clauses.append(f"{column} = ?" + " COLLATE NAME" * (column == "c.annotator"))
                 params.append(value)
-        if search:
-            clauses.append("(" + " OR ".join(f"instr(lower(coalesce({c}, '')), lower(?))" for c in SEARCHED) + ")")
+        if search:  # SQLite's lower() folds ASCII letters only: the fast path for an ASCII search, FOLD (4 x slower)
+            fold = "lower" if search.isascii() else "FOLD"  # for "ÜNÏ" to find "ünï"
+            clauses.append("(" + " OR ".join(f"instr({fold}(coalesce({c}, '')), {fold}(?))" for c in SEARCHED) + ")")
             params += [search] * len(SEARCHED)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._transaction() as conn:

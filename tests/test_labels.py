@@ -360,6 +360,9 @@ def test_a_name_with_letters_beyond_ascii_is_one_annotator_in_any_case_and_form(
     assert [entry["annotator"] for entry in store.history()] == ["émile"] * 3
     rows, total = store.audit(annotator="ÉMILE")
     assert total == len(rows) == 3
+    assert store.audit(search="ÉMIL")[1] == 3 and store.audit(search="E\u0301MIL")[1] == 3  # a search folds so too
+    store.save_correction(image=PHOTOS[0], text="Écharpe ünïcødé", labels={"colour": "Rouge"}, annotator="ben")
+    assert store.audit(search="ÜNÏ")[1] == 1 and store.audit(search="écharpe")[1] == 1
     store.save_queue("q1", "øyvind", "hm", {"items": []}, 0)
     assert store.latest_queue("Øyvind").queue_id == "q1"
 
