@@ -166,6 +166,13 @@ window.fetch = async (...args) => {
 CACHE_RETENTION = (3600, 86400)
 # Before a save: an empty Annotator box (at the top of the page) is scrolled into view, where its message shows,
 # and takes the focus, so the name can be typed at once (a keyboard labeler's focus was left on the page's body).
+# The audit's Page box as a page: 0, a fraction or nothing is read as the nearest page from 1 (as a page past the
+# end shows the last); Gradio refused them before the search ran, with an error badge over the table (QA, s39).
+AUDIT_PAGE_JS = """(...args) => {
+  const page = Math.round(Number(args[args.length - 1]));
+  args[args.length - 1] = page >= 1 ? page : 1;
+  return args;
+}"""
 SCROLL_TO_ANNOTATOR = """(...args) => {
   const box = document.querySelector('#annotator textarea, #annotator input');
   if (box && !box.value.trim()) { box.scrollIntoView({block: 'center'}); box.focus({preventScroll: true}); }
@@ -1698,6 +1705,7 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                                       elem_id="audit-search")
             audit_page = gr.Number(1, precision=0, minimum=1, label="Page", elem_id="audit-page")
             audit_button = gr.Button("Search", elem_id="audit-run")
+        api_audit = gr.Button(visible=False)  # /audit: its errors as errors
         audit_summary = gr.Markdown(label="audit summary", elem_id="audit-summary")
         audit_table = gr.Dataframe(headers=views.AUDIT_HEADERS, interactive=False, wrap=True, elem_id="audit",
                                    max_height=520, column_widths=views.AUDIT_WIDTHS)
@@ -1737,9 +1745,11 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     f"{shown_path(studio.store.path)} --out checkpoints/NEW` (or `--extra-labels` the export you "
                     "downloaded), then restart the app: it lists the checkpoints it found when it started.")
 
-    @user_errors
     def audit(task_name, annotator_name, status_name, source_name, search, page):
-        """One page of the audit, filtered by task, annotator, status and source, and searched."""
+        """One page of the audit, filtered by task, annotator, status and source, and searched. On screen a
+        refused filter (page 0, a task no decision names) is said in the summary, and the table and the filters
+        keep what they showed (an error put a badge over them, the Page box could not be typed in, and the
+        summary above still counted the last search: QA team lead, session 39)."""
         rows, total, page = studio.audit(task_name, annotator_name, status_name, source_name, search, page or 1)
         return {audit_table: views.audit_rows(rows, names), audit_summary: views.audit_summary(total, page, AUDIT_PAGE),
                 audit_page: page}
@@ -1773,18 +1783,21 @@ def history_tab(studio: Studio, shared: Shared) -> None:
         except (hub.HubError, StudioError) as exc:
             return f"Not pushed: {views.plain(exc)}"
 
-    audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]
+    audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]  # page last
     audit_outputs = [audit_table, audit_summary, audit_page]
     # the public events first: a private one named after the same function would take its API name
-    audit_button.click(audit, audit_inputs, audit_outputs, api_name="audit")
+    shown_audit = errors_in(audit_summary)(audit)
+    audit_button.click(shown_audit, audit_inputs, audit_outputs, api_name="audit_shown", api_visibility="private",
+                       js=AUDIT_PAGE_JS)
+    api_audit.click(user_errors(audit), audit_inputs, audit_outputs, api_name="audit")
     history_button.click(item_history, history_item, item_table, api_name="item_history")
     agreement_button.click(agreement, None, agreement_table, api_name="agreement")
     refresh.click(shared.history_rows, None, shared.history, api_name="history")
-    tab.select(audit, audit_inputs, audit_outputs, api_visibility="private").then(
+    tab.select(shown_audit, audit_inputs, audit_outputs, api_visibility="private", js=AUDIT_PAGE_JS).then(
         agreement, None, agreement_table, api_visibility="private").then(
         shared.history_rows, None, shared.history, api_visibility="private")
     for box in (audit_annotator, audit_search):
-        box.submit(audit, audit_inputs, audit_outputs, api_visibility="private")
+        box.submit(shown_audit, audit_inputs, audit_outputs, api_visibility="private", js=AUDIT_PAGE_JS)
     history_item.submit(item_history, history_item, item_table, api_visibility="private")
     export_button.click(export_labels, export_format, export_file, api_name="export_labels").success(
         agreement_beside, export_file, agreement_json, api_visibility="private")
