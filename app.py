@@ -1605,6 +1605,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
             sweep_size = gr.Number(value=40, precision=0, minimum=1, maximum=MAX_SWEEP_ITEMS, label="Items")
             batch_sweep_button = gr.Button("Run batch sweep")
             stop_sweep_button = gr.Button("Stop", variant="stop", scale=0, elem_id="stop-sweep")
+        batch_status = gr.Markdown(elem_id="batch-sweep-status")  # a Stop said where it was pressed
+        api_batch = gr.Button(visible=False)  # /sweep_catalogue: a stop as a notice and no plot
         batch_plot = gr.Plot(label="Accuracy per task and its mean against severity", elem_id="batch-sweep",
                              elem_classes=["chart"])
         batch_csv = gr.File(label="The numbers (CSV)")
@@ -1640,26 +1642,47 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         return {item_sweep_plot: item_sweep_figure(sweep.confidence, sweep.image_weight,
                                                    studio.display_names(model_name), sweep.corruptions)}
 
-    @user_errors
     def sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, request: gr.Request,
                         progress=gr.Progress()):
+        """The batch sweep's plot, titled with what it swept, and its CSV; SweepStopped when stopped. On screen a
+        stop is said under the buttons and the plot before stays (it threw both away: QA researcher, s39)."""
         def progress_unless_cancelled(fraction: float, step: str) -> None:
             if event_ended():  # a client's job.cancel(): Gradio ends the event, not the thread running it
                 raise SweepStopped("The batch sweep's client cancelled it.")
             progress(fraction, step)
 
-        try:
-            rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value,
-                                                progress_unless_cancelled, session=request.session_hash)
-        except SweepStopped as exc:  # the user's own stop: a notice, not an error
-            gr.Warning(html.escape(str(exc)))
-            return {batch_plot: None, batch_csv: None}
-        return {batch_plot: catalogue_sweep_figure(rows, names=studio.display_names(model_name)),
+        rows, path = studio.catalogue_sweep(model_name, items, i_noise, t_noise, seed_value,
+                                            progress_unless_cancelled, session=request.session_hash)
+        swept = next(row for row in rows if row["task"] == "mean")
+        title = f"{model_name}: {swept['n']} test items, seed {swept['seed']}"
+        return {batch_plot: catalogue_sweep_figure(rows, names=studio.display_names(model_name), title=title),
                 batch_csv: str(path)}
 
-    def stop_sweep(request: gr.Request) -> None:
-        """Stop this page's batch sweep (an API client's: from the same Client) after its current batch."""
+    @user_errors
+    def sweep_catalogue_api(model_name, items, i_noise, t_noise, seed_value, request: gr.Request,
+                            progress=gr.Progress()):
+        try:
+            return sweep_catalogue(model_name, items, i_noise, t_noise, seed_value, request, progress)
+        except SweepStopped as exc:  # the client's own stop: a notice, not an error
+            gr.Warning(html.escape(str(exc)))
+            return {batch_plot: None, batch_csv: None}
+
+    def stop_sweep(request: gr.Request) -> str:
+        """Stop this page's batch sweep (an API client's: from the same Client) after its current batch; what
+        it did (a Stop said nothing, even with no sweep running: QA researcher, s39)."""
+        if studio.stop_sweep(request.session_hash):
+            return "Stopping the batch sweep after its current batch…"
+        return "No batch sweep of this page is running."
+
+    def stop_on_leave(request: gr.Request) -> None:
+        """A closed or reloaded page's batch sweep stops too (`demo.unload`: no output to say it in)."""
         studio.stop_sweep(request.session_hash)
+
+    def forget_probe() -> dict:
+        """Another item or model: the probe's and the item sweep's results were of the one before, unsaid."""
+        return {probe_json: None, probe_table: None, clean_heat: None, noisy_heat: None, shift_plot: None,
+                noisy_text: "", probe_note: "", probe_state: None, probe_task: gr.update(choices=[], value=None),
+                item_sweep_plot: None, status: ""}
 
     probe_inputs = [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed]
     probe_outputs = [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
@@ -1675,13 +1698,18 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
     sweep_button.click(errors_in(status)(sweep_item), sweep_inputs, [item_sweep_plot, status],
                        api_name="sweep_item_shown", api_visibility="private")
     api_sweep.click(user_errors(sweep_item), sweep_inputs, item_sweep_plot, api_name="sweep_item")
-    image.change(lambda: "", None, status, api_visibility="private")  # another item: the refusal no longer applies
-    batch_sweep_button.click(sweep_catalogue, [shared.model, sweep_size, image_noise, text_noise, seed],
-                             [batch_plot, batch_csv], api_name="sweep_catalogue")
+    for source in (image, text, shared.model):  # another item or model: its results, and a refusal, no longer apply
+        source.change(forget_probe, None, [*probe_outputs, item_sweep_plot, status], api_visibility="private",
+                      show_progress="hidden")
+    batch_inputs = [shared.model, sweep_size, image_noise, text_noise, seed]
+    api_batch.click(sweep_catalogue_api, batch_inputs, [batch_plot, batch_csv], api_name="sweep_catalogue")
+    batch_sweep_button.click(errors_in(batch_status)(sweep_catalogue), batch_inputs,
+                             [batch_plot, batch_csv, batch_status], api_name="sweep_catalogue_shown",
+                             api_visibility="private")
     # not behind the queue's busy workers (a sweep may be one of them)
-    stop_sweep_button.click(stop_sweep, None, None, api_name="stop_sweep", concurrency_limit=None,
+    stop_sweep_button.click(stop_sweep, None, batch_status, api_name="stop_sweep", concurrency_limit=None,
                             show_progress="hidden")
-    return stop_sweep
+    return stop_on_leave
 
 
 def history_tab(studio: Studio, shared: Shared) -> None:
@@ -1874,11 +1902,11 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
         with gr.Tabs() as tabs:
             image, text = predict_tab(studio, shared)
             panel, restore_queue, restored_outputs = review_tab(studio, shared)
-            stop_sweep = robustness_tab(studio, shared, image, text)
+            stop_on_leave = robustness_tab(studio, shared, image, text)
             history_tab(studio, shared)
         tasks_api(studio)
         typed_inputs(demo)
-        demo.unload(stop_sweep)  # a closed or reloaded tab's batch sweep stops too
+        demo.unload(stop_on_leave)
 
         def restore(annotator_name, model_name, queue_id, tab, typed_name, chosen_model):
             """What this browser had before the reload: the annotator, the model, the queue and the tab

@@ -87,7 +87,8 @@ def text_noise_notes(predictor: Predictor, text: str, text_noise: str | None, se
     if not _active(text_noise):
         return []
     if not text.strip():
-        return ["There is no text to corrupt: the text noise changes nothing (flat text curves)."]
+        curves = " (flat text curves)" if len(severities) > 1 else ""  # a sweep's; a probe draws none
+        return [f"There is no text to corrupt: the text noise changes nothing{curves}."]
     if severities and all(corrupt_text(text, text_noise, s, seed) == " ".join(text.split()) for s in severities):
         return [f"This text is too short for {text_noise} to change it"  # a flat curve read as robustness
                 f"{' at any severity' if len(severities) > 1 else ''}: the noisy text is the clean one."]

@@ -186,10 +186,11 @@ def png_data_url(image: Image.Image) -> str:
 
 def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabels: dict[str, str],
                      names: dict[str, str] | None, emphasis: str | None = None,
-                     corruptions: dict[str, str] | None = None) -> Figure:
+                     corruptions: dict[str, str] | None = None, title: str | None = None) -> Figure:
     """A row of subplots per entry of `panels` (row -> mode -> line -> values at severities 0..5), a
-    column per noise mode titled with its corruption ("image noise: blur"), one shared legend under
-    them (tasks by their `names`)."""
+    column per noise mode titled with its corruption ("image noise: blur", wrapped to the panel), one
+    shared legend under them (tasks by their `names`), from the left edge: a phone shows the figure
+    at its width and scrolls it sideways, and a centred legend was never whole beside a panel."""
     rows = list(panels)
     modes = list(next(iter(panels.values()))) or ["no noise chosen"]
     fig, axes = plt.subplots(len(rows), len(modes), figsize=(3.4 * len(modes) + 0.8, 3.0 * len(rows) + 1.2),
@@ -202,8 +203,8 @@ def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabe
                 ax.plot(range(len(values)), values, marker="o", markersize=4 if bold else 3,
                         linewidth=3 if bold else 1.4, color="black" if bold else None, zorder=3 if bold else 2,
                         label=(names or {}).get(line, line))
-            title = f"{mode} noise" + (f": {corruptions[mode]}" if mode in (corruptions or {}) else "")
-            ax.set_title(title if mode in panels[row] else mode, fontsize=FONT)
+            named = f"{mode} noise" + (f": {corruptions[mode]}" if mode in (corruptions or {}) else "")
+            ax.set_title(textwrap.fill(named if mode in panels[row] else mode, 34), fontsize=FONT)
             ax.set_xlabel("severity" if r == len(rows) - 1 else "", fontsize=FONT - 1)
             ax.set_xticks(range(6))
             ax.set_ylim(0, 1.02)
@@ -213,7 +214,10 @@ def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabe
     handles, labels = axes[0][0].get_legend_handles_labels()
     columns = 2 if len(modes) == 1 else 3
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False, fontsize=FONT - 1)
+        fig.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.01, 0), ncol=columns, frameon=False,
+                   fontsize=FONT - 1)
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
     legend_rows = (len(labels) + columns - 1) // columns
     fig.tight_layout(rect=(0, min(0.45, 0.32 * legend_rows / fig.get_figheight()), 1, 1))
     plt.close(fig)
@@ -232,10 +236,10 @@ def item_sweep_figure(sweep: dict[str, dict[str, list[float]]],
                             corruptions=corruptions)
 
 
-def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: dict[str, str] | None = None
-                           ) -> Figure:
+def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: dict[str, str] | None = None,
+                           title: str | None = None) -> Figure:
     """`metric` against severity, one subplot per noise mode (titled with the rows' corruption): a line
-    per task and their mean (bold)."""
+    per task and their mean (bold); `title` says what was swept (the app: the model, items and seed)."""
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     corruptions = {row["mode"]: row["corruption"] for row in rows if row.get("corruption")}
     for row in rows:
@@ -244,7 +248,7 @@ def catalogue_sweep_figure(rows: list[dict], metric: str = "accuracy", names: di
     by_mode = {mode: {task: [v for _, v in sorted(points)] for task, points in tasks.items()}
                for mode, tasks in curves.items()}
     return _severity_panels({metric: by_mode}, {metric: metric}, {"mean": "mean over tasks", **(names or {})},
-                            emphasis="mean", corruptions=corruptions)
+                            emphasis="mean", corruptions=corruptions, title=title)
 
 
 def modality_shift_chart(clean: dict[str, float], noisy: dict[str, float], axis: str = "image-side weight"

@@ -95,10 +95,11 @@ def test_a_batch_sweep_stops_when_asked(running_app):
             break
         time.sleep(0.2)
     assert status.progress_data, "the sweep never reported progress"
-    Client(running_app[0], verbose=False).predict(api_name="/stop_sweep")  # another session's stop: not this sweep
+    other = Client(running_app[0], verbose=False).predict(api_name="/stop_sweep")  # another session's: not this sweep
+    assert other == "No batch sweep of this page is running."
     time.sleep(1)
     assert not job.done()
-    client.predict(api_name="/stop_sweep")
+    assert client.predict(api_name="/stop_sweep") == "Stopping the batch sweep after its current batch…"
     plot, csv_file = job.result(timeout=120)  # ended early, with a notice: nothing to show
     assert plot is None and csv_file is None
     assert not list((studio.data_dir / "sweeps").glob("*-300-items-*"))

@@ -210,6 +210,16 @@ def test_robustness_view_shows_clean_and_noisy(page):
     expect(page.locator("#probe-table")).to_contain_text("Perceived colour", timeout=60_000)
     expect(page.locator("#noisy-heatmap img")).to_be_visible(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-robustness.png"), full_page=True)
+    # Stop says what it did (it said nothing, even with no sweep running: QA researcher, session 39)
+    page.locator("#stop-sweep").click()
+    expect(page.locator("#batch-sweep-status")).to_contain_text("No batch sweep of this page is running",
+                                                                timeout=30_000)
+    # another item: the probe's results were the last item's, shown as this one's
+    page.get_by_role("tab", name="Predict").click()
+    page.locator("#input-text textarea").fill("Another item's text")
+    page.get_by_role("tab", name="Robustness").click()
+    expect(page.locator("#probe-table")).not_to_contain_text("Perceived colour", timeout=30_000)
+    expect(page.locator("#noisy-heatmap img")).to_have_count(0)
 
 
 def test_html_in_text_labels_and_manifests_is_shown_as_text_never_run(running_app, page, tmp_path):

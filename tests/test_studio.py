@@ -12,7 +12,7 @@ from PIL import Image
 
 from cma_clip.data import Catalogue, read_manifest
 from cma_clip.studio import Studio, StudioError, clean_text, views
-from cma_clip.studio.service import default_reviewers
+from cma_clip.studio.service import SweepStopped, default_reviewers
 from cma_clip.studio.views import history_rows, modality_figure, prediction_rows, review_progress
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, HM, hm_rows, write_hm_manifest
 from test_viz import bar_shares
@@ -432,6 +432,26 @@ def test_the_long_steps_report_to_a_falsy_progress_bar(studio, monkeypatch):
     assert len(accepting.reports) == 5 and "10" in accepting.reports[-1], accepting.reports
     studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0, progress=sweeping)
     assert sweeping.reports, sweeping.reports
+
+
+def test_a_stop_during_a_sweeps_last_batch_keeps_the_finished_sweep(studio):
+    """QA researcher, session 39: Stop pressed while the last batch ran threw the finished sweep away as
+    "stopped at 100%"; one pressed before it stops the sweep."""
+    session = "page-1"
+
+    def stop_at(at: float):
+        def progress(fraction: float, step: str) -> None:
+            if fraction >= at:
+                studio.stop_sweep(session)
+        return progress
+
+    # one batch of 4 items, clean then 5 severities: 6 reports; the stop comes with the fifth, before the last batch
+    rows, path = studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0, progress=stop_at(5 / 6),
+                                        session=session)
+    assert path.is_file() and {row["severity"] for row in rows} == set(range(6))
+    with pytest.raises(SweepStopped, match="stopped at 67%"):
+        studio.catalogue_sweep("hm-articles", 4, "none", "truncation", seed=0, progress=stop_at(0.5),
+                               session=session)
 
 
 def test_an_open_queue_re_sorts_and_re_filters_in_memory(studio, monkeypatch):

@@ -1349,7 +1349,7 @@ class Studio:
         stop = threading.Event()
 
         def report(fraction: float, step: str) -> None:
-            if stop.is_set():
+            if stop.is_set() and fraction < 1:  # at 1 every batch ran: a Stop during the last one keeps them
                 raise SweepStopped(f"Batch sweep stopped at {fraction:.0%}: a stopped sweep keeps no plot or CSV.")
             if progress is not None:
                 progress(fraction, step)
