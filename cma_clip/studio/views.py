@@ -30,9 +30,10 @@ PREDICTION_HEADERS = ["task", "prediction", "confidence", "auto-accept (threshol
 # Column widths in pixels, not shares: a table keeps readable columns and scrolls inside its box on a
 # phone (shares of a 412 px screen left "pending" a few letters a line).
 PREDICTION_WIDTHS = ["130px", "130px", "100px", "170px", "210px"]
-PROBE_HEADERS = ["task", "clean", "clean conf.", "noisy", "noisy conf.", "clean label's conf. change", "label",
-                 "image-side weight clean", "image-side weight noisy"]
-PROBE_WIDTHS = ["130px", "120px", "90px", "120px", "90px", "100px", "90px", "100px", "100px"]
+# clean and noisy side by side, each label with its confidence: a phone shows the task and both (nine columns
+# showed only the clean ones there: QA researcher, session 39)
+PROBE_HEADERS = ["task", "clean", "noisy", "clean label's conf. change", "image-side weight clean → noisy"]
+PROBE_WIDTHS = ["110px", "120px", "140px", "100px", "110px"]
 NO_TEXT_NOTE = ("**No text: the prediction rests on the image only** (its modality weights are all on the image), "
                 "and nothing is auto-accepted: the thresholds hold 90% precision for items with a text; without "
                 "one, the auto-accepted validation items of the shipped models reached only 70% (fashion) to 88% "
@@ -828,17 +829,19 @@ def probe_summary(result: Probe) -> dict:
 
 
 def probe_rows(result: Probe) -> list[list]:
-    """Per task: task, clean label and confidence, noisy label and confidence, the change in the
-    confidence in the clean label (percentage points: as the item sweep plots it, so a flipped label
-    shows how far its probability fell), "changed"/"same", and the image modality weight clean and noisy."""
+    """Per task: task, "clean label · confidence", "noisy label · confidence" (and "(changed)" when it
+    differs), the change in the confidence in the clean label (percentage points: as the item sweep
+    plots it, so a flipped label shows how far its probability fell), and the image modality weight
+    clean → noisy."""
     rows = []
     for task, clean in result.clean.tasks.items():
         noisy = result.noisy.tasks[task]
         change = round(100 * (result.clean_label_kept[task] - clean.confidence))
-        rows.append([task_name(task, clean), clean.label, percent(clean.confidence), noisy.label,
-                     percent(noisy.confidence), f"{change:+d} pts".replace("-", "−"),
-                     "changed" if noisy.label != clean.label else "same",
-                     percent(clean.image_weight), percent(noisy.image_weight)])
+        rows.append([task_name(task, clean), f"{clean.label} · {percent(clean.confidence)}",
+                     f"{noisy.label} · {percent(noisy.confidence)}" + (" (changed)" if noisy.label != clean.label
+                                                                       else ""),
+                     f"{change:+d} pts".replace("-", "−"),
+                     f"{percent(clean.image_weight)} → {percent(noisy.image_weight)}"])
     return rows
 
 
