@@ -505,10 +505,10 @@ def _main_ray(args: argparse.Namespace) -> int:
                          skip_unreadable=args.skip_unreadable)
     try:
         count = predict_manifest_ray(args.checkpoint, args.manifest, args.out, options)
+        _say_written(args, count, " by Ray")
     except (CMAClipError, OSError) as exc:
         print(_failure(exc, args), file=sys.stderr)
         return 2
-    _say_written(args, count, " by Ray")
     return 0
 
 

@@ -52,7 +52,9 @@ def test_probe_endpoint_compares_clean_and_noisy(client, running_app):
     names = read_config(running_app[1].checkpoints["hm-articles"]).display_names
     for (task, clean), row in zip(summary["clean"].items(), rows["data"]):  # the JSON keeps the column names,
         assert row[0] == names[task]  # the table shows the task's name
-        assert row[1] == clean["label"] and row[3] == summary["noisy"][task]["label"]
+        noisy = summary["noisy"][task]["label"]  # each label with its confidence, "(changed)" after a new one
+        assert row[1].startswith(f"{clean['label']} · ") and row[2].startswith(f"{noisy} · ")
+        assert row[2].endswith(" (changed)") == (noisy != clean["label"])
     # severity 0 on both inputs is the clean prediction
     same, *_ = client.predict(handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, "hm-articles",
                               "blur", 0, "typos", 0, 0, api_name="/probe")

@@ -5,6 +5,7 @@ import signal
 import sqlite3
 import threading
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import pytest
@@ -395,6 +396,30 @@ def test_first_saves_of_two_spellings_at_one_instant_store_one_annotator(tmp_pat
     assert not errors
     names = [entry["annotator"] for entry in LabelStore(path).history()]
     assert len(names) == 2 and len(set(names)) == 1, names
+
+
+@pytest.mark.parametrize("write", ["queue", "claim", "undo"])
+def test_a_name_is_matched_under_the_write_lock_by_every_write(tmp_path, write):
+    """Review of session 39: a queue and a claim took the spelling before the lock. The laptop's first
+    save of "rita" commits just before the tablet's write of "RITA" takes the lock: it is "rita"'s."""
+    laptop, tablet = LabelStore(tmp_path / "labels.db"), LabelStore(tmp_path / "labels.db")
+    lock = tablet._transaction
+
+    @contextmanager
+    def laptop_saves_first(mode=""):
+        laptop.save_correction(image=PHOTOS[0], text="tights", labels={"colour": "Black"}, annotator="rita")
+        with lock(mode) as conn:
+            yield conn
+
+    tablet._transaction = laptop_saves_first
+    if write == "queue":
+        assert tablet.save_queue("q1", "RITA", "hm", {"items": []}, 0).annotator == "rita"
+        assert laptop.latest_queue("rita").queue_id == "q1"
+    elif write == "claim":
+        tablet.claim("item-1", "RITA")
+        assert laptop.claims("rita") == {} and laptop.claims("ben") == {"item-1": "rita"}
+    else:  # the undo reverts rita's newest decision, the laptop's (it found "nothing to undo" for "RITA")
+        assert tablet.undo("RITA").item_id == content_item_id(PHOTOS[0], "tights")
 
 
 def test_names_held_in_both_spellings_before_stay_two_annotators(tmp_path):
