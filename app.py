@@ -928,12 +928,12 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     def labels_by_task(model_name: str, labels: list) -> dict:
         return labels_in_slots(list(studio.task_classes(model_name)), labels, f"{model_name} has")
 
-    @user_errors
     def save_label(image_path, text_value, model_name, annotator_name, item, *rest):
         """Save the labels (one per task of the model, in order) of the item on screen: checked
         against the labels saved since it was predicted and the task's classes; a request id
         already stored stores nothing. The last input, optional for API clients, is the item
-        whose labels the controls show."""
+        whose labels the controls show. On screen a refusal is said in the save's line (an error put a
+        badge over each correction control: a new photo saved before Predict, QA s39)."""
         *labels, rid, seen, result, controls_item = rest
         outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item,
                                    labels_by_task(model_name, labels), shown_of(seen), request_id=rid,
@@ -1039,9 +1039,9 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return [fine, fine, fine, gr.validate(named, "Enter your name here to save: every decision is saved "
                                                      "under it."), *[fine for _ in rest]]
 
-    save_button.click(save_label, save_inputs, save_outputs, validator=check_save, js=SCROLL_TO_ANNOTATOR,
-                      api_name="save_label_checked", api_visibility="private")
-    api_save.click(save_label, save_inputs, save_outputs, api_name="save_label")
+    save_button.click(errors_in(save_status)(save_label), save_inputs, save_outputs, validator=check_save,
+                      js=SCROLL_TO_ANNOTATOR, api_name="save_label_checked", api_visibility="private")
+    api_save.click(user_errors(save_label), save_inputs, save_outputs, api_name="save_label")
     undo_button.click(undo_save, [*item_inputs, request_id, shown, prediction_state], save_outputs,
                       js=SCROLL_TO_ANNOTATOR, api_name="save_undo")
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),

@@ -217,7 +217,7 @@ def _severity_panels(panels: dict[str, dict[str, dict[str, list[float]]]], ylabe
         fig.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.01, 0), ncol=columns, frameon=False,
                    fontsize=FONT - 1)
     if title:
-        fig.suptitle(title, fontsize=FONT + 1)
+        fig.suptitle(title, x=0.01, ha="left", fontsize=FONT + 1)  # from the left edge, as the legend
     legend_rows = (len(labels) + columns - 1) // columns
     fig.tight_layout(rect=(0, min(0.45, 0.32 * legend_rows / fig.get_figheight()), 1, 1))
     plt.close(fig)

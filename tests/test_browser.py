@@ -203,6 +203,17 @@ def test_review_queue_with_keyboard_shortcuts(running_app, page):
     assert studio.store.count() == saves
 
 
+def test_a_save_before_predict_is_refused_in_the_saves_line(page):
+    """QA re-check, session 39: a new photo saved before Predict put an "Error" badge over each correction
+    control, with "Choose at least one label" (the controls were empty: nothing had been predicted)."""
+    enter_item(page)
+    page.locator("#annotator input, #annotator textarea").first.fill("early-saver")
+    page.locator("#save").click()
+    expect(page.locator("#save-status")).to_contain_text("press Predict first", timeout=30_000)
+    expect(page.locator("#slot-0")).not_to_contain_text("Error")
+    expect(page.locator(".toast-body")).to_have_count(0)
+
+
 def test_robustness_view_shows_clean_and_noisy(page):
     enter_item(page)
     page.get_by_role("tab", name="Robustness").click()

@@ -408,8 +408,9 @@ class Studio:
         self._annotator(annotator, "correction")
         tasks = self.predictor(model).tasks
         chosen = given_labels(labels, tasks)
-        if not chosen:
-            raise StudioError("Choose at least one label to save.")
+        if not chosen:  # the controls start at the model's labels: empty, the item was not predicted
+            raise StudioError("Choose at least one label to save: press Predict first (the controls start at "
+                              "the model's labels), or pick one.")
         return image, chosen
 
     def _light_predictions(self, model: str, image: Image.Image, text: str | None,
@@ -1350,7 +1351,7 @@ class Studio:
 
         def report(fraction: float, step: str) -> None:
             if stop.is_set() and fraction < 1:  # at 1 every batch ran: a Stop during the last one keeps them
-                raise SweepStopped(f"Batch sweep stopped at {fraction:.0%}: a stopped sweep keeps no plot or CSV.")
+                raise SweepStopped(f"Batch sweep stopped at {fraction:.0%}: no plot or CSV of it is kept.")
             if progress is not None:
                 progress(fraction, step)
 
