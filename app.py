@@ -542,6 +542,17 @@ def errors_in(note: gr.Markdown) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def shown_with_api(trigger: gr.Button, api_trigger: gr.Button, fn: Callable, note: gr.Markdown, inputs: list,
+                   outputs: list, api_name: str, **shown) -> None:
+    """`fn` behind `trigger`, a refusal said in `note` while the other outputs keep what they showed
+    (`errors_in`), and behind the invisible `api_trigger` as the public `api_name`, a refusal an error for
+    API clients (`user_errors`): registered first, so that no private event takes its name. `shown`: the
+    on-screen event's other settings (js, validator)."""
+    api_trigger.click(user_errors(fn), inputs, outputs, api_name=api_name)
+    trigger.click(errors_in(note)(fn), inputs, list(dict.fromkeys([*outputs, note])),
+                         api_name=f"{api_name}_shown", api_visibility="private", **shown)
+
+
 def image_problem(image_path: str | None) -> str:
     """Why the image cannot be predicted ('' when it can): none given, gone, or `open_user_image`'s
     refusal (unreadable, too large). Decoded here as well as in the prediction, so that a validator
@@ -1039,9 +1050,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
         return [fine, fine, fine, gr.validate(named, "Enter your name here to save: every decision is saved "
                                                      "under it."), *[fine for _ in rest]]
 
-    save_button.click(errors_in(save_status)(save_label), save_inputs, save_outputs, validator=check_save,
-                      js=SCROLL_TO_ANNOTATOR, api_name="save_label_checked", api_visibility="private")
-    api_save.click(user_errors(save_label), save_inputs, save_outputs, api_name="save_label")
+    shown_with_api(save_button, api_save, save_label, save_status, save_inputs, save_outputs, "save_label",
+                   validator=check_save, js=SCROLL_TO_ANNOTATOR)
     undo_button.click(undo_save, [*item_inputs, request_id, shown, prediction_state], save_outputs,
                       js=SCROLL_TO_ANNOTATOR, api_name="save_undo")
     for how, button in (("keep_theirs", choice.keep_theirs), ("overwrite", choice.overwrite),
@@ -1687,17 +1697,13 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
     probe_inputs = [image, text, shared.model, image_noise, image_severity, text_noise, text_severity, seed]
     probe_outputs = [probe_json, probe_table, clean_heat, noisy_heat, shift_plot, noisy_text, probe_note,
                      probe_state, probe_task]
-    probe_button.click(errors_in(status)(probe), probe_inputs, [*probe_outputs, status], api_name="probe_shown",
-                       api_visibility="private")  # (named: its function's name would take "probe")
-    api_probe.click(user_errors(probe), probe_inputs, probe_outputs, api_name="probe")
+    shown_with_api(probe_button, api_probe, probe, status, probe_inputs, probe_outputs, "probe")
     probe_task.input(probe_for_task, [probe_state, probe_task], [clean_heat, noisy_heat, probe_note],
                      api_visibility="private")
     for noise, severity in ((image_noise, image_severity), (text_noise, text_severity)):  # "none": nothing to set
         noise.change(lambda name: gr.update(interactive=name != "none"), noise, severity, api_visibility="private")
     sweep_inputs = [image, text, shared.model, image_noise, text_noise, seed]
-    sweep_button.click(errors_in(status)(sweep_item), sweep_inputs, [item_sweep_plot, status],
-                       api_name="sweep_item_shown", api_visibility="private")
-    api_sweep.click(user_errors(sweep_item), sweep_inputs, item_sweep_plot, api_name="sweep_item")
+    shown_with_api(sweep_button, api_sweep, sweep_item, status, sweep_inputs, [item_sweep_plot], "sweep_item")
     for source in (image, text, shared.model):  # another item or model: its results, and a refusal, no longer apply
         source.change(forget_probe, None, [*probe_outputs, item_sweep_plot, status], api_visibility="private",
                       show_progress="hidden")
@@ -1814,10 +1820,9 @@ def history_tab(studio: Studio, shared: Shared) -> None:
     audit_inputs = [audit_task, audit_annotator, audit_status, audit_source, audit_search, audit_page]  # page last
     audit_outputs = [audit_table, audit_summary, audit_page]
     # the public events first: a private one named after the same function would take its API name
-    shown_audit = errors_in(audit_summary)(audit)
-    audit_button.click(shown_audit, audit_inputs, audit_outputs, api_name="audit_shown", api_visibility="private",
-                       js=AUDIT_PAGE_JS)
-    api_audit.click(user_errors(audit), audit_inputs, audit_outputs, api_name="audit")
+    shown_with_api(audit_button, api_audit, audit, audit_summary, audit_inputs, audit_outputs, "audit",
+                   js=AUDIT_PAGE_JS)
+    shown_audit = errors_in(audit_summary)(audit)  # the tab's opening and Enter in a box, as the button
     history_button.click(item_history, history_item, item_table, api_name="item_history")
     agreement_button.click(agreement, None, agreement_table, api_name="agreement")
     refresh.click(shared.history_rows, None, shared.history, api_name="history")
