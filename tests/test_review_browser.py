@@ -49,6 +49,17 @@ def review_app(checkpoint_dir, tmp_path_factory):
     application.served.close()
 
 
+@pytest.fixture(autouse=True)
+def claims_lapse(review_app):
+    """Each test starts with no item claimed, as if the last one's labelers had left minutes ago: a claim
+    held by a closed page steered the next test's small queue off its items ("nothing left for you now"),
+    so a test passed or failed by which tests ran before it."""
+    yield
+    store = review_app.studio.store
+    for annotator in set(store.claims().values()):
+        store.release(annotator)
+
+
 @pytest.fixture(scope="module")
 def browser():
     with chromium() as launched:
@@ -87,7 +98,9 @@ def load_queue(page, size: int, split: str = "train") -> str:
 
 
 def current_item(page) -> str:
-    return re.search(r"item (\S+) \(", page.locator("#review-progress").inner_text()).group(1)
+    progress = page.locator("#review-progress").inner_text()
+    assert (found := re.search(r"item (\S+) \(", progress)), f"no item on screen: {progress}"
+    return found.group(1)
 
 
 def slot(page, task_index: int):
