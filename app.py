@@ -553,6 +553,18 @@ def shown_with_api(trigger: gr.Button, api_trigger: gr.Button, fn: Callable, not
                          api_name=f"{api_name}_shown", api_visibility="private", **shown)
 
 
+def kept_upload(path: object, uploads: Path) -> str | None:
+    """`path` when it names a file still kept in `uploads` (Gradio's upload folder), else None. A
+    browser's saved value is the browser's to change: a path anywhere else (the label store) is never served."""
+    if not isinstance(path, str) or not path:
+        return None
+    try:
+        found = Path(path).resolve()
+    except (OSError, ValueError):  # a NUL byte, a loop
+        return None
+    return str(found) if found.is_relative_to(uploads.resolve()) and found.is_file() else None
+
+
 def image_problem(image_path: str | None) -> str:
     """Why the image cannot be predicted ('' when it can): none given, gone, or `open_user_image`'s
     refusal (unreadable, too large). Decoded here as well as in the prediction, so that a validator
@@ -772,11 +784,14 @@ class Shared:
     history: gr.Dataframe  # laid out in the History tab; a save in the Predict tab refreshes it
     history_rows: Callable[[], list[list[str]]]  # the table's rows: the latest corrections, newest first
     remember_queue: gr.BrowserState  # the review queue's id, for a reload to resume it
+    remember_inputs: gr.BrowserState  # the Predict tab's photo, text and item id, for a reload to put back
 
 
 # ---------------------------------------------------------------------- tabs
-def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
-    """Predict, explain and correct one item; returns its image and text inputs (the Robustness tab's too)."""
+def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, Callable, list]:
+    """Predict, explain and correct one item. Returns its image and text inputs (the Robustness tab's too),
+    `restore(kept)` (the inputs' updates for a page load, {} when the browser kept none) and the
+    components it updates."""
     with gr.Tab(TABS["predict"], id="predict"):
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
@@ -1065,7 +1080,30 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox]:
     shared.model.change(user_errors(lambda m: slot_updates(studio, slots, m, None)), shared.model, slots,
                         api_visibility="private")
     shared.model.change(lambda m: operating_figures(studio, m), shared.model, operating, api_visibility="private")
-    return image, text
+
+    def remember_inputs(image_path, text_value, item) -> dict:
+        return {"image": image_path, "text": text_value, "item": item}
+
+    for field in (image, text, item_id):  # typed, uploaded, an example's or put back
+        field.change(remember_inputs, [image, text, item_id], shared.remember_inputs, trigger_mode="always_last",
+                     api_visibility="private", show_progress="hidden")
+
+    def restore(kept) -> dict:
+        """A page load: the photo, text and item id this browser had (a phone's browser reloads a page it
+        left for the camera, say), the photo while Gradio keeps the upload (a day)."""
+        if not isinstance(kept, dict) or not any(kept.values()):
+            return {}
+        text_value, item = (value if isinstance(value := kept.get(key), str) else "" for key in ("text", "item"))
+        photo = kept_upload(kept.get("image"), Path(image.GRADIO_CACHE))
+        problem = image_problem(photo) if photo else ""
+        gone = kept.get("image") and not photo
+        note = (f"⚠️ {views.plain(problem)}" if problem else
+                "⚠️ Put back from before the reload, but for the photo, which is no longer kept (an upload is kept "
+                "a day): upload it again, then predict it." if gone else
+                "Put back from before the reload: predict it to see its labels.")
+        return {image: photo, text: text_value, item_id: item, input_note: note}
+
+    return image, text, restore, [image, text, item_id, input_note]
 
 
 @dataclass
@@ -1891,7 +1929,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
                     "([CMA-CLIP, Liu et al. 2021](https://arxiv.org/abs/2112.03562)). Upload a product photo and its "
                     "text, see every attribute with its confidence and what the model looked at, and correct it.")
         remembered = {name: gr.BrowserState(None, storage_key=f"{BROWSER_KEY}-{name}", secret=secret)
-                      for name in ("annotator", "model", "queue", "tab")}
+                      for name in ("annotator", "model", "queue", "tab", "inputs")}
         with gr.Row():
             shared = Shared(
                 model=gr.Dropdown(models, value=studio.default_model, label="Model", scale=2,
@@ -1899,13 +1937,13 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
                 annotator=annotator_box(login),
                 history=gr.Dataframe(headers=views.HISTORY_HEADERS, interactive=False,  # filled as agreement is
                                      wrap=True, elem_id="history", render=False, column_widths=views.HISTORY_WIDTHS),
-                history_rows=history_rows, remember_queue=remembered["queue"])
+                history_rows=history_rows, remember_queue=remembered["queue"], remember_inputs=remembered["inputs"])
             if login.oauth:
                 gr.LoginButton(scale=1)
             elif login.on:
                 gr.Button("Log out", link="/logout", scale=0, elem_id="logout")
         with gr.Tabs() as tabs:
-            image, text = predict_tab(studio, shared)
+            image, text, restore_inputs, restored_inputs = predict_tab(studio, shared)
             panel, restore_queue, restored_outputs = review_tab(studio, shared)
             stop_on_leave = robustness_tab(studio, shared, image, text)
             history_tab(studio, shared)
@@ -1913,9 +1951,9 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
         typed_inputs(demo)
         demo.unload(stop_on_leave)
 
-        def restore(annotator_name, model_name, queue_id, tab, typed_name, chosen_model):
-            """What this browser had before the reload: the annotator, the model, the queue and the tab
-            (a name typed before the page finished loading wins). A restored queue shows its tab, unless
+        def restore(annotator_name, model_name, queue_id, tab, kept_inputs, typed_name, chosen_model):
+            """What this browser had before the reload: the annotator, the model, the queue, the tab and the
+            Predict tab's inputs (a name typed before the page finished loading wins). A restored queue shows its tab, unless
             another tab was open (a reload on Predict went to Review: QA phone labeler, session 38)."""
             annotator_name = (typed_name or "").strip() or annotator_name or ""
             # the model it had, else the one chosen, unless its weights failed to load (known once loaded)
@@ -1924,10 +1962,11 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
             queue = restore_queue(annotator_name, model_name, queue_id)
             return {shared.annotator: annotator_name if annotator_name != typed_name or login.on else gr.skip(),
                     shared.model: model_name if model_name != chosen_model else gr.skip(),
-                    **queue, **({tabs: gr.Tabs(selected=tab or "review")} if tab or panel.queue in queue else {})}
+                    **restore_inputs(kept_inputs), **queue, **({tabs: gr.Tabs(selected=tab or "review")} if tab or panel.queue in queue else {})}
 
         demo.load(user_errors(restore), [*remembered.values(), shared.annotator, shared.model],
-                  [shared.annotator, shared.model, tabs, *restored_outputs], api_visibility="private")
+                  [shared.annotator, shared.model, tabs, *restored_inputs, *restored_outputs],
+                  api_visibility="private")
 
         def remember_tab(evt: gr.SelectData) -> str | None:
             return next((tab for tab, label in TABS.items() if label == evt.value), None)

@@ -5,8 +5,10 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
+from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import ARTIFACTS, EXAMPLE_IMAGE, EXAMPLE_TEXT
@@ -296,6 +298,47 @@ def test_a_click_on_an_example_shows_its_prediction(running_app, page):
     expect(page.locator("#heatmap").get_by_role("button", name="Map on the photo")).to_be_visible()
     expect(page.locator("#predict-examples").get_by_role("gridcell", name="Photo of the example: ").first) \
         .to_be_visible()
+
+
+def test_a_reload_puts_back_the_photo_text_and_item_id(running_app, page, tmp_path):
+    """A phone's browser reloads a page it left (for the camera, say): the photo and the text typed were gone,
+    and a catalogue example's item id with them. They are put back, and predict; a photo no longer kept is said."""
+    import app
+
+    note, item_id = page.locator("#input-note"), page.locator("#item-id textarea, #item-id input").first
+    photo = tmp_path / "own-photo.png"  # a file of its own, which the test may take out of Gradio's cache
+    Image.open(EXAMPLE_IMAGE).convert("RGB").save(photo)
+
+    def reload_when_kept(change) -> None:
+        """Do `change`, wait until the browser has kept what it changed, then reload the page."""
+        kept = page.evaluate("() => localStorage.getItem('cma-clip-studio-inputs')")
+        change()
+        page.wait_for_function("(kept) => localStorage.getItem('cma-clip-studio-inputs') !== kept", arg=kept,
+                               timeout=30_000)
+        page.wait_for_timeout(1000)  # a change right after (the text after the photo) has been kept too
+        page.reload()
+
+    def enter_own_item() -> None:
+        page.locator("#input-image input[type=file]").set_input_files(str(photo))
+        page.locator("#input-text textarea").fill("Striped cotton shirt")
+
+    reload_when_kept(enter_own_item)
+    expect(note).to_contain_text("Put back from before the reload: predict it", timeout=30_000)
+    expect(page.locator("#input-text textarea")).to_have_value("Striped cotton shirt")
+    expect(page.locator("#input-image img")).to_be_visible()
+    page.locator("#predict").click()
+    expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
+    kept_photo = Path(unquote(page.locator("#input-image img").get_attribute("src").split("file=", 1)[1]))
+    kept_photo.unlink()  # Gradio's cache aged the upload out
+    page.reload()
+    expect(note).to_contain_text("the photo, which is no longer kept", timeout=30_000)
+    expect(page.locator("#input-text textarea")).to_have_value("Striped cotton shirt")
+    expect(page.locator("#input-image img")).to_have_count(0)
+
+    reload_when_kept(lambda: page.locator("#predict-examples tr.tr-body").first.click())
+    expect(note).to_contain_text("Put back from before the reload", timeout=30_000)
+    expect(item_id).to_have_value(app.examples(running_app[1].model_names)[0][3])
+    expect(page.locator("#input-image img")).to_be_visible()
 
 
 def test_tab_goes_from_label_box_to_label_box(tmp_path):

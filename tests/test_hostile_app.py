@@ -512,3 +512,19 @@ def test_a_login_that_cannot_work_stops_the_app_at_once_in_one_line(tmp_path):
     assert run.stderr.strip().startswith("error: CMA_CLIP_LOGIN=huggingface: Hugging Face sign-in works on a Space "
                                          "only")
     assert "never-asked" not in run.stdout + run.stderr  # refused before the studio (and the Hub) was asked
+
+
+def test_a_browsers_kept_photo_is_put_back_only_from_the_upload_folder(tmp_path):
+    """A reload puts back the photo path the browser kept, which the browser may have changed: only a file
+    still in Gradio's upload folder is served, never the label store or a path climbing out of the folder."""
+    from app import kept_upload
+
+    uploads_folder, store = tmp_path / "uploads", tmp_path / "labels.db"
+    (uploads_folder / "ab12").mkdir(parents=True)
+    photo = uploads_folder / "ab12" / "photo.jpg"
+    shutil.copy(EXAMPLE_IMAGE, photo)
+    store.write_bytes(b"SQLite format 3\0")
+    assert kept_upload(str(photo), uploads_folder) == str(photo.resolve())
+    for forged in (str(store), str(uploads_folder / ".." / "labels.db"), str(uploads_folder / "ab12"),
+                   str(uploads_folder / "gone.jpg"), "", None, 42, ["x"], "a\0b"):
+        assert kept_upload(forged, uploads_folder) is None, forged
