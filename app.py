@@ -1084,8 +1084,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
     def remember_inputs(image_path, text_value, item) -> dict:
         return {"image": image_path, "text": text_value, "item": item}
 
-    for field in (image, text, item_id):  # typed, uploaded, an example's or put back
-        field.change(remember_inputs, [image, text, item_id], shared.remember_inputs, trigger_mode="always_last",
+    for source in (image, text, item_id):  # typed, uploaded, an example's or put back
+        source.change(remember_inputs, [image, text, item_id], shared.remember_inputs, trigger_mode="always_last",
                      api_visibility="private", show_progress="hidden")
 
     def restore(kept) -> dict:
