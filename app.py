@@ -1086,7 +1086,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
 
     for source in (image, text, item_id):  # typed, uploaded, an example's or put back
         source.change(remember_inputs, [image, text, item_id], shared.remember_inputs, trigger_mode="always_last",
-                     api_visibility="private", show_progress="hidden")
+                      api_visibility="private", show_progress="hidden")
 
     def restore(kept) -> dict:
         """A page load: the photo, text and item id this browser had (a phone's browser reloads a page it
