@@ -470,12 +470,13 @@ def chart(picture) -> PlotData:
     return PlotData(type="matplotlib", plot=png_data_url(picture))
 
 
-class LatestUploads:
-    """Each browser session's last uploaded photo and when it came. A prediction whose photo another upload
-    replaced while it ran answers nothing: landing after the upload had cleared the results, it put the
-    last item's labels beside the new photo, and its map's task was no longer among the cleared choices
-    ("Value: gender is not in the list of choices: []"). Cancelling it instead (Gradio's `cancels`) also
-    ended, on a busy server, the prediction of the new photo clicked right after its upload."""
+class LatestInputs:
+    """Each browser session's latest input (a photo; a photo, text and model) and when it came. A result
+    computed for inputs replaced while it ran is not shown: a prediction landing after a new upload had
+    cleared the results put the last item's labels beside the new photo, and its map's task was no longer
+    among the cleared choices ("Value: gender is not in the list of choices: []"). Cancelling it instead
+    (Gradio's `cancels`) also ended, on a busy server, the prediction of the new photo clicked right after
+    its upload. An API client's session sends no input events: its results always stand."""
 
     KEPT = 10_000  # sessions remembered, the oldest forgotten first
 
@@ -487,19 +488,19 @@ class LatestUploads:
     def _session() -> str | None:
         return getattr(LocalContext.request.get(None), "session_hash", None)
 
-    def note(self, image_path: str | None) -> None:
+    def note(self, value: object) -> None:
         if (session := self._session()) is not None:
             with self._lock:
-                self._latest[session] = (str(image_path), time.monotonic())
+                self._latest[session] = (str(value), time.monotonic())
                 self._latest.move_to_end(session)
                 while len(self._latest) > self.KEPT:
                     self._latest.popitem(last=False)
 
-    def superseded(self, image_path: str | None, started: float) -> bool:
-        """Whether another photo was uploaded in this session since a prediction of `image_path` began."""
+    def superseded(self, value: object, started: float) -> bool:
+        """Whether another input came in this session since a result for `value` began (at `started`)."""
         with self._lock:
-            path, at = self._latest.get(self._session() or "", (None, float("-inf")))
-        return at > started and path != str(image_path)
+            latest, at = self._latest.get(self._session() or "", (None, float("-inf")))
+        return at > started and latest != str(value)
 
 
 def event_ended() -> bool:
@@ -873,7 +874,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
                                                               f"{', '.join(studio.model_names) or 'none found'}."),
                 gr.validate(True, "")]
 
-    uploads = LatestUploads()
+    uploads = LatestInputs()
 
     @user_errors
     def predict(image_path, text_value, model_name, item):
@@ -1664,11 +1665,22 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
             raise StudioError("Robustness corrupts the Predict tab's item: click an example or upload an image "
                               "there first.")
 
+    items = LatestInputs()  # the Predict tab's item and the model, as `forget_probe` last saw them
+
+    def unless_item_changed(what: str, started: float, *item) -> None:
+        """Refuse a probe or sweep result whose item or model changed while it ran: it landed after
+        `forget_probe` had cleared the results, as the new item's."""
+        if items.superseded(item, started):
+            raise StudioError(f"The item or the model changed while the {what} ran: nothing of it is shown. "
+                              f"Run it again for this one.")
+
     def probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity, seed_value):
         """Predict on the clean and the corrupted item; returns both predictions as JSON first."""
         need_item(image_path)
+        started = time.monotonic()
         result = studio.probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity,
                               seed_value)
+        unless_item_changed("probe", started, image_path, text_value, model_name)
         first = next(iter(result.clean.tasks))
         clean_map, noisy_map, moved = views.probe_maps(result, first)
         return {probe_json: views.probe_summary(result), probe_table: views.probe_rows(result),
@@ -1684,7 +1696,9 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
         need_item(image_path)
+        started = time.monotonic()
         sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
+        unless_item_changed("sweep", started, image_path, text_value, model_name)
         for note in sweep.notes:  # beside the plot, whose flat text curves would read as robustness
             gr.Info(html.escape(note))
         return {item_sweep_plot: item_sweep_figure(sweep.confidence, sweep.image_weight,
@@ -1726,8 +1740,9 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
         """A closed or reloaded page's batch sweep stops too (`demo.unload`: no output to say it in)."""
         studio.stop_sweep(request.session_hash)
 
-    def forget_probe() -> dict:
+    def forget_probe(image_path, text_value, model_name) -> dict:
         """Another item or model: the probe's and the item sweep's results were of the one before, unsaid."""
+        items.note((image_path, text_value, model_name))
         return {probe_json: None, probe_table: None, clean_heat: None, noisy_heat: None, shift_plot: None,
                 noisy_text: "", probe_note: "", probe_state: None, probe_task: gr.update(choices=[], value=None),
                 item_sweep_plot: None, status: ""}
@@ -1743,8 +1758,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
     sweep_inputs = [image, text, shared.model, image_noise, text_noise, seed]
     shown_with_api(sweep_button, api_sweep, sweep_item, status, sweep_inputs, [item_sweep_plot], "sweep_item")
     for source in (image, text, shared.model):  # another item or model: its results, and a refusal, no longer apply
-        source.change(forget_probe, None, [*probe_outputs, item_sweep_plot, status], api_visibility="private",
-                      show_progress="hidden")
+        source.change(forget_probe, [image, text, shared.model], [*probe_outputs, item_sweep_plot, status],
+                      api_visibility="private", show_progress="hidden")
     batch_inputs = [shared.model, sweep_size, image_noise, text_noise, seed]
     api_batch.click(sweep_catalogue_api, batch_inputs, [batch_plot, batch_csv], api_name="sweep_catalogue")
     batch_sweep_button.click(errors_in(batch_status)(sweep_catalogue), batch_inputs,

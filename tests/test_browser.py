@@ -133,6 +133,32 @@ def test_a_long_paste_says_it_was_cut(running_app, page):
     expect(page.locator("#input-note")).to_contain_text("The text was cut to its first 5,000 characters")
 
 
+def test_a_probe_or_sweep_of_the_item_before_is_not_shown_as_the_new_ones(running_app, page, monkeypatch):
+    """A probe or an item sweep still running when the labeler went on to another item (a new photo, an edited
+    text) landed after the change had cleared the results, and showed as the new item's."""
+    studio = running_app[1]
+    for name in ("probe", "item_sweep"):
+        def slow(*args, _run=getattr(studio, name), **kwargs):  # a run as long as the shipped model's on a laptop
+            time.sleep(2.0)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(studio, name, slow)
+    enter_item(page)
+    page.get_by_role("tab", name="Robustness").click()
+    for button, result in (("#probe", "#probe-table"), ("Sweep all severities for this item", "#item-sweep")):
+        (page.locator(button) if button.startswith("#") else page.get_by_role("button", name=button)).click()
+        page.wait_for_timeout(500)  # running when the text changes
+        page.get_by_role("tab", name="Predict").click()
+        page.locator("#input-text textarea").fill(f"Another item's text before the {button}'s end")
+        page.get_by_role("tab", name="Robustness").click()
+        expect(page.locator("#robustness-status")).to_contain_text("changed while the", timeout=30_000)
+        expect(page.locator(result)).not_to_contain_text("Perceived colour")
+        expect(page.locator(f"{result} .js-plotly-plot, {result} img")).to_have_count(0)
+    page.locator("#probe").click()  # the new item's own probe stands
+    expect(page.locator("#probe-table")).to_contain_text("Perceived colour", timeout=60_000)
+    expect(page.locator("#robustness-status")).to_have_text("")
+
+
 def test_a_typed_class_name_and_enter_give_that_class_and_the_export_offers_its_agreement(tmp_path):
     """On the shipped H&M checkpoint, whose classes hold one another ("Grey" is in "Dark Grey",
     "Solid" in "Mixed solid/pattern"): the label dropdown keeps what a labeler typed when Enter
