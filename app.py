@@ -647,8 +647,8 @@ def correction_slots(elem_id: str | None = None) -> list[gr.Dropdown]:
 def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, prediction: Prediction | None,
                  view: ItemView | None = None, catalogue: dict[str, str] | None = None,
                  tasks: list[str] | None = None) -> dict:
-    """One dropdown per task (the model's, or `tasks`), starting at the item's saved label,
-    else the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
+    """One dropdown per task (the model's, or `tasks`), starting where `view` says (`Studio.item_view`), else at
+    the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
     classes, new_classes = studio.task_classes(model), studio.new_classes(model)
     names = studio.display_names(model)
     tasks = list(classes) if tasks is None else tasks
@@ -844,7 +844,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
                 shading = gr.HighlightedText(label="Words: attention of the image [CLS] (raw attention)",
                                              combine_adjacent=False, show_legend=False)
                 result_json = gr.JSON(label="Raw prediction", visible=False)
-        gr.Markdown("### Correct and save\nEach control starts at the item's saved label, else at the model's; "
+        gr.Markdown("### Correct and save\nEach control starts at the item's saved label, else at the catalogue's "
+                    "(an item with its catalogue id), else at the model's; "
                     "the model's, the catalogue's and the saved label show under it. A label outside the task's "
                     "classes asks before it becomes a new class; a label someone else saved since you predicted "
                     "asks before it is replaced. Undo reverts your newest decision, made on any tab.")

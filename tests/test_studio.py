@@ -622,11 +622,34 @@ def test_a_second_save_of_the_same_labels_in_the_predict_tab_stores_nothing(stud
                            request_id="p-3", prediction=prediction)  # the same labels, ben's judgement: stored
     assert ben.result == "saved" and studio.store.count() == saves + 1
 
+def test_a_correction_of_one_task_keeps_the_catalogues_labels_for_the_others(studio):
+    """QA, session 40: on a catalogue item, correcting one task and saving stored the model's guesses for the
+    others ("Section = Baby/Children" at 31%) as human labels over the catalogue's, and training took them.
+    A control with no saved label starts at the catalogue's label; empty when that is none of the task's
+    classes (a guess would be stored, or the untouched label asked about as a new class)."""
+    prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")
+    classes, catalogue = studio.task_classes("hm-articles"), view.catalogue
+    guessed = {t: p.label for t, p in prediction.tasks.items()}
+    assert any(guessed[t] != label for t, label in catalogue.items())  # the model's guesses differ from it
+    outside = {t for t, label in catalogue.items() if label not in classes[t]}
+    assert outside and len(outside) < len(catalogue)  # (the test model lacks some of the catalogue's classes)
+    assert view.values == {t: None if t in outside else catalogue[t] for t in guessed}
+    colour = "colour_group_name"
+    corrected = next(c for c in classes[colour] if c not in (catalogue[colour], guessed[colour]))
+    saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001",
+                             {**view.values, colour: corrected}, view.shown, prediction=prediction)
+    assert saved.result == "saved"
+    stored = studio.store.current_labels()["0816591001"]["labels"]
+    assert stored == {**{t: label for t, label in catalogue.items() if t not in outside}, colour: corrected}
+    _, fresh = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "")  # no id: no catalogue
+    assert fresh.values == guessed
+
+
 def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_path):
     other_image = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
     prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")
-    assert view.item_id == "0816591001" and view.values == {t: p.label for t, p in prediction.tasks.items()}
-    labels = dict(view.values, colour_group_name="Grey")
+    assert view.item_id == "0816591001"  # (where its controls start: the test before)
+    labels = {**{t: p.label for t, p in prediction.tasks.items()}, "colour_group_name": "Grey"}  # the model's picked
     saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, view.shown)
     assert saved.result == "saved" and saved.item_id == "0816591001"
     message = views.save_message(saved, studio.display_names("hm-articles"))

@@ -295,11 +295,11 @@ class Studio:
         except LabelStoreError as exc:
             raise StudioError(str(exc)) from exc
 
-    def item_view(self, item_id: str, tasks: list[str], predicted: dict[str, str]) -> ItemView:
+    def item_view(self, item_id: str, tasks: list[str], start: dict[str, str | None]) -> ItemView:
         """Where each task of an item stands in the store, and where its control starts:
-        the latest saved label, else the model's prediction."""
+        the latest saved label, else `start` (the model's prediction, or the catalogue's label)."""
         states = self.store.item_state(item_id)
-        values = {t: states[t].label if t in states and states[t].label is not None else predicted.get(t)
+        values = {t: states[t].label if t in states and states[t].label is not None else start.get(t)
                   for t in tasks}
         shown = Shown(item_id, {t: states[t].version if t in states else None for t in tasks})
         return ItemView(item_id, states, values, shown, self.store.item_history(item_id))
@@ -339,11 +339,19 @@ class Studio:
             return self._photo_indexes[name]
 
     def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
-        """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given)."""
-        view = self.item_view(item_id, self.predictor(model).tasks,
-                              {t: p.label for t, p in prediction.tasks.items()} if prediction else {})
-        if catalogued:
-            view.catalogue, view.split = self._catalogue_item(model, item_id)
+        """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given).
+        A control with no saved label starts at the catalogue's label, a label someone chose; empty when
+        that is none of the task's classes; else at the model's. (At the model's, a correction of one
+        task stored the model's guesses for the others, "Section = Baby/Children" at 31%, as human labels
+        over the catalogue's, and training took them: QA, session 40.)"""
+        catalogue, split = self._catalogue_item(model, item_id) if catalogued else ({}, None)
+        confirmed = self.new_classes(model) if catalogue else {}
+        known = {t: {*classes, *confirmed.get(t, [])} for t, classes in self.task_classes(model).items()}
+        predicted = {t: p.label for t, p in prediction.tasks.items()} if prediction else {}
+        start = {t: (catalogue[t] if catalogue[t] in known.get(t, ()) else None) if t in catalogue else label
+                 for t, label in predicted.items()}
+        view = self.item_view(item_id, self.predictor(model).tasks, start)
+        view.catalogue, view.split = catalogue, split
         return view
 
     def catalogue_labels(self, model: str, item_id: str) -> dict[str, str]:

@@ -287,7 +287,7 @@ class Shown:
 @dataclass
 class ItemView:
     """An item as the labeler sees it: each task's saved state, where its control starts
-    (the latest saved label, else the model's prediction) and the versions shown."""
+    (the latest saved label, else the catalogue's or the model's) and the versions shown."""
 
     item_id: str
     states: dict[str, TaskState]
