@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .data import Catalogue, CatalogueError, PhotoIndex, is_missing, read_manifest, split_indices
-from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError, tidy_label
+from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError, class_spelled, tidy_label
 
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 # what `merge` counts: the labelled items, then what became of them
@@ -78,12 +78,14 @@ class Merged:
     source: Path
     newest: str | None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
-    new_classes: dict[str, list[str]] = field(default_factory=dict)  # task -> labels no item of the run had
+    new_classes: dict[str, list[str]] = field(default_factory=dict)  # task -> labels no catalogue label had
+    respelled: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> label -> the class it spells
+    not_tasks: dict[str, int] = field(default_factory=dict)  # a column none of the tasks -> its labels left out
 
     def report(self) -> dict:
         """What the checkpoint keeps (`training["extra_labels"]`)."""
         return {"source": str(self.source), "newest_label": self.newest, **self.counts,
-                "new_classes": self.new_classes}
+                "new_classes": self.new_classes, "respelled": self.respelled, "not_tasks": self.not_tasks}
 
     def summary(self) -> str:
         """One line a person reads before the run starts."""
@@ -115,8 +117,16 @@ class Merged:
         if c["disputed_left_out"]:
             parts.append(f"{c['disputed_left_out']} labels of open disagreements left out, the catalogue's of those "
                          "tasks too (a reviewer settles them in the Review tab's Disagreements queue)")
+        if self.respelled:  # an export edited by hand: "grey" for "Grey" would train as a second class
+            parts.append("labels spelling a class otherwise, trained as that class: " + "; ".join(
+                f"{task} " + ", ".join(f"{label!r} as {spelled!r}" for label, spelled in labels.items())
+                for task, labels in self.respelled.items()))
+        if self.not_tasks:  # a column renamed by hand, or another catalogue's task: its labels would vanish unsaid
+            parts.append("labels of columns that are none of this catalogue's tasks, left out: " + ", ".join(
+                f"{column!r} ({n})" for column, n in self.not_tasks.items()) + " (tasks: " + ", ".join(
+                self.catalogue.config.tasks) + ")")
         if self.new_classes:  # each one a class of the model: a typo or a formula pasted in shows here
-            parts.append("new classes (no item of this run had them): " + "; ".join(
+            parts.append("new classes (labels no catalogue item of this run had): " + "; ".join(
                 f"{task} {', '.join(map(repr, labels))}" for task, labels in self.new_classes.items()))
         return f"--extra-labels {self.source.name}: {c['corrections']} labelled items; " + "; ".join(parts)
 
@@ -264,8 +274,17 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
     relabel: list[tuple[int, Correction]] = []  # photo matches first, so an item's own correction wins
     added = []
     for item_id, correction in corrections.items.items():
-        # as stored today (`tidy_label`: a label saved with a zero-width space, say, before labels were tidied)
-        labels = {t: tidy_label(v, known[t]) for t, v in correction.labels.items() if t in config.tasks}
+        labels = {}
+        for task, value in correction.labels.items():
+            if task not in config.tasks:
+                merged.not_tasks[task] = merged.not_tasks.get(task, 0) + 1
+                continue
+            # as stored today (`tidy_label`: a label saved with a zero-width space, say, before labels were tidied)
+            label = tidy_label(value, known[task])
+            if label not in known[task] and (spelled := class_spelled(label, sorted(known[task]))):
+                merged.respelled.setdefault(task, {})[label] = spelled
+                label = spelled
+            labels[task] = label
         auto = correction.auto & labels.keys()
         if not auto_labels:
             counts["auto_left_out"] += len(auto)
@@ -305,8 +324,8 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
                 changed.add(i)
     if counts["corrections"] and counts["other_tasks"] == counts["corrections"]:
         raise CatalogueError(f"--extra-labels {corrections.source.name}: none of its {counts['corrections']} labelled "
-                             f"items has a label for this catalogue's tasks ({', '.join(config.tasks)}): an export of "
-                             "another catalogue's labels?")
+                             f"items has a label for this catalogue's tasks ({', '.join(config.tasks)}): labels of "
+                             "another catalogue?")
     counts["confirmed"] = sum(rows[i].get("split", "train") not in ("val", "test") for i in relabelled - changed)
     trained = [c.labels for i, c in relabel if rows[i].get("split", "train") not in ("val", "test")]
     trained += [c.labels for _, c in added]

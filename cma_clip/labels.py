@@ -978,6 +978,13 @@ def _content_id(sha: str, text: str) -> str:
     return "img-" + hashlib.sha256(f"{sha}\0{' '.join(text.split())}".encode("utf-8")).hexdigest()[:16]
 
 
+def class_spelled(value: str, classes: Iterable[str]) -> str | None:
+    """The class of `classes` that `value` spells otherwise ("grey" for "Grey", "Dark-Blue" for "Dark Blue"),
+    the first in their order; None when it spells none: two spellings would train as two classes."""
+    key = _class_key(value)
+    return next((c for c in classes if _class_key(c) == key), None)
+
+
 def _class_key(value: str) -> str:
     """What two spellings of one class share: compatibility forms (full-width letters) folded too, and
     invisible characters dropped; the dotted capital I ("İndigo") is a case of i, as "ß" is of "SS"."""
@@ -1050,8 +1057,7 @@ def _check_vocabulary(conn: sqlite3.Connection, labels: dict[str, str], vocabula
             continue
         if _disputed(conn, task, value):
             continue
-        same_as = next((c for c in [*sorted(classes), *sorted(held - classes)] if _class_key(c) == _class_key(value)),
-                       None)
+        same_as = class_spelled(value, [*sorted(classes), *sorted(held - classes)])
         if tidy_label(str(new_classes.get(task) or ""), classes) != value or same_as is not None:
             unknown.append(UnknownClass(task, value, close_classes(value, classes | held), same_as))
     if unknown:

@@ -71,7 +71,11 @@ def test_a_store_overrides_train_and_val_keeps_test_and_adds_uploads(tmp_path):
     # each class the run gains is named (QA, session 36: a formula pasted in became a class unsaid); a val
     # item's label is validated on, no class of the model
     assert report["new_classes"] == {"colour": ["Blue", "White"]}
-    assert "new classes (no item of this run had them): colour 'Blue', 'White'" in summary
+    assert "new classes (labels no catalogue item of this run had): colour 'Blue', 'White'" in summary
+    # another catalogue's task is said, with its count of labels left out
+    assert report["not_tasks"] == {"pattern": 2} and report["respelled"] == {}
+    assert "labels of columns that are none of this catalogue's tasks, left out: 'pattern' (2) (tasks: colour, " \
+           "type)" in summary
 
     # the original is untouched
     assert catalogue.labels("colour") == ["Black"] * 3 and len(catalogue) == 3 and catalogue.extra_roots == ()
@@ -89,7 +93,7 @@ def test_an_export_of_another_catalogue_is_refused(tmp_path):
     store.save_correction(image=PHOTOS[0], text="Men Watch", labels={"baseColour": "Black", "gender": "Men"},
                           item_id="4665")
     with pytest.raises(CatalogueError, match=r"none of its 1 labelled items has a label for this catalogue's tasks "
-                                             r"\(colour, type\): an export of another catalogue's labels\?"):
+                                             r"\(colour, type\): labels of another catalogue\?"):
         merge(catalogue, read_corrections(store.path))
 
 
@@ -273,6 +277,30 @@ def test_labels_stored_before_they_were_tidied_train_as_the_class_they_spell(tmp
     merged = merge(catalogue, read_corrections(store.path))
     assert merged.catalogue.labels("colour") == ["Black", "Black", "Black", "Cr\u00e8me"]
     assert merged.report()["new_classes"] == {"colour": ["Cr\u00e8me"]}  # not 'Black\u200b' beside Black
+
+
+def test_an_export_edited_by_hand_says_a_renamed_column_and_trains_a_respelled_class_as_that_class(tmp_path):
+    """QA, session 40: in an export edited in a spreadsheet, a task's column renamed ("colour_group_name" to
+    "colour") lost all its labels unsaid (exit 0), and "grey" for the class "Grey" trained as a second class
+    (the app refuses that spelling: two spellings would train as two classes)."""
+    catalogue = three_items(tmp_path)
+    store = LabelStore(tmp_path / "studio" / "labels.db")
+    store.save_correction(image=PHOTOS[0], text="Stockings", labels={"colour": "White", "type": "Tights"}, item_id="a1")
+    store.save_correction(image=PHOTOS[1], text="Shape up", labels={"colour": "Red", "type": "Leggings"}, item_id="a2")
+    export = tmp_path / "studio" / "labels_export.csv"
+    store.export(export)
+    rows = read_manifest(export)
+    edited = [{("kind" if column == "type" else column): value for column, value in row.items()} for row in rows]
+    edited[0]["colour"] = "black"  # the catalogue's class "Black", typed in lower case
+    write_table(export, edited, list(edited[0]))
+    merged = merge(catalogue, read_corrections(export))
+    assert merged.catalogue.labels("colour") == ["Black", "Red", "Black"]
+    assert merged.catalogue.labels("type") == ["Tights", "Leggings", "Tights"]  # the catalogue's: "kind" is no task
+    assert merged.respelled == {"colour": {"black": "Black"}} and merged.not_tasks == {"kind": 2}
+    assert merged.new_classes == {}  # "black" is no class of its own (a2's Red is validated on: no class either)
+    summary = merged.summary()
+    assert "labels spelling a class otherwise, trained as that class: colour 'black' as 'Black'" in summary
+    assert "labels of columns that are none of this catalogue's tasks, left out: 'kind' (2)" in summary
 
 
 def test_exports_joined_together_keep_each_tasks_newest_label_and_say_so(tmp_path):
