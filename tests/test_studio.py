@@ -1148,7 +1148,9 @@ def test_the_history_tells_apart_tasks_two_models_name_alike(tmp_path):
 
 
 def test_the_predict_tab_says_where_a_held_out_items_corrections_go(studio):
-    """A val or test item's labels saved on the Predict tab never train the next run: its item line says so."""
+    """A val or test item's labels saved on the Predict tab never train the next run: its item line says so; a
+    train item's line says its labels feed the next run (QA, session 40: it said nothing), and each line says
+    where a control without a saved label starts: a catalogue item's at its catalogue label."""
     for split, words in (("val", "a **val** item: the next training run validates on its labels"),
                          ("test", "a **test** item: its labels never reach training")):
         item = hm_rows(split, 1)[0]["article_id"]
@@ -1156,8 +1158,11 @@ def test_the_predict_tab_says_where_a_held_out_items_corrections_go(studio):
         assert (view.split, view.catalogue["colour_group_name"]) == (split, hm_rows(split, 1)[0]["colour_group_name"])
         assert words in views.item_line(view, True)
     train = studio.model_view("hm-articles", hm_rows("train", 1)[0]["article_id"], None, True)
-    assert train.split == "train" and "**" not in views.item_line(train, True)
-    assert studio.model_view("hm-articles", "img-upload", None, False).split is None
+    line = views.item_line(train, True)
+    assert train.split == "train" and "a **train** item: its labels feed the next training run" in line
+    assert "nothing saved yet; each control starts at the catalogue's label" in line
+    upload = studio.model_view("hm-articles", "img-upload", None, False)
+    assert upload.split is None and "each control starts at the model's label" in views.item_line(upload, False)
 
 
 def test_a_word_the_text_holds_twice_is_numbered_where_a_person_picks_it(studio):

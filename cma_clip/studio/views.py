@@ -496,11 +496,14 @@ def item_line(view: ItemView, explicit: bool) -> str:
     """The Predict tab's line naming the item a save goes to, and where its labels stand."""
     origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
     saved = {t: s for t, s in view.states.items() if s.label is not None}
-    where = (f"{plural(len(saved), 'task')} saved before; each control starts at its saved label"
-             if saved else "nothing saved yet; each control starts at the model's label")
+    unsaved = ("the catalogue's label (empty where that is none of the model's classes)" if view.catalogue
+               else "the model's label")
+    where = (f"{plural(len(saved), 'task')} saved before; each control starts at its saved label, else at {unsaved}"
+             if saved else f"nothing saved yet; each control starts at {unsaved}")
     held_out = {"val": "a **val** item: the next training run validates on its labels, never trains on them",
                 "test": "a **test** item: its labels never reach training (test keeps the catalogue's)"}
-    note = f" · {held_out[view.split]}" if view.split in held_out else ""
+    splits = {**held_out, "train": "a **train** item: its labels feed the next training run"}
+    note = f" · {splits[view.split]}" if view.split in splits else ""
     if explicit and not saved and not view.catalogue and view.split is None:
         note += (" · **no catalogue item has this id, and nothing is saved under it**: check it for a typo (a save "
                  "makes it a new item)")
