@@ -189,7 +189,8 @@ def _from_export(path: Path) -> Corrections:
     rows = read_manifest(path)
     if rows and (absent := [c for c in EXPORT_COLUMNS if c not in rows[0]]):
         raise CatalogueError(f"--extra-labels {path.name} is not an export of the label store: it lacks the "
-                             f"columns {absent}")
+                             f"columns {absent} (a table of labels of your own is a catalogue: train on it with "
+                             "--manifest)")
     folder = path.resolve().parent
     tasks = [c for c in (rows[0] if rows else ()) if c not in EXPORT_COLUMNS and "__" not in c]
     groups: dict[str, list[dict]] = {}

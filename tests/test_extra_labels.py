@@ -138,7 +138,8 @@ def test_an_export_trains_like_its_store_and_a_download_without_photos_says_what
         assert (merged.counts["same_photo"], merged.counts["val"]) == (1, 1)
         assert merged.counts["no_image"] == 1 and "1 new items not added: their photos are missing" in merged.summary()
     (tmp_path / "not-an-export.csv").write_text("article_id,colour\n1,Red\n")
-    with pytest.raises(CatalogueError, match="not an export of the label store: it lacks the columns"):
+    with pytest.raises(CatalogueError, match=r"not an export of the label store: it lacks the columns .* \(a table of "
+                                             r"labels of your own is a catalogue: train on it with --manifest\)"):
         read_corrections(tmp_path / "not-an-export.csv")
 
 
