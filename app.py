@@ -797,6 +797,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
         pending = gr.State(None)  # a refused save waiting for the labeler's choice
+        id_for_upload = gr.State("")  # the item id put back without its photo: the photo's next upload keeps it
         with gr.Row(elem_id="predict-row"):
             with gr.Column(scale=1, min_width=280, elem_id="predict-inputs"):
                 # image, text and the button above a laptop's fold (1366 x 768); the item id, rarely typed, below
@@ -1013,23 +1014,25 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
     def forget_item_id():
         """A new image or an edited text is another item: its id no longer applies."""
         return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
-                input_note: "", labels_for: "", **resolution(choice, None)}
+                input_note: "", labels_for: "", id_for_upload: "", **resolution(choice, None)}
 
-    def new_photo(image_path, model_name):
+    def new_photo(image_path, model_name, kept_id):
         """A new upload is a new item: the last item's results go (beside the new photo they read as
-        its own), and a file that cannot be predicted is said at once, under the inputs."""
+        its own), and a file that cannot be predicted is said at once, under the inputs. The photo of an
+        item put back without it keeps the item's id (uploaded again as the note asked, it lost it: QA, s40)."""
         uploads.note(image_path)
         problem = image_problem(image_path)
         return {**forget_item_id(), input_note: f"⚠️ {views.plain(problem)}" if problem else "",
+                item_id: kept_id if isinstance(kept_id, str) else "",
                 result_json: None, table: None, task: gr.update(choices=[], value=None),
                 token: gr.update(choices=[], value=None), heat: None, weights_plot: None, shading: None,
                 relevance: None, map_note: views.MAP_NOTE, prediction_state: None, save_status: "",
                 **slot_updates(studio, slots, model_name, None)}
 
-    item_outputs = [item_id, shown, pending, item_line, input_note, labels_for, *choice.buttons]
-    image.upload(new_photo, [image, shared.model], [*item_outputs, result_json, table, task, token, heat, weights_plot,
-                                                    shading, relevance, map_note, prediction_state, save_status,
-                                                    *slots], api_visibility="private")
+    item_outputs = [item_id, shown, pending, item_line, input_note, labels_for, id_for_upload, *choice.buttons]
+    image.upload(new_photo, [image, shared.model, id_for_upload],
+                 [*item_outputs, result_json, table, task, token, heat, weights_plot, shading, relevance, map_note,
+                  prediction_state, save_status, *slots], api_visibility="private")
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
     text.input(forget_item_id, None, item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots,
@@ -1091,21 +1094,27 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
                       api_visibility="private", show_progress="hidden")
 
     def restore(kept) -> dict:
-        """A page load: the photo, text and item id this browser had (a phone's browser reloads a page it
+        """A page load: the photo, text and item id this browser had last (a phone's browser reloads a page it
         left for the camera, say), the photo while Gradio keeps the upload (a day)."""
         if not isinstance(kept, dict) or not any(kept.values()):
             return {}
         text_value, item = (value if isinstance(value := kept.get(key), str) else "" for key in ("text", "item"))
         photo = kept_upload(kept.get("image"), Path(image.GRADIO_CACHE))
         problem = image_problem(photo) if photo else ""
-        gone = kept.get("image") and not photo
-        note = (f"⚠️ {views.plain(problem)}" if problem else
-                "⚠️ Put back from before the reload, but for the photo, which is no longer kept (an upload is kept "
-                "a day): upload it again, then predict it." if gone else
-                "Put back from before the reload: predict it to see its labels.")
-        return {image: photo, text: text_value, item_id: item, input_note: note}
+        gone = bool(kept.get("image")) and not photo
+        if problem:
+            note = f"⚠️ {views.plain(problem)}"
+        elif gone:
+            note = ("⚠️ Your last item in this browser is put back but for its photo, which is no longer kept (an "
+                    f"upload is kept a day): upload it again{' (its item id stays)' if item else ''}, then predict it.")
+        elif photo:
+            note = "Your last item in this browser is put back: predict it to see its labels."
+        else:  # its photo taken off before: predicting now would refuse (the note said "predict it": QA, s40)
+            note = (f"Your last {'text and item id' if item else 'text'} in this browser {'are' if item else 'is'} "
+                    "put back: upload the photo, then predict it.")
+        return {image: photo, text: text_value, item_id: item, input_note: note, id_for_upload: item if gone else ""}
 
-    return image, text, restore, [image, text, item_id, input_note]
+    return image, text, restore, [image, text, item_id, input_note, id_for_upload]
 
 
 @dataclass
@@ -1969,8 +1978,8 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
 
         def restore(annotator_name, model_name, queue_id, tab, kept_inputs, typed_name, chosen_model):
             """What this browser had before the reload: the annotator, the model, the queue, the tab and the
-            Predict tab's inputs (a name typed before the page finished loading wins). A restored queue shows its tab, unless
-            another tab was open (a reload on Predict went to Review: QA phone labeler, session 38)."""
+            Predict tab's inputs (a name typed before the page finished loading wins). A restored queue shows
+            its tab, unless another tab was open (a reload on Predict went to Review: QA phone labeler, session 38)."""
             annotator_name = (typed_name or "").strip() or annotator_name or ""
             # the model it had, else the one chosen, unless its weights failed to load (known once loaded)
             model_name = next((m for m in (model_name, chosen_model) if m in studio.checkpoints
@@ -1978,7 +1987,8 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
             queue = restore_queue(annotator_name, model_name, queue_id)
             return {shared.annotator: annotator_name if annotator_name != typed_name or login.on else gr.skip(),
                     shared.model: model_name if model_name != chosen_model else gr.skip(),
-                    **restore_inputs(kept_inputs), **queue, **({tabs: gr.Tabs(selected=tab or "review")} if tab or panel.queue in queue else {})}
+                    **restore_inputs(kept_inputs), **queue,
+                    **({tabs: gr.Tabs(selected=tab or "review")} if tab or panel.queue in queue else {})}
 
         demo.load(user_errors(restore), [*remembered.values(), shared.annotator, shared.model],
                   [shared.annotator, shared.model, tabs, *restored_inputs, *restored_outputs],

@@ -328,7 +328,9 @@ def test_a_click_on_an_example_shows_its_prediction(running_app, page):
 
 def test_a_reload_puts_back_the_photo_text_and_item_id(running_app, page, tmp_path):
     """A phone's browser reloads a page it left (for the camera, say): the photo and the text typed were gone,
-    and a catalogue example's item id with them. They are put back, and predict; a photo no longer kept is said."""
+    and a catalogue example's item id with them. They are put back, and predict; a photo no longer kept is said,
+    and uploaded again it keeps the item id put back (it lost it: QA, session 40); with no photo put back the
+    note asks for one (it said "predict it")."""
     import app
 
     note, item_id = page.locator("#input-note"), page.locator("#item-id textarea, #item-id input").first
@@ -347,22 +349,34 @@ def test_a_reload_puts_back_the_photo_text_and_item_id(running_app, page, tmp_pa
     def enter_own_item() -> None:
         page.locator("#input-image input[type=file]").set_input_files(str(photo))
         page.locator("#input-text textarea").fill("Striped cotton shirt")
+        fill_until_it_holds(item_id, "own-item-7")
 
     reload_when_kept(enter_own_item)
-    expect(note).to_contain_text("Put back from before the reload: predict it", timeout=30_000)
+    expect(note).to_contain_text("Your last item in this browser is put back: predict it", timeout=30_000)
     expect(page.locator("#input-text textarea")).to_have_value("Striped cotton shirt")
+    expect(item_id).to_have_value("own-item-7")
     expect(page.locator("#input-image img")).to_be_visible()
     page.locator("#predict").click()
     expect(page.locator("#predictions")).to_contain_text("Perceived colour", timeout=60_000)
     kept_photo = Path(unquote(page.locator("#input-image img").get_attribute("src").split("file=", 1)[1]))
     kept_photo.unlink()  # Gradio's cache aged the upload out
     page.reload()
-    expect(note).to_contain_text("the photo, which is no longer kept", timeout=30_000)
+    expect(note).to_contain_text("but for its photo, which is no longer kept", timeout=30_000)
+    expect(note).to_contain_text("upload it again (its item id stays)")
     expect(page.locator("#input-text textarea")).to_have_value("Striped cotton shirt")
     expect(page.locator("#input-image img")).to_have_count(0)
+    page.locator("#input-image input[type=file]").set_input_files(str(photo))
+    expect(page.locator("#input-image img")).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(1000)  # the upload's answer is in
+    expect(item_id).to_have_value("own-item-7")
+    page.get_by_role("button", name="Remove Image").click()  # no photo: the note asks for one
+    expect(page.locator("#input-image img")).to_have_count(0)
+    page.wait_for_timeout(1500)  # kept
+    page.reload()
+    expect(note).to_contain_text("Your last text in this browser is put back: upload the photo", timeout=30_000)
 
     reload_when_kept(lambda: page.locator("#predict-examples tr.tr-body").first.click())
-    expect(note).to_contain_text("Put back from before the reload", timeout=30_000)
+    expect(note).to_contain_text("Your last item in this browser is put back", timeout=30_000)
     expect(item_id).to_have_value(app.examples(running_app[1].model_names)[0][3])
     expect(page.locator("#input-image img")).to_be_visible()
 
