@@ -645,6 +645,23 @@ def test_a_correction_of_one_task_keeps_the_catalogues_labels_for_the_others(stu
     assert fresh.values == guessed
 
 
+def test_a_catalogue_items_blank_label_starts_empty_not_at_the_models_guess(studio, monkeypatch):
+    """Review, session 40: a catalogue item whose cell is blank started at the model's guess, so correcting
+    another task stored the guess, and training filled the blank with it."""
+    item, task, labels = "0816591001", "product_type_name", Catalogue.labels
+
+    def blank_for_item(catalogue, column):  # the catalogue as it would read with the item's cell left blank
+        values = labels(catalogue, column)
+        if column == task:
+            values[catalogue.item_ids().index(item)] = None
+        return values
+
+    monkeypatch.setattr(Catalogue, "labels", blank_for_item)
+    prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", item)
+    assert task not in view.catalogue and prediction.tasks[task].label and view.catalogue
+    assert view.values[task] is None
+
+
 def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_path):
     other_image = EXAMPLE_IMAGE.parent / "hm-0619304001.jpg"
     prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")

@@ -341,16 +341,18 @@ class Studio:
     def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
         """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given).
         A control with no saved label starts at the catalogue's label, a label someone chose; empty when
-        that is none of the task's classes; else at the model's. (At the model's, a correction of one
-        task stored the model's guesses for the others, "Section = Baby/Children" at 31%, as human labels
-        over the catalogue's, and training took them: QA, session 40.)"""
-        catalogue, split = self._catalogue_item(model, item_id) if catalogued else ({}, None)
-        confirmed = self.new_classes(model) if catalogue else {}
+        that is none of the task's classes, or the catalogue's cell is blank; else (a task or an item the
+        catalogue lacks) at the model's. (At the model's, a correction of one task stored the model's
+        guesses for the others, "Section = Baby/Children" at 31%, as human labels over the catalogue's,
+        and training took them: QA, session 40.)"""
+        catalogue, split, columns = self._catalogue_item(model, item_id) if catalogued else ({}, None, set())
+        confirmed = self.new_classes(model) if columns else {}
         known = {t: {*classes, *confirmed.get(t, [])} for t, classes in self.task_classes(model).items()}
-        predicted = {t: p.label for t, p in prediction.tasks.items()} if prediction else {}
-        start = {t: (catalogue[t] if catalogue[t] in known.get(t, ()) else None) if t in catalogue else label
-                 for t, label in predicted.items()}
-        view = self.item_view(item_id, self.predictor(model).tasks, start)
+        guesses = {t: p.label for t, p in prediction.tasks.items()} if prediction else {}
+        tasks = self.predictor(model).tasks
+        start = {t: (label if (label := catalogue.get(t)) in known.get(t, ()) else None) if t in columns
+                 else guesses.get(t) for t in tasks}
+        view = self.item_view(item_id, tasks, start)
         view.catalogue, view.split = catalogue, split
         return view
 
@@ -358,24 +360,28 @@ class Studio:
         """The labels the model's own catalogue gives an item id ({} when it has no such item)."""
         return self._catalogue_item(model, item_id)[0]
 
-    def _catalogue_item(self, model: str, item_id: str) -> tuple[dict[str, str], str | None]:
-        """An item id's labels and split in the model's own catalogue (({}, None) when it has no such item)."""
-        name = self.predictor(model).config.catalogue.name
+    def _catalogue_item(self, model: str, item_id: str) -> tuple[dict[str, str], str | None, set[str]]:
+        """An item id's labels and split in the model's own catalogue, and the model's tasks it has a column
+        of (a blank cell there: no label); ({}, None, set()) when it has no such item."""
+        name, tasks = self.predictor(model).config.catalogue.name, self.predictor(model).tasks
         with self._lock:
             known = self._catalogues.get(name)
         if known is None:
             try:
                 catalogue = Catalogue.open(CatalogueConfig.load(name, self.data_root))
-                tasks = [t for t in self.predictor(model).tasks if t in catalogue.rows[0]]
-                columns = {t: catalogue.labels(t) for t in tasks}
-                known = {item: ({t: columns[t][n] for t in tasks if columns[t][n]}, row.get("split"))
+                labels = {column: catalogue.labels(column) for column in catalogue.rows[0]
+                          if column in catalogue.config.tasks or column in tasks}
+                columns = frozenset(labels)  # one for every item
+                known = {item: ({t: column[n] for t, column in labels.items() if column[n]}, row.get("split"), columns)
                          for n, (item, row) in enumerate(zip(catalogue.item_ids(), catalogue.rows))}
             except (CatalogueError, OSError):
                 known = {}
             with self._lock:
                 self._catalogues[name] = known
-        labels, split = known.get(item_id, ({}, None))
-        return dict(labels), split
+        if item_id not in known:
+            return {}, None, set()
+        labels, split, columns = known[item_id]
+        return {t: v for t, v in labels.items() if t in tasks}, split, columns & set(tasks)
 
     def save_item(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
                   item_id: str | None, labels: dict[str, str | None], shown: Shown | None, *,
