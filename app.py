@@ -496,11 +496,13 @@ class LatestInputs:
                 while len(self._latest) > self.KEPT:
                     self._latest.popitem(last=False)
 
-    def superseded(self, value: object, started: float) -> bool:
-        """Whether another input came in this session since a result for `value` began (at `started`)."""
+    def superseded(self, value: object, started: float | None = None) -> bool:
+        """Whether another input came in this session since a result for `value` began (at `started`); without
+        `started`, whether the session's latest input is another (a result queued behind others began late:
+        an input noted while it waited came before its start)."""
         with self._lock:
             latest, at = self._latest.get(self._session() or "", (None, float("-inf")))
-        return at > started and latest != str(value)
+        return latest is not None and latest != str(value) and (started is None or at > started)
 
 
 def event_ended() -> bool:
@@ -561,9 +563,20 @@ def kept_upload(path: object, uploads: Path) -> str | None:
         return None
     try:
         found = Path(path).resolve()
-    except (OSError, ValueError):  # a NUL byte, a loop
+        return str(found) if found.is_relative_to(uploads.resolve()) and found.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a loop of links
         return None
-    return str(found) if found.is_relative_to(uploads.resolve()) and found.is_file() else None
+
+
+def readable(value: object) -> str:
+    """A browser's saved text as text the page can be sent: "" for anything else (a number, a lone surrogate)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return ""
+    return value
 
 
 def image_problem(image_path: str | None) -> str:
@@ -789,10 +802,10 @@ class Shared:
 
 
 # ---------------------------------------------------------------------- tabs
-def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, Callable, list]:
+def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, Callable, list, list]:
     """Predict, explain and correct one item. Returns its image and text inputs (the Robustness tab's too),
-    `restore(kept)` (the inputs' updates for a page load, {} when the browser kept none) and the
-    components it updates."""
+    `restore(kept, *entered)` (the inputs' updates for a page load, {} when the browser kept none), the
+    inputs it reads as `entered` and the components it updates."""
     with gr.Tab(TABS["predict"], id="predict"):
         prediction_state = gr.State(None)
         shown = gr.State(None)  # the item the controls show: its id and the versions of its labels
@@ -1016,21 +1029,23 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
         return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
                 input_note: "", labels_for: "", id_for_upload: "", **resolution(choice, None)}
 
-    def new_photo(image_path, model_name, kept_id):
+    def new_photo(image_path, model_name, kept_id, shown_id):
         """A new upload is a new item: the last item's results go (beside the new photo they read as
         its own), and a file that cannot be predicted is said at once, under the inputs. The photo of an
-        item put back without it keeps the item's id (uploaded again as the note asked, it lost it: QA, s40)."""
+        item put back without it keeps the item's id, while the id box still shows that id (uploaded
+        again as the note asked, it lost it: QA, s40; an example clicked since is another item)."""
         uploads.note(image_path)
         problem = image_problem(image_path)
+        same = isinstance(kept_id, str) and kept_id and kept_id == (shown_id or "").strip()
         return {**forget_item_id(), input_note: f"⚠️ {views.plain(problem)}" if problem else "",
-                item_id: kept_id if isinstance(kept_id, str) else "",
+                item_id: kept_id if same else "",
                 result_json: None, table: None, task: gr.update(choices=[], value=None),
                 token: gr.update(choices=[], value=None), heat: None, weights_plot: None, shading: None,
                 relevance: None, map_note: views.MAP_NOTE, prediction_state: None, save_status: "",
                 **slot_updates(studio, slots, model_name, None)}
 
     item_outputs = [item_id, shown, pending, item_line, input_note, labels_for, id_for_upload, *choice.buttons]
-    image.upload(new_photo, [image, shared.model, id_for_upload],
+    image.upload(new_photo, [image, shared.model, id_for_upload, item_id],
                  [*item_outputs, result_json, table, task, token, heat, weights_plot, shading, relevance, map_note,
                   prediction_state, save_status, *slots], api_visibility="private")
     image.clear(forget_item_id, None, item_outputs, api_visibility="private")
@@ -1093,12 +1108,13 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
         source.change(remember_inputs, [image, text, item_id], shared.remember_inputs, trigger_mode="always_last",
                       api_visibility="private", show_progress="hidden")
 
-    def restore(kept) -> dict:
+    def restore(kept, *entered) -> dict:
         """A page load: the photo, text and item id this browser had last (a phone's browser reloads a page it
-        left for the camera, say), the photo while Gradio keeps the upload (a day)."""
-        if not isinstance(kept, dict) or not any(kept.values()):
+        left for the camera, say), the photo while Gradio keeps the upload (a day); nothing when the
+        labeler `entered` a photo, text or id before the page finished loading (theirs wins)."""
+        if not isinstance(kept, dict) or not any(kept.values()) or any(entered):
             return {}
-        text_value, item = (value if isinstance(value := kept.get(key), str) else "" for key in ("text", "item"))
+        text_value, item = (readable(kept.get(key)) for key in ("text", "item"))
         photo = kept_upload(kept.get("image"), Path(image.GRADIO_CACHE))
         problem = image_problem(photo) if photo else ""
         gone = bool(kept.get("image")) and not photo
@@ -1111,10 +1127,10 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
             note = "Your last item in this browser is put back: predict it to see its labels."
         else:  # its photo taken off before: predicting now would refuse (the note said "predict it": QA, s40)
             note = (f"Your last {'text and item id' if item else 'text'} in this browser {'are' if item else 'is'} "
-                    "put back: upload the photo, then predict it.")
-        return {image: photo, text: text_value, item_id: item, input_note: note, id_for_upload: item if gone else ""}
+                    f"put back: upload the photo{' (its item id stays)' if item else ''}, then predict it.")
+        return {image: photo, text: text_value, item_id: item, input_note: note, id_for_upload: "" if photo else item}
 
-    return image, text, restore, [image, text, item_id, input_note, id_for_upload]
+    return image, text, restore, [image, text, item_id], [image, text, item_id, input_note, id_for_upload]
 
 
 @dataclass
@@ -1677,20 +1693,19 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
     items = LatestInputs()  # the Predict tab's item and the model, as `forget_probe` last saw them
 
-    def unless_item_changed(what: str, started: float, *item) -> None:
-        """Refuse a probe or sweep result whose item or model changed while it ran: it landed after
+    def unless_item_changed(what: str, *item) -> None:
+        """Refuse a probe or sweep result whose item or model is no longer the page's: it landed after
         `forget_probe` had cleared the results, as the new item's."""
-        if items.superseded(item, started):
+        if items.superseded(item):
             raise StudioError(f"The item or the model changed while the {what} ran: nothing of it is shown. "
                               f"Run it again for this one.")
 
     def probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity, seed_value):
         """Predict on the clean and the corrupted item; returns both predictions as JSON first."""
         need_item(image_path)
-        started = time.monotonic()
         result = studio.probe(image_path, text_value, model_name, i_noise, i_severity, t_noise, t_severity,
                               seed_value)
-        unless_item_changed("probe", started, image_path, text_value, model_name)
+        unless_item_changed("probe", image_path, text_value, model_name)
         first = next(iter(result.clean.tasks))
         clean_map, noisy_map, moved = views.probe_maps(result, first)
         return {probe_json: views.probe_summary(result), probe_table: views.probe_rows(result),
@@ -1706,9 +1721,8 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
 
     def sweep_item(image_path, text_value, model_name, i_noise, t_noise, seed_value):
         need_item(image_path)
-        started = time.monotonic()
         sweep = studio.item_sweep(image_path, text_value, model_name, i_noise, t_noise, seed_value)
-        unless_item_changed("sweep", started, image_path, text_value, model_name)
+        unless_item_changed("sweep", image_path, text_value, model_name)
         for note in sweep.notes:  # beside the plot, whose flat text curves would read as robustness
             gr.Info(html.escape(note))
         return {item_sweep_plot: item_sweep_figure(sweep.confidence, sweep.image_weight,
@@ -1968,7 +1982,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
             elif login.on:
                 gr.Button("Log out", link="/logout", scale=0, elem_id="logout")
         with gr.Tabs() as tabs:
-            image, text, restore_inputs, restored_inputs = predict_tab(studio, shared)
+            image, text, restore_inputs, entered_inputs, restored_inputs = predict_tab(studio, shared)
             panel, restore_queue, restored_outputs = review_tab(studio, shared)
             stop_on_leave = robustness_tab(studio, shared, image, text)
             history_tab(studio, shared)
@@ -1976,7 +1990,7 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
         typed_inputs(demo)
         demo.unload(stop_on_leave)
 
-        def restore(annotator_name, model_name, queue_id, tab, kept_inputs, typed_name, chosen_model):
+        def restore(annotator_name, model_name, queue_id, tab, kept_inputs, typed_name, chosen_model, *entered):
             """What this browser had before the reload: the annotator, the model, the queue, the tab and the
             Predict tab's inputs (a name typed before the page finished loading wins). A restored queue shows
             its tab, unless another tab was open (a reload on Predict went to Review: QA phone labeler, session 38)."""
@@ -1987,10 +2001,10 @@ def build(studio: Studio, login: Login | None = None) -> gr.Blocks:
             queue = restore_queue(annotator_name, model_name, queue_id)
             return {shared.annotator: annotator_name if annotator_name != typed_name or login.on else gr.skip(),
                     shared.model: model_name if model_name != chosen_model else gr.skip(),
-                    **restore_inputs(kept_inputs), **queue,
+                    **restore_inputs(kept_inputs, *entered), **queue,
                     **({tabs: gr.Tabs(selected=tab or "review")} if tab or panel.queue in queue else {})}
 
-        demo.load(user_errors(restore), [*remembered.values(), shared.annotator, shared.model],
+        demo.load(user_errors(restore), [*remembered.values(), shared.annotator, shared.model, *entered_inputs],
                   [shared.annotator, shared.model, tabs, *restored_inputs, *restored_outputs],
                   api_visibility="private")
 

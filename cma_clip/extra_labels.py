@@ -118,13 +118,13 @@ class Merged:
             parts.append(f"{c['disputed_left_out']} labels of open disagreements left out, the catalogue's of those "
                          "tasks too (a reviewer settles them in the Review tab's Disagreements queue)")
         if self.respelled:  # an export edited by hand: "grey" for "Grey" would train as a second class
-            parts.append("labels spelling a class otherwise, trained as that class: " + "; ".join(
+            parts.append("labels spelling a class otherwise, read as that class: " + "; ".join(
                 f"{task} " + ", ".join(f"{label!r} as {spelled!r}" for label, spelled in labels.items())
                 for task, labels in self.respelled.items()))
         if self.not_tasks:  # a column renamed by hand, or another catalogue's task: its labels would vanish unsaid
-            parts.append("labels of columns that are none of this catalogue's tasks, left out: " + ", ".join(
-                f"{column!r} ({n})" for column, n in self.not_tasks.items()) + " (tasks: " + ", ".join(
-                self.catalogue.config.tasks) + ")")
+            parts.append("labels of columns that are none of this catalogue's tasks (another catalogue's, or a column "
+                         "renamed), left out: " + ", ".join(f"{column!r} ({n})" for column, n in self.not_tasks.items())
+                         + " (tasks: " + ", ".join(self.catalogue.config.tasks) + ")")
         if self.new_classes:  # each one a class of the model: a typo or a formula pasted in shows here
             parts.append("new classes (labels no catalogue item of this run had): " + "; ".join(
                 f"{task} {', '.join(map(repr, labels))}" for task, labels in self.new_classes.items()))

@@ -74,8 +74,8 @@ def test_a_store_overrides_train_and_val_keeps_test_and_adds_uploads(tmp_path):
     assert "new classes (labels no catalogue item of this run had): colour 'Blue', 'White'" in summary
     # another catalogue's task is said, with its count of labels left out
     assert report["not_tasks"] == {"pattern": 2} and report["respelled"] == {}
-    assert "labels of columns that are none of this catalogue's tasks, left out: 'pattern' (2) (tasks: colour, " \
-           "type)" in summary
+    assert "labels of columns that are none of this catalogue's tasks (another catalogue's, or a column renamed), " \
+           "left out: 'pattern' (2) (tasks: colour, type)" in summary
 
     # the original is untouched
     assert catalogue.labels("colour") == ["Black"] * 3 and len(catalogue) == 3 and catalogue.extra_roots == ()
@@ -300,8 +300,8 @@ def test_an_export_edited_by_hand_says_a_renamed_column_and_trains_a_respelled_c
     assert merged.respelled == {"colour": {"black": "Black"}} and merged.not_tasks == {"kind": 2}
     assert merged.new_classes == {}  # "black" is no class of its own (a2's Red is validated on: no class either)
     summary = merged.summary()
-    assert "labels spelling a class otherwise, trained as that class: colour 'black' as 'Black'" in summary
-    assert "labels of columns that are none of this catalogue's tasks, left out: 'kind' (2)" in summary
+    assert "labels spelling a class otherwise, read as that class: colour 'black' as 'Black'" in summary
+    assert "or a column renamed), left out: 'kind' (2)" in summary
 
 
 def test_exports_joined_together_keep_each_tasks_newest_label_and_say_so(tmp_path):

@@ -517,7 +517,7 @@ def test_a_login_that_cannot_work_stops_the_app_at_once_in_one_line(tmp_path):
 def test_a_browsers_kept_photo_is_put_back_only_from_the_upload_folder(tmp_path):
     """A reload puts back the photo path the browser kept, which the browser may have changed: only a file
     still in Gradio's upload folder is served, never the label store or a path climbing out of the folder."""
-    from app import kept_upload
+    from app import kept_upload, readable
 
     uploads_folder, store = tmp_path / "uploads", tmp_path / "labels.db"
     (uploads_folder / "ab12").mkdir(parents=True)
@@ -525,6 +525,12 @@ def test_a_browsers_kept_photo_is_put_back_only_from_the_upload_folder(tmp_path)
     shutil.copy(EXAMPLE_IMAGE, photo)
     store.write_bytes(b"SQLite format 3\0")
     assert kept_upload(str(photo), uploads_folder) == str(photo.resolve())
+    (uploads_folder / "loop-a").symlink_to(uploads_folder / "loop-b")
+    (uploads_folder / "loop-b").symlink_to(uploads_folder / "loop-a")
+    (uploads_folder / "out").symlink_to(store)
     for forged in (str(store), str(uploads_folder / ".." / "labels.db"), str(uploads_folder / "ab12"),
-                   str(uploads_folder / "gone.jpg"), "", None, 42, ["x"], "a\0b"):
+                   str(uploads_folder / "gone.jpg"), "", None, 42, ["x"], "a\0b", str(uploads_folder / ("a" * 300)),
+                   str(uploads_folder / "loop-a"), str(uploads_folder / "out")):  # a page load that failed on each
         assert kept_upload(forged, uploads_folder) is None, forged
+    # the text and id put back: text the page can be sent, or nothing
+    assert [readable(value) for value in ("Striped shirt", "\ud800 lone", 42, None)] == ["Striped shirt", "", "", ""]
