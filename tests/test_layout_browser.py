@@ -340,10 +340,11 @@ def test_one_items_history_shows_every_column_on_a_laptop(checkpoint_dir, tmp_pa
     past a 1366-px screen's edge (a sideways scroll inside the table)."""
     item = "0816591001"
     with serving(checkpoint_dir, tmp_path / "data") as (url, studio), chromium() as browser:
-        _, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", item)
+        prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", item)
+        guesses = {t: p.label for t, p in prediction.tasks.items()}  # every task labelled: the model's, picked
         for annotator, colour in (("ana", "Grey"), ("ben", "Black")):  # ben overwrites ana's labels unseen
             saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", annotator, item,
-                                     dict(view.values, colour_group_name=colour), view.shown, force=True)
+                                     dict(guesses, colour_group_name=colour), view.shown, force=True)
             assert saved.result == "saved", saved
         page = browser.new_page(viewport={"width": 1366, "height": 768})
         page.goto(url)
