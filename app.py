@@ -823,7 +823,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
                 predict_button = gr.Button("Predict", variant="primary", elem_id="predict")
                 item_id = gr.Textbox("", label="Item id", elem_id="item-id",
                                      placeholder="the catalogue id; empty: a content id from the image and text",
-                                     info="An example sets it; a new upload or an edited text clears it.")
+                                     info="An example sets it; a new upload or an edited text clears it (the "
+                                          "upload of a photo a reload could not put back keeps it).")
                 with gr.Column(elem_id="predict-examples"):
                     catalogue_examples = gr.Examples(examples(studio.model_names),
                                                      inputs=[image, text, shared.model, item_id],

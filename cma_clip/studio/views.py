@@ -496,7 +496,7 @@ def item_line(view: ItemView, explicit: bool) -> str:
     """The Predict tab's line naming the item a save goes to, and where its labels stand."""
     origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
     saved = {t: s for t, s in view.states.items() if s.label is not None}
-    unsaved = ("the catalogue's label (empty where that is none of the model's classes)" if view.catalogue
+    unsaved = ("the catalogue's label (empty where it gives none of the model's classes)" if view.catalogue
                else "the model's label")
     where = (f"{plural(len(saved), 'task')} saved before; each control starts at its saved label, else at {unsaved}"
              if saved else f"nothing saved yet; each control starts at {unsaved}")
