@@ -1178,6 +1178,11 @@ def test_the_predict_tab_says_where_a_held_out_items_corrections_go(studio):
     line = views.item_line(train, True)
     assert train.split == "train" and "a **train** item: its labels feed the next training run" in line
     assert "nothing saved yet; each control starts at the catalogue's label" in line
+    # labels another model's tasks hold are no controls here: they are not counted as saved (QA, session 40)
+    studio.store.save_correction(image=EXAMPLE_IMAGE, text="t", labels={"gender": "Men", "season": "Summer"},
+                                 item_id=train.item_id)
+    line = views.item_line(studio.model_view("hm-articles", train.item_id, None, True), True)
+    assert "nothing saved yet; each control starts at the catalogue's label" in line
     upload = studio.model_view("hm-articles", "img-upload", None, False)
     assert upload.split is None and "each control starts at the model's label" in views.item_line(upload, False)
 

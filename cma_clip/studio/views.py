@@ -495,7 +495,8 @@ def slot_info(prediction_label: str | None, confidence: float | None, catalogue:
 def item_line(view: ItemView, explicit: bool) -> str:
     """The Predict tab's line naming the item a save goes to, and where its labels stand."""
     origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
-    saved = {t: s for t, s in view.states.items() if s.label is not None}
+    # the model's tasks only: another model's labels of the item are no control here ("10 tasks saved" of 6: QA, s40)
+    saved = {t: s for t, s in view.states.items() if s.label is not None and t in view.values}
     unsaved = ("the catalogue's label (empty where it gives none of the model's classes)" if view.catalogue
                else "the model's label")
     where = (f"{plural(len(saved), 'task')} saved before; each control starts at its saved label, else at {unsaved}"
