@@ -1164,6 +1164,18 @@ def test_the_history_tells_apart_tasks_two_models_name_alike(tmp_path):
     assert shipped.display_names("hm-articles")["colour_group_name"] == "Colour"  # one model's own view is plain
 
 
+def test_without_its_catalogue_an_examples_id_is_not_called_a_typo(checkpoint_dir, tmp_path):
+    """A Space or a clone without ../shared/data has no catalogues: each example's click said "no catalogue
+    item has this id ...: check it for a typo" (the README's first command, session 40)."""
+    from cma_clip.studio import Studio
+
+    bare = Studio(checkpoint_dir, data_dir=tmp_path / "studio", device="cpu", data_root=tmp_path / "no-data")
+    view = bare.model_view("hm-articles", "0816591001", None, True)
+    assert "no catalogue item has this id" not in views.item_line(view, True)
+    assert "each control starts at the model's label" in views.item_line(view, True)
+    assert not view.catalogue_read and view.catalogue == {}
+
+
 def test_the_predict_tab_says_where_a_held_out_items_corrections_go(studio):
     """A val or test item's labels saved on the Predict tab never train the next run: its item line says so; a
     train item's line says its labels feed the next run (QA, session 40: it said nothing), and each line says

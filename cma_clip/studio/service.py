@@ -354,6 +354,7 @@ class Studio:
                  else guesses.get(t) for t in tasks}
         view = self.item_view(item_id, tasks, start)
         view.catalogue, view.split = catalogue, split
+        view.catalogue_read = catalogued and bool(self._catalogue(model))
         return view
 
     def catalogue_labels(self, model: str, item_id: str) -> dict[str, str]:
@@ -363,6 +364,15 @@ class Studio:
     def _catalogue_item(self, model: str, item_id: str) -> tuple[dict[str, str], str | None, set[str]]:
         """An item id's labels and split in the model's own catalogue, and the model's tasks it has a column
         of (a blank cell there: no label); ({}, None, set()) when it has no such item."""
+        known, tasks = self._catalogue(model), self.predictor(model).tasks
+        if item_id not in known:
+            return {}, None, set()
+        labels, split, columns = known[item_id]
+        return {t: v for t, v in labels.items() if t in tasks}, split, columns & set(tasks)
+
+    def _catalogue(self, model: str) -> dict[str, tuple[dict[str, str], str | None, frozenset[str]]]:
+        """The model's own catalogue, read once: item id -> (labels, split, task columns); {} when it cannot
+        be read (a Space or a clone without the catalogues)."""
         name, tasks = self.predictor(model).config.catalogue.name, self.predictor(model).tasks
         with self._lock:
             known = self._catalogues.get(name)
@@ -378,10 +388,7 @@ class Studio:
                 known = {}
             with self._lock:
                 self._catalogues[name] = known
-        if item_id not in known:
-            return {}, None, set()
-        labels, split, columns = known[item_id]
-        return {t: v for t, v in labels.items() if t in tasks}, split, columns & set(tasks)
+        return known
 
     def save_item(self, image_path: str | None, text: str | None, model: str, annotator: str | None,
                   item_id: str | None, labels: dict[str, str | None], shown: Shown | None, *,

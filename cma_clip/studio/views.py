@@ -505,7 +505,7 @@ def item_line(view: ItemView, explicit: bool) -> str:
                 "test": "a **test** item: its labels never reach training (test keeps the catalogue's)"}
     splits = {**held_out, "train": "a **train** item: its labels feed the next training run"}
     note = f" · {splits[view.split]}" if view.split in splits else ""
-    if explicit and not saved and not view.catalogue and view.split is None:
+    if explicit and not saved and not view.catalogue and view.split is None and view.catalogue_read:
         note += (" · **no catalogue item has this id, and nothing is saved under it**: check it for a typo (a save "
                  "makes it a new item)")
     if not explicit and view.photo_of:

@@ -296,6 +296,7 @@ class ItemView:
     history: list[dict]
     catalogue: dict[str, str] = field(default_factory=dict)  # the catalogue's own labels, when known
     split: str | None = None  # the catalogue item's split, when known (where its corrections go: SPLIT_NOTES)
+    catalogue_read: bool = False  # the model's catalogue could be read (a Space or a clone may lack it)
     photo_of: list[tuple[str, str | None]] = field(default_factory=list)  # no id given: the catalogue items
     # (id, split) whose photo this is, byte for byte
 
