@@ -255,8 +255,17 @@ def test_a_used_upload_is_kept_and_a_removed_one_is_explained(studio, tmp_path):
     studio.keep_queue(queue, "keeper")  # using the queue marks its upload as used now
     assert time.time() - folder.stat().st_mtime < 60
     uploads.prune(studio.uploads_dir, max_age_s=0)  # everything unused now goes
-    with pytest.raises(StudioError, match="was not found on the server .uploads are removed"):
+    with pytest.raises(StudioError, match="was not found on the server .uploads are removed 72 hours after"):
         open_user_image(queue.items[0].image_path)
+
+
+def test_a_predict_photo_gone_says_how_long_the_app_keeps_one(studio, tmp_path):
+    """A photo given to Predict lives in Gradio's upload cache, emptied after a day and at a restart; its
+    message named the review uploads' 72 hours."""
+    photo = tmp_path / "gradio" / "3f2a" / "tee.jpg"
+    with pytest.raises(StudioError, match=r"tee.jpg was not found on the server \(the app keeps a photo it is "
+                                          r"given for a day, and none after a restart\): upload it again"):
+        studio.predict(str(photo), EXAMPLE_TEXT, MODEL)
 
 
 # ---------------------------------------------------------------------- case 4: field sizes

@@ -53,6 +53,7 @@ MAX_BATCH = 16  # concurrent /predict calls answered by one batch (`MicroBatcher
 SPLITS = ("train", "val", "test")
 BULK_CHUNK = 25  # items per bulk-accept transaction: each chunk is acknowledged once committed
 AUDIT_PAGE = 50
+REVIEW_UPLOADS = "review_uploads"  # the studio folder's folder of review uploads (their images are kept 72 h)
 EXPORTS_KEPT = 20  # the newest exports kept in the studio folder (a download is Gradio's copy or the client's)
 EXPORT_NAME = re.compile(r"labels_export-\d{8}T\d{12}Z-[0-9a-f]{6}\.(csv|jsonl)")  # UTC to the microsecond
 RECENT_REQUESTS = 1000  # stored requests remembered, to answer a retry with the first answer
@@ -117,7 +118,7 @@ class Studio:
                               "(read-only?): the label store and uploaded images are kept there; give a writable "
                               "folder (on a Space, its persistent storage: /data/studio)")
         self.store = LabelStore(self.data_dir / "labels.db")
-        self.uploads_dir = self.data_dir / "review_uploads"  # one folder per uploaded manifest's images
+        self.uploads_dir = self.data_dir / REVIEW_UPLOADS  # one folder per uploaded manifest's images
         self.device, self.data_root = resolve_device(device), data_root  # a device this machine lacks fails here
         self.cache_dir, self.catalogue_limit = cache_dir, catalogue_limit
         self._predictors: dict[str, Predictor] = {}
@@ -1541,9 +1542,11 @@ def open_user_image(path: str | None) -> Image.Image:
     if not path:
         raise StudioError("Upload a product image (JPEG, PNG, WebP, GIF or BMP).")
     if not Path(path).exists():
-        raise StudioError(f"The image {Path(path).name} was not found on the server (uploads are removed "
-                          f"{uploads.upload_hours():g} hours after their last use, or after an hour unused when "
-                          "the uploads outgrow their storage): upload it again.")
+        kept = (f"uploads are removed {uploads.upload_hours():g} hours after their last use, or after an hour "
+                "unused when the uploads outgrow their storage" if REVIEW_UPLOADS in Path(path).parts else
+                # Gradio's upload cache (app.CACHE_RETENTION): the 72 hours of review uploads were named here
+                "the app keeps a photo it is given for a day, and none after a restart")
+        raise StudioError(f"The image {Path(path).name} was not found on the server ({kept}): upload it again.")
     try:
         return load_image(path)
     except ImageError as exc:
