@@ -662,10 +662,9 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
                  tasks: list[str] | None = None) -> dict:
     """One dropdown per task (the model's, or `tasks`), starting where `view` says (`Studio.item_view`), else at
     the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
-    classes, new_classes = studio.task_classes(model), studio.new_classes(model)
-    names = studio.display_names(model)
-    tasks = list(classes) if tasks is None else tasks
     catalogue = catalogue if catalogue is not None else (view.catalogue if view else {})
+    choices, names = studio.label_choices(model, catalogue), studio.display_names(model)
+    tasks = list(choices) if tasks is None else tasks
     updates = {}
     for i, slot in enumerate(slots):
         if i < len(tasks):
@@ -676,7 +675,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
                                    (catalogue or {}).get(task), state) if prediction or view else ""
             updates[slot] = gr.update(label=views.task_name(task, p, names),
-                                      choices=views.typing_order([*classes[task], *new_classes.get(task, [])]),
+                                      choices=views.typing_order(choices[task]),
                                       value=value, visible=True, info=info)
         else:
             updates[slot] = gr.update(visible=False, value=None)
@@ -1177,7 +1176,7 @@ def choice_updates(panel: ReviewPanel, item: ReviewItem | None, task: str | None
 def show_queue(studio: Studio, panel: ReviewPanel, queue: ReviewQueue | None, message: str = "",
                outcome: SaveOutcome | UndoOutcome | None = None) -> dict:
     """The panel's updates for the queue's current item (an empty panel when none is left):
-    each control at the item's saved label (else the model's), a fresh request id, the
+    each control where `Studio.current_view` starts it, a fresh request id, the
     versions shown, and `message` (with the choices a refused `outcome` offers)."""
     item = queue.current if queue else None
     common = {panel.queue: queue, panel.progress: views.review_status(queue), panel.status: message,
@@ -1222,7 +1221,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
     with gr.Tab(TABS["review"], id="review", elem_id="review-tab"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
-                    "left out. Your place in the queue is kept: a reload or a restart resumes it.")
+                    "left out. Each control starts at the item's saved label, else at its catalogue (or manifest) "
+                    "label, so Accept confirms that, else at the model's. Your place in the queue is kept: a reload "
+                    "or a restart resumes it.")
         with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
             with gr.Row():
                 with gr.Column():

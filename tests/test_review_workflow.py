@@ -8,7 +8,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from cma_clip.data import CatalogueConfig, read_manifest
+from cma_clip.data import Catalogue, CatalogueConfig, read_manifest
 from cma_clip.labels import LabelStoreError, content_item_id
 from cma_clip.studio import ALL_TASKS, THRESHOLDS, Studio, clean_text, views
 from conftest import EXAMPLE_IMAGE, EXAMPLE_TEXT, serving
@@ -319,7 +319,10 @@ def test_a_typo_is_caught_and_a_new_class_needs_confirming(review_app):
     colour_slot = next(answer for n in range(1, 9) if (answer := confirmed[f"task {n}"]).get("label") == "Colour")
     assert ["Turquoise glitter"] * 2 in colour_slot["choices"]  # the next item's Colour offers it
     listed = eve.client.predict(MODEL, api_name="/tasks")
-    assert listed["new_classes"][COLOUR] == ["Turquoise glitter"] and "Turquoise glitter" not in listed["tasks"][COLOUR]
+    assert "Turquoise glitter" in listed["new_classes"][COLOUR] and "Turquoise glitter" not in listed["tasks"][COLOUR]
+    # the others listed: catalogue labels this small model lacks, which earlier scenarios accepted on their items
+    own = set(Catalogue.open(CatalogueConfig.load(MODEL)).labels(COLOUR))
+    assert set(listed["new_classes"][COLOUR]) - {"Turquoise glitter"} <= own - set(listed["tasks"][COLOUR])
     # the Predict tab asks too
     shown = eve("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "typo-item")
     refused = eve("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, "eve", "typo-item",

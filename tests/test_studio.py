@@ -224,14 +224,69 @@ def test_review_queue_on_a_catalogue_split(studio):
     assert other.result == "saved" and studio.store.count() == saves + 1
 
 
+def test_an_uncertainty_queues_catalogue_item_starts_at_the_catalogues_labels_not_the_models_guesses(studio):
+    """Its controls started at the model's labels: one reflex Accept stored the unsure model's guesses as a
+    person's labels over the catalogue's (the queue holds the items the model is least sure of). A control
+    starts at the catalogue's label now, so Accept confirms it, one that is none of the model's classes too
+    (offered, and taken as the item's own: no new class to confirm)."""
+    colour = "colour_group_name"
+    classes = studio.task_classes("hm-articles")[colour]
+    queue = studio.review_catalogue("hm-articles", "val", 40, annotator="vic", show_decided=True)
+    inside = next(i for i in queue.items if i.catalogue.get(colour, i.predictions[colour].label) in
+                  {*classes} - {i.predictions[colour].label})
+    outside = next(i for i in queue.items if i.catalogue.get(colour, classes[0]) not in classes)
+    queue.position = queue.index_of(inside.item_id)
+    view = studio.current_view(queue)
+    assert view.values[colour] == inside.catalogue[colour] != inside.predictions[colour].label
+    saved = studio.review_save(queue, "vic", view.values)
+    assert saved.result == "saved" and studio.store.item_state(inside.item_id)[colour].label == inside.catalogue[colour]
+    queue.position = queue.index_of(outside.item_id)
+    view = studio.current_view(queue)
+    assert view.values[colour] == outside.catalogue[colour] != outside.predictions[colour].label
+    assert outside.catalogue[colour] in studio.label_choices("hm-articles", outside.catalogue)[colour]
+    other = studio.review_catalogue("hm-articles", "val", 40, annotator="wes", show_decided=True)
+    other.position = other.index_of(inside.item_id)  # on another item, a label the model lacks is a new class
+    assert studio.review_save(other, "wes", {colour: outside.catalogue[colour]}).result == "unknown"
+    saved = studio.review_save(queue, "vic", view.values)
+    assert saved.result == "saved" and studio.store.item_state(outside.item_id)[colour].label == view.values[colour]
+
+
+def test_an_uploads_manifest_labels_start_its_controls_spelled_as_the_classes_they_spell(studio, tmp_path):
+    """A manifest's label is the item's own label too: "dark blue" starts at the class "Dark Blue" (two spellings
+    would train as two classes), and a label that is no class at all starts as written, Accept storing it."""
+    colour = "colour_group_name"
+    classes = studio.task_classes("hm-articles")[colour]
+    rows = [r for r in hm_rows("test", 40) if r[colour] in classes][:2]
+    rows = [{**rows[0], colour: rows[0][colour].lower().replace(" ", "-")}, {**rows[1], colour: "Ocean Mist"}]
+    manifest = write_hm_manifest(tmp_path / "upload", rows)
+    queue = studio.review_upload("hm-articles", str(manifest), [str(tmp_path / "upload" / r["image"]) for r in rows],
+                                 annotator="uma", show_decided=True)
+    started = {}
+    for item in queue.items:
+        queue.position = queue.index_of(item.item_id)
+        started[item.item_id] = studio.current_view(queue).values
+    spelled, own = (started[r["article_id"]] for r in rows)
+    assert spelled[colour] == class_of(rows[0][colour], classes) and spelled[colour] != rows[0][colour]
+    assert own[colour] == "Ocean Mist" and "Ocean Mist" not in classes
+    queue.position = queue.index_of(rows[1]["article_id"])
+    assert studio.review_save(queue, "uma", own).result == "saved"
+    assert studio.store.item_state(rows[1]["article_id"])[colour].label == "Ocean Mist"
+
+
+def class_of(label: str, classes: list[str]) -> str:
+    """The class a label spells, case and hyphens aside (this test's own reading, not the app's)."""
+    return next(c for c in classes if c.lower() == label.replace("-", " "))
+
+
 def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     """A queue showing decided items is a second pass, for the agreement: its controls started at the
-    first annotator's label, so a plain Accept copied it (QA, session 32). They start at the model's now,
-    and at the labeler's own label once they saved one."""
+    first annotator's label, so a plain Accept copied it (QA, session 32). They start where a first pass
+    starts now, and at the labeler's own label once they saved one."""
     colour = "colour_group_name"
     ana = studio.review_catalogue("hm-articles", "test", 3, annotator="ana")
-    item = ana.current
-    other = next(c for c in studio.task_classes("hm-articles")[colour] if c != item.predictions[colour].label)
+    item, start = ana.current, studio.current_view(ana).values[colour]
+    other = next(c for c in studio.task_classes("hm-articles")[colour] if c not in (item.predictions[colour].label,
+                                                                                      start))
     assert studio.review_save(ana, "ana", {**item.predicted(), colour: other}).result == "saved"
     ben = studio.review_catalogue("hm-articles", "test", 3, annotator="ben", show_decided=True)
     # his second pass counts the team's decisions, and says so: he read ana's as his own (QA team lead, session 37)
@@ -239,14 +294,14 @@ def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     assert views.review_progress(ana) == "**1 reviewed of 3**"
     ben.position = ben.index_of(item.item_id)
     view = studio.current_view(ben)
-    assert view.values[colour] == item.predictions[colour].label != other  # not ana's
+    assert view.values[colour] == start != other  # not ana's
     assert view.states[colour].label == other  # which the item's table still shows
     assert studio.review_save(ben, "ben", {colour: "Black" if other != "Black" else "White"}).result == "saved"
     ben.position = ben.index_of(item.item_id)
     assert studio.current_view(ben).values[colour] == ("Black" if other != "Black" else "White")  # his own
     again = studio.review_catalogue("hm-articles", "test", 3, annotator="ana", show_decided=True)
-    again.position = again.index_of(item.item_id)  # ana, whose label ben replaced: the model's again
-    assert studio.current_view(again).values[colour] == item.predictions[colour].label
+    again.position = again.index_of(item.item_id)  # ana, whose label ben replaced: where a first pass starts
+    assert studio.current_view(again).values[colour] == start
 
 
 def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
@@ -625,22 +680,22 @@ def test_a_second_save_of_the_same_labels_in_the_predict_tab_stores_nothing(stud
 def test_a_correction_of_one_task_keeps_the_catalogues_labels_for_the_others(studio):
     """QA, session 40: on a catalogue item, correcting one task and saving stored the model's guesses for the
     others ("Section = Baby/Children" at 31%) as human labels over the catalogue's, and training took them.
-    A control with no saved label starts at the catalogue's label; empty when that is none of the task's
-    classes (a guess would be stored, or the untouched label asked about as a new class)."""
+    A control with no saved label starts at the catalogue's label, one that is none of the task's classes
+    too (offered and taken as the item's own: no new class to confirm)."""
     prediction, view = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591001")
     classes, catalogue = studio.task_classes("hm-articles"), view.catalogue
     guessed = {t: p.label for t, p in prediction.tasks.items()}
     assert any(guessed[t] != label for t, label in catalogue.items())  # the model's guesses differ from it
     outside = {t for t, label in catalogue.items() if label not in classes[t]}
     assert outside and len(outside) < len(catalogue)  # (the test model lacks some of the catalogue's classes)
-    assert view.values == {t: None if t in outside else catalogue[t] for t in guessed}
+    assert view.values == catalogue and set(catalogue) == set(guessed)
     colour = "colour_group_name"
     corrected = next(c for c in classes[colour] if c not in (catalogue[colour], guessed[colour]))
     saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001",
                              {**view.values, colour: corrected}, view.shown, prediction=prediction)
     assert saved.result == "saved"
     stored = studio.store.current_labels()["0816591001"]["labels"]
-    assert stored == {**{t: label for t, label in catalogue.items() if t not in outside}, colour: corrected}
+    assert stored == {**catalogue, colour: corrected}
     _, fresh = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "")  # no id: no catalogue
     assert fresh.values == guessed
 

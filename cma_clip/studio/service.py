@@ -33,8 +33,8 @@ from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, Ca
                     default_data_root, is_missing, join_text, limit_splits, load_image, read_manifest, write_table)
 from ..errors import CMAClipError
 from ..labels import (JOINERS, MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore,
-                      LabelStoreError, TaskState, UnknownLabel, agreement_file, content_item_id, name_key,
-                      request_reused, tidy_label, without_invisibles)
+                      LabelStoreError, TaskState, UnknownLabel, agreement_file, class_spelled, content_item_id,
+                      name_key, request_reused, tidy_label, without_invisibles)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -347,16 +347,31 @@ class Studio:
         guesses for the others, "Section = Baby/Children" at 31%, as human labels over the catalogue's,
         and training took them: QA, session 40.)"""
         catalogue, split, columns = self._catalogue_item(model, item_id) if catalogued else ({}, None, set())
-        confirmed = self.new_classes(model) if columns else {}
-        known = {t: {*classes, *confirmed.get(t, [])} for t, classes in self.task_classes(model).items()}
         guesses = {t: p.label for t, p in prediction.tasks.items()} if prediction else {}
         tasks = self.predictor(model).tasks
-        start = {t: (label if (label := catalogue.get(t)) in known.get(t, ()) else None) if t in columns
-                 else guesses.get(t) for t in tasks}
-        view = self.item_view(item_id, tasks, start)
+        view = self.item_view(item_id, tasks, self._start_labels(model, tasks, catalogue, columns, guesses))
         view.catalogue, view.split = catalogue, split
         view.catalogue_read = catalogued and bool(self._catalogue(model))
         return view
+
+    def _start_labels(self, model: str, tasks: list[str], catalogue: dict[str, str], columns: set[str],
+                      guesses: dict[str, str]) -> dict[str, str | None]:
+        """Where each control of an item starts when no label is saved: at the catalogue's label (a label someone
+        chose, so a save confirms it; "grey" as the class "Grey" it spells) on a task it has a column of, empty
+        where its cell is blank; at the model's guess on the other tasks."""
+        known = self.label_choices(model, catalogue) if columns else {}
+        return {t: (class_spelled(label, known.get(t, ())) or label if (label := catalogue.get(t)) else None)
+                if t in columns else guesses.get(t) for t in tasks}
+
+    def label_choices(self, model: str, catalogue: dict[str, str] | None = None) -> dict[str, list[str]]:
+        """Per task of `model`, the labels its control offers and a save takes without a new class confirmed: its
+        classes, the new classes labelers confirmed, and the item's own catalogue (or manifest) label where that
+        spells none of them (a class the model lacks: its control starts there, and Accept confirms it)."""
+        confirmed = self.new_classes(model)
+        known = {t: [*classes, *confirmed.get(t, [])] for t, classes in self.task_classes(model).items()}
+        own = {t: label for t, label in (catalogue or {}).items() if t in known and not is_missing(label)}
+        return {t: [*labels, own[t]] if t in own and class_spelled(own[t], labels) is None else labels
+                for t, labels in known.items()}
 
     def catalogue_labels(self, model: str, item_id: str) -> dict[str, str]:
         """The labels the model's own catalogue gives an item id ({} when it has no such item)."""
@@ -463,7 +478,7 @@ class Studio:
             result = self.store.save(image=image, text=text, labels=labels, annotator=annotator,
                                      item_id=item_id, predictions=predictions, checkpoint=model,
                                      base_versions=base_versions, request_id=request_id, source="human",
-                                     catalogue_labels=catalogue, vocabulary=self.task_classes(model),
+                                     catalogue_labels=catalogue, vocabulary=self.label_choices(model, catalogue),
                                      new_classes=new_classes, force=force, adjudicated=adjudicated)
         except UnknownLabel as exc:
             return SaveOutcome("unknown", item_id, labels, unknown=exc.unknown, request_id=request_id,
@@ -997,9 +1012,11 @@ class Studio:
         item = queue.current if queue else None
         if item is None:
             return None
-        # a suspected-mislabels queue asks whether the catalogue's label is right: its controls start there,
-        # so Accept confirms it (at the model's label, Accept stored a third opinion nobody had chosen)
-        start = {**item.predicted(), **item.catalogue} if queue.split == MISLABELS else item.predicted()
+        # an item with catalogue (or manifest) labels starts at them (`_start_labels`), so Accept confirms them:
+        # at the model's labels, Accept stored a third opinion nobody had chosen in a suspected-mislabels queue,
+        # and in an uncertainty queue the unsure model's guesses as a person's labels over the catalogue's
+        start = item.predicted() if queue.split == DISAGREEMENTS else self._start_labels(
+            queue.model, queue.tasks, item.catalogue, set(item.catalogue), item.predicted())
         view = self.item_view(item.item_id, queue.tasks, start)
         if queue.split == DISAGREEMENTS:  # a task in dispute starts empty: a ruling is the reviewer's choice (at
             # the latest label, one reflex Accept sided with whoever saved last)

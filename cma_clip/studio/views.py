@@ -497,7 +497,7 @@ def item_line(view: ItemView, explicit: bool) -> str:
     origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
     # the model's tasks only: another model's labels of the item are no control here ("10 tasks saved" of 6: QA, s40)
     saved = {t: s for t, s in view.states.items() if s.label is not None and t in view.values}
-    unsaved = ("the catalogue's label (empty where it gives none of the model's classes)" if view.catalogue
+    unsaved = ("the catalogue's label (empty where its cell is blank)" if view.catalogue
                else "the model's label")
     where = (f"{plural(len(saved), 'task')} saved before; each control starts at its saved label, else at {unsaved}"
              if saved else f"nothing saved yet; each control starts at {unsaved}")
