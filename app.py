@@ -663,7 +663,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
     """One dropdown per task (the model's, or `tasks`), starting where `view` says (`Studio.item_view`), else at
     the prediction, with the model's, the catalogue's and the saved label beside it; unused slots hidden."""
     catalogue = catalogue if catalogue is not None else (view.catalogue if view else {})
-    choices, names = studio.label_choices(model, catalogue), studio.display_names(model)
+    choices, names = view.choices if view and view.choices else studio.label_choices(model), studio.display_names(model)
     tasks = list(choices) if tasks is None else tasks
     updates = {}
     for i, slot in enumerate(slots):
@@ -861,7 +861,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
         gr.Markdown("### Correct and save\nEach control starts at the item's saved label, else at the catalogue's "
                     "(an item with its catalogue id), else at the model's; "
                     "the model's, the catalogue's and the saved label show under it. A label outside the task's "
-                    "classes asks before it becomes a new class; a label someone else saved since you predicted "
+                    "classes (but for the item's own catalogue label) asks before it becomes a new class; a label "
+                    "someone else saved since you predicted "
                     "asks before it is replaced. Undo reverts your newest decision, made on any tab.")
         item_line = gr.Markdown(label="item", elem_id="item-line")
         with gr.Row():

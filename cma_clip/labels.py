@@ -1394,7 +1394,8 @@ def _status(label: str, predicted: str | None) -> str:
 
 
 def _differs(label: str | None, other: str | None) -> bool | None:
-    return None if label is None or other is None else label != other
+    """Whether two labels are two classes ("Dark Blue" is a manifest's "dark-blue" confirmed, no change)."""
+    return None if label is None or other is None else _class_key(label) != _class_key(other)
 
 
 def _audit_row(row: sqlite3.Row) -> dict:

@@ -259,13 +259,16 @@ def test_a_used_upload_is_kept_and_a_removed_one_is_explained(studio, tmp_path):
         open_user_image(queue.items[0].image_path)
 
 
-def test_a_predict_photo_gone_says_how_long_the_app_keeps_one(studio, tmp_path):
+def test_a_photo_gone_says_why_by_where_it_was(studio, tmp_path):
     """A photo given to Predict lives in Gradio's upload cache, emptied after a day and at a restart; its
-    message named the review uploads' 72 hours."""
-    photo = tmp_path / "gradio" / "3f2a" / "tee.jpg"
+    message named the review uploads' 72 hours, and so did a catalogue's photo gone from its folder."""
+    photo = Path(os.environ["GRADIO_TEMP_DIR"]) / "3f2a" / "tee.jpg"  # where Gradio puts an upload (conftest)
     with pytest.raises(StudioError, match=r"tee.jpg was not found on the server \(the app keeps a photo it is "
                                           r"given for a day, and none after a restart\): upload it again"):
         studio.predict(str(photo), EXAMPLE_TEXT, MODEL)
+    with pytest.raises(StudioError, match=r"shoe.jpg was not found on the server \(it is no longer in its folder: "
+                                          r"a catalogue's photo moved or deleted since, or a path mistyped\)\.$"):
+        open_user_image(str(tmp_path / "catalogue" / "images" / "shoe.jpg"))
 
 
 # ---------------------------------------------------------------------- case 4: field sizes

@@ -251,13 +251,16 @@ def test_an_uncertainty_queues_catalogue_item_starts_at_the_catalogues_labels_no
     assert saved.result == "saved" and studio.store.item_state(outside.item_id)[colour].label == view.values[colour]
 
 
-def test_an_uploads_manifest_labels_start_its_controls_spelled_as_the_classes_they_spell(studio, tmp_path):
-    """A manifest's label is the item's own label too: "dark blue" starts at the class "Dark Blue" (two spellings
-    would train as two classes), and a label that is no class at all starts as written, Accept storing it."""
+def test_an_uploads_manifest_labels_start_its_controls_as_a_save_would_store_them(studio, tmp_path):
+    """A manifest's label is the item's own label too: "dark-blue" starts at the class "Dark Blue" (two spellings
+    would train as two classes), "Ocean<zero-width space>  Mist" as "Ocean Mist", and a cell holding only an
+    invisible character starts empty. A label no class spells is the uploader's, typos and all: Accept asks
+    about it as about a typed one (review s41: "Blakc" would have been stored with one reflex Accept)."""
     colour = "colour_group_name"
     classes = studio.task_classes("hm-articles")[colour]
-    rows = [r for r in hm_rows("test", 40) if r[colour] in classes][:2]
-    rows = [{**rows[0], colour: rows[0][colour].lower().replace(" ", "-")}, {**rows[1], colour: "Ocean Mist"}]
+    rows = [r for r in hm_rows("test", 60) if r[colour] in classes][:4]
+    cells = [rows[0][colour].lower().replace(" ", "-"), "Ocean\u200b  Mist", "\u200b", "Blakc"]
+    rows = [{**row, colour: cell} for row, cell in zip(rows, cells)]
     manifest = write_hm_manifest(tmp_path / "upload", rows)
     queue = studio.review_upload("hm-articles", str(manifest), [str(tmp_path / "upload" / r["image"]) for r in rows],
                                  annotator="uma", show_decided=True)
@@ -265,12 +268,21 @@ def test_an_uploads_manifest_labels_start_its_controls_spelled_as_the_classes_th
     for item in queue.items:
         queue.position = queue.index_of(item.item_id)
         started[item.item_id] = studio.current_view(queue).values
-    spelled, own = (started[r["article_id"]] for r in rows)
-    assert spelled[colour] == class_of(rows[0][colour], classes) and spelled[colour] != rows[0][colour]
-    assert own[colour] == "Ocean Mist" and "Ocean Mist" not in classes
+    spelled, own, invisible, typo = (started[r["article_id"]] for r in rows)
+    assert spelled[colour] == class_of(cells[0], classes) != cells[0]
+    assert (own[colour], invisible[colour], typo[colour]) == ("Ocean Mist", None, "Blakc")
+    queue.position = queue.index_of(rows[3]["article_id"])
+    asked = studio.review_save(queue, "uma", {colour: typo[colour]})
+    assert asked.result == "unknown" and "Black" in asked.unknown[0].suggestions
     queue.position = queue.index_of(rows[1]["article_id"])
-    assert studio.review_save(queue, "uma", own).result == "saved"
+    assert studio.review_save(queue, "uma", {colour: own[colour]}).result == "unknown"  # confirmed, then stored
+    assert studio.review_save(queue, "uma", {colour: own[colour]}, new_classes={colour: "Ocean Mist"}).result == "saved"
     assert studio.store.item_state(rows[1]["article_id"])[colour].label == "Ocean Mist"
+    queue.position = queue.index_of(rows[0]["article_id"])  # "dark-blue" confirmed: the class it spells, no change
+    confirmed = studio.review_save(queue, "uma", {colour: spelled[colour]})
+    assert confirmed.result == "saved" and "Not the catalogue's label" not in views.save_message(confirmed)
+    row = next(r for r in studio.store.audit(annotator="uma")[0] if r["item_id"] == rows[0]["article_id"])
+    assert (row["catalogue_label"], row["label"], row["changed_vs_catalogue"]) == (cells[0], spelled[colour], False)
 
 
 def class_of(label: str, classes: list[str]) -> str:
@@ -1180,6 +1192,22 @@ def test_a_blank_photo_or_no_text_is_never_auto_accepted_one_by_one_or_in_bulk(s
         assert "2 without a text or with a blank photo left to review" in views.bulk_message(outcome)
     assert studio.store.item_state(ids[0]) == studio.store.item_state(ids[1]) == {}
     assert set(studio.store.item_state(ids[2])) == set(predictor.tasks)
+
+
+def test_a_bulk_accept_leaves_a_catalogue_label_the_model_disagrees_with_to_a_person(studio):
+    """It stored the model's label as an auto-accept over the catalogue's on every pending task that cleared the
+    bar, and training took it over the catalogue's (review s41); the thresholds count such a label as an error."""
+    queue = studio.review_catalogue("hm-articles", "val", 12, annotator="bea")
+    differ = {i.item_id: {t for t, p in i.predictions.items() if i.catalogue.get(t, p.label) != p.label}
+              for i in queue.items}
+    assert any(differ.values()) and not all(len(tasks) == 6 for tasks in differ.values())
+    outcome = studio.bulk_accept(queue, "bea", min_conf=0.0)  # every item clears a bar of 0
+    assert outcome.against_catalogue == sum(bool(tasks) for tasks in differ.values()) > 0
+    assert f"{outcome.against_catalogue} whose catalogue label is not the model's left to review" in \
+        views.bulk_message(outcome)
+    for item in queue.items:
+        stored = {t: s.label for t, s in studio.store.item_state(item.item_id).items() if s.label is not None}
+        assert stored == {t: p.label for t, p in item.predictions.items() if t not in differ[item.item_id]}
 
 
 def test_a_bulk_accept_message_names_tasks_as_people_read_them():

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -40,7 +41,7 @@ from ..review import STRATEGIES
 from ..runtime import resolve_device
 from . import uploads
 from .batching import MicroBatcher
-from .workflow import (ALL_TASKS, CHOICES_KEPT, DISAGREEMENTS, MISLABELS, SOURCE_ORDER, THRESHOLDS, BulkOutcome,
+from .workflow import (ALL_TASKS, CHOICES_KEPT, DISAGREEMENTS, MISLABELS, SOURCE_ORDER, THRESHOLDS, UPLOAD, BulkOutcome,
                        ItemView, ReviewItem, ReviewQueue, SaveOutcome, Shown, UndoOutcome, new_id, plural)
 
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
@@ -341,35 +342,27 @@ class Studio:
 
     def model_view(self, model: str, item_id: str, prediction: Prediction | None, catalogued: bool) -> ItemView:
         """`item_view` over the model's tasks, with the catalogue's labels when `catalogued` (an id was given).
-        A control with no saved label starts at the catalogue's label, a label someone chose; empty when
-        that is none of the task's classes, or the catalogue's cell is blank; else (a task or an item the
-        catalogue lacks) at the model's. (At the model's, a correction of one task stored the model's
+        A control with no saved label starts at the catalogue's label, a label someone chose (`_start_labels`);
+        empty when the catalogue's cell is blank; else (a task or an item the catalogue lacks) at the model's.
+        (At the model's, a correction of one task stored the model's
         guesses for the others, "Section = Baby/Children" at 31%, as human labels over the catalogue's,
         and training took them: QA, session 40.)"""
         catalogue, split, columns = self._catalogue_item(model, item_id) if catalogued else ({}, None, set())
         guesses = {t: p.label for t, p in prediction.tasks.items()} if prediction else {}
-        tasks = self.predictor(model).tasks
-        view = self.item_view(item_id, tasks, self._start_labels(model, tasks, catalogue, columns, guesses))
-        view.catalogue, view.split = catalogue, split
+        tasks, choices = self.predictor(model).tasks, self.label_choices(model, catalogue)
+        view = self.item_view(item_id, tasks, _start_labels(tasks, catalogue, columns, guesses, choices))
+        view.catalogue, view.split, view.choices = catalogue, split, choices
         view.catalogue_read = catalogued and bool(self._catalogue(model))
         return view
 
-    def _start_labels(self, model: str, tasks: list[str], catalogue: dict[str, str], columns: set[str],
-                      guesses: dict[str, str]) -> dict[str, str | None]:
-        """Where each control of an item starts when no label is saved: at the catalogue's label (a label someone
-        chose, so a save confirms it; "grey" as the class "Grey" it spells) on a task it has a column of, empty
-        where its cell is blank; at the model's guess on the other tasks."""
-        known = self.label_choices(model, catalogue) if columns else {}
-        return {t: (class_spelled(label, known.get(t, ())) or label if (label := catalogue.get(t)) else None)
-                if t in columns else guesses.get(t) for t in tasks}
-
     def label_choices(self, model: str, catalogue: dict[str, str] | None = None) -> dict[str, list[str]]:
         """Per task of `model`, the labels its control offers and a save takes without a new class confirmed: its
-        classes, the new classes labelers confirmed, and the item's own catalogue (or manifest) label where that
-        spells none of them (a class the model lacks: its control starts there, and Accept confirms it)."""
+        classes, the new classes labelers confirmed, and the item's own label in the model's `catalogue` where
+        that spells none of them (a class the model lacks, "Long John": its control starts there, and Accept
+        confirms it). A manifest's labels are no such class: a typo there is asked about like a typed one."""
         confirmed = self.new_classes(model)
         known = {t: [*classes, *confirmed.get(t, [])] for t, classes in self.task_classes(model).items()}
-        own = {t: label for t, label in (catalogue or {}).items() if t in known and not is_missing(label)}
+        own = {t: tidy for t, label in (catalogue or {}).items() if t in known and (tidy := _catalogue_label(label))}
         return {t: [*labels, own[t]] if t in own and class_spelled(own[t], labels) is None else labels
                 for t, labels in known.items()}
 
@@ -445,9 +438,9 @@ class Studio:
         self._annotator(annotator, "correction")
         tasks = self.predictor(model).tasks
         chosen = given_labels(labels, tasks)
-        if not chosen:  # the controls start at the model's labels: empty, the item was not predicted
+        if not chosen:  # Predict fills the controls (the item's labels, else the model's): not predicted
             raise StudioError("Choose at least one label to save: press Predict first (the controls start at "
-                              "the model's labels), or pick one.")
+                              "the item's labels, else the model's), or pick one.")
         return image, chosen
 
     def _light_predictions(self, model: str, image: Image.Image, text: str | None,
@@ -460,8 +453,9 @@ class Studio:
     def _save(self, item_id: str, image: Path, text: str, labels: dict[str, str], annotator: str | None, model: str,
               predictions: dict[str, dict], base_versions: dict[str, int | None], request_id: str | None,
               new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None, *,
-              adjudicated: bool = False) -> SaveOutcome:
-        """One checked save in the store, its refusals returned as outcomes."""
+              adjudicated: bool = False, uploaded: bool = False) -> SaveOutcome:
+        """One checked save in the store, its refusals returned as outcomes. `catalogue`: the item's labels in
+        the model's catalogue, or (`uploaded`) in an uploaded manifest."""
         # the confirmed class as the refusal named it (`tidy_label`: "Vert été" for a decomposed "Vert été")
         new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items()
                        if tidy_label(labels.get(t) or "") == tidy_label(v)}
@@ -478,7 +472,8 @@ class Studio:
             result = self.store.save(image=image, text=text, labels=labels, annotator=annotator,
                                      item_id=item_id, predictions=predictions, checkpoint=model,
                                      base_versions=base_versions, request_id=request_id, source="human",
-                                     catalogue_labels=catalogue, vocabulary=self.label_choices(model, catalogue),
+                                     catalogue_labels=catalogue,
+                                     vocabulary=self.label_choices(model, None if uploaded else catalogue),
                                      new_classes=new_classes, force=force, adjudicated=adjudicated)
         except UnknownLabel as exc:
             return SaveOutcome("unknown", item_id, labels, unknown=exc.unknown, request_id=request_id,
@@ -723,7 +718,7 @@ class Studio:
                                   if not left_out else
                                   "Every uploaded item is decided. Tick 'show decided items' to review them again.")
             queue = self._queue(model, items, notes, progress, tasks=tasks, strategy=strategy, min_conf=min_conf,
-                                max_conf=max_conf, show_decided=show_decided, split="upload", annotator=annotator,
+                                max_conf=max_conf, show_decided=show_decided, split=UPLOAD, annotator=annotator,
                                 source=f"upload {Path(manifest_path).name}: {plural(len(rows), 'manifest row')}")
             for path in set(kept.values()) - {Path(item.image_path) for item in queue.pool}:
                 path.unlink(missing_ok=True)  # an unreadable image: the queue left its row out
@@ -1015,9 +1010,11 @@ class Studio:
         # an item with catalogue (or manifest) labels starts at them (`_start_labels`), so Accept confirms them:
         # at the model's labels, Accept stored a third opinion nobody had chosen in a suspected-mislabels queue,
         # and in an uncertainty queue the unsure model's guesses as a person's labels over the catalogue's
-        start = item.predicted() if queue.split == DISAGREEMENTS else self._start_labels(
-            queue.model, queue.tasks, item.catalogue, set(item.catalogue), item.predicted())
+        choices = self.label_choices(queue.model, None if queue.split == UPLOAD else item.catalogue)
+        start = item.predicted() if queue.split == DISAGREEMENTS else _start_labels(
+            queue.tasks, item.catalogue, set(item.catalogue), item.predicted(), choices)
         view = self.item_view(item.item_id, queue.tasks, start)
+        view.choices = choices
         if queue.split == DISAGREEMENTS:  # a task in dispute starts empty: a ruling is the reviewer's choice (at
             # the latest label, one reflex Accept sided with whoever saved last)
             view.values = {t: None if t in item.disputed else label for t, label in view.values.items()}
@@ -1077,7 +1074,8 @@ class Studio:
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
                                  predictions, _decided_over(item, disputed, standing, shown, chosen), rid,
                                  new_classes, force,
-                                 {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating)
+                                 {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating,
+                                 uploaded=queue.split == UPLOAD)
             outcome.ended = ended
             if outcome.result == "saved":
                 outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen]
@@ -1266,6 +1264,13 @@ class Studio:
                 continue
             if item.item_id in others:
                 outcome.claimed[item.item_id] = others[item.item_id]
+                continue
+            # a label someone chose is no auto-accept's to replace: it was stored over the catalogue's, and
+            # training took it over theirs (review s41)
+            agreeing = [t for t in pending if (own := _catalogue_label(item.catalogue.get(t))) is None
+                        or class_spelled(own, [item.predictions[t].label]) is not None]
+            outcome.against_catalogue += len(agreeing) < len(pending)
+            if not (pending := agreeing):
                 continue
             records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
                             "labels": {t: item.predictions[t].label for t in pending},
@@ -1460,6 +1465,35 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
     return f"Annotators disagree on {said}. Choose the label (the choices list theirs first): your save settles it."
 
 
+def _why_gone(path: Path) -> str:
+    """Why an image is no longer on the server, by the folder it was in (a photo given to Predict was told the
+    review uploads' 72 hours)."""
+    if REVIEW_UPLOADS in path.parts[:-1]:
+        return (f"uploads are removed {uploads.upload_hours():g} hours after their last use, or after an hour "
+                "unused when the uploads outgrow their storage): upload it again")
+    gradio_cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")  # as Gradio
+    if path.resolve().is_relative_to(gradio_cache.resolve()):  # reads it; emptied as app.CACHE_RETENTION says
+        return "the app keeps a photo it is given for a day, and none after a restart): upload it again"
+    return "it is no longer in its folder: a catalogue's photo moved or deleted since, or a path mistyped)"
+
+
+def _catalogue_label(label: str | None) -> str | None:
+    """An item's catalogue (or manifest) label as a save would store it (`tidy_label`); None for a blank one
+    (a cell of spaces or of a zero-width space only)."""
+    tidy = tidy_label(label) if isinstance(label, str) else ""
+    return None if not tidy or is_missing(tidy) else tidy
+
+
+def _start_labels(tasks: list[str], catalogue: dict[str, str], columns: set[str], guesses: dict[str, str],
+                  choices: dict[str, list[str]]) -> dict[str, str | None]:
+    """Where each control of an item starts when no label is saved: at its catalogue's label (a label someone
+    chose, so a save confirms it), as stored and spelled as the class of `choices` it spells ("grey" as "Grey"),
+    on a task the catalogue has a column of, empty where its cell is blank; at the model's guess on the others."""
+    own = {t: _catalogue_label(catalogue.get(t)) for t in columns}
+    return {t: (class_spelled(own[t], choices.get(t, ())) or own[t] if own[t] else None) if t in own
+            else guesses.get(t) for t in tasks}
+
+
 def _as_shown(item: ReviewItem, shown: Shown, history: list[dict]) -> dict[str, str]:
     """The label each task's control started at on the labeler's screen: that of the version `shown`, else
     the model's. (Read now, a label someone saved since made the model's guess left on screen look like the
@@ -1559,11 +1593,7 @@ def open_user_image(path: str | None) -> Image.Image:
     if not path:
         raise StudioError("Upload a product image (JPEG, PNG, WebP, GIF or BMP).")
     if not Path(path).exists():
-        kept = (f"uploads are removed {uploads.upload_hours():g} hours after their last use, or after an hour "
-                "unused when the uploads outgrow their storage" if REVIEW_UPLOADS in Path(path).parts else
-                # Gradio's upload cache (app.CACHE_RETENTION): the 72 hours of review uploads were named here
-                "the app keeps a photo it is given for a day, and none after a restart")
-        raise StudioError(f"The image {Path(path).name} was not found on the server ({kept}): upload it again.")
+        raise StudioError(f"The image {Path(path).name} was not found on the server ({_why_gone(Path(path))}.")
     try:
         return load_image(path)
     except ImageError as exc:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..checkpoint import readable_name
-from ..labels import CLAIM_MINUTES, Conflict, TaskState, UnknownClass
+from ..labels import CLAIM_MINUTES, Conflict, TaskState, UnknownClass, class_spelled
 from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import modality_chart, modality_shift_chart, scaled_overlay
@@ -570,7 +570,7 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
     differ = [f"{task_name(t, names=names)} (the catalogue says {code(outcome.catalogue[t])})"
-              for t, v in outcome.labels.items() if outcome.catalogue.get(t, v) != v]
+              for t, v in outcome.labels.items() if class_spelled(v, [outcome.catalogue.get(t, v)]) is None]
     differ_note = f" Not the catalogue's label: {', '.join(differ)}." if differ else ""
     pending = (f" No label given for {', '.join(task_name(t, names=names) for t in outcome.unlabelled)}: the item "
                "stays pending for it, and comes round again." if outcome.unlabelled else "")
@@ -740,6 +740,9 @@ def _left_alone(outcome: BulkOutcome) -> list[str]:
     if outcome.withheld:
         parts.append(f"{outcome.withheld} without a text or with a blank photo left to review (the thresholds hold "
                      "for items with both)")
+    if outcome.against_catalogue:
+        parts.append(f"{outcome.against_catalogue} whose catalogue label is not the model's left to review on "
+                     "those tasks (an auto-accept never replaces a label someone chose)")
     if outcome.claimed:
         parts.append(f"{len(outcome.claimed)} left to the labelers who have them open ("
                      + ", ".join(f"{code(item)} by {code(who)}" for item, who in list(outcome.claimed.items())[:5])

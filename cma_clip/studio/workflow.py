@@ -24,6 +24,7 @@ ALL_TASKS = "every task"  # the task filter's "no filter"
 THRESHOLDS = "thresholds"  # bulk accept: each task's own 90%-precision threshold
 SOURCE_ORDER = "source_order"  # the order a queue's source gives (most suspect label, oldest disagreement first)
 MISLABELS, DISAGREEMENTS = "mislabels", "disagreements"  # the queue sources that rank their own items
+UPLOAD = "upload"  # the split of a queue over an uploaded manifest (its labels are the uploader's, typos and all)
 SOURCE_ORDER_NAMES = {MISLABELS: "most suspect label", DISAGREEMENTS: "oldest disagreement first"}
 
 # What `train --extra-labels` (cma_clip/extra_labels.py) does with a correction, by the item's split.
@@ -138,7 +139,7 @@ class ReviewQueue:
     tasks: list[str] = field(default_factory=list)
     strategy: str = STRATEGIES[0]
     source: str = ""  # where the items came from, in words
-    split: str | None = None  # the catalogue split, "upload", MISLABELS or DISAGREEMENTS
+    split: str | None = None  # the catalogue split, UPLOAD, MISLABELS or DISAGREEMENTS
     filters: dict[str, Any] = field(default_factory=dict)  # task, min_conf, max_conf, show_decided
     sampled: int = 0  # items sampled before the confidence filter
     pool: list[ReviewItem] = field(default_factory=list)  # every sampled item (default: `items`)
@@ -299,6 +300,7 @@ class ItemView:
     catalogue_read: bool = False  # the model's catalogue could be read (a Space or a clone may lack it)
     photo_of: list[tuple[str, str | None]] = field(default_factory=list)  # no id given: the catalogue items
     # (id, split) whose photo this is, byte for byte
+    choices: dict[str, list[str]] = field(default_factory=dict)  # per task, what its control offers (label_choices)
 
 
 # ---------------------------------------------------------------------------- outcomes
@@ -373,6 +375,8 @@ class BulkOutcome:
     already_there: int = 0
     decided: int = 0
     withheld: int = 0  # items without a text or with a blank photo: never auto-accepted (`ReviewItem.withheld`)
+    against_catalogue: int = 0  # items with a task whose catalogue (or manifest) label is not the model's: left
+    # to a person there (the 90%-precision thresholds count such an auto-accept as the model's error)
     claimed: dict[str, str] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     chunks: int = 0
