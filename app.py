@@ -1222,9 +1222,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
     with gr.Tab(TABS["review"], id="review", elem_id="review-tab"):
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
-                    "left out. Each control starts at the item's saved label, else at its catalogue (or manifest) "
-                    "label, so Accept confirms that, else at the model's. Your place in the queue is kept: a reload "
-                    "or a restart resumes it.")
+                    "left out. Each control starts at the item's saved label, else its catalogue (or manifest) "
+                    "label, else the model's: Accept confirms what is shown. Your place in the queue is kept: a "
+                    "reload or a restart resumes it.")
         with gr.Accordion("Queue: source, order and filters", open=True, elem_id="review-source") as source_box:
             with gr.Row():
                 with gr.Column():
@@ -1305,7 +1305,8 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         with gr.Accordion("Bulk accept by filter", open=False) as bulk_panel:
             gr.Markdown("Accept the model's label of every pending item of this queue whose tasks clear the bar. "
                         "Each label is audited as an auto-accept; decided tasks and labels someone saved are never "
-                        "replaced. The items go in chunks, each acknowledged once stored: after an interruption, run "
+                        "replaced, and training never lets one replace a catalogue item's own label. The items go "
+                        "in chunks, each acknowledged once stored: after an interruption, run "
                         "it again to finish without duplicates. Undo (u) takes a bulk accept back whole.")
             with gr.Row():  # (each control wide enough to read its value on a phone: "each tas…" was all it showed)
                 bulk_task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Task(s)", elem_id="bulk-task",

@@ -15,7 +15,9 @@ in the checkpoint):
   without its id never becomes a training row;
 - an item of the catalogue this run leaves out (`--limit`) is left out;
 - a label the model auto-accepted (a bulk accept) counts as the others do, unless `auto_labels`
-  is off (`--no-auto-labels`): a model trained on its own guesses learns their errors back;
+  is off (`--no-auto-labels`): a model trained on its own guesses learns their errors back; it never
+  replaces a catalogue item's own label, a label someone chose (the 90%-precision thresholds count
+  such an auto-accept as the model's error), only fills a blank cell;
 - a label of an open disagreement (annotators differ and no reviewer settled it, or a label since
   went against the ruling) is left out: it is not a label yet. The catalogue's label of that task is
   left out too (of a train or val item), as a label in dispute: the annotators may both have rejected it;
@@ -39,7 +41,8 @@ from .labels import EXPORT_COLUMNS, LabelStore, LabelStoreError, class_spelled, 
 EXPORT_SUFFIXES = (".csv", ".jsonl")
 # what `merge` counts: the labelled items, then what became of them
 OUTCOMES = ("corrections", "train", "val", "test", "added", "same_photo", "left_out", "no_image", "other_tasks",
-            "auto_labels", "auto_left_out", "disputed_left_out", "confirmed", "repeated_rows", "conflicting_labels")
+            "auto_labels", "auto_left_out", "auto_under_catalogue", "disputed_left_out", "confirmed", "repeated_rows",
+            "conflicting_labels")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ class Merged:
                          "leaves them out)")
         if c["auto_left_out"]:
             parts.append(f"{c['auto_left_out']} auto-accepted labels left out (--no-auto-labels)")
+        if c["auto_under_catalogue"]:
+            parts.append(f"{c['auto_under_catalogue']} auto-accepted labels that differ from the catalogue's own "
+                         "label of their item left out (the catalogue's kept: an auto-accept fills blanks only)")
         if c["disputed_left_out"]:
             parts.append(f"{c['disputed_left_out']} labels of open disagreements left out, the catalogue's of those "
                          "tasks too (a reviewer settles them in the Review tab's Disagreements queue)")
@@ -318,9 +324,12 @@ def merge(catalogue: Catalogue, corrections: Corrections, split_seed: int = 0, a
         relabelled.add(i)
         if split != "test":
             before = dict(rows[i])
-            rows[i].update(correction.labels)
+            # a bulk accept stored the model's label over the catalogue's, and training took it (review s41)
+            under = {t for t in correction.auto if not is_missing(before.get(t)) and before[t] != correction.labels[t]}
+            rows[i].update({t: v for t, v in correction.labels.items() if t not in under})
             rows[i].update(dict.fromkeys(correction.disputed, ""))  # a label in dispute, the catalogue's too
-            counts["auto_labels"] += len(correction.auto)
+            counts["auto_labels"] += len(correction.auto) - len(under)
+            counts["auto_under_catalogue"] += len(under)
             if rows[i] != before:
                 changed.add(i)
     if counts["corrections"] and counts["other_tasks"] == counts["corrections"]:

@@ -193,20 +193,27 @@ def test_added_rows_do_not_reshuffle_the_split_of_a_catalogue_without_a_split_co
 
 
 def test_auto_accepted_labels_count_unless_left_out_and_the_summary_says_how_many(tmp_path):
+    """An auto-accept fills a label the catalogue lacks (an upload's); over a catalogue item's own label, a label
+    someone chose, it is left out (it replaced "Black" with the model's "Grey": review s41)."""
     catalogue = three_items(tmp_path)
     store = LabelStore(tmp_path / "labels.db")
-    store.save_many([{"item_id": "a1", "image": PHOTOS[0], "text": "Stockings", "labels": {"colour": "Grey"},
-                      "predictions": {"colour": {"label": "Grey", "confidence": 0.97}}}], "bulk-1", annotator="ana")
+    bulk = [{"item_id": item, "image": photo, "text": text, "labels": {"colour": "Grey"},
+             "predictions": {"colour": {"label": "Grey", "confidence": 0.97}}}
+            for item, photo, text in (("a1", PHOTOS[0], "Stockings"), ("up-9", PHOTOS[2], "An upload"))]
+    store.save_many(bulk, "bulk-1", annotator="ana")
     store.save_correction(image=PHOTOS[1], text="Shape up", labels={"type": "Tights"}, item_id="a2")
     for source in (store.path, tmp_path / "labels_export.csv"):  # the export keeps each label's source
         store.export(tmp_path / "labels_export.csv")
         merged = merge(catalogue, read_corrections(source))
-        assert merged.catalogue.labels("colour")[0] == "Grey" and merged.counts["auto_labels"] == 1
+        assert merged.catalogue.labels("colour") == ["Black"] * 3 + ["Grey"]  # the upload's row added
+        assert (merged.counts["auto_labels"], merged.counts["auto_under_catalogue"]) == (1, 1)
         assert "1 of the labels used were auto-accepted by a model" in merged.summary()
+        assert ("1 auto-accepted labels that differ from the catalogue's own label of their item left out"
+                in merged.summary())
         human = merge(catalogue, read_corrections(source), auto_labels=False)
         assert human.catalogue.labels("colour") == ["Black"] * 3 and human.catalogue.labels("type")[1] == "Tights"
-        assert (human.counts["auto_left_out"], human.counts["auto_labels"], human.counts["other_tasks"]) == (1, 0, 0)
-        assert "1 auto-accepted labels left out (--no-auto-labels)" in human.summary()
+        assert (human.counts["auto_left_out"], human.counts["auto_labels"], human.counts["other_tasks"]) == (2, 0, 0)
+        assert "2 auto-accepted labels left out (--no-auto-labels)" in human.summary()
 
 
 def test_open_disagreements_are_marked_in_the_export_and_left_out_of_training(tmp_path):

@@ -1265,13 +1265,6 @@ class Studio:
             if item.item_id in others:
                 outcome.claimed[item.item_id] = others[item.item_id]
                 continue
-            # a label someone chose is no auto-accept's to replace: it was stored over the catalogue's, and
-            # training took it over theirs (review s41)
-            agreeing = [t for t in pending if (own := _catalogue_label(item.catalogue.get(t))) is None
-                        or class_spelled(own, [item.predictions[t].label]) is not None]
-            outcome.against_catalogue += len(agreeing) < len(pending)
-            if not (pending := agreeing):
-                continue
             records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
                             "labels": {t: item.predictions[t].label for t in pending},
                             "predictions": {t: {"label": p.label, "confidence": round(p.confidence, 4)}

@@ -740,9 +740,6 @@ def _left_alone(outcome: BulkOutcome) -> list[str]:
     if outcome.withheld:
         parts.append(f"{outcome.withheld} without a text or with a blank photo left to review (the thresholds hold "
                      "for items with both)")
-    if outcome.against_catalogue:
-        parts.append(f"{outcome.against_catalogue} whose catalogue label is not the model's left to review on "
-                     "those tasks (an auto-accept never replaces a label someone chose)")
     if outcome.claimed:
         parts.append(f"{len(outcome.claimed)} left to the labelers who have them open ("
                      + ", ".join(f"{code(item)} by {code(who)}" for item, who in list(outcome.claimed.items())[:5])

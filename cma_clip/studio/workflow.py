@@ -375,8 +375,6 @@ class BulkOutcome:
     already_there: int = 0
     decided: int = 0
     withheld: int = 0  # items without a text or with a blank photo: never auto-accepted (`ReviewItem.withheld`)
-    against_catalogue: int = 0  # items with a task whose catalogue (or manifest) label is not the model's: left
-    # to a person there (the 90%-precision thresholds count such an auto-accept as the model's error)
     claimed: dict[str, str] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     chunks: int = 0
