@@ -1025,10 +1025,15 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
         return {save_status: f"Saved correction #{row} for item {views.code(saved_as)}.",
                 shared.history: shared.history_rows()}
 
-    def forget_item_id():
-        """A new image or an edited text is another item: its id no longer applies."""
-        return {item_id: "", shown: None, pending: None, item_line: "New item: predict it to see its labels.",
-                input_note: "", labels_for: "", id_for_upload: "", **resolution(choice, None)}
+    def forget_item_id(cleared: str | None = "", line: str | None = "") -> dict:
+        """A new image or an edited text is another item: its id no longer applies. The item line names the id
+        `cleared` (it went without a word: an id typed before the photo was uploaded, QA s41), and keeps its
+        note while the labeler types on (`line`: the item line now)."""
+        cleared = cleared.strip() if isinstance(cleared, str) else ""
+        noted = isinstance(line, str) and line.startswith("New item")
+        return {item_id: "", shown: None, pending: None, input_note: "", labels_for: "", id_for_upload: "",
+                item_line: views.cleared_id_line(cleared) if cleared else gr.update() if noted else
+                views.cleared_id_line(""), **resolution(choice, None)}
 
     def new_photo(image_path, model_name, kept_id, shown_id):
         """A new upload is a new item: the last item's results go (beside the new photo they read as
@@ -1038,8 +1043,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
         uploads.note(image_path)
         problem = image_problem(image_path)
         same = isinstance(kept_id, str) and kept_id and kept_id == (shown_id or "").strip()
-        return {**forget_item_id(), input_note: f"⚠️ {views.plain(problem)}" if problem else "",
-                item_id: kept_id if same else "",
+        return {**forget_item_id("" if same else shown_id), item_id: kept_id if same else "",
+                input_note: f"⚠️ {views.plain(problem)}" if problem else "",
                 result_json: None, table: None, task: gr.update(choices=[], value=None),
                 token: gr.update(choices=[], value=None), heat: None, weights_plot: None, shading: None,
                 relevance: None, map_note: views.MAP_NOTE, prediction_state: None, save_status: "",
@@ -1049,8 +1054,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
     image.upload(new_photo, [image, shared.model, id_for_upload, item_id],
                  [*item_outputs, result_json, table, task, token, heat, weights_plot, shading, relevance, map_note,
                   prediction_state, save_status, *slots], api_visibility="private")
-    image.clear(forget_item_id, None, item_outputs, api_visibility="private")
-    text.input(forget_item_id, None, item_outputs, api_visibility="private")
+    image.clear(forget_item_id, [item_id, item_line], item_outputs, api_visibility="private")
+    text.input(forget_item_id, [item_id, item_line], item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots,
                     labels_for]
     predict_outputs = [result_json, table, task, token, heat, weights_plot, shading, relevance, prediction_state,

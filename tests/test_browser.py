@@ -427,10 +427,18 @@ def test_a_text_pasted_or_cut_is_another_item(running_app, page):
     expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)
     item_id, text = page.locator("#item-id textarea, #item-id input").first, page.locator("#input-text textarea")
     expect(item_id).not_to_have_value("")
+    example = item_id.input_value()
     text.click()
     page.keyboard.press("End")
     page.keyboard.press("Backspace")
     expect(item_id).to_have_value("")
+    # the id went without a word (QA s41: typed before the photo was uploaded, it was gone unseen); the line says
+    # so, and keeps saying it while the labeler types on
+    cleared = f"The item id {example} was cleared, as a new photo or an edited text is another item"
+    expect(page.locator("#item-line")).to_contain_text(cleared)
+    page.keyboard.type(" x")
+    page.wait_for_timeout(1000)
+    expect(page.locator("#item-line")).to_contain_text(cleared)
     page.locator("#predict-examples tr.tr-body").first.click()  # back to the catalogue item
     expect(item_id).not_to_have_value("", timeout=30_000)
     expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)

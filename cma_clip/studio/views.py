@@ -492,6 +492,13 @@ def slot_info(prediction_label: str | None, confidence: float | None, catalogue:
     return info_text(" · ".join(parts))
 
 
+def cleared_id_line(cleared: str) -> str:
+    """The item line once a new photo or an edited text made the item on screen another: the id it cleared."""
+    line = "New item: predict it to see its labels."
+    return line if not cleared else (f"{line} The item id {code(cleared)} was cleared, as a new photo or an edited "
+                                     "text is another item: if this is still that item, type its id again first.")
+
+
 def item_line(view: ItemView, explicit: bool) -> str:
     """The Predict tab's line naming the item a save goes to, and where its labels stand."""
     origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
