@@ -737,7 +737,8 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     saved = studio.save_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "ana", "0816591001", labels, view.shown)
     assert saved.result == "saved" and saved.item_id == "0816591001"
     message = views.save_message(saved, studio.display_names("hm-articles"))
-    assert "0816591001" in message and "= `Grey` (corrected)" in message and "_name" not in message
+    assert "0816591001" in message and "= `Grey` (not the model's)" in message and "_name" not in message
+    assert f"= `{labels['product_type_name']}` (the model's)" in message  # a status is said against the model
     # the labels that differ from the catalogue's are named (an accept stores the model's guesses too)
     differ = [t for t, v in labels.items() if view.catalogue.get(t, v) != v]
     assert "colour_group_name" in differ and view.catalogue["colour_group_name"] == "Dark Blue"

@@ -539,6 +539,9 @@ def _who(state: TaskState | None) -> str:
 
 
 # ---------------------------------------------------------------------- outcomes
+VERSUS_MODEL = {"accepted": "the model's", "corrected": "not the model's"}  # a save's statuses, as its line says them
+
+
 def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> str:
     """The line after a save or a skip: what was stored, for which item, or why nothing was
     (tasks by the names people read, `names`: task -> name)."""
@@ -572,7 +575,8 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     if outcome.kind == "skip":
         tasks = ", ".join(task_name(t, names=names) for t in outcome.statuses)
         return f"Skipped item {code(outcome.item_id)}{by} (save #{outcome.save_id}): {tasks}.{ended}"
-    labels = ", ".join(f"{task_name(t, names=names)} = {code(v)} ({outcome.statuses.get(t, '')})"
+    # a status is against the model: a catalogue's label confirmed read "(corrected)" beside no change (QA s41)
+    labels = ", ".join(f"{task_name(t, names=names)} = {code(v)} ({VERSUS_MODEL.get(outcome.statuses.get(t), '')})"
                        for t, v in outcome.labels.items())
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
