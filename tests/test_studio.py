@@ -810,6 +810,14 @@ def test_suspected_mislabels_queue_keeps_the_ranking_and_leaves_out_decided_item
     assert saved.result == "saved"
     again = studio.review_mislabels("hm-articles", task, 5, limit=100)
     assert first.item_id not in [item.item_id for item in again.items]  # decided: left out
+    # a label in doubt that the model lacks as a class (a rare one): Accept confirms it, no new class asked (it
+    # was refused as unknown: review s41)
+    label, classes = again.current.catalogue[task], studio.task_classes("hm-articles")
+    lacking = {**classes, task: [c for c in classes[task] if c != label]}
+    monkeypatch.setattr(studio, "task_classes", lambda model: lacking)
+    view = studio.current_view(again)
+    assert view.values == {task: label} and label in view.choices[task]
+    assert studio.review_save(again, "ana", view.values).result == "saved"
 
 
 def test_only_the_named_reviewers_settle_disagreements(studio, monkeypatch):
