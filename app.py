@@ -1316,9 +1316,13 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             with gr.Row():  # (each control wide enough to read its value on a phone: "each tas…" was all it showed)
                 bulk_task = gr.Dropdown([ALL_TASKS, *tasks], value=ALL_TASKS, label="Task(s)", elem_id="bulk-task",
                                         allow_custom_value=True, min_width=260)  # any model's task (API): checked
-                bulk_min = gr.Dropdown([("90%-precision thresholds", THRESHOLDS), "0.95", "0.9", "0.8",
-                                        "0.7"], value=THRESHOLDS, allow_custom_value=True, elem_id="bulk-min-conf",
-                                       label="Bar: minimum confidence (or type one from 0 to 1)", min_width=300)
+                # a dropdown's Enter takes the first choice holding what was typed: no digit in the thresholds'
+                # name ("0" took "90%-precision thresholds": QA s41), and "0" before every number holding it
+                bulk_min = gr.Dropdown([("each task's own threshold", THRESHOLDS),
+                                        *views.typing_order(["0", "0.7", "0.8", "0.9", "0.95"])], value=THRESHOLDS,
+                                       allow_custom_value=True, elem_id="bulk-min-conf", min_width=300,
+                                       label="Bar: each task's 90%-precision threshold, or a minimum confidence "
+                                             "(type one from 0 to 1)")
             bulk_preview = gr.Markdown(elem_id="bulk-preview")  # how many it would take, before it is pressed
             bulk = gr.Button("Bulk accept", elem_id="review-bulk")
             bulk_status = gr.Markdown(label="bulk accept status", min_height=48, elem_id="bulk-status")

@@ -1342,9 +1342,13 @@ def test_a_bulk_accepts_preview_counts_what_it_then_stores(studio):
     studio.review_save(queue, "ana", {colour: queue.current.predictions[colour].label})
     preview, taking = studio.bulk_preview(queue, "ana", task=colour, min_conf=0)
     assert (preview.selected, taking, preview.decided) == (8, 7, 1)
+    differ = sum(item.catalogue[colour] != item.predictions[colour].label for item in queue.items[1:])
+    assert differ  # (the small test model's colours differ from the catalogue's on some items)
     assert views.bulk_preview_message(preview, taking, studio.display_names("hm-articles")) == (
-        "Bulk accept (Colour) would auto-accept the model's labels of **7 items** now (8 of the queue clear the "
-        "bar), 1 already decided, left as they are. Undo takes it back whole.")
+        "Bulk accept (Colour) at a confidence of at least 0 would auto-accept the model's labels of **7 items** now "
+        "(8 of the queue clear the "
+        f"bar), 1 already decided, left as they are. {views.plural(differ, 'label')} of these differ from their "
+        "item's catalogue label: training keeps the catalogue's there. Undo takes it back whole.")
     assert studio.store.audit(source="auto")[1] == 0  # nothing stored by a preview
     assert studio.bulk_accept(queue, "ana", task=colour, min_conf=0).stored == taking
     assert studio.bulk_preview(queue, "ana", task=colour, min_conf=0)[1] == 0

@@ -1245,7 +1245,9 @@ class Studio:
         else:
             bar = _confidence(min_conf, "minimum")
             spec = f"{bar:g}"
-        outcome = BulkOutcome(self.store.fresh_batch(f"{queue.queue_id}:bulk:{'+'.join(tasks)}:{spec}"), tasks, 0)
+        outcome = BulkOutcome(self.store.fresh_batch(f"{queue.queue_id}:bulk:{'+'.join(tasks)}:{spec}"), tasks, 0,
+                              "each task's 90%-precision threshold" if spec == THRESHOLDS else
+                              f"a confidence of at least {bar:g}")
         picked = [queue.items[i] for i in review.select(
             [{t: item.predictions[t].confidence for t in tasks} for item in queue.items], min_conf=bar)]
         outcome.selected = len(picked)
@@ -1265,6 +1267,10 @@ class Studio:
             if item.item_id in others:
                 outcome.claimed[item.item_id] = others[item.item_id]
                 continue
+            if queue.split != UPLOAD:  # (extra_labels.merge keeps the catalogue's label there; a manifest's, none)
+                outcome.under_catalogue += sum((own := _catalogue_label(item.catalogue.get(t))) is not None
+                                               and class_spelled(own, [item.predictions[t].label]) is None
+                                               for t in pending)
             records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
                             "labels": {t: item.predictions[t].label for t in pending},
                             "predictions": {t: {"label": p.label, "confidence": round(p.confidence, 4)}

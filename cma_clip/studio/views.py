@@ -719,10 +719,12 @@ def bulk_undo_message(outcome: UndoOutcome, names: dict[str, str] | None = None)
 def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> str:
     """What a bulk accept did, its tasks by the names people read (`names`: task -> name)."""
     tasks = ", ".join(task_name(t, names=names) for t in outcome.tasks)
-    parts = [f"Bulk accept ({tasks}): {plural(outcome.selected, 'item')} of the queue "
+    at = f" at {outcome.bar}" if outcome.bar else ""  # the bar said: a typed "0" and Enter picked the thresholds
+    parts = [f"Bulk accept ({tasks}){at}: {plural(outcome.selected, 'item')} of the queue "
              f"{'clears' if outcome.selected == 1 else 'clear'} the bar",
              f"{outcome.stored} auto-accepted now"]
-    line = ", ".join(parts + _left_alone(outcome)) + f" (stored in {plural(outcome.chunks, 'transaction')})."
+    line = (", ".join(parts + _left_alone(outcome)) + f" (stored in {plural(outcome.chunks, 'transaction')})."
+            + _under_catalogue(outcome))
     if outcome.took_open:
         line += f" It took the item you had open, {code(outcome.took_open)}: " + (
             "the queue moved on." if outcome.moved_on else "its other tasks wait for you there.")
@@ -736,9 +738,20 @@ def bulk_message(outcome: BulkOutcome, names: dict[str, str] | None = None) -> s
 def bulk_preview_message(outcome: BulkOutcome, count: int, names: dict[str, str] | None = None) -> str:
     """What a bulk accept with these filters would do now, before it is pressed (`count`: the items it takes)."""
     tasks = ", ".join(task_name(t, names=names) for t in outcome.tasks)
-    return ", ".join([f"Bulk accept ({tasks}) would auto-accept the model's labels of **{plural(count, 'item')}** now "
+    at = f" at {outcome.bar}" if outcome.bar else ""
+    return ", ".join([f"Bulk accept ({tasks}){at} would auto-accept the model's labels of "
+                      f"**{plural(count, 'item')}** now "
                       f"({outcome.selected} of the queue {'clears' if outcome.selected == 1 else 'clear'} the bar)",
-                      *_left_alone(outcome)]) + ". Undo takes it back whole."
+                      *_left_alone(outcome)]) + "." + _under_catalogue(outcome) + " Undo takes it back whole."
+
+
+def _under_catalogue(outcome: BulkOutcome) -> str:
+    """The labels a bulk accept takes that training leaves under their item's catalogue label (QA s41: said
+    only by `train --extra-labels`)."""
+    if not outcome.under_catalogue:
+        return ""
+    return (f" {plural(outcome.under_catalogue, 'label')} of these differ from their item's catalogue label: "
+            "training keeps the catalogue's there.")
 
 
 def _left_alone(outcome: BulkOutcome) -> list[str]:

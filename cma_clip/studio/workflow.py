@@ -371,6 +371,8 @@ class BulkOutcome:
     batch_id: str
     tasks: list[str]
     selected: int
+    bar: str = ""  # the bar in words: "each task's 90%-precision threshold", "a confidence of at least 0.7"
+    under_catalogue: int = 0  # labels it takes that are not their item's catalogue label: training keeps that
     stored: int = 0
     already_there: int = 0
     decided: int = 0
