@@ -558,7 +558,8 @@ def test_bulk_accept_by_filter_audits_auto_accepts(review_app, monkeypatch):
     hal.load(6)
     done = hal("/bulk_accept", "hal", COLOUR, THRESHOLDS)
     message = done["bulk accept status"]
-    selected = int(message.split("): ", 1)[1].split(" item", 1)[0])
+    assert message.startswith("Bulk accept (Colour) at each task's 90%-precision threshold: ")  # the bar, said
+    selected = int(message.split("threshold: ", 1)[1].split(" item", 1)[0])
     rows, total = studio.store.audit(annotator="hal")
     assert total == selected > 0 and f"{selected} auto-accepted now" in message
     assert {(r["task"], r["source"], r["status"]) for r in rows} == {(COLOUR, "auto", "accepted")}
