@@ -985,6 +985,11 @@ def class_spelled(value: str, classes: Iterable[str]) -> str | None:
     return next((c for c in classes if _class_key(c) == key), None)
 
 
+def same_class(label: str, other: str) -> bool:
+    """Whether two labels spell one class ("dark-blue" and "Dark Blue"): `class_spelled`'s reading of two labels."""
+    return _class_key(label) == _class_key(other)
+
+
 def _class_key(value: str) -> str:
     """What two spellings of one class share: compatibility forms (full-width letters) folded too, and
     invisible characters dropped; the dotted capital I ("İndigo") is a case of i, as "ß" is of "SS"."""
@@ -1395,7 +1400,7 @@ def _status(label: str, predicted: str | None) -> str:
 
 def _differs(label: str | None, other: str | None) -> bool | None:
     """Whether two labels are two classes ("Dark Blue" is a manifest's "dark-blue" confirmed, no change)."""
-    return None if label is None or other is None else _class_key(label) != _class_key(other)
+    return None if label is None or other is None else not same_class(label, other)
 
 
 def _audit_row(row: sqlite3.Row) -> dict:

@@ -35,7 +35,7 @@ from ..data import (MAX_MANIFEST_ROWS, REPO_ROOT, Catalogue, CatalogueConfig, Ca
 from ..errors import CMAClipError
 from ..labels import (JOINERS, MAX_LABEL_CHARS, MAX_NAME_CHARS, BatchUndone, LabelConflict, LabelStore,
                       LabelStoreError, TaskState, UnknownLabel, agreement_file, class_spelled, content_item_id,
-                      name_key, request_reused, tidy_label, without_invisibles)
+                      name_key, request_reused, same_class, tidy_label, without_invisibles)
 from ..predict import Prediction, Predictor, Scores
 from ..review import STRATEGIES
 from ..runtime import resolve_device
@@ -1269,7 +1269,7 @@ class Studio:
                 continue
             if queue.split != UPLOAD:  # (extra_labels.merge keeps the catalogue's label there; a manifest's, none)
                 outcome.under_catalogue += sum((own := _catalogue_label(item.catalogue.get(t))) is not None
-                                               and class_spelled(own, [item.predictions[t].label]) is None
+                                               and not same_class(own, item.predictions[t].label)
                                                for t in pending)
             records.append({"item_id": item.item_id, "image": Path(item.image_path), "text": item.text,
                             "labels": {t: item.predictions[t].label for t in pending},

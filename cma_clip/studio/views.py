@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..checkpoint import readable_name
-from ..labels import CLAIM_MINUTES, Conflict, TaskState, UnknownClass, class_spelled
+from ..labels import CLAIM_MINUTES, Conflict, TaskState, UnknownClass, same_class
 from ..predict import Prediction, TaskPrediction
 from ..robustness import Probe
 from ..viz import modality_chart, modality_shift_chart, scaled_overlay
@@ -581,7 +581,7 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     new = f" New class confirmed: {', '.join(code(v) for v in outcome.new_classes.values())}." \
         if outcome.new_classes else ""
     differ = [f"{task_name(t, names=names)} (the catalogue says {code(outcome.catalogue[t])})"
-              for t, v in outcome.labels.items() if class_spelled(v, [outcome.catalogue.get(t, v)]) is None]
+              for t, v in outcome.labels.items() if not same_class(v, outcome.catalogue.get(t, v))]
     differ_note = f" Not the catalogue's label: {', '.join(differ)}." if differ else ""
     pending = (f" No label given for {', '.join(task_name(t, names=names) for t in outcome.unlabelled)}: the item "
                "stays pending for it, and comes round again." if outcome.unlabelled else "")
