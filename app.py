@@ -96,9 +96,10 @@ document.addEventListener("click", (event) => {
 }, true);
 // Gradio's Textbox says "input" (which clears the Predict tab's item id: another text, another item) on a key press:
 // a paste, a cut, a drop or Backspace changed the text unsaid, and a pasted text was saved under the last item's id.
+// The item id box too: its line names the id a paste put there.
 document.addEventListener("input", (event) => {
   const box = event.target;
-  if (!box.closest?.("#input-text") || ["insertText", "insertLineBreak"].includes(event.inputType)) return;
+  if (!box.closest?.("#input-text, #item-id") || ["insertText", "insertLineBreak"].includes(event.inputType)) return;
   setTimeout(() => box.dispatchEvent(new KeyboardEvent("keypress", {bubbles: true})));
 }, true);
 // The lines that say what a click did (saved, undone, refused, the next item) are live regions, so a screen reader
@@ -1055,6 +1056,8 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
                  [*item_outputs, result_json, table, task, token, heat, weights_plot, shading, relevance, map_note,
                   prediction_state, save_status, *slots], api_visibility="private")
     image.clear(forget_item_id, [item_id, item_line], item_outputs, api_visibility="private")
+    item_id.input(lambda typed: views.typed_id_line(typed if isinstance(typed, str) else ""), item_id, item_line,
+                  api_visibility="private", show_progress="hidden", trigger_mode="always_last")  # each key
     text.input(forget_item_id, [item_id, item_line], item_outputs, api_visibility="private")
     save_outputs = [save_status, shared.history, pending, shown, request_id, item_line, *choice.buttons, *slots,
                     labels_for]

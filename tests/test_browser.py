@@ -439,6 +439,13 @@ def test_a_text_pasted_or_cut_is_another_item(running_app, page):
     page.keyboard.type(" x")
     page.wait_for_timeout(1000)
     expect(page.locator("#item-line")).to_contain_text(cleared)
+    item_id.click()
+    page.keyboard.type(example)  # typed again, as the line asks: the line names it, and asks no more
+    expect(page.locator("#item-line")).to_contain_text(f"Item {example} (the catalogue id typed)")
+    expect(page.locator("#item-line")).not_to_contain_text("was cleared")
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Control+X")  # a cut (or a paste) is no key press: the line follows it all the same
+    expect(page.locator("#item-line")).to_have_text("New item: predict it to see its labels.")
     page.locator("#predict-examples tr.tr-body").first.click()  # back to the catalogue item
     expect(item_id).not_to_have_value("", timeout=30_000)
     expect(page.locator("#predictions")).to_contain_text("%", timeout=60_000)

@@ -499,6 +499,14 @@ def cleared_id_line(cleared: str) -> str:
                                      "text is another item: if this is still that item, type its id again first.")
 
 
+def typed_id_line(typed: str) -> str:
+    """The item line while the labeler types an item id, before Predict: the id a save will go to (the line
+    still named the id a new photo had cleared, and asked for it to be typed again: QA s41)."""
+    typed = typed.strip()
+    return (f"Item {code(typed)} (the catalogue id typed): predict it to see its saved and catalogue labels."
+            if typed else cleared_id_line(""))
+
+
 def item_line(view: ItemView, explicit: bool) -> str:
     """The Predict tab's line naming the item a save goes to, and where its labels stand."""
     origin = "the catalogue id given" if explicit else "a content id (image + text): no catalogue id given"
