@@ -1228,7 +1228,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
     load, {} when there is no queue to resume) and the components it updates."""
     models = studio.model_names
     tasks = views.task_choices(studio.tasks_of(models[0]), studio.display_names(models[0])) if models else []
-    with gr.Tab(TABS["review"], id="review", elem_id="review-tab"):
+    with gr.Tab(TABS["review"], id="review", elem_id="review-tab") as tab:
         gr.Markdown("Items ranked by how unsure the model is (least confidence, margin or entropy), decided items "
                     "left out. Each control starts at the item's saved label, else its catalogue (or manifest) "
                     "label, else the model's: Accept confirms what is shown. Your place in the queue is kept: a "
@@ -1584,6 +1584,20 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         event.success(remember, panel.queue, shared.remember_queue, api_visibility="private")
         event.success(None, js=FOCUS_QUEUE, api_visibility="private")
     split.change(views.split_note, split, split_note, api_visibility="private")
+
+    @user_errors
+    def looked_again(queue, annotator_name) -> dict:
+        """Back on the tab: where the queue and its item stand now (an undo or a save on the Predict tab, or
+        another labeler, may have changed them meanwhile: the progress still counted an item undone there). The
+        controls keep what the labeler set; a decision is checked against the store as ever."""
+        if queue is None:
+            return {}
+        studio.refresh(queue, annotator_name)
+        view = studio.current_view(queue)
+        return {panel.progress: views.review_status(queue), **(standing(studio, panel, queue, view) if view else {})}
+
+    tab.select(looked_again, [panel.queue, shared.annotator], [panel.progress, panel.table, panel.item_history],
+               api_visibility="private", show_progress="hidden")
     arrange_inputs = [panel.queue, strategy, task_filter, min_conf, max_conf, shared.annotator]
     strategy.input(rearrange, arrange_inputs, panel.outputs, api_name="review_arrange")
     task_filter.input(rearrange, arrange_inputs, panel.outputs, api_visibility="private")

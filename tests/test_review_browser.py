@@ -699,3 +699,19 @@ def test_keys_on_a_finished_queue_say_so_once_in_the_status_line(review_app, bro
     assert review_app.studio.store.count() == before
     shot(page, "keys-on-finished-queue")
     page.context.close()
+
+
+def test_back_on_the_review_tab_its_progress_counts_an_undo_made_on_predict(review_app, browser):
+    """Session 41 leftover: the Predict tab's Undo reverts your newest decision wherever it was made, but the
+    Review tab still counted the undone item as reviewed until its next decision."""
+    page = open_page(browser, review_app, "undo-elsewhere")
+    item = load_queue(page, 3)
+    press(page, "a")
+    expect(page.locator("#review-progress")).to_contain_text("1 reviewed of 3", timeout=WAIT)
+    open_and_keep_tab(page, "Predict")
+    page.locator("#save-undo").click()
+    expect(page.locator("#save-status")).to_contain_text(f"Undone on item {item}", timeout=WAIT)
+    assert item not in review_app.studio.store.current_labels()
+    open_and_keep_tab(page, "Review")
+    expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 3", timeout=WAIT)
+    page.context.close()
