@@ -963,6 +963,14 @@ def test_a_disagreements_queue_holds_open_disagreements_only_and_a_resume_moves_
         for annotator, label in (("ana", red), ("ben", blue)):  # d-2 as an upload: its manifest's label recorded
             studio.store.save(image=EXAMPLE_IMAGE, text=EXAMPLE_TEXT, labels={colour: label}, annotator=annotator,
                               item_id=item, catalogue_labels={colour: red} if item == "d-2" else None)
+    # QA s42: on the other model (a new page starts on the first one) "No disagreement to settle" hid these
+    studio.add_checkpoint("fashion-product-images", Path(__file__).resolve().parents[1] / "checkpoints" /
+                          "fashion-product-images")
+    with pytest.raises(StudioError, match="2 items of hm-articles's tasks are in dispute: choose that model"):
+        studio.review_disagreements("fashion-product-images", None, 10)
+    with pytest.raises(StudioError, match=r"No decision names the task 'Colour \(baseColour\)'; the tasks decided: "
+                                          r"Colour \(colour_group_name\)\."):  # the name the Task list shows
+        studio.audit(task="baseColour")
     queue = studio.review_disagreements("hm-articles", colour, 10, annotator="ben")
     assert [item.item_id for item in queue.items] == ["d-1", "d-2"] and queue.tasks == [colour]
     assert [item.status for item in queue.items] == ["pending", "pending"]  # every item holds labels, all open

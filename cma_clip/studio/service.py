@@ -544,7 +544,7 @@ class Studio:
             raise StudioError(str(exc)) from exc
         if not total and (task := wanted(task)) and task not in (decided := self.store.decided_tasks()):
             names = self.display_names()
-            raise StudioError(f"No decision names the task {task!r}; the tasks decided: "
+            raise StudioError(f"No decision names the task {names.get(task, task)!r}; the tasks decided: "
                               f"{', '.join(names.get(t, t) for t in decided) or 'none yet'}.")
         return rows, total, page
 
@@ -775,9 +775,14 @@ class Studio:
         names = self.display_names(model)
         found = self.store.disagreements(tasks)
         if not found:
+            elsewhere = {other: len(open_ones) for other in self.model_names if other != model
+                         and (their_tasks := self.tasks_of(other))
+                         and (open_ones := self.store.disagreements(their_tasks))}
+            where = "".join(f" {plural(count, 'item')} of {other}'s tasks {'is' if count == 1 else 'are'} in dispute: "
+                            "choose that model to settle them." for other, count in elsewhere.items())
             raise StudioError(f"No disagreement to settle on {', '.join(names.get(t, t) for t in tasks)}: annotators' "
                               "labels differ when a second labeler reviews decided items ('Show decided items') or "
-                              "overwrites a label.")
+                              f"overwrites a label.{where}")
         size = min(whole_number(size, "sample size", 1, MAX_QUEUE_ITEMS, default=50), len(found))
         # each item's catalogue labels: what its saves recorded, else (a task no save recorded) the catalogue's
         items = [(d.item_id, str(d.image_path), d.text, {**self.catalogue_labels(model, d.item_id), **d.catalogue},
