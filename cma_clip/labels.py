@@ -787,7 +787,8 @@ class LabelStore:
         replaced since does): task -> items, raw
         (the share of annotator pairs that agree), kappa (Cohen's kappa, the mean over annotator
         pairs sharing two items or more; None when no pair does, or when every label is one class),
-        annotators and open_disagreements (items whose annotators disagree, not settled since:
+        annotators, pairs (annotator pairs sharing an item) and kappa_pairs (those the kappa is over), and
+        open_disagreements (items whose annotators disagree, not settled since:
         `disagreements`; a lone label against a ruling is one, so a task may list it with no items)."""
         with self._transaction() as conn:
             return _agreement(conn, tasks)
@@ -1462,16 +1463,20 @@ def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], 
 
 
 def _agreement_of(items: list[dict[str, str]]) -> dict:
-    """Raw agreement and mean pairwise Cohen's kappa over items labelled by two annotators or more."""
+    """Raw agreement and mean pairwise Cohen's kappa over items labelled by two annotators or more, with
+    how many annotator pairs share an item (`pairs`) and how many of them the kappa is over (`kappa_pairs`):
+    a kappa of 1 over one pair read as full agreement beside a third annotator's open dissent (QA s42)."""
     pairs = [(labels[a], labels[b]) for labels in items for a, b in combinations(sorted(labels), 2)]
     annotators = sorted({a for labels in items for a in labels})
-    kappas = []
+    kappas, sharing = [], 0
     for a, b in combinations(annotators, 2):
         both = [(labels[a], labels[b]) for labels in items if a in labels and b in labels]
+        sharing += bool(both)
         if len(both) >= 2 and len({label for pair in both for label in pair}) > 1:  # one class: kappa is 0 / 0
             kappas.append(float(cohen_kappa_score([x for x, _ in both], [y for _, y in both])))
     return {"items": len(items), "raw": sum(x == y for x, y in pairs) / len(pairs) if pairs else None,
-            "kappa": sum(kappas) / len(kappas) if kappas else None, "annotators": annotators}
+            "kappa": sum(kappas) / len(kappas) if kappas else None, "annotators": annotators,
+            "pairs": sharing, "kappa_pairs": len(kappas)}
 
 
 def _saved_queue(row: sqlite3.Row) -> SavedQueue:

@@ -723,9 +723,10 @@ def test_agreement_and_kappa_on_a_hand_checked_case(store, tmp_path):
 
     agreement = store.agreement()
     assert agreement["colour"] == {"items": 4, "raw": 0.75, "kappa": pytest.approx(0.5), "annotators": ["ana", "ben"],
-                                   "open_disagreements": 1}  # item 2
+                                   "pairs": 1, "kappa_pairs": 1, "open_disagreements": 1}  # item 2
     assert agreement["type"] == {"items": 1, "raw": pytest.approx(1 / 3), "kappa": None,
-                                 "annotators": ["ana", "ben", "cem"], "open_disagreements": 1}
+                                 "annotators": ["ana", "ben", "cem"], "pairs": 3, "kappa_pairs": 0,
+                                 "open_disagreements": 1}
     assert store.agreement(["type", "pattern"])["pattern"]["items"] == 0
     store.export(tmp_path / "labels_export.csv")
     assert json.loads((tmp_path / "labels_export.agreement.json").read_text()) == json.loads(json.dumps(agreement))
@@ -785,7 +786,7 @@ def test_a_lone_label_against_a_ruling_is_counted_where_nobody_else_labelled_the
     save(store, "1", "ana", {"type": "Socks"})  # ana alone goes against it
     assert store.open_disagreements() == {"1": {"type": {"ana": "Socks", "eve's ruling": "Tights"}}}
     assert store.agreement()["type"] == {"items": 0, "raw": None, "kappa": None, "annotators": [],
-                                         "open_disagreements": 1}
+                                         "pairs": 0, "kappa_pairs": 0, "open_disagreements": 1}
 
 
 def test_a_v4_store_gains_adjudications(tmp_path):

@@ -627,6 +627,8 @@ def test_agreement_audit_and_export_provenance(review_app):
     # jo and kim share 3 items (other pairs share fewer, and do not count for kappa):
     # p_o = 2/3, p_e = 2/3 * 1/3 + 1/3 * 2/3 = 4/9, kappa = (2/3 - 4/9) / (5/9) = 0.4
     assert row[3] == 0.4
+    # ... and the row says the kappa is over that pair alone, of the pairs sharing an item (QA s42)
+    assert row[6] == f"{pairs['kappa_pairs']} of {pairs['pairs']} annotator pairs" and pairs["kappa_pairs"] == 1
 
     audit = jo("/audit", COLOUR, "kim", "corrected", "human", "pair", 1)
     summary, data = audit["audit summary"], audit[next(iter(audit))]["data"]
@@ -709,7 +711,7 @@ def test_a_reviewer_settles_what_two_annotators_disagree_on(review_app, capfd):
     assert after == {**before[COLOUR], "open_disagreements": before[COLOUR]["open_disagreements"] - 1}  # no voter
     table = fay("/agreement")
     row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
-    assert row[-1] == after["open_disagreements"]  # the History tab says how many wait
+    assert row[views.AGREEMENT_HEADERS.index("open disagreements")] == after["open_disagreements"]  # how many wait
     audit = fay("/audit", COLOUR, "any", "any", "adjudication", "dispute-1", 1)  # the source filter tells it apart
     assert [(row[6], row[7]) for row in audit[next(iter(audit))]["data"]] == [("fay", "adjudication")]
     human = fay("/audit", COLOUR, "any", "any", "human", "dispute-1", 1)

@@ -68,7 +68,7 @@ ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "
 ITEM_HISTORY_WIDTHS = ["125px", "155px", "70px", "110px", "90px", "65px", "95px", "125px", "90px", "95px", "100px",
                        "65px"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators",
-                     "open disagreements"]
+                     "open disagreements", "kappa over"]
 KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
              "active) · **t** next task · **a** accept / save and next · **s** skip · **n** next item (no "
              "decision) · **u** undo · **p** previous item")
@@ -847,14 +847,16 @@ def _reverts(row: dict) -> str:
 
 
 def agreement_rows(agreement: dict[str, dict], names: dict[str, str] | None = None) -> list[list]:
-    """Per task: the items two annotators or more labelled, raw agreement, Cohen's kappa, who, and how
-    many of those items still wait for a reviewer (the Review tab's Disagreements source)."""
+    """Per task: the items two annotators or more labelled, raw agreement, Cohen's kappa, who, how
+    many of those items still wait for a reviewer (the Review tab's Disagreements source), and the
+    annotator pairs the kappa is over, of those sharing an item."""
     def number(value):
         return "" if value is None else round(value, 3)
 
     return [[task_name(task, names=names), a["items"], percent(a["raw"]) if a["raw"] is not None else "",
              number(a["kappa"]),
-             ", ".join(a["annotators"]), a["open_disagreements"]]
+             ", ".join(a["annotators"]), a["open_disagreements"],
+             f"{a['kappa_pairs']} of {plural(a['pairs'], 'annotator pair')}" if a["pairs"] else ""]
             for task, a in agreement.items()]
 
 
