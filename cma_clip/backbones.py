@@ -216,6 +216,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return rgb.copy() if rgb is image else rgb
 
 
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `image` as `to_rgb` stands it up: an EXIF orientation of 5 to 8 turns it a quarter."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def _upright_rgb(image: Image.Image) -> Image.Image:
     """`to_rgb` without its copy: `image` itself when it is already upright RGB (for callers that
     only read it, such as a resize: two full-image copies fewer per decoded photo)."""

@@ -56,7 +56,7 @@ from PIL import Image
 from torch import nn
 
 from . import mobilenet
-from .backbones import DualEncoder, EncoderOutput, TextBatch
+from .backbones import DualEncoder, EncoderOutput, TextBatch, upright_size
 from .model import IMAGE_SIDE, Classifier, CMAOutput, absent_texts
 from .runtime import autocast, bf16_supported
 
@@ -353,7 +353,7 @@ def explain(model: Classifier, backbone: DualEncoder, images: list[Image.Image],
             activation_grad = token_grad.transpose(1, 2).reshape(batch * count, *activation.shape[1:])
         activation = activation.float().repeat_interleave(count, dim=0)
     length = text.mask.shape[1]
-    sizes = [image.size for image in images]
+    sizes = [upright_size(image) for image in images]  # as the encoder saw them (a phone photo lies on its side)
     fine = layercam(activation, activation_grad)  # [B*T, h, w]
     if second:  # each tower's map normalised, mixed as the members that read it
         second_activation = second_leaf.detach().repeat_interleave(count, 0)

@@ -146,6 +146,23 @@ def test_predict_gives_every_task_relevance_and_the_same_labels(predictor):
     assert result.token_relevance["colour_group_name"].sum() == pytest.approx(1, abs=1e-4)
 
 
+def test_a_photo_stood_up_by_its_exif_orientation_is_explained_as_the_upright_photo(predictor, tmp_path):
+    """QA s42: a phone photo stored on its side (EXIF orientation 6) was encoded upright, but its padding was
+    worked out from the stored width and height: the map was masked sideways ("padding drew 37%", not 11%)."""
+    upright = load_image(EXAMPLE_IMAGE).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": the pixels lie a quarter turn anticlockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "side.jpg", quality=95, exif=exif)
+    lying = load_image(tmp_path / "side.jpg")
+    assert lying.size == upright.size[::-1]
+    expected, seen = predictor.predict(upright, EXAMPLE_TEXT), predictor.predict(lying, EXAMPLE_TEXT)
+    np.testing.assert_array_equal(seen.photo_fraction, expected.photo_fraction)
+    assert (seen.photo_fraction == 0).sum() == 14  # the padding columns of the 171 x 256 photo, not rows
+    for task, r in seen.relevance.items():
+        assert r.padding_share == pytest.approx(expected.relevance[task].padding_share, abs=0.05)
+        assert np.corrcoef(r.image, expected.relevance[task].image)[0, 1] > 0.9  # JPEG's loss aside, the same map
+
+
 class OneTask(torch.nn.Module):
     """A model seen through one of its tasks: `explain` on it computes that task's relevance alone."""
 
