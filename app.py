@@ -292,6 +292,11 @@ CSS = """
   #item-sweep .matplotlib img, #batch-sweep .matplotlib img { width: 760px; max-width: none; }
   #item-sweep .matplotlib::before, #batch-sweep .matplotlib::before { content: "Scroll sideways for every panel \\2192";
     display: block; position: sticky; left: 0; font-size: var(--text-sm); color: var(--block-info-text-color); }
+  /* a results table wider than the phone says so above it: its auto-accept column (a probe's changes, a review
+     item's saved labels) lay past the screen's edge unseen (QA s42) */
+  #predictions .table-wrap::before, #probe-table .table-wrap::before, #review-table .table-wrap::before {
+    content: "Swipe the table sideways for every column \\2192"; display: block; font-size: var(--text-sm);
+    color: var(--block-info-text-color); padding: 0 var(--size-2) var(--size-1); }
   /* After a tap on Accept the next item comes into view, its progress line at the top: what the tap did (a
      ruling's number, say) shows right under it; under the buttons it was below the screen's foot. A refusal
      (the item stays) shows under the buttons, beside the controls and choices that answer it. */

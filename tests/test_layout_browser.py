@@ -119,6 +119,21 @@ def contrast(page, selector: str) -> float:
     return page.evaluate(CONTRAST, selector)
 
 
+WIDE_TABLE = """(selector) => {
+  const wrap = document.querySelector(selector + " .table-wrap");
+  const viewport = wrap.querySelector(".virtual-table-viewport");
+  return {wide: viewport.scrollWidth > viewport.clientWidth + 1, hint: getComputedStyle(wrap, "::before").content};
+}"""
+
+
+def assert_a_wide_table_says_it_scrolls(page, selector: str, size: str) -> None:
+    """A table wider than its box says above it that it scrolls: on a phone the prediction's auto-accept
+    column and a probe's changes lay past the screen's edge, unseen (QA s42)."""
+    seen = page.evaluate(WIDE_TABLE, selector)
+    assert seen["wide"] == (size == "phone"), (size, selector, seen)  # a laptop shows every column
+    assert ("Swipe the table sideways" in seen["hint"]) == seen["wide"], (size, selector, seen)
+
+
 def check_view(page, size: str, view: str) -> None:
     """A screenshot of the view, then: nothing sticks out of the page, no raw column name shows, no
     table column is too narrow for a short word."""
@@ -137,6 +152,7 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     predict_example(page)
     expect(page.locator("#predictions")).to_contain_text("%")  # confidences in percent
     expect(page.locator("#operating-figures")).to_contain_text("held-out test items")
+    assert_a_wide_table_says_it_scrolls(page, "#predictions", size)
     expect(page.locator("#heatmap img")).to_be_visible(timeout=30_000)
     if size == "phone":  # the results, then the correction and its Save, then the examples
         results, examples = page.locator("#predictions").bounding_box(), page.locator("#predict-examples")
@@ -159,6 +175,7 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     page.locator("#review-load").click()
     expect(page.locator("#review-progress")).to_contain_text("reviewed of 3", timeout=60_000)
     expect(page.locator("#review-table")).to_contain_text("Pattern")
+    assert_a_wide_table_says_it_scrolls(page, "#review-table", size)
     if size == "laptop":  # every column of the item's table in view ("catalogue label" was cut at the edge)
         assert_every_column_in_view(page, "#review-table")
         page.get_by_text("History of this item").click()
@@ -169,6 +186,7 @@ def test_every_tab_fits_and_shows_names_not_columns(sized_page):
     page.locator("#probe").click()
     expect(page.locator("#probe-table")).to_contain_text("pts", timeout=60_000)
     expect(page.locator("#probe-table")).to_contain_text("Pattern")
+    assert_a_wide_table_says_it_scrolls(page, "#probe-table", size)
     for picture in ("#clean-heatmap", "#noisy-heatmap"):  # on a phone one above the other, never 164 px each
         assert page.locator(picture).bounding_box()["width"] >= 300, (size, picture)
     page.get_by_role("button", name="Sweep all severities for this item").click()
