@@ -305,6 +305,8 @@ CSS = """
   /* a dropdown's value read whole: half a phone cut the model's name ("fashion-…"), a word and its share,
      a corruption's name ("word_m…") */
   #model, #annotator, #explain-task, #map-word, #image-noise, #text-noise { min-width: 100% !important; }
+  /* a severity slider a row of its own (Text severity shared one with Seed, its box adrift in the middle) */
+  #image-severity, #text-severity, #seed { min-width: 100% !important; }
   /* the clean and noisy maps one above the other, at a width their colour bars can be read */
   #probe-maps { flex-wrap: wrap; }
   #probe-maps > * { min-width: 100% !important; }
@@ -1688,7 +1690,7 @@ def robustness_tab(studio: Studio, shared: Shared, image: gr.Image, text: gr.Tex
             text_noise = gr.Dropdown(["none", *TEXT_CORRUPTIONS], value="word_mask", label="Text corruption",
                                      elem_id="text-noise")
             text_severity = gr.Slider(0, 5, value=3, step=1, label="Text severity", elem_id="text-severity")
-            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed")
         with gr.Row():
             probe_button = gr.Button("Probe clean vs noisy", variant="primary", elem_id="probe")
             sweep_button = gr.Button("Sweep all severities for this item")

@@ -341,8 +341,12 @@ def test_an_example_brings_its_prediction_into_view_and_robustness_asks_for_an_i
 
 
 def test_severity_controls_follow_their_corruption(sized_page):
-    _, page = sized_page
+    size, page = sized_page
     open_tab(page, "robustness")
+    if size == "phone":  # each slider as wide as its corruption's list (Text severity shared a row with Seed)
+        for control in ("#image-severity", "#text-severity"):
+            assert page.locator(control).bounding_box()["width"] == pytest.approx(
+                page.locator("#image-noise").bounding_box()["width"], abs=2), control
     severity = page.locator("#image-severity input[type=range]")
     expect(severity).to_be_enabled()
     page.locator("#image-noise input").click()
