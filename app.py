@@ -1873,7 +1873,10 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     "the items whose annotators still disagree, or where a label since goes against a reviewer's "
                     "ruling (even one annotator's: so there may be more of them than items labelled twice; the "
                     "Review tab's Disagreements source settles them). The export writes it beside itself, as "
-                    "`<name>.agreement.json`.")
+                    "`<name>.agreement.json`.  \n**What it measures:** a labeler sees the labels saved before "
+                    "theirs (on Predict each control starts at it; in Review's second pass the control starts where a "
+                    "first pass does, but the item's table names it), so this is how often a second labeler kept or "
+                    "changed the first one's label: a review's agreement, higher than that of two blind labelers.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
         # filled when the tab opens (a callable value would add a second public API name for /agreement)
         agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement")
