@@ -681,7 +681,8 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             state = view.states.get(task) if view else None
             value = view.values.get(task) if view else (p.label if p else None)
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
-                                   (catalogue or {}).get(task), state) if prediction or view else ""
+                                   (catalogue or {}).get(task), state, bool(view and task in view.hidden)
+                                   ) if prediction or view else ""
             updates[slot] = gr.update(label=views.task_name(task, p, names),
                                       choices=views.typing_order(choices[task]),
                                       value=value, visible=True, info=info)
@@ -767,6 +768,14 @@ def answered(waiting: dict, how: str) -> tuple[dict, dict, bool]:
             else:
                 new_classes[task] = value
     return labels, new_classes, how == "overwrite"
+
+
+def kept_theirs(outcome: SaveOutcome, waiting: dict, how: str) -> SaveOutcome:
+    """The save a Keep theirs made, naming the tasks it left as decided since (its message listed only the tasks
+    saved: QA s42)."""
+    if how == "keep_theirs" and outcome.result == "saved":
+        outcome.kept_theirs = [t for t in waiting["conflicts"] if t not in outcome.labels]
+    return outcome
 
 
 def pending_save(outcome: SaveOutcome | UndoOutcome) -> dict | None:
@@ -1011,7 +1020,7 @@ def predict_tab(studio: Studio, shared: Shared) -> tuple[gr.Image, gr.Textbox, C
             outcome = studio.save_item(image_path, text_value, model_name, annotator_name, item, labels,
                                        shown_of(seen), request_id=waiting["request_id"], new_classes=new_classes,
                                        force=force, prediction=result)
-            return after_save(outcome, image_path, text_value, model_name, item, result)
+            return after_save(kept_theirs(outcome, waiting, how), image_path, text_value, model_name, item, result)
         handler.__name__ = f"save_{how}"
         return handler
 
@@ -1312,6 +1321,7 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             accept = gr.Button("Accept / save and next (a)", variant="primary", elem_id="review-accept")
             skip = gr.Button("Skip (s)", elem_id="review-skip")
             undo = gr.Button("Undo (u)", elem_id="review-undo")
+            api_undo = gr.Button(visible=False)  # /review_undo: a refusal is an error for API clients
             previous = gr.Button("‹ Previous (p)", elem_id="review-previous")
             forward = gr.Button("Next › (n, no decision)", elem_id="review-next")
         status = gr.Markdown(label="review status", elem_id="review-status")
@@ -1472,9 +1482,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             return updates
         return {panel.status: message, panel.pending: pending_save(outcome), **resolution(choice, outcome)}
 
-    @user_errors
     def undo_last(queue, annotator_name, rid):
-        """Revert your newest decision (again: the one before); the queue goes to that item."""
+        """Revert your newest decision (again: the one before); the queue goes to that item. On screen a refusal
+        ("nothing to undo") is said in the status line: as a toast it came twice, under the last undo's
+        "Undone on item ..." line, which read as if it had undone again (QA s42)."""
         return undone(queue, studio.review_undo(queue, annotator_name, request_id=rid))
 
     @user_errors
@@ -1519,9 +1530,9 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
             if how == "keep_theirs" and not labels:
                 studio.review_next(queue, annotator_name)
                 return show_queue(studio, panel, queue, "Kept their labels; nothing of yours was left to save.")
-            return after(queue, studio.review_save(queue, annotator_name, labels, shown_of(seen),
-                                                   request_id=waiting["request_id"], new_classes=new_classes,
-                                                   force=force))
+            return after(queue, kept_theirs(studio.review_save(queue, annotator_name, labels, shown_of(seen),
+                                                               request_id=waiting["request_id"],
+                                                               new_classes=new_classes, force=force), waiting, how))
         handler.__name__ = f"review_{how}"
         return handler
 
@@ -1598,13 +1609,20 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         another labeler, may have changed them meanwhile: the progress still counted an item undone there). The
         controls keep what the labeler set; a decision is checked against the store as ever."""
         if queue is None:
-            return {}
+            return {panel.progress: gr.skip()}  # (an empty dict reads as one output value)
+        reviewed = queue.reviewed
         studio.refresh(queue, annotator_name)
         view = studio.current_view(queue)
-        return {panel.progress: views.review_status(queue), **(standing(studio, panel, queue, view) if view else {})}
+        # the line under the item told of the last decision here, which may stand no more (QA s42)
+        moved = {panel.status: "The queue was read again on your return: decisions made meanwhile (an undo on the "
+                               "Predict tab, another labeler) changed how many items are reviewed."
+                 } if queue.reviewed != reviewed else {}
+        return {panel.progress: views.review_status(queue), **moved,
+                **(standing(studio, panel, queue, view) if view else {})}
 
-    tab.select(looked_again, [panel.queue, shared.annotator], [panel.progress, panel.table, panel.item_history],
-               api_visibility="private", show_progress="hidden")
+    tab.select(looked_again, [panel.queue, shared.annotator],
+               [panel.progress, panel.status, panel.table, panel.item_history], api_visibility="private",
+               show_progress="hidden")
     arrange_inputs = [panel.queue, strategy, task_filter, min_conf, max_conf, shared.annotator]
     strategy.input(rearrange, arrange_inputs, panel.outputs, api_name="review_arrange")
     task_filter.input(rearrange, arrange_inputs, panel.outputs, api_visibility="private")
@@ -1617,8 +1635,10 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
                           api_name="review_accept", js=REVIEW_BEFORE),
              skip.click(skip_item, [*queue_inputs, request_id, on_screen], panel.outputs, api_name="review_skip",
                         js=REVIEW_BEFORE),
-             undo.click(undo_last, [panel.queue, shared.annotator, request_id], panel.outputs,
-                        api_name="review_undo", js=REVIEW_BEFORE),
+             api_undo.click(user_errors(undo_last), [panel.queue, shared.annotator, request_id], panel.outputs,
+                            api_name="review_undo"),
+             undo.click(errors_in(panel.status)(undo_last), [panel.queue, shared.annotator, request_id],
+                        panel.outputs, api_name="review_undo_shown", api_visibility="private", js=REVIEW_BEFORE),
              previous.click(previous_item, [panel.queue, shared.annotator], panel.outputs,
                             api_name="review_previous", js=REVIEW_BEFORE),
              forward.click(next_item, [panel.queue, shared.annotator, on_screen], panel.outputs,
@@ -1873,10 +1893,11 @@ def history_tab(studio: Studio, shared: Shared) -> None:
                     "the items whose annotators still disagree, or where a label since goes against a reviewer's "
                     "ruling (even one annotator's: so there may be more of them than items labelled twice; the "
                     "Review tab's Disagreements source settles them). The export writes it beside itself, as "
-                    "`<name>.agreement.json`.  \n**What it measures:** a labeler sees the labels saved before "
-                    "theirs (on Predict each control starts at it; in Review's second pass the control starts where a "
-                    "first pass does, but the item's table names it), so this is how often a second labeler kept or "
-                    "changed the first one's label: a review's agreement, higher than that of two blind labelers.")
+                    "`<name>.agreement.json`.  \n**Second opinions only:** a label saved where another "
+                    "annotator's label of the task was shown (on Predict each control starts at it) is a review of it, "
+                    "not an independent opinion: it is left out of these figures and counted under *reviews left "
+                    "out*. For the agreement, label blind: Review with *Show decided items* on hides the others' "
+                    "labels until you decide.")
         agreement_button = gr.Button("Refresh agreement", elem_id="agreement-refresh")
         # filled when the tab opens (a callable value would add a second public API name for /agreement)
         agreement_table = gr.Dataframe(headers=views.AGREEMENT_HEADERS, interactive=False, elem_id="agreement")

@@ -99,12 +99,14 @@ V4_SCHEMA = (
 )
 # a save that adjudicates: a reviewer's decision on a disagreement (not one more annotator's vote)
 V5_SCHEMA = ("ALTER TABLE corrections ADD COLUMN adjudicated INTEGER NOT NULL DEFAULT 0 CHECK (adjudicated IN (0, 1))",)
+# a save made blind: the other labelers' labels of the item were hidden from its labeler (a second pass)
+V6_SCHEMA = ("ALTER TABLE corrections ADD COLUMN blind INTEGER NOT NULL DEFAULT 0 CHECK (blind IN (0, 1))",)
 INSERT_IMAGE = "INSERT OR IGNORE INTO images VALUES (?, ?, ?, ?)"
 IMAGE_FILE = "SELECT path FROM images WHERE sha256 = ?"
 COUNT_LABEL_SAVES = "SELECT COUNT(*) FROM corrections WHERE kind = 'label'"
 INSERT_SAVE = ("INSERT INTO corrections (item_id, image_sha256, text, predictions, labels, annotator, checkpoint,"
-               " created_at, request_id, kind, source, batch_id, undoes, adjudicated)"
-               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+               " created_at, request_id, kind, source, batch_id, undoes, adjudicated, blind)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 INSERT_DECISION = ("INSERT INTO decisions (save_id, item_id, task, label, status, catalogue_label, base_version,"
                    " reverts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 V1_SAVES = "SELECT id, item_id, labels, predictions FROM corrections ORDER BY id"
@@ -123,11 +125,12 @@ TASK_LABELS = "SELECT DISTINCT label FROM decisions WHERE task = ? AND label IS 
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
 # withdrawn_at: the undo that took the decision back though it kept someone's later one on its task
 # ("keep theirs": it wrote no decision for that task), which a later undo's restore passes over
-DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
-             " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
-             " c.predictions, c.adjudicated, (SELECT w.id FROM corrections w WHERE w.undoes = d.save_id AND NOT EXISTS"
-             " (SELECT 1 FROM decisions k WHERE k.save_id = w.id AND k.task = d.task)) AS withdrawn_at"
-             + DECISIONS_FROM)
+DECISION_COLUMNS = (
+    "SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
+    " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
+    " c.predictions, c.adjudicated, (SELECT w.id FROM corrections w WHERE w.undoes = d.save_id AND NOT EXISTS"
+    " (SELECT 1 FROM decisions k WHERE k.save_id = w.id AND k.task = d.task)) AS withdrawn_at")
+DECISIONS = DECISION_COLUMNS + DECISIONS_FROM
 COUNT_DECISIONS = "SELECT COUNT(*)" + DECISIONS_FROM
 AUDIT_PAGE = DECISIONS + "{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"
 ITEM_DECISIONS = DECISIONS + " WHERE d.item_id = ? AND d.save_id < ? ORDER BY d.id"
@@ -142,7 +145,12 @@ NOT_DROPPED = (" AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.item_id = d.i
 # each annotator's human labels: not auto-accepted, not an adjudication, not of a save its annotator undid
 # (an undo that kept someone's later decision withdraws the label all the same: its annotator took it back;
 # one that someone's forced undo dropped still says what its annotator judged)
-HUMAN_LABELS = (DECISIONS + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
+# `reviewed`: the label was saved where its labeler saw another's human label of the task (the version the
+# save started from), not blind: a review of that label, not a second opinion (the Predict tab shows it)
+HUMAN_LABELS = (DECISION_COLUMNS + ", (c.blind = 0 AND EXISTS (SELECT 1 FROM decisions b JOIN corrections bc"
+                " ON bc.id = b.save_id WHERE b.id = d.base_version AND b.label IS NOT NULL AND bc.source = 'human'"
+                " AND bc.annotator != c.annotator)) AS reviewed" + DECISIONS_FROM
+                + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
                 " AND c.adjudicated = 0" + NOT_UNDONE.format(save="c.id") + " ORDER BY d.id")
 # the rulings that stand: not undone (reverted or withdrawn) by the reviewer, not dropped by a forced undo
 STANDING_RULING = " c.kind = 'label' AND c.adjudicated = 1" + NOT_UNDONE.format(save="c.id") + NOT_DROPPED
@@ -273,7 +281,8 @@ class TaskState:
     """Where one task of one item stands. `status` and `version` come from its latest
     decision; `label` is the current label (a skip keeps it) and annotator, source,
     checkpoint and created_at say who set it (who made the latest decision when there is none);
-    `decided_by` made the latest decision (a label, a skip or an undo)."""
+    `decided_by` made the latest decision (a label, a skip or an undo), and `skipped_by` the skip standing
+    (an undo that brings a skip back is not one: its table read "skipped by" the undoer, QA s42)."""
     label: str | None
     status: str
     version: int
@@ -283,6 +292,7 @@ class TaskState:
     created_at: str
     decided_by: str = ""
     adjudicated: bool = False  # the label was a reviewer's decision on a disagreement
+    skipped_by: str = ""
 
     def same_decision(self, other: "TaskState") -> bool:
         """The same label, status and provenance: only the version (and who restored it) may differ,
@@ -448,7 +458,7 @@ class LabelStore:
              checkpoint: str = "", base_versions: Mapping[str, int | None] | None = None,
              request_id: str | None = None, source: str = "human", catalogue_labels: Mapping[str, str] | None = None,
              vocabulary: Mapping[str, Iterable[str]] | None = None, new_classes: Mapping[str, str] | None = None,
-             force: bool = False, adjudicated: bool = False,
+             force: bool = False, adjudicated: bool = False, blind: bool = False,
              classes: Mapping[str, Iterable[str]] | None = None) -> SaveResult:
         """Store one decision per labelled task of one item (and its image, once).
 
@@ -460,7 +470,9 @@ class LabelStore:
         takes its classes, the labels already saved for it, or the value confirmed in
         `new_classes[task]`; any other value raises `UnknownLabel`. A `request_id` already
         stored stores nothing and returns the first save's result (`duplicate=True`). `adjudicated`:
-        a reviewer's decision on a disagreement, which settles it and is left out of the agreement.
+        a reviewer's decision on a disagreement, which settles it and is left out of the agreement. `blind`: the
+        labeler was not shown the other labelers' labels of the item (else a label saved from another's version
+        is a review of it, which the agreement counts apart).
         A human label is stored as `tidy_label` spells it, a class of `vocabulary` (else `classes`, when
         the vocabulary is not checked) and a label items hold as they spell it.
         """
@@ -470,7 +482,7 @@ class LabelStore:
         with self._transaction("IMMEDIATE") as conn:
             return _store(conn, prepared, annotator=self.held_annotator(annotator), checkpoint=checkpoint,
                           request_id=_key(request_id, "request_id"), source=source, vocabulary=vocabulary,
-                          new_classes=new_classes, force=force, adjudicated=bool(adjudicated))
+                          new_classes=new_classes, force=force, adjudicated=bool(adjudicated), blind=bool(blind))
 
     def save_correction(self, *, image: Image.Image | bytes | str | Path, text: str, labels: dict[str, str],
                         predictions: dict[str, dict] | None = None, annotator: str = "", checkpoint: str = "",
@@ -787,9 +799,11 @@ class LabelStore:
         replaced since does): task -> items, raw
         (the share of annotator pairs that agree), kappa (Cohen's kappa, the mean over annotator
         pairs sharing two items or more; None when no pair does, or when every label is one class),
-        annotators, pairs (annotator pairs sharing an item) and kappa_pairs (those the kappa is over), and
-        open_disagreements (items whose annotators disagree, not settled since:
-        `disagreements`; a lone label against a ruling is one, so a task may list it with no items)."""
+        annotators, pairs (annotator pairs sharing an item) and kappa_pairs (those the kappa is over),
+        reviews (labels saved where their labeler was shown another's label of the item's task, not blind: a
+        review of it, left out of the figures above) and open_disagreements (items whose annotators
+        disagree, reviews included, not settled since: `disagreements`; a lone label against a ruling is one,
+        so a task may list it with no items)."""
         with self._transaction() as conn:
             return _agreement(conn, tasks)
 
@@ -1119,9 +1133,15 @@ def _v4_to_v5(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v5_to_v6(conn: sqlite3.Connection) -> None:
+    """Mark the saves made blind (none before v6: every labeler was shown the labels saved before theirs)."""
+    for statement in V6_SCHEMA:
+        conn.execute(statement)
+
+
 # step n takes a store from version n to n + 1; a new store runs them all, as an old one did
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _v1_to_v2, _v2_to_v3, _v3_to_v4,
-                                                                _v4_to_v5)
+                                                                _v4_to_v5, _v5_to_v6)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -1161,7 +1181,8 @@ def _prepare(image_dir: Path, image: Any, text: Any, labels: Any, predictions: A
 
 def _store(conn: sqlite3.Connection, save: _Prepared, *, annotator: str, checkpoint: str, request_id: str | None,
            source: str, batch_id: str | None = None, vocabulary: Mapping[str, Iterable[str]] | None = None,
-           new_classes: Mapping[str, str] | None = None, force: bool = False, adjudicated: bool = False) -> SaveResult:
+           new_classes: Mapping[str, str] | None = None, force: bool = False, adjudicated: bool = False,
+           blind: bool = False) -> SaveResult:
     """Check and insert one prepared save, inside the caller's IMMEDIATE transaction."""
     if (save_id := _stored_request(conn, request_id, "label")) is not None:
         return _save_result(conn, save_id, duplicate=True)
@@ -1175,7 +1196,7 @@ def _store(conn: sqlite3.Connection, save: _Prepared, *, annotator: str, checkpo
             raise LabelConflict(conflicts)
     conn.execute(INSERT_IMAGE, (save.sha, save.image_file, save.image_bytes, _now()))
     save_id = _insert_save(conn, save.item_id, save.sha, save.text, save.predictions, save.labels, annotator,
-                           checkpoint, request_id, "label", source, batch_id, adjudicated=adjudicated)
+                           checkpoint, request_id, "label", source, batch_id, adjudicated=adjudicated, blind=blind)
     predicted, base = _predicted(save.predictions), save.base_versions or {}
     _decide(conn, save_id, save.item_id, [(task, label, _status(label, predicted.get(task)), save.catalogue.get(task),
                                            base.get(task), None) for task, label in save.labels.items()])
@@ -1238,10 +1259,11 @@ def _revert(conn: sqlite3.Connection, target: sqlite3.Row, annotator: str, reque
 def _insert_save(conn: sqlite3.Connection, item_id: str, sha: str | None, text: str | None, predictions: dict,
                  labels: dict, annotator: str, checkpoint: str, request_id: str | None, kind: str,
                  source: str = "human", batch_id: str | None = None, undoes: int | None = None,
-                 adjudicated: bool = False) -> int:
+                 adjudicated: bool = False, blind: bool = False) -> int:
     return conn.execute(INSERT_SAVE, (item_id, sha, text, json.dumps(predictions, ensure_ascii=False),
                                       json.dumps(labels, ensure_ascii=False), annotator, checkpoint, _now(),
-                                      request_id, kind, source, batch_id, undoes, int(adjudicated))).lastrowid
+                                      request_id, kind, source, batch_id, undoes, int(adjudicated),
+                                      int(blind))).lastrowid
 
 
 def _decide(conn: sqlite3.Connection, save_id: int, item_id: str,
@@ -1302,7 +1324,7 @@ def _replay(rows: Iterable[sqlite3.Row]) -> tuple[dict[str, dict[str, TaskState]
             restored = _restored(seen[row["item_id"], row["task"]], steps, row["reverts"], row["save_id"])
             after = replace(restored, version=version, decided_by=decided_by) if restored else _state(row)
         elif row["status"] == "skipped" and before is not None and before.label is not None:
-            after = replace(before, status="skipped", version=version, decided_by=decided_by)
+            after = replace(before, status="skipped", version=version, decided_by=decided_by, skipped_by=decided_by)
         else:
             after = _state(row)
         tasks[row["task"]] = after
@@ -1324,8 +1346,9 @@ def _under_skip(rows: list[sqlite3.Row], steps: dict[int, _Step], skip: TaskStat
                                                                                    skip.created_at):
         return skip
     if under is None:
-        return replace(skip, label=None, annotator=skip.decided_by, source="human", adjudicated=False)
-    return replace(under, status="skipped", version=skip.version, decided_by=skip.decided_by)
+        return replace(skip, label=None, annotator=skip.skipped_by, source="human", adjudicated=False)
+    return replace(under, status="skipped", version=skip.version, decided_by=skip.decided_by,
+                   skipped_by=skip.skipped_by)
 
 
 def _taken_back(rows: list[sqlite3.Row], before: int) -> set[int]:
@@ -1387,7 +1410,8 @@ def _replaced(steps: dict[int, _Step], row: sqlite3.Row) -> dict | None:
 
 def _state(row: sqlite3.Row) -> TaskState:
     return TaskState(row["label"], row["status"], row["version"], row["annotator"] or "", row["source"],
-                     row["checkpoint"] or "", row["created_at"], row["annotator"] or "", bool(row["adjudicated"]))
+                     row["checkpoint"] or "", row["created_at"], row["annotator"] or "", bool(row["adjudicated"]),
+                     row["annotator"] or "" if row["status"] == "skipped" else "")
 
 
 def _predicted(predictions: Mapping[str, Any]) -> dict[str, Any]:
@@ -1432,12 +1456,17 @@ def _agreement(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[st
     tasks = None if tasks is None else list(tasks)
     labels = _annotators_labels(conn, tasks)
     shared: dict[str, list[dict[str, str]]] = {task: [] for task in tasks or ()}
+    reviews: Counter[str] = Counter()
     for (task, _), by_annotator in labels.items():
-        if len(by_annotator) >= 2:
-            shared.setdefault(task, []).append({a: row["label"] for a, row in by_annotator.items()})
+        opinions = {a: row["label"] for a, row in by_annotator.items() if not row["reviewed"]}
+        if reviewed := len(by_annotator) - len(opinions):
+            reviews[task] += reviewed
+        if len(opinions) >= 2:
+            shared.setdefault(task, []).append(opinions)
     unsettled = Counter(task for by_task in _open_disagreements(conn, labels)[0].values() for task in by_task)
-    return {task: {**_agreement_of(shared.get(task, [])), "open_disagreements": unsettled[task]}
-            for task in sorted(shared.keys() | unsettled.keys())}  # a lone label against a ruling is open too
+    return {task: {**_agreement_of(shared.get(task, [])), "reviews": reviews[task],
+                   "open_disagreements": unsettled[task]}  # a lone label against a ruling is open too
+            for task in sorted(shared.keys() | unsettled.keys())}
 
 
 def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], dict],

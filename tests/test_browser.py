@@ -441,7 +441,7 @@ def test_a_text_pasted_or_cut_is_another_item(running_app, page):
     expect(page.locator("#item-line")).to_contain_text(cleared)
     item_id.click()
     page.keyboard.type(example)  # typed again, as the line asks: the line names it, and asks no more
-    expect(page.locator("#item-line")).to_contain_text(f"Item {example} (the catalogue id typed)")
+    expect(page.locator("#item-line")).to_contain_text(f"Item {example} (the catalogue id given)")
     expect(page.locator("#item-line")).not_to_contain_text("was cleared")
     page.keyboard.press("Control+A")
     page.keyboard.press("Control+X")  # a cut (or a paste) is no key press: the line follows it all the same

@@ -216,6 +216,24 @@ def test_undo_walks_back_more_than_ten_decisions(store):
     assert store.count() == 23  # undos append; they delete nothing
 
 
+def test_an_undo_that_brings_back_someones_skip_keeps_who_skipped(store):
+    """QA s42: ana skipped, ben labelled, ben undid: the table read "ana, ..., skipped by ben"."""
+    from cma_clip.studio import views
+
+    save(store, "a", "cem", {"colour": "Red"})
+    store.skip("a", ["colour"], "ana")  # over cem's label
+    store.skip("b", ["colour"], "ana")  # over none
+    for item in ("a", "b"):
+        save(store, item, "ben", {"colour": "Blue"})
+    for _ in range(2):
+        store.undo("ben")
+    over, bare = store.item_state("a")["colour"], store.item_state("b")["colour"]
+    assert (over.label, over.status, over.annotator, over.skipped_by, over.decided_by) == (
+        "Red", "skipped", "cem", "ana", "ben")  # the undo is ben's decision, the skip ana's
+    assert views._who(over).endswith("skipped by ana") and "ben" not in views._who(over)
+    assert (bare.label, bare.status, bare.skipped_by) == (None, "skipped", "ana") and "ben" not in views._who(bare)
+
+
 def test_undo_restores_the_previous_label_and_who_set_it_and_refuses_to_drop_someone_elses(store):
     save(store, "a", "ben", {"colour": "Red"})
     first = save(store, "a", "ana", {"colour": "Blue"}, request_id="ana-1")
@@ -723,9 +741,9 @@ def test_agreement_and_kappa_on_a_hand_checked_case(store, tmp_path):
 
     agreement = store.agreement()
     assert agreement["colour"] == {"items": 4, "raw": 0.75, "kappa": pytest.approx(0.5), "annotators": ["ana", "ben"],
-                                   "pairs": 1, "kappa_pairs": 1, "open_disagreements": 1}  # item 2
+                                   "pairs": 1, "kappa_pairs": 1, "reviews": 0, "open_disagreements": 1}  # item 2
     assert agreement["type"] == {"items": 1, "raw": pytest.approx(1 / 3), "kappa": None,
-                                 "annotators": ["ana", "ben", "cem"], "pairs": 3, "kappa_pairs": 0,
+                                 "annotators": ["ana", "ben", "cem"], "pairs": 3, "kappa_pairs": 0, "reviews": 0,
                                  "open_disagreements": 1}
     assert store.agreement(["type", "pattern"])["pattern"]["items"] == 0
     store.export(tmp_path / "labels_export.csv")
@@ -779,6 +797,30 @@ def test_a_disagreement_stays_open_until_an_adjudication_settles_it(store, tmp_p
     assert store.agreement()["colour"]["open_disagreements"] == 1
 
 
+def test_a_label_saved_over_anothers_it_was_shown_is_a_review_not_a_second_opinion(store):
+    """QA s42: a second labeler on the Predict tab starts at the first one's label, so "Save" unchanged counted
+    as agreement, and kappa rose with every review. A label saved from another's version (it was shown) is a
+    review, counted apart; a blind save (a second pass hiding the others' labels) and a save that was shown
+    no label (both labelers at once) are second opinions."""
+    first = save(store, "1", "ana", {"colour": "R"}).versions["colour"]
+    save(store, "1", "ben", {"colour": "R"}, base_versions={"colour": first})  # kept it, seeing it
+    assert "colour" not in store.agreement()
+    assert store.agreement(["colour"])["colour"] == {
+        "items": 0, "raw": None, "kappa": None, "annotators": [], "pairs": 0, "kappa_pairs": 0, "reviews": 1,
+        "open_disagreements": 0}
+    standing = store.item_state("1")["colour"].version  # ben's
+    save(store, "1", "cem", {"colour": "B"}, base_versions={"colour": standing}, blind=True)  # hidden from cem
+    both = store.agreement()["colour"]
+    assert (both["items"], both["raw"], both["annotators"], both["reviews"]) == (1, 0.0, ["ana", "cem"], 1)
+    assert store.open_disagreements()["1"]["colour"] == {"ana": "R", "ben": "R", "cem": "B"}  # a review disputes too
+    save(store, "2", "ana", {"colour": "B"}, base_versions={"colour": None})
+    save(store, "2", "ben", {"colour": "B"}, base_versions={"colour": None})  # shown none: ana's came meanwhile
+    assert store.agreement()["colour"]["items"] == 2
+    own = store.item_state("2")["colour"].version  # a labeler's own label shown is no one else's
+    save(store, "2", "ben", {"colour": "R"}, base_versions={"colour": own})
+    assert store.agreement()["colour"]["items"] == 2 and store.agreement()["colour"]["reviews"] == 1
+
+
 def test_a_lone_label_against_a_ruling_is_counted_where_nobody_else_labelled_the_task(store):
     """An item a reviewer ruled on and one annotator labelled against it since is an open disagreement;
     the agreement counts it for its task even when no item of that task has two annotators."""
@@ -786,7 +828,7 @@ def test_a_lone_label_against_a_ruling_is_counted_where_nobody_else_labelled_the
     save(store, "1", "ana", {"type": "Socks"})  # ana alone goes against it
     assert store.open_disagreements() == {"1": {"type": {"ana": "Socks", "eve's ruling": "Tights"}}}
     assert store.agreement()["type"] == {"items": 0, "raw": None, "kappa": None, "annotators": [],
-                                         "pairs": 0, "kappa_pairs": 0, "open_disagreements": 1}
+                                         "pairs": 0, "kappa_pairs": 0, "reviews": 0, "open_disagreements": 1}
 
 
 def test_a_v4_store_gains_adjudications(tmp_path):

@@ -114,7 +114,7 @@ def test_wal_mode_and_schema_version(tmp_path):
     store = LabelStore(tmp_path / "labels.db")
     with sqlite3.connect(store.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
     assert LabelStore(store.path).count() == 0  # reopening an existing store
 
 

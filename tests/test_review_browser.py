@@ -698,6 +698,15 @@ def test_keys_on_a_finished_queue_say_so_once_in_the_status_line(review_app, bro
     expect(page.locator(".toast-body")).to_have_count(0)
     assert review_app.studio.store.count() == before
     shot(page, "keys-on-finished-queue")
+    # undo, then undo again: the second has nothing left, said in the status line in place of "Undone on item"
+    # (QA s42: two toasts under the first undo's line read as if it had undone again)
+    press(page, "u")
+    expect(page.locator("#review-status")).to_contain_text(f"Undone on item {item}", timeout=WAIT)
+    press(page, "u")
+    expect(page.locator("#review-status")).to_contain_text("nothing to undo: keys-finished has no decision left")
+    expect(page.locator("#review-status")).not_to_contain_text("Undone on item")
+    page.wait_for_timeout(1000)
+    expect(page.locator(".toast-body")).to_have_count(0)
     page.context.close()
 
 
@@ -714,4 +723,42 @@ def test_back_on_the_review_tab_its_progress_counts_an_undo_made_on_predict(revi
     assert item not in review_app.studio.store.current_labels()
     open_and_keep_tab(page, "Review")
     expect(page.locator("#review-progress")).to_contain_text("0 reviewed of 3", timeout=WAIT)
+    # the line under the item no longer tells of the save undone (QA s42)
+    expect(page.locator("#review-status")).to_contain_text("The queue was read again on your return")
+    page.context.close()
+
+
+def test_a_second_pass_is_blind_to_the_first_labelers_labels_until_it_decides(review_app, browser):
+    """QA s42: in a second pass ('Show decided items', for the agreement) the controls started blind, but the
+    item's table named the first labeler's label, so the agreement measured a review of it."""
+    first = open_page(browser, review_app, "first-look")
+    item = load_queue(first, 2, split="val")
+    expect(slot(first, 2)).not_to_have_value("")
+    mine = next(c for c in review_app.studio.task_classes(MODEL)[COLOUR] if c != slot(first, 2).input_value())
+    choose(slot(first, 2), mine)  # not where the control started
+    press(first, "a")
+    expect(first.locator("#review-status")).to_contain_text(f"for item {item}", timeout=WAIT)
+    first.context.close()
+    page = open_page(browser, review_app, "second-look")
+    page.get_by_role("tab", name="Review").click()
+    fill_until_it_holds(page.locator("#review-split input"), "val", press="Enter")
+    fill_until_it_holds(page.locator("#review-size input"), "2")
+    page.locator("#review-show-decided input").check()
+    page.locator("#review-load").click()
+    expect(page.locator("#review-progress")).to_contain_text("reviewed of 2 (by anyone)", timeout=WAIT)
+    if current_item(page) != item:
+        press(page, "n")
+    expect(page.locator("#review-progress")).to_contain_text(f"item {item} (", timeout=WAIT)
+    expect(page.locator("#review-table")).to_contain_text("hidden until you decide")
+    expect(page.locator("#review-table")).not_to_contain_text(mine)
+    expect(page.locator("#review-slot-2")).to_contain_text("hidden until you decide")
+    expect(page.locator("#review-slot-2 input")).not_to_have_value(mine)
+    shot(page, "second-pass-blind")
+    press(page, "a")
+    # the label put aside is named once decided (QA s42: one Accept replaced it without a word)
+    expect(page.locator("#review-status")).to_contain_text(f"Another labeler's label differs: Colour (first-look "
+                                                           f"{mine}, second-look", timeout=WAIT)
+    store = review_app.studio.store
+    assert store.item_state(item)[COLOUR].annotator == "second-look"
+    assert {"first-look", "second-look"} <= set(store.agreement([COLOUR])[COLOUR]["annotators"])
     page.context.close()

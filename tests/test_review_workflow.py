@@ -189,6 +189,8 @@ def test_two_annotators_on_one_item_see_the_conflict_and_choose(review_app):
     assert "0 reviewed of 3" not in refused["review progress"]  # the item counts as decided now
     kept = ben("/review_keep_theirs", "ben")  # ben keeps ana's colour; his other labels are saved
     assert studio.store.item_state(item)[COLOUR].annotator == "ana"
+    # ... as the message says (QA s42: it listed the tasks saved, not the one left to ana)
+    assert f"Left as decided since (Keep theirs; yours not saved): {COLOUR_NAME}." in kept["review status"]
     assert {s.annotator for t, s in studio.store.item_state(item).items() if t != COLOUR} == {"ben"}
     assert current_item(kept) != item
 
@@ -613,12 +615,19 @@ def test_agreement_audit_and_export_provenance(review_app):
     jo, kim = Labeler(url, "jo"), Labeler(url, "kim")
     a, b = classes(studio)[4], classes(studio)[5]
     for item, (first, second) in {"pair-1": (a, a), "pair-2": (a, b), "pair-3": (b, b)}.items():
-        for labeler, label in ((jo, first), (kim, second)):
+        for labeler in (jo, kim):  # both open the item before either saves: each one's label is their own
             labeler("/predict", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, item)  # shows the versions
+        for labeler, label in ((jo, first), (kim, second)):
             labels = [None] * 8
             labels[list(studio.task_classes(MODEL)).index(COLOUR)] = label
-            assert "Saved correction" in labeler("/save_label", handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT,
-                                                 MODEL, labeler.name, item, *labels, "")["save status"]
+            inputs = (handle_file(str(EXAMPLE_IMAGE)), EXAMPLE_TEXT, MODEL, labeler.name, item)
+            status = labeler("/save_label", *inputs, *labels, "")["save status"]
+            if labeler is kim and first != second:  # jo's label came after kim opened the item: kim is asked
+                assert "Saved correction" not in status and "`jo`" in status
+                status = labeler("/save_overwrite", *inputs)["save status"]
+            assert "Saved correction" in status
+    # a third labeler who saves the item as it is shown (jo's and kim's label) reviews it: no second opinion
+    save_on_predict_tab(Labeler(url, "lee"), "pair-1", a)
     table = jo("/agreement")
     row = next(r for r in table[next(iter(table))]["data"] if r[0] == COLOUR_NAME)
     pairs = studio.store.agreement([COLOUR])[COLOUR]
@@ -627,8 +636,10 @@ def test_agreement_audit_and_export_provenance(review_app):
     # jo and kim share 3 items (other pairs share fewer, and do not count for kappa):
     # p_o = 2/3, p_e = 2/3 * 1/3 + 1/3 * 2/3 = 4/9, kappa = (2/3 - 4/9) / (5/9) = 0.4
     assert row[3] == 0.4
-    # ... and the row says the kappa is over that pair alone, of the pairs sharing an item (QA s42)
-    assert row[6] == f"{pairs['kappa_pairs']} of {pairs['pairs']} annotator pairs" and pairs["kappa_pairs"] == 1
+    # ... and the row says the kappa is over that pair alone, of the pairs sharing an item, and how many
+    # labels were reviews of a label shown, left out (QA s42)
+    assert row[6] == f"1 of {views.plural(pairs['pairs'], 'annotator pair')}" and pairs["kappa_pairs"] == 1
+    assert row[7] == pairs["reviews"] >= 1 and "lee" not in row[4].split(", ")
 
     audit = jo("/audit", COLOUR, "kim", "corrected", "human", "pair", 1)
     summary, data = audit["audit summary"], audit[next(iter(audit))]["data"]

@@ -307,10 +307,23 @@ def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     ben.position = ben.index_of(item.item_id)
     view = studio.current_view(ben)
     assert view.values[colour] == start != other  # not ana's
-    assert view.states[colour].label == other  # which the item's table still shows
-    assert studio.review_save(ben, "ben", {colour: "Black" if other != "Black" else "White"}).result == "saved"
+    # nor does the table, the hint or the history show ana's labels (QA s42: they named them, so the agreement
+    # measured a review of them)
+    assert view.hidden == set(ben.tasks) and view.states[colour].label == other and studio.item_history(item.item_id)
+    row = views.review_rows(ben.current, view, ben.tasks)[ben.tasks.index(colour)]
+    assert row[1] == views.HIDDEN_LABEL and other not in row[1:4]
+    assert other not in views.slot_info("x", 0.5, None, view.states[colour], hidden=True)
+    assert view.history == []
+    blind = "Black" if other != "Black" else "White"
+    saved = studio.review_save(ben, "ben", {colour: blind})
+    assert saved.result == "saved" and saved.disputed == {colour: {"ana": other, "ben": blind}}
+    # ... and says so: one Accept put ana's label aside without a word (QA s42)
+    assert (f"Another labeler's label differs: Colour (ana `{other}`, ben `{blind}`). A reviewer settles it"
+            in views.save_message(saved, studio.display_names("hm-articles")))
+    assert studio.store.agreement([colour])[colour]["annotators"] == ["ana", "ben"]  # a second opinion, blind
     ben.position = ben.index_of(item.item_id)
-    assert studio.current_view(ben).values[colour] == ("Black" if other != "Black" else "White")  # his own
+    again_view = studio.current_view(ben)
+    assert again_view.values[colour] == blind and again_view.hidden == set(ben.tasks) - {colour}  # his own shown
     again = studio.review_catalogue("hm-articles", "test", 3, annotator="ana", show_decided=True)
     again.position = again.index_of(item.item_id)  # ana, whose label ben replaced: where a first pass starts
     assert studio.current_view(again).values[colour] == start
@@ -745,12 +758,17 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     assert message.count("(the catalogue says") == len(differ) and "(the catalogue says `Dark Blue`)" in message
     # a catalogue photo uploaded without its id: the line names the item (its saves would count as its in training)
     _, bare = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "")
-    assert bare.item_id.startswith("img-") and bare.photo_of == [("0816591001", "test")] and view.photo_of == []
+    assert bare.item_id.startswith("img-") and bare.photo_of == [("0816591001", "test")] == view.photo_of
     line = views.item_line(bare, explicit=False)
     assert "this is the photo of catalogue item `0816591001`** (a **test** item): type its id" in line
-    assert "no catalogue item has this id" not in views.item_line(view, explicit=True)
+    assert "no catalogue item has this id" not in (line := views.item_line(view, explicit=True))
+    assert "this is the photo of" not in line  # its own photo
     _, typo = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0816591O01")  # an O for a 0
     assert "no catalogue item has this id, and nothing is saved under it" in views.item_line(typo, explicit=True)
+    # another catalogue item's id typed over this photo: said (QA s42: its save went there without a word)
+    _, other = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0619304001")
+    assert ("**this is the photo of catalogue item `0816591001`** (a **test** item), not of `0619304001`: check the "
+            "id" in views.item_line(other, explicit=True))
     flipped = tmp_path / "flipped.png"
     Image.open(EXAMPLE_IMAGE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
     assert studio.predict_item(str(flipped), EXAMPLE_TEXT, "hm-articles", "")[1].photo_of == []

@@ -314,9 +314,9 @@ class Studio:
         explicit = bool((item_id or "").strip())
         resolved = self.resolve_item_id(image_path, text, item_id, decoded=True)
         view = self.model_view(model, resolved, prediction, explicit)
-        if not explicit:
-            view.photo_of = [(item, self._catalogue_item(model, item)[1])
-                             for item in self.catalogue_items_with_photo(model, Path(image_path))]
+        # whose photo it is, id given or not: an id typed over another item's photo took its labels unsaid (QA s42)
+        view.photo_of = [(item, self._catalogue_item(model, item)[1])
+                         for item in self.catalogue_items_with_photo(model, Path(image_path))]
         return prediction, view
 
     def catalogue_items_with_photo(self, model: str, photo: Path) -> list[str]:
@@ -453,9 +453,10 @@ class Studio:
     def _save(self, item_id: str, image: Path, text: str, labels: dict[str, str], annotator: str | None, model: str,
               predictions: dict[str, dict], base_versions: dict[str, int | None], request_id: str | None,
               new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None, *,
-              adjudicated: bool = False, uploaded: bool = False) -> SaveOutcome:
+              adjudicated: bool = False, uploaded: bool = False, blind: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes. `catalogue`: the item's labels in
-        the model's catalogue, or (`uploaded`) in an uploaded manifest."""
+        the model's catalogue, or (`uploaded`) in an uploaded manifest; `blind`: the other labelers' labels
+        were hidden from the labeler (a second pass)."""
         # the confirmed class as the refusal named it (`tidy_label`: "Vert été" for a decomposed "Vert été")
         new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items()
                        if tidy_label(labels.get(t) or "") == tidy_label(v)}
@@ -468,13 +469,14 @@ class Studio:
             raise StudioError(f"The {name} label is {len(labels[long[0]]):,} characters long; a label has at most "
                               f"{MAX_LABEL_CHARS}: nothing was saved.")
         annotator = self._held(annotator)
+        before = self.store.item_state(item_id)
         try:
             result = self.store.save(image=image, text=text, labels=labels, annotator=annotator,
                                      item_id=item_id, predictions=predictions, checkpoint=model,
                                      base_versions=base_versions, request_id=request_id, source="human",
                                      catalogue_labels=catalogue,
                                      vocabulary=self.label_choices(model, None if uploaded else catalogue),
-                                     new_classes=new_classes, force=force, adjudicated=adjudicated)
+                                     new_classes=new_classes, force=force, adjudicated=adjudicated, blind=blind)
         except UnknownLabel as exc:
             return SaveOutcome("unknown", item_id, labels, unknown=exc.unknown, request_id=request_id,
                                new_classes=new_classes)
@@ -486,12 +488,17 @@ class Studio:
         predicted = {t: p["label"] for t, p in predictions.items()}
         labels = result.labels  # as stored: "Black" for a "Black" typed with a zero-width space after it
         rulings = {} if adjudicated else self.store.rulings(result.item_id)  # a label against one reopens the item
+        # another labeler's label replaced (in a blind pass, unseen): a disagreement opened, said (QA s42: one
+        # Accept put it aside without a word); the whole store is read only then
+        rivals = [t for t, v in labels.items() if (was := before.get(t)) and was.label is not None and was.label != v
+                  and was.source == "human" and was.annotator != annotator and not was.adjudicated]
+        disputed = self.store.open_disagreements(rivals).get(result.item_id, {}) if rivals and not adjudicated else {}
         return SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
                            request_id=request_id, new_classes=new_classes, annotator=annotator,
                            catalogue={t: v for t, v in (catalogue or {}).items() if t in labels and not is_missing(v)},
                            against={t: r for t, r in rulings.items() if t in labels and labels[t] != r.label},
-                           ruling=adjudicated)
+                           ruling=adjudicated, disputed=disputed)
 
     def _recent(self, request_id: str | None, kind: str = "label") -> SaveOutcome | None:
         """The outcome of a request this server already answered with a move (stored, marked as a
@@ -1023,11 +1030,15 @@ class Studio:
         if queue.split == DISAGREEMENTS:  # a task in dispute starts empty: a ruling is the reviewer's choice (at
             # the latest label, one reflex Accept sided with whoever saved last)
             view.values = {t: None if t in item.disputed else label for t, label in view.values.items()}
-        if queue.show_decided and queue.split != DISAGREEMENTS and queue.owner:
-            # a second annotator's pass (for the agreement): a control starts at their own label, else where
-            # the first annotator's started, never at another's label, which would anchor the second opinion
+        if _second_pass(queue):
+            # a second annotator's pass (for the agreement) is blind: a control starts at their own label, else
+            # where the first annotator's started, and another's label is hidden (table, hint, history) until they
+            # decide; shown, it anchored the second opinion, and the agreement measured a review (QA s32, s42)
+            view.hidden = {t for t in queue.tasks if (state := view.states.get(t)) and state.label is not None
+                           and state.source == "human" and state.annotator != queue.owner}
             view.values = {t: state.label if (state := view.states.get(t)) and state.label is not None
                            and state.annotator == queue.owner else start.get(t) for t in queue.tasks}
+            view.history = [row for row in view.history if row["task"] not in view.hidden]
         return view
 
     # ------------------------------------------------------------------ review queue: decisions
@@ -1080,7 +1091,7 @@ class Studio:
                                  predictions, _decided_over(item, disputed, standing, shown, chosen), rid,
                                  new_classes, force,
                                  {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating,
-                                 uploaded=queue.split == UPLOAD)
+                                 uploaded=queue.split == UPLOAD, blind=_second_pass(queue))
             outcome.ended = ended
             if outcome.result == "saved":
                 outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen]
@@ -1467,6 +1478,11 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
     said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
                      for task, by_annotator in labels.items())
     return f"Annotators disagree on {said}. Choose the label (the choices list theirs first): your save settles it."
+
+
+def _second_pass(queue: ReviewQueue) -> bool:
+    """A labeler's own pass over items others decided ('Show decided items'), for the agreement: blind to them."""
+    return bool(queue.show_decided and queue.split != DISAGREEMENTS and queue.owner)
 
 
 def _why_gone(path: Path) -> str:

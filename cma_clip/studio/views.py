@@ -69,7 +69,9 @@ ITEM_HISTORY_HEADERS = ["time (UTC)", "task", "kind", "label", "status", "by", "
 ITEM_HISTORY_WIDTHS = ["125px", "155px", "70px", "110px", "90px", "65px", "95px", "125px", "90px", "95px", "100px",
                        "65px"]
 AGREEMENT_HEADERS = ["task", "items labelled by 2+ annotators", "raw agreement", "Cohen's kappa", "annotators",
-                     "open disagreements", "kappa over"]
+                     "open disagreements", "kappa over", "reviews left out"]
+# another labeler's saved label in a second pass ('Show decided items'): hidden until the labeler decides
+HIDDEN_LABEL = "saved by another labeler: hidden until you decide (a blind second pass)"
 KEYS_HELP = ("**Keys** (outside text fields): **1-9** pick the active task's choice (then the next task is "
              "active) · **t** next task · **a** accept / save and next · **s** skip · **n** next item (no "
              "decision) · **u** undo · **p** previous item")
@@ -470,6 +472,10 @@ def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list
     rows = []
     for task in tasks:
         p, state = item.predictions[task], view.states.get(task)
+        if task in view.hidden:  # another labeler's, in a blind second pass
+            rows.append([task_name(task, p), HIDDEN_LABEL, "", "", p.label, percent(p.confidence),
+                         item.catalogue.get(task, "")])
+            continue
         saved = state.label if state and state.label is not None else ""
         rows.append([task_name(task, p), saved, state.status if state else "pending", _who(state), p.label,
                      percent(p.confidence), item.catalogue.get(task, "")])
@@ -477,13 +483,16 @@ def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list
 
 
 def slot_info(prediction_label: str | None, confidence: float | None, catalogue: str | None,
-              state: TaskState | None) -> str:
-    """The line under a task's control: the model's label, the catalogue's, and the saved one."""
+              state: TaskState | None, hidden: bool = False) -> str:
+    """The line under a task's control: the model's label, the catalogue's, and the saved one (`hidden`: another
+    labeler's, in a blind second pass)."""
     parts = []
     if prediction_label is not None:
         parts.append(f"model: {prediction_label}" + (f" ({percent(confidence)})" if confidence is not None else ""))
     parts.append(f"catalogue: {catalogue}" if catalogue else "catalogue: —")
-    if state is not None and state.label is not None:
+    if hidden:
+        parts.append(HIDDEN_LABEL)
+    elif state is not None and state.label is not None:
         parts.append(f"saved: {state.label} ({state.status}, {_who(state)})")
     elif state is not None:
         parts.append(f"{state.status} again ({_who(state)})" if state.status == "pending"
@@ -504,7 +513,7 @@ def typed_id_line(typed: str) -> str:
     """The item line while the labeler types an item id, before Predict: the id a save will go to (the line
     still named the id a new photo had cleared, and asked for it to be typed again: QA s41)."""
     typed = typed.strip()
-    return (f"Item {code(typed)} (the catalogue id typed): predict it to see its saved and catalogue labels."
+    return (f"Item {code(typed)} (the catalogue id given): predict it to see its saved and catalogue labels."
             if typed else cleared_id_line(""))
 
 
@@ -524,12 +533,15 @@ def item_line(view: ItemView, explicit: bool) -> str:
     if explicit and not saved and not view.catalogue and view.split is None and view.catalogue_read:
         note += (" · **no catalogue item has this id, and nothing is saved under it**: check it for a typo (a save "
                  "makes it a new item)")
-    if not explicit and view.photo_of:
+    if view.photo_of and view.item_id not in (owners := [item for item, _ in view.photo_of]):
         item, split = view.photo_of[0]
         kind = f" (a **{split}** item)" if split in held_out else ""
         note += (f" · **this is the photo of catalogue item {code(item)}**{kind}: type its id in Item id to label "
                  "that item, with its saved and catalogue labels beside (training counts a save of the photo as "
-                 "that item's anyway)")
+                 "that item's anyway)" if not explicit else
+                 f" · **this is the photo of catalogue item {code(item)}**{kind}, not of {code(view.item_id)}: check "
+                 f"the id (a save stores this photo with {code(view.item_id)}'s labels, and training counts it as "
+                 f"{'one of ' if len(owners) > 1 else ''}{code(item)}'s too)")
     return f"Item {code(view.item_id)} ({origin}) · {where}{note}."
 
 
@@ -542,8 +554,8 @@ def _who(state: TaskState | None) -> str:
     if state.label is None and state.status == "pending":
         return f"undone by {state.annotator or 'someone'}, {when}"
     # a skip keeps the label standing: its author, and who skipped (a reviewer passing over a dispute)
-    skipped_by = state.status == "skipped" and state.decided_by and state.decided_by != state.annotator
-    skipper = f", skipped by {state.decided_by}" if skipped_by else ""
+    skipped_by = state.status == "skipped" and state.skipped_by and state.skipped_by != state.annotator
+    skipper = f", skipped by {state.skipped_by}" if skipped_by else ""
     return f"{state.annotator or 'someone'}, {source_word(state.source, state.adjudicated)}, {when}{skipper}"
 
 
@@ -597,12 +609,17 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     against = "".join(f" This goes against {code(r.annotator)}'s ruling on {task_name(t, names=names)} "
                       f"({code(r.label)}): the disagreement is open again until a reviewer settles it, and training "
                       "leaves the label out meanwhile." for t, r in outcome.against.items())
+    kept = (f" Left as decided since (Keep theirs; yours not saved): "
+            f"{', '.join(task_name(t, names=names) for t in outcome.kept_theirs)}." if outcome.kept_theirs else "")
+    disputed = (f" Another labeler's label differs: {who_said(outcome.disputed, names)}. A reviewer settles it "
+                "(Review, Disagreements); training leaves the task's label out until then."
+                if outcome.disputed else "")
     if outcome.ruling:
         return (f"Ruling #{outcome.save_id}{by} on item {code(outcome.item_id)}: {labels}. It settles the "
                 f"disagreement: the export takes it as the label (source: adjudication).{new}{differ_note}{pending}"
                 f"{ended}")
-    return (f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{new}{differ_note}"
-            f"{pending}{against}")
+    return (f"Saved correction #{outcome.save_id}{by} for item {code(outcome.item_id)}: {labels}.{kept}{new}"
+            f"{differ_note}{pending}{against}{disputed}")
 
 
 def shown_again(left: str | None, queue: ReviewQueue) -> str:
@@ -849,15 +866,15 @@ def _reverts(row: dict) -> str:
 
 def agreement_rows(agreement: dict[str, dict], names: dict[str, str] | None = None) -> list[list]:
     """Per task: the items two annotators or more labelled, raw agreement, Cohen's kappa, who, how
-    many of those items still wait for a reviewer (the Review tab's Disagreements source), and the
-    annotator pairs the kappa is over, of those sharing an item."""
+    many of those items still wait for a reviewer (the Review tab's Disagreements source), the
+    annotator pairs the kappa is over, of those sharing an item, and the labels left out as reviews."""
     def number(value):
         return "" if value is None else round(value, 3)
 
     return [[task_name(task, names=names), a["items"], percent(a["raw"]) if a["raw"] is not None else "",
              number(a["kappa"]),
              ", ".join(a["annotators"]), a["open_disagreements"],
-             f"{a['kappa_pairs']} of {plural(a['pairs'], 'annotator pair')}" if a["pairs"] else ""]
+             f"{a['kappa_pairs']} of {plural(a['pairs'], 'annotator pair')}" if a["pairs"] else "", a["reviews"]]
             for task, a in agreement.items()]
 
 

@@ -301,6 +301,7 @@ class ItemView:
     photo_of: list[tuple[str, str | None]] = field(default_factory=list)  # no id given: the catalogue items
     # (id, split) whose photo this is, byte for byte
     choices: dict[str, list[str]] = field(default_factory=dict)  # per task, what its control offers (label_choices)
+    hidden: set[str] = field(default_factory=set)  # tasks whose saved label, another labeler's, is hidden (blind)
 
 
 # ---------------------------------------------------------------------------- outcomes
@@ -331,6 +332,9 @@ class SaveOutcome:
     catalogue: dict[str, str] = field(default_factory=dict)  # the item's catalogue labels, of the tasks saved
     unlabelled: list[str] = field(default_factory=list)  # a queue's tasks given no label: they stay pending
     against: dict[str, TaskState] = field(default_factory=dict)  # task -> the reviewer's ruling the save went against
+    disputed: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> who said what: another labeler's
+    # label the save went against, a disagreement now open
+    kept_theirs: list[str] = field(default_factory=list)  # tasks a Keep theirs left as decided since (not saved)
     ruling: bool = False  # a reviewer's save in a disagreements queue: it settles the disagreement
     unchosen: dict[str, dict[str, str]] = field(default_factory=dict)  # task in dispute -> annotator -> label
     ended: dict[str, str | None] = field(default_factory=dict)  # a task whose dispute ended meanwhile -> its label
