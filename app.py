@@ -681,7 +681,7 @@ def slot_updates(studio: Studio, slots: list[gr.Dropdown], model: str, predictio
             state = view.states.get(task) if view else None
             value = view.values.get(task) if view else (p.label if p else None)
             info = views.slot_info(p.label if p else None, p.confidence if p else None,
-                                   (catalogue or {}).get(task), state, bool(view and task in view.hidden)
+                                   (catalogue or {}).get(task), state, views.hidden_label(view, task) if view else ""
                                    ) if prediction or view else ""
             updates[slot] = gr.update(label=views.task_name(task, p, names),
                                       choices=views.typing_order(choices[task]),
@@ -1610,13 +1610,11 @@ def review_tab(studio: Studio, shared: Shared) -> tuple[ReviewPanel, Callable, l
         controls keep what the labeler set; a decision is checked against the store as ever."""
         if queue is None:
             return {panel.progress: gr.skip()}  # (an empty dict reads as one output value)
-        reviewed = queue.reviewed
-        studio.refresh(queue, annotator_name)
+        changed = studio.reread(queue, annotator_name)
         view = studio.current_view(queue)
         # the line under the item told of the last decision here, which may stand no more (QA s42)
         moved = {panel.status: "The queue was read again on your return: decisions made meanwhile (an undo on the "
-                               "Predict tab, another labeler) changed how many items are reviewed."
-                 } if queue.reviewed != reviewed else {}
+                               "Predict tab, another labeler) changed how many items are reviewed."} if changed else {}
         return {panel.progress: views.review_status(queue), **moved,
                 **(standing(studio, panel, queue, view) if view else {})}
 

@@ -125,12 +125,11 @@ TASK_LABELS = "SELECT DISTINCT label FROM decisions WHERE task = ? AND label IS 
 DECISIONS_FROM = " FROM decisions d JOIN corrections c ON c.id = d.save_id"
 # withdrawn_at: the undo that took the decision back though it kept someone's later one on its task
 # ("keep theirs": it wrote no decision for that task), which a later undo's restore passes over
-DECISION_COLUMNS = (
-    "SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
-    " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
-    " c.predictions, c.adjudicated, (SELECT w.id FROM corrections w WHERE w.undoes = d.save_id AND NOT EXISTS"
-    " (SELECT 1 FROM decisions k WHERE k.save_id = w.id AND k.task = d.task)) AS withdrawn_at")
-DECISIONS = DECISION_COLUMNS + DECISIONS_FROM
+DECISIONS = ("SELECT d.id AS version, d.save_id, d.item_id, d.task, d.label, d.status, d.catalogue_label,"
+             " d.base_version, d.reverts, c.kind, c.source, c.annotator, c.checkpoint, c.created_at, c.text,"
+             " c.predictions, c.adjudicated, c.blind, (SELECT w.id FROM corrections w WHERE w.undoes = d.save_id"
+             " AND NOT EXISTS (SELECT 1 FROM decisions k WHERE k.save_id = w.id AND k.task = d.task)) AS withdrawn_at"
+             + DECISIONS_FROM)
 COUNT_DECISIONS = "SELECT COUNT(*)" + DECISIONS_FROM
 AUDIT_PAGE = DECISIONS + "{where} ORDER BY d.id DESC LIMIT ? OFFSET ?"
 ITEM_DECISIONS = DECISIONS + " WHERE d.item_id = ? AND d.save_id < ? ORDER BY d.id"
@@ -145,13 +144,10 @@ NOT_DROPPED = (" AND NOT EXISTS (SELECT 1 FROM decisions x WHERE x.item_id = d.i
 # each annotator's human labels: not auto-accepted, not an adjudication, not of a save its annotator undid
 # (an undo that kept someone's later decision withdraws the label all the same: its annotator took it back;
 # one that someone's forced undo dropped still says what its annotator judged)
-# `reviewed`: the label was saved where its labeler saw another's human label of the task (the version the
-# save started from), not blind: a review of that label, not a second opinion (the Predict tab shows it)
-HUMAN_LABELS = (DECISION_COLUMNS + ", (c.blind = 0 AND EXISTS (SELECT 1 FROM decisions b JOIN corrections bc"
-                " ON bc.id = b.save_id WHERE b.id = d.base_version AND b.label IS NOT NULL AND bc.source = 'human'"
-                " AND bc.annotator != c.annotator)) AS reviewed" + DECISIONS_FROM
-                + " WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != ''"
-                " AND c.adjudicated = 0" + NOT_UNDONE.format(save="c.id") + " ORDER BY d.id")
+HUMAN = (" WHERE c.kind = 'label' AND c.source = 'human' AND c.annotator != '' AND c.adjudicated = 0"
+         + NOT_UNDONE.format(save="c.id"))
+HUMAN_LABELS = DECISIONS + HUMAN + " ORDER BY d.id"
+ITEM_HUMAN_LABELS = DECISIONS + HUMAN + " AND d.item_id = ? ORDER BY d.id"
 # the rulings that stand: not undone (reverted or withdrawn) by the reviewer, not dropped by a forced undo
 STANDING_RULING = " c.kind = 'label' AND c.adjudicated = 1" + NOT_UNDONE.format(save="c.id") + NOT_DROPPED
 ADJUDICATIONS = DECISIONS + " WHERE" + STANDING_RULING + " ORDER BY d.id"
@@ -293,11 +289,6 @@ class TaskState:
     decided_by: str = ""
     adjudicated: bool = False  # the label was a reviewer's decision on a disagreement
     skipped_by: str = ""
-
-    def same_decision(self, other: "TaskState") -> bool:
-        """The same label, status and provenance: only the version (and who restored it) may differ,
-        e.g. after someone's later decision on it was undone."""
-        return replace(self, version=0, decided_by="") == replace(other, version=0, decided_by="")
 
 
 class SaveResult(NamedTuple):
@@ -656,6 +647,13 @@ class LabelStore:
             conn.execute(RELEASE_CLAIM, (self.held_annotator(annotator),))
 
     # ------------------------------------------------------------------ reading
+    def annotators_labels(self, item_id: str, tasks: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+        """One item's labels by annotator: task -> annotator -> their latest human label (not undone), which
+        someone else's label may have replaced since."""
+        with self._transaction() as conn:
+            labels = _annotators_labels(conn, tasks, item_id)
+        return {task: {annotator: row["label"] for annotator, row in by.items()} for (task, _), by in labels.items()}
+
     def item_state(self, item_id: str) -> dict[str, TaskState]:
         """Where each task of one item stands; a task never decided is absent (pending, no version)."""
         states, _ = _replay(self._connection().execute(ITEM_DECISIONS, (str(item_id), LAST_ROW)))
@@ -839,10 +837,12 @@ class LabelStore:
                                      if label not in known and conn.execute(LABEL_HELD, (task, label)).fetchone())
             return found
 
-    def open_disagreements(self, tasks: Iterable[str] | None = None) -> dict[str, dict[str, dict[str, str]]]:
-        """`disagreements(tasks)` as item -> task -> annotator -> label, without reading their content."""
+    def open_disagreements(self, tasks: Iterable[str] | None = None,
+                           item_id: str | None = None) -> dict[str, dict[str, dict[str, str]]]:
+        """`disagreements(tasks)` as item -> task -> annotator -> label, without reading their content (of
+        one item: `item_id`, read alone)."""
         with self._transaction() as conn:
-            return _open_disagreements(conn, _annotators_labels(conn, tasks))[0]
+            return _open_disagreements(conn, _annotators_labels(conn, tasks, item_id))[0]
 
     # ------------------------------------------------------------------ review queues
     def save_queue(self, queue_id: str, annotator: str, model: str, payload: Mapping[str, Any],
@@ -1442,11 +1442,14 @@ def _audit_row(row: sqlite3.Row) -> dict:
             "adjudicated": bool(row["adjudicated"])}
 
 
-def _annotators_labels(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[tuple[str, str], dict]:
-    """(task, item) -> annotator -> the row of their latest human label (`HUMAN_LABELS`), on `tasks` (None: all)."""
+def _annotators_labels(conn: sqlite3.Connection, tasks: Iterable[str] | None,
+                       item_id: str | None = None) -> dict[tuple[str, str], dict]:
+    """(task, item) -> annotator -> the row of their latest human label (`HUMAN_LABELS`), on `tasks` (None: all),
+    of every item or of `item_id`."""
     wanted = None if tasks is None else set(tasks)
     labels: dict[tuple[str, str], dict[str, sqlite3.Row]] = defaultdict(dict)
-    for row in conn.execute(HUMAN_LABELS):
+    rows = conn.execute(HUMAN_LABELS) if item_id is None else conn.execute(ITEM_HUMAN_LABELS, (str(item_id),))
+    for row in rows:
         if wanted is None or row["task"] in wanted:
             labels[row["task"], row["item_id"]][row["annotator"]] = row
     return labels
@@ -1454,11 +1457,11 @@ def _annotators_labels(conn: sqlite3.Connection, tasks: Iterable[str] | None) ->
 
 def _agreement(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[str, dict]:
     tasks = None if tasks is None else list(tasks)
-    labels = _annotators_labels(conn, tasks)
+    labels, reviewers = _annotators_labels(conn, tasks), _reviewers(conn)
     shared: dict[str, list[dict[str, str]]] = {task: [] for task in tasks or ()}
     reviews: Counter[str] = Counter()
-    for (task, _), by_annotator in labels.items():
-        opinions = {a: row["label"] for a, row in by_annotator.items() if not row["reviewed"]}
+    for (task, item), by_annotator in labels.items():
+        opinions = {a: row["label"] for a, row in by_annotator.items() if (item, task, name_key(a)) not in reviewers}
         if reviewed := len(by_annotator) - len(opinions):
             reviews[task] += reviewed
         if len(opinions) >= 2:
@@ -1466,7 +1469,29 @@ def _agreement(conn: sqlite3.Connection, tasks: Iterable[str] | None) -> dict[st
     unsettled = Counter(task for by_task in _open_disagreements(conn, labels)[0].values() for task in by_task)
     return {task: {**_agreement_of(shared.get(task, [])), "reviews": reviews[task],
                    "open_disagreements": unsettled[task]}  # a lone label against a ruling is open too
-            for task in sorted(shared.keys() | unsettled.keys())}
+            for task in sorted(shared.keys() | unsettled.keys() | reviews.keys())}
+
+
+def _reviewers(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
+    """(item, task, annotator's `name_key`) where the annotator saved a label, not blind, from a version showing
+    another labeler's human label (as that version left the task: a label under a skip, a label an undo
+    brought back, each by its own author): a review of it, and every label of theirs there since is one too.
+    A blind save is blind as the annotator's first decision there only (after it, a message or an undo
+    named the other label)."""
+    rows = conn.execute(ALL_DECISIONS).fetchall()
+    _, steps = _replay(rows)
+    reviewers: set[tuple[str, str, str]] = set()
+    decided: set[tuple[str, str, str]] = set()
+    for row in rows:
+        key = (row["item_id"], row["task"], name_key(row["annotator"] or ""))
+        blind = bool(row["blind"]) and key not in decided
+        decided.add(key)
+        if row["kind"] != "label" or row["source"] != "human" or blind or row["base_version"] not in steps:
+            continue
+        shown = steps[row["base_version"]].after
+        if shown.label is not None and shown.source == "human" and name_key(shown.annotator) != key[2]:
+            reviewers.add(key)
+    return reviewers
 
 
 def _open_disagreements(conn: sqlite3.Connection, labels: dict[tuple[str, str], dict],

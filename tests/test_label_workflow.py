@@ -322,7 +322,9 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
     assert [(row[3], row[7]) for row in shown] == [  # read as the undoer's label, "28" said nothing)
         ("none (restored)", f"undoes {ana.versions['type']}"), ("", "left as decided since; ana's label withdrawn")]
     # ana took her Grey back (QA, session 32: it still counted, and kept a disagreement open she had withdrawn)
-    assert "colour" not in store.agreement() and store.open_disagreements() == {}  # no item with two labels
+    # no item with two labels: ben's Red, saved from ana's Grey shown, is a review of it (QA s42)
+    assert (store.agreement()["colour"]["items"], store.agreement()["colour"]["reviews"]) == (0, 1)
+    assert store.open_disagreements() == {}
 
     # ana's forced undo of her next save drops lou's label: lou's save says so, the undo names it
     pink = save(store, "b", "ana", {"colour": "Pink", "type": "Socks"})
@@ -342,7 +344,8 @@ def test_what_an_undo_took_back_reads_the_same_in_every_record(store):
         ("type", pink.versions["type"], [])]
     assert item_history_rows(undo_rows)[0][7] == f"undoes {pink.versions['colour']}; dropped lou's White " \
                                                   f"({lou.versions['colour']})"
-    assert forced.tasks["colour"] == ("Pink", None) and "colour" not in store.agreement()  # ana's Pink is out too
+    assert forced.tasks["colour"] == ("Pink", None)
+    assert store.agreement()["colour"]["items"] == 0  # ana's Pink is out too (lou's White: a review of it)
 
 
 def test_a_forced_undo_names_every_decision_it_drops_not_only_the_one_standing(store):
@@ -804,7 +807,7 @@ def test_a_label_saved_over_anothers_it_was_shown_is_a_review_not_a_second_opini
     no label (both labelers at once) are second opinions."""
     first = save(store, "1", "ana", {"colour": "R"}).versions["colour"]
     save(store, "1", "ben", {"colour": "R"}, base_versions={"colour": first})  # kept it, seeing it
-    assert "colour" not in store.agreement()
+    assert store.agreement() == store.agreement(["colour"])  # listed, with its review (reviewer s42)
     assert store.agreement(["colour"])["colour"] == {
         "items": 0, "raw": None, "kappa": None, "annotators": [], "pairs": 0, "kappa_pairs": 0, "reviews": 1,
         "open_disagreements": 0}
@@ -819,6 +822,39 @@ def test_a_label_saved_over_anothers_it_was_shown_is_a_review_not_a_second_opini
     own = store.item_state("2")["colour"].version  # a labeler's own label shown is no one else's
     save(store, "2", "ben", {"colour": "R"}, base_versions={"colour": own})
     assert store.agreement()["colour"]["items"] == 2 and store.agreement()["colour"]["reviews"] == 1
+
+
+def test_who_reviewed_whom_follows_the_label_a_version_showed_not_who_wrote_its_row(store):
+    """Reviewer s42: the version a save started from may be a skip's (the label under it is its author's), or an
+    undo's (the label it brought back is its author's, not the undoer's); a review stays one when its labeler edits
+    it; a blind save is blind only as its labeler's first decision there."""
+    def standing(item: str) -> dict:
+        return {"colour": store.item_state(item)["colour"].version}
+
+    def reviews() -> int:
+        return store.agreement(["colour"])["colour"]["reviews"]
+
+    save(store, "s", "ana", {"colour": "X"})
+    store.skip("s", ["colour"], "ben")
+    save(store, "s", "cem", {"colour": "Y"}, base_versions=standing("s"))  # cem saw ana's X under ben's skip
+    assert reviews() == 1 and store.agreement()["colour"]["items"] == 0
+    save(store, "u", "ana", {"colour": "X"})
+    save(store, "u", "ben", {"colour": "Y"}, base_versions=standing("u"))  # a review of ana's X
+    store.undo("ben")  # ana's X back, in ben's undo row
+    save(store, "u", "ana", {"colour": "W"}, base_versions=standing("u"))  # ana saw her own X: an opinion
+    save(store, "u", "ben", {"colour": "Z"}, base_versions=standing("u"))  # still a review
+    assert reviews() == 2 and store.agreement()["colour"]["annotators"] == []  # ben's Z a review: no pair
+    assert store.open_disagreements()["u"]["colour"] == {"ana": "W", "ben": "Z"}  # yet a disagreement
+    save(store, "e", "ana", {"colour": "P"})
+    save(store, "e", "ben", {"colour": "P"}, base_versions=standing("e"))
+    save(store, "e", "ben", {"colour": "R"}, base_versions=standing("e"))  # edits his review: still a review
+    assert reviews() == 3
+    save(store, "b", "ana", {"colour": "P"})
+    save(store, "b", "dee", {"colour": "Q"}, base_versions=standing("b"), blind=True)  # blind: an opinion
+    assert reviews() == 3 and store.agreement()["colour"]["items"] == 1
+    store.undo("dee")  # the message named ana's P; dee saves again in the second pass, no longer blind
+    save(store, "b", "dee", {"colour": "P"}, base_versions=standing("b"), blind=True)
+    assert reviews() == 4 and store.agreement()["colour"]["items"] == 0
 
 
 def test_a_lone_label_against_a_ruling_is_counted_where_nobody_else_labelled_the_task(store):

@@ -310,9 +310,10 @@ def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     # nor does the table, the hint or the history show ana's labels (QA s42: they named them, so the agreement
     # measured a review of them)
     assert view.hidden == set(ben.tasks) and view.states[colour].label == other and studio.item_history(item.item_id)
+    assert "· **decided** ·" in views.review_status(ben)  # not "corrected": a hidden label not the model's (QA s42)
     row = views.review_rows(ben.current, view, ben.tasks)[ben.tasks.index(colour)]
     assert row[1] == views.HIDDEN_LABEL and other not in row[1:4]
-    assert other not in views.slot_info("x", 0.5, None, view.states[colour], hidden=True)
+    assert other not in views.slot_info("x", 0.5, None, view.states[colour], hidden=views.hidden_label(view, colour))
     assert view.history == []
     blind = "Black" if other != "Black" else "White"
     saved = studio.review_save(ben, "ben", {colour: blind})
@@ -325,8 +326,17 @@ def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     again_view = studio.current_view(ben)
     assert again_view.values[colour] == blind and again_view.hidden == set(ben.tasks) - {colour}  # his own shown
     again = studio.review_catalogue("hm-articles", "test", 3, annotator="ana", show_decided=True)
-    again.position = again.index_of(item.item_id)  # ana, whose label ben replaced: where a first pass starts
-    assert studio.current_view(again).values[colour] == start
+    again.position = again.index_of(item.item_id)  # ana, whose label ben replaced: at her own (QA s42: it started
+    view = studio.current_view(again)  # where a first pass starts, her label hidden, and one Accept replaced it)
+    assert view.values[colour] == other and view.own[colour] == other and colour in view.hidden
+    assert views.hidden_label(view, colour) == f"yours: {other}; another labeler saved since: hidden (a blind " \
+        "second pass)"
+    assert [r["annotator"] for r in view.history if r["task"] == colour] == ["ana"]  # her rows, not ben's
+    count = studio.store.count()
+    kept = studio.review_save(again, "ana", dict(view.values))  # her labels as she saved them: nothing stored
+    assert (kept.result, kept.own_before, studio.store.count()) == ("unchanged", True, count)
+    assert "these are your labels, saved before" in views.save_message(kept)
+    assert studio.store.item_state(item.item_id)[colour].label == blind  # ben's still stands, in dispute
 
 
 def test_labelers_moving_at_once_are_not_given_one_item(studio, monkeypatch):
@@ -767,8 +777,10 @@ def test_predict_tab_items_carry_their_id_and_their_saved_labels(studio, tmp_pat
     assert "no catalogue item has this id, and nothing is saved under it" in views.item_line(typo, explicit=True)
     # another catalogue item's id typed over this photo: said (QA s42: its save went there without a word)
     _, other = studio.predict_item(str(EXAMPLE_IMAGE), EXAMPLE_TEXT, "hm-articles", "0619304001")
-    assert ("**this is the photo of catalogue item `0816591001`** (a **test** item), not of `0619304001`: check the "
-            "id" in views.item_line(other, explicit=True))
+    line = views.item_line(other, explicit=True)
+    assert "**this is the photo of catalogue item `0816591001`** (a **test** item), not of `0619304001`: check the " \
+        "id" in line
+    assert "training counts it" not in line  # a test item's labels never train (QA s42: the line said both)
     flipped = tmp_path / "flipped.png"
     Image.open(EXAMPLE_IMAGE).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
     assert studio.predict_item(str(flipped), EXAMPLE_TEXT, "hm-articles", "")[1].photo_of == []

@@ -489,10 +489,11 @@ class Studio:
         labels = result.labels  # as stored: "Black" for a "Black" typed with a zero-width space after it
         rulings = {} if adjudicated else self.store.rulings(result.item_id)  # a label against one reopens the item
         # another labeler's label replaced (in a blind pass, unseen): a disagreement opened, said (QA s42: one
-        # Accept put it aside without a word); the whole store is read only then
+        # Accept put it aside without a word)
         rivals = [t for t, v in labels.items() if (was := before.get(t)) and was.label is not None and was.label != v
                   and was.source == "human" and was.annotator != annotator and not was.adjudicated]
-        disputed = self.store.open_disagreements(rivals).get(result.item_id, {}) if rivals and not adjudicated else {}
+        disputed = (self.store.open_disagreements(rivals, result.item_id).get(result.item_id, {})
+                    if rivals and not adjudicated else {})
         return SaveOutcome("duplicate" if result.duplicate else "saved", result.item_id, labels, result.save_id,
                            {t: "accepted" if v == predicted.get(t) else "corrected" for t, v in labels.items()},
                            request_id=request_id, new_classes=new_classes, annotator=annotator,
@@ -784,7 +785,7 @@ class Studio:
         if not found:
             elsewhere = {other: len(open_ones) for other in self.model_names if other != model
                          and (their_tasks := self.tasks_of(other))
-                         and (open_ones := self.store.disagreements(their_tasks))}
+                         and (open_ones := self.store.open_disagreements(their_tasks))}
             where = "".join(f" {plural(count, 'item')} of {other}'s tasks {'is' if count == 1 else 'are'} in dispute: "
                             "choose that model to settle them." for other, count in elsewhere.items())
             raise StudioError(f"No disagreement to settle on {', '.join(names.get(t, t) for t in tasks)}: annotators' "
@@ -926,6 +927,19 @@ class Studio:
             item.claimed_by = claimed.get(item.item_id, "")
         return queue
 
+    def _own_labels(self, queue: ReviewQueue, item_id: str) -> dict[str, str]:
+        """The queue owner's own labels of an item (task -> label), standing or replaced since."""
+        return {t: by[queue.owner] for t, by in self.store.annotators_labels(item_id, queue.tasks).items()
+                if queue.owner in by}
+
+    def reread(self, queue: ReviewQueue, annotator: str | None = None) -> bool:
+        """`refresh` under the queue's lock (a labeler back on the Review tab, while an event of theirs may still
+        be moving the queue); whether the count of items reviewed changed."""
+        with self._queue_lock(queue):
+            reviewed = queue.reviewed
+            self.refresh(queue, annotator)
+            return queue.reviewed != reviewed
+
     def _decided_status(self, queue: ReviewQueue, item_id: str) -> str:
         """A decided item's status in the queue (a settled disagreement: over the tasks it holds labels on)."""
         states = self.store.item_state(item_id)
@@ -1030,15 +1044,17 @@ class Studio:
         if queue.split == DISAGREEMENTS:  # a task in dispute starts empty: a ruling is the reviewer's choice (at
             # the latest label, one reflex Accept sided with whoever saved last)
             view.values = {t: None if t in item.disputed else label for t, label in view.values.items()}
-        if _second_pass(queue):
+        if queue.blind:
             # a second annotator's pass (for the agreement) is blind: a control starts at their own label, else
             # where the first annotator's started, and another's label is hidden (table, hint, history) until they
             # decide; shown, it anchored the second opinion, and the agreement measured a review (QA s32, s42)
             view.hidden = {t for t in queue.tasks if (state := view.states.get(t)) and state.label is not None
                            and state.source == "human" and state.annotator != queue.owner}
-            view.values = {t: state.label if (state := view.states.get(t)) and state.label is not None
-                           and state.annotator == queue.owner else start.get(t) for t in queue.tasks}
-            view.history = [row for row in view.history if row["task"] not in view.hidden]
+            # their own label, though another's replaced it since (QA s42: hidden too, an Accept replaced it)
+            view.own = self._own_labels(queue, item.item_id)
+            view.values = {t: view.own.get(t, start.get(t)) for t in queue.tasks}
+            view.history = [row for row in view.history if row["task"] not in view.hidden
+                            or row["annotator"] == queue.owner]
         return view
 
     # ------------------------------------------------------------------ review queue: decisions
@@ -1075,6 +1091,14 @@ class Studio:
                     t: v for t, v in chosen.items() if t in standing}
                 ended = {t: label for t, label in ended.items() if t in chosen}  # picked there: not stored
                 chosen = {t: v for t, v in chosen.items() if t not in ended}  # as its annotators left it
+            mine = self._own_labels(queue, item.item_id) if queue.blind else {}
+            if mine:  # their own label again: nothing to store (stored, it read as a review of the one since);
+                # against a reviewer's ruling it is stored, and reopens the disagreement (QA s32)
+                if not (chosen := {t: v for t, v in chosen.items() if mine.get(t) != v
+                                   or ((was := standing.get(t)) is not None and was.adjudicated)}):
+                    self._moved_on(queue, annotator)
+                    return self._remember(rid, SaveOutcome("unchanged", item.item_id, request_id=rid, moved_on=True,
+                                                           own_before=True))
             own = all(_own_label(standing.get(t), label, annotator) for t, label in chosen.items())
             # a reviewer whose queue still showed a disagreement another settled, ruling as they did
             ruled = adjudicating and all(_ruling(standing.get(t), label) for t, label in chosen.items())
@@ -1087,14 +1111,15 @@ class Studio:
                                                        annotator=by))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
                            for t, p in item.predictions.items()}
+            # (blind: not an Overwrite, which answers a conflict that named the other label)
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
                                  predictions, _decided_over(item, disputed, standing, shown, chosen), rid,
                                  new_classes, force,
                                  {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating,
-                                 uploaded=queue.split == UPLOAD, blind=_second_pass(queue))
+                                 uploaded=queue.split == UPLOAD, blind=queue.blind and not force)
             outcome.ended = ended
             if outcome.result == "saved":
-                outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen]
+                outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen | mine.keys()]
                 self._moved_on(queue, annotator)
             elif outcome.result == "conflict":  # someone decided it meanwhile: the queue says so now
                 self.refresh(queue, annotator)
@@ -1478,11 +1503,6 @@ def disagreement_note(labels: dict[str, dict[str, str]], names: dict[str, str]) 
     said = "; ".join(f"{names.get(task, task)}: " + ", ".join(f"{a} {label}" for a, label in by_annotator.items())
                      for task, by_annotator in labels.items())
     return f"Annotators disagree on {said}. Choose the label (the choices list theirs first): your save settles it."
-
-
-def _second_pass(queue: ReviewQueue) -> bool:
-    """A labeler's own pass over items others decided ('Show decided items'), for the agreement: blind to them."""
-    return bool(queue.show_decided and queue.split != DISAGREEMENTS and queue.owner)
 
 
 def _why_gone(path: Path) -> str:

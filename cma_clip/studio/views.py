@@ -407,8 +407,10 @@ def review_status(queue: ReviewQueue | None) -> str:
                                                           " Previous (p) goes back; undo (u) reverts.")
     tasks = [t for t in queue.tasks if t in item.predictions] or list(item.predictions)  # the tasks under review
     lowest = min(item.predictions[t].confidence for t in tasks)
+    status = "decided" if queue.blind and item.status != "pending" else item.status  # "corrected" said a hidden
+    # label was not the model's (QA s42)
     line = (review_progress(queue) + f" · item {code(item.item_id)} ({queue.position + 1} of {len(queue.items)})"
-            f" · **{item.status}** · {'confidence' if len(tasks) == 1 else 'lowest confidence'} {percent(lowest)}")
+            f" · **{status}** · {'confidence' if len(tasks) == 1 else 'lowest confidence'} {percent(lowest)}")
     line += f" · {code(item.claimed_by)} is on this item too" if item.claimed_by else ""
     line += f" · {item.withheld}: never auto-accepted" if item.withheld else ""
     return line + (f"  \n{plain(item.note)}" if item.note else "")
@@ -473,7 +475,7 @@ def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list
     for task in tasks:
         p, state = item.predictions[task], view.states.get(task)
         if task in view.hidden:  # another labeler's, in a blind second pass
-            rows.append([task_name(task, p), HIDDEN_LABEL, "", "", p.label, percent(p.confidence),
+            rows.append([task_name(task, p), hidden_label(view, task), "", "", p.label, percent(p.confidence),
                          item.catalogue.get(task, "")])
             continue
         saved = state.label if state and state.label is not None else ""
@@ -482,16 +484,24 @@ def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list
     return rows
 
 
+def hidden_label(view: ItemView, task: str) -> str:
+    """What a blind second pass says of a task's saved label, another labeler's ('' when it is shown)."""
+    if task not in view.hidden:
+        return ""
+    return (f"yours: {view.own[task]}; another labeler saved since: hidden (a blind second pass)" if task in view.own
+            else HIDDEN_LABEL)
+
+
 def slot_info(prediction_label: str | None, confidence: float | None, catalogue: str | None,
-              state: TaskState | None, hidden: bool = False) -> str:
-    """The line under a task's control: the model's label, the catalogue's, and the saved one (`hidden`: another
-    labeler's, in a blind second pass)."""
+              state: TaskState | None, hidden: str = "") -> str:
+    """The line under a task's control: the model's label, the catalogue's, and the saved one (`hidden`: what
+    stands in for it in a blind second pass, `hidden_label`)."""
     parts = []
     if prediction_label is not None:
         parts.append(f"model: {prediction_label}" + (f" ({percent(confidence)})" if confidence is not None else ""))
     parts.append(f"catalogue: {catalogue}" if catalogue else "catalogue: —")
     if hidden:
-        parts.append(HIDDEN_LABEL)
+        parts.append(hidden)
     elif state is not None and state.label is not None:
         parts.append(f"saved: {state.label} ({state.status}, {_who(state)})")
     elif state is not None:
@@ -540,8 +550,9 @@ def item_line(view: ItemView, explicit: bool) -> str:
                  "that item, with its saved and catalogue labels beside (training counts a save of the photo as "
                  "that item's anyway)" if not explicit else
                  f" · **this is the photo of catalogue item {code(item)}**{kind}, not of {code(view.item_id)}: check "
-                 f"the id (a save stores this photo with {code(view.item_id)}'s labels, and training counts it as "
-                 f"{'one of ' if len(owners) > 1 else ''}{code(item)}'s too)")
+                 f"the id (a save stores this photo with {code(view.item_id)}'s labels"
+                 + ("" if split in held_out else  # a held-out item's labels never train (QA s42: said both)
+                    f", and training counts it as {' and '.join(code(owner) for owner in owners)}'s too") + ")")
     return f"Item {code(view.item_id)} ({origin}) · {where}{note}."
 
 
@@ -587,6 +598,9 @@ def save_message(outcome: SaveOutcome, names: dict[str, str] | None = None) -> s
     if outcome.result == "unchanged" and outcome.annotator:
         return (f"Item {code(outcome.item_id)} was settled by {code(outcome.annotator)} with these labels "
                 "meanwhile: nothing new saved, moved on.")
+    if outcome.result == "unchanged" and outcome.own_before:
+        return (f"Item {code(outcome.item_id)}: these are your labels, saved before (another labeler's since stay "
+                "hidden in this blind pass): nothing new saved, moved on.")
     if outcome.result == "unchanged":
         return (f"Item {code(outcome.item_id)} already stands at your labels: nothing new saved"
                 f"{', moved on' if outcome.moved_on else ''} (undo reverts your save).")

@@ -182,6 +182,12 @@ class ReviewQueue:
         return bool(self.filters.get("show_decided"))
 
     @property
+    def blind(self) -> bool:
+        """A labeler's own pass over items others decided ('Show decided items'), for the agreement: the others'
+        labels are hidden until the labeler decides."""
+        return bool(self.show_decided and self.split != DISAGREEMENTS and self.owner)
+
+    @property
     def reviewed(self) -> int:
         return sum(item.status != "pending" for item in self.items)
 
@@ -302,6 +308,7 @@ class ItemView:
     # (id, split) whose photo this is, byte for byte
     choices: dict[str, list[str]] = field(default_factory=dict)  # per task, what its control offers (label_choices)
     hidden: set[str] = field(default_factory=set)  # tasks whose saved label, another labeler's, is hidden (blind)
+    own: dict[str, str] = field(default_factory=dict)  # in a blind pass, the labeler's own labels (replaced or not)
 
 
 # ---------------------------------------------------------------------------- outcomes
@@ -335,6 +342,7 @@ class SaveOutcome:
     disputed: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> who said what: another labeler's
     # label the save went against, a disagreement now open
     kept_theirs: list[str] = field(default_factory=list)  # tasks a Keep theirs left as decided since (not saved)
+    own_before: bool = False  # unchanged: a blind pass's labels were the labeler's own, saved before
     ruling: bool = False  # a reviewer's save in a disagreements queue: it settles the disagreement
     unchosen: dict[str, dict[str, str]] = field(default_factory=dict)  # task in dispute -> annotator -> label
     ended: dict[str, str | None] = field(default_factory=dict)  # a task whose dispute ended meanwhile -> its label
