@@ -325,6 +325,9 @@ def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     ben.position = ben.index_of(item.item_id)
     again_view = studio.current_view(ben)
     assert again_view.values[colour] == blind and again_view.hidden == set(ben.tasks) - {colour}  # his own shown
+    back = studio.review_save(ben, "ben", {colour: blind})  # his label stands: nothing new, said as ever
+    assert (back.result, back.own_before) == ("unchanged", False) and "already stands at your labels" in \
+        views.save_message(back)
     again = studio.review_catalogue("hm-articles", "test", 3, annotator="ana", show_decided=True)
     again.position = again.index_of(item.item_id)  # ana, whose label ben replaced: at her own (QA s42: it started
     view = studio.current_view(again)  # where a first pass starts, her label hidden, and one Accept replaced it)

@@ -1091,14 +1091,12 @@ class Studio:
                     t: v for t, v in chosen.items() if t in standing}
                 ended = {t: label for t, label in ended.items() if t in chosen}  # picked there: not stored
                 chosen = {t: v for t, v in chosen.items() if t not in ended}  # as its annotators left it
+            # in a blind pass, their own label again where another's stands since: nothing to store (stored, it read
+            # as a review of the one since); against a reviewer's ruling it is stored, and reopens it (QA s32)
             mine = self._own_labels(queue, item.item_id) if queue.blind else {}
-            if mine:  # their own label again: nothing to store (stored, it read as a review of the one since);
-                # against a reviewer's ruling it is stored, and reopens the disagreement (QA s32)
-                if not (chosen := {t: v for t, v in chosen.items() if mine.get(t) != v
-                                   or ((was := standing.get(t)) is not None and was.adjudicated)}):
-                    self._moved_on(queue, annotator)
-                    return self._remember(rid, SaveOutcome("unchanged", item.item_id, request_id=rid, moved_on=True,
-                                                           own_before=True))
+            again = {t for t, v in chosen.items() if mine.get(t) == v and (was := standing.get(t)) is not None
+                     and was.annotator != annotator and not was.adjudicated}
+            chosen = {t: v for t, v in chosen.items() if t not in again}
             own = all(_own_label(standing.get(t), label, annotator) for t, label in chosen.items())
             # a reviewer whose queue still showed a disagreement another settled, ruling as they did
             ruled = adjudicating and all(_ruling(standing.get(t), label) for t, label in chosen.items())
@@ -1108,7 +1106,7 @@ class Studio:
                 self._moved_on(queue, annotator)
                 by = "" if own else ", ".join(sorted({standing[t].annotator for t in chosen}))
                 return self._remember(rid, SaveOutcome("unchanged", item.item_id, chosen, request_id=rid, moved_on=True,
-                                                       annotator=by))
+                                                       annotator=by, own_before=bool(again)))
             predictions = {t: {"label": p.label, "confidence": round(p.confidence, 4)}
                            for t, p in item.predictions.items()}
             # (blind: not an Overwrite, which answers a conflict that named the other label)
@@ -1119,7 +1117,7 @@ class Studio:
                                  uploaded=queue.split == UPLOAD, blind=queue.blind and not force)
             outcome.ended = ended
             if outcome.result == "saved":
-                outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen | mine.keys()]
+                outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen.keys() | again]
                 self._moved_on(queue, annotator)
             elif outcome.result == "conflict":  # someone decided it meanwhile: the queue says so now
                 self.refresh(queue, annotator)
