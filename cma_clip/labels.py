@@ -1476,21 +1476,28 @@ def _reviewers(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
     """(item, task, annotator's `name_key`) where the annotator saved a label, not blind, from a version showing
     another labeler's human label (as that version left the task: a label under a skip, a label an undo
     brought back, each by its own author): a review of it, and every label of theirs there since is one too.
-    A blind save is blind as the annotator's first decision there only (after it, a message or an undo
-    named the other label)."""
+    A blind save counts as blind until the annotator was told another's label there: by the message of a save
+    of theirs over it, blind or not, or by an undo of theirs that brought it back."""
     rows = conn.execute(ALL_DECISIONS).fetchall()
     _, steps = _replay(rows)
+
+    def another(state: TaskState | None, key: tuple[str, str, str]) -> bool:
+        return (state is not None and state.label is not None and state.source == "human"
+                and name_key(state.annotator) != key[2])
+
     reviewers: set[tuple[str, str, str]] = set()
-    decided: set[tuple[str, str, str]] = set()
+    told: set[tuple[str, str, str]] = set()
     for row in rows:
         key = (row["item_id"], row["task"], name_key(row["annotator"] or ""))
-        blind = bool(row["blind"]) and key not in decided
-        decided.add(key)
-        if row["kind"] != "label" or row["source"] != "human" or blind or row["base_version"] not in steps:
+        if row["kind"] == "undo":
+            told |= {key} if another(steps[row["version"]].after, key) else set()
             continue
-        shown = steps[row["base_version"]].after
-        if shown.label is not None and shown.source == "human" and name_key(shown.annotator) != key[2]:
+        shown = steps[row["base_version"]].after if row["base_version"] in steps else None
+        if row["kind"] == "label" and row["source"] == "human" and another(shown, key) and (
+                not row["blind"] or key in told):
             reviewers.add(key)
+        if another(shown, key) and (row["kind"] == "label" or not row["blind"]):
+            told.add(key)
     return reviewers
 
 

@@ -855,6 +855,12 @@ def test_who_reviewed_whom_follows_the_label_a_version_showed_not_who_wrote_its_
     store.undo("dee")  # the message named ana's P; dee saves again in the second pass, no longer blind
     save(store, "b", "dee", {"colour": "P"}, base_versions=standing("b"), blind=True)
     assert reviews() == 4 and store.agreement()["colour"]["items"] == 0
+    # QA s42: ana labelled first, ben blind after her, ana blind again over ben's, never told it: her own opinion
+    save(store, "f", "ana", {"colour": "P"})
+    save(store, "f", "ben", {"colour": "Q"}, base_versions=standing("f"), blind=True)
+    save(store, "f", "ana", {"colour": "R"}, base_versions=standing("f"), blind=True)
+    assert reviews() == 4 and store.agreement()["colour"]["items"] == 1
+    assert store.agreement()["colour"]["raw"] == 0.0  # ana's R against ben's Q
 
 
 def test_a_lone_label_against_a_ruling_is_counted_where_nobody_else_labelled_the_task(store):
