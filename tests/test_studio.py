@@ -312,7 +312,7 @@ def test_a_second_annotator_starts_blind_to_the_first_annotators_label(studio):
     assert view.hidden == set(ben.tasks) and view.states[colour].label == other and studio.item_history(item.item_id)
     assert "· **decided** ·" in views.review_status(ben)  # not "corrected": a hidden label not the model's (QA s42)
     row = views.review_rows(ben.current, view, ben.tasks)[ben.tasks.index(colour)]
-    assert row[1] == views.HIDDEN_LABEL and other not in row[1:4]
+    assert row[1] == "hidden until you decide" and other not in row[1:4]
     assert other not in views.slot_info("x", 0.5, None, view.states[colour], hidden=views.hidden_label(view, colour))
     assert view.history == []
     blind = "Black" if other != "Black" else "White"

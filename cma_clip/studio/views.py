@@ -475,8 +475,8 @@ def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list
     for task in tasks:
         p, state = item.predictions[task], view.states.get(task)
         if task in view.hidden:  # another labeler's, in a blind second pass
-            rows.append([task_name(task, p), hidden_label(view, task), "", "", p.label, percent(p.confidence),
-                         item.catalogue.get(task, "")])
+            rows.append([task_name(task, p), hidden_label(view, task, cell=True), "", "", p.label,
+                         percent(p.confidence), item.catalogue.get(task, "")])
             continue
         saved = state.label if state and state.label is not None else ""
         rows.append([task_name(task, p), saved, state.status if state else "pending", _who(state), p.label,
@@ -484,10 +484,13 @@ def review_rows(item: ReviewItem, view: ItemView, tasks: list[str]) -> list[list
     return rows
 
 
-def hidden_label(view: ItemView, task: str) -> str:
-    """What a blind second pass says of a task's saved label, another labeler's ('' when it is shown)."""
+def hidden_label(view: ItemView, task: str, cell: bool = False) -> str:
+    """What a blind second pass says of a task's saved label, another labeler's ('' when it is shown); `cell`: in
+    the item's table, shorter (the hint's words took six lines a row on a phone)."""
     if task not in view.hidden:
         return ""
+    if cell:
+        return f"yours: {view.own[task]}; a later one hidden" if task in view.own else "hidden until you decide"
     return (f"yours: {view.own[task]}; another labeler saved since: hidden (a blind second pass)" if task in view.own
             else HIDDEN_LABEL)
 
