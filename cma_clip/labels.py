@@ -1492,11 +1492,11 @@ def _reviewers(conn: sqlite3.Connection) -> set[tuple[str, str, str]]:
         if row["kind"] == "undo":
             told |= {key} if another(steps[row["version"]].after, key) else set()
             continue
-        shown = steps[row["base_version"]].after if row["base_version"] in steps else None
-        if row["kind"] == "label" and row["source"] == "human" and another(shown, key) and (
-                not row["blind"] or key in told):
+        if not another(steps[row["base_version"]].after if row["base_version"] in steps else None, key):
+            continue
+        if row["kind"] == "label" and row["source"] == "human" and (not row["blind"] or key in told):
             reviewers.add(key)
-        if another(shown, key) and (row["kind"] == "label" or not row["blind"]):
+        if row["kind"] == "label" or not row["blind"]:
             told.add(key)
     return reviewers
 

@@ -427,7 +427,7 @@ class Studio:
         catalogue = self.catalogue_labels(model, resolved) if (item_id or "").strip() else {}
         outcome = self._save(resolved, Path(image_path), clean_text(text), chosen, annotator, model, predictions,
                              {t: seen.get(t) for t in chosen}, rid, new_classes, force,
-                             {t: v for t, v in catalogue.items() if t in chosen})
+                             {t: v for t, v in catalogue.items() if t in chosen}, standing)
         return self._remember(rid, outcome)
 
     def _checked_inputs(self, image_path: str | None, annotator: str | None, model: str,
@@ -452,11 +452,13 @@ class Studio:
 
     def _save(self, item_id: str, image: Path, text: str, labels: dict[str, str], annotator: str | None, model: str,
               predictions: dict[str, dict], base_versions: dict[str, int | None], request_id: str | None,
-              new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None, *,
-              adjudicated: bool = False, uploaded: bool = False, blind: bool = False) -> SaveOutcome:
+              new_classes: dict[str, str] | None, force: bool, catalogue: dict[str, str] | None,
+              before: dict[str, TaskState], *, adjudicated: bool = False, uploaded: bool = False,
+              blind: bool = False) -> SaveOutcome:
         """One checked save in the store, its refusals returned as outcomes. `catalogue`: the item's labels in
-        the model's catalogue, or (`uploaded`) in an uploaded manifest; `blind`: the other labelers' labels
-        were hidden from the labeler (a second pass)."""
+        the model's catalogue, or (`uploaded`) in an uploaded manifest; `before`: where the item stood, as the
+        caller read it (`LabelStore.item_state`); `blind`: the other labelers' labels were hidden from the
+        labeler (a second pass)."""
         # the confirmed class as the refusal named it (`tidy_label`: "Vert été" for a decomposed "Vert été")
         new_classes = {t: v for t, v in given_labels(new_classes or {}, labels).items()
                        if tidy_label(labels.get(t) or "") == tidy_label(v)}
@@ -469,7 +471,6 @@ class Studio:
             raise StudioError(f"The {name} label is {len(labels[long[0]]):,} characters long; a label has at most "
                               f"{MAX_LABEL_CHARS}: nothing was saved.")
         annotator = self._held(annotator)
-        before = self.store.item_state(item_id)
         try:
             result = self.store.save(image=image, text=text, labels=labels, annotator=annotator,
                                      item_id=item_id, predictions=predictions, checkpoint=model,
@@ -1113,8 +1114,9 @@ class Studio:
             outcome = self._save(item.item_id, Path(item.image_path), item.text, chosen, annotator, queue.model,
                                  predictions, _decided_over(item, disputed, standing, shown, chosen), rid,
                                  new_classes, force,
-                                 {t: v for t, v in item.catalogue.items() if t in chosen}, adjudicated=adjudicating,
-                                 uploaded=queue.split == UPLOAD, blind=queue.blind and not force)
+                                 {t: v for t, v in item.catalogue.items() if t in chosen}, standing,
+                                 adjudicated=adjudicating, uploaded=queue.split == UPLOAD,
+                                 blind=queue.blind and not force)
             outcome.ended = ended
             if outcome.result == "saved":
                 outcome.unlabelled = [] if adjudicating else [t for t in queue.tasks if t not in chosen.keys() | again]
